@@ -1,0 +1,84 @@
+"""Checkpoints: `config.json` + `model.safetensors` (+ `tokenizer.json`). Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from .config import Memory3Config
+from .model import RotaryEmbedding, Transformer
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is."""
+
+
+def save_checkpoint(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt", "config": model.config.to_json()})
+    (path / CONFIG_FILE).write_text(model.config.to_json() + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(str(path / TOKENIZER_FILE))
+    return path
+
+
+def load_config(path: str | Path) -> Memory3Config:
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: a checkpoint directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    return Memory3Config.from_file(file)
+
+
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
+    """Build the model on the meta device and assign the stored tensors (no double allocation)."""
+    config = load_config(path)
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from e
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match config {config.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, param in model.state_dict().items():
+        if state[name].shape != param.shape:
+            raise CheckpointError(f"{weights}: {name} has shape {tuple(state[name].shape)}, "
+                                  f"config expects {tuple(param.shape)}")
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    model.rope = RotaryEmbedding(config.head_dim, config.rope_theta)  # rebuilt off the meta device
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    file = Path(path) / TOKENIZER_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: this checkpoint carries no tokenizer")
+    return Tokenizer.from_file(str(file))
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """Config and file sizes, for CLI output."""
+    path = Path(path)
+    return {
+        "config": json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")),
+        "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()},
+    }

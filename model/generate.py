@@ -1,0 +1,224 @@
+"""Generation as small functions: sample -> prefill -> decode_one_token -> generate.
+
+Retrieval is the caller's: a `MemoryProvider` maps query token lists to memories. The prompt's
+chunks are all retrieved before prefill, and the whole prompt is prefilled in one pass with a
+chunk->memory mask. While decoding, the first generated chunk keeps the memories of the last
+prompt chunk (paper §7.5); after every `chunk_len` generated tokens, those tokens are the query
+for the next set, which replaces the resident memories in the KV cache.
+
+Streaming, continuous batching and cancellation belong to the serving engine; this module
+serves one static batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .layout import chunk_groups, chunk_spans, rope_positions
+from .memory import ExplicitMemory, stack_memories
+from .model import Transformer
+
+# Query token lists -> the memories each query retrieved (at most mems_per_chunk each).
+MemoryProvider = Callable[[list[list[int]]], list[list[ExplicitMemory]]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "stop" (a stop token) or "length"
+    retrievals: list[list[list[int]]] = field(default_factory=list)  # per sequence: queries made
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if params.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p.
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(
+    model: Transformer,
+    tokens: Tensor,
+    slots: Tensor,
+    positions: Tensor,
+    memory=None,
+    token_group: Tensor | None = None,
+) -> Tensor:
+    """One pass over the (right-padded) prompts; fills the caches. Returns (B, T, V) logits."""
+    return model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots)
+
+
+def decode_one_token(model: Transformer, tokens: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+    """tokens, slots, positions: (B, 1) -> (B, V) logits; reads the caches' resident memories."""
+    return model(tokens, positions, cache_slots=slots)[:, -1]
+
+
+def iter_generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    prefix: Sequence[int] = (),
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    stop_tokens: Sequence[int] = (),
+    memory_provider: MemoryProvider | None = None,
+    retrievals: list[list[list[int]]] | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (tokens (B,), finished (B,) bool) once per generated position.
+
+    Args:
+        prompts: body token ids per sequence, each starting with the ordinary `<s>`.
+        prefix: the tokenized reference prefix (`<s>Reference:`); empty for a plain Llama layout.
+        memory_provider: retrieval; None generates without memory (caches without memory slots).
+        retrievals: when given, receives the queries made per sequence.
+    """
+    config = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if memory_provider is not None and not prefix:
+        raise ValueError("generation with memory needs the reference prefix tokens")
+    device = model.output.weight.device
+    bsz, p = len(prompts), len(prefix)
+    lengths = torch.tensor([len(x) for x in prompts], device=device)
+    width = p + int(lengths.max())
+    max_len = width + max_new_tokens
+    if max_len > config.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens = {max_len} tokens exceeds max_seq_len={config.max_seq_len}")
+    log = retrievals if retrievals is not None else []
+    log[:] = [[] for _ in range(bsz)]
+
+    tokens = torch.zeros(bsz, width, dtype=torch.long, device=device)
+    tokens[:, :p] = torch.as_tensor(list(prefix), dtype=torch.long, device=device)
+    for b, prompt in enumerate(prompts):
+        tokens[b, p : p + len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+    slots = torch.arange(width, device=device)[None].expand(bsz, -1)  # (B, T)
+    positions = rope_positions(slots, p, config.ref_len)
+
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    model.setup_caches(bsz, max_len, memory=memory_provider is not None)
+    try:
+        memory = token_group = None
+        if memory_provider is not None:
+            queries = [[list(prompt[s:e]) for s, e in chunk_spans(len(prompt), config.chunk_len)] for prompt in prompts]
+            flat = [q for per_seq in queries for q in per_seq]
+            found = _retrieve(memory_provider, flat, config.mems_per_chunk)
+            groups, i = [], 0
+            for b, per_seq in enumerate(queries):
+                groups.append(found[i : i + len(per_seq)])
+                log[b].extend(per_seq)
+                i += len(per_seq)
+            if any(mems for per_seq in groups for mems in per_seq):
+                memory = stack_memories(groups, slots_per_group=config.mem_slots, device=device,
+                                        dtype=tokens_dtype(model))
+                token_group = chunk_groups(slots, p, config.chunk_len)
+        logits = prefill(model, tokens, slots, positions, memory, token_group)
+        last = logits[torch.arange(bsz, device=device), p + lengths - 1]  # (B, V)
+        if memory is not None:
+            # The first generated chunk keeps the last prompt chunk's memories.
+            model.set_resident_memory(
+                stack_memories([[g[-1]] for g in groups], slots_per_group=config.mem_slots,
+                               device=device, dtype=tokens_dtype(model))
+            )
+
+        stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        history: list[Tensor] = []
+        for step in range(max_new_tokens):
+            next_token = sample(last, sampling, generator)  # (B,)
+            finished = finished | torch.isin(next_token, stop)
+            history.append(next_token)
+            yield next_token, finished.clone()
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            if memory_provider is not None and step > 0 and step % config.chunk_len == 0:
+                _swap_memories(model, memory_provider, history, finished, log)
+            slot = (p + lengths + step)[:, None]  # (B, 1)
+            last = decode_one_token(model, next_token[:, None], slot, rope_positions(slot, p, config.ref_len))
+    finally:
+        model.clear_caches()
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], **kwargs) -> GenerationOutput:
+    """Run `iter_generate` to the end; tokens after a sequence's stop token are dropped."""
+    retrievals: list[list[list[int]]] = []
+    out: list[list[int]] = [[] for _ in prompts]
+    reasons = ["length"] * len(prompts)
+    for step_tokens, finished in iter_generate(model, prompts, retrievals=retrievals, **kwargs):
+        for b, tok in enumerate(step_tokens.tolist()):
+            if reasons[b] == "length":
+                out[b].append(tok)
+                if finished[b]:
+                    reasons[b] = "stop"
+    return GenerationOutput(out, reasons, retrievals)
+
+
+def tokens_dtype(model: Transformer) -> torch.dtype:
+    return model.output.weight.dtype
+
+
+def _retrieve(provider: MemoryProvider, queries: list[list[int]], limit: int) -> list[list[ExplicitMemory]]:
+    found = provider(queries)
+    if len(found) != len(queries):
+        raise ValueError(f"memory provider returned {len(found)} results for {len(queries)} queries")
+    return [list(mems)[:limit] for mems in found]
+
+
+def _swap_memories(model, provider, history, finished, log) -> None:
+    """Retrieve with the last chunk of generated tokens of each unfinished sequence."""
+    chunk_len = model.config.chunk_len
+    # history[-1] is the token about to be fed: it is the first one to read the new memories.
+    recent = torch.stack(history[-chunk_len - 1 : -1], dim=1).tolist()  # (B, chunk_len)
+    rows = [b for b in range(len(recent)) if not finished[b]]
+    if not rows:
+        return
+    found = _retrieve(provider, [recent[b] for b in rows], model.config.mems_per_chunk)
+    for b in rows:
+        log[b].append(recent[b])
+    device = model.output.weight.device
+    row_index = torch.as_tensor(rows, device=device)
+    has_memory = [i for i, mems in enumerate(found) if mems]
+    model.clear_resident_memory(row_index)
+    if has_memory:
+        model.set_resident_memory(
+            stack_memories([[found[i]] for i in has_memory], slots_per_group=model.config.mem_slots,
+                           device=device, dtype=tokens_dtype(model)),
+            rows=row_index[has_memory],
+        )

@@ -1,0 +1,141 @@
+"""Explicit memories: the stored form of one reference, and the runtime form a forward pass reads.
+
+An ExplicitMemory is what the encoder writes and the memory bank stores: per memory layer and
+KV head, the `k` kept tokens' post-RoPE keys and their values. Slots past the reference's
+length (a reference shorter than `k` tokens) are padding, marked by position -1.
+
+A MemoryKV is what attention reads: memories grouped per chunk ("group"), flattened into one
+key axis, with a mask that says which query token may see which memory slot. Prefill of a
+multi-chunk prompt and training pass all chunks' memories at once; the mask keeps every chunk on
+its own memories, so there is no Python loop over chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ExplicitMemory:
+    """One reference's sparse K/V.
+
+    Attributes:
+        keys: (memory_layers, kv_heads, k, head_dim), post-RoPE, encoded at position
+            `prefix_len + positions`.
+        values: (memory_layers, kv_heads, k, head_dim).
+        positions: (memory_layers, kv_heads, k) int, token index inside the reference
+            (0..ref_len-1), -1 for a padding slot.
+    """
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+
+    def __post_init__(self) -> None:
+        if self.keys.dim() != 4:
+            raise ValueError(f"keys must be (layers, kv_heads, k, head_dim), got {tuple(self.keys.shape)}")
+        if self.values.shape != self.keys.shape:
+            raise ValueError(f"values {tuple(self.values.shape)} must match keys {tuple(self.keys.shape)}")
+        if self.positions.shape != self.keys.shape[:3]:
+            raise ValueError(
+                f"positions {tuple(self.positions.shape)} must be keys.shape[:3]={tuple(self.keys.shape[:3])}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.keys.shape)  # type: ignore[return-value]
+
+    @property
+    def valid(self) -> Tensor:
+        """(layers, kv_heads, k) bool: which slots hold a real token."""
+        return self.positions >= 0
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ExplicitMemory:
+        return ExplicitMemory(
+            self.keys.to(device=device, dtype=dtype),
+            self.values.to(device=device, dtype=dtype),
+            self.positions.to(device=device),
+        )
+
+
+@dataclass(frozen=True)
+class MemoryKV:
+    """Memory K/V as one forward pass reads it.
+
+    Attributes:
+        k: (memory_layers, B, kv_heads, S_mem, head_dim), S_mem = groups * slots per group.
+        v: same shape as k.
+        valid: (B, S_mem) bool, False for padding slots and missing memories. Padding depends
+            only on the reference's length, so it is the same for every layer and head.
+        slot_group: (S_mem,) int, the group each memory slot belongs to.
+    """
+
+    k: Tensor
+    v: Tensor
+    valid: Tensor
+    slot_group: Tensor
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[3]
+
+    def visibility(self, token_group: Tensor) -> Tensor:
+        """Which memory slots each query token sees.
+
+        Args:
+            token_group: (B, T) int, the memory group of each query token; -1 sees no memory.
+        Returns:
+            (B, 1, T, S_mem) bool, broadcast over heads.
+        """
+        same = token_group[:, :, None] == self.slot_group[None, None, :]  # (B, T, S_mem)
+        return (same & self.valid[:, None, :])[:, None]
+
+
+def stack_memories(
+    groups: Sequence[Sequence[Sequence[ExplicitMemory]]],
+    *,
+    slots_per_group: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> MemoryKV:
+    """Build a MemoryKV from per-sequence, per-group lists of memories.
+
+    Args:
+        groups: groups[b][g] is the list of memories group g of sequence b reads (at most
+            slots_per_group // k of them). Sequences may have fewer groups than others and groups
+            fewer memories than the maximum; the gaps are masked.
+        slots_per_group: memory slots per group (mems_per_chunk * k).
+    """
+    first = next((m for seq in groups for grp in seq for m in grp), None)
+    if first is None:
+        raise ValueError("stack_memories needs at least one memory")
+    n_layers, n_kv, k, head_dim = first.shape
+    per_group = slots_per_group // k
+    batch = len(groups)
+    n_groups = max(len(seq) for seq in groups)
+    dtype = dtype or first.keys.dtype
+    keys = torch.zeros(n_layers, batch, n_kv, n_groups, per_group, k, head_dim, dtype=dtype)
+    values = torch.zeros_like(keys)
+    valid = torch.zeros(batch, n_groups, per_group, k, dtype=torch.bool)
+    for b, seq in enumerate(groups):
+        for g, grp in enumerate(seq):
+            if len(grp) > per_group:
+                raise ValueError(f"group {g} of sequence {b} has {len(grp)} memories; at most {per_group} fit")
+            for j, mem in enumerate(grp):
+                if mem.shape != first.shape:
+                    raise ValueError(f"memory shape {mem.shape} differs from {first.shape}")
+                keys[:, b, :, g, j] = mem.keys
+                values[:, b, :, g, j] = mem.values
+                valid[b, g, j] = mem.valid.all(dim=0).all(dim=0)
+    s_mem = n_groups * slots_per_group
+    slot_group = torch.arange(n_groups).repeat_interleave(slots_per_group)
+    return MemoryKV(
+        k=keys.reshape(n_layers, batch, n_kv, s_mem, head_dim).to(device),  # (L, B, H, G*M, D)
+        v=values.reshape(n_layers, batch, n_kv, s_mem, head_dim).to(device),
+        valid=valid.reshape(batch, s_mem).to(device),
+        slot_group=slot_group.to(device),
+    )

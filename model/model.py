@@ -1,0 +1,288 @@
+"""The Memory3 transformer: a Llama-style decoder whose first layers also read explicit memories.
+
+With no memories this is numerically a Llama (pre-norm, RMSNorm, RoPE, GQA, gated MLP, no bias).
+At a memory layer, memory keys/values are concatenated in front of the context keys/values and
+share one softmax with them (paper Eq. 4); a mask keeps each chunk on its own memories.
+
+Positions (paper §3.2, "parallel position encoding"):
+
+    [<s>Reference:] [memories: positions p .. p+ref_len-1, all in parallel] [<s> context ...]
+     0 .. p-1                                                                p+ref_len ..
+
+The reference prefix is ordinary context at every layer. Memory keys were rotated at the
+positions they had when their reference was encoded (after the same prefix), and are stored
+post-RoPE, so attention never re-rotates them. Cache slots count context tokens only; the
+caller maps slots to RoPE positions (see `model.layout`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Memory3Config
+from .kv_cache import KVCache
+from .memory import MemoryKV
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: Memory3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        memory_layers = set(config.memory_layers)
+        self.layers = nn.ModuleList(
+            TransformerBlock(config, is_memory_layer=i in memory_layers) for i in range(config.n_layer)
+        )
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self._cache_batch = 0
+
+    # ---- caches -----------------------------------------------------------------------------
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, *, memory: bool = True) -> None:
+        """Allocate KV caches on the model's device and dtype.
+
+        Memory layers get `mem_slots` extra slots in front of the context, holding the memories
+        the current chunk of each sequence reads while decoding. `memory=False` allocates none,
+        which is the engine "without memory".
+        """
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {self.config.max_seq_len}")
+        param = self.output.weight
+        for layer in self.layers:
+            mem_slots = self.config.mem_slots if (memory and layer.is_memory_layer) else 0
+            layer.attention.kv_cache = KVCache(
+                max_batch_size, self.config.n_kv_head, max_seq_len, self.config.head_dim,
+                mem_slots=mem_slots, dtype=param.dtype, device=param.device,
+            )
+        self._cache_batch = max_batch_size
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self._cache_batch = 0
+
+    @property
+    def has_cache(self) -> bool:
+        return self._cache_batch > 0
+
+    def set_resident_memory(self, memory: MemoryKV, rows: Tensor | None = None) -> None:
+        """Place one group of memories per sequence into the caches' memory slots.
+
+        Args:
+            memory: a MemoryKV with exactly one group (S_mem == mem_slots).
+            rows: (B',) cache rows to update; all rows when None.
+        """
+        if memory.n_slots != self.config.mem_slots:
+            raise ValueError(f"resident memory needs {self.config.mem_slots} slots, got {memory.n_slots}")
+        for i, layer in enumerate(self._memory_layers()):
+            layer.attention.kv_cache.set_memory(memory.k[i], memory.v[i], memory.valid, rows)
+
+    def clear_resident_memory(self, rows: Tensor | None = None) -> None:
+        for layer in self._memory_layers():
+            layer.attention.kv_cache.clear_memory(rows)
+
+    def _memory_layers(self) -> list[TransformerBlock]:
+        return [layer for layer in self.layers if layer.is_memory_layer]
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        *,
+        memory: MemoryKV | None = None,
+        token_group: Tensor | None = None,
+        cache_slots: Tensor | None = None,
+    ) -> Tensor:
+        """Logits for every input token.
+
+        Args:
+            tokens: (B, T) token ids.
+            positions: (B, T) RoPE positions.
+            memory: memories for this pass, all groups at once (prefill, training).
+            token_group: (B, T) memory group of each token (-1: none); required with `memory`.
+            cache_slots: (B, T) cache slot of each token; required once caches are set up.
+                Without caches the tokens attend causally to each other only.
+        Returns:
+            (B, T, vocab_size) logits.
+        """
+        if memory is not None and token_group is None:
+            raise ValueError("token_group is required when memory is given")
+        if self.has_cache != (cache_slots is not None):
+            raise ValueError("pass cache_slots exactly when caches are set up (setup_caches)")
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        cos, sin = self.rope(positions, x.dtype)  # (B, 1, T, head_dim)
+        masks = self._masks(tokens.shape[1], memory, token_group, cache_slots)
+        kv_len = masks.kv_len
+        memory_index = 0
+        for layer in self.layers:
+            layer_memory = None
+            if layer.is_memory_layer and memory is not None:
+                layer_memory = (memory.k[memory_index], memory.v[memory_index])
+                memory_index += 1
+            mask = masks.memory if layer.is_memory_layer else masks.context
+            x = layer(x, cos, sin, mask, layer_memory, cache_slots, kv_len)
+        return self.output(self.norm(x))
+
+    def _masks(
+        self, seq_len: int, memory: MemoryKV | None, token_group: Tensor | None, cache_slots: Tensor | None
+    ) -> _Masks:
+        """Attention masks shared by all layers of one kind; None means plain causal attention.
+
+        Key order at a memory layer is [memories | context]: explicit memories when given,
+        else the cache's resident memory slots, else none.
+        """
+        if cache_slots is None:
+            context = None
+            kv_len = seq_len
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=self.output.weight.device).tril()
+            causal = causal[None, None]  # (1, 1, T, T)
+        else:
+            kv_len = int(cache_slots.max()) + 1
+            key_slot = torch.arange(kv_len, device=cache_slots.device)
+            causal = (key_slot[None, None, :] <= cache_slots[:, :, None])[:, None]  # (B, 1, T, S)
+            context = causal
+        if memory is not None:
+            visible = memory.visibility(token_group)  # (B, 1, T, S_mem)
+            mem_mask = torch.cat([visible, causal.expand(visible.shape[0], -1, -1, -1)], dim=-1)
+        elif cache_slots is not None and self.config.mem_slots and self._resident_slots():
+            valid = self._memory_layers()[0].attention.kv_cache.mem_valid  # (B_cache, M)
+            valid = valid[: cache_slots.shape[0], None, None, :].expand(-1, 1, seq_len, -1)
+            mem_mask = torch.cat([valid, causal], dim=-1)
+        else:
+            mem_mask = context
+        return _Masks(context=context, memory=mem_mask, kv_len=kv_len)
+
+    def _resident_slots(self) -> int:
+        layers = self._memory_layers()
+        return layers[0].attention.kv_cache.mem_slots if layers else 0
+
+
+class _Masks:
+    __slots__ = ("context", "memory", "kv_len")
+
+    def __init__(self, context: Tensor | None, memory: Tensor | None, kv_len: int) -> None:
+        self.context, self.memory, self.kv_len = context, memory, kv_len
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: Memory3Config, *, is_memory_layer: bool) -> None:
+        super().__init__()
+        self.is_memory_layer = is_memory_layer
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        memory: tuple[Tensor, Tensor] | None,
+        cache_slots: Tensor | None,
+        kv_len: int,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, memory, cache_slots, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Memory3Config) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.wqkv = nn.Linear(config.dim, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values before RoPE: (B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, D)."""
+        bsz, seq_len, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, seq_len, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(bsz, seq_len, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(bsz, seq_len, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        return q, k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        memory: tuple[Tensor, Tensor] | None,
+        cache_slots: Tensor | None,
+        kv_len: int,
+    ) -> Tensor:
+        bsz, seq_len, _ = x.shape
+        q, k, v = self.project(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_slots is not None:
+            # Explicit memories replace the resident ones, so skip the resident slots then.
+            k, v = self.kv_cache.update(cache_slots, k, v, kv_len, with_memory=memory is None)
+        if memory is not None:
+            k = torch.cat([memory[0], k], dim=2)  # (B, H_kv, S_mem + S, D)
+            v = torch.cat([memory[1], v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_head != self.n_kv_head
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(bsz, seq_len, self.n_head * self.head_dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """Gated MLP (SwiGLU), no bias."""
+
+    def __init__(self, config: Memory3Config) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and cast back before the weight, as Llama does, so bf16 matches.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the Llama (rotate-half) convention; cos/sin are computed per call from positions."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(B, T) positions -> cos, sin of shape (B, 1, T, head_dim)."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, T, D); cos/sin: (B, 1, T, D)."""
+    return x * cos + rotate_half(x) * sin

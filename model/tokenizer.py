@@ -1,0 +1,66 @@
+"""Tokenizer conventions shared by training and serving.
+
+The special tokens and the reference prefix are defined here once. A checkpoint or release
+carries its own `tokenizer.json` (HF `tokenizers`); `byte_level_tokenizer()` builds an untrained
+byte-level one (every byte a token, no merges) for tests and random-weight demos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from .config import Memory3Config
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = (PAD, BOS, EOS)
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """Special tokens at ids 0-2, then the 256 byte-level symbols."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(alphabet):
+        vocab[symbol] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+class TextCodec:
+    """Text <-> token ids, with the Memory3 layout conventions."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        self.tokenizer = tokenizer
+        self.bos_id = tokenizer.token_to_id(BOS)
+        self.eos_id = tokenizer.token_to_id(EOS)
+        self.pad_id = tokenizer.token_to_id(PAD)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TextCodec:
+        return cls(Tokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def reference_prefix(self, config: Memory3Config) -> list[int]:
+        """`<s>Reference:` as tokens: prepended to every reference and to every context."""
+        return self.encode(config.reference_prefix)
+
+    def body(self, text: str) -> list[int]:
+        """A context body: the ordinary `<s>` separator, then the text."""
+        return [self.bos_id, *self.encode(text)]
