@@ -166,6 +166,6 @@ PRESETS: dict[str, Memory3Config] = {
     # Unit tests: a fraction of a second per forward pass.
     "tiny": Memory3Config(
         name="tiny", vocab_size=320, n_layer=4, dim=64, n_head=4, n_kv_head=2, head_dim=16,
-        intermediate_size=128, max_seq_len=512, memory_layers=(0, 1),
+        intermediate_size=128, max_seq_len=1024, memory_layers=(0, 1),
     ),
 }

@@ -1,0 +1,41 @@
+# Task runner. `make demo` and `make test` are the README's two commands.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RESULTS := bench/results
+
+.PHONY: setup demo test test-all test-gpu lint bench bench-decode bench-storage clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/memory3 demo
+
+test: setup
+	$(PY) -m pytest -m "not gpu and not e2e and not slow"
+
+test-all: setup
+	$(PY) -m pytest -m "not gpu"
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: bench-decode bench-storage
+
+bench-decode: setup
+	$(VENV)/bin/memory3 bench decode --preset small --json $(RESULTS)/decode.json --readme README.md
+
+bench-storage: setup
+	$(VENV)/bin/memory3 bench storage --preset small --json $(RESULTS)/storage.json --readme README.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,55 @@
+"""Benchmark output: JSON files, and the README table rebuilt from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def render_table(results_dir: Path) -> str:
+    rows = ["| benchmark | figure | value | target |", "|---|---|---|---|"]
+    decode = _load(results_dir / "decode.json")
+    if decode:
+        p = decode["protocol"]
+        where = f"`{p['preset']}`, batch {p['batch']}, {p['prompt_tokens']} in / {p['new_tokens']} out"
+        rows += [
+            f"| decode ({where}) | no memory | {decode['no_memory_tok_s']:.1f} tok/s | |",
+            f"| | explicit memory | {decode['memory_tok_s']:.1f} tok/s | |",
+            f"| | RAG (5 refs prefilled) | {decode['rag_tok_s']:.1f} tok/s | |",
+            f"| | memory / no memory | {decode['memory_over_no_memory']:.3f} | >= 0.95 |",
+            f"| | memory / RAG | {decode['memory_over_rag']:.3f} | > 1 |",
+        ]
+    storage = _load(results_dir / "storage.json")
+    if storage:
+        errors = storage.get("reconstruction", {})
+        for codec, size in storage["paper_config_bytes_per_memory"].items():
+            err = errors.get(codec, {}).get("rel_mse")
+            err_txt = f", rel. MSE {err:.2e}" if err is not None else ""
+            rows.append(f"| storage (`paper-2.4b` layout) | {codec} | {size:,} B/memory{err_txt} | |")
+        rows.append(f"| | best codec | {storage['best_codec']} ({storage['best_bytes_per_memory']:,} B) "
+                    f"| <= 39,424 B |")
+    if len(rows) == 2:
+        rows.append("| (no results yet) | | | |")
+    return "\n".join(rows)
+
+
+def update_readme(readme: Path, results_dir: Path) -> None:
+    text = readme.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise ValueError(f"{readme} has no {START} ... {END} section to refresh")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{render_table(results_dir)}\n{END}{tail}", encoding="utf-8")
+
+
+def _load(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

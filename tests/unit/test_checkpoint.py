@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+from memory3.model.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, save_checkpoint
+from memory3.model.init import random_model
+from memory3.model.tokenizer import byte_level_tokenizer
+
+
+def test_round_trip_gives_identical_logits(tmp_path, tiny_model, tiny_config):
+    save_checkpoint(tiny_model, tmp_path / "ck", byte_level_tokenizer())
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.config == tiny_config
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 40))
+    positions = torch.arange(40)[None].expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens, positions), tiny_model(tokens, positions), rtol=0, atol=0)
+    assert load_tokenizer(tmp_path / "ck").get_vocab_size() == byte_level_tokenizer().get_vocab_size()
+    bf16 = load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16)
+    assert bf16.output.weight.dtype == torch.bfloat16
+
+
+def test_weights_are_safetensors_not_pickle(tmp_path, tiny_model):
+    save_checkpoint(tiny_model, tmp_path / "ck")
+    raw = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    assert "tok_embeddings.weight" in header
+
+
+def test_missing_files_and_mismatches_are_reported(tmp_path, tiny_model, tiny_config):
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_checkpoint(tmp_path / "nothing")
+    save_checkpoint(tiny_model, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        load_tokenizer(tmp_path / "ck")
+    other = random_model(tiny_config.__class__.from_name("tiny", intermediate_size=64))
+    save_checkpoint(other, tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text(tiny_config.to_json())
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_checkpoint(tmp_path / "other")
+    (tmp_path / "ck" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(tmp_path / "ck")

@@ -1,0 +1,251 @@
+"""The model's invariants: Llama parity, memory attention semantics, cached decoding."""
+
+import math
+
+import pytest
+import torch
+
+from memory3.model.encoder import encode_references
+from memory3.model.generate import GenerationOutput, generate
+from memory3.model.hf_llama import llama_config_kwargs, to_llama_state_dict
+from memory3.model.layout import chunk_groups, rope_positions
+from memory3.model.memory import ExplicitMemory, stack_memories
+from memory3.model.model import apply_rope
+
+
+def random_memory(config, n_valid=None, scale=1.0) -> ExplicitMemory:
+    shape = (config.n_memory_layers, config.n_kv_head, config.mem_tokens_per_head, config.head_dim)
+    positions = torch.arange(config.mem_tokens_per_head).expand(shape[:3]).clone()
+    keys, values = torch.randn(shape) * scale, torch.randn(shape) * scale
+    if n_valid is not None:
+        positions[..., n_valid:] = -1
+        keys[..., n_valid:, :] = 0
+        values[..., n_valid:, :] = 0
+    return ExplicitMemory(keys, values, positions)
+
+
+def context(prefix, body):
+    tokens = torch.tensor([list(prefix) + list(body)])
+    slots = torch.arange(tokens.shape[1])[None]
+    return tokens, slots
+
+
+def test_without_memory_equals_transformers_llama(tiny_model, tiny_config):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_kwargs(tiny_config)))
+    hf.load_state_dict(to_llama_state_dict(tiny_model.state_dict(), tiny_config), strict=True)
+    hf.eval()
+    tokens = torch.randint(0, tiny_config.vocab_size, (3, 90))
+    positions = torch.arange(90)[None].expand(3, -1)
+    with torch.no_grad():
+        ours = tiny_model(tokens, positions)
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def naive_memory_attention(attn, x, cos, sin, mem_k, mem_v, mem_valid, token_group, slot_group):
+    """Token by token: softmax over [own group's valid memory slots, causal context]."""
+    q, k, v = attn.project(x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    group = attn.n_head // attn.n_kv_head
+    _, n_head, seq_len, head_dim = q.shape
+    out = torch.zeros_like(q)
+    for t in range(seq_len):
+        for h in range(n_head):
+            kv = h // group
+            use = (slot_group == token_group[0, t]) & mem_valid[0]
+            keys = torch.cat([mem_k[0, kv][use], k[0, kv, : t + 1]])
+            vals = torch.cat([mem_v[0, kv][use], v[0, kv, : t + 1]])
+            w = torch.softmax(keys @ q[0, h, t] / math.sqrt(head_dim), dim=0)
+            out[0, h, t] = w @ vals
+    return attn.wo(out.transpose(1, 2).reshape(1, seq_len, -1))
+
+
+def test_memory_attention_equals_naive_reference(tiny_model, tiny_config, prefix):
+    layer = tiny_model.layers[tiny_config.memory_layers[0]]
+    body_len = 150  # three chunks, the last one partial
+    tokens, slots = context(prefix, torch.randint(3, 250, (body_len,)).tolist())
+    positions = rope_positions(slots, len(prefix), tiny_config.ref_len)
+    groups = [[[random_memory(tiny_config) for _ in range(5)],
+               [random_memory(tiny_config, n_valid=3), random_memory(tiny_config)],
+               []]]
+    memory = stack_memories(groups, slots_per_group=tiny_config.mem_slots)
+    token_group = chunk_groups(slots, len(prefix), tiny_config.chunk_len)
+    x = torch.randn(1, tokens.shape[1], tiny_config.dim)
+    cos, sin = tiny_model.rope(positions, x.dtype)
+    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()[None, None]
+    mask = torch.cat([memory.visibility(token_group), causal], dim=-1)
+    with torch.no_grad():
+        fast = layer.attention(x, cos, sin, mask, (memory.k[0], memory.v[0]), None, tokens.shape[1])
+        slow = naive_memory_attention(layer.attention, x, cos, sin, memory.k[0], memory.v[0], memory.valid,
+                                      token_group, memory.slot_group)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_reads_only_its_own_memories(tiny_model, tiny_config, prefix):
+    tokens, slots = context(prefix, torch.randint(3, 250, (128,)).tolist())
+    positions = rope_positions(slots, len(prefix), tiny_config.ref_len)
+    token_group = chunk_groups(slots, len(prefix), tiny_config.chunk_len)
+    chunk0 = [random_memory(tiny_config) for _ in range(5)]
+    before = stack_memories([[chunk0, [random_memory(tiny_config) for _ in range(5)]]],
+                            slots_per_group=tiny_config.mem_slots)
+    after = stack_memories([[chunk0, [random_memory(tiny_config) for _ in range(5)]]],
+                           slots_per_group=tiny_config.mem_slots)
+    none = stack_memories([[[], [random_memory(tiny_config)]]], slots_per_group=tiny_config.mem_slots)
+    with torch.no_grad():
+        a = tiny_model(tokens, positions, memory=before, token_group=token_group)
+        b = tiny_model(tokens, positions, memory=after, token_group=token_group)
+        c = tiny_model(tokens, positions, memory=none, token_group=token_group)
+    first = len(prefix) + tiny_config.chunk_len  # slots before this are the prefix and chunk 0
+    torch.testing.assert_close(a[:, :first], b[:, :first], rtol=0, atol=0)
+    assert (a[:, first:] - b[:, first:]).abs().max() > 1e-2  # chunk 1's own memories changed
+    assert (a[:, len(prefix):first] - c[:, len(prefix):first]).abs().max() > 1e-2  # chunk 0 lost its memories
+    torch.testing.assert_close(a[:, : len(prefix)], c[:, : len(prefix)], rtol=0, atol=0)  # prefix sees none
+
+
+def test_masked_out_memories_equal_no_memory(tiny_model, tiny_config, prefix):
+    tokens, slots = context(prefix, torch.randint(3, 250, (80,)).tolist())
+    positions = rope_positions(slots, len(prefix), tiny_config.ref_len)
+    memory = stack_memories([[[random_memory(tiny_config)]]], slots_per_group=tiny_config.mem_slots)
+    nobody = torch.full_like(slots, -1)
+    with torch.no_grad():
+        with_hidden_memory = tiny_model(tokens, positions, memory=memory, token_group=nobody)
+        plain = tiny_model(tokens, positions)
+    torch.testing.assert_close(with_hidden_memory, plain, rtol=1e-5, atol=1e-5)
+
+
+def full_forward_logits(model, config, prefix, prompt, generated, groups):
+    """Logits of one sequence in a single pass, assigning memory groups as generation does."""
+    body = list(prompt) + list(generated[:-1])
+    tokens, slots = context(prefix, body)
+    n_prompt_chunks = math.ceil(len(prompt) / config.chunk_len)
+    token_group = chunk_groups(slots, len(prefix), config.chunk_len)
+    for i in range(len(prompt), len(body)):
+        g = i - len(prompt)
+        token_group[0, len(prefix) + i] = n_prompt_chunks - 1 + g // config.chunk_len
+    memory = stack_memories([groups], slots_per_group=config.mem_slots)
+    positions = rope_positions(slots, len(prefix), config.ref_len)
+    with torch.no_grad():
+        logits = model(tokens, positions, memory=memory, token_group=token_group)
+    return logits[0, len(prefix) + len(prompt) - 1 :]
+
+
+class RecordingProvider:
+    def __init__(self, bank, per_query=5):
+        self.bank, self.per_query, self.calls = bank, per_query, []
+
+    def __call__(self, queries):
+        out = []
+        for q in queries:
+            start = sum(q) % len(self.bank)
+            mems = [self.bank[(start + j) % len(self.bank)] for j in range(self.per_query)]
+            self.calls.append((list(q), mems))
+            out.append(mems)
+        return out
+
+
+@pytest.fixture(scope="module")
+def memory_bank(tiny_model, tiny_config, prefix):
+    refs = [torch.randint(3, 250, (n,)).tolist() for n in (128, 40, 5, 128, 90, 128, 64, 3, 128, 100)]
+    with torch.no_grad():
+        return encode_references(tiny_model, refs, prefix)
+
+
+def test_cached_decoding_equals_full_forward_across_chunks_and_swaps(tiny_model, tiny_config, prefix, memory_bank):
+    prompt = [1, *torch.randint(3, 250, (99,)).tolist()]  # two prompt chunks, the second partial
+    provider = RecordingProvider(memory_bank)
+    captured = []
+
+    def capture(queries):
+        found = provider(queries)
+        captured.extend(found)
+        return found
+
+    steps = 140  # crosses two decode-time memory swaps (after 64 and 128 generated tokens)
+    with torch.no_grad():
+        out = generate(tiny_model, [prompt], prefix=prefix, max_new_tokens=steps, memory_provider=capture)
+    assert len(out.retrievals[0]) == 2 + 2
+    # The swap queries are the previous 64 generated tokens.
+    assert out.retrievals[0][2] == out.tokens[0][:64] and out.retrievals[0][3] == out.tokens[0][64:128]
+    logits = full_forward_logits(tiny_model, tiny_config, prefix, prompt, out.tokens[0], captured)
+    assert logits.argmax(-1).tolist() == out.tokens[0]
+
+    # Compare logits too, step by step, by teacher-forcing the generated tokens.
+    incremental = decode_logits(tiny_model, tiny_config, prefix, prompt, out.tokens[0], captured)
+    torch.testing.assert_close(incremental, logits, rtol=1e-4, atol=1e-4)
+
+
+def decode_logits(model, config, prefix, prompt, generated, groups):
+    """Prefill + one decode step per generated token, swapping resident memories like generate()."""
+    p = len(prefix)
+    tokens, slots = context(prefix, prompt)
+    positions = rope_positions(slots, p, config.ref_len)
+    n_chunks = math.ceil(len(prompt) / config.chunk_len)
+    memory = stack_memories([groups[:n_chunks]], slots_per_group=config.mem_slots)
+    model.setup_caches(1, tokens.shape[1] + len(generated))
+    try:
+        with torch.no_grad():
+            out = [model(tokens, positions, memory=memory, token_group=chunk_groups(slots, p, config.chunk_len),
+                         cache_slots=slots)[0, -1]]
+            model.set_resident_memory(stack_memories([[groups[n_chunks - 1]]], slots_per_group=config.mem_slots))
+            for g, tok in enumerate(generated[:-1]):
+                if g > 0 and g % config.chunk_len == 0:
+                    swap = groups[n_chunks - 1 + g // config.chunk_len]
+                    model.set_resident_memory(stack_memories([[swap]], slots_per_group=config.mem_slots))
+                slot = torch.tensor([[p + len(prompt) + g]])
+                out.append(model(torch.tensor([[tok]]), rope_positions(slot, p, config.ref_len),
+                                 cache_slots=slot)[0, -1])
+    finally:
+        model.clear_caches()
+    return torch.stack(out)
+
+
+def test_cached_decoding_equals_full_forward_without_memory(tiny_model, tiny_config):
+    prompt = [1, *torch.randint(3, 250, (70,)).tolist()]
+    with torch.no_grad():
+        out = generate(tiny_model, [prompt], max_new_tokens=30)
+        tokens = torch.tensor([prompt + out.tokens[0][:-1]])
+        logits = tiny_model(tokens, torch.arange(tokens.shape[1])[None])
+    assert logits[0, len(prompt) - 1 :].argmax(-1).tolist() == out.tokens[0]
+
+
+def test_batch_of_different_lengths_equals_one_by_one(tiny_model, tiny_config, prefix, memory_bank):
+    prompts = [[1, *torch.randint(3, 250, (n,)).tolist()] for n in (20, 99, 64)]
+    with torch.no_grad():
+        batched = generate(tiny_model, prompts, prefix=prefix, max_new_tokens=70,
+                           memory_provider=RecordingProvider(memory_bank))
+        alone = [generate(tiny_model, [p], prefix=prefix, max_new_tokens=70,
+                          memory_provider=RecordingProvider(memory_bank)) for p in prompts]
+    assert batched.tokens == [a.tokens[0] for a in alone]
+    assert batched.retrievals == [a.retrievals[0] for a in alone]
+
+
+def test_memories_change_generation(tiny_model, tiny_config, prefix, memory_bank):
+    prompt = [1, *torch.randint(3, 250, (30,)).tolist()]
+    with torch.no_grad():
+        a = generate(tiny_model, [prompt], prefix=prefix, max_new_tokens=20,
+                     memory_provider=lambda qs: [memory_bank[:5] for _ in qs])
+        b = generate(tiny_model, [prompt], prefix=prefix, max_new_tokens=20,
+                     memory_provider=lambda qs: [memory_bank[5:] for _ in qs])
+    assert a.tokens != b.tokens
+
+
+def test_stop_tokens_end_a_sequence(tiny_model):
+    prompt = [1, *torch.randint(3, 250, (10,)).tolist()]
+    with torch.no_grad():
+        free = generate(tiny_model, [prompt], max_new_tokens=12)
+        stop_at = free.tokens[0][4]
+        stopped = generate(tiny_model, [prompt], max_new_tokens=12, stop_tokens=[stop_at])
+    first = free.tokens[0].index(stop_at)
+    assert stopped.tokens[0] == free.tokens[0][: first + 1]
+    assert stopped.finish_reasons == ["stop"] and isinstance(stopped, GenerationOutput)
+
+
+def test_generation_validates_its_input(tiny_model, tiny_config):
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(tiny_model, [[]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        generate(tiny_model, [[1] * 10], max_new_tokens=tiny_config.max_seq_len)
+    with pytest.raises(ValueError, match="reference prefix"):
+        generate(tiny_model, [[1, 2]], max_new_tokens=4, memory_provider=lambda qs: [[] for _ in qs])
+    assert not tiny_model.has_cache  # a failed call leaves no caches behind
