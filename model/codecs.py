@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -317,14 +318,15 @@ class VQCodec(MemoryCodec):
         x = np.ascontiguousarray(x, dtype=np.float32)
         d = self.head_dim
 
+        started = time.perf_counter()
+
         def log(msg: str) -> None:
             if progress:
-                print(f"[{self.name}] {msg}", file=sys.stderr, flush=True)
+                print(f"[{self.name}] {time.perf_counter() - started:6.1f}s {msg}", file=sys.stderr, flush=True)
 
         log(f"OPQ rotation on {len(x)} vectors")
         opq = faiss.OPQMatrix(d, self.opq_m)
         opq.niter = self.opq_niter
-        opq.verbose = progress
         opq.train(x)
         rotation = torch.from_numpy(faiss.vector_to_array(opq.A).reshape(d, d).copy())  # (D_out, D_in)
         residual = torch.from_numpy(x) @ rotation.T  # (N, D) rotated
@@ -332,7 +334,7 @@ class VQCodec(MemoryCodec):
         rq = torch.zeros(self.rq_levels, 2**self.rq_bits, d)
         for level in range(self.rq_levels):
             log(f"residual level {level + 1}/{self.rq_levels}: k-means with {2**self.rq_bits} centroids")
-            km = faiss.Kmeans(d, 2**self.rq_bits, niter=self.niter, seed=self.seed + level, verbose=progress)
+            km = faiss.Kmeans(d, 2**self.rq_bits, niter=self.niter, seed=self.seed + level)
             km.train(np.ascontiguousarray(residual.numpy()))
             rq[level] = torch.from_numpy(km.centroids.copy())
             residual = residual - rq[level][_nearest(residual, rq[level])]  # same greedy rule as encode
@@ -341,10 +343,10 @@ class VQCodec(MemoryCodec):
         pq = faiss.ProductQuantizer(d, self.pq_m, self.pq_bits)
         pq.cp.niter = self.niter
         pq.cp.seed = self.seed + self.rq_levels
-        pq.verbose = progress
         pq.train(np.ascontiguousarray(residual.numpy()))
         pq_c = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(self.pq_m, 2**self.pq_bits, -1).copy())
         self._set_tables(rotation, rq, pq_c)
+        log("trained")
         return self
 
     # ---- encode / decode (torch only) -------------------------------------------------------

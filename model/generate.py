@@ -28,12 +28,17 @@ MemoryProvider = Callable[[list[list[int]]], list[list[ExplicitMemory]]]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters.
+
+    vocab_limit: sample only ids below it, for a model whose embedding is padded past the
+    tokenizer's vocabulary (the paper pads 60,299 tokens to 60,416); None samples any id.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    vocab_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -42,6 +47,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.vocab_limit is not None and self.vocab_limit < 1:
+            raise ValueError(f"vocab_limit must be >= 1, got {self.vocab_limit}")
 
 
 @dataclass
@@ -53,6 +60,8 @@ class GenerationOutput:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
     """(B, V) logits -> (B,) token ids."""
+    if params.vocab_limit is not None and params.vocab_limit < logits.shape[-1]:
+        logits = logits[:, : params.vocab_limit]  # ids are positions, so slicing keeps them
     if params.temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature

@@ -7,6 +7,7 @@ overlap, a stand-in for the text service's embedding index when no index exists.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ class LocalGenerator:
         sampling: SamplingParams = SamplingParams(),
     ) -> Iterator[StreamEvent]:
         config = self.model.config
+        sampling = dataclasses.replace(sampling, vocab_limit=self.codec.vocab_size)
         body = self.codec.body(prompt)
         if len(self.prefix) + len(body) + max_new_tokens > config.max_seq_len:
             raise ValueError(

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     sto = bench_sub.add_parser("storage", help="bytes per memory and reconstruction error for each codec")
     sto.add_argument("--preset", default="small", help="model whose encoded K/V measure reconstruction error")
     sto.add_argument("--checkpoint", type=Path, default=None, help="use these weights instead of a random init")
-    sto.add_argument("--references", type=int, default=256, help="references encoded to train and test the codecs")
+    sto.add_argument("--references", type=int, default=2048, help="references encoded to train and test the codecs")
+    sto.add_argument("--vq-rq-bits", type=int, default=14, help="bits per residual level (paper: 14)")
+    sto.add_argument("--vq-pq-bits", type=int, default=10, help="bits per product-quantizer sub-space (paper: 10)")
+    sto.add_argument("--vq-niter", type=int, default=10, help="k-means iterations when training the VQ codec")
     sto.add_argument("--json", type=Path, required=True)
     sto.add_argument("--readme", type=Path, default=None)
     return parser
@@ -88,7 +91,8 @@ def _bench(args: argparse.Namespace) -> int:
                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
     else:
         from memory3.bench.storage import run_storage_bench
-        result = run_storage_bench(preset=args.preset, checkpoint=args.checkpoint, n_references=args.references)
+        result = run_storage_bench(preset=args.preset, checkpoint=args.checkpoint, n_references=args.references,
+                                   rq_bits=args.vq_rq_bits, pq_bits=args.vq_pq_bits, niter=args.vq_niter)
     from memory3.bench.report import update_readme, write_json
     write_json(result, args.json)
     print(json.dumps(result["summary"], indent=2))

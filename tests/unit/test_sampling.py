@@ -39,3 +39,12 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 def test_bad_sampling_parameters(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_vocab_limit_never_samples_padding_ids():
+    logits = torch.zeros(3, 40)
+    logits[:, 30:] = 100.0  # padding ids would win
+    gen = torch.Generator().manual_seed(0)
+    assert (sample(logits, SamplingParams(vocab_limit=30)) < 30).all()
+    for _ in range(50):
+        assert (sample(logits, SamplingParams(temperature=1.0, vocab_limit=30), gen) < 30).all()
