@@ -139,3 +139,34 @@ def stack_memories(
         valid=valid.reshape(batch, s_mem).to(device),
         slot_group=slot_group.to(device),
     )
+
+
+def gather_memories(keys: Tensor, values: Tensor, positions: Tensor, index: Tensor) -> MemoryKV:
+    """Build a MemoryKV by indexing a batch of encoded memories; differentiable in keys/values.
+
+    Training encodes each step's references once and lets several chunks read the same memory
+    (a chunk reads its own reference and those of the previous chunks), so memories are indexed,
+    not copied one by one.
+
+    Args:
+        keys, values: (N, memory_layers, kv_heads, k, head_dim) encoded memories.
+        positions: (N, memory_layers, kv_heads, k), -1 for padding slots.
+        index: (B, G, M) memory index per sequence, group and memory slot; -1 for none.
+    """
+    n_layers, n_kv, k, head_dim = keys.shape[1:]
+    bsz, n_groups, per_group = index.shape
+    safe = index.clamp(min=0)
+    slot_valid = (positions >= 0).all(dim=1).all(dim=1)  # (N, k): padding is the same for every layer/head
+    valid = (index >= 0)[..., None] & slot_valid[safe]  # (B, G, M, k)
+    s_mem = n_groups * per_group * k
+
+    def arrange(t: Tensor) -> Tensor:
+        g = t[safe]  # (B, G, M, L, H, k, D)
+        return g.permute(3, 0, 4, 1, 2, 5, 6).reshape(n_layers, bsz, n_kv, s_mem, head_dim)  # (L, B, H, S, D)
+
+    return MemoryKV(
+        k=arrange(keys),
+        v=arrange(values),
+        valid=valid.reshape(bsz, s_mem),
+        slot_group=torch.arange(n_groups, device=index.device).repeat_interleave(per_group * k),
+    )

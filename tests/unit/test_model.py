@@ -249,3 +249,24 @@ def test_generation_validates_its_input(tiny_model, tiny_config):
     with pytest.raises(ValueError, match="reference prefix"):
         generate(tiny_model, [[1, 2]], max_new_tokens=4, memory_provider=lambda qs: [[] for _ in qs])
     assert not tiny_model.has_cache  # a failed call leaves no caches behind
+
+
+def test_gather_memories_equals_stack_memories(tiny_config, memory_bank):
+    from memory3.model.memory import gather_memories
+
+    keys = torch.stack([m.keys for m in memory_bank])
+    values = torch.stack([m.values for m in memory_bank])
+    positions = torch.stack([m.positions for m in memory_bank])
+    index = torch.tensor([[[0, 2, -1, -1, -1], [7, 1, 3, 4, 5]], [[9, -1, -1, -1, -1], [-1, -1, -1, -1, -1]]])
+    gathered = gather_memories(keys, values, positions, index)
+    groups = [[[memory_bank[i] for i in grp if i >= 0] for grp in seq] for seq in index.tolist()]
+    stacked = stack_memories(groups, slots_per_group=tiny_config.mem_slots)
+    # stack_memories packs a group's memories first; gather keeps their slots. Compare per slot set.
+    assert gathered.k.shape == stacked.k.shape
+    for b in range(2):
+        for g in range(2):
+            sl = slice(g * tiny_config.mem_slots, (g + 1) * tiny_config.mem_slots)
+            assert gathered.valid[b, sl].sum() == stacked.valid[b, sl].sum()
+            a = gathered.k[:, b, :, sl][..., gathered.valid[b, sl], :]
+            s = stacked.k[:, b, :, sl][..., stacked.valid[b, sl], :]
+            torch.testing.assert_close(a, s)

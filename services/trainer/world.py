@@ -1,0 +1,176 @@
+"""A synthetic knowledge world, generated from a seed.
+
+Invented entities (people, cities, organisations, products) with attributes, written three ways:
+reference documents (what the knowledge base holds), narrative sentences and question/answer
+pairs (what training text holds). Entities are split: `train` entities appear in training text
+and in the knowledge base; `heldout` entities appear **only** in the knowledge base. Accuracy on
+held-out questions therefore measures exactly what the model knows through its memory.
+
+Names are built from syllables, so no real-world knowledge can answer a question. Attribute
+values come from finite pools (cities, organisations, professions, years...), which puts the
+no-memory baseline at roughly chance: 1 / pool size.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr",
+          "v", "z", "sh", "th", "ch", "w", "y", "j", "kl", "pl", "sk"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "y", "io"]
+CODAS = ["", "", "n", "r", "l", "s", "m", "nd", "rk", "th", "x", "ck", "st", "ng"]
+PROFESSIONS = ["engineer", "teacher", "painter", "surgeon", "farmer", "architect", "chemist", "poet", "baker",
+               "sailor", "pilot", "lawyer", "composer", "astronomer", "carpenter", "geologist", "librarian",
+               "journalist", "tailor", "mathematician", "botanist", "potter", "violinist", "photographer",
+               "translator", "economist", "blacksmith", "dancer", "historian", "nurse", "sculptor", "miner",
+               "weaver", "cartographer", "judge", "brewer", "glassblower", "jeweller", "linguist", "beekeeper"]
+INDUSTRIES = ["shipping", "mining", "textiles", "publishing", "brewing", "software", "banking", "railways",
+              "pharmaceuticals", "aviation", "shipbuilding", "insurance", "glassmaking", "fishing", "printing",
+              "steel", "tea trading", "clockmaking", "perfume", "telegraphy"]
+CATEGORIES = ["bicycle", "telescope", "typewriter", "lantern", "radio", "camera", "violin", "compass", "kettle",
+              "sewing machine", "clock", "microscope", "tractor", "piano", "umbrella", "stove", "barometer",
+              "harmonica", "printing press", "loom"]
+ORG_SUFFIXES = ["Company", "Works", "Guild", "Society", "Trading House", "Foundry", "Press", "Institute"]
+CITY_SUFFIXES = ["ford", "holm", "bury", "wick", "stad", "mouth", "vale", "port", "grad", "burg", ""]
+
+
+@dataclass(frozen=True)
+class Fact:
+    attribute: str
+    question: str
+    answer: str
+    statement: str  # the fact as one narrative sentence
+
+
+@dataclass(frozen=True)
+class Entity:
+    id: str
+    kind: str
+    name: str
+    split: str  # "train" or "heldout"
+    attributes: dict[str, str] = field(hash=False)
+    document: str = ""  # the reference text the knowledge base holds
+    facts: tuple[Fact, ...] = ()
+
+
+class World:
+    """Deterministic given (seed, sizes); entity ids are stable strings like `person-00042`."""
+
+    def __init__(self, seed: int = 0, *, n_train: int = 2000, n_heldout: int = 300, n_cities: int = 120,
+                 n_organisations: int = 80) -> None:
+        if n_train < 1 or n_heldout < 1:
+            raise ValueError("the world needs at least one train and one held-out entity")
+        self.seed = seed
+        rng = random.Random(f"memory3-world-{seed}")
+        self._used: set[str] = set()
+        self.cities = [self._city_name(rng) for _ in range(n_cities)]
+        self.countries = [self._word(rng, 2).capitalize() + rng.choice(["ia", "land", "stan", "ora", "ane"])
+                          for _ in range(24)]
+        self.organisations = [f"{self._word(rng, 2).capitalize()} {rng.choice(ORG_SUFFIXES)}"
+                              for _ in range(n_organisations)]
+        self.rivers = [self._word(rng, 2).capitalize() for _ in range(40)]
+        kinds = ["person", "person", "person", "city", "organisation", "product"]
+        self.entities: list[Entity] = []
+        for i in range(n_train + n_heldout):
+            split = "train" if i < n_train else "heldout"
+            kind = kinds[i % len(kinds)]
+            self.entities.append(self._entity(rng, i, kind, split))
+
+    # ---- views ----------------------------------------------------------------------------
+    def split(self, name: str) -> list[Entity]:
+        return [e for e in self.entities if e.split == name]
+
+    def answer_pools(self) -> dict[str, list[str]]:
+        """Every value an attribute can take (for chance-level reasoning in reports)."""
+        return {
+            "city": self.cities, "organisation": self.organisations, "profession": PROFESSIONS,
+            "industry": INDUSTRIES, "category": CATEGORIES, "country": self.countries, "river": self.rivers,
+        }
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        """(entity id, reference document) for every entity: the knowledge base's source."""
+        for e in self.entities:
+            yield e.id, e.document
+
+    # ---- generation -----------------------------------------------------------------------
+    def _word(self, rng: random.Random, syllables: int) -> str:
+        return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables)) + rng.choice(CODAS)
+
+    def _unique(self, make) -> str:
+        for _ in range(1000):
+            name = make()
+            if name not in self._used:
+                self._used.add(name)
+                return name
+        raise RuntimeError("could not generate a unique name")
+
+    def _city_name(self, rng: random.Random) -> str:
+        return self._unique(lambda: (self._word(rng, 1) + rng.choice(CITY_SUFFIXES)).capitalize())
+
+    def _entity(self, rng: random.Random, index: int, kind: str, split: str) -> Entity:
+        eid = f"{kind}-{index:05d}"
+        year = str(rng.randint(1780, 1999))
+        if kind == "person":
+            name = self._unique(lambda: f"{self._word(rng, 2).capitalize()} {self._word(rng, 2).capitalize()}")
+            attrs = {"profession": rng.choice(PROFESSIONS), "birthplace": rng.choice(self.cities),
+                     "birth_year": year, "employer": rng.choice(self.organisations)}
+            doc = (f"{name} is a {attrs['profession']} who was born in {attrs['birthplace']} in "
+                   f"{attrs['birth_year']}. {name} works for the {attrs['employer']}.")
+            facts = (
+                Fact("profession", f"What is the profession of {name}?", attrs["profession"],
+                     f"{name} works as a {attrs['profession']}."),
+                Fact("birthplace", f"In which city was {name} born?", attrs["birthplace"],
+                     f"{name} was born in {attrs['birthplace']}."),
+                Fact("birth_year", f"In which year was {name} born?", attrs["birth_year"],
+                     f"{name} was born in the year {attrs['birth_year']}."),
+                Fact("employer", f"Which organisation does {name} work for?", attrs["employer"],
+                     f"{name} is employed by the {attrs['employer']}."),
+            )
+        elif kind == "city":
+            name = self._city_name(rng)
+            attrs = {"country": rng.choice(self.countries), "river": rng.choice(self.rivers), "founded": year}
+            doc = (f"{name} is a city in {attrs['country']} on the river {attrs['river']}. "
+                   f"It was founded in {attrs['founded']}.")
+            facts = (
+                Fact("country", f"In which country is {name}?", attrs["country"],
+                     f"{name} lies in {attrs['country']}."),
+                Fact("river", f"On which river is {name}?", attrs["river"],
+                     f"The river {attrs['river']} flows through {name}."),
+                Fact("founded", f"In which year was {name} founded?", attrs["founded"],
+                     f"{name} was founded in {attrs['founded']}."),
+            )
+        elif kind == "organisation":
+            name = self._unique(lambda: f"{self._word(rng, 2).capitalize()} {rng.choice(ORG_SUFFIXES)}")
+            attrs = {"industry": rng.choice(INDUSTRIES), "headquarters": rng.choice(self.cities), "founded": year}
+            doc = (f"The {name} is a {attrs['industry']} firm with its headquarters in {attrs['headquarters']}. "
+                   f"It was established in {attrs['founded']}.")
+            facts = (
+                Fact("industry", f"In which industry is the {name}?", attrs["industry"],
+                     f"The {name} works in {attrs['industry']}."),
+                Fact("headquarters", f"Where is the {name} based?", attrs["headquarters"],
+                     f"The {name} is based in {attrs['headquarters']}."),
+                Fact("founded", f"In which year was the {name} established?", attrs["founded"],
+                     f"The {name} was established in {attrs['founded']}."),
+            )
+        else:  # product
+            name = self._unique(lambda: f"the {self._word(rng, 2).capitalize()} {rng.choice(CATEGORIES)}")
+            attrs = {"maker": rng.choice(self.organisations), "launched": year}
+            doc = (f"{name[0].upper()}{name[1:]} is made by the {attrs['maker']}. "
+                   f"It was launched in {attrs['launched']}.")
+            facts = (
+                Fact("maker", f"Who makes {name}?", attrs["maker"], f"{name} is made by the {attrs['maker']}."),
+                Fact("launched", f"In which year was {name} launched?", attrs["launched"],
+                     f"{name} was launched in {attrs['launched']}."),
+            )
+        return Entity(eid, kind, name, split, attrs, doc, facts)
+
+
+def qa_text(fact: Fact) -> str:
+    """The one question/answer format used in training text and evaluation prompts."""
+    return f"Question: {fact.question}\nAnswer: {fact.answer}\n"
+
+
+def qa_prompt(fact: Fact) -> str:
+    return f"Question: {fact.question}\nAnswer:"
