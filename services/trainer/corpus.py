@@ -1,0 +1,121 @@
+"""Text sources: real English from Debian packages, and user corpus files, all streamed.
+
+Debian sources (installed by `.ci/run` and `make setup`): WordNet glosses (`wordnet-base`), the
+GCIDE dictionary (`dict-gcide`) and the Python documentation in info format (`python3.11-doc`).
+Each yields (source, document) pairs one at a time; nothing is read whole into memory beyond one
+compressed file's stream.
+
+User corpus files (for `kb add` and custom training text) are UTF-8 text with documents
+separated by blank lines. They are checked strictly: a file that is not UTF-8, empty, or holds an
+oversize document is rejected with the file, the position and what to change.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+MAX_DOCUMENT_BYTES = 1 << 20
+WORDNET_DIR = Path("/usr/share/wordnet")
+GCIDE_DICT = Path("/usr/share/dictd/gcide.dict.dz")
+PYTHON_INFO = Path("/usr/share/info/python3.11.info.gz")
+DEBIAN_PACKAGES = "wordnet-base dict-gcide python3.11-doc"
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be used as it is."""
+
+
+def wordnet_glosses(root: Path = WORDNET_DIR) -> Iterator[tuple[str, str]]:
+    for part in ("noun", "verb", "adj", "adv"):
+        path = root / f"data.{part}"
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or " | " not in line:
+                    continue  # licence header lines start with two spaces
+                words = line.split(" ")
+                lemma = words[4].replace("_", " ")
+                gloss = line.split(" | ", 1)[1].strip()
+                yield "wordnet", f"{lemma}: {gloss}"
+
+
+_GCIDE_HEAD = re.compile(r"^(\S[^\\]*?)\s*\\[^\\]*\\,?\s*")
+_GCIDE_NOISE = re.compile(r"\[(?:1913 Webster|WordNet 1\.5|PJC|Webster 1913 Suppl\.)[^\]]*\]")
+
+
+def gcide_entries(path: Path = GCIDE_DICT) -> Iterator[tuple[str, str]]:
+    """Dictionary entries as plain text, pronunciation marks and edition tags removed."""
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        entry: list[str] = []
+        for line in f:
+            if line.strip():
+                entry.append(line.strip())
+                continue
+            if entry:
+                text = " ".join(entry)
+                entry = []
+                if text.startswith("00-database"):
+                    continue
+                text = _GCIDE_NOISE.sub("", _GCIDE_HEAD.sub(r"\1: ", text)).strip()
+                if len(text) > 40:
+                    yield "gcide", text
+
+
+def python_docs(path: Path = PYTHON_INFO) -> Iterator[tuple[str, str]]:
+    """Paragraphs of the Python documentation (info format)."""
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        para: list[str] = []
+        for line in f:
+            if line.strip() and not line.startswith(("\x1f", "File:", "*")):
+                para.append(line.strip())
+                continue
+            if para:
+                text = " ".join(para)
+                para = []
+                if len(text) > 80 and text.count(" ") > 10:
+                    yield "python-docs", text
+
+
+DEBIAN_SOURCES = {"wordnet": wordnet_glosses, "gcide": gcide_entries, "python-docs": python_docs}
+
+
+def debian_documents(sources: tuple[str, ...] = tuple(DEBIAN_SOURCES)) -> Iterator[tuple[str, str]]:
+    """Interleave the Debian sources so any prefix of the stream mixes all of them."""
+    missing = [p for p in (WORDNET_DIR / "data.noun", GCIDE_DICT, PYTHON_INFO) if not p.exists()]
+    if missing:
+        raise CorpusError(f"missing {', '.join(map(str, missing))}: apt-get install -y {DEBIAN_PACKAGES}")
+    streams = [DEBIAN_SOURCES[name]() for name in sources]
+    while streams:
+        for stream in list(streams):
+            item = next(stream, None)
+            if item is None:
+                streams.remove(stream)
+            else:
+                yield item
+
+
+def read_corpus_file(path: str | Path, *, max_document_bytes: int = MAX_DOCUMENT_BYTES) -> list[tuple[str, str]]:
+    """A user's UTF-8 text file -> (source, document) pairs; documents are separated by blank lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
+                          "convert it, e.g. with iconv -t UTF-8") from e
+    if "\x00" in text:
+        raise CorpusError(f"{path}: contains NUL bytes; is it a binary file?")
+    documents = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+    if not documents:
+        raise CorpusError(f"{path}: no text (the file is empty or holds only whitespace)")
+    for i, doc in enumerate(documents):
+        size = len(doc.encode("utf-8"))
+        if size > max_document_bytes:
+            raise CorpusError(f"{path}: document {i + 1} is {size} bytes, over the {max_document_bytes}-byte limit; "
+                              "separate it into smaller documents with blank lines")
+    return [(str(path), doc) for doc in documents]
