@@ -1,0 +1,210 @@
+"""The whole training run: world -> tokenizer -> knowledge base and index -> two stages -> model.
+
+`run_pipeline` is what `memory3 train` and the TrainerService both call. Everything it writes
+lives under one work directory, so a killed run resumes from its last checkpoint with
+`--resume` (the default when the directory holds a checkpoint of the same configuration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from memory3.model.checkpoint import save_checkpoint
+from memory3.model.config import Memory3Config
+from memory3.model.init import random_model
+from memory3.model.tokenizer import TextCodec
+
+from .corpus import debian_documents
+from .data import TrainingData
+from .evaluate import Question, accuracy, answer_questions
+from .kb import Reference, build_references
+from .tokenizer_train import train_tokenizer
+from .train import Distributed, StageConfig, TrainConfig, Trainer, model_config_for
+from .world import World, qa_prompt, qa_text
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    preset: str = "small"
+    seed: int = 0
+    vocab_size: int = 4096
+    world_train: int = 3000
+    world_heldout: int = 300
+    real_documents: int = 3000  # Debian documents for language and for the real-text knowledge base
+    eval_questions: int = 64  # held-out questions scored at each evaluation during training
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def quick(cls, preset: str = "tiny", seed: int = 0) -> PipelineConfig:
+        """Exercises every step in about a minute on 2 CPU cores (learns little)."""
+        return cls(preset=preset, seed=seed, vocab_size=512, world_train=200, world_heldout=40, real_documents=200,
+                   eval_questions=16, train=TrainConfig(
+                       seed=seed, seq_len=128, batch_size=4, eval_every=10, checkpoint_every=10,
+                       stage1=StageConfig(steps=20, lr=2e-3, warmup_steps=5),
+                       stage2=StageConfig(steps=20, lr=1e-3, warmup_steps=5)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PipelineResult:
+    model_dir: Path
+    model: torch.nn.Module
+    codec: TextCodec
+    world: World
+    references: list[Reference]
+    history: list[dict]
+    seconds: float
+
+
+def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = Distributed(),
+                 progress: bool = True, log: Callable[[str], None] | None = None) -> PipelineResult:
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(work_dir, config)
+    torch.manual_seed(config.seed)
+
+    world = World(config.seed, n_train=config.world_train, n_heldout=config.world_heldout)
+    log(f"world: {config.world_train} train and {config.world_heldout} held-out entities (seed {config.seed})")
+    real = [text for _, text in itertools.islice(debian_documents(), config.real_documents)]
+    log(f"real text: {len(real)} documents from Debian packages")
+
+    tokenizer_path = work_dir / "tokenizer.json"
+    if dist.is_main and not tokenizer_path.exists():
+        texts = itertools.chain(real, (e.document for e in world.entities),
+                                (qa_text(f) for e in world.split("train") for f in e.facts))
+        train_tokenizer(texts, config.vocab_size).save(str(tokenizer_path))
+    _barrier(dist)
+    codec = TextCodec(Tokenizer.from_file(str(tokenizer_path)))
+    log(f"tokenizer: {codec.vocab_size} tokens")
+
+    model_config = model_config_for(Memory3Config.from_name(config.preset), codec.vocab_size)
+    model = random_model(model_config, seed=config.seed)
+    prefix = codec.reference_prefix(model_config)
+
+    references = list(build_references(
+        itertools.chain(((e.id, e.document) for e in world.entities), (("debian", t) for t in real)),
+        codec, model_config.ref_len))
+    log(f"knowledge base: {len(references)} references")
+
+    data = TrainingData(world, codec, model_config, seq_len=config.train.seq_len, seed=config.seed, real_text=real)
+    evaluate = _training_eval(world, codec, config) if dist.is_main else None
+    trainer = Trainer(model, data, config.train, work_dir, prefix=prefix, dist=dist, evaluate=evaluate,
+                      progress=progress)
+    latest = trainer.latest_checkpoint()
+    if latest is not None:
+        trainer.load(latest)
+        log(f"resuming from {latest.name} (step {trainer.state.step} of {config.train.total_steps})")
+    trainer.run()
+
+    model_dir = work_dir / "model"
+    if dist.is_main:
+        save_checkpoint(model, model_dir, codec.tokenizer)
+        (work_dir / "history.json").write_text(json.dumps(trainer.state.history))
+        plot_history(trainer.state.history, work_dir / "training.png")
+        log(f"model written to {model_dir}; curve in {work_dir / 'training.png'}")
+    _barrier(dist)
+    return PipelineResult(model_dir, model.eval(), codec, world, references, trainer.state.history,
+                          time.perf_counter() - started)
+
+
+def heldout_questions(world: World, n: int | None = None, seed: int = 0) -> list[Question]:
+    """Questions whose facts exist only in the knowledge base, in a fixed shuffled order."""
+    questions = [Question(qa_prompt(f), f.answer) for e in world.split("heldout") for f in e.facts]
+    random.Random(seed).shuffle(questions)
+    return questions[:n] if n is not None else questions
+
+
+def world_retriever(world: World) -> Callable[[list[str]], list[list[str]]]:
+    """Retrieval by entity name, for evaluation during training (no embedder in the loop).
+
+    The release's embedding index returns the same document first for >99% of these questions;
+    the quality benchmark uses the real index.
+    """
+    by_length = sorted(world.entities, key=lambda e: -len(e.name))
+    rng = random.Random(world.seed)
+
+    def retrieve(queries: list[str]) -> list[list[str]]:
+        out = []
+        for q in queries:
+            hit = next((e.id for e in by_length if e.name in q), None)
+            others = [e.id for e in rng.sample(world.entities, 4)]
+            out.append(([hit] if hit else []) + others)
+        return out
+
+    return retrieve
+
+
+def _training_eval(world: World, codec: TextCodec, config: PipelineConfig):
+    questions = heldout_questions(world, config.eval_questions, seed=config.seed)
+    texts = {e.id: e.document for e in world.entities}
+    retrieve = world_retriever(world)
+
+    def evaluate(model) -> dict:
+        out = {}
+        for mode in ("none", "memory"):
+            answers = answer_questions(model, codec, questions, mode, retrieve=retrieve, reference_text=texts)
+            out[f"heldout_acc_{mode}"] = round(accuracy(answers, questions), 4)
+        return out
+
+    return evaluate
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval" in h]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for stage in (1, 2):
+        points = [(h["step"], h["loss"]) for h in steps if h["stage"] == stage]
+        if points:
+            ax_loss.plot(*zip(*points, strict=True), label=f"stage {stage}", linewidth=0.8)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend()
+    for key in sorted({k for h in evals for k in h["eval"]}):
+        points = [(h["step"], h["eval"][key]) for h in evals if key in h["eval"]]
+        ax_acc.plot(*zip(*points, strict=True), marker="o", label=key)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("held-out exact match")
+    if evals:
+        ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _check_same_config(work_dir: Path, config: PipelineConfig) -> None:
+    """A work directory belongs to one configuration: resuming another would mix two runs."""
+    path = work_dir / "pipeline.json"
+    current = json.loads(json.dumps(config.to_dict()))
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != current:
+            raise ValueError(f"{work_dir} holds a run with another configuration; use a new --work-dir")
+    else:
+        path.write_text(json.dumps(current, indent=2))
+
+
+def _barrier(dist: Distributed) -> None:
+    if dist.world_size > 1:
+        import torch.distributed as torch_dist
+
+        torch_dist.barrier()

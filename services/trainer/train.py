@@ -1,0 +1,322 @@
+"""Two-stage training: warm-up without memory, then continual training with memory (paper §3.6).
+
+Gradients in stage 2 flow through memory encoding: references are encoded inside the training
+step by the same weights, and the kept keys/values are differentiable, so the model learns both
+to write memories and to read them ("the model learns to write and read explicit memories").
+Only the choice of which tokens are kept (a top-k) has no gradient. Hidden states of references
+are dropped after the last memory layer, as in the paper.
+
+Data parallelism: run under `torchrun`; each rank builds its own samples (see data.py) and the
+gradients are averaged with one all-reduce over a flat buffer per step. (DDP's wrapper is not
+used because memory encoding calls the layers directly, outside the wrapper's forward.)
+
+Resume: checkpoints are written atomically every `checkpoint_every` steps (model and optimizer
+as safetensors, counters as JSON). The data position is the step counter, so a resumed run sees
+exactly the samples an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from memory3.model.checkpoint import save_checkpoint
+from memory3.model.config import Memory3Config
+from memory3.model.encoder import encode_batch
+from memory3.model.layout import chunk_groups, rope_positions
+from memory3.model.memory import gather_memories
+from memory3.model.model import Transformer
+
+from .data import MemorySample, TrainingData
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    steps: int
+    lr: float
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # warmup-stable-decay: linear decay over the last fraction of the stage
+    min_lr_ratio: float = 0.05
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    seq_len: int = 256
+    batch_size: int = 8
+    stage1: StageConfig = StageConfig(steps=400, lr=2e-3)
+    stage2: StageConfig = StageConfig(steps=600, lr=1e-3, warmup_steps=20)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    bf16: bool = False  # autocast to bfloat16 (on by default on CUDA)
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1.steps + self.stage2.steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lr_at(stage: StageConfig, step_in_stage: int) -> float:
+    """Warmup-stable-decay (MiniCPM): linear warmup, constant, linear decay over the last part."""
+    if step_in_stage < stage.warmup_steps:
+        return stage.lr * (step_in_stage + 1) / stage.warmup_steps
+    decay_start = stage.steps * (1 - stage.decay_fraction)
+    if step_in_stage < decay_start:
+        return stage.lr
+    frac = (step_in_stage - decay_start) / max(1.0, stage.steps - decay_start)
+    return stage.lr * max(stage.min_lr_ratio, 1.0 - frac)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)  # one entry per logged step / eval
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Trainer:
+    def __init__(self, model: Transformer, data: TrainingData, config: TrainConfig, out_dir: Path, *,
+                 prefix: list[int], dist: Distributed = Distributed(),
+                 evaluate: Callable[[Transformer], dict] | None = None, progress: bool = True) -> None:
+        self.model, self.data, self.config, self.out_dir = model, data, config, out_dir
+        self.prefix, self.dist, self.evaluate, self.progress = prefix, dist, evaluate, progress
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.stage1.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        self.state = TrainState()
+        self.device = model.output.weight.device
+        self.autocast = config.bf16 or self.device.type == "cuda"
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.exists() else []
+        found = [p for p in found if (p / "state.json").exists()]
+        return found[-1] if found else None
+
+    def save(self) -> Path:
+        """Write to a temporary directory, then rename: a checkpoint is complete or absent."""
+        target = self.checkpoint_dir / f"step-{self.state.step:07d}"
+        tmp = self.checkpoint_dir / f".tmp-step-{self.state.step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(self.model, tmp)
+        tensors, meta = optimizer_to_flat(self.optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "step": self.state.step, "history": self.state.history, "optimizer": meta,
+            "train_config": self.config.to_dict(),
+        }))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def load(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(str(path / "model.safetensors"), device=str(self.device))
+        self.model.load_state_dict(weights)
+        optimizer_from_flat(self.optimizer, load_file(str(path / "optimizer.safetensors"), device=str(self.device)),
+                            state["optimizer"])
+        self.state = TrainState(step=state["step"], history=state["history"])
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainState:
+        from tqdm import tqdm
+
+        config = self.config
+        bar = tqdm(total=config.total_steps, initial=self.state.step, desc="training", unit="step",
+                   disable=not (self.progress and self.dist.is_main), file=sys.stderr, dynamic_ncols=True)
+        started = time.perf_counter()
+        self.model.train()
+        while self.state.step < config.total_steps:
+            step = self.state.step
+            stage_no, stage, in_stage = self.stage_of(step)
+            lr = lr_at(stage, in_stage)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            indices = [step * config.batch_size * self.dist.world_size + self.dist.rank * config.batch_size + i
+                       for i in range(config.batch_size)]
+            loss = self.stage1_loss(indices) if stage_no == 1 else self.stage2_loss(indices)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.all_reduce_gradients()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.state.step += 1
+            loss_value = self.reduce_scalar(loss.detach())
+            self.state.history.append({"step": self.state.step, "stage": stage_no, "loss": round(loss_value, 5),
+                                       "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                                       "elapsed_s": round(time.perf_counter() - started, 2)})
+            bar.update(1)
+            bar.set_postfix(stage=stage_no, loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+            done = self.state.step == config.total_steps
+            if self.evaluate is not None and (self.state.step % config.eval_every == 0 or done):
+                self.run_eval()
+            if self.dist.is_main and (self.state.step % config.checkpoint_every == 0 or done):
+                self.save()
+            self.barrier()
+        bar.close()
+        return self.state
+
+    def stage_of(self, step: int):
+        if step < self.config.stage1.steps:
+            return 1, self.config.stage1, step
+        return 2, self.config.stage2, step - self.config.stage1.steps
+
+    def run_eval(self) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate(self.model) if self.dist.is_main else {}
+        self.model.train()
+        if self.dist.is_main:
+            self.state.history.append({"step": self.state.step, "eval": metrics})
+
+    # ---- losses -----------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def stage1_loss(self, indices: list[int]) -> Tensor:
+        batch = torch.tensor([self.data.stage1(i) for i in indices], device=self.device)  # (B, T+1)
+        x, y = batch[:, :-1], batch[:, 1:]
+        positions = torch.arange(x.shape[1], device=self.device)[None].expand(x.shape[0], -1)
+        with self._autocast():
+            logits = self.model(x, positions)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def stage2_loss(self, indices: list[int]) -> Tensor:
+        samples = [self.data.stage2(i) for i in indices]
+        return memory_loss(self.model, samples, self.prefix, autocast=self._autocast())
+
+    # ---- distributed ------------------------------------------------------------------------
+    def all_reduce_gradients(self) -> None:
+        if self.dist.world_size == 1:
+            return
+        import torch.distributed as torch_dist
+
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch_dist.all_reduce(flat)
+        flat /= self.dist.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def reduce_scalar(self, value: Tensor) -> float:
+        if self.dist.world_size == 1:
+            return float(value)
+        import torch.distributed as torch_dist
+
+        value = value.clone()
+        torch_dist.all_reduce(value)
+        return float(value) / self.dist.world_size
+
+    def barrier(self) -> None:
+        if self.dist.world_size > 1:
+            import torch.distributed as torch_dist
+
+            torch_dist.barrier()
+
+
+def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[int], *, autocast=None) -> Tensor:
+    """Next-token loss on the body tokens with each chunk reading its own group of memories."""
+    device = model.output.weight.device
+    config = model.config
+    refs: list[list[int]] = []
+    index_rows = []
+    for sample in samples:
+        base = len(refs)
+        refs.extend(sample.references)
+        index_rows.append([[base + i for i in group] for group in sample.groups])
+    n_groups = max(len(r) for r in index_rows)
+    index = torch.full((len(samples), n_groups, config.mems_per_chunk), -1, dtype=torch.long)
+    for b, row in enumerate(index_rows):
+        for g, group in enumerate(row):
+            index[b, g, : len(group)] = torch.tensor(group, dtype=torch.long)
+    batch = torch.tensor([s.tokens for s in samples], device=device)  # (B, T+1)
+    x, y = batch[:, :-1], batch[:, 1:]
+    p = len(prefix)
+    tokens = torch.cat([torch.tensor(prefix, device=device)[None].expand(len(samples), -1), x], dim=1)
+    slots = torch.arange(tokens.shape[1], device=device)[None].expand(len(samples), -1)
+    with autocast if autocast is not None else _null():
+        if refs:
+            keys, values, positions = encode_batch(model, refs, prefix)
+            memory = gather_memories(keys, values, positions, index.to(device))
+            token_group = chunk_groups(slots, p, config.chunk_len)
+        else:
+            memory = token_group = None
+        logits = model(tokens, rope_positions(slots, p, config.ref_len), memory=memory, token_group=token_group)
+    logits = logits[:, p:].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """AdamW state as named tensors (safetensors) + JSON-able scalars: checkpoints never pickle."""
+    state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, pstate in state["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[name] = float(value)
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta["scalars"].items():
+        for name, value in values.items():
+            state.setdefault(int(pid), {})[name] = torch.tensor(value)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def model_config_for(preset: Memory3Config, vocab_size: int) -> Memory3Config:
+    """The preset with its vocabulary sized to the tokenizer (rounded up to a multiple of 64)."""
+    return dataclasses.replace(preset, vocab_size=int(math.ceil(vocab_size / 64) * 64))
