@@ -59,3 +59,52 @@ def cmd_demo(home: Path) -> int:
           file=sys.stderr)
     return cmd_generate(checkpoint, DEMO_QUESTION, references=list(DEMO_REFERENCES), max_new_tokens=48,
                         temperature=0.0, top_k=0, top_p=1.0, seed=None, device="cpu")
+
+
+def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str) -> int:
+    from memory3.services.release.manifest import check_release_name
+    from memory3.services.storage.object_store import ObjectStore
+    from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
+    from memory3.services.trainer.releases import publish_trained
+
+    check_release_name(release)
+    store = ObjectStore(s3)
+    store.ensure_bucket()  # fail before training, not after, when the store is unreachable
+    config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
+        PipelineConfig(preset=preset, seed=seed)
+    dist = _distributed()
+    result = run_pipeline(config, work_dir, dist=dist)
+    if dist.is_main:
+        manifest = publish_trained(result, store, release, codec=codec, pipeline_config=config.to_dict())
+        print(f"release {manifest.name}: {manifest.memory_bank['count']} memories, "
+              f"trained in {result.seconds:.0f}s; work dir {work_dir}")
+    return 0
+
+
+def _distributed():
+    """Data-parallel settings from torchrun's environment (read here, at the entry point)."""
+    import os
+
+    from memory3.services.trainer.train import Distributed
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    return Distributed(rank=dist.get_rank(), world_size=world_size)
+
+
+def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path) -> int:
+    import hashlib
+
+    from memory3.services.storage.object_store import ObjectStore
+    from memory3.services.trainer.releases import kb_add
+
+    if name is None:
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()[:8]
+        name = f"{parent}-kb-{digest}"[:63]
+    manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir)
+    print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories")
+    return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the README's first command: a small model answering with explicit memory")
     demo.add_argument("--home", type=Path, default=DEFAULT_HOME, help="where the demo checkpoint is cached")
 
+    train = sub.add_parser("train", help="train a model (two stages) and publish it as a release")
+    train.add_argument("--preset", default="small", help="model preset")
+    train.add_argument("--quick", action="store_true", help="a minimal run that exercises the whole pipeline")
+    train.add_argument("--release", required=True, help="name of the release to publish (immutable)")
+    train.add_argument("--work-dir", type=Path, default=None,
+                       help="checkpoints and logs; a killed run resumes from here (default ~/.cache/memory3/runs/NAME)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--codec", default="bf16", choices=["fp16", "bf16", "int8", "vq"],
+                       help="how memories are compressed in the bank")
+    add_s3_arguments(train)
+
+    kb = sub.add_parser("kb", help="knowledge base operations")
+    kb_sub = kb.add_subparsers(dest="kb_command", required=True)
+    kb_add = kb_sub.add_parser("add", help="add documents to a release, as a new release (no retraining)")
+    kb_add.add_argument("files", nargs="+", type=Path, help="UTF-8 text files; blank lines separate documents")
+    kb_add.add_argument("--release", required=True, help="the release to derive from")
+    kb_add.add_argument("--name", default=None, help="name of the new release (default: RELEASE-kb-<hash>)")
+    add_s3_arguments(kb_add)
+
     bench = sub.add_parser("bench", help="benchmarks (write JSON; optionally refresh the README table)")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
     dec = bench_sub.add_parser("decode", help="decode speed: no memory vs explicit memory vs RAG")
@@ -56,12 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
     sto.add_argument("--vq-niter", type=int, default=10, help="k-means iterations when training the VQ codec")
     sto.add_argument("--json", type=Path, required=True)
     sto.add_argument("--readme", type=Path, default=None)
+    qual = bench_sub.add_parser("quality", help="exact match on knowledge-base-only facts: none / memory / RAG")
+    qual.add_argument("--release", required=True)
+    qual.add_argument("--questions", type=int, default=300)
+    qual.add_argument("--json", type=Path, required=True)
+    qual.add_argument("--readme", type=Path, default=None)
+    add_s3_arguments(qual)
     return parser
+
+
+def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("object store (credentials: MEMORY3_S3_ACCESS_KEY / MEMORY3_S3_SECRET_KEY)")
+    group.add_argument("--s3-endpoint", default=None, help="host:port of the S3 server (env MEMORY3_S3_ENDPOINT)")
+    group.add_argument("--s3-bucket", default=None, help="bucket (env MEMORY3_S3_BUCKET, default memory3)")
+    group.add_argument("--s3-secure", action="store_true", help="use HTTPS")
+    group.add_argument("--cache-dir", type=Path, default=DEFAULT_HOME / "releases", help="local copies of releases")
+
+
+def s3_config(args: argparse.Namespace):
+    """The only place the object store's settings are read from the environment."""
+    from memory3.services.storage.object_store import S3Config
+
+    endpoint = args.s3_endpoint or os.environ.get("MEMORY3_S3_ENDPOINT")
+    if not endpoint:
+        raise ValueError("no object store: pass --s3-endpoint HOST:PORT or set MEMORY3_S3_ENDPOINT")
+    access = os.environ.get("MEMORY3_S3_ACCESS_KEY")
+    if not access:
+        raise ValueError("set MEMORY3_S3_ACCESS_KEY and MEMORY3_S3_SECRET_KEY for the object store")
+    return S3Config(endpoint=endpoint, access_key=access, secret_key=os.environ.get("MEMORY3_S3_SECRET_KEY", ""),
+                    bucket=args.s3_bucket or os.environ.get("MEMORY3_S3_BUCKET", "memory3"), secure=args.s3_secure)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "init":
             from .commands import cmd_init
             return cmd_init(args.preset, args.out, args.seed)
@@ -73,12 +123,19 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args.checkpoint, args.prompt, references=references,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+        if args.command == "train":
+            from .commands import cmd_train
+            work_dir = args.work_dir or DEFAULT_HOME / "runs" / args.release
+            return cmd_train(s3_config(args), preset=args.preset, quick=args.quick, release=args.release,
+                             work_dir=work_dir, seed=args.seed, codec=args.codec)
+        if args.command == "kb":
+            from .commands import cmd_kb_add
+            return cmd_kb_add(s3_config(args), args.files, parent=args.release, name=args.name,
+                              cache_dir=args.cache_dir)
         if args.command == "demo":
             from .commands import cmd_demo
             return cmd_demo(args.home)
-        if args.command == "bench":
-            return _bench(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 1
@@ -89,6 +146,10 @@ def _bench(args: argparse.Namespace) -> int:
         from memory3.bench.decode import run_decode_bench
         result = run_decode_bench(preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,
                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
+    elif args.bench_kind == "quality":
+        from memory3.bench.quality import run_quality_bench
+        result = run_quality_bench(s3_config(args), args.release, cache_dir=args.cache_dir,
+                                   n_questions=args.questions, plot=args.json.with_suffix(".png"))
     else:
         from memory3.bench.storage import run_storage_bench
         result = run_storage_bench(preset=args.preset, checkpoint=args.checkpoint, n_references=args.references,

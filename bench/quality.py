@@ -1,0 +1,170 @@
+"""Knowledge externalization benchmark on a published release.
+
+Questions are about held-out entities of the release's synthetic world: their facts exist only
+in the knowledge base. The same model answers (a) with no memory, (b) with explicit memory read
+from the release's memory bank, retrieved per chunk by the release's index, and (c) with RAG,
+the same 5 retrieved references prepended as text. Retrieved references overlapping the question
+by more than 2/3 are dropped (paper §3). Also measured: an ablation of the tokens kept per KV
+head (memories re-encoded by the same model), and held-out real-text perplexity with and
+without memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memory3.model.layout import chunk_groups, rope_positions
+from memory3.model.memory import stack_memories
+from memory3.model.model import Transformer
+from memory3.services.release.reader import Release
+from memory3.services.retrieval.embedder import Embedder
+from memory3.services.storage.object_store import ObjectStore, S3Config
+from memory3.services.trainer.corpus import debian_documents
+from memory3.services.trainer.evaluate import accuracy, answer_questions
+from memory3.services.trainer.overlap import EVAL_MAX_OVERLAP, overlap
+from memory3.services.trainer.pipeline import heldout_questions
+from memory3.services.trainer.world import World
+
+from .machine import machine_info
+
+ABLATION_TOKENS = (4, 8, 16, 32, "all")
+
+
+def make_retriever(release: Release, embedder: Embedder, codec, k: int = 5):
+    index = release.index()
+    token_cache: dict[str, list[int]] = {}
+
+    def tokens_of(rid: str) -> list[int]:
+        if rid not in token_cache:
+            token_cache[rid] = codec.encode(release.by_id[rid]["text"])
+        return token_cache[rid]
+
+    def retrieve(queries: list[str]) -> list[list[str]]:
+        hits = index.search(embedder.embed(queries), k + 5)
+        out = []
+        for query, found in zip(queries, hits, strict=True):
+            q_tokens = codec.encode(query)
+            kept = [rid for rid, _ in found if overlap(tokens_of(rid), q_tokens) <= EVAL_MAX_OVERLAP]
+            out.append(kept[:k])
+        return out
+
+    return retrieve
+
+
+def run_quality_bench(s3: S3Config, release_name: str, *, cache_dir: Path, n_questions: int = 300,
+                      ablation_questions: int = 100, perplexity_documents: int = 100, plot: Path | None = None) -> dict:
+    release = Release.open(ObjectStore(s3), release_name, cache_dir)
+    model, codec = release.load_model(), release.text_codec()
+    pipeline = release.manifest.provenance.get("pipeline") or {}
+    if "world_train" not in pipeline:
+        raise ValueError(f"release {release_name!r} records no synthetic world; it was not built by memory3 train")
+    world = World(pipeline["seed"], n_train=pipeline["world_train"], n_heldout=pipeline["world_heldout"])
+    questions = heldout_questions(world, n_questions, seed=1)
+    embedder = Embedder()
+    retrieve = make_retriever(release, embedder, codec)
+    texts = {r["id"]: r["text"] for r in release.references}
+
+    accs = {}
+    for mode in ("none", "memory", "rag"):
+        answers = answer_questions(model, codec, questions, mode, retrieve=retrieve, reference_text=texts,
+                                   memory_lookup=release.fetch_memories)
+        accs[mode] = accuracy(answers, questions)
+
+    ablation = {}
+    subset = questions[:ablation_questions]
+    for kept in ABLATION_TOKENS:
+        k = model.config.ref_len if kept == "all" else kept
+        variant = _with_kept_tokens(model, k)
+        answers = answer_questions(variant, codec, subset, "memory", retrieve=retrieve, reference_text=texts)
+        ablation[str(kept)] = accuracy(answers, subset)
+
+    real_start = pipeline.get("real_documents", 0)
+    heldout_docs = [t for _, t in itertools.islice(debian_documents(), real_start, real_start + perplexity_documents)]
+    ppl = real_text_perplexity(model, codec, heldout_docs, retrieve, release.fetch_memories)
+
+    summary = {
+        "acc_no_memory": round(accs["none"], 4), "acc_memory": round(accs["memory"], 4),
+        "acc_rag": round(accs["rag"], 4), "n_questions": len(questions),
+        "memory_over_rag": round(accs["memory"] / accs["rag"], 4) if accs["rag"] else None,
+        "memory_over_no_memory": round(accs["memory"] / accs["none"], 4) if accs["none"] else None,
+    }
+    result = {
+        "benchmark": "quality", "summary": summary, **summary,
+        "tokens_per_head_ablation": {"n_questions": len(subset), "acc_memory": ablation},
+        "perplexity": ppl,
+        "release": release_name,
+        "setup": {"world_seed": pipeline["seed"], "retrieval": f"{release.manifest.index['embedder']} + FAISS, "
+                  f"top 5 after the 2/3 overlap filter", "memories": "from the release's memory bank"},
+        "machine": machine_info(),
+    }
+    if plot is not None:
+        plot_quality(result, plot)
+    return result
+
+
+def _with_kept_tokens(model, k: int) -> Transformer:
+    """The same weights with another number of tokens kept per KV head."""
+    variant = Transformer(dataclasses.replace(model.config, mem_tokens_per_head=k))
+    variant.load_state_dict(model.state_dict())
+    return variant.eval()
+
+
+@torch.no_grad()
+def real_text_perplexity(model, codec, documents: list[str], retrieve, memory_lookup) -> dict:
+    """Per-token perplexity of held-out real text, without memory and with per-chunk retrieved memory."""
+    config = model.config
+    prefix = codec.reference_prefix(config)
+    p = len(prefix)
+    totals = {"no_memory": [0.0, 0], "memory": [0.0, 0]}
+    for doc in documents:
+        body = codec.body(doc)[: config.chunk_len * 4 + 1]
+        if len(body) < 16:
+            continue
+        x, y = torch.tensor([body[:-1]]), torch.tensor([body[1:]])
+        positions = torch.arange(x.shape[1])[None]
+        plain = model(x, positions)[0]
+        totals["no_memory"][0] += float(F.cross_entropy(plain, y[0], reduction="sum"))
+        totals["no_memory"][1] += y.shape[1]
+        chunks = [body[s : s + config.chunk_len] for s in range(0, x.shape[1], config.chunk_len)]
+        found = retrieve([codec.decode(c) for c in chunks])
+        groups = [memory_lookup(ids) for ids in found]
+        tokens = torch.tensor([prefix + body[:-1]])
+        slots = torch.arange(tokens.shape[1])[None]
+        kwargs = {}
+        if any(groups):
+            kwargs = {"memory": stack_memories([groups], slots_per_group=config.mem_slots),
+                      "token_group": chunk_groups(slots, p, config.chunk_len)}
+        logits = model(tokens, rope_positions(slots, p, config.ref_len), **kwargs)[0, p:]
+        totals["memory"][0] += float(F.cross_entropy(logits, y[0], reduction="sum"))
+        totals["memory"][1] += y.shape[1]
+    return {name: round(math.exp(loss / max(1, n)), 3) for name, (loss, n) in totals.items()} | {
+        "documents": len(documents), "tokens": totals["memory"][1]}
+
+
+def plot_quality(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    modes = ["acc_no_memory", "acc_memory", "acc_rag"]
+    left.bar(["no memory", "explicit memory", "RAG"], [result[m] for m in modes],
+             color=["grey", "tab:blue", "tab:orange"])
+    left.set_ylabel("exact match (KB-only facts)")
+    left.set_title(f"{result['n_questions']} held-out questions")
+    ablation = result["tokens_per_head_ablation"]["acc_memory"]
+    right.plot(list(ablation), list(ablation.values()), marker="o")
+    right.set_xlabel("tokens kept per KV head")
+    right.set_ylabel("exact match with memory")
+    right.set_title("sparsity ablation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -1,0 +1,87 @@
+"""The release manifest: the contract between the trainer and the services (DESIGN.md §3).
+
+A release is immutable and lives under `releases/<name>/`. Its manifest is written last; a reader
+trusts a release only when the manifest exists, its format is known, and every file it lists
+matches its sha256. Memories live in a content-addressed bank shared by releases with the same
+model weights and codec: `memories/<bank>/<id[:2]>/<id>`, where the key is derived from the
+reference id, so no reader ever lists the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+RELEASE_FORMAT = 1
+RELEASES_PREFIX = "releases/"
+MEMORIES_PREFIX = "memories/"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class ReleaseError(ValueError):
+    pass
+
+
+class ReleaseNotFound(ReleaseError):
+    pass
+
+
+class ReleaseExists(ReleaseError):
+    pass
+
+
+def check_release_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise ReleaseError(f"invalid release name {name!r}: use 1-63 of a-z, 0-9, '.', '_', '-' "
+                           "starting with a letter or digit")
+    return name
+
+
+def release_key(name: str, file: str) -> str:
+    return f"{RELEASES_PREFIX}{name}/{file}"
+
+
+def bank_id(weights_sha256: str, codec_fingerprint: bytes, memory_format: int) -> str:
+    return hashlib.sha256(f"{weights_sha256}:{codec_fingerprint.hex()}:{memory_format}".encode()).hexdigest()[:20]
+
+
+def memory_key(bank: str, reference_id: str) -> str:
+    return f"{MEMORIES_PREFIX}{bank}/{reference_id[:2]}/{reference_id}"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Manifest:
+    name: str
+    created: str
+    files: dict[str, dict[str, Any]]  # file name -> {"sha256", "bytes"}
+    conventions: dict[str, Any]  # memory layers, tokens kept, chunk length, prefix, positions, codec
+    memory_bank: dict[str, Any]  # {"bank", "key_scheme", "count", "bytes", "codec", "format_version"}
+    index: dict[str, Any]  # {"embedder", "dim", "type", "count"}
+    provenance: dict[str, Any]  # seed, steps, commit, parent, pipeline config
+    parent: str | None = None
+    format: int = RELEASE_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ReleaseError(f"manifest is not valid JSON: {e}") from e
+        if data.get("format") != RELEASE_FORMAT:
+            raise ReleaseError(f"release format {data.get('format')!r} is not supported (this build reads "
+                               f"{RELEASE_FORMAT})")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ReleaseError(f"manifest fields do not match release format {RELEASE_FORMAT}: {e}") from e

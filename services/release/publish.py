@@ -1,0 +1,147 @@
+"""Building and publishing a release to the object store, manifest last.
+
+Order of writes: memory blobs (content-addressed, shared), then the release's own files, then the
+manifest. If anything fails before the manifest, the release's files are removed and the error is
+raised: a reader never sees a half-written release (without a manifest it does not exist).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_checkpoint
+from memory3.model.codecs import MemoryCodec, VQCodec
+from memory3.model.encoder import encode_references
+from memory3.model.memory_format import FORMAT_VERSION, encode_memory
+from memory3.model.model import Transformer
+from memory3.model.tokenizer import TextCodec
+
+from ..retrieval.index import VectorIndex
+from ..storage.object_store import ObjectStore, StoreError
+from ..trainer.kb import Reference
+from .manifest import (
+    Manifest,
+    ReleaseExists,
+    bank_id,
+    check_release_name,
+    memory_key,
+    release_key,
+    sha256,
+)
+
+INDEX_FILE, REFERENCES_FILE, CODEC_FILE, MANIFEST_FILE = "index.faiss", "references.jsonl", "codec.safetensors", \
+    "manifest.json"
+POSITION_SCHEME = "parallel: memory keys at [p, p+ref_len), context from p+ref_len (p = prefix tokens)"
+
+
+def conventions(model: Transformer, codec: TextCodec, memory_codec: MemoryCodec) -> dict:
+    c = model.config
+    return {
+        "memory_layers": list(c.memory_layers), "mem_tokens_per_head": c.mem_tokens_per_head,
+        "chunk_len": c.chunk_len, "mems_per_chunk": c.mems_per_chunk, "ref_len": c.ref_len,
+        "reference_prefix": c.reference_prefix, "reference_prefix_tokens": codec.reference_prefix(c),
+        "position_scheme": POSITION_SCHEME, "score_reduction": c.score_reduction,
+        "codec": memory_codec.name, "codec_fingerprint": memory_codec.fingerprint().hex(),
+        "memory_format_version": FORMAT_VERSION,
+    }
+
+
+def publish_release(
+    store: ObjectStore, name: str, *, model: Transformer, codec: TextCodec, references: Sequence[Reference],
+    embed: Callable[[list[str]], object], embedder_name: str, memory_codec: MemoryCodec, provenance: dict,
+    parent_index: VectorIndex | None = None, parent_references: Sequence[dict] = (), parent: str | None = None,
+    batch_size: int = 32, progress: bool = True, log: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Encode memories for `references` (new ones only, for a derived release) and publish `name`.
+
+    For a release derived from `parent` (same model), `parent_references` and `parent_index` carry
+    the parent's table and index; only `references` are encoded and embedded.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_release_name(name)
+    store.ensure_bucket()
+    if store.exists(release_key(name, MANIFEST_FILE)):
+        raise ReleaseExists(f"release {name!r} already exists; releases are immutable, choose another name")
+    try:
+        return _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
+                        parent_index, parent_references, parent, batch_size, progress, log)
+    except BaseException:
+        # If the store is gone, the leftovers stay, invisible anyway without a manifest.
+        with contextlib.suppress(StoreError):
+            store.remove_prefix(release_key(name, ""))
+        raise
+
+
+def _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
+             parent_index, parent_references, parent, batch_size, progress, log) -> Manifest:
+    files: dict[str, dict] = {}
+
+    def put(file: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        store.put_bytes(release_key(name, file), data, content_type)
+        files[file] = {"sha256": sha256(data), "bytes": len(data)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, Path(tmp), codec.tokenizer)
+        weights = (Path(tmp) / WEIGHTS_FILE).read_bytes()
+        for file in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+            put(f"model/{file}", (Path(tmp) / file).read_bytes())
+    if isinstance(memory_codec, VQCodec):
+        with tempfile.TemporaryDirectory() as tmp:
+            memory_codec.save(Path(tmp) / CODEC_FILE)
+            put(CODEC_FILE, (Path(tmp) / CODEC_FILE).read_bytes())
+
+    bank = bank_id(sha256(weights), memory_codec.fingerprint(), FORMAT_VERSION)
+    prefix = codec.reference_prefix(model.config)
+    rows = list(parent_references)
+    total_bytes = sum(r.get("memory_bytes", 0) for r in rows)
+    bar = tqdm(total=len(references), desc=f"memory bank {name}", unit="ref", disable=not progress, file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for start in range(0, len(references), batch_size):
+            part = references[start : start + batch_size]
+            with torch.inference_mode():
+                memories = encode_references(model, [list(r.tokens) for r in part], prefix)
+            blobs = [encode_memory(m, memory_codec, model.config.ref_len) for m in memories]
+            keys = [memory_key(bank, r.id) for r in part]
+            list(pool.map(lambda kb: store.put_bytes(*kb), zip(keys, blobs, strict=True)))
+            for ref, key, blob in zip(part, keys, blobs, strict=True):
+                rows.append({"id": ref.id, "text": ref.text, "source": ref.source, "memory_key": key,
+                             "memory_bytes": len(blob)})
+                total_bytes += len(blob)
+            bar.update(len(part))
+    bar.close()
+
+    log(f"embedding {len(references)} references with {embedder_name}")
+    vectors = embed([r.text for r in references])
+    if parent_index is not None:
+        index = VectorIndex.from_bytes(parent_index.to_bytes(), parent_index.ids)
+        index.add(vectors, [r.id for r in references])
+    else:
+        index = VectorIndex.build(vectors, [r.id for r in references])
+    if index.ids != [r["id"] for r in rows]:
+        raise RuntimeError("index rows and reference table are out of order")
+    put(INDEX_FILE, index.to_bytes())
+    put(REFERENCES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(),
+        "application/x-ndjson")
+
+    manifest = Manifest(
+        name=name, created=datetime.now(UTC).isoformat(timespec="seconds"), files=files,
+        conventions=conventions(model, codec, memory_codec),
+        memory_bank={"bank": bank, "key_scheme": "memories/<bank>/<id[:2]>/<id>", "count": len(rows),
+                     "bytes": total_bytes, "codec": memory_codec.name, "format_version": FORMAT_VERSION},
+        index={"embedder": embedder_name, "dim": int(index.index.d), "type": type(index.index).__name__,
+               "count": len(index.ids)},
+        provenance=provenance, parent=parent,
+    )
+    store.put_bytes(release_key(name, MANIFEST_FILE), manifest.to_json().encode(), "application/json")
+    log(f"published release {name!r}: {len(rows)} memories, {total_bytes / 1e6:.1f} MB in bank {bank}")
+    return manifest

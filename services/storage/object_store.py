@@ -1,0 +1,107 @@
+"""The object store (S3 or MinIO), through the `minio` client.
+
+Errors are translated into two domain errors so callers never see urllib3 or S3 error codes:
+`ObjectNotFound` (the key does not exist) and `StoreUnavailable` (the server cannot be reached
+or refused the request). Retries are few and short: a caller that needs to survive a store
+outage has its own policy.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error
+from urllib3.util.retry import Retry
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class ObjectNotFound(StoreError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint: str  # host:port
+    access_key: str
+    secret_key: str = ""
+    bucket: str = "memory3"
+    secure: bool = False
+    region: str = "us-east-1"
+    timeout_s: float = 10.0
+
+    def __repr__(self) -> str:  # credentials never reach logs
+        return f"S3Config(endpoint={self.endpoint!r}, bucket={self.bucket!r}, secure={self.secure})"
+
+
+class ObjectStore:
+    def __init__(self, config: S3Config) -> None:
+        self.config = config
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(3.0, config.timeout_s), read=config.timeout_s),
+            retries=Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            maxsize=16,
+        )
+        self.client = Minio(config.endpoint, access_key=config.access_key, secret_key=config.secret_key,
+                            secure=config.secure, region=config.region, http_client=http)
+        self.bucket = config.bucket
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                raise ObjectNotFound(f"{what}: {e.code} ({self.bucket}/{getattr(e, '_object_name', '')})") from e
+            raise StoreUnavailable(f"{what}: the object store refused the request ({e.code}: {e.message})") from e
+        except InvalidResponseError as e:
+            # Some S3 servers (rclone among them) send error bodies minio cannot parse.
+            if "Response code: 404" in str(e):
+                raise ObjectNotFound(f"{what}: not found in bucket {self.bucket}") from e
+            raise StoreUnavailable(f"{what}: unexpected answer from the object store ({str(e)[:200]})") from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise StoreUnavailable(f"{what}: cannot reach the object store at {self.config.endpoint} ({e})") from e
+
+    def ensure_bucket(self) -> None:
+        if not self._call("bucket check", self.client.bucket_exists, self.bucket):
+            self._call("bucket creation", self.client.make_bucket, self.bucket)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._call(f"put {key}", self.client.put_object, self.bucket, key, io.BytesIO(data), len(data),
+                   content_type=content_type)
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._call(f"get {key}", self.client.get_object, self.bucket, key)
+        try:
+            return response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise StoreUnavailable(f"get {key}: connection lost while reading ({e})") from e
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(f"stat {key}", self.client.stat_object, self.bucket, key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def list_keys(self, prefix: str, *, recursive: bool = True) -> list[str]:
+        objects = self._call(f"list {prefix}", lambda: list(self.client.list_objects(self.bucket, prefix=prefix,
+                                                                                     recursive=recursive)))
+        return [o.object_name for o in objects]
+
+    def remove_prefix(self, prefix: str) -> int:
+        keys = self.list_keys(prefix)
+        for key in keys:
+            self._call(f"remove {key}", self.client.remove_object, self.bucket, key)
+        return len(keys)

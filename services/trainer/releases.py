@@ -1,0 +1,89 @@
+"""From a finished training run to a published release, and derived releases with new knowledge."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
+from memory3.model.encoder import encode_batch
+
+from ..release.manifest import Manifest, check_release_name
+from ..release.publish import publish_release
+from ..release.reader import Release
+from ..retrieval.embedder import Embedder
+from ..storage.object_store import ObjectStore
+from .corpus import CorpusError, read_corpus_file
+from .kb import Reference, build_references
+from .pipeline import PipelineResult
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def make_memory_codec(name: str, model, references: Sequence[Reference], prefix: list[int],
+                      sample: int = 512) -> MemoryCodec:
+    """A fixed codec by name, or a VQ codec trained on K/V of a sample of the references."""
+    if name != "vq":
+        return codec_from_name(name)
+    step = max(1, len(references) // sample)
+    tokens = [list(r.tokens) for r in references[::step][:sample]]
+    with torch.inference_mode():
+        keys, values, _ = encode_batch(model, tokens, prefix)
+    vectors = torch.cat([keys.flatten(0, 3), values.flatten(0, 3)]).float()
+    head_dim = model.config.head_dim
+    codec = VQCodec(head_dim, opq_m=head_dim // 4, rq_bits=min(14, max(4, (len(vectors) // 64).bit_length() - 1)),
+                    pq_bits=8, niter=10, opq_niter=10)
+    return codec.train(vectors, progress=True)
+
+
+def publish_trained(result: PipelineResult, store: ObjectStore, name: str, *, codec: str = "bf16",
+                    pipeline_config: dict | None = None, embedder: Embedder | None = None,
+                    progress: bool = True) -> Manifest:
+    check_release_name(name)
+    embedder = embedder or Embedder()
+    prefix = result.codec.reference_prefix(result.model.config)
+    memory_codec = make_memory_codec(codec, result.model, result.references, prefix)
+    steps = [h for h in result.history if "loss" in h]
+    provenance = {"seed": (pipeline_config or {}).get("seed"), "steps": len(steps), "commit": git_commit(),
+                  "pipeline": pipeline_config, "train_seconds": round(result.seconds, 1),
+                  "final_loss": steps[-1]["loss"] if steps else None}
+    return publish_release(store, name, model=result.model, codec=result.codec, references=result.references,
+                           embed=embedder.embed, embedder_name=embedder.name, memory_codec=memory_codec,
+                           provenance=provenance, progress=progress)
+
+
+def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, cache_dir: Path, *,
+           embedder: Embedder | None = None, progress: bool = True) -> Manifest:
+    """New documents become references, memories and index entries of a release derived from `parent`.
+
+    The model is the parent's, unchanged: knowledge is added without retraining.
+    """
+    check_release_name(name)
+    documents = []
+    for file in files:
+        documents.extend(read_corpus_file(file))
+    base = Release.open(store, parent, cache_dir)
+    model, codec = base.load_model(), base.text_codec()
+    known = set(base.by_id)
+    new = [r for r in build_references(documents, codec, model.config.ref_len) if r.id not in known]
+    if not new:
+        raise CorpusError(f"{', '.join(map(str, files))}: every reference is already in release {parent!r}")
+    embedder = embedder or Embedder()
+    provenance = {**base.manifest.provenance, "parent": parent, "added_files": [str(f) for f in files],
+                  "added_references": len(new), "commit": git_commit()}
+    print(f"adding {len(new)} references to {parent!r} as {name!r}", file=sys.stderr)
+    return publish_release(store, name, model=model, codec=codec, references=new, embed=embedder.embed,
+                           embedder_name=embedder.name, memory_codec=base.memory_codec(), provenance=provenance,
+                           parent_index=base.index(), parent_references=base.references, parent=parent,
+                           progress=progress)

@@ -1,0 +1,20 @@
+import pytest
+
+from memory3.services.storage.local_s3 import start_local_s3
+from memory3.services.storage.object_store import ObjectStore
+
+
+@pytest.fixture(scope="session")
+def local_s3(tmp_path_factory):
+    """A real S3 server (rclone serve s3) on 127.0.0.1, stopped by PID at the end."""
+    root = tmp_path_factory.mktemp("s3")
+    server = start_local_s3(root / "data", log_file=root / "rclone.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def store(local_s3) -> ObjectStore:
+    s = ObjectStore(local_s3.config)
+    s.ensure_bucket()
+    return s

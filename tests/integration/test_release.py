@@ -1,0 +1,113 @@
+"""Training -> release -> reading it back, on a real S3 server; kb add; failures leave nothing visible."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from memory3.model.encoder import encode_references
+from memory3.services.release.manifest import ReleaseExists, ReleaseNotFound, release_key
+from memory3.services.release.reader import Release
+from memory3.services.retrieval.embedder import Embedder
+from memory3.services.storage.object_store import ObjectStore, S3Config, StoreUnavailable
+from memory3.services.trainer.corpus import CorpusError
+from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
+from memory3.services.trainer.releases import kb_add, publish_trained
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return run_pipeline(PipelineConfig.quick(), tmp_path_factory.mktemp("run"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture(scope="module")
+def published(trained, store, embedder):
+    manifest = publish_trained(trained, store, "quick-1", embedder=embedder, progress=False,
+                               pipeline_config=PipelineConfig.quick().to_dict())
+    return manifest
+
+
+def test_release_round_trip(trained, store, published, tmp_path):
+    release = Release.open(store, "quick-1", tmp_path)
+    assert release.manifest.memory_bank["count"] == len(trained.references)
+    assert release.manifest.conventions["chunk_len"] == trained.model.config.chunk_len
+    model = release.load_model()
+    tokens = torch.randint(3, 300, (1, 40))
+    positions = torch.arange(40)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, positions), trained.model(tokens, positions))
+    ref = trained.references[3]
+    fetched = release.fetch_memories([ref.id])[0]
+    with torch.no_grad():
+        direct = encode_references(trained.model, [list(ref.tokens)], trained.codec.reference_prefix(model.config))[0]
+    assert torch.equal(fetched.positions, direct.positions)
+    torch.testing.assert_close(fetched.keys, direct.keys, rtol=1e-2, atol=1e-2)  # stored as bf16
+    hits = release.index().search(Embedder().embed([ref.text]), 1)
+    assert hits[0][0][0] == ref.id
+
+
+def test_release_names_are_immutable(trained, store, published, embedder):
+    with pytest.raises(ReleaseExists, match="already exists"):
+        publish_trained(trained, store, "quick-1", embedder=embedder, progress=False)
+
+
+def test_missing_release_and_corrupt_file_are_reported(store, published, tmp_path):
+    with pytest.raises(ReleaseNotFound, match="does not exist"):
+        Release.open(store, "no-such-release", tmp_path)
+    key = release_key("quick-1", "references.jsonl")
+    original = store.get_bytes(key)
+    store.put_bytes(key, original.replace(b"a", b"b", 1))
+    try:
+        with pytest.raises(ValueError, match="checksum"):
+            Release.open(store, "quick-1", tmp_path / "other")
+    finally:
+        store.put_bytes(key, original)
+
+
+def test_unreachable_store_fails_clearly_and_leaves_nothing(trained, local_s3, embedder):
+    dead = ObjectStore(dataclasses.replace(local_s3.config, endpoint="127.0.0.1:9", timeout_s=1.0))
+    with pytest.raises(StoreUnavailable, match="cannot reach"):
+        publish_trained(trained, dead, "never", embedder=embedder, progress=False)
+
+
+def test_interrupted_publication_is_invisible(trained, store, embedder, monkeypatch):
+    def broken_embed(texts):
+        raise RuntimeError("embedder crashed")
+
+    monkeypatch.setattr(embedder, "embed", broken_embed)
+    with pytest.raises(RuntimeError, match="embedder crashed"):
+        publish_trained(trained, store, "half", embedder=embedder, progress=False)
+    assert store.list_keys(release_key("half", "")) == []
+
+
+def test_kb_add_derives_a_release_without_retraining(store, published, tmp_path, embedder):
+    doc = tmp_path / "new.txt"
+    doc.write_text("The Qorvath Beacon stands in Lumbrastad. It was lit in 1901.\n\n"
+                   "Lumbrastad exports copper bells to Varnholm.\n")
+    manifest = kb_add(store, "quick-1", [doc], "quick-1-added", tmp_path / "cache", embedder=embedder,
+                      progress=False)
+    parent = Release.open(store, "quick-1", tmp_path / "cache")
+    child = Release.open(store, "quick-1-added", tmp_path / "cache")
+    assert manifest.parent == "quick-1"
+    assert len(child.references) == len(parent.references) + 2
+    assert child.manifest.memory_bank["bank"] == parent.manifest.memory_bank["bank"]  # same weights
+    assert child.manifest.files["model/model.safetensors"] == parent.manifest.files["model/model.safetensors"]
+    new = [r for r in child.references if r["source"] == str(doc)]
+    assert child.fetch_memories([new[0]["id"]])[0].keys.shape[0] == len(child.load_model().config.memory_layers)
+    hits = child.index().search(embedder.embed(["Where does the Qorvath Beacon stand?"]), 1)
+    assert hits[0][0][0] == new[0]["id"]
+    with pytest.raises(CorpusError, match="already in release"):
+        kb_add(store, "quick-1-added", [doc], "quick-1-again", tmp_path / "cache", embedder=embedder, progress=False)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe broken")
+    with pytest.raises(CorpusError, match="not UTF-8"):
+        kb_add(store, "quick-1", [bad], "quick-1-bad", tmp_path / "cache", embedder=embedder, progress=False)
+    assert json.loads(store.get_bytes(release_key("quick-1-added", "manifest.json")))["parent"] == "quick-1"
