@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -82,3 +83,17 @@ def checkpoint_info(path: str | Path) -> dict:
         "config": json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")),
         "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()},
     }
+
+
+def weights_digest(model: Transformer) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    Identifies the weights independently of file layout, so a model reloaded from a release
+    hashes the same as the model that was saved.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

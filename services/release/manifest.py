@@ -44,8 +44,8 @@ def release_key(name: str, file: str) -> str:
     return f"{RELEASES_PREFIX}{name}/{file}"
 
 
-def bank_id(weights_sha256: str, codec_fingerprint: bytes, memory_format: int) -> str:
-    return hashlib.sha256(f"{weights_sha256}:{codec_fingerprint.hex()}:{memory_format}".encode()).hexdigest()[:20]
+def bank_id(weights_digest: str, codec_fingerprint: bytes, memory_format: int) -> str:
+    return hashlib.sha256(f"{weights_digest}:{codec_fingerprint.hex()}:{memory_format}".encode()).hexdigest()[:20]
 
 
 def memory_key(bank: str, reference_id: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_checkpoint
+from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_checkpoint, weights_digest
 from memory3.model.codecs import MemoryCodec, VQCodec
 from memory3.model.encoder import encode_references
 from memory3.model.memory_format import FORMAT_VERSION, encode_memory
@@ -92,7 +92,6 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
 
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp), codec.tokenizer)
-        weights = (Path(tmp) / WEIGHTS_FILE).read_bytes()
         for file in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
             put(f"model/{file}", (Path(tmp) / file).read_bytes())
     if isinstance(memory_codec, VQCodec):
@@ -100,7 +99,7 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
             memory_codec.save(Path(tmp) / CODEC_FILE)
             put(CODEC_FILE, (Path(tmp) / CODEC_FILE).read_bytes())
 
-    bank = bank_id(sha256(weights), memory_codec.fingerprint(), FORMAT_VERSION)
+    bank = bank_id(weights_digest(model), memory_codec.fingerprint(), FORMAT_VERSION)
     prefix = codec.reference_prefix(model.config)
     rows = list(parent_references)
     total_bytes = sum(r.get("memory_bytes", 0) for r in rows)

@@ -71,7 +71,7 @@ class PipelineResult:
 
 def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = Distributed(),
                  progress: bool = True, log: Callable[[str], None] | None = None) -> PipelineResult:
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if dist.is_main else None)
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(work_dir, config)

@@ -10,7 +10,7 @@ from memory3.model.encoder import encode_references
 from memory3.services.release.manifest import ReleaseExists, ReleaseNotFound, release_key
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
-from memory3.services.storage.object_store import ObjectStore, S3Config, StoreUnavailable
+from memory3.services.storage.object_store import ObjectStore, StoreUnavailable
 from memory3.services.trainer.corpus import CorpusError
 from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
 from memory3.services.trainer.releases import kb_add, publish_trained

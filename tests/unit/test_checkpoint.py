@@ -43,3 +43,12 @@ def test_missing_files_and_mismatches_are_reported(tmp_path, tiny_model, tiny_co
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_weights_digest_survives_a_round_trip(tmp_path, tiny_model):
+    from memory3.model.checkpoint import weights_digest
+
+    save_checkpoint(tiny_model, tmp_path / "ck")
+    assert weights_digest(load_checkpoint(tmp_path / "ck")) == weights_digest(tiny_model)
+    other = random_model(tiny_model.config, seed=5)
+    assert weights_digest(other) != weights_digest(tiny_model)

@@ -1,0 +1,69 @@
+"""Resume after SIGKILL and data-parallel training with torchrun (2 CPU processes, gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
+
+TRAIN = """
+import sys
+from pathlib import Path
+from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
+run_pipeline(PipelineConfig.quick(), Path(sys.argv[1]), progress=False)
+"""
+
+
+def run_training(work_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", TRAIN, str(work_dir)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_killed_training_resumes_at_the_same_step_and_data(tmp_path):
+    reference = run_training(tmp_path / "straight")
+    killed = run_training(tmp_path / "killed")
+    deadline = time.monotonic() + 300
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    while not (checkpoints / "step-0000020" / "state.json").exists():
+        assert time.monotonic() < deadline, "no checkpoint at step 20"
+        assert killed.poll() is None, killed.stderr.read().decode()
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = run_training(tmp_path / "killed")
+    assert resumed.wait(300) == 0, resumed.stderr.read().decode()
+    assert reference.wait(300) == 0, reference.stderr.read().decode()
+    assert "resuming from step-0000020" in resumed.stderr.read().decode()
+
+    history = json.loads((tmp_path / "killed" / "history.json").read_text())
+    steps = [h["step"] for h in history if "loss" in h]
+    assert steps == list(range(1, 41))  # the curve continues: every step once, in order
+    straight = json.loads((tmp_path / "straight" / "history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    straight_losses = [h["loss"] for h in straight if "loss" in h]
+    assert losses == pytest.approx(straight_losses, rel=1e-4)  # same data after the resume
+    a = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_two_processes_on_gloo(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # identical weights on both ranks after every step's all-reduce
+    assert ranks[0][1] == "40"
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
