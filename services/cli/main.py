@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -46,7 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--codec", default="bf16", choices=["fp16", "bf16", "int8", "vq"],
                        help="how memories are compressed in the bank")
+    train.add_argument("--events", action="store_true",
+                       help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
     add_s3_arguments(train)
+
+    serve = sub.add_parser("serve", help="run a gRPC service")
+    serve.add_argument("service", choices=["trainer"])
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50055)
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
+    serve.add_argument("--work-dir", type=Path, default=DEFAULT_HOME / "runs", help="training work directories")
+    add_s3_arguments(serve)
 
     kb = sub.add_parser("kb", help="knowledge base operations")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
@@ -127,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import cmd_train
             work_dir = args.work_dir or DEFAULT_HOME / "runs" / args.release
             return cmd_train(s3_config(args), preset=args.preset, quick=args.quick, release=args.release,
-                             work_dir=work_dir, seed=args.seed, codec=args.codec)
+                             work_dir=work_dir, seed=args.seed, codec=args.codec, events=args.events)
+        if args.command == "serve":
+            from memory3.services.trainer.server import serve_trainer
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+            return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=args.port, grace_s=args.grace)
         if args.command == "kb":
             from .commands import cmd_kb_add
             return cmd_kb_add(s3_config(args), args.files, parent=args.release, name=args.name,

@@ -70,7 +70,8 @@ class PipelineResult:
 
 
 def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = Distributed(),
-                 progress: bool = True, log: Callable[[str], None] | None = None) -> PipelineResult:
+                 progress: bool = True, log: Callable[[str], None] | None = None,
+                 on_event: Callable[[dict], None] | None = None) -> PipelineResult:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if dist.is_main else None)
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,7 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     data = TrainingData(world, codec, model_config, seq_len=config.train.seq_len, seed=config.seed, real_text=real)
     evaluate = _training_eval(world, codec, config) if dist.is_main else None
     trainer = Trainer(model, data, config.train, work_dir, prefix=prefix, dist=dist, evaluate=evaluate,
-                      progress=progress)
+                      progress=progress, on_event=on_event)
     latest = trainer.latest_checkpoint()
     if latest is not None:
         trainer.load(latest)

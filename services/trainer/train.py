@@ -104,9 +104,11 @@ class Distributed:
 class Trainer:
     def __init__(self, model: Transformer, data: TrainingData, config: TrainConfig, out_dir: Path, *,
                  prefix: list[int], dist: Distributed = Distributed(),
-                 evaluate: Callable[[Transformer], dict] | None = None, progress: bool = True) -> None:
+                 evaluate: Callable[[Transformer], dict] | None = None, progress: bool = True,
+                 on_event: Callable[[dict], None] | None = None) -> None:
         self.model, self.data, self.config, self.out_dir = model, data, config, out_dir
         self.prefix, self.dist, self.evaluate, self.progress = prefix, dist, evaluate, progress
+        self.on_event = on_event if dist.is_main else None
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -178,9 +180,9 @@ class Trainer:
             self.optimizer.step()
             self.state.step += 1
             loss_value = self.reduce_scalar(loss.detach())
-            self.state.history.append({"step": self.state.step, "stage": stage_no, "loss": round(loss_value, 5),
-                                       "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                                       "elapsed_s": round(time.perf_counter() - started, 2)})
+            self._record({"step": self.state.step, "stage": stage_no, "loss": round(loss_value, 5),
+                          "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                          "elapsed_s": round(time.perf_counter() - started, 2)})
             bar.update(1)
             bar.set_postfix(stage=stage_no, loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
             done = self.state.step == config.total_steps
@@ -203,7 +205,12 @@ class Trainer:
             metrics = self.evaluate(self.model) if self.dist.is_main else {}
         self.model.train()
         if self.dist.is_main:
-            self.state.history.append({"step": self.state.step, "eval": metrics})
+            self._record({"step": self.state.step, "eval": metrics})
+
+    def _record(self, entry: dict) -> None:
+        self.state.history.append(entry)
+        if self.on_event is not None:
+            self.on_event({**entry, "total_steps": self.config.total_steps})
 
     # ---- losses -----------------------------------------------------------------------------
     def _autocast(self):

@@ -1,0 +1,1 @@
+"""Plumbing shared by every gRPC service: domain errors -> status codes, server bootstrap."""

@@ -1,0 +1,188 @@
+"""Training jobs behind the TrainerService: protocol-neutral, asyncio.
+
+A job runs `memory3 train --events` in a child process (the same code as the CLI), one job at a
+time; its JSON-lines progress becomes the job's event history, which any number of watchers
+replay and then follow. Cancelling terminates the child; its checkpoints stay, so submitting the
+same spec again resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memory3.model.config import PRESETS
+
+from ..release.manifest import RELEASES_PREFIX, Manifest, ReleaseError, check_release_name, release_key
+from ..rpc.errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted
+from ..storage.object_store import ObjectNotFound, ObjectStore, S3Config
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+CODECS = ("fp16", "bf16", "int8", "vq")
+
+
+@dataclass(frozen=True)
+class TrainingJobSpec:
+    release: str
+    preset: str = "small"
+    quick: bool = False
+    seed: int = 0
+    codec: str = "bf16"
+
+    def validate(self) -> None:
+        try:
+            check_release_name(self.release)
+        except ReleaseError as e:
+            raise InvalidInput(str(e)) from e
+        if self.preset not in PRESETS:
+            raise InvalidInput(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.codec not in CODECS:
+            raise InvalidInput(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
+
+
+@dataclass
+class Job:
+    id: str
+    spec: TrainingJobSpec
+    state: str = QUEUED
+    events: list[dict] = field(default_factory=list)
+    release: str | None = None
+    process: asyncio.subprocess.Process | None = None
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def publish(self, event: dict) -> None:
+        async with self.changed:
+            self.events.append({"state": self.state, **event})
+            self.changed.notify_all()
+
+
+class TrainingJobManager:
+    def __init__(self, s3: S3Config, work_root: Path, *, max_queued: int = 16, python: str = sys.executable) -> None:
+        self.s3, self.work_root, self.max_queued, self.python = s3, work_root, max_queued, python
+        self.store = ObjectStore(s3)
+        self.jobs: dict[str, Job] = {}
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.worker: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.ensure_bucket)  # readiness: the store is reachable
+        self.worker = asyncio.create_task(self._work())
+
+    async def stop(self) -> None:
+        for job in self.jobs.values():
+            if job.state in (QUEUED, RUNNING):
+                await self.cancel(job.id)
+        if self.worker is not None:
+            self.worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.worker
+
+    async def submit(self, spec: TrainingJobSpec) -> str:
+        spec.validate()
+        if any(j.spec.release == spec.release and j.state not in TERMINAL for j in self.jobs.values()):
+            raise AlreadyExists(f"a job for release {spec.release!r} is already queued or running")
+        if await asyncio.to_thread(self.store.exists, release_key(spec.release, "manifest.json")):
+            raise AlreadyExists(f"release {spec.release!r} already exists; releases are immutable")
+        if self.queue.qsize() >= self.max_queued:
+            raise ResourceExhausted(f"{self.max_queued} jobs are already queued; try again later")
+        job = Job(id=uuid.uuid4().hex[:12], spec=spec)
+        self.jobs[job.id] = job
+        await job.publish({"message": f"queued (position {self.queue.qsize() + 1})"})
+        await self.queue.put(job)
+        return job.id
+
+    def get(self, job_id: str) -> Job:
+        if job_id not in self.jobs:
+            raise NotFound(f"no job {job_id!r}")
+        return self.jobs[job_id]
+
+    async def watch(self, job_id: str) -> AsyncIterator[dict]:
+        job = self.get(job_id)
+        sent = 0
+        while True:
+            async with job.changed:
+                await job.changed.wait_for(lambda n=sent: len(job.events) > n or job.state in TERMINAL)
+                new = job.events[sent:]
+                done = job.state in TERMINAL
+            for event in new:
+                yield event
+            sent += len(new)
+            if done and sent == len(job.events):
+                return
+
+    async def cancel(self, job_id: str) -> str:
+        job = self.get(job_id)
+        if job.state in TERMINAL:
+            return job.state
+        if job.process is not None and job.process.returncode is None:
+            job.process.terminate()
+        job.state = CANCELLED
+        await job.publish({"message": "cancelled"})
+        return job.state
+
+    async def list_releases(self) -> list[Manifest]:
+        def read() -> list[Manifest]:
+            out = []
+            for prefix in self.store.list_keys(RELEASES_PREFIX, recursive=False):
+                name = prefix[len(RELEASES_PREFIX):].strip("/")
+                with contextlib.suppress(ObjectNotFound, ReleaseError):
+                    out.append(Manifest.from_json(self.store.get_bytes(release_key(name, "manifest.json")).decode()))
+            return sorted(out, key=lambda m: m.created)
+        return await asyncio.to_thread(read)
+
+    async def _work(self) -> None:
+        while True:
+            job = await self.queue.get()
+            if job.state == QUEUED:
+                await self._run(job)
+
+    def _command(self, spec: TrainingJobSpec) -> list[str]:
+        cmd = [self.python, "-m", "memory3.services.cli.main", "train", "--release", spec.release,
+               "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec, "--events",
+               "--work-dir", str(self.work_root / spec.release), "--s3-endpoint", self.s3.endpoint,
+               "--s3-bucket", self.s3.bucket]
+        return [*cmd, "--quick"] if spec.quick else cmd
+
+    async def _run(self, job: Job) -> None:
+        env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": self.s3.access_key,
+               "MEMORY3_S3_SECRET_KEY": self.s3.secret_key, "PYTHONUNBUFFERED": "1"}
+        job.state = RUNNING
+        await job.publish({"message": "started"})
+        job.process = await asyncio.create_subprocess_exec(
+            *self._command(job.spec), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        stderr_tail: deque[str] = deque(maxlen=20)
+
+        async def drain_stderr() -> None:
+            async for line in job.process.stderr:
+                stderr_tail.append(line.decode(errors="replace").rstrip())
+
+        drain = asyncio.create_task(drain_stderr())
+        async for line in job.process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("release"):
+                job.release = event["release"]
+            await job.publish(event)
+        code = await job.process.wait()
+        await drain
+        if job.state == CANCELLED:
+            return
+        if code == 0:
+            job.state = SUCCEEDED
+            await job.publish({"message": "release published", "release": job.release})
+        else:
+            job.state = FAILED
+            reason = next((line for line in reversed(stderr_tail) if "error" in line.lower()), None)
+            await job.publish({"message": reason or f"training exited with code {code}: "
+                               + " | ".join(list(stderr_tail)[-3:])})

@@ -1,0 +1,57 @@
+"""TrainerService: translates protos to engine calls and back, nothing more."""
+
+from __future__ import annotations
+
+from memory3.v1 import trainer_service_pb2 as pb
+from memory3.v1 import trainer_service_pb2_grpc as pb_grpc
+
+from ..rpc.errors import InvalidInput, rpc_errors
+from .engine import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TrainingJobManager, TrainingJobSpec
+
+STATES = {QUEUED: pb.JOB_STATE_QUEUED, RUNNING: pb.JOB_STATE_RUNNING, SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+          FAILED: pb.JOB_STATE_FAILED, CANCELLED: pb.JOB_STATE_CANCELLED}
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
+    if not spec.release:
+        raise InvalidInput("spec.release is required: the name of the release to publish")
+    return TrainingJobSpec(release=spec.release, preset=spec.preset or "small", quick=spec.quick,
+                           seed=spec.seed, codec=spec.codec or "bf16")
+
+
+def event_to_proto(job_id: str, event: dict) -> pb.WatchTrainingJobResponse:
+    metrics = {k: float(v) for k, v in (event.get("eval") or {}).items()}
+    return pb.WatchTrainingJobResponse(
+        job_id=job_id, state=STATES[event["state"]], step=int(event.get("step", 0)),
+        total_steps=int(event.get("total_steps", 0)), stage=int(event.get("stage", 0)),
+        loss=float(event.get("loss", 0.0)), metrics=metrics, message=str(event.get("message", "")),
+        release=str(event.get("release") or ""),
+    )
+
+
+class TrainerServicer(pb_grpc.TrainerServiceServicer):
+    def __init__(self, engine: TrainingJobManager) -> None:
+        self.engine = engine
+
+    @rpc_errors
+    async def SubmitTrainingJob(self, request, context):  # noqa: N802 - gRPC method name
+        job_id = await self.engine.submit(spec_from_proto(request.spec))
+        return pb.SubmitTrainingJobResponse(job_id=job_id)
+
+    @rpc_errors
+    async def WatchTrainingJob(self, request, context):  # noqa: N802
+        async for event in self.engine.watch(request.job_id):
+            yield event_to_proto(request.job_id, event)
+
+    @rpc_errors
+    async def CancelTrainingJob(self, request, context):  # noqa: N802
+        return pb.CancelTrainingJobResponse(state=STATES[await self.engine.cancel(request.job_id)])
+
+    @rpc_errors
+    async def ListReleases(self, request, context):  # noqa: N802
+        manifests = await self.engine.list_releases()
+        return pb.ListReleasesResponse(releases=[
+            pb.ReleaseInfo(name=m.name, parent=m.parent or "", created=m.created,
+                           memories=int(m.memory_bank.get("count", 0)), codec=str(m.memory_bank.get("codec", "")))
+            for m in manifests])
