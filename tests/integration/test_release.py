@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from memory3.model.checkpoint import weights_digest
 from memory3.model.encoder import encode_references
 from memory3.services.release.manifest import ReleaseExists, ReleaseNotFound, release_key
 from memory3.services.release.reader import Release
@@ -99,7 +100,7 @@ def test_kb_add_derives_a_release_without_retraining(store, published, tmp_path,
     assert manifest.parent == "quick-1"
     assert len(child.references) == len(parent.references) + 2
     assert child.manifest.memory_bank["bank"] == parent.manifest.memory_bank["bank"]  # same weights
-    assert child.manifest.files["model/model.safetensors"] == parent.manifest.files["model/model.safetensors"]
+    assert weights_digest(child.load_model()) == weights_digest(parent.load_model())  # no retraining
     new = [r for r in child.references if r["source"] == str(doc)]
     assert child.fetch_memories([new[0]["id"]])[0].keys.shape[0] == len(child.load_model().config.memory_layers)
     hits = child.index().search(embedder.embed(["Where does the Qorvath Beacon stand?"]), 1)

@@ -1,0 +1,56 @@
+"""`memory3 train --quick` and `memory3 bench quality` as a user runs them, against a real S3 server."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def memory3(*args, env, check=True, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "memory3.services.cli.main", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"memory3 {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def s3_env(local_s3):
+    cfg = local_s3.config
+    return {**os.environ, "MEMORY3_S3_ENDPOINT": cfg.endpoint, "MEMORY3_S3_ACCESS_KEY": cfg.access_key,
+            "MEMORY3_S3_SECRET_KEY": cfg.secret_key, "MEMORY3_S3_BUCKET": "cli-tests"}
+
+
+def test_train_quick_then_bench_quality(tmp_path, s3_env):
+    proc = memory3("train", "--quick", "--release", "cli-quick", "--work-dir", str(tmp_path / "run"), env=s3_env)
+    assert "release cli-quick:" in proc.stdout
+    assert (tmp_path / "run" / "training.png").stat().st_size > 0
+
+    again = memory3("train", "--quick", "--release", "cli-quick", "--work-dir", str(tmp_path / "run2"),
+                    env=s3_env, check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    out = tmp_path / "quality.json"
+    memory3("bench", "quality", "--release", "cli-quick", "--questions", "24", "--json", str(out),
+            "--cache-dir", str(tmp_path / "cache"), env=s3_env)
+    result = json.loads(out.read_text())
+    for key in ("acc_no_memory", "acc_memory", "acc_rag"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["n_questions"] == 24
+    assert set(result["tokens_per_head_ablation"]["acc_memory"]) == {"4", "8", "16", "32", "all"}
+    assert result["perplexity"]["memory"] > 1 and result["perplexity"]["no_memory"] > 1
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_train_without_a_store_fails_before_training(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_S3")}
+    proc = memory3("train", "--quick", "--release", "x", "--work-dir", str(tmp_path), env=env, check=False)
+    assert proc.returncode == 2 and "no object store" in proc.stderr
+    env.update({"MEMORY3_S3_ENDPOINT": "127.0.0.1:9", "MEMORY3_S3_ACCESS_KEY": "a", "MEMORY3_S3_SECRET_KEY": "b"})
+    proc = memory3("train", "--quick", "--release", "x", "--work-dir", str(tmp_path), env=env, check=False)
+    assert proc.returncode == 2 and "cannot reach the object store" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
