@@ -1,0 +1,42 @@
+import itertools
+
+import pytest
+
+from memory3.services.trainer.corpus import CorpusError, debian_documents, read_corpus_file
+
+
+def test_corpus_file_documents_are_split_by_blank_lines(tmp_path):
+    f = tmp_path / "docs.txt"
+    f.write_text("First document.\nStill first.\n\n\n  \nSecond document.\n", encoding="utf-8")
+    assert [d for _, d in read_corpus_file(f)] == ["First document.\nStill first.", "Second document."]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "no text"),
+        (b"  \n\n \t\n", "no text"),
+        (b"ok\n\nbad \xe9t\xe9\n", "not UTF-8 text .*line 3"),
+        (b"text\x00more", "NUL bytes"),
+    ],
+)
+def test_bad_corpus_files_are_rejected_with_what_to_fix(tmp_path, content, message):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        read_corpus_file(f)
+
+
+def test_oversize_documents_and_missing_files(tmp_path):
+    f = tmp_path / "big.txt"
+    f.write_text("small\n\n" + "x" * 2000, encoding="utf-8")
+    with pytest.raises(CorpusError, match="document 2 is 2000 bytes"):
+        read_corpus_file(f, max_document_bytes=1000)
+    with pytest.raises(CorpusError, match="no such file"):
+        read_corpus_file(tmp_path / "missing.txt")
+
+
+def test_debian_sources_stream_interleaved():
+    docs = list(itertools.islice(debian_documents(), 30))
+    assert {source for source, _ in docs} == {"wordnet", "gcide", "python-docs"}
+    assert all(text.strip() for _, text in docs)
