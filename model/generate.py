@@ -156,7 +156,7 @@ def iter_generate(
                 i += len(per_seq)
             if any(mems for per_seq in groups for mems in per_seq):
                 memory = stack_memories(groups, slots_per_group=config.mem_slots, device=device,
-                                        dtype=tokens_dtype(model))
+                                        dtype=model_dtype(model))
                 token_group = chunk_groups(slots, p, config.chunk_len)
         logits = prefill(model, tokens, slots, positions, memory, token_group)
         last = logits[torch.arange(bsz, device=device), p + lengths - 1]  # (B, V)
@@ -164,7 +164,7 @@ def iter_generate(
             # The first generated chunk keeps the last prompt chunk's memories.
             model.set_resident_memory(
                 stack_memories([[g[-1]] for g in groups], slots_per_group=config.mem_slots,
-                               device=device, dtype=tokens_dtype(model))
+                               device=device, dtype=model_dtype(model))
             )
 
         stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
@@ -199,7 +199,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], **kwargs) -> 
     return GenerationOutput(out, reasons, retrievals)
 
 
-def tokens_dtype(model: Transformer) -> torch.dtype:
+def model_dtype(model: Transformer) -> torch.dtype:
     return model.output.weight.dtype
 
 
@@ -228,6 +228,6 @@ def _swap_memories(model, provider, history, finished, log) -> None:
     if has_memory:
         model.set_resident_memory(
             stack_memories([[found[i]] for i in has_memory], slots_per_group=model.config.mem_slots,
-                           device=device, dtype=tokens_dtype(model)),
+                           device=device, dtype=model_dtype(model)),
             rows=row_index[has_memory],
         )
