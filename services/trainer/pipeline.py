@@ -38,10 +38,10 @@ from .world import World, qa_prompt, qa_text
 class PipelineConfig:
     preset: str = "small"
     seed: int = 0
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     world_train: int = 3000
     world_heldout: int = 300
-    real_documents: int = 3000  # Debian documents for language and for the real-text knowledge base
+    real_documents: int = 2000  # Debian documents for language and for the real-text knowledge base
     eval_questions: int = 64  # held-out questions scored at each evaluation during training
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -57,12 +57,12 @@ class TrainConfig:
     seed: int = 0
     seq_len: int = 256
     batch_size: int = 8
-    stage1: StageConfig = StageConfig(steps=400, lr=2e-3)
-    stage2: StageConfig = StageConfig(steps=600, lr=1e-3, warmup_steps=20)
+    stage1: StageConfig = StageConfig(steps=300, lr=3e-3)
+    stage2: StageConfig = StageConfig(steps=1000, lr=3e-3)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 100
-    checkpoint_every: int = 100
+    eval_every: int = 250
+    checkpoint_every: int = 250
     keep_checkpoints: int = 2
     bf16: bool = False  # autocast to bfloat16 (on by default on CUDA)
 
