@@ -270,3 +270,29 @@ def test_gather_memories_equals_stack_memories(tiny_config, memory_bank):
             a = gathered.k[:, b, :, sl][..., gathered.valid[b, sl], :]
             s = stacked.k[:, b, :, sl][..., stacked.valid[b, sl], :]
             torch.testing.assert_close(a, s)
+
+
+def test_memory_layers_need_not_start_at_zero(tiny_config, prefix):
+    import dataclasses
+
+    from memory3.model.init import random_model
+
+    config = dataclasses.replace(tiny_config, memory_layers=(1, 3))
+    model = random_model(config, seed=2, std=0.2)
+    refs = [torch.randint(3, 250, (n,)).tolist() for n in (128, 30, 77, 128, 6)]
+    with torch.no_grad():
+        bank = encode_references(model, refs, prefix)
+    assert bank[0].keys.shape[0] == 2
+    prompt = [1, *torch.randint(3, 250, (80,)).tolist()]
+    provider = RecordingProvider(bank)
+    captured = []
+
+    def capture(queries):
+        found = provider(queries)
+        captured.extend(found)
+        return found
+
+    with torch.no_grad():
+        out = generate(model, [prompt], prefix=prefix, max_new_tokens=70, memory_provider=capture)
+    logits = full_forward_logits(model, config, prefix, prompt, out.tokens[0], captured)
+    assert logits.argmax(-1).tolist() == out.tokens[0]
