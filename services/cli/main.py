@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (two stages) and publish it as a release")
     train.add_argument("--preset", default="small", help="model preset")
-    train.add_argument("--quick", action="store_true", help="a minimal run that exercises the whole pipeline")
+    train.add_argument("--quick", action="store_true",
+                       help="a one-minute run of the whole pipeline (tiny model unless --preset names another)")
     train.add_argument("--release", required=True, help="name of the release to publish (immutable)")
     train.add_argument("--work-dir", type=Path, default=None,
                        help="checkpoints and logs; a killed run resumes from here (default ~/.cache/memory3/runs/NAME)")

@@ -42,8 +42,10 @@ def make_memory_codec(name: str, model, references: Sequence[Reference], prefix:
         keys, values, _ = encode_batch(model, tokens, prefix)
     vectors = torch.cat([keys.flatten(0, 3), values.flatten(0, 3)]).float()
     head_dim = model.config.head_dim
-    codec = VQCodec(head_dim, opq_m=head_dim // 4, rq_bits=min(14, max(4, (len(vectors) // 64).bit_length() - 1)),
-                    pq_bits=8, niter=10, opq_niter=10)
+    # The paper's 2 x 14-bit residual levels need ~40 training vectors per centroid; with fewer
+    # sampled vectors, use fewer bits rather than centroids fitted to a handful of points.
+    rq_bits = min(14, max(4, (len(vectors) // 64).bit_length() - 1))
+    codec = VQCodec(head_dim, opq_m=head_dim // 4, rq_bits=rq_bits, pq_bits=8, niter=10, opq_niter=10)
     return codec.train(vectors, progress=True)
 
 
