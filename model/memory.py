@@ -110,35 +110,31 @@ def stack_memories(
             fewer memories than the maximum; the gaps are masked.
         slots_per_group: memory slots per group (mems_per_chunk * k).
     """
-    first = next((m for seq in groups for grp in seq for m in grp), None)
-    if first is None:
+    unique: dict[int, int] = {}
+    memories: list[ExplicitMemory] = []
+    for seq in groups:
+        for grp in seq:
+            for mem in grp:
+                if id(mem) not in unique:
+                    unique[id(mem)] = len(memories)
+                    memories.append(mem)
+    if not memories:
         raise ValueError("stack_memories needs at least one memory")
-    n_layers, n_kv, k, head_dim = first.shape
-    per_group = slots_per_group // k
-    batch = len(groups)
-    n_groups = max(len(seq) for seq in groups)
-    dtype = dtype or first.keys.dtype
-    keys = torch.zeros(n_layers, batch, n_kv, n_groups, per_group, k, head_dim, dtype=dtype)
-    values = torch.zeros_like(keys)
-    valid = torch.zeros(batch, n_groups, per_group, k, dtype=torch.bool)
+    shape = memories[0].shape
+    if any(m.shape != shape for m in memories):
+        raise ValueError(f"memories of different shapes: {sorted({m.shape for m in memories})}")
+    per_group = slots_per_group // shape[2]
+    index = torch.full((len(groups), max(len(seq) for seq in groups), per_group), -1, dtype=torch.long)
     for b, seq in enumerate(groups):
         for g, grp in enumerate(seq):
             if len(grp) > per_group:
                 raise ValueError(f"group {g} of sequence {b} has {len(grp)} memories; at most {per_group} fit")
-            for j, mem in enumerate(grp):
-                if mem.shape != first.shape:
-                    raise ValueError(f"memory shape {mem.shape} differs from {first.shape}")
-                keys[:, b, :, g, j] = mem.keys
-                values[:, b, :, g, j] = mem.values
-                valid[b, g, j] = mem.valid.all(dim=0).all(dim=0)
-    s_mem = n_groups * slots_per_group
-    slot_group = torch.arange(n_groups).repeat_interleave(slots_per_group)
-    return MemoryKV(
-        k=keys.reshape(n_layers, batch, n_kv, s_mem, head_dim).to(device),  # (L, B, H, G*M, D)
-        v=values.reshape(n_layers, batch, n_kv, s_mem, head_dim).to(device),
-        valid=valid.reshape(batch, s_mem).to(device),
-        slot_group=slot_group.to(device),
-    )
+            index[b, g, : len(grp)] = torch.tensor([unique[id(m)] for m in grp], dtype=torch.long)
+    dtype = dtype or memories[0].keys.dtype
+    keys = torch.stack([m.keys for m in memories]).to(device=device, dtype=dtype)  # (N, L, H, k, D)
+    values = torch.stack([m.values for m in memories]).to(device=device, dtype=dtype)
+    positions = torch.stack([m.positions for m in memories]).to(device=device)
+    return gather_memories(keys, values, positions, index.to(device))
 
 
 def gather_memories(keys: Tensor, values: Tensor, positions: Tensor, index: Tensor) -> MemoryKV:
