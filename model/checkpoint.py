@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -74,15 +73,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not file.is_file():
         raise CheckpointError(f"{file} not found: this checkpoint carries no tokenizer")
     return Tokenizer.from_file(str(file))
-
-
-def checkpoint_info(path: str | Path) -> dict:
-    """Config and file sizes, for CLI output."""
-    path = Path(path)
-    return {
-        "config": json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")),
-        "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()},
-    }
 
 
 def weights_digest(model: Transformer) -> str:

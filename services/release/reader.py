@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_checkpoint
+from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
 from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
 from memory3.model.memory import ExplicitMemory
 from memory3.model.memory_format import decode_memory
@@ -97,7 +97,3 @@ class Release:
                 raise ReleaseError(f"reference {rid!r} is not in release {self.name!r}")
             out.append(decode_memory(self.store.get_bytes(self.by_id[rid]["memory_key"]), codec, expected_shape=shape))
         return out
-
-    @property
-    def weights_file(self) -> Path:
-        return self.model_dir / WEIGHTS_FILE

@@ -14,7 +14,6 @@ no-memory baseline at roughly chance: 1 / pool size.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr",
@@ -88,11 +87,6 @@ class World:
             "city": self.cities, "organisation": self.organisations, "profession": PROFESSIONS,
             "industry": INDUSTRIES, "category": CATEGORIES, "country": self.countries, "river": self.rivers,
         }
-
-    def documents(self) -> Iterator[tuple[str, str]]:
-        """(entity id, reference document) for every entity: the knowledge base's source."""
-        for e in self.entities:
-            yield e.id, e.document
 
     # ---- generation -----------------------------------------------------------------------
     def _word(self, rng: random.Random, syllables: int) -> str:

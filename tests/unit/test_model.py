@@ -144,6 +144,18 @@ class RecordingProvider:
         return out
 
 
+def capturing(provider):
+    """A provider that also records every memory group it returned, in order."""
+    captured = []
+
+    def capture(queries):
+        found = provider(queries)
+        captured.extend(found)
+        return found
+
+    return capture, captured
+
+
 @pytest.fixture(scope="module")
 def memory_bank(tiny_model, tiny_config, prefix):
     refs = [torch.randint(3, 250, (n,)).tolist() for n in (128, 40, 5, 128, 90, 128, 64, 3, 128, 100)]
@@ -153,14 +165,7 @@ def memory_bank(tiny_model, tiny_config, prefix):
 
 def test_cached_decoding_equals_full_forward_across_chunks_and_swaps(tiny_model, tiny_config, prefix, memory_bank):
     prompt = [1, *torch.randint(3, 250, (99,)).tolist()]  # two prompt chunks, the second partial
-    provider = RecordingProvider(memory_bank)
-    captured = []
-
-    def capture(queries):
-        found = provider(queries)
-        captured.extend(found)
-        return found
-
+    capture, captured = capturing(RecordingProvider(memory_bank))
     steps = 140  # crosses two decode-time memory swaps (after 64 and 128 generated tokens)
     with torch.no_grad():
         out = generate(tiny_model, [prompt], prefix=prefix, max_new_tokens=steps, memory_provider=capture)
@@ -284,14 +289,7 @@ def test_memory_layers_need_not_start_at_zero(tiny_config, prefix):
         bank = encode_references(model, refs, prefix)
     assert bank[0].keys.shape[0] == 2
     prompt = [1, *torch.randint(3, 250, (80,)).tolist()]
-    provider = RecordingProvider(bank)
-    captured = []
-
-    def capture(queries):
-        found = provider(queries)
-        captured.extend(found)
-        return found
-
+    capture, captured = capturing(RecordingProvider(bank))
     with torch.no_grad():
         out = generate(model, [prompt], prefix=prefix, max_new_tokens=70, memory_provider=capture)
     logits = full_forward_logits(model, config, prefix, prompt, out.tokens[0], captured)
