@@ -8,9 +8,12 @@ same model and engine, timed interleaved in one run:
              worst case: no cache reuse), supplied from process memory as if fetched;
   rag        no memory; the 5 references of the first chunk (5 x ref_len tokens) are prefilled
              as text in front of the prompt (the paper's RAG baseline retrieves once).
-Throughput is batch * new_tokens / wall time, prefill included. The summary uses the median of
-the interleaved repeats; the ratios of the fastest runs are reported beside it, since on a shared
-machine the two can disagree by several percent.
+Throughput is batch * new_tokens / wall time, prefill included. Each round times the three
+variants back to back, in an order that rotates from round to round, so a ratio compares runs
+that saw the same machine load; the summary ratios are the medians of the per-round ratios, and
+the throughputs the medians of each variant's runs. On a shared machine a variant's absolute
+speed drifts by 10% or more between rounds, while the paired ratios move by a few percent; the
+ratios of the fastest runs and the spread of the per-round ratios are reported beside them.
 """
 
 from __future__ import annotations
@@ -79,8 +82,11 @@ def run_decode_bench(
     with torch.inference_mode():
         for run in variants.values():  # warm-up, untimed
             run()
-        for _ in range(repeats):
-            for name, run in variants.items():
+        names = list(variants)
+        for round_index in range(repeats):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                run = variants[name]
                 start = time.perf_counter()
                 out = run()
                 times[name].append(time.perf_counter() - start)
@@ -89,12 +95,16 @@ def run_decode_bench(
                     raise RuntimeError(f"{name} produced {produced} tokens, expected {batch * new_tokens}")
     tok_s = {name: batch * new_tokens / statistics.median(t) for name, t in times.items()}
     best = {name: batch * new_tokens / min(t) for name, t in times.items()}
+    # A throughput ratio is the inverse ratio of the wall times of the same round.
+    paired = {
+        "memory_over_no_memory": [n / m for m, n in zip(times["memory"], times["no_memory"], strict=True)],
+        "memory_over_rag": [r / m for m, r in zip(times["memory"], times["rag"], strict=True)],
+    }
     summary = {
         "no_memory_tok_s": round(tok_s["no_memory"], 2),
         "memory_tok_s": round(tok_s["memory"], 2),
         "rag_tok_s": round(tok_s["rag"], 2),
-        "memory_over_no_memory": round(tok_s["memory"] / tok_s["no_memory"], 4),
-        "memory_over_rag": round(tok_s["memory"] / tok_s["rag"], 4),
+        **{key: round(statistics.median(ratios), 4) for key, ratios in paired.items()},
     }
     return {
         "benchmark": "decode",
@@ -103,13 +113,15 @@ def run_decode_bench(
         "protocol": {
             "preset": preset, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "retrievals_per_sequence": retrievals_per_seq, "memories_per_retrieval": config.mems_per_chunk,
-            "rag_prefill_tokens": len(rag_context), "repeats": repeats, "statistic": "median",
+            "rag_prefill_tokens": len(rag_context), "repeats": repeats,
+            "statistic": "ratios: median of per-round paired ratios; throughputs: median per variant",
             "weights": "random init (speed does not depend on the weights)",
         },
         "fastest_runs": {
             "memory_over_no_memory": round(best["memory"] / best["no_memory"], 4),
             "memory_over_rag": round(best["memory"] / best["rag"], 4),
         },
+        "per_round_ratios": {key: [round(r, 4) for r in ratios] for key, ratios in paired.items()},
         "seconds": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
         "machine": machine_info(),
     }

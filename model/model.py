@@ -39,6 +39,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         self._cache_batch = 0
+        self._resident_mask: Tensor | None = None  # (B_cache, mem_slots) additive, while caches hold memory slots
 
     # ---- caches -----------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *, memory: bool = True) -> None:
@@ -58,11 +59,15 @@ class Transformer(nn.Module):
                 mem_slots=mem_slots, dtype=param.dtype, device=param.device,
             )
         self._cache_batch = max_batch_size
+        self._resident_mask = None
+        if memory and self.config.mem_slots and self._memory_layers():
+            self._update_resident_mask()
 
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
         self._cache_batch = 0
+        self._resident_mask = None
 
     @property
     def has_cache(self) -> bool:
@@ -79,10 +84,17 @@ class Transformer(nn.Module):
             raise ValueError(f"resident memory needs {self.config.mem_slots} slots, got {memory.n_slots}")
         for i, layer in enumerate(self._memory_layers()):
             layer.attention.kv_cache.set_memory(memory.k[i], memory.v[i], memory.valid, rows)
+        self._update_resident_mask()
 
     def clear_resident_memory(self, rows: Tensor | None = None) -> None:
         for layer in self._memory_layers():
             layer.attention.kv_cache.clear_memory(rows)
+        self._update_resident_mask()
+
+    def _update_resident_mask(self) -> None:
+        """Cache the additive mask of the resident memory slots; it changes once per chunk only."""
+        valid = self._memory_layers()[0].attention.kv_cache.mem_valid  # (B_cache, M)
+        self._resident_mask = additive_mask(valid, self.output.weight.dtype)
 
     def _memory_layers(self) -> list[TransformerBlock]:
         return [layer for layer in self.layers if layer.is_memory_layer]
@@ -133,7 +145,10 @@ class Transformer(nn.Module):
         """Attention masks shared by all layers of one kind; None means plain causal attention.
 
         Key order at a memory layer is [memories | context]: explicit memories when given,
-        else the cache's resident memory slots, else none.
+        else the cache's resident memory slots, else none. With caches (inference) the masks
+        are additive (0 / -inf) in the model's dtype, built once per pass: SDPA would otherwise
+        convert a boolean mask at every layer. Training keeps boolean masks, whose meaning
+        does not depend on the autocast dtype.
         """
         if cache_slots is None:
             context = None
@@ -148,17 +163,18 @@ class Transformer(nn.Module):
         if memory is not None:
             visible = memory.visibility(token_group)  # (B, 1, T, S_mem)
             mem_mask = torch.cat([visible, causal.expand(visible.shape[0], -1, -1, -1)], dim=-1)
-        elif cache_slots is not None and self.config.mem_slots and self._resident_slots():
-            valid = self._memory_layers()[0].attention.kv_cache.mem_valid  # (B_cache, M)
-            valid = valid[: cache_slots.shape[0], None, None, :].expand(-1, 1, seq_len, -1)
-            mem_mask = torch.cat([valid, causal], dim=-1)
+        elif cache_slots is not None and self._resident_mask is not None:
+            resident = self._resident_mask[: cache_slots.shape[0], None, None, :]  # (B, 1, 1, M), additive
+            context = additive_mask(causal, self._resident_mask.dtype)
+            mem_mask = torch.cat([resident.expand(-1, 1, seq_len, -1), context], dim=-1)
+            return _Masks(context=context, memory=mem_mask, kv_len=kv_len)
         else:
             mem_mask = context
+        if cache_slots is not None:
+            dtype = self.output.weight.dtype
+            context = additive_mask(context, dtype)
+            mem_mask = context if mem_mask is causal else additive_mask(mem_mask, dtype)
         return _Masks(context=context, memory=mem_mask, kv_len=kv_len)
-
-    def _resident_slots(self) -> int:
-        layers = self._memory_layers()
-        return layers[0].attention.kv_cache.mem_slots if layers else 0
 
 
 class _Masks:
@@ -276,6 +292,11 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean visibility -> additive attention bias: 0 where visible, -inf elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--batch", type=int, default=8)
     dec.add_argument("--prompt-tokens", type=int, default=128)
     dec.add_argument("--new-tokens", type=int, default=128)
-    dec.add_argument("--repeats", type=int, default=5, help="timed runs per variant, interleaved; median reported")
+    dec.add_argument("--repeats", type=int, default=21,
+                     help="timed rounds, each running every variant once in rotating order; medians reported")
     dec.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     dec.add_argument("--json", type=Path, required=True)
     dec.add_argument("--readme", type=Path, default=None, help="README whose benchmark table to refresh")
