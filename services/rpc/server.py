@@ -1,32 +1,118 @@
-"""A grpc.aio server with health, reflection and a graceful drain on SIGTERM/SIGINT."""
+"""A grpc.aio server with health, reflection, metrics, optional TLS and token auth, and a
+graceful drain on SIGTERM/SIGINT. Every service is started through it."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .metrics import start_metrics_server
+
 log = logging.getLogger("memory3.rpc")
 MAX_MESSAGE_BYTES = 64 << 20
+# Health and reflection stay open without a token: probes and grpcurl's listing need them.
+_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How a service listens; parsed once from flags/env at the entry point."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    grace_s: float = 10.0
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    tls_cert: Path | None = None  # PEM server certificate (chain); with tls_key enables TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA; when set, clients must present a certificate it signed (mTLS)
+    auth_token: str | None = None  # when set, RPCs need metadata `authorization: Bearer <token>`
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("client certificate checking (--tls-client-ca) needs TLS (--tls-cert, --tls-key)")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("the auth token must not be empty")
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects RPCs without the shared bearer token (UNAUTHENTICATED), in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(_OPEN_METHODS):
+            return handler
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(given).encode(), self._expected):
+            return handler
+        return _denying(handler)
+
+
+_DENIED = "missing or wrong token: send metadata 'authorization: Bearer <token>'"
+
+
+def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+
+    async def unary_response(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+    async def stream_response(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+        yield  # pragma: no cover - makes this an async generator
+
+    kwargs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary_response, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream_response, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary_response, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream_response, **kwargs)
 
 
 class Server:
     """Owns the aio server; `serving()` flips health to SERVING once the service is really ready."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, grace_s: float = 10.0) -> None:
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    def __init__(self, options: ServerOptions | None = None, **overrides) -> None:
+        self.options = options = ServerOptions(**overrides) if options is None else options
+        interceptors = [TokenAuthInterceptor(options.auth_token)] if options.auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+            ("grpc.max_send_message_length", options.max_message_bytes),
         ])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        self.grace_s = grace_s
+        address = f"{options.host}:{options.port}"
+        if options.tls_cert is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(options.tls_key.read_bytes(), options.tls_cert.read_bytes())],
+                root_certificates=options.tls_client_ca.read_bytes() if options.tls_client_ca else None,
+                require_client_auth=options.tls_client_ca is not None,
+            )
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not listen on {address}")
+        self.grace_s = options.grace_s
+        self.metrics_port: int | None = None
         self.service_names: list[str] = []
 
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object, service_name: str) -> None:
@@ -39,10 +125,17 @@ class Server:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.options.metrics_port is not None:
+            self.metrics_port = start_metrics_server(self.options.host, self.options.metrics_port)
 
     async def serving(self) -> None:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def not_serving(self) -> None:
+        """Readiness lost (a dependency went away); in-flight RPCs continue."""
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, on_drain: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
         """NOT_SERVING first (load balancers stop routing), then let in-flight RPCs finish."""
@@ -59,3 +152,24 @@ class Server:
         await stop.wait()
         log.info("signal received: draining for up to %.0fs", self.grace_s)
         await self.stop(on_drain)
+
+
+def client_channel(address: str, *, tls_ca: Path | None = None, client_cert: Path | None = None,
+                   client_key: Path | None = None, auth_token: str | None = None,
+                   max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+    """An aio channel to one of our services, with the same TLS/token options the server takes."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    if tls_ca is None and auth_token is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    if tls_ca is None:
+        raise ValueError("a token is only sent over TLS: give the server's CA (--tls-ca) too")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls_ca.read_bytes(),
+        private_key=client_key.read_bytes() if client_key else None,
+        certificate_chain=client_cert.read_bytes() if client_cert else None,
+    )
+    if auth_token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(auth_token))
+    return grpc.aio.secure_channel(address, credentials, options=options)
