@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from dataclasses import dataclass
 
 import torch
 
@@ -145,23 +146,49 @@ def _codec_label(codec_id: int) -> str:
     return f"{codec_id} ({CODEC_NAMES.get(codec_id, 'unknown')})"
 
 
-def decode_memory(
-    blob: bytes,
-    codec: MemoryCodec,
-    *,
-    expected_shape: tuple[int, int, int, int] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> ExplicitMemory:
-    """Parse and verify a blob, then decode it.
+@dataclass(frozen=True)
+class MemoryHeader:
+    """The verified header of a blob (what `validate_memory` checked)."""
 
-    Checks run cheapest and most fundamental first: length, magic, version, payload length, then the
-    checksum (before any header field is trusted further or the payload is touched), then the codec
-    and the shape.
+    version: int
+    codec_id: int
+    shape: tuple[int, int, int, int]  # (n_layers, n_kv_heads, k, head_dim)
+    ref_len: int
+    n_valid: int
+    fingerprint: bytes
+    payload_len: int
+
+
+def validate_memory(
+    blob: bytes | bytearray | memoryview,
+    codec: MemoryCodec,
+    expected_shape: tuple[int, int, int, int] | None = None,
+) -> MemoryHeader:
+    """Verify a blob completely without decoding its K/V tensors.
+
+    Caches and the memory service check every blob they return or store; decoding the K/V
+    vectors (and, for VQ, reconstructing them) would cost far more than the checks. What is
+    verified is everything `decode_memory` relies on: length, magic, format version, the
+    checksum (before any other header field is trusted), flags, codec id and fingerprint, shape,
+    the exact payload length for that shape and codec, and that every stored position lies in
+    the reference window.
 
     Raises:
         MemoryFormatError: with what is wrong and what was expected.
     """
-    blob = bytes(blob)
+    header, _ = _verify(bytes(blob), codec, expected_shape)
+    return header
+
+
+def _verify(
+    blob: bytes, codec: MemoryCodec, expected_shape: tuple[int, int, int, int] | None
+) -> tuple[MemoryHeader, torch.Tensor]:
+    """The checks of `validate_memory`; also returns the unpacked positions (L*H*n_valid, 1).
+
+    Checks run cheapest and most fundamental first: length, magic, version, payload length, then the
+    checksum (before any header field is trusted further or the payload is touched), then the codec
+    and the shape.
+    """
     if len(blob) < HEADER_SIZE:
         raise MemoryFormatError(f"truncated memory blob: {len(blob)} bytes, shorter than the {HEADER_SIZE}-byte header")
     (magic, version, codec_id, flags, n_layers, n_kv, k, head_dim, ref_len, n_valid, fingerprint,
@@ -208,16 +235,37 @@ def decode_memory(
             f"payload length mismatch: header says {payload_len} bytes, shape {shape} with {n_valid} valid "
             f"slots and codec {codec.name} need {want}"
         )
-
     n_vec = n_layers * n_kv * n_valid
     pbits = position_bits(ref_len)
-    pos_end = packed_size([pbits], n_vec)
-    kv_size = codec.encoded_size(n_vec, head_dim)
-    pos = torch.from_numpy(unpack_uint(payload[:pos_end], [pbits], n_vec))  # (L*H*n_valid, 1)
+    pos = torch.from_numpy(unpack_uint(payload[:packed_size([pbits], n_vec)], [pbits], n_vec))  # (L*H*n_valid, 1)
     if n_vec and int(pos.max()) >= ref_len:
         raise MemoryFormatError(f"bad payload: position {int(pos.max())} is outside 0..{ref_len - 1}")
-    keys_v = codec.decode(payload[pos_end:pos_end + kv_size], n_vec, head_dim)  # (L*H*n_valid, D)
-    values_v = codec.decode(payload[pos_end + kv_size:], n_vec, head_dim)
+    header = MemoryHeader(version=version, codec_id=codec_id, shape=shape, ref_len=ref_len, n_valid=n_valid,
+                          fingerprint=fingerprint, payload_len=payload_len)
+    return header, pos
+
+
+def decode_memory(
+    blob: bytes,
+    codec: MemoryCodec,
+    *,
+    expected_shape: tuple[int, int, int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ExplicitMemory:
+    """Parse and verify a blob (every check of `validate_memory`), then decode it.
+
+    Raises:
+        MemoryFormatError: with what is wrong and what was expected.
+    """
+    blob = bytes(blob)
+    header, pos = _verify(blob, codec, expected_shape)
+    n_layers, n_kv, k, head_dim = header.shape
+    n_valid = header.n_valid
+    n_vec = n_layers * n_kv * n_valid
+    pos_end = HEADER_SIZE + packed_size([position_bits(header.ref_len)], n_vec)
+    kv_size = codec.encoded_size(n_vec, head_dim)
+    keys_v = codec.decode(blob[pos_end:pos_end + kv_size], n_vec, head_dim)  # (L*H*n_valid, D)
+    values_v = codec.decode(blob[pos_end + kv_size:], n_vec, head_dim)
 
     positions = torch.full((n_layers, n_kv, k), -1, dtype=torch.int64)
     keys = torch.zeros(n_layers, n_kv, k, head_dim, dtype=dtype)

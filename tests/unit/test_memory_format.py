@@ -15,10 +15,12 @@ from memory3.model.memory_format import (
     FORMAT_VERSION,
     HEADER_SIZE,
     MemoryFormatError,
+    MemoryHeader,
     decode_memory,
     encode_memory,
     memory_size,
     paper_bytes_per_memory,
+    validate_memory,
 )
 
 HEAD = struct.Struct("<4sHBBHHHHHH8sI")  # the documented layout, written out independently of the module
@@ -234,3 +236,50 @@ def test_encoder_rejects_bad_slot_layout(positions: list[list[int]], message: st
 def test_encoder_rejects_oversized_dimensions() -> None:
     with pytest.raises(ValueError, match="ref_len=70000"):
         encode_memory(make_memory(), codec_from_name("fp16"), ref_len=70000)
+
+
+# ---- validation without decoding -----------------------------------------------------------
+def test_validate_returns_the_verified_header(blob: bytes) -> None:
+    header = validate_memory(blob, codec_from_name("fp16"), expected_shape=SHAPE)
+    assert header == MemoryHeader(version=FORMAT_VERSION, codec_id=codec_from_name("fp16").codec_id, shape=SHAPE,
+                                  ref_len=32, n_valid=3, fingerprint=codec_from_name("fp16").fingerprint(),
+                                  payload_len=len(blob) - HEADER_SIZE)
+    assert validate_memory(memoryview(blob), codec_from_name("fp16")).shape == SHAPE
+
+
+def test_validate_never_decodes_vectors(vq: VQCodec, monkeypatch: pytest.MonkeyPatch) -> None:
+    blob = encode_memory(make_memory(), vq, ref_len=32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validate_memory decoded the K/V payload")
+
+    monkeypatch.setattr(vq, "decode", refuse)
+    assert validate_memory(blob, vq, expected_shape=SHAPE).n_valid == SHAPE[2]
+
+
+def _bad_blobs(blob: bytes) -> dict[str, tuple[bytes, str, tuple | None]]:
+    flipped = bytearray(blob)
+    flipped[HEADER_SIZE + 3] ^= 0x01
+    return {
+        "magic": (b"XX" + blob[2:], "not a memory blob", None),
+        "version": (reseal(blob, version=FORMAT_VERSION + 1), "unsupported memory format version", None),
+        "truncated": (blob[:-1], "truncated", None),
+        "trailing": (blob + b"\0", "trailing bytes", None),
+        "checksum": (bytes(flipped), "checksum mismatch", None),
+        "flags": (reseal(blob, flags=1), "unsupported flags", None),
+        "codec": (reseal(blob, codec_id=3), "codec mismatch", None),
+        "fingerprint": (reseal(blob, fingerprint=b"\1" * 8), "fingerprint mismatch", None),
+        "shape": (blob, "shape mismatch", (2, 3, 8, 16)),
+        "payload length": (reseal(blob, n_valid=4), "payload length mismatch", None),
+        "position": (reseal(blob, ref_len=17), "outside 0..16", None),  # same 5 position bits
+    }
+
+
+@pytest.mark.parametrize("case", ["magic", "version", "truncated", "trailing", "checksum", "flags", "codec",
+                                  "fingerprint", "shape", "payload length", "position"])
+def test_validate_and_decode_reject_the_same_blobs(blob: bytes, case: str) -> None:
+    bad, message, shape = _bad_blobs(blob)[case]
+    with pytest.raises(MemoryFormatError, match=message):
+        validate_memory(bad, codec_from_name("fp16"), expected_shape=shape)
+    with pytest.raises(MemoryFormatError, match=message):
+        decode_memory(bad, codec_from_name("fp16"), expected_shape=shape)
