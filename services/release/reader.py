@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
@@ -28,8 +28,12 @@ class Release:
         self._codec: MemoryCodec | None = None
 
     @classmethod
-    def open(cls, store: ObjectStore, name: str, cache_dir: Path) -> Release:
-        """Download (or reuse a verified local copy of) the release's files."""
+    def open(cls, store: ObjectStore, name: str, cache_dir: Path, *, only: Collection[str] | None = None) -> Release:
+        """Download (or reuse a verified local copy of) the release's files.
+
+        `only` limits this to some of the manifest's files (the reference table is always read): a
+        service that needs part of a release, like the memory service, skips the weights.
+        """
         check_release_name(name)
         try:
             manifest = Manifest.from_json(store.get_bytes(release_key(name, MANIFEST_FILE)).decode())
@@ -37,6 +41,8 @@ class Release:
             raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
         local = cache_dir / name
         for file, meta in manifest.files.items():
+            if only is not None and file not in only and file != REFERENCES_FILE:
+                continue
             path = local / file
             if path.exists() and path.stat().st_size == meta["bytes"] and sha256(path.read_bytes()) == meta["sha256"]:
                 continue
