@@ -1,0 +1,285 @@
+"""Tokenization and retrieval for one release: protocol-neutral, asyncio.
+
+The engine owns what a release needs to answer a query: its tokenizer, the embedder its index was
+built with, the FAISS index and the reference texts. Loading (download, embedder weights, a
+warm-up embedding) happens in `start()`; until it has finished every call answers UNAVAILABLE, so
+the server can listen (and report NOT_SERVING) while the release loads.
+
+Retrieval follows the paper's inference recipe: embed the queries in one batch, search, and drop
+every reference whose LCS overlap with its query exceeds 2/3 (a reference that merely restates
+the query adds nothing). Embedding, searching and the overlap filter are CPU-bound, so they run in
+worker threads, at most `max_concurrency` batches at a time, with a bounded queue in front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from memory3.model.tokenizer import TextCodec
+
+from ..release.manifest import ReleaseError
+from ..release.reader import Release
+from ..retrieval.index import VectorIndex
+from ..rpc.errors import InvalidInput, ResourceExhausted, Unavailable
+from ..rpc.metrics import RETRIEVAL_LATENCY, RETRIEVAL_QUERIES
+from ..storage.object_store import ObjectStore
+from ..trainer.overlap import EVAL_MAX_OVERLAP, overlap
+
+log = logging.getLogger("memory3.text")
+
+# The paper drops retrieved references overlapping the query by more than 2/3 at inference
+# (training uses 90%, see trainer/overlap.py).
+INFERENCE_MAX_OVERLAP = EVAL_MAX_OVERLAP
+MAX_QUERIES = 256
+MAX_TOP_K = 64
+MAX_TEXT_BYTES = 64 << 10  # per text (a query, or a Tokenize request)
+MAX_TOKEN_IDS = 16384  # per token-id query, or a Detokenize request
+# Extra candidates searched per query so that the overlap filter rarely leaves fewer than top_k;
+# when it does, the query is searched again with a wider net (see _search_filtered).
+SEARCH_MARGIN = 8
+REFERENCE_TOKEN_CACHE = 100_000
+
+
+class EmbedderLike(Protocol):
+    """What the engine needs of an embedder (retrieval/embedder.py's, or a test's)."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Query:
+    """Exactly one of `text` and `token_ids` (ids of the release's tokenizer)."""
+
+    text: str | None = None
+    token_ids: Sequence[int] | None = None
+
+
+class Retrieved(NamedTuple):
+    id: str  # reference id, also the memory id in the release's bank
+    score: float  # cosine similarity of query and reference embeddings
+    text: str  # the reference text, or "" when it was not requested
+
+
+@dataclass(frozen=True)
+class TextResources:
+    """What a release provides to the engine."""
+
+    release: str
+    codec: TextCodec
+    index: VectorIndex
+    texts: dict[str, str]  # reference id -> text, covering every id of the index
+    default_top_k: int  # memories per chunk, used when a request asks for top_k = 0
+    embedder_name: str  # the embedder the index was built with
+
+
+class TextEngine:
+    def __init__(self, load: Callable[[], TextResources], embedder_factory: Callable[[], EmbedderLike], *,
+                 max_overlap: float = INFERENCE_MAX_OVERLAP, max_concurrency: int = 1,
+                 max_waiting: int = 64) -> None:
+        """`load` and `embedder_factory` are blocking; `start()` runs them in worker threads."""
+        if not 0.0 <= max_overlap <= 1.0:
+            raise ValueError(f"max_overlap must be in [0, 1] (1 disables the overlap filter), got {max_overlap}")
+        if max_concurrency < 1 or max_waiting < 0:
+            raise ValueError("max_concurrency must be >= 1 and max_waiting >= 0")
+        self._load, self._embedder_factory = load, embedder_factory
+        self.max_overlap = max_overlap
+        self.max_waiting = max_waiting
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._waiting = 0
+        self._resources: TextResources | None = None
+        self._embedder: EmbedderLike | None = None
+        self._reference_tokens = functools.lru_cache(maxsize=REFERENCE_TOKEN_CACHE)(self._encode_reference)
+
+    @classmethod
+    def for_release(cls, store: ObjectStore, name: str, cache_dir: Path, *,
+                    embedder_factory: Callable[[], EmbedderLike] | None = None, **options) -> TextEngine:
+        """An engine that serves release `name` from the object store (downloaded on `start()`)."""
+        return cls(functools.partial(load_release_resources, store, name, cache_dir),
+                   embedder_factory or _default_embedder, **options)
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        """Load the release and the embedder, check they agree, and embed once (the first call is slow)."""
+        resources, embedder = await asyncio.gather(asyncio.to_thread(self._load),
+                                                   asyncio.to_thread(self._embedder_factory))
+        if resources.embedder_name != embedder.name:
+            raise ReleaseError(f"release {resources.release!r} was indexed with {resources.embedder_name!r} "
+                               f"but this service embeds with {embedder.name!r}")
+        if resources.index.index.d != embedder.dim:
+            raise ReleaseError(f"release {resources.release!r}: index dimension {resources.index.index.d} "
+                               f"differs from the embedder's {embedder.dim}")
+        missing = next((rid for rid in resources.index.ids if rid not in resources.texts), None)
+        if missing is not None:
+            raise ReleaseError(f"release {resources.release!r}: index id {missing!r} has no reference text")
+        await asyncio.to_thread(embedder.embed, ["warm-up"])
+        self._resources, self._embedder = resources, embedder
+        log.info("release %r loaded: %d references, embedder %s", resources.release, len(resources.index.ids),
+                 embedder.name)
+
+    @property
+    def ready(self) -> bool:
+        return self._resources is not None
+
+    @property
+    def release(self) -> str:
+        return self._ready().release
+
+    def _ready(self) -> TextResources:
+        if self._resources is None:
+            raise Unavailable("the text service is still loading its release; retry once health reports SERVING")
+        return self._resources
+
+    # ---- tokenizer ----
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        codec = self._ready().codec
+        _check_text_size(text, "text")
+        ids = codec.encode(text)
+        return [codec.bos_id, *ids] if add_bos else ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        codec = self._ready().codec
+        if len(ids) > MAX_TOKEN_IDS:
+            raise InvalidInput(f"token_ids has {len(ids)} ids; at most {MAX_TOKEN_IDS} per request: split it")
+        self._check_ids(ids, "token_ids")
+        return codec.decode(ids)
+
+    # ---- retrieval ----
+
+    async def retrieve(self, queries: Sequence[Query], top_k: int = 0,
+                       include_text: bool = False) -> list[list[Retrieved]]:
+        """Per query, up to top_k references best first (0: the release's memories per chunk)."""
+        resources = self._ready()
+        k = self._check_retrieval(queries, top_k)
+        if self._slots.locked() and self._waiting >= self.max_waiting:
+            raise ResourceExhausted(f"{self._waiting} retrieval batches are already waiting; retry later "
+                                    "or add text-service replicas")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        start = time.perf_counter()
+        work = asyncio.ensure_future(asyncio.to_thread(self._retrieve_batch, resources, queries, k, include_text))
+        # The slot is freed when the thread finishes, not when the caller gives up: a cancelled RPC
+        # cannot let more than max_concurrency batches run at once.
+        work.add_done_callback(self._release_slot)
+        out = await asyncio.shield(work)
+        RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
+        RETRIEVAL_QUERIES.inc(len(queries))
+        return out
+
+    def _release_slot(self, work: asyncio.Future) -> None:
+        self._slots.release()
+        if not work.cancelled():
+            work.exception()  # marks it retrieved: an abandoned batch's error is not logged as unhandled
+
+    def _check_retrieval(self, queries: Sequence[Query], top_k: int) -> int:
+        if not queries:
+            raise InvalidInput("queries is empty: send at least one query")
+        if len(queries) > MAX_QUERIES:
+            raise InvalidInput(f"{len(queries)} queries in one request; at most {MAX_QUERIES}: split the batch")
+        if top_k < 0 or top_k > MAX_TOP_K:
+            raise InvalidInput(f"top_k is {top_k}; use 1..{MAX_TOP_K}, or 0 for the release's memories per chunk")
+        for i, q in enumerate(queries):
+            has_text, has_ids = q.text is not None, q.token_ids is not None and len(q.token_ids) > 0
+            if has_text == has_ids:
+                which = "both" if has_text else "neither"
+                raise InvalidInput(f"queries[{i}] sets {which} of text and token_ids; set exactly one")
+            if has_text:
+                if not q.text.strip():
+                    raise InvalidInput(f"queries[{i}].text is empty; give the text to retrieve for")
+                _check_text_size(q.text, f"queries[{i}].text")
+            else:
+                if len(q.token_ids) > MAX_TOKEN_IDS:
+                    raise InvalidInput(f"queries[{i}].token_ids has {len(q.token_ids)} ids; at most "
+                                       f"{MAX_TOKEN_IDS}: retrieve per chunk")
+                self._check_ids(q.token_ids, f"queries[{i}].token_ids")
+        return top_k or self._ready().default_top_k
+
+    def _check_ids(self, ids: Sequence[int], what: str) -> None:
+        resources = self._ready()
+        vocab = resources.codec.vocab_size
+        array = np.asarray(ids, dtype=np.int64)
+        bad = np.flatnonzero((array < 0) | (array >= vocab))
+        if bad.size:
+            j = int(bad[0])
+            raise InvalidInput(f"{what}[{j}] = {int(array[j])} is not a token id of release {resources.release!r} "
+                               f"(vocabulary 0..{vocab - 1})")
+
+    def _retrieve_batch(self, resources: TextResources, queries: Sequence[Query], k: int,
+                        include_text: bool) -> list[list[Retrieved]]:
+        """Blocking: runs in a worker thread."""
+        codec = resources.codec
+        texts = [q.text if q.text is not None else codec.decode(q.token_ids) for q in queries]
+        tokens = [list(q.token_ids) if q.token_ids else codec.encode(q.text) for q in queries]
+        vectors = self._embedder.embed(texts)
+        found = self._search_filtered(resources.index, vectors, tokens, k)
+        return [[Retrieved(rid, score, resources.texts[rid] if include_text else "") for rid, score in hits]
+                for hits in found]
+
+    def _search_filtered(self, index: VectorIndex, vectors: np.ndarray, tokens: list[list[int]],
+                         k: int) -> list[list[tuple[str, float]]]:
+        """Search k + margin; a query left with fewer than k after the filter is searched again, wider."""
+        total = len(index.ids)
+        out: list[list[tuple[str, float]]] = [[] for _ in tokens]
+        todo = list(range(len(tokens)))
+        width = k + SEARCH_MARGIN
+        while todo:
+            hits = index.search(vectors[todo], width)
+            again = []
+            for qi, found in zip(todo, hits, strict=True):
+                out[qi] = self._keep(found, tokens[qi], k)
+                if len(out[qi]) < k and width < total:
+                    again.append(qi)
+            todo, width = again, width * 4
+        return out
+
+    def _keep(self, found: list[tuple[str, float]], query_tokens: list[int], k: int) -> list[tuple[str, float]]:
+        """Best first, skipping references that overlap the query too much; stops once k are kept."""
+        kept = []
+        for rid, score in found:
+            if self.max_overlap >= 1.0 or overlap(self._reference_tokens(rid), query_tokens) <= self.max_overlap:
+                kept.append((rid, score))
+                if len(kept) == k:
+                    break
+        return kept
+
+    def _encode_reference(self, rid: str) -> tuple[int, ...]:
+        resources = self._ready()
+        return tuple(resources.codec.encode(resources.texts[rid]))
+
+
+def load_release_resources(store: ObjectStore, name: str, cache_dir: Path) -> TextResources:
+    """Blocking: download (or reuse a verified copy of) the release and keep what retrieval needs."""
+    release = Release.open(store, name, cache_dir)
+    return TextResources(
+        release=release.name, codec=release.text_codec(), index=release.index(),
+        texts={r["id"]: r["text"] for r in release.references},
+        default_top_k=int(release.manifest.conventions["mems_per_chunk"]),
+        embedder_name=str(release.manifest.index["embedder"]))
+
+
+def _default_embedder() -> EmbedderLike:
+    from ..retrieval.embedder import Embedder
+
+    return Embedder()
+
+
+def _check_text_size(text: str, what: str) -> None:
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_TEXT_BYTES:
+        raise InvalidInput(f"{what} is {size} bytes; at most {MAX_TEXT_BYTES} bytes (64 KiB): send less text")

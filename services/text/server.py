@@ -1,0 +1,51 @@
+"""`memory3 serve text`: the TextService with health, reflection, metrics and a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from memory3.v1 import text_service_pb2_grpc as pb_grpc
+
+from ..rpc.server import Server, ServerOptions
+from ..storage.object_store import ObjectStore, S3Config
+from .engine import TextEngine
+from .servicer import SERVICE_NAME, TextServicer
+
+log = logging.getLogger("memory3.text")
+
+
+async def start_text_server(engine: TextEngine, options: ServerOptions) -> Server:
+    """Listen at once (health NOT_SERVING), load the release, then report SERVING.
+
+    Until the release, the embedder and the index are loaded (and one embedding has run), calls
+    answer UNAVAILABLE. If loading fails the server is stopped and the error raised.
+    """
+    server = Server(options)
+    server.add(pb_grpc.add_TextServiceServicer_to_server, TextServicer(engine), SERVICE_NAME)
+    await server.start()
+    log.info("TextService listening on %s:%d, loading its release", options.host, server.port)
+    try:
+        await engine.start()
+    except BaseException:
+        await server.stop()
+        raise
+    await server.serving()
+    log.info("TextService serving release %r", engine.release)
+    return server
+
+
+def serve_text(s3: S3Config, release: str, cache_dir: Path, options: ServerOptions, *,
+               max_overlap: float, max_concurrency: int) -> int:
+    async def main() -> None:
+        engine = TextEngine.for_release(ObjectStore(s3), release, cache_dir, max_overlap=max_overlap,
+                                        max_concurrency=max_concurrency)
+        server = await start_text_server(engine, options)
+        where = f"{options.host}:{server.port}"
+        metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
+        print(f"TextService on {where} serving release {release!r}{metrics}", flush=True)
+        await server.run_until_signal()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,225 @@
+"""TextEngine logic with a small in-memory release and a deterministic stand-in embedder."""
+
+import asyncio
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+
+from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
+from memory3.services.release.manifest import ReleaseError
+from memory3.services.retrieval.index import VectorIndex
+from memory3.services.rpc.errors import InvalidInput, ResourceExhausted, Unavailable
+from memory3.services.rpc.metrics import RETRIEVAL_QUERIES
+from memory3.services.text.engine import MAX_QUERIES, MAX_TEXT_BYTES, Query, TextEngine, TextResources
+
+REFERENCES = [
+    "Orvath Kellen was born in the city of Lunmar and works as a glassblower.",
+    "The city of Lunmar lies on the river Tessa and is known for its copper bridges.",
+    "Veltrix Industries makes the Quarn-7 pump, sold since 2011 to water companies.",
+    "Mira Sobel founded the Hollin Orchestra and conducts it every winter season.",
+    "The Quarn-7 pump weighs forty kilograms and runs on a single phase motor.",
+    "Dastra is a mountain town where the annual cheese market draws many visitors.",
+    "Pell Andora teaches astronomy at the university of Corvinne near the coast.",
+    "The Hollin Orchestra plays mostly baroque music in the old grain hall.",
+]
+
+
+class TrigramEmbedder:
+    """Hashed character trigrams, L2-normalised: similar strings get similar vectors."""
+
+    name = "trigram-test"
+    dim = 256
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.gate = gate
+        self.calls = 0
+
+    def embed(self, texts):
+        self.calls += 1
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never opened"
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            t = f"  {text.lower()}  "
+            for j in range(len(t) - 2):
+                out[i, int.from_bytes(hashlib.blake2s(t[j:j + 3].encode(), digest_size=4).digest()) % self.dim] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def resources(texts=REFERENCES, embedder_name="trigram-test") -> TextResources:
+    ids = [f"ref{i:02d}" for i in range(len(texts))]
+    index = VectorIndex.build(TrigramEmbedder().embed(texts), ids)
+    return TextResources(release="unit", codec=TextCodec(byte_level_tokenizer()), index=index,
+                         texts=dict(zip(ids, texts, strict=True)), default_top_k=5, embedder_name=embedder_name)
+
+
+def engine(texts=REFERENCES, embedder=None, **kw) -> TextEngine:
+    return TextEngine(lambda: resources(texts), lambda: embedder or TrigramEmbedder(), **kw)
+
+
+def retrieve(eng, queries, top_k=0, include_text=False):
+    async def go():
+        await eng.start()
+        return await eng.retrieve(queries, top_k, include_text)
+    return asyncio.run(go())
+
+
+def started(eng) -> TextEngine:
+    asyncio.run(eng.start())
+    return eng
+
+
+def test_tokenize_and_detokenize_round_trip():
+    eng = started(engine())
+    ids = eng.tokenize("Lunmar bridges")
+    assert eng.detokenize(ids) == "Lunmar bridges"
+    assert eng.tokenize("Lunmar", add_bos=True)[0] == eng._resources.codec.bos_id
+    assert eng.tokenize("") == []
+
+
+def test_detokenize_names_the_bad_id():
+    eng = started(engine())
+    vocab = eng._resources.codec.vocab_size
+    with pytest.raises(InvalidInput, match=rf"token_ids\[1\] = {vocab} is not a token id"):
+        eng.detokenize([5, vocab, 7])
+    with pytest.raises(InvalidInput, match=r"token_ids\[0\] = -1"):
+        eng.detokenize([-1])
+
+
+def test_text_over_the_size_limit_is_refused():
+    eng = started(engine())
+    with pytest.raises(InvalidInput, match="at most 65536 bytes"):
+        eng.tokenize("x" * (MAX_TEXT_BYTES + 1))
+    assert len(eng.tokenize("x" * MAX_TEXT_BYTES)) == MAX_TEXT_BYTES
+
+
+def test_calls_before_start_are_unavailable():
+    eng = engine()
+    with pytest.raises(Unavailable, match="still loading"):
+        eng.tokenize("a")
+    with pytest.raises(Unavailable):
+        asyncio.run(eng.retrieve([Query(text="a")]))
+
+
+def test_partial_reference_finds_it_first_with_text_and_scores():
+    query = "Veltrix Industries makes the Quarn-7 pump"
+    (hits,) = retrieve(engine(), [Query(text=query)], top_k=3, include_text=True)
+    assert [h.id for h in hits][0] == "ref02"
+    assert hits[0].text == REFERENCES[2]
+    assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
+    (bare,) = retrieve(engine(), [Query(text=query)], top_k=3)
+    assert [h.text for h in bare] == ["", "", ""]
+
+
+def test_verbatim_reference_is_dropped_by_the_overlap_filter():
+    (filtered,) = retrieve(engine(), [Query(text=REFERENCES[3])], top_k=3)
+    assert "ref03" not in [h.id for h in filtered]
+    assert len(filtered) == 3  # the next best took its place
+    (unfiltered,) = retrieve(engine(max_overlap=1.0), [Query(text=REFERENCES[3])], top_k=3)
+    assert unfiltered[0].id == "ref03"
+
+
+def test_token_id_queries_match_text_queries():
+    eng = engine()
+    codec = TextCodec(byte_level_tokenizer())
+    query = "Pell Andora teaches astronomy"
+    by_text, by_ids = retrieve(eng, [Query(text=query), Query(token_ids=codec.encode(query))], top_k=4)
+    assert [h.id for h in by_text] == [h.id for h in by_ids] and by_text[0].id == "ref06"
+
+
+def test_top_k_zero_means_memories_per_chunk_and_batches_keep_order():
+    queries = [Query(text="cheese market town"), Query(text="orchestra baroque music")]
+    found = retrieve(engine(), queries)
+    assert [len(h) for h in found] == [5, 5]
+    assert found[0][0].id == "ref05" and found[1][0].id == "ref07"
+
+
+def test_filter_searches_wider_when_the_best_candidates_are_all_dropped():
+    query = " ".join(f"clause number {i} of a long query about nothing in particular." for i in range(12))
+    pieces = [f"clause number {i} of a long query about nothing in particular." for i in range(12)]
+    (hits,) = retrieve(engine(pieces + REFERENCES), [Query(text=query)], top_k=2)
+    assert len(hits) == 2
+    assert all(int(h.id[3:]) >= len(pieces) for h in hits)  # none of the contained pieces
+
+
+def test_small_index_returns_what_it_has():
+    (hits,) = retrieve(engine(REFERENCES[:2]), [Query(text="copper bridges of Lunmar")], top_k=10)
+    assert len(hits) == 2
+
+
+def test_metrics_count_queries():
+    before = RETRIEVAL_QUERIES._value.get()
+    retrieve(engine(), [Query(text="pump"), Query(text="orchestra"), Query(text="river")], top_k=1)
+    assert RETRIEVAL_QUERIES._value.get() == before + 3
+
+
+@pytest.mark.parametrize(("queries", "top_k", "message"), [
+    ([], 0, "queries is empty"),
+    ([Query(text="a")] * (MAX_QUERIES + 1), 0, f"257 queries in one request; at most {MAX_QUERIES}"),
+    ([Query(text="a", token_ids=[5])], 0, r"queries\[0\] sets both of text and token_ids"),
+    ([Query(text="a"), Query()], 0, r"queries\[1\] sets neither of text and token_ids"),
+    ([Query(token_ids=[])], 0, "sets neither"),
+    ([Query(text="  ")], 0, r"queries\[0\].text is empty"),
+    ([Query(text="a")], -1, "top_k is -1; use 1..64"),
+    ([Query(text="a")], 65, "top_k is 65"),
+    ([Query(token_ids=[5, 100000])], 0, r"queries\[0\].token_ids\[1\] = 100000 is not a token id"),
+    ([Query(text="é" * (MAX_TEXT_BYTES // 2 + 1))], 0, r"queries\[0\].text is 65538 bytes"),
+    ([Query(token_ids=[5] * 20000)], 0, "at most 16384"),
+])
+def test_bad_retrieval_input_says_what_to_fix(queries, top_k, message):
+    eng = started(engine())
+    with pytest.raises(InvalidInput, match=message):
+        asyncio.run(eng.retrieve(queries, top_k))
+
+
+def test_full_queue_is_resource_exhausted():
+    gate = threading.Event()
+
+    async def go():
+        eng = TextEngine(resources, lambda: TrigramEmbedder(), max_concurrency=1, max_waiting=0)
+        await eng.start()
+        eng._embedder.gate = gate
+        first = asyncio.create_task(eng.retrieve([Query(text="pump")]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ResourceExhausted, match="already waiting"):
+            await eng.retrieve([Query(text="orchestra")])
+        gate.set()
+        assert len((await first)[0]) == 5
+
+    asyncio.run(go())
+
+
+def test_cancelled_call_keeps_its_slot_until_the_work_ends():
+    gate = threading.Event()
+
+    async def go():
+        eng = TextEngine(resources, lambda: TrigramEmbedder(), max_concurrency=1)
+        await eng.start()
+        eng._embedder.gate = gate
+        first = asyncio.create_task(eng.retrieve([Query(text="pump")]))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        await asyncio.sleep(0.05)
+        assert eng._slots.locked()  # the thread still runs: nothing else may start
+        gate.set()
+        await asyncio.sleep(0.2)
+        assert not eng._slots.locked()
+        assert len((await eng.retrieve([Query(text="orchestra")]))[0]) == 5
+
+    asyncio.run(go())
+
+
+def test_release_indexed_with_another_embedder_is_refused():
+    eng = TextEngine(lambda: resources(embedder_name="all-MiniLM-L6-v2"), lambda: TrigramEmbedder())
+    with pytest.raises(ReleaseError, match="indexed with 'all-MiniLM-L6-v2'"):
+        asyncio.run(eng.start())
+    assert not eng.ready
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="max_overlap"):
+        engine(max_overlap=1.5)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        engine(max_concurrency=0)
