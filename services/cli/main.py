@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_HOME = Path.home() / ".cache" / "memory3"
+SERVE_PORTS = {"trainer": 50055, "text": 50052}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_s3_arguments(train)
 
     serve = sub.add_parser("serve", help="run a gRPC service")
-    serve.add_argument("service", choices=["trainer"])
+    serve.add_argument("service", choices=["trainer", "text"])
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50055)
+    serve.add_argument("--port", type=int, default=None, help=f"default per service: {SERVE_PORTS}")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
     serve.add_argument("--work-dir", type=Path, default=DEFAULT_HOME / "runs", help="training work directories")
+    serve.add_argument("--release", default=None, help="the release to serve (every service but the trainer)")
+    add_server_arguments(serve)
+    add_text_arguments(serve)
     add_s3_arguments(serve)
 
     kb = sub.add_parser("kb", help="knowledge base operations")
@@ -96,6 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--readme", type=Path, default=None)
     add_s3_arguments(qual)
     return parser
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("gRPC server (token: MEMORY3_AUTH_TOKEN)")
+    group.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus /metrics on this port (0: any free port; default: none)")
+    group.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate (with --tls-key: TLS)")
+    group.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    group.add_argument("--tls-client-ca", type=Path, default=None,
+                       help="PEM CA that must have signed client certificates (mTLS)")
+
+
+def server_options(args: argparse.Namespace):
+    """The only place the server's token is read from the environment (never a flag: it would be logged)."""
+    from memory3.services.rpc.server import ServerOptions
+
+    port = args.port if args.port is not None else SERVE_PORTS[args.service]
+    return ServerOptions(host=args.host, port=port, grace_s=args.grace, metrics_port=args.metrics_port,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                         auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None)
+
+
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("text service")
+    group.add_argument("--max-overlap", type=float, default=2 / 3,
+                       help="drop retrieved references whose LCS overlap with the query exceeds this "
+                            "(paper: 2/3; 1 disables the filter)")
+    group.add_argument("--max-concurrency", type=int, default=1,
+                       help="retrieval batches embedded at once (each uses torch's threads)")
 
 
 def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(s3_config(args), preset=args.preset, quick=args.quick, release=args.release,
                              work_dir=work_dir, seed=args.seed, codec=args.codec, events=args.events)
         if args.command == "serve":
-            from memory3.services.trainer.server import serve_trainer
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-            return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=args.port, grace_s=args.grace)
+            if args.service == "text":
+                return _serve_text(args)
+            from memory3.services.trainer.server import serve_trainer
+            port = args.port if args.port is not None else SERVE_PORTS["trainer"]
+            return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=port, grace_s=args.grace)
         if args.command == "kb":
             from .commands import cmd_kb_add
             return cmd_kb_add(s3_config(args), args.files, parent=args.release, name=args.name,
@@ -177,6 +213,15 @@ def _bench(args: argparse.Namespace) -> int:
     if args.readme is not None:
         update_readme(args.readme, args.json.parent)
     return 0
+
+
+def _serve_text(args: argparse.Namespace) -> int:
+    from memory3.services.text.server import serve_text
+
+    if not args.release:
+        raise ValueError("serve text needs --release NAME: the release whose tokenizer and index to serve")
+    return serve_text(s3_config(args), args.release, args.cache_dir, server_options(args),
+                      max_overlap=args.max_overlap, max_concurrency=args.max_concurrency)
 
 
 def _read_text(path: Path) -> str:
