@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_HOME = Path.home() / ".cache" / "memory3"
-SERVE_PORTS = {"trainer": 50055, "text": 50052}
+SERVE_PORTS = {"trainer": 50055, "text": 50052, "memory": 50053}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_s3_arguments(train)
 
     serve = sub.add_parser("serve", help="run a gRPC service")
-    serve.add_argument("service", choices=["trainer", "text"])
+    serve.add_argument("service", choices=["trainer", "text", "memory"])
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help=f"default per service: {SERVE_PORTS}")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--release", default=None, help="the release to serve (every service but the trainer)")
     add_server_arguments(serve)
     add_text_arguments(serve)
+    add_memory_arguments(serve)
     add_s3_arguments(serve)
 
     kb = sub.add_parser("kb", help="knowledge base operations")
@@ -131,6 +132,29 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
                        help="retrieval batches embedded at once (each uses torch's threads)")
 
 
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("memory service (also --release, --cache-dir and the object store)")
+    group.add_argument("--redis-url", default=None,
+                       help="Redis hot tier, e.g. redis://host:6379/0 (env MEMORY3_REDIS_URL; none: no Redis tier)")
+    group.add_argument("--redis-ttl", type=int, default=86400, help="seconds a memory stays in Redis (0: no expiry)")
+    group.add_argument("--ram-cache-mb", type=float, default=256.0,
+                       help="in-process LRU of memories, in MiB (0 disables it)")
+    group.add_argument("--s3-workers", type=int, default=16, help="concurrent object-store reads per process")
+
+
+def _serve_memory(args: argparse.Namespace) -> int:
+    """The only place the Redis URL (it may hold a password) is read from the environment."""
+    from memory3.services.memory.server import MemorySettings, serve_memory
+
+    if not args.release:
+        raise ValueError("serve memory needs --release NAME: the release whose memory bank to serve")
+    redis_url = args.redis_url if args.redis_url is not None else os.environ.get("MEMORY3_REDIS_URL")
+    settings = MemorySettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
+                              redis_url=redis_url or None, redis_ttl_s=args.redis_ttl,
+                              ram_cache_bytes=int(args.ram_cache_mb * (1 << 20)), s3_workers=args.s3_workers)
+    return serve_memory(settings, server_options(args))
+
+
 def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("object store (credentials: MEMORY3_S3_ACCESS_KEY / MEMORY3_S3_SECRET_KEY)")
     group.add_argument("--s3-endpoint", default=None, help="host:port of the S3 server (env MEMORY3_S3_ENDPOINT)")
@@ -178,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
             if args.service == "text":
                 return _serve_text(args)
+            if args.service == "memory":
+                return _serve_memory(args)
             from memory3.services.trainer.server import serve_trainer
             port = args.port if args.port is not None else SERVE_PORTS["trainer"]
             return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=port, grace_s=args.grace)

@@ -35,6 +35,12 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DataLoss(ServiceError):
+    """Stored data is corrupt or missing (e.g. a memory blob failing validation in the bank)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -74,3 +80,13 @@ async def _abort(context, exc: BaseException, name: str) -> None:
     if code == grpc.StatusCode.INTERNAL:
         log.error("%s failed", name, exc_info=exc)
     await context.abort(code, message)
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> ServiceError:
+    """A client's view of a failed call: the domain error for its status code, with the server's message."""
+    for cls in ServiceError.__subclasses__():
+        if exc.code() == cls.code:
+            return cls(exc.details())
+    error = ServiceError(f"{exc.code().name}: {exc.details()}")
+    error.code = exc.code()
+    return error

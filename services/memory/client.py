@@ -1,0 +1,62 @@
+"""The MemoryService as the decoder sees it: blobs by id, errors as domain errors.
+
+Batches larger than the service's per-request limit are split and fetched concurrently, so a
+caller never has to know the limit. Blobs come back validated by the service; the decoder's
+`decode_memory` checks them again as it decodes (a cheap guard against a wrong server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+
+from memory3.v1 import memory_service_pb2 as pb
+from memory3.v1 import memory_service_pb2_grpc as pb_grpc
+
+from ..rpc.errors import error_from_rpc
+from .engine import MAX_IDS, RAM, REDIS, S3, FetchedMemory
+
+TIER_FROM_PB = {pb.TIER_RAM: RAM, pb.TIER_REDIS: REDIS, pb.TIER_S3: S3}
+
+
+class MemoryClient:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float | None = 10.0) -> None:
+        self.stub = pb_grpc.MemoryServiceStub(channel)
+        self.timeout_s = timeout_s
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from e
+
+    async def fetch(self, ids: Sequence[str]) -> list[FetchedMemory]:
+        """(id, blob, tier) in request order.
+
+        Raises the service's domain errors: InvalidInput (no ids), NotFound (ids not in the
+        release), DataLoss (a corrupt or missing blob in the bank), Unavailable (store unreachable
+        or service starting), and ServiceError for anything else.
+        """
+        parts = [list(ids[i:i + MAX_IDS]) for i in range(0, len(ids), MAX_IDS)] or [[]]
+        responses = await asyncio.gather(*(self._call(self.stub.GetMemories, pb.GetMemoriesRequest(ids=part))
+                                           for part in parts))
+        return [FetchedMemory(m.id, m.blob, TIER_FROM_PB.get(m.tier, "unknown"))
+                for response in responses for m in response.memories]
+
+    async def get(self, ids: Sequence[str]) -> list[bytes]:
+        """The blobs for `ids`, in request order."""
+        return [m.blob for m in await self.fetch(ids)]
+
+    async def put(self, memories: Sequence[tuple[str, bytes]]) -> int:
+        """Store (id, blob) pairs in the bank and warm the caches; returns how many were stored."""
+        parts = [memories[i:i + MAX_IDS] for i in range(0, len(memories), MAX_IDS)] or [[]]
+        stored = 0
+        for part in parts:
+            request = pb.PutMemoriesRequest(memories=[pb.Memory(id=i, blob=b) for i, b in part])
+            stored += (await self._call(self.stub.PutMemories, request)).stored
+        return stored
+
+    async def stats(self) -> pb.GetStatsResponse:
+        return await self._call(self.stub.GetStats, pb.GetStatsRequest())

@@ -1,0 +1,275 @@
+"""MemoryStore: explicit memories by reference id, through three tiers, protocol-neutral.
+
+    RAM (in-process LRU) -> Redis (shared, optional) -> S3 memory bank (the source of truth)
+
+A batch is answered in request order. Each tier is asked once per batch for what the faster ones
+missed (one MGET to Redis, concurrent GETs to S3 from a thread pool), and what a slower tier
+returns fills the faster ones. Every blob is validated (`validate_memory`: format version, codec
+fingerprint, shape, checksum) before it is returned or cached: a corrupt Redis value is deleted
+and read again from S3; a corrupt or missing S3 object is data loss, reported with its id and
+never returned. Concurrent requests for the same missing memory share one S3 read.
+
+Blocking work (S3 calls, checksums) runs off the event loop; Redis is reached with redis.asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+from memory3.model.codecs import MemoryCodec
+from memory3.model.memory_format import MemoryFormatError, validate_memory
+
+from ..release.reader import Release
+from ..rpc.errors import DataLoss, InvalidInput, NotFound, Unavailable
+from ..rpc.metrics import MEMORY_CORRUPT, MEMORY_FETCH_LATENCY, MEMORY_FETCHES, MEMORY_HITS, MEMORY_MISSES
+from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
+from .ram_cache import RamCache
+from .redis_tier import RedisTier
+
+log = logging.getLogger("memory3.memory")
+RAM, REDIS, S3 = "ram", "redis", "s3"
+TIERS = (RAM, REDIS, S3)
+MAX_IDS = 1024
+_SHOWN = 5  # ids listed in an error message
+
+
+class FetchedMemory(NamedTuple):
+    id: str
+    blob: bytes
+    tier: str  # RAM, REDIS or S3: where it was found
+
+
+class TierStats(NamedTuple):
+    tier: str
+    hits: int
+    misses: int
+    available: bool
+
+
+class StoreStats(NamedTuple):
+    release: str
+    tiers: list[TierStats]
+    ram_entries: int
+    ram_bytes: int
+
+
+class _BankRead(NamedTuple):
+    """The outcome of one S3 read: a valid blob, or why not (shared by concurrent requests)."""
+
+    blob: bytes | None = None
+    missing: str | None = None
+    corrupt: str | None = None
+    unavailable: str | None = None
+
+
+def _listing(ids: Sequence[str]) -> str:
+    shown = ", ".join(ids[:_SHOWN])
+    return shown + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
+
+
+class MemoryStore:
+    def __init__(self, *, release: str, keys: Mapping[str, str], codec: MemoryCodec,
+                 shape: tuple[int, int, int, int], store: ObjectStore, ram: RamCache,
+                 redis: RedisTier | None = None, s3_workers: int = 16) -> None:
+        """`keys` maps the release's reference ids to their bank keys (`memories/<bank>/<id[:2]>/<id>`)."""
+        self.release, self.keys, self.codec, self.shape = release, keys, codec, tuple(shape)
+        self.store, self.ram, self.redis = store, ram, redis
+        self._pool = ThreadPoolExecutor(max_workers=s3_workers, thread_name_prefix="memory3-s3")
+        self._inflight: dict[str, asyncio.Future[_BankRead]] = {}
+        self._hits = dict.fromkeys(TIERS, 0)
+        self._misses = dict.fromkeys(TIERS, 0)
+        self.s3_up = True
+
+    @classmethod
+    def from_release(cls, release: Release, *, ram: RamCache, redis: RedisTier | None = None,
+                     s3_workers: int = 16) -> MemoryStore:
+        return cls(release=release.name, keys={r["id"]: r["memory_key"] for r in release.references},
+                   codec=release.memory_codec(), shape=release.memory_shape(), store=release.store, ram=ram,
+                   redis=redis, s3_workers=s3_workers)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def _check_ids(self, ids: Sequence[str]) -> list[str]:
+        """The distinct ids, in first-seen order; errors say what to fix."""
+        if not ids:
+            raise InvalidInput(f"no ids given: ask for 1 to {MAX_IDS} reference ids of release {self.release!r}")
+        if len(ids) > MAX_IDS:
+            raise InvalidInput(f"{len(ids)} ids in one request; at most {MAX_IDS}: split the batch")
+        unique = list(dict.fromkeys(ids))
+        unknown = [i for i in unique if i not in self.keys]
+        if unknown:
+            raise NotFound(f"{len(unknown)} of {len(unique)} ids are not references of release {self.release!r}: "
+                           f"{_listing(unknown)}")
+        return unique
+
+    def _validate(self, blob: bytes) -> str | None:
+        try:
+            validate_memory(blob, self.codec, self.shape)
+        except MemoryFormatError as e:
+            return str(e)
+        return None
+
+    def _count(self, tier: str, asked: int, hits: int, started: float) -> None:
+        MEMORY_FETCH_LATENCY.labels(tier=tier).observe(time.perf_counter() - started)
+        MEMORY_FETCHES.labels(tier=tier).inc(asked)
+        MEMORY_HITS.labels(tier=tier).inc(hits)
+        MEMORY_MISSES.labels(tier=tier).inc(asked - hits)
+        self._hits[tier] += hits
+        self._misses[tier] += asked - hits
+
+    async def get(self, ids: Sequence[str]) -> list[FetchedMemory]:
+        """Validated blobs for `ids`, in request order (repeated ids are answered each time).
+
+        Raises:
+            InvalidInput: no ids, or more than MAX_IDS.
+            NotFound: ids that are not references of the release.
+            DataLoss: a blob is corrupt or missing in the bank (it is never returned).
+            Unavailable: the object store cannot be reached for a memory no cache holds.
+        """
+        unique = self._check_ids(ids)
+        found: dict[str, tuple[bytes, str]] = {}
+
+        started = time.perf_counter()
+        for rid in unique:
+            blob = self.ram.get(self.keys[rid])
+            if blob is not None:
+                found[rid] = (blob, RAM)
+        self._count(RAM, len(unique), len(found), started)
+
+        missing = [rid for rid in unique if rid not in found]
+        if missing and self.redis is not None:
+            for rid, blob in (await self._from_redis(missing)).items():
+                found[rid] = (blob, REDIS)
+                self.ram.put(self.keys[rid], blob)
+
+        missing = [rid for rid in unique if rid not in found]
+        if missing:
+            for rid, blob in (await self._from_s3(missing)).items():
+                found[rid] = (blob, S3)
+        return [FetchedMemory(rid, *found[rid]) for rid in ids]
+
+    async def _from_redis(self, ids: list[str]) -> dict[str, bytes]:
+        started = time.perf_counter()
+        values = await self.redis.mget([self.keys[rid] for rid in ids])
+        if values is None:  # down: the object store answers instead
+            return {}
+        present = [(rid, v) for rid, v in zip(ids, values, strict=True) if v is not None]
+        problems = await asyncio.to_thread(lambda: [self._validate(v) for _, v in present])
+        good, corrupt = {}, []
+        for (rid, blob), problem in zip(present, problems, strict=True):
+            if problem is None:
+                good[rid] = blob
+            else:
+                corrupt.append(rid)
+                MEMORY_CORRUPT.labels(tier=REDIS).inc()
+                log.warning("corrupt memory %s in Redis (%s); deleting it and reading the bank", rid, problem)
+        self._count(REDIS, len(ids), len(good), started)
+        await self.redis.delete([self.keys[rid] for rid in corrupt])
+        return good
+
+    def _read_bank(self, rid: str) -> _BankRead:
+        """In a pool thread: one S3 GET, validated."""
+        try:
+            blob = self.store.get_bytes(self.keys[rid])
+        except ObjectNotFound as e:
+            return _BankRead(missing=str(e))
+        except StoreUnavailable as e:
+            return _BankRead(unavailable=str(e))
+        problem = self._validate(blob)
+        return _BankRead(corrupt=problem) if problem else _BankRead(blob=blob)
+
+    def _forget(self, rid: str, future: asyncio.Future) -> None:
+        if self._inflight.get(rid) is future:
+            del self._inflight[rid]
+
+    async def _from_s3(self, ids: list[str]) -> dict[str, bytes]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        owned = []  # reads this request started (it fills the caches); others it joins
+        for rid in ids:
+            if rid not in self._inflight:
+                future = loop.run_in_executor(self._pool, self._read_bank, rid)
+                self._inflight[rid] = future
+                future.add_done_callback(lambda f, rid=rid: self._forget(rid, f))
+                owned.append(rid)
+        futures = [self._inflight[rid] for rid in ids]
+        # shield: a cancelled request must not cancel reads other requests are waiting for
+        reads = dict(zip(ids, await asyncio.gather(*(asyncio.shield(f) for f in futures)), strict=True))
+
+        good = {rid: r.blob for rid, r in reads.items() if r.blob is not None}
+        self._count(S3, len(ids), len(good), started)
+        corrupt = [rid for rid, r in reads.items() if r.corrupt]
+        missing = [rid for rid, r in reads.items() if r.missing]
+        unavailable = [rid for rid, r in reads.items() if r.unavailable]
+        self.s3_up = not unavailable
+        for rid in corrupt:
+            if rid in owned:
+                MEMORY_CORRUPT.labels(tier=S3).inc()
+                log.error("corrupt memory %s in the object store: %s", rid, reads[rid].corrupt)
+        fills = [(self.keys[rid], good[rid]) for rid in owned if rid in good]
+        for key, blob in fills:
+            self.ram.put(key, blob)
+        if self.redis is not None:
+            await self.redis.set_many(fills)
+
+        if corrupt or missing:
+            bad = corrupt + missing
+            first = reads[bad[0]].corrupt or reads[bad[0]].missing
+            raise DataLoss(f"release {self.release!r}: the memory bank has {len(corrupt)} corrupt and {len(missing)} "
+                           f"missing memories among those asked for ({_listing(bad)}; first: {first}); "
+                           "publish them again")
+        if unavailable:
+            raise Unavailable(f"the object store cannot be reached for {len(unavailable)} memories not in any "
+                              f"cache ({reads[unavailable[0]].unavailable}); retry later")
+        return good
+
+    async def put(self, memories: Sequence[tuple[str, bytes]]) -> int:
+        """Store blobs in the bank (S3), then warm Redis and RAM; all are validated first.
+
+        Raises:
+            InvalidInput: no memories, too many, or a blob that fails validation (nothing is stored).
+            NotFound: ids that are not references of the release.
+            Unavailable: the object store cannot be reached.
+        """
+        if len(memories) > MAX_IDS:
+            raise InvalidInput(f"{len(memories)} memories in one request; at most {MAX_IDS}: split the batch")
+        items = dict(memories)
+        self._check_ids(list(items))
+        problems = await asyncio.to_thread(lambda: {rid: self._validate(b) for rid, b in items.items()})
+        bad = [rid for rid, p in problems.items() if p]
+        if bad:
+            raise InvalidInput(f"{len(bad)} memories are not valid blobs for release {self.release!r} "
+                               f"(codec {self.codec.name}, shape {self.shape}): {_listing(bad)}; "
+                               f"first: {problems[bad[0]]}")
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.gather(*(loop.run_in_executor(self._pool, self.store.put_bytes, self.keys[rid], blob)
+                                   for rid, blob in items.items()))
+        except StoreUnavailable as e:
+            self.s3_up = False
+            raise Unavailable(f"the object store cannot be reached to store memories ({e}); retry later") from e
+        self.s3_up = True
+        fills = [(self.keys[rid], blob) for rid, blob in items.items()]
+        for key, blob in fills:
+            self.ram.put(key, blob)
+        if self.redis is not None:
+            await self.redis.set_many(fills)
+        return len(items)
+
+    # ---- state ---------------------------------------------------------------------------------
+    async def stats(self) -> StoreStats:
+        redis_up = False
+        if self.redis is not None:
+            redis_up = self.redis.up or (self.redis.should_try() and await self.redis.ping())
+        available = {RAM: True, REDIS: redis_up, S3: self.s3_up}
+        tiers = [TierStats(t, self._hits[t], self._misses[t], available[t]) for t in TIERS]
+        return StoreStats(self.release, tiers, len(self.ram), self.ram.bytes)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.redis is not None:
+            await self.redis.close()

@@ -1,0 +1,147 @@
+"""The shared hot tier: Redis, one key per memory, optional.
+
+Layout and policy:
+
+- One key per memory, `KEY_PREFIX + <bank key>` (e.g. `memory3:memories/<bank>/ab/ab12…`), whose
+  value is the whole blob, header and payload together. Splitting them over two keys lets
+  eviction drop one half (LMCache's Redis connector hit exactly this). The bank key comes from
+  the release manifest and is content addressed (weights, codec, format version, reference id),
+  so replicas and releases that share a bank share cache entries, and any copy is valid.
+- Every value is written with a TTL (`ttl_s`; 0 = none). The server should evict with
+  `maxmemory-policy allkeys-lru`: every key is a re-readable copy of the bank. Under
+  `noeviction` a full Redis refuses writes; reads keep working and a warning is logged.
+- Redis is an optimisation, never a dependency: socket timeouts are short (0.2 s), redis-py's
+  own retries are off, and after a failure the tier is marked down (logged once) and skipped,
+  with a retry after an exponential backoff. Callers then read through to the object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..rpc.metrics import MEMORY_TIER_ERRORS
+
+log = logging.getLogger("memory3.memory")
+KEY_PREFIX = "memory3:"
+_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def redacted(url: str) -> str:
+    """host:port/db of a Redis URL, without credentials, for logs."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+
+
+class RedisTier:
+    def __init__(self, url: str, *, ttl_s: int = 86400, socket_timeout: float = 0.2, backoff_s: float = 0.5,
+                 max_backoff_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if ttl_s < 0:
+            raise ValueError(f"the Redis TTL must be >= 0 seconds (0 = no expiry), got {ttl_s}")
+        self.url, self.ttl_s = url, ttl_s
+        self.client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                              socket_connect_timeout=socket_timeout,
+                                              retry=Retry(NoBackoff(), 0))
+        self._backoff_s, self._max_backoff_s, self._clock = backoff_s, max_backoff_s, clock
+        self.up = True
+        self._delay = backoff_s
+        self._retry_at = 0.0
+        self._warned_full = False
+
+    @staticmethod
+    def key(memory_key: str) -> str:
+        return KEY_PREFIX + memory_key
+
+    def should_try(self) -> bool:
+        """Up, or down with its backoff elapsed (the next call is the retry)."""
+        return self.up or self._clock() >= self._retry_at
+
+    def _down(self, what: str, exc: BaseException) -> None:
+        MEMORY_TIER_ERRORS.labels(tier="redis").inc()
+        if self.up:
+            log.warning("Redis at %s unavailable (%s: %s); serving from the object store, retrying in %.1fs",
+                        redacted(self.url), what, exc, self._delay)
+        else:
+            self._delay = min(self._delay * 2, self._max_backoff_s)
+        self.up = False
+        self._retry_at = self._clock() + self._delay
+
+    def _ok(self) -> None:
+        if not self.up:
+            log.info("Redis at %s is back", redacted(self.url))
+        self.up, self._delay = True, self._backoff_s
+
+    async def ping(self) -> bool:
+        """Check the connection now (readiness, stats); updates the tier's state."""
+        try:
+            await self.client.ping()
+        except _DOWN_ERRORS as e:
+            self._down("ping", e)
+            return False
+        self._ok()
+        return True
+
+    async def check_policy(self) -> str | None:
+        """Warn when the server would refuse writes when full; managed Redis may forbid CONFIG."""
+        try:
+            policy = (await self.client.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except RedisError:
+            return None
+        if policy == "noeviction":
+            log.warning("Redis at %s has maxmemory-policy noeviction: when full it refuses new memories; "
+                        "set maxmemory-policy allkeys-lru", redacted(self.url))
+        return policy
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None] | None:
+        """Values for bank keys (None per miss) in one round trip; None if the tier is down."""
+        if not self.should_try():
+            return None
+        try:
+            values = await self.client.mget([self.key(k) for k in keys])
+        except _DOWN_ERRORS as e:
+            self._down("get", e)
+            return None
+        self._ok()
+        return values
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]]) -> bool:
+        """Write blobs with the TTL, pipelined; False (and logged) if Redis did not take them."""
+        if not items or not self.should_try():
+            return False
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, blob in items:
+                    pipe.set(self.key(key), blob, ex=self.ttl_s or None)
+                await pipe.execute()
+        except ResponseError as e:  # e.g. OOM under noeviction: Redis is up, just full
+            MEMORY_TIER_ERRORS.labels(tier="redis").inc()
+            if not self._warned_full:
+                log.warning("Redis at %s refused a write (%s); memories are served without caching them",
+                            redacted(self.url), e)
+                self._warned_full = True
+            return False
+        except _DOWN_ERRORS as e:
+            self._down("set", e)
+            return False
+        self._ok()
+        return True
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if not keys or not self.should_try():
+            return
+        try:
+            await self.client.delete(*[self.key(k) for k in keys])
+        except _DOWN_ERRORS as e:
+            self._down("delete", e)
+
+    async def close(self) -> None:
+        await self.client.aclose()
