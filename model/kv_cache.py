@@ -34,29 +34,34 @@ class KVCache(nn.Module):
         self.max_seq_len = max_seq_len
 
     def update(
-        self, slots: Tensor, k: Tensor, v: Tensor, kv_len: int, *, with_memory: bool = True
+        self, slots: Tensor, k: Tensor, v: Tensor, kv_len: int, *, with_memory: bool = True,
+        rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Write new context K/V and return what attention reads.
 
         Args:
-            slots: (B, T) context slot of each new token (B <= max_batch_size: rows 0..B-1).
+            slots: (B, T) context slot of each new token.
             k, v: (B, H_kv, T, D), keys post-RoPE.
             kv_len: context slots to return (max slot + 1).
             with_memory: include the memory slots in front.
+            rows: (B,) cache rows of the sequences; None means rows 0..B-1, whose K/V are
+                returned as views (the decode path), while other rows are gathered (a copy).
         Returns:
-            k, v: (B, H_kv, [mem_slots +] kv_len, D) views of the cache.
+            k, v: (B, H_kv, [mem_slots +] kv_len, D).
         """
         if kv_len > self.max_seq_len:
             raise ValueError(f"context of {kv_len} tokens exceeds the cache's {self.max_seq_len}")
         bsz = k.shape[0]
-        rows = torch.arange(bsz, device=k.device)[:, None]  # (B, 1)
+        index = torch.arange(bsz, device=k.device) if rows is None else rows
         cols = slots + self.mem_slots  # (B, T)
         # Advanced indexing puts the (B, T) index dims first: the target is (B, T, H_kv, D).
-        self.k[rows, :, cols] = k.transpose(1, 2)
-        self.v[rows, :, cols] = v.transpose(1, 2)
+        self.k[index[:, None], :, cols] = k.transpose(1, 2)
+        self.v[index[:, None], :, cols] = v.transpose(1, 2)
         start = 0 if with_memory else self.mem_slots
         end = self.mem_slots + kv_len
-        return self.k[:bsz, :, start:end], self.v[:bsz, :, start:end]
+        if rows is None:
+            return self.k[:bsz, :, start:end], self.v[:bsz, :, start:end]
+        return self.k[rows, :, start:end], self.v[rows, :, start:end]
 
     def set_memory(self, k: Tensor, v: Tensor, valid: Tensor, rows: Tensor | None = None) -> None:
         """k, v: (B', H_kv, mem_slots, D); valid: (B', mem_slots); rows: (B',) or None for 0..B'-1."""

@@ -108,6 +108,7 @@ class Transformer(nn.Module):
         memory: MemoryKV | None = None,
         token_group: Tensor | None = None,
         cache_slots: Tensor | None = None,
+        cache_rows: Tensor | None = None,
     ) -> Tensor:
         """Logits for every input token.
 
@@ -118,6 +119,8 @@ class Transformer(nn.Module):
             token_group: (B, T) memory group of each token (-1: none); required with `memory`.
             cache_slots: (B, T) cache slot of each token; required once caches are set up.
                 Without caches the tokens attend causally to each other only.
+            cache_rows: (B,) cache row of each sequence; None means rows 0..B-1. A serving
+                engine prefills a joining stream into whichever row is free.
         Returns:
             (B, T, vocab_size) logits.
         """
@@ -127,7 +130,9 @@ class Transformer(nn.Module):
             raise ValueError("pass cache_slots exactly when caches are set up (setup_caches)")
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         cos, sin = self.rope(positions, x.dtype)  # (B, 1, T, head_dim)
-        masks = self._masks(tokens.shape[1], memory, token_group, cache_slots)
+        if cache_rows is not None and (cache_slots is None or cache_rows.shape != tokens.shape[:1]):
+            raise ValueError("cache_rows needs cache_slots and one row per sequence")
+        masks = self._masks(tokens.shape[1], memory, token_group, cache_slots, cache_rows)
         kv_len = masks.kv_len
         memory_index = 0
         for layer in self.layers:
@@ -136,11 +141,12 @@ class Transformer(nn.Module):
                 layer_memory = (memory.k[memory_index], memory.v[memory_index])
                 memory_index += 1
             mask = masks.memory if layer.is_memory_layer else masks.context
-            x = layer(x, cos, sin, mask, layer_memory, cache_slots, kv_len)
+            x = layer(x, cos, sin, mask, layer_memory, cache_slots, kv_len, cache_rows)
         return self.output(self.norm(x))
 
     def _masks(
-        self, seq_len: int, memory: MemoryKV | None, token_group: Tensor | None, cache_slots: Tensor | None
+        self, seq_len: int, memory: MemoryKV | None, token_group: Tensor | None, cache_slots: Tensor | None,
+        cache_rows: Tensor | None = None,
     ) -> _Masks:
         """Attention masks shared by all layers of one kind; None means plain causal attention.
 
@@ -164,7 +170,9 @@ class Transformer(nn.Module):
             visible = memory.visibility(token_group)  # (B, 1, T, S_mem)
             mem_mask = torch.cat([visible, causal.expand(visible.shape[0], -1, -1, -1)], dim=-1)
         elif cache_slots is not None and self._resident_mask is not None:
-            resident = self._resident_mask[: cache_slots.shape[0], None, None, :]  # (B, 1, 1, M), additive
+            bias = self._resident_mask
+            bias = bias[: cache_slots.shape[0]] if cache_rows is None else bias[cache_rows]
+            resident = bias[:, None, None, :]  # (B, 1, 1, M), additive
             context = additive_mask(causal, self._resident_mask.dtype)
             mem_mask = torch.cat([resident.expand(-1, 1, seq_len, -1), context], dim=-1)
             return _Masks(context=context, memory=mem_mask, kv_len=kv_len)
@@ -202,8 +210,9 @@ class TransformerBlock(nn.Module):
         memory: tuple[Tensor, Tensor] | None,
         cache_slots: Tensor | None,
         kv_len: int,
+        cache_rows: Tensor | None = None,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, memory, cache_slots, kv_len)
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, memory, cache_slots, kv_len, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -234,13 +243,14 @@ class Attention(nn.Module):
         memory: tuple[Tensor, Tensor] | None,
         cache_slots: Tensor | None,
         kv_len: int,
+        cache_rows: Tensor | None = None,
     ) -> Tensor:
         bsz, seq_len, _ = x.shape
         q, k, v = self.project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slots is not None:
             # Explicit memories replace the resident ones, so skip the resident slots then.
-            k, v = self.kv_cache.update(cache_slots, k, v, kv_len, with_memory=memory is None)
+            k, v = self.kv_cache.update(cache_slots, k, v, kv_len, with_memory=memory is None, rows=cache_rows)
         if memory is not None:
             k = torch.cat([memory[0], k], dim=2)  # (B, H_kv, S_mem + S, D)
             v = torch.cat([memory[1], v], dim=2)

@@ -45,6 +45,10 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Domain errors keep their message; anything else is INTERNAL with a generic one (no leak)."""
     if isinstance(exc, ServiceError):

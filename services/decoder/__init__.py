@@ -1,0 +1,1 @@
+"""The decoder: the model, a continuous-batching engine, and the GenerationService over it."""

@@ -1,0 +1,590 @@
+"""The decoder engine: continuous batching of many streams over one model, protocol-neutral.
+
+Two sides meet here:
+  - the asyncio side (`GenerationEngine.generate`) validates a request, retrieves and fetches
+    the memories of the prompt's chunks, then hands the stream to the scheduler and relays
+    its tokens as events (text deltas, citations, finish reason);
+  - the scheduler thread owns the model and its caches. Between decode steps it admits ready
+    streams (prefilling each into a free cache row), frees the rows of finished or cancelled
+    ones, and runs one decode step for every stream that is not waiting for memories.
+
+Every 64 generated tokens a stream needs the memories of its last chunk. The scheduler pauses
+that stream only and asks the asyncio side to retrieve and fetch them; the other streams keep
+decoding. A paused row below the batch's highest row is fed a placeholder token at its next
+slot, which the real token overwrites when the stream resumes, so the batch never waits.
+
+The model runs in a thread so that gRPC I/O, retrieval and memory fetches proceed while it
+computes (torch releases the GIL inside its kernels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from memory3.model.generate import SamplingParams, sample
+from memory3.model.layout import chunk_groups, chunk_spans
+from memory3.model.memory import ExplicitMemory, stack_memories
+from memory3.model.model import Transformer
+from memory3.model.tokenizer import TextCodec
+
+from ..rpc import metrics
+from ..rpc.errors import DeadlineExceeded, InvalidInput, ResourceExhausted, ServiceError, Unavailable
+from .detokenizer import IncrementalDetokenizer
+from .retrieval import Retrieval, RetrievedReference
+
+log = logging.getLogger("memory3.decoder")
+
+RETRIEVAL_POLICIES = ("fail", "continue")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # streams decoded together (cache rows)
+    max_waiting: int = 32  # accepted streams beyond max_batch; more are RESOURCE_EXHAUSTED
+    max_seq_len: int | None = None  # cache length per row; None: the model's max_seq_len
+    default_max_tokens: int = 128
+    max_prompt_chars: int = 64 * 1024
+    # Text or memory service unreachable: "fail" ends the request with UNAVAILABLE;
+    # "continue" generates without memory and says so in the response's warnings.
+    retrieval_policy: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.retrieval_policy not in RETRIEVAL_POLICIES:
+            raise ValueError(f"retrieval_policy must be one of {RETRIEVAL_POLICIES}, got {self.retrieval_policy!r}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]  # the body: starts with <s>
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    use_memory: bool = True
+    include_reference_text: bool = False
+    request_id: str = ""
+    deadline: float | None = None  # time.monotonic() deadline
+
+
+@dataclass(frozen=True)
+class Citation:
+    chunk_index: int
+    generated: bool
+    references: list[RetrievedReference]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    retrievals: int
+    memories_read: int
+
+
+@dataclass
+class GenerationEvent:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    citations: list[Citation] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" on the last event
+    usage: Usage | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- messages from the scheduler to a stream's consumer ----
+@dataclass(frozen=True)
+class _Tokens:
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class _Finished:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: ServiceError
+
+
+@dataclass(frozen=True)
+class _Note:
+    citation: Citation | None = None
+    warning: str | None = None
+    memories: int = 0
+
+
+class _Stream:
+    """A request's state inside the scheduler."""
+
+    _ids = itertools.count()
+
+    def __init__(self, request: GenerationRequest, prefix_len: int, groups: list[list[ExplicitMemory]],
+                 loop: asyncio.AbstractEventLoop, out: asyncio.Queue, arrival: float) -> None:
+        self.id = next(self._ids)
+        self.request, self.prefix_len, self.groups = request, prefix_len, groups
+        self.loop, self.out, self.arrival = loop, out, arrival
+        self.row = -1
+        self.tokens: list[int] = []
+        self.next_slot = 0  # cache slot the next fed token is written to
+        self.paused = False
+        self.done = False
+        self.generator = (torch.Generator().manual_seed(request.sampling.seed)
+                          if request.sampling.seed is not None else None)
+        self.last_token_time = 0.0
+
+    def emit(self, message) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, message)
+
+
+class Scheduler:
+    """Owns the model and its caches; runs in one thread."""
+
+    def __init__(self, model: Transformer, config: EngineConfig, *, stop_token_ids: Sequence[int],
+                 prefix: Sequence[int], vocab_limit: int) -> None:
+        self.model, self.config = model, config
+        self.mc = model.config
+        self.max_seq_len = config.max_seq_len or self.mc.max_seq_len
+        self.stop_ids = set(stop_token_ids)
+        self.prefix = list(prefix)
+        self.vocab_limit = vocab_limit
+        self.device = model.output.weight.device
+        self.dtype = model.output.weight.dtype
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.rows: list[_Stream | None] = [None] * config.max_batch
+        self.ready: list[_Stream] = []
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="memory3-scheduler", daemon=True)
+        self.on_swap = None  # set by the engine: callback(stream, query) scheduling a retrieval
+
+    # ---- called from other threads ----
+    def post(self, message) -> None:
+        self.inbox.put(message)
+        self.wake.set()
+
+    def start(self) -> None:
+        with torch.inference_mode():
+            self.model.setup_caches(self.config.max_batch, self.max_seq_len, memory=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=30)
+
+    # ---- the loop ----
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self.stopping:
+                try:
+                    self._step()
+                except Exception:  # noqa: BLE001 - a bug must not kill the engine silently
+                    log.exception("scheduler step failed; failing the streams it held")
+                    self._fail_all(ServiceError("internal error in the decoder"))
+
+    def _step(self) -> None:
+        self._drain_inbox()
+        self._expire_deadlines()
+        self._admit()
+        active = [s for s in self.rows if s is not None and not s.paused and not s.done]
+        if not active:
+            self._update_gauges()
+            self.wake.wait(timeout=0.05)
+            self.wake.clear()
+            return
+        self._decode(active)
+        self._update_gauges()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, stream, payload = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "admit":
+                self.ready.append(stream)
+            elif kind == "cancel":
+                self._release(stream)
+                if stream in self.ready:
+                    self.ready.remove(stream)
+            elif kind == "memories":
+                self._resume(stream, payload)
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for stream in [*self.ready, *(s for s in self.rows if s is not None)]:
+            deadline = stream.request.deadline
+            if deadline is not None and now > deadline and not stream.done:
+                self._finish_error(stream, DeadlineExceeded("the request's deadline passed while generating"))
+
+    def _admit(self) -> None:
+        while self.ready and None in self.rows:
+            stream = self.ready.pop(0)
+            if stream.done:
+                continue
+            stream.row = self.rows.index(None)
+            self.rows[stream.row] = stream
+            metrics.REQUEST_QUEUE_TIME.observe(time.monotonic() - stream.arrival)
+            self._prefill(stream)
+
+    def _prefill(self, stream: _Stream) -> None:
+        req, p = stream.request, stream.prefix_len
+        prefix = self.prefix if p else []
+        body = req.prompt_ids
+        tokens = torch.tensor([prefix + body], dtype=torch.long, device=self.device)  # (1, T)
+        slots = torch.arange(tokens.shape[1], device=self.device)[None]  # (1, T)
+        positions = _positions(slots, p, self.mc.ref_len)
+        row = torch.tensor([stream.row], device=self.device)
+        memory = token_group = None
+        if any(stream.groups):
+            memory = stack_memories([stream.groups], slots_per_group=self.mc.mem_slots, device=self.device,
+                                    dtype=self.dtype)
+            token_group = chunk_groups(slots, p, self.mc.chunk_len)
+        self.model.clear_resident_memory(row)
+        logits = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
+                            cache_rows=row)[:, -1]  # (1, V)
+        last_group = stream.groups[-1] if stream.groups else []
+        if last_group:  # the first generated chunk keeps the last prompt chunk's memories
+            self.model.set_resident_memory(
+                stack_memories([[last_group]], slots_per_group=self.mc.mem_slots, device=self.device,
+                               dtype=self.dtype), rows=row)
+        stream.next_slot = tokens.shape[1]
+        metrics.PROMPT_TOKENS.inc(len(body))
+        self._accept(stream, self._sample([stream], logits)[0])
+
+    def _decode(self, active: list[_Stream]) -> None:
+        hi = max(s.row for s in self.rows if s is not None and not s.done) + 1
+        tokens = torch.zeros(hi, 1, dtype=torch.long)
+        slots = torch.zeros(hi, 1, dtype=torch.long)
+        prefix_lens = torch.zeros(hi, 1, dtype=torch.long)
+        for s in self.rows[:hi]:
+            if s is None or s.done:
+                continue
+            # A paused row gets a placeholder at its next slot; the real token overwrites it later.
+            tokens[s.row, 0] = s.tokens[-1] if not s.paused else 0
+            slots[s.row, 0] = s.next_slot
+            prefix_lens[s.row, 0] = s.prefix_len
+        tokens, slots = tokens.to(self.device), slots.to(self.device)
+        positions = _positions(slots, prefix_lens.to(self.device), self.mc.ref_len)
+        logits = self.model(tokens, positions, cache_slots=slots)[:, -1]  # (hi, V)
+        for s in active:
+            s.next_slot += 1
+        rows = torch.tensor([s.row for s in active], device=self.device)
+        for s, tok in zip(active, self._sample(active, logits[rows]), strict=True):
+            self._accept(s, tok)
+
+    def _sample(self, streams: list[_Stream], logits: Tensor) -> list[int]:
+        """Sample one token per stream; greedy and same-parameter streams share one call."""
+        out: list[int | None] = [None] * len(streams)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(streams):
+            if s.generator is not None:
+                params = s.request.sampling
+                out[i] = int(sample(logits[i : i + 1], params, s.generator)[0])
+            else:
+                p = s.request.sampling
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for idx in groups.values():
+            params = streams[idx[0]].request.sampling
+            picked = sample(logits[idx], params).tolist()
+            for i, tok in zip(idx, picked, strict=True):
+                out[i] = tok
+        return out  # type: ignore[return-value]
+
+    def _accept(self, stream: _Stream, token: int) -> None:
+        now = time.monotonic()
+        if not stream.tokens:
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - stream.arrival)
+        else:
+            metrics.INTER_TOKEN_LATENCY.observe(now - stream.last_token_time)
+        stream.last_token_time = now
+        metrics.GENERATION_TOKENS.inc()
+        if token in self.stop_ids:
+            self._finish(stream, "stop")
+            return
+        stream.tokens.append(token)
+        stream.emit(_Tokens([token]))
+        n = len(stream.tokens)
+        if n >= stream.request.max_tokens or stream.next_slot >= self.max_seq_len:
+            self._finish(stream, "length")
+            return
+        i = n - 1  # index of the token about to be fed
+        chunk = self.mc.chunk_len
+        if stream.prefix_len and i > 0 and i % chunk == 0 and self.on_swap is not None:
+            stream.paused = True
+            self.on_swap(stream, stream.tokens[i - chunk : i], i // chunk)
+
+    def _resume(self, stream: _Stream, memories: list[ExplicitMemory] | None) -> None:
+        if stream.done or stream.row < 0:
+            return
+        row = torch.tensor([stream.row], device=self.device)
+        self.model.clear_resident_memory(row)
+        if memories:
+            self.model.set_resident_memory(
+                stack_memories([[memories]], slots_per_group=self.mc.mem_slots, device=self.device,
+                               dtype=self.dtype), rows=row)
+        stream.paused = False
+
+    def _finish(self, stream: _Stream, reason: str) -> None:
+        self._release(stream)  # before the consumer hears of it: its slot is free by then
+        metrics.REQUEST_SUCCESS.labels(finished_reason=reason).inc()
+        metrics.E2E_REQUEST_LATENCY.observe(time.monotonic() - stream.arrival)
+        stream.emit(_Finished(reason))
+
+    def _finish_error(self, stream: _Stream, error: ServiceError) -> None:
+        self._release(stream)
+        if stream in self.ready:
+            self.ready.remove(stream)
+        metrics.REQUEST_FAILURE.labels(code=error.code.name).inc()
+        stream.emit(_Failed(error))
+
+    def _release(self, stream: _Stream) -> None:
+        stream.done = True
+        if 0 <= stream.row < len(self.rows) and self.rows[stream.row] is stream:
+            self.rows[stream.row] = None
+
+    def _fail_all(self, error: ServiceError) -> None:
+        for s in [*self.ready, *(s for s in self.rows if s is not None)]:
+            if not s.done:
+                self._finish_error(s, error)
+        self.ready.clear()
+
+    def _update_gauges(self) -> None:
+        metrics.NUM_REQUESTS_RUNNING.set(sum(1 for s in self.rows if s is not None and not s.done))
+
+    def running(self) -> int:
+        return sum(1 for s in self.rows if s is not None and not s.done)
+
+
+def _positions(slots: Tensor, prefix_len: Tensor | int, ref_len: int) -> Tensor:
+    """Cache slots -> RoPE positions with a per-row prefix length (0: plain layout, no memory gap)."""
+    if isinstance(prefix_len, int):
+        return slots if prefix_len == 0 else torch.where(slots < prefix_len, slots, slots + ref_len)
+    return torch.where((slots < prefix_len) | (prefix_len == 0), slots, slots + ref_len)
+
+
+class GenerationEngine:
+    """The asyncio face of the scheduler: one `generate()` call per request."""
+
+    def __init__(self, model: Transformer, codec: TextCodec, retrieval: Retrieval | None,
+                 config: EngineConfig = EngineConfig(), *, release: str = "") -> None:
+        model.eval()
+        self.model, self.codec, self.retrieval, self.config = model, codec, retrieval, config
+        self.release = release
+        self.mc = model.config
+        self.prefix = codec.reference_prefix(self.mc)
+        self.scheduler = Scheduler(model, config, stop_token_ids=[codec.eos_id], prefix=self.prefix,
+                                   vocab_limit=codec.vocab_size)
+        self.scheduler.on_swap = self._schedule_swap
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.accepted = 0  # requests between acceptance and their end (waiting + running)
+        self.started = False
+        self.draining = False
+        self._tasks: set[asyncio.Task] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.scheduler.max_seq_len
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.scheduler.start)
+        self.started = True
+
+    async def stop(self) -> None:
+        """Refuse new requests, let accepted ones finish, then stop the scheduler."""
+        self.draining = True
+        await self._idle.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        if self.started:
+            await asyncio.to_thread(self.scheduler.stop)
+            self.started = False
+
+    def _update_waiting(self) -> None:
+        metrics.NUM_REQUESTS_WAITING.set(max(0, self.accepted - self.scheduler.running()))
+
+    # ---- validation ----
+    def validate(self, request: GenerationRequest) -> None:
+        body = request.prompt_ids
+        if len(body) <= 1:
+            raise InvalidInput("the prompt is empty: give some text or token ids")
+        bad = [t for t in body if not 0 <= t < self.codec.vocab_size]
+        if bad:
+            raise InvalidInput(f"token id {bad[0]} is outside the tokenizer's vocabulary "
+                               f"(0..{self.codec.vocab_size - 1})")
+        if request.max_tokens < 1:
+            raise InvalidInput(f"max_tokens must be >= 1, got {request.max_tokens}")
+        prefix = len(self.prefix) if request.use_memory else 0
+        room = self.max_seq_len - prefix - len(body)
+        if room < 1:
+            raise InvalidInput(f"the prompt has {len(body)} tokens; this server's context holds "
+                               f"{self.max_seq_len - prefix - 1} prompt tokens at most: shorten it")
+        if request.max_tokens > room:
+            raise InvalidInput(f"max_tokens={request.max_tokens} does not fit: the prompt ({len(body)} tokens) "
+                               f"leaves room for {room} new tokens in this server's context of {self.max_seq_len}")
+
+    # ---- a request ----
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Events for one request; closing the iterator early cancels it and frees its slot at once."""
+        if not self.started or self.draining:
+            raise Unavailable("the decoder is not accepting requests (starting or draining)")
+        self.validate(request)
+        request = dataclasses.replace(
+            request, sampling=dataclasses.replace(request.sampling, vocab_limit=self.codec.vocab_size))
+        if self.accepted >= self.config.max_batch + self.config.max_waiting:
+            raise ResourceExhausted(f"the decoder is at capacity ({self.accepted} requests running or queued); "
+                                    "retry with backoff")
+        self.accepted += 1
+        self._idle.clear()
+        self._update_waiting()
+        arrival = time.monotonic()
+        out: asyncio.Queue = asyncio.Queue()
+        stream: _Stream | None = None
+        try:
+            warnings: list[str] = []
+            citations: list[Citation] = []
+            groups: list[list[ExplicitMemory]] = []
+            use_memory = request.use_memory and self.retrieval is not None
+            if use_memory:
+                groups, citations, failure = await self._prompt_memories(request)
+                if failure is not None:
+                    warnings.append(failure)
+            stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, arrival)
+            self.scheduler.post(("admit", stream, None))
+            async for event in self._relay(stream, out, citations, warnings, sum(len(g) for g in groups)):
+                yield event
+        finally:
+            if stream is not None and not stream.done:
+                self.scheduler.post(("cancel", stream, None))
+            self.accepted -= 1
+            self._update_waiting()
+            if self.accepted == 0:
+                self._idle.set()
+
+    async def _relay(self, stream: _Stream, out: asyncio.Queue, citations: list[Citation], warnings: list[str],
+                     memories_read: int) -> AsyncIterator[GenerationEvent]:
+        request = stream.request
+        detok = IncrementalDetokenizer(self.codec.decode)
+        text_so_far = ""
+        produced = 0
+        retrievals = len(citations)
+        pending = GenerationEvent(citations=list(citations), warnings=list(warnings))
+        while True:
+            message = await out.get()
+            if isinstance(message, _Failed):
+                raise message.error
+            if isinstance(message, _Note):
+                if message.citation is not None:
+                    pending.citations.append(message.citation)
+                    retrievals += 1
+                    memories_read += message.memories
+                if message.warning is not None:
+                    pending.warnings.append(message.warning)
+                continue
+            finish = None
+            if isinstance(message, _Tokens):
+                produced += len(message.ids)
+                pending.token_ids.extend(message.ids)
+                delta = detok.add(message.ids)
+            else:
+                finish = message.reason
+                delta = detok.add([], final=True)
+            if request.stop and delta:
+                hit = _find_stop(text_so_far, delta, request.stop)
+                if hit is not None:
+                    delta, finish = delta[:hit], "stop"
+            text_so_far += delta
+            pending.text += delta
+            if finish is not None:
+                pending.finish_reason = finish
+                pending.usage = Usage(len(request.prompt_ids), produced, retrievals, memories_read)
+                yield pending
+                return
+            if pending.text or pending.citations or pending.warnings:  # else a partial character is held
+                yield pending
+                pending = GenerationEvent()
+
+    async def _prompt_memories(self, request: GenerationRequest):
+        queries = [request.prompt_ids[s:e] for s, e in chunk_spans(len(request.prompt_ids), self.mc.chunk_len)]
+        try:
+            found = await self.retrieval.retrieve(queries, self.mc.mems_per_chunk, request.include_reference_text)
+            ids = sorted({r.id for refs in found for r in refs})
+            fetched = dict(zip(ids, await self.retrieval.fetch(ids), strict=True)) if ids else {}
+        except Unavailable as e:
+            if self.config.retrieval_policy == "fail":
+                raise
+            return [[] for _ in queries], [], f"retrieval unavailable ({e}); generated without memory"
+        groups = [[fetched[r.id] for r in refs] for refs in found]
+        citations = [Citation(i, False, refs) for i, refs in enumerate(found)]
+        return groups, citations, None
+
+    def _schedule_swap(self, stream: _Stream, query: list[int], chunk_number: int) -> None:
+        """Called by the scheduler thread: retrieve for a stream's last chunk, off the batch."""
+        def start() -> None:
+            task = asyncio.ensure_future(self._swap(stream, query, chunk_number))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self.loop.call_soon_threadsafe(start)
+
+    async def _swap(self, stream: _Stream, query: list[int], chunk_number: int) -> None:
+        request = stream.request
+        prompt_chunks = len(chunk_spans(len(request.prompt_ids), self.mc.chunk_len))
+        memories: list[ExplicitMemory] = []
+        try:
+            found = (await self.retrieval.retrieve([query], self.mc.mems_per_chunk,
+                                                   request.include_reference_text))[0]
+            if found:
+                memories = await self.retrieval.fetch([r.id for r in found])
+            stream.out.put_nowait(_Note(citation=Citation(prompt_chunks + chunk_number - 1, True, found),
+                                        memories=len(memories)))
+        except Unavailable as e:
+            if self.config.retrieval_policy == "fail":
+                self.scheduler.post(("cancel", stream, None))
+                stream.out.put_nowait(_Failed(e))
+                return
+            stream.out.put_nowait(_Note(warning=f"retrieval unavailable ({e}); chunk {chunk_number} "
+                                                "generated without memory"))
+        except ServiceError as e:
+            self.scheduler.post(("cancel", stream, None))
+            stream.out.put_nowait(_Failed(e))
+            return
+        self.scheduler.post(("memories", stream, memories))
+
+
+def _find_stop(before: str, delta: str, stops: Sequence[str]) -> int | None:
+    """Index in `delta` where the first stop string ends the text, or None."""
+    text = before + delta
+    best = None
+    for stop in stops:
+        at = text.find(stop, max(0, len(before) - len(stop) + 1))
+        if at >= 0 and (best is None or at < best):
+            best = at
+    if best is None:
+        return None
+    return max(0, best - len(before))
+
+
+def new_request_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+

@@ -1,0 +1,202 @@
+"""The continuous-batching engine against the static-batch reference `generate`.
+
+Streams join at different times, with different prompt lengths, cross chunk boundaries (memory
+swaps) while others decode, and are cancelled; greedy tokens must equal what `generate` produces
+for each stream alone with the same memories.
+"""
+
+import asyncio
+
+import pytest
+import torch
+
+from memory3.model.encoder import encode_references
+from memory3.model.generate import SamplingParams, generate
+from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
+from memory3.services.decoder.retrieval import RetrievedReference
+from memory3.services.rpc import metrics
+from memory3.services.rpc.errors import InvalidInput, ResourceExhausted, Unavailable
+
+N_REFS = 12
+
+
+class FakeRetrieval:
+    """Deterministic retrieval over in-process memories: the point here is the engine's logic."""
+
+    def __init__(self, memories, *, delay: float = 0.0, fail: bool = False) -> None:
+        self.memories, self.delay, self.fail = memories, delay, fail
+        self.queries: list[list[int]] = []
+
+    @staticmethod
+    def pick(query: list[int], k: int) -> list[int]:
+        start = sum(query) % N_REFS
+        return [(start + j) % N_REFS for j in range(min(k, 3))]
+
+    async def retrieve(self, queries, top_k, include_text):
+        if self.fail:
+            raise Unavailable("text service down")
+        await asyncio.sleep(self.delay)
+        self.queries.extend(queries)
+        return [[RetrievedReference(f"ref-{i}", 1.0, f"text {i}" if include_text else "")
+                 for i in self.pick(q, top_k)] for q in queries]
+
+    async def fetch(self, ids):
+        await asyncio.sleep(self.delay)
+        return [self.memories[int(i.split("-")[1])] for i in ids]
+
+    def provider(self, queries):
+        return [[self.memories[i] for i in self.pick(q, 5)] for q in queries]
+
+
+@pytest.fixture(scope="module")
+def memories(tiny_model, text_codec, prefix):
+    gen = torch.Generator().manual_seed(3)
+    refs = [torch.randint(3, 250, (tiny_model.config.ref_len,), generator=gen).tolist() for _ in range(N_REFS)]
+    with torch.inference_mode():
+        return encode_references(tiny_model, refs, prefix)
+
+
+def prompts(n, text_codec):
+    gen = torch.Generator().manual_seed(5)
+    return [[text_codec.bos_id, *torch.randint(3, 250, (10 + 37 * i,), generator=gen).tolist()] for i in range(n)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(engine, request, *, delay_start: float = 0.0):
+    await asyncio.sleep(delay_start)
+    tokens, text, events = [], "", []
+    async for event in engine.generate(request):
+        tokens += event.token_ids
+        text += event.text
+        events.append(event)
+    return tokens, text, events
+
+
+def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos):
+    kwargs = {"prefix": prefix, "memory_provider": memories_provider} if memories_provider else {}
+    out = generate(model, [body], max_new_tokens=max_tokens, stop_tokens=[eos],
+                   sampling=SamplingParams(vocab_limit=259), **kwargs)
+    return out.tokens[0]
+
+
+@pytest.mark.parametrize("use_memory", [True, False])
+def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix, memories, use_memory):
+    retrieval = FakeRetrieval(memories, delay=0.002)
+    bodies = prompts(5, text_codec)
+    max_tokens = [150, 70, 3, 140, 65]
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=3, max_waiting=8))
+        await engine.start()
+        try:
+            return await asyncio.gather(*[
+                collect(engine, GenerationRequest(body, mt, use_memory=use_memory), delay_start=0.01 * i)
+                for i, (body, mt) in enumerate(zip(bodies, max_tokens, strict=True))])
+        finally:
+            await engine.close()
+
+    results = run(main())
+    for body, mt, (tokens, text, events) in zip(bodies, max_tokens, results, strict=True):
+        with torch.inference_mode():
+            expected = reference_tokens(tiny_model, body, retrieval.provider if use_memory else None, prefix, mt,
+                                        text_codec.eos_id)
+        assert tokens == expected
+        assert text == text_codec.decode(tokens)
+        assert events[-1].finish_reason in ("length", "stop")
+        assert events[-1].usage.completion_tokens == len(tokens)
+        # A swap happens before feeding generated token i (i = 64, 128, ...); the last token is never fed.
+        last_fed = len(tokens) - 1 if events[-1].finish_reason == "stop" else len(tokens) - 2
+        n_chunks = len(range(0, len(body), 64)) + max(0, last_fed // 64)
+        cited = [c for e in events for c in e.citations]
+        assert len(cited) == (n_chunks if use_memory else 0)
+        assert [c.chunk_index for c in cited] == list(range(len(cited)))
+    assert metrics.NUM_REQUESTS_RUNNING._value.get() == 0
+
+
+def test_queue_is_bounded_and_cancellation_frees_slots(tiny_model, text_codec, memories):
+    retrieval = FakeRetrieval(memories)
+    body = prompts(1, text_codec)[0]
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1, max_waiting=1))
+        await engine.start()
+        try:
+            first = engine.generate(GenerationRequest(body, 500, use_memory=False))
+            await first.__anext__()  # running
+            second = asyncio.ensure_future(collect(engine, GenerationRequest(body, 5, use_memory=False)))
+            await asyncio.sleep(0.05)  # queued behind the first
+            with pytest.raises(ResourceExhausted, match="capacity"):
+                await collect(engine, GenerationRequest(body, 5, use_memory=False))
+            await first.aclose()  # cancel: the queued stream gets the slot
+            tokens, _, events = await asyncio.wait_for(second, timeout=30)
+            assert len(tokens) == 5 and events[-1].finish_reason == "length"
+            assert engine.accepted == 0
+            assert engine.scheduler.running() == 0
+        finally:
+            await engine.close()
+
+    run(main())
+
+
+def test_bad_requests_are_refused_with_what_to_fix(tiny_model, text_codec, memories):
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories), EngineConfig(max_batch=2))
+        await engine.start()
+        try:
+            body = prompts(1, text_codec)[0]
+            cases = [
+                (GenerationRequest([text_codec.bos_id], 5), "empty"),
+                (GenerationRequest(body, 0), "max_tokens must be >= 1"),
+                (GenerationRequest(body, 10**6), "does not fit"),
+                (GenerationRequest([text_codec.bos_id, 10**6], 5), "outside the tokenizer"),
+                (GenerationRequest([text_codec.bos_id] * 5000, 5), "shorten it"),
+            ]
+            for request, message in cases:
+                with pytest.raises(InvalidInput, match=message):
+                    await collect(engine, request)
+            assert engine.accepted == 0
+        finally:
+            await engine.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("policy", ["fail", "continue"])
+def test_retrieval_outage_policy(tiny_model, text_codec, memories, policy):
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories, fail=True),
+                                  EngineConfig(retrieval_policy=policy))
+        await engine.start()
+        try:
+            return await collect(engine, GenerationRequest(prompts(1, text_codec)[0], 4))
+        finally:
+            await engine.close()
+
+    if policy == "fail":
+        with pytest.raises(Unavailable):
+            run(main())
+    else:
+        tokens, _, events = run(main())
+        assert len(tokens) == 4
+        assert any("without memory" in w for e in events for w in e.warnings)
+
+
+def test_stop_strings_end_the_stream_and_are_not_returned(tiny_model, text_codec, memories):
+    body = prompts(1, text_codec)[0]
+
+    async def main(stop):
+        engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories))
+        await engine.start()
+        try:
+            return await collect(engine, GenerationRequest(body, 40, stop=stop))
+        finally:
+            await engine.close()
+
+    _, full, _ = run(main(()))
+    stop = full[5:7]
+    _, text, events = run(main((stop,)))
+    assert text == full[: full.index(stop)]
+    assert events[-1].finish_reason == "stop"
