@@ -6,12 +6,12 @@ import threading
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 from memory3.services.release.manifest import ReleaseError
 from memory3.services.retrieval.index import VectorIndex
 from memory3.services.rpc.errors import InvalidInput, ResourceExhausted, Unavailable
-from memory3.services.rpc.metrics import RETRIEVAL_QUERIES
 from memory3.services.text.engine import MAX_QUERIES, MAX_TEXT_BYTES, Query, TextEngine, TextResources
 
 REFERENCES = [
@@ -150,9 +150,13 @@ def test_small_index_returns_what_it_has():
 
 
 def test_metrics_count_queries():
-    before = RETRIEVAL_QUERIES._value.get()
+    def count(name):
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    before = count("memory3_retrieval_queries_total"), count("memory3_retrieval_latency_seconds_count")
     retrieve(engine(), [Query(text="pump"), Query(text="orchestra"), Query(text="river")], top_k=1)
-    assert RETRIEVAL_QUERIES._value.get() == before + 3
+    assert count("memory3_retrieval_queries_total") == before[0] + 3
+    assert count("memory3_retrieval_latency_seconds_count") == before[1] + 1
 
 
 @pytest.mark.parametrize(("queries", "top_k", "message"), [
