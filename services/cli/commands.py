@@ -11,13 +11,6 @@ from memory3.model.generate import SamplingParams
 from memory3.model.init import random_model
 from memory3.model.tokenizer import byte_level_tokenizer
 
-DEMO_REFERENCES = (
-    "The lighthouse of Varn Island was built in 1887 by the engineer Odile Marchetti. "
-    "Its lamp is fuelled by whale oil and can be seen from forty kilometres away.",
-    "Kessel Harbour is the only port on Varn Island. Ferries leave for the mainland every Tuesday.",
-)
-DEMO_QUESTION = "Who built the lighthouse of Varn Island?"
-
 
 def cmd_init(preset: str, out: Path, seed: int) -> int:
     config = Memory3Config.from_name(preset)
@@ -48,17 +41,6 @@ def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_ne
     sys.stdout.write("\n")
     print(f"[finish: {finish}; references used: {cited or 'none'}]", file=sys.stderr)
     return 0
-
-
-def cmd_demo(home: Path) -> int:
-    checkpoint = home / "demo-small"
-    if not (checkpoint / CONFIG_FILE).exists():
-        cmd_init("small", checkpoint, seed=0)
-    print(f"Q: {DEMO_QUESTION}", file=sys.stderr)
-    print("(randomly initialised weights: the text is not meaningful until a trained release is served)",
-          file=sys.stderr)
-    return cmd_generate(checkpoint, DEMO_QUESTION, references=list(DEMO_REFERENCES), max_new_tokens=48,
-                        temperature=0.0, top_k=0, top_p=1.0, seed=None, device="cpu")
 
 
 def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,

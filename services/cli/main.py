@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_HOME = Path.home() / ".cache" / "memory3"
-SERVE_PORTS = {"trainer": 50055, "text": 50052, "memory": 50053}
+SERVE_PORTS = {"decoder": 50051, "text": 50052, "memory": 50053, "trainer": 50055}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,22 +22,44 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
     init.add_argument("--seed", type=int, default=0)
 
-    gen = sub.add_parser("generate", help="generate text in-process from a checkpoint")
+    gen = sub.add_parser("generate", help="stream an answer from the decoder (gRPC), or in-process with --checkpoint")
     gen.add_argument("prompt")
-    gen.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (memory3 init, or a release)")
+    gen.add_argument("--address", default=None, help="decoder host:port (default: the stack `memory3 up` started)")
+    gen.add_argument("--home", type=Path, default=DEFAULT_HOME, help="where `memory3 up` keeps its state")
+    gen.add_argument("--checkpoint", type=Path, default=None,
+                     help="generate in-process from this checkpoint directory instead (no servers)")
     gen.add_argument("--reference", action="append", default=[], metavar="TEXT",
-                     help="a reference text to use as explicit memory (repeatable)")
+                     help="with --checkpoint: a reference text to use as explicit memory (repeatable)")
     gen.add_argument("--reference-file", action="append", default=[], type=Path, metavar="FILE",
-                     help="a UTF-8 file whose text becomes references (repeatable)")
+                     help="with --checkpoint: a UTF-8 file whose text becomes references (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    gen.add_argument("--no-memory", action="store_true", help="generate without retrieval")
+    gen.add_argument("--timeout", type=float, default=120.0, help="seconds before the request is abandoned")
+    gen.add_argument("--tls-ca", type=Path, default=None,
+                     help="PEM CA of the decoder's certificate (TLS; token from MEMORY3_AUTH_TOKEN)")
+    gen.add_argument("--device", default="cpu", help="with --checkpoint")
 
-    demo = sub.add_parser("demo", help="the README's first command: a small model answering with explicit memory")
-    demo.add_argument("--home", type=Path, default=DEFAULT_HOME, help="where the demo checkpoint is cached")
+    demo = sub.add_parser("demo", help="the README's first command: the whole local stack answers from memory")
+    demo.add_argument("--home", type=Path, default=DEFAULT_HOME, help="state, logs, releases and the local bucket")
+    demo.add_argument("--release", default=None, help="release to serve (default: small-v1, trained if missing)")
+    demo.add_argument("--quick", action="store_true", help="train a one-minute tiny release if it is missing")
+
+    up = sub.add_parser("up", help="start the local stack: S3 server, Redis, text, memory and decoder services")
+    up.add_argument("--home", type=Path, default=DEFAULT_HOME, help="state, logs, releases and the local bucket")
+    up.add_argument("--release", default=None, help="release to serve (default: small-v1, trained if missing)")
+    up.add_argument("--quick", action="store_true", help="train a one-minute tiny release if it is missing")
+    up.add_argument("--no-redis", action="store_true", help="no Redis tier (memories from S3 and RAM)")
+    up.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail")
+    up.add_argument("--max-batch", type=int, default=8)
+    up.add_argument("--decoder-port", type=int, default=None, help="default: a free port")
+
+    down = sub.add_parser("down", help="stop exactly what `memory3 up` started (by PID)")
+    down.add_argument("--home", type=Path, default=DEFAULT_HOME)
 
     train = sub.add_parser("train", help="train a model (two stages) and publish it as a release")
     train.add_argument("--preset", default="small", help="model preset")
@@ -54,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_s3_arguments(train)
 
     serve = sub.add_parser("serve", help="run a gRPC service")
-    serve.add_argument("service", choices=["trainer", "text", "memory"])
+    serve.add_argument("service", choices=["decoder", "text", "memory", "trainer"])
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help=f"default per service: {SERVE_PORTS}")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
@@ -63,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_arguments(serve)
     add_text_arguments(serve)
     add_memory_arguments(serve)
+    add_decoder_arguments(serve)
     add_s3_arguments(serve)
 
     kb = sub.add_parser("kb", help="knowledge base operations")
@@ -155,6 +178,44 @@ def _serve_memory(args: argparse.Namespace) -> int:
     return serve_memory(settings, server_options(args))
 
 
+def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoder (dependency token: MEMORY3_DEPENDENCY_TOKEN)")
+    group.add_argument("--text-address", default=None,
+                       help="host:port of the text service (with --memory-address; neither: retrieve in-process)")
+    group.add_argument("--memory-address", default=None, help="host:port of the memory service")
+    group.add_argument("--max-batch", type=int, default=8, help="streams decoded together")
+    group.add_argument("--max-waiting", type=int, default=32,
+                       help="streams queued beyond --max-batch; more get RESOURCE_EXHAUSTED")
+    group.add_argument("--max-seq-len", type=int, default=None, help="context per stream (default: the model's)")
+    group.add_argument("--default-max-tokens", type=int, default=128, help="when a request sets no max_tokens")
+    group.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail",
+                       help="text/memory service down: fail with UNAVAILABLE, or generate without memory and say so")
+    group.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--dependency-tls-ca", type=Path, default=None,
+                       help="PEM CA of the text and memory services' certificates (TLS to them)")
+    group.add_argument("--dependency-cert", type=Path, default=None, help="client certificate for mTLS")
+    group.add_argument("--dependency-key", type=Path, default=None, help="key of --dependency-cert")
+
+
+def _serve_decoder(args: argparse.Namespace) -> int:
+    """The only place the decoder's outgoing token is read from the environment."""
+    from memory3.services.decoder.engine import EngineConfig
+    from memory3.services.decoder.server import DecoderSettings, DependencyOptions, serve_decoder
+
+    if not args.release:
+        raise ValueError("serve decoder needs --release NAME: the release whose model to serve")
+    engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len,
+                          default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy)
+    dependencies = DependencyOptions(tls_ca=args.dependency_tls_ca, client_cert=args.dependency_cert,
+                                     client_key=args.dependency_key,
+                                     auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)
+    settings = DecoderSettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
+                               text_address=args.text_address, memory_address=args.memory_address, engine=engine,
+                               device=args.device, dtype=args.dtype, dependencies=dependencies)
+    return serve_decoder(settings, server_options(args))
+
+
 def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("object store (credentials: MEMORY3_S3_ACCESS_KEY / MEMORY3_S3_SECRET_KEY)")
     group.add_argument("--s3-endpoint", default=None, help="host:port of the S3 server (env MEMORY3_S3_ENDPOINT)")
@@ -186,13 +247,18 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import cmd_init
             return cmd_init(args.preset, args.out, args.seed)
         if args.command == "generate":
-            from .commands import cmd_generate
-            references = list(args.reference)
-            for file in args.reference_file:
-                references.append(_read_text(file))
-            return cmd_generate(args.checkpoint, args.prompt, references=references,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+            return _generate(args)
+        if args.command in ("up", "down", "demo"):
+            from . import stack_commands as stack
+            if args.command == "down":
+                return stack.cmd_down(args.home)
+            release = args.release or (stack.DEFAULT_RELEASE if not args.quick else "quick-v1")
+            if args.command == "demo":
+                return stack.cmd_demo_stack(args.home, release=release, quick=args.quick)
+            stack.cmd_up(args.home, release=release, quick=args.quick, redis=not args.no_redis,
+                         retrieval_policy=args.retrieval_policy, max_batch=args.max_batch,
+                         decoder_port=args.decoder_port)
+            return 0
         if args.command == "train":
             from .commands import cmd_train
             work_dir = args.work_dir or DEFAULT_HOME / "runs" / args.release
@@ -204,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _serve_text(args)
             if args.service == "memory":
                 return _serve_memory(args)
+            if args.service == "decoder":
+                return _serve_decoder(args)
             from memory3.services.trainer.server import serve_trainer
             port = args.port if args.port is not None else SERVE_PORTS["trainer"]
             return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=port, grace_s=args.grace)
@@ -211,9 +279,6 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import cmd_kb_add
             return cmd_kb_add(s3_config(args), args.files, parent=args.release, name=args.name,
                               cache_dir=args.cache_dir)
-        if args.command == "demo":
-            from .commands import cmd_demo
-            return cmd_demo(args.home)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -248,6 +313,25 @@ def _serve_text(args: argparse.Namespace) -> int:
         raise ValueError("serve text needs --release NAME: the release whose tokenizer and index to serve")
     return serve_text(s3_config(args), args.release, args.cache_dir, server_options(args),
                       max_overlap=args.max_overlap, max_concurrency=args.max_concurrency)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.checkpoint is not None:
+        from .commands import cmd_generate
+        references = list(args.reference)
+        for file in args.reference_file:
+            references.append(_read_text(file))
+        return cmd_generate(args.checkpoint, args.prompt, references=references,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+    if args.reference or args.reference_file:
+        raise ValueError("--reference/--reference-file need --checkpoint; the decoder retrieves from its release")
+    from .stack_commands import cmd_generate_remote, decoder_address
+    return cmd_generate_remote(decoder_address(args.home, args.address), args.prompt,
+                               max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed, stop=args.stop, memory=not args.no_memory,
+                               show_references=True, timeout_s=args.timeout, tls_ca=args.tls_ca,
+                               auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None)
 
 
 def _read_text(path: Path) -> str:

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .metrics import start_metrics_server
+from .registration import add_service
 
 log = logging.getLogger("memory3.rpc")
 MAX_MESSAGE_BYTES = 64 << 20
@@ -118,6 +120,11 @@ class Server:
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object, service_name: str) -> None:
         register(servicer, self.server)
         self.service_names.append(service_name)
+
+    def add_service(self, servicer: object, service: ServiceDescriptor) -> None:
+        """Register from the proto descriptor: undecodable requests get INVALID_ARGUMENT, not INTERNAL."""
+        add_service(self.server, servicer, service)
+        self.service_names.append(service.full_name)
 
     async def start(self) -> None:
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME],

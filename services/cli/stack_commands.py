@@ -1,0 +1,131 @@
+"""`memory3 up`, `down`, `generate` (the gRPC client) and `demo` (the README's main command)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from memory3.services.stack import StackOptions, StackState, stack_is_up, start_stack, stop_stack
+
+DEFAULT_RELEASE = "small-v1"
+
+
+def ensure_release(s3, name: str, *, home: Path, quick: bool) -> None:
+    """Train and publish `name` unless the bucket has it (the trainer resumes an interrupted run)."""
+    from memory3.services.release.manifest import release_key
+    from memory3.services.release.publish import MANIFEST_FILE
+    from memory3.services.storage.object_store import ObjectStore
+
+    if ObjectStore(s3).exists(release_key(name, MANIFEST_FILE)):
+        print(f"release {name!r} found in the bucket", file=sys.stderr)
+        return
+    from .commands import cmd_train
+
+    what = "a quick (tiny, one-minute)" if quick else "the small"
+    print(f"release {name!r} not in the bucket: training {what} model and publishing it", file=sys.stderr)
+    cmd_train(s3, preset="small", quick=quick, release=name, work_dir=home / "runs" / name, seed=0, codec="bf16")
+
+
+def cmd_up(home: Path, *, release: str, quick: bool, redis: bool, retrieval_policy: str, max_batch: int,
+           decoder_port: int | None) -> StackState:
+    options = StackOptions(home=home, release=release, redis=redis, retrieval_policy=retrieval_policy,
+                           max_batch=max_batch, decoder_port=decoder_port)
+    state = start_stack(options, ensure_release=lambda s3, name: ensure_release(s3, name, home=home, quick=quick),
+                        log=lambda msg: print(msg, file=sys.stderr))
+    print(f"stack up: decoder at {state.address('decoder')}, release {release!r}; "
+          f"`memory3 generate \"...\"` to ask, `memory3 down` to stop", file=sys.stderr)
+    return state
+
+
+def cmd_down(home: Path) -> int:
+    stop_stack(home, log=lambda msg: print(msg, file=sys.stderr))
+    return 0
+
+
+def decoder_address(home: Path, address: str | None) -> str:
+    if address:
+        return address
+    state = stack_is_up(home)
+    if state is None:
+        raise RuntimeError("no decoder address: start the stack with `memory3 up` or pass --address HOST:PORT")
+    return state.address("decoder")
+
+
+def cmd_generate_remote(address: str, prompt: str, *, max_tokens: int, temperature: float, top_k: int,
+                        top_p: float, seed: int | None, stop: list[str], memory: bool, show_references: bool,
+                        timeout_s: float, auth_token: str | None = None, tls_ca: Path | None = None) -> int:
+    """Stream an answer from the GenerationService; citations go to stderr, the text to stdout."""
+    import grpc
+
+    from memory3.v1 import generation_service_pb2 as pb
+    from memory3.v1 import generation_service_pb2_grpc as pb_grpc
+
+    params = pb.GenerationParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 stop=stop, include_reference_text=show_references,
+                                 retrieval=pb.RETRIEVAL_MODE_MEMORY if memory else pb.RETRIEVAL_MODE_NONE)
+    if seed is not None:
+        params.seed = seed
+    if tls_ca is not None:
+        credentials = grpc.ssl_channel_credentials(tls_ca.read_bytes())
+        if auth_token:
+            credentials = grpc.composite_channel_credentials(credentials,
+                                                             grpc.access_token_call_credentials(auth_token))
+        channel = grpc.secure_channel(address, credentials)
+    else:
+        channel = grpc.insecure_channel(address)
+    cited: dict[str, str] = {}
+    with channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        try:
+            for response in stub.Generate(pb.GenerateRequest(prompt=prompt, params=params), timeout=timeout_s):
+                for citation in response.citations:
+                    for ref in citation.references:
+                        cited.setdefault(ref.id, ref.text)
+                for warning in response.warnings:
+                    print(f"[warning: {warning}]", file=sys.stderr)
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+                if response.finish_reason:
+                    usage = response.usage
+                    reason = pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
+                    sys.stdout.write("\n")
+                    print(f"[finish: {reason}; {usage.prompt_tokens} prompt + {usage.completion_tokens} generated "
+                          f"tokens; {usage.retrievals} retrievals, {usage.memories_read} memories read]",
+                          file=sys.stderr)
+        except grpc.RpcError as e:
+            sys.stdout.write("\n")
+            raise RuntimeError(f"{e.code().name}: {e.details()}") from e
+    if cited:
+        print("references used:", file=sys.stderr)
+        for rid, text in cited.items():
+            print(f"  {rid}" + (f": {text[:100]}" if text else ""), file=sys.stderr)
+    return 0
+
+
+def heldout_question(s3, release: str, cache_dir: Path) -> tuple[str, str]:
+    """A question whose fact exists only in the release's knowledge base, and its answer."""
+    from memory3.services.release.manifest import Manifest, release_key
+    from memory3.services.release.publish import MANIFEST_FILE
+    from memory3.services.storage.object_store import ObjectStore
+    from memory3.services.trainer.world import World, qa_prompt
+
+    manifest = Manifest.from_json(ObjectStore(s3).get_bytes(release_key(release, MANIFEST_FILE)).decode())
+    pipeline = manifest.provenance.get("pipeline") or {}
+    if "world_train" not in pipeline:
+        raise RuntimeError(f"release {release!r} has no synthetic world in its provenance: ask your own question "
+                           "with `memory3 generate`")
+    world = World(pipeline.get("seed", 0), n_train=pipeline["world_train"], n_heldout=pipeline["world_heldout"])
+    fact = world.split("heldout")[0].facts[0]
+    return qa_prompt(fact), fact.answer
+
+
+def cmd_demo_stack(home: Path, *, release: str, quick: bool) -> int:
+    state = stack_is_up(home)
+    if state is None:
+        state = cmd_up(home, release=release, quick=quick, redis=True, retrieval_policy="fail", max_batch=8,
+                       decoder_port=None)
+    prompt, answer = heldout_question(state.s3_config, state.release, home / "releases" / "demo")
+    print(f"\nQ (a fact that exists only in the knowledge base; expected answer: {answer}):\n{prompt}",
+          file=sys.stderr)
+    return cmd_generate_remote(state.address("decoder"), prompt, max_tokens=24, temperature=0.0, top_k=0,
+                               top_p=1.0, seed=None, stop=["\n"], memory=True, show_references=True, timeout_s=120)

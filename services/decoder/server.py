@@ -1,0 +1,211 @@
+"""`memory3 serve decoder`: the GenerationService with health, reflection, metrics and a drain.
+
+The server listens at once (NOT_SERVING), opens the release (weights, tokenizer, conventions)
+and starts the engine in the background, then waits until the text and memory services answer
+their health checks. Only then does it report SERVING. A watcher keeps health honest: with the
+"fail" retrieval policy the decoder is NOT_SERVING while a dependency is down.
+
+Without --text-address/--memory-address the decoder retrieves in-process from the release (its
+index, embedder and memory bank): one process, no Redis tier; handy for a single machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ..memory.client import MemoryClient
+from ..release.reader import Release
+from ..rpc.errors import Unavailable
+from ..rpc.server import Server, ServerOptions, client_channel
+from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
+from ..text.client import TextClient
+from .engine import EngineConfig, GenerationEngine
+from .remote import RemoteRetrieval
+from .retrieval import LocalRetrieval
+from .servicer import SERVICE, GenerationServicer
+
+log = logging.getLogger("memory3.decoder")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DependencyOptions:
+    """How the decoder calls the text and memory services."""
+
+    tls_ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    auth_token: str | None = None
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    release: str
+    s3: S3Config
+    cache_dir: Path
+    text_address: str | None = None  # host:port of the text service; None with memory_address: in-process
+    memory_address: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    device: str = "cpu"
+    dtype: str = "float32"
+    dependencies: DependencyOptions = field(default_factory=DependencyOptions)
+    watch_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if (self.text_address is None) != (self.memory_address is None):
+            raise ValueError("give both --text-address and --memory-address, or neither (in-process retrieval)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+class DecoderServer:
+    def __init__(self, settings: DecoderSettings, server: Server) -> None:
+        self.settings, self.server = settings, server
+        self.engine: GenerationEngine | None = None
+        self.ready: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._health: dict[str, health_pb2_grpc.HealthStub] = {}
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def current(self) -> GenerationEngine:
+        if self.engine is None or not self.engine.started:
+            raise Unavailable("the decoder is starting (loading its release); retry shortly")
+        return self.engine
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        d = self.settings.dependencies
+        channel = client_channel(address, tls_ca=d.tls_ca, client_cert=d.client_cert, client_key=d.client_key,
+                                 auth_token=d.auth_token)
+        self._channels.append(channel)
+        return channel
+
+    async def _open_release(self) -> Release:
+        s = self.settings
+        delay = 1.0
+        while True:
+            try:
+                return await asyncio.to_thread(Release.open, ObjectStore(s.s3), s.release, s.cache_dir)
+            except StoreUnavailable as e:
+                log.warning("release %r not open yet: %s; retrying in %.0fs", s.release, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    async def _start(self) -> GenerationEngine:
+        s = self.settings
+        release = await self._open_release()
+        model = await asyncio.to_thread(release.load_model, s.device)
+        model = model.to(DTYPES[s.dtype])
+        codec = release.text_codec()
+        if s.text_address is not None:
+            text_channel, memory_channel = self._channel(s.text_address), self._channel(s.memory_address)
+            self._health = {"text": health_pb2_grpc.HealthStub(text_channel),
+                            "memory": health_pb2_grpc.HealthStub(memory_channel)}
+            retrieval = RemoteRetrieval(TextClient(text_channel, timeout_s=s.dependencies.timeout_s),
+                                        MemoryClient(memory_channel, timeout_s=s.dependencies.timeout_s),
+                                        release.memory_codec(), release.memory_shape())
+        else:
+            from ..retrieval.embedder import Embedder
+
+            embedder = await asyncio.to_thread(Embedder)
+            retrieval = LocalRetrieval(release, embedder)
+        engine = GenerationEngine(model, codec, retrieval, s.engine, release=release.name)
+        await engine.start()
+        self.engine = engine
+        while self._health and not await self._dependencies_up():
+            log.info("waiting for the text and memory services to report SERVING")
+            await asyncio.sleep(0.5)
+        await self.server.serving()
+        self._watch = asyncio.create_task(self._watch_dependencies())
+        log.info("decoder serving release %r (%s retrieval, batch %d)", release.name,
+                 "remote" if self._health else "in-process", s.engine.max_batch)
+        return engine
+
+    async def _dependencies_up(self) -> bool:
+        for name, stub in self._health.items():
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            except grpc.aio.AioRpcError:
+                return False
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                log.debug("%s service not serving", name)
+                return False
+        return True
+
+    async def _watch_dependencies(self) -> None:
+        """With the fail-fast policy, readiness follows the dependencies; else the decoder stays ready."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_s)
+            if self.settings.engine.retrieval_policy != "fail" or self.engine is None or self.engine.draining:
+                continue
+            up = await self._dependencies_up()
+            if up != serving:
+                serving = up
+                log.warning("dependencies %s: health -> %s", "back" if up else "down",
+                            "SERVING" if up else "NOT_SERVING")
+                await (self.server.serving() if up else self.server.not_serving())
+
+    async def wait_ready(self, timeout: float | None = None) -> GenerationEngine:
+        return await asyncio.wait_for(asyncio.shield(self.ready), timeout)
+
+    async def drain(self) -> None:
+        """New requests are refused; in-flight streams finish within the grace period."""
+        if self.engine is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.engine.stop(), self.server.grace_s)
+
+    async def close(self) -> None:
+        for task in (self._watch, self.ready):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.engine is not None:
+            await self.engine.close()
+        for channel in self._channels:
+            await channel.close()
+
+    async def stop(self) -> None:
+        await self.server.stop(on_drain=[self.drain])
+        await self.close()
+
+
+async def start_decoder_server(settings: DecoderSettings, options: ServerOptions | None = None) -> DecoderServer:
+    """Listen now (NOT_SERVING); the release and the engine start in the background (`wait_ready`)."""
+    server = Server(options or ServerOptions())
+    app = DecoderServer(settings, server)
+    server.add_service(GenerationServicer(app.current), SERVICE)
+    await server.start()
+    app.ready = asyncio.create_task(app._start())
+    log.info("GenerationService listening on %s:%d", server.options.host, server.port)
+    return app
+
+
+def serve_decoder(settings: DecoderSettings, options: ServerOptions) -> int:
+    async def main() -> None:
+        app = await start_decoder_server(settings, options)
+        print(f"GenerationService on {options.host}:{app.port} (release {settings.release})", flush=True)
+        until_signal = asyncio.create_task(app.server.run_until_signal(on_drain=[app.drain]))
+        await asyncio.wait({until_signal, app.ready}, return_when=asyncio.FIRST_COMPLETED)
+        if app.ready.done() and app.ready.exception() is not None:
+            until_signal.cancel()
+            await app.stop()
+            raise app.ready.exception()
+        await until_signal
+        await app.close()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,264 @@
+"""The whole system on one machine: `memory3 up` / `memory3 down`.
+
+Starts a real S3 server (`rclone serve s3`) and a real `redis-server` on 127.0.0.1, makes sure
+the release exists (training and publishing the small one when the bucket has none), then the
+text, memory and decoder services as separate processes, each waited for until its health check
+says SERVING. Every process's PID, port and log file go into a state file, so `down` stops
+exactly what `up` started, by PID, and `generate` finds the decoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .storage.local_redis import start_local_redis
+from .storage.local_s3 import free_port, start_local_s3
+from .storage.object_store import S3Config
+
+STATE_FILE = "state.json"
+SERVICES = ("text", "memory", "decoder")
+
+
+@dataclass
+class StackProcess:
+    name: str
+    pid: int
+    port: int
+    log: str
+    metrics_port: int | None = None
+
+
+@dataclass
+class StackState:
+    home: str
+    release: str
+    s3: dict  # S3Config fields (the local server's generated credentials: the file is 0600)
+    redis_url: str | None
+    processes: list[StackProcess] = field(default_factory=list)
+
+    def process(self, name: str) -> StackProcess:
+        for p in self.processes:
+            if p.name == name:
+                return p
+        raise KeyError(f"the stack has no {name!r} process")
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.process(name).port}"
+
+    @property
+    def s3_config(self) -> S3Config:
+        return S3Config(**self.s3)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> StackState:
+        data = json.loads(path.read_text())
+        data["processes"] = [StackProcess(**p) for p in data["processes"]]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    home: Path
+    release: str
+    redis: bool = True
+    retrieval_policy: str = "fail"
+    max_batch: int = 8
+    ready_timeout_s: float = 180.0
+    decoder_port: int | None = None  # None: a free port
+    extra_decoder_args: tuple[str, ...] = ()
+    s3: S3Config | None = None  # an existing object store; None starts a local one (rclone) under home
+
+
+def state_path(home: Path) -> Path:
+    return home / "stack" / STATE_FILE
+
+
+def stack_is_up(home: Path) -> StackState | None:
+    path = state_path(home)
+    if not path.exists():
+        return None
+    state = StackState.load(path)
+    return state if all(_alive(p.pid) for p in state.processes) else None
+
+
+def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, str], None] | None = None,
+                log: Callable[[str], None] = print) -> StackState:
+    """Start everything; on any failure stop what was started and raise with the failing log's tail."""
+    home = options.home
+    if stack_is_up(home) is not None:
+        raise RuntimeError(f"a stack is already running (state in {state_path(home)}): run `memory3 down` first")
+    run_dir = home / "stack"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = StackState(str(home), options.release, {}, None)
+    try:
+        if options.s3 is None:
+            local = start_local_s3(run_dir / "s3-data", log_file=run_dir / "s3.log", secret_key=_secret(run_dir))
+            state.processes.append(StackProcess("s3", local.pid, int(local.config.endpoint.rsplit(":", 1)[1]),
+                                                str(run_dir / "s3.log")))
+            s3 = local.config
+            log(f"S3 server (rclone) on {s3.endpoint}, data in {run_dir / 's3-data'}")
+        else:
+            s3 = options.s3
+        state.s3 = asdict(s3)
+        from .storage.object_store import ObjectStore
+        ObjectStore(s3).ensure_bucket()
+        if options.redis:
+            redis = start_local_redis(run_dir / "redis", maxmemory="256mb")
+            state.redis_url = redis.url
+            state.processes.append(StackProcess("redis", redis.pid, redis.port, str(run_dir / "redis" / "redis.log")))
+            log(f"Redis on {redis.url.split('@')[-1]}")
+        state.save(state_path(home))
+        if ensure_release is not None:
+            ensure_release(s3, options.release)
+        env = _service_env(s3, state.redis_url)
+        for name in SERVICES:
+            port = options.decoder_port if (name == "decoder" and options.decoder_port) else free_port()
+            metrics_port = free_port()
+            args = [*_service_args(name, options, state, port), "--metrics-port", str(metrics_port)]
+            logfile = run_dir / f"{name}.log"
+            with open(logfile, "ab") as out:
+                process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
+                                           stdout=out, stderr=out, env=env, start_new_session=True)
+            state.processes.append(StackProcess(name, process.pid, port, str(logfile), metrics_port))
+            state.save(state_path(home))
+            log(f"{name} service starting on 127.0.0.1:{port} (log {logfile})")
+        for p in state.processes:
+            if p.name in SERVICES:
+                wait_serving(p, options.ready_timeout_s)
+                log(f"{p.name} service SERVING")
+    except BaseException:
+        stop_processes(state.processes)
+        state_path(home).unlink(missing_ok=True)
+        raise
+    return state
+
+
+def stop_stack(home: Path, log: Callable[[str], None] = print) -> bool:
+    path = state_path(home)
+    if not path.exists():
+        log("no stack is running (no state file)")
+        return False
+    state = StackState.load(path)
+    stop_processes(state.processes, log)
+    path.unlink(missing_ok=True)
+    return True
+
+
+def stop_processes(processes: list[StackProcess], log: Callable[[str], None] = lambda _m: None) -> None:
+    """Services first (they drain), then the stores; each by PID: SIGTERM, then SIGKILL."""
+    for p in reversed(processes):
+        if _alive(p.pid):
+            _terminate(p.pid)
+            log(f"stopped {p.name} (pid {p.pid})")
+
+
+def wait_serving(process: StackProcess, timeout_s: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not _alive(process.pid):
+                raise RuntimeError(f"the {process.name} service exited during startup; its log ends with:\n"
+                                   + _tail(Path(process.log)))
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise RuntimeError(f"the {process.name} service was not SERVING within {timeout_s:.0f}s; its log ends with:\n"
+                       + _tail(Path(process.log)))
+
+
+def _service_args(name: str, options: StackOptions, state: StackState, port: int) -> list[str]:
+    s3 = state.s3_config
+    common = ["serve", name, "--release", options.release, "--host", "127.0.0.1", "--port", str(port),
+              "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
+              "--cache-dir", str(Path(state.home) / "releases" / name)]
+    if name == "decoder":
+        return [*common, "--text-address", state.address("text"), "--memory-address", state.address("memory"),
+                "--retrieval-policy", options.retrieval_policy, "--max-batch", str(options.max_batch),
+                *options.extra_decoder_args]
+    return common
+
+
+def _service_env(s3: S3Config, redis_url: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"MEMORY3_S3_ACCESS_KEY": s3.access_key, "MEMORY3_S3_SECRET_KEY": s3.secret_key})
+    if redis_url:
+        env["MEMORY3_REDIS_URL"] = redis_url
+    return env
+
+
+def _secret(run_dir: Path) -> str:
+    """The local S3 server's secret, kept across runs so its data stays readable."""
+    path = run_dir / "s3-secret"
+    if not path.exists():
+        import secrets
+
+        path.write_text(secrets.token_hex(16))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited child not yet reaped) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _terminate(pid: int, timeout_s: float = 15.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            _reap(pid)
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
