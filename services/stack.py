@@ -81,7 +81,7 @@ class StackOptions:
     max_batch: int = 8
     ready_timeout_s: float = 180.0
     decoder_port: int | None = None  # None: a free port
-    extra_decoder_args: tuple[str, ...] = ()
+    extra_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per service, e.g. {"memory": (...)}
     s3: S3Config | None = None  # an existing object store; None starts a local one (rclone) under home
 
 
@@ -198,8 +198,8 @@ def _service_args(name: str, options: StackOptions, state: StackState, port: int
     if name == "decoder":
         return [*common, "--text-address", state.address("text"), "--memory-address", state.address("memory"),
                 "--retrieval-policy", options.retrieval_policy, "--max-batch", str(options.max_batch),
-                *options.extra_decoder_args]
-    return common
+                *options.extra_args.get(name, ())]
+    return [*common, *options.extra_args.get(name, ())]
 
 
 def _service_env(s3: S3Config, redis_url: str | None) -> dict[str, str]:

