@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_s3_arguments(train)
 
     serve = sub.add_parser("serve", help="run a gRPC service")
-    serve.add_argument("service", choices=["decoder", "text", "memory", "trainer"])
+    serve.add_argument("service", choices=["decoder", "text", "memory", "trainer", "kserve"],
+                       help="kserve: the decoder as a KServe model (v2 REST/gRPC and OpenAI-style /v1/completions)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help=f"default per service: {SERVE_PORTS}")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_arguments(serve)
     add_memory_arguments(serve)
     add_decoder_arguments(serve)
+    add_kserve_arguments(serve)
     add_s3_arguments(serve)
 
     kb = sub.add_parser("kb", help="knowledge base operations")
@@ -199,21 +201,49 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_decoder(args: argparse.Namespace) -> int:
+    from memory3.services.decoder.server import serve_decoder
+
+    return serve_decoder(_decoder_settings(args), server_options(args))
+
+
+def add_kserve_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("kserve (also the decoder options; KServe binds all interfaces, not --host)")
+    group.add_argument("--http-port", type=int, default=8080, help="v2 REST, /v1/completions, health and /metrics")
+    group.add_argument("--grpc-port", type=int, default=8081, help="v2 (Open Inference Protocol) gRPC")
+    group.add_argument("--model-name", default="memory3", help="the model name in v2 routes and OpenAI requests")
+
+
+def _serve_kserve(args: argparse.Namespace) -> int:
+    if os.environ.get("MEMORY3_AUTH_TOKEN"):
+        raise ValueError("serve kserve does not check MEMORY3_AUTH_TOKEN (authenticate at the ingress); unset it")
+    if args.tls_cert or args.tls_client_ca or args.metrics_port is not None:
+        raise ValueError("serve kserve takes no --tls-*/--metrics-port: TLS is the ingress's job, and metrics are "
+                         "on --http-port at /metrics")
+    settings = _decoder_settings(args)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; ours are parsed already
+    try:
+        from memory3.services.decoder.kserve_model import serve_kserve
+    finally:
+        sys.argv = argv
+    return serve_kserve(settings, model_name=args.model_name, http_port=args.http_port, grpc_port=args.grpc_port,
+                        grace_s=args.grace)
+
+
+def _decoder_settings(args: argparse.Namespace):
     """The only place the decoder's outgoing token is read from the environment."""
     from memory3.services.decoder.engine import EngineConfig
-    from memory3.services.decoder.server import DecoderSettings, DependencyOptions, serve_decoder
+    from memory3.services.decoder.server import DecoderSettings, DependencyOptions
 
     if not args.release:
-        raise ValueError("serve decoder needs --release NAME: the release whose model to serve")
+        raise ValueError(f"serve {args.service} needs --release NAME: the release whose model to serve")
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len,
                           default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy)
     dependencies = DependencyOptions(tls_ca=args.dependency_tls_ca, client_cert=args.dependency_cert,
                                      client_key=args.dependency_key,
                                      auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)
-    settings = DecoderSettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
-                               text_address=args.text_address, memory_address=args.memory_address, engine=engine,
-                               device=args.device, dtype=args.dtype, dependencies=dependencies)
-    return serve_decoder(settings, server_options(args))
+    return DecoderSettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
+                           text_address=args.text_address, memory_address=args.memory_address, engine=engine,
+                           device=args.device, dtype=args.dtype, dependencies=dependencies)
 
 
 def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
@@ -272,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _serve_memory(args)
             if args.service == "decoder":
                 return _serve_decoder(args)
+            if args.service == "kserve":
+                return _serve_kserve(args)
             from memory3.services.trainer.server import serve_trainer
             port = args.port if args.port is not None else SERVE_PORTS["trainer"]
             return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=port, grace_s=args.grace)

@@ -67,14 +67,82 @@ class DecoderSettings:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
+@dataclass
+class BuiltEngine:
+    """A started engine over a release, and the dependency channels it owns (closed with it)."""
+
+    engine: GenerationEngine
+    health: dict[str, health_pb2_grpc.HealthStub]  # empty with in-process retrieval
+    channels: list[grpc.aio.Channel]
+
+    async def dependencies_up(self) -> bool:
+        """Whether the text and memory services answer SERVING (always true in-process)."""
+        for name, stub in self.health.items():
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            except grpc.aio.AioRpcError:
+                return False
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                log.debug("%s service not serving", name)
+                return False
+        return True
+
+    async def close(self) -> None:
+        await self.engine.close()
+        for channel in self.channels:
+            await channel.close()
+
+
+def open_release(settings: DecoderSettings) -> Release:
+    """Download (or reuse the verified local copy of) the release; blocking, one attempt."""
+    return Release.open(ObjectStore(settings.s3), settings.release, settings.cache_dir)
+
+
+async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngine:
+    """Weights, tokenizer and retrieval of an opened release, as a started engine.
+
+    Shared by the gRPC server and the KServe model so both serve a release the same way. Call it
+    from the event loop that will serve requests: the engine and the dependency channels bind to it.
+    """
+    s = settings
+    model = await asyncio.to_thread(release.load_model, s.device)
+    model = model.to(DTYPES[s.dtype])
+    codec = release.text_codec()
+    health: dict[str, health_pb2_grpc.HealthStub] = {}
+    channels: list[grpc.aio.Channel] = []
+    if s.text_address is not None:
+        d = s.dependencies
+        for address in (s.text_address, s.memory_address):
+            channels.append(client_channel(address, tls_ca=d.tls_ca, client_cert=d.client_cert,
+                                           client_key=d.client_key, auth_token=d.auth_token))
+        text_channel, memory_channel = channels
+        health = {"text": health_pb2_grpc.HealthStub(text_channel),
+                  "memory": health_pb2_grpc.HealthStub(memory_channel)}
+        retrieval = RemoteRetrieval(TextClient(text_channel, timeout_s=d.timeout_s),
+                                    MemoryClient(memory_channel, timeout_s=d.timeout_s),
+                                    release.memory_codec(), release.memory_shape())
+    else:
+        from ..retrieval.embedder import Embedder
+
+        embedder = await asyncio.to_thread(Embedder)
+        retrieval = LocalRetrieval(release, embedder)
+    engine = GenerationEngine(model, codec, retrieval, s.engine, release=release.name)
+    try:
+        await engine.start()
+    except BaseException:
+        for channel in channels:
+            await channel.close()
+        raise
+    return BuiltEngine(engine, health, channels)
+
+
 class DecoderServer:
     def __init__(self, settings: DecoderSettings, server: Server) -> None:
         self.settings, self.server = settings, server
         self.engine: GenerationEngine | None = None
         self.ready: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
-        self._channels: list[grpc.aio.Channel] = []
-        self._health: dict[str, health_pb2_grpc.HealthStub] = {}
+        self._built: BuiltEngine | None = None
 
     @property
     def port(self) -> int:
@@ -85,19 +153,12 @@ class DecoderServer:
             raise Unavailable("the decoder is starting (loading its release); retry shortly")
         return self.engine
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        d = self.settings.dependencies
-        channel = client_channel(address, tls_ca=d.tls_ca, client_cert=d.client_cert, client_key=d.client_key,
-                                 auth_token=d.auth_token)
-        self._channels.append(channel)
-        return channel
-
     async def _open_release(self) -> Release:
         s = self.settings
         delay = 1.0
         while True:
             try:
-                return await asyncio.to_thread(Release.open, ObjectStore(s.s3), s.release, s.cache_dir)
+                return await asyncio.to_thread(open_release, s)
             except StoreUnavailable as e:
                 log.warning("release %r not open yet: %s; retrying in %.0fs", s.release, e, delay)
                 await asyncio.sleep(delay)
@@ -106,43 +167,20 @@ class DecoderServer:
     async def _start(self) -> GenerationEngine:
         s = self.settings
         release = await self._open_release()
-        model = await asyncio.to_thread(release.load_model, s.device)
-        model = model.to(DTYPES[s.dtype])
-        codec = release.text_codec()
-        if s.text_address is not None:
-            text_channel, memory_channel = self._channel(s.text_address), self._channel(s.memory_address)
-            self._health = {"text": health_pb2_grpc.HealthStub(text_channel),
-                            "memory": health_pb2_grpc.HealthStub(memory_channel)}
-            retrieval = RemoteRetrieval(TextClient(text_channel, timeout_s=s.dependencies.timeout_s),
-                                        MemoryClient(memory_channel, timeout_s=s.dependencies.timeout_s),
-                                        release.memory_codec(), release.memory_shape())
-        else:
-            from ..retrieval.embedder import Embedder
-
-            embedder = await asyncio.to_thread(Embedder)
-            retrieval = LocalRetrieval(release, embedder)
-        engine = GenerationEngine(model, codec, retrieval, s.engine, release=release.name)
-        await engine.start()
-        self.engine = engine
-        while self._health and not await self._dependencies_up():
+        built = await build_engine(s, release)
+        self._built = built
+        self.engine = built.engine
+        while not await built.dependencies_up():
             log.info("waiting for the text and memory services to report SERVING")
             await asyncio.sleep(0.5)
         await self.server.serving()
         self._watch = asyncio.create_task(self._watch_dependencies())
         log.info("decoder serving release %r (%s retrieval, batch %d)", release.name,
-                 "remote" if self._health else "in-process", s.engine.max_batch)
-        return engine
+                 "remote" if built.health else "in-process", s.engine.max_batch)
+        return built.engine
 
     async def _dependencies_up(self) -> bool:
-        for name, stub in self._health.items():
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            except grpc.aio.AioRpcError:
-                return False
-            if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                log.debug("%s service not serving", name)
-                return False
-        return True
+        return self._built is None or await self._built.dependencies_up()
 
     async def _watch_dependencies(self) -> None:
         """With the fail-fast policy, readiness follows the dependencies; else the decoder stays ready."""
@@ -173,10 +211,8 @@ class DecoderServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self.engine is not None:
-            await self.engine.close()
-        for channel in self._channels:
-            await channel.close()
+        if self._built is not None:
+            await self._built.close()
 
     async def stop(self) -> None:
         await self.server.stop(on_drain=[self.drain])

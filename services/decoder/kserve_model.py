@@ -1,0 +1,225 @@
+"""The decoder as a KServe custom model: Open Inference Protocol v2 over REST and gRPC, text in and out.
+
+KServe's ModelServer runs the HTTP server (v1/v2 REST, health, /metrics, and our OpenAI-style
+route) and the v2 gRPC server. This model opens the release in `load()` (before the servers
+listen, as KServe expects) and starts the engine in `start_engine()`, KServe's hook for models
+with an engine, which runs in the servers' own event loop: the scheduler, retrieval and every
+request share that loop. Readiness (`/v2/models/{name}/ready`, gRPC ModelReady) follows the
+engine. v2 has no streaming (OIP gRPC is unary); stream through `POST /v1/completions`.
+
+v2 request: input `text`, BYTES, shape [1], the UTF-8 prompt; optional request parameters
+`max_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop` (a string), `use_memory`,
+`include_reference_text` (over gRPC, floats as strings: KServe's InferParameter has no double).
+Response: `text` (BYTES [1]) and `citations` (BYTES [1], a JSON list of per-chunk references),
+with `finish_reason`, `prompt_tokens` and `completion_tokens` parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from typing import Any
+
+import kserve
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from grpc_interceptor.exceptions import GrpcException
+from kserve import InferOutput, InferRequest, InferResponse
+from kserve.model_server import app as kserve_app
+
+from ..rpc.errors import InvalidInput, ServiceError, Unavailable
+from .engine import GenerationEngine, GenerationEvent
+from .http_errors import http_status
+from .openai_routes import add_completion_routes, citation_json
+from .server import BuiltEngine, DecoderSettings, build_engine, open_release
+from .validation import build_request
+
+log = logging.getLogger("memory3.decoder")
+
+INPUT = "text"
+PARAMETERS: dict[str, tuple[type, ...]] = {
+    "max_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,),
+    "stop": (str,), "use_memory": (bool,), "include_reference_text": (bool,)}
+# Set by KServe itself or by v2 clients (tritonclient): not ours to judge.
+PROTOCOL_PARAMETERS = {"binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
+                       "headers"}
+
+
+class Memory3Model(kserve.Model):
+    def __init__(self, name: str, settings: DecoderSettings) -> None:
+        super().__init__(name)
+        self.settings = settings
+        self.engine = True  # KServe's flag: this model has an engine to start (start_engine) in the server's loop
+        self._release = None
+        self._built: BuiltEngine | None = None
+
+    # ---- lifecycle (called by KServe) ----
+    def load(self) -> bool:
+        """Open the release (download and verify); idempotent, since KServe calls it again while not healthy."""
+        if self._release is None:
+            self._release = open_release(self.settings)
+        self.ready = True
+        return self.ready
+
+    async def start_engine(self) -> None:
+        self._built = await build_engine(self.settings, self._release)
+        while not await self._built.dependencies_up():
+            log.info("waiting for the text and memory services to report SERVING")
+            await asyncio.sleep(0.5)
+        self.ready = True
+        log.info("KServe model %r serving release %r", self.name, self._release.name)
+
+    async def healthy(self) -> bool:
+        engine = self._built.engine if self._built is not None else None
+        return self.ready and engine is not None and engine.started and not engine.draining
+
+    def stop(self) -> None:
+        """On SIGTERM: refuse new requests; the HTTP and gRPC servers let in-flight ones finish."""
+        self.ready = False
+        if self._built is not None:
+            self._built.engine.draining = True
+
+    def close(self) -> None:
+        """After the servers stopped: stop the scheduler thread (blocking)."""
+        if self._built is not None and self._built.engine.started:
+            self._built.engine.scheduler.stop()
+            self._built.engine.started = False
+
+    def current(self) -> GenerationEngine:
+        engine = self._built.engine if self._built is not None else None
+        if engine is None or not engine.started:
+            raise Unavailable("the decoder is starting (loading its release); retry shortly")
+        return engine
+
+    # ---- v2 metadata ----
+    def get_input_types(self) -> list[dict]:
+        return [{"name": INPUT, "datatype": "BYTES", "shape": [1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "text", "datatype": "BYTES", "shape": [1]},
+                {"name": "citations", "datatype": "BYTES", "shape": [1]}]
+
+    # ---- inference ----
+    async def predict(self, payload, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> InferResponse:
+        grpc_request = isinstance(payload, InferRequest) and payload.from_grpc
+        try:
+            return await self._predict(payload)
+        except ServiceError as exc:
+            if grpc_request:  # KServe's gRPC interceptor turns GrpcException into this status
+                raise GrpcException(status_code=exc.code, details=str(exc)) from exc
+            raise  # REST: rest_error_handler
+
+    async def _predict(self, payload) -> InferResponse:
+        if not isinstance(payload, InferRequest):
+            raise InvalidInput(f"use the v2 protocol: POST /v2/models/{self.name}/infer with a BYTES input "
+                               f"{INPUT!r} of shape [1]")
+        engine = self.current()
+        prompt = _prompt(payload)
+        params = _parameters(payload.parameters)
+        stop = params.pop("stop", None)
+        request = build_request(engine, prompt=prompt, stop=(stop,) if stop is not None else (),
+                                request_id=payload.id or "", **params)
+        whole = GenerationEvent()
+        async for event in engine.generate(request):
+            whole.text += event.text
+            whole.citations.extend(event.citations)
+            whole.warnings.extend(event.warnings)
+            whole.finish_reason, whole.usage = event.finish_reason, event.usage
+        outputs = [
+            InferOutput("text", [1], "BYTES", data=[whole.text]),
+            InferOutput("citations", [1], "BYTES", data=[json.dumps([citation_json(c) for c in whole.citations])]),
+        ]
+        parameters: dict[str, Any] = {"finish_reason": whole.finish_reason or "",
+                                      "prompt_tokens": whole.usage.prompt_tokens,
+                                      "completion_tokens": whole.usage.completion_tokens}
+        if whole.warnings:
+            parameters["warnings"] = "; ".join(whole.warnings)
+        return InferResponse(response_id=request.request_id, model_name=self.name, infer_outputs=outputs,
+                             parameters=parameters, use_binary_outputs=payload.use_binary_outputs)
+
+
+def _prompt(payload: InferRequest) -> str:
+    tensor = next((i for i in payload.inputs if i.name == INPUT), None)
+    if tensor is None:
+        names = [i.name for i in payload.inputs]
+        raise InvalidInput(f"the request needs an input named {INPUT!r} (BYTES, shape [1]) holding the prompt; "
+                           f"got inputs {names}")
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input {INPUT!r} must have datatype BYTES (UTF-8 text), got {tensor.datatype}")
+    try:
+        values = tensor.as_numpy().reshape(-1)
+    except Exception as e:  # noqa: BLE001 - malformed tensor data is the caller's to fix
+        raise InvalidInput(f"input {INPUT!r} could not be read as a BYTES tensor of shape {tensor.shape}: {e}") from e
+    if values.size != 1:
+        raise InvalidInput(f"input {INPUT!r} holds {values.size} elements; send one prompt per request (shape [1])")
+    value = values[0]
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"input {INPUT!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return str(value)
+
+
+def _parameters(raw) -> dict[str, Any]:
+    """Request parameters (a dict over REST, InferParameter messages over gRPC) as build_request arguments.
+
+    KServe's gRPC InferParameter has no double field (Triton's has), so a float sent by a gRPC
+    client arrives empty: floats may also be given as strings ("0.7").
+    """
+    out: dict[str, Any] = {}
+    for name, value in (raw or {}).items():
+        if name in PROTOCOL_PARAMETERS:
+            continue
+        if name not in PARAMETERS:
+            raise InvalidInput(f"unknown parameter {name!r}; this model takes {sorted(PARAMETERS)}")
+        kinds = PARAMETERS[name]
+        if hasattr(value, "WhichOneof"):  # gRPC InferParameter
+            choice = value.WhichOneof("parameter_choice")
+            if choice is None:
+                raise InvalidInput(f"parameter {name!r} arrived without a value KServe's v2 gRPC can read (bool, "
+                                   "int64 or string): send floats as strings, e.g. \"0.7\"")
+            value = getattr(value, choice)
+        if float in kinds and isinstance(value, str):
+            value = _float(name, value)
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise InvalidInput(f"parameter {name!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        out[name] = float(value) if float in kinds else value
+    return out
+
+
+def _float(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise InvalidInput(f"parameter {name!r} must be a finite number, got {text!r}")
+    return value
+
+
+async def rest_error_handler(_request: Request, exc: ServiceError) -> JSONResponse:
+    """Domain errors on the v2 REST routes: KServe's `{"error": message}` with the matching status."""
+    status, message = http_status(exc)
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def serve_kserve(settings: DecoderSettings, *, model_name: str, http_port: int, grpc_port: int,
+                 grace_s: float) -> int:
+    """Run KServe's ModelServer with this model and the OpenAI-style route until SIGTERM/SIGINT."""
+    model = Memory3Model(model_name, settings)
+    model.load()
+    add_completion_routes(kserve_app, model.current, model_name)
+    kserve_app.add_exception_handler(ServiceError, rest_error_handler)
+    server = kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, grace_period=max(1, round(grace_s)))
+    print(f"KServe model {model_name!r} (release {settings.release}): HTTP :{http_port} (v2 REST, "
+          f"/v1/completions), v2 gRPC :{grpc_port}", flush=True)
+    try:
+        server.start([model])
+    finally:
+        model.close()
+    return 0

@@ -1,0 +1,212 @@
+"""OpenAI-style `POST /v1/completions` on the KServe HTTP server, with server-sent-event streaming.
+
+KServe's own OpenAI classes need vLLM, so this route is ours. It reads an OpenAI completion
+request, validates it with the decoder's shared rules (validation.py), and relays the engine's
+events either as one completion JSON or, with `"stream": true`, as `text/event-stream` chunks
+`data: {...}` ending with `data: [DONE]`. Errors are OpenAI-shaped
+(`{"error": {"message", "type", "param", "code"}}`) with the HTTP status of the domain error;
+a request that fails before its first token gets that status, never a 200 stream.
+
+Defaults follow OpenAI (temperature 1, top_p 1) except `max_tokens`, which defaults to the
+server's `--default-max-tokens`. Extensions: `top_k`, `use_memory` (default true) and
+`include_reference_text`; replies carry `citations` (per 64-token chunk, the references read)
+and `warnings` when there are any.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..rpc.errors import InvalidInput, NotFound
+from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
+from .http_errors import http_status
+from .validation import build_request
+
+log = logging.getLogger("memory3.decoder")
+
+COMPLETIONS_PATH = "/v1/completions"
+# OpenAI parameters this server does not implement: accepted only at their neutral values.
+NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ("",),
+           "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},)}
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "stream_options", "stop", "seed", "user",
+         "top_k", "use_memory", "include_reference_text", *NEUTRAL}
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+               503: "service_unavailable_error", 504: "timeout_error"}
+
+
+def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine], model_name: str) -> None:
+    """Register the route; `current` returns the running engine or raises Unavailable."""
+
+    async def completions(request: Request) -> Response:
+        try:
+            body = _json_object(await request.body())
+            engine = current()
+            generation, stream = parse_completion(body, engine, model_name)
+            if stream:
+                return await _stream(engine, generation, model_name)
+            return JSONResponse(await _complete(engine, generation, model_name))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
+            return error_response(exc)
+
+    app.add_api_route(COMPLETIONS_PATH, completions, methods=["POST"])
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, message = http_status(exc)
+    if status == 500:
+        log.error("completion failed", exc_info=exc)
+    return JSONResponse(_error_body(status, message), status_code=status)
+
+
+def _error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": None,
+                      "code": status}}
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInput(f"the body is not valid JSON ({e}); send a JSON object with at least \"prompt\"") from e
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object with at least \"prompt\"")
+    return body
+
+
+def parse_completion(body: dict, engine: GenerationEngine, model_name: str) -> tuple[GenerationRequest, bool]:
+    """An OpenAI completion request as a validated engine request, and whether to stream it."""
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {unknown}; this route takes {sorted(KNOWN)}")
+    for name, neutral in NEUTRAL.items():
+        value = body.get(name)
+        if value is not None and not any(value == n and isinstance(value, bool) == isinstance(n, bool)
+                                         for n in neutral):
+            allowed = f" (only {neutral[0]!r})" if neutral else ""
+            raise InvalidInput(f"{name} is not supported by this server{allowed}: leave it out")
+    model = _typed(body, "model", str, None)
+    if model is not None and model not in (model_name, engine.release):
+        raise NotFound(f"model {model!r} is not served here; this server serves {model_name!r} "
+                       f"(release {engine.release!r})")
+    prompt, token_ids = _prompt(body.get("prompt"))
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise InvalidInput("stop must be a string or a list of strings")
+    stream = _typed(body, "stream", bool, False)
+    request = build_request(
+        engine, prompt=prompt, prompt_token_ids=token_ids,
+        temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
+        top_k=_typed(body, "top_k", int, 0), max_tokens=_typed(body, "max_tokens", int, 0),
+        stop=tuple(stop or ()), seed=_typed(body, "seed", int, None),
+        use_memory=_typed(body, "use_memory", bool, True),
+        include_reference_text=_typed(body, "include_reference_text", bool, False))
+    return request, stream
+
+
+def _prompt(value) -> tuple[str, list[int]]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one
+    if isinstance(value, str):
+        return value, []
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return "", value
+    if value is None:
+        raise InvalidInput("prompt is required: a string, or a list of token ids")
+    raise InvalidInput("prompt must be a string or a list of token ids; this server takes one prompt per request")
+
+
+def _typed(body: dict, name: str, kind: type, default):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidInput(f"{name} must be {'an integer' if kind is int else f'a {kind.__name__}'}, got {value!r}")
+    return value
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+async def _complete(engine: GenerationEngine, request: GenerationRequest, model_name: str) -> dict:
+    whole = GenerationEvent()
+    async for event in engine.generate(request):
+        whole.text += event.text
+        whole.citations.extend(event.citations)
+        whole.warnings.extend(event.warnings)
+        whole.finish_reason, whole.usage = event.finish_reason, event.usage
+    return _chunk(request, model_name, whole)
+
+
+async def _stream(engine: GenerationEngine, request: GenerationRequest, model_name: str) -> Response:
+    events = engine.generate(request)
+    try:
+        first = await anext(events, None)  # validation and capacity errors surface here, as HTTP errors
+    except BaseException:
+        await events.aclose()
+        raise
+    return StreamingResponse(_sse(first, events, request, model_name), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse(first: GenerationEvent | None, events: AsyncIterator[GenerationEvent], request: GenerationRequest,
+               model_name: str) -> AsyncIterator[str]:
+    """Chunks as they come; an error after the first chunk is sent as an error event (status is sent)."""
+    try:
+        event = first
+        while event is not None:
+            yield _data(_chunk(request, model_name, event))
+            event = await anext(events, None)
+    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
+        status, message = http_status(exc)
+        if status == 500:
+            log.error("completion stream failed", exc_info=exc)
+        yield _data(_error_body(status, message))
+    finally:
+        await events.aclose()  # a client that hung up cancels its stream and frees its slot
+    yield "data: [DONE]\n\n"
+
+
+def _chunk(request: GenerationRequest, model_name: str, event: GenerationEvent) -> dict:
+    chunk = {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": int(time.time()),
+             "model": model_name,
+             "choices": [{"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}]}
+    if event.citations:
+        chunk["citations"] = [citation_json(c) for c in event.citations]
+    if event.warnings:
+        chunk["warnings"] = list(event.warnings)
+    if event.finish_reason is not None:
+        chunk["usage"] = _usage(event)
+    return chunk
+
+
+def _usage(event: GenerationEvent) -> dict:
+    u = event.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens, "retrievals": u.retrievals,
+            "memories_read": u.memories_read}
+
+
+def citation_json(c: Citation) -> dict:
+    """A citation as plain JSON: the chunk, whether it was generated text, and the references read."""
+    return {"chunk_index": c.chunk_index, "generated": c.generated,
+            "references": [{"id": r.id, "score": r.score, **({"text": r.text} if r.text else {})}
+                           for r in c.references]}
+
+
+def _data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"

@@ -1,0 +1,60 @@
+"""One set of request rules for every door into the decoder: gRPC, KServe v2 and OpenAI-style HTTP.
+
+Each front end maps its wire fields onto `build_request`; the rules and their messages live here,
+so a bad request gets the same answer, in the same words, whichever protocol it came through.
+What only the engine can judge (prompt length in tokens, context room) stays in
+`GenerationEngine.validate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from memory3.model.generate import SamplingParams
+
+from ..rpc.errors import InvalidInput, NotFound
+from .engine import GenerationEngine, GenerationRequest, new_request_id
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+
+
+def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_ids: Sequence[int] = (),
+                  release: str = "", temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
+                  max_tokens: int = 0, stop: Sequence[str] = (), seed: int | None = None, use_memory: bool = True,
+                  include_reference_text: bool = False, request_id: str = "",
+                  deadline: float | None = None) -> GenerationRequest:
+    """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it."""
+    if release and release != engine.release:
+        raise NotFound(f"release {release!r} is not served here (this decoder serves "
+                       f"{engine.release!r}); leave release empty or send it to the right deployment")
+    if prompt and prompt_token_ids:
+        raise InvalidInput("give the prompt as text or as token ids, not both")
+    if len(prompt) > engine.config.max_prompt_chars:
+        raise InvalidInput(f"the prompt has {len(prompt)} characters; the limit is {engine.config.max_prompt_chars}")
+    if prompt:
+        body = engine.codec.body(prompt)
+    else:
+        body = [engine.codec.bos_id, *prompt_token_ids]
+    if temperature < 0:
+        raise InvalidInput(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise InvalidInput(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 <= top_p <= 1:
+        raise InvalidInput(f"top_p must be in [0, 1] (0 or 1 disables it), got {top_p}")
+    if max_tokens < 0:
+        raise InvalidInput(f"max_tokens must be >= 1 (0 means the server's default), got {max_tokens}")
+    if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidInput(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                           f"{MAX_STOP_CHARS} characters")
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p or 1.0, seed=seed)
+    return GenerationRequest(
+        prompt_ids=body,
+        max_tokens=max_tokens or engine.config.default_max_tokens,
+        sampling=sampling,
+        stop=tuple(stop),
+        use_memory=use_memory,
+        include_reference_text=include_reference_text,
+        request_id=request_id or new_request_id(),
+        deadline=deadline,
+    )

@@ -1,0 +1,217 @@
+"""`memory3 serve kserve` as a process over a real release in a real local S3 server, in-process retrieval:
+a v2 gRPC client (tritonclient, in its own process: it and kserve both register the `inference` proto
+package), v2 REST, the OpenAI-style route with and without SSE streaming, and bad input.
+"""
+
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from memory3.services.storage.local_s3 import free_port
+
+pytestmark = pytest.mark.integration
+MODEL = "memory3"
+PROMPT = "Who repairs clocks in the river town of Pemberlyn, and how many bridges does it have?"
+
+
+class KServeProcess:
+    def __init__(self, process: subprocess.Popen, http_port: int, grpc_port: int, log) -> None:
+        self.process, self.http_port, self.grpc_port, self.log = process, http_port, grpc_port, log
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def post(self, path: str, body, timeout: float = 120.0) -> tuple[int, dict, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.status, dict(reply.headers), json.loads(reply.read())
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), json.loads(e.read())
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/models/{MODEL}/ready",
+                                        timeout=2) as reply:
+                return reply.status == 200
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+
+@pytest.fixture(scope="module")
+def kserve_server(tmp_path_factory, random_release, local_s3):
+    home = tmp_path_factory.mktemp("kserve")
+    http_port, grpc_port = free_port(), free_port()
+    s3 = local_s3.config
+    env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": s3.access_key, "MEMORY3_S3_SECRET_KEY": s3.secret_key}
+    env.pop("MEMORY3_AUTH_TOKEN", None)
+    log = home / "kserve.log"
+    args = ["serve", "kserve", "--release", random_release.name, "--http-port", str(http_port),
+            "--grpc-port", str(grpc_port), "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
+            "--cache-dir", str(home / "releases"), "--max-batch", "2", "--default-max-tokens", "8", "--grace", "5"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = KServeProcess(process, http_port, grpc_port, log)
+    try:
+        deadline = time.monotonic() + 180
+        while not server.ready():
+            if process.poll() is not None:
+                pytest.fail(f"memory3 serve kserve exited with {process.returncode}:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"memory3 serve kserve was not ready within 180 s:\n{server.log_tail()}")
+            time.sleep(0.5)
+        yield server
+        process.terminate()  # by PID; the server drains and exits by itself
+        code = process.wait(timeout=30)
+        assert code == 0, f"memory3 serve kserve exited with {code} after SIGTERM:\n{server.log_tail()}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def completion(server, **fields) -> dict:
+    status, _, body = server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, **fields})
+    assert status == 200, body
+    return body
+
+
+V2_GRPC_CLIENT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(sys.argv[1])
+    ready = client.is_server_ready() and client.is_model_ready(sys.argv[2])
+    prompt = triton.InferInput("text", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([sys.argv[3].encode()], dtype=object))
+    reply = client.infer(sys.argv[2], [prompt], parameters={"max_tokens": 12, "temperature": "0"},
+                         outputs=[triton.InferRequestedOutput("text"), triton.InferRequestedOutput("citations")])
+    result = {"ready": ready, "text": reply.as_numpy("text")[0].decode(),
+              "citations": json.loads(reply.as_numpy("citations")[0]),
+              "parameters": {k: str(v).strip() for k, v in reply.get_response().parameters.items()}}
+    for case, parameters in (("bad", {"temperature": "-1"}), ("float", {"temperature": 0.5})):
+        try:
+            client.infer(sys.argv[2], [prompt], parameters=parameters)
+        except InferenceServerException as e:
+            result[case] = {"status": e.status(), "message": e.message()}
+    print(json.dumps(result))
+""")
+
+
+def test_v2_grpc_client_gets_a_completion(kserve_server):
+    run = subprocess.run([sys.executable, "-c", V2_GRPC_CLIENT, f"127.0.0.1:{kserve_server.grpc_port}", MODEL,
+                          PROMPT], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr + "\n" + kserve_server.log_tail()
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["ready"] is True
+    assert result["text"] == completion(kserve_server, max_tokens=12, temperature=0)["choices"][0]["text"]
+    assert "completion_tokens" in result["parameters"] and "12" in result["parameters"]["completion_tokens"]
+    assert result["citations"] and len(result["citations"][0]["references"]) == 5
+    assert "INVALID_ARGUMENT" in result["bad"]["status"]
+    assert "temperature must be >= 0" in result["bad"]["message"]
+    assert "INVALID_ARGUMENT" in result["float"]["status"] and "floats as strings" in result["float"]["message"]
+
+
+def test_v2_rest_infer(kserve_server):
+    status, _, body = kserve_server.post(f"/v2/models/{MODEL}/infer", {
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}],
+        "parameters": {"max_tokens": 12, "temperature": 0}})
+    assert status == 200, body
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert outputs["text"]["datatype"] == "BYTES" and outputs["text"]["shape"] == [1]
+    text = outputs["text"]["data"][0]
+    assert text == completion(kserve_server, max_tokens=12, temperature=0)["choices"][0]["text"]
+    citations = json.loads(outputs["citations"]["data"][0])
+    prompt_chunks = -(-body["parameters"]["prompt_tokens"] // 64)
+    assert [c["chunk_index"] for c in citations] == list(range(prompt_chunks))
+    assert body["parameters"]["completion_tokens"] == 12 and body["parameters"]["finish_reason"] == "length"
+
+
+def test_openai_streaming_joins_to_the_completion(kserve_server):
+    request = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
+    connection = http.client.HTTPConnection("127.0.0.1", kserve_server.http_port, timeout=120)
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(request), {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        assert reply.status == 200, reply.read()
+        assert reply.getheader("Content-Type").startswith("text/event-stream")
+        events = [line.decode().strip() for line in reply if line.strip()]
+    finally:
+        connection.close()
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert len(chunks) > 3  # streamed, not one reply
+    assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 40
+    whole = completion(kserve_server, max_tokens=40, temperature=0)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert whole["usage"]["completion_tokens"] == 40 and whole["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_client_that_hangs_up_frees_its_stream(kserve_server):
+    tokens_before = metric(kserve_server, "memory3_generation_tokens_total")
+    request = {"prompt": PROMPT, "max_tokens": 600, "temperature": 0, "stream": True}
+    connection = http.client.HTTPConnection("127.0.0.1", kserve_server.http_port, timeout=60)
+    connection.request("POST", "/v1/completions", json.dumps(request), {"Content-Type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    connection.close()  # hang up after the first chunk
+    deadline = time.monotonic() + 20
+    while metric(kserve_server, "memory3_num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the stream kept its batch slot after the client hung up"
+        time.sleep(0.2)
+    assert metric(kserve_server, "memory3_generation_tokens_total") - tokens_before < 600  # cancelled, not finished
+
+
+@pytest.mark.parametrize(("fields", "status", "says"), [
+    ({"temperature": -0.5}, 400, "temperature must be >= 0"),
+    ({"top_p": 2}, 400, "top_p must be in [0, 1]"),
+    ({"max_tokens": "many"}, 400, "max_tokens must be an integer"),
+    ({"prompt": None}, 400, "prompt is required"),
+    ({"prompt": ""}, 400, "the prompt is empty"),
+    ({"max_tokens": 10**6, "stream": True}, 400, "max_tokens=1000000 does not fit"),
+    ({"n": 3}, 400, "n is not supported"),
+    ({"temprature": 0}, 400, "unknown field(s) ['temprature']"),
+    ({"stop": [""]}, 400, "stop: at most 8 non-empty strings"),
+    ({"model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
+])
+def test_openai_bad_input_says_what_to_fix(kserve_server, fields, status, says):
+    got, headers, body = kserve_server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, **fields})
+    assert got == status, body
+    assert headers["content-type"].startswith("application/json")  # an error, not a 200 stream
+    assert says in body["error"]["message"], body
+
+
+def test_bad_json_and_bad_v2_input(kserve_server):
+    status, _, body = kserve_server.post("/v1/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, _, body = kserve_server.post(f"/v2/models/{MODEL}/infer", {
+        "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}]})
+    assert status == 400 and "needs an input named 'text'" in body["error"], body
+    status, _, body = kserve_server.post(f"/v2/models/{MODEL}/infer", {
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}],
+        "parameters": {"max_token": 3}})
+    assert status == 400 and "unknown parameter 'max_token'" in body["error"], body
