@@ -83,6 +83,8 @@ class StackOptions:
     decoder_port: int | None = None  # None: a free port
     extra_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per service, e.g. {"memory": (...)}
     s3: S3Config | None = None  # an existing object store; None starts a local one (rclone) under home
+    # CPU cores per service (Linux), e.g. {"decoder": {0}, "text": {1}}: emulates separate nodes on one machine.
+    cpu_affinity: dict[str, set[int]] = field(default_factory=dict)
 
 
 def state_path(home: Path) -> Path:
@@ -135,6 +137,8 @@ def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, st
             with open(logfile, "ab") as out:
                 process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
                                            stdout=out, stderr=out, env=env, start_new_session=True)
+            if name in options.cpu_affinity:  # before torch starts its thread pools
+                os.sched_setaffinity(process.pid, options.cpu_affinity[name])
             state.processes.append(StackProcess(name, process.pid, port, str(logfile), metrics_port))
             state.save(state_path(home))
             log(f"{name} service starting on 127.0.0.1:{port} (log {logfile})")

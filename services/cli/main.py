@@ -125,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--json", type=Path, required=True)
     qual.add_argument("--readme", type=Path, default=None)
     add_s3_arguments(qual)
+    srv = bench_sub.add_parser("serving", help="the whole stack as processes: fetch, retrieval, TTFT/ITL, "
+                                               "retrieval on/off throughput")
+    srv.add_argument("--preset", default="small", help="model preset of the random-weights release")
+    srv.add_argument("--concurrency", default="1,8,32", help="comma-separated stream counts")
+    srv.add_argument("--prompt-tokens", type=int, default=128)
+    srv.add_argument("--new-tokens", type=int, default=128)
+    srv.add_argument("--rounds", type=int, default=5, help="interleaved rounds of retrieval on vs off")
+    srv.add_argument("--samples", type=int, default=30, help="fetch and retrieval samples")
+    srv.add_argument("--shared-cores", action="store_true",
+                     help="let all services share all cores (default: the decoder gets half of them, as its own node)")
+    srv.add_argument("--json", type=Path, required=True)
+    srv.add_argument("--readme", type=Path, default=None)
     return parser
 
 
@@ -326,6 +338,14 @@ def _bench(args: argparse.Namespace) -> int:
         from memory3.bench.quality import run_quality_bench
         result = run_quality_bench(s3_config(args), args.release, cache_dir=args.cache_dir,
                                    n_questions=args.questions, plot=args.json.with_suffix(".png"))
+    elif args.bench_kind == "serving":
+        from memory3.bench.serving import run_serving_bench
+        concurrency = tuple(int(c) for c in args.concurrency.split(","))
+        if any(c < 1 for c in concurrency):
+            raise ValueError(f"--concurrency takes positive integers, got {args.concurrency!r}")
+        result = run_serving_bench(preset=args.preset, concurrency=concurrency, prompt_tokens=args.prompt_tokens,
+                                   new_tokens=args.new_tokens, rounds=args.rounds, samples=args.samples,
+                                   pin=not args.shared_cores, log=lambda msg: print(msg, file=sys.stderr))
     else:
         from memory3.bench.storage import run_storage_bench
         result = run_storage_bench(preset=args.preset, checkpoint=args.checkpoint, n_references=args.references,

@@ -76,6 +76,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     use_memory: bool = True
     include_reference_text: bool = False
+    ignore_eos: bool = False
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() deadline
 
@@ -314,7 +315,7 @@ class Scheduler:
             metrics.INTER_TOKEN_LATENCY.observe(now - stream.last_token_time)
         stream.last_token_time = now
         metrics.GENERATION_TOKENS.inc()
-        if token in self.stop_ids:
+        if token in self.stop_ids and not stream.request.ignore_eos:
             self._finish(stream, "stop")
             return
         stream.tokens.append(token)

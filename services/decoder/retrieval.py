@@ -66,3 +66,76 @@ class LocalRetrieval:
 
     async def fetch(self, ids: Sequence[str]) -> list[ExplicitMemory]:
         return await asyncio.to_thread(self.release.fetch_memories, list(ids))
+
+
+class CoalescingRetrieval:
+    """Merges concurrent retrievals (and fetches) into one call each.
+
+    Streams reach chunk boundaries together (a batch started together stays in step), and each
+    would otherwise cost the text service one embedding pass and the memory service one round
+    trip. Calls that arrive within `window_s` of the first become one batched call; with a
+    single caller the added latency is the window alone. When a merged call fails, each caller's
+    part is retried alone, so one bad query or corrupt memory fails only the stream that asked.
+    """
+
+    def __init__(self, inner: Retrieval, *, window_s: float = 0.002, max_items: int = 256) -> None:
+        self.inner, self.window_s, self.max_items = inner, window_s, max_items
+        self._pending: dict[tuple, list[tuple[list, asyncio.Future]]] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def retrieve(self, queries: list[list[int]], top_k: int,
+                       include_text: bool) -> list[list[RetrievedReference]]:
+        return await self._submit(("retrieve", top_k, include_text), list(queries))
+
+    async def fetch(self, ids: Sequence[str]) -> list[ExplicitMemory]:
+        return await self._submit(("fetch",), list(ids))
+
+    async def _submit(self, key: tuple, items: list):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        pending = self._pending.setdefault(key, [])
+        pending.append((items, future))
+        if len(pending) == 1:
+            loop.call_later(self.window_s, self._flush, key)
+        elif sum(len(i) for i, _ in pending) >= self.max_items:
+            self._flush(key)
+        return await future
+
+    def _flush(self, key: tuple) -> None:
+        batch = self._pending.pop(key, [])
+        if batch:
+            task = asyncio.ensure_future(self._run(key, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, key: tuple, items: list) -> list:
+        if key[0] == "retrieve":
+            return await self.inner.retrieve(items, key[1], key[2])
+        unique = list(dict.fromkeys(items))
+        memories = dict(zip(unique, await self.inner.fetch(unique), strict=True))
+        return [memories[i] for i in items]
+
+    async def _run(self, key: tuple, batch: list[tuple[list, asyncio.Future]]) -> None:
+        try:
+            merged = await self._call(key, [item for items, _ in batch for item in items])
+        except Exception as e:  # noqa: BLE001 - handed to the callers
+            if len(batch) == 1:
+                _settle(batch[0][1], error=e)
+                return
+            results = await asyncio.gather(*(self._call(key, items) for items, _ in batch), return_exceptions=True)
+            for (_, future), result in zip(batch, results, strict=True):
+                _settle(future, **({"error": result} if isinstance(result, BaseException) else {"value": result}))
+            return
+        start = 0
+        for items, future in batch:
+            _settle(future, value=merged[start : start + len(items)])
+            start += len(items)
+
+
+def _settle(future: asyncio.Future, *, value=None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)

@@ -29,7 +29,7 @@ from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
 from ..text.client import TextClient
 from .engine import EngineConfig, GenerationEngine
 from .remote import RemoteRetrieval
-from .retrieval import LocalRetrieval
+from .retrieval import CoalescingRetrieval, LocalRetrieval
 from .servicer import SERVICE, GenerationServicer
 
 log = logging.getLogger("memory3.decoder")
@@ -126,7 +126,7 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
 
         embedder = await asyncio.to_thread(Embedder)
         retrieval = LocalRetrieval(release, embedder)
-    engine = GenerationEngine(model, codec, retrieval, s.engine, release=release.name)
+    engine = GenerationEngine(model, codec, CoalescingRetrieval(retrieval), s.engine, release=release.name)
     try:
         await engine.start()
     except BaseException:

@@ -31,7 +31,7 @@ class GenerationServicer:
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, max_tokens=p.max_tokens, stop=tuple(p.stop),
             seed=p.seed if p.HasField("seed") else None, use_memory=p.retrieval != pb.RETRIEVAL_MODE_NONE,
             include_reference_text=p.include_reference_text,
-            request_id=message.request_id,
+            ignore_eos=p.ignore_eos, request_id=message.request_id,
             deadline=time.monotonic() + remaining if remaining is not None else None)
 
     @rpc_errors

@@ -22,7 +22,7 @@ MAX_STOP_CHARS = 64
 def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_ids: Sequence[int] = (),
                   release: str = "", temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
                   max_tokens: int = 0, stop: Sequence[str] = (), seed: int | None = None, use_memory: bool = True,
-                  include_reference_text: bool = False, request_id: str = "",
+                  include_reference_text: bool = False, ignore_eos: bool = False, request_id: str = "",
                   deadline: float | None = None) -> GenerationRequest:
     """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it."""
     if release and release != engine.release:
@@ -55,6 +55,7 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
         stop=tuple(stop),
         use_memory=use_memory,
         include_reference_text=include_reference_text,
+        ignore_eos=ignore_eos,
         request_id=request_id or new_request_id(),
         deadline=deadline,
     )

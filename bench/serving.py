@@ -1,0 +1,226 @@
+"""Serving benchmark: the whole stack as separate processes on this machine, measured as a client.
+
+Starts a private stack (S3 server, Redis, text, memory and decoder services) in a temporary
+directory over a random-weights release of the given preset (speed does not depend on weights),
+then measures through gRPC:
+  - memory fetch of 5 memories: Redis hit, and S3 miss (Redis flushed; the memory service runs
+    without its RAM tier so that the tiers themselves are measured);
+  - retrieval of one 64-token chunk;
+  - time to first token and inter-token latency at several concurrencies;
+  - throughput with retrieval on vs off through the same services: a closed loop of clients that
+    send requests back to back for a few seconds (streams start and finish at different times, as
+    in production), in interleaved rounds whose paired ratios are summarised by their median.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from memory3.services.stack import StackOptions, StackState, start_stack, stop_processes
+
+from .machine import machine_info
+
+RELEASE = "bench-serving"
+
+
+def _documents(n: int, seed: int) -> list[tuple[str, str]]:
+    from memory3.services.trainer.world import World
+
+    world = World(seed, n_train=n, n_heldout=1)
+    return [(e.id, e.document) for e in world.entities[:n]]
+
+
+def _placement() -> dict[str, set[int]]:
+    """Half the cores for the decoder, the rest for the text and memory services (as separate nodes
+    would be); the decoder gets its cores in both the retrieval-on and -off runs."""
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return {}
+    half = len(cores) // 2
+    decoder, others = set(cores[:half]), set(cores[half:])
+    return {"decoder": decoder, "text": others, "memory": others}
+
+
+def _percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50_ms": None, "p99_ms": None, "n": 0}
+    xs = sorted(xs)
+    return {"p50_ms": round(1000 * xs[len(xs) // 2], 3),
+            "p99_ms": round(1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))], 3), "n": len(xs)}
+
+
+def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 32), prompt_tokens: int = 128,
+                      new_tokens: int = 128, rounds: int = 5, samples: int = 30, documents: int = 400,
+                      seed: int = 0, pin: bool = True, log=print) -> dict:
+    from memory3.services.release.synthetic import publish_random_release
+    from memory3.services.storage.object_store import ObjectStore
+
+    docs = _documents(documents, seed)
+    affinity = _placement() if pin else {}
+    with tempfile.TemporaryDirectory(prefix="memory3-bench-") as tmp:
+        options = StackOptions(home=Path(tmp), release=RELEASE, max_batch=max(concurrency), ready_timeout_s=300,
+                               cpu_affinity=affinity,
+                               extra_args={"memory": ("--ram-cache-mb", "0"),
+                                           "decoder": ("--max-seq-len", str(prompt_tokens + new_tokens + 64))})
+        state = start_stack(options, log=log, ensure_release=lambda s3, name: publish_random_release(
+            ObjectStore(s3), name, docs, preset=preset, seed=seed))
+        try:
+            result = asyncio.run(_measure(state, docs, concurrency=concurrency, prompt_tokens=prompt_tokens,
+                                          new_tokens=new_tokens, rounds=rounds, samples=samples, seed=seed, log=log))
+        finally:
+            stop_processes(state.processes)
+    result["protocol"] = {"preset": preset, "concurrency": list(concurrency), "prompt_tokens": prompt_tokens,
+                          "new_tokens": new_tokens, "rounds": rounds, "samples": samples, "documents": documents,
+                          "weights": "random init", "processes": "S3, Redis, text, memory, decoder on one machine",
+                          "ratio_statistic": "median of per-round paired ratios",
+                          "cpu_placement": {k: sorted(v) for k, v in affinity.items()} or "shared"}
+    result["machine"] = machine_info()
+    return result
+
+
+async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_tokens, rounds, samples, seed,
+                   log, round_s: float = 6.0) -> dict:
+    import grpc
+    import redis
+
+    from memory3.services.memory.client import MemoryClient
+    from memory3.services.text.client import TextClient
+
+    rng = random.Random(seed)
+    text_channel = grpc.aio.insecure_channel(state.address("text"))
+    memory_channel = grpc.aio.insecure_channel(state.address("memory"))
+    decoder_channel = grpc.aio.insecure_channel(state.address("decoder"),
+                                                options=[("grpc.max_concurrent_streams", 1000)])
+    try:
+        text, memory = TextClient(text_channel), MemoryClient(memory_channel)
+        cache = redis.Redis.from_url(state.redis_url)
+
+        # ---- retrieval and fetch ----
+        retrieval, hit, miss = [], [], []
+        for _ in range(samples):
+            q = (await text.tokenize(" ".join(rng.choice(docs)[1] for _ in range(3))))[:64]  # one chunk
+            start = time.perf_counter()
+            found = await text.retrieve([q], 5)
+            retrieval.append(time.perf_counter() - start)
+            ids = [rid for rid, _, _ in found[0]]
+            cache.flushall()
+            start = time.perf_counter()
+            await memory.get(ids)
+            miss.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            await memory.get(ids)
+            hit.append(time.perf_counter() - start)
+        log(f"fetch of 5: Redis hit p50 {statistics.median(hit) * 1e3:.2f} ms, "
+            f"S3 miss p50 {statistics.median(miss) * 1e3:.2f} ms; retrieval p50 "
+            f"{statistics.median(retrieval) * 1e3:.2f} ms")
+
+        prompts = [" ".join(rng.choice(docs)[1] for _ in range(4))[: prompt_tokens - 1] for _ in range(64)]
+        # ---- latency at each concurrency (retrieval on) ----
+        latency = {}
+        await _generate_all(decoder_channel, prompts[:2], new_tokens, memory_on=True)  # warm-up
+        for c in concurrency:
+            ttft, itl, tokens, wall = await _generate_all(decoder_channel, prompts[:c], new_tokens, memory_on=True)
+            latency[str(c)] = {"ttft": _percentiles(ttft), "itl": _percentiles(itl),
+                               "tok_s": round(tokens / wall, 2)}
+            log(f"concurrency {c}: TTFT p50 {latency[str(c)]['ttft']['p50_ms']} ms, ITL p50 "
+                f"{latency[str(c)]['itl']['p50_ms']} ms, {tokens / wall:.0f} tok/s")
+
+        # ---- retrieval on vs off: closed-loop load, interleaved rounds ----
+        c = 8 if 8 in concurrency else concurrency[len(concurrency) // 2]
+        on, off = [], []
+        for r in range(rounds):
+            order = (True, False) if r % 2 == 0 else (False, True)
+            for memory_on in order:
+                (on if memory_on else off).append(
+                    await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, memory_on=memory_on))
+        ratios = [a / b for a, b in zip(on, off, strict=True)]
+        summary = {
+            "retrieval_on_over_off": round(statistics.median(ratios), 4),
+            "retrieval_on_tok_s": round(statistics.median(on), 2),
+            "retrieval_off_tok_s": round(statistics.median(off), 2),
+            "fetch5_redis_hit_p50_ms": _percentiles(hit)["p50_ms"],
+            "fetch5_s3_miss_p50_ms": _percentiles(miss)["p50_ms"],
+            "retrieval_p50_ms": _percentiles(retrieval)["p50_ms"],
+            "itl_p50_ms_at_1": latency[str(concurrency[0])]["itl"]["p50_ms"],
+        }
+        return {"benchmark": "serving", "summary": summary, **summary,
+                "fetch5": {"redis_hit": _percentiles(hit), "s3_miss": _percentiles(miss)},
+                "retrieval": _percentiles(retrieval), "latency_by_concurrency": latency,
+                "on_off": {"clients": c, "seconds_per_round": round_s, "on_tok_s": [round(x, 2) for x in on],
+                           "off_tok_s": [round(x, 2) for x in off],
+                           "per_round_ratios": [round(x, 4) for x in ratios]}}
+    finally:
+        for channel in (text_channel, memory_channel, decoder_channel):
+            await channel.close()
+
+
+async def _closed_loop(channel, prompts: list[str], clients: int, new_tokens: int, seconds: float, *,
+                       memory_on: bool) -> float:
+    """Tokens/s received by `clients` that each send requests back to back for `seconds`."""
+    from memory3.v1 import generation_service_pb2 as pb
+    from memory3.v1 import generation_service_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.GenerationServiceStub(channel)
+    mode = pb.RETRIEVAL_MODE_MEMORY if memory_on else pb.RETRIEVAL_MODE_NONE
+    received = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal received
+        k = i
+        while time.perf_counter() < deadline:
+            request = pb.GenerateRequest(prompt=prompts[k % len(prompts)],
+                                         params=pb.GenerationParams(max_tokens=new_tokens, retrieval=mode,
+                                                                    ignore_eos=True))
+            call = stub.Generate(request, timeout=600)
+            async for response in call:
+                if time.perf_counter() >= deadline:
+                    call.cancel()
+                    break
+                received += len(response.token_ids)
+            k += clients
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return received / (time.perf_counter() - start)
+
+
+async def _generate_all(channel, prompts: list[str], new_tokens: int, *, memory_on: bool):
+    """Run one stream per prompt at once; returns (ttft list, itl list, tokens, wall seconds)."""
+    from memory3.v1 import generation_service_pb2 as pb
+    from memory3.v1 import generation_service_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.GenerationServiceStub(channel)
+    mode = pb.RETRIEVAL_MODE_MEMORY if memory_on else pb.RETRIEVAL_MODE_NONE
+    ttft: list[float] = []
+    itl: list[float] = []
+    produced = 0
+
+    async def one(prompt: str) -> None:
+        nonlocal produced
+        start = time.perf_counter()
+        last = None
+        request = pb.GenerateRequest(prompt=prompt, params=pb.GenerationParams(max_tokens=new_tokens, retrieval=mode,
+                                                                               ignore_eos=True))
+        async for response in stub.Generate(request, timeout=600):
+            n = len(response.token_ids)
+            if not n:
+                continue
+            now = time.perf_counter()
+            if last is None:
+                ttft.append(now - start)
+            else:
+                itl.extend([(now - last) / n] * n)
+            last = now
+            produced += n
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    return ttft, itl, produced, time.perf_counter() - start

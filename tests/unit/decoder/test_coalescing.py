@@ -1,0 +1,51 @@
+import asyncio
+
+import pytest
+
+from memory3.services.decoder.retrieval import CoalescingRetrieval, RetrievedReference
+from memory3.services.rpc.errors import DataLoss
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.retrieve_calls: list[int] = []
+        self.fetch_calls: list[list[str]] = []
+
+    async def retrieve(self, queries, top_k, include_text):
+        self.retrieve_calls.append(len(queries))
+        return [[RetrievedReference(f"r{sum(q)}", 1.0)] for q in queries]
+
+    async def fetch(self, ids):
+        self.fetch_calls.append(list(ids))
+        if "corrupt" in ids:
+            raise DataLoss("memory 'corrupt' failed validation")
+        return [f"memory-{i}" for i in ids]
+
+
+def test_concurrent_calls_become_one_and_results_go_back_in_order():
+    inner = Recorder()
+    coalescing = CoalescingRetrieval(inner, window_s=0.01)
+
+    async def main():
+        return await asyncio.gather(coalescing.retrieve([[1], [2]], 5, False), coalescing.retrieve([[3]], 5, False),
+                                    coalescing.fetch(["a", "b"]), coalescing.fetch(["b", "c"]))
+
+    r1, r2, f1, f2 = asyncio.run(main())
+    assert inner.retrieve_calls == [3]
+    assert [[x.id for x in hits] for hits in r1] == [["r1"], ["r2"]] and r2[0][0].id == "r3"
+    assert inner.fetch_calls == [["a", "b", "c"]]  # duplicates fetched once
+    assert f1 == ["memory-a", "memory-b"] and f2 == ["memory-b", "memory-c"]
+
+
+def test_a_failing_part_fails_only_its_caller():
+    inner = Recorder()
+    coalescing = CoalescingRetrieval(inner, window_s=0.01)
+
+    async def main():
+        return await asyncio.gather(coalescing.fetch(["a"]), coalescing.fetch(["corrupt"]), return_exceptions=True)
+
+    good, bad = asyncio.run(main())
+    assert good == ["memory-a"]
+    assert isinstance(bad, DataLoss)
+    with pytest.raises(DataLoss):
+        asyncio.run(coalescing.fetch(["corrupt"]))

@@ -1,0 +1,18 @@
+from memory3.services.decoder.detokenizer import IncrementalDetokenizer
+
+
+def test_deltas_are_whole_characters_and_join_to_the_text(text_codec):
+    text = "naïve café → 東京 🚀 done"
+    ids = text_codec.encode(text)  # byte-level: multi-byte characters span several tokens
+    detok = IncrementalDetokenizer(text_codec.decode)
+    deltas = [detok.add([i]) for i in ids]
+    assert "".join(deltas) + detok.add([], final=True) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert "" in deltas  # some tokens ended mid-character and were held back
+
+
+def test_invalid_bytes_are_not_held_forever(text_codec):
+    stray = text_codec.encode("é")[1]  # a continuation byte alone is invalid UTF-8
+    detok = IncrementalDetokenizer(text_codec.decode)
+    deltas = [detok.add([stray]) for _ in range(12)]
+    assert sum(len(d) for d in deltas) >= 8  # emitted as replacement characters, not buffered to the end
