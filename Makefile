@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RESULTS := bench/results
 
-.PHONY: setup proto demo test test-all test-gpu lint bench bench-decode bench-storage clean
+.PHONY: setup system-deps proto demo test test-all test-gpu lint bench bench-decode bench-storage clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 proto: setup
 	$(PY) protos/generate.py
 
-demo: setup
+demo: setup system-deps
 	$(VENV)/bin/memory3 demo
+
+# redis-server is the only system package the stack needs beyond Python (apt, as root or with sudo).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends redis-server; }
 
 test: setup
 	$(PY) -m pytest -m "not gpu and not e2e and not slow"
