@@ -1,5 +1,7 @@
 import pytest
+from release_fixtures import RandomRelease, build_random_release
 
+from memory3.services.storage.local_redis import LocalRedis, start_local_redis
 from memory3.services.storage.local_s3 import start_local_s3
 from memory3.services.storage.object_store import ObjectStore
 
@@ -18,3 +20,20 @@ def store(local_s3) -> ObjectStore:
     s = ObjectStore(local_s3.config)
     s.ensure_bucket()
     return s
+
+
+@pytest.fixture
+def local_redis(tmp_path_factory) -> LocalRedis:
+    """A real redis-server (Debian package) on 127.0.0.1, fresh per test, stopped by PID.
+
+    Fault tests may `kill()` it and `start()` it again on the same port.
+    """
+    server = start_local_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def random_release(store) -> RandomRelease:
+    """A tiny published release (random weights, a dozen references): see release_fixtures.py."""
+    return build_random_release(store)

@@ -1,0 +1,306 @@
+"""MemoryService over real gRPC, a real redis-server and a real S3 server (rclone): tiers, fills,
+faults (Redis killed and restarted, S3 down), corruption in either store, bad requests, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memory3.model.memory_format import decode_memory
+from memory3.services.memory.client import MemoryClient
+from memory3.services.memory.redis_tier import KEY_PREFIX
+from memory3.services.memory.server import MemorySettings, start_memory_server
+from memory3.services.release.manifest import ReleaseNotFound
+from memory3.services.rpc.errors import DataLoss, InvalidInput, NotFound, Unavailable
+from memory3.services.rpc.server import ServerOptions
+from memory3.services.storage.local_s3 import free_port, start_local_s3
+from memory3.v1 import memory_service_pb2 as pb
+from memory3.v1 import memory_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+SERVICE = "memory3.v1.MemoryService"
+
+
+def settings(random_release, s3_config, tmp_path, redis_url=None, **overrides) -> MemorySettings:
+    fields = {"redis_ttl_s": 60, "ram_cache_bytes": 1 << 20, **overrides}
+    return MemorySettings(release=random_release.name, s3=s3_config, cache_dir=tmp_path / "releases",
+                          redis_url=redis_url, **fields)
+
+
+@contextlib.asynccontextmanager
+async def serving(memory_settings: MemorySettings, *, ready: bool = True, options: ServerOptions | None = None):
+    app = await start_memory_server(memory_settings, options)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        if ready:
+            await app.wait_ready(timeout=60)
+        yield app, MemoryClient(channel, timeout_s=10)
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+async def health(app) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        return reply.status
+
+
+def tiers(stats: pb.GetStatsResponse) -> dict[str, tuple[int, int, bool]]:
+    return {pb.Tier.Name(t.tier): (t.hits, t.misses, t.available) for t in stats.tiers}
+
+
+def scrape(port: int, name: str, tier: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(f'{name}{{tier="{tier}"}}')]
+    return values[0] if values else 0.0  # a labelled series appears on its first use
+
+
+def corrupted(blob: bytes) -> bytes:
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0x5A
+    return bytes(bad)
+
+
+def test_miss_goes_to_s3_then_redis_then_ram(random_release, local_s3, store, local_redis, tmp_path):
+    ids = [r.id for r in random_release.references[:3]]
+    cache = redis.Redis.from_url(local_redis.url)
+
+    async def scenario():
+        base = settings(random_release, local_s3.config, tmp_path, local_redis.url)
+        async with serving(base, options=ServerOptions(metrics_port=0)) as (a, client_a), \
+                serving(dataclasses.replace(base, cache_dir=tmp_path / "b")) as (_b, client_b):
+            assert await health(a) == health_pb2.HealthCheckResponse.SERVING
+            redis_hits = await asyncio.to_thread(scrape, a.server.metrics_port, "memory3_memory_hits_total", "redis")
+
+            first = await client_a.fetch([ids[0], ids[1], ids[0]])
+            assert [(m.id, m.tier) for m in first] == [(ids[0], "s3"), (ids[1], "s3"), (ids[0], "s3")]
+            c = random_release.model.config
+            shape = (len(c.memory_layers), c.n_kv_head, c.mem_tokens_per_head, c.head_dim)
+            for m in first:  # the stored blob, byte for byte, and it decodes to the release's shape
+                assert m.blob == store.get_bytes(random_release.memory_key(m.id))
+                decode_memory(m.blob, random_release.memory_codec, expected_shape=shape)
+            key = KEY_PREFIX + random_release.memory_key(ids[0])
+            assert cache.get(key) == first[0].blob and 0 < cache.ttl(key) <= 60  # one key, whole blob, TTL
+
+            # another replica shares Redis: its first read is a Redis hit, its second a RAM hit
+            assert [m.tier for m in await client_b.fetch(ids[:2])] == ["redis", "redis"]
+            assert [m.tier for m in await client_b.fetch([ids[1], ids[2], ids[0]])] == ["ram", "s3", "ram"]
+            assert await client_a.get(ids[:2]) == [first[0].blob, first[1].blob]
+
+            stats_b = await client_b.stats()
+            assert stats_b.release == random_release.name and stats_b.ram_entries == 3 and stats_b.ram_bytes > 0
+            got = tiers(stats_b)
+            assert (got["TIER_RAM"][:2], got["TIER_REDIS"][:2], got["TIER_S3"][:2]) == ((2, 3), (2, 1), (1, 0))
+            assert all(available for *_, available in got.values())
+            assert tiers(await client_a.stats())["TIER_S3"][:2] == (2, 0)
+            after = await asyncio.to_thread(scrape, a.server.metrics_port, "memory3_memory_hits_total", "redis")
+            assert after - redis_hits == 2  # process-wide counters, served on /metrics
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_redis_killed_then_restarted(random_release, local_s3, local_redis, tmp_path):
+    ids = [r.id for r in random_release.references]
+
+    async def scenario():
+        no_ram = settings(random_release, local_s3.config, tmp_path, local_redis.url, ram_cache_bytes=0)
+        async with serving(no_ram) as (app, client):
+            await client.fetch(ids[:2])
+            assert [m.tier for m in await client.fetch(ids[:2])] == ["redis", "redis"]
+
+            local_redis.kill()
+            for _ in range(3):  # every request is served, from S3, without waiting on Redis
+                started = time.perf_counter()
+                assert [m.tier for m in await client.fetch(ids[:3])] == ["s3", "s3", "s3"]
+                assert time.perf_counter() - started < 2.0
+            assert tiers(await client.stats())["TIER_REDIS"][2] is False
+
+            local_redis.start()  # same port, empty (no persistence)
+            deadline = time.monotonic() + 15
+            while not tiers(await client.stats())["TIER_REDIS"][2]:
+                assert time.monotonic() < deadline, "Redis tier never came back"
+                await asyncio.sleep(0.1)
+            assert [m.tier for m in await client.fetch([ids[3]])] == ["s3"]
+            assert [m.tier for m in await client.fetch([ids[3]])] == ["redis"]  # filled and used again
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_corrupt_object_in_s3_is_data_loss(random_release, local_s3, store, local_redis, tmp_path):
+    victim, fine = random_release.references[4].id, random_release.references[5].id
+    key = random_release.memory_key(victim)
+    original = store.get_bytes(key)
+    store.put_bytes(key, corrupted(original))
+    cache = redis.Redis.from_url(local_redis.url)
+
+    async def scenario():
+        async with serving(settings(random_release, local_s3.config, tmp_path, local_redis.url)) as (app, client):
+            with pytest.raises(DataLoss, match=rf"corrupt.*{victim}.*checksum mismatch"):
+                await client.fetch([fine, victim])
+            assert cache.get(KEY_PREFIX + key) is None and key not in app.store.ram  # never cached
+            assert [m.tier for m in await client.fetch([fine])] == ["ram"]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pb_grpc.MemoryServiceStub(channel).GetMemories(pb.GetMemoriesRequest(ids=[victim]))
+            assert err.value.code() == grpc.StatusCode.DATA_LOSS
+
+            store.put_bytes(key, original)  # repaired in the bank: served again
+            assert (await client.get([victim])) == [original]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.put_bytes(key, original)
+
+
+def test_corrupt_value_in_redis_is_replaced_from_s3(random_release, local_s3, store, local_redis, tmp_path):
+    rid = random_release.references[6].id
+    key = KEY_PREFIX + random_release.memory_key(rid)
+    cache = redis.Redis.from_url(local_redis.url)
+    good = store.get_bytes(random_release.memory_key(rid))
+    cache.set(key, corrupted(good))
+
+    async def scenario():
+        no_ram = settings(random_release, local_s3.config, tmp_path, local_redis.url, ram_cache_bytes=0)
+        async with serving(no_ram) as (_app, client):
+            [m] = await client.fetch([rid])
+            assert (m.tier, m.blob) == ("s3", good)
+            assert cache.get(key) == good  # repaired
+            assert [m.tier for m in await client.fetch([rid])] == ["redis"]
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_bad_requests(random_release, local_s3, tmp_path):
+    known = random_release.references[0].id
+
+    async def scenario():
+        async with serving(settings(random_release, local_s3.config, tmp_path)) as (app, client):
+            with pytest.raises(NotFound, match="2 of 3 ids are not references of release 'random-tiny': nope, nada"):
+                await client.fetch([known, "nope", "nada"])
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                raw = pb_grpc.MemoryServiceStub(channel)
+                for ids, code, message in [([known] * 1025, grpc.StatusCode.INVALID_ARGUMENT, "at most 1024"),
+                                           ([], grpc.StatusCode.INVALID_ARGUMENT, "no ids given"),
+                                           (["nope"], grpc.StatusCode.NOT_FOUND, "nope")]:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await raw.GetMemories(pb.GetMemoriesRequest(ids=ids))
+                    assert err.value.code() == code and message in err.value.details()
+            with pytest.raises(InvalidInput, match="no ids"):
+                await client.fetch([])
+            # the client splits a large batch; the service never sees more than 1024
+            blobs = await client.get([known] * 1500)
+            assert len(blobs) == 1500 and len(set(blobs)) == 1
+            # Redis not configured: reported unavailable, memories still served
+            assert tiers(await client.stats())["TIER_REDIS"][2] is False
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_put_memories_validates_and_stores(random_release, local_s3, store, local_redis, tmp_path):
+    rid = random_release.references[7].id
+    blob = store.get_bytes(random_release.memory_key(rid))
+
+    async def scenario():
+        async with serving(settings(random_release, local_s3.config, tmp_path, local_redis.url)) as (_app, client):
+            assert await client.put([(rid, blob)]) == 1
+            assert redis.Redis.from_url(local_redis.url).get(KEY_PREFIX + random_release.memory_key(rid)) == blob
+            assert [m.tier for m in await client.fetch([rid])] == ["ram"]
+            with pytest.raises(InvalidInput, match=f"not valid blobs.*{rid}"):
+                await client.put([(rid, corrupted(blob))])
+            with pytest.raises(NotFound):
+                await client.put([("nope", blob)])
+        assert store.get_bytes(random_release.memory_key(rid)) == blob
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_not_serving_until_s3_answers_then_unavailable_when_it_goes(random_release, local_s3, tmp_path):
+    port = free_port()
+    late = dataclasses.replace(local_s3.config, endpoint=f"127.0.0.1:{port}", timeout_s=2.0)
+    ids = [r.id for r in random_release.references[:2]]
+
+    async def scenario():
+        s = settings(random_release, late, tmp_path, open_retry_s=0.1, open_max_retry_s=0.2)
+        async with serving(s, ready=False) as (app, client):
+            await asyncio.sleep(0.3)  # a few failed attempts to open the release
+            assert await health(app) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(Unavailable, match="starting"):
+                await client.fetch(ids)
+
+            second = await asyncio.to_thread(start_local_s3, local_s3.data_dir, port=port, bucket=late.bucket,
+                                             access_key=late.access_key, secret_key=late.secret_key)
+            try:
+                await app.wait_ready(timeout=30)
+                assert await health(app) == health_pb2.HealthCheckResponse.SERVING
+                await client.fetch(ids[:1])
+            finally:
+                second.stop()
+            assert [m.tier for m in await client.fetch(ids[:1])] == ["ram"]  # cached memories still served
+            with pytest.raises(Unavailable, match="object store cannot be reached"):
+                await client.fetch(ids)
+            assert tiers(await client.stats())["TIER_S3"][2] is False
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_missing_release_never_becomes_ready(local_s3, tmp_path):
+    async def scenario():
+        s = MemorySettings(release="no-such-release", s3=local_s3.config, cache_dir=tmp_path)
+        async with serving(s, ready=False) as (app, _client):
+            with pytest.raises(ReleaseNotFound, match="does not exist"):
+                await app.wait_ready(timeout=30)
+            assert await health(app) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_cli_serves_and_drains_on_sigterm(random_release, local_s3, local_redis, tmp_path):
+    port = free_port()
+    env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": local_s3.config.access_key,
+           "MEMORY3_S3_SECRET_KEY": local_s3.config.secret_key, "MEMORY3_REDIS_URL": local_redis.url}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memory3.services.cli.main", "serve", "memory", "--release", random_release.name,
+         "--port", str(port), "--s3-endpoint", local_s3.config.endpoint, "--s3-bucket", local_s3.config.bucket,
+         "--cache-dir", str(tmp_path), "--ram-cache-mb", "8", "--grace", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        async def until_served() -> bytes:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        status = await health_pb2_grpc.HealthStub(channel).Check(
+                            health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                        if status.status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.aio.AioRpcError:
+                        pass
+                    assert process.poll() is None, process.communicate()[1][-2000:]
+                    assert time.monotonic() < deadline, "memory3 serve memory never became SERVING"
+                    await asyncio.sleep(0.2)
+                return await MemoryClient(channel).get([random_release.references[0].id])
+
+        [blob] = asyncio.run(until_served())
+        assert blob.startswith(b"M3KV")
+        os.kill(process.pid, signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+        assert process.returncode == 0, err[-2000:]
+        assert local_s3.config.secret_key not in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
