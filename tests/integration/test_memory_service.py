@@ -19,6 +19,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memory3.model.memory_format import decode_memory
+from memory3.services.memory import redis_tier
 from memory3.services.memory.client import MemoryClient
 from memory3.services.memory.redis_tier import KEY_PREFIX
 from memory3.services.memory.server import MemorySettings, start_memory_server
@@ -180,6 +181,22 @@ def test_corrupt_value_in_redis_is_replaced_from_s3(random_release, local_s3, st
             assert (m.tier, m.blob) == ("s3", good)
             assert cache.get(key) == good  # repaired
             assert [m.tier for m in await client.fetch([rid])] == ["redis"]
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_batch_order_across_mget_pieces(random_release, local_s3, store, local_redis, tmp_path, monkeypatch):
+    monkeypatch.setattr(redis_tier, "MGET_KEYS", 5)  # 12 references: three MGETs in one pipeline
+    ids = [r.id for r in random_release.references][::-1]
+    expected = [store.get_bytes(random_release.memory_key(i)) for i in ids]
+
+    async def scenario():
+        no_ram = settings(random_release, local_s3.config, tmp_path, local_redis.url, ram_cache_bytes=0)
+        async with serving(no_ram) as (_app, client):
+            assert [m.tier for m in await client.fetch(ids)] == ["s3"] * len(ids)
+            again = await client.fetch(ids)
+            assert [m.tier for m in again] == ["redis"] * len(ids)
+            assert [m.id for m in again] == ids and [m.blob for m in again] == expected
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
