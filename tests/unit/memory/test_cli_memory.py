@@ -1,0 +1,21 @@
+"""`memory3 serve memory`: its flags parse, and a missing release is a clear usage error."""
+
+from memory3.services.cli.main import build_parser, main
+
+
+def test_memory_flags_parse():
+    args = build_parser().parse_args(["serve", "memory", "--release", "r1", "--redis-url", "redis://h:6379/0",
+                                      "--redis-ttl", "60", "--ram-cache-mb", "0.5", "--s3-workers", "4"])
+    assert (args.service, args.release, args.redis_url, args.redis_ttl, args.ram_cache_mb, args.s3_workers) == \
+        ("memory", "r1", "redis://h:6379/0", 60, 0.5, 4)
+
+
+def test_serve_memory_needs_a_release(capsys):
+    assert main(["serve", "memory"]) == 2
+    assert "serve memory needs --release NAME" in capsys.readouterr().err
+
+
+def test_bad_cache_sizes_are_usage_errors(capsys, monkeypatch):
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    assert main(["serve", "memory", "--release", "r1", "--s3-endpoint", "127.0.0.1:9", "--ram-cache-mb", "-1"]) == 2
+    assert "--ram-cache-mb must be >= 0" in capsys.readouterr().err
