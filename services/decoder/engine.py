@@ -187,6 +187,8 @@ class Scheduler:
         self.stopping = True
         self.wake.set()
         self.thread.join(timeout=30)
+        if not self.thread.is_alive():
+            self.model.clear_caches()  # the model may be used again, e.g. by another engine
 
     # ---- the loop ----
     def _run(self) -> None:
