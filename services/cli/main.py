@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -142,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("gRPC server (token: MEMORY3_AUTH_TOKEN)")
+    group.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="one line per event; json for log collectors (request ids included either way)")
     group.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus /metrics on this port (0: any free port; default: none)")
     group.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate (with --tls-key: TLS)")
@@ -307,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(s3_config(args), preset=args.preset, quick=args.quick, release=args.release,
                              work_dir=work_dir, seed=args.seed, codec=args.codec, events=args.events)
         if args.command == "serve":
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+            from memory3.services.rpc.logs import configure_logging
+            configure_logging(args.log_format)
             if args.service == "text":
                 return _serve_text(args)
             if args.service == "memory":
