@@ -1,0 +1,117 @@
+"""TLS, mutual TLS and token auth on a real service (the MemoryService), with certificates made here."""
+
+import asyncio
+import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memory3.services.memory.client import MemoryClient
+from memory3.services.memory.server import MemorySettings, start_memory_server
+from memory3.services.rpc.errors import ServiceError
+from memory3.services.rpc.server import ServerOptions, client_channel
+
+pytestmark = pytest.mark.integration
+TOKEN = "s3cr3t-token"
+
+
+def _cert(name: str, issuer_key, issuer_name, key, *, ca: bool, san: str | None = None) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A CA, a server certificate for localhost, a client certificate; all PEM files."""
+    root = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "memory3 test CA")])
+    ca = _cert("memory3 test CA", ca_key, ca_name, ca_key, ca=True)
+    files = {"ca": ca}
+    for who in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        files[who] = _cert(who, ca_key, ca_name, key, ca=False, san="localhost" if who == "server" else None)
+        (root / f"{who}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+    paths = {}
+    for who, cert in files.items():
+        (root / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[who] = root / f"{who}.pem"
+    paths["server_key"], paths["client_key"] = root / "server.key", root / "client.key"
+    return paths
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def _with_server(random_release, local_s3, tmp_path, options: ServerOptions, body):
+    settings = MemorySettings(release=random_release.name, s3=local_s3.config, cache_dir=tmp_path)
+    app = await start_memory_server(settings, options)
+    try:
+        await app.wait_ready(60)
+        await body(f"localhost:{app.port}")
+    finally:
+        await app.stop()
+
+
+def test_tls_and_token(random_release, local_s3, tmp_path, pki):
+    ids = [random_release.references[0].id]
+    options = ServerOptions(port=0, tls_cert=pki["server"], tls_key=pki["server_key"], auth_token=TOKEN)
+
+    async def body(address):
+        async with client_channel(address, tls_ca=pki["ca"], auth_token=TOKEN) as channel:
+            assert len(await MemoryClient(channel).get(ids)) == 1
+        async with client_channel(address, tls_ca=pki["ca"], auth_token="wrong") as channel:
+            with pytest.raises(ServiceError) as denied:
+                await MemoryClient(channel).get(ids)
+            assert denied.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer" in str(denied.value)
+            # Probes need no token.
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(address) as plain:  # TLS is not optional once enabled
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    run(_with_server(random_release, local_s3, tmp_path, options, body))
+
+
+def test_mutual_tls_needs_a_client_certificate(random_release, local_s3, tmp_path, pki):
+    ids = [random_release.references[0].id]
+    options = ServerOptions(port=0, tls_cert=pki["server"], tls_key=pki["server_key"], tls_client_ca=pki["ca"])
+
+    async def body(address):
+        async with client_channel(address, tls_ca=pki["ca"], client_cert=pki["client"],
+                                  client_key=pki["client_key"]) as channel:
+            assert len(await MemoryClient(channel).get(ids)) == 1
+        async with client_channel(address, tls_ca=pki["ca"], auth_token="unused") as channel:
+            with pytest.raises(ServiceError) as refused:
+                await MemoryClient(channel).get(ids)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+    run(_with_server(random_release, local_s3, tmp_path, options, body))
+
+
+def test_bad_tls_options_are_refused_with_what_to_fix(pki):
+    with pytest.raises(ValueError, match="both a certificate and a key"):
+        ServerOptions(tls_cert=pki["server"])
+    with pytest.raises(ValueError, match="needs TLS"):
+        ServerOptions(tls_client_ca=pki["ca"])
+    with pytest.raises(ValueError, match="only sent over TLS"):
+        client_channel("localhost:1", auth_token=TOKEN)
