@@ -213,3 +213,44 @@ def test_gauges_return_to_zero(stack, stub):
 
 def _redis_url(stack) -> str:
     return stack.redis_url
+
+
+def test_deadline_is_honoured_and_frees_the_slot(stack, stub):
+    with pytest.raises(grpc.RpcError) as expired:
+        list(stub.Generate(pb.GenerateRequest(prompt=PROMPT, params=pb.GenerationParams(max_tokens=300,
+                                                                                         ignore_eos=True)),
+                           timeout=0.5))
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while metric(stack, "decoder", "memory3_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(stack, "decoder", "memory3_num_requests_running") == 0
+
+
+def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(stack, stub):
+    """Last in this module: it stops the decoder."""
+    decoder = stack.process("decoder")
+    call = stub.Generate(pb.GenerateRequest(prompt=PROMPT, params=pb.GenerationParams(max_tokens=150,
+                                                                                       ignore_eos=True)),
+                         timeout=120)
+    first = next(call)
+    os.kill(decoder.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(stub, max_tokens=2)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    rest = list(call)
+    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 150
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(decoder.pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{decoder.pid}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the decoder did not exit after draining")
