@@ -20,6 +20,8 @@ from memory3.model.generate import SamplingParams, iter_generate
 from memory3.model.memory import ExplicitMemory
 from memory3.model.tokenizer import TextCodec
 
+from .decoder.detokenizer import IncrementalDetokenizer
+
 
 @dataclass(frozen=True)
 class StreamEvent:
@@ -89,8 +91,7 @@ class LocalGenerator:
         if ref_tokens:
             retriever = OverlapRetriever(ref_tokens, encode_references(self.model, ref_tokens, self.prefix),
                                          config.mems_per_chunk)
-        generated: list[int] = []
-        emitted = ""
+        detok = IncrementalDetokenizer(self.codec.decode)
         seen_queries = 0
         retrievals: list[list[list[int]]] = []
         steps = iter_generate(
@@ -104,13 +105,8 @@ class LocalGenerator:
                 citations = sorted({i for hits in retriever.last_hits for i in hits})
             tok = int(token[0])
             done = bool(finished[0])
-            if not done:
-                generated.append(tok)
-            text = self.codec.decode(generated)
-            # Hold back a trailing partial UTF-8 sequence until its last byte arrives.
-            delta = "" if text.endswith("\ufffd") and not done else text[len(emitted):]
-            emitted += delta
+            delta = detok.add([] if done else [tok], final=done)
             yield StreamEvent(delta, [tok], citations, "stop" if done else None)
             if done:
                 return
-        yield StreamEvent("", [], None, "length")
+        yield StreamEvent(detok.add([], final=True), [], None, "length")
