@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ..memory.client import MemoryClient
 from ..release.reader import Release
 from ..rpc.errors import Unavailable
-from ..rpc.server import Server, ServerOptions, client_channel
+from ..rpc.server import Server, ServerOptions, client_channel, serve_until_signal
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
 from ..text.client import TextClient
 from .engine import EngineConfig, GenerationEngine
@@ -234,14 +234,7 @@ def serve_decoder(settings: DecoderSettings, options: ServerOptions) -> int:
     async def main() -> None:
         app = await start_decoder_server(settings, options)
         print(f"GenerationService on {options.host}:{app.port} (release {settings.release})", flush=True)
-        until_signal = asyncio.create_task(app.server.run_until_signal(on_drain=[app.drain]))
-        await asyncio.wait({until_signal, app.ready}, return_when=asyncio.FIRST_COMPLETED)
-        if app.ready.done() and app.ready.exception() is not None:
-            until_signal.cancel()
-            await app.stop()
-            raise app.ready.exception()
-        await until_signal
-        await app.close()
+        await serve_until_signal(app.server, app.ready, stop=app.stop, close=app.close, on_drain=[app.drain])
 
     asyncio.run(main())
     return 0

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memory3.model.checkpoint import CONFIG_FILE
-from memory3.v1 import memory_service_pb2_grpc as pb_grpc
 
 from ..release.publish import CODEC_FILE, REFERENCES_FILE
 from ..release.reader import Release
 from ..rpc.errors import Unavailable
-from ..rpc.server import Server, ServerOptions
+from ..rpc.server import Server, ServerOptions, serve_until_signal
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
 from .engine import MemoryStore
 from .ram_cache import RamCache
 from .redis_tier import RedisTier, redacted
-from .servicer import SERVICE_NAME, MemoryServicer
+from .servicer import SERVICE, MemoryServicer
 
 log = logging.getLogger("memory3.memory")
 # What the service reads of a release: the reference table (id -> bank key), the model config
@@ -122,7 +121,7 @@ async def start_memory_server(settings: MemorySettings, options: ServerOptions |
     """Listen now (NOT_SERVING); the release opens in the background (`wait_ready`)."""
     server = Server(options or ServerOptions())
     app = MemoryServer(settings, server)
-    server.add(pb_grpc.add_MemoryServiceServicer_to_server, MemoryServicer(app.current), SERVICE_NAME)
+    server.add_service(MemoryServicer(app.current), SERVICE)
     await server.start()
     app.ready = asyncio.create_task(app._open())
     log.info("MemoryService listening on %s:%d", server.options.host, server.port)
@@ -133,14 +132,7 @@ def serve_memory(settings: MemorySettings, options: ServerOptions) -> int:
     async def main() -> None:
         app = await start_memory_server(settings, options)
         print(f"MemoryService on {options.host}:{app.port} (release {settings.release})", flush=True)
-        until_signal = asyncio.create_task(app.server.run_until_signal())
-        await asyncio.wait({until_signal, app.ready}, return_when=asyncio.FIRST_COMPLETED)
-        if app.ready.done() and app.ready.exception() is not None:
-            until_signal.cancel()
-            await app.stop()
-            raise app.ready.exception()
-        await until_signal
-        await app.close_store()
+        await serve_until_signal(app.server, app.ready, stop=app.stop, close=app.close_store)
 
     asyncio.run(main())
     return 0

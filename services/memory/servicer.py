@@ -11,7 +11,7 @@ from ..rpc.errors import rpc_errors
 from .engine import RAM, REDIS, S3, MemoryStore
 
 TIER_TO_PB = {RAM: pb.TIER_RAM, REDIS: pb.TIER_REDIS, S3: pb.TIER_S3}
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):

@@ -23,6 +23,9 @@ log = logging.getLogger("memory3.rpc")
 MAX_MESSAGE_BYTES = 64 << 20
 # Health and reflection stay open without a token: probes and grpcurl's listing need them.
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# A health name that is SERVING from start until shutdown, whatever the service's readiness: liveness
+# probes check it, so a pod whose dependency is down stops getting traffic but is not restarted.
+LIVENESS_SERVICE = "liveness"
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,6 @@ class Server:
         self.metrics_port: int | None = None
         self.service_names: list[str] = []
 
-    def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object, service_name: str) -> None:
-        register(servicer, self.server)
-        self.service_names.append(service_name)
-
     def add_service(self, servicer: object, service: ServiceDescriptor) -> None:
         """Register from the proto descriptor: undecodable requests get INVALID_ARGUMENT, not INTERNAL."""
         add_service(self.server, servicer, service)
@@ -131,6 +130,7 @@ class Server:
                                             self.server)
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
         if self.options.metrics_port is not None:
             self.metrics_port = start_metrics_server(self.options.host, self.options.metrics_port)
@@ -159,6 +159,24 @@ class Server:
         await stop.wait()
         log.info("signal received: draining for up to %.0fs", self.grace_s)
         await self.stop(on_drain)
+
+
+async def serve_until_signal(server: Server, ready: asyncio.Task, *, stop: Callable[[], Awaitable[None]],
+                             close: Callable[[], Awaitable[None]],
+                             on_drain: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
+    """Run a service whose start-up (`ready`) goes on in the background until SIGTERM/SIGINT.
+
+    A start-up failure (a release that does not exist, a corrupt one) stops the server and is
+    raised, so the process exits non-zero instead of staying up NOT_SERVING forever.
+    """
+    until_signal = asyncio.create_task(server.run_until_signal(on_drain=on_drain))
+    await asyncio.wait({until_signal, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.exception() is not None:
+        until_signal.cancel()
+        await stop()
+        raise ready.exception()
+    await until_signal
+    await close()
 
 
 def client_channel(address: str, *, tls_ca: Path | None = None, client_cert: Path | None = None,

@@ -6,12 +6,10 @@ import asyncio
 import logging
 from pathlib import Path
 
-from memory3.v1 import text_service_pb2_grpc as pb_grpc
-
 from ..rpc.server import Server, ServerOptions
 from ..storage.object_store import ObjectStore, S3Config
 from .engine import TextEngine
-from .servicer import SERVICE_NAME, TextServicer
+from .servicer import SERVICE, TextServicer
 
 log = logging.getLogger("memory3.text")
 
@@ -23,7 +21,7 @@ async def start_text_server(engine: TextEngine, options: ServerOptions) -> Serve
     answer UNAVAILABLE. If loading fails the server is stopped and the error raised.
     """
     server = Server(options)
-    server.add(pb_grpc.add_TextServiceServicer_to_server, TextServicer(engine), SERVICE_NAME)
+    server.add_service(TextServicer(engine), SERVICE)
     await server.start()
     log.info("TextService listening on %s:%d, loading its release", options.host, server.port)
     try:

@@ -8,7 +8,7 @@ from memory3.v1 import text_service_pb2_grpc as pb_grpc
 from ..rpc.errors import rpc_errors
 from .engine import Query, Retrieved, TextEngine
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["TextService"]
 
 
 def query_from_proto(query: pb.RetrievalQuery) -> Query:

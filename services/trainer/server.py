@@ -6,12 +6,10 @@ import asyncio
 import logging
 from pathlib import Path
 
-from memory3.v1 import trainer_service_pb2_grpc as pb_grpc
-
 from ..rpc.server import Server
 from ..storage.object_store import S3Config
 from .engine import TrainingJobManager
-from .servicer import SERVICE_NAME, TrainerServicer
+from .servicer import SERVICE, TrainerServicer
 
 log = logging.getLogger("memory3.trainer")
 
@@ -20,7 +18,7 @@ async def start_trainer_server(s3: S3Config, work_root: Path, *, host: str = "12
                                grace_s: float = 10.0) -> tuple[Server, TrainingJobManager]:
     engine = TrainingJobManager(s3, work_root)
     server = Server(host=host, port=port, grace_s=grace_s)
-    server.add(pb_grpc.add_TrainerServiceServicer_to_server, TrainerServicer(engine), SERVICE_NAME)
+    server.add_service(TrainerServicer(engine), SERVICE)
     await server.start()
     await engine.start()  # SERVING only once the object store answered
     await server.serving()

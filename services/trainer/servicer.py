@@ -10,7 +10,7 @@ from .engine import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TrainingJobMa
 
 STATES = {QUEUED: pb.JOB_STATE_QUEUED, RUNNING: pb.JOB_STATE_RUNNING, SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
           FAILED: pb.JOB_STATE_FAILED, CANCELLED: pb.JOB_STATE_CANCELLED}
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["TrainerService"]
 
 
 def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
