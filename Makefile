@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RESULTS := bench/results
 
-.PHONY: setup system-deps proto demo test test-all test-gpu lint bench bench-decode bench-storage clean
+.PHONY: setup system-deps proto demo test test-all test-gpu lint helm-test helm-schema bench bench-decode bench-storage clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,13 @@ test-gpu: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The Helm chart, rendered and validated offline (no cluster, no helm binary), then run as local processes.
+helm-test: setup system-deps
+	$(PY) -m pytest tests/unit/deploy tests/integration/test_chart_wiring.py
+
+helm-schema: setup
+	$(PY) deploy/helm/generate_schema.py
 
 bench: bench-decode bench-storage
 

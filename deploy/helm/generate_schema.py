@@ -1,0 +1,136 @@
+"""Write memory3/values.schema.json from memory3/values.yaml: types and defaults from the values,
+descriptions from their `# --` comments, constraints from CONSTRAINTS below.
+
+Run it after changing values.yaml (`python deploy/helm/generate_schema.py`); a unit test fails while
+the committed schema differs from what this produces. Objects listed in FREE_MAPS take any keys
+(labels, resources, ...); every other object rejects unknown keys, so a typo in a value fails the
+install instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+CHART = Path(__file__).resolve().parent / "memory3"
+# Keys whose value is a free-form map handed to Kubernetes as is.
+FREE_MAPS = {"commonLabels", "commonAnnotations", "annotations", "labels", "nodeSelector", "podAnnotations",
+             "affinity", "resources", "requests", "limits", "podSecurityContext", "securityContext"}
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+CONSTRAINTS: dict[str, dict] = {
+    "image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+    "s3.inChart.image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+    "redis.inChart.image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+    "server.logFormat": {"enum": ["text", "json"]},
+    "server.grace": {"type": "number", "minimum": 0},
+    "server.preStopSleepSeconds": {"type": "integer", "minimum": 0},
+    "metrics.port": PORT,
+    "s3.inChart.port": PORT,
+    "redis.inChart.port": PORT,
+    "networkPolicy.externalRedisPort": PORT,
+    "text.port": PORT,
+    "memory.port": PORT,
+    "decoder.port": PORT,
+    "text.maxOverlap": {"type": "number", "minimum": 0, "maximum": 1},
+    "text.maxConcurrency": {"type": "integer", "minimum": 1},
+    "memory.ramCacheMB": {"type": "number", "minimum": 0},
+    "memory.redisTTL": {"type": "integer", "minimum": 0},
+    "memory.s3Workers": {"type": "integer", "minimum": 1},
+    "decoder.maxBatch": {"type": "integer", "minimum": 1},
+    "decoder.maxWaiting": {"type": "integer", "minimum": 0},
+    "decoder.retrievalPolicy": {"enum": ["fail", "continue"]},
+    "decoder.dtype": {"enum": ["", "float32", "bfloat16", "float16"]},
+    "decoder.imageFlavor": {"enum": ["auto", "cpu", "cuda"]},
+    "decoder.autoscaling.targetRequestsWaiting": {"type": "number", "exclusiveMinimum": 0},
+    "decoder.service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+    "trainer.job.imageFlavor": {"enum": ["cpu", "cuda"]},
+    "trainer.job.codec": {"enum": ["fp16", "bf16", "int8", "vq"]},
+    "kserve.deploymentMode": {"enum": ["Standard", "Knative", "RawDeployment", "Serverless"]},
+    "image.digests.cpu": {"type": "string", "pattern": "^(sha256:[0-9a-f]{64})?$"},
+    "image.digests.cuda": {"type": "string", "pattern": "^(sha256:[0-9a-f]{64})?$"},
+}
+_KEY = re.compile(r"^(\s*)([A-Za-z][\w-]*):(\s|$)")
+
+
+def descriptions(text: str) -> dict[str, str]:
+    """Dotted key path -> the `# --` comment (with its continuation lines) written above it."""
+    found: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    comment: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = [stripped[4:].strip()]
+            continue
+        if stripped.startswith("#") and comment:
+            comment.append(stripped[1:].strip())
+            continue
+        match = _KEY.match(line)
+        if not match:
+            if not stripped.startswith("-"):
+                comment = []
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        if comment:
+            found[".".join(k for _, k in stack)] = re.sub(r"^\((\w+)\)\s*", "", " ".join(comment))
+        comment = []
+    return found
+
+
+def schema_of(value, path: str, docs: dict[str, str]) -> dict:
+    key = path.rsplit(".", 1)[-1]
+    node: dict = {}
+    if path in docs:
+        node["description"] = docs[path]
+    if isinstance(value, bool):
+        node["type"] = "boolean"
+    elif isinstance(value, int):
+        node["type"] = "integer"
+    elif isinstance(value, float):
+        node["type"] = "number"
+    elif isinstance(value, str):
+        node["type"] = "string"
+    elif isinstance(value, list):
+        node["type"] = "array"
+        if value and all(isinstance(v, str) for v in value):
+            node["items"] = {"type": "string"}
+    elif isinstance(value, dict):
+        node["type"] = "object"
+        if key not in FREE_MAPS:
+            node["additionalProperties"] = False
+            node["properties"] = {k: schema_of(v, f"{path}.{k}" if path else k, docs) for k, v in value.items()}
+    node.update(CONSTRAINTS.get(path, {}))
+    if "enum" in node:
+        node.pop("type", None)
+    node["default"] = value
+    return node
+
+
+def build() -> dict:
+    text = (CHART / "values.yaml").read_text()
+    values = yaml.safe_load(text)
+    docs = descriptions(text)
+    root = schema_of(values, "", docs)
+    root.pop("default")
+    return {"$schema": "http://json-schema.org/draft-07/schema#", "title": "memory3 chart values", **root}
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2) + "\n"
+
+
+def main() -> int:
+    (CHART / "values.schema.json").write_text(render())
+    print(f"wrote {CHART / 'values.schema.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+{{/* Check the values before anything renders; fail once, listing every problem with what to set. */}}
+{{- define "memory3.validateValues" -}}
+{{- $messages := list -}}
+{{- $v := .Values -}}
+{{- if not $v.release -}}
+{{- $messages = append $messages "release: set the trainer release to serve, e.g. --set release=small-v1 (the release's directory in the bucket)" -}}
+{{- else if not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" $v.release) -}}
+{{- $messages = append $messages (printf "release: %q is not a release name (letters, digits, '.', '_' and '-', no '/')" $v.release) -}}
+{{- end -}}
+{{- if $v.s3.inChart.enabled -}}
+{{- if $v.s3.endpoint -}}
+{{- $messages = append $messages "s3: s3.endpoint is set but s3.inChart.enabled uses the in-chart store; unset one of them" -}}
+{{- end -}}
+{{- else -}}
+{{- if not $v.s3.endpoint -}}
+{{- $messages = append $messages "s3.endpoint: set host:port of your S3-compatible store, or --set s3.inChart.enabled=true for a minimal in-chart one" -}}
+{{- else if contains "://" $v.s3.endpoint -}}
+{{- $messages = append $messages (printf "s3.endpoint: %q must be host:port without a scheme (use s3.secure=true for HTTPS)" $v.s3.endpoint) -}}
+{{- end -}}
+{{- if not $v.s3.existingSecret -}}
+{{- $messages = append $messages (printf "s3.existingSecret: name a Secret with keys %q and %q holding the store's credentials (kubectl create secret generic memory3-s3 --from-literal=%s=... --from-literal=%s=...)" $v.s3.accessKeyKey $v.s3.secretKeyKey $v.s3.accessKeyKey $v.s3.secretKeyKey) -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.redis.url -}}
+{{- if contains "@" $v.redis.url -}}
+{{- $messages = append $messages "redis.url: it holds credentials; put the URL in a Secret and set redis.existingSecret (and redis.urlKey) instead" -}}
+{{- else if not (regexMatch "^rediss?://" $v.redis.url) -}}
+{{- $messages = append $messages (printf "redis.url: %q must start with redis:// or rediss://" $v.redis.url) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.redis.url $v.redis.existingSecret -}}
+{{- $messages = append $messages "redis: set either redis.url or redis.existingSecret, not both" -}}
+{{- end -}}
+{{- if and $v.redis.inChart.enabled (or $v.redis.url $v.redis.existingSecret) -}}
+{{- $messages = append $messages "redis: redis.inChart.enabled runs Redis in the chart; unset redis.url and redis.existingSecret (they name an external one)" -}}
+{{- end -}}
+{{- range $component := list "text" "memory" "decoder" -}}
+{{- $c := index $v $component -}}
+{{- if $c.autoscaling.enabled -}}
+{{- if lt (int $c.autoscaling.minReplicas) 1 -}}
+{{- $messages = append $messages (printf "%s.autoscaling.minReplicas: must be at least 1 (got %v)" $component $c.autoscaling.minReplicas) -}}
+{{- end -}}
+{{- if gt (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas) -}}
+{{- $messages = append $messages (printf "%s.autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" $component $c.autoscaling.minReplicas $c.autoscaling.maxReplicas) -}}
+{{- end -}}
+{{- if and (ne $component "decoder") (not (dig "requests" "cpu" "" $c.resources)) -}}
+{{- $messages = append $messages (printf "%s.resources.requests.cpu: the CPU autoscaler needs a CPU request (or set %s.autoscaling.enabled=false)" $component $component) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.decoder.autoscaling.keda.enabled (not $v.decoder.autoscaling.enabled) -}}
+{{- $messages = append $messages "decoder.autoscaling.keda.enabled: KEDA scales between decoder.autoscaling.minReplicas and maxReplicas; set decoder.autoscaling.enabled=true too" -}}
+{{- end -}}
+{{- $flavor := include "memory3.decoderFlavor" . -}}
+{{- if and $v.decoder.gpu.enabled (eq $flavor "cpu") -}}
+{{- $messages = append $messages "decoder.gpu.enabled: a GPU is requested but decoder.imageFlavor is cpu; the CPU image has no CUDA build of torch. Set decoder.imageFlavor=auto (or cuda)" -}}
+{{- end -}}
+{{- if and (not $v.decoder.gpu.enabled) (has $v.decoder.dtype (list "bfloat16" "float16")) -}}
+{{- $messages = append $messages (printf "decoder.dtype: %s on CPU is slow or unsupported; use float32, or set decoder.gpu.enabled=true" $v.decoder.dtype) -}}
+{{- end -}}
+{{- if and $v.decoder.gpu.enabled (lt (int $v.decoder.gpu.count) 1) -}}
+{{- $messages = append $messages "decoder.gpu.count: must be at least 1 when decoder.gpu.enabled" -}}
+{{- end -}}
+{{- if and $v.trainer.job.enabled (eq $v.trainer.job.imageFlavor "cpu") (hasKey (default dict $v.trainer.job.resources.limits) $v.decoder.gpu.resourceName) -}}
+{{- $messages = append $messages "trainer.job.resources: a GPU is requested but trainer.job.imageFlavor is cpu; set trainer.job.imageFlavor=cuda" -}}
+{{- end -}}
+{{- if and $v.trainer.job.enabled $v.trainer.job.release (not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" $v.trainer.job.release)) -}}
+{{- $messages = append $messages (printf "trainer.job.release: %q is not a release name (letters, digits, '.', '_' and '-')" $v.trainer.job.release) -}}
+{{- end -}}
+{{- if and $v.encoding.enabled (not $v.encoding.shardsVolumeClaim) -}}
+{{- $messages = append $messages "encoding.shardsVolumeClaim: the Indexed Job reads shard-<i>.txt from a PersistentVolumeClaim; name it" -}}
+{{- end -}}
+{{- if and $v.encoding.enabled (lt (int $v.encoding.shards) 1) -}}
+{{- $messages = append $messages "encoding.shards: must be at least 1" -}}
+{{- end -}}
+{{- if and $v.kserve.enabled (gt (int $v.kserve.minReplicas) (int $v.kserve.maxReplicas)) -}}
+{{- $messages = append $messages (printf "kserve: minReplicas (%v) is greater than maxReplicas (%v)" $v.kserve.minReplicas $v.kserve.maxReplicas) -}}
+{{- end -}}
+{{- $ports := list (int $v.text.port) (int $v.memory.port) (int $v.decoder.port) -}}
+{{- if has (int $v.metrics.port) $ports -}}
+{{- $messages = append $messages (printf "metrics.port: %v is also a gRPC port; pick another" $v.metrics.port) -}}
+{{- end -}}
+{{- if $messages -}}
+{{- fail (printf "\n\nVALUES VALIDATION:\n- %s\n" (join "\n- " $messages)) -}}
+{{- end -}}
+{{- end -}}

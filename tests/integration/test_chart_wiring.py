@@ -1,0 +1,192 @@
+"""The chart's wiring without a cluster: render deploy/helm/memory3, take the text, memory and decoder
+Deployments' container commands and environment exactly as rendered, and run them as local processes
+against a real S3 server (rclone) and a real redis-server. The stack must become healthy through the
+probes the manifests declare and answer a Generate through the decoder's Service address.
+
+What a cluster would provide is emulated, nothing else is changed:
+- DNS: a rendered Service name resolves to 127.0.0.1, and its port to the targetPort's container port;
+- Secrets: `secretKeyRef` reads from the Secrets an operator would have created (the local stores'
+  credentials), and `$(VAR)` references expand the way the kubelet expands them;
+- volumes: every volumeMount is a fresh temporary directory;
+- network namespaces: each pod has its own, so the shared metrics port becomes `--metrics-port 0`
+  (any free port), and `--host 0.0.0.0` becomes 127.0.0.1 (tests only listen on loopback).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memory3.services.stack import StackProcess, stop_processes, wait_serving
+from memory3.services.storage.local_s3 import free_port
+from memory3.v1 import generation_service_pb2 as pb
+from memory3.v1 import generation_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "memory3"
+SERVICES = ("text", "memory", "decoder")
+
+
+def render_chart(values: dict) -> list[dict]:
+    helm = pytest.importorskip("helm_python")
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name="m3", namespace="ai")
+    return [doc for path, text in manifests.items() if path.endswith(".yaml") and text.strip()
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+class Cluster:
+    """Just enough of Kubernetes to run rendered pods as processes: Service DNS, Secrets, env expansion."""
+
+    def __init__(self, objects: list[dict], secrets: dict[str, dict[str, str]]) -> None:
+        self.objects = objects
+        self.secrets = secrets
+
+    def find(self, kind: str, name: str) -> dict | None:
+        return next((o for o in self.objects if o["kind"] == kind and o["metadata"]["name"] == name), None)
+
+    def local_address(self, host: str, port: int) -> str:
+        """A Service's host:port -> 127.0.0.1:<the container port its targetPort names>."""
+        service = self.find("Service", host)
+        assert service is not None, f"{host}:{port} names no rendered Service"
+        target = next(p["targetPort"] for p in service["spec"]["ports"] if p["port"] == port)
+        selector = service["spec"]["selector"]
+        pods = [d for d in self.objects if d["kind"] == "Deployment"
+                and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(pods) == 1, f"Service {host} selects {len(pods)} Deployments"
+        ports = [p for c in pods[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]]
+        container_port = next(p["containerPort"] for p in ports if target in (p.get("name"), p["containerPort"]))
+        return f"127.0.0.1:{container_port}"
+
+    def resolve(self, text: str) -> str:
+        """Rewrite every `<service>:<port>` in a string (an address flag, a Redis URL) to its local address."""
+        def replace(match: re.Match) -> str:
+            host, port = match.group(1), int(match.group(2))
+            return self.local_address(host, port) if self.find("Service", host) else match.group(0)
+        return re.sub(r"(?<![\w.-])([a-z0-9][a-z0-9-]*):(\d+)", replace, text)
+
+    def env(self, container: dict) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for var in container.get("env", []):
+            if "valueFrom" in var:
+                ref = var["valueFrom"]["secretKeyRef"]
+                value = self.secret(ref["name"])[ref["key"]]
+            else:
+                value = expand(var["value"], env)
+            env[var["name"]] = self.resolve(value)
+        return env
+
+    def secret(self, name: str) -> dict[str, str]:
+        if name in self.secrets:
+            return self.secrets[name]
+        import base64
+        rendered = self.find("Secret", name)
+        assert rendered is not None, f"Secret {name} is neither rendered nor provided by the operator"
+        return {k: base64.b64decode(v).decode() for k, v in rendered["data"].items()}
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion (unknown references stay as they are)."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def pod_process(cluster: Cluster, deployment: dict, root: Path) -> tuple[list[str], dict[str, str], int]:
+    """(argv, environment, gRPC port) of the deployment's container, with its volumes under `root`."""
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["memory3"]
+    mounts = {m["mountPath"]: root / m["name"] for m in container.get("volumeMounts", [])}
+    for directory in mounts.values():
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def local_path(value: str) -> str:
+        for mount, directory in mounts.items():
+            if value == mount or value.startswith(mount.rstrip("/") + "/"):
+                return str(directory) + value[len(mount.rstrip("/")):]
+        return value
+
+    env = {k: local_path(v) for k, v in cluster.env(container).items()}
+    args = [local_path(cluster.resolve(expand(a, env))) for a in container["args"]]
+    args[args.index("--metrics-port") + 1] = "0"
+    args[args.index("--host") + 1] = "127.0.0.1"
+    port = container["startupProbe"]["grpc"]["port"]
+    assert int(args[args.index("--port") + 1]) == port
+    return args, env, port
+
+
+@pytest.fixture(scope="module")
+def chart_stack(tmp_path_factory, local_s3, random_release, local_redis_module):
+    s3 = local_s3.config
+    ports = {c: free_port() for c in SERVICES}
+    values = {
+        "release": random_release.name,
+        "s3": {"endpoint": s3.endpoint, "bucket": s3.bucket, "existingSecret": "memory3-s3"},
+        "redis": {"existingSecret": "memory3-redis"},
+        "decoder": {"port": ports["decoder"], "maxBatch": 4},
+        "text": {"port": ports["text"]},
+        "memory": {"port": ports["memory"]},
+    }
+    cluster = Cluster(render_chart(values), secrets={
+        "memory3-s3": {"access-key": s3.access_key, "secret-key": s3.secret_key},
+        "memory3-redis": {"redis-url": local_redis_module.url},
+    })
+    root = tmp_path_factory.mktemp("pods")
+    processes: list[StackProcess] = []
+    try:
+        for component in SERVICES:
+            deployment = cluster.find("Deployment", f"m3-memory3-{component}")
+            args, env, port = pod_process(cluster, deployment, root / component)
+            base = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL") if k in os.environ}
+            log = root / f"{component}.log"
+            with open(log, "ab") as out:
+                process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
+                                           env={**base, **env}, stdout=out, stderr=out, start_new_session=True)
+            processes.append(StackProcess(component, process.pid, port, str(log)))
+        for p in processes:
+            wait_serving(p, timeout_s=180)
+        yield cluster, {p.name: p for p in processes}
+    finally:
+        stop_processes(processes)
+
+
+@pytest.fixture(scope="module")
+def local_redis_module(tmp_path_factory):
+    from memory3.services.storage.local_redis import start_local_redis
+
+    server = start_local_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+def test_rendered_pods_become_healthy_through_their_probes(chart_stack):
+    cluster, processes = chart_stack
+    for component in SERVICES:
+        container = cluster.find("Deployment", f"m3-memory3-{component}")["spec"]["template"]["spec"]["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            spec = container[probe]["grpc"]
+            with grpc.insecure_channel(f"127.0.0.1:{spec['port']}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=spec.get("service", "")), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, (component, probe)
+
+
+def test_generate_through_the_decoder_service(chart_stack):
+    cluster, _processes = chart_stack
+    service = cluster.find("Service", "m3-memory3-decoder")
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    with grpc.insecure_channel(cluster.local_address("m3-memory3-decoder", port)) as channel:
+        request = pb.GenerateRequest(
+            prompt="Tell me about the clock repairer of Pemberlyn and the lighthouse keeper of Skarn Point.",
+            params=pb.GenerationParams(max_tokens=16))
+        responses = list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=120))
+    assert sum(len(r.token_ids) for r in responses) == 16
+    usage = responses[-1].usage
+    # Retrieval went through the text service and memories through the memory service.
+    assert usage.retrievals >= 1 and usage.memories_read >= 5

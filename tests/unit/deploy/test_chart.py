@@ -1,0 +1,515 @@
+"""The Helm chart, rendered offline for several value sets: lint, strict schema validation of every core
+object, and the wiring a cluster would only reveal at run time (selectors, addresses, probes, secrets)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from memory3.services.cli.main import build_parser
+
+from .charts import CHART, NAMESPACE, REQUIRED, Rendered, component_name, labels_match, merge, render
+
+KUBE_VERSION = "1.33.0"
+SERVICES = ("text", "memory", "decoder")
+IN_CHART_STORES = {"s3": {"endpoint": "", "existingSecret": "", "inChart": {"enabled": True}},
+                   "redis": {"inChart": {"enabled": True}}}
+VALUE_SETS = {
+    "defaults": {},
+    "gpu": {"decoder": {"gpu": {"enabled": True, "runtimeClassName": "nvidia",
+                                "nodeSelector": {"nvidia.com/gpu.present": "true"}}}},
+    "kserve": {"kserve": {"enabled": True}},
+    "in-chart-stores": IN_CHART_STORES,
+    "autoscaling-off": {c: {"autoscaling": {"enabled": False}, "replicaCount": 2} for c in SERVICES},
+    "keda-monitoring-jobs": {"decoder": {"autoscaling": {"keda": {"enabled": True}}},
+                             "metrics": {"serviceMonitor": {"enabled": True}},
+                             "trainer": {"job": {"enabled": True, "release": "small-v2", "workVolumeClaim": "runs"}},
+                             "encoding": {"enabled": True, "shardsVolumeClaim": "shards"},
+                             "redis": {"existingSecret": "memory3-redis"}},
+    "everything": merge(IN_CHART_STORES, {"kserve": {"enabled": True}, "decoder": {"gpu": {"enabled": True}},
+                                          "trainer": {"job": {"enabled": True}},
+                                          "metrics": {"serviceMonitor": {"enabled": True}},
+                                          "encoding": {"enabled": True, "shardsVolumeClaim": "shards"}}),
+}
+CRD_KINDS = {"InferenceService", "ScaledObject", "ServiceMonitor"}
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def rendered(request) -> Rendered:
+    return render(VALUE_SETS[request.param])
+
+
+def pod_specs(r: Rendered) -> list[tuple[dict, dict]]:
+    """(object, pod spec) of every Deployment, Job and bare Pod."""
+    out = []
+    for o in r.objects:
+        if o["kind"] in ("Deployment", "Job"):
+            out.append((o, o["spec"]["template"]["spec"]))
+        elif o["kind"] == "Pod":
+            out.append((o, o["spec"]))
+    return out
+
+
+def pod_labels(o: dict) -> dict:
+    return o["spec"]["template"]["metadata"]["labels"] if "template" in o["spec"] else o["metadata"]["labels"]
+
+
+def memory3_containers(r: Rendered):
+    for o, spec in pod_specs(r):
+        for container in spec["containers"]:
+            if container.get("command") == ["memory3"]:
+                yield o, spec, container
+
+
+def expand(arg: str, env: list[dict]) -> str:
+    """Kubernetes' $(VAR) expansion in arguments, with a placeholder for values it takes from Secrets."""
+    values = {e["name"]: e.get("value", "from-secret") for e in env}
+    values["JOB_COMPLETION_INDEX"] = "0"
+    return re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), m.group(0)), arg)
+
+
+# ---------------------------------------------------------------- validity
+
+
+def test_lint_passes_for_every_value_set():
+    for name, values in VALUE_SETS.items():
+        report = helm.lint(str(CHART), merge(REQUIRED, values), strict=True)
+        assert report["errors"] == [], (name, report)
+        assert not [m for m in report["messages"] if m["severity"] >= 2], (name, report)
+
+
+def test_core_objects_pass_strict_kubernetes_validation(rendered):
+    for o in rendered.objects:
+        if o["kind"] in CRD_KINDS:
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
+            continue
+        kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
+
+
+def test_every_object_is_named_labelled_and_namespaced(rendered):
+    for o in rendered.objects:
+        meta = o["metadata"]
+        assert len(meta["name"]) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta["name"]), meta["name"]
+        assert meta["namespace"] == NAMESPACE
+        assert meta["labels"]["app.kubernetes.io/instance"] == "m3"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_crd_objects_have_expected_api_versions():
+    r = render(VALUE_SETS["everything"] | {"decoder": {"gpu": {"enabled": True},
+                                                       "autoscaling": {"keda": {"enabled": True}}}})
+    versions = {o["kind"]: o["apiVersion"] for o in r.objects if o["kind"] in CRD_KINDS}
+    assert versions == {"InferenceService": "serving.kserve.io/v1beta1", "ScaledObject": "keda.sh/v1alpha1",
+                        "ServiceMonitor": "monitoring.coreos.com/v1"}
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def test_selectors_match_pod_labels(rendered):
+    deployments = rendered.of_kind("Deployment")
+    for d in deployments:
+        assert labels_match(d["spec"]["selector"], pod_labels(d)), d["metadata"]["name"]
+    for svc in rendered.of_kind("Service"):
+        selected = [d for d in deployments if labels_match(svc["spec"]["selector"], pod_labels(d))]
+        assert len(selected) == 1, f"Service {svc['metadata']['name']} selects {len(selected)} Deployments"
+    for pdb in rendered.of_kind("PodDisruptionBudget"):
+        assert [d for d in deployments if labels_match(pdb["spec"]["selector"], pod_labels(d))]
+    for scaler in rendered.of_kind("HorizontalPodAutoscaler") + rendered.of_kind("ScaledObject"):
+        target = scaler["spec"]["scaleTargetRef"]
+        assert rendered.get(target["kind"], target["name"])
+    for sm in rendered.of_kind("ServiceMonitor"):
+        services = [s for s in rendered.of_kind("Service")
+                    if labels_match(sm["spec"]["selector"], s["metadata"]["labels"])]
+        assert len(services) == 1 and "metrics" in [p["name"] for p in services[0]["spec"]["ports"]]
+
+
+def resolve_address(r: Rendered, address: str) -> tuple[dict, dict]:
+    """host:port of a Service -> (the Deployment behind it, the container port the traffic lands on)."""
+    host, port = address.rsplit(":", 1)
+    svc = r.find("Service", host)
+    assert svc is not None, f"{address}: no Service named {host!r} is rendered"
+    ports = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
+    assert ports, f"{address}: Service {host} has no port {port}"
+    target = ports[0]["targetPort"]
+    backends = [d for d in r.of_kind("Deployment") if labels_match(svc["spec"]["selector"], pod_labels(d))]
+    assert len(backends) == 1
+    container_ports = [cp for c in backends[0]["spec"]["template"]["spec"]["containers"] for cp in c["ports"]]
+    landing = [cp for cp in container_ports if target in (cp.get("name"), cp["containerPort"])]
+    assert landing, f"{address}: targetPort {target} matches no container port of {backends[0]['metadata']['name']}"
+    return backends[0], landing[0]
+
+
+def test_every_service_address_points_to_a_rendered_service_and_port(rendered):
+    checked = 0
+    for _o, _spec, c in memory3_containers(rendered):
+        args = c["args"]
+        for flag in ("--text-address", "--memory-address", "--s3-endpoint"):
+            if flag in args:
+                address = args[args.index(flag) + 1]
+                if flag == "--s3-endpoint" and not address.startswith("m3-memory3-"):
+                    assert address == REQUIRED["s3"]["endpoint"]  # the external store
+                    continue
+                backend, port = resolve_address(rendered, address)
+                expected = {"--text-address": "text", "--memory-address": "memory", "--s3-endpoint": "s3"}[flag]
+                assert backend["metadata"]["name"] == component_name(expected)
+                checked += 1
+        for env in c.get("env", []):
+            if env["name"] == "MEMORY3_REDIS_URL" and "value" in env:
+                hostport = re.match(r"rediss?://(?:[^@]*@)?([^/]+)", env["value"]).group(1)
+                backend, _port = resolve_address(rendered, hostport)
+                assert backend["metadata"]["name"] == component_name("redis")
+                checked += 1
+    assert checked >= 2
+
+
+def test_decoder_reaches_its_dependencies_by_the_service_ports():
+    r = render({})
+    args = r.get("Deployment", component_name("decoder"))["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--text-address") + 1] == "m3-memory3-text:50052"
+    assert args[args.index("--memory-address") + 1] == "m3-memory3-memory:50053"
+
+
+def test_rendered_commands_exist_in_the_cli(rendered):
+    """Every command and flag the chart runs parses with the real `memory3` argument parser."""
+    parser = build_parser()
+    seen = set()
+    for o, _spec, c in memory3_containers(rendered):
+        argv = [expand(a, c.get("env", [])) for a in c["args"]]
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{o['kind']} {o['metadata']['name']}: `memory3 {' '.join(argv)}` does not parse")
+        seen.add(args.command if args.command != "serve" else f"serve {args.service}")
+        if args.command == "serve":
+            assert args.host == "0.0.0.0" and args.release == "small-v1" and args.log_format == "json"
+            if args.service != "kserve":
+                assert args.metrics_port == 9090
+    assert {"serve text", "serve memory", "serve decoder"} <= seen
+
+
+def test_kserve_and_jobs_commands_parse():
+    r = render(VALUE_SETS["everything"])
+    parser = build_parser()
+    commands = {}
+    for o, _spec, c in memory3_containers(r):
+        args = parser.parse_args([expand(a, c.get("env", [])) for a in c["args"]])
+        commands[o["metadata"].get("name")] = args
+    train = next(a for a in commands.values() if a.command == "train")
+    assert (train.release, train.preset, str(train.work_dir)) == ("small-v1", "small", "/var/lib/memory3/work/small-v1")
+    kb = next(a for a in commands.values() if a.command == "kb")
+    assert [str(f) for f in kb.files] == ["/shards/shard-0.txt"] and kb.name == "small-v1-shard-0"
+    isvc = r.of_kind("InferenceService")[0]
+    container = isvc["spec"]["predictor"]["containers"][0]
+    kserve = parser.parse_args(container["args"])
+    assert (kserve.service, kserve.http_port, kserve.text_address) == ("kserve", 8080, "m3-memory3-text:50052")
+    assert container["name"] == "kserve-container"
+
+
+def test_cli_rejects_a_flag_that_does_not_exist():
+    """The check above is only as good as the parser's strictness."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "decoder", "--release", "r", "--no-such-flag", "1"])
+
+
+# ---------------------------------------------------------------- probes, resources, security
+
+
+def test_services_have_grpc_probes_and_resources(rendered):
+    for component in SERVICES:
+        d = rendered.get("Deployment", component_name(component))
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == grpc_port, (component, probe)
+        # Liveness asks for the name that stays SERVING while the process runs (services/rpc/server.py).
+        assert c["livenessProbe"]["grpc"]["service"] == "liveness"
+        assert "service" not in c["readinessProbe"]["grpc"]
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+        assert c["resources"]["limits"]["memory"]
+        args = c["args"]
+        assert int(args[args.index("--port") + 1]) == grpc_port
+        grace = float(args[args.index("--grace") + 1])
+        prestop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        assert d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace + prestop
+
+
+def test_pods_run_non_root_with_a_read_only_root_and_writable_caches(rendered):
+    for o, spec, c in memory3_containers(rendered):
+        pod_ctx = spec.get("securityContext", {})
+        assert pod_ctx.get("runAsNonRoot") is True and pod_ctx.get("runAsUser", 0) != 0
+        ctx = c["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"]["drop"] == ["ALL"]
+        mounts = [m["mountPath"] for m in c["volumeMounts"]]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        writable = [c["args"][c["args"].index(f) + 1] for f in ("--cache-dir", "--work-dir") if f in c["args"]]
+        for path in [*writable, env["HOME"]]:
+            assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts), \
+                f"{o['metadata']['name']}: {path} is not on a writable volume"
+
+
+def test_in_chart_stores_run_official_pinned_images_non_root():
+    r = render(IN_CHART_STORES)
+    for component, repository in (("redis", "docker.io/redis:"), ("s3", "docker.io/rclone/rclone:")):
+        d = r.get("Deployment", component_name(component))
+        spec = d["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            assert c["image"].startswith(repository) and not c["image"].endswith(":latest")
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert spec["securityContext"]["runAsNonRoot"] is True
+    for _o, _spec, c in memory3_containers(r):
+        assert re.fullmatch(r"ghcr\.io/memory3/memory3:0\.1\.0-(cpu|cuda)", c["image"])
+
+
+def test_image_digest_pins_the_image():
+    digest = "sha256:" + "ab" * 32
+    r = render({"image": {"digests": {"cpu": digest}}})
+    c = r.get("Deployment", component_name("text"))["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == f"ghcr.io/memory3/memory3@{digest}"
+
+
+SECRET_ENV = re.compile(r"KEY|SECRET|PASSWORD|TOKEN")
+
+
+def test_secrets_are_never_inlined(rendered):
+    secrets = [v for s in rendered.of_kind("Secret") for v in s.get("data", {}).values()]
+    for o in rendered.objects:
+        if o["kind"] == "Secret":
+            continue
+        text = yaml.safe_dump(o)
+        for value in secrets:
+            assert value not in text
+    for o, c in [(o, c) for o, s in pod_specs(rendered) for c in s["containers"] + s.get("initContainers", [])]:
+        for env in c.get("env", []):
+            if SECRET_ENV.search(env["name"]):
+                assert "valueFrom" in env, f"{o['metadata']['name']}: {env['name']} is inlined"
+            if env["name"] == "MEMORY3_REDIS_URL" and "value" in env:
+                credentials = re.match(r"rediss?://([^@]*)@", env["value"])
+                assert credentials is None or credentials.group(1) == ":$(REDIS_PASSWORD)"
+        assert not any(a == "--auth-key" and "$(" not in c["args"][i + 1] for i, a in enumerate(c.get("args", [])))
+
+
+def test_external_stores_create_no_secrets_and_in_chart_ones_keep_theirs():
+    assert render({}).of_kind("Secret") == []
+    r = render(IN_CHART_STORES)
+    for s in r.of_kind("Secret"):
+        assert s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert {s["metadata"]["name"] for s in r.of_kind("Secret")} == {component_name("s3"), component_name("redis")}
+
+
+def test_redis_url_from_a_secret_and_without_credentials():
+    r = render({"redis": {"existingSecret": "memory3-redis"}})
+    env = {e["name"]: e for e in r.get("Deployment", component_name("memory"))["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["MEMORY3_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "memory3-redis", "key": "redis-url"}
+    r = render({"redis": {"url": "redis://cache.redis:6380/1"}})
+    env = {e["name"]: e for e in r.get("Deployment", component_name("memory"))["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["MEMORY3_REDIS_URL"]["value"] == "redis://cache.redis:6380/1"
+    policy = r.get("NetworkPolicy", component_name("memory"))
+    assert {"port": 6380, "protocol": "TCP"} in [p for rule in policy["spec"]["egress"] for p in rule.get("ports", [])]
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_gpu_decoder():
+    r = render(VALUE_SETS["gpu"])
+    spec = r.get("Deployment", component_name("decoder"))["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["image"].endswith("-cuda")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["args"][c["args"].index("--device") + 1] == "cuda"
+    assert c["args"][c["args"].index("--dtype") + 1] == "bfloat16"
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    # Only the decoder gets a GPU.
+    for component in ("text", "memory"):
+        c = r.get("Deployment", component_name(component))["spec"]["template"]["spec"]["containers"][0]
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {}) and c["image"].endswith("-cpu")
+
+
+def test_cpu_decoder_by_default():
+    c = render({}).get("Deployment", component_name("decoder"))["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"].endswith("-cpu") and c["args"][c["args"].index("--device") + 1] == "cpu"
+
+
+def test_autoscaling_on_leaves_replicas_to_the_hpa_and_off_sets_them():
+    on = render({})
+    for component in SERVICES:
+        assert "replicas" not in on.get("Deployment", component_name(component))["spec"]
+        assert on.get("HorizontalPodAutoscaler", component_name(component))
+    hpa = on.get("HorizontalPodAutoscaler", component_name("decoder"))
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "memory3_num_requests_waiting"
+    off = render(VALUE_SETS["autoscaling-off"])
+    assert off.of_kind("HorizontalPodAutoscaler") == []
+    for component in SERVICES:
+        assert off.get("Deployment", component_name(component))["spec"]["replicas"] == 2
+
+
+def test_keda_replaces_the_decoder_hpa():
+    r = render({"decoder": {"autoscaling": {"keda": {"enabled": True}}}})
+    assert r.find("HorizontalPodAutoscaler", component_name("decoder")) is None
+    scaled = r.get("ScaledObject", component_name("decoder"))
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus" and "memory3_num_requests_waiting" in trigger["metadata"]["query"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == component_name("decoder")
+
+
+def test_pdbs_for_each_service():
+    r = render({})
+    assert sorted(p["metadata"]["name"] for p in r.of_kind("PodDisruptionBudget")) == \
+        sorted(component_name(c) for c in SERVICES)
+
+
+def test_release_change_rolls_the_service_pods():
+    one, two = render({"release": "small-v1"}), render({"release": "small-v2"})
+    for component in SERVICES:
+        t1 = one.get("Deployment", component_name(component))["spec"]["template"]
+        t2 = two.get("Deployment", component_name(component))["spec"]["template"]
+        assert t1 != t2
+        assert t2["metadata"]["annotations"]["memory3.io/release"] == "small-v2"
+        args = t2["spec"]["containers"][0]["args"]
+        assert args[args.index("--release") + 1] == "small-v2"
+        strategy = one.get("Deployment", component_name(component))["spec"]["strategy"]["rollingUpdate"]
+        assert strategy["maxUnavailable"] == 0  # old pods serve until the new release is SERVING
+
+
+def test_trainer_job_is_named_after_its_release():
+    a = render({"trainer": {"job": {"enabled": True, "release": "small-v2"}}}).of_kind("Job")
+    b = render({"trainer": {"job": {"enabled": True, "release": "small-v3"}}}).of_kind("Job")
+    assert len(a) == len(b) == 1 and a[0]["metadata"]["name"] != b[0]["metadata"]["name"]
+    assert a[0]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_encoding_is_an_indexed_job_over_shards():
+    job = render({"encoding": {"enabled": True, "shardsVolumeClaim": "shards", "shards": 8}}).of_kind("Job")[0]
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 8)
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "/shards/shard-$(JOB_COMPLETION_INDEX).txt" in args
+
+
+def test_network_policies_model_who_talks_to_whom():
+    r = render(merge(IN_CHART_STORES, {"kserve": {"enabled": True}}))
+
+    def allowed_from(target: str) -> set[str]:
+        policy = r.get("NetworkPolicy", component_name(target))
+        sources = set()
+        for rule in policy["spec"].get("ingress", []):
+            if any(p["port"] == "metrics" for p in rule.get("ports", [])):
+                continue
+            for peer in rule.get("from", [{"any": True}]):
+                if "any" in peer:
+                    sources.add("*")
+                    continue
+                for o, _spec in pod_specs(r):
+                    if labels_match(peer["podSelector"], pod_labels(o)):
+                        sources.add(pod_labels(o)["app.kubernetes.io/component"])
+                kserve_labels = {"app.kubernetes.io/name": "memory3", "app.kubernetes.io/instance": "m3",
+                                 "app.kubernetes.io/component": "kserve"}
+                if labels_match(peer["podSelector"], kserve_labels):
+                    sources.add("kserve")
+        return sources
+
+    assert allowed_from("text") == {"decoder", "kserve"}
+    assert allowed_from("memory") == {"decoder", "kserve"}
+    assert allowed_from("redis") == {"memory"}
+    # The services read the release from S3; the trainer and encoder publish to it.
+    assert allowed_from("s3") >= {"text", "memory", "decoder", "kserve"}
+    assert allowed_from("decoder") == {"*"}
+    isvc_labels = r.of_kind("InferenceService")[0]["spec"]["predictor"]["labels"]
+    assert isvc_labels["app.kubernetes.io/component"] == "kserve"
+
+
+def test_notes_show_grpcurl_commands():
+    notes = render({}).notes
+    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in notes
+    assert "memory3.v1.GenerationService/Generate" in notes
+    assert "small-v1" in notes
+
+
+# ---------------------------------------------------------------- values
+
+
+BAD_VALUES = [
+    ({"release": ""}, "release: set the trainer release to serve"),
+    ({"release": "a/b"}, 'release: "a/b" is not a release name'),
+    ({"text": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
+     "text.autoscaling: minReplicas (5) is greater than maxReplicas (2)"),
+    ({"decoder": {"gpu": {"enabled": True}, "imageFlavor": "cpu"}},
+     "decoder.gpu.enabled: a GPU is requested but decoder.imageFlavor is cpu"),
+    ({"decoder": {"dtype": "bfloat16"}}, "decoder.dtype: bfloat16 on CPU"),
+    ({"s3": {"endpoint": ""}}, "s3.endpoint: set host:port of your S3-compatible store"),
+    ({"s3": {"existingSecret": ""}}, "s3.existingSecret: name a Secret"),
+    ({"s3": {"endpoint": "https://s3.example.com"}}, "must be host:port without a scheme"),
+    ({"redis": {"url": "redis://:hunter2@cache:6379/0"}}, "redis.url: it holds credentials"),
+    ({"redis": {"url": "redis://cache:6379", "existingSecret": "r"}}, "set either redis.url or redis.existingSecret"),
+    ({"encoding": {"enabled": True}}, "encoding.shardsVolumeClaim:"),
+    ({"decoder": {"autoscaling": {"enabled": False, "keda": {"enabled": True}}}},
+     "decoder.autoscaling.keda.enabled"),
+    ({"memory": {"resources": {"requests": {"cpu": None}}}}, "memory.resources.requests.cpu"),  # null deletes
+    ({"metrics": {"port": 50051}}, "metrics.port: 50051 is also a gRPC port"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_VALUES, ids=[m.split(":")[0] for _v, m in BAD_VALUES])
+def test_bad_values_fail_with_a_readable_message(values, message):
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render(values)
+    text = str(failure.value)
+    assert "VALUES VALIDATION:" in text and message in text
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render({}, required=False)
+    lines = [line for line in str(failure.value).splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == ["- release", "- s3.endpoint", "- s3.existingSecret"]
+
+
+@pytest.mark.parametrize(("values", "path"), [
+    ({"decoder": {"retrievalPolicy": "maybe"}}, "/decoder/retrievalPolicy"),
+    ({"decoder": {"gpus": 1}}, "'gpus' not allowed"),
+    ({"text": {"port": 70000}}, "/text/port"),
+    ({"image": {"digests": {"cpu": "latest"}}}, "/image/digests/cpu"),
+])
+def test_schema_rejects_typos_and_wrong_types(values, path):
+    with pytest.raises(helm.HelmValuesError) as failure:
+        render(values)
+    assert path in str(failure.value)
+
+
+def test_schema_is_generated_from_values_yaml():
+    sys.path.insert(0, str(CHART.parent))
+    try:
+        import generate_schema
+    finally:
+        sys.path.remove(str(CHART.parent))
+    assert (CHART / "values.schema.json").read_text() == generate_schema.render(), \
+        "values.schema.json is stale: run python deploy/helm/generate_schema.py"
+    text = (CHART / "values.yaml").read_text()
+    docs = generate_schema.descriptions(text)
+
+    def keys(values: dict, path: str = ""):
+        for key, value in values.items():
+            dotted = f"{path}.{key}" if path else key
+            yield dotted
+            if isinstance(value, dict) and key not in generate_schema.FREE_MAPS:
+                yield from keys(value, dotted)
+
+    undocumented = [k for k in keys(yaml.safe_load(text)) if not docs.get(k)]
+    assert undocumented == [], "values without a `# --` description"
+
+
+def test_defaults_plus_required_values_pass_the_schema():
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values(copy.deepcopy(REQUIRED)))
