@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RESULTS := bench/results
 
-.PHONY: setup system-deps proto demo test test-all test-gpu lint helm-test helm-schema bench bench-decode bench-storage clean
+.PHONY: setup system-deps proto demo test test-all test-gpu lint helm-test helm-schema bench bench-decode bench-storage bench-serving clean
 
 setup: $(STAMP)
 
@@ -47,10 +47,13 @@ helm-test: setup system-deps
 helm-schema: setup
 	$(PY) deploy/helm/generate_schema.py
 
-bench: bench-decode bench-storage
+bench: bench-decode bench-storage bench-serving
 
 bench-decode: setup
 	$(VENV)/bin/memory3 bench decode --preset small --json $(RESULTS)/decode.json --readme README.md
+
+bench-serving: setup system-deps
+	$(VENV)/bin/memory3 bench serving --json $(RESULTS)/serving.json --readme README.md
 
 bench-storage: setup
 	$(VENV)/bin/memory3 bench storage --preset small --json $(RESULTS)/storage.json --readme README.md

@@ -35,6 +35,19 @@ def render_table(results_dir: Path) -> str:
             rows.append(f"| storage (`paper-2.4b` layout) | {codec} | {size:,} B/memory{err_txt} | |")
         rows.append(f"| | best codec | {storage['best_codec']} ({storage['best_bytes_per_memory']:,} B) "
                     f"| <= 39,424 B |")
+    serving = _load(results_dir / "serving.json")
+    if serving:
+        p = serving["protocol"]
+        where = f"`{p['preset']}`, {p['prompt_tokens']} in / {p['new_tokens']} out, services as processes"
+        lat = serving["latency_by_concurrency"]
+        rows += [
+            f"| serving ({where}) | fetch 5 memories: Redis hit / S3 miss (p50) | "
+            f"{serving['fetch5_redis_hit_p50_ms']:.1f} / {serving['fetch5_s3_miss_p50_ms']:.1f} ms | |",
+            f"| | retrieval of one chunk (p50) | {serving['retrieval_p50_ms']:.1f} ms | |",
+            *(f"| | {c} streams: TTFT p50 / ITL p50 / tok/s | {v['ttft']['p50_ms']:.0f} ms / "
+              f"{v['itl']['p50_ms']:.1f} ms / {v['tok_s']:.0f} | |" for c, v in lat.items()),
+            f"| | retrieval on / off (tok/s) | {serving['retrieval_on_over_off']:.3f} | >= 0.95 |",
+        ]
     if len(rows) == 2:
         rows.append("| (no results yet) | | | |")
     return "\n".join(rows)
