@@ -236,6 +236,7 @@ class Scheduler:
                 self._finish_error(stream, DeadlineExceeded("the request's deadline passed while generating"))
 
     def _admit(self) -> None:
+        joining: list[_Stream] = []
         while self.ready and None in self.rows:
             stream = self.ready.pop(0)
             if stream.done:
@@ -243,32 +244,44 @@ class Scheduler:
             stream.row = self.rows.index(None)
             self.rows[stream.row] = stream
             metrics.REQUEST_QUEUE_TIME.observe(time.monotonic() - stream.arrival)
-            self._prefill(stream)
+            joining.append(stream)
+        # Streams that join together are prefilled together, one pass per layout (with or without prefix).
+        for prefix_len in sorted({s.prefix_len for s in joining}):
+            self._prefill([s for s in joining if s.prefix_len == prefix_len])
 
-    def _prefill(self, stream: _Stream) -> None:
-        req, p = stream.request, stream.prefix_len
+    def _prefill(self, streams: list[_Stream]) -> None:
+        """One pass over the right-padded prompts of `streams`, written into their cache rows."""
+        p = streams[0].prefix_len
         prefix = self.prefix if p else []
-        body = req.prompt_ids
-        tokens = torch.tensor([prefix + body], dtype=torch.long, device=self.device)  # (1, T)
-        slots = torch.arange(tokens.shape[1], device=self.device)[None]  # (1, T)
+        bodies = [prefix + s.request.prompt_ids for s in streams]
+        lengths = torch.tensor([len(b) for b in bodies], device=self.device)
+        tokens = torch.zeros(len(streams), int(lengths.max()), dtype=torch.long)  # (B, T), right-padded
+        for i, body in enumerate(bodies):
+            tokens[i, : len(body)] = torch.tensor(body)
+        tokens = tokens.to(self.device)
+        slots = torch.arange(tokens.shape[1], device=self.device)[None].expand(len(streams), -1)  # (B, T)
         positions = _positions(slots, p, self.mc.ref_len)
-        row = torch.tensor([stream.row], device=self.device)
+        rows = torch.tensor([s.row for s in streams], device=self.device)
         memory = token_group = None
-        if any(stream.groups):
-            memory = stack_memories([stream.groups], slots_per_group=self.mc.mem_slots, device=self.device,
-                                    dtype=self.dtype)
+        if any(any(s.groups) for s in streams):
+            memory = stack_memories([s.groups for s in streams], slots_per_group=self.mc.mem_slots,
+                                    device=self.device, dtype=self.dtype)
             token_group = chunk_groups(slots, p, self.mc.chunk_len)
-        self.model.clear_resident_memory(row)
+        self.model.clear_resident_memory(rows)
         logits = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
-                            cache_rows=row)[:, -1]  # (1, V)
-        last_group = stream.groups[-1] if stream.groups else []
-        if last_group:  # the first generated chunk keeps the last prompt chunk's memories
+                            cache_rows=rows)
+        last = logits[torch.arange(len(streams), device=self.device), lengths - 1]  # (B, V)
+        # The first generated chunk keeps the last prompt chunk's memories.
+        keep = [i for i, s in enumerate(streams) if s.groups and s.groups[-1]]
+        if keep:
             self.model.set_resident_memory(
-                stack_memories([[last_group]], slots_per_group=self.mc.mem_slots, device=self.device,
-                               dtype=self.dtype), rows=row)
-        stream.next_slot = tokens.shape[1]
-        metrics.PROMPT_TOKENS.inc(len(body))
-        self._accept(stream, self._sample([stream], logits)[0])
+                stack_memories([[streams[i].groups[-1]] for i in keep], slots_per_group=self.mc.mem_slots,
+                               device=self.device, dtype=self.dtype), rows=rows[keep])
+        for s, length in zip(streams, lengths.tolist(), strict=True):
+            s.next_slot = length
+            metrics.PROMPT_TOKENS.inc(len(s.request.prompt_ids))
+        for s, tok in zip(streams, self._sample(streams, last), strict=True):
+            self._accept(s, tok)
 
     def _decode(self, active: list[_Stream]) -> None:
         hi = max(s.row for s in self.rows if s is not None and not s.done) + 1

@@ -82,8 +82,9 @@ def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos):
     return out.tokens[0]
 
 
-@pytest.mark.parametrize("use_memory", [True, False])
-def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix, memories, use_memory):
+@pytest.mark.parametrize(("use_memory", "stagger"), [(True, 0.01), (False, 0.01), (True, 0.0)])
+def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix, memories, use_memory, stagger):
+    """Staggered arrivals join a running batch; simultaneous ones are prefilled together."""
     retrieval = FakeRetrieval(memories, delay=0.002)
     bodies = prompts(5, text_codec)
     max_tokens = [150, 70, 3, 140, 65]
@@ -93,7 +94,7 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
         await engine.start()
         try:
             return await asyncio.gather(*[
-                collect(engine, GenerationRequest(body, mt, use_memory=use_memory), delay_start=0.01 * i)
+                collect(engine, GenerationRequest(body, mt, use_memory=use_memory), delay_start=stagger * i)
                 for i, (body, mt) in enumerate(zip(bodies, max_tokens, strict=True))])
         finally:
             await engine.close()
