@@ -37,8 +37,9 @@ def _documents(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def _placement() -> dict[str, set[int]]:
-    """Half the cores for the decoder, the rest for the text and memory services (as separate nodes
-    would be); the decoder gets its cores in both the retrieval-on and -off runs."""
+    """Half the cores for the decoder, the rest for everything else: text and memory services,
+    stores and the load-generating clients (as separate nodes would be). The decoder gets the same
+    cores in the retrieval-on and -off runs."""
     import os
 
     cores = sorted(os.sched_getaffinity(0))
@@ -73,6 +74,12 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
         state = start_stack(options, log=log, ensure_release=lambda s3, name: publish_random_release(
             ObjectStore(s3), name, docs, preset=preset, seed=seed))
         try:
+            if affinity:  # the stores and this process (the clients) stay off the decoder's cores too
+                import os
+                for p in state.processes:
+                    if p.name in ("s3", "redis"):
+                        os.sched_setaffinity(p.pid, affinity["text"])
+                os.sched_setaffinity(0, affinity["text"])
             result = asyncio.run(_measure(state, docs, concurrency=concurrency, prompt_tokens=prompt_tokens,
                                           new_tokens=new_tokens, rounds=rounds, samples=samples, seed=seed, log=log))
         finally:
