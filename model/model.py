@@ -63,6 +63,21 @@ class Transformer(nn.Module):
         if memory and self.config.mem_slots and self._memory_layers():
             self._update_resident_mask()
 
+    def attach_caches(self, caches: list[KVCache]) -> None:
+        """Re-install caches an earlier `setup_caches` allocated (one per layer).
+
+        A static decoder captures its caches' addresses in a CUDA graph, so it keeps them across
+        generations and lends them to this model for prefill only.
+        """
+        if len(caches) != len(self.layers):
+            raise ValueError(f"need one cache per layer: {len(self.layers)}, got {len(caches)}")
+        for layer, cache in zip(self.layers, caches, strict=True):
+            layer.attention.kv_cache = cache
+        self._cache_batch = caches[0].k.shape[0]
+        self._resident_mask = None
+        if any(cache.mem_slots for cache in caches):
+            self._update_resident_mask()
+
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None

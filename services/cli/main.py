@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let all services share all cores (default: the decoder gets half of them, as its own node)")
     srv.add_argument("--json", type=Path, required=True)
     srv.add_argument("--readme", type=Path, default=None)
+    gpu = bench_sub.add_parser("gpu", help="GPU decode speed: static CUDA-graph decoder vs HF transformers, "
+                                           "against the HBM roofline, with a correctness check")
+    gpu.add_argument("--preset", default="paper-2.4b")
+    gpu.add_argument("--device", default="cuda")
+    gpu.add_argument("--smoke", action="store_true", help="toy sizes; with --preset tiny --device cpu, on a CPU")
+    gpu.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
+    gpu.add_argument("--hf-compile", action="store_true", help="let HF compile its static-cache forward")
+    gpu.add_argument("--json", type=Path, required=True)
     return parser
 
 
@@ -340,6 +348,10 @@ def _bench(args: argparse.Namespace) -> int:
         from memory3.bench.quality import run_quality_bench
         result = run_quality_bench(s3_config(args), args.release, cache_dir=args.cache_dir,
                                    n_questions=args.questions, plot=args.json.with_suffix(".png"))
+    elif args.bench_kind == "gpu":
+        from memory3.bench.gpu import run_gpu_bench
+        result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
+                               hf_compile=args.hf_compile, log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "serving":
         from memory3.bench.serving import run_serving_bench
         concurrency = tuple(int(c) for c in args.concurrency.split(","))

@@ -1,0 +1,520 @@
+"""GPU decode benchmark: our static CUDA-graph decoder against HF transformers, in one call.
+
+For `paper-2.4b` with random bf16 weights, created on the GPU (speed does not depend on the weights):
+  hf_eager   `LlamaForCausalLM.generate`, dynamic cache (HF's default SDPA attention);
+  hf_static  the same with `cache_implementation="static"` (not compiled unless --hf-compile:
+             compiling a 44-layer model twice would not fit the device time);
+  no_memory  our engine (`model.static_decode`) without memory slots;
+  memory     with memory: 3 retrievals per sequence (2 prompt chunks, 1 while decoding), 5 memories
+             each, never reused (the paper's worst case), handed over from pinned host memory as
+             if just fetched;
+  rag        no memory; 5 references (5 x 128 tokens) prefilled in front of each prompt.
+at batch 1 and 32, 128 tokens in and 128 out (paper Table 21's protocol). Throughput is
+batch * 128 / wall time, prefill included. Every round runs each variant once, in an order that
+rotates; the first round warms up and is dropped; tok/s are medians (means beside them), and a
+ratio is the median of the per-round ratios, which compare runs that saw the same machine state.
+
+Measured in the same run: the HBM copy bandwidth (a 2 GiB device-to-device copy, bytes read plus
+written), the batch-1 roofline (bytes one decode step must read at batch 1: every weight but the
+embedding table, plus the KV cache at the mean context, over that bandwidth), and the decode step
+alone (graph replays timed with events). Correctness, also in the same run: greedy tokens and
+teacher-forced logits of our engine against HF (no memory) and against an fp32 upcast of the same
+weights (memory); a token that differs must be a near-tie of the reference (gap within twice
+the measured logit error).
+
+The device machine is bare and offline: no registry, so nothing can be pip-installed there, and
+its image's python3 already holds CUDA torch and transformers (the project's CPU pins do not
+apply there). The project is put on the path instead of installed. One call, from the repository
+root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwards):
+
+    mkdir -p /tmp/m3/memory3 && for d in model bench; do ln -sfn "$PWD/$d" /tmp/m3/memory3/$d; done &&
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee $OUT/smi.txt;
+    set -o pipefail; PYTHONPATH=/tmp/m3 PYTHONUNBUFFERED=1 python3 -m memory3.bench.gpu --json "$OUT"
+    2>&1 | tee $OUT/log.txt
+
+(timeout_s=600; expected run time 4-6 minutes). Here: `memory3 bench gpu --json PATH`, and
+`--preset tiny --device cpu --smoke` runs the whole logic on the CPU in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from memory3.model.config import Memory3Config
+from memory3.model.encoder import encode_references
+from memory3.model.generate import generate
+from memory3.model.hf_llama import llama_config_kwargs, to_llama_state_dict
+from memory3.model.layout import chunk_groups, rope_positions
+from memory3.model.memory import ExplicitMemory, stack_memories
+from memory3.model.model import Transformer
+from memory3.model.static_decode import StaticDecoder, generate_static
+from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
+
+from .decode import UniqueMemoryBank
+from .machine import machine_info
+from .report import write_json
+
+# Logits of a 44-layer model in bf16 against a reference: METHOD.md puts bf16 operands at 1e-3..1e-2;
+# errors compound over layers, so a little headroom.
+REL_TOLERANCE = 3e-2
+
+TARGETS = {"b1_over_roofline": ">= 0.80", "b32_memory_over_hf_eager": ">= 5", "memory_over_no_memory": ">= 0.95"}
+
+
+def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bool = False,
+                  batches: tuple[int, ...] = (1, 32), prompt_tokens: int = 128, new_tokens: int = 128,
+                  rounds: int = 9, hf_compile: bool = False, seed: int = 0,
+                  log: Callable[[str], None] = print) -> dict:
+    overrides = {}
+    if smoke:  # the whole logic at toy sizes, with short chunks: 2 prompt chunks and a decode-time swap
+        batches, prompt_tokens, new_tokens, rounds = (1, 2), 32, 24, 2
+        overrides = {"chunk_len": 16, "ref_len": 32}
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    started = time.perf_counter()
+    clock = _Clock(log, started)
+    config = Memory3Config.from_name(preset, **overrides)
+    if new_tokens <= config.chunk_len + 1:
+        raise ValueError(f"new_tokens must exceed {config.chunk_len + 1} to include a decode-time memory swap")
+
+    model = device_model(config, dev, dtype, seed)
+    hf = hf_model(model, config)
+    clock("models")
+    bandwidth = copy_bandwidth(dev, 2 << 30 if cuda else 64 << 20)
+    clock(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+
+    codec = TextCodec(byte_level_tokenizer())
+    prefix = codec.reference_prefix(config)
+    p = len(prefix)
+    gen = torch.Generator().manual_seed(seed)
+
+    def random_tokens(n: int) -> list[int]:
+        return torch.randint(3, config.vocab_size, (n,), generator=gen).tolist()
+
+    retrievals = math.ceil(prompt_tokens / config.chunk_len) + (new_tokens - 1) // config.chunk_len
+    n_refs = max(batches) * retrievals * config.mems_per_chunk
+    references = [random_tokens(config.ref_len) for _ in range(n_refs)]
+    bank = encode_bank(model, references, prefix, dtype, pin=cuda)
+    clock(f"{len(bank)} memories encoded")
+
+    results: dict[int, dict] = {}
+    for bsz in batches:
+        prompts = [[codec.bos_id, *random_tokens(prompt_tokens - 1)] for _ in range(bsz)]
+        rag_context = [t for ref in references[: config.mems_per_chunk] for t in ref]
+        rag_prompts = [[codec.bos_id, *rag_context, *x[1:]] for x in prompts]
+        decoders = {
+            "no_memory": StaticDecoder(model, bsz, prompt_tokens + new_tokens, memory=False),
+            "memory": StaticDecoder(model, bsz, p + prompt_tokens + new_tokens, memory=True, prefix_len=p),
+            "rag": StaticDecoder(model, bsz, len(rag_prompts[0]) + new_tokens, memory=False),
+        }
+        clock(f"batch {bsz}: decoders set up (graphs: {decoders['memory'].graph is not None})")
+        variants: dict[str, Callable[[], list[list[int]]]] = {
+            "hf_eager": lambda prompts=prompts: hf_generate(hf, prompts, new_tokens, static=False,
+                                                            compile=hf_compile),
+            "hf_static": lambda prompts=prompts: hf_generate(hf, prompts, new_tokens, static=True,
+                                                             compile=hf_compile),
+            "no_memory": lambda d=decoders["no_memory"], prompts=prompts: generate_static(
+                d, prompts, max_new_tokens=new_tokens).tokens,
+            "memory": lambda d=decoders["memory"], prompts=prompts: generate_static(
+                d, prompts, prefix=prefix, max_new_tokens=new_tokens,
+                memory_provider=UniqueMemoryBank(bank, config.mems_per_chunk)).tokens,
+            "rag": lambda d=decoders["rag"], rag_prompts=rag_prompts: generate_static(
+                d, rag_prompts, max_new_tokens=new_tokens).tokens,
+        }
+        seconds = time_rounds(variants, rounds, bsz * new_tokens, dev)
+        mid = prompt_tokens + new_tokens // 2
+        starts = {"no_memory": mid, "memory": p + mid, "rag": len(rag_prompts[0]) + new_tokens // 2}
+        steps = {name: step_seconds(d, starts[name] - 8, steps=4 if smoke else 16, repeats=2 if smoke else 5)
+                 for name, d in decoders.items()}
+        results[bsz] = summarize(seconds, steps, bsz, new_tokens)
+        clock(f"batch {bsz}: " + ", ".join(f"{k} {v['tok_s']:.0f}" for k, v in results[bsz]["variants"].items()))
+        del decoders
+        _empty_cache(dev)
+
+    correctness = check_correctness(model, hf, config, prefix, bank, codec.bos_id, random_tokens,
+                                    rows=min(4, max(batches)), prompt_tokens=prompt_tokens,
+                                    new_tokens=new_tokens, log=log)
+    clock(f"correctness: {'ok' if correctness['ok'] else 'FAILED'}")
+
+    roofline = roofline_bytes(model, config, context=prompt_tokens + new_tokens // 2)
+    roofline_tok_s = bandwidth / roofline["bytes_per_step"]
+    b1, big = results[min(batches)], results[max(batches)]
+    summary = {
+        "b1_tok_s": round(b1["variants"]["no_memory"]["tok_s"], 1),
+        "b1_roofline_tok_s": round(roofline_tok_s, 1),
+        "b1_over_roofline": round(b1["variants"]["no_memory"]["tok_s"] / roofline_tok_s, 4),
+        "b1_decode_tok_s": round(b1["variants"]["no_memory"]["decode_tok_s"], 1),
+        "b1_decode_over_roofline": round(b1["variants"]["no_memory"]["decode_tok_s"] / roofline_tok_s, 4),
+        f"b{max(batches)}_memory_tok_s": round(big["variants"]["memory"]["tok_s"], 1),
+        f"b{max(batches)}_hf_eager_tok_s": round(big["variants"]["hf_eager"]["tok_s"], 1),
+        f"b{max(batches)}_memory_over_hf_eager": big["ratios"]["memory_over_hf_eager"],
+        "memory_over_no_memory": big["ratios"]["memory_over_no_memory"],
+        "b1_memory_over_no_memory": b1["ratios"]["memory_over_no_memory"],
+        "memory_over_rag": big["ratios"]["memory_over_rag"],
+        "hbm_copy_gb_s": round(bandwidth / 1e9, 1),
+        "correct": correctness["ok"],
+    }
+    return {
+        "benchmark": "gpu",
+        "summary": summary,
+        **summary,
+        "targets": TARGETS,
+        "batches": {str(b): r for b, r in results.items()},
+        "roofline": {**roofline, "bandwidth_bytes_s": bandwidth, "tok_s": roofline_tok_s},
+        "correctness": correctness,
+        "protocol": {
+            "preset": preset, "dtype": str(dtype).removeprefix("torch."), "batches": list(batches),
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds,
+            "retrievals_per_sequence": retrievals, "memories_per_retrieval": config.mems_per_chunk,
+            "rag_prefill_tokens": len(references[0]) * config.mems_per_chunk, "hf_compile": hf_compile,
+            "statistic": "first round dropped; tok/s median per variant; ratios median of per-round ratios",
+            "weights": "random init on the device (speed does not depend on the weights)",
+            "smoke": smoke, "config_overrides": overrides,
+        },
+        "seconds_total": round(time.perf_counter() - started, 1),
+        "machine": machine_info(),
+    }
+
+
+# ---- models ---------------------------------------------------------------------------------
+def device_model(config: Memory3Config, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
+    """Random weights made on the device, as `model.init` scales them (a CPU init of 2.8B is slow)."""
+    with torch.device(device), _default_dtype(dtype):
+        model = Transformer(config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out_std = 0.02 / math.sqrt(2 * config.n_layer)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02,
+                              generator=generator)
+    return model.eval()
+
+
+def hf_model(model: Transformer, config: Memory3Config):
+    """`LlamaForCausalLM` sharing our weights (assigned views, no copy)."""
+    import transformers
+
+    device, dtype = model.output.weight.device, model.output.weight.dtype
+    with torch.device(device), _default_dtype(dtype):
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_kwargs(config)))
+    hf.load_state_dict(to_llama_state_dict(model.state_dict(), config), strict=True, assign=True)
+    return hf.eval()
+
+
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int, *, static: bool, compile: bool) -> list[list[int]]:
+    import transformers
+
+    device = hf.lm_head.weight.device
+    ids = torch.tensor(prompts, device=device)  # equal lengths: no padding
+    kwargs = {"cache_implementation": "static"} if static else {}
+    if hasattr(transformers.GenerationConfig(), "disable_compile"):  # older versions lack the flag
+        kwargs["disable_compile"] = not compile
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def encode_bank(model: Transformer, references: list[list[int]], prefix: list[int], dtype: torch.dtype,
+                *, pin: bool) -> list[ExplicitMemory]:
+    """Memories as a memory service hands them over: in host memory, pinned for async copies."""
+    encoded = []
+    with torch.inference_mode():
+        for i in range(0, len(references), 64):
+            encoded += encode_references(model, references[i : i + 64], prefix)
+    shape = (len(encoded), *encoded[0].shape)
+    keys = torch.empty(shape, dtype=dtype, pin_memory=pin)  # one pinned block each for K and V
+    values = torch.empty(shape, dtype=dtype, pin_memory=pin)
+    for i, m in enumerate(encoded):
+        keys[i].copy_(m.keys)
+        values[i].copy_(m.values)
+    return [ExplicitMemory(keys[i], values[i], m.positions) for i, m in enumerate(encoded)]
+
+
+# ---- timing ---------------------------------------------------------------------------------
+def time_rounds(variants: dict[str, Callable[[], list[list[int]]]], rounds: int, expected: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Wall seconds per variant and round; round 0 (warm-up) is dropped."""
+    names = list(variants)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            tokens = variants[name]()
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            produced = sum(len(t) for t in tokens)
+            if produced != expected:
+                raise RuntimeError(f"{name} produced {produced} tokens, expected {expected}")
+            if r > 0:
+                seconds[name].append(elapsed)
+    return seconds
+
+
+def step_seconds(decoder: StaticDecoder, start_slot: int, steps: int = 16, repeats: int = 5) -> float:
+    """Median seconds of one decode step alone (graph replays), at context ~start_slot."""
+    tokens = torch.ones(decoder.batch_size, dtype=torch.long, device=decoder.device)
+    times = []
+    for _ in range(repeats + 1):
+        decoder.slots.fill_(start_slot)
+        _sync(decoder.device)
+        if decoder.device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(steps):
+                decoder.step(tokens)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3 / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                decoder.step(tokens)
+            times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times[1:])
+
+
+def summarize(seconds: dict[str, list[float]], steps: dict[str, float], bsz: int, new_tokens: int) -> dict:
+    work = bsz * new_tokens
+    variants = {
+        name: {"tok_s": work / statistics.median(ts), "mean_tok_s": work / statistics.mean(ts),
+               "seconds": [round(t, 4) for t in ts]}
+        for name, ts in seconds.items()
+    }
+    for name, step in steps.items():
+        variants[name]["step_ms"] = round(step * 1e3, 4)
+        variants[name]["decode_tok_s"] = bsz / step
+
+    def paired(num: str, den: str) -> float:  # throughput num/den = time den/num, same round
+        return round(statistics.median(d / n for n, d in zip(seconds[num], seconds[den], strict=True)), 4)
+
+    ratios = {
+        "memory_over_no_memory": paired("memory", "no_memory"),
+        "memory_over_rag": paired("memory", "rag"),
+        "memory_over_hf_eager": paired("memory", "hf_eager"),
+        "no_memory_over_hf_eager": paired("no_memory", "hf_eager"),
+        "no_memory_over_hf_static": paired("no_memory", "hf_static"),
+    }
+    return {"variants": variants, "ratios": ratios}
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int = 10) -> float:
+    """Bytes read plus written per second by a large device-to-device copy (random data)."""
+    src = torch.randn(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 3):
+        _sync(device)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            elapsed = begin.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            elapsed = time.perf_counter() - t0
+        if i >= 3:
+            times.append(elapsed)
+    if not torch.equal(dst, src):
+        raise RuntimeError("the copy for the bandwidth measurement is wrong")
+    return 2 * n_bytes / statistics.median(times)
+
+
+def roofline_bytes(model: Transformer, config: Memory3Config, *, context: int) -> dict:
+    """Bytes one batch-1 decode step must read: all weights but the embedding table, and the KV cache."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "tok_embeddings.weight")
+    itemsize = model.output.weight.element_size()
+    kv = config.n_layer * 2 * config.n_kv_head * config.head_dim * context * itemsize
+    return {"weight_bytes": weights, "kv_bytes": kv, "context": context, "bytes_per_step": weights + kv}
+
+
+# ---- correctness ----------------------------------------------------------------------------
+class RecordingBank:
+    """Retrieval over the bank that remembers, per call, what it returned (for the reference)."""
+
+    def __init__(self, bank: list[ExplicitMemory], per_query: int) -> None:
+        self.bank, self.per_query, self.calls = bank, per_query, []
+
+    def __call__(self, queries):
+        out = [[self.bank[(sum(q) + j) % len(self.bank)] for j in range(self.per_query)] for q in queries]
+        self.calls.append(out)
+        return out
+
+
+def check_correctness(model, hf, config, prefix, bank, bos, random_tokens, *, rows, prompt_tokens, new_tokens,
+                      log) -> dict:
+    """Our greedy tokens and logits against HF (no memory) and an fp32 upcast (memory)."""
+    p = len(prefix)
+    prompts = [[bos, *random_tokens(prompt_tokens - 1)] for _ in range(rows)]
+    out = {}
+
+    # No memory: HF's greedy tokens, and HF's logits teacher-forced on our tokens.
+    logits: list[torch.Tensor] = []
+    ours = generate_static(StaticDecoder(model, rows, prompt_tokens + new_tokens, memory=False), prompts,
+                           max_new_tokens=new_tokens, on_logits=lambda s, x: logits.append(x.clone()))
+    hf_tokens = hf_generate(hf, prompts, new_tokens, static=False, compile=False)
+    with torch.inference_mode():
+        ids = torch.tensor([x + t[:-1] for x, t in zip(prompts, ours.tokens, strict=True)],
+                           device=model.output.weight.device)
+        ref = hf(ids).logits[:, prompt_tokens - 1 :]  # (B, N, V)
+    out["no_memory_vs_hf"] = compare(torch.stack(logits, 1), ref, ours.tokens, hf_tokens)
+
+    # Memory: against one uncached pass of an fp32 copy of the weights, with the groups we read.
+    retrieval = RecordingBank(bank, config.mems_per_chunk)
+    logits = []
+    decoder = StaticDecoder(model, rows, p + prompt_tokens + new_tokens, memory=True, prefix_len=p)
+    ours = generate_static(decoder, prompts, prefix=prefix, max_new_tokens=new_tokens, memory_provider=retrieval,
+                           on_logits=lambda s, x: logits.append(x.clone()))
+    with torch.inference_mode():
+        eager = generate(model, prompts, prefix=prefix, max_new_tokens=new_tokens,
+                         memory_provider=RecordingBank(bank, config.mems_per_chunk))
+        reference = copy.deepcopy(model).float()
+        n_chunks = math.ceil(prompt_tokens / config.chunk_len)
+        ref = torch.stack([
+            full_forward(reference, config, prefix, prompts[b], ours.tokens[b],
+                         retrieval.calls[0][b * n_chunks : (b + 1) * n_chunks] + [c[b] for c in retrieval.calls[1:]])
+            for b in range(rows)
+        ])
+        del reference
+    out["memory_vs_fp32"] = compare(torch.stack(logits, 1), ref, ours.tokens, eager.tokens)
+    out["ok"] = all(c["ok"] for c in out.values())
+    for name, c in out.items():
+        if isinstance(c, dict):
+            log(f"  {name}: rel err {c['rel_err']:.2e}, tokens agree {c['tokens_agree']:.3f} with the "
+                f"reference's argmax ({c['unexplained']} not near-ties), same greedy run: {c['same_run']}")
+    return out
+
+
+def full_forward(model, config, prefix, prompt, generated, groups) -> torch.Tensor:
+    """(N, V) logits of one row in one uncached pass, each token reading the memories it read."""
+    p, device = len(prefix), model.output.weight.device
+    body = list(prompt) + list(generated[:-1])
+    tokens = torch.tensor([list(prefix) + body], device=device)
+    slots = torch.arange(tokens.shape[1], device=device)[None]
+    token_group = chunk_groups(slots, p, config.chunk_len)
+    n_prompt_chunks = math.ceil(len(prompt) / config.chunk_len)
+    for i in range(len(prompt), len(body)):
+        token_group[0, p + i] = n_prompt_chunks - 1 + (i - len(prompt)) // config.chunk_len
+    memory = stack_memories([groups], slots_per_group=config.mem_slots, device=device, dtype=torch.float32)
+    logits = model(tokens, rope_positions(slots, p, config.ref_len), memory=memory, token_group=token_group)
+    return logits[0, p + len(prompt) - 1 :]
+
+
+def compare(ours: torch.Tensor, ref: torch.Tensor, tokens: list[list[int]], other_run: list[list[int]]) -> dict:
+    """ours, ref: (B, N, V). A token may differ from the reference's argmax only at a near-tie."""
+    ours, ref = ours.float(), ref.float()
+    rel = float((ours - ref).norm() / ref.norm())
+    chosen = torch.tensor(tokens, device=ref.device)  # (B, N)
+    best = ref.max(dim=-1).values  # (B, N)
+    gap = best - ref.gather(-1, chosen[..., None])[..., 0]  # 0 where we took the reference's argmax
+    err = (ours - ref).abs().amax(dim=-1)  # (B, N)
+    agree = float((gap == 0).float().mean())
+    unexplained = int(((gap > 0) & (gap > 2 * err)).sum())
+    ok = bool(math.isfinite(rel) and rel < REL_TOLERANCE and unexplained == 0)
+    return {"rel_err": rel, "tokens_agree": agree, "unexplained": unexplained, "same_run": tokens == other_run,
+            "ok": ok}
+
+
+# ---- helpers --------------------------------------------------------------------------------
+class _Clock:
+    def __init__(self, log: Callable[[str], None], started: float) -> None:
+        self.log, self.started = log, started
+
+    def __call__(self, what: str) -> None:
+        self.log(f"[{time.perf_counter() - self.started:6.1f} s] {what}")
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def card_name(device: str) -> str:
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).lower().replace(" ", "-")
+    return "cpu"
+
+
+def default_json_path(device: str, directory: Path = Path("bench/results")) -> Path:
+    return directory / f"gpu-{card_name(device)}-{datetime.now(UTC).date().isoformat()}.json"
+
+
+def render(result: dict) -> str:
+    rows = ["| batch | variant | tok/s (median) | tok/s (mean) | step ms |", "|---|---|---|---|---|"]
+    for bsz, r in result["batches"].items():
+        for name, v in r["variants"].items():
+            step = f"{v['step_ms']:.3f}" if "step_ms" in v else ""
+            rows.append(f"| {bsz} | {name} | {v['tok_s']:.1f} | {v['mean_tok_s']:.1f} | {step} |")
+    rows.append("")
+    rows += [f"{k}: {v}" + (f"  (target {TARGETS[k]})" if k in TARGETS else "") for k, v in result["summary"].items()]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m memory3.bench.gpu", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="paper-2.4b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, a few rounds: checks the logic")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
+    parser.add_argument("--hf-compile", action="store_true", help="let HF compile the static-cache forward")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="output file, or a directory for gpu-<card>-<date>.json (default: bench/results/)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
+                           hf_compile=args.hf_compile, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    path = args.json
+    if path is None:
+        path = default_json_path(args.device)
+    elif path.is_dir():
+        path = default_json_path(args.device, path)
+    write_json(result, path)
+    print(render(result))
+    print(f"wrote {path}")
+    return 0 if result["correct"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
