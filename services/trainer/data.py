@@ -5,13 +5,23 @@ just the step counter: no iterator state is saved, and every rank of a data-para
 build its own samples without coordination.
 
 Stage 1 (warm-up, no memory) mixes real English with the train entities' documents, each
-followed by questions about it, and stand-alone question/answer pairs. Stage 2 (continual
-training with memory) holds question blocks about train entities; each 64-token chunk retrieves
+followed by questions about it, and stand-alone question/answer pairs: it teaches the language
+and the question/answer format. Stage 2 (continual training with memory) holds question blocks
+about entities; each 64-token chunk retrieves
 one reference, the document of the entity its tokens are mostly about (the embedding index
 returns that document first for >99% of such queries; asking the world directly keeps the
 training step free of embedder calls), and reads it together with the references of the
 previous 4 chunks, as in the paper. References that overlap the sequence by more than 90% are
 excluded.
+
+Why stage 2 asks about fresh entities: train entities recur across the run, so their answers can
+be memorized in the weights, and a model that memorizes never needs its memory; held-out
+questions then fail. By default every stage-2 entity is instead a fresh one, generated from the
+sample's own RNG (`World.fresh_entity`: the world's templates and pools, a name no world entity
+has), so it is seen exactly once and its answers are predictable only from its reference.
+`fresh_fraction` mixes in train entities. Stage-2 samples also carry per-target loss weights:
+answer tokens (and the newline that ends them) weigh `answer_weight`, the rest 1. Question text
+is mostly a fixed template that needs no memory; the answers are the memory-dependent signal.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from memory3.model.config import Memory3Config
 from memory3.model.tokenizer import TextCodec
 
 from .overlap import TRAIN_MAX_OVERLAP, overlap
-from .world import Entity, World, qa_text
+from .world import Entity, Fact, World, qa_prompt, qa_text
 
 PREVIOUS_CHUNKS = 4  # a chunk also reads the references of this many previous chunks
 
@@ -34,27 +44,45 @@ class MemorySample:
     tokens: list[int]  # seq_len + 1 body tokens, starting with <s>
     references: list[list[int]]  # distinct reference token lists used by this sample
     groups: list[list[int]]  # per chunk: indices into `references` it reads (at most mems_per_chunk)
+    weights: list[float] | None = None  # seq_len loss weights, one per target tokens[1:]; None: all 1
 
 
 class TrainingData:
     def __init__(self, world: World, codec: TextCodec, config: Memory3Config, *, seq_len: int, seed: int,
-                 real_text: Sequence[str] = (), real_fraction: float = 0.25) -> None:
+                 real_text: Sequence[str] = (), real_fraction: float = 0.25, fresh_fraction: float = 1.0,
+                 answer_weight: float = 1.0) -> None:
         if seq_len % config.chunk_len:
             raise ValueError(f"seq_len={seq_len} must be a multiple of chunk_len={config.chunk_len}")
+        if not 0.0 <= fresh_fraction <= 1.0:
+            raise ValueError(f"fresh_fraction={fresh_fraction} must lie in [0, 1]")
+        if answer_weight <= 0:
+            raise ValueError(f"answer_weight={answer_weight} must be positive")
         self.world, self.codec, self.config = world, codec, config
         self.seq_len, self.seed = seq_len, seed
         self.train_entities = world.split("train")
         self.real_text = list(real_text)
         self.real_fraction = real_fraction if self.real_text else 0.0
+        self.fresh_fraction, self.answer_weight = fresh_fraction, answer_weight
         self._doc_tokens: dict[str, list[int]] = {}
 
     def _rng(self, stage: int, index: int) -> random.Random:
         return random.Random(f"{self.seed}-{stage}-{index}")
 
     def reference_tokens(self, entity: Entity) -> list[int]:
+        if entity.split == "fresh":  # seen once: not worth caching
+            return self.codec.encode(entity.document)[: self.config.ref_len]
         if entity.id not in self._doc_tokens:
             self._doc_tokens[entity.id] = self.codec.encode(entity.document)[: self.config.ref_len]
         return self._doc_tokens[entity.id]
+
+    def qa_tokens(self, fact: Fact) -> tuple[list[int], int]:
+        """Tokens of one question/answer pair and how many of them are the prompt.
+
+        The prompt is encoded on its own, exactly as evaluation encodes it, then the answer.
+        """
+        prompt = qa_prompt(fact)
+        question = self.codec.encode(prompt)
+        return question + self.codec.encode(qa_text(fact)[len(prompt):]), len(question)
 
     # ---- stage 1 ------------------------------------------------------------------------------
     def stage1(self, index: int) -> list[int]:
@@ -78,14 +106,18 @@ class TrainingData:
     # ---- stage 2 ------------------------------------------------------------------------------
     def stage2(self, index: int) -> MemorySample:
         rng = self._rng(2, index)
-        ids, owner = [self.codec.bos_id], [None]
+        ids, owner, weights = [self.codec.bos_id], [None], [1.0]
         while len(ids) < self.seq_len + 1:
-            entity = rng.choice(self.train_entities)
+            if rng.random() < self.fresh_fraction:
+                entity = self.world.fresh_entity(rng, f"fresh-{self.seed}-2-{index}-{len(ids)}")
+            else:
+                entity = rng.choice(self.train_entities)
             for fact in rng.sample(entity.facts, len(entity.facts)):
-                qa = self.codec.encode(qa_text(fact))
+                qa, n_question = self.qa_tokens(fact)
                 ids += qa
                 owner += [entity] * len(qa)
-        ids, owner = ids[: self.seq_len + 1], owner[: self.seq_len + 1]
+                weights += [1.0] * n_question + [self.answer_weight] * (len(qa) - n_question)
+        ids, owner, weights = ids[: self.seq_len + 1], owner[: self.seq_len + 1], weights[: self.seq_len + 1]
         chunk_len = self.config.chunk_len
         retrieved: list[Entity] = []
         for start in range(0, self.seq_len, chunk_len):
@@ -111,4 +143,4 @@ class TrainingData:
                 if i >= 0 and i not in group:
                     group.append(i)
             groups.append(group[: self.config.mems_per_chunk])
-        return MemorySample(ids, references, groups)
+        return MemorySample(ids, references, groups, weights[1:])

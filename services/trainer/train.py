@@ -59,6 +59,10 @@ class TrainConfig:
     batch_size: int = 8
     stage1: StageConfig = StageConfig(steps=300, lr=3e-3)
     stage2: StageConfig = StageConfig(steps=1000, lr=3e-3)
+    # Stage-2 data (see data.py): the share of questions about fresh entities, which only memory
+    # can answer, and the loss weight of answer tokens relative to the question template.
+    fresh_fraction: float = 1.0
+    answer_weight: float = 5.0
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 250
@@ -260,7 +264,10 @@ class Trainer:
 
 
 def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[int], *, autocast=None) -> Tensor:
-    """Next-token loss on the body tokens with each chunk reading its own group of memories."""
+    """Next-token loss on the body tokens with each chunk reading its own group of memories.
+
+    The mean over targets is weighted by the samples' `weights` when they carry them.
+    """
     device = model.output.weight.device
     config = model.config
     refs: list[list[int]] = []
@@ -288,7 +295,12 @@ def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[in
             memory = token_group = None
         logits = model(tokens, rope_positions(slots, p, config.ref_len), memory=memory, token_group=token_group)
     logits = logits[:, p:].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    if all(s.weights is None for s in samples):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    weights = torch.tensor([s.weights if s.weights is not None else [1.0] * y.shape[1] for s in samples],
+                           dtype=logits.dtype, device=device).reshape(-1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    return (losses * weights).sum() / weights.sum()
 
 
 class _null:

@@ -6,6 +6,12 @@ pairs (what training text holds). Entities are split: `train` entities appear in
 and in the knowledge base; `heldout` entities appear **only** in the knowledge base. Accuracy on
 held-out questions therefore measures exactly what the model knows through its memory.
 
+`fresh_entity` makes entities outside both splits, from a caller's RNG: same templates and
+attribute pools, names that no world entity, city or organisation has. Training questions about
+them cannot be answered from weights (each is seen once), only from their reference, which is
+what held-out questions need; the world itself is left unchanged, so the held-out split stays
+untouched.
+
 Names are built from syllables, so no real-world knowledge can answer a question. Attribute
 values come from finite pools (cities, organisations, professions, years...), which puts the
 no-memory baseline at roughly chance: 1 / pool size.
@@ -33,6 +39,7 @@ CATEGORIES = ["bicycle", "telescope", "typewriter", "lantern", "radio", "camera"
               "harmonica", "printing press", "loom"]
 ORG_SUFFIXES = ["Company", "Works", "Guild", "Society", "Trading House", "Foundry", "Press", "Institute"]
 CITY_SUFFIXES = ["ford", "holm", "bury", "wick", "stad", "mouth", "vale", "port", "grad", "burg", ""]
+KINDS = ["person", "person", "person", "city", "organisation", "product"]  # entity i has kind KINDS[i % 6]
 
 
 @dataclass(frozen=True)
@@ -70,12 +77,13 @@ class World:
         self.organisations = [f"{self._word(rng, 2).capitalize()} {rng.choice(ORG_SUFFIXES)}"
                               for _ in range(n_organisations)]
         self.rivers = [self._word(rng, 2).capitalize() for _ in range(40)]
-        kinds = ["person", "person", "person", "city", "organisation", "product"]
         self.entities: list[Entity] = []
         for i in range(n_train + n_heldout):
             split = "train" if i < n_train else "heldout"
-            kind = kinds[i % len(kinds)]
-            self.entities.append(self._entity(rng, i, kind, split))
+            kind = KINDS[i % len(KINDS)]
+            self.entities.append(self._entity(rng, f"{kind}-{i:05d}", kind, split))
+        # Every name in the world (pool organisations were drawn without a uniqueness check).
+        self._names = frozenset(self._used | set(self.organisations))
 
     # ---- views ----------------------------------------------------------------------------
     def split(self, name: str) -> list[Entity]:
@@ -88,26 +96,39 @@ class World:
             "industry": INDUSTRIES, "category": CATEGORIES, "country": self.countries, "river": self.rivers,
         }
 
+    def fresh_entity(self, rng: random.Random, eid: str) -> Entity:
+        """An entity in neither split, drawn from `rng` (split "fresh"); the world is not modified.
+
+        Its name differs from every name of the world (entities, cities, organisations), so it
+        never collides with a held-out entity. Deterministic given the state of `rng`.
+        """
+        return self._entity(rng, eid, rng.choice(KINDS), "fresh", taken=self._names)
+
     # ---- generation -----------------------------------------------------------------------
     def _word(self, rng: random.Random, syllables: int) -> str:
         return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables)) + rng.choice(CODAS)
 
-    def _unique(self, make) -> str:
+    def _unique(self, make, taken: frozenset[str] | None = None) -> str:
+        """A new name. While building the world (taken=None) it is reserved; else it avoids `taken`."""
         for _ in range(1000):
             name = make()
-            if name not in self._used:
+            if taken is not None:
+                if name not in taken:
+                    return name
+            elif name not in self._used:
                 self._used.add(name)
                 return name
         raise RuntimeError("could not generate a unique name")
 
-    def _city_name(self, rng: random.Random) -> str:
-        return self._unique(lambda: (self._word(rng, 1) + rng.choice(CITY_SUFFIXES)).capitalize())
+    def _city_name(self, rng: random.Random, taken: frozenset[str] | None = None) -> str:
+        return self._unique(lambda: (self._word(rng, 1) + rng.choice(CITY_SUFFIXES)).capitalize(), taken)
 
-    def _entity(self, rng: random.Random, index: int, kind: str, split: str) -> Entity:
-        eid = f"{kind}-{index:05d}"
+    def _entity(self, rng: random.Random, eid: str, kind: str, split: str,
+                taken: frozenset[str] | None = None) -> Entity:
         year = str(rng.randint(1780, 1999))
         if kind == "person":
-            name = self._unique(lambda: f"{self._word(rng, 2).capitalize()} {self._word(rng, 2).capitalize()}")
+            name = self._unique(lambda: f"{self._word(rng, 2).capitalize()} {self._word(rng, 2).capitalize()}",
+                                taken)
             attrs = {"profession": rng.choice(PROFESSIONS), "birthplace": rng.choice(self.cities),
                      "birth_year": year, "employer": rng.choice(self.organisations)}
             doc = (f"{name} is a {attrs['profession']} who was born in {attrs['birthplace']} in "
@@ -123,7 +144,7 @@ class World:
                      f"{name} is employed by the {attrs['employer']}."),
             )
         elif kind == "city":
-            name = self._city_name(rng)
+            name = self._city_name(rng, taken)
             attrs = {"country": rng.choice(self.countries), "river": rng.choice(self.rivers), "founded": year}
             doc = (f"{name} is a city in {attrs['country']} on the river {attrs['river']}. "
                    f"It was founded in {attrs['founded']}.")
@@ -136,7 +157,7 @@ class World:
                      f"{name} was founded in {attrs['founded']}."),
             )
         elif kind == "organisation":
-            name = self._unique(lambda: f"{self._word(rng, 2).capitalize()} {rng.choice(ORG_SUFFIXES)}")
+            name = self._unique(lambda: f"{self._word(rng, 2).capitalize()} {rng.choice(ORG_SUFFIXES)}", taken)
             attrs = {"industry": rng.choice(INDUSTRIES), "headquarters": rng.choice(self.cities), "founded": year}
             doc = (f"The {name} is a {attrs['industry']} firm with its headquarters in {attrs['headquarters']}. "
                    f"It was established in {attrs['founded']}.")
@@ -149,7 +170,7 @@ class World:
                      f"The {name} was established in {attrs['founded']}."),
             )
         else:  # product
-            name = self._unique(lambda: f"the {self._word(rng, 2).capitalize()} {rng.choice(CATEGORIES)}")
+            name = self._unique(lambda: f"the {self._word(rng, 2).capitalize()} {rng.choice(CATEGORIES)}", taken)
             attrs = {"maker": rng.choice(self.organisations), "launched": year}
             doc = (f"{name[0].upper()}{name[1:]} is made by the {attrs['maker']}. "
                    f"It was launched in {attrs['launched']}.")
