@@ -85,6 +85,7 @@ class StackOptions:
     s3: S3Config | None = None  # an existing object store; None starts a local one (rclone) under home
     # CPU cores per service (Linux), e.g. {"decoder": {0}, "text": {1}}: emulates separate nodes on one machine.
     cpu_affinity: dict[str, set[int]] = field(default_factory=dict)
+    redis_password: str | None = None  # the local Redis requires it (passed to services in their env only)
 
 
 def state_path(home: Path) -> Path:
@@ -121,27 +122,19 @@ def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, st
         from .storage.object_store import ObjectStore
         ObjectStore(s3).ensure_bucket()
         if options.redis:
-            redis = start_local_redis(run_dir / "redis", maxmemory="256mb")
+            redis = start_local_redis(run_dir / "redis", maxmemory="256mb", password=options.redis_password)
             state.redis_url = redis.url
             state.processes.append(StackProcess("redis", redis.pid, redis.port, str(run_dir / "redis" / "redis.log")))
             log(f"Redis on {redis.url.split('@')[-1]}")
         state.save(state_path(home))
         if ensure_release is not None:
             ensure_release(s3, options.release)
-        env = _service_env(s3, state.redis_url)
         for name in SERVICES:
-            port = options.decoder_port if (name == "decoder" and options.decoder_port) else free_port()
-            metrics_port = free_port()
-            args = [*_service_args(name, options, state, port), "--metrics-port", str(metrics_port)]
-            logfile = run_dir / f"{name}.log"
-            with open(logfile, "ab") as out:
-                process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
-                                           stdout=out, stderr=out, env=env, start_new_session=True)
-            if name in options.cpu_affinity:  # before torch starts its thread pools
-                os.sched_setaffinity(process.pid, options.cpu_affinity[name])
-            state.processes.append(StackProcess(name, process.pid, port, str(logfile), metrics_port))
+            port = options.decoder_port if (name == "decoder" and options.decoder_port) else None
+            started = spawn_service(options, state, name, port=port)
+            state.processes.append(started)
             state.save(state_path(home))
-            log(f"{name} service starting on 127.0.0.1:{port} (log {logfile})")
+            log(f"{name} service starting on 127.0.0.1:{started.port} (log {started.log})")
         for p in state.processes:
             if p.name in SERVICES:
                 wait_serving(p, options.ready_timeout_s)
@@ -151,6 +144,26 @@ def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, st
         state_path(home).unlink(missing_ok=True)
         raise
     return state
+
+
+def spawn_service(options: StackOptions, state: StackState, name: str, *, port: int | None = None,
+                  label: str | None = None) -> StackProcess:
+    """Start one service process against the stack's stores; not waited for (see `wait_serving`).
+
+    Also restarts a service that was stopped (pass its port), or adds another with other options
+    (e.g. a second decoder with another retrieval policy, under its own `label` and log file).
+    """
+    port = port or free_port()
+    metrics_port = free_port()
+    args = [*_service_args(name, options, state, port), "--metrics-port", str(metrics_port)]
+    logfile = Path(state.home) / "stack" / f"{label or name}.log"
+    with open(logfile, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
+                                   stdout=out, stderr=out, env=_service_env(state.s3_config, state.redis_url),
+                                   start_new_session=True)
+    if name in options.cpu_affinity:  # before torch starts its thread pools
+        os.sched_setaffinity(process.pid, options.cpu_affinity[name])
+    return StackProcess(label or name, process.pid, port, str(logfile), metrics_port)
 
 
 def stop_stack(home: Path, log: Callable[[str], None] = print) -> bool:

@@ -136,14 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let all services share all cores (default: the decoder gets half of them, as its own node)")
     srv.add_argument("--json", type=Path, required=True)
     srv.add_argument("--readme", type=Path, default=None)
-    gpu = bench_sub.add_parser("gpu", help="GPU decode speed: static CUDA-graph decoder vs HF transformers, "
-                                           "against the HBM roofline, with a correctness check")
-    gpu.add_argument("--preset", default="paper-2.4b")
-    gpu.add_argument("--device", default="cuda")
-    gpu.add_argument("--smoke", action="store_true", help="toy sizes; with --preset tiny --device cpu, on a CPU")
-    gpu.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
-    gpu.add_argument("--hf-compile", action="store_true", help="let HF compile its static-cache forward")
-    gpu.add_argument("--json", type=Path, required=True)
+    rel = bench_sub.add_parser("reliability", help="load, 2x overload and injected faults (Redis, S3, slow S3, "
+                                                   "corrupt blob, text down, bad input, SIGTERM) on a private stack")
+    rel.add_argument("--preset", default="tiny", help="model preset of the random-weights release")
+    rel.add_argument("--max-batch", type=int, default=4, help="decoder batch rows")
+    rel.add_argument("--max-waiting", type=int, default=4, help="decoder queue; capacity = batch rows + queue")
+    rel.add_argument("--seconds", type=float, default=5.0, help="length of each load run (at most 60)")
+    rel.add_argument("--new-tokens", type=int, default=24)
+    rel.add_argument("--fuzz", type=int, default=300, help="bad requests sent over every RPC (at most 5000)")
+    rel.add_argument("--json", type=Path, required=True)
     return parser
 
 
@@ -209,6 +210,9 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batch", type=int, default=8, help="streams decoded together")
     group.add_argument("--max-waiting", type=int, default=32,
                        help="streams queued beyond --max-batch; more get RESOURCE_EXHAUSTED")
+    group.add_argument("--max-streams-per-client", type=int, default=0,
+                       help="streams one client may have open at once, by its x-client-id metadata or else its "
+                            "address; more get RESOURCE_EXHAUSTED (0: no limit)")
     group.add_argument("--max-seq-len", type=int, default=None, help="context per stream (default: the model's)")
     group.add_argument("--default-max-tokens", type=int, default=128, help="when a request sets no max_tokens")
     group.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail",
@@ -258,7 +262,8 @@ def _decoder_settings(args: argparse.Namespace):
     if not args.release:
         raise ValueError(f"serve {args.service} needs --release NAME: the release whose model to serve")
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len,
-                          default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy)
+                          default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy,
+                          max_streams_per_client=args.max_streams_per_client)
     dependencies = DependencyOptions(tls_ca=args.dependency_tls_ca, client_cert=args.dependency_cert,
                                      client_key=args.dependency_key,
                                      auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)
@@ -348,10 +353,14 @@ def _bench(args: argparse.Namespace) -> int:
         from memory3.bench.quality import run_quality_bench
         result = run_quality_bench(s3_config(args), args.release, cache_dir=args.cache_dir,
                                    n_questions=args.questions, plot=args.json.with_suffix(".png"))
-    elif args.bench_kind == "gpu":
-        from memory3.bench.gpu import run_gpu_bench
-        result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
-                               hf_compile=args.hf_compile, log=lambda msg: print(msg, file=sys.stderr))
+    elif args.bench_kind == "reliability":
+        from memory3.bench.reliability import run_reliability_bench
+        if not (0 < args.seconds <= 60 and 0 <= args.fuzz <= 5000 and args.max_batch >= 1 and args.max_waiting >= 0):
+            raise ValueError("bench reliability: --seconds in (0, 60], --fuzz in [0, 5000], --max-batch >= 1, "
+                             "--max-waiting >= 0")
+        result = run_reliability_bench(preset=args.preset, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                                       seconds=args.seconds, new_tokens=args.new_tokens, fuzz=args.fuzz,
+                                       log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "serving":
         from memory3.bench.serving import run_serving_bench
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
@@ -367,7 +376,7 @@ def _bench(args: argparse.Namespace) -> int:
     from memory3.bench.report import update_readme, write_json
     write_json(result, args.json)
     print(json.dumps(result["summary"], indent=2))
-    if args.readme is not None:
+    if getattr(args, "readme", None) is not None:  # reliability has no README table
         update_readme(args.readme, args.json.parent)
     return 0
 

@@ -55,6 +55,9 @@ class EngineConfig:
     max_seq_len: int | None = None  # cache length per row; None: the model's max_seq_len
     default_max_tokens: int = 128
     max_prompt_chars: int = 64 * 1024
+    # Streams one client may have accepted at once (0: no limit); clients are told apart by
+    # GenerationRequest.client_id, which the front end fills in (an x-client-id header, or the peer).
+    max_streams_per_client: int = 0
     # Text or memory service unreachable: "fail" ends the request with UNAVAILABLE;
     # "continue" generates without memory and says so in the response's warnings.
     retrieval_policy: str = "fail"
@@ -64,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_streams_per_client < 0:
+            raise ValueError(f"max_streams_per_client must be >= 0 (0: no limit), got {self.max_streams_per_client}")
         if self.retrieval_policy not in RETRIEVAL_POLICIES:
             raise ValueError(f"retrieval_policy must be one of {RETRIEVAL_POLICIES}, got {self.retrieval_policy!r}")
 
@@ -79,6 +84,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() deadline
+    client_id: str = ""  # who asked, for the per-client stream limit ("": not counted)
 
 
 @dataclass(frozen=True)
@@ -409,6 +415,7 @@ class GenerationEngine:
         self.scheduler.on_swap = self._schedule_swap
         self.loop: asyncio.AbstractEventLoop | None = None
         self.accepted = 0  # requests between acceptance and their end (waiting + running)
+        self.per_client: dict[str, int] = {}  # accepted requests by client id
         self.started = False
         self.draining = False
         self._tasks: set[asyncio.Task] = set()
@@ -466,10 +473,16 @@ class GenerationEngine:
         self.validate(request)
         request = dataclasses.replace(
             request, sampling=dataclasses.replace(request.sampling, vocab_limit=self.codec.vocab_size))
+        client, limit = request.client_id, self.config.max_streams_per_client
+        if limit and client and self.per_client.get(client, 0) >= limit:
+            raise ResourceExhausted(f"client {client!r} already has {limit} streams open, the limit per client; "
+                                    "wait for one to finish")
         if self.accepted >= self.config.max_batch + self.config.max_waiting:
             raise ResourceExhausted(f"the decoder is at capacity ({self.accepted} requests running or queued); "
                                     "retry with backoff")
         self.accepted += 1
+        if client:
+            self.per_client[client] = self.per_client.get(client, 0) + 1
         self._idle.clear()
         self._update_waiting()
         arrival = time.monotonic()
@@ -492,6 +505,10 @@ class GenerationEngine:
             if stream is not None and not stream.done:
                 self.scheduler.post(("cancel", stream, None))
             self.accepted -= 1
+            if client:
+                left = self.per_client.pop(client) - 1
+                if left:
+                    self.per_client[client] = left
             self._update_waiting()
             if self.accepted == 0:
                 self._idle.set()
@@ -582,6 +599,11 @@ class GenerationEngine:
         except ServiceError as e:
             self.scheduler.post(("cancel", stream, None))
             stream.out.put_nowait(_Failed(e))
+            return
+        except Exception:  # noqa: BLE001 - a bug fails its stream; left paused, the stream would hang
+            log.exception("retrieval for a generated chunk failed")
+            self.scheduler.post(("cancel", stream, None))
+            stream.out.put_nowait(_Failed(ServiceError("internal error while retrieving memories")))
             return
         self.scheduler.post(("memories", stream, memories))
 

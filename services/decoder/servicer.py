@@ -16,6 +16,19 @@ from .validation import build_request
 log = logging.getLogger("memory3.decoder")
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+CLIENT_ID_HEADER = "x-client-id"
+MAX_CLIENT_ID_CHARS = 128
+
+
+def client_id(context) -> str:
+    """Who is asking, for the per-client stream limit: the `x-client-id` metadata (set it at the
+    ingress, which the decoder then sees as the peer), else the peer's address without its port."""
+    given = dict(context.invocation_metadata() or ()).get(CLIENT_ID_HEADER)
+    if isinstance(given, str) and given.strip():
+        return given.strip()[:MAX_CLIENT_ID_CHARS]
+    peer = context.peer() or ""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
 
 
 class GenerationServicer:
@@ -32,7 +45,7 @@ class GenerationServicer:
             seed=p.seed if p.HasField("seed") else None, use_memory=p.retrieval != pb.RETRIEVAL_MODE_NONE,
             include_reference_text=p.include_reference_text,
             ignore_eos=p.ignore_eos, request_id=message.request_id,
-            deadline=time.monotonic() + remaining if remaining is not None else None)
+            deadline=time.monotonic() + remaining if remaining is not None else None, client_id=client_id(context))
 
     @rpc_errors
     async def Generate(self, message: pb.GenerateRequest, context):

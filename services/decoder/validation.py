@@ -8,6 +8,7 @@ What only the engine can judge (prompt length in tokens, context room) stays in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from memory3.model.generate import SamplingParams
@@ -17,13 +18,16 @@ from .engine import GenerationEngine, GenerationRequest, new_request_id
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
+MAX_REQUEST_ID_CHARS = 128
+# Temperatures below this sample as greedy: dividing logits by a subnormal overflows them to inf.
+MIN_TEMPERATURE = 1e-5
 
 
 def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_ids: Sequence[int] = (),
                   release: str = "", temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
                   max_tokens: int = 0, stop: Sequence[str] = (), seed: int | None = None, use_memory: bool = True,
                   include_reference_text: bool = False, ignore_eos: bool = False, request_id: str = "",
-                  deadline: float | None = None) -> GenerationRequest:
+                  deadline: float | None = None, client_id: str = "") -> GenerationRequest:
     """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it."""
     if release and release != engine.release:
         raise NotFound(f"release {release!r} is not served here (this decoder serves "
@@ -36,17 +40,22 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
         body = engine.codec.body(prompt)
     else:
         body = [engine.codec.bos_id, *prompt_token_ids]
-    if temperature < 0:
-        raise InvalidInput(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidInput(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k < 0:
         raise InvalidInput(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0 <= top_p <= 1:
+    if not 0 <= top_p <= 1:  # NaN fails this too
         raise InvalidInput(f"top_p must be in [0, 1] (0 or 1 disables it), got {top_p}")
     if max_tokens < 0:
         raise InvalidInput(f"max_tokens must be >= 1 (0 means the server's default), got {max_tokens}")
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+        raise InvalidInput(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters "
+                           "(it is written to logs), or empty for a generated one")
     if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
         raise InvalidInput(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most "
                            f"{MAX_STOP_CHARS} characters")
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p or 1.0, seed=seed)
     return GenerationRequest(
         prompt_ids=body,
@@ -58,4 +67,5 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
         ignore_eos=ignore_eos,
         request_id=request_id or new_request_id(),
         deadline=deadline,
+        client_id=client_id,
     )

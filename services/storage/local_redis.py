@@ -25,9 +25,13 @@ def redis_server_binary() -> str:
     return found
 
 
-def _answers_ping(port: int, timeout: float = 0.2) -> bool:
+def _answers_ping(port: int, timeout: float = 0.2, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            if password:
+                s.sendall(f"AUTH {password}\r\n".encode())
+                if not s.recv(16).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
@@ -37,14 +41,17 @@ def _answers_ping(port: int, timeout: float = 0.2) -> bool:
 class LocalRedis:
     """One redis-server process on a fixed port; `start()` again after `stop()`/`kill()` restarts it."""
 
-    def __init__(self, data_dir: Path, port: int, *, maxmemory: str | None = None,
+    def __init__(self, data_dir: Path, port: int, *, maxmemory: str | None = None, password: str | None = None,
                  ready_timeout: float = 10.0) -> None:
         self.data_dir, self.port, self.maxmemory, self.ready_timeout = data_dir, port, maxmemory, ready_timeout
+        self.password = password
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """With the password when there is one: keep it out of logs (redis_tier.redacted)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -64,6 +71,11 @@ class LocalRedis:
                "--maxmemory-policy", "allkeys-lru"]
         if self.maxmemory:
             cmd += ["--maxmemory", self.maxmemory]
+        if self.password:  # in a 0600 config file, not on the command line (ps would show it)
+            config = self.data_dir / "redis-auth.conf"
+            config.touch(mode=0o600)
+            config.write_text(f"requirepass {self.password}\n")
+            cmd.insert(1, str(config))
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
         deadline = time.monotonic() + self.ready_timeout
@@ -71,7 +83,7 @@ class LocalRedis:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited with code {self.process.returncode} "
                                    f"(see {self.data_dir / 'redis.log'}; is port {self.port} taken?)")
-            if _answers_ping(self.port):
+            if _answers_ping(self.port, password=self.password):
                 return self
             time.sleep(0.05)
         self.kill()
@@ -96,6 +108,7 @@ class LocalRedis:
 
 
 def start_local_redis(data_dir: Path, *, port: int | None = None, maxmemory: str | None = None,
-                      ready_timeout: float = 10.0) -> LocalRedis:
+                      password: str | None = None, ready_timeout: float = 10.0) -> LocalRedis:
     """Start redis-server on 127.0.0.1 (a free port unless given) and wait until it answers PING."""
-    return LocalRedis(data_dir, port or free_port(), maxmemory=maxmemory, ready_timeout=ready_timeout).start()
+    return LocalRedis(data_dir, port or free_port(), maxmemory=maxmemory, password=password,
+                      ready_timeout=ready_timeout).start()

@@ -37,3 +37,13 @@ def local_redis(tmp_path_factory) -> LocalRedis:
 def random_release(store) -> RandomRelease:
     """A tiny published release (random weights, a dozen references): see release_fixtures.py."""
     return build_random_release(store)
+
+
+@pytest.fixture(scope="session")
+def reliability_stack(tmp_path_factory):
+    """The fault-injection stack of bench/reliability.py: S3 behind a delay proxy, a password-protected
+    Redis, and a "continue"-policy decoder beside the "fail" one. Tests restore what they break."""
+    from memory3.bench.reliability import ReliabilityStack
+
+    with ReliabilityStack(tmp_path_factory.mktemp("reliability"), log=lambda _msg: None) as stack:
+        yield stack

@@ -1,0 +1,112 @@
+"""Per-client stream limits, request rules that keep bad numbers out of the scheduler, and a
+retrieval bug that fails its own stream instead of leaving it paused forever."""
+
+import asyncio
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
+from memory3.services.decoder.retrieval import RetrievedReference
+from memory3.services.decoder.validation import build_request
+from memory3.services.rpc.errors import InvalidInput, ResourceExhausted, ServiceError
+
+
+def body(text_codec, n=20):
+    return [text_codec.bos_id, *range(3, 3 + n)]
+
+
+def test_streams_per_client_are_limited(tiny_model, text_codec):
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=4, max_streams_per_client=2))
+        await engine.start()
+        try:
+            def request(client, n=400):
+                return GenerationRequest(body(text_codec), n, use_memory=False, client_id=client)
+
+            a1, a2 = engine.generate(request("a")), engine.generate(request("a"))
+            await a1.__anext__()
+            await a2.__anext__()
+            with pytest.raises(ResourceExhausted, match="'a' already has 2 streams open"):
+                await engine.generate(request("a", 2)).__anext__()
+            async for _ in engine.generate(request("b", 2)):  # another client is served
+                pass
+            async for _ in engine.generate(request("", 2)):  # no client id: not counted
+                pass
+            await a1.aclose()
+            async for _ in engine.generate(request("a", 2)):  # a slot of its own again
+                pass
+            await a2.aclose()
+            assert engine.per_client == {} and engine.accepted == 0
+        finally:
+            await engine.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_negative_limit_is_refused():
+    with pytest.raises(ValueError, match="max_streams_per_client"):
+        EngineConfig(max_streams_per_client=-1)
+
+
+@pytest.fixture
+def fake_engine(text_codec):
+    return SimpleNamespace(release="r", codec=text_codec, config=EngineConfig())
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"temperature": math.nan}, "temperature must be a finite number"),
+    ({"temperature": math.inf}, "temperature must be a finite number"),
+    ({"top_p": math.nan}, "top_p must be in"),
+    ({"request_id": "x" * 129}, "request_id"),
+    ({"request_id": "line\nbreak"}, "request_id"),
+])
+def test_numbers_the_sampler_cannot_use_are_refused(fake_engine, fields, message):
+    with pytest.raises(InvalidInput, match=message):
+        build_request(fake_engine, prompt="hello", **fields)
+
+
+def test_underflowing_temperature_is_greedy(fake_engine):
+    # logits / 1e-45 overflow to inf and the sampler's softmax to NaN: such a request once failed the whole batch
+    assert build_request(fake_engine, prompt="hello", temperature=1e-45).sampling.temperature == 0.0
+    assert build_request(fake_engine, prompt="hello", temperature=0.7).sampling.temperature == pytest.approx(0.7)
+
+
+class BrokenOnGeneratedChunks:
+    """Answers the prompt's retrieval, then fails with a bug (not a ServiceError) mid-generation."""
+
+    def __init__(self, memory) -> None:
+        self.memory, self.calls = memory, 0
+
+    async def retrieve(self, queries, top_k, include_text):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("a bug in retrieval")
+        return [[RetrievedReference("m", 1.0)] for _ in queries]
+
+    async def fetch(self, ids):
+        return [self.memory for _ in ids]
+
+
+def test_a_retrieval_bug_fails_its_stream_instead_of_hanging(tiny_model, text_codec, prefix):
+    import torch
+
+    from memory3.model.encoder import encode_references
+
+    with torch.inference_mode():
+        [memory] = encode_references(tiny_model, [list(range(3, 3 + tiny_model.config.ref_len))], prefix)
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, BrokenOnGeneratedChunks(memory),
+                                  EngineConfig(max_batch=2))
+        await engine.start()
+        try:
+            with pytest.raises(ServiceError, match="internal error while retrieving"):
+                async for _ in engine.generate(GenerationRequest(body(text_codec), 100, ignore_eos=True)):
+                    pass  # 64 generated tokens in, the stream needs memories for its next chunk
+            assert engine.accepted == 0 and engine.scheduler.running() == 0
+        finally:
+            await engine.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
