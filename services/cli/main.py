@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--new-tokens", type=int, default=24)
     rel.add_argument("--fuzz", type=int, default=300, help="bad requests sent over every RPC (at most 5000)")
     rel.add_argument("--json", type=Path, required=True)
+    gpu = bench_sub.add_parser("gpu", help="GPU decode speed: static CUDA-graph decoder vs HF transformers, "
+                                           "against the HBM roofline, with a correctness check")
+    gpu.add_argument("--preset", default="paper-2.4b")
+    gpu.add_argument("--device", default="cuda")
+    gpu.add_argument("--smoke", action="store_true", help="toy sizes; with --preset tiny --device cpu, on a CPU")
+    gpu.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
+    gpu.add_argument("--hf-compile", action="store_true", help="let HF compile its static-cache forward")
+    gpu.add_argument("--json", type=Path, required=True)
     return parser
 
 
@@ -361,6 +369,10 @@ def _bench(args: argparse.Namespace) -> int:
         result = run_reliability_bench(preset=args.preset, max_batch=args.max_batch, max_waiting=args.max_waiting,
                                        seconds=args.seconds, new_tokens=args.new_tokens, fuzz=args.fuzz,
                                        log=lambda msg: print(msg, file=sys.stderr))
+    elif args.bench_kind == "gpu":
+        from memory3.bench.gpu import run_gpu_bench
+        result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
+                               hf_compile=args.hf_compile, log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "serving":
         from memory3.bench.serving import run_serving_bench
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
