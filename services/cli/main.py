@@ -166,6 +166,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     group.add_argument("--tls-client-ca", type=Path, default=None,
                        help="PEM CA that must have signed client certificates (mTLS)")
+    group.add_argument("--health-port", type=int, default=None,
+                       help="also serve grpc.health.v1.Health alone, in plaintext, on this port, for probes that "
+                            "cannot speak TLS (0: any free port; default: none)")
 
 
 def server_options(args: argparse.Namespace):
@@ -175,7 +178,7 @@ def server_options(args: argparse.Namespace):
     port = args.port if args.port is not None else SERVE_PORTS[args.service]
     return ServerOptions(host=args.host, port=port, grace_s=args.grace, metrics_port=args.metrics_port,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                         auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None)
+                         auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None, health_port=args.health_port)
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
@@ -249,9 +252,9 @@ def add_kserve_arguments(parser: argparse.ArgumentParser) -> None:
 def _serve_kserve(args: argparse.Namespace) -> int:
     if os.environ.get("MEMORY3_AUTH_TOKEN"):
         raise ValueError("serve kserve does not check MEMORY3_AUTH_TOKEN (authenticate at the ingress); unset it")
-    if args.tls_cert or args.tls_client_ca or args.metrics_port is not None:
-        raise ValueError("serve kserve takes no --tls-*/--metrics-port: TLS is the ingress's job, and metrics are "
-                         "on --http-port at /metrics")
+    if args.tls_cert or args.tls_client_ca or args.metrics_port is not None or args.health_port is not None:
+        raise ValueError("serve kserve takes no --tls-*/--metrics-port/--health-port: TLS is the ingress's job, and "
+                         "metrics and health are on --http-port (/metrics, /v2/health/*)")
     settings = _decoder_settings(args)
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; ours are parsed already
     try:

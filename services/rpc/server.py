@@ -1,5 +1,5 @@
-"""A grpc.aio server with health, reflection, metrics, optional TLS and token auth, and a
-graceful drain on SIGTERM/SIGINT. Every service is started through it."""
+"""A grpc.aio server with health, reflection, metrics, optional TLS and token auth, an optional
+plaintext health-only port, and a graceful drain on SIGTERM/SIGINT. Every service is started through it."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ class ServerOptions:
     tls_client_ca: Path | None = None  # PEM CA; when set, clients must present a certificate it signed (mTLS)
     auth_token: str | None = None  # when set, RPCs need metadata `authorization: Bearer <token>`
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # A second, plaintext listener serving only grpc.health.v1.Health (the same states as the main port), for
+    # probes that cannot speak TLS (Kubernetes' `grpc:` probes). None: none; 0: any free port.
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -49,6 +52,8 @@ class ServerOptions:
             raise ValueError("client certificate checking (--tls-client-ca) needs TLS (--tls-cert, --tls-key)")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("the auth token must not be empty")
+        if self.health_port is not None and self.health_port != 0 and self.health_port == self.port:
+            raise ValueError(f"the health port (--health-port) must differ from the service port ({self.port})")
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -116,6 +121,16 @@ class Server:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not listen on {address}")
+        # Health only, no interceptors, no reflection: nothing else is reachable without TLS.
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        if options.health_port is not None:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            health_address = f"{options.host}:{options.health_port}"
+            self.health_port = self.health_server.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise OSError(f"could not listen on {health_address} (health port)")
         self.grace_s = options.grace_s
         self.metrics_port: int | None = None
         self.service_names: list[str] = []
@@ -132,6 +147,8 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self.options.metrics_port is not None:
             self.metrics_port = start_metrics_server(self.options.host, self.options.metrics_port)
 
@@ -150,6 +167,8 @@ class Server:
         for hook in on_drain:
             await hook()
         await self.server.stop(self.grace_s)
+        if self.health_server is not None:  # probes see NOT_SERVING until the drain is over
+            await self.health_server.stop(0)
 
     async def run_until_signal(self, on_drain: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
         stop = asyncio.Event()

@@ -3,13 +3,19 @@ Deployments' container commands and environment exactly as rendered, and run the
 against a real S3 server (rclone) and a real redis-server. The stack must become healthy through the
 probes the manifests declare and answer a Generate through the decoder's Service address.
 
+The chart's defaults are kept, TLS included: the services serve TLS only with the certificate the chart
+generates, the decoder checks it against the generated CA, and the probes ask the plaintext health port.
+
 What a cluster would provide is emulated, nothing else is changed:
-- DNS: a rendered Service name resolves to 127.0.0.1, and its port to the targetPort's container port;
+- DNS: a rendered Service name resolves to 127.0.0.1, and its port to the targetPort's container port (the
+  generated certificate names 127.0.0.1 besides the Services, for port-forwarding);
 - Secrets: `secretKeyRef` reads from the Secrets an operator would have created (the local stores'
-  credentials), and `$(VAR)` references expand the way the kubelet expands them;
-- volumes: every volumeMount is a fresh temporary directory;
+  credentials) or from the rendered ones, and `$(VAR)` references expand the way the kubelet expands them;
+- volumes: a Secret volume is a temporary directory holding the Secret's items, every other volumeMount a
+  fresh empty one;
 - network namespaces: each pod has its own, so the shared metrics port becomes `--metrics-port 0`
-  (any free port), and `--host 0.0.0.0` becomes 127.0.0.1 (tests only listen on loopback).
+  (any free port), the shared health port a free port per pod (its probes follow), and `--host 0.0.0.0`
+  becomes 127.0.0.1 (tests only listen on loopback).
 """
 
 from __future__ import annotations
@@ -99,12 +105,20 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 
 def pod_process(cluster: Cluster, deployment: dict, root: Path) -> tuple[list[str], dict[str, str], int]:
-    """(argv, environment, gRPC port) of the deployment's container, with its volumes under `root`."""
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    """(argv, environment, local port of its probes) of the deployment's container, with its volumes under `root`."""
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
     assert container["command"] == ["memory3"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mounts = {m["mountPath"]: root / m["name"] for m in container.get("volumeMounts", [])}
-    for directory in mounts.values():
+    for mount in container.get("volumeMounts", []):
+        directory = root / mount["name"]
         directory.mkdir(parents=True, exist_ok=True)
+        secret = volumes[mount["name"]].get("secret")
+        if secret is not None:
+            data = cluster.secret(secret["secretName"])
+            for item in secret.get("items") or [{"key": k, "path": k} for k in data]:
+                (directory / item["path"]).write_text(data[item["key"]])
 
     def local_path(value: str) -> str:
         for mount, directory in mounts.items():
@@ -116,9 +130,13 @@ def pod_process(cluster: Cluster, deployment: dict, root: Path) -> tuple[list[st
     args = [local_path(cluster.resolve(expand(a, env))) for a in container["args"]]
     args[args.index("--metrics-port") + 1] = "0"
     args[args.index("--host") + 1] = "127.0.0.1"
-    port = container["startupProbe"]["grpc"]["port"]
-    assert int(args[args.index("--port") + 1]) == port
-    return args, env, port
+    probed = container["startupProbe"]["grpc"]["port"]
+    if "--health-port" in args:  # TLS: the probes ask the plaintext health port, not the service port
+        assert int(args[args.index("--health-port") + 1]) == probed != int(args[args.index("--port") + 1])
+        args[args.index("--health-port") + 1] = str(port := free_port())
+        return args, env, port
+    assert int(args[args.index("--port") + 1]) == probed
+    return args, env, probed
 
 
 @pytest.fixture(scope="module")
@@ -165,23 +183,35 @@ def local_redis_module(tmp_path_factory):
     server.stop()
 
 
+def grpc_port(container: dict) -> int:
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+
+
 def test_rendered_pods_become_healthy_through_their_probes(chart_stack):
     cluster, processes = chart_stack
     for component in SERVICES:
         container = cluster.find("Deployment", f"m3-memory3-{component}")["spec"]["template"]["spec"]["containers"][0]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             spec = container[probe]["grpc"]
-            with grpc.insecure_channel(f"127.0.0.1:{spec['port']}") as channel:
+            # The kubelet's probes speak plaintext, to this pod's (remapped) health port.
+            with grpc.insecure_channel(f"127.0.0.1:{processes[component].port}") as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=spec.get("service", "")), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, (component, probe)
+        # The service port itself speaks TLS only.
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port(container)}") as channel, \
+                pytest.raises(grpc.RpcError) as refused:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, component
 
 
 def test_generate_through_the_decoder_service(chart_stack):
     cluster, _processes = chart_stack
     service = cluster.find("Service", "m3-memory3-decoder")
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
-    with grpc.insecure_channel(cluster.local_address("m3-memory3-decoder", port)) as channel:
+    # A client outside the chart checks the decoder against the CA in the rendered Secret.
+    credentials = grpc.ssl_channel_credentials(root_certificates=cluster.secret("m3-memory3-tls")["ca.crt"].encode())
+    with grpc.secure_channel(cluster.local_address("m3-memory3-decoder", port), credentials) as channel:
         request = pb.GenerateRequest(
             prompt="Tell me about the clock repairer of Pemberlyn and the lighthouse keeper of Skarn Point.",
             params=pb.GenerationParams(max_tokens=16))

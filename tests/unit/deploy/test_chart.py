@@ -32,6 +32,8 @@ VALUE_SETS = {
                              "trainer": {"job": {"enabled": True, "release": "small-v2", "workVolumeClaim": "runs"}},
                              "encoding": {"enabled": True, "shardsVolumeClaim": "shards"},
                              "redis": {"existingSecret": "memory3-redis"}},
+    "tls-off": {"tls": {"enabled": False}},
+    "tls-existing-secret": {"tls": {"existingSecret": "memory3-tls"}, "kserve": {"enabled": True}},
     "everything": merge(IN_CHART_STORES, {"kserve": {"enabled": True}, "decoder": {"gpu": {"enabled": True}},
                                           "trainer": {"job": {"enabled": True}},
                                           "metrics": {"serviceMonitor": {"enabled": True}},
@@ -227,8 +229,13 @@ def test_services_have_grpc_probes_and_resources(rendered):
         d = rendered.get("Deployment", component_name(component))
         c = d["spec"]["template"]["spec"]["containers"][0]
         grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+        # With TLS the kubelet (which cannot speak TLS) probes the plaintext health-only port.
+        tls = "--tls-cert" in c["args"]
+        probed = next(p["containerPort"] for p in c["ports"] if p["name"] == ("health" if tls else "grpc"))
+        if tls:
+            assert int(c["args"][c["args"].index("--health-port") + 1]) == probed != grpc_port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == grpc_port, (component, probe)
+            assert c[probe]["grpc"]["port"] == probed, (component, probe)
         # Liveness asks for the name that stays SERVING while the process runs (services/rpc/server.py).
         assert c["livenessProbe"]["grpc"]["service"] == "liveness"
         assert "service" not in c["readinessProbe"]["grpc"]
@@ -298,11 +305,13 @@ def test_secrets_are_never_inlined(rendered):
 
 
 def test_external_stores_create_no_secrets_and_in_chart_ones_keep_theirs():
-    assert render({}).of_kind("Secret") == []
+    assert [s["metadata"]["name"] for s in render({}).of_kind("Secret")] == [component_name("tls")]
+    assert render({"tls": {"enabled": False}}).of_kind("Secret") == []
     r = render(IN_CHART_STORES)
     for s in r.of_kind("Secret"):
         assert s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    assert {s["metadata"]["name"] for s in r.of_kind("Secret")} == {component_name("s3"), component_name("redis")}
+    assert {s["metadata"]["name"] for s in r.of_kind("Secret")} == \
+        {component_name("s3"), component_name("redis"), component_name("tls")}
 
 
 def test_redis_url_from_a_secret_and_without_credentials():
@@ -405,7 +414,7 @@ def test_network_policies_model_who_talks_to_whom():
         policy = r.get("NetworkPolicy", component_name(target))
         sources = set()
         for rule in policy["spec"].get("ingress", []):
-            if any(p["port"] == "metrics" for p in rule.get("ports", [])):
+            if any(p["port"] in ("metrics", "health") for p in rule.get("ports", [])):
                 continue
             for peer in rule.get("from", [{"any": True}]):
                 if "any" in peer:
@@ -432,9 +441,16 @@ def test_network_policies_model_who_talks_to_whom():
 
 def test_notes_show_grpcurl_commands():
     notes = render({}).notes
-    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in notes
-    assert "memory3.v1.GenerationService/Generate" in notes
+    assert "get secret m3-memory3-tls -o jsonpath='{.data.ca\\.crt}' | base64 -d > memory3-ca.crt" in notes
+    grpcurl = "grpcurl -cacert memory3-ca.crt -servername m3-memory3-decoder"
+    assert f"{grpcurl} localhost:50051 grpc.health.v1.Health/Check" in notes
+    assert "memory3.v1.GenerationService/Generate" in notes and "--tls-ca memory3-ca.crt" in notes
+    assert "-plaintext" not in notes
     assert "small-v1" in notes
+    custom = render({"tls": {"existingSecret": "memory3-tls", "caKey": "issuer.pem"}}).notes
+    assert "get secret memory3-tls -o jsonpath='{.data.issuer\\.pem}'" in custom
+    plain = render({"tls": {"enabled": False}}).notes
+    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in plain and "-cacert" not in plain
 
 
 # ---------------------------------------------------------------- values
@@ -458,6 +474,13 @@ BAD_VALUES = [
      "decoder.autoscaling.keda.enabled"),
     ({"memory": {"resources": {"requests": {"cpu": None}}}}, "memory.resources.requests.cpu"),  # null deletes
     ({"metrics": {"port": 50051}}, "metrics.port: 50051 is also a gRPC port"),
+    ({"server": {"healthPort": 50052}}, "server.healthPort: 50052 is also a gRPC or the metrics port"),
+    ({"tls": {"existingSecret": "memory3-tls", "keyKey": ""}},
+     'tls.keyKey: name the key of its private key in the Secret "memory3-tls"'),
+    ({"tls": {"existingSecret": "memory3-tls", "caKey": ""}}, "tls.caKey: name the key of the CA certificate"),
+    ({"tls": {"enabled": False, "existingSecret": "memory3-tls"}},
+     'tls.existingSecret: "memory3-tls" is set but tls.enabled=false'),
+    ({"tls": {"generated": {"validityDays": 0}}}, "tls.generated.validityDays: must be at least 1"),
 ]
 
 

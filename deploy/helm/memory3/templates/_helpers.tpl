@@ -194,11 +194,99 @@ app.kubernetes.io/component: {{ .component }}
 - {{ .root.Values.server.grace | quote }}
 - --log-format
 - {{ .root.Values.server.logFormat }}
+{{- include "memory3.tlsServerArgs" .root }}
 {{ include "memory3.s3Args" .root }}
 {{- end -}}
 
+{{/* The Secret holding the services' certificate, its key and the CA: tls.existingSecret or the generated one. */}}
+{{- define "memory3.tlsSecretName" -}}
+{{- if .Values.tls.existingSecret -}}
+{{- .Values.tls.existingSecret -}}
+{{- else -}}
+{{- include "memory3.componentName" (dict "root" . "component" "tls") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the TLS files are mounted in the pods (always as tls.crt, tls.key and ca.crt, whatever the Secret's keys). */}}
+{{- define "memory3.tlsDir" -}}/etc/memory3/tls{{- end -}}
+
+{{/* The port the kubelet probes: the plaintext health-only port with TLS, else the service port.
+Call with (dict "root" $ "port" 50052). */}}
+{{- define "memory3.probePort" -}}
+{{- if .root.Values.tls.enabled -}}{{- .root.Values.server.healthPort -}}{{- else -}}{{- .port -}}{{- end -}}
+{{- end -}}
+
+{{/* Server flags with TLS: the certificate and key, and the plaintext health-only port for the probes. */}}
+{{- define "memory3.tlsServerArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert
+- {{ printf "%s/tls.crt" (include "memory3.tlsDir" .) }}
+- --tls-key
+- {{ printf "%s/tls.key" (include "memory3.tlsDir" .) }}
+- --health-port
+- {{ .Values.server.healthPort | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Client flags of the decoder (and the KServe predictor) with TLS: the CA of the text and memory services.
+This and the TLS volume helpers render nothing without TLS: include them with `with`. */}}
+{{- define "memory3.tlsDependencyArgs" -}}
+{{- if .Values.tls.enabled -}}
+- --dependency-tls-ca
+- {{ printf "%s/ca.crt" (include "memory3.tlsDir" .) }}
+{{- end }}
+{{- end -}}
+
+{{/* The TLS Secret as a read-only volume. Call with (dict "root" $ "serverKey" true); without serverKey only the
+CA is mounted (clients). */}}
+{{- define "memory3.tlsVolume" -}}
+{{- $t := .root.Values.tls -}}
+{{- $external := $t.existingSecret -}}
+{{- if $t.enabled -}}
+- name: tls
+  secret:
+    secretName: {{ include "memory3.tlsSecretName" .root }}
+    defaultMode: 0440
+    items:
+      {{- if .serverKey }}
+      - key: {{ ternary $t.certKey "tls.crt" (not (empty $external)) }}
+        path: tls.crt
+      - key: {{ ternary $t.keyKey "tls.key" (not (empty $external)) }}
+        path: tls.key
+      {{- end }}
+      - key: {{ ternary $t.caKey "ca.crt" (not (empty $external)) }}
+        path: ca.crt
+{{- end }}
+{{- end -}}
+
+{{/* Mount of memory3.tlsVolume. */}}
+{{- define "memory3.tlsMount" -}}
+{{- if .Values.tls.enabled -}}
+- name: tls
+  mountPath: {{ include "memory3.tlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Container ports of a gRPC service: grpc (TLS when tls.enabled), the plaintext health port with TLS, metrics.
+Call with (dict "root" $ "port" 50052). */}}
+{{- define "memory3.servicePorts" -}}
+- name: grpc
+  containerPort: {{ .port }}
+  protocol: TCP
+{{- if .root.Values.tls.enabled }}
+- name: health
+  containerPort: {{ .root.Values.server.healthPort }}
+  protocol: TCP
+{{- end }}
+- name: metrics
+  containerPort: {{ .root.Values.metrics.port }}
+  protocol: TCP
+{{- end -}}
+
 {{/* Native gRPC probes: startup and readiness on the overall health, liveness on the `liveness` name (SERVING
-while the process runs, so a lost dependency takes a pod out of rotation without restarting it). */}}
+while the process runs, so a lost dependency takes a pod out of rotation without restarting it). With TLS they
+ask the plaintext health-only port (`--health-port`): the kubelet's grpc probes cannot speak TLS. */}}
 {{- define "memory3.grpcProbes" -}}
 startupProbe:
   grpc:

@@ -59,3 +59,17 @@ metadata:
   labels:
     {{- include "memory3.labels" . | nindent 4 }}
 {{- end -}}
+
+{{/* With TLS: ingress to the plaintext health-only port from the kubelet (it probes from the node, so any source
+unless networkPolicy.probeIngressFrom lists peers). Renders nothing without TLS: include it with `with`. */}}
+{{- define "memory3.ingressProbes" -}}
+{{- if .Values.tls.enabled -}}
+- ports:
+    - port: health
+      protocol: TCP
+  {{- with .Values.networkPolicy.probeIngressFrom }}
+  from:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end -}}

@@ -80,6 +80,22 @@
 {{- if has (int $v.metrics.port) $ports -}}
 {{- $messages = append $messages (printf "metrics.port: %v is also a gRPC port; pick another" $v.metrics.port) -}}
 {{- end -}}
+{{- if $v.tls.enabled -}}
+{{- if $v.tls.existingSecret -}}
+{{- range $key, $what := dict "certKey" "the PEM certificate" "keyKey" "its private key" "caKey" "the CA certificate" -}}
+{{- if not (index $v.tls $key) -}}
+{{- $messages = append $messages (printf "tls.%s: name the key of %s in the Secret %q (cert-manager's: tls.crt, tls.key, ca.crt)" $key $what $v.tls.existingSecret) -}}
+{{- end -}}
+{{- end -}}
+{{- else if lt (int $v.tls.generated.validityDays) 1 -}}
+{{- $messages = append $messages (printf "tls.generated.validityDays: must be at least 1 (got %v)" $v.tls.generated.validityDays) -}}
+{{- end -}}
+{{- if has (int $v.server.healthPort) (append $ports (int $v.metrics.port)) -}}
+{{- $messages = append $messages (printf "server.healthPort: %v is also a gRPC or the metrics port; the probes' plaintext health port needs its own" $v.server.healthPort) -}}
+{{- end -}}
+{{- else if $v.tls.existingSecret -}}
+{{- $messages = append $messages (printf "tls.existingSecret: %q is set but tls.enabled=false, so it would not be used; set tls.enabled=true or unset it" $v.tls.existingSecret) -}}
+{{- end -}}
 {{- if $messages -}}
 {{- fail (printf "\n\nVALUES VALIDATION:\n- %s\n" (join "\n- " $messages)) -}}
 {{- end -}}
