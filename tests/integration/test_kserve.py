@@ -129,7 +129,7 @@ def test_v2_grpc_client_gets_a_completion(kserve_server):
     assert "completion_tokens" in result["parameters"] and "12" in result["parameters"]["completion_tokens"]
     assert result["citations"] and len(result["citations"][0]["references"]) == 5
     assert "INVALID_ARGUMENT" in result["bad"]["status"]
-    assert "temperature must be >= 0" in result["bad"]["message"]
+    assert "temperature must be a finite number >= 0" in result["bad"]["message"]
     assert "INVALID_ARGUMENT" in result["float"]["status"] and "floats as strings" in result["float"]["message"]
 
 
@@ -187,7 +187,7 @@ def test_a_client_that_hangs_up_frees_its_stream(kserve_server):
 
 
 @pytest.mark.parametrize(("fields", "status", "says"), [
-    ({"temperature": -0.5}, 400, "temperature must be >= 0"),
+    ({"temperature": -0.5}, 400, "temperature must be a finite number >= 0"),
     ({"top_p": 2}, 400, "top_p must be in [0, 1]"),
     ({"max_tokens": "many"}, 400, "max_tokens must be an integer"),
     ({"prompt": None}, 400, "prompt is required"),
