@@ -233,6 +233,8 @@ class Scheduler:
                     self.ready.remove(stream)
             elif kind == "memories":
                 self._resume(stream, payload)
+            elif kind == "fail" and not stream.done:
+                self._finish_error(stream, payload)
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -591,19 +593,16 @@ class GenerationEngine:
                                         memories=len(memories)))
         except Unavailable as e:
             if self.config.retrieval_policy == "fail":
-                self.scheduler.post(("cancel", stream, None))
-                stream.out.put_nowait(_Failed(e))
+                self.scheduler.post(("fail", stream, e))
                 return
             stream.out.put_nowait(_Note(warning=f"retrieval unavailable ({e}); chunk {chunk_number} "
                                                 "generated without memory"))
         except ServiceError as e:
-            self.scheduler.post(("cancel", stream, None))
-            stream.out.put_nowait(_Failed(e))
+            self.scheduler.post(("fail", stream, e))
             return
         except Exception:  # noqa: BLE001 - a bug fails its stream; left paused, the stream would hang
             log.exception("retrieval for a generated chunk failed")
-            self.scheduler.post(("cancel", stream, None))
-            stream.out.put_nowait(_Failed(ServiceError("internal error while retrieving memories")))
+            self.scheduler.post(("fail", stream, ServiceError("internal error while retrieving memories")))
             return
         self.scheduler.post(("memories", stream, memories))
 
