@@ -162,13 +162,12 @@ class Scheduler:
     """Owns the model and its caches; runs in one thread."""
 
     def __init__(self, model: Transformer, config: EngineConfig, *, stop_token_ids: Sequence[int],
-                 prefix: Sequence[int], vocab_limit: int) -> None:
+                 prefix: Sequence[int]) -> None:
         self.model, self.config = model, config
         self.mc = model.config
         self.max_seq_len = config.max_seq_len or self.mc.max_seq_len
         self.stop_ids = set(stop_token_ids)
         self.prefix = list(prefix)
-        self.vocab_limit = vocab_limit
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -412,8 +411,7 @@ class GenerationEngine:
         self.release = release
         self.mc = model.config
         self.prefix = codec.reference_prefix(self.mc)
-        self.scheduler = Scheduler(model, config, stop_token_ids=[codec.eos_id], prefix=self.prefix,
-                                   vocab_limit=codec.vocab_size)
+        self.scheduler = Scheduler(model, config, stop_token_ids=[codec.eos_id], prefix=self.prefix)
         self.scheduler.on_swap = self._schedule_swap
         self.loop: asyncio.AbstractEventLoop | None = None
         self.accepted = 0  # requests between acceptance and their end (waiting + running)
