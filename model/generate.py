@@ -132,11 +132,12 @@ def iter_generate(
     log = retrievals if retrievals is not None else []
     log[:] = [[] for _ in range(bsz)]
 
-    tokens = torch.zeros(bsz, width, dtype=torch.long, device=device)
-    tokens[:, :p] = torch.as_tensor(list(prefix), dtype=torch.long, device=device)
+    # The prefix's K/V are written once for all rows (Transformer.write_prefix); prefill runs on
+    # the right-padded bodies, at slots p, p+1, ...
+    tokens = torch.zeros(bsz, width - p, dtype=torch.long, device=device)
     for b, prompt in enumerate(prompts):
-        tokens[b, p : p + len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
-    slots = torch.arange(width, device=device)[None].expand(bsz, -1)  # (B, T)
+        tokens[b, : len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+    slots = p + torch.arange(width - p, device=device)[None].expand(bsz, -1)  # (B, T_body)
     positions = rope_positions(slots, p, config.ref_len)
 
     generator = None
@@ -158,8 +159,10 @@ def iter_generate(
                 memory = stack_memories(groups, slots_per_group=config.mem_slots, device=device,
                                         dtype=model_dtype(model))
                 token_group = chunk_groups(slots, p, config.chunk_len)
+        if p:
+            model.write_prefix(torch.as_tensor(list(prefix), dtype=torch.long, device=device))
         logits = prefill(model, tokens, slots, positions, memory, token_group)
-        last = logits[torch.arange(bsz, device=device), p + lengths - 1]  # (B, V)
+        last = logits[torch.arange(bsz, device=device), lengths - 1]  # (B, V)
         if memory is not None:
             # The first generated chunk keeps the last prompt chunk's memories.
             model.set_resident_memory(
