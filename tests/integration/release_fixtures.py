@@ -17,8 +17,8 @@ from memory3.model.config import Memory3Config
 from memory3.model.init import random_model
 from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
-from memory3.services.release.manifest import Manifest, memory_key, release_key
-from memory3.services.release.publish import MANIFEST_FILE, publish_release
+from memory3.services.release.manifest import Manifest, memory_key
+from memory3.services.release.synthetic import publish_random_release
 from memory3.services.storage.object_store import ObjectStore
 from memory3.services.trainer.kb import Reference, build_references
 
@@ -65,13 +65,5 @@ def build_random_release(store: ObjectStore, name: str = RANDOM_RELEASE, *,
     references = list(build_references(documents, text_codec, config.ref_len))
     model = random_model(config, seed=seed)
     memory_codec = codec_from_name(codec)
-    key = release_key(name, MANIFEST_FILE)
-    if not store.exists(key):
-        if embedder is None:
-            from memory3.services.retrieval.embedder import Embedder
-            embedder = Embedder()
-        publish_release(store, name, model=model, codec=text_codec, references=references, embed=embedder.embed,
-                        embedder_name=embedder.name, memory_codec=memory_codec,
-                        provenance={"purpose": "tests", "seed": seed}, progress=False, log=lambda _msg: None)
-    manifest = Manifest.from_json(store.get_bytes(key).decode())
+    manifest = publish_random_release(store, name, documents, preset=preset, codec=codec, seed=seed, embedder=embedder)
     return RandomRelease(name, manifest, references, model, text_codec, memory_codec)

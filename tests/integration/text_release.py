@@ -3,12 +3,9 @@ tokenizer, a knowledge base of short invented facts, the real embedder and FAISS
 
 from __future__ import annotations
 
-from memory3.model.codecs import codec_from_name
 from memory3.model.config import Memory3Config
-from memory3.model.init import random_model
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
-from memory3.services.release.manifest import release_key
-from memory3.services.release.publish import MANIFEST_FILE, publish_release
+from memory3.services.release.synthetic import publish_random_release
 from memory3.services.retrieval.embedder import Embedder
 from memory3.services.storage.object_store import ObjectStore
 from memory3.services.trainer.kb import Reference, build_references
@@ -33,8 +30,5 @@ def build_text_release(store: ObjectStore, name: str, embedder: Embedder) -> lis
     config = Memory3Config.from_name("tiny")
     codec = TextCodec(byte_level_tokenizer())
     references = list(build_references(DOCUMENTS, codec, config.ref_len))
-    if not store.exists(release_key(name, MANIFEST_FILE)):
-        publish_release(store, name, model=random_model(config, seed=0), codec=codec, references=references,
-                        embed=embedder.embed, embedder_name=embedder.name, memory_codec=codec_from_name("bf16"),
-                        provenance={"purpose": "text service tests"}, progress=False, log=lambda _msg: None)
+    publish_random_release(store, name, DOCUMENTS, embedder=embedder)
     return references
