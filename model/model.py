@@ -88,8 +88,8 @@ class Transformer(nn.Module):
     def has_cache(self) -> bool:
         return self._cache_batch > 0
 
-    def write_prefix(self, prefix: Tensor) -> None:
-        """Fill context slots 0..p-1 of every cache row with the reference prefix's K/V.
+    def write_prefix(self, prefix: Tensor, rows: Tensor | None = None) -> None:
+        """Fill context slots 0..p-1 of cache rows with the reference prefix's K/V.
 
         The prefix comes first in every context and reads no memory, so its keys and values are
         the same for every sequence: one pass over it at batch 1, copied to the other rows,
@@ -97,17 +97,23 @@ class Transformer(nn.Module):
 
         Args:
             prefix: (p,) token ids of `<s>Reference:`.
+            rows: (R,) cache rows to fill; None means all rows. Their contexts start anew, so
+                their resident memories are cleared first (prefix tokens read no memory).
         """
         if not self.has_cache:
             raise ValueError("write_prefix needs caches (setup_caches)")
+        if rows is None:
+            rows = torch.arange(self._cache_batch, device=prefix.device)
+        if self._resident_mask is not None:
+            self.clear_resident_memory(rows)
         slots = torch.arange(prefix.shape[0], device=prefix.device)[None]  # (1, p); positions = slots here
-        self(prefix[None], slots, cache_slots=slots)  # writes row 0
+        self(prefix[None], slots, cache_slots=slots, cache_rows=rows[:1])
         end = prefix.shape[0]
         for layer in self.layers:
             cache = layer.attention.kv_cache
             cols = slice(cache.mem_slots, cache.mem_slots + end)
-            cache.k[1:, :, cols] = cache.k[:1, :, cols]
-            cache.v[1:, :, cols] = cache.v[:1, :, cols]
+            cache.k[rows[1:], :, cols] = cache.k[rows[:1], :, cols]
+            cache.v[rows[1:], :, cols] = cache.v[rows[:1], :, cols]
 
     def set_resident_memory(self, memory: MemoryKV, rows: Tensor | None = None) -> None:
         """Place one group of memories per sequence into the caches' memory slots.

@@ -259,16 +259,18 @@ class Scheduler:
     def _prefill(self, streams: list[_Stream]) -> None:
         """One pass over the right-padded prompts of `streams`, written into their cache rows."""
         p = streams[0].prefix_len
-        prefix = self.prefix if p else []
-        bodies = [prefix + s.request.prompt_ids for s in streams]
+        bodies = [s.request.prompt_ids for s in streams]
         lengths = torch.tensor([len(b) for b in bodies], device=self.device)
         tokens = torch.zeros(len(streams), int(lengths.max()), dtype=torch.long)  # (B, T), right-padded
         for i, body in enumerate(bodies):
             tokens[i, : len(body)] = torch.tensor(body)
         tokens = tokens.to(self.device)
-        slots = torch.arange(tokens.shape[1], device=self.device)[None].expand(len(streams), -1)  # (B, T)
+        # The prefix's K/V are written once into these rows; the bodies follow at slots p, p+1, ...
+        slots = p + torch.arange(tokens.shape[1], device=self.device)[None].expand(len(streams), -1)  # (B, T)
         positions = _positions(slots, p, self.mc.ref_len)
         rows = torch.tensor([s.row for s in streams], device=self.device)
+        if p:
+            self.model.write_prefix(torch.tensor(self.prefix, device=self.device), rows)
         memory = token_group = None
         if any(any(s.groups) for s in streams):
             memory = stack_memories([s.groups for s in streams], slots_per_group=self.mc.mem_slots,
@@ -285,7 +287,7 @@ class Scheduler:
                 stack_memories([[streams[i].groups[-1]] for i in keep], slots_per_group=self.mc.mem_slots,
                                device=self.device, dtype=self.dtype), rows=rows[keep])
         for s, length in zip(streams, lengths.tolist(), strict=True):
-            s.next_slot = length
+            s.next_slot = p + length
             metrics.PROMPT_TOKENS.inc(len(s.request.prompt_ids))
         for s, tok in zip(streams, self._sample(streams, last), strict=True):
             self._accept(s, tok)
