@@ -8,25 +8,27 @@ same model and engine, timed interleaved in one run:
              worst case: no cache reuse), supplied from process memory as if fetched;
   rag        no memory; the 5 references of the first chunk (5 x ref_len tokens) are prefilled
              as text in front of the prompt (the paper's RAG baseline retrieves once).
-Throughput is batch * new_tokens / wall time, prefill included. Each round times the three
-variants back to back, in an order that rotates from round to round, so a ratio compares runs
-that saw the same machine load; the summary ratios are the medians of the per-round ratios, and
-the throughputs the medians of each variant's runs. On a shared machine a variant's absolute
-speed drifts by 10% or more between rounds, while the paired ratios move by a few percent; the
-ratios of the fastest runs and the spread of the per-round ratios are reported beside them.
+Throughput is batch * new_tokens / time, prefill included. The three variants run in lockstep,
+each on its own copy of the weights: one generation step of each in turn (the first step is the
+whole prefill), in an order that rotates every round, and each variant's time is the sum of its
+own steps. The machine's speed drifts by 10% or more within a second on a shared VM; lockstep
+makes the three runs of a round see the same drift, so their ratios compare like with like.
+Summary ratios are the medians of the per-round ratios, throughputs the medians of each
+variant's runs; the spread of the per-round ratios is reported beside them.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from memory3.model.config import Memory3Config
 from memory3.model.encoder import encode_references
-from memory3.model.generate import generate
+from memory3.model.generate import iter_generate
 from memory3.model.init import random_model
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 
@@ -72,27 +74,21 @@ def run_decode_bench(
     rag_context = [tok for ref in references[: config.mems_per_chunk] for tok in ref]
     rag_prompts = [[codec.bos_id, *rag_context, *p[1:]] for p in prompts]
 
-    variants: dict[str, Callable[[], object]] = {
-        "no_memory": lambda: generate(model, prompts, max_new_tokens=new_tokens),
-        "memory": lambda: generate(model, prompts, prefix=prefix, max_new_tokens=new_tokens,
-                                   memory_provider=UniqueMemoryBank(bank, config.mems_per_chunk)),
-        "rag": lambda: generate(model, rag_prompts, max_new_tokens=new_tokens),
+    models = {name: copy.deepcopy(model) for name in ("no_memory", "memory", "rag")}  # one cache set each
+    variants: dict[str, Callable[[], Iterator]] = {
+        "no_memory": lambda: iter_generate(models["no_memory"], prompts, max_new_tokens=new_tokens),
+        "memory": lambda: iter_generate(models["memory"], prompts, prefix=prefix, max_new_tokens=new_tokens,
+                                        memory_provider=UniqueMemoryBank(bank, config.mems_per_chunk)),
+        "rag": lambda: iter_generate(models["rag"], rag_prompts, max_new_tokens=new_tokens),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     with torch.inference_mode():
-        for run in variants.values():  # warm-up, untimed
-            run()
-        names = list(variants)
+        _lockstep(variants, names, new_tokens)  # warm-up, untimed
         for round_index in range(repeats):
             shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                run = variants[name]
-                start = time.perf_counter()
-                out = run()
-                times[name].append(time.perf_counter() - start)
-                produced = sum(len(t) for t in out.tokens)
-                if produced != batch * new_tokens:
-                    raise RuntimeError(f"{name} produced {produced} tokens, expected {batch * new_tokens}")
+            for name, seconds in _lockstep(variants, names[shift:] + names[:shift], new_tokens).items():
+                times[name].append(seconds)
     tok_s = {name: batch * new_tokens / statistics.median(t) for name, t in times.items()}
     best = {name: batch * new_tokens / min(t) for name, t in times.items()}
     # A throughput ratio is the inverse ratio of the wall times of the same round.
@@ -114,7 +110,8 @@ def run_decode_bench(
             "preset": preset, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "retrievals_per_sequence": retrievals_per_seq, "memories_per_retrieval": config.mems_per_chunk,
             "rag_prefill_tokens": len(rag_context), "repeats": repeats,
-            "statistic": "ratios: median of per-round paired ratios; throughputs: median per variant",
+            "statistic": "variants in lockstep (one step each in turn); ratios: median of per-round paired ratios; "
+                         "throughputs: median per variant",
             "weights": "random init (speed does not depend on the weights)",
         },
         "fastest_runs": {
@@ -125,3 +122,25 @@ def run_decode_bench(
         "seconds": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
         "machine": machine_info(),
     }
+
+
+def _lockstep(variants: dict[str, Callable[[], Iterator]], order: list[str], new_tokens: int) -> dict[str, float]:
+    """Run the variants one generation step each in turn; seconds spent in each variant's steps."""
+    running = {name: variants[name]() for name in order}
+    seconds = dict.fromkeys(order, 0.0)
+    steps = dict.fromkeys(order, 0)
+    while running:
+        for name in [n for n in order if n in running]:
+            start = time.perf_counter()
+            try:
+                next(running[name])
+            except StopIteration:
+                del running[name]
+                continue
+            finally:
+                seconds[name] += time.perf_counter() - start
+            steps[name] += 1
+    for name, n in steps.items():
+        if n != new_tokens:
+            raise RuntimeError(f"{name} generated {n} positions, expected {new_tokens}")
+    return seconds

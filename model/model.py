@@ -40,6 +40,7 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         self._cache_batch = 0
         self._resident_mask: Tensor | None = None  # (B_cache, mem_slots) additive, while caches hold memory slots
+        self._prefix_cache: tuple | None = None  # (key, per-layer prefix K/V), see _prefix_kv
 
     # ---- caches -----------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *, memory: bool = True) -> None:
@@ -91,9 +92,10 @@ class Transformer(nn.Module):
     def write_prefix(self, prefix: Tensor, rows: Tensor | None = None) -> None:
         """Fill context slots 0..p-1 of cache rows with the reference prefix's K/V.
 
-        The prefix comes first in every context and reads no memory, so its keys and values are
-        the same for every sequence: one pass over it at batch 1, copied to the other rows,
-        replaces B passes (and keeps a 128-token prompt at 128 query rows in prefill).
+        The prefix comes first in every context and reads no memory, so its keys and values
+        depend on the weights only: they are computed by one pass at batch 1, kept until the
+        weights change, and copied to the rows. This replaces B passes per prefill (and keeps a
+        128-token prompt at 128 query rows).
 
         Args:
             prefix: (p,) token ids of `<s>Reference:`.
@@ -106,14 +108,31 @@ class Transformer(nn.Module):
             rows = torch.arange(self._cache_batch, device=prefix.device)
         if self._resident_mask is not None:
             self.clear_resident_memory(rows)
+        for layer, (k, v) in zip(self.layers, self._prefix_kv(prefix, rows[:1]), strict=True):
+            cache = layer.attention.kv_cache
+            cols = slice(cache.mem_slots, cache.mem_slots + prefix.shape[0])
+            cache.k[rows, :, cols] = k
+            cache.v[rows, :, cols] = v
+
+    def _prefix_kv(self, prefix: Tensor, row: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, the prefix's (H_kv, p, D) keys and values; computed in cache `row` on a miss.
+
+        The key names every parameter's storage and version counter, so an optimizer step,
+        `load_state_dict` or `.to()` computes them anew.
+        """
+        key = (tuple(prefix.tolist()), prefix.device,
+               tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        if self._prefix_cache is not None and self._prefix_cache[0] == key:
+            return self._prefix_cache[1]
         slots = torch.arange(prefix.shape[0], device=prefix.device)[None]  # (1, p); positions = slots here
-        self(prefix[None], slots, cache_slots=slots, cache_rows=rows[:1])
-        end = prefix.shape[0]
+        self(prefix[None], slots, cache_slots=slots, cache_rows=row)
+        kv = []
         for layer in self.layers:
             cache = layer.attention.kv_cache
-            cols = slice(cache.mem_slots, cache.mem_slots + end)
-            cache.k[rows[1:], :, cols] = cache.k[rows[:1], :, cols]
-            cache.v[rows[1:], :, cols] = cache.v[rows[:1], :, cols]
+            cols = slice(cache.mem_slots, cache.mem_slots + prefix.shape[0])
+            kv.append((cache.k[row[0], :, cols].clone(), cache.v[row[0], :, cols].clone()))
+        self._prefix_cache = (key, kv)
+        return kv
 
     def set_resident_memory(self, memory: MemoryKV, rows: Tensor | None = None) -> None:
         """Place one group of memories per sequence into the caches' memory slots.

@@ -1,5 +1,7 @@
 """Benchmarks run end to end at toy sizes and report what they claim to (no figures asserted)."""
 
+import pytest
+
 from memory3.bench.report import render_table, write_json
 from memory3.bench.storage import run_storage_bench
 from memory3.model.codecs import RawCodec, VQCodec
@@ -19,3 +21,21 @@ def test_storage_bench_reports_sizes_and_errors(tmp_path):
     write_json(result, tmp_path / "storage.json")
     table = render_table(tmp_path)
     assert "best codec" in table and f"{sizes['vq']:,} B/memory" in table
+
+
+def test_decode_bench_times_every_variant_in_every_round():
+    from memory3.bench.decode import run_decode_bench
+
+    result = run_decode_bench(preset="tiny", batch=2, prompt_tokens=70, new_tokens=66, repeats=3, threads=1)
+    seconds = result["seconds"]
+    assert set(seconds) == {"no_memory", "memory", "rag"}
+    assert all(len(ts) == 3 and min(ts) > 0 for ts in seconds.values())
+    # 2 prompt chunks + 1 swap at generated token 64.
+    assert result["protocol"]["retrievals_per_sequence"] == 3
+    for key, numerator, denominator in (("memory_over_no_memory", "no_memory", "memory"),
+                                        ("memory_over_rag", "rag", "memory")):
+        ratios = [n / m for n, m in zip(seconds[numerator], seconds[denominator], strict=True)]
+        # "seconds" are rounded to 0.1 ms in the JSON, hence the tolerance.
+        assert result["per_round_ratios"][key] == pytest.approx(ratios, rel=0.02)
+        assert result[key] == pytest.approx(sorted(ratios)[1], rel=0.02)
+        assert result[key] == sorted(result["per_round_ratios"][key])[1]

@@ -294,3 +294,42 @@ def test_memory_layers_need_not_start_at_zero(tiny_config, prefix):
         out = generate(model, [prompt], prefix=prefix, max_new_tokens=70, memory_provider=capture)
     logits = full_forward_logits(model, config, prefix, prompt, out.tokens[0], captured)
     assert logits.argmax(-1).tolist() == out.tokens[0]
+
+
+def test_prefix_kv_is_reused_until_the_weights_change(tiny_config, prefix):
+    from memory3.model.init import random_model
+
+    model = random_model(tiny_config, seed=3, std=0.2)
+    prefix_t = torch.tensor(prefix)
+    p = len(prefix)
+
+    def written_prefix() -> list[torch.Tensor]:
+        model.setup_caches(2, 16, memory=True)
+        with torch.no_grad():
+            model.write_prefix(prefix_t, torch.tensor([1]))
+        out = [layer.attention.kv_cache.k[1, :, layer.attention.kv_cache.mem_slots:][:, :p].clone()
+               for layer in model.layers]
+        model.clear_caches()
+        return out
+
+    def fresh_prefix() -> list[torch.Tensor]:
+        with torch.no_grad():
+            tokens, slots = context(prefix, [])
+            model.setup_caches(1, 16, memory=True)
+            model(tokens, slots, cache_slots=slots)
+            out = [layer.attention.kv_cache.k[0, :, layer.attention.kv_cache.mem_slots:][:, :p].clone()
+                   for layer in model.layers]
+        model.clear_caches()
+        return out
+
+    first = written_prefix()
+    for a, b in zip(first, fresh_prefix(), strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(first, written_prefix(), strict=True):  # from the kept copy
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # an in-place update, as an optimizer step makes
+        model.layers[0].attention.wqkv.weight.mul_(1.5)
+    changed = written_prefix()
+    assert not torch.allclose(changed[0], first[0])
+    for a, b in zip(changed, fresh_prefix(), strict=True):
+        torch.testing.assert_close(a, b)
