@@ -48,6 +48,12 @@ def render_table(results_dir: Path) -> str:
               f"{v['itl']['p50_ms']:.1f} ms / {v['tok_s']:.0f} | |" for c, v in lat.items()),
             f"| | retrieval on / off (tok/s) | {serving['retrieval_on_over_off']:.3f} | >= 0.95 |",
         ]
+        if "retrieval_on_over_off_loaded" in serving:
+            rows += [
+                f"| | retrieval on / off with the same text-service load | "
+                f"{serving['retrieval_on_over_off_loaded']:.3f} | |",
+                f"| | off with that load / off (sharing the machine) | {serving['off_loaded_over_off']:.3f} | |",
+            ]
     if len(rows) == 2:
         rows.append("| (no results yet) | | | |")
     return "\n".join(rows)

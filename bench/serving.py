@@ -10,12 +10,19 @@ then measures through gRPC:
   - throughput with retrieval on vs off through the same services: a closed loop of clients (a
     quarter more than the decoder's batch rows) that send requests back to back for a few seconds
     (streams start and finish at different times, as in production), in interleaved rounds whose
-    paired ratios are summarised by their median.
+    paired ratios are summarised by their median;
+  - a control arm: retrieval off while the bench itself sends the text service as many retrievals
+    per second as the decoder made in the round's retrieval-on run. On one machine the text
+    service's embedder competes with the decoder for the hardware even on other cores (shared
+    caches, memory bandwidth, or hyperthreads of a virtual machine); on/off-with-that-load is what
+    the decoder's own pipeline costs (pauses, fetches, memory attention), and off-with-load/off is
+    what sharing the machine costs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import statistics
 import tempfile
@@ -27,6 +34,7 @@ from memory3.services.stack import StackOptions, StackState, start_stack, stop_p
 from .machine import machine_info
 
 RELEASE = "bench-serving"
+SETTLE_S = 1.0
 
 
 def _documents(n: int, seed: int) -> list[tuple[str, str]]:
@@ -60,7 +68,7 @@ def _percentiles(xs: list[float]) -> dict:
 
 def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 32), prompt_tokens: int = 128,
                       new_tokens: int = 128, rounds: int = 5, samples: int = 30, documents: int = 400,
-                      seed: int = 0, pin: bool = True, log=print) -> dict:
+                      seed: int = 0, pin: bool = True, round_s: float = 10.0, log=print) -> dict:
     from memory3.services.release.synthetic import publish_random_release
     from memory3.services.storage.object_store import ObjectStore
 
@@ -81,12 +89,14 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
                         os.sched_setaffinity(p.pid, affinity["text"])
                 os.sched_setaffinity(0, affinity["text"])
             result = asyncio.run(_measure(state, docs, concurrency=concurrency, prompt_tokens=prompt_tokens,
-                                          new_tokens=new_tokens, rounds=rounds, samples=samples, seed=seed, log=log))
+                                          new_tokens=new_tokens, rounds=rounds, samples=samples, seed=seed, log=log,
+                                          round_s=round_s))
         finally:
             stop_processes(state.processes)
     result["protocol"] = {"preset": preset, "concurrency": list(concurrency), "prompt_tokens": prompt_tokens,
                           "new_tokens": new_tokens, "rounds": rounds, "samples": samples, "documents": documents,
-                          "weights": "random init", "processes": "S3, Redis, text, memory, decoder on one machine",
+                          "seconds_per_round": round_s, "weights": "random init",
+                          "processes": "S3, Redis, text, memory, decoder on one machine",
                           "ratio_statistic": "median of per-round paired ratios",
                           "cpu_placement": {k: sorted(v) for k, v in affinity.items()} or "shared"}
     result["machine"] = machine_info()
@@ -94,7 +104,7 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
 
 
 async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_tokens, rounds, samples, seed,
-                   log, round_s: float = 6.0) -> dict:
+                   log, round_s: float) -> dict:
     import grpc
     import redis
 
@@ -145,17 +155,28 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
         # what retrieval costs shows as rows waiting for memories, not as rows nobody asked for.
         rows = max(concurrency)
         c = rows + max(1, rows // 4)
-        on, off = [], []
+        load_queries = [(await text.tokenize(" ".join(rng.choice(docs)[1] for _ in range(3))))[:64]
+                        for _ in range(64)]
+        on, off, loaded, rates = [], [], [], []
         for r in range(rounds):
-            order = (True, False) if r % 2 == 0 else (False, True)
-            for memory_on in order:
-                (on if memory_on else off).append(
-                    await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, memory_on=memory_on))
+            # The retrieval-on run goes first: it measures the retrieval rate that the control arm replays.
+            tok_s, rate = await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, memory_on=True)
+            on.append(tok_s)
+            rates.append(rate)
+            for arm in (("off", "loaded") if r % 2 == 0 else ("loaded", "off")):
+                side = _retrieval_load(text, load_queries, rate) if arm == "loaded" else None
+                tok_s, _ = await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, memory_on=False,
+                                              side_load=side)
+                (off if arm == "off" else loaded).append(tok_s)
         ratios = [a / b for a, b in zip(on, off, strict=True)]
+        loaded_ratios = [a / b for a, b in zip(on, loaded, strict=True)]
+        sharing = [a / b for a, b in zip(loaded, off, strict=True)]
         summary = {
             "retrieval_on_over_off": round(statistics.median(ratios), 4),
             "retrieval_on_tok_s": round(statistics.median(on), 2),
             "retrieval_off_tok_s": round(statistics.median(off), 2),
+            "retrieval_on_over_off_loaded": round(statistics.median(loaded_ratios), 4),
+            "off_loaded_over_off": round(statistics.median(sharing), 4),
             "fetch5_redis_hit_p50_ms": _percentiles(hit)["p50_ms"],
             "fetch5_s3_miss_p50_ms": _percentiles(miss)["p50_ms"],
             "retrieval_p50_ms": _percentiles(retrieval)["p50_ms"],
@@ -166,25 +187,29 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                 "retrieval": _percentiles(retrieval), "latency_by_concurrency": latency,
                 "on_off": {"clients": c, "seconds_per_round": round_s, "on_tok_s": [round(x, 2) for x in on],
                            "off_tok_s": [round(x, 2) for x in off],
-                           "per_round_ratios": [round(x, 4) for x in ratios]}}
+                           "off_loaded_tok_s": [round(x, 2) for x in loaded],
+                           "retrievals_per_s": [round(x, 1) for x in rates],
+                           "per_round_ratios": [round(x, 4) for x in ratios],
+                           "per_round_ratios_loaded": [round(x, 4) for x in loaded_ratios]}}
     finally:
         for channel in (text_channel, memory_channel, decoder_channel):
             await channel.close()
 
 
 async def _closed_loop(channel, prompts: list[str], clients: int, new_tokens: int, seconds: float, *,
-                       memory_on: bool) -> float:
-    """Tokens/s received by `clients` that each send requests back to back for `seconds`."""
+                       memory_on: bool, side_load=None) -> tuple[float, float]:
+    """(tokens/s, retrievals/s) received by `clients` that each send requests back to back for
+    `seconds`; `side_load`, a coroutine, runs alongside until they stop."""
     from memory3.v1 import generation_service_pb2 as pb
     from memory3.v1 import generation_service_pb2_grpc as pb_grpc
 
     stub = pb_grpc.GenerationServiceStub(channel)
     mode = pb.RETRIEVAL_MODE_MEMORY if memory_on else pb.RETRIEVAL_MODE_NONE
-    received = 0
+    received = retrievals = 0
     deadline = time.perf_counter() + seconds
 
     async def client(i: int) -> None:
-        nonlocal received
+        nonlocal received, retrievals
         k = i
         while time.perf_counter() < deadline:
             request = pb.GenerateRequest(prompt=prompts[k % len(prompts)],
@@ -196,11 +221,38 @@ async def _closed_loop(channel, prompts: list[str], clients: int, new_tokens: in
                     call.cancel()
                     break
                 received += len(response.token_ids)
+                retrievals += len(response.citations)  # one per chunk retrieved for
             k += clients
 
+    side = asyncio.ensure_future(side_load) if side_load is not None else None
     start = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return received / (time.perf_counter() - start)
+    try:
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    finally:
+        if side is not None:
+            side.cancel()
+            await asyncio.gather(side, return_exceptions=True)
+    elapsed = time.perf_counter() - start
+    await asyncio.sleep(SETTLE_S)  # the cancelled streams leave the decoder before the next run starts
+    return received / elapsed, retrievals / elapsed
+
+
+async def _retrieval_load(text, queries: list[list[int]], per_second: float) -> None:
+    """One-chunk retrievals at `per_second`, each sent without waiting for the previous ones."""
+    if per_second <= 0:
+        return
+    pending: set[asyncio.Task] = set()
+    start = time.perf_counter()
+    try:
+        for n in itertools.count():
+            await asyncio.sleep(max(0.0, start + n / per_second - time.perf_counter()))
+            task = asyncio.ensure_future(text.retrieve([queries[n % len(queries)]], 5))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _generate_all(channel, prompts: list[str], new_tokens: int, *, memory_on: bool):
