@@ -242,13 +242,19 @@ async def _retrieval_load(text, queries: list[list[int]], per_second: float) -> 
     if per_second <= 0:
         return
     pending: set[asyncio.Task] = set()
+
+    def _forget(task: asyncio.Task) -> None:
+        pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # a refused retrieval is part of the load, not an error of the bench
+
     start = time.perf_counter()
     try:
         for n in itertools.count():
             await asyncio.sleep(max(0.0, start + n / per_second - time.perf_counter()))
             task = asyncio.ensure_future(text.retrieve([queries[n % len(queries)]], 5))
             pending.add(task)
-            task.add_done_callback(pending.discard)
+            task.add_done_callback(_forget)
     finally:
         for task in pending:
             task.cancel()
