@@ -8,8 +8,10 @@ Two sides meet here:
     streams (prefilling each into a free cache row), frees the rows of finished or cancelled
     ones, and runs one decode step for every stream that is not waiting for memories.
 
-Every 64 generated tokens a stream needs the memories of its last chunk. The scheduler pauses
-that stream only and asks the asyncio side to retrieve and fetch them; the other streams keep
+Every 64 generated tokens a stream needs the memories of its last chunk. As soon as that chunk's
+last token is sampled, the scheduler asks the asyncio side to retrieve and fetch them, while the
+step that feeds that token (still on the old memories) runs. If they have not arrived by the time
+the next chunk's first token is to be fed, that stream alone pauses; the other streams keep
 decoding. A paused row below the batch's highest row is fed a placeholder token at its next
 slot, which the real token overwrites when the stream resumes, so the batch never waits.
 
@@ -148,7 +150,8 @@ class _Stream:
         self.row = -1
         self.tokens: list[int] = []
         self.next_slot = 0  # cache slot the next fed token is written to
-        self.paused = False
+        self.paused = False  # at a chunk boundary, waiting for the chunk's memories
+        self.arrived: tuple[list[ExplicitMemory], _Note | None] | None = None  # next chunk's, not applied yet
         self.done = False
         self.generator = (torch.Generator().manual_seed(request.sampling.seed)
                           if request.sampling.seed is not None else None)
@@ -231,7 +234,7 @@ class Scheduler:
                 if stream in self.ready:
                     self.ready.remove(stream)
             elif kind == "memories":
-                self._resume(stream, payload)
+                self._memories_arrived(stream, payload)
             elif kind == "fail" and not stream.done:
                 self._finish_error(stream, payload)
 
@@ -350,19 +353,37 @@ class Scheduler:
             return
         i = n - 1  # index of the token about to be fed
         chunk = self.mc.chunk_len
-        if stream.prefix_len and i > 0 and i % chunk == 0 and self.on_swap is not None:
-            stream.paused = True
-            self.on_swap(stream, stream.tokens[i - chunk : i], i // chunk)
+        if not stream.prefix_len or self.on_swap is None:
+            return
+        if i > 0 and i % chunk == 0:  # token i starts a chunk: it reads that chunk's memories
+            if stream.arrived is not None:
+                self._apply_swap(stream)
+            else:
+                stream.paused = True
+        elif (i + 1) % chunk == 0 and n + 1 < stream.request.max_tokens and stream.next_slot + 1 < self.max_seq_len:
+            # Token i ends a chunk whose tokens are all known now: retrieve for the next chunk while
+            # token i is fed. (A stream that cannot reach the next chunk retrieves nothing.)
+            self.on_swap(stream, stream.tokens[-chunk:], (i + 1) // chunk)
 
-    def _resume(self, stream: _Stream, memories: list[ExplicitMemory] | None) -> None:
+    def _memories_arrived(self, stream: _Stream, payload: tuple[list[ExplicitMemory], _Note | None]) -> None:
         if stream.done or stream.row < 0:
             return
+        stream.arrived = payload
+        if stream.paused:
+            self._apply_swap(stream)
+
+    def _apply_swap(self, stream: _Stream) -> None:
+        """Install the next chunk's memories in the stream's row; its consumer hears of them now."""
+        memories, note = stream.arrived
+        stream.arrived = None
         row = torch.tensor([stream.row], device=self.device)
         self.model.clear_resident_memory(row)
         if memories:
             self.model.set_resident_memory(
                 stack_memories([[memories]], slots_per_group=self.mc.mem_slots, device=self.device,
                                dtype=self.dtype), rows=row)
+        if note is not None:
+            stream.emit(note)
         stream.paused = False
 
     def _finish(self, stream: _Stream, reason: str) -> None:
@@ -589,14 +610,12 @@ class GenerationEngine:
                                                    request.include_reference_text))[0]
             if found:
                 memories = await self.retrieval.fetch([r.id for r in found])
-            stream.out.put_nowait(_Note(citation=Citation(prompt_chunks + chunk_number - 1, True, found),
-                                        memories=len(memories)))
+            note = _Note(citation=Citation(prompt_chunks + chunk_number - 1, True, found), memories=len(memories))
         except Unavailable as e:
             if self.config.retrieval_policy == "fail":
                 self.scheduler.post(("fail", stream, e))
                 return
-            stream.out.put_nowait(_Note(warning=f"retrieval unavailable ({e}); chunk {chunk_number} "
-                                                "generated without memory"))
+            note = _Note(warning=f"retrieval unavailable ({e}); chunk {chunk_number} generated without memory")
         except ServiceError as e:
             self.scheduler.post(("fail", stream, e))
             return
@@ -604,7 +623,9 @@ class GenerationEngine:
             log.exception("retrieval for a generated chunk failed")
             self.scheduler.post(("fail", stream, ServiceError("internal error while retrieving memories")))
             return
-        self.scheduler.post(("memories", stream, memories))
+        # The scheduler installs them when the stream reaches the chunk, and passes the note on then:
+        # a stream that stops first never cites a chunk it did not generate.
+        self.scheduler.post(("memories", stream, (memories, note)))
 
 
 def _find_stop(before: str, delta: str, stops: Sequence[str]) -> int | None:

@@ -6,6 +6,7 @@ for each stream alone with the same memories.
 """
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -117,6 +118,47 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
         assert len(cited) == (n_chunks if use_memory else 0)
         assert [c.chunk_index for c in cited] == list(range(len(cited)))
     assert metrics.NUM_REQUESTS_RUNNING._value.get() == 0
+
+
+def test_next_chunks_retrieval_overlaps_the_step_that_ends_the_chunk(tiny_model, text_codec, prefix, memories,
+                                                                     monkeypatch):
+    """The swap's retrieval starts once a chunk's last token is sampled, not a step later."""
+    forward = tiny_model.forward
+
+    def slow_forward(*args, **kwargs):  # a step long enough for the event loop to run meanwhile
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", slow_forward)
+    sampled_when_asked: list[int] = []
+
+    class Recording(FakeRetrieval):
+        async def retrieve(self, queries, top_k, include_text):
+            stream = engine.scheduler.rows[0]
+            if stream is not None:  # a generated chunk's query (the prompt's come before admission)
+                sampled_when_asked.append(len(stream.tokens))
+            return await super().retrieve(queries, top_k, include_text)
+
+    retrieval = Recording(memories)
+    engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1))
+    body = prompts(1, text_codec)[0]
+
+    async def main():
+        await engine.start()
+        try:
+            return await collect(engine, GenerationRequest(body, 70, ignore_eos=True))
+        finally:
+            await engine.close()
+
+    tokens, _, events = run(main())
+    # Tokens 0..63 form the first generated chunk; its retrieval began while token 63 was being fed.
+    assert sampled_when_asked == [64]
+    assert [(c.chunk_index, c.generated) for e in events for c in e.citations][-1] == (1, True)
+    monkeypatch.undo()
+    with torch.inference_mode():
+        expected = generate(tiny_model, [body], prefix=prefix, max_new_tokens=70, memory_provider=retrieval.provider,
+                            sampling=SamplingParams(vocab_limit=259)).tokens[0]
+    assert tokens == expected
 
 
 def test_queue_is_bounded_and_cancellation_frees_slots(tiny_model, text_codec, memories):
