@@ -11,8 +11,8 @@ then measures through gRPC:
     quarter more than the decoder's batch rows) that send requests back to back for a few seconds
     (streams start and finish at different times, as in production), in interleaved rounds whose
     paired ratios are summarised by their median;
-  - a control arm: retrieval off while the bench itself sends the text service as many retrievals
-    per second as the decoder made in the round's retrieval-on run. On one machine the text
+  - a control arm: retrieval off while the bench itself makes as many retrievals per second (each
+    followed by the fetch of its memories) as the decoder made in the round's retrieval-on run. On one machine the text
     service's embedder competes with the decoder for the hardware even on other cores (shared
     caches, memory bandwidth, or hyperthreads of a virtual machine); on/off-with-that-load is what
     the decoder's own pipeline costs (pauses, fetches, memory attention), and off-with-load/off is
@@ -157,17 +157,20 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
         c = rows + max(1, rows // 4)
         load_queries = [(await text.tokenize(" ".join(rng.choice(docs)[1] for _ in range(3))))[:64]
                         for _ in range(64)]
-        on, off, loaded, rates = [], [], [], []
+        on, off, loaded, rates, served_rates = [], [], [], [], []
         for r in range(rounds):
             # The retrieval-on run goes first: it measures the retrieval rate that the control arm replays.
             tok_s, rate = await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, memory_on=True)
             on.append(tok_s)
             rates.append(rate)
             for arm in (("off", "loaded") if r % 2 == 0 else ("loaded", "off")):
-                side = _retrieval_load(text, load_queries, rate) if arm == "loaded" else None
+                served: list[int] = []
+                side = _retrieval_load(text, memory, load_queries, rate, served) if arm == "loaded" else None
                 tok_s, _ = await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, memory_on=False,
                                               side_load=side)
                 (off if arm == "off" else loaded).append(tok_s)
+                if arm == "loaded":
+                    served_rates.append(len(served) / round_s)
         ratios = [a / b for a, b in zip(on, off, strict=True)]
         loaded_ratios = [a / b for a, b in zip(on, loaded, strict=True)]
         sharing = [a / b for a, b in zip(loaded, off, strict=True)]
@@ -189,6 +192,7 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                            "off_tok_s": [round(x, 2) for x in off],
                            "off_loaded_tok_s": [round(x, 2) for x in loaded],
                            "retrievals_per_s": [round(x, 1) for x in rates],
+                           "control_retrievals_answered_per_s": [round(x, 1) for x in served_rates],
                            "per_round_ratios": [round(x, 4) for x in ratios],
                            "per_round_ratios_loaded": [round(x, 4) for x in loaded_ratios]}}
     finally:
@@ -237,22 +241,28 @@ async def _closed_loop(channel, prompts: list[str], clients: int, new_tokens: in
     return received / elapsed, retrievals / elapsed
 
 
-async def _retrieval_load(text, queries: list[list[int]], per_second: float) -> None:
-    """One-chunk retrievals at `per_second`, each sent without waiting for the previous ones."""
+async def _retrieval_load(text, memory, queries: list[list[int]], per_second: float, served: list[int]) -> None:
+    """At `per_second`, what the decoder does per chunk: retrieve for a one-chunk query, then fetch
+    the memories found. Each is sent without waiting for the previous ones; appends 1 to `served`
+    per chunk done."""
     if per_second <= 0:
         return
     pending: set[asyncio.Task] = set()
 
+    async def chunk(query: list[int]) -> None:
+        found = (await text.retrieve([query], 5))[0]
+        await memory.get([rid for rid, _, _ in found])
+
     def _forget(task: asyncio.Task) -> None:
         pending.discard(task)
-        if not task.cancelled():
-            task.exception()  # a refused retrieval is part of the load, not an error of the bench
+        if not task.cancelled() and task.exception() is None:
+            served.append(1)
 
     start = time.perf_counter()
     try:
         for n in itertools.count():
             await asyncio.sleep(max(0.0, start + n / per_second - time.perf_counter()))
-            task = asyncio.ensure_future(text.retrieve([queries[n % len(queries)]], 5))
+            task = asyncio.ensure_future(chunk(queries[n % len(queries)]))
             pending.add(task)
             task.add_done_callback(_forget)
     finally:

@@ -15,7 +15,8 @@ def test_serving_bench_measures_every_arm(tmp_path):
     assert result["latency_by_concurrency"]["2"]["ttft"]["n"] == 2
     arms = result["on_off"]
     assert all(len(arms[key]) == 2 and min(arms[key]) > 0
-               for key in ("on_tok_s", "off_tok_s", "off_loaded_tok_s", "retrievals_per_s"))
+               for key in ("on_tok_s", "off_tok_s", "off_loaded_tok_s", "retrievals_per_s",
+                           "control_retrievals_answered_per_s"))
     # Every arm is summarised from the rounds it ran.
     on, off, loaded = arms["on_tok_s"], arms["off_tok_s"], arms["off_loaded_tok_s"]
     assert arms["per_round_ratios"] == pytest.approx([a / b for a, b in zip(on, off, strict=True)], rel=1e-3)
