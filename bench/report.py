@@ -54,6 +54,9 @@ def render_table(results_dir: Path) -> str:
                 f"{serving['retrieval_on_over_off_loaded']:.3f} | |",
                 f"| | off with that load / off (sharing the machine) | {serving['off_loaded_over_off']:.3f} | |",
             ]
+        if "engine_on_over_off" in serving:
+            rows.append(f"| | engine alone, retrieval latency simulated: on / off | "
+                        f"{serving['engine_on_over_off']:.3f} | |")
     if len(rows) == 2:
         rows.append("| (no results yet) | | | |")
     return "\n".join(rows)

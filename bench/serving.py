@@ -16,13 +16,16 @@ then measures through gRPC:
     service's embedder competes with the decoder for the hardware even on other cores (shared
     caches, memory bandwidth, or hyperthreads of a virtual machine); on/off-with-that-load is what
     the decoder's own pipeline costs (pauses, fetches, memory attention), and off-with-load/off is
-    what sharing the machine costs.
+    what sharing the machine costs;
+  - the engine alone (bench/serving_engine.py): the same on/off comparison in-process on the
+    decoder's cores, retrieval answering after the latencies measured above, nothing else running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import statistics
 import tempfile
@@ -32,6 +35,7 @@ from pathlib import Path
 from memory3.services.stack import StackOptions, StackState, start_stack, stop_processes
 
 from .machine import machine_info
+from .serving_engine import run_engine_alone
 
 RELEASE = "bench-serving"
 SETTLE_S = 1.0
@@ -48,8 +52,6 @@ def _placement() -> dict[str, set[int]]:
     """Half the cores for the decoder, the rest for everything else: text and memory services,
     stores and the load-generating clients (as separate nodes would be). The decoder gets the same
     cores in the retrieval-on and -off runs."""
-    import os
-
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return {}
@@ -81,9 +83,9 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
                                            "decoder": ("--max-seq-len", str(prompt_tokens + new_tokens + 64))})
         state = start_stack(options, log=log, ensure_release=lambda s3, name: publish_random_release(
             ObjectStore(s3), name, docs, preset=preset, seed=seed))
+        own_cores = os.sched_getaffinity(0)
         try:
             if affinity:  # the stores and this process (the clients) stay off the decoder's cores too
-                import os
                 for p in state.processes:
                     if p.name in ("s3", "redis"):
                         os.sched_setaffinity(p.pid, affinity["text"])
@@ -92,7 +94,16 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
                                           new_tokens=new_tokens, rounds=rounds, samples=samples, seed=seed, log=log,
                                           round_s=round_s))
         finally:
+            os.sched_setaffinity(0, own_cores)
             stop_processes(state.processes)
+    log("engine alone, simulated retrieval latency ...")
+    rows = max(concurrency)
+    result["engine_alone"] = run_engine_alone(
+        preset=preset, rows=rows, clients=rows + max(1, rows // 4), prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens, rounds=rounds, round_s=round_s, retrieve_s=result["retrieval"]["p50_ms"] / 1e3,
+        fetch_s=result["fetch5"]["redis_hit"]["p50_ms"] / 1e3, cores=affinity.get("decoder"), seed=seed)
+    result["summary"]["engine_on_over_off"] = result["engine_on_over_off"] = \
+        result["engine_alone"]["engine_on_over_off"]
     result["protocol"] = {"preset": preset, "concurrency": list(concurrency), "prompt_tokens": prompt_tokens,
                           "new_tokens": new_tokens, "rounds": rounds, "samples": samples, "documents": documents,
                           "seconds_per_round": round_s, "weights": "random init",

@@ -1,6 +1,9 @@
 """`memory3 bench serving` end to end at toy size: every figure it claims is measured."""
 
+import os
+
 import pytest
+import torch
 
 from memory3.bench.serving import run_serving_bench
 
@@ -8,6 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_serving_bench_measures_every_arm(tmp_path):
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     result = run_serving_bench(preset="tiny", concurrency=(1, 2), prompt_tokens=70, new_tokens=66, rounds=2,
                                samples=3, documents=40, round_s=1.5, log=lambda *_: None)
     assert result["fetch5"]["redis_hit"]["n"] == 3 and result["retrieval"]["n"] == 3
@@ -24,3 +28,11 @@ def test_serving_bench_measures_every_arm(tmp_path):
                                                             rel=1e-3)
     ratios = sorted(arms["per_round_ratios"])
     assert result["retrieval_on_over_off"] == pytest.approx(sum(ratios) / 2, rel=1e-3)  # median of two
+    alone = result["engine_alone"]
+    assert len(alone["on_tok_s"]) == len(alone["off_tok_s"]) == 2 and min(alone["on_tok_s"] + alone["off_tok_s"]) > 0
+    # It replays the latencies measured through the services in the same run.
+    assert alone["simulated_latency_ms"] == {"retrieve": result["retrieval"]["p50_ms"],
+                                             "fetch": result["fetch5"]["redis_hit"]["p50_ms"]}
+    assert result["summary"]["engine_on_over_off"] == alone["engine_on_over_off"]
+    # The bench pins itself while it measures, and gives the test process its cores back.
+    assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads
