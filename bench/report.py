@@ -50,7 +50,7 @@ def render_table(results_dir: Path) -> str:
         ]
         if "retrieval_on_over_off_loaded" in serving:
             rows += [
-                f"| | retrieval on / off with the same text-service load | "
+                f"| | retrieval on / off with the same retrieval and fetch load | "
                 f"{serving['retrieval_on_over_off_loaded']:.3f} | |",
                 f"| | off with that load / off (sharing the machine) | {serving['off_loaded_over_off']:.3f} | |",
             ]
