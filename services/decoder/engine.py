@@ -151,7 +151,7 @@ class _Stream:
         self.tokens: list[int] = []
         self.next_slot = 0  # cache slot the next fed token is written to
         self.paused = False  # at a chunk boundary, waiting for the chunk's memories
-        self.arrived: tuple[list[ExplicitMemory], _Note | None] | None = None  # next chunk's, not applied yet
+        self.arrived: tuple[list[ExplicitMemory], _Note] | None = None  # next chunk's, not installed yet
         self.done = False
         self.generator = (torch.Generator().manual_seed(request.sampling.seed)
                           if request.sampling.seed is not None else None)
@@ -365,7 +365,7 @@ class Scheduler:
             # token i is fed. (A stream that cannot reach the next chunk retrieves nothing.)
             self.on_swap(stream, stream.tokens[-chunk:], (i + 1) // chunk)
 
-    def _memories_arrived(self, stream: _Stream, payload: tuple[list[ExplicitMemory], _Note | None]) -> None:
+    def _memories_arrived(self, stream: _Stream, payload: tuple[list[ExplicitMemory], _Note]) -> None:
         if stream.done or stream.row < 0:
             return
         stream.arrived = payload
@@ -382,8 +382,7 @@ class Scheduler:
             self.model.set_resident_memory(
                 stack_memories([[memories]], slots_per_group=self.mc.mem_slots, device=self.device,
                                dtype=self.dtype), rows=row)
-        if note is not None:
-            stream.emit(note)
+        stream.emit(note)
         stream.paused = False
 
     def _finish(self, stream: _Stream, reason: str) -> None:
