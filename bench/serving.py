@@ -60,6 +60,12 @@ def _placement() -> dict[str, set[int]]:
     return {"decoder": decoder, "text": others, "memory": others}
 
 
+def _closed_loop_clients(rows: int) -> int:
+    """More clients than batch rows, as under autoscaled traffic: a queue keeps every row busy, so
+    what retrieval costs shows as rows waiting for memories, not as rows nobody asked for."""
+    return rows + max(1, rows // 4)
+
+
 def _percentiles(xs: list[float]) -> dict:
     if not xs:
         return {"p50_ms": None, "p99_ms": None, "n": 0}
@@ -99,7 +105,7 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
     log("engine alone, simulated retrieval latency ...")
     rows = max(concurrency)
     result["engine_alone"] = run_engine_alone(
-        preset=preset, rows=rows, clients=rows + max(1, rows // 4), prompt_tokens=prompt_tokens,
+        preset=preset, rows=rows, clients=_closed_loop_clients(rows), prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, rounds=rounds, round_s=round_s, retrieve_s=result["retrieval"]["p50_ms"] / 1e3,
         fetch_s=result["fetch5"]["redis_hit"]["p50_ms"] / 1e3, cores=affinity.get("decoder"), seed=seed)
     result["summary"]["engine_on_over_off"] = result["engine_on_over_off"] = \
@@ -162,10 +168,7 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                 f"{latency[str(c)]['itl']['p50_ms']} ms, {tokens / wall:.0f} tok/s")
 
         # ---- retrieval on vs off: closed-loop load, interleaved rounds ----
-        # More clients than batch rows, as under autoscaled traffic: a queue keeps every row busy, so
-        # what retrieval costs shows as rows waiting for memories, not as rows nobody asked for.
-        rows = max(concurrency)
-        c = rows + max(1, rows // 4)
+        c = _closed_loop_clients(max(concurrency))
         load_queries = [(await text.tokenize(" ".join(rng.choice(docs)[1] for _ in range(3))))[:64]
                         for _ in range(64)]
         on, off, loaded, rates, served_rates = [], [], [], [], []

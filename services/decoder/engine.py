@@ -286,9 +286,7 @@ class Scheduler:
         # The first generated chunk keeps the last prompt chunk's memories.
         keep = [i for i, s in enumerate(streams) if s.groups and s.groups[-1]]
         if keep:
-            self.model.set_resident_memory(
-                stack_memories([[streams[i].groups[-1]] for i in keep], slots_per_group=self.mc.mem_slots,
-                               device=self.device, dtype=self.dtype), rows=rows[keep])
+            self._set_resident(rows[keep], [streams[i].groups[-1] for i in keep])
         for s, length in zip(streams, lengths.tolist(), strict=True):
             s.next_slot = p + length
             metrics.PROMPT_TOKENS.inc(len(s.request.prompt_ids))
@@ -379,11 +377,15 @@ class Scheduler:
         row = torch.tensor([stream.row], device=self.device)
         self.model.clear_resident_memory(row)
         if memories:
-            self.model.set_resident_memory(
-                stack_memories([[memories]], slots_per_group=self.mc.mem_slots, device=self.device,
-                               dtype=self.dtype), rows=row)
+            self._set_resident(row, [memories])
         stream.emit(note)
         stream.paused = False
+
+    def _set_resident(self, rows: Tensor, memories: list[list[ExplicitMemory]]) -> None:
+        """Make memories[i] the memories that cache row rows[i] reads while decoding."""
+        self.model.set_resident_memory(
+            stack_memories([[m] for m in memories], slots_per_group=self.mc.mem_slots, device=self.device,
+                           dtype=self.dtype), rows=rows)
 
     def _finish(self, stream: _Stream, reason: str) -> None:
         self._release(stream)  # before the consumer hears of it: its slot is free by then
