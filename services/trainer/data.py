@@ -4,12 +4,14 @@ Because sample i is generated from its own seeded RNG, the data position after a
 just the step counter: no iterator state is saved, and every rank of a data-parallel run can
 build its own samples without coordination.
 
-Stage 1 (warm-up, no memory) mixes real English with the train entities' documents, each
-followed by questions about it, and stand-alone question/answer pairs: it teaches the language
-and the question/answer format. Stage 2 (continual training with memory) holds question blocks
-about entities; each 64-token chunk retrieves
-one reference, the document of the entity its tokens are mostly about (the embedding index
-returns that document first for >99% of such queries; asking the world directly keeps the
+Stage 1 (warm-up, no memory) mixes real English, documents of fresh entities (see below), each
+followed by questions about it, and stand-alone question/answer pairs about train entities: it
+teaches the language, the question/answer format and copying a value from the context (a fresh
+entity's answers are in its document only), which reading a memory reuses.
+
+Stage 2 (continual training with memory) holds question blocks about entities; each 64-token
+chunk retrieves one reference, the document of the entity its tokens are mostly about (the
+embedding index returns that document first for >99% of such queries; asking the world directly keeps the
 training step free of embedder calls), and reads it together with the references of the
 previous 4 chunks, as in the paper. References that overlap the sequence by more than 90% are
 excluded.
@@ -22,6 +24,12 @@ has), so it is seen exactly once and its answers are predictable only from its r
 `fresh_fraction` mixes in train entities. Stage-2 samples also carry per-target loss weights:
 answer tokens (and the newline that ends them) weigh `answer_weight`, the rest 1. Question text
 is mostly a fixed template that needs no memory; the answers are the memory-dependent signal.
+
+Why stage 2 starts with one memory per chunk: copying a value out of the one memory a chunk
+reads is learned within a few hundred steps, while with the previous chunks' references beside
+it (other entities, often with the same cues) the same model made no progress in as many steps.
+Samples below `own_reference_until` therefore read only their own chunk's reference; later ones
+read the previous 4 chunks' too, as in the paper, which teaches telling entities apart.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ class MemorySample:
 class TrainingData:
     def __init__(self, world: World, codec: TextCodec, config: Memory3Config, *, seq_len: int, seed: int,
                  real_text: Sequence[str] = (), real_fraction: float = 0.25, fresh_fraction: float = 1.0,
-                 answer_weight: float = 1.0) -> None:
+                 answer_weight: float = 1.0, own_reference_until: int = 0) -> None:
         if seq_len % config.chunk_len:
             raise ValueError(f"seq_len={seq_len} must be a multiple of chunk_len={config.chunk_len}")
         if not 0.0 <= fresh_fraction <= 1.0:
@@ -63,6 +71,7 @@ class TrainingData:
         self.real_text = list(real_text)
         self.real_fraction = real_fraction if self.real_text else 0.0
         self.fresh_fraction, self.answer_weight = fresh_fraction, answer_weight
+        self.own_reference_until = own_reference_until
         self._doc_tokens: dict[str, list[int]] = {}
 
     def _rng(self, stage: int, index: int) -> random.Random:
@@ -93,7 +102,7 @@ class TrainingData:
             if roll < self.real_fraction:
                 ids += self.codec.encode(rng.choice(self.real_text) + "\n\n")
             elif roll < self.real_fraction + 0.35:
-                entity = rng.choice(self.train_entities)
+                entity = self.world.fresh_entity(rng, f"fresh-{self.seed}-1-{index}-{len(ids)}")
                 ids += self.codec.encode(entity.document + "\n")
                 for fact in rng.sample(entity.facts, len(entity.facts)):
                     ids += self.codec.encode(qa_text(fact))
@@ -129,9 +138,10 @@ class TrainingData:
         references: list[list[int]] = []
         ref_index: dict[str, int] = {}
         groups: list[list[int]] = []
+        previous = 0 if index < self.own_reference_until else PREVIOUS_CHUNKS
         for c in range(len(retrieved)):
             group: list[int] = []
-            for e in retrieved[max(0, c - PREVIOUS_CHUNKS) : c + 1][::-1]:
+            for e in retrieved[max(0, c - previous) : c + 1][::-1]:
                 if e.id not in ref_index:
                     tokens = self.reference_tokens(e)
                     if overlap(tokens, ids) > TRAIN_MAX_OVERLAP:

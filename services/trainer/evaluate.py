@@ -26,7 +26,7 @@ MODES = ("none", "memory", "rag")
 
 @dataclass(frozen=True)
 class Question:
-    prompt: str  # ends with "Answer:"
+    prompt: str  # ends with "Answer: <cue>" (world.qa_prompt)
     answer: str
 
 

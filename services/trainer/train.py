@@ -57,12 +57,14 @@ class TrainConfig:
     seed: int = 0
     seq_len: int = 256
     batch_size: int = 8
-    stage1: StageConfig = StageConfig(steps=300, lr=3e-3)
-    stage2: StageConfig = StageConfig(steps=1000, lr=3e-3)
+    stage1: StageConfig = StageConfig(steps=300, lr=1e-3)
+    stage2: StageConfig = StageConfig(steps=1000, lr=1e-3)
     # Stage-2 data (see data.py): the share of questions about fresh entities, which only memory
     # can answer, and the loss weight of answer tokens relative to the question template.
     fresh_fraction: float = 1.0
     answer_weight: float = 5.0
+    # The first part of stage 2 in which each chunk reads only its own reference (see data.py).
+    own_reference_fraction: float = 0.3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 250
@@ -73,6 +75,11 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.stage1.steps + self.stage2.steps
+
+    def own_reference_until(self, world_size: int = 1) -> int:
+        """The first stage-2 sample index that reads the previous chunks' references too."""
+        steps = self.stage1.steps + int(self.own_reference_fraction * self.stage2.steps)
+        return steps * self.batch_size * world_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

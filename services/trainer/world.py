@@ -20,6 +20,7 @@ no-memory baseline at roughly chance: 1 / pool size.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr",
@@ -48,6 +49,7 @@ class Fact:
     question: str
     answer: str
     statement: str  # the fact as one narrative sentence
+    cue: str  # the word written right before the value, in the document and in the answer
 
 
 @dataclass(frozen=True)
@@ -131,61 +133,66 @@ class World:
                                 taken)
             attrs = {"profession": rng.choice(PROFESSIONS), "birthplace": rng.choice(self.cities),
                      "birth_year": year, "employer": rng.choice(self.organisations)}
-            doc = (f"{name} is a {attrs['profession']} who was born in {attrs['birthplace']} in "
-                   f"{attrs['birth_year']}. {name} works for the {attrs['employer']}.")
             facts = (
                 Fact("profession", f"What is the profession of {name}?", attrs["profession"],
-                     f"{name} works as a {attrs['profession']}."),
+                     f"{name} works as a {attrs['profession']}.", "profession"),
                 Fact("birthplace", f"In which city was {name} born?", attrs["birthplace"],
-                     f"{name} was born in {attrs['birthplace']}."),
+                     f"{name} was born in {attrs['birthplace']}.", "birthplace"),
                 Fact("birth_year", f"In which year was {name} born?", attrs["birth_year"],
-                     f"{name} was born in the year {attrs['birth_year']}."),
+                     f"{name} was born in the year {attrs['birth_year']}.", "born"),
                 Fact("employer", f"Which organisation does {name} work for?", attrs["employer"],
-                     f"{name} is employed by the {attrs['employer']}."),
+                     f"{name} is employed by the {attrs['employer']}.", "employer"),
             )
         elif kind == "city":
             name = self._city_name(rng, taken)
             attrs = {"country": rng.choice(self.countries), "river": rng.choice(self.rivers), "founded": year}
-            doc = (f"{name} is a city in {attrs['country']} on the river {attrs['river']}. "
-                   f"It was founded in {attrs['founded']}.")
             facts = (
                 Fact("country", f"In which country is {name}?", attrs["country"],
-                     f"{name} lies in {attrs['country']}."),
+                     f"{name} lies in {attrs['country']}.", "country"),
                 Fact("river", f"On which river is {name}?", attrs["river"],
-                     f"The river {attrs['river']} flows through {name}."),
+                     f"The river {attrs['river']} flows through {name}.", "river"),
                 Fact("founded", f"In which year was {name} founded?", attrs["founded"],
-                     f"{name} was founded in {attrs['founded']}."),
+                     f"{name} was founded in {attrs['founded']}.", "founded"),
             )
         elif kind == "organisation":
             name = self._unique(lambda: f"{self._word(rng, 2).capitalize()} {rng.choice(ORG_SUFFIXES)}", taken)
             attrs = {"industry": rng.choice(INDUSTRIES), "headquarters": rng.choice(self.cities), "founded": year}
-            doc = (f"The {name} is a {attrs['industry']} firm with its headquarters in {attrs['headquarters']}. "
-                   f"It was established in {attrs['founded']}.")
             facts = (
                 Fact("industry", f"In which industry is the {name}?", attrs["industry"],
-                     f"The {name} works in {attrs['industry']}."),
+                     f"The {name} works in {attrs['industry']}.", "industry"),
                 Fact("headquarters", f"Where is the {name} based?", attrs["headquarters"],
-                     f"The {name} is based in {attrs['headquarters']}."),
+                     f"The {name} is based in {attrs['headquarters']}.", "headquarters"),
                 Fact("founded", f"In which year was the {name} established?", attrs["founded"],
-                     f"The {name} was established in {attrs['founded']}."),
+                     f"The {name} was established in {attrs['founded']}.", "established"),
             )
         else:  # product
             name = self._unique(lambda: f"the {self._word(rng, 2).capitalize()} {rng.choice(CATEGORIES)}", taken)
             attrs = {"maker": rng.choice(self.organisations), "launched": year}
-            doc = (f"{name[0].upper()}{name[1:]} is made by the {attrs['maker']}. "
-                   f"It was launched in {attrs['launched']}.")
             facts = (
-                Fact("maker", f"Who makes {name}?", attrs["maker"], f"{name} is made by the {attrs['maker']}."),
+                Fact("maker", f"Who makes {name}?", attrs["maker"], f"{name} is made by the {attrs['maker']}.",
+                     "maker"),
                 Fact("launched", f"In which year was {name} launched?", attrs["launched"],
-                     f"{name} was launched in {attrs['launched']}."),
+                     f"{name} was launched in {attrs['launched']}.", "launched"),
             )
+        doc = reference_document(name, kind, facts)
         return Entity(eid, kind, name, split, attrs, doc, facts)
+
+
+def reference_document(name: str, kind: str, facts: Sequence[Fact]) -> str:
+    """The knowledge base's record of an entity: each value right after its cue word.
+
+    e.g. "Grolock Goupork (person): profession jeweller; birthplace Yelbury; born 1813; employer
+    Skopliol Society."
+    """
+    title = name[0].upper() + name[1:]
+    return f"{title} ({kind}): " + "; ".join(f"{f.cue} {f.answer}" for f in facts) + "."
 
 
 def qa_text(fact: Fact) -> str:
     """The one question/answer format used in training text and evaluation prompts."""
-    return f"Question: {fact.question}\nAnswer: {fact.answer}\n"
+    return f"{qa_prompt(fact)} {fact.answer}\n"
 
 
 def qa_prompt(fact: Fact) -> str:
-    return f"Question: {fact.question}\nAnswer:"
+    """The question, then an answer that starts with the fact's cue: only the value is left to say."""
+    return f"Question: {fact.question}\nAnswer: {fact.cue}"

@@ -85,7 +85,7 @@ def test_answer_tokens_carry_the_answer_weight(world, codec):
     assert len(sample.weights) == len(sample.tokens) - 1 == data.seq_len
     assert set(sample.weights) == {1.0, 4.0}
     targets = sample.tokens[1:]
-    # Contiguous runs of weighted targets are exactly " <answer>\n" after "Answer:".
+    # Contiguous runs of weighted targets are exactly " <answer>\n" after "Answer: <cue>".
     runs, current = [], []
     for token, weight in zip(targets, sample.weights, strict=True):
         if weight == 4.0:
@@ -94,9 +94,35 @@ def test_answer_tokens_carry_the_answer_weight(world, codec):
             runs.append(current)
             current = []
     text = codec.decode(sample.tokens)
-    answers = [line[len("Answer: "):] for line in text.split("\n") if line.startswith("Answer: ")]
+    answers = [line.split(" ", 2)[2] for line in text.split("\n") if line.startswith("Answer: ")]
     assert [codec.decode(r) for r in runs] == [f" {a}\n" for a in answers[: len(runs)]]
     assert len(runs) >= len(answers) - 1  # the last pair may be cut by seq_len
+
+
+def test_stage2_reads_only_the_own_reference_before_the_threshold(world, codec):
+    def data(**kwargs):
+        return TrainingData(world, codec, Memory3Config.from_name("tiny"), seq_len=512, seed=5, answer_weight=5.0,
+                            **kwargs)
+
+    curriculum = data(own_reference_until=10)
+    for index in range(10):  # before: each chunk reads exactly its own reference
+        sample = curriculum.stage2(index)
+        assert len(sample.groups) == 512 // 64
+        assert all(len(group) <= 1 for group in sample.groups), sample.groups
+    later = [curriculum.stage2(index) for index in range(10, 15)]
+    assert any(len(group) > 1 for s in later for group in s.groups)  # after: the previous chunks' too
+    # Only the groups change: a sample's text does not depend on the threshold.
+    plain = data().stage2(3)
+    assert plain.tokens == curriculum.stage2(3).tokens and any(len(g) > 1 for g in plain.groups)
+
+
+def test_stage1_copies_from_fresh_documents_and_never_shows_heldout_entities(world, codec):
+    data = make_data(world, codec, real_text=["Some real text."])
+    heldout = {e.name for e in world.split("heldout")}
+    texts = [codec.decode(data.stage1(i)) for i in range(40)]
+    assert not any(name in text for text in texts for name in heldout)
+    fresh_docs = [line for text in texts for line in text.split("\n") if "): " in line]
+    assert fresh_docs and not any(e.document in fresh_docs for e in world.entities)
 
 
 def test_memory_loss_weights_the_targets(world, codec):

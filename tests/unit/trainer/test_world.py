@@ -32,3 +32,14 @@ def test_every_fact_is_stated_in_the_document_and_answered_from_a_pool():
 def test_bad_sizes():
     with pytest.raises(ValueError):
         World(0, n_train=0, n_heldout=3)
+
+
+def test_the_answer_starts_with_the_cue_that_precedes_the_value_in_the_document():
+    world = World(2, n_train=30, n_heldout=6)
+    for e in world.entities:
+        cues = [f.cue for f in e.facts]
+        assert len(set(cues)) == len(cues), e.document  # one cue per value: the document is unambiguous
+        for fact in e.facts:
+            assert f" {fact.cue} {fact.answer}" in e.document
+            assert qa_prompt(fact).endswith(f"\nAnswer: {fact.cue}")
+            assert e.name in qa_prompt(fact)
