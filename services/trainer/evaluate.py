@@ -93,3 +93,22 @@ def accuracy(answers: Sequence[str], questions: Sequence[Question]) -> float:
     if not questions:
         return 0.0
     return sum(a == q.answer for a, q in zip(answers, questions, strict=True)) / len(questions)
+
+
+def first_token_accuracy(model: Transformer, codec: TextCodec, questions: Sequence[Question], mode: str, *,
+                         retrieve: Retriever, reference_text: dict[str, str]) -> float:
+    """Share of questions whose answer's first token is the greedy next token.
+
+    A graded view of what exact match shows only once whole values come out right: while a model
+    is learning to read its memories, this rises first.
+    """
+    if not questions:
+        return 0.0
+    answers = answer_questions(model, codec, questions, mode, retrieve=retrieve, reference_text=reference_text,
+                               max_new_tokens=1)
+    hits = 0
+    for answer, q in zip(answers, questions, strict=True):
+        prompt = codec.encode(q.prompt)
+        first = codec.encode(f"{q.prompt} {q.answer}")[len(prompt)]
+        hits += answer == codec.decode([first]).strip()
+    return hits / len(questions)

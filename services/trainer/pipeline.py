@@ -27,7 +27,7 @@ from memory3.model.tokenizer import TextCodec
 
 from .corpus import debian_documents
 from .data import TrainingData
-from .evaluate import Question, accuracy, answer_questions
+from .evaluate import Question, accuracy, answer_questions, first_token_accuracy
 from .kb import Reference, build_references
 from .tokenizer_train import train_tokenizer
 from .train import Distributed, StageConfig, TrainConfig, Trainer, model_config_for
@@ -161,6 +161,8 @@ def _training_eval(world: World, codec: TextCodec, config: PipelineConfig):
         for mode in ("none", "memory"):
             answers = answer_questions(model, codec, questions, mode, retrieve=retrieve, reference_text=texts)
             out[f"heldout_acc_{mode}"] = round(accuracy(answers, questions), 4)
+            out[f"heldout_first_token_{mode}"] = round(
+                first_token_accuracy(model, codec, questions, mode, retrieve=retrieve, reference_text=texts), 4)
         return out
 
     return evaluate

@@ -1,0 +1,29 @@
+import torch
+
+from memory3.model.init import random_model
+from memory3.model.tokenizer import TextCodec
+from memory3.services.trainer.evaluate import Question, first_token_accuracy
+from memory3.services.trainer.tokenizer_train import train_tokenizer
+from memory3.services.trainer.train import model_config_for
+
+
+def no_retrieval(queries):
+    return [[] for _ in queries]
+
+
+def test_first_token_accuracy_is_the_share_of_greedy_first_answer_tokens(tiny_config):
+    words = ["jeweller", "potter", "judge", "baker", "sailor", "pilot"]
+    codec = TextCodec(train_tokenizer([f"Answer: profession {w}\n" * 50 for w in words], 400))
+    model = random_model(model_config_for(tiny_config, codec.vocab_size), seed=3, std=0.2)
+    prompt = "Question: What is the profession of Grolock?\nAnswer: profession"
+    ids = [codec.bos_id, *codec.encode(prompt)]
+    first = {w: codec.encode(f"{prompt} {w}")[len(codec.encode(prompt))] for w in words}
+    assert all(codec.decode([t]).strip() == w for w, t in first.items())  # each answer is one token
+    with torch.no_grad():  # make " potter" the greedy next token: its output row is the top row, scaled up
+        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1]
+        assert logits.max() > 0
+        model.output.weight[first["potter"]] = 10 * model.output.weight[int(logits.argmax())]
+    questions = [Question(prompt, w) for w in ("potter", "potter Society", "judge", "baker", "sailor")]
+    got = first_token_accuracy(model, codec, questions, "none", retrieve=no_retrieval, reference_text={})
+    assert got == 2 / 5  # only the first token counts: "potter Society" scores too
+    assert first_token_accuracy(model, codec, [], "none", retrieve=no_retrieval, reference_text={}) == 0.0
