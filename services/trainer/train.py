@@ -72,6 +72,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     bf16: bool = False  # autocast to bfloat16 (on by default on CUDA)
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.own_reference_fraction <= 1.0:
+            raise ValueError(f"own_reference_fraction={self.own_reference_fraction} must lie in [0, 1]")
+
     @property
     def total_steps(self) -> int:
         return self.stage1.steps + self.stage2.steps

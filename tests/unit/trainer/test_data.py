@@ -156,3 +156,14 @@ def test_bad_data_settings(world, codec):
         make_data(world, codec, fresh_fraction=1.5)
     with pytest.raises(ValueError):
         make_data(world, codec, answer_weight=0.0)
+
+
+def test_own_reference_threshold_counts_stage1_and_every_rank():
+    from memory3.services.trainer.train import StageConfig, TrainConfig
+
+    config = TrainConfig(batch_size=4, stage1=StageConfig(steps=10, lr=1e-3), stage2=StageConfig(steps=100, lr=1e-3),
+                         own_reference_fraction=0.3)
+    assert config.own_reference_until() == (10 + 30) * 4
+    assert config.own_reference_until(world_size=2) == (10 + 30) * 4 * 2
+    with pytest.raises(ValueError, match="own_reference_fraction"):
+        TrainConfig(own_reference_fraction=1.5)
