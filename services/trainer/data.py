@@ -11,10 +11,10 @@ entity's answers are in its document only), which reading a memory reuses.
 
 Stage 2 (continual training with memory) holds question blocks about entities; each 64-token
 chunk retrieves one reference, the document of the entity its tokens are mostly about (the
-embedding index returns that document first for >99% of such queries; asking the world directly keeps the
-training step free of embedder calls), and reads it together with the references of the
-previous 4 chunks, as in the paper. References that overlap the sequence by more than 90% are
-excluded.
+embedding index returns that document first for >99% of such queries; asking the world
+directly keeps the training step free of embedder calls), and reads it together with the
+references of the previous 4 chunks, as in the paper. References that overlap the sequence by
+more than 90% are excluded.
 
 Why stage 2 asks about fresh entities: train entities recur across the run, so their answers can
 be memorized in the weights, and a model that memorizes never needs its memory; held-out
