@@ -161,8 +161,7 @@ def _training_eval(world: World, codec: TextCodec, config: PipelineConfig):
         for mode in ("none", "memory"):
             answers = answer_questions(model, codec, questions, mode, retrieve=retrieve, reference_text=texts)
             out[f"heldout_acc_{mode}"] = round(accuracy(answers, questions), 4)
-            out[f"heldout_first_token_{mode}"] = round(
-                first_token_accuracy(model, codec, questions, mode, retrieve=retrieve, reference_text=texts), 4)
+            out[f"heldout_first_token_{mode}"] = round(first_token_accuracy(codec, answers, questions), 4)
         return out
 
     return evaluate

@@ -2,7 +2,7 @@ import torch
 
 from memory3.model.init import random_model
 from memory3.model.tokenizer import TextCodec
-from memory3.services.trainer.evaluate import Question, first_token_accuracy
+from memory3.services.trainer.evaluate import Question, answer_questions, first_token_accuracy
 from memory3.services.trainer.tokenizer_train import train_tokenizer
 from memory3.services.trainer.train import model_config_for
 
@@ -24,6 +24,9 @@ def test_first_token_accuracy_is_the_share_of_greedy_first_answer_tokens(tiny_co
         assert logits.max() > 0
         model.output.weight[first["potter"]] = 10 * model.output.weight[int(logits.argmax())]
     questions = [Question(prompt, w) for w in ("potter", "potter Society", "judge", "baker", "sailor")]
-    got = first_token_accuracy(model, codec, questions, "none", retrieve=no_retrieval, reference_text={})
+    answers = answer_questions(model, codec, questions, "none", retrieve=no_retrieval, reference_text={})
+    assert answers[0].startswith("potter")
+    got = first_token_accuracy(codec, answers, questions)
     assert got == 2 / 5  # only the first token counts: "potter Society" scores too
-    assert first_token_accuracy(model, codec, [], "none", retrieve=no_retrieval, reference_text={}) == 0.0
+    assert first_token_accuracy(codec, [], []) == 0.0
+    assert first_token_accuracy(codec, [""], questions[:1]) == 0.0  # nothing generated scores nothing
