@@ -25,11 +25,13 @@ has), so it is seen exactly once and its answers are predictable only from its r
 answer tokens (and the newline that ends them) weigh `answer_weight`, the rest 1. Question text
 is mostly a fixed template that needs no memory; the answers are the memory-dependent signal.
 
-Why stage 2 starts with one memory per chunk: copying a value out of the one memory a chunk
-reads is learned within a few hundred steps, while with the previous chunks' references beside
-it (other entities, often with the same cues) the same model made no progress in as many steps.
-Samples below `own_reference_until` therefore read only their own chunk's reference; later ones
-read the previous 4 chunks' too, as in the paper, which teaches telling entities apart.
+Why stage 2 starts with single-chunk samples: copying a value out of the one memory a chunk
+reads is learned within about a thousand steps of 64-token samples, while with the previous
+chunks' references beside it (other entities, often with the same cues) the same model made no
+progress in as many steps of 256-token samples. The first part of stage 2 therefore trains on
+samples one chunk long that read only their own reference (`stage2(i, single_chunk=True)`, keyed
+apart from the full-length samples); the rest reads the previous 4 chunks' too, as in the paper,
+which teaches telling entities apart.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class MemorySample:
 class TrainingData:
     def __init__(self, world: World, codec: TextCodec, config: Memory3Config, *, seq_len: int, seed: int,
                  real_text: Sequence[str] = (), real_fraction: float = 0.25, fresh_fraction: float = 1.0,
-                 answer_weight: float = 1.0, own_reference_until: int = 0) -> None:
+                 answer_weight: float = 1.0) -> None:
         if seq_len % config.chunk_len:
             raise ValueError(f"seq_len={seq_len} must be a multiple of chunk_len={config.chunk_len}")
         if not 0.0 <= fresh_fraction <= 1.0:
@@ -71,7 +73,6 @@ class TrainingData:
         self.real_text = list(real_text)
         self.real_fraction = real_fraction if self.real_text else 0.0
         self.fresh_fraction, self.answer_weight = fresh_fraction, answer_weight
-        self.own_reference_until = own_reference_until
         self._doc_tokens: dict[str, list[int]] = {}
 
     def _rng(self, stage: int, index: int) -> random.Random:
@@ -113,10 +114,12 @@ class TrainingData:
         return ids[: self.seq_len + 1]
 
     # ---- stage 2 ------------------------------------------------------------------------------
-    def stage2(self, index: int) -> MemorySample:
-        rng = self._rng(2, index)
+    def stage2(self, index: int, *, single_chunk: bool = False) -> MemorySample:
+        """A stage-2 sample; `single_chunk`: one chunk long, reading only its own reference."""
+        rng = self._rng("2-single" if single_chunk else 2, index)
+        seq_len = self.config.chunk_len if single_chunk else self.seq_len
         ids, owner, weights = [self.codec.bos_id], [None], [1.0]
-        while len(ids) < self.seq_len + 1:
+        while len(ids) < seq_len + 1:
             if rng.random() < self.fresh_fraction:
                 entity = self.world.fresh_entity(rng, f"fresh-{self.seed}-2-{index}-{len(ids)}")
             else:
@@ -126,10 +129,10 @@ class TrainingData:
                 ids += qa
                 owner += [entity] * len(qa)
                 weights += [1.0] * n_question + [self.answer_weight] * (len(qa) - n_question)
-        ids, owner, weights = ids[: self.seq_len + 1], owner[: self.seq_len + 1], weights[: self.seq_len + 1]
+        ids, owner, weights = ids[: seq_len + 1], owner[: seq_len + 1], weights[: seq_len + 1]
         chunk_len = self.config.chunk_len
         retrieved: list[Entity] = []
-        for start in range(0, self.seq_len, chunk_len):
+        for start in range(0, seq_len, chunk_len):
             counts: dict[str, tuple[int, Entity]] = {}
             for e in owner[start : start + chunk_len]:
                 if e is not None:
@@ -138,7 +141,7 @@ class TrainingData:
         references: list[list[int]] = []
         ref_index: dict[str, int] = {}
         groups: list[list[int]] = []
-        previous = 0 if index < self.own_reference_until else PREVIOUS_CHUNKS
+        previous = 0 if single_chunk else PREVIOUS_CHUNKS
         for c in range(len(retrieved)):
             group: list[int] = []
             for e in retrieved[max(0, c - previous) : c + 1][::-1]:

@@ -63,7 +63,8 @@ class TrainConfig:
     # can answer, and the loss weight of answer tokens relative to the question template.
     fresh_fraction: float = 1.0
     answer_weight: float = 5.0
-    # The first part of stage 2 in which each chunk reads only its own reference (see data.py).
+    # The first part of stage 2 trains on single-chunk samples that read only their own reference
+    # (see data.py), seq_len / chunk_len times as many per step, so a step holds as many tokens.
     own_reference_fraction: float = 0.3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -80,10 +81,10 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.stage1.steps + self.stage2.steps
 
-    def own_reference_until(self, world_size: int = 1) -> int:
-        """The first stage-2 sample index that reads the previous chunks' references too."""
-        steps = self.stage1.steps + int(self.own_reference_fraction * self.stage2.steps)
-        return steps * self.batch_size * world_size
+    @property
+    def own_reference_steps(self) -> int:
+        """Stage-2 steps on single-chunk samples, before those that read previous chunks too."""
+        return int(self.own_reference_fraction * self.stage2.steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,9 +186,13 @@ class Trainer:
             lr = lr_at(stage, in_stage)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            indices = [step * config.batch_size * self.dist.world_size + self.dist.rank * config.batch_size + i
-                       for i in range(config.batch_size)]
-            loss = self.stage1_loss(indices) if stage_no == 1 else self.stage2_loss(indices)
+            single_chunk = stage_no == 2 and in_stage < config.own_reference_steps
+            n = config.batch_size * (config.seq_len // self.data.config.chunk_len if single_chunk else 1)
+            indices = [(step * self.dist.world_size + self.dist.rank) * n + i for i in range(n)]
+            if stage_no == 1:
+                loss = self.stage1_loss(indices)
+            else:
+                loss = self.stage2_loss(indices, single_chunk=single_chunk)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.all_reduce_gradients()
@@ -239,8 +244,8 @@ class Trainer:
             logits = self.model(x, positions)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    def stage2_loss(self, indices: list[int]) -> Tensor:
-        samples = [self.data.stage2(i) for i in indices]
+    def stage2_loss(self, indices: list[int], *, single_chunk: bool = False) -> Tensor:
+        samples = [self.data.stage2(i, single_chunk=single_chunk) for i in indices]
         return memory_loss(self.model, samples, self.prefix, autocast=self._autocast())
 
     # ---- distributed ------------------------------------------------------------------------

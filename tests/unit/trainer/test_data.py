@@ -99,21 +99,18 @@ def test_answer_tokens_carry_the_answer_weight(world, codec):
     assert len(runs) >= len(answers) - 1  # the last pair may be cut by seq_len
 
 
-def test_stage2_reads_only_the_own_reference_before_the_threshold(world, codec):
-    def data(**kwargs):
-        return TrainingData(world, codec, Memory3Config.from_name("tiny"), seq_len=512, seed=5, answer_weight=5.0,
-                            **kwargs)
-
-    curriculum = data(own_reference_until=10)
-    for index in range(10):  # before: each chunk reads exactly its own reference
-        sample = curriculum.stage2(index)
-        assert len(sample.groups) == 512 // 64
-        assert all(len(group) <= 1 for group in sample.groups), sample.groups
-    later = [curriculum.stage2(index) for index in range(10, 15)]
-    assert any(len(group) > 1 for s in later for group in s.groups)  # after: the previous chunks' too
-    # Only the groups change: a sample's text does not depend on the threshold.
-    plain = data().stage2(3)
-    assert plain.tokens == curriculum.stage2(3).tokens and any(len(g) > 1 for g in plain.groups)
+def test_single_chunk_samples_read_only_their_own_reference(world, codec):
+    data = TrainingData(world, codec, Memory3Config.from_name("tiny"), seq_len=512, seed=5, answer_weight=5.0)
+    for index in range(10):
+        single = data.stage2(index, single_chunk=True)
+        assert len(single.tokens) == 64 + 1 and len(single.weights) == 64
+        assert len(single.groups) == 1 and len(single.groups[0]) == 1
+        assert len(single.references) == 1
+    # Keyed apart from full-length samples: not the first chunk of the same-index long sample.
+    assert data.stage2(0, single_chunk=True).tokens != data.stage2(0).tokens[: 64 + 1]
+    long = [data.stage2(index) for index in range(5)]
+    assert all(len(s.groups) == 512 // 64 for s in long)
+    assert any(len(group) > 1 for s in long for group in s.groups)  # the previous chunks' too
 
 
 def test_stage1_copies_from_fresh_documents_and_never_shows_heldout_entities(world, codec):
@@ -158,12 +155,11 @@ def test_bad_data_settings(world, codec):
         make_data(world, codec, answer_weight=0.0)
 
 
-def test_own_reference_threshold_counts_stage1_and_every_rank():
+def test_own_reference_steps_are_the_first_part_of_stage2():
     from memory3.services.trainer.train import StageConfig, TrainConfig
 
     config = TrainConfig(batch_size=4, stage1=StageConfig(steps=10, lr=1e-3), stage2=StageConfig(steps=100, lr=1e-3),
                          own_reference_fraction=0.3)
-    assert config.own_reference_until() == (10 + 30) * 4
-    assert config.own_reference_until(world_size=2) == (10 + 30) * 4 * 2
+    assert config.own_reference_steps == 30
     with pytest.raises(ValueError, match="own_reference_fraction"):
         TrainConfig(own_reference_fraction=1.5)
