@@ -57,6 +57,21 @@ def render_table(results_dir: Path) -> str:
         if "engine_on_over_off" in serving:
             rows.append(f"| | engine alone, retrieval latency simulated: on / off | "
                         f"{serving['engine_on_over_off']:.3f} | |")
+    quality = _load(results_dir / "quality.json")
+    if quality:
+        first = quality["first_hit_only"]
+        ppl = quality["perplexity"]
+        rows += [
+            f"| quality (`{quality['release']}`, {quality['n_questions']} KB-only questions) | exact match: "
+            f"no memory / memory / RAG | {quality['acc_no_memory']:.3f} / {quality['acc_memory']:.3f} / "
+            f"{quality['acc_rag']:.3f} | |",
+            f"| | memory / RAG | {_ratio(quality['memory_over_rag'])} | >= 0.9 |",
+            f"| | memory / no memory | {_ratio(quality['memory_over_no_memory'])} | >= 5 |",
+            f"| | first retrieved hit only: memory / RAG | {first['acc_memory']:.3f} / {first['acc_rag']:.3f} | |",
+            "| | tokens kept per KV head: " + ", ".join(quality["tokens_per_head_ablation"]["acc_memory"]) + " | "
+            + " / ".join(f"{v:.2f}" for v in quality["tokens_per_head_ablation"]["acc_memory"].values()) + " | |",
+            f"| | real-text perplexity: no memory / memory | {ppl['no_memory']:,.0f} / {ppl['memory']:,.0f} | |",
+        ]
     if len(rows) == 2:
         rows.append("| (no results yet) | | | |")
     return "\n".join(rows)
@@ -69,6 +84,10 @@ def update_readme(readme: Path, results_dir: Path) -> None:
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{START}\n{render_table(results_dir)}\n{END}{tail}", encoding="utf-8")
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a (zero denominator)" if value is None else f"{value:.2f}"
 
 
 def _load(path: Path) -> dict | None:

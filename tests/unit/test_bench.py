@@ -39,3 +39,15 @@ def test_decode_bench_times_every_variant_in_every_round():
         assert result["per_round_ratios"][key] == pytest.approx(ratios, rel=0.02)
         assert result[key] == pytest.approx(sorted(ratios)[1], rel=0.02)
         assert result[key] == sorted(result["per_round_ratios"][key])[1]
+
+
+def test_quality_rows_render_with_and_without_a_zero_denominator(tmp_path):
+    result = {"release": "r", "n_questions": 200, "acc_no_memory": 0.0, "acc_memory": 0.2, "acc_rag": 0.1,
+              "memory_over_rag": 2.0, "memory_over_no_memory": None,
+              "first_hit_only": {"acc_memory": 0.5, "acc_rag": 0.25},
+              "tokens_per_head_ablation": {"acc_memory": {"4": 0.1, "8": 0.2, "all": 0.3}},
+              "perplexity": {"no_memory": 12.5, "memory": 11.0}}
+    write_json(result, tmp_path / "quality.json")
+    table = render_table(tmp_path)
+    assert "0.000 / 0.200 / 0.100" in table and "| 2.00 | >= 0.9 |" in table
+    assert "n/a (zero denominator)" in table and "4, 8, all | 0.10 / 0.20 / 0.30" in table
