@@ -75,7 +75,7 @@ class TrainingData:
         self.fresh_fraction, self.answer_weight = fresh_fraction, answer_weight
         self._doc_tokens: dict[str, list[int]] = {}
 
-    def _rng(self, stage: int, index: int) -> random.Random:
+    def _rng(self, stage: int | str, index: int) -> random.Random:
         return random.Random(f"{self.seed}-{stage}-{index}")
 
     def reference_tokens(self, entity: Entity) -> list[int]:
