@@ -32,6 +32,13 @@ progress in as many steps of 256-token samples. The first part of stage 2 theref
 samples one chunk long that read only their own reference (`stage2(i, single_chunk=True)`, keyed
 apart from the full-length samples); the rest reads the previous 4 chunks' too, as in the paper,
 which teaches telling entities apart.
+
+Why stage 2 also holds real text: trained on question blocks alone, the small model forgot the
+language it learned in stage 1 (held-out Debian perplexity 188k, above the vocabulary size), and
+a model without language reads documents in its context poorly, which made the RAG baseline
+weak for the wrong reason. A `stage2_real_fraction` of stage-2 samples (single-chunk ones too)
+are therefore real text reading no memory: the knowledge base holds these same documents, so the
+one reference such a chunk would retrieve is its own text, which the overlap filter excludes.
 """
 
 from __future__ import annotations
@@ -60,19 +67,22 @@ class MemorySample:
 class TrainingData:
     def __init__(self, world: World, codec: TextCodec, config: Memory3Config, *, seq_len: int, seed: int,
                  real_text: Sequence[str] = (), real_fraction: float = 0.25, fresh_fraction: float = 1.0,
-                 answer_weight: float = 1.0) -> None:
+                 answer_weight: float = 1.0, stage2_real_fraction: float = 0.0) -> None:
         if seq_len % config.chunk_len:
             raise ValueError(f"seq_len={seq_len} must be a multiple of chunk_len={config.chunk_len}")
         if not 0.0 <= fresh_fraction <= 1.0:
             raise ValueError(f"fresh_fraction={fresh_fraction} must lie in [0, 1]")
         if answer_weight <= 0:
             raise ValueError(f"answer_weight={answer_weight} must be positive")
+        if not 0.0 <= stage2_real_fraction <= 1.0:
+            raise ValueError(f"stage2_real_fraction={stage2_real_fraction} must lie in [0, 1]")
         self.world, self.codec, self.config = world, codec, config
         self.seq_len, self.seed = seq_len, seed
         self.train_entities = world.split("train")
         self.real_text = list(real_text)
         self.real_fraction = real_fraction if self.real_text else 0.0
         self.fresh_fraction, self.answer_weight = fresh_fraction, answer_weight
+        self.stage2_real_fraction = stage2_real_fraction if self.real_text else 0.0
         self._doc_tokens: dict[str, list[int]] = {}
 
     def _rng(self, stage: int | str, index: int) -> random.Random:
@@ -84,6 +94,9 @@ class TrainingData:
         if entity.id not in self._doc_tokens:
             self._doc_tokens[entity.id] = self.codec.encode(entity.document)[: self.config.ref_len]
         return self._doc_tokens[entity.id]
+
+    def real_tokens(self, rng: random.Random) -> list[int]:
+        return self.codec.encode(rng.choice(self.real_text) + "\n\n")
 
     def qa_tokens(self, fact: Fact) -> tuple[list[int], int]:
         """Tokens of one question/answer pair and how many of them are the prompt.
@@ -101,7 +114,7 @@ class TrainingData:
         while len(ids) < self.seq_len + 1:
             roll = rng.random()
             if roll < self.real_fraction:
-                ids += self.codec.encode(rng.choice(self.real_text) + "\n\n")
+                ids += self.real_tokens(rng)
             elif roll < self.real_fraction + 0.35:
                 entity = self.world.fresh_entity(rng, f"fresh-{self.seed}-1-{index}-{len(ids)}")
                 ids += self.codec.encode(entity.document + "\n")
@@ -118,6 +131,11 @@ class TrainingData:
         """A stage-2 sample; `single_chunk`: one chunk long, reading only its own reference."""
         rng = self._rng("2-single" if single_chunk else 2, index)
         seq_len = self.config.chunk_len if single_chunk else self.seq_len
+        if self.stage2_real_fraction and rng.random() < self.stage2_real_fraction:
+            ids = [self.codec.bos_id]
+            while len(ids) < seq_len + 1:
+                ids += self.real_tokens(rng)
+            return MemorySample(ids[: seq_len + 1], [], [[] for _ in range(seq_len // self.config.chunk_len)])
         ids, owner, weights = [self.codec.bos_id], [None], [1.0]
         while len(ids) < seq_len + 1:
             if rng.random() < self.fresh_fraction:

@@ -102,7 +102,8 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     log(f"knowledge base: {len(references)} references")
 
     data = TrainingData(world, codec, model_config, seq_len=config.train.seq_len, seed=config.seed, real_text=real,
-                        fresh_fraction=config.train.fresh_fraction, answer_weight=config.train.answer_weight)
+                        fresh_fraction=config.train.fresh_fraction, answer_weight=config.train.answer_weight,
+                        stage2_real_fraction=config.train.stage2_real_fraction)
     evaluate = _training_eval(world, codec, config) if dist.is_main else None
     trainer = Trainer(model, data, config.train, work_dir, prefix=prefix, dist=dist, evaluate=evaluate,
                       progress=progress, on_event=on_event)

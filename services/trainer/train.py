@@ -67,6 +67,9 @@ class TrainConfig:
     # can answer, and the loss weight of answer tokens relative to the question template.
     fresh_fraction: float = 1.0
     answer_weight: float = 5.0
+    # The share of stage-2 samples that are real text reading no memory, which keeps the language
+    # of stage 1 (see data.py).
+    stage2_real_fraction: float = 0.2
     # The first part of stage 2 trains on single-chunk samples that read only their own reference
     # (see data.py), seq_len / chunk_len times as many per step, so a step holds as many tokens.
     own_reference_fraction: float = 0.8

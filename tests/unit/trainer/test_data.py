@@ -113,6 +113,39 @@ def test_single_chunk_samples_read_only_their_own_reference(world, codec):
     assert any(len(group) > 1 for s in long for group in s.groups)  # the previous chunks' too
 
 
+REAL = ["The quick brown fox jumps over the lazy dog.", "A dictionary lists the words of a language."]
+
+
+def test_stage2_mixes_in_real_text_that_reads_no_memory(world, codec):
+    data = make_data(world, codec, real_text=REAL, stage2_real_fraction=0.5)
+    samples = [data.stage2(i, single_chunk=single) for i in range(40) for single in (False, True)]
+    real = [s for s in samples if not s.references]
+    assert 0.3 < len(real) / len(samples) < 0.7
+    for s in real:
+        assert all(group == [] for group in s.groups) and s.weights is None
+        assert len(s.groups) == (len(s.tokens) - 1) // 64
+        *whole, last = codec.decode(s.tokens[1:]).split("\n\n")
+        assert set(whole) <= set(REAL) and any(doc.startswith(last) for doc in REAL)
+    assert all(s.references and s.weights for s in samples if s not in real)
+    assert [data.stage2(i) for i in range(6)] == [make_data(world, codec, real_text=REAL,
+                                                            stage2_real_fraction=0.5).stage2(i) for i in range(6)]
+    for off in (make_data(world, codec, real_text=REAL), make_data(world, codec, stage2_real_fraction=0.5)):
+        assert all(off.stage2(i).references for i in range(20))
+    with pytest.raises(ValueError, match="stage2_real_fraction"):
+        make_data(world, codec, real_text=REAL, stage2_real_fraction=1.5)
+
+
+def test_memory_loss_on_samples_that_read_no_memory(world, codec):
+    config = Memory3Config.from_name("tiny")
+    model = random_model(config, seed=1)
+    data = make_data(world, codec, real_text=REAL, stage2_real_fraction=1.0)
+    samples = [data.stage2(i) for i in range(3)]
+    assert not any(s.references for s in samples)
+    with torch.no_grad():
+        loss = memory_loss(model, samples, codec.reference_prefix(config))
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
 def test_stage1_copies_from_fresh_documents_and_never_shows_heldout_entities(world, codec):
     data = make_data(world, codec, real_text=["Some real text."])
     heldout = {e.name for e in world.split("heldout")}
