@@ -159,14 +159,17 @@ PRESETS: dict[str, Memory3Config] = {
         head_dim=80, intermediate_size=3200, max_seq_len=2048, memory_layers=tuple(range(22)),
     ),
     # Demos, CPU benchmarks and `memory3 train`: same conventions, sized so that both training
-    # stages fit in minutes on 2 CPU cores (~3.7M non-embedding parameters). Memory layers are the
-    # first half, as in the paper. At this depth layer 0 must be one of them: its memory values
-    # are the references' token embeddings, a direct path for copying a value out of a memory.
-    # Copying a profession from a one-sentence memory (batch 16, lr 1e-3) was learned in ~150
-    # steps with layers (0, 1), against a loss still near chance after 275 steps with (1, 2).
+    # stages fit in minutes on 2 CPU cores (~3.7M non-embedding parameters). Layer 0 must be a
+    # memory layer at this depth: its memory values are the references' token embeddings, a direct
+    # path for copying a value out of a memory (copying a profession from a one-sentence memory was
+    # learned in ~150 steps with layers (0, 1), against a loss near chance after 275 with (1, 2)).
+    # Unlike the paper's first half, every layer is one: with the same training run (1500 steps,
+    # 150 held-out questions, the right memory alone), exact match was 0.45 with layers (0, 1),
+    # 0.83 with (0, 1, 2) and 0.89 with (0, 1, 2, 3); the deeper layers' memory keys have seen more
+    # of their reference's context.
     "small": Memory3Config(
         name="small", vocab_size=2048, n_layer=4, dim=256, n_head=4, n_kv_head=2, head_dim=64,
-        intermediate_size=768, max_seq_len=1024, memory_layers=(0, 1),
+        intermediate_size=768, max_seq_len=1024, memory_layers=(0, 1, 2, 3),
     ),
     # Unit tests: a fraction of a second per forward pass.
     "tiny": Memory3Config(

@@ -62,7 +62,7 @@ class TrainConfig:
     # single-chunk stage-2 steps: 35.8% without a stage 1, 10% after 100 steps of it). Stage-2
     # learning rates of 2e-3 and 3e-3 did worse than 1e-3.
     stage1: StageConfig = StageConfig(steps=100, lr=1e-3)
-    stage2: StageConfig = StageConfig(steps=1400, lr=1e-3)
+    stage2: StageConfig = StageConfig(steps=1150, lr=1e-3)
     # Stage-2 data (see data.py): the share of questions about fresh entities, which only memory
     # can answer, and the loss weight of answer tokens relative to the question template.
     fresh_fraction: float = 1.0
