@@ -131,6 +131,7 @@ class TrainingData:
         """A stage-2 sample; `single_chunk`: one chunk long, reading only its own reference."""
         rng = self._rng("2-single" if single_chunk else 2, index)
         seq_len = self.config.chunk_len if single_chunk else self.seq_len
+        # Drawn only when the mix is on, so that without it the samples are what they were before.
         if self.stage2_real_fraction and rng.random() < self.stage2_real_fraction:
             ids = [self.codec.bos_id]
             while len(ids) < seq_len + 1:

@@ -83,6 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.own_reference_fraction <= 1.0:
             raise ValueError(f"own_reference_fraction={self.own_reference_fraction} must lie in [0, 1]")
+        if not 0.0 <= self.stage2_real_fraction <= 1.0:  # checked here too: before minutes of data preparation
+            raise ValueError(f"stage2_real_fraction={self.stage2_real_fraction} must lie in [0, 1]")
 
     @property
     def total_steps(self) -> int:

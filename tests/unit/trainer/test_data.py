@@ -196,3 +196,5 @@ def test_own_reference_steps_are_the_first_part_of_stage2():
     assert config.own_reference_steps == 30
     with pytest.raises(ValueError, match="own_reference_fraction"):
         TrainConfig(own_reference_fraction=1.5)
+    with pytest.raises(ValueError, match="stage2_real_fraction"):
+        TrainConfig(stage2_real_fraction=-0.1)
