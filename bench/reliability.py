@@ -2,7 +2,8 @@
 
 `ReliabilityStack` starts the whole system on 127.0.0.1 in a temporary directory, arranged so
 that faults can be injected: the S3 server (rclone) behind a `DelayProxy`, a password-protected
-Redis, the memory service without its RAM tier (every fetch reaches Redis or S3), and a second
+Redis, the memory service without its RAM tier and the decoders without their cache of decoded
+memories (every fetch reaches Redis or S3), and a second
 decoder with the "continue" retrieval policy (and a per-client stream limit) beside the default
 "fail" one. Then, each bounded in time and count:
 
@@ -27,12 +28,10 @@ import contextlib
 import dataclasses
 import os
 import random
-import re
 import secrets
 import signal
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,7 +217,7 @@ class ReliabilityStack:
                 max_batch=self.max_batch, redis_password=self.redis_password,
                 extra_args={"memory": ("--ram-cache-mb", "0"),
                             "decoder": ("--max-waiting", str(self.max_waiting), "--max-seq-len", "512",
-                                        "--grace", "20")})
+                                        "--grace", "20", "--memory-cache-mb", "0")})
             self.state = start_stack(self.options, log=self.log)
             extra = dataclasses.replace(self.options, retrieval_policy="continue", extra_args={
                 **self.options.extra_args, "decoder": (*self.options.extra_args["decoder"],
@@ -268,10 +267,7 @@ class ReliabilityStack:
         return [n for n in SERVICES if n not in self.killed and not self.alive(n)]
 
     def metric(self, service: str, name: str, labels: str = "") -> float:
-        port = self.process(service).metrics_port
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        found = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-        return float(found.group(1)) if found else 0.0
+        return self.state.metric(service, name, labels)
 
     def gauges_return_to_zero(self, service: str = "decoder", timeout_s: float = 15.0) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -10,7 +10,8 @@ then measures through gRPC:
   - throughput with retrieval on vs off through the same services: a closed loop of clients (a
     quarter more than the decoder's batch rows) that send requests back to back for a few seconds
     (streams start and finish at different times, as in production), in interleaved rounds whose
-    paired ratios are summarised by their median;
+    paired ratios are summarised by their median; the decoder runs with its defaults (its cache of
+    decoded memories, whose hit rate is reported, and its retrieval lead);
   - a control arm: retrieval off while the bench itself makes as many retrievals per second (each
     followed by the fetch of its memories) as the decoder made in the round's retrieval-on run. On one machine the text
     service's embedder competes with the decoder for the hardware even on other cores (shared
@@ -114,6 +115,9 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
                           "new_tokens": new_tokens, "rounds": rounds, "samples": samples, "documents": documents,
                           "seconds_per_round": round_s, "weights": "random init",
                           "processes": "S3, Redis, text, memory, decoder on one machine",
+                          "memory_tiers": "memory service without its RAM tier; the decoder with its own "
+                                          "cache of decoded memories at the default size (hit rate in on_off)",
+                          "retrieval_lead_tokens": "the decoder's default",
                           "ratio_statistic": "median of per-round paired ratios",
                           "cpu_placement": {k: sorted(v) for k, v in affinity.items()} or "shared"}
     result["machine"] = machine_info()
@@ -185,6 +189,11 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                 (off if arm == "off" else loaded).append(tok_s)
                 if arm == "loaded":
                     served_rates.append(len(served) / round_s)
+        # What the decoder's own tier of decoded memories answered over the whole run (see protocol).
+        tier = '{tier="decoder"}'
+        fetched = state.metric("decoder", "memory3_memory_fetches_total", tier)
+        decoder_hit_rate = round(state.metric("decoder", "memory3_memory_hits_total", tier) / fetched, 4) \
+            if fetched else None
         ratios = [a / b for a, b in zip(on, off, strict=True)]
         loaded_ratios = [a / b for a, b in zip(on, loaded, strict=True)]
         sharing = [a / b for a, b in zip(loaded, off, strict=True)]
@@ -206,6 +215,7 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                            "off_tok_s": [round(x, 2) for x in off],
                            "off_loaded_tok_s": [round(x, 2) for x in loaded],
                            "retrievals_per_s": [round(x, 1) for x in rates],
+                           "decoder_memory_cache_hit_rate": decoder_hit_rate,
                            "control_retrievals_answered_per_s": [round(x, 1) for x in served_rates],
                            "per_round_ratios": [round(x, 4) for x in ratios],
                            "per_round_ratios_loaded": [round(x, 4) for x in loaded_ratios]}}

@@ -4,7 +4,9 @@ Retrieval is the caller's: a `MemoryProvider` maps query token lists to memories
 chunks are all retrieved before prefill, and the whole prompt is prefilled in one pass with a
 chunk->memory mask. While decoding, the first generated chunk keeps the memories of the last
 prompt chunk (paper §7.5); after every `chunk_len` generated tokens, those tokens are the query
-for the next set, which replaces the resident memories in the KV cache.
+for the next set, which replaces the resident memories in the KV cache. With `query_lead` = L > 0
+the query is instead the `chunk_len` tokens that end L tokens before the chunk boundary: the
+serving engine retrieves that early so that retrieval overlaps L decode steps (engine.py).
 
 Streaming, continuous batching and cancellation belong to the serving engine; this module
 serves one static batch.
@@ -106,6 +108,7 @@ def iter_generate(
     stop_tokens: Sequence[int] = (),
     memory_provider: MemoryProvider | None = None,
     retrievals: list[list[list[int]]] | None = None,
+    query_lead: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) once per generated position.
 
@@ -114,8 +117,12 @@ def iter_generate(
         prefix: the tokenized reference prefix (`<s>Reference:`); empty for a plain Llama layout.
         memory_provider: retrieval; None generates without memory (caches without memory slots).
         retrievals: when given, receives the queries made per sequence.
+        query_lead: L; a generated chunk's query is the `chunk_len` tokens (prompt after its `<s>`,
+            then generated) ending L tokens before the chunk starts. 0: the previous chunk exactly.
     """
     config = model.config
+    if not 0 <= query_lead < config.chunk_len:
+        raise ValueError(f"query_lead must be in 0..{config.chunk_len - 1}, got {query_lead}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -181,7 +188,7 @@ def iter_generate(
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             if memory_provider is not None and step > 0 and step % config.chunk_len == 0:
-                _swap_memories(model, memory_provider, history, finished, log)
+                _swap_memories(model, memory_provider, prompts, history, finished, log, query_lead)
             slot = (p + lengths + step)[:, None]  # (B, 1)
             last = decode_one_token(model, next_token[:, None], slot, rope_positions(slot, p, config.ref_len))
     finally:
@@ -202,6 +209,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], **kwargs) -> 
     return GenerationOutput(out, reasons, retrievals)
 
 
+def query_window(body: Sequence[int], generated: Sequence[int], chunk_len: int, lead: int) -> list[int]:
+    """The query for the chunk after `generated`: the last `chunk_len` tokens known `lead` tokens
+    before it starts, out of the body (after its `<s>`) and the generated tokens."""
+    known = [*body[1:], *generated]
+    return known[max(0, len(known) - lead - chunk_len) : len(known) - lead]
+
+
 def model_dtype(model: Transformer) -> torch.dtype:
     return model.output.weight.dtype
 
@@ -213,14 +227,15 @@ def _retrieve(provider: MemoryProvider, queries: list[list[int]], limit: int) ->
     return [list(mems)[:limit] for mems in found]
 
 
-def _swap_memories(model, provider, history, finished, log) -> None:
-    """Retrieve with the last chunk of generated tokens of each unfinished sequence."""
+def _swap_memories(model, provider, prompts, history, finished, log, lead: int) -> None:
+    """Retrieve with the last chunk of tokens (`lead` tokens back) of each unfinished sequence."""
     chunk_len = model.config.chunk_len
     # history[-1] is the token about to be fed: it is the first one to read the new memories.
-    recent = torch.stack(history[-chunk_len - 1 : -1], dim=1).tolist()  # (B, chunk_len)
-    rows = [b for b in range(len(recent)) if not finished[b]]
+    generated = torch.stack(history[:-1], dim=1).tolist()  # (B, tokens generated before it)
+    rows = [b for b in range(len(generated)) if not finished[b]]
     if not rows:
         return
+    recent = {b: query_window(prompts[b], generated[b], chunk_len, lead) for b in rows}
     found = _retrieve(provider, [recent[b] for b in rows], model.config.mems_per_chunk)
     for b in rows:
         log[b].append(recent[b])

@@ -54,6 +54,17 @@ class StackState:
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.process(name).port}"
 
+    def metric(self, name: str, series: str, labels: str = "") -> float:
+        """One sample of process `name`'s /metrics, e.g. ("memory", "memory3_memory_hits_total",
+        '{tier="redis"}'); 0 when the series is absent."""
+        import re
+        import urllib.request
+
+        port = self.process(name).metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        found = re.search(rf"^{re.escape(series)}{re.escape(labels)} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
     @property
     def s3_config(self) -> S3Config:
         return S3Config(**self.s3)

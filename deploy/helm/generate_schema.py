@@ -43,6 +43,8 @@ CONSTRAINTS: dict[str, dict] = {
     "decoder.maxBatch": {"type": "integer", "minimum": 1},
     "decoder.maxWaiting": {"type": "integer", "minimum": 0},
     "decoder.retrievalPolicy": {"enum": ["fail", "continue"]},
+    "decoder.retrievalLeadTokens": {"type": "integer", "minimum": 0, "maximum": 62},
+    "decoder.memoryCacheMB": {"type": "number", "minimum": 0},
     "decoder.dtype": {"enum": ["", "float32", "bfloat16", "float16"]},
     "decoder.imageFlavor": {"enum": ["auto", "cpu", "cuda"]},
     "decoder.autoscaling.targetRequestsWaiting": {"type": "number", "exclusiveMinimum": 0},

@@ -228,6 +228,12 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--default-max-tokens", type=int, default=128, help="when a request sets no max_tokens")
     group.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail",
                        help="text/memory service down: fail with UNAVAILABLE, or generate without memory and say so")
+    group.add_argument("--memory-cache-mb", type=float, default=256.0,
+                       help="decoded memories kept in the decoder's RAM (LRU) in front of the memory service; "
+                            "0 disables it")
+    group.add_argument("--retrieval-lead-tokens", type=int, default=None,
+                       help="a generated chunk's query ends this many tokens before the chunk, so that retrieval "
+                            "overlaps that many decode steps (default 8; 0: the query is exactly the previous chunk)")
     group.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--dependency-tls-ca", type=Path, default=None,
@@ -272,15 +278,17 @@ def _decoder_settings(args: argparse.Namespace):
 
     if not args.release:
         raise ValueError(f"serve {args.service} needs --release NAME: the release whose model to serve")
+    lead = {} if args.retrieval_lead_tokens is None else {"retrieval_lead_tokens": args.retrieval_lead_tokens}
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len,
                           default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy,
-                          max_streams_per_client=args.max_streams_per_client)
+                          max_streams_per_client=args.max_streams_per_client, **lead)
     dependencies = DependencyOptions(tls_ca=args.dependency_tls_ca, client_cert=args.dependency_cert,
                                      client_key=args.dependency_key,
                                      auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)
     return DecoderSettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
                            text_address=args.text_address, memory_address=args.memory_address, engine=engine,
-                           device=args.device, dtype=args.dtype, dependencies=dependencies)
+                           device=args.device, dtype=args.dtype, dependencies=dependencies,
+                           memory_cache_bytes=int(args.memory_cache_mb * (1 << 20)))
 
 
 def add_s3_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,12 +8,17 @@ Two sides meet here:
     streams (prefilling each into a free cache row), frees the rows of finished or cancelled
     ones, and runs one decode step for every stream that is not waiting for memories.
 
-Every 64 generated tokens a stream needs the memories of its last chunk. As soon as that chunk's
-last token is sampled, the scheduler asks the asyncio side to retrieve and fetch them, while the
-step that feeds that token (still on the old memories) runs. If they have not arrived by the time
-the next chunk's first token is to be fed, that stream alone pauses; the other streams keep
-decoding. A paused row below the batch's highest row is fed a placeholder token at its next
-slot, which the real token overwrites when the stream resumes, so the batch never waits.
+Every 64 generated tokens a stream needs new memories. Their query is the last 64 tokens known
+`retrieval_lead_tokens` (L) tokens before the chunk boundary: as soon as that token is sampled,
+the scheduler asks the asyncio side to retrieve and fetch them, while the stream decodes its last
+L + 1 tokens of the chunk on the old memories. With L = 0 the query is exactly the chunk just
+generated (as `model.generate` does by default), and retrieval has one decode step to answer;
+retrieval plus fetch takes tens of milliseconds, several decode steps of a batch on a GPU or under
+load, so the default L = 8 lets it overlap decoding instead of pausing the stream at every chunk.
+If the memories have not arrived by the time the next chunk's first token is to be fed, that
+stream alone pauses; the other streams keep decoding. A paused row below the batch's highest row
+is fed a placeholder token at its next slot, which the real token overwrites when the stream
+resumes, so the batch never waits.
 
 The model runs in a thread so that gRPC I/O, retrieval and memory fetches proceed while it
 computes (torch releases the GIL inside its kernels).
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from memory3.model.generate import SamplingParams, sample
+from memory3.model.generate import SamplingParams, query_window, sample
 from memory3.model.layout import chunk_groups, chunk_spans
 from memory3.model.memory import ExplicitMemory, stack_memories
 from memory3.model.model import Transformer
@@ -63,6 +68,9 @@ class EngineConfig:
     # Text or memory service unreachable: "fail" ends the request with UNAVAILABLE;
     # "continue" generates without memory and says so in the response's warnings.
     retrieval_policy: str = "fail"
+    # A generated chunk's query ends this many tokens before the chunk: retrieval overlaps that
+    # many decode steps (0: the query is the previous chunk exactly; below the model's chunk_len).
+    retrieval_lead_tokens: int = 8
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -71,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_streams_per_client < 0:
             raise ValueError(f"max_streams_per_client must be >= 0 (0: no limit), got {self.max_streams_per_client}")
+        if self.retrieval_lead_tokens < 0:
+            raise ValueError(f"retrieval_lead_tokens must be >= 0, got {self.retrieval_lead_tokens}")
         if self.retrieval_policy not in RETRIEVAL_POLICIES:
             raise ValueError(f"retrieval_policy must be one of {RETRIEVAL_POLICIES}, got {self.retrieval_policy!r}")
 
@@ -151,14 +161,12 @@ class _Stream:
         self.tokens: list[int] = []
         self.next_slot = 0  # cache slot the next fed token is written to
         self.paused = False  # at a chunk boundary, waiting for the chunk's memories
+        self.paused_since = 0.0
         self.arrived: tuple[list[ExplicitMemory], _Note] | None = None  # next chunk's, not installed yet
         self.done = False
         self.generator = (torch.Generator().manual_seed(request.sampling.seed)
                           if request.sampling.seed is not None else None)
         self.last_token_time = 0.0
-
-    def emit(self, message) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, message)
 
 
 class Scheduler:
@@ -180,6 +188,7 @@ class Scheduler:
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="memory3-scheduler", daemon=True)
         self.on_swap = None  # set by the engine: callback(stream, query) scheduling a retrieval
+        self.outbox: list[tuple[_Stream, object]] = []  # messages to consumers, sent once per step
 
     # ---- called from other threads ----
     def post(self, message) -> None:
@@ -207,6 +216,25 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - a bug must not kill the engine silently
                     log.exception("scheduler step failed; failing the streams it held")
                     self._fail_all(ServiceError("internal error in the decoder"))
+                self._send_outbox()
+
+    def _emit(self, stream: _Stream, message) -> None:
+        self.outbox.append((stream, message))
+
+    def _send_outbox(self) -> None:
+        """Hand a step's messages to their consumers' event loops, one wake-up per loop.
+
+        A step emits a token for every stream in the batch; one thread-safe call per message would
+        wake the event loop (a syscall, and a turn of the loop) once per stream per step.
+        """
+        if not self.outbox:
+            return
+        batch, self.outbox = self.outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for stream, message in batch:
+            by_loop.setdefault(stream.loop, []).append((stream.out, message))
+        for loop, messages in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, messages)
 
     def _step(self) -> None:
         self._drain_inbox()
@@ -215,6 +243,7 @@ class Scheduler:
         active = [s for s in self.rows if s is not None and not s.paused and not s.done]
         if not active:
             self._update_gauges()
+            self._send_outbox()  # before sleeping: e.g. a failure noticed in the inbox
             self.wake.wait(timeout=0.05)
             self.wake.clear()
             return
@@ -344,24 +373,26 @@ class Scheduler:
             self._finish(stream, "stop")
             return
         stream.tokens.append(token)
-        stream.emit(_Tokens([token]))
+        self._emit(stream, _Tokens([token]))
         n = len(stream.tokens)
         if n >= stream.request.max_tokens or stream.next_slot >= self.max_seq_len:
             self._finish(stream, "length")
             return
         i = n - 1  # index of the token about to be fed
-        chunk = self.mc.chunk_len
+        chunk, lead = self.mc.chunk_len, self.config.retrieval_lead_tokens
         if not stream.prefix_len or self.on_swap is None:
             return
         if i > 0 and i % chunk == 0:  # token i starts a chunk: it reads that chunk's memories
             if stream.arrived is not None:
                 self._apply_swap(stream)
             else:
-                stream.paused = True
-        elif (i + 1) % chunk == 0 and n + 1 < stream.request.max_tokens and stream.next_slot + 1 < self.max_seq_len:
-            # Token i ends a chunk whose tokens are all known now: retrieve for the next chunk while
-            # token i is fed. (A stream that cannot reach the next chunk retrieves nothing.)
-            self.on_swap(stream, stream.tokens[-chunk:], (i + 1) // chunk)
+                stream.paused, stream.paused_since = True, now
+        elif (i + 1 + lead) % chunk == 0 and i + 1 + lead >= chunk and n + lead + 1 < stream.request.max_tokens \
+                and stream.next_slot + lead + 1 < self.max_seq_len:
+            # The next chunk starts lead + 1 tokens on, and its query is known now: retrieve while
+            # they are fed. (A stream that cannot reach the next chunk retrieves nothing.)
+            query = query_window(stream.request.prompt_ids, stream.tokens, chunk, 0)
+            self.on_swap(stream, query, (i + 1 + lead) // chunk)
 
     def _memories_arrived(self, stream: _Stream, payload: tuple[list[ExplicitMemory], _Note]) -> None:
         if stream.done or stream.row < 0:
@@ -378,7 +409,8 @@ class Scheduler:
         self.model.clear_resident_memory(row)
         if memories:
             self._set_resident(row, [memories])
-        stream.emit(note)
+        self._emit(stream, note)
+        metrics.MEMORY_WAIT.observe(time.monotonic() - stream.paused_since if stream.paused else 0.0)
         stream.paused = False
 
     def _set_resident(self, rows: Tensor, memories: list[list[ExplicitMemory]]) -> None:
@@ -391,14 +423,14 @@ class Scheduler:
         self._release(stream)  # before the consumer hears of it: its slot is free by then
         metrics.REQUEST_SUCCESS.labels(finished_reason=reason).inc()
         metrics.E2E_REQUEST_LATENCY.observe(time.monotonic() - stream.arrival)
-        stream.emit(_Finished(reason))
+        self._emit(stream, _Finished(reason))
 
     def _finish_error(self, stream: _Stream, error: ServiceError) -> None:
         self._release(stream)
         if stream in self.ready:
             self.ready.remove(stream)
         metrics.REQUEST_FAILURE.labels(code=error.code.name).inc()
-        stream.emit(_Failed(error))
+        self._emit(stream, _Failed(error))
 
     def _release(self, stream: _Stream) -> None:
         stream.done = True
@@ -418,6 +450,11 @@ class Scheduler:
         return sum(1 for s in self.rows if s is not None and not s.done)
 
 
+def _deliver(messages: list[tuple[asyncio.Queue, object]]) -> None:
+    for out, message in messages:
+        out.put_nowait(message)
+
+
 def _positions(slots: Tensor, prefix_len: Tensor | int, ref_len: int) -> Tensor:
     """Cache slots -> RoPE positions with a per-row prefix length (0: plain layout, no memory gap)."""
     if isinstance(prefix_len, int):
@@ -430,6 +467,11 @@ class GenerationEngine:
 
     def __init__(self, model: Transformer, codec: TextCodec, retrieval: Retrieval | None,
                  config: EngineConfig = EngineConfig(), *, release: str = "") -> None:
+        if config.retrieval_lead_tokens > model.config.chunk_len - 2:
+            # A lead of chunk_len - 1 would ask for a chunk's successor at the chunk's first token,
+            # while that token may still be waiting for its own memories.
+            raise ValueError(f"retrieval_lead_tokens must be at most {model.config.chunk_len - 2} for chunks of "
+                             f"{model.config.chunk_len} tokens, got {config.retrieval_lead_tokens}")
         model.eval()
         self.model, self.codec, self.retrieval, self.config = model, codec, retrieval, config
         self.release = release

@@ -28,7 +28,7 @@ from ..rpc.server import Server, ServerOptions, client_channel, serve_until_sign
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
 from ..text.client import TextClient
 from .engine import EngineConfig, GenerationEngine
-from .remote import RemoteRetrieval
+from .remote import RemoteRetrieval, decoded_memory_cache
 from .retrieval import CoalescingRetrieval, LocalRetrieval
 from .servicer import SERVICE, GenerationServicer
 
@@ -59,8 +59,12 @@ class DecoderSettings:
     dtype: str = "float32"
     dependencies: DependencyOptions = field(default_factory=DependencyOptions)
     watch_interval_s: float = 2.0
+    memory_cache_bytes: int = 256 << 20  # the decoder's RAM tier of decoded memories (0: none)
 
     def __post_init__(self) -> None:
+        if self.memory_cache_bytes < 0:
+            raise ValueError(f"--memory-cache-mb must be >= 0 (0 disables the decoder's memory cache), "
+                             f"got {self.memory_cache_bytes / (1 << 20):g}")
         if (self.text_address is None) != (self.memory_address is None):
             raise ValueError("give both --text-address and --memory-address, or neither (in-process retrieval)")
         if self.dtype not in DTYPES:
@@ -120,7 +124,8 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
                   "memory": health_pb2_grpc.HealthStub(memory_channel)}
         retrieval = RemoteRetrieval(TextClient(text_channel, timeout_s=d.timeout_s),
                                     MemoryClient(memory_channel, timeout_s=d.timeout_s),
-                                    release.memory_codec(), release.memory_shape())
+                                    release.memory_codec(), release.memory_shape(),
+                                    cache=decoded_memory_cache(s.memory_cache_bytes))
     else:
         from ..retrieval.embedder import Embedder
 

@@ -25,6 +25,9 @@ NUM_REQUESTS_RUNNING = Gauge("memory3_num_requests_running", "Streams holding a 
 NUM_REQUESTS_WAITING = Gauge("memory3_num_requests_waiting", "Streams queued for a batch slot.")
 GENERATION_TOKENS = Counter("memory3_generation_tokens", "Tokens generated.")
 PROMPT_TOKENS = Counter("memory3_prompt_tokens", "Prompt tokens prefilled.")
+MEMORY_WAIT = Histogram("memory3_memory_wait_seconds",
+                        "Per memory swap while decoding: how long the stream paused at the chunk boundary for "
+                        "its memories (0 when they had arrived).", buckets=(0.0, *_FAST_BUCKETS))
 REQUEST_SUCCESS = Counter("memory3_request_success", "Finished requests by finish reason.", ["finished_reason"])
 REQUEST_FAILURE = Counter("memory3_request_failure", "Requests ended by an error, by gRPC status code.", ["code"])
 

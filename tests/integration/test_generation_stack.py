@@ -2,7 +2,8 @@
 redis-server: streaming with citations, the Redis tier, Redis killed mid-stream, a corrupt blob,
 grpcurl, and bad input with precise status codes.
 
-The memory service runs without its RAM tier here so that a repeated fetch shows in Redis.
+The memory service runs without its RAM tier, and the decoder without its cache of decoded
+memories, so that a repeated fetch shows in Redis.
 """
 
 import json
@@ -11,7 +12,6 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -35,7 +35,7 @@ PROMPT = ("Tell me about the clock repairer of Pemberlyn and the lighthouse keep
 def stack(tmp_path_factory, random_release, local_s3):
     home = tmp_path_factory.mktemp("stack")
     options = StackOptions(home=home, release=random_release.name, s3=local_s3.config, max_batch=4,
-                           extra_args={"memory": ("--ram-cache-mb", "0")})
+                           extra_args={"memory": ("--ram-cache-mb", "0"), "decoder": ("--memory-cache-mb", "0")})
     state = start_stack(options, log=lambda _msg: None)
     yield state
     stop_processes(state.processes)
@@ -48,11 +48,7 @@ def stub(stack):
 
 
 def metric(stack, service: str, name: str, labels: str = "") -> float:
-    port = stack.process(service).metrics_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.M)
-    found = pattern.search(text)
-    return float(found.group(1)) if found else 0.0
+    return stack.metric(service, name, labels)
 
 
 def generate(stub, prompt=PROMPT, **params):

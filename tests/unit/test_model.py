@@ -180,6 +180,25 @@ def test_cached_decoding_equals_full_forward_across_chunks_and_swaps(tiny_model,
     torch.testing.assert_close(incremental, logits, rtol=1e-4, atol=1e-4)
 
 
+def test_query_lead_moves_the_swap_query_back_and_keeps_decoding_exact(tiny_model, tiny_config, prefix,
+                                                                        memory_bank):
+    prompt = [1, *torch.randint(3, 250, (30,)).tolist()]
+    lead = 8
+    capture, captured = capturing(RecordingProvider(memory_bank))
+    with torch.no_grad():
+        out = generate(tiny_model, [prompt], prefix=prefix, max_new_tokens=140, memory_provider=capture,
+                       query_lead=lead)
+    generated = out.tokens[0]
+    # The first swap's window reaches back into the prompt (after its <s>); the second's does not.
+    assert out.retrievals[0][1] == [*prompt[-lead:], *generated[: 64 - lead]]
+    assert out.retrievals[0][2] == generated[64 - lead : 128 - lead]
+    logits = full_forward_logits(tiny_model, tiny_config, prefix, prompt, generated, captured)
+    assert logits.argmax(-1).tolist() == generated
+    with pytest.raises(ValueError, match="query_lead"):
+        generate(tiny_model, [prompt], prefix=prefix, max_new_tokens=4, memory_provider=capture,
+                 query_lead=tiny_config.chunk_len)
+
+
 def decode_logits(model, config, prefix, prompt, generated, groups):
     """Prefill + one decode step per generated token, swapping resident memories like generate()."""
     p = len(prefix)

@@ -76,22 +76,25 @@ async def collect(engine, request, *, delay_start: float = 0.0):
     return tokens, text, events
 
 
-def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos):
-    kwargs = {"prefix": prefix, "memory_provider": memories_provider} if memories_provider else {}
+def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos, lead=0):
+    kwargs = {"prefix": prefix, "memory_provider": memories_provider, "query_lead": lead} if memories_provider else {}
     out = generate(model, [body], max_new_tokens=max_tokens, stop_tokens=[eos],
                    sampling=SamplingParams(vocab_limit=259), **kwargs)
-    return out.tokens[0]
+    return out.tokens[0][:-1] if out.finish_reasons[0] == "stop" else out.tokens[0]  # the engine drops the stop token
 
 
-@pytest.mark.parametrize(("use_memory", "stagger"), [(True, 0.01), (False, 0.01), (True, 0.0)])
-def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix, memories, use_memory, stagger):
+@pytest.mark.parametrize(("use_memory", "stagger", "lead"),
+                         [(True, 0.01, 8), (False, 0.01, 8), (True, 0.0, 8), (True, 0.01, 0), (True, 0.0, 62)])
+def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix, memories, use_memory, stagger,
+                                                 lead):
     """Staggered arrivals join a running batch; simultaneous ones are prefilled together."""
     retrieval = FakeRetrieval(memories, delay=0.002)
     bodies = prompts(5, text_codec)
     max_tokens = [150, 70, 3, 140, 65]
 
     async def main():
-        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=3, max_waiting=8))
+        engine = GenerationEngine(tiny_model, text_codec, retrieval,
+                                  EngineConfig(max_batch=3, max_waiting=8, retrieval_lead_tokens=lead))
         await engine.start()
         try:
             return await asyncio.gather(*[
@@ -104,7 +107,7 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
     for body, mt, (tokens, text, events) in zip(bodies, max_tokens, results, strict=True):
         with torch.inference_mode():
             expected = reference_tokens(tiny_model, body, retrieval.provider if use_memory else None, prefix, mt,
-                                        text_codec.eos_id)
+                                        text_codec.eos_id, lead)
         assert tokens == expected
         decoded = text_codec.decode(tokens)
         if "\ufffd" not in decoded:  # random weights may emit invalid UTF-8, whose deltas are best effort
@@ -120,9 +123,11 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
     assert metrics.NUM_REQUESTS_RUNNING._value.get() == 0
 
 
-def test_next_chunks_retrieval_overlaps_the_step_that_ends_the_chunk(tiny_model, text_codec, prefix, memories,
-                                                                     monkeypatch):
-    """The swap's retrieval starts once a chunk's last token is sampled, not a step later."""
+@pytest.mark.parametrize("lead", [0, 8])
+def test_next_chunks_retrieval_overlaps_the_steps_before_the_chunk(tiny_model, text_codec, prefix, memories,
+                                                                   monkeypatch, lead):
+    """The swap's retrieval starts once its query's last token is sampled, `lead` tokens before the
+    chunk ends (0: its last token), not a step later."""
     forward = tiny_model.forward
 
     def slow_forward(*args, **kwargs):  # a step long enough for the event loop to run meanwhile
@@ -140,7 +145,7 @@ def test_next_chunks_retrieval_overlaps_the_step_that_ends_the_chunk(tiny_model,
             return await super().retrieve(queries, top_k, include_text)
 
     retrieval = Recording(memories)
-    engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1))
+    engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1, retrieval_lead_tokens=lead))
     body = prompts(1, text_codec)[0]
 
     async def main():
@@ -151,14 +156,23 @@ def test_next_chunks_retrieval_overlaps_the_step_that_ends_the_chunk(tiny_model,
             await engine.close()
 
     tokens, _, events = run(main())
-    # Tokens 0..63 form the first generated chunk; its retrieval began while token 63 was being fed.
-    assert sampled_when_asked == [64]
+    # Tokens 0..63 form the first generated chunk; the next chunk's retrieval began while token
+    # 63 - lead was being fed, with the 64 tokens known then as its query.
+    assert sampled_when_asked == [64 - lead]
+    assert retrieval.queries[-1] == [*body[1:], *tokens][len(body) - 1 + 64 - lead - 64 : len(body) - 1 + 64 - lead]
     assert [(c.chunk_index, c.generated) for e in events for c in e.citations][-1] == (1, True)
     monkeypatch.undo()
     with torch.inference_mode():
         expected = generate(tiny_model, [body], prefix=prefix, max_new_tokens=70, memory_provider=retrieval.provider,
-                            sampling=SamplingParams(vocab_limit=259)).tokens[0]
+                            sampling=SamplingParams(vocab_limit=259), query_lead=lead).tokens[0]
     assert tokens == expected
+
+
+def test_retrieval_lead_must_leave_a_chunk_room(tiny_model, text_codec, memories):
+    with pytest.raises(ValueError, match="retrieval_lead_tokens must be at most 62"):
+        GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories), EngineConfig(retrieval_lead_tokens=63))
+    with pytest.raises(ValueError, match="retrieval_lead_tokens must be >= 0"):
+        EngineConfig(retrieval_lead_tokens=-1)
 
 
 def test_queue_is_bounded_and_cancellation_frees_slots(tiny_model, text_codec, memories):

@@ -1,0 +1,93 @@
+"""The decoder's RAM tier of decoded memories, in front of the memory service.
+
+The memory service is a fake here (the point is the tier's logic); the real services and stores
+are exercised by tests/integration/test_generation_stack.py.
+"""
+
+import asyncio
+
+import pytest
+import torch
+
+from memory3.model.codecs import codec_from_name
+from memory3.model.memory import ExplicitMemory
+from memory3.model.memory_format import HEADER_SIZE, encode_memory
+from memory3.services.decoder.remote import TIER, RemoteRetrieval, decoded_memory_cache, memory_nbytes
+from memory3.services.rpc import metrics
+from memory3.services.rpc.errors import DataLoss
+
+SHAPE = (2, 2, 4, 16)  # (memory layers, KV heads, tokens per head, head dim)
+CODEC = codec_from_name("fp16")
+
+
+def memory(seed: int) -> ExplicitMemory:
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(*SHAPE, generator=gen), torch.randn(*SHAPE, generator=gen)
+    positions = torch.arange(SHAPE[2]).expand(SHAPE[:3]).clone()
+    return ExplicitMemory(keys=keys, values=values, positions=positions)
+
+
+class FakeMemoryService:
+    def __init__(self, ids) -> None:
+        self.blobs = {rid: encode_memory(memory(i), CODEC, ref_len=128) for i, rid in enumerate(ids)}
+        self.calls: list[list[str]] = []
+
+    async def get(self, ids):
+        self.calls.append(list(ids))
+        return [self.blobs[rid] for rid in ids]
+
+
+def retrieval(service, cache_bytes):
+    return RemoteRetrieval(None, service, CODEC, SHAPE, cache=decoded_memory_cache(cache_bytes))
+
+
+def counter(name: str) -> float:
+    return getattr(metrics, name).labels(tier=TIER)._value.get()
+
+
+def test_hits_skip_the_memory_service_and_the_lru_is_bounded_by_bytes():
+    service = FakeMemoryService("abcd")
+    one = memory_nbytes(memory(0))
+    remote = retrieval(service, 2 * one)  # room for two decoded memories
+    hits, misses = counter("MEMORY_HITS"), counter("MEMORY_MISSES")
+
+    async def main():
+        first = await remote.fetch(["a", "b", "a"])
+        second = await remote.fetch(["b", "c"])  # b is a hit; c evicts a, the least recently used
+        third = await remote.fetch(["a"])
+        return first, second, third
+
+    first, second, third = asyncio.run(main())
+    assert service.calls == [["a", "b"], ["c"], ["a"]]
+    torch.testing.assert_close(first[0].keys, memory(0).keys.half().float())
+    assert first[0] is first[2] and second[0] is first[1]  # the same decoded memory, not a copy
+    torch.testing.assert_close(third[0].values, memory(0).values.half().float())
+    assert (counter("MEMORY_HITS") - hits, counter("MEMORY_MISSES") - misses) == (1, 4)
+    assert remote.cache.bytes == 2 * one
+
+
+def test_a_corrupt_blob_is_refused_and_not_cached():
+    service = FakeMemoryService("ab")
+    bad = bytearray(service.blobs["b"])
+    bad[HEADER_SIZE + 3] ^= 0xFF
+    service.blobs["b"] = bytes(bad)
+    remote = retrieval(service, 1 << 20)
+    with pytest.raises(DataLoss, match="memory 'b' failed validation in the decoder"):
+        asyncio.run(remote.fetch(["a", "b"]))
+    assert "b" not in remote.cache
+    with pytest.raises(DataLoss):
+        asyncio.run(remote.fetch(["b"]))
+    assert service.calls == [["a", "b"], ["b"]]
+
+
+def test_without_the_tier_every_fetch_reaches_the_memory_service():
+    service = FakeMemoryService("ab")
+    remote = retrieval(service, 0)
+    assert remote.cache is None
+
+    async def main():
+        await remote.fetch(["a", "b"])
+        await remote.fetch(["a", "b"])
+
+    asyncio.run(main())
+    assert service.calls == [["a", "b"], ["a", "b"]]
