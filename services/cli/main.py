@@ -188,6 +188,9 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
                             "(paper: 2/3; 1 disables the filter)")
     group.add_argument("--max-concurrency", type=int, default=1,
                        help="retrieval batches embedded at once (each uses torch's threads)")
+    group.add_argument("--embedder-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                       help="dtype the query embedder computes in; auto: bfloat16 on a CPU with native bf16 "
+                            "(AVX-512 BF16, AMX), else float32")
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
@@ -405,12 +408,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve_text(args: argparse.Namespace) -> int:
+    from memory3.services.retrieval.embedder import native_bf16
     from memory3.services.text.server import serve_text
 
     if not args.release:
         raise ValueError("serve text needs --release NAME: the release whose tokenizer and index to serve")
+    dtype = args.embedder_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if native_bf16() else "float32"
     return serve_text(s3_config(args), args.release, args.cache_dir, server_options(args),
-                      max_overlap=args.max_overlap, max_concurrency=args.max_concurrency)
+                      max_overlap=args.max_overlap, max_concurrency=args.max_concurrency, embedder_dtype=dtype)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 
@@ -35,10 +36,14 @@ async def start_text_server(engine: TextEngine, options: ServerOptions) -> Serve
 
 
 def serve_text(s3: S3Config, release: str, cache_dir: Path, options: ServerOptions, *,
-               max_overlap: float, max_concurrency: int) -> int:
+               max_overlap: float, max_concurrency: int, embedder_dtype: str = "float32") -> int:
+    from ..retrieval.embedder import Embedder
+
     async def main() -> None:
         engine = TextEngine.for_release(ObjectStore(s3), release, cache_dir, max_overlap=max_overlap,
-                                        max_concurrency=max_concurrency)
+                                        max_concurrency=max_concurrency,
+                                        embedder_factory=functools.partial(Embedder, dtype=embedder_dtype))
+        log.info("query embeddings in %s", embedder_dtype)
         server = await start_text_server(engine, options)
         where = f"{options.host}:{server.port}"
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""

@@ -205,3 +205,27 @@ def test_memory3_serve_text_answers_grpcurl(local_s3, references, tmp_path):
             proc.kill()
             raise
     assert code == 0, proc.stderr.read()
+
+
+def test_bf16_query_embeddings_rank_like_the_float32_index(embedder, references, tmp_path):
+    bf16 = Embedder(dtype="bfloat16")
+    texts = [r.text for r in references]
+    queries = ["Who makes the Quarn-7 pump?", "Where does the glassblower Orvath Kellen work?",
+               "Which orchestra plays baroque music in a grain hall?", "How heavy is a sack of rye flour?",
+               "Since when has the lighthouse of Corvinne guided boats?"]
+    index = embedder.embed(texts)  # (R, dim), as the trainer builds it
+    exact, fast = embedder.embed(queries), bf16.embed(queries)
+    assert fast.dtype == exact.dtype and ((exact * fast).sum(1) > 0.9999).all()
+    assert (exact != fast).any()  # computed in bf16 indeed, not in float32
+    assert ((exact @ index.T).argmax(1) == (fast @ index.T).argmax(1)).all()
+    with pytest.raises(ValueError, match="embedder dtype must be one of"):
+        Embedder(dtype="float16")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from memory3.services.retrieval.embedder import native_bf16
+
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert native_bf16(with_bf16) and not native_bf16(without) and not native_bf16(tmp_path / "missing")
