@@ -57,6 +57,9 @@ def render_table(results_dir: Path) -> str:
         if "engine_on_over_off" in serving:
             rows.append(f"| | engine alone, retrieval latency simulated: on / off | "
                         f"{serving['engine_on_over_off']:.3f} | |")
+        hit_rate = serving.get("on_off", {}).get("decoder_memory_cache_hit_rate")
+        if hit_rate is not None:
+            rows.append(f"| | decoder's cache of decoded memories: hit rate | {hit_rate:.3f} | |")
     quality = _load(results_dir / "quality.json")
     if quality:
         first = quality["first_hit_only"]
