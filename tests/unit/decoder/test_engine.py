@@ -259,3 +259,38 @@ def test_stop_strings_end_the_stream_and_are_not_returned(tiny_model, text_codec
     _, text, events = run(main((stop,)))
     assert text == full[: full.index(stop)]
     assert events[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("lead", "paused"), [(0, True), (40, False)])
+def test_memory_wait_measures_the_pause_that_the_lead_avoids(tiny_model, text_codec, memories, monkeypatch,
+                                                             lead, paused):
+    """Retrieval slower than one step pauses the stream at the chunk boundary, unless it started early."""
+    forward = tiny_model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", slow_forward)
+    retrieval = FakeRetrieval(memories, delay=0.02)  # retrieve, then fetch: 40 ms; 40 steps take >= 200 ms
+    body = prompts(1, text_codec)[0]
+
+    def observed():
+        samples = {s.name: s.value for m in metrics.MEMORY_WAIT.collect() for s in m.samples}
+        return samples["memory3_memory_wait_seconds_count"], samples["memory3_memory_wait_seconds_sum"]
+
+    before = observed()
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval,
+                                  EngineConfig(max_batch=1, retrieval_lead_tokens=lead))
+        await engine.start()
+        try:
+            return await collect(engine, GenerationRequest(body, 70, ignore_eos=True))
+        finally:
+            await engine.close()
+
+    tokens, _, _ = run(main())
+    swaps, waited = (a - b for a, b in zip(observed(), before, strict=True))
+    assert len(tokens) == 70 and swaps == 1
+    assert (waited > 0.01) if paused else (waited == 0.0)
