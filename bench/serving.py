@@ -76,7 +76,7 @@ def _percentiles(xs: list[float]) -> dict:
 
 
 def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 32), prompt_tokens: int = 128,
-                      new_tokens: int = 128, rounds: int = 5, samples: int = 30, documents: int = 400,
+                      new_tokens: int = 128, rounds: int = 9, samples: int = 30, documents: int = 400,
                       seed: int = 0, pin: bool = True, round_s: float = 10.0, log=print) -> dict:
     from memory3.services.release.synthetic import publish_random_release
     from memory3.services.storage.object_store import ObjectStore
