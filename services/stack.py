@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,9 +59,6 @@ class StackState:
     def metric(self, name: str, series: str, labels: str = "") -> float:
         """One sample of process `name`'s /metrics, e.g. ("memory", "memory3_memory_hits_total",
         '{tier="redis"}'); 0 when the series is absent."""
-        import re
-        import urllib.request
-
         port = self.process(name).metrics_port
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         found = re.search(rf"^{re.escape(series)}{re.escape(labels)} (\S+)$", text, re.M)
