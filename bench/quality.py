@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import stack_memories
-from memory3.model.model import Transformer
+from memory3.model.model import Transformer, apply_rope
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
 from memory3.services.storage.object_store import ObjectStore, S3Config
@@ -103,6 +103,20 @@ def run_quality_bench(s3: S3Config, release_name: str, *, cache_dir: Path, n_que
         answers = answer_questions(variant, codec, subset, "memory", retrieve=retrieve, reference_text=texts)
         ablation[str(kept)] = accuracy(answers, subset)
 
+    # Diagnostic: where the answer position's memory attention goes among the five.
+    by_text = {text: rid for rid, text in texts.items()}
+    names = sorted(world.entities, key=lambda e: -len(e.name))
+    bodies, groups, right = [], [], []
+    for q, found in zip(questions, retrieve([q.prompt for q in questions]), strict=True):
+        entity = next((e for e in names if e.name in q.prompt), None)
+        body = codec.body(q.prompt)
+        if entity is None or by_text.get(entity.document) not in found or len(body) > model.config.chunk_len:
+            continue
+        bodies.append(body)
+        groups.append(release.fetch_memories(found))
+        right.append(found.index(by_text[entity.document]))
+    attention = attention_on_the_right_memory(model, codec.reference_prefix(model.config), bodies, groups, right)
+
     real_start = pipeline.get("real_documents", 0)
     heldout_docs = [t for _, t in itertools.islice(debian_documents(), real_start, real_start + perplexity_documents)]
     ppl = real_text_perplexity(model, codec, heldout_docs, retrieve, release.fetch_memories)
@@ -118,6 +132,11 @@ def run_quality_bench(s3: S3Config, release_name: str, *, cache_dir: Path, n_que
         "first_hit_only": {"acc_memory": top1["memory"], "acc_rag": top1["rag"],
                            "note": "retrieval cut to its first hit: one memory / one document"},
         "tokens_per_head_ablation": {"n_questions": len(subset), "acc_memory": ablation},
+        "attention_on_the_right_memory": {
+            "n_questions": len(bodies), "chance": round(1 / model.config.mems_per_chunk, 4),
+            "by_memory_layer": attention,
+            "note": "share of the answer position's memory attention on the question's own document, "
+                    "per memory layer, averaged over heads"},
         "perplexity": ppl,
         "release": release_name,
         "setup": {"world_seed": pipeline["seed"], "retrieval": f"{release.manifest.index['embedder']} + FAISS, "
@@ -134,6 +153,51 @@ def _with_kept_tokens(model, k: int) -> Transformer:
     variant = Transformer(dataclasses.replace(model.config, mem_tokens_per_head=k))
     variant.load_state_dict(model.state_dict())
     return variant.eval()
+
+
+@torch.no_grad()
+def attention_on_the_right_memory(model: Transformer, prefix: list[int], bodies: list[list[int]],
+                                  groups: list[list], right: list[int]) -> list[float]:
+    """Per memory layer: of the attention that a prompt's last token gives to its memories, the
+    share that falls on memory `right[i]` of its group (averaged over heads and prompts).
+
+    Each body is one chunk, reading one group of memories. A model that picks the right memory
+    among the group scores near 1; one that reads them all alike scores 1 / group size.
+    """
+    config = model.config
+    layers = [layer.attention for layer in model.layers if layer.is_memory_layer]
+    shares: list[list[float]] = [[] for _ in layers]
+    p = len(prefix)
+
+    def hook(index):
+        def capture(attention, args, _output):
+            x, cos, sin, mask, memory = args[:5]
+            q, k, _ = attention.project(x)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            keys = torch.cat([memory[0], k], dim=2)  # (1, H_kv, S_mem + T, D)
+            keys = keys.repeat_interleave(attention.n_head // attention.n_kv_head, dim=1)  # (1, H, S, D)
+            scores = (q[:, :, -1:] @ keys.transpose(-1, -2))[:, :, 0] / attention.head_dim ** 0.5  # (1, H, S)
+            scores = scores.masked_fill(~mask[:, :, -1], float("-inf"))
+            weights = scores.softmax(-1)[0, :, : memory[0].shape[2]]  # (H, S_mem)
+            per_memory = weights.reshape(weights.shape[0], -1, config.mem_tokens_per_head).sum(-1)  # (H, J)
+            shares[index].append(float((per_memory[:, capture.right] / per_memory.sum(-1)).mean()))
+        return capture
+
+    hooks = [hook(i) for i in range(len(layers))]
+    handles = [a.register_forward_hook(h) for a, h in zip(layers, hooks, strict=True)]
+    try:
+        for body, group, j in zip(bodies, groups, right, strict=True):
+            for h in hooks:
+                h.right = j
+            tokens = torch.tensor([prefix + body])
+            slots = torch.arange(tokens.shape[1])[None]
+            model(tokens, rope_positions(slots, p, config.ref_len),
+                  memory=stack_memories([[group]], slots_per_group=config.mem_slots),
+                  token_group=chunk_groups(slots, p, config.chunk_len))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [round(sum(x) / len(x), 4) if x else float("nan") for x in shares]
 
 
 @torch.no_grad()

@@ -75,6 +75,11 @@ def render_table(results_dir: Path) -> str:
             + " / ".join(f"{v:.2f}" for v in quality["tokens_per_head_ablation"]["acc_memory"].values()) + " | |",
             f"| | real-text perplexity: no memory / memory | {ppl['no_memory']:,.0f} / {ppl['memory']:,.0f} | |",
         ]
+        attention = quality.get("attention_on_the_right_memory")
+        if attention:
+            rows.append(f"| | answer's memory attention on the right memory, by memory layer (chance "
+                        f"{attention['chance']:.2f}) | " + " / ".join(f"{v:.2f}" for v in attention["by_memory_layer"])
+                        + " | |")
     if len(rows) == 2:
         rows.append("| (no results yet) | | | |")
     return "\n".join(rows)

@@ -44,6 +44,9 @@ def test_train_quick_then_bench_quality(tmp_path, s3_env):
     assert set(result["first_hit_only"]) >= {"acc_memory", "acc_rag"}
     assert set(result["tokens_per_head_ablation"]["acc_memory"]) == {"4", "8", "16", "32", "all"}
     assert result["perplexity"]["memory"] > 1 and result["perplexity"]["no_memory"] > 1
+    attention = result["attention_on_the_right_memory"]
+    assert attention["n_questions"] > 0 and attention["chance"] == 0.2
+    assert attention["by_memory_layer"] and all(0.0 <= v <= 1.0 for v in attention["by_memory_layer"])
     assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -51,3 +51,25 @@ def test_quality_rows_render_with_and_without_a_zero_denominator(tmp_path):
     table = render_table(tmp_path)
     assert "0.000 / 0.200 / 0.100" in table and "| 2.00 | >= 0.9 |" in table
     assert "n/a (zero denominator)" in table and "4, 8, all | 0.10 / 0.20 / 0.30" in table
+
+
+def test_attention_on_the_right_memory_is_chance_for_equal_memories_and_one_when_alone(tiny_model, prefix):
+    import dataclasses
+
+    import torch
+
+    from memory3.bench.quality import attention_on_the_right_memory
+    from memory3.model.encoder import encode_references
+
+    refs = [torch.randint(3, 250, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(5)]
+    with torch.no_grad():
+        memories = encode_references(tiny_model, refs, prefix)
+    body = [1, *range(3, 30)]
+    same = [memories[0]] * 5
+    layers = len(tiny_model.config.memory_layers)
+    assert attention_on_the_right_memory(tiny_model, prefix, [body], [same], [3]) == pytest.approx([0.2] * layers)
+    # Only memory 2 has valid slots: all memory attention falls on it, none on the others.
+    hidden = [dataclasses.replace(m, positions=torch.full_like(m.positions, -1)) for m in memories]
+    alone = [*hidden[:2], memories[2], *hidden[3:]]
+    assert attention_on_the_right_memory(tiny_model, prefix, [body, body], [alone, alone], [2, 4]) == \
+        pytest.approx([0.5] * layers)  # the mean of 1 (right is 2) and 0 (right is 4)
