@@ -76,6 +76,18 @@ async def collect(engine, request, *, delay_start: float = 0.0):
     return tokens, text, events
 
 
+def collect_alone(engine, request):
+    """Start `engine`, run one request through it to the end, close it."""
+    async def main():
+        await engine.start()
+        try:
+            return await collect(engine, request)
+        finally:
+            await engine.close()
+
+    return run(main())
+
+
 def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos, lead=0):
     kwargs = {"prefix": prefix, "memory_provider": memories_provider, "query_lead": lead} if memories_provider else {}
     out = generate(model, [body], max_new_tokens=max_tokens, stop_tokens=[eos],
@@ -147,15 +159,7 @@ def test_next_chunks_retrieval_overlaps_the_steps_before_the_chunk(tiny_model, t
     retrieval = Recording(memories)
     engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1, retrieval_lead_tokens=lead))
     body = prompts(1, text_codec)[0]
-
-    async def main():
-        await engine.start()
-        try:
-            return await collect(engine, GenerationRequest(body, 70, ignore_eos=True))
-        finally:
-            await engine.close()
-
-    tokens, _, events = run(main())
+    tokens, _, events = collect_alone(engine, GenerationRequest(body, 70, ignore_eos=True))
     # Tokens 0..63 form the first generated chunk; the next chunk's retrieval began while token
     # 63 - lead was being fed, with the 64 tokens known then as its query.
     assert sampled_when_asked == [64 - lead]
@@ -246,17 +250,13 @@ def test_retrieval_outage_policy(tiny_model, text_codec, memories, policy):
 def test_stop_strings_end_the_stream_and_are_not_returned(tiny_model, text_codec, memories):
     body = prompts(1, text_codec)[0]
 
-    async def main(stop):
-        engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories))
-        await engine.start()
-        try:
-            return await collect(engine, GenerationRequest(body, 40, stop=stop))
-        finally:
-            await engine.close()
+    def generate(stop):
+        return collect_alone(GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories)),
+                             GenerationRequest(body, 40, stop=stop))
 
-    _, full, _ = run(main(()))
+    _, full, _ = generate(())
     stop = full[5:7]
-    _, text, events = run(main((stop,)))
+    _, text, events = generate((stop,))
     assert text == full[: full.index(stop)]
     assert events[-1].finish_reason == "stop"
 
@@ -281,16 +281,8 @@ def test_memory_wait_measures_the_pause_that_the_lead_avoids(tiny_model, text_co
 
     before = observed()
 
-    async def main():
-        engine = GenerationEngine(tiny_model, text_codec, retrieval,
-                                  EngineConfig(max_batch=1, retrieval_lead_tokens=lead))
-        await engine.start()
-        try:
-            return await collect(engine, GenerationRequest(body, 70, ignore_eos=True))
-        finally:
-            await engine.close()
-
-    tokens, _, _ = run(main())
+    engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1, retrieval_lead_tokens=lead))
+    tokens, _, _ = collect_alone(engine, GenerationRequest(body, 70, ignore_eos=True))
     swaps, waited = (a - b for a, b in zip(observed(), before, strict=True))
     assert len(tokens) == 70 and swaps == 1
     assert (waited > 0.01) if paused else (waited == 0.0)
