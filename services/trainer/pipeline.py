@@ -134,18 +134,22 @@ def heldout_questions(world: World, n: int | None = None, seed: int = 0) -> list
 def world_retriever(world: World) -> Callable[[list[str]], list[list[str]]]:
     """Retrieval by entity name, for evaluation during training (no embedder in the loop).
 
-    The release's embedding index returns the same document first for >99% of these questions;
-    the quality benchmark uses the real index.
+    The named entity's document comes first (the release's embedding index returns it first for
+    >99% of these questions), then four documents of entities of the same kind, as an embedding
+    index mostly returns for a templated question; the quality benchmark uses the real index.
     """
     by_length = sorted(world.entities, key=lambda e: -len(e.name))
+    by_kind: dict[str, list] = {}
+    for e in world.entities:
+        by_kind.setdefault(e.kind, []).append(e)
     rng = random.Random(world.seed)
 
     def retrieve(queries: list[str]) -> list[list[str]]:
         out = []
         for q in queries:
-            hit = next((e.id for e in by_length if e.name in q), None)
-            others = [e.id for e in rng.sample(world.entities, 4)]
-            out.append(([hit] if hit else []) + others)
+            hit = next((e for e in by_length if e.name in q), None)
+            pool = [e for e in by_kind[hit.kind] if e is not hit] if hit else world.entities
+            out.append(([hit.id] if hit else []) + [e.id for e in rng.sample(pool, 4)])
         return out
 
     return retrieve

@@ -30,3 +30,18 @@ def test_first_token_accuracy_is_the_share_of_greedy_first_answer_tokens(tiny_co
     assert got == 2 / 5  # only the first token counts: "potter Society" scores too
     assert first_token_accuracy(codec, [], []) == 0.0
     assert first_token_accuracy(codec, [""], questions[:1]) == 0.0  # nothing generated scores nothing
+
+
+def test_world_retriever_puts_the_named_entity_first_then_four_of_its_kind():
+    from memory3.services.trainer.pipeline import heldout_questions, world_retriever
+    from memory3.services.trainer.world import World
+
+    world = World(2, n_train=60, n_heldout=30)
+    by_id = {e.id: e for e in world.entities}
+    questions = heldout_questions(world, 40)
+    found = world_retriever(world)([q.prompt for q in questions])
+    for q, ids in zip(questions, found, strict=True):
+        hit = by_id[ids[0]]
+        assert hit.name in q.prompt and len(set(ids)) == 5
+        assert {by_id[i].kind for i in ids[1:]} == {hit.kind}
+    assert len(world_retriever(world)(["Question: what is nothing?"])[0]) == 4  # no name: four others
