@@ -21,6 +21,8 @@ def test_serving_bench_measures_every_arm(tmp_path):
     assert all(len(arms[key]) == 2 and min(arms[key]) > 0
                for key in ("on_tok_s", "off_tok_s", "off_loaded_tok_s", "retrievals_per_s",
                            "control_retrievals_answered_per_s"))
+    # The warm-up round of each arm ran, and is not among the measured rounds.
+    assert min(arms["warm_up"]["on_tok_s"], arms["warm_up"]["off_tok_s"]) > 0
     # Every arm is summarised from the rounds it ran.
     on, off, loaded = arms["on_tok_s"], arms["off_tok_s"], arms["off_loaded_tok_s"]
     assert arms["per_round_ratios"] == pytest.approx([a / b for a, b in zip(on, off, strict=True)], rel=1e-3)
