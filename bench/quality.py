@@ -105,16 +105,16 @@ def run_quality_bench(s3: S3Config, release_name: str, *, cache_dir: Path, n_que
 
     # Diagnostic: where the answer position's memory attention goes among the five.
     by_text = {text: rid for rid, text in texts.items()}
-    names = sorted(world.entities, key=lambda e: -len(e.name))
+    documents = {e.id: e.document for e in world.entities}
     bodies, groups, right = [], [], []
     for q, found in zip(questions, retrieve([q.prompt for q in questions]), strict=True):
-        entity = next((e for e in names if e.name in q.prompt), None)
+        own = by_text.get(documents[q.entity_id])
         body = codec.body(q.prompt)
-        if entity is None or by_text.get(entity.document) not in found or len(body) > model.config.chunk_len:
+        if own not in found or len(body) > model.config.chunk_len:
             continue
         bodies.append(body)
         groups.append(release.fetch_memories(found))
-        right.append(found.index(by_text[entity.document]))
+        right.append(found.index(own))
     attention = attention_on_the_right_memory(model, codec.reference_prefix(model.config), bodies, groups, right)
 
     real_start = pipeline.get("real_documents", 0)

@@ -28,6 +28,7 @@ MODES = ("none", "memory", "rag")
 class Question:
     prompt: str  # ends with "Answer: <cue>" (world.qa_prompt)
     answer: str
+    entity_id: str | None = None  # the world entity the question is about, when it is one
 
 
 # Query texts -> per query, the retrieved reference ids (best first).

@@ -126,7 +126,7 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
 
 def heldout_questions(world: World, n: int | None = None, seed: int = 0) -> list[Question]:
     """Questions whose facts exist only in the knowledge base, in a fixed shuffled order."""
-    questions = [Question(qa_prompt(f), f.answer) for e in world.split("heldout") for f in e.facts]
+    questions = [Question(qa_prompt(f), f.answer, e.id) for e in world.split("heldout") for f in e.facts]
     random.Random(seed).shuffle(questions)
     return questions[:n] if n is not None else questions
 

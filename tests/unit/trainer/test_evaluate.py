@@ -43,5 +43,6 @@ def test_world_retriever_puts_the_named_entity_first_then_four_of_its_kind():
     for q, ids in zip(questions, found, strict=True):
         hit = by_id[ids[0]]
         assert hit.name in q.prompt and len(set(ids)) == 5
+        assert q.entity_id == hit.id  # questions say which entity they ask about
         assert {by_id[i].kind for i in ids[1:]} == {hit.kind}
     assert len(world_retriever(world)(["Question: what is nothing?"])[0]) == 4  # no name: four others
