@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,17 +45,23 @@ def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_ne
 
 
 def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
-              events: bool = False) -> int:
+              bf16: bool = False, stage3_steps: int | None = None, events: bool = False) -> int:
     from memory3.services.release.manifest import check_release_name
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
     from memory3.services.trainer.releases import publish_trained
 
     check_release_name(release)
+    if stage3_steps is not None and stage3_steps < 0:
+        raise ValueError(f"--stage3-steps {stage3_steps}: give a number of steps >= 0")
     store = ObjectStore(s3)
     store.ensure_bucket()  # fail before training, not after, when the store is unreachable
     config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
         PipelineConfig(preset=preset, seed=seed)
+    train = dataclasses.replace(config.train, bf16=bf16)
+    if stage3_steps is not None:
+        train = dataclasses.replace(train, stage3=dataclasses.replace(train.stage3, steps=stage3_steps))
+    config = dataclasses.replace(config, train=train)
     dist = _distributed()
     emit = _json_lines if events and dist.is_main else None
     log = (lambda msg: _json_lines({"message": msg})) if emit else None

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--codec", default="bf16", choices=["fp16", "bf16", "int8", "vq"],
                        help="how memories are compressed in the bank")
+    train.add_argument("--stage3-steps", type=int, default=None,
+                       help="steps of stage 3, where chunks read same-kind neighbours beside their own "
+                            "reference (default: 0, none; see README, Training)")
+    train.add_argument("--bf16", action="store_true",
+                       help="train under bfloat16 autocast on a CPU too (always on with CUDA); pays on CPUs "
+                            "with native bf16 (AVX-512 BF16, AMX)")
     train.add_argument("--events", action="store_true",
                        help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
     add_s3_arguments(train)
@@ -342,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import cmd_train
             work_dir = args.work_dir or DEFAULT_HOME / "runs" / args.release
             return cmd_train(s3_config(args), preset=args.preset, quick=args.quick, release=args.release,
-                             work_dir=work_dir, seed=args.seed, codec=args.codec, events=args.events)
+                             work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
+                             stage3_steps=args.stage3_steps,
+                             events=args.events)
         if args.command == "serve":
             from memory3.services.rpc.logs import configure_logging
             configure_logging(args.log_format)

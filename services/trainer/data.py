@@ -30,8 +30,12 @@ reads is learned within about a thousand steps of 64-token samples, while with t
 chunks' references beside it (other entities, often with the same cues) the same model made no
 progress in as many steps of 256-token samples. The first part of stage 2 therefore trains on
 samples one chunk long that read only their own reference (`stage2(i, single_chunk=True)`, keyed
-apart from the full-length samples); the rest reads the previous 4 chunks' too, as in the paper,
-which teaches telling entities apart.
+apart from the full-length samples); the rest reads the previous 4 chunks' too, as in the paper.
+Stage 3 (train.py) reuses these samples, alternating single-chunk and full-length ones, and fills
+every group up to 5 with references of other samples in the batch, same kind first
+(`train.batch_groups`): serving retrieves 5 references per chunk, mostly of the same kind, and
+the model must learn to tell the right one from its neighbours. Each sample therefore records
+the entity id and kind of its references.
 
 Why stage 2 also holds real text: trained on question blocks alone, the small model forgot the
 language it learned in stage 1 (held-out Debian perplexity 188k, above the vocabulary size), and
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memory3.model.config import Memory3Config
 from memory3.model.tokenizer import TextCodec
@@ -62,6 +66,10 @@ class MemorySample:
     references: list[list[int]]  # distinct reference token lists used by this sample
     groups: list[list[int]]  # per chunk: indices into `references` it reads (at most mems_per_chunk)
     weights: list[float] | None = None  # seq_len loss weights, one per target tokens[1:]; None: all 1
+    # Per reference: the id and kind of the entity it describes, which `batch_groups` uses to pick
+    # distractors of the same kind from other samples of a batch.
+    reference_ids: list[str] = field(default_factory=list)
+    reference_kinds: list[str] = field(default_factory=list)
 
 
 class TrainingData:
@@ -158,6 +166,7 @@ class TrainingData:
                     counts[e.id] = (counts.get(e.id, (0, e))[0] + 1, e)
             retrieved.append(max(counts.values(), key=lambda x: x[0])[1])
         references: list[list[int]] = []
+        reference_entities: list[Entity] = []
         ref_index: dict[str, int] = {}
         groups: list[list[int]] = []
         previous = 0 if single_chunk else PREVIOUS_CHUNKS
@@ -171,8 +180,10 @@ class TrainingData:
                     else:
                         ref_index[e.id] = len(references)
                         references.append(tokens)
+                        reference_entities.append(e)
                 i = ref_index[e.id]
                 if i >= 0 and i not in group:
                     group.append(i)
             groups.append(group[: self.config.mems_per_chunk])
-        return MemorySample(ids, references, groups, weights[1:])
+        return MemorySample(ids, references, groups, weights[1:], [e.id for e in reference_entities],
+                            [e.kind for e in reference_entities])

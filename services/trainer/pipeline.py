@@ -52,7 +52,8 @@ class PipelineConfig:
                    eval_questions=16, train=TrainConfig(
                        seed=seed, seq_len=128, batch_size=4, eval_every=10, checkpoint_every=10,
                        stage1=StageConfig(steps=20, lr=2e-3, warmup_steps=5),
-                       stage2=StageConfig(steps=20, lr=1e-3, warmup_steps=5)))
+                       stage2=StageConfig(steps=10, lr=1e-3, warmup_steps=5),
+                       stage3=StageConfig(steps=10, lr=3e-4, warmup_steps=0, decay_fraction=0.0)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

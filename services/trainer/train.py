@@ -1,6 +1,10 @@
 """Two-stage training: warm-up without memory, then continual training with memory (paper §3.6).
 
-Gradients in stage 2 flow through memory encoding: references are encoded inside the training
+Continual training is split in two: stage 2 as the paper describes it, and stage 3, the same
+with each chunk's group filled up with same-kind neighbours from the batch (`batch_groups`),
+because what retrieval returns beside the right reference is mostly documents of its kind.
+
+Gradients in stages 2 and 3 flow through memory encoding: references are encoded inside the training
 step by the same weights, and the kept keys/values are differentiable, so the model learns both
 to write memories and to read them ("the model learns to write and read explicit memories").
 Only the choice of which tokens are kept (a top-k) has no gradient. Hidden states of references
@@ -12,15 +16,19 @@ used because memory encoding calls the layers directly, outside the wrapper's fo
 
 Resume: checkpoints are written atomically every `checkpoint_every` steps (model and optimizer
 as safetensors, counters as JSON). The data position is the step counter, so a resumed run sees
-exactly the samples an uninterrupted run would have seen.
+exactly the samples an uninterrupted run would have seen, and the distractors are drawn from an
+RNG seeded by the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -32,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from memory3.model.checkpoint import save_checkpoint
 from memory3.model.config import Memory3Config
@@ -63,22 +72,34 @@ class TrainConfig:
     # learning rates of 2e-3 and 3e-3 did worse than 1e-3.
     stage1: StageConfig = StageConfig(steps=100, lr=1e-3)
     stage2: StageConfig = StageConfig(steps=1150, lr=1e-3)
+    # Stage 3 (stage 2 continued, with neighbours; off by default): every group that reads a
+    # memory is filled up to mems_per_chunk with other samples' references in the batch, same kind
+    # first (`batch_groups`), and, with `alternate_single_chunk`, steps alternate between
+    # single-chunk and full-length samples. It starts from the end of stage 2, whose rate has
+    # decayed, with a fresh AdamW (beta2 0.999) at a constant rate, as the one continuation of
+    # `small` that learned to tell the right memory from its neighbours did. There it came
+    # abruptly after about 1000 such steps; in four other runs (another sample order or another
+    # starting point) it had not come after 1200, so it is not in the 15-minute budget (README,
+    # Training).
+    stage3: StageConfig = StageConfig(steps=0, lr=3e-4, warmup_steps=0, decay_fraction=0.0)
     # Stage-2 data (see data.py): the share of questions about fresh entities, which only memory
     # can answer, and the loss weight of answer tokens relative to the question template.
     fresh_fraction: float = 1.0
     answer_weight: float = 5.0
-    # The share of stage-2 samples that are real text reading no memory, which keeps the language
-    # of stage 1 (see data.py).
+    # The share of stage-2 and stage-3 samples that are real text reading no memory, which keeps
+    # the language of stage 1 (see data.py).
     stage2_real_fraction: float = 0.2
     # The first part of stage 2 trains on single-chunk samples that read only their own reference
     # (see data.py), seq_len / chunk_len times as many per step, so a step holds as many tokens.
     own_reference_fraction: float = 0.8
+    distractors: bool = True
+    alternate_single_chunk: bool = True
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 350
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
-    bf16: bool = False  # autocast to bfloat16 (on by default on CUDA)
+    bf16: bool = False  # autocast to bfloat16 (always on with CUDA)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.own_reference_fraction <= 1.0:
@@ -88,7 +109,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.stage1.steps + self.stage2.steps
+        return self.stage1.steps + self.stage2.steps + self.stage3.steps
 
     @property
     def own_reference_steps(self) -> int:
@@ -134,15 +155,18 @@ class Trainer:
         self.model, self.data, self.config, self.out_dir = model, data, config, out_dir
         self.prefix, self.dist, self.evaluate, self.progress = prefix, dist, evaluate, progress
         self.on_event = on_event if dist.is_main else None
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.stage1.lr, betas=(0.9, 0.95), eps=1e-8,
-        )
+        self.optimizer = self._new_optimizer(betas=(0.9, 0.95))
         self.state = TrainState()
         self.device = model.output.weight.device
         self.autocast = config.bf16 or self.device.type == "cuda"
+
+    def _new_optimizer(self, *, betas: tuple[float, float]) -> torch.optim.AdamW:
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.config.stage1.lr, betas=betas, eps=1e-8,
+        )
 
     # ---- checkpoints --------------------------------------------------------------------------
     @property
@@ -192,16 +216,20 @@ class Trainer:
         while self.state.step < config.total_steps:
             step = self.state.step
             stage_no, stage, in_stage = self.stage_of(step)
+            single_chunk, distract = self.sample_kind(stage_no, in_stage)
+            if stage_no == 3 and in_stage == 0:
+                self.optimizer = self._new_optimizer(betas=(0.9, 0.999))
             lr = lr_at(stage, in_stage)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            single_chunk = stage_no == 2 and in_stage < config.own_reference_steps
             n = config.batch_size * (config.seq_len // self.data.config.chunk_len if single_chunk else 1)
             indices = [(step * self.dist.world_size + self.dist.rank) * n + i for i in range(n)]
             if stage_no == 1:
                 loss = self.stage1_loss(indices)
             else:
-                loss = self.stage2_loss(indices, single_chunk=single_chunk)
+                # Seeded by (seed, step, rank): a resumed run draws the distractors it would have.
+                rng = random.Random(f"{config.seed}-distractors-{step}-{self.dist.rank}") if distract else None
+                loss = self.stage2_loss(indices, single_chunk=single_chunk, distractor_rng=rng)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.all_reduce_gradients()
@@ -224,9 +252,21 @@ class Trainer:
         return self.state
 
     def stage_of(self, step: int):
-        if step < self.config.stage1.steps:
-            return 1, self.config.stage1, step
-        return 2, self.config.stage2, step - self.config.stage1.steps
+        config = self.config
+        if step < config.stage1.steps:
+            return 1, config.stage1, step
+        if step < config.stage1.steps + config.stage2.steps:
+            return 2, config.stage2, step - config.stage1.steps
+        return 3, config.stage3, step - config.stage1.steps - config.stage2.steps
+
+    def sample_kind(self, stage_no: int, in_stage: int) -> tuple[bool, bool]:
+        """(single-chunk samples, in-batch distractors) for a step of the given stage."""
+        config = self.config
+        if stage_no == 1:
+            return False, False
+        if stage_no == 2:
+            return in_stage < config.own_reference_steps, False
+        return config.alternate_single_chunk and in_stage % 2 == 0, config.distractors
 
     def run_eval(self) -> None:
         self.model.eval()
@@ -242,8 +282,14 @@ class Trainer:
             self.on_event({**entry, "total_steps": self.config.total_steps})
 
     # ---- losses -----------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+        """bf16 autocast when enabled; on a CPU then also the math attention kernel: at these
+        lengths (69 to 421 keys) PyTorch's CPU flash kernel with a mask made a bf16 step 5-10% slower."""
+        math = self.autocast and self.device.type == "cpu"
+        kernel = sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), kernel:
+            yield
 
     def stage1_loss(self, indices: list[int]) -> Tensor:
         batch = torch.tensor([self.data.stage1(i) for i in indices], device=self.device)  # (B, T+1)
@@ -253,9 +299,11 @@ class Trainer:
             logits = self.model(x, positions)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    def stage2_loss(self, indices: list[int], *, single_chunk: bool = False) -> Tensor:
+    def stage2_loss(self, indices: list[int], *, single_chunk: bool = False,
+                    distractor_rng: random.Random | None = None) -> Tensor:
         samples = [self.data.stage2(i, single_chunk=single_chunk) for i in indices]
-        return memory_loss(self.model, samples, self.prefix, autocast=self._autocast())
+        groups = batch_groups(samples, self.model.config.mems_per_chunk, distractor_rng)
+        return memory_loss(self.model, samples, self.prefix, autocast=self._autocast(), groups=groups)
 
     # ---- distributed ------------------------------------------------------------------------
     def all_reduce_gradients(self) -> None:
@@ -288,19 +336,59 @@ class Trainer:
             torch_dist.barrier()
 
 
-def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[int], *, autocast=None) -> Tensor:
-    """Next-token loss on the body tokens with each chunk reading its own group of memories.
+def batch_groups(samples: list[MemorySample], mems_per_chunk: int,
+                 distractor_rng: random.Random | None = None) -> list[list[list[int]]]:
+    """Per sample and chunk: the memories it reads, as indices into the batch's references.
 
-    The mean over targets is weighted by the samples' `weights` when they carry them.
+    The batch's references are the samples' `references` concatenated in order. Without an RNG a
+    chunk reads its own group. With one, every group that reads a memory is filled up to
+    `mems_per_chunk` with references of *other* samples of the batch, those describing an entity
+    of the group's first reference's kind first: serving retrieves 5 references for a question,
+    mostly documents of the same kind, and a model trained only on its own references never has
+    to tell the right one from its neighbours (its attention stayed at chance among them). The
+    distractors cost no encoding: they are encoded for their own samples anyway. They describe
+    other entities, so the overlap filter, which data.py applies to a sample's own references,
+    has nothing to exclude.
+    """
+    bases = list(itertools.accumulate((len(s.references) for s in samples), initial=0))
+    own = [[[bases[b] + i for i in group] for group in s.groups] for b, s in enumerate(samples)]
+    if distractor_rng is None:
+        return own
+    for s in samples:
+        if len(s.reference_ids) != len(s.references) or len(s.reference_kinds) != len(s.references):
+            raise ValueError("distractors need every sample's reference_ids and reference_kinds")
+    owner = [b for b, s in enumerate(samples) for _ in s.references]
+    ids = [i for s in samples for i in s.reference_ids]
+    kinds = [k for s in samples for k in s.reference_kinds]
+    for b, rows in enumerate(own):
+        for row in rows:
+            if not row or len(row) >= mems_per_chunk:
+                continue
+            taken = {ids[j] for j in row}
+            pool = [j for j in range(len(ids)) if owner[j] != b]
+            distractor_rng.shuffle(pool)
+            pool.sort(key=lambda j: kinds[j] != kinds[row[0]])  # stable: same kind first, shuffled within
+            for j in pool:
+                if len(row) == mems_per_chunk:
+                    break
+                if ids[j] not in taken:
+                    taken.add(ids[j])
+                    row.append(j)
+    return own
+
+
+def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[int], *, autocast=None,
+                groups: list[list[list[int]]] | None = None) -> Tensor:
+    """Next-token loss on the body tokens with each chunk reading a group of memories.
+
+    `groups` (from `batch_groups`) index the batch's concatenated references; by default each
+    chunk reads its own group. The mean over targets is weighted by the samples' `weights` when
+    they carry them.
     """
     device = model.output.weight.device
     config = model.config
-    refs: list[list[int]] = []
-    index_rows = []
-    for sample in samples:
-        base = len(refs)
-        refs.extend(sample.references)
-        index_rows.append([[base + i for i in group] for group in sample.groups])
+    refs = [r for s in samples for r in s.references]
+    index_rows = groups if groups is not None else batch_groups(samples, config.mems_per_chunk)
     n_groups = max(len(r) for r in index_rows)
     index = torch.full((len(samples), n_groups, config.mems_per_chunk), -1, dtype=torch.long)
     for b, row in enumerate(index_rows):
@@ -311,7 +399,7 @@ def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[in
     p = len(prefix)
     tokens = torch.cat([torch.tensor(prefix, device=device)[None].expand(len(samples), -1), x], dim=1)
     slots = torch.arange(tokens.shape[1], device=device)[None].expand(len(samples), -1)
-    with autocast if autocast is not None else _null():
+    with autocast if autocast is not None else contextlib.nullcontext():
         if refs:
             keys, values, positions = encode_batch(model, refs, prefix)
             memory = gather_memories(keys, values, positions, index.to(device))
@@ -326,14 +414,6 @@ def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[in
                            dtype=logits.dtype, device=device).reshape(-1)
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
     return (losses * weights).sum() / weights.sum()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

@@ -58,3 +58,6 @@ def test_train_without_a_store_fails_before_training(tmp_path):
     proc = memory3("train", "--quick", "--release", "x", "--work-dir", str(tmp_path), env=env, check=False)
     assert proc.returncode == 2 and "cannot reach the object store" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+    proc = memory3("train", "--quick", "--release", "x", "--stage3-steps", "-1", "--work-dir", str(tmp_path), env=env,
+                   check=False)
+    assert proc.returncode == 2 and "--stage3-steps -1: give a number of steps >= 0" in proc.stderr
