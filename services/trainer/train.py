@@ -78,7 +78,7 @@ class TrainConfig:
     # single-chunk and full-length samples. It starts from the end of stage 2, whose rate has
     # decayed, with a fresh AdamW (beta2 0.999) at a constant rate, as the one continuation of
     # `small` that learned to tell the right memory from its neighbours did. There it came
-    # abruptly after about 1000 such steps; in four other runs (another sample order or another
+    # abruptly after about 1000 such steps; in five other runs (another sample order or another
     # starting point) it had not come after 1200, so it is not in the 15-minute budget (README,
     # Training).
     stage3: StageConfig = StageConfig(steps=0, lr=3e-4, warmup_steps=0, decay_fraction=0.0)
