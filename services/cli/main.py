@@ -349,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir = args.work_dir or DEFAULT_HOME / "runs" / args.release
             return cmd_train(s3_config(args), preset=args.preset, quick=args.quick, release=args.release,
                              work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
-                             stage3_steps=args.stage3_steps,
-                             events=args.events)
+                             stage3_steps=args.stage3_steps, events=args.events)
         if args.command == "serve":
             from memory3.services.rpc.logs import configure_logging
             configure_logging(args.log_format)
