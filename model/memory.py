@@ -94,6 +94,26 @@ class MemoryKV:
         same = token_group[:, :, None] == self.slot_group[None, None, :]  # (B, T, S_mem)
         return (same & self.valid[:, None, :])[:, None]
 
+    def one_group(self, sequences: Tensor, groups: Tensor) -> MemoryKV:
+        """The memories of group groups[i] of sequence sequences[i]: one group per sequence.
+
+        A prefill stacks all of a prompt's groups; the last one stays resident for decoding,
+        and is taken from here rather than gathered from the stored memories a second time.
+
+        Args:
+            sequences, groups: (B',) int.
+        """
+        per_group = int((self.slot_group == 0).sum())
+        cols = groups[:, None] * per_group + torch.arange(per_group, device=groups.device)  # (B', M)
+        n_layers, _, n_kv, _, head_dim = self.k.shape
+        index = cols[None, :, None, :, None].expand(n_layers, -1, n_kv, -1, head_dim)  # (L, B', H, M, D)
+        return MemoryKV(
+            k=self.k[:, sequences].gather(3, index),
+            v=self.v[:, sequences].gather(3, index),
+            valid=self.valid[sequences].gather(1, cols),
+            slot_group=torch.zeros(per_group, dtype=self.slot_group.dtype, device=self.slot_group.device),
+        )
+
 
 def stack_memories(
     groups: Sequence[Sequence[Sequence[ExplicitMemory]]],

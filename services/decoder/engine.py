@@ -183,6 +183,10 @@ class Scheduler:
         self.dtype = model.output.weight.dtype
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.rows: list[_Stream | None] = [None] * config.max_batch
+        # Rows whose first context slots hold the reference prefix's K/V, left by an earlier stream
+        # with memory: the prefix depends on the weights only, so a stream with memory that joins
+        # such a row does not write it again. A stream without memory writes its body there.
+        self.row_has_prefix = [False] * config.max_batch
         self.ready: list[_Stream] = []
         self.wake = threading.Event()
         self.stopping = False
@@ -302,7 +306,12 @@ class Scheduler:
         positions = _positions(slots, p, self.mc.ref_len)
         rows = torch.tensor([s.row for s in streams], device=self.device)
         if p:
-            self.model.write_prefix(torch.tensor(self.prefix, device=self.device), rows)
+            missing = [s.row for s in streams if not self.row_has_prefix[s.row]]
+            if missing:
+                self.model.write_prefix(torch.tensor(self.prefix, device=self.device),
+                                        torch.tensor(missing, device=self.device))
+        for s in streams:
+            self.row_has_prefix[s.row] = bool(p)
         memory = token_group = None
         if any(any(s.groups) for s in streams):
             memory = stack_memories([s.groups for s in streams], slots_per_group=self.mc.mem_slots,
@@ -315,7 +324,9 @@ class Scheduler:
         # The first generated chunk keeps the last prompt chunk's memories.
         keep = [i for i, s in enumerate(streams) if s.groups and s.groups[-1]]
         if keep:
-            self._set_resident(rows[keep], [streams[i].groups[-1] for i in keep])
+            final = torch.tensor([len(streams[i].groups) - 1 for i in keep], device=self.device)
+            self.model.set_resident_memory(memory.one_group(torch.tensor(keep, device=self.device), final),
+                                           rows=rows[keep])
         for s, length in zip(streams, lengths.tolist(), strict=True):
             s.next_slot = p + length
             metrics.PROMPT_TOKENS.inc(len(s.request.prompt_ids))
@@ -406,18 +417,14 @@ class Scheduler:
         memories, note = stream.arrived
         stream.arrived = None
         row = torch.tensor([stream.row], device=self.device)
-        self.model.clear_resident_memory(row)
-        if memories:
-            self._set_resident(row, [memories])
+        if memories:  # they fill every memory slot of the row, padding included
+            self.model.set_resident_memory(stack_memories([[memories]], slots_per_group=self.mc.mem_slots,
+                                                          device=self.device, dtype=self.dtype), rows=row)
+        else:
+            self.model.clear_resident_memory(row)
         self._emit(stream, note)
         metrics.MEMORY_WAIT.observe(time.monotonic() - stream.paused_since if stream.paused else 0.0)
         stream.paused = False
-
-    def _set_resident(self, rows: Tensor, memories: list[list[ExplicitMemory]]) -> None:
-        """Make memories[i] the memories that cache row rows[i] reads while decoding."""
-        self.model.set_resident_memory(
-            stack_memories([[m] for m in memories], slots_per_group=self.mc.mem_slots, device=self.device,
-                           dtype=self.dtype), rows=rows)
 
     def _finish(self, stream: _Stream, reason: str) -> None:
         self._release(stream)  # before the consumer hears of it: its slot is free by then

@@ -296,6 +296,23 @@ def test_gather_memories_equals_stack_memories(tiny_config, memory_bank):
             torch.testing.assert_close(a, s)
 
 
+def test_one_group_equals_stacking_that_group_alone(tiny_config, memory_bank):
+    """What a prefill leaves resident (one group per sequence, cut from all its groups) equals
+    stacking that group's memories on their own."""
+    groups = [[memory_bank[0:3], memory_bank[3:5]], [memory_bank[5:6]], [memory_bank[6:8], [], memory_bank[8:10]]]
+    stacked = stack_memories(groups, slots_per_group=tiny_config.mem_slots)
+    picked = stacked.one_group(torch.tensor([2, 0, 1]), torch.tensor([2, 1, 0]))
+    alone = stack_memories([[groups[2][2]], [groups[0][1]], [groups[1][0]]], slots_per_group=tiny_config.mem_slots)
+    assert picked.n_slots == tiny_config.mem_slots
+    assert torch.equal(picked.valid, alone.valid)
+    assert picked.valid.any(dim=1).all()
+    for b in range(3):  # slots of missing memories hold arbitrary K/V, masked out
+        seen = picked.valid[b]
+        torch.testing.assert_close(picked.k[:, b, :, seen], alone.k[:, b, :, seen])
+        torch.testing.assert_close(picked.v[:, b, :, seen], alone.v[:, b, :, seen])
+    assert torch.equal(picked.slot_group, alone.slot_group)
+
+
 def test_memory_layers_need_not_start_at_zero(tiny_config, prefix):
     import dataclasses
 

@@ -135,6 +135,36 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
     assert metrics.NUM_REQUESTS_RUNNING._value.get() == 0
 
 
+def test_a_row_reused_by_streams_with_and_without_memory_keeps_them_exact(tiny_model, text_codec, prefix, memories,
+                                                                          monkeypatch):
+    """One cache row serves streams in turn: the prefix K/V a stream with memory leaves behind is
+    reused by the next such stream (written once), and overwritten by a stream without memory."""
+    retrieval = FakeRetrieval(memories)
+    bodies = prompts(4, text_codec)
+    uses = [True, True, False, True]
+    writes = []
+    original = type(tiny_model).write_prefix
+    monkeypatch.setattr(type(tiny_model), "write_prefix",
+                        lambda self, prefix, rows=None: (writes.append(rows), original(self, prefix, rows)))
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1, max_waiting=0))
+        await engine.start()
+        try:
+            return [await collect(engine, GenerationRequest(body, 70, use_memory=use))
+                    for body, use in zip(bodies, uses, strict=True)]
+        finally:
+            await engine.close()
+
+    results = run(main())
+    assert [rows.tolist() for rows in writes] == [[0], [0]]  # the first stream, and the one after no memory
+    for body, use, (tokens, _, _) in zip(bodies, uses, results, strict=True):
+        with torch.inference_mode():
+            expected = reference_tokens(tiny_model, body, retrieval.provider if use else None, prefix, 70,
+                                        text_codec.eos_id, 8)
+        assert tokens == expected
+
+
 @pytest.mark.parametrize("lead", [0, 8])
 def test_next_chunks_retrieval_overlaps_the_steps_before_the_chunk(tiny_model, text_codec, prefix, memories,
                                                                    monkeypatch, lead):
