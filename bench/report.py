@@ -54,6 +54,12 @@ def render_table(results_dir: Path) -> str:
                 f"{serving['retrieval_on_over_off_loaded']:.3f} | |",
                 f"| | off with that load / off (sharing the machine) | {serving['off_loaded_over_off']:.3f} | |",
             ]
+        if "decoder_on_over_off" in serving:
+            rows += [
+                f"| | at the decoder: tokens generated per s, on / off | {serving['decoder_on_over_off']:.3f} | |",
+                f"| | at the decoder: CPU per token, on / off | "
+                f"{serving['decoder_cpu_per_token_on_over_off']:.3f} | |",
+            ]
         if "engine_on_over_off" in serving:
             rows.append(f"| | engine alone, retrieval latency simulated: on / off | "
                         f"{serving['engine_on_over_off']:.3f} | |")

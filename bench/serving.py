@@ -9,7 +9,8 @@ then measures through gRPC:
   - time to first token and inter-token latency at several concurrencies;
   - throughput with retrieval on vs off through the same services: a closed loop of clients (a
     quarter more than the decoder's batch rows) that send requests back to back for a few seconds
-    (streams start and finish at different times, as in production), in interleaved rounds whose
+    (streams start and finish at different times, as in production: the clients start one by one
+    over an unmeasured ramp, so that they never move in step), in interleaved rounds whose
     paired ratios are summarised by their median, after one unmeasured warm-up round of each arm
     (reported apart); the decoder runs with its defaults (its cache of decoded memories, whose hit
     rate is reported, and its retrieval lead);
@@ -18,7 +19,8 @@ then measures through gRPC:
     service's embedder competes with the decoder for the hardware even on other cores (shared
     caches, memory bandwidth, or hyperthreads of a virtual machine); on/off-with-that-load is what
     the decoder's own pipeline costs (pauses, fetches, memory attention), and off-with-load/off is
-    what sharing the machine costs;
+    what sharing the machine costs; the decoder's own counters (tokens it generated per second, CPU
+    seconds it spent per token) are read over the on and off runs too;
   - the engine alone (bench/serving_engine.py): the same on/off comparison in-process on the
     decoder's cores, retrieval answering after the latencies measured above, nothing else running.
 """
@@ -78,7 +80,8 @@ def _percentiles(xs: list[float]) -> dict:
 
 def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 32), prompt_tokens: int = 128,
                       new_tokens: int = 128, rounds: int = 9, samples: int = 30, documents: int = 400,
-                      seed: int = 0, pin: bool = True, round_s: float = 10.0, log=print) -> dict:
+                      seed: int = 0, pin: bool = True, round_s: float = 10.0, ramp_s: float = 4.0,
+                      log=print) -> dict:
     from memory3.services.release.synthetic import publish_random_release
     from memory3.services.storage.object_store import ObjectStore
 
@@ -100,7 +103,7 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
                 os.sched_setaffinity(0, affinity["text"])
             result = asyncio.run(_measure(state, docs, concurrency=concurrency, prompt_tokens=prompt_tokens,
                                           new_tokens=new_tokens, rounds=rounds, samples=samples, seed=seed, log=log,
-                                          round_s=round_s))
+                                          round_s=round_s, ramp_s=ramp_s))
         finally:
             os.sched_setaffinity(0, own_cores)
             stop_processes(state.processes)
@@ -108,13 +111,14 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
     rows = max(concurrency)
     result["engine_alone"] = run_engine_alone(
         preset=preset, rows=rows, clients=_closed_loop_clients(rows), prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, rounds=rounds, round_s=round_s, retrieve_s=result["retrieval"]["p50_ms"] / 1e3,
+        new_tokens=new_tokens, rounds=rounds, round_s=round_s, ramp_s=ramp_s,
+        retrieve_s=result["retrieval"]["p50_ms"] / 1e3,
         fetch_s=result["fetch5"]["redis_hit"]["p50_ms"] / 1e3, cores=affinity.get("decoder"), seed=seed)
     result["summary"]["engine_on_over_off"] = result["engine_on_over_off"] = \
         result["engine_alone"]["engine_on_over_off"]
     result["protocol"] = {"preset": preset, "concurrency": list(concurrency), "prompt_tokens": prompt_tokens,
                           "new_tokens": new_tokens, "rounds": rounds, "samples": samples, "documents": documents,
-                          "seconds_per_round": round_s, "weights": "random init",
+                          "seconds_per_round": round_s, "ramp_seconds": ramp_s, "weights": "random init",
                           "processes": "S3, Redis, text, memory, decoder on one machine",
                           "memory_tiers": "memory service without its RAM tier; the decoder with its own "
                                           "cache of decoded memories at the default size (hit rate in on_off)",
@@ -126,7 +130,7 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
 
 
 async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_tokens, rounds, samples, seed,
-                   log, round_s: float) -> dict:
+                   log, round_s: float, ramp_s: float) -> dict:
     import grpc
     import redis
 
@@ -179,21 +183,23 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
         # One unmeasured round of each arm first: the first closed loop at full batch meets cold
         # caches (the decoder's decoded memories, Redis) and a cold allocator, which steady serving
         # does not; its figures are reported apart.
-        warm_up = {"on_tok_s": round((await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s,
-                                                          memory_on=True))[0], 2),
-                   "off_tok_s": round((await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s,
-                                                           memory_on=False))[0], 2)}
+        def closed_loop(memory_on: bool, **kwargs):
+            return _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, ramp_s=ramp_s, memory_on=memory_on,
+                                **kwargs)
+
+        warm_up = {"on_tok_s": round((await closed_loop(True))[0], 2),
+                   "off_tok_s": round((await closed_loop(False))[0], 2)}
         on, off, loaded, rates, served_rates = [], [], [], [], []
+        decoder_on, decoder_off = DecoderCounters(state), DecoderCounters(state)
         for r in range(rounds):
             # The retrieval-on run goes first: it measures the retrieval rate that the control arm replays.
-            tok_s, rate = await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, memory_on=True)
+            tok_s, rate = await closed_loop(True, decoder=decoder_on)
             on.append(tok_s)
             rates.append(rate)
             for arm in (("off", "loaded") if r % 2 == 0 else ("loaded", "off")):
                 served: list[int] = []
                 side = _retrieval_load(text, memory, load_queries, rate, served) if arm == "loaded" else None
-                tok_s, _ = await _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, memory_on=False,
-                                              side_load=side)
+                tok_s, _ = await closed_loop(False, side_load=side, decoder=decoder_off if arm == "off" else None)
                 (off if arm == "off" else loaded).append(tok_s)
                 if arm == "loaded":
                     served_rates.append(len(served) / round_s)
@@ -205,12 +211,16 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
         ratios = [a / b for a, b in zip(on, off, strict=True)]
         loaded_ratios = [a / b for a, b in zip(on, loaded, strict=True)]
         sharing = [a / b for a, b in zip(loaded, off, strict=True)]
+        decoder_ratios = [a / b for a, b in zip(decoder_on.tok_s, decoder_off.tok_s, strict=True)]
+        cpu_ratios = [a / b for a, b in zip(decoder_on.cpu_ms_per_token, decoder_off.cpu_ms_per_token, strict=True)]
         summary = {
             "retrieval_on_over_off": round(statistics.median(ratios), 4),
             "retrieval_on_tok_s": round(statistics.median(on), 2),
             "retrieval_off_tok_s": round(statistics.median(off), 2),
             "retrieval_on_over_off_loaded": round(statistics.median(loaded_ratios), 4),
             "off_loaded_over_off": round(statistics.median(sharing), 4),
+            "decoder_on_over_off": round(statistics.median(decoder_ratios), 4),
+            "decoder_cpu_per_token_on_over_off": round(statistics.median(cpu_ratios), 4),
             "fetch5_redis_hit_p50_ms": _percentiles(hit)["p50_ms"],
             "fetch5_s3_miss_p50_ms": _percentiles(miss)["p50_ms"],
             "retrieval_p50_ms": _percentiles(retrieval)["p50_ms"],
@@ -227,51 +237,102 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                            "decoder_memory_cache_hit_rate": decoder_hit_rate,
                            "control_retrievals_answered_per_s": [round(x, 1) for x in served_rates],
                            "per_round_ratios": [round(x, 4) for x in ratios],
-                           "per_round_ratios_loaded": [round(x, 4) for x in loaded_ratios]}}
+                           "per_round_ratios_loaded": [round(x, 4) for x in loaded_ratios],
+                           "decoder_tok_s": {"on": [round(x, 2) for x in decoder_on.tok_s],
+                                             "off": [round(x, 2) for x in decoder_off.tok_s]},
+                           "decoder_cpu_ms_per_token": {"on": [round(x, 4) for x in decoder_on.cpu_ms_per_token],
+                                                        "off": [round(x, 4) for x in decoder_off.cpu_ms_per_token]},
+                           "per_round_ratios_decoder": [round(x, 4) for x in decoder_ratios],
+                           "per_round_ratios_decoder_cpu_per_token": [round(x, 4) for x in cpu_ratios]}}
     finally:
         for channel in (text_channel, memory_channel, decoder_channel):
             await channel.close()
 
 
 async def _closed_loop(channel, prompts: list[str], clients: int, new_tokens: int, seconds: float, *,
-                       memory_on: bool, side_load=None) -> tuple[float, float]:
-    """(tokens/s, retrievals/s) received by `clients` that each send requests back to back for
-    `seconds`; `side_load`, a coroutine, runs alongside until they stop."""
+                       memory_on: bool, ramp_s: float = 0.0, side_load=None,
+                       decoder: DecoderCounters | None = None) -> tuple[float, float]:
+    """(tokens/s, retrievals/s) received by `clients` that each send requests back to back.
+
+    Clients that all start at once stay in step: their streams are prefilled together, finish
+    together, and the next ones arrive together (and, with retrieval on, are all retrieved for at
+    once), a cohort every request's length, which steady traffic does not have. So the clients
+    start one by one over `ramp_s`, unmeasured, and the `seconds` after it are measured. `side_load`,
+    a coroutine, runs alongside until they stop; `decoder`, when given, records what the decoder
+    process generated and spent over the measured interval."""
     from memory3.v1 import generation_service_pb2 as pb
     from memory3.v1 import generation_service_pb2_grpc as pb_grpc
 
     stub = pb_grpc.GenerationServiceStub(channel)
     mode = pb.RETRIEVAL_MODE_MEMORY if memory_on else pb.RETRIEVAL_MODE_NONE
     received = retrievals = 0
-    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    measured_from, deadline = start + ramp_s, start + ramp_s + seconds
 
     async def client(i: int) -> None:
         nonlocal received, retrievals
         k = i
+        await asyncio.sleep(ramp_s * i / clients)
         while time.perf_counter() < deadline:
             request = pb.GenerateRequest(prompt=prompts[k % len(prompts)],
                                          params=pb.GenerationParams(max_tokens=new_tokens, retrieval=mode,
                                                                     ignore_eos=True))
             call = stub.Generate(request, timeout=600)
             async for response in call:
-                if time.perf_counter() >= deadline:
+                now = time.perf_counter()
+                if now >= deadline:
                     call.cancel()
                     break
-                received += len(response.token_ids)
-                retrievals += len(response.citations)  # one per chunk retrieved for
+                if now >= measured_from:
+                    received += len(response.token_ids)
+                    retrievals += len(response.citations)  # one per chunk retrieved for
             k += clients
 
+    async def count_decoder() -> None:
+        await asyncio.sleep(max(0.0, measured_from - time.perf_counter()))
+        decoder.start()
+
     side = asyncio.ensure_future(side_load) if side_load is not None else None
-    start = time.perf_counter()
+    counting = asyncio.ensure_future(count_decoder()) if decoder is not None else None
     try:
         await asyncio.gather(*(client(i) for i in range(clients)))
     finally:
         if side is not None:
             side.cancel()
             await asyncio.gather(side, return_exceptions=True)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - measured_from
+    if counting is not None:
+        await counting
+        decoder.stop(elapsed)
     await asyncio.sleep(SETTLE_S)  # the cancelled streams leave the decoder before the next run starts
     return received / elapsed, retrievals / elapsed
+
+
+class DecoderCounters:
+    """Per closed-loop run, the decoder process's own figures from its /metrics: tokens it
+    generated per second, and CPU seconds it spent per 1000 of them (all its threads).
+
+    Clients and the retrieval services share the other cores, so the tokens clients receive per
+    second also move with how fast the clients read; these two say what the decoder did, and the
+    CPU cost per token moves far less with a shared machine's drift than a rate does."""
+
+    def __init__(self, state: StackState) -> None:
+        self.state = state
+        self.tok_s: list[float] = []
+        self.cpu_ms_per_token: list[float] = []
+        self._at = (0.0, 0.0)
+
+    def _read(self) -> tuple[float, float]:
+        return (self.state.metric("decoder", "memory3_generation_tokens_total"),
+                self.state.metric("decoder", "process_cpu_seconds_total"))
+
+    def start(self) -> None:
+        self._at = self._read()
+
+    def stop(self, elapsed: float) -> None:
+        tokens, cpu = (b - a for a, b in zip(self._at, self._read(), strict=True))
+        self.tok_s.append(tokens / elapsed)
+        self.cpu_ms_per_token.append(1000 * cpu / tokens if tokens else float("nan"))
 
 
 async def _retrieval_load(text, memory, queries: list[list[int]], per_second: float, served: list[int]) -> None:

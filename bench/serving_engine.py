@@ -44,21 +44,23 @@ class SimulatedRetrieval:
 
 
 def run_engine_alone(*, preset: str, rows: int, clients: int, prompt_tokens: int, new_tokens: int, rounds: int,
-                     round_s: float, retrieve_s: float, fetch_s: float, cores: set[int] | None, seed: int = 0) -> dict:
+                     round_s: float, retrieve_s: float, fetch_s: float, cores: set[int] | None, seed: int = 0,
+                     ramp_s: float = 0.0) -> dict:
     before = os.sched_getaffinity(0), torch.get_num_threads()
     if cores:
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(len(cores))
     try:
         return _run(preset=preset, rows=rows, clients=clients, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                    rounds=rounds, round_s=round_s, retrieve_s=retrieve_s, fetch_s=fetch_s, cores=cores, seed=seed)
+                    rounds=rounds, round_s=round_s, retrieve_s=retrieve_s, fetch_s=fetch_s, cores=cores, seed=seed,
+                    ramp_s=ramp_s)
     finally:
         os.sched_setaffinity(0, before[0])
         torch.set_num_threads(before[1])
 
 
 def _run(*, preset, rows, clients, prompt_tokens, new_tokens, rounds, round_s, retrieve_s, fetch_s, cores,
-         seed) -> dict:
+         seed, ramp_s) -> dict:
     config = Memory3Config.from_name(preset)
     model = random_model(config, seed=seed)
     codec = TextCodec(byte_level_tokenizer())
@@ -76,25 +78,29 @@ def _run(*, preset, rows, clients, prompt_tokens, new_tokens, rounds, round_s, r
                                            max_seq_len=prompt_tokens + new_tokens + 64))
 
     async def closed_loop(memory_on: bool, seconds: float) -> float:
+        """As the services' closed loop (bench/serving.py): clients start one by one over ramp_s."""
         received = 0
-        deadline = time.perf_counter() + seconds
+        start = time.perf_counter()
+        measured_from, deadline = start + ramp_s, start + ramp_s + seconds
 
         async def client(i: int) -> None:
             nonlocal received
             k = i
+            await asyncio.sleep(ramp_s * i / clients)
             while time.perf_counter() < deadline:
                 events = engine.generate(GenerationRequest(prompts[k % len(prompts)], new_tokens,
                                                            use_memory=memory_on, ignore_eos=True))
                 async for event in events:
-                    received += len(event.token_ids)
-                    if time.perf_counter() >= deadline:
+                    now = time.perf_counter()
+                    if now >= deadline:
                         break
+                    if now >= measured_from:
+                        received += len(event.token_ids)
                 await events.aclose()  # frees the slot at once
                 k += clients
 
-        start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
-        tok_s = received / (time.perf_counter() - start)
+        tok_s = received / (time.perf_counter() - measured_from)
         while engine.accepted:  # the cancelled streams leave before the next run starts
             await asyncio.sleep(0.01)
         return tok_s

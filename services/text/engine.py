@@ -9,6 +9,11 @@ Retrieval follows the paper's inference recipe: embed the queries in one batch, 
 every reference whose LCS overlap with its query exceeds 2/3 (a reference that merely restates
 the query adds nothing). Embedding, searching and the overlap filter are CPU-bound, so they run in
 worker threads, at most `max_concurrency` batches at a time, with a bounded queue in front.
+
+Requests that wait for a worker are merged: when one frees, it takes every waiting request (up to
+MAX_QUERIES queries) as one batch, as TEI and Triton batch dynamically. An idle service answers a
+lone request at once; a busy one embeds many queries per call, which costs far less per query
+than one call each (the embedder's matrix products are too small to fill the CPU at batch 1).
 """
 
 from __future__ import annotations
@@ -84,6 +89,14 @@ class TextResources:
     embedder_name: str  # the embedder the index was built with
 
 
+@dataclass
+class _Request:
+    queries: list[Query]
+    k: int
+    include_text: bool
+    result: asyncio.Future
+
+
 class TextEngine:
     def __init__(self, load: Callable[[], TextResources], embedder_factory: Callable[[], EmbedderLike], *,
                  max_overlap: float = INFERENCE_MAX_OVERLAP, max_concurrency: int = 1,
@@ -96,8 +109,9 @@ class TextEngine:
         self._load, self._embedder_factory = load, embedder_factory
         self.max_overlap = max_overlap
         self.max_waiting = max_waiting
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self._waiting = 0
+        self.max_concurrency = max_concurrency
+        self._running = 0  # batches in worker threads
+        self._queue: list[_Request] = []  # requests waiting for a worker
         self._resources: TextResources | None = None
         self._embedder: EmbedderLike | None = None
         self._reference_tokens = functools.lru_cache(maxsize=REFERENCE_TOKEN_CACHE)(self._encode_reference)
@@ -164,28 +178,68 @@ class TextEngine:
         """Per query, up to top_k references best first (0: the release's memories per chunk)."""
         resources = self._ready()
         k = self._check_retrieval(queries, top_k)
-        if self._slots.locked() and self._waiting >= self.max_waiting:
-            raise ResourceExhausted(f"{self._waiting} retrieval batches are already waiting; retry later "
+        if self.busy and len(self._queue) >= self.max_waiting:
+            raise ResourceExhausted(f"{len(self._queue)} retrieval requests are already waiting; retry later "
                                     "or add text-service replicas")
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
-        start = time.perf_counter()
-        work = asyncio.ensure_future(asyncio.to_thread(self._retrieve_batch, resources, queries, k, include_text))
-        # The slot is freed when the thread finishes, not when the caller gives up: a cancelled RPC
-        # cannot let more than max_concurrency batches run at once.
-        work.add_done_callback(self._release_slot)
-        out = await asyncio.shield(work)
-        RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
+        request = _Request(list(queries), k, include_text, asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self._dispatch(resources)
+        # A caller that gives up cancels its result only: a worker already running its batch runs to
+        # the end, so no more than max_concurrency batches ever run at once.
+        out = await request.result
         RETRIEVAL_QUERIES.inc(len(queries))
         return out
 
-    def _release_slot(self, work: asyncio.Future) -> None:
-        self._slots.release()
-        if not work.cancelled():
-            work.exception()  # marks it retrieved: an abandoned batch's error is not logged as unhandled
+    @property
+    def busy(self) -> bool:
+        """Every worker is running a batch: a new request waits."""
+        return self._running >= self.max_concurrency
+
+    def _dispatch(self, resources: TextResources) -> None:
+        """Start a batch of the waiting requests on each free worker."""
+        while self._queue and not self.busy:
+            batch, n = [], 0
+            while self._queue and (not batch or n + len(self._queue[0].queries) <= MAX_QUERIES):
+                request = self._queue.pop(0)
+                if not request.result.done():  # else its caller gave up while it waited
+                    batch.append(request)
+                    n += len(request.queries)
+            if not batch:
+                return
+            self._running += 1
+            work = asyncio.ensure_future(asyncio.to_thread(self._retrieve_requests, resources, batch))
+            work.add_done_callback(functools.partial(self._batch_done, resources, batch, time.perf_counter()))
+
+    def _batch_done(self, resources: TextResources, batch: list[_Request], start: float,
+                    work: asyncio.Future) -> None:
+        self._running -= 1
+        outcomes = work.result()  # _retrieve_requests never raises: each request has its outcome
+        for request, outcome in zip(batch, outcomes, strict=True):
+            RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
+            if request.result.done():
+                continue
+            if isinstance(outcome, BaseException):
+                request.result.set_exception(outcome)
+            else:
+                request.result.set_result(outcome)
+        self._dispatch(resources)
+
+    def _retrieve_requests(self, resources: TextResources,
+                           batch: list[_Request]) -> list[list[list[Retrieved]] | BaseException]:
+        """Blocking: one embedding call for the whole batch. If it fails, each request is tried
+        alone, so that one request's failure is its own."""
+        try:
+            return self._retrieve_merged(resources, batch)
+        except Exception as e:  # noqa: BLE001 - handed to the callers
+            if len(batch) == 1:
+                return [e]
+        outcomes: list[list[list[Retrieved]] | BaseException] = []
+        for request in batch:
+            try:
+                outcomes += self._retrieve_merged(resources, [request])
+            except Exception as e:  # noqa: BLE001 - handed to its caller
+                outcomes.append(e)
+        return outcomes
 
     def _check_retrieval(self, queries: Sequence[Query], top_k: int) -> int:
         if not queries:
@@ -220,16 +274,21 @@ class TextEngine:
             raise InvalidInput(f"{what}[{j}] = {int(array[j])} is not a token id of release {resources.release!r} "
                                f"(vocabulary 0..{vocab - 1})")
 
-    def _retrieve_batch(self, resources: TextResources, queries: Sequence[Query], k: int,
-                        include_text: bool) -> list[list[Retrieved]]:
-        """Blocking: runs in a worker thread."""
+    def _retrieve_merged(self, resources: TextResources, batch: list[_Request]) -> list[list[list[Retrieved]]]:
+        """Blocking: embed every request's queries in one call, then search each request's own."""
         codec = resources.codec
+        queries = [q for request in batch for q in request.queries]
         texts = [q.text if q.text is not None else codec.decode(q.token_ids) for q in queries]
         tokens = [list(q.token_ids) if q.token_ids else codec.encode(q.text) for q in queries]
         vectors = self._embedder.embed(texts)
-        found = self._search_filtered(resources.index, vectors, tokens, k)
-        return [[Retrieved(rid, score, resources.texts[rid] if include_text else "") for rid, score in hits]
-                for hits in found]
+        out, start = [], 0
+        for request in batch:
+            end = start + len(request.queries)
+            found = self._search_filtered(resources.index, vectors[start:end], tokens[start:end], request.k)
+            out.append([[Retrieved(rid, score, resources.texts[rid] if request.include_text else "")
+                         for rid, score in hits] for hits in found])
+            start = end
+        return out
 
     def _search_filtered(self, index: VectorIndex, vectors: np.ndarray, tokens: list[list[int]],
                          k: int) -> list[list[tuple[str, float]]]:

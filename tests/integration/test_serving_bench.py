@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 def test_serving_bench_measures_every_arm(tmp_path):
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     result = run_serving_bench(preset="tiny", concurrency=(1, 2), prompt_tokens=70, new_tokens=66, rounds=2,
-                               samples=3, documents=40, round_s=1.5, log=lambda *_: None)
+                               samples=3, documents=40, round_s=1.5, ramp_s=0.5, log=lambda *_: None)
     assert result["fetch5"]["redis_hit"]["n"] == 3 and result["retrieval"]["n"] == 3
     assert set(result["latency_by_concurrency"]) == {"1", "2"}
     assert result["latency_by_concurrency"]["2"]["ttft"]["n"] == 2
@@ -28,6 +28,13 @@ def test_serving_bench_measures_every_arm(tmp_path):
     assert arms["per_round_ratios"] == pytest.approx([a / b for a, b in zip(on, off, strict=True)], rel=1e-3)
     assert arms["per_round_ratios_loaded"] == pytest.approx([a / b for a, b in zip(on, loaded, strict=True)],
                                                             rel=1e-3)
+    # The decoder's own counters cover the on and off rounds: tokens it generated, CPU it spent.
+    for arm in ("on", "off"):
+        assert len(arms["decoder_tok_s"][arm]) == 2 and min(arms["decoder_tok_s"][arm]) > 0
+        assert len(arms["decoder_cpu_ms_per_token"][arm]) == 2 and min(arms["decoder_cpu_ms_per_token"][arm]) > 0
+    decoder = arms["decoder_tok_s"]
+    assert result["decoder_on_over_off"] == pytest.approx(
+        sum(a / b for a, b in zip(decoder["on"], decoder["off"], strict=True)) / 2, rel=1e-3)
     ratios = sorted(arms["per_round_ratios"])
     assert result["retrieval_on_over_off"] == pytest.approx(sum(ratios) / 2, rel=1e-3)  # median of two
     alone = result["engine_alone"]

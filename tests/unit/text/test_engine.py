@@ -206,10 +206,10 @@ def test_cancelled_call_keeps_its_slot_until_the_work_ends():
         await asyncio.sleep(0.05)
         first.cancel()
         await asyncio.sleep(0.05)
-        assert eng._slots.locked()  # the thread still runs: nothing else may start
+        assert eng.busy  # the thread still runs: nothing else may start
         gate.set()
         await asyncio.sleep(0.2)
-        assert not eng._slots.locked()
+        assert not eng.busy
         assert len((await eng.retrieve([Query(text="orchestra")]))[0]) == 5
 
     asyncio.run(go())
@@ -227,3 +227,68 @@ def test_bad_options_are_refused():
         engine(max_overlap=1.5)
     with pytest.raises(ValueError, match="max_concurrency"):
         engine(max_concurrency=0)
+
+
+class FailingOn(TrigramEmbedder):
+    """Fails any call that embeds `word`."""
+
+    def __init__(self, word: str, gate=None) -> None:
+        super().__init__(gate)
+        self.word = word
+
+    def embed(self, texts):
+        if any(self.word in t for t in texts):
+            self.calls += 1
+            raise RuntimeError(f"cannot embed {self.word!r}")
+        return super().embed(texts)
+
+
+def test_requests_that_wait_are_embedded_together_and_answered_as_alone():
+    gate = threading.Event()
+    asks = [([Query(text="pump"), Query(text="river")], 2, False), ([Query(text="orchestra")], 1, True),
+            ([Query(text="astronomy")], 0, False)]
+
+    async def go():
+        eng = TextEngine(resources, lambda: TrigramEmbedder(), max_concurrency=1)
+        await eng.start()
+        eng._embedder.gate = gate
+        first = asyncio.create_task(eng.retrieve([Query(text="glassblower")]))
+        await asyncio.sleep(0.05)  # the worker is busy with the first request; the others wait
+        waiting = [asyncio.create_task(eng.retrieve(q, k, text)) for q, k, text in asks]
+        await asyncio.sleep(0.05)
+        calls = eng._embedder.calls
+        gate.set()
+        await first
+        merged = await asyncio.gather(*waiting)
+        return eng._embedder.calls - calls, merged
+
+    extra_calls, merged = asyncio.run(go())
+    assert extra_calls == 1  # three waiting requests, one embedding call
+    for (queries, k, text), got in zip(asks, merged, strict=True):
+        assert got == retrieve(engine(), queries, k, text)
+    assert merged[1][0][0].text and not merged[0][0][0].text
+
+
+def test_a_failing_request_in_a_merged_batch_fails_alone():
+    gate = threading.Event()
+
+    async def go():
+        eng = TextEngine(resources, lambda: FailingOn("boom"), max_concurrency=1)
+        await eng.start()
+        eng._embedder.gate = gate
+        first = asyncio.create_task(eng.retrieve([Query(text="pump")]))
+        await asyncio.sleep(0.05)
+        good = asyncio.create_task(eng.retrieve([Query(text="orchestra")], 1))
+        bad = asyncio.create_task(eng.retrieve([Query(text="boom")], 1))
+        gone = asyncio.create_task(eng.retrieve([Query(text="river")], 1))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # its caller gave up while it waited: it is not run
+        gate.set()
+        await first
+        with pytest.raises(RuntimeError, match="cannot embed 'boom'"):
+            await bad
+        return (await good)[0], eng
+
+    found, eng = asyncio.run(go())
+    assert [r.id for r in found] == ["ref03"]
+    assert not eng.busy and not eng._queue
