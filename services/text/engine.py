@@ -213,7 +213,10 @@ class TextEngine:
     def _batch_done(self, resources: TextResources, batch: list[_Request], start: float,
                     work: asyncio.Future) -> None:
         self._running -= 1
-        outcomes = work.result()  # _retrieve_requests never raises: each request has its outcome
+        # _retrieve_requests never raises (each request has its outcome); the thread's future is
+        # cancelled only when the event loop shuts down.
+        outcomes = ([Unavailable("the text service is shutting down")] * len(batch) if work.cancelled()
+                    else work.result())
         for request, outcome in zip(batch, outcomes, strict=True):
             RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
             if request.result.done():
