@@ -37,6 +37,8 @@ class TrainingJobSpec:
     quick: bool = False
     seed: int = 0
     codec: str = "bf16"
+    bf16: bool = False
+    stage3_steps: int | None = None  # None: the preset's default
 
     def validate(self) -> None:
         try:
@@ -47,6 +49,8 @@ class TrainingJobSpec:
             raise InvalidInput(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.codec not in CODECS:
             raise InvalidInput(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
+        if self.stage3_steps is not None and self.stage3_steps < 0:
+            raise InvalidInput(f"stage3_steps is {self.stage3_steps}; give a number of steps >= 0")
 
 
 @dataclass
@@ -150,6 +154,10 @@ class TrainingJobManager:
                "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec, "--events",
                "--work-dir", str(self.work_root / spec.release), "--s3-endpoint", self.s3.endpoint,
                "--s3-bucket", self.s3.bucket]
+        if spec.bf16:
+            cmd.append("--bf16")
+        if spec.stage3_steps is not None:
+            cmd += ["--stage3-steps", str(spec.stage3_steps)]
         return [*cmd, "--quick"] if spec.quick else cmd
 
     async def _run(self, job: Job) -> None:

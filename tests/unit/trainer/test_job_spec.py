@@ -1,0 +1,36 @@
+"""A TrainerService job spec becomes the same `memory3 train` command line a user would type."""
+
+import pytest
+
+from memory3.services.cli.main import build_parser
+from memory3.services.rpc.errors import InvalidInput
+from memory3.services.storage.object_store import S3Config
+from memory3.services.trainer.engine import TrainingJobManager, TrainingJobSpec
+from memory3.services.trainer.servicer import spec_from_proto
+from memory3.v1 import trainer_service_pb2 as pb
+
+
+def train_args(spec: TrainingJobSpec, tmp_path):
+    manager = TrainingJobManager(S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s"), tmp_path, python="python")
+    cmd = manager._command(spec)
+    assert cmd[:3] == ["python", "-m", "memory3.services.cli.main"]
+    return build_parser().parse_args(cmd[3:])
+
+
+def test_bf16_and_stage3_steps_reach_the_command(tmp_path):
+    spec = spec_from_proto(pb.TrainingSpec(release="r1", preset="tiny", bf16=True, stage3_steps=0))
+    assert (spec.bf16, spec.stage3_steps) == (True, 0)  # 0 is given, not the default
+    args = train_args(spec, tmp_path)
+    assert args.bf16 and args.stage3_steps == 0 and args.preset == "tiny" and args.release == "r1"
+
+
+def test_unset_fields_keep_the_presets_defaults(tmp_path):
+    spec = spec_from_proto(pb.TrainingSpec(release="r2", quick=True))
+    assert (spec.preset, spec.codec, spec.bf16, spec.stage3_steps) == ("small", "bf16", False, None)
+    args = train_args(spec, tmp_path)
+    assert not args.bf16 and args.stage3_steps is None and args.quick
+
+
+def test_negative_stage3_steps_are_refused():
+    with pytest.raises(InvalidInput, match="stage3_steps is -1"):
+        TrainingJobSpec(release="r3", stage3_steps=-1).validate()
