@@ -11,7 +11,8 @@ from memory3.v1 import trainer_service_pb2 as pb
 
 
 def train_args(spec: TrainingJobSpec, tmp_path):
-    manager = TrainingJobManager(S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s"), tmp_path, python="python")
+    s3 = S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s")
+    manager = TrainingJobManager(s3, tmp_path, python="python")
     cmd = manager._command(spec)
     assert cmd[:3] == ["python", "-m", "memory3.services.cli.main"]
     return build_parser().parse_args(cmd[3:])
