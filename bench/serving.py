@@ -313,8 +313,8 @@ class DecoderCounters:
     generated per second, and CPU seconds it spent per 1000 of them (all its threads).
 
     Clients and the retrieval services share the other cores, so the tokens clients receive per
-    second also move with how fast the clients read; these two say what the decoder did, and the
-    CPU cost per token moves far less with a shared machine's drift than a rate does."""
+    second also move with how fast the clients read; these two say what the decoder itself did,
+    and the CPU per token is what retrieval costs the decoder's own core."""
 
     def __init__(self, state: StackState) -> None:
         self.state = state
