@@ -217,8 +217,9 @@ class TextEngine:
         # cancelled only when the event loop shuts down.
         outcomes = ([Unavailable("the text service is shutting down")] * len(batch) if work.cancelled()
                     else work.result())
+        elapsed = time.perf_counter() - start
         for request, outcome in zip(batch, outcomes, strict=True):
-            RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
+            RETRIEVAL_LATENCY.observe(elapsed)
             if request.result.done():
                 continue
             if isinstance(outcome, BaseException):
