@@ -141,6 +141,12 @@ class _Failed:
 
 
 @dataclass(frozen=True)
+class _Retrieve:  # to the engine, not the consumer: retrieve for the stream's next chunk
+    query: list[int]
+    chunk_number: int
+
+
+@dataclass(frozen=True)
 class _Note:
     citation: Citation | None = None
     warning: str | None = None
@@ -191,7 +197,9 @@ class Scheduler:
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="memory3-scheduler", daemon=True)
-        self.on_swap = None  # set by the engine: callback(stream, query) scheduling a retrieval
+        # Set by the engine: callback(stream, query, chunk_number) starting a retrieval; it is called
+        # in the stream's event loop, with the step's other messages.
+        self.on_swap = None
         self.outbox: list[tuple[_Stream, object]] = []  # messages to consumers, sent once per step
 
     # ---- called from other threads ----
@@ -228,17 +236,27 @@ class Scheduler:
     def _send_outbox(self) -> None:
         """Hand a step's messages to their consumers' event loops, one wake-up per loop.
 
-        A step emits a token for every stream in the batch; one thread-safe call per message would
-        wake the event loop (a syscall, and a turn of the loop) once per stream per step.
+        A step emits a token for every stream in the batch, and asks for a retrieval now and then;
+        one thread-safe call per message would wake the event loop (a syscall, and a turn of the
+        loop, while the GIL passes back and forth with this thread) once per stream per step.
         """
         if not self.outbox:
             return
         batch, self.outbox = self.outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]] = {}
         for stream, message in batch:
-            by_loop.setdefault(stream.loop, []).append((stream.out, message))
+            by_loop.setdefault(stream.loop, []).append((stream, message))
         for loop, messages in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, messages)
+            loop.call_soon_threadsafe(self._deliver, messages)
+
+    def _deliver(self, messages: list[tuple[_Stream, object]]) -> None:
+        """In the consumers' event loop: queue each message for its stream, start the retrievals asked for."""
+        for stream, message in messages:
+            if isinstance(message, _Retrieve):
+                if not stream.done:  # a stream that ended since needs no memories
+                    self.on_swap(stream, message.query, message.chunk_number)
+            else:
+                stream.out.put_nowait(message)
 
     def _step(self) -> None:
         self._drain_inbox()
@@ -403,7 +421,7 @@ class Scheduler:
             # The next chunk starts lead + 1 tokens on, and its query is known now: retrieve while
             # they are fed. (A stream that cannot reach the next chunk retrieves nothing.)
             query = query_window(stream.request.prompt_ids, stream.tokens, chunk, 0)
-            self.on_swap(stream, query, (i + 1 + lead) // chunk)
+            self._emit(stream, _Retrieve(query, (i + 1 + lead) // chunk))
 
     def _memories_arrived(self, stream: _Stream, payload: tuple[list[ExplicitMemory], _Note]) -> None:
         if stream.done or stream.row < 0:
@@ -455,11 +473,6 @@ class Scheduler:
 
     def running(self) -> int:
         return sum(1 for s in self.rows if s is not None and not s.done)
-
-
-def _deliver(messages: list[tuple[asyncio.Queue, object]]) -> None:
-    for out, message in messages:
-        out.put_nowait(message)
 
 
 def _positions(slots: Tensor, prefix_len: Tensor | int, ref_len: int) -> Tensor:
@@ -644,12 +657,10 @@ class GenerationEngine:
         return groups, citations, None
 
     def _schedule_swap(self, stream: _Stream, query: list[int], chunk_number: int) -> None:
-        """Called by the scheduler thread: retrieve for a stream's last chunk, off the batch."""
-        def start() -> None:
-            task = asyncio.ensure_future(self._swap(stream, query, chunk_number))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        self.loop.call_soon_threadsafe(start)
+        """Asked by the scheduler, in this loop: retrieve for a stream's last chunk, off the batch."""
+        task = asyncio.ensure_future(self._swap(stream, query, chunk_number))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _swap(self, stream: _Stream, query: list[int], chunk_number: int) -> None:
         request = stream.request
