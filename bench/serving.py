@@ -8,15 +8,16 @@ then measures through gRPC:
   - retrieval of one 64-token chunk;
   - time to first token and inter-token latency at several concurrencies;
   - throughput with retrieval on vs off through the same services: a closed loop of clients (a
-    quarter more than the decoder's batch rows) that send requests back to back for a few seconds
-    (streams start and finish at different times, as in production: the clients start one by one
-    over an unmeasured ramp, so that they never move in step), in interleaved rounds whose
-    paired ratios are summarised by their median, after one unmeasured warm-up round of each arm
-    (reported apart); the decoder runs with its defaults (its cache of decoded memories, whose hit
-    rate is reported, and its retrieval lead);
+    quarter more than the decoder's batch rows) that send requests back to back (streams start and
+    finish at different times, as in production: the clients start one by one over an unmeasured
+    ramp, so that they never move in step, and run throughout), switched between the arms in short
+    adjacent phases (`ClosedLoop`), in interleaved rounds whose paired ratios are summarised by their
+    median and its bootstrap interval, after one unmeasured warm-up phase of each arm (reported
+    apart); the decoder runs with its defaults (its cache of decoded memories, whose hit rate is
+    reported, and its retrieval lead);
   - a control arm: retrieval off while the bench itself makes as many retrievals per second (each
-    followed by the fetch of its memories) as the decoder made in the round's retrieval-on run. On one machine the text
-    service's embedder competes with the decoder for the hardware even on other cores (shared
+    followed by the fetch of its memories) as the decoder made in the round's retrieval-on phase.
+    On one machine the text service's embedder competes with the decoder for the hardware even on other cores (shared
     caches, memory bandwidth, or hyperthreads of a virtual machine); on/off-with-that-load is what
     the decoder's own pipeline costs (pauses, fetches, memory attention), and off-with-load/off is
     what sharing the machine costs; the decoder's own counters (tokens it generated per second, CPU
@@ -79,8 +80,8 @@ def _percentiles(xs: list[float]) -> dict:
 
 
 def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 32), prompt_tokens: int = 128,
-                      new_tokens: int = 128, rounds: int = 9, samples: int = 30, documents: int = 400,
-                      seed: int = 0, pin: bool = True, round_s: float = 10.0, ramp_s: float = 4.0,
+                      new_tokens: int = 128, rounds: int = 15, samples: int = 30, documents: int = 400,
+                      seed: int = 0, pin: bool = True, round_s: float = 6.0, ramp_s: float = 4.0,
                       log=print) -> dict:
     from memory3.services.release.synthetic import publish_random_release
     from memory3.services.storage.object_store import ObjectStore
@@ -118,12 +119,12 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
         result["engine_alone"]["engine_on_over_off"]
     result["protocol"] = {"preset": preset, "concurrency": list(concurrency), "prompt_tokens": prompt_tokens,
                           "new_tokens": new_tokens, "rounds": rounds, "samples": samples, "documents": documents,
-                          "seconds_per_round": round_s, "ramp_seconds": ramp_s, "weights": "random init",
+                          "seconds_per_phase": round_s, "ramp_seconds": ramp_s, "weights": "random init",
                           "processes": "S3, Redis, text, memory, decoder on one machine",
                           "memory_tiers": "memory service without its RAM tier; the decoder with its own "
                                           "cache of decoded memories at the default size (hit rate in on_off)",
                           "retrieval_lead_tokens": "the decoder's default",
-                          "ratio_statistic": "median of per-round paired ratios",
+                          "ratio_statistic": "median of per-round paired ratios; 90% bootstrap interval",
                           "cpu_placement": {k: sorted(v) for k, v in affinity.items()} or "shared"}
     result["machine"] = machine_info()
     return result
@@ -176,33 +177,38 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
             log(f"concurrency {c}: TTFT p50 {latency[str(c)]['ttft']['p50_ms']} ms, ITL p50 "
                 f"{latency[str(c)]['itl']['p50_ms']} ms, {tokens / wall:.0f} tok/s")
 
-        # ---- retrieval on vs off: closed-loop load, interleaved rounds ----
+        # ---- retrieval on vs off: closed-loop load, interleaved phases ----
         c = _closed_loop_clients(max(concurrency))
         load_queries = [(await text.tokenize(" ".join(rng.choice(docs)[1] for _ in range(3))))[:64]
                         for _ in range(64)]
-        # One unmeasured round of each arm first: the first closed loop at full batch meets cold
-        # caches (the decoder's decoded memories, Redis) and a cold allocator, which steady serving
-        # does not; its figures are reported apart.
-        def closed_loop(memory_on: bool, **kwargs):
-            return _closed_loop(decoder_channel, prompts, c, new_tokens, round_s, ramp_s=ramp_s, memory_on=memory_on,
-                                **kwargs)
-
-        warm_up = {"on_tok_s": round((await closed_loop(True))[0], 2),
-                   "off_tok_s": round((await closed_loop(False))[0], 2)}
         on, off, loaded, rates, served_rates = [], [], [], [], []
         decoder_on, decoder_off = DecoderCounters(state), DecoderCounters(state)
-        for r in range(rounds):
-            # The retrieval-on run goes first: it measures the retrieval rate that the control arm replays.
-            tok_s, rate = await closed_loop(True, decoder=decoder_on)
-            on.append(tok_s)
-            rates.append(rate)
-            for arm in (("off", "loaded") if r % 2 == 0 else ("loaded", "off")):
-                served: list[int] = []
-                side = _retrieval_load(text, memory, load_queries, rate, served) if arm == "loaded" else None
-                tok_s, _ = await closed_loop(False, side_load=side, decoder=decoder_off if arm == "off" else None)
-                (off if arm == "off" else loaded).append(tok_s)
-                if arm == "loaded":
-                    served_rates.append(len(served) / round_s)
+        clients = ClosedLoop(decoder_channel, prompts, c, new_tokens)
+        await clients.start(ramp_s)
+        try:
+            # One unmeasured phase of each arm first: the first minutes at full batch meet cold caches
+            # (the decoder's decoded memories, Redis) and a cold allocator, which steady serving does
+            # not; their figures are reported apart.
+            warm_up = {"on_tok_s": round((await clients.phase(True, round_s))[0], 2),
+                       "off_tok_s": round((await clients.phase(False, round_s))[0], 2)}
+            for r in range(rounds):
+                # The retrieval-on phase goes first: it measures the retrieval rate the control arm replays.
+                tok_s, rate = await clients.phase(True, round_s, decoder=decoder_on)
+                on.append(tok_s)
+                rates.append(rate)
+                for arm in (("off", "loaded") if r % 2 == 0 else ("loaded", "off")):
+                    served: list[int] = []
+                    side = _retrieval_load(text, memory, load_queries, rate, served) if arm == "loaded" else None
+                    tok_s, answered = await clients.phase(False, round_s, side_load=side,
+                                                         decoder=decoder_off if arm == "off" else None,
+                                                         served=served)
+                    (off if arm == "off" else loaded).append(tok_s)
+                    if arm == "loaded":
+                        served_rates.append(answered)
+                log(f"round {r + 1}/{rounds}: tok/s with retrieval on {on[-1]:.0f}, off {off[-1]:.0f}, "
+                    f"off with its load {loaded[-1]:.0f}")
+        finally:
+            await clients.stop()
         # What the decoder's own tier of decoded memories answered over the whole run (see protocol).
         tier = '{tier="decoder"}'
         fetched = state.metric("decoder", "memory3_memory_fetches_total", tier)
@@ -215,6 +221,7 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
         cpu_ratios = [a / b for a, b in zip(decoder_on.cpu_ms_per_token, decoder_off.cpu_ms_per_token, strict=True)]
         summary = {
             "retrieval_on_over_off": round(statistics.median(ratios), 4),
+            "retrieval_on_over_off_ci90": median_interval(ratios),
             "retrieval_on_tok_s": round(statistics.median(on), 2),
             "retrieval_off_tok_s": round(statistics.median(off), 2),
             "retrieval_on_over_off_loaded": round(statistics.median(loaded_ratios), 4),
@@ -229,7 +236,7 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
         return {"benchmark": "serving", "summary": summary, **summary,
                 "fetch5": {"redis_hit": _percentiles(hit), "s3_miss": _percentiles(miss)},
                 "retrieval": _percentiles(retrieval), "latency_by_concurrency": latency,
-                "on_off": {"clients": c, "seconds_per_round": round_s, "warm_up": warm_up,
+                "on_off": {"clients": c, "seconds_per_phase": round_s, "warm_up": warm_up,
                            "on_tok_s": [round(x, 2) for x in on],
                            "off_tok_s": [round(x, 2) for x in off],
                            "off_loaded_tok_s": [round(x, 2) for x in loaded],
@@ -249,63 +256,117 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
             await channel.close()
 
 
-async def _closed_loop(channel, prompts: list[str], clients: int, new_tokens: int, seconds: float, *,
-                       memory_on: bool, ramp_s: float = 0.0, side_load=None,
-                       decoder: DecoderCounters | None = None) -> tuple[float, float]:
-    """(tokens/s, retrievals/s) received by `clients` that each send requests back to back.
+class ClosedLoop:
+    """Clients that each send requests back to back, through the whole on / off comparison.
 
     Clients that all start at once stay in step: their streams are prefilled together, finish
     together, and the next ones arrive together (and, with retrieval on, are all retrieved for at
     once), a cohort every request's length, which steady traffic does not have. So the clients
-    start one by one over `ramp_s`, unmeasured, and the `seconds` after it are measured. `side_load`,
-    a coroutine, runs alongside until they stop; `decoder`, when given, records what the decoder
-    process generated and spent over the measured interval."""
-    from memory3.v1 import generation_service_pb2 as pb
-    from memory3.v1 import generation_service_pb2_grpc as pb_grpc
+    start once, one by one over a ramp, and keep running; a phase only changes the kind of request
+    each client sends next. Each client finishes the request it has, so the switch stays staggered,
+    and the phase is measured from the moment no request of the other kind is left in flight.
+    Phases are short and adjacent: a shared machine's speed drifts within a minute by a tenth or
+    more, and the closer the paired phases, the less of that drift their ratio carries.
+    """
 
-    stub = pb_grpc.GenerationServiceStub(channel)
-    mode = pb.RETRIEVAL_MODE_MEMORY if memory_on else pb.RETRIEVAL_MODE_NONE
-    received = retrievals = 0
-    start = time.perf_counter()
-    measured_from, deadline = start + ramp_s, start + ramp_s + seconds
+    def __init__(self, channel, prompts: list[str], clients: int, new_tokens: int) -> None:
+        from memory3.v1 import generation_service_pb2 as pb
+        from memory3.v1 import generation_service_pb2_grpc as pb_grpc
 
-    async def client(i: int) -> None:
-        nonlocal received, retrievals
+        self.pb, self.stub = pb, pb_grpc.GenerationServiceStub(channel)
+        self.prompts, self.clients, self.new_tokens = prompts, clients, new_tokens
+        self.memory_on = True
+        self.in_flight = {True: 0, False: 0}  # requests sent and not finished, by kind
+        self.window: list[int] | None = None  # [tokens, citations] received while a phase is measured
+        self._stopping = False
+        self._calls: set = set()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self, ramp_s: float) -> None:
+        self._tasks = [asyncio.ensure_future(self._client(i, ramp_s)) for i in range(self.clients)]
+        await asyncio.sleep(ramp_s)
+
+    async def _client(self, i: int, ramp_s: float) -> None:
+        import grpc
+
+        pb = self.pb
+        await asyncio.sleep(ramp_s * i / self.clients)
         k = i
-        await asyncio.sleep(ramp_s * i / clients)
-        while time.perf_counter() < deadline:
-            request = pb.GenerateRequest(prompt=prompts[k % len(prompts)],
-                                         params=pb.GenerationParams(max_tokens=new_tokens, retrieval=mode,
+        while not self._stopping:
+            memory_on = self.memory_on
+            mode = pb.RETRIEVAL_MODE_MEMORY if memory_on else pb.RETRIEVAL_MODE_NONE
+            request = pb.GenerateRequest(prompt=self.prompts[k % len(self.prompts)],
+                                         params=pb.GenerationParams(max_tokens=self.new_tokens, retrieval=mode,
                                                                     ignore_eos=True))
-            call = stub.Generate(request, timeout=600)
-            async for response in call:
-                now = time.perf_counter()
-                if now >= deadline:
-                    call.cancel()
-                    break
-                if now >= measured_from:
-                    received += len(response.token_ids)
-                    retrievals += len(response.citations)  # one per chunk retrieved for
-            k += clients
+            self.in_flight[memory_on] += 1
+            call = self.stub.Generate(request, timeout=600)
+            self._calls.add(call)
+            try:
+                async for response in call:
+                    if self.window is not None:
+                        self.window[0] += len(response.token_ids)
+                        self.window[1] += len(response.citations)  # one per chunk retrieved for
+            except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                if not self._stopping:
+                    raise
+            finally:
+                self._calls.discard(call)
+                self.in_flight[memory_on] -= 1
+            k += self.clients
 
-    async def count_decoder() -> None:
-        await asyncio.sleep(max(0.0, measured_from - time.perf_counter()))
-        decoder.start()
+    async def phase(self, memory_on: bool, seconds: float, *, side_load=None, decoder: DecoderCounters | None = None,
+                    served: list[int] | None = None) -> tuple[float, float]:
+        """Switch the clients to one kind of request, then measure `seconds` of it.
 
-    side = asyncio.ensure_future(side_load) if side_load is not None else None
-    counting = asyncio.ensure_future(count_decoder()) if decoder is not None else None
-    try:
-        await asyncio.gather(*(client(i) for i in range(clients)))
-    finally:
-        if side is not None:
-            side.cancel()
-            await asyncio.gather(side, return_exceptions=True)
-    elapsed = time.perf_counter() - measured_from
-    if counting is not None:
-        await counting
-        decoder.stop(elapsed)
-    await asyncio.sleep(SETTLE_S)  # the cancelled streams leave the decoder before the next run starts
-    return received / elapsed, retrievals / elapsed
+        Returns (tokens/s, retrievals/s) received; with `served` (the list `side_load` appends to),
+        the second figure is the side load's chunks done per measured second instead. `side_load`,
+        a coroutine, runs from the switch to the end of the phase; `decoder`, when given, records
+        what the decoder process generated and spent over the measured interval."""
+        self.memory_on = memory_on
+        side = asyncio.ensure_future(side_load) if side_load is not None else None
+        try:
+            await asyncio.sleep(SETTLE_S)  # a side load reaches its rate, the batch turns over
+            while self.in_flight[not memory_on]:
+                self._raise_failures()
+                await asyncio.sleep(0.05)
+            done_before = len(served) if served is not None else 0
+            self.window = [0, 0]
+            if decoder is not None:
+                decoder.start()
+            start = time.perf_counter()
+            await asyncio.sleep(seconds)
+            elapsed = time.perf_counter() - start
+            (tokens, citations), self.window = self.window, None
+            if decoder is not None:
+                decoder.stop(elapsed)
+            if served is not None:
+                citations = len(served) - done_before
+        finally:
+            if side is not None:
+                side.cancel()
+                await asyncio.gather(side, return_exceptions=True)
+        self._raise_failures()
+        return tokens / elapsed, citations / elapsed
+
+    def _raise_failures(self) -> None:
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for call in list(self._calls):
+            call.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.sleep(SETTLE_S)  # the cancelled streams leave the decoder before anything else runs
+
+
+def median_interval(xs: list[float], level: float = 0.9, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """A percentile-bootstrap interval of the median of `xs`: how far the run's noise leaves it uncertain."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    low = int((1 - level) / 2 * resamples)
+    return [round(medians[low], 4), round(medians[resamples - 1 - low], 4)]
 
 
 class DecoderCounters:

@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--concurrency", default="1,8,32", help="comma-separated stream counts")
     srv.add_argument("--prompt-tokens", type=int, default=128)
     srv.add_argument("--new-tokens", type=int, default=128)
-    srv.add_argument("--rounds", type=int, default=9,
-                     help="interleaved rounds of retrieval on vs off (a shared machine drifts: the median of 9)")
+    srv.add_argument("--rounds", type=int, default=15,
+                     help="interleaved rounds of retrieval on vs off (a shared machine drifts: the median of 15)")
     srv.add_argument("--samples", type=int, default=30, help="fetch and retrieval samples")
     srv.add_argument("--shared-cores", action="store_true",
                      help="let all services share all cores (default: the decoder gets half of them, as its own node)")

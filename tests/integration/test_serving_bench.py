@@ -37,6 +37,8 @@ def test_serving_bench_measures_every_arm(tmp_path):
         sum(a / b for a, b in zip(decoder["on"], decoder["off"], strict=True)) / 2, rel=1e-3)
     ratios = sorted(arms["per_round_ratios"])
     assert result["retrieval_on_over_off"] == pytest.approx(sum(ratios) / 2, rel=1e-3)  # median of two
+    low, high = result["retrieval_on_over_off_ci90"]  # bootstrap medians of two rounds lie between them
+    assert ratios[0] - 1e-3 <= low <= result["retrieval_on_over_off"] <= high <= ratios[1] + 1e-3
     alone = result["engine_alone"]
     assert len(alone["on_tok_s"]) == len(alone["off_tok_s"]) == 2 and min(alone["on_tok_s"] + alone["off_tok_s"]) > 0
     # It replays the latencies measured through the services in the same run.

@@ -1,8 +1,12 @@
 """Benchmarks run end to end at toy sizes and report what they claim to (no figures asserted)."""
 
+import random
+import statistics
+
 import pytest
 
 from memory3.bench.report import render_table, write_json
+from memory3.bench.serving import median_interval
 from memory3.bench.storage import run_storage_bench
 from memory3.model.codecs import RawCodec, VQCodec
 from memory3.model.memory_format import paper_bytes_per_memory
@@ -73,3 +77,18 @@ def test_attention_on_the_right_memory_is_chance_for_equal_memories_and_one_when
     alone = [*hidden[:2], memories[2], *hidden[3:]]
     assert attention_on_the_right_memory(tiny_model, prefix, [body, body], [alone, alone], [2, 4]) == \
         pytest.approx([0.5] * layers)  # the mean of 1 (right is 2) and 0 (right is 4)
+
+
+
+def test_median_interval_holds_the_median_and_narrows_with_more_rounds():
+    rng = random.Random(1)
+    few = [rng.gauss(0.95, 0.08) for _ in range(9)]
+    many = few + [rng.gauss(0.95, 0.08) for _ in range(72)]
+    widths = []
+    for xs in (few, many):
+        low, high = median_interval(xs)
+        assert low <= statistics.median(xs) <= high
+        assert median_interval(xs) == [low, high]  # seeded: the same rounds give the same interval
+        widths.append(high - low)
+    assert widths[1] < widths[0]
+    assert median_interval([0.9] * 5) == [0.9, 0.9]
