@@ -23,7 +23,9 @@ then measures through gRPC:
     what sharing the machine costs; the decoder's own counters (tokens it generated per second, CPU
     seconds it spent per token) are read over the on and off runs too;
   - the engine alone (bench/serving_engine.py): the same on/off comparison in-process on the
-    decoder's cores, retrieval answering after the latencies measured above, nothing else running.
+    decoder's cores, retrieval answering after the latencies measured above, nothing else running;
+    and the engine's decode step and prefill with memory and without, timed back to back, which
+    say what memory costs the passes themselves, free of the machine's drift.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
         fetch_s=result["fetch5"]["redis_hit"]["p50_ms"] / 1e3, cores=affinity.get("decoder"), seed=seed)
     result["summary"]["engine_on_over_off"] = result["engine_on_over_off"] = \
         result["engine_alone"]["engine_on_over_off"]
+    result["summary"]["engine_predicted_on_over_off"] = result["engine_alone"]["step_costs"]["predicted_on_over_off"]
     result["protocol"] = {"preset": preset, "concurrency": list(concurrency), "prompt_tokens": prompt_tokens,
                           "new_tokens": new_tokens, "rounds": rounds, "samples": samples, "documents": documents,
                           "seconds_per_phase": round_s, "ramp_seconds": ramp_s, "weights": "random init",

@@ -20,8 +20,9 @@ import torch
 from memory3.model.config import Memory3Config
 from memory3.model.encoder import encode_references
 from memory3.model.init import random_model
+from memory3.model.layout import chunk_spans
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
-from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
+from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest, Scheduler, _Stream
 from memory3.services.decoder.retrieval import RetrievedReference
 
 BANK = 64  # distinct memories; each query gets 5 of them
@@ -119,8 +120,79 @@ def _run(*, preset, rows, clients, prompt_tokens, new_tokens, rounds, round_s, r
 
     on, off = asyncio.run(main())
     ratios = [a / b for a, b in zip(on, off, strict=True)]
-    return {"engine_on_over_off": round(statistics.median(ratios), 4),
+    costs = step_costs(model, codec, bank, prompts, rows=rows, max_seq_len=prompt_tokens + new_tokens + 64,
+                       context_tokens=prompt_tokens + new_tokens // 2, new_tokens=new_tokens)
+    return {"engine_on_over_off": round(statistics.median(ratios), 4), "step_costs": costs,
             "on_tok_s": [round(x, 2) for x in on], "off_tok_s": [round(x, 2) for x in off],
             "per_round_ratios": [round(x, 4) for x in ratios],
             "simulated_latency_ms": {"retrieve": round(retrieve_s * 1e3, 3), "fetch": round(fetch_s * 1e3, 3)},
             "cores": sorted(cores) if cores else "all"}
+
+
+def step_costs(model, codec, bank, prompts: list[list[int]], *, rows: int, max_seq_len: int, context_tokens: int,
+               new_tokens: int, iterations: int = 120) -> dict:
+    """What the engine's own passes cost with memory and without, timed back to back.
+
+    The closed loops above drift with the machine by more than the difference they measure; here
+    each pass with memory is paired with the same pass without, one after the other, through the
+    scheduler's own code: a decode step of a full batch (every row `context_tokens` in; with memory,
+    the reference prefix in front and five memories resident), and the prefill of one prompt (with
+    memory: the prefix and the memories of each of its chunks, the last chunk's kept resident).
+    `predicted_on_over_off` is the throughput ratio these two alone give, a request costing one
+    prefill and `new_tokens` decode steps of a row."""
+    config = model.config
+    scheduler = Scheduler(model, EngineConfig(max_batch=rows, max_seq_len=max_seq_len),
+                          stop_token_ids=[], prefix=codec.reference_prefix(config))
+    loop = asyncio.new_event_loop()
+
+    def stream(prompt: list[int], memory: bool) -> _Stream:
+        request = GenerationRequest(prompt, max_seq_len, use_memory=memory, ignore_eos=True)
+        groups = [[bank[(g * 5 + j) % len(bank)] for j in range(5)]
+                  for g in range(len(chunk_spans(len(prompt), config.chunk_len)))] if memory else []
+        return _Stream(request, len(scheduler.prefix) if memory else 0, groups, loop, asyncio.Queue(), time.monotonic())
+
+    layouts = {}
+    with torch.inference_mode():
+        for memory in (True, False):  # a batch of each layout in caches of its own
+            model.setup_caches(rows, max_seq_len, memory=True)
+            scheduler.rows, scheduler.row_has_prefix = [None] * rows, [False] * rows
+            batch = []
+            for row in range(rows):
+                body = [t for k in range(row, row + 4) for t in prompts[k % len(prompts)][1:]]
+                s = stream([codec.bos_id, *body][:context_tokens], memory)
+                s.row, scheduler.rows[row] = row, s
+                scheduler._prefill([s])
+                batch.append(s)
+            layouts[memory] = ([layer.attention.kv_cache for layer in model.layers], list(scheduler.rows),
+                               list(scheduler.row_has_prefix), batch)
+        times: dict[str, dict[bool, list[float]]] = {"decode": {True: [], False: []}, "prefill": {True: [], False: []}}
+        for i in range(iterations):
+            for memory in ((True, False) if i % 2 == 0 else (False, True)):
+                caches, scheduler.rows, scheduler.row_has_prefix, batch = layouts[memory]
+                model.attach_caches(caches)
+                slots = [s.next_slot for s in batch]
+                start = time.perf_counter()
+                scheduler._decode(batch)
+                times["decode"][memory].append(time.perf_counter() - start)
+                for s, slot in zip(batch, slots, strict=True):  # the same slots again next time: shapes stay
+                    s.next_slot = slot
+                joining = stream(prompts[i % len(prompts)], memory)
+                joining.row = 0
+                start = time.perf_counter()
+                scheduler._prefill([joining])
+                times["prefill"][memory].append(time.perf_counter() - start)
+                scheduler.outbox.clear()
+        model.clear_caches()
+    loop.close()
+    warm = iterations // 10
+    out: dict = {"rows": rows, "context_tokens": context_tokens, "iterations": iterations}
+    for name, arms in times.items():
+        with_memory, plain = arms[True][warm:], arms[False][warm:]
+        out[f"{name}_ms"] = {"memory": round(1e3 * statistics.median(with_memory), 3),
+                             "plain": round(1e3 * statistics.median(plain), 3)}
+        out[f"{name}_memory_over_plain"] = round(statistics.median(
+            [a / b for a, b in zip(with_memory, plain, strict=True)]), 4)
+    per_request = {memory: new_tokens * out["decode_ms"][key] / rows + out["prefill_ms"][key]
+                   for memory, key in ((True, "memory"), (False, "plain"))}
+    out["predicted_on_over_off"] = round(per_request[False] / per_request[True], 4)
+    return out

@@ -45,5 +45,12 @@ def test_serving_bench_measures_every_arm(tmp_path):
     assert alone["simulated_latency_ms"] == {"retrieve": result["retrieval"]["p50_ms"],
                                              "fetch": result["fetch5"]["redis_hit"]["p50_ms"]}
     assert result["summary"]["engine_on_over_off"] == alone["engine_on_over_off"]
+    # The engine's passes, memory against plain, each timed in both layouts.
+    costs = alone["step_costs"]
+    for name in ("decode", "prefill"):
+        assert min(costs[f"{name}_ms"].values()) > 0 and costs[f"{name}_memory_over_plain"] > 0
+    per_request = {key: 66 * costs["decode_ms"][key] / 2 + costs["prefill_ms"][key] for key in ("memory", "plain")}
+    assert costs["predicted_on_over_off"] == pytest.approx(per_request["plain"] / per_request["memory"], rel=1e-3)
+    assert result["summary"]["engine_predicted_on_over_off"] == costs["predicted_on_over_off"]
     # The bench pins itself while it measures, and gives the test process its cores back.
     assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads
