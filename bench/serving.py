@@ -41,11 +41,11 @@ from pathlib import Path
 
 from memory3.services.stack import StackOptions, StackState, start_stack, stop_processes
 
+from .closed_loop import ClosedLoop, median_interval
 from .machine import machine_info
 from .serving_engine import run_engine_alone
 
 RELEASE = "bench-serving"
-SETTLE_S = 1.0
 
 
 def _documents(n: int, seed: int) -> list[tuple[str, str]]:
@@ -116,7 +116,8 @@ def run_serving_bench(*, preset: str = "small", concurrency: tuple[int, ...] = (
         preset=preset, rows=rows, clients=_closed_loop_clients(rows), prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, rounds=rounds, round_s=round_s, ramp_s=ramp_s,
         retrieve_s=result["retrieval"]["p50_ms"] / 1e3,
-        fetch_s=result["fetch5"]["redis_hit"]["p50_ms"] / 1e3, cores=affinity.get("decoder"), seed=seed)
+        fetch_s=result["fetch5"]["redis_hit"]["p50_ms"] / 1e3, cores=affinity.get("decoder"), seed=seed,
+        log=log)
     result["summary"]["engine_on_over_off"] = result["engine_on_over_off"] = \
         result["engine_alone"]["engine_on_over_off"]
     result["summary"]["engine_predicted_on_over_off"] = result["engine_alone"]["step_costs"]["predicted_on_over_off"]
@@ -186,7 +187,7 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                         for _ in range(64)]
         on, off, loaded, rates, served_rates = [], [], [], [], []
         decoder_on, decoder_off = DecoderCounters(state), DecoderCounters(state)
-        clients = ClosedLoop(decoder_channel, prompts, c, new_tokens)
+        clients = ClosedLoop(grpc_streams(decoder_channel, prompts, new_tokens), c)
         await clients.start(ramp_s)
         try:
             # One unmeasured phase of each arm first: the first minutes at full batch meet cold caches
@@ -196,14 +197,14 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                        "off_tok_s": round((await clients.phase(False, round_s))[0], 2)}
             for r in range(rounds):
                 # The retrieval-on phase goes first: it measures the retrieval rate the control arm replays.
-                tok_s, rate = await clients.phase(True, round_s, decoder=decoder_on)
+                tok_s, rate = await clients.phase(True, round_s, counters=decoder_on)
                 on.append(tok_s)
                 rates.append(rate)
                 for arm in (("off", "loaded") if r % 2 == 0 else ("loaded", "off")):
                     served: list[int] = []
                     side = _retrieval_load(text, memory, load_queries, rate, served) if arm == "loaded" else None
                     tok_s, answered = await clients.phase(False, round_s, side_load=side,
-                                                         decoder=decoder_off if arm == "off" else None,
+                                                         counters=decoder_off if arm == "off" else None,
                                                          served=served)
                     (off if arm == "off" else loaded).append(tok_s)
                     if arm == "loaded":
@@ -259,117 +260,26 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
             await channel.close()
 
 
-class ClosedLoop:
-    """Clients that each send requests back to back, through the whole on / off comparison.
+def grpc_streams(channel, prompts: list[str], new_tokens: int):
+    """The decoder's Generate as the closed loop's streams: request k sends prompt k (cycling)."""
+    from memory3.v1 import generation_service_pb2 as pb
+    from memory3.v1 import generation_service_pb2_grpc as pb_grpc
 
-    Clients that all start at once stay in step: their streams are prefilled together, finish
-    together, and the next ones arrive together (and, with retrieval on, are all retrieved for at
-    once), a cohort every request's length, which steady traffic does not have. So the clients
-    start once, one by one over a ramp, and keep running; a phase only changes the kind of request
-    each client sends next. Each client finishes the request it has, so the switch stays staggered,
-    and the phase is measured from the moment no request of the other kind is left in flight.
-    Phases are short and adjacent: a shared machine's speed drifts within a minute by a tenth or
-    more, and the closer the paired phases, the less of that drift their ratio carries.
-    """
+    stub = pb_grpc.GenerationServiceStub(channel)
 
-    def __init__(self, channel, prompts: list[str], clients: int, new_tokens: int) -> None:
-        from memory3.v1 import generation_service_pb2 as pb
-        from memory3.v1 import generation_service_pb2_grpc as pb_grpc
-
-        self.pb, self.stub = pb, pb_grpc.GenerationServiceStub(channel)
-        self.prompts, self.clients, self.new_tokens = prompts, clients, new_tokens
-        self.memory_on = True
-        self.in_flight = {True: 0, False: 0}  # requests sent and not finished, by kind
-        self.window: list[int] | None = None  # [tokens, citations] received while a phase is measured
-        self._stopping = False
-        self._calls: set = set()
-        self._tasks: list[asyncio.Task] = []
-
-    async def start(self, ramp_s: float) -> None:
-        self._tasks = [asyncio.ensure_future(self._client(i, ramp_s)) for i in range(self.clients)]
-        await asyncio.sleep(ramp_s)
-
-    async def _client(self, i: int, ramp_s: float) -> None:
-        import grpc
-
-        pb = self.pb
-        await asyncio.sleep(ramp_s * i / self.clients)
-        k = i
-        while not self._stopping:
-            memory_on = self.memory_on
-            mode = pb.RETRIEVAL_MODE_MEMORY if memory_on else pb.RETRIEVAL_MODE_NONE
-            request = pb.GenerateRequest(prompt=self.prompts[k % len(self.prompts)],
-                                         params=pb.GenerationParams(max_tokens=self.new_tokens, retrieval=mode,
-                                                                    ignore_eos=True))
-            self.in_flight[memory_on] += 1
-            call = self.stub.Generate(request, timeout=600)
-            self._calls.add(call)
-            try:
-                async for response in call:
-                    if self.window is not None:
-                        self.window[0] += len(response.token_ids)
-                        self.window[1] += len(response.citations)  # one per chunk retrieved for
-            except (asyncio.CancelledError, grpc.aio.AioRpcError):
-                if not self._stopping:
-                    raise
-            finally:
-                self._calls.discard(call)
-                self.in_flight[memory_on] -= 1
-            k += self.clients
-
-    async def phase(self, memory_on: bool, seconds: float, *, side_load=None, decoder: DecoderCounters | None = None,
-                    served: list[int] | None = None) -> tuple[float, float]:
-        """Switch the clients to one kind of request, then measure `seconds` of it.
-
-        Returns (tokens/s, retrievals/s) received; with `served` (the list `side_load` appends to),
-        the second figure is the side load's chunks done per measured second instead. `side_load`,
-        a coroutine, runs from the switch to the end of the phase; `decoder`, when given, records
-        what the decoder process generated and spent over the measured interval."""
-        self.memory_on = memory_on
-        side = asyncio.ensure_future(side_load) if side_load is not None else None
+    async def open_stream(k: int, memory_on: bool):
+        mode = pb.RETRIEVAL_MODE_MEMORY if memory_on else pb.RETRIEVAL_MODE_NONE
+        request = pb.GenerateRequest(prompt=prompts[k % len(prompts)],
+                                     params=pb.GenerationParams(max_tokens=new_tokens, retrieval=mode,
+                                                                ignore_eos=True))
+        call = stub.Generate(request, timeout=600)
         try:
-            await asyncio.sleep(SETTLE_S)  # a side load reaches its rate, the batch turns over
-            while self.in_flight[not memory_on]:
-                self._raise_failures()
-                await asyncio.sleep(0.05)
-            done_before = len(served) if served is not None else 0
-            self.window = [0, 0]
-            if decoder is not None:
-                decoder.start()
-            start = time.perf_counter()
-            await asyncio.sleep(seconds)
-            elapsed = time.perf_counter() - start
-            (tokens, citations), self.window = self.window, None
-            if decoder is not None:
-                decoder.stop(elapsed)
-            if served is not None:
-                citations = len(served) - done_before
+            async for response in call:
+                yield len(response.token_ids), len(response.citations)  # a citation per chunk retrieved for
         finally:
-            if side is not None:
-                side.cancel()
-                await asyncio.gather(side, return_exceptions=True)
-        self._raise_failures()
-        return tokens / elapsed, citations / elapsed
+            call.cancel()  # a no-op once the stream has ended
 
-    def _raise_failures(self) -> None:
-        for task in self._tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-
-    async def stop(self) -> None:
-        self._stopping = True
-        for call in list(self._calls):
-            call.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.sleep(SETTLE_S)  # the cancelled streams leave the decoder before anything else runs
-
-
-def median_interval(xs: list[float], level: float = 0.9, resamples: int = 2000, seed: int = 0) -> list[float]:
-    """A percentile-bootstrap interval of the median of `xs`: how far the run's noise leaves it uncertain."""
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
-    low = int((1 - level) / 2 * resamples)
-    return [round(medians[low], 4), round(medians[resamples - 1 - low], 4)]
+    return open_stream
 
 
 class DecoderCounters:

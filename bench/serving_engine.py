@@ -25,6 +25,8 @@ from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest, Scheduler, _Stream
 from memory3.services.decoder.retrieval import RetrievedReference
 
+from .closed_loop import ClosedLoop, median_interval
+
 BANK = 64  # distinct memories; each query gets 5 of them
 
 
@@ -46,7 +48,7 @@ class SimulatedRetrieval:
 
 def run_engine_alone(*, preset: str, rows: int, clients: int, prompt_tokens: int, new_tokens: int, rounds: int,
                      round_s: float, retrieve_s: float, fetch_s: float, cores: set[int] | None, seed: int = 0,
-                     ramp_s: float = 0.0) -> dict:
+                     ramp_s: float = 0.0, log=lambda _msg: None) -> dict:
     before = os.sched_getaffinity(0), torch.get_num_threads()
     if cores:
         os.sched_setaffinity(0, cores)
@@ -54,14 +56,14 @@ def run_engine_alone(*, preset: str, rows: int, clients: int, prompt_tokens: int
     try:
         return _run(preset=preset, rows=rows, clients=clients, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                     rounds=rounds, round_s=round_s, retrieve_s=retrieve_s, fetch_s=fetch_s, cores=cores, seed=seed,
-                    ramp_s=ramp_s)
+                    ramp_s=ramp_s, log=log)
     finally:
         os.sched_setaffinity(0, before[0])
         torch.set_num_threads(before[1])
 
 
 def _run(*, preset, rows, clients, prompt_tokens, new_tokens, rounds, round_s, retrieve_s, fetch_s, cores,
-         seed, ramp_s) -> dict:
+         seed, ramp_s, log) -> dict:
     config = Memory3Config.from_name(preset)
     model = random_model(config, seed=seed)
     codec = TextCodec(byte_level_tokenizer())
@@ -78,51 +80,39 @@ def _run(*, preset, rows, clients, prompt_tokens, new_tokens, rounds, round_s, r
                               EngineConfig(max_batch=rows, max_waiting=clients,
                                            max_seq_len=prompt_tokens + new_tokens + 64))
 
-    async def closed_loop(memory_on: bool, seconds: float) -> float:
-        """As the services' closed loop (bench/serving.py): clients start one by one over ramp_s."""
-        received = 0
-        start = time.perf_counter()
-        measured_from, deadline = start + ramp_s, start + ramp_s + seconds
-
-        async def client(i: int) -> None:
-            nonlocal received
-            k = i
-            await asyncio.sleep(ramp_s * i / clients)
-            while time.perf_counter() < deadline:
-                events = engine.generate(GenerationRequest(prompts[k % len(prompts)], new_tokens,
-                                                           use_memory=memory_on, ignore_eos=True))
-                async for event in events:
-                    now = time.perf_counter()
-                    if now >= deadline:
-                        break
-                    if now >= measured_from:
-                        received += len(event.token_ids)
-                await events.aclose()  # frees the slot at once
-                k += clients
-
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        tok_s = received / (time.perf_counter() - measured_from)
-        while engine.accepted:  # the cancelled streams leave before the next run starts
-            await asyncio.sleep(0.01)
-        return tok_s
+    async def open_stream(k: int, memory_on: bool):
+        events = engine.generate(GenerationRequest(prompts[k % len(prompts)], new_tokens, use_memory=memory_on,
+                                                   ignore_eos=True))
+        try:
+            async for event in events:
+                yield len(event.token_ids), len(event.citations)
+        finally:
+            await events.aclose()  # frees the slot at once
 
     async def main() -> tuple[list[float], list[float]]:
+        """The services' protocol (bench/serving.py): one closed loop, paired phases, on first or second by turns."""
         await engine.start()
+        loop = ClosedLoop(open_stream, clients)
         try:
-            await closed_loop(True, round_s / 2)  # warm-up
+            await loop.start(ramp_s)
+            await loop.phase(True, round_s)  # warm-up, as through the services
+            await loop.phase(False, round_s)
             on, off = [], []
             for r in range(rounds):
                 for memory_on in ((True, False) if r % 2 == 0 else (False, True)):
-                    (on if memory_on else off).append(await closed_loop(memory_on, round_s))
+                    (on if memory_on else off).append((await loop.phase(memory_on, round_s))[0])
+                log(f"engine alone, round {r + 1}/{rounds}: tok/s with retrieval on {on[-1]:.0f}, off {off[-1]:.0f}")
             return on, off
         finally:
+            await loop.stop()
             await engine.close()
 
     on, off = asyncio.run(main())
     ratios = [a / b for a, b in zip(on, off, strict=True)]
     costs = step_costs(model, codec, bank, prompts, rows=rows, max_seq_len=prompt_tokens + new_tokens + 64,
                        context_tokens=prompt_tokens + new_tokens // 2, new_tokens=new_tokens)
-    return {"engine_on_over_off": round(statistics.median(ratios), 4), "step_costs": costs,
+    return {"engine_on_over_off": round(statistics.median(ratios), 4),
+            "engine_on_over_off_ci90": median_interval(ratios), "step_costs": costs,
             "on_tok_s": [round(x, 2) for x in on], "off_tok_s": [round(x, 2) for x in off],
             "per_round_ratios": [round(x, 4) for x in ratios],
             "simulated_latency_ms": {"retrieve": round(retrieve_s * 1e3, 3), "fetch": round(fetch_s * 1e3, 3)},

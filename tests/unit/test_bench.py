@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
+from memory3.bench.closed_loop import median_interval
 from memory3.bench.report import render_table, write_json
-from memory3.bench.serving import median_interval
 from memory3.bench.storage import run_storage_bench
 from memory3.model.codecs import RawCodec, VQCodec
 from memory3.model.memory_format import paper_bytes_per_memory
