@@ -283,6 +283,9 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.wqkv = nn.Linear(config.dim, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        # Post-RoPE queries pass through here, so a forward hook can read them (training supervises
+        # memory attention with them) without a second projection; without hooks it costs nothing.
+        self.query_probe = nn.Identity()
         self.kv_cache: KVCache | None = None
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -309,6 +312,7 @@ class Attention(nn.Module):
         bsz, seq_len, _ = x.shape
         q, k, v = self.project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.query_probe(q)  # (B, H, T, D)
         if cache_slots is not None:
             # Explicit memories replace the resident ones, so skip the resident slots then.
             k, v = self.kv_cache.update(cache_slots, k, v, kv_len, with_memory=memory is None, rows=cache_rows)

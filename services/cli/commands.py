@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_ne
 
 
 def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
-              bf16: bool = False, stage3_steps: int | None = None, events: bool = False) -> int:
+              bf16: bool = False, stage3_steps: int | None = None, attention_weight: float = 0.0,
+              events: bool = False) -> int:
     from memory3.services.release.manifest import check_release_name
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
@@ -54,11 +56,13 @@ def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, see
     check_release_name(release)
     if stage3_steps is not None and stage3_steps < 0:
         raise ValueError(f"--stage3-steps {stage3_steps}: give a number of steps >= 0")
+    if not (math.isfinite(attention_weight) and attention_weight >= 0):
+        raise ValueError(f"--attention-weight {attention_weight}: give a finite number >= 0")
     store = ObjectStore(s3)
     store.ensure_bucket()  # fail before training, not after, when the store is unreachable
     config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
         PipelineConfig(preset=preset, seed=seed)
-    train = dataclasses.replace(config.train, bf16=bf16)
+    train = dataclasses.replace(config.train, bf16=bf16, attention_weight=attention_weight)
     if stage3_steps is not None:
         train = dataclasses.replace(train, stage3=dataclasses.replace(train.stage3, steps=stage3_steps))
     config = dataclasses.replace(config, train=train)

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage3-steps", type=int, default=None,
                        help="steps of stage 3, where chunks read same-kind neighbours beside their own "
                             "reference (default: 0, none; see README, Training)")
+    train.add_argument("--attention-weight", type=float, default=0.0,
+                       help="weight of a loss on the answer tokens' memory attention, which rewards attending "
+                            "to the answer's own memory among its neighbours (default: 0, none; see README, "
+                            "Training)")
     train.add_argument("--bf16", action="store_true",
                        help="train under bfloat16 autocast on a CPU too (always on with CUDA); pays on CPUs "
                             "with native bf16 (AVX-512 BF16, AMX)")
@@ -349,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             work_dir = args.work_dir or DEFAULT_HOME / "runs" / args.release
             return cmd_train(s3_config(args), preset=args.preset, quick=args.quick, release=args.release,
                              work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
-                             stage3_steps=args.stage3_steps, events=args.events)
+                             stage3_steps=args.stage3_steps, attention_weight=args.attention_weight,
+                             events=args.events)
         if args.command == "serve":
             from memory3.services.rpc.logs import configure_logging
             configure_logging(args.log_format)

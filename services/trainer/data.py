@@ -70,6 +70,9 @@ class MemorySample:
     # distractors of the same kind from other samples of a batch.
     reference_ids: list[str] = field(default_factory=list)
     reference_kinds: list[str] = field(default_factory=list)
+    # Per target (tokens[1:]): the index into `references` of the reference that holds the answer
+    # when the target is an answer token, else -1. Training supervises memory attention there.
+    answer_references: list[int] | None = None
 
 
 class TrainingData:
@@ -145,7 +148,7 @@ class TrainingData:
             while len(ids) < seq_len + 1:
                 ids += self.real_tokens(rng)
             return MemorySample(ids[: seq_len + 1], [], [[] for _ in range(seq_len // self.config.chunk_len)])
-        ids, owner, weights = [self.codec.bos_id], [None], [1.0]
+        ids, owner, weights, answer = [self.codec.bos_id], [None], [1.0], [False]
         while len(ids) < seq_len + 1:
             if rng.random() < self.fresh_fraction:
                 entity = self.world.fresh_entity(rng, f"fresh-{self.seed}-2-{index}-{len(ids)}")
@@ -156,6 +159,7 @@ class TrainingData:
                 ids += qa
                 owner += [entity] * len(qa)
                 weights += [1.0] * n_question + [self.answer_weight] * (len(qa) - n_question)
+                answer += [False] * n_question + [True] * (len(qa) - n_question)
         ids, owner, weights = ids[: seq_len + 1], owner[: seq_len + 1], weights[: seq_len + 1]
         chunk_len = self.config.chunk_len
         retrieved: list[Entity] = []
@@ -185,5 +189,6 @@ class TrainingData:
                 if i >= 0 and i not in group:
                     group.append(i)
             groups.append(group[: self.config.mems_per_chunk])
+        answer_references = [ref_index.get(owner[t].id, -1) if answer[t] else -1 for t in range(1, seq_len + 1)]
         return MemorySample(ids, references, groups, weights[1:], [e.id for e in reference_entities],
-                            [e.kind for e in reference_entities])
+                            [e.kind for e in reference_entities], answer_references)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 import uuid
@@ -39,6 +40,7 @@ class TrainingJobSpec:
     codec: str = "bf16"
     bf16: bool = False
     stage3_steps: int | None = None  # None: the preset's default
+    attention_weight: float = 0.0
 
     def validate(self) -> None:
         try:
@@ -51,6 +53,8 @@ class TrainingJobSpec:
             raise InvalidInput(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
         if self.stage3_steps is not None and self.stage3_steps < 0:
             raise InvalidInput(f"stage3_steps is {self.stage3_steps}; give a number of steps >= 0")
+        if not (math.isfinite(self.attention_weight) and self.attention_weight >= 0):
+            raise InvalidInput(f"attention_weight is {self.attention_weight}; give a finite number >= 0")
 
 
 @dataclass
@@ -158,6 +162,8 @@ class TrainingJobManager:
             cmd.append("--bf16")
         if spec.stage3_steps is not None:
             cmd += ["--stage3-steps", str(spec.stage3_steps)]
+        if spec.attention_weight:
+            cmd += ["--attention-weight", repr(spec.attention_weight)]
         return [*cmd, "--quick"] if spec.quick else cmd
 
     async def _run(self, job: Job) -> None:

@@ -18,7 +18,8 @@ def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
         raise InvalidInput("spec.release is required: the name of the release to publish")
     return TrainingJobSpec(release=spec.release, preset=spec.preset or "small", quick=spec.quick,
                            seed=spec.seed, codec=spec.codec or "bf16", bf16=spec.bf16,
-                           stage3_steps=spec.stage3_steps if spec.HasField("stage3_steps") else None)
+                           stage3_steps=spec.stage3_steps if spec.HasField("stage3_steps") else None,
+                           attention_weight=spec.attention_weight)
 
 
 def event_to_proto(job_id: str, event: dict) -> pb.WatchTrainingJobResponse:

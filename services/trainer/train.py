@@ -3,6 +3,8 @@
 Continual training is split in two: stage 2 as the paper describes it, and stage 3, the same
 with each chunk's group filled up with same-kind neighbours from the batch (`batch_groups`),
 because what retrieval returns beside the right reference is mostly documents of its kind.
+Optionally (`attention_weight`, not in the paper) a second loss rewards the answer tokens for
+attending to the memory that holds the answer (`memory_attention_loss`).
 
 Gradients in stages 2 and 3 flow through memory encoding: references are encoded inside the training
 step by the same weights, and the kept keys/values are differentiable, so the model learns both
@@ -46,7 +48,7 @@ from memory3.model.checkpoint import save_checkpoint
 from memory3.model.config import Memory3Config
 from memory3.model.encoder import encode_batch
 from memory3.model.layout import chunk_groups, rope_positions
-from memory3.model.memory import gather_memories
+from memory3.model.memory import MemoryKV, gather_memories
 from memory3.model.model import Transformer
 
 from .data import MemorySample, TrainingData
@@ -93,6 +95,9 @@ class TrainConfig:
     # (see data.py), seq_len / chunk_len times as many per step, so a step holds as many tokens.
     own_reference_fraction: float = 0.8
     distractors: bool = True
+    # Weight of `memory_attention_loss` beside the language-model loss. It acts where a group
+    # holds more than one memory, so mostly in stage 3's filled groups.
+    attention_weight: float = 0.0
     alternate_single_chunk: bool = True
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -224,12 +229,13 @@ class Trainer:
                 group["lr"] = lr
             n = config.batch_size * (config.seq_len // self.data.config.chunk_len if single_chunk else 1)
             indices = [(step * self.dist.world_size + self.dist.rank) * n + i for i in range(n)]
+            parts: dict[str, float] = {}
             if stage_no == 1:
                 loss = self.stage1_loss(indices)
             else:
                 # Seeded by (seed, step, rank): a resumed run draws the distractors it would have.
                 rng = random.Random(f"{config.seed}-distractors-{step}-{self.dist.rank}") if distract else None
-                loss = self.stage2_loss(indices, single_chunk=single_chunk, distractor_rng=rng)
+                loss = self.stage2_loss(indices, single_chunk=single_chunk, distractor_rng=rng, parts=parts)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.all_reduce_gradients()
@@ -238,6 +244,7 @@ class Trainer:
             self.state.step += 1
             loss_value = self.reduce_scalar(loss.detach())
             self._record({"step": self.state.step, "stage": stage_no, "loss": round(loss_value, 5),
+                          **({"attention_loss": round(parts["attention"], 5)} if "attention" in parts else {}),
                           "lr": lr, "grad_norm": round(float(grad_norm), 4),
                           "elapsed_s": round(time.perf_counter() - started, 2)})
             bar.update(1)
@@ -300,10 +307,11 @@ class Trainer:
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def stage2_loss(self, indices: list[int], *, single_chunk: bool = False,
-                    distractor_rng: random.Random | None = None) -> Tensor:
+                    distractor_rng: random.Random | None = None, parts: dict[str, float] | None = None) -> Tensor:
         samples = [self.data.stage2(i, single_chunk=single_chunk) for i in indices]
         groups = batch_groups(samples, self.model.config.mems_per_chunk, distractor_rng)
-        return memory_loss(self.model, samples, self.prefix, autocast=self._autocast(), groups=groups)
+        return memory_loss(self.model, samples, self.prefix, autocast=self._autocast(), groups=groups,
+                           attention_weight=self.config.attention_weight, parts=parts)
 
     # ---- distributed ------------------------------------------------------------------------
     def all_reduce_gradients(self) -> None:
@@ -378,12 +386,15 @@ def batch_groups(samples: list[MemorySample], mems_per_chunk: int,
 
 
 def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[int], *, autocast=None,
-                groups: list[list[list[int]]] | None = None) -> Tensor:
+                groups: list[list[list[int]]] | None = None, attention_weight: float = 0.0,
+                parts: dict[str, float] | None = None) -> Tensor:
     """Next-token loss on the body tokens with each chunk reading a group of memories.
 
     `groups` (from `batch_groups`) index the batch's concatenated references; by default each
     chunk reads its own group. The mean over targets is weighted by the samples' `weights` when
-    they carry them.
+    they carry them. With `attention_weight` > 0, `attention_weight` times
+    `memory_attention_loss` at the answer tokens is added; `parts`, when given, receives both
+    terms as floats.
     """
     device = model.output.weight.device
     config = model.config
@@ -406,14 +417,105 @@ def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[in
             token_group = chunk_groups(slots, p, config.chunk_len)
         else:
             memory = token_group = None
-        logits = model(tokens, rope_positions(slots, p, config.ref_len), memory=memory, token_group=token_group)
+        targets = answer_targets(samples, index_rows, config.chunk_len) if attention_weight > 0 and refs else None
+        with capture_queries(model, supervised_layers(config) if targets else []) as queries:
+            logits = model(tokens, rope_positions(slots, p, config.ref_len), memory=memory, token_group=token_group)
+        attention = memory_attention_loss(queries, memory, targets, p, config) if targets else None
     logits = logits[:, p:].float()
     if all(s.weights is None for s in samples):
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    weights = torch.tensor([s.weights if s.weights is not None else [1.0] * y.shape[1] for s in samples],
-                           dtype=logits.dtype, device=device).reshape(-1)
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-    return (losses * weights).sum() / weights.sum()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    else:
+        weights = torch.tensor([s.weights if s.weights is not None else [1.0] * y.shape[1] for s in samples],
+                               dtype=logits.dtype, device=device).reshape(-1)
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        loss = (losses * weights).sum() / weights.sum()
+    if parts is not None:
+        parts["lm"] = float(loss.detach())
+        if attention is not None:
+            parts["attention"] = float(attention.detach())
+    return loss if attention is None else loss + attention_weight * attention.float()
+
+
+def supervised_layers(config: Memory3Config) -> list[int]:
+    """Positions in `config.memory_layers` whose memory attention is supervised: all but a memory
+    layer 0. At layer 0 a query is its own token's embedding and a kept key is its own token's,
+    so neither can carry which entity a question or a reference is about."""
+    return [i for i, layer in enumerate(config.memory_layers) if layer > 0]
+
+
+@dataclass(frozen=True)
+class AnswerTargets:
+    """Answer tokens whose memory is in their chunk's group beside others, as parallel (N,)
+    index tensors: sample, body position of the query that predicts the token, its chunk, and the
+    answer memory's place in that chunk's group."""
+
+    sample: Tensor
+    position: Tensor
+    group: Tensor
+    member: Tensor
+
+    def __len__(self) -> int:
+        return int(self.sample.numel())
+
+
+def answer_targets(samples: list[MemorySample], groups: list[list[list[int]]], chunk_len: int) -> AnswerTargets | None:
+    bases = list(itertools.accumulate((len(s.references) for s in samples), initial=0))
+    rows: list[tuple[int, int, int, int]] = []
+    for b, s in enumerate(samples):
+        for t, r in enumerate(s.answer_references or []):
+            if r < 0:
+                continue
+            g = t // chunk_len
+            group = groups[b][g] if g < len(groups[b]) else []
+            if len(group) > 1 and bases[b] + r in group:  # a memory alone takes all the attention
+                rows.append((b, t, g, group.index(bases[b] + r)))
+    if not rows:
+        return None
+    return AnswerTargets(*(torch.tensor(col, dtype=torch.long) for col in zip(*rows, strict=True)))
+
+
+@contextlib.contextmanager
+def capture_queries(model: Transformer, memory_indices: list[int]):
+    """Collect the post-RoPE queries, (B, H, T, D), of the given memory layers during one forward."""
+    layers = [layer for layer in model.layers if layer.is_memory_layer]
+    queries: dict[int, Tensor] = {}
+    handles = [layers[i].attention.query_probe.register_forward_hook(
+        lambda _m, _a, out, i=i: queries.__setitem__(i, out)) for i in memory_indices]
+    try:
+        yield queries
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def memory_attention_loss(queries: dict[int, Tensor], memory: MemoryKV, targets: AnswerTargets, prefix_len: int,
+                          config: Memory3Config) -> Tensor:
+    """-log of the share of memory attention on the answer's own memory, at the answer tokens.
+
+    The language-model loss alone teaches the small model to copy a value out of a memory, but its
+    attention stays at chance among five memories of the same kind for over a thousand steps, so it
+    answers with a blend of them. This term gives the query and key projections that signal
+    directly. The share is taken over the chunk's memory slots only (not the context), averaged
+    over query heads before the log, so some heads may attend elsewhere; it is averaged over
+    `supervised_layers` and answer tokens. On `small` it moves the attention off chance within a
+    few hundred steps, but not, in the 15-minute budget, the accuracy (README, Training).
+    """
+    m, k = config.mems_per_chunk, config.mem_tokens_per_head
+    device = memory.k.device
+    b, t, g, j = (x.to(device) for x in (targets.sample, targets.position, targets.group, targets.member))
+    bsz = memory.valid.shape[0]
+    valid = memory.valid.view(bsz, -1, m * k)[b, g]  # (N, M*k)
+    losses = []
+    for i, q_all in sorted(queries.items()):
+        q = q_all[b, :, prefix_len + t].float()  # (N, H, D)
+        keys = memory.k[i].view(bsz, config.n_kv_head, -1, m * k, config.head_dim)[b, :, g].float()  # (N, H_kv, M*k, D)
+        keys = keys.repeat_interleave(config.n_head // config.n_kv_head, dim=1)  # (N, H, M*k, D)
+        scores = (keys @ q[..., None])[..., 0] / math.sqrt(config.head_dim)  # (N, H, M*k)
+        log_p = scores.masked_fill(~valid[:, None], float("-inf")).log_softmax(-1)
+        own = log_p.view(*log_p.shape[:2], m, k)[torch.arange(len(j), device=device), :, j]  # (N, H, k)
+        log_share = torch.logsumexp(own, dim=-1)  # (N, H); padding slots are -inf
+        losses.append(-(torch.logsumexp(log_share, dim=-1) - math.log(config.n_head)))  # -log mean_h share
+    return torch.stack(losses).mean()
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

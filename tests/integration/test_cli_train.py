@@ -61,3 +61,6 @@ def test_train_without_a_store_fails_before_training(tmp_path):
     proc = memory3("train", "--quick", "--release", "x", "--stage3-steps", "-1", "--work-dir", str(tmp_path), env=env,
                    check=False)
     assert proc.returncode == 2 and "--stage3-steps -1: give a number of steps >= 0" in proc.stderr
+    proc = memory3("train", "--quick", "--release", "x", "--attention-weight", "-1", "--work-dir", str(tmp_path),
+                   env=env, check=False)
+    assert proc.returncode == 2 and "--attention-weight -1.0: give a finite number >= 0" in proc.stderr

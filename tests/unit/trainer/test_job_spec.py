@@ -19,19 +19,27 @@ def train_args(spec: TrainingJobSpec, tmp_path):
 
 
 def test_bf16_and_stage3_steps_reach_the_command(tmp_path):
-    spec = spec_from_proto(pb.TrainingSpec(release="r1", preset="tiny", bf16=True, stage3_steps=0))
-    assert (spec.bf16, spec.stage3_steps) == (True, 0)  # 0 is given, not the default
+    spec = spec_from_proto(pb.TrainingSpec(release="r1", preset="tiny", bf16=True, stage3_steps=0,
+                                           attention_weight=0.25))
+    assert (spec.bf16, spec.stage3_steps, spec.attention_weight) == (True, 0, 0.25)  # 0 is given, not the default
     args = train_args(spec, tmp_path)
     assert args.bf16 and args.stage3_steps == 0 and args.preset == "tiny" and args.release == "r1"
+    assert args.attention_weight == 0.25
 
 
 def test_unset_fields_keep_the_presets_defaults(tmp_path):
     spec = spec_from_proto(pb.TrainingSpec(release="r2", quick=True))
     assert (spec.preset, spec.codec, spec.bf16, spec.stage3_steps) == ("small", "bf16", False, None)
     args = train_args(spec, tmp_path)
-    assert not args.bf16 and args.stage3_steps is None and args.quick
+    assert not args.bf16 and args.stage3_steps is None and args.quick and args.attention_weight == 0.0
 
 
 def test_negative_stage3_steps_are_refused():
     with pytest.raises(InvalidInput, match="stage3_steps is -1"):
         TrainingJobSpec(release="r3", stage3_steps=-1).validate()
+
+
+@pytest.mark.parametrize("weight", [-0.5, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_attention_weight_is_refused(weight):
+    with pytest.raises(InvalidInput, match="attention_weight is"):
+        TrainingJobSpec(release="r4", attention_weight=weight).validate()
