@@ -12,6 +12,7 @@ its own memories, so there is no Python loop over chunks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,12 @@ class ExplicitMemory:
         """(layers, kv_heads, k) bool: which slots hold a real token."""
         return self.positions >= 0
 
+    @functools.cached_property
+    def slot_valid(self) -> Tensor:
+        """(k,) bool: which slots hold a real token in every layer and head (padding depends only
+        on the reference's length). Kept: a served memory is stacked at every prefill that reads it."""
+        return self.valid.all(dim=0).all(dim=0)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ExplicitMemory:
         return ExplicitMemory(
             self.keys.to(device=device, dtype=dtype),
@@ -94,23 +101,27 @@ class MemoryKV:
         same = token_group[:, :, None] == self.slot_group[None, None, :]  # (B, T, S_mem)
         return (same & self.valid[:, None, :])[:, None]
 
-    def one_group(self, sequences: Tensor, groups: Tensor) -> MemoryKV:
+    def one_group(self, sequences: Tensor | Sequence[int], groups: Tensor | Sequence[int]) -> MemoryKV:
         """The memories of group groups[i] of sequence sequences[i]: one group per sequence.
 
         A prefill stacks all of a prompt's groups; the last one stays resident for decoding,
-        and is taken from here rather than gathered from the stored memories a second time.
+        and is cut from here rather than stacked from the stored memories a second time. A
+        group's slots are contiguous, so it is a slice: for one sequence, a view.
 
         Args:
             sequences, groups: (B',) int.
         """
-        per_group = int((self.slot_group == 0).sum())
-        cols = groups[:, None] * per_group + torch.arange(per_group, device=groups.device)  # (B', M)
-        n_layers, _, n_kv, _, head_dim = self.k.shape
-        index = cols[None, :, None, :, None].expand(n_layers, -1, n_kv, -1, head_dim)  # (L, B', H, M, D)
+        per_group = self.n_slots // (int(self.slot_group[-1]) + 1)
+        pairs = list(zip(torch.as_tensor(sequences).tolist(), torch.as_tensor(groups).tolist(), strict=True))
+
+        def cut(t: Tensor, slot_dim: int) -> Tensor:
+            parts = [t[b].narrow(slot_dim - 1, g * per_group, per_group) for b, g in pairs]
+            return parts[0][None] if len(parts) == 1 else torch.stack(parts)
+
         return MemoryKV(
-            k=self.k[:, sequences].gather(3, index),
-            v=self.v[:, sequences].gather(3, index),
-            valid=self.valid[sequences].gather(1, cols),
+            k=cut(self.k.transpose(0, 1), 3).transpose(0, 1),  # (L, B', H, M, D)
+            v=cut(self.v.transpose(0, 1), 3).transpose(0, 1),
+            valid=cut(self.valid, 1),  # (B', M)
             slot_group=torch.zeros(per_group, dtype=self.slot_group.dtype, device=self.slot_group.device),
         )
 
@@ -124,37 +135,58 @@ def stack_memories(
 ) -> MemoryKV:
     """Build a MemoryKV from per-sequence, per-group lists of memories.
 
+    The serving engine calls this at every prefill and every chunk's memory swap, on the thread
+    that decodes, so it concatenates each sequence's memories in slot order (two copies in all)
+    instead of indexing a stack of them (`gather_memories`, which training needs for its gradients).
+
     Args:
         groups: groups[b][g] is the list of memories group g of sequence b reads (at most
             slots_per_group // k of them). Sequences may have fewer groups than others and groups
-            fewer memories than the maximum; the gaps are masked.
+            fewer memories than the maximum; the gaps are zeros, masked.
         slots_per_group: memory slots per group (mems_per_chunk * k).
     """
-    unique: dict[int, int] = {}
-    memories: list[ExplicitMemory] = []
-    for seq in groups:
-        for grp in seq:
-            for mem in grp:
-                if id(mem) not in unique:
-                    unique[id(mem)] = len(memories)
-                    memories.append(mem)
-    if not memories:
+    first = next((m for seq in groups for grp in seq for m in grp), None)
+    if first is None:
         raise ValueError("stack_memories needs at least one memory")
-    shape = memories[0].shape
-    if any(m.shape != shape for m in memories):
-        raise ValueError(f"memories of different shapes: {sorted({m.shape for m in memories})}")
-    per_group = slots_per_group // shape[2]
-    index = torch.full((len(groups), max(len(seq) for seq in groups), per_group), -1, dtype=torch.long)
+    shape = first.shape
+    n_layers, n_kv, k, head_dim = shape
+    per_group = slots_per_group // k
+    n_groups = max(len(seq) for seq in groups)
+    gap_kv = gap_valid = None  # zeros for missing memories, made on first need
+    keys, values, valid = [], [], []  # per sequence: its slots in order
     for b, seq in enumerate(groups):
-        for g, grp in enumerate(seq):
+        seq_k, seq_v, seq_valid = [], [], []
+        for g in range(n_groups):
+            grp = seq[g] if g < len(seq) else ()
             if len(grp) > per_group:
                 raise ValueError(f"group {g} of sequence {b} has {len(grp)} memories; at most {per_group} fit")
-            index[b, g, : len(grp)] = torch.tensor([unique[id(m)] for m in grp], dtype=torch.long)
-    dtype = dtype or memories[0].keys.dtype
-    keys = torch.stack([m.keys for m in memories]).to(device=device, dtype=dtype)  # (N, L, H, k, D)
-    values = torch.stack([m.values for m in memories]).to(device=device, dtype=dtype)
-    positions = torch.stack([m.positions for m in memories]).to(device=device)
-    return gather_memories(keys, values, positions, index.to(device))
+            for mem in grp:
+                if mem.shape != shape:
+                    raise ValueError(f"memories of different shapes: {sorted({shape, mem.shape})}")
+                seq_k.append(mem.keys)
+                seq_v.append(mem.values)
+                seq_valid.append(mem.slot_valid)
+            if len(grp) < per_group:
+                if gap_kv is None:
+                    gap_kv = first.keys.new_zeros(n_layers, n_kv, per_group * k, head_dim)
+                    gap_valid = torch.zeros(per_group * k, dtype=torch.bool, device=first.positions.device)
+                missing = (per_group - len(grp)) * k
+                seq_k.append(gap_kv[:, :, :missing])
+                seq_v.append(gap_kv[:, :, :missing])
+                seq_valid.append(gap_valid[:missing])
+        keys.append(torch.cat(seq_k, dim=2))  # (L, H, S_mem, D)
+        values.append(torch.cat(seq_v, dim=2))
+        valid.append(torch.cat(seq_valid))  # (S_mem,)
+
+    def batch(per_sequence: list[Tensor], dim: int) -> Tensor:
+        return per_sequence[0].unsqueeze(dim) if len(per_sequence) == 1 else torch.stack(per_sequence, dim=dim)
+
+    return MemoryKV(
+        k=batch(keys, 1).to(device=device, dtype=dtype or first.keys.dtype),  # (L, B, H, S_mem, D)
+        v=batch(values, 1).to(device=device, dtype=dtype or first.keys.dtype),
+        valid=batch(valid, 0).to(device=device),  # (B, S_mem)
+        slot_group=torch.arange(n_groups, device=device or first.keys.device).repeat_interleave(per_group * k),
+    )
 
 
 def gather_memories(keys: Tensor, values: Tensor, positions: Tensor, index: Tensor) -> MemoryKV:

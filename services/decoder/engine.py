@@ -335,15 +335,17 @@ class Scheduler:
             memory = stack_memories([s.groups for s in streams], slots_per_group=self.mc.mem_slots,
                                     device=self.device, dtype=self.dtype)
             token_group = chunk_groups(slots, p, self.mc.chunk_len)
-        self.model.clear_resident_memory(rows)
+        # The first generated chunk keeps the last prompt chunk's memories; the other rows start
+        # with none. A pass with explicit memories skips the resident slots, so the kept ones
+        # are installed after it (and without explicit memories, nothing is kept).
+        keep = [i for i, s in enumerate(streams) if s.groups and s.groups[-1]]
+        if len(keep) < len(streams):
+            self.model.clear_resident_memory(rows[[i for i in range(len(streams)) if i not in keep]])
         logits = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
                             cache_rows=rows)
         last = logits[torch.arange(len(streams), device=self.device), lengths - 1]  # (B, V)
-        # The first generated chunk keeps the last prompt chunk's memories.
-        keep = [i for i, s in enumerate(streams) if s.groups and s.groups[-1]]
         if keep:
-            final = torch.tensor([len(streams[i].groups) - 1 for i in keep], device=self.device)
-            self.model.set_resident_memory(memory.one_group(torch.tensor(keep, device=self.device), final),
+            self.model.set_resident_memory(memory.one_group(keep, [len(streams[i].groups) - 1 for i in keep]),
                                            rows=rows[keep])
         for s, length in zip(streams, lengths.tolist(), strict=True):
             s.next_slot = p + length

@@ -369,3 +369,22 @@ def test_prefix_kv_is_reused_until_the_weights_change(tiny_config, prefix):
     assert not torch.allclose(changed[0], first[0])
     for a, b in zip(changed, fresh_prefix(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_stack_memories_lays_out_slots_in_order(tiny_config, memory_bank):
+    """Group g's memory j fills slots g * mem_slots + j * k onwards; the rest of a group is masked."""
+    k = tiny_config.mem_tokens_per_head
+    groups = [[memory_bank[0:2], []], [memory_bank[2:3]]]
+    stacked = stack_memories(groups, slots_per_group=tiny_config.mem_slots)
+    assert stacked.k.shape[:2] == (tiny_config.n_memory_layers, 2)
+    assert stacked.n_slots == 2 * tiny_config.mem_slots
+    for b, seq in enumerate(groups):
+        expected_valid = torch.zeros(stacked.n_slots, dtype=torch.bool)
+        for g, grp in enumerate(seq):
+            for j, mem in enumerate(grp):
+                at = slice(g * tiny_config.mem_slots + j * k, g * tiny_config.mem_slots + (j + 1) * k)
+                torch.testing.assert_close(stacked.k[:, b, :, at], mem.keys)
+                torch.testing.assert_close(stacked.v[:, b, :, at], mem.values)
+                expected_valid[at] = mem.slot_valid
+        assert torch.equal(stacked.valid[b], expected_valid)
+    assert stacked.slot_group.tolist() == [0] * tiny_config.mem_slots + [1] * tiny_config.mem_slots
