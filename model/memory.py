@@ -136,7 +136,7 @@ def stack_memories(
     """Build a MemoryKV from per-sequence, per-group lists of memories.
 
     The serving engine calls this at every prefill and every chunk's memory swap, on the thread
-    that decodes, so it concatenates each sequence's memories in slot order (two copies in all)
+    that decodes, so it concatenates each sequence's memories in slot order (one copy of each)
     instead of indexing a stack of them (`gather_memories`, which training needs for its gradients).
 
     Args:
