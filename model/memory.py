@@ -112,16 +112,12 @@ class MemoryKV:
             sequences, groups: (B',) int.
         """
         per_group = self.n_slots // (int(self.slot_group[-1]) + 1)
-        pairs = list(zip(torch.as_tensor(sequences).tolist(), torch.as_tensor(groups).tolist(), strict=True))
-
-        def cut(t: Tensor, slot_dim: int) -> Tensor:
-            parts = [t[b].narrow(slot_dim - 1, g * per_group, per_group) for b, g in pairs]
-            return parts[0][None] if len(parts) == 1 else torch.stack(parts)
-
+        cut = [(b, slice(g * per_group, (g + 1) * per_group))  # (sequence, its group's slots)
+               for b, g in zip(torch.as_tensor(sequences).tolist(), torch.as_tensor(groups).tolist(), strict=True)]
         return MemoryKV(
-            k=cut(self.k.transpose(0, 1), 3).transpose(0, 1),  # (L, B', H, M, D)
-            v=cut(self.v.transpose(0, 1), 3).transpose(0, 1),
-            valid=cut(self.valid, 1),  # (B', M)
+            k=_batched([self.k[:, b, :, cols] for b, cols in cut], dim=1),  # (L, B', H, M, D)
+            v=_batched([self.v[:, b, :, cols] for b, cols in cut], dim=1),
+            valid=_batched([self.valid[b, cols] for b, cols in cut], dim=0),  # (B', M)
             slot_group=torch.zeros(per_group, dtype=self.slot_group.dtype, device=self.slot_group.device),
         )
 
@@ -178,15 +174,17 @@ def stack_memories(
         values.append(torch.cat(seq_v, dim=2))
         valid.append(torch.cat(seq_valid))  # (S_mem,)
 
-    def batch(per_sequence: list[Tensor], dim: int) -> Tensor:
-        return per_sequence[0].unsqueeze(dim) if len(per_sequence) == 1 else torch.stack(per_sequence, dim=dim)
-
     return MemoryKV(
-        k=batch(keys, 1).to(device=device, dtype=dtype or first.keys.dtype),  # (L, B, H, S_mem, D)
-        v=batch(values, 1).to(device=device, dtype=dtype or first.keys.dtype),
-        valid=batch(valid, 0).to(device=device),  # (B, S_mem)
+        k=_batched(keys, dim=1).to(device=device, dtype=dtype or first.keys.dtype),  # (L, B, H, S_mem, D)
+        v=_batched(values, dim=1).to(device=device, dtype=dtype or first.keys.dtype),
+        valid=_batched(valid, dim=0).to(device=device),  # (B, S_mem)
         slot_group=torch.arange(n_groups, device=device or first.keys.device).repeat_interleave(per_group * k),
     )
+
+
+def _batched(per_sequence: list[Tensor], *, dim: int) -> Tensor:
+    """Per-sequence tensors stacked along a new batch axis; one sequence stays a view."""
+    return per_sequence[0].unsqueeze(dim) if len(per_sequence) == 1 else torch.stack(per_sequence, dim=dim)
 
 
 def gather_memories(keys: Tensor, values: Tensor, positions: Tensor, index: Tensor) -> MemoryKV:
