@@ -76,7 +76,8 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if dist.is_main else None)
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(work_dir, config)
+    if dist.is_main:  # one rank owns pipeline.json; the others would race it
+        _check_same_config(work_dir, config)
     torch.manual_seed(config.seed)
 
     world = World(config.seed, n_train=config.world_train, n_heldout=config.world_heldout)
@@ -209,7 +210,9 @@ def _check_same_config(work_dir: Path, config: PipelineConfig) -> None:
         if previous != current:
             raise ValueError(f"{work_dir} holds a run with another configuration; use a new --work-dir")
     else:
-        path.write_text(json.dumps(current, indent=2))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(current, indent=2))
+        tmp.replace(path)
 
 
 def _barrier(dist: Distributed) -> None:
