@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "reference (default: 0, none; see README, Training)")
     train.add_argument("--attention-weight", type=float, default=0.0,
                        help="weight of a loss on the answer tokens' memory attention, which rewards attending "
-                            "to the answer's own memory among its neighbours (default: 0, none; see README, "
-                            "Training)")
+                            "to the slots of the answer's own memory that hold the token being predicted "
+                            "(default: 0, none; see README, Training)")
     train.add_argument("--bf16", action="store_true",
                        help="train under bfloat16 autocast on a CPU too (always on with CUDA); pays on CPUs "
                             "with native bf16 (AVX-512 BF16, AMX)")

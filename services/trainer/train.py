@@ -4,7 +4,7 @@ Continual training is split in two: stage 2 as the paper describes it, and stage
 with each chunk's group filled up with same-kind neighbours from the batch (`batch_groups`),
 because what retrieval returns beside the right reference is mostly documents of its kind.
 Optionally (`attention_weight`, not in the paper) a second loss rewards the answer tokens for
-attending to the memory that holds the answer (`memory_attention_loss`).
+attending to the slots of the memory that hold the answer (`memory_attention_loss`).
 
 Gradients in stages 2 and 3 flow through memory encoding: references are encoded inside the training
 step by the same weights, and the kept keys/values are differentiable, so the model learns both
@@ -420,7 +420,10 @@ def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[in
         targets = answer_targets(samples, index_rows, config.chunk_len) if attention_weight > 0 and refs else None
         with capture_queries(model, supervised_layers(config) if targets else []) as queries:
             logits = model(tokens, rope_positions(slots, p, config.ref_len), memory=memory, token_group=token_group)
-        attention = memory_attention_loss(queries, memory, targets, p, config) if targets else None
+        attention = None
+        if targets:
+            slots_held = answer_slots(refs, positions, index.to(device), targets, y)
+            attention = memory_attention_loss(queries, memory, targets, slots_held, p, config)
     logits = logits[:, p:].float()
     if all(s.weights is None for s in samples):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -488,34 +491,71 @@ def capture_queries(model: Transformer, memory_indices: list[int]):
             handle.remove()
 
 
-def memory_attention_loss(queries: dict[int, Tensor], memory: MemoryKV, targets: AnswerTargets, prefix_len: int,
-                          config: Memory3Config) -> Tensor:
-    """-log of the share of memory attention on the answer's own memory, at the answer tokens.
+def answer_slots(refs: list[list[int]], positions: Tensor, index: Tensor, targets: AnswerTargets,
+                 next_tokens: Tensor) -> Tensor:
+    """Which kept slots of each target's answer memory hold the very token the target predicts.
+
+    A value is read by copying: the query attends to the key of the value's token in the memory and
+    takes its value vector. So that is the slot the attention loss rewards.
+
+    Args:
+        refs: the batch's reference token lists, as encoded.
+        positions: (N_refs, L_mem, H_kv, k) token index of each kept slot inside its reference, -1 padding.
+        index: (B, G, M) reference index per sample, group and member.
+        next_tokens: (B, T) the token each body position predicts.
+    Returns:
+        (N, L_mem, H_kv, k) bool, one row per target.
+    """
+    device = positions.device
+    ref_tokens = torch.full((len(refs), max(len(r) for r in refs)), -1, dtype=torch.long, device=device)
+    for i, r in enumerate(refs):
+        ref_tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long, device=device)
+    b, t, g, j = (x.to(device) for x in (targets.sample, targets.position, targets.group, targets.member))
+    ref = index[b, g, j]  # (N,)
+    pos = positions[ref]  # (N, L_mem, H_kv, k)
+    held = ref_tokens[ref[:, None, None, None], pos.clamp(min=0)]  # (N, L_mem, H_kv, k)
+    return (held == next_tokens[b, t][:, None, None, None]) & (pos >= 0)
+
+
+def memory_attention_loss(queries: dict[int, Tensor], memory: MemoryKV, targets: AnswerTargets, slots_held: Tensor,
+                          prefix_len: int, config: Memory3Config) -> Tensor:
+    """-log of the share of memory attention on the answer's own slots, at the answer tokens.
 
     The language-model loss alone teaches the small model to copy a value out of a memory, but its
     attention stays at chance among five memories of the same kind for over a thousand steps, so it
     answers with a blend of them. This term gives the query and key projections that signal
-    directly. The share is taken over the chunk's memory slots only (not the context), averaged
-    over query heads before the log, so some heads may attend elsewhere; it is averaged over
-    `supervised_layers` and answer tokens. On `small` it moves the attention off chance within a
-    few hundred steps, but not, in the 15-minute budget, the accuracy (README, Training).
+    directly. It rewards the slots of the answer's memory that hold the token being predicted
+    (`answer_slots`), not the memory as a whole: rewarded for the whole memory, `small` learned to
+    find the right entity's memory without reading the value out of it (README, Training). The
+    share is taken over the chunk's memory slots only (not the context) and averaged, before the
+    log, over the query heads whose kept slots hold that token, so other heads may attend
+    elsewhere; it is averaged over `supervised_layers` and answer tokens. A target whose token no
+    head kept adds nothing at that layer.
     """
     m, k = config.mems_per_chunk, config.mem_tokens_per_head
     device = memory.k.device
     b, t, g, j = (x.to(device) for x in (targets.sample, targets.position, targets.group, targets.member))
     bsz = memory.valid.shape[0]
     valid = memory.valid.view(bsz, -1, m * k)[b, g]  # (N, M*k)
+    per_query_head = config.n_head // config.n_kv_head
     losses = []
     for i, q_all in sorted(queries.items()):
         q = q_all[b, :, prefix_len + t].float()  # (N, H, D)
         keys = memory.k[i].view(bsz, config.n_kv_head, -1, m * k, config.head_dim)[b, :, g].float()  # (N, H_kv, M*k, D)
-        keys = keys.repeat_interleave(config.n_head // config.n_kv_head, dim=1)  # (N, H, M*k, D)
+        keys = keys.repeat_interleave(per_query_head, dim=1)  # (N, H, M*k, D)
         scores = (keys @ q[..., None])[..., 0] / math.sqrt(config.head_dim)  # (N, H, M*k)
         log_p = scores.masked_fill(~valid[:, None], float("-inf")).log_softmax(-1)
         own = log_p.view(*log_p.shape[:2], m, k)[torch.arange(len(j), device=device), :, j]  # (N, H, k)
-        log_share = torch.logsumexp(own, dim=-1)  # (N, H); padding slots are -inf
-        losses.append(-(torch.logsumexp(log_share, dim=-1) - math.log(config.n_head)))  # -log mean_h share
-    return torch.stack(losses).mean()
+        held = slots_held[:, i].repeat_interleave(per_query_head, dim=1)  # (N, H, k)
+        log_share = torch.logsumexp(own.masked_fill(~held, float("-inf")), dim=-1)  # (N, H)
+        heads = held.any(dim=-1)  # (N, H): heads whose kept slots hold the token
+        n_heads = heads.sum(dim=-1)  # (N,)
+        read = n_heads > 0
+        if read.any():
+            log_mean = torch.logsumexp(log_share.masked_fill(~heads, float("-inf")), dim=-1)[read] \
+                - n_heads[read].float().log()  # log of the mean share over those heads
+            losses.append(-log_mean.mean())
+    return torch.stack(losses).mean() if losses else memory.k.new_zeros((), dtype=torch.float32)
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
