@@ -405,6 +405,7 @@ def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[in
     for b, row in enumerate(index_rows):
         for g, group in enumerate(row):
             index[b, g, : len(group)] = torch.tensor(group, dtype=torch.long)
+    index = index.to(device)  # (B, G, M)
     batch = torch.tensor([s.tokens for s in samples], device=device)  # (B, T+1)
     x, y = batch[:, :-1], batch[:, 1:]
     p = len(prefix)
@@ -413,7 +414,7 @@ def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[in
     with autocast if autocast is not None else contextlib.nullcontext():
         if refs:
             keys, values, positions = encode_batch(model, refs, prefix)
-            memory = gather_memories(keys, values, positions, index.to(device))
+            memory = gather_memories(keys, values, positions, index)
             token_group = chunk_groups(slots, p, config.chunk_len)
         else:
             memory = token_group = None
@@ -422,7 +423,7 @@ def memory_loss(model: Transformer, samples: list[MemorySample], prefix: list[in
             logits = model(tokens, rope_positions(slots, p, config.ref_len), memory=memory, token_group=token_group)
         attention = None
         if targets:
-            slots_held = answer_slots(refs, positions, index.to(device), targets, y)
+            slots_held = answer_slots(refs, positions, index, targets, y)
             attention = memory_attention_loss(queries, memory, targets, slots_held, p, config)
     logits = logits[:, p:].float()
     if all(s.weights is None for s in samples):
