@@ -6,6 +6,7 @@ Started with its own data directory on a free port and stopped by its PID (never
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -20,7 +21,26 @@ from .object_store import S3Config
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port on 127.0.0.1 that is free now, for a server that binds it a moment later.
+
+    Drawn below the kernel's ephemeral range: outgoing connections take their source ports from
+    that range, and one of them could take a port handed out from it before its server binds it.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = range(1024 + (low - 1024) // 3, low) if low > 4096 else range(0)
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.choice(candidates) if candidates else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    with socket.socket() as s:  # everything tried was taken: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
