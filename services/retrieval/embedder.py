@@ -57,7 +57,7 @@ class Embedder:
         model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(MAX_TOKENS)
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self.tokenizer.no_padding()  # the file pads every text to 128; `embed` pads each batch itself
         self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).to(device).eval()
         if dtype == "bfloat16":
             self.model.to(torch.bfloat16)
@@ -69,18 +69,32 @@ class Embedder:
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """(N,) texts -> (N, dim) float32 unit vectors."""
+        """(N,) texts -> (N, dim) float32 unit vectors.
+
+        Texts are batched in order of length, and each batch is padded to its longest: a
+        release's references mix one-line entity documents with 128-token passages, and in their
+        own order padding doubled the tokens the model ran over (and the time to build an index).
+        Padding is masked, so a text's vector does not depend on its batch.
+        """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer.encode_batch(list(texts[start : start + self.batch_size]))
-            ids = torch.tensor([b.ids for b in batch], device=self.device)
-            mask = torch.tensor([b.attention_mask for b in batch], device=self.device)
+        encoded = self.tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = max(1, max(len(encoded[i].ids) for i in rows))
+            ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), 0 is [PAD]
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, i in enumerate(rows):
+                n = len(encoded[i].ids)
+                ids[row, :n] = torch.tensor(encoded[i].ids)
+                mask[row, :n] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
             with self._autocast():
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, T, dim)
             weights = mask[..., None].to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            out[start : start + len(batch)] = pooled.float().cpu().numpy()
+            out[rows] = pooled.float().cpu().numpy()
         return out
 
     def _autocast(self):

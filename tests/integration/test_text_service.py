@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpcurl import grpcurl
@@ -229,3 +230,14 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     with_bf16.write_text("flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
     without.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
     assert native_bf16(with_bf16) and not native_bf16(without) and not native_bf16(tmp_path / "missing")
+
+
+def test_a_text_embeds_the_same_in_any_batch(embedder, references):
+    """Batches are formed by length and padded to their longest; padding must not leak into a vector."""
+    texts = [r.text for r in references] + ["pump", "", "Who makes the Quarn-7 pump? " * 20]
+    together = embedder.embed(texts)  # (N, dim)
+    alone = np.stack([embedder.embed([t])[0] for t in texts])
+    assert together.shape == (len(texts), embedder.dim)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    assert embedder.embed([]).shape == (0, embedder.dim)
