@@ -45,27 +45,40 @@ def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_ne
     return 0
 
 
+def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool = False,
+                          stage3_steps: int | None = None, attention_weight: float | None = None):
+    """The run `memory3 train` asks for. None for `stage3_steps` or `attention_weight` means the
+    preset's default."""
+    from memory3.services.trainer.pipeline import PipelineConfig
+    from memory3.services.trainer.train import TrainConfig
+
+    if stage3_steps is not None and stage3_steps < 0:
+        raise ValueError(f"--stage3-steps {stage3_steps}: give a number of steps >= 0")
+    if attention_weight is not None and not (math.isfinite(attention_weight) and attention_weight >= 0):
+        raise ValueError(f"--attention-weight {attention_weight}: give a finite number >= 0")
+    config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
+        PipelineConfig(preset=preset, seed=seed, train=TrainConfig(seed=seed))
+    train = dataclasses.replace(config.train, bf16=bf16)
+    if attention_weight is not None:
+        train = dataclasses.replace(train, attention_weight=attention_weight)
+    if stage3_steps is not None:
+        train = dataclasses.replace(train, stage3=dataclasses.replace(train.stage3, steps=stage3_steps))
+    return dataclasses.replace(config, train=train)
+
+
 def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
-              bf16: bool = False, stage3_steps: int | None = None, attention_weight: float = 0.0,
+              bf16: bool = False, stage3_steps: int | None = None, attention_weight: float | None = None,
               events: bool = False) -> int:
     from memory3.services.release.manifest import check_release_name
     from memory3.services.storage.object_store import ObjectStore
-    from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
+    from memory3.services.trainer.pipeline import run_pipeline
     from memory3.services.trainer.releases import publish_trained
 
     check_release_name(release)
-    if stage3_steps is not None and stage3_steps < 0:
-        raise ValueError(f"--stage3-steps {stage3_steps}: give a number of steps >= 0")
-    if not (math.isfinite(attention_weight) and attention_weight >= 0):
-        raise ValueError(f"--attention-weight {attention_weight}: give a finite number >= 0")
+    config = train_pipeline_config(preset=preset, quick=quick, seed=seed, bf16=bf16, stage3_steps=stage3_steps,
+                                   attention_weight=attention_weight)
     store = ObjectStore(s3)
     store.ensure_bucket()  # fail before training, not after, when the store is unreachable
-    config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
-        PipelineConfig(preset=preset, seed=seed)
-    train = dataclasses.replace(config.train, bf16=bf16, attention_weight=attention_weight)
-    if stage3_steps is not None:
-        train = dataclasses.replace(train, stage3=dataclasses.replace(train.stage3, steps=stage3_steps))
-    config = dataclasses.replace(config, train=train)
     dist = _distributed()
     emit = _json_lines if events and dist.is_main else None
     log = (lambda msg: _json_lines({"message": msg})) if emit else None

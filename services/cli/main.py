@@ -72,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how memories are compressed in the bank")
     train.add_argument("--stage3-steps", type=int, default=None,
                        help="steps of stage 3, where chunks read same-kind neighbours beside their own "
-                            "reference (default: 0, none; see README, Training)")
-    train.add_argument("--attention-weight", type=float, default=0.0,
+                            "reference (default: the preset's, none for small; see README, Training)")
+    train.add_argument("--attention-weight", type=float, default=None,
                        help="weight of a loss on the answer tokens' memory attention, which rewards attending "
                             "to the slots of the answer's own memory that hold the token being predicted "
-                            "(default: 0, none; see README, Training)")
+                            "(default: the preset's, none; see README, Training)")
     train.add_argument("--bf16", action="store_true",
                        help="train under bfloat16 autocast on a CPU too (always on with CUDA); pays on CPUs "
                             "with native bf16 (AVX-512 BF16, AMX)")

@@ -40,7 +40,7 @@ class TrainingJobSpec:
     codec: str = "bf16"
     bf16: bool = False
     stage3_steps: int | None = None  # None: the preset's default
-    attention_weight: float = 0.0
+    attention_weight: float | None = None  # None: the preset's default
 
     def validate(self) -> None:
         try:
@@ -53,7 +53,8 @@ class TrainingJobSpec:
             raise InvalidInput(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
         if self.stage3_steps is not None and self.stage3_steps < 0:
             raise InvalidInput(f"stage3_steps is {self.stage3_steps}; give a number of steps >= 0")
-        if not (math.isfinite(self.attention_weight) and self.attention_weight >= 0):
+        if self.attention_weight is not None and not (math.isfinite(self.attention_weight)
+                                                      and self.attention_weight >= 0):
             raise InvalidInput(f"attention_weight is {self.attention_weight}; give a finite number >= 0")
 
 
@@ -162,7 +163,7 @@ class TrainingJobManager:
             cmd.append("--bf16")
         if spec.stage3_steps is not None:
             cmd += ["--stage3-steps", str(spec.stage3_steps)]
-        if spec.attention_weight:
+        if spec.attention_weight is not None:
             cmd += ["--attention-weight", repr(spec.attention_weight)]
         return [*cmd, "--quick"] if spec.quick else cmd
 

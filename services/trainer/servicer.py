@@ -19,7 +19,7 @@ def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
     return TrainingJobSpec(release=spec.release, preset=spec.preset or "small", quick=spec.quick,
                            seed=spec.seed, codec=spec.codec or "bf16", bf16=spec.bf16,
                            stage3_steps=spec.stage3_steps if spec.HasField("stage3_steps") else None,
-                           attention_weight=spec.attention_weight)
+                           attention_weight=spec.attention_weight if spec.HasField("attention_weight") else None)
 
 
 def event_to_proto(job_id: str, event: dict) -> pb.WatchTrainingJobResponse:

@@ -73,15 +73,16 @@ class TrainConfig:
     # single-chunk stage-2 steps: 35.8% without a stage 1, 10% after 100 steps of it). Stage-2
     # learning rates of 2e-3 and 3e-3 did worse than 1e-3.
     stage1: StageConfig = StageConfig(steps=100, lr=1e-3)
-    stage2: StageConfig = StageConfig(steps=900, lr=1e-3)
-    # Stage 3 (stage 2 continued, with neighbours): every group that reads a memory is filled up
+    stage2: StageConfig = StageConfig(steps=1150, lr=1e-3)
+    # Stage 3 (stage 2 continued, with neighbours; off by default): every group that reads a memory is filled up
     # to mems_per_chunk with other samples' references in the batch, same kind first
     # (`batch_groups`), and, with `alternate_single_chunk`, steps alternate between single-chunk
     # and full-length samples. It starts from the end of stage 2, whose rate has decayed, with a
     # fresh AdamW (beta2 0.999) at a constant rate. With the language-model loss alone, telling
     # the right memory from its neighbours came abruptly after about 1000 such steps in one run
-    # and not within 1200 in five others; `attention_weight` makes it steady (README, Training).
-    stage3: StageConfig = StageConfig(steps=350, lr=3e-4, warmup_steps=0, decay_fraction=0.0)
+    # and not within 1200 in five others. With `attention_weight` 3 it came in 600 steps, but
+    # that run took 19 minutes, and the shorter schedules tried did not learn it (README, Training).
+    stage3: StageConfig = StageConfig(steps=0, lr=3e-4, warmup_steps=0, decay_fraction=0.0)
     # Stage-2 data (see data.py): the share of questions about fresh entities, which only memory
     # can answer, and the loss weight of answer tokens relative to the question template.
     fresh_fraction: float = 1.0
@@ -94,9 +95,9 @@ class TrainConfig:
     own_reference_fraction: float = 0.8
     distractors: bool = True
     # Weight of `memory_attention_loss` beside the language-model loss. It acts where a group
-    # holds more than one memory, so mostly in stage 3's filled groups. At 1 memory reading still
-    # fell short of RAG; at 3 it passed it (README, Training).
-    attention_weight: float = 3.0
+    # holds more than one memory, so mostly in stage 3's filled groups (off by default; README,
+    # Training).
+    attention_weight: float = 0.0
     alternate_single_chunk: bool = True
     weight_decay: float = 0.1
     grad_clip: float = 1.0

@@ -29,9 +29,16 @@ def test_bf16_and_stage3_steps_reach_the_command(tmp_path):
 
 def test_unset_fields_keep_the_presets_defaults(tmp_path):
     spec = spec_from_proto(pb.TrainingSpec(release="r2", quick=True))
-    assert (spec.preset, spec.codec, spec.bf16, spec.stage3_steps) == ("small", "bf16", False, None)
+    assert (spec.preset, spec.codec, spec.bf16, spec.stage3_steps, spec.attention_weight) == \
+        ("small", "bf16", False, None, None)
     args = train_args(spec, tmp_path)
-    assert not args.bf16 and args.stage3_steps is None and args.quick and args.attention_weight == 0.0
+    assert not args.bf16 and args.stage3_steps is None and args.quick and args.attention_weight is None
+
+
+def test_an_attention_weight_of_zero_is_given_not_the_default(tmp_path):
+    spec = spec_from_proto(pb.TrainingSpec(release="r5", attention_weight=0.0))
+    assert spec.attention_weight == 0.0
+    assert train_args(spec, tmp_path).attention_weight == 0.0
 
 
 def test_negative_stage3_steps_are_refused():

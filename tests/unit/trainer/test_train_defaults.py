@@ -1,0 +1,34 @@
+"""What `memory3 train` runs when a flag is left out, and that a given flag wins."""
+
+import pytest
+
+from memory3.services.cli.commands import train_pipeline_config
+from memory3.services.trainer.train import TrainConfig
+
+
+def test_left_out_flags_take_the_presets_recipe():
+    train = train_pipeline_config(preset="small", quick=False, seed=0).train
+    assert train == TrainConfig()
+
+
+def test_given_flags_win_over_the_defaults():
+    """The seed reaches the training loop too, which draws the distractors from it."""
+    train = train_pipeline_config(preset="small", quick=False, seed=3, bf16=True, stage3_steps=40,
+                                  attention_weight=2.5).train
+    assert (train.bf16, train.stage3.steps, train.attention_weight, train.seed) == (True, 40, 2.5, 3)
+    assert train.stage3.lr == TrainConfig().stage3.lr  # only the steps change
+
+
+def test_quick_keeps_its_short_stages():
+    quick = train_pipeline_config(preset="small", quick=True, seed=0)
+    assert quick.preset == "tiny" and quick.train.total_steps < 100
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"stage3_steps": -1}, "--stage3-steps -1: give a number of steps >= 0"),
+    ({"attention_weight": float("nan")}, "--attention-weight nan: give a finite number >= 0"),
+    ({"attention_weight": -0.5}, "--attention-weight -0.5: give a finite number >= 0"),
+])
+def test_bad_values_are_refused_before_anything_runs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train_pipeline_config(preset="small", quick=False, seed=0, **kwargs)
