@@ -74,10 +74,10 @@ class TrainConfig:
     # learning rates of 2e-3 and 3e-3 did worse than 1e-3.
     stage1: StageConfig = StageConfig(steps=100, lr=1e-3)
     stage2: StageConfig = StageConfig(steps=1150, lr=1e-3)
-    # Stage 3 (stage 2 continued, with neighbours; off by default): every group that reads a memory is filled up
-    # to mems_per_chunk with other samples' references in the batch, same kind first
-    # (`batch_groups`), and, with `alternate_single_chunk`, steps alternate between single-chunk
-    # and full-length samples. It starts from the end of stage 2, whose rate has decayed, with a
+    # Stage 3 (stage 2 continued, with neighbours; off by default): every group that reads a
+    # memory is filled up to mems_per_chunk with other samples' references in the batch, same kind
+    # first (`batch_groups`), and, with `alternate_single_chunk`, steps alternate between
+    # single-chunk and full-length samples. It starts from the end of stage 2, whose rate has decayed, with a
     # fresh AdamW (beta2 0.999) at a constant rate. With the language-model loss alone, telling
     # the right memory from its neighbours came abruptly after about 1000 such steps in one run
     # and not within 1200 in five others. With `attention_weight` 3 it came in 600 steps, but
