@@ -81,14 +81,12 @@ class Embedder:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            width = max(1, max(len(encoded[i].ids) for i in rows))
-            ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), 0 is [PAD]
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, i in enumerate(rows):
-                n = len(encoded[i].ids)
-                ids[row, :n] = torch.tensor(encoded[i].ids)
-                mask[row, :n] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            batch = [encoded[i] for i in rows]
+            width = max(len(e.ids) for e in batch)
+            for e in batch:
+                e.pad(width, pad_id=0, pad_token="[PAD]")
+            ids = torch.tensor([e.ids for e in batch], device=self.device)  # (B, T)
+            mask = torch.tensor([e.attention_mask for e in batch], device=self.device)
             with self._autocast():
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, T, dim)
             weights = mask[..., None].to(hidden.dtype)

@@ -77,11 +77,12 @@ class TrainConfig:
     # Stage 3 (stage 2 continued, with neighbours; off by default): every group that reads a
     # memory is filled up to mems_per_chunk with other samples' references in the batch, same kind
     # first (`batch_groups`), and, with `alternate_single_chunk`, steps alternate between
-    # single-chunk and full-length samples. It starts from the end of stage 2, whose rate has decayed, with a
-    # fresh AdamW (beta2 0.999) at a constant rate. With the language-model loss alone, telling
-    # the right memory from its neighbours came abruptly after about 1000 such steps in one run
-    # and not within 1200 in five others. With `attention_weight` 3 it came in 600 steps, but
-    # that run took 19 minutes, and the shorter schedules tried did not learn it (README, Training).
+    # single-chunk and full-length samples. It starts from the end of stage 2, whose rate has
+    # decayed, with a fresh AdamW (beta2 0.999) at a constant rate. With the language-model loss
+    # alone, telling the right memory from its neighbours came abruptly after about 1000 such
+    # steps in one run and not within 1200 in five others. With `attention_weight` 3 it came in
+    # 600 steps, but that run took 19 minutes, and the shorter schedules tried did not learn it
+    # (README, Training).
     stage3: StageConfig = StageConfig(steps=0, lr=3e-4, warmup_steps=0, decay_fraction=0.0)
     # Stage-2 data (see data.py): the share of questions about fresh entities, which only memory
     # can answer, and the loss weight of answer tokens relative to the question template.
