@@ -80,8 +80,9 @@ def encode_batch(
         h = layer.attention_norm(x)
         q, k, v = layer.attention.project(h)  # (N, H, L, D), (N, H_kv, L, D), (N, H_kv, L, D)
         if i in memory_layers:
-            scores = received_attention(q[:, :, p:], k[:, :, p:], ref_valid, config.score_reduction)
-            index = top_k_tokens(scores, ref_valid, config.mem_tokens_per_head)  # (N, H_kv, k)
+            with torch.no_grad():  # only selects tokens: no gradient, and no graph to keep for one
+                scores = received_attention(q[:, :, p:], k[:, :, p:], ref_valid, config.score_reduction)
+                index = top_k_tokens(scores, ref_valid, config.mem_tokens_per_head)  # (N, H_kv, k)
             k_rope = apply_rope(k, cos, sin)
             gather = (index.clamp(min=0) + p)[..., None].expand(-1, -1, -1, k.shape[-1])  # (N, H_kv, k, D)
             pad = (index < 0)[..., None]

@@ -45,10 +45,11 @@ def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_ne
     return 0
 
 
-def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool = False,
+def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | None = None,
                           stage3_steps: int | None = None, attention_weight: float | None = None):
     """The run `memory3 train` asks for. None for `stage3_steps` or `attention_weight` means the
-    preset's default."""
+    preset's default; None for `bf16` means on where the CPU computes bf16 natively."""
+    from memory3.services.retrieval.embedder import native_bf16
     from memory3.services.trainer.pipeline import PipelineConfig
     from memory3.services.trainer.train import TrainConfig
 
@@ -58,7 +59,7 @@ def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool = F
         raise ValueError(f"--attention-weight {attention_weight}: give a finite number >= 0")
     config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
         PipelineConfig(preset=preset, seed=seed, train=TrainConfig(seed=seed))
-    train = dataclasses.replace(config.train, bf16=bf16)
+    train = dataclasses.replace(config.train, bf16=native_bf16() if bf16 is None else bf16)
     if attention_weight is not None:
         train = dataclasses.replace(train, attention_weight=attention_weight)
     if stage3_steps is not None:
@@ -67,7 +68,7 @@ def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool = F
 
 
 def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
-              bf16: bool = False, stage3_steps: int | None = None, attention_weight: float | None = None,
+              bf16: bool | None = None, stage3_steps: int | None = None, attention_weight: float | None = None,
               events: bool = False) -> int:
     from memory3.services.release.manifest import check_release_name
     from memory3.services.storage.object_store import ObjectStore

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop exactly what `memory3 up` started (by PID)")
     down.add_argument("--home", type=Path, default=DEFAULT_HOME)
 
-    train = sub.add_parser("train", help="train a model (two stages) and publish it as a release")
+    train = sub.add_parser("train", help="train a model (three stages) and publish it as a release")
     train.add_argument("--preset", default="small", help="model preset")
     train.add_argument("--quick", action="store_true",
                        help="a one-minute run of the whole pipeline (tiny model unless --preset names another)")
@@ -72,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how memories are compressed in the bank")
     train.add_argument("--stage3-steps", type=int, default=None,
                        help="steps of stage 3, where chunks read same-kind neighbours beside their own "
-                            "reference (default: the preset's, none for small; see README, Training)")
+                            "reference (default: the preset's, 1200 for small; see README, Training)")
     train.add_argument("--attention-weight", type=float, default=None,
                        help="weight of a loss on the answer tokens' memory attention, which rewards attending "
                             "to the slots of the answer's own memory that hold the token being predicted "
-                            "(default: the preset's, none; see README, Training)")
-    train.add_argument("--bf16", action="store_true",
-                       help="train under bfloat16 autocast on a CPU too (always on with CUDA); pays on CPUs "
-                            "with native bf16 (AVX-512 BF16, AMX)")
+                            "(default: the preset's, 3; 0 turns it off; see README, Training)")
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="train under bfloat16 autocast (always on with CUDA); default: on a CPU with native "
+                            "bf16 (AVX-512 BF16, AMX), where a step takes about 0.7x as long")
     train.add_argument("--events", action="store_true",
                        help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
     add_s3_arguments(train)

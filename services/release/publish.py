@@ -12,7 +12,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -104,6 +104,8 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
     rows = list(parent_references)
     total_bytes = sum(r.get("memory_bytes", 0) for r in rows)
     bar = tqdm(total=len(references), desc=f"memory bank {name}", unit="ref", disable=not progress, file=sys.stderr)
+    # One batch uploads while the next is encoded; a failed upload raises before the manifest.
+    uploading: list[Future] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
         for start in range(0, len(references), batch_size):
             part = references[start : start + batch_size]
@@ -111,12 +113,16 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
                 memories = encode_references(model, [list(r.tokens) for r in part], prefix)
             blobs = [encode_memory(m, memory_codec, model.config.ref_len) for m in memories]
             keys = [memory_key(bank, r.id) for r in part]
-            list(pool.map(lambda kb: store.put_bytes(*kb), zip(keys, blobs, strict=True)))
+            for future in uploading:
+                future.result()
+            uploading = [pool.submit(store.put_bytes, key, blob) for key, blob in zip(keys, blobs, strict=True)]
             for ref, key, blob in zip(part, keys, blobs, strict=True):
                 rows.append({"id": ref.id, "text": ref.text, "source": ref.source, "memory_key": key,
                              "memory_bytes": len(blob)})
                 total_bytes += len(blob)
             bar.update(len(part))
+        for future in uploading:
+            future.result()
     bar.close()
 
     log(f"embedding {len(references)} references with {embedder_name}")

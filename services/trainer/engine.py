@@ -38,7 +38,7 @@ class TrainingJobSpec:
     quick: bool = False
     seed: int = 0
     codec: str = "bf16"
-    bf16: bool = False
+    bf16: bool | None = None  # None: on where the CPU computes bf16 natively
     stage3_steps: int | None = None  # None: the preset's default
     attention_weight: float | None = None  # None: the preset's default
 
@@ -159,8 +159,8 @@ class TrainingJobManager:
                "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec, "--events",
                "--work-dir", str(self.work_root / spec.release), "--s3-endpoint", self.s3.endpoint,
                "--s3-bucket", self.s3.bucket]
-        if spec.bf16:
-            cmd.append("--bf16")
+        if spec.bf16 is not None:
+            cmd.append("--bf16" if spec.bf16 else "--no-bf16")
         if spec.stage3_steps is not None:
             cmd += ["--stage3-steps", str(spec.stage3_steps)]
         if spec.attention_weight is not None:

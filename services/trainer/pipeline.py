@@ -1,4 +1,4 @@
-"""The whole training run: world -> tokenizer -> knowledge base and index -> two stages -> model.
+"""The whole training run: world -> tokenizer -> knowledge base and index -> three stages -> model.
 
 `run_pipeline` is what `memory3 train` and the TrainerService both call. Everything it writes
 lives under one work directory, so a killed run resumes from its last checkpoint with

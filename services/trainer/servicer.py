@@ -17,7 +17,8 @@ def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
     if not spec.release:
         raise InvalidInput("spec.release is required: the name of the release to publish")
     return TrainingJobSpec(release=spec.release, preset=spec.preset or "small", quick=spec.quick,
-                           seed=spec.seed, codec=spec.codec or "bf16", bf16=spec.bf16,
+                           seed=spec.seed, codec=spec.codec or "bf16",
+                           bf16=spec.bf16 if spec.HasField("bf16") else None,
                            stage3_steps=spec.stage3_steps if spec.HasField("stage3_steps") else None,
                            attention_weight=spec.attention_weight if spec.HasField("attention_weight") else None)
 

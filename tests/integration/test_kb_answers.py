@@ -33,7 +33,8 @@ READER = PipelineConfig(
     preset="tiny", vocab_size=1024, world_train=200, world_heldout=40, real_documents=200, eval_questions=16,
     train=TrainConfig(seq_len=64, batch_size=32, own_reference_fraction=1.0, stage2_real_fraction=0.0,
                       eval_every=10_000, checkpoint_every=10_000, stage1=StageConfig(steps=0, lr=1e-3),
-                      stage2=StageConfig(steps=1000, lr=6e-3)))
+                      stage2=StageConfig(steps=1000, lr=6e-3), stage3=StageConfig(steps=0, lr=3e-4),
+                      attention_weight=0.0))
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,15 @@ def test_bf16_and_stage3_steps_reach_the_command(tmp_path):
 def test_unset_fields_keep_the_presets_defaults(tmp_path):
     spec = spec_from_proto(pb.TrainingSpec(release="r2", quick=True))
     assert (spec.preset, spec.codec, spec.bf16, spec.stage3_steps, spec.attention_weight) == \
-        ("small", "bf16", False, None, None)
+        ("small", "bf16", None, None, None)
     args = train_args(spec, tmp_path)
-    assert not args.bf16 and args.stage3_steps is None and args.quick and args.attention_weight is None
+    assert args.bf16 is None and args.stage3_steps is None and args.quick and args.attention_weight is None
+
+
+def test_bf16_false_is_given_not_the_default(tmp_path):
+    spec = spec_from_proto(pb.TrainingSpec(release="r6", bf16=False))
+    assert spec.bf16 is False
+    assert train_args(spec, tmp_path).bf16 is False
 
 
 def test_an_attention_weight_of_zero_is_given_not_the_default(tmp_path):

@@ -1,14 +1,23 @@
 """What `memory3 train` runs when a flag is left out, and that a given flag wins."""
 
+import dataclasses
+
 import pytest
 
 from memory3.services.cli.commands import train_pipeline_config
+from memory3.services.retrieval.embedder import native_bf16
 from memory3.services.trainer.train import TrainConfig
 
 
 def test_left_out_flags_take_the_presets_recipe():
     train = train_pipeline_config(preset="small", quick=False, seed=0).train
-    assert train == TrainConfig()
+    assert train == dataclasses.replace(TrainConfig(), bf16=native_bf16())
+
+
+def test_bf16_follows_the_cpu_unless_given():
+    for given in (True, False):
+        assert train_pipeline_config(preset="small", quick=False, seed=0, bf16=given).train.bf16 is given
+        assert train_pipeline_config(preset="small", quick=True, seed=0, bf16=given).train.bf16 is given
 
 
 def test_given_flags_win_over_the_defaults():
