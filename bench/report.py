@@ -62,6 +62,11 @@ def render_table(results_dir: Path) -> str:
                 f"| | at the decoder: CPU per token, on / off | "
                 f"{serving['decoder_cpu_per_token_on_over_off']:.3f} | |",
             ]
+        extra = serving.get("decoder_extra_cpu_us_per_token")
+        if extra:
+            rows.append(f"| | at the decoder: extra CPU per token with retrieval on, scheduler thread / other threads "
+                        f"(of {serving['decoder_cpu_us_per_token_off']:.0f} µs off) | "
+                        f"{extra['scheduler']:.0f} / {extra['other_threads']:.0f} µs | |")
         if "engine_on_over_off" in serving:
             rows.append(f"| | engine alone, retrieval latency simulated: on / off | "
                         f"{serving['engine_on_over_off']:.3f} | |")

@@ -223,6 +223,11 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
         sharing = [a / b for a, b in zip(loaded, off, strict=True)]
         decoder_ratios = [a / b for a, b in zip(decoder_on.tok_s, decoder_off.tok_s, strict=True)]
         cpu_ratios = [a / b for a, b in zip(decoder_on.cpu_ms_per_token, decoder_off.cpu_ms_per_token, strict=True)]
+        # The extra CPU per token with retrieval on, by thread: the scheduler's, and all the others'.
+        extra = {"scheduler": [a - b for a, b in zip(decoder_on.scheduler_cpu_ms_per_token,
+                                                     decoder_off.scheduler_cpu_ms_per_token, strict=True)],
+                 "other_threads": [a - b for a, b in zip(decoder_on.other_cpu_ms_per_token,
+                                                         decoder_off.other_cpu_ms_per_token, strict=True)]}
         summary = {
             "retrieval_on_over_off": round(statistics.median(ratios), 4),
             "retrieval_on_over_off_ci90": median_interval(ratios),
@@ -232,6 +237,8 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
             "off_loaded_over_off": round(statistics.median(sharing), 4),
             "decoder_on_over_off": round(statistics.median(decoder_ratios), 4),
             "decoder_cpu_per_token_on_over_off": round(statistics.median(cpu_ratios), 4),
+            "decoder_extra_cpu_us_per_token": {k: round(1000 * statistics.median(v), 1) for k, v in extra.items()},
+            "decoder_cpu_us_per_token_off": round(1000 * statistics.median(decoder_off.cpu_ms_per_token), 1),
             "fetch5_redis_hit_p50_ms": _percentiles(hit)["p50_ms"],
             "fetch5_s3_miss_p50_ms": _percentiles(miss)["p50_ms"],
             "retrieval_p50_ms": _percentiles(retrieval)["p50_ms"],
@@ -254,6 +261,9 @@ async def _measure(state: StackState, docs, *, concurrency, prompt_tokens, new_t
                            "decoder_cpu_ms_per_token": {"on": [round(x, 4) for x in decoder_on.cpu_ms_per_token],
                                                         "off": [round(x, 4) for x in decoder_off.cpu_ms_per_token]},
                            "per_round_ratios_decoder": [round(x, 4) for x in decoder_ratios],
+                           "decoder_scheduler_cpu_ms_per_token": {
+                               "on": [round(x, 4) for x in decoder_on.scheduler_cpu_ms_per_token],
+                               "off": [round(x, 4) for x in decoder_off.scheduler_cpu_ms_per_token]},
                            "per_round_ratios_decoder_cpu_per_token": [round(x, 4) for x in cpu_ratios]}}
     finally:
         for channel in (text_channel, memory_channel, decoder_channel):
@@ -284,29 +294,37 @@ def grpc_streams(channel, prompts: list[str], new_tokens: int):
 
 class DecoderCounters:
     """Per closed-loop run, the decoder process's own figures from its /metrics: tokens it
-    generated per second, and CPU seconds it spent per 1000 of them (all its threads).
+    generated per second, and CPU seconds it spent per 1000 of them: all its threads, and its
+    scheduler thread (model passes and batching) apart from the rest (gRPC, streaming, retrieval I/O).
 
     Clients and the retrieval services share the other cores, so the tokens clients receive per
-    second also move with how fast the clients read; these two say what the decoder itself did,
-    and the CPU per token is what retrieval costs the decoder's own core."""
+    second also move with how fast the clients read; these say what the decoder itself did, and
+    the CPU per token is what retrieval costs the decoder's own core, and on which of its threads."""
 
     def __init__(self, state: StackState) -> None:
         self.state = state
         self.tok_s: list[float] = []
         self.cpu_ms_per_token: list[float] = []
-        self._at = (0.0, 0.0)
+        self.scheduler_cpu_ms_per_token: list[float] = []
+        self._at = (0.0, 0.0, 0.0)
 
-    def _read(self) -> tuple[float, float]:
+    def _read(self) -> tuple[float, float, float]:
         return (self.state.metric("decoder", "memory3_generation_tokens_total"),
-                self.state.metric("decoder", "process_cpu_seconds_total"))
+                self.state.metric("decoder", "process_cpu_seconds_total"),
+                self.state.metric("decoder", "memory3_scheduler_cpu_seconds_total"))
 
     def start(self) -> None:
         self._at = self._read()
 
     def stop(self, elapsed: float) -> None:
-        tokens, cpu = (b - a for a, b in zip(self._at, self._read(), strict=True))
+        tokens, cpu, scheduler = (b - a for a, b in zip(self._at, self._read(), strict=True))
         self.tok_s.append(tokens / elapsed)
         self.cpu_ms_per_token.append(1000 * cpu / tokens if tokens else float("nan"))
+        self.scheduler_cpu_ms_per_token.append(1000 * scheduler / tokens if tokens else float("nan"))
+
+    @property
+    def other_cpu_ms_per_token(self) -> list[float]:
+        return [a - b for a, b in zip(self.cpu_ms_per_token, self.scheduler_cpu_ms_per_token, strict=True)]
 
 
 async def _retrieval_load(text, memory, queries: list[list[int]], per_second: float, served: list[int]) -> None:

@@ -221,6 +221,7 @@ class Scheduler:
 
     # ---- the loop ----
     def _run(self) -> None:
+        cpu = time.thread_time()
         with torch.inference_mode():
             while not self.stopping:
                 try:
@@ -229,6 +230,9 @@ class Scheduler:
                     log.exception("scheduler step failed; failing the streams it held")
                     self._fail_all(ServiceError("internal error in the decoder"))
                 self._send_outbox()
+                now = time.thread_time()
+                metrics.SCHEDULER_CPU.inc(now - cpu)
+                cpu = now
 
     def _emit(self, stream: _Stream, message) -> None:
         self.outbox.append((stream, message))

@@ -30,6 +30,8 @@ from .retrieval import RetrievedReference
 # Status codes that mean "the service is not there right now", as opposed to a bad request.
 _OUTAGE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 TIER = "decoder"  # the `tier` label of the decoder's own RAM tier in the memory fetch metrics
+_FETCHES, _HITS, _MISSES = (m.labels(tier=TIER) for m in (metrics.MEMORY_FETCHES, metrics.MEMORY_HITS,
+                                                           metrics.MEMORY_MISSES))
 
 
 def memory_nbytes(memory: ExplicitMemory) -> int:
@@ -57,6 +59,18 @@ class RemoteRetrieval:
             raise error_from_rpc(e) from e
         return [[RetrievedReference(rid, score, text) for rid, score, text in found] for found in hits]
 
+    def cached(self, ids: Sequence[str]) -> list[ExplicitMemory] | None:
+        """The memories of `ids` when the decoder's RAM tier holds every one, else None (nothing counted)."""
+        if self.cache is None:
+            return None
+        found = [self.cache.get(rid) for rid in ids]
+        if any(memory is None for memory in found):
+            return None
+        unique = len(set(ids))  # counted as `fetch` counts them
+        _FETCHES.inc(unique)
+        _HITS.inc(unique)
+        return found  # type: ignore[return-value]
+
     async def fetch(self, ids: Sequence[str]) -> list[ExplicitMemory]:
         unique = list(dict.fromkeys(ids))
         found: dict[str, ExplicitMemory] = {}
@@ -65,9 +79,9 @@ class RemoteRetrieval:
                 memory = self.cache.get(rid)
                 if memory is not None:
                     found[rid] = memory
-            metrics.MEMORY_FETCHES.labels(tier=TIER).inc(len(unique))
-            metrics.MEMORY_HITS.labels(tier=TIER).inc(len(found))
-            metrics.MEMORY_MISSES.labels(tier=TIER).inc(len(unique) - len(found))
+            _FETCHES.inc(len(unique))
+            _HITS.inc(len(found))
+            _MISSES.inc(len(unique) - len(found))
         missing = [rid for rid in unique if rid not in found]
         if missing:
             try:

@@ -30,6 +30,11 @@ class Retrieval(Protocol):
     async def fetch(self, ids: Sequence[str]) -> list[ExplicitMemory]:
         """The memories of these reference ids, in order, validated."""
 
+    # A retrieval that keeps decoded memories in RAM may also offer
+    #     def cached(self, ids: Sequence[str]) -> list[ExplicitMemory] | None
+    # answering at once when it holds every one of `ids` (None otherwise): callers that batch
+    # fetches (`CoalescingRetrieval`) then skip their batching window for memories already here.
+
 
 class LocalRetrieval:
     """Retrieval straight from an opened release: its index, embedder and memory bank."""
@@ -76,10 +81,13 @@ class CoalescingRetrieval:
     trip. Calls that arrive within `window_s` of the first become one batched call; with a
     single caller the added latency is the window alone. When a merged call fails, each caller's
     part is retried alone, so one bad query or corrupt memory fails only the stream that asked.
+    A fetch whose memories the inner retrieval already holds decoded (its `cached`, when it has
+    one) is answered at once: no window, no task, no round trip.
     """
 
     def __init__(self, inner: Retrieval, *, window_s: float = 0.002, max_items: int = 256) -> None:
         self.inner, self.window_s, self.max_items = inner, window_s, max_items
+        self._cached = getattr(inner, "cached", None)
         self._pending: dict[tuple, list[tuple[list, asyncio.Future]]] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -88,7 +96,8 @@ class CoalescingRetrieval:
         return await self._submit(("retrieve", top_k, include_text), list(queries))
 
     async def fetch(self, ids: Sequence[str]) -> list[ExplicitMemory]:
-        return await self._submit(("fetch",), list(ids))
+        found = self._cached(ids) if self._cached is not None else None
+        return found if found is not None else await self._submit(("fetch",), list(ids))
 
     async def _submit(self, key: tuple, items: list):
         loop = asyncio.get_running_loop()

@@ -25,6 +25,9 @@ NUM_REQUESTS_RUNNING = Gauge("memory3_num_requests_running", "Streams holding a 
 NUM_REQUESTS_WAITING = Gauge("memory3_num_requests_waiting", "Streams queued for a batch slot.")
 GENERATION_TOKENS = Counter("memory3_generation_tokens", "Tokens generated.")
 PROMPT_TOKENS = Counter("memory3_prompt_tokens", "Prompt tokens prefilled.")
+SCHEDULER_CPU = Counter("memory3_scheduler_cpu_seconds",
+                        "CPU time of the decoder's scheduler thread (model passes and batching); the rest of "
+                        "process_cpu_seconds_total is gRPC, streaming and retrieval I/O.")
 MEMORY_WAIT = Histogram("memory3_memory_wait_seconds",
                         "Per memory swap while decoding: how long the stream paused at the chunk boundary for "
                         "its memories (0 when they had arrived).", buckets=(0.0, *_FAST_BUCKETS))

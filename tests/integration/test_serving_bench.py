@@ -32,6 +32,13 @@ def test_serving_bench_measures_every_arm(tmp_path):
     for arm in ("on", "off"):
         assert len(arms["decoder_tok_s"][arm]) == 2 and min(arms["decoder_tok_s"][arm]) > 0
         assert len(arms["decoder_cpu_ms_per_token"][arm]) == 2 and min(arms["decoder_cpu_ms_per_token"][arm]) > 0
+        # The scheduler thread's share is part of the process's CPU, and not all of it (gRPC runs beside it).
+        scheduler = arms["decoder_scheduler_cpu_ms_per_token"][arm]
+        assert all(0 < s < total for s, total in zip(scheduler, arms["decoder_cpu_ms_per_token"][arm], strict=True))
+    cpu = arms["decoder_cpu_ms_per_token"]
+    extra_total = sorted(a - b for a, b in zip(cpu["on"], cpu["off"], strict=True))
+    split = result["decoder_extra_cpu_us_per_token"]  # medians of two rounds, by thread
+    assert split["scheduler"] + split["other_threads"] == pytest.approx(1000 * sum(extra_total) / 2, abs=0.2)
     decoder = arms["decoder_tok_s"]
     assert result["decoder_on_over_off"] == pytest.approx(
         sum(a / b for a, b in zip(decoder["on"], decoder["off"], strict=True)) / 2, rel=1e-3)

@@ -49,3 +49,30 @@ def test_a_failing_part_fails_only_its_caller():
     assert isinstance(bad, DataLoss)
     with pytest.raises(DataLoss):
         asyncio.run(coalescing.fetch(["corrupt"]))
+
+
+class CachingRecorder(Recorder):
+    def __init__(self, held) -> None:
+        super().__init__()
+        self.held = set(held)
+
+    def cached(self, ids):
+        return [f"memory-{i}" for i in ids] if set(ids) <= self.held else None
+
+
+def test_a_fetch_of_memories_held_in_ram_skips_the_window_and_the_inner_fetch():
+    inner = CachingRecorder("ab")
+    coalescing = CoalescingRetrieval(inner, window_s=10.0)  # a window nobody would wait for
+
+    async def main():
+        return await asyncio.wait_for(coalescing.fetch(["b", "a", "b"]), timeout=1.0)
+
+    assert asyncio.run(main()) == ["memory-b", "memory-a", "memory-b"]
+    assert inner.fetch_calls == []
+
+
+def test_a_fetch_with_one_memory_not_held_goes_through_the_inner_fetch():
+    inner = CachingRecorder("a")
+    coalescing = CoalescingRetrieval(inner, window_s=0.01)
+    assert asyncio.run(coalescing.fetch(["a", "c"])) == ["memory-a", "memory-c"]
+    assert inner.fetch_calls == [["a", "c"]]

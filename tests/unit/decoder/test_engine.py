@@ -316,3 +316,15 @@ def test_memory_wait_measures_the_pause_that_the_lead_avoids(tiny_model, text_co
     swaps, waited = (a - b for a, b in zip(observed(), before, strict=True))
     assert len(tokens) == 70 and swaps == 1
     assert (waited > 0.01) if paused else (waited == 0.0)
+
+
+def test_the_scheduler_threads_cpu_time_is_counted(tiny_model, text_codec, memories):
+    """The serving bench splits the decoder's CPU into the scheduler's and the rest with this counter."""
+    before = metrics.SCHEDULER_CPU._value.get()
+    engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories), EngineConfig(max_batch=2))
+    start = time.process_time()
+    tokens, _, _ = collect_alone(engine, GenerationRequest(prompts(1, text_codec)[0], 40, ignore_eos=True))
+    spent = time.process_time() - start
+    assert len(tokens) == 40
+    counted = metrics.SCHEDULER_CPU._value.get() - before
+    assert 0 < counted <= spent + 0.01  # the process's CPU includes the scheduler thread's

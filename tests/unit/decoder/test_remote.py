@@ -91,3 +91,17 @@ def test_without_the_tier_every_fetch_reaches_the_memory_service():
 
     asyncio.run(main())
     assert service.calls == [["a", "b"], ["a", "b"]]
+
+
+def test_cached_answers_only_when_every_memory_is_held_and_counts_hits_only_then():
+    service = FakeMemoryService("abc")
+    remote = retrieval(service, 1 << 20)
+    asyncio.run(remote.fetch(["a", "b"]))
+    fetches, hits, misses = counter("MEMORY_FETCHES"), counter("MEMORY_HITS"), counter("MEMORY_MISSES")
+    assert remote.cached(["a", "c"]) is None  # c was never fetched
+    assert (counter("MEMORY_FETCHES"), counter("MEMORY_HITS")) == (fetches, hits)
+    held = remote.cached(["b", "a", "b"])
+    assert held is not None and held[0] is held[2] is remote.cache.get("b") and held[1] is remote.cache.get("a")
+    assert (counter("MEMORY_FETCHES") - fetches, counter("MEMORY_HITS") - hits) == (2, 2)
+    assert counter("MEMORY_MISSES") == misses and service.calls == [["a", "b"]]
+    assert retrieval(service, 0).cached(["a"]) is None  # no RAM tier: nothing is ever held
