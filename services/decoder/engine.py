@@ -644,9 +644,10 @@ class GenerationEngine:
                 pending.usage = Usage(len(request.prompt_ids), produced, retrievals, memories_read)
                 yield pending
                 return
-            if pending.text or pending.citations or pending.warnings:  # else a partial character is held
-                yield pending
-                pending = GenerationEvent()
+            # Every step's token ids go out at once; a character split across tokens is held in the
+            # detokenizer, so such an event's text is empty until the character completes.
+            yield pending
+            pending = GenerationEvent()
 
     async def _prompt_memories(self, request: GenerationRequest):
         queries = [request.prompt_ids[s:e] for s, e in chunk_spans(len(request.prompt_ids), self.mc.chunk_len)]

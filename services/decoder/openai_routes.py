@@ -169,7 +169,8 @@ async def _sse(first: GenerationEvent | None, events: AsyncIterator[GenerationEv
     try:
         event = first
         while event is not None:
-            yield _data(_chunk(request, model_name, event))
+            if event.text or event.citations or event.warnings or event.finish_reason is not None:
+                yield _data(_chunk(request, model_name, event))  # a chunk carries text, not token ids
             event = await anext(events, None)
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
         status, message = http_status(exc)

@@ -328,3 +328,14 @@ def test_the_scheduler_threads_cpu_time_is_counted(tiny_model, text_codec, memor
     assert len(tokens) == 40
     counted = metrics.SCHEDULER_CPU._value.get() - before
     assert 0 < counted <= spent + 0.01  # the process's CPU includes the scheduler thread's
+
+
+def test_every_steps_token_ids_go_out_at_once_even_inside_a_character(tiny_model, text_codec, memories):
+    """Random weights emit bytes that split UTF-8 characters: their ids still stream one step at a time."""
+    engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories), EngineConfig(max_batch=2))
+    tokens, text, events = collect_alone(engine, GenerationRequest(prompts(1, text_codec)[0], 120, ignore_eos=True))
+    with_ids = [e for e in events if e.token_ids]
+    assert [len(e.token_ids) for e in with_ids] == [1] * len(tokens)  # one message per decode step
+    held = [e for e in with_ids if not e.text]
+    assert held  # some tokens ended inside a character: their ids went out, their text waited
+    assert text == "".join(e.text for e in events)
