@@ -36,9 +36,9 @@ def test_serving_bench_measures_every_arm(tmp_path):
         scheduler = arms["decoder_scheduler_cpu_ms_per_token"][arm]
         assert all(0 < s < total for s, total in zip(scheduler, arms["decoder_cpu_ms_per_token"][arm], strict=True))
     cpu = arms["decoder_cpu_ms_per_token"]
-    extra_total = sorted(a - b for a, b in zip(cpu["on"], cpu["off"], strict=True))
-    split = result["decoder_extra_cpu_us_per_token"]  # medians of two rounds, by thread
-    assert split["scheduler"] + split["other_threads"] == pytest.approx(1000 * sum(extra_total) / 2, abs=0.2)
+    extra_total = [a - b for a, b in zip(cpu["on"], cpu["off"], strict=True)]
+    split = result["decoder_extra_cpu_us_per_token"]  # medians of two rounds (their means), by thread, rounded
+    assert split["scheduler"] + split["other_threads"] == pytest.approx(1000 * sum(extra_total) / 2, abs=0.5)
     decoder = arms["decoder_tok_s"]
     assert result["decoder_on_over_off"] == pytest.approx(
         sum(a / b for a, b in zip(decoder["on"], decoder["off"], strict=True)) / 2, rel=1e-3)
