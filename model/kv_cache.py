@@ -71,6 +71,17 @@ class KVCache(nn.Module):
         self.v[rows, :, : self.mem_slots] = v.to(self.v.dtype)
         self.mem_valid[rows] = valid
 
+    def set_row_memory(self, row: int, k: Tensor, v: Tensor, valid: Tensor) -> None:
+        """One row's first n memory slots: k, v (H_kv, n, D), valid (n,); the rest are cleared."""
+        n = k.shape[1]
+        self.k[row, :, :n].copy_(k)
+        self.v[row, :, :n].copy_(v)
+        self.mem_valid[row, :n].copy_(valid)
+        self.mem_valid[row, n:] = False
+
+    def clear_row_memory(self, row: int) -> None:
+        self.mem_valid[row] = False
+
     def clear_memory(self, rows: Tensor | None = None) -> None:
         if rows is None:
             self.mem_valid.zero_()

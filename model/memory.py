@@ -101,26 +101,6 @@ class MemoryKV:
         same = token_group[:, :, None] == self.slot_group[None, None, :]  # (B, T, S_mem)
         return (same & self.valid[:, None, :])[:, None]
 
-    def one_group(self, sequences: Tensor | Sequence[int], groups: Tensor | Sequence[int]) -> MemoryKV:
-        """The memories of group groups[i] of sequence sequences[i]: one group per sequence.
-
-        A prefill stacks all of a prompt's groups; the last one stays resident for decoding,
-        and is cut from here rather than stacked from the stored memories a second time. A
-        group's slots are contiguous, so it is a slice: for one sequence, a view.
-
-        Args:
-            sequences, groups: (B',) int.
-        """
-        per_group = self.n_slots // (int(self.slot_group[-1]) + 1)
-        cut = [(b, slice(g * per_group, (g + 1) * per_group))  # (sequence, its group's slots)
-               for b, g in zip(torch.as_tensor(sequences).tolist(), torch.as_tensor(groups).tolist(), strict=True)]
-        return MemoryKV(
-            k=_batched([self.k[:, b, :, cols] for b, cols in cut], dim=1),  # (L, B', H, M, D)
-            v=_batched([self.v[:, b, :, cols] for b, cols in cut], dim=1),
-            valid=_batched([self.valid[b, cols] for b, cols in cut], dim=0),  # (B', M)
-            slot_group=torch.zeros(per_group, dtype=self.slot_group.dtype, device=self.slot_group.device),
-        )
-
 
 def stack_memories(
     groups: Sequence[Sequence[Sequence[ExplicitMemory]]],

@@ -17,13 +17,15 @@ caller maps slots to RoPE positions (see `model.layout`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Memory3Config
 from .kv_cache import KVCache
-from .memory import MemoryKV
+from .memory import ExplicitMemory, MemoryKV
 
 
 class Transformer(nn.Module):
@@ -152,10 +154,64 @@ class Transformer(nn.Module):
             layer.attention.kv_cache.clear_memory(rows)
         self._update_resident_mask()
 
-    def _update_resident_mask(self) -> None:
-        """Cache the additive mask of the resident memory slots; it changes once per chunk only."""
+    def install_memories(self, row: int, memories: Sequence[ExplicitMemory]) -> None:
+        """Make `memories` (at most mems_per_chunk, none clears) the resident memories of cache `row`.
+
+        The serving engine swaps one stream's memories at each of its chunk boundaries, on the
+        thread that decodes: this writes them in place with plain slices (no MemoryKV, no index
+        tensors), one concatenation per keys and values. Slots past the memories are masked.
+        """
+        if not memories:
+            self._write_resident(row, None)
+            return
+        shape = memories[0].shape
+        if any(m.shape != shape for m in memories):
+            raise ValueError(f"memories of different shapes: {sorted({m.shape for m in memories})}")
+        c = self.config
+        if shape[0] != c.n_memory_layers or shape[1] != c.n_kv_head or shape[3] != c.head_dim:
+            raise ValueError(f"memories of shape {tuple(shape)} do not fit this model: need "
+                             f"({c.n_memory_layers}, {c.n_kv_head}, k, {c.head_dim})")
+        if len(memories) * shape[2] > c.mem_slots:
+            raise ValueError(f"{len(memories)} memories of {shape[2]} tokens do not fit the {c.mem_slots} "
+                             "resident slots")
+        self._write_resident(row, (torch.cat([m.keys for m in memories], dim=2),  # (L_mem, H_kv, n*k, D)
+                                   torch.cat([m.values for m in memories], dim=2),
+                                   torch.cat([m.slot_valid for m in memories])))  # (n*k,)
+
+    def keep_resident(self, row: int, memory: MemoryKV, sequence: int, group: int) -> None:
+        """After a prefill with explicit memories, keep group `group` of `sequence` resident in cache `row`.
+
+        The first generated chunk reads the last prompt chunk's memories: they are cut from the
+        prefill's MemoryKV (a group's slots are contiguous) rather than concatenated again.
+        """
+        per_group = memory.n_slots // (int(memory.slot_group[-1]) + 1)
+        if per_group > self.config.mem_slots:
+            raise ValueError(f"a group of {per_group} slots does not fit the {self.config.mem_slots} resident slots")
+        cols = slice(group * per_group, (group + 1) * per_group)
+        self._write_resident(row, (memory.k[:, sequence, :, cols], memory.v[:, sequence, :, cols],
+                                   memory.valid[sequence, cols]))
+
+    def _write_resident(self, row: int, kv: tuple[Tensor, Tensor, Tensor] | None) -> None:
+        """kv: keys, values (L_mem, H_kv, n, D) and valid (n,) for the row's first n slots; None clears it."""
+        if not self.has_cache:
+            raise ValueError("resident memories need caches (setup_caches)")
+        for i, layer in enumerate(self._memory_layers()):
+            if kv is None:
+                layer.attention.kv_cache.clear_row_memory(row)
+            else:
+                layer.attention.kv_cache.set_row_memory(row, kv[0][i], kv[1][i], kv[2])
+        self._update_resident_mask(row)
+
+    def _update_resident_mask(self, row: int | None = None) -> None:
+        """Cache the additive mask of the resident memory slots; it changes once per chunk only.
+
+        With `row`, only that row changed: its mask row is rewritten in place.
+        """
         valid = self._memory_layers()[0].attention.kv_cache.mem_valid  # (B_cache, M)
-        self._resident_mask = additive_mask(valid, self.output.weight.dtype)
+        if row is None or self._resident_mask is None:
+            self._resident_mask = additive_mask(valid, self.output.weight.dtype)
+        else:
+            self._resident_mask[row].zero_().masked_fill_(~valid[row], float("-inf"))
 
     def _memory_layers(self) -> list[TransformerBlock]:
         return [layer for layer in self.layers if layer.is_memory_layer]
@@ -202,7 +258,7 @@ class Transformer(nn.Module):
                 layer_memory = (memory.k[memory_index], memory.v[memory_index])
                 memory_index += 1
             mask = masks.memory if layer.is_memory_layer else masks.context
-            x = layer(x, cos, sin, mask, layer_memory, cache_slots, kv_len, cache_rows)
+            x = layer(x, cos, sin, mask, layer_memory, cache_slots, kv_len, cache_rows, masks.chunks)
         return self.output(self.norm(x))
 
     def _masks(
@@ -227,6 +283,23 @@ class Transformer(nn.Module):
             key_slot = torch.arange(kv_len, device=cache_slots.device)
             causal = (key_slot[None, None, :] <= cache_slots[:, :, None])[:, None]  # (B, 1, T, S)
             context = causal
+        chunks = self._chunk_layout(memory, token_group) if memory is not None and cache_slots is not None else 0
+        if chunks:
+            # Chunk-major rows (see `chunk_attention`): row b*G + g holds chunk g of sequence b, and
+            # its keys are [group g's memory slots | context]. Query rows past the prompt (padding
+            # of the last chunk) see the whole context, so no softmax row is empty.
+            bsz, seq_len = cache_slots.shape
+            per_group = memory.n_slots // chunks
+            rows_len = chunks * self.config.chunk_len
+            q_slots = F.pad(cache_slots, (0, rows_len - seq_len), value=kv_len - 1)  # (B, G*Lc)
+            see_context = key_slot[None, None, :] <= q_slots[:, :, None]  # (B, G*Lc, S)
+            see_context = see_context.view(bsz * chunks, 1, self.config.chunk_len, kv_len)
+            see_memory = memory.valid.reshape(bsz * chunks, 1, 1, per_group)  # (B*G, 1, 1, M)
+            see = torch.cat([see_memory.expand(-1, -1, self.config.chunk_len, -1), see_context], dim=-1)
+            dtype = self.output.weight.dtype
+            plain_layers = len(self._memory_layers()) < len(self.layers)
+            return _Masks(context=additive_mask(context, dtype) if plain_layers else None,
+                          memory=additive_mask(see, dtype), kv_len=kv_len, chunks=chunks)
         if memory is not None:
             visible = memory.visibility(token_group)  # (B, 1, T, S_mem)
             mem_mask = torch.cat([visible, causal.expand(visible.shape[0], -1, -1, -1)], dim=-1)
@@ -245,12 +318,28 @@ class Transformer(nn.Module):
             mem_mask = context if mem_mask is causal else additive_mask(mem_mask, dtype)
         return _Masks(context=context, memory=mem_mask, kv_len=kv_len)
 
+    def _chunk_layout(self, memory: MemoryKV, token_group: Tensor) -> int:
+        """The number of chunks G when a pass can attend chunk by chunk, else 0.
+
+        That holds when token t reads group t // chunk_len and the groups are exactly the chunks
+        the tokens span (a prefill of prompt bodies): then each chunk needs its own group's
+        memory slots only, and attention over [all groups' slots | context] with a mask would
+        mostly compute scores the mask throws away.
+        """
+        seq_len, chunk_len, n_slots = token_group.shape[1], self.config.chunk_len, memory.n_slots
+        chunks = -(-seq_len // chunk_len)
+        if n_slots % chunks:
+            return 0
+        index = torch.arange(max(seq_len, n_slots), device=token_group.device)
+        token_ok = torch.equal(token_group, (index[:seq_len] // chunk_len).expand_as(token_group))
+        return chunks if token_ok and torch.equal(memory.slot_group, index[:n_slots] // (n_slots // chunks)) else 0
+
 
 class _Masks:
-    __slots__ = ("context", "memory", "kv_len")
+    __slots__ = ("context", "memory", "kv_len", "chunks")
 
-    def __init__(self, context: Tensor | None, memory: Tensor | None, kv_len: int) -> None:
-        self.context, self.memory, self.kv_len = context, memory, kv_len
+    def __init__(self, context: Tensor | None, memory: Tensor | None, kv_len: int, chunks: int = 0) -> None:
+        self.context, self.memory, self.kv_len, self.chunks = context, memory, kv_len, chunks
 
 
 class TransformerBlock(nn.Module):
@@ -272,8 +361,10 @@ class TransformerBlock(nn.Module):
         cache_slots: Tensor | None,
         kv_len: int,
         cache_rows: Tensor | None = None,
+        chunks: int = 0,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, memory, cache_slots, kv_len, cache_rows)
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, memory, cache_slots, kv_len, cache_rows,
+                               chunks)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -308,7 +399,9 @@ class Attention(nn.Module):
         cache_slots: Tensor | None,
         kv_len: int,
         cache_rows: Tensor | None = None,
+        chunks: int = 0,
     ) -> Tensor:
+        """`chunks` > 0: `memory` holds one group per chunk of the tokens, and `mask` is chunk-major."""
         bsz, seq_len, _ = x.shape
         q, k, v = self.project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -316,12 +409,15 @@ class Attention(nn.Module):
         if cache_slots is not None:
             # Explicit memories replace the resident ones, so skip the resident slots then.
             k, v = self.kv_cache.update(cache_slots, k, v, kv_len, with_memory=memory is None, rows=cache_rows)
-        if memory is not None:
-            k = torch.cat([memory[0], k], dim=2)  # (B, H_kv, S_mem + S, D)
-            v = torch.cat([memory[1], v], dim=2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_head != self.n_kv_head
-        )  # (B, H, T, D)
+        gqa = self.n_head != self.n_kv_head
+        if memory is not None and chunks:
+            y = chunk_attention(q, k, v, memory, mask, chunks, enable_gqa=gqa)
+        else:
+            if memory is not None:
+                k = torch.cat([memory[0], k], dim=2)  # (B, H_kv, S_mem + S, D)
+                v = torch.cat([memory[1], v], dim=2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(bsz, seq_len, self.n_head * self.head_dim)
         return self.wo(y)
 
@@ -369,9 +465,45 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, memory: tuple[Tensor, Tensor], mask: Tensor, chunks: int,
+                    *, enable_gqa: bool) -> Tensor:
+    """Attention where each chunk of queries reads its own memory group and the whole context.
+
+    Chunks become batch rows, so every chunk's keys are [its group's slots | context]: the scores
+    of one pass are B*G*Lc*(M + S) instead of B*T*(G*M + S), with no Python loop over chunks.
+
+    Args:
+        q: (B, H, T, D) with (G - 1) * Lc < T <= G * Lc.
+        k, v: (B, H_kv, S, D) context keys and values.
+        memory: (B, H_kv, G*M, D) keys and values, group g's slots at [g*M, (g+1)*M).
+        mask: (B*G, 1, Lc, M + S) additive, chunk-major.
+    Returns:
+        (B, H, T, D).
+    """
+    bsz, n_head, seq_len, head_dim = q.shape
+    n_kv, ctx_len = k.shape[1], k.shape[2]
+    chunk_len = mask.shape[2]
+    per_group = memory[0].shape[2] // chunks
+    # Token-major queries (as projected) split into chunks without a copy when T == G*Lc.
+    q = q.transpose(1, 2)  # (B, T, H, D)
+    if seq_len < chunks * chunk_len:
+        q = F.pad(q, (0, 0, 0, 0, 0, chunks * chunk_len - seq_len))
+    q = q.reshape(bsz * chunks, chunk_len, n_head, head_dim).transpose(1, 2)  # (B*G, H, Lc, D)
+
+    def per_chunk(mem: Tensor, ctx: Tensor) -> Tensor:  # -> (B*G, H_kv, M + S, D)
+        mem = mem.view(bsz, n_kv, chunks, per_group, head_dim).transpose(1, 2)  # (B, G, H_kv, M, D)
+        ctx = ctx[:, None].expand(bsz, chunks, n_kv, ctx_len, head_dim)  # (B, G, H_kv, S, D)
+        return torch.cat([mem, ctx], dim=3).view(bsz * chunks, n_kv, per_group + ctx_len, head_dim)
+
+    y = F.scaled_dot_product_attention(q, per_chunk(memory[0], k), per_chunk(memory[1], v), attn_mask=mask,
+                                       enable_gqa=enable_gqa)  # (B*G, H, Lc, D)
+    y = y.transpose(1, 2).reshape(bsz, chunks * chunk_len, n_head, head_dim)  # (B, G*Lc, H, D)
+    return y[:, :seq_len].transpose(1, 2)
+
+
 def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean visibility -> additive attention bias: 0 where visible, -inf elsewhere."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    return torch.full(visible.shape, float("-inf"), dtype=dtype, device=visible.device).masked_fill_(visible, 0.0)
 
 
 def rotate_half(x: Tensor) -> Tensor:

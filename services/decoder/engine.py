@@ -343,14 +343,14 @@ class Scheduler:
         # with none. A pass with explicit memories skips the resident slots, so the kept ones
         # are installed after it (and without explicit memories, nothing is kept).
         keep = [i for i, s in enumerate(streams) if s.groups and s.groups[-1]]
-        if len(keep) < len(streams):
-            self.model.clear_resident_memory(rows[[i for i in range(len(streams)) if i not in keep]])
+        for i, s in enumerate(streams):
+            if i not in keep:
+                self.model.install_memories(s.row, ())
         logits = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
                             cache_rows=rows)
         last = logits[torch.arange(len(streams), device=self.device), lengths - 1]  # (B, V)
-        if keep:
-            self.model.set_resident_memory(memory.one_group(keep, [len(streams[i].groups) - 1 for i in keep]),
-                                           rows=rows[keep])
+        for i in keep:
+            self.model.keep_resident(streams[i].row, memory, i, len(streams[i].groups) - 1)
         for s, length in zip(streams, lengths.tolist(), strict=True):
             s.next_slot = p + length
             metrics.PROMPT_TOKENS.inc(len(s.request.prompt_ids))
@@ -440,12 +440,7 @@ class Scheduler:
         """Install the next chunk's memories in the stream's row; its consumer hears of them now."""
         memories, note = stream.arrived
         stream.arrived = None
-        row = torch.tensor([stream.row], device=self.device)
-        if memories:  # they fill every memory slot of the row, padding included
-            self.model.set_resident_memory(stack_memories([[memories]], slots_per_group=self.mc.mem_slots,
-                                                          device=self.device, dtype=self.dtype), rows=row)
-        else:
-            self.model.clear_resident_memory(row)
+        self.model.install_memories(stream.row, memories)
         self._emit(stream, note)
         metrics.MEMORY_WAIT.observe(time.monotonic() - stream.paused_since if stream.paused else 0.0)
         stream.paused = False

@@ -296,21 +296,86 @@ def test_gather_memories_equals_stack_memories(tiny_config, memory_bank):
             torch.testing.assert_close(a, s)
 
 
-def test_one_group_equals_stacking_that_group_alone(tiny_config, memory_bank):
-    """What a prefill leaves resident (one group per sequence, cut from all its groups) equals
-    stacking that group's memories on their own."""
+def resident(model, row):
+    """Per memory layer, the row's valid resident K/V; and the row's additive resident mask."""
+    caches = [layer.attention.kv_cache for layer in model.layers if layer.is_memory_layer]
+    seen = caches[0].mem_valid[row]
+    return [(c.k[row, :, : c.mem_slots][:, seen], c.v[row, :, : c.mem_slots][:, seen]) for c in caches], \
+        model._resident_mask[row].clone()
+
+
+def test_installing_memories_in_place_equals_setting_them_resident(tiny_model, tiny_config, memory_bank):
+    """The engine's per-row install (plain slices, padding masked) leaves what set_resident_memory
+    leaves, and a later install of fewer memories masks the slots the earlier ones filled."""
+    tiny_model.setup_caches(3, 64)
+    try:
+        for memories in (memory_bank[0:5], memory_bank[5:7], memory_bank[2:3]):
+            tiny_model.set_resident_memory(stack_memories([[memories]], slots_per_group=tiny_config.mem_slots),
+                                           rows=torch.tensor([1]))
+            expected = resident(tiny_model, 1)
+            tiny_model.clear_resident_memory()
+            tiny_model.install_memories(2, memory_bank[7:10])  # an earlier stream's, overwritten below
+            tiny_model.install_memories(2, memories)
+            got = resident(tiny_model, 2)
+            for (gk, gv), (ek, ev) in zip(got[0], expected[0], strict=True):
+                torch.testing.assert_close(gk, ek)
+                torch.testing.assert_close(gv, ev)
+            assert torch.equal(got[1], expected[1])
+            assert torch.isinf(tiny_model._resident_mask[0]).all()  # other rows untouched
+        tiny_model.install_memories(2, [])
+        assert torch.isinf(tiny_model._resident_mask[2]).all()
+        with pytest.raises(ValueError, match="do not fit the"):
+            tiny_model.install_memories(0, memory_bank[:tiny_config.mems_per_chunk + 1])
+        wrong = ExplicitMemory(*(t[:, :1] for t in (memory_bank[0].keys, memory_bank[0].values,
+                                                    memory_bank[0].positions)))
+        with pytest.raises(ValueError, match="do not fit this model"):
+            tiny_model.install_memories(0, [wrong])
+        with pytest.raises(ValueError, match="different shapes"):
+            tiny_model.install_memories(0, [memory_bank[0], wrong])
+    finally:
+        tiny_model.clear_caches()
+
+
+def test_keeping_a_prefill_group_resident_equals_installing_its_memories(tiny_model, tiny_config, memory_bank):
+    """What a prefill leaves resident (one group, cut from all its groups) equals installing that
+    group's memories on their own."""
     groups = [[memory_bank[0:3], memory_bank[3:5]], [memory_bank[5:6]], [memory_bank[6:8], [], memory_bank[8:10]]]
     stacked = stack_memories(groups, slots_per_group=tiny_config.mem_slots)
-    picked = stacked.one_group(torch.tensor([2, 0, 1]), torch.tensor([2, 1, 0]))
-    alone = stack_memories([[groups[2][2]], [groups[0][1]], [groups[1][0]]], slots_per_group=tiny_config.mem_slots)
-    assert picked.n_slots == tiny_config.mem_slots
-    assert torch.equal(picked.valid, alone.valid)
-    assert picked.valid.any(dim=1).all()
-    for b in range(3):  # slots of missing memories hold arbitrary K/V, masked out
-        seen = picked.valid[b]
-        torch.testing.assert_close(picked.k[:, b, :, seen], alone.k[:, b, :, seen])
-        torch.testing.assert_close(picked.v[:, b, :, seen], alone.v[:, b, :, seen])
-    assert torch.equal(picked.slot_group, alone.slot_group)
+    tiny_model.setup_caches(4, 64)
+    try:
+        for sequence, group, row in ((2, 2, 3), (0, 1, 0), (1, 0, 1)):
+            tiny_model.keep_resident(row, stacked, sequence, group)
+            kept = resident(tiny_model, row)
+            tiny_model.install_memories(row, groups[sequence][group])
+            installed = resident(tiny_model, row)
+            assert torch.equal(kept[1], installed[1]) and not torch.isinf(kept[1]).all()
+            for (kk, kv), (ik, iv) in zip(kept[0], installed[0], strict=True):
+                torch.testing.assert_close(kk, ik)
+                torch.testing.assert_close(kv, iv)
+    finally:
+        tiny_model.clear_caches()
+
+
+def test_a_prefill_attends_chunk_by_chunk_as_the_masked_pass_does(tiny_model, tiny_config, memory_bank):
+    """A cached pass over whole chunks takes the chunk-major attention; its logits equal the
+    uncached pass, which masks every group's slots (the last chunk partial: padded queries)."""
+    torch.manual_seed(3)
+    tokens = torch.randint(3, 250, (2, 150))  # three chunks of 64, the last one of 22 tokens
+    slots = torch.arange(150)[None].expand(2, -1)
+    groups = [[memory_bank[0:5], memory_bank[5:7], memory_bank[7:10]], [memory_bank[3:4], [], memory_bank[0:2]]]
+    memory = stack_memories(groups, slots_per_group=tiny_config.mem_slots)
+    token_group = chunk_groups(slots, 0, tiny_config.chunk_len)
+    with torch.no_grad():
+        masked = tiny_model(tokens, slots, memory=memory, token_group=token_group)
+        tiny_model.setup_caches(2, 160)
+        try:
+            assert tiny_model._chunk_layout(memory, token_group) == 3
+            chunked = tiny_model(tokens, slots, memory=memory, token_group=token_group, cache_slots=slots)
+        finally:
+            tiny_model.clear_caches()
+    torch.testing.assert_close(chunked, masked, rtol=1e-5, atol=1e-5)
+    # A layout that is not chunk-aligned (prefix tokens inside the pass) keeps the masked pass.
+    assert tiny_model._chunk_layout(memory, chunk_groups(slots, 11, tiny_config.chunk_len)) == 0
 
 
 def test_memory_layers_need_not_start_at_zero(tiny_config, prefix):
