@@ -2,7 +2,9 @@
 
 With no memories this is numerically a Llama (pre-norm, RMSNorm, RoPE, GQA, gated MLP, no bias).
 At a memory layer, memory keys/values are concatenated in front of the context keys/values and
-share one softmax with them (paper Eq. 4); a mask keeps each chunk on its own memories.
+share one softmax with them (paper Eq. 4); each chunk reads its own memories only. A pass over
+whole chunks (a prefill of prompt bodies) attends chunk by chunk, a batch row per chunk
+(`chunk_attention`); any other pass puts all chunks' memories on the key axis and masks.
 
 Positions (paper §3.2, "parallel position encoding"):
 

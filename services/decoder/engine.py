@@ -144,6 +144,7 @@ class _Failed:
 class _Retrieve:  # to the engine, not the consumer: retrieve for the stream's next chunk
     query: list[int]
     chunk_number: int
+    needed_in_s: float  # when the stream will reach the chunk, at the recent pace of decoding
 
 
 @dataclass(frozen=True)
@@ -197,10 +198,15 @@ class Scheduler:
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="memory3-scheduler", daemon=True)
-        # Set by the engine: callback(stream, query, chunk_number) starting a retrieval; it is called
-        # in the stream's event loop, with the step's other messages.
+        # Set by the engine: callback(stream, _Retrieve) starting a retrieval; it is called in the
+        # stream's event loop, with the step's other messages.
         self.on_swap = None
         self.outbox: list[tuple[_Stream, object]] = []  # messages to consumers, sent once per step
+        # Moving averages of the time between decode steps and between rows freed; read by the
+        # engine to tell how long a retrieval may take without delaying its stream.
+        self.step_s = 0.0
+        self.turnover_s = 0.0
+        self._last_step = self._last_release = 0.0
 
     # ---- called from other threads ----
     def post(self, message) -> None:
@@ -258,7 +264,7 @@ class Scheduler:
         for stream, message in messages:
             if isinstance(message, _Retrieve):
                 if not stream.done:  # a stream that ended since needs no memories
-                    self.on_swap(stream, message.query, message.chunk_number)
+                    self.on_swap(stream, message)
             else:
                 stream.out.put_nowait(message)
 
@@ -358,6 +364,7 @@ class Scheduler:
             self._accept(s, tok)
 
     def _decode(self, active: list[_Stream]) -> None:
+        self.step_s, self._last_step = _moving_average(self.step_s, self._last_step)
         hi = max(s.row for s in self.rows if s is not None and not s.done) + 1
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         slots = torch.zeros(hi, 1, dtype=torch.long)
@@ -427,7 +434,7 @@ class Scheduler:
             # The next chunk starts lead + 1 tokens on, and its query is known now: retrieve while
             # they are fed. (A stream that cannot reach the next chunk retrieves nothing.)
             query = query_window(stream.request.prompt_ids, stream.tokens, chunk, 0)
-            self._emit(stream, _Retrieve(query, (i + 1 + lead) // chunk))
+            self._emit(stream, _Retrieve(query, (i + 1 + lead) // chunk, (lead + 1) * self.step_s))
 
     def _memories_arrived(self, stream: _Stream, payload: tuple[list[ExplicitMemory], _Note]) -> None:
         if stream.done or stream.row < 0:
@@ -462,6 +469,7 @@ class Scheduler:
         stream.done = True
         if 0 <= stream.row < len(self.rows) and self.rows[stream.row] is stream:
             self.rows[stream.row] = None
+            self.turnover_s, self._last_release = _moving_average(self.turnover_s, self._last_release)
 
     def _fail_all(self, error: ServiceError) -> None:
         for s in [*self.ready, *(s for s in self.rows if s is not None)]:
@@ -474,6 +482,15 @@ class Scheduler:
 
     def running(self) -> int:
         return sum(1 for s in self.rows if s is not None and not s.done)
+
+
+def _moving_average(average: float, last: float, *, gap_s: float = 1.0) -> tuple[float, float]:
+    """(average, last) updated with the interval since `last`, an event's time; a gap over `gap_s`
+    (the scheduler was idle) starts the intervals anew."""
+    now = time.monotonic()
+    if last and now - last < gap_s:
+        average = now - last if not average else average + 0.1 * (now - last - average)
+    return average, now
 
 
 def _positions(slots: Tensor, prefix_len: Tensor | int, ref_len: int) -> Tensor:
@@ -500,6 +517,7 @@ class GenerationEngine:
         self.prefix = codec.reference_prefix(self.mc)
         self.scheduler = Scheduler(model, config, stop_token_ids=[codec.eos_id], prefix=self.prefix)
         self.scheduler.on_swap = self._schedule_swap
+        self._retrieve_by = getattr(retrieval, "retrieve_by", None)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.accepted = 0  # requests between acceptance and their end (waiting + running)
         self.per_client: dict[str, int] = {}  # accepted requests by client id
@@ -581,7 +599,11 @@ class GenerationEngine:
             groups: list[list[ExplicitMemory]] = []
             use_memory = request.use_memory and self.retrieval is not None
             if use_memory:
-                groups, citations, failure = await self._prompt_memories(request)
+                # Accepted beyond the batch's rows, this stream queues for one: its retrieval can
+                # take that long, and share a call with others meanwhile.
+                ahead = self.accepted - self.config.max_batch
+                groups, citations, failure = await self._prompt_memories(
+                    request, ahead * self.scheduler.turnover_s if ahead > 0 else 0.0)
                 if failure is not None:
                     warnings.append(failure)
             stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, arrival)
@@ -644,10 +666,16 @@ class GenerationEngine:
             yield pending
             pending = GenerationEvent()
 
-    async def _prompt_memories(self, request: GenerationRequest):
+    async def _retrieve(self, queries: list[list[int]], include_text: bool,
+                        needed_in_s: float) -> list[list[RetrievedReference]]:
+        if self._retrieve_by is not None and needed_in_s > 0:
+            return await self._retrieve_by(queries, self.mc.mems_per_chunk, include_text, needed_in_s)
+        return await self.retrieval.retrieve(queries, self.mc.mems_per_chunk, include_text)
+
+    async def _prompt_memories(self, request: GenerationRequest, needed_in_s: float):
         queries = [request.prompt_ids[s:e] for s, e in chunk_spans(len(request.prompt_ids), self.mc.chunk_len)]
         try:
-            found = await self.retrieval.retrieve(queries, self.mc.mems_per_chunk, request.include_reference_text)
+            found = await self._retrieve(queries, request.include_reference_text, needed_in_s)
             ids = sorted({r.id for refs in found for r in refs})
             fetched = dict(zip(ids, await self.retrieval.fetch(ids), strict=True)) if ids else {}
         except Unavailable as e:
@@ -658,19 +686,18 @@ class GenerationEngine:
         citations = [Citation(i, False, refs) for i, refs in enumerate(found)]
         return groups, citations, None
 
-    def _schedule_swap(self, stream: _Stream, query: list[int], chunk_number: int) -> None:
+    def _schedule_swap(self, stream: _Stream, ask: _Retrieve) -> None:
         """Asked by the scheduler, in this loop: retrieve for a stream's last chunk, off the batch."""
-        task = asyncio.ensure_future(self._swap(stream, query, chunk_number))
+        task = asyncio.ensure_future(self._swap(stream, ask))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _swap(self, stream: _Stream, query: list[int], chunk_number: int) -> None:
-        request = stream.request
+    async def _swap(self, stream: _Stream, ask: _Retrieve) -> None:
+        request, chunk_number = stream.request, ask.chunk_number
         prompt_chunks = len(chunk_spans(len(request.prompt_ids), self.mc.chunk_len))
         memories: list[ExplicitMemory] = []
         try:
-            found = (await self.retrieval.retrieve([query], self.mc.mems_per_chunk,
-                                                   request.include_reference_text))[0]
+            found = (await self._retrieve([ask.query], request.include_reference_text, ask.needed_in_s))[0]
             if found:
                 memories = await self.retrieval.fetch([r.id for r in found])
             note = _Note(citation=Citation(prompt_chunks + chunk_number - 1, True, found), memories=len(memories))

@@ -8,8 +8,9 @@ their memories. In production they are the text and memory services (`remote.py`
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from memory3.model.memory import ExplicitMemory
@@ -34,6 +35,10 @@ class Retrieval(Protocol):
     #     def cached(self, ids: Sequence[str]) -> list[ExplicitMemory] | None
     # answering at once when it holds every one of `ids` (None otherwise): callers that batch
     # fetches (`CoalescingRetrieval`) then skip their batching window for memories already here.
+    # A retrieval that batches callers (`CoalescingRetrieval`) also offers
+    #     async def retrieve_by(self, queries, top_k, include_text, needed_in_s: float)
+    # for a caller that needs the answer only `needed_in_s` seconds from now, and so can wait
+    # for others to share its call.
 
 
 class LocalRetrieval:
@@ -83,43 +88,71 @@ class CoalescingRetrieval:
     part is retried alone, so one bad query or corrupt memory fails only the stream that asked.
     A fetch whose memories the inner retrieval already holds decoded (its `cached`, when it has
     one) is answered at once: no window, no task, no round trip.
+
+    Every call costs the decoder's cores a round trip's work (and the switches between its
+    threads), so a caller that needs its answer later (`retrieve_by`: a chunk's memories while
+    the stream decodes its last tokens, a prompt's while the stream would queue for a row) holds
+    its batch open longer, up to `max_wait_s`, leaving twice the recent latency of a call for the
+    call itself. A batch goes when its most urgent caller's wait is over.
     """
 
-    def __init__(self, inner: Retrieval, *, window_s: float = 0.002, max_items: int = 256) -> None:
-        self.inner, self.window_s, self.max_items = inner, window_s, max_items
+    def __init__(self, inner: Retrieval, *, window_s: float = 0.002, max_wait_s: float = 0.05,
+                 max_items: int = 256) -> None:
+        self.inner, self.window_s, self.max_wait_s, self.max_items = inner, window_s, max_wait_s, max_items
         self._cached = getattr(inner, "cached", None)
-        self._pending: dict[tuple, list[tuple[list, asyncio.Future]]] = {}
+        self._pending: dict[tuple, _Batch] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.latency_s: float | None = None  # moving average of the inner retrieve call's duration
 
     async def retrieve(self, queries: list[list[int]], top_k: int,
                        include_text: bool) -> list[list[RetrievedReference]]:
-        return await self._submit(("retrieve", top_k, include_text), list(queries))
+        return await self._submit(("retrieve", top_k, include_text), list(queries), self.window_s)
+
+    async def retrieve_by(self, queries: list[list[int]], top_k: int, include_text: bool,
+                          needed_in_s: float) -> list[list[RetrievedReference]]:
+        """`retrieve` for a caller that needs the answer `needed_in_s` seconds from now."""
+        wait_s = self.window_s
+        if self.latency_s is not None:
+            wait_s = max(wait_s, min(self.max_wait_s, needed_in_s - 2 * self.latency_s))
+        return await self._submit(("retrieve", top_k, include_text), list(queries), wait_s)
 
     async def fetch(self, ids: Sequence[str]) -> list[ExplicitMemory]:
         found = self._cached(ids) if self._cached is not None else None
-        return found if found is not None else await self._submit(("fetch",), list(ids))
+        return found if found is not None else await self._submit(("fetch",), list(ids), self.window_s)
 
-    async def _submit(self, key: tuple, items: list):
+    async def _submit(self, key: tuple, items: list, wait_s: float):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        pending = self._pending.setdefault(key, [])
-        pending.append((items, future))
-        if len(pending) == 1:
-            loop.call_later(self.window_s, self._flush, key)
-        elif sum(len(i) for i, _ in pending) >= self.max_items:
+        batch = self._pending.get(key)
+        if batch is None:
+            batch = self._pending[key] = _Batch()
+        batch.calls.append((items, future))
+        batch.items += len(items)
+        if batch.items >= self.max_items:
             self._flush(key)
+        elif loop.time() + wait_s < batch.flush_at:
+            if batch.timer is not None:
+                batch.timer.cancel()
+            batch.flush_at = loop.time() + wait_s
+            batch.timer = loop.call_at(batch.flush_at, self._flush, key)
         return await future
 
     def _flush(self, key: tuple) -> None:
-        batch = self._pending.pop(key, [])
-        if batch:
-            task = asyncio.ensure_future(self._run(key, batch))
+        batch = self._pending.pop(key, None)
+        if batch is not None:
+            if batch.timer is not None:
+                batch.timer.cancel()
+            task = asyncio.ensure_future(self._run(key, batch.calls))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _call(self, key: tuple, items: list) -> list:
         if key[0] == "retrieve":
-            return await self.inner.retrieve(items, key[1], key[2])
+            start = time.monotonic()
+            found = await self.inner.retrieve(items, key[1], key[2])
+            took = time.monotonic() - start
+            self.latency_s = took if self.latency_s is None else self.latency_s + 0.2 * (took - self.latency_s)
+            return found
         unique = list(dict.fromkeys(items))
         memories = dict(zip(unique, await self.inner.fetch(unique), strict=True))
         return [memories[i] for i in items]
@@ -139,6 +172,16 @@ class CoalescingRetrieval:
         for items, future in batch:
             _settle(future, value=merged[start : start + len(items)])
             start += len(items)
+
+
+@dataclass
+class _Batch:
+    """Calls waiting to go as one: their items, and when the batch goes (event-loop time)."""
+
+    calls: list[tuple[list, asyncio.Future]] = field(default_factory=list)
+    items: int = 0
+    flush_at: float = float("inf")
+    timer: asyncio.TimerHandle | None = None
 
 
 def _settle(future: asyncio.Future, *, value=None, error: BaseException | None = None) -> None:

@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import pytest
 
@@ -76,3 +77,66 @@ def test_a_fetch_with_one_memory_not_held_goes_through_the_inner_fetch():
     coalescing = CoalescingRetrieval(inner, window_s=0.01)
     assert asyncio.run(coalescing.fetch(["a", "c"])) == ["memory-a", "memory-c"]
     assert inner.fetch_calls == [["a", "c"]]
+
+
+class SlowRecorder(Recorder):
+    def __init__(self, latency_s: float) -> None:
+        super().__init__()
+        self.latency_s = latency_s
+
+    async def retrieve(self, queries, top_k, include_text):
+        await asyncio.sleep(self.latency_s)
+        return await super().retrieve(queries, top_k, include_text)
+
+
+async def timed(coro):
+    start = time.monotonic()
+    result = await coro
+    return result, time.monotonic() - start
+
+
+def test_a_caller_that_needs_its_answer_later_holds_the_batch_open_for_others():
+    inner = Recorder()
+    coalescing = CoalescingRetrieval(inner, window_s=0.001, max_wait_s=0.3)
+
+    async def main():
+        await coalescing.retrieve([[0]], 5, False)  # the latency is known from here on
+        first = asyncio.ensure_future(timed(coalescing.retrieve_by([[1]], 5, False, needed_in_s=10.0)))
+        await asyncio.sleep(0.1)  # far beyond the window
+        second = await coalescing.retrieve_by([[2]], 5, False, needed_in_s=10.0)
+        return await first, second
+
+    ((hits, waited), second) = asyncio.run(main())
+    assert inner.retrieve_calls == [1, 2]  # the two later callers shared one call
+    assert hits[0][0].id == "r1" and second[0][0].id == "r2"
+    assert 0.25 < waited < 1.0  # held for max_wait_s, not for the 10 s it could have
+
+
+def test_an_urgent_caller_sends_a_held_batch_at_once():
+    inner = Recorder()
+    coalescing = CoalescingRetrieval(inner, window_s=0.001, max_wait_s=5.0)
+
+    async def main():
+        await coalescing.retrieve([[0]], 5, False)
+        patient = asyncio.ensure_future(timed(coalescing.retrieve_by([[1]], 5, False, needed_in_s=10.0)))
+        await asyncio.sleep(0.02)
+        urgent = await timed(coalescing.retrieve([[2]], 5, False))
+        return await patient, urgent
+
+    (_, patient_waited), (_, urgent_waited) = asyncio.run(main())
+    assert inner.retrieve_calls == [1, 2]
+    assert patient_waited < 0.5 and urgent_waited < 0.5
+
+
+def test_a_caller_without_time_to_spare_waits_only_the_window():
+    inner = SlowRecorder(latency_s=0.05)
+    coalescing = CoalescingRetrieval(inner, window_s=0.001, max_wait_s=5.0)
+
+    async def main():
+        first = await timed(coalescing.retrieve_by([[0]], 5, False, needed_in_s=10.0))  # latency unknown yet
+        second = await timed(coalescing.retrieve_by([[1]], 5, False, needed_in_s=0.08))  # < twice the latency
+        return first, second
+
+    (_, first_took), (_, second_took) = asyncio.run(main())
+    assert first_took < 0.5 and second_took < 0.5
+    assert coalescing.latency_s == pytest.approx(0.05, abs=0.04)

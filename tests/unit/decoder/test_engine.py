@@ -202,6 +202,59 @@ def test_next_chunks_retrieval_overlaps_the_steps_before_the_chunk(tiny_model, t
     assert tokens == expected
 
 
+class PatientRetrieval(FakeRetrieval):
+    """A retrieval that batches callers: records how soon each caller said it needs its answer."""
+
+    def __init__(self, memories) -> None:
+        super().__init__(memories)
+        self.asked: list[tuple[str, float]] = []
+
+    async def retrieve(self, queries, top_k, include_text):
+        self.asked.append(("now", 0.0))
+        return await super().retrieve(queries, top_k, include_text)
+
+    async def retrieve_by(self, queries, top_k, include_text, needed_in_s):
+        self.asked.append(("by", needed_in_s))
+        return await super().retrieve(queries, top_k, include_text)
+
+
+def test_retrievals_say_how_soon_their_stream_needs_them(tiny_model, text_codec, memories, monkeypatch):
+    """A chunk's retrieval is needed lead + 1 steps on, at the pace the batch decodes; a prompt's
+    is needed at once when a row is free, and after the streams ahead of it when it must queue."""
+    forward = tiny_model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", slow_forward)
+    retrieval = PatientRetrieval(memories)
+    engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1, retrieval_lead_tokens=8))
+    body = prompts(1, text_codec)[0]
+    collect_alone(engine, GenerationRequest(body, 70, ignore_eos=True))
+    (prompt_kind, _), (chunk_kind, needed_in) = retrieval.asked
+    assert prompt_kind == "now" and chunk_kind == "by"
+    assert 9 * 0.02 * 0.7 < needed_in < 9 * 0.02 * 3  # 9 steps of about 20 ms
+
+    monkeypatch.undo()
+    retrieval.asked.clear()
+    engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1))
+    engine.scheduler.turnover_s = 0.5  # a row freed every half second lately
+
+    async def main():
+        await engine.start()
+        try:
+            return await asyncio.gather(*(collect(engine, GenerationRequest(body, 3, ignore_eos=True))
+                                          for _ in range(3)))
+        finally:
+            await engine.close()
+
+    run(main())
+    # Three streams for one row: the first starts at once; the second waits for one row to
+    # free, the third for two.
+    assert sorted(retrieval.asked) == [("by", 0.5), ("by", 1.0), ("now", 0.0)]
+
+
 def test_retrieval_lead_must_leave_a_chunk_room(tiny_model, text_codec, memories):
     with pytest.raises(ValueError, match="retrieval_lead_tokens must be at most 62"):
         GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories), EngineConfig(retrieval_lead_tokens=63))
