@@ -111,9 +111,9 @@ def stack_memories(
 ) -> MemoryKV:
     """Build a MemoryKV from per-sequence, per-group lists of memories.
 
-    The serving engine calls this at every prefill and every chunk's memory swap, on the thread
-    that decodes, so it concatenates each sequence's memories in slot order (one copy of each)
-    instead of indexing a stack of them (`gather_memories`, which training needs for its gradients).
+    The serving engine calls this at every prefill with memory, on the thread that decodes, so it
+    concatenates each sequence's memories in slot order (one copy of each) instead of indexing a
+    stack of them (`gather_memories`, which training needs for its gradients).
 
     Args:
         groups: groups[b][g] is the list of memories group g of sequence b reads (at most
