@@ -79,10 +79,7 @@ class KVCache(nn.Module):
         self.mem_valid[row, :n].copy_(valid)
         self.mem_valid[row, n:] = False
 
-    def clear_row_memory(self, row: int) -> None:
-        self.mem_valid[row] = False
-
-    def clear_memory(self, rows: Tensor | None = None) -> None:
+    def clear_memory(self, rows: Tensor | int | None = None) -> None:
         if rows is None:
             self.mem_valid.zero_()
         else:

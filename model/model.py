@@ -199,7 +199,7 @@ class Transformer(nn.Module):
             raise ValueError("resident memories need caches (setup_caches)")
         for i, layer in enumerate(self._memory_layers()):
             if kv is None:
-                layer.attention.kv_cache.clear_row_memory(row)
+                layer.attention.kv_cache.clear_memory(row)
             else:
                 layer.attention.kv_cache.set_row_memory(row, kv[0][i], kv[1][i], kv[2])
         self._update_resident_mask(row)
@@ -213,7 +213,7 @@ class Transformer(nn.Module):
         if row is None or self._resident_mask is None:
             self._resident_mask = additive_mask(valid, self.output.weight.dtype)
         else:
-            self._resident_mask[row].zero_().masked_fill_(~valid[row], float("-inf"))
+            self._resident_mask[row] = additive_mask(valid[row], self._resident_mask.dtype)
 
     def _memory_layers(self) -> list[TransformerBlock]:
         return [layer for layer in self.layers if layer.is_memory_layer]
