@@ -33,7 +33,8 @@ root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwa
     2>&1 | tee $OUT/log.txt
 
 (timeout_s=600; expected run time 4-6 minutes). Here: `memory3 bench gpu --json PATH`, and
-`--preset tiny --device cpu --smoke` runs the whole logic on the CPU in well under a minute.
+`--preset tiny --device cpu --smoke` runs the whole logic on the CPU in well under a minute, and
+`--dtype bfloat16` beside it takes the GPU run's dtype paths (bf16 weights, caches and masks).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ TARGETS = {"b1_over_roofline": ">= 0.80", "b32_memory_over_hf_eager": ">= 5", "m
 
 def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bool = False,
                   batches: tuple[int, ...] = (1, 32), prompt_tokens: int = 128, new_tokens: int = 128,
-                  rounds: int = 9, hf_compile: bool = False, seed: int = 0,
+                  rounds: int = 9, hf_compile: bool = False, seed: int = 0, dtype: str | None = None,
                   log: Callable[[str], None] = print) -> dict:
     overrides = {}
     if smoke:  # the whole logic at toy sizes, with short chunks: 2 prompt chunks and a decode-time swap
@@ -82,7 +83,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         overrides = {"chunk_len": 16, "ref_len": 32}
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
     clock = _Clock(log, started)
     config = Memory3Config.from_name(preset, **overrides)
@@ -497,6 +498,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, a few rounds: checks the logic")
     parser.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="weights and caches (default: bfloat16 on CUDA, float32 on the CPU)")
     parser.add_argument("--hf-compile", action="store_true", help="let HF compile the static-cache forward")
     parser.add_argument("--json", type=Path, default=None,
                         help="output file, or a directory for gpu-<card>-<date>.json (default: bench/results/)")
@@ -504,7 +507,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
-                           hf_compile=args.hf_compile, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                           hf_compile=args.hf_compile, dtype=args.dtype, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     path = args.json
     if path is None:
         path = default_json_path(args.device)
