@@ -507,7 +507,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
-                           hf_compile=args.hf_compile, dtype=args.dtype, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                           hf_compile=args.hf_compile, dtype=args.dtype,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     path = args.json
     if path is None:
         path = default_json_path(args.device)
