@@ -4,7 +4,9 @@ For `paper-2.4b` with random bf16 weights, created on the GPU (speed does not de
   hf_eager   `LlamaForCausalLM.generate`, dynamic cache (HF's default SDPA attention);
   hf_static  the same with `cache_implementation="static"` (not compiled unless --hf-compile:
              compiling a 44-layer model twice would not fit the device time);
-  no_memory  our engine (`model.static_decode`) without memory slots;
+  no_memory  our engine (`model.static_decode`) without memory slots; `no_memory_uncompiled` beside
+             it is the same CUDA graph of uncompiled blocks (ours are compiled with `torch.compile`,
+             by default on CUDA; `--no-compile` for none);
   memory     with memory: 3 retrievals per sequence (2 prompt chunks, 1 while decoding), 5 memories
              each, never reused (the paper's worst case), handed over from pinned host memory as
              if just fetched;
@@ -32,7 +34,8 @@ root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwa
     set -o pipefail; PYTHONPATH=/tmp/m3 PYTHONUNBUFFERED=1 python3 -m memory3.bench.gpu --json "$OUT"
     2>&1 | tee $OUT/log.txt
 
-(timeout_s=600; expected run time 4-6 minutes). Here: `memory3 bench gpu --json PATH`, and
+(timeout_s=600; expected run time 5-8 minutes, of which compiling 1-2). If compiling fails, the
+run says why, goes on uncompiled and reports `compile.error`. Here: `memory3 bench gpu --json PATH`, and
 `--preset tiny --device cpu --smoke` runs the whole logic on the CPU in well under a minute, and
 `--dtype bfloat16` beside it takes the GPU run's dtype paths (bf16 weights, caches and masks).
 """
@@ -76,13 +79,17 @@ TARGETS = {"b1_over_roofline": ">= 0.80", "b32_memory_over_hf_eager": ">= 5", "m
 def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bool = False,
                   batches: tuple[int, ...] = (1, 32), prompt_tokens: int = 128, new_tokens: int = 128,
                   rounds: int = 9, hf_compile: bool = False, seed: int = 0, dtype: str | None = None,
-                  log: Callable[[str], None] = print) -> dict:
+                  compile: bool | None = None, log: Callable[[str], None] = print,
+                  checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Runs every variant and check; `checkpoint` gets what is measured so far after each batch
+    size, so that a run cut short by the device's time limit still leaves its numbers."""
     overrides = {}
     if smoke:  # the whole logic at toy sizes, with short chunks: 2 prompt chunks and a decode-time swap
         batches, prompt_tokens, new_tokens, rounds = (1, 2), 32, 24, 2
         overrides = {"chunk_len": 16, "ref_len": 32}
     dev = torch.device(device)
     cuda = dev.type == "cuda"
+    builder = _DecoderBuilder(cuda if compile is None else compile, log)
     dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
     clock = _Clock(log, started)
@@ -116,11 +123,14 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         rag_context = [t for ref in references[: config.mems_per_chunk] for t in ref]
         rag_prompts = [[codec.bos_id, *rag_context, *x[1:]] for x in prompts]
         decoders = {
-            "no_memory": StaticDecoder(model, bsz, prompt_tokens + new_tokens, memory=False),
-            "memory": StaticDecoder(model, bsz, p + prompt_tokens + new_tokens, memory=True, prefix_len=p),
-            "rag": StaticDecoder(model, bsz, len(rag_prompts[0]) + new_tokens, memory=False),
+            "no_memory": builder(model, bsz, prompt_tokens + new_tokens, memory=False),
+            "memory": builder(model, bsz, p + prompt_tokens + new_tokens, memory=True, prefix_len=p),
+            "rag": builder(model, bsz, len(rag_prompts[0]) + new_tokens, memory=False),
         }
-        clock(f"batch {bsz}: decoders set up (graphs: {decoders['memory'].graph is not None})")
+        if builder.compile:  # what the compiled blocks buy, in the same rounds
+            decoders["no_memory_uncompiled"] = StaticDecoder(model, bsz, prompt_tokens + new_tokens, memory=False)
+        clock(f"batch {bsz}: decoders set up (graphs: {decoders['memory'].graph is not None}, "
+              f"compiled: {builder.compile})")
         variants: dict[str, Callable[[], list[list[int]]]] = {
             "hf_eager": lambda prompts=prompts: hf_generate(hf, prompts, new_tokens, static=False,
                                                             compile=hf_compile),
@@ -134,17 +144,25 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
             "rag": lambda d=decoders["rag"], rag_prompts=rag_prompts: generate_static(
                 d, rag_prompts, max_new_tokens=new_tokens).tokens,
         }
+        if "no_memory_uncompiled" in decoders:
+            variants["no_memory_uncompiled"] = lambda d=decoders["no_memory_uncompiled"], prompts=prompts: (
+                generate_static(d, prompts, max_new_tokens=new_tokens).tokens)
         seconds = time_rounds(variants, rounds, bsz * new_tokens, dev)
         mid = prompt_tokens + new_tokens // 2
-        starts = {"no_memory": mid, "memory": p + mid, "rag": len(rag_prompts[0]) + new_tokens // 2}
+        starts = {"no_memory": mid, "no_memory_uncompiled": mid, "memory": p + mid,
+                  "rag": len(rag_prompts[0]) + new_tokens // 2}
         steps = {name: step_seconds(d, starts[name] - 8, steps=4 if smoke else 16, repeats=2 if smoke else 5)
                  for name, d in decoders.items()}
         results[bsz] = summarize(seconds, steps, bsz, new_tokens)
         clock(f"batch {bsz}: " + ", ".join(f"{k} {v['tok_s']:.0f}" for k, v in results[bsz]["variants"].items()))
+        if checkpoint is not None:
+            checkpoint({"benchmark": "gpu", "partial": True, "batches": {str(b): r for b, r in results.items()},
+                        "hbm_copy_gb_s": round(bandwidth / 1e9, 1), "compile": builder.report(),
+                        "seconds_so_far": round(time.perf_counter() - started, 1)})
         del decoders
         _empty_cache(dev)
 
-    correctness = check_correctness(model, hf, config, prefix, bank, codec.bos_id, random_tokens,
+    correctness = check_correctness(model, hf, config, prefix, bank, codec.bos_id, random_tokens, builder,
                                     rows=min(4, max(batches)), prompt_tokens=prompt_tokens,
                                     new_tokens=new_tokens, log=log)
     clock(f"correctness: {'ok' if correctness['ok'] else 'FAILED'}")
@@ -166,6 +184,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         "memory_over_rag": big["ratios"]["memory_over_rag"],
         "hbm_copy_gb_s": round(bandwidth / 1e9, 1),
         "correct": correctness["ok"],
+        "compiled": builder.compile,
     }
     return {
         "benchmark": "gpu",
@@ -184,6 +203,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
             "weights": "random init on the device (speed does not depend on the weights)",
             "smoke": smoke, "config_overrides": overrides,
         },
+        "compile": builder.report(),
         "seconds_total": round(time.perf_counter() - started, 1),
         "machine": machine_info(),
     }
@@ -247,6 +267,35 @@ def encode_bank(model: Transformer, references: list[list[int]], prefix: list[in
     return [ExplicitMemory(keys[i], values[i], m.positions) for i, m in enumerate(encoded)]
 
 
+class _DecoderBuilder:
+    """Makes the StaticDecoders, compiled when asked; if compiling or capturing a compiled step
+    fails, says why and builds the rest uncompiled, so that one run on a lent device still
+    measures everything."""
+
+    def __init__(self, compile: bool, log: Callable[[str], None]) -> None:
+        self.compile, self.log = compile, log
+        self.error: str | None = None
+        self.seconds = 0.0  # spent building compiled decoders (compiling, warming up, capturing)
+
+    def __call__(self, model: Transformer, *args, **kwargs) -> StaticDecoder:
+        if self.compile:
+            started = time.perf_counter()
+            try:
+                return StaticDecoder(model, *args, compile=True, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure; reported in the JSON
+                self.compile, self.error = False, f"{type(exc).__name__}: {exc}"[:2000]
+                self.log(f"compiling the decode step failed, going on uncompiled: {self.error}")
+            finally:
+                self.seconds += time.perf_counter() - started
+        return StaticDecoder(model, *args, **kwargs)
+
+    def report(self) -> dict:
+        from torch._dynamo.utils import counters
+
+        return {"compiled": self.compile, "error": self.error, "build_seconds": round(self.seconds, 1),
+                "graphs": counters["stats"]["unique_graphs"]}
+
+
 # ---- timing ---------------------------------------------------------------------------------
 def time_rounds(variants: dict[str, Callable[[], list[list[int]]]], rounds: int, expected: int,
                 device: torch.device) -> dict[str, list[float]]:
@@ -308,6 +357,8 @@ def summarize(seconds: dict[str, list[float]], steps: dict[str, float], bsz: int
 
     ratios = {
         "memory_over_no_memory": paired("memory", "no_memory"),
+        **({"compiled_over_uncompiled": paired("no_memory", "no_memory_uncompiled")}
+           if "no_memory_uncompiled" in seconds else {}),
         "memory_over_rag": paired("memory", "rag"),
         "memory_over_hf_eager": paired("memory", "hf_eager"),
         "no_memory_over_hf_eager": paired("no_memory", "hf_eager"),
@@ -362,8 +413,8 @@ class RecordingBank:
         return out
 
 
-def check_correctness(model, hf, config, prefix, bank, bos, random_tokens, *, rows, prompt_tokens, new_tokens,
-                      log) -> dict:
+def check_correctness(model, hf, config, prefix, bank, bos, random_tokens, builder, *, rows, prompt_tokens,
+                      new_tokens, log) -> dict:
     """Our greedy tokens and logits against HF (no memory) and an fp32 upcast (memory)."""
     p = len(prefix)
     prompts = [[bos, *random_tokens(prompt_tokens - 1)] for _ in range(rows)]
@@ -371,7 +422,7 @@ def check_correctness(model, hf, config, prefix, bank, bos, random_tokens, *, ro
 
     # No memory: HF's greedy tokens, and HF's logits teacher-forced on our tokens.
     logits: list[torch.Tensor] = []
-    ours = generate_static(StaticDecoder(model, rows, prompt_tokens + new_tokens, memory=False), prompts,
+    ours = generate_static(builder(model, rows, prompt_tokens + new_tokens, memory=False), prompts,
                            max_new_tokens=new_tokens, on_logits=lambda s, x: logits.append(x.clone()))
     hf_tokens = hf_generate(hf, prompts, new_tokens, static=False, compile=False)
     with torch.inference_mode():
@@ -383,7 +434,7 @@ def check_correctness(model, hf, config, prefix, bank, bos, random_tokens, *, ro
     # Memory: against one uncached pass of an fp32 copy of the weights, with the groups we read.
     retrieval = RecordingBank(bank, config.mems_per_chunk)
     logits = []
-    decoder = StaticDecoder(model, rows, p + prompt_tokens + new_tokens, memory=True, prefix_len=p)
+    decoder = builder(model, rows, p + prompt_tokens + new_tokens, memory=True, prefix_len=p)
     ours = generate_static(decoder, prompts, prefix=prefix, max_new_tokens=new_tokens, memory_provider=retrieval,
                            on_logits=lambda s, x: logits.append(x.clone()))
     with torch.inference_mode():
@@ -500,21 +551,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="weights and caches (default: bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile each block of our decode step with torch.compile (default: on CUDA)")
     parser.add_argument("--hf-compile", action="store_true", help="let HF compile the static-cache forward")
     parser.add_argument("--json", type=Path, default=None,
                         help="output file, or a directory for gpu-<card>-<date>.json (default: bench/results/)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
-                           hf_compile=args.hf_compile, dtype=args.dtype,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     path = args.json
     if path is None:
         path = default_json_path(args.device)
     elif path.is_dir():
         path = default_json_path(args.device, path)
+    partial = path.with_suffix(".partial.json")
+    result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
+                           hf_compile=args.hf_compile, dtype=args.dtype, compile=args.compile,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                           checkpoint=lambda so_far: write_json(so_far, partial))
     write_json(result, path)
+    partial.unlink(missing_ok=True)
     print(render(result))
     print(f"wrote {path}")
     return 0 if result["correct"] else 1

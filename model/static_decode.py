@@ -3,7 +3,7 @@
 `Transformer.forward` decodes with shapes that follow the context (the key axis grows by one slot
 per token, masks are built per pass). That is right for prefill and for the CPU, but a CUDA graph
 replays fixed kernels on fixed addresses, and at batch 1 a 44-layer model spends more time
-launching ~1,000 small kernels than reading its weights. Here every decode step has the same shapes:
+launching ~1,500 small kernels than reading its weights. Here every decode step has the same shapes:
 
     keys at a memory layer:  [memory slots (M) | context slots (S)]  (B, H_kv, M + S, D)
     keys at other layers:    [context slots (S)]                     (B, H_kv, S, D)
@@ -18,6 +18,10 @@ graph never sees a new address: the fetched memories (ideally in pinned host mem
 device staging buffer on a side stream while the current step computes, and the next step waits on
 an event, then moves them into the slots. The retrieval query is the last `chunk_len` generated
 tokens, which are known one step before the memories are first read, so the copy overlaps one step.
+
+A graph removes the CPU's launch cost, not the GPU's: each small kernel still runs for a few
+microseconds, and at batch 1 a block's ~34 of them outlast its 5 matrix products. `compile=True`
+runs each block through `torch.compile` (Inductor), which fuses them into a few kernels.
 
 Prefill stays eager (`Transformer.forward`, once per prompt), writing into the same caches.
 """
@@ -34,7 +38,7 @@ from torch import Tensor
 from .generate import GenerationOutput, MemoryProvider, SamplingParams, model_dtype, sample
 from .layout import chunk_groups, chunk_spans, rope_positions
 from .memory import ExplicitMemory, stack_memories
-from .model import Attention, Transformer, apply_rope
+from .model import Transformer, TransformerBlock, apply_rope
 
 NEG_INF = float("-inf")
 
@@ -50,10 +54,13 @@ class StaticDecoder:
         memory: reserve memory slots at the memory layers (the engine "with memory").
         prefix_len: length of the reference prefix; decoding RoPE positions skip `ref_len` after it.
         cuda_graph: capture the step in a CUDA graph; default: when the model is on CUDA.
+        compile: run each block through `torch.compile` (Inductor), which fuses its norms, RoPE,
+            cache writes, residual adds and SwiGLU into a few kernels; compiled here, before the
+            capture, into one graph that all layers share.
     """
 
     def __init__(self, model: Transformer, batch_size: int, max_seq_len: int, *, memory: bool,
-                 prefix_len: int = 0, cuda_graph: bool | None = None) -> None:
+                 prefix_len: int = 0, cuda_graph: bool | None = None, compile: bool = False) -> None:
         config = model.config
         self.model, self.batch_size, self.prefix_len = model, batch_size, prefix_len
         self.max_seq_len = max_seq_len
@@ -88,9 +95,15 @@ class StaticDecoder:
         self._copy_stream = torch.cuda.Stream(dev) if cuda else None
         self._staged = torch.cuda.Event() if cuda else None
         self._installed = torch.cuda.Event() if cuda else None
+        # dynamic: one graph serves every layer (the memory slot count is a dynamic int), batch size
+        # above 1 and cache length; Dynamo specializes batch size 1 into its own graph.
+        self._layer = torch.compile(decode_layer, fullgraph=True, dynamic=True) if compile else decode_layer
         self.graph: torch.cuda.CUDAGraph | None = None
         if cuda_graph if cuda_graph is not None else cuda:
             self._capture()
+        elif compile:  # compile now, so that a compiler failure surfaces here as it does on CUDA
+            self._forward()
+            self.slots.zero_()
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, tokens: Tensor) -> Tensor:
@@ -123,25 +136,9 @@ class StaticDecoder:
             self.mem_mask[..., self.mem_slots :].copy_(self.ctx_mask)
         for layer, cache in zip(model.layers, self.caches, strict=True):
             mask = self.mem_mask if cache.mem_slots else self.ctx_mask
-            x = x + self._attention(layer.attention, cache, layer.attention_norm(x), cos, sin, mask)
-            x = x + layer.feed_forward(layer.ffn_norm(x))
+            x = self._layer(layer, cache.k, cache.v, cache.mem_slots, x, cos, sin, mask, self.rows, slots)
         self.logits.copy_(model.output(model.norm(x))[:, 0])
         slots.add_(1)
-
-    def _attention(self, attn: Attention, cache, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """x: (B, 1, dim) -> (B, 1, dim); writes this token's K/V into the cache first."""
-        b = x.shape[0]
-        h, h_kv, d = attn.n_head, attn.n_kv_head, attn.head_dim
-        qk, v = attn.wqkv(x).split([(h + h_kv) * d, h_kv * d], dim=-1)
-        qk = apply_rope(qk.view(b, 1, h + h_kv, d).transpose(1, 2), cos, sin)  # (B, H + H_kv, 1, D), one RoPE
-        q, k = qk.split([h, h_kv], dim=1)
-        cols = self.slots[:, 0] + cache.mem_slots  # (B,)
-        cache.k[self.rows, :, cols] = k[:, :, 0]  # (B, H_kv, D)
-        cache.v[self.rows, :, cols] = v.view(b, h_kv, d)
-        # The G query heads of a KV head become G query rows of it: no K/V repeat for GQA.
-        q = q.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, G, D)
-        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)  # (B, H_kv, G, D)
-        return attn.wo(y.reshape(b, 1, h * d))
 
     def _capture(self) -> None:
         """Warm up on a side stream (allocator, cuBLAS handles, SDPA kernel choice), then capture."""
@@ -237,6 +234,30 @@ class StaticDecoder:
         if self._installed is not None:
             self._installed.record(torch.cuda.current_stream(self.device))
         self._pending = False
+
+
+def decode_layer(layer: TransformerBlock, k_cache: Tensor, v_cache: Tensor, mem_slots: int, x: Tensor, cos: Tensor,
+                 sin: Tensor, mask: Tensor, rows: Tensor, slots: Tensor) -> Tensor:
+    """One block for one token per row: x (B, 1, dim) -> (B, 1, dim).
+
+    Writes the token's K/V into the caches (B, H_kv, M + S, D) at column slot + mem_slots first.
+    A free function of the block, not a method, so that one `torch.compile` of it serves every
+    layer: layers differ only in their weights, which Dynamo takes as inputs.
+    """
+    attn = layer.attention
+    b = x.shape[0]
+    h, h_kv, d = attn.n_head, attn.n_kv_head, attn.head_dim
+    qk, v = attn.wqkv(layer.attention_norm(x)).split([(h + h_kv) * d, h_kv * d], dim=-1)
+    qk = apply_rope(qk.view(b, 1, h + h_kv, d).transpose(1, 2), cos, sin)  # (B, H + H_kv, 1, D), one RoPE
+    q, k = qk.split([h, h_kv], dim=1)
+    cols = slots[:, 0] + mem_slots  # (B,)
+    k_cache[rows, :, cols] = k[:, :, 0]  # (B, H_kv, D)
+    v_cache[rows, :, cols] = v.view(b, h_kv, d)
+    # The G query heads of a KV head become G query rows of it: no K/V repeat for GQA.
+    q = q.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, G, D)
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # (B, H_kv, G, D)
+    x = x + attn.wo(y.reshape(b, 1, h * d))
+    return x + layer.feed_forward(layer.ffn_norm(x))
 
 
 def _mask_buffer(b: int, n: int, dtype: torch.dtype, device) -> Tensor:

@@ -1,3 +1,7 @@
+import shutil
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,3 +37,10 @@ def text_codec() -> TextCodec:
 @pytest.fixture(scope="session")
 def prefix(text_codec, tiny_config) -> list[int]:
     return text_codec.reference_prefix(tiny_config)
+
+
+@pytest.fixture
+def cpu_compiler():
+    """torch.compile on the CPU builds C++ that includes Python.h: it needs g++ and the Python headers."""
+    if shutil.which("g++") is None or not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        pytest.skip("torch.compile on the CPU needs g++ and the Python headers (apt: g++ python3-dev)")

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
     gpu.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                      help="weights and caches (default: bfloat16 on CUDA, float32 on the CPU)")
+    gpu.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="compile each block of our decode step with torch.compile (default: on CUDA)")
     gpu.add_argument("--hf-compile", action="store_true", help="let HF compile its static-cache forward")
     gpu.add_argument("--json", type=Path, required=True)
     return parser
@@ -401,7 +403,7 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.bench_kind == "gpu":
         from memory3.bench.gpu import run_gpu_bench
         result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
-                               hf_compile=args.hf_compile, dtype=args.dtype,
+                               hf_compile=args.hf_compile, dtype=args.dtype, compile=args.compile,
                                log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "serving":
         from memory3.bench.serving import run_serving_bench

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from memory3.bench.gpu import TARGETS, main, render
+from memory3.bench.gpu import TARGETS, main, render, run_gpu_bench
 from memory3.services.cli.main import build_parser
 
 
@@ -15,16 +16,47 @@ def test_cli_parses_bench_gpu():
         "gpu", "tiny", "cpu", True, 9, "bfloat16")
 
 
-@pytest.mark.parametrize(("dtype", "max_rel_err"), [("float32", 1e-5), ("bfloat16", 3e-2)])
-def test_smoke_run_on_cpu(tmp_path, dtype, max_rel_err):
-    """bfloat16 takes the GPU run's dtype paths: bf16 weights, caches, pinned memories and masks."""
-    assert main(["--preset", "tiny", "--device", "cpu", "--smoke", "--dtype", dtype, "--json", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("gpu-cpu-*.json")
+@pytest.mark.parametrize(("dtype", "compile", "max_rel_err"), [("float32", False, 1e-5), ("bfloat16", True, 3e-2)])
+def test_smoke_run_on_cpu(tmp_path, request, dtype, compile, max_rel_err):
+    """bfloat16 with --compile takes the GPU run's paths: bf16 weights, caches, pinned memories and
+    masks, and compiled blocks timed against uncompiled ones."""
+    if compile:
+        request.getfixturevalue("cpu_compiler")
+    flag = "--compile" if compile else "--no-compile"
+    assert main(["--preset", "tiny", "--device", "cpu", "--smoke", "--dtype", dtype, flag, "--json",
+                 str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("gpu-cpu-*.json")  # and the partial one of the run is gone
     result = json.loads(path.read_text())
     for key in (*TARGETS, "b1_tok_s", "b2_memory_tok_s", "hbm_copy_gb_s", "b1_roofline_tok_s", "correct"):
         assert key.replace("b32", "b2") in result
     assert result["protocol"]["dtype"] == dtype
+    assert result["compile"]["compiled"] is compile and result["compile"]["error"] is None
+    assert ("compiled_over_uncompiled" in result["batches"]["2"]["ratios"]) is compile
     assert result["correct"] and result["correctness"]["memory_vs_fp32"]["rel_err"] < max_rel_err
-    assert set(result["batches"]["2"]["variants"]) == {"hf_eager", "hf_static", "no_memory", "memory", "rag"}
+    assert set(result["batches"]["2"]["variants"]) == {"hf_eager", "hf_static", "no_memory", "memory", "rag",
+                                                       *(["no_memory_uncompiled"] if compile else [])}
     assert result["protocol"]["retrievals_per_sequence"] == 3
     assert "| 2 | memory |" in render(result)
+
+
+def test_a_compiler_failure_leaves_a_measured_uncompiled_run(tmp_path, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("no C++ compiler here")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    args = ["--preset", "tiny", "--device", "cpu", "--smoke", "--compile", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["compile"]["compiled"] is False and "no C++ compiler here" in result["compile"]["error"]
+    assert result["correct"] and "no_memory_uncompiled" not in result["batches"]["1"]["variants"]
+
+
+def test_each_batch_size_is_checkpointed_as_it_is_measured():
+    seen = []
+    result = run_gpu_bench(preset="tiny", device="cpu", smoke=True, compile=False, log=lambda msg: None,
+                           checkpoint=lambda so_far: seen.append(json.loads(json.dumps(so_far))))
+    assert [sorted(c["batches"]) for c in seen] == [["1"], ["1", "2"]]
+    assert all(c["partial"] for c in seen)
+    assert seen[-1]["batches"]["2"]["variants"]["memory"] == result["batches"]["2"]["variants"]["memory"]

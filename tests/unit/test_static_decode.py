@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from memory3.model.encoder import encode_references
 from memory3.model.generate import generate
@@ -63,13 +64,13 @@ def row_groups(provider, b, n_prompt_chunks):
     return groups + [call[b] for call in swaps]
 
 
-def run_both(model, config, prefix, prompts, steps, provider_factory, **kwargs):
+def run_both(model, config, prefix, prompts, steps, provider_factory, compile=False, **kwargs):
     with torch.no_grad():
         ref = generate(model, prompts, prefix=prefix, max_new_tokens=steps, memory_provider=provider_factory(),
                        **kwargs)
     provider = provider_factory()
     decoder = StaticDecoder(model, len(prompts), len(prefix) + max(map(len, prompts)) + steps, memory=True,
-                            prefix_len=len(prefix))
+                            prefix_len=len(prefix), compile=compile)
     logits = []
     out = generate_static(decoder, prompts, prefix=prefix, max_new_tokens=steps, memory_provider=provider,
                           on_logits=lambda step, x: logits.append(x.clone()), **kwargs)
@@ -88,6 +89,25 @@ def test_static_equals_generate_with_memory_swaps_and_ragged_prompts(tiny_model,
         full = full_forward_logits(tiny_model, tiny_config, prefix, prompt, out.tokens[b],
                                    row_groups(provider, b, n_chunks))
         torch.testing.assert_close(logits[b], full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("cpu_compiler")
+def test_a_compiled_step_equals_the_eager_one_and_compiles_once_for_all_layers(tiny_model, tiny_config, prefix,
+                                                                                 bank):
+    torch._dynamo.reset()
+    counters["stats"].clear()
+    prompts = [[1, *torch.randint(3, 250, (n,)).tolist()] for n in (99, 20)]
+    ref, out, provider, logits = run_both(tiny_model, tiny_config, prefix, prompts, 70, lambda: Provider(bank),
+                                          compile=True)
+    assert out.tokens == ref.tokens
+    n_chunks = [math.ceil(len(p) / tiny_config.chunk_len) for p in prompts]
+    for b, prompt in enumerate(prompts):
+        full = full_forward_logits(tiny_model, tiny_config, prefix, prompt, out.tokens[b],
+                                   row_groups(provider, b, n_chunks))
+        torch.testing.assert_close(logits[b], full, rtol=1e-4, atol=1e-4)
+    # Four layers, two with memory slots: one graph for all (the slot count is a dynamic int).
+    assert tiny_config.n_layer == 4 and len(tiny_config.memory_layers) == 2
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_rows_without_memories_and_partial_memories(tiny_model, tiny_config, prefix, bank):
@@ -150,11 +170,13 @@ def test_validates_its_input(tiny_model, prefix):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_equals_generate(tiny_model, tiny_config, prefix, bank, dtype):
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_equals_generate(tiny_model, tiny_config, prefix, bank, dtype, compile):
     model = tiny_model.to("cuda", dtype)
     try:
         prompts = [[1, *torch.randint(3, 250, (n,)).tolist()] for n in (99, 20, 64)]
-        ref, out, provider, logits = run_both(model, tiny_config, prefix, prompts, 140, lambda: Provider(bank))
+        ref, out, provider, logits = run_both(model, tiny_config, prefix, prompts, 140, lambda: Provider(bank),
+                                              compile=compile)
         decoder = StaticDecoder(model, 3, 8, memory=False)
         assert decoder.graph is not None
         n_chunks = [math.ceil(len(p) / tiny_config.chunk_len) for p in prompts]
