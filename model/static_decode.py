@@ -54,9 +54,10 @@ class StaticDecoder:
         memory: reserve memory slots at the memory layers (the engine "with memory").
         prefix_len: length of the reference prefix; decoding RoPE positions skip `ref_len` after it.
         cuda_graph: capture the step in a CUDA graph; default: when the model is on CUDA.
-        compile: run each block through `torch.compile` (Inductor), which fuses its norms, RoPE,
-            cache writes, residual adds and SwiGLU into a few kernels; compiled here, before the
-            capture, into one graph that all layers share.
+        compile: run each block, and the step's embedding, masks and output head, through
+            `torch.compile` (Inductor), which fuses norms, RoPE, cache writes, residual adds and
+            SwiGLU into a few kernels; compiled here, before the capture, into one graph that all
+            layers share.
     """
 
     def __init__(self, model: Transformer, batch_size: int, max_seq_len: int, *, memory: bool,
@@ -97,7 +98,10 @@ class StaticDecoder:
         self._installed = torch.cuda.Event() if cuda else None
         # dynamic: one graph serves every layer (the memory slot count is a dynamic int), batch size
         # above 1 and cache length; Dynamo specializes batch size 1 into its own graph.
-        self._layer = torch.compile(decode_layer, fullgraph=True, dynamic=True) if compile else decode_layer
+        steps = (decode_prologue, decode_layer, decode_epilogue)
+        if compile:
+            steps = tuple(torch.compile(f, fullgraph=True, dynamic=True) for f in steps)
+        self._prologue, self._layer, self._epilogue = steps
         self.graph: torch.cuda.CUDAGraph | None = None
         if cuda_graph if cuda_graph is not None else cuda:
             self._capture()
@@ -126,19 +130,12 @@ class StaticDecoder:
     def _forward(self) -> None:
         """The captured step: reads tokens, slots, caches and mem_bias; writes caches, logits, slots."""
         model, slots = self.model, self.slots
-        x = model.tok_embeddings(self.tokens)  # (B, 1, dim)
-        positions = rope_positions(slots, self.prefix_len, model.config.ref_len)  # (B, 1)
-        cos, sin = model.rope(positions, x.dtype)  # (B, 1, 1, D)
-        visible = self.key_slot <= slots  # (B, S)
-        self.ctx_mask.copy_(torch.where(visible, 0.0, NEG_INF)[:, None, None])
-        if self.memory:
-            self.mem_mask[..., : self.mem_slots].copy_(self.mem_bias[:, None, None])
-            self.mem_mask[..., self.mem_slots :].copy_(self.ctx_mask)
+        x, cos, sin = self._prologue(model, self.tokens, slots, self.prefix_len, self.key_slot, self.ctx_mask,
+                                     self.mem_mask if self.memory else None, self.mem_bias)
         for layer, cache in zip(model.layers, self.caches, strict=True):
             mask = self.mem_mask if cache.mem_slots else self.ctx_mask
             x = self._layer(layer, cache.k, cache.v, cache.mem_slots, x, cos, sin, mask, self.rows, slots)
-        self.logits.copy_(model.output(model.norm(x))[:, 0])
-        slots.add_(1)
+        self._epilogue(model, x, self.logits, slots)
 
     def _capture(self) -> None:
         """Warm up on a side stream (allocator, cuBLAS handles, SDPA kernel choice), then capture."""
@@ -236,6 +233,31 @@ class StaticDecoder:
         self._pending = False
 
 
+def decode_prologue(model: Transformer, tokens: Tensor, slots: Tensor, prefix_len: int, key_slot: Tensor,
+                    ctx_mask: Tensor, mem_mask: Tensor | None, mem_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Embeds the rows' tokens (B, 1) and writes the step's masks from their slots (B, 1).
+
+    Returns x (B, 1, dim) and RoPE's cos, sin (B, 1, 1, D). ctx_mask (B, 1, 1, S) hides the slots
+    after each row's; mem_mask (B, 1, 1, M + S), if given, is [mem_bias (B, M) | ctx_mask].
+    """
+    x = model.tok_embeddings(tokens)  # (B, 1, dim)
+    positions = rope_positions(slots, prefix_len, model.config.ref_len)  # (B, 1)
+    cos, sin = model.rope(positions, x.dtype)  # (B, 1, 1, D)
+    visible = key_slot <= slots  # (B, S)
+    ctx_mask.copy_(torch.where(visible, 0.0, NEG_INF)[:, None, None])
+    if mem_mask is not None:
+        m = mem_bias.shape[1]
+        mem_mask[..., :m].copy_(mem_bias[:, None, None])
+        mem_mask[..., m:].copy_(ctx_mask)
+    return x, cos, sin
+
+
+def decode_epilogue(model: Transformer, x: Tensor, logits: Tensor, slots: Tensor) -> None:
+    """x (B, 1, dim) -> the rows' next-token logits, into `logits` (B, V); advances the slots."""
+    logits.copy_(model.output(model.norm(x))[:, 0])
+    slots.add_(1)
+
+
 def decode_layer(layer: TransformerBlock, k_cache: Tensor, v_cache: Tensor, mem_slots: int, x: Tensor, cos: Tensor,
                  sin: Tensor, mask: Tensor, rows: Tensor, slots: Tensor) -> Tensor:
     """One block for one token per row: x (B, 1, dim) -> (B, 1, dim).
@@ -264,9 +286,11 @@ def _mask_buffer(b: int, n: int, dtype: torch.dtype, device) -> Tensor:
     """A (B, 1, 1, n) additive-mask view whose row stride is padded to 16 elements.
 
     The memory-efficient SDPA kernel wants every stride but the last aligned to 16; an unaligned
-    mask would be padded (copied) by SDPA at every layer.
+    mask would be padded (copied) by SDPA at every layer. The row is always padded, n a multiple
+    of 16 too, so that the view is never contiguous: a compiled step guards on that, and one graph
+    then serves every n.
     """
-    padded = -(-n // 16) * 16
+    padded = (n // 16 + 1) * 16
     return torch.zeros(b, 1, 1, padded, dtype=dtype, device=device)[..., :n]
 
 
