@@ -10,7 +10,7 @@ from memory3.model.generate import GenerationOutput, generate
 from memory3.model.hf_llama import llama_config_kwargs, to_llama_state_dict
 from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import ExplicitMemory, stack_memories
-from memory3.model.model import apply_rope
+from memory3.model.model import RMSNorm, apply_rope
 
 
 def random_memory(config, n_valid=None, scale=1.0) -> ExplicitMemory:
@@ -41,6 +41,19 @@ def test_without_memory_equals_transformers_llama(tiny_model, tiny_config):
         ours = tiny_model(tokens, positions)
         theirs = hf(tokens).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_llamas_bit_for_bit(dtype):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    ours, theirs = RMSNorm(320, 1e-5).to(dtype), LlamaRMSNorm(320, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ours.weight.normal_()
+        theirs.weight.copy_(ours.weight)
+        x = (torch.randn(3, 7, 320) * 5).to(dtype)
+        assert torch.equal(ours(x), theirs(x))
 
 
 def naive_memory_attention(attn, x, cos, sin, mem_k, mem_v, mem_valid, token_group, slot_group):
