@@ -132,10 +132,12 @@ class StaticDecoder:
         model, slots = self.model, self.slots
         x, cos, sin = self._prologue(model, self.tokens, slots, self.prefix_len, self.key_slot, self.ctx_mask,
                                      self.mem_mask if self.memory else None, self.mem_bias)
+        ffn_out = torch.zeros_like(x)
         for layer, cache in zip(model.layers, self.caches, strict=True):
             mask = self.mem_mask if cache.mem_slots else self.ctx_mask
-            x = self._layer(layer, cache.k, cache.v, cache.mem_slots, x, cos, sin, mask, self.rows, slots)
-        self._epilogue(model, x, self.logits, slots)
+            x, ffn_out = self._layer(layer, cache.k, cache.v, cache.mem_slots, x, ffn_out, cos, sin, mask,
+                                     self.rows, slots)
+        self._epilogue(model, x, ffn_out, self.logits, slots)
 
     def _capture(self) -> None:
         """Warm up on a side stream (allocator, cuBLAS handles, SDPA kernel choice), then capture."""
@@ -252,20 +254,27 @@ def decode_prologue(model: Transformer, tokens: Tensor, slots: Tensor, prefix_le
     return x, cos, sin
 
 
-def decode_epilogue(model: Transformer, x: Tensor, logits: Tensor, slots: Tensor) -> None:
-    """x (B, 1, dim) -> the rows' next-token logits, into `logits` (B, V); advances the slots."""
-    logits.copy_(model.output(model.norm(x))[:, 0])
+def decode_epilogue(model: Transformer, x: Tensor, ffn_out: Tensor, logits: Tensor, slots: Tensor) -> None:
+    """x + the last block's ffn_out (B, 1, dim) -> the rows' next-token logits, into `logits` (B, V);
+    advances the slots."""
+    logits.copy_(model.output(model.norm(x + ffn_out))[:, 0])
     slots.add_(1)
 
 
-def decode_layer(layer: TransformerBlock, k_cache: Tensor, v_cache: Tensor, mem_slots: int, x: Tensor, cos: Tensor,
-                 sin: Tensor, mask: Tensor, rows: Tensor, slots: Tensor) -> Tensor:
-    """One block for one token per row: x (B, 1, dim) -> (B, 1, dim).
+def decode_layer(layer: TransformerBlock, k_cache: Tensor, v_cache: Tensor, mem_slots: int, x: Tensor,
+                 prev_ffn_out: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, rows: Tensor,
+                 slots: Tensor) -> tuple[Tensor, Tensor]:
+    """One block for one token per row.
 
-    Writes the token's K/V into the caches (B, H_kv, M + S, D) at column slot + mem_slots first.
-    A free function of the block, not a method, so that one `torch.compile` of it serves every
-    layer: layers differ only in their weights, which Dynamo takes as inputs.
+    Takes the residual stream x (B, 1, dim) before the previous block's FFN output is added, and
+    that output; returns the same pair for this block. Each residual add is thus done by the next
+    block (or the epilogue), where a compiler fuses it with the norm that reads it: one kernel
+    fewer per block. Writes the token's K/V into the caches (B, H_kv, M + S, D) at column
+    slot + mem_slots first. A free function of the block, not a method, so that one
+    `torch.compile` of it serves every layer: layers differ only in their weights, which Dynamo
+    takes as inputs.
     """
+    x = x + prev_ffn_out
     attn = layer.attention
     b = x.shape[0]
     h, h_kv, d = attn.n_head, attn.n_kv_head, attn.head_dim
@@ -279,7 +288,7 @@ def decode_layer(layer: TransformerBlock, k_cache: Tensor, v_cache: Tensor, mem_
     q = q.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, G, D)
     y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # (B, H_kv, G, D)
     x = x + attn.wo(y.reshape(b, 1, h * d))
-    return x + layer.feed_forward(layer.ffn_norm(x))
+    return x, layer.feed_forward(layer.ffn_norm(x))
 
 
 def _mask_buffer(b: int, n: int, dtype: torch.dtype, device) -> Tensor:
