@@ -3,7 +3,7 @@
 `Transformer.forward` decodes with shapes that follow the context (the key axis grows by one slot
 per token, masks are built per pass). That is right for prefill and for the CPU, but a CUDA graph
 replays fixed kernels on fixed addresses, and at batch 1 a 44-layer model spends more time
-launching ~1,500 small kernels than reading its weights. Here every decode step has the same shapes:
+launching ~1,200 small kernels than reading its weights. Here every decode step has the same shapes:
 
     keys at a memory layer:  [memory slots (M) | context slots (S)]  (B, H_kv, M + S, D)
     keys at other layers:    [context slots (S)]                     (B, H_kv, S, D)
@@ -20,7 +20,7 @@ an event, then moves them into the slots. The retrieval query is the last `chunk
 tokens, which are known one step before the memories are first read, so the copy overlaps one step.
 
 A graph removes the CPU's launch cost, not the GPU's: each small kernel still runs for a few
-microseconds, and at batch 1 a block's ~34 of them outlast its 5 matrix products. `compile=True`
+microseconds, and at batch 1 a block's ~26 of them outlast its 5 matrix products. `compile=True`
 runs each block through `torch.compile` (Inductor), which fuses them into a few kernels.
 
 Prefill stays eager (`Transformer.forward`, once per prompt), writing into the same caches.
