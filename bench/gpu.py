@@ -89,6 +89,9 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         overrides = {"chunk_len": 16, "ref_len": 32}
     dev = torch.device(device)
     cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"bench gpu: no CUDA device here for --device {device} (torch {torch.__version__}); "
+                         "on a CPU, --preset tiny --device cpu --smoke runs the whole logic at toy sizes")
     builder = _DecoderBuilder(cuda if compile is None else compile, log)
     dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
@@ -541,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memory3.bench.gpu", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_from_args(args)
+    try:
+        return run_from_args(args)
+    except ValueError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -60,3 +60,13 @@ def test_each_batch_size_is_checkpointed_as_it_is_measured():
     assert [sorted(c["batches"]) for c in seen] == [["1"], ["1", "2"]]
     assert all(c["partial"] for c in seen)
     assert seen[-1]["batches"]["2"]["variants"]["memory"] == result["batches"]["2"]["variants"]["memory"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_without_cuda_it_says_how_to_check_on_the_cpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--json", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "--device cpu --smoke" in err
+    assert not list(tmp_path.iterdir())
