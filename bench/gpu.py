@@ -32,12 +32,16 @@ root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwa
     mkdir -p /tmp/m3/memory3 && for d in model bench; do ln -sfn "$PWD/$d" /tmp/m3/memory3/$d; done &&
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee $OUT/smi.txt;
     set -o pipefail; PYTHONPATH=/tmp/m3 PYTHONUNBUFFERED=1 python3 -m memory3.bench.gpu --json "$OUT"
-    2>&1 | tee $OUT/log.txt
+    2>&1 | tee $OUT/log.txt; PYTHONPATH=/tmp/m3 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider
+    tests/unit/test_gpu.py tests/unit/test_static_decode.py 2>&1 | tail -15
 
-(timeout_s=600; expected run time 5-8 minutes, of which compiling 1-2). If compiling fails, the
-run says why, goes on uncompiled and reports `compile.error`. Here: `memory3 bench gpu --json PATH`, and
-`--preset tiny --device cpu --smoke` runs the whole logic on the CPU in well under a minute, and
-`--dtype bfloat16` beside it takes the GPU run's dtype paths (bf16 weights, caches and masks).
+(timeout_s=600; expected run time 5-8 minutes, of which compiling 1-2, then the `gpu`-marked
+tests). If compiling fails, the run says why, goes on uncompiled and reports `compile.error`;
+`gpu-<card>-<date>.partial.json` keeps each batch size's numbers as they are measured.
+
+Here: `memory3 bench gpu --json PATH`. On a CPU, `--preset tiny --device cpu --smoke` runs the
+whole logic in well under a minute, and `--dtype bfloat16 --compile` beside it takes the GPU run's
+paths (bf16 weights, caches and masks, compiled blocks; needs g++ and the Python headers).
 """
 
 from __future__ import annotations
