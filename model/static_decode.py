@@ -99,6 +99,7 @@ class StaticDecoder:
         # dynamic: one graph serves every layer (the memory slot count is a dynamic int), batch size
         # above 1 and cache length; Dynamo specializes batch size 1 into its own graph.
         steps = (decode_prologue, decode_layer, decode_epilogue)
+        self.compiled = compile
         if compile:
             steps = tuple(torch.compile(f, fullgraph=True, dynamic=True) for f in steps)
         self._prologue, self._layer, self._epilogue = steps
@@ -295,9 +296,9 @@ def _mask_buffer(b: int, n: int, dtype: torch.dtype, device) -> Tensor:
     """A (B, 1, 1, n) additive-mask view whose row stride is padded to 16 elements.
 
     The memory-efficient SDPA kernel wants every stride but the last aligned to 16; an unaligned
-    mask would be padded (copied) by SDPA at every layer. The row is always padded, n a multiple
-    of 16 too, so that the view is never contiguous: a compiled step guards on that, and one graph
-    then serves every n.
+    mask would be padded (copied) by SDPA at every layer. The row is padded even when n is a
+    multiple of 16, so that the view is never contiguous: a compiled step guards on contiguity,
+    and one graph then serves every n.
     """
     padded = (n // 16 + 1) * 16
     return torch.zeros(b, 1, 1, padded, dtype=dtype, device=device)[..., :n]
