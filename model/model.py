@@ -228,8 +228,9 @@ class Transformer(nn.Module):
         token_group: Tensor | None = None,
         cache_slots: Tensor | None = None,
         cache_rows: Tensor | None = None,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
-        """Logits for every input token.
+        """Logits for every input token, or for one per sequence.
 
         Args:
             tokens: (B, T) token ids.
@@ -240,8 +241,11 @@ class Transformer(nn.Module):
                 Without caches the tokens attend causally to each other only.
             cache_rows: (B,) cache row of each sequence; None means rows 0..B-1. A serving
                 engine prefills a joining stream into whichever row is free.
+            logits_at: (B,) index of the one token of each sequence whose logits are wanted: a
+                prefill needs its last prompt token's only, and the output projection of a
+                long prompt costs as much as a few blocks.
         Returns:
-            (B, T, vocab_size) logits.
+            (B, T, vocab_size) logits; (B, 1, vocab_size) with `logits_at`.
         """
         if memory is not None and token_group is None:
             raise ValueError("token_group is required when memory is given")
@@ -261,6 +265,8 @@ class Transformer(nn.Module):
                 memory_index += 1
             mask = masks.memory if layer.is_memory_layer else masks.context
             x = layer(x, cos, sin, mask, layer_memory, cache_slots, kv_len, cache_rows, masks.chunks)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, dim)
         return self.output(self.norm(x))
 
     def _masks(

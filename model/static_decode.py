@@ -171,13 +171,14 @@ class StaticDecoder:
         try:
             if self.memory:
                 model.clear_resident_memory()  # prefill without explicit memories sees none
-            logits = model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots)
+            logits = model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
+                           logits_at=last)
         finally:
             model.clear_caches()
         self.mem_bias.fill_(NEG_INF)
         self._pending = False  # memories staged for an earlier generation are void
         self.slots.copy_(last[:, None] + 1)
-        return logits[self.rows, last]
+        return logits[:, 0]
 
     # ---- memory swaps -----------------------------------------------------------------------
     def stage_memories(self, memories: Sequence[Sequence[ExplicitMemory] | None]) -> None:

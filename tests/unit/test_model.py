@@ -43,6 +43,17 @@ def test_without_memory_equals_transformers_llama(tiny_model, tiny_config):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_logits_at_one_token_per_sequence_are_those_of_the_full_pass(tiny_model, tiny_config):
+    tokens = torch.randint(0, tiny_config.vocab_size, (3, 40))
+    positions = torch.arange(40)[None].expand(3, -1)
+    at = torch.tensor([39, 0, 17])
+    with torch.no_grad():
+        full = tiny_model(tokens, positions)
+        one = tiny_model(tokens, positions, logits_at=at)
+    assert one.shape == (3, 1, tiny_config.vocab_size)
+    torch.testing.assert_close(one[:, 0], full[torch.arange(3), at], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_equals_llamas_bit_for_bit(dtype):
     LlamaRMSNorm = pytest.importorskip("transformers.models.llama.modeling_llama").LlamaRMSNorm
