@@ -86,11 +86,13 @@ def prefill(
     tokens: Tensor,
     slots: Tensor,
     positions: Tensor,
+    last: Tensor,
     memory=None,
     token_group: Tensor | None = None,
 ) -> Tensor:
-    """One pass over the (right-padded) prompts; fills the caches. Returns (B, T, V) logits."""
-    return model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots)
+    """One pass over the (right-padded) prompts; fills the caches. Returns the (B, V) logits of
+    each prompt's last token, at index `last` (B,)."""
+    return model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots, logits_at=last)[:, 0]
 
 
 def decode_one_token(model: Transformer, tokens: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
@@ -168,8 +170,7 @@ def iter_generate(
                 token_group = chunk_groups(slots, p, config.chunk_len)
         if p:
             model.write_prefix(torch.as_tensor(list(prefix), dtype=torch.long, device=device))
-        logits = prefill(model, tokens, slots, positions, memory, token_group)
-        last = logits[torch.arange(bsz, device=device), lengths - 1]  # (B, V)
+        last = prefill(model, tokens, slots, positions, lengths - 1, memory, token_group)  # (B, V)
         if memory is not None:
             # The first generated chunk keeps the last prompt chunk's memories.
             model.set_resident_memory(

@@ -352,9 +352,8 @@ class Scheduler:
         for i, s in enumerate(streams):
             if i not in keep:
                 self.model.install_memories(s.row, ())
-        logits = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
-                            cache_rows=rows)
-        last = logits[torch.arange(len(streams), device=self.device), lengths - 1]  # (B, V)
+        last = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
+                          cache_rows=rows, logits_at=lengths - 1)[:, 0]  # (B, V)
         for i in keep:
             self.model.keep_resident(streams[i].row, memory, i, len(streams[i].groups) - 1)
         for s, length in zip(streams, lengths.tolist(), strict=True):
