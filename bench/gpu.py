@@ -35,8 +35,8 @@ root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwa
     2>&1 | tee $OUT/log.txt; PYTHONPATH=/tmp/m3 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider
     tests/unit/test_gpu.py tests/unit/test_static_decode.py 2>&1 | tail -15
 
-(timeout_s=600; expected run time 5-8 minutes, of which compiling 1-2, then the `gpu`-marked
-tests). If compiling fails, the run says why, goes on uncompiled and reports `compile.error`;
+(timeout_s=600; expected run time 5-8 minutes, of which compiling and tuning kernels 1-3, then
+the `gpu`-marked tests). If compiling fails, the run says why, goes on uncompiled and reports `compile.error`;
 `gpu-<card>-<date>.partial.json` keeps each batch size's numbers as they are measured.
 
 Here: `memory3 bench gpu --json PATH`. On a CPU, `--preset tiny --device cpu --smoke` runs the
@@ -66,7 +66,7 @@ from memory3.model.hf_llama import llama_config_kwargs, to_llama_state_dict
 from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import ExplicitMemory, stack_memories
 from memory3.model.model import Transformer
-from memory3.model.static_decode import StaticDecoder, generate_static
+from memory3.model.static_decode import COMPILE_OPTIONS, StaticDecoder, generate_static
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 
 from .decode import UniqueMemoryBank
@@ -83,7 +83,7 @@ TARGETS = {"b1_over_roofline": ">= 0.80", "b32_memory_over_hf_eager": ">= 5", "m
 def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bool = False,
                   batches: tuple[int, ...] = (1, 32), prompt_tokens: int = 128, new_tokens: int = 128,
                   rounds: int = 9, hf_compile: bool = False, seed: int = 0, dtype: str | None = None,
-                  compile: bool | None = None, log: Callable[[str], None] = print,
+                  compile: bool | None = None, tune_kernels: bool = True, log: Callable[[str], None] = print,
                   checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Runs every variant and check; `checkpoint` gets what is measured so far after each batch
     size, so that a run cut short by the device's time limit still leaves its numbers."""
@@ -96,7 +96,8 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
     if cuda and not torch.cuda.is_available():
         raise ValueError(f"bench gpu: no CUDA device here for --device {device} (torch {torch.__version__}); "
                          "on a CPU, --preset tiny --device cpu --smoke runs the whole logic at toy sizes")
-    builder = _DecoderBuilder(cuda if compile is None else compile, log)
+    builder = _DecoderBuilder(cuda if compile is None else compile, log,
+                              {**COMPILE_OPTIONS, "coordinate_descent_tuning": tune_kernels})
     dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
     clock = _Clock(log, started)
@@ -285,8 +286,8 @@ class _DecoderBuilder:
     fails, says why and builds the rest uncompiled, so that one run on a lent device still
     measures everything."""
 
-    def __init__(self, compile: bool, log: Callable[[str], None]) -> None:
-        self.compile, self.log = compile, log
+    def __init__(self, compile: bool, log: Callable[[str], None], options: dict) -> None:
+        self.compile, self.log, self.options = compile, log, options
         self.error: str | None = None
         self.seconds = 0.0  # spent building compiled decoders (compiling, warming up, capturing)
 
@@ -294,7 +295,7 @@ class _DecoderBuilder:
         if self.compile:
             started = time.perf_counter()
             try:
-                return StaticDecoder(model, *args, compile=True, **kwargs)
+                return StaticDecoder(model, *args, compile=True, compile_options=self.options, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any compiler failure; reported in the JSON
                 self.compile, self.error = False, f"{type(exc).__name__}: {exc}"[:2000]
                 self.log(f"compiling the decode step failed, going on uncompiled: {self.error}")
@@ -305,7 +306,8 @@ class _DecoderBuilder:
     def report(self) -> dict:
         from torch._dynamo.utils import counters
 
-        return {"compiled": self.compile, "error": self.error, "build_seconds": round(self.seconds, 1),
+        return {"compiled": self.compile, "options": self.options, "error": self.error,
+                "build_seconds": round(self.seconds, 1),
                 "graphs": counters["stats"]["unique_graphs"]}
 
 
@@ -569,6 +571,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights and caches (default: bfloat16 on CUDA, float32 on the CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile each block of our decode step with torch.compile (default: on CUDA)")
+    parser.add_argument("--tune-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="Inductor's coordinate-descent tuning of the compiled kernels, which also turns "
+                             "batch-1 matrix-vector products into fused Triton reductions (default: on)")
     parser.add_argument("--hf-compile", action="store_true", help="let HF compile the static-cache forward")
     parser.add_argument("--json", type=Path, default=None,
                         help="output file, or a directory for gpu-<card>-<date>.json (default: bench/results/)")
@@ -583,7 +588,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     partial = path.with_suffix(".partial.json")
     result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
                            hf_compile=args.hf_compile, dtype=args.dtype, compile=args.compile,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                           tune_kernels=args.tune_kernels, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                            checkpoint=lambda so_far: write_json(so_far, partial))
     write_json(result, path)
     partial.unlink(missing_ok=True)

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights and caches (default: bfloat16 on CUDA, float32 on the CPU)")
     gpu.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="compile each block of our decode step with torch.compile (default: on CUDA)")
+    gpu.add_argument("--tune-kernels", action=argparse.BooleanOptionalAction, default=True,
+                     help="Inductor's coordinate-descent tuning of the compiled kernels, which also turns "
+                          "batch-1 matrix-vector products into fused Triton reductions (default: on)")
     gpu.add_argument("--hf-compile", action="store_true", help="let HF compile its static-cache forward")
     gpu.add_argument("--json", type=Path, required=True)
     return parser
@@ -404,7 +407,7 @@ def _bench(args: argparse.Namespace) -> int:
         from memory3.bench.gpu import run_gpu_bench
         result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
                                hf_compile=args.hf_compile, dtype=args.dtype, compile=args.compile,
-                               log=lambda msg: print(msg, file=sys.stderr))
+                               tune_kernels=args.tune_kernels, log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "serving":
         from memory3.bench.serving import run_serving_bench
         concurrency = tuple(int(c) for c in args.concurrency.split(","))

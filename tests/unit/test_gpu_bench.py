@@ -45,6 +45,7 @@ def test_a_compiler_failure_leaves_a_measured_uncompiled_run(tmp_path, monkeypat
     built = []
 
     def compile_that_fails_the_second_time(fn, **kwargs):
+        assert kwargs["options"] == {"coordinate_descent_tuning": False}  # --no-tune-kernels
         def compiled(*args, **kw):
             if len(built) > 3:  # the first decoder's three compiled parts have been made
                 raise RuntimeError("no C++ compiler here")
@@ -53,10 +54,12 @@ def test_a_compiler_failure_leaves_a_measured_uncompiled_run(tmp_path, monkeypat
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_that_fails_the_second_time)
-    args = ["--preset", "tiny", "--device", "cpu", "--smoke", "--compile", "--json", str(tmp_path / "r.json")]
+    args = ["--preset", "tiny", "--device", "cpu", "--smoke", "--compile", "--no-tune-kernels", "--json",
+            str(tmp_path / "r.json")]
     assert main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["compile"]["compiled"] is False and "no C++ compiler here" in result["compile"]["error"]
+    assert result["compile"]["options"] == {"coordinate_descent_tuning": False}
     assert result["correct"] and "no_memory_uncompiled" not in result["batches"]["1"]["variants"]
     assert result["batches"]["1"]["compiled"] == {"no_memory": False, "memory": False, "rag": False}
 

@@ -5,12 +5,16 @@ import math
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+from torch._inductor.decomposition import select_decomp_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from memory3.model.encoder import encode_references
 from memory3.model.generate import generate
 from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import stack_memories
-from memory3.model.static_decode import StaticDecoder, generate_static
+from memory3.model.static_decode import COMPILE_OPTIONS, StaticDecoder, generate_static
 
 
 class Provider:
@@ -109,6 +113,44 @@ def test_a_compiled_step_equals_the_eager_one_and_compiles_once_for_all_layers(t
     # beside the prologue's and the epilogue's.
     assert tiny_config.n_layer == 4 and len(tiny_config.memory_layers) == 2
     assert counters["stats"]["unique_graphs"] == 3
+
+
+def test_compile_options_reach_inductor(tiny_model, monkeypatch):
+    options = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: options.append(kwargs["options"]) or fn)
+    StaticDecoder(tiny_model, 1, 64, memory=False, compile=True)
+    StaticDecoder(tiny_model, 1, 64, memory=False, compile=True, compile_options={"coordinate_descent_tuning": False})
+    assert options == [COMPILE_OPTIONS] * 3 + [{"coordinate_descent_tuning": False}] * 3
+
+
+class _Projections(torch.nn.Module):
+    """A block's five matrix products and the norms before them, for one token per row."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        b = self.block
+        return b.attention.wqkv(b.attention_norm(x)), b.attention.wo(x), b.feed_forward(b.ffn_norm(x))
+
+
+@pytest.mark.parametrize(("batch", "products"), [(1, 0), (32, 5)])
+def test_compile_options_turn_batch_one_products_into_reductions_on_gpus(tiny_model, tiny_config, batch, products):
+    """Why the compiled step tunes its kernels: with coordinate-descent tuning on, Inductor rewrites a
+    GPU matrix product of one row (each projection at batch 1) as a multiply and a sum, a reduction
+    that it can fuse with the norm before it and SwiGLU after it; at batch 32 the products stay.
+    Traced with Inductor's decompositions on fake CUDA tensors, so it runs on a CPU."""
+    step = _Projections(tiny_model.layers[0])
+    with FakeTensorMode(), inductor_config.patch(COMPILE_OPTIONS):
+        cuda = {"device": "cuda", "dtype": torch.bfloat16}
+        params = {name: torch.empty(p.shape, **cuda) for name, p in step.named_parameters()}
+        x = torch.empty(batch, 1, tiny_config.dim, **cuda)  # (B, 1, dim)
+        graph = make_fx(lambda params, x: torch.func.functional_call(step, params, (x,)),
+                        decomposition_table=select_decomp_table())(params, x).graph
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    assert sum(t.startswith(("aten.mm", "aten.addmm", "aten.bmm")) for t in targets) == products
+    assert ("aten.sum.dim_IntList" in targets) is (products == 0)
 
 
 def test_rows_without_memories_and_partial_memories(tiny_model, tiny_config, prefix, bank):
