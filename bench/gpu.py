@@ -36,8 +36,9 @@ root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwa
     tests/unit/test_gpu.py tests/unit/test_static_decode.py 2>&1 | tail -15
 
 (timeout_s=600; expected run time 5-8 minutes, of which compiling and tuning kernels 1-3, then
-the `gpu`-marked tests). If compiling fails, the run says why, goes on uncompiled and reports `compile.error`;
-`gpu-<card>-<date>.partial.json` keeps each batch size's numbers as they are measured.
+the `gpu`-marked tests). If compiling fails, the run says why, goes on uncompiled and reports
+`compile.error`; `gpu-<card>-<date>.partial.json` keeps each batch size's numbers as they are
+measured.
 
 Here: `memory3 bench gpu --json PATH`. On a CPU, `--preset tiny --device cpu --smoke` runs the
 whole logic in well under a minute, and `--dtype bfloat16 --compile` beside it takes the GPU run's

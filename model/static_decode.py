@@ -24,8 +24,8 @@ microseconds, and at batch 1 a block's ~26 of them outlast its 5 matrix products
 runs each block through `torch.compile` (Inductor), which fuses them into a few kernels. At batch 1
 a matrix product has one row, a matrix-vector product that cuBLAS runs well short of the memory
 bandwidth; with coordinate-descent tuning on, Inductor rewrites it on GPUs as a Triton reduction,
-fuses it with the norm before it (and the gate and up products with SwiGLU after them), and tunes
-each kernel's block sizes on the device, as gpt-fast does. Larger batches keep cuBLAS.
+which it can fuse with the norm before it and SwiGLU after it, and tunes each kernel's block sizes
+on the device, as gpt-fast does. Larger batches keep cuBLAS.
 
 Prefill stays eager (`Transformer.forward`, once per prompt), writing into the same caches.
 """
