@@ -4,12 +4,13 @@ For `paper-2.4b` with random bf16 weights, created on the GPU (speed does not de
   hf_eager   `LlamaForCausalLM.generate`, dynamic cache (HF's default SDPA attention);
   hf_static  the same with `cache_implementation="static"` (not compiled unless --hf-compile:
              compiling a 44-layer model twice would not fit the device time);
-  no_memory  our engine (`model.static_decode`) without memory slots; `no_memory_uncompiled` beside
-             it is the same CUDA graph of uncompiled blocks (ours are compiled with `torch.compile`,
-             by default on CUDA; `--no-compile` for none);
+  no_memory  our engine (`model.static_decode`) without memory slots, its prefill too replayed from
+             a CUDA graph per prompt shape; `no_memory_uncompiled` beside it is the same CUDA graph
+             of uncompiled blocks (ours are compiled with `torch.compile`, by default on CUDA;
+             `--no-compile` for none);
   memory     with memory: 3 retrievals per sequence (2 prompt chunks, 1 while decoding), 5 memories
              each, never reused (the paper's worst case), handed over from pinned host memory as
-             if just fetched;
+             if just fetched; its prefill, with those memories, is eager;
   rag        no memory; 5 references (5 x 128 tokens) prefilled in front of each prompt.
 at batch 1 and 32, 128 tokens in and 128 out (paper Table 21's protocol). Throughput is
 batch * 128 / wall time, prefill included. Every round runs each variant once, in an order that
@@ -167,8 +168,13 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
                   "rag": len(rag_prompts[0]) + new_tokens // 2}
         steps = {name: step_seconds(d, starts[name] - 8, steps=4 if smoke else 16, repeats=2 if smoke else 5)
                  for name, d in decoders.items()}
+        prefill_errors = {name: d.static_prefill_error for name, d in decoders.items() if d.static_prefill_error}
+        if prefill_errors:
+            log(f"batch {bsz}: prefill graphs failed, eager instead: {prefill_errors}")
         results[bsz] = {**summarize(seconds, steps, bsz, new_tokens),
-                        "compiled": {name: d.compiled for name, d in decoders.items()}}
+                        "compiled": {name: d.compiled for name, d in decoders.items()},
+                        "static_prefill": {name: d.static_prefill for name, d in decoders.items()},
+                        "static_prefill_errors": prefill_errors}
         clock(f"batch {bsz}: " + ", ".join(f"{k} {v['tok_s']:.0f}" for k, v in results[bsz]["variants"].items()))
         if checkpoint is not None:
             checkpoint({"benchmark": "gpu", "partial": True, "batches": {str(b): r for b, r in results.items()},

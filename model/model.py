@@ -229,6 +229,7 @@ class Transformer(nn.Module):
         cache_slots: Tensor | None = None,
         cache_rows: Tensor | None = None,
         logits_at: Tensor | None = None,
+        kv_len: int | None = None,
     ) -> Tensor:
         """Logits for every input token, or for one per sequence.
 
@@ -244,6 +245,10 @@ class Transformer(nn.Module):
             logits_at: (B,) index of the one token of each sequence whose logits are wanted: a
                 prefill needs its last prompt token's only, and the output projection of a
                 long prompt costs as much as a few blocks.
+            kv_len: with caches, the context slots the tokens attend over (the mask hides those
+                after each token's own); at least the largest of `cache_slots` + 1, which is the
+                default, read from the device. A caller that passes it does not wait for the device
+                here, so that the pass can be captured in a CUDA graph.
         Returns:
             (B, T, vocab_size) logits; (B, 1, vocab_size) with `logits_at`.
         """
@@ -255,7 +260,9 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype)  # (B, 1, T, head_dim)
         if cache_rows is not None and (cache_slots is None or cache_rows.shape != tokens.shape[:1]):
             raise ValueError("cache_rows needs cache_slots and one row per sequence")
-        masks = self._masks(tokens.shape[1], memory, token_group, cache_slots, cache_rows)
+        if kv_len is not None and cache_slots is None:
+            raise ValueError("kv_len is the context of a pass with caches; pass it with cache_slots")
+        masks = self._masks(tokens.shape[1], memory, token_group, cache_slots, cache_rows, kv_len)
         kv_len = masks.kv_len
         memory_index = 0
         for layer in self.layers:
@@ -271,7 +278,7 @@ class Transformer(nn.Module):
 
     def _masks(
         self, seq_len: int, memory: MemoryKV | None, token_group: Tensor | None, cache_slots: Tensor | None,
-        cache_rows: Tensor | None = None,
+        cache_rows: Tensor | None = None, kv_len: int | None = None,
     ) -> _Masks:
         """Attention masks shared by all layers of one kind; None means plain causal attention.
 
@@ -287,7 +294,8 @@ class Transformer(nn.Module):
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=self.output.weight.device).tril()
             causal = causal[None, None]  # (1, 1, T, T)
         else:
-            kv_len = int(cache_slots.max()) + 1
+            if kv_len is None:
+                kv_len = int(cache_slots.max()) + 1
             key_slot = torch.arange(kv_len, device=cache_slots.device)
             causal = (key_slot[None, None, :] <= cache_slots[:, :, None])[:, None]  # (B, 1, T, S)
             context = causal

@@ -27,11 +27,15 @@ bandwidth; with coordinate-descent tuning on, Inductor rewrites it on GPUs as a 
 which it can fuse with the norm before it and SwiGLU after it, and tunes each kernel's block sizes
 on the device, as gpt-fast does. Larger batches keep cuBLAS.
 
-Prefill stays eager (`Transformer.forward`, once per prompt), writing into the same caches.
+Prefill runs `Transformer.forward` once per prompt, writing into the same caches. Eager, a prefill
+of `paper-2.4b` is ~2,300 operator calls launched one by one, and at batch 1 the GPU waits on the
+CPU for longer than it computes; so a prefill without explicit memories goes through static input
+buffers too, captured in a CUDA graph per prompt shape at its first call (`static_prefill`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -66,11 +70,15 @@ class StaticDecoder:
             SwiGLU into a few kernels; compiled here, before the capture, into one graph that all
             layers share.
         compile_options: Inductor options of the compiled step; default `COMPILE_OPTIONS`.
+        static_prefill: prefill prompts through static input buffers, over the whole cache
+            (`kv_len=max_seq_len`, so that nothing waits on the device), captured in a CUDA graph
+            per prompt shape (B, T) with `cuda_graph`; default: with `cuda_graph`. Only without
+            memory slots: explicit memories of a prompt change shape with its chunks.
     """
 
     def __init__(self, model: Transformer, batch_size: int, max_seq_len: int, *, memory: bool,
                  prefix_len: int = 0, cuda_graph: bool | None = None, compile: bool = False,
-                 compile_options: dict | None = None) -> None:
+                 compile_options: dict | None = None, static_prefill: bool | None = None) -> None:
         config = model.config
         self.model, self.batch_size, self.prefix_len = model, batch_size, prefix_len
         self.max_seq_len = max_seq_len
@@ -114,7 +122,13 @@ class StaticDecoder:
             steps = tuple(torch.compile(f, fullgraph=True, dynamic=True, options=options) for f in steps)
         self._prologue, self._layer, self._epilogue = steps
         self.graph: torch.cuda.CUDAGraph | None = None
-        if cuda_graph if cuda_graph is not None else cuda:
+        graphs = cuda_graph if cuda_graph is not None else cuda
+        if static_prefill and self.memory:
+            raise ValueError("static_prefill needs a decoder without memory slots (memory=False)")
+        self.static_prefill = graphs and not self.memory if static_prefill is None else static_prefill
+        self._prefills: dict[tuple[int, ...], _StaticPrefill] = {}  # by prompt shape (B, T)
+        self.static_prefill_error: str | None = None
+        if graphs:
             self._capture()
         elif compile:  # compile now, so that a compiler failure surfaces here as it does on CUDA
             self._forward()
@@ -174,21 +188,41 @@ class StaticDecoder:
             last: (B,) slot of each row's last prompt token; decoding continues at last + 1.
             memory, token_group: the prompt chunks' memories, as `Transformer.forward` takes them.
         Returns:
-            (B, V) logits of each row's last prompt token.
+            (B, V) logits of each row's last prompt token; with `static_prefill`, a static buffer
+            that the next prefill of the same shape overwrites.
         """
         model = self.model
         model.attach_caches(self.caches)
         try:
             if self.memory:
                 model.clear_resident_memory()  # prefill without explicit memories sees none
-            logits = model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
-                           logits_at=last)
+            if self.static_prefill and memory is None:
+                logits = self._static_prefill(tokens, slots, positions, last)
+            else:
+                logits = model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
+                               logits_at=last)[:, 0]
         finally:
             model.clear_caches()
         self.mem_bias.fill_(NEG_INF)
         self._pending = False  # memories staged for an earlier generation are void
         self.slots.copy_(last[:, None] + 1)
-        return logits[:, 0]
+        return logits
+
+    def _static_prefill(self, tokens: Tensor, slots: Tensor, positions: Tensor, last: Tensor) -> Tensor:
+        key = tuple(tokens.shape)
+        if key not in self._prefills:
+            inputs, capture = (tokens, slots, positions, last), self.graph is not None
+            try:
+                self._prefills[key] = _StaticPrefill(self.model, inputs, self.max_seq_len, capture=capture)
+            except RuntimeError as exc:
+                if not capture:
+                    raise
+                # The device refused the capture: this decoder prefills eagerly from now on, and says why.
+                self.static_prefill, self.static_prefill_error = False, f"{type(exc).__name__}: {exc}"[:2000]
+                warnings.warn(f"capturing a prefill in a CUDA graph failed, prefilling eagerly: {exc}",
+                              RuntimeWarning, stacklevel=3)
+                return self.model(tokens, positions, cache_slots=slots, logits_at=last)[:, 0]
+        return self._prefills[key](tokens, slots, positions, last)
 
     # ---- memory swaps -----------------------------------------------------------------------
     def stage_memories(self, memories: Sequence[Sequence[ExplicitMemory] | None]) -> None:
@@ -245,6 +279,40 @@ class StaticDecoder:
         if self._installed is not None:
             self._installed.record(torch.cuda.current_stream(self.device))
         self._pending = False
+
+
+class _StaticPrefill:
+    """A prefill of one prompt shape (B, T) from static input buffers: tokens, slots, positions
+    (B, T) and last (B,). Captured in a CUDA graph when asked (after a warm-up on a side stream);
+    each call copies its inputs in and replays it, else runs it eagerly."""
+
+    def __init__(self, model: Transformer, inputs: tuple[Tensor, ...], kv_len: int, *, capture: bool) -> None:
+        self.model, self.kv_len = model, kv_len
+        self.inputs = tuple(t.clone() for t in inputs)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if capture:
+            device = self.inputs[0].device
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self._run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._run()
+
+    def _run(self) -> Tensor:
+        tokens, slots, positions, last = self.inputs
+        logits = self.model(tokens, positions, cache_slots=slots, logits_at=last, kv_len=self.kv_len)
+        return logits[:, 0]  # (B, V)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        for buffer, value in zip(self.inputs, inputs, strict=True):
+            buffer.copy_(value)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
 
 
 def decode_prologue(model: Transformer, tokens: Tensor, slots: Tensor, prefix_len: int, key_slot: Tensor,

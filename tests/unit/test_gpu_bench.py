@@ -36,6 +36,8 @@ def test_smoke_run_on_cpu(tmp_path, request, dtype, compile, max_rel_err):
     assert set(result["batches"]["2"]["variants"]) == {"hf_eager", "hf_static", "no_memory", "memory", "rag",
                                                        *(["no_memory_uncompiled"] if compile else [])}
     assert result["protocol"]["retrievals_per_sequence"] == 3
+    assert not any(result["batches"]["2"]["static_prefill"].values())  # no CUDA graphs on the CPU
+    assert result["batches"]["2"]["static_prefill_errors"] == {}
     assert "| 2 | memory |" in render(result)
 
 

@@ -54,6 +54,26 @@ def test_logits_at_one_token_per_sequence_are_those_of_the_full_pass(tiny_model,
     torch.testing.assert_close(one[:, 0], full[torch.arange(3), at], rtol=1e-5, atol=1e-5)
 
 
+def test_a_prefill_over_a_given_context_span_equals_one_over_its_own(tiny_model, tiny_config):
+    """kv_len past the prompt (the whole cache, as a captured prefill passes it): the slots after
+    each token's are masked, whatever an earlier sequence left in them."""
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 30))
+    slots = torch.arange(30)[None].expand(2, -1)
+    last = torch.tensor([29, 11])
+    out = []
+    with torch.no_grad():
+        for kv_len in (None, 64):
+            tiny_model.setup_caches(2, 64, memory=False)
+            for layer in tiny_model.layers:
+                layer.attention.kv_cache.k.normal_()  # a previous sequence's keys and values
+                layer.attention.kv_cache.v.normal_()
+            out.append(tiny_model(tokens, slots, cache_slots=slots, logits_at=last, kv_len=kv_len))
+            tiny_model.clear_caches()
+        torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="kv_len .* with cache_slots"):
+            tiny_model(tokens, slots, kv_len=64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_equals_llamas_bit_for_bit(dtype):
     LlamaRMSNorm = pytest.importorskip("transformers.models.llama.modeling_llama").LlamaRMSNorm

@@ -10,6 +10,7 @@ from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from memory3.model import static_decode
 from memory3.model.encoder import encode_references
 from memory3.model.generate import generate
 from memory3.model.layout import chunk_groups, rope_positions
@@ -160,18 +161,54 @@ def test_rows_without_memories_and_partial_memories(tiny_model, tiny_config, pre
     assert out.tokens == ref.tokens and out.retrievals == ref.retrievals
 
 
-def test_static_equals_generate_without_memory(tiny_model, tiny_config):
-    prompts = [[1, *torch.randint(3, 250, (n,)).tolist()] for n in (50, 9)]
-    with torch.no_grad():
-        ref = generate(tiny_model, prompts, max_new_tokens=40)
-    decoder = StaticDecoder(tiny_model, 2, 100, memory=False)
-    logits = []
-    out = generate_static(decoder, prompts, max_new_tokens=40, on_logits=lambda s, x: logits.append(x.clone()))
-    assert out.tokens == ref.tokens
-    tokens = torch.tensor([prompts[0] + out.tokens[0][:-1]])
-    with torch.no_grad():
-        full = tiny_model(tokens, torch.arange(tokens.shape[1])[None])[0, len(prompts[0]) - 1 :]
-    torch.testing.assert_close(torch.stack(logits)[:, 0], full, rtol=1e-4, atol=1e-4)
+def generate_twice_without_memory(model, decoder, tol):
+    """Two generations of the same prompt shape (the second reuses a static prefill) against
+    `generate` and a full forward pass."""
+    for lengths in ((50, 9), (31, 50)):
+        prompts = [[1, *torch.randint(3, 250, (n,)).tolist()] for n in lengths]
+        with torch.no_grad():
+            ref = generate(model, prompts, max_new_tokens=40)
+        logits = []
+        out = generate_static(decoder, prompts, max_new_tokens=40,
+                              on_logits=lambda s, x, logits=logits: logits.append(x.clone()))
+        assert out.tokens == ref.tokens
+        tokens = torch.tensor([prompts[0] + out.tokens[0][:-1]], device=decoder.device)
+        with torch.no_grad():
+            full = model(tokens, torch.arange(tokens.shape[1], device=decoder.device)[None])[0, len(prompts[0]) - 1 :]
+        torch.testing.assert_close(torch.stack(logits)[:, 0], full, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("static_prefill", [False, True])
+def test_static_equals_generate_without_memory(tiny_model, tiny_config, static_prefill):
+    decoder = StaticDecoder(tiny_model, 2, 100, memory=False, static_prefill=static_prefill)
+    generate_twice_without_memory(tiny_model, decoder, 1e-4)
+    assert len(decoder._prefills) == static_prefill  # one prompt shape, one static prefill
+
+
+def test_a_refused_prefill_capture_falls_back_to_an_eager_prefill(tiny_model, tiny_config, monkeypatch):
+    decoder = StaticDecoder(tiny_model, 2, 64, memory=False, static_prefill=True)
+    tokens = torch.randint(3, 250, (2, 20))
+    slots = torch.arange(20)[None].expand(2, -1)
+    last = torch.tensor([19, 7])
+    expected = decoder.prefill(tokens, slots, slots, last).clone()
+
+    def refused(*args, capture, **kwargs):
+        assert capture
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(static_decode, "_StaticPrefill", refused)
+    decoder._prefills.clear()
+    decoder.graph = object()  # as if the step were captured: the prefill is then captured too
+    with pytest.warns(RuntimeWarning, match="prefilling eagerly"):
+        logits = decoder.prefill(tokens, slots, slots, last)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert not decoder.static_prefill and "not permitted" in decoder.static_prefill_error
+    torch.testing.assert_close(decoder.prefill(tokens, slots, slots, last), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_static_prefill_needs_a_decoder_without_memory_slots(tiny_model):
+    with pytest.raises(ValueError, match="memory=False"):
+        StaticDecoder(tiny_model, 1, 64, memory=True, static_prefill=True)
 
 
 def test_decoder_is_reusable_and_leaves_the_model_alone(tiny_model, tiny_config, prefix, bank):
@@ -236,3 +273,17 @@ def test_cuda_graph_equals_generate(tiny_model, tiny_config, prefix, bank, dtype
             assert same >= 0.5 * 3 * 140
     finally:
         tiny_model.to("cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graphs_of_prefill_and_step_equal_generate_without_memory(tiny_model, compile):
+    model = tiny_model.to("cuda")
+    try:
+        decoder = StaticDecoder(model, 2, 100, memory=False, compile=compile)
+        assert decoder.graph is not None and decoder.static_prefill
+        generate_twice_without_memory(model, decoder, 1e-4)
+        assert [p.graph is not None for p in decoder._prefills.values()] == [True]
+    finally:
+        tiny_model.to("cpu")
