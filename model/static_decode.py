@@ -125,7 +125,7 @@ class StaticDecoder:
         graphs = cuda_graph if cuda_graph is not None else cuda
         if static_prefill and self.memory:
             raise ValueError("static_prefill needs a decoder without memory slots (memory=False)")
-        self.static_prefill = graphs and not self.memory if static_prefill is None else static_prefill
+        self.static_prefill = bool(graphs) and not self.memory if static_prefill is None else static_prefill
         self._prefills: dict[tuple[int, ...], _StaticPrefill] = {}  # by prompt shape (B, T)
         self.static_prefill_error: str | None = None
         if graphs:
@@ -165,16 +165,7 @@ class StaticDecoder:
         self._epilogue(model, x, ffn_out, self.logits, slots)
 
     def _capture(self) -> None:
-        """Warm up on a side stream (allocator, cuBLAS handles, SDPA kernel choice), then capture."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._forward()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._forward()
+        self.graph, _ = _captured(self._forward, self.device, warmups=3)
         self.slots.zero_()  # warm-up advanced them; prefill sets them anyway
 
     # ---- prefill ----------------------------------------------------------------------------
@@ -281,6 +272,21 @@ class StaticDecoder:
         self._pending = False
 
 
+def _captured(run: Callable[[], Tensor | None], device: torch.device, warmups: int):
+    """Warms `run` up on a side stream (allocator, cuBLAS handles, kernel choice and, compiled,
+    kernel tuning), then captures it: -> (the CUDA graph, what the captured call returned)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 class _StaticPrefill:
     """A prefill of one prompt shape (B, T) from static input buffers: tokens, slots, positions
     (B, T) and last (B,). Captured in a CUDA graph when asked (after a warm-up on a side stream);
@@ -291,15 +297,7 @@ class _StaticPrefill:
         self.inputs = tuple(t.clone() for t in inputs)
         self.graph: torch.cuda.CUDAGraph | None = None
         if capture:
-            device = self.inputs[0].device
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._run()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._run()
+            self.graph, self.logits = _captured(self._run, self.inputs[0].device, warmups=2)
 
     def _run(self) -> Tensor:
         tokens, slots, positions, last = self.inputs
