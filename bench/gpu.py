@@ -19,8 +19,9 @@ ratio is the median of the per-round ratios, which compare runs that saw the sam
 
 Measured in the same run: the HBM copy bandwidth (a 2 GiB device-to-device copy, bytes read plus
 written), the batch-1 roofline (bytes one decode step must read at batch 1: every weight but the
-embedding table, plus the KV cache at the mean context, over that bandwidth), and the decode step
-alone (graph replays timed with events). Correctness, also in the same run: greedy tokens and
+embedding table, plus the KV cache at the mean context, over that bandwidth), the decode step
+alone (graph replays timed with events), and one step's kernels under torch.profiler (how many,
+their summed time, the longest: `step_profile`). Correctness, also in the same run: greedy tokens and
 teacher-forced logits of our engine against HF (no memory) and against an fp32 upcast of the same
 weights (memory); a token that differs must be a near-tie of the reference (gap within twice
 the measured logit error).
@@ -168,13 +169,17 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
                   "rag": len(rag_prompts[0]) + new_tokens // 2}
         steps = {name: step_seconds(d, starts[name] - 8, steps=4 if smoke else 16, repeats=2 if smoke else 5)
                  for name, d in decoders.items()}
+        profiles = {name: profile_step(decoders[name], starts[name]) for name in ("no_memory", "memory")}
+        for name, prof in profiles.items():
+            log(f"batch {bsz} {name} step: {prof.get('calls')} calls, {prof.get('calls_ms')} ms in all "
+                f"(replayed step: {steps[name] * 1e3:.3f} ms); longest: {prof.get('top', [{}])[:1]}")
         prefill_errors = {name: d.static_prefill_error for name, d in decoders.items() if d.static_prefill_error}
         if prefill_errors:
             log(f"batch {bsz}: prefill graphs failed, eager instead: {prefill_errors}")
         results[bsz] = {**summarize(seconds, steps, bsz, new_tokens),
                         "compiled": {name: d.compiled for name, d in decoders.items()},
                         "static_prefill": {name: d.static_prefill for name, d in decoders.items()},
-                        "static_prefill_errors": prefill_errors}
+                        "static_prefill_errors": prefill_errors, "step_profile": profiles}
         clock(f"batch {bsz}: " + ", ".join(f"{k} {v['tok_s']:.0f}" for k, v in results[bsz]["variants"].items()))
         if checkpoint is not None:
             checkpoint({"benchmark": "gpu", "partial": True, "batches": {str(b): r for b, r in results.items()},
@@ -361,6 +366,34 @@ def step_seconds(decoder: StaticDecoder, start_slot: int, steps: int = 16, repea
                 decoder.step(tokens)
             times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times[1:])
+
+
+def profile_step(decoder: StaticDecoder, start_slot: int, top: int = 15) -> dict:
+    """What one decode step runs: its calls (kernels on a GPU, operators on the CPU), run once
+    outside its graph under torch.profiler, with their summed time and the longest ones. On a GPU,
+    the summed kernel time beside the replayed step's time says how much of a step is gaps between
+    kernels, and the list says which kernels to fuse or tune next."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = decoder.device.type == "cuda"
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    try:
+        decoder.slots.fill_(start_slot)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            decoder._forward()
+            _sync(decoder.device)
+        rows = []
+        for event in prof.key_averages():
+            names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+            self_us = next((getattr(event, n) for n in names if hasattr(event, n)), 0)  # older torch: cuda
+            if event.device_type == kind and self_us > 0:
+                rows.append({"name": event.key[:120], "count": event.count, "us": round(self_us, 1)})
+    except Exception as exc:  # noqa: BLE001 - a profiler that fails costs the profile, not the run
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    rows.sort(key=lambda r: -r["us"])
+    return {"calls": sum(r["count"] for r in rows), "calls_ms": round(sum(r["us"] for r in rows) / 1e3, 4),
+            "device": decoder.device.type, "top": rows[:top]}
 
 
 def summarize(seconds: dict[str, list[float]], steps: dict[str, float], bsz: int, new_tokens: int) -> dict:

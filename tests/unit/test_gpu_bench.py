@@ -38,6 +38,10 @@ def test_smoke_run_on_cpu(tmp_path, request, dtype, compile, max_rel_err):
     assert result["protocol"]["retrievals_per_sequence"] == 3
     assert not any(result["batches"]["2"]["static_prefill"].values())  # no CUDA graphs on the CPU
     assert result["batches"]["2"]["static_prefill_errors"] == {}
+    profile = result["batches"]["1"]["step_profile"]["no_memory"]
+    assert profile["calls"] > 0 and profile["calls_ms"] > 0
+    if not compile:  # eager on the CPU: 5 matrix products per block of tiny's 4, and the output head
+        assert {r["name"]: r["count"] for r in profile["top"]}["aten::mm"] == 5 * 4 + 1
     assert "| 2 | memory |" in render(result)
 
 
