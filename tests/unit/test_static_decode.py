@@ -17,6 +17,10 @@ from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import stack_memories
 from memory3.model.static_decode import COMPILE_OPTIONS, StaticDecoder, generate_static
 
+# The GPU tests compile without kernel tuning, which would take most of their time on the device;
+# `bench/gpu.py` runs the tuned kernels and checks their tokens and logits against HF's.
+UNTUNED = {**COMPILE_OPTIONS, "coordinate_descent_tuning": False}
+
 
 class Provider:
     """Deterministic retrieval that records the memory groups it returned, in call order."""
@@ -69,13 +73,14 @@ def row_groups(provider, b, n_prompt_chunks):
     return groups + [call[b] for call in swaps]
 
 
-def run_both(model, config, prefix, prompts, steps, provider_factory, compile=False, **kwargs):
+def run_both(model, config, prefix, prompts, steps, provider_factory, compile=False, compile_options=None,
+             **kwargs):
     with torch.no_grad():
         ref = generate(model, prompts, prefix=prefix, max_new_tokens=steps, memory_provider=provider_factory(),
                        **kwargs)
     provider = provider_factory()
     decoder = StaticDecoder(model, len(prompts), len(prefix) + max(map(len, prompts)) + steps, memory=True,
-                            prefix_len=len(prefix), compile=compile)
+                            prefix_len=len(prefix), compile=compile, compile_options=compile_options)
     logits = []
     out = generate_static(decoder, prompts, prefix=prefix, max_new_tokens=steps, memory_provider=provider,
                           on_logits=lambda step, x: logits.append(x.clone()), **kwargs)
@@ -185,7 +190,7 @@ def test_static_equals_generate_without_memory(tiny_model, tiny_config, static_p
     assert len(decoder._prefills) == static_prefill  # one prompt shape, one static prefill
 
 
-def test_a_refused_prefill_capture_falls_back_to_an_eager_prefill(tiny_model, tiny_config, monkeypatch):
+def test_a_refused_prefill_capture_falls_back_to_an_eager_prefill(tiny_model, monkeypatch):
     decoder = StaticDecoder(tiny_model, 2, 64, memory=False, static_prefill=True)
     tokens = torch.randint(3, 250, (2, 20))
     slots = torch.arange(20)[None].expand(2, -1)
@@ -256,7 +261,7 @@ def test_cuda_graph_equals_generate(tiny_model, tiny_config, prefix, bank, dtype
     try:
         prompts = [[1, *torch.randint(3, 250, (n,)).tolist()] for n in (99, 20, 64)]
         ref, out, provider, logits = run_both(model, tiny_config, prefix, prompts, 140, lambda: Provider(bank),
-                                              compile=compile)
+                                              compile=compile, compile_options=UNTUNED)
         decoder = StaticDecoder(model, 3, 8, memory=False)
         assert decoder.graph is not None
         n_chunks = [math.ceil(len(p) / tiny_config.chunk_len) for p in prompts]
@@ -281,7 +286,7 @@ def test_cuda_graph_equals_generate(tiny_model, tiny_config, prefix, bank, dtype
 def test_cuda_graphs_of_prefill_and_step_equal_generate_without_memory(tiny_model, compile):
     model = tiny_model.to("cuda")
     try:
-        decoder = StaticDecoder(model, 2, 100, memory=False, compile=compile)
+        decoder = StaticDecoder(model, 2, 100, memory=False, compile=compile, compile_options=UNTUNED)
         assert decoder.graph is not None and decoder.static_prefill
         generate_twice_without_memory(model, decoder, 1e-4)
         assert [p.graph is not None for p in decoder._prefills.values()] == [True]
