@@ -9,6 +9,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memory3.model import static_decode
 from memory3.model.encoder import encode_references
@@ -209,6 +210,37 @@ def test_a_refused_prefill_capture_falls_back_to_an_eager_prefill(tiny_model, mo
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert not decoder.static_prefill and "not permitted" in decoder.static_prefill_error
     torch.testing.assert_close(decoder.prefill(tokens, slots, slots, last), expected, rtol=1e-5, atol=1e-5)
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on an operator that brings a device value back to the host: a CUDA graph cannot
+    capture one (the capture is refused), so the captured step and prefill must have none."""
+
+    READS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default,
+             torch.ops.aten.nonzero.default, torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"{func} reads a device value on the host")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_captured_step_and_prefill_never_wait_on_the_device(tiny_model, tiny_config, prefix, bank):
+    decoder = StaticDecoder(tiny_model, 2, 100, memory=True, prefix_len=len(prefix))
+    decoder.stage_memories([bank[:5], bank[3:6]])
+    with NoHostReads():
+        decoder._install()  # a memory swap, between two replays
+        decoder._forward()  # the step, with memory slots
+    plain = StaticDecoder(tiny_model, 2, 100, memory=False, static_prefill=True)
+    tokens = torch.randint(3, 250, (2, 20))
+    slots = torch.arange(20)[None].expand(2, -1)
+    last = torch.tensor([19, 7])
+    with torch.inference_mode(), NoHostReads():
+        plain.prefill(tokens, slots, slots, last)
+        plain._forward()  # and the step without
+    plain.static_prefill = False
+    with pytest.raises(AssertionError, match="reads a device value"), torch.inference_mode(), NoHostReads():
+        plain.prefill(tokens, slots, slots, last)  # the eager prefill reads the prompt's length
 
 
 def test_static_prefill_needs_a_decoder_without_memory_slots(tiny_model):
