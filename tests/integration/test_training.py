@@ -51,10 +51,19 @@ def test_killed_training_resumes_at_the_same_step_and_data(tmp_path):
     losses = [h["loss"] for h in history if "loss" in h]
     straight_losses = [h["loss"] for h in straight if "loss" in h]
     assert losses == pytest.approx(straight_losses, rel=1e-4)  # same data after the resume
-    a = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    # The first checkpoint after the resume (step 30, the end of stage 2) holds the weights and
+    # optimizer state of the uninterrupted run. The final weights drift from it by up to ~1e-4:
+    # stage 3's fp32 steps on the CPU differ with what the process ran before (resumed at step 30
+    # from a bit-identical checkpoint, a run still ended 1.3e-4 from the uninterrupted one, on an
+    # EPYC); a resume from the wrong step or state moves them by more than 1e-3.
+    for path, rtol, atol in (("checkpoints/step-0000030/model.safetensors", 1e-4, 1e-5),
+                             ("checkpoints/step-0000030/optimizer.safetensors", 1e-4, 1e-7),
+                             ("model/model.safetensors", 1e-3, 5e-4)):
+        a, b = (load_file(str(tmp_path / run / path)) for run in ("killed", "straight"))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol,
+                                       msg=lambda m, n=name, p=path: f"{p} {n}: {m}")
 
 
 def test_torchrun_two_processes_on_gloo(tmp_path):
