@@ -52,10 +52,10 @@ def test_killed_training_resumes_at_the_same_step_and_data(tmp_path):
     straight_losses = [h["loss"] for h in straight if "loss" in h]
     assert losses == pytest.approx(straight_losses, rel=1e-4)  # same data after the resume
     # The first checkpoint after the resume (step 30, the end of stage 2) holds the weights and
-    # optimizer state of the uninterrupted run. The final weights drift from it by up to ~1e-4:
-    # stage 3's fp32 steps on the CPU differ with what the process ran before (resumed at step 30
-    # from a bit-identical checkpoint, a run still ended 1.3e-4 from the uninterrupted one, on an
-    # EPYC); a resume from the wrong step or state moves them by more than 1e-3.
+    # optimizer state of the uninterrupted run. The final weights may differ by ~1e-4: stage 3's
+    # fp32 steps on the CPU do not repeat bit for bit from run to run (two uninterrupted runs of
+    # one seed ended 1.3e-4 apart on an EPYC, other pairs identical; stages 1 and 2 always
+    # matched); a resume from the wrong step or state moves them by more than 1e-3.
     for path, rtol, atol in (("checkpoints/step-0000030/model.safetensors", 1e-4, 1e-5),
                              ("checkpoints/step-0000030/optimizer.safetensors", 1e-4, 1e-7),
                              ("model/model.safetensors", 1e-3, 5e-4)):
