@@ -73,6 +73,7 @@ from memory3.model.static_decode import COMPILE_OPTIONS, StaticDecoder, generate
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 
 from .decode import UniqueMemoryBank
+from .gpu_options import add_gpu_bench_arguments
 from .machine import machine_info
 from .report import write_json
 
@@ -594,29 +595,12 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memory3.bench.gpu", description=__doc__.split("\n")[0])
-    add_arguments(parser)
+    add_gpu_bench_arguments(parser, json_required=False)
     args = parser.parse_args(argv)
     try:
         return run_from_args(args)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="paper-2.4b")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes, a few rounds: checks the logic")
-    parser.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="weights and caches (default: bfloat16 on CUDA, float32 on the CPU)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile each block of our decode step with torch.compile (default: on CUDA)")
-    parser.add_argument("--tune-kernels", action=argparse.BooleanOptionalAction, default=True,
-                        help="Inductor's coordinate-descent tuning of the compiled kernels, which also turns "
-                             "batch-1 matrix-vector products into fused Triton reductions (default: on)")
-    parser.add_argument("--hf-compile", action="store_true", help="let HF compile the static-cache forward")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="output file, or a directory for gpu-<card>-<date>.json (default: bench/results/)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from memory3.bench.gpu_options import add_gpu_bench_arguments
+
 DEFAULT_HOME = Path.home() / ".cache" / "memory3"
 SERVE_PORTS = {"decoder": 50051, "text": 50052, "memory": 50053, "trainer": 50055}
 
@@ -158,19 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--json", type=Path, required=True)
     gpu = bench_sub.add_parser("gpu", help="GPU decode speed: static CUDA-graph decoder vs HF transformers, "
                                            "against the HBM roofline, with a correctness check")
-    gpu.add_argument("--preset", default="paper-2.4b")
-    gpu.add_argument("--device", default="cuda")
-    gpu.add_argument("--smoke", action="store_true", help="toy sizes; with --preset tiny --device cpu, on a CPU")
-    gpu.add_argument("--rounds", type=int, default=9, help="rounds per batch size; the first is dropped")
-    gpu.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                     help="weights and caches (default: bfloat16 on CUDA, float32 on the CPU)")
-    gpu.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="compile each block of our decode step with torch.compile (default: on CUDA)")
-    gpu.add_argument("--tune-kernels", action=argparse.BooleanOptionalAction, default=True,
-                     help="Inductor's coordinate-descent tuning of the compiled kernels, which also turns "
-                          "batch-1 matrix-vector products into fused Triton reductions (default: on)")
-    gpu.add_argument("--hf-compile", action="store_true", help="let HF compile its static-cache forward")
-    gpu.add_argument("--json", type=Path, required=True)
+    add_gpu_bench_arguments(gpu, json_required=True)
     return parser
 
 
