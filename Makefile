@@ -22,11 +22,20 @@ proto: setup
 demo: setup system-deps
 	$(VENV)/bin/memory3 demo
 
-# redis-server is the only system package the stack needs beyond Python (apt, as root or with sudo).
+# The system packages the stack needs beyond Python, installed with apt (as root or with sudo) when
+# missing: redis-server, and the English text the trainer reads (services/trainer/corpus.py).
 system-deps:
-	@command -v redis-server >/dev/null || { \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	[ -f /usr/share/wordnet/data.noun ] || missing="$$missing wordnet-base"; \
+	[ -f /usr/share/dictd/gcide.dict.dz ] || missing="$$missing dict-gcide"; \
+	[ -f /usr/share/info/python3.11.info.gz ] || missing="$$missing python3.11-doc"; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends redis-server; }
+	  echo "installing with apt:$$missing"; \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
 
 test: setup
 	$(PY) -m pytest -m "not gpu and not e2e and not slow"

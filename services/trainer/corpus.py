@@ -1,7 +1,8 @@
 """Text sources: real English from Debian packages, and user corpus files, all streamed.
 
-Debian sources (installed by `.ci/run` and `make setup`): WordNet glosses (`wordnet-base`), the
-GCIDE dictionary (`dict-gcide`) and the Python documentation in info format (`python3.11-doc`).
+Debian sources (installed by `make system-deps`, which `make demo` and `.ci/run` run): WordNet
+glosses (`wordnet-base`), the GCIDE dictionary (`dict-gcide`) and the Python documentation in info
+format (`python3.11-doc`).
 Each yields (source, document) pairs one at a time; nothing is read whole into memory beyond one
 compressed file's stream.
 
