@@ -33,14 +33,16 @@ root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwa
 
     mkdir -p /tmp/m3/memory3 && for d in model bench; do ln -sfn "$PWD/$d" /tmp/m3/memory3/$d; done &&
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee $OUT/smi.txt;
-    set -o pipefail; PYTHONPATH=/tmp/m3 PYTHONUNBUFFERED=1 python3 -m memory3.bench.gpu --json "$OUT"
-    2>&1 | tee $OUT/log.txt; PYTHONPATH=/tmp/m3 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider
-    tests/unit/test_gpu.py tests/unit/test_static_decode.py 2>&1 | tail -15
+    set -o pipefail; PYTHONPATH=/tmp/m3 PYTHONUNBUFFERED=1 python3 -m memory3.bench.gpu --budget-s 420
+    --json "$OUT" 2>&1 | tee $OUT/log.txt; PYTHONPATH=/tmp/m3 timeout 150 python3 -m pytest -q -m gpu
+    -p no:cacheprovider tests/unit/test_gpu.py tests/unit/test_static_decode.py 2>&1 | tail -15
 
 (timeout_s=600; expected run time 5-8 minutes, of which compiling and tuning kernels 1-3, then
-the `gpu`-marked tests). If compiling fails, the run says why, goes on uncompiled and reports
-`compile.error`; `gpu-<card>-<date>.partial.json` keeps each batch size's numbers as they are
-measured.
+the `gpu`-marked tests). `--budget-s 420` keeps the bench inside 7 of those minutes, whatever
+compiling takes: each batch size's rounds stop early at their share of the time left (at least 3,
+the first dropped; `rounds_run` in the JSON), so that the checks and the tests after it still
+run. If compiling fails, the run says why, goes on uncompiled and reports `compile.error`;
+`gpu-<card>-<date>.partial.json` keeps each batch size's numbers as they are measured.
 
 Here: `memory3 bench gpu --json PATH`. On a CPU, `--preset tiny --device cpu --smoke` runs the
 whole logic in well under a minute, and `--dtype bfloat16 --compile` beside it takes the GPU run's
@@ -73,7 +75,7 @@ from memory3.model.static_decode import COMPILE_OPTIONS, StaticDecoder, generate
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 
 from .decode import UniqueMemoryBank
-from .gpu_options import add_gpu_bench_arguments
+from .gpu_options import add_gpu_bench_arguments, gpu_bench_kwargs
 from .machine import machine_info
 from .report import write_json
 
@@ -81,16 +83,23 @@ from .report import write_json
 # errors compound over layers, so a little headroom.
 REL_TOLERANCE = 3e-2
 
+MIN_ROUNDS = 3  # a budget never cuts a batch size below the warm-up and two paired rounds
 TARGETS = {"b1_over_roofline": ">= 0.80", "b32_memory_over_hf_eager": ">= 5", "memory_over_no_memory": ">= 0.95"}
 
 
 def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bool = False,
                   batches: tuple[int, ...] = (1, 32), prompt_tokens: int = 128, new_tokens: int = 128,
                   rounds: int = 9, hf_compile: bool = False, seed: int = 0, dtype: str | None = None,
-                  compile: bool | None = None, tune_kernels: bool = True, log: Callable[[str], None] = print,
-                  checkpoint: Callable[[dict], None] | None = None) -> dict:
+                  compile: bool | None = None, tune_kernels: bool = True, budget_s: float | None = None,
+                  log: Callable[[str], None] = print, checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Runs every variant and check; `checkpoint` gets what is measured so far after each batch
-    size, so that a run cut short by the device's time limit still leaves its numbers."""
+    size, so that a run cut short by the device's time limit still leaves its numbers.
+
+    budget_s: wall seconds for the whole run, so that one device call of fixed length brings back
+    every batch size and the checks. Each batch size's rounds stop early (after at least
+    `MIN_ROUNDS`) when the next would end past its share: what is left of the budget, less a tenth
+    of it kept for the checks after the last batch size, split evenly over the batch sizes still to
+    run (a fast one leaves its unused share to the next)."""
     overrides = {}
     if smoke:  # the whole logic at toy sizes, with short chunks: 2 prompt chunks and a decode-time swap
         batches, prompt_tokens, new_tokens, rounds = (1, 2), 32, 24, 2
@@ -130,7 +139,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
     clock(f"{len(bank)} memories encoded")
 
     results: dict[int, dict] = {}
-    for bsz in batches:
+    for i, bsz in enumerate(batches):
         prompts = [[codec.bos_id, *random_tokens(prompt_tokens - 1)] for _ in range(bsz)]
         rag_context = [t for ref in references[: config.mems_per_chunk] for t in ref]
         rag_prompts = [[codec.bos_id, *rag_context, *x[1:]] for x in prompts]
@@ -164,7 +173,14 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         if "no_memory_uncompiled" in decoders:
             variants["no_memory_uncompiled"] = lambda d=decoders["no_memory_uncompiled"], prompts=prompts: (
                 generate_static(d, prompts, max_new_tokens=new_tokens).tokens)
-        seconds = time_rounds(variants, rounds, bsz * new_tokens, dev)
+        deadline = None
+        if budget_s is not None:
+            left = started + 0.9 * budget_s - time.perf_counter()
+            deadline = time.perf_counter() + left / (len(batches) - i)
+        seconds = time_rounds(variants, rounds, bsz * new_tokens, dev, deadline=deadline)
+        rounds_run = len(seconds["no_memory"]) + 1
+        if rounds_run < rounds:
+            log(f"batch {bsz}: {rounds_run} of {rounds} rounds, within the budget")
         mid = prompt_tokens + new_tokens // 2
         starts = {"no_memory": mid, "no_memory_uncompiled": mid, "memory": p + mid,
                   "rag": len(rag_prompts[0]) + new_tokens // 2}
@@ -178,7 +194,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         if prefill_errors:
             log(f"batch {bsz}: prefill graphs failed, eager instead: {prefill_errors}")
         results[bsz] = {**summarize(seconds, steps, bsz, new_tokens),
-                        "compiled": {name: d.compiled for name, d in decoders.items()},
+                        "rounds_run": rounds_run, "compiled": {name: d.compiled for name, d in decoders.items()},
                         "static_prefill": {name: d.static_prefill for name, d in decoders.items()},
                         "static_prefill_errors": prefill_errors, "step_profile": profiles}
         clock(f"batch {bsz}: " + ", ".join(f"{k} {v['tok_s']:.0f}" for k, v in results[bsz]["variants"].items()))
@@ -223,7 +239,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         "correctness": correctness,
         "protocol": {
             "preset": preset, "dtype": str(dtype).removeprefix("torch."), "batches": list(batches),
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds,
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "budget_s": budget_s,
             "retrievals_per_sequence": retrievals, "memories_per_retrieval": config.mems_per_chunk,
             "rag_prefill_tokens": len(references[0]) * config.mems_per_chunk, "hf_compile": hf_compile,
             "statistic": "first round dropped; tok/s median per variant; ratios median of per-round ratios",
@@ -326,23 +342,30 @@ class _DecoderBuilder:
 
 # ---- timing ---------------------------------------------------------------------------------
 def time_rounds(variants: dict[str, Callable[[], list[list[int]]]], rounds: int, expected: int,
-                device: torch.device) -> dict[str, list[float]]:
-    """Wall seconds per variant and round; round 0 (warm-up) is dropped."""
+                device: torch.device, *, deadline: float | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Wall seconds per variant and round; round 0 (warm-up) is dropped. With a deadline (a `clock`
+    time), no round starts after `MIN_ROUNDS` that would end past it, as long as the last one took."""
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    last_round = 0.0
     for r in range(rounds):
+        round_started = clock()
+        if r >= MIN_ROUNDS and deadline is not None and round_started + last_round > deadline:
+            break
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             tokens = variants[name]()
             _sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             produced = sum(len(t) for t in tokens)
             if produced != expected:
                 raise RuntimeError(f"{name} produced {produced} tokens, expected {expected}")
             if r > 0:
                 seconds[name].append(elapsed)
+        last_round = clock() - round_started
     return seconds
 
 
@@ -610,9 +633,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     elif path.is_dir():
         path = default_json_path(args.device, path)
     partial = path.with_suffix(".partial.json")
-    result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
-                           hf_compile=args.hf_compile, dtype=args.dtype, compile=args.compile,
-                           tune_kernels=args.tune_kernels, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    result = run_gpu_bench(**gpu_bench_kwargs(args), log=lambda msg: print(msg, file=sys.stderr, flush=True),
                            checkpoint=lambda so_far: write_json(so_far, partial))
     write_json(result, path)
     partial.unlink(missing_ok=True)

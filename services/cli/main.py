@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from memory3.bench.gpu_options import add_gpu_bench_arguments
+from memory3.bench.gpu_options import add_gpu_bench_arguments, gpu_bench_kwargs
 
 DEFAULT_HOME = Path.home() / ".cache" / "memory3"
 SERVE_PORTS = {"decoder": 50051, "text": 50052, "memory": 50053, "trainer": 50055}
@@ -395,9 +395,7 @@ def _bench(args: argparse.Namespace) -> int:
                                        log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "gpu":
         from memory3.bench.gpu import run_gpu_bench
-        result = run_gpu_bench(preset=args.preset, device=args.device, smoke=args.smoke, rounds=args.rounds,
-                               hf_compile=args.hf_compile, dtype=args.dtype, compile=args.compile,
-                               tune_kernels=args.tune_kernels, log=lambda msg: print(msg, file=sys.stderr))
+        result = run_gpu_bench(**gpu_bench_kwargs(args), log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "serving":
         from memory3.bench.serving import run_serving_bench
         concurrency = tuple(int(c) for c in args.concurrency.split(","))

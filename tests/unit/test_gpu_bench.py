@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from memory3.bench.gpu import TARGETS, main, render, run_gpu_bench
+from memory3.bench.gpu import MIN_ROUNDS, TARGETS, main, render, run_gpu_bench, time_rounds
 from memory3.services.cli.main import build_parser
 
 
@@ -16,6 +16,39 @@ def test_cli_parses_bench_gpu():
         "gpu", "tiny", "cpu", True, 9, "bfloat16")
 
 
+class FakeClock:
+    """Seconds that pass only when a variant runs: each run takes `per_run`."""
+
+    def __init__(self, per_run: float) -> None:
+        self.now, self.per_run = 0.0, per_run
+
+    def __call__(self) -> float:
+        return self.now
+
+    def variant(self) -> list[list[int]]:
+        self.now += self.per_run
+        return [[0, 0]]
+
+
+@pytest.mark.parametrize(("deadline", "rounds_run"), [(None, 9), (7.0, MIN_ROUNDS), (8.0, 4), (17.9, 8), (1.0, 3)])
+def test_rounds_stop_before_one_would_end_past_the_deadline(deadline, rounds_run):
+    """Two variants of 1 s: a round takes 2 s. A round starts only if, as long as the last one, it
+    ends by the deadline; the first MIN_ROUNDS always run."""
+    clock = FakeClock(per_run=1.0)
+    seconds = time_rounds({"a": clock.variant, "b": clock.variant}, 9, 2, torch.device("cpu"),
+                          deadline=deadline, clock=clock)
+    assert seconds == {"a": [1.0] * (rounds_run - 1), "b": [1.0] * (rounds_run - 1)}
+
+
+def test_cli_checks_rounds_and_budget(capsys):
+    args = build_parser().parse_args(["bench", "gpu", "--json", "out.json", "--budget-s", "420"])
+    assert args.budget_s == 420.0
+    for bad, message in ((["--rounds", "1"], "--rounds must be >= 2"), (["--budget-s", "0"], "--budget-s must be > 0")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--preset", "tiny", "--device", "cpu", "--smoke", *bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("dtype", "compile", "max_rel_err"), [("float32", False, 1e-5), ("bfloat16", True, 3e-2)])
 def test_smoke_run_on_cpu(tmp_path, request, dtype, compile, max_rel_err):
     """bfloat16 with --compile takes the GPU run's paths: bf16 weights, caches, pinned memories and
@@ -23,8 +56,8 @@ def test_smoke_run_on_cpu(tmp_path, request, dtype, compile, max_rel_err):
     if compile:
         request.getfixturevalue("cpu_compiler")
     flag = "--compile" if compile else "--no-compile"
-    assert main(["--preset", "tiny", "--device", "cpu", "--smoke", "--dtype", dtype, flag, "--json",
-                 str(tmp_path)]) == 0
+    assert main(["--preset", "tiny", "--device", "cpu", "--smoke", "--dtype", dtype, flag, "--budget-s", "600",
+                 "--json", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("gpu-cpu-*.json")  # and the partial one of the run is gone
     result = json.loads(path.read_text())
     for key in (*TARGETS, "b1_tok_s", "b2_memory_tok_s", "hbm_copy_gb_s", "b1_roofline_tok_s", "correct"):
@@ -35,7 +68,8 @@ def test_smoke_run_on_cpu(tmp_path, request, dtype, compile, max_rel_err):
     assert result["correct"] and result["correctness"]["memory_vs_fp32"]["rel_err"] < max_rel_err
     assert set(result["batches"]["2"]["variants"]) == {"hf_eager", "hf_static", "no_memory", "memory", "rag",
                                                        *(["no_memory_uncompiled"] if compile else [])}
-    assert result["protocol"]["retrievals_per_sequence"] == 3
+    assert result["protocol"]["retrievals_per_sequence"] == 3 and result["protocol"]["budget_s"] == 600
+    assert result["batches"]["2"]["rounds_run"] == 2  # --smoke's, which a budget does not cut
     assert not any(result["batches"]["2"]["static_prefill"].values())  # no CUDA graphs on the CPU
     assert result["batches"]["2"]["static_prefill_errors"] == {}
     profile = result["batches"]["1"]["step_profile"]["no_memory"]
