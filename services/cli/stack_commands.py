@@ -8,6 +8,7 @@ from pathlib import Path
 from memory3.services.stack import StackOptions, StackState, stack_is_up, start_stack, stop_stack
 
 DEFAULT_RELEASE = "small-v1"
+DEMO_QUESTIONS = 10  # the demo scores this many knowledge-base-only questions, with memory and without
 
 
 def ensure_release(s3, name: str, *, home: Path, quick: bool) -> None:
@@ -102,30 +103,88 @@ def cmd_generate_remote(address: str, prompt: str, *, max_tokens: int, temperatu
     return 0
 
 
-def heldout_question(s3, release: str, cache_dir: Path) -> tuple[str, str]:
-    """A question whose fact exists only in the release's knowledge base, and its answer."""
+def heldout_questions(s3, release: str, n: int) -> list[tuple[str, str]]:
+    """(prompt, answer) of n questions whose facts exist only in the release's knowledge base, in the
+    order the trainer evaluates them."""
     from memory3.services.release.manifest import Manifest, release_key
     from memory3.services.release.publish import MANIFEST_FILE
     from memory3.services.storage.object_store import ObjectStore
-    from memory3.services.trainer.world import World, qa_prompt
+    from memory3.services.trainer.pipeline import heldout_questions as world_questions
+    from memory3.services.trainer.world import World
 
     manifest = Manifest.from_json(ObjectStore(s3).get_bytes(release_key(release, MANIFEST_FILE)).decode())
     pipeline = manifest.provenance.get("pipeline") or {}
     if "world_train" not in pipeline:
         raise RuntimeError(f"release {release!r} has no synthetic world in its provenance: ask your own question "
                            "with `memory3 generate`")
-    world = World(pipeline.get("seed", 0), n_train=pipeline["world_train"], n_heldout=pipeline["world_heldout"])
-    fact = world.split("heldout")[0].facts[0]
-    return qa_prompt(fact), fact.answer
+    seed = pipeline.get("seed", 0)
+    world = World(seed, n_train=pipeline["world_train"], n_heldout=pipeline["world_heldout"])
+    return [(q.prompt, q.answer) for q in world_questions(world, n, seed=seed)]
 
 
 def cmd_demo_stack(home: Path, *, release: str, quick: bool) -> int:
+    """Streams the answer to one knowledge-base-only question, then scores that one and the next
+    ones with and without memory: a single answer can be wrong, the score says how often."""
     state = stack_is_up(home)
     if state is None:
         state = cmd_up(home, release=release, quick=quick, redis=True, retrieval_policy="fail", max_batch=8,
                        decoder_port=None)
-    prompt, answer = heldout_question(state.s3_config, state.release, home / "releases" / "demo")
+    asked = heldout_questions(state.s3_config, state.release, DEMO_QUESTIONS)
+    prompt, answer = asked[0]
     print(f"\nQ (a fact that exists only in the knowledge base; expected answer: {answer}):\n{prompt}",
           file=sys.stderr)
-    return cmd_generate_remote(state.address("decoder"), prompt, max_tokens=24, temperature=0.0, top_k=0,
-                               top_p=1.0, seed=None, stop=["\n"], memory=True, show_references=True, timeout_s=120)
+    address = state.address("decoder")
+    cmd_generate_remote(address, prompt, max_tokens=24, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                        stop=["\n"], memory=True, show_references=True, timeout_s=120)
+    with_memory = complete_remote(address, [p for p, _ in asked], memory=True)
+    without = complete_remote(address, [p for p, _ in asked], memory=False)
+    print(demo_scores(asked, with_memory, without), file=sys.stderr)
+    return 0
+
+
+def complete_remote(address: str, prompts: list[str], *, memory: bool, timeout_s: float = 120) -> list[str]:
+    """Greedy one-line answers from the decoder's unary Complete, asked concurrently (the decoder
+    batches them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from memory3.v1 import generation_service_pb2 as pb
+    from memory3.v1 import generation_service_pb2_grpc as pb_grpc
+
+    params = pb.GenerationParams(max_tokens=24, temperature=0.0, stop=["\n"],
+                                 retrieval=pb.RETRIEVAL_MODE_MEMORY if memory else pb.RETRIEVAL_MODE_NONE)
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+
+        def ask(prompt: str) -> str:
+            try:
+                return stub.Complete(pb.CompleteRequest(prompt=prompt, params=params), timeout=timeout_s).text
+            except grpc.RpcError as e:
+                raise RuntimeError(f"{e.code().name}: {e.details()}") from e
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(ask, prompts))
+
+
+def demo_scores(asked: list[tuple[str, str]], with_memory: list[str], without: list[str]) -> str:
+    """A table of the questions' expected answers beside those given with and without memory, and
+    how many each got right (exact match on the line's text, as `bench quality` scores)."""
+    def cut(text: str, width: int) -> str:
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    def cell(text: str, expected: str) -> str:
+        text = text.strip()
+        return f"{'✓' if text == expected else '✗'} {cut(text, 24) or '(nothing)'}"
+
+    rows = [("question", "expected", "with memory", "without memory")]
+    rows += [(cut(p.splitlines()[0].removeprefix("Question: "), 48), a, cell(m, a), cell(n, a))
+             for (p, a), m, n in zip(asked, with_memory, without, strict=True)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    right = [sum(t.strip() == a for t, (_, a) in zip(answers, asked, strict=True))
+             for answers in (with_memory, without)]
+    n = len(asked)
+    return (f"\n{n} knowledge-base-only questions, greedy, the first one above:\n" + "\n".join(lines)
+            + f"\nright with memory: {right[0]}/{n}; without memory: {right[1]}/{n} "
+              "(`memory3 bench quality` scores 300)")

@@ -58,3 +58,16 @@ def test_bench_decode_writes_json_and_readme_table(tmp_path):
     assert result["protocol"]["retrievals_per_sequence"] == 3
     text = readme.read_text()
     assert "old" not in text and "memory / no memory" in text and text.endswith("tail\n")
+
+
+def test_demo_scores_mark_each_answer_and_count_the_right_ones():
+    from memory3.services.cli.stack_commands import demo_scores
+
+    long_question = "Which organisation does Pluzeast Shiosho work for, and since when?"
+    asked = [("Question: Who?\nAnswer: name", "Ann"), (f"Question: {long_question}\nAnswer: employer", "Bob")]
+    table = demo_scores(asked, with_memory=[" Ann\n", "Carl"], without=["", " Bob"]).lstrip("\n").splitlines()
+    assert table[0] == "2 knowledge-base-only questions, greedy, the first one above:"
+    assert table[2].split() == ["Who?", "Ann", "✓", "Ann", "✗", "(nothing)"]
+    assert table[3].startswith(long_question[:47] + "…  ")
+    assert table[3].split()[-4:] == ["✗", "Carl", "✓", "Bob"]
+    assert table[4].startswith("right with memory: 1/2; without memory: 1/2")

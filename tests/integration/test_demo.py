@@ -1,0 +1,53 @@
+"""The README's first command, `memory3 demo`, on its quick release: the whole local stack as
+processes (S3 server, Redis, text, memory and decoder services), a streamed answer with its
+references, the score of ten questions, and `memory3 down` stopping exactly what `up` started."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from memory3.services.stack import _alive
+
+pytestmark = pytest.mark.integration
+
+
+def memory3(*args, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "memory3.services.cli.main", *args], capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"memory3 {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def score_table(stderr: str) -> list[str]:
+    """The demo's table: a header, 10 rows and the score line."""
+    table = stderr.split("10 knowledge-base-only questions, greedy, the first one above:\n")[1].splitlines()[:12]
+    assert table[0].split() == ["question", "expected", "with", "memory", "without", "memory"]
+    assert re.fullmatch(r"right with memory: \d+/10; without memory: \d+/10 \(.*\)", table[11])
+    return table
+
+
+def test_demo_starts_the_stack_answers_scores_and_down_stops_it(tmp_path):
+    home = str(tmp_path / "home")
+    first = memory3("demo", "--quick", "--home", home)
+    assert "stack up: decoder at 127.0.0.1:" in first.stderr
+    expected = re.search(r"expected answer: (.+)\):\nQuestion: (.+)\n", first.stderr)
+    assert expected, first.stderr[-2000:]
+    cited = re.findall(r"^  ([0-9a-f]{32}): ", first.stderr, flags=re.M)
+    assert 1 <= len(cited) <= 5
+    first_row = score_table(first.stderr)[1]
+    assert first_row.startswith(expected.group(2)[:47]) and expected.group(1) in first_row
+
+    state = json.loads((tmp_path / "home" / "stack" / "state.json").read_text())
+    pids = {p["name"]: p["pid"] for p in state["processes"]}
+    assert set(pids) == {"s3", "redis", "text", "memory", "decoder"} and all(map(_alive, pids.values()))
+
+    again = memory3("demo", "--quick", "--home", home)  # the stack is up: asked again, nothing started
+    assert "stack up" not in again.stderr and "training" not in again.stderr
+    assert score_table(again.stderr)[1] == first_row  # greedy: the same answers
+
+    memory3("down", "--home", home)
+    assert not any(map(_alive, pids.values()))
+    assert not (tmp_path / "home" / "stack" / "state.json").exists()
