@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a one-minute run of the whole pipeline (tiny model unless --preset names another)")
     train.add_argument("--release", required=True, help="name of the release to publish (immutable)")
     train.add_argument("--work-dir", type=Path, default=None,
-                       help="checkpoints and logs; a killed run resumes from here (default ~/.cache/memory3/runs/NAME)")
+                       help="checkpoints and logs; a killed run resumes from here (default: runs/NAME under --home)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--codec", default="bf16", choices=["fp16", "bf16", "int8", "vq"],
                        help="how memories are compressed in the bank")
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "bf16 (AVX-512 BF16, AMX), where a step takes about 0.7x as long")
     train.add_argument("--events", action="store_true",
                        help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
-    add_s3_arguments(train)
+    add_s3_arguments(train, local_stack=True)
 
     serve = sub.add_parser("serve", help="run a gRPC service")
     serve.add_argument("service", choices=["decoder", "text", "memory", "trainer", "kserve"],
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb_add.add_argument("files", nargs="+", type=Path, help="UTF-8 text files; blank lines separate documents")
     kb_add.add_argument("--release", required=True, help="the release to derive from")
     kb_add.add_argument("--name", default=None, help="name of the new release (default: RELEASE-kb-<hash>)")
-    add_s3_arguments(kb_add)
+    add_s3_arguments(kb_add, local_stack=True)
 
     bench = sub.add_parser("bench", help="benchmarks (write JSON; optionally refresh the README table)")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--questions", type=int, default=300)
     qual.add_argument("--json", type=Path, required=True)
     qual.add_argument("--readme", type=Path, default=None)
-    add_s3_arguments(qual)
+    add_s3_arguments(qual, local_stack=True)
     srv = bench_sub.add_parser("serving", help="the whole stack as processes: fetch, retrieval, TTFT/ITL, "
                                                "retrieval on/off throughput")
     srv.add_argument("--preset", default="small", help="model preset of the random-weights release")
@@ -302,21 +303,39 @@ def _decoder_settings(args: argparse.Namespace):
                            memory_cache_bytes=int(args.memory_cache_mb * (1 << 20)))
 
 
-def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
+def add_s3_arguments(parser: argparse.ArgumentParser, *, local_stack: bool = False) -> None:
     group = parser.add_argument_group("object store (credentials: MEMORY3_S3_ACCESS_KEY / MEMORY3_S3_SECRET_KEY)")
-    group.add_argument("--s3-endpoint", default=None, help="host:port of the S3 server (env MEMORY3_S3_ENDPOINT)")
+    group.add_argument("--s3-endpoint", default=None, help="host:port of the S3 server (env MEMORY3_S3_ENDPOINT)"
+                       + ("; without it, the store of the stack that `memory3 up` runs here" if local_stack else ""))
+    if local_stack:
+        group.add_argument("--home", type=Path, default=DEFAULT_HOME, help="the local stack's state (`memory3 up`)")
     group.add_argument("--s3-bucket", default=None, help="bucket (env MEMORY3_S3_BUCKET, default memory3)")
     group.add_argument("--s3-secure", action="store_true", help="use HTTPS")
     group.add_argument("--cache-dir", type=Path, default=DEFAULT_HOME / "releases", help="local copies of releases")
 
 
-def s3_config(args: argparse.Namespace):
-    """The only place the object store's settings are read from the environment."""
+def s3_config(args: argparse.Namespace, *, local_stack: bool = False):
+    """The only place the object store's settings are read from the environment.
+
+    local_stack: with no endpoint given, use the object store of the stack that `memory3 up`
+    started on this machine, if one runs (a user's commands; a service's settings stay explicit).
+    """
     from memory3.services.storage.object_store import S3Config
 
     endpoint = args.s3_endpoint or os.environ.get("MEMORY3_S3_ENDPOINT")
+    if not endpoint and local_stack:
+        from memory3.services.stack import stack_is_up
+
+        state = stack_is_up(args.home)
+        if state is not None:
+            config = state.s3_config
+            if args.s3_bucket:
+                config = dataclasses.replace(config, bucket=args.s3_bucket)
+            print(f"object store: the local stack's, at {config.endpoint} (bucket {config.bucket!r})", file=sys.stderr)
+            return config
     if not endpoint:
-        raise ValueError("no object store: pass --s3-endpoint HOST:PORT or set MEMORY3_S3_ENDPOINT")
+        raise ValueError("no object store: pass --s3-endpoint HOST:PORT or set MEMORY3_S3_ENDPOINT"
+                         + (", or start the local stack with `memory3 up`" if local_stack else ""))
     access = os.environ.get("MEMORY3_S3_ACCESS_KEY")
     if not access:
         raise ValueError("set MEMORY3_S3_ACCESS_KEY and MEMORY3_S3_SECRET_KEY for the object store")
@@ -347,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train":
             from .commands import cmd_train
-            work_dir = args.work_dir or DEFAULT_HOME / "runs" / args.release
-            return cmd_train(s3_config(args), preset=args.preset, quick=args.quick, release=args.release,
-                             work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
+            work_dir = args.work_dir or args.home / "runs" / args.release
+            return cmd_train(s3_config(args, local_stack=True), preset=args.preset, quick=args.quick,
+                             release=args.release, work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
                              stage3_steps=args.stage3_steps, attention_weight=args.attention_weight,
                              events=args.events)
         if args.command == "serve":
@@ -368,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=port, grace_s=args.grace)
         if args.command == "kb":
             from .commands import cmd_kb_add
-            return cmd_kb_add(s3_config(args), args.files, parent=args.release, name=args.name,
+            return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
                               cache_dir=args.cache_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
@@ -383,7 +402,7 @@ def _bench(args: argparse.Namespace) -> int:
                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
     elif args.bench_kind == "quality":
         from memory3.bench.quality import run_quality_bench
-        result = run_quality_bench(s3_config(args), args.release, cache_dir=args.cache_dir,
+        result = run_quality_bench(s3_config(args, local_stack=True), args.release, cache_dir=args.cache_dir,
                                    n_questions=args.questions, plot=args.json.with_suffix(".png"))
     elif args.bench_kind == "reliability":
         from memory3.bench.reliability import run_reliability_bench

@@ -3,6 +3,7 @@ processes (S3 server, Redis, text, memory and decoder services), a streamed answ
 references, the score of ten questions, and `memory3 down` stopping exactly what `up` started."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from memory3.services.stack import _alive
 pytestmark = pytest.mark.integration
 
 
-def memory3(*args, timeout=600):
+def memory3(*args, env=None, timeout=600):
     proc = subprocess.run([sys.executable, "-m", "memory3.services.cli.main", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, f"memory3 {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return proc
 
@@ -47,6 +48,14 @@ def test_demo_starts_the_stack_answers_scores_and_down_stops_it(tmp_path):
     again = memory3("demo", "--quick", "--home", home)  # the stack is up: asked again, nothing started
     assert "stack up" not in again.stderr and "training" not in again.stderr
     assert score_table(again.stderr)[1] == first_row  # greedy: the same answers
+
+    # A user's commands find the stack's object store: a fact added to the demo's release.
+    facts = tmp_path / "facts.txt"
+    facts.write_text("Zorblat Quenmire (person): profession glassblower; birthplace Varkstad; born 1877.\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_S3")}
+    added = memory3("kb", "add", str(facts), "--release", "quick-v1", "--name", "quick-v1-kb", "--home", home, env=env)
+    assert "object store: the local stack's, at 127.0.0.1:" in added.stderr
+    assert "release quick-v1-kb (from quick-v1): 501 memories" in added.stdout
 
     memory3("down", "--home", home)
     assert not any(map(_alive, pids.values()))
