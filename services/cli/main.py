@@ -48,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the README's first command: the whole local stack answers from memory")
     demo.add_argument("--home", type=Path, default=DEFAULT_HOME, help="state, logs, releases and the local bucket")
-    demo.add_argument("--release", default=None, help="release to serve (default: small-v1, trained if missing)")
+    demo.add_argument("--release", default=None,
+                      help="a release in the bucket to serve (default: small-v1, trained if missing)")
     demo.add_argument("--quick", action="store_true", help="train a one-minute tiny release if it is missing")
 
     up = sub.add_parser("up", help="start the local stack: S3 server, Redis, text, memory and decoder services")
     up.add_argument("--home", type=Path, default=DEFAULT_HOME, help="state, logs, releases and the local bucket")
-    up.add_argument("--release", default=None, help="release to serve (default: small-v1, trained if missing)")
+    up.add_argument("--release", default=None,
+                    help="a release in the bucket to serve (default: small-v1, trained if missing)")
     up.add_argument("--quick", action="store_true", help="train a one-minute tiny release if it is missing")
     up.add_argument("--no-redis", action="store_true", help="no Redis tier (memories from S3 and RAM)")
     up.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail")
@@ -357,10 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             from . import stack_commands as stack
             if args.command == "down":
                 return stack.cmd_down(args.home)
-            release = args.release or (stack.DEFAULT_RELEASE if not args.quick else "quick-v1")
             if args.command == "demo":
-                return stack.cmd_demo_stack(args.home, release=release, quick=args.quick)
-            stack.cmd_up(args.home, release=release, quick=args.quick, redis=not args.no_redis,
+                return stack.cmd_demo_stack(args.home, release=args.release, quick=args.quick)
+            stack.cmd_up(args.home, release=args.release, quick=args.quick, redis=not args.no_redis,
                          retrieval_policy=args.retrieval_policy, max_batch=args.max_batch,
                          decoder_port=args.decoder_port)
             return 0

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 from memory3.services.stack import StackOptions, StackState, stack_is_up, start_stack, stop_stack
 
-DEFAULT_RELEASE = "small-v1"
+DEFAULT_RELEASE = "small-v1"  # what `up` and `demo` serve, trained on demand when the bucket lacks it
+QUICK_RELEASE = "quick-v1"  # the same with --quick: a tiny model trained in about a minute
 DEMO_QUESTIONS = 10  # the demo scores this many knowledge-base-only questions, with memory and without
 
 
-def ensure_release(s3, name: str, *, home: Path, quick: bool) -> None:
-    """Train and publish `name` unless the bucket has it (the trainer resumes an interrupted run)."""
-    from memory3.services.release.manifest import release_key
+def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool) -> None:
+    """Train and publish `name` unless the bucket has it (the trainer resumes an interrupted run).
+
+    Only a default release is trained on demand (`train`): a release asked for by name that is not
+    there is more likely a typo than a wish for a half-hour training run.
+    """
+    from memory3.services.release.manifest import RELEASES_PREFIX, release_key
     from memory3.services.release.publish import MANIFEST_FILE
     from memory3.services.storage.object_store import ObjectStore
 
-    if ObjectStore(s3).exists(release_key(name, MANIFEST_FILE)):
+    store = ObjectStore(s3)
+    if store.exists(release_key(name, MANIFEST_FILE)):
         print(f"release {name!r} found in the bucket", file=sys.stderr)
         return
+    if not train:
+        names = [key[len(RELEASES_PREFIX):].strip("/") for key in store.list_keys(RELEASES_PREFIX, recursive=False)]
+        raise ValueError(f"release {name!r} is not in bucket {s3.bucket!r} (releases there: "
+                         f"{', '.join(sorted(names)) or 'none'}). Only the default release is trained on demand "
+                         f"(leave out --release); `memory3 train --release {name}` trains and publishes this one")
     from .commands import cmd_train
 
     what = "a quick (tiny, one-minute)" if quick else "the small"
@@ -27,15 +39,27 @@ def ensure_release(s3, name: str, *, home: Path, quick: bool) -> None:
     cmd_train(s3, preset="small", quick=quick, release=name, work_dir=home / "runs" / name, seed=0, codec="bf16")
 
 
-def cmd_up(home: Path, *, release: str, quick: bool, redis: bool, retrieval_policy: str, max_batch: int,
+def cmd_up(home: Path, *, release: str | None, quick: bool, redis: bool, retrieval_policy: str, max_batch: int,
            decoder_port: int | None) -> StackState:
-    options = StackOptions(home=home, release=release, redis=redis, retrieval_policy=retrieval_policy,
+    """Starts the stack with `release`, or by default (None) `DEFAULT_RELEASE` (`QUICK_RELEASE` with
+    `quick`), trained if missing. A SIGTERM while it starts stops what it started, as Ctrl-C does."""
+    name = release or (QUICK_RELEASE if quick else DEFAULT_RELEASE)
+    options = StackOptions(home=home, release=name, redis=redis, retrieval_policy=retrieval_policy,
                            max_batch=max_batch, decoder_port=decoder_port)
-    state = start_stack(options, ensure_release=lambda s3, name: ensure_release(s3, name, home=home, quick=quick),
-                        log=lambda msg: print(msg, file=sys.stderr))
-    print(f"stack up: decoder at {state.address('decoder')}, release {release!r}; "
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        state = start_stack(options, log=lambda msg: print(msg, file=sys.stderr),
+                            ensure_release=lambda s3, name: ensure_release(s3, name, home=home, quick=quick,
+                                                                           train=release is None))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"stack up: decoder at {state.address('decoder')}, release {name!r}; "
           f"`memory3 generate \"...\"` to ask, `memory3 down` to stop", file=sys.stderr)
     return state
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through start_stack's cleanup
 
 
 def cmd_down(home: Path) -> int:
@@ -122,7 +146,7 @@ def heldout_questions(s3, release: str, n: int) -> list[tuple[str, str]]:
     return [(q.prompt, q.answer) for q in world_questions(world, n, seed=seed)]
 
 
-def cmd_demo_stack(home: Path, *, release: str, quick: bool) -> int:
+def cmd_demo_stack(home: Path, *, release: str | None, quick: bool) -> int:
     """Streams the answer to one knowledge-base-only question, then scores that one and the next
     ones with and without memory: a single answer can be wrong, the score says how often."""
     state = stack_is_up(home)

@@ -5,6 +5,7 @@ references, the score of ten questions, and `memory3 down` stopping exactly what
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -60,3 +61,29 @@ def test_demo_starts_the_stack_answers_scores_and_down_stops_it(tmp_path):
     memory3("down", "--home", home)
     assert not any(map(_alive, pids.values()))
     assert not (tmp_path / "home" / "stack" / "state.json").exists()
+
+    # A release asked for by name must exist: a typo does not start a training run.
+    typo = subprocess.run([sys.executable, "-m", "memory3.services.cli.main", "up", "--release", "quick-v2",
+                           "--home", home], capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2
+    assert "release 'quick-v2' is not in bucket 'memory3' (releases there: quick-v1, quick-v1-kb)" in typo.stderr
+    assert "training" not in typo.stderr and not (tmp_path / "home" / "stack" / "state.json").exists()
+
+
+def test_a_sigterm_while_up_trains_stops_what_it_started(tmp_path):
+    home = tmp_path / "home"
+    up = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", "up", "--quick", "--home", str(home)],
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        for line in up.stderr:  # the stores run and the state is saved before training starts
+            if "not in the bucket: training" in line:
+                break
+        state = json.loads((home / "stack" / "state.json").read_text())
+        pids = [p["pid"] for p in state["processes"]]
+        assert len(pids) == 2 and all(map(_alive, pids))  # S3 and Redis
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        up.kill()
+        up.stderr.close()
+    assert not any(map(_alive, pids)) and not (home / "stack" / "state.json").exists()
