@@ -114,8 +114,14 @@ def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, st
                 log: Callable[[str], None] = print) -> StackState:
     """Start everything; on any failure stop what was started and raise with the failing log's tail."""
     home = options.home
-    if stack_is_up(home) is not None:
-        raise RuntimeError(f"a stack is already running (state in {state_path(home)}): run `memory3 down` first")
+    if state_path(home).exists():
+        previous = StackState.load(state_path(home))
+        if all(_alive(p.pid) for p in previous.processes):
+            raise RuntimeError(f"a stack is already running (state in {state_path(home)}): run `memory3 down` first")
+        down = [p.name for p in previous.processes if not _alive(p.pid)]
+        log(f"the last stack is partly down ({', '.join(down)} not running): stopping the rest")
+        stop_processes(previous.processes, log)
+        state_path(home).unlink(missing_ok=True)
     run_dir = home / "stack"
     run_dir.mkdir(parents=True, exist_ok=True)
     state = StackState(str(home), options.release, {}, None)

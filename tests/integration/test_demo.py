@@ -50,6 +50,14 @@ def test_demo_starts_the_stack_answers_scores_and_down_stops_it(tmp_path):
     assert "stack up" not in again.stderr and "training" not in again.stderr
     assert score_table(again.stderr)[1] == first_row  # greedy: the same answers
 
+    os.kill(pids["decoder"], signal.SIGKILL)  # a stack partly down is stopped and started afresh
+    restarted = memory3("demo", "--quick", "--home", home)
+    assert "the last stack is partly down (decoder not running): stopping the rest" in restarted.stderr
+    assert "stack up" in restarted.stderr and not any(map(_alive, pids.values()))
+    state = json.loads((tmp_path / "home" / "stack" / "state.json").read_text())
+    pids = {p["name"]: p["pid"] for p in state["processes"]}
+    assert all(map(_alive, pids.values()))
+
     # A user's commands find the stack's object store: a fact added to the demo's release.
     facts = tmp_path / "facts.txt"
     facts.write_text("Zorblat Quenmire (person): profession glassblower; birthplace Varkstad; born 1877.\n")
