@@ -167,10 +167,8 @@ def cmd_demo_stack(home: Path, *, release: str | None, quick: bool) -> int:
 
 
 def complete_remote(address: str, prompts: list[str], *, memory: bool, timeout_s: float = 120) -> list[str]:
-    """Greedy one-line answers from the decoder's unary Complete, asked concurrently (the decoder
-    batches them)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Greedy one-line answers from the decoder's unary Complete, one request at a time: alone in
+    its batch, each answer is the same from run to run (batched rows can round differently)."""
     import grpc
 
     from memory3.v1 import generation_service_pb2 as pb
@@ -180,15 +178,10 @@ def complete_remote(address: str, prompts: list[str], *, memory: bool, timeout_s
                                  retrieval=pb.RETRIEVAL_MODE_MEMORY if memory else pb.RETRIEVAL_MODE_NONE)
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-
-        def ask(prompt: str) -> str:
-            try:
-                return stub.Complete(pb.CompleteRequest(prompt=prompt, params=params), timeout=timeout_s).text
-            except grpc.RpcError as e:
-                raise RuntimeError(f"{e.code().name}: {e.details()}") from e
-
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(ask, prompts))
+        try:
+            return [stub.Complete(pb.CompleteRequest(prompt=p, params=params), timeout=timeout_s).text for p in prompts]
+        except grpc.RpcError as e:
+            raise RuntimeError(f"{e.code().name}: {e.details()}") from e
 
 
 def demo_scores(asked: list[tuple[str, str]], with_memory: list[str], without: list[str]) -> str:
