@@ -153,6 +153,8 @@ def cmd_demo_stack(home: Path, *, release: str | None, quick: bool) -> int:
     if state is None:
         state = cmd_up(home, release=release, quick=quick, redis=True, retrieval_policy="fail", max_batch=8,
                        decoder_port=None)
+    elif release is not None and release != state.release:
+        raise ValueError(f"the running stack serves {state.release!r}: `memory3 down` first to serve {release!r}")
     asked = heldout_questions(state.s3_config, state.release, DEMO_QUESTIONS)
     prompt, answer = asked[0]
     print(f"\nQ (a fact that exists only in the knowledge base; expected answer: {answer}):\n{prompt}",

@@ -31,8 +31,16 @@ def score_table(stderr: str) -> list[str]:
     return table
 
 
-def test_demo_starts_the_stack_answers_scores_and_down_stops_it(tmp_path):
-    home = str(tmp_path / "home")
+@pytest.fixture
+def home(tmp_path):
+    """The stack's home; whatever a failing test left running there is stopped by PID."""
+    yield tmp_path / "home"
+    subprocess.run([sys.executable, "-m", "memory3.services.cli.main", "down", "--home", str(tmp_path / "home")],
+                   capture_output=True, timeout=120)
+
+
+def test_demo_starts_the_stack_answers_scores_and_down_stops_it(tmp_path, home):
+    home = str(home)
     first = memory3("demo", "--quick", "--home", home)
     assert "stack up: decoder at 127.0.0.1:" in first.stderr
     expected = re.search(r"expected answer: (.+)\):\nQuestion: (.+)\n", first.stderr)
@@ -45,6 +53,10 @@ def test_demo_starts_the_stack_answers_scores_and_down_stops_it(tmp_path):
     state = json.loads((tmp_path / "home" / "stack" / "state.json").read_text())
     pids = {p["name"]: p["pid"] for p in state["processes"]}
     assert set(pids) == {"s3", "redis", "text", "memory", "decoder"} and all(map(_alive, pids.values()))
+
+    other = subprocess.run([sys.executable, "-m", "memory3.services.cli.main", "demo", "--release", "small-v1",
+                            "--home", home], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2 and "the running stack serves 'quick-v1'" in other.stderr
 
     again = memory3("demo", "--quick", "--home", home)  # the stack is up: asked again, nothing started
     assert "stack up" not in again.stderr and "training" not in again.stderr
@@ -78,8 +90,7 @@ def test_demo_starts_the_stack_answers_scores_and_down_stops_it(tmp_path):
     assert "training" not in typo.stderr and not (tmp_path / "home" / "stack" / "state.json").exists()
 
 
-def test_a_sigterm_while_up_trains_stops_what_it_started(tmp_path):
-    home = tmp_path / "home"
+def test_a_sigterm_while_up_trains_stops_what_it_started(home):
     up = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", "up", "--quick", "--home", str(home)],
                           stderr=subprocess.PIPE, text=True)
     try:
