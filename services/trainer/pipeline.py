@@ -173,22 +173,35 @@ def _training_eval(world: World, codec: TextCodec, config: PipelineConfig):
     return evaluate
 
 
+def loss_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) points of the training plot: the language-model loss of each stage, then the
+    memory attention loss where it was on. `loss` also holds the attention loss, weighted, so the
+    language-model loss is read from `lm_loss` where it is recorded."""
+    steps = [h for h in history if "loss" in h]
+    curves = {f"stage {stage}": [(h["step"], h.get("lm_loss", h["loss"])) for h in steps if h["stage"] == stage]
+              for stage in sorted({h["stage"] for h in steps})}
+    attention = [(h["step"], h["attention_loss"]) for h in steps if "attention_loss" in h]
+    if attention:
+        curves["memory attention loss"] = attention
+    return curves
+
+
 def plot_history(history: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval" in h]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for stage in (1, 2):
-        points = [(h["step"], h["loss"]) for h in steps if h["stage"] == stage]
-        if points:
-            ax_loss.plot(*zip(*points, strict=True), label=f"stage {stage}", linewidth=0.8)
+    curves = loss_curves(history)
+    for label, points in curves.items():
+        style = {"color": "grey", "alpha": 0.7, "linewidth": 0.6} if label.startswith("memory") else {"linewidth": 0.8}
+        ax_loss.plot(*zip(*points, strict=True), label=label, **style)
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training loss")
-    ax_loss.legend()
+    ax_loss.set_ylabel("language-model loss")
+    if curves:
+        ax_loss.legend()
     for key in sorted({k for h in evals for k in h["eval"]}):
         points = [(h["step"], h["eval"][key]) for h in evals if key in h["eval"]]
         ax_acc.plot(*zip(*points, strict=True), marker="o", label=key)

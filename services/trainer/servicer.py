@@ -25,6 +25,7 @@ def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
 
 def event_to_proto(job_id: str, event: dict) -> pb.WatchTrainingJobResponse:
     metrics = {k: float(v) for k, v in (event.get("eval") or {}).items()}
+    metrics.update({k: float(event[k]) for k in ("lm_loss", "attention_loss") if k in event})
     return pb.WatchTrainingJobResponse(
         job_id=job_id, state=STATES[event["state"]], step=int(event.get("step", 0)),
         total_steps=int(event.get("total_steps", 0)), stage=int(event.get("stage", 0)),

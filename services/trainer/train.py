@@ -245,12 +245,15 @@ class Trainer:
             self.optimizer.step()
             self.state.step += 1
             loss_value = self.reduce_scalar(loss.detach())
-            self._record({"step": self.state.step, "stage": stage_no, "loss": round(loss_value, 5),
-                          **({"attention_loss": round(parts["attention"], 5)} if "attention" in parts else {}),
+            # With the attention loss on, `loss` is lm_loss + attention_weight * attention_loss.
+            split = {name: round(self.reduce_scalar(loss.new_tensor(parts[key])), 5)
+                     for name, key in (("lm_loss", "lm"), ("attention_loss", "attention")) if "attention" in parts}
+            self._record({"step": self.state.step, "stage": stage_no, "loss": round(loss_value, 5), **split,
                           "lr": lr, "grad_norm": round(float(grad_norm), 4),
                           "elapsed_s": round(time.perf_counter() - started, 2)})
             bar.update(1)
-            bar.set_postfix(stage=stage_no, loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+            shown = {"lm": f"{split['lm_loss']:.3f}", "attn": f"{split['attention_loss']:.3f}"} if split else {}
+            bar.set_postfix(stage=stage_no, loss=f"{loss_value:.3f}", **shown, lr=f"{lr:.1e}")
             done = self.state.step == config.total_steps
             if self.evaluate is not None and (self.state.step % config.eval_every == 0 or done):
                 self.run_eval()

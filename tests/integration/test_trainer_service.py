@@ -48,6 +48,9 @@ async def scenario(s3, work_root):
             steps = [e for e in events if e.loss > 0]
             assert [e.step for e in steps] == list(range(1, 41)) and {e.total_steps for e in steps} == {40}
             assert any("heldout_acc_memory" in e.metrics for e in events)
+            split = [e for e in steps if "attention_loss" in e.metrics]  # the default weight, 3
+            assert split and all(e.loss == pytest.approx(e.metrics["lm_loss"] + 3 * e.metrics["attention_loss"],
+                                                         abs=1e-3) for e in split)
             replay = [e async for e in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job))]
             assert len(replay) == len(events)  # a late watcher gets the whole history
 
