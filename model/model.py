@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import Memory3Config
 from .kv_cache import KVCache
-from .memory import ExplicitMemory, MemoryKV
+from .memory import ExplicitMemory, MemoryKV, prime_slot_valid
 
 
 class Transformer(nn.Module):
@@ -176,6 +176,7 @@ class Transformer(nn.Module):
         if len(memories) * shape[2] > c.mem_slots:
             raise ValueError(f"{len(memories)} memories of {shape[2]} tokens do not fit the {c.mem_slots} "
                              "resident slots")
+        prime_slot_valid(memories)
         self._write_resident(row, (torch.cat([m.keys for m in memories], dim=2),  # (L_mem, H_kv, n*k, D)
                                    torch.cat([m.values for m in memories], dim=2),
                                    torch.cat([m.slot_valid for m in memories])))  # (n*k,)

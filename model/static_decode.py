@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .generate import GenerationOutput, MemoryProvider, SamplingParams, model_dtype, sample
 from .layout import chunk_groups, chunk_spans, rope_positions
-from .memory import ExplicitMemory, stack_memories
+from .memory import ExplicitMemory, prime_slot_valid, stack_memories
 from .model import Transformer, TransformerBlock, apply_rope
 
 NEG_INF = float("-inf")
@@ -109,6 +109,7 @@ class StaticDecoder:
             # Per row: which slots hold a memory token, then whether the row takes new memories.
             self.stage_meta = torch.zeros(b, m + 1, dtype=torch.bool, device=dev)  # (B, M + 1)
             self.meta_host = torch.zeros(b, m + 1, dtype=torch.bool, pin_memory=cuda)
+            self._stage_views = [[(self.stage_k[i, jj], self.stage_v[i, jj]) for jj in range(j)] for i in range(b)]
         self._pending = False
         self._copy_stream = torch.cuda.Stream(dev) if cuda else None
         self._staged = torch.cuda.Event() if cuda else None
@@ -228,26 +229,31 @@ class StaticDecoder:
             raise ValueError("this decoder has no memory slots (memory=False)")
         if len(memories) != self.batch_size:
             raise ValueError(f"need one entry per row: {self.batch_size}, got {len(memories)}")
-        per_row = self.stage_k.shape[1]
-        k = self.stage_k.shape[4]
+        per_row, k = self.stage_k.shape[1], self.stage_k.shape[4]
+        for b, mems in enumerate(memories):
+            if mems is not None and len(mems) > per_row:
+                raise ValueError(f"row {b} has {len(mems)} memories; at most {per_row} fit")
+        taken = [(b, j, mem) for b, mems in enumerate(memories) if mems is not None for j, mem in enumerate(mems)]
         if self._staged is not None:
             self._staged.synchronize()  # the previous copy out of meta_host is done
+        # Host work per memory is two copy launches and nothing else: at batch 32 a swap stages 160
+        # memories while one decode step runs, and host time past that step leaves the device idle.
         meta = self.meta_host
         meta.zero_()
+        meta[:, -1] = torch.tensor([mems is not None for mems in memories])
+        if taken:
+            prime_slot_valid([mem for _, _, mem in taken])
+            held = torch.stack([mem.slot_valid for _, _, mem in taken]).cpu()  # (N, k)
+            rows, cols = torch.tensor([[b, j] for b, j, _ in taken]).unbind(1)  # (N,), (N,)
+            meta[:, :-1].unflatten(1, (per_row, k))[rows, cols] = held  # (B, J, k) view of (B, M)
         stream = self._copy_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             if stream is not None:
                 stream.wait_event(self._installed)  # the last install has read the staging buffer
-            for b, mems in enumerate(memories):
-                if mems is None:
-                    continue
-                if len(mems) > per_row:
-                    raise ValueError(f"row {b} has {len(mems)} memories; at most {per_row} fit")
-                meta[b, -1] = True
-                for j, mem in enumerate(mems):
-                    self.stage_k[b, j].copy_(mem.keys, non_blocking=True)  # (L_mem, H_kv, k, D)
-                    self.stage_v[b, j].copy_(mem.values, non_blocking=True)
-                    meta[b, j * k : (j + 1) * k] = (mem.positions >= 0).flatten(0, 1).all(dim=0)
+            for b, j, mem in taken:
+                keys, values = self._stage_views[b][j]  # (L_mem, H_kv, k, D) each
+                keys.copy_(mem.keys, non_blocking=True)
+                values.copy_(mem.values, non_blocking=True)
             self.stage_meta.copy_(meta, non_blocking=True)
             if stream is not None:
                 self._staged.record(stream)

@@ -9,7 +9,7 @@ from memory3.model.encoder import encode_references
 from memory3.model.generate import GenerationOutput, generate
 from memory3.model.hf_llama import llama_config_kwargs, to_llama_state_dict
 from memory3.model.layout import chunk_groups, rope_positions
-from memory3.model.memory import ExplicitMemory, stack_memories
+from memory3.model.memory import ExplicitMemory, prime_slot_valid, stack_memories
 from memory3.model.model import RMSNorm, apply_rope
 
 
@@ -495,3 +495,18 @@ def test_stack_memories_lays_out_slots_in_order(tiny_config, memory_bank):
                 expected_valid[at] = mem.slot_valid
         assert torch.equal(stacked.valid[b], expected_valid)
     assert stacked.slot_group.tolist() == [0] * tiny_config.mem_slots + [1] * tiny_config.mem_slots
+
+
+def test_slot_valid_of_a_batch_of_memories_is_each_memorys_own_and_is_kept(memory_bank):
+    """One pass over fresh memories of any shapes gives what each memory computes alone."""
+    fresh = [ExplicitMemory(m.keys, m.values, m.positions) for m in memory_bank]
+    longer = ExplicitMemory(torch.zeros(2, 2, 12, 4), torch.zeros(2, 2, 12, 4),
+                            torch.tensor([*range(10), -1, -1]).expand(2, 2, 12))  # another k
+    fresh.append(longer)
+    cached = fresh[0].slot_valid  # computed before: kept as it is
+    prime_slot_valid(fresh)
+    assert fresh[0].slot_valid is cached
+    for mem in fresh:
+        assert torch.equal(mem.slot_valid, (mem.positions >= 0).all(dim=0).all(dim=0))
+    assert longer.slot_valid.tolist() == [True] * 10 + [False] * 2
+    assert any(not mem.slot_valid.all() for mem in fresh[:-1]), "the bank holds references shorter than k"

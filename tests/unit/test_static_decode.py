@@ -15,7 +15,7 @@ from memory3.model import static_decode
 from memory3.model.encoder import encode_references
 from memory3.model.generate import generate
 from memory3.model.layout import chunk_groups, rope_positions
-from memory3.model.memory import stack_memories
+from memory3.model.memory import ExplicitMemory, stack_memories
 from memory3.model.static_decode import COMPILE_OPTIONS, StaticDecoder, generate_static
 
 # The GPU tests compile without kernel tuning, which would take most of their time on the device;
@@ -246,6 +246,59 @@ def test_the_captured_step_and_prefill_never_wait_on_the_device(tiny_model, tiny
 def test_static_prefill_needs_a_decoder_without_memory_slots(tiny_model):
     with pytest.raises(ValueError, match="memory=False"):
         StaticDecoder(tiny_model, 1, 64, memory=True, static_prefill=True)
+
+
+def test_a_swap_fills_the_rows_given_memories_masks_padded_slots_and_keeps_rows_given_none(tiny_model, tiny_config,
+                                                                                         prefix, bank):
+    k = tiny_config.mem_tokens_per_head
+    decoder = StaticDecoder(tiny_model, 3, 100, memory=True, prefix_len=len(prefix))
+    first_cache = next(c for c in decoder.caches if c.mem_slots)
+    short = [i for i, mem in enumerate(bank) if (mem.positions < 0).any()]
+    assert short, "the bank holds references shorter than k"
+
+    def expected_bias(mems):  # (M,): 0 where a slot holds a memory token, -inf elsewhere
+        bias = torch.full((decoder.mem_slots,), float("-inf"))
+        for j, mem in enumerate(mems):
+            held = (mem.positions >= 0).flatten(0, 1).all(dim=0)  # (k,)
+            bias[j * k : (j + 1) * k] = torch.where(held, 0.0, float("-inf"))
+        return bias
+
+    rows = [bank[:5], [bank[short[0]], bank[6]], []]
+    decoder.stage_memories(rows)
+    decoder._install()
+    for b, mems in enumerate(rows):
+        torch.testing.assert_close(decoder.mem_bias[b].float(), expected_bias(mems))
+    assert (expected_bias(rows[1])[:k] == float("-inf")).any()
+    for j, mem in enumerate(rows[0]):  # keys at the first memory layer: (H_kv, k, D) per memory
+        torch.testing.assert_close(first_cache.k[0, :, j * k : (j + 1) * k], mem.keys[0].to(first_cache.k.dtype))
+
+    decoder.stage_memories([None, [bank[2]], None])  # None: the row keeps what it has
+    decoder._install()
+    for b, mems in enumerate([rows[0], [bank[2]], []]):
+        torch.testing.assert_close(decoder.mem_bias[b].float(), expected_bias(mems))
+    torch.testing.assert_close(first_cache.v[1, :, :k], bank[2].values[0].to(first_cache.v.dtype))
+    with pytest.raises(ValueError, match="at most 5 fit"):
+        decoder.stage_memories([bank[:6], None, None])
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_staging_a_swap_costs_the_host_two_copies_per_memory_and_a_few_operators(tiny_model, bank):
+    """The host stages a batch's memories while one step runs; past it, the device waits."""
+    decoder = StaticDecoder(tiny_model, 8, 100, memory=True, prefix_len=5)
+    fresh = [[ExplicitMemory(m.keys.clone(), m.values.clone(), m.positions.clone()) for m in bank[r : r + 5]]
+             for r in range(8)]  # 40 memories, none of which has computed which slots it holds
+    with CountOps() as ops:
+        decoder.stage_memories(fresh)
+    assert ops.n <= 2 * 40 + 12, ops.n
 
 
 def test_decoder_is_reusable_and_leaves_the_model_alone(tiny_model, tiny_config, prefix, bank):
