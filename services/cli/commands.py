@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -97,8 +98,6 @@ def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, see
 
 
 def _json_lines(event: dict) -> None:
-    import json
-
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
 
@@ -129,4 +128,60 @@ def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_di
         name = f"{parent}-kb-{digest}"[:63]
     manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir)
     print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories")
+    return 0
+
+
+def cmd_release_list(s3, *, as_json: bool) -> int:
+    from memory3.services.release.catalog import read_catalog
+    from memory3.services.storage.object_store import ObjectStore
+
+    catalog = read_catalog(ObjectStore(s3))
+    rows = [{"name": m.name, "published": True, "created": m.created, "parent": m.parent,
+             "memories": m.memory_bank["count"], "memory_bytes": m.memory_bank["bytes"],
+             "bank": m.memory_bank["bank"], "codec": m.memory_bank["codec"]} for m in catalog.published]
+    rows += [{"name": n, "published": False} for n in catalog.unpublished]
+    rows += [{"name": n, "published": False, "unreadable": why} for n, why in catalog.unreadable.items()]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if not rows:
+        print(f"no releases in bucket {s3.bucket!r}")
+        return 0
+    print(f"{'NAME':<24} {'CREATED':<25} {'PARENT':<16} {'MEMORIES':>9} {'MB':>8}  {'CODEC':<5} BANK")
+    for m in catalog.published:
+        bank = m.memory_bank
+        print(f"{m.name:<24} {m.created:<25} {m.parent or '-':<16} {bank['count']:>9} "
+              f"{bank['bytes'] / 1e6:>8.1f}  {bank['codec']:<5} {bank['bank']}")
+    for name in catalog.unpublished:
+        print(f"{name:<24} (no manifest: a publication in progress, or left half-written)")
+    for name, why in catalog.unreadable.items():
+        print(f"{name:<24} (manifest unreadable: {why})")
+    return 0
+
+
+def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: Path) -> int:
+    import shutil
+
+    from memory3.services.release.catalog import delete_release, plan_deletion
+    from memory3.services.stack import stack_is_up
+    from memory3.services.storage.object_store import ObjectStore
+
+    state = stack_is_up(home)
+    served = state is not None and state.release == name and state.s3_config.endpoint == s3.endpoint \
+        and state.s3_config.bucket == s3.bucket
+    if served and not dry_run:
+        raise ValueError(f"the local stack serves release {name!r}: stop it first (`memory3 down`)")
+    store = ObjectStore(s3)
+    plan = plan_deletion(store, name)
+    print(plan.summary())
+    if dry_run:
+        print("dry run: nothing removed" + (" (the local stack serves it: `memory3 down` first)" if served else ""))
+        return 0
+    removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr))
+    local = cache_dir / name
+    if local.is_dir():
+        shutil.rmtree(local)
+        print(f"removed the local copy {local}")
+    print(f"deleted {name!r}: {removed} objects removed from bucket {s3.bucket!r}")
     return 0

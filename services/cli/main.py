@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     kb_add.add_argument("--name", default=None, help="name of the new release (default: RELEASE-kb-<hash>)")
     add_s3_arguments(kb_add, local_stack=True)
 
+    release = sub.add_parser("release", help="the releases in the bucket: list them, delete one")
+    release_sub = release.add_subparsers(dest="release_command", required=True)
+    release_list = release_sub.add_parser("list", help="published releases, oldest first, and unpublished leftovers")
+    release_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_s3_arguments(release_list, local_stack=True)
+    release_delete = release_sub.add_parser(
+        "delete", help="delete a release and the memories no other release lists (its manifest first)")
+    release_delete.add_argument("name", help="the release to delete")
+    release_delete.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    add_s3_arguments(release_delete, local_stack=True)
+
     bench = sub.add_parser("bench", help="benchmarks (write JSON; optionally refresh the README table)")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
     dec = bench_sub.add_parser("decode", help="decode speed: no memory vs explicit memory vs RAG")
@@ -386,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
             from memory3.services.trainer.server import serve_trainer
             port = args.port if args.port is not None else SERVE_PORTS["trainer"]
             return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=port, grace_s=args.grace)
+        if args.command == "release":
+            from .commands import cmd_release_delete, cmd_release_list
+            if args.release_command == "list":
+                return cmd_release_list(s3_config(args, local_stack=True), as_json=args.json)
+            return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
+                                      cache_dir=args.cache_dir, home=args.home)
         if args.command == "kb":
             from .commands import cmd_kb_add
             return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,

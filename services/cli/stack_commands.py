@@ -19,7 +19,8 @@ def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool) -> No
     Only a default release is trained on demand (`train`): a release asked for by name that is not
     there is more likely a typo than a wish for a half-hour training run.
     """
-    from memory3.services.release.manifest import RELEASES_PREFIX, release_key
+    from memory3.services.release.catalog import read_catalog
+    from memory3.services.release.manifest import release_key
     from memory3.services.release.publish import MANIFEST_FILE
     from memory3.services.storage.object_store import ObjectStore
 
@@ -28,7 +29,7 @@ def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool) -> No
         print(f"release {name!r} found in the bucket", file=sys.stderr)
         return
     if not train:
-        names = [key[len(RELEASES_PREFIX):].strip("/") for key in store.list_keys(RELEASES_PREFIX, recursive=False)]
+        names = [m.name for m in read_catalog(store).published]
         raise ValueError(f"release {name!r} is not in bucket {s3.bucket!r} (releases there: "
                          f"{', '.join(sorted(names)) or 'none'}). Only the default release is trained on demand "
                          f"(leave out --release); `memory3 train --release {name}` trains and publishes this one")

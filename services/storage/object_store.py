@@ -9,10 +9,12 @@ outage has its own policy.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error
 from urllib3.util.retry import Retry
 
@@ -100,8 +102,17 @@ class ObjectStore:
                                                                                      recursive=recursive)))
         return [o.object_name for o in objects]
 
-    def remove_prefix(self, prefix: str) -> int:
-        keys = self.list_keys(prefix)
-        for key in keys:
-            self._call(f"remove {key}", self.client.remove_object, self.bucket, key)
+    def remove_keys(self, keys: Sequence[str], *, batch: int = 1000) -> int:
+        """Removes `keys` (missing ones are no error), up to `batch` per request (S3's limit)."""
+        for start in range(0, len(keys), batch):
+            part = keys[start : start + batch]
+            errors = self._call(f"remove {len(part)} objects", lambda part=part: list(self.client.remove_objects(
+                self.bucket, [DeleteObject(key) for key in part])))
+            if errors:
+                first = errors[0]
+                raise StoreUnavailable(f"the object store refused to remove {len(errors)} of {len(part)} objects "
+                                       f"(first: {first.name}: {first.code} {first.message})")
         return len(keys)
+
+    def remove_prefix(self, prefix: str) -> int:
+        return self.remove_keys(self.list_keys(prefix))

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from memory3.model.config import PRESETS
 
-from ..release.manifest import RELEASES_PREFIX, Manifest, ReleaseError, check_release_name, release_key
+from ..release.catalog import read_catalog
+from ..release.manifest import Manifest, ReleaseError, check_release_name, release_key
 from ..rpc.errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted
-from ..storage.object_store import ObjectNotFound, ObjectStore, S3Config
+from ..storage.object_store import ObjectStore, S3Config
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
@@ -139,14 +140,7 @@ class TrainingJobManager:
         return job.state
 
     async def list_releases(self) -> list[Manifest]:
-        def read() -> list[Manifest]:
-            out = []
-            for prefix in self.store.list_keys(RELEASES_PREFIX, recursive=False):
-                name = prefix[len(RELEASES_PREFIX):].strip("/")
-                with contextlib.suppress(ObjectNotFound, ReleaseError):
-                    out.append(Manifest.from_json(self.store.get_bytes(release_key(name, "manifest.json")).decode()))
-            return sorted(out, key=lambda m: m.created)
-        return await asyncio.to_thread(read)
+        return (await asyncio.to_thread(read_catalog, self.store)).published
 
     async def _work(self) -> None:
         while True:

@@ -1,0 +1,177 @@
+"""The releases in a bucket: listing them, and deleting one with the memories no other release reads.
+
+Memories live in banks shared by every release with the same weights and codec (manifest.py): a
+release derived with `memory3 kb add` lists its parent's memories as well as its own, and a
+retrained release with the same weights would share them too. So deleting a release removes, of
+its memories, only those that no other published release lists; a bank that no other release uses
+goes whole, with whatever a failed publication left in it.
+
+The manifest goes first, so the release is invisible to readers before any file of it is gone, as
+publication writes it last. A release without a manifest is a publication in progress or one left
+half-written, and one whose manifest this build cannot read has a bank we cannot know: either may
+list any memory, so while one exists, deleting a published release stops and says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..storage.object_store import ObjectNotFound, ObjectStore
+from .manifest import (
+    MEMORIES_PREFIX,
+    RELEASES_PREFIX,
+    Manifest,
+    ReleaseError,
+    ReleaseNotFound,
+    check_release_name,
+    memory_key,
+    release_key,
+)
+from .publish import MANIFEST_FILE, REFERENCES_FILE
+
+
+def release_names(store: ObjectStore) -> list[str]:
+    """Every name with objects under `releases/`, published or not, sorted."""
+    return sorted(key[len(RELEASES_PREFIX):].strip("/") for key in store.list_keys(RELEASES_PREFIX, recursive=False))
+
+
+def read_manifest(store: ObjectStore, name: str) -> Manifest:
+    check_release_name(name)
+    try:
+        return Manifest.from_json(store.get_bytes(release_key(name, MANIFEST_FILE)).decode())
+    except ObjectNotFound as e:
+        raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
+
+
+@dataclass
+class Catalog:
+    """What a bucket holds: published releases (oldest first), names without a manifest, and
+    names whose manifest this build cannot read (with why)."""
+
+    published: list[Manifest]
+    unpublished: list[str]
+    unreadable: dict[str, str]
+
+
+def read_catalog(store: ObjectStore) -> Catalog:
+    published, unpublished, unreadable = [], [], {}
+    for name in release_names(store):
+        try:
+            published.append(read_manifest(store, name))
+        except ReleaseNotFound:
+            unpublished.append(name)
+        except (ReleaseError, UnicodeDecodeError) as e:  # another format, or a damaged manifest
+            unreadable[name] = str(e)
+    return Catalog(sorted(published, key=lambda m: (m.created, m.name)), unpublished, unreadable)
+
+
+@dataclass
+class DeletionPlan:
+    """What `delete_release` removes.
+
+    memory_keys: memories that only this release lists; whole_bank: remove the bank's whole prefix,
+    as no other release uses it (then memory_keys is empty); kept: memories this release lists
+    that others (`sharing`) list too; derived: releases made from this one (they keep working).
+    """
+
+    name: str
+    published: bool
+    release_keys: list[str]
+    bank: str | None = None
+    whole_bank: bool = False
+    memory_keys: list[str] = field(default_factory=list)
+    kept: int = 0
+    sharing: list[str] = field(default_factory=list)
+    derived: list[str] = field(default_factory=list)
+    unreadable: str | None = None  # why its manifest cannot be read
+
+    def summary(self) -> str:
+        if self.unreadable is not None:
+            what = f"release {self.name!r}, whose manifest cannot be read ({self.unreadable}),"
+        else:
+            what = f"{'release' if self.published else 'unpublished leftovers of release'} {self.name!r}:"
+        lines = [f"{what} {len(self.release_keys)} objects under {release_key(self.name, '')}"]
+        if self.unreadable is not None:
+            lines.append("its memories, unknown here, are kept")
+        if self.whole_bank:
+            lines.append(f"memory bank {self.bank}: removed whole (no other release uses it)")
+        elif self.bank is not None:
+            n = len(self.memory_keys)
+            lines.append(f"memory bank {self.bank}: {n} {'memory' if n == 1 else 'memories'} only this release "
+                         f"lists; {self.kept} kept, listed by {', '.join(self.sharing)} too")
+        if self.derived:
+            lines.append(f"derived from it, and unaffected: {', '.join(self.derived)}")
+        return "\n".join(lines)
+
+
+def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
+    check_release_name(name)
+    catalog = read_catalog(store)
+    mine = next((m for m in catalog.published if m.name == name), None)
+    if mine is None:
+        if name not in catalog.unpublished and name not in catalog.unreadable:
+            names = [m.name for m in catalog.published]
+            raise ReleaseNotFound(f"release {name!r} is not in bucket {store.bucket!r} (releases there: "
+                                  f"{', '.join(names) or 'none'})")
+        # Its own objects only: what memories it lists is unknown, and they stay.
+        return DeletionPlan(name, published=False, release_keys=store.list_keys(release_key(name, "")),
+                            unreadable=catalog.unreadable.get(name))
+    others = [m for m in catalog.published if m.name != name]
+    plan = DeletionPlan(name, published=True, release_keys=store.list_keys(release_key(name, "")),
+                        bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name])
+    if catalog.unreadable:
+        raise ReleaseError(
+            f"the manifests of releases {', '.join(catalog.unreadable)} cannot be read, so which memories they list "
+            f"is unknown; nothing was deleted. Delete them first (their memories are kept), or fix them ("
+            + "; ".join(f"{n}: {why}" for n, why in catalog.unreadable.items()) + ")")
+    pending = [n for n in catalog.unpublished if n != name]
+    if pending:
+        raise ReleaseError(
+            f"releases {', '.join(pending)} have no manifest: publications in progress, or left half-written. "
+            f"They may list memories of {name!r}, so nothing was deleted. Wait until they are published, or, "
+            f"if no publication is running, delete their leftovers first (`memory3 release delete "
+            f"{pending[0]}`)")
+    sharing = [m for m in others if m.memory_bank["bank"] == plan.bank]
+    if not sharing:
+        plan.whole_bank = True
+        return plan
+    listed: set[str] = set()
+    for other in sharing:
+        listed.update(_memory_keys(store, other))
+    own = _memory_keys(store, mine)
+    plan.memory_keys = sorted(own - listed)
+    plan.kept = len(own) - len(plan.memory_keys)
+    plan.sharing = [m.name for m in sharing]
+    return plan
+
+
+def delete_release(store: ObjectStore, plan: DeletionPlan, *, log: Callable[[str], None] = lambda _: None) -> int:
+    """Carries out `plan`: manifest, then the release's other objects, then its memories.
+    Returns how many objects were removed."""
+    manifest = release_key(plan.name, MANIFEST_FILE)
+    removed = 0
+    if manifest in plan.release_keys:
+        removed += store.remove_keys([manifest])  # from here on no reader opens it
+        log(f"release {plan.name!r} unpublished (manifest removed)")
+    removed += store.remove_keys([k for k in plan.release_keys if k != manifest])
+    if plan.whole_bank:
+        log(f"removing memory bank {plan.bank}")
+        removed += store.remove_prefix(f"{MEMORIES_PREFIX}{plan.bank}/")
+    elif plan.memory_keys:
+        log(f"removing {len(plan.memory_keys)} of the memories in bank {plan.bank}")
+        removed += store.remove_keys(plan.memory_keys)
+    return removed
+
+
+def _memory_keys(store: ObjectStore, manifest: Manifest) -> set[str]:
+    """The keys of the memories a release lists (its reference table's rows)."""
+    table = store.get_bytes(release_key(manifest.name, REFERENCES_FILE)).decode("utf-8")
+    bank = manifest.memory_bank["bank"]
+    keys = set()
+    for line in table.splitlines():
+        if line:
+            row = json.loads(line)
+            keys.add(row.get("memory_key") or memory_key(bank, row["id"]))
+    return keys
