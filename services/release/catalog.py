@@ -32,6 +32,10 @@ from .manifest import (
 from .publish import MANIFEST_FILE, REFERENCES_FILE
 
 
+class ReleaseBusy(ReleaseError):
+    """A deletion that could remove memories a release we cannot read yet may list."""
+
+
 def release_names(store: ObjectStore) -> list[str]:
     """Every name with objects under `releases/`, published or not, sorted."""
     return sorted(key[len(RELEASES_PREFIX):].strip("/") for key in store.list_keys(RELEASES_PREFIX, recursive=False))
@@ -74,6 +78,7 @@ class DeletionPlan:
     memory_keys: memories that only this release lists; whole_bank: remove the bank's whole prefix,
     as no other release uses it (then memory_keys is empty); kept: memories this release lists
     that others (`sharing`) list too; derived: releases made from this one (they keep working).
+    `removed_memories` counts what goes of what the release lists.
     """
 
     name: str
@@ -83,9 +88,14 @@ class DeletionPlan:
     whole_bank: bool = False
     memory_keys: list[str] = field(default_factory=list)
     kept: int = 0
+    listed: int = 0  # memories the release lists
     sharing: list[str] = field(default_factory=list)
     derived: list[str] = field(default_factory=list)
     unreadable: str | None = None  # why its manifest cannot be read
+
+    @property
+    def removed_memories(self) -> int:
+        return self.listed if self.whole_bank else len(self.memory_keys)
 
     def summary(self) -> str:
         if self.unreadable is not None:
@@ -96,7 +106,8 @@ class DeletionPlan:
         if self.unreadable is not None:
             lines.append("its memories, unknown here, are kept")
         if self.whole_bank:
-            lines.append(f"memory bank {self.bank}: removed whole (no other release uses it)")
+            lines.append(f"memory bank {self.bank}: removed whole, with the {self.listed} memories this release "
+                         "lists (no other release uses it)")
         elif self.bank is not None:
             n = len(self.memory_keys)
             lines.append(f"memory bank {self.bank}: {n} {'memory' if n == 1 else 'memories'} only this release "
@@ -120,15 +131,16 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
                             unreadable=catalog.unreadable.get(name))
     others = [m for m in catalog.published if m.name != name]
     plan = DeletionPlan(name, published=True, release_keys=store.list_keys(release_key(name, "")),
-                        bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name])
+                        bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],
+                        listed=int(mine.memory_bank["count"]))
     if catalog.unreadable:
-        raise ReleaseError(
+        raise ReleaseBusy(
             f"the manifests of releases {', '.join(catalog.unreadable)} cannot be read, so which memories they list "
             f"is unknown; nothing was deleted. Delete them first (their memories are kept), or fix them ("
             + "; ".join(f"{n}: {why}" for n, why in catalog.unreadable.items()) + ")")
     pending = [n for n in catalog.unpublished if n != name]
     if pending:
-        raise ReleaseError(
+        raise ReleaseBusy(
             f"releases {', '.join(pending)} have no manifest: publications in progress, or left half-written. "
             f"They may list memories of {name!r}, so nothing was deleted. Wait until they are published, or, "
             f"if no publication is running, delete their leftovers first (`memory3 release delete "

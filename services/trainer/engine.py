@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -22,10 +23,12 @@ from pathlib import Path
 
 from memory3.model.config import PRESETS
 
-from ..release.catalog import read_catalog
-from ..release.manifest import Manifest, ReleaseError, check_release_name, release_key
-from ..rpc.errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted
-from ..storage.object_store import ObjectStore, S3Config
+from ..release.catalog import DeletionPlan, ReleaseBusy, delete_release, plan_deletion, read_catalog
+from ..release.manifest import Manifest, ReleaseError, ReleaseNotFound, check_release_name, release_key
+from ..rpc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, Unavailable
+from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
+
+log = logging.getLogger("memory3.trainer")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
@@ -141,6 +144,25 @@ class TrainingJobManager:
 
     async def list_releases(self) -> list[Manifest]:
         return (await asyncio.to_thread(read_catalog, self.store)).published
+
+    async def delete_release(self, name: str, *, dry_run: bool) -> tuple[DeletionPlan, int]:
+        """-> (what goes, objects removed: 0 with dry_run)."""
+        try:
+            check_release_name(name)
+        except ReleaseError as e:
+            raise InvalidInput(str(e)) from e
+        if any(j.spec.release == name and j.state not in TERMINAL for j in self.jobs.values()):
+            raise FailedPrecondition(f"a job for release {name!r} is queued or running: cancel it first")
+        try:
+            plan = await asyncio.to_thread(plan_deletion, self.store, name)
+            removed = 0 if dry_run else await asyncio.to_thread(delete_release, self.store, plan, log=log.info)
+        except ReleaseNotFound as e:
+            raise NotFound(str(e)) from e
+        except ReleaseBusy as e:
+            raise FailedPrecondition(str(e)) from e
+        except StoreUnavailable as e:
+            raise Unavailable(str(e)) from e
+        return plan, removed
 
     async def _work(self) -> None:
         while True:

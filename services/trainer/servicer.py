@@ -59,3 +59,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             pb.ReleaseInfo(name=m.name, parent=m.parent or "", created=m.created,
                            memories=int(m.memory_bank.get("count", 0)), codec=str(m.memory_bank.get("codec", "")))
             for m in manifests])
+
+    @rpc_errors
+    async def DeleteRelease(self, request, context):  # noqa: N802
+        plan, removed = await self.engine.delete_release(request.name, dry_run=request.dry_run)
+        return pb.DeleteReleaseResponse(objects_removed=removed, memories_removed=plan.removed_memories,
+                                        memories_kept=plan.kept, whole_bank=plan.whole_bank, summary=plan.summary())

@@ -9,8 +9,8 @@ import pytest
 from release_fixtures import DOCUMENTS, build_random_release
 
 from memory3.services.cli.main import main
-from memory3.services.release.catalog import delete_release, plan_deletion, read_catalog
-from memory3.services.release.manifest import MEMORIES_PREFIX, ReleaseError, ReleaseNotFound, release_key
+from memory3.services.release.catalog import ReleaseBusy, delete_release, plan_deletion, read_catalog
+from memory3.services.release.manifest import MEMORIES_PREFIX, ReleaseNotFound, release_key
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
 from memory3.services.stack import StackProcess, StackState, state_path
@@ -65,7 +65,7 @@ def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_
     # A release without a manifest may come to list any memory: no deletion until it is gone.
     bucket.put_bytes(release_key("half", "model/config.json"), b"{}")
     bucket.put_bytes(f"{MEMORIES_PREFIX}{base_bank}/zz/orphan", b"left by a failed publication")
-    with pytest.raises(ReleaseError, match="half.*nothing was deleted"):
+    with pytest.raises(ReleaseBusy, match="half.*nothing was deleted"):
         plan_deletion(bucket, "base")
     assert bucket.exists(release_key("base", "manifest.json"))
     plan = plan_deletion(bucket, "half")
@@ -85,7 +85,7 @@ def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_
     # A manifest this build cannot read: its own objects can go, nothing else until then.
     bucket.put_bytes(release_key("broken", "manifest.json"), b"{not json")
     assert list(read_catalog(bucket).unreadable) == ["broken"]
-    with pytest.raises(ReleaseError, match="broken cannot be read"):
+    with pytest.raises(ReleaseBusy, match="broken cannot be read"):
         plan_deletion(bucket, "other")
     plan = plan_deletion(bucket, "broken")
     assert plan.unreadable and "not valid JSON" in plan.summary()

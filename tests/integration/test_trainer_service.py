@@ -1,6 +1,7 @@
 """TrainerService over real gRPC: submit a quick job, watch it to the published release, errors."""
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -39,6 +40,9 @@ async def scenario(s3, work_root):
 
             second = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(
                 spec=pb.TrainingSpec(release="svc-cancelled", preset="tiny", quick=True)))).job_id
+            with pytest.raises(grpc.aio.AioRpcError) as busy:
+                await stub.DeleteRelease(pb.DeleteReleaseRequest(name="svc-cancelled"))
+            assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cancel it" in busy.value.details()
             cancelled = await stub.CancelTrainingJob(pb.CancelTrainingJobRequest(job_id=second))
             assert cancelled.state == pb.JOB_STATE_CANCELLED
 
@@ -57,9 +61,23 @@ async def scenario(s3, work_root):
             releases = await stub.ListReleases(pb.ListReleasesRequest())
             names = [r.name for r in releases.releases]
             assert "svc-quick" in names and "svc-cancelled" not in names
+
+            dry = await stub.DeleteRelease(pb.DeleteReleaseRequest(name="svc-quick", dry_run=True))
+            assert dry.objects_removed == 0 and "svc-quick" in dry.summary
+            listed = next(r.memories for r in releases.releases if r.name == "svc-quick")
+            assert dry.memories_removed + dry.memories_kept == listed
+            assert "svc-quick" in [r.name for r in (await stub.ListReleases(pb.ListReleasesRequest())).releases]
+            for name, code in (("svc-nope", grpc.StatusCode.NOT_FOUND), ("Bad Name", grpc.StatusCode.INVALID_ARGUMENT)):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.DeleteRelease(pb.DeleteReleaseRequest(name=name))
+                assert refused.value.code() == code
+            deleted = await stub.DeleteRelease(pb.DeleteReleaseRequest(name="svc-quick"))
+            assert deleted.objects_removed > 0 and deleted.memories_removed == dry.memories_removed
+            assert "svc-quick" not in [r.name for r in (await stub.ListReleases(pb.ListReleasesRequest())).releases]
     finally:
         await server.stop([engine.stop])
 
 
 def test_trainer_service_end_to_end(local_s3, tmp_path):
-    asyncio.run(scenario(local_s3.config, tmp_path / "runs"))
+    # A bucket of its own: what it deletes and lists must not depend on other tests' releases.
+    asyncio.run(scenario(dataclasses.replace(local_s3.config, bucket="trainer-service"), tmp_path / "runs"))
