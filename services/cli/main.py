@@ -395,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.service == "kserve":
                 return _serve_kserve(args)
             from memory3.services.trainer.server import serve_trainer
-            port = args.port if args.port is not None else SERVE_PORTS["trainer"]
-            return serve_trainer(s3_config(args), args.work_dir, host=args.host, port=port, grace_s=args.grace)
+            return serve_trainer(s3_config(args), args.work_dir, server_options(args))
         if args.command == "release":
             from .commands import cmd_release_delete, cmd_release_list
             if args.release_command == "list":

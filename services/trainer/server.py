@@ -6,7 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from ..rpc.server import Server
+from ..rpc.server import Server, ServerOptions
 from ..storage.object_store import S3Config
 from .engine import TrainingJobManager
 from .servicer import SERVICE, TrainerServicer
@@ -14,22 +14,26 @@ from .servicer import SERVICE, TrainerServicer
 log = logging.getLogger("memory3.trainer")
 
 
-async def start_trainer_server(s3: S3Config, work_root: Path, *, host: str = "127.0.0.1", port: int = 0,
-                               grace_s: float = 10.0) -> tuple[Server, TrainingJobManager]:
+async def start_trainer_server(s3: S3Config, work_root: Path,
+                               options: ServerOptions | None = None) -> tuple[Server, TrainingJobManager]:
+    """The TrainerService listening with `options` (TLS, token, metrics, as every service), SERVING
+    once the object store answered."""
+    options = options or ServerOptions()
     engine = TrainingJobManager(s3, work_root)
-    server = Server(host=host, port=port, grace_s=grace_s)
+    server = Server(options)
     server.add_service(TrainerServicer(engine), SERVICE)
     await server.start()
-    await engine.start()  # SERVING only once the object store answered
+    await engine.start()
     await server.serving()
-    log.info("TrainerService listening on %s:%d", host, server.port)
+    log.info("TrainerService listening on %s:%d", options.host, server.port)
     return server, engine
 
 
-def serve_trainer(s3: S3Config, work_root: Path, *, host: str, port: int, grace_s: float) -> int:
+def serve_trainer(s3: S3Config, work_root: Path, options: ServerOptions) -> int:
     async def main() -> None:
-        server, engine = await start_trainer_server(s3, work_root, host=host, port=port, grace_s=grace_s)
-        print(f"TrainerService on {host}:{server.port}", flush=True)
+        server, engine = await start_trainer_server(s3, work_root, options)
+        metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
+        print(f"TrainerService on {options.host}:{server.port}{metrics}", flush=True)
         await server.run_until_signal(on_drain=[engine.stop])
 
     asyncio.run(main())

@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and token auth on a real service (the MemoryService), with certificates made here."""
+"""TLS, mutual TLS and token auth on real services (the MemoryService, the TrainerService), with certificates made here."""
 
 import asyncio
 import datetime
@@ -171,3 +171,32 @@ def test_bad_tls_options_are_refused_with_what_to_fix(pki):
         client_channel("localhost:1", auth_token=TOKEN)
     with pytest.raises(ValueError, match="must differ from the service port"):
         ServerOptions(port=50051, health_port=50051)
+
+
+def test_the_trainer_service_takes_the_same_tls_and_token(local_s3, tmp_path, pki):
+    """It can delete releases: `memory3 serve trainer --tls-cert ...` must not listen in plaintext."""
+    from memory3.services.trainer.server import start_trainer_server
+    from memory3.v1 import trainer_service_pb2 as pb
+    from memory3.v1 import trainer_service_pb2_grpc as pb_grpc
+
+    options = ServerOptions(port=0, tls_cert=pki["server"], tls_key=pki["server_key"], auth_token=TOKEN)
+
+    async def body():
+        server, engine = await start_trainer_server(local_s3.config, tmp_path / "runs", options)
+        try:
+            address = f"localhost:{server.port}"
+            async with client_channel(address, tls_ca=pki["ca"], auth_token=TOKEN) as channel:
+                await pb_grpc.TrainerServiceStub(channel).ListReleases(pb.ListReleasesRequest(), timeout=30)
+            async with client_channel(address, tls_ca=pki["ca"], auth_token="wrong") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await pb_grpc.TrainerServiceStub(channel).DeleteRelease(
+                        pb.DeleteReleaseRequest(name="anything"), timeout=30)
+                assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            async with grpc.aio.insecure_channel(address) as plain:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await pb_grpc.TrainerServiceStub(plain).ListReleases(pb.ListReleasesRequest(), timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await server.stop([engine.stop])
+
+    run(body())
