@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and token auth on real services (the MemoryService, the TrainerService), with certificates made here."""
+"""TLS, mutual TLS and token auth on real services (MemoryService, TrainerService), with certificates made here."""
 
 import asyncio
 import datetime
