@@ -9,7 +9,7 @@ outage has its own policy.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import urllib3
@@ -102,17 +102,26 @@ class ObjectStore:
                                                                                      recursive=recursive)))
         return [o.object_name for o in objects]
 
-    def remove_keys(self, keys: Sequence[str], *, batch: int = 1000) -> int:
-        """Removes `keys` (missing ones are no error), up to `batch` per request (S3's limit)."""
-        for start in range(0, len(keys), batch):
-            part = keys[start : start + batch]
-            errors = self._call(f"remove {len(part)} objects", lambda part=part: list(self.client.remove_objects(
-                self.bucket, [DeleteObject(key) for key in part])))
-            if errors:
-                first = errors[0]
-                raise StoreUnavailable(f"the object store refused to remove {len(errors)} of {len(part)} objects "
-                                       f"(first: {first.name}: {first.code} {first.message})")
-        return len(keys)
+    def remove_keys(self, keys: Iterable[str]) -> int:
+        """Removes `keys` (a missing one is no error), 1000 per request (S3's limit), reading `keys`
+        as it goes. Returns how many were asked for."""
+        count = 0
+
+        def objects():
+            nonlocal count
+            for key in keys:
+                count += 1
+                yield DeleteObject(key)
+
+        errors = self._call("remove objects", lambda: list(self.client.remove_objects(self.bucket, objects())))
+        if errors:
+            first = errors[0]
+            raise StoreUnavailable(f"the object store refused to remove {len(errors)} objects "
+                                   f"(first: {first.name}: {first.code} {first.message})")
+        return count
 
     def remove_prefix(self, prefix: str) -> int:
-        return self.remove_keys(self.list_keys(prefix))
+        """Removes every object under `prefix`, a listed page at a time, so memory stays flat for
+        any number of objects (a memory bank can hold 10^8)."""
+        return self.remove_keys(o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix,
+                                                                                  recursive=True))

@@ -1,0 +1,32 @@
+"""The object store's bulk removal on a real S3 server (rclone serve s3)."""
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from memory3.services.storage.object_store import ObjectStore, StoreUnavailable
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_prefix_of_more_than_one_listed_page_is_removed_whole_and_nothing_beside_it(local_s3):
+    store = ObjectStore(dataclasses.replace(local_s3.config, bucket="bulk-removal"))
+    store.ensure_bucket()
+    keys = [f"memories/bank/{i % 7:02d}/{i:05d}" for i in range(1234)]  # S3 lists 1000 keys a page
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: store.put_bytes(key, b"x"), keys))
+    store.put_bytes("memories/bank-2/00/kept", b"y")
+    assert store.remove_prefix("memories/bank/") == len(keys)
+    assert store.list_keys("memories/bank/") == []
+    assert store.list_keys("memories/") == ["memories/bank-2/00/kept"]
+    assert store.remove_keys(["memories/bank-2/00/kept", "memories/never-there"]) == 2  # a missing key is no error
+    assert store.list_keys("memories/") == []
+
+
+def test_bulk_removal_from_an_unreachable_store_says_so(local_s3):
+    dead = ObjectStore(dataclasses.replace(local_s3.config, endpoint="127.0.0.1:9", timeout_s=1.0))
+    with pytest.raises(StoreUnavailable, match="cannot reach"):
+        dead.remove_prefix("memories/")
+    with pytest.raises(StoreUnavailable, match="cannot reach"):
+        dead.remove_keys(["a"])
