@@ -178,7 +178,12 @@ def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: P
     if dry_run:
         print("dry run: nothing removed" + (" (the local stack serves it: `memory3 down` first)" if served else ""))
         return 0
-    removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr))
+    from tqdm import tqdm
+
+    total = None if plan.whole_bank else len(plan.memory_keys)
+    with tqdm(total=total, desc="memories removed", unit="memory", file=sys.stderr, mininterval=1.0) as bar:
+        removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr),
+                                 progress=lambda n: bar.update(n - bar.n))
     local = cache_dir / name
     if local.is_dir():
         shutil.rmtree(local)

@@ -161,9 +161,10 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
     return plan
 
 
-def delete_release(store: ObjectStore, plan: DeletionPlan, *, log: Callable[[str], None] = lambda _: None) -> int:
-    """Carries out `plan`: manifest, then the release's other objects, then its memories.
-    Returns how many objects were removed."""
+def delete_release(store: ObjectStore, plan: DeletionPlan, *, log: Callable[[str], None] = lambda _: None,
+                   progress: Callable[[int], None] | None = None) -> int:
+    """Carries out `plan`: manifest, then the release's other objects, then its memories, whose
+    count removed so far `progress` gets at every 1000. Returns how many objects were removed."""
     manifest = release_key(plan.name, MANIFEST_FILE)
     removed = 0
     if manifest in plan.release_keys:
@@ -172,10 +173,10 @@ def delete_release(store: ObjectStore, plan: DeletionPlan, *, log: Callable[[str
     removed += store.remove_keys([k for k in plan.release_keys if k != manifest])
     if plan.whole_bank:
         log(f"removing memory bank {plan.bank}")
-        removed += store.remove_prefix(f"{MEMORIES_PREFIX}{plan.bank}/")
+        removed += store.remove_prefix(f"{MEMORIES_PREFIX}{plan.bank}/", progress=progress)
     elif plan.memory_keys:
         log(f"removing {len(plan.memory_keys)} of the memories in bank {plan.bank}")
-        removed += store.remove_keys(plan.memory_keys)
+        removed += store.remove_keys(plan.memory_keys, progress=progress)
     return removed
 
 

@@ -9,7 +9,7 @@ outage has its own policy.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import urllib3
@@ -102,26 +102,31 @@ class ObjectStore:
                                                                                      recursive=recursive)))
         return [o.object_name for o in objects]
 
-    def remove_keys(self, keys: Iterable[str]) -> int:
+    def remove_keys(self, keys: Iterable[str], *, progress: Callable[[int], None] | None = None) -> int:
         """Removes `keys` (a missing one is no error), 1000 per request (S3's limit), reading `keys`
-        as it goes. Returns how many were asked for."""
+        as it goes; `progress` gets the count so far at every 1000, and at the end. Returns how many
+        were asked for."""
         count = 0
 
         def objects():
             nonlocal count
             for key in keys:
                 count += 1
+                if progress is not None and count % 1000 == 0:
+                    progress(count)
                 yield DeleteObject(key)
 
         errors = self._call("remove objects", lambda: list(self.client.remove_objects(self.bucket, objects())))
+        if progress is not None:
+            progress(count)
         if errors:
             first = errors[0]
             raise StoreUnavailable(f"the object store refused to remove {len(errors)} objects "
                                    f"(first: {first.name}: {first.code} {first.message})")
         return count
 
-    def remove_prefix(self, prefix: str) -> int:
+    def remove_prefix(self, prefix: str, *, progress: Callable[[int], None] | None = None) -> int:
         """Removes every object under `prefix`, a listed page at a time, so memory stays flat for
         any number of objects (a memory bank can hold 10^8)."""
-        return self.remove_keys(o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix,
-                                                                                  recursive=True))
+        listing = (o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
+        return self.remove_keys(listing, progress=progress)

@@ -17,7 +17,9 @@ def test_a_prefix_of_more_than_one_listed_page_is_removed_whole_and_nothing_besi
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda key: store.put_bytes(key, b"x"), keys))
     store.put_bytes("memories/bank-2/00/kept", b"y")
-    assert store.remove_prefix("memories/bank/") == len(keys)
+    seen = []
+    assert store.remove_prefix("memories/bank/", progress=seen.append) == len(keys)
+    assert seen == [1000, len(keys)]
     assert store.list_keys("memories/bank/") == []
     assert store.list_keys("memories/") == ["memories/bank-2/00/kept"]
     assert store.remove_keys(["memories/bank-2/00/kept", "memories/never-there"]) == 2  # a missing key is no error
