@@ -131,6 +131,32 @@ def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_di
     return 0
 
 
+def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: str | None, cache_dir: Path,
+                  dry_run: bool) -> int:
+    import hashlib
+
+    from memory3.services.release.reader import Release
+    from memory3.services.storage.object_store import ObjectStore
+    from memory3.services.trainer.releases import kb_remove, references_to_remove
+
+    store = ObjectStore(s3)
+    base = Release.open(store, parent, cache_dir)
+    removed = references_to_remove(base, ids=ids, matches=matches)
+    for row in removed:
+        text = row["text"] if len(row["text"]) <= 100 else row["text"][:99] + "…"
+        print(f"  {row['id']}: {text}")
+    if dry_run:
+        print(f"dry run: {len(removed)} of the {len(base.references)} references of {parent!r} would be removed")
+        return 0
+    if name is None:
+        digest = hashlib.sha256("\n".join(sorted(r["id"] for r in removed)).encode()).hexdigest()[:8]
+        name = f"{parent}-rm-{digest}"[:63]
+    manifest = kb_remove(store, base, removed, name)
+    print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories, "
+          f"{len(removed)} references removed")
+    return 0
+
+
 def cmd_release_list(s3, *, as_json: bool) -> int:
     from memory3.services.release.catalog import read_catalog
     from memory3.services.storage.object_store import ObjectStore

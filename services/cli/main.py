@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     kb_add.add_argument("--release", required=True, help="the release to derive from")
     kb_add.add_argument("--name", default=None, help="name of the new release (default: RELEASE-kb-<hash>)")
     add_s3_arguments(kb_add, local_stack=True)
+    kb_remove = kb_sub.add_parser(
+        "remove", help="a release without some references, as a new release (to correct a fact: remove it, "
+                       "then kb add the corrected text)")
+    kb_remove.add_argument("--release", required=True, help="the release to derive from")
+    kb_remove.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
+                           help="remove the reference with this id (as `memory3 generate` lists them; repeatable)")
+    kb_remove.add_argument("--match", dest="matches", action="append", default=[], metavar="TEXT",
+                           help="remove every reference whose text contains TEXT (case-sensitive; repeatable)")
+    kb_remove.add_argument("--name", default=None, help="name of the new release (default: RELEASE-rm-<hash>)")
+    kb_remove.add_argument("--dry-run", action="store_true", help="list what would be removed; publish nothing")
+    add_s3_arguments(kb_remove, local_stack=True)
 
     release = sub.add_parser("release", help="the releases in the bucket: list them, delete one")
     release_sub = release.add_subparsers(dest="release_command", required=True)
@@ -403,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
                                       cache_dir=args.cache_dir, home=args.home)
         if args.command == "kb":
-            from .commands import cmd_kb_add
+            from .commands import cmd_kb_add, cmd_kb_remove
+            if args.kb_command == "remove":
+                return cmd_kb_remove(s3_config(args, local_stack=True), parent=args.release, ids=args.ids,
+                                     matches=args.matches, name=args.name, cache_dir=args.cache_dir,
+                                     dry_run=args.dry_run)
             return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
                               cache_dir=args.cache_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -125,12 +125,14 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
             future.result()
     bar.close()
 
-    log(f"embedding {len(references)} references with {embedder_name}")
-    vectors = embed([r.text for r in references])
     if parent_index is not None:
         index = VectorIndex.from_bytes(parent_index.to_bytes(), parent_index.ids)
-        index.add(vectors, [r.id for r in references])
+        if references:  # none for a release that only removes references (`kb remove`)
+            log(f"embedding {len(references)} references with {embedder_name}")
+            index.add(embed([r.text for r in references]), [r.id for r in references])
     else:
+        log(f"embedding {len(references)} references with {embedder_name}")
+        vectors = embed([r.text for r in references])
         index = VectorIndex.build(vectors, [r.id for r in references])
     if index.ids != [r["id"] for r in rows]:
         raise RuntimeError("index rows and reference table are out of order")

@@ -7,7 +7,7 @@ references table it was built with; it is stored with `faiss.serialize_index` (b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -35,6 +35,13 @@ class VectorIndex:
     def add(self, vectors: np.ndarray, ids: Sequence[str]) -> None:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         self.ids.extend(ids)
+
+    def without(self, drop: Collection[str]) -> VectorIndex:
+        """A new index of every vector but those of `drop`, in the same order, rebuilt from the
+        stored vectors (an HNSW graph cannot remove a node)."""
+        keep = [row for row, rid in enumerate(self.ids) if rid not in drop]
+        vectors = self.index.reconstruct_n(0, self.index.ntotal)[keep]  # (N_kept, dim)
+        return VectorIndex.build(vectors, [self.ids[row] for row in keep])
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """(Q, dim) unit vectors -> per query, up to k (reference id, cosine) best first."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -89,3 +89,50 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
                            embedder_name=embedder.name, memory_codec=base.memory_codec(), provenance=provenance,
                            parent_index=base.index(), parent_references=base.references, parent=parent,
                            progress=progress)
+
+
+def references_to_remove(release: Release, *, ids: Collection[str] = (), matches: Collection[str] = ()) -> list[dict]:
+    """The rows of `release`'s reference table chosen by id or by text containing one of
+    `matches` (case-sensitive), in table order; an error if that is none, or all of them."""
+    if not ids and not matches:
+        raise ValueError("say which references to remove: --id ID or --match TEXT (repeatable)")
+    unknown = sorted(set(ids) - set(release.by_id))
+    if unknown:
+        raise ValueError(f"release {release.name!r} has no reference {unknown[0]!r}"
+                         + (f" (nor {len(unknown) - 1} more of the ids given)" if len(unknown) > 1 else ""))
+    if any(not m for m in matches):
+        raise ValueError("--match needs some text: an empty one would match every reference")
+    chosen = [r for r in release.references if r["id"] in ids or any(m in r["text"] for m in matches)]
+    if not chosen:
+        raise ValueError(f"no reference of release {release.name!r} contains "
+                         + " or ".join(repr(m) for m in matches))
+    if len(chosen) == len(release.references):
+        raise ValueError(f"that is every reference of release {release.name!r}: a release needs at least one")
+    return chosen
+
+
+def kb_remove(store: ObjectStore, base: Release, removed: Sequence[dict], name: str, *,
+              progress: bool = True) -> Manifest:
+    """A release derived from `base` without the `removed` rows of its reference table.
+
+    Knowledge lives in the references, so this is how a fact is withdrawn or corrected (then
+    `kb add` the corrected text): the model, the bank and every other memory stay as they are, no
+    memory is encoded and no text embedded; the index is rebuilt from the vectors it stores.
+    The removed memories stay in the bank for the releases that still list them
+    (`memory3 release delete` removes what no release lists).
+    """
+    check_release_name(name)
+    drop = {r["id"] for r in removed}
+    rows = [r for r in base.references if r["id"] not in drop]
+    provenance = {**base.manifest.provenance, "parent": base.name, "removed_references": len(drop),
+                  "commit": git_commit()}
+    print(f"removing {len(drop)} references from {base.name!r} as {name!r}", file=sys.stderr)
+    return publish_release(store, name, model=base.load_model(), codec=base.text_codec(), references=[],
+                           embed=_never_embeds, embedder_name=base.manifest.index["embedder"],
+                           memory_codec=base.memory_codec(), provenance=provenance,
+                           parent_index=base.index().without(drop), parent_references=rows, parent=base.name,
+                           progress=progress)
+
+
+def _never_embeds(texts):
+    raise AssertionError(f"a release that only removes references embeds nothing, asked for {len(texts)}")

@@ -1,0 +1,77 @@
+"""kb remove on a real S3 server: a derived release without some references, nothing re-encoded."""
+
+import dataclasses
+import uuid
+
+import pytest
+from release_fixtures import build_random_release
+
+from memory3.services.cli.main import main
+from memory3.services.release.catalog import plan_deletion, read_catalog
+from memory3.services.release.reader import Release
+from memory3.services.retrieval.embedder import Embedder
+from memory3.services.storage.object_store import ObjectStore
+from memory3.services.trainer.releases import kb_remove, references_to_remove
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def bucket(local_s3) -> ObjectStore:
+    store = ObjectStore(dataclasses.replace(local_s3.config, bucket=f"kb-remove-{uuid.uuid4().hex[:12]}"))
+    store.ensure_bucket()
+    return store
+
+
+def test_a_release_without_the_references_that_state_a_fact(bucket, tmp_path):
+    embedder = Embedder()
+    build_random_release(bucket, "base", embedder=embedder)
+    base = Release.open(bucket, "base", tmp_path / "cache")
+    chosen = references_to_remove(base, matches=["Pemberlyn"])
+    assert len(chosen) == 2 and all("Pemberlyn" in r["text"] for r in chosen)
+    by_id = references_to_remove(base, ids=[chosen[0]["id"]])
+    assert by_id == chosen[:1]
+
+    manifest = kb_remove(bucket, base, chosen, "base-rm", progress=False)
+    assert manifest.parent == "base" and manifest.memory_bank["bank"] == base.manifest.memory_bank["bank"]
+    assert manifest.memory_bank["count"] == len(base.references) - 2
+    child = Release.open(bucket, "base-rm", tmp_path / "cache")
+    kept = [r["id"] for r in base.references if r not in chosen]
+    assert list(child.by_id) == kept and child.index().ids == kept
+    # Every kept vector still belongs to its reference: each text finds itself first.
+    texts = [child.by_id[i]["text"] for i in kept]
+    hits = child.index().search(embedder.embed(texts), 1)
+    assert [h[0][0] for h in hits] == kept
+    assert all(h[0][0] not in {r["id"] for r in chosen}
+               for h in child.index().search(embedder.embed([r["text"] for r in chosen]), 3))
+    assert len(child.fetch_memories(kept)) == len(kept)
+    # Its memories are all the parent's: deleting it removes none of them.
+    plan = plan_deletion(bucket, "base-rm")
+    assert plan.memory_keys == [] and plan.kept == len(kept)
+
+
+def test_what_to_remove_must_be_said_found_and_not_everything(bucket, tmp_path):
+    build_random_release(bucket, "base")
+    base = Release.open(bucket, "base", tmp_path / "cache")
+    for ids, matches, error in (((), (), "say which references"), (["nope"], (), "no reference 'nope'"),
+                                ((), [""], "needs some text"), ((), ["Atlantis"], "contains 'Atlantis'"),
+                                ((), [" "], "every reference")):
+        with pytest.raises(ValueError, match=error):
+            references_to_remove(base, ids=ids, matches=matches)
+
+
+def test_kb_remove_command_lists_what_goes_and_publishes_nothing_on_a_dry_run(bucket, tmp_path, monkeypatch,
+                                                                                capsys):
+    build_random_release(bucket, "base")
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    store = ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path)]
+    assert main(["kb", "remove", "--release", "base", "--match", "Skarn Point", "--dry-run", *store]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Skarn Point") == 2 and "2 of the 12 references" in out
+    assert [m.name for m in read_catalog(bucket).published] == ["base"]
+    assert main(["kb", "remove", "--release", "base", "--match", "Skarn Point", "--name", "no-skarn", *store]) == 0
+    assert "release no-skarn (from base): 10 memories, 2 references removed" in capsys.readouterr().out
+    assert main(["kb", "remove", "--release", "base", "--match", "Atlantis", *store]) == 2
+    assert "contains 'Atlantis'" in capsys.readouterr().err
