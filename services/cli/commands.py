@@ -188,6 +188,7 @@ def cmd_release_list(s3, *, as_json: bool) -> int:
 
 def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: Path) -> int:
     import shutil
+    import time
 
     from memory3.services.release.catalog import delete_release, plan_deletion
     from memory3.services.stack import stack_is_up
@@ -204,12 +205,14 @@ def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: P
     if dry_run:
         print("dry run: nothing removed" + (" (the local stack serves it: `memory3 down` first)" if served else ""))
         return 0
-    from tqdm import tqdm
+    shown = [time.monotonic()]
 
-    total = None if plan.whole_bank else len(plan.memory_keys)
-    with tqdm(total=total, desc="memories removed", unit="memory", file=sys.stderr, mininterval=1.0) as bar:
-        removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr),
-                                 progress=lambda n: bar.update(n - bar.n))
+    def progress(count: int) -> None:  # a line every 5 s: a bank can take hours to remove
+        if time.monotonic() - shown[0] >= 5.0:
+            shown[0] = time.monotonic()
+            print(f"  {count} memories removed so far", file=sys.stderr, flush=True)
+
+    removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr), progress=progress)
     local = cache_dir / name
     if local.is_dir():
         shutil.rmtree(local)
