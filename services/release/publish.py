@@ -103,7 +103,8 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
     prefix = codec.reference_prefix(model.config)
     rows = list(parent_references)
     total_bytes = sum(r.get("memory_bytes", 0) for r in rows)
-    bar = tqdm(total=len(references), desc=f"memory bank {name}", unit="ref", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(references), desc=f"memory bank {name}", unit="ref", disable=not progress or not references,
+               file=sys.stderr)
     # One batch uploads while the next is encoded; a failed upload raises before the manifest.
     uploading: list[Future] = []
     with ThreadPoolExecutor(max_workers=8) as pool:

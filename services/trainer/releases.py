@@ -102,7 +102,8 @@ def references_to_remove(release: Release, *, ids: Collection[str] = (), matches
                          + (f" (nor {len(unknown) - 1} more of the ids given)" if len(unknown) > 1 else ""))
     if any(not m for m in matches):
         raise ValueError("--match needs some text: an empty one would match every reference")
-    chosen = [r for r in release.references if r["id"] in ids or any(m in r["text"] for m in matches)]
+    wanted = set(ids)
+    chosen = [r for r in release.references if r["id"] in wanted or any(m in r["text"] for m in matches)]
     if not chosen:
         raise ValueError(f"no reference of release {release.name!r} contains "
                          + " or ".join(repr(m) for m in matches))
