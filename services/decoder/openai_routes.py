@@ -1,5 +1,10 @@
 """OpenAI-style `POST /v1/completions` on the KServe HTTP server, with server-sent-event streaming.
 
+The same route is under `/openai/v1/`, beside `GET /openai/v1/models` in OpenAI's list format,
+so that an OpenAI SDK pointed at `http://HOST:PORT/openai/v1` works whole: KServe itself answers
+`GET /v1/models` with its v1 protocol's list, which the SDKs cannot read (KServe's own OpenAI
+server uses the same `/openai/v1` prefix).
+
 KServe's own OpenAI classes need vLLM, so this route is ours. It reads an OpenAI completion
 request, validates it with the decoder's shared rules (validation.py), and relays the engine's
 events either as one completion JSON or, with `"stream": true`, as `text/event-stream` chunks
@@ -31,18 +36,20 @@ from .validation import build_request
 
 log = logging.getLogger("memory3.decoder")
 
-COMPLETIONS_PATH = "/v1/completions"
+COMPLETIONS_PATHS = ("/v1/completions", "/openai/v1/completions")
+MODELS_PATH = "/openai/v1/models"
 # OpenAI parameters this server does not implement: accepted only at their neutral values.
 NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ("",),
            "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},)}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "stream_options", "stop", "seed", "user",
          "top_k", "use_memory", "include_reference_text", *NEUTRAL}
+STARTED = int(time.time())  # a model's `created`: when this server started
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
                503: "service_unavailable_error", 504: "timeout_error"}
 
 
 def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine], model_name: str) -> None:
-    """Register the route; `current` returns the running engine or raises Unavailable."""
+    """Register the routes; `current` returns the running engine or raises Unavailable."""
 
     async def completions(request: Request) -> Response:
         try:
@@ -55,7 +62,13 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
             return error_response(exc)
 
-    app.add_api_route(COMPLETIONS_PATH, completions, methods=["POST"])
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": STARTED,
+                                                         "owned_by": "memory3"}]})
+
+    for path in COMPLETIONS_PATHS:
+        app.add_api_route(path, completions, methods=["POST"])
+    app.add_api_route(MODELS_PATH, models, methods=["GET"])
 
 
 def error_response(exc: BaseException) -> JSONResponse:

@@ -173,6 +173,24 @@ def test_openai_streaming_joins_to_the_completion(kserve_server):
     assert whole["usage"]["completion_tokens"] == 40 and whole["choices"][0]["finish_reason"] == "length"
 
 
+def test_the_openai_sdk_lists_the_model_completes_and_streams(kserve_server):
+    """The OpenAI Python SDK, pointed at /openai/v1: models, a completion, a stream, an error."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{kserve_server.http_port}/openai/v1", api_key="unused",
+                           max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 24
+    pieces = [chunk.choices[0].text for chunk in client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)]
+    assert len(pieces) > 3 and "".join(pieces) == whole.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="temperature must be a finite number >= 0"):
+        client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="gpt-4", prompt=PROMPT)
+
+
 def test_a_client_that_hangs_up_frees_its_stream(kserve_server):
     tokens_before = metric(kserve_server, "memory3_generation_tokens_total")
     request = {"prompt": PROMPT, "max_tokens": 600, "temperature": 0, "stream": True}
