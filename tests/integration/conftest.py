@@ -1,3 +1,6 @@
+import dataclasses
+import uuid
+
 import pytest
 from release_fixtures import RandomRelease, build_random_release
 
@@ -20,6 +23,15 @@ def store(local_s3) -> ObjectStore:
     s = ObjectStore(local_s3.config)
     s.ensure_bucket()
     return s
+
+
+@pytest.fixture
+def bucket(local_s3) -> ObjectStore:
+    """A fresh bucket of the test's own on the session's S3 server: what other tests published or
+    left behind must not change the outcome of a test that lists or deletes releases."""
+    store = ObjectStore(dataclasses.replace(local_s3.config, bucket=f"test-{uuid.uuid4().hex[:12]}"))
+    store.ensure_bucket()
+    return store
 
 
 @pytest.fixture

@@ -1,8 +1,5 @@
 """kb remove on a real S3 server: a derived release without some references, nothing re-encoded."""
 
-import dataclasses
-import uuid
-
 import pytest
 from release_fixtures import build_random_release
 
@@ -10,17 +7,9 @@ from memory3.services.cli.main import main
 from memory3.services.release.catalog import plan_deletion, read_catalog
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
-from memory3.services.storage.object_store import ObjectStore
 from memory3.services.trainer.releases import kb_remove, references_to_remove
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def bucket(local_s3) -> ObjectStore:
-    store = ObjectStore(dataclasses.replace(local_s3.config, bucket=f"kb-remove-{uuid.uuid4().hex[:12]}"))
-    store.ensure_bucket()
-    return store
 
 
 def test_a_release_without_the_references_that_state_a_fact(bucket, tmp_path):

@@ -10,9 +10,8 @@ from memory3.services.storage.object_store import ObjectStore, StoreUnavailable
 pytestmark = pytest.mark.integration
 
 
-def test_a_prefix_of_more_than_one_listed_page_is_removed_whole_and_nothing_beside_it(local_s3):
-    store = ObjectStore(dataclasses.replace(local_s3.config, bucket="bulk-removal"))
-    store.ensure_bucket()
+def test_a_prefix_of_more_than_one_listed_page_is_removed_whole_and_nothing_beside_it(bucket):
+    store = bucket
     keys = [f"memories/bank/{i % 7:02d}/{i:05d}" for i in range(1234)]  # S3 lists 1000 keys a page
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda key: store.put_bytes(key, b"x"), keys))

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import uuid
 
 import pytest
 from release_fixtures import DOCUMENTS, build_random_release
@@ -14,18 +13,9 @@ from memory3.services.release.manifest import MEMORIES_PREFIX, ReleaseNotFound, 
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
 from memory3.services.stack import StackProcess, StackState, state_path
-from memory3.services.storage.object_store import ObjectStore
 from memory3.services.trainer.releases import kb_add
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def bucket(local_s3) -> ObjectStore:
-    """A bucket of this test's own: other tests' releases and leftovers must not change its outcome."""
-    store = ObjectStore(dataclasses.replace(local_s3.config, bucket=f"catalog-{uuid.uuid4().hex[:12]}"))
-    store.ensure_bucket()
-    return store
 
 
 def memory_keys(store, name):
