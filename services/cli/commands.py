@@ -191,7 +191,7 @@ def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: P
     import time
 
     from memory3.services.release.catalog import delete_release, plan_deletion
-    from memory3.services.stack import stack_is_up
+    from memory3.services.stack import SERVICES, stack_is_up
     from memory3.services.storage.object_store import ObjectStore
 
     state = stack_is_up(home)
@@ -213,9 +213,10 @@ def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: P
             print(f"  {count} memories removed so far", file=sys.stderr, flush=True)
 
     removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr), progress=progress)
-    local = cache_dir / name
-    if local.is_dir():
-        shutil.rmtree(local)
-        print(f"removed the local copy {local}")
+    # This command's copy, and those of the services `memory3 up` runs (one cache directory each).
+    for local in (cache_dir / name, *(cache_dir / service / name for service in SERVICES)):
+        if local.is_dir():
+            shutil.rmtree(local)
+            print(f"removed the local copy {local}")
     print(f"deleted {name!r}: {removed} objects removed from bucket {s3.bucket!r}")
     return 0

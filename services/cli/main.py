@@ -335,7 +335,9 @@ def add_s3_arguments(parser: argparse.ArgumentParser, *, local_stack: bool = Fal
         group.add_argument("--home", type=Path, default=DEFAULT_HOME, help="the local stack's state (`memory3 up`)")
     group.add_argument("--s3-bucket", default=None, help="bucket (env MEMORY3_S3_BUCKET, default memory3)")
     group.add_argument("--s3-secure", action="store_true", help="use HTTPS")
-    group.add_argument("--cache-dir", type=Path, default=DEFAULT_HOME / "releases", help="local copies of releases")
+    group.add_argument("--cache-dir", type=Path, default=None,
+                       help="local copies of releases (default: " + ("HOME/releases, HOME as --home)" if local_stack
+                                                                    else f"{DEFAULT_HOME / 'releases'})"))
 
 
 def s3_config(args: argparse.Namespace, *, local_stack: bool = False):
@@ -367,8 +369,15 @@ def s3_config(args: argparse.Namespace, *, local_stack: bool = False):
                     bucket=args.s3_bucket or os.environ.get("MEMORY3_S3_BUCKET", "memory3"), secure=args.s3_secure)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "cache_dir") and args.cache_dir is None:  # beside the stack's state, as `--home` says
+        args.cache_dir = getattr(args, "home", DEFAULT_HOME) / "releases"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         if args.command == "bench":
             return _bench(args)

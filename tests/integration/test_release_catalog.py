@@ -105,10 +105,14 @@ def test_release_commands_list_and_delete_and_leave_what_the_local_stack_serves(
     assert main(["release", "delete", "spare", "--dry-run", *stack]) == 0
     assert "removed whole" in capsys.readouterr().out and bucket.exists(release_key("spare", "manifest.json"))
 
-    (tmp_path / "cache" / "spare").mkdir(parents=True)
-    assert main(["release", "delete", "spare", *stack, "--cache-dir", str(tmp_path / "cache")]) == 0
+    copies = [home / "releases" / "spare", *(home / "releases" / s / "spare" for s in ("text", "memory", "decoder"))]
+    for copy in copies:  # this command's local copy, and the local stack's services'
+        copy.mkdir(parents=True)
+    (home / "releases" / "decoder" / "served").mkdir()
+    assert main(["release", "delete", "spare", *stack]) == 0
     out = capsys.readouterr().out
-    assert "deleted 'spare'" in out and not (tmp_path / "cache" / "spare").exists()
+    assert "deleted 'spare'" in out and not any(copy.exists() for copy in copies)
+    assert (home / "releases" / "decoder" / "served").exists()
     assert main(["release", "list", *stack]) == 0
     listing = capsys.readouterr().out
     assert "served" in listing and "spare" not in listing

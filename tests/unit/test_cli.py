@@ -71,3 +71,17 @@ def test_demo_scores_mark_each_answer_and_count_the_right_ones():
     assert table[3].startswith(long_question[:47] + "…  ")
     assert table[3].split()[-4:] == ["✗", "Carl", "✓", "Bob"]
     assert table[4].startswith("right with memory: 1/2; without memory: 1/2")
+
+
+def test_local_copies_of_releases_go_under_the_home_the_command_is_given(tmp_path):
+    """A user's commands keep their caches beside the stack they talk to; a service keeps its default."""
+    from memory3.services.cli.main import DEFAULT_HOME, parse_args
+
+    home = tmp_path / "home"
+    for argv in (["kb", "add", "f.txt", "--release", "r"], ["kb", "remove", "--release", "r", "--match", "x"],
+                 ["release", "delete", "r"], ["bench", "quality", "--release", "r", "--json", "q.json"]):
+        assert parse_args([*argv, "--home", str(home)]).cache_dir == home / "releases", argv
+        assert parse_args(argv).cache_dir == DEFAULT_HOME / "releases", argv
+        assert parse_args([*argv, "--home", str(home), "--cache-dir", str(tmp_path / "c")]).cache_dir == tmp_path / "c"
+    assert parse_args(["serve", "text", "--release", "r"]).cache_dir == DEFAULT_HOME / "releases"
+    assert not hasattr(parse_args(["down", "--home", str(home)]), "cache_dir")
