@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --checkpoint: a reference text to use as explicit memory (repeatable)")
     gen.add_argument("--reference-file", action="append", default=[], type=Path, metavar="FILE",
                      help="with --checkpoint: a UTF-8 file whose text becomes references (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", "--max-tokens", type=int, default=64,
+                     help="tokens to generate at most (--max-tokens, as OpenAI names it, is the same)")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)

@@ -57,7 +57,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         manifests = await self.engine.list_releases()
         return pb.ListReleasesResponse(releases=[
             pb.ReleaseInfo(name=m.name, parent=m.parent or "", created=m.created,
-                           memories=int(m.memory_bank.get("count", 0)), codec=str(m.memory_bank.get("codec", "")))
+                           memories=int(m.memory_bank.get("count", 0)), codec=str(m.memory_bank.get("codec", "")),
+                           bank=str(m.memory_bank.get("bank", "")), memory_bytes=int(m.memory_bank.get("bytes", 0)))
             for m in manifests])
 
     @rpc_errors

@@ -64,7 +64,9 @@ async def scenario(s3, work_root):
 
             dry = await stub.DeleteRelease(pb.DeleteReleaseRequest(name="svc-quick", dry_run=True))
             assert dry.objects_removed == 0 and "svc-quick" in dry.summary
-            listed = next(r.memories for r in releases.releases if r.name == "svc-quick")
+            info = next(r for r in releases.releases if r.name == "svc-quick")
+            listed = info.memories
+            assert len(info.bank) == 20 and info.memory_bytes > 0 and info.codec == "bf16"
             assert dry.memories_removed + dry.memories_kept == listed
             assert "svc-quick" in [r.name for r in (await stub.ListReleases(pb.ListReleasesRequest())).releases]
             for name, code in (("svc-nope", grpc.StatusCode.NOT_FOUND), ("Bad Name", grpc.StatusCode.INVALID_ARGUMENT)):

@@ -85,3 +85,10 @@ def test_local_copies_of_releases_go_under_the_home_the_command_is_given(tmp_pat
         assert parse_args([*argv, "--home", str(home), "--cache-dir", str(tmp_path / "c")]).cache_dir == tmp_path / "c"
     assert parse_args(["serve", "text", "--release", "r"]).cache_dir == DEFAULT_HOME / "releases"
     assert not hasattr(parse_args(["down", "--home", str(home)]), "cache_dir")
+
+
+def test_generate_takes_max_tokens_as_openai_names_it():
+    from memory3.services.cli.main import parse_args
+
+    assert parse_args(["generate", "hi", "--max-tokens", "5"]).max_new_tokens == 5
+    assert parse_args(["generate", "hi", "--max-new-tokens", "6"]).max_new_tokens == 6
