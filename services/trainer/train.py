@@ -245,9 +245,7 @@ class Trainer:
             self.optimizer.step()
             self.state.step += 1
             loss_value = self.reduce_scalar(loss.detach())
-            # With the attention loss on, `loss` is lm_loss + attention_weight * attention_loss.
-            split = {name: round(self.reduce_scalar(loss.new_tensor(parts[key])), 5)
-                     for name, key in (("lm_loss", "lm"), ("attention_loss", "attention")) if "attention" in parts}
+            split = self.loss_parts(parts) if stage_no > 1 else {}  # the stage is every rank's: safe to reduce
             self._record({"step": self.state.step, "stage": stage_no, "loss": round(loss_value, 5), **split,
                           "lr": lr, "grad_norm": round(float(grad_norm), 4),
                           "elapsed_s": round(time.perf_counter() - started, 2)})
@@ -332,6 +330,22 @@ class Trainer:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def loss_parts(self, parts: dict[str, float]) -> dict[str, float]:
+        """lm_loss and attention_loss of a step where some rank had the attention loss on, else {}.
+        With it on, `loss` is lm_loss + attention_weight * attention_loss. One all-reduce on every
+        rank, whether its own batch had the attention loss or not (a collective that only some ranks
+        call would hang the others); attention_loss is the mean over the ranks that had it."""
+        local = torch.tensor([parts["lm"], parts.get("attention", 0.0), float("attention" in parts)])
+        if self.dist.world_size > 1:
+            import torch.distributed as torch_dist
+
+            local = local.to(self.device)
+            torch_dist.all_reduce(local)
+        lm, attention, ranks = local.tolist()
+        if ranks == 0:
+            return {}
+        return {"lm_loss": round(lm / self.dist.world_size, 5), "attention_loss": round(attention / ranks, 5)}
 
     def reduce_scalar(self, value: Tensor) -> float:
         if self.dist.world_size == 1:

@@ -77,3 +77,6 @@ def test_torchrun_two_processes_on_gloo(tmp_path):
     assert ranks[0] == ranks[1]  # identical weights on both ranks after every step's all-reduce
     assert ranks[0][1] == "40"
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    # Both ranks reduced the loss's parts at every step of stages 2 and 3, whichever had the attention loss.
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert any("attention_loss" in h and "lm_loss" in h for h in history if h.get("stage") == 3)
