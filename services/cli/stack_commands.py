@@ -131,13 +131,12 @@ def cmd_generate_remote(address: str, prompt: str, *, max_tokens: int, temperatu
 def heldout_questions(s3, release: str, n: int) -> list[tuple[str, str]]:
     """(prompt, answer) of n questions whose facts exist only in the release's knowledge base, in the
     order the trainer evaluates them."""
-    from memory3.services.release.manifest import Manifest, release_key
-    from memory3.services.release.publish import MANIFEST_FILE
+    from memory3.services.release.reader import read_manifest
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.pipeline import heldout_questions as world_questions
     from memory3.services.trainer.world import World
 
-    manifest = Manifest.from_json(ObjectStore(s3).get_bytes(release_key(release, MANIFEST_FILE)).decode())
+    manifest = read_manifest(ObjectStore(s3), release)
     pipeline = manifest.provenance.get("pipeline") or {}
     if "world_train" not in pipeline:
         raise RuntimeError(f"release {release!r} has no synthetic world in its provenance: ask your own question "

@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..storage.object_store import ObjectNotFound, ObjectStore
+from ..storage.object_store import ObjectStore
 from .manifest import (
     MEMORIES_PREFIX,
     RELEASES_PREFIX,
@@ -30,6 +30,7 @@ from .manifest import (
     release_key,
 )
 from .publish import MANIFEST_FILE, REFERENCES_FILE
+from .reader import read_manifest
 
 
 class ReleaseBusy(ReleaseError):
@@ -39,14 +40,6 @@ class ReleaseBusy(ReleaseError):
 def release_names(store: ObjectStore) -> list[str]:
     """Every name with objects under `releases/`, published or not, sorted."""
     return sorted(key[len(RELEASES_PREFIX):].strip("/") for key in store.list_keys(RELEASES_PREFIX, recursive=False))
-
-
-def read_manifest(store: ObjectStore, name: str) -> Manifest:
-    check_release_name(name)
-    try:
-        return Manifest.from_json(store.get_bytes(release_key(name, MANIFEST_FILE)).decode())
-    except ObjectNotFound as e:
-        raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
 
 
 @dataclass
@@ -131,10 +124,6 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
         # Its own objects only: what memories it lists is unknown, and they stay.
         return DeletionPlan(name, published=False, release_keys=store.list_keys(release_key(name, "")),
                             unreadable=catalog.unreadable.get(name))
-    others = [m for m in catalog.published if m.name != name]
-    plan = DeletionPlan(name, published=True, release_keys=store.list_keys(release_key(name, "")),
-                        bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],
-                        listed=int(mine.memory_bank["count"]))
     if catalog.unreadable:
         raise ReleaseBusy(
             f"the manifests of releases {', '.join(catalog.unreadable)} cannot be read, so which memories they list "
@@ -147,6 +136,10 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
             f"They may list memories of {name!r}, so nothing was deleted. Wait until they are published, or, "
             f"if no publication is running, delete their leftovers first (`memory3 release delete "
             f"{pending[0]}`)")
+    others = [m for m in catalog.published if m.name != name]
+    plan = DeletionPlan(name, published=True, release_keys=store.list_keys(release_key(name, "")),
+                        bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],
+                        listed=int(mine.memory_bank["count"]))
     sharing = [m for m in others if m.memory_bank["bank"] == plan.bank]
     if not sharing:
         plan.whole_bank = True

@@ -126,14 +126,14 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
             future.result()
     bar.close()
 
-    if parent_index is not None:
-        index = VectorIndex.from_bytes(parent_index.to_bytes(), parent_index.ids)
-        if references:  # none for a release that only removes references (`kb remove`)
-            log(f"embedding {len(references)} references with {embedder_name}")
-            index.add(embed([r.text for r in references]), [r.id for r in references])
-    else:
+    if references or parent_index is None:  # a derived release that only removes references embeds nothing
         log(f"embedding {len(references)} references with {embedder_name}")
         vectors = embed([r.text for r in references])
+    if parent_index is not None:
+        index = VectorIndex.from_bytes(parent_index.to_bytes(), parent_index.ids)
+        if references:
+            index.add(vectors, [r.id for r in references])
+    else:
         index = VectorIndex.build(vectors, [r.id for r in references])
     if index.ids != [r["id"] for r in rows]:
         raise RuntimeError("index rows and reference table are out of order")

@@ -19,6 +19,15 @@ from .manifest import Manifest, ReleaseError, ReleaseNotFound, check_release_nam
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
 
 
+def read_manifest(store: ObjectStore, name: str) -> Manifest:
+    """A published release's manifest; ReleaseNotFound without one, ReleaseError if unreadable."""
+    check_release_name(name)
+    try:
+        return Manifest.from_json(store.get_bytes(release_key(name, MANIFEST_FILE)).decode())
+    except ObjectNotFound as e:
+        raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
+
+
 class Release:
     def __init__(self, store: ObjectStore, manifest: Manifest, local_dir: Path) -> None:
         self.store, self.manifest, self.local_dir = store, manifest, local_dir
@@ -34,11 +43,7 @@ class Release:
         `only` limits this to some of the manifest's files (the reference table is always read): a
         service that needs part of a release, like the memory service, skips the weights.
         """
-        check_release_name(name)
-        try:
-            manifest = Manifest.from_json(store.get_bytes(release_key(name, MANIFEST_FILE)).decode())
-        except ObjectNotFound as e:
-            raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
+        manifest = read_manifest(store, name)
         local = cache_dir / name
         for file, meta in manifest.files.items():
             if only is not None and file not in only and file != REFERENCES_FILE:
