@@ -157,6 +157,40 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
     return 0
 
 
+def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache_dir: Path, dry_run: bool,
+                 wait_s: float) -> int:
+    import hashlib
+
+    from memory3.services.release.publish import INDEX_FILE
+    from memory3.services.release.reader import Release, wait_for_releases
+    from memory3.services.storage.object_store import ObjectStore
+    from memory3.services.trainer.releases import kb_merge, plan_merge
+
+    if wait_s < 0:
+        raise ValueError(f"--wait must be 0 or more seconds, got {wait_s:g}")
+    store = ObjectStore(s3)
+    if wait_s:
+        wait_for_releases(store, [parent, *derived], wait_s, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    base = Release.open(store, parent, cache_dir)
+    # Of a derived release, only its table and index are read: the model is the base's.
+    plan = plan_merge(base, [Release.open(store, d, cache_dir, only={INDEX_FILE}) for d in derived])
+    for release in plan.derived:
+        added = sum(source is release for source, _ in plan.added)
+        print(f"  {release.name}: {added} references added, "
+              f"{len(base.by_id.keys() - release.by_id.keys())} removed")
+    if dry_run:
+        print(f"dry run: merging into {parent!r} would add {len(plan.added)} references and remove "
+              f"{len(plan.removed)}, for {len(plan.rows())} in all")
+        return 0
+    if name is None:
+        digest = hashlib.sha256("\n".join(sorted(derived)).encode()).hexdigest()[:8]
+        name = f"{parent}-merge-{digest}"[:63]
+    manifest = kb_merge(store, plan, name)
+    print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories, "
+          f"{len(plan.added)} references added, {len(plan.removed)} removed")
+    return 0
+
+
 def cmd_release_list(s3, *, as_json: bool) -> int:
     from memory3.services.release.catalog import read_catalog
     from memory3.services.storage.object_store import ObjectStore

@@ -123,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     kb_remove.add_argument("--name", default=None, help="name of the new release (default: RELEASE-rm-<hash>)")
     kb_remove.add_argument("--dry-run", action="store_true", help="list what would be removed; publish nothing")
     add_s3_arguments(kb_remove, local_stack=True)
+    kb_merge = kb_sub.add_parser(
+        "merge", help="one release with the changes of releases derived from the same one (the shards of the "
+                      "encoding Job): their added references, without those any of them removed")
+    kb_merge.add_argument("derived", nargs="+", metavar="DERIVED",
+                          help="releases derived from --release (by kb add or kb remove)")
+    kb_merge.add_argument("--release", required=True, help="the release they were derived from")
+    kb_merge.add_argument("--name", default=None, help="name of the new release (default: RELEASE-merge-<hash>)")
+    kb_merge.add_argument("--dry-run", action="store_true", help="say what each would add and remove; publish nothing")
+    kb_merge.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                          help="wait up to this long for the DERIVED releases to be published, as a merge started "
+                               "beside the encoding Job does (default: 0, they must exist)")
+    add_s3_arguments(kb_merge, local_stack=True)
 
     release = sub.add_parser("release", help="the releases in the bucket: list them, delete one")
     release_sub = release.add_subparsers(dest="release_command", required=True)
@@ -424,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
                                       cache_dir=args.cache_dir, home=args.home)
         if args.command == "kb":
-            from .commands import cmd_kb_add, cmd_kb_remove
+            from .commands import cmd_kb_add, cmd_kb_merge, cmd_kb_remove
+            if args.kb_command == "merge":
+                return cmd_kb_merge(s3_config(args, local_stack=True), parent=args.release, derived=args.derived,
+                                    name=args.name, cache_dir=args.cache_dir, dry_run=args.dry_run,
+                                    wait_s=args.wait)
             if args.kb_command == "remove":
                 return cmd_kb_remove(s3_config(args, local_stack=True), parent=args.release, ids=args.ids,
                                      matches=args.matches, name=args.name, cache_dir=args.cache_dir,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
@@ -14,7 +15,7 @@ from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
 from ..retrieval.index import VectorIndex
-from ..storage.object_store import ObjectNotFound, ObjectStore
+from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
 from .manifest import Manifest, ReleaseError, ReleaseNotFound, check_release_name, release_key, sha256
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
 
@@ -26,6 +27,39 @@ def read_manifest(store: ObjectStore, name: str) -> Manifest:
         return Manifest.from_json(store.get_bytes(release_key(name, MANIFEST_FILE)).decode())
     except ObjectNotFound as e:
         raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
+
+
+def wait_for_releases(store: ObjectStore, names: Sequence[str], timeout_s: float, *, poll_s: float = 10.0,
+                      log: Callable[[str], None] = print, report_every_s: float = 60.0) -> None:
+    """Return once every release of `names` is published (its manifest exists), or raise
+    ReleaseNotFound naming those that are not after `timeout_s`.
+
+    For work started beside the jobs that publish its inputs, like the merge of the encoding Job's
+    shards: an object store that does not answer for a while is waited for too.
+    """
+    for name in names:
+        check_release_name(name)
+    deadline = time.monotonic() + timeout_s
+    missing, reported = list(names), float("-inf")
+    while True:
+        try:
+            missing = [n for n in missing if not store.exists(release_key(n, MANIFEST_FILE))]
+            unavailable = None
+        except StoreUnavailable as e:
+            unavailable = e
+        if not missing:
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise ReleaseNotFound(f"after {timeout_s:g} s, {len(missing)} of {len(names)} releases are not published "
+                                  f"in bucket {store.bucket}: {', '.join(missing)}"
+                                  + (f" (the store does not answer: {unavailable})" if unavailable else ""))
+        if now - reported >= report_every_s:
+            reported = now
+            log(f"waiting for {len(missing)} of {len(names)} releases to be published: {', '.join(missing[:5])}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                + (f" (the store does not answer: {unavailable})" if unavailable else ""))
+        time.sleep(min(poll_s, deadline - now))
 
 
 class Release:

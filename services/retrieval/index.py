@@ -36,6 +36,15 @@ class VectorIndex:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         self.ids.extend(ids)
 
+    def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of `ids`, in that order: (len(ids), dim)."""
+        row_of = {rid: row for row, rid in enumerate(self.ids)}
+        missing = [rid for rid in ids if rid not in row_of]
+        if missing:
+            raise KeyError(f"the index has no vector for reference {missing[0]!r}")
+        rows = np.fromiter((row_of[rid] for rid in ids), dtype=np.int64, count=len(ids))
+        return self.index.reconstruct_batch(rows).reshape(len(ids), self.index.d)
+
     def without(self, drop: Collection[str]) -> VectorIndex:
         """A new index of every vector but those of `drop`, in the same order, rebuilt from the
         stored vectors (an HNSW graph cannot remove a node)."""

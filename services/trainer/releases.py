@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from memory3.model.checkpoint import TOKENIZER_FILE
 from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
 from memory3.model.encoder import encode_batch
 
@@ -16,10 +18,13 @@ from ..release.manifest import Manifest, check_release_name
 from ..release.publish import publish_release
 from ..release.reader import Release
 from ..retrieval.embedder import Embedder
+from ..retrieval.index import VectorIndex
 from ..storage.object_store import ObjectStore
 from .corpus import CorpusError, read_corpus_file
 from .kb import Reference, build_references
 from .pipeline import PipelineResult
+
+TOKENIZER_KEY = f"model/{TOKENIZER_FILE}"  # its name in a manifest's files
 
 
 def git_commit() -> str | None:
@@ -128,12 +133,98 @@ def kb_remove(store: ObjectStore, base: Release, removed: Sequence[dict], name: 
     provenance = {**base.manifest.provenance, "parent": base.name, "removed_references": len(drop),
                   "commit": git_commit()}
     print(f"removing {len(drop)} references from {base.name!r} as {name!r}", file=sys.stderr)
+    return _publish_derived(store, base, name, rows, base.index().without(drop), provenance, progress)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The changes that releases derived from `base` made to it: the references they added (an id
+    added by several, once, from the first) and the base's references any of them removed."""
+
+    base: Release
+    derived: list[Release]
+    added: list[tuple[Release, dict]]  # (the release that added it, its reference-table row)
+    removed: list[dict]  # rows of the base's table
+
+    def rows(self) -> list[dict]:
+        """The merged reference table: the base's kept rows in order, then the added ones."""
+        gone = {r["id"] for r in self.removed}
+        return [r for r in self.base.references if r["id"] not in gone] + [row for _, row in self.added]
+
+
+def plan_merge(base: Release, derived: Sequence[Release]) -> MergePlan:
+    """What merging `derived` into `base` changes; a ValueError that says why if they cannot merge.
+
+    Each derived release must have `base` as its parent (as the shards of the encoding Job do), so
+    its changes are what it lists beside what `base` lists: a merge of releases derived from
+    different ones could bring back a reference one of them had removed. They must share the base's
+    memory bank (same weights and codec), tokenizer and embedder, so their rows and vectors mean
+    what the base's do.
+    """
+    if not derived:
+        raise ValueError(f"name the releases derived from {base.name!r} to merge into it")
+    names = [d.name for d in derived]
+    if len(set(names)) < len(names) or base.name in names:
+        raise ValueError(f"each release to merge must be named once, and not be the base {base.name!r}")
+    for d in derived:
+        if d.manifest.parent != base.name:
+            raise ValueError(f"release {d.name!r} was derived from {d.manifest.parent!r}, not from {base.name!r}: "
+                             "only releases derived from the base merge into it (merge a longer chain step by step)")
+        for what, ours, theirs in (
+                ("memory bank", base.manifest.memory_bank["bank"], d.manifest.memory_bank["bank"]),
+                ("tokenizer", base.manifest.files[TOKENIZER_KEY]["sha256"], d.manifest.files[TOKENIZER_KEY]["sha256"]),
+                ("embedder", base.manifest.index["embedder"], d.manifest.index["embedder"])):
+            if ours != theirs:
+                raise ValueError(f"release {d.name!r} has another {what} than {base.name!r} ({theirs} vs {ours}): "
+                                 "only releases of the same model, codec and embedder merge")
+    added: list[tuple[Release, dict]] = []
+    seen = set(base.by_id)
+    removed_ids: set[str] = set()
+    for d in derived:
+        for row in d.references:
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                added.append((d, row))
+        removed_ids |= base.by_id.keys() - d.by_id.keys()
+    removed = [r for r in base.references if r["id"] in removed_ids]
+    if not added and not removed:
+        raise ValueError(f"nothing to merge: {', '.join(names)} list the same references as {base.name!r}")
+    if len(removed) == len(base.references) and not added:
+        raise ValueError(f"that removes every reference of {base.name!r}: a release needs at least one")
+    return MergePlan(base, list(derived), added, removed)
+
+
+def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool = True) -> Manifest:
+    """One release with the changes of every release derived from the base: how the shards that
+    the encoding Job published separately become the release to serve.
+
+    Nothing is encoded or embedded: the added memories are in the shared bank already, and their
+    vectors are copied from the index of the release that added them.
+    """
+    check_release_name(name)
+    index = plan.base.index()
+    if plan.removed:
+        index = index.without({r["id"] for r in plan.removed})
+    for d in plan.derived:
+        ids = [row["id"] for source, row in plan.added if source is d]
+        if ids:
+            index.add(d.index().vectors_of(ids), ids)  # (len(ids), dim)
+    provenance = {**plan.base.manifest.provenance, "parent": plan.base.name, "merged": [d.name for d in plan.derived],
+                  "added_references": len(plan.added), "removed_references": len(plan.removed),
+                  "commit": git_commit()}
+    print(f"merging {len(plan.derived)} releases into {plan.base.name!r} as {name!r}: "
+          f"{len(plan.added)} references added, {len(plan.removed)} removed", file=sys.stderr)
+    return _publish_derived(store, plan.base, name, plan.rows(), index, provenance, progress)
+
+
+def _publish_derived(store: ObjectStore, base: Release, name: str, rows: list[dict], index: VectorIndex,
+                     provenance: dict, progress: bool) -> Manifest:
+    """Publish `name` with `base`'s model and bank, and this table and index (nothing encoded)."""
     return publish_release(store, name, model=base.load_model(), codec=base.text_codec(), references=[],
                            embed=_never_embeds, embedder_name=base.manifest.index["embedder"],
-                           memory_codec=base.memory_codec(), provenance=provenance,
-                           parent_index=base.index().without(drop), parent_references=rows, parent=base.name,
-                           progress=progress)
+                           memory_codec=base.memory_codec(), provenance=provenance, parent_index=index,
+                           parent_references=rows, parent=base.name, progress=progress)
 
 
 def _never_embeds(texts):
-    raise AssertionError(f"a release that only removes references embeds nothing, asked for {len(texts)}")
+    raise AssertionError(f"a release made of published references embeds nothing, asked for {len(texts)}")

@@ -206,8 +206,10 @@ def test_kserve_and_jobs_commands_parse():
         commands[o["metadata"].get("name")] = args
     train = next(a for a in commands.values() if a.command == "train")
     assert (train.release, train.preset, str(train.work_dir)) == ("small-v1", "small", "/var/lib/memory3/work/small-v1")
-    kb = next(a for a in commands.values() if a.command == "kb")
-    assert [str(f) for f in kb.files] == ["/shards/shard-0.txt"] and kb.name == "small-v1-shard-0"
+    kb_add = next(a for a in commands.values() if a.command == "kb" and a.kb_command == "add")
+    assert [str(f) for f in kb_add.files] == ["/shards/shard-0.txt"] and kb_add.name == "small-v1-shard-0"
+    kb_merge = next(a for a in commands.values() if a.command == "kb" and a.kb_command == "merge")
+    assert (kb_merge.release, kb_merge.name, kb_merge.wait) == ("small-v1", "small-v1-encoded", 86400)
     isvc = r.of_kind("InferenceService")[0]
     container = isvc["spec"]["predictor"]["containers"][0]
     kserve = parser.parse_args(container["args"])
@@ -400,11 +402,29 @@ def test_trainer_job_is_named_after_its_release():
     assert a[0]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
-def test_encoding_is_an_indexed_job_over_shards():
-    job = render({"encoding": {"enabled": True, "shardsVolumeClaim": "shards", "shards": 8}}).of_kind("Job")[0]
-    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 8)
-    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "/shards/shard-$(JOB_COMPLETION_INDEX).txt" in args
+def test_encoding_is_an_indexed_job_over_shards_and_a_job_that_merges_them():
+    encoding = {"enabled": True, "shardsVolumeClaim": "shards", "shards": 8}
+    rendered = render({"encoding": encoding})
+    encode, merge_job = rendered.of_kind("Job")
+    assert f"get job {encode['metadata']['name']}" in rendered.notes
+    assert f"logs -f job/{merge_job['metadata']['name']}   (merges them into small-v1-encoded)" in rendered.notes
+    assert (encode["spec"]["completionMode"], encode["spec"]["completions"]) == ("Indexed", 8)
+    parser = build_parser()
+    add = parser.parse_args(encode["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert [str(f) for f in add.files] == ["/shards/shard-$(JOB_COMPLETION_INDEX).txt"]
+    assert (add.release, add.name) == ("small-v1", "small-v1-shard-$(JOB_COMPLETION_INDEX)")
+    merged = parser.parse_args(merge_job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert merged.derived == [f"small-v1-shard-{i}" for i in range(8)]
+    assert (merged.release, merged.name, merged.wait) == ("small-v1", "small-v1-encoded", 86400)
+    assert merge_job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "encoder"
+
+    # Serving the merged release leaves both Jobs as they were (a Job's template cannot change).
+    later = render({"release": "small-v1-encoded", "encoding": {**encoding, "release": "small-v1"}}).of_kind("Job")
+    assert [job["metadata"]["name"] for job in later] == [encode["metadata"]["name"], merge_job["metadata"]["name"]]
+    assert [job["spec"] for job in later] == [encode["spec"], merge_job["spec"]]
+    named = render({"encoding": {**encoding, "merge": {"name": "kb-2027"}}}).of_kind("Job")
+    assert parser.parse_args(named[1]["spec"]["template"]["spec"]["containers"][0]["args"]).name == "kb-2027"
+    assert len(render({"encoding": {**encoding, "merge": {"enabled": False}}}).of_kind("Job")) == 1
 
 
 def test_network_policies_model_who_talks_to_whom():

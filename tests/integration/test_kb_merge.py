@@ -1,0 +1,122 @@
+"""kb merge on a real S3 server: the shards' changes to one base, as one release, nothing re-encoded."""
+
+import dataclasses
+import threading
+import time
+
+import pytest
+from release_fixtures import build_random_release
+
+from memory3.services.cli.main import main
+from memory3.services.release.catalog import plan_deletion, read_catalog
+from memory3.services.release.manifest import ReleaseNotFound, release_key
+from memory3.services.release.publish import MANIFEST_FILE
+from memory3.services.release.reader import Release, wait_for_releases
+from memory3.services.retrieval.embedder import Embedder
+from memory3.services.trainer.releases import kb_add, kb_merge, kb_remove, plan_merge, references_to_remove
+
+pytestmark = pytest.mark.integration
+
+SHARED = "The Ostrava tram museum keeps forty trams, the oldest from 1899."
+SHARD_A = ["Mirela Tosk builds harpsichords in a workshop above the Vessa bicycle shop.", SHARED]
+SHARD_B = ["The Gull Islands ferry carries bicycles free of charge on Sundays.", SHARED,
+           "Corrin Looms opened a second shop in Hallowmere in 2011."]
+
+
+def _shard(bucket, tmp_path, embedder, name, documents):
+    corpus = tmp_path / f"{name}.txt"
+    corpus.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    kb_add(bucket, "base", [corpus], name, tmp_path / "cache", embedder=embedder, progress=False)
+    return Release.open(bucket, name, tmp_path / "cache")
+
+
+def test_merging_shards_adds_each_new_reference_once_and_drops_what_one_removed(bucket, tmp_path):
+    embedder = Embedder()
+    build_random_release(bucket, "base", embedder=embedder)
+    base = Release.open(bucket, "base", tmp_path / "cache")
+    shard_a = _shard(bucket, tmp_path, embedder, "base-shard-0", SHARD_A)
+    shard_b = _shard(bucket, tmp_path, embedder, "base-shard-1", SHARD_B)
+    withdrawn = references_to_remove(base, matches=["Skarn Point"])
+    kb_remove(bucket, base, withdrawn, "base-no-skarn", progress=False)
+    no_skarn = Release.open(bucket, "base-no-skarn", tmp_path / "cache")
+
+    plan = plan_merge(base, [shard_a, shard_b, no_skarn])
+    assert [row["text"] for _, row in plan.added] == [*SHARD_A, SHARD_B[0], SHARD_B[2]]
+    assert [source.name for source, _ in plan.added] == ["base-shard-0"] * 2 + ["base-shard-1"] * 2
+    assert plan.removed == withdrawn
+
+    manifest = kb_merge(bucket, plan, "base-merged", progress=False)
+    assert manifest.parent == "base" and manifest.memory_bank["bank"] == base.manifest.memory_bank["bank"]
+    assert manifest.provenance["merged"] == ["base-shard-0", "base-shard-1", "base-no-skarn"]
+    merged = Release.open(bucket, "base-merged", tmp_path / "cache")
+    expected = [r["id"] for r in base.references if r not in withdrawn] + [row["id"] for _, row in plan.added]
+    assert list(merged.by_id) == expected and merged.index().ids == expected
+    assert manifest.memory_bank["count"] == len(base.references) - 2 + 4
+    # Each vector came with its reference, from whichever index held it: every text finds itself.
+    texts = [merged.by_id[i]["text"] for i in expected]
+    assert [hits[0][0] for hits in merged.index().search(embedder.embed(texts), 1)] == expected
+    assert len(merged.fetch_memories(expected)) == len(expected)
+    # Its memories are the shards' and the base's: deleting it removes none of them.
+    assert plan_deletion(bucket, "base-merged").memory_keys == []
+
+
+def test_only_releases_derived_from_the_base_with_its_bank_and_some_change_merge(bucket, tmp_path):
+    embedder = Embedder()
+    build_random_release(bucket, "base", embedder=embedder)
+    base = Release.open(bucket, "base", tmp_path / "cache")
+    shard = _shard(bucket, tmp_path, embedder, "base-shard-0", SHARD_A)
+    with pytest.raises(ValueError, match="name the releases"):
+        plan_merge(base, [])
+    with pytest.raises(ValueError, match="named once"):
+        plan_merge(base, [shard, shard])
+    with pytest.raises(ValueError, match="derived from 'base', not from 'base-shard-0'"):
+        plan_merge(shard, [_as_child(base, "twin", "base")])
+    build_random_release(bucket, "other", codec="int8", embedder=embedder)
+    other = Release.open(bucket, "other", tmp_path / "cache")
+    with pytest.raises(ValueError, match="another memory bank than 'base'"):
+        plan_merge(base, [_as_child(other, "other", "base")])
+    with pytest.raises(ValueError, match="nothing to merge"):
+        plan_merge(base, [_as_child(base, "twin", "base")])
+
+
+def _as_child(release: Release, name: str, parent: str) -> Release:
+    """`release`'s files under a manifest that names another parent (as a name reused would)."""
+    manifest = dataclasses.replace(release.manifest, name=name, parent=parent)
+    return Release(release.store, manifest, release.local_dir)
+
+
+def test_kb_merge_command_says_what_each_adds_and_publishes_nothing_on_a_dry_run(bucket, tmp_path, monkeypatch,
+                                                                                 capsys):
+    embedder = Embedder()
+    build_random_release(bucket, "base", embedder=embedder)
+    _shard(bucket, tmp_path, embedder, "base-shard-0", SHARD_A)
+    _shard(bucket, tmp_path, embedder, "base-shard-1", SHARD_B)
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    store = ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cli")]
+    shards = ["base-shard-0", "base-shard-1"]
+    assert main(["kb", "merge", *shards, "--release", "base", "--dry-run", *store]) == 0
+    out = capsys.readouterr().out
+    assert "base-shard-0: 2 references added, 0 removed" in out
+    assert "base-shard-1: 2 references added, 0 removed" in out
+    assert "would add 4 references and remove 0, for 16 in all" in out
+    assert len(read_catalog(bucket).published) == 3
+    assert main(["kb", "merge", *shards, "--release", "base", "--name", "base-all", *store]) == 0
+    assert "release base-all (from base): 16 memories, 4 references added, 0 removed" in capsys.readouterr().out
+    assert main(["kb", "merge", "base-all", "--release", "base-shard-0", *store]) == 2
+    assert "derived from 'base', not from 'base-shard-0'" in capsys.readouterr().err
+
+
+def test_a_merge_started_beside_the_shards_waits_for_each_to_be_published(bucket):
+    said = []
+    later = threading.Timer(0.5, bucket.put_bytes, (release_key("shard-1", MANIFEST_FILE), b"{}"))
+    bucket.put_bytes(release_key("shard-0", MANIFEST_FILE), b"{}")
+    bucket.put_bytes(release_key("shard-2", "index.faiss"), b"")  # being published: no manifest yet
+    later.start()
+    start = time.monotonic()
+    wait_for_releases(bucket, ["shard-0", "shard-1"], 30, poll_s=0.1, log=said.append)
+    assert 0.4 < time.monotonic() - start < 20
+    assert said == ["waiting for 1 of 2 releases to be published: shard-1"]
+    with pytest.raises(ReleaseNotFound, match=r"after 0.5 s, 1 of 2 releases are not published .*: shard-2$"):
+        wait_for_releases(bucket, ["shard-0", "shard-2"], 0.5, poll_s=0.1, log=said.append)
