@@ -70,17 +70,21 @@ def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | N
 
 def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
               bf16: bool | None = None, stage3_steps: int | None = None, attention_weight: float | None = None,
-              events: bool = False) -> int:
+              events: bool = False, exist_ok: bool = False) -> int:
     from memory3.services.release.manifest import check_release_name
+    from memory3.services.release.reader import already_published
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.pipeline import run_pipeline
-    from memory3.services.trainer.releases import publish_trained
+    from memory3.services.trainer.releases import differs_from_training, publish_trained
 
     check_release_name(release)
     config = train_pipeline_config(preset=preset, quick=quick, seed=seed, bf16=bf16, stage3_steps=stage3_steps,
                                    attention_weight=attention_weight)
     store = ObjectStore(s3)
     store.ensure_bucket()  # fail before training, not after, when the store is unreachable
+    if already_published(store, release, exist_ok=exist_ok, differs=differs_from_training(config.to_dict(), codec)):
+        print(f"release {release} is already published from this training configuration: nothing to do")
+        return 0
     dist = _distributed()
     emit = _json_lines if events and dist.is_main else None
     log = (lambda msg: _json_lines({"message": msg})) if emit else None
@@ -117,7 +121,8 @@ def _distributed():
     return Distributed(rank=dist.get_rank(), world_size=world_size)
 
 
-def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path) -> int:
+def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
+               exist_ok: bool = False) -> int:
     import hashlib
 
     from memory3.services.storage.object_store import ObjectStore
@@ -126,7 +131,7 @@ def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_di
     if name is None:
         digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()[:8]
         name = f"{parent}-kb-{digest}"[:63]
-    manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir)
+    manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir, exist_ok=exist_ok)
     print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories")
     return 0
 
@@ -158,17 +163,24 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
 
 
 def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache_dir: Path, dry_run: bool,
-                 wait_s: float) -> int:
+                 wait_s: float, exist_ok: bool = False) -> int:
     import hashlib
 
     from memory3.services.release.publish import INDEX_FILE
-    from memory3.services.release.reader import Release, wait_for_releases
+    from memory3.services.release.reader import Release, already_published, wait_for_releases
     from memory3.services.storage.object_store import ObjectStore
-    from memory3.services.trainer.releases import kb_merge, plan_merge
+    from memory3.services.trainer.releases import differs_from_merge, kb_merge, plan_merge
 
     if wait_s < 0:
         raise ValueError(f"--wait must be 0 or more seconds, got {wait_s:g}")
+    if name is None:
+        digest = hashlib.sha256("\n".join(sorted(derived)).encode()).hexdigest()[:8]
+        name = f"{parent}-merge-{digest}"[:63]
     store = ObjectStore(s3)
+    # Before waiting for the derived releases: once merged, they may have been deleted.
+    if not dry_run and already_published(store, name, exist_ok=exist_ok, differs=differs_from_merge(parent, derived)):
+        print(f"release {name} is already published from these releases: nothing to do")
+        return 0
     if wait_s:
         wait_for_releases(store, [parent, *derived], wait_s, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     base = Release.open(store, parent, cache_dir)
@@ -182,9 +194,6 @@ def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache
         print(f"dry run: merging into {parent!r} would add {len(plan.added)} references and remove "
               f"{len(plan.removed)}, for {len(plan.rows())} in all")
         return 0
-    if name is None:
-        digest = hashlib.sha256("\n".join(sorted(derived)).encode()).hexdigest()[:8]
-        name = f"{parent}-merge-{digest}"[:63]
     manifest = kb_merge(store, plan, name)
     print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories, "
           f"{len(plan.added)} references added, {len(plan.removed)} removed")

@@ -13,6 +13,8 @@ from memory3.bench.gpu_options import add_gpu_bench_arguments, gpu_bench_kwargs
 
 DEFAULT_HOME = Path.home() / ".cache" / "memory3"
 SERVE_PORTS = {"decoder": 50051, "text": 50052, "memory": 50053, "trainer": 50055}
+EXIST_OK_HELP = ("if a release of that name is already published from the same inputs, do nothing and exit 0 (a Job "
+                 "run again); from other inputs it is still an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="train under bfloat16 autocast (always on with CUDA); default: on a CPU with native "
                             "bf16 (AVX-512 BF16, AMX), where a step takes about 0.7x as long")
+    train.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     train.add_argument("--events", action="store_true",
                        help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
     add_s3_arguments(train, local_stack=True)
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb_add.add_argument("files", nargs="+", type=Path, help="UTF-8 text files; blank lines separate documents")
     kb_add.add_argument("--release", required=True, help="the release to derive from")
     kb_add.add_argument("--name", default=None, help="name of the new release (default: RELEASE-kb-<hash>)")
+    kb_add.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     add_s3_arguments(kb_add, local_stack=True)
     kb_remove = kb_sub.add_parser(
         "remove", help="a release without some references, as a new release (to correct a fact: remove it, "
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb_merge.add_argument("--release", required=True, help="the release they were derived from")
     kb_merge.add_argument("--name", default=None, help="name of the new release (default: RELEASE-merge-<hash>)")
     kb_merge.add_argument("--dry-run", action="store_true", help="say what each would add and remove; publish nothing")
+    kb_merge.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     kb_merge.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                           help="wait up to this long for the DERIVED releases to be published, as a merge started "
                                "beside the encoding Job does (default: 0, they must exist)")
@@ -415,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(s3_config(args, local_stack=True), preset=args.preset, quick=args.quick,
                              release=args.release, work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
                              stage3_steps=args.stage3_steps, attention_weight=args.attention_weight,
-                             events=args.events)
+                             events=args.events, exist_ok=args.exist_ok)
         if args.command == "serve":
             from memory3.services.rpc.logs import configure_logging
             configure_logging(args.log_format)
@@ -440,13 +445,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.kb_command == "merge":
                 return cmd_kb_merge(s3_config(args, local_stack=True), parent=args.release, derived=args.derived,
                                     name=args.name, cache_dir=args.cache_dir, dry_run=args.dry_run,
-                                    wait_s=args.wait)
+                                    wait_s=args.wait, exist_ok=args.exist_ok)
             if args.kb_command == "remove":
                 return cmd_kb_remove(s3_config(args, local_stack=True), parent=args.release, ids=args.ids,
                                      matches=args.matches, name=args.name, cache_dir=args.cache_dir,
                                      dry_run=args.dry_run)
             return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
-                              cache_dir=args.cache_dir)
+                              cache_dir=args.cache_dir, exist_ok=args.exist_ok)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
         return 2

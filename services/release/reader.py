@@ -16,7 +16,7 @@ from memory3.model.tokenizer import TextCodec
 
 from ..retrieval.index import VectorIndex
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
-from .manifest import Manifest, ReleaseError, ReleaseNotFound, check_release_name, release_key, sha256
+from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key, sha256
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
 
 
@@ -27,6 +27,29 @@ def read_manifest(store: ObjectStore, name: str) -> Manifest:
         return Manifest.from_json(store.get_bytes(release_key(name, MANIFEST_FILE)).decode())
     except ObjectNotFound as e:
         raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
+
+
+def already_published(store: ObjectStore, name: str, *, exist_ok: bool,
+                      differs: Callable[[Manifest], str | None]) -> bool:
+    """Whether the work that would publish `name` is done already, checked before that work starts.
+
+    False while no release has that name. With `exist_ok`, True if the published one was made
+    from the same inputs (`differs` returns None; otherwise it says how they differ), so a Job
+    that runs again, after a retry or a `helm upgrade`, does nothing. Anything else is
+    ReleaseExists: releases are immutable.
+    """
+    try:
+        manifest = read_manifest(store, name)
+    except ReleaseNotFound:
+        return False
+    if not exist_ok:
+        raise ReleaseExists(f"release {name!r} already exists; releases are immutable: choose another name "
+                            "(--exist-ok accepts one published from the same inputs)")
+    why = differs(manifest)
+    if why:
+        raise ReleaseExists(f"release {name!r} already exists, made from other inputs ({why}); releases are "
+                            "immutable: choose another name")
+    return True
 
 
 def wait_for_releases(store: ObjectStore, names: Sequence[str], timeout_s: float, *, poll_s: float = 10.0,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from memory3.model.encoder import encode_batch
 
 from ..release.manifest import Manifest, check_release_name
 from ..release.publish import publish_release
-from ..release.reader import Release
+from ..release.reader import Release, already_published, read_manifest
 from ..retrieval.embedder import Embedder
 from ..retrieval.index import VectorIndex
 from ..storage.object_store import ObjectStore
@@ -70,11 +71,47 @@ def publish_trained(result: PipelineResult, store: ObjectStore, name: str, *, co
                            provenance=provenance, progress=progress)
 
 
+def differs_from_training(pipeline_config: dict, codec: str) -> Callable[[Manifest], str | None]:
+    """How a published release's training differs from this configuration and codec (None: it does not)."""
+    asked = _leaves(json.loads(json.dumps(pipeline_config)))  # as the manifest stores it
+
+    def differs(manifest: Manifest) -> str | None:
+        had = _leaves(manifest.provenance.get("pipeline") or {})
+        keys = sorted(k for k in asked.keys() | had.keys() if asked.get(k) != had.get(k))
+        if keys:
+            return "; ".join(f"{k} {had.get(k)!r} there, {asked.get(k)!r} asked" for k in keys[:3])
+        published_codec = manifest.memory_bank["codec"].split(":")[0]
+        return None if published_codec == codec else f"codec {published_codec!r} there, {codec!r} asked"
+    return differs
+
+
+def _leaves(config: dict, prefix: str = "") -> dict:
+    """{"train": {"seed": 0}} -> {"train.seed": 0}: a difference named by its setting."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differs_from_merge(parent: str, derived: Sequence[str]) -> Callable[[Manifest], str | None]:
+    """How a published release differs from the merge of `derived` into `parent` (None: it does not)."""
+    def differs(manifest: Manifest) -> str | None:
+        if manifest.parent != parent:
+            return f"derived from {manifest.parent!r}, not {parent!r}"
+        merged = manifest.provenance.get("merged")
+        return None if merged == list(derived) else f"a merge of {merged!r}, not {list(derived)!r}"
+    return differs
+
+
 def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, cache_dir: Path, *,
-           embedder: Embedder | None = None, progress: bool = True) -> Manifest:
+           embedder: Embedder | None = None, progress: bool = True, exist_ok: bool = False) -> Manifest:
     """New documents become references, memories and index entries of a release derived from `parent`.
 
-    The model is the parent's, unchanged: knowledge is added without retraining.
+    The model is the parent's, unchanged: knowledge is added without retraining. With `exist_ok`,
+    a release `name` already published from `parent` with exactly these references is returned as it is.
     """
     check_release_name(name)
     documents = []
@@ -86,6 +123,18 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
     new = [r for r in build_references(documents, codec, model.config.ref_len) if r.id not in known]
     if not new:
         raise CorpusError(f"{', '.join(map(str, files))}: every reference is already in release {parent!r}")
+
+    def differs(manifest: Manifest) -> str | None:
+        if manifest.parent != parent:
+            return f"derived from {manifest.parent!r}, not {parent!r}"
+        there = set(Release.open(store, name, cache_dir, only=()).by_id)
+        asked = set(known) | {r.id for r in new}
+        return None if there == asked else (f"{len(asked - there)} of the references asked for are not there, "
+                                            f"{len(there - asked)} others are")
+    if already_published(store, name, exist_ok=exist_ok, differs=differs):
+        print(f"release {name!r} is already published from {parent!r} with these references: nothing to do",
+              file=sys.stderr)
+        return read_manifest(store, name)
     embedder = embedder or Embedder()
     provenance = {**base.manifest.provenance, "parent": parent, "added_files": [str(f) for f in files],
                   "added_references": len(new), "commit": git_commit()}

@@ -32,7 +32,17 @@ def test_train_quick_then_bench_quality(tmp_path, s3_env):
 
     again = memory3("train", "--quick", "--release", "cli-quick", "--work-dir", str(tmp_path / "run2"),
                     env=s3_env, check=False)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr and "--exist-ok" in again.stderr
+    assert not (tmp_path / "run2").exists()  # refused before training
+    # A Job run again does nothing; one asking for other training is refused, before training too.
+    rerun = memory3("train", "--quick", "--release", "cli-quick", "--exist-ok", "--work-dir", str(tmp_path / "run3"),
+                    env=s3_env)
+    assert "already published from this training configuration: nothing to do" in rerun.stdout
+    other = memory3("train", "--quick", "--release", "cli-quick", "--exist-ok", "--seed", "1", "--work-dir",
+                    str(tmp_path / "run4"), env=s3_env, check=False)
+    assert other.returncode == 2
+    assert "made from other inputs (seed 0 there, 1 asked; train.seed 0 there, 1 asked)" in other.stderr
+    assert not (tmp_path / "run3").exists() and not (tmp_path / "run4").exists()
 
     out = tmp_path / "quality.json"
     memory3("bench", "quality", "--release", "cli-quick", "--questions", "24", "--json", str(out),

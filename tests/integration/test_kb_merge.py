@@ -104,6 +104,16 @@ def test_kb_merge_command_says_what_each_adds_and_publishes_nothing_on_a_dry_run
     assert len(read_catalog(bucket).published) == 3
     assert main(["kb", "merge", *shards, "--release", "base", "--name", "base-all", *store]) == 0
     assert "release base-all (from base): 16 memories, 4 references added, 0 removed" in capsys.readouterr().out
+    # The merge Job run again: refused, or with --exist-ok nothing to do, even once its shards are gone.
+    assert main(["kb", "merge", *shards, "--release", "base", "--name", "base-all", *store]) == 2
+    assert "'base-all' already exists" in capsys.readouterr().err
+    assert main(["release", "delete", "base-shard-1", *store]) == 0
+    capsys.readouterr()
+    again = ["kb", "merge", *shards, "--release", "base", "--name", "base-all", "--exist-ok", "--wait", "1"]
+    assert main([*again, *store]) == 0
+    assert "already published from these releases: nothing to do" in capsys.readouterr().out
+    assert main(["kb", "merge", shards[0], "--release", "base", "--name", "base-all", "--exist-ok", *store]) == 2
+    assert "a merge of ['base-shard-0', 'base-shard-1'], not ['base-shard-0']" in capsys.readouterr().err
     assert main(["kb", "merge", "base-all", "--release", "base-shard-0", *store]) == 2
     assert "derived from 'base', not from 'base-shard-0'" in capsys.readouterr().err
 

@@ -107,6 +107,16 @@ def test_kb_add_derives_a_release_without_retraining(store, published, tmp_path,
     assert hits[0][0][0] == new[0]["id"]
     with pytest.raises(CorpusError, match="already in release"):
         kb_add(store, "quick-1-added", [doc], "quick-1-again", tmp_path / "cache", embedder=embedder, progress=False)
+    # Run again (a retried Job), it is refused, or with exist_ok returned as it is, unless asked for more.
+    with pytest.raises(ReleaseExists, match="--exist-ok"):
+        kb_add(store, "quick-1", [doc], "quick-1-added", tmp_path / "cache", embedder=embedder, progress=False)
+    assert kb_add(store, "quick-1", [doc], "quick-1-added", tmp_path / "cache", embedder=embedder, progress=False,
+                  exist_ok=True) == manifest
+    more = tmp_path / "more.txt"
+    more.write_text(doc.read_text() + "\nVarnholm bells ring at noon.\n")
+    with pytest.raises(ReleaseExists, match="other inputs .1 of the references asked for are not there, 0 others"):
+        kb_add(store, "quick-1", [more], "quick-1-added", tmp_path / "cache", embedder=embedder, progress=False,
+               exist_ok=True)
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe broken")
     with pytest.raises(CorpusError, match="not UTF-8"):

@@ -206,6 +206,8 @@ def test_kserve_and_jobs_commands_parse():
         commands[o["metadata"].get("name")] = args
     train = next(a for a in commands.values() if a.command == "train")
     assert (train.release, train.preset, str(train.work_dir)) == ("small-v1", "small", "/var/lib/memory3/work/small-v1")
+    # A Job that runs again (a retry, or recreated by an upgrade after its TTL) does nothing.
+    assert all(a.exist_ok for a in commands.values() if a.command in ("train", "kb"))
     kb_add = next(a for a in commands.values() if a.command == "kb" and a.kb_command == "add")
     assert [str(f) for f in kb_add.files] == ["/shards/shard-0.txt"] and kb_add.name == "small-v1-shard-0"
     kb_merge = next(a for a in commands.values() if a.command == "kb" and a.kb_command == "merge")
