@@ -71,13 +71,20 @@ def publish_trained(result: PipelineResult, store: ObjectStore, name: str, *, co
                            provenance=provenance, progress=progress)
 
 
+# How a run goes, not what it learns: a Job run again on another kind of node may choose another
+# autocast, and the same training is still the same release.
+RUN_SETTINGS = frozenset({"eval_questions", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                          "train.bf16"})
+
+
 def differs_from_training(pipeline_config: dict, codec: str) -> Callable[[Manifest], str | None]:
-    """How a published release's training differs from this configuration and codec (None: it does not)."""
+    """How a published release's training differs from this configuration and codec (None: it does
+    not), setting aside `RUN_SETTINGS`."""
     asked = _leaves(json.loads(json.dumps(pipeline_config)))  # as the manifest stores it
 
     def differs(manifest: Manifest) -> str | None:
         had = _leaves(manifest.provenance.get("pipeline") or {})
-        keys = sorted(k for k in asked.keys() | had.keys() if asked.get(k) != had.get(k))
+        keys = sorted(k for k in asked.keys() | had.keys() if asked.get(k) != had.get(k) and k not in RUN_SETTINGS)
         if keys:
             return "; ".join(f"{k} {had.get(k)!r} there, {asked.get(k)!r} asked" for k in keys[:3])
         published_codec = manifest.memory_bank["codec"].split(":")[0]
