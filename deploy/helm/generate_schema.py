@@ -32,6 +32,8 @@ CONSTRAINTS: dict[str, dict] = {
     "s3.inChart.port": PORT,
     "redis.inChart.port": PORT,
     "networkPolicy.externalRedisPort": PORT,
+    "networkPolicy.externalRedisPorts": {"type": "array", "items": PORT},
+    "encoding.merge.waitSeconds": {"type": "number", "minimum": 0},
     "text.port": PORT,
     "memory.port": PORT,
     "decoder.port": PORT,

@@ -247,7 +247,9 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("memory service (also --release, --cache-dir and the object store)")
     group.add_argument("--redis-url", default=None,
-                       help="Redis hot tier, e.g. redis://host:6379/0 (env MEMORY3_REDIS_URL; none: no Redis tier)")
+                       help="Redis hot tier (env MEMORY3_REDIS_URL; none: no Redis tier): one server, "
+                            "redis://host:6379/0; Sentinel, redis+sentinel://host:26379,host2:26379/mymaster/0; "
+                            "a Cluster, redis+cluster://host:6379,host2:6379 (rediss… for TLS)")
     group.add_argument("--redis-ttl", type=int, default=86400, help="seconds a memory stays in Redis (0: no expiry)")
     group.add_argument("--ram-cache-mb", type=float, default=256.0,
                        help="in-process LRU of memories, in MiB (0 disables it)")
@@ -260,7 +262,11 @@ def _serve_memory(args: argparse.Namespace) -> int:
 
     if not args.release:
         raise ValueError("serve memory needs --release NAME: the release whose memory bank to serve")
+    from memory3.services.memory.redis_url import parse_redis_url
+
     redis_url = args.redis_url if args.redis_url is not None else os.environ.get("MEMORY3_REDIS_URL")
+    if redis_url:
+        parse_redis_url(redis_url)  # a URL it cannot use fails here, before the release is opened
     settings = MemorySettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
                               redis_url=redis_url or None, redis_ttl_s=args.redis_ttl,
                               ram_cache_bytes=int(args.ram_cache_mb * (1 << 20)), s3_workers=args.s3_workers)

@@ -13,6 +13,10 @@ Layout and policy:
 - Redis is an optimisation, never a dependency: socket timeouts are short (0.2 s), redis-py's
   own retries are off, and after a failure the tier is marked down (logged once) and skipped,
   with a retry after an exponential backoff. Callers then read through to the object store.
+- One server, the primary that Sentinel names, or a Cluster (`redis_url`). Sentinel: a failover
+  marks the tier down until the backoff's retry, whose new connection goes to the new primary.
+  Cluster: keys spread over slots, so reads are one MGET per slot (`mget_nonatomic`) instead of
+  pipelined MGETs, which a cluster refuses across slots.
 """
 
 from __future__ import annotations
@@ -20,29 +24,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..rpc.metrics import MEMORY_TIER_ERRORS
+from .redis_url import CLUSTER, connect, parse_redis_url
 
 log = logging.getLogger("memory3.memory")
 KEY_PREFIX = "memory3:"
 # Keys per MGET: a batch of 1024 bf16 memories at the paper's shape is ~460 MB; in pieces (sent
 # in one pipelined round trip) no single reply monopolises Redis or the socket buffers.
 MGET_KEYS = 64
-_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-
-
-def redacted(url: str) -> str:
-    """host:port/db of a Redis URL, without credentials, for logs."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+# A cluster without a primary for a slot (ClusterDownError) is down, not full.
+_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, ClusterError, RedisClusterException)
 
 
 class RedisTier:
@@ -50,10 +46,9 @@ class RedisTier:
                  max_backoff_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         if ttl_s < 0:
             raise ValueError(f"the Redis TTL must be >= 0 seconds (0 = no expiry), got {ttl_s}")
-        self.url, self.ttl_s = url, ttl_s
-        self.client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout,
-                                              socket_connect_timeout=socket_timeout,
-                                              retry=Retry(NoBackoff(), 0))
+        self.target = parse_redis_url(url)
+        self.where, self.ttl_s = self.target.redacted(), ttl_s
+        self.client = connect(self.target, socket_timeout=socket_timeout)
         self._backoff_s, self._max_backoff_s, self._clock = backoff_s, max_backoff_s, clock
         self.up = True
         self._delay = backoff_s
@@ -72,7 +67,7 @@ class RedisTier:
         MEMORY_TIER_ERRORS.labels(tier="redis").inc()
         if self.up:
             log.warning("Redis at %s unavailable (%s: %s); serving from the object store, retrying in %.1fs",
-                        redacted(self.url), what, exc, self._delay)
+                        self.where, what, exc, self._delay)
         else:
             self._delay = min(self._delay * 2, self._max_backoff_s)
         self.up = False
@@ -80,7 +75,7 @@ class RedisTier:
 
     def _ok(self) -> None:
         if not self.up:
-            log.info("Redis at %s is back", redacted(self.url))
+            log.info("Redis at %s is back", self.where)
         self.up, self._delay = True, self._backoff_s
 
     async def ping(self) -> bool:
@@ -101,7 +96,7 @@ class RedisTier:
             return None
         if policy == "noeviction":
             log.warning("Redis at %s has maxmemory-policy noeviction: when full it refuses new memories; "
-                        "set maxmemory-policy allkeys-lru", redacted(self.url))
+                        "set maxmemory-policy allkeys-lru", self.where)
         return policy
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None] | None:
@@ -110,15 +105,18 @@ class RedisTier:
             return None
         names = [self.key(k) for k in keys]
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for start in range(0, len(names), MGET_KEYS):
-                    pipe.mget(names[start:start + MGET_KEYS])
-                parts = await pipe.execute()
+            if self.target.mode == CLUSTER:
+                values = await self.client.mget_nonatomic(names)
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for start in range(0, len(names), MGET_KEYS):
+                        pipe.mget(names[start:start + MGET_KEYS])
+                    values = [value for part in await pipe.execute() for value in part]
         except _DOWN_ERRORS as e:
             self._down("get", e)
             return None
         self._ok()
-        return [value for part in parts for value in part]
+        return values
 
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> bool:
         """Write blobs with the TTL, pipelined; False (and logged) if Redis did not take them."""
@@ -129,15 +127,15 @@ class RedisTier:
                 for key, blob in items:
                     pipe.set(self.key(key), blob, ex=self.ttl_s or None)
                 await pipe.execute()
+        except _DOWN_ERRORS as e:
+            self._down("set", e)
+            return False
         except ResponseError as e:  # e.g. OOM under noeviction: Redis is up, just full
             MEMORY_TIER_ERRORS.labels(tier="redis").inc()
             if not self._warned_full:
                 log.warning("Redis at %s refused a write (%s); memories are served without caching them",
-                            redacted(self.url), e)
+                            self.where, e)
                 self._warned_full = True
-            return False
-        except _DOWN_ERRORS as e:
-            self._down("set", e)
             return False
         self._ok()
         return True

@@ -24,7 +24,7 @@ from ..rpc.server import Server, ServerOptions, serve_until_signal
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
 from .engine import MemoryStore
 from .ram_cache import RamCache
-from .redis_tier import RedisTier, redacted
+from .redis_tier import RedisTier
 from .servicer import SERVICE, MemoryServicer
 
 log = logging.getLogger("memory3.memory")
@@ -91,7 +91,7 @@ class MemoryServer:
             store.redis = RedisTier(s.redis_url, ttl_s=s.redis_ttl_s)
             if await store.redis.ping():
                 await store.redis.check_policy()
-            log.info("Redis tier at %s (%s)", redacted(s.redis_url),
+            log.info("Redis tier at %s (%s)", store.redis.where,
                      "up" if store.redis.up else "down for now; reading through to S3")
         self.store = store
         await self.server.serving()

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .local_s3 import free_port
@@ -39,12 +40,16 @@ def _answers_ping(port: int, timeout: float = 0.2, password: str | None = None) 
 
 
 class LocalRedis:
-    """One redis-server process on a fixed port; `start()` again after `stop()`/`kill()` restarts it."""
+    """One redis-server process on a fixed port; `start()` again after `stop()`/`kill()` restarts it.
+
+    `extra_args` are more of redis-server's options, e.g. `--replicaof 127.0.0.1 PORT` for a
+    replica or `--cluster-enabled yes` for a cluster node.
+    """
 
     def __init__(self, data_dir: Path, port: int, *, maxmemory: str | None = None, password: str | None = None,
-                 ready_timeout: float = 10.0) -> None:
+                 ready_timeout: float = 10.0, extra_args: Sequence[str] = ()) -> None:
         self.data_dir, self.port, self.maxmemory, self.ready_timeout = data_dir, port, maxmemory, ready_timeout
-        self.password = password
+        self.password, self.extra_args = password, list(extra_args)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -61,14 +66,11 @@ class LocalRedis:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> LocalRedis:
-        if self.running:
-            return self
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
         cmd = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.data_dir),
                "--pidfile", str(self.data_dir / "redis.pid"), "--logfile", str(self.data_dir / "redis.log"),
-               "--maxmemory-policy", "allkeys-lru"]
+               "--maxmemory-policy", "allkeys-lru", *self.extra_args]
         if self.maxmemory:
             cmd += ["--maxmemory", self.maxmemory]
         if self.password:  # in a 0600 config file, not on the command line (ps would show it)
@@ -76,6 +78,13 @@ class LocalRedis:
             config.touch(mode=0o600)
             config.write_text(f"requirepass {self.password}\n")
             cmd.insert(1, str(config))
+        return cmd
+
+    def start(self) -> LocalRedis:
+        if self.running:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
         deadline = time.monotonic() + self.ready_timeout
@@ -112,3 +121,64 @@ def start_local_redis(data_dir: Path, *, port: int | None = None, maxmemory: str
     """Start redis-server on 127.0.0.1 (a free port unless given) and wait until it answers PING."""
     return LocalRedis(data_dir, port or free_port(), maxmemory=maxmemory, password=password,
                       ready_timeout=ready_timeout).start()
+
+
+class LocalSentinel(LocalRedis):
+    """A Sentinel (`redis-server --sentinel`) watching one primary as `service`, quick to fail over:
+    the primary counts as down after `down_after_ms` without an answer."""
+
+    def __init__(self, data_dir: Path, port: int, *, primary_port: int, service: str = "memory3",
+                 down_after_ms: int = 500, failover_timeout_ms: int = 2000, ready_timeout: float = 10.0) -> None:
+        super().__init__(data_dir, port, ready_timeout=ready_timeout)
+        self.primary_port, self.service = primary_port, service
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+
+    def command(self) -> list[str]:
+        config = self.data_dir / "sentinel.conf"  # Sentinel rewrites its config file: one of its own
+        if not config.exists():
+            config.write_text(f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} 1\n"
+                              f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                              f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n")
+        return [redis_server_binary(), str(config), "--sentinel", "--bind", "127.0.0.1", "--port", str(self.port),
+                "--daemonize", "no", "--dir", str(self.data_dir), "--logfile", str(self.data_dir / "sentinel.log")]
+
+    def primary(self) -> tuple[str, int] | None:
+        """The address the Sentinel gives for its service now."""
+        import redis
+
+        with redis.Redis(port=self.port, socket_timeout=1.0, decode_responses=True) as client:
+            address = client.sentinel_get_master_addr_by_name(self.service)
+        return (address[0], int(address[1])) if address else None
+
+
+def start_local_cluster(data_dir: Path, *, nodes: int = 3, node_timeout_ms: int = 1000,
+                        ready_timeout: float = 30.0) -> list[LocalRedis]:
+    """A Redis Cluster of `nodes` primaries on free ports, every slot assigned (`redis-cli --cluster
+    create`), returned once each node reports `cluster_state:ok`. Stop each node by PID."""
+    import redis
+
+    servers: list[LocalRedis] = []
+    try:
+        for i in range(nodes):
+            servers.append(LocalRedis(data_dir / f"node-{i}", free_port(), extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(free_port()),  # not port + 10000, which may be taken or past 65535
+                "--cluster-node-timeout", str(node_timeout_ms)]).start())
+        cli = shutil.which("redis-cli")
+        if not cli:
+            raise RuntimeError("redis-cli not found: apt-get install redis-tools")
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True,
+                       timeout=ready_timeout)
+        deadline = time.monotonic() + ready_timeout
+        for server in servers:
+            with redis.Redis(port=server.port, socket_timeout=1.0, decode_responses=True) as client:
+                while client.cluster("info").get("cluster_state") != "ok":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the cluster node on port {server.port} is not ok after {ready_timeout}s")
+                    time.sleep(0.1)
+        return servers
+    except BaseException:
+        for server in servers:
+            server.kill()
+        raise

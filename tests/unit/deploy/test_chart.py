@@ -318,6 +318,23 @@ def test_external_stores_create_no_secrets_and_in_chart_ones_keep_theirs():
         {component_name("s3"), component_name("redis"), component_name("tls")}
 
 
+def _redis_egress_ports(values: dict) -> set[int]:
+    """The ports of the memory pods' last egress rule (after DNS and S3): Redis's."""
+    egress = render(values).get("NetworkPolicy", component_name("memory"))["spec"]["egress"]
+    assert len(egress) == 3
+    return {port["port"] for port in egress[-1]["ports"]}
+
+
+def test_memory_pods_reach_every_port_of_a_sentinel_or_cluster_redis():
+    sentinel = "redis+sentinel://sentinel-0.cache:26380,sentinel-1.cache/mymaster/0"
+    assert _redis_egress_ports({"redis": {"url": sentinel}}) == {26380, 26379, 6379}
+    cluster = "rediss+cluster://node-0.cache:7000,node-1.cache:7001"
+    assert _redis_egress_ports({"redis": {"url": cluster}}) == {7000, 7001}
+    assert _redis_egress_ports({"redis": {"url": "redis://cache:6380/0"}}) == {6380}
+    in_secret = {"existingSecret": "memory3-redis"}
+    assert _redis_egress_ports({"redis": in_secret, "networkPolicy": {"externalRedisPorts": [26379]}}) == {6379, 26379}
+
+
 def test_redis_url_from_a_secret_and_without_credentials():
     r = render({"redis": {"existingSecret": "memory3-redis"}})
     env = {e["name"]: e for e in r.get("Deployment", component_name("memory"))["spec"]["template"]["spec"]
@@ -491,6 +508,7 @@ BAD_VALUES = [
     ({"s3": {"endpoint": "https://s3.example.com"}}, "must be host:port without a scheme"),
     ({"redis": {"url": "redis://:hunter2@cache:6379/0"}}, "redis.url: it holds credentials"),
     ({"redis": {"url": "redis://cache:6379", "existingSecret": "r"}}, "set either redis.url or redis.existingSecret"),
+    ({"redis": {"url": "sentinel://cache:26379/mymaster"}}, "must start with redis://, redis+sentinel://"),
     ({"encoding": {"enabled": True}}, "encoding.shardsVolumeClaim:"),
     ({"decoder": {"autoscaling": {"enabled": False, "keda": {"enabled": True}}}},
      "decoder.autoscaling.keda.enabled"),

@@ -19,3 +19,11 @@ def test_bad_cache_sizes_are_usage_errors(capsys, monkeypatch):
     monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
     assert main(["serve", "memory", "--release", "r1", "--s3-endpoint", "127.0.0.1:9", "--ram-cache-mb", "-1"]) == 2
     assert "--ram-cache-mb must be >= 0" in capsys.readouterr().err
+
+
+def test_a_redis_url_it_cannot_use_is_a_usage_error_that_names_no_password(capsys, monkeypatch):
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("MEMORY3_REDIS_URL", "redis+sentinel://:hunter2@s1:26379")
+    assert main(["serve", "memory", "--release", "r1", "--s3-endpoint", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "name the Sentinel service" in err and "hunter2" not in err

@@ -5,7 +5,10 @@ import asyncio
 import logging
 import time
 
-from memory3.services.memory.redis_tier import KEY_PREFIX, RedisTier, redacted
+import pytest
+
+from memory3.services.memory.redis_tier import KEY_PREFIX, RedisTier
+from memory3.services.memory.redis_url import CLUSTER, SENTINEL, SERVER, parse_redis_url
 from memory3.services.storage.local_s3 import free_port
 
 
@@ -48,6 +51,50 @@ def test_down_tier_fails_fast_logs_once_and_backs_off(caplog):
     assert "secret" not in caplog.text
 
 
+@pytest.mark.parametrize("url", [f"redis+sentinel://:secret@127.0.0.1:{free_port()}/memory3",
+                                 f"redis+cluster://:secret@127.0.0.1:{free_port()}"])
+def test_a_sentinel_or_cluster_nobody_answers_for_is_down_at_once(url, caplog):
+    tier = RedisTier(url, backoff_s=1.0, clock=Clock())
+
+    async def scenario():
+        started = time.perf_counter()
+        assert await tier.mget(["a"]) is None
+        assert await tier.set_many([("a", b"x")]) is False
+        assert time.perf_counter() - started < 2.0
+        assert not tier.up
+        await tier.close()
+
+    with caplog.at_level(logging.WARNING, logger="memory3.memory"):
+        asyncio.run(scenario())
+    assert "unavailable" in caplog.text and "secret" not in caplog.text
+
+
 def test_keys_and_redaction():
     assert RedisTier.key("memories/b/ab/abc") == KEY_PREFIX + "memories/b/ab/abc"
-    assert redacted("redis://user:pw@cache.example:6380/2") == "redis://cache.example:6380/2"
+    assert parse_redis_url("redis://user:pw@cache.example:6380/2").redacted() == "redis://cache.example:6380/2"
+    sentinel = parse_redis_url("redis+sentinel://:pw@s1:26380,s2/cache/3?sentinel_password=spw")
+    assert (sentinel.mode, sentinel.hosts, sentinel.service, sentinel.db) == (
+        SENTINEL, (("s1", 26380), ("s2", 26379)), "cache", 3)
+    assert (sentinel.password, sentinel.sentinel_password) == ("pw", "spw")
+    assert sentinel.redacted() == "redis+sentinel://s1:26380,s2:26379/cache/3"
+    cluster = parse_redis_url("rediss+cluster://default:pw@n1:7000,n2:7001")
+    assert (cluster.mode, cluster.hosts, cluster.tls, cluster.username) == (
+        CLUSTER, (("n1", 7000), ("n2", 7001)), True, "default")
+    assert "pw" not in repr(cluster) + repr(sentinel) + cluster.redacted()
+    assert parse_redis_url("rediss://cache:6380/0").mode == SERVER
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://cache:6379", "the scheme must be one of redis://"),
+    ("cache:6379", "the scheme must be one of"),
+    ("redis://:6379/0", "no host"),
+    ("redis+sentinel://s1:26379", "name the Sentinel service"),
+    ("redis+sentinel://s1/cache/zero", "database 'zero' is not a number"),
+    ("redis+cluster://n1/0", "takes no path"),
+    ("redis+cluster://n1:70000", "port '70000' of n1"),
+    ("redis+cluster://n1,,n2", "an empty host"),
+    ("redis+cluster://n1?sentinel_password=x", "unknown option 'sentinel_password'"),
+])
+def test_a_redis_url_it_cannot_use_says_what_to_fix(url, message):
+    with pytest.raises(ValueError, match=message):
+        parse_redis_url(url)

@@ -132,17 +132,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- if or .Values.redis.inChart.enabled .Values.redis.url .Values.redis.existingSecret -}}true{{- end -}}
 {{- end -}}
 
-{{/* The Redis port for egress rules. */}}
-{{- define "memory3.redisPort" -}}
-{{- if .Values.redis.inChart.enabled -}}
-{{- .Values.redis.inChart.port -}}
-{{- else if .Values.redis.url -}}
-{{- $hostport := regexReplaceAll "^rediss?://([^/]*).*$" .Values.redis.url "${1}" -}}
-{{- $parts := splitList ":" $hostport -}}
-{{- if gt (len $parts) 1 -}}{{- last $parts -}}{{- else -}}6379{{- end -}}
-{{- else -}}
-{{- .Values.networkPolicy.externalRedisPort -}}
+{{/* The ports of an external Redis, for egress rules (comma-separated): each host's in the URL (a
+Sentinel URL's data nodes answer on networkPolicy.externalRedisPort), or externalRedisPort when the URL
+is in a Secret; with networkPolicy.externalRedisPorts added. */}}
+{{- define "memory3.redisPorts" -}}
+{{- $ports := list -}}
+{{- $url := .Values.redis.url -}}
+{{- if $url -}}
+{{- $sentinel := regexMatch "^rediss?\\+sentinel://" $url -}}
+{{- $hosts := regexReplaceAll "^[a-z+]+://([^/?]*).*$" $url "${1}" -}}
+{{- range splitList "," $hosts -}}
+{{- $parts := splitList ":" . -}}
+{{- $ports = append $ports (ternary (last $parts) (ternary "26379" "6379" $sentinel) (gt (len $parts) 1)) -}}
 {{- end -}}
+{{- if $sentinel -}}
+{{- $ports = append $ports (toString $.Values.networkPolicy.externalRedisPort) -}}
+{{- end -}}
+{{- else -}}
+{{- $ports = append $ports (toString .Values.networkPolicy.externalRedisPort) -}}
+{{- end -}}
+{{- range .Values.networkPolicy.externalRedisPorts -}}
+{{- $ports = append $ports (toString .) -}}
+{{- end -}}
+{{- join "," (uniq $ports) -}}
 {{- end -}}
 
 {{/* Environment of every memory3 container: object-store credentials from a Secret (never inlined). */}}

@@ -24,8 +24,8 @@
 {{- if $v.redis.url -}}
 {{- if contains "@" $v.redis.url -}}
 {{- $messages = append $messages "redis.url: it holds credentials; put the URL in a Secret and set redis.existingSecret (and redis.urlKey) instead" -}}
-{{- else if not (regexMatch "^rediss?://" $v.redis.url) -}}
-{{- $messages = append $messages (printf "redis.url: %q must start with redis:// or rediss://" $v.redis.url) -}}
+{{- else if not (regexMatch "^rediss?(\\+sentinel|\\+cluster)?://" $v.redis.url) -}}
+{{- $messages = append $messages (printf "redis.url: %q must start with redis://, redis+sentinel:// or redis+cluster:// (rediss… for TLS)" $v.redis.url) -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.redis.url $v.redis.existingSecret -}}
