@@ -36,10 +36,11 @@ VALUE_SETS = {
     "tls-existing-secret": {"tls": {"existingSecret": "memory3-tls"}, "kserve": {"enabled": True}},
     "everything": merge(IN_CHART_STORES, {"kserve": {"enabled": True}, "decoder": {"gpu": {"enabled": True}},
                                           "trainer": {"job": {"enabled": True}},
-                                          "metrics": {"serviceMonitor": {"enabled": True}},
+                                          "metrics": {"serviceMonitor": {"enabled": True},
+                                                      "prometheusRule": {"enabled": True}},
                                           "encoding": {"enabled": True, "shardsVolumeClaim": "shards"}}),
 }
-CRD_KINDS = {"InferenceService", "ScaledObject", "ServiceMonitor"}
+CRD_KINDS = {"InferenceService", "ScaledObject", "ServiceMonitor", "PrometheusRule"}
 
 
 @pytest.fixture(scope="module", params=sorted(VALUE_SETS))
@@ -109,7 +110,7 @@ def test_crd_objects_have_expected_api_versions():
                                                        "autoscaling": {"keda": {"enabled": True}}}})
     versions = {o["kind"]: o["apiVersion"] for o in r.objects if o["kind"] in CRD_KINDS}
     assert versions == {"InferenceService": "serving.kserve.io/v1beta1", "ScaledObject": "keda.sh/v1alpha1",
-                        "ServiceMonitor": "monitoring.coreos.com/v1"}
+                        "ServiceMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1"}
 
 
 # ---------------------------------------------------------------- wiring
@@ -509,6 +510,7 @@ BAD_VALUES = [
     ({"redis": {"url": "redis://:hunter2@cache:6379/0"}}, "redis.url: it holds credentials"),
     ({"redis": {"url": "redis://cache:6379", "existingSecret": "r"}}, "set either redis.url or redis.existingSecret"),
     ({"redis": {"url": "sentinel://cache:26379/mymaster"}}, "must start with redis://, redis+sentinel://"),
+    ({"metrics": {"prometheusRule": {"enabled": True}}}, "set metrics.serviceMonitor.enabled=true too"),
     ({"encoding": {"enabled": True}}, "encoding.shardsVolumeClaim:"),
     ({"decoder": {"autoscaling": {"enabled": False, "keda": {"enabled": True}}}},
      "decoder.autoscaling.keda.enabled"),

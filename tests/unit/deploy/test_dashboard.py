@@ -1,15 +1,18 @@
-"""The Grafana dashboard and the chart's autoscalers name only metrics the services really export."""
+"""The Grafana dashboard, the chart's autoscalers and its alerting rules name only metrics the services
+really export, with the labels their scrape gives them."""
 
 from __future__ import annotations
 
 import json
 import re
 
+import promql_parser
+import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from memory3.services.rpc import metrics
 
-from .charts import ROOT, render
+from .charts import NAMESPACE, ROOT, render
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "memory3-dashboard.json"
 
@@ -50,3 +53,43 @@ def test_autoscalers_use_the_queue_gauge():
     scaled = render({"decoder": {"autoscaling": {"keda": {"enabled": True}}}}).of_kind("ScaledObject")[0]
     query = scaled["spec"]["triggers"][0]["metadata"]["query"]
     assert series[re.search(r"memory3_\w+", query).group(0)] == "gauge"
+
+
+ALERTS = {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+
+
+def test_alerting_rules_parse_and_read_exported_series_of_the_scraped_services():
+    r = render(ALERTS)
+    rules = [rule for group in r.of_kind("PrometheusRule")[0]["spec"]["groups"] for rule in group["rules"]]
+    series = exported_series()
+    scraped = {m["metadata"]["name"] for m in r.of_kind("ServiceMonitor")}
+    assert {"Memory3TargetDown", "Memory3DecoderBacklog", "Memory3RedisTierDown", "Memory3ObjectStoreErrors",
+            "Memory3CorruptMemory"} <= {rule["alert"] for rule in rules}
+    for rule in rules:
+        expr = rule["expr"]
+        promql_parser.parse(expr)  # Prometheus' grammar: a typo fails here, not at the operator's reload
+        used = set(re.findall(r"\bmemory3_\w+", expr))
+        assert used <= set(series), (rule["alert"], sorted(used - set(series)))
+        services = re.findall(r'service=~?"([^"]+)"', expr)
+        assert services and all(any(re.fullmatch(s, name) for name in scraped) for s in services), rule["alert"]
+        assert all(f'namespace="{NAMESPACE}"' in selector for selector in re.findall(r"\{[^}]*\}", expr))
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    # Tier and code labels are those the services set.
+    assert 'tier="redis"' in next(r["expr"] for r in rules if r["alert"] == "Memory3RedisTierDown")
+
+
+def test_alert_thresholds_come_from_values():
+    rules = {rule["alert"]: rule for rule in render(ALERTS | {"metrics": {**ALERTS["metrics"], "prometheusRule": {
+        "enabled": True, "backlogPerPod": 3, "errorRatio": 0.2}}}).of_kind("PrometheusRule")[0]["spec"]["groups"][0][
+        "rules"]}
+    assert rules["Memory3DecoderBacklog"]["expr"].endswith("> 3")
+    assert rules["Memory3RequestErrors"]["expr"].endswith("> 0.2")
+    assert "More than 20% of" in rules["Memory3RequestErrors"]["annotations"]["summary"]
+
+
+@pytest.mark.parametrize("expr", ["sum(rate(memory3_x[5m])", "up{a=}"])
+def test_the_promql_parser_rejects_what_prometheus_would(expr):
+    """The check above is only as good as the parser's strictness."""
+    with pytest.raises(Exception):  # noqa: B017 -- it raises its own error types
+        promql_parser.parse(expr)

@@ -67,6 +67,9 @@
 {{- if and $v.trainer.job.enabled $v.trainer.job.release (not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" $v.trainer.job.release)) -}}
 {{- $messages = append $messages (printf "trainer.job.release: %q is not a release name (letters, digits, '.', '_' and '-')" $v.trainer.job.release) -}}
 {{- end -}}
+{{- if and $v.metrics.prometheusRule.enabled (not $v.metrics.serviceMonitor.enabled) -}}
+{{- $messages = append $messages "metrics.prometheusRule.enabled: its rules read the series the ServiceMonitors scrape (labelled by Service); set metrics.serviceMonitor.enabled=true too" -}}
+{{- end -}}
 {{- if and $v.encoding.enabled (not $v.encoding.shardsVolumeClaim) -}}
 {{- $messages = append $messages "encoding.shardsVolumeClaim: the Indexed Job reads shard-<i>.txt from a PersistentVolumeClaim; name it" -}}
 {{- end -}}
