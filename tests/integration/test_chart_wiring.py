@@ -5,6 +5,9 @@ probes the manifests declare and answer a Generate through the decoder's Service
 
 The chart's defaults are kept, TLS included: the services serve TLS only with the certificate the chart
 generates, the decoder checks it against the generated CA, and the probes ask the plaintext health port.
+Text and memory require the internal token the chart generates, which the decoder sends. Two options
+are turned on beside them, so that they are run too: mutual TLS between the services
+(`tls.clientAuth`) and a token the decoder's clients must send (`auth.decoder`).
 
 What a cluster would provide is emulated, nothing else is changed:
 - DNS: a rendered Service name resolves to 127.0.0.1, and its port to the targetPort's container port (the
@@ -35,10 +38,15 @@ from memory3.services.stack import StackProcess, stop_processes, wait_serving
 from memory3.services.storage.local_s3 import free_port
 from memory3.v1 import generation_service_pb2 as pb
 from memory3.v1 import generation_service_pb2_grpc as pb_grpc
+from memory3.v1 import memory_service_pb2 as memory_pb
+from memory3.v1 import memory_service_pb2_grpc as memory_grpc
+from memory3.v1 import text_service_pb2 as text_pb
+from memory3.v1 import text_service_pb2_grpc as text_grpc
 
 pytestmark = pytest.mark.integration
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "memory3"
 SERVICES = ("text", "memory", "decoder")
+CLIENT_TOKEN = "a-token-the-decoders-clients-send"
 
 
 def render_chart(values: dict) -> list[dict]:
@@ -150,10 +158,13 @@ def chart_stack(tmp_path_factory, local_s3, random_release, local_redis_module):
         "decoder": {"port": ports["decoder"], "maxBatch": 4},
         "text": {"port": ports["text"]},
         "memory": {"port": ports["memory"]},
+        "tls": {"clientAuth": True},
+        "auth": {"decoder": {"enabled": True, "existingSecret": "memory3-clients"}},
     }
     cluster = Cluster(render_chart(values), secrets={
         "memory3-s3": {"access-key": s3.access_key, "secret-key": s3.secret_key},
         "memory3-redis": {"redis-url": local_redis_module.url},
+        "memory3-clients": {"token": CLIENT_TOKEN},
     })
     root = tmp_path_factory.mktemp("pods")
     processes: list[StackProcess] = []
@@ -210,13 +221,43 @@ def test_generate_through_the_decoder_service(chart_stack):
     service = cluster.find("Service", "m3-memory3-decoder")
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     # A client outside the chart checks the decoder against the CA in the rendered Secret.
-    credentials = grpc.ssl_channel_credentials(root_certificates=cluster.secret("m3-memory3-tls")["ca.crt"].encode())
-    with grpc.secure_channel(cluster.local_address("m3-memory3-decoder", port), credentials) as channel:
-        request = pb.GenerateRequest(
-            prompt="Tell me about the clock repairer of Pemberlyn and the lighthouse keeper of Skarn Point.",
-            params=pb.GenerationParams(max_tokens=16))
+    tls = grpc.ssl_channel_credentials(root_certificates=cluster.secret("m3-memory3-tls")["ca.crt"].encode())
+    request = pb.GenerateRequest(
+        prompt="Tell me about the clock repairer of Pemberlyn and the lighthouse keeper of Skarn Point.",
+        params=pb.GenerationParams(max_tokens=16))
+    address = cluster.local_address("m3-memory3-decoder", port)
+    with grpc.secure_channel(address, tls) as channel, pytest.raises(grpc.RpcError) as refused:
+        list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # auth.decoder: the clients' token
+    credentials = grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(CLIENT_TOKEN))
+    with grpc.secure_channel(address, credentials) as channel:
         responses = list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=120))
     assert sum(len(r.token_ids) for r in responses) == 16
     usage = responses[-1].usage
     # Retrieval went through the text service and memories through the memory service.
     assert usage.retrievals >= 1 and usage.memories_read >= 5
+
+
+def test_text_and_memory_answer_only_the_decoders_certificate_and_token(chart_stack):
+    """What the decoder got through above, a client without the CA's certificate or the internal token does not."""
+    cluster, _processes = chart_stack
+    tls = cluster.secret("m3-memory3-tls")
+    ca, cert, key = (tls[k].encode() for k in ("ca.crt", "tls.crt", "tls.key"))
+    for component in ("text", "memory"):
+        service = cluster.find("Service", f"m3-memory3-{component}")
+        port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+        address = cluster.local_address(service["metadata"]["name"], port)
+        no_certificate = grpc.ssl_channel_credentials(root_certificates=ca)
+        with grpc.secure_channel(address, no_certificate) as channel, pytest.raises(grpc.RpcError) as refused:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, component  # mutual TLS: no handshake
+        certificate = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        with grpc.secure_channel(address, certificate) as channel:
+            stub = (text_grpc.TextServiceStub(channel).Tokenize if component == "text"
+                    else memory_grpc.MemoryServiceStub(channel).GetStats)
+            request = text_pb.TokenizeRequest(text="x") if component == "text" else memory_pb.GetStatsRequest()
+            with pytest.raises(grpc.RpcError) as refused:
+                stub(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, component  # no internal token
+            token = grpc.access_token_call_credentials(cluster.secret("m3-memory3-auth")["token"])
+            stub(request, timeout=10, credentials=token)  # with both, it answers

@@ -3,6 +3,7 @@ object, and the wiring a cluster would only reveal at run time (selectors, addre
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
 import sys
@@ -310,13 +311,71 @@ def test_secrets_are_never_inlined(rendered):
 
 
 def test_external_stores_create_no_secrets_and_in_chart_ones_keep_theirs():
-    assert [s["metadata"]["name"] for s in render({}).of_kind("Secret")] == [component_name("tls")]
+    assert {s["metadata"]["name"] for s in render({}).of_kind("Secret")} == {component_name("tls"),
+                                                                             component_name("auth")}
     assert render({"tls": {"enabled": False}}).of_kind("Secret") == []
     r = render(IN_CHART_STORES)
     for s in r.of_kind("Secret"):
         assert s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert {s["metadata"]["name"] for s in r.of_kind("Secret")} == \
-        {component_name("s3"), component_name("redis"), component_name("tls")}
+        {component_name("s3"), component_name("redis"), component_name("tls"), component_name("auth")}
+
+
+def _container_of(r: Rendered, component: str) -> dict:
+    if component == "kserve":
+        return r.of_kind("InferenceService")[0]["spec"]["predictor"]["containers"][0]
+    return r.get("Deployment", component_name(component))["spec"]["template"]["spec"]["containers"][0]
+
+
+def _token_env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "TOKEN" in e["name"]}
+
+
+def test_text_and_memory_require_the_internal_token_that_only_the_decoder_and_kserve_hold():
+    r = render({"kserve": {"enabled": True}})
+    internal = {"name": component_name("auth"), "key": "token"}
+    for component in ("text", "memory"):
+        assert _token_env(_container_of(r, component)) == {"MEMORY3_AUTH_TOKEN": internal}
+    for component in ("decoder", "kserve"):
+        assert _token_env(_container_of(r, component)) == {"MEMORY3_DEPENDENCY_TOKEN": internal}
+    token = r.get("Secret", component_name("auth"))["data"]["token"]
+    assert len(base64.b64decode(token)) == 48
+    # Without TLS there is no token; an existing Secret replaces the generated one.
+    plain = render({"tls": {"enabled": False}})
+    assert all(_token_env(_container_of(plain, c)) == {} for c in SERVICES)
+    own = render({"auth": {"internal": {"existingSecret": "tokens", "tokenKey": "internal"}}})
+    assert _token_env(_container_of(own, "text"))["MEMORY3_AUTH_TOKEN"] == {"name": "tokens", "key": "internal"}
+    assert not any(s["metadata"]["name"] == component_name("auth") for s in own.of_kind("Secret"))
+
+
+def test_the_decoder_requires_its_clients_token_when_asked():
+    r = render({"auth": {"decoder": {"enabled": True, "existingSecret": "clients"}}})
+    internal = {"name": component_name("auth"), "key": "token"}
+    assert _token_env(_container_of(r, "decoder")) == {"MEMORY3_DEPENDENCY_TOKEN": internal,
+                                                      "MEMORY3_AUTH_TOKEN": {"name": "clients", "key": "token"}}
+    assert _token_env(_container_of(r, "text")) == {"MEMORY3_AUTH_TOKEN": internal}
+    assert "get secret clients -o jsonpath='{.data.token}'" in r.notes
+    assert '-H "authorization: Bearer $MEMORY3_AUTH_TOKEN"' in r.notes
+    assert "authorization" not in render({}).notes
+
+
+def test_mutual_tls_between_the_services():
+    r = render({"tls": {"clientAuth": True}, "kserve": {"enabled": True}})
+    parser = build_parser()
+    for component in ("text", "memory"):
+        args = parser.parse_args(_container_of(r, component)["args"])
+        assert str(args.tls_client_ca) == "/etc/memory3/tls/ca.crt"
+    for component in ("decoder", "kserve"):
+        args = parser.parse_args(_container_of(r, component)["args"])
+        assert (str(args.dependency_cert), str(args.dependency_key)) == ("/etc/memory3/tls/tls.crt",
+                                                                         "/etc/memory3/tls/tls.key")
+    isvc = r.of_kind("InferenceService")[0]["spec"]["predictor"]
+    items = {i["path"] for v in isvc["volumes"] if v["name"] == "tls" for i in v["secret"]["items"]}
+    assert items == {"tls.crt", "tls.key", "ca.crt"}
+    # Off by default: no client certificates asked for or sent.
+    default = render({})
+    assert parser.parse_args(_container_of(default, "text")["args"]).tls_client_ca is None
+    assert parser.parse_args(_container_of(default, "decoder")["args"]).dependency_cert is None
 
 
 def _redis_egress_ports(values: dict) -> set[int]:
@@ -511,6 +570,10 @@ BAD_VALUES = [
     ({"redis": {"url": "redis://cache:6379", "existingSecret": "r"}}, "set either redis.url or redis.existingSecret"),
     ({"redis": {"url": "sentinel://cache:26379/mymaster"}}, "must start with redis://, redis+sentinel://"),
     ({"metrics": {"prometheusRule": {"enabled": True}}}, "set metrics.serviceMonitor.enabled=true too"),
+    ({"auth": {"decoder": {"enabled": True}}}, "auth.decoder.existingSecret: name a Secret"),
+    ({"tls": {"enabled": False}, "auth": {"decoder": {"enabled": True, "existingSecret": "c"}}},
+     "a token goes over TLS only"),
+    ({"tls": {"enabled": False, "clientAuth": True}}, "mutual TLS needs tls.enabled=true"),
     ({"encoding": {"enabled": True}}, "encoding.shardsVolumeClaim:"),
     ({"decoder": {"autoscaling": {"enabled": False, "keda": {"enabled": True}}}},
      "decoder.autoscaling.keda.enabled"),

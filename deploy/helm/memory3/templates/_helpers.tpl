@@ -240,12 +240,64 @@ Call with (dict "root" $ "port" 50052). */}}
 {{- end }}
 {{- end -}}
 
-{{/* Client flags of the decoder (and the KServe predictor) with TLS: the CA of the text and memory services.
-This and the TLS volume helpers render nothing without TLS: include them with `with`. */}}
+{{/* Client flags of the decoder (and the KServe predictor) with TLS: the CA of the text and memory services,
+and with tls.clientAuth the certificate they present. This and the TLS volume helpers render nothing
+without TLS: include them with `with`. */}}
 {{- define "memory3.tlsDependencyArgs" -}}
 {{- if .Values.tls.enabled -}}
 - --dependency-tls-ca
 - {{ printf "%s/ca.crt" (include "memory3.tlsDir" .) }}
+{{- if .Values.tls.clientAuth }}
+- --dependency-cert
+- {{ printf "%s/tls.crt" (include "memory3.tlsDir" .) }}
+- --dependency-key
+- {{ printf "%s/tls.key" (include "memory3.tlsDir" .) }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Server flags of text and memory with tls.clientAuth: only clients the CA signed. */}}
+{{- define "memory3.tlsInternalServerArgs" -}}
+{{- if and .Values.tls.enabled .Values.tls.clientAuth -}}
+- --tls-client-ca
+- {{ printf "%s/ca.crt" (include "memory3.tlsDir" .) }}
+{{- end }}
+{{- end -}}
+
+{{/* "true" when text and memory require the internal token: auth.internal.enabled, over TLS (a token is
+never sent in plaintext). */}}
+{{- define "memory3.internalAuth" -}}
+{{- if and .Values.tls.enabled .Values.auth.internal.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the internal token: auth.internal.existingSecret or the generated one. */}}
+{{- define "memory3.internalTokenSecretName" -}}
+{{- if .Values.auth.internal.existingSecret -}}
+{{- .Values.auth.internal.existingSecret -}}
+{{- else -}}
+{{- include "memory3.componentName" (dict "root" . "component" "auth") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Token environment of a pod. Call with (dict "root" $ "component" "text"): text and memory require the
+internal token, the decoder and the KServe predictor send it, and the decoder requires the clients' token. */}}
+{{- define "memory3.authEnv" -}}
+{{- $a := .root.Values.auth -}}
+{{- $internal := dict "name" (include "memory3.internalTokenSecretName" .root) "key" $a.internal.tokenKey -}}
+{{- if and (include "memory3.internalAuth" .root) (has .component (list "text" "memory")) }}
+- name: MEMORY3_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef: {{ toJson $internal }}
+{{- end }}
+{{- if and (include "memory3.internalAuth" .root) (has .component (list "decoder" "kserve")) }}
+- name: MEMORY3_DEPENDENCY_TOKEN
+  valueFrom:
+    secretKeyRef: {{ toJson $internal }}
+{{- end }}
+{{- if and $a.decoder.enabled (eq .component "decoder") }}
+- name: MEMORY3_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef: {{ toJson (dict "name" $a.decoder.existingSecret "key" $a.decoder.tokenKey) }}
 {{- end }}
 {{- end -}}
 

@@ -67,6 +67,15 @@
 {{- if and $v.trainer.job.enabled $v.trainer.job.release (not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" $v.trainer.job.release)) -}}
 {{- $messages = append $messages (printf "trainer.job.release: %q is not a release name (letters, digits, '.', '_' and '-')" $v.trainer.job.release) -}}
 {{- end -}}
+{{- if and $v.auth.decoder.enabled (not $v.tls.enabled) -}}
+{{- $messages = append $messages "auth.decoder.enabled: a token goes over TLS only; set tls.enabled=true too" -}}
+{{- end -}}
+{{- if and $v.auth.decoder.enabled (not $v.auth.decoder.existingSecret) -}}
+{{- $messages = append $messages (printf "auth.decoder.existingSecret: name a Secret whose key %q holds the token the decoder's clients send (kubectl create secret generic memory3-clients --from-literal=%s=...)" $v.auth.decoder.tokenKey $v.auth.decoder.tokenKey) -}}
+{{- end -}}
+{{- if and $v.tls.clientAuth (not $v.tls.enabled) -}}
+{{- $messages = append $messages "tls.clientAuth: mutual TLS needs tls.enabled=true" -}}
+{{- end -}}
 {{- if and $v.metrics.prometheusRule.enabled (not $v.metrics.serviceMonitor.enabled) -}}
 {{- $messages = append $messages "metrics.prometheusRule.enabled: its rules read the series the ServiceMonitors scrape (labelled by Service); set metrics.serviceMonitor.enabled=true too" -}}
 {{- end -}}
