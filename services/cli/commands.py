@@ -122,17 +122,21 @@ def _distributed():
 
 
 def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
-               exist_ok: bool = False) -> int:
+               exist_ok: bool = False, remove_ids: list[str] = (), remove_matches: list[str] = ()) -> int:
     import hashlib
 
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.releases import kb_add
 
     if name is None:
-        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()[:8]
+        removals = "\n".join([*remove_ids, *remove_matches]).encode()
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file()) + removals).hexdigest()[:8]
         name = f"{parent}-kb-{digest}"[:63]
-    manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir, exist_ok=exist_ok)
-    print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories")
+    manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir, exist_ok=exist_ok, remove_ids=remove_ids,
+                      remove_matches=remove_matches)
+    removed = manifest.provenance.get("removed_references") or 0
+    print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories"
+          + (f", {removed} references removed" if removed else ""))
     return 0
 
 

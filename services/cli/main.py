@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     kb_add.add_argument("files", nargs="+", type=Path, help="UTF-8 text files; blank lines separate documents")
     kb_add.add_argument("--release", required=True, help="the release to derive from")
     kb_add.add_argument("--name", default=None, help="name of the new release (default: RELEASE-kb-<hash>)")
+    kb_add.add_argument("--remove-id", dest="remove_ids", action="append", default=[], metavar="ID",
+                        help="leave the parent's reference with this id out of the new release (repeatable): "
+                             "with the corrected text in FILES, a fact is corrected in one release")
+    kb_add.add_argument("--remove-match", dest="remove_matches", action="append", default=[], metavar="TEXT",
+                        help="leave out every reference of the parent whose text contains TEXT (case-sensitive; "
+                             "repeatable)")
     kb_add.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     add_s3_arguments(kb_add, local_stack=True)
     kb_remove = kb_sub.add_parser(
@@ -457,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                                      matches=args.matches, name=args.name, cache_dir=args.cache_dir,
                                      dry_run=args.dry_run)
             return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
-                              cache_dir=args.cache_dir, exist_ok=args.exist_ok)
+                              cache_dir=args.cache_dir, exist_ok=args.exist_ok, remove_ids=args.remove_ids,
+                              remove_matches=args.remove_matches)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
         return 2

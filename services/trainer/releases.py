@@ -114,10 +114,14 @@ def differs_from_merge(parent: str, derived: Sequence[str]) -> Callable[[Manifes
 
 
 def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, cache_dir: Path, *,
-           embedder: Embedder | None = None, progress: bool = True, exist_ok: bool = False) -> Manifest:
+           remove_ids: Collection[str] = (), remove_matches: Collection[str] = (), embedder: Embedder | None = None,
+           progress: bool = True, exist_ok: bool = False) -> Manifest:
     """New documents become references, memories and index entries of a release derived from `parent`.
 
-    The model is the parent's, unchanged: knowledge is added without retraining. With `exist_ok`,
+    The model is the parent's, unchanged: knowledge is added without retraining. The parent's
+    references chosen by `remove_ids` and `remove_matches` (`references_to_remove`) are left out of
+    the same release, which is how a fact is corrected in one publication: its old statement out,
+    the new one in. With `exist_ok`,
     a release `name` already published from `parent` with exactly these references is returned as it is.
     """
     check_release_name(name)
@@ -126,7 +130,10 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
         documents.extend(read_corpus_file(file))
     base = Release.open(store, parent, cache_dir)
     model, codec = base.load_model(), base.text_codec()
-    known = set(base.by_id)
+    removed = references_to_remove(base, ids=remove_ids, matches=remove_matches) if remove_ids or remove_matches \
+        else []
+    drop = {r["id"] for r in removed}
+    known = set(base.by_id) - drop
     new = [r for r in build_references(documents, codec, model.config.ref_len) if r.id not in known]
     if not new:
         raise CorpusError(f"{', '.join(map(str, files))}: every reference is already in release {parent!r}")
@@ -135,7 +142,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
         if manifest.parent != parent:
             return f"derived from {manifest.parent!r}, not {parent!r}"
         there = set(Release.open(store, name, cache_dir, only=()).by_id)
-        asked = set(known) | {r.id for r in new}
+        asked = known | {r.id for r in new}
         return None if there == asked else (f"{len(asked - there)} of the references asked for are not there, "
                                             f"{len(there - asked)} others are")
     if already_published(store, name, exist_ok=exist_ok, differs=differs):
@@ -144,11 +151,13 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
         return read_manifest(store, name)
     embedder = embedder or Embedder()
     provenance = {**base.manifest.provenance, "parent": parent, "added_files": [str(f) for f in files],
-                  "added_references": len(new), "commit": git_commit()}
-    print(f"adding {len(new)} references to {parent!r} as {name!r}", file=sys.stderr)
+                  "added_references": len(new), "removed_references": len(drop), "commit": git_commit()}
+    print(f"adding {len(new)} references to {parent!r} as {name!r}"
+          + (f", without {len(drop)} of its own" if drop else ""), file=sys.stderr)
     return publish_release(store, name, model=model, codec=codec, references=new, embed=embedder.embed,
                            embedder_name=embedder.name, memory_codec=base.memory_codec(), provenance=provenance,
-                           parent_index=base.index(), parent_references=base.references, parent=parent,
+                           parent_index=base.index().without(drop) if drop else base.index(),
+                           parent_references=[r for r in base.references if r["id"] not in drop], parent=parent,
                            progress=progress)
 
 

@@ -7,7 +7,7 @@ from memory3.services.cli.main import main
 from memory3.services.release.catalog import plan_deletion, read_catalog
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
-from memory3.services.trainer.releases import kb_remove, references_to_remove
+from memory3.services.trainer.releases import kb_add, kb_remove, references_to_remove
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +64,32 @@ def test_kb_remove_command_lists_what_goes_and_publishes_nothing_on_a_dry_run(bu
     assert "release no-skarn (from base): 10 memories, 2 references removed" in capsys.readouterr().out
     assert main(["kb", "remove", "--release", "base", "--match", "Atlantis", *store]) == 2
     assert "contains 'Atlantis'" in capsys.readouterr().err
+
+
+def test_a_fact_corrected_in_one_release_by_kb_add_with_removals(bucket, tmp_path, monkeypatch, capsys):
+    embedder = Embedder()
+    build_random_release(bucket, "base", embedder=embedder)
+    base = Release.open(bucket, "base", tmp_path / "cache")
+    old = references_to_remove(base, matches=["Tomas Quell"])
+    fix = tmp_path / "fix.txt"
+    fix.write_text("Tomas Quell has kept the lighthouse at Skarn Point since 2001.\n")
+    manifest = kb_add(bucket, "base", [fix], "base-fixed", tmp_path / "cache", remove_matches=["Tomas Quell"],
+                      embedder=embedder, progress=False)
+    assert manifest.parent == "base" and manifest.provenance["removed_references"] == len(old) == 1
+    fixed = Release.open(bucket, "base-fixed", tmp_path / "cache")
+    ids = list(fixed.by_id)
+    assert old[0]["id"] not in ids and len(ids) == len(base.references)
+    assert [r["text"] for r in fixed.references if "Tomas Quell" in r["text"]] == [fix.read_text().strip()]
+    texts = [fixed.by_id[i]["text"] for i in ids]
+    assert [hits[0][0] for hits in fixed.index().search(embedder.embed(texts), 1)] == ids
+    assert len(fixed.fetch_memories(ids)) == len(ids)
+
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    store = ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cli")]
+    assert main(["kb", "add", str(fix), "--release", "base", "--remove-match", "Tomas Quell", "--name", "cli-fixed",
+                 *store]) == 0
+    assert "release cli-fixed (from base): 12 memories, 1 references removed" in capsys.readouterr().out
+    assert main(["kb", "add", str(fix), "--release", "base", "--remove-id", "nope", *store]) == 2
+    assert "has no reference 'nope'" in capsys.readouterr().err
