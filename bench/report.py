@@ -81,6 +81,19 @@ def render_table(results_dir: Path) -> str:
         hit_rate = serving.get("on_off", {}).get("decoder_memory_cache_hit_rate")
         if hit_rate is not None:
             rows.append(f"| | decoder's cache of decoded memories: hit rate | {hit_rate:.3f} | |")
+    index = _load(results_dir / "index.json")
+    if index:
+        p, kinds, summary = index["protocol"], index["kinds"], index["summary"]
+        ivf = kinds[f"ivfpq_nprobe{summary['ivfpq_nprobe']}"]
+        rows += [
+            f"| index ({p['references']:,} references, {p['questions']} questions) | question's own reference "
+            f"in the 5 retrieved: flat / HNSW / IVF-PQ | {kinds['flat']['hit_at_5']:.3f} / "
+            f"{kinds['hnsw']['hit_at_5']:.3f} / {ivf['hit_at_5']:.3f} | |",
+            f"| | IVF-PQ ({ivf['nlist']} lists, nprobe {ivf['nprobe']}) / flat: found / bytes | "
+            f"{summary['ivfpq_hit_at_5_over_flat']:.3f} / {summary['ivfpq_bytes_over_flat']:.3f} | |",
+            f"| | query time: flat / HNSW / IVF-PQ | {kinds['flat']['query_ms']:.2f} / "
+            f"{kinds['hnsw']['query_ms']:.2f} / {ivf['query_ms']:.2f} ms | |",
+        ]
     quality = _load(results_dir / "quality.json")
     if quality:
         first = quality["first_hit_only"]

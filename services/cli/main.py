@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     sto.add_argument("--vq-niter", type=int, default=10, help="k-means iterations when training the VQ codec")
     sto.add_argument("--json", type=Path, required=True)
     sto.add_argument("--readme", type=Path, default=None)
+    idx = bench_sub.add_parser("index", help="how often each kind of vector index (flat, HNSW, IVF-PQ) finds a "
+                                             "question's own reference, its size and its query time")
+    idx.add_argument("--references", type=int, default=60_000, help="references embedded and indexed")
+    idx.add_argument("--questions", type=int, default=1000)
+    idx.add_argument("--json", type=Path, required=True)
+    idx.add_argument("--readme", type=Path, default=None)
     qual = bench_sub.add_parser("quality", help="exact match on knowledge-base-only facts: none / memory / RAG")
     qual.add_argument("--release", required=True)
     qual.add_argument("--questions", type=int, default=300)
@@ -476,6 +482,9 @@ def _bench(args: argparse.Namespace) -> int:
         from memory3.bench.decode import run_decode_bench
         result = run_decode_bench(preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,
                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
+    elif args.bench_kind == "index":
+        from memory3.bench.index import run_index_bench
+        result = run_index_bench(references=args.references, questions=args.questions)
     elif args.bench_kind == "quality":
         from memory3.bench.quality import run_quality_bench
         result = run_quality_bench(s3_config(args, local_stack=True), args.release, cache_dir=args.cache_dir,

@@ -1,8 +1,19 @@
 """The vector index over reference embeddings (FAISS, inner product on unit vectors = cosine).
 
-Small knowledge bases use an exact flat index; past `HNSW_THRESHOLD` vectors an HNSW graph keeps
-queries fast. The index maps FAISS row numbers to reference ids through the row order of the
-references table it was built with; it is stored with `faiss.serialize_index` (bytes, no pickle).
+The kind follows the knowledge base's size, so that queries stay fast and the index fits one
+text-service replica's RAM:
+
+- below `HNSW_THRESHOLD` vectors, an exact flat index;
+- below `IVFPQ_THRESHOLD`, an HNSW graph over the full vectors (1.5 KiB a vector at 384 dims, with
+  the graph: about 17 GB at 10^7);
+- from there, IVF-PQ: an inverted file of `nlist` lists (about 4·sqrt(N), a power of two) whose
+  vectors are product-quantised to `dim / 8` bytes each (48 B at 384 dims, 56 B with its id: about
+  6 GB at 10^8), searched over `IVF_NPROBE` lists. It is trained on a sample of at most 64 vectors
+  a list. Its vectors are approximations, so `vectors_of` returns them decoded; removing references
+  copies the kept codes as they are, without decoding or training again.
+
+The index maps FAISS row numbers to reference ids through the row order of the references table it
+was built with; it is stored with `faiss.serialize_index` (bytes, no pickle), `nprobe` included.
 """
 
 from __future__ import annotations
@@ -12,6 +23,24 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 HNSW_THRESHOLD = 200_000
+IVFPQ_THRESHOLD = 5_000_000
+# Graph breadth when building and searching an HNSW index. On the questions of `memory3 bench index`
+# over 20,000 references, FAISS's defaults (40, 16) found the question's own reference among the 5
+# best for 87% of questions where the exact index found it for 99.7%; 100 and 256 found it for 98%,
+# at 0.46 ms a query. At 60,000 these give 0.938 against exact 0.972 (bench/results/index.json).
+HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 128, 256
+IVF_NPROBE = 128  # lists an IVF-PQ search visits (bench/results/index.json)
+IVF_TRAIN_PER_LIST = 64  # sample vectors per list to train on (FAISS asks for at least 39)
+KINDS = ("flat", "hnsw", "ivfpq")
+
+
+def kind_for(count: int) -> str:
+    return "flat" if count < HNSW_THRESHOLD else "hnsw" if count < IVFPQ_THRESHOLD else "ivfpq"
+
+
+def ivf_lists(count: int) -> int:
+    """About 4·sqrt(N) lists, a power of two in [16, 65536]."""
+    return int(min(65536, max(16, 2 ** round(np.log2(4 * np.sqrt(max(count, 1)))))))
 
 
 class VectorIndex:
@@ -22,13 +51,33 @@ class VectorIndex:
         self.ids = list(ids)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: Sequence[str]) -> VectorIndex:
+    def build(cls, vectors: np.ndarray, ids: Sequence[str], *, kind: str | None = None, nprobe: int = IVF_NPROBE,
+              nlist: int | None = None, seed: int = 0) -> VectorIndex:
+        """An index of `vectors` (unit rows, (N, dim)) of the kind their number calls for, or `kind`
+        (IVF-PQ with `ivf_lists(N)` lists unless `nlist` is given)."""
         import faiss
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        dim = vectors.shape[1]
-        index = faiss.IndexFlatIP(dim) if len(vectors) < HNSW_THRESHOLD else faiss.IndexHNSWFlat(
-            dim, 32, faiss.METRIC_INNER_PRODUCT)
+        count, dim = vectors.shape
+        kind = kind or kind_for(count)
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
+        elif kind == "ivfpq":
+            if dim % 8:
+                raise ValueError(f"an IVF-PQ index needs a dimension divisible by 8, got {dim}")
+            nlist = nlist or ivf_lists(count)
+            if count < 39 * nlist:
+                raise ValueError(f"an IVF-PQ index of {nlist} lists trains on at least {39 * nlist} vectors, "
+                                 f"got {count}")
+            index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, dim // 8, 8, faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(seed).choice(count, min(count, IVF_TRAIN_PER_LIST * nlist), replace=False)
+            index.train(vectors[np.sort(sample)])
+            index.nprobe = min(nprobe, nlist)
+        else:
+            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
         index.add(vectors)
         return cls(index, ids)
 
@@ -43,14 +92,50 @@ class VectorIndex:
         if missing:
             raise KeyError(f"the index has no vector for reference {missing[0]!r}")
         rows = np.fromiter((row_of[rid] for rid in ids), dtype=np.int64, count=len(ids))
+        if self._ivf() is not None:
+            self._ivf().make_direct_map()  # row -> (list, offset); a no-op once made
         return self.index.reconstruct_batch(rows).reshape(len(ids), self.index.d)
 
     def without(self, drop: Collection[str]) -> VectorIndex:
-        """A new index of every vector but those of `drop`, in the same order, rebuilt from the
-        stored vectors (an HNSW graph cannot remove a node)."""
+        """A new index of every vector but those of `drop`, in the same order: rebuilt from the
+        stored vectors (an HNSW graph cannot remove a node), or for IVF-PQ from the kept codes."""
         keep = [row for row, rid in enumerate(self.ids) if rid not in drop]
+        kept_ids = [self.ids[row] for row in keep]
+        if self._ivf() is not None:
+            return VectorIndex(self._ivf_keeping(np.asarray(keep, dtype=np.int64)), kept_ids)
         vectors = self.index.reconstruct_n(0, self.index.ntotal)[keep]  # (N_kept, dim)
-        return VectorIndex.build(vectors, [self.ids[row] for row in keep])
+        return VectorIndex.build(vectors, kept_ids)
+
+    def _ivf(self):
+        import faiss
+
+        return self.index if isinstance(self.index, faiss.IndexIVF) else None
+
+    def _ivf_keeping(self, keep: np.ndarray):
+        """A copy of this IVF index (its trained quantizers) holding only the rows `keep`, renumbered
+        0.. in their order, each with its own list and code."""
+        import faiss
+
+        old = self.index
+        new = faiss.clone_index(old)
+        new.reset()
+        new.make_direct_map(False)
+        renumber = np.full(old.ntotal, -1, dtype=np.int64)
+        renumber[keep] = np.arange(len(keep), dtype=np.int64)
+        lists, code_size = old.invlists, old.invlists.code_size
+        for list_no in range(old.nlist):
+            size = lists.list_size(list_no)
+            if size == 0:
+                continue
+            rows = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * code_size).copy().reshape(size, code_size)
+            kept = renumber[rows] >= 0
+            if kept.any():
+                new_rows = np.ascontiguousarray(renumber[rows[kept]])
+                new_codes = np.ascontiguousarray(codes[kept])
+                new.invlists.add_entries(list_no, int(kept.sum()), faiss.swig_ptr(new_rows), faiss.swig_ptr(new_codes))
+        new.ntotal = len(keep)
+        return new
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """(Q, dim) unit vectors -> per query, up to k (reference id, cosine) best first."""
@@ -69,4 +154,7 @@ class VectorIndex:
     def from_bytes(cls, data: bytes, ids: Sequence[str]) -> VectorIndex:
         import faiss
 
-        return cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), ids)
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if isinstance(index, faiss.IndexHNSW):  # a graph stored with a narrower search, e.g. FAISS's default
+            index.hnsw.efSearch = max(index.hnsw.efSearch, HNSW_EF_SEARCH)
+        return cls(index, ids)

@@ -92,3 +92,20 @@ def test_median_interval_holds_the_median_and_narrows_with_more_rounds():
         widths.append(high - low)
     assert widths[1] < widths[0]
     assert median_interval([0.9] * 5) == [0.9, 0.9]
+
+
+def test_index_bench_scores_every_kind_on_the_same_questions(tmp_path):
+    from memory3.bench.index import run_index_bench
+
+    result = run_index_bench(references=600, questions=30, nprobes=(4, 8), nlist=8, log=lambda _msg: None)
+    kinds = result["kinds"]
+    assert set(kinds) == {"flat", "hnsw", "ivfpq_nprobe4", "ivfpq_nprobe8"}
+    assert kinds["flat"]["overlap_at_5"] == 1.0  # the exact index is the reference
+    assert all(0.0 <= k["hit_at_1"] <= k["hit_at_5"] <= 1.0 for k in kinds.values())
+    assert kinds["ivfpq_nprobe8"]["bytes_per_vector"] < kinds["flat"]["bytes_per_vector"]
+    assert result["summary"]["ivfpq_nprobe"] == 8
+    assert result["summary"]["ivfpq_hit_at_5_over_flat"] == kinds["ivfpq_nprobe8"]["hit_at_5"] / kinds["flat"][
+        "hit_at_5"]
+    write_json(result, tmp_path / "index.json")
+    table = render_table(tmp_path)
+    assert "IVF-PQ (8 lists, nprobe 8) / flat" in table
