@@ -7,8 +7,7 @@
 
 `rediss+sentinel://` and `rediss+cluster://` speak TLS to the data nodes. The password is the data
 nodes'; Sentinels that require their own take `?sentinel_password=…` (the URL is a secret either way).
-redis-py has no URL form for Sentinel or Cluster, so these two schemes are ours; they follow the
-`redis+sentinel` scheme that other clients (go-redis, Lettuce's `redis-sentinel`) use.
+redis-py has no URL form for Sentinel or Cluster, so these two schemes are ours.
 """
 
 from __future__ import annotations
