@@ -98,7 +98,12 @@ def debian_documents(sources: tuple[str, ...] = tuple(DEBIAN_SOURCES)) -> Iterat
 
 
 def read_corpus_file(path: str | Path, *, max_document_bytes: int = MAX_DOCUMENT_BYTES) -> list[tuple[str, str]]:
-    """A user's UTF-8 text file -> (source, document) pairs; documents are separated by blank lines."""
+    """A user's UTF-8 file -> (source, document) pairs.
+
+    Plain text: documents are separated by blank lines, and the file is their source. JSON Lines
+    (`.jsonl`): one object a line, `{"text": ..., "source": ...}`, each a document with its own
+    source (default: the file and line), for documents that hold blank lines or come from many places.
+    """
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such file")
@@ -111,12 +116,35 @@ def read_corpus_file(path: str | Path, *, max_document_bytes: int = MAX_DOCUMENT
                           "convert it, e.g. with iconv -t UTF-8") from e
     if "\x00" in text:
         raise CorpusError(f"{path}: contains NUL bytes; is it a binary file?")
-    documents = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+    if path.suffix == ".jsonl":
+        documents = _json_lines_documents(path, text)
+    else:
+        documents = [(str(path), d.strip()) for d in re.split(r"\n\s*\n", text) if d.strip()]
     if not documents:
         raise CorpusError(f"{path}: no text (the file is empty or holds only whitespace)")
-    for i, doc in enumerate(documents):
+    for i, (_, doc) in enumerate(documents):
         size = len(doc.encode("utf-8"))
         if size > max_document_bytes:
             raise CorpusError(f"{path}: document {i + 1} is {size} bytes, over the {max_document_bytes}-byte limit; "
-                              "separate it into smaller documents with blank lines")
-    return [(str(path), doc) for doc in documents]
+                              "split it into smaller documents")
+    return documents
+
+
+def _json_lines_documents(path: Path, text: str) -> list[tuple[str, str]]:
+    import json
+
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}: line {number} is not JSON ({e.msg})") from e
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"].strip():
+            raise CorpusError(f'{path}: line {number} must be an object with a non-empty string "text"')
+        source = item.get("source", f"{path}:{number}")
+        if not isinstance(source, str):
+            raise CorpusError(f'{path}: line {number}: "source" must be a string')
+        documents.append((source, item["text"].strip()))
+    return documents

@@ -1,9 +1,10 @@
-"""Training jobs behind the TrainerService: protocol-neutral, asyncio.
+"""Training and knowledge jobs behind the TrainerService: protocol-neutral, asyncio.
 
-A job runs `memory3 train --events` in a child process (the same code as the CLI), one job at a
-time; its JSON-lines progress becomes the job's event history, which any number of watchers
-replay and then follow. Cancelling terminates the child; its checkpoints stay, so submitting the
-same spec again resumes.
+A training job runs `memory3 train --events` in a child process (the same code as the CLI), one
+job at a time; its JSON-lines progress becomes the job's event history, which any number of
+watchers replay and then follow. Cancelling terminates the child; its checkpoints stay, so
+submitting the same spec again resumes. A knowledge job runs `memory3 kb add` (or `kb remove`)
+the same way, on documents the request carried, written to the job's directory as JSON Lines.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import uuid
 from collections import deque
@@ -62,10 +64,42 @@ class TrainingJobSpec:
             raise InvalidInput(f"attention_weight is {self.attention_weight}; give a finite number >= 0")
 
 
+MAX_KNOWLEDGE_BYTES = 64 << 20  # documents of one knowledge job
+
+
+@dataclass(frozen=True)
+class KnowledgeJobSpec:
+    release: str
+    parent: str
+    documents: tuple[tuple[str, str], ...] = ()  # (source, text)
+    remove_ids: tuple[str, ...] = ()
+    remove_matches: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        for what, name in (("release", self.release), ("parent", self.parent)):
+            try:
+                check_release_name(name)
+            except ReleaseError as e:
+                raise InvalidInput(f"{what}: {e}") from e
+        if self.release == self.parent:
+            raise InvalidInput(f"release and parent are both {self.release!r}: releases are immutable, name a new one")
+        if not (self.documents or self.remove_ids or self.remove_matches):
+            raise InvalidInput("give documents to add, or references to remove (remove_ids, remove_matches)")
+        empty = [i for i, (_, text) in enumerate(self.documents) if not text.strip()]
+        if empty:
+            raise InvalidInput(f"documents[{empty[0]}] has no text")
+        if any(not m for m in self.remove_matches):
+            raise InvalidInput("remove_matches holds an empty text, which would match every reference")
+        size = sum(len(text.encode()) + len(source.encode()) for source, text in self.documents)
+        if size > MAX_KNOWLEDGE_BYTES:
+            raise InvalidInput(f"the documents hold {size} bytes, over the {MAX_KNOWLEDGE_BYTES}-byte limit of one "
+                               "job; submit them in several jobs and merge the releases (`memory3 kb merge`)")
+
+
 @dataclass
 class Job:
     id: str
-    spec: TrainingJobSpec
+    spec: TrainingJobSpec | KnowledgeJobSpec
     state: str = QUEUED
     events: list[dict] = field(default_factory=list)
     release: str | None = None
@@ -99,12 +133,15 @@ class TrainingJobManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.worker
 
-    async def submit(self, spec: TrainingJobSpec) -> str:
+    async def submit(self, spec: TrainingJobSpec | KnowledgeJobSpec) -> str:
         spec.validate()
         if any(j.spec.release == spec.release and j.state not in TERMINAL for j in self.jobs.values()):
             raise AlreadyExists(f"a job for release {spec.release!r} is already queued or running")
         if await asyncio.to_thread(self.store.exists, release_key(spec.release, "manifest.json")):
             raise AlreadyExists(f"release {spec.release!r} already exists; releases are immutable")
+        if isinstance(spec, KnowledgeJobSpec) and not await asyncio.to_thread(
+                self.store.exists, release_key(spec.parent, "manifest.json")):
+            raise NotFound(f"parent release {spec.parent!r} does not exist (no manifest in bucket {self.s3.bucket})")
         if self.queue.qsize() >= self.max_queued:
             raise ResourceExhausted(f"{self.max_queued} jobs are already queued; try again later")
         job = Job(id=uuid.uuid4().hex[:12], spec=spec)
@@ -170,11 +207,29 @@ class TrainingJobManager:
             if job.state == QUEUED:
                 await self._run(job)
 
-    def _command(self, spec: TrainingJobSpec) -> list[str]:
+    def _job_dir(self, job: Job) -> Path:
+        """A knowledge job's files ("_" starts no release name, so no training run's work dir)."""
+        return self.work_root / "_knowledge" / job.id
+
+    def _command(self, job: Job) -> list[str]:
+        spec = job.spec
+        store = ["--s3-endpoint", self.s3.endpoint, "--s3-bucket", self.s3.bucket]
+        if isinstance(spec, KnowledgeJobSpec):
+            cli = [self.python, "-m", "memory3.services.cli.main", "kb"]
+            where = ["--release", spec.parent, "--name", spec.release, *store,
+                     "--cache-dir", str(self.work_root / "_releases")]
+            if not spec.documents:
+                return [*cli, "remove", *where, *(a for i in spec.remove_ids for a in ("--id", i)),
+                        *(a for m in spec.remove_matches for a in ("--match", m))]
+            documents = self._job_dir(job) / "documents.jsonl"
+            documents.parent.mkdir(parents=True, exist_ok=True)
+            documents.write_text("".join(json.dumps({"text": text, "source": source or f"document {i + 1}"}) + "\n"
+                                         for i, (source, text) in enumerate(spec.documents)), encoding="utf-8")
+            return [*cli, "add", str(documents), *where, *(a for i in spec.remove_ids for a in ("--remove-id", i)),
+                    *(a for m in spec.remove_matches for a in ("--remove-match", m))]
         cmd = [self.python, "-m", "memory3.services.cli.main", "train", "--release", spec.release,
                "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec, "--events",
-               "--work-dir", str(self.work_root / spec.release), "--s3-endpoint", self.s3.endpoint,
-               "--s3-bucket", self.s3.bucket]
+               "--work-dir", str(self.work_root / spec.release), *store]
         if spec.bf16 is not None:
             cmd.append("--bf16" if spec.bf16 else "--no-bf16")
         if spec.stage3_steps is not None:
@@ -189,7 +244,7 @@ class TrainingJobManager:
         job.state = RUNNING
         await job.publish({"message": "started"})
         job.process = await asyncio.create_subprocess_exec(
-            *self._command(job.spec), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+            *self._command(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
         stderr_tail: deque[str] = deque(maxlen=20)
 
         async def drain_stderr() -> None:
@@ -207,13 +262,15 @@ class TrainingJobManager:
             await job.publish(event)
         code = await job.process.wait()
         await drain
+        shutil.rmtree(self._job_dir(job), ignore_errors=True)  # the documents are in the release, or refused
         if job.state == CANCELLED:
             return
         if code == 0:
             job.state = SUCCEEDED
+            job.release = job.release or job.spec.release
             await job.publish({"message": "release published", "release": job.release})
         else:
             job.state = FAILED
             reason = next((line for line in reversed(stderr_tail) if "error" in line.lower()), None)
-            await job.publish({"message": reason or f"training exited with code {code}: "
+            await job.publish({"message": reason or f"the job exited with code {code}: "
                                + " | ".join(list(stderr_tail)[-3:])})

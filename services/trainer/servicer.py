@@ -6,7 +6,16 @@ from memory3.v1 import trainer_service_pb2 as pb
 from memory3.v1 import trainer_service_pb2_grpc as pb_grpc
 
 from ..rpc.errors import InvalidInput, rpc_errors
-from .engine import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TrainingJobManager, TrainingJobSpec
+from .engine import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    KnowledgeJobSpec,
+    TrainingJobManager,
+    TrainingJobSpec,
+)
 
 STATES = {QUEUED: pb.JOB_STATE_QUEUED, RUNNING: pb.JOB_STATE_RUNNING, SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
           FAILED: pb.JOB_STATE_FAILED, CANCELLED: pb.JOB_STATE_CANCELLED}
@@ -21,6 +30,15 @@ def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
                            bf16=spec.bf16 if spec.HasField("bf16") else None,
                            stage3_steps=spec.stage3_steps if spec.HasField("stage3_steps") else None,
                            attention_weight=spec.attention_weight if spec.HasField("attention_weight") else None)
+
+
+def knowledge_spec_from_proto(spec: pb.KnowledgeSpec) -> KnowledgeJobSpec:
+    if not spec.release or not spec.parent:
+        raise InvalidInput("spec.release and spec.parent are required: the release to publish and the one it "
+                           "derives from")
+    return KnowledgeJobSpec(release=spec.release, parent=spec.parent,
+                            documents=tuple((d.source, d.text) for d in spec.documents),
+                            remove_ids=tuple(spec.remove_ids), remove_matches=tuple(spec.remove_matches))
 
 
 def event_to_proto(job_id: str, event: dict) -> pb.WatchTrainingJobResponse:
@@ -42,6 +60,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def SubmitTrainingJob(self, request, context):  # noqa: N802 - gRPC method name
         job_id = await self.engine.submit(spec_from_proto(request.spec))
         return pb.SubmitTrainingJobResponse(job_id=job_id)
+
+    @rpc_errors
+    async def SubmitKnowledgeJob(self, request, context):  # noqa: N802
+        job_id = await self.engine.submit(knowledge_spec_from_proto(request.spec))
+        return pb.SubmitKnowledgeJobResponse(job_id=job_id)
 
     @rpc_errors
     async def WatchTrainingJob(self, request, context):  # noqa: N802

@@ -1,4 +1,5 @@
-"""TrainerService over real gRPC: submit a quick job, watch it to the published release, errors."""
+"""TrainerService over real gRPC: submit a quick training job or knowledge jobs, watch them to the
+published release, errors."""
 
 import asyncio
 import dataclasses
@@ -6,7 +7,10 @@ import dataclasses
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from release_fixtures import build_random_release
 
+from memory3.services.release.reader import Release
+from memory3.services.storage.object_store import ObjectStore
 from memory3.services.trainer.server import start_trainer_server
 from memory3.v1 import trainer_service_pb2 as pb
 from memory3.v1 import trainer_service_pb2_grpc as pb_grpc
@@ -83,3 +87,64 @@ async def scenario(s3, work_root):
 def test_trainer_service_end_to_end(local_s3, tmp_path):
     # A bucket of its own: what it deletes and lists must not depend on other tests' releases.
     asyncio.run(scenario(dataclasses.replace(local_s3.config, bucket="trainer-service"), tmp_path / "runs"))
+
+
+async def knowledge_scenario(s3, work_root, store):
+    build_random_release(store, "kb-base")
+    server, engine = await start_trainer_server(s3, work_root)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.TrainerServiceStub(channel)
+
+            async def refused(spec: pb.KnowledgeSpec) -> grpc.aio.AioRpcError:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await stub.SubmitKnowledgeJob(pb.SubmitKnowledgeJobRequest(spec=spec))
+                return error.value
+
+            for spec, code, words in (
+                    (pb.KnowledgeSpec(release="kb-x"), grpc.StatusCode.INVALID_ARGUMENT, "spec.parent are required"),
+                    (pb.KnowledgeSpec(release="kb-x", parent="kb-base"), grpc.StatusCode.INVALID_ARGUMENT,
+                     "give documents to add"),
+                    (pb.KnowledgeSpec(release="kb-x", parent="kb-base", documents=[pb.Document(text=" ")]),
+                     grpc.StatusCode.INVALID_ARGUMENT, "documents[0] has no text"),
+                    (pb.KnowledgeSpec(release="kb-x", parent="kb-nope", remove_ids=["a"]), grpc.StatusCode.NOT_FOUND,
+                     "parent release 'kb-nope' does not exist"),
+                    (pb.KnowledgeSpec(release="kb-base", parent="kb-base", remove_ids=["a"]),
+                     grpc.StatusCode.INVALID_ARGUMENT, "release and parent are both 'kb-base'")):
+                error = await refused(spec)
+                assert error.code() == code and words in error.details(), error.details()
+
+            # A fact corrected in one release: its old statement out, the new one in, with its source.
+            spec = pb.KnowledgeSpec(release="kb-fixed", parent="kb-base", remove_matches=["Tomas Quell"], documents=[
+                pb.Document(text="Tomas Quell has kept the lighthouse at Skarn Point since 2001.", source="log/2001")])
+            job = (await stub.SubmitKnowledgeJob(pb.SubmitKnowledgeJobRequest(spec=spec))).job_id
+            events = [e async for e in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job))]
+            assert events[-1].state == pb.JOB_STATE_SUCCEEDED, [e.message for e in events]
+            assert events[-1].release == "kb-fixed"
+            again = await refused(spec)
+            assert again.code() == grpc.StatusCode.ALREADY_EXISTS and "already exists" in again.details()
+            removal = (await stub.SubmitKnowledgeJob(pb.SubmitKnowledgeJobRequest(spec=pb.KnowledgeSpec(
+                release="kb-no-pemberlyn", parent="kb-fixed", remove_matches=["Pemberlyn"])))).job_id
+            events = [e async for e in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=removal))]
+            assert events[-1].state == pb.JOB_STATE_SUCCEEDED, [e.message for e in events]
+            failing = (await stub.SubmitKnowledgeJob(pb.SubmitKnowledgeJobRequest(spec=pb.KnowledgeSpec(
+                release="kb-failing", parent="kb-base", remove_ids=["no-such-id"])))).job_id
+            events = [e async for e in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=failing))]
+            assert events[-1].state == pb.JOB_STATE_FAILED and "no reference 'no-such-id'" in events[-1].message
+    finally:
+        await server.stop([engine.stop])
+    fixed = Release.open(store, "kb-fixed", work_root / "check")
+    quell = [r for r in fixed.references if "Tomas Quell" in r["text"]]
+    assert [(r["text"], r["source"]) for r in quell] == [
+        ("Tomas Quell has kept the lighthouse at Skarn Point since 2001.", "log/2001")]
+    assert fixed.manifest.parent == "kb-base" and len(fixed.references) == 12
+    smaller = Release.open(store, "kb-no-pemberlyn", work_root / "check")
+    assert smaller.manifest.parent == "kb-fixed" and not any("Pemberlyn" in r["text"] for r in smaller.references)
+    assert not (work_root / "_knowledge").exists() or not any((work_root / "_knowledge").iterdir())
+
+
+def test_knowledge_jobs_add_and_remove_references_without_retraining(local_s3, tmp_path):
+    s3 = dataclasses.replace(local_s3.config, bucket="trainer-knowledge")
+    store = ObjectStore(s3)
+    store.ensure_bucket()
+    asyncio.run(knowledge_scenario(s3, tmp_path / "runs", store))

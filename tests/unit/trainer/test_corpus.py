@@ -27,6 +27,26 @@ def test_bad_corpus_files_are_rejected_with_what_to_fix(tmp_path, content, messa
         read_corpus_file(f)
 
 
+def test_json_lines_documents_keep_their_sources_and_blank_lines(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"text": "A first.\\n\\nStill the first.", "source": "wiki/First"}\n\n'
+                 '{"text": "  A second.  "}\n', encoding="utf-8")
+    assert read_corpus_file(f) == [("wiki/First", "A first.\n\nStill the first."), (f"{f}:3", "A second.")]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("{not json", "line 2 is not JSON"),
+    ('["a list"]', 'line 2 must be an object with a non-empty string "text"'),
+    ('{"text": "  "}', 'line 2 must be an object with a non-empty string "text"'),
+    ('{"text": "ok", "source": 3}', 'line 2: "source" must be a string'),
+])
+def test_bad_json_lines_say_which_line(tmp_path, line, message):
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"text": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=message):
+        read_corpus_file(f)
+
+
 def test_oversize_documents_and_missing_files(tmp_path):
     f = tmp_path / "big.txt"
     f.write_text("small\n\n" + "x" * 2000, encoding="utf-8")
