@@ -1,21 +1,51 @@
-"""A TrainerService job spec becomes the same `memory3 train` command line a user would type."""
+"""A TrainerService job spec becomes the same `memory3 train` (or `memory3 kb`) command line a user
+would type."""
 
 import pytest
 
 from memory3.services.cli.main import build_parser
 from memory3.services.rpc.errors import InvalidInput
 from memory3.services.storage.object_store import S3Config
-from memory3.services.trainer.engine import TrainingJobManager, TrainingJobSpec
-from memory3.services.trainer.servicer import spec_from_proto
+from memory3.services.trainer.engine import Job, KnowledgeJobSpec, TrainingJobManager, TrainingJobSpec
+from memory3.services.trainer.servicer import knowledge_spec_from_proto, spec_from_proto
 from memory3.v1 import trainer_service_pb2 as pb
 
 
-def train_args(spec: TrainingJobSpec, tmp_path):
+def train_args(spec: TrainingJobSpec | KnowledgeJobSpec, tmp_path):
     s3 = S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s")
     manager = TrainingJobManager(s3, tmp_path, python="python")
-    cmd = manager._command(spec)
+    cmd = manager._command(Job(id="job1", spec=spec))
     assert cmd[:3] == ["python", "-m", "memory3.services.cli.main"]
     return build_parser().parse_args(cmd[3:])
+
+
+def test_a_knowledge_job_is_kb_add_on_its_documents_or_kb_remove_without(tmp_path):
+    import json
+
+    spec = knowledge_spec_from_proto(pb.KnowledgeSpec(
+        release="r1-fixed", parent="r1", remove_ids=["abc"], remove_matches=["Quell"],
+        documents=[pb.Document(text="A fact.\n\nWith a blank line.", source="wiki/A"), pb.Document(text="B.")]))
+    spec.validate()
+    args = train_args(spec, tmp_path)
+    assert (args.kb_command, args.release, args.name) == ("add", "r1", "r1-fixed")
+    assert (args.remove_ids, args.remove_matches) == (["abc"], ["Quell"])
+    lines = [json.loads(line) for line in args.files[0].read_text().splitlines()]
+    assert lines == [{"text": "A fact.\n\nWith a blank line.", "source": "wiki/A"},
+                     {"text": "B.", "source": "document 2"}]
+    removal = train_args(KnowledgeJobSpec(release="r2", parent="r1", remove_matches=["Quell"]), tmp_path)
+    assert (removal.kb_command, removal.matches, removal.ids) == ("remove", ["Quell"], [])
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (KnowledgeJobSpec(release="r2", parent="r1"), "give documents to add"),
+    (KnowledgeJobSpec(release="r1", parent="r1", remove_ids=("a",)), "both 'r1'"),
+    (KnowledgeJobSpec(release="R 2", parent="r1", remove_ids=("a",)), "release: invalid release name"),
+    (KnowledgeJobSpec(release="r2", parent="r1", remove_matches=("",)), "would match every reference"),
+    (KnowledgeJobSpec(release="r2", parent="r1", documents=(("s", "x" * (65 << 20)),)), "over the 67108864-byte"),
+])
+def test_a_knowledge_job_that_cannot_run_is_refused_with_what_to_fix(spec, message):
+    with pytest.raises(InvalidInput, match=message):
+        spec.validate()
 
 
 def test_bf16_and_stage3_steps_reach_the_command(tmp_path):
