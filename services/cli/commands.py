@@ -122,7 +122,8 @@ def _distributed():
 
 
 def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
-               exist_ok: bool = False, remove_ids: list[str] = (), remove_matches: list[str] = ()) -> int:
+               exist_ok: bool = False, remove_ids: list[str] = (), remove_matches: list[str] = (),
+               events: bool = False) -> int:
     import hashlib
 
     from memory3.services.storage.object_store import ObjectStore
@@ -132,11 +133,18 @@ def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_di
         removals = "\n".join([*remove_ids, *remove_matches]).encode()
         digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file()) + removals).hexdigest()[:8]
         name = f"{parent}-kb-{digest}"[:63]
+    def encoded(done: int, total: int) -> None:
+        _json_lines({"step": done, "total_steps": total, "message": "encoding memories"})
+
     manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir, exist_ok=exist_ok, remove_ids=remove_ids,
-                      remove_matches=remove_matches)
+                      remove_matches=remove_matches, progress=not events, on_encoded=encoded if events else None)
     removed = manifest.provenance.get("removed_references") or 0
-    print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories"
-          + (f", {removed} references removed" if removed else ""))
+    summary = (f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories"
+               + (f", {removed} references removed" if removed else ""))
+    if events:
+        _json_lines({"message": summary, "release": manifest.name})
+    else:
+        print(summary)
     return 0
 
 

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave out every reference of the parent whose text contains TEXT (case-sensitive; "
                              "repeatable)")
     kb_add.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
+    kb_add.add_argument("--events", action="store_true",
+                        help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
     add_s3_arguments(kb_add, local_stack=True)
     kb_remove = kb_sub.add_parser(
         "remove", help="a release without some references, as a new release (to correct a fact: remove it, "
@@ -470,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                                      dry_run=args.dry_run)
             return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
                               cache_dir=args.cache_dir, exist_ok=args.exist_ok, remove_ids=args.remove_ids,
-                              remove_matches=args.remove_matches)
+                              remove_matches=args.remove_matches, events=args.events)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -61,11 +61,13 @@ def publish_release(
     embed: Callable[[list[str]], object], embedder_name: str, memory_codec: MemoryCodec, provenance: dict,
     parent_index: VectorIndex | None = None, parent_references: Sequence[dict] = (), parent: str | None = None,
     batch_size: int = 32, progress: bool = True, log: Callable[[str], None] | None = None,
+    on_encoded: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Encode memories for `references` (new ones only, for a derived release) and publish `name`.
 
     For a release derived from `parent` (same model), `parent_references` and `parent_index` carry
-    the parent's table and index; only `references` are encoded and embedded.
+    the parent's table and index; only `references` are encoded and embedded. `on_encoded(done,
+    total)` follows the encoding, batch by batch, for programs (the bar is for people).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_release_name(name)
@@ -74,7 +76,7 @@ def publish_release(
         raise ReleaseExists(f"release {name!r} already exists; releases are immutable, choose another name")
     try:
         return _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
-                        parent_index, parent_references, parent, batch_size, progress, log)
+                        parent_index, parent_references, parent, batch_size, progress, log, on_encoded)
     except BaseException:
         # If the store is gone, the leftovers stay, invisible anyway without a manifest.
         with contextlib.suppress(StoreError):
@@ -83,7 +85,7 @@ def publish_release(
 
 
 def _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
-             parent_index, parent_references, parent, batch_size, progress, log) -> Manifest:
+             parent_index, parent_references, parent, batch_size, progress, log, on_encoded) -> Manifest:
     files: dict[str, dict] = {}
 
     def put(file: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -122,6 +124,8 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
                              "memory_bytes": len(blob)})
                 total_bytes += len(blob)
             bar.update(len(part))
+            if on_encoded is not None:
+                on_encoded(start + len(part), len(references))
         for future in uploading:
             future.result()
     bar.close()

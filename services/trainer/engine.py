@@ -225,7 +225,8 @@ class TrainingJobManager:
             documents.parent.mkdir(parents=True, exist_ok=True)
             documents.write_text("".join(json.dumps({"text": text, "source": source or f"document {i + 1}"}) + "\n"
                                          for i, (source, text) in enumerate(spec.documents)), encoding="utf-8")
-            return [*cli, "add", str(documents), *where, *(a for i in spec.remove_ids for a in ("--remove-id", i)),
+            return [*cli, "add", str(documents), "--events", *where,
+                    *(a for i in spec.remove_ids for a in ("--remove-id", i)),
                     *(a for m in spec.remove_matches for a in ("--remove-match", m))]
         cmd = [self.python, "-m", "memory3.services.cli.main", "train", "--release", spec.release,
                "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec, "--events",

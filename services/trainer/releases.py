@@ -115,7 +115,8 @@ def differs_from_merge(parent: str, derived: Sequence[str]) -> Callable[[Manifes
 
 def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, cache_dir: Path, *,
            remove_ids: Collection[str] = (), remove_matches: Collection[str] = (), embedder: Embedder | None = None,
-           progress: bool = True, exist_ok: bool = False) -> Manifest:
+           progress: bool = True, exist_ok: bool = False,
+           on_encoded: Callable[[int, int], None] | None = None) -> Manifest:
     """New documents become references, memories and index entries of a release derived from `parent`.
 
     The model is the parent's, unchanged: knowledge is added without retraining. The parent's
@@ -158,7 +159,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
                            embedder_name=embedder.name, memory_codec=base.memory_codec(), provenance=provenance,
                            parent_index=base.index().without(drop) if drop else base.index(),
                            parent_references=[r for r in base.references if r["id"] not in drop], parent=parent,
-                           progress=progress)
+                           progress=progress, on_encoded=on_encoded)
 
 
 def references_to_remove(release: Release, *, ids: Collection[str] = (), matches: Collection[str] = ()) -> list[dict]:

@@ -121,6 +121,8 @@ async def knowledge_scenario(s3, work_root, store):
             events = [e async for e in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job))]
             assert events[-1].state == pb.JOB_STATE_SUCCEEDED, [e.message for e in events]
             assert events[-1].release == "kb-fixed"
+            encoding = [e for e in events if e.message == "encoding memories"]
+            assert [(e.step, e.total_steps) for e in encoding] == [(1, 1)]  # one new reference, one batch
             again = await refused(spec)
             assert again.code() == grpc.StatusCode.ALREADY_EXISTS and "already exists" in again.details()
             removal = (await stub.SubmitKnowledgeJob(pb.SubmitKnowledgeJobRequest(spec=pb.KnowledgeSpec(

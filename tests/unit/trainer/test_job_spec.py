@@ -27,7 +27,7 @@ def test_a_knowledge_job_is_kb_add_on_its_documents_or_kb_remove_without(tmp_pat
         documents=[pb.Document(text="A fact.\n\nWith a blank line.", source="wiki/A"), pb.Document(text="B.")]))
     spec.validate()
     args = train_args(spec, tmp_path)
-    assert (args.kb_command, args.release, args.name) == ("add", "r1", "r1-fixed")
+    assert (args.kb_command, args.release, args.name, args.events) == ("add", "r1", "r1-fixed", True)
     assert (args.remove_ids, args.remove_matches) == (["abc"], ["Quell"])
     lines = [json.loads(line) for line in args.files[0].read_text().splitlines()]
     assert lines == [{"text": "A fact.\n\nWith a blank line.", "source": "wiki/A"},
