@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -105,6 +106,7 @@ class Job:
     release: str | None = None
     process: asyncio.subprocess.Process | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    documents: Path | None = None  # a knowledge job's documents, on disk from submission to the job's end
 
     async def publish(self, event: dict) -> None:
         async with self.changed:
@@ -145,6 +147,10 @@ class TrainingJobManager:
         if self.queue.qsize() >= self.max_queued:
             raise ResourceExhausted(f"{self.max_queued} jobs are already queued; try again later")
         job = Job(id=uuid.uuid4().hex[:12], spec=spec)
+        if isinstance(spec, KnowledgeJobSpec) and spec.documents:
+            # On disk, not in the job list that the service keeps: up to MAX_KNOWLEDGE_BYTES a job.
+            job.documents = await asyncio.to_thread(self._write_documents, job.id, spec.documents)
+            job.spec = dataclasses.replace(spec, documents=())
         self.jobs[job.id] = job
         await job.publish({"message": f"queued (position {self.queue.qsize() + 1})"})
         await self.queue.put(job)
@@ -175,6 +181,8 @@ class TrainingJobManager:
             return job.state
         if job.process is not None and job.process.returncode is None:
             job.process.terminate()
+        elif job.documents is not None:  # queued: it will not run
+            shutil.rmtree(job.documents.parent, ignore_errors=True)
         job.state = CANCELLED
         await job.publish({"message": "cancelled"})
         return job.state
@@ -207,9 +215,15 @@ class TrainingJobManager:
             if job.state == QUEUED:
                 await self._run(job)
 
-    def _job_dir(self, job: Job) -> Path:
-        """A knowledge job's files ("_" starts no release name, so no training run's work dir)."""
-        return self.work_root / "_knowledge" / job.id
+    def _write_documents(self, job_id: str, documents: tuple[tuple[str, str], ...]) -> Path:
+        """A knowledge job's documents as JSON Lines, in a directory of its own ("_" starts no
+        release name, so no training run's work dir)."""
+        path = self.work_root / "_knowledge" / job_id / "documents.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as out:
+            for i, (source, text) in enumerate(documents):
+                out.write(json.dumps({"text": text, "source": source or f"document {i + 1}"}) + "\n")
+        return path
 
     def _command(self, job: Job) -> list[str]:
         spec = job.spec
@@ -218,14 +232,10 @@ class TrainingJobManager:
             cli = [self.python, "-m", "memory3.services.cli.main", "kb"]
             where = ["--release", spec.parent, "--name", spec.release, *store,
                      "--cache-dir", str(self.work_root / "_releases")]
-            if not spec.documents:
+            if job.documents is None:
                 return [*cli, "remove", *where, *(a for i in spec.remove_ids for a in ("--id", i)),
                         *(a for m in spec.remove_matches for a in ("--match", m))]
-            documents = self._job_dir(job) / "documents.jsonl"
-            documents.parent.mkdir(parents=True, exist_ok=True)
-            documents.write_text("".join(json.dumps({"text": text, "source": source or f"document {i + 1}"}) + "\n"
-                                         for i, (source, text) in enumerate(spec.documents)), encoding="utf-8")
-            return [*cli, "add", str(documents), "--events", *where,
+            return [*cli, "add", str(job.documents), "--events", *where,
                     *(a for i in spec.remove_ids for a in ("--remove-id", i)),
                     *(a for m in spec.remove_matches for a in ("--remove-match", m))]
         cmd = [self.python, "-m", "memory3.services.cli.main", "train", "--release", spec.release,
@@ -263,7 +273,8 @@ class TrainingJobManager:
             await job.publish(event)
         code = await job.process.wait()
         await drain
-        shutil.rmtree(self._job_dir(job), ignore_errors=True)  # the documents are in the release, or refused
+        if job.documents is not None:  # they are in the release now, or were refused
+            shutil.rmtree(job.documents.parent, ignore_errors=True)
         if job.state == CANCELLED:
             return
         if code == 0:

@@ -118,6 +118,7 @@ async def knowledge_scenario(s3, work_root, store):
             spec = pb.KnowledgeSpec(release="kb-fixed", parent="kb-base", remove_matches=["Tomas Quell"], documents=[
                 pb.Document(text="Tomas Quell has kept the lighthouse at Skarn Point since 2001.", source="log/2001")])
             job = (await stub.SubmitKnowledgeJob(pb.SubmitKnowledgeJobRequest(spec=spec))).job_id
+            assert engine.jobs[job].spec.documents == ()  # on disk until the job ends, not kept in the service
             events = [e async for e in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job))]
             assert events[-1].state == pb.JOB_STATE_SUCCEEDED, [e.message for e in events]
             assert events[-1].release == "kb-fixed"

@@ -14,7 +14,10 @@ from memory3.v1 import trainer_service_pb2 as pb
 def train_args(spec: TrainingJobSpec | KnowledgeJobSpec, tmp_path):
     s3 = S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s")
     manager = TrainingJobManager(s3, tmp_path, python="python")
-    cmd = manager._command(Job(id="job1", spec=spec))
+    job = Job(id="job1", spec=spec)
+    if isinstance(spec, KnowledgeJobSpec) and spec.documents:  # as submit writes them
+        job.documents = manager._write_documents(job.id, spec.documents)
+    cmd = manager._command(job)
     assert cmd[:3] == ["python", "-m", "memory3.services.cli.main"]
     return build_parser().parse_args(cmd[3:])
 
