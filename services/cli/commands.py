@@ -121,18 +121,23 @@ def _distributed():
     return Distributed(rank=dist.get_rank(), world_size=world_size)
 
 
+def _derived_name(parent: str, kind: str, inputs: bytes) -> str:
+    """The default name of a release derived from `parent`: the same inputs give the same name."""
+    import hashlib
+
+    return f"{parent}-{kind}-{hashlib.sha256(inputs).hexdigest()[:8]}"[:63]
+
+
 def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
                exist_ok: bool = False, remove_ids: list[str] = (), remove_matches: list[str] = (),
                events: bool = False) -> int:
-    import hashlib
-
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.releases import kb_add
 
     if name is None:
         removals = "\n".join([*remove_ids, *remove_matches]).encode()
-        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file()) + removals).hexdigest()[:8]
-        name = f"{parent}-kb-{digest}"[:63]
+        name = _derived_name(parent, "kb", b"".join(f.read_bytes() for f in files if f.is_file()) + removals)
+
     def encoded(done: int, total: int) -> None:
         _json_lines({"step": done, "total_steps": total, "message": "encoding memories"})
 
@@ -150,8 +155,6 @@ def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_di
 
 def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: str | None, cache_dir: Path,
                   dry_run: bool) -> int:
-    import hashlib
-
     from memory3.services.release.reader import Release
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.releases import kb_remove, references_to_remove
@@ -166,8 +169,7 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
         print(f"dry run: {len(removed)} of the {len(base.references)} references of {parent!r} would be removed")
         return 0
     if name is None:
-        digest = hashlib.sha256("\n".join(sorted(r["id"] for r in removed)).encode()).hexdigest()[:8]
-        name = f"{parent}-rm-{digest}"[:63]
+        name = _derived_name(parent, "rm", "\n".join(sorted(r["id"] for r in removed)).encode())
     manifest = kb_remove(store, base, removed, name)
     print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories, "
           f"{len(removed)} references removed")
@@ -176,8 +178,6 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
 
 def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache_dir: Path, dry_run: bool,
                  wait_s: float, exist_ok: bool = False) -> int:
-    import hashlib
-
     from memory3.services.release.publish import INDEX_FILE
     from memory3.services.release.reader import Release, already_published, wait_for_releases
     from memory3.services.storage.object_store import ObjectStore
@@ -186,8 +186,7 @@ def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache
     if wait_s < 0:
         raise ValueError(f"--wait must be 0 or more seconds, got {wait_s:g}")
     if name is None:
-        digest = hashlib.sha256("\n".join(sorted(derived)).encode()).hexdigest()[:8]
-        name = f"{parent}-merge-{digest}"[:63]
+        name = _derived_name(parent, "merge", "\n".join(sorted(derived)).encode())
     store = ObjectStore(s3)
     # Before waiting for the derived releases: once merged, they may have been deleted.
     if not dry_run and already_published(store, name, exist_ok=exist_ok, differs=differs_from_merge(parent, derived)):
@@ -199,9 +198,8 @@ def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache
     # Of a derived release, only its table and index are read: the model is the base's.
     plan = plan_merge(base, [Release.open(store, d, cache_dir, only={INDEX_FILE}) for d in derived])
     for release in plan.derived:
-        added = sum(source is release for source, _ in plan.added)
-        print(f"  {release.name}: {added} references added, "
-              f"{len(base.by_id.keys() - release.by_id.keys())} removed")
+        added, removed = plan.changes_of(release)
+        print(f"  {release.name}: {added} references added, {removed} removed")
     if dry_run:
         print(f"dry run: merging into {parent!r} would add {len(plan.added)} references and remove "
               f"{len(plan.removed)}, for {len(plan.rows())} in all")

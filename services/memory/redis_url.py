@@ -35,9 +35,9 @@ class RedisTarget:
 
     def redacted(self) -> str:
         """Where it points, without credentials, for logs."""
-        scheme = urlsplit(self.url).scheme
+        parts = urlsplit(self.url)
+        scheme = parts.scheme
         if self.mode == SERVER:
-            parts = urlsplit(self.url)
             return f"{scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
         hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
         return f"{scheme}://{hosts}" + (f"/{self.service}/{self.db}" if self.mode == SENTINEL else "")

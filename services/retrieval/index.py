@@ -92,8 +92,9 @@ class VectorIndex:
         if missing:
             raise KeyError(f"the index has no vector for reference {missing[0]!r}")
         rows = np.fromiter((row_of[rid] for rid in ids), dtype=np.int64, count=len(ids))
-        if self._ivf() is not None:
-            self._ivf().make_direct_map()  # row -> (list, offset); a no-op once made
+        ivf = self._ivf()
+        if ivf is not None:
+            ivf.make_direct_map()  # row -> (list, offset); a no-op once made
         return self.index.reconstruct_batch(rows).reshape(len(ids), self.index.d)
 
     def without(self, drop: Collection[str]) -> VectorIndex:

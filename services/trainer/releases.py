@@ -212,6 +212,11 @@ class MergePlan:
     added: list[tuple[Release, dict]]  # (the release that added it, its reference-table row)
     removed: list[dict]  # rows of the base's table
 
+    def changes_of(self, release: Release) -> tuple[int, int]:
+        """(references the merge takes from `release`, references of the base it removed)."""
+        return (sum(source is release for source, _ in self.added),
+                len(self.base.by_id.keys() - release.by_id.keys()))
+
     def rows(self) -> list[dict]:
         """The merged reference table: the base's kept rows in order, then the added ones."""
         gone = {r["id"] for r in self.removed}
