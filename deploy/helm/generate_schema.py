@@ -58,6 +58,7 @@ CONSTRAINTS: dict[str, dict] = {
     "decoder.service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
     "trainer.job.imageFlavor": {"enum": ["cpu", "cuda"]},
     "trainer.job.codec": {"enum": ["fp16", "bf16", "int8", "vq"]},
+    "trainer.job.indexKind": {"enum": ["auto", "flat", "hnsw", "ivfpq"]},
     "kserve.deploymentMode": {"enum": ["Standard", "Knative", "RawDeployment", "Serverless"]},
     "image.digests.cpu": {"type": "string", "pattern": "^(sha256:[0-9a-f]{64})?$"},
     "image.digests.cuda": {"type": "string", "pattern": "^(sha256:[0-9a-f]{64})?$"},

@@ -70,28 +70,32 @@ def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | N
 
 def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
               bf16: bool | None = None, stage3_steps: int | None = None, attention_weight: float | None = None,
-              events: bool = False, exist_ok: bool = False) -> int:
+              events: bool = False, exist_ok: bool = False, index_kind: str = "auto") -> int:
     from memory3.services.release.manifest import check_release_name
     from memory3.services.release.reader import already_published
+    from memory3.services.retrieval.index import check_index_choice
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.pipeline import run_pipeline
     from memory3.services.trainer.releases import differs_from_training, publish_trained
 
     check_release_name(release)
+    check_index_choice(index_kind)
     config = train_pipeline_config(preset=preset, quick=quick, seed=seed, bf16=bf16, stage3_steps=stage3_steps,
                                    attention_weight=attention_weight)
     store = ObjectStore(s3)
     store.ensure_bucket()  # fail before training, not after, when the store is unreachable
-    if already_published(store, release, exist_ok=exist_ok, differs=differs_from_training(config.to_dict(), codec)):
+    if already_published(store, release, exist_ok=exist_ok,
+                         differs=differs_from_training(config.to_dict(), codec, index_kind)):
         print(f"release {release} is already published from this training configuration: nothing to do")
         return 0
     dist = _distributed()
     emit = _json_lines if events and dist.is_main else None
     log = (lambda msg: _json_lines({"message": msg})) if emit else None
-    result = run_pipeline(config, work_dir, dist=dist, progress=not events, on_event=emit, log=log)
+    result = run_pipeline(config, work_dir, dist=dist, progress=not events, on_event=emit, log=log,
+                          check_references=lambda refs: check_index_choice(index_kind, len(refs)))
     if dist.is_main:
         manifest = publish_trained(result, store, release, codec=codec, pipeline_config=config.to_dict(),
-                                   progress=not events)
+                                   progress=not events, index_kind=index_kind)
         summary = (f"release {manifest.name}: {manifest.memory_bank['count']} memories, "
                    f"trained in {result.seconds:.0f}s; work dir {work_dir}")
         if emit:
@@ -130,7 +134,7 @@ def _derived_name(parent: str, kind: str, inputs: bytes) -> str:
 
 def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
                exist_ok: bool = False, remove_ids: list[str] = (), remove_matches: list[str] = (),
-               events: bool = False) -> int:
+               events: bool = False, index_kind: str | None = None) -> int:
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.releases import kb_add
 
@@ -142,7 +146,8 @@ def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_di
         _json_lines({"step": done, "total_steps": total, "message": "encoding memories"})
 
     manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir, exist_ok=exist_ok, remove_ids=remove_ids,
-                      remove_matches=remove_matches, progress=not events, on_encoded=encoded if events else None)
+                      remove_matches=remove_matches, progress=not events, on_encoded=encoded if events else None,
+                      index_kind=index_kind)
     removed = manifest.provenance.get("removed_references") or 0
     summary = (f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories"
                + (f", {removed} references removed" if removed else ""))

@@ -10,11 +10,15 @@ import sys
 from pathlib import Path
 
 from memory3.bench.gpu_options import add_gpu_bench_arguments, gpu_bench_kwargs
+from memory3.services.retrieval.index import INDEX_CHOICES
 
 DEFAULT_HOME = Path.home() / ".cache" / "memory3"
 SERVE_PORTS = {"decoder": 50051, "text": 50052, "memory": 50053, "trainer": 50055}
 EXIST_OK_HELP = ("if a release of that name is already published from the same inputs, do nothing and exit 0 (a Job "
                  "run again); from other inputs it is still an error")
+INDEX_KIND_HELP = ("the retrieval index: auto follows the number of references (exact below 200,000, HNSW below "
+                   "5 million, IVF-PQ from there); flat, hnsw or ivfpq keep that kind whatever the size, in this "
+                   "release and those derived from it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="train under bfloat16 autocast (always on with CUDA); default: on a CPU with native "
                             "bf16 (AVX-512 BF16, AMX), where a step takes about 0.7x as long")
+    train.add_argument("--index-kind", default="auto", choices=INDEX_CHOICES, help=INDEX_KIND_HELP + " (default: auto)")
     train.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     train.add_argument("--events", action="store_true",
                        help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
@@ -120,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     kb_add.add_argument("--remove-match", dest="remove_matches", action="append", default=[], metavar="TEXT",
                         help="leave out every reference of the parent whose text contains TEXT (case-sensitive; "
                              "repeatable)")
+    kb_add.add_argument("--index-kind", default=None, choices=INDEX_CHOICES,
+                        help=INDEX_KIND_HELP + " (default: the parent's; from an IVF-PQ index to flat or hnsw, "
+                                               "every reference is embedded again)")
     kb_add.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     kb_add.add_argument("--events", action="store_true",
                         help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
@@ -440,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(s3_config(args, local_stack=True), preset=args.preset, quick=args.quick,
                              release=args.release, work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
                              stage3_steps=args.stage3_steps, attention_weight=args.attention_weight,
-                             events=args.events, exist_ok=args.exist_ok)
+                             events=args.events, exist_ok=args.exist_ok, index_kind=args.index_kind)
         if args.command == "serve":
             from memory3.services.rpc.logs import configure_logging
             configure_logging(args.log_format)
@@ -472,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                                      dry_run=args.dry_run)
             return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
                               cache_dir=args.cache_dir, exist_ok=args.exist_ok, remove_ids=args.remove_ids,
-                              remove_matches=args.remove_matches, events=args.events)
+                              remove_matches=args.remove_matches, events=args.events, index_kind=args.index_kind)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
         return 2

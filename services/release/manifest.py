@@ -63,7 +63,7 @@ class Manifest:
     files: dict[str, dict[str, Any]]  # file name -> {"sha256", "bytes"}
     conventions: dict[str, Any]  # memory layers, tokens kept, chunk length, prefix, positions, codec
     memory_bank: dict[str, Any]  # {"bank", "key_scheme", "count", "bytes", "codec", "format_version"}
-    index: dict[str, Any]  # {"embedder", "dim", "type", "count"}
+    index: dict[str, Any]  # {"embedder", "dim", "type", "count", "kind", "choice"} (the last two may be absent)
     provenance: dict[str, Any]  # seed, steps, commit, parent, pipeline config
     parent: str | None = None
     format: int = RELEASE_FORMAT

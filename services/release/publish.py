@@ -26,7 +26,7 @@ from memory3.model.memory_format import FORMAT_VERSION, encode_memory
 from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
-from ..retrieval.index import VectorIndex
+from ..retrieval.index import VectorIndex, check_index_choice
 from ..storage.object_store import ObjectStore, StoreError
 from ..trainer.kb import Reference
 from .manifest import (
@@ -61,22 +61,24 @@ def publish_release(
     embed: Callable[[list[str]], object], embedder_name: str, memory_codec: MemoryCodec, provenance: dict,
     parent_index: VectorIndex | None = None, parent_references: Sequence[dict] = (), parent: str | None = None,
     batch_size: int = 32, progress: bool = True, log: Callable[[str], None] | None = None,
-    on_encoded: Callable[[int, int], None] | None = None,
+    on_encoded: Callable[[int, int], None] | None = None, index_kind: str = "auto",
 ) -> Manifest:
     """Encode memories for `references` (new ones only, for a derived release) and publish `name`.
 
     For a release derived from `parent` (same model), `parent_references` and `parent_index` carry
     the parent's table and index; only `references` are encoded and embedded. `on_encoded(done,
     total)` follows the encoding, batch by batch, for programs (the bar is for people).
+    `index_kind` is one of `INDEX_CHOICES`, kept in the manifest for the releases derived from this one.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_release_name(name)
+    check_index_choice(index_kind, len(parent_index.ids) + len(references) if parent_index else len(references))
     store.ensure_bucket()
     if store.exists(release_key(name, MANIFEST_FILE)):
         raise ReleaseExists(f"release {name!r} already exists; releases are immutable, choose another name")
     try:
         return _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
-                        parent_index, parent_references, parent, batch_size, progress, log, on_encoded)
+                        parent_index, parent_references, parent, batch_size, progress, log, on_encoded, index_kind)
     except BaseException:
         # If the store is gone, the leftovers stay, invisible anyway without a manifest.
         with contextlib.suppress(StoreError):
@@ -85,7 +87,7 @@ def publish_release(
 
 
 def _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
-             parent_index, parent_references, parent, batch_size, progress, log, on_encoded) -> Manifest:
+             parent_index, parent_references, parent, batch_size, progress, log, on_encoded, index_kind) -> Manifest:
     files: dict[str, dict] = {}
 
     def put(file: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -138,9 +140,18 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
         if references:
             index.add(vectors, [r.id for r in references])
     else:
-        index = VectorIndex.build(vectors, [r.id for r in references])
+        kind = None if index_kind == "auto" else index_kind
+        index = VectorIndex.build(vectors, [r.id for r in references], kind=kind)
     if index.ids != [r["id"] for r in rows]:
         raise RuntimeError("index rows and reference table are out of order")
+
+    def exact_vectors():
+        log(f"embedding all {len(rows)} references again with {embedder_name}: the index holds approximations")
+        return embed([r["text"] for r in rows])
+    was = index.kind
+    index = index.fitted(index_kind, exact_vectors=exact_vectors)
+    if index.kind != was:
+        log(f"index: {index.kind} for {len(rows)} references (was {was}; index kind {index_kind!r})")
     put(INDEX_FILE, index.to_bytes())
     put(REFERENCES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(),
         "application/x-ndjson")
@@ -151,7 +162,7 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
         memory_bank={"bank": bank, "key_scheme": "memories/<bank>/<id[:2]>/<id>", "count": len(rows),
                      "bytes": total_bytes, "codec": memory_codec.name, "format_version": FORMAT_VERSION},
         index={"embedder": embedder_name, "dim": int(index.index.d), "type": type(index.index).__name__,
-               "count": len(index.ids)},
+               "count": len(index.ids), "kind": index.kind, "choice": index_kind},
         provenance=provenance, parent=parent,
     )
     store.put_bytes(release_key(name, MANIFEST_FILE), manifest.to_json().encode(), "application/json")

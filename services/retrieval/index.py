@@ -12,13 +12,20 @@ text-service replica's RAM:
   a list. Its vectors are approximations, so `vectors_of` returns them decoded; removing references
   copies the kept codes as they are, without decoding or training again.
 
+A release may instead keep one kind whatever its size (`memory3 train/kb add --index-kind`); the
+choice is stored in its manifest and followed by the releases derived from it. Under "auto", a
+derived release that grows or shrinks across a threshold gets the index of its new size, rebuilt
+from the stored vectors, except that an IVF-PQ index stays one: its vectors are approximations, and
+an exact index rebuilt from them would silently lose recall (`--index-kind flat` or `hnsw` on
+`kb add` re-embeds the texts instead).
+
 The index maps FAISS row numbers to reference ids through the row order of the references table it
 was built with; it is stored with `faiss.serialize_index` (bytes, no pickle), `nprobe` included.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -31,7 +38,10 @@ IVFPQ_THRESHOLD = 5_000_000
 HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 128, 256
 IVF_NPROBE = 128  # lists an IVF-PQ search visits (bench/results/index.json)
 IVF_TRAIN_PER_LIST = 64  # sample vectors per list to train on (FAISS asks for at least 39)
+IVF_MIN_LISTS, IVF_MIN_TRAIN_PER_LIST = 16, 39  # FAISS warns below 39 training vectors a list
+IVFPQ_MIN_VECTORS = IVF_MIN_LISTS * IVF_MIN_TRAIN_PER_LIST
 KINDS = ("flat", "hnsw", "ivfpq")
+INDEX_CHOICES = ("auto", *KINDS)  # what a release may ask for: "auto" follows the size
 
 
 def kind_for(count: int) -> str:
@@ -39,8 +49,20 @@ def kind_for(count: int) -> str:
 
 
 def ivf_lists(count: int) -> int:
-    """About 4·sqrt(N) lists, a power of two in [16, 65536]."""
-    return int(min(65536, max(16, 2 ** round(np.log2(4 * np.sqrt(max(count, 1)))))))
+    """About 4·sqrt(N) lists, a power of two in [16, 65536], and no more than N vectors train well."""
+    wanted = 2 ** round(np.log2(4 * np.sqrt(max(count, 1))))
+    trainable = 2 ** int(np.log2(max(count // IVF_MIN_TRAIN_PER_LIST, 1)))
+    return int(min(65536, max(IVF_MIN_LISTS, min(wanted, trainable))))
+
+
+def check_index_choice(choice: str, count: int | None = None) -> None:
+    """A ValueError that says what to choose, for an unknown kind or an IVF-PQ index of too few
+    vectors (checked before hours of work that would end in it, when `count` is known)."""
+    if choice not in INDEX_CHOICES:
+        raise ValueError(f"unknown index kind {choice!r}; choose one of {', '.join(INDEX_CHOICES)}")
+    if choice == "ivfpq" and count is not None and count < IVFPQ_MIN_VECTORS:
+        raise ValueError(f"an IVF-PQ index trains on at least {IVFPQ_MIN_VECTORS} vectors and this one would hold "
+                         f"{count}: choose flat or hnsw (or auto) for a knowledge base this small")
 
 
 class VectorIndex:
@@ -60,6 +82,7 @@ class VectorIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         count, dim = vectors.shape
         kind = kind or kind_for(count)
+        check_index_choice(kind)
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
         elif kind == "hnsw":
@@ -69,17 +92,52 @@ class VectorIndex:
             if dim % 8:
                 raise ValueError(f"an IVF-PQ index needs a dimension divisible by 8, got {dim}")
             nlist = nlist or ivf_lists(count)
-            if count < 39 * nlist:
-                raise ValueError(f"an IVF-PQ index of {nlist} lists trains on at least {39 * nlist} vectors, "
-                                 f"got {count}")
+            if count < IVF_MIN_TRAIN_PER_LIST * nlist:
+                raise ValueError(f"an IVF-PQ index of {nlist} lists trains on at least "
+                                 f"{IVF_MIN_TRAIN_PER_LIST * nlist} vectors, got {count}")
             index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, dim // 8, 8, faiss.METRIC_INNER_PRODUCT)
             sample = np.random.default_rng(seed).choice(count, min(count, IVF_TRAIN_PER_LIST * nlist), replace=False)
             index.train(vectors[np.sort(sample)])
             index.nprobe = min(nprobe, nlist)
         else:
-            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+            raise ValueError(f"index kind {kind!r} is a choice, not a kind; choose one of {', '.join(KINDS)}")
         index.add(vectors)
         return cls(index, ids)
+
+    @property
+    def kind(self) -> str:
+        import faiss
+
+        if isinstance(self.index, faiss.IndexHNSW):
+            return "hnsw"
+        if isinstance(self.index, faiss.IndexIVFPQ):
+            return "ivfpq"
+        if isinstance(self.index, faiss.IndexFlat):
+            return "flat"
+        raise ValueError(f"an index of type {type(self.index).__name__} is none of {', '.join(KINDS)}")
+
+    def kind_wanted(self, choice: str = "auto") -> str:
+        """The kind this index should be under `choice`: "auto" follows its size, but an IVF-PQ
+        index stays one (see the module's docstring)."""
+        check_index_choice(choice, len(self.ids))
+        if choice != "auto":
+            return choice
+        return "ivfpq" if self.kind == "ivfpq" else kind_for(len(self.ids))
+
+    def fitted(self, choice: str = "auto", *, exact_vectors: Callable[[], np.ndarray] | None = None) -> VectorIndex:
+        """This index if it is of the kind `choice` wants, or a new one of that kind, built from the
+        stored vectors, or from `exact_vectors()` ((N, dim), in `ids` order) when they are quantised."""
+        kind = self.kind_wanted(choice)
+        if kind == self.kind:
+            return self
+        if self.kind != "ivfpq":
+            vectors = self.index.reconstruct_n(0, self.index.ntotal)  # (N, dim)
+        elif exact_vectors is not None:
+            vectors = exact_vectors()
+        else:
+            raise ValueError(f"this IVF-PQ index stores approximations of its vectors, and a {kind} index built "
+                             "from them would lose recall: re-embed the references (kb add --index-kind does)")
+        return VectorIndex.build(vectors, self.ids, kind=kind)
 
     def add(self, vectors: np.ndarray, ids: Sequence[str]) -> None:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -105,7 +163,7 @@ class VectorIndex:
         if self._ivf() is not None:
             return VectorIndex(self._ivf_keeping(np.asarray(keep, dtype=np.int64)), kept_ids)
         vectors = self.index.reconstruct_n(0, self.index.ntotal)[keep]  # (N_kept, dim)
-        return VectorIndex.build(vectors, kept_ids)
+        return VectorIndex.build(vectors, kept_ids, kind=self.kind)
 
     def _ivf(self):
         import faiss

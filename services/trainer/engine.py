@@ -28,6 +28,7 @@ from memory3.model.config import PRESETS
 
 from ..release.catalog import DeletionPlan, ReleaseBusy, delete_release, plan_deletion, read_catalog
 from ..release.manifest import Manifest, ReleaseError, ReleaseNotFound, check_release_name, release_key
+from ..retrieval.index import check_index_choice
 from ..rpc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, Unavailable
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
 
@@ -48,6 +49,7 @@ class TrainingJobSpec:
     bf16: bool | None = None  # None: on where the CPU computes bf16 natively
     stage3_steps: int | None = None  # None: the preset's default
     attention_weight: float | None = None  # None: the preset's default
+    index_kind: str = "auto"
 
     def validate(self) -> None:
         try:
@@ -63,6 +65,14 @@ class TrainingJobSpec:
         if self.attention_weight is not None and not (math.isfinite(self.attention_weight)
                                                       and self.attention_weight >= 0):
             raise InvalidInput(f"attention_weight is {self.attention_weight}; give a finite number >= 0")
+        _check_index_kind(self.index_kind)
+
+
+def _check_index_kind(choice: str) -> None:
+    try:
+        check_index_choice(choice)
+    except ValueError as e:
+        raise InvalidInput(f"index_kind: {e}") from e
 
 
 MAX_KNOWLEDGE_BYTES = 64 << 20  # documents of one knowledge job
@@ -75,6 +85,7 @@ class KnowledgeJobSpec:
     documents: tuple[tuple[str, str], ...] = ()  # (source, text)
     remove_ids: tuple[str, ...] = ()
     remove_matches: tuple[str, ...] = ()
+    index_kind: str | None = None  # None: the parent's
 
     def validate(self) -> None:
         for what, name in (("release", self.release), ("parent", self.parent)):
@@ -89,6 +100,11 @@ class KnowledgeJobSpec:
         empty = [i for i, (_, text) in enumerate(self.documents) if not text.strip()]
         if empty:
             raise InvalidInput(f"documents[{empty[0]}] has no text")
+        if self.index_kind is not None:
+            _check_index_kind(self.index_kind)
+            if not self.documents:
+                raise InvalidInput("index_kind is for a job that adds documents; one that only removes references "
+                                   "keeps the parent's index kind")
         if any(not m for m in self.remove_matches):
             raise InvalidInput("remove_matches holds an empty text, which would match every reference")
         size = sum(len(text.encode()) + len(source.encode()) for source, text in self.documents)
@@ -237,9 +253,11 @@ class TrainingJobManager:
                         *(a for m in spec.remove_matches for a in ("--match", m))]
             return [*cli, "add", str(job.documents), "--events", *where,
                     *(a for i in spec.remove_ids for a in ("--remove-id", i)),
-                    *(a for m in spec.remove_matches for a in ("--remove-match", m))]
+                    *(a for m in spec.remove_matches for a in ("--remove-match", m)),
+                    *(("--index-kind", spec.index_kind) if spec.index_kind else ())]
         cmd = [self.python, "-m", "memory3.services.cli.main", "train", "--release", spec.release,
-               "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec, "--events",
+               "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec,
+               "--index-kind", spec.index_kind, "--events",
                "--work-dir", str(self.work_root / spec.release), *store]
         if spec.bf16 is not None:
             cmd.append("--bf16" if spec.bf16 else "--no-bf16")

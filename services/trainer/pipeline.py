@@ -72,7 +72,10 @@ class PipelineResult:
 
 def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = Distributed(),
                  progress: bool = True, log: Callable[[str], None] | None = None,
-                 on_event: Callable[[dict], None] | None = None) -> PipelineResult:
+                 on_event: Callable[[dict], None] | None = None,
+                 check_references: Callable[[list[Reference]], None] | None = None) -> PipelineResult:
+    """Train (or resume) the run `config` describes in `work_dir`. `check_references` sees the
+    knowledge base before training starts, so that what publishing would refuse fails first."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if dist.is_main else None)
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +105,8 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
         itertools.chain(((e.id, e.document) for e in world.entities), (("debian", t) for t in real)),
         codec, model_config.ref_len))
     log(f"knowledge base: {len(references)} references")
+    if check_references is not None:
+        check_references(references)
 
     data = TrainingData(world, codec, model_config, seq_len=config.train.seq_len, seed=config.seed, real_text=real,
                         fresh_fraction=config.train.fresh_fraction, answer_weight=config.train.answer_weight,

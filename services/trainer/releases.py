@@ -57,7 +57,7 @@ def make_memory_codec(name: str, model, references: Sequence[Reference], prefix:
 
 def publish_trained(result: PipelineResult, store: ObjectStore, name: str, *, codec: str = "bf16",
                     pipeline_config: dict | None = None, embedder: Embedder | None = None,
-                    progress: bool = True) -> Manifest:
+                    progress: bool = True, index_kind: str = "auto") -> Manifest:
     check_release_name(name)
     embedder = embedder or Embedder()
     prefix = result.codec.reference_prefix(result.model.config)
@@ -68,7 +68,7 @@ def publish_trained(result: PipelineResult, store: ObjectStore, name: str, *, co
                   "final_loss": steps[-1]["loss"] if steps else None}
     return publish_release(store, name, model=result.model, codec=result.codec, references=result.references,
                            embed=embedder.embed, embedder_name=embedder.name, memory_codec=memory_codec,
-                           provenance=provenance, progress=progress)
+                           provenance=provenance, progress=progress, index_kind=index_kind)
 
 
 # How a run goes, not what it learns: a Job run again on another kind of node may choose another
@@ -77,9 +77,10 @@ RUN_SETTINGS = frozenset({"eval_questions", "train.eval_every", "train.checkpoin
                           "train.bf16"})
 
 
-def differs_from_training(pipeline_config: dict, codec: str) -> Callable[[Manifest], str | None]:
-    """How a published release's training differs from this configuration and codec (None: it does
-    not), setting aside `RUN_SETTINGS`."""
+def differs_from_training(pipeline_config: dict, codec: str,
+                          index_kind: str = "auto") -> Callable[[Manifest], str | None]:
+    """How a published release's training differs from this configuration, codec and index kind
+    (None: it does not), setting aside `RUN_SETTINGS`."""
     asked = _leaves(json.loads(json.dumps(pipeline_config)))  # as the manifest stores it
 
     def differs(manifest: Manifest) -> str | None:
@@ -88,8 +89,17 @@ def differs_from_training(pipeline_config: dict, codec: str) -> Callable[[Manife
         if keys:
             return "; ".join(f"{k} {had.get(k)!r} there, {asked.get(k)!r} asked" for k in keys[:3])
         published_codec = manifest.memory_bank["codec"].split(":")[0]
-        return None if published_codec == codec else f"codec {published_codec!r} there, {codec!r} asked"
+        if published_codec != codec:
+            return f"codec {published_codec!r} there, {codec!r} asked"
+        choice = index_choice(manifest)
+        return None if choice == index_kind else f"index kind {choice!r} there, {index_kind!r} asked"
     return differs
+
+
+def index_choice(manifest: Manifest) -> str:
+    """The index kind a release asked for, which the releases derived from it keep unless told
+    otherwise ("auto" for one published before the choice was recorded)."""
+    return manifest.index.get("choice", "auto")
 
 
 def _leaves(config: dict, prefix: str = "") -> dict:
@@ -116,7 +126,7 @@ def differs_from_merge(parent: str, derived: Sequence[str]) -> Callable[[Manifes
 def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, cache_dir: Path, *,
            remove_ids: Collection[str] = (), remove_matches: Collection[str] = (), embedder: Embedder | None = None,
            progress: bool = True, exist_ok: bool = False,
-           on_encoded: Callable[[int, int], None] | None = None) -> Manifest:
+           on_encoded: Callable[[int, int], None] | None = None, index_kind: str | None = None) -> Manifest:
     """New documents become references, memories and index entries of a release derived from `parent`.
 
     The model is the parent's, unchanged: knowledge is added without retraining. The parent's
@@ -124,12 +134,14 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
     the same release, which is how a fact is corrected in one publication: its old statement out,
     the new one in. With `exist_ok`,
     a release `name` already published from `parent` with exactly these references is returned as it is.
+    `index_kind` None keeps the parent's choice (`index_choice`).
     """
     check_release_name(name)
     documents = []
     for file in files:
         documents.extend(read_corpus_file(file))
     base = Release.open(store, parent, cache_dir)
+    index_kind = index_kind or index_choice(base.manifest)
     model, codec = base.load_model(), base.text_codec()
     removed = references_to_remove(base, ids=remove_ids, matches=remove_matches) if remove_ids or remove_matches \
         else []
@@ -144,8 +156,10 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
             return f"derived from {manifest.parent!r}, not {parent!r}"
         there = set(Release.open(store, name, cache_dir, only=()).by_id)
         asked = known | {r.id for r in new}
-        return None if there == asked else (f"{len(asked - there)} of the references asked for are not there, "
-                                            f"{len(there - asked)} others are")
+        if there != asked:
+            return f"{len(asked - there)} of the references asked for are not there, {len(there - asked)} others are"
+        choice = index_choice(manifest)
+        return None if choice == index_kind else f"index kind {choice!r} there, {index_kind!r} asked"
     if already_published(store, name, exist_ok=exist_ok, differs=differs):
         print(f"release {name!r} is already published from {parent!r} with these references: nothing to do",
               file=sys.stderr)
@@ -159,7 +173,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
                            embedder_name=embedder.name, memory_codec=base.memory_codec(), provenance=provenance,
                            parent_index=base.index().without(drop) if drop else base.index(),
                            parent_references=[r for r in base.references if r["id"] not in drop], parent=parent,
-                           progress=progress, on_encoded=on_encoded)
+                           progress=progress, on_encoded=on_encoded, index_kind=index_kind)
 
 
 def references_to_remove(release: Release, *, ids: Collection[str] = (), matches: Collection[str] = ()) -> list[dict]:
@@ -290,11 +304,13 @@ def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool =
 
 def _publish_derived(store: ObjectStore, base: Release, name: str, rows: list[dict], index: VectorIndex,
                      provenance: dict, progress: bool) -> Manifest:
-    """Publish `name` with `base`'s model and bank, and this table and index (nothing encoded)."""
+    """Publish `name` with `base`'s model and bank, and this table and index (nothing encoded), under
+    `base`'s index kind: shards merged into a base past a size threshold get the index of their size."""
     return publish_release(store, name, model=base.load_model(), codec=base.text_codec(), references=[],
                            embed=_never_embeds, embedder_name=base.manifest.index["embedder"],
                            memory_codec=base.memory_codec(), provenance=provenance, parent_index=index,
-                           parent_references=rows, parent=base.name, progress=progress)
+                           parent_references=rows, parent=base.name, progress=progress,
+                           index_kind=index_choice(base.manifest))
 
 
 def _never_embeds(texts):

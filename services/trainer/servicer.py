@@ -29,7 +29,8 @@ def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
                            seed=spec.seed, codec=spec.codec or "bf16",
                            bf16=spec.bf16 if spec.HasField("bf16") else None,
                            stage3_steps=spec.stage3_steps if spec.HasField("stage3_steps") else None,
-                           attention_weight=spec.attention_weight if spec.HasField("attention_weight") else None)
+                           attention_weight=spec.attention_weight if spec.HasField("attention_weight") else None,
+                           index_kind=spec.index_kind or "auto")
 
 
 def knowledge_spec_from_proto(spec: pb.KnowledgeSpec) -> KnowledgeJobSpec:
@@ -38,7 +39,8 @@ def knowledge_spec_from_proto(spec: pb.KnowledgeSpec) -> KnowledgeJobSpec:
                            "derives from")
     return KnowledgeJobSpec(release=spec.release, parent=spec.parent,
                             documents=tuple((d.source, d.text) for d in spec.documents),
-                            remove_ids=tuple(spec.remove_ids), remove_matches=tuple(spec.remove_matches))
+                            remove_ids=tuple(spec.remove_ids), remove_matches=tuple(spec.remove_matches),
+                            index_kind=spec.index_kind or None)
 
 
 def event_to_proto(job_id: str, event: dict) -> pb.WatchTrainingJobResponse:

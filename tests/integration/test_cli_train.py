@@ -43,6 +43,14 @@ def test_train_quick_then_bench_quality(tmp_path, s3_env):
     assert other.returncode == 2
     assert "made from other inputs (seed 0 there, 1 asked; train.seed 0 there, 1 asked)" in other.stderr
     assert not (tmp_path / "run3").exists() and not (tmp_path / "run4").exists()
+    hnsw = memory3("train", "--quick", "--release", "cli-quick", "--exist-ok", "--index-kind", "hnsw", "--work-dir",
+                   str(tmp_path / "run5"), env=s3_env, check=False)
+    assert hnsw.returncode == 2 and "(index kind 'auto' there, 'hnsw' asked)" in hnsw.stderr
+    # An index the knowledge base is too small for fails once the references are known, before training.
+    pq = memory3("train", "--quick", "--release", "cli-pq", "--index-kind", "ivfpq", "--work-dir",
+                 str(tmp_path / "run6"), env=s3_env, check=False)
+    assert pq.returncode == 2 and "would hold 500: choose flat or hnsw" in pq.stderr
+    assert not list((tmp_path / "run6").glob("checkpoint*")) and not (tmp_path / "run6" / "model").exists()
 
     out = tmp_path / "quality.json"
     memory3("bench", "quality", "--release", "cli-quick", "--questions", "24", "--json", str(out),

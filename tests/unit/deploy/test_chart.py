@@ -208,6 +208,9 @@ def test_kserve_and_jobs_commands_parse():
         commands[o["metadata"].get("name")] = args
     train = next(a for a in commands.values() if a.command == "train")
     assert (train.release, train.preset, str(train.work_dir)) == ("small-v1", "small", "/var/lib/memory3/work/small-v1")
+    assert train.index_kind == "auto"
+    # The shards and their merge keep the base's index kind: the chart gives them none.
+    assert all(a.index_kind is None for a in commands.values() if a.command == "kb" and a.kb_command == "add")
     # A Job that runs again (a retry, or recreated by an upgrade after its TTL) does nothing.
     assert all(a.exist_ok for a in commands.values() if a.command in ("train", "kb"))
     kb_add = next(a for a in commands.values() if a.command == "kb" and a.kb_command == "add")
@@ -609,6 +612,7 @@ def test_every_problem_is_reported_at_once():
     ({"decoder": {"gpus": 1}}, "'gpus' not allowed"),
     ({"text": {"port": 70000}}, "/text/port"),
     ({"image": {"digests": {"cpu": "latest"}}}, "/image/digests/cpu"),
+    ({"trainer": {"job": {"indexKind": "ivf"}}}, "/trainer/job/indexKind"),
 ])
 def test_schema_rejects_typos_and_wrong_types(values, path):
     with pytest.raises(helm.HelmValuesError) as failure:

@@ -1,16 +1,19 @@
-"""VectorIndex: the kind that fits the size, the kept references' own vectors after a removal (flat,
-HNSW or IVF-PQ), and the search breadth a stored index is given."""
+"""VectorIndex: the kind that fits the size or the one chosen, the kept references' own vectors after a
+removal (flat, HNSW or IVF-PQ), and the search breadth a stored index is given."""
 
 import faiss
 import numpy as np
 import pytest
 
+from memory3.services.retrieval import index as index_module
 from memory3.services.retrieval.index import (
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
     HNSW_THRESHOLD,
+    IVFPQ_MIN_VECTORS,
     IVFPQ_THRESHOLD,
     VectorIndex,
+    check_index_choice,
     ivf_lists,
     kind_for,
 )
@@ -62,6 +65,52 @@ def test_the_kind_of_index_follows_the_number_of_vectors():
     assert [kind_for(n) for n in (1, HNSW_THRESHOLD - 1, HNSW_THRESHOLD, IVFPQ_THRESHOLD - 1, IVFPQ_THRESHOLD)] == \
         ["flat", "flat", "hnsw", "hnsw", "ivfpq"]
     assert [ivf_lists(n) for n in (1, 20_000, 5_000_000, 10**8, 10**10)] == [16, 512, 8192, 32768, 65536]
+    # Fewer lists than 4·sqrt(N) where N would not give each 39 vectors to train on.
+    assert [ivf_lists(n) for n in (IVFPQ_MIN_VECTORS, 5000, 9983, 9984)] == [16, 128, 128, 256]
+
+
+def test_an_index_grown_or_shrunk_across_a_threshold_is_rebuilt_as_its_size_calls_for(monkeypatch):
+    monkeypatch.setattr(index_module, "HNSW_THRESHOLD", 40)
+    vectors = _clustered(60, 16)
+    ids = [f"ref-{i}" for i in range(60)]
+    small = VectorIndex.build(vectors[:30], ids[:30])
+    assert small.kind == "flat" and small.fitted() is small
+    small.add(vectors[30:], ids[30:])  # as kb add and kb merge grow a parent's index
+    grown = small.fitted()
+    assert grown.kind == "hnsw" and isinstance(grown.index, faiss.IndexHNSWFlat) and grown.ids == ids
+    assert (grown.index.hnsw.efConstruction, grown.index.hnsw.efSearch) == (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH)
+    np.testing.assert_allclose(grown.vectors_of(ids), vectors, atol=1e-6)
+    shrunk = grown.without(set(ids[:25]))
+    assert shrunk.kind == "hnsw"  # a removal keeps the kind; fitting it is the publisher's
+    assert shrunk.fitted().kind == "flat" and shrunk.fitted().ids == ids[25:]
+    # A kind chosen is kept whatever the size.
+    assert shrunk.fitted("hnsw") is shrunk and grown.fitted("flat").kind == "flat"
+
+
+def test_an_ivfpq_index_stays_one_unless_the_exact_vectors_are_given_again(monkeypatch):
+    vectors = _clustered(1000, 32)
+    ids = [f"ref-{i}" for i in range(1000)]
+    quantised = VectorIndex.build(vectors, ids, kind="ivfpq")
+    assert quantised.kind == "ivfpq" and quantised.kind_wanted() == "ivfpq"  # under auto, below every threshold
+    assert quantised.fitted() is quantised
+    with pytest.raises(ValueError, match="approximations of its vectors.*re-embed"):
+        quantised.fitted("flat")
+    asked = []
+    exact = quantised.fitted("flat", exact_vectors=lambda: asked.append(1) or vectors)
+    assert asked == [1] and exact.kind == "flat" and exact.ids == ids
+    np.testing.assert_array_equal(exact.vectors_of(ids), vectors)
+    # A flat or HNSW index is rebuilt from its own vectors, without asking for them.
+    assert exact.fitted("ivfpq", exact_vectors=lambda: pytest.fail("asked for vectors")).kind == "ivfpq"
+
+
+def test_an_index_choice_is_checked_before_the_work_that_would_end_in_it():
+    for choice in ("auto", "flat", "hnsw", "ivfpq"):
+        check_index_choice(choice, IVFPQ_MIN_VECTORS)
+    with pytest.raises(ValueError, match="unknown index kind 'ivf'; choose one of auto, flat, hnsw, ivfpq"):
+        check_index_choice("ivf")
+    with pytest.raises(ValueError, match=f"at least {IVFPQ_MIN_VECTORS} vectors and this one would hold 623: "
+                                         "choose flat or hnsw"):
+        check_index_choice("ivfpq", IVFPQ_MIN_VECTORS - 1)
 
 
 def test_an_ivfpq_index_keeps_codes_exactly_when_references_are_removed_and_survives_serialisation():
@@ -91,10 +140,12 @@ def test_an_ivfpq_index_keeps_codes_exactly_when_references_are_removed_and_surv
 
 def test_an_ivfpq_index_says_what_it_needs():
     with pytest.raises(ValueError, match="of 256 lists trains on at least 9984 vectors, got 5000"):
-        VectorIndex.build(_clustered(5000, 32), [str(i) for i in range(5000)], kind="ivfpq")
+        VectorIndex.build(_clustered(5000, 32), [str(i) for i in range(5000)], kind="ivfpq", nlist=256)
+    with pytest.raises(ValueError, match="of 16 lists trains on at least 624 vectors, got 600"):
+        VectorIndex.build(_clustered(600, 32), [str(i) for i in range(600)], kind="ivfpq")
     with pytest.raises(ValueError, match="dimension divisible by 8, got 30"):
         VectorIndex.build(_clustered(100, 30), [str(i) for i in range(100)], kind="ivfpq")
-    with pytest.raises(ValueError, match="unknown index kind 'lsh'"):
+    with pytest.raises(ValueError, match="unknown index kind 'lsh'; choose one of auto, flat"):
         VectorIndex.build(_clustered(100, 32), [str(i) for i in range(100)], kind="lsh")
 
 

@@ -35,8 +35,12 @@ def test_a_knowledge_job_is_kb_add_on_its_documents_or_kb_remove_without(tmp_pat
     lines = [json.loads(line) for line in args.files[0].read_text().splitlines()]
     assert lines == [{"text": "A fact.\n\nWith a blank line.", "source": "wiki/A"},
                      {"text": "B.", "source": "document 2"}]
+    assert args.index_kind is None  # the parent's
     removal = train_args(KnowledgeJobSpec(release="r2", parent="r1", remove_matches=["Quell"]), tmp_path)
     assert (removal.kb_command, removal.matches, removal.ids) == ("remove", ["Quell"], [])
+    hnsw = knowledge_spec_from_proto(pb.KnowledgeSpec(release="r3", parent="r1", index_kind="hnsw",
+                                                      documents=[pb.Document(text="C.")]))
+    assert train_args(hnsw, tmp_path).index_kind == "hnsw"
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -45,27 +49,33 @@ def test_a_knowledge_job_is_kb_add_on_its_documents_or_kb_remove_without(tmp_pat
     (KnowledgeJobSpec(release="R 2", parent="r1", remove_ids=("a",)), "release: invalid release name"),
     (KnowledgeJobSpec(release="r2", parent="r1", remove_matches=("",)), "would match every reference"),
     (KnowledgeJobSpec(release="r2", parent="r1", documents=(("s", "x" * (65 << 20)),)), "over the 67108864-byte"),
+    (KnowledgeJobSpec(release="r2", parent="r1", documents=(("s", "x"),), index_kind="ivf"),
+     "index_kind: unknown index kind 'ivf'; choose one of auto, flat, hnsw, ivfpq"),
+    (KnowledgeJobSpec(release="r2", parent="r1", remove_ids=("a",), index_kind="flat"),
+     "only removes references keeps the parent's index kind"),
+    (TrainingJobSpec(release="r2", index_kind="lsh"), "index_kind: unknown index kind 'lsh'"),
 ])
-def test_a_knowledge_job_that_cannot_run_is_refused_with_what_to_fix(spec, message):
+def test_a_job_that_cannot_run_is_refused_with_what_to_fix(spec, message):
     with pytest.raises(InvalidInput, match=message):
         spec.validate()
 
 
 def test_bf16_and_stage3_steps_reach_the_command(tmp_path):
     spec = spec_from_proto(pb.TrainingSpec(release="r1", preset="tiny", bf16=True, stage3_steps=0,
-                                           attention_weight=0.25))
+                                           attention_weight=0.25, index_kind="ivfpq"))
     assert (spec.bf16, spec.stage3_steps, spec.attention_weight) == (True, 0, 0.25)  # 0 is given, not the default
     args = train_args(spec, tmp_path)
     assert args.bf16 and args.stage3_steps == 0 and args.preset == "tiny" and args.release == "r1"
-    assert args.attention_weight == 0.25
+    assert args.attention_weight == 0.25 and args.index_kind == "ivfpq"
 
 
 def test_unset_fields_keep_the_presets_defaults(tmp_path):
     spec = spec_from_proto(pb.TrainingSpec(release="r2", quick=True))
-    assert (spec.preset, spec.codec, spec.bf16, spec.stage3_steps, spec.attention_weight) == \
-        ("small", "bf16", None, None, None)
+    assert (spec.preset, spec.codec, spec.bf16, spec.stage3_steps, spec.attention_weight, spec.index_kind) == \
+        ("small", "bf16", None, None, None, "auto")
     args = train_args(spec, tmp_path)
     assert args.bf16 is None and args.stage3_steps is None and args.quick and args.attention_weight is None
+    assert args.index_kind == "auto"
 
 
 def test_bf16_false_is_given_not_the_default(tmp_path):
