@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from memory3.model.checkpoint import CONFIG_FILE, save_checkpoint
@@ -184,7 +185,7 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
 def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache_dir: Path, dry_run: bool,
                  wait_s: float, exist_ok: bool = False) -> int:
     from memory3.services.release.publish import INDEX_FILE
-    from memory3.services.release.reader import Release, already_published, wait_for_releases
+    from memory3.services.release.reader import Release, already_published, once_the_store_answers, wait_for_releases
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.releases import differs_from_merge, kb_merge, plan_merge
 
@@ -193,12 +194,19 @@ def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache
     if name is None:
         name = _derived_name(parent, "merge", "\n".join(sorted(derived)).encode())
     store = ObjectStore(s3)
+    deadline = time.monotonic() + wait_s
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    def merged_already() -> bool:
+        return already_published(store, name, exist_ok=exist_ok, differs=differs_from_merge(parent, derived))
     # Before waiting for the derived releases: once merged, they may have been deleted.
-    if not dry_run and already_published(store, name, exist_ok=exist_ok, differs=differs_from_merge(parent, derived)):
+    if not dry_run and once_the_store_answers(merged_already, wait_s, log=log):
         print(f"release {name} is already published from these releases: nothing to do")
         return 0
     if wait_s:
-        wait_for_releases(store, [parent, *derived], wait_s, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        wait_for_releases(store, [parent, *derived], max(deadline - time.monotonic(), 0), log=log)
     base = Release.open(store, parent, cache_dir)
     # Of a derived release, only its table and index are read: the model is the base's.
     plan = plan_merge(base, [Release.open(store, d, cache_dir, only={INDEX_FILE}) for d in derived])

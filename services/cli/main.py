@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     kb_merge.add_argument("--dry-run", action="store_true", help="say what each would add and remove; publish nothing")
     kb_merge.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     kb_merge.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                          help="wait up to this long for the DERIVED releases to be published, as a merge started "
-                               "beside the encoding Job does (default: 0, they must exist)")
+                          help="wait up to this long for the object store to answer and the DERIVED releases to be "
+                               "published, as a merge started beside the encoding Job does (default: 0, they must "
+                               "exist)")
     add_s3_arguments(kb_merge, local_stack=True)
 
     release = sub.add_parser("release", help="the releases in the bucket: list them, delete one")

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
 from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
@@ -18,6 +19,8 @@ from ..retrieval.index import VectorIndex
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
 from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key, sha256
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
+
+T = TypeVar("T")
 
 
 def read_manifest(store: ObjectStore, name: str) -> Manifest:
@@ -50,6 +53,22 @@ def already_published(store: ObjectStore, name: str, *, exist_ok: bool,
         raise ReleaseExists(f"release {name!r} already exists, made from other inputs ({why}); releases are "
                             "immutable: choose another name")
     return True
+
+
+def once_the_store_answers(call: Callable[[], T], timeout_s: float, *, poll_s: float = 2.0,
+                           log: Callable[[str], None] = print) -> T:
+    """`call()`, tried again while the object store does not answer, for up to `timeout_s`; then its
+    StoreUnavailable. For work started beside the store, as a chart's Jobs are."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except StoreUnavailable as e:
+            now = time.monotonic()
+            if now >= deadline:
+                raise
+            log(f"the store does not answer, trying again for {deadline - now:.0f} s: {e}")
+            time.sleep(min(poll_s, deadline - now))
 
 
 def wait_for_releases(store: ObjectStore, names: Sequence[str], timeout_s: float, *, poll_s: float = 10.0,

@@ -11,8 +11,10 @@ from memory3.services.cli.main import main
 from memory3.services.release.catalog import plan_deletion, read_catalog
 from memory3.services.release.manifest import ReleaseNotFound, release_key
 from memory3.services.release.publish import MANIFEST_FILE
-from memory3.services.release.reader import Release, wait_for_releases
+from memory3.services.release.reader import Release, read_manifest, wait_for_releases
 from memory3.services.retrieval.embedder import Embedder
+from memory3.services.storage.local_s3 import free_port, start_local_s3
+from memory3.services.storage.object_store import ObjectStore
 from memory3.services.trainer.releases import kb_add, kb_merge, kb_remove, plan_merge, references_to_remove
 
 pytestmark = pytest.mark.integration
@@ -130,3 +132,32 @@ def test_a_merge_started_beside_the_shards_waits_for_each_to_be_published(bucket
     assert said == ["waiting for 1 of 2 releases to be published: shard-1"]
     with pytest.raises(ReleaseNotFound, match=r"after 0.5 s, 1 of 2 releases are not published .*: shard-2$"):
         wait_for_releases(bucket, ["shard-0", "shard-2"], 0.5, poll_s=0.1, log=said.append)
+
+
+def test_a_merge_job_started_before_the_store_answers_waits_for_it(bucket, local_s3, tmp_path, monkeypatch, capsys):
+    embedder = Embedder()
+    build_random_release(bucket, "base", embedder=embedder)
+    _shard(bucket, tmp_path, embedder, "base-shard-0", SHARD_A)
+    # A second server over the same files, on a port nothing listens on yet: the store of a Job
+    # whose object store starts after it.
+    port, config, servers = free_port(), bucket.config, []
+    later = threading.Timer(3.0, lambda: servers.append(start_local_s3(
+        local_s3.data_dir, port=port, access_key=config.access_key, secret_key=config.secret_key)))
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    later.start()
+    try:
+        code = main(["kb", "merge", "base-shard-0", "--release", "base", "--name", "base-late", "--wait", "60",
+                     "--s3-endpoint", f"127.0.0.1:{port}", "--s3-bucket", config.bucket,
+                     "--cache-dir", str(tmp_path / "cli")])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert "the store does not answer, trying again" in captured.err
+        assert "release base-late (from base): 14 memories, 2 references added, 0 removed" in captured.out
+        # Read through the server it was written to (rclone caches each server's view of the files).
+        late_store = ObjectStore(dataclasses.replace(servers[0].config, bucket=config.bucket))
+        assert read_manifest(late_store, "base-late").provenance["merged"] == ["base-shard-0"]
+    finally:
+        later.join()
+        for server in servers:
+            server.stop()
