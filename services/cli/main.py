@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="one release with the changes of releases derived from the same one (the shards of the "
                       "encoding Job): their added references, without those any of them removed")
     kb_merge.add_argument("derived", nargs="+", metavar="DERIVED",
-                          help="releases derived from --release (by kb add or kb remove)")
+                          help="releases that descend from --release (by kb add, kb remove or kb merge, directly "
+                               "or through others)")
     kb_merge.add_argument("--release", required=True, help="the release they were derived from")
     kb_merge.add_argument("--name", default=None, help="name of the new release (default: RELEASE-merge-<hash>)")
     kb_merge.add_argument("--dry-run", action="store_true", help="say what each would add and remove; publish nothing")

@@ -32,6 +32,21 @@ def read_manifest(store: ObjectStore, name: str) -> Manifest:
         raise ReleaseNotFound(f"release {name!r} does not exist (no manifest in bucket {store.bucket})") from e
 
 
+def ancestry(store: ObjectStore, name: str, *, until: str | None = None, limit: int = 1000) -> list[str]:
+    """The releases `name` was derived from, its parent first, up to `until` or the first release
+    (trained, not derived). A deleted ancestor ends the list: what it derived from is unknown."""
+    chain, parent = [], read_manifest(store, name).parent
+    while parent is not None and parent != until and len(chain) < limit:
+        if parent == name or parent in chain:
+            raise ReleaseError(f"release {name!r} derives from itself through {' <- '.join(chain)}")
+        chain.append(parent)
+        try:
+            parent = read_manifest(store, parent).parent
+        except ReleaseNotFound:
+            return chain
+    return chain if parent is None else [*chain, parent]
+
+
 def already_published(store: ObjectStore, name: str, *, exist_ok: bool,
                       differs: Callable[[Manifest], str | None]) -> bool:
     """Whether the work that would publish `name` is done already, checked before that work starts.

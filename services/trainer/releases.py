@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,14 +237,16 @@ class MergePlan:
         return [r for r in self.base.references if r["id"] not in gone] + [row for _, row in self.added]
 
 
-def plan_merge(base: Release, derived: Sequence[Release]) -> MergePlan:
+def plan_merge(base: Release, derived: Sequence[Release], *,
+               ancestry: Mapping[str, Sequence[str]] | None = None) -> MergePlan:
     """What merging `derived` into `base` changes; a ValueError that says why if they cannot merge.
 
-    Each derived release must have `base` as its parent (as the shards of the encoding Job do), so
-    its changes are what it lists beside what `base` lists: a merge of releases derived from
-    different ones could bring back a reference one of them had removed. They must share the base's
-    memory bank (same weights and codec), tokenizer and embedder, so their rows and vectors mean
-    what the base's do.
+    Each derived release must descend from `base`: its parent (as the shards of the encoding Job),
+    or an ancestor further up. `ancestry` gives each one's (`reader.ancestry`, parent first; without
+    it, only the parent is known). Its changes are then what it lists beside what `base` lists, however
+    many releases lie between: a release derived from anything else could bring back a reference
+    that one of them had removed. They must share the base's memory bank (same weights and codec),
+    tokenizer and embedder, so their rows and vectors mean what the base's do.
     """
     if not derived:
         raise ValueError(f"name the releases derived from {base.name!r} to merge into it")
@@ -252,9 +254,11 @@ def plan_merge(base: Release, derived: Sequence[Release]) -> MergePlan:
     if len(set(names)) < len(names) or base.name in names:
         raise ValueError(f"each release to merge must be named once, and not be the base {base.name!r}")
     for d in derived:
-        if d.manifest.parent != base.name:
-            raise ValueError(f"release {d.name!r} was derived from {d.manifest.parent!r}, not from {base.name!r}: "
-                             "only releases derived from the base merge into it (merge a longer chain step by step)")
+        chain = [a for a in (ancestry or {}).get(d.name) or [d.manifest.parent] if a is not None]
+        if base.name not in chain:
+            origin = f"derived from {' <- '.join(map(repr, chain))}" if chain else "derived from no release"
+            raise ValueError(f"release {d.name!r} was {origin}, not from {base.name!r}: only releases that descend "
+                             "from the base merge into it")
         for what, ours, theirs in (
                 ("memory bank", base.manifest.memory_bank["bank"], d.manifest.memory_bank["bank"]),
                 ("tokenizer", base.manifest.files[TOKENIZER_KEY]["sha256"], d.manifest.files[TOKENIZER_KEY]["sha256"]),

@@ -5,13 +5,13 @@ import threading
 import time
 
 import pytest
-from release_fixtures import build_random_release
+from release_fixtures import DOCUMENTS, build_random_release
 
 from memory3.services.cli.main import main
 from memory3.services.release.catalog import plan_deletion, read_catalog
 from memory3.services.release.manifest import ReleaseNotFound, release_key
 from memory3.services.release.publish import MANIFEST_FILE
-from memory3.services.release.reader import Release, read_manifest, wait_for_releases
+from memory3.services.release.reader import Release, ancestry, read_manifest, wait_for_releases
 from memory3.services.retrieval.embedder import Embedder
 from memory3.services.storage.local_s3 import free_port, start_local_s3
 from memory3.services.storage.object_store import ObjectStore
@@ -60,6 +60,41 @@ def test_merging_shards_adds_each_new_reference_once_and_drops_what_one_removed(
     assert len(merged.fetch_memories(expected)) == len(expected)
     # Its memories are the shards' and the base's: deleting it removes none of them.
     assert plan_deletion(bucket, "base-merged").memory_keys == []
+
+
+def test_a_release_derived_through_others_merges_with_the_changes_of_its_whole_chain(bucket, tmp_path):
+    embedder, cache = Embedder(), tmp_path / "cache"
+    build_random_release(bucket, "base", embedder=embedder)
+    base = Release.open(bucket, "base", cache)
+    _shard(bucket, tmp_path, embedder, "base-shard-0", SHARD_A)
+    # A correction on top of a shard: one more reference, and one of the base's left out.
+    corpus = tmp_path / "fix.txt"
+    corpus.write_text(SHARD_B[0] + "\n", encoding="utf-8")
+    kb_add(bucket, "base-shard-0", [corpus], "base-shard-0-fixed", cache, remove_matches=["Skarn Point is"],
+           embedder=embedder, progress=False)
+    kb_merge(bucket, plan_merge(base, [Release.open(bucket, "base-shard-0", cache)]), "base-m1", progress=False)
+    shard_1 = _shard(bucket, tmp_path, embedder, "base-shard-1", SHARD_B[1:])
+    assert ancestry(bucket, "base-shard-0-fixed", until="base") == ["base-shard-0", "base"]
+    assert ancestry(bucket, "base-shard-0-fixed") == ["base-shard-0", "base"]  # base was trained, not derived
+    assert ancestry(bucket, "base-m1", until="base-shard-0") == ["base"]  # not there: up to the first release
+
+    fixed = Release.open(bucket, "base-shard-0-fixed", cache)
+    lineage = {n: ancestry(bucket, n, until="base") for n in ("base-shard-0-fixed", "base-shard-1")}
+    plan = plan_merge(base, [fixed, shard_1], ancestry=lineage)
+    assert [row["text"] for _, row in plan.added] == [*SHARD_A, SHARD_B[0], SHARD_B[2]]
+    assert [r["text"] for r in plan.removed] == [DOCUMENTS[4][1]]
+    assert plan.changes_of(fixed) == (3, 1) and plan.changes_of(shard_1) == (1, 0)
+    merged = kb_merge(bucket, plan, "base-all", progress=False)
+    assert merged.memory_bank["count"] == len(base.references) + 4 - 1
+    release = Release.open(bucket, "base-all", cache)
+    texts = [release.by_id[i]["text"] for i in release.index().ids]
+    assert [hits[0][0] for hits in release.index().search(embedder.embed(texts), 1)] == release.index().ids
+    # Without its ancestry, only a release's parent is known.
+    with pytest.raises(ValueError, match="'base-shard-0-fixed' was derived from 'base-shard-0', not from 'base'"):
+        plan_merge(base, [fixed])
+    with pytest.raises(ValueError, match="derived from 'base-shard-0' <- 'base', not from 'base-m1'"):
+        plan_merge(Release.open(bucket, "base-m1", cache), [fixed],
+                   ancestry={fixed.name: ancestry(bucket, fixed.name, until="base-m1")})
 
 
 def test_only_releases_derived_from_the_base_with_its_bank_and_some_change_merge(bucket, tmp_path):
@@ -118,6 +153,12 @@ def test_kb_merge_command_says_what_each_adds_and_publishes_nothing_on_a_dry_run
     assert "a merge of ['base-shard-0', 'base-shard-1'], not ['base-shard-0']" in capsys.readouterr().err
     assert main(["kb", "merge", "base-all", "--release", "base-shard-0", *store]) == 2
     assert "derived from 'base', not from 'base-shard-0'" in capsys.readouterr().err
+    # A release derived from a shard descends from the base through it.
+    corpus = tmp_path / "more.txt"
+    corpus.write_text("Pemberlyn's ninth bridge was built in 1962.\n", encoding="utf-8")
+    assert main(["kb", "add", str(corpus), "--release", "base-shard-0", "--name", "base-shard-0-more", *store]) == 0
+    assert main(["kb", "merge", "base-shard-0-more", "--release", "base", "--dry-run", *store]) == 0
+    assert "base-shard-0-more: 3 references added, 0 removed" in capsys.readouterr().out
 
 
 def test_a_merge_started_beside_the_shards_waits_for_each_to_be_published(bucket):
