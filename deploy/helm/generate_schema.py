@@ -43,6 +43,7 @@ CONSTRAINTS: dict[str, dict] = {
     "decoder.port": PORT,
     "text.maxOverlap": {"type": "number", "minimum": 0, "maximum": 1},
     "text.maxConcurrency": {"type": "integer", "minimum": 1},
+    "text.indexShards": {"type": "integer", "minimum": 1, "maximum": 64},
     "text.embedderDtype": {"enum": ["auto", "float32", "bfloat16"]},
     "memory.ramCacheMB": {"type": "number", "minimum": 0},
     "memory.redisTTL": {"type": "integer", "minimum": 0},

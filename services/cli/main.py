@@ -266,6 +266,10 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embedder-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                        help="dtype the query embedder computes in; auto: bfloat16 on a CPU with native bf16 "
                             "(AVX-512 BF16, AMX), else float32")
+    group.add_argument("--index-shard", default=None, metavar="I/N",
+                       help="serve shard I of N of the release's index (the references whose row is I modulo N), "
+                            "so that N services share an index too large or too slow for one; the decoder "
+                            "takes all N addresses in --text-address and merges their answers")
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
@@ -300,7 +304,9 @@ def _serve_memory(args: argparse.Namespace) -> int:
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoder (dependency token: MEMORY3_DEPENDENCY_TOKEN)")
     group.add_argument("--text-address", default=None,
-                       help="host:port of the text service (with --memory-address; neither: retrieve in-process)")
+                       help="host:port of the text service (with --memory-address; neither: retrieve in-process); "
+                            "for an index served in shards (serve text --index-shard I/N), every shard's "
+                            "host:port, comma-separated")
     group.add_argument("--memory-address", default=None, help="host:port of the memory service")
     group.add_argument("--max-batch", type=int, default=8, help="streams decoded together")
     group.add_argument("--max-waiting", type=int, default=32,
@@ -534,6 +540,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _serve_text(args: argparse.Namespace) -> int:
     from memory3.services.retrieval.embedder import native_bf16
+    from memory3.services.retrieval.index import IndexShard
     from memory3.services.text.server import serve_text
 
     if not args.release:
@@ -542,7 +549,8 @@ def _serve_text(args: argparse.Namespace) -> int:
     if dtype == "auto":
         dtype = "bfloat16" if native_bf16() else "float32"
     return serve_text(s3_config(args), args.release, args.cache_dir, server_options(args),
-                      max_overlap=args.max_overlap, max_concurrency=args.max_concurrency, embedder_dtype=dtype)
+                      max_overlap=args.max_overlap, max_concurrency=args.max_concurrency, embedder_dtype=dtype,
+                      shard=IndexShard.parse(args.index_shard) if args.index_shard else IndexShard(0, 1))
 
 
 def _generate(args: argparse.Namespace) -> int:

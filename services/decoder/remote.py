@@ -24,7 +24,7 @@ from ..memory.client import MemoryClient
 from ..memory.ram_cache import RamCache
 from ..rpc import metrics
 from ..rpc.errors import DataLoss, DeadlineExceeded, Unavailable, error_from_rpc
-from ..text.client import TextClient
+from ..text.client import ShardedTextClient, ShardMismatch, TextClient
 from .retrieval import RetrievedReference
 
 # Status codes that mean "the service is not there right now", as opposed to a bad request.
@@ -44,7 +44,7 @@ def decoded_memory_cache(max_bytes: int) -> RamCache[ExplicitMemory] | None:
 
 
 class RemoteRetrieval:
-    def __init__(self, text: TextClient, memory: MemoryClient, codec: MemoryCodec,
+    def __init__(self, text: TextClient | ShardedTextClient, memory: MemoryClient, codec: MemoryCodec,
                  memory_shape: tuple[int, int, int, int], *, cache: RamCache[ExplicitMemory] | None = None) -> None:
         self.text, self.memory, self.codec, self.shape = text, memory, codec, memory_shape
         self.cache = cache
@@ -57,6 +57,8 @@ class RemoteRetrieval:
             if e.code() in _OUTAGE:
                 raise Unavailable(f"text service: {e.details()}") from e
             raise error_from_rpc(e) from e
+        except ShardMismatch as e:
+            raise Unavailable(f"text service: {e}") from e
         return [[RetrievedReference(rid, score, text) for rid, score, text in found] for found in hits]
 
     def cached(self, ids: Sequence[str]) -> list[ExplicitMemory] | None:

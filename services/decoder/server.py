@@ -26,7 +26,7 @@ from ..release.reader import Release
 from ..rpc.errors import Unavailable
 from ..rpc.server import Server, ServerOptions, client_channel, serve_until_signal
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
-from ..text.client import TextClient
+from ..text.client import ShardedTextClient, TextClient
 from .engine import EngineConfig, GenerationEngine
 from .remote import RemoteRetrieval, decoded_memory_cache
 from .retrieval import CoalescingRetrieval, LocalRetrieval
@@ -52,7 +52,9 @@ class DecoderSettings:
     release: str
     s3: S3Config
     cache_dir: Path
-    text_address: str | None = None  # host:port of the text service; None with memory_address: in-process
+    # host:port of the text service, or of each index shard's, comma-separated; None with
+    # memory_address: in-process retrieval
+    text_address: str | None = None
     memory_address: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     device: str = "cpu"
@@ -67,8 +69,18 @@ class DecoderSettings:
                              f"got {self.memory_cache_bytes / (1 << 20):g}")
         if (self.text_address is None) != (self.memory_address is None):
             raise ValueError("give both --text-address and --memory-address, or neither (in-process retrieval)")
+        shards = self.text_addresses
+        if any(not a for a in shards) or len(set(shards)) < len(shards):
+            raise ValueError(f"--text-address {self.text_address!r}: give host:port, or one host:port per index "
+                             "shard, comma-separated, each once")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+    @property
+    def text_addresses(self) -> list[str]:
+        """The text service's address, or each index shard's."""
+        return [a.strip() for a in self.text_address.split(",")] if self.text_address else []
 
 
 @dataclass
@@ -116,13 +128,16 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
     channels: list[grpc.aio.Channel] = []
     if s.text_address is not None:
         d = s.dependencies
-        for address in (s.text_address, s.memory_address):
+        for address in (s.memory_address, *s.text_addresses):
             channels.append(client_channel(address, tls_ca=d.tls_ca, client_cert=d.client_cert,
                                            client_key=d.client_key, auth_token=d.auth_token))
-        text_channel, memory_channel = channels
-        health = {"text": health_pb2_grpc.HealthStub(text_channel),
-                  "memory": health_pb2_grpc.HealthStub(memory_channel)}
-        retrieval = RemoteRetrieval(TextClient(text_channel, timeout_s=d.timeout_s),
+        memory_channel, *text_channels = channels
+        health = {"memory": health_pb2_grpc.HealthStub(memory_channel)}
+        texts = [TextClient(channel, timeout_s=d.timeout_s) for channel in text_channels]
+        for i, channel in enumerate(text_channels):
+            health["text" if len(texts) == 1 else f"text (index shard {i} of {len(texts)})"] = \
+                health_pb2_grpc.HealthStub(channel)
+        retrieval = RemoteRetrieval(texts[0] if len(texts) == 1 else ShardedTextClient(texts),
                                     MemoryClient(memory_channel, timeout_s=d.timeout_s),
                                     release.memory_codec(), release.memory_shape(),
                                     cache=decoded_memory_cache(s.memory_cache_bytes))

@@ -41,6 +41,7 @@ from .manifest import (
 
 INDEX_FILE, REFERENCES_FILE, CODEC_FILE, MANIFEST_FILE = "index.faiss", "references.jsonl", "codec.safetensors", \
     "manifest.json"
+TOKENIZER_KEY = f"model/{TOKENIZER_FILE}"  # the tokenizer's name in a manifest's files
 POSITION_SCHEME = "parallel: memory keys at [p, p+ref_len), context from p+ref_len (p = prefix tokens)"
 
 

@@ -26,6 +26,7 @@ was built with; it is stored with `faiss.serialize_index` (bytes, no pickle), `n
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,6 +54,31 @@ def ivf_lists(count: int) -> int:
     wanted = 2 ** round(np.log2(4 * np.sqrt(max(count, 1))))
     trainable = 2 ** int(np.log2(max(count // IVF_MIN_TRAIN_PER_LIST, 1)))
     return int(min(65536, max(IVF_MIN_LISTS, min(wanted, trainable))))
+
+
+@dataclass(frozen=True)
+class IndexShard:
+    """Shard `index` of `count`: the rows whose number is `index` modulo `count`, so that every shard
+    of a release holds about as many references, whatever their order."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"index shard {self.index}/{self.count}: give I/N with 0 <= I < N, e.g. 0/4")
+
+    @classmethod
+    def parse(cls, text: str) -> IndexShard:
+        """"I/N", as `serve text --index-shard` takes it."""
+        index, sep, count = text.partition("/")
+        try:
+            return cls(int(index), int(count)) if sep else cls(-1, 0)
+        except ValueError as e:
+            raise ValueError(f"index shard {text!r}: give I/N with 0 <= I < N, e.g. 0/4") from e
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 def check_index_choice(choice: str, count: int | None = None) -> None:
@@ -164,6 +190,13 @@ class VectorIndex:
             return VectorIndex(self._ivf_keeping(np.asarray(keep, dtype=np.int64)), kept_ids)
         vectors = self.index.reconstruct_n(0, self.index.ntotal)[keep]  # (N_kept, dim)
         return VectorIndex.build(vectors, kept_ids, kind=self.kind)
+
+    def shard(self, shard: IndexShard) -> VectorIndex:
+        """A new index of this one's rows in `shard`, in the same order (`without` the others: an
+        HNSW shard is a graph built again, a flat or IVF-PQ one a copy of its vectors or codes)."""
+        if shard.count == 1:
+            return self
+        return self.without({rid for row, rid in enumerate(self.ids) if row % shard.count != shard.index})
 
     def _ivf(self):
         import faiss

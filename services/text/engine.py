@@ -32,8 +32,9 @@ import numpy as np
 from memory3.model.tokenizer import TextCodec
 
 from ..release.manifest import ReleaseError
+from ..release.publish import INDEX_FILE, TOKENIZER_KEY
 from ..release.reader import Release
-from ..retrieval.index import VectorIndex
+from ..retrieval.index import IndexShard, VectorIndex
 from ..rpc.errors import InvalidInput, ResourceExhausted, Unavailable
 from ..rpc.metrics import RETRIEVAL_LATENCY, RETRIEVAL_QUERIES
 from ..storage.object_store import ObjectStore
@@ -87,6 +88,7 @@ class TextResources:
     texts: dict[str, str]  # reference id -> text, covering every id of the index
     default_top_k: int  # memories per chunk, used when a request asks for top_k = 0
     embedder_name: str  # the embedder the index was built with
+    shard: IndexShard = IndexShard(0, 1)  # the part of the release's index `index` holds
 
 
 @dataclass
@@ -118,9 +120,11 @@ class TextEngine:
 
     @classmethod
     def for_release(cls, store: ObjectStore, name: str, cache_dir: Path, *,
-                    embedder_factory: Callable[[], EmbedderLike] | None = None, **options) -> TextEngine:
-        """An engine that serves release `name` from the object store (downloaded on `start()`)."""
-        return cls(functools.partial(load_release_resources, store, name, cache_dir),
+                    embedder_factory: Callable[[], EmbedderLike] | None = None, shard: IndexShard = IndexShard(0, 1),
+                    **options) -> TextEngine:
+        """An engine that serves release `name` (its index shard `shard`) from the object store
+        (downloaded on `start()`)."""
+        return cls(functools.partial(load_release_resources, store, name, cache_dir, shard),
                    embedder_factory or _default_embedder, **options)
 
     # ---- lifecycle ----
@@ -140,8 +144,8 @@ class TextEngine:
             raise ReleaseError(f"release {resources.release!r}: index id {missing!r} has no reference text")
         await asyncio.to_thread(embedder.embed, ["warm-up"])
         self._resources, self._embedder = resources, embedder
-        log.info("release %r loaded: %d references, embedder %s", resources.release, len(resources.index.ids),
-                 embedder.name)
+        log.info("release %r loaded: %d references%s, embedder %s", resources.release, len(resources.index.ids),
+                 f" (index shard {resources.shard})" if resources.shard.count > 1 else "", embedder.name)
 
     @property
     def ready(self) -> bool:
@@ -150,6 +154,14 @@ class TextEngine:
     @property
     def release(self) -> str:
         return self._ready().release
+
+    @property
+    def shard(self) -> IndexShard:
+        return self._ready().shard
+
+    @property
+    def default_top_k(self) -> int:
+        return self._ready().default_top_k
 
     def _ready(self) -> TextResources:
         if self._resources is None:
@@ -326,14 +338,19 @@ class TextEngine:
         return tuple(resources.codec.encode(resources.texts[rid]))
 
 
-def load_release_resources(store: ObjectStore, name: str, cache_dir: Path) -> TextResources:
-    """Blocking: download (or reuse a verified copy of) the release and keep what retrieval needs."""
-    release = Release.open(store, name, cache_dir)
+def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
+                           shard: IndexShard = IndexShard(0, 1)) -> TextResources:
+    """Blocking: download (or reuse a verified copy of) the release and keep what retrieval needs:
+    with `shard`, that shard's rows of the index and their texts only (the whole index is read
+    first, so loading briefly needs its memory too)."""
+    release = Release.open(store, name, cache_dir, only={INDEX_FILE, TOKENIZER_KEY})  # not the weights
+    index = release.index().shard(shard)
+    kept = set(index.ids)
     return TextResources(
-        release=release.name, codec=release.text_codec(), index=release.index(),
-        texts={r["id"]: r["text"] for r in release.references},
+        release=release.name, codec=release.text_codec(), index=index,
+        texts={r["id"]: r["text"] for r in release.references if r["id"] in kept},
         default_top_k=int(release.manifest.conventions["mems_per_chunk"]),
-        embedder_name=str(release.manifest.index["embedder"]))
+        embedder_name=str(release.manifest.index["embedder"]), shard=shard)
 
 
 def _default_embedder() -> EmbedderLike:

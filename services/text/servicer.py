@@ -37,4 +37,7 @@ class TextServicer(pb_grpc.TextServiceServicer):
     async def Retrieve(self, request, context):  # noqa: N802
         results = await self.engine.retrieve([query_from_proto(q) for q in request.queries], request.top_k,
                                              request.include_text)
-        return pb.RetrieveResponse(results=[result_to_proto(r) for r in results], release=self.engine.release)
+        shard = self.engine.shard
+        return pb.RetrieveResponse(results=[result_to_proto(r) for r in results], release=self.engine.release,
+                                   shard_index=shard.index, shard_count=shard.count,
+                                   top_k=request.top_k or self.engine.default_top_k)

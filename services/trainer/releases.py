@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 
-from memory3.model.checkpoint import TOKENIZER_FILE
 from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
 from memory3.model.encoder import encode_batch
 
 from ..release.manifest import Manifest, check_release_name
-from ..release.publish import publish_release
+from ..release.publish import TOKENIZER_KEY, publish_release
 from ..release.reader import Release, already_published, read_manifest
 from ..retrieval.embedder import Embedder
 from ..retrieval.index import VectorIndex
@@ -24,8 +23,6 @@ from ..storage.object_store import ObjectStore
 from .corpus import CorpusError, read_corpus_file
 from .kb import Reference, build_references
 from .pipeline import PipelineResult
-
-TOKENIZER_KEY = f"model/{TOKENIZER_FILE}"  # its name in a manifest's files
 
 
 def git_commit() -> str | None:

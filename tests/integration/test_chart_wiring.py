@@ -17,8 +17,12 @@ What a cluster would provide is emulated, nothing else is changed:
 - volumes: a Secret volume is a temporary directory holding the Secret's items, every other volumeMount a
   fresh empty one;
 - network namespaces: each pod has its own, so the shared metrics port becomes `--metrics-port 0`
-  (any free port), the shared health port a free port per pod (its probes follow), and `--host 0.0.0.0`
-  becomes 127.0.0.1 (tests only listen on loopback).
+  (any free port), the shared health port a free port per pod (its probes follow), a service port that
+  another pod already listens on (the text service's index shards) a free port too, which its Service
+  then resolves to, and `--host 0.0.0.0` becomes 127.0.0.1 (tests only listen on loopback).
+
+The same stack runs again with the text service's index in two shards (`text.indexShards`): two text
+Deployments, each behind its own Service, which the decoder asks together.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -63,6 +68,20 @@ class Cluster:
     def __init__(self, objects: list[dict], secrets: dict[str, dict[str, str]]) -> None:
         self.objects = objects
         self.secrets = secrets
+        self.remapped: dict[tuple[str, int], int] = {}  # (Deployment, container port) -> the local port used
+
+    def deployments(self, component: str) -> list[dict]:
+        """A component's Deployments: one, or one per index shard of the text service."""
+        return [d for d in self.objects if d["kind"] == "Deployment"
+                and d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+
+    def listen_port(self, deployment: dict, container_port: int) -> int:
+        """The local port a pod's container port is served on: itself, unless another pod took it."""
+        key = (deployment["metadata"]["name"], container_port)
+        if key not in self.remapped:
+            taken = set(self.remapped.values())
+            self.remapped[key] = container_port if container_port not in taken else free_port()
+        return self.remapped[key]
 
     def find(self, kind: str, name: str) -> dict | None:
         return next((o for o in self.objects if o["kind"] == kind and o["metadata"]["name"] == name), None)
@@ -78,7 +97,7 @@ class Cluster:
         assert len(pods) == 1, f"Service {host} selects {len(pods)} Deployments"
         ports = [p for c in pods[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]]
         container_port = next(p["containerPort"] for p in ports if target in (p.get("name"), p["containerPort"]))
-        return f"127.0.0.1:{container_port}"
+        return f"127.0.0.1:{self.listen_port(pods[0], container_port)}"
 
     def resolve(self, text: str) -> str:
         """Rewrite every `<service>:<port>` in a string (an address flag, a Redis URL) to its local address."""
@@ -138,6 +157,7 @@ def pod_process(cluster: Cluster, deployment: dict, root: Path) -> tuple[list[st
     args = [local_path(cluster.resolve(expand(a, env))) for a in container["args"]]
     args[args.index("--metrics-port") + 1] = "0"
     args[args.index("--host") + 1] = "127.0.0.1"
+    args[args.index("--port") + 1] = str(cluster.listen_port(deployment, int(args[args.index("--port") + 1])))
     probed = container["startupProbe"]["grpc"]["port"]
     if "--health-port" in args:  # TLS: the probes ask the plaintext health port, not the service port
         assert int(args[args.index("--health-port") + 1]) == probed != int(args[args.index("--port") + 1])
@@ -147,42 +167,50 @@ def pod_process(cluster: Cluster, deployment: dict, root: Path) -> tuple[list[st
     return args, env, probed
 
 
-@pytest.fixture(scope="module")
-def chart_stack(tmp_path_factory, local_s3, random_release, local_redis_module):
-    s3 = local_s3.config
+@contextmanager
+def pods_running(root: Path, s3, release: str, redis_url: str, **values):
+    """The rendered text, memory and decoder Deployments (with `values` beside the defaults) running as
+    processes until the block ends: (cluster, {Deployment name: its process})."""
     ports = {c: free_port() for c in SERVICES}
     values = {
-        "release": random_release.name,
+        "release": release,
         "s3": {"endpoint": s3.endpoint, "bucket": s3.bucket, "existingSecret": "memory3-s3"},
         "redis": {"existingSecret": "memory3-redis"},
         "decoder": {"port": ports["decoder"], "maxBatch": 4},
-        "text": {"port": ports["text"]},
+        "text": {"port": ports["text"], **values.pop("text", {})},
         "memory": {"port": ports["memory"]},
         "tls": {"clientAuth": True},
         "auth": {"decoder": {"enabled": True, "existingSecret": "memory3-clients"}},
+        **values,
     }
     cluster = Cluster(render_chart(values), secrets={
         "memory3-s3": {"access-key": s3.access_key, "secret-key": s3.secret_key},
-        "memory3-redis": {"redis-url": local_redis_module.url},
+        "memory3-redis": {"redis-url": redis_url},
         "memory3-clients": {"token": CLIENT_TOKEN},
     })
-    root = tmp_path_factory.mktemp("pods")
     processes: list[StackProcess] = []
     try:
-        for component in SERVICES:
-            deployment = cluster.find("Deployment", f"m3-memory3-{component}")
-            args, env, port = pod_process(cluster, deployment, root / component)
+        for deployment in (d for component in SERVICES for d in cluster.deployments(component)):
+            name = deployment["metadata"]["name"]
+            args, env, port = pod_process(cluster, deployment, root / name)
             base = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL") if k in os.environ}
-            log = root / f"{component}.log"
+            log = root / f"{name}.log"
             with open(log, "ab") as out:
                 process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
                                            env={**base, **env}, stdout=out, stderr=out, start_new_session=True)
-            processes.append(StackProcess(component, process.pid, port, str(log)))
+            processes.append(StackProcess(name, process.pid, port, str(log)))
         for p in processes:
             wait_serving(p, timeout_s=180)
         yield cluster, {p.name: p for p in processes}
     finally:
         stop_processes(processes)
+
+
+@pytest.fixture(scope="module")
+def chart_stack(tmp_path_factory, local_s3, random_release, local_redis_module):
+    with pods_running(tmp_path_factory.mktemp("pods"), local_s3.config, random_release.name,
+                      local_redis_module.url) as (cluster, processes):
+        yield cluster, {name.removeprefix("m3-memory3-"): p for name, p in processes.items()}
 
 
 @pytest.fixture(scope="module")
@@ -229,13 +257,21 @@ def test_generate_through_the_decoder_service(chart_stack):
     with grpc.secure_channel(address, tls) as channel, pytest.raises(grpc.RpcError) as refused:
         list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=30))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # auth.decoder: the clients' token
-    credentials = grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(CLIENT_TOKEN))
-    with grpc.secure_channel(address, credentials) as channel:
-        responses = list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=120))
-    assert sum(len(r.token_ids) for r in responses) == 16
-    usage = responses[-1].usage
+    usage = generate_with_token(cluster, request)[-1].usage
     # Retrieval went through the text service and memories through the memory service.
     assert usage.retrievals >= 1 and usage.memories_read >= 5
+
+
+def generate_with_token(cluster: Cluster, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
+    """Generate through the decoder's Service as a client with the CA and the clients' token."""
+    service = cluster.find("Service", "m3-memory3-decoder")
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    tls = grpc.ssl_channel_credentials(root_certificates=cluster.secret("m3-memory3-tls")["ca.crt"].encode())
+    credentials = grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(CLIENT_TOKEN))
+    with grpc.secure_channel(cluster.local_address("m3-memory3-decoder", port), credentials) as channel:
+        responses = list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=120))
+    assert sum(len(r.token_ids) for r in responses) == request.params.max_tokens
+    return responses
 
 
 def test_text_and_memory_answer_only_the_decoders_certificate_and_token(chart_stack):
@@ -261,3 +297,22 @@ def test_text_and_memory_answer_only_the_decoders_certificate_and_token(chart_st
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, component  # no internal token
             token = grpc.access_token_call_credentials(cluster.secret("m3-memory3-auth")["token"])
             stub(request, timeout=10, credentials=token)  # with both, it answers
+
+
+def test_the_decoder_asks_every_index_shard_of_the_text_service(tmp_path, local_s3, random_release,
+                                                                 local_redis_module):
+    with pods_running(tmp_path, local_s3.config, random_release.name, local_redis_module.url,
+                      text={"indexShards": 2}) as (cluster, processes):
+        assert sorted(processes) == ["m3-memory3-decoder", "m3-memory3-memory", "m3-memory3-text-0",
+                                     "m3-memory3-text-1"]
+        for shard in ("0", "1"):
+            log = Path(processes[f"m3-memory3-text-{shard}"].log).read_text()
+            assert f"(index shard {shard}/2)" in log
+        request = pb.GenerateRequest(prompt="Who keeps the lighthouse at Skarn Point, and what does Ilsa Varrow "
+                                            "repair in Pemberlyn?", params=pb.GenerationParams(max_tokens=8))
+        responses = generate_with_token(cluster, request)
+        assert responses[-1].usage.retrievals >= 1 and responses[-1].usage.memories_read >= 5
+        # The decoder merged both shards' answers: shard i holds the references of rows i, i + 2, …
+        row = {r.id: i for i, r in enumerate(random_release.references)}
+        cited = {ref.id for r in responses for c in r.citations for ref in c.references}
+        assert {row[rid] % 2 for rid in cited} == {0, 1}

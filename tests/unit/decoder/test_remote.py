@@ -1,10 +1,12 @@
-"""The decoder's RAM tier of decoded memories, in front of the memory service.
+"""The decoder's RAM tier of decoded memories, in front of the memory service, and the text service's
+address (one service, or each index shard's).
 
 The memory service is a fake here (the point is the tier's logic); the real services and stores
 are exercised by tests/integration/test_generation_stack.py.
 """
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +15,11 @@ from memory3.model.codecs import codec_from_name
 from memory3.model.memory import ExplicitMemory
 from memory3.model.memory_format import HEADER_SIZE, encode_memory
 from memory3.services.decoder.remote import TIER, RemoteRetrieval, decoded_memory_cache, memory_nbytes
+from memory3.services.decoder.server import DecoderSettings
 from memory3.services.rpc import metrics
-from memory3.services.rpc.errors import DataLoss
+from memory3.services.rpc.errors import DataLoss, Unavailable
+from memory3.services.storage.object_store import S3Config
+from memory3.services.text.client import ShardMismatch
 
 SHAPE = (2, 2, 4, 16)  # (memory layers, KV heads, tokens per head, head dim)
 CODEC = codec_from_name("fp16")
@@ -105,3 +110,29 @@ def test_cached_answers_only_when_every_memory_is_held_and_counts_hits_only_then
     assert (counter("MEMORY_FETCHES") - fetches, counter("MEMORY_HITS") - hits) == (2, 2)
     assert counter("MEMORY_MISSES") == misses and service.calls == [["a", "b"]]
     assert retrieval(service, 0).cached(["a"]) is None  # no RAM tier: nothing is ever held
+
+
+class MismatchedShards:
+    async def retrieve(self, queries, top_k, include_text):
+        raise ShardMismatch("the 2 text services hold index shards 0/2, 0/2")
+
+
+def test_text_shards_that_do_not_make_one_index_make_retrieval_unavailable():
+    remote = RemoteRetrieval(MismatchedShards(), FakeMemoryService([]), CODEC, SHAPE)
+    with pytest.raises(Unavailable, match="text service: the 2 text services hold index shards 0/2, 0/2"):
+        asyncio.run(remote.retrieve([[1, 2, 3]], 5, False))
+
+
+@pytest.mark.parametrize(("address", "shards"), [("text:50052", ["text:50052"]),
+                                                 ("text-0:50052, text-1:50052", ["text-0:50052", "text-1:50052"])])
+def test_the_text_address_names_the_service_or_each_index_shard(address, shards):
+    settings = DecoderSettings(release="r", s3=S3Config(endpoint="s3:9000", access_key="a", secret_key="s"),
+                               cache_dir=Path("/tmp"), text_address=address, memory_address="memory:50053")
+    assert settings.text_addresses == shards
+
+
+@pytest.mark.parametrize("address", ["text-0:50052,", "text-0:50052,text-0:50052", ","])
+def test_a_text_address_list_with_a_gap_or_a_repeat_is_refused(address):
+    with pytest.raises(ValueError, match="one host:port per index shard, comma-separated, each once"):
+        DecoderSettings(release="r", s3=S3Config(endpoint="s3:9000", access_key="a", secret_key="s"),
+                        cache_dir=Path("/tmp"), text_address=address, memory_address="memory:50053")

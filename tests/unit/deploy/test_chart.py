@@ -33,6 +33,8 @@ VALUE_SETS = {
                              "trainer": {"job": {"enabled": True, "release": "small-v2", "workVolumeClaim": "runs"}},
                              "encoding": {"enabled": True, "shardsVolumeClaim": "shards"},
                              "redis": {"existingSecret": "memory3-redis"}},
+    "text-shards": {"text": {"indexShards": 3}, "kserve": {"enabled": True},
+                    "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}},
     "tls-off": {"tls": {"enabled": False}},
     "tls-existing-secret": {"tls": {"existingSecret": "memory3-tls"}, "kserve": {"enabled": True}},
     "everything": merge(IN_CHART_STORES, {"kserve": {"enabled": True}, "decoder": {"gpu": {"enabled": True}},
@@ -132,7 +134,15 @@ def test_selectors_match_pod_labels(rendered):
     for sm in rendered.of_kind("ServiceMonitor"):
         services = [s for s in rendered.of_kind("Service")
                     if labels_match(sm["spec"]["selector"], s["metadata"]["labels"])]
-        assert len(services) == 1 and "metrics" in [p["name"] for p in services[0]["spec"]["ports"]]
+        # One Service per component, or per index shard of the text service.
+        component = sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        assert len(services) == len(component_deployments(rendered, component)) >= 1
+        assert all("metrics" in [p["name"] for p in svc["spec"]["ports"]] for svc in services)
+
+
+def component_deployments(r: Rendered, component: str) -> list[dict]:
+    """The Deployments of a component: one, or one per index shard of the text service."""
+    return [d for d in r.of_kind("Deployment") if pod_labels(d)["app.kubernetes.io/component"] == component]
 
 
 def resolve_address(r: Rendered, address: str) -> tuple[dict, dict]:
@@ -161,9 +171,10 @@ def test_every_service_address_points_to_a_rendered_service_and_port(rendered):
                 if flag == "--s3-endpoint" and not address.startswith("m3-memory3-"):
                     assert address == REQUIRED["s3"]["endpoint"]  # the external store
                     continue
-                backend, port = resolve_address(rendered, address)
                 expected = {"--text-address": "text", "--memory-address": "memory", "--s3-endpoint": "s3"}[flag]
-                assert backend["metadata"]["name"] == component_name(expected)
+                # Every Deployment of the component, once: the text service's index shards, in order.
+                backends = [resolve_address(rendered, a)[0]["metadata"]["name"] for a in address.split(",")]
+                assert backends == [d["metadata"]["name"] for d in component_deployments(rendered, expected)]
                 checked += 1
         for env in c.get("env", []):
             if env["name"] == "MEMORY3_REDIS_URL" and "value" in env:
@@ -234,8 +245,7 @@ def test_cli_rejects_a_flag_that_does_not_exist():
 
 
 def test_services_have_grpc_probes_and_resources(rendered):
-    for component in SERVICES:
-        d = rendered.get("Deployment", component_name(component))
+    for d in (d for component in SERVICES for d in component_deployments(rendered, component)):
         c = d["spec"]["template"]["spec"]["containers"][0]
         grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
         # With TLS the kubelet (which cannot speak TLS) probes the plaintext health-only port.
@@ -244,7 +254,7 @@ def test_services_have_grpc_probes_and_resources(rendered):
         if tls:
             assert int(c["args"][c["args"].index("--health-port") + 1]) == probed != grpc_port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == probed, (component, probe)
+            assert c[probe]["grpc"]["port"] == probed, (d["metadata"]["name"], probe)
         # Liveness asks for the name that stays SERVING while the process runs (services/rpc/server.py).
         assert c["livenessProbe"]["grpc"]["service"] == "liveness"
         assert "service" not in c["readinessProbe"]["grpc"]
@@ -475,6 +485,28 @@ def test_release_change_rolls_the_service_pods():
         assert args[args.index("--release") + 1] == "small-v2"
         strategy = one.get("Deployment", component_name(component))["spec"]["strategy"]["rollingUpdate"]
         assert strategy["maxUnavailable"] == 0  # old pods serve until the new release is SERVING
+
+
+def test_each_index_shard_of_the_text_service_is_its_own_deployment_and_the_decoder_asks_them_all():
+    from memory3.services.retrieval.index import IndexShard
+
+    r = render(VALUE_SETS["text-shards"])
+    parser = build_parser()
+    shards = component_deployments(r, "text")
+    assert [d["metadata"]["name"] for d in shards] == [f"{component_name('text')}-{i}" for i in range(3)]
+    for i, d in enumerate(shards):
+        args = parser.parse_args(d["spec"]["template"]["spec"]["containers"][0]["args"])
+        assert IndexShard.parse(args.index_shard) == IndexShard(i, 3)
+        assert pod_labels(d)["memory3.io/index-shard"] == str(i)
+        # Its Service, autoscaler and disruption budget are its own.
+        for kind in ("Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+            assert r.get(kind, d["metadata"]["name"])
+    decoder = r.get("Deployment", component_name("decoder"))["spec"]["template"]["spec"]["containers"][0]
+    predictor = r.of_kind("InferenceService")[0]["spec"]["predictor"]["containers"][0]
+    for c in (decoder, predictor):
+        args = c["args"]
+        assert args[args.index("--text-address") + 1] == ",".join(f"{d['metadata']['name']}:50052" for d in shards)
+    assert " ".join(f"deployment/{d['metadata']['name']}" for d in shards) in r.notes
 
 
 def test_trainer_job_is_named_after_its_release():

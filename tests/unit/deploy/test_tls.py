@@ -151,3 +151,11 @@ def test_probe_ingress_can_be_limited_to_the_nodes():
     for component in SERVICES:
         ingress = r.get("NetworkPolicy", component_name(component))["spec"]["ingress"]
         assert {"ports": [{"port": "health", "protocol": "TCP"}], "from": nodes} in ingress
+
+
+def test_generated_certificate_names_each_index_shard_of_the_text_service():
+    r = render({"text": {"indexShards": 2}})
+    cert = x509.load_pem_x509_certificate(base64.b64decode(r.get("Secret", component_name("tls"))["data"]["tls.crt"]))
+    dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    for shard in ("text-0", "text-1"):
+        assert f"{component_name(shard)}.{NAMESPACE}.svc" in dns

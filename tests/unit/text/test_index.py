@@ -12,6 +12,7 @@ from memory3.services.retrieval.index import (
     HNSW_THRESHOLD,
     IVFPQ_MIN_VECTORS,
     IVFPQ_THRESHOLD,
+    IndexShard,
     VectorIndex,
     check_index_choice,
     ivf_lists,
@@ -159,3 +160,27 @@ def test_an_hnsw_graph_stored_with_a_narrow_search_is_searched_wider():
     assert loaded.index.hnsw.efSearch == HNSW_EF_SEARCH
     built = VectorIndex.build(vectors, [str(i) for i in range(500)], kind="hnsw")
     assert (built.index.hnsw.efConstruction, built.index.hnsw.efSearch) == (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_the_shards_of_an_index_hold_every_nth_row_each_once(kind):
+    vectors = _clustered(1000, 32)
+    ids = [f"ref-{i}" for i in range(1000)]
+    index = VectorIndex.build(vectors, ids, kind=kind)
+    shards = [index.shard(IndexShard(i, 3)) for i in range(3)]
+    assert [s.ids for s in shards] == [ids[i::3] for i in range(3)]
+    assert all(s.kind == kind for s in shards)
+    # Each row keeps its own vector (or code).
+    np.testing.assert_array_equal(shards[2].vectors_of(ids[2::3][:50]), index.vectors_of(ids[2::3][:50]))
+    assert index.shard(IndexShard(0, 1)) is index
+
+
+@pytest.mark.parametrize(("text", "shard"), [("0/1", IndexShard(0, 1)), ("3/4", IndexShard(3, 4))])
+def test_an_index_shard_is_given_as_i_of_n(text, shard):
+    assert IndexShard.parse(text) == shard and str(shard) == text
+
+
+@pytest.mark.parametrize("text", ["4/4", "-1/2", "1/0", "1", "a/b", ""])
+def test_an_index_shard_that_is_not_i_of_n_says_what_to_give(text):
+    with pytest.raises(ValueError, match=r"give I/N with 0 <= I < N, e\.g\. 0/4"):
+        IndexShard.parse(text)

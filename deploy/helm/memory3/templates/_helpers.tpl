@@ -17,9 +17,33 @@
 {{- end -}}
 {{- end -}}
 
-{{/* The name of one component's resources: `<fullname>-<component>`. Call with (dict "root" $ "component" "text"). */}}
+{{/* The name of one component's resources: `<fullname>-<component>`, or `<fullname>-<component>-<shard>` for
+one shard of the text service's index. Call with (dict "root" $ "component" "text"), plus "shard" "0" for a shard. */}}
 {{- define "memory3.componentName" -}}
-{{- printf "%s-%s" (include "memory3.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- $name := printf "%s-%s" (include "memory3.fullname" .root) .component | trunc 60 | trimSuffix "-" -}}
+{{- if hasKey . "shard" }}{{ printf "%s-%s" $name .shard }}{{ else }}{{ $name }}{{ end -}}
+{{- end -}}
+
+{{/* The contexts of the text service's Deployments (and their Service, HPA, PDB), as YAML: one without a shard,
+or one per index shard when text.indexShards > 1. Read with `fromYamlArray`, then `set` "root". */}}
+{{- define "memory3.textShards" -}}
+{{- $n := int .Values.text.indexShards -}}
+{{- if le $n 1 }}
+- component: text
+{{- else }}
+{{- range $i := until $n }}
+- {component: text, shard: {{ $i | toString | quote }}, shards: {{ $n }}}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The decoder's --text-address: the text Service's host:port, or every index shard's, comma-separated. */}}
+{{- define "memory3.textAddress" -}}
+{{- $addresses := list -}}
+{{- range $ctx := include "memory3.textShards" . | fromYamlArray -}}
+{{- $addresses = append $addresses (printf "%s:%d" (include "memory3.componentName" (set $ctx "root" $)) (int $.Values.text.port)) -}}
+{{- end -}}
+{{- join "," $addresses -}}
 {{- end -}}
 
 {{/* Chart name and version, for the helm.sh/chart label. */}}
@@ -39,11 +63,15 @@ app.kubernetes.io/part-of: memory3
 {{- end }}
 {{- end -}}
 
-{{/* Selector labels of one component (stable across upgrades). Call with (dict "root" $ "component" "text"). */}}
+{{/* Selector labels of one component (stable across upgrades), and of its index shard if it has one. Call with
+(dict "root" $ "component" "text"). */}}
 {{- define "memory3.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "memory3.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
+{{- if hasKey . "shard" }}
+memory3.io/index-shard: {{ .shard | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* The ServiceAccount the pods run as. */}}

@@ -1,0 +1,87 @@
+"""An index served in shards over real gRPC: N text services, each with every N-th reference, answer
+together what one service with the whole index answers; shards that do not make one index are refused."""
+
+import asyncio
+from contextlib import AsyncExitStack
+
+import grpc
+import pytest
+from text_release import build_text_release
+
+from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
+from memory3.services.retrieval.embedder import Embedder
+from memory3.services.retrieval.index import IndexShard
+from memory3.services.rpc.server import ServerOptions
+from memory3.services.text.client import ShardedTextClient, ShardMismatch, TextClient
+from memory3.services.text.engine import TextEngine
+from memory3.services.text.server import start_text_server
+
+pytestmark = pytest.mark.integration
+RELEASE = "text-shards"
+QUESTIONS = ["Where was Orvath Kellen born?", "Who founded the Hollin Orchestra?", "How heavy is the Quarn-7 pump?",
+             "What is Dastra famous for?", "Which lighthouse guides the fishing boats?"]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture(scope="module")
+def references(store, embedder):
+    return build_text_release(store, RELEASE, embedder)
+
+
+def run_services(store, cache_dir, embedder, shards: list[IndexShard | None], body):
+    """Start one TextService per entry (None: the whole index), run `body(clients, engines)`, stop them."""
+    async def scenario():
+        async with AsyncExitStack() as stack:
+            clients, engines = [], []
+            for shard in shards:
+                engine = TextEngine.for_release(store, RELEASE, cache_dir, embedder_factory=lambda: embedder,
+                                                shard=shard or IndexShard(0, 1))
+                server = await start_text_server(engine, ServerOptions())
+                stack.push_async_callback(server.stop)
+                channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{server.port}"))
+                clients.append(TextClient(channel))
+                engines.append(engine)
+            await body(clients, engines)
+    asyncio.run(scenario())
+
+
+def test_three_shards_answer_what_the_whole_index_answers(store, references, embedder, tmp_path):
+    codec = TextCodec(byte_level_tokenizer())
+    chunks = [codec.encode(r.text)[:20] for r in references[::3]]  # a chunk's token ids, as the decoder sends
+
+    async def body(clients, engines):
+        whole, shards = clients[0], ShardedTextClient(clients[1:])
+        held = [engine._resources.index.ids for engine in engines[1:]]
+        assert sorted(rid for ids in held for rid in ids) == sorted(r.id for r in references)
+        assert all(len(ids) >= len(references) // 3 for ids in held)  # each holds its third
+        assert [set(engine._resources.texts) for engine in engines[1:]] == [set(ids) for ids in held]
+        for top_k in (0, 2, 5):
+            for asked, expected in ((shards.retrieve_texts(QUESTIONS, top_k, True),
+                                     whole.retrieve_texts(QUESTIONS, top_k, True)),
+                                    (shards.retrieve(chunks, top_k), whole.retrieve(chunks, top_k))):
+                got, want = await asyncio.gather(asked, expected)
+                assert [[rid for rid, _, _ in hits] for hits in got] == [[rid for rid, _, _ in hits] for hits in want]
+                for hits, wanted in zip(got, want, strict=True):
+                    assert [(text, pytest.approx(score, abs=1e-5)) for _, score, text in hits] == \
+                        [(text, score) for _, score, text in wanted]
+        assert shards.release == RELEASE
+        assert await shards.tokenize("Lunmar") == await whole.tokenize("Lunmar")
+
+    run_services(store, tmp_path / "cache", embedder, [None, IndexShard(0, 3), IndexShard(1, 3), IndexShard(2, 3)],
+                 body)
+
+
+def test_shards_that_do_not_make_one_index_are_refused_with_what_to_fix(store, references, embedder, tmp_path):
+    async def body(clients, engines):
+        whole, first, second = clients
+        with pytest.raises(ShardMismatch, match=r"hold index shards 0/2, 0/2, where shards 0/2 to 1/2 were expected"):
+            await ShardedTextClient([first, first]).retrieve_texts(QUESTIONS[:1])
+        with pytest.raises(ShardMismatch, match=r"hold index shards 0/1, 1/2, where"):
+            await ShardedTextClient([whole, second]).retrieve_texts(QUESTIONS[:1])
+        assert len(await ShardedTextClient([second, first]).retrieve_texts(QUESTIONS[:1])) == 1  # any order
+
+    run_services(store, tmp_path / "cache", embedder, [None, IndexShard(0, 2), IndexShard(1, 2)], body)
