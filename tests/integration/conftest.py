@@ -46,6 +46,14 @@ def local_redis(tmp_path_factory) -> LocalRedis:
 
 
 @pytest.fixture(scope="session")
+def embedder():
+    """The real query and reference embedder (all-MiniLM-L6-v2), loaded once for the session."""
+    from memory3.services.retrieval.embedder import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
 def random_release(store) -> RandomRelease:
     """A tiny published release (random weights, a dozen references): see release_fixtures.py."""
     return build_random_release(store)

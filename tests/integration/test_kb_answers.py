@@ -20,7 +20,6 @@ import pytest
 from memory3.bench.quality import make_retriever
 from memory3.model.checkpoint import weights_digest
 from memory3.services.release.reader import Release
-from memory3.services.retrieval.embedder import Embedder
 from memory3.services.trainer.evaluate import Question, answer_questions
 from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
 from memory3.services.trainer.releases import kb_add, publish_trained
@@ -35,11 +34,6 @@ READER = PipelineConfig(
                       eval_every=10_000, checkpoint_every=10_000, stage1=StageConfig(steps=0, lr=1e-3),
                       stage2=StageConfig(steps=1500, lr=6e-3), stage3=StageConfig(steps=0, lr=3e-4),
                       attention_weight=0.0))
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder()
 
 
 @pytest.fixture(scope="module")

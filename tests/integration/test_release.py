@@ -25,11 +25,6 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    return Embedder()
-
-
-@pytest.fixture(scope="module")
 def published(trained, store, embedder):
     manifest = publish_trained(trained, store, "quick-1", embedder=embedder, progress=False,
                                pipeline_config=PipelineConfig.quick().to_dict())

@@ -34,11 +34,6 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    return Embedder()
-
-
-@pytest.fixture(scope="module")
 def references(store, embedder):
     return build_text_release(store, RELEASE, embedder)
 

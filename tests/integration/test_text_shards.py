@@ -9,7 +9,6 @@ import pytest
 from text_release import build_text_release
 
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
-from memory3.services.retrieval.embedder import Embedder
 from memory3.services.retrieval.index import IndexShard
 from memory3.services.rpc.server import ServerOptions
 from memory3.services.text.client import ShardedTextClient, ShardMismatch, TextClient
@@ -20,11 +19,6 @@ pytestmark = pytest.mark.integration
 RELEASE = "text-shards"
 QUESTIONS = ["Where was Orvath Kellen born?", "Who founded the Hollin Orchestra?", "How heavy is the Quarn-7 pump?",
              "What is Dastra famous for?", "Which lighthouse guides the fishing boats?"]
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder()
 
 
 @pytest.fixture(scope="module")
