@@ -96,6 +96,15 @@ class StackOptions:
     # CPU cores per service (Linux), e.g. {"decoder": {0}, "text": {1}}: emulates separate nodes on one machine.
     cpu_affinity: dict[str, set[int]] = field(default_factory=dict)
     redis_password: str | None = None  # the local Redis requires it (passed to services in their env only)
+    text_shards: int = 1  # text services, each with one shard of the release's index (`--index-shard I/N`)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.text_shards <= 64:
+            raise ValueError(f"--text-shards must be between 1 and 64, got {self.text_shards}")
+
+    def text_names(self) -> list[str]:
+        """The text services' process names: "text", or "text-<i>" for each index shard."""
+        return ["text"] if self.text_shards == 1 else [f"text-{i}" for i in range(self.text_shards)]
 
 
 def state_path(home: Path) -> Path:
@@ -145,14 +154,16 @@ def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, st
         state.save(state_path(home))
         if ensure_release is not None:
             ensure_release(s3, options.release)
-        for name in SERVICES:
+        services = [*options.text_names(), "memory", "decoder"]
+        for label in services:
+            name = "text" if label.startswith("text") else label
             port = options.decoder_port if (name == "decoder" and options.decoder_port) else None
-            started = spawn_service(options, state, name, port=port)
+            started = spawn_service(options, state, name, port=port, label=label)
             state.processes.append(started)
             state.save(state_path(home))
-            log(f"{name} service starting on 127.0.0.1:{started.port} (log {started.log})")
+            log(f"{label} service starting on 127.0.0.1:{started.port} (log {started.log})")
         for p in state.processes:
-            if p.name in SERVICES:
+            if p.name in services:
                 wait_serving(p, options.ready_timeout_s)
                 log(f"{p.name} service SERVING")
     except BaseException:
@@ -172,6 +183,8 @@ def spawn_service(options: StackOptions, state: StackState, name: str, *, port: 
     port = port or free_port()
     metrics_port = free_port()
     args = [*_service_args(name, options, state, port), "--metrics-port", str(metrics_port)]
+    if name == "text" and label in options.text_names() and options.text_shards > 1:
+        args += ["--index-shard", f"{options.text_names().index(label)}/{options.text_shards}"]
     logfile = Path(state.home) / "stack" / f"{label or name}.log"
     with open(logfile, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
@@ -229,7 +242,8 @@ def _service_args(name: str, options: StackOptions, state: StackState, port: int
               "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
               "--cache-dir", str(Path(state.home) / "releases" / name)]
     if name == "decoder":
-        return [*common, "--text-address", state.address("text"), "--memory-address", state.address("memory"),
+        text = ",".join(state.address(t) for t in options.text_names())
+        return [*common, "--text-address", text, "--memory-address", state.address("memory"),
                 "--retrieval-policy", options.retrieval_policy, "--max-batch", str(options.max_batch),
                 *options.extra_args.get(name, ())]
     return [*common, *options.extra_args.get(name, ())]

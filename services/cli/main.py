@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail")
     up.add_argument("--max-batch", type=int, default=8)
     up.add_argument("--decoder-port", type=int, default=None, help="default: a free port")
+    up.add_argument("--text-shards", type=int, default=1, metavar="N",
+                    help="N text services, each serving one shard of the release's index (default: 1)")
 
     down = sub.add_parser("down", help="stop exactly what `memory3 up` started (by PID)")
     down.add_argument("--home", type=Path, default=DEFAULT_HOME)
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 return stack.cmd_demo_stack(args.home, release=args.release, quick=args.quick)
             stack.cmd_up(args.home, release=args.release, quick=args.quick, redis=not args.no_redis,
                          retrieval_policy=args.retrieval_policy, max_batch=args.max_batch,
-                         decoder_port=args.decoder_port)
+                         decoder_port=args.decoder_port, text_shards=args.text_shards)
             return 0
         if args.command == "train":
             from .commands import cmd_train

@@ -41,12 +41,12 @@ def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool) -> No
 
 
 def cmd_up(home: Path, *, release: str | None, quick: bool, redis: bool, retrieval_policy: str, max_batch: int,
-           decoder_port: int | None) -> StackState:
+           decoder_port: int | None, text_shards: int = 1) -> StackState:
     """Starts the stack with `release`, or by default (None) `DEFAULT_RELEASE` (`QUICK_RELEASE` with
     `quick`), trained if missing. A SIGTERM while it starts stops what it started, as Ctrl-C does."""
     name = release or (QUICK_RELEASE if quick else DEFAULT_RELEASE)
     options = StackOptions(home=home, release=name, redis=redis, retrieval_policy=retrieval_policy,
-                           max_batch=max_batch, decoder_port=decoder_port)
+                           max_batch=max_batch, decoder_port=decoder_port, text_shards=text_shards)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         state = start_stack(options, log=lambda msg: print(msg, file=sys.stderr),

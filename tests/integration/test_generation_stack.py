@@ -250,3 +250,21 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(stack, stub):
         time.sleep(0.2)
     else:
         pytest.fail("the decoder did not exit after draining")
+
+
+def test_a_stack_with_its_index_in_shards_retrieves_from_every_shard(tmp_path, random_release, local_s3):
+    options = StackOptions(home=tmp_path, release=random_release.name, s3=local_s3.config, redis=False,
+                           max_batch=2, text_shards=2)
+    state = start_stack(options, log=lambda _msg: None)
+    try:
+        assert [p.name for p in state.processes] == ["text-0", "text-1", "memory", "decoder"]
+        with grpc.insecure_channel(state.address("decoder")) as channel:
+            responses = generate(pb_grpc.GenerationServiceStub(channel), max_tokens=8)
+    finally:
+        stop_processes(state.processes)
+    # Shard i holds the references of rows i, i + 2, …: the decoder merged what both found.
+    row = {r.id: i for i, r in enumerate(random_release.references)}
+    cited = {ref.id for r in responses for c in r.citations for ref in c.references}
+    assert responses[-1].usage.retrievals >= 1 and {row[rid] % 2 for rid in cited} == {0, 1}
+    with pytest.raises(ValueError, match="--text-shards must be between 1 and 64, got 0"):
+        StackOptions(home=tmp_path, release=random_release.name, text_shards=0)
