@@ -76,7 +76,6 @@ class DecoderSettings:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
-
     @property
     def text_addresses(self) -> list[str]:
         """The text service's address, or each index shard's."""

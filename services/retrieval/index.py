@@ -25,6 +25,7 @@ was built with; it is stored with `faiss.serialize_index` (bytes, no pickle), `n
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -72,10 +73,10 @@ class IndexShard:
     def parse(cls, text: str) -> IndexShard:
         """"I/N", as `serve text --index-shard` takes it."""
         index, sep, count = text.partition("/")
-        try:
-            return cls(int(index), int(count)) if sep else cls(-1, 0)
-        except ValueError as e:
-            raise ValueError(f"index shard {text!r}: give I/N with 0 <= I < N, e.g. 0/4") from e
+        with contextlib.suppress(ValueError):
+            if sep:
+                return cls(int(index), int(count))
+        raise ValueError(f"index shard {text!r}: give I/N with 0 <= I < N, e.g. 0/4")
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
