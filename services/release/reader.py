@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -146,9 +147,12 @@ class Release:
             if sha256(data) != meta["sha256"]:
                 raise ReleaseError(f"release {name!r}: {file} does not match its manifest checksum")
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            # A temporary file of its own: processes sharing a cache (the local stack's index shards)
+            # may download the same file at once, and each replace is then whole.
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".part",
+                                             delete=False) as tmp:
+                tmp.write(data)
+            Path(tmp.name).replace(path)
         return cls(store, manifest, local)
 
     @property

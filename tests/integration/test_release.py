@@ -50,6 +50,17 @@ def test_release_round_trip(trained, store, published, tmp_path):
     assert hits[0][0][0] == ref.id
 
 
+def test_processes_that_share_a_cache_open_a_release_at_once(store, published, tmp_path):
+    """As the local stack's index shards do: each download lands whole, whoever replaces last."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        releases = list(pool.map(lambda _: Release.open(store, "quick-1", tmp_path), range(8)))
+    assert {r.manifest.name for r in releases} == {"quick-1"}
+    assert not list(tmp_path.rglob("*.part"))
+    Release.open(store, "quick-1", tmp_path)  # every file verified against its checksum
+
+
 def test_release_names_are_immutable(trained, store, published, embedder):
     with pytest.raises(ReleaseExists, match="already exists"):
         publish_trained(trained, store, "quick-1", embedder=embedder, progress=False)
