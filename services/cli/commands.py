@@ -259,6 +259,60 @@ def cmd_release_list(s3, *, as_json: bool) -> int:
     return 0
 
 
+def cmd_release_show(s3, name: str, *, as_json: bool) -> int:
+    from memory3.services.release.manifest import ReleaseNotFound
+    from memory3.services.release.reader import ancestry, read_manifest
+    from memory3.services.storage.object_store import ObjectStore
+    from memory3.services.trainer.releases import index_choice
+
+    store = ObjectStore(s3)
+    manifest = read_manifest(store, name)
+    lineage = ancestry(store, name)
+    if as_json:
+        print(json.dumps({**dataclasses.asdict(manifest), "ancestry": lineage}, indent=2, sort_keys=True))
+        return 0
+    bank, index, conv, prov = manifest.memory_bank, manifest.index, manifest.conventions, manifest.provenance
+    root = lineage[-1] if lineage else name
+    try:
+        origin = f"{root} was trained" if read_manifest(store, root).parent is None else f"{root} was derived"
+    except ReleaseNotFound:  # the chain stops at a deleted ancestor
+        origin = f"{root} is deleted: what it derived from is unknown"
+    rows = [("created", manifest.created),
+            ("lineage", " <- ".join([name, *lineage]) + f" ({origin})"),
+            ("memories", f"{bank['count']:,} ({bank['bytes'] / 1e6:.1f} MB, codec {bank['codec']}, "
+                         f"bank {bank['bank']})"),
+            ("index", f"{index.get('kind') or FAISS_KINDS.get(index['type'], index['type'])} "
+                      f"(kind asked: {index_choice(manifest)}), "
+                      f"{index['count']:,} references, {index['embedder']}, {index['dim']} dims"),
+            ("model", f"memory layers {conv.get('memory_layers')}, {conv.get('mems_per_chunk')} memories per "
+                      f"{conv.get('chunk_len')}-token chunk, {conv.get('mem_tokens_per_head')} tokens per head")]
+    changes = [f"{prov[k]} reference{'s' * (prov[k] != 1)} {what}"
+               for k, what in (("added_references", "added"), ("removed_references", "removed")) if prov.get(k)]
+    if manifest.parent is not None:
+        rows.append(("changes", ", ".join(changes) or "none listed"))
+    if prov.get("merged"):
+        rows.append(("merged", ", ".join(prov["merged"])))
+    if prov.get("commit"):
+        rows.append(("commit", prov["commit"]))
+    rows += [("file", f"{file}  {_size(meta['bytes'])}  sha256 {meta['sha256'][:12]}")
+             for file, meta in sorted(manifest.files.items())]
+    print(f"release {name}")
+    for key, value in rows:
+        print(f"  {key:<9} {value}")
+    return 0
+
+
+# The kind of a release's index, for manifests written before they named it.
+FAISS_KINDS = {"IndexFlatIP": "flat", "IndexHNSWFlat": "hnsw", "IndexIVFPQ": "ivfpq"}
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
 def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: Path) -> int:
     import shutil
     import time

@@ -161,11 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
                                "exist)")
     add_s3_arguments(kb_merge, local_stack=True)
 
-    release = sub.add_parser("release", help="the releases in the bucket: list them, delete one")
+    release = sub.add_parser("release", help="the releases in the bucket: list them, show one, delete one")
     release_sub = release.add_subparsers(dest="release_command", required=True)
     release_list = release_sub.add_parser("list", help="published releases, oldest first, and unpublished leftovers")
     release_list.add_argument("--json", action="store_true", help="one JSON object per line")
     add_s3_arguments(release_list, local_stack=True)
+    release_show = release_sub.add_parser(
+        "show", help="one release: what it derives from, its memories, index and model conventions, its files")
+    release_show.add_argument("name", help="the release to show")
+    release_show.add_argument("--json", action="store_true", help="its manifest, with its ancestry, as JSON")
+    add_s3_arguments(release_show, local_stack=True)
     release_delete = release_sub.add_parser(
         "delete", help="delete a release and the memories no other release lists (its manifest first)")
     release_delete.add_argument("name", help="the release to delete")
@@ -473,9 +478,11 @@ def main(argv: list[str] | None = None) -> int:
             from memory3.services.trainer.server import serve_trainer
             return serve_trainer(s3_config(args), args.work_dir, server_options(args))
         if args.command == "release":
-            from .commands import cmd_release_delete, cmd_release_list
+            from .commands import cmd_release_delete, cmd_release_list, cmd_release_show
             if args.release_command == "list":
                 return cmd_release_list(s3_config(args, local_stack=True), as_json=args.json)
+            if args.release_command == "show":
+                return cmd_release_show(s3_config(args, local_stack=True), args.name, as_json=args.json)
             return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
                                       cache_dir=args.cache_dir, home=args.home)
         if args.command == "kb":

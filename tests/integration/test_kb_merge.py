@@ -1,6 +1,7 @@
 """kb merge on a real S3 server: the shards' changes to one base, as one release, nothing re-encoded."""
 
 import dataclasses
+import json
 import threading
 import time
 
@@ -202,3 +203,33 @@ def test_a_merge_job_started_before_the_store_answers_waits_for_it(bucket, local
         later.join()
         for server in servers:
             server.stop()
+
+
+def test_release_show_says_what_a_release_derives_from_and_holds(bucket, tmp_path, embedder, monkeypatch, capsys):
+    build_random_release(bucket, "base", embedder=embedder)
+    _shard(bucket, tmp_path, embedder, "base-shard-0", SHARD_A)
+    corpus = tmp_path / "fix.txt"
+    corpus.write_text(SHARD_B[0] + "\n", encoding="utf-8")
+    kb_add(bucket, "base-shard-0", [corpus], "base-fixed", tmp_path / "cache", remove_matches=["Skarn Point is"],
+           embedder=embedder, progress=False)
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    store = ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cli")]
+    assert main(["release", "show", "base-fixed", *store]) == 0
+    out = capsys.readouterr().out
+    assert "lineage   base-fixed <- base-shard-0 <- base (base was trained)" in out
+    assert "memories  14 (" in out and "index     flat (kind asked: auto), 14 references" in out
+    assert "changes   1 reference added, 1 reference removed" in out
+    assert "file      references.jsonl" in out and "file      model/tokenizer.json" in out
+    assert main(["release", "show", "base-fixed", "--json", *store]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["ancestry"] == ["base-shard-0", "base"] and shown["index"]["kind"] == "flat"
+    assert shown["memory_bank"] == read_manifest(bucket, "base-fixed").memory_bank
+    # A deleted ancestor ends what is known.
+    assert main(["release", "delete", "base-shard-0", *store]) == 0
+    capsys.readouterr()
+    assert main(["release", "show", "base-fixed", *store]) == 0
+    assert "lineage   base-fixed <- base-shard-0 (base-shard-0 is deleted" in capsys.readouterr().out
+    assert main(["release", "show", "no-such", *store]) == 2
+    assert "release 'no-such' does not exist" in capsys.readouterr().err
