@@ -58,11 +58,15 @@ def test_autoscalers_use_the_queue_gauge():
 ALERTS = {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
 
 
-def test_alerting_rules_parse_and_read_exported_series_of_the_scraped_services():
-    r = render(ALERTS)
+@pytest.mark.parametrize("shards", [1, 3])
+def test_alerting_rules_parse_and_read_exported_series_of_the_scraped_services(shards):
+    r = render(ALERTS | {"text": {"indexShards": shards}})
     rules = [rule for group in r.of_kind("PrometheusRule")[0]["spec"]["groups"] for rule in group["rules"]]
     series = exported_series()
-    scraped = {m["metadata"]["name"] for m in r.of_kind("ServiceMonitor")}
+    # Prometheus labels a target with its Service's name: those the ServiceMonitors select.
+    scraped = {svc["metadata"]["name"] for m in r.of_kind("ServiceMonitor") for svc in r.of_kind("Service")
+               if m["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()}
+    assert len(scraped) == 2 + shards
     assert {"Memory3TargetDown", "Memory3DecoderBacklog", "Memory3RedisTierDown", "Memory3ObjectStoreErrors",
             "Memory3CorruptMemory"} <= {rule["alert"] for rule in rules}
     for rule in rules:
@@ -75,6 +79,9 @@ def test_alerting_rules_parse_and_read_exported_series_of_the_scraped_services()
         assert all(f'namespace="{NAMESPACE}"' in selector for selector in re.findall(r"\{[^}]*\}", expr))
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    # A target down is any of them, each index shard of the text service included.
+    down = re.search(r'service=~"([^"]+)"', next(r["expr"] for r in rules if r["alert"] == "Memory3TargetDown"))
+    assert all(re.fullmatch(down.group(1), name) for name in scraped)
     # Tier and code labels are those the services set.
     assert 'tier="redis"' in next(r["expr"] for r in rules if r["alert"] == "Memory3RedisTierDown")
 
