@@ -214,6 +214,23 @@ def stop_processes(processes: list[StackProcess], log: Callable[[str], None] = l
             log(f"stopped {p.name} (pid {p.pid})")
 
 
+def process_state(process: StackProcess) -> str:
+    """"exited", or for a gRPC service its health ("SERVING", "NOT_SERVING", "no answer"), else "running"."""
+    if not _alive(process.pid):
+        return "exited"
+    if process.name in ("s3", "redis"):
+        return "running"
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        except grpc.RpcError:
+            return "no answer"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def wait_serving(process: StackProcess, timeout_s: float) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="stop exactly what `memory3 up` started (by PID)")
     down.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    status = sub.add_parser("status", help="the local stack's processes, addresses and health (exit 1 unless all "
+                                           "are up)")
+    status.add_argument("--home", type=Path, default=DEFAULT_HOME)
 
     train = sub.add_parser("train", help="train a model (three stages) and publish it as a release")
     train.add_argument("--preset", default="small", help="model preset")
@@ -447,10 +450,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_init(args.preset, args.out, args.seed)
         if args.command == "generate":
             return _generate(args)
-        if args.command in ("up", "down", "demo"):
+        if args.command in ("up", "down", "status", "demo"):
             from . import stack_commands as stack
             if args.command == "down":
                 return stack.cmd_down(args.home)
+            if args.command == "status":
+                return stack.cmd_status(args.home)
             if args.command == "demo":
                 return stack.cmd_demo_stack(args.home, release=args.release, quick=args.quick)
             stack.cmd_up(args.home, release=args.release, quick=args.quick, redis=not args.no_redis,

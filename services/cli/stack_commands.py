@@ -6,7 +6,15 @@ import signal
 import sys
 from pathlib import Path
 
-from memory3.services.stack import StackOptions, StackState, stack_is_up, start_stack, stop_stack
+from memory3.services.stack import (
+    StackOptions,
+    StackState,
+    process_state,
+    stack_is_up,
+    start_stack,
+    state_path,
+    stop_stack,
+)
 
 DEFAULT_RELEASE = "small-v1"  # what `up` and `demo` serve, trained on demand when the bucket lacks it
 QUICK_RELEASE = "quick-v1"  # the same with --quick: a tiny model trained in about a minute
@@ -66,6 +74,27 @@ def _exit_on_sigterm(signum, _frame) -> None:
 def cmd_down(home: Path) -> int:
     stop_stack(home, log=lambda msg: print(msg, file=sys.stderr))
     return 0
+
+
+def cmd_status(home: Path) -> int:
+    """The local stack's processes and their state: 0 when every one runs and every service is
+    SERVING, 1 otherwise (none running included), for scripts."""
+    path = state_path(home)
+    if not path.exists():
+        print(f"no stack is running in {home} (`memory3 up` starts one)")
+        return 1
+    state = StackState.load(path)
+    s3 = state.s3_config
+    print(f"stack in {home}: release {state.release!r}, object store {s3.endpoint} (bucket {s3.bucket!r})")
+    print(f"{'NAME':<10} {'PID':>8}  {'ADDRESS':<17} {'STATE':<11} LOG")
+    healthy = True
+    for p in state.processes:
+        now = process_state(p)
+        healthy &= now in ("running", "SERVING")
+        print(f"{p.name:<10} {p.pid:>8}  127.0.0.1:{p.port:<7} {now:<11} {p.log}")
+    if not healthy:
+        print("not every process is up: see its log; `memory3 down` then `memory3 up` starts the stack again")
+    return 0 if healthy else 1
 
 
 def decoder_address(home: Path, address: str | None) -> str:

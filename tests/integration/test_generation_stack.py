@@ -19,6 +19,7 @@ import redis
 from grpcurl import grpcurl
 
 from memory3.model.memory_format import HEADER_SIZE
+from memory3.services.cli.main import main
 from memory3.services.stack import StackOptions, start_stack, stop_processes
 from memory3.services.storage.local_redis import start_local_redis
 from memory3.v1 import generation_service_pb2 as pb
@@ -252,7 +253,7 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(stack, stub):
         pytest.fail("the decoder did not exit after draining")
 
 
-def test_a_stack_with_its_index_in_shards_retrieves_from_every_shard(tmp_path, random_release, local_s3):
+def test_a_stack_with_its_index_in_shards_retrieves_from_every_shard(tmp_path, random_release, local_s3, capsys):
     options = StackOptions(home=tmp_path, release=random_release.name, s3=local_s3.config, redis=False,
                            max_batch=2, text_shards=2)
     state = start_stack(options, log=lambda _msg: None)
@@ -260,8 +261,16 @@ def test_a_stack_with_its_index_in_shards_retrieves_from_every_shard(tmp_path, r
         assert [p.name for p in state.processes] == ["text-0", "text-1", "memory", "decoder"]
         with grpc.insecure_channel(state.address("decoder")) as channel:
             responses = generate(pb_grpc.GenerationServiceStub(channel), max_tokens=8)
+        assert main(["status", "--home", str(tmp_path)]) == 0
+        shown = capsys.readouterr().out
+        assert all(re.search(rf"^{name} +{p.pid} +127\.0\.0\.1:{p.port} +SERVING ", shown, re.M)
+                   for name, p in ((p.name, p) for p in state.processes)), shown
     finally:
         stop_processes(state.processes)
+    assert main(["status", "--home", str(tmp_path)]) == 1  # the state is left: each process exited
+    assert "text-0" in (shown := capsys.readouterr().out) and "exited" in shown and "not every process is up" in shown
+    assert main(["status", "--home", str(tmp_path / "none")]) == 1
+    assert "no stack is running" in capsys.readouterr().out
     # Shard i holds the references of rows i, i + 2, …: the decoder merged what both found.
     row = {r.id: i for i, r in enumerate(random_release.references)}
     cited = {ref.id for r in responses for c in r.citations for ref in c.references}
