@@ -10,10 +10,16 @@ gives N (its lists, 8-bit codes of dim / 8 bytes), searched with several `nprobe
 Figures per kind: hit@1 and hit@5 (the question's own reference first, or among the 5 a chunk
 retrieves), overlap@5 with the exact index's 5, bytes per vector of the serialized index, query
 time per query (one batch), and build time. Ratios against flat come from the same run.
+
+Sharded (`sharded`, per kind): the index split as `serve text --index-shard I/N` splits it, each
+shard searched alone (the N text services search at once, so a query waits for the slowest), and
+the shards' answers merged best first as the decoder merges them: hit@5 of the merged answers, and
+the slowest shard's query time over the whole index's.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 import sys
 import time
@@ -21,7 +27,7 @@ import time
 import numpy as np
 
 from memory3.services.retrieval.embedder import Embedder
-from memory3.services.retrieval.index import IVF_NPROBE, VectorIndex, ivf_lists
+from memory3.services.retrieval.index import IVF_NPROBE, IndexShard, VectorIndex, ivf_lists
 from memory3.services.trainer.world import World, qa_prompt
 
 from .machine import machine_info
@@ -40,8 +46,26 @@ def _score(index: VectorIndex, queries: np.ndarray, truth: list[str], exact: lis
     return result
 
 
+def _sharded(index: VectorIndex, shards: int, queries: np.ndarray, truth: list[str], whole: dict) -> dict:
+    """Each shard searched alone, their answers merged best first; against the whole index's `whole`."""
+    answers, seconds = [], []
+    for i in range(shards):
+        part = index.shard(IndexShard(i, shards))
+        started = time.perf_counter()
+        answers.append(part.search(queries, 5))
+        seconds.append(time.perf_counter() - started)
+    merged = [[rid for rid, _ in heapq.nlargest(5, (hit for hits in per_shard for hit in hits), key=lambda h: h[1])]
+              for per_shard in zip(*answers, strict=True)]
+    hit_at_5 = float(np.mean([t in row for row, t in zip(merged, truth, strict=True)]))
+    slowest_ms = 1e3 * max(seconds) / len(queries)
+    return {"shards": shards, "hit_at_5": hit_at_5,
+            "hit_at_5_over_whole": hit_at_5 / whole["hit_at_5"] if whole["hit_at_5"] else None,
+            "slowest_shard_query_ms": slowest_ms, "slowest_shard_query_over_whole": slowest_ms / whole["query_ms"]}
+
+
 def run_index_bench(*, references: int = 60_000, questions: int = 1000, nprobes: tuple[int, ...] = (32, 64, 128, 256),
-                    nlist: int | None = None, seed: int = 0, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
+                    nlist: int | None = None, shards: int = 4, seed: int = 0,
+                    log=lambda msg: print(msg, file=sys.stderr)) -> dict:
     """`nlist` overrides the IVF-PQ lists that N calls for (toy sizes train too few vectors for them)."""
     world = World(seed, n_train=references, n_heldout=1)
     entities = world.entities[:references]
@@ -58,6 +82,8 @@ def run_index_bench(*, references: int = 60_000, questions: int = 1000, nprobes:
     truth = [e.id for e in asked]
 
     kinds: dict[str, dict] = {}
+    sharded: dict[str, dict] = {}
+    default_nprobe = IVF_NPROBE if IVF_NPROBE in nprobes else nprobes[-1]
     exact = None
     for kind in ("flat", "hnsw", "ivfpq"):
         log(f"building the {kind} index")
@@ -73,10 +99,13 @@ def run_index_bench(*, references: int = 60_000, questions: int = 1000, nprobes:
             for nprobe in nprobes:
                 index.index.nprobe = nprobe
                 kinds[f"ivfpq_nprobe{nprobe}"] = {**base, "nprobe": nprobe, **_score(index, queries, truth, exact)}
+            index.index.nprobe = default_nprobe
+            whole = kinds[f"ivfpq_nprobe{default_nprobe}"]
         else:
-            kinds[kind] = {**base, **_score(index, queries, truth, exact)}
+            whole = kinds[kind] = {**base, **_score(index, queries, truth, exact)}
+        log(f"searching the {kind} index in {shards} shards")
+        sharded[kind] = _sharded(index, shards, queries, truth, whole)
     flat = kinds["flat"]
-    default_nprobe = IVF_NPROBE if IVF_NPROBE in nprobes else nprobes[-1]
     default = kinds[f"ivfpq_nprobe{default_nprobe}"]
     return {
         "benchmark": "index",
@@ -85,6 +114,7 @@ def run_index_bench(*, references: int = 60_000, questions: int = 1000, nprobes:
                      "embed_references_s": round(embed_s, 1)},
         "machine": machine_info(),
         "kinds": kinds,
+        "sharded": sharded,
         "summary": {
             "flat_hit_at_5": flat["hit_at_5"],
             "hnsw_hit_at_5_over_flat": kinds["hnsw"]["hit_at_5"] / flat["hit_at_5"],
@@ -92,5 +122,8 @@ def run_index_bench(*, references: int = 60_000, questions: int = 1000, nprobes:
             "ivfpq_hit_at_5_over_flat": default["hit_at_5"] / flat["hit_at_5"],
             "ivfpq_overlap_at_5": default["overlap_at_5"],
             "ivfpq_bytes_over_flat": default["bytes_per_vector"] / flat["bytes_per_vector"],
+            "shards": shards,
+            **{f"{kind}_sharded_query_over_whole": v["slowest_shard_query_over_whole"] for kind, v in sharded.items()},
+            **{f"{kind}_sharded_hit_at_5_over_whole": v["hit_at_5_over_whole"] for kind, v in sharded.items()},
         },
     }

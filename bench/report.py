@@ -94,6 +94,16 @@ def render_table(results_dir: Path) -> str:
             f"| | query time: flat / HNSW / IVF-PQ | {kinds['flat']['query_ms']:.2f} / "
             f"{kinds['hnsw']['query_ms']:.2f} / {ivf['query_ms']:.2f} ms | |",
         ]
+        sharded = index.get("sharded")
+        if sharded:
+            n = summary["shards"]
+            rows += [
+                f"| | in {n} index shards, slowest shard's query time / whole index's: flat / HNSW / IVF-PQ | "
+                + " / ".join(f"{sharded[k]['slowest_shard_query_over_whole']:.2f}" for k in ("flat", "hnsw", "ivfpq"))
+                + " | |",
+                f"| | in {n} index shards, merged answers' found / whole index's: flat / HNSW / IVF-PQ | "
+                + " / ".join(f"{sharded[k]['hit_at_5_over_whole']:.3f}" for k in ("flat", "hnsw", "ivfpq")) + " | |",
+            ]
     quality = _load(results_dir / "quality.json")
     if quality:
         first = quality["first_hit_only"]

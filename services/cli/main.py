@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "question's own reference, its size and its query time")
     idx.add_argument("--references", type=int, default=60_000, help="references embedded and indexed")
     idx.add_argument("--questions", type=int, default=1000)
+    idx.add_argument("--shards", type=int, default=4, help="index shards each kind is also searched in")
     idx.add_argument("--json", type=Path, required=True)
     idx.add_argument("--readme", type=Path, default=None)
     qual = bench_sub.add_parser("quality", help="exact match on knowledge-base-only facts: none / memory / RAG")
@@ -516,7 +517,9 @@ def _bench(args: argparse.Namespace) -> int:
                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
     elif args.bench_kind == "index":
         from memory3.bench.index import run_index_bench
-        result = run_index_bench(references=args.references, questions=args.questions)
+        if args.shards < 1:
+            raise ValueError(f"--shards must be 1 or more, got {args.shards}")
+        result = run_index_bench(references=args.references, questions=args.questions, shards=args.shards)
     elif args.bench_kind == "quality":
         from memory3.bench.quality import run_quality_bench
         result = run_quality_bench(s3_config(args, local_stack=True), args.release, cache_dir=args.cache_dir,

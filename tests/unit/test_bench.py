@@ -97,8 +97,11 @@ def test_median_interval_holds_the_median_and_narrows_with_more_rounds():
 def test_index_bench_scores_every_kind_on_the_same_questions(tmp_path):
     from memory3.bench.index import run_index_bench
 
-    result = run_index_bench(references=600, questions=30, nprobes=(4, 8), nlist=8, log=lambda _msg: None)
+    result = run_index_bench(references=600, questions=30, nprobes=(4, 8), nlist=8, shards=3, log=lambda _msg: None)
     kinds = result["kinds"]
+    # Merged, exact shards find what the exact whole index finds.
+    assert result["sharded"]["flat"]["hit_at_5"] == kinds["flat"]["hit_at_5"]
+    assert set(result["sharded"]) == {"flat", "hnsw", "ivfpq"} and result["summary"]["shards"] == 3
     assert set(kinds) == {"flat", "hnsw", "ivfpq_nprobe4", "ivfpq_nprobe8"}
     assert kinds["flat"]["overlap_at_5"] == 1.0  # the exact index is the reference
     assert all(0.0 <= k["hit_at_1"] <= k["hit_at_5"] <= 1.0 for k in kinds.values())
@@ -109,3 +112,4 @@ def test_index_bench_scores_every_kind_on_the_same_questions(tmp_path):
     write_json(result, tmp_path / "index.json")
     table = render_table(tmp_path)
     assert "IVF-PQ (8 lists, nprobe 8) / flat" in table
+    assert "in 3 index shards, merged answers' found / whole index's: flat / HNSW / IVF-PQ | 1.000 / " in table
