@@ -507,6 +507,7 @@ def test_each_index_shard_of_the_text_service_is_its_own_deployment_and_the_deco
         args = c["args"]
         assert args[args.index("--text-address") + 1] == ",".join(f"{d['metadata']['name']}:50052" for d in shards)
     assert " ".join(f"deployment/{d['metadata']['name']}" for d in shards) in r.notes
+    assert "Index shards: 3 text services, each holding one reference in 3; the decoder asks them all" in r.notes
 
 
 def test_trainer_job_is_named_after_its_release():
