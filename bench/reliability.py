@@ -301,7 +301,7 @@ class ReliabilityStack:
         from memory3.services.release.publish import REFERENCES_FILE
 
         text = self.store.get_bytes(release_key(RELEASE, REFERENCES_FILE)).decode()
-        return [json.loads(line)["id"] for line in text.splitlines()]
+        return [json.loads(line)["id"] for line in text.split("\n") if line.strip()]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.killed.add(name)

@@ -178,8 +178,8 @@ def _memory_keys(store: ObjectStore, manifest: Manifest) -> set[str]:
     table = store.get_bytes(release_key(manifest.name, REFERENCES_FILE)).decode("utf-8")
     bank = manifest.memory_bank["bank"]
     keys = set()
-    for line in table.splitlines():
-        if line:
+    for line in table.split("\n"):  # not splitlines: a text may hold U+2028, which JSON leaves as it is
+        if line.strip():
             row = json.loads(line)
             keys.add(row.get("memory_key") or memory_key(bank, row["id"]))
     return keys

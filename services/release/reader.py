@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -121,12 +122,27 @@ def wait_for_releases(store: ObjectStore, names: Sequence[str], timeout_s: float
 
 
 class Release:
+    """An opened release. Its reference table is read when first asked for (`references`, `by_id`),
+    or row by row (`rows`): an index shard keeps a few rows of a table that may not fit its memory."""
+
     def __init__(self, store: ObjectStore, manifest: Manifest, local_dir: Path) -> None:
         self.store, self.manifest, self.local_dir = store, manifest, local_dir
-        self.references: list[dict] = [json.loads(line) for line in
-                                       (local_dir / REFERENCES_FILE).read_text(encoding="utf-8").splitlines()]
-        self.by_id = {r["id"]: r for r in self.references}
         self._codec: MemoryCodec | None = None
+
+    def rows(self) -> Iterator[dict]:
+        """The reference table's rows in order, one at a time."""
+        with open(self.local_dir / REFERENCES_FILE, encoding="utf-8") as table:
+            for line in table:
+                if line.strip():
+                    yield json.loads(line)
+
+    @functools.cached_property
+    def references(self) -> list[dict]:
+        return list(self.rows())
+
+    @functools.cached_property
+    def by_id(self) -> dict[str, dict]:
+        return {r["id"]: r for r in self.references}
 
     @classmethod
     def open(cls, store: ObjectStore, name: str, cache_dir: Path, *, only: Collection[str] | None = None) -> Release:
@@ -179,7 +195,8 @@ class Release:
         return TextCodec.from_file(self.model_dir / TOKENIZER_FILE)
 
     def index(self) -> VectorIndex:
-        return VectorIndex.from_bytes((self.local_dir / INDEX_FILE).read_bytes(), [r["id"] for r in self.references])
+        ids = [r["id"] for r in self.references] if "references" in self.__dict__ else [r["id"] for r in self.rows()]
+        return VectorIndex.from_bytes((self.local_dir / INDEX_FILE).read_bytes(), ids)
 
     def memory_codec(self) -> MemoryCodec:
         if self._codec is None:

@@ -348,7 +348,7 @@ def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
     kept = set(index.ids)
     return TextResources(
         release=release.name, codec=release.text_codec(), index=index,
-        texts={r["id"]: r["text"] for r in release.references if r["id"] in kept},
+        texts={r["id"]: r["text"] for r in release.rows() if r["id"] in kept},  # never the whole table at once
         default_top_k=int(release.manifest.conventions["mems_per_chunk"]),
         embedder_name=str(release.manifest.index["embedder"]), shard=shard)
 

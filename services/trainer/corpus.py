@@ -134,7 +134,8 @@ def _json_lines_documents(path: Path, text: str) -> list[tuple[str, str]]:
     import json
 
     documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: JSON leaves U+2028 and U+2029 unescaped, and str.splitlines would cut there.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

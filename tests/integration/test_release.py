@@ -8,6 +8,7 @@ import torch
 
 from memory3.model.checkpoint import weights_digest
 from memory3.model.encoder import encode_references
+from memory3.services.release.catalog import plan_deletion
 from memory3.services.release.manifest import ReleaseExists, ReleaseNotFound, release_key
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
@@ -128,3 +129,15 @@ def test_kb_add_derives_a_release_without_retraining(store, published, tmp_path,
     with pytest.raises(CorpusError, match="not UTF-8"):
         kb_add(store, "quick-1", [bad], "quick-1-bad", tmp_path / "cache", embedder=embedder, progress=False)
     assert json.loads(store.get_bytes(release_key("quick-1-added", "manifest.json")))["parent"] == "quick-1"
+
+
+def test_a_reference_holding_a_unicode_line_separator_reads_back(store, published, tmp_path, embedder):
+    """The table is JSON Lines split at newlines only: U+2028, which JSON leaves unescaped, is text."""
+    doc = tmp_path / "separator.txt"
+    text = "The Vell ferry timetable reads:\u2028 departures at 7 and 19. Tickets on board."
+    doc.write_text(text + "\n", encoding="utf-8")
+    kb_add(store, "quick-1", [doc], "quick-1-separator", tmp_path / "cache", embedder=embedder, progress=False)
+    release = Release.open(store, "quick-1-separator", tmp_path / "other")
+    assert [r["text"] for r in release.rows() if r["source"] == str(doc)] == [text]
+    assert release.index().ids == [r["id"] for r in release.references]
+    assert len(plan_deletion(store, "quick-1-separator").memory_keys) == 1  # only its own new memory

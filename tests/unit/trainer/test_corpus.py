@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import pytest
 
@@ -32,6 +33,15 @@ def test_json_lines_documents_keep_their_sources_and_blank_lines(tmp_path):
     f.write_text('{"text": "A first.\\n\\nStill the first.", "source": "wiki/First"}\n\n'
                  '{"text": "  A second.  "}\n', encoding="utf-8")
     assert read_corpus_file(f) == [("wiki/First", "A first.\n\nStill the first."), (f"{f}:3", "A second.")]
+
+
+def test_json_lines_end_at_newlines_only(tmp_path):
+    """JSON (and json.dumps with ensure_ascii=False) leaves U+2028 and U+2029 unescaped."""
+    f = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": "before\u2028after\u2029end"}, ensure_ascii=False), '{"text": "next"}']
+    assert "\u2028" in lines[0]  # as written, not escaped
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [text for _, text in read_corpus_file(f)] == ["before\u2028after\u2029end", "next"]
 
 
 @pytest.mark.parametrize(("line", "message"), [
