@@ -194,8 +194,11 @@ class Release:
     def text_codec(self) -> TextCodec:
         return TextCodec.from_file(self.model_dir / TOKENIZER_FILE)
 
-    def index(self) -> VectorIndex:
-        ids = [r["id"] for r in self.references] if "references" in self.__dict__ else [r["id"] for r in self.rows()]
+    def index(self, ids: Sequence[str] | None = None) -> VectorIndex:
+        """The vector index; `ids` are the table's ids in order, when the caller has read them already."""
+        if ids is None:
+            ids = [r["id"] for r in self.references] if "references" in self.__dict__ else \
+                [r["id"] for r in self.rows()]
         return VectorIndex.from_bytes((self.local_dir / INDEX_FILE).read_bytes(), ids)
 
     def memory_codec(self) -> MemoryCodec:

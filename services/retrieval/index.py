@@ -81,6 +81,10 @@ class IndexShard:
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
 
+    def holds(self, row: int) -> bool:
+        """Whether row `row` of the release's reference table is in this shard."""
+        return row % self.count == self.index
+
 
 def check_index_choice(choice: str, count: int | None = None) -> None:
     """A ValueError that says what to choose, for an unknown kind or an IVF-PQ index of too few
@@ -197,7 +201,7 @@ class VectorIndex:
         HNSW shard is a graph built again, a flat or IVF-PQ one a copy of its vectors or codes)."""
         if shard.count == 1:
             return self
-        return self.without({rid for row, rid in enumerate(self.ids) if row % shard.count != shard.index})
+        return self.without({rid for row, rid in enumerate(self.ids) if not shard.holds(row)})
 
     def _ivf(self):
         import faiss

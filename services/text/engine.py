@@ -344,11 +344,13 @@ def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
     with `shard`, that shard's rows of the index and their texts only (the whole index is read
     first, so loading briefly needs its memory too)."""
     release = Release.open(store, name, cache_dir, only={INDEX_FILE, TOKENIZER_KEY})  # not the weights
-    index = release.index().shard(shard)
-    kept = set(index.ids)
+    ids, texts = [], {}
+    for row, reference in enumerate(release.rows()):  # one pass, never the whole table at once
+        ids.append(reference["id"])
+        if shard.holds(row):
+            texts[reference["id"]] = reference["text"]
     return TextResources(
-        release=release.name, codec=release.text_codec(), index=index,
-        texts={r["id"]: r["text"] for r in release.rows() if r["id"] in kept},  # never the whole table at once
+        release=release.name, codec=release.text_codec(), index=release.index(ids).shard(shard), texts=texts,
         default_top_k=int(release.manifest.conventions["mems_per_chunk"]),
         embedder_name=str(release.manifest.index["embedder"]), shard=shard)
 

@@ -88,8 +88,7 @@ def differs_from_training(pipeline_config: dict, codec: str,
         published_codec = manifest.memory_bank["codec"].split(":")[0]
         if published_codec != codec:
             return f"codec {published_codec!r} there, {codec!r} asked"
-        choice = index_choice(manifest)
-        return None if choice == index_kind else f"index kind {choice!r} there, {index_kind!r} asked"
+        return _index_differs(manifest, index_kind)
     return differs
 
 
@@ -97,6 +96,11 @@ def index_choice(manifest: Manifest) -> str:
     """The index kind a release asked for, which the releases derived from it keep unless told
     otherwise ("auto" for one published before the choice was recorded)."""
     return manifest.index.get("choice", "auto")
+
+
+def _index_differs(manifest: Manifest, index_kind: str) -> str | None:
+    choice = index_choice(manifest)
+    return None if choice == index_kind else f"index kind {choice!r} there, {index_kind!r} asked"
 
 
 def _leaves(config: dict, prefix: str = "") -> dict:
@@ -155,8 +159,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
         asked = known | {r.id for r in new}
         if there != asked:
             return f"{len(asked - there)} of the references asked for are not there, {len(there - asked)} others are"
-        choice = index_choice(manifest)
-        return None if choice == index_kind else f"index kind {choice!r} there, {index_kind!r} asked"
+        return _index_differs(manifest, index_kind)
     if already_published(store, name, exist_ok=exist_ok, differs=differs):
         print(f"release {name!r} is already published from {parent!r} with these references: nothing to do",
               file=sys.stderr)
