@@ -25,7 +25,7 @@ from memory3.model.codecs import MemoryCodec
 from memory3.model.memory_format import MemoryFormatError, validate_memory
 
 from ..release.reader import Release
-from ..rpc.errors import DataLoss, InvalidInput, NotFound, Unavailable
+from ..rpc.errors import AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
 from ..rpc.metrics import MEMORY_CORRUPT, MEMORY_FETCH_LATENCY, MEMORY_FETCHES, MEMORY_HITS, MEMORY_MISSES
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
 from .ram_cache import RamCache
@@ -228,11 +228,17 @@ class MemoryStore:
         return good
 
     async def put(self, memories: Sequence[tuple[str, bytes]]) -> int:
-        """Store blobs in the bank (S3), then warm Redis and RAM; all are validated first.
+        """Store blobs where the bank has none or a corrupt one (a repair), then warm Redis and RAM.
+
+        Memories are immutable: a valid blob already in the bank is never replaced, since other
+        replicas, their caches and every release sharing the bank may hold it. A blob equal to the
+        stored one is accepted as stored (a retried repair). Two repairs of the same missing memory
+        racing each other both write; the last one stays.
 
         Raises:
             InvalidInput: no memories, too many, or a blob that fails validation (nothing is stored).
             NotFound: ids that are not references of the release.
+            AlreadyExists: the bank holds another valid blob for an id (nothing is stored).
             Unavailable: the object store cannot be reached.
         """
         if len(memories) > MAX_IDS:
@@ -246,9 +252,21 @@ class MemoryStore:
                                f"(codec {self.codec.name}, shape {self.shape}): {_listing(bad)}; "
                                f"first: {problems[bad[0]]}")
         loop = asyncio.get_running_loop()
+        stored = dict(zip(items, await asyncio.gather(*(loop.run_in_executor(self._pool, self._read_bank, rid)
+                                                        for rid in items)), strict=True))
+        unavailable = next((r.unavailable for r in stored.values() if r.unavailable), None)
+        if unavailable:
+            self.s3_up = False
+            raise Unavailable(f"the object store cannot be reached to store memories ({unavailable}); retry later")
+        taken = [rid for rid, r in stored.items() if r.blob is not None and r.blob != items[rid]]
+        if taken:
+            raise AlreadyExists(f"{len(taken)} memories are already in the bank of release {self.release!r} with "
+                                f"other content ({_listing(taken)}): memories are immutable, so only a missing or "
+                                "corrupt one is written; publish a release to change what a reference holds")
+        writes = [(self.keys[rid], blob) for rid, blob in items.items() if stored[rid].blob is None]
         try:
-            await asyncio.gather(*(loop.run_in_executor(self._pool, self.store.put_bytes, self.keys[rid], blob)
-                                   for rid, blob in items.items()))
+            await asyncio.gather(*(loop.run_in_executor(self._pool, self.store.put_bytes, key, blob)
+                                   for key, blob in writes))
         except StoreUnavailable as e:
             self.s3_up = False
             raise Unavailable(f"the object store cannot be reached to store memories ({e}); retry later") from e

@@ -24,7 +24,7 @@ from memory3.services.memory.client import MemoryClient
 from memory3.services.memory.redis_tier import KEY_PREFIX
 from memory3.services.memory.server import MemorySettings, start_memory_server
 from memory3.services.release.manifest import ReleaseNotFound
-from memory3.services.rpc.errors import DataLoss, InvalidInput, NotFound, Unavailable
+from memory3.services.rpc.errors import AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
 from memory3.services.rpc.server import ServerOptions
 from memory3.services.storage.local_s3 import free_port, start_local_s3
 from memory3.v1 import memory_service_pb2 as pb
@@ -229,20 +229,51 @@ def test_bad_requests(random_release, local_s3, tmp_path):
 
 def test_put_memories_validates_and_stores(random_release, local_s3, store, local_redis, tmp_path):
     rid = random_release.references[7].id
-    blob = store.get_bytes(random_release.memory_key(rid))
+    key = random_release.memory_key(rid)
+    blob = store.get_bytes(key)
 
     async def scenario():
         async with serving(settings(random_release, local_s3.config, tmp_path, local_redis.url)) as (_app, client):
             assert await client.put([(rid, blob)]) == 1
-            assert redis.Redis.from_url(local_redis.url).get(KEY_PREFIX + random_release.memory_key(rid)) == blob
+            assert redis.Redis.from_url(local_redis.url).get(KEY_PREFIX + key) == blob
             assert [m.tier for m in await client.fetch([rid])] == ["ram"]
             with pytest.raises(InvalidInput, match=f"not valid blobs.*{rid}"):
                 await client.put([(rid, corrupted(blob))])
             with pytest.raises(NotFound):
                 await client.put([("nope", blob)])
-        assert store.get_bytes(random_release.memory_key(rid)) == blob
+        assert store.get_bytes(key) == blob
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_put_memories_repairs_the_bank_but_never_replaces_a_valid_memory(random_release, local_s3, store,
+                                                                        tmp_path):
+    """Memories are immutable: another valid blob under a stored id is refused (other replicas and
+    releases sharing the bank hold it); a missing or corrupt one is written."""
+    rid, other = (random_release.references[i].id for i in (8, 9))
+    key = random_release.memory_key(rid)
+    blob, other_blob = store.get_bytes(key), store.get_bytes(random_release.memory_key(other))
+    assert blob != other_blob
+
+    async def scenario():
+        async with serving(settings(random_release, local_s3.config, tmp_path)) as (_app, client):
+            with pytest.raises(AlreadyExists, match=rf"1 memories .*\({rid}\): memories are immutable"):
+                await client.put([(other, other_blob), (rid, other_blob)])
+            assert store.get_bytes(key) == blob
+            assert [m.blob for m in await client.fetch([rid])] == [blob]
+
+            store.put_bytes(key, corrupted(blob))
+            assert await client.put([(rid, blob)]) == 1
+            assert store.get_bytes(key) == blob
+
+            store.remove_keys([key])
+            assert await client.put([(rid, blob), (other, other_blob)]) == 2
+            assert store.get_bytes(key) == blob
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 90))
+    finally:
+        store.put_bytes(key, blob)
 
 
 def test_not_serving_until_s3_answers_then_unavailable_when_it_goes(random_release, local_s3, tmp_path):
