@@ -201,6 +201,8 @@ class Scheduler:
         # Set by the engine: callback(stream, _Retrieve) starting a retrieval; it is called in the
         # stream's event loop, with the step's other messages.
         self.on_swap = None
+        # Set by the engine: called after each step's gauges, to count the streams still waiting.
+        self.on_gauges = None
         self.outbox: list[tuple[_Stream, object]] = []  # messages to consumers, sent once per step
         # Moving averages of the time between decode steps and between rows freed; read by the
         # engine to tell how long a retrieval may take without delaying its stream.
@@ -477,7 +479,9 @@ class Scheduler:
         self.ready.clear()
 
     def _update_gauges(self) -> None:
-        metrics.NUM_REQUESTS_RUNNING.set(sum(1 for s in self.rows if s is not None and not s.done))
+        metrics.NUM_REQUESTS_RUNNING.set(self.running())
+        if self.on_gauges is not None:
+            self.on_gauges()
 
     def running(self) -> int:
         return sum(1 for s in self.rows if s is not None and not s.done)
@@ -516,6 +520,7 @@ class GenerationEngine:
         self.prefix = codec.reference_prefix(self.mc)
         self.scheduler = Scheduler(model, config, stop_token_ids=[codec.eos_id], prefix=self.prefix)
         self.scheduler.on_swap = self._schedule_swap
+        self.scheduler.on_gauges = self._update_waiting
         self._retrieve_by = getattr(retrieval, "retrieve_by", None)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.accepted = 0  # requests between acceptance and their end (waiting + running)
@@ -547,6 +552,8 @@ class GenerationEngine:
             self.started = False
 
     def _update_waiting(self) -> None:
+        """Accepted but holding no batch row yet (queued, or fetching its prompt's memories); called
+        when a request comes or ends, and by the scheduler once a step has admitted or freed rows."""
         metrics.NUM_REQUESTS_WAITING.set(max(0, self.accepted - self.scheduler.running()))
 
     # ---- validation ----

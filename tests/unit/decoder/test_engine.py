@@ -392,3 +392,37 @@ def test_every_steps_token_ids_go_out_at_once_even_inside_a_character(tiny_model
     held = [e for e in with_ids if not e.text]
     assert held  # some tokens ended inside a character: their ids went out, their text waited
     assert text == "".join(e.text for e in events)
+
+
+def test_the_waiting_gauge_counts_only_streams_without_a_row(tiny_model, text_codec):
+    """The autoscaler and the backlog alert read `memory3_num_requests_waiting`: a stream stops
+    counting as waiting once it has a row, not only when some other request comes or ends."""
+    bodies = prompts(3, text_codec)
+
+    def gauges():
+        return metrics.NUM_REQUESTS_RUNNING._value.get(), metrics.NUM_REQUESTS_WAITING._value.get()
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2, max_waiting=4))
+        await engine.start()
+        try:
+            streams = [engine.generate(GenerationRequest(body, engine.max_seq_len - len(body), use_memory=False,
+                                                         ignore_eos=True)) for body in bodies]
+            await asyncio.gather(*(anext(s) for s in streams[:2]))  # accepted together, then both given rows
+            running = gauges()
+            third = asyncio.ensure_future(anext(streams[2]))
+            await asyncio.sleep(0.01)  # accepted; no row is free
+            queued = gauges()
+            await streams[0].aclose()  # frees a row for the third
+            await third
+            admitted = gauges()
+            for s in streams[1:]:
+                await s.aclose()
+            return running, queued, admitted
+        finally:
+            await engine.close()
+
+    running, queued, admitted = run(main())
+    assert running == (2, 0)
+    assert queued == (2, 1)
+    assert admitted == (2, 0)
