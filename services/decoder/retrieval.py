@@ -15,6 +15,8 @@ from typing import Protocol
 
 from memory3.model.memory import ExplicitMemory
 
+from ..rpc.errors import DeadlineExceeded, Unavailable
+
 
 @dataclass(frozen=True)
 class RetrievedReference:
@@ -161,9 +163,14 @@ class CoalescingRetrieval:
         try:
             merged = await self._call(key, [item for items, _ in batch for item in items])
         except Exception as e:  # noqa: BLE001 - handed to the callers
-            if len(batch) == 1:
-                _settle(batch[0][1], error=e)
+            if len(batch) == 1 or isinstance(e, (Unavailable, DeadlineExceeded)):
+                # An outage fails every part alike: asking again, part by part, would only make each
+                # caller wait for it once more (a hung service: twice the timeout).
+                for _, future in batch:
+                    _settle(future, error=e)
                 return
+            # Something in the batch was refused (e.g. a corrupt memory): each part on its own, so
+            # that the refusal reaches only its caller.
             results = await asyncio.gather(*(self._call(key, items) for items, _ in batch), return_exceptions=True)
             for (_, future), result in zip(batch, results, strict=True):
                 _settle(future, **({"error": result} if isinstance(result, BaseException) else {"value": result}))

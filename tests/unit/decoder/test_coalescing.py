@@ -4,7 +4,7 @@ import time
 import pytest
 
 from memory3.services.decoder.retrieval import CoalescingRetrieval, RetrievedReference
-from memory3.services.rpc.errors import DataLoss
+from memory3.services.rpc.errors import DataLoss, Unavailable
 
 
 class Recorder:
@@ -140,3 +140,22 @@ def test_a_caller_without_time_to_spare_waits_only_the_window():
     (_, first_took), (_, second_took) = asyncio.run(main())
     assert first_took < 0.5 and second_took < 0.5
     assert coalescing.latency_s == pytest.approx(0.05, abs=0.04)
+
+
+class DownRecorder(Recorder):
+    async def fetch(self, ids):
+        self.fetch_calls.append(list(ids))
+        raise Unavailable("memory service: connection refused")
+
+
+def test_an_outage_fails_every_caller_of_the_batch_with_one_call():
+    """Asking again part by part would make each caller wait for a hung service once more."""
+    inner = DownRecorder()
+    coalescing = CoalescingRetrieval(inner, window_s=0.01)
+
+    async def main():
+        return await asyncio.gather(*(coalescing.fetch([name]) for name in "abcd"), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, Unavailable) for r in results)
+    assert inner.fetch_calls == [["a", "b", "c", "d"]]
