@@ -632,7 +632,7 @@ class GenerationEngine:
                      memories_read: int) -> AsyncIterator[GenerationEvent]:
         request = stream.request
         detok = IncrementalDetokenizer(self.codec.decode)
-        text_so_far = ""
+        held = ""  # decoded text not sent yet: it may begin a stop string
         produced = 0
         retrievals = len(citations)
         pending = GenerationEvent(citations=list(citations), warnings=list(warnings))
@@ -656,11 +656,16 @@ class GenerationEngine:
             else:
                 finish = message.reason
                 delta = detok.add([], final=True)
-            if request.stop and delta:
-                hit = _find_stop(text_so_far, delta, request.stop)
+            if request.stop:
+                text = held + delta
+                hit = _find_stop(text, request.stop)
                 if hit is not None:
-                    delta, finish = delta[:hit], "stop"
-            text_so_far += delta
+                    delta, held, finish = text[:hit], "", "stop"
+                elif finish is None:
+                    keep = _stop_prefix_len(text, request.stop)
+                    delta, held = text[:len(text) - keep], text[len(text) - keep:]
+                else:
+                    delta, held = text, ""
             pending.text += delta
             if finish is not None:
                 pending.finish_reason = finish
@@ -724,17 +729,17 @@ class GenerationEngine:
         self.scheduler.post(("memories", stream, (memories, note)))
 
 
-def _find_stop(before: str, delta: str, stops: Sequence[str]) -> int | None:
-    """Index in `delta` where the first stop string ends the text, or None."""
-    text = before + delta
-    best = None
-    for stop in stops:
-        at = text.find(stop, max(0, len(before) - len(stop) + 1))
-        if at >= 0 and (best is None or at < best):
-            best = at
-    if best is None:
-        return None
-    return max(0, best - len(before))
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where in `text` the first stop string begins, or None."""
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of `text` that begins some stop string: held back, since the
+    next tokens may complete the stop string, which is never sent."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:n])), default=0)
 
 
 def new_request_id() -> str:

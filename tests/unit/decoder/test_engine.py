@@ -337,11 +337,16 @@ def test_stop_strings_end_the_stream_and_are_not_returned(tiny_model, text_codec
         return collect_alone(GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories)),
                              GenerationRequest(body, 40, stop=stop))
 
-    _, full, _ = generate(())
-    stop = full[5:7]
-    _, text, events = generate((stop,))
-    assert text == full[: full.index(stop)]
-    assert events[-1].finish_reason == "stop"
+    tokens, full, _ = generate(())
+    assert len(full) >= 30 and len(tokens) == 40
+    for start, length in [(5, 2), (3, 1), (10, 4), (20, 7)]:  # one byte a token: spans up to 7 tokens
+        stop = full[start:start + length]
+        _, text, events = generate((stop, "\x00never"))
+        assert text == full[: full.index(stop)], stop
+        assert events[-1].finish_reason == "stop"
+    # Text that could begin a stop string is held back, and sent when the stream ends otherwise.
+    _, text, events = generate((full[-3:] + "\x00",))
+    assert text == full and events[-1].finish_reason == "length"
 
 
 @pytest.mark.parametrize(("lead", "paused"), [(0, True), (40, False)])
