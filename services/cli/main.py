@@ -326,7 +326,8 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                        help="streams one client may have open at once, by its x-client-id metadata or else its "
                             "address; more get RESOURCE_EXHAUSTED (0: no limit)")
     group.add_argument("--max-seq-len", type=int, default=None, help="context per stream (default: the model's)")
-    group.add_argument("--default-max-tokens", type=int, default=128, help="when a request sets no max_tokens")
+    group.add_argument("--default-max-tokens", type=int, default=128,
+                       help="when a request sets no max_tokens (fewer when a long prompt leaves less room)")
     group.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail",
                        help="text/memory service down: fail with UNAVAILABLE, or generate without memory and say so")
     group.add_argument("--memory-cache-mb", type=float, default=256.0,

@@ -557,6 +557,10 @@ class GenerationEngine:
         metrics.NUM_REQUESTS_WAITING.set(max(0, self.accepted - self.scheduler.running()))
 
     # ---- validation ----
+    def room(self, body: Sequence[int], use_memory: bool) -> int:
+        """How many tokens a prompt `body` leaves room for in a row of this server's context."""
+        return self.max_seq_len - (len(self.prefix) if use_memory else 0) - len(body)
+
     def validate(self, request: GenerationRequest) -> None:
         body = request.prompt_ids
         if len(body) <= 1:
@@ -567,9 +571,9 @@ class GenerationEngine:
                                f"(0..{self.codec.vocab_size - 1})")
         if request.max_tokens < 1:
             raise InvalidInput(f"max_tokens must be >= 1, got {request.max_tokens}")
-        prefix = len(self.prefix) if request.use_memory else 0
-        room = self.max_seq_len - prefix - len(body)
+        room = self.room(body, request.use_memory)
         if room < 1:
+            prefix = len(self.prefix) if request.use_memory else 0
             raise InvalidInput(f"the prompt has {len(body)} tokens; this server's context holds "
                                f"{self.max_seq_len - prefix - 1} prompt tokens at most: shorten it")
         if request.max_tokens > room:

@@ -143,11 +143,14 @@ class Memory3Model(kserve.Model):
 
 
 def _prompt(payload: InferRequest) -> str:
-    tensor = next((i for i in payload.inputs if i.name == INPUT), None)
-    if tensor is None:
+    tensors = [i for i in payload.inputs if i.name == INPUT]
+    if not tensors:
         names = [i.name for i in payload.inputs]
         raise InvalidInput(f"the request needs an input named {INPUT!r} (BYTES, shape [1]) holding the prompt; "
                            f"got inputs {names}")
+    if len(tensors) > 1:
+        raise InvalidInput(f"the request has {len(tensors)} inputs named {INPUT!r}; send one prompt per request")
+    tensor = tensors[0]
     if tensor.datatype != "BYTES":
         raise InvalidInput(f"input {INPUT!r} must have datatype BYTES (UTF-8 text), got {tensor.datatype}")
     try:
@@ -162,7 +165,10 @@ def _prompt(payload: InferRequest) -> str:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
             raise InvalidInput(f"input {INPUT!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    return str(value)
+    if not isinstance(value, str):
+        raise InvalidInput(f"input {INPUT!r} must hold the prompt as a string, "
+                           f"got {type(value).__name__} {value!r:.40}")
+    return value
 
 
 def _parameters(raw) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from memory3.v1 import generation_service_pb2 as pb
 from memory3.v1 import text_service_pb2 as text_pb
 
-from ..rpc.errors import rpc_errors
+from ..rpc.errors import InvalidInput, rpc_errors
 from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
 from .validation import build_request
 
@@ -38,6 +38,9 @@ class GenerationServicer:
 
     def to_request(self, engine: GenerationEngine, message, context) -> GenerationRequest:
         p = message.params
+        if p.retrieval not in pb.RetrievalMode.values():
+            names = ", ".join(pb.RetrievalMode.keys())
+            raise InvalidInput(f"params.retrieval: {p.retrieval} is not a RetrievalMode; send one of {names}")
         remaining = context.time_remaining()
         return build_request(
             engine, prompt=message.prompt, prompt_token_ids=list(message.prompt_token_ids), release=message.release,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from memory3.model.generate import SamplingParams
 
-from ..rpc.errors import InvalidInput, NotFound
+from ..rpc.errors import InvalidInput, NotFound, shown
 from .engine import GenerationEngine, GenerationRequest, new_request_id
 
 MAX_STOP_STRINGS = 8
@@ -21,6 +21,7 @@ MAX_STOP_CHARS = 64
 MAX_REQUEST_ID_CHARS = 128
 # Temperatures below this sample as greedy: dividing logits by a subnormal overflows them to inf.
 MIN_TEMPERATURE = 1e-5
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_ids: Sequence[int] = (),
@@ -30,7 +31,7 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
                   deadline: float | None = None, client_id: str = "") -> GenerationRequest:
     """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it."""
     if release and release != engine.release:
-        raise NotFound(f"release {release!r} is not served here (this decoder serves "
+        raise NotFound(f"release {shown(release)} is not served here (this decoder serves "
                        f"{engine.release!r}); leave release empty or send it to the right deployment")
     if prompt and prompt_token_ids:
         raise InvalidInput("give the prompt as text or as token ids, not both")
@@ -48,6 +49,8 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
         raise InvalidInput(f"top_p must be in [0, 1] (0 or 1 disables it), got {top_p}")
     if max_tokens < 0:
         raise InvalidInput(f"max_tokens must be >= 1 (0 means the server's default), got {max_tokens}")
+    if seed is not None and not INT64_MIN <= seed <= INT64_MAX:
+        raise InvalidInput(f"seed must be a 64-bit signed integer ({INT64_MIN} to {INT64_MAX}), got {seed}")
     if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
         raise InvalidInput(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters "
                            "(it is written to logs), or empty for a generated one")
@@ -59,7 +62,9 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p or 1.0, seed=seed)
     return GenerationRequest(
         prompt_ids=body,
-        max_tokens=max_tokens or engine.config.default_max_tokens,
+        # The default never asks for more than the prompt leaves room for: a long prompt with the
+        # default is not the client's mistake (`GenerationEngine.validate` judges a room below 1).
+        max_tokens=max_tokens or max(1, min(engine.config.default_max_tokens, engine.room(body, use_memory))),
         sampling=sampling,
         stop=tuple(stop),
         use_memory=use_memory,

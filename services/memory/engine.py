@@ -25,7 +25,7 @@ from memory3.model.codecs import MemoryCodec
 from memory3.model.memory_format import MemoryFormatError, validate_memory
 
 from ..release.reader import Release
-from ..rpc.errors import AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
+from ..rpc.errors import SHOWN_CHARS, AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
 from ..rpc.metrics import MEMORY_CORRUPT, MEMORY_FETCH_LATENCY, MEMORY_FETCHES, MEMORY_HITS, MEMORY_MISSES
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
 from .ram_cache import RamCache
@@ -68,7 +68,7 @@ class _BankRead(NamedTuple):
 
 
 def _listing(ids: Sequence[str]) -> str:
-    shown = ", ".join(ids[:_SHOWN])
+    shown = ", ".join(i if len(i) <= SHOWN_CHARS else f"{i[:SHOWN_CHARS]}…" for i in ids[:_SHOWN])
     return shown + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
 
 

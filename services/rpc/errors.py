@@ -49,10 +49,25 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+# Longest status message sent: gRPC carries it in a header, and a message over the peer's header
+# limit (16 KiB by default) would turn the status into RESOURCE_EXHAUSTED.
+MAX_MESSAGE_CHARS = 2000
+SHOWN_CHARS = 80  # of a client's string quoted in a message
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` quoted for an error message, cut to `limit` characters: a client's string can be any size."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value)} characters)"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Domain errors keep their message; anything else is INTERNAL with a generic one (no leak)."""
+    """Domain errors keep their message (cut to MAX_MESSAGE_CHARS); anything else is INTERNAL with a
+    generic one (no leak)."""
     if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
+        message = str(exc)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + f"… ({len(message)} characters in all)"
+        return exc.code, message
     return grpc.StatusCode.INTERNAL, "internal server error"
 
 

@@ -20,8 +20,8 @@ class _Undecodable:
         self.message_name, self.reason = message_name, reason
 
     def detail(self) -> str:
-        return (f"the request is not a valid {self.message_name} ({self.reason}); "
-                "string fields must be valid UTF-8")
+        return (f"the request is not a valid {self.message_name} ({self.reason}): it is cut short, of another "
+                "message type, or holds a string field that is not valid UTF-8")
 
 
 def _safe_deserializer(cls):

@@ -170,6 +170,9 @@ def test_grpcurl_lists_checks_health_and_generates(stack):
     (pb.GenerateRequest(prompt="hi", release="no-such-release"), "NOT_FOUND", "not served here"),
     (pb.GenerateRequest(prompt_token_ids=[1, 99999]), "INVALID_ARGUMENT", "vocabulary"),
     (pb.GenerateRequest(prompt="hi", prompt_token_ids=[5]), "INVALID_ARGUMENT", "not both"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(retrieval=99)), "INVALID_ARGUMENT",
+     "99 is not a RetrievalMode"),
+    (pb.GenerateRequest(prompt="hi", release="r" * 20_000), "NOT_FOUND", "(20000 characters) is not served here"),
 ])
 def test_bad_requests_get_precise_status_codes(stack, stub, request_, code, message):
     with pytest.raises(grpc.RpcError) as failed:

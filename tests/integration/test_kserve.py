@@ -217,6 +217,7 @@ def test_a_client_that_hangs_up_frees_its_stream(kserve_server):
     ({"temprature": 0}, 400, "unknown field(s) ['temprature']"),
     ({"stop": [""]}, 400, "stop: at most 8 non-empty strings"),
     ({"model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
+    ({"seed": 10**23}, 400, "seed must be a 64-bit signed integer"),
 ])
 def test_openai_bad_input_says_what_to_fix(kserve_server, fields, status, says):
     got, headers, body = kserve_server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, **fields})
@@ -235,3 +236,15 @@ def test_bad_json_and_bad_v2_input(kserve_server):
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}],
         "parameters": {"max_token": 3}})
     assert status == 400 and "unknown parameter 'max_token'" in body["error"], body
+    for data, says in [([None], "must hold the prompt as a string, got NoneType"),
+                       ([5], "must hold the prompt as a string, got int")]:
+        status, _, body = kserve_server.post(f"/v2/models/{MODEL}/infer", {
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": data}]})
+        assert status == 400 and says in body["error"], body
+    status, _, body = kserve_server.post(f"/v2/models/{MODEL}/infer", {
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}] * 2})
+    assert status == 400 and "2 inputs named 'text'" in body["error"], body
+    status, _, body = kserve_server.post(f"/v2/models/{MODEL}/infer", {
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}],
+        "parameters": {"seed": 10**23}})
+    assert status == 400 and "seed must be a 64-bit signed integer" in body["error"], body

@@ -212,7 +212,9 @@ def test_bad_requests(random_release, local_s3, tmp_path):
                 raw = pb_grpc.MemoryServiceStub(channel)
                 for ids, code, message in [([known] * 1025, grpc.StatusCode.INVALID_ARGUMENT, "at most 1024"),
                                            ([], grpc.StatusCode.INVALID_ARGUMENT, "no ids given"),
-                                           (["nope"], grpc.StatusCode.NOT_FOUND, "nope")]:
+                                           (["nope"], grpc.StatusCode.NOT_FOUND, "nope"),
+                                           # an id past gRPC's header limit, quoted short
+                                           (["n" * 1_000_000], grpc.StatusCode.NOT_FOUND, "n" * 80 + "…")]:
                     with pytest.raises(grpc.aio.AioRpcError) as err:
                         await raw.GetMemories(pb.GetMemoriesRequest(ids=ids))
                     assert err.value.code() == code and message in err.value.details()

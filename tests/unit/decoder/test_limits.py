@@ -5,12 +5,13 @@ import asyncio
 import math
 from types import SimpleNamespace
 
+import grpc
 import pytest
 
 from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
 from memory3.services.decoder.retrieval import RetrievedReference
 from memory3.services.decoder.validation import build_request
-from memory3.services.rpc.errors import InvalidInput, ResourceExhausted, ServiceError
+from memory3.services.rpc.errors import InvalidInput, NotFound, ResourceExhausted, ServiceError, status_for
 
 
 def body(text_codec, n=20):
@@ -52,7 +53,7 @@ def test_negative_limit_is_refused():
 
 @pytest.fixture
 def fake_engine(text_codec):
-    return SimpleNamespace(release="r", codec=text_codec, config=EngineConfig())
+    return SimpleNamespace(release="r", codec=text_codec, config=EngineConfig(), room=lambda body, use_memory: 10_000)
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -61,10 +62,43 @@ def fake_engine(text_codec):
     ({"top_p": math.nan}, "top_p must be in"),
     ({"request_id": "x" * 129}, "request_id"),
     ({"request_id": "line\nbreak"}, "request_id"),
+    ({"seed": 2**63}, "seed must be a 64-bit signed integer"),
+    ({"seed": -(2**63) - 1}, "seed must be a 64-bit signed integer"),
 ])
 def test_numbers_the_sampler_cannot_use_are_refused(fake_engine, fields, message):
     with pytest.raises(InvalidInput, match=message):
         build_request(fake_engine, prompt="hello", **fields)
+
+
+def test_seeds_at_the_ends_of_int64_are_taken(fake_engine):
+    for seed in (2**63 - 1, -(2**63)):
+        assert build_request(fake_engine, prompt="hello", seed=seed).sampling.seed == seed
+
+
+def test_a_release_name_of_any_size_is_quoted_short(fake_engine):
+    with pytest.raises(NotFound) as refused:
+        build_request(fake_engine, prompt="hello", release="x" * 20_000)
+    assert len(str(refused.value)) < 400 and "20000 characters" in str(refused.value)
+
+
+def test_the_default_max_tokens_fits_what_the_prompt_leaves(tiny_model, text_codec):
+    """A long prompt sent with max_tokens 0 gets the room left, not a refusal of a number the
+    client never sent; a number the client did send is still judged."""
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(default_max_tokens=128))
+    room = 5
+    ids = [3 + i % 200 for i in range(engine.max_seq_len - len(engine.prefix) - room - 1)]
+    request = build_request(engine, prompt_token_ids=ids)
+    assert request.max_tokens == room
+    engine.validate(request)
+    assert build_request(engine, prompt_token_ids=ids[:10]).max_tokens == 128
+    with pytest.raises(InvalidInput, match=f"max_tokens=6 does not fit.*room for {room} new tokens"):
+        engine.validate(build_request(engine, prompt_token_ids=ids, max_tokens=room + 1))
+
+
+def test_status_messages_are_cut_to_fit_a_header():
+    code, message = status_for(NotFound("x" * 50_000))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert len(message) < 2100 and message.endswith("(50000 characters in all)")
 
 
 def test_underflowing_temperature_is_greedy(fake_engine):
