@@ -15,7 +15,7 @@ from memory3.model.memory import ExplicitMemory
 from memory3.model.memory_format import encode_memory
 from memory3.services.memory.engine import MAX_IDS, RAM, REDIS, S3, MemoryStore
 from memory3.services.memory.ram_cache import RamCache
-from memory3.services.rpc.errors import DataLoss, InvalidInput, NotFound, Unavailable
+from memory3.services.rpc.errors import AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
 from memory3.services.storage.object_store import ObjectNotFound, StoreUnavailable
 
 SHAPE = (2, 2, 4, 8)
@@ -255,6 +255,10 @@ def test_concurrent_requests_share_one_s3_read(store, s3):
 
 def test_put_validates_then_writes_s3_and_warms_caches(store, s3, redis, blobs):
     new = blob_for(99)
+    with pytest.raises(AlreadyExists, match=rf"1 memories .*\({IDS[5]}\): memories are immutable"):
+        run(store.put([(IDS[5], new)]))  # the bank's valid blob stays
+    assert s3.objects[key(IDS[5])] == blobs[IDS[5]] and key(IDS[5]) not in redis.data
+    del s3.objects[key(IDS[5])]  # lost: a repair writes it
     assert run(store.put([(IDS[5], new)])) == 1
     assert s3.objects[key(IDS[5])] == new and redis.data[key(IDS[5])] == new
     assert [m.tier for m in run(store.get([IDS[5]]))] == [RAM]
