@@ -9,8 +9,11 @@ goes whole, with whatever a failed publication left in it.
 The manifest goes first, so the release is invisible to readers before any file of it is gone, as
 publication writes it last. A release without a manifest is a publication in progress or one left
 half-written, and one whose manifest this build cannot read has a bank we cannot know: either may
-list any memory, so while one exists, deleting a published release stops and says so.
+list any memory, so while one exists, deleting a published release stops and says so. The leftovers
+of a publication are deleted only once its lease has expired (lease.py): a publication still running
+holds its name, and would otherwise publish a manifest over files that are gone.
 """
+
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..storage.object_store import ObjectStore
+from .lease import LEASE_TTL_S, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
     RELEASES_PREFIX,
@@ -32,9 +36,8 @@ from .manifest import (
 from .publish import MANIFEST_FILE, REFERENCES_FILE
 from .reader import read_manifest
 
-
-class ReleaseBusy(ReleaseError):
-    """A deletion that could remove memories a release we cannot read yet may list."""
+__all__ = ["Catalog", "DeletionPlan", "ReleaseBusy", "delete_release", "plan_deletion", "read_catalog",
+           "release_names"]
 
 
 def release_names(store: ObjectStore) -> list[str]:
@@ -121,6 +124,11 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
             names = [m.name for m in catalog.published]
             raise ReleaseNotFound(f"release {name!r} is not in bucket {store.bucket!r} (releases there: "
                                   f"{', '.join(names) or 'none'})")
+        running = live_leases(store, name)
+        if running:
+            raise ReleaseBusy(f"release {name!r} is being published by {running[0].describe()}; nothing was "
+                              "deleted. Wait for it to finish, or stop it: its lease then expires "
+                              f"{LEASE_TTL_S:.0f} s after its last heartbeat")
         # Its own objects only: what memories it lists is unknown, and they stay.
         return DeletionPlan(name, published=False, release_keys=store.list_keys(release_key(name, "")),
                             unreadable=catalog.unreadable.get(name))
@@ -130,12 +138,15 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
             f"is unknown; nothing was deleted. Delete them first (their memories are kept), or fix them ("
             + "; ".join(f"{n}: {why}" for n, why in catalog.unreadable.items()) + ")")
     pending = [n for n in catalog.unpublished if n != name]
+    running = [n for n in pending if live_leases(store, n)]
+    if running:
+        raise ReleaseBusy(f"releases {', '.join(running)} are being published and may list memories of {name!r}, "
+                          "so nothing was deleted: wait until they are published")
     if pending:
         raise ReleaseBusy(
-            f"releases {', '.join(pending)} have no manifest: publications in progress, or left half-written. "
-            f"They may list memories of {name!r}, so nothing was deleted. Wait until they are published, or, "
-            f"if no publication is running, delete their leftovers first (`memory3 release delete "
-            f"{pending[0]}`)")
+            f"releases {', '.join(pending)} have no manifest and no publication running: left half-written. "
+            f"They may list memories of {name!r}, so nothing was deleted. Delete their leftovers first "
+            f"(`memory3 release delete {pending[0]}`)")
     others = [m for m in catalog.published if m.name != name]
     plan = DeletionPlan(name, published=True, release_keys=store.list_keys(release_key(name, "")),
                         bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],

@@ -1,8 +1,10 @@
 """Building and publishing a release to the object store, manifest last.
 
-Order of writes: memory blobs (content-addressed, shared), then the release's own files, then the
-manifest. If anything fails before the manifest, the release's files are removed and the error is
-raised: a reader never sees a half-written release (without a manifest it does not exist).
+Order of writes: a publication lease (lease.py: one publisher per name), memory blobs
+(content-addressed, shared), then the release's own files, then the manifest. If anything fails
+before the manifest, the release's files are removed and the error is raised: a reader never sees a
+half-written release (without a manifest it does not exist). Just before the manifest, the files it
+lists and the releases it is made from are checked to be still there.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from memory3.model.tokenizer import TextCodec
 from ..retrieval.index import VectorIndex, check_index_choice
 from ..storage.object_store import ObjectStore, StoreError
 from ..trainer.kb import Reference
+from .lease import Publication
 from .manifest import (
     Manifest,
+    ReleaseError,
     ReleaseExists,
     bank_id,
     check_release_name,
@@ -62,7 +66,7 @@ def publish_release(
     embed: Callable[[list[str]], object], embedder_name: str, memory_codec: MemoryCodec, provenance: dict,
     parent_index: VectorIndex | None = None, parent_references: Sequence[dict] = (), parent: str | None = None,
     batch_size: int = 32, progress: bool = True, log: Callable[[str], None] | None = None,
-    on_encoded: Callable[[int, int], None] | None = None, index_kind: str = "auto",
+    on_encoded: Callable[[int, int], None] | None = None, index_kind: str = "auto", sources: Sequence[str] = (),
 ) -> Manifest:
     """Encode memories for `references` (new ones only, for a derived release) and publish `name`.
 
@@ -70,25 +74,65 @@ def publish_release(
     the parent's table and index; only `references` are encoded and embedded. `on_encoded(done,
     total)` follows the encoding, batch by batch, for programs (the bar is for people).
     `index_kind` is one of `INDEX_CHOICES`, kept in the manifest for the releases derived from this one.
+    `sources` are the releases other than `parent` whose memories it lists (a merge's), checked with
+    the parent to be still published when the manifest is written.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_release_name(name)
     check_index_choice(index_kind, len(parent_index.ids) + len(references) if parent_index else len(references))
     store.ensure_bucket()
-    if store.exists(release_key(name, MANIFEST_FILE)):
-        raise ReleaseExists(f"release {name!r} already exists; releases are immutable, choose another name")
+    _check_free(store, name)
+    publication = Publication(store, name)
+    publication.acquire()  # from here on this process alone writes under the name
     try:
-        return _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
-                        parent_index, parent_references, parent, batch_size, progress, log, on_encoded, index_kind)
+        _check_free(store, name)  # published by another since the first check
+        sources = [*([parent] if parent else []), *sources]
+        _check_sources(store, name, sources)
+        manifest = _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
+                            parent_index, parent_references, parent, batch_size, progress, log, on_encoded,
+                            index_kind, lambda files: (_check_sources(store, name, sources),
+                                                       _check_files(store, name, files, publication)))
     except BaseException:
-        # If the store is gone, the leftovers stay, invisible anyway without a manifest.
+        # If the store is gone, the leftovers stay, invisible anyway without a manifest; their
+        # lease expires, and `release delete` removes them then.
         with contextlib.suppress(StoreError):
             store.remove_prefix(release_key(name, ""))
         raise
+    finally:
+        publication.release()
+    log(f"published release {name!r}: {manifest.memory_bank['count']} memories, "
+        f"{manifest.memory_bank['bytes'] / 1e6:.1f} MB in bank {manifest.memory_bank['bank']}")
+    return manifest
+
+
+def _check_free(store: ObjectStore, name: str) -> None:
+    if store.exists(release_key(name, MANIFEST_FILE)):
+        raise ReleaseExists(f"release {name!r} already exists; releases are immutable, choose another name")
+
+
+def _check_sources(store: ObjectStore, name: str, sources: Sequence[str]) -> None:
+    """The releases `name` is made from are still published: deleting one removes the memories only
+    it listed, which `name` lists too (a deletion waits for a running publication, but not for the
+    work a publisher does before it holds its lease)."""
+    gone = [source for source in sources if not store.exists(release_key(source, MANIFEST_FILE))]
+    if gone:
+        raise ReleaseError(f"release {gone[0]!r}, which {name!r} is made from, was deleted while {name!r} was being "
+                           "prepared, with memories it may list; nothing was published")
+
+
+def _check_files(store: ObjectStore, name: str, files: dict[str, dict], publication: Publication) -> None:
+    """Every file the manifest will list is still there, and so is the lease: a deletion of
+    leftovers (possible once the lease expired, e.g. the process was stopped too long) removed them."""
+    present = set(store.list_keys(release_key(name, "")))
+    missing = [file for file in files if release_key(name, file) not in present]
+    if missing or publication.lease.key not in present:
+        raise ReleaseError(f"files of release {name!r} were deleted while it was being published "
+                           f"({', '.join(missing) or 'its lease'}); nothing was published: publish it again")
 
 
 def _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
-             parent_index, parent_references, parent, batch_size, progress, log, on_encoded, index_kind) -> Manifest:
+             parent_index, parent_references, parent, batch_size, progress, log, on_encoded, index_kind,
+             before_manifest) -> Manifest:
     files: dict[str, dict] = {}
 
     def put(file: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -166,6 +210,6 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
                "count": len(index.ids), "kind": index.kind, "choice": index_kind},
         provenance=provenance, parent=parent,
     )
+    before_manifest(files)
     store.put_bytes(release_key(name, MANIFEST_FILE), manifest.to_json().encode(), "application/json")
-    log(f"published release {name!r}: {len(rows)} memories, {total_bytes / 1e6:.1f} MB in bank {bank}")
     return manifest

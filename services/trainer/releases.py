@@ -303,18 +303,19 @@ def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool =
                   "commit": git_commit()}
     print(f"merging {len(plan.derived)} releases into {plan.base.name!r} as {name!r}: "
           f"{len(plan.added)} references added, {len(plan.removed)} removed", file=sys.stderr)
-    return _publish_derived(store, plan.base, name, plan.rows(), index, provenance, progress)
+    return _publish_derived(store, plan.base, name, plan.rows(), index, provenance, progress,
+                            sources=[d.name for d in plan.derived])
 
 
 def _publish_derived(store: ObjectStore, base: Release, name: str, rows: list[dict], index: VectorIndex,
-                     provenance: dict, progress: bool) -> Manifest:
+                     provenance: dict, progress: bool, sources: Sequence[str] = ()) -> Manifest:
     """Publish `name` with `base`'s model and bank, and this table and index (nothing encoded), under
     `base`'s index kind: shards merged into a base past a size threshold get the index of their size."""
     return publish_release(store, name, model=base.load_model(), codec=base.text_codec(), references=[],
                            embed=_never_embeds, embedder_name=base.manifest.index["embedder"],
                            memory_codec=base.memory_codec(), provenance=provenance, parent_index=index,
                            parent_references=rows, parent=base.name, progress=progress,
-                           index_kind=index_choice(base.manifest))
+                           index_kind=index_choice(base.manifest), sources=sources)
 
 
 def _never_embeds(texts):
