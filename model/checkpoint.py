@@ -45,6 +45,7 @@ def load_checkpoint(
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found")
+    check_device(device)
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
@@ -66,6 +67,18 @@ def load_checkpoint(
     model.load_state_dict(state, assign=True)
     model.rope = RotaryEmbedding(config.head_dim, config.rope_theta)  # rebuilt off the meta device
     return model.eval()
+
+
+def check_device(device: str | torch.device) -> None:
+    """A CUDA device this machine has: without it, safetensors' error would blame the weights file."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise CheckpointError("CUDA is not available on this machine; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise CheckpointError(f"there is no CUDA device {device.index} on this machine (it has "
+                              f"{torch.cuda.device_count()}); use --device cuda:0 or --device cpu")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

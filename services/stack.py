@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .release.manifest import check_release_name
 from .storage.local_redis import start_local_redis
 from .storage.local_s3 import free_port, start_local_s3
 from .storage.object_store import S3Config
@@ -37,6 +38,7 @@ class StackProcess:
     port: int
     log: str
     metrics_port: int | None = None
+    log_start: int = 0  # bytes its log (appended to, run after run) held before this run: `_tail` shows the rest
 
 
 @dataclass
@@ -99,8 +101,14 @@ class StackOptions:
     text_shards: int = 1  # text services, each with one shard of the release's index (`--index-shard I/N`)
 
     def __post_init__(self) -> None:
+        """What a service would refuse only once the stores and the services before it started."""
+        check_release_name(self.release)
         if not 1 <= self.text_shards <= 64:
             raise ValueError(f"--text-shards must be between 1 and 64, got {self.text_shards}")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be 1 or more, got {self.max_batch}")
+        if self.decoder_port is not None and not 0 <= self.decoder_port <= 65535:
+            raise ValueError(f"--decoder-port {self.decoder_port} is not a port: give 0-65535 (0: any free port)")
 
     def text_names(self) -> list[str]:
         """The text services' process names: "text", or "text-<i>" for each index shard."""
@@ -187,12 +195,13 @@ def spawn_service(options: StackOptions, state: StackState, name: str, *, port: 
         args += ["--index-shard", f"{options.text_names().index(label)}/{options.text_shards}"]
     logfile = Path(state.home) / "stack" / f"{label or name}.log"
     with open(logfile, "ab") as out:
+        log_start = os.fstat(out.fileno()).st_size
         process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
                                    stdout=out, stderr=out, env=_service_env(state.s3_config, state.redis_url),
                                    start_new_session=True)
     if name in options.cpu_affinity:  # before torch starts its thread pools
         os.sched_setaffinity(process.pid, options.cpu_affinity[name])
-    return StackProcess(label or name, process.pid, port, str(logfile), metrics_port)
+    return StackProcess(label or name, process.pid, port, str(logfile), metrics_port, log_start)
 
 
 def stop_stack(home: Path, log: Callable[[str], None] = print) -> bool:
@@ -241,7 +250,7 @@ def wait_serving(process: StackProcess, timeout_s: float) -> None:
         while time.monotonic() < deadline:
             if not _alive(process.pid):
                 raise RuntimeError(f"the {process.name} service exited during startup; its log ends with:\n"
-                                   + _tail(Path(process.log)))
+                                   + _tail(Path(process.log), start=process.log_start))
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
                         health_pb2.HealthCheckResponse.SERVING:
@@ -250,7 +259,7 @@ def wait_serving(process: StackProcess, timeout_s: float) -> None:
                 pass
             time.sleep(0.3)
     raise RuntimeError(f"the {process.name} service was not SERVING within {timeout_s:.0f}s; its log ends with:\n"
-                       + _tail(Path(process.log)))
+                       + _tail(Path(process.log), start=process.log_start))
 
 
 def _service_args(name: str, options: StackOptions, state: StackState, port: int) -> list[str]:
@@ -321,8 +330,12 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _tail(path: Path, lines: int = 25) -> str:
+def _tail(path: Path, lines: int = 25, *, start: int = 0) -> str:
+    """The last `lines` lines of a log from byte `start` on: what this run wrote, not earlier runs."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with path.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
     except OSError:
         return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:]) or "(nothing in its log)"

@@ -127,10 +127,15 @@ def _distributed():
 
 
 def _derived_name(parent: str, kind: str, inputs: bytes) -> str:
-    """The default name of a release derived from `parent`: the same inputs give the same name."""
+    """The default name of a release derived from `parent`: the same inputs give the same name, and
+    other inputs another. A long parent name is cut, never the hash, to keep to the 63 characters of
+    a release name."""
     import hashlib
 
-    return f"{parent}-{kind}-{hashlib.sha256(inputs).hexdigest()[:8]}"[:63]
+    from memory3.services.release.manifest import check_release_name
+
+    suffix = f"-{kind}-{hashlib.sha256(inputs).hexdigest()[:8]}"
+    return check_release_name(check_release_name(parent)[: 63 - len(suffix)] + suffix)
 
 
 def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
@@ -163,11 +168,12 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
                   dry_run: bool) -> int:
     from memory3.services.release.reader import Release
     from memory3.services.storage.object_store import ObjectStore
-    from memory3.services.trainer.releases import kb_remove, references_to_remove
+    from memory3.services.trainer.releases import check_keeps_one, kb_remove, references_to_remove
 
     store = ObjectStore(s3)
     base = Release.open(store, parent, cache_dir)
     removed = references_to_remove(base, ids=ids, matches=matches)
+    check_keeps_one(base, removed)  # on a dry run too
     for row in removed:
         text = row["text"] if len(row["text"]) <= 100 else row["text"][:99] + "…"
         print(f"  {row['id']}: {text}")
@@ -195,8 +201,8 @@ def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.releases import differs_from_merge, kb_merge, plan_merge
 
-    if wait_s < 0:
-        raise ValueError(f"--wait must be 0 or more seconds, got {wait_s:g}")
+    if not (math.isfinite(wait_s) and wait_s >= 0):  # NaN is not < 0
+        raise ValueError(f"--wait must be a finite number of seconds, 0 or more, got {wait_s:g}")
     if name is None:
         name = _derived_name(parent, "merge", "\n".join(sorted(derived)).encode())
     store = ObjectStore(s3)
@@ -260,13 +266,19 @@ def cmd_release_list(s3, *, as_json: bool) -> int:
 
 
 def cmd_release_show(s3, name: str, *, as_json: bool) -> int:
-    from memory3.services.release.manifest import ReleaseNotFound
+    from memory3.services.release.manifest import ReleaseError, ReleaseNotFound
     from memory3.services.release.reader import ancestry, read_manifest
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.releases import index_choice
 
     store = ObjectStore(s3)
-    manifest = read_manifest(store, name)
+    try:
+        manifest = read_manifest(store, name)
+    except ReleaseNotFound:
+        raise
+    except (ReleaseError, UnicodeDecodeError) as e:  # as `release list` shows it
+        raise ReleaseError(f"the manifest of release {name!r} cannot be read ({e}); `memory3 release delete "
+                           f"{name}` removes what it has in the bucket") from e
     lineage = ancestry(store, name)
     if as_json:
         print(json.dumps({**dataclasses.asdict(manifest), "ancestry": lineage}, indent=2, sort_keys=True))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from memory3.bench.gpu_options import add_gpu_bench_arguments, gpu_bench_kwargs
@@ -19,6 +22,34 @@ EXIST_OK_HELP = ("if a release of that name is already published from the same i
 INDEX_KIND_HELP = ("the retrieval index: auto follows the number of references (exact below 200,000, HNSW below "
                    "5 million, IVF-PQ from there); flat, hnsw or ivfpq keep that kind whatever the size, in this "
                    "release and those derived from it")
+
+
+def finite_float(text: str) -> float:
+    """The type of a number option: NaN passes every `x < 0` check, and inf is no number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
+
+
+def port_number(*, free: bool = False) -> Callable[[str], int]:
+    """The type of a TCP port option, checked here: a server given 70000 binds another port (70000
+    modulo 65536) and reports the one asked for. With `free`, 0 asks for any free port."""
+    low = 0 if free else 1
+
+    def port(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+        if not low <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"{value} is not a port: give {low}-65535"
+                                             + (" (0: any free port)" if free else ""))
+        return value
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --checkpoint: a UTF-8 file whose text becomes references (repeatable)")
     gen.add_argument("--max-new-tokens", "--max-tokens", type=int, default=64,
                      help="tokens to generate at most (--max-tokens, as OpenAI names it, is the same)")
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--temperature", type=finite_float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-p", type=finite_float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     gen.add_argument("--no-memory", action="store_true", help="generate without retrieval")
-    gen.add_argument("--timeout", type=float, default=120.0, help="seconds before the request is abandoned")
+    gen.add_argument("--timeout", type=finite_float, default=120.0, help="seconds before the request is abandoned")
     gen.add_argument("--tls-ca", type=Path, default=None,
                      help="PEM CA of the decoder's certificate (TLS; token from MEMORY3_AUTH_TOKEN)")
     gen.add_argument("--device", default="cpu", help="with --checkpoint")
@@ -67,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-redis", action="store_true", help="no Redis tier (memories from S3 and RAM)")
     up.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail")
     up.add_argument("--max-batch", type=int, default=8)
-    up.add_argument("--decoder-port", type=int, default=None, help="default: a free port")
+    up.add_argument("--decoder-port", type=port_number(free=True), default=None,
+                    help="default (or 0): a free port")
     up.add_argument("--text-shards", type=int, default=1, metavar="N",
                     help="N text services, each serving one shard of the release's index (default: 1)")
 
@@ -90,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage3-steps", type=int, default=None,
                        help="steps of stage 3, where chunks read same-kind neighbours beside their own "
                             "reference (default: the preset's, 1200 for small; see README, Training)")
-    train.add_argument("--attention-weight", type=float, default=None,
+    train.add_argument("--attention-weight", type=finite_float, default=None,
                        help="weight of a loss on the answer tokens' memory attention, which rewards attending "
                             "to the slots of the answer's own memory that hold the token being predicted "
                             "(default: the preset's, 3; 0 turns it off; see README, Training)")
@@ -107,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=["decoder", "text", "memory", "trainer", "kserve"],
                        help="kserve: the decoder as a KServe model (v2 REST/gRPC and OpenAI-style /v1/completions)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=None, help=f"default per service: {SERVE_PORTS}")
-    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
+    serve.add_argument("--port", type=port_number(), default=None, help=f"default per service: {SERVE_PORTS}")
+    serve.add_argument("--grace", type=finite_float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
     serve.add_argument("--work-dir", type=Path, default=DEFAULT_HOME / "runs", help="training work directories")
     serve.add_argument("--release", default=None, help="the release to serve (every service but the trainer)")
     add_server_arguments(serve)
@@ -158,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb_merge.add_argument("--name", default=None, help="name of the new release (default: RELEASE-merge-<hash>)")
     kb_merge.add_argument("--dry-run", action="store_true", help="say what each would add and remove; publish nothing")
     kb_merge.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
-    kb_merge.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    kb_merge.add_argument("--wait", type=finite_float, default=0.0, metavar="SECONDS",
                           help="wait up to this long for the object store to answer and the DERIVED releases to be "
                                "published, as a merge started beside the encoding Job does (default: 0, they must "
                                "exist)")
@@ -232,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--preset", default="tiny", help="model preset of the random-weights release")
     rel.add_argument("--max-batch", type=int, default=4, help="decoder batch rows")
     rel.add_argument("--max-waiting", type=int, default=4, help="decoder queue; capacity = batch rows + queue")
-    rel.add_argument("--seconds", type=float, default=5.0, help="length of each load run (at most 60)")
+    rel.add_argument("--seconds", type=finite_float, default=5.0, help="length of each load run (at most 60)")
     rel.add_argument("--new-tokens", type=int, default=24)
     rel.add_argument("--fuzz", type=int, default=300, help="bad requests sent over every RPC (at most 5000)")
     rel.add_argument("--json", type=Path, required=True)
@@ -246,13 +278,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("gRPC server (token: MEMORY3_AUTH_TOKEN)")
     group.add_argument("--log-format", choices=["text", "json"], default="text",
                        help="one line per event; json for log collectors (request ids included either way)")
-    group.add_argument("--metrics-port", type=int, default=None,
+    group.add_argument("--metrics-port", type=port_number(free=True), default=None,
                        help="serve Prometheus /metrics on this port (0: any free port; default: none)")
     group.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate (with --tls-key: TLS)")
     group.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     group.add_argument("--tls-client-ca", type=Path, default=None,
                        help="PEM CA that must have signed client certificates (mTLS)")
-    group.add_argument("--health-port", type=int, default=None,
+    group.add_argument("--health-port", type=port_number(free=True), default=None,
                        help="also serve grpc.health.v1.Health alone, in plaintext, on this port, for probes that "
                             "cannot speak TLS (0: any free port; default: none)")
 
@@ -269,7 +301,7 @@ def server_options(args: argparse.Namespace):
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("text service")
-    group.add_argument("--max-overlap", type=float, default=2 / 3,
+    group.add_argument("--max-overlap", type=finite_float, default=2 / 3,
                        help="drop retrieved references whose LCS overlap with the query exceeds this "
                             "(paper: 2/3; 1 disables the filter)")
     group.add_argument("--max-concurrency", type=int, default=1,
@@ -290,7 +322,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                             "redis://host:6379/0; Sentinel, redis+sentinel://host:26379,host2:26379/mymaster/0; "
                             "a Cluster, redis+cluster://host:6379,host2:6379 (rediss… for TLS)")
     group.add_argument("--redis-ttl", type=int, default=86400, help="seconds a memory stays in Redis (0: no expiry)")
-    group.add_argument("--ram-cache-mb", type=float, default=256.0,
+    group.add_argument("--ram-cache-mb", type=finite_float, default=256.0,
                        help="in-process LRU of memories, in MiB (0 disables it)")
     group.add_argument("--s3-workers", type=int, default=16, help="concurrent object-store reads per process")
 
@@ -330,7 +362,7 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                        help="when a request sets no max_tokens (fewer when a long prompt leaves less room)")
     group.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail",
                        help="text/memory service down: fail with UNAVAILABLE, or generate without memory and say so")
-    group.add_argument("--memory-cache-mb", type=float, default=256.0,
+    group.add_argument("--memory-cache-mb", type=finite_float, default=256.0,
                        help="decoded memories kept in the decoder's RAM (LRU) in front of the memory service; "
                             "0 disables it")
     group.add_argument("--retrieval-lead-tokens", type=int, default=None,
@@ -352,8 +384,9 @@ def _serve_decoder(args: argparse.Namespace) -> int:
 
 def add_kserve_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("kserve (also the decoder options; KServe binds all interfaces, not --host)")
-    group.add_argument("--http-port", type=int, default=8080, help="v2 REST, /v1/completions, health and /metrics")
-    group.add_argument("--grpc-port", type=int, default=8081, help="v2 (Open Inference Protocol) gRPC")
+    group.add_argument("--http-port", type=port_number(), default=8080,
+                       help="v2 REST, /v1/completions, health and /metrics")
+    group.add_argument("--grpc-port", type=port_number(), default=8081, help="v2 (Open Inference Protocol) gRPC")
     group.add_argument("--model-name", default="memory3", help="the model name in v2 routes and OpenAI requests")
 
 
@@ -442,72 +475,105 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Commands whose work a SIGTERM (a Job's pod stopped) must unwind as Ctrl-C does: what they publish
+# is removed when unfinished. `up` does the same while it starts (`cmd_up`), and not once it has.
+SIGTERM_UNWINDS = frozenset({"kb", "train"})
+# What an interrupted command leaves, said in its last line.
+INTERRUPTED = {"kb": "any release it had not finished publishing is removed; run it again",
+               "train": "run it again with the same --work-dir: it resumes from its last checkpoint",
+               "up": "what it had started is stopped", "demo": "what it had started is stopped"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user's mistake (a bad value, a file that cannot be read or written, a
+    store that does not answer) ends in one line and exit 2; Ctrl-C or SIGTERM in one line and
+    128 + the signal; anything else is a bug, and its traceback is kept."""
     args = parse_args(argv)
     try:
-        if args.command == "bench":
-            return _bench(args)
-        if args.command == "init":
-            from .commands import cmd_init
-            return cmd_init(args.preset, args.out, args.seed)
-        if args.command == "generate":
-            return _generate(args)
-        if args.command in ("up", "down", "status", "demo"):
-            from . import stack_commands as stack
-            if args.command == "down":
-                return stack.cmd_down(args.home)
-            if args.command == "status":
-                return stack.cmd_status(args.home)
-            if args.command == "demo":
-                return stack.cmd_demo_stack(args.home, release=args.release, quick=args.quick)
-            stack.cmd_up(args.home, release=args.release, quick=args.quick, redis=not args.no_redis,
-                         retrieval_policy=args.retrieval_policy, max_batch=args.max_batch,
-                         decoder_port=args.decoder_port, text_shards=args.text_shards)
-            return 0
-        if args.command == "train":
-            from .commands import cmd_train
-            work_dir = args.work_dir or args.home / "runs" / args.release
-            return cmd_train(s3_config(args, local_stack=True), preset=args.preset, quick=args.quick,
-                             release=args.release, work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
-                             stage3_steps=args.stage3_steps, attention_weight=args.attention_weight,
-                             events=args.events, exist_ok=args.exist_ok, index_kind=args.index_kind)
-        if args.command == "serve":
-            from memory3.services.rpc.logs import configure_logging
-            configure_logging(args.log_format)
-            if args.service == "text":
-                return _serve_text(args)
-            if args.service == "memory":
-                return _serve_memory(args)
-            if args.service == "decoder":
-                return _serve_decoder(args)
-            if args.service == "kserve":
-                return _serve_kserve(args)
-            from memory3.services.trainer.server import serve_trainer
-            return serve_trainer(s3_config(args), args.work_dir, server_options(args))
-        if args.command == "release":
-            from .commands import cmd_release_delete, cmd_release_list, cmd_release_show
-            if args.release_command == "list":
-                return cmd_release_list(s3_config(args, local_stack=True), as_json=args.json)
-            if args.release_command == "show":
-                return cmd_release_show(s3_config(args, local_stack=True), args.name, as_json=args.json)
-            return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
-                                      cache_dir=args.cache_dir, home=args.home)
-        if args.command == "kb":
-            from .commands import cmd_kb_add, cmd_kb_merge, cmd_kb_remove
-            if args.kb_command == "merge":
-                return cmd_kb_merge(s3_config(args, local_stack=True), parent=args.release, derived=args.derived,
-                                    name=args.name, cache_dir=args.cache_dir, dry_run=args.dry_run,
-                                    wait_s=args.wait, exist_ok=args.exist_ok)
-            if args.kb_command == "remove":
-                return cmd_kb_remove(s3_config(args, local_stack=True), parent=args.release, ids=args.ids,
-                                     matches=args.matches, name=args.name, cache_dir=args.cache_dir,
-                                     dry_run=args.dry_run)
-            return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
-                              cache_dir=args.cache_dir, exist_ok=args.exist_ok, remove_ids=args.remove_ids,
-                              remove_matches=args.remove_matches, events=args.events, index_kind=args.index_kind)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
+        if args.command in SIGTERM_UNWINDS:
+            from .stack_commands import interrupt_on_sigterm
+            with interrupt_on_sigterm():
+                return _run(args)
+        return _run(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"memory3 {args.command}: error: {_error_text(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)  # a SIGTERM comes as stack_commands.Terminated
+        said = INTERRUPTED.get(args.command)
+        print(f"memory3 {args.command}: interrupted ({signal.Signals(signum).name})" + (f"; {said}" if said else ""),
+              file=sys.stderr)
+        return 128 + signum
+
+
+def _error_text(e: Exception) -> str:
+    """An OSError from the system names its file after its reason, not as "[Errno 21] ...: 'x'"."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 is not None else "")
+    return str(e)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "init":
+        from .commands import cmd_init
+        return cmd_init(args.preset, args.out, args.seed)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command in ("up", "down", "status", "demo"):
+        from . import stack_commands as stack
+        if args.command == "down":
+            return stack.cmd_down(args.home)
+        if args.command == "status":
+            return stack.cmd_status(args.home)
+        if args.command == "demo":
+            return stack.cmd_demo_stack(args.home, release=args.release, quick=args.quick)
+        stack.cmd_up(args.home, release=args.release, quick=args.quick, redis=not args.no_redis,
+                     retrieval_policy=args.retrieval_policy, max_batch=args.max_batch,
+                     decoder_port=args.decoder_port, text_shards=args.text_shards)
+        return 0
+    if args.command == "train":
+        from .commands import cmd_train
+        work_dir = args.work_dir or args.home / "runs" / args.release
+        return cmd_train(s3_config(args, local_stack=True), preset=args.preset, quick=args.quick,
+                         release=args.release, work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
+                         stage3_steps=args.stage3_steps, attention_weight=args.attention_weight,
+                         events=args.events, exist_ok=args.exist_ok, index_kind=args.index_kind)
+    if args.command == "serve":
+        from memory3.services.rpc.logs import configure_logging
+        configure_logging(args.log_format)
+        if args.service == "text":
+            return _serve_text(args)
+        if args.service == "memory":
+            return _serve_memory(args)
+        if args.service == "decoder":
+            return _serve_decoder(args)
+        if args.service == "kserve":
+            return _serve_kserve(args)
+        from memory3.services.trainer.server import serve_trainer
+        return serve_trainer(s3_config(args), args.work_dir, server_options(args))
+    if args.command == "release":
+        from .commands import cmd_release_delete, cmd_release_list, cmd_release_show
+        if args.release_command == "list":
+            return cmd_release_list(s3_config(args, local_stack=True), as_json=args.json)
+        if args.release_command == "show":
+            return cmd_release_show(s3_config(args, local_stack=True), args.name, as_json=args.json)
+        return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
+                                  cache_dir=args.cache_dir, home=args.home)
+    if args.command == "kb":
+        from .commands import cmd_kb_add, cmd_kb_merge, cmd_kb_remove
+        if args.kb_command == "merge":
+            return cmd_kb_merge(s3_config(args, local_stack=True), parent=args.release, derived=args.derived,
+                                name=args.name, cache_dir=args.cache_dir, dry_run=args.dry_run,
+                                wait_s=args.wait, exist_ok=args.exist_ok)
+        if args.kb_command == "remove":
+            return cmd_kb_remove(s3_config(args, local_stack=True), parent=args.release, ids=args.ids,
+                                 matches=args.matches, name=args.name, cache_dir=args.cache_dir,
+                                 dry_run=args.dry_run)
+        return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
+                          cache_dir=args.cache_dir, exist_ok=args.exist_ok, remove_ids=args.remove_ids,
+                          remove_matches=args.remove_matches, events=args.events, index_kind=args.index_kind)
     return 1
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from memory3.services.stack import (
@@ -55,20 +58,39 @@ def cmd_up(home: Path, *, release: str | None, quick: bool, redis: bool, retriev
     name = release or (QUICK_RELEASE if quick else DEFAULT_RELEASE)
     options = StackOptions(home=home, release=name, redis=redis, retrieval_policy=retrieval_policy,
                            max_batch=max_batch, decoder_port=decoder_port, text_shards=text_shards)
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
+    with interrupt_on_sigterm():
         state = start_stack(options, log=lambda msg: print(msg, file=sys.stderr),
                             ensure_release=lambda s3, name: ensure_release(s3, name, home=home, quick=quick,
                                                                            train=release is None))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f"stack up: decoder at {state.address('decoder')}, release {name!r}; "
           f"`memory3 generate \"...\"` to ask, `memory3 down` to stop", file=sys.stderr)
     return state
 
 
-def _exit_on_sigterm(signum, _frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds through start_stack's cleanup
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a Job's pod stopped, `kill`), raised where the program is, so that it unwinds
+    through the same clean-up as Ctrl-C's KeyboardInterrupt: every `except BaseException` or
+    `finally` that undoes half-done work (a publication, a stack that was starting) runs."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within it, a SIGTERM raises `Terminated` (`main` ends with one line and exit 143); without
+    it, the process would die where it is and leave what it had begun. Signal handlers belong to
+    the main thread: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(_signum, _frame) -> None:
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def cmd_down(home: Path) -> int:

@@ -74,14 +74,51 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """The manifest in `text`; ReleaseError, as for invalid JSON, for one of another shape, so
+        that a damaged manifest is listed as unreadable (and can be deleted) instead of failing
+        whatever reads a field of it."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ReleaseError(f"manifest is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ReleaseError(f"manifest is a JSON {type(data).__name__}, not an object")
         if data.get("format") != RELEASE_FORMAT:
             raise ReleaseError(f"release format {data.get('format')!r} is not supported (this build reads "
                                f"{RELEASE_FORMAT})")
+        _check_shape(data)
         try:
             return cls(**data)
         except TypeError as e:
             raise ReleaseError(f"manifest fields do not match release format {RELEASE_FORMAT}: {e}") from e
+
+
+# The fields every reader of a manifest relies on, with their JSON types ("created" is an ISO date).
+_FIELDS = {"name": str, "created": str, "files": dict, "conventions": dict, "memory_bank": dict, "index": dict,
+           "provenance": dict}
+_NESTED = {"memory_bank": {"bank": str, "count": int, "bytes": int, "codec": str},
+           "index": {"embedder": str, "dim": int, "type": str, "count": int}}
+_FILE = {"sha256": str, "bytes": int}
+
+
+def _check_shape(data: dict) -> None:
+    """ReleaseError naming the first field of a manifest that is missing or of the wrong type."""
+    def check(where: str, value: Any, kind: type) -> None:
+        if value is None:
+            raise ReleaseError(f"manifest field {where} is missing")
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ReleaseError(f"manifest field {where} is {repr(value)[:40]}, not a JSON {_JSON_TYPES[kind]}")
+    for key, kind in _FIELDS.items():
+        check(key, data.get(key), kind)
+    for key, fields in _NESTED.items():
+        for field_name, kind in fields.items():
+            check(f"{key}.{field_name}", data[key].get(field_name), kind)
+    for file, meta in data["files"].items():
+        check(f"files[{file!r}]", meta, dict)
+        for field_name, kind in _FILE.items():
+            check(f"files[{file!r}].{field_name}", meta.get(field_name), kind)
+    if data.get("parent") is not None:
+        check("parent", data["parent"], str)
+
+
+_JSON_TYPES = {str: "string", int: "integer", dict: "object"}

@@ -147,5 +147,17 @@ def _json_lines_documents(path: Path, text: str) -> list[tuple[str, str]]:
         source = item.get("source", f"{path}:{number}")
         if not isinstance(source, str):
             raise CorpusError(f'{path}: line {number}: "source" must be a string')
+        for key, value in (("text", item["text"]), ("source", source)):
+            _check_encodable(value, f'{path}: line {number}: "{key}"')
         documents.append((source, item["text"].strip()))
     return documents
+
+
+def _check_encodable(value: str, where: str) -> None:
+    """JSON's \\u escapes can spell a lone surrogate (\\ud800), which no UTF-8 file can hold: without
+    this check the document would be encoded and its memory uploaded before the reference table fails."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CorpusError(f"{where} holds a lone surrogate ({value[e.start]!a} at character {e.start}), which is not "
+                          "text: write the character itself, or both halves of its \\u escape pair") from e

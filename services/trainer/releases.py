@@ -115,12 +115,17 @@ def _leaves(config: dict, prefix: str = "") -> dict:
 
 
 def differs_from_merge(parent: str, derived: Sequence[str]) -> Callable[[Manifest], str | None]:
-    """How a published release differs from the merge of `derived` into `parent` (None: it does not)."""
+    """How a published release differs from the merge of `derived` into `parent` (None: it does not).
+
+    In any order: the default name is made from the sorted names, and a Job's list of shards may
+    come back in another order when it runs again."""
     def differs(manifest: Manifest) -> str | None:
         if manifest.parent != parent:
             return f"derived from {manifest.parent!r}, not {parent!r}"
         merged = manifest.provenance.get("merged")
-        return None if merged == list(derived) else f"a merge of {merged!r}, not {list(derived)!r}"
+        if not isinstance(merged, list):
+            return f"not a merge, {sorted(derived)!r} asked"
+        return None if sorted(merged) == sorted(derived) else f"a merge of {sorted(merged)!r}, not {sorted(derived)!r}"
     return differs
 
 
@@ -178,7 +183,8 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
 
 def references_to_remove(release: Release, *, ids: Collection[str] = (), matches: Collection[str] = ()) -> list[dict]:
     """The rows of `release`'s reference table chosen by id or by text containing one of
-    `matches` (case-sensitive), in table order; an error if that is none, or all of them."""
+    `matches` (case-sensitive), in table order; an error if that is none. All of them is for
+    `kb add` to replace, not for `kb remove` (`check_keeps_one`)."""
     if not ids and not matches:
         raise ValueError("say which references to remove: --id ID or --match TEXT (repeatable)")
     unknown = sorted(set(ids) - set(release.by_id))
@@ -192,9 +198,14 @@ def references_to_remove(release: Release, *, ids: Collection[str] = (), matches
     if not chosen:
         raise ValueError(f"no reference of release {release.name!r} contains "
                          + " or ".join(repr(m) for m in matches))
-    if len(chosen) == len(release.references):
-        raise ValueError(f"that is every reference of release {release.name!r}: a release needs at least one")
     return chosen
+
+
+def check_keeps_one(release: Release, removed: Sequence[dict]) -> None:
+    """A release needs at least one reference: removing every one of `release`'s, with nothing
+    added in their place, is refused (`kb add` with removals adds its documents)."""
+    if len({r["id"] for r in removed}) >= len(release.references):
+        raise ValueError(f"that is every reference of release {release.name!r}: a release needs at least one")
 
 
 def kb_remove(store: ObjectStore, base: Release, removed: Sequence[dict], name: str, *,
@@ -208,6 +219,7 @@ def kb_remove(store: ObjectStore, base: Release, removed: Sequence[dict], name: 
     (`memory3 release delete` removes what no release lists).
     """
     check_release_name(name)
+    check_keeps_one(base, removed)
     drop = {r["id"] for r in removed}
     rows = [r for r in base.references if r["id"] not in drop]
     provenance = {**base.manifest.provenance, "parent": base.name, "removed_references": len(drop),

@@ -150,6 +150,9 @@ def test_kb_merge_command_says_what_each_adds_and_publishes_nothing_on_a_dry_run
     again = ["kb", "merge", *shards, "--release", "base", "--name", "base-all", "--exist-ok", "--wait", "1"]
     assert main([*again, *store]) == 0
     assert "already published from these releases: nothing to do" in capsys.readouterr().out
+    # In another order: the same merge (its default name is made from the sorted names too).
+    assert main(["kb", "merge", *reversed(shards), *again[len(shards) + 2:], *store]) == 0
+    assert "already published from these releases: nothing to do" in capsys.readouterr().out
     assert main(["kb", "merge", shards[0], "--release", "base", "--name", "base-all", "--exist-ok", *store]) == 2
     assert "a merge of ['base-shard-0', 'base-shard-1'], not ['base-shard-0']" in capsys.readouterr().err
     assert main(["kb", "merge", "base-all", "--release", "base-shard-0", *store]) == 2

@@ -43,10 +43,14 @@ def test_what_to_remove_must_be_said_found_and_not_everything(bucket, tmp_path):
     build_random_release(bucket, "base")
     base = Release.open(bucket, "base", tmp_path / "cache")
     for ids, matches, error in (((), (), "say which references"), (["nope"], (), "no reference 'nope'"),
-                                ((), [""], "needs some text"), ((), ["Atlantis"], "contains 'Atlantis'"),
-                                ((), [" "], "every reference")):
+                                ((), [""], "needs some text"), ((), ["Atlantis"], "contains 'Atlantis'")):
         with pytest.raises(ValueError, match=error):
             references_to_remove(base, ids=ids, matches=matches)
+    everything = references_to_remove(base, matches=[" "])  # what `kb add` may replace
+    assert everything == base.references
+    with pytest.raises(ValueError, match="every reference of release 'base': a release needs at least one"):
+        kb_remove(bucket, base, everything, "base-empty", progress=False)
+    assert [m.name for m in read_catalog(bucket).published] == ["base"]
 
 
 def test_kb_remove_command_lists_what_goes_and_publishes_nothing_on_a_dry_run(bucket, tmp_path, monkeypatch,
@@ -64,6 +68,8 @@ def test_kb_remove_command_lists_what_goes_and_publishes_nothing_on_a_dry_run(bu
     assert "release no-skarn (from base): 10 memories, 2 references removed" in capsys.readouterr().out
     assert main(["kb", "remove", "--release", "base", "--match", "Atlantis", *store]) == 2
     assert "contains 'Atlantis'" in capsys.readouterr().err
+    assert main(["kb", "remove", "--release", "base", "--match", " ", "--dry-run", *store]) == 2
+    assert "every reference of release 'base'" in capsys.readouterr().err
 
 
 def test_a_fact_corrected_in_one_release_by_kb_add_with_removals(bucket, tmp_path, monkeypatch, capsys):
@@ -93,3 +99,29 @@ def test_a_fact_corrected_in_one_release_by_kb_add_with_removals(bucket, tmp_pat
     assert "release cli-fixed (from base): 12 memories, 1 references removed" in capsys.readouterr().out
     assert main(["kb", "add", str(fix), "--release", "base", "--remove-id", "nope", *store]) == 2
     assert "has no reference 'nope'" in capsys.readouterr().err
+
+
+def test_kb_add_may_replace_every_reference_of_its_parent(bucket, tmp_path, monkeypatch, capsys):
+    """The new documents make the release: it was refused as if nothing were added."""
+    embedder = Embedder()
+    build_random_release(bucket, "base", embedder=embedder)
+    new = tmp_path / "new.txt"
+    new.write_text("Brask has one hill and forty goats.\n\nThe goats of Brask are milked at dawn.\n")
+    manifest = kb_add(bucket, "base", [new], "base-replaced", tmp_path / "cache", remove_matches=["."],
+                      embedder=embedder, progress=False)
+    assert manifest.memory_bank["count"] == 2 and manifest.provenance["removed_references"] == 12
+    replaced = Release.open(bucket, "base-replaced", tmp_path / "cache")
+    assert [r["text"] for r in replaced.references] == ["Brask has one hill and forty goats.",
+                                                        "The goats of Brask are milked at dawn."]
+    ids = list(replaced.by_id)
+    assert replaced.index().ids == ids and len(replaced.fetch_memories(ids)) == 2
+    assert [hits[0][0] for hits in replaced.index().search(embedder.embed([r["text"] for r in replaced.references]),
+                                                             1)] == ids
+
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    store = ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cli")]
+    assert main(["kb", "add", str(new), "--release", "base", "--remove-match", " ", "--name", "cli-replaced",
+                 *store]) == 0
+    assert "release cli-replaced (from base): 2 memories, 12 references removed" in capsys.readouterr().out

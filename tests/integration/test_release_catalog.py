@@ -3,6 +3,9 @@
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from release_fixtures import DOCUMENTS, build_random_release
@@ -116,3 +119,69 @@ def test_release_commands_list_and_delete_and_leave_what_the_local_stack_serves(
     assert main(["release", "list", *stack]) == 0
     listing = capsys.readouterr().out
     assert "served" in listing and "spare" not in listing
+
+
+def _cli_store(bucket, monkeypatch, tmp_path) -> list[str]:
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    return ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cli")]
+
+
+def test_a_manifest_of_another_shape_is_unreadable_and_can_be_deleted(bucket, tmp_path, monkeypatch, capsys):
+    """JSON that is not a manifest (a list, empty sections) failed list, show and every delete with a traceback."""
+    build_random_release(bucket, "good")
+    good = json.loads(bucket.get_bytes(release_key("good", "manifest.json")))
+    bucket.put_bytes(release_key("t-list", "manifest.json"), b"[1, 2]")
+    bucket.put_bytes(release_key("t-empty", "manifest.json"),
+                     json.dumps({**good, "name": "t-empty", "memory_bank": {}, "index": {}}).encode())
+    bucket.put_bytes(release_key("t-count", "manifest.json"),
+                     json.dumps({**good, "name": "t-count", "index": {**good["index"], "count": "12"}}).encode())
+    store = _cli_store(bucket, monkeypatch, tmp_path)
+    assert main(["release", "list", *store]) == 0
+    out = capsys.readouterr().out
+    for name, why in (("t-list", "manifest is a JSON list, not an object"),
+                      ("t-empty", "manifest field memory_bank.bank is missing"),
+                      ("t-count", "manifest field index.count is '12', not a JSON integer")):
+        assert f"{name:<24} (manifest unreadable: {why})" in out
+    assert main(["release", "show", "t-empty", *store]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memory3 release: error: the manifest of release 't-empty' cannot be read (manifest field")
+    assert len(err.splitlines()) == 1
+    assert main(["release", "delete", "good", "--dry-run", *store]) == 2  # which memories they list is unknown
+    assert "t-count, t-empty, t-list cannot be read" in capsys.readouterr().err
+    for name in ("t-list", "t-empty", "t-count"):
+        assert main(["release", "delete", name, *store]) == 0
+        assert "whose manifest cannot be read" in capsys.readouterr().out
+    assert [m.name for m in read_catalog(bucket).published] == ["good"] and not read_catalog(bucket).unreadable
+
+
+def test_a_sigterm_while_kb_add_publishes_removes_what_it_had_written(bucket, tmp_path):
+    """Killed where it was, it left a release without a manifest, which stopped every deletion."""
+    build_random_release(bucket, "base")
+    corpus = tmp_path / "many.txt"
+    corpus.write_text("\n\n".join(f"Farmer {i} keeps {i % 7 + 2} goats on the hill of Brask number {i}."
+                                  for i in range(400)) + "\n", encoding="utf-8")
+    config = bucket.config
+    env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": config.access_key, "MEMORY3_S3_SECRET_KEY": config.secret_key}
+    add = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", "kb", "add", str(corpus),
+                            "--release", "base", "--name", "t-term", "--events", "--s3-endpoint", config.endpoint,
+                            "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cache")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in add.stdout:  # the model's files are uploaded, and the first memories
+            if "encoding memories" in line:
+                break
+        assert bucket.list_keys(release_key("t-term", ""))
+        add.send_signal(signal.SIGTERM)
+        code, err = add.wait(timeout=120), add.stderr.read()
+    finally:
+        add.kill()
+        add.stdout.close()
+        add.stderr.close()
+    assert code == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == ("memory3 kb: interrupted (SIGTERM); any release it had not finished publishing "
+                                    "is removed; run it again")
+    assert bucket.list_keys(release_key("t-term", "")) == []
+    assert [m.name for m in read_catalog(bucket).published] == ["base"] and not read_catalog(bucket).unpublished

@@ -52,3 +52,13 @@ def test_weights_digest_survives_a_round_trip(tmp_path, tiny_model):
     assert weights_digest(load_checkpoint(tmp_path / "ck")) == weights_digest(tiny_model)
     other = random_model(tiny_model.config, seed=5)
     assert weights_digest(other) != weights_digest(tiny_model)
+
+
+def test_a_cuda_device_where_there_is_none_is_said_so(tmp_path, tiny_model):
+    """safetensors' own error blamed the file: "is not a readable safetensors file: pin_memory=True ..."."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    save_checkpoint(tiny_model, tmp_path / "ck")
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(CheckpointError, match=r"^CUDA is not available on this machine; use --device cpu$"):
+            load_checkpoint(tmp_path / "ck", device=device)

@@ -1,5 +1,6 @@
 """The `memory3` console script, run as a user would."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -92,3 +93,126 @@ def test_generate_takes_max_tokens_as_openai_names_it():
 
     assert parse_args(["generate", "hi", "--max-tokens", "5"]).max_new_tokens == 5
     assert parse_args(["generate", "hi", "--max-new-tokens", "6"]).max_new_tokens == 6
+
+
+def test_a_default_derived_name_keeps_its_hash_however_long_the_parent():
+    """Cut at 63 characters, the hash went first: two different inputs got one name, and a parent of
+    63 characters gave its own name to its child."""
+    from memory3.services.cli.commands import _derived_name
+    from memory3.services.release.manifest import check_release_name
+
+    for parent in ("small-v1", "l" * 59, "n" * 63):
+        names = {_derived_name(parent, kind, inputs) for kind in ("kb", "merge") for inputs in (b"a", b"b")}
+        assert len(names) == 4 and parent not in names
+        assert all(check_release_name(n) and len(n) <= 63 for n in names)
+    assert _derived_name("small-v1", "kb", b"a") == _derived_name("small-v1", "kb", b"a")
+    assert _derived_name("small-v1", "rm", b"a").startswith("small-v1-rm-")
+
+
+def _interrupted_kb_merge(tmp_path, signum):
+    """`kb merge` waiting for an object store that does not answer, stopped by `signum` once it waits."""
+    import os
+
+    env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": "k", "MEMORY3_S3_SECRET_KEY": "s"}
+    proc = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", "kb", "merge", "shard",
+                             "--release", "base", "--wait", "120", "--s3-endpoint", "127.0.0.1:1",
+                             "--cache-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "the store does not answer" in line:
+                break
+        proc.send_signal(signum)
+        lines += proc.stderr.readlines()
+        return proc.wait(timeout=60), lines
+    finally:
+        proc.kill()
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_kb_command_says_so_in_one_line_and_exits_128_plus_the_signal(tmp_path, name):
+    """SIGTERM (a Job's pod stopped) killed it where it was, past its clean-up; Ctrl-C printed a traceback."""
+    import signal
+
+    signum = getattr(signal, name)
+    code, lines = _interrupted_kb_merge(tmp_path, signum)
+    assert code == 128 + signum, lines
+    assert not any("Traceback" in line for line in lines), "".join(lines)
+    assert lines[-1].startswith(f"memory3 kb: interrupted ({name}); any release it had not finished publishing")
+
+
+def test_a_file_that_cannot_be_written_or_read_is_one_line_and_exit_2(checkpoint, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    proc = memory3("init", "--preset", "tiny", "--out", str(a_file), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"memory3 init: error: {a_file}: File exists"
+    proc = memory3("generate", "hi", "--checkpoint", str(checkpoint), "--reference-file", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"memory3 generate: error: {tmp_path}: Is a directory"
+
+
+def test_ports_and_numbers_out_of_range_are_refused_before_anything_runs():
+    from memory3.services.cli.main import parse_args
+
+    for argv, said in ((["up", "--decoder-port", "70000"], "70000 is not a port: give 0-65535"),
+                       (["up", "--decoder-port", "-1"], "-1 is not a port"),
+                       (["serve", "text", "--port", "0"], "0 is not a port: give 1-65535"),
+                       (["serve", "decoder", "--metrics-port", "65536"], "65536 is not a port"),
+                       (["kb", "merge", "a", "--release", "b", "--wait", "nan"], "'nan': give a finite number"),
+                       (["generate", "hi", "--timeout", "inf"], "'inf': give a finite number"),
+                       (["serve", "memory", "--ram-cache-mb", "nan"], "'nan': give a finite number")):
+        proc = memory3(*argv, check=False)
+        assert proc.returncode == 2 and said in proc.stderr, (argv, proc.stderr)
+    assert parse_args(["up", "--decoder-port", "0"]).decoder_port == 0  # a free port, as without it
+    assert parse_args(["serve", "text", "--port", "65535"]).port == 65535
+
+
+def test_kb_merge_refuses_a_wait_that_is_not_a_number(tmp_path):
+    from memory3.services.cli.commands import cmd_kb_merge
+
+    with pytest.raises(ValueError, match="--wait must be a finite number of seconds, 0 or more, got nan"):
+        cmd_kb_merge(None, parent="base", derived=["shard"], name=None, cache_dir=tmp_path, dry_run=False,
+                     wait_s=float("nan"))
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--release", "../x"], "invalid release name '../x'"),
+    (["--max-batch", "0", "--release", "absent"], "--max-batch must be 1 or more, got 0"),
+])
+def test_up_refuses_a_bad_release_name_or_batch_before_it_starts_anything(tmp_path, argv, said):
+    """They were refused by the object store, or by the decoder, once S3, Redis and the services ran."""
+    proc = memory3("up", "--home", str(tmp_path / "home"), *argv, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"memory3 up: error: {said}")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_service_that_fails_to_start_shows_the_lines_of_this_run_only(tmp_path):
+    """Logs are appended to, run after run: the tail showed an earlier run's errors before this one's."""
+    from memory3.services.stack import StackOptions, StackState, spawn_service, wait_serving
+    from memory3.services.storage.object_store import S3Config
+
+    home = tmp_path / "home"
+    (home / "stack").mkdir(parents=True)
+    (home / "stack" / "text.log").write_text("an earlier run's error\n" * 30)
+    options = StackOptions(home=home, release="r", extra_args={"text": ("--no-such-option",)})
+    state = StackState(str(home), "r", dataclasses.asdict(S3Config("127.0.0.1:1", "k")), None)
+    process = spawn_service(options, state, "text")
+    with pytest.raises(RuntimeError, match="exited during startup") as failed:
+        wait_serving(process, 120)
+    assert "unrecognized arguments: --no-such-option" in str(failed.value)
+    assert "earlier run" not in str(failed.value)
+    assert "an earlier run's error" in (home / "stack" / "text.log").read_text()  # kept
+
+
+def test_a_cuda_device_on_a_machine_without_cuda_is_said_so(checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = memory3("generate", "hi", "--checkpoint", str(checkpoint), "--device", "cuda", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "memory3 generate: error: CUDA is not available on this machine; use --device cpu"

@@ -49,6 +49,9 @@ def test_json_lines_end_at_newlines_only(tmp_path):
     ('["a list"]', 'line 2 must be an object with a non-empty string "text"'),
     ('{"text": "  "}', 'line 2 must be an object with a non-empty string "text"'),
     ('{"text": "ok", "source": 3}', 'line 2: "source" must be a string'),
+    # JSON escapes can spell what UTF-8 cannot hold: it failed after encoding, naming neither file nor line.
+    ('{"text": "ok", "source": "\\ud800"}', r'line 2: "source" holds a lone surrogate \(\'\\ud800\' at character 0\)'),
+    ('{"text": "ok \\udfff then"}', 'line 2: "text" holds a lone surrogate'),
 ])
 def test_bad_json_lines_say_which_line(tmp_path, line, message):
     f = tmp_path / "docs.jsonl"
