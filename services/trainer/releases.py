@@ -295,21 +295,37 @@ def plan_merge(base: Release, derived: Sequence[Release], *,
     return MergePlan(base, list(derived), added, removed)
 
 
-def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool = True) -> Manifest:
+def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool = True,
+             embedder: Embedder | None = None) -> Manifest:
     """One release with the changes of every release derived from the base: how the shards that
     the encoding Job published separately become the release to serve.
 
-    Nothing is encoded or embedded: the added memories are in the shared bank already, and their
-    vectors are copied from the index of the release that added them.
+    Nothing is encoded: the added memories are in the shared bank already. Their vectors are copied
+    from the index of the release that added them, except from an IVF-PQ index into another kind:
+    its vectors are approximations, so those references are embedded again (`embedder`, by default
+    the release's), as `kb add --index-kind` does.
     """
     check_release_name(name)
     index = plan.base.index()
     if plan.removed:
         index = index.without({r["id"] for r in plan.removed})
     for d in plan.derived:
-        ids = [row["id"] for source, row in plan.added if source is d]
-        if ids:
-            index.add(d.index().vectors_of(ids), ids)  # (len(ids), dim)
+        rows = [row for source, row in plan.added if source is d]
+        if not rows:
+            continue
+        ids, source_index = [row["id"] for row in rows], d.index()
+        if source_index.kind == "ivfpq" and index.kind != "ivfpq":
+            embedder = embedder or Embedder()
+            indexed_with = plan.base.manifest.index["embedder"]
+            if embedder.name != indexed_with:
+                raise ValueError(f"release {plan.base.name!r} was indexed with {indexed_with!r}, not "
+                                 f"{embedder.name!r}: its vectors cannot be embedded again here")
+            print(f"embedding {len(rows)} references of {d.name!r} again: its IVF-PQ index holds approximations",
+                  file=sys.stderr)
+            vectors = embedder.embed([row["text"] for row in rows])  # (len(ids), dim)
+        else:
+            vectors = source_index.vectors_of(ids)  # (len(ids), dim)
+        index.add(vectors, ids)
     provenance = {**plan.base.manifest.provenance, "parent": plan.base.name, "merged": [d.name for d in plan.derived],
                   "added_references": len(plan.added), "removed_references": len(plan.removed),
                   "commit": git_commit()}

@@ -79,8 +79,16 @@ def test_a_chosen_kind_is_kept_and_an_ivfpq_index_becomes_exact_by_embedding_aga
     quantised = kb_add(bucket, "herds", _corpus(tmp_path, "more", _documents(2, 5000)), "herds-pq", cache,
                        embedder=embedder, index_kind="ivfpq", progress=False)
     assert (quantised.index["kind"], quantised.index["choice"]) == ("ivfpq", "ivfpq")
+    # Merged into its exact base, the shard's references are embedded again, not copied as codes.
+    herds, pq = Release.open(bucket, "herds", cache), Release.open(bucket, "herds-pq", cache)
+    added = [row for row in pq.references if row["id"] not in herds.by_id]
+    embedder.embedded = 0
+    merged = kb_merge(bucket, plan_merge(herds, [pq]), "herds-merged", embedder=embedder, progress=False)
+    assert (merged.index["kind"], merged.index["count"], embedder.embedded) == ("flat", 626, 2)
+    merged_index = Release.open(bucket, "herds-merged", cache).index()
+    np.testing.assert_array_equal(merged_index.vectors_of([r["id"] for r in added]),
+                                  embedder.embed([r["text"] for r in added]))
     # A release derived from it keeps the choice, here below the threshold where auto is exact.
-    pq = Release.open(bucket, "herds-pq", cache)
     kept = kb_remove(bucket, pq, references_to_remove(pq, matches=["Farmer 5000 "]), "herds-pq-less", progress=False)
     assert (kept.index["kind"], kept.index["choice"], kept.index["count"]) == ("ivfpq", "ivfpq", 625)
     less = Release.open(bucket, "herds-pq-less", cache)
