@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=["decoder", "text", "memory", "trainer", "kserve"],
                        help="kserve: the decoder as a KServe model (v2 REST/gRPC and OpenAI-style /v1/completions)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=port_number(), default=None, help=f"default per service: {SERVE_PORTS}")
+    serve.add_argument("--port", type=port_number(free=True), default=None,
+                       help=f"default per service: {SERVE_PORTS}; 0: any free port")
     serve.add_argument("--grace", type=finite_float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
     serve.add_argument("--work-dir", type=Path, default=DEFAULT_HOME / "runs", help="training work directories")
     serve.add_argument("--release", default=None, help="the release to serve (every service but the trainer)")

@@ -159,7 +159,8 @@ def test_ports_and_numbers_out_of_range_are_refused_before_anything_runs():
 
     for argv, said in ((["up", "--decoder-port", "70000"], "70000 is not a port: give 0-65535"),
                        (["up", "--decoder-port", "-1"], "-1 is not a port"),
-                       (["serve", "text", "--port", "0"], "0 is not a port: give 1-65535"),
+                       (["serve", "text", "--port", "65536"], "65536 is not a port: give 0-65535"),
+                       (["serve", "kserve", "--http-port", "0"], "0 is not a port: give 1-65535"),
                        (["serve", "decoder", "--metrics-port", "65536"], "65536 is not a port"),
                        (["kb", "merge", "a", "--release", "b", "--wait", "nan"], "'nan': give a finite number"),
                        (["generate", "hi", "--timeout", "inf"], "'inf': give a finite number"),
@@ -168,6 +169,7 @@ def test_ports_and_numbers_out_of_range_are_refused_before_anything_runs():
         assert proc.returncode == 2 and said in proc.stderr, (argv, proc.stderr)
     assert parse_args(["up", "--decoder-port", "0"]).decoder_port == 0  # a free port, as without it
     assert parse_args(["serve", "text", "--port", "65535"]).port == 65535
+    assert parse_args(["serve", "decoder", "--port", "0"]).port == 0  # a free port, as the tests start them
 
 
 def test_kb_merge_refuses_a_wait_that_is_not_a_number(tmp_path):
