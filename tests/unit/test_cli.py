@@ -112,11 +112,15 @@ def test_a_default_derived_name_keeps_its_hash_however_long_the_parent():
 def _interrupted_kb_merge(tmp_path, signum):
     """`kb merge` waiting for an object store that does not answer, stopped by `signum` once it waits."""
     import os
+    import signal
 
     env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": "k", "MEMORY3_S3_SECRET_KEY": "s"}
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so: as a terminal would,
+    # the child gets the default handling back (Python then raises KeyboardInterrupt).
     proc = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", "kb", "merge", "shard",
                              "--release", "base", "--wait", "120", "--s3-endpoint", "127.0.0.1:1",
-                             "--cache-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env)
+                             "--cache-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         for line in proc.stderr:
