@@ -12,6 +12,14 @@ from memory3.services.trainer.releases import kb_add, kb_remove, references_to_r
 pytestmark = pytest.mark.integration
 
 
+
+def cli_store(bucket, monkeypatch, cache_dir) -> list[str]:
+    """The CLI options (and credentials, from the environment as in a pod) that reach `bucket`."""
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    return ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(cache_dir)]
+
 def test_a_release_without_the_references_that_state_a_fact(bucket, tmp_path):
     embedder = Embedder()
     build_random_release(bucket, "base", embedder=embedder)
@@ -90,10 +98,7 @@ def test_a_fact_corrected_in_one_release_by_kb_add_with_removals(bucket, tmp_pat
     assert [hits[0][0] for hits in fixed.index().search(embedder.embed(texts), 1)] == ids
     assert len(fixed.fetch_memories(ids)) == len(ids)
 
-    config = bucket.config
-    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
-    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
-    store = ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cli")]
+    store = cli_store(bucket, monkeypatch, tmp_path / "cli")
     assert main(["kb", "add", str(fix), "--release", "base", "--remove-match", "Tomas Quell", "--name", "cli-fixed",
                  *store]) == 0
     assert "release cli-fixed (from base): 12 memories, 1 references removed" in capsys.readouterr().out
@@ -118,10 +123,7 @@ def test_kb_add_may_replace_every_reference_of_its_parent(bucket, tmp_path, monk
     assert [hits[0][0] for hits in replaced.index().search(embedder.embed([r["text"] for r in replaced.references]),
                                                              1)] == ids
 
-    config = bucket.config
-    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
-    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
-    store = ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cli")]
+    store = cli_store(bucket, monkeypatch, tmp_path / "cli")
     assert main(["kb", "add", str(new), "--release", "base", "--remove-match", " ", "--name", "cli-replaced",
                  *store]) == 0
     assert "release cli-replaced (from base): 2 memories, 12 references removed" in capsys.readouterr().out
