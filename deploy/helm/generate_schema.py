@@ -21,7 +21,42 @@ CHART = Path(__file__).resolve().parent / "memory3"
 FREE_MAPS = {"commonLabels", "commonAnnotations", "annotations", "labels", "nodeSelector", "podAnnotations",
              "affinity", "resources", "requests", "limits", "podSecurityContext", "securityContext"}
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+COUNT = {"type": "integer", "minimum": 0}
+# A Secret's data key: non-empty, what Kubernetes accepts.
+SECRET_KEY = {"type": "string", "pattern": "^[-._a-zA-Z0-9]+$"}
+# An integer, or a percentage of the pods (PodDisruptionBudget's maxUnavailable).
+INT_OR_PERCENT = {"type": ["integer", "string"], "minimum": 0, "pattern": "^[0-9]+%$"}
+# `helm --set` leaves a decimal like 0.5 a string: every number also takes a decimal string (the templates
+# render either the same way). Ranges (minimum, ...) apply to numbers only; the pattern refuses a string sign.
+DECIMAL = "^[0-9]+(\\.[0-9]+)?$"
+UNIT_DECIMAL = "^(0(\\.[0-9]+)?|1(\\.0+)?)$"  # a decimal string from 0 to 1
+# ...and it makes a digit-only value an integer: these strings also take one (the templates render it as text).
+STRINGS_SET_AS_INTEGERS = {"release", "image.tag", "s3.bucket", "trainer.job.release", "encoding.release",
+                           "encoding.merge.name", "kserve.modelName", "decoder.autoscaling.keda.threshold"}
 CONSTRAINTS: dict[str, dict] = {
+    "server.healthPort": PORT,
+    "decoder.autoscaling.scaleDownStabilizationSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+    "decoder.autoscaling.keda.threshold": {"pattern": DECIMAL},
+    "decoder.autoscaling.keda.pollingInterval": {"type": "integer", "minimum": 1},
+    "decoder.autoscaling.keda.cooldownPeriod": COUNT,
+    "encoding.shards": {"type": "integer", "minimum": 1, "maximum": 100000},
+    "encoding.parallelism": {"type": "integer", "minimum": 1},
+    "encoding.backoffLimitPerIndex": COUNT,
+    "encoding.ttlSecondsAfterFinished": COUNT,
+    "trainer.job.backoffLimit": COUNT,
+    "trainer.job.ttlSecondsAfterFinished": COUNT,
+    "kserve.minReplicas": COUNT,
+    "kserve.maxReplicas": {"type": "integer", "minimum": 1},
+    "s3.accessKeyKey": SECRET_KEY,
+    "s3.secretKeyKey": SECRET_KEY,
+    "redis.urlKey": SECRET_KEY,
+    "redis.inChart.passwordKey": SECRET_KEY,
+    "auth.internal.tokenKey": SECRET_KEY,
+    "auth.decoder.tokenKey": SECRET_KEY,
+    **{f"{c}.replicaCount": COUNT for c in ("text", "memory", "decoder")},
+    **{f"{c}.pdb.maxUnavailable": INT_OR_PERCENT for c in ("text", "memory", "decoder")},
+    **{f"{c}.autoscaling.targetCPUUtilizationPercentage": {"type": "integer", "minimum": 1}
+       for c in ("text", "memory")},
     "image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
     "s3.inChart.image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
     "redis.inChart.image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
@@ -36,12 +71,13 @@ CONSTRAINTS: dict[str, dict] = {
     "encoding.merge.waitSeconds": {"type": "number", "minimum": 0},
     "metrics.prometheusRule.backlogPerPod": {"type": "number", "exclusiveMinimum": 0},
     "metrics.prometheusRule.ttftP95Seconds": {"type": "number", "exclusiveMinimum": 0},
-    "metrics.prometheusRule.errorRatio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "metrics.prometheusRule.errorRatio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                                          "pattern": UNIT_DECIMAL},
     "metrics.prometheusRule.memoryWaitP95Seconds": {"type": "number", "exclusiveMinimum": 0},
     "text.port": PORT,
     "memory.port": PORT,
     "decoder.port": PORT,
-    "text.maxOverlap": {"type": "number", "minimum": 0, "maximum": 1},
+    "text.maxOverlap": {"type": "number", "minimum": 0, "maximum": 1, "pattern": UNIT_DECIMAL},
     "text.maxConcurrency": {"type": "integer", "minimum": 1},
     "text.indexShards": {"type": "integer", "minimum": 1, "maximum": 64},
     "text.embedderDtype": {"enum": ["auto", "float32", "bfloat16"]},
@@ -120,6 +156,11 @@ def schema_of(value, path: str, docs: dict[str, str]) -> dict:
     node.update(CONSTRAINTS.get(path, {}))
     if "enum" in node:
         node.pop("type", None)
+    if node.get("type") == "number":
+        node["type"] = ["number", "string"]
+        node.setdefault("pattern", DECIMAL)
+    if path in STRINGS_SET_AS_INTEGERS:
+        node["type"] = ["string", "integer"]
     node["default"] = value
     return node
 

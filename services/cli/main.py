@@ -319,7 +319,8 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("memory service (also --release, --cache-dir and the object store)")
     group.add_argument("--redis-url", default=None,
-                       help="Redis hot tier (env MEMORY3_REDIS_URL; none: no Redis tier): one server, "
+                       help="Redis hot tier (env MEMORY3_REDIS_URL; a password apart from it, not URL-escaped: "
+                            "env MEMORY3_REDIS_PASSWORD; none: no Redis tier): one server, "
                             "redis://host:6379/0; Sentinel, redis+sentinel://host:26379,host2:26379/mymaster/0; "
                             "a Cluster, redis+cluster://host:6379,host2:6379 (rediss… for TLS)")
     group.add_argument("--redis-ttl", type=int, default=86400, help="seconds a memory stays in Redis (0: no expiry)")
@@ -329,18 +330,19 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_memory(args: argparse.Namespace) -> int:
-    """The only place the Redis URL (it may hold a password) is read from the environment."""
+    """The only place the Redis URL and password (secrets) are read from the environment."""
     from memory3.services.memory.server import MemorySettings, serve_memory
 
     if not args.release:
         raise ValueError("serve memory needs --release NAME: the release whose memory bank to serve")
-    from memory3.services.memory.redis_url import parse_redis_url
+    from memory3.services.memory.redis_url import PASSWORD_ENV, parse_redis_url
 
     redis_url = args.redis_url if args.redis_url is not None else os.environ.get("MEMORY3_REDIS_URL")
+    redis_password = os.environ.get(PASSWORD_ENV) or None
     if redis_url:
         parse_redis_url(redis_url)  # a URL it cannot use fails here, before the release is opened
     settings = MemorySettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
-                              redis_url=redis_url or None, redis_ttl_s=args.redis_ttl,
+                              redis_url=redis_url or None, redis_password=redis_password, redis_ttl_s=args.redis_ttl,
                               ram_cache_bytes=int(args.ram_cache_mb * (1 << 20)), s3_workers=args.s3_workers)
     return serve_memory(settings, server_options(args))
 

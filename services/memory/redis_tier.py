@@ -42,11 +42,12 @@ _DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, ClusterError, 
 
 
 class RedisTier:
-    def __init__(self, url: str, *, ttl_s: int = 86400, socket_timeout: float = 0.2, backoff_s: float = 0.5,
-                 max_backoff_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, url: str, *, password: str | None = None, ttl_s: int = 86400, socket_timeout: float = 0.2,
+                 backoff_s: float = 0.5, max_backoff_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if ttl_s < 0:
             raise ValueError(f"the Redis TTL must be >= 0 seconds (0 = no expiry), got {ttl_s}")
-        self.target = parse_redis_url(url)
+        self.target = parse_redis_url(url, password=password)  # password: as is, when the URL holds none
         self.where, self.ttl_s = self.target.redacted(), ttl_s
         self.client = connect(self.target, socket_timeout=socket_timeout)
         self._backoff_s, self._max_backoff_s, self._clock = backoff_s, max_backoff_s, clock

@@ -7,18 +7,23 @@
 
 `rediss+sentinel://` and `rediss+cluster://` speak TLS to the data nodes. The password is the data
 nodes'; Sentinels that require their own take `?sentinel_password=…` (the URL is a secret either way).
+A password can also come apart from the URL (`password=`, the memory service's MEMORY3_REDIS_PASSWORD),
+as is: no URL escaping, so a generated one with `/`, `+`, `=`, `#`, `@` or `%` needs none. It applies when
+the URL holds no password.
 redis-py has no URL form for Sentinel or Cluster, so these two schemes are ours.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 SERVER, SENTINEL, CLUSTER = "server", "sentinel", "cluster"
 _MODES = {"redis": SERVER, "rediss": SERVER, "unix": SERVER, "redis+sentinel": SENTINEL,
           "rediss+sentinel": SENTINEL, "redis+cluster": CLUSTER, "rediss+cluster": CLUSTER}
 DEFAULT_PORTS = {SERVER: 6379, SENTINEL: 26379, CLUSTER: 6379}
+# The environment variable the memory service reads a Redis password from, apart from the URL.
+PASSWORD_ENV = "MEMORY3_REDIS_PASSWORD"
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,16 @@ class RedisTarget:
         return f"{scheme}://{hosts}" + (f"/{self.service}/{self.db}" if self.mode == SENTINEL else "")
 
 
-def parse_redis_url(url: str) -> RedisTarget:
-    """A ValueError that says what to fix, for anything this module cannot connect to."""
+def parse_redis_url(url: str, *, password: str | None = None) -> RedisTarget:
+    """A ValueError that says what to fix, for anything this module cannot connect to. `password`, taken as
+    is (not URL-escaped), is the data nodes' when the URL holds none."""
+    target = _parse(url)
+    if password and target.password is None and not (target.mode == SERVER and urlsplit(url).password):
+        target = replace(target, password=password)
+    return target
+
+
+def _parse(url: str) -> RedisTarget:
     scheme, sep, rest = url.partition("://")
     mode = _MODES.get(scheme.lower()) if sep else None
     if mode is None:
@@ -95,7 +108,9 @@ def connect(target: RedisTarget, *, socket_timeout: float):
     common = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
               "retry": Retry(NoBackoff(), 0)}
     if target.mode == SERVER:
-        return aioredis.Redis.from_url(target.url, **common)
+        # redis-py reads the URL; a password given apart from it (target.password) is passed as such.
+        extra = {"password": target.password} if target.password is not None else {}
+        return aioredis.Redis.from_url(target.url, **extra, **common)
     auth = {"username": target.username, "password": target.password}
     if target.mode == CLUSTER:
         from redis.asyncio.cluster import ClusterNode

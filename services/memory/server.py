@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from memory3.model.checkpoint import CONFIG_FILE
@@ -39,6 +39,8 @@ class MemorySettings:
     s3: S3Config
     cache_dir: Path
     redis_url: str | None = None  # None: no Redis tier
+    # The Redis password apart from the URL (no URL escaping; `serve memory` reads MEMORY3_REDIS_PASSWORD).
+    redis_password: str | None = field(default=None, repr=False)
     redis_ttl_s: int = 86400
     ram_cache_bytes: int = 256 << 20
     s3_workers: int = 16
@@ -88,7 +90,7 @@ class MemoryServer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, s.open_max_retry_s)
         if s.redis_url:
-            store.redis = RedisTier(s.redis_url, ttl_s=s.redis_ttl_s)
+            store.redis = RedisTier(s.redis_url, password=s.redis_password, ttl_s=s.redis_ttl_s)
             if await store.redis.ping():
                 await store.redis.check_policy()
             log.info("Redis tier at %s (%s)", store.redis.where,

@@ -44,12 +44,14 @@ class Rendered:
         return [o for o in self.objects if o["kind"] in ("Deployment", "Job")]
 
 
-def render(values: dict | None = None, *, required: bool = True, name: str = RELEASE_NAME) -> Rendered:
+def render(values: dict | None = None, *, required: bool = True, name: str = RELEASE_NAME, chart: Path = CHART,
+           upgrade: bool = False) -> Rendered:
     import helm_python as helm
 
     merged = merge(REQUIRED, values or {}) if required else (values or {})
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(merged, name=name, namespace=NAMESPACE)
+    with helm.Chart.load(chart) as loaded:
+        kind = {"is_upgrade": True, "is_install": False} if upgrade else {}
+        manifests = loaded.render(merged, name=name, namespace=NAMESPACE, **kind)
     objects, notes = [], ""
     for path, text in sorted(manifests.items()):
         if path.endswith("NOTES.txt"):
@@ -77,3 +79,21 @@ def labels_match(selector: dict, labels: dict) -> bool:
                 or (op == "Exists" and value is None) or (op == "DoesNotExist" and value is not None):
             return False
     return True
+
+
+# The one `lookup` of the TLS Secret in the chart, which a stub replaces (offline, lookup finds nothing).
+TLS_LOOKUP = '(lookup "v1" "Secret" .Release.Namespace (include "memory3.tlsSecretName" .))'
+
+
+def chart_with_tls_secret(directory: Path, secret: dict | None) -> Path:
+    """A copy of the chart in `directory` whose lookup of the TLS Secret returns `secret` (as the cluster would)."""
+    import shutil
+
+    copy = directory / "memory3"
+    shutil.copytree(CHART, copy)
+    helpers = copy / "templates" / "_helpers.tpl"
+    text = helpers.read_text()
+    assert text.count(TLS_LOOKUP) == 1, "the chart's TLS Secret lookup moved: update TLS_LOOKUP"
+    helpers.write_text(text.replace(TLS_LOOKUP, '(.Files.Get "lookup-stub.yaml" | fromYaml)'))
+    (copy / "lookup-stub.yaml").write_text(yaml.safe_dump(secret or {}))
+    return copy

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .charts import NAMESPACE, Rendered, component_name, render
+from .charts import NAMESPACE, Rendered, chart_with_tls_secret, component_name, render
 
 SERVICES = ("text", "memory", "decoder")
 TLS_DIR = "/etc/memory3/tls"
@@ -31,6 +31,12 @@ def flag(args: list[str], name: str) -> str | None:
 def volume(r: Rendered, component: str, name: str) -> dict | None:
     spec = r.get("Deployment", component_name(component))["spec"]["template"]["spec"]
     return next((v for v in spec.get("volumes", []) if v["name"] == name), None)
+
+
+def volumes_of(o: dict) -> list[dict]:
+    spec = o.get("spec", {})
+    spec = spec.get("predictor", spec.get("template", {}).get("spec", spec))
+    return spec.get("volumes", []) if isinstance(spec, dict) else []
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,11 @@ def test_generated_certificate_names_every_service_and_is_signed_by_the_ca(defau
     assert secret["type"] == "kubernetes.io/tls"
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
-    assert sorted(data) == ["ca.crt", "tls.crt", "tls.key"]
+    # ca.key: kept to sign a new certificate when the Services change; no pod mounts it.
+    assert sorted(data) == ["ca.crt", "ca.key", "tls.crt", "tls.key"]
+    mounted = [item["key"] for o in default.objects for v in volumes_of(o) if "secret" in v
+               for item in v["secret"].get("items", [])]
+    assert mounted and "ca.key" not in mounted
     ca, cert = x509.load_pem_x509_certificate(data["ca.crt"]), x509.load_pem_x509_certificate(data["tls.crt"])
     key = serialization.load_pem_private_key(data["tls.key"], password=None)
     cert.verify_directly_issued_by(ca)
@@ -159,3 +169,56 @@ def test_generated_certificate_names_each_index_shard_of_the_text_service():
     dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     for shard in ("text-0", "text-1"):
         assert f"{component_name(shard)}.{NAMESPACE}.svc" in dns
+
+
+def tls_secret(r: Rendered) -> dict:
+    return r.get("Secret", component_name("tls"))
+
+
+def certificate_names(secret: dict) -> set[str]:
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName))
+
+
+def service_names(r: Rendered) -> set[str]:
+    return {s["metadata"]["name"] for s in r.of_kind("Service") if s["metadata"]["name"] != component_name("tls")}
+
+
+@pytest.mark.parametrize(("before", "after"), [(3, 1), (1, 3), (2, 4)])
+def test_an_upgrade_that_changes_the_index_shards_gets_a_certificate_from_the_kept_ca(tmp_path, before, after):
+    """On upgrade, lookup returns the Secret the install made (a stub here: offline, lookup finds nothing)."""
+    installed = tls_secret(render({"text": {"indexShards": before}}))
+    chart = chart_with_tls_secret(tmp_path, installed)
+    upgraded = render({"text": {"indexShards": after}}, chart=chart, upgrade=True)
+    secret = tls_secret(upgraded)
+    # Every Service the upgrade renders is named, in the certificate and in the annotation recording it.
+    needed = {s["metadata"]["name"] for s in upgraded.of_kind("Service")}
+    assert needed <= certificate_names(secret)
+    assert needed <= set(secret["metadata"]["annotations"]["memory3.io/tls-names"].split(","))
+    # Signed by the CA the clients already trust, which is kept with its key.
+    assert secret["data"]["ca.crt"] == installed["data"]["ca.crt"]
+    assert secret["data"]["ca.key"] == installed["data"]["ca.key"]
+    assert secret["data"]["tls.crt"] != installed["data"]["tls.crt"]
+    ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
+    x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"])).verify_directly_issued_by(ca)
+    assert "signed by the same CA" in upgraded.notes
+
+
+def test_an_upgrade_that_changes_nothing_keeps_the_certificate(tmp_path):
+    installed = tls_secret(render({"text": {"indexShards": 3}}))
+    upgraded = render({"text": {"indexShards": 3}}, chart=chart_with_tls_secret(tmp_path, installed), upgrade=True)
+    assert tls_secret(upgraded)["data"] == installed["data"]
+    assert tls_secret(upgraded)["metadata"]["annotations"] == installed["metadata"]["annotations"]
+    assert "TLS:" not in upgraded.notes and "WARNING" not in upgraded.notes
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_kept_certificate_without_its_ca_key_is_kept_with_a_warning(tmp_path, shards):
+    """A Secret from an older chart: no ca.key to sign with, no record of its names."""
+    installed = tls_secret(render({"text": {"indexShards": 3}}))
+    old = {**installed, "data": {k: v for k, v in installed["data"].items() if k != "ca.key"},
+           "metadata": {**installed["metadata"], "annotations": {"helm.sh/resource-policy": "keep"}}}
+    upgraded = render({"text": {"indexShards": shards}}, chart=chart_with_tls_secret(tmp_path, old), upgrade=True)
+    assert tls_secret(upgraded)["data"] == old["data"]
+    assert "WARNING: the kept certificate" in upgraded.notes and "delete the Secret" in upgraded.notes

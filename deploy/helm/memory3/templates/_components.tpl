@@ -8,7 +8,7 @@ metadata:
   namespace: {{ .root.Release.Namespace }}
   labels:
     {{- include "memory3.labels" . | nindent 4 }}
-  {{- $annotations := merge (dict) (dig "service" "annotations" (dict) $c) .root.Values.commonAnnotations }}
+  {{- $annotations := merge (dict) (default dict (dig "service" "annotations" (dict) $c)) (default dict .root.Values.commonAnnotations) }}
   {{- with $annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
@@ -23,11 +23,20 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+    {{- if not (and (eq .component "decoder") (include "memory3.decoderMetricsService" .root)) }}
     - name: metrics
       port: {{ .root.Values.metrics.port }}
       targetPort: metrics
       protocol: TCP
       appProtocol: http
+    {{- end }}
+{{- end -}}
+
+{{/* "true" when the decoder's Service is published outside the cluster (decoder.service.type NodePort or
+LoadBalancer): its metrics port is then left off it, on a ClusterIP Service of its own (decoder/metrics-service.yaml)
+that the ServiceMonitor scrapes. */}}
+{{- define "memory3.decoderMetricsService" -}}
+{{- if ne (dig "service" "type" "ClusterIP" .Values.decoder) "ClusterIP" -}}true{{- end -}}
 {{- end -}}
 
 {{/* A PodDisruptionBudget for a component when its pdb is enabled. */}}

@@ -46,21 +46,35 @@ or one per index shard when text.indexShards > 1. Read with `fromYamlArray`, the
 {{- join "," $addresses -}}
 {{- end -}}
 
+{{/* A value that is text, as text: `helm --set` makes a digit-only string an integer, and a values file a
+float (20250601 would print as 2.0250601e+07). */}}
+{{- define "memory3.string" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}{{ int64 . }}{{- else -}}{{ toString . }}{{- end -}}
+{{- end -}}
+
+{{/* The release every service serves, as text. */}}
+{{- define "memory3.release" -}}{{ include "memory3.string" .Values.release }}{{- end -}}
+
 {{/* Chart name and version, for the helm.sh/chart label. */}}
 {{- define "memory3.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/* Labels of every resource. Call with (dict "root" $ "component" "text"). */}}
+{{/* commonLabels are merged in once each: they may replace part-of, never a selector label (the selectors of
+Deployments and Services would no longer match their pods) nor the chart's own bookkeeping labels. */}}
 {{- define "memory3.labels" -}}
-helm.sh/chart: {{ include "memory3.chart" .root }}
-{{ include "memory3.selectorLabels" . }}
-app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .root.Release.Service }}
-app.kubernetes.io/part-of: memory3
-{{- with .root.Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{- $labels := include "memory3.selectorLabels" . | fromYaml -}}
+{{- $own := dict "helm.sh/chart" (include "memory3.chart" .root) "app.kubernetes.io/version" (toString .root.Chart.AppVersion)
+  "app.kubernetes.io/managed-by" .root.Release.Service -}}
+{{- $common := omit (default dict .root.Values.commonLabels) "memory3.io/index-shard" -}}
+{{- $_ := set $labels "app.kubernetes.io/part-of" "memory3" -}}
+{{- range $key, $value := $common -}}
+{{- $_ := set $labels $key (toString $value) -}}
+{{- end -}}
+{{- $labels = merge (include "memory3.selectorLabels" . | fromYaml) $own $labels -}}
+{{- range $key, $value := $labels }}{{ $_ := set $labels $key (toString $value) }}{{ end -}}
+{{- toYaml $labels -}}
 {{- end -}}
 
 {{/* Selector labels of one component (stable across upgrades), and of its index shard if it has one. Call with
@@ -86,12 +100,12 @@ memory3.io/index-shard: {{ .shard | quote }}
 {{/* A memory3 image reference for a flavor (cpu or cuda): registry/repository:tag-flavor, or @digest. */}}
 {{- define "memory3.image" -}}
 {{- $image := .root.Values.image -}}
-{{- $digest := get $image.digests .flavor -}}
+{{- $digest := get (default dict $image.digests) .flavor -}}
 {{- $base := printf "%s/%s" $image.registry $image.repository -}}
 {{- if $digest -}}
 {{- printf "%s@%s" $base $digest -}}
 {{- else -}}
-{{- printf "%s:%s-%s" $base (default .root.Chart.AppVersion $image.tag) .flavor -}}
+{{- printf "%s:%s-%s" $base (include "memory3.string" (default .root.Chart.AppVersion $image.tag)) .flavor -}}
 {{- end -}}
 {{- end -}}
 
@@ -132,8 +146,21 @@ memory3.io/index-shard: {{ .shard | quote }}
 {{- if .Values.s3.inChart.enabled -}}
 {{- .Values.s3.inChart.port -}}
 {{- else -}}
-{{- $parts := splitList ":" .Values.s3.endpoint -}}
-{{- if gt (len $parts) 1 -}}{{- last $parts -}}{{- else -}}{{- ternary 443 80 .Values.s3.secure -}}{{- end -}}
+{{- include "memory3.hostPort" (dict "address" .Values.s3.endpoint "default" (ternary 443 80 .Values.s3.secure)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The port of a host[:port] address, or "default" when it has none. An IPv6 literal is bracketed: [fd00::1]:9000
+or [fd00::1]. Call with (dict "address" "host:port" "default" 443). */}}
+{{- define "memory3.hostPort" -}}
+{{- $address := toString .address -}}
+{{- if hasPrefix "[" $address -}}
+{{- $port := regexReplaceAll "^\\[[^]]*\\]:?" $address "" -}}
+{{- default (toString .default) $port -}}
+{{- else if contains ":" $address -}}
+{{- last (splitList ":" $address) -}}
+{{- else -}}
+{{- .default -}}
 {{- end -}}
 {{- end -}}
 
@@ -170,8 +197,8 @@ is in a Secret; with networkPolicy.externalRedisPorts added. */}}
 {{- $sentinel := regexMatch "^rediss?\\+sentinel://" $url -}}
 {{- $hosts := regexReplaceAll "^[a-z+]+://([^/?]*).*$" $url "${1}" -}}
 {{- range splitList "," $hosts -}}
-{{- $parts := splitList ":" . -}}
-{{- $ports = append $ports (ternary (last $parts) (ternary "26379" "6379" $sentinel) (gt (len $parts) 1)) -}}
+{{- $host := regexReplaceAll "^.*@" . "" -}}
+{{- $ports = append $ports (include "memory3.hostPort" (dict "address" $host "default" (ternary "26379" "6379" $sentinel))) -}}
 {{- end -}}
 {{- if $sentinel -}}
 {{- $ports = append $ports (toString $.Values.networkPolicy.externalRedisPort) -}}
@@ -210,7 +237,7 @@ is in a Secret; with networkPolicy.externalRedisPorts added. */}}
 - --s3-endpoint
 - {{ include "memory3.s3Endpoint" . | quote }}
 - --s3-bucket
-- {{ .Values.s3.bucket | quote }}
+- {{ include "memory3.string" .Values.s3.bucket | quote }}
 {{- if .Values.s3.secure }}
 - --s3-secure
 {{- end }}
@@ -223,7 +250,7 @@ is in a Secret; with networkPolicy.externalRedisPorts added. */}}
 - serve
 - {{ .service }}
 - --release
-- {{ .root.Values.release | quote }}
+- {{ include "memory3.release" .root | quote }}
 - --host
 - {{ .root.Values.server.host | quote }}
 - --port
@@ -413,7 +440,7 @@ lifecycle:
 
 {{/* The pod's grace period: the drain, the preStop sleep and a margin. */}}
 {{- define "memory3.terminationGracePeriod" -}}
-{{- add (int .Values.server.grace) (int .Values.server.preStopSleepSeconds) 10 -}}
+{{- add (int (ceil (float64 .Values.server.grace))) (int .Values.server.preStopSleepSeconds) 10 -}}
 {{- end -}}
 
 {{/* Writable volumes for a read-only root filesystem: the release cache and /tmp (HOME). */}}
@@ -434,19 +461,93 @@ lifecycle:
   mountPath: /tmp
 {{- end -}}
 
-{{/* Pod-level settings shared by every memory3 pod. */}}
-{{- define "memory3.podSpecCommon" -}}
-serviceAccountName: {{ include "memory3.serviceAccountName" . }}
-automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+{{/* imagePullSecrets of a pod (every pod of the chart: the memory3 image and the in-chart stores' mirrors), as a
+pod spec field preceded by a newline; nothing when none are set. */}}
+{{- define "memory3.imagePullSecrets" -}}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* Pod-level settings shared by every memory3 pod. */}}
+{{- define "memory3.podSpecCommon" -}}
+serviceAccountName: {{ include "memory3.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+{{- include "memory3.imagePullSecrets" . }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- end -}}
 
-{{/* A 10-character hash of the release name, so Job names stay unique and short. */}}
-{{- define "memory3.releaseHash" -}}
-{{- . | sha256sum | trunc 10 -}}
+
+{{/* The generated TLS Secret as the cluster has it (empty without a cluster or before the install), as YAML. */}}
+{{- define "memory3.tlsExistingSecret" -}}
+{{- toYaml (lookup "v1" "Secret" .Release.Namespace (include "memory3.tlsSecretName" .)) -}}
+{{- end -}}
+
+{{/* The DNS names the generated certificate needs now: localhost, and the 4 forms of every text (or text index
+shard), memory and decoder Service's name, with tls.generated.extraDnsNames; a YAML list. */}}
+{{- define "memory3.tlsNames" -}}
+{{- $t := .Values.tls -}}
+{{- $names := list "localhost" -}}
+{{- $contexts := concat (include "memory3.textShards" . | fromYamlArray) (list (dict "component" "memory") (dict "component" "decoder")) -}}
+{{- range $ctx := $contexts -}}
+{{- $service := include "memory3.componentName" (set $ctx "root" $) -}}
+{{- $ns := $.Release.Namespace -}}
+{{- $names = concat $names (list $service (printf "%s.%s" $service $ns) (printf "%s.%s.svc" $service $ns) (printf "%s.%s.svc.%s" $service $ns $t.clusterDomain)) -}}
+{{- end -}}
+{{- toYaml (concat $names (default list $t.generated.extraDnsNames) | uniq) -}}
+{{- end -}}
+
+{{/* What the generated TLS Secret does on this render. Call with (dict "root" $ "existing" <the Secret or empty>):
+new: none in the cluster (or it lacks a key): a new CA and certificate;
+keep: the kept certificate names every Service the chart renders now (its memory3.io/tls-names annotation);
+reissue: it does not, or its names are unknown, and the Secret holds its CA's key: a new certificate from that CA;
+stale: it does not, or its names are unknown, and without the CA key (a Secret from an older chart): kept as is. */}}
+{{- define "memory3.tlsCertStatus" -}}
+{{- $data := default dict (dig "data" dict .existing) -}}
+{{- if not (and (hasKey $data "tls.crt") (hasKey $data "tls.key") (hasKey $data "ca.crt")) -}}
+new
+{{- else -}}
+{{- $recorded := dig "metadata" "annotations" "memory3.io/tls-names" "" .existing -}}
+{{- $covered := true -}}
+{{- if not $recorded -}}
+{{- $covered = false -}}
+{{- else -}}
+{{- $have := splitList "," $recorded -}}
+{{- range $needed := include "memory3.tlsNames" .root | fromYamlArray -}}
+{{- if not (has $needed $have) }}{{ $covered = false }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- if $covered -}}keep{{- else if hasKey $data "ca.key" -}}reissue{{- else -}}stale{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where decoder pods run (the Deployment's and the KServe predictor's): the GPU's runtime class, node selector
+and tolerations added to decoder.nodeSelector, decoder.tolerations and decoder.affinity. A null list or map
+counts as empty. */}}
+{{- define "memory3.decoderPlacement" -}}
+{{- $c := .Values.decoder -}}
+{{- $gpu := $c.gpu -}}
+{{- $nodeSelector := default dict $c.nodeSelector -}}
+{{- $tolerations := default list $c.tolerations -}}
+{{- if $gpu.enabled -}}
+{{- $nodeSelector = merge (dict) (default dict $gpu.nodeSelector) $nodeSelector -}}
+{{- $tolerations = concat $tolerations (default list $gpu.tolerations) -}}
+{{- end -}}
+{{- if and $gpu.enabled $gpu.runtimeClassName }}
+runtimeClassName: {{ $gpu.runtimeClassName }}
+{{- end }}
+{{- with $nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}

@@ -4,7 +4,7 @@
 {{- $v := .Values -}}
 {{- if not $v.release -}}
 {{- $messages = append $messages "release: set the trainer release to serve, e.g. --set release=small-v1 (the release's directory in the bucket)" -}}
-{{- else if not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" $v.release) -}}
+{{- else if not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" (include "memory3.release" .)) -}}
 {{- $messages = append $messages (printf "release: %q is not a release name (letters, digits, '.', '_' and '-', no '/')" $v.release) -}}
 {{- end -}}
 {{- if $v.s3.inChart.enabled -}}
@@ -64,8 +64,11 @@
 {{- if and $v.trainer.job.enabled (eq $v.trainer.job.imageFlavor "cpu") (hasKey (default dict $v.trainer.job.resources.limits) $v.decoder.gpu.resourceName) -}}
 {{- $messages = append $messages "trainer.job.resources: a GPU is requested but trainer.job.imageFlavor is cpu; set trainer.job.imageFlavor=cuda" -}}
 {{- end -}}
-{{- if and $v.trainer.job.enabled $v.trainer.job.release (not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" $v.trainer.job.release)) -}}
+{{- if and $v.trainer.job.enabled $v.trainer.job.release (not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" (include "memory3.string" $v.trainer.job.release))) -}}
 {{- $messages = append $messages (printf "trainer.job.release: %q is not a release name (letters, digits, '.', '_' and '-')" $v.trainer.job.release) -}}
+{{- end -}}
+{{- if and $v.trainer.job.enabled $v.encoding.enabled $v.encoding.merge.enabled (eq (include "memory3.trainerRelease" .) (include "memory3.encodingMerged" .)) -}}
+{{- $messages = append $messages (printf "trainer.job.release: the trainer would publish %q, the release the merge Job publishes; pin the trainer's own release (--set trainer.job.release=%s) or set trainer.job.enabled=false" (include "memory3.trainerRelease" .) (include "memory3.encodingBase" .)) -}}
 {{- end -}}
 {{- if and $v.auth.decoder.enabled (not $v.tls.enabled) -}}
 {{- $messages = append $messages "auth.decoder.enabled: a token goes over TLS only; set tls.enabled=true too" -}}

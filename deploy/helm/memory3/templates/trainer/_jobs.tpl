@@ -1,0 +1,203 @@
+{{/* The Jobs' specs and names. A Job's pod template is immutable, so each Job is named after a hash of its
+whole spec: any change (image, chart version, arguments, resources, shards) makes a new Job instead of an
+upgrade the API server refuses. Every command runs with --exist-ok, so a new Job for a release already
+published finds it and exits at once. */}}
+
+{{/* The name of a Job: <fullname>-<kind>-<10 hex digits of its spec's hash>, at most 63 characters.
+Call with (dict "root" $ "kind" "train" "spec" (include "memory3.trainJobSpec" $)). */}}
+{{- define "memory3.jobName" -}}
+{{- $suffix := printf "-%s-%s" .kind (.spec | sha256sum | trunc 10) -}}
+{{- printf "%s%s" (include "memory3.fullname" .root | trunc (int (sub 63 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- end -}}
+
+{{/* The trainer's release: trainer.job.release, else release. */}}
+{{- define "memory3.trainerRelease" -}}
+{{- include "memory3.string" (default .Values.release .Values.trainer.job.release) -}}
+{{- end -}}
+
+{{/* The encoding Jobs' base release: encoding.release, else release. */}}
+{{- define "memory3.encodingBase" -}}
+{{- include "memory3.string" (default .Values.release .Values.encoding.release) -}}
+{{- end -}}
+
+{{/* The release the merge Job publishes: encoding.merge.name, else <base>-encoded. */}}
+{{- define "memory3.encodingMerged" -}}
+{{- include "memory3.string" (default (printf "%s-encoded" (include "memory3.encodingBase" .)) .Values.encoding.merge.name) -}}
+{{- end -}}
+
+{{/* The spec of the Job in trainer/job.yaml. */}}
+{{- define "memory3.trainJobSpec" -}}
+{{- $t := .Values.trainer.job }}
+{{- $release := include "memory3.trainerRelease" . -}}
+backoffLimit: {{ $t.backoffLimit }}
+ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
+template:
+  metadata:
+    labels:
+      {{- include "memory3.labels" (dict "root" $ "component" "trainer") | nindent 6 }}
+    annotations:
+      memory3.io/release: {{ $release | quote }}
+  spec:
+    {{- include "memory3.podSpecCommon" . | nindent 4 }}
+    restartPolicy: Never
+    containers:
+      - name: trainer
+        image: {{ include "memory3.image" (dict "root" $ "flavor" $t.imageFlavor) }}
+        imagePullPolicy: {{ .Values.image.pullPolicy }}
+        command: ["memory3"]
+        args:
+          - train
+          - --release
+          - {{ $release | quote }}
+          - --preset
+          - {{ $t.preset | quote }}
+          {{- if $t.quick }}
+          - --quick
+          {{- end }}
+          - --codec
+          - {{ $t.codec }}
+          - --index-kind
+          - {{ $t.indexKind | quote }}
+          - --seed
+          - {{ $t.seed | quote }}
+          - --work-dir
+          - {{ printf "/var/lib/memory3/work/%s" $release | quote }}
+          # A Job run again (after its TTL, by a later `helm upgrade`) finds its release and does nothing.
+          - --exist-ok
+          {{- include "memory3.s3Args" . | nindent 10 }}
+          {{- with $t.extraArgs }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+        env:
+          {{- include "memory3.s3Env" . | nindent 10 }}
+        resources:
+          {{- toYaml $t.resources | nindent 10 }}
+        securityContext:
+          {{- toYaml .Values.securityContext | nindent 10 }}
+        volumeMounts:
+          {{- include "memory3.cacheMounts" . | nindent 10 }}
+          - name: work
+            mountPath: /var/lib/memory3/work
+    volumes:
+      {{- include "memory3.cacheVolumes" . | nindent 6 }}
+      - name: work
+        {{- if $t.workVolumeClaim }}
+        persistentVolumeClaim:
+          claimName: {{ $t.workVolumeClaim }}
+        {{- else }}
+        emptyDir: {}
+        {{- end }}
+    {{- with $t.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $t.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end -}}
+
+{{/* The spec of the Job in trainer/encoding-job.yaml. */}}
+{{- define "memory3.encodeJobSpec" -}}
+{{- $e := .Values.encoding }}
+{{- $base := include "memory3.encodingBase" . -}}
+# One completion index per reference shard; Kubernetes sets JOB_COMPLETION_INDEX in each pod.
+completionMode: Indexed
+completions: {{ $e.shards }}
+parallelism: {{ $e.parallelism }}
+{{- if semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version }}
+# Retries per index (Kubernetes 1.29+): one bad shard does not use up the others' retries.
+backoffLimitPerIndex: {{ $e.backoffLimitPerIndex }}
+{{- else }}
+# Kubernetes before 1.29 has no per-index limit: the same number of retries per shard, shared by all.
+backoffLimit: {{ mul (int $e.backoffLimitPerIndex) (int $e.shards) }}
+{{- end }}
+ttlSecondsAfterFinished: {{ $e.ttlSecondsAfterFinished }}
+template:
+  metadata:
+    labels:
+      {{- include "memory3.labels" (dict "root" $ "component" "encoder") | nindent 6 }}
+  spec:
+    {{- include "memory3.podSpecCommon" . | nindent 4 }}
+    restartPolicy: Never
+    containers:
+      - name: encoder
+        image: {{ include "memory3.image" (dict "root" $ "flavor" "cpu") }}
+        imagePullPolicy: {{ .Values.image.pullPolicy }}
+        command: ["memory3"]
+        # Kubernetes expands $(JOB_COMPLETION_INDEX) in arguments (no shell needed).
+        args:
+          - kb
+          - add
+          - {{ printf "%s/shard-$(JOB_COMPLETION_INDEX).txt" $e.shardsPath | quote }}
+          - --release
+          - {{ $base | quote }}
+          - --name
+          - {{ printf "%s-shard-$(JOB_COMPLETION_INDEX)" $base | quote }}
+          - --exist-ok
+          {{- include "memory3.s3Args" . | nindent 10 }}
+        env:
+          {{- include "memory3.s3Env" . | nindent 10 }}
+        resources:
+          {{- toYaml $e.resources | nindent 10 }}
+        securityContext:
+          {{- toYaml .Values.securityContext | nindent 10 }}
+        volumeMounts:
+          {{- include "memory3.cacheMounts" . | nindent 10 }}
+          - name: shards
+            mountPath: {{ $e.shardsPath }}
+            readOnly: true
+    volumes:
+      {{- include "memory3.cacheVolumes" . | nindent 6 }}
+      - name: shards
+        persistentVolumeClaim:
+          claimName: {{ $e.shardsVolumeClaim | default "unset" }}
+          readOnly: true
+{{- end -}}
+
+{{/* The spec of the Job in trainer/encoding-merge-job.yaml. */}}
+{{- define "memory3.mergeJobSpec" -}}
+{{- $e := .Values.encoding }}
+{{- $base := include "memory3.encodingBase" . }}
+{{- $merged := include "memory3.encodingMerged" . -}}
+# Started with the Indexed Job: `kb merge --wait` waits for every shard's release, then publishes
+# the merged one. A retry cannot bring a failed shard back, so it gets one.
+backoffLimit: 1
+ttlSecondsAfterFinished: {{ $e.ttlSecondsAfterFinished }}
+template:
+  metadata:
+    labels:
+      {{- include "memory3.labels" (dict "root" $ "component" "encoder") | nindent 6 }}
+  spec:
+    {{- include "memory3.podSpecCommon" . | nindent 4 }}
+    restartPolicy: Never
+    containers:
+      - name: merge
+        image: {{ include "memory3.image" (dict "root" $ "flavor" "cpu") }}
+        imagePullPolicy: {{ .Values.image.pullPolicy }}
+        command: ["memory3"]
+        args:
+          - kb
+          - merge
+          {{- range $i := until (int $e.shards) }}
+          - {{ printf "%s-shard-%d" $base $i | quote }}
+          {{- end }}
+          - --release
+          - {{ $base | quote }}
+          - --name
+          - {{ $merged | quote }}
+          - --wait
+          - {{ $e.merge.waitSeconds | quote }}
+          - --exist-ok
+          {{- include "memory3.s3Args" . | nindent 10 }}
+        env:
+          {{- include "memory3.s3Env" . | nindent 10 }}
+        resources:
+          {{- toYaml $e.resources | nindent 10 }}
+        securityContext:
+          {{- toYaml .Values.securityContext | nindent 10 }}
+        volumeMounts:
+          {{- include "memory3.cacheMounts" . | nindent 10 }}
+    volumes:
+      {{- include "memory3.cacheVolumes" . | nindent 6 }}
+{{- end -}}
