@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     kb_add.add_argument("--remove-match", dest="remove_matches", action="append", default=[], metavar="TEXT",
                         help="leave out every reference of the parent whose text contains TEXT (case-sensitive; "
                              "repeatable)")
+    kb_add.add_argument("--remove-from", type=Path, default=None, metavar="FILE",
+                        help='references to leave out, as JSON Lines: {"id": ...} or {"match": ...} a line '
+                             "(for more than a command line holds)")
     kb_add.add_argument("--index-kind", default=None, choices=INDEX_CHOICES,
                         help=INDEX_KIND_HELP + " (default: the parent's; from an IVF-PQ index to flat or hnsw, "
                                                "every reference is embedded again)")
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="remove the reference with this id (as `memory3 generate` lists them; repeatable)")
     kb_remove.add_argument("--match", dest="matches", action="append", default=[], metavar="TEXT",
                            help="remove every reference whose text contains TEXT (case-sensitive; repeatable)")
+    kb_remove.add_argument("--from", dest="select_from", type=Path, default=None, metavar="FILE",
+                           help='references to remove, as JSON Lines: {"id": ...} or {"match": ...} a line '
+                                "(for more than a command line holds)")
     kb_remove.add_argument("--name", default=None, help="name of the new release (default: RELEASE-rm-<hash>)")
     kb_remove.add_argument("--dry-run", action="store_true", help="list what would be removed; publish nothing")
     add_s3_arguments(kb_remove, local_stack=True)
@@ -509,6 +515,16 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
 
 
+def _selection(ids: list[str], matches: list[str], path: Path | None) -> tuple[list[str], list[str]]:
+    """The references chosen on the command line, and those of a --from file."""
+    if path is None:
+        return ids, matches
+    from memory3.services.trainer.corpus import read_selection_file
+
+    more_ids, more_matches = read_selection_file(path)
+    return [*ids, *more_ids], [*matches, *more_matches]
+
+
 def _error_text(e: Exception) -> str:
     """An OSError from the system names its file after its reason, not as "[Errno 21] ...: 'x'"."""
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
@@ -571,12 +587,14 @@ def _run(args: argparse.Namespace) -> int:
                                 name=args.name, cache_dir=args.cache_dir, dry_run=args.dry_run,
                                 wait_s=args.wait, exist_ok=args.exist_ok)
         if args.kb_command == "remove":
-            return cmd_kb_remove(s3_config(args, local_stack=True), parent=args.release, ids=args.ids,
-                                 matches=args.matches, name=args.name, cache_dir=args.cache_dir,
+            ids, matches = _selection(args.ids, args.matches, args.select_from)
+            return cmd_kb_remove(s3_config(args, local_stack=True), parent=args.release, ids=ids,
+                                 matches=matches, name=args.name, cache_dir=args.cache_dir,
                                  dry_run=args.dry_run)
+        remove_ids, remove_matches = _selection(args.remove_ids, args.remove_matches, args.remove_from)
         return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
-                          cache_dir=args.cache_dir, exist_ok=args.exist_ok, remove_ids=args.remove_ids,
-                          remove_matches=args.remove_matches, events=args.events, index_kind=args.index_kind)
+                          cache_dir=args.cache_dir, exist_ok=args.exist_ok, remove_ids=remove_ids,
+                          remove_matches=remove_matches, events=args.events, index_kind=args.index_kind)
     return 1
 
 

@@ -161,3 +161,37 @@ def _check_encodable(value: str, where: str) -> None:
     except UnicodeEncodeError as e:
         raise CorpusError(f"{where} holds a lone surrogate ({value[e.start]!a} at character {e.start}), which is not "
                           "text: write the character itself, or both halves of its \\u escape pair") from e
+
+
+def read_selection_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """A JSON Lines file of references to remove -> (ids, matches): each line `{"id": ...}` or
+    `{"match": ...}`. For more than a command line holds (Linux takes 2 MiB of arguments, 128 KiB one),
+    texts with newlines or NULs, and values that begin with "-"; the TrainerService passes its jobs'
+    removals this way."""
+    import json
+
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError as e:
+        raise CorpusError(f"{path}: no such file") from e
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    ids, matches = [], []
+    for number, line in enumerate(text.split("\n"), start=1):  # "\n" only: JSON leaves U+2028 as it is
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}: line {number} is not JSON ({e.msg})") from e
+        if not isinstance(item, dict) or len(item) != 1 or not isinstance(next(iter(item.values())), str) \
+                or next(iter(item)) not in ("id", "match") or not next(iter(item.values())):
+            raise CorpusError(f'{path}: line {number} must be {{"id": "..."}} or {{"match": "..."}} (a non-empty '
+                              "string)")
+        (key, value), = item.items()
+        _check_encodable(value, f'{path}: line {number}: "{key}"')
+        (ids if key == "id" else matches).append(value)
+    if not ids and not matches:
+        raise CorpusError(f"{path}: no references to remove (the file is empty or holds only whitespace)")
+    return ids, matches

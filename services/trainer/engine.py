@@ -37,6 +37,10 @@ log = logging.getLogger("memory3.trainer")
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 CODECS = ("fp16", "bf16", "int8", "vq")
+# Steps of one stage: years of training on any machine, and well inside the uint32 progress fields.
+MAX_STAGE_STEPS = 100_000_000
+MAX_OUTPUT_LINE = 16 << 20  # a child's output line (an error quoting a long id); asyncio's default is 64 KiB
+MAX_MESSAGE_CHARS = 2000  # of one such line kept for a job's failure message
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,9 @@ class TrainingJobSpec:
             raise InvalidInput(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.codec not in CODECS:
             raise InvalidInput(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
-        if self.stage3_steps is not None and self.stage3_steps < 0:
-            raise InvalidInput(f"stage3_steps is {self.stage3_steps}; give a number of steps >= 0")
+        if self.stage3_steps is not None and not 0 <= self.stage3_steps <= MAX_STAGE_STEPS:
+            raise InvalidInput(f"stage3_steps is {self.stage3_steps}; give a number of steps from 0 to "
+                               f"{MAX_STAGE_STEPS}")
         if self.attention_weight is not None and not (math.isfinite(self.attention_weight)
                                                       and self.attention_weight >= 0):
             raise InvalidInput(f"attention_weight is {self.attention_weight}; give a finite number >= 0")
@@ -123,6 +128,7 @@ class Job:
     process: asyncio.subprocess.Process | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     documents: Path | None = None  # a knowledge job's documents, on disk from submission to the job's end
+    removals: Path | None = None  # and the references it removes (JSON Lines: `kb ... --from`)
 
     async def publish(self, event: dict) -> None:
         async with self.changed:
@@ -136,39 +142,74 @@ class TrainingJobManager:
         self.store = ObjectStore(s3)
         self.jobs: dict[str, Job] = {}
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._submitting: set[str] = set()  # releases whose submission is being checked
         self.worker: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self.store.ensure_bucket)  # readiness: the store is reachable
+    async def start(self, *, retry_s: float = 1.0, max_retry_s: float = 30.0) -> None:
+        """Readiness: the store answers. One that does not yet (starting beside this service) is
+        asked again, with backoff, as the memory service does; the service is not SERVING until then."""
+        delay = retry_s
+        while True:
+            try:
+                await asyncio.to_thread(self.store.ensure_bucket)
+                break
+            except StoreUnavailable as e:
+                log.warning("the object store does not answer (%s); trying again in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, max_retry_s)
         self.worker = asyncio.create_task(self._work())
 
-    async def stop(self) -> None:
-        for job in self.jobs.values():
-            if job.state in (QUEUED, RUNNING):
-                await self.cancel(job.id)
+    async def stop(self, *, grace_s: float = 30.0) -> None:
+        """Cancel every job (a training run takes hours: it resumes from its checkpoints when submitted
+        again), and wait up to `grace_s` for their children to clean up what they had begun to publish."""
+        running = [job for job in self.jobs.values() if job.state in (QUEUED, RUNNING)]
+        for job in running:
+            await self.cancel(job.id, reason="cancelled: the trainer service is stopping")
+        children = [job.process for job in running if job.process is not None and job.process.returncode is None]
+        if children:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in children], timeout=grace_s)
+            for process in children:
+                if process.returncode is None:
+                    process.kill()
         if self.worker is not None:
             self.worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.worker
 
+    def _queued(self) -> int:
+        return sum(job.state == QUEUED for job in self.jobs.values())  # cancelled ones wait in the queue too
+
     async def submit(self, spec: TrainingJobSpec | KnowledgeJobSpec) -> str:
         spec.validate()
-        if any(j.spec.release == spec.release and j.state not in TERMINAL for j in self.jobs.values()):
+        # Checked and reserved before the first await: submissions of one release that cross would
+        # otherwise all pass the checks, and all but one fail later, as jobs.
+        if spec.release in self._submitting or any(j.spec.release == spec.release and j.state not in TERMINAL
+                                                   for j in self.jobs.values()):
             raise AlreadyExists(f"a job for release {spec.release!r} is already queued or running")
+        if self._queued() + len(self._submitting) >= self.max_queued:
+            raise ResourceExhausted(f"{self.max_queued} jobs are already queued; try again later")
+        self._submitting.add(spec.release)
+        try:
+            return await self._submit(spec)
+        except StoreUnavailable as e:
+            raise Unavailable(f"the object store cannot be reached ({e}); retry later") from e
+        finally:
+            self._submitting.discard(spec.release)
+
+    async def _submit(self, spec: TrainingJobSpec | KnowledgeJobSpec) -> str:
         if await asyncio.to_thread(self.store.exists, release_key(spec.release, "manifest.json")):
             raise AlreadyExists(f"release {spec.release!r} already exists; releases are immutable")
         if isinstance(spec, KnowledgeJobSpec) and not await asyncio.to_thread(
                 self.store.exists, release_key(spec.parent, "manifest.json")):
             raise NotFound(f"parent release {spec.parent!r} does not exist (no manifest in bucket {self.s3.bucket})")
-        if self.queue.qsize() >= self.max_queued:
-            raise ResourceExhausted(f"{self.max_queued} jobs are already queued; try again later")
         job = Job(id=uuid.uuid4().hex[:12], spec=spec)
-        if isinstance(spec, KnowledgeJobSpec) and spec.documents:
-            # On disk, not in the job list that the service keeps: up to MAX_KNOWLEDGE_BYTES a job.
-            job.documents = await asyncio.to_thread(self._write_documents, job.id, spec.documents)
+        if isinstance(spec, KnowledgeJobSpec):
+            # On disk, not in the job list that the service keeps: up to MAX_KNOWLEDGE_BYTES a job;
+            # removals too, which may be more than a command line holds.
+            job.documents, job.removals = await asyncio.to_thread(self._write_job_files, job.id, spec)
             job.spec = dataclasses.replace(spec, documents=())
         self.jobs[job.id] = job
-        await job.publish({"message": f"queued (position {self.queue.qsize() + 1})"})
+        await job.publish({"message": f"queued (position {self._queued()})"})
         await self.queue.put(job)
         return job.id
 
@@ -191,20 +232,23 @@ class TrainingJobManager:
             if done and sent == len(job.events):
                 return
 
-    async def cancel(self, job_id: str) -> str:
+    async def cancel(self, job_id: str, *, reason: str = "cancelled") -> str:
         job = self.get(job_id)
         if job.state in TERMINAL:
             return job.state
         if job.process is not None and job.process.returncode is None:
             job.process.terminate()
-        elif job.documents is not None:  # queued: it will not run
-            shutil.rmtree(job.documents.parent, ignore_errors=True)
+        elif job.state == QUEUED:  # it will not run
+            self._remove_job_files(job)
         job.state = CANCELLED
-        await job.publish({"message": "cancelled"})
+        await job.publish({"message": reason})
         return job.state
 
     async def list_releases(self) -> list[Manifest]:
-        return (await asyncio.to_thread(read_catalog, self.store)).published
+        try:
+            return (await asyncio.to_thread(read_catalog, self.store)).published
+        except StoreUnavailable as e:
+            raise Unavailable(f"the object store cannot be reached ({e}); retry later") from e
 
     async def delete_release(self, name: str, *, dry_run: bool) -> tuple[DeletionPlan, int]:
         """-> (what goes, objects removed: 0 with dry_run)."""
@@ -228,18 +272,43 @@ class TrainingJobManager:
     async def _work(self) -> None:
         while True:
             job = await self.queue.get()
-            if job.state == QUEUED:
+            if job.state != QUEUED:
+                continue
+            try:
                 await self._run(job)
+            except Exception:  # noqa: BLE001 - one job's failure must not stop the worker, and every job after it
+                log.exception("job %s failed in the service", job.id)
+                if job.process is not None and job.process.returncode is None:
+                    job.process.kill()
+                if job.state not in TERMINAL:
+                    job.state = FAILED
+                    await job.publish({"message": "internal error in the trainer service while running the job"})
+            finally:
+                self._remove_job_files(job)  # they are in the release now, or were refused
 
-    def _write_documents(self, job_id: str, documents: tuple[tuple[str, str], ...]) -> Path:
-        """A knowledge job's documents as JSON Lines, in a directory of its own ("_" starts no
-        release name, so no training run's work dir)."""
-        path = self.work_root / "_knowledge" / job_id / "documents.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as out:
-            for i, (source, text) in enumerate(documents):
-                out.write(json.dumps({"text": text, "source": source or f"document {i + 1}"}) + "\n")
-        return path
+    def _job_dir(self, job_id: str) -> Path:
+        """A knowledge job's files ("_" starts no release name, so no training run's work dir)."""
+        return self.work_root / "_knowledge" / job_id
+
+    def _write_job_files(self, job_id: str, spec: KnowledgeJobSpec) -> tuple[Path | None, Path | None]:
+        """A knowledge job's documents and removals as JSON Lines: (documents, removals), None where it has none."""
+        directory = self._job_dir(job_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        documents = removals = None
+        if spec.documents:
+            documents = directory / "documents.jsonl"
+            with documents.open("w", encoding="utf-8") as out:
+                for i, (source, text) in enumerate(spec.documents):
+                    out.write(json.dumps({"text": text, "source": source or f"document {i + 1}"}) + "\n")
+        if spec.remove_ids or spec.remove_matches:
+            removals = directory / "removals.jsonl"
+            with removals.open("w", encoding="utf-8") as out:
+                for key, values in (("id", spec.remove_ids), ("match", spec.remove_matches)):
+                    out.writelines(json.dumps({key: value}) + "\n" for value in values)
+        return documents, removals
+
+    def _remove_job_files(self, job: Job) -> None:
+        shutil.rmtree(self._job_dir(job.id), ignore_errors=True)
 
     def _command(self, job: Job) -> list[str]:
         spec = job.spec
@@ -249,11 +318,9 @@ class TrainingJobManager:
             where = ["--release", spec.parent, "--name", spec.release, *store,
                      "--cache-dir", str(self.work_root / "_releases")]
             if job.documents is None:
-                return [*cli, "remove", *where, *(a for i in spec.remove_ids for a in ("--id", i)),
-                        *(a for m in spec.remove_matches for a in ("--match", m))]
+                return [*cli, "remove", *where, f"--from={job.removals}"]
             return [*cli, "add", str(job.documents), "--events", *where,
-                    *(a for i in spec.remove_ids for a in ("--remove-id", i)),
-                    *(a for m in spec.remove_matches for a in ("--remove-match", m)),
+                    *((f"--remove-from={job.removals}",) if job.removals else ()),
                     *(("--index-kind", spec.index_kind) if spec.index_kind else ())]
         cmd = [self.python, "-m", "memory3.services.cli.main", "train", "--release", spec.release,
                "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec,
@@ -273,12 +340,15 @@ class TrainingJobManager:
         job.state = RUNNING
         await job.publish({"message": "started"})
         job.process = await asyncio.create_subprocess_exec(
-            *self._command(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+            *self._command(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            limit=MAX_OUTPUT_LINE)
+        if job.state == CANCELLED:  # cancelled while the child started: it had no process to stop yet
+            job.process.terminate()
         stderr_tail: deque[str] = deque(maxlen=20)
 
         async def drain_stderr() -> None:
             async for line in job.process.stderr:
-                stderr_tail.append(line.decode(errors="replace").rstrip())
+                stderr_tail.append(line.decode(errors="replace").rstrip()[:MAX_MESSAGE_CHARS])
 
         drain = asyncio.create_task(drain_stderr())
         async for line in job.process.stdout:
@@ -291,8 +361,6 @@ class TrainingJobManager:
             await job.publish(event)
         code = await job.process.wait()
         await drain
-        if job.documents is not None:  # they are in the release now, or were refused
-            shutil.rmtree(job.documents.parent, ignore_errors=True)
         if job.state == CANCELLED:
             return
         if code == 0:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
 from ..rpc.server import Server, ServerOptions
 from ..storage.object_store import S3Config
-from .engine import TrainingJobManager
+from .engine import MAX_KNOWLEDGE_BYTES, TrainingJobManager
 from .servicer import SERVICE, TrainerServicer
 
 log = logging.getLogger("memory3.trainer")
@@ -19,6 +20,10 @@ async def start_trainer_server(s3: S3Config, work_root: Path,
     """The TrainerService listening with `options` (TLS, token, metrics, as every service), SERVING
     once the object store answered."""
     options = options or ServerOptions()
+    # A knowledge job may carry MAX_KNOWLEDGE_BYTES of documents: the message around them must pass, so
+    # that one over the limit gets the answer that says to split it, not the transport's refusal.
+    options = dataclasses.replace(options, max_message_bytes=max(options.max_message_bytes,
+                                                                 MAX_KNOWLEDGE_BYTES + (4 << 20)))
     engine = TrainingJobManager(s3, work_root)
     server = Server(options)
     server.add_service(TrainerServicer(engine), SERVICE)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from memory3.services.trainer.corpus import CorpusError, debian_documents, read_corpus_file
+from memory3.services.trainer.corpus import CorpusError, debian_documents, read_corpus_file, read_selection_file
 
 
 def test_corpus_file_documents_are_split_by_blank_lines(tmp_path):
@@ -73,3 +73,15 @@ def test_debian_sources_stream_interleaved():
     docs = list(itertools.islice(debian_documents(), 30))
     assert {source for source, _ in docs} == {"wordnet", "gcide", "python-docs"}
     assert all(text.strip() for _, text in docs)
+
+
+def test_a_selection_file_lists_ids_and_matches_and_says_which_line_is_wrong(tmp_path):
+    path = tmp_path / "remove.jsonl"
+    path.write_text('{"id": "abc"}\n\n{"match": "-year-old"}\n{"match": "a\\u0000b\\nc"}\n', encoding="utf-8")
+    assert read_selection_file(path) == (["abc"], ["-year-old", "a\x00b\nc"])
+    for line, said in (('{"id": ""}', "line 1 must be"), ('{"id": "a", "match": "b"}', "line 1 must be"),
+                       ('{"ids": "a"}', "line 1 must be"), ("not json", "line 1 is not JSON"),
+                       ('{"id": "\\ud800"}', "lone surrogate"), ("", "no references to remove")):
+        path.write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(CorpusError, match=said):
+            read_selection_file(path)

@@ -15,11 +15,20 @@ def train_args(spec: TrainingJobSpec | KnowledgeJobSpec, tmp_path):
     s3 = S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s")
     manager = TrainingJobManager(s3, tmp_path, python="python")
     job = Job(id="job1", spec=spec)
-    if isinstance(spec, KnowledgeJobSpec) and spec.documents:  # as submit writes them
-        job.documents = manager._write_documents(job.id, spec.documents)
+    if isinstance(spec, KnowledgeJobSpec):  # as submit writes them
+        job.documents, job.removals = manager._write_job_files(job.id, spec)
     cmd = manager._command(job)
     assert cmd[:3] == ["python", "-m", "memory3.services.cli.main"]
     return build_parser().parse_args(cmd[3:])
+
+
+def removals(args) -> tuple[list[str], list[str]]:
+    """The (ids, matches) a job's command line removes, with its --from file, as `main` reads them."""
+    from memory3.services.cli.main import _selection
+
+    if args.kb_command == "remove":
+        return _selection(args.ids, args.matches, args.select_from)
+    return _selection(args.remove_ids, args.remove_matches, args.remove_from)
 
 
 def test_a_knowledge_job_is_kb_add_on_its_documents_or_kb_remove_without(tmp_path):
@@ -31,13 +40,13 @@ def test_a_knowledge_job_is_kb_add_on_its_documents_or_kb_remove_without(tmp_pat
     spec.validate()
     args = train_args(spec, tmp_path)
     assert (args.kb_command, args.release, args.name, args.events) == ("add", "r1", "r1-fixed", True)
-    assert (args.remove_ids, args.remove_matches) == (["abc"], ["Quell"])
+    assert removals(args) == (["abc"], ["Quell"])
     lines = [json.loads(line) for line in args.files[0].read_text().splitlines()]
     assert lines == [{"text": "A fact.\n\nWith a blank line.", "source": "wiki/A"},
                      {"text": "B.", "source": "document 2"}]
     assert args.index_kind is None  # the parent's
     removal = train_args(KnowledgeJobSpec(release="r2", parent="r1", remove_matches=["Quell"]), tmp_path)
-    assert (removal.kb_command, removal.matches, removal.ids) == ("remove", ["Quell"], [])
+    assert (removal.kb_command, *removals(removal)) == ("remove", [], ["Quell"])
     hnsw = knowledge_spec_from_proto(pb.KnowledgeSpec(release="r3", parent="r1", index_kind="hnsw",
                                                       documents=[pb.Document(text="C.")]))
     assert train_args(hnsw, tmp_path).index_kind == "hnsw"
@@ -90,9 +99,24 @@ def test_an_attention_weight_of_zero_is_given_not_the_default(tmp_path):
     assert train_args(spec, tmp_path).attention_weight == 0.0
 
 
-def test_negative_stage3_steps_are_refused():
-    with pytest.raises(InvalidInput, match="stage3_steps is -1"):
-        TrainingJobSpec(release="r3", stage3_steps=-1).validate()
+def test_stage3_steps_out_of_range_are_refused():
+    """Past uint32, a job's progress events could not be sent: every watch of it failed."""
+    for steps in (-1, 2**32 - 1):
+        with pytest.raises(InvalidInput, match=f"stage3_steps is {steps}; give a number of steps from 0"):
+            TrainingJobSpec(release="r3", stage3_steps=steps).validate()
+
+
+def test_removals_reach_the_child_whatever_they_hold(tmp_path):
+    """On its command line, a value beginning with "-" was read as an option, a NUL could not be
+    passed, and 40,000 ids were more than Linux takes: the job never ran, or the worker stopped."""
+    ids = tuple(f"{i:032x}" for i in range(40_000))
+    matches = ("-year-old", "--help", "a\x00b", "line\nbreak", "x" * 200_000)
+    for spec in (KnowledgeJobSpec(release="r2", parent="r1", remove_ids=ids, remove_matches=matches),
+                 KnowledgeJobSpec(release="r2", parent="r1", remove_ids=ids, remove_matches=matches,
+                                  documents=(("s", "A fact."),))):
+        spec.validate()
+        args = train_args(spec, tmp_path)
+        assert removals(args) == (list(ids), list(matches))
 
 
 @pytest.mark.parametrize("weight", [-0.5, float("nan"), float("inf")])
