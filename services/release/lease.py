@@ -112,16 +112,20 @@ class Publication:
         now = _now()
         self.lease = Lease(self.name, self.lease.token, self.lease.holder, now, now)
         self.store.put_bytes(self.lease.key, self.lease.to_json(), "application/json")
-        self._check_first()
-        time.sleep(LEASE_SETTLE_S)
-        rivals = self._check_first()
-        # Anything else under the name was left by publishers that died (expired leases included):
-        # removed, so that the release holds only what this one writes.
-        keep = {self.lease.key, *(lease.key for lease in rivals)}
-        leftovers = [key for key in self.store.list_keys(release_key(self.name, "")) if key not in keep]
-        if leftovers:
-            log.warning("removing %d objects a failed publication of %r left", len(leftovers), self.name)
-            self.store.remove_keys(leftovers)
+        try:
+            self._check_first()
+            time.sleep(LEASE_SETTLE_S)
+            rivals = self._check_first()
+            # Anything else under the name was left by publishers that died (expired leases included):
+            # removed, so that the release holds only what this one writes.
+            keep = {self.lease.key, *(lease.key for lease in rivals)}
+            leftovers = [key for key in self.store.list_keys(release_key(self.name, "")) if key not in keep]
+            if leftovers:
+                log.warning("removing %d objects a failed publication of %r left", len(leftovers), self.name)
+                self.store.remove_keys(leftovers)
+        except BaseException:  # an outage, Ctrl-C: the lease goes now rather than in LEASE_TTL_S
+            self._remove()
+            raise
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
 
@@ -130,7 +134,6 @@ class Publication:
         rivals = [lease for lease in live_leases(self.store, self.name) if lease.token != self.lease.token]
         first = min([self.lease, *rivals], key=lambda lease: (lease.started, lease.token))
         if first is not self.lease:
-            self._remove()
             raise ReleaseBusy(f"release {self.name!r} is being published by {first.describe()}; wait for it to "
                               "finish, or choose another name")
         return rivals
