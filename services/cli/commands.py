@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from memory3.model.checkpoint import CONFIG_FILE, save_checkpoint
@@ -325,9 +326,34 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
+def _removal_progress() -> Callable[[int], None]:
+    """A line every 5 s: removing a bank can take hours."""
+    shown = [time.monotonic()]
+
+    def progress(count: int) -> None:
+        if time.monotonic() - shown[0] >= 5.0:
+            shown[0] = time.monotonic()
+            print(f"  {count} memories removed so far", file=sys.stderr, flush=True)
+    return progress
+
+
+def cmd_release_gc(s3, *, dry_run: bool) -> int:
+    from memory3.services.release.catalog import collect_unlisted, plan_collection
+    from memory3.services.storage.object_store import ObjectStore
+
+    store = ObjectStore(s3)
+    plan = plan_collection(store)
+    print(plan.summary())
+    if dry_run or not plan.count:
+        print("dry run: nothing removed" if dry_run else "nothing removed")
+        return 0
+    removed = collect_unlisted(store, plan, log=lambda msg: print(msg, file=sys.stderr), progress=_removal_progress())
+    print(f"{removed} objects removed from bucket {s3.bucket!r}")
+    return 0
+
+
 def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: Path) -> int:
     import shutil
-    import time
 
     from memory3.services.release.catalog import delete_release, plan_deletion
     from memory3.services.stack import SERVICES, stack_is_up
@@ -344,14 +370,7 @@ def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: P
     if dry_run:
         print("dry run: nothing removed" + (" (the local stack serves it: `memory3 down` first)" if served else ""))
         return 0
-    shown = [time.monotonic()]
-
-    def progress(count: int) -> None:  # a line every 5 s: a bank can take hours to remove
-        if time.monotonic() - shown[0] >= 5.0:
-            shown[0] = time.monotonic()
-            print(f"  {count} memories removed so far", file=sys.stderr, flush=True)
-
-    removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr), progress=progress)
+    removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr), progress=_removal_progress())
     # This command's copy, and those of the services `memory3 up` runs (one cache directory each).
     for local in (cache_dir / name, *(cache_dir / service / name for service in SERVICES)):
         if local.is_dir():

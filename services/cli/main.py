@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "exist)")
     add_s3_arguments(kb_merge, local_stack=True)
 
-    release = sub.add_parser("release", help="the releases in the bucket: list them, show one, delete one")
+    release = sub.add_parser("release", help="the releases in the bucket: list them, show one, delete one, "
+                                             "remove memories none lists")
     release_sub = release.add_subparsers(dest="release_command", required=True)
     release_list = release_sub.add_parser("list", help="published releases, oldest first, and unpublished leftovers")
     release_list.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -218,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     release_delete.add_argument("name", help="the release to delete")
     release_delete.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     add_s3_arguments(release_delete, local_stack=True)
+    release_gc = release_sub.add_parser(
+        "gc", help="remove the memories no published release lists (left by failed or cancelled publications)")
+    release_gc.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    add_s3_arguments(release_gc, local_stack=True)
 
     bench = sub.add_parser("bench", help="benchmarks (write JSON; optionally refresh the README table)")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
@@ -573,11 +578,13 @@ def _run(args: argparse.Namespace) -> int:
         from memory3.services.trainer.server import serve_trainer
         return serve_trainer(s3_config(args), args.work_dir, server_options(args))
     if args.command == "release":
-        from .commands import cmd_release_delete, cmd_release_list, cmd_release_show
+        from .commands import cmd_release_delete, cmd_release_gc, cmd_release_list, cmd_release_show
         if args.release_command == "list":
             return cmd_release_list(s3_config(args, local_stack=True), as_json=args.json)
         if args.release_command == "show":
             return cmd_release_show(s3_config(args, local_stack=True), args.name, as_json=args.json)
+        if args.release_command == "gc":
+            return cmd_release_gc(s3_config(args, local_stack=True), dry_run=args.dry_run)
         return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
                                   cache_dir=args.cache_dir, home=args.home)
     if args.command == "kb":

@@ -36,8 +36,8 @@ from .manifest import (
 from .publish import MANIFEST_FILE, REFERENCES_FILE
 from .reader import read_manifest
 
-__all__ = ["Catalog", "DeletionPlan", "ReleaseBusy", "delete_release", "plan_deletion", "read_catalog",
-           "release_names"]
+__all__ = ["Catalog", "CollectionPlan", "DeletionPlan", "ReleaseBusy", "collect_unlisted", "delete_release",
+           "plan_collection", "plan_deletion", "read_catalog", "release_names"]
 
 
 def release_names(store: ObjectStore) -> list[str]:
@@ -182,6 +182,79 @@ def delete_release(store: ObjectStore, plan: DeletionPlan, *, log: Callable[[str
         log(f"removing {len(plan.memory_keys)} of the memories in bank {plan.bank}")
         removed += store.remove_keys(plan.memory_keys, progress=progress)
     return removed
+
+
+@dataclass
+class CollectionPlan:
+    """Memories no published release lists, which `release gc` removes: whole banks that no release
+    uses (`banks`, with how many objects each holds), and in the banks in use the keys none of their
+    releases lists (`keys`, by bank). Failed or cancelled publications leave them; a retry of the same
+    publication would reuse them, as keys are content hashes."""
+
+    banks: dict[str, int] = field(default_factory=dict)
+    keys: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(self.banks.values()) + sum(len(k) for k in self.keys.values())
+
+    def summary(self) -> str:
+        lines = [f"memory bank {bank}: no release uses it; its {n} objects go" for bank, n in self.banks.items()]
+        lines += [f"memory bank {bank}: {len(keys)} memories no release lists" for bank, keys in self.keys.items()]
+        return "\n".join(lines) or "every memory in the bucket is listed by a published release: nothing to remove"
+
+
+def plan_collection(store: ObjectStore) -> CollectionPlan:
+    """Lists every bank (one listing of each: this is the one command that does), and reads the
+    reference tables of the releases that use it. Refused, as a deletion is, while a release is
+    being published, left half-written or unreadable: it may list any memory."""
+    catalog = read_catalog(store)
+    _refuse_while_unknown(store, catalog, "memories no release lists")
+    listed_by_bank: dict[str, set[str]] = {}
+    for manifest in catalog.published:
+        listed_by_bank.setdefault(manifest.memory_bank["bank"], set()).update(_memory_keys(store, manifest))
+    plan = CollectionPlan()
+    for prefix in store.list_keys(MEMORIES_PREFIX, recursive=False):
+        bank = prefix[len(MEMORIES_PREFIX):].strip("/")
+        keys = store.iter_keys(f"{MEMORIES_PREFIX}{bank}/")
+        listed = listed_by_bank.get(bank)
+        if listed is None:
+            plan.banks[bank] = sum(1 for _ in keys)
+        else:
+            unlisted = [key for key in keys if key not in listed]
+            if unlisted:
+                plan.keys[bank] = unlisted
+    return plan
+
+
+def collect_unlisted(store: ObjectStore, plan: CollectionPlan, *, log: Callable[[str], None] = lambda _: None,
+                     progress: Callable[[int], None] | None = None) -> int:
+    """Carries out `plan`, after checking again that no publication began since it was made (one
+    would write memories the plan did not see). Returns how many objects were removed."""
+    _refuse_while_unknown(store, read_catalog(store), "memories no release lists")
+    removed = 0
+    for bank in plan.banks:
+        log(f"removing memory bank {bank}")
+        removed += store.remove_prefix(f"{MEMORIES_PREFIX}{bank}/", progress=progress)
+    for bank, keys in plan.keys.items():
+        log(f"removing {len(keys)} memories of bank {bank}")
+        removed += store.remove_keys(keys, progress=progress)
+    return removed
+
+
+def _refuse_while_unknown(store: ObjectStore, catalog: Catalog, what: str) -> None:
+    """ReleaseBusy while a release's memories are unknown: being published, half-written, or unreadable."""
+    if catalog.unreadable:
+        raise ReleaseBusy(f"the manifests of releases {', '.join(catalog.unreadable)} cannot be read, so which "
+                          f"memories they list is unknown; nothing was removed. Delete them first, or fix them")
+    running = [n for n in catalog.unpublished if live_leases(store, n)]
+    if running:
+        raise ReleaseBusy(f"releases {', '.join(running)} are being published: {what} may be theirs; nothing was "
+                          "removed, wait until they are published")
+    if catalog.unpublished:
+        raise ReleaseBusy(f"releases {', '.join(catalog.unpublished)} have no manifest and no publication running: "
+                          f"left half-written, they may list {what}; nothing was removed. Delete their leftovers "
+                          f"first (`memory3 release delete {catalog.unpublished[0]}`)")
 
 
 def _memory_keys(store: ObjectStore, manifest: Manifest) -> set[str]:

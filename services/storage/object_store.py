@@ -9,7 +9,7 @@ outage has its own policy.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import urllib3
@@ -101,6 +101,12 @@ class ObjectStore:
         objects = self._call(f"list {prefix}", lambda: list(self.client.list_objects(self.bucket, prefix=prefix,
                                                                                      recursive=recursive)))
         return [o.object_name for o in objects]
+
+    def iter_keys(self, prefix: str) -> Iterator[str]:
+        """Every key under `prefix`, a listed page at a time (memory stays flat however many)."""
+        objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+        while (item := self._call(f"list {prefix}", next, objects, None)) is not None:
+            yield item.object_name
 
     def remove_keys(self, keys: Iterable[str], *, progress: Callable[[int], None] | None = None) -> int:
         """Removes `keys` (a missing one is no error), 1000 per request (S3's limit), reading `keys`

@@ -185,3 +185,43 @@ def test_a_sigterm_while_kb_add_publishes_removes_what_it_had_written(bucket, tm
                                     "is removed; run it again")
     assert bucket.list_keys(release_key("t-term", "")) == []
     assert [m.name for m in read_catalog(bucket).published] == ["base"] and not read_catalog(bucket).unpublished
+
+
+def test_gc_removes_the_memories_no_release_lists_and_waits_for_publications(bucket, embedder, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Failed or cancelled publications leave memories no release lists: a bank of weights never
+    published, or blobs of references never published beside listed ones."""
+    from memory3.services.release.catalog import collect_unlisted, plan_collection
+    from memory3.services.release.lease import Publication
+
+    build_random_release(bucket, "base", embedder=embedder)
+    bank = read_catalog(bucket).published[0].memory_bank["bank"]
+    listed = memory_keys(bucket, "base")
+    stray, orphan_bank = f"{MEMORIES_PREFIX}{bank}/zz/stray", f"{MEMORIES_PREFIX}0123abcd/aa/x"
+    for key in (stray, orphan_bank, f"{MEMORIES_PREFIX}0123abcd/bb/y"):
+        bucket.put_bytes(key, b"left by a cancelled publication")
+
+    plan = plan_collection(bucket)
+    assert plan.banks == {"0123abcd": 2} and plan.keys == {bank: [stray]} and plan.count == 3
+
+    running = Publication(bucket, "pending")
+    running.acquire()
+    try:  # a running publication may be writing memories no release lists yet
+        with pytest.raises(ReleaseBusy, match="pending are being published.*nothing was removed"):
+            plan_collection(bucket)
+        with pytest.raises(ReleaseBusy, match="pending are being published"):
+            collect_unlisted(bucket, plan)  # a plan made before it began
+    finally:
+        running.release()
+
+    assert collect_unlisted(bucket, plan) == 3
+    assert not bucket.exists(stray) and bucket.list_keys(f"{MEMORIES_PREFIX}0123abcd/") == []
+    assert all(bucket.exists(key) for key in listed)
+    assert plan_collection(bucket).count == 0
+
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    assert main(["release", "gc", "--dry-run", "--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket,
+                 "--cache-dir", str(tmp_path)]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
