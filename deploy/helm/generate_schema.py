@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from memory3.model.config import PRESETS
+
 CHART = Path(__file__).resolve().parent / "memory3"
 # Keys whose value is a free-form map handed to Kubernetes as is.
 FREE_MAPS = {"commonLabels", "commonAnnotations", "annotations", "labels", "nodeSelector", "podAnnotations",
@@ -33,8 +35,16 @@ UNIT_DECIMAL = "^(0(\\.[0-9]+)?|1(\\.0+)?)$"  # a decimal string from 0 to 1
 # ...and it makes a digit-only value an integer: these strings also take one (the templates render it as text).
 STRINGS_SET_AS_INTEGERS = {"release", "image.tag", "s3.bucket", "trainer.job.release", "encoding.release",
                            "encoding.merge.name", "kserve.modelName", "decoder.autoscaling.keda.threshold"}
+# A Kubernetes quantity of bytes (8Gi, 512M, 1e9), and Redis's own size units (1gb, 512mb, 100000).
+QUANTITY = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?([eE][0-9]+|[kMGTPE]|[KMGTPE]i)?$"}
+REDIS_SIZE = {"type": ["string", "integer"], "minimum": 0, "pattern": "^[0-9]+([kKmMgG][bB]?)?$"}
 CONSTRAINTS: dict[str, dict] = {
     "server.healthPort": PORT,
+    "server.cacheSizeLimit": QUANTITY,
+    "s3.inChart.persistence.size": QUANTITY,
+    "decoder.shmSize": QUANTITY,
+    "redis.inChart.maxmemory": REDIS_SIZE,
+    "trainer.job.preset": {"enum": sorted(PRESETS)},
     "decoder.autoscaling.scaleDownStabilizationSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
     "decoder.autoscaling.keda.threshold": {"pattern": DECIMAL},
     "decoder.autoscaling.keda.pollingInterval": {"type": "integer", "minimum": 1},

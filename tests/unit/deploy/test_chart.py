@@ -601,6 +601,8 @@ BAD_VALUES = [
     ({"decoder": {"dtype": "bfloat16"}}, "decoder.dtype: bfloat16 on CPU"),
     ({"s3": {"endpoint": ""}}, "s3.endpoint: set host:port of your S3-compatible store"),
     ({"s3": {"existingSecret": ""}}, "s3.existingSecret: name a Secret"),
+    ({"s3": {"endpoint": "", "inChart": {"enabled": True}, "secure": True}},
+     "s3.secure: the in-chart store speaks plain HTTP"),
     ({"s3": {"endpoint": "https://s3.example.com"}}, "must be host:port without a scheme"),
     ({"redis": {"url": "redis://:hunter2@cache:6379/0"}}, "redis.url: it holds credentials"),
     ({"redis": {"url": "redis://cache:6379", "existingSecret": "r"}}, "set either redis.url or redis.existingSecret"),

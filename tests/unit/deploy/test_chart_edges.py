@@ -227,11 +227,24 @@ def test_values_as_helm_set_parses_them_pass_the_schema_and_render_right(express
     ({"auth": {"internal": {"tokenKey": "a/b"}}}, "/auth/internal/tokenKey"),
     ({"text": {"maxOverlap": "1.5"}}, "/text/maxOverlap"),
     ({"metrics": {"prometheusRule": {"errorRatio": "-0.1"}}}, "/metrics/prometheusRule/errorRatio"),
+    ({"server": {"cacheSizeLimit": "8GB"}}, "/server/cacheSizeLimit"),
+    ({"decoder": {"shmSize": "1 Gi"}}, "/decoder/shmSize"),
+    ({"s3": {"inChart": {"persistence": {"size": "20gi"}}}}, "/s3/inChart/persistence/size"),
+    ({"redis": {"inChart": {"maxmemory": "1 GB"}}}, "/redis/inChart/maxmemory"),
+    ({"trainer": {"job": {"preset": "huge"}}}, "/trainer/job/preset"),
 ])
 def test_schema_refuses_values_out_of_range(values, path):
     with pytest.raises(helm.HelmValuesError) as failure:
         render(values)
     assert path in str(failure.value)
+
+
+@pytest.mark.parametrize("values", [
+    {"server": {"cacheSizeLimit": "512Mi"}}, {"server": {"cacheSizeLimit": "8G"}}, {"decoder": {"shmSize": "2Gi"}},
+    {"redis": {"inChart": {"enabled": True, "maxmemory": "512mb"}}}, {"trainer": {"job": {"preset": "tiny"}}},
+])
+def test_quantities_and_presets_as_kubernetes_and_the_trainer_take_them_pass(values):
+    render(values)
 
 
 # ---------------------------------------------------------------- 6, 7. NetworkPolicy and Services

@@ -11,6 +11,9 @@
 {{- if $v.s3.endpoint -}}
 {{- $messages = append $messages "s3: s3.endpoint is set but s3.inChart.enabled uses the in-chart store; unset one of them" -}}
 {{- end -}}
+{{- if $v.s3.secure -}}
+{{- $messages = append $messages "s3.secure: the in-chart store speaks plain HTTP inside the cluster; unset s3.secure, or use your own store over HTTPS" -}}
+{{- end -}}
 {{- else -}}
 {{- if not $v.s3.endpoint -}}
 {{- $messages = append $messages "s3.endpoint: set host:port of your S3-compatible store, or --set s3.inChart.enabled=true for a minimal in-chart one" -}}
