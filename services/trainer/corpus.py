@@ -130,18 +130,22 @@ def read_corpus_file(path: str | Path, *, max_document_bytes: int = MAX_DOCUMENT
     return documents
 
 
-def _json_lines_documents(path: Path, text: str) -> list[tuple[str, str]]:
+def _json_lines(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line; a CorpusError names a line that is not JSON."""
     import json
 
-    documents = []
     # Lines end at "\n" only: JSON leaves U+2028 and U+2029 unescaped, and str.splitlines would cut there.
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}: line {number} is not JSON ({e.msg})") from e
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}: line {number} is not JSON ({e.msg})") from e
+
+
+def _json_lines_documents(path: Path, text: str) -> list[tuple[str, str]]:
+    documents = []
+    for number, item in _json_lines(path, text):
         if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"].strip():
             raise CorpusError(f'{path}: line {number} must be an object with a non-empty string "text"')
         source = item.get("source", f"{path}:{number}")
@@ -168,8 +172,6 @@ def read_selection_file(path: str | Path) -> tuple[list[str], list[str]]:
     `{"match": ...}`. For more than a command line holds (Linux takes 2 MiB of arguments, 128 KiB one),
     texts with newlines or NULs, and values that begin with "-"; the TrainerService passes its jobs'
     removals this way."""
-    import json
-
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -178,18 +180,11 @@ def read_selection_file(path: str | Path) -> tuple[list[str], list[str]]:
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     ids, matches = [], []
-    for number, line in enumerate(text.split("\n"), start=1):  # "\n" only: JSON leaves U+2028 as it is
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}: line {number} is not JSON ({e.msg})") from e
-        if not isinstance(item, dict) or len(item) != 1 or not isinstance(next(iter(item.values())), str) \
-                or next(iter(item)) not in ("id", "match") or not next(iter(item.values())):
+    for number, item in _json_lines(path, text):
+        key, value = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (None, None)
+        if key not in ("id", "match") or not isinstance(value, str) or not value:
             raise CorpusError(f'{path}: line {number} must be {{"id": "..."}} or {{"match": "..."}} (a non-empty '
                               "string)")
-        (key, value), = item.items()
         _check_encodable(value, f'{path}: line {number}: "{key}"')
         (ids if key == "id" else matches).append(value)
     if not ids and not matches:
