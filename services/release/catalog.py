@@ -132,21 +132,7 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
         # Its own objects only: what memories it lists is unknown, and they stay.
         return DeletionPlan(name, published=False, release_keys=store.list_keys(release_key(name, "")),
                             unreadable=catalog.unreadable.get(name))
-    if catalog.unreadable:
-        raise ReleaseBusy(
-            f"the manifests of releases {', '.join(catalog.unreadable)} cannot be read, so which memories they list "
-            f"is unknown; nothing was deleted. Delete them first (their memories are kept), or fix them ("
-            + "; ".join(f"{n}: {why}" for n, why in catalog.unreadable.items()) + ")")
-    pending = [n for n in catalog.unpublished if n != name]
-    running = [n for n in pending if live_leases(store, n)]
-    if running:
-        raise ReleaseBusy(f"releases {', '.join(running)} are being published and may list memories of {name!r}, "
-                          "so nothing was deleted: wait until they are published")
-    if pending:
-        raise ReleaseBusy(
-            f"releases {', '.join(pending)} have no manifest and no publication running: left half-written. "
-            f"They may list memories of {name!r}, so nothing was deleted. Delete their leftovers first "
-            f"(`memory3 release delete {pending[0]}`)")
+    _refuse_while_unknown(store, catalog, may_list=f"memories of {name!r}", done="deleted", besides=name)
     others = [m for m in catalog.published if m.name != name]
     plan = DeletionPlan(name, published=True, release_keys=store.list_keys(release_key(name, "")),
                         bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],
@@ -184,6 +170,9 @@ def delete_release(store: ObjectStore, plan: DeletionPlan, *, log: Callable[[str
     return removed
 
 
+UNLISTED = "the memories no published release lists"  # what `release gc` removes
+
+
 @dataclass
 class CollectionPlan:
     """Memories no published release lists, which `release gc` removes: whole banks that no release
@@ -209,7 +198,7 @@ def plan_collection(store: ObjectStore) -> CollectionPlan:
     reference tables of the releases that use it. Refused, as a deletion is, while a release is
     being published, left half-written or unreadable: it may list any memory."""
     catalog = read_catalog(store)
-    _refuse_while_unknown(store, catalog, "memories no release lists")
+    _refuse_while_unknown(store, catalog, may_list=UNLISTED, done="removed")
     listed_by_bank: dict[str, set[str]] = {}
     for manifest in catalog.published:
         listed_by_bank.setdefault(manifest.memory_bank["bank"], set()).update(_memory_keys(store, manifest))
@@ -231,7 +220,7 @@ def collect_unlisted(store: ObjectStore, plan: CollectionPlan, *, log: Callable[
                      progress: Callable[[int], None] | None = None) -> int:
     """Carries out `plan`, after checking again that no publication began since it was made (one
     would write memories the plan did not see). Returns how many objects were removed."""
-    _refuse_while_unknown(store, read_catalog(store), "memories no release lists")
+    _refuse_while_unknown(store, read_catalog(store), may_list=UNLISTED, done="removed")
     removed = 0
     for bank in plan.banks:
         log(f"removing memory bank {bank}")
@@ -242,19 +231,25 @@ def collect_unlisted(store: ObjectStore, plan: CollectionPlan, *, log: Callable[
     return removed
 
 
-def _refuse_while_unknown(store: ObjectStore, catalog: Catalog, what: str) -> None:
-    """ReleaseBusy while a release's memories are unknown: being published, half-written, or unreadable."""
+def _refuse_while_unknown(store: ObjectStore, catalog: Catalog, *, may_list: str, done: str,
+                         besides: str | None = None) -> None:
+    """ReleaseBusy while releases other than `besides` have memories this cannot know: being published,
+    left half-written, or unreadable. `may_list` says which memories are at stake, `done` what was not."""
     if catalog.unreadable:
-        raise ReleaseBusy(f"the manifests of releases {', '.join(catalog.unreadable)} cannot be read, so which "
-                          f"memories they list is unknown; nothing was removed. Delete them first, or fix them")
-    running = [n for n in catalog.unpublished if live_leases(store, n)]
+        raise ReleaseBusy(
+            f"the manifests of releases {', '.join(catalog.unreadable)} cannot be read, so which memories they list "
+            f"is unknown; nothing was {done}. Delete them first (their memories are kept), or fix them ("
+            + "; ".join(f"{n}: {why}" for n, why in catalog.unreadable.items()) + ")")
+    pending = [n for n in catalog.unpublished if n != besides]
+    running = [n for n in pending if live_leases(store, n)]
     if running:
-        raise ReleaseBusy(f"releases {', '.join(running)} are being published: {what} may be theirs; nothing was "
-                          "removed, wait until they are published")
-    if catalog.unpublished:
-        raise ReleaseBusy(f"releases {', '.join(catalog.unpublished)} have no manifest and no publication running: "
-                          f"left half-written, they may list {what}; nothing was removed. Delete their leftovers "
-                          f"first (`memory3 release delete {catalog.unpublished[0]}`)")
+        raise ReleaseBusy(f"releases {', '.join(running)} are being published and may list {may_list}, "
+                          f"so nothing was {done}: wait until they are published")
+    if pending:
+        raise ReleaseBusy(
+            f"releases {', '.join(pending)} have no manifest and no publication running: left half-written. "
+            f"They may list {may_list}, so nothing was {done}. Delete their leftovers first "
+            f"(`memory3 release delete {pending[0]}`)")
 
 
 def _memory_keys(store: ObjectStore, manifest: Manifest) -> set[str]:
