@@ -338,16 +338,22 @@ def _removal_progress() -> Callable[[int], None]:
 
 
 def cmd_release_gc(s3, *, dry_run: bool) -> int:
-    from memory3.services.release.catalog import collect_unlisted, plan_collection
+    from memory3.services.release.catalog import Maintenance, collect_unlisted, plan_collection
     from memory3.services.storage.object_store import ObjectStore
 
     store = ObjectStore(s3)
-    plan = plan_collection(store)
-    print(plan.summary())
-    if dry_run or not plan.count:
-        print("dry run: nothing removed" if dry_run else "nothing removed")
+    if dry_run:
+        print(plan_collection(store).summary())
+        print("dry run: nothing removed")
         return 0
-    removed = collect_unlisted(store, plan, log=lambda msg: print(msg, file=sys.stderr), progress=_removal_progress())
+    with Maintenance(store, "release gc") as maintenance:
+        plan = plan_collection(store)
+        print(plan.summary())
+        if not plan.count:
+            print("nothing removed")
+            return 0
+        removed = collect_unlisted(store, plan, maintenance, log=lambda msg: print(msg, file=sys.stderr),
+                                   progress=_removal_progress())
     print(f"{removed} objects removed from bucket {s3.bucket!r}")
     return 0
 
@@ -355,7 +361,7 @@ def cmd_release_gc(s3, *, dry_run: bool) -> int:
 def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: Path) -> int:
     import shutil
 
-    from memory3.services.release.catalog import delete_release, plan_deletion
+    from memory3.services.release.catalog import Maintenance, delete_release, plan_deletion
     from memory3.services.stack import SERVICES, stack_is_up
     from memory3.services.storage.object_store import ObjectStore
 
@@ -365,12 +371,15 @@ def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: P
     if served and not dry_run:
         raise ValueError(f"the local stack serves release {name!r}: stop it first (`memory3 down`)")
     store = ObjectStore(s3)
-    plan = plan_deletion(store, name)
-    print(plan.summary())
     if dry_run:
+        print(plan_deletion(store, name).summary())
         print("dry run: nothing removed" + (" (the local stack serves it: `memory3 down` first)" if served else ""))
         return 0
-    removed = delete_release(store, plan, log=lambda msg: print(msg, file=sys.stderr), progress=_removal_progress())
+    with Maintenance(store, f"release delete {name}") as maintenance:
+        plan = plan_deletion(store, name)
+        print(plan.summary())
+        removed = delete_release(store, plan, maintenance, log=lambda msg: print(msg, file=sys.stderr),
+                                 progress=_removal_progress())
     # This command's copy, and those of the services `memory3 up` runs (one cache directory each).
     for local in (cache_dir / name, *(cache_dir / service / name for service in SERVICES)):
         if local.is_dir():

@@ -11,18 +11,20 @@ publication writes it last. A release without a manifest is a publication in pro
 half-written, and one whose manifest this build cannot read has a bank we cannot know: either may
 list any memory, so while one exists, deleting a published release stops and says so. The leftovers
 of a publication are deleted only once its lease has expired (lease.py): a publication still running
-holds its name, and would otherwise publish a manifest over files that are gone.
+holds its name, and would otherwise publish a manifest over files that are gone. Removing is done
+under a `Maintenance` lease taken before the plan is made, which publications wait for (lease.py).
 """
 
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..storage.object_store import ObjectStore
-from .lease import LEASE_TTL_S, ReleaseBusy, live_leases
+from .lease import LEASE_TTL_S, Maintenance, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
     RELEASES_PREFIX,
@@ -36,7 +38,7 @@ from .manifest import (
 from .publish import MANIFEST_FILE, REFERENCES_FILE
 from .reader import read_manifest
 
-__all__ = ["Catalog", "CollectionPlan", "DeletionPlan", "ReleaseBusy", "collect_unlisted", "delete_release",
+__all__ = ["Catalog", "CollectionPlan", "DeletionPlan", "Maintenance", "ReleaseBusy", "collect_unlisted", "delete_release",
            "plan_collection", "plan_deletion", "read_catalog", "release_names"]
 
 
@@ -88,6 +90,7 @@ class DeletionPlan:
     sharing: list[str] = field(default_factory=list)
     derived: list[str] = field(default_factory=list)
     unreadable: str | None = None  # why its manifest cannot be read
+    planned_at: float = 0.0  # monotonic time its reading of the bucket began
 
     @property
     def removed_memories(self) -> int:
@@ -117,6 +120,7 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
     """Reads the catalog and, where other releases share the bank, every reference table of that
     bank: their memory keys are held in memory as sets (about 100 bytes a memory)."""
     check_release_name(name)
+    planned_at = time.monotonic()
     catalog = read_catalog(store)
     mine = next((m for m in catalog.published if m.name == name), None)
     if mine is None:
@@ -131,12 +135,12 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
                               f"{LEASE_TTL_S:.0f} s after its last heartbeat")
         # Its own objects only: what memories it lists is unknown, and they stay.
         return DeletionPlan(name, published=False, release_keys=store.list_keys(release_key(name, "")),
-                            unreadable=catalog.unreadable.get(name))
+                            unreadable=catalog.unreadable.get(name), planned_at=planned_at)
     _refuse_while_unknown(store, catalog, may_list=f"memories of {name!r}", done="deleted", besides=name)
     others = [m for m in catalog.published if m.name != name]
     plan = DeletionPlan(name, published=True, release_keys=store.list_keys(release_key(name, "")),
                         bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],
-                        listed=int(mine.memory_bank["count"]))
+                        listed=int(mine.memory_bank["count"]), planned_at=planned_at)
     sharing = [m for m in others if m.memory_bank["bank"] == plan.bank]
     if not sharing:
         plan.whole_bank = True
@@ -151,10 +155,12 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
     return plan
 
 
-def delete_release(store: ObjectStore, plan: DeletionPlan, *, log: Callable[[str], None] = lambda _: None,
-                   progress: Callable[[int], None] | None = None) -> int:
-    """Carries out `plan`: manifest, then the release's other objects, then its memories, whose
-    count removed so far `progress` gets at every 1000. Returns how many objects were removed."""
+def delete_release(store: ObjectStore, plan: DeletionPlan, under: Maintenance, *,
+                   log: Callable[[str], None] = lambda _: None, progress: Callable[[int], None] | None = None) -> int:
+    """Carries out `plan`, made `under` the maintenance lease: manifest, then the release's other
+    objects, then its memories, whose count removed so far `progress` gets at every 1000. Returns
+    how many objects were removed."""
+    under.check_covers(plan.planned_at)
     manifest = release_key(plan.name, MANIFEST_FILE)
     removed = 0
     if manifest in plan.release_keys:
@@ -182,6 +188,7 @@ class CollectionPlan:
 
     banks: dict[str, int] = field(default_factory=dict)
     keys: dict[str, list[str]] = field(default_factory=dict)
+    planned_at: float = 0.0  # monotonic time its reading of the bucket began
 
     @property
     def count(self) -> int:
@@ -197,12 +204,13 @@ def plan_collection(store: ObjectStore) -> CollectionPlan:
     """Lists every bank (one listing of each: this is the one command that does), and reads the
     reference tables of the releases that use it. Refused, as a deletion is, while a release is
     being published, left half-written or unreadable: it may list any memory."""
+    planned_at = time.monotonic()
     catalog = read_catalog(store)
     _refuse_while_unknown(store, catalog, may_list=UNLISTED, done="removed")
     listed_by_bank: dict[str, set[str]] = {}
     for manifest in catalog.published:
         listed_by_bank.setdefault(manifest.memory_bank["bank"], set()).update(_memory_keys(store, manifest))
-    plan = CollectionPlan()
+    plan = CollectionPlan(planned_at=planned_at)
     for prefix in store.list_keys(MEMORIES_PREFIX, recursive=False):
         bank = prefix[len(MEMORIES_PREFIX):].strip("/")
         keys = store.iter_keys(f"{MEMORIES_PREFIX}{bank}/")
@@ -216,11 +224,11 @@ def plan_collection(store: ObjectStore) -> CollectionPlan:
     return plan
 
 
-def collect_unlisted(store: ObjectStore, plan: CollectionPlan, *, log: Callable[[str], None] = lambda _: None,
-                     progress: Callable[[int], None] | None = None) -> int:
-    """Carries out `plan`, after checking again that no publication began since it was made (one
-    would write memories the plan did not see). Returns how many objects were removed."""
-    _refuse_while_unknown(store, read_catalog(store), may_list=UNLISTED, done="removed")
+def collect_unlisted(store: ObjectStore, plan: CollectionPlan, under: Maintenance, *,
+                     log: Callable[[str], None] = lambda _: None, progress: Callable[[int], None] | None = None) -> int:
+    """Carries out `plan`, made `under` the maintenance lease (a publication that began since waits
+    for it). Returns how many objects were removed."""
+    under.check_covers(plan.planned_at)
     removed = 0
     for bank in plan.banks:
         log(f"removing memory bank {bank}")

@@ -15,6 +15,14 @@ publisher gives up before writing anything (each looks twice, `LEASE_SETTLE_S` a
 whose writes crossed its own). This needs only what S3 and MinIO guarantee: a read or a listing
 after a write sees it. Heartbeats are compared with the reader's clock: hosts must agree on the time
 within a fraction of `LEASE_TTL_S` (NTP does far better).
+
+Removing memories (`release delete` of a published release, `release gc`) takes a maintenance lease,
+`maintenance/<token>.json`, before it decides what to remove: a publication that began after that
+decision could upload a memory the plan removes (keys are content hashes, so a retried or repeated
+publication writes keys a failed one left), and would publish a manifest listing it. Both sides write
+their lease, then look for the other's: of two that cross, at least one sees the other. The remover
+that sees a publication gives up (as before); a publisher that sees a removal waits for it to end,
+its own lease renewed meanwhile.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError
@@ -34,9 +43,11 @@ from .manifest import ReleaseError, release_key
 
 log = logging.getLogger("memory3.release")
 LEASE_DIR = "publishing/"
+MAINTENANCE_PREFIX = "maintenance/"
 LEASE_RENEW_S = 20.0
 LEASE_TTL_S = 180.0
 LEASE_SETTLE_S = 1.0  # well above one PUT's time: see Publication.acquire
+MAINTENANCE_POLL_S = 5.0  # how often a publisher looks again while memories are removed
 
 
 class ReleaseBusy(ReleaseError):
@@ -68,75 +79,78 @@ class Lease:
         return f"{self.holder}, since {self.started} (last heartbeat {self.age_s():.0f} s ago)"
 
     def to_json(self) -> bytes:
-        return json.dumps({"token": self.token, "holder": self.holder, "started": self.started,
+        return json.dumps({"name": self.name, "token": self.token, "holder": self.holder, "started": self.started,
                            "heartbeat": self.heartbeat}).encode()
+
+    def renewed(self) -> Lease:
+        return replace(self, heartbeat=_now())
+
+
+@dataclass(frozen=True)
+class MaintenanceLease(Lease):
+    """A remover's claim: `name` says what it does (`release gc`, `release delete NAME`)."""
+
+    @property
+    def key(self) -> str:
+        return f"{MAINTENANCE_PREFIX}{self.token}.json"
 
 
 def leases(store: ObjectStore, name: str) -> list[Lease]:
     """The leases stored for `name`, live or not; one that cannot be read counts as live now (a
     deletion waits for it rather than guess), one removed while listed is skipped."""
+    return _read_leases(store, release_key(name, LEASE_DIR), lambda _data: name, Lease)
+
+
+def maintenance_leases(store: ObjectStore) -> list[Lease]:
+    """The maintenance leases stored, live or not, read as `leases` reads a name's."""
+    return _read_leases(store, MAINTENANCE_PREFIX, lambda data: str(data["name"]), MaintenanceLease)
+
+
+def live_leases(store: ObjectStore, name: str) -> list[Lease]:
+    return _live(leases(store, name))
+
+
+def live_maintenance(store: ObjectStore) -> list[Lease]:
+    return _live(maintenance_leases(store))
+
+
+def _live(found: list[Lease]) -> list[Lease]:
+    now = datetime.now(UTC)
+    return [lease for lease in found if lease.live(now)]
+
+
+def _read_leases(store: ObjectStore, prefix: str, name_of: Callable[[dict], str], kind: type[Lease]) -> list[Lease]:
     found = []
-    for key in store.list_keys(release_key(name, LEASE_DIR)):
+    for key in store.list_keys(prefix):
         token = key.rsplit("/", 1)[-1].removesuffix(".json")
         try:
             data = json.loads(store.get_bytes(key))
-            found.append(Lease(name, token, str(data["holder"]), str(data["started"]), str(data["heartbeat"])))
+            found.append(kind(name_of(data), token, str(data["holder"]), str(data["started"]), str(data["heartbeat"])))
         except ObjectNotFound:
             continue
         except (ValueError, KeyError, TypeError):
             now = _now()
-            found.append(Lease(name, token, f"an unreadable lease ({key})", now, now))
+            found.append(kind("?", token, f"an unreadable lease ({key})", now, now))
     return found
 
 
-def live_leases(store: ObjectStore, name: str) -> list[Lease]:
-    now = datetime.now(UTC)
-    return [lease for lease in leases(store, name) if lease.live(now)]
+class _Held:
+    """A lease this process holds: written, then renewed every `LEASE_RENEW_S` by a thread until
+    `release()`."""
 
-
-class Publication:
-    """Holds `name` while a release is written: `acquire()`, then `release()` (after the manifest,
-    or on failure). A heartbeat thread keeps the lease live in between."""
-
-    def __init__(self, store: ObjectStore, name: str) -> None:
-        self.store, self.name = store, name
-        now = _now()
-        self.lease = Lease(name, uuid.uuid4().hex, f"{socket.gethostname()} pid {os.getpid()}", now, now)
+    def __init__(self, store: ObjectStore, lease: Lease) -> None:
+        self.store, self.lease = store, lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self) -> None:
-        """Write the lease, then give up (ReleaseBusy, the lease removed) unless it is the oldest live
-        one, now and `LEASE_SETTLE_S` later: a rival that stamped its lease just before this one but
-        wrote it just after this one's listing shows by then, and it is this one that gives up."""
+    def _write(self) -> None:
         now = _now()
-        self.lease = Lease(self.name, self.lease.token, self.lease.holder, now, now)
+        self.lease = replace(self.lease, started=now, heartbeat=now)
         self.store.put_bytes(self.lease.key, self.lease.to_json(), "application/json")
-        try:
-            self._check_first()
-            time.sleep(LEASE_SETTLE_S)
-            rivals = self._check_first()
-            # Anything else under the name was left by publishers that died (expired leases included):
-            # removed, so that the release holds only what this one writes.
-            keep = {self.lease.key, *(lease.key for lease in rivals)}
-            leftovers = [key for key in self.store.list_keys(release_key(self.name, "")) if key not in keep]
-            if leftovers:
-                log.warning("removing %d objects a failed publication of %r left", len(leftovers), self.name)
-                self.store.remove_keys(leftovers)
-        except BaseException:  # an outage, Ctrl-C: the lease goes now rather than in LEASE_TTL_S
-            self._remove()
-            raise
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.name}", daemon=True)
-        self._thread.start()
 
-    def _check_first(self) -> list[Lease]:
-        """The other live leases, none of which comes first; ReleaseBusy if one does."""
-        rivals = [lease for lease in live_leases(self.store, self.name) if lease.token != self.lease.token]
-        first = min([self.lease, *rivals], key=lambda lease: (lease.started, lease.token))
-        if first is not self.lease:
-            raise ReleaseBusy(f"release {self.name!r} is being published by {first.describe()}; wait for it to "
-                              "finish, or choose another name")
-        return rivals
+    def _start_beating(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.lease.token[:8]}", daemon=True)
+        self._thread.start()
 
     def release(self) -> None:
         self._stop.set()
@@ -148,15 +162,104 @@ class Publication:
         try:
             self.store.remove_keys([self.lease.key])
         except StoreError as e:  # it expires by itself
-            log.warning("could not remove the publication lease of %r: %s", self.name, e)
+            log.warning("could not remove the lease %s: %s", self.lease.key, e)
 
     def _beat(self) -> None:
         while not self._stop.wait(LEASE_RENEW_S):
-            self.lease = Lease(self.name, self.lease.token, self.lease.holder, self.lease.started, _now())
+            self.lease = self.lease.renewed()
             try:
                 self.store.put_bytes(self.lease.key, self.lease.to_json(), "application/json")
             except StoreError as e:  # the next beat tries again; the lease lasts LEASE_TTL_S
-                log.warning("publication lease of %r not renewed: %s", self.name, e)
+                log.warning("lease %s not renewed: %s", self.lease.key, e)
+
+
+class Publication(_Held):
+    """Holds `name` while a release is written: `acquire()`, then `release()` (after the manifest,
+    or on failure). A heartbeat thread keeps the lease live in between."""
+
+    def __init__(self, store: ObjectStore, name: str) -> None:
+        now = _now()
+        super().__init__(store, Lease(name, uuid.uuid4().hex, _holder(), now, now))
+        self.name = name
+
+    def acquire(self) -> None:
+        """Write the lease, then give up (ReleaseBusy, the lease removed) unless it is the oldest live
+        one, now and `LEASE_SETTLE_S` later: a rival that stamped its lease just before this one but
+        wrote it just after this one's listing shows by then, and it is this one that gives up. Then
+        wait while memories are being removed (`Maintenance`)."""
+        self._write()
+        try:
+            self._check_first()
+            time.sleep(LEASE_SETTLE_S)
+            rivals = self._check_first()
+            # Anything else under the name was left by publishers that died (expired leases included):
+            # removed, so that the release holds only what this one writes.
+            keep = {self.lease.key, *(lease.key for lease in rivals)}
+            leftovers = [key for key in self.store.list_keys(release_key(self.name, "")) if key not in keep]
+            if leftovers:
+                log.warning("removing %d objects a failed publication of %r left", len(leftovers), self.name)
+                self.store.remove_keys(leftovers)
+            self._start_beating()
+            self._wait_for_maintenance()
+        except BaseException:  # an outage, Ctrl-C: the lease goes now rather than in LEASE_TTL_S
+            self.release()
+            raise
+
+    def _check_first(self) -> list[Lease]:
+        """The other live leases, none of which comes first; ReleaseBusy if one does."""
+        rivals = [lease for lease in live_leases(self.store, self.name) if lease.token != self.lease.token]
+        first = min([self.lease, *rivals], key=lambda lease: (lease.started, lease.token))
+        if first is not self.lease:
+            raise ReleaseBusy(f"release {self.name!r} is being published by {first.describe()}; wait for it to "
+                              "finish, or choose another name")
+        return rivals
+
+    def _wait_for_maintenance(self) -> None:
+        """Returns once no memories are being removed: this lease is visible from here on, so a
+        removal that starts later sees it and gives up."""
+        said = 0.0
+        while running := live_maintenance(self.store):
+            if time.monotonic() - said >= 60.0:
+                said = time.monotonic()
+                log.warning("publication of %r waits for %s (%s) to finish removing memories", self.name,
+                            running[0].name, running[0].describe())
+            time.sleep(MAINTENANCE_POLL_S)
+
+
+class Maintenance(_Held):
+    """Held while memories are removed, from before deciding which: `with Maintenance(store, what):`
+    plan, then remove. Publications wait meanwhile. It gives up (ReleaseBusy) where a publication is
+    running, through the plan's checks (catalog.py), which read the bucket after this lease is written.
+    Removers do not exclude each other: each keeps what another release lists, so two at once can
+    only leave memories for `release gc`."""
+
+    def __init__(self, store: ObjectStore, what: str) -> None:
+        now = _now()
+        super().__init__(store, MaintenanceLease(what, uuid.uuid4().hex, _holder(), now, now))
+        self.since: float | None = None  # monotonic time the lease was written
+
+    def __enter__(self) -> Maintenance:
+        self._write()
+        self.since = time.monotonic()
+        try:
+            self._start_beating()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        self.since = None
+
+    def check_covers(self, planned_at: float) -> None:
+        """A plan made before this lease was written may miss publications that began since."""
+        if self.since is None or planned_at < self.since:
+            raise RuntimeError("memories are removed only under a Maintenance lease taken before the plan was made")
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 def _now() -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from memory3.model.config import PRESETS
 
-from ..release.catalog import DeletionPlan, ReleaseBusy, delete_release, plan_deletion, read_catalog
+from ..release.catalog import DeletionPlan, Maintenance, ReleaseBusy, delete_release, plan_deletion, read_catalog
 from ..release.manifest import Manifest, ReleaseError, ReleaseNotFound, check_release_name, release_key
 from ..retrieval.index import check_index_choice
 from ..rpc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, Unavailable
@@ -259,8 +259,7 @@ class TrainingJobManager:
         if any(j.spec.release == name and j.state not in TERMINAL for j in self.jobs.values()):
             raise FailedPrecondition(f"a job for release {name!r} is queued or running: cancel it first")
         try:
-            plan = await asyncio.to_thread(plan_deletion, self.store, name)
-            removed = 0 if dry_run else await asyncio.to_thread(delete_release, self.store, plan, log=log.info)
+            plan, removed = await asyncio.to_thread(self._delete, name, dry_run)
         except ReleaseNotFound as e:
             raise NotFound(str(e)) from e
         except ReleaseBusy as e:
@@ -268,6 +267,13 @@ class TrainingJobManager:
         except StoreUnavailable as e:
             raise Unavailable(str(e)) from e
         return plan, removed
+
+    def _delete(self, name: str, dry_run: bool) -> tuple[DeletionPlan, int]:
+        if dry_run:
+            return plan_deletion(self.store, name), 0
+        with Maintenance(self.store, f"release delete {name}") as maintenance:
+            plan = plan_deletion(self.store, name)
+            return plan, delete_release(self.store, plan, maintenance, log=log.info)
 
     async def _work(self) -> None:
         while True:

@@ -1,17 +1,19 @@
 """Listing and deleting releases on a real S3 server: shared banks keep what other releases list."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from release_fixtures import DOCUMENTS, build_random_release
 
 from memory3.services.cli.main import main
-from memory3.services.release.catalog import ReleaseBusy, delete_release, plan_deletion, read_catalog
+from memory3.services.release.catalog import Maintenance, ReleaseBusy, delete_release, plan_deletion, read_catalog
 from memory3.services.release.manifest import MEMORIES_PREFIX, ReleaseNotFound, release_key
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
@@ -26,7 +28,16 @@ def memory_keys(store, name):
     return {row["memory_key"] for row in rows}
 
 
-def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_reader_is_unknown(bucket, tmp_path):
+@pytest.fixture
+def hold(bucket):
+    """Takes the maintenance lease a removal is made under, until the test ends (no publication
+    may begin after: it would wait)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(Maintenance(bucket, "release delete (test)"))
+
+
+def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_reader_is_unknown(bucket, tmp_path,
+                                                                                                   hold):
     embedder = Embedder()
     build_random_release(bucket, "base", embedder=embedder)
     added = tmp_path / "added.txt"
@@ -41,6 +52,7 @@ def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_
     assert {m.memory_bank["bank"] for m in catalog.published if m.name != "other"} == {base_bank}
     base_keys, derived_keys, other_keys = (memory_keys(bucket, n) for n in ("base", "derived", "other"))
     assert len(base_keys) == len(DOCUMENTS) and base_keys < derived_keys and len(derived_keys - base_keys) == 2
+    held = hold()
 
     # The parent lists nothing that the derived release does not: nothing of the bank would go.
     plan = plan_deletion(bucket, "base")
@@ -49,7 +61,7 @@ def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_
 
     plan = plan_deletion(bucket, "derived")
     assert set(plan.memory_keys) == derived_keys - base_keys and plan.kept == len(base_keys)
-    delete_release(bucket, plan)
+    delete_release(bucket, plan, held)
     assert bucket.list_keys(release_key("derived", "")) == []
     assert not any(bucket.exists(key) for key in derived_keys - base_keys)
     base = Release.open(bucket, "base", tmp_path / "cache2")
@@ -63,12 +75,12 @@ def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_
     assert bucket.exists(release_key("base", "manifest.json"))
     plan = plan_deletion(bucket, "half")
     assert not plan.published and plan.bank is None
-    assert delete_release(bucket, plan) == 1 and bucket.list_keys(release_key("half", "")) == []
+    assert delete_release(bucket, plan, held) == 1 and bucket.list_keys(release_key("half", "")) == []
 
     # The last release of a bank takes the whole bank with it, leftovers included; other banks stay.
     plan = plan_deletion(bucket, "base")
     assert plan.whole_bank and plan.memory_keys == []
-    delete_release(bucket, plan)
+    delete_release(bucket, plan, held)
     assert bucket.list_keys(f"{MEMORIES_PREFIX}{base_bank}/") == []
     assert bucket.list_keys(release_key("base", "")) == []
     assert all(bucket.exists(key) for key in other_keys)
@@ -82,7 +94,7 @@ def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_
         plan_deletion(bucket, "other")
     plan = plan_deletion(bucket, "broken")
     assert plan.unreadable and "not valid JSON" in plan.summary()
-    delete_release(bucket, plan)
+    delete_release(bucket, plan, held)
     assert [m.name for m in read_catalog(bucket).published] == ["other"] and not read_catalog(bucket).unreadable
 
 
@@ -192,7 +204,7 @@ def test_gc_removes_the_memories_no_release_lists_and_waits_for_publications(buc
     """Failed or cancelled publications leave memories no release lists: a bank of weights never
     published, or blobs of references never published beside listed ones."""
     from memory3.services.release.catalog import collect_unlisted, plan_collection
-    from memory3.services.release.lease import Publication
+    from memory3.services.release.lease import Publication, maintenance_leases
 
     build_random_release(bucket, "base", embedder=embedder)
     bank = read_catalog(bucket).published[0].memory_bank["bank"]
@@ -201,20 +213,23 @@ def test_gc_removes_the_memories_no_release_lists_and_waits_for_publications(buc
     for key in (stray, orphan_bank, f"{MEMORIES_PREFIX}0123abcd/bb/y"):
         bucket.put_bytes(key, b"left by a cancelled publication")
 
-    plan = plan_collection(bucket)
-    assert plan.banks == {"0123abcd": 2} and plan.keys == {bank: [stray]} and plan.count == 3
+    early = plan_collection(bucket)  # as `--dry-run` does: no lease
+    assert early.banks == {"0123abcd": 2} and early.keys == {bank: [stray]} and early.count == 3
 
     running = Publication(bucket, "pending")
     running.acquire()
     try:  # a running publication may be writing memories no release lists yet
-        with pytest.raises(ReleaseBusy, match="pending are being published.*nothing was removed"):
+        with Maintenance(bucket, "release gc"), \
+                pytest.raises(ReleaseBusy, match="pending are being published.*nothing was removed"):
             plan_collection(bucket)
-        with pytest.raises(ReleaseBusy, match="pending are being published"):
-            collect_unlisted(bucket, plan)  # a plan made before it began
     finally:
         running.release()
+    assert maintenance_leases(bucket) == []
 
-    assert collect_unlisted(bucket, plan) == 3
+    with Maintenance(bucket, "release gc") as held:
+        with pytest.raises(RuntimeError, match="taken before the plan was made"):
+            collect_unlisted(bucket, early, held)  # a publication may have begun since, unseen
+        assert collect_unlisted(bucket, plan_collection(bucket), held) == 3
     assert not bucket.exists(stray) and bucket.list_keys(f"{MEMORIES_PREFIX}0123abcd/") == []
     assert all(bucket.exists(key) for key in listed)
     assert plan_collection(bucket).count == 0
@@ -225,3 +240,41 @@ def test_gc_removes_the_memories_no_release_lists_and_waits_for_publications(buc
     assert main(["release", "gc", "--dry-run", "--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket,
                  "--cache-dir", str(tmp_path)]) == 0
     assert "nothing to remove" in capsys.readouterr().out
+
+
+def test_a_publication_waits_while_memories_are_removed(bucket, embedder, tmp_path, monkeypatch):
+    """A retried publication uploads the keys a failed one left (content hashes), which `release gc`
+    plans to remove as no release lists them. Had it gone on, gc would remove them after its upload
+    and the release would list memories that are gone; it waits for gc to finish instead."""
+    from memory3.services.release import lease as lease_module
+    from memory3.services.release.catalog import collect_unlisted, plan_collection
+
+    monkeypatch.setattr(lease_module, "MAINTENANCE_POLL_S", 0.05)
+    build_random_release(bucket, "base", embedder=embedder)
+    added = tmp_path / "added.txt"
+    added.write_text("Ilse Marrow keeps the lighthouse of Fenwick Reach.\n")
+
+    def fail(done, total):
+        raise RuntimeError("cancelled")
+    with pytest.raises(RuntimeError, match="cancelled"):
+        kb_add(bucket, "base", [added], "child", tmp_path / "cache", embedder=embedder, progress=False,
+               on_encoded=fail)
+    with Maintenance(bucket, "release gc") as held:
+        plan = plan_collection(bucket)
+        stray = [key for keys in plan.keys.values() for key in keys]
+        assert len(stray) == 1  # the memory of the added text, uploaded before the failure
+
+        waiting, encoded = threading.Event(), threading.Event()
+        seen = lease_module.live_maintenance
+        monkeypatch.setattr(lease_module, "live_maintenance", lambda store: (waiting.set(), seen(store))[1])
+        retry = threading.Thread(target=kb_add, args=(bucket, "base", [added], "child", tmp_path / "cache"),
+                                 kwargs={"embedder": embedder, "progress": False,
+                                         "on_encoded": lambda done, total: encoded.set()})
+        retry.start()
+        assert waiting.wait(60)
+        assert not encoded.wait(3.0), "the retry encoded and uploaded while gc held its lease"
+        assert collect_unlisted(bucket, plan, held) == 1
+    retry.join(120)
+    assert not retry.is_alive() and encoded.is_set()
+    child = Release.open(bucket, "child", tmp_path / "cache2")
+    assert len(child.fetch_memories(list(child.by_id))) == len(child.by_id)  # every memory it lists is there
