@@ -38,8 +38,8 @@ from .manifest import (
 from .publish import MANIFEST_FILE, REFERENCES_FILE
 from .reader import read_manifest
 
-__all__ = ["Catalog", "CollectionPlan", "DeletionPlan", "Maintenance", "ReleaseBusy", "collect_unlisted", "delete_release",
-           "plan_collection", "plan_deletion", "read_catalog", "release_names"]
+__all__ = ["Catalog", "CollectionPlan", "DeletionPlan", "Maintenance", "ReleaseBusy", "collect_unlisted",
+           "delete_release", "plan_collection", "plan_deletion", "read_catalog", "release_names"]
 
 
 def release_names(store: ObjectStore) -> list[str]:
