@@ -5,6 +5,12 @@ job at a time; its JSON-lines progress becomes the job's event history, which an
 watchers replay and then follow. Cancelling terminates the child; its checkpoints stay, so
 submitting the same spec again resumes. A knowledge job runs `memory3 kb add` (or `kb remove`)
 the same way, on documents the request carried, written to the job's directory as JSON Lines.
+
+Jobs outlive the service that ran them: each job's record (spec, state, release, its last events)
+is kept under `WORK_DIR/_jobs/` whenever its state changes, so a restarted service still answers a
+watch of it; a job it was running when it stopped ends FAILED there, saying to submit it again. A
+training run emits an event a step, so a job keeps its last `MAX_JOB_EVENTS`, and the service its
+last `MAX_FINISHED_JOBS` finished jobs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from memory3.model.config import PRESETS
@@ -41,6 +48,9 @@ CODECS = ("fp16", "bf16", "int8", "vq")
 MAX_STAGE_STEPS = 100_000_000
 MAX_OUTPUT_LINE = 16 << 20  # a child's output line (an error quoting a long id); asyncio's default is 64 KiB
 MAX_MESSAGE_CHARS = 2000  # of one such line kept for a job's failure message
+MAX_JOB_EVENTS = 10_000  # a job's events kept for watchers (a training run emits one a step)
+RECORD_EVENTS = 200  # of them kept in its record on disk
+MAX_FINISHED_JOBS = 500  # finished jobs kept, with their records; older ones are forgotten
 
 
 @dataclass(frozen=True)
@@ -123,24 +133,64 @@ class Job:
     id: str
     spec: TrainingJobSpec | KnowledgeJobSpec
     state: str = QUEUED
-    events: list[dict] = field(default_factory=list)
+    events: deque[dict] = field(default_factory=lambda: deque(maxlen=MAX_JOB_EVENTS))
+    dropped: int = 0  # events published before those kept
     release: str | None = None
     process: asyncio.subprocess.Process | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     documents: Path | None = None  # a knowledge job's documents, on disk from submission to the job's end
     removals: Path | None = None  # and the references it removes (JSON Lines: `kb ... --from`)
+    record: Path | None = None  # where its record is kept
+    saved_state: str | None = None  # the state its record holds
+
+    @property
+    def published(self) -> int:
+        """Events published so far, kept or not."""
+        return self.dropped + len(self.events)
 
     async def publish(self, event: dict) -> None:
         async with self.changed:
+            if len(self.events) == self.events.maxlen:
+                self.dropped += 1
             self.events.append({"state": self.state, **event})
             self.changed.notify_all()
+        if self.record is not None and self.state != self.saved_state:
+            self.save()
+
+    def save(self) -> None:
+        """Written whole to a temporary file, then renamed: a record is never half-written."""
+        kind = "knowledge" if isinstance(self.spec, KnowledgeJobSpec) else "training"
+        data = {"id": self.id, "kind": kind, "spec": dataclasses.asdict(self.spec), "state": self.state,
+                "release": self.release, "dropped": self.published - min(len(self.events), RECORD_EVENTS),
+                "events": list(islice(self.events, max(0, len(self.events) - RECORD_EVENTS), None))}
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        part = self.record.with_suffix(".part")
+        part.write_text(json.dumps(data), encoding="utf-8")
+        part.replace(self.record)
+        self.saved_state = self.state
+
+    @classmethod
+    def load(cls, record: Path) -> Job:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        spec = dict(data["spec"])
+        if data["kind"] == "knowledge":
+            for key in ("documents", "remove_ids", "remove_matches"):
+                spec[key] = tuple(tuple(v) if isinstance(v, list) else v for v in spec.get(key, ()))
+            spec = KnowledgeJobSpec(**spec)
+        else:
+            spec = TrainingJobSpec(**spec)
+        job = cls(id=str(data["id"]), spec=spec, state=str(data["state"]), release=data.get("release"),
+                  dropped=int(data.get("dropped", 0)), record=record, saved_state=str(data["state"]))
+        job.events.extend(data.get("events", []))
+        return job
 
 
 class TrainingJobManager:
     def __init__(self, s3: S3Config, work_root: Path, *, max_queued: int = 16, python: str = sys.executable) -> None:
         self.s3, self.work_root, self.max_queued, self.python = s3, work_root, max_queued, python
         self.store = ObjectStore(s3)
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job] = {}  # in submission order
+        self.records = work_root / "_jobs"
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self._submitting: set[str] = set()  # releases whose submission is being checked
         self.worker: asyncio.Task | None = None
@@ -157,7 +207,37 @@ class TrainingJobManager:
                 log.warning("the object store does not answer (%s); trying again in %.0f s", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, max_retry_s)
+        await asyncio.to_thread(self._load_records)
         self.worker = asyncio.create_task(self._work())
+
+    def _load_records(self) -> None:
+        """The jobs of earlier runs of the service, oldest first; those it did not finish end FAILED."""
+        loaded = []
+        for record in self.records.glob("*.json") if self.records.is_dir() else ():
+            try:
+                loaded.append((record.stat().st_mtime, Job.load(record)))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("job record %s cannot be read (%s); it is set aside as %s.bad", record, e, record.name)
+                record.replace(record.with_suffix(".bad"))
+        for _, job in sorted(loaded, key=lambda pair: pair[0]):
+            if job.state not in TERMINAL:
+                was = job.state
+                job.state = FAILED
+                job.events.append({"state": FAILED, "message": f"the trainer service stopped while the job was {was}: "
+                                   "submit it again (a training run resumes from its checkpoints)"})
+                job.save()
+                self._remove_job_files(job)
+            self.jobs[job.id] = job
+        if loaded:
+            log.info("%d jobs of earlier runs of the service", len(loaded))
+        self._forget_old_jobs()
+
+    def _forget_old_jobs(self) -> None:
+        finished = [job for job in self.jobs.values() if job.state in TERMINAL]
+        for job in finished[:max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self.jobs[job.id]
+            if job.record is not None:
+                job.record.unlink(missing_ok=True)
 
     async def stop(self, *, grace_s: float = 30.0) -> None:
         """Cancel every job (a training run takes hours: it resumes from its checkpoints when submitted
@@ -203,6 +283,7 @@ class TrainingJobManager:
                 self.store.exists, release_key(spec.parent, "manifest.json")):
             raise NotFound(f"parent release {spec.parent!r} does not exist (no manifest in bucket {self.s3.bucket})")
         job = Job(id=uuid.uuid4().hex[:12], spec=spec)
+        job.record = self.records / f"{job.id}.json"
         if isinstance(spec, KnowledgeJobSpec):
             # On disk, not in the job list that the service keeps: up to MAX_KNOWLEDGE_BYTES a job;
             # removals too, which may be more than a command line holds.
@@ -219,17 +300,24 @@ class TrainingJobManager:
         return self.jobs[job_id]
 
     async def watch(self, job_id: str) -> AsyncIterator[dict]:
+        """The job's events kept, then each new one, until it ends; a note first where earlier ones
+        were not kept."""
         job = self.get(job_id)
-        sent = 0
+        sent = 0  # of the events published
         while True:
             async with job.changed:
-                await job.changed.wait_for(lambda n=sent: len(job.events) > n or job.state in TERMINAL)
-                new = job.events[sent:]
+                await job.changed.wait_for(lambda n=sent: job.published > n or job.state in TERMINAL)
+                new = []
+                if sent < job.dropped:
+                    state = job.events[0]["state"] if job.events else job.state
+                    new.append({"state": state, "message": f"{job.dropped - sent} earlier events are not kept"})
+                    sent = job.dropped
+                new += islice(job.events, sent - job.dropped, None)
+                sent = job.published
                 done = job.state in TERMINAL
             for event in new:
                 yield event
-            sent += len(new)
-            if done and sent == len(job.events):
+            if done and sent == job.published:
                 return
 
     async def cancel(self, job_id: str, *, reason: str = "cancelled") -> str:
@@ -242,6 +330,7 @@ class TrainingJobManager:
             self._remove_job_files(job)
         job.state = CANCELLED
         await job.publish({"message": reason})
+        self._forget_old_jobs()
         return job.state
 
     async def list_releases(self) -> list[Manifest]:
@@ -291,6 +380,7 @@ class TrainingJobManager:
                     await job.publish({"message": "internal error in the trainer service while running the job"})
             finally:
                 self._remove_job_files(job)  # they are in the release now, or were refused
+                self._forget_old_jobs()
 
     def _job_dir(self, job_id: str) -> Path:
         """A knowledge job's files ("_" starts no release name, so no training run's work dir)."""

@@ -2,11 +2,14 @@
 tests/integration/test_trainer_service.py runs it against a real S3 server)."""
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 
 from memory3.services.rpc.errors import AlreadyExists, ResourceExhausted, Unavailable
 from memory3.services.storage.object_store import S3Config, StoreUnavailable
+from memory3.services.trainer import engine
 from memory3.services.trainer.engine import (
     CANCELLED,
     FAILED,
@@ -98,3 +101,97 @@ def test_a_job_the_service_fails_to_run_fails_alone(tmp_path, monkeypatch):
     broken, after = asyncio.run(asyncio.wait_for(main(), 30))
     assert broken[-1] == {"state": FAILED, "message": "internal error in the trainer service while running the job"}
     assert after[-1]["state"] == SUCCEEDED
+
+
+class EmptyStore:
+    """A bucket that answers and holds no release."""
+
+    def ensure_bucket(self) -> None:
+        pass
+
+    def exists(self, key: str) -> bool:
+        return False
+
+
+def test_a_long_job_keeps_its_last_events_and_says_how_many_went(monkeypatch):
+    """A training run emits an event a step: its whole history would grow without bound."""
+    monkeypatch.setattr(engine, "MAX_JOB_EVENTS", 4)
+    job = Job(id="long", spec=TrainingJobSpec(release="long"), state=engine.RUNNING)
+    jobs = TrainingJobManager(S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s"), Path("/nonexistent"))
+    jobs.jobs[job.id] = job
+
+    async def main():
+        for step in range(1, 11):
+            await job.publish({"step": step})
+        watched = jobs.watch("long")
+        first = [await anext(watched) for _ in range(5)]
+        await job.publish({"step": 11})
+        job.state = SUCCEEDED
+        await job.publish({"message": "release published"})
+        return first, [event async for event in watched]
+
+    first, rest = asyncio.run(asyncio.wait_for(main(), 10))
+    assert len(job.events) == 4 and job.dropped == 8 and job.published == 12
+    assert first[0] == {"state": engine.RUNNING, "message": "6 earlier events are not kept"}
+    assert [event["step"] for event in first[1:]] == [7, 8, 9, 10]
+    assert rest == [{"state": engine.RUNNING, "step": 11}, {"state": SUCCEEDED, "message": "release published"}]
+
+
+def test_jobs_outlive_a_restart_of_the_service(tmp_path):
+    """A restarted service forgot every job: a watch of one that had run or was running got
+    NOT_FOUND. Now its record answers, and one the service did not finish ends FAILED, saying so."""
+    first = manager(tmp_path, EmptyStore())
+
+    async def before():
+        done = await first.submit(TrainingJobSpec(release="done", preset="tiny", quick=True))
+        job = first.get(done)
+        job.state = SUCCEEDED
+        job.release = "done"
+        await job.publish({"message": "release published", "release": "done"})
+        return done, await first.submit(TrainingJobSpec(release="cut", preset="tiny", quick=True))
+
+    done, cut = asyncio.run(before())  # the worker never ran: "cut" was queued when the service went
+    (tmp_path / "_jobs" / "garbage.json").write_text("{not json")
+
+    async def after():
+        second = manager(tmp_path, EmptyStore())
+        await second.start()
+        try:
+            return ([event async for event in second.watch(done)], [event async for event in second.watch(cut)],
+                    second.get(done).release)
+        finally:
+            await second.stop()
+
+    done_events, cut_events, release = asyncio.run(asyncio.wait_for(after(), 30))
+    assert done_events[-1] == {"state": SUCCEEDED, "message": "release published", "release": "done"}
+    assert release == "done"
+    assert cut_events[0]["state"] == QUEUED
+    assert cut_events[-1] == {"state": FAILED, "message": "the trainer service stopped while the job was queued: "
+                              "submit it again (a training run resumes from its checkpoints)"}
+    assert json.loads((tmp_path / "_jobs" / f"{cut}.json").read_text())["state"] == FAILED
+    assert (tmp_path / "_jobs" / "garbage.bad").exists()  # set aside, not fatal
+
+
+def test_only_the_last_finished_jobs_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "MAX_FINISHED_JOBS", 2)
+    jobs = manager(tmp_path, EmptyStore())
+
+    async def main():
+        ids = []
+        for i in range(4):
+            ids.append(await jobs.submit(TrainingJobSpec(release=f"r{i}", preset="tiny", quick=True)))
+            await jobs.cancel(ids[-1])
+        return ids
+
+    ids = asyncio.run(main())
+    assert list(jobs.jobs) == ids[2:]
+    assert sorted(p.stem for p in (tmp_path / "_jobs").glob("*.json")) == sorted(ids[2:])
+
+
+def test_a_knowledge_job_record_reads_back_as_its_spec(tmp_path):
+    spec = engine.KnowledgeJobSpec(release="a", parent="b", remove_ids=("x", "y"), remove_matches=("m",),
+                                   index_kind="flat")
+    job = Job(id="k", spec=spec, state=SUCCEEDED, release="a", record=tmp_path / "k.json")
+    job.save()
+    again = Job.load(tmp_path / "k.json")
+    assert (again.spec, again.state, again.release) == (spec, SUCCEEDED, "a")
