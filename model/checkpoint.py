@@ -6,10 +6,11 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from .config import Memory3Config
+from .config import ConfigError, Memory3Config
 from .model import RotaryEmbedding, Transformer
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
@@ -48,6 +49,8 @@ def load_checkpoint(
     check_device(device)
     try:
         state = load_file(str(weights), device=str(device))
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from e
     with torch.device("meta"):
@@ -62,11 +65,33 @@ def load_checkpoint(
         if state[name].shape != param.shape:
             raise CheckpointError(f"{weights}: {name} has shape {tuple(state[name].shape)}, "
                                   f"config expects {tuple(param.shape)}")
+    _check_saved_config(config, metadata.get("config"), weights)
+    dtypes = {t.dtype for t in state.values()}
+    if any(not d.is_floating_point for d in dtypes) or (dtype is None and len(dtypes) > 1):
+        raise CheckpointError(f"{weights} holds tensors of {sorted(map(str, dtypes))}: a checkpoint's weights are "
+                              "of one floating-point type (or load it with a dtype to convert them to)")
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.rope = RotaryEmbedding(config.head_dim, config.rope_theta)  # rebuilt off the meta device
     return model.eval()
+
+
+def _check_saved_config(config: Memory3Config, saved: str | None, weights: Path) -> None:
+    """The config the weights were saved with (their metadata) is the one beside them: conventions
+    that keep every shape (memory layers, chunk and reference lengths, RoPE) would otherwise load
+    silently, and serving would disagree with training."""
+    if saved is None:  # weights written by another tool
+        return
+    try:
+        theirs = Memory3Config.from_json(saved).to_dict()
+    except ConfigError as e:
+        raise CheckpointError(f"the config {weights.name} was saved with cannot be read: {e}") from e
+    ours = config.to_dict()
+    differ = sorted(k for k in ours if k not in ("name", "extra") and ours[k] != theirs.get(k))
+    if differ:
+        raise CheckpointError(f"{CONFIG_FILE} disagrees with the config {weights.name} was saved with, on "
+                              + ", ".join(f"{k} ({ours[k]!r} here, {theirs.get(k)!r} there)" for k in differ))
 
 
 def check_device(device: str | torch.device) -> None:

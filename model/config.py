@@ -54,8 +54,12 @@ class Memory3Config:
     def __post_init__(self) -> None:
         if self.memory_layers is None:
             object.__setattr__(self, "memory_layers", tuple(range(self.n_layer // 2)))
+        elif not isinstance(self.memory_layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.memory_layers):
+            raise ConfigError(f"invalid config {self.name!r}: memory_layers must be a list of layer numbers, "
+                              f"got {self.memory_layers!r}")
         else:
-            object.__setattr__(self, "memory_layers", tuple(int(i) for i in self.memory_layers))
+            object.__setattr__(self, "memory_layers", tuple(self.memory_layers))
         self.validate()
 
     # ---- derived -------------------------------------------------------------------------
@@ -67,6 +71,11 @@ class Memory3Config:
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.n_head // self.n_kv_head
+
+    @property
+    def memory_shape(self) -> tuple[int, int, int, int]:
+        """One memory's keys (or values): (memory layers, KV heads, tokens per head, head dim)."""
+        return (self.n_memory_layers, self.n_kv_head, self.mem_tokens_per_head, self.head_dim)
 
     @property
     def mem_slots(self) -> int:
@@ -86,6 +95,13 @@ class Memory3Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value == float("inf"):
+                problems.append(f"{name} must be a positive number, got {value!r}")
+        for name in ("reference_prefix", "score_reduction"):
+            if not isinstance(getattr(self, name), str):
+                problems.append(f"{name} must be a string, got {getattr(self, name)!r}")
         if problems:
             raise ConfigError(f"invalid config {self.name!r}: " + "; ".join(problems))
         if self.n_head % self.n_kv_head:
@@ -96,6 +112,8 @@ class Memory3Config:
             )
         if self.head_dim % 2:
             problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.memory_layers:
+            problems.append("memory_layers is empty: a Memory3 model reads its memories in at least one layer")
         bad = [i for i in self.memory_layers if not 0 <= i < self.n_layer]
         if bad:
             problems.append(f"memory_layers {bad} out of range [0, {self.n_layer})")
@@ -109,8 +127,6 @@ class Memory3Config:
             problems.append(f"score_reduction must be one of {SCORE_REDUCTIONS}, got {self.score_reduction!r}")
         if not self.reference_prefix:
             problems.append("reference_prefix must not be empty")
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            problems.append("norm_eps and rope_theta must be positive")
         if problems:
             raise ConfigError(f"invalid config {self.name!r}: " + "; ".join(problems))
 

@@ -14,18 +14,22 @@ serves one static batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .config import Memory3Config
 from .layout import chunk_groups, chunk_spans, rope_positions
 from .memory import ExplicitMemory, stack_memories
 from .model import Transformer
 
 # Query token lists -> the memories each query retrieved (at most mems_per_chunk each).
 MemoryProvider = Callable[[list[list[int]]], list[list[ExplicitMemory]]]
+# Temperatures below this sample as greedy: dividing logits by a subnormal overflows them to inf.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,12 @@ class SamplingParams:
     vocab_limit: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # 1/t overflows: as good as greedy
+            object.__setattr__(self, "temperature", 0.0)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -158,7 +166,7 @@ def iter_generate(
         if memory_provider is not None:
             queries = [[list(prompt[s:e]) for s, e in chunk_spans(len(prompt), config.chunk_len)] for prompt in prompts]
             flat = [q for per_seq in queries for q in per_seq]
-            found = _retrieve(memory_provider, flat, config.mems_per_chunk)
+            found = retrieve_memories(memory_provider, flat, config)
             groups, i = [], 0
             for b, per_seq in enumerate(queries):
                 groups.append(found[i : i + len(per_seq)])
@@ -171,11 +179,14 @@ def iter_generate(
         if p:
             model.write_prefix(torch.as_tensor(list(prefix), dtype=torch.long, device=device))
         last = prefill(model, tokens, slots, positions, lengths - 1, memory, token_group)  # (B, V)
-        if memory is not None:
-            # The first generated chunk keeps the last prompt chunk's memories.
+        # The first generated chunk keeps the last prompt chunk's memories: rows whose last chunk
+        # retrieved none (an earlier one did) start decoding without.
+        kept = [b for b, g in enumerate(groups) if g[-1]] if memory is not None else []
+        if kept:
             model.set_resident_memory(
-                stack_memories([[g[-1]] for g in groups], slots_per_group=config.mem_slots,
-                               device=device, dtype=model_dtype(model))
+                stack_memories([[groups[b][-1]] for b in kept], slots_per_group=config.mem_slots,
+                               device=device, dtype=model_dtype(model)),
+                rows=torch.as_tensor(kept, device=device),
             )
 
         stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
@@ -221,11 +232,21 @@ def model_dtype(model: Transformer) -> torch.dtype:
     return model.output.weight.dtype
 
 
-def _retrieve(provider: MemoryProvider, queries: list[list[int]], limit: int) -> list[list[ExplicitMemory]]:
+def retrieve_memories(provider: MemoryProvider, queries: list[list[int]],
+                      config: Memory3Config) -> list[list[ExplicitMemory]]:
+    """The provider's memories for each query, at most `mems_per_chunk`, each of this model's shape
+    (a bank encoded by another model would otherwise run with another sparsity, or fail far away)."""
     found = provider(queries)
     if len(found) != len(queries):
         raise ValueError(f"memory provider returned {len(found)} results for {len(queries)} queries")
-    return [list(mems)[:limit] for mems in found]
+    kept = [list(mems)[: config.mems_per_chunk] for mems in found]
+    for mems in kept:
+        for memory in mems:
+            if memory.shape != config.memory_shape:
+                raise ValueError(f"a memory of shape {tuple(memory.shape)} does not fit this model, which reads "
+                                 f"{config.memory_shape} (memory layers, KV heads, tokens per head, head dim): "
+                                 "was it encoded by another model?")
+    return kept
 
 
 def _swap_memories(model, provider, prompts, history, finished, log, lead: int) -> None:
@@ -237,7 +258,7 @@ def _swap_memories(model, provider, prompts, history, finished, log, lead: int) 
     if not rows:
         return
     recent = {b: query_window(prompts[b], generated[b], chunk_len, lead) for b in rows}
-    found = _retrieve(provider, [recent[b] for b in rows], model.config.mems_per_chunk)
+    found = retrieve_memories(provider, [recent[b] for b in rows], model.config)
     for b in rows:
         log[b].append(recent[b])
     device = model.output.weight.device

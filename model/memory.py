@@ -61,7 +61,11 @@ class ExplicitMemory:
         on the reference's length). Kept: a served memory is stacked at every prefill that reads it."""
         return self.valid.all(dim=0).all(dim=0)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ExplicitMemory:
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> ExplicitMemory:
+        """As `Tensor.to`: `.to(device)`, `.to(dtype)` or both; positions keep their integer type."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         return ExplicitMemory(
             self.keys.to(device=device, dtype=dtype),
             self.values.to(device=device, dtype=dtype),

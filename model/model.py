@@ -170,12 +170,10 @@ class Transformer(nn.Module):
         if any(m.shape != shape for m in memories):
             raise ValueError(f"memories of different shapes: {sorted({m.shape for m in memories})}")
         c = self.config
-        if shape[0] != c.n_memory_layers or shape[1] != c.n_kv_head or shape[3] != c.head_dim:
-            raise ValueError(f"memories of shape {tuple(shape)} do not fit this model: need "
-                             f"({c.n_memory_layers}, {c.n_kv_head}, k, {c.head_dim})")
-        if len(memories) * shape[2] > c.mem_slots:
-            raise ValueError(f"{len(memories)} memories of {shape[2]} tokens do not fit the {c.mem_slots} "
-                             "resident slots")
+        if tuple(shape) != c.memory_shape:
+            raise ValueError(f"memories of shape {tuple(shape)} do not fit this model: need {c.memory_shape}")
+        if len(memories) > c.mems_per_chunk:
+            raise ValueError(f"{len(memories)} memories do not fit the {c.mems_per_chunk} a chunk reads")
         prime_slot_valid(memories)
         self._write_resident(row, (torch.cat([m.keys for m in memories], dim=2),  # (L_mem, H_kv, n*k, D)
                                    torch.cat([m.values for m in memories], dim=2),

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .generate import GenerationOutput, MemoryProvider, SamplingParams, model_dtype, sample
+from .generate import GenerationOutput, MemoryProvider, SamplingParams, model_dtype, retrieve_memories, sample
 from .layout import chunk_groups, chunk_spans, rope_positions
 from .memory import ExplicitMemory, prime_slot_valid, stack_memories
 from .model import Transformer, TransformerBlock, apply_rope
@@ -439,7 +439,7 @@ def generate_static(
     groups: list[list[list[ExplicitMemory]]] = []
     if memory_provider is not None:
         queries = [[list(x[s:e]) for s, e in chunk_spans(len(x), config.chunk_len)] for x in prompts]
-        flat = _retrieve(memory_provider, [q for per_seq in queries for q in per_seq], config.mems_per_chunk)
+        flat = retrieve_memories(memory_provider, [q for per_seq in queries for q in per_seq], config)
         i = 0
         for b, per_seq in enumerate(queries):
             groups.append(flat[i : i + len(per_seq)])
@@ -486,7 +486,7 @@ def generate_static(
                 ready.synchronize()
             query = query_host.tolist()
             rows = [b for b in range(bsz) if not finished_host[b]]
-            found = _retrieve(memory_provider, [query[b] for b in rows], config.mems_per_chunk) if rows else []
+            found = retrieve_memories(memory_provider, [query[b] for b in rows], config) if rows else []
             staged: list[list[ExplicitMemory] | None] = [None] * bsz
             for b, mems in zip(rows, found, strict=True):
                 staged[b] = mems
@@ -518,9 +518,3 @@ def _uploaded(groups: list[list[list[ExplicitMemory]]], device: torch.device, dt
 
     return [[[move(m) for m in group] for group in seq] for seq in groups]
 
-
-def _retrieve(provider: MemoryProvider, queries: list[list[int]], limit: int) -> list[list[ExplicitMemory]]:
-    found = provider(queries)
-    if len(found) != len(queries):
-        raise ValueError(f"memory provider returned {len(found)} results for {len(queries)} queries")
-    return [list(mems)[:limit] for mems in found]

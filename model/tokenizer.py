@@ -3,6 +3,10 @@
 The special tokens and the reference prefix are defined here once. A checkpoint or release
 carries its own `tokenizer.json` (HF `tokenizers`); `byte_level_tokenizer()` builds an untrained
 byte-level one (every byte a token, no merges) for tests and random-weight demos.
+
+Text is data: a prompt or a document that holds the characters `</s>` or `<s>Reference:` gets the
+tokens of those characters, never the control tokens (an end of sequence inside a prompt, a
+reference's layout inside a memory). Only the code places control tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class TextCodec:
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         self.tokenizer = tokenizer
+        # A copy that reads special tokens' spellings in text as text (the flag is not saved with it).
+        self.text_tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self.text_tokenizer.encode_special_tokens = True
         self.bos_id = tokenizer.token_to_id(BOS)
         self.eos_id = tokenizer.token_to_id(EOS)
         self.pad_id = tokenizer.token_to_id(PAD)
@@ -52,14 +59,16 @@ class TextCodec:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Text's tokens, none of them a control token."""
+        return self.text_tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def reference_prefix(self, config: Memory3Config) -> list[int]:
-        """`<s>Reference:` as tokens: prepended to every reference and to every context."""
-        return self.encode(config.reference_prefix)
+        """`<s>Reference:` as tokens: prepended to every reference and to every context. The
+        configuration spells its control tokens (`<s>`), which are read as such here alone."""
+        return self.tokenizer.encode(config.reference_prefix, add_special_tokens=False).ids
 
     def body(self, text: str) -> list[int]:
         """A context body: the ordinary `<s>` separator, then the text."""

@@ -19,8 +19,6 @@ from .engine import GenerationEngine, GenerationRequest, new_request_id
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_REQUEST_ID_CHARS = 128
-# Temperatures below this sample as greedy: dividing logits by a subnormal overflows them to inf.
-MIN_TEMPERATURE = 1e-5
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -57,8 +55,6 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
     if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
         raise InvalidInput(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most "
                            f"{MAX_STOP_CHARS} characters")
-    if temperature < MIN_TEMPERATURE:
-        temperature = 0.0
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p or 1.0, seed=seed)
     return GenerationRequest(
         prompt_ids=body,

@@ -69,7 +69,7 @@ class _Cutter:
     """
 
     def __init__(self, codec: TextCodec, ref_len: int) -> None:
-        self.tokenizer, self.ref_len = codec.tokenizer, ref_len
+        self.tokenizer, self.ref_len = codec.text_tokenizer, ref_len
         self.window = max(8 * ref_len, 64)  # characters to encode; then adapted to the pieces' length
 
     def encode(self, text: str) -> Encoding:

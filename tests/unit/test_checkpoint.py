@@ -62,3 +62,26 @@ def test_a_cuda_device_where_there_is_none_is_said_so(tmp_path, tiny_model):
     for device in ("cuda", "cuda:1", torch.device("cuda")):
         with pytest.raises(CheckpointError, match=r"^CUDA is not available on this machine; use --device cpu$"):
             load_checkpoint(tmp_path / "ck", device=device)
+
+
+def test_a_config_that_disagrees_with_the_weights_or_mixed_dtypes_are_refused(tmp_path, tiny_model, tiny_config):
+    """Conventions that keep every shape (memory layers, RoPE) loaded silently, and a half-converted
+    file loaded and then failed at every forward."""
+    save_checkpoint(tiny_model, tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**config, "memory_layers": [0, 1, 2],
+                                                             "rope_theta": 500000.0, "extra": {"note": "kept"}}))
+    with pytest.raises(CheckpointError, match=r"disagrees .* on memory_layers \(\[0, 1, 2\] here, \[0, 1\] there\), "
+                                              r"rope_theta"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**config, "extra": {"note": "provenance only"}}))
+    load_checkpoint(tmp_path / "ck")
+
+    from safetensors.torch import load_file, save_file
+    weights = tmp_path / "ck" / "model.safetensors"
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    save_file({**state, first: state[first].half()}, str(weights), metadata={"config": tiny_config.to_json()})
+    with pytest.raises(CheckpointError, match=r"tensors of \['torch.float16', 'torch.float32'\]"):
+        load_checkpoint(tmp_path / "ck")
+    assert {p.dtype for p in load_checkpoint(tmp_path / "ck", dtype=torch.float32).parameters()} == {torch.float32}

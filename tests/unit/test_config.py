@@ -41,6 +41,13 @@ def test_memory_layers_default_to_first_half():
         ({"mem_tokens_per_head": 400, "ref_len": 128}, "exceeds ref_len"),
         ({"score_reduction": "median"}, "score_reduction"),
         ({"vocab_size": 0}, "positive integer"),
+        ({"norm_eps": "1e-5"}, "norm_eps must be a positive number"),
+        ({"rope_theta": None}, "rope_theta must be a positive number"),
+        ({"rope_theta": float("nan")}, "rope_theta must be a positive number"),
+        ({"memory_layers": 3}, "memory_layers must be a list of layer numbers"),
+        ({"memory_layers": [0.7, 1.9]}, "memory_layers must be a list of layer numbers"),  # was truncated to (0, 1)
+        ({"memory_layers": []}, "memory_layers is empty"),
+        ({"reference_prefix": 5}, "reference_prefix must be a string"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(overrides, message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memory3.model.encoder import encode_references
-from memory3.model.generate import GenerationOutput, generate
+from memory3.model.generate import GenerationOutput, SamplingParams, generate
 from memory3.model.hf_llama import llama_config_kwargs, to_llama_state_dict
 from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import ExplicitMemory, prime_slot_valid, stack_memories
@@ -510,3 +510,52 @@ def test_slot_valid_of_a_batch_of_memories_is_each_memorys_own_and_is_kept(memor
         assert torch.equal(mem.slot_valid, (mem.positions >= 0).all(dim=0).all(dim=0))
     assert longer.slot_valid.tolist() == [True] * 10 + [False] * 2
     assert any(not mem.slot_valid.all() for mem in fresh[:-1]), "the bank holds references shorter than k"
+
+
+def test_a_last_prompt_chunk_without_memories_decodes_without(tiny_model, tiny_config, prefix, memory_bank):
+    """The first generated chunk inherits the last prompt chunk's memories, which may be none while
+    an earlier chunk had some (the overlap filter dropped them all): that raised in stack_memories."""
+    from memory3.model.static_decode import StaticDecoder, generate_static
+
+    prompts = [[1, *torch.randint(3, 250, (99,)).tolist()] for _ in range(2)]
+    last_of_first = prompts[0][tiny_config.chunk_len:]
+
+    def provider(queries):
+        return [[] if q == last_of_first else memory_bank[:5] for q in queries]
+
+    with torch.no_grad():
+        eager = generate(tiny_model, prompts, prefix=prefix, max_new_tokens=8, memory_provider=provider)
+        decoder = StaticDecoder(tiny_model, 2, len(prefix) + 100 + 8, memory=True, prefix_len=len(prefix))
+        static = generate_static(decoder, prompts, prefix=prefix, max_new_tokens=8, memory_provider=provider)
+        without = generate(tiny_model, prompts[:1], prefix=prefix, max_new_tokens=8,
+                           memory_provider=lambda qs: [[] if q == last_of_first else memory_bank[5:] for q in qs])
+    assert eager.tokens == static.tokens
+    assert eager.retrievals[0][-1] == last_of_first
+    assert eager.tokens[0] != without.tokens[0]  # its first chunk's memories still count in the prefill
+
+
+def test_memories_of_another_model_are_refused_by_name(tiny_model, tiny_config, prefix, memory_bank):
+    """Memories of 4 tokens a head stood in, two for one, for memories of 8 (another sparsity)."""
+    half = [ExplicitMemory(*(t[:, :, :4] for t in (m.keys, m.values, m.positions))) for m in memory_bank[:10]]
+    tiny_model.setup_caches(1, 64)
+    try:
+        with pytest.raises(ValueError, match=r"do not fit this model: need \(2, 2, 8, 16\)"):
+            tiny_model.install_memories(0, half)
+    finally:
+        tiny_model.clear_caches()
+    with pytest.raises(ValueError, match=r"a memory of shape \(2, 2, 4, 16\) does not fit this model"):
+        generate(tiny_model, [[1, 5, 6]], prefix=prefix, max_new_tokens=2,
+                 memory_provider=lambda qs: [half for _ in qs])
+
+
+def test_sampling_params_refuse_what_sampling_cannot_use():
+    with pytest.raises(ValueError, match="finite number"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        SamplingParams(top_k=True)
+    assert SamplingParams(temperature=1e-45).temperature == 0.0  # 1/t overflowed to inf: greedy
+
+
+def test_explicit_memory_to_takes_a_dtype_as_tensor_to_does(memory_bank):
+    memory = memory_bank[0].to(torch.bfloat16)
+    assert memory.keys.dtype == memory.values.dtype == torch.bfloat16 and memory.positions.dtype == torch.long

@@ -175,9 +175,12 @@ class _CountingTokenizer:
 def test_splitting_a_long_line_is_linear():
     """A timing-free check: the tokenizer's work is a small multiple of the text's length (the old
     cut decoded the whole rest of the sentence for every piece: quadratic)."""
-    counting = _CountingTokenizer(byte_level_tokenizer())
+    codec = TextCodec(byte_level_tokenizer())
+    codec.tokenizer = counting = _CountingTokenizer(codec.tokenizer)
+    codec.text_tokenizer = _CountingTokenizer(codec.text_tokenizer)
     rng = random.Random(2)
     text = " ".join(rng.choice(PLAIN_WORDS) for _ in range(12_000))  # ~70 KB, one sentence
-    refs = split_document(text, TextCodec(counting), 128)
+    refs = split_document(text, codec, 128)
+    counting.work += codec.text_tokenizer.work
     assert len(refs) > 400 and " ".join(t for t, _ in refs) == text
     assert counting.work < 8 * len(text)

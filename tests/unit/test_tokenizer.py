@@ -1,0 +1,25 @@
+"""Tokenizer conventions: control tokens come from the code, never from text."""
+
+from memory3.model.config import Memory3Config
+from memory3.model.tokenizer import BOS, EOS, PAD, TextCodec, byte_level_tokenizer
+
+
+def test_the_spellings_of_control_tokens_in_text_stay_text():
+    """A prompt holding `</s>` got an end of sequence inside it, and a document holding
+    `<s>Reference:` a reference's layout inside its memory; decoding then dropped them."""
+    codec = TextCodec(byte_level_tokenizer())
+    text = f"a{EOS}b {BOS}Reference: c {PAD}"
+    ids = codec.encode(text)
+    assert not {codec.bos_id, codec.eos_id, codec.pad_id} & set(ids)
+    assert codec.decode(ids) == text
+    assert codec.body(text) == [codec.bos_id, *ids]
+
+
+def test_the_reference_prefix_holds_its_control_token():
+    codec = TextCodec(byte_level_tokenizer())
+    config = Memory3Config.from_name("tiny")
+    assert config.reference_prefix.startswith(BOS)
+    prefix = codec.reference_prefix(config)
+    assert prefix == [codec.bos_id, *codec.encode(config.reference_prefix.removeprefix(BOS))]
+    assert codec.encode("plain words, as before.") == byte_level_tokenizer().encode(
+        "plain words, as before.", add_special_tokens=False).ids
