@@ -137,7 +137,8 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
             health["text" if len(texts) == 1 else f"text (index shard {i} of {len(texts)})"] = \
                 health_pb2_grpc.HealthStub(channel)
         retrieval = RemoteRetrieval(texts[0] if len(texts) == 1 else ShardedTextClient(texts),
-                                    MemoryClient(memory_channel, timeout_s=d.timeout_s),
+                                    MemoryClient(memory_channel, timeout_s=d.timeout_s,
+                                                 bank=release.manifest.memory_bank["bank"]),
                                     release.memory_codec(), release.memory_shape(),
                                     cache=decoded_memory_cache(s.memory_cache_bytes))
     else:

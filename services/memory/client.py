@@ -15,16 +15,22 @@ import grpc
 from memory3.v1 import memory_service_pb2 as pb
 from memory3.v1 import memory_service_pb2_grpc as pb_grpc
 
-from ..rpc.errors import error_from_rpc
+from ..rpc.errors import Unavailable, error_from_rpc
 from .engine import MAX_IDS, RAM, REDIS, S3, FetchedMemory
 
 TIER_FROM_PB = {pb.TIER_RAM: RAM, pb.TIER_REDIS: REDIS, pb.TIER_S3: S3}
 
 
 class MemoryClient:
-    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float | None = 10.0) -> None:
+    """`bank`: the memory bank the caller's model reads (its manifest's `memory_bank.bank`). Reference
+    ids are hashes of their text, so a release retrained on the same knowledge has the same ids and
+    memories of the same shape, made by other weights: a service of that release (a rolling
+    upgrade, a wrong address) would answer them, valid and wrong. With `bank`, such an answer is
+    Unavailable instead."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float | None = 10.0, bank: str | None = None) -> None:
         self.stub = pb_grpc.MemoryServiceStub(channel)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.bank = timeout_s, bank
 
     async def _call(self, method, request):
         try:
@@ -42,6 +48,11 @@ class MemoryClient:
         parts = [list(ids[i:i + MAX_IDS]) for i in range(0, len(ids), MAX_IDS)] or [[]]
         responses = await asyncio.gather(*(self._call(self.stub.GetMemories, pb.GetMemoriesRequest(ids=part))
                                            for part in parts))
+        for response in responses:
+            if self.bank and response.bank and response.bank != self.bank:  # "": a service older than the field
+                raise Unavailable(f"the memory service serves release {response.release!r}, whose memory bank "
+                                  f"{response.bank} is not this model's ({self.bank}): its memories were made by "
+                                  "other weights. Point the memory address at a service of a release of this model")
         return [FetchedMemory(m.id, m.blob, TIER_FROM_PB.get(m.tier, "unknown"))
                 for response in responses for m in response.memories]
 

@@ -75,9 +75,10 @@ def _listing(ids: Sequence[str]) -> str:
 class MemoryStore:
     def __init__(self, *, release: str, keys: Mapping[str, str], codec: MemoryCodec,
                  shape: tuple[int, int, int, int], store: ObjectStore, ram: RamCache,
-                 redis: RedisTier | None = None, s3_workers: int = 16) -> None:
+                 redis: RedisTier | None = None, s3_workers: int = 16, bank: str = "") -> None:
         """`keys` maps the release's reference ids to their bank keys (`memories/<bank>/<id[:2]>/<id>`)."""
         self.release, self.keys, self.codec, self.shape = release, keys, codec, tuple(shape)
+        self.bank = bank
         self.store, self.ram, self.redis = store, ram, redis
         self._pool = ThreadPoolExecutor(max_workers=s3_workers, thread_name_prefix="memory3-s3")
         self._inflight: dict[str, asyncio.Future[_BankRead]] = {}
@@ -90,7 +91,7 @@ class MemoryStore:
                      s3_workers: int = 16) -> MemoryStore:
         return cls(release=release.name, keys={r["id"]: r["memory_key"] for r in release.references},
                    codec=release.memory_codec(), shape=release.memory_shape(), store=release.store, ram=ram,
-                   redis=redis, s3_workers=s3_workers)
+                   redis=redis, s3_workers=s3_workers, bank=release.manifest.memory_bank["bank"])
 
     # ---- requests -----------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[str]) -> list[str]:
@@ -182,23 +183,36 @@ class MemoryStore:
         problem = self._validate(blob)
         return _BankRead(corrupt=problem) if problem else _BankRead(blob=blob)
 
-    def _forget(self, rid: str, future: asyncio.Future) -> None:
+    def _settle(self, rid: str, future: asyncio.Future) -> None:
+        """A read ended: it leaves the in-flight map, and its blob goes to RAM here, whether or not the
+        request that started it is still waiting (one past its deadline would otherwise leave the
+        cache cold, and every later request would read S3 again)."""
         if self._inflight.get(rid) is future:
             del self._inflight[rid]
+        if not future.cancelled() and future.exception() is None and future.result().blob is not None:
+            self.ram.put(self.keys[rid], future.result().blob)
 
     async def _from_s3(self, ids: list[str]) -> dict[str, bytes]:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        owned = []  # reads this request started (it fills the caches); others it joins
+        owned = []  # reads this request started (it fills Redis); others it joins
+        reads: dict[str, _BankRead] = {}
         for rid in ids:
-            if rid not in self._inflight:
-                future = loop.run_in_executor(self._pool, self._read_bank, rid)
-                self._inflight[rid] = future
-                future.add_done_callback(lambda f, rid=rid: self._forget(rid, f))
-                owned.append(rid)
-        futures = [self._inflight[rid] for rid in ids]
+            if rid in self._inflight:
+                continue
+            # A read that ended while this request waited for Redis has filled RAM: no second read.
+            cached = self.ram.get(self.keys[rid])
+            if cached is not None:
+                reads[rid] = _BankRead(blob=cached)
+                continue
+            future = loop.run_in_executor(self._pool, self._read_bank, rid)
+            self._inflight[rid] = future
+            future.add_done_callback(lambda f, rid=rid: self._settle(rid, f))
+            owned.append(rid)
+        waiting = [rid for rid in ids if rid not in reads]
+        futures = [self._inflight[rid] for rid in waiting]
         # shield: a cancelled request must not cancel reads other requests are waiting for
-        reads = dict(zip(ids, await asyncio.gather(*(asyncio.shield(f) for f in futures)), strict=True))
+        reads.update(zip(waiting, await asyncio.gather(*(asyncio.shield(f) for f in futures)), strict=True))
 
         good = {rid: r.blob for rid, r in reads.items() if r.blob is not None}
         self._count(S3, len(ids), len(good), started)
@@ -210,9 +224,7 @@ class MemoryStore:
             if rid in owned:
                 MEMORY_CORRUPT.labels(tier=S3).inc()
                 log.error("corrupt memory %s in the object store: %s", rid, reads[rid].corrupt)
-        fills = [(self.keys[rid], good[rid]) for rid in owned if rid in good]
-        for key, blob in fills:
-            self.ram.put(key, blob)
+        fills = [(self.keys[rid], good[rid]) for rid in owned if rid in good]  # in RAM already (_settle)
         if self.redis is not None:
             await self.redis.set_many(fills)
 

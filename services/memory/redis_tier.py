@@ -12,7 +12,10 @@ Layout and policy:
   `noeviction` a full Redis refuses writes; reads keep working and a warning is logged.
 - Redis is an optimisation, never a dependency: socket timeouts are short (0.2 s), redis-py's
   own retries are off, and after a failure the tier is marked down (logged once) and skipped,
-  with a retry after an exponential backoff. Callers then read through to the object store.
+  with a retry after an exponential backoff. Callers then read through to the object store. A
+  Redis that answers but refuses a read (an ACL without `memory3:*` keys, a read-only replica, a
+  Cluster node behind a plain URL) is treated as down too; at start, `check_usable` turns these
+  into a configuration error that says what to fix.
 - One server, the primary that Sentinel names, or a Cluster (`redis_url`). Sentinel: a failover
   marks the tier down until the backoff's retry, whose new connection goes to the new primary.
   Cluster: keys spread over slots, so reads are one MGET per slot (`mget_nonatomic`) instead of
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
@@ -39,6 +43,10 @@ KEY_PREFIX = "memory3:"
 MGET_KEYS = 64
 # A cluster without a primary for a slot (ClusterDownError) is down, not full.
 _DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, ClusterError, RedisClusterException)
+
+
+class RedisUnusable(ValueError):
+    """A Redis URL the tier cannot use, however long it waits."""
 
 
 class RedisTier:
@@ -100,6 +108,29 @@ class RedisTier:
                         "set maxmemory-policy allkeys-lru", self.where)
         return policy
 
+    async def check_usable(self) -> None:
+        """Raises RedisUnusable where Redis answers but refuses what the tier does. Run at start, once
+        it answered: a URL that can never work should fail there, not as an error per request."""
+        if self.target.mode != CLUSTER:
+            try:
+                cluster = (await self.client.info("cluster")).get("cluster_enabled")
+            except ResponseError:  # INFO forbidden to this user: the probe below still runs
+                cluster = None
+            if cluster:
+                raise RedisUnusable(f"Redis at {self.where} is a Cluster node: give the cluster as "
+                                    f"redis+cluster://HOST:PORT[,HOST:PORT…] (--redis-url)")
+        probe = self.key(f"probe/{uuid.uuid4().hex}")
+        try:
+            await self.client.set(probe, b"1", ex=10)
+            await self.client.mget([probe])
+            await self.client.delete(probe)
+        except ResponseError as e:
+            if str(e).startswith("OOM"):  # full under noeviction: reads still work (check_policy warns)
+                return
+            raise RedisUnusable(f"Redis at {self.where} refuses the memory tier's commands on {KEY_PREFIX}* keys "
+                                f"({e}): grant its user those keys and GET, SET, MGET, DEL, or point --redis-url "
+                                "at the primary; without --redis-url the service reads the object store") from e
+
     async def mget(self, keys: Sequence[str]) -> list[bytes | None] | None:
         """Values for bank keys (None per miss), pipelined in one round trip; None if the tier is down."""
         if not self.should_try():
@@ -113,7 +144,7 @@ class RedisTier:
                     for start in range(0, len(names), MGET_KEYS):
                         pipe.mget(names[start:start + MGET_KEYS])
                     values = [value for part in await pipe.execute() for value in part]
-        except _DOWN_ERRORS as e:
+        except (*_DOWN_ERRORS, RedisError) as e:  # refused (NOPERM, CROSSSLOT): as unusable as down
             self._down("get", e)
             return None
         self._ok()
@@ -146,7 +177,7 @@ class RedisTier:
             return
         try:
             await self.client.delete(*[self.key(k) for k in keys])
-        except _DOWN_ERRORS as e:
+        except (*_DOWN_ERRORS, RedisError) as e:  # READONLY on a replica: the value stays, S3 answers
             self._down("delete", e)
 
     async def close(self) -> None:

@@ -76,7 +76,9 @@ class MemoryServer:
 
     async def _open(self) -> MemoryStore:
         s = self.settings
-        objects = ObjectStore(s.s3)
+        # A request waits for its reads: a hung store fails them after one timeout, not three, and
+        # each read thread has its connection (`--s3-workers` of them).
+        objects = ObjectStore(s.s3, read_retries=0, connections=max(16, s.s3_workers))
         delay = s.open_retry_s
         while True:
             try:
@@ -92,6 +94,7 @@ class MemoryServer:
         if s.redis_url:
             store.redis = RedisTier(s.redis_url, password=s.redis_password, ttl_s=s.redis_ttl_s)
             if await store.redis.ping():
+                await store.redis.check_usable()
                 await store.redis.check_policy()
             log.info("Redis tier at %s (%s)", store.redis.where,
                      "up" if store.redis.up else "down for now; reading through to S3")

@@ -25,7 +25,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         fetched = await store.get(list(request.ids))
         return pb.GetMemoriesResponse(
             memories=[pb.Memory(id=m.id, blob=m.blob, tier=TIER_TO_PB[m.tier]) for m in fetched],
-            release=store.release)
+            release=store.release, bank=store.bank)
 
     @rpc_errors
     async def PutMemories(self, request, context):  # noqa: N802

@@ -46,12 +46,16 @@ class S3Config:
 
 
 class ObjectStore:
-    def __init__(self, config: S3Config) -> None:
+    """An S3 bucket. `read_retries`: how often a request whose answer did not come within
+    `timeout_s` is sent again (a server that hangs then holds a call that long, times this plus
+    one); `connections`: HTTP connections kept per host, one for each thread that calls at once."""
+
+    def __init__(self, config: S3Config, *, read_retries: int = 2, connections: int = 16) -> None:
         self.config = config
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=min(3.0, config.timeout_s), read=config.timeout_s),
-            retries=Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
-            maxsize=16,
+            retries=Retry(total=2, read=read_retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            maxsize=connections,
         )
         self.client = Minio(config.endpoint, access_key=config.access_key, secret_key=config.secret_key,
                             secure=config.secure, region=config.region, http_client=http)

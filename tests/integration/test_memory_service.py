@@ -354,3 +354,52 @@ def test_cli_serves_and_drains_on_sigterm(random_release, local_s3, local_redis,
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_client_of_another_memory_bank_gets_unavailable_not_other_memories(random_release, local_s3, tmp_path):
+    """A release retrained on the same knowledge has the same reference ids and memories of the
+    same shape, made by other weights: a decoder pointed at its memory service (a rolling upgrade,
+    a wrong address) took them as its own."""
+    ids = [r.id for r in random_release.references[:2]]
+    bank = random_release.manifest.memory_bank["bank"]
+
+    async def scenario():
+        async with serving(settings(random_release, local_s3.config, tmp_path)) as (app, _), \
+                grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            assert len(await MemoryClient(channel, bank=bank).get(ids)) == 2
+            with pytest.raises(Unavailable, match=f"memory bank {bank} is not this model's \\(0123abcd\\)"):
+                await MemoryClient(channel, bank="0123abcd").get(ids)
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_a_redis_that_refuses_the_tiers_commands(random_release, local_s3, local_redis, tmp_path):
+    """Redis that answers but refuses (an ACL without memory3:* keys, a read-only replica): every
+    request was INTERNAL, health SERVING. At start it is a configuration error that says what to
+    fix; later on, the tier counts as down and S3 answers."""
+    admin = redis.Redis.from_url(local_redis.url)
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">app-pw", "~app:*", "+@all")
+    admin.execute_command("ACL", "SETUSER", "svc", "on", ">svc-pw", "~memory3:*", "+@all")
+    port = local_redis.port
+    ids = [r.id for r in random_release.references[:3]]
+
+    async def scenario():
+        refused = settings(random_release, local_s3.config, tmp_path, f"redis://app:app-pw@127.0.0.1:{port}")
+        app = await start_memory_server(refused)
+        try:
+            with pytest.raises(ValueError, match=r"refuses the memory tier.s commands on memory3:\* keys \(this user "):
+                await app.wait_ready(timeout=60)
+        finally:
+            await app.stop()
+
+        usable = settings(random_release, local_s3.config, tmp_path, f"redis://svc:svc-pw@127.0.0.1:{port}",
+                          ram_cache_bytes=0)
+        async with serving(usable) as (app, client):
+            assert [m.tier for m in await client.fetch(ids[:1])] == ["s3"]
+            assert [m.tier for m in await client.fetch(ids[:1])] == ["redis"]
+            admin.execute_command("ACL", "SETUSER", "svc", "resetkeys", "~app:*")  # revoked while serving
+            assert [m.tier for m in await client.fetch(ids)] == ["s3", "s3", "s3"]
+            assert tiers(await client.stats())["TIER_REDIS"][2] is False
+            assert await health(app) == health_pb2.HealthCheckResponse.SERVING
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
