@@ -28,9 +28,11 @@ class MemoryClient:
     upgrade, a wrong address) would answer them, valid and wrong. With `bank`, such an answer is
     Unavailable instead."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float | None = 10.0, bank: str | None = None) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float | None = 10.0, bank: str | None = None,
+                 max_ids: int = MAX_IDS) -> None:
+        """`max_ids`: ids per request (`ids_per_reply` for the memories' size and the channels' message limit)."""
         self.stub = pb_grpc.MemoryServiceStub(channel)
-        self.timeout_s, self.bank = timeout_s, bank
+        self.timeout_s, self.bank, self.max_ids = timeout_s, bank, max_ids
 
     async def _call(self, method, request):
         try:
@@ -45,7 +47,7 @@ class MemoryClient:
         release), DataLoss (a corrupt or missing blob in the bank), Unavailable (store unreachable
         or service starting), and ServiceError for anything else.
         """
-        parts = [list(ids[i:i + MAX_IDS]) for i in range(0, len(ids), MAX_IDS)] or [[]]
+        parts = [list(ids[i:i + self.max_ids]) for i in range(0, len(ids), self.max_ids)] or [[]]
         responses = await asyncio.gather(*(self._call(self.stub.GetMemories, pb.GetMemoriesRequest(ids=part))
                                            for part in parts))
         for response in responses:
@@ -62,7 +64,7 @@ class MemoryClient:
 
     async def put(self, memories: Sequence[tuple[str, bytes]]) -> int:
         """Store (id, blob) pairs in the bank and warm the caches; returns how many were stored."""
-        parts = [memories[i:i + MAX_IDS] for i in range(0, len(memories), MAX_IDS)] or [[]]
+        parts = [memories[i:i + self.max_ids] for i in range(0, len(memories), self.max_ids)] or [[]]
         stored = 0
         for part in parts:
             request = pb.PutMemoriesRequest(memories=[pb.Memory(id=i, blob=b) for i, b in part])

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from memory3.model.codecs import MemoryCodec
-from memory3.model.memory_format import MemoryFormatError, validate_memory
+from memory3.model.memory_format import MemoryFormatError, memory_size, validate_memory
 
 from ..release.reader import Release
 from ..rpc.errors import SHOWN_CHARS, AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
@@ -67,6 +67,12 @@ class _BankRead(NamedTuple):
     unavailable: str | None = None
 
 
+def ids_per_reply(blob_bytes: int, max_message_bytes: int) -> int:
+    """How many memories of `blob_bytes` one reply of at most `max_message_bytes` carries (each
+    with its id and framing, under 100 bytes), up to MAX_IDS: 148 at the paper's size in 64 MiB."""
+    return max(1, min(MAX_IDS, (max_message_bytes - (1 << 20)) // (blob_bytes + 100)))
+
+
 def _listing(ids: Sequence[str]) -> str:
     shown = ", ".join(i if len(i) <= SHOWN_CHARS else f"{i[:SHOWN_CHARS]}…" for i in ids[:_SHOWN])
     return shown + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
@@ -75,10 +81,12 @@ def _listing(ids: Sequence[str]) -> str:
 class MemoryStore:
     def __init__(self, *, release: str, keys: Mapping[str, str], codec: MemoryCodec,
                  shape: tuple[int, int, int, int], store: ObjectStore, ram: RamCache,
-                 redis: RedisTier | None = None, s3_workers: int = 16, bank: str = "") -> None:
-        """`keys` maps the release's reference ids to their bank keys (`memories/<bank>/<id[:2]>/<id>`)."""
+                 redis: RedisTier | None = None, s3_workers: int = 16, bank: str = "",
+                 max_ids: int = MAX_IDS) -> None:
+        """`keys` maps the release's reference ids to their bank keys (`memories/<bank>/<id[:2]>/<id>`);
+        `max_ids`: the most one request may ask for (`ids_per_reply`: what one reply can carry)."""
         self.release, self.keys, self.codec, self.shape = release, keys, codec, tuple(shape)
-        self.bank = bank
+        self.bank, self.max_ids = bank, max_ids
         self.store, self.ram, self.redis = store, ram, redis
         self._pool = ThreadPoolExecutor(max_workers=s3_workers, thread_name_prefix="memory3-s3")
         self._inflight: dict[str, asyncio.Future[_BankRead]] = {}
@@ -88,18 +96,21 @@ class MemoryStore:
 
     @classmethod
     def from_release(cls, release: Release, *, ram: RamCache, redis: RedisTier | None = None,
-                     s3_workers: int = 16) -> MemoryStore:
+                     s3_workers: int = 16, max_message_bytes: int | None = None) -> MemoryStore:
+        blob = memory_size(release.memory_shape(), release.memory_codec(), release.manifest.conventions["ref_len"])
+        max_ids = MAX_IDS if max_message_bytes is None else ids_per_reply(blob, max_message_bytes)
         return cls(release=release.name, keys={r["id"]: r["memory_key"] for r in release.references},
                    codec=release.memory_codec(), shape=release.memory_shape(), store=release.store, ram=ram,
-                   redis=redis, s3_workers=s3_workers, bank=release.manifest.memory_bank["bank"])
+                   redis=redis, s3_workers=s3_workers, bank=release.manifest.memory_bank["bank"], max_ids=max_ids)
 
     # ---- requests -----------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[str]) -> list[str]:
         """The distinct ids, in first-seen order; errors say what to fix."""
         if not ids:
-            raise InvalidInput(f"no ids given: ask for 1 to {MAX_IDS} reference ids of release {self.release!r}")
-        if len(ids) > MAX_IDS:
-            raise InvalidInput(f"{len(ids)} ids in one request; at most {MAX_IDS}: split the batch")
+            raise InvalidInput(f"no ids given: ask for 1 to {self.max_ids} reference ids of release {self.release!r}")
+        if len(ids) > self.max_ids:
+            why = "" if self.max_ids == MAX_IDS else " (as many of this release's memories as one reply carries)"
+            raise InvalidInput(f"{len(ids)} ids in one request; at most {self.max_ids}{why}: split the batch")
         unique = list(dict.fromkeys(ids))
         unknown = [i for i in unique if i not in self.keys]
         if unknown:

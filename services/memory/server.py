@@ -85,7 +85,8 @@ class MemoryServer:
                 release = await asyncio.to_thread(Release.open, objects, s.release, s.cache_dir, only=MEMORY_FILES)
                 # Release.open read the manifest from the bank's store: S3 answered.
                 store = await asyncio.to_thread(MemoryStore.from_release, release, ram=RamCache(s.ram_cache_bytes),
-                                                s3_workers=s.s3_workers)
+                                                s3_workers=s.s3_workers,
+                                                max_message_bytes=self.server.options.max_message_bytes)
                 break
             except StoreUnavailable as e:
                 log.warning("release %r not open yet: %s; retrying in %.1fs", s.release, e, delay)

@@ -403,3 +403,29 @@ def test_a_redis_that_refuses_the_tiers_commands(random_release, local_s3, local
             assert await health(app) == health_pb2.HealthCheckResponse.SERVING
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_a_request_asks_for_what_one_reply_carries_and_the_client_splits_by_it(random_release, local_s3, tmp_path):
+    """1024 ids a request passed the check, while 64 MiB carries 148 memories at the paper's size:
+    the reply failed RESOURCE_EXHAUSTED after every read was done."""
+    from memory3.model.memory_format import memory_size
+    from memory3.services.memory.engine import ids_per_reply
+
+    limit = (1 << 20) + 20_000
+    blob = memory_size(random_release.model.config.memory_shape,
+                       random_release.memory_codec, random_release.model.config.ref_len)
+    fits = ids_per_reply(blob, limit)
+    ids = [r.id for r in random_release.references] * 4
+    assert 1 < fits < len(ids)
+
+    async def scenario():
+        async with serving(settings(random_release, local_s3.config, tmp_path),
+                           options=ServerOptions(max_message_bytes=limit)) as (app, client):
+            with pytest.raises(InvalidInput, match=f"at most {fits} \\(as many of this release's memories as one "
+                                                   "reply carries\\)"):
+                await client.fetch(ids)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                split = await MemoryClient(channel, max_ids=fits).fetch(ids)
+            assert [m.id for m in split] == ids
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
