@@ -80,10 +80,12 @@ def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "me
     port = port or free_port()
     secret_key = secret_key or secrets.token_hex(16)
     log = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    # The key pair goes through the environment (one CSV field, as rclone reads a list from it): on
+    # the command line, any user of the machine could read it (`ps`).
+    auth_key = '"' + f"{access_key},{secret_key}".replace('"', '""') + '"'
     process = subprocess.Popen(
-        [rclone_binary(), "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}",
-         "--auth-key", f"{access_key},{secret_key}", "--config", "/dev/null"],
-        stdout=log, stderr=log, start_new_session=True,
+        [rclone_binary(), "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}", "--config", "/dev/null"],
+        stdout=log, stderr=log, start_new_session=True, env={**os.environ, "RCLONE_AUTH_KEY": auth_key},
     )
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
