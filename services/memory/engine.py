@@ -15,6 +15,7 @@ Blocking work (S3 calls, checksums) runs off the event loop; Redis is reached wi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -82,11 +83,14 @@ class MemoryStore:
     def __init__(self, *, release: str, keys: Mapping[str, str], codec: MemoryCodec,
                  shape: tuple[int, int, int, int], store: ObjectStore, ram: RamCache,
                  redis: RedisTier | None = None, s3_workers: int = 16, bank: str = "",
-                 max_ids: int = MAX_IDS) -> None:
+                 max_ids: int = MAX_IDS, digests: Mapping[str, bytes] | None = None) -> None:
         """`keys` maps the release's reference ids to their bank keys (`memories/<bank>/<id[:2]>/<id>`);
-        `max_ids`: the most one request may ask for (`ids_per_reply`: what one reply can carry)."""
+        `max_ids`: the most one request may ask for (`ids_per_reply`: what one reply can carry);
+        `digests`: the sha256 of each id's blob, where the reference table has them (releases
+        published before it did have none): a valid blob of another memory under an id (objects
+        swapped, a wrong repair) is then caught like a corrupt one."""
         self.release, self.keys, self.codec, self.shape = release, keys, codec, tuple(shape)
-        self.bank, self.max_ids = bank, max_ids
+        self.bank, self.max_ids, self.digests = bank, max_ids, digests or {}
         self.store, self.ram, self.redis = store, ram, redis
         self._pool = ThreadPoolExecutor(max_workers=s3_workers, thread_name_prefix="memory3-s3")
         self._inflight: dict[str, asyncio.Future[_BankRead]] = {}
@@ -99,7 +103,8 @@ class MemoryStore:
                      s3_workers: int = 16, max_message_bytes: int | None = None) -> MemoryStore:
         blob = memory_size(release.memory_shape(), release.memory_codec(), release.manifest.conventions["ref_len"])
         max_ids = MAX_IDS if max_message_bytes is None else ids_per_reply(blob, max_message_bytes)
-        return cls(release=release.name, keys={r["id"]: r["memory_key"] for r in release.references},
+        digests = {r["id"]: bytes.fromhex(r["memory_sha256"]) for r in release.references if "memory_sha256" in r}
+        return cls(release=release.name, keys={r["id"]: r["memory_key"] for r in release.references}, digests=digests,
                    codec=release.memory_codec(), shape=release.memory_shape(), store=release.store, ram=ram,
                    redis=redis, s3_workers=s3_workers, bank=release.manifest.memory_bank["bank"], max_ids=max_ids)
 
@@ -118,11 +123,14 @@ class MemoryStore:
                            f"{_listing(unknown)}")
         return unique
 
-    def _validate(self, blob: bytes) -> str | None:
+    def _validate(self, rid: str, blob: bytes) -> str | None:
         try:
             validate_memory(blob, self.codec, self.shape)
         except MemoryFormatError as e:
             return str(e)
+        want = self.digests.get(rid)
+        if want is not None and hashlib.sha256(blob).digest() != want:
+            return f"a valid memory, but not {rid}'s: its sha256 differs from the reference table's"
         return None
 
     def _count(self, tier: str, asked: int, hits: int, started: float) -> None:
@@ -170,7 +178,7 @@ class MemoryStore:
         if values is None:  # down: the object store answers instead
             return {}
         present = [(rid, v) for rid, v in zip(ids, values, strict=True) if v is not None]
-        problems = await asyncio.to_thread(lambda: [self._validate(v) for _, v in present])
+        problems = await asyncio.to_thread(lambda: [self._validate(rid, v) for rid, v in present])
         good, corrupt = {}, []
         for (rid, blob), problem in zip(present, problems, strict=True):
             if problem is None:
@@ -191,7 +199,7 @@ class MemoryStore:
             return _BankRead(missing=str(e))
         except StoreUnavailable as e:
             return _BankRead(unavailable=str(e))
-        problem = self._validate(blob)
+        problem = self._validate(rid, blob)
         return _BankRead(corrupt=problem) if problem else _BankRead(blob=blob)
 
     def _settle(self, rid: str, future: asyncio.Future) -> None:
@@ -268,7 +276,7 @@ class MemoryStore:
             raise InvalidInput(f"{len(memories)} memories in one request; at most {MAX_IDS}: split the batch")
         items = dict(memories)
         self._check_ids(list(items))
-        problems = await asyncio.to_thread(lambda: {rid: self._validate(b) for rid, b in items.items()})
+        problems = await asyncio.to_thread(lambda: {rid: self._validate(rid, b) for rid, b in items.items()})
         bad = [rid for rid, p in problems.items() if p]
         if bad:
             raise InvalidInput(f"{len(bad)} memories are not valid blobs for release {self.release!r} "

@@ -168,7 +168,7 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
             uploading = [pool.submit(store.put_bytes, key, blob) for key, blob in zip(keys, blobs, strict=True)]
             for ref, key, blob in zip(part, keys, blobs, strict=True):
                 rows.append({"id": ref.id, "text": ref.text, "source": ref.source, "memory_key": key,
-                             "memory_bytes": len(blob)})
+                             "memory_bytes": len(blob), "memory_sha256": sha256(blob)})
                 total_bytes += len(blob)
             bar.update(len(part))
             if on_encoded is not None:

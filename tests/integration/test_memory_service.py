@@ -24,7 +24,7 @@ from memory3.services.memory.client import MemoryClient
 from memory3.services.memory.redis_tier import KEY_PREFIX
 from memory3.services.memory.server import MemorySettings, start_memory_server
 from memory3.services.release.manifest import ReleaseNotFound
-from memory3.services.rpc.errors import AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
+from memory3.services.rpc.errors import DataLoss, InvalidInput, NotFound, Unavailable
 from memory3.services.rpc.server import ServerOptions
 from memory3.services.storage.local_s3 import free_port, start_local_s3
 from memory3.v1 import memory_service_pb2 as pb
@@ -251,7 +251,8 @@ def test_put_memories_validates_and_stores(random_release, local_s3, store, loca
 def test_put_memories_repairs_the_bank_but_never_replaces_a_valid_memory(random_release, local_s3, store,
                                                                         tmp_path):
     """Memories are immutable: another valid blob under a stored id is refused (other replicas and
-    releases sharing the bank hold it); a missing or corrupt one is written."""
+    releases sharing the bank hold it; the reference table's digest says it is not that id's); a
+    missing or corrupt one is written. (A release without digests: ALREADY_EXISTS, test_engine.py.)"""
     rid, other = (random_release.references[i].id for i in (8, 9))
     key = random_release.memory_key(rid)
     blob, other_blob = store.get_bytes(key), store.get_bytes(random_release.memory_key(other))
@@ -259,7 +260,7 @@ def test_put_memories_repairs_the_bank_but_never_replaces_a_valid_memory(random_
 
     async def scenario():
         async with serving(settings(random_release, local_s3.config, tmp_path)) as (_app, client):
-            with pytest.raises(AlreadyExists, match=rf"1 memories .*\({rid}\): memories are immutable"):
+            with pytest.raises(InvalidInput, match=rf"1 memories .*: {rid}; first: .*its sha256 differs"):
                 await client.put([(other, other_blob), (rid, other_blob)])
             assert store.get_bytes(key) == blob
             assert [m.blob for m in await client.fetch([rid])] == [blob]
@@ -429,3 +430,27 @@ def test_a_request_asks_for_what_one_reply_carries_and_the_client_splits_by_it(r
             assert [m.id for m in split] == ids
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_a_valid_memory_under_another_id_is_caught_and_only_the_right_one_repairs_it(random_release, local_s3, store,
+                                                                                      tmp_path):
+    """Each blob was checked for itself only: swapped objects were served (and cached) as each
+    other's memories, and a repair could store one reference's memory under another's id."""
+    victim, other = random_release.references[8].id, random_release.references[9].id
+    key = random_release.memory_key(victim)
+    right, wrong = store.get_bytes(key), store.get_bytes(random_release.memory_key(other))
+    store.put_bytes(key, wrong)
+
+    async def scenario():
+        async with serving(settings(random_release, local_s3.config, tmp_path)) as (_, client):
+            with pytest.raises(DataLoss, match=f"not {victim}'s: its sha256 differs"):
+                await client.fetch([victim])
+            with pytest.raises(InvalidInput, match="not .*'s: its sha256 differs"):
+                await client.put([(victim, wrong)])
+            assert await client.put([(victim, right)]) == 1
+            assert await client.get([victim]) == [right]
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 90))
+    finally:
+        store.put_bytes(key, right)
