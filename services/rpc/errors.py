@@ -8,6 +8,8 @@ import logging
 
 import grpc
 
+from .metrics import RPC_HANDLED
+
 log = logging.getLogger("memory3.rpc")
 
 
@@ -81,21 +83,27 @@ def rpc_errors(method):
                     yield item
             except Exception as exc:  # noqa: BLE001 - mapped, logged
                 await _abort(context, exc, method.__name__)
+            RPC_HANDLED.labels(method=method.__name__, code="OK").inc()
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
         try:
-            return await method(self, request, context)
+            reply = await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped, logged
             await _abort(context, exc, method.__name__)
+        RPC_HANDLED.labels(method=method.__name__, code="OK").inc()
+        return reply
     return unary
 
 
 async def _abort(context, exc: BaseException, name: str) -> None:
     if isinstance(exc, grpc.aio.AbortError):
+        code = context.code() if hasattr(context, "code") else None  # set by the servicer's own abort
+        RPC_HANDLED.labels(method=name, code=code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN").inc()
         raise exc
     code, message = status_for(exc)
+    RPC_HANDLED.labels(method=name, code=code.name).inc()
     if code == grpc.StatusCode.INTERNAL:
         log.error("%s failed", name, exc_info=exc)
     await context.abort(code, message)
