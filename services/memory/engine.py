@@ -103,8 +103,13 @@ class MemoryStore:
                      s3_workers: int = 16, max_message_bytes: int | None = None) -> MemoryStore:
         blob = memory_size(release.memory_shape(), release.memory_codec(), release.manifest.conventions["ref_len"])
         max_ids = MAX_IDS if max_message_bytes is None else ids_per_reply(blob, max_message_bytes)
-        digests = {r["id"]: bytes.fromhex(r["memory_sha256"]) for r in release.references if "memory_sha256" in r}
-        return cls(release=release.name, keys={r["id"]: r["memory_key"] for r in release.references}, digests=digests,
+        # Row by row: the table's texts are not held (at 10^8 references they would be tens of GB).
+        keys, digests = {}, {}
+        for row in release.rows():
+            keys[row["id"]] = row["memory_key"]
+            if "memory_sha256" in row:
+                digests[row["id"]] = bytes.fromhex(row["memory_sha256"])
+        return cls(release=release.name, keys=keys, digests=digests,
                    codec=release.memory_codec(), shape=release.memory_shape(), store=release.store, ram=ram,
                    redis=redis, s3_workers=s3_workers, bank=release.manifest.memory_bank["bank"], max_ids=max_ids)
 
