@@ -139,6 +139,9 @@ def iter_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if memory_provider is not None and not prefix:
         raise ValueError("generation with memory needs the reference prefix tokens")
+    if model.has_cache:  # it would replace them under the generation (or decoder) that holds them
+        raise ValueError("this model's caches are held by another generation or a decoder: run one at a time "
+                         "(finish or close the other), or generate with another copy of the model")
     device = model.output.weight.device
     bsz, p = len(prompts), len(prefix)
     lengths = torch.tensor([len(x) for x in prompts], device=device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memory3.model.encoder import encode_references
-from memory3.model.generate import GenerationOutput, SamplingParams, generate
+from memory3.model.generate import GenerationOutput, SamplingParams, generate, iter_generate
 from memory3.model.hf_llama import llama_config_kwargs, to_llama_state_dict
 from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import ExplicitMemory, prime_slot_valid, stack_memories
@@ -559,3 +559,14 @@ def test_sampling_params_refuse_what_sampling_cannot_use():
 def test_explicit_memory_to_takes_a_dtype_as_tensor_to_does(memory_bank):
     memory = memory_bank[0].to(torch.bfloat16)
     assert memory.keys.dtype == memory.values.dtype == torch.bfloat16 and memory.positions.dtype == torch.long
+
+
+def test_a_second_generation_on_a_model_in_use_is_refused(tiny_model):
+    """Both shared the model's caches: the first stream went on with the second's, silently."""
+    first = iter_generate(tiny_model, [[1, 5, 6, 7]], max_new_tokens=6)
+    next(first)
+    with pytest.raises(ValueError, match="caches are held by another generation"):
+        generate(tiny_model, [[1, 9]], max_new_tokens=2)
+    first.close()
+    assert not tiny_model.has_cache
+    assert generate(tiny_model, [[1, 9]], max_new_tokens=2).tokens
