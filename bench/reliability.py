@@ -55,7 +55,7 @@ from .fault_proxy import DelayProxy
 
 RELEASE = "bench-reliability"
 SERVICES = ("text", "memory", "decoder", "decoder-continue")
-# What any RPC of ours may answer (DESIGN.md §7); anything else (INTERNAL, UNKNOWN) is a bug.
+# What any RPC of ours may answer; anything else (INTERNAL, UNKNOWN) is a bug.
 DOCUMENTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
               "DATA_LOSS"}
 

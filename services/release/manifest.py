@@ -1,4 +1,4 @@
-"""The release manifest: the contract between the trainer and the services (DESIGN.md §3).
+"""The release manifest: the contract between the trainer and the services.
 
 A release is immutable and lives under `releases/<name>/`. Its manifest is written last; a reader
 trusts a release only when the manifest exists, its format is known, and every file it lists
