@@ -155,7 +155,10 @@ class Job:
             self.events.append({"state": self.state, **event})
             self.changed.notify_all()
         if self.record is not None and self.state != self.saved_state:
-            self.save()
+            try:
+                self.save()
+            except OSError as e:  # a full disk must not stop the job; its record is only for later
+                log.warning("job %s: its record %s could not be written (%s)", self.id, self.record, e)
 
     def save(self) -> None:
         """Written whole to a temporary file, then renamed: a record is never half-written."""
@@ -217,15 +220,18 @@ class TrainingJobManager:
             try:
                 loaded.append((record.stat().st_mtime, Job.load(record)))
             except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("job record %s cannot be read (%s); it is set aside as %s.bad", record, e, record.name)
-                record.replace(record.with_suffix(".bad"))
+                log.warning("job record %s cannot be read (%s); it is set aside as %s", record, e,
+                            record.with_suffix(".bad").name)
+                with contextlib.suppress(OSError):
+                    record.replace(record.with_suffix(".bad"))
         for _, job in sorted(loaded, key=lambda pair: pair[0]):
             if job.state not in TERMINAL:
                 was = job.state
                 job.state = FAILED
                 job.events.append({"state": FAILED, "message": f"the trainer service stopped while the job was {was}: "
                                    "submit it again (a training run resumes from its checkpoints)"})
-                job.save()
+                with contextlib.suppress(OSError):  # it says so in memory; on disk when it can
+                    job.save()
                 self._remove_job_files(job)
             self.jobs[job.id] = job
         if loaded:
