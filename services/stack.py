@@ -4,12 +4,16 @@ Starts a real S3 server (`rclone serve s3`) and a real `redis-server` on 127.0.0
 the release exists (training and publishing the small one when the bucket has none), then the
 text, memory and decoder services as separate processes, each waited for until its health check
 says SERVING. Every process's PID, port and log file go into a state file, so `down` stops
-exactly what `up` started, by PID, and `generate` finds the decoder.
+exactly what `up` started, by PID, and `generate` finds the decoder. A PID is recorded with its
+process's start time: PIDs are reused (after a reboot, in a container), and a process that merely
+has a recorded PID is never signalled nor reported as the stack's. A lock on the stack directory
+lets one `up` or `down` at a time act on a home.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -18,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from .storage.local_s3 import free_port, start_local_s3
 from .storage.object_store import S3Config
 
 STATE_FILE = "state.json"
+LOCK_FILE = "lock"
 SERVICES = ("text", "memory", "decoder")
 
 
@@ -39,6 +44,20 @@ class StackProcess:
     log: str
     metrics_port: int | None = None
     log_start: int = 0  # bytes its log (appended to, run after run) held before this run: `_tail` shows the rest
+    # When the process started (/proc/PID/stat field 22), read right after spawning; None: unknown (a state
+    # file from before it was recorded, or no /proc), and then any live process with the PID counts.
+    started: int | None = None
+
+    def running(self) -> bool:
+        """Whether this process still runs: its PID is alive and, when its start time is known, the
+        process with that PID is the same one (not another that was given the PID since)."""
+        if not _alive(self.pid):
+            return False
+        return self.started is None or process_start_time(self.pid) == self.started
+
+    def reused(self) -> bool:
+        """Its PID is alive but belongs to another process now."""
+        return _alive(self.pid) and not self.running()
 
 
 @dataclass
@@ -48,6 +67,10 @@ class StackState:
     s3: dict  # S3Config fields (the local server's generated credentials: the file is 0600)
     redis_url: str | None
     processes: list[StackProcess] = field(default_factory=list)
+
+    def not_running(self, names: tuple[str, ...] | None = None) -> list[str]:
+        """The processes (of `names`, default all) that do not run any more."""
+        return [p.name for p in self.processes if (names is None or p.name in names) and not p.running()]
 
     def process(self, name: str) -> StackProcess:
         for p in self.processes:
@@ -79,9 +102,20 @@ class StackState:
 
     @classmethod
     def load(cls, path: Path) -> StackState:
-        data = json.loads(path.read_text())
-        data["processes"] = [StackProcess(**p) for p in data["processes"]]
-        return cls(**data)
+        """The state in `path`; a file that is not one (cut short, or written by another version of
+        memory3) is a one-line error that says how to get past it, not a traceback."""
+        text = path.read_text()
+        try:
+            data = json.loads(text)
+            data["processes"] = [StackProcess(**p) for p in data["processes"]]
+            state = cls(**data)
+            _check_types(state)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            pids = re.findall(r'"pid":\s*(\d+)', text)
+            listed = f"the processes it lists (pids {', '.join(pids)})" if pids else "any processes it lists"
+            raise ValueError(f"the stack state {path} cannot be read ({type(e).__name__}: {e}): stop {listed} "
+                             f"if they still run, then remove the file") from None
+        return state
 
 
 @dataclass(frozen=True)
@@ -99,6 +133,7 @@ class StackOptions:
     cpu_affinity: dict[str, set[int]] = field(default_factory=dict)
     redis_password: str | None = None  # the local Redis requires it (passed to services in their env only)
     text_shards: int = 1  # text services, each with one shard of the release's index (`--index-shard I/N`)
+    home_option: str = ""  # the `--home` the user gave, repeated in hints (empty for the default home)
 
     def __post_init__(self) -> None:
         """What a service would refuse only once the stores and the services before it started."""
@@ -115,38 +150,91 @@ class StackOptions:
         return ["text"] if self.text_shards == 1 else [f"text-{i}" for i in range(self.text_shards)]
 
 
+def _check_types(state: StackState) -> None:
+    """What the code after `load` relies on: names, PIDs and ports that are what they say."""
+    for p in state.processes:
+        if not (isinstance(p.name, str) and isinstance(p.pid, int) and isinstance(p.port, int)
+                and (p.started is None or isinstance(p.started, int))):
+            raise TypeError(f"process entry {asdict(p)} has a field of the wrong type")
+    if not isinstance(state.s3, dict):
+        raise TypeError("s3 is not an object")
+
+
 def state_path(home: Path) -> Path:
     return home / "stack" / STATE_FILE
 
 
-def stack_is_up(home: Path) -> StackState | None:
+def read_state(home: Path) -> StackState | None:
+    """The state of the stack last started in `home`, running or not; None when there is none."""
     path = state_path(home)
-    if not path.exists():
-        return None
-    state = StackState.load(path)
-    return state if all(_alive(p.pid) for p in state.processes) else None
+    return StackState.load(path) if path.exists() else None
+
+
+def stack_is_up(home: Path) -> StackState | None:
+    state = read_state(home)
+    return state if state is not None and not state.not_running() else None
+
+
+def down_message(state: StackState, home_option: str = "") -> str:
+    """What is wrong with a stack some or all of whose processes stopped, and the commands that get
+    past it (`home_option`: the `--home` the user gave, to repeat; empty for the default home)."""
+    down = state.not_running()
+    if len(down) == len(state.processes):
+        return f"the local stack in {state.home} has stopped: `memory3 up{home_option}` starts it again"
+    return (f"the local stack in {state.home} is partly down ({', '.join(down)} not running): "
+            f"`memory3 status{home_option}` shows it; `memory3 down{home_option}` then `memory3 up{home_option}` "
+            "starts it again")
+
+
+@contextlib.contextmanager
+def stack_lock(home: Path) -> Iterator[None]:
+    """One `up` or `down` at a time in a home: two at once each started a stack, and the state
+    file kept only the second's, so `down` never stopped the first. Not waited for: the other one
+    may be training for half an hour. The lock goes with the process, however it ends."""
+    path = home / "stack" / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by the processes started under it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            raise RuntimeError(f"another memory3 command ({who}) is starting or stopping the stack in {home}: "
+                               "wait for it to end (or stop it), then run this again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, str], None] | None = None,
                 log: Callable[[str], None] = print) -> StackState:
     """Start everything; on any failure stop what was started and raise with the failing log's tail."""
+    with stack_lock(options.home):
+        return _start_stack(options, ensure_release, log)
+
+
+def _start_stack(options: StackOptions, ensure_release: Callable[[S3Config, str], None] | None,
+                 log: Callable[[str], None]) -> StackState:
     home = options.home
-    if state_path(home).exists():
-        previous = StackState.load(state_path(home))
-        if all(_alive(p.pid) for p in previous.processes):
-            raise RuntimeError(f"a stack is already running (state in {state_path(home)}): run `memory3 down` first")
-        down = [p.name for p in previous.processes if not _alive(p.pid)]
+    previous = read_state(home)
+    if previous is not None:
+        down = previous.not_running()
+        if not down:
+            raise RuntimeError(f"a stack is already running (state in {state_path(home)}): "
+                               f"run `memory3 down{options.home_option}` first")
         log(f"the last stack is partly down ({', '.join(down)} not running): stopping the rest")
         stop_processes(previous.processes, log)
         state_path(home).unlink(missing_ok=True)
     run_dir = home / "stack"
-    run_dir.mkdir(parents=True, exist_ok=True)
     state = StackState(str(home), options.release, {}, None)
     try:
         if options.s3 is None:
             local = start_local_s3(run_dir / "s3-data", log_file=run_dir / "s3.log", secret_key=_secret(run_dir))
             state.processes.append(StackProcess("s3", local.pid, int(local.config.endpoint.rsplit(":", 1)[1]),
-                                                str(run_dir / "s3.log")))
+                                                str(run_dir / "s3.log"), started=process_start_time(local.pid)))
             s3 = local.config
             log(f"S3 server (rclone) on {s3.endpoint}, data in {run_dir / 's3-data'}")
         else:
@@ -157,7 +245,8 @@ def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, st
         if options.redis:
             redis = start_local_redis(run_dir / "redis", maxmemory="256mb", password=options.redis_password)
             state.redis_url = redis.url
-            state.processes.append(StackProcess("redis", redis.pid, redis.port, str(run_dir / "redis" / "redis.log")))
+            state.processes.append(StackProcess("redis", redis.pid, redis.port, str(run_dir / "redis" / "redis.log"),
+                                                started=process_start_time(redis.pid)))
             log(f"Redis on {redis.url.split('@')[-1]}")
         state.save(state_path(home))
         if ensure_release is not None:
@@ -199,33 +288,41 @@ def spawn_service(options: StackOptions, state: StackState, name: str, *, port: 
         process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
                                    stdout=out, stderr=out, env=_service_env(state.s3_config, state.redis_url),
                                    start_new_session=True)
+    started = process_start_time(process.pid)
     if name in options.cpu_affinity:  # before torch starts its thread pools
         os.sched_setaffinity(process.pid, options.cpu_affinity[name])
-    return StackProcess(label or name, process.pid, port, str(logfile), metrics_port, log_start)
+    return StackProcess(label or name, process.pid, port, str(logfile), metrics_port, log_start, started)
 
 
 def stop_stack(home: Path, log: Callable[[str], None] = print) -> bool:
     path = state_path(home)
-    if not path.exists():
+    if not path.parent.is_dir():  # nothing was started here: no lock (nor directory) to create
         log("no stack is running (no state file)")
         return False
-    state = StackState.load(path)
-    stop_processes(state.processes, log)
-    path.unlink(missing_ok=True)
+    with stack_lock(home):
+        state = read_state(home)
+        if state is None:
+            log("no stack is running (no state file)")
+            return False
+        stop_processes(state.processes, log)
+        path.unlink(missing_ok=True)
     return True
 
 
 def stop_processes(processes: list[StackProcess], log: Callable[[str], None] = lambda _m: None) -> None:
-    """Services first (they drain), then the stores; each by PID: SIGTERM, then SIGKILL."""
+    """Services first (they drain), then the stores; each by PID: SIGTERM, then SIGKILL. A PID
+    that another process has now is left alone."""
     for p in reversed(processes):
-        if _alive(p.pid):
-            _terminate(p.pid)
+        if p.running():
+            _terminate(p)
             log(f"stopped {p.name} (pid {p.pid})")
+        elif p.reused():
+            log(f"{p.name} had exited (pid {p.pid} is another process's now: left alone)")
 
 
 def process_state(process: StackProcess) -> str:
     """"exited", or for a gRPC service its health ("SERVING", "NOT_SERVING", "no answer"), else "running"."""
-    if not _alive(process.pid):
+    if not process.running():
         return "exited"
     if process.name in ("s3", "redis"):
         return "running"
@@ -248,7 +345,7 @@ def wait_serving(process: StackProcess, timeout_s: float) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{process.port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            if not _alive(process.pid):
+            if not process.running():
                 raise RuntimeError(f"the {process.name} service exited during startup; its log ends with:\n"
                                    + _tail(Path(process.log), start=process.log_start))
             try:
@@ -294,6 +391,17 @@ def _secret(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (/proc/PID/stat field 22): with the PID,
+    what tells that process from a later one given the same PID; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return int(fields[19])  # field 3 (the state) is fields[0]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -309,19 +417,21 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _terminate(pid: int, timeout_s: float = 15.0) -> None:
+def _terminate(process: StackProcess, timeout_s: float = 15.0) -> None:
+    pid = process.pid
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not process.running():
             _reap(pid)
             return
         time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    if process.running():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     _reap(pid)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -33,6 +34,31 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
     return value
+
+
+def positive_int(text: str) -> int:
+    """The type of a count that must be 1 or more: 0 tokens was sent as "unset" and got the server's default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """The type of a number of seconds that must be above 0: a timeout of 0 fails every request."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+    return value
+
+
+def home_option(home: Path) -> str:
+    """The `--home` a printed hint repeats, so that followed as written it acts on the same stack;
+    empty for the default home."""
+    return "" if home == DEFAULT_HOME else f" --home {shlex.quote(str(home))}"
 
 
 def port_number(*, free: bool = False) -> Callable[[str], int]:
@@ -71,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --checkpoint: a reference text to use as explicit memory (repeatable)")
     gen.add_argument("--reference-file", action="append", default=[], type=Path, metavar="FILE",
                      help="with --checkpoint: a UTF-8 file whose text becomes references (repeatable)")
-    gen.add_argument("--max-new-tokens", "--max-tokens", type=int, default=64,
+    gen.add_argument("--max-new-tokens", "--max-tokens", type=positive_int, default=64,
                      help="tokens to generate at most (--max-tokens, as OpenAI names it, is the same)")
     gen.add_argument("--temperature", type=finite_float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -79,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     gen.add_argument("--no-memory", action="store_true", help="generate without retrieval")
-    gen.add_argument("--timeout", type=finite_float, default=120.0, help="seconds before the request is abandoned")
+    gen.add_argument("--timeout", type=positive_float, default=120.0,
+                     help="seconds before the request is abandoned")
     gen.add_argument("--tls-ca", type=Path, default=None,
                      help="PEM CA of the decoder's certificate (TLS; token from MEMORY3_AUTH_TOKEN)")
     gen.add_argument("--device", default="cpu", help="with --checkpoint")
@@ -410,6 +437,12 @@ def _serve_kserve(args: argparse.Namespace) -> int:
     if args.tls_cert or args.tls_client_ca or args.metrics_port is not None or args.health_port is not None:
         raise ValueError("serve kserve takes no --tls-*/--metrics-port/--health-port: TLS is the ingress's job, and "
                          "metrics and health are on --http-port (/metrics, /v2/health/*)")
+    if args.port is not None:
+        raise ValueError("serve kserve takes no --port: it listens on --http-port (v2 REST, /v1/completions, "
+                         "health, /metrics) and --grpc-port (v2 gRPC)")
+    if args.host != "127.0.0.1":  # the serve parser's default: only a --host given differs
+        raise ValueError("serve kserve takes no --host: KServe binds all interfaces (0.0.0.0 and [::]), which "
+                         "cannot be changed; restrict access with a firewall or network policy")
     settings = _decoder_settings(args)
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; ours are parsed already
     try:
@@ -462,24 +495,37 @@ def s3_config(args: argparse.Namespace, *, local_stack: bool = False):
     from memory3.services.storage.object_store import S3Config
 
     endpoint = args.s3_endpoint or os.environ.get("MEMORY3_S3_ENDPOINT")
+    bucket = args.s3_bucket or os.environ.get("MEMORY3_S3_BUCKET")
     if not endpoint and local_stack:
-        from memory3.services.stack import stack_is_up
-
-        state = stack_is_up(args.home)
-        if state is not None:
-            config = state.s3_config
-            if args.s3_bucket:
-                config = dataclasses.replace(config, bucket=args.s3_bucket)
+        config = _local_stack_store(args.home)
+        if config is not None:
+            if bucket:
+                config = dataclasses.replace(config, bucket=bucket)
             print(f"object store: the local stack's, at {config.endpoint} (bucket {config.bucket!r})", file=sys.stderr)
             return config
     if not endpoint:
         raise ValueError("no object store: pass --s3-endpoint HOST:PORT or set MEMORY3_S3_ENDPOINT"
-                         + (", or start the local stack with `memory3 up`" if local_stack else ""))
+                         + (f", or start the local stack with `memory3 up{home_option(args.home)}`" if local_stack
+                            else ""))
     access = os.environ.get("MEMORY3_S3_ACCESS_KEY")
     if not access:
         raise ValueError("set MEMORY3_S3_ACCESS_KEY and MEMORY3_S3_SECRET_KEY for the object store")
     return S3Config(endpoint=endpoint, access_key=access, secret_key=os.environ.get("MEMORY3_S3_SECRET_KEY", ""),
-                    bucket=args.s3_bucket or os.environ.get("MEMORY3_S3_BUCKET", "memory3"), secure=args.s3_secure)
+                    bucket=bucket or "memory3", secure=args.s3_secure)
+
+
+def _local_stack_store(home: Path):
+    """The object store of the stack `memory3 up` started in `home`, when its S3 server runs (the
+    release commands need nothing else of it); None when no stack was started there."""
+    from memory3.services.stack import down_message, read_state
+
+    state = read_state(home)
+    if state is None:
+        return None
+    if state.not_running(("s3",)):
+        raise ValueError(f"no object store: {down_message(state, home_option(home))}; or pass --s3-endpoint "
+                         "HOST:PORT")
+    return state.s3_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -514,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)  # a SIGTERM comes as stack_commands.Terminated
-        said = INTERRUPTED.get(args.command)
+        said = getattr(e, "left", None) or INTERRUPTED.get(args.command)
         print(f"memory3 {args.command}: interrupted ({signal.Signals(signum).name})" + (f"; {said}" if said else ""),
               file=sys.stderr)
         return 128 + signum
@@ -550,12 +596,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "down":
             return stack.cmd_down(args.home)
         if args.command == "status":
-            return stack.cmd_status(args.home)
+            return stack.cmd_status(args.home, home_option(args.home))
         if args.command == "demo":
-            return stack.cmd_demo_stack(args.home, release=args.release, quick=args.quick)
+            return stack.cmd_demo_stack(args.home, release=args.release, quick=args.quick,
+                                        home_option=home_option(args.home))
         stack.cmd_up(args.home, release=args.release, quick=args.quick, redis=not args.no_redis,
                      retrieval_policy=args.retrieval_policy, max_batch=args.max_batch,
-                     decoder_port=args.decoder_port, text_shards=args.text_shards)
+                     decoder_port=args.decoder_port, text_shards=args.text_shards,
+                     home_option=home_option(args.home))
         return 0
     if args.command == "train":
         from .commands import cmd_train
@@ -677,7 +725,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.reference or args.reference_file:
         raise ValueError("--reference/--reference-file need --checkpoint; the decoder retrieves from its release")
     from .stack_commands import cmd_generate_remote, decoder_address
-    return cmd_generate_remote(decoder_address(args.home, args.address), args.prompt,
+    return cmd_generate_remote(decoder_address(args.home, args.address, home_option(args.home)), args.prompt,
                                max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, stop=args.stop, memory=not args.no_memory,
                                show_references=True, timeout_s=args.timeout, tls_ca=args.tls_ca,

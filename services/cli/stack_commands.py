@@ -12,10 +12,11 @@ from pathlib import Path
 from memory3.services.stack import (
     StackOptions,
     StackState,
+    down_message,
     process_state,
+    read_state,
     stack_is_up,
     start_stack,
-    state_path,
     stop_stack,
 )
 
@@ -24,11 +25,12 @@ QUICK_RELEASE = "quick-v1"  # the same with --quick: a tiny model trained in abo
 DEMO_QUESTIONS = 10  # the demo scores this many knowledge-base-only questions, with memory and without
 
 
-def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool) -> None:
+def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool, home_option: str = "") -> None:
     """Train and publish `name` unless the bucket has it (the trainer resumes an interrupted run).
 
     Only a default release is trained on demand (`train`): a release asked for by name that is not
-    there is more likely a typo than a wish for a half-hour training run.
+    there is more likely a typo than a wish for a half-hour training run. `train` alone cannot
+    make it: it needs the store, which `up` stops when it fails, so the hint starts a stack first.
     """
     from memory3.services.release.catalog import read_catalog
     from memory3.services.release.manifest import release_key
@@ -41,9 +43,12 @@ def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool) -> No
         return
     if not train:
         names = [m.name for m in read_catalog(store).published]
+        quick_option = " --quick" if quick else ""
         raise ValueError(f"release {name!r} is not in bucket {s3.bucket!r} (releases there: "
                          f"{', '.join(sorted(names)) or 'none'}). Only the default release is trained on demand "
-                         f"(leave out --release); `memory3 train --release {name}` trains and publishes this one")
+                         f"(leave out --release); to train this one, start the stack with the default release "
+                         f"(`memory3 up{quick_option}{home_option}`), then `memory3 train --release {name}"
+                         f"{quick_option}{home_option}` trains and publishes it into the stack's store")
     from .commands import cmd_train
 
     what = "a quick (tiny, one-minute)" if quick else "the small"
@@ -52,18 +57,21 @@ def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool) -> No
 
 
 def cmd_up(home: Path, *, release: str | None, quick: bool, redis: bool, retrieval_policy: str, max_batch: int,
-           decoder_port: int | None, text_shards: int = 1) -> StackState:
+           decoder_port: int | None, text_shards: int = 1, home_option: str = "") -> StackState:
     """Starts the stack with `release`, or by default (None) `DEFAULT_RELEASE` (`QUICK_RELEASE` with
-    `quick`), trained if missing. A SIGTERM while it starts stops what it started, as Ctrl-C does."""
+    `quick`), trained if missing. A SIGTERM while it starts stops what it started, as Ctrl-C does.
+    `home_option`: the `--home` the user gave, repeated in the hints printed (empty for the default)."""
     name = release or (QUICK_RELEASE if quick else DEFAULT_RELEASE)
     options = StackOptions(home=home, release=name, redis=redis, retrieval_policy=retrieval_policy,
-                           max_batch=max_batch, decoder_port=decoder_port, text_shards=text_shards)
+                           max_batch=max_batch, decoder_port=decoder_port, text_shards=text_shards,
+                           home_option=home_option)
     with interrupt_on_sigterm():
         state = start_stack(options, log=lambda msg: print(msg, file=sys.stderr),
                             ensure_release=lambda s3, name: ensure_release(s3, name, home=home, quick=quick,
-                                                                           train=release is None))
+                                                                           train=release is None,
+                                                                           home_option=home_option))
     print(f"stack up: decoder at {state.address('decoder')}, release {name!r}; "
-          f"`memory3 generate \"...\"` to ask, `memory3 down` to stop", file=sys.stderr)
+          f"`memory3 generate \"...\"{home_option}` to ask, `memory3 down{home_option}` to stop", file=sys.stderr)
     return state
 
 
@@ -98,14 +106,13 @@ def cmd_down(home: Path) -> int:
     return 0
 
 
-def cmd_status(home: Path) -> int:
+def cmd_status(home: Path, home_option: str = "") -> int:
     """The local stack's processes and their state: 0 when every one runs and every service is
     SERVING, 1 otherwise (none running included), for scripts."""
-    path = state_path(home)
-    if not path.exists():
-        print(f"no stack is running in {home} (`memory3 up` starts one)")
+    state = read_state(home)
+    if state is None:
+        print(f"no stack is running in {home} (`memory3 up{home_option}` starts one)")
         return 1
-    state = StackState.load(path)
     s3 = state.s3_config
     print(f"stack in {home}: release {state.release!r}, object store {s3.endpoint} (bucket {s3.bucket!r})")
     print(f"{'NAME':<10} {'PID':>8}  {'ADDRESS':<17} {'STATE':<11} LOG")
@@ -115,16 +122,22 @@ def cmd_status(home: Path) -> int:
         healthy &= now in ("running", "SERVING")
         print(f"{p.name:<10} {p.pid:>8}  127.0.0.1:{p.port:<7} {now:<11} {p.log}")
     if not healthy:
-        print("not every process is up: see its log; `memory3 down` then `memory3 up` starts the stack again")
+        print(f"not every process is up: see its log; `memory3 down{home_option}` then `memory3 up{home_option}` "
+              "starts the stack again")
     return 0 if healthy else 1
 
 
-def decoder_address(home: Path, address: str | None) -> str:
+def decoder_address(home: Path, address: str | None, home_option: str = "") -> str:
+    """`address`, or the decoder of the stack `up` runs in `home`: an error that says whether no
+    stack was started there or which of its processes stopped."""
     if address:
         return address
-    state = stack_is_up(home)
+    state = read_state(home)
     if state is None:
-        raise RuntimeError("no decoder address: start the stack with `memory3 up` or pass --address HOST:PORT")
+        raise RuntimeError(f"no decoder address: no stack is running in {home}; start one with "
+                           f"`memory3 up{home_option}` or pass --address HOST:PORT")
+    if state.not_running():
+        raise RuntimeError(f"no decoder address: {down_message(state, home_option)}; or pass --address HOST:PORT")
     return state.address("decoder")
 
 
@@ -197,15 +210,33 @@ def heldout_questions(s3, release: str, n: int) -> list[tuple[str, str]]:
     return [(q.prompt, q.answer) for q in world_questions(world, n, seed=seed)]
 
 
-def cmd_demo_stack(home: Path, *, release: str | None, quick: bool) -> int:
+def cmd_demo_stack(home: Path, *, release: str | None, quick: bool, home_option: str = "") -> int:
     """Streams the answer to one knowledge-base-only question, then scores that one and the next
     ones with and without memory: a single answer can be wrong, the score says how often."""
     state = stack_is_up(home)
-    if state is None:
+    if state is None:  # interrupted in here, `up` stops what it had started (as `main` then says)
         state = cmd_up(home, release=release, quick=quick, redis=True, retrieval_policy="fail", max_batch=8,
-                       decoder_port=None)
+                       decoder_port=None, home_option=home_option)
     elif release is not None and release != state.release:
-        raise ValueError(f"the running stack serves {state.release!r}: `memory3 down` first to serve {release!r}")
+        raise ValueError(f"the running stack serves {state.release!r}: `memory3 down{home_option}` first to serve "
+                         f"{release!r}")
+    with interrupted_says(f"the stack keeps running (`memory3 down{home_option}` stops it)"):
+        return _ask_demo_questions(state)
+
+
+@contextlib.contextmanager
+def interrupted_says(left: str) -> Iterator[None]:
+    """A Ctrl-C within it carries what the command leaves (`left`), for `main`'s last line: the
+    command's usual words would be wrong there (the demo's stack keeps running once it is up)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        e.left = left
+        raise
+
+
+def _ask_demo_questions(state: StackState) -> int:
+    """The demo's part once the stack is up: one answer streamed, then the scores."""
     asked = heldout_questions(state.s3_config, state.release, DEMO_QUESTIONS)
     prompt, answer = asked[0]
     print(f"\nQ (a fact that exists only in the knowledge base; expected answer: {answer}):\n{prompt}",

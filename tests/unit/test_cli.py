@@ -176,6 +176,23 @@ def test_ports_and_numbers_out_of_range_are_refused_before_anything_runs():
     assert parse_args(["serve", "decoder", "--port", "0"]).port == 0  # a free port, as the tests start them
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--max-tokens", "0"], "argument --max-new-tokens/--max-tokens: 0: give 1 or more"),
+    (["--max-new-tokens", "-3"], "argument --max-new-tokens/--max-tokens: -3: give 1 or more"),
+    (["--max-tokens", "many"], "argument --max-new-tokens/--max-tokens: 'many' is not a whole number"),
+    (["--timeout", "0"], "argument --timeout: '0': give a number above 0"),
+    (["--timeout", "-1.5"], "argument --timeout: '-1.5': give a number above 0"),
+])
+def test_generate_refuses_no_tokens_or_no_time(argv, said, capsys):
+    """--max-tokens 0 was sent as "unset" and got the server's 128 tokens; --timeout 0 failed every request."""
+    from memory3.services.cli.main import parse_args
+
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["generate", "hi", *argv])
+    assert refused.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {said}")
+    assert parse_args(["generate", "hi", "--max-tokens", "1", "--timeout", "0.5"]).max_new_tokens == 1
+
+
 def test_kb_merge_refuses_a_wait_that_is_not_a_number(tmp_path):
     from memory3.services.cli.commands import cmd_kb_merge
 
@@ -207,6 +224,7 @@ def test_a_service_that_fails_to_start_shows_the_lines_of_this_run_only(tmp_path
     options = StackOptions(home=home, release="r", extra_args={"text": ("--no-such-option",)})
     state = StackState(str(home), "r", dataclasses.asdict(S3Config("127.0.0.1:1", "k")), None)
     process = spawn_service(options, state, "text")
+    assert process.started is not None  # recorded at once: a PID alone may be another process's later
     with pytest.raises(RuntimeError, match="exited during startup") as failed:
         wait_serving(process, 120)
     assert "unrecognized arguments: --no-such-option" in str(failed.value)
