@@ -4,14 +4,17 @@ KServe's ModelServer runs the HTTP server (v1/v2 REST, health, /metrics, and our
 route) and the v2 gRPC server. This model opens the release in `load()` (before the servers
 listen, as KServe expects) and starts the engine in `start_engine()`, KServe's hook for models
 with an engine, which runs in the servers' own event loop: the scheduler, retrieval and every
-request share that loop. Readiness (`/v2/models/{name}/ready`, gRPC ModelReady) follows the
-engine. v2 has no streaming (OIP gRPC is unary); stream through `POST /v1/completions`.
+request share that loop. Readiness (`/v2/health/ready`, `/v2/models/{name}/ready`, gRPC
+ServerReady and ModelReady) turns true once the engine runs and the text and memory services
+answered, and with the "fail" retrieval policy follows their health, as `serve decoder` does.
+v2 has no streaming (OIP gRPC is unary); stream through `POST /v1/completions`.
 
 v2 request: input `text`, BYTES, shape [1], the UTF-8 prompt; optional request parameters
 `max_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop` (a string), `use_memory`,
 `include_reference_text` (over gRPC, floats as strings: KServe's InferParameter has no double).
 Response: `text` (BYTES [1]) and `citations` (BYTES [1], a JSON list of per-chunk references),
-with `finish_reason`, `prompt_tokens` and `completion_tokens` parameters.
+or those of them the request's `outputs` names, with `finish_reason`, `prompt_tokens` and
+`completion_tokens` parameters. A malformed request is a 400 `{"error": message}`.
 """
 
 from __future__ import annotations
@@ -25,21 +28,25 @@ from typing import Any
 import kserve
 import numpy as np
 from fastapi import Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc_interceptor.exceptions import GrpcException
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.model_server import app as kserve_app
+from kserve.protocol.dataplane import DataPlane
 
 from ..rpc.errors import InvalidInput, ServiceError, Unavailable
 from .engine import GenerationEngine, GenerationEvent
 from .http_errors import http_status
 from .openai_routes import add_completion_routes, citation_json
-from .server import BuiltEngine, DecoderSettings, build_engine, open_release
+from .server import BuiltEngine, DecoderSettings, build_engine, open_release, wait_for_dependencies, watch_dependencies
 from .validation import build_request
 
 log = logging.getLogger("memory3.decoder")
 
 INPUT = "text"
+OUTPUTS = ("text", "citations")
 PARAMETERS: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,),
     "stop": (str,), "use_memory": (bool,), "include_reference_text": (bool,)}
@@ -55,30 +62,50 @@ class Memory3Model(kserve.Model):
         self.engine = True  # KServe's flag: this model has an engine to start (start_engine) in the server's loop
         self._release = None
         self._built: BuiltEngine | None = None
+        self._dependencies_up = False  # they answered, and (with the "fail" policy) still do
+        self._stopping = False
+        self._watch: asyncio.Task | None = None  # held: the event loop keeps only a weak reference to a task
 
     # ---- lifecycle (called by KServe) ----
     def load(self) -> bool:
-        """Open the release (download and verify); idempotent, since KServe calls it again while not healthy."""
+        """Open the release (download and verify); idempotent, since KServe calls it again while not healthy.
+
+        `ready` says the release is open: KServe registers only a model that is ready after load().
+        Whether it can serve is `healthy()`, which the readiness routes ask.
+        """
         if self._release is None:
             self._release = open_release(self.settings)
         self.ready = True
         return self.ready
 
     async def start_engine(self) -> None:
+        """Start the engine, then wait for the text and memory services; a SIGTERM meanwhile ends the wait.
+
+        KServe runs this beside its servers and exits once all of them returned, so it must not
+        outlive a stop; the dependency watch is a task of its own, cancelled when the loop ends.
+        """
         self._built = await build_engine(self.settings, self._release)
-        while not await self._built.dependencies_up():
-            log.info("waiting for the text and memory services to report SERVING")
-            await asyncio.sleep(0.5)
-        self.ready = True
+        if not await wait_for_dependencies(self._built, stopping=lambda: self._stopping):
+            log.info("stopped before the text and memory services reported SERVING")
+            return
+        self._dependencies_up = True
+        self._watch = asyncio.create_task(watch_dependencies(self.settings, self._built, self._follow_dependencies))
         log.info("KServe model %r serving release %r", self.name, self._release.name)
 
+    async def _follow_dependencies(self, up: bool) -> None:
+        self._dependencies_up = up
+
     async def healthy(self) -> bool:
+        """Ready to serve: the engine runs, the dependencies answered (and answer, under the "fail"
+        policy), and no stop has begun. Every readiness route and probe asks this."""
         engine = self._built.engine if self._built is not None else None
-        return self.ready and engine is not None and engine.started and not engine.draining
+        return (self.ready and self._dependencies_up and engine is not None and engine.started
+                and not engine.draining)
 
     def stop(self) -> None:
         """On SIGTERM: refuse new requests; the HTTP and gRPC servers let in-flight ones finish."""
         self.ready = False
+        self._stopping = True
         if self._built is not None:
             self._built.engine.draining = True
 
@@ -99,8 +126,7 @@ class Memory3Model(kserve.Model):
         return [{"name": INPUT, "datatype": "BYTES", "shape": [1]}]
 
     def get_output_types(self) -> list[dict]:
-        return [{"name": "text", "datatype": "BYTES", "shape": [1]},
-                {"name": "citations", "datatype": "BYTES", "shape": [1]}]
+        return [{"name": name, "datatype": "BYTES", "shape": [1]} for name in OUTPUTS]
 
     # ---- inference ----
     async def predict(self, payload, headers: dict[str, str] | None = None,
@@ -118,6 +144,7 @@ class Memory3Model(kserve.Model):
             raise InvalidInput(f"use the v2 protocol: POST /v2/models/{self.name}/infer with a BYTES input "
                                f"{INPUT!r} of shape [1]")
         engine = self.current()
+        wanted = _requested_outputs(payload)
         prompt = _prompt(payload)
         params = _parameters(payload.parameters)
         stop = params.pop("stop", None)
@@ -129,10 +156,9 @@ class Memory3Model(kserve.Model):
             whole.citations.extend(event.citations)
             whole.warnings.extend(event.warnings)
             whole.finish_reason, whole.usage = event.finish_reason, event.usage
-        outputs = [
-            InferOutput("text", [1], "BYTES", data=[whole.text]),
-            InferOutput("citations", [1], "BYTES", data=[json.dumps([citation_json(c) for c in whole.citations])]),
-        ]
+        values = {"text": lambda: whole.text,
+                  "citations": lambda: json.dumps([citation_json(c) for c in whole.citations])}
+        outputs = [InferOutput(name, [1], "BYTES", data=[values[name]()]) for name in wanted]
         parameters: dict[str, Any] = {"finish_reason": whole.finish_reason or "",
                                       "prompt_tokens": whole.usage.prompt_tokens,
                                       "completion_tokens": whole.usage.completion_tokens}
@@ -140,6 +166,16 @@ class Memory3Model(kserve.Model):
             parameters["warnings"] = "; ".join(whole.warnings)
         return InferResponse(response_id=request.request_id, model_name=self.name, infer_outputs=outputs,
                              parameters=parameters, use_binary_outputs=payload.use_binary_outputs)
+
+
+def _requested_outputs(payload: InferRequest) -> list[str]:
+    """The outputs to return, in the model's order: those the request names, or all (OIP: a request
+    without `outputs` gets every output). Checked before generating, so a typo costs no tokens."""
+    names = [o.name for o in payload.request_outputs or []]
+    unknown = sorted(set(names) - set(OUTPUTS))
+    if unknown:
+        raise InvalidInput(f"unknown output(s) {unknown}; this model's outputs are {list(OUTPUTS)}")
+    return [name for name in OUTPUTS if name in names] if names else list(OUTPUTS)
 
 
 def _prompt(payload: InferRequest) -> str:
@@ -214,6 +250,59 @@ async def rest_error_handler(_request: Request, exc: ServiceError) -> JSONRespon
     return JSONResponse({"error": message}, status_code=status)
 
 
+# A parameter's alternative types, as pydantic names them in the location of each alternative's error.
+_ALTERNATIVES = {"float": "a number", "int": "an integer", "bool": "a boolean", "str": "a string"}
+
+
+def validation_message(errors: list[dict]) -> str:
+    """FastAPI's validation errors of a v2 request as one sentence that says where and what to fix.
+
+    The body is `Union[InferenceRequest, bytes]` and a parameter a union of scalars: pydantic
+    reports each alternative, so the raw-bytes one is dropped and a parameter's are merged.
+    """
+    for error in errors:
+        if error["type"] == "json_invalid":
+            return f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})"
+    messages: dict[str, list[str]] = {}
+    kinds: dict[str, list[str]] = {}
+    for error in errors:
+        source, *loc = [str(part) for part in error["loc"]]
+        loc = [part for part in loc if part != "InferenceRequest"]
+        if source == "body" and loc == ["bytes"]:
+            continue
+        kind = _ALTERNATIVES.get(loc[-1]) if loc else None
+        if kind:
+            loc = loc[:-1]
+        where = ".".join(loc if source == "body" else [source, *loc]) or source
+        if kind:
+            kinds.setdefault(where, []).append(kind)
+        else:
+            messages.setdefault(where, []).append(error["msg"])
+    said = [f"{where}: must be {' or '.join(k)}" for where, k in kinds.items()]
+    said += [f"{where}: {'; '.join(m)}" for where, m in messages.items()]
+    return "not a valid v2 request: " + "; ".join(said)
+
+
+async def v2_validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """The Open Inference Protocol answers a malformed request with 400 `{"error": message}`;
+    FastAPI's default is 422 `{"detail": [...]}`, which other routes keep."""
+    if not request.url.path.startswith("/v2/"):
+        return await request_validation_exception_handler(request, exc)
+    return JSONResponse({"error": validation_message(list(exc.errors()))}, status_code=400)
+
+
+class ModelsReadyDataPlane(DataPlane):
+    """KServe's server readiness (`/v2/health/ready`, gRPC ServerReady) is always true; the OIP
+    says a server is ready when its models are, and a readiness probe needs exactly that."""
+
+    async def ready(self) -> bool:
+        models = list(self.model_registry.get_models().values())
+        for model in models:
+            if not await model.healthy():
+                return False
+        return bool(models)
+
+
 def serve_kserve(settings: DecoderSettings, *, model_name: str, http_port: int, grpc_port: int,
                  grace_s: float) -> int:
     """Run KServe's ModelServer with this model and the OpenAI-style route until SIGTERM/SIGINT."""
@@ -221,7 +310,9 @@ def serve_kserve(settings: DecoderSettings, *, model_name: str, http_port: int, 
     model.load()
     add_completion_routes(kserve_app, model.current, model_name)
     kserve_app.add_exception_handler(ServiceError, rest_error_handler)
+    kserve_app.add_exception_handler(RequestValidationError, v2_validation_error_handler)
     server = kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, grace_period=max(1, round(grace_s)))
+    server.dataplane = ModelsReadyDataPlane(server.registered_models)
     print(f"KServe model {model_name!r} (release {settings.release}): HTTP :{http_port} (v2 REST, "
           f"/v1/completions), v2 gRPC :{grpc_port}", flush=True)
     try:

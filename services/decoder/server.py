@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,39 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
     return BuiltEngine(engine, health, channels)
 
 
+async def wait_for_dependencies(built: BuiltEngine, stopping: Callable[[], bool] = lambda: False) -> bool:
+    """Wait until the text and memory services answer SERVING; False if `stopping()` turned true first.
+
+    A server told to stop while a dependency is still down must not wait for it forever.
+    """
+    while not await built.dependencies_up():
+        if stopping():
+            return False
+        log.info("waiting for the text and memory services to report SERVING")
+        await asyncio.sleep(0.5)
+    return not stopping()
+
+
+async def watch_dependencies(settings: DecoderSettings, built: BuiltEngine,
+                             report: Callable[[bool], Awaitable[None]]) -> None:
+    """With the fail-fast policy, readiness follows the dependencies; else the decoder stays ready.
+
+    Starts once they answered (ready); `report(up)` on each change, until cancelled. A request
+    would fail while a dependency is down, so a load balancer should send it elsewhere.
+    """
+    serving = True
+    while True:
+        await asyncio.sleep(settings.watch_interval_s)
+        if settings.engine.retrieval_policy != "fail" or built.engine.draining:
+            continue
+        up = await built.dependencies_up()
+        if up != serving:
+            serving = up
+            log.warning("dependencies %s: the decoder is %s", "back" if up else "down",
+                        "ready (SERVING)" if up else "not ready (NOT_SERVING)")
+            await report(up)
+
+
 class DecoderServer:
     def __init__(self, settings: DecoderSettings, server: Server) -> None:
         self.settings, self.server = settings, server
@@ -197,31 +231,15 @@ class DecoderServer:
         built = await build_engine(s, release)
         self._built = built
         self.engine = built.engine
-        while not await built.dependencies_up():
-            log.info("waiting for the text and memory services to report SERVING")
-            await asyncio.sleep(0.5)
+        await wait_for_dependencies(built)
         await self.server.serving()
-        self._watch = asyncio.create_task(self._watch_dependencies())
+        self._watch = asyncio.create_task(watch_dependencies(s, built, self._report_dependencies))
         log.info("decoder serving release %r (%s retrieval, batch %d)", release.name,
                  "remote" if built.health else "in-process", s.engine.max_batch)
         return built.engine
 
-    async def _dependencies_up(self) -> bool:
-        return self._built is None or await self._built.dependencies_up()
-
-    async def _watch_dependencies(self) -> None:
-        """With the fail-fast policy, readiness follows the dependencies; else the decoder stays ready."""
-        serving = True
-        while True:
-            await asyncio.sleep(self.settings.watch_interval_s)
-            if self.settings.engine.retrieval_policy != "fail" or self.engine is None or self.engine.draining:
-                continue
-            up = await self._dependencies_up()
-            if up != serving:
-                serving = up
-                log.warning("dependencies %s: health -> %s", "back" if up else "down",
-                            "SERVING" if up else "NOT_SERVING")
-                await (self.server.serving() if up else self.server.not_serving())
+    async def _report_dependencies(self, up: bool) -> None:
+        await (self.server.serving() if up else self.server.not_serving())
 
     async def wait_ready(self, timeout: float | None = None) -> GenerationEngine:
         return await asyncio.wait_for(asyncio.shield(self.ready), timeout)

@@ -1,6 +1,7 @@
 """`memory3 serve kserve` as a process over a real release in a real local S3 server, in-process retrieval:
 a v2 gRPC client (tritonclient, in its own process: it and kserve both register the `inference` proto
-package), v2 REST, the OpenAI-style route with and without SSE streaming, and bad input.
+package), v2 REST, the OpenAI-style route with and without SSE streaming, and bad input. With remote
+retrieval, readiness and SIGTERM against text and memory services that are down or come and go.
 """
 
 import http.client
@@ -13,9 +14,13 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from concurrent import futures
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from memory3.services.cli.main import main
 from memory3.services.storage.local_s3 import free_port
 
 pytestmark = pytest.mark.integration
@@ -40,46 +45,96 @@ class KServeProcess:
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), json.loads(e.read())
 
-    def ready(self) -> bool:
+    def status(self, path: str) -> int:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/models/{MODEL}/ready",
-                                        timeout=2) as reply:
-                return reply.status == 200
-        except (OSError, urllib.error.HTTPError):
-            return False
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as reply:
+                return reply.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0  # not listening yet
+
+    def ready(self) -> bool:
+        return self.status(f"/v2/models/{MODEL}/ready") == 200
+
+    def readiness(self) -> tuple[int, int]:
+        """The server's and the model's readiness, as a probe sees them."""
+        return self.status("/v2/health/ready"), self.status(f"/v2/models/{MODEL}/ready")
+
+    def wait_for(self, condition, what: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                pytest.fail(f"memory3 serve kserve exited with {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"memory3 serve kserve: not {what} within {timeout:g} s:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def kserve_server(tmp_path_factory, random_release, local_s3):
-    home = tmp_path_factory.mktemp("kserve")
+def start_kserve(home, release, local_s3, *extra: str) -> KServeProcess:
     http_port, grpc_port = free_port(), free_port()
     s3 = local_s3.config
     env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": s3.access_key, "MEMORY3_S3_SECRET_KEY": s3.secret_key}
     env.pop("MEMORY3_AUTH_TOKEN", None)
+    env.pop("MEMORY3_DEPENDENCY_TOKEN", None)
     log = home / "kserve.log"
-    args = ["serve", "kserve", "--release", random_release.name, "--http-port", str(http_port),
+    args = ["serve", "kserve", "--release", release.name, "--http-port", str(http_port),
             "--grpc-port", str(grpc_port), "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
-            "--cache-dir", str(home / "releases"), "--max-batch", "2", "--default-max-tokens", "8", "--grace", "5"]
+            "--cache-dir", str(home / "releases"), "--max-batch", "2", "--default-max-tokens", "8", "--grace", "5",
+            *extra]
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args], stdout=out,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = KServeProcess(process, http_port, grpc_port, log)
+    return KServeProcess(process, http_port, grpc_port, log)
+
+
+def exits_on_sigterm(server: KServeProcess, within: float = 30.0) -> None:
+    server.process.terminate()  # by PID; the server drains and exits by itself
     try:
-        deadline = time.monotonic() + 180
-        while not server.ready():
-            if process.poll() is not None:
-                pytest.fail(f"memory3 serve kserve exited with {process.returncode}:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"memory3 serve kserve was not ready within 180 s:\n{server.log_tail()}")
-            time.sleep(0.5)
+        code = server.process.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"memory3 serve kserve still ran {within:g} s after SIGTERM:\n{server.log_tail()}")
+    assert code == 0, f"memory3 serve kserve exited with {code} after SIGTERM:\n{server.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def kserve_server(tmp_path_factory, random_release, local_s3):
+    server = start_kserve(tmp_path_factory.mktemp("kserve"), random_release, local_s3)
+    try:
+        server.wait_for(server.ready, "ready")
         yield server
-        process.terminate()  # by PID; the server drains and exits by itself
-        code = process.wait(timeout=30)
-        assert code == 0, f"memory3 serve kserve exited with {code} after SIGTERM:\n{server.log_tail()}"
+        exits_on_sigterm(server)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+        server.stop()
+
+
+class Dependency:
+    """A gRPC health service in place of the text or the memory service: KServe readiness asks only it."""
+
+    def __init__(self) -> None:
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.serving(False)
+        self.server.start()
+
+    def serving(self, up: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        self.health.set("", status.SERVING if up else status.NOT_SERVING)
+
+
+@pytest.fixture
+def dependencies():
+    text, memory = Dependency(), Dependency()
+    yield text, memory
+    for dependency in (text, memory):
+        dependency.server.stop(grace=None)
 
 
 def metric(server, name: str) -> float:
@@ -248,3 +303,76 @@ def test_bad_json_and_bad_v2_input(kserve_server):
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}],
         "parameters": {"seed": 10**23}})
     assert status == 400 and "seed must be a 64-bit signed integer" in body["error"], body
+
+
+def test_v2_malformed_requests_are_400_with_an_error_message(kserve_server):
+    """The Open Inference Protocol's error for a bad request: 400 {"error": message}, not FastAPI's 422."""
+    prompt = [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}]
+    for body, says in [(b"not json", "the body is not valid JSON"),
+                       ({}, "not a valid v2 request: inputs: Field required"),
+                       ({"inputs": 5}, "inputs: Input should be a valid list"),
+                       ({"inputs": prompt, "parameters": {"stop": ["\n", "x"]}},
+                        "parameters.stop: must be a number or an integer or a boolean or a string")]:
+        status, _, reply = kserve_server.post(f"/v2/models/{MODEL}/infer", body)
+        assert status == 400 and set(reply) == {"error"} and says in reply["error"], (body, reply)
+
+
+def test_v2_returns_only_the_requested_outputs(kserve_server):
+    prompt = [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}]
+    for wanted in (["text"], ["citations"], ["citations", "text"]):
+        status, _, body = kserve_server.post(f"/v2/models/{MODEL}/infer", {
+            "inputs": prompt, "outputs": [{"name": name} for name in wanted], "parameters": {"max_tokens": 2}})
+        assert status == 200, body
+        assert sorted(o["name"] for o in body["outputs"]) == sorted(wanted), body
+    status, _, body = kserve_server.post(f"/v2/models/{MODEL}/infer", {
+        "inputs": prompt, "outputs": [{"name": "text"}, {"name": "bogus"}]})
+    assert status == 400, body
+    assert body["error"] == "unknown output(s) ['bogus']; this model's outputs are ['text', 'citations']"
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    (["--port", "18090"], "serve kserve takes no --port: it listens on --http-port"),
+    (["--host", "10.1.2.3"], "serve kserve takes no --host: KServe binds all interfaces"),
+])
+def test_serve_kserve_refuses_port_and_host(capsys, monkeypatch, option, says):
+    """They were accepted and ignored: KServe listened on --http-port and --grpc-port, on every interface."""
+    for name in ("MEMORY3_AUTH_TOKEN", "MEMORY3_S3_ENDPOINT"):  # without the refusal: a quick error, no server
+        monkeypatch.delenv(name, raising=False)
+    assert main(["serve", "kserve", "--release", "any", *option]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_readiness_follows_the_text_and_memory_services(tmp_path, random_release, local_s3, dependencies):
+    """Ready only once the engine runs and both services answered; with the "fail" policy (the default)
+    not ready while one is down, as `serve decoder` is NOT_SERVING: every request would fail."""
+    text, memory = dependencies
+    server = start_kserve(tmp_path, random_release, local_s3, "--text-address", text.address,
+                          "--memory-address", memory.address)
+    try:
+        server.wait_for(lambda: "waiting for the text and memory services" in server.log_tail(), "waiting")
+        assert server.readiness() == (503, 503)
+        text.serving(True)
+        memory.serving(True)
+        server.wait_for(lambda: server.readiness() == (200, 200), "ready once both answered", timeout=15)
+        text.serving(False)
+        server.wait_for(lambda: server.readiness() == (503, 503), "unready with the text service down", timeout=15)
+        status, _, body = server.post(f"/v2/models/{MODEL}/infer", {
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}]})
+        assert status == 503 and "error" in body, body
+        text.serving(True)
+        server.wait_for(lambda: server.readiness() == (200, 200), "ready with the text service back", timeout=15)
+        exits_on_sigterm(server)
+    finally:
+        server.stop()
+
+
+def test_sigterm_ends_the_wait_for_the_text_and_memory_services(tmp_path, random_release, local_s3, dependencies):
+    """SIGTERM stopped the HTTP and gRPC servers, but the process kept waiting for its dependencies."""
+    text, memory = dependencies
+    server = start_kserve(tmp_path, random_release, local_s3, "--text-address", text.address,
+                          "--memory-address", memory.address)
+    try:
+        server.wait_for(lambda: "waiting for the text and memory services" in server.log_tail(), "waiting")
+        exits_on_sigterm(server, within=15)
+    finally:
+        server.stop()
