@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a gRPC service")
     serve.add_argument("service", choices=["decoder", "text", "memory", "trainer", "kserve"],
                        help="kserve: the decoder as a KServe model (v2 REST/gRPC and OpenAI-style /v1/completions)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=port_number(free=True), default=None,
                        help=f"default per service: {SERVE_PORTS}; 0: any free port")
     serve.add_argument("--grace", type=finite_float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
@@ -333,7 +333,7 @@ def server_options(args: argparse.Namespace):
     from memory3.services.rpc.server import ServerOptions
 
     port = args.port if args.port is not None else SERVE_PORTS[args.service]
-    return ServerOptions(host=args.host, port=port, grace_s=args.grace, metrics_port=args.metrics_port,
+    return ServerOptions(host=args.host or "127.0.0.1", port=port, grace_s=args.grace, metrics_port=args.metrics_port,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                          auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None, health_port=args.health_port)
 
@@ -440,7 +440,7 @@ def _serve_kserve(args: argparse.Namespace) -> int:
     if args.port is not None:
         raise ValueError("serve kserve takes no --port: it listens on --http-port (v2 REST, /v1/completions, "
                          "health, /metrics) and --grpc-port (v2 gRPC)")
-    if args.host != "127.0.0.1":  # the serve parser's default: only a --host given differs
+    if args.host is not None:
         raise ValueError("serve kserve takes no --host: KServe binds all interfaces (0.0.0.0 and [::]), which "
                          "cannot be changed; restrict access with a firewall or network policy")
     settings = _decoder_settings(args)
