@@ -44,10 +44,15 @@ def decoded_memory_cache(max_bytes: int) -> RamCache[ExplicitMemory] | None:
 
 
 class RemoteRetrieval:
+    """`release`: the decoder's. The text service names the release it answered from; one of
+    another release (a rollout half done, a stale address) returns its references: a fact a
+    `kb remove` withdrew, or ids the memory service does not know. Such an answer is Unavailable."""
+
     def __init__(self, text: TextClient | ShardedTextClient, memory: MemoryClient, codec: MemoryCodec,
-                 memory_shape: tuple[int, int, int, int], *, cache: RamCache[ExplicitMemory] | None = None) -> None:
+                 memory_shape: tuple[int, int, int, int], *, cache: RamCache[ExplicitMemory] | None = None,
+                 release: str | None = None) -> None:
         self.text, self.memory, self.codec, self.shape = text, memory, codec, memory_shape
-        self.cache = cache
+        self.cache, self.release = cache, release
 
     async def retrieve(self, queries: list[list[int]], top_k: int,
                        include_text: bool) -> list[list[RetrievedReference]]:
@@ -59,6 +64,9 @@ class RemoteRetrieval:
             raise error_from_rpc(e) from e
         except ShardMismatch as e:
             raise Unavailable(f"text service: {e}") from e
+        if self.release and self.text.release and self.text.release != self.release:
+            raise Unavailable(f"the text service serves release {self.text.release!r}, this decoder {self.release!r}: "
+                              f"point --text-address at a text service of {self.release!r}")
         return [[RetrievedReference(rid, score, text) for rid, score, text in found] for found in hits]
 
     def cached(self, ids: Sequence[str]) -> list[ExplicitMemory] | None:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from memory3.model.memory import ExplicitMemory
 
-from ..rpc.errors import DeadlineExceeded, Unavailable
+from ..rpc.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,9 @@ class CoalescingRetrieval:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         batch = self._pending.get(key)
+        if batch is not None and batch.items + len(items) > self.max_items:
+            self._flush(key)  # it goes without this call: together they pass what one request may carry
+            batch = None
         if batch is None:
             batch = self._pending[key] = _Batch()
         batch.calls.append((items, future))
@@ -163,9 +166,10 @@ class CoalescingRetrieval:
         try:
             merged = await self._call(key, [item for items, _ in batch for item in items])
         except Exception as e:  # noqa: BLE001 - handed to the callers
-            if len(batch) == 1 or isinstance(e, (Unavailable, DeadlineExceeded)):
-                # An outage fails every part alike: asking again, part by part, would only make each
-                # caller wait for it once more (a hung service: twice the timeout).
+            if len(batch) == 1 or isinstance(e, (Unavailable, DeadlineExceeded, ResourceExhausted)):
+                # An outage or an overload fails every part alike: asking again, part by part, would
+                # only make each caller wait for it once more (a hung service: twice the timeout),
+                # and multiply the requests an overloaded service refuses.
                 for _, future in batch:
                     _settle(future, error=e)
                 return

@@ -148,7 +148,7 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
                                                                                    model.config.ref_len),
                                                                        MAX_MESSAGE_BYTES)),
                                     release.memory_codec(), release.memory_shape(),
-                                    cache=decoded_memory_cache(s.memory_cache_bytes))
+                                    cache=decoded_memory_cache(s.memory_cache_bytes), release=release.name)
     else:
         from ..retrieval.embedder import Embedder
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -81,6 +82,9 @@ def rpc_errors(method):
             try:
                 async for item in method(self, request, context):
                     yield item
+            except asyncio.CancelledError:
+                _count_cancelled(context, method.__name__)
+                raise
             except Exception as exc:  # noqa: BLE001 - mapped, logged
                 await _abort(context, exc, method.__name__)
             RPC_HANDLED.labels(method=method.__name__, code="OK").inc()
@@ -90,11 +94,22 @@ def rpc_errors(method):
     async def unary(self, request, context):
         try:
             reply = await method(self, request, context)
+        except asyncio.CancelledError:
+            _count_cancelled(context, method.__name__)
+            raise
         except Exception as exc:  # noqa: BLE001 - mapped, logged
             await _abort(context, exc, method.__name__)
         RPC_HANDLED.labels(method=method.__name__, code="OK").inc()
         return reply
     return unary
+
+
+def _count_cancelled(context, name: str) -> None:
+    """A call gRPC cancelled: its client's deadline passed (the failure a client sees when a service
+    is too slow, which no other count shows) or the client went away."""
+    remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+    code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    RPC_HANDLED.labels(method=name, code=code).inc()
 
 
 async def _abort(context, exc: BaseException, name: str) -> None:

@@ -60,3 +60,29 @@ def test_every_rpc_outcome_is_counted_by_method_and_code():
     asyncio.run(calls())
     after = {key: handled(*key) - value for key, value in before.items()}
     assert after == {("Lookup", "OK"): 1, ("Lookup", "NOT_FOUND"): 1, ("Listing", "OK"): 1, ("Listing", "INTERNAL"): 1}
+
+
+def test_a_call_cancelled_past_its_deadline_counts_as_deadline_exceeded():
+    """gRPC cancels a handler whose client's deadline passed: it was counted nowhere, so a slow
+    service's timeouts showed on no dashboard."""
+    class Slow:
+        @rpc_errors
+        async def Wait(self, request, context):  # noqa: N802
+            await asyncio.sleep(10)
+
+    class PastDeadline(FakeContext):
+        def time_remaining(self):
+            return 0.0
+
+    before = handled("Wait", "DEADLINE_EXCEEDED"), handled("Wait", "CANCELLED")
+
+    async def call(context):
+        task = asyncio.ensure_future(Slow().Wait(None, context))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(call(PastDeadline()))
+    asyncio.run(call(FakeContext()))
+    assert (handled("Wait", "DEADLINE_EXCEEDED") - before[0], handled("Wait", "CANCELLED") - before[1]) == (1, 1)

@@ -4,7 +4,7 @@ import time
 import pytest
 
 from memory3.services.decoder.retrieval import CoalescingRetrieval, RetrievedReference
-from memory3.services.rpc.errors import DataLoss, Unavailable
+from memory3.services.rpc.errors import DataLoss, ResourceExhausted, Unavailable
 
 
 class Recorder:
@@ -159,3 +159,31 @@ def test_an_outage_fails_every_caller_of_the_batch_with_one_call():
     results = asyncio.run(main())
     assert all(isinstance(r, Unavailable) for r in results)
     assert inner.fetch_calls == [["a", "b", "c", "d"]]
+
+
+def test_a_batch_never_passes_max_items_and_an_overload_is_asked_once():
+    """Nine callers of 30 queries became one call of 270, which the text service (256 at most)
+    refused, then nine calls; an overloaded service's RESOURCE_EXHAUSTED was asked again per part."""
+    inner = Recorder()
+    coalescing = CoalescingRetrieval(inner, window_s=0.01, max_items=256)
+
+    async def main():
+        return await asyncio.gather(*(coalescing.retrieve([[i]] * 30, 5, False) for i in range(9)))
+
+    results = asyncio.run(main())
+    assert inner.retrieve_calls == [240, 30] and [len(r) for r in results] == [30] * 9
+
+    class Overloaded(Recorder):
+        async def retrieve(self, queries, top_k, include_text):
+            self.retrieve_calls.append(len(queries))
+            raise ResourceExhausted("64 requests are waiting; retry later")
+
+    full = Overloaded()
+    coalescing = CoalescingRetrieval(full, window_s=0.01)
+
+    async def overloaded():
+        return await asyncio.gather(*(coalescing.retrieve([[i]], 5, False) for i in range(16)),
+                                    return_exceptions=True)
+
+    assert all(isinstance(r, ResourceExhausted) for r in asyncio.run(overloaded()))
+    assert full.retrieve_calls == [16]

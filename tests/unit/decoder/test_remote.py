@@ -136,3 +136,25 @@ def test_a_text_address_list_with_a_gap_or_a_repeat_is_refused(address):
     with pytest.raises(ValueError, match="one host:port per index shard, comma-separated, each once"):
         DecoderSettings(release="r", s3=S3Config(endpoint="s3:9000", access_key="a", secret_key="s"),
                         cache_dir=Path("/tmp"), text_address=address, memory_address="memory:50053")
+
+
+class FakeTextService:
+    """Answers every query with one hit, as a text service of `release` does."""
+
+    def __init__(self, release: str) -> None:
+        self.release: str | None = None
+        self._release = release
+
+    async def retrieve(self, queries, top_k, include_text):
+        self.release = self._release  # as TextClient records the release of the last answer
+        return [[("r1", 0.9, "")] for _ in queries]
+
+
+def test_a_text_service_of_another_release_is_unavailable_not_its_references():
+    """A decoder of a `kb remove` release, pointed at a text service still on the parent, used the
+    withdrawn reference; one on a `kb add` child failed with NOT_FOUND for its new ids."""
+    mine = RemoteRetrieval(FakeTextService("base-fixed"), None, CODEC, SHAPE, release="base-fixed")
+    stale = RemoteRetrieval(FakeTextService("base"), None, CODEC, SHAPE, release="base-fixed")
+    assert asyncio.run(mine.retrieve([[1, 2]], 5, False))[0][0].id == "r1"
+    with pytest.raises(Unavailable, match="the text service serves release 'base', this decoder 'base-fixed'"):
+        asyncio.run(stale.retrieve([[1, 2]], 5, False))
