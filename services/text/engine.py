@@ -22,6 +22,7 @@ import asyncio
 import functools
 import logging
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,10 @@ MAX_QUERIES = 256
 MAX_TOP_K = 64
 MAX_TEXT_BYTES = 64 << 10  # per text (a query, or a Tokenize request)
 MAX_TOKEN_IDS = 16384  # per token-id query, or a Detokenize request
+# Per Retrieve request, all its queries together: the work of one request (the filter's cost grows with
+# a query's length) must stay well inside a client's deadline, as requests run one after another.
+MAX_REQUEST_TOKEN_IDS = 32768  # 512 of the decoder's 64-token chunks
+MAX_REQUEST_TEXT_BYTES = 1 << 20
 # Extra candidates searched per query so that the overlap filter rarely leaves fewer than top_k;
 # when it does, the query is searched again with a wider net (see _search_filtered).
 SEARCH_MARGIN = 8
@@ -264,14 +269,23 @@ class TextEngine:
             raise InvalidInput(f"{len(queries)} queries in one request; at most {MAX_QUERIES}: split the batch")
         if top_k < 0 or top_k > MAX_TOP_K:
             raise InvalidInput(f"top_k is {top_k}; use 1..{MAX_TOP_K}, or 0 for the release's memories per chunk")
+        ids = sum(len(q.token_ids) for q in queries if q.token_ids is not None)
+        if ids > MAX_REQUEST_TOKEN_IDS:
+            raise InvalidInput(f"the queries hold {ids} token ids in all; at most {MAX_REQUEST_TOKEN_IDS} a request: "
+                               "split the batch")
+        text_bytes = sum(len(q.text.encode()) for q in queries if q.text is not None)
+        if text_bytes > MAX_REQUEST_TEXT_BYTES:
+            raise InvalidInput(f"the queries hold {text_bytes} bytes of text in all; at most "
+                               f"{MAX_REQUEST_TEXT_BYTES} a request: split the batch")
         for i, q in enumerate(queries):
             has_text, has_ids = q.text is not None, q.token_ids is not None and len(q.token_ids) > 0
             if has_text == has_ids:
                 which = "both" if has_text else "neither"
                 raise InvalidInput(f"queries[{i}] sets {which} of text and token_ids; set exactly one")
             if has_text:
-                if not q.text.strip():
-                    raise InvalidInput(f"queries[{i}].text is empty; give the text to retrieve for")
+                if not _has_content(q.text):
+                    raise InvalidInput(f"queries[{i}].text is empty (or only spaces and control characters); "
+                                       "give the text to retrieve for")
                 _check_text_size(q.text, f"queries[{i}].text")
             else:
                 if len(q.token_ids) > MAX_TOKEN_IDS:
@@ -301,6 +315,9 @@ class TextEngine:
         for request in batch:
             end = start + len(request.queries)
             found = self._search_filtered(resources.index, vectors[start:end], tokens[start:end], request.k)
+            # A chunk of padding, special tokens or spaces (the decoder sends every chunk) has nothing to
+            # retrieve for: it reads no memory, rather than whichever are nearest an empty embedding.
+            found = [hits if _has_content(text) else [] for hits, text in zip(found, texts[start:end], strict=True)]
             out.append([[Retrieved(rid, score, resources.texts[rid] if request.include_text else "")
                          for rid, score in hits] for hits in found])
             start = end
@@ -311,23 +328,29 @@ class TextEngine:
         """Search k + margin; a query left with fewer than k after the filter is searched again, wider."""
         total = len(index.ids)
         out: list[list[tuple[str, float]]] = [[] for _ in tokens]
+        verdicts: list[dict[str, bool]] = [{} for _ in tokens]  # per query: each reference judged once
         todo = list(range(len(tokens)))
         width = k + SEARCH_MARGIN
         while todo:
             hits = index.search(vectors[todo], width)
             again = []
             for qi, found in zip(todo, hits, strict=True):
-                out[qi] = self._keep(found, tokens[qi], k)
+                out[qi] = self._keep(found, tokens[qi], k, verdicts[qi])
                 if len(out[qi]) < k and width < total:
                     again.append(qi)
             todo, width = again, width * 4
         return out
 
-    def _keep(self, found: list[tuple[str, float]], query_tokens: list[int], k: int) -> list[tuple[str, float]]:
-        """Best first, skipping references that overlap the query too much; stops once k are kept."""
+    def _keep(self, found: list[tuple[str, float]], query_tokens: list[int], k: int,
+              verdicts: dict[str, bool]) -> list[tuple[str, float]]:
+        """Best first, skipping references that overlap the query too much; stops once k are kept.
+        `verdicts` keeps each reference's judgement for the query: a wider search sees them again."""
         kept = []
         for rid, score in found:
-            if self.max_overlap >= 1.0 or overlap(self._reference_tokens(rid), query_tokens) <= self.max_overlap:
+            if rid not in verdicts:
+                verdicts[rid] = self.max_overlap >= 1.0 or \
+                    overlap(self._reference_tokens(rid), query_tokens) <= self.max_overlap
+            if verdicts[rid]:
                 kept.append((rid, score))
                 if len(kept) == k:
                     break
@@ -359,6 +382,17 @@ def _default_embedder() -> EmbedderLike:
     from ..retrieval.embedder import Embedder
 
     return Embedder()
+
+
+# Characters that carry no meaning to embed: spaces, controls, format (zero-width) and unassigned
+# code points, surrogates, and U+FFFD (what a stray byte-level token decodes to).
+_NO_CONTENT = {"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"}
+
+
+def _has_content(text: str) -> bool:
+    """Whether `text` holds anything to retrieve for: a query of none (padding, `<s>` alone, zero-width
+    spaces) was answered with whatever references happen to be nearest to an empty embedding."""
+    return any(ch != "\ufffd" and not ch.isspace() and unicodedata.category(ch) not in _NO_CONTENT for ch in text)
 
 
 def _check_text_size(text: str, what: str) -> None:

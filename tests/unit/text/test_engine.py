@@ -144,6 +144,31 @@ def test_filter_searches_wider_when_the_best_candidates_are_all_dropped():
     assert all(int(h.id[3:]) >= len(pieces) for h in hits)  # none of the contained pieces
 
 
+def test_a_token_id_query_without_text_reads_no_memory():
+    """A chunk of padding or special tokens was answered with whatever was nearest an empty embedding."""
+    hits = retrieve(engine(), [Query(token_ids=[0, 1, 2, 0]), Query(token_ids=[223, 223, 201]),  # "  \\n"
+                               Query(text="Quarn-7 pump")], top_k=2)
+    assert [len(h) for h in hits] == [0, 0, 2]
+
+
+def test_a_wider_search_judges_each_reference_once(monkeypatch):
+    """Every round of widening judged again the candidates of the rounds before: a long query that
+    quotes its neighbours cost about 0.8 s."""
+    from memory3.services.text import engine as engine_module
+
+    judged: list[tuple[int, ...]] = []
+    real = engine_module.overlap
+
+    def counting(reference, query):
+        judged.append(tuple(reference))
+        return real(reference, query)
+
+    monkeypatch.setattr(engine_module, "overlap", counting)
+    pieces = [f"clause number {i} of a long query about nothing in particular." for i in range(12)]
+    retrieve(engine(pieces + REFERENCES), [Query(text=" ".join(pieces))], top_k=2)
+    assert len(judged) == len(set(judged)) > 12 - 2  # the search widened, and no reference twice
+
+
 def test_small_index_returns_what_it_has():
     (hits,) = retrieve(engine(REFERENCES[:2]), [Query(text="copper bridges of Lunmar")], top_k=10)
     assert len(hits) == 2
@@ -171,6 +196,9 @@ def test_metrics_count_queries():
     ([Query(token_ids=[5, 100000])], 0, r"queries\[0\].token_ids\[1\] = 100000 is not a token id"),
     ([Query(text="é" * (MAX_TEXT_BYTES // 2 + 1))], 0, r"queries\[0\].text is 65538 bytes"),
     ([Query(token_ids=[5] * 20000)], 0, "at most 16384"),
+    ([Query(token_ids=[70] * 16000)] * 3, 0, "48000 token ids in all; at most 32768 a request"),
+    ([Query(text="a" * 60000)] * 20, 0, "1200000 bytes of text in all"),
+    ([Query(text="\u200b\u200b\x00")], 0, r"queries\[0\].text is empty \(or only spaces and control"),
 ])
 def test_bad_retrieval_input_says_what_to_fix(queries, top_k, message):
     eng = started(engine())
