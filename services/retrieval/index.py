@@ -96,6 +96,12 @@ def check_index_choice(choice: str, count: int | None = None) -> None:
                          f"{count}: choose flat or hnsw (or auto) for a knowledge base this small")
 
 
+def by_rank(hit: tuple[str, float]) -> tuple[float, str]:
+    """The order of (id, score) hits: best score first, equal scores by id. Exact ties are real: texts
+    that differ only in case embed alike (the embedder is uncased) and have different ids."""
+    return -hit[1], hit[0]
+
+
 class VectorIndex:
     def __init__(self, index, ids: Sequence[str]) -> None:
         if index.ntotal != len(ids):
@@ -235,11 +241,12 @@ class VectorIndex:
         return new
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """(Q, dim) unit vectors -> per query, up to k (reference id, cosine) best first."""
+        """(Q, dim) unit vectors -> per query, up to k (reference id, cosine) best first; equal
+        scores by id (`by_rank`), as shards' answers are merged, so that both agree."""
         if len(self.ids) == 0:
             return [[] for _ in range(len(queries))]
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(self.ids)))
-        return [[(self.ids[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0]
+        return [sorted(((self.ids[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0), key=by_rank)
                 for row, score in zip(rows, scores, strict=True)]
 
     def to_bytes(self) -> bytes:

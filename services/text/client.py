@@ -11,7 +11,6 @@ or one configured wrong.
 from __future__ import annotations
 
 import asyncio
-import heapq
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -19,6 +18,8 @@ import grpc
 
 from memory3.v1 import text_service_pb2 as pb
 from memory3.v1 import text_service_pb2_grpc as pb_grpc
+
+from ..retrieval.index import by_rank
 
 # (reference id = memory id, cosine score, text or "" when not requested), best first.
 Hit = tuple[str, float, str]
@@ -109,7 +110,7 @@ class ShardedTextClient:
         answers = await asyncio.gather(*(c.answer(queries, top_k, include_text) for c in self.shards))
         self.release = _one_index(answers)
         k = answers[0].top_k
-        return [heapq.nlargest(k, (hit for hits in per_shard for hit in hits), key=lambda hit: hit[1])
+        return [sorted((hit for hits in per_shard for hit in hits), key=by_rank)[:k]
                 for per_shard in zip(*(a.hits for a in answers), strict=True)]
 
 

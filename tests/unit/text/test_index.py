@@ -184,3 +184,34 @@ def test_an_index_shard_is_given_as_i_of_n(text, shard):
 def test_an_index_shard_that_is_not_i_of_n_says_what_to_give(text):
     with pytest.raises(ValueError, match=r"give I/N with 0 <= I < N, e\.g\. 0/4"):
         IndexShard.parse(text)
+
+
+def test_equal_scores_rank_by_id_in_the_whole_index_and_in_merged_shards():
+    """Texts that differ only in case embed alike: the whole index gave one of them, the merged shards
+    another, which also depended on the order of the decoder's --text-address list."""
+    import asyncio
+
+    from memory3.services.text.client import Answer, ShardedTextClient
+
+    vectors = np.zeros((4, 8), dtype=np.float32)
+    vectors[:, 0] = 1.0
+    vectors[3] = np.eye(8, dtype=np.float32)[1]  # one that is not a tie
+    ids = ["d", "b", "c", "a"]
+    whole = VectorIndex.build(vectors, ids, kind="flat")
+    query = np.eye(8, dtype=np.float32)[:1]
+    # The text service searches past k (SEARCH_MARGIN) and keeps the first k: ties inside that margin
+    # are cut by id, as the merge cuts them.
+    assert [rid for rid, _ in whole.search(query, 4)[0]] == ["b", "c", "d", "a"]
+
+    class Shard:
+        def __init__(self, i: int, n: int) -> None:
+            self.index, self.i, self.n = whole.shard(IndexShard(i, n)), i, n
+
+        async def answer(self, queries, top_k, include_text):
+            hits = [[(rid, score, "") for rid, score in found] for found in self.index.search(query, top_k)]
+            return Answer(hits, "r", (self.i, self.n), top_k)
+
+    shards = [Shard(i, 3) for i in range(3)]
+    for order in (shards, shards[::-1]):
+        merged = asyncio.run(ShardedTextClient(order)._merged([None], 2, False))
+        assert [rid for rid, _, _ in merged[0]] == ["b", "c"]
