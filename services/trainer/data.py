@@ -179,7 +179,7 @@ class TrainingData:
             for e in retrieved[max(0, c - previous) : c + 1][::-1]:
                 if e.id not in ref_index:
                     tokens = self.reference_tokens(e)
-                    if overlap(tokens, ids) > TRAIN_MAX_OVERLAP:
+                    if overlap(tokens, ids, stride=len(tokens)) > TRAIN_MAX_OVERLAP:  # see overlap.py
                         ref_index[e.id] = -1
                     else:
                         ref_index[e.id] = len(references)

@@ -33,6 +33,21 @@ def test_overlap_of_contained_and_unrelated_text():
     assert overlap(ref, spread) < 0.5
 
 
+def test_a_span_that_straddles_two_windows_is_scored_close_to_eq_6():
+    """20 of a 24-token reference's tokens over a span of 48 tokens (2|r|, as Eq. 6 allows) starting
+    between two windows 24 apart: scored 0.625 and kept (the filter drops above 2/3); Eq. 6 gives 0.833."""
+    reference = list(range(100, 124))
+    span = [t for i, t in enumerate(reference) if i not in (3, 9, 15, 21)]  # 20 of the 24 tokens
+    spread = [7] * 48  # 7: a token not in the reference
+    for i, t in enumerate(span):  # first and last at the span's ends
+        spread[round(i * 47 / 19)] = t
+    text = [7] * 12 + spread + [7] * 4  # 64 tokens, the span at 12: between window starts 0 and 24
+    exact = max(lcs_length(reference, text[s:s + 48]) for s in range(len(text) - 47)) / 24
+    assert exact == 20 / 24
+    assert exact - 1 / 8 <= overlap(reference, text) <= exact
+    assert overlap(reference, text) > 2 / 3  # dropped, as the paper's filter drops it
+
+
 def test_split_document_respects_ref_len_and_sentences():
     codec = TextCodec(byte_level_tokenizer())
     text = " ".join(f"Sentence number {i} says something." for i in range(40)) + " " + "x" * 500
