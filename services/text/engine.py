@@ -310,7 +310,9 @@ class TextEngine:
         queries = [q for request in batch for q in request.queries]
         texts = [q.text if q.text is not None else codec.decode(q.token_ids) for q in queries]
         tokens = [list(q.token_ids) if q.token_ids else codec.encode(q.text) for q in queries]
-        vectors = self._embedder.embed(texts)
+        position = {text: i for i, text in enumerate(dict.fromkeys(texts))}  # streams sharing a prompt send
+        embedded = np.asarray(self._embedder.embed(list(position)))        # the same chunks: embedded once
+        vectors = embedded if len(position) == len(texts) else embedded[[position[t] for t in texts]]
         out, start = [], 0
         for request in batch:
             end = start + len(request.queries)

@@ -320,3 +320,18 @@ def test_a_failing_request_in_a_merged_batch_fails_alone():
     found, eng = asyncio.run(go())
     assert [r.id for r in found] == ["ref03"]
     assert not eng.busy and not eng._queue
+
+
+def test_identical_queries_are_embedded_once():
+    embedder = TrigramEmbedder()
+    calls = []
+    real = embedder.embed
+
+    def counting(texts):
+        calls.append(list(texts))
+        return real(texts)
+
+    embedder.embed = counting
+    hits = retrieve(engine(embedder=embedder), [Query(text="Quarn-7 pump")] * 3 + [Query(text="Lunmar")], top_k=2)
+    assert hits[0] == hits[1] == hits[2] and hits[3] != hits[0]
+    assert calls[-1] == ["Quarn-7 pump", "Lunmar"]
