@@ -147,7 +147,7 @@ class TextEngine:
         missing = next((rid for rid in resources.index.ids if rid not in resources.texts), None)
         if missing is not None:
             raise ReleaseError(f"release {resources.release!r}: index id {missing!r} has no reference text")
-        await asyncio.to_thread(embedder.embed, ["warm-up"])
+        await asyncio.to_thread(_check_rows, resources, embedder)  # also the first, slow, embedding
         self._resources, self._embedder = resources, embedder
         log.info("release %r loaded: %d references%s, embedder %s", resources.release, len(resources.index.ids),
                  f" (index shard {resources.shard})" if resources.shard.count > 1 else "", embedder.name)
@@ -378,6 +378,22 @@ def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
         release=release.name, codec=release.text_codec(), index=release.index(ids).shard(shard), texts=texts,
         default_top_k=int(release.manifest.conventions["mems_per_chunk"]),
         embedder_name=str(release.manifest.index["embedder"]), shard=shard)
+
+
+def _check_rows(resources: TextResources, embedder: EmbedderLike, sample: int = 8) -> None:
+    """References spread over the index must find themselves first. The index maps rows to ids by
+    the reference table's order, which no checksum covers: a table in another order (rows moved by
+    one) served every retrieval another reference's id, text and memory. Half of them suffices (an
+    approximate index, or a text that differs from another only in case, may rank one elsewhere)."""
+    ids = resources.index.ids
+    if not ids:
+        return
+    chosen = ids[:: max(1, len(ids) // sample)][:sample]
+    found = resources.index.search(np.asarray(embedder.embed([resources.texts[rid] for rid in chosen])), 1)
+    hits = sum(bool(top) and top[0][0] == rid for rid, top in zip(chosen, found, strict=True))
+    if 2 * hits < len(chosen):
+        raise ReleaseError(f"release {resources.release!r}: only {hits} of {len(chosen)} sampled references find "
+                           "themselves in the index: its rows do not follow the reference table's order")
 
 
 def _default_embedder() -> EmbedderLike:

@@ -335,3 +335,18 @@ def test_identical_queries_are_embedded_once():
     hits = retrieve(engine(embedder=embedder), [Query(text="Quarn-7 pump")] * 3 + [Query(text="Lunmar")], top_k=2)
     assert hits[0] == hits[1] == hits[2] and hits[3] != hits[0]
     assert calls[-1] == ["Quarn-7 pump", "Lunmar"]
+
+
+def test_an_index_whose_rows_do_not_follow_the_table_is_refused():
+    """A table in another order than the index (rows moved by one) turned SERVING and answered every
+    query with another reference's id and text."""
+    def shifted():
+        good = resources()
+        ids = good.index.ids
+        texts = {rid: good.texts[ids[(i + 1) % len(ids)]] for i, rid in enumerate(ids)}
+        return TextResources(release="unit", codec=good.codec, index=good.index, texts=texts, default_top_k=5,
+                             embedder_name=good.embedder_name)
+
+    with pytest.raises(ReleaseError, match=r"only \d of 8 sampled references find themselves"):
+        asyncio.run(TextEngine(shifted, lambda: TrigramEmbedder()).start())
+    started(engine())  # the table in its order passes
