@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import tempfile
 import time
@@ -19,7 +20,7 @@ from memory3.model.tokenizer import TextCodec
 
 from ..retrieval.index import VectorIndex
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
-from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key, sha256
+from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
 
 T = TypeVar("T")
@@ -121,6 +122,12 @@ def wait_for_releases(store: ObjectStore, names: Sequence[str], timeout_s: float
         time.sleep(min(poll_s, deadline - now))
 
 
+def _file_sha256(path: Path) -> str:
+    """A local copy's sha256, read in chunks (hashlib.file_digest): never the whole file in memory."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 class Release:
     """An opened release. Its reference table is read when first asked for (`references`, `by_id`),
     or row by row (`rows`): an index shard keeps a few rows of a table that may not fit its memory."""
@@ -157,17 +164,22 @@ class Release:
             if only is not None and file not in only and file != REFERENCES_FILE:
                 continue
             path = local / file
-            if path.exists() and path.stat().st_size == meta["bytes"] and sha256(path.read_bytes()) == meta["sha256"]:
+            if path.exists() and path.stat().st_size == meta["bytes"] and _file_sha256(path) == meta["sha256"]:
                 continue
-            data = store.get_bytes(release_key(name, file))
-            if sha256(data) != meta["sha256"]:
-                raise ReleaseError(f"release {name!r}: {file} does not match its manifest checksum")
             path.parent.mkdir(parents=True, exist_ok=True)
-            # A temporary file of its own: processes sharing a cache (the local stack's index shards)
-            # may download the same file at once, and each replace is then whole.
+            # Streamed to a temporary file of its own (a file is never held whole in memory): processes
+            # sharing a cache (the local stack's index shards) may download the same file at once, and
+            # each replace is then whole.
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".part",
                                              delete=False) as tmp:
-                tmp.write(data)
+                try:
+                    digest = store.download(release_key(name, file), tmp)
+                except BaseException:
+                    Path(tmp.name).unlink(missing_ok=True)
+                    raise
+            if digest != meta["sha256"]:
+                Path(tmp.name).unlink(missing_ok=True)
+                raise ReleaseError(f"release {name!r}: {file} does not match its manifest checksum")
             Path(tmp.name).replace(path)
         return cls(store, manifest, local)
 

@@ -8,9 +8,11 @@ outage has its own policy.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import urllib3
 from minio import Minio
@@ -93,6 +95,22 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    def download(self, key: str, out: BinaryIO, *, chunk_bytes: int = 8 << 20) -> str:
+        """Stream the object into `out`, a chunk at a time (a release's weights may be gigabytes, and
+        `get_bytes` would hold them whole); returns its sha256 (hex)."""
+        response = self._call(f"get {key}", self.client.get_object, self.bucket, key)
+        digest = hashlib.sha256()
+        try:
+            for chunk in response.stream(chunk_bytes):
+                digest.update(chunk)
+                out.write(chunk)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise StoreUnavailable(f"get {key}: connection lost while reading ({e})") from e
+        finally:
+            response.close()
+            response.release_conn()
+        return digest.hexdigest()
 
     def exists(self, key: str) -> bool:
         try:

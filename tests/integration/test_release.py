@@ -76,8 +76,35 @@ def test_missing_release_and_corrupt_file_are_reported(store, published, tmp_pat
     try:
         with pytest.raises(ValueError, match="checksum"):
             Release.open(store, "quick-1", tmp_path / "other")
+        assert not list((tmp_path / "other").rglob("*.part"))  # the refused download is not left behind
     finally:
         store.put_bytes(key, original)
+
+
+def test_a_release_is_downloaded_in_chunks_never_whole(store, published, tmp_path, monkeypatch):
+    """Each file was read whole into memory, then written: a paper-size model's weights (about 5 GB)
+    needed their size in RAM twice over, with the copy being written."""
+    whole = ObjectStore.get_bytes
+
+    def get_bytes(self, key):
+        assert key.endswith("manifest.json"), f"{key} read whole"  # the manifest alone is read whole
+        return whole(self, key)
+
+    monkeypatch.setattr(ObjectStore, "get_bytes", get_bytes)
+    chunks = []
+    real = ObjectStore.download
+
+    def download(self, key, out, chunk_bytes=8 << 20):
+        class Counting:
+            def write(self, data):
+                chunks.append(len(data))
+                return out.write(data)
+        return real(self, key, Counting(), chunk_bytes=4096)
+
+    monkeypatch.setattr(ObjectStore, "download", download)
+    release = Release.open(store, "quick-1", tmp_path)
+    assert max(chunks) <= 4096 and sum(chunks) == sum(meta["bytes"] for meta in release.manifest.files.values())
+    assert release.load_model() is not None
 
 
 def test_unreachable_store_fails_clearly_and_leaves_nothing(trained, local_s3, embedder):
