@@ -172,7 +172,12 @@ class MemoryStore:
                 self.ram.put(self.keys[rid], blob)
 
         missing = [rid for rid in unique if rid not in found]
-        if missing:
+        for rid in missing:  # a read that ended while this request waited for Redis has filled RAM
+            blob = self.ram.get(self.keys[rid]) if self.redis is not None else None
+            if blob is not None:
+                found[rid] = (blob, RAM)
+        missing = [rid for rid in unique if rid not in found]
+        if missing:  # no await since the look above: a read in flight now is joined, not repeated
             for rid, blob in (await self._from_s3(missing)).items():
                 found[rid] = (blob, S3)
         return [FetchedMemory(rid, *found[rid]) for rid in ids]
@@ -220,23 +225,15 @@ class MemoryStore:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         owned = []  # reads this request started (it fills Redis); others it joins
-        reads: dict[str, _BankRead] = {}
         for rid in ids:
-            if rid in self._inflight:
-                continue
-            # A read that ended while this request waited for Redis has filled RAM: no second read.
-            cached = self.ram.get(self.keys[rid])
-            if cached is not None:
-                reads[rid] = _BankRead(blob=cached)
-                continue
-            future = loop.run_in_executor(self._pool, self._read_bank, rid)
-            self._inflight[rid] = future
-            future.add_done_callback(lambda f, rid=rid: self._settle(rid, f))
-            owned.append(rid)
-        waiting = [rid for rid in ids if rid not in reads]
-        futures = [self._inflight[rid] for rid in waiting]
+            if rid not in self._inflight:
+                future = loop.run_in_executor(self._pool, self._read_bank, rid)
+                self._inflight[rid] = future
+                future.add_done_callback(lambda f, rid=rid: self._settle(rid, f))
+                owned.append(rid)
+        futures = [self._inflight[rid] for rid in ids]
         # shield: a cancelled request must not cancel reads other requests are waiting for
-        reads.update(zip(waiting, await asyncio.gather(*(asyncio.shield(f) for f in futures)), strict=True))
+        reads = dict(zip(ids, await asyncio.gather(*(asyncio.shield(f) for f in futures)), strict=True))
 
         good = {rid: r.blob for rid, r in reads.items() if r.blob is not None}
         self._count(S3, len(ids), len(good), started)
@@ -277,8 +274,8 @@ class MemoryStore:
             AlreadyExists: the bank holds another valid blob for an id (nothing is stored).
             Unavailable: the object store cannot be reached.
         """
-        if len(memories) > MAX_IDS:
-            raise InvalidInput(f"{len(memories)} memories in one request; at most {MAX_IDS}: split the batch")
+        if len(memories) > self.max_ids:
+            raise InvalidInput(f"{len(memories)} memories in one request; at most {self.max_ids}: split the batch")
         items = dict(memories)
         self._check_ids(list(items))
         problems = await asyncio.to_thread(lambda: {rid: self._validate(rid, b) for rid, b in items.items()})

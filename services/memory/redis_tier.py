@@ -111,6 +111,12 @@ class RedisTier:
     async def check_usable(self) -> None:
         """Raises RedisUnusable where Redis answers but refuses what the tier does. Run at start, once
         it answered: a URL that can never work should fail there, not as an error per request."""
+        try:
+            await self._probe()
+        except _DOWN_ERRORS as e:  # down after its PING: as at start, the tier is down for now, never fatal
+            self._down("probe", e)
+
+    async def _probe(self) -> None:
         if self.target.mode != CLUSTER:
             try:
                 cluster = (await self.client.info("cluster")).get("cluster_enabled")

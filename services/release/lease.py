@@ -98,12 +98,14 @@ class MaintenanceLease(Lease):
 def leases(store: ObjectStore, name: str) -> list[Lease]:
     """The leases stored for `name`, live or not; one that cannot be read counts as live now (a
     deletion waits for it rather than guess), one removed while listed is skipped."""
-    return _read_leases(store, release_key(name, LEASE_DIR), lambda _data: name, Lease)
+    return _read_leases(store, release_key(name, LEASE_DIR), lambda _data: name, Lease, unreadable_live=True)
 
 
 def maintenance_leases(store: ObjectStore) -> list[Lease]:
-    """The maintenance leases stored, live or not, read as `leases` reads a name's."""
-    return _read_leases(store, MAINTENANCE_PREFIX, lambda data: str(data["name"]), MaintenanceLease)
+    """The maintenance leases stored, live or not. One that cannot be read counts as expired: every
+    publication would otherwise wait for it for ever, and removers write theirs whole (a PUT)."""
+    return _read_leases(store, MAINTENANCE_PREFIX, lambda data: str(data["name"]), MaintenanceLease,
+                        unreadable_live=False)
 
 
 def live_leases(store: ObjectStore, name: str) -> list[Lease]:
@@ -119,7 +121,8 @@ def _live(found: list[Lease]) -> list[Lease]:
     return [lease for lease in found if lease.live(now)]
 
 
-def _read_leases(store: ObjectStore, prefix: str, name_of: Callable[[dict], str], kind: type[Lease]) -> list[Lease]:
+def _read_leases(store: ObjectStore, prefix: str, name_of: Callable[[dict], str], kind: type[Lease], *,
+                 unreadable_live: bool) -> list[Lease]:
     found = []
     for key in store.list_keys(prefix):
         token = key.rsplit("/", 1)[-1].removesuffix(".json")
@@ -129,8 +132,8 @@ def _read_leases(store: ObjectStore, prefix: str, name_of: Callable[[dict], str]
         except ObjectNotFound:
             continue
         except (ValueError, KeyError, TypeError):
-            now = _now()
-            found.append(kind("?", token, f"an unreadable lease ({key})", now, now))
+            stamp = _now() if unreadable_live else datetime.fromtimestamp(0, UTC).isoformat()
+            found.append(kind("?", token, f"an unreadable lease ({key})", stamp, stamp))
     return found
 
 
@@ -243,8 +246,12 @@ class Maintenance(_Held):
         self.since = time.monotonic()
         try:
             self._start_beating()
+            # Those of removers that died (expired) or cannot be read: each publication lists them.
+            stale = [lease.key for lease in maintenance_leases(self.store) if not lease.live()]
+            if stale:
+                self.store.remove_keys(stale)
         except BaseException:
-            self._remove()
+            self.release()
             raise
         return self
 

@@ -8,9 +8,9 @@ the same way, on documents the request carried, written to the job's directory a
 
 Jobs outlive the service that ran them: each job's record (spec, state, release, its last events)
 is kept under `WORK_DIR/_jobs/` whenever its state changes, so a restarted service still answers a
-watch of it; a job it was running when it stopped ends FAILED there, saying to submit it again. A
-training run emits an event a step, so a job keeps its last `MAX_JOB_EVENTS`, and the service its
-last `MAX_FINISHED_JOBS` finished jobs.
+watch of it; a job it was running or had queued when it died ends FAILED there, saying to submit
+it again (a stop cancels them). A training run emits an event a step, so a job keeps its last
+`MAX_JOB_EVENTS`, and the service its last `MAX_FINISHED_JOBS` finished jobs.
 """
 
 from __future__ import annotations

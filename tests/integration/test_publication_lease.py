@@ -8,7 +8,7 @@ from release_fixtures import build_random_release
 
 from memory3.services.release import lease as lease_module
 from memory3.services.release.catalog import ReleaseBusy, plan_deletion
-from memory3.services.release.lease import LEASE_DIR, LEASE_TTL_S, Lease, Publication, leases
+from memory3.services.release.lease import LEASE_DIR, LEASE_TTL_S, Lease, MaintenanceLease, Publication, leases
 from memory3.services.release.manifest import ReleaseError, release_key
 from memory3.services.release.reader import read_manifest
 from memory3.services.trainer.releases import kb_add
@@ -130,3 +130,21 @@ def test_a_parent_deleted_while_its_child_is_prepared_fails_the_child(base, docu
     with pytest.raises(ReleaseError, match="'base', which 'child' is made from, was deleted"):
         add(base, document, "child", tmp_path, embedder, on_encoded=unpublish_the_parent)
     assert base.list_keys(release_key("child", "")) == []
+
+
+def test_an_unreadable_or_expired_maintenance_lease_holds_no_publication_and_goes(bucket, monkeypatch):
+    """An unreadable maintenance lease counted as renewed at every look: every publication of the
+    bucket waited for it for ever, and expired ones were never removed."""
+    from memory3.services.release.lease import MAINTENANCE_PREFIX, Maintenance, maintenance_leases
+
+    monkeypatch.setattr(lease_module, "LEASE_SETTLE_S", 0.0)
+    bucket.put_bytes(f"{MAINTENANCE_PREFIX}garbage.json", b"")
+    dead = MaintenanceLease("release gc", "dead", "another host pid 7", "2020-01-01T00:00:00+00:00",
+                            "2020-01-01T00:00:00+00:00")
+    bucket.put_bytes(dead.key, dead.to_json())
+    publication = Publication(bucket, "free")
+    publication.acquire()  # returns: nothing live holds it
+    publication.release()
+    with Maintenance(bucket, "release gc") as held:
+        assert [lease.key for lease in maintenance_leases(bucket)] == [held.lease.key]
+    assert bucket.list_keys(MAINTENANCE_PREFIX) == []

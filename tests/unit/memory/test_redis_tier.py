@@ -98,3 +98,22 @@ def test_keys_and_redaction():
 def test_a_redis_url_it_cannot_use_says_what_to_fix(url, message):
     with pytest.raises(ValueError, match=message):
         parse_redis_url(url)
+
+
+def test_a_redis_that_stops_answering_during_the_start_probe_is_down_not_fatal(caplog):
+    """PING answered, then the probe timed out: the exception ended the service's start, though
+    Redis is never a dependency."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    class AnswersPingOnly:
+        async def info(self, section):
+            return {"cluster_enabled": 0}
+
+        async def set(self, *args, **kwargs):
+            raise RedisTimeoutError("Timeout reading from socket")
+
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}", socket_timeout=0.05, clock=Clock())
+    tier.client = AnswersPingOnly()
+    with caplog.at_level(logging.WARNING, logger="memory3.memory"):
+        asyncio.run(tier.check_usable())
+    assert not tier.up and "unavailable (probe" in caplog.text
