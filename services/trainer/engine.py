@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -412,6 +413,14 @@ class TrainingJobManager:
     def _remove_job_files(self, job: Job) -> None:
         shutil.rmtree(self._job_dir(job.id), ignore_errors=True)
 
+    def _run_dir(self, spec: TrainingJobSpec) -> Path:
+        """A training run's work directory: the same spec resumes its checkpoints; another spec for
+        the same release (corrected after a failure or a cancel) starts its own, where it was told
+        to use another --work-dir, which a gRPC client cannot give. Autocast is a run setting."""
+        training = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("release", "bf16")}
+        digest = hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:10]
+        return self.work_root / f"{spec.release}-{digest}"
+
     def _command(self, job: Job) -> list[str]:
         spec = job.spec
         store = ["--s3-endpoint", self.s3.endpoint, "--s3-bucket", self.s3.bucket]
@@ -427,7 +436,7 @@ class TrainingJobManager:
         cmd = [self.python, "-m", "memory3.services.cli.main", "train", "--release", spec.release,
                "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec,
                "--index-kind", spec.index_kind, "--events",
-               "--work-dir", str(self.work_root / spec.release), *store]
+               "--work-dir", str(self._run_dir(spec)), *store]
         if spec.bf16 is not None:
             cmd.append("--bf16" if spec.bf16 else "--no-bf16")
         if spec.stage3_steps is not None:

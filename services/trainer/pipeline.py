@@ -144,18 +144,20 @@ def world_retriever(world: World) -> Callable[[list[str]], list[list[str]]]:
     The named entity's document comes first (the release's embedding index returns it first for
     >99% of these questions), then four documents of entities of the same kind, as an embedding
     index mostly returns for a templated question; the quality benchmark uses the real index.
+    A question's distractors depend on the question alone: every evaluation of a run, and a resumed
+    run's, scores the same task (one stream shared by all made them differ call by call).
     """
     by_length = sorted(world.entities, key=lambda e: -len(e.name))
     by_kind: dict[str, list] = {}
     for e in world.entities:
         by_kind.setdefault(e.kind, []).append(e)
-    rng = random.Random(world.seed)
 
     def retrieve(queries: list[str]) -> list[list[str]]:
         out = []
         for q in queries:
             hit = next((e for e in by_length if e.name in q), None)
             pool = [e for e in by_kind[hit.kind] if e is not hit] if hit else world.entities
+            rng = random.Random(f"{world.seed}-{q}")
             out.append(([hit.id] if hit else []) + [e.id for e in rng.sample(pool, 4)])
         return out
 
@@ -219,14 +221,36 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# How a run goes, not what it learns: a Job run again on another kind of node may choose another
+# autocast, and the same training is still the same release (and resumes the same run).
+RUN_SETTINGS = frozenset({"eval_questions", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                          "train.bf16"})
+
+
+def config_leaves(config: dict, prefix: str = "") -> dict:
+    """{"train": {"seed": 0}} -> {"train.seed": 0}: a difference named by its setting."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(config_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _check_same_config(work_dir: Path, config: PipelineConfig) -> None:
-    """A work directory belongs to one configuration: resuming another would mix two runs."""
+    """A work directory belongs to one configuration: resuming another would mix two runs. Run
+    settings may differ (a pod rescheduled on a CPU without native bf16 resumes its run)."""
     path = work_dir / "pipeline.json"
     current = json.loads(json.dumps(config.to_dict()))
     if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != current:
-            raise ValueError(f"{work_dir} holds a run with another configuration; use a new --work-dir")
+        previous, now = config_leaves(json.loads(path.read_text())), config_leaves(current)
+        differ = sorted(k for k in previous.keys() | now.keys()
+                        if previous.get(k) != now.get(k) and k not in RUN_SETTINGS)
+        if differ:
+            raise ValueError(f"{work_dir} holds a run with another configuration ("
+                             + "; ".join(f"{k} {previous.get(k)!r} there, {now.get(k)!r} now" for k in differ[:3])
+                             + "); use a new --work-dir, or the same settings to resume it")
     else:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(current, indent=2))

@@ -22,7 +22,7 @@ from ..retrieval.index import VectorIndex
 from ..storage.object_store import ObjectStore
 from .corpus import CorpusError, read_corpus_file
 from .kb import Reference, build_references
-from .pipeline import PipelineResult
+from .pipeline import RUN_SETTINGS, PipelineResult, config_leaves
 
 
 def git_commit() -> str | None:
@@ -68,20 +68,14 @@ def publish_trained(result: PipelineResult, store: ObjectStore, name: str, *, co
                            provenance=provenance, progress=progress, index_kind=index_kind)
 
 
-# How a run goes, not what it learns: a Job run again on another kind of node may choose another
-# autocast, and the same training is still the same release.
-RUN_SETTINGS = frozenset({"eval_questions", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                          "train.bf16"})
-
-
 def differs_from_training(pipeline_config: dict, codec: str,
                           index_kind: str = "auto") -> Callable[[Manifest], str | None]:
     """How a published release's training differs from this configuration, codec and index kind
     (None: it does not), setting aside `RUN_SETTINGS`."""
-    asked = _leaves(json.loads(json.dumps(pipeline_config)))  # as the manifest stores it
+    asked = config_leaves(json.loads(json.dumps(pipeline_config)))  # as the manifest stores it
 
     def differs(manifest: Manifest) -> str | None:
-        had = _leaves(manifest.provenance.get("pipeline") or {})
+        had = config_leaves(manifest.provenance.get("pipeline") or {})
         keys = sorted(k for k in asked.keys() | had.keys() if asked.get(k) != had.get(k) and k not in RUN_SETTINGS)
         if keys:
             return "; ".join(f"{k} {had.get(k)!r} there, {asked.get(k)!r} asked" for k in keys[:3])
@@ -101,17 +95,6 @@ def index_choice(manifest: Manifest) -> str:
 def _index_differs(manifest: Manifest, index_kind: str) -> str | None:
     choice = index_choice(manifest)
     return None if choice == index_kind else f"index kind {choice!r} there, {index_kind!r} asked"
-
-
-def _leaves(config: dict, prefix: str = "") -> dict:
-    """{"train": {"seed": 0}} -> {"train.seed": 0}: a difference named by its setting."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def differs_from_merge(parent: str, derived: Sequence[str]) -> Callable[[Manifest], str | None]:

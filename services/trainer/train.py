@@ -189,13 +189,15 @@ class Trainer:
         """Write to a temporary directory, then rename: a checkpoint is complete or absent."""
         target = self.checkpoint_dir / f"step-{self.state.step:07d}"
         tmp = self.checkpoint_dir / f".tmp-step-{self.state.step:07d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Also those of processes killed while saving (one process saves): a model each, never read.
+        for unfinished in self.checkpoint_dir.glob(".tmp-step-*"):
+            shutil.rmtree(unfinished, ignore_errors=True)
         save_checkpoint(self.model, tmp)
         tensors, meta = optimizer_to_flat(self.optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({
             "step": self.state.step, "history": self.state.history, "optimizer": meta,
-            "train_config": self.config.to_dict(),
+            "train_config": self.config.to_dict(), "world_size": self.dist.world_size,
         }))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -205,6 +207,12 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
+        saved = state.get("world_size")  # None: a checkpoint from before it was recorded
+        if saved is not None and saved != self.dist.world_size:
+            # The data position is the step times the processes: resumed by another number, the
+            # run would train again on samples it has seen, or skip some, without a word.
+            raise ValueError(f"{path} is a checkpoint of a run of {saved} processes; resume it with {saved} "
+                             f"(this one has {self.dist.world_size}), or start a new run in a new --work-dir")
         weights = load_file(str(path / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict(weights)
         optimizer_from_flat(self.optimizer, load_file(str(path / "optimizer.safetensors"), device=str(self.device)),

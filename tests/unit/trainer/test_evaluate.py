@@ -46,3 +46,7 @@ def test_world_retriever_puts_the_named_entity_first_then_four_of_its_kind():
         assert q.entity_id == hit.id  # questions say which entity they ask about
         assert {by_id[i].kind for i in ids[1:]} == {hit.kind}
     assert len(world_retriever(world)(["Question: what is nothing?"])[0]) == 4  # no name: four others
+    # The same question gets the same distractors at every evaluation, and after a resume (a new
+    # retriever): the scores of a run's evaluations are of one task.
+    retrieve, prompts = world_retriever(world), [q.prompt for q in questions[:5]]
+    assert retrieve(prompts) == retrieve(prompts) == world_retriever(world)(prompts)

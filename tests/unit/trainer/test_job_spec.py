@@ -123,3 +123,14 @@ def test_removals_reach_the_child_whatever_they_hold(tmp_path):
 def test_a_negative_or_non_finite_attention_weight_is_refused(weight):
     with pytest.raises(InvalidInput, match="attention_weight is"):
         TrainingJobSpec(release="r4", attention_weight=weight).validate()
+
+
+def test_a_training_spec_has_a_work_dir_of_its_own_and_the_same_spec_resumes_it(tmp_path):
+    """The work dir was the release's name alone: a corrected spec for a release whose job was
+    cancelled or failed was refused ("use a new --work-dir"), which a gRPC client cannot give."""
+    def work_dir(**fields):
+        return train_args(TrainingJobSpec(release="r1", preset="tiny", **fields), tmp_path).work_dir
+
+    first = work_dir(seed=0)
+    assert work_dir(seed=0) == first and work_dir(seed=0, bf16=True) == first  # resumes; autocast is no matter
+    assert work_dir(seed=1) != first and first.parent == tmp_path and first.name.startswith("r1-")

@@ -41,3 +41,19 @@ def test_quick_keeps_its_short_stages():
 def test_bad_values_are_refused_before_anything_runs(kwargs, message):
     with pytest.raises(ValueError, match=message):
         train_pipeline_config(preset="small", quick=False, seed=0, **kwargs)
+
+
+def test_a_work_dir_resumes_under_another_autocast_but_not_another_training(tmp_path):
+    """A Job rescheduled on a CPU whose native bf16 differs was told its work dir held another
+    configuration, and could not resume; another seed must still be refused."""
+    import dataclasses
+
+    from memory3.services.trainer.pipeline import PipelineConfig, _check_same_config
+
+    config = PipelineConfig.quick()
+    _check_same_config(tmp_path, config)
+    other_autocast = dataclasses.replace(config, train=dataclasses.replace(config.train, bf16=not config.train.bf16))
+    _check_same_config(tmp_path, other_autocast)
+    other_seed = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=config.train.seed + 1))
+    with pytest.raises(ValueError, match=r"another configuration \(train.seed 0 there, 1 now\)"):
+        _check_same_config(tmp_path, other_seed)
