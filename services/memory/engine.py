@@ -70,7 +70,7 @@ class _BankRead(NamedTuple):
 
 def ids_per_reply(blob_bytes: int, max_message_bytes: int) -> int:
     """How many memories of `blob_bytes` one reply of at most `max_message_bytes` carries (each
-    with its id and framing, under 100 bytes), up to MAX_IDS: 148 at the paper's size in 64 MiB."""
+    with its id and framing, under 100 bytes), up to MAX_IDS: 146 at the paper's size in 64 MiB."""
     return max(1, min(MAX_IDS, (max_message_bytes - (1 << 20)) // (blob_bytes + 100)))
 
 
