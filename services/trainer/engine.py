@@ -414,10 +414,12 @@ class TrainingJobManager:
         shutil.rmtree(self._job_dir(job.id), ignore_errors=True)
 
     def _run_dir(self, spec: TrainingJobSpec) -> Path:
-        """A training run's work directory: the same spec resumes its checkpoints; another spec for
-        the same release (corrected after a failure or a cancel) starts its own, where it was told
-        to use another --work-dir, which a gRPC client cannot give. Autocast is a run setting."""
-        training = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("release", "bf16")}
+        """A training run's work directory: the same training resumes its checkpoints; another for the
+        same release (corrected after a failure or a cancel) starts its own, where it was told to use
+        another --work-dir, which a gRPC client cannot give. Autocast is a run setting, and the codec
+        and index kind are the publication's: a run resumed with others publishes with them."""
+        training = {k: v for k, v in dataclasses.asdict(spec).items()
+                    if k not in ("release", "bf16", "codec", "index_kind")}
         digest = hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:10]
         return self.work_root / f"{spec.release}-{digest}"
 
