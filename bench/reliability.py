@@ -310,8 +310,8 @@ class ReliabilityStack:
 
     def restart_redis(self) -> None:
         p = self.process("redis")
-        p.pid = start_local_redis(Path(self.state.home) / "stack" / "redis", port=p.port, maxmemory="256mb",
-                                  password=self.redis_password).pid
+        p.adopt(start_local_redis(Path(self.state.home) / "stack" / "redis", port=p.port, maxmemory="256mb",
+                                  password=self.redis_password).pid)
         self.killed.discard("redis")
 
     def restart_s3(self) -> None:

@@ -55,6 +55,11 @@ class StackProcess:
             return False
         return self.started is None or process_start_time(self.pid) == self.started
 
+    def adopt(self, pid: int) -> None:
+        """It was started again as `pid` (a restart in a fault test): recorded with its start time,
+        or `down` would take the new process for one that reused the PID, and leave it running."""
+        self.pid, self.started = pid, process_start_time(pid)
+
     def reused(self) -> bool:
         """Its PID is alive but belongs to another process now."""
         return _alive(self.pid) and not self.running()

@@ -40,6 +40,9 @@ def stack(tmp_path_factory, random_release, local_s3):
     state = start_stack(options, log=lambda _msg: None)
     yield state
     stop_processes(state.processes)
+    # A process left running with a PID recorded without its start time (a test's restart) is
+    # taken for one that reused the PID, and left alone.
+    assert not [p.name for p in state.processes if p.reused()], "processes of the stack left running"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,7 @@ def test_killing_redis_mid_stream_fails_no_stream(stack, stub, tmp_path):
                + (r[-1].usage.prompt_tokens % 64 > 0) for r in results)
     # Redis back on the same port: the memory service uses it again.
     restarted = start_local_redis(tmp_path, port=redis_process.port, maxmemory="256mb")
-    redis_process.pid = restarted.pid
+    redis_process.adopt(restarted.pid)  # so that the stack's teardown stops it
     deadline = time.monotonic() + 30
     before = metric(stack, "memory", "memory3_memory_hits_total", '{tier="redis"}')
     while time.monotonic() < deadline:
