@@ -22,10 +22,8 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memory3.model.memory_format import memory_size
-
 from ..memory.client import MemoryClient
-from ..memory.engine import ids_per_reply
+from ..memory.engine import release_ids_per_reply
 from ..release.reader import Release
 from ..rpc.errors import Unavailable
 from ..rpc.server import MAX_MESSAGE_BYTES, Server, ServerOptions, client_channel, serve_until_signal
@@ -143,10 +141,7 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
         retrieval = RemoteRetrieval(texts[0] if len(texts) == 1 else ShardedTextClient(texts),
                                     MemoryClient(memory_channel, timeout_s=d.timeout_s,
                                                  bank=release.manifest.memory_bank["bank"],
-                                                 max_ids=ids_per_reply(memory_size(release.memory_shape(),
-                                                                                   release.memory_codec(),
-                                                                                   model.config.ref_len),
-                                                                       MAX_MESSAGE_BYTES)),
+                                                 max_ids=release_ids_per_reply(release, MAX_MESSAGE_BYTES)),
                                     release.memory_codec(), release.memory_shape(),
                                     cache=decoded_memory_cache(s.memory_cache_bytes), release=release.name)
     else:

@@ -74,6 +74,12 @@ def ids_per_reply(blob_bytes: int, max_message_bytes: int) -> int:
     return max(1, min(MAX_IDS, (max_message_bytes - (1 << 20)) // (blob_bytes + 100)))
 
 
+def release_ids_per_reply(release: Release, max_message_bytes: int) -> int:
+    """`ids_per_reply` for the memories of `release`: the bound its memory service and its clients share."""
+    blob = memory_size(release.memory_shape(), release.memory_codec(), release.manifest.conventions["ref_len"])
+    return ids_per_reply(blob, max_message_bytes)
+
+
 def _listing(ids: Sequence[str]) -> str:
     shown = ", ".join(i if len(i) <= SHOWN_CHARS else f"{i[:SHOWN_CHARS]}…" for i in ids[:_SHOWN])
     return shown + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
@@ -101,8 +107,7 @@ class MemoryStore:
     @classmethod
     def from_release(cls, release: Release, *, ram: RamCache, redis: RedisTier | None = None,
                      s3_workers: int = 16, max_message_bytes: int | None = None) -> MemoryStore:
-        blob = memory_size(release.memory_shape(), release.memory_codec(), release.manifest.conventions["ref_len"])
-        max_ids = MAX_IDS if max_message_bytes is None else ids_per_reply(blob, max_message_bytes)
+        max_ids = MAX_IDS if max_message_bytes is None else release_ids_per_reply(release, max_message_bytes)
         # Row by row: the table's texts are not held (at 10^8 references they would be tens of GB).
         keys, digests = {}, {}
         for row in release.rows():
