@@ -588,13 +588,17 @@ def fault_decoder_sigterm(rs: ReliabilityStack, *, new_tokens: int = 300) -> dic
 def memories_lost(rs: ReliabilityStack) -> int:
     """Bank memories that no longer come back from the memory service identical to the bank."""
     from memory3.services.memory.client import MemoryClient
+    from memory3.services.memory.engine import ids_per_reply
+    from memory3.services.rpc.server import MAX_MESSAGE_BYTES, client_channel
 
     ids = rs.reference_ids()
     expected = {rid: rs.store.get_bytes(rs.memory_key(rid)) for rid in ids}
+    # requests as large as one reply carries, as the decoder's client splits them
+    per_request = ids_per_reply(max(map(len, expected.values()), default=1), MAX_MESSAGE_BYTES)
 
     async def fetch():
-        async with grpc.aio.insecure_channel(rs.address("memory")) as channel:
-            return await MemoryClient(channel, timeout_s=30).get(ids)
+        async with client_channel(rs.address("memory")) as channel:
+            return await MemoryClient(channel, timeout_s=30, max_ids=per_request).get(ids)
 
     try:
         blobs = _run(fetch())
