@@ -581,6 +581,17 @@ class GenerationEngine:
                                f"leaves room for {room} new tokens in this server's context of {self.max_seq_len}")
 
     # ---- a request ----
+    async def complete(self, request: GenerationRequest) -> GenerationEvent:
+        """The whole answer as one event, for front ends that reply once (KServe, non-streamed OpenAI)."""
+        whole = GenerationEvent()
+        async for event in self.generate(request):
+            whole.token_ids.extend(event.token_ids)
+            whole.text += event.text
+            whole.citations.extend(event.citations)
+            whole.warnings.extend(event.warnings)
+            whole.finish_reason, whole.usage = event.finish_reason, event.usage
+        return whole
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Events for one request; closing the iterator early cancels it and frees its slot at once."""
         if not self.started or self.draining:

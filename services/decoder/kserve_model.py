@@ -37,7 +37,7 @@ from kserve.model_server import app as kserve_app
 from kserve.protocol.dataplane import DataPlane
 
 from ..rpc.errors import InvalidInput, ServiceError, Unavailable
-from .engine import GenerationEngine, GenerationEvent
+from .engine import GenerationEngine
 from .http_errors import http_status
 from .openai_routes import add_completion_routes, citation_json
 from .server import BuiltEngine, DecoderSettings, build_engine, open_release, wait_for_dependencies, watch_dependencies
@@ -150,12 +150,7 @@ class Memory3Model(kserve.Model):
         stop = params.pop("stop", None)
         request = build_request(engine, prompt=prompt, stop=(stop,) if stop is not None else (),
                                 request_id=payload.id or "", **params)
-        whole = GenerationEvent()
-        async for event in engine.generate(request):
-            whole.text += event.text
-            whole.citations.extend(event.citations)
-            whole.warnings.extend(event.warnings)
-            whole.finish_reason, whole.usage = event.finish_reason, event.usage
+        whole = await engine.complete(request)
         values = {"text": lambda: whole.text,
                   "citations": lambda: json.dumps([citation_json(c) for c in whole.citations])}
         outputs = [InferOutput(name, [1], "BYTES", data=[values[name]()]) for name in wanted]

@@ -156,13 +156,7 @@ def _number(body: dict, name: str, default: float) -> float:
 
 
 async def _complete(engine: GenerationEngine, request: GenerationRequest, model_name: str) -> dict:
-    whole = GenerationEvent()
-    async for event in engine.generate(request):
-        whole.text += event.text
-        whole.citations.extend(event.citations)
-        whole.warnings.extend(event.warnings)
-        whole.finish_reason, whole.usage = event.finish_reason, event.usage
-    return _chunk(request, model_name, whole)
+    return _chunk(request, model_name, await engine.complete(request))
 
 
 async def _stream(engine: GenerationEngine, request: GenerationRequest, model_name: str) -> Response:

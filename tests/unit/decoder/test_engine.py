@@ -431,3 +431,22 @@ def test_the_waiting_gauge_counts_only_streams_without_a_row(tiny_model, text_co
     assert running == (2, 0)
     assert queued == (2, 1)
     assert admitted == (2, 0)
+
+
+def test_complete_joins_the_streams_events_into_one(tiny_model, text_codec, memories):
+    body = prompts(1, text_codec)[0]
+    request = GenerationRequest(body, 40, stop=())
+
+    async def both():
+        engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories))
+        await engine.start()
+        try:
+            return await collect(engine, request), await engine.complete(request)
+        finally:
+            await engine.close()
+
+    (tokens, text, events), whole = run(both())
+    assert len(events) > 1  # several events were joined
+    assert whole.token_ids == tokens and whole.text == text
+    assert whole.citations == [c for e in events for c in e.citations] and whole.citations
+    assert (whole.finish_reason, whole.usage) == (events[-1].finish_reason, events[-1].usage)
