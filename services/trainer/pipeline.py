@@ -146,22 +146,39 @@ def world_retriever(world: World) -> Callable[[list[str]], list[list[str]]]:
     index mostly returns for a templated question; the quality benchmark uses the real index.
     A question's distractors depend on the question alone: every evaluation of a run, and a resumed
     run's, scores the same task (one stream shared by all made them differ call by call).
+    In a world with fewer than five entities of a kind, its questions get all the others of their
+    kind and entities of other kinds after them (`pick_distractors`), rather than the world being
+    refused: small worlds are for trying the pipeline out, and their questions still read five
+    memories (fewer only in a world of fewer than five entities), if easier ones to tell apart.
     """
     by_length = sorted(world.entities, key=lambda e: -len(e.name))
     by_kind: dict[str, list] = {}
     for e in world.entities:
         by_kind.setdefault(e.kind, []).append(e)
+    not_of_kind = {kind: [e for e in world.entities if e.kind != kind] for kind in by_kind}
 
     def retrieve(queries: list[str]) -> list[list[str]]:
         out = []
         for q in queries:
             hit = next((e for e in by_length if e.name in q), None)
-            pool = [e for e in by_kind[hit.kind] if e is not hit] if hit else world.entities
+            if hit:
+                same_kind, other_kinds = [e for e in by_kind[hit.kind] if e is not hit], not_of_kind[hit.kind]
+            else:
+                same_kind, other_kinds = world.entities, []
             rng = random.Random(f"{world.seed}-{q}")
-            out.append(([hit.id] if hit else []) + [e.id for e in rng.sample(pool, 4)])
+            out.append(([hit.id] if hit else []) + [e.id for e in pick_distractors(rng, same_kind, other_kinds)])
         return out
 
     return retrieve
+
+
+def pick_distractors(rng: random.Random, same_kind: list, other_kinds: list, n: int = 4) -> list:
+    """`n` entities drawn from `same_kind`, or, where it holds fewer, all of them and as many of
+    `other_kinds` as make `n` (as many as there are, if fewer). With enough of the same kind the
+    draw is `rng.sample(same_kind, n)`, so the scores of such worlds do not change."""
+    if len(same_kind) >= n:
+        return rng.sample(same_kind, n)
+    return rng.sample(same_kind, len(same_kind)) + rng.sample(other_kinds, min(n - len(same_kind), len(other_kinds)))
 
 
 def _training_eval(world: World, codec: TextCodec, config: PipelineConfig):

@@ -19,7 +19,9 @@ used because memory encoding calls the layers directly, outside the wrapper's fo
 Resume: checkpoints are written atomically every `checkpoint_every` steps (model and optimizer
 as safetensors, counters as JSON). The data position is the step counter, so a resumed run sees
 exactly the samples an uninterrupted run would have seen, and the distractors are drawn from an
-RNG seeded by the step.
+RNG seeded by the step. The run's history is appended to `history.jsonl` in the work directory as
+it is logged (`HistoryLog`); a checkpoint records only how many of its entries came before it, so
+its size does not grow with the run, and a resumed run keeps those and logs the rest again.
 """
 
 from __future__ import annotations
@@ -142,6 +144,70 @@ def lr_at(stage: StageConfig, step_in_stage: int) -> float:
 class TrainState:
     step: int = 0
     history: list[dict] = field(default_factory=list)  # one entry per logged step / eval
+    elapsed_s: float = 0.0  # training time up to `step`, a resumed run's added to its checkpoint's
+
+
+HISTORY_FILE = "history.jsonl"
+
+
+class HistoryLog:
+    """A run's history as JSON lines, appended by the main process as entries are logged.
+
+    Kept out of checkpoints: a million steps of history is about 140 MB, which every checkpoint
+    would rewrite. A checkpoint records `len(history)` instead, and `sync` makes those entries
+    durable before it is written, so a resumed run reads back exactly the entries logged before
+    its checkpoint. Those a killed run logged after it are dropped when the resumed run first
+    writes (`_start`), and logged again as it repeats those steps.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+
+    def read(self, entries: int) -> list[dict]:
+        """The first `entries` entries."""
+        history = []
+        if self.path.exists():
+            with self.path.open() as lines:
+                history = [json.loads(line) for line in itertools.islice(lines, entries)]
+        if len(history) < entries:
+            raise ValueError(f"{self.path} holds {len(history)} history entries, fewer than the {entries} logged "
+                             "before the checkpoint: restore the file, or start a new run in a new --work-dir")
+        return history
+
+    def append(self, entry: dict, history: list[dict]) -> None:
+        """Append `entry`, the entry after `history` (which the file is made to hold first)."""
+        if self._file is None:
+            self._start(history)
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def sync(self, history: list[dict]) -> None:
+        """Make `history` durable in the file, for a checkpoint that records its length."""
+        if self._file is None:
+            self._start(history)
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _start(self, history: list[dict]) -> None:
+        """Replace the file with `history` (atomically: a process reading it sees the old or the
+        new file, which agree on the entries before a checkpoint), then open it for appending."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w") as out:
+            out.writelines(json.dumps(entry) + "\n" for entry in history)
+        tmp.replace(self.path)
+        self._file = self.path.open("a")
+
+
+def elapsed_logged(history: list[dict]) -> float:
+    """The last `elapsed_s` a history logged: the elapsed time of a checkpoint written before
+    checkpoints recorded their own."""
+    return next((h["elapsed_s"] for h in reversed(history) if "elapsed_s" in h), 0.0)
 
 
 @dataclass(frozen=True)
@@ -164,6 +230,7 @@ class Trainer:
         self.on_event = on_event if dist.is_main else None
         self.optimizer = self._new_optimizer(betas=(0.9, 0.95))
         self.state = TrainState()
+        self.history_log = HistoryLog(out_dir / HISTORY_FILE)
         self.device = model.output.weight.device
         self.autocast = config.bf16 or self.device.type == "cuda"
 
@@ -192,12 +259,13 @@ class Trainer:
         # Also those of processes killed while saving (one process saves): a model each, never read.
         for unfinished in self.checkpoint_dir.glob(".tmp-step-*"):
             shutil.rmtree(unfinished, ignore_errors=True)
+        self.history_log.sync(self.state.history)
         save_checkpoint(self.model, tmp)
         tensors, meta = optimizer_to_flat(self.optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({
-            "step": self.state.step, "history": self.state.history, "optimizer": meta,
-            "train_config": self.config.to_dict(), "world_size": self.dist.world_size,
+            "step": self.state.step, "history_entries": len(self.state.history), "elapsed_s": self.state.elapsed_s,
+            "optimizer": meta, "train_config": self.config.to_dict(), "world_size": self.dist.world_size,
         }))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -217,7 +285,11 @@ class Trainer:
         self.model.load_state_dict(weights)
         optimizer_from_flat(self.optimizer, load_file(str(path / "optimizer.safetensors"), device=str(self.device)),
                             state["optimizer"])
-        self.state = TrainState(step=state["step"], history=state["history"])
+        # A checkpoint written before the history moved to its own file holds it whole.
+        history = state["history"] if "history" in state else self.history_log.read(state["history_entries"])
+        self.history_log.close()  # reopened by the next write, holding `history` alone
+        self.state = TrainState(step=state["step"], history=history,
+                                elapsed_s=state.get("elapsed_s", elapsed_logged(history)))
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainState:
@@ -226,7 +298,7 @@ class Trainer:
         config = self.config
         bar = tqdm(total=config.total_steps, initial=self.state.step, desc="training", unit="step",
                    disable=not (self.progress and self.dist.is_main), file=sys.stderr, dynamic_ncols=True)
-        started = time.perf_counter()
+        started = time.perf_counter() - self.state.elapsed_s  # the clock carries on across a resume
         self.model.train()
         while self.state.step < config.total_steps:
             step = self.state.step
@@ -252,11 +324,12 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             self.optimizer.step()
             self.state.step += 1
+            self.state.elapsed_s = time.perf_counter() - started
             loss_value = self.reduce_scalar(loss.detach())
             split = self.loss_parts(parts) if stage_no > 1 else {}  # the stage is every rank's: safe to reduce
             self._record({"step": self.state.step, "stage": stage_no, "loss": round(loss_value, 5), **split,
                           "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                          "elapsed_s": round(time.perf_counter() - started, 2)})
+                          "elapsed_s": round(self.state.elapsed_s, 2)})
             bar.update(1)
             shown = {"lm": f"{split['lm_loss']:.3f}", "attn": f"{split['attention_loss']:.3f}"} if split else {}
             bar.set_postfix(stage=stage_no, loss=f"{loss_value:.3f}", **shown, lr=f"{lr:.1e}")
@@ -264,9 +337,11 @@ class Trainer:
             if self.evaluate is not None and (self.state.step % config.eval_every == 0 or done):
                 self.run_eval()
             if self.dist.is_main and (self.state.step % config.checkpoint_every == 0 or done):
+                self.state.elapsed_s = time.perf_counter() - started  # evaluation time included
                 self.save()
             self.barrier()
         bar.close()
+        self.history_log.close()
         return self.state
 
     def stage_of(self, step: int):
@@ -295,6 +370,8 @@ class Trainer:
             self._record({"step": self.state.step, "eval": metrics})
 
     def _record(self, entry: dict) -> None:
+        if self.dist.is_main:
+            self.history_log.append(entry, self.state.history)
         self.state.history.append(entry)
         if self.on_event is not None:
             self.on_event({**entry, "total_steps": self.config.total_steps})

@@ -51,6 +51,13 @@ def test_killed_training_resumes_at_the_same_step_and_data(tmp_path):
     losses = [h["loss"] for h in history if "loss" in h]
     straight_losses = [h["loss"] for h in straight if "loss" in h]
     assert losses == pytest.approx(straight_losses, rel=1e-4)  # same data after the resume
+    assert [(h["step"], sorted(h)) for h in history] == [(h["step"], sorted(h)) for h in straight]  # evaluations too
+    logged = (tmp_path / "killed" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in logged] == history  # the file the checkpoints count entries of
+    for state in (tmp_path / "killed" / "checkpoints").glob("step-*/state.json"):
+        assert "history" not in json.loads(state.read_text())  # a checkpoint's size does not grow with the run
+    elapsed = [h["elapsed_s"] for h in history if "loss" in h]
+    assert elapsed == sorted(elapsed)  # the clock carries on across the resume
     # The first checkpoint after the resume (step 30, the end of stage 2) holds the weights and
     # optimizer state of the uninterrupted run. The final weights may differ by ~1e-4: stage 3's
     # fp32 steps on the CPU do not repeat bit for bit from run to run (two uninterrupted runs of

@@ -50,3 +50,29 @@ def test_world_retriever_puts_the_named_entity_first_then_four_of_its_kind():
     # retriever): the scores of a run's evaluations are of one task.
     retrieve, prompts = world_retriever(world), [q.prompt for q in questions[:5]]
     assert retrieve(prompts) == retrieve(prompts) == world_retriever(world)(prompts)
+
+
+def test_world_retriever_fills_up_with_other_kinds_where_a_kind_has_fewer_than_five_entities():
+    """A world of four cities failed its first held-out evaluation: a city's question drew four other cities."""
+    from collections import Counter
+
+    from memory3.services.trainer.pipeline import heldout_questions, world_retriever
+    from memory3.services.trainer.world import World
+
+    world = World(2, n_train=20, n_heldout=4)
+    by_id = {e.id: e for e in world.entities}
+    per_kind = Counter(e.kind for e in world.entities)
+    assert per_kind == {"person": 12, "city": 4, "organisation": 4, "product": 4}
+    questions = heldout_questions(world)
+    assert {by_id[q.entity_id].kind for q in questions} == set(per_kind)
+    for q, ids in zip(questions, world_retriever(world)([q.prompt for q in questions]), strict=True):
+        hit = by_id[ids[0]]
+        assert hit.id == q.entity_id and len(set(ids)) == 5
+        kinds = [by_id[i].kind == hit.kind for i in ids[1:]]
+        same = min(4, per_kind[hit.kind] - 1)
+        assert kinds == [True] * same + [False] * (4 - same)  # every other one of its kind, then others
+
+    pair = World(2, n_train=1, n_heldout=1)  # two entities: the other is all there is
+    (heldout,), (train,) = pair.split("heldout"), pair.split("train")
+    questions = heldout_questions(pair)
+    assert world_retriever(pair)([q.prompt for q in questions]) == [[heldout.id, train.id]] * len(questions)

@@ -1,4 +1,8 @@
-"""What a training run records per step, and the training plot drawn from it."""
+"""What a training run records per step, what a resume keeps of it, and the training plot drawn from it."""
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -7,7 +11,7 @@ from memory3.model.init import random_model
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 from memory3.services.trainer.data import TrainingData
 from memory3.services.trainer.pipeline import loss_curves, plot_history
-from memory3.services.trainer.train import StageConfig, TrainConfig, Trainer
+from memory3.services.trainer.train import HISTORY_FILE, StageConfig, TrainConfig, Trainer
 from memory3.services.trainer.world import World
 
 
@@ -71,3 +75,100 @@ def test_a_checkpoint_resumes_only_with_its_number_of_processes_and_unfinished_s
     trainer(2).load(saved)
     with pytest.raises(ValueError, match="a run of 2 processes; resume it with 2 \\(this one has 1\\)"):
         trainer(1).load(saved)
+
+
+def tiny_trainer(out_dir: Path) -> Trainer:
+    """Five steps of every stage, evaluated and checkpointed at steps 2, 4 and 5."""
+    codec = TextCodec(byte_level_tokenizer())
+    config = Memory3Config.from_name("tiny")
+    train = TrainConfig(seq_len=128, batch_size=2, eval_every=2, checkpoint_every=2, keep_checkpoints=3,
+                        stage1=StageConfig(steps=2, lr=1e-3, warmup_steps=0),
+                        stage2=StageConfig(steps=1, lr=1e-3, warmup_steps=0),
+                        stage3=StageConfig(steps=2, lr=3e-4, warmup_steps=0, decay_fraction=0.0))
+    data = TrainingData(World(1, n_train=30, n_heldout=6), codec, config, seq_len=train.seq_len, seed=0)
+    return Trainer(random_model(config, seed=0), data, train, out_dir, prefix=codec.reference_prefix(config),
+                   progress=False, evaluate=lambda model: {"heldout_acc_memory": 0.25})
+
+
+def killed_after_its_last_checkpoint(out_dir: Path) -> tuple[Path, list[dict]]:
+    """A run killed after it logged step 5 but before it checkpointed it: its last checkpoint, step
+    4's, and the history it logged, that of a run that was not killed."""
+    trainer = tiny_trainer(out_dir)
+    trainer.run()
+    shutil.rmtree(out_dir / "checkpoints" / "step-0000005")
+    return out_dir / "checkpoints" / "step-0000004", trainer.state.history
+
+
+def resumed(out_dir: Path) -> Trainer:
+    trainer = tiny_trainer(out_dir)
+    trainer.load(trainer.latest_checkpoint())
+    trainer.run()
+    return trainer
+
+
+def history_file(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / HISTORY_FILE).read_text().splitlines()]
+
+
+def assert_same_history(got: list[dict], expected: list[dict]) -> None:
+    """Entry for entry, but for the clock (and float noise in the losses)."""
+    assert [sorted(h) for h in got] == [sorted(h) for h in expected]
+    for a, b in zip(got, expected, strict=True):
+        if "eval" in a:
+            assert a == b
+        else:
+            assert without_clock(a) == pytest.approx(without_clock(b), rel=1e-4)
+
+
+def without_clock(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "elapsed_s"}
+
+
+def test_a_checkpoint_holds_the_length_of_the_history_not_the_history_and_a_resume_drops_later_entries(tmp_path):
+    """Every checkpoint rewrote the whole history: ~140 MB at a million steps. Its entries are in
+    the work directory's history file; a resumed run keeps those before its checkpoint."""
+    checkpoint, straight = killed_after_its_last_checkpoint(tmp_path)
+    assert history_file(tmp_path) == straight
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert "history" not in state
+    entries = state["history_entries"]
+    assert [(h["step"], "eval" in h) for h in straight[:entries]][-2:] == [(4, False), (4, True)]
+    assert len(straight) > entries  # step 5 was logged after it
+
+    trainer = resumed(tmp_path)
+    assert [h["step"] for h in trainer.state.history if "loss" in h] == [1, 2, 3, 4, 5]  # step 5 once
+    assert_same_history(trainer.state.history, straight)
+    assert history_file(tmp_path) == trainer.state.history
+
+
+def test_elapsed_time_carries_on_across_a_resume(tmp_path):
+    checkpoint, _ = killed_after_its_last_checkpoint(tmp_path)
+    trainer = resumed(tmp_path)
+    elapsed = [h["elapsed_s"] for h in trainer.state.history if "loss" in h]
+    assert elapsed == sorted(elapsed)
+    saved = json.loads((checkpoint / "state.json").read_text())["elapsed_s"]
+    assert elapsed[-1] >= round(saved, 2) >= elapsed[-2]  # the checkpoint came after step 4 and its evaluation
+
+
+def test_a_checkpoint_that_holds_its_history_still_resumes_and_starts_the_history_file(tmp_path):
+    """As checkpoints were written before the history had its own file (nor the elapsed time)."""
+    checkpoint, straight = killed_after_its_last_checkpoint(tmp_path)
+    state = json.loads((checkpoint / "state.json").read_text())
+    entries = state.pop("history_entries", None) or len(state["history"])
+    state.pop("elapsed_s", None)
+    (checkpoint / "state.json").write_text(json.dumps({**state, "history": straight[:entries]}))
+    (tmp_path / HISTORY_FILE).unlink(missing_ok=True)
+
+    trainer = resumed(tmp_path)
+    assert_same_history(trainer.state.history, straight)
+    assert history_file(tmp_path) == trainer.state.history
+    elapsed = [h["elapsed_s"] for h in trainer.state.history if "loss" in h]
+    assert elapsed == sorted(elapsed)  # from the last elapsed time the history logged
+
+
+def test_a_resume_without_the_history_file_says_what_to_do(tmp_path):
+    checkpoint, _ = killed_after_its_last_checkpoint(tmp_path)
+    (tmp_path / HISTORY_FILE).unlink()
+    with pytest.raises(ValueError, match="holds 0 history entries, fewer than the 6 logged before the checkpoint: "
+                                         "restore the file, or start a new run"):
+        tiny_trainer(tmp_path).load(checkpoint)
