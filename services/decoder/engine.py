@@ -241,6 +241,7 @@ class Scheduler:
                 now = time.thread_time()
                 metrics.SCHEDULER_CPU.inc(now - cpu)
                 cpu = now
+            self._drain_inbox()  # what streams that ended before the stop said of themselves (counted)
 
     def _emit(self, stream: _Stream, message) -> None:
         self.outbox.append((stream, message))
@@ -296,6 +297,8 @@ class Scheduler:
                 self._release(stream)
                 if stream in self.ready:
                     self.ready.remove(stream)
+            elif kind == "stop" and not stream.done:  # its consumer found a stop string
+                self._finish(stream, "stop")
             elif kind == "memories":
                 self._memories_arrived(stream, payload)
             elif kind == "fail" and not stream.done:
@@ -368,7 +371,10 @@ class Scheduler:
         self.step_s, self._last_step = _moving_average(self.step_s, self._last_step)
         hi = max(s.row for s in self.rows if s is not None and not s.done) + 1
         tokens = torch.zeros(hi, 1, dtype=torch.long)
-        slots = torch.zeros(hi, 1, dtype=torch.long)
+        # An idle row among them is fed a placeholder too. It goes to the first slot after the
+        # reference prefix, which a row keeps for its next stream with memory (`row_has_prefix`);
+        # every stream writes that slot before it reads it.
+        slots = torch.full((hi, 1), len(self.prefix), dtype=torch.long)
         prefix_lens = torch.zeros(hi, 1, dtype=torch.long)
         for s in self.rows[:hi]:
             if s is None or s.done:
@@ -675,6 +681,8 @@ class GenerationEngine:
                 text = held + delta
                 hit = _find_stop(text, request.stop)
                 if hit is not None:
+                    if finish is None:  # the scheduler still decodes it: ends it, counted as a success
+                        self.scheduler.post(("stop", stream, None))
                     delta, held, finish = text[:hit], "", "stop"
                 elif finish is None:
                     keep = _stop_prefix_len(text, request.stop)

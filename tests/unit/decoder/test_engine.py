@@ -165,6 +165,30 @@ def test_a_row_reused_by_streams_with_and_without_memory_keeps_them_exact(tiny_m
         assert tokens == expected
 
 
+def test_a_row_idle_below_a_busy_one_keeps_its_prefix_for_the_next_stream(tiny_model, text_codec, prefix, memories):
+    """Every decode step covers the rows up to the highest busy one; an idle row among them once had
+    a placeholder written into slot 0, its kept prefix's first slot, and the next stream with
+    memory on that row read it."""
+    retrieval = FakeRetrieval(memories)
+    short, long, after = prompts(3, text_codec)
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=2, max_waiting=0))
+        await engine.start()
+        try:
+            await asyncio.gather(collect(engine, GenerationRequest(short, 3)),  # row 0, idle once it ends
+                                 collect(engine, GenerationRequest(long, 60), delay_start=0.01))  # row 1
+            return await collect(engine, GenerationRequest(after, 40, ignore_eos=True))  # row 0 again
+        finally:
+            await engine.close()
+
+    tokens, _, _ = run(main())
+    with torch.inference_mode():
+        out = generate(tiny_model, [after], max_new_tokens=40, prefix=prefix, memory_provider=retrieval.provider,
+                       query_lead=8, sampling=SamplingParams(vocab_limit=259))
+    assert tokens == out.tokens[0]
+
+
 @pytest.mark.parametrize("lead", [0, 8])
 def test_next_chunks_retrieval_overlaps_the_steps_before_the_chunk(tiny_model, text_codec, prefix, memories,
                                                                    monkeypatch, lead):
@@ -337,13 +361,21 @@ def test_stop_strings_end_the_stream_and_are_not_returned(tiny_model, text_codec
         return collect_alone(GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories)),
                              GenerationRequest(body, 40, stop=stop))
 
+    def counted(reason):
+        """Successes for `reason`, and requests in the end-to-end latency histogram."""
+        latencies = next(s.value for m in metrics.E2E_REQUEST_LATENCY.collect() for s in m.samples
+                         if s.name.endswith("_count"))
+        return metrics.REQUEST_SUCCESS.labels(finished_reason=reason)._value.get(), latencies
+
     tokens, full, _ = generate(())
     assert len(full) >= 30 and len(tokens) == 40
     for start, length in [(5, 2), (3, 1), (10, 4), (20, 7)]:  # one byte a token: spans up to 7 tokens
         stop = full[start:start + length]
+        (stops, latencies) = counted("stop")
         _, text, events = generate((stop, "\x00never"))
         assert text == full[: full.index(stop)], stop
         assert events[-1].finish_reason == "stop"
+        assert counted("stop") == (stops + 1, latencies + 1)  # a success, as one ended by the stop token
     # Text that could begin a stop string is held back, and sent when the stream ends otherwise.
     _, text, events = generate((full[-3:] + "\x00",))
     assert text == full and events[-1].finish_reason == "length"
