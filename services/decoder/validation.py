@@ -35,6 +35,8 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
         raise InvalidInput("give the prompt as text or as token ids, not both")
     if len(prompt) > engine.config.max_prompt_chars:
         raise InvalidInput(f"the prompt has {len(prompt)} characters; the limit is {engine.config.max_prompt_chars}")
+    for name, text in [("prompt", prompt), *(("stop", s) for s in stop)]:
+        _check_unicode(name, text)
     if prompt:
         body = engine.codec.body(prompt)
     else:
@@ -70,3 +72,13 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
         deadline=deadline,
         client_id=client_id,
     )
+
+
+def _check_unicode(name: str, text: str) -> None:
+    """JSON can spell a lone UTF-16 surrogate ("\\ud800"), which is no character: refused here
+    rather than failing in the tokenizer (gRPC's strings are valid UTF-8 already)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"{name}: not valid Unicode (a lone surrogate at character {e.start}): "
+                           "send text as UTF-8") from None

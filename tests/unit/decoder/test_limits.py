@@ -70,6 +70,14 @@ def test_numbers_the_sampler_cannot_use_are_refused(fake_engine, fields, message
         build_request(fake_engine, prompt="hello", **fields)
 
 
+@pytest.mark.parametrize("fields", [{"prompt": "hi \ud800 there"}, {"prompt": "hello", "stop": ("\udfff",)}])
+def test_text_that_is_not_unicode_is_refused(fake_engine, fields):
+    """JSON may spell a lone surrogate (\\ud800), which the tokenizer refuses with a TypeError: a 500."""
+    where = "prompt" if fields["prompt"] != "hello" else "stop"
+    with pytest.raises(InvalidInput, match=f"{where}: not valid Unicode \\(a lone surrogate at character "):
+        build_request(fake_engine, **fields)
+
+
 def test_seeds_at_the_ends_of_int64_are_taken(fake_engine):
     for seed in (2**63 - 1, -(2**63)):
         assert build_request(fake_engine, prompt="hello", seed=seed).sampling.seed == seed
