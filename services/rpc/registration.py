@@ -14,6 +14,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
+from .metrics import RPC_HANDLED
+
 
 class _Undecodable:
     def __init__(self, message_name: str, reason: str) -> None:
@@ -33,18 +35,24 @@ def _safe_deserializer(cls):
     return deserialize
 
 
-def _unary(behavior):
+async def _refuse(context, method: str, request: _Undecodable) -> None:
+    """INVALID_ARGUMENT, counted as the servicer's own answers are (`rpc_errors`)."""
+    RPC_HANDLED.labels(method=method, code="INVALID_ARGUMENT").inc()
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail())
+
+
+def _unary(method: str, behavior):
     async def handle(request, context):
         if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail())
+            await _refuse(context, method, request)
         return await behavior(request, context)
     return handle
 
 
-def _streaming(behavior):
+def _streaming(method: str, behavior):
     async def handle(request, context):
         if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail())
+            await _refuse(context, method, request)
         async for response in behavior(request, context):
             yield response
     return handle
@@ -61,7 +69,7 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
         kwargs = {"request_deserializer": _safe_deserializer(request_cls),
                   "response_serializer": response_cls.SerializeToString}
         if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_streaming(behavior), **kwargs)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_streaming(method.name, behavior), **kwargs)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(behavior), **kwargs)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(method.name, behavior), **kwargs)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

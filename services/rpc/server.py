@@ -16,7 +16,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .metrics import start_metrics_server
+from .metrics import RPC_HANDLED, start_metrics_server
 from .registration import add_service
 
 log = logging.getLogger("memory3.rpc")
@@ -70,19 +70,22 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(str(given).encode(), self._expected):
             return handler
-        return _denying(handler)
+        return _denying(handler, method.rsplit("/", 1)[-1])
 
 
 _DENIED = "missing or wrong token: send metadata 'authorization: Bearer <token>'"
 
 
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+def _denying(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED (counted, as every
+    answer is: clients sending a wrong token show on the services' dashboards)."""
 
     async def unary_response(request, context):
+        RPC_HANDLED.labels(method=method, code="UNAUTHENTICATED").inc()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
 
     async def stream_response(request, context):
+        RPC_HANDLED.labels(method=method, code="UNAUTHENTICATED").inc()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
         yield  # pragma: no cover - makes this an async generator
 

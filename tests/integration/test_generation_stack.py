@@ -189,10 +189,13 @@ def test_undecodable_and_oversized_requests(stack):
         raw = channel.unary_stream(f"/{SERVICE}/Generate", request_serializer=lambda b: b,
                                    response_deserializer=pb.GenerateResponse.FromString)
         # Field 1 (prompt, a string) holding bytes that are not UTF-8.
+        refused = '{code="INVALID_ARGUMENT",method="Generate"}'
+        before = metric(stack, "decoder", "memory3_rpc_handled_total", refused)
         with pytest.raises(grpc.RpcError) as failed:
             list(raw(b"\x0a\x02\xff\xfe", timeout=30))
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "UTF-8" in failed.value.details()
+        assert metric(stack, "decoder", "memory3_rpc_handled_total", refused) == before + 1  # counted, as all answers
         with pytest.raises(grpc.RpcError) as failed:
             list(raw(pb.GenerateRequest(prompt="x" * (65 << 20)).SerializeToString(), timeout=30))
         assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from memory3.services.memory.client import MemoryClient
 from memory3.services.memory.server import SERVICE, MemorySettings, start_memory_server
@@ -77,9 +78,13 @@ def test_tls_and_token(random_release, local_s3, tmp_path, pki):
         async with client_channel(address, tls_ca=pki["ca"], auth_token=TOKEN) as channel:
             assert len(await MemoryClient(channel).get(ids)) == 1
         async with client_channel(address, tls_ca=pki["ca"], auth_token="wrong") as channel:
+            denials = REGISTRY.get_sample_value("memory3_rpc_handled_total",
+                                                {"method": "GetMemories", "code": "UNAUTHENTICATED"}) or 0.0
             with pytest.raises(ServiceError) as denied:
                 await MemoryClient(channel).get(ids)
             assert denied.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert REGISTRY.get_sample_value("memory3_rpc_handled_total",
+                                             {"method": "GetMemories", "code": "UNAUTHENTICATED"}) == denials + 1
             assert "authorization: Bearer" in str(denied.value)
             # Probes need no token.
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
