@@ -51,6 +51,8 @@ from .detokenizer import IncrementalDetokenizer
 from .retrieval import Retrieval, RetrievedReference
 
 log = logging.getLogger("memory3.decoder")
+NOT_STARTED_BY_DRAIN = ("the decoder is shutting down and had not started this request: retry it on another "
+                        "replica")
 
 RETRIEVAL_POLICIES = ("fail", "continue")
 
@@ -197,6 +199,7 @@ class Scheduler:
         self.ready: list[_Stream] = []
         self.wake = threading.Event()
         self.stopping = False
+        self.draining = False  # streams admitted from now on fail (`GenerationEngine.begin_drain`)
         self.thread = threading.Thread(target=self._run, name="memory3-scheduler", daemon=True)
         # Set by the engine: callback(stream, _Retrieve) starting a retrieval; it is called in the
         # stream's event loop, with the step's other messages.
@@ -292,7 +295,14 @@ class Scheduler:
             except queue.Empty:
                 return
             if kind == "admit":
-                self.ready.append(stream)
+                if self.draining:
+                    self._finish_error(stream, Unavailable(NOT_STARTED_BY_DRAIN))
+                else:
+                    self.ready.append(stream)
+            elif kind == "drain":
+                self.draining = True
+                for queued in list(self.ready):
+                    self._finish_error(queued, Unavailable(NOT_STARTED_BY_DRAIN))
             elif kind == "cancel":
                 self._release(stream)
                 if stream in self.ready:
@@ -546,9 +556,16 @@ class GenerationEngine:
         await asyncio.to_thread(self.scheduler.start)
         self.started = True
 
-    async def stop(self) -> None:
-        """Refuse new requests, let accepted ones finish, then stop the scheduler."""
+    def begin_drain(self) -> None:
+        """Refuse new requests, and fail those still queued for a row: they would be started only to
+        be cut when the grace period ends, and have produced nothing, so a client loses nothing by
+        retrying them on another replica at once. Streams holding a row go on."""
         self.draining = True
+        self.scheduler.post(("drain", None, None))
+
+    async def stop(self) -> None:
+        """`begin_drain`, let the running streams finish, then stop the scheduler."""
+        self.begin_drain()
         await self._idle.wait()
         await self.close()
 

@@ -165,11 +165,15 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, on_drain: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
-        """NOT_SERVING first (load balancers stop routing), then let in-flight RPCs finish."""
+        """NOT_SERVING first (load balancers stop routing), then let in-flight RPCs finish: the drain
+        hooks and the server's own wait share one grace period, which the pod's termination grace
+        period is sized from (the chart), so that RPCs still going at its end get a status."""
         await self.health.enter_graceful_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
         for hook in on_drain:
             await hook()
-        await self.server.stop(self.grace_s)
+        await self.server.stop(max(0.0, deadline - loop.time()))
         if self.health_server is not None:  # probes see NOT_SERVING until the drain is over
             await self.health_server.stop(0)
 

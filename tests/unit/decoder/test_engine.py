@@ -286,6 +286,36 @@ def test_retrieval_lead_must_leave_a_chunk_room(tiny_model, text_codec, memories
         EngineConfig(retrieval_lead_tokens=-1)
 
 
+def test_a_drain_fails_the_queued_streams_at_once_and_lets_running_ones_finish(tiny_model, text_codec, memories):
+    """Queued streams were started as rows freed during the drain, only to be cut when the grace
+    period ended; they have produced nothing, so they are failed at once, for a client to retry."""
+    retrieval = FakeRetrieval(memories, delay=0.3)
+    body = prompts(1, text_codec)[0]
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=1, max_waiting=2))
+        await engine.start()
+        try:
+            running = engine.generate(GenerationRequest(body, 60, use_memory=False, ignore_eos=True))
+            first = await running.__anext__()
+            queued = asyncio.ensure_future(collect(engine, GenerationRequest(body, 5, use_memory=False)))
+            retrieving = asyncio.ensure_future(collect(engine, GenerationRequest(body, 5)))  # admitted after
+            await asyncio.sleep(0.05)
+            stopped = asyncio.ensure_future(engine.stop())
+            for late in (queued, retrieving):
+                with pytest.raises(Unavailable, match="had not started this request: retry it on another replica"):
+                    await asyncio.wait_for(late, timeout=5)
+            rest = [event async for event in running]
+            await asyncio.wait_for(stopped, timeout=30)
+            return first, rest
+        finally:
+            await engine.close()
+
+    first, rest = run(main())
+    assert len(first.token_ids) + sum(len(e.token_ids) for e in rest) == 60
+    assert rest[-1].finish_reason == "length"
+
+
 def test_queue_is_bounded_and_cancellation_frees_slots(tiny_model, text_codec, memories):
     retrieval = FakeRetrieval(memories)
     body = prompts(1, text_codec)[0]
