@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -18,12 +19,16 @@ from memory3.model.memory_format import decode_memory
 from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
-from ..retrieval.index import VectorIndex
+from ..retrieval.index import IndexShard, VectorIndex
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
 from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
 
 T = TypeVar("T")
+log = logging.getLogger("memory3.release")
+# Beside a release's local copy: the index shards built from its index, under the index file's
+# sha256 (`Release.index_shard`).
+INDEX_SHARDS_DIR = "index-shards"
 
 
 def read_manifest(store: ObjectStore, name: str) -> Manifest:
@@ -128,6 +133,50 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(file)` to a temporary file beside `path`, then renamed to it: `path` is never partial, and
+    processes sharing a cache (the local stack's index shards) each replace it whole."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".part", delete=False) as tmp:
+        pass
+    try:
+        write(Path(tmp.name))
+        Path(tmp.name).replace(path)
+    finally:
+        Path(tmp.name).unlink(missing_ok=True)
+
+
+def _kept_index(path: Path, ids: Sequence[str]) -> VectorIndex | None:
+    """The index kept at `path` (its rows' `ids`) when its checksum, written after it, matches it; None
+    when there is none, or it is partial or damaged (it is then built again, never served)."""
+    try:
+        if _checksum_path(path).read_text().strip() == _file_sha256(path):
+            return VectorIndex.read(path, ids)
+        why = "it does not match its checksum"
+    except FileNotFoundError:
+        return None
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: FAISS could not read it
+        why = str(e)
+    log.warning("the index shard kept at %s is damaged (%s): building it again", path, why)
+    return None
+
+
+def _keep_index(index: VectorIndex, path: Path) -> None:
+    """Keep `index` at `path`, then its checksum beside it, each written whole: a checksum that matches
+    is there only for a complete index. A cache that cannot be written makes the next start build the
+    shard again; it does not stop this one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_whole(path, index.write)
+        checksum = _file_sha256(path)
+        _write_whole(_checksum_path(path), lambda file: file.write_text(checksum + "\n"))
+    except (OSError, RuntimeError) as e:  # RuntimeError: FAISS could not write it
+        log.warning("could not keep the index shard at %s (%s): the next start builds it again", path, e)
+
+
 class Release:
     """An opened release. Its reference table is read when first asked for (`references`, `by_id`),
     or row by row (`rows`): an index shard keeps a few rows of a table that may not fit its memory."""
@@ -211,7 +260,22 @@ class Release:
         if ids is None:
             ids = [r["id"] for r in self.references] if "references" in self.__dict__ else \
                 [r["id"] for r in self.rows()]
-        return VectorIndex.from_bytes((self.local_dir / INDEX_FILE).read_bytes(), ids)
+        return VectorIndex.read(self.local_dir / INDEX_FILE, ids)
+
+    def index_shard(self, shard: IndexShard, ids: Sequence[str]) -> VectorIndex:
+        """Shard `shard` of the vector index (`ids`: the table's ids in order), in the memory of the
+        shard alone (`VectorIndex.read_shard`). It is built once, for HNSW a graph built again (minutes
+        a million references), and kept beside the local copy under the index file's checksum, so
+        that a restart of the same shard reads it instead."""
+        if shard.count == 1:
+            return self.index(ids)
+        kept = self.local_dir / INDEX_SHARDS_DIR / self.manifest.files[INDEX_FILE]["sha256"] / \
+            f"{shard.index}-of-{shard.count}.faiss"
+        index = _kept_index(kept, ids[shard.index::shard.count])
+        if index is None:
+            index = VectorIndex.read_shard(self.local_dir / INDEX_FILE, ids, shard)
+            _keep_index(index, kept)
+        return index
 
     def memory_codec(self) -> MemoryCodec:
         if self._codec is None:

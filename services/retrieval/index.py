@@ -21,6 +21,9 @@ an exact index rebuilt from them would silently lose recall (`--index-kind flat`
 
 The index maps FAISS row numbers to reference ids through the row order of the references table it
 was built with; it is stored with `faiss.serialize_index` (bytes, no pickle), `nprobe` included.
+
+A shard of a stored index (`read_shard`) is taken from the file mapped into memory, not read: only the
+shard's rows are copied out, so it needs the memory of the shard, not of the whole index.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -193,26 +197,59 @@ class VectorIndex:
         return self.index.reconstruct_batch(rows).reshape(len(ids), self.index.d)
 
     def without(self, drop: Collection[str]) -> VectorIndex:
-        """A new index of every vector but those of `drop`, in the same order: rebuilt from the
-        stored vectors (an HNSW graph cannot remove a node), or for IVF-PQ from the kept codes."""
-        keep = [row for row, rid in enumerate(self.ids) if rid not in drop]
-        kept_ids = [self.ids[row] for row in keep]
-        if self._ivf() is not None:
-            return VectorIndex(self._ivf_keeping(np.asarray(keep, dtype=np.int64)), kept_ids)
-        vectors = self.index.reconstruct_n(0, self.index.ntotal)[keep]  # (N_kept, dim)
-        return VectorIndex.build(vectors, kept_ids, kind=self.kind)
+        """A new index of every vector but those of `drop`, in the same order (see `_keeping`)."""
+        return self._keeping(np.fromiter((row for row, rid in enumerate(self.ids) if rid not in drop), dtype=np.int64))
 
     def shard(self, shard: IndexShard) -> VectorIndex:
-        """A new index of this one's rows in `shard`, in the same order (`without` the others: an
-        HNSW shard is a graph built again, a flat or IVF-PQ one a copy of its vectors or codes)."""
+        """A new index of this one's rows in `shard`, in the same order (see `_keeping`)."""
         if shard.count == 1:
             return self
-        return self.without({rid for row, rid in enumerate(self.ids) if not shard.holds(row)})
+        return self._keeping(np.arange(shard.index, len(self.ids), shard.count, dtype=np.int64))
+
+    def _keeping(self, rows: np.ndarray) -> VectorIndex:
+        """A new index of the rows `rows` (increasing) only, in memory of its own: for IVF-PQ a copy of
+        their codes, otherwise built from a copy of their vectors (an HNSW graph cannot remove a node,
+        so a shard's graph is built again). Only the kept rows are copied, never the whole index."""
+        ids = [self.ids[row] for row in rows]
+        if self._ivf() is not None:
+            return VectorIndex(self._ivf_keeping(rows), ids)
+        return VectorIndex.build(self._stored_vectors()[rows], ids, kind=self.kind)  # (N_kept, dim)
+
+    def _stored_vectors(self) -> np.ndarray:
+        """The full vectors a flat or HNSW index searches, (N, dim) float32: a read-only view of the
+        index's own memory (or of its mapped file), valid while the index lives."""
+        import faiss
+
+        flat = faiss.downcast_index(self.index.storage) if isinstance(self.index, faiss.IndexHNSW) else self.index
+        if flat.ntotal == 0:
+            return np.empty((0, flat.d), dtype=np.float32)
+        view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        view.flags.writeable = False  # a mapped file is read-only: writing would crash the process
+        return view
 
     def _ivf(self):
         import faiss
 
         return self.index if isinstance(self.index, faiss.IndexIVF) else None
+
+    def _empty_ivf(self):
+        """A copy of this IVF index's trained quantizers holding no rows, in memory of its own. Its lists
+        are set aside while `faiss.clone_index` copies it: the copy would hold every list only to empty
+        them, and share those of a mapped index (emptying them then aborts the process). The index must
+        not be searched meanwhile."""
+        import faiss
+
+        index = self.index
+        lists, owned = index.invlists, index.own_invlists
+        no_lists = faiss.ArrayInvertedLists(index.nlist, index.code_size)
+        index.own_invlists = False  # else replace_invlists frees them
+        index.replace_invlists(no_lists, False)
+        try:
+            empty = faiss.clone_index(index)
+        finally:
+            index.replace_invlists(lists, owned)
+        empty.reset()
+        return empty
 
     def _ivf_keeping(self, keep: np.ndarray):
         """A copy of this IVF index (its trained quantizers) holding only the rows `keep`, renumbered
@@ -220,8 +257,7 @@ class VectorIndex:
         import faiss
 
         old = self.index
-        new = faiss.clone_index(old)
-        new.reset()
+        new = self._empty_ivf()
         new.make_direct_map(False)
         renumber = np.full(old.ntotal, -1, dtype=np.int64)
         renumber[keep] = np.arange(len(keep), dtype=np.int64)
@@ -254,11 +290,45 @@ class VectorIndex:
 
         return faiss.serialize_index(self.index).tobytes()
 
+    def write(self, path: Path) -> None:
+        """Store the index at `path`, as `to_bytes` gives it."""
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
     @classmethod
     def from_bytes(cls, data: bytes, ids: Sequence[str]) -> VectorIndex:
         import faiss
 
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        if isinstance(index, faiss.IndexHNSW):  # a graph stored with a narrower search, e.g. FAISS's default
-            index.hnsw.efSearch = max(index.hnsw.efSearch, HNSW_EF_SEARCH)
-        return cls(index, ids)
+        return cls(_searched_widely(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))), ids)
+
+    @classmethod
+    def read(cls, path: Path, ids: Sequence[str]) -> VectorIndex:
+        """The index stored at `path` (`to_bytes`'s format), read once: `from_bytes` holds the file's
+        bytes and FAISS copies them again before it builds the index, three times its size in all."""
+        import faiss
+
+        return cls(_searched_widely(faiss.read_index(str(path))), ids)
+
+    @classmethod
+    def read_shard(cls, path: Path, ids: Sequence[str], shard: IndexShard) -> VectorIndex:
+        """Shard `shard` of the index stored at `path` (`ids`: the ids of all its rows), the same as
+        `read(path, ids).shard(shard)` but in the memory of the shard alone. The file is mapped
+        (FAISS's IO_FLAG_MMAP_IFC), not read: the pages touched stay the file's, which the system
+        may drop, and only the shard's rows are copied out. The mapped index never leaves here:
+        FAISS aborts the process on an attempt to change one."""
+        import faiss
+
+        if shard.count == 1:
+            return cls.read(path, ids)
+        return cls(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), ids).shard(shard)
+
+
+def _searched_widely(index):
+    """`index` as read, an HNSW graph stored with a narrower search (e.g. FAISS's default) searched
+    with `HNSW_EF_SEARCH`."""
+    import faiss
+
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = max(index.hnsw.efSearch, HNSW_EF_SEARCH)
+    return index

@@ -366,8 +366,8 @@ class TextEngine:
 def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
                            shard: IndexShard = IndexShard(0, 1)) -> TextResources:
     """Blocking: download (or reuse a verified copy of) the release and keep what retrieval needs:
-    with `shard`, that shard's rows of the index and their texts only (the whole index is read
-    first, so loading briefly needs its memory too)."""
+    with `shard`, that shard's rows of the index and their texts only, loaded in the memory of the
+    shard, and built once per local copy (`Release.index_shard`)."""
     release = Release.open(store, name, cache_dir, only={INDEX_FILE, TOKENIZER_KEY})  # not the weights
     ids, texts = [], {}
     for row, reference in enumerate(release.rows()):  # one pass, never the whole table at once
@@ -375,7 +375,7 @@ def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
         if shard.holds(row):
             texts[reference["id"]] = reference["text"]
     return TextResources(
-        release=release.name, codec=release.text_codec(), index=release.index(ids).shard(shard), texts=texts,
+        release=release.name, codec=release.text_codec(), index=release.index_shard(shard, ids), texts=texts,
         default_top_k=int(release.manifest.conventions["mems_per_chunk"]),
         embedder_name=str(release.manifest.index["embedder"]), shard=shard)
 

@@ -1,18 +1,23 @@
 """An index served in shards over real gRPC: N text services, each with every N-th reference, answer
-together what one service with the whole index answers; shards that do not make one index are refused."""
+together what one service with the whole index answers; shards that do not make one index are refused.
+A shard is built once per local copy of its release: a restart reads it, unless it is damaged."""
 
 import asyncio
+import hashlib
 from contextlib import AsyncExitStack
 
 import grpc
+import numpy as np
 import pytest
-from text_release import build_text_release
+from text_release import DOCUMENTS, build_text_release
 
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
-from memory3.services.retrieval.index import IndexShard
+from memory3.services.release.synthetic import publish_random_release
+from memory3.services.retrieval import index as index_module
+from memory3.services.retrieval.index import IndexShard, VectorIndex
 from memory3.services.rpc.server import ServerOptions
 from memory3.services.text.client import ShardedTextClient, ShardMismatch, TextClient
-from memory3.services.text.engine import TextEngine
+from memory3.services.text.engine import TextEngine, load_release_resources
 from memory3.services.text.server import start_text_server
 
 pytestmark = pytest.mark.integration
@@ -79,3 +84,51 @@ def test_shards_that_do_not_make_one_index_are_refused_with_what_to_fix(store, r
         assert len(await ShardedTextClient([second, first]).retrieve_texts(QUESTIONS[:1])) == 1  # any order
 
     run_services(store, tmp_path / "cache", embedder, [None, IndexShard(0, 2), IndexShard(1, 2)], body)
+
+
+class HashEmbedder:
+    """A fixed random unit vector per text: nothing is downloaded."""
+
+    name, dim = "hash-test", 32
+
+    def embed(self, texts):
+        rows = [np.random.default_rng(int.from_bytes(hashlib.blake2s(t.encode(), digest_size=8).digest()))
+                .standard_normal(self.dim) for t in texts]
+        out = np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dim)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_restarted_shard_reads_the_shard_it_built_instead_of_building_it_again(bucket, tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(index_module, "HNSW_THRESHOLD", 1 if kind == "hnsw" else 10**6)
+    publish_random_release(bucket, "kept", DOCUMENTS, embedder=HashEmbedder())
+    cache = tmp_path / "cache"
+    first = load_release_resources(bucket, "kept", cache, IndexShard(1, 3)).index
+    assert first.kind == kind
+
+    def build_again(*args, **kwargs):
+        raise AssertionError("the shard was built again")
+
+    monkeypatch.setattr(VectorIndex, "build", build_again)
+    again = load_release_resources(bucket, "kept", cache, IndexShard(1, 3)).index
+    queries = first.vectors_of(first.ids)
+    assert again.ids == first.ids and again.kind == kind
+    assert again.search(queries, 3) == first.search(queries, 3)
+
+
+def test_a_kept_shard_that_is_damaged_or_partial_is_built_again_never_served(bucket, tmp_path):
+    publish_random_release(bucket, "kept", DOCUMENTS, embedder=HashEmbedder())
+    cache = tmp_path / "cache"
+    built = load_release_resources(bucket, "kept", cache, IndexShard(1, 3)).index
+    kept = next(cache.rglob("1-of-3.faiss"), None)
+    assert kept is not None, "the shard built was not kept"
+    checksum, stored = kept.with_name(kept.name + ".sha256"), kept.read_bytes()
+    queries = built.vectors_of(built.ids)
+    for damage in (lambda: kept.write_bytes(stored[: len(stored) // 2]),  # cut short
+                   lambda: kept.write_bytes(stored[:-9] + bytes([stored[-9] ^ 1]) + stored[-8:]),  # a bit of a vector
+                   lambda: checksum.unlink()):  # stopped before its checksum was written
+        damage()
+        loaded = load_release_resources(bucket, "kept", cache, IndexShard(1, 3)).index
+        assert loaded.ids == built.ids and loaded.search(queries, 3) == built.search(queries, 3)
+        assert kept.read_bytes() == stored  # built again and kept in its place
+        assert checksum.read_text().strip() == hashlib.sha256(stored).hexdigest()

@@ -175,6 +175,58 @@ def test_the_shards_of_an_index_hold_every_nth_row_each_once(kind):
     assert index.shard(IndexShard(0, 1)) is index
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_a_shard_read_from_the_stored_index_is_that_shard_of_the_whole_index(kind, tmp_path):
+    vectors = _clustered(1000, 32)
+    ids = [f"ref-{i}" for i in range(1000)]
+    whole = VectorIndex.build(vectors, ids, kind=kind)
+    if kind == "ivfpq":
+        whole.vectors_of(ids[:1])  # an IVF index stored with its row map
+    whole.write(tmp_path / "index.faiss")
+    for i in range(3):
+        read = VectorIndex.read_shard(tmp_path / "index.faiss", ids, IndexShard(i, 3))
+        taken = whole.shard(IndexShard(i, 3))
+        assert read.ids == taken.ids == ids[i::3] and read.kind == kind
+        np.testing.assert_array_equal(read.vectors_of(read.ids), whole.vectors_of(read.ids))
+        if kind == "hnsw":  # a graph built again, searched approximately: each vector finds itself
+            assert [hits[0][0] for hits in read.search(vectors[i::3], 1)] == read.ids
+        else:
+            assert read.search(vectors[:100], 5) == taken.search(vectors[:100], 5)
+        read.add(vectors[:2], ["new-0", "new-1"])  # its memory is its own, not the stored file's
+        assert read.index.ntotal == len(ids[i::3]) + 2
+    assert VectorIndex.read_shard(tmp_path / "index.faiss", ids, IndexShard(0, 1)).ids == ids
+
+
+def test_a_shard_is_read_in_the_memory_of_the_shard_alone(tmp_path):
+    """A process whose heap may grow by 0.8 of the stored index reads a quarter of it: the file is
+    mapped, and only the shard's vectors are copied (reading the whole index as bytes, then a copy
+    for FAISS and one of its vectors took three times the index)."""
+    import subprocess
+    import sys
+
+    count, dim = 100_000, 384
+    flat = faiss.IndexFlatIP(dim)
+    for start in range(0, count, 10_000):
+        flat.add(_clustered(10_000, dim, seed=start))
+    path = tmp_path / "index.faiss"
+    VectorIndex(flat, [str(i) for i in range(count)]).write(path)
+    del flat
+    budget = int(0.8 * path.stat().st_size)
+    script = f"""
+import resource
+import faiss  # loaded before the limit: it is on the index's memory, not the library's
+from memory3.services.retrieval.index import IndexShard, VectorIndex
+ids = [str(i) for i in range({count})]
+with open("/proc/self/status") as status:
+    heap = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+resource.setrlimit(resource.RLIMIT_DATA, (heap + {budget}, heap + {budget}))
+shard = VectorIndex.read_shard({str(path)!r}, ids, IndexShard(1, 4))
+assert shard.ids == ids[1::4], "not the shard's rows"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(("text", "shard"), [("0/1", IndexShard(0, 1)), ("3/4", IndexShard(3, 4))])
 def test_an_index_shard_is_given_as_i_of_n(text, shard):
     assert IndexShard.parse(text) == shard and str(shard) == text
