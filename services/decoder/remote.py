@@ -28,7 +28,10 @@ from ..text.client import ShardedTextClient, ShardMismatch, TextClient
 from .retrieval import RetrievedReference
 
 # Status codes that mean "the service is not there right now", as opposed to a bad request.
-_OUTAGE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# A text service that cannot answer now, overloaded included: the retrieval policy decides (under
+# "continue" the stream goes on without memory; under "fail" the client gets UNAVAILABLE, to retry).
+_OUTAGE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+           grpc.StatusCode.RESOURCE_EXHAUSTED)
 TIER = "decoder"  # the `tier` label of the decoder's own RAM tier in the memory fetch metrics
 _FETCHES, _HITS, _MISSES = (m.labels(tier=TIER) for m in (metrics.MEMORY_FETCHES, metrics.MEMORY_HITS,
                                                            metrics.MEMORY_MISSES))

@@ -158,3 +158,20 @@ def test_a_text_service_of_another_release_is_unavailable_not_its_references():
     assert asyncio.run(mine.retrieve([[1, 2]], 5, False))[0][0].id == "r1"
     with pytest.raises(Unavailable, match="the text service serves release 'base', this decoder 'base-fixed'"):
         asyncio.run(stale.retrieve([[1, 2]], 5, False))
+
+
+def test_an_overloaded_text_service_is_an_outage_for_the_retrieval_policy():
+    """RESOURCE_EXHAUSTED from the text service ended streams even under `--retrieval-policy
+    continue`, and told a client of the fail policy that the decoder was at capacity."""
+    class Overloaded:
+        release = "r"
+
+        async def retrieve(self, queries, top_k, include_text):
+            import grpc
+
+            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details="64 retrieval requests are already waiting; retry later")
+
+    remote = RemoteRetrieval(Overloaded(), None, CODEC, SHAPE, release="r")
+    with pytest.raises(Unavailable, match="text service: 64 retrieval requests are already waiting"):
+        asyncio.run(remote.retrieve([[1, 2]], 5, False))
