@@ -38,8 +38,9 @@ from kserve.protocol.dataplane import DataPlane
 
 from ..rpc.errors import InvalidInput, ServiceError, Unavailable
 from .engine import GenerationEngine
+from .http_clients import CLIENT_HOST, WatchClients, client_id
 from .http_errors import http_status
-from .openai_routes import add_completion_routes, citation_json
+from .openai_routes import COMPLETIONS_PATHS, add_completion_routes, citation_json
 from .server import BuiltEngine, DecoderSettings, build_engine, open_release, wait_for_dependencies, watch_dependencies
 from .validation import build_request
 
@@ -65,6 +66,7 @@ class Memory3Model(kserve.Model):
         self._dependencies_up = False  # they answered, and (with the "fail" policy) still do
         self._stopping = False
         self._watch: asyncio.Task | None = None  # held: the event loop keeps only a weak reference to a task
+        self._engine_stop: asyncio.Future | None = None
 
     # ---- lifecycle (called by KServe) ----
     def load(self) -> bool:
@@ -103,14 +105,18 @@ class Memory3Model(kserve.Model):
                 and not engine.draining)
 
     def stop(self) -> None:
-        """On SIGTERM: refuse new requests; the HTTP and gRPC servers let in-flight ones finish."""
+        """On SIGTERM, once Uvicorn (which takes the signal first) has drained the HTTP requests, and
+        before the gRPC server drains its own: refuse new requests, fail the queued ones, and stop
+        the engine once its last request ended. It stops in the servers' event loop, while that
+        still runs: a scheduler thread outliving the loop would hand a step's tokens to a closed loop.
+        """
         self.ready = False
         self._stopping = True
-        if self._built is not None:
-            self._built.engine.draining = True
+        if self._built is not None and self._engine_stop is None:
+            self._engine_stop = asyncio.ensure_future(self._built.engine.stop())
 
     def close(self) -> None:
-        """After the servers stopped: stop the scheduler thread (blocking)."""
+        """After the servers stopped: stop the scheduler thread (blocking), if `stop` could not."""
         if self._built is not None and self._built.engine.started:
             self._built.engine.scheduler.stop()
             self._built.engine.started = False
@@ -133,13 +139,15 @@ class Memory3Model(kserve.Model):
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         grpc_request = isinstance(payload, InferRequest) and payload.from_grpc
         try:
-            return await self._predict(payload)
+            return await self._predict(payload, client_id(headers or {}, CLIENT_HOST.get()))
         except ServiceError as exc:
             if grpc_request:  # KServe's gRPC interceptor turns GrpcException into this status
                 raise GrpcException(status_code=exc.code, details=str(exc)) from exc
             raise  # REST: rest_error_handler
 
-    async def _predict(self, payload) -> InferResponse:
+    async def _predict(self, payload, client: str) -> InferResponse:
+        """`client` is who asks, for the per-client stream limit: the `x-client-id` header or
+        metadata, else (over REST) the client's host."""
         if not isinstance(payload, InferRequest):
             raise InvalidInput(f"use the v2 protocol: POST /v2/models/{self.name}/infer with a BYTES input "
                                f"{INPUT!r} of shape [1]")
@@ -149,7 +157,7 @@ class Memory3Model(kserve.Model):
         params = _parameters(payload.parameters)
         stop = params.pop("stop", None)
         request = build_request(engine, prompt=prompt, stop=(stop,) if stop is not None else (),
-                                request_id=payload.id or "", **params)
+                                request_id=payload.id or "", client_id=client, **params)
         whole = await engine.complete(request)
         values = {"text": lambda: whole.text,
                   "citations": lambda: json.dumps([citation_json(c) for c in whole.citations])}
@@ -298,12 +306,18 @@ class ModelsReadyDataPlane(DataPlane):
         return bool(models)
 
 
+def generation_path(path: str) -> bool:
+    """A route that generates: v2 inference (`/v2/models/NAME[/versions/V]/infer`) or a completion."""
+    return path in COMPLETIONS_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
 def serve_kserve(settings: DecoderSettings, *, model_name: str, http_port: int, grpc_port: int,
                  grace_s: float) -> int:
     """Run KServe's ModelServer with this model and the OpenAI-style route until SIGTERM/SIGINT."""
     model = Memory3Model(model_name, settings)
     model.load()
     add_completion_routes(kserve_app, model.current, model_name)
+    kserve_app.add_middleware(WatchClients, watched=generation_path)
     kserve_app.add_exception_handler(ServiceError, rest_error_handler)
     kserve_app.add_exception_handler(RequestValidationError, v2_validation_error_handler)
     server = kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, grace_period=max(1, round(grace_s)))

@@ -20,6 +20,7 @@ and `warnings` when there are any.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..rpc.errors import InvalidInput, NotFound
 from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
+from .http_clients import client_id
 from .http_errors import http_status
 from .validation import build_request
 
@@ -46,6 +48,7 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "str
 STARTED = int(time.time())  # a model's `created`: when this server started
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
                503: "service_unavailable_error", 504: "timeout_error"}
+CUT = "the server stopped this stream before it finished (it is shutting down); retry the request"
 
 
 def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine], model_name: str) -> None:
@@ -55,7 +58,8 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         try:
             body = _json_object(await request.body())
             engine = current()
-            generation, stream = parse_completion(body, engine, model_name)
+            generation, stream = parse_completion(body, engine, model_name,
+                                                  client=client_id(request.headers, _host(request)))
             if stream:
                 return await _stream(engine, generation, model_name)
             return JSONResponse(await _complete(engine, generation, model_name))
@@ -69,6 +73,10 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
     for path in COMPLETIONS_PATHS:
         app.add_api_route(path, completions, methods=["POST"])
     app.add_api_route(MODELS_PATH, models, methods=["GET"])
+
+
+def _host(request: Request) -> str:
+    return request.client.host if request.client is not None else ""
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -93,8 +101,10 @@ def _json_object(raw: bytes) -> dict:
     return body
 
 
-def parse_completion(body: dict, engine: GenerationEngine, model_name: str) -> tuple[GenerationRequest, bool]:
-    """An OpenAI completion request as a validated engine request, and whether to stream it."""
+def parse_completion(body: dict, engine: GenerationEngine, model_name: str,
+                     client: str = "") -> tuple[GenerationRequest, bool]:
+    """An OpenAI completion request as a validated engine request, and whether to stream it;
+    `client` is who asks, for the per-client stream limit (http_clients.client_id)."""
     unknown = sorted(set(body) - KNOWN)
     if unknown:
         raise InvalidInput(f"unknown field(s) {unknown}; this route takes {sorted(KNOWN)}")
@@ -121,7 +131,7 @@ def parse_completion(body: dict, engine: GenerationEngine, model_name: str) -> t
         top_k=_typed(body, "top_k", int, 0), max_tokens=_typed(body, "max_tokens", int, 0),
         stop=tuple(stop or ()), seed=_typed(body, "seed", int, None),
         use_memory=_typed(body, "use_memory", bool, True),
-        include_reference_text=_typed(body, "include_reference_text", bool, False))
+        include_reference_text=_typed(body, "include_reference_text", bool, False), client_id=client)
     return request, stream
 
 
@@ -172,13 +182,18 @@ async def _stream(engine: GenerationEngine, request: GenerationRequest, model_na
 
 async def _sse(first: GenerationEvent | None, events: AsyncIterator[GenerationEvent], request: GenerationRequest,
                model_name: str) -> AsyncIterator[str]:
-    """Chunks as they come; an error after the first chunk is sent as an error event (status is sent)."""
+    """Chunks as they come, then `data: [DONE]`; an error after the first chunk is sent as an error
+    event first (the status line is gone), so that a client can tell a cut stream from a whole one."""
     try:
         event = first
         while event is not None:
             if event.text or event.citations or event.warnings or event.finish_reason is not None:
                 yield _data(_chunk(request, model_name, event))  # a chunk carries text, not token ids
             event = await anext(events, None)
+    except asyncio.CancelledError:
+        # The server cut the request: it is stopping and its grace ran out. (A client that hung up
+        # is cancelled too, and reads nothing more.) The stream still ends as a stream does.
+        yield _data(_error_body(503, CUT))
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
         status, message = http_status(exc)
         if status == 500:

@@ -35,10 +35,10 @@ class KServeProcess:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
-    def post(self, path: str, body, timeout: float = 120.0) -> tuple[int, dict, dict]:
+    def post(self, path: str, body, timeout: float = 120.0, headers: dict | None = None) -> tuple[int, dict, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST",
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as reply:
                 return reply.status, dict(reply.headers), json.loads(reply.read())
@@ -69,6 +69,12 @@ class KServeProcess:
             if time.monotonic() > deadline:
                 pytest.fail(f"memory3 serve kserve: not {what} within {timeout:g} s:\n{self.log_tail()}")
             time.sleep(0.2)
+
+    def send_unread(self, path: str, body: dict, headers: dict | None = None) -> http.client.HTTPConnection:
+        """A request sent and its reply left unread: closing the connection is the client hanging up."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=60)
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+        return connection
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -142,6 +148,18 @@ def metric(server, name: str) -> float:
         text = reply.read().decode()
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+def wait_for_metric(server, name: str, value: float, what: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while metric(server, name) != value:
+        assert time.monotonic() < deadline, f"{what}: {name} is {metric(server, name)}, not {value}"
+        time.sleep(0.05)
+
+
+def v2_request(prompt: str = PROMPT, **parameters) -> dict:
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [prompt]}],
+            "parameters": parameters}
 
 
 def completion(server, **fields) -> dict:
@@ -259,6 +277,80 @@ def test_a_client_that_hangs_up_frees_its_stream(kserve_server):
         assert time.monotonic() < deadline, "the stream kept its batch slot after the client hung up"
         time.sleep(0.2)
     assert metric(kserve_server, "memory3_generation_tokens_total") - tokens_before < 600  # cancelled, not finished
+
+
+def test_clients_that_hang_up_before_their_reply_free_their_slots(kserve_server):
+    """Uvicorn and Starlette cancel nothing when a client hangs up: a non-streamed completion and a
+    v2 inference generated to max_tokens for nobody, and a stream queued for a row kept its place."""
+    tokens_before = metric(kserve_server, "memory3_generation_tokens_total")
+    long = {"max_tokens": 900, "temperature": 0}
+    completion_call = kserve_server.send_unread("/v1/completions", {"prompt": PROMPT, **long})
+    inference_call = kserve_server.send_unread(f"/v2/models/{MODEL}/infer", v2_request(**long))
+    wait_for_metric(kserve_server, "memory3_num_requests_running", 2, "both requests generating")
+    queued_stream = kserve_server.send_unread("/v1/completions", {"prompt": PROMPT, "stream": True, **long})
+    wait_for_metric(kserve_server, "memory3_num_requests_waiting", 1, "the stream queued for a row")
+    queued_stream.close()
+    wait_for_metric(kserve_server, "memory3_num_requests_waiting", 0, "the queued stream left the queue", within=2)
+    assert metric(kserve_server, "memory3_num_requests_running") == 2
+    completion_call.close()
+    inference_call.close()
+    wait_for_metric(kserve_server, "memory3_num_requests_running", 0, "both slots freed at the hang-up", within=3)
+    assert metric(kserve_server, "memory3_generation_tokens_total") - tokens_before < 2 * 900  # cancelled
+
+
+def test_the_per_client_stream_limit_holds_over_http(tmp_path, random_release, local_s3):
+    """`--max-streams-per-client` applied to gRPC only: the HTTP doors passed no client id. A client is
+    its `x-client-id` header, else its host."""
+    server = start_kserve(tmp_path, random_release, local_s3, "--max-streams-per-client", "1")
+    try:
+        server.wait_for(server.ready, "ready")
+        alice = {"x-client-id": "alice"}
+        held = server.send_unread("/v1/completions", {"prompt": PROMPT, "max_tokens": 900}, alice)
+        wait_for_metric(server, "memory3_num_requests_running", 1, "alice's first request generating")
+        says = "client 'alice' already has 1 streams open"
+        for path, body in [("/v1/completions", {"prompt": PROMPT}),
+                           ("/v1/completions", {"prompt": PROMPT, "stream": True}),
+                           (f"/v2/models/{MODEL}/infer", v2_request())]:
+            status, _, reply = server.post(path, body, headers=alice)
+            assert status == 429 and says in json.dumps(reply), (path, body, reply)
+        status, _, reply = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2},
+                                       headers={"x-client-id": "bob"})
+        assert status == 200, reply
+        status, _, reply = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+        assert status == 200, reply  # by its host, 127.0.0.1: no stream open yet
+        held.close()
+        wait_for_metric(server, "memory3_num_requests_running", 0, "alice's request cancelled at the hang-up")
+        by_host = server.send_unread(f"/v2/models/{MODEL}/infer", v2_request(max_tokens=900))
+        wait_for_metric(server, "memory3_num_requests_running", 1, "a request from 127.0.0.1 generating")
+        status, _, reply = server.post(f"/v2/models/{MODEL}/infer", v2_request())
+        assert status == 429 and "client '127.0.0.1' already has 1 streams open" in reply["error"], reply
+        by_host.close()
+        exits_on_sigterm(server)
+    finally:
+        server.stop()
+
+
+def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(tmp_path, random_release, local_s3):
+    """When SIGTERM's grace runs out the server cancels a stream still going: it ended mid-body, with no
+    error event and no `data: [DONE]`, so a client could not tell it from a broken connection."""
+    server = start_kserve(tmp_path, random_release, local_s3, "--grace", "1")
+    try:
+        server.wait_for(server.ready, "ready")
+        request = {"prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True}
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+        connection.request("POST", "/v1/completions", json.dumps(request), {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        assert reply.status == 200 and reply.readline().startswith(b"data: ")
+        server.process.terminate()
+        events = [line.decode().strip() for line in reply if line.strip()]  # to the end of a whole body
+        connection.close()
+        assert events[-1] == "data: [DONE]", events[-3:]
+        error = json.loads(events[-2][len("data: "):])["error"]
+        assert error["code"] == 503 and "stopped this stream before it finished" in error["message"], error
+        assert all('"finish_reason":null' in e for e in events[:-2])  # cut, not finished
+        assert server.process.wait(timeout=30) == 0, server.log_tail()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(("fields", "status", "says"), [

@@ -1,0 +1,103 @@
+"""What the decoder's HTTP doors (KServe v2 REST, OpenAI-style routes) know of their clients.
+
+Who is asking, for the per-client stream limit: the `x-client-id` header, as the gRPC door reads
+the metadata of that name, else the client's host. And whether the client is still there: Uvicorn
+and Starlette cancel nothing when a client hangs up, so a non-streamed completion or v2 inference
+would generate to `max_tokens` for nobody, holding its batch slot, and so would a stream still
+waiting for its first token. `WatchClients` runs each generation request as a task of its own and
+cancels it when its client leaves; the engine's stream then frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+from .servicer import CLIENT_ID_HEADER, MAX_CLIENT_ID_CHARS
+
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
+
+# The host of the HTTP client whose request this task serves ("": none, e.g. a gRPC call). KServe
+# hands a model the request's headers only; WatchClients sets this for the request's task.
+CLIENT_HOST: ContextVar[str] = ContextVar("memory3_http_client_host", default="")
+
+
+def client_id(headers: Mapping[str, str], host: str) -> str:
+    """Who is asking, for the per-client stream limit: the `x-client-id` header (set it at the
+    ingress, which the server then sees as the client), else the client's host."""
+    given = headers.get(CLIENT_ID_HEADER)
+    if isinstance(given, str) and given.strip():
+        return given.strip()[:MAX_CLIENT_ID_CHARS]
+    return host
+
+
+class WatchClients:
+    """ASGI middleware for the generation routes: each request runs as a task of its own, which is
+    cancelled when its client hangs up, and knows its client's host (CLIENT_HOST).
+
+    The middleware is the only reader of the connection's `receive`: it passes the body on to the
+    app, and on `http.disconnect` before the response is complete it cancels the app. When the
+    server cancels the request (a shutdown whose grace ran out), the app is cancelled too and may
+    end its response first: an SSE stream then says it was cut.
+    """
+
+    def __init__(self, app: ASGIApp, *, watched: Callable[[str], bool]) -> None:
+        self.app = app
+        self.watched = watched
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.watched(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        CLIENT_HOST.set(client[0] if client else "")
+        response = _ResponseState(send)
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        app = asyncio.ensure_future(self.app(scope, inbox.get, response.send))
+        try:
+            await _forward_until_disconnect(receive, inbox, app)
+            if not app.done() and not response.complete:
+                app.cancel()  # the client hung up: stop generating for it
+            await asyncio.wait({app})
+        except BaseException:  # the server is stopping: the app may still end its response
+            app.cancel()
+            await asyncio.wait({app})
+            raise
+        if not app.cancelled():
+            app.result()  # the app's own failure, for the server to report
+
+
+class _ResponseState:
+    """The app's `send`, noting when the response is complete: a disconnect after that is the
+    connection's end, not a client giving up."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.complete = False
+
+    async def send(self, message: Message) -> None:
+        await self._send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+
+
+async def _forward_until_disconnect(receive: Receive, inbox: asyncio.Queue[Message], app: asyncio.Future) -> None:
+    """Pass the client's messages on to the app until the app ends or the connection does."""
+    while not app.done():
+        receiving = asyncio.ensure_future(receive())
+        try:
+            done, _ = await asyncio.wait({app, receiving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not receiving.done():
+                receiving.cancel()
+        if receiving not in done:
+            return
+        message = receiving.result()
+        inbox.put_nowait(message)
+        if message["type"] == "http.disconnect":
+            return
