@@ -27,6 +27,7 @@ computes (torch releases the GIL inside its kernels).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -263,7 +264,8 @@ class Scheduler:
         for stream, message in batch:
             by_loop.setdefault(stream.loop, []).append((stream, message))
         for loop, messages in by_loop.items():
-            loop.call_soon_threadsafe(self._deliver, messages)
+            with contextlib.suppress(RuntimeError):  # a loop closed before the engine: its consumers are gone
+                loop.call_soon_threadsafe(self._deliver, messages)
 
     def _deliver(self, messages: list[tuple[_Stream, object]]) -> None:
         """In the consumers' event loop: queue each message for its stream, start the retrievals asked for."""

@@ -512,3 +512,16 @@ def test_complete_joins_the_streams_events_into_one(tiny_model, text_codec, memo
     assert whole.token_ids == tokens and whole.text == text
     assert whole.citations == [c for e in events for c in e.citations] and whole.citations
     assert (whole.finish_reason, whole.usage) == (events[-1].finish_reason, events[-1].usage)
+
+
+def test_messages_for_a_closed_event_loop_are_dropped_not_fatal_to_the_scheduler(tiny_model, text_codec):
+    """A server whose event loop ended before the engine's scheduler thread: that thread's next
+    hand-over raised RuntimeError and died with a traceback."""
+    from types import SimpleNamespace
+
+    closed = asyncio.new_event_loop()
+    closed.close()
+    scheduler = GenerationEngine(tiny_model, text_codec, None).scheduler
+    scheduler.outbox = [(SimpleNamespace(loop=closed), object())]
+    scheduler._send_outbox()
+    assert scheduler.outbox == []
