@@ -67,7 +67,7 @@ class PipelineResult:
     world: World
     references: list[Reference]
     history: list[dict]
-    seconds: float
+    seconds: float  # this process's time, and a resumed run's earlier training (`TrainState.elapsed_s`)
 
 
 def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = Distributed(),
@@ -118,6 +118,7 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     if latest is not None:
         trainer.load(latest)
         log(f"resuming from {latest.name} (step {trainer.state.step} of {config.train.total_steps})")
+    trained_before = trainer.state.elapsed_s  # by the processes this run resumes
     trainer.run()
 
     model_dir = work_dir / "model"
@@ -128,7 +129,7 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
         log(f"model written to {model_dir}; curve in {work_dir / 'training.png'}")
     _barrier(dist)
     return PipelineResult(model_dir, model.eval(), codec, world, references, trainer.state.history,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started + trained_before)
 
 
 def heldout_questions(world: World, n: int | None = None, seed: int = 0) -> list[Question]:

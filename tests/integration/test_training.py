@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ TRAIN = """
 import sys
 from pathlib import Path
 from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
-run_pipeline(PipelineConfig.quick(), Path(sys.argv[1]), progress=False)
+result = run_pipeline(PipelineConfig.quick(), Path(sys.argv[1]), progress=False)
+print(f"run seconds: {result.seconds}", file=sys.stderr)
 """
 
 
@@ -42,7 +44,8 @@ def test_killed_training_resumes_at_the_same_step_and_data(tmp_path):
     resumed = run_training(tmp_path / "killed")
     assert resumed.wait(300) == 0, resumed.stderr.read().decode()
     assert reference.wait(300) == 0, reference.stderr.read().decode()
-    assert "resuming from step-0000020" in resumed.stderr.read().decode()
+    said = resumed.stderr.read().decode()
+    assert "resuming from step-0000020" in said
 
     history = json.loads((tmp_path / "killed" / "history.json").read_text())
     steps = [h["step"] for h in history if "loss" in h]
@@ -58,6 +61,8 @@ def test_killed_training_resumes_at_the_same_step_and_data(tmp_path):
         assert "history" not in json.loads(state.read_text())  # a checkpoint's size does not grow with the run
     elapsed = [h["elapsed_s"] for h in history if "loss" in h]
     assert elapsed == sorted(elapsed)  # the clock carries on across the resume
+    seconds = float(re.search(r"run seconds: (\S+)", said).group(1))  # the release's train_seconds
+    assert seconds >= elapsed[-1]  # the training before the resume included
     # The first checkpoint after the resume (step 30, the end of stage 2) holds the weights and
     # optimizer state of the uninterrupted run. The final weights may differ by ~1e-4: stage 3's
     # fp32 steps on the CPU do not repeat bit for bit from run to run (two uninterrupted runs of
