@@ -326,6 +326,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--health-port", type=port_number(free=True), default=None,
                        help="also serve grpc.health.v1.Health alone, in plaintext, on this port, for probes that "
                             "cannot speak TLS (0: any free port; default: none)")
+    group.add_argument("--max-connection-age", type=finite_float, default=60.0,
+                       help="seconds after which a client connection is asked to reconnect (its calls in flight "
+                            "finish), so that the replicas behind a Service share its calls; 0: never")
 
 
 def server_options(args: argparse.Namespace):
@@ -335,7 +338,8 @@ def server_options(args: argparse.Namespace):
     port = args.port if args.port is not None else SERVE_PORTS[args.service]
     return ServerOptions(host=args.host or "127.0.0.1", port=port, grace_s=args.grace, metrics_port=args.metrics_port,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                         auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None, health_port=args.health_port)
+                         auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None, health_port=args.health_port,
+                         max_connection_age_s=args.max_connection_age or None)
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:

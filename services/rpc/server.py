@@ -44,8 +44,15 @@ class ServerOptions:
     # A second, plaintext listener serving only grpc.health.v1.Health (the same states as the main port), for
     # probes that cannot speak TLS (Kubernetes' `grpc:` probes). None: none; 0: any free port.
     health_port: int | None = None
+    # Clients keep one connection to a Service's address and send every call over it, so replicas
+    # added by an autoscaler got none of an existing client's calls. A connection is told to go
+    # (GOAWAY) at this age: the calls on it finish, and the client's next ones go over a new
+    # connection, which the Service balances. None: connections live as long as their clients.
+    max_connection_age_s: float | None = 60.0
 
     def __post_init__(self) -> None:
+        if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
+            raise ValueError(f"the maximum connection age must be > 0 seconds, got {self.max_connection_age_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -106,10 +113,11 @@ class Server:
     def __init__(self, options: ServerOptions | None = None, **overrides) -> None:
         self.options = options = ServerOptions(**overrides) if options is None else options
         interceptors = [TokenAuthInterceptor(options.auth_token)] if options.auth_token else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", options.max_message_bytes),
-            ("grpc.max_send_message_length", options.max_message_bytes),
-        ])
+        channel_options = [("grpc.max_receive_message_length", options.max_message_bytes),
+                           ("grpc.max_send_message_length", options.max_message_bytes)]
+        if options.max_connection_age_s is not None:  # calls in flight keep their connection (no age grace)
+            channel_options.append(("grpc.max_connection_age_ms", round(options.max_connection_age_s * 1000)))
+        self.server = grpc.aio.server(interceptors=interceptors, options=channel_options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"{options.host}:{options.port}"

@@ -240,3 +240,12 @@ def test_a_cuda_device_on_a_machine_without_cuda_is_said_so(checkpoint):
     proc = memory3("generate", "hi", "--checkpoint", str(checkpoint), "--device", "cuda", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "memory3 generate: error: CUDA is not available on this machine; use --device cpu"
+
+
+def test_the_maximum_connection_age_reaches_the_server_and_zero_turns_it_off():
+    from memory3.services.cli.main import parse_args, server_options
+
+    def age(*flags):
+        return server_options(parse_args(["serve", "text", "--release", "r", *flags])).max_connection_age_s
+
+    assert (age(), age("--max-connection-age", "15"), age("--max-connection-age", "0")) == (60.0, 15.0, None)
