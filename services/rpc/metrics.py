@@ -54,6 +54,7 @@ MEMORY_TIER_ERRORS = Counter("memory3_memory_tier_errors", "Failed calls to a ti
 
 
 def start_metrics_server(host: str, port: int) -> int:
-    """Serve /metrics over HTTP in a daemon thread; returns the bound port (port 0 picks one)."""
-    server, _thread = start_http_server(port, addr=host)
+    """Serve /metrics over HTTP in a daemon thread; returns the bound port (port 0 picks one).
+    `host` as gRPC takes it: an IPv6 address in brackets ("[::]"), which the HTTP server takes bare."""
+    server, _thread = start_http_server(port, addr=host.removeprefix("[").removesuffix("]"))
     return server.server_port
