@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=finite_float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
     serve.add_argument("--work-dir", type=Path, default=DEFAULT_HOME / "runs", help="training work directories")
     serve.add_argument("--release", default=None, help="the release to serve (every service but the trainer)")
+    serve.add_argument("--wait-for-release", type=finite_float, default=0.0, metavar="SECONDS",
+                       help="a release not published yet is waited for this long before the service starts "
+                            "(beside the Job that publishes it); default 0: it is an error at once")
     add_server_arguments(serve)
     add_text_arguments(serve)
     add_memory_arguments(serve)
@@ -619,6 +622,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from memory3.services.rpc.logs import configure_logging
         configure_logging(args.log_format)
+        if args.release and args.wait_for_release > 0:
+            _wait_for_release(s3_config(args), args.release, args.wait_for_release)
         if args.service == "text":
             return _serve_text(args)
         if args.service == "memory":
@@ -700,6 +705,17 @@ def _bench(args: argparse.Namespace) -> int:
     if getattr(args, "readme", None) is not None:  # reliability has no README table
         update_readme(args.readme, args.json.parent)
     return 0
+
+
+def _wait_for_release(s3, release: str, timeout_s: float) -> None:
+    """Until `release` is published (or the store answers), for up to `timeout_s`: a chart installs
+    the services beside the Job that trains and publishes their release."""
+    import logging
+
+    from memory3.services.release.reader import wait_for_releases
+    from memory3.services.storage.object_store import ObjectStore
+
+    wait_for_releases(ObjectStore(s3), [release], timeout_s, poll_s=2.0, log=logging.getLogger("memory3.release").info)
 
 
 def _serve_text(args: argparse.Namespace) -> int:
