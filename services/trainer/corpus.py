@@ -7,12 +7,14 @@ Each yields (source, document) pairs one at a time; nothing is read whole into m
 compressed file's stream.
 
 User corpus files (for `kb add` and custom training text) are UTF-8 text with documents
-separated by blank lines. They are checked strictly: a file that is not UTF-8, empty, or holds an
-oversize document is rejected with the file, the position and what to change.
+separated by blank lines, or JSON Lines (`.jsonl` or `.ndjson`, in any case). They are checked
+strictly: a file that is not UTF-8, empty, or holds an oversize document is rejected with the file,
+the position and what to change.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import re
 from collections.abc import Iterator
@@ -23,6 +25,8 @@ WORDNET_DIR = Path("/usr/share/wordnet")
 GCIDE_DICT = Path("/usr/share/dictd/gcide.dict.dz")
 PYTHON_INFO = Path("/usr/share/info/python3.11.info.gz")
 DEBIAN_PACKAGES = "wordnet-base dict-gcide python3.11-doc"
+# Read as JSON Lines, whatever their case (`.JSONL` from a Windows tool is the same format).
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 
 
 class CorpusError(ValueError):
@@ -101,22 +105,15 @@ def read_corpus_file(path: str | Path, *, max_document_bytes: int = MAX_DOCUMENT
     """A user's UTF-8 file -> (source, document) pairs.
 
     Plain text: documents are separated by blank lines, and the file is their source. JSON Lines
-    (`.jsonl`): one object a line, `{"text": ..., "source": ...}`, each a document with its own
-    source (default: the file and line), for documents that hold blank lines or come from many places.
+    (`JSON_LINES_SUFFIXES`): one object a line, `{"text": ..., "source": ...}`, each a document with
+    its own source (default: the file and line), for documents that hold blank lines or come from
+    many places.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
-                          "convert it, e.g. with iconv -t UTF-8") from e
+    text = _read_text(path, instead=f"name the files in it (e.g. {path}/*.txt)")
     if "\x00" in text:
         raise CorpusError(f"{path}: contains NUL bytes; is it a binary file?")
-    if path.suffix == ".jsonl":
+    if is_json_lines(path):
         documents = _json_lines_documents(path, text)
     else:
         documents = [(str(path), d.strip()) for d in re.split(r"\n\s*\n", text) if d.strip()]
@@ -128,6 +125,31 @@ def read_corpus_file(path: str | Path, *, max_document_bytes: int = MAX_DOCUMENT
             raise CorpusError(f"{path}: document {i + 1} is {size} bytes, over the {max_document_bytes}-byte limit; "
                               "split it into smaller documents")
     return documents
+
+
+def is_json_lines(path: Path) -> bool:
+    """Whether a corpus file is read as JSON Lines rather than as plain text."""
+    return path.suffix.lower() in JSON_LINES_SUFFIXES
+
+
+def _read_text(path: Path, *, instead: str) -> str:
+    """A user's file as text; a CorpusError that says what to fix if it is no file or not UTF-8.
+
+    A byte-order mark (as Windows editors write) is not text: kept, it would start the first
+    document, whose reference would then get another id than the same text without it. `instead`
+    says what to give in place of a directory."""
+    if path.is_dir():
+        raise CorpusError(f"{path}: is a directory, not a file; {instead}")
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        at = e.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)  # offsets skip the mark
+        line = raw[:at].count(b"\n") + 1
+        raise CorpusError(f"{path}: not UTF-8 text (byte {at}, line {line}: {e.reason}); "
+                          "convert it, e.g. with iconv -t UTF-8") from e
 
 
 def _json_lines(path: Path, text: str) -> Iterator[tuple[int, object]]:
@@ -173,12 +195,7 @@ def read_selection_file(path: str | Path) -> tuple[list[str], list[str]]:
     texts with newlines or NULs, and values that begin with "-"; the TrainerService passes its jobs'
     removals this way."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError as e:
-        raise CorpusError(f"{path}: no such file") from e
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    text = _read_text(path, instead="name the JSON Lines file of the references to remove")
     ids, matches = [], []
     for number, item in _json_lines(path, text):
         key, value = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (None, None)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from ..release.reader import Release, already_published, read_manifest
 from ..retrieval.embedder import Embedder
 from ..retrieval.index import VectorIndex
 from ..storage.object_store import ObjectStore
-from .corpus import CorpusError, read_corpus_file
+from .corpus import CorpusError, is_json_lines, read_corpus_file
 from .kb import Reference, build_references
 from .pipeline import RUN_SETTINGS, PipelineResult, config_leaves
 
@@ -110,6 +113,43 @@ def differs_from_merge(parent: str, derived: Sequence[str]) -> Callable[[Manifes
             return f"not a merge, {sorted(derived)!r} asked"
         return None if sorted(merged) == sorted(derived) else f"a merge of {sorted(merged)!r}, not {sorted(derived)!r}"
     return differs
+
+
+def derived_name(parent: str, kind: str, inputs: Iterable[tuple[str, str | bytes]]) -> str:
+    """The default name of a release derived from `parent` by `kind` ("kb", "rm", "merge"): the same
+    request gives the same name, and any other request another.
+
+    The hash covers all that makes a derivation: the whole parent name (a long one is cut in the
+    name, never in the hash, to keep to the 63 characters of a release name), the kind, and each
+    labelled input with its length, so that no two requests hash the same bytes."""
+    digest = hashlib.sha256()
+    for label, value in [("parent", parent), ("kind", kind), *inputs]:
+        data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+        digest.update(f"{label}:{len(data)}:".encode() + data)
+    suffix = f"-{kind}-{digest.hexdigest()[:8]}"
+    return check_release_name(check_release_name(parent)[: 63 - len(suffix)] + suffix)
+
+
+def kb_add_name(parent: str, files: Sequence[Path], *, remove_ids: Sequence[str] = (),
+                remove_matches: Sequence[str] = (), index_kind: str | None = None) -> str:
+    """The default name of `kb_add`'s release: from the files' contents, in order, and how each is
+    read (the same bytes as JSON Lines and as plain text are other documents), the removals, and the
+    index kind (None: the parent's). A file that is missing is left to `kb_add` to report."""
+    return derived_name(parent, "kb", [
+        ("index-kind", index_kind or "parent's"),
+        *(("jsonl" if is_json_lines(f) else "text", f.read_bytes()) for f in files if f.is_file()),
+        *(("remove-id", i) for i in remove_ids), *(("remove-match", m) for m in remove_matches)])
+
+
+def kb_remove_name(parent: str, removed_ids: Collection[str]) -> str:
+    """The default name of `kb_remove`'s release: from the ids it leaves out, in any order."""
+    return derived_name(parent, "rm", [("id", i) for i in sorted(removed_ids)])
+
+
+def kb_merge_name(parent: str, derived: Collection[str]) -> str:
+    """The default name of `kb_merge`'s release: from the merged releases' names, in any order (as
+    `differs_from_merge` compares them)."""
+    return derived_name(parent, "merge", [("release", d) for d in sorted(derived)])
 
 
 def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, cache_dir: Path, *,
@@ -213,18 +253,20 @@ def kb_remove(store: ObjectStore, base: Release, removed: Sequence[dict], name: 
 
 @dataclass(frozen=True)
 class MergePlan:
-    """The changes that releases derived from `base` made to it: the references they added (an id
-    added by several, once, from the first) and the base's references any of them removed."""
+    """The changes that releases derived from `base` made to it (`plan_merge`): the references they
+    added (an id added by several, once, from the first), the base's references they removed, and
+    what each withdrew."""
 
     base: Release
     derived: list[Release]
     added: list[tuple[Release, dict]]  # (the release that added it, its reference-table row)
     removed: list[dict]  # rows of the base's table
+    withdrawn: Mapping[str, frozenset[str]]  # release name -> ids it withdrew that the merge leaves out
 
     def changes_of(self, release: Release) -> tuple[int, int]:
-        """(references the merge takes from `release`, references of the base it removed)."""
-        return (sum(source is release for source, _ in self.added),
-                len(self.base.by_id.keys() - release.by_id.keys()))
+        """(references the merge takes from `release`, references the merge leaves out because it
+        withdrew them: the base's, or ones added on its way from the base)."""
+        return (sum(source is release for source, _ in self.added), len(self.withdrawn[release.name]))
 
     def rows(self) -> list[dict]:
         """The merged reference table: the base's kept rows in order, then the added ones."""
@@ -233,49 +275,122 @@ class MergePlan:
 
 
 def plan_merge(base: Release, derived: Sequence[Release], *,
-               ancestry: Mapping[str, Sequence[str]] | None = None) -> MergePlan:
+               ancestry: Mapping[str, Sequence[str]] | None = None,
+               open_table: Callable[[str], Release] | None = None) -> MergePlan:
     """What merging `derived` into `base` changes; a ValueError that says why if they cannot merge.
 
     Each derived release must descend from `base`: its parent (as the shards of the encoding Job),
     or an ancestor further up. `ancestry` gives each one's (`reader.ancestry`, parent first; without
-    it, only the parent is known). Its changes are then what it lists beside what `base` lists, however
-    many releases lie between: a release derived from anything else could bring back a reference
-    that one of them had removed. They must share the base's memory bank (same weights and codec),
-    tokenizer and embedder, so their rows and vectors mean what the base's do.
+    it, only the parent is known), and `open_table` opens the reference table of a release between
+    (by default from the base's store into the base's cache directory). They must share the base's
+    memory bank (same weights and codec), tokenizer and embedder, so their rows and vectors mean
+    what the base's do.
+
+    What the merge lists is decided reference by reference, from each derived release's line of
+    descent (the base, the releases between, the release itself): the last release on it where the
+    reference came in or went out decides for that line (`_last_changes`); a reference that no line
+    changes stays as the base has it. A line's decision is overruled by another line that passes
+    through the release that made it and changes the reference later: a correction made on top of a
+    release wins over it. Of the decisions left, which were made apart, a withdrawal wins over an
+    addition, so that a withdrawn fact does not come back: a reference is left out when a derived
+    release, or a release on its line, withdrew it and nothing later on that line brought it back.
+    A fact that a release between the base and them added is then gone from the merge when one of
+    them withdrew it, however many releases lie between; a release derived from anything else is
+    refused, as it could bring back a reference one of them removed.
     """
     if not derived:
         raise ValueError(f"name the releases derived from {base.name!r} to merge into it")
     names = [d.name for d in derived]
     if len(set(names)) < len(names) or base.name in names:
         raise ValueError(f"each release to merge must be named once, and not be the base {base.name!r}")
+    chains = {d.name: _chain_to(base, d, ancestry) for d in derived}
     for d in derived:
-        chain = [a for a in (ancestry or {}).get(d.name) or [d.manifest.parent] if a is not None]
-        if base.name not in chain:
-            origin = f"derived from {' <- '.join(map(repr, chain))}" if chain else "derived from no release"
-            raise ValueError(f"release {d.name!r} was {origin}, not from {base.name!r}: only releases that descend "
-                             "from the base merge into it")
-        for what, ours, theirs in (
-                ("memory bank", base.manifest.memory_bank["bank"], d.manifest.memory_bank["bank"]),
-                ("tokenizer", base.manifest.files[TOKENIZER_KEY]["sha256"], d.manifest.files[TOKENIZER_KEY]["sha256"]),
-                ("embedder", base.manifest.index["embedder"], d.manifest.index["embedder"])):
-            if ours != theirs:
-                raise ValueError(f"release {d.name!r} has another {what} than {base.name!r} ({theirs} vs {ours}): "
-                                 "only releases of the same model, codec and embedder merge")
+        _check_same_bank(base, d)
+    lines = _lines_from(base, derived, chains, open_table or functools.partial(_open_table, base))
+    last_changes = {d.name: _last_changes(lines[d.name]) for d in derived}
+    withdrawn = {d.name: frozenset(_withdrawals(d, last_changes, lines)) for d in derived}
+    left_out = set().union(*withdrawn.values())
     added: list[tuple[Release, dict]] = []
-    seen = set(base.by_id)
-    removed_ids: set[str] = set()
+    seen = set(base.by_id) | left_out
     for d in derived:
         for row in d.references:
             if row["id"] not in seen:
                 seen.add(row["id"])
                 added.append((d, row))
-        removed_ids |= base.by_id.keys() - d.by_id.keys()
-    removed = [r for r in base.references if r["id"] in removed_ids]
+    removed = [r for r in base.references if r["id"] in left_out]
     if not added and not removed:
-        raise ValueError(f"nothing to merge: {', '.join(names)} list the same references as {base.name!r}")
+        raise ValueError(f"nothing to merge: {', '.join(names)} leave the references of {base.name!r} as they are")
     if len(removed) == len(base.references) and not added:
         raise ValueError(f"that removes every reference of {base.name!r}: a release needs at least one")
-    return MergePlan(base, list(derived), added, removed)
+    return MergePlan(base, list(derived), added, removed, withdrawn)
+
+
+def _chain_to(base: Release, release: Release, ancestry: Mapping[str, Sequence[str]] | None) -> list[str]:
+    """The releases between `release` and `base`, parent first (`base` not included); an error if
+    `base` is not among its ancestors."""
+    chain = [a for a in (ancestry or {}).get(release.name) or [release.manifest.parent] if a is not None]
+    if base.name not in chain:
+        origin = f"derived from {' <- '.join(map(repr, chain))}" if chain else "derived from no release"
+        raise ValueError(f"release {release.name!r} was {origin}, not from {base.name!r}: only releases that descend "
+                         "from the base merge into it")
+    return chain[:chain.index(base.name)]
+
+
+def _check_same_bank(base: Release, release: Release) -> None:
+    """Rows and vectors of `release` mean what the base's do only with the same memory bank (weights
+    and codec), tokenizer and embedder."""
+    ours, theirs = base.manifest, release.manifest
+    for what, mine, its in (
+            ("memory bank", ours.memory_bank["bank"], theirs.memory_bank["bank"]),
+            ("tokenizer", ours.files[TOKENIZER_KEY]["sha256"], theirs.files[TOKENIZER_KEY]["sha256"]),
+            ("embedder", ours.index["embedder"], theirs.index["embedder"])):
+        if mine != its:
+            raise ValueError(f"release {release.name!r} has another {what} than {base.name!r} ({its} vs {mine}): "
+                             "only releases of the same model, codec and embedder merge")
+
+
+def _open_table(base: Release, name: str) -> Release:
+    """A release between the base and those merged into it, for its reference table only, from the
+    base's store into the cache directory the base was opened from."""
+    return Release.open(base.store, name, base.local_dir.parent, only=())
+
+
+def _lines_from(base: Release, derived: Sequence[Release], chains: Mapping[str, Sequence[str]],
+                open_table: Callable[[str], Release]) -> dict[str, list[Release]]:
+    """Each derived release's line of descent: the base first, then each release down to it. A
+    release between is opened once, however many lines it is on, and a derived release on another's
+    line is the one given."""
+    opened = {base.name: base} | {d.name: d for d in derived}
+    lines = {}
+    for d in derived:
+        for name in chains[d.name]:
+            if name not in opened:
+                opened[name] = open_table(name)
+        lines[d.name] = [base, *(opened[name] for name in reversed(chains[d.name])), d]
+    return lines
+
+
+def _last_changes(line: Sequence[Release]) -> dict[str, str]:
+    """For each reference that came in or went out on `line` (the base first), the name of the last
+    release of it where it did; a reference not in this mapping is as the base has it."""
+    changed: dict[str, str] = {}
+    for parent, child in reversed(list(itertools.pairwise(line))):
+        for ref_id in (parent.by_id.keys() ^ child.by_id.keys()) - changed.keys():
+            changed[ref_id] = child.name
+    return changed
+
+
+def _withdrawals(release: Release, last_changes: Mapping[str, Mapping[str, str]],
+                 lines: Mapping[str, Sequence[Release]]) -> Iterator[str]:
+    """The ids `release` does not list because a release on its line withdrew them, unless another
+    derived release has that withdrawal on its own line and changed the reference since."""
+    mine = last_changes[release.name]
+    others = [(last_changes[name], {r.name for r in line}) for name, line in lines.items() if name != release.name]
+    for ref_id, where in mine.items():
+        if ref_id in release.by_id:
+            continue
+        if not any(where in names and changes.get(ref_id) != where for changes, names in others):
+            yield ref_id
 
 
 def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool = True,

@@ -98,6 +98,80 @@ def test_a_release_derived_through_others_merges_with_the_changes_of_its_whole_c
                    ancestry={fixed.name: ancestry(bucket, fixed.name, until="base-m1")})
 
 
+WRONG = "The Zorvath bridge was painted green in 1950."
+RIGHT = "The Zorvath bridge was painted red in 1950."
+KEPT = "The Zorvath bridge has four arches of grey stone."
+TEAM_A = "Team A counted nine hundred puffins on the Gull Islands in 2023."
+
+
+def _add(bucket, tmp_path, embedder, parent, name, documents, **removals):
+    corpus = tmp_path / f"{name}.txt"
+    corpus.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    kb_add(bucket, parent, [corpus], name, tmp_path / "cache", embedder=embedder, progress=False, **removals)
+    return Release.open(bucket, name, tmp_path / "cache")
+
+
+def _texts(plan):
+    return [row["text"] for row in plan.rows()]
+
+
+def test_a_fact_withdrawn_after_the_base_stays_out_of_the_merge(bucket, tmp_path, embedder, monkeypatch, capsys):
+    """A reference added between the base and the merged releases, then withdrawn by one of them:
+    counted against the base alone, the withdrawal was invisible and the merge served the fact."""
+    cache = tmp_path / "cache"
+    build_random_release(bucket, "base", embedder=embedder)
+    base = Release.open(bucket, "base", cache)
+    _add(bucket, tmp_path, embedder, "base", "sib-m", [WRONG, KEPT])
+    sib_a = _add(bucket, tmp_path, embedder, "sib-m", "sib-a", [TEAM_A])
+    sib_m = Release.open(bucket, "sib-m", cache)
+    kb_remove(bucket, sib_m, references_to_remove(sib_m, matches=["painted green"]), "sib-b", progress=False)
+    sib_b = Release.open(bucket, "sib-b", cache)
+
+    def lineage(*names):
+        return {n: ancestry(bucket, n, until="base") for n in names}
+    # Siblings: B withdrew what their parent added; A still lists it.
+    plan = plan_merge(base, [sib_a, sib_b], ancestry=lineage("sib-a", "sib-b"))
+    assert WRONG not in _texts(plan) and [row["text"] for _, row in plan.added] == [KEPT, TEAM_A]
+    assert plan.changes_of(sib_a) == (2, 0) and plan.changes_of(sib_b) == (0, 1) and plan.removed == []
+    merged = kb_merge(bucket, plan, "sib-merged", progress=False)
+    release = Release.open(bucket, "sib-merged", cache)
+    assert WRONG not in {r["text"] for r in release.references} and release.index().ids == list(release.by_id)
+    assert merged.memory_bank["count"] == len(base.references) + 2
+
+    # A release and its own correction: the correction wins, whatever the order.
+    d1 = _add(bucket, tmp_path, embedder, "base", "d1", [WRONG, KEPT])
+    d2 = _add(bucket, tmp_path, embedder, "d1", "d2", [RIGHT], remove_matches=["painted green"])
+    for order in ([d1, d2], [d2, d1]):
+        plan = plan_merge(base, order, ancestry=lineage("d1", "d2"))
+        assert WRONG not in _texts(plan) and {RIGHT, KEPT} <= set(_texts(plan))
+        assert plan.changes_of(d1) == ((1, 0) if order[0] is d1 else (0, 0)) and plan.changes_of(d2)[1] == 1
+
+    # A fact withdrawn, then brought back on the same line: back in the merge.
+    skarn = references_to_remove(base, matches=["Skarn Point is"])
+    kb_remove(bucket, base, skarn, "no-skarn", progress=False)
+    no_skarn = Release.open(bucket, "no-skarn", cache)
+    skarn_again = _add(bucket, tmp_path, embedder, "no-skarn", "skarn-again", [skarn[0]["text"]])
+    plan = plan_merge(base, [no_skarn, skarn_again, sib_a], ancestry=lineage("no-skarn", "skarn-again", "sib-a"))
+    assert plan.removed == [] and plan.changes_of(no_skarn) == (0, 0) and skarn[0]["text"] in _texts(plan)
+    # Withdrawn on one line and still listed on another that never saw the withdrawal: withdrawn.
+    plan = plan_merge(base, [no_skarn, sib_a], ancestry=lineage("no-skarn", "sib-a"))
+    assert plan.removed == skarn and plan.changes_of(no_skarn) == (0, 1)
+
+    # The command reads the releases between, and its dry run says what each withdrew.
+    config = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", config.secret_key)
+    store = ["--s3-endpoint", config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cli")]
+    capsys.readouterr()
+    assert main(["kb", "merge", "sib-a", "sib-b", "--release", "base", "--dry-run", *store]) == 0
+    out = capsys.readouterr().out
+    assert "sib-a: 2 references added, 0 removed" in out and "sib-b: 0 references added, 1 removed" in out
+    assert main(["kb", "merge", "d1", "d2", "--release", "base", "--name", "d-merged", *store]) == 0
+    capsys.readouterr()
+    texts = {r["text"] for r in Release.open(bucket, "d-merged", cache).references}
+    assert WRONG not in texts and {RIGHT, KEPT} <= texts
+
+
 def test_only_releases_derived_from_the_base_with_its_bank_and_some_change_merge(bucket, tmp_path):
     embedder = Embedder()
     build_random_release(bucket, "base", embedder=embedder)

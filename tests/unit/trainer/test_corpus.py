@@ -1,5 +1,6 @@
 import itertools
 import json
+import re
 
 import pytest
 
@@ -85,3 +86,37 @@ def test_a_selection_file_lists_ids_and_matches_and_says_which_line_is_wrong(tmp
         path.write_text(line + "\n", encoding="utf-8")
         with pytest.raises(CorpusError, match=said):
             read_selection_file(path)
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    """Kept, it started the first document: the same fact got another reference id."""
+    plain, jsonl, selection = tmp_path / "notepad.txt", tmp_path / "docs.jsonl", tmp_path / "remove.jsonl"
+    plain.write_bytes(BOM + b"Ilsa Varrow repairs clocks.\r\n\r\nSecond.\r\n")
+    jsonl.write_bytes(BOM + b'{"text": "First.", "source": "s"}\n')
+    selection.write_bytes(BOM + b'{"match": "clocks"}\n')
+    assert [d for _, d in read_corpus_file(plain)] == ["Ilsa Varrow repairs clocks.", "Second."]
+    assert read_corpus_file(jsonl) == [("s", "First.")]
+    assert read_selection_file(selection) == ([], ["clocks"])
+    # Positions are the file's, the mark counted.
+    plain.write_bytes(BOM + b"ok\n\nbad \xe9t\xe9\n")
+    with pytest.raises(CorpusError, match=r"not UTF-8 text \(byte 11, line 3"):
+        read_corpus_file(plain)
+
+
+@pytest.mark.parametrize("name", ["docs.JSONL", "docs.ndjson", "docs.NDJSON", "docs.Jsonl"])
+def test_json_lines_files_are_known_by_their_suffix_in_any_case(tmp_path, name):
+    f = tmp_path / name
+    f.write_text('{"text": "Alpha fact one.", "source": "s1"}\n{"text": "Beta fact two.", "source": "s2"}\n',
+                 encoding="utf-8")
+    assert read_corpus_file(f) == [("s1", "Alpha fact one."), ("s2", "Beta fact two.")]
+
+
+def test_a_directory_is_said_to_be_one_with_what_to_give_instead(tmp_path):
+    said = f"{tmp_path}: is a directory, not a file; name the files in it (e.g. {tmp_path}/*.txt)"
+    with pytest.raises(CorpusError, match=re.escape(said)):
+        read_corpus_file(tmp_path)
+    with pytest.raises(CorpusError, match="is a directory, not a file; name the JSON Lines file"):
+        read_selection_file(tmp_path)
