@@ -267,11 +267,12 @@ def cmd_release_list(s3, *, as_json: bool) -> int:
 
 
 def cmd_release_show(s3, name: str, *, as_json: bool) -> int:
-    from memory3.services.release.manifest import ReleaseError, ReleaseNotFound
+    from memory3.services.release.manifest import ReleaseError, ReleaseNotFound, check_release_name
     from memory3.services.release.reader import ancestry, read_manifest
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.releases import index_choice
 
+    check_release_name(name)  # a name no release can have is a typo, not a damaged manifest
     store = ObjectStore(s3)
     try:
         manifest = read_manifest(store, name)

@@ -543,11 +543,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Commands whose work a SIGTERM (a Job's pod stopped) must unwind as Ctrl-C does: what they publish
-# is removed when unfinished. `up` does the same while it starts (`cmd_up`), and not once it has.
-SIGTERM_UNWINDS = frozenset({"kb", "train"})
-# What an interrupted command leaves, said in its last line.
+# is removed when unfinished, and the lease a removal holds (which every publication waits for) goes.
+# `up` does the same while it starts (`cmd_up`), and not once it has.
+SIGTERM_UNWINDS = frozenset({"kb", "train", "release"})
+# What an interrupted command leaves, said in its last line: by "command subcommand", else by command.
 INTERRUPTED = {"kb": "any release it had not finished publishing is removed; run it again",
                "train": "run it again with the same --work-dir: it resumes from its last checkpoint",
+               "release delete": "what it had not removed yet is still in the bucket: run it again if "
+                                 "`memory3 release list` still shows the release, then `memory3 release gc` for "
+                                 "the memories it had not reached",
+               "release gc": "the memories it had not removed yet are still in the bucket: run it again",
                "up": "what it had started is stopped", "demo": "what it had started is stopped"}
 
 
@@ -567,10 +572,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)  # a SIGTERM comes as stack_commands.Terminated
-        said = getattr(e, "left", None) or INTERRUPTED.get(args.command)
+        said = getattr(e, "left", None) or _interrupted(args)
         print(f"memory3 {args.command}: interrupted ({signal.Signals(signum).name})" + (f"; {said}" if said else ""),
               file=sys.stderr)
         return 128 + signum
+
+
+def _interrupted(args: argparse.Namespace) -> str | None:
+    """What the interrupted command leaves (INTERRUPTED), or None where it leaves nothing to say."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return INTERRUPTED.get(f"{args.command} {sub}") or INTERRUPTED.get(args.command)
 
 
 def _selection(ids: list[str], matches: list[str], path: Path | None) -> tuple[list[str], list[str]]:

@@ -13,6 +13,11 @@ list any memory, so while one exists, deleting a published release stops and say
 of a publication are deleted only once its lease has expired (lease.py): a publication still running
 holds its name, and would otherwise publish a manifest over files that are gone. Removing is done
 under a `Maintenance` lease taken before the plan is made, which publications wait for (lease.py).
+
+A published release whose reference table cannot be read (missing, damaged) lists memories no one
+can know. It can be deleted: its objects go, and its memories stay, for `release gc` to remove once
+no readable release lists them. While it is published, deleting another release of its bank removes
+none of that bank's memories, and `release gc` leaves its bank whole: either may list any of them.
 """
 
 
@@ -23,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..storage.object_store import ObjectStore
+from ..storage.object_store import ObjectNotFound, ObjectStore
 from .lease import LEASE_TTL_S, Maintenance, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
@@ -75,8 +80,10 @@ class DeletionPlan:
 
     memory_keys: memories that only this release lists; whole_bank: remove the bank's whole prefix,
     as no other release uses it (then memory_keys is empty); kept: memories this release lists
-    that others (`sharing`) list too; derived: releases made from this one (they keep working).
-    `removed_memories` counts what goes of what the release lists.
+    that others (`listed_by`) list too, or all of them where a reference table cannot be read (its
+    own: `table_unreadable`, why; others of the bank: `unknown_tables`, name to why); derived:
+    releases made from this one (they keep working). `removed_memories` counts what goes of what
+    the release lists.
     """
 
     name: str
@@ -87,7 +94,9 @@ class DeletionPlan:
     memory_keys: list[str] = field(default_factory=list)
     kept: int = 0
     listed: int = 0  # memories the release lists
-    sharing: list[str] = field(default_factory=list)
+    listed_by: list[str] = field(default_factory=list)
+    table_unreadable: str | None = None
+    unknown_tables: dict[str, str] = field(default_factory=dict)
     derived: list[str] = field(default_factory=list)
     unreadable: str | None = None  # why its manifest cannot be read
     planned_at: float = 0.0  # monotonic time its reading of the bucket began
@@ -107,18 +116,36 @@ class DeletionPlan:
         if self.whole_bank:
             lines.append(f"memory bank {self.bank}: removed whole, with the {self.listed} memories this release "
                          "lists (no other release uses it)")
+        elif self.table_unreadable is not None:
+            lines.append(f"memory bank {self.bank}: its reference table cannot be read ({self.table_unreadable}), so "
+                         f"its {self.listed} memories are kept; `memory3 release gc` then removes those no other "
+                         "release lists")
+        elif self.unknown_tables:
+            lines.append(f"memory bank {self.bank}: its {self.kept} memories are kept, as "
+                         f"{_unreadable_tables(self.unknown_tables)}; then `memory3 release gc` removes those no "
+                         "release lists")
         elif self.bank is not None:
             n = len(self.memory_keys)
             lines.append(f"memory bank {self.bank}: {n} {'memory' if n == 1 else 'memories'} only this release "
-                         f"lists; {self.kept} kept, listed by {', '.join(self.sharing)} too")
+                         f"lists; {self.kept} kept" + (f", listed by {', '.join(self.listed_by)} too"
+                                                       if self.listed_by else ""))
         if self.derived:
             lines.append(f"derived from it, and unaffected: {', '.join(self.derived)}")
         return "\n".join(lines)
 
 
+def _unreadable_tables(tables: dict[str, str]) -> str:
+    """The releases whose reference tables cannot be read (name to why), and what to do about them."""
+    return (f"the reference tables of {', '.join(tables)} cannot be read ("
+            + "; ".join(f"{name}: {why}" for name, why in tables.items())
+            + f"), so which memories they list is unknown: delete them (`memory3 release delete {next(iter(tables))}`"
+            "; their memories are kept) or restore their tables")
+
+
 def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
     """Reads the catalog and, where other releases share the bank, every reference table of that
-    bank: their memory keys are held in memory as sets (about 100 bytes a memory)."""
+    bank, one at a time: the release's memory keys are held in memory as a set (about 100 bytes a
+    memory), with those of one other release while it is compared."""
     check_release_name(name)
     planned_at = time.monotonic()
     catalog = read_catalog(store)
@@ -132,7 +159,7 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
         if running:
             raise ReleaseBusy(f"release {name!r} is being published by {running[0].describe()}; nothing was "
                               "deleted. Wait for it to finish, or stop it: its lease then expires "
-                              f"{LEASE_TTL_S:.0f} s after its last heartbeat")
+                              f"{LEASE_TTL_S:.0f} s after its last heartbeat ({running[0].expiry()})")
         # Its own objects only: what memories it lists is unknown, and they stay.
         return DeletionPlan(name, published=False, release_keys=store.list_keys(release_key(name, "")),
                             unreadable=catalog.unreadable.get(name), planned_at=planned_at)
@@ -145,14 +172,34 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
     if not sharing:
         plan.whole_bank = True
         return plan
+    _plan_memories(store, plan, mine, sharing)
+    return plan
+
+
+def _plan_memories(store: ObjectStore, plan: DeletionPlan, mine: Manifest, sharing: list[Manifest]) -> None:
+    """Of the memories `mine` lists, those that no release of `sharing` (its bank's others) lists go.
+    None goes while a reference table, its own or another's, cannot be read: which memories it lists
+    is unknown. Only the memories `mine` lists are held, with those of the others among them."""
+    try:
+        own = _memory_keys(store, mine)
+    except UnreadableTable as e:
+        plan.table_unreadable, plan.kept = e.why, plan.listed
+        return
     listed: set[str] = set()
     for other in sharing:
-        listed.update(_memory_keys(store, other))
-    own = _memory_keys(store, mine)
+        try:
+            also = own & _memory_keys(store, other)
+        except UnreadableTable as e:
+            plan.unknown_tables[other.name] = e.why
+            continue
+        if also:
+            plan.listed_by.append(other.name)
+            listed |= also
+    if plan.unknown_tables:
+        plan.kept = len(own)
+        return
     plan.memory_keys = sorted(own - listed)
-    plan.kept = len(own) - len(plan.memory_keys)
-    plan.sharing = [m.name for m in sharing]
-    return plan
+    plan.kept = len(listed)
 
 
 def delete_release(store: ObjectStore, plan: DeletionPlan, under: Maintenance, *,
@@ -184,10 +231,12 @@ class CollectionPlan:
     """Memories no published release lists, which `release gc` removes: whole banks that no release
     uses (`banks`, with how many objects each holds), and in the banks in use the keys none of their
     releases lists (`keys`, by bank). Failed or cancelled publications leave them; a retry of the same
-    publication would reuse them, as keys are content hashes."""
+    publication would reuse them, as keys are content hashes. `skipped`: banks left whole, as a
+    release using them has a reference table that cannot be read (by bank, release name to why)."""
 
     banks: dict[str, int] = field(default_factory=dict)
     keys: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     planned_at: float = 0.0  # monotonic time its reading of the bucket began
 
     @property
@@ -197,22 +246,32 @@ class CollectionPlan:
     def summary(self) -> str:
         lines = [f"memory bank {bank}: no release uses it; its {n} objects go" for bank, n in self.banks.items()]
         lines += [f"memory bank {bank}: {len(keys)} memories no release lists" for bank, keys in self.keys.items()]
+        lines += [f"memory bank {bank}: left whole, as {_unreadable_tables(tables)}; then run this again"
+                  for bank, tables in self.skipped.items()]
         return "\n".join(lines) or "every memory in the bucket is listed by a published release: nothing to remove"
 
 
 def plan_collection(store: ObjectStore) -> CollectionPlan:
     """Lists every bank (one listing of each: this is the one command that does), and reads the
     reference tables of the releases that use it. Refused, as a deletion is, while a release is
-    being published, left half-written or unreadable: it may list any memory."""
+    being published, left half-written or unreadable: it may list any memory. A bank used by a
+    release whose reference table cannot be read is left whole (`skipped`), and the others done."""
     planned_at = time.monotonic()
     catalog = read_catalog(store)
     _refuse_while_unknown(store, catalog, may_list=UNLISTED, done="removed")
+    plan = CollectionPlan(planned_at=planned_at)
     listed_by_bank: dict[str, set[str]] = {}
     for manifest in catalog.published:
-        listed_by_bank.setdefault(manifest.memory_bank["bank"], set()).update(_memory_keys(store, manifest))
-    plan = CollectionPlan(planned_at=planned_at)
+        bank = manifest.memory_bank["bank"]
+        listed = listed_by_bank.setdefault(bank, set())
+        try:
+            listed.update(_memory_keys(store, manifest))
+        except UnreadableTable as e:
+            plan.skipped.setdefault(bank, {})[manifest.name] = e.why
     for prefix in store.list_keys(MEMORIES_PREFIX, recursive=False):
         bank = prefix[len(MEMORIES_PREFIX):].strip("/")
+        if bank in plan.skipped:
+            continue
         keys = store.iter_keys(f"{MEMORIES_PREFIX}{bank}/")
         listed = listed_by_bank.get(bank)
         if listed is None:
@@ -249,10 +308,13 @@ def _refuse_while_unknown(store: ObjectStore, catalog: Catalog, *, may_list: str
             f"is unknown; nothing was {done}. Delete them first (their memories are kept), or fix them ("
             + "; ".join(f"{n}: {why}" for n, why in catalog.unreadable.items()) + ")")
     pending = [n for n in catalog.unpublished if n != besides]
-    running = [n for n in pending if live_leases(store, n)]
+    running = {n: leases[0] for n in pending if (leases := live_leases(store, n))}
     if running:
-        raise ReleaseBusy(f"releases {', '.join(running)} are being published and may list {may_list}, "
-                          f"so nothing was {done}: wait until they are published")
+        raise ReleaseBusy(
+            f"releases {', '.join(running)} are being published and may list {may_list}, so nothing was {done}: "
+            "wait until they are published. A publisher that was stopped never finishes: its lease expires "
+            f"{LEASE_TTL_S:.0f} s after its last heartbeat, and this can be run again then ("
+            + "; ".join(f"{n}: by {lease.describe()}; {lease.expiry()}" for n, lease in running.items()) + ")")
     if pending:
         raise ReleaseBusy(
             f"releases {', '.join(pending)} have no manifest and no publication running: left half-written. "
@@ -260,12 +322,30 @@ def _refuse_while_unknown(store: ObjectStore, catalog: Catalog, *, may_list: str
             f"(`memory3 release delete {pending[0]}`)")
 
 
+class UnreadableTable(ReleaseError):
+    """A published release's reference table is missing or damaged: which memories it lists is unknown."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"the reference table of release {name!r} cannot be read ({why})")
+        self.name, self.why = name, why
+
+
 def _memory_keys(store: ObjectStore, manifest: Manifest) -> set[str]:
-    """The keys of the memories a release lists (its reference table's rows)."""
-    table = store.get_bytes(release_key(manifest.name, REFERENCES_FILE)).decode("utf-8")
-    bank = manifest.memory_bank["bank"]
+    """The keys of the memories a release lists (its reference table's rows); UnreadableTable when
+    the table is missing or damaged (an outage of the store is raised as it is)."""
+    try:
+        table = store.get_bytes(release_key(manifest.name, REFERENCES_FILE))
+    except ObjectNotFound as e:
+        raise UnreadableTable(manifest.name, f"{REFERENCES_FILE} is missing") from e
+    try:
+        return _table_keys(table, manifest.memory_bank["bank"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not UTF-8, not JSON, a row without an id
+        raise UnreadableTable(manifest.name, f"{REFERENCES_FILE} is damaged: {type(e).__name__}: {e}") from e
+
+
+def _table_keys(table: bytes, bank: str) -> set[str]:
     keys = set()
-    for line in table.split("\n"):  # not splitlines: a text may hold U+2028, which JSON leaves as it is
+    for line in table.decode("utf-8").split("\n"):  # not splitlines: a text may hold U+2028, which JSON leaves
         if line.strip():
             row = json.loads(line)
             keys.add(row.get("memory_key") or memory_key(bank, row["id"]))

@@ -14,7 +14,16 @@ of the name: of the live ones, the oldest (then the smallest token) holds the na
 publisher gives up before writing anything (each looks twice, `LEASE_SETTLE_S` apart, to see rivals
 whose writes crossed its own). This needs only what S3 and MinIO guarantee: a read or a listing
 after a write sees it. Heartbeats are compared with the reader's clock: hosts must agree on the time
-within a fraction of `LEASE_TTL_S` (NTP does far better).
+within a fraction of `LEASE_TTL_S` (NTP does far better). A lease is written whole (a PUT), so one
+that cannot be read is damaged or of another format, never half-written: it counts as expired, as
+it would otherwise hold its name, and every deletion, for ever.
+
+A publisher that went `LEASE_TTL_S` without writing a heartbeat (its process stopped, a host
+suspended, the store out of reach) has lost its lease: others saw it expire and may have taken the
+name, removing what it wrote and writing files of the same names. Such a lease is never written
+back; the publisher gives up without removing anything, as what is under the name may be another's.
+A publication that finds a manifest under its name once it holds the lease gives up too: a
+publisher of the same name finished in between, and its release is not a failed one's leftovers.
 
 Removing memories (`release delete` of a published release, `release gc`) takes a maintenance lease,
 `maintenance/<token>.json`, before it decides what to remove: a publication that began after that
@@ -39,7 +48,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError
-from .manifest import ReleaseError, release_key
+from .manifest import MANIFEST_FILE, ReleaseError, ReleaseExists, release_key
 
 log = logging.getLogger("memory3.release")
 LEASE_DIR = "publishing/"
@@ -78,6 +87,10 @@ class Lease:
     def describe(self) -> str:
         return f"{self.holder}, since {self.started} (last heartbeat {self.age_s():.0f} s ago)"
 
+    def expiry(self) -> str:
+        """When it expires unless renewed, for people who may wait for a stopped process."""
+        return f"its lease expires in {max(LEASE_TTL_S - self.age_s(), 0.0):.0f} s unless renewed"
+
     def to_json(self) -> bytes:
         return json.dumps({"name": self.name, "token": self.token, "holder": self.holder, "started": self.started,
                            "heartbeat": self.heartbeat}).encode()
@@ -96,16 +109,16 @@ class MaintenanceLease(Lease):
 
 
 def leases(store: ObjectStore, name: str) -> list[Lease]:
-    """The leases stored for `name`, live or not; one that cannot be read counts as live now (a
-    deletion waits for it rather than guess), one removed while listed is skipped."""
-    return _read_leases(store, release_key(name, LEASE_DIR), lambda _data: name, Lease, unreadable_live=True)
+    """The leases stored for `name`, live or not. One that cannot be read counts as expired: it
+    would otherwise hold the name, and every deletion, for ever (publishers write theirs whole, a
+    PUT, so it is damaged or of another format). One removed while listed is skipped."""
+    return _read_leases(store, release_key(name, LEASE_DIR), lambda _data: name, Lease)
 
 
 def maintenance_leases(store: ObjectStore) -> list[Lease]:
     """The maintenance leases stored, live or not. One that cannot be read counts as expired: every
     publication would otherwise wait for it for ever, and removers write theirs whole (a PUT)."""
-    return _read_leases(store, MAINTENANCE_PREFIX, lambda data: str(data["name"]), MaintenanceLease,
-                        unreadable_live=False)
+    return _read_leases(store, MAINTENANCE_PREFIX, lambda data: str(data["name"]), MaintenanceLease)
 
 
 def live_leases(store: ObjectStore, name: str) -> list[Lease]:
@@ -121,18 +134,21 @@ def _live(found: list[Lease]) -> list[Lease]:
     return [lease for lease in found if lease.live(now)]
 
 
-def _read_leases(store: ObjectStore, prefix: str, name_of: Callable[[dict], str], kind: type[Lease], *,
-                 unreadable_live: bool) -> list[Lease]:
+def _read_leases(store: ObjectStore, prefix: str, name_of: Callable[[dict], str], kind: type[Lease]) -> list[Lease]:
+    """Those that cannot be read (not JSON, a field missing, a heartbeat that is not an ISO time
+    with its zone) come expired: see `leases`."""
     found = []
     for key in store.list_keys(prefix):
         token = key.rsplit("/", 1)[-1].removesuffix(".json")
         try:
             data = json.loads(store.get_bytes(key))
-            found.append(kind(name_of(data), token, str(data["holder"]), str(data["started"]), str(data["heartbeat"])))
+            lease = kind(name_of(data), token, str(data["holder"]), str(data["started"]), str(data["heartbeat"]))
+            lease.age_s()  # the heartbeat is a time that can be compared with now
+            found.append(lease)
         except ObjectNotFound:
             continue
-        except (ValueError, KeyError, TypeError):
-            stamp = _now() if unreadable_live else datetime.fromtimestamp(0, UTC).isoformat()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            stamp = datetime.fromtimestamp(0, UTC).isoformat()
             found.append(kind("?", token, f"an unreadable lease ({key})", stamp, stamp))
     return found
 
@@ -168,12 +184,19 @@ class _Held:
             log.warning("could not remove the lease %s: %s", self.lease.key, e)
 
     def _beat(self) -> None:
-        while not self._stop.wait(LEASE_RENEW_S):
-            self.lease = self.lease.renewed()
-            try:
-                self.store.put_bytes(self.lease.key, self.lease.to_json(), "application/json")
-            except StoreError as e:  # the next beat tries again; the lease lasts LEASE_TTL_S
-                log.warning("lease %s not renewed: %s", self.lease.key, e)
+        while not self._stop.wait(LEASE_RENEW_S) and self._renew():
+            pass
+
+    def _renew(self) -> bool:
+        """Writes a new heartbeat; False once the lease must not be renewed any more. `self.lease`
+        is what the store holds: it changes once the write succeeded."""
+        renewed = self.lease.renewed()
+        try:
+            self.store.put_bytes(renewed.key, renewed.to_json(), "application/json")
+            self.lease = renewed
+        except StoreError as e:  # the next beat tries again; the lease lasts LEASE_TTL_S
+            log.warning("lease %s not renewed: %s", self.lease.key, e)
+        return True
 
 
 class Publication(_Held):
@@ -184,6 +207,38 @@ class Publication(_Held):
         now = _now()
         super().__init__(store, Lease(name, uuid.uuid4().hex, _holder(), now, now))
         self.name = name
+        self._lost = False  # a heartbeat came too late: others may have seen the lease expire
+
+    def lapsed(self) -> bool:
+        """Whether others may have seen this lease expire since it was written, and taken the name:
+        no heartbeat was written for `LEASE_TTL_S` (the process stopped, the store out of reach)."""
+        return self._lost or not self.lease.live()
+
+    def holds(self) -> bool:
+        """Whether what is under the name is still this publisher's to remove: its lease has not
+        lapsed and is still in the store (a publisher that took the name over removed it)."""
+        return not self.lapsed() and self.store.exists(self.lease.key)
+
+    def check_held(self) -> None:
+        """ReleaseError once the lease lapsed: from then on nothing more is written under the name."""
+        if self.lapsed():
+            raise ReleaseError(
+                f"the lease of the publication of release {self.name!r} lapsed: no heartbeat was written for "
+                f"{LEASE_TTL_S:.0f} s (the process was stopped, or the object store out of reach), so another "
+                "publisher may have taken the name; nothing was published: publish it again")
+
+    def _renew(self) -> bool:
+        """Never writes back a lapsed lease: another publisher that took the name would not see it
+        come back, and this one would go on writing over that one's files."""
+        if self.lapsed():
+            self._lost = True
+            return False
+        was = self.lease
+        super()._renew()
+        if was.live():  # the previous heartbeat was still live when this one landed (or failed)
+            return True
+        self._lost = True
+        return False
 
     def acquire(self) -> None:
         """Write the lease, then give up (ReleaseBusy, the lease removed) unless it is the oldest live
@@ -195,10 +250,13 @@ class Publication(_Held):
             self._check_first()
             time.sleep(LEASE_SETTLE_S)
             rivals = self._check_first()
+            keys = self.store.list_keys(release_key(self.name, ""))
+            self._check_unpublished(keys)
+            self.check_held()
             # Anything else under the name was left by publishers that died (expired leases included):
             # removed, so that the release holds only what this one writes.
             keep = {self.lease.key, *(lease.key for lease in rivals)}
-            leftovers = [key for key in self.store.list_keys(release_key(self.name, "")) if key not in keep]
+            leftovers = [key for key in keys if key not in keep]
             if leftovers:
                 log.warning("removing %d objects a failed publication of %r left", len(leftovers), self.name)
                 self.store.remove_keys(leftovers)
@@ -207,6 +265,13 @@ class Publication(_Held):
         except BaseException:  # an outage, Ctrl-C: the lease goes now rather than in LEASE_TTL_S
             self.release()
             raise
+
+    def _check_unpublished(self, keys: list[str]) -> None:
+        """A publisher of the same name may have finished after this one's check that the name was
+        free, and before its lease: its release is published, not leftovers."""
+        if release_key(self.name, MANIFEST_FILE) in keys:
+            raise ReleaseExists(f"release {self.name!r} was published by another process while this one was "
+                                "starting; releases are immutable, choose another name")
 
     def _check_first(self) -> list[Lease]:
         """The other live leases, none of which comes first; ReleaseBusy if one does."""

@@ -18,6 +18,7 @@ from typing import Any
 RELEASE_FORMAT = 1
 RELEASES_PREFIX = "releases/"
 MEMORIES_PREFIX = "memories/"
+MANIFEST_FILE = "manifest.json"  # under releases/<name>/; a release exists once it does
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 

@@ -2,9 +2,11 @@
 
 Order of writes: a publication lease (lease.py: one publisher per name), memory blobs
 (content-addressed, shared), then the release's own files, then the manifest. If anything fails
-before the manifest, the release's files are removed and the error is raised: a reader never sees a
-half-written release (without a manifest it does not exist). Just before the manifest, the files it
-lists and the releases it is made from are checked to be still there.
+before the manifest, the files this publisher wrote are removed and the error is raised: a reader
+never sees a half-written release (without a manifest it does not exist). They are removed only
+while its lease holds the name: once it lapsed, another publisher may have taken the name and
+written files of the same names, or published them. Just before the manifest, the lease, the files
+it lists and the releases it is made from are checked to be still there.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..storage.object_store import ObjectStore, StoreError
 from ..trainer.kb import Reference
 from .lease import Publication
 from .manifest import (
+    MANIFEST_FILE,
     Manifest,
     ReleaseError,
     ReleaseExists,
@@ -43,8 +46,7 @@ from .manifest import (
     sha256,
 )
 
-INDEX_FILE, REFERENCES_FILE, CODEC_FILE, MANIFEST_FILE = "index.faiss", "references.jsonl", "codec.safetensors", \
-    "manifest.json"
+INDEX_FILE, REFERENCES_FILE, CODEC_FILE = "index.faiss", "references.jsonl", "codec.safetensors"
 TOKENIZER_KEY = f"model/{TOKENIZER_FILE}"  # the tokenizer's name in a manifest's files
 POSITION_SCHEME = "parallel: memory keys at [p, p+ref_len), context from p+ref_len (p = prefix tokens)"
 
@@ -83,26 +85,38 @@ def publish_release(
     store.ensure_bucket()
     _check_free(store, name)
     publication = Publication(store, name)
-    publication.acquire()  # from here on this process alone writes under the name
+    publication.acquire()  # from here on this process alone writes under the name (published meanwhile: refused)
+    written: list[str] = []
     try:
-        _check_free(store, name)  # published by another since the first check
         sources = [*([parent] if parent else []), *sources]
         _check_sources(store, name, sources)
         manifest = _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
                             parent_index, parent_references, parent, batch_size, progress, log, on_encoded,
                             index_kind, lambda files: (_check_sources(store, name, sources),
-                                                       _check_files(store, name, files, publication)))
+                                                       _check_files(store, name, files, publication)),
+                            publication.check_held, written)
     except BaseException:
-        # If the store is gone, the leftovers stay, invisible anyway without a manifest; their
-        # lease expires, and `release delete` removes them then.
-        with contextlib.suppress(StoreError):
-            store.remove_prefix(release_key(name, ""))
+        _remove_written(store, name, written, publication)
         raise
     finally:
         publication.release()
     log(f"published release {name!r}: {manifest.memory_bank['count']} memories, "
         f"{manifest.memory_bank['bytes'] / 1e6:.1f} MB in bank {manifest.memory_bank['bank']}")
     return manifest
+
+
+def _remove_written(store: ObjectStore, name: str, written: Sequence[str], publication: Publication) -> None:
+    """After a failure, the keys this publisher wrote under the name, its manifest first if it got
+    that far; nothing if its lease no longer holds the name, as they may be another publisher's
+    now. If the store is gone, they stay, invisible anyway without a manifest; their lease
+    expires, and `release delete` or the next publication of the name removes them then."""
+    with contextlib.suppress(StoreError):
+        if not written or not publication.holds():
+            return
+        manifest = release_key(name, MANIFEST_FILE)
+        if manifest in written:
+            store.remove_keys([manifest])
+        store.remove_keys([key for key in written if key != manifest])
 
 
 def _check_free(store: ObjectStore, name: str) -> None:
@@ -121,8 +135,10 @@ def _check_sources(store: ObjectStore, name: str, sources: Sequence[str]) -> Non
 
 
 def _check_files(store: ObjectStore, name: str, files: dict[str, dict], publication: Publication) -> None:
-    """Every file the manifest will list is still there, and so is the lease: a deletion of
-    leftovers (possible once the lease expired, e.g. the process was stopped too long) removed them."""
+    """The lease has not lapsed, and it and every file the manifest will list are still there: a
+    publisher that took the name over once the lease expired (the process was stopped too long)
+    removed them as leftovers."""
+    publication.check_held()
     present = set(store.list_keys(release_key(name, "")))
     missing = [file for file in files if release_key(name, file) not in present]
     if missing or publication.lease.key not in present:
@@ -132,10 +148,15 @@ def _check_files(store: ObjectStore, name: str, files: dict[str, dict], publicat
 
 def _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
              parent_index, parent_references, parent, batch_size, progress, log, on_encoded, index_kind,
-             before_manifest) -> Manifest:
+             before_manifest, check_held, written: list[str]) -> Manifest:
+    """Writes the release. Before each file, `check_held` raises if the lease lapsed: the name may
+    be another publisher's since, with files of the same names. `written` gets each key under the
+    name before it is written (one cut short may have landed)."""
     files: dict[str, dict] = {}
 
     def put(file: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        check_held()
+        written.append(release_key(name, file))
         store.put_bytes(release_key(name, file), data, content_type)
         files[file] = {"sha256": sha256(data), "bytes": len(data)}
 
@@ -211,5 +232,6 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
         provenance=provenance, parent=parent,
     )
     before_manifest(files)
+    written.append(release_key(name, MANIFEST_FILE))
     store.put_bytes(release_key(name, MANIFEST_FILE), manifest.to_json().encode(), "application/json")
     return manifest

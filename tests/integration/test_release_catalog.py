@@ -57,7 +57,7 @@ def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_
     # The parent lists nothing that the derived release does not: nothing of the bank would go.
     plan = plan_deletion(bucket, "base")
     assert plan.memory_keys == [] and plan.kept == len(base_keys) and not plan.whole_bank
-    assert plan.sharing == ["derived"] and plan.derived == ["derived"]
+    assert plan.listed_by == ["derived"] and plan.derived == ["derived"]
 
     plan = plan_deletion(bucket, "derived")
     assert set(plan.memory_keys) == derived_keys - base_keys and plan.kept == len(base_keys)
@@ -278,3 +278,88 @@ def test_a_publication_waits_while_memories_are_removed(bucket, embedder, tmp_pa
     assert not retry.is_alive() and encoded.is_set()
     child = Release.open(bucket, "child", tmp_path / "cache2")
     assert len(child.fetch_memories(list(child.by_id))) == len(child.by_id)  # every memory it lists is there
+
+
+def test_a_release_whose_reference_table_is_missing_can_be_deleted_and_stops_no_gc(bucket, embedder, tmp_path,
+                                                                                    hold):
+    """A published release without its references.jsonl could not be deleted, and every deletion
+    in its bank and every `release gc` failed on it."""
+    from memory3.services.release.catalog import collect_unlisted, plan_collection
+
+    build_random_release(bucket, "base", embedder=embedder)
+    added = tmp_path / "added.txt"
+    added.write_text("Wenna Croft builds harps from pear wood in Skarn Point.\n\n"
+                     "The Skarn Point harp fair sells forty harps each summer.\n")
+    kb_add(bucket, "base", [added], "derived", tmp_path / "cache", embedder=embedder, progress=False)
+    build_random_release(bucket, "other", documents=DOCUMENTS[:4], seed=1, embedder=embedder)  # other weights
+    banks = {m.name: m.memory_bank["bank"] for m in read_catalog(bucket).published}
+    only_derived = memory_keys(bucket, "derived") - memory_keys(bucket, "base")
+    strays = {name: f"{MEMORIES_PREFIX}{banks[name]}/zz/stray" for name in ("base", "other")}
+    for key in strays.values():
+        bucket.put_bytes(key, b"left by a cancelled publication")
+    bucket.remove_keys([release_key("derived", "references.jsonl")])
+    held = hold()
+
+    plan = plan_collection(bucket)  # the bank of "derived" is left whole; the others are collected
+    assert plan.keys == {banks["other"]: [strays["other"]]} and list(plan.skipped) == [banks["base"]]
+    assert (f"memory bank {banks['base']}: left whole, as the reference tables of derived cannot be read (derived: "
+            "references.jsonl is missing)") in plan.summary()
+
+    plan = plan_deletion(bucket, "base")  # which of its memories "derived" lists is unknown: all stay
+    assert plan.memory_keys == [] and plan.kept == len(DOCUMENTS)
+    assert plan.unknown_tables == {"derived": "references.jsonl is missing"}
+
+    plan = plan_deletion(bucket, "derived")
+    assert plan.memory_keys == [] and plan.table_unreadable == "references.jsonl is missing"
+    assert "its reference table cannot be read (references.jsonl is missing)" in plan.summary()
+    delete_release(bucket, plan, held)
+    assert bucket.list_keys(release_key("derived", "")) == [] and all(bucket.exists(k) for k in only_derived)
+
+    plan = plan_collection(bucket)  # its memories are now those no release lists
+    assert set(plan.keys[banks["base"]]) == only_derived | {strays["base"]} and not plan.skipped
+    collect_unlisted(bucket, plan, held)
+    base = Release.open(bucket, "base", tmp_path / "cache2")
+    assert len(base.fetch_memories(list(base.by_id))) == len(DOCUMENTS)
+
+
+def test_a_deletion_names_the_releases_that_list_the_memories_it_keeps(bucket, embedder):
+    """It named every release of the bank as listing them, those that list none of them too."""
+    build_random_release(bucket, "base", embedder=embedder)
+    build_random_release(bucket, "first", documents=DOCUMENTS[:3], embedder=embedder)  # the same weights: one bank
+    build_random_release(bucket, "last", documents=DOCUMENTS[6:], embedder=embedder)
+    plan = plan_deletion(bucket, "last")
+    assert plan.summary().endswith("0 memories only this release lists; 6 kept, listed by base too")
+    assert plan.listed_by == ["base"]
+
+
+def test_a_sigterm_while_release_gc_runs_removes_its_maintenance_lease(bucket, tmp_path):
+    """Killed where it was, it left its lease, which every publication in the bucket waited for
+    until it expired."""
+    from memory3.services.release.lease import maintenance_leases
+
+    config = bucket.config
+    env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": config.access_key, "MEMORY3_S3_SECRET_KEY": config.secret_key}
+    planning_for_long = ("import sys, time\n"
+                         "from memory3.services.release import catalog\n"
+                         "def read_catalog(store):\n"
+                         "    print('planning', flush=True)\n"
+                         "    time.sleep(120)\n"
+                         "catalog.read_catalog = read_catalog\n"
+                         "from memory3.services.cli.main import main\n"
+                         "sys.exit(main(sys.argv[1:]))\n")
+    gc = subprocess.Popen([sys.executable, "-c", planning_for_long, "release", "gc", "--s3-endpoint",
+                           config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cache")],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert gc.stdout.readline() == "planning\n"
+        assert len(maintenance_leases(bucket)) == 1
+        gc.send_signal(signal.SIGTERM)
+        code, err = gc.wait(timeout=60), gc.stderr.read()
+    finally:
+        gc.kill()
+        gc.stdout.close()
+        gc.stderr.close()
+    assert code == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1] == ("memory3 release: interrupted (SIGTERM); the memories it had not removed yet are "
+                                    "still in the bucket: run it again")
+    assert maintenance_leases(bucket) == []

@@ -201,6 +201,17 @@ def test_kb_merge_refuses_a_wait_that_is_not_a_number(tmp_path):
                      wait_s=float("nan"))
 
 
+def test_release_show_of_an_invalid_name_says_what_names_may_be(tmp_path, monkeypatch):
+    """It called the name's manifest unreadable and advised `release delete` of it, which refuses that name too."""
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")
+    proc = memory3("release", "show", "Bad/name", "--s3-endpoint", "127.0.0.1:1", "--home", str(tmp_path),
+                   check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("memory3 release: error: invalid release name 'Bad/name': use 1-63 of a-z, 0-9, "
+                                   "'.', '_', '-' starting with a letter or digit")
+
+
 @pytest.mark.parametrize(("argv", "said"), [
     (["--release", "../x"], "invalid release name '../x'"),
     (["--max-batch", "0", "--release", "absent"], "--max-batch must be 1 or more, got 0"),
