@@ -127,27 +127,14 @@ def _distributed():
     return Distributed(rank=dist.get_rank(), world_size=world_size)
 
 
-def _derived_name(parent: str, kind: str, inputs: bytes) -> str:
-    """The default name of a release derived from `parent`: the same inputs give the same name, and
-    other inputs another. A long parent name is cut, never the hash, to keep to the 63 characters of
-    a release name."""
-    import hashlib
-
-    from memory3.services.release.manifest import check_release_name
-
-    suffix = f"-{kind}-{hashlib.sha256(inputs).hexdigest()[:8]}"
-    return check_release_name(check_release_name(parent)[: 63 - len(suffix)] + suffix)
-
-
 def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
                exist_ok: bool = False, remove_ids: list[str] = (), remove_matches: list[str] = (),
                events: bool = False, index_kind: str | None = None) -> int:
     from memory3.services.storage.object_store import ObjectStore
-    from memory3.services.trainer.releases import kb_add
+    from memory3.services.trainer.releases import kb_add, kb_add_name
 
     if name is None:
-        removals = "\n".join([*remove_ids, *remove_matches]).encode()
-        name = _derived_name(parent, "kb", b"".join(f.read_bytes() for f in files if f.is_file()) + removals)
+        name = kb_add_name(parent, files, remove_ids=remove_ids, remove_matches=remove_matches, index_kind=index_kind)
 
     def encoded(done: int, total: int) -> None:
         _json_lines({"step": done, "total_steps": total, "message": "encoding memories"})
@@ -169,7 +156,7 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
                   dry_run: bool) -> int:
     from memory3.services.release.reader import Release
     from memory3.services.storage.object_store import ObjectStore
-    from memory3.services.trainer.releases import check_keeps_one, kb_remove, references_to_remove
+    from memory3.services.trainer.releases import check_keeps_one, kb_remove, kb_remove_name, references_to_remove
 
     store = ObjectStore(s3)
     base = Release.open(store, parent, cache_dir)
@@ -182,7 +169,7 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
         print(f"dry run: {len(removed)} of the {len(base.references)} references of {parent!r} would be removed")
         return 0
     if name is None:
-        name = _derived_name(parent, "rm", "\n".join(sorted(r["id"] for r in removed)).encode())
+        name = kb_remove_name(parent, [r["id"] for r in removed])
     manifest = kb_remove(store, base, removed, name)
     print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories, "
           f"{len(removed)} references removed")
@@ -200,12 +187,12 @@ def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache
         wait_for_releases,
     )
     from memory3.services.storage.object_store import ObjectStore
-    from memory3.services.trainer.releases import differs_from_merge, kb_merge, plan_merge
+    from memory3.services.trainer.releases import differs_from_merge, kb_merge, kb_merge_name, plan_merge
 
     if not (math.isfinite(wait_s) and wait_s >= 0):  # NaN is not < 0
         raise ValueError(f"--wait must be a finite number of seconds, 0 or more, got {wait_s:g}")
     if name is None:
-        name = _derived_name(parent, "merge", "\n".join(sorted(derived)).encode())
+        name = kb_merge_name(parent, derived)
     store = ObjectStore(s3)
     deadline = time.monotonic() + wait_s
 

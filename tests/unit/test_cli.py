@@ -95,20 +95,6 @@ def test_generate_takes_max_tokens_as_openai_names_it():
     assert parse_args(["generate", "hi", "--max-new-tokens", "6"]).max_new_tokens == 6
 
 
-def test_a_default_derived_name_keeps_its_hash_however_long_the_parent():
-    """Cut at 63 characters, the hash went first: two different inputs got one name, and a parent of
-    63 characters gave its own name to its child."""
-    from memory3.services.cli.commands import _derived_name
-    from memory3.services.release.manifest import check_release_name
-
-    for parent in ("small-v1", "l" * 59, "n" * 63):
-        names = {_derived_name(parent, kind, inputs) for kind in ("kb", "merge") for inputs in (b"a", b"b")}
-        assert len(names) == 4 and parent not in names
-        assert all(check_release_name(n) and len(n) <= 63 for n in names)
-    assert _derived_name("small-v1", "kb", b"a") == _derived_name("small-v1", "kb", b"a")
-    assert _derived_name("small-v1", "rm", b"a").startswith("small-v1-rm-")
-
-
 def _interrupted_kb_merge(tmp_path, signum):
     """`kb merge` waiting for an object store that does not answer, stopped by `signum` once it waits."""
     import os

@@ -34,3 +34,36 @@ def test_parents_that_share_the_start_of_a_long_name_give_their_children_other_n
     assert kb_remove_name("base", ["b", "a"]) == kb_remove_name("base", ["a", "b"]) != kb_remove_name("base", ["a"])
     assert kb_remove_name("base", ["a"]).startswith("base-rm-")
     assert kb_merge_name("base", ["s"]).startswith("base-merge-")
+
+
+def test_a_default_name_keeps_its_hash_however_long_the_parent():
+    """Cut at 63 characters, the hash went first: two different inputs got one name, and a parent of
+    63 characters gave its own name to its child."""
+    for parent in ("small-v1", "l" * 59, "n" * 63):
+        names = {kb_remove_name(parent, [i]) for i in ("a", "b")} | {kb_merge_name(parent, [i]) for i in ("a", "b")}
+        assert len(names) == 4 and parent not in names
+        assert all(check_release_name(n) and len(n) <= 63 for n in names)
+
+
+def test_kb_add_without_a_name_publishes_under_the_default_name_of_its_request(tmp_path, monkeypatch):
+    """`memory3 kb add` with another --index-kind got the name of the release the same files had made."""
+    from types import SimpleNamespace
+
+    from memory3.services.cli.commands import cmd_kb_add
+    from memory3.services.storage.object_store import S3Config
+    from memory3.services.trainer import releases
+
+    corpus = tmp_path / "f.txt"
+    corpus.write_text("A fact.\n", encoding="utf-8")
+    published = []
+
+    def kb_add(store, parent, files, name, cache_dir, **options):
+        published.append(name)
+        return SimpleNamespace(name=name, provenance={}, memory_bank={"count": 1})
+
+    monkeypatch.setattr(releases, "kb_add", kb_add)
+    s3 = S3Config(endpoint="127.0.0.1:1", access_key="k", secret_key="s")
+    for kind in (None, "hnsw"):
+        cmd_kb_add(s3, [corpus], parent="base", name=None, cache_dir=tmp_path, index_kind=kind)
+    assert published == [kb_add_name("base", [corpus]), kb_add_name("base", [corpus], index_kind="hnsw")]
+    assert len(set(published)) == 2
