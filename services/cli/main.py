@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     kb = sub.add_parser("kb", help="knowledge base operations")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
     kb_add = kb_sub.add_parser("add", help="add documents to a release, as a new release (no retraining)")
-    kb_add.add_argument("files", nargs="+", type=Path, help="UTF-8 text files, blank lines separating documents, or JSON Lines "
-                        "({\"text\": ..., \"source\": ...} a line) in files ending .jsonl or .ndjson, in any case")
+    kb_add.add_argument("files", nargs="+", type=Path,
+                        help="UTF-8 text files, blank lines separating documents, or JSON Lines "
+                             "({\"text\": ..., \"source\": ...} a line) in files ending .jsonl or .ndjson, in any case")
     kb_add.add_argument("--release", required=True, help="the release to derive from")
     kb_add.add_argument("--name", default=None, help="name of the new release (default: RELEASE-kb-<hash>)")
     kb_add.add_argument("--remove-id", dest="remove_ids", action="append", default=[], metavar="ID",
