@@ -178,7 +178,7 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
 
 def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache_dir: Path, dry_run: bool,
                  wait_s: float, exist_ok: bool = False) -> int:
-    from memory3.services.release.publish import INDEX_FILE
+    from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
     from memory3.services.release.reader import (
         Release,
         already_published,
@@ -209,7 +209,7 @@ def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache
         wait_for_releases(store, [parent, *derived], max(deadline - time.monotonic(), 0), log=log)
     base = Release.open(store, parent, cache_dir)
     # Of a derived release, only its table and index are read: the model is the base's.
-    plan = plan_merge(base, [Release.open(store, d, cache_dir, only={INDEX_FILE}) for d in derived],
+    plan = plan_merge(base, [Release.open(store, d, cache_dir, only={INDEX_FILE, REFERENCES_FILE}) for d in derived],
                       ancestry={d: ancestry(store, d, until=parent) for d in derived})
     for release in plan.derived:
         added, removed = plan.changes_of(release)

@@ -22,8 +22,11 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memory3.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
 from ..memory.client import MemoryClient
 from ..memory.engine import release_ids_per_reply
+from ..release.publish import CODEC_FILE, TOKENIZER_KEY
 from ..release.reader import Release
 from ..rpc.errors import Unavailable
 from ..rpc.server import MAX_MESSAGE_BYTES, Server, ServerOptions, client_channel, serve_until_signal
@@ -110,9 +113,15 @@ class BuiltEngine:
             await channel.close()
 
 
+# What a decoder with remote retrieval reads of its release: the model and, for VQ, the codec. The
+# index and the reference table, the largest files at scale, are the text and memory services'.
+REMOTE_RETRIEVAL_FILES = (f"model/{CONFIG_FILE}", f"model/{WEIGHTS_FILE}", TOKENIZER_KEY, CODEC_FILE)
+
+
 def open_release(settings: DecoderSettings) -> Release:
     """Download (or reuse the verified local copy of) the release; blocking, one attempt."""
-    return Release.open(ObjectStore(settings.s3), settings.release, settings.cache_dir)
+    only = REMOTE_RETRIEVAL_FILES if settings.text_address is not None else None
+    return Release.open(ObjectStore(settings.s3), settings.release, settings.cache_dir, only=only)
 
 
 async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngine:

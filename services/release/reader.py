@@ -204,13 +204,14 @@ class Release:
     def open(cls, store: ObjectStore, name: str, cache_dir: Path, *, only: Collection[str] | None = None) -> Release:
         """Download (or reuse a verified local copy of) the release's files.
 
-        `only` limits this to some of the manifest's files (the reference table is always read): a
-        service that needs part of a release, like the memory service, skips the weights.
+        `only` limits this to some of the manifest's files: a service that needs part of a release
+        skips the rest (the memory service the weights and the index, the text service the weights,
+        a decoder with remote retrieval the index and the reference table).
         """
         manifest = read_manifest(store, name)
         local = cache_dir / name
         for file, meta in manifest.files.items():
-            if only is not None and file not in only and file != REFERENCES_FILE:
+            if only is not None and file not in only:
                 continue
             path = local / file
             if path.exists() and path.stat().st_size == meta["bytes"] and _file_sha256(path) == meta["sha256"]:

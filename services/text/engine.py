@@ -33,7 +33,7 @@ import numpy as np
 from memory3.model.tokenizer import TextCodec
 
 from ..release.manifest import ReleaseError
-from ..release.publish import INDEX_FILE, TOKENIZER_KEY
+from ..release.publish import INDEX_FILE, REFERENCES_FILE, TOKENIZER_KEY
 from ..release.reader import Release
 from ..retrieval.index import IndexShard, VectorIndex
 from ..rpc.errors import InvalidInput, ResourceExhausted, Unavailable
@@ -368,7 +368,7 @@ def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
     """Blocking: download (or reuse a verified copy of) the release and keep what retrieval needs:
     with `shard`, that shard's rows of the index and their texts only, loaded in the memory of the
     shard, and built once per local copy (`Release.index_shard`)."""
-    release = Release.open(store, name, cache_dir, only={INDEX_FILE, TOKENIZER_KEY})  # not the weights
+    release = Release.open(store, name, cache_dir, only={INDEX_FILE, REFERENCES_FILE, TOKENIZER_KEY})  # no weights
     ids, texts = [], {}
     for row, reference in enumerate(release.rows()):  # one pass, never the whole table at once
         ids.append(reference["id"])

@@ -18,7 +18,7 @@ from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
 from memory3.model.encoder import encode_batch
 
 from ..release.manifest import Manifest, check_release_name
-from ..release.publish import TOKENIZER_KEY, publish_release
+from ..release.publish import REFERENCES_FILE, TOKENIZER_KEY, publish_release
 from ..release.reader import Release, already_published, read_manifest
 from ..retrieval.embedder import Embedder
 from ..retrieval.index import VectorIndex
@@ -183,7 +183,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
     def differs(manifest: Manifest) -> str | None:
         if manifest.parent != parent:
             return f"derived from {manifest.parent!r}, not {parent!r}"
-        there = set(Release.open(store, name, cache_dir, only=()).by_id)
+        there = set(Release.open(store, name, cache_dir, only={REFERENCES_FILE}).by_id)
         asked = known | {r.id for r in new}
         if there != asked:
             return f"{len(asked - there)} of the references asked for are not there, {len(there - asked)} others are"
@@ -352,7 +352,7 @@ def _check_same_bank(base: Release, release: Release) -> None:
 def _open_table(base: Release, name: str) -> Release:
     """A release between the base and those merged into it, for its reference table only, from the
     base's store into the cache directory the base was opened from."""
-    return Release.open(base.store, name, base.local_dir.parent, only=())
+    return Release.open(base.store, name, base.local_dir.parent, only={REFERENCES_FILE})
 
 
 def _lines_from(base: Release, derived: Sequence[Release], chains: Mapping[str, Sequence[str]],

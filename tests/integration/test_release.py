@@ -168,3 +168,20 @@ def test_a_reference_holding_a_unicode_line_separator_reads_back(store, publishe
     assert [r["text"] for r in release.rows() if r["source"] == str(doc)] == [text]
     assert release.index().ids == [r["id"] for r in release.references]
     assert len(plan_deletion(store, "quick-1-separator").memory_keys) == 1  # only its own new memory
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_a_decoder_downloads_only_what_its_retrieval_reads(random_release, local_s3, tmp_path, remote):
+    """A decoder of remote retrieval downloaded the index and the reference table, the largest files
+    at scale, which only the text and memory services read."""
+    from memory3.services.decoder.server import DecoderSettings, open_release
+
+    addresses = {"text_address": "127.0.0.1:1", "memory_address": "127.0.0.1:2"} if remote else {}
+    release = open_release(DecoderSettings(release=random_release.name, s3=local_s3.config, cache_dir=tmp_path,
+                                           **addresses))
+    local = tmp_path / random_release.name
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    left_out = {"index.faiss", "references.jsonl"} if remote else set()
+    assert files == set(release.manifest.files) - left_out
+    release.load_model()  # all the engine reads
+    release.text_codec(), release.memory_codec(), release.memory_shape()
