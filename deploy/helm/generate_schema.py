@@ -33,11 +33,22 @@ INT_OR_PERCENT = {"type": ["integer", "string"], "minimum": 0, "pattern": "^[0-9
 DECIMAL = "^[0-9]+(\\.[0-9]+)?$"
 UNIT_DECIMAL = "^(0(\\.[0-9]+)?|1(\\.0+)?)$"  # a decimal string from 0 to 1
 # ...and it makes a digit-only value an integer: these strings also take one (the templates render it as text).
-STRINGS_SET_AS_INTEGERS = {"release", "image.tag", "s3.bucket", "trainer.job.release", "encoding.release",
+STRINGS_SET_AS_INTEGERS = {"release", "s3.bucket", "trainer.job.release", "encoding.release",
                            "encoding.merge.name", "kserve.modelName", "decoder.autoscaling.keda.threshold"}
+# ...except image tags, strings only: a values file's unquoted `tag: 1.0` is the number 1 to Helm (the image
+# `:1-cpu`), and 1.10 the number 1.1. A number gets an error that says to quote it (or to use --set-string).
+QUOTED_STRINGS = {"image.tag", "s3.inChart.image.tag", "redis.inChart.image.tag"}
 # A Kubernetes quantity of bytes (8Gi, 512M, 1e9), and Redis's own size units (1gb, 512mb, 100000).
 QUANTITY = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?([eE][0-9]+|[kMGTPE]|[KMGTPE]i)?$"}
 REDIS_SIZE = {"type": ["string", "integer"], "minimum": 0, "pattern": "^[0-9]+([kKmMgG][bB]?)?$"}
+# A DNS name (a wildcard first label allowed where a certificate takes one).
+DNS_LABEL = "[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?"
+DNS_NAME = {"type": "string", "pattern": f"^{DNS_LABEL}(\\.{DNS_LABEL})*$"}
+CERT_DNS_NAME = {"type": "string", "pattern": f"^(\\*\\.)?{DNS_LABEL}(\\.{DNS_LABEL})*$"}
+# A Prometheus Operator duration (15s, 1m30s).
+DURATION = {"type": "string",
+            "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+            "minLength": 1}
 CONSTRAINTS: dict[str, dict] = {
     "server.healthPort": PORT,
     "server.cacheSizeLimit": QUANTITY,
@@ -49,6 +60,9 @@ CONSTRAINTS: dict[str, dict] = {
     "decoder.autoscaling.keda.threshold": {"pattern": DECIMAL},
     "decoder.autoscaling.keda.pollingInterval": {"type": "integer", "minimum": 1},
     "decoder.autoscaling.keda.cooldownPeriod": COUNT,
+    "metrics.serviceMonitor.interval": DURATION,
+    "tls.clusterDomain": DNS_NAME,
+    "tls.generated.extraDnsNames": {"type": "array", "items": CERT_DNS_NAME},
     "encoding.shards": {"type": "integer", "minimum": 1, "maximum": 100000},
     "encoding.parallelism": {"type": "integer", "minimum": 1},
     "encoding.backoffLimitPerIndex": COUNT,
@@ -73,6 +87,7 @@ CONSTRAINTS: dict[str, dict] = {
     "server.logFormat": {"enum": ["text", "json"]},
     "server.grace": {"type": "number", "minimum": 0},
     "server.preStopSleepSeconds": {"type": "integer", "minimum": 0},
+    "server.maxConnectionAge": {"type": "number", "minimum": 0},
     "metrics.port": PORT,
     "s3.inChart.port": PORT,
     "redis.inChart.port": PORT,
@@ -171,6 +186,10 @@ def schema_of(value, path: str, docs: dict[str, str]) -> dict:
         node.setdefault("pattern", DECIMAL)
     if path in STRINGS_SET_AS_INTEGERS:
         node["type"] = ["string", "integer"]
+    if path in QUOTED_STRINGS:
+        node["type"] = ["string", "number"]  # a number is let through to the message below
+        node["if"] = {"type": "number"}
+        node["then"] = {"const": f'a string: quote it ({key}: "1.0" in a values file, --set-string {path}=1.0)'}
     node["default"] = value
     return node
 

@@ -33,7 +33,7 @@ VALUE_SETS = {
                              "trainer": {"job": {"enabled": True, "release": "small-v2", "workVolumeClaim": "runs"}},
                              "encoding": {"enabled": True, "shardsVolumeClaim": "shards"},
                              "redis": {"existingSecret": "memory3-redis"}},
-    "text-shards": {"text": {"indexShards": 3}, "kserve": {"enabled": True},
+    "text-shards": {"text": {"indexShards": 3, "autoscaling": {"minReplicas": 2}}, "kserve": {"enabled": True},
                     "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}},
     "tls-off": {"tls": {"enabled": False}},
     "tls-existing-secret": {"tls": {"existingSecret": "memory3-tls"}, "kserve": {"enabled": True}},
@@ -468,8 +468,8 @@ def test_keda_replaces_the_decoder_hpa():
     assert scaled["spec"]["scaleTargetRef"]["name"] == component_name("decoder")
 
 
-def test_pdbs_for_each_service():
-    r = render({})
+def test_pdbs_for_each_service_that_runs_two_pods_or_more():
+    r = render({c: {"autoscaling": {"minReplicas": 2}} for c in SERVICES})
     assert sorted(p["metadata"]["name"] for p in r.of_kind("PodDisruptionBudget")) == \
         sorted(component_name(c) for c in SERVICES)
 

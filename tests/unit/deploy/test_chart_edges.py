@@ -158,13 +158,12 @@ SET_EXPRESSIONS = [
      lambda r: r.get("HorizontalPodAutoscaler", component_name("decoder"))["spec"]["metrics"][0]["pods"]["target"][
          "averageValue"] == "2.5"),
     ("server.grace=2.5", lambda r: flag(container(r, "memory"), "--grace") == "2.5"),
-    ("text.pdb.maxUnavailable=25%", lambda r: r.get("PodDisruptionBudget", component_name("text"))["spec"][
-        "maxUnavailable"] == "25%"),
+    ("text.autoscaling.minReplicas=4,text.pdb.maxUnavailable=25%",
+     lambda r: r.get("PodDisruptionBudget", component_name("text"))["spec"]["maxUnavailable"] == "25%"),
     # strings --set turns into integers
     ("decoder.autoscaling.keda.enabled=true,decoder.autoscaling.keda.threshold=8",
      lambda r: r.of_kind("ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["threshold"] == "8"),
     ("release=20250601", lambda r: flag(container(r, "decoder"), "--release") == "20250601"),
-    ("image.tag=20250601", lambda r: container(r, "decoder")["image"].endswith(":20250601-cpu")),
     ("s3.bucket=2025", lambda r: flag(container(r, "decoder"), "--s3-bucket") == "2025"),
     ("kserve.enabled=true,kserve.modelName=42",
      lambda r: flag(r.of_kind("InferenceService")[0]["spec"]["predictor"]["containers"][0], "--model-name") == "42"),

@@ -108,6 +108,37 @@ def test_entry_command_exists_in_the_package(path):
         assert (args.command, args.host) == ("serve", "0.0.0.0")
 
 
+def runtime_packages(path) -> set[str]:
+    """The Debian packages the last stage (the image itself) installs with apt-get."""
+    steps = instructions(path)
+    last = max(i for i, (w, _a) in enumerate(steps) if w == "FROM")
+    packages = set()
+    for word, args in steps[last:]:
+        if word != "RUN":
+            continue
+        for command in re.split(r"&&|;", args):
+            words = shlex.split(command)
+            if words[:2] == ["apt-get", "install"]:
+                packages.update(w for w in words[2:] if not w.startswith("-"))
+    return packages
+
+
+def test_every_image_the_trainer_job_can_run_carries_the_training_corpora():
+    """`memory3 train` always reads the Debian corpora (services/trainer/corpus.py); the chart's trainer Job
+    runs in the image of trainer.job.imageFlavor."""
+    from memory3.services.trainer.corpus import DEBIAN_PACKAGES
+
+    schema = json.loads((ROOT / "deploy" / "helm" / "memory3" / "values.schema.json").read_text())
+    flavors = schema["properties"]["trainer"]["properties"]["job"]["properties"]["imageFlavor"]["enum"]
+    assert sorted(flavors) == ["cpu", "cuda"]
+    makefile = (ROOT / "Makefile").read_text()
+    for package in DEBIAN_PACKAGES.split():
+        assert f"$$missing {package}\"" in makefile  # `make system-deps` installs the same
+    for flavor in flavors:
+        path = ROOT / "deploy" / "docker" / f"Dockerfile.{flavor}"
+        assert set(DEBIAN_PACKAGES.split()) <= runtime_packages(path), path.name
+
+
 def test_every_console_script_the_chart_uses_is_the_image_entrypoint():
     chart = ROOT / "deploy" / "helm" / "memory3" / "templates"
     commands = {m for f in chart.rglob("*.yaml") for m in re.findall(r'command: \[("[^"]+")', f.read_text())}

@@ -39,10 +39,24 @@ that the ServiceMonitor scrapes. */}}
 {{- if ne (dig "service" "type" "ClusterIP" .Values.decoder) "ClusterIP" -}}true{{- end -}}
 {{- end -}}
 
-{{/* A PodDisruptionBudget for a component when its pdb is enabled. */}}
+{{/* The fewest pods a component's Deployment (each, for the text service's index shards) runs: the autoscaler's
+minReplicas, or replicaCount without autoscaling. Call with (dict "root" $ "component" "text"). */}}
+{{- define "memory3.minPods" -}}
+{{- $c := index .root.Values .component -}}
+{{- ternary $c.autoscaling.minReplicas $c.replicaCount $c.autoscaling.enabled | int -}}
+{{- end -}}
+
+{{/* "true" when a component gets a PodDisruptionBudget: its pdb is enabled and it runs at least 2 pods. With one
+pod a budget either lets a drain evict it (maxUnavailable 1) or blocks the drain for good (0), so none is made. */}}
+{{- define "memory3.pdbEnabled" -}}
+{{- $c := index .root.Values .component -}}
+{{- if and $c.pdb.enabled (ge (int (include "memory3.minPods" .)) 2) -}}true{{- end -}}
+{{- end -}}
+
+{{/* A PodDisruptionBudget for a component when memory3.pdbEnabled. */}}
 {{- define "memory3.pdb" -}}
 {{- $c := index .root.Values .component -}}
-{{- if $c.pdb.enabled }}
+{{- if include "memory3.pdbEnabled" . }}
 apiVersion: policy/v1
 kind: PodDisruptionBudget
 metadata:

@@ -259,6 +259,8 @@ is in a Secret; with networkPolicy.externalRedisPorts added. */}}
 - {{ .root.Values.metrics.port | quote }}
 - --grace
 - {{ .root.Values.server.grace | quote }}
+- --max-connection-age
+- {{ .root.Values.server.maxConnectionAge | quote }}
 - --log-format
 - {{ .root.Values.server.logFormat }}
 {{- include "memory3.tlsServerArgs" .root }}
@@ -428,13 +430,20 @@ livenessProbe:
   failureThreshold: 4
 {{- end -}}
 
-{{/* preStop sleep (endpoints stop routing before SIGTERM starts the drain). */}}
+{{/* preStop sleep (endpoints stop routing before SIGTERM starts the drain): the `sleep` action on Kubernetes 1.30+,
+before it (where the action is missing or alpha) an exec of the image's `sleep`. */}}
 {{- define "memory3.lifecycle" -}}
-{{- if gt (int .Values.server.preStopSleepSeconds) 0 }}
+{{- $seconds := int .Values.server.preStopSleepSeconds -}}
+{{- if gt $seconds 0 }}
 lifecycle:
   preStop:
+    {{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}
     sleep:
-      seconds: {{ .Values.server.preStopSleepSeconds }}
+      seconds: {{ $seconds }}
+    {{- else }}
+    exec:
+      command: ["sleep", {{ $seconds | toString | quote }}]
+    {{- end }}
 {{- end }}
 {{- end -}}
 

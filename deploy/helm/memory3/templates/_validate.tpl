@@ -4,8 +4,12 @@
 {{- $v := .Values -}}
 {{- if not $v.release -}}
 {{- $messages = append $messages "release: set the trainer release to serve, e.g. --set release=small-v1 (the release's directory in the bucket)" -}}
-{{- else if not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" (include "memory3.release" .)) -}}
-{{- $messages = append $messages (printf "release: %q is not a release name (letters, digits, '.', '_' and '-', no '/')" $v.release) -}}
+{{- else if not (include "memory3.isReleaseName" (include "memory3.release" .)) -}}
+{{- $messages = append $messages (printf "release: %q is not a release name (%s)" (include "memory3.release" .) (include "memory3.releaseNameRule" .)) -}}
+{{- end -}}
+{{- $bucket := include "memory3.string" $v.s3.bucket -}}
+{{- if not (include "memory3.isBucketName" $bucket) -}}
+{{- $messages = append $messages (printf "s3.bucket: %q is not an S3 bucket name (3-63 of a-z, 0-9, '.' and '-', starting and ending with a letter or digit, without '..', '.-' or '-.', not an IP address)" $bucket) -}}
 {{- end -}}
 {{- if $v.s3.inChart.enabled -}}
 {{- if $v.s3.endpoint -}}
@@ -67,8 +71,59 @@
 {{- if and $v.trainer.job.enabled (eq $v.trainer.job.imageFlavor "cpu") (hasKey (default dict $v.trainer.job.resources.limits) $v.decoder.gpu.resourceName) -}}
 {{- $messages = append $messages "trainer.job.resources: a GPU is requested but trainer.job.imageFlavor is cpu; set trainer.job.imageFlavor=cuda" -}}
 {{- end -}}
-{{- if and $v.trainer.job.enabled $v.trainer.job.release (not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*$" (include "memory3.string" $v.trainer.job.release))) -}}
-{{- $messages = append $messages (printf "trainer.job.release: %q is not a release name (letters, digits, '.', '_' and '-')" $v.trainer.job.release) -}}
+{{- if and $v.trainer.job.enabled $v.trainer.job.release (not (include "memory3.isReleaseName" (include "memory3.string" $v.trainer.job.release))) -}}
+{{- $messages = append $messages (printf "trainer.job.release: %q is not a release name (%s)" (include "memory3.string" $v.trainer.job.release) (include "memory3.releaseNameRule" .)) -}}
+{{- end -}}
+{{- if $v.encoding.enabled -}}
+{{- $base := include "memory3.encodingBase" . -}}
+{{- if and $v.encoding.release (not (include "memory3.isReleaseName" $base)) -}}
+{{- $messages = append $messages (printf "encoding.release: %q is not a release name (%s)" $base (include "memory3.releaseNameRule" .)) -}}
+{{- else if and (include "memory3.isReleaseName" $base) (gt (int $v.encoding.shards) 0) -}}
+{{- $lastShard := printf "%s-shard-%d" $base (sub (int $v.encoding.shards) 1) -}}
+{{- if not (include "memory3.isReleaseName" $lastShard) -}}
+{{- $messages = append $messages (printf "encoding.release: the shards' releases, up to %q, are longer than a release name may be (63 characters); use a shorter base release" $lastShard) -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.encoding.merge.enabled -}}
+{{- $merged := include "memory3.encodingMerged" . -}}
+{{- if and $v.encoding.merge.name (not (include "memory3.isReleaseName" $merged)) -}}
+{{- $messages = append $messages (printf "encoding.merge.name: %q is not a release name (%s)" $merged (include "memory3.releaseNameRule" .)) -}}
+{{- else if and (not $v.encoding.merge.name) (include "memory3.isReleaseName" $base) (not (include "memory3.isReleaseName" $merged)) -}}
+{{- $messages = append $messages (printf "encoding.merge.name: the default merged release %q is longer than a release name may be (63 characters); name it" $merged) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.kserve.enabled -}}
+{{- $model := include "memory3.string" $v.kserve.modelName -}}
+{{- if not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$" $model) -}}
+{{- $messages = append $messages (printf "kserve.modelName: %q is not a model name (1-63 of letters, digits, '.', '_' and '-', starting with a letter or digit: it is a path segment of the v2 routes)" $model) -}}
+{{- end -}}
+{{- end -}}
+{{- range $component := list "text" "memory" "decoder" -}}
+{{- $c := index $v $component -}}
+{{- $ctx := dict "root" $ "component" $component -}}
+{{- if include "memory3.pdbEnabled" $ctx -}}
+{{- $pods := int (include "memory3.minPods" $ctx) -}}
+{{- $most := $c.pdb.maxUnavailable -}}
+{{- $down := 0 -}}
+{{- if kindIs "string" $most -}}
+{{- $down = div (add (mul (int (trimSuffix "%" $most)) $pods) 99) 100 -}}
+{{- else -}}
+{{- $down = int $most -}}
+{{- end -}}
+{{- if ge (int $down) $pods -}}
+{{- $messages = append $messages (printf "%s.pdb.maxUnavailable: %v lets a drain take all %d pods of the minimum at once; set it below %d (e.g. 1) so one keeps serving" $component $most $pods $pods) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $check := list (dict "component" "memory" "cache" "ramCacheMB") (dict "component" "decoder" "cache" "memoryCacheMB") -}}
+{{- $c := index $v $check.component -}}
+{{- $limit := dig "limits" "memory" "" (default dict $c.resources) -}}
+{{- $limitMiB := include "memory3.quantityMiB" $limit -}}
+{{- $cacheMiB := float64 (index $c $check.cache) -}}
+{{- if and $limitMiB (gt $cacheMiB 0.0) (ge $cacheMiB (float64 $limitMiB)) -}}
+{{- $messages = append $messages (printf "%s.%s: %v MiB of cache does not fit the memory limit %v (%s.resources.limits.memory); lower it, or raise the limit above it with room for the process" $check.component $check.cache (index $c $check.cache) $limit $check.component) -}}
+{{- end -}}
 {{- end -}}
 {{- if and $v.trainer.job.enabled $v.encoding.enabled $v.encoding.merge.enabled (eq (include "memory3.trainerRelease" .) (include "memory3.encodingMerged" .)) -}}
 {{- $messages = append $messages (printf "trainer.job.release: the trainer would publish %q, the release the merge Job publishes; pin the trainer's own release (--set trainer.job.release=%s) or set trainer.job.enabled=false" (include "memory3.trainerRelease" .) (include "memory3.encodingBase" .)) -}}
@@ -116,5 +171,35 @@
 {{- end -}}
 {{- if $messages -}}
 {{- fail (printf "\n\nVALUES VALIDATION:\n- %s\n" (join "\n- " $messages)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The rule of a release name (services/release/manifest.py check_release_name), in words. */}}
+{{- define "memory3.releaseNameRule" -}}
+1-63 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit
+{{- end -}}
+
+{{/* "true" when the text is a release name: the rule of memory3.releaseNameRule. */}}
+{{- define "memory3.isReleaseName" -}}
+{{- if regexMatch "^[a-z0-9][a-z0-9._-]{0,62}$" (toString .) -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the text is an S3 bucket name as S3 and the object-store client accept it. */}}
+{{- define "memory3.isBucketName" -}}
+{{- $name := toString . -}}
+{{- if and (regexMatch "^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$" $name) (not (regexMatch "\\.\\.|\\.-|-\\." $name))
+  (not (regexMatch "^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$" $name)) (not (hasPrefix "xn--" $name))
+  (not (hasSuffix "-s3alias" $name)) (not (hasSuffix "--ol-s3" $name)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity of bytes (2Gi, 512M, 1.5e9, 2147483648) in MiB; empty when it is not one. */}}
+{{- define "memory3.quantityMiB" -}}
+{{- $quantity := include "memory3.string" . -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+)?" $quantity -}}
+{{- $units := dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18
+  "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
+{{- $suffix := trimPrefix $number $quantity -}}
+{{- if and $number (hasKey $units $suffix) -}}
+{{- divf (mulf (float64 $number) (get $units $suffix)) 1048576.0 -}}
 {{- end -}}
 {{- end -}}
