@@ -201,6 +201,11 @@ def test_the_decoders_startup_probe_outlasts_the_text_and_memory_services():
         r = render(values)
         budget = {c: startup_budget(r, c) for c in SERVICES}
         assert budget["decoder"] == decoder > max(budget["text"], budget["memory"]), values
+        # A release not published yet (the install's trainer Job publishes it) is waited for as long as the
+        # probe allows: the pods exited at once and crash-looped, against what the docs say.
+        waits = {c: _flag(r.get("Deployment", component_name(c))["spec"]["template"]["spec"]["containers"][0],
+                          "--wait-for-release") for c in SERVICES}
+        assert waits == {c: str(budget[c]) for c in SERVICES}, values
 
 
 # ---------------------------------------------------------------- version-like values
@@ -340,3 +345,7 @@ def test_keda_gets_no_cooldown_period_and_values_that_set_one_still_install():
         assert "cooldownPeriod" not in scaled["spec"] and scaled["spec"]["minReplicaCount"] >= 1
         behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
+
+
+def _flag(container: dict, name: str) -> str:
+    return container["args"][container["args"].index(name) + 1]

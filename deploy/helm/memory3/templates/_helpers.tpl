@@ -245,7 +245,9 @@ is in a Secret; with networkPolicy.externalRedisPorts added. */}}
 - /var/cache/memory3/releases
 {{- end -}}
 
-{{/* The flags every `memory3 serve` takes in a pod. Call with (dict "root" $ "service" "text" "port" 50052). */}}
+{{/* The flags every `memory3 serve` takes in a pod. Call with (dict "root" $ "service" "text" "port" 50052 "startup"
+600): a release not published yet (a trainer Job of the same install publishes it) is waited for as long as the
+startup probe allows. */}}
 {{- define "memory3.serveArgs" -}}
 - serve
 - {{ .service }}
@@ -261,6 +263,8 @@ is in a Secret; with networkPolicy.externalRedisPorts added. */}}
 - {{ .root.Values.server.grace | quote }}
 - --max-connection-age
 - {{ .root.Values.server.maxConnectionAge | quote }}
+- --wait-for-release
+- {{ .startup | quote }}
 - --log-format
 - {{ .root.Values.server.logFormat }}
 {{- include "memory3.tlsServerArgs" .root }}
