@@ -331,9 +331,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--health-port", type=port_number(free=True), default=None,
                        help="also serve grpc.health.v1.Health alone, in plaintext, on this port, for probes that "
                             "cannot speak TLS (0: any free port; default: none)")
-    group.add_argument("--max-connection-age", type=finite_float, default=60.0,
+    group.add_argument("--max-connection-age", type=finite_float, default=None,
                        help="seconds after which a client connection is asked to reconnect (its calls in flight "
-                            "finish), so that the replicas behind a Service share its calls; 0: never")
+                            "finish), so that the replicas behind a Service share its calls (default 60; 0: never)")
 
 
 def server_options(args: argparse.Namespace):
@@ -344,7 +344,8 @@ def server_options(args: argparse.Namespace):
     return ServerOptions(host=args.host or "127.0.0.1", port=port, grace_s=args.grace, metrics_port=args.metrics_port,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                          auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None, health_port=args.health_port,
-                         max_connection_age_s=args.max_connection_age or None)
+                         max_connection_age_s=(ServerOptions.max_connection_age_s if args.max_connection_age is None
+                                               else args.max_connection_age or None))
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
@@ -452,6 +453,9 @@ def _serve_kserve(args: argparse.Namespace) -> int:
     if args.host is not None:
         raise ValueError("serve kserve takes no --host: KServe binds all interfaces (0.0.0.0 and [::]), which "
                          "cannot be changed; restrict access with a firewall or network policy")
+    if args.max_connection_age is not None:
+        raise ValueError("serve kserve takes no --max-connection-age: its servers are KServe's, which keep a "
+                         "connection as long as its client does")
     settings = _decoder_settings(args)
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; ours are parsed already
     try:

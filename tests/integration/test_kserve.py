@@ -426,6 +426,7 @@ def test_v2_returns_only_the_requested_outputs(kserve_server):
     (["--port", "18090"], "serve kserve takes no --port: it listens on --http-port"),
     (["--host", "10.1.2.3"], "serve kserve takes no --host: KServe binds all interfaces"),
     (["--host", "127.0.0.1"], "serve kserve takes no --host: KServe binds all interfaces"),  # the others' default
+    (["--max-connection-age", "30"], "serve kserve takes no --max-connection-age: its servers are KServe's"),
 ])
 def test_serve_kserve_refuses_port_and_host(capsys, monkeypatch, option, says):
     """They were accepted and ignored: KServe listened on --http-port and --grpc-port, on every interface."""

@@ -246,3 +246,5 @@ def test_the_maximum_connection_age_reaches_the_server_and_zero_turns_it_off():
         return server_options(parse_args(["serve", "text", "--release", "r", *flags])).max_connection_age_s
 
     assert (age(), age("--max-connection-age", "15"), age("--max-connection-age", "0")) == (60.0, 15.0, None)
+    with pytest.raises(ValueError, match="maximum connection age must be > 0 seconds"):
+        age("--max-connection-age", "-1")
