@@ -39,6 +39,7 @@ from .manifest import (
     check_release_name,
     memory_key,
     release_key,
+    sha256,
 )
 from .publish import MANIFEST_FILE, REFERENCES_FILE
 from .reader import read_manifest
@@ -332,11 +333,16 @@ class UnreadableTable(ReleaseError):
 
 def _memory_keys(store: ObjectStore, manifest: Manifest) -> set[str]:
     """The keys of the memories a release lists (its reference table's rows); UnreadableTable when
-    the table is missing or damaged (an outage of the store is raised as it is)."""
+    the table is missing or damaged (an outage of the store is raised as it is). Damaged is judged by
+    the manifest's checksum: a table cut at a line's end parses, and lists fewer memories than the
+    release reads."""
     try:
         table = store.get_bytes(release_key(manifest.name, REFERENCES_FILE))
     except ObjectNotFound as e:
         raise UnreadableTable(manifest.name, f"{REFERENCES_FILE} is missing") from e
+    expected = manifest.files.get(REFERENCES_FILE, {}).get("sha256")
+    if expected is not None and sha256(table) != expected:
+        raise UnreadableTable(manifest.name, f"{REFERENCES_FILE} does not match the manifest's checksum")
     try:
         return _table_keys(table, manifest.memory_bank["bank"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not UTF-8, not JSON, a row without an id

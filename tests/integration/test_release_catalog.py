@@ -297,6 +297,11 @@ def test_a_release_whose_reference_table_is_missing_can_be_deleted_and_stops_no_
     strays = {name: f"{MEMORIES_PREFIX}{banks[name]}/zz/stray" for name in ("base", "other")}
     for key in strays.values():
         bucket.put_bytes(key, b"left by a cancelled publication")
+    table = bucket.get_bytes(release_key("derived", "references.jsonl"))
+    bucket.put_bytes(release_key("derived", "references.jsonl"), table[:table.index(b"\n") + 1])  # cut at a row
+    plan = plan_collection(bucket)  # a table that parses but is not the manifest's lists too few memories
+    assert plan.skipped == {banks["base"]: {"derived": "references.jsonl does not match the manifest's checksum"}}
+    assert banks["base"] not in plan.keys
     bucket.remove_keys([release_key("derived", "references.jsonl")])
     held = hold()
 
