@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..rpc.server import Server, ServerOptions
@@ -34,12 +36,18 @@ async def start_trainer_server(s3: S3Config, work_root: Path,
     return server, engine
 
 
+def drain_hooks(engine: TrainingJobManager, options: ServerOptions) -> list[Callable[[], Awaitable[None]]]:
+    """What SIGTERM runs before the server's own wait: the jobs are cancelled and their children get
+    what is left of the one grace period (`Server.stop`) to clean up."""
+    return [functools.partial(engine.stop, grace_s=options.grace_s)]
+
+
 def serve_trainer(s3: S3Config, work_root: Path, options: ServerOptions) -> int:
     async def main() -> None:
         server, engine = await start_trainer_server(s3, work_root, options)
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
         print(f"TrainerService on {options.host}:{server.port}{metrics}", flush=True)
-        await server.run_until_signal(on_drain=[engine.stop])
+        await server.run_until_signal(on_drain=drain_hooks(engine, options))
 
     asyncio.run(main())
     return 0

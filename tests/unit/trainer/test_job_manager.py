@@ -195,3 +195,19 @@ def test_a_knowledge_job_record_reads_back_as_its_spec(tmp_path):
     job.save()
     again = Job.load(tmp_path / "k.json")
     assert (again.spec, again.state, again.release) == (spec, SUCCEEDED, "a")
+
+
+def test_sigterm_gives_the_jobs_children_the_grace_period_not_30_s():
+    """The jobs' children were waited for up to 30 s whatever --grace said; the drain hooks and the
+    server's own wait now share one grace period."""
+    from memory3.services.rpc.server import ServerOptions
+    from memory3.services.trainer.server import drain_hooks
+
+    class Manager:
+        async def stop(self, *, grace_s: float = 30.0) -> None:
+            self.grace_s = grace_s
+
+    manager = Manager()
+    for hook in drain_hooks(manager, ServerOptions(grace_s=2.5)):
+        asyncio.run(hook())
+    assert manager.grace_s == 2.5
