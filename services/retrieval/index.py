@@ -23,7 +23,8 @@ The index maps FAISS row numbers to reference ids through the row order of the r
 was built with; it is stored with `faiss.serialize_index` (bytes, no pickle), `nprobe` included.
 
 A shard of a stored index (`read_shard`) is taken from the file mapped into memory, not read: only the
-shard's rows are copied out, so it needs the memory of the shard, not of the whole index.
+shard's rows are copied out, so it needs the memory of the shard, not of the whole index (for HNSW,
+whose graph FAISS reads whole, the graph's too while the shard's is built).
 """
 
 from __future__ import annotations
