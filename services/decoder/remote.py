@@ -37,6 +37,12 @@ _FETCHES, _HITS, _MISSES = (m.labels(tier=TIER) for m in (metrics.MEMORY_FETCHES
                                                            metrics.MEMORY_MISSES))
 
 
+def _message_too_large(e: grpc.aio.AioRpcError) -> bool:
+    """gRPC's own RESOURCE_EXHAUSTED for a message over a channel's limit: a setting to fix, which
+    waiting or generating without memory would hide, not an overloaded service."""
+    return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or "")
+
+
 def memory_nbytes(memory: ExplicitMemory) -> int:
     return sum(t.nbytes for t in (memory.keys, memory.values, memory.positions))
 
@@ -62,7 +68,7 @@ class RemoteRetrieval:
         try:
             hits = await self.text.retrieve(queries, top_k, include_text)
         except grpc.aio.AioRpcError as e:
-            if e.code() in _OUTAGE:
+            if e.code() in _OUTAGE and not _message_too_large(e):
                 raise Unavailable(f"text service: {e.details()}") from e
             raise error_from_rpc(e) from e
         except ShardMismatch as e:

@@ -175,3 +175,22 @@ def test_an_overloaded_text_service_is_an_outage_for_the_retrieval_policy():
     remote = RemoteRetrieval(Overloaded(), None, CODEC, SHAPE, release="r")
     with pytest.raises(Unavailable, match="text service: 64 retrieval requests are already waiting"):
         asyncio.run(remote.retrieve([[1, 2]], 5, False))
+
+
+def test_a_message_over_the_channels_limit_is_no_outage():
+    """gRPC answers RESOURCE_EXHAUSTED for a message over a limit too: a setting to fix, which the
+    retrieval policy must not hide by generating without memory."""
+    import grpc
+
+    from memory3.services.rpc.errors import ResourceExhausted
+
+    class TooLarge:
+        release = "r"
+
+        async def retrieve(self, queries, top_k, include_text):
+            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details="Received message larger than max (70000000 vs. 67108864)")
+
+    remote = RemoteRetrieval(TooLarge(), None, CODEC, SHAPE, release="r")
+    with pytest.raises(ResourceExhausted, match="larger than max"):
+        asyncio.run(remote.retrieve([[1, 2]], 5, False))
