@@ -160,19 +160,28 @@ def test_a_text_service_of_another_release_is_unavailable_not_its_references():
         asyncio.run(stale.retrieve([[1, 2]], 5, False))
 
 
+class RefusingTextService:
+    """A text service whose every call fails with `code` and `details`."""
+
+    release = "r"
+
+    def __init__(self, code, details: str) -> None:
+        self.code, self.details = code, details
+
+    async def retrieve(self, queries, top_k, include_text):
+        import grpc
+
+        raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=self.details)
+
+
 def test_an_overloaded_text_service_is_an_outage_for_the_retrieval_policy():
     """RESOURCE_EXHAUSTED from the text service ended streams even under `--retrieval-policy
     continue`, and told a client of the fail policy that the decoder was at capacity."""
-    class Overloaded:
-        release = "r"
+    import grpc
 
-        async def retrieve(self, queries, top_k, include_text):
-            import grpc
-
-            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details="64 retrieval requests are already waiting; retry later")
-
-    remote = RemoteRetrieval(Overloaded(), None, CODEC, SHAPE, release="r")
+    text = RefusingTextService(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               "64 retrieval requests are already waiting; retry later")
+    remote = RemoteRetrieval(text, None, CODEC, SHAPE, release="r")
     with pytest.raises(Unavailable, match="text service: 64 retrieval requests are already waiting"):
         asyncio.run(remote.retrieve([[1, 2]], 5, False))
 
@@ -184,13 +193,8 @@ def test_a_message_over_the_channels_limit_is_no_outage():
 
     from memory3.services.rpc.errors import ResourceExhausted
 
-    class TooLarge:
-        release = "r"
-
-        async def retrieve(self, queries, top_k, include_text):
-            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details="Received message larger than max (70000000 vs. 67108864)")
-
-    remote = RemoteRetrieval(TooLarge(), None, CODEC, SHAPE, release="r")
+    text = RefusingTextService(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               "Received message larger than max (70000000 vs. 67108864)")
+    remote = RemoteRetrieval(text, None, CODEC, SHAPE, release="r")
     with pytest.raises(ResourceExhausted, match="larger than max"):
         asyncio.run(remote.retrieve([[1, 2]], 5, False))

@@ -15,16 +15,22 @@ from memory3.services.trainer.train import HISTORY_FILE, StageConfig, TrainConfi
 from memory3.services.trainer.world import World
 
 
-def test_steps_with_the_attention_loss_record_both_parts_and_the_plot_draws_every_stage(tmp_path):
+def tiny_run(out_dir: Path, steps: tuple[int, int, int], evaluate=None, **train) -> Trainer:
+    """A Trainer of the tiny model over `steps` steps of stages 1, 2 and 3 (no warm-up, no decay)."""
     codec = TextCodec(byte_level_tokenizer())
     config = Memory3Config.from_name("tiny")
-    train = TrainConfig(seq_len=128, batch_size=2, eval_every=100, checkpoint_every=100, attention_weight=3.0,
-                        stage1=StageConfig(steps=1, lr=1e-3, warmup_steps=0),
-                        stage2=StageConfig(steps=1, lr=1e-3, warmup_steps=0),
-                        stage3=StageConfig(steps=3, lr=3e-4, warmup_steps=0, decay_fraction=0.0))
+    (one, two, three) = steps
+    train = TrainConfig(seq_len=128, batch_size=2, **train,
+                        stage1=StageConfig(steps=one, lr=1e-3, warmup_steps=0),
+                        stage2=StageConfig(steps=two, lr=1e-3, warmup_steps=0),
+                        stage3=StageConfig(steps=three, lr=3e-4, warmup_steps=0, decay_fraction=0.0))
     data = TrainingData(World(1, n_train=30, n_heldout=6), codec, config, seq_len=train.seq_len, seed=0)
-    trainer = Trainer(random_model(config, seed=0), data, train, tmp_path, prefix=codec.reference_prefix(config),
-                      progress=False)
+    return Trainer(random_model(config, seed=0), data, train, out_dir, prefix=codec.reference_prefix(config),
+                   progress=False, evaluate=evaluate)
+
+
+def test_steps_with_the_attention_loss_record_both_parts_and_the_plot_draws_every_stage(tmp_path):
+    trainer = tiny_run(tmp_path, (1, 1, 3), eval_every=100, checkpoint_every=100, attention_weight=3.0)
     trainer.run()
     steps = [h for h in trainer.state.history if "loss" in h]
     assert [h["stage"] for h in steps] == [1, 2, 3, 3, 3]
@@ -78,16 +84,9 @@ def test_a_checkpoint_resumes_only_with_its_number_of_processes_and_unfinished_s
 
 
 def tiny_trainer(out_dir: Path) -> Trainer:
-    """Five steps of every stage, evaluated and checkpointed at steps 2, 4 and 5."""
-    codec = TextCodec(byte_level_tokenizer())
-    config = Memory3Config.from_name("tiny")
-    train = TrainConfig(seq_len=128, batch_size=2, eval_every=2, checkpoint_every=2, keep_checkpoints=3,
-                        stage1=StageConfig(steps=2, lr=1e-3, warmup_steps=0),
-                        stage2=StageConfig(steps=1, lr=1e-3, warmup_steps=0),
-                        stage3=StageConfig(steps=2, lr=3e-4, warmup_steps=0, decay_fraction=0.0))
-    data = TrainingData(World(1, n_train=30, n_heldout=6), codec, config, seq_len=train.seq_len, seed=0)
-    return Trainer(random_model(config, seed=0), data, train, out_dir, prefix=codec.reference_prefix(config),
-                   progress=False, evaluate=lambda model: {"heldout_acc_memory": 0.25})
+    """Five steps in all, evaluated and checkpointed at steps 2, 4 and 5."""
+    return tiny_run(out_dir, (2, 1, 2), evaluate=lambda model: {"heldout_acc_memory": 0.25}, eval_every=2,
+                    checkpoint_every=2, keep_checkpoints=3)
 
 
 def killed_after_its_last_checkpoint(out_dir: Path) -> tuple[Path, list[dict]]:
