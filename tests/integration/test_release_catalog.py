@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 from release_fixtures import DOCUMENTS, build_random_release
@@ -180,17 +181,13 @@ def test_a_sigterm_while_kb_add_publishes_removes_what_it_had_written(bucket, tm
                             "--release", "base", "--name", "t-term", "--events", "--s3-endpoint", config.endpoint,
                             "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cache")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    def publishing() -> None:
         for line in add.stdout:  # the model's files are uploaded, and the first memories
             if "encoding memories" in line:
                 break
         assert bucket.list_keys(release_key("t-term", ""))
-        add.send_signal(signal.SIGTERM)
-        code, err = add.wait(timeout=120), add.stderr.read()
-    finally:
-        add.kill()
-        add.stdout.close()
-        add.stderr.close()
+
+    code, err = terminated(add, once=publishing, timeout=120)
     assert code == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     assert err.splitlines()[-1] == ("memory3 kb: interrupted (SIGTERM); any release it had not finished publishing "
@@ -355,16 +352,25 @@ def test_a_sigterm_while_release_gc_runs_removes_its_maintenance_lease(bucket, t
     gc = subprocess.Popen([sys.executable, "-c", planning_for_long, "release", "gc", "--s3-endpoint",
                            config.endpoint, "--s3-bucket", config.bucket, "--cache-dir", str(tmp_path / "cache")],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    def planning() -> None:
         assert gc.stdout.readline() == "planning\n"
         assert len(maintenance_leases(bucket)) == 1
-        gc.send_signal(signal.SIGTERM)
-        code, err = gc.wait(timeout=60), gc.stderr.read()
-    finally:
-        gc.kill()
-        gc.stdout.close()
-        gc.stderr.close()
+
+    code, err = terminated(gc, once=planning, timeout=60)
     assert code == 128 + signal.SIGTERM, err
     assert err.splitlines()[-1] == ("memory3 release: interrupted (SIGTERM); the memories it had not removed yet are "
                                     "still in the bucket: run it again")
     assert maintenance_leases(bucket) == []
+
+
+def terminated(process: subprocess.Popen, *, once: Callable[[], None], timeout: float) -> tuple[int, str]:
+    """SIGTERM to `process` once `once()` returns (it reads the process's output to see it at work);
+    then its exit status and what it wrote to stderr."""
+    try:
+        once()
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=timeout), process.stderr.read()
+    finally:
+        process.kill()
+        process.stdout.close()
+        process.stderr.close()
