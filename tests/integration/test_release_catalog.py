@@ -37,15 +37,20 @@ def hold(bucket):
         yield lambda: stack.enter_context(Maintenance(bucket, "release delete (test)"))
 
 
-def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_reader_is_unknown(bucket, tmp_path,
-                                                                                                   hold):
-    embedder = Embedder()
+def publish_base_derived_and_other(bucket, embedder, tmp_path) -> None:
+    """"base"; "derived", base with two references added (one memory bank); "other", of other weights."""
     build_random_release(bucket, "base", embedder=embedder)
     added = tmp_path / "added.txt"
     added.write_text("Wenna Croft builds harps from pear wood in Skarn Point.\n\n"
                      "The Skarn Point harp fair sells forty harps each summer.\n")
     kb_add(bucket, "base", [added], "derived", tmp_path / "cache", embedder=embedder, progress=False)
     build_random_release(bucket, "other", documents=DOCUMENTS[:4], seed=1, embedder=embedder)  # other weights
+
+
+def test_deleting_releases_removes_what_only_they_list_and_refuses_while_a_bank_reader_is_unknown(bucket, tmp_path,
+                                                                                                   hold):
+    embedder = Embedder()
+    publish_base_derived_and_other(bucket, embedder, tmp_path)
     catalog = read_catalog(bucket)
     assert {m.name for m in catalog.published} == {"base", "derived", "other"}
     assert not catalog.unpublished and not catalog.unreadable
@@ -283,12 +288,7 @@ def test_a_release_whose_reference_table_is_missing_can_be_deleted_and_stops_no_
     in its bank and every `release gc` failed on it."""
     from memory3.services.release.catalog import collect_unlisted, plan_collection
 
-    build_random_release(bucket, "base", embedder=embedder)
-    added = tmp_path / "added.txt"
-    added.write_text("Wenna Croft builds harps from pear wood in Skarn Point.\n\n"
-                     "The Skarn Point harp fair sells forty harps each summer.\n")
-    kb_add(bucket, "base", [added], "derived", tmp_path / "cache", embedder=embedder, progress=False)
-    build_random_release(bucket, "other", documents=DOCUMENTS[:4], seed=1, embedder=embedder)  # other weights
+    publish_base_derived_and_other(bucket, embedder, tmp_path)
     banks = {m.name: m.memory_bank["bank"] for m in read_catalog(bucket).published}
     only_derived = memory_keys(bucket, "derived") - memory_keys(bucket, "base")
     strays = {name: f"{MEMORIES_PREFIX}{banks[name]}/zz/stray" for name in ("base", "other")}
