@@ -298,6 +298,15 @@ def test_clients_that_hang_up_before_their_reply_free_their_slots(kserve_server)
     assert metric(kserve_server, "memory3_generation_tokens_total") - tokens_before < 2 * 900  # cancelled
 
 
+def test_a_client_that_leaves_a_stream_midway_frees_its_slot(kserve_server):
+    connection = kserve_server.send_unread("/v1/completions", {"prompt": PROMPT, "stream": True, "max_tokens": 900,
+                                                               "temperature": 0})
+    reply = connection.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")  # streaming
+    connection.close()
+    wait_for_metric(kserve_server, "memory3_num_requests_running", 0, "the slot freed at the hang-up", within=3)
+
+
 def test_the_per_client_stream_limit_holds_over_http(tmp_path, random_release, local_s3):
     """`--max-streams-per-client` applied to gRPC only: the HTTP doors passed no client id. A client is
     its `x-client-id` header, else its host."""
