@@ -149,6 +149,14 @@ def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
         Path(tmp.name).unlink(missing_ok=True)
 
 
+def _download(store: ObjectStore, name: str, file: str, sha256: str, to: Path) -> None:
+    """File `file` of release `name` into `to`; ReleaseError unless it matches its manifest checksum."""
+    with to.open("wb") as out:
+        digest = store.download(release_key(name, file), out)
+    if digest != sha256:
+        raise ReleaseError(f"release {name!r}: {file} does not match its manifest checksum")
+
+
 def _kept_index(path: Path, ids: Sequence[str]) -> VectorIndex | None:
     """The index kept at `path` (its rows' `ids`) when its checksum, written after it, matches it; None
     when there is none, or it is partial or damaged (it is then built again, never served)."""
@@ -217,20 +225,9 @@ class Release:
             if path.exists() and path.stat().st_size == meta["bytes"] and _file_sha256(path) == meta["sha256"]:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            # Streamed to a temporary file of its own (a file is never held whole in memory): processes
-            # sharing a cache (the local stack's index shards) may download the same file at once, and
-            # each replace is then whole.
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".part",
-                                             delete=False) as tmp:
-                try:
-                    digest = store.download(release_key(name, file), tmp)
-                except BaseException:
-                    Path(tmp.name).unlink(missing_ok=True)
-                    raise
-            if digest != meta["sha256"]:
-                Path(tmp.name).unlink(missing_ok=True)
-                raise ReleaseError(f"release {name!r}: {file} does not match its manifest checksum")
-            Path(tmp.name).replace(path)
+            # Streamed (a file is never held whole in memory), and written whole (`_write_whole`):
+            # processes sharing a cache (the local stack's index shards) may download it at once.
+            _write_whole(path, functools.partial(_download, store, name, file, meta["sha256"]))
         return cls(store, manifest, local)
 
     @property
