@@ -23,13 +23,14 @@ none of that bank's memories, and `release gc` leaves its bank whole: either may
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 from ..storage.object_store import ObjectNotFound, ObjectStore
-from .lease import LEASE_TTL_S, Maintenance, ReleaseBusy, live_leases
+from .lease import LEASE_TTL_S, Lease, Maintenance, MaintenanceLapsed, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
     RELEASES_PREFIX,
@@ -44,8 +45,8 @@ from .manifest import (
 from .publish import MANIFEST_FILE, REFERENCES_FILE
 from .reader import read_manifest
 
-__all__ = ["Catalog", "CollectionPlan", "DeletionPlan", "Maintenance", "ReleaseBusy", "collect_unlisted",
-           "delete_release", "plan_collection", "plan_deletion", "read_catalog", "release_names"]
+__all__ = ["Catalog", "CollectionPlan", "DeletionPlan", "Maintenance", "MaintenanceLapsed", "ReleaseBusy",
+           "collect_unlisted", "delete_release", "plan_collection", "plan_deletion", "read_catalog", "release_names"]
 
 
 def release_names(store: ObjectStore) -> list[str]:
@@ -64,10 +65,13 @@ class Catalog:
 
 
 def read_catalog(store: ObjectStore) -> Catalog:
+    """Each manifest named by its directory, whatever name it records: a release copied to a new name
+    (its objects copied, as a promotion does) keeps the original's, and taken for a second release of
+    that name, its memories would go with the original's."""
     published, unpublished, unreadable = [], [], {}
     for name in release_names(store):
         try:
-            published.append(read_manifest(store, name))
+            published.append(replace(read_manifest(store, name), name=name))
         except ReleaseNotFound:
             unpublished.append(name)
         except (ReleaseError, UnicodeDecodeError) as e:  # another format, or a damaged manifest
@@ -156,17 +160,17 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
             names = [m.name for m in catalog.published]
             raise ReleaseNotFound(f"release {name!r} is not in bucket {store.bucket!r} (releases there: "
                                   f"{', '.join(names) or 'none'})")
-        running = live_leases(store, name)
+        keys, running = _release_keys(store, name)
         if running:
             raise ReleaseBusy(f"release {name!r} is being published by {running[0].describe()}; nothing was "
                               "deleted. Wait for it to finish, or stop it: its lease then expires "
                               f"{LEASE_TTL_S:.0f} s after its last heartbeat ({running[0].expiry()})")
         # Its own objects only: what memories it lists is unknown, and they stay.
-        return DeletionPlan(name, published=False, release_keys=store.list_keys(release_key(name, "")),
-                            unreadable=catalog.unreadable.get(name), planned_at=planned_at)
+        return DeletionPlan(name, published=False, release_keys=keys, unreadable=catalog.unreadable.get(name),
+                            planned_at=planned_at)
     _refuse_while_unknown(store, catalog, may_list=f"memories of {name!r}", done="deleted", besides=name)
     others = [m for m in catalog.published if m.name != name]
-    plan = DeletionPlan(name, published=True, release_keys=store.list_keys(release_key(name, "")),
+    plan = DeletionPlan(name, published=True, release_keys=_release_keys(store, name)[0],
                         bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],
                         listed=int(mine.memory_bank["count"]), planned_at=planned_at)
     sharing = [m for m in others if m.memory_bank["bank"] == plan.bank]
@@ -175,6 +179,18 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
         return plan
     _plan_memories(store, plan, mine, sharing)
     return plan
+
+
+def _release_keys(store: ObjectStore, name: str) -> tuple[list[str], list[Lease]]:
+    """The objects under the name that a deletion removes, and the live publication leases there,
+    which it never removes. Listed before the leases are looked for: a publication of the name that
+    begins under the maintenance lease writes its lease, then waits for the removal to end, and that
+    lease is either seen live, or written after the listing. Removed, it would leave the name free to
+    a second publisher, and fail the first at its end."""
+    keys = store.list_keys(release_key(name, ""))
+    running = live_leases(store, name)
+    live = {lease.key for lease in running}
+    return [key for key in keys if key not in live], running
 
 
 def _plan_memories(store: ObjectStore, plan: DeletionPlan, mine: Manifest, sharing: list[Manifest]) -> None:
@@ -203,25 +219,66 @@ def _plan_memories(store: ObjectStore, plan: DeletionPlan, mine: Manifest, shari
     plan.kept = len(listed)
 
 
+REMOVAL_BATCH = 1000  # keys per deletion request (S3's limit); the lease is checked before each
+
+
+class _Removal:
+    """Removes keys a batch at a time, each only once `Maintenance.check_held` passed, and counts
+    them: a removal whose lease lapsed stops before its next batch, and says what it removed
+    (`left(removed)`: what it did, what is left and what to run again)."""
+
+    def __init__(self, store: ObjectStore, under: Maintenance, left: Callable[[int], str]) -> None:
+        self.store, self.under, self.left = store, under, left
+        self.removed = 0
+
+    def remove(self, keys: Iterable[str], progress: Callable[[int], None] | None = None) -> int:
+        """Removes `keys`, read as it goes (a bank's listing: memory stays flat); `progress` gets the
+        count this call removed so far after each batch. Returns that count."""
+        keys, count = iter(keys), 0
+        while batch := list(itertools.islice(keys, REMOVAL_BATCH)):
+            self.under.check_held(lambda: self.left(self.removed))
+            done = self.store.remove_keys(batch)
+            self.removed, count = self.removed + done, count + done
+            if progress is not None:
+                progress(count)
+        return count
+
+
 def delete_release(store: ObjectStore, plan: DeletionPlan, under: Maintenance, *,
                    log: Callable[[str], None] = lambda _: None, progress: Callable[[int], None] | None = None) -> int:
     """Carries out `plan`, made `under` the maintenance lease: manifest, then the release's other
     objects, then its memories, whose count removed so far `progress` gets at every 1000. Returns
-    how many objects were removed."""
+    how many objects were removed. Each batch is removed only while the lease holds: once it lapsed,
+    a publication may have taken the name (unpublished by then) or listed its memories, and this
+    stops with MaintenanceLapsed, saying what it removed."""
     under.check_covers(plan.planned_at)
     manifest = release_key(plan.name, MANIFEST_FILE)
-    removed = 0
+    removal = _Removal(store, under, lambda removed: _deletion_left(plan, removed))
     if manifest in plan.release_keys:
-        removed += store.remove_keys([manifest])  # from here on no reader opens it
+        removal.remove([manifest])  # from here on no reader opens it
         log(f"release {plan.name!r} unpublished (manifest removed)")
-    removed += store.remove_keys([k for k in plan.release_keys if k != manifest])
+    removal.remove(k for k in plan.release_keys if k != manifest)
     if plan.whole_bank:
         log(f"removing memory bank {plan.bank}")
-        removed += store.remove_prefix(f"{MEMORIES_PREFIX}{plan.bank}/", progress=progress)
+        removal.remove(store.iter_keys(f"{MEMORIES_PREFIX}{plan.bank}/"), progress)
     elif plan.memory_keys:
         log(f"removing {len(plan.memory_keys)} of the memories in bank {plan.bank}")
-        removed += store.remove_keys(plan.memory_keys, progress=progress)
-    return removed
+        removal.remove(plan.memory_keys, progress)
+    return removal.removed
+
+
+def _deletion_left(plan: DeletionPlan, removed: int) -> str:
+    """What a deletion that stopped after `removed` objects did, and what to run then. Once its first
+    object is gone the name is free, and a publication may have published it anew: that release is
+    not to be deleted."""
+    if removed == 0:
+        return f"Nothing was removed: run `memory3 release delete {plan.name}` again."
+    what = "its manifest first (it is unpublished)" if plan.published or plan.unreadable is not None else \
+        "of its leftovers"
+    return (f"It removed {removed} objects of release {plan.name!r}, {what}; the rest stay, memories included. "
+            f"If `memory3 release list` shows {plan.name!r} published, it was published anew since then: leave "
+            f"it. Otherwise run `memory3 release delete {plan.name}` again, then `memory3 release gc` for the "
+            "memories no release lists.")
 
 
 UNLISTED = "the memories no published release lists"  # what `release gc` removes
@@ -287,16 +344,21 @@ def plan_collection(store: ObjectStore) -> CollectionPlan:
 def collect_unlisted(store: ObjectStore, plan: CollectionPlan, under: Maintenance, *,
                      log: Callable[[str], None] = lambda _: None, progress: Callable[[int], None] | None = None) -> int:
     """Carries out `plan`, made `under` the maintenance lease (a publication that began since waits
-    for it). Returns how many objects were removed."""
+    for it). Returns how many objects were removed; `progress` gets that count so far after each
+    batch. Each batch is removed only while the lease holds: once it lapsed, a publication that did
+    not wait may list memories the plan removes, and this stops with MaintenanceLapsed."""
     under.check_covers(plan.planned_at)
-    removed = 0
+    removal = _Removal(store, under, lambda removed: (
+        f"It removed {removed} of the {plan.count} objects it planned to; the others stay: run `memory3 release gc` "
+        "again (it plans anew, and keeps what releases published since list)."))
+    report = None if progress is None else (lambda _count: progress(removal.removed))
     for bank in plan.banks:
         log(f"removing memory bank {bank}")
-        removed += store.remove_prefix(f"{MEMORIES_PREFIX}{bank}/", progress=progress)
+        removal.remove(store.iter_keys(f"{MEMORIES_PREFIX}{bank}/"), report)
     for bank, keys in plan.keys.items():
         log(f"removing {len(keys)} memories of bank {bank}")
-        removed += store.remove_keys(keys, progress=progress)
-    return removed
+        removal.remove(keys, report)
+    return removal.removed
 
 
 def _refuse_while_unknown(store: ObjectStore, catalog: Catalog, *, may_list: str, done: str,

@@ -32,6 +32,18 @@ publication writes keys a failed one left), and would publish a manifest listing
 their lease, then look for the other's: of two that cross, at least one sees the other. The remover
 that sees a publication gives up (as before); a publisher that sees a removal waits for it to end,
 its own lease renewed meanwhile.
+
+A remover's lease lapses as a publisher's does, and a publication that began once it expired did
+not wait: it may list a memory the plan removes (a retried publication uploads the keys a failed one
+left), or publish a release under the name being deleted, with files of the same names. So the
+remover checks its lease before each batch of deletions (`Maintenance.check_held`): not lapsed,
+still in the bucket as it wrote it, and young enough that the batch ends well before it could expire
+(`REMOVAL_MARGIN_S`, which a store out of reach for that long also trips). One that fails stops
+there, says what it removed and what is left, and never writes its lease back. What this leaves
+open: a remover stopped between its last check and its batch's request (or whose request the
+network delays past its expiry) still deletes once it resumes. Closing that needs the store to
+refuse the request itself, a fencing token or a condition on the lease object checked with each
+deletion, which S3 does not offer (its conditional deletes compare the object deleted, not another).
 """
 
 from __future__ import annotations
@@ -57,10 +69,16 @@ LEASE_RENEW_S = 20.0
 LEASE_TTL_S = 180.0
 LEASE_SETTLE_S = 1.0  # well above one PUT's time: see Publication.acquire
 MAINTENANCE_POLL_S = 5.0  # how often a publisher looks again while memories are removed
+REMOVAL_MARGIN_S = 90.0  # life a maintenance lease must have left to start a batch of deletions
 
 
 class ReleaseBusy(ReleaseError):
     """The name is being published, or a deletion could remove what a publication needs."""
+
+
+class MaintenanceLapsed(ReleaseBusy):
+    """A remover's lease lapsed or is no longer its own: it stopped before removing anything more,
+    as a publication that began since may list what it was about to remove."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,12 @@ class _Held:
         self.store, self.lease = store, lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lost = False  # a heartbeat came too late: others may have seen the lease expire
+
+    def lapsed(self) -> bool:
+        """Whether others may have seen this lease expire since it was written, and gone ahead: no
+        heartbeat was written for `LEASE_TTL_S` (the process stopped, the store out of reach)."""
+        return self._lost or not self.lease.live()
 
     def _write(self) -> None:
         now = _now()
@@ -189,14 +213,25 @@ class _Held:
 
     def _renew(self) -> bool:
         """Writes a new heartbeat; False once the lease must not be renewed any more. `self.lease`
-        is what the store holds: it changes once the write succeeded."""
-        renewed = self.lease.renewed()
+        is what the store holds: it changes once the write succeeded. A lapsed lease is never written
+        back: whoever went ahead once it expired (a publisher that took the name, one that did not
+        wait for a removal) would not see it come back, and this holder would go on over its work.
+        One whose write landed too late is removed again."""
+        if self.lapsed():
+            self._lost = True
+            return False
+        was, renewed = self.lease, self.lease.renewed()
         try:
             self.store.put_bytes(renewed.key, renewed.to_json(), "application/json")
             self.lease = renewed
         except StoreError as e:  # the next beat tries again; the lease lasts LEASE_TTL_S
             log.warning("lease %s not renewed: %s", self.lease.key, e)
-        return True
+        if was.live():  # the previous heartbeat was still live when this one landed (or failed)
+            return True
+        self._lost = True
+        if self.lease is renewed:
+            self._remove()
+        return False
 
 
 class Publication(_Held):
@@ -207,12 +242,6 @@ class Publication(_Held):
         now = _now()
         super().__init__(store, Lease(name, uuid.uuid4().hex, _holder(), now, now))
         self.name = name
-        self._lost = False  # a heartbeat came too late: others may have seen the lease expire
-
-    def lapsed(self) -> bool:
-        """Whether others may have seen this lease expire since it was written, and taken the name:
-        no heartbeat was written for `LEASE_TTL_S` (the process stopped, the store out of reach)."""
-        return self._lost or not self.lease.live()
 
     def holds(self) -> bool:
         """Whether what is under the name is still this publisher's to remove: its lease has not
@@ -226,19 +255,6 @@ class Publication(_Held):
                 f"the lease of the publication of release {self.name!r} lapsed: no heartbeat was written for "
                 f"{LEASE_TTL_S:.0f} s (the process was stopped, or the object store out of reach), so another "
                 "publisher may have taken the name; nothing was published: publish it again")
-
-    def _renew(self) -> bool:
-        """Never writes back a lapsed lease: another publisher that took the name would not see it
-        come back, and this one would go on writing over that one's files."""
-        if self.lapsed():
-            self._lost = True
-            return False
-        was = self.lease
-        super()._renew()
-        if was.live():  # the previous heartbeat was still live when this one landed (or failed)
-            return True
-        self._lost = True
-        return False
 
     def acquire(self) -> None:
         """Write the lease, then give up (ReleaseBusy, the lease removed) unless it is the oldest live
@@ -299,7 +315,8 @@ class Maintenance(_Held):
     plan, then remove. Publications wait meanwhile. It gives up (ReleaseBusy) where a publication is
     running, through the plan's checks (catalog.py), which read the bucket after this lease is written.
     Removers do not exclude each other: each keeps what another release lists, so two at once can
-    only leave memories for `release gc`."""
+    only leave memories for `release gc`. Each batch of deletions waits for `check_held`: a
+    publication that began once this lease lapsed did not wait for it."""
 
     def __init__(self, store: ObjectStore, what: str) -> None:
         now = _now()
@@ -328,6 +345,37 @@ class Maintenance(_Held):
         """A plan made before this lease was written may miss publications that began since."""
         if self.since is None or planned_at < self.since:
             raise RuntimeError("memories are removed only under a Maintenance lease taken before the plan was made")
+
+    def check_held(self, done: Callable[[], str]) -> None:
+        """MaintenanceLapsed unless the next batch of deletions is covered: publications that began
+        once the lease lapsed, or left the bucket, did not wait for this removal. `done()` says what
+        was removed so far and what to run again, for the message."""
+        why = self._why_not_held()
+        if why is not None:
+            self._lost = True  # never renewed again: see _Held._renew
+            raise MaintenanceLapsed(f"`{self.lease.name}` stopped removing: {why}. A publication that began since "
+                                    f"may list what it was about to remove. {done()}")
+
+    def _why_not_held(self) -> str | None:
+        """Why deletions must stop, or None. A lease closer than `REMOVAL_MARGIN_S` to its expiry
+        counts as lapsed: the batch it would start could end after others saw it expire."""
+        if self.lapsed():
+            return (f"its lease lapsed, no heartbeat was written for {LEASE_TTL_S:.0f} s (the process was stopped, "
+                    "or the object store out of reach)")
+        age = self.lease.age_s()
+        if age > LEASE_TTL_S - REMOVAL_MARGIN_S:
+            return (f"its lease is about to lapse, its last heartbeat is {age:.0f} s old and it expires "
+                    f"{LEASE_TTL_S:.0f} s after one (the object store did not take the heartbeats)")
+        try:
+            stored = json.loads(self.store.get_bytes(self.lease.key))
+        except ObjectNotFound:
+            return f"its lease {self.lease.key} was removed from the bucket, by a process that saw it expire"
+        except ValueError:  # not JSON: overwritten
+            stored = None
+        if not isinstance(stored, dict) or \
+                (stored.get("holder"), stored.get("started")) != (self.lease.holder, self.lease.started):
+            return f"its lease {self.lease.key} in the bucket is no longer the one it wrote"
+        return None
 
 
 def _holder() -> str:

@@ -115,6 +115,7 @@ def _check_shape(data: dict) -> None:
         for field_name, kind in fields.items():
             check(f"{key}.{field_name}", data[key].get(field_name), kind)
     for file, meta in data["files"].items():
+        _check_file_name(file)
         check(f"files[{file!r}]", meta, dict)
         for field_name, kind in _FILE.items():
             check(f"files[{file!r}].{field_name}", meta.get(field_name), kind)
@@ -123,3 +124,13 @@ def _check_shape(data: dict) -> None:
 
 
 _JSON_TYPES = {str: "string", int: "integer", dict: "object"}
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+
+
+def _check_file_name(file: str) -> None:
+    """A file name is a relative path below the release, as readers join it to their local copy's
+    directory: an absolute one, or one climbing out with '..', would be written anywhere the reader
+    may write (AWS S3 takes such keys)."""
+    if not _FILE_NAME.match(file):
+        raise ReleaseError(f"manifest field files[{file[:80]!r}] is not a file of the release: file names are "
+                           "relative paths of letters, digits, '.', '_' and '-', no part starting with '.'")

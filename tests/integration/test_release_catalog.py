@@ -374,3 +374,41 @@ def terminated(process: subprocess.Popen, *, once: Callable[[], None], timeout: 
         process.kill()
         process.stdout.close()
         process.stderr.close()
+
+
+def test_a_release_copied_under_another_name_keeps_its_memories_when_the_original_is_deleted(bucket, embedder,
+                                                                                            tmp_path, hold):
+    """A release copied to a new name (its objects copied, as a promotion does) keeps the name of
+    the original in its manifest. The catalog took it for a second release of that name: deleting
+    the original removed the whole bank, and the copy, still listed, read memories that were gone."""
+    build_random_release(bucket, "staging", embedder=embedder)
+    for key in bucket.list_keys(release_key("staging", "")):
+        bucket.put_bytes(key.replace("releases/staging/", "releases/prod/", 1), bucket.get_bytes(key))
+    assert sorted(m.name for m in read_catalog(bucket).published) == ["prod", "staging"]
+    held = hold()
+    plan = plan_deletion(bucket, "staging")
+    assert not plan.whole_bank and plan.listed_by == ["prod"] and plan.memory_keys == []
+    delete_release(bucket, plan, held)
+    prod = Release.open(bucket, "prod", tmp_path / "cache")
+    assert len(prod.fetch_memories(list(prod.by_id))) == len(DOCUMENTS)
+
+
+@pytest.mark.parametrize("file", ["absolute", "../../outside/x.txt", "model/../../../outside/x.txt"])
+def test_a_manifest_naming_a_file_outside_its_release_is_unreadable(bucket, tmp_path, file):
+    """A manifest's file names became paths under the local copy unchecked: an absolute one, or one
+    climbing out with '..', made opening the release write outside its cache directory (on AWS S3,
+    which takes such keys, any file the service may write)."""
+    from memory3.services.release.manifest import ReleaseError
+
+    outside = tmp_path / "cache" / "release" / "outside"
+    file = str(outside / "x.txt") if file == "absolute" else file
+    build_random_release(bucket, "good")
+    for key in bucket.list_keys(release_key("good", "")):
+        bucket.put_bytes(key.replace("releases/good/", "releases/evil/", 1), bucket.get_bytes(key))
+    manifest = json.loads(bucket.get_bytes(release_key("evil", "manifest.json")))
+    manifest["files"][file] = {"sha256": "0" * 64, "bytes": 2}
+    bucket.put_bytes(release_key("evil", "manifest.json"), json.dumps(manifest).encode())
+    with pytest.raises(ReleaseError, match=r"manifest field files\[.*\] is not a file of the release"):
+        Release.open(bucket, "evil", tmp_path / "cache" / "release" / "copies")
+    assert not outside.exists()
+    assert "is not a file of the release" in read_catalog(bucket).unreadable["evil"]
