@@ -25,10 +25,11 @@ from typing import NamedTuple
 from memory3.model.codecs import MemoryCodec
 from memory3.model.memory_format import MemoryFormatError, memory_size, validate_memory
 
+from ..release.manifest import release_key
 from ..release.reader import Release
 from ..rpc.errors import SHOWN_CHARS, AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
 from ..rpc.metrics import MEMORY_CORRUPT, MEMORY_FETCH_LATENCY, MEMORY_FETCHES, MEMORY_HITS, MEMORY_MISSES
-from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
+from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError, StoreUnavailable
 from .ram_cache import RamCache
 from .redis_tier import RedisTier
 
@@ -317,6 +318,29 @@ class MemoryStore:
         return len(items)
 
     # ---- state ---------------------------------------------------------------------------------
+    async def check_s3(self) -> bool:
+        """Ask the object store now (a HEAD of the release's manifest) and update `s3_up`: a service
+        that no request reaches (out of its Service while the store was down) learns it is back."""
+        try:
+            await asyncio.to_thread(self.store.exists, release_key(self.release, "manifest.json"))
+        except StoreError as e:
+            if self.s3_up:
+                log.warning("the object store does not answer (%s)", e)
+            self.s3_up = False
+            return False
+        if not self.s3_up:
+            log.info("the object store answers again")
+        self.s3_up = True
+        return True
+
+    async def answers(self) -> bool:
+        """Readiness: whether a memory that RAM does not hold can be served. S3 answering is enough;
+        without it, a Redis tier that answers still serves the memories it holds. With neither, every
+        request but for the few memories in RAM fails, and a load balancer should send it elsewhere."""
+        if await self.check_s3():
+            return True
+        return self.redis is not None and await self.redis.ping()
+
     async def stats(self) -> StoreStats:
         redis_up = False
         if self.redis is not None:

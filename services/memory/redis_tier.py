@@ -88,12 +88,16 @@ class RedisTier:
         self.up, self._delay = True, self._backoff_s
 
     async def ping(self) -> bool:
-        """Check the connection now (readiness, stats); updates the tier's state."""
+        """Check the connection now (readiness, stats); updates the tier's state. A refusal (an ACL
+        granting the tier's commands but not PING) is an answer: Redis is up, and what the tier
+        does is checked by `check_usable` and by every request."""
         try:
             await self.client.ping()
         except _DOWN_ERRORS as e:
             self._down("ping", e)
             return False
+        except ResponseError:
+            pass
         self._ok()
         return True
 

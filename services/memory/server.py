@@ -5,6 +5,12 @@ turns SERVING only when the release is open and its memory bank's store answered
 object store is unreachable it keeps retrying with a backoff (a pod waits instead of crash
 looping); a release that does not exist or fails its checksums is a configuration error and ends
 the service. Redis is optional: without it, or while it is down, memories come from S3.
+
+Once open, readiness keeps following the stores (`MemoryStore.answers`, every
+`health_interval_s`): NOT_SERVING while neither S3 nor a Redis tier answers, since every request
+for a memory outside the RAM tier would fail there; SERVING again when one does. S3 down with
+Redis up stays SERVING: Redis holds the hot memories. Liveness (the `liveness` health name) is
+not touched: a pod whose stores are down leaves its Service and is not restarted.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class MemorySettings:
     s3_workers: int = 16
     open_retry_s: float = 1.0  # first wait before retrying an unreachable object store at startup
     open_max_retry_s: float = 15.0
+    health_interval_s: float = 5.0  # how often readiness asks the stores once the release is open
 
     def __post_init__(self) -> None:
         if self.ram_cache_bytes < 0:
@@ -54,6 +61,8 @@ class MemorySettings:
             raise ValueError(f"--redis-ttl must be >= 0 seconds (0: no expiry), got {self.redis_ttl_s}")
         if self.s3_workers < 1:
             raise ValueError(f"--s3-workers must be >= 1, got {self.s3_workers}")
+        if not self.health_interval_s > 0:
+            raise ValueError(f"the health check interval must be > 0 seconds, got {self.health_interval_s}")
 
 
 class MemoryServer:
@@ -63,6 +72,7 @@ class MemoryServer:
         self.settings, self.server = settings, server
         self.store: MemoryStore | None = None
         self.ready: asyncio.Task[MemoryStore] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -101,18 +111,36 @@ class MemoryServer:
                      "up" if store.redis.up else "down for now; reading through to S3")
         self.store = store
         await self.server.serving()
+        self._watch = asyncio.create_task(self._follow_stores(store))
         log.info("release %r open: %d memories, codec %s", s.release, len(store.keys), store.codec.name)
         return store
+
+    async def _follow_stores(self, store: MemoryStore) -> None:
+        """Readiness follows whether the stores can answer (`MemoryStore.answers`), until cancelled."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            try:
+                up = await store.answers()
+            except Exception:  # noqa: BLE001 - one probe's surprise must not end readiness checks for good
+                log.exception("readiness check of the stores failed; counted as not answering")
+                up = False
+            if up != serving:
+                serving = up
+                log.warning("the memory service is %s", "ready again (SERVING): a store answers" if up else
+                            "not ready (NOT_SERVING): neither the object store nor Redis answers")
+                await (self.server.serving() if up else self.server.not_serving())
 
     async def wait_ready(self, timeout: float | None = None) -> MemoryStore:
         """The open store; raises what made opening fail (e.g. ReleaseNotFound)."""
         return await asyncio.wait_for(asyncio.shield(self.ready), timeout)
 
     async def close_store(self) -> None:
-        if self.ready is not None and not self.ready.done():
-            self.ready.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.ready
+        for task in (self._watch, self.ready):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -152,9 +152,3 @@ class ObjectStore:
             raise StoreUnavailable(f"the object store refused to remove {len(errors)} objects "
                                    f"(first: {first.name}: {first.code} {first.message})")
         return count
-
-    def remove_prefix(self, prefix: str, *, progress: Callable[[int], None] | None = None) -> int:
-        """Removes every object under `prefix`, a listed page at a time, so memory stays flat for
-        any number of objects (a memory bank can hold 10^8)."""
-        listing = (o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
-        return self.remove_keys(listing, progress=progress)

@@ -9,8 +9,10 @@ the same way, on documents the request carried, written to the job's directory a
 Jobs outlive the service that ran them: each job's record (spec, state, release, its last events)
 is kept under `WORK_DIR/_jobs/` whenever its state changes, so a restarted service still answers a
 watch of it; a job it was running or had queued when it died ends FAILED there, saying to submit
-it again (a stop cancels them). A training run emits an event a step, so a job keeps its last
-`MAX_JOB_EVENTS`, and the service its last `MAX_FINISHED_JOBS` finished jobs.
+it again (a stop cancels them). A cancelled job's child that has not ended `kill_after_s` after its
+SIGTERM is killed: the worker waits for it, so every job queued behind it would wait too. A
+training run emits an event a step, so a job keeps its last `MAX_JOB_EVENTS`, and the service
+its last `MAX_FINISHED_JOBS` finished jobs.
 """
 
 from __future__ import annotations
@@ -190,8 +192,11 @@ class Job:
 
 
 class TrainingJobManager:
-    def __init__(self, s3: S3Config, work_root: Path, *, max_queued: int = 16, python: str = sys.executable) -> None:
+    def __init__(self, s3: S3Config, work_root: Path, *, max_queued: int = 16, python: str = sys.executable,
+                 kill_after_s: float = 30.0) -> None:
         self.s3, self.work_root, self.max_queued, self.python = s3, work_root, max_queued, python
+        self.kill_after_s = kill_after_s
+        self._killers: set[asyncio.Task] = set()
         self.store = ObjectStore(s3)
         self.jobs: dict[str, Job] = {}  # in submission order
         self.records = work_root / "_jobs"
@@ -258,10 +263,11 @@ class TrainingJobManager:
             for process in children:
                 if process.returncode is None:
                     process.kill()
-        if self.worker is not None:
-            self.worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.worker
+        for task in (*self._killers, self.worker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _queued(self) -> int:
         return sum(job.state == QUEUED for job in self.jobs.values())  # cancelled ones wait in the queue too
@@ -332,13 +338,31 @@ class TrainingJobManager:
         if job.state in TERMINAL:
             return job.state
         if job.process is not None and job.process.returncode is None:
-            job.process.terminate()
+            self._terminate(job.process)
         elif job.state == QUEUED:  # it will not run
             self._remove_job_files(job)
         job.state = CANCELLED
         await job.publish({"message": reason})
         self._forget_old_jobs()
         return job.state
+
+    def _terminate(self, process: asyncio.subprocess.Process) -> None:
+        """SIGTERM (the child unwinds what it had begun to publish), then SIGKILL if it has not ended
+        within `kill_after_s`: a child in a long C call (an index build, a kernel) sees the SIGTERM
+        only when that call returns."""
+        process.terminate()
+
+        async def kill_if_still_running() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), self.kill_after_s)
+            if process.returncode is None:
+                log.warning("a cancelled job's child (pid %d) did not end %.0f s after SIGTERM; killing it",
+                            process.pid, self.kill_after_s)
+                process.kill()
+
+        task = asyncio.create_task(kill_if_still_running())
+        self._killers.add(task)
+        task.add_done_callback(self._killers.discard)
 
     async def list_releases(self) -> list[Manifest]:
         try:
@@ -456,7 +480,7 @@ class TrainingJobManager:
             *self._command(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
             limit=MAX_OUTPUT_LINE)
         if job.state == CANCELLED:  # cancelled while the child started: it had no process to stop yet
-            job.process.terminate()
+            self._terminate(job.process)
         stderr_tail: deque[str] = deque(maxlen=20)
 
         async def drain_stderr() -> None:
@@ -468,6 +492,8 @@ class TrainingJobManager:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
+                continue
+            if not isinstance(event, dict):  # a library's stray output, such as a bare number, is no event
                 continue
             if event.get("release"):
                 job.release = event["release"]

@@ -13,7 +13,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +66,9 @@ class PipelineResult:
     codec: TextCodec
     world: World
     references: list[Reference]
-    history: list[dict]
+    history: list[dict]  # the last entries logged (`RECENT_ENTRIES`); all of them are in work_dir/history.json
     seconds: float  # this process's time, and a resumed run's earlier training (`TrainState.elapsed_s`)
+    steps: int  # training steps of the run, resumed ones included
 
 
 def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = Distributed(),
@@ -124,12 +125,22 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     model_dir = work_dir / "model"
     if dist.is_main:
         save_checkpoint(model, model_dir, codec.tokenizer)
-        (work_dir / "history.json").write_text(json.dumps(trainer.state.history))
-        plot_history(trainer.state.history, work_dir / "training.png")
+        write_history(trainer.history(), work_dir / "history.json")
+        plot_history(trainer.history(), work_dir / "training.png")
         log(f"model written to {model_dir}; curve in {work_dir / 'training.png'}")
     _barrier(dist)
-    return PipelineResult(model_dir, model.eval(), codec, world, references, trainer.state.history,
-                          time.perf_counter() - started + trained_before)
+    return PipelineResult(model_dir, model.eval(), codec, world, references, list(trainer.state.recent),
+                          time.perf_counter() - started + trained_before, steps=trainer.state.step)
+
+
+def write_history(history: Iterable[dict], path: Path) -> None:
+    """`history` as one JSON list (what `json.dumps` of the list writes), an entry at a time: a
+    run's history is read back from its file rather than held whole."""
+    with path.open("w") as out:
+        out.write("[")
+        for i, entry in enumerate(history):
+            out.write((", " if i else "") + json.dumps(entry))
+        out.write("]")
 
 
 def heldout_questions(world: World, n: int | None = None, seed: int = 0) -> list[Question]:
@@ -198,28 +209,42 @@ def _training_eval(world: World, codec: TextCodec, config: PipelineConfig):
     return evaluate
 
 
-def loss_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+def loss_curves(history: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
     """(step, value) points of the training plot: the language-model loss of each stage, then the
     memory attention loss where it was on. `loss` also holds the attention loss, weighted, so the
-    language-model loss is read from `lm_loss` where it is recorded."""
-    steps = [h for h in history if "loss" in h]
-    curves = {f"stage {stage}": [(h["step"], h.get("lm_loss", h["loss"])) for h in steps if h["stage"] == stage]
-              for stage in sorted({h["stage"] for h in steps})}
-    attention = [(h["step"], h["attention_loss"]) for h in steps if "attention_loss" in h]
+    language-model loss is read from `lm_loss` where it is recorded. One pass over `history`,
+    which may be read from its file as it goes."""
+    stages: dict[int, list[tuple[int, float]]] = {}
+    attention = []
+    for h in history:
+        if "loss" not in h:
+            continue
+        stages.setdefault(h["stage"], []).append((h["step"], h.get("lm_loss", h["loss"])))
+        if "attention_loss" in h:
+            attention.append((h["step"], h["attention_loss"]))
+    curves = {f"stage {stage}": stages[stage] for stage in sorted(stages)}
     if attention:
         curves["memory attention loss"] = attention
     return curves
 
 
-def plot_history(history: list[dict], path: Path) -> None:
+def plot_history(history: Iterable[dict], path: Path) -> None:
+    """The training plot of `history`, read in one pass."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    evals = [h for h in history if "eval" in h]
+    evals = []
+
+    def steps():
+        for h in history:
+            if "eval" in h:
+                evals.append(h)
+            yield h
+
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    curves = loss_curves(history)
+    curves = loss_curves(steps())
     for label, points in curves.items():
         style = {"color": "grey", "alpha": 0.7, "linewidth": 0.6} if label.startswith("memory") else {"linewidth": 0.8}
         ax_loss.plot(*zip(*points, strict=True), label=label, **style)

@@ -62,10 +62,10 @@ def publish_trained(result: PipelineResult, store: ObjectStore, name: str, *, co
     embedder = embedder or Embedder()
     prefix = result.codec.reference_prefix(result.model.config)
     memory_codec = make_memory_codec(codec, result.model, result.references, prefix)
-    steps = [h for h in result.history if "loss" in h]
-    provenance = {"seed": (pipeline_config or {}).get("seed"), "steps": len(steps), "commit": git_commit(),
+    final_loss = next((h["loss"] for h in reversed(result.history) if "loss" in h), None)
+    provenance = {"seed": (pipeline_config or {}).get("seed"), "steps": result.steps, "commit": git_commit(),
                   "pipeline": pipeline_config, "train_seconds": round(result.seconds, 1),
-                  "final_loss": steps[-1]["loss"] if steps else None}
+                  "final_loss": final_loss}
     return publish_release(store, name, model=result.model, codec=result.codec, references=result.references,
                            embed=embedder.embed, embedder_name=embedder.name, memory_codec=memory_codec,
                            provenance=provenance, progress=progress, index_kind=index_kind)

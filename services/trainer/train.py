@@ -21,7 +21,9 @@ as safetensors, counters as JSON). The data position is the step counter, so a r
 exactly the samples an uninterrupted run would have seen, and the distractors are drawn from an
 RNG seeded by the step. The run's history is appended to `history.jsonl` in the work directory as
 it is logged (`HistoryLog`); a checkpoint records only how many of its entries came before it, so
-its size does not grow with the run, and a resumed run keeps those and logs the rest again.
+its size does not grow with the run, and a resumed run keeps those and logs the rest again. The
+process holds only the last `RECENT_ENTRIES` of them (`TrainState.recent`), so its memory does
+not grow with the run either; `Trainer.history()` reads the whole history back from the file.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,71 +143,109 @@ def lr_at(stage: StageConfig, step_in_stage: int) -> float:
     return stage.lr * max(stage.min_lr_ratio, 1.0 - frac)
 
 
+HISTORY_FILE = "history.jsonl"
+# History entries a run holds in memory: an entry a step (about 1 KB as a dict) for a million
+# steps is a gigabyte; the whole history is in HISTORY_FILE.
+RECENT_ENTRIES = 100
+
+
+def _recent() -> deque[dict]:
+    return deque(maxlen=RECENT_ENTRIES)
+
+
 @dataclass
 class TrainState:
     step: int = 0
-    history: list[dict] = field(default_factory=list)  # one entry per logged step / eval
+    entries: int = 0  # history entries logged (one per step, one per evaluation), resumed ones included
+    recent: deque[dict] = field(default_factory=_recent)  # the last of them
     elapsed_s: float = 0.0  # training time up to `step`, a resumed run's added to its checkpoint's
-
-
-HISTORY_FILE = "history.jsonl"
 
 
 class HistoryLog:
     """A run's history as JSON lines, appended by the main process as entries are logged.
 
     Kept out of checkpoints: a million steps of history is about 140 MB, which every checkpoint
-    would rewrite. A checkpoint records `len(history)` instead, and `sync` makes those entries
-    durable before it is written, so a resumed run reads back exactly the entries logged before
-    its checkpoint. Those a killed run logged after it are dropped when the resumed run first
-    writes (`_start`), and logged again as it repeats those steps.
+    would rewrite. A checkpoint records how many entries came before it instead, and `sync` makes
+    those entries durable before it is written, so a resumed run reads back exactly the entries
+    logged before its checkpoint (`resume`). Those a killed run logged after it are dropped when
+    the resumed run first writes (`_start`), and logged again as it repeats those steps.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = None
+        self._kept = 0  # entries of the file that the next `_start` keeps: those written so far
+        self._given: list[dict] | None = None  # or the entries it writes instead (`resume_from`)
 
-    def read(self, entries: int) -> list[dict]:
-        """The first `entries` entries."""
-        history = []
+    def resume(self, entries: int) -> deque[dict]:
+        """Keep the first `entries` entries (a checkpoint's); returns the last RECENT_ENTRIES of them."""
+        recent, count = _recent(), 0
         if self.path.exists():
             with self.path.open() as lines:
-                history = [json.loads(line) for line in itertools.islice(lines, entries)]
-        if len(history) < entries:
-            raise ValueError(f"{self.path} holds {len(history)} history entries, fewer than the {entries} logged "
+                for line in itertools.islice(lines, entries):
+                    recent.append(json.loads(line))
+                    count += 1
+        if count < entries:
+            raise ValueError(f"{self.path} holds {count} history entries, fewer than the {entries} logged "
                              "before the checkpoint: restore the file, or start a new run in a new --work-dir")
-        return history
+        self.close()
+        self._kept, self._given = entries, None
+        return recent
 
-    def append(self, entry: dict, history: list[dict]) -> None:
-        """Append `entry`, the entry after `history` (which the file is made to hold first)."""
+    def resume_from(self, history: list[dict]) -> None:
+        """Keep `history` (a checkpoint that held it) instead of what the file holds."""
+        self.close()
+        self._kept, self._given = len(history), history
+
+    def append(self, entry: dict) -> None:
         if self._file is None:
-            self._start(history)
+            self._start()
         self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
+        self._kept += 1
 
-    def sync(self, history: list[dict]) -> None:
-        """Make `history` durable in the file, for a checkpoint that records its length."""
+    def sync(self) -> None:
+        """Make the entries logged durable in the file, for a checkpoint that records their number."""
         if self._file is None:
-            self._start(history)
+            self._start()
         os.fsync(self._file.fileno())
+
+    def entries(self) -> Iterator[dict]:
+        """The entries kept and logged, read back from the file one at a time."""
+        if self._given is not None:
+            self._rewrite()
+        if not self.path.exists():
+            return
+        with self.path.open() as lines:
+            for line in itertools.islice(lines, self._kept):
+                yield json.loads(line)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def _start(self, history: list[dict]) -> None:
-        """Replace the file with `history` (atomically: a process reading it sees the old or the
-        new file, which agree on the entries before a checkpoint), then open it for appending."""
+    def _start(self) -> None:
+        self._rewrite()
+        self._file = self.path.open("a")
+
+    def _rewrite(self) -> None:
+        """Replace the file with the entries kept (atomically: a process reading it sees the old or
+        the new file, which agree on the entries before a checkpoint), copied a line at a time."""
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w") as out:
-            out.writelines(json.dumps(entry) + "\n" for entry in history)
+            if self._given is not None:
+                out.writelines(json.dumps(entry) + "\n" for entry in self._given)
+            elif self._kept and self.path.exists():
+                with self.path.open() as lines:
+                    out.writelines(line if line.endswith("\n") else line + "\n"
+                                   for line in itertools.islice(lines, self._kept))
         tmp.replace(self.path)
-        self._file = self.path.open("a")
+        self._given = None
 
 
-def elapsed_logged(history: list[dict]) -> float:
+def elapsed_logged(history: Sequence[dict]) -> float:
     """The last `elapsed_s` a history logged: the elapsed time of a checkpoint written before
     checkpoints recorded their own."""
     return next((h["elapsed_s"] for h in reversed(history) if "elapsed_s" in h), 0.0)
@@ -247,9 +288,15 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoints"
 
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint directories, oldest first: by step number, not by name, since "step-10000000"
+        sorts before "step-9999750" (names are padded to 7 digits, and stages may run 10^8 steps)."""
+        found = self.checkpoint_dir.glob("step-*") if self.checkpoint_dir.exists() else ()
+        steps = [(int(p.name[5:]), p) for p in found if p.name[5:].isdigit()]
+        return [p for _, p in sorted(steps)]
+
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.exists() else []
-        found = [p for p in found if (p / "state.json").exists()]
+        found = [p for p in self.checkpoints() if (p / "state.json").exists()]
         return found[-1] if found else None
 
     def save(self) -> Path:
@@ -259,17 +306,17 @@ class Trainer:
         # Also those of processes killed while saving (one process saves): a model each, never read.
         for unfinished in self.checkpoint_dir.glob(".tmp-step-*"):
             shutil.rmtree(unfinished, ignore_errors=True)
-        self.history_log.sync(self.state.history)
+        self.history_log.sync()
         save_checkpoint(self.model, tmp)
         tensors, meta = optimizer_to_flat(self.optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({
-            "step": self.state.step, "history_entries": len(self.state.history), "elapsed_s": self.state.elapsed_s,
+            "step": self.state.step, "history_entries": self.state.entries, "elapsed_s": self.state.elapsed_s,
             "optimizer": meta, "train_config": self.config.to_dict(), "world_size": self.dist.world_size,
         }))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-        for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.config.keep_checkpoints]:
+        for old in self.checkpoints()[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
@@ -285,11 +332,16 @@ class Trainer:
         self.model.load_state_dict(weights)
         optimizer_from_flat(self.optimizer, load_file(str(path / "optimizer.safetensors"), device=str(self.device)),
                             state["optimizer"])
-        # A checkpoint written before the history moved to its own file holds it whole.
-        history = state["history"] if "history" in state else self.history_log.read(state["history_entries"])
-        self.history_log.close()  # reopened by the next write, holding `history` alone
-        self.state = TrainState(step=state["step"], history=history,
-                                elapsed_s=state.get("elapsed_s", elapsed_logged(history)))
+        if "history" in state:  # a checkpoint written before the history moved to its own file holds it whole
+            history = state["history"]
+            self.history_log.resume_from(history)
+            self.state = TrainState(step=state["step"], entries=len(history), recent=_recent(),
+                                    elapsed_s=state.get("elapsed_s", elapsed_logged(history)))
+            self.state.recent.extend(history)
+        else:
+            recent = self.history_log.resume(state["history_entries"])
+            self.state = TrainState(step=state["step"], entries=state["history_entries"], recent=recent,
+                                    elapsed_s=state.get("elapsed_s", elapsed_logged(recent)))
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainState:
@@ -369,10 +421,16 @@ class Trainer:
         if self.dist.is_main:
             self._record({"step": self.state.step, "eval": metrics})
 
+    def history(self) -> Iterator[dict]:
+        """The run's whole history, resumed entries included, read back from its file (the main
+        process's: the others log none)."""
+        return self.history_log.entries()
+
     def _record(self, entry: dict) -> None:
         if self.dist.is_main:
-            self.history_log.append(entry, self.state.history)
-        self.state.history.append(entry)
+            self.history_log.append(entry)
+        self.state.entries += 1
+        self.state.recent.append(entry)
         if self.on_event is not None:
             self.on_event({**entry, "total_steps": self.config.total_steps})
 

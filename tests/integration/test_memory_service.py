@@ -454,3 +454,79 @@ def test_a_valid_memory_under_another_id_is_caught_and_only_the_right_one_repair
         asyncio.run(asyncio.wait_for(scenario(), 90))
     finally:
         store.put_bytes(key, right)
+
+
+async def health_of(app, name: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        return (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name))).status
+
+
+async def until_health(app, status: int, what: str, wait_s: float = 30) -> None:
+    deadline = time.monotonic() + wait_s
+    while await health(app) != status:
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+def test_readiness_follows_the_stores_once_open(random_release, local_s3, local_redis, tmp_path):
+    """Once open, the service stayed SERVING whatever became of S3: with Redis down too, a load
+    balancer kept sending it requests it could only fail. Now it is NOT_SERVING while neither S3
+    nor Redis answers (Redis up alone still serves the hot memories), SERVING again when one does;
+    liveness stays SERVING throughout."""
+    port = free_port()
+    own = dataclasses.replace(local_s3.config, endpoint=f"127.0.0.1:{port}", timeout_s=2.0)
+    ids = [r.id for r in random_release.references[:3]]
+
+    def own_s3():
+        return start_local_s3(local_s3.data_dir, port=port, bucket=own.bucket, access_key=own.access_key,
+                              secret_key=own.secret_key)
+
+    async def scenario():
+        s3 = await asyncio.to_thread(own_s3)
+        s = settings(random_release, own, tmp_path, local_redis.url, ram_cache_bytes=0, health_interval_s=0.05)
+        try:
+            async with serving(s) as (app, client):
+                await client.fetch(ids[:1])  # now in Redis
+                await asyncio.to_thread(s3.stop)
+                deadline = time.monotonic() + 30
+                while tiers(await client.stats())["TIER_S3"][2]:  # the readiness check saw S3 go
+                    assert time.monotonic() < deadline, "S3's outage never seen"
+                    await asyncio.sleep(0.05)
+                assert await health(app) == health_pb2.HealthCheckResponse.SERVING  # Redis answers
+                assert [m.tier for m in await client.fetch(ids[:1])] == ["redis"]
+
+                local_redis.kill()
+                await until_health(app, health_pb2.HealthCheckResponse.NOT_SERVING, "still SERVING with no store")
+                assert await health_of(app, "liveness") == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(Unavailable, match="object store cannot be reached"):
+                    await client.fetch(ids[1:2])
+
+                s3 = await asyncio.to_thread(own_s3)  # no request reaches the service: it asks on its own
+                await until_health(app, health_pb2.HealthCheckResponse.SERVING, "never SERVING again")
+                assert tiers(await client.stats())["TIER_S3"][2] is True
+                assert [m.tier for m in await client.fetch(ids[1:2])] == ["s3"]
+        finally:
+            s3.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_redis_user_without_ping_is_a_usable_tier(random_release, local_s3, local_redis, tmp_path):
+    """An ACL user granted what the tier's error message asks for (GET, SET, MGET, DEL on memory3:*)
+    but not PING made the service end at start with redis-py's NoPermissionError, and GetStats fail
+    INTERNAL: a refused PING is an answer, so the tier is up and used."""
+    admin = redis.Redis.from_url(local_redis.url)
+    admin.execute_command("ACL", "SETUSER", "narrow", "on", ">narrow-pw", "~memory3:*",
+                          "+get", "+set", "+mget", "+del")
+    ids = [r.id for r in random_release.references[:2]]
+
+    async def scenario():
+        narrow = settings(random_release, local_s3.config, tmp_path,
+                          f"redis://narrow:narrow-pw@127.0.0.1:{local_redis.port}", ram_cache_bytes=0)
+        async with serving(narrow) as (app, client):
+            assert [m.tier for m in await client.fetch(ids)] == ["s3", "s3"]
+            assert [m.tier for m in await client.fetch(ids)] == ["redis", "redis"]
+            assert tiers(await client.stats())["TIER_REDIS"][2] is True
+            assert await health(app) == health_pb2.HealthCheckResponse.SERVING
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))

@@ -10,14 +10,14 @@ from memory3.services.storage.object_store import ObjectStore, StoreUnavailable
 pytestmark = pytest.mark.integration
 
 
-def test_a_prefix_of_more_than_one_listed_page_is_removed_whole_and_nothing_beside_it(bucket):
+def test_a_prefix_of_more_than_one_listed_page_is_removed_whole_as_it_is_listed_and_nothing_beside_it(bucket):
     store = bucket
     keys = [f"memories/bank/{i % 7:02d}/{i:05d}" for i in range(1234)]  # S3 lists 1000 keys a page
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda key: store.put_bytes(key, b"x"), keys))
     store.put_bytes("memories/bank-2/00/kept", b"y")
     seen = []
-    assert store.remove_prefix("memories/bank/", progress=seen.append) == len(keys)
+    assert store.remove_keys(store.iter_keys("memories/bank/"), progress=seen.append) == len(keys)
     assert seen == [1000, len(keys)]
     assert store.list_keys("memories/bank/") == []
     assert store.list_keys("memories/") == ["memories/bank-2/00/kept"]
@@ -28,6 +28,6 @@ def test_a_prefix_of_more_than_one_listed_page_is_removed_whole_and_nothing_besi
 def test_bulk_removal_from_an_unreachable_store_says_so(local_s3):
     dead = ObjectStore(dataclasses.replace(local_s3.config, endpoint="127.0.0.1:9", timeout_s=1.0))
     with pytest.raises(StoreUnavailable, match="cannot reach"):
-        dead.remove_prefix("memories/")
+        dead.remove_keys(dead.iter_keys("memories/"))
     with pytest.raises(StoreUnavailable, match="cannot reach"):
         dead.remove_keys(["a"])

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ import pytest
 from memory3.model.config import Memory3Config
 from memory3.model.init import random_model
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
+from memory3.services.trainer import train
 from memory3.services.trainer.data import TrainingData
-from memory3.services.trainer.pipeline import loss_curves, plot_history
+from memory3.services.trainer.pipeline import loss_curves, plot_history, write_history
 from memory3.services.trainer.train import HISTORY_FILE, StageConfig, TrainConfig, Trainer
 from memory3.services.trainer.world import World
 
@@ -32,7 +34,7 @@ def tiny_run(out_dir: Path, steps: tuple[int, int, int], evaluate=None, **train)
 def test_steps_with_the_attention_loss_record_both_parts_and_the_plot_draws_every_stage(tmp_path):
     trainer = tiny_run(tmp_path, (1, 1, 3), eval_every=100, checkpoint_every=100, attention_weight=3.0)
     trainer.run()
-    steps = [h for h in trainer.state.history if "loss" in h]
+    steps = [h for h in trainer.history() if "loss" in h]
     assert [h["stage"] for h in steps] == [1, 2, 3, 3, 3]
     split = [h for h in steps if "attention_loss" in h]
     assert split, "stage 3's distractor groups turn the attention loss on"
@@ -40,12 +42,12 @@ def test_steps_with_the_attention_loss_record_both_parts_and_the_plot_draws_ever
     for h in split:
         assert h["loss"] == pytest.approx(h["lm_loss"] + 3.0 * h["attention_loss"], abs=1e-4)
 
-    curves = loss_curves(trainer.state.history)
+    curves = loss_curves(list(trainer.history()))
     assert list(curves) == ["stage 1", "stage 2", "stage 3", "memory attention loss"]
     assert [step for step, _ in curves["stage 3"]] == [3, 4, 5]
     by_step = {h["step"]: h for h in steps}
     assert all(value == by_step[step].get("lm_loss", by_step[step]["loss"]) for step, value in curves["stage 3"])
-    plot_history(trainer.state.history, tmp_path / "training.png")
+    plot_history(list(trainer.history()), tmp_path / "training.png")
     assert (tmp_path / "training.png").stat().st_size > 0
 
 
@@ -95,7 +97,7 @@ def killed_after_its_last_checkpoint(out_dir: Path) -> tuple[Path, list[dict]]:
     trainer = tiny_trainer(out_dir)
     trainer.run()
     shutil.rmtree(out_dir / "checkpoints" / "step-0000005")
-    return out_dir / "checkpoints" / "step-0000004", trainer.state.history
+    return out_dir / "checkpoints" / "step-0000004", list(trainer.history())
 
 
 def resumed(out_dir: Path) -> Trainer:
@@ -135,15 +137,15 @@ def test_a_checkpoint_holds_the_length_of_the_history_not_the_history_and_a_resu
     assert len(straight) > entries  # step 5 was logged after it
 
     trainer = resumed(tmp_path)
-    assert [h["step"] for h in trainer.state.history if "loss" in h] == [1, 2, 3, 4, 5]  # step 5 once
-    assert_same_history(trainer.state.history, straight)
-    assert history_file(tmp_path) == trainer.state.history
+    assert [h["step"] for h in trainer.history() if "loss" in h] == [1, 2, 3, 4, 5]  # step 5 once
+    assert_same_history(list(trainer.history()), straight)
+    assert history_file(tmp_path) == list(trainer.history())
 
 
 def test_elapsed_time_carries_on_across_a_resume(tmp_path):
     checkpoint, _ = killed_after_its_last_checkpoint(tmp_path)
     trainer = resumed(tmp_path)
-    elapsed = [h["elapsed_s"] for h in trainer.state.history if "loss" in h]
+    elapsed = [h["elapsed_s"] for h in trainer.history() if "loss" in h]
     assert elapsed == sorted(elapsed)
     saved = json.loads((checkpoint / "state.json").read_text())["elapsed_s"]
     assert elapsed[-1] >= round(saved, 2) >= elapsed[-2]  # the checkpoint came after step 4 and its evaluation
@@ -159,9 +161,9 @@ def test_a_checkpoint_that_holds_its_history_still_resumes_and_starts_the_histor
     (tmp_path / HISTORY_FILE).unlink(missing_ok=True)
 
     trainer = resumed(tmp_path)
-    assert_same_history(trainer.state.history, straight)
-    assert history_file(tmp_path) == trainer.state.history
-    elapsed = [h["elapsed_s"] for h in trainer.state.history if "loss" in h]
+    assert_same_history(list(trainer.history()), straight)
+    assert history_file(tmp_path) == list(trainer.history())
+    elapsed = [h["elapsed_s"] for h in trainer.history() if "loss" in h]
     assert elapsed == sorted(elapsed)  # from the last elapsed time the history logged
 
 
@@ -171,3 +173,47 @@ def test_a_resume_without_the_history_file_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="holds 0 history entries, fewer than the 6 logged before the checkpoint: "
                                          "restore the file, or start a new run"):
         tiny_trainer(tmp_path).load(checkpoint)
+
+
+def held_entries(trainer: Trainer) -> int:
+    """History entries the trainer's state holds in memory."""
+    return sum(len(v) for v in vars(trainer.state).values() if isinstance(v, list | deque))
+
+
+def test_a_run_holds_only_its_last_entries_and_reports_its_whole_history(tmp_path, monkeypatch):
+    """Every logged step stayed in memory for the whole run (about 1 KB a step: a gigabyte at a
+    million steps), on top of the history file. The run holds its last entries; history.json and
+    the plot, read back from the file, are what they were."""
+    monkeypatch.setattr(train, "RECENT_ENTRIES", 3, raising=False)
+    checkpoint, straight = killed_after_its_last_checkpoint(tmp_path)
+    assert len(straight) == 8  # five steps and three evaluations
+    trainer = tiny_trainer(tmp_path)
+    trainer.load(checkpoint)
+    assert held_entries(trainer) <= 3
+    trainer.run()
+    assert held_entries(trainer) <= 3
+    assert list(trainer.state.recent) == history_file(tmp_path)[-3:]
+    assert trainer.state.entries == 8
+
+    assert_same_history(list(trainer.history()), straight)
+    write_history(trainer.history(), tmp_path / "history.json")
+    assert (tmp_path / "history.json").read_text() == json.dumps(history_file(tmp_path))
+    plot_history(trainer.history(), tmp_path / "training.png")
+    assert (tmp_path / "training.png").stat().st_size > 0
+
+
+def test_past_ten_million_steps_the_latest_checkpoint_is_resumed_and_kept(tmp_path):
+    """Checkpoint names are padded to 7 digits and were sorted as text: past step 9,999,999 the
+    newest sorted first, so a resume went back to step 9,999,750 (training again everything
+    after it) and each new checkpoint was pruned as the oldest."""
+    trainer = tiny_run(tmp_path, (1, 0, 0), keep_checkpoints=2)
+    for step in (9_999_750, 10_000_000):
+        trainer.state.step = step
+        trainer.save()
+    trainer.state.step = 10_000_250
+    saved = trainer.save()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-10000000", "step-10000250"]
+    assert trainer.latest_checkpoint() == saved
+    again = tiny_run(tmp_path, (1, 0, 0))
+    again.load(again.latest_checkpoint())
+    assert again.state.step == 10_000_250

@@ -211,3 +211,56 @@ def test_sigterm_gives_the_jobs_children_the_grace_period_not_30_s():
     for hook in drain_hooks(manager, ServerOptions(grace_s=2.5)):
         asyncio.run(hook())
     assert manager.grace_s == 2.5
+
+
+def test_a_cancelled_job_whose_child_ignores_sigterm_does_not_hold_the_queue(tmp_path):
+    """Cancel sent the child a SIGTERM and nothing more: a child that did not end (stuck in a long
+    C call, which sees the signal only when it returns) kept the worker waiting on it, and every
+    job submitted after it stayed QUEUED. It is killed `kill_after_s` after the SIGTERM."""
+    child = tmp_path / "stubborn-python"
+    child.write_text("#!/bin/sh\ntrap '' TERM\necho '{\"message\": \"working\"}'\nexec sleep 600\n")
+    child.chmod(0o755)
+    jobs = manager(tmp_path / "work", EmptyStore())
+    jobs.python, jobs.kill_after_s = str(child), 0.5
+
+    async def running(job_id: str) -> None:
+        async for event in jobs.watch(job_id):
+            if event.get("message") == "working":
+                return
+
+    async def main():
+        await jobs.start()
+        try:
+            first = await jobs.submit(TrainingJobSpec(release="first", preset="tiny", quick=True))
+            await running(first)
+            assert await jobs.cancel(first) == CANCELLED
+            second = await jobs.submit(TrainingJobSpec(release="second", preset="tiny", quick=True))
+            await running(second)  # the worker is free again
+            assert jobs.get(first).process.returncode is not None
+            return jobs.get(second).state
+        finally:
+            await jobs.stop(grace_s=0.5)
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == engine.RUNNING
+
+
+def test_stray_output_that_parses_as_json_is_not_an_event(tmp_path):
+    """A line of the child's stdout such as `42` or `[1, 2]` (a library printing) parsed as JSON,
+    and the job failed as an internal error of the service, its child killed."""
+    child = tmp_path / "chatty-python"
+    child.write_text("#!/bin/sh\necho 42\necho '[1, 2]'\necho '{\"step\": 1, \"total_steps\": 1}'\n")
+    child.chmod(0o755)
+    jobs = manager(tmp_path / "work", EmptyStore())
+    jobs.python = str(child)
+
+    async def main():
+        await jobs.start()
+        try:
+            job = await jobs.submit(TrainingJobSpec(release="chatty", preset="tiny", quick=True))
+            return [event async for event in jobs.watch(job)]
+        finally:
+            await jobs.stop(grace_s=0.5)
+
+    events = asyncio.run(asyncio.wait_for(main(), 60))
+    assert {"state": engine.RUNNING, "step": 1, "total_steps": 1} in events
+    assert events[-1]["state"] == SUCCEEDED, events[-1]

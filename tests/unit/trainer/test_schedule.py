@@ -50,7 +50,7 @@ def test_stage2_starts_with_single_chunk_samples_holding_as_many_tokens(tmp_path
     else:
         assert stage3 == [("full", 12), ("full", 13), ("full", 14), ("full", 15)]
     # Stage 3 restarts AdamW (beta2 0.999) at its own constant rate; only it reads distractors.
-    lrs = [h["lr"] for h in trainer.state.history if h.get("stage") in (2, 3)]
+    lrs = [h["lr"] for h in trainer.history() if h.get("stage") in (2, 3)]
     assert lrs == pytest.approx([1e-3] * 4 + [3e-4] * 2)
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
     assert [trainer.sample_kind(2, i)[1] for i in range(4)] == [False] * 4
