@@ -43,12 +43,16 @@ class WatchClients:
     The middleware is the only reader of the connection's `receive`: it passes the body on to the
     app, and on `http.disconnect` before the response is complete it cancels the app. When the
     server cancels the request (a shutdown whose grace ran out), the app is cancelled too and may
-    end its response first: an SSE stream then says it was cut.
+    end its response first: an SSE stream then says it was cut. A request that had no response
+    yet gets `cut_reply(path)`, a 503 its client can tell from a failure and retry elsewhere
+    (Uvicorn's own answer is a bare 500).
     """
 
-    def __init__(self, app: ASGIApp, *, watched: Callable[[str], bool]) -> None:
+    def __init__(self, app: ASGIApp, *, watched: Callable[[str], bool],
+                 cut_reply: Callable[[str], ASGIApp] | None = None) -> None:
         self.app = app
         self.watched = watched
+        self.cut_reply = cut_reply
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.watched(scope["path"]):
@@ -64,12 +68,23 @@ class WatchClients:
             if not app.done() and not response.complete:
                 app.cancel()  # the client hung up: stop generating for it
             await asyncio.wait({app})
-        except BaseException:  # the server is stopping: the app may still end its response
-            app.cancel()
-            await asyncio.wait({app})
+        except asyncio.CancelledError:  # the server is stopping: the app may still end its response
+            await _cancel(app)
+            if not response.started and self.cut_reply is not None:
+                await self.cut_reply(scope["path"])(scope, inbox.get, response.send)
+            if not response.complete:
+                raise
+            return  # answered: nothing is left for the server's cancellation to stop
+        except BaseException:
+            await _cancel(app)
             raise
         if not app.cancelled():
             app.result()  # the app's own failure, for the server to report
+
+
+async def _cancel(app: asyncio.Future) -> None:
+    app.cancel()
+    await asyncio.wait({app})
 
 
 class _ResponseState:
@@ -78,9 +93,11 @@ class _ResponseState:
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self.started = False
         self.complete = False
 
     async def send(self, message: Message) -> None:
+        self.started = True
         await self._send(message)
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.complete = True

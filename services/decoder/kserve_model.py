@@ -40,7 +40,8 @@ from ..rpc.errors import InvalidInput, ServiceError, Unavailable
 from .engine import GenerationEngine
 from .http_clients import CLIENT_HOST, WatchClients, client_id
 from .http_errors import http_status
-from .openai_routes import COMPLETIONS_PATHS, add_completion_routes, citation_json
+from .kserve_drain import DrainFirstModelServer
+from .openai_routes import COMPLETIONS_PATHS, add_completion_routes, citation_json, error_response
 from .server import BuiltEngine, DecoderSettings, build_engine, open_release, wait_for_dependencies, watch_dependencies
 from .validation import build_request
 
@@ -51,6 +52,8 @@ OUTPUTS = ("text", "citations")
 PARAMETERS: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,),
     "stop": (str,), "use_memory": (bool,), "include_reference_text": (bool,)}
+CUT_UNANSWERED = ("the decoder is shutting down and stopped this request before it finished: retry it on another "
+                  "replica")
 # Set by KServe itself or by v2 clients (tritonclient): not ours to judge.
 PROTOCOL_PARAMETERS = {"binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
                        "headers"}
@@ -75,6 +78,8 @@ class Memory3Model(kserve.Model):
         `ready` says the release is open: KServe registers only a model that is ready after load().
         Whether it can serve is `healthy()`, which the readiness routes ask.
         """
+        if self._stopping:  # KServe loads a model that is not healthy again, which a stopping one is not
+            return self.ready
         if self._release is None:
             self._release = open_release(self.settings)
         self.ready = True
@@ -105,15 +110,20 @@ class Memory3Model(kserve.Model):
                 and not engine.draining)
 
     def stop(self) -> None:
-        """On SIGTERM, once Uvicorn (which takes the signal first) has drained the HTTP requests, and
-        before the gRPC server drains its own: refuse new requests, fail the queued ones, and stop
-        the engine once its last request ended. It stops in the servers' event loop, while that
-        still runs: a scheduler thread outliving the loop would hand a step's tokens to a closed loop.
+        """On SIGTERM, before the servers stop (DrainFirstModelServer): turn not ready, refuse new
+        requests, fail the queued ones, and stop the engine once its last request ended. It stops
+        in the servers' event loop, while that still runs: a scheduler thread outliving the loop
+        would hand a step's tokens to a closed loop. KServe calls it again once its servers stopped.
         """
         self.ready = False
         self._stopping = True
         if self._built is not None and self._engine_stop is None:
             self._engine_stop = asyncio.ensure_future(self._built.engine.stop())
+
+    async def drained(self) -> None:
+        """Return once the requests running at `stop` ended (at once if the engine never started)."""
+        if self._engine_stop is not None:
+            await asyncio.shield(self._engine_stop)
 
     def close(self) -> None:
         """After the servers stopped: stop the scheduler thread (blocking), if `stop` could not."""
@@ -123,6 +133,8 @@ class Memory3Model(kserve.Model):
 
     def current(self) -> GenerationEngine:
         engine = self._built.engine if self._built is not None else None
+        if self._stopping:
+            raise Unavailable("the decoder is shutting down: retry the request on another replica")
         if engine is None or not engine.started:
             raise Unavailable("the decoder is starting (loading its release); retry shortly")
         return engine
@@ -311,16 +323,25 @@ def generation_path(path: str) -> bool:
     return path in COMPLETIONS_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
+def cut_reply(path: str) -> JSONResponse:
+    """A generation request the server cut unanswered when its grace period ran out: a 503 in its
+    route's error format, saying to retry (an SSE stream already answered says so in the stream)."""
+    if path in COMPLETIONS_PATHS:
+        return error_response(Unavailable(CUT_UNANSWERED))
+    return JSONResponse({"error": CUT_UNANSWERED}, status_code=503)
+
+
 def serve_kserve(settings: DecoderSettings, *, model_name: str, http_port: int, grpc_port: int,
                  grace_s: float) -> int:
-    """Run KServe's ModelServer with this model and the OpenAI-style route until SIGTERM/SIGINT."""
+    """Run KServe's ModelServer with this model and the OpenAI-style route until SIGTERM/SIGINT,
+    which drains the engine before the servers stop (kserve_drain)."""
     model = Memory3Model(model_name, settings)
     model.load()
     add_completion_routes(kserve_app, model.current, model_name)
-    kserve_app.add_middleware(WatchClients, watched=generation_path)
+    kserve_app.add_middleware(WatchClients, watched=generation_path, cut_reply=cut_reply)
     kserve_app.add_exception_handler(ServiceError, rest_error_handler)
     kserve_app.add_exception_handler(RequestValidationError, v2_validation_error_handler)
-    server = kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, grace_period=max(1, round(grace_s)))
+    server = DrainFirstModelServer(model, grace_s=grace_s, http_port=http_port, grpc_port=grpc_port)
     server.dataplane = ModelsReadyDataPlane(server.registered_models)
     print(f"KServe model {model_name!r} (release {settings.release}): HTTP :{http_port} (v2 REST, "
           f"/v1/completions), v2 gRPC :{grpc_port}", flush=True)
