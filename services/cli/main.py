@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=port_number(free=True), default=None,
                        help=f"default per service: {SERVE_PORTS}; 0: any free port")
-    serve.add_argument("--grace", type=finite_float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
+    serve.add_argument("--grace", type=finite_float, default=10.0,
+                       help="seconds in-flight requests get on SIGTERM, once not ready; the servers stop within "
+                            "the same seconds (a second SIGTERM/SIGINT stops them at once)")
     serve.add_argument("--work-dir", type=Path, default=DEFAULT_HOME / "runs", help="training work directories")
     serve.add_argument("--release", default=None, help="the release to serve (every service but the trainer)")
     serve.add_argument("--wait-for-release", type=finite_float, default=0.0, metavar="SECONDS",

@@ -4,6 +4,7 @@ plaintext health-only port, and a graceful drain on SIGTERM/SIGINT. Every servic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -186,13 +187,36 @@ class Server:
             await self.health_server.stop(0)
 
     async def run_until_signal(self, on_drain: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
-        stop = asyncio.Event()
+        """Until SIGTERM/SIGINT, then `stop` (the drain). A second signal cuts the drain short: the
+        RPCs still going end UNAVAILABLE at once (an operator's second Ctrl-C, a supervisor's
+        second SIGTERM), instead of after the grace period."""
+        signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("signal received: draining for up to %.0fs", self.grace_s)
-        await self.stop(on_drain)
+            loop.add_signal_handler(sig, signalled.set)
+        await signalled.wait()
+        signalled.clear()
+        log.info("signal received: draining for up to %.0fs (a second signal stops now)", self.grace_s)
+        await self.stop_unless(signalled, on_drain)
+
+    async def stop_unless(self, cut: asyncio.Event,
+                          on_drain: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
+        """`stop(on_drain)`, unless `cut` is set first: then the drain is abandoned, and the server
+        stops without waiting."""
+        drain = asyncio.ensure_future(self.stop(on_drain))
+        cutting = asyncio.ensure_future(cut.wait())
+        await asyncio.wait({drain, cutting}, return_when=asyncio.FIRST_COMPLETED)
+        cutting.cancel()
+        if drain.done():
+            drain.result()
+            return
+        log.info("signal received again: stopping now; the RPCs still going are cut")
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        await self.server.stop(0)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
 
 
 async def serve_until_signal(server: Server, ready: asyncio.Task, *, stop: Callable[[], Awaitable[None]],

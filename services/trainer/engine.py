@@ -258,8 +258,10 @@ class TrainingJobManager:
         for job in running:
             await self.cancel(job.id, reason="cancelled: the trainer service is stopping")
         children = [job.process for job in running if job.process is not None and job.process.returncode is None]
-        if children:
-            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in children], timeout=grace_s)
+        try:
+            if children:
+                await asyncio.wait([asyncio.ensure_future(p.wait()) for p in children], timeout=grace_s)
+        finally:  # also when the wait is cut short (a second signal): no child outlives the service
             for process in children:
                 if process.returncode is None:
                     process.kill()

@@ -1,6 +1,8 @@
 """The gRPC server plumbing every service shares: shutdown, connection age, listening addresses."""
 
 import asyncio
+import os
+import signal
 import socket
 import time
 import urllib.request
@@ -43,6 +45,45 @@ def test_the_drain_hooks_and_the_servers_wait_share_one_grace_period():
     took, code = asyncio.run(scenario())
     assert grace <= took < grace + 1.0, took  # once: hook_s + grace before
     assert code == grpc.StatusCode.UNAVAILABLE  # the RPC still going was cancelled with a status
+
+
+def test_a_second_signal_cuts_the_drain_short():
+    """The first SIGTERM drains (up to the grace period); a second one stops at once, and the RPCs
+    still going end with a status. Before, the second signal was ignored until the grace ran out."""
+    grace = 30.0
+
+    async def scenario():
+        server = Server(port=0, grace_s=grace)
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE))
+            await watch.read()
+            draining = asyncio.Event()
+
+            async def endless_drain():
+                draining.set()
+                await asyncio.sleep(grace)
+
+            running = asyncio.ensure_future(server.run_until_signal(on_drain=[endless_drain]))
+            await asyncio.sleep(0.1)
+            start = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(draining.wait(), 5)
+            assert not running.done()
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.wait_for(running, grace)
+            took = time.monotonic() - start
+            try:
+                while await watch.read() is not grpc.aio.EOF:
+                    pass
+            except grpc.aio.AioRpcError as e:
+                return took, e.code()
+            return took, grpc.StatusCode.OK
+
+    took, code = asyncio.run(scenario())
+    assert took < 5.0, took
+    assert code == grpc.StatusCode.UNAVAILABLE
 
 
 def connections_over(age_s: float | None, seconds: float = 2.0) -> tuple[int, int]:

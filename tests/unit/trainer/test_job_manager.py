@@ -264,3 +264,30 @@ def test_stray_output_that_parses_as_json_is_not_an_event(tmp_path):
     events = asyncio.run(asyncio.wait_for(main(), 60))
     assert {"state": engine.RUNNING, "step": 1, "total_steps": 1} in events
     assert events[-1]["state"] == SUCCEEDED, events[-1]
+
+
+def test_a_stop_cut_short_still_kills_the_jobs_children(tmp_path):
+    """A second signal cancels the drain while it waits for the children: they were left running
+    (a child still publishing after its service exited), as the kill came after the wait."""
+    child = tmp_path / "stubborn-python"
+    child.write_text("#!/bin/sh\ntrap '' TERM\necho '{\"message\": \"working\"}'\nexec sleep 600\n")
+    child.chmod(0o755)
+    jobs = manager(tmp_path / "work", EmptyStore())
+    jobs.python = str(child)
+
+    async def main():
+        await jobs.start()
+        job = await jobs.submit(TrainingJobSpec(release="first", preset="tiny", quick=True))
+        async for event in jobs.watch(job):
+            if event.get("message") == "working":
+                break
+        stopping = asyncio.ensure_future(jobs.stop(grace_s=600))
+        await asyncio.sleep(0.3)
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        process = jobs.get(job).process
+        await asyncio.wait_for(process.wait(), 10)
+        return process.returncode
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) is not None
