@@ -41,8 +41,10 @@ root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwa
 the `gpu`-marked tests). `--budget-s 420` keeps the bench inside 7 of those minutes, whatever
 compiling takes: each batch size's rounds stop early at their share of the time left (at least 3,
 the first dropped; `rounds_run` in the JSON), so that the checks and the tests after it still
-run. If compiling fails, the run says why, goes on uncompiled and reports `compile.error`;
-`gpu-<card>-<date>.partial.json` keeps each batch size's numbers as they are measured.
+run. If compiling fails, the run says why, goes on uncompiled and reports `compile.error`; a
+variant that fails is left out and named in its batch size's `errors`, a correctness check that
+fails to run is reported as failed; `gpu-<card>-<date>.partial.json` keeps each batch size's numbers
+(and the headline keys measured so far) as they are measured.
 
 Here: `memory3 bench gpu --json PATH`. On a CPU, `--preset tiny --device cpu --smoke` runs the
 whole logic in well under a minute, and `--dtype bfloat16 --compile` beside it takes the GPU run's
@@ -123,6 +125,8 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
     clock("models")
     bandwidth = copy_bandwidth(dev, 2 << 30 if cuda else 64 << 20)
     clock(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    roofline = roofline_bytes(model, config, context=prompt_tokens + new_tokens // 2)
+    roofline_tok_s = bandwidth / roofline["bytes_per_step"]
 
     codec = TextCodec(byte_level_tokenizer())
     prefix = codec.reference_prefix(config)
@@ -177,16 +181,20 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         if budget_s is not None:
             left = started + 0.9 * budget_s - time.perf_counter()
             deadline = time.perf_counter() + left / (len(batches) - i)
-        seconds = time_rounds(variants, rounds, bsz * new_tokens, dev, deadline=deadline)
-        rounds_run = len(seconds["no_memory"]) + 1
+        errors: dict[str, str] = {}
+        seconds = time_rounds(variants, rounds, bsz * new_tokens, dev, deadline=deadline, errors=errors)
+        rounds_run = max(map(len, seconds.values()), default=0) + 1
         if rounds_run < rounds:
             log(f"batch {bsz}: {rounds_run} of {rounds} rounds, within the budget")
+        if errors:
+            log(f"batch {bsz}: variants that failed, left out: {errors}")
         mid = prompt_tokens + new_tokens // 2
         starts = {"no_memory": mid, "no_memory_uncompiled": mid, "memory": p + mid,
                   "rag": len(rag_prompts[0]) + new_tokens // 2}
         steps = {name: step_seconds(d, starts[name] - 8, steps=4 if smoke else 16, repeats=2 if smoke else 5)
-                 for name, d in decoders.items()}
-        profiles = {name: profile_step(decoders[name], starts[name]) for name in ("no_memory", "memory")}
+                 for name, d in decoders.items() if name not in errors}
+        profiles = {name: profile_step(decoders[name], starts[name]) for name in ("no_memory", "memory")
+                    if name not in errors}
         for name, prof in profiles.items():
             log(f"batch {bsz} {name} step: {prof.get('calls')} calls, {prof.get('calls_ms')} ms in all "
                 f"(replayed step: {steps[name] * 1e3:.3f} ms); longest: {prof.get('top', [{}])[:1]}")
@@ -196,39 +204,29 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         results[bsz] = {**summarize(seconds, steps, bsz, new_tokens),
                         "rounds_run": rounds_run, "compiled": {name: d.compiled for name, d in decoders.items()},
                         "static_prefill": {name: d.static_prefill for name, d in decoders.items()},
-                        "static_prefill_errors": prefill_errors, "step_profile": profiles}
+                        "static_prefill_errors": prefill_errors, "step_profile": profiles, "errors": errors}
         clock(f"batch {bsz}: " + ", ".join(f"{k} {v['tok_s']:.0f}" for k, v in results[bsz]["variants"].items()))
         if checkpoint is not None:
-            checkpoint({"benchmark": "gpu", "partial": True, "batches": {str(b): r for b, r in results.items()},
+            checkpoint({"benchmark": "gpu", "partial": True,
+                        **summarize_run(results, batches, roofline_tok_s, bandwidth, None, builder.compile),
+                        "batches": {str(b): r for b, r in results.items()},
                         "hbm_copy_gb_s": round(bandwidth / 1e9, 1), "compile": builder.report(),
                         "seconds_so_far": round(time.perf_counter() - started, 1)})
-        del decoders
+        del decoders, variants  # the variants hold the decoders too: their caches and graphs go now
         _empty_cache(dev)
 
-    correctness = check_correctness(model, hf, config, prefix, bank, codec.bos_id, random_tokens, builder,
-                                    rows=min(4, max(batches)), prompt_tokens=prompt_tokens,
-                                    new_tokens=new_tokens, log=log)
+    try:
+        # The largest batch, whose compiled step exists: any other batch size would compile (and, on
+        # a GPU, tune) the step again, inside the budget's tenth kept for the checks.
+        correctness = check_correctness(model, hf, config, prefix, bank, codec.bos_id, random_tokens, builder,
+                                        rows=max(batches), prompt_tokens=prompt_tokens,
+                                        new_tokens=new_tokens, log=log)
+    except Exception as exc:  # noqa: BLE001 - a check that fails to run is a failed check, not a lost run
+        correctness = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        log(f"the correctness check failed to run: {correctness['error']}")
     clock(f"correctness: {'ok' if correctness['ok'] else 'FAILED'}")
 
-    roofline = roofline_bytes(model, config, context=prompt_tokens + new_tokens // 2)
-    roofline_tok_s = bandwidth / roofline["bytes_per_step"]
-    b1, big = results[min(batches)], results[max(batches)]
-    summary = {
-        "b1_tok_s": round(b1["variants"]["no_memory"]["tok_s"], 1),
-        "b1_roofline_tok_s": round(roofline_tok_s, 1),
-        "b1_over_roofline": round(b1["variants"]["no_memory"]["tok_s"] / roofline_tok_s, 4),
-        "b1_decode_tok_s": round(b1["variants"]["no_memory"]["decode_tok_s"], 1),
-        "b1_decode_over_roofline": round(b1["variants"]["no_memory"]["decode_tok_s"] / roofline_tok_s, 4),
-        f"b{max(batches)}_memory_tok_s": round(big["variants"]["memory"]["tok_s"], 1),
-        f"b{max(batches)}_hf_eager_tok_s": round(big["variants"]["hf_eager"]["tok_s"], 1),
-        f"b{max(batches)}_memory_over_hf_eager": big["ratios"]["memory_over_hf_eager"],
-        "memory_over_no_memory": big["ratios"]["memory_over_no_memory"],
-        "b1_memory_over_no_memory": b1["ratios"]["memory_over_no_memory"],
-        "memory_over_rag": big["ratios"]["memory_over_rag"],
-        "hbm_copy_gb_s": round(bandwidth / 1e9, 1),
-        "correct": correctness["ok"],
-        "compiled": builder.compile,
-    }
+    summary = summarize_run(results, batches, roofline_tok_s, bandwidth, correctness["ok"], builder.compile)
     return {
         "benchmark": "gpu",
         "summary": summary,
@@ -343,30 +341,49 @@ class _DecoderBuilder:
 # ---- timing ---------------------------------------------------------------------------------
 def time_rounds(variants: dict[str, Callable[[], list[list[int]]]], rounds: int, expected: int,
                 device: torch.device, *, deadline: float | None = None,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                clock: Callable[[], float] = time.perf_counter,
+                errors: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Wall seconds per variant and round; round 0 (warm-up) is dropped. With a deadline (a `clock`
-    time), no round starts after `MIN_ROUNDS` that would end past it, as long as the last one took."""
+    time), no round starts after `MIN_ROUNDS` that would end past it, as long as the last one took.
+
+    A variant that raises (or produces the wrong number of tokens) is left out from then on, with
+    its seconds, and `errors` gets why: one failing variant must not cost the others' numbers."""
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    errors = {} if errors is None else errors
     last_round = 0.0
     for r in range(rounds):
         round_started = clock()
         if r >= MIN_ROUNDS and deadline is not None and round_started + last_round > deadline:
             break
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            _sync(device)
-            start = clock()
-            tokens = variants[name]()
-            _sync(device)
-            elapsed = clock() - start
-            produced = sum(len(t) for t in tokens)
-            if produced != expected:
-                raise RuntimeError(f"{name} produced {produced} tokens, expected {expected}")
+        live = [name for name in names if name not in errors]
+        if not live:
+            break
+        shift = r % len(live)
+        for name in live[shift:] + live[:shift]:
+            try:
+                elapsed = _timed(variants[name], expected, device, clock)
+            except Exception as exc:  # noqa: BLE001 - reported in the JSON
+                errors[name], seconds[name] = f"{type(exc).__name__}: {exc}"[:2000], []
+                continue
             if r > 0:
                 seconds[name].append(elapsed)
         last_round = clock() - round_started
     return seconds
+
+
+def _timed(variant: Callable[[], list[list[int]]], expected: int, device: torch.device,
+           clock: Callable[[], float]) -> float:
+    """Wall seconds of one run of a variant, which must produce `expected` tokens."""
+    _sync(device)
+    start = clock()
+    tokens = variant()
+    _sync(device)
+    elapsed = clock() - start
+    produced = sum(len(t) for t in tokens)
+    if produced != expected:
+        raise RuntimeError(f"produced {produced} tokens, expected {expected}")
+    return elapsed
 
 
 def step_seconds(decoder: StaticDecoder, start_slot: int, steps: int = 16, repeats: int = 5) -> float:
@@ -425,13 +442,16 @@ def summarize(seconds: dict[str, list[float]], steps: dict[str, float], bsz: int
     variants = {
         name: {"tok_s": work / statistics.median(ts), "mean_tok_s": work / statistics.mean(ts),
                "seconds": [round(t, 4) for t in ts]}
-        for name, ts in seconds.items()
+        for name, ts in seconds.items() if ts
     }
     for name, step in steps.items():
-        variants[name]["step_ms"] = round(step * 1e3, 4)
-        variants[name]["decode_tok_s"] = bsz / step
+        if name in variants:
+            variants[name]["step_ms"] = round(step * 1e3, 4)
+            variants[name]["decode_tok_s"] = bsz / step
 
-    def paired(num: str, den: str) -> float:  # throughput num/den = time den/num, same round
+    def paired(num: str, den: str) -> float | None:  # throughput num/den = time den/num, same round
+        if num not in variants or den not in variants:
+            return None  # a variant that failed
         return round(statistics.median(d / n for n, d in zip(seconds[num], seconds[den], strict=True)), 4)
 
     ratios = {
@@ -444,6 +464,39 @@ def summarize(seconds: dict[str, list[float]], steps: dict[str, float], bsz: int
         "no_memory_over_hf_static": paired("no_memory", "hf_static"),
     }
     return {"variants": variants, "ratios": ratios}
+
+
+def summarize_run(results: dict[int, dict], batches: tuple[int, ...], roofline_tok_s: float, bandwidth: float,
+                  correct: bool | None, compiled: bool) -> dict:
+    """The headline numbers (issue #7's keys) of the batch sizes measured so far; None where a batch
+    size or a variant is missing (a run cut short, a variant that failed)."""
+    b1, big = results.get(min(batches), {}), results.get(max(batches), {})
+
+    def tok_s(res: dict, name: str, key: str = "tok_s") -> float | None:
+        value = res.get("variants", {}).get(name, {}).get(key)
+        return None if value is None else round(value, 1)
+
+    def over(value: float | None, ref: float) -> float | None:
+        return None if value is None else round(value / ref, 4)
+
+    b1_tok_s, b1_decode = tok_s(b1, "no_memory"), tok_s(b1, "no_memory", "decode_tok_s")
+    n = max(batches)
+    return {
+        "b1_tok_s": b1_tok_s,
+        "b1_roofline_tok_s": round(roofline_tok_s, 1),
+        "b1_over_roofline": over(b1_tok_s, roofline_tok_s),
+        "b1_decode_tok_s": b1_decode,
+        "b1_decode_over_roofline": over(b1_decode, roofline_tok_s),
+        f"b{n}_memory_tok_s": tok_s(big, "memory"),
+        f"b{n}_hf_eager_tok_s": tok_s(big, "hf_eager"),
+        f"b{n}_memory_over_hf_eager": big.get("ratios", {}).get("memory_over_hf_eager"),
+        "memory_over_no_memory": big.get("ratios", {}).get("memory_over_no_memory"),
+        "b1_memory_over_no_memory": b1.get("ratios", {}).get("memory_over_no_memory"),
+        "memory_over_rag": big.get("ratios", {}).get("memory_over_rag"),
+        "hbm_copy_gb_s": round(bandwidth / 1e9, 1),
+        "correct": correct,
+        "compiled": compiled,
+    }
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int = 10) -> float:

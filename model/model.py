@@ -424,15 +424,13 @@ class Attention(nn.Module):
         if cache_slots is not None:
             # Explicit memories replace the resident ones, so skip the resident slots then.
             k, v = self.kv_cache.update(cache_slots, k, v, kv_len, with_memory=memory is None, rows=cache_rows)
-        gqa = self.n_head != self.n_kv_head
         if memory is not None and chunks:
-            y = chunk_attention(q, k, v, memory, mask, chunks, enable_gqa=gqa)
+            y = chunk_attention(q, k, v, memory, mask, chunks)
         else:
             if memory is not None:
                 k = torch.cat([memory[0], k], dim=2)  # (B, H_kv, S_mem + S, D)
                 v = torch.cat([memory[1], v], dim=2)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=gqa)  # (B, H, T, D)
+            y = attend(q, k, v, mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(bsz, seq_len, self.n_head * self.head_dim)
         return self.wo(y)
 
@@ -479,8 +477,8 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def chunk_attention(q: Tensor, k: Tensor, v: Tensor, memory: tuple[Tensor, Tensor], mask: Tensor, chunks: int,
-                    *, enable_gqa: bool) -> Tensor:
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, memory: tuple[Tensor, Tensor], mask: Tensor,
+                    chunks: int) -> Tensor:
     """Attention where each chunk of queries reads its own memory group and the whole context.
 
     Chunks become batch rows, so every chunk's keys are [its group's slots | context]: the scores
@@ -509,10 +507,36 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, memory: tuple[Tensor, Tenso
         ctx = ctx[:, None].expand(bsz, chunks, n_kv, ctx_len, head_dim)  # (B, G, H_kv, S, D)
         return torch.cat([mem, ctx], dim=3).view(bsz * chunks, n_kv, per_group + ctx_len, head_dim)
 
-    y = F.scaled_dot_product_attention(q, per_chunk(memory[0], k), per_chunk(memory[1], v), attn_mask=mask,
-                                       enable_gqa=enable_gqa)  # (B*G, H, Lc, D)
+    y = attend(q, per_chunk(memory[0], k), per_chunk(memory[1], v), mask)  # (B*G, H, Lc, D)
     y = y.transpose(1, 2).reshape(bsz, chunks * chunk_len, n_head, head_dim)  # (B, G*Lc, H, D)
     return y[:, :seq_len].transpose(1, 2)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA of (B, H, T, D) queries over (B, H_kv, S, D) keys and values -> (B, H, T, D); causal without a mask.
+
+    Query head i reads KV head i // (H / H_kv). CUDA has no fused kernel for GQA with a mask (flash
+    takes no mask, the memory-efficient kernel no GQA): SDPA would silently take its math kernel,
+    which upcasts to fp32 and materializes all B*H*T*S scores. There the KV heads are repeated
+    instead, as HF does; the CPU's fused kernel takes both.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and not fused_masked_gqa(q.device):
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # (B, H, S, D)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def fused_masked_gqa(device: torch.device) -> bool:
+    """Whether SDPA has a fused kernel for GQA with a mask on this device (not on CUDA)."""
+    return device.type != "cuda"
+
+
+def repeat_kv(x: Tensor, n_head: int) -> Tensor:
+    """(B, H_kv, S, D) -> (B, H, S, D), each KV head repeated for the H / H_kv query heads it serves."""
+    bsz, n_kv, seq_len, head_dim = x.shape
+    x = x.unsqueeze(2).expand(bsz, n_kv, n_head // n_kv, seq_len, head_dim)
+    return x.reshape(bsz, n_head, seq_len, head_dim)
 
 
 def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:

@@ -403,6 +403,10 @@ def generate_static(
     One prompt per decoder row. The host syncs only when it must: once per step with stop tokens
     (to stop early), once per chunk for the retrieval query, and at the end.
 
+    Tokens and finish reasons are `generate`'s. Retrievals differ in one case: a chunk's retrieval
+    overlaps the step before the chunk, so a row whose stop token is the chunk's first token has
+    retrieved for it, where `generate` (which retrieves after that token) has not.
+
     Args:
         on_logits: called as on_logits(step, (B, V) logits) with the logits each token was
             sampled from (a static buffer: copy what you keep).

@@ -1,11 +1,14 @@
 """bench/gpu.py runs its whole logic on the CPU at toy sizes (`--smoke`), and reports what it claims."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
 
-from memory3.bench.gpu import MIN_ROUNDS, TARGETS, main, render, run_gpu_bench, time_rounds
+from memory3.bench import gpu
+from memory3.bench.gpu import MIN_ROUNDS, TARGETS, main, render, run_gpu_bench, summarize, summarize_run, time_rounds
 from memory3.services.cli.main import build_parser
 
 
@@ -110,6 +113,9 @@ def test_each_batch_size_is_checkpointed_as_it_is_measured():
                            checkpoint=lambda so_far: seen.append(json.loads(json.dumps(so_far))))
     assert [sorted(c["batches"]) for c in seen] == [["1"], ["1", "2"]]
     assert all(c["partial"] for c in seen)
+    # issue #7's keys as far as measured: a run cut short still has its batch-1 numbers
+    assert seen[0]["b1_tok_s"] > 0 and seen[0]["b1_over_roofline"] > 0 and seen[0]["b2_memory_tok_s"] is None
+    assert seen[-1]["b2_memory_tok_s"] > 0 and seen[-1]["correct"] is None
     assert seen[-1]["batches"]["2"]["variants"]["memory"] == result["batches"]["2"]["variants"]["memory"]
 
 
@@ -121,3 +127,59 @@ def test_without_cuda_it_says_how_to_check_on_the_cpu(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no CUDA device" in err and "--device cpu --smoke" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_variant_that_fails_is_left_out_and_the_others_are_timed():
+    clock = FakeClock(per_run=1.0)
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("static cache needs a newer transformers")
+
+    errors = {}
+    seconds = time_rounds({"a": clock.variant, "hf_static": broken, "b": clock.variant}, 4, 2,
+                          torch.device("cpu"), clock=clock, errors=errors)
+    assert seconds == {"a": [1.0] * 3, "hf_static": [], "b": [1.0] * 3}
+    assert len(calls) == 1 and "newer transformers" in errors["hf_static"]
+    short = {}
+    time_rounds({"a": clock.variant, "short": lambda: [[0]]}, 2, 2, torch.device("cpu"), clock=clock, errors=short)
+    assert "produced 1 tokens, expected 2" in short["short"]
+
+
+def test_summaries_leave_out_what_failed_or_was_not_measured():
+    seconds = {"no_memory": [1.0, 1.0], "memory": [1.0, 2.0], "hf_eager": [], "rag": [2.0, 2.0],
+               "hf_static": [4.0, 4.0]}
+    batch = summarize(seconds, {"no_memory": 0.01, "memory": 0.01}, 1, 10)
+    assert "hf_eager" not in batch["variants"] and batch["ratios"]["memory_over_hf_eager"] is None
+    assert batch["ratios"]["memory_over_no_memory"] == 0.75
+    summary = summarize_run({1: batch}, (1, 32), 100.0, 1e12, None, False)
+    assert summary["b1_tok_s"] == 10.0 and summary["b1_over_roofline"] == 0.1
+    assert summary["b32_memory_tok_s"] is None and summary["memory_over_no_memory"] is None
+    assert set(TARGETS) <= set(summary)
+
+
+def test_a_correctness_check_that_fails_to_run_still_leaves_the_measured_json(tmp_path, monkeypatch):
+    """and by then the timed decoders (caches, graphs) are gone, to make room for the check's."""
+    alive = []
+    made = []
+
+    class Tracked(gpu.StaticDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    def check_that_breaks(*args, rows, **kwargs):
+        assert rows == 2  # the largest batch: its compiled step is reused
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu, "StaticDecoder", Tracked)
+    monkeypatch.setattr(gpu, "check_correctness", check_that_breaks)
+    assert main(["--preset", "tiny", "--device", "cpu", "--smoke", "--no-compile", "--json", str(tmp_path)]) == 1
+    (path,) = tmp_path.glob("gpu-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert made and alive == [0]
+    assert result["correct"] is False and "out of memory" in result["correctness"]["error"]
+    assert result["b1_tok_s"] > 0 and result["b2_memory_tok_s"] > 0

@@ -377,3 +377,29 @@ def test_cuda_graphs_of_prefill_and_step_equal_generate_without_memory(tiny_mode
         assert [p.graph is not None for p in decoder._prefills.values()] == [True]
     finally:
         tiny_model.to("cpu")
+
+
+def test_rows_stopping_around_chunk_boundaries_and_at_the_first_token_of_a_chunk(tiny_model, tiny_config, prefix,
+                                                                                  bank):
+    """Stop tokens at a chunk's last and first generated tokens, rows finishing at different times:
+    tokens and finish reasons are generate's; the retrievals only differ for a row whose stop
+    token starts a chunk (it retrieved for that chunk while the step before ran)."""
+    steps, chunk = 140, tiny_config.chunk_len
+    stop_at = (chunk - 1, chunk, 10)  # row 0 stops at a chunk's last token, row 1 at the next chunk's first
+    for _ in range(20):  # prompts whose free run has no earlier occurrence of a stop token
+        prompts = [[1, *torch.randint(3, 250, (n,)).tolist()] for n in (63, 127, 20)]
+        with torch.no_grad():
+            free = generate(tiny_model, prompts, prefix=prefix, max_new_tokens=steps,
+                            memory_provider=Provider(bank))
+        stops = [free.tokens[b][i] for b, i in enumerate(stop_at)]
+        first = [next(i for i, t in enumerate(free.tokens[b]) if t in stops) for b in range(len(prompts))]
+        if first[1] == chunk:
+            break
+    assert first[1] == chunk, first  # the case that differs is exercised
+    ref, out, _, _ = run_both(tiny_model, tiny_config, prefix, prompts, steps, lambda: Provider(bank),
+                              stop_tokens=stops)
+    assert out.tokens == ref.tokens and out.finish_reasons == ref.finish_reasons == ["stop"] * 3
+    for b, at in enumerate(first):
+        extra = 1 if at > 0 and at % chunk == 0 else 0
+        assert out.retrievals[b][: len(ref.retrievals[b])] == ref.retrievals[b]
+        assert len(out.retrievals[b]) == len(ref.retrievals[b]) + extra
