@@ -16,6 +16,7 @@ from typing import Protocol
 from memory3.model.memory import ExplicitMemory
 
 from ..rpc.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from ..text.engine import INFERENCE_MAX_OVERLAP, Query, TextEngine, release_resources
 
 
 @dataclass(frozen=True)
@@ -44,37 +45,34 @@ class Retrieval(Protocol):
 
 
 class LocalRetrieval:
-    """Retrieval straight from an opened release: its index, embedder and memory bank."""
+    """Retrieval straight from an opened release: its index, embedder and memory bank.
+
+    References are searched and filtered by the text service's own engine, so that a decoder
+    without a text service retrieves what one with it would: a search of its own kept the tokens of
+    every reference it ever judged (the whole knowledge base, in time), searched no wider when the
+    overlap filter left fewer than top_k, and gave a chunk of nothing (spaces, padding) the
+    references nearest an empty embedding, where the service gives none.
+    """
 
     def __init__(self, release, embedder, *, max_overlap: float | None = None) -> None:
-        from memory3.services.trainer.overlap import EVAL_MAX_OVERLAP
+        self.release = release
+        resources = release_resources(release)  # blocking, as opening the index always was
+        # The decoder's own streams are its only callers, and CoalescingRetrieval batches them.
+        self.engine = TextEngine(lambda: resources, lambda: embedder, max_waiting=1 << 20,
+                                 max_overlap=INFERENCE_MAX_OVERLAP if max_overlap is None else max_overlap)
+        self._started: asyncio.Future | None = None
 
-        self.release, self.embedder = release, embedder
-        self.codec = release.text_codec()
-        self.index = release.index()
-        self.max_overlap = EVAL_MAX_OVERLAP if max_overlap is None else max_overlap
-        self._ref_tokens: dict[str, list[int]] = {}
-
-    def _search(self, queries: list[list[int]], top_k: int, include_text: bool) -> list[list[RetrievedReference]]:
-        from memory3.services.trainer.overlap import overlap
-
-        texts = [self.codec.decode(q) for q in queries]
-        hits = self.index.search(self.embedder.embed(texts), top_k + 5)
-        out = []
-        for query, found in zip(queries, hits, strict=True):
-            kept = []
-            for rid, score in found:
-                tokens = self._ref_tokens.setdefault(rid, self.codec.encode(self.release.by_id[rid]["text"]))
-                if overlap(tokens, query) > self.max_overlap:
-                    continue
-                kept.append(RetrievedReference(rid, float(score),
-                                               self.release.by_id[rid]["text"] if include_text else ""))
-            out.append(kept[:top_k])
-        return out
+    async def _start(self) -> None:
+        """Check the release against the embedder once, on the first call (every call waits for it)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.engine.start())
+        await asyncio.shield(self._started)
 
     async def retrieve(self, queries: list[list[int]], top_k: int,
                        include_text: bool) -> list[list[RetrievedReference]]:
-        return await asyncio.to_thread(self._search, queries, top_k, include_text)
+        await self._start()
+        found = await self.engine.retrieve([Query(token_ids=q) for q in queries], top_k, include_text)
+        return [[RetrievedReference(r.id, r.score, r.text) for r in hits] for hits in found]
 
     async def fetch(self, ids: Sequence[str]) -> list[ExplicitMemory]:
         return await asyncio.to_thread(self.release.fetch_memories, list(ids))
@@ -163,6 +161,17 @@ class CoalescingRetrieval:
         return [memories[i] for i in items]
 
     async def _run(self, key: tuple, batch: list[tuple[list, asyncio.Future]]) -> None:
+        """Answer every caller of `batch`, whatever happens: a call cut short (its gRPC channel closed
+        under it raises CancelledError, as does this task cancelled) left its callers waiting forever,
+        each stream holding its request open."""
+        try:
+            await self._answer(key, batch)
+        except BaseException as e:
+            for _, future in batch:
+                _settle(future, error=e)
+            raise
+
+    async def _answer(self, key: tuple, batch: list[tuple[list, asyncio.Future]]) -> None:
         try:
             merged = await self._call(key, [item for items, _ in batch for item in items])
         except Exception as e:  # noqa: BLE001 - handed to the callers
@@ -198,6 +207,8 @@ class _Batch:
 def _settle(future: asyncio.Future, *, value=None, error: BaseException | None = None) -> None:
     if future.done():
         return
+    if isinstance(error, asyncio.CancelledError):  # not the caller's own cancellation: the call's
+        error = Unavailable("the retrieval was cut short before it answered (its connection closed); retry")
     if error is not None:
         future.set_exception(error)
     else:

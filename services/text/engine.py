@@ -195,7 +195,7 @@ class TextEngine:
         """Per query, up to top_k references best first (0: the release's memories per chunk)."""
         resources = self._ready()
         k = self._check_retrieval(queries, top_k)
-        if self.busy and len(self._queue) >= self.max_waiting:
+        if self.busy and self._waiting() >= self.max_waiting:
             raise ResourceExhausted(f"{len(self._queue)} retrieval requests are already waiting; retry later "
                                     "or add text-service replicas")
         request = _Request(list(queries), k, include_text, asyncio.get_running_loop().create_future())
@@ -206,6 +206,13 @@ class TextEngine:
         out = await request.result
         RETRIEVAL_QUERIES.inc(len(queries))
         return out
+
+    def _waiting(self) -> int:
+        """How many requests wait for a worker, once those whose callers gave up (a deadline that
+        passed while a long batch ran) are dropped: they held their places until the next batch
+        began, and a service with nobody waiting refused every new request as overloaded."""
+        self._queue = [request for request in self._queue if not request.result.done()]
+        return len(self._queue)
 
     @property
     def busy(self) -> bool:
@@ -309,7 +316,7 @@ class TextEngine:
         codec = resources.codec
         queries = [q for request in batch for q in request.queries]
         texts = [q.text if q.text is not None else codec.decode(q.token_ids) for q in queries]
-        tokens = [list(q.token_ids) if q.token_ids else codec.encode(q.text) for q in queries]
+        tokens = [_packed(q.token_ids if q.token_ids else codec.encode(q.text)) for q in queries]
         position = {text: i for i, text in enumerate(dict.fromkeys(texts))}  # streams sharing a prompt send
         embedded = np.asarray(self._embedder.embed(list(position)))        # the same chunks: embedded once
         vectors = embedded if len(position) == len(texts) else embedded[[position[t] for t in texts]]
@@ -325,7 +332,7 @@ class TextEngine:
             start = end
         return out
 
-    def _search_filtered(self, index: VectorIndex, vectors: np.ndarray, tokens: list[list[int]],
+    def _search_filtered(self, index: VectorIndex, vectors: np.ndarray, tokens: list[str],
                          k: int) -> list[list[tuple[str, float]]]:
         """Search k + margin; a query left with fewer than k after the filter is searched again, wider."""
         total = len(index.ids)
@@ -343,7 +350,7 @@ class TextEngine:
             todo, width = again, width * 4
         return out
 
-    def _keep(self, found: list[tuple[str, float]], query_tokens: list[int], k: int,
+    def _keep(self, found: list[tuple[str, float]], query_tokens: str, k: int,
               verdicts: dict[str, bool]) -> list[tuple[str, float]]:
         """Best first, skipping references that overlap the query too much; stops once k are kept.
         `verdicts` keeps each reference's judgement for the query: a wider search sees them again."""
@@ -358,9 +365,9 @@ class TextEngine:
                     break
         return kept
 
-    def _encode_reference(self, rid: str) -> tuple[int, ...]:
+    def _encode_reference(self, rid: str) -> str:
         resources = self._ready()
-        return tuple(resources.codec.encode(resources.texts[rid]))
+        return _packed(resources.codec.encode(resources.texts[rid]))
 
 
 def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
@@ -369,6 +376,11 @@ def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
     with `shard`, that shard's rows of the index and their texts only, loaded in the memory of the
     shard, and built once per local copy (`Release.index_shard`)."""
     release = Release.open(store, name, cache_dir, only={INDEX_FILE, REFERENCES_FILE, TOKENIZER_KEY})  # no weights
+    return release_resources(release, shard)
+
+
+def release_resources(release: Release, shard: IndexShard = IndexShard(0, 1)) -> TextResources:
+    """Blocking: what retrieval needs of an opened release (see `load_release_resources`)."""
     ids, texts = [], {}
     for row, reference in enumerate(release.rows()):  # one pass, never the whole table at once
         ids.append(reference["id"])
@@ -394,6 +406,14 @@ def _check_rows(resources: TextResources, embedder: EmbedderLike, sample: int = 
     if 2 * hits < len(chosen):
         raise ReleaseError(f"release {resources.release!r}: only {hits} of {len(chosen)} sampled references find "
                            "themselves in the index: its rows do not follow the reference table's order")
+
+
+def _packed(token_ids: Sequence[int]) -> str:
+    """Token ids as the overlap filter compares them: one character per id. The cache of reference
+    tokens held tuples of ints, 4.6 KB a 128-token reference with a real vocabulary (ids past 256
+    are objects of their own), about 470 MB once full; a string holds them in 2 to 4 bytes each, and
+    rapidfuzz compares strings two to three times as fast as sequences of ints."""
+    return "".join(map(chr, token_ids))
 
 
 def _default_embedder() -> EmbedderLike:
