@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .release.manifest import check_release_name
 from .storage.local_redis import start_local_redis
-from .storage.local_s3 import free_port, start_local_s3
+from .storage.local_s3 import free_port, port_taken, start_local_s3
 from .storage.object_store import S3Config
 
 STATE_FILE = "state.json"
@@ -72,10 +72,22 @@ class StackState:
     s3: dict  # S3Config fields (the local server's generated credentials: the file is 0600)
     redis_url: str | None
     processes: list[StackProcess] = field(default_factory=list)
+    # Every process `up` meant to start, saved before the first: an `up` killed on the way (SIGKILL, the
+    # machine's OOM killer) leaves a state whose stores run and whose services never started.
+    planned: list[str] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        """The stack's processes, started or only planned."""
+        started = [p.name for p in self.processes]
+        return started + [n for n in self.planned if n not in started]
+
+    def not_started(self) -> list[str]:
+        return [n for n in self.planned if n not in {p.name for p in self.processes}]
 
     def not_running(self, names: tuple[str, ...] | None = None) -> list[str]:
-        """The processes (of `names`, default all) that do not run any more."""
-        return [p.name for p in self.processes if (names is None or p.name in names) and not p.running()]
+        """The processes (of `names`, default all) that do not run any more, or never started."""
+        stopped = [p.name for p in self.processes if not p.running()]
+        return [n for n in stopped + self.not_started() if names is None or n in names]
 
     def process(self, name: str) -> StackProcess:
         for p in self.processes:
@@ -163,6 +175,8 @@ def _check_types(state: StackState) -> None:
             raise TypeError(f"process entry {asdict(p)} has a field of the wrong type")
     if not isinstance(state.s3, dict):
         raise TypeError("s3 is not an object")
+    if not (isinstance(state.planned, list) and all(isinstance(n, str) for n in state.planned)):
+        raise TypeError("planned is not a list of names")
 
 
 def state_path(home: Path) -> Path:
@@ -184,8 +198,16 @@ def down_message(state: StackState, home_option: str = "") -> str:
     """What is wrong with a stack some or all of whose processes stopped, and the commands that get
     past it (`home_option`: the `--home` the user gave, to repeat; empty for the default home)."""
     down = state.not_running()
-    if len(down) == len(state.processes):
+    holder = lock_holder(Path(state.home))
+    if holder is not None:
+        return (f"the local stack in {state.home} is being started or stopped (by {holder}; "
+                f"{', '.join(down)} not running): wait for that command to end")
+    if len(down) == len(state.names()):
         return f"the local stack in {state.home} has stopped: `memory3 up{home_option}` starts it again"
+    if state.not_started():
+        return (f"the local stack in {state.home} was left half-started ({', '.join(down)} not running: the "
+                f"`memory3 up` that started it was stopped before it ended): `memory3 down{home_option}` then "
+                f"`memory3 up{home_option}` starts it again")
     return (f"the local stack in {state.home} is partly down ({', '.join(down)} not running): "
             f"`memory3 status{home_option}` shows it; `memory3 down{home_option}` then `memory3 up{home_option}` "
             "starts it again")
@@ -214,6 +236,25 @@ def stack_lock(home: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_holder(home: Path) -> str | None:
+    """Who holds `home`'s lock now ("pid N"), an `up` or `down` acting on it; None when none does: a
+    stack that one is starting is not down, and the hints for a stack that is would be wrong. Read
+    from /proc/locks: taking the lock to probe it, even shared and for a moment, would refuse an `up`
+    started at that moment."""
+    try:
+        st = os.stat(home / "stack" / LOCK_FILE)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            return f"pid {fields[4]}"
+    return None
+
+
 def start_stack(options: StackOptions, *, ensure_release: Callable[[S3Config, str], None] | None = None,
                 log: Callable[[str], None] = print) -> StackState:
     """Start everything; on any failure stop what was started and raise with the failing log's tail."""
@@ -233,8 +274,11 @@ def _start_stack(options: StackOptions, ensure_release: Callable[[S3Config, str]
         log(f"the last stack is partly down ({', '.join(down)} not running): stopping the rest")
         stop_processes(previous.processes, log)
         state_path(home).unlink(missing_ok=True)
+    if options.decoder_port and port_taken("127.0.0.1", options.decoder_port):
+        raise RuntimeError(f"--decoder-port {options.decoder_port}: another server listens on 127.0.0.1:"
+                           f"{options.decoder_port}; choose another port, or leave the option out for a free one")
     run_dir = home / "stack"
-    state = StackState(str(home), options.release, {}, None)
+    state = StackState(str(home), options.release, {}, None, planned=_planned(options))
     try:
         if options.s3 is None:
             local = start_local_s3(run_dir / "s3-data", log_file=run_dir / "s3.log", secret_key=_secret(run_dir))
@@ -275,6 +319,12 @@ def _start_stack(options: StackOptions, ensure_release: Callable[[S3Config, str]
     return state
 
 
+def _planned(options: StackOptions) -> list[str]:
+    """The processes `_start_stack` starts, in its order."""
+    stores = (["s3"] if options.s3 is None else []) + (["redis"] if options.redis else [])
+    return [*stores, *options.text_names(), "memory", "decoder"]
+
+
 def spawn_service(options: StackOptions, state: StackState, name: str, *, port: int | None = None,
                   label: str | None = None) -> StackProcess:
     """Start one service process against the stack's stores; not waited for (see `wait_serving`).
@@ -293,9 +343,14 @@ def spawn_service(options: StackOptions, state: StackState, name: str, *, port: 
         process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
                                    stdout=out, stderr=out, env=_service_env(state.s3_config, state.redis_url),
                                    start_new_session=True)
-    started = process_start_time(process.pid)
-    if name in options.cpu_affinity:  # before torch starts its thread pools
-        os.sched_setaffinity(process.pid, options.cpu_affinity[name])
+    try:
+        started = process_start_time(process.pid)
+        if name in options.cpu_affinity:  # before torch starts its thread pools
+            os.sched_setaffinity(process.pid, options.cpu_affinity[name])
+    except BaseException:  # not recorded yet, so no `down` would ever stop it
+        process.kill()
+        process.wait()
+        raise
     return StackProcess(label or name, process.pid, port, str(logfile), metrics_port, log_start, started)
 
 

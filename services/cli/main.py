@@ -47,6 +47,53 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
+    """The type of a whole number sent in a field of `high`'s width: 3e9 max tokens failed the
+    request with "Value out of range", which named no option."""
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: give {low} or more{unit}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value}: give {high} at most")
+        return value
+    return number
+
+
+INT32_MAX = 2**31 - 1
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def utf8_text(text: str) -> str:
+    """The type of a text argument: bytes that are not UTF-8 reach Python as lone surrogates, which
+    failed later with "'utf-8' codec can't encode characters", naming no argument."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text[e.start:e.start + 1].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(f"not UTF-8 text (byte {byte!r} at character {e.start}): convert it to "
+                                         "UTF-8 (iconv -t UTF-8)") from None
+    return text
+
+
+def preset(text: str) -> str:
+    """The type of a model preset, checked before `train` builds its corpus and tokenizer. Read
+    here, not at import: the model package imports torch, which every command would then wait for."""
+    from memory3.model.config import PRESETS
+
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r}: choose one of {', '.join(sorted(PRESETS))}")
+    return text
+
+
+def counts(text: str) -> tuple[int, ...]:
+    """The type of a comma-separated list of counts, each 1 or more."""
+    return tuple(positive_int(c.strip()) for c in text.split(","))
+
+
 def positive_float(text: str) -> float:
     """The type of a number of seconds that must be above 0: a timeout of 0 fails every request."""
     value = finite_float(text)
@@ -83,27 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser("init", help="write a randomly initialised checkpoint (for demos and tests)")
-    init.add_argument("--preset", default="small", help="model preset (tiny, small, paper-2.4b)")
+    init.add_argument("--preset", type=preset, default="small", help="model preset (tiny, small, paper-2.4b)")
     init.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
     init.add_argument("--seed", type=int, default=0)
 
     gen = sub.add_parser("generate", help="stream an answer from the decoder (gRPC), or in-process with --checkpoint")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", type=utf8_text)
     gen.add_argument("--address", default=None, help="decoder host:port (default: the stack `memory3 up` started)")
     gen.add_argument("--home", type=Path, default=DEFAULT_HOME, help="where `memory3 up` keeps its state")
     gen.add_argument("--checkpoint", type=Path, default=None,
                      help="generate in-process from this checkpoint directory instead (no servers)")
-    gen.add_argument("--reference", action="append", default=[], metavar="TEXT",
+    gen.add_argument("--reference", action="append", default=[], metavar="TEXT", type=utf8_text,
                      help="with --checkpoint: a reference text to use as explicit memory (repeatable)")
     gen.add_argument("--reference-file", action="append", default=[], type=Path, metavar="FILE",
                      help="with --checkpoint: a UTF-8 file whose text becomes references (repeatable)")
-    gen.add_argument("--max-new-tokens", "--max-tokens", type=positive_int, default=64,
+    gen.add_argument("--max-new-tokens", "--max-tokens", type=bounded_int(1, INT32_MAX), default=64,
                      help="tokens to generate at most (--max-tokens, as OpenAI names it, is the same)")
     gen.add_argument("--temperature", type=finite_float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-k", type=bounded_int(0, INT32_MAX, " (0 disables it)"), default=0)
     gen.add_argument("--top-p", type=finite_float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    gen.add_argument("--seed", type=bounded_int(*INT64), default=None)
+    gen.add_argument("--stop", action="append", default=[], type=utf8_text, help="stop at this string (repeatable)")
     gen.add_argument("--no-memory", action="store_true", help="generate without retrieval")
     gen.add_argument("--timeout", type=positive_float, default=120.0,
                      help="seconds before the request is abandoned")
@@ -137,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--home", type=Path, default=DEFAULT_HOME)
 
     train = sub.add_parser("train", help="train a model (three stages) and publish it as a release")
-    train.add_argument("--preset", default="small", help="model preset")
+    train.add_argument("--preset", type=preset, default="small", help="model preset")
     train.add_argument("--quick", action="store_true",
                        help="a one-minute run of the whole pipeline (tiny model unless --preset names another)")
     train.add_argument("--release", required=True, help="name of the release to publish (immutable)")
@@ -195,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave the parent's reference with this id out of the new release (repeatable): "
                              "with the corrected text in FILES, a fact is corrected in one release")
     kb_add.add_argument("--remove-match", dest="remove_matches", action="append", default=[], metavar="TEXT",
+                        type=utf8_text,
                         help="leave out every reference of the parent whose text contains TEXT (case-sensitive; "
                              "repeatable)")
     kb_add.add_argument("--remove-from", type=Path, default=None, metavar="FILE",
@@ -213,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb_remove.add_argument("--release", required=True, help="the release to derive from")
     kb_remove.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
                            help="remove the reference with this id (as `memory3 generate` lists them; repeatable)")
-    kb_remove.add_argument("--match", dest="matches", action="append", default=[], metavar="TEXT",
+    kb_remove.add_argument("--match", dest="matches", action="append", default=[], metavar="TEXT", type=utf8_text,
                            help="remove every reference whose text contains TEXT (case-sensitive; repeatable)")
     kb_remove.add_argument("--from", dest="select_from", type=Path, default=None, metavar="FILE",
                            help='references to remove, as JSON Lines: {"id": ...} or {"match": ...} a line '
@@ -261,57 +309,61 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (write JSON; optionally refresh the README table)")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
     dec = bench_sub.add_parser("decode", help="decode speed: no memory vs explicit memory vs RAG")
-    dec.add_argument("--preset", default="small")
-    dec.add_argument("--batch", type=int, default=8)
-    dec.add_argument("--prompt-tokens", type=int, default=128)
-    dec.add_argument("--new-tokens", type=int, default=128)
-    dec.add_argument("--repeats", type=int, default=21,
+    dec.add_argument("--preset", type=preset, default="small")
+    dec.add_argument("--batch", type=positive_int, default=8)
+    dec.add_argument("--prompt-tokens", type=positive_int, default=128)
+    dec.add_argument("--new-tokens", type=positive_int, default=128)
+    dec.add_argument("--repeats", type=positive_int, default=21,
                      help="timed rounds, each running every variant once in rotating order; medians reported")
-    dec.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    dec.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     dec.add_argument("--json", type=Path, required=True)
     dec.add_argument("--readme", type=Path, default=None, help="README whose benchmark table to refresh")
     sto = bench_sub.add_parser("storage", help="bytes per memory and reconstruction error for each codec")
-    sto.add_argument("--preset", default="small", help="model whose encoded K/V measure reconstruction error")
+    sto.add_argument("--preset", type=preset, default="small",
+                     help="model whose encoded K/V measure reconstruction error")
     sto.add_argument("--checkpoint", type=Path, default=None, help="use these weights instead of a random init")
-    sto.add_argument("--references", type=int, default=2048, help="references encoded to train and test the codecs")
+    sto.add_argument("--references", type=positive_int, default=2048,
+                     help="references encoded to train and test the codecs")
     sto.add_argument("--vq-rq-bits", type=int, default=14, help="bits per residual level (paper: 14)")
     sto.add_argument("--vq-pq-bits", type=int, default=10, help="bits per product-quantizer sub-space (paper: 10)")
-    sto.add_argument("--vq-niter", type=int, default=10, help="k-means iterations when training the VQ codec")
+    sto.add_argument("--vq-niter", type=positive_int, default=10, help="k-means iterations when training the VQ codec")
     sto.add_argument("--json", type=Path, required=True)
     sto.add_argument("--readme", type=Path, default=None)
     idx = bench_sub.add_parser("index", help="how often each kind of vector index (flat, HNSW, IVF-PQ) finds a "
                                              "question's own reference, its size and its query time")
-    idx.add_argument("--references", type=int, default=60_000, help="references embedded and indexed")
-    idx.add_argument("--questions", type=int, default=1000)
-    idx.add_argument("--shards", type=int, default=4, help="index shards each kind is also searched in")
+    idx.add_argument("--references", type=positive_int, default=60_000, help="references embedded and indexed")
+    idx.add_argument("--questions", type=positive_int, default=1000)
+    idx.add_argument("--shards", type=positive_int, default=4, help="index shards each kind is also searched in")
     idx.add_argument("--json", type=Path, required=True)
     idx.add_argument("--readme", type=Path, default=None)
     qual = bench_sub.add_parser("quality", help="exact match on knowledge-base-only facts: none / memory / RAG")
     qual.add_argument("--release", required=True)
-    qual.add_argument("--questions", type=int, default=300)
+    qual.add_argument("--questions", type=positive_int, default=300)
     qual.add_argument("--json", type=Path, required=True)
     qual.add_argument("--readme", type=Path, default=None)
     add_s3_arguments(qual, local_stack=True)
     srv = bench_sub.add_parser("serving", help="the whole stack as processes: fetch, retrieval, TTFT/ITL, "
                                                "retrieval on/off throughput")
-    srv.add_argument("--preset", default="small", help="model preset of the random-weights release")
-    srv.add_argument("--concurrency", default="1,8,32", help="comma-separated stream counts")
-    srv.add_argument("--prompt-tokens", type=int, default=128)
-    srv.add_argument("--new-tokens", type=int, default=128)
-    srv.add_argument("--rounds", type=int, default=15,
+    srv.add_argument("--preset", type=preset, default="small",
+                     help="model preset of the random-weights release")
+    srv.add_argument("--concurrency", type=counts, default=(1, 8, 32), help="comma-separated stream counts")
+    srv.add_argument("--prompt-tokens", type=positive_int, default=128)
+    srv.add_argument("--new-tokens", type=positive_int, default=128)
+    srv.add_argument("--rounds", type=positive_int, default=15,
                      help="interleaved rounds of retrieval on vs off (a shared machine drifts: the median of 15)")
-    srv.add_argument("--samples", type=int, default=30, help="fetch and retrieval samples")
+    srv.add_argument("--samples", type=positive_int, default=30, help="fetch and retrieval samples")
     srv.add_argument("--shared-cores", action="store_true",
                      help="let all services share all cores (default: the decoder gets half of them, as its own node)")
     srv.add_argument("--json", type=Path, required=True)
     srv.add_argument("--readme", type=Path, default=None)
     rel = bench_sub.add_parser("reliability", help="load, 2x overload and injected faults (Redis, S3, slow S3, "
                                                    "corrupt blob, text down, bad input, SIGTERM) on a private stack")
-    rel.add_argument("--preset", default="tiny", help="model preset of the random-weights release")
+    rel.add_argument("--preset", type=preset, default="tiny",
+                     help="model preset of the random-weights release")
     rel.add_argument("--max-batch", type=int, default=4, help="decoder batch rows")
     rel.add_argument("--max-waiting", type=int, default=4, help="decoder queue; capacity = batch rows + queue")
     rel.add_argument("--seconds", type=finite_float, default=5.0, help="length of each load run (at most 60)")
-    rel.add_argument("--new-tokens", type=int, default=24)
+    rel.add_argument("--new-tokens", type=positive_int, default=24)
     rel.add_argument("--fuzz", type=int, default=300, help="bad requests sent over every RPC (at most 5000)")
     rel.add_argument("--json", type=Path, required=True)
     gpu = bench_sub.add_parser("gpu", help="GPU decode speed: static CUDA-graph decoder vs HF transformers, "
@@ -348,6 +400,24 @@ def server_options(args: argparse.Namespace):
                          auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None, health_port=args.health_port,
                          max_connection_age_s=(ServerOptions.max_connection_age_s if args.max_connection_age is None
                                                else args.max_connection_age or None))
+
+
+def listen_options(args: argparse.Namespace):
+    """`server_options` for a service about to start, once its ports are known to be free."""
+    options = server_options(args)
+    check_ports_free(options.host, {"--port": options.port, "--health-port": options.health_port})
+    return options
+
+
+def check_ports_free(host: str, ports: dict[str, int | None]) -> None:
+    """Before a model or index is loaded: on a port another server listens on, a gRPC server starts
+    all the same (it binds with SO_REUSEPORT) and gets a share of that server's connections."""
+    from memory3.services.storage.local_s3 import port_taken
+
+    for option, port in ports.items():
+        if port and port_taken(host, port):
+            raise ValueError(f"{option} {port}: another server listens on {host}:{port}; stop it, or pass "
+                             f"{option} with another port (0: any free port)")
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
@@ -394,7 +464,7 @@ def _serve_memory(args: argparse.Namespace) -> int:
     settings = MemorySettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
                               redis_url=redis_url or None, redis_password=redis_password, redis_ttl_s=args.redis_ttl,
                               ram_cache_bytes=int(args.ram_cache_mb * (1 << 20)), s3_workers=args.s3_workers)
-    return serve_memory(settings, server_options(args))
+    return serve_memory(settings, listen_options(args))
 
 
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
@@ -432,7 +502,7 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
 def _serve_decoder(args: argparse.Namespace) -> int:
     from memory3.services.decoder.server import serve_decoder
 
-    return serve_decoder(_decoder_settings(args), server_options(args))
+    return serve_decoder(_decoder_settings(args), listen_options(args))
 
 
 def add_kserve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -459,6 +529,7 @@ def _serve_kserve(args: argparse.Namespace) -> int:
         raise ValueError("serve kserve takes no --max-connection-age: its servers are KServe's, which keep a "
                          "connection as long as its client does")
     settings = _decoder_settings(args)
+    check_ports_free("0.0.0.0", {"--http-port": args.http_port, "--grpc-port": args.grpc_port})
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; ours are parsed already
     try:
         from memory3.services.decoder.kserve_model import serve_kserve
@@ -550,7 +621,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Commands whose work a SIGTERM (a Job's pod stopped) must unwind as Ctrl-C does: what they publish
+# Commands whose work a SIGTERM (a Job's pod stopped) or a SIGHUP must unwind as Ctrl-C does: what they publish
 # is removed when unfinished, and the lease a removal holds (which every publication waits for) goes.
 # `up` does the same while it starts (`cmd_up`), and not once it has.
 SIGTERM_UNWINDS = frozenset({"kb", "train", "release"})
@@ -579,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory3 {args.command}: error: {_error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)  # a SIGTERM comes as stack_commands.Terminated
+        signum = getattr(e, "signum", signal.SIGINT)  # a SIGTERM or SIGHUP comes as stack_commands.Terminated
         said = getattr(e, "left", None) or _interrupted(args)
         print(f"memory3 {args.command}: interrupted ({signal.Signals(signum).name})" + (f"; {said}" if said else ""),
               file=sys.stderr)
@@ -652,7 +723,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.service == "kserve":
             return _serve_kserve(args)
         from memory3.services.trainer.server import serve_trainer
-        return serve_trainer(s3_config(args), args.work_dir, server_options(args))
+        return serve_trainer(s3_config(args), args.work_dir, listen_options(args))
     if args.command == "release":
         from .commands import cmd_release_delete, cmd_release_gc, cmd_release_list, cmd_release_show
         if args.release_command == "list":
@@ -681,15 +752,27 @@ def _run(args: argparse.Namespace) -> int:
     return 1
 
 
+def _check_writable(path: Path) -> None:
+    """Before a benchmark runs for minutes, that its --json can be written at the end (the GPU
+    bench's may name a directory, checked where it is written)."""
+    if path.is_dir():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
+    with open(path, "ab"):
+        pass
+    if not existed:
+        path.unlink()
+
+
 def _bench(args: argparse.Namespace) -> int:
+    _check_writable(args.json)
     if args.bench_kind == "decode":
         from memory3.bench.decode import run_decode_bench
         result = run_decode_bench(preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,
                                   new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
     elif args.bench_kind == "index":
         from memory3.bench.index import run_index_bench
-        if args.shards < 1:
-            raise ValueError(f"--shards must be 1 or more, got {args.shards}")
         result = run_index_bench(references=args.references, questions=args.questions, shards=args.shards)
     elif args.bench_kind == "quality":
         from memory3.bench.quality import run_quality_bench
@@ -708,10 +791,7 @@ def _bench(args: argparse.Namespace) -> int:
         result = run_gpu_bench(**gpu_bench_kwargs(args), log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "serving":
         from memory3.bench.serving import run_serving_bench
-        concurrency = tuple(int(c) for c in args.concurrency.split(","))
-        if any(c < 1 for c in concurrency):
-            raise ValueError(f"--concurrency takes positive integers, got {args.concurrency!r}")
-        result = run_serving_bench(preset=args.preset, concurrency=concurrency, prompt_tokens=args.prompt_tokens,
+        result = run_serving_bench(preset=args.preset, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,
                                    new_tokens=args.new_tokens, rounds=args.rounds, samples=args.samples,
                                    pin=not args.shared_cores, log=lambda msg: print(msg, file=sys.stderr))
     else:
@@ -747,7 +827,7 @@ def _serve_text(args: argparse.Namespace) -> int:
     dtype = args.embedder_dtype
     if dtype == "auto":
         dtype = "bfloat16" if native_bf16() else "float32"
-    return serve_text(s3_config(args), args.release, args.cache_dir, server_options(args),
+    return serve_text(s3_config(args), args.release, args.cache_dir, listen_options(args),
                       max_overlap=args.max_overlap, max_concurrency=args.max_concurrency, embedder_dtype=dtype,
                       shard=IndexShard.parse(args.index_shard) if args.index_shard else IndexShard(0, 1))
 

@@ -13,6 +13,7 @@ from memory3.services.stack import (
     StackOptions,
     StackState,
     down_message,
+    lock_holder,
     process_state,
     read_state,
     stack_is_up,
@@ -76,29 +77,35 @@ def cmd_up(home: Path, *, release: str | None, quick: bool, redis: bool, retriev
 
 
 class Terminated(KeyboardInterrupt):
-    """A SIGTERM (a Job's pod stopped, `kill`), raised where the program is, so that it unwinds
-    through the same clean-up as Ctrl-C's KeyboardInterrupt: every `except BaseException` or
-    `finally` that undoes half-done work (a publication, a stack that was starting) runs."""
+    """A SIGTERM (a Job's pod stopped, `kill`) or a SIGHUP (the terminal closed), raised where the
+    program is, so that it unwinds through the same clean-up as Ctrl-C's KeyboardInterrupt: every
+    `except BaseException` or `finally` that undoes half-done work (a publication, a stack that was
+    starting) runs."""
 
-    signum = signal.SIGTERM
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
 
 
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
-    """Within it, a SIGTERM raises `Terminated` (`main` ends with one line and exit 143); without
-    it, the process would die where it is and leave what it had begun. Signal handlers belong to
-    the main thread: elsewhere this does nothing."""
+    """Within it, a SIGTERM or SIGHUP raises `Terminated` (`main` ends with one line and exit 128 +
+    the signal); without it, the process would die where it is and leave what it had begun. A SIGHUP
+    that is ignored (`nohup`) stays ignored. Signal handlers belong to the main thread: elsewhere
+    this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def terminated(_signum, _frame) -> None:
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, terminated)
+    def terminated(signum, _frame) -> None:
+        raise Terminated(signum)
+    caught = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else [])
+    previous = {signum: signal.signal(signum, terminated) for signum in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def cmd_down(home: Path) -> int:
@@ -121,10 +128,24 @@ def cmd_status(home: Path, home_option: str = "") -> int:
         now = process_state(p)
         healthy &= now in ("running", "SERVING")
         print(f"{p.name:<10} {p.pid:>8}  127.0.0.1:{p.port:<7} {now:<11} {p.log}")
+    for name in state.not_started():
+        healthy = False
+        print(f"{name:<10} {'-':>8}  {'-':<17} {'not started':<11} -")
     if not healthy:
-        print(f"not every process is up: see its log; `memory3 down{home_option}` then `memory3 up{home_option}` "
-              "starts the stack again")
+        print(_not_up_hint(state, home_option))
     return 0 if healthy else 1
+
+
+def _not_up_hint(state: StackState, home_option: str) -> str:
+    """What to do about a stack that is not all up: wait for the command starting it, if one runs."""
+    holder = lock_holder(Path(state.home))
+    if holder is not None:
+        return f"the stack is being started or stopped (by {holder})"
+    if state.not_started():
+        return (f"the `memory3 up` that started it was stopped before it ended: `memory3 down{home_option}` then "
+                f"`memory3 up{home_option}` starts the stack again")
+    return (f"not every process is up: see its log; `memory3 down{home_option}` then `memory3 up{home_option}` "
+            "starts the stack again")
 
 
 def decoder_address(home: Path, address: str | None, home_option: str = "") -> str:

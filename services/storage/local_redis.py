@@ -87,15 +87,22 @@ class LocalRedis:
         cmd = self.command()
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:  # a Ctrl-C or SIGTERM while it starts too: the caller never got it to stop
+            self.kill()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited with code {self.process.returncode} "
                                    f"(see {self.data_dir / 'redis.log'}; is port {self.port} taken?)")
             if _answers_ping(self.port, password=self.password):
-                return self
+                return
             time.sleep(0.05)
-        self.kill()
         raise RuntimeError(f"redis-server did not answer PING on 127.0.0.1:{self.port} within {self.ready_timeout}s")
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -5,6 +5,7 @@ Started with its own data directory on a free port and stopped by its PID (never
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import secrets
@@ -45,6 +46,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether a server listens on host:port already. A gRPC server binds with SO_REUSEPORT, so a
+    second one on a port in use starts without a word, and the kernel splits the connections
+    between the two; a plain bind (SO_REUSEADDR alone, past closed connections) is refused."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # the server names a host it cannot resolve itself
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def rclone_binary() -> str:
     candidate = Path(sys.executable).parent / "rclone"
     found = str(candidate) if candidate.exists() else shutil.which("rclone")
@@ -73,6 +93,19 @@ class LocalS3:
                 self.process.wait()
 
 
+def _wait_listening(process: subprocess.Popen, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"rclone serve s3 exited with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"rclone serve s3 did not listen on 127.0.0.1:{port} within {timeout_s}s")
+
+
 def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "memory3",
                    access_key: str = "memory3", secret_key: str | None = None, log_file: Path | None = None,
                    ready_timeout: float = 20.0) -> LocalS3:
@@ -87,17 +120,11 @@ def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "me
         [rclone_binary(), "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}", "--config", "/dev/null"],
         stdout=log, stderr=log, start_new_session=True, env={**os.environ, "RCLONE_AUTH_KEY": auth_key},
     )
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"rclone serve s3 exited with code {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
+    try:
+        _wait_listening(process, port, ready_timeout)
+    except BaseException:  # a Ctrl-C or SIGTERM while it starts too: the caller has no PID to stop yet
         process.kill()
-        raise RuntimeError(f"rclone serve s3 did not listen on 127.0.0.1:{port} within {ready_timeout}s")
+        process.wait()
+        raise
     config = S3Config(endpoint=f"127.0.0.1:{port}", access_key=access_key, secret_key=secret_key, bucket=bucket)
     return LocalS3(process, config, data_dir)

@@ -194,6 +194,40 @@ def test_generate_on_a_partly_down_stack_says_what_is_down(tmp_path, sleepers):
         stack_commands.decoder_address(tmp_path / "none", None)
 
 
+def test_a_stack_whose_up_was_killed_before_its_services_is_not_up(tmp_path, sleepers, capsys):
+    """An `up` killed while it trained (SIGKILL, the OOM killer) left the stores running and no service:
+    `status` said every process was up (exit 0), `generate` ended in a KeyError traceback."""
+    home = tmp_path / "home"
+    state = save_state(home, ours("s3", sleepers()), ours("redis", sleepers(), port=2))
+    state.planned = ["s3", "redis", "text", "memory", "decoder"]
+    state.save(state_path(home))
+    assert stack_commands.cmd_status(home, " --home h") == 1
+    shown = capsys.readouterr().out
+    assert "decoder           -  -                 not started -" in shown
+    assert "the `memory3 up` that started it was stopped before it ended: `memory3 down --home h` then" in shown
+    assert stack_is_up(home) is None
+    with pytest.raises(RuntimeError) as failed:
+        stack_commands.decoder_address(home, None, " --home h")
+    assert str(failed.value) == (
+        f"no decoder address: the local stack in {home} was left half-started (text, memory, decoder not running: "
+        "the `memory3 up` that started it was stopped before it ended): `memory3 down --home h` then `memory3 up "
+        "--home h` starts it again; or pass --address HOST:PORT")
+
+
+def test_a_stack_being_started_is_said_to_be_so(tmp_path, sleepers, capsys):
+    """While `up` trains, the services are not up yet, and `down` then `up` would be refused."""
+    home = tmp_path / "home"
+    state = save_state(home, ours("s3", sleepers()))
+    state.planned = ["s3", "decoder"]
+    state.save(state_path(home))
+    with stack_lock(home):
+        assert stack_commands.cmd_status(home) == 1
+        assert capsys.readouterr().out.endswith(f"the stack is being started or stopped (by pid {os.getpid()})\n")
+        with pytest.raises(RuntimeError, match=f"is being started or stopped \\(by pid {os.getpid()}; decoder not "
+                                               "running\\): wait for that command to end"):
+            stack_commands.decoder_address(home, None)
+
+
 def test_release_commands_use_the_store_of_a_partly_down_stack_while_its_s3_runs(tmp_path, sleepers, capsys):
     home = tmp_path / "home"
     s3 = sleepers()

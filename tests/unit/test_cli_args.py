@@ -1,0 +1,125 @@
+"""What the `memory3` command refuses before it starts any work, and how it says so: text that is
+not UTF-8, numbers past what their wire field holds, counts of zero, unknown presets, an output
+that cannot be written, and a port that another server already listens on."""
+
+from concurrent import futures
+
+import grpc
+import pytest
+
+from memory3.services.cli.main import main, parse_args
+from memory3.services.stack import StackOptions, start_stack, state_path
+from memory3.services.storage.object_store import S3Config
+
+
+def refused(argv: list[str], capsys) -> str:
+    """The one-line usage error argparse ends `argv` with."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["generate", "caf\udce9"], "argument prompt: not UTF-8 text (byte b'\\xe9' at character 3)"),
+    (["generate", "hi", "--stop", "\udcff"], "argument --stop: not UTF-8 text (byte b'\\xff' at character 0)"),
+    (["generate", "hi", "--checkpoint", "ck", "--reference", "x\udcff"], "argument --reference: not UTF-8 text"),
+    (["kb", "remove", "--release", "r", "--match", "\udcff"], "argument --match: not UTF-8 text"),
+])
+def test_text_that_is_not_utf8_is_refused_naming_its_argument(argv, said, capsys):
+    """Bytes that are not UTF-8 reach Python as lone surrogates: the prompt failed once sent, with
+    "'utf-8' codec can't encode characters in position 0-1", which named no argument."""
+    assert said in refused(argv, capsys)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--max-new-tokens", "3000000000"], "argument --max-new-tokens/--max-tokens: 3000000000: give 2147483647 at most"),
+    (["--top-k", "2147483648"], "argument --top-k: 2147483648: give 2147483647 at most"),
+    (["--top-k", "-1"], "argument --top-k: -1: give 0 or more (0 disables it)"),
+    (["--seed", str(2**63)], f"argument --seed: {2**63}: give {2**63 - 1} at most"),
+])
+def test_numbers_past_their_wire_field_are_refused_naming_the_option(argv, said, capsys):
+    """They failed the request with protobuf's "Value out of range: 3000000000"."""
+    assert refused(["generate", "hi", *argv], capsys).endswith(f"error: {said}")
+    assert parse_args(["generate", "hi", "--seed", str(-(2**63)), "--top-k", "0"]).seed == -(2**63)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["decode", "--batch", "0"], "argument --batch: 0: give 1 or more"),
+    (["decode", "--repeats", "0"], "argument --repeats: 0: give 1 or more"),
+    (["storage", "--references", "0"], "argument --references: 0: give 1 or more"),
+    (["index", "--shards", "0"], "argument --shards: 0: give 1 or more"),
+    (["serving", "--concurrency", "1,a"], "argument --concurrency: 'a' is not a whole number"),
+    (["serving", "--concurrency", "8,0"], "argument --concurrency: 0: give 1 or more"),
+    (["decode", "--preset", "huge"], "argument --preset: unknown preset 'huge': choose one of paper-2.4b, small, tiny"),
+])
+def test_bench_counts_and_presets_are_checked_before_it_runs(argv, said, capsys, tmp_path):
+    """--batch 0 ended in "no references to encode", --repeats 0 in "no median for empty data",
+    --concurrency a in "invalid literal for int() with base 10"."""
+    assert said in refused(["bench", *argv, "--json", str(tmp_path / "x.json")], capsys)
+    assert parse_args(["bench", "serving", "--concurrency", "1, 8", "--json", "x"]).concurrency == (1, 8)
+
+
+@pytest.mark.parametrize("command", [["train", "--release", "r"], ["init", "--out", "ck"]])
+def test_an_unknown_preset_is_refused_before_anything_runs(command, capsys):
+    """`train` built the synthetic world and trained a tokenizer before it read the preset."""
+    said = refused([*command, "--preset", "huge"], capsys)
+    assert "argument --preset: unknown preset 'huge': choose one of paper-2.4b, small, tiny" in said
+
+
+def test_the_command_starts_without_torch():
+    """`status`, `down`, `generate` over gRPC need no model: torch alone takes seconds to import."""
+    import subprocess
+    import sys
+
+    probe = "import sys, memory3.services.cli.main as m; m.parse_args(['status']); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          check=True).stdout.strip() == "False"
+
+
+def test_a_bench_output_that_cannot_be_written_is_refused_before_the_bench_runs(tmp_path, monkeypatch, capsys):
+    """The result was written at the end: minutes of benchmark, then "No such file or directory"."""
+    def ran(**_kwargs):
+        raise AssertionError("the benchmark ran")
+    monkeypatch.setattr("memory3.bench.decode.run_decode_bench", ran)
+    (tmp_path / "a-file").write_text("x")
+    assert main(["bench", "decode", "--preset", "tiny", "--json", str(tmp_path / "a-file" / "decode.json")]) == 2
+    assert capsys.readouterr().err.strip() == f"memory3 bench: error: {tmp_path / 'a-file'}: File exists"
+
+
+@pytest.fixture
+def grpc_port():
+    """A port a gRPC server listens on, as a running service's does."""
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(None)
+
+
+def test_serve_on_a_port_another_server_listens_on_is_refused(grpc_port, capsys, monkeypatch):
+    """gRPC binds with SO_REUSEPORT: a second service on the port started, and the kernel split the
+    first one's clients between the two."""
+    monkeypatch.delenv("MEMORY3_AUTH_TOKEN", raising=False)
+    for name, value in (("ENDPOINT", "127.0.0.1:9"), ("ACCESS_KEY", "k"), ("SECRET_KEY", "s")):
+        monkeypatch.setenv(f"MEMORY3_S3_{name}", value)
+    assert main(["serve", "text", "--release", "r", "--port", str(grpc_port)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"memory3 serve: error: --port {grpc_port}: another server listens on 127.0.0.1:{grpc_port}; stop it, or "
+        "pass --port with another port (0: any free port)")
+    assert main(["serve", "decoder", "--release", "r", "--port", "0", "--health-port", str(grpc_port)]) == 2
+    assert f"--health-port {grpc_port}: another server listens" in capsys.readouterr().err
+    assert main(["serve", "kserve", "--release", "r", "--grpc-port", str(grpc_port)]) == 2
+    assert f"--grpc-port {grpc_port}: another server listens on 0.0.0.0:{grpc_port}" in capsys.readouterr().err
+
+
+def test_up_on_a_decoder_port_another_server_listens_on_starts_nothing(grpc_port, tmp_path, monkeypatch):
+    class Unreachable:  # what `up` would start next: the test must end before it
+        def __init__(self, _config):
+            raise AssertionError("the stack started")
+    monkeypatch.setattr("memory3.services.storage.object_store.ObjectStore", Unreachable)
+    options = StackOptions(home=tmp_path / "home", release="r", redis=False, s3=S3Config("127.0.0.1:9", "k"),
+                           decoder_port=grpc_port)
+    with pytest.raises(RuntimeError, match=f"--decoder-port {grpc_port}: another server listens on 127.0.0.1:"):
+        start_stack(options)
+    assert not state_path(tmp_path / "home").exists()
