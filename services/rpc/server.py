@@ -108,14 +108,28 @@ def _denying(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
     return grpc.stream_stream_rpc_method_handler(stream_response, **kwargs)
 
 
+def _listen(add_port: Callable[[], int], address: str) -> int:
+    """The port `add_port` bound; OSError naming the address where it could not (in use, or not an
+    address of this host), which gRPC reports as 0 or as a RuntimeError, by version."""
+    try:
+        port = add_port()
+    except RuntimeError as e:
+        raise OSError(f"could not listen on {address}: is another server using it? ({e})") from None
+    if port == 0:
+        raise OSError(f"could not listen on {address}: is another server using it?")
+    return port
+
+
 class Server:
     """Owns the aio server; `serving()` flips health to SERVING once the service is really ready."""
 
     def __init__(self, options: ServerOptions | None = None, **overrides) -> None:
         self.options = options = ServerOptions(**overrides) if options is None else options
         interceptors = [TokenAuthInterceptor(options.auth_token)] if options.auth_token else []
+        # No SO_REUSEPORT (gRPC's default): a second server on a port in use would start without a
+        # word and take a share of the first one's connections.
         channel_options = [("grpc.max_receive_message_length", options.max_message_bytes),
-                           ("grpc.max_send_message_length", options.max_message_bytes)]
+                           ("grpc.max_send_message_length", options.max_message_bytes), ("grpc.so_reuseport", 0)]
         if options.max_connection_age_s is not None:  # calls in flight keep their connection (no age grace)
             channel_options.append(("grpc.max_connection_age_ms", round(options.max_connection_age_s * 1000)))
         self.server = grpc.aio.server(interceptors=interceptors, options=channel_options)
@@ -128,21 +142,18 @@ class Server:
                 root_certificates=options.tls_client_ca.read_bytes() if options.tls_client_ca else None,
                 require_client_auth=options.tls_client_ca is not None,
             )
-            self.port = self.server.add_secure_port(address, credentials)
+            self.port = _listen(lambda: self.server.add_secure_port(address, credentials), address)
         else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not listen on {address}")
+            self.port = _listen(lambda: self.server.add_insecure_port(address), address)
         # Health only, no interceptors, no reflection: nothing else is reachable without TLS.
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         if options.health_port is not None:
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             health_address = f"{options.host}:{options.health_port}"
-            self.health_port = self.health_server.add_insecure_port(health_address)
-            if self.health_port == 0:
-                raise OSError(f"could not listen on {health_address} (health port)")
+            self.health_port = _listen(lambda: self.health_server.add_insecure_port(health_address),
+                                       f"{health_address} (health port)")
         self.grace_s = options.grace_s
         self.metrics_port: int | None = None
         self.service_names: list[str] = []

@@ -150,3 +150,18 @@ def test_an_ipv6_host_in_brackets_serves_grpc_and_metrics():
             await server.stop()
 
     assert asyncio.run(scenario()) == (health_pb2.HealthCheckResponse.SERVING, 200)
+
+
+def test_a_second_server_on_a_port_in_use_is_refused():
+    """gRPC binds with SO_REUSEPORT by default: a second server on the port started without a word,
+    and the kernel gave it a share of the first one's connections."""
+    async def scenario():
+        first = Server(port=0)
+        await first.start()
+        try:
+            with pytest.raises(OSError, match=f"could not listen on 127.0.0.1:{first.port}"):
+                Server(port=first.port)
+        finally:
+            await first.stop()
+
+    asyncio.run(scenario())

@@ -77,7 +77,7 @@ def test_serve_memory_reads_the_password_from_the_environment(monkeypatch, tmp_p
     monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "a")
     monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")
     argv = ["serve", "memory", "--release", "r", "--s3-endpoint", "127.0.0.1:9", "--redis-url", "redis://h:6379/0",
-            "--cache-dir", str(tmp_path)]
+            "--cache-dir", str(tmp_path), "--port", "0"]
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
     assert main(argv) == 0
     monkeypatch.delenv(PASSWORD_ENV)
