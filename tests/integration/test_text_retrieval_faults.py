@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from test_text_service import run_with_server
 from text_release import build_text_release
 
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
@@ -81,19 +82,6 @@ def test_callers_that_gave_up_do_not_make_a_busy_service_refuse_new_ones(store, 
     asyncio.run(scenario())
 
 
-def run_with_server(store, cache_dir, embedder, body):
-    """Start a TextService of the whole index in-process, run `body(client)`, stop it."""
-    async def scenario():
-        engine = TextEngine.for_release(store, RELEASE, cache_dir, embedder_factory=lambda: embedder)
-        server = await start_text_server(engine, ServerOptions())
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                await body(TextClient(channel))
-        finally:
-            await server.stop()
-    asyncio.run(scenario())
-
-
 def test_in_process_retrieval_answers_what_the_text_service_answers(store, references, embedder, tmp_path):
     codec = TextCodec(byte_level_tokenizer())
     local = LocalRetrieval(Release.open(store, RELEASE, tmp_path / "decoder"), embedder)
@@ -108,7 +96,8 @@ def test_in_process_retrieval_answers_what_the_text_service_answers(store, refer
                                                                     for hits in want]
         assert [len(hits) for hits in got[-3:]] == [len(references) - 7, 0, 0]
 
-    run_with_server(store, tmp_path / "text", embedder, body)
+    run_with_server(store, tmp_path / "text", embedder, lambda channel, _server: body(TextClient(channel)),
+                    release=RELEASE)
 
 
 def test_callers_of_a_retrieval_whose_channel_closes_under_it_fail_and_never_hang(store, references, embedder,

@@ -44,10 +44,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_with_server(store, cache_dir, embedder, body):
-    """Start a TextService in-process, run `body(channel, server)`, stop it."""
+def run_with_server(store, cache_dir, embedder, body, release=RELEASE):
+    """Start a TextService of `release` in-process, run `body(channel, server)`, stop it."""
     async def scenario():
-        engine = TextEngine.for_release(store, RELEASE, cache_dir, embedder_factory=lambda: embedder)
+        engine = TextEngine.for_release(store, release, cache_dir, embedder_factory=lambda: embedder)
         server = await start_text_server(engine, ServerOptions())
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -15,6 +15,16 @@ from memory3.bench.fault_proxy import DelayProxy
 from memory3.services.rpc.server import LIVENESS_SERVICE, Server, ServerOptions
 
 
+async def how_it_ends(call) -> grpc.StatusCode:
+    """The status a streaming call ends with, once read to its end."""
+    try:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
 def test_the_drain_hooks_and_the_servers_wait_share_one_grace_period():
     """The decoder's drain hook waited up to the grace period, then the server waited as long again
     for RPCs still going: they were cut at twice --grace, after the pod's termination grace period
@@ -35,12 +45,7 @@ def test_the_drain_hooks_and_the_servers_wait_share_one_grace_period():
             start = time.monotonic()
             await server.stop(on_drain=[slow_drain])
             took = time.monotonic() - start
-            try:
-                while await watch.read() is not grpc.aio.EOF:
-                    pass
-            except grpc.aio.AioRpcError as e:
-                return took, e.code()
-            return took, grpc.StatusCode.OK
+            return took, await how_it_ends(watch)
 
     took, code = asyncio.run(scenario())
     assert grace <= took < grace + 1.0, took  # once: hook_s + grace before
@@ -74,12 +79,7 @@ def test_a_second_signal_cuts_the_drain_short():
             os.kill(os.getpid(), signal.SIGINT)
             await asyncio.wait_for(running, grace)
             took = time.monotonic() - start
-            try:
-                while await watch.read() is not grpc.aio.EOF:
-                    pass
-            except grpc.aio.AioRpcError as e:
-                return took, e.code()
-            return took, grpc.StatusCode.OK
+            return took, await how_it_ends(watch)
 
     took, code = asyncio.run(scenario())
     assert took < 5.0, took
