@@ -94,6 +94,14 @@ def counts(text: str) -> tuple[int, ...]:
     return tuple(positive_int(c.strip()) for c in text.split(","))
 
 
+def non_negative_float(text: str) -> float:
+    """The type of a number of seconds that may be 0 (none): a negative grace ended the drain at once."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more seconds")
+    return value
+
+
 def positive_float(text: str) -> float:
     """The type of a number of seconds that must be above 0: a timeout of 0 fails every request."""
     value = finite_float(text)
@@ -215,12 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=port_number(free=True), default=None,
                        help=f"default per service: {SERVE_PORTS}; 0: any free port")
-    serve.add_argument("--grace", type=finite_float, default=10.0,
+    serve.add_argument("--grace", type=non_negative_float, default=10.0,
                        help="seconds in-flight requests get on SIGTERM, once not ready; the servers stop within "
                             "the same seconds (a second SIGTERM/SIGINT stops them at once)")
     serve.add_argument("--work-dir", type=Path, default=DEFAULT_HOME / "runs", help="training work directories")
     serve.add_argument("--release", default=None, help="the release to serve (every service but the trainer)")
-    serve.add_argument("--wait-for-release", type=finite_float, default=0.0, metavar="SECONDS",
+    serve.add_argument("--wait-for-release", type=non_negative_float, default=0.0, metavar="SECONDS",
                        help="a release not published yet is waited for this long before the service starts "
                             "(beside the Job that publishes it); default 0: it is an error at once")
     add_server_arguments(serve)
@@ -279,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb_merge.add_argument("--name", default=None, help="name of the new release (default: RELEASE-merge-<hash>)")
     kb_merge.add_argument("--dry-run", action="store_true", help="say what each would add and remove; publish nothing")
     kb_merge.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
-    kb_merge.add_argument("--wait", type=finite_float, default=0.0, metavar="SECONDS",
+    kb_merge.add_argument("--wait", type=non_negative_float, default=0.0, metavar="SECONDS",
                           help="wait up to this long for the object store to answer and the DERIVED releases to be "
                                "published, as a merge started beside the encoding Job does (default: 0, they must "
                                "exist)")

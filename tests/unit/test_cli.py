@@ -154,12 +154,16 @@ def test_ports_and_numbers_out_of_range_are_refused_before_anything_runs():
                        (["serve", "decoder", "--metrics-port", "65536"], "65536 is not a port"),
                        (["kb", "merge", "a", "--release", "b", "--wait", "nan"], "'nan': give a finite number"),
                        (["generate", "hi", "--timeout", "inf"], "'inf': give a finite number"),
-                       (["serve", "memory", "--ram-cache-mb", "nan"], "'nan': give a finite number")):
+                       (["serve", "memory", "--ram-cache-mb", "nan"], "'nan': give a finite number"),
+                       (["serve", "text", "--grace", "-5"], "'-5': give 0 or more seconds"),
+                       (["serve", "text", "--wait-for-release", "-1"], "'-1': give 0 or more seconds"),
+                       (["kb", "merge", "a", "--release", "b", "--wait", "-2"], "'-2': give 0 or more seconds")):
         proc = memory3(*argv, check=False)
         assert proc.returncode == 2 and said in proc.stderr, (argv, proc.stderr)
     assert parse_args(["up", "--decoder-port", "0"]).decoder_port == 0  # a free port, as without it
     assert parse_args(["serve", "text", "--port", "65535"]).port == 65535
     assert parse_args(["serve", "decoder", "--port", "0"]).port == 0  # a free port, as the tests start them
+    assert parse_args(["serve", "text", "--grace", "0"]).grace == 0  # cut at once
 
 
 @pytest.mark.parametrize(("argv", "said"), [
