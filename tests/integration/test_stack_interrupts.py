@@ -41,20 +41,38 @@ def pids_running(text: str) -> list[int]:
     return found
 
 
-def test_a_ctrl_c_while_the_s3_server_starts_leaves_no_server(tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, whatever this test run was started with (a
+    shell starts background jobs with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_while_the_s3_server_starts_leaves_no_server(tmp_path, monkeypatch, ctrl_c_raises):
     """The server was spawned but not yet returned: `up` had no PID to stop, and said it had stopped all."""
     monkeypatch.setattr(local_s3.socket, "create_connection", ctrl_c_first(socket.create_connection))
-    with pytest.raises(KeyboardInterrupt):
-        local_s3.start_local_s3(tmp_path / "s3-data")
-    assert pids_running(str(tmp_path / "s3-data")) == []
+    data = str(tmp_path / "s3-data")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            local_s3.start_local_s3(tmp_path / "s3-data")
+        assert pids_running(data) == []
+    finally:  # what a failing run left
+        for pid in pids_running(data):
+            os.kill(pid, signal.SIGKILL)
 
 
-def test_a_ctrl_c_while_redis_starts_leaves_no_server(tmp_path, monkeypatch):
+def test_a_ctrl_c_while_redis_starts_leaves_no_server(tmp_path, monkeypatch, ctrl_c_raises):
     monkeypatch.setattr(local_redis, "_answers_ping", ctrl_c_first(local_redis._answers_ping))
     server = local_redis.LocalRedis(tmp_path / "redis", free_port())
-    with pytest.raises(KeyboardInterrupt):
-        server.start()
-    assert server.process is not None and server.process.poll() is not None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server.start()
+        assert server.process is not None and server.process.poll() is not None
+    finally:  # what a failing run left
+        if server.process is not None and server.process.poll() is None:
+            server.kill()
 
 
 @pytest.fixture
