@@ -67,3 +67,18 @@ def reliability_stack(tmp_path_factory):
 
     with ReliabilityStack(tmp_path_factory.mktemp("reliability"), log=lambda _msg: None) as stack:
         yield stack
+
+
+@pytest.fixture
+def base(bucket, embedder):
+    """A random-weights release named "base" in the test's own bucket; the bucket."""
+    build_random_release(bucket, "base", embedder=embedder)
+    return bucket
+
+
+@pytest.fixture
+def document(tmp_path):
+    """A one-fact document to add to a release."""
+    path = tmp_path / "added.txt"
+    path.write_text("Orla Venn tunes bells in the tower of Carrow Ness every spring.\n")
+    return path

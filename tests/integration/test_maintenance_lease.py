@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-from release_fixtures import build_random_release
 from test_publication_lease import clock_jumped, texts_of
 
 from memory3.services.release import catalog as catalog_module
@@ -27,19 +26,6 @@ from memory3.services.storage.object_store import StoreUnavailable
 from memory3.services.trainer.releases import kb_add
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def base(bucket, embedder):
-    build_random_release(bucket, "base", embedder=embedder)
-    return bucket
-
-
-@pytest.fixture
-def document(tmp_path):
-    path = tmp_path / "added.txt"
-    path.write_text("Ilse Marrow keeps the lighthouse of Fenwick Reach.\n")
-    return path
 
 
 @pytest.fixture

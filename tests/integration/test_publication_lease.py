@@ -5,7 +5,6 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from release_fixtures import build_random_release
 
 from memory3.services.release import lease as lease_module
 from memory3.services.release.catalog import ReleaseBusy, delete_release, plan_collection, plan_deletion
@@ -24,19 +23,6 @@ from memory3.services.release.reader import Release, read_manifest
 from memory3.services.trainer.releases import kb_add
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def base(bucket, embedder):
-    build_random_release(bucket, "base", embedder=embedder)
-    return bucket
-
-
-@pytest.fixture
-def document(tmp_path):
-    path = tmp_path / "added.txt"
-    path.write_text("Orla Venn tunes bells in the tower of Carrow Ness every spring.\n")
-    return path
 
 
 def add(store, document, name, tmp_path, embedder, **kwargs):

@@ -1,6 +1,7 @@
 """The gRPC server plumbing every service shares: shutdown, connection age, listening addresses."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -25,6 +26,18 @@ async def how_it_ends(call) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+@contextlib.asynccontextmanager
+async def watched_server(grace_s: float):
+    """A started server with `grace_s`, and a health Watch on it: an RPC in flight until the server
+    cancels it."""
+    server = Server(port=0, grace_s=grace_s)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE))
+        await watch.read()
+        yield server, watch
+
+
 def test_the_drain_hooks_and_the_servers_wait_share_one_grace_period():
     """The decoder's drain hook waited up to the grace period, then the server waited as long again
     for RPCs still going: they were cut at twice --grace, after the pod's termination grace period
@@ -32,13 +45,7 @@ def test_the_drain_hooks_and_the_servers_wait_share_one_grace_period():
     grace, hook_s = 2.0, 1.8
 
     async def scenario():
-        server = Server(port=0, grace_s=grace)
-        await server.start()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE))
-            await watch.read()  # an RPC in flight until the server cancels it
-
+        async with watched_server(grace) as (server, watch):
             async def slow_drain():
                 await asyncio.sleep(hook_s)
 
@@ -58,12 +65,7 @@ def test_a_second_signal_cuts_the_drain_short():
     grace = 30.0
 
     async def scenario():
-        server = Server(port=0, grace_s=grace)
-        await server.start()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE))
-            await watch.read()
+        async with watched_server(grace) as (server, watch):
             draining = asyncio.Event()
 
             async def endless_drain():
