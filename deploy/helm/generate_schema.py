@@ -117,6 +117,7 @@ CONSTRAINTS: dict[str, dict] = {
     "decoder.dtype": {"enum": ["", "float32", "bfloat16", "float16"]},
     "decoder.imageFlavor": {"enum": ["auto", "cpu", "cuda"]},
     "decoder.autoscaling.targetRequestsWaiting": {"type": "number", "exclusiveMinimum": 0},
+    "text.autoscaling.targetRequestsWaiting": {"type": "number", "minimum": 0},
     "decoder.service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
     "trainer.job.imageFlavor": {"enum": ["cpu", "cuda"]},
     "trainer.job.codec": {"enum": ["fp16", "bf16", "int8", "vq"]},

@@ -39,9 +39,15 @@ RPC_HANDLED = Counter("memory3_rpc_handled", "RPCs answered, by method and gRPC 
 REQUEST_FAILURE = Counter("memory3_request_failure", "Requests ended by an error, by gRPC status code.", ["code"])
 
 # ---- retrieval (text service, and the decoder's calls to it) ----
-RETRIEVAL_LATENCY = Histogram("memory3_retrieval_latency_seconds", "Latency of one batched retrieval.",
+RETRIEVAL_LATENCY = Histogram("memory3_retrieval_latency_seconds",
+                              "Time from a retrieval request's arrival to its answer, queue time included.",
                               buckets=_FAST_BUCKETS)
+RETRIEVAL_QUEUE_TIME = Histogram("memory3_retrieval_queue_time_seconds",
+                                 "Time a retrieval request waited for a worker.", buckets=_FAST_BUCKETS)
 RETRIEVAL_QUERIES = Counter("memory3_retrieval_queries", "Retrieval queries answered.")
+RETRIEVAL_REQUESTS_WAITING = Gauge("memory3_retrieval_requests_waiting",
+                                   "Retrieval requests queued for a worker (the text service's autoscaling signal).")
+RETRIEVAL_BATCHES_RUNNING = Gauge("memory3_retrieval_batches_running", "Retrieval batches in worker threads.")
 
 # ---- memory fetch (memory service, and the decoder's calls to it) ----
 MEMORY_FETCHES = Counter("memory3_memory_fetches", "Memories requested from a tier.", ["tier"])

@@ -24,7 +24,7 @@ import logging
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -37,7 +37,8 @@ from ..release.publish import INDEX_FILE, REFERENCES_FILE, TOKENIZER_KEY
 from ..release.reader import Release
 from ..retrieval.index import IndexShard, VectorIndex
 from ..rpc.errors import InvalidInput, ResourceExhausted, Unavailable
-from ..rpc.metrics import RETRIEVAL_LATENCY, RETRIEVAL_QUERIES
+from ..rpc.metrics import (RETRIEVAL_BATCHES_RUNNING, RETRIEVAL_LATENCY, RETRIEVAL_QUERIES, RETRIEVAL_QUEUE_TIME,
+                           RETRIEVAL_REQUESTS_WAITING)
 from ..storage.object_store import ObjectStore
 from ..trainer.overlap import EVAL_MAX_OVERLAP, overlap
 
@@ -96,12 +97,13 @@ class TextResources:
     shard: IndexShard = IndexShard(0, 1)  # the part of the release's index `index` holds
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: the queue finds it by identity
 class _Request:
     queries: list[Query]
     k: int
     include_text: bool
     result: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
 
 
 class TextEngine:
@@ -195,11 +197,14 @@ class TextEngine:
         """Per query, up to top_k references best first (0: the release's memories per chunk)."""
         resources = self._ready()
         k = self._check_retrieval(queries, top_k)
-        if self.busy and self._waiting() >= self.max_waiting:
-            raise ResourceExhausted(f"{len(self._queue)} retrieval requests are already waiting; retry later "
+        if self.busy and (waiting := self._waiting()) >= self.max_waiting:
+            raise ResourceExhausted(f"{waiting} retrieval requests are already waiting; retry later "
                                     "or add text-service replicas")
         request = _Request(list(queries), k, include_text, asyncio.get_running_loop().create_future())
         self._queue.append(request)
+        RETRIEVAL_REQUESTS_WAITING.inc()
+        # A caller that gives up leaves the queue (and the gauge the autoscaler reads) at once.
+        request.result.add_done_callback(functools.partial(self._unqueue, request))
         self._dispatch(resources)
         # A caller that gives up cancels its result only: a worker already running its batch runs to
         # the end, so no more than max_concurrency batches ever run at once.
@@ -208,11 +213,16 @@ class TextEngine:
         return out
 
     def _waiting(self) -> int:
-        """How many requests wait for a worker, once those whose callers gave up (a deadline that
-        passed while a long batch ran) are dropped: they held their places until the next batch
-        began, and a service with nobody waiting refused every new request as overloaded."""
-        self._queue = [request for request in self._queue if not request.result.done()]
-        return len(self._queue)
+        """How many requests wait for a worker, not counting those whose callers gave up (a deadline
+        that passed while a long batch ran): they held their places until the next batch began, and a
+        service with nobody waiting refused every new request as overloaded."""
+        return sum(not request.result.done() for request in self._queue)
+
+    def _unqueue(self, request: _Request, _result: asyncio.Future | None = None) -> None:
+        """Take `request` off the queue, if it is still there: a worker took it, or its caller gave up."""
+        if request in self._queue:
+            self._queue.remove(request)
+            RETRIEVAL_REQUESTS_WAITING.dec()
 
     @property
     def busy(self) -> bool:
@@ -224,26 +234,31 @@ class TextEngine:
         while self._queue and not self.busy:
             batch, n = [], 0
             while self._queue and (not batch or n + len(self._queue[0].queries) <= MAX_QUERIES):
-                request = self._queue.pop(0)
+                request = self._queue[0]
+                self._unqueue(request)
                 if not request.result.done():  # else its caller gave up while it waited
                     batch.append(request)
                     n += len(request.queries)
             if not batch:
                 return
+            now = time.perf_counter()
+            for request in batch:
+                RETRIEVAL_QUEUE_TIME.observe(now - request.arrived)
             self._running += 1
+            RETRIEVAL_BATCHES_RUNNING.inc()
             work = asyncio.ensure_future(asyncio.to_thread(self._retrieve_requests, resources, batch))
-            work.add_done_callback(functools.partial(self._batch_done, resources, batch, time.perf_counter()))
+            work.add_done_callback(functools.partial(self._batch_done, resources, batch))
 
-    def _batch_done(self, resources: TextResources, batch: list[_Request], start: float,
-                    work: asyncio.Future) -> None:
+    def _batch_done(self, resources: TextResources, batch: list[_Request], work: asyncio.Future) -> None:
         self._running -= 1
+        RETRIEVAL_BATCHES_RUNNING.dec()
         # _retrieve_requests never raises (each request has its outcome); the thread's future is
         # cancelled only when the event loop shuts down.
         outcomes = ([Unavailable("the text service is shutting down")] * len(batch) if work.cancelled()
                     else work.result())
-        elapsed = time.perf_counter() - start
+        now = time.perf_counter()
         for request, outcome in zip(batch, outcomes, strict=True):
-            RETRIEVAL_LATENCY.observe(elapsed)
+            RETRIEVAL_LATENCY.observe(now - request.arrived)
             if request.result.done():
                 continue
             if isinstance(outcome, BaseException):

@@ -459,6 +459,20 @@ def test_autoscaling_on_leaves_replicas_to_the_hpa_and_off_sets_them():
         assert off.get("Deployment", component_name(component))["spec"]["replicas"] == 2
 
 
+def test_text_hpa_adds_the_retrieval_queue_when_asked():
+    def metrics(r, name):
+        return [m.get("pods", {}).get("metric", {}).get("name") or m["resource"]["name"]
+                for m in r.get("HorizontalPodAutoscaler", name)["spec"]["metrics"]]
+
+    assert metrics(render({}), component_name("text")) == ["cpu"]
+    r = render({"text": {"indexShards": 2, "autoscaling": {"targetRequestsWaiting": 3}}})
+    for shard in (0, 1):
+        hpa = r.get("HorizontalPodAutoscaler", f"{component_name('text')}-{shard}")
+        assert metrics(r, hpa["metadata"]["name"]) == ["cpu", "memory3_retrieval_requests_waiting"]
+        assert hpa["spec"]["metrics"][1]["pods"]["target"] == {"type": "AverageValue", "averageValue": "3"}
+    assert metrics(r, component_name("memory")) == ["cpu"]
+
+
 def test_keda_replaces_the_decoder_hpa():
     r = render({"decoder": {"autoscaling": {"keda": {"enabled": True}}}})
     assert r.find("HorizontalPodAutoscaler", component_name("decoder")) is None
@@ -648,6 +662,7 @@ def test_every_problem_is_reported_at_once():
     ({"text": {"port": 70000}}, "/text/port"),
     ({"image": {"digests": {"cpu": "latest"}}}, "/image/digests/cpu"),
     ({"trainer": {"job": {"indexKind": "ivf"}}}, "/trainer/job/indexKind"),
+    ({"text": {"autoscaling": {"targetRequestsWaiting": -1}}}, "/text/autoscaling/targetRequestsWaiting"),
 ])
 def test_schema_rejects_typos_and_wrong_types(values, path):
     with pytest.raises(helm.HelmValuesError) as failure:

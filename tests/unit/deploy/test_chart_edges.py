@@ -158,6 +158,11 @@ SET_EXPRESSIONS = [
      lambda r: r.get("HorizontalPodAutoscaler", component_name("decoder"))["spec"]["metrics"][0]["pods"]["target"][
          "averageValue"] == "2.5"),
     ("server.grace=2.5", lambda r: flag(container(r, "memory"), "--grace") == "2.5"),
+    ("text.autoscaling.targetRequestsWaiting=2.5",
+     lambda r: r.get("HorizontalPodAutoscaler", component_name("text"))["spec"]["metrics"][1]["pods"]["target"][
+         "averageValue"] == "2.5"),
+    ("text.autoscaling.targetRequestsWaiting=0.0",
+     lambda r: len(r.get("HorizontalPodAutoscaler", component_name("text"))["spec"]["metrics"]) == 1),
     ("text.autoscaling.minReplicas=4,text.pdb.maxUnavailable=25%",
      lambda r: r.get("PodDisruptionBudget", component_name("text"))["spec"]["maxUnavailable"] == "25%"),
     # strings --set turns into integers

@@ -40,7 +40,8 @@ def test_dashboard_queries_name_exported_metrics():
     assert used and used <= set(series), sorted(used - set(series))
     # Latency, queue and memory-tier panels are all there.
     for name in ("memory3_time_to_first_token_seconds_bucket", "memory3_inter_token_latency_seconds_bucket",
-                 "memory3_num_requests_waiting", "memory3_memory_hits_total"):
+                 "memory3_num_requests_waiting", "memory3_memory_hits_total", "memory3_retrieval_requests_waiting",
+                 "memory3_retrieval_queue_time_seconds_bucket"):
         assert name in used
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -50,6 +51,9 @@ def test_autoscalers_use_the_queue_gauge():
     series = exported_series()
     hpa = render({}).get("HorizontalPodAutoscaler", "m3-memory3-decoder")
     assert series[hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]] == "gauge"
+    text = render({"text": {"autoscaling": {"targetRequestsWaiting": 2}}}).get("HorizontalPodAutoscaler",
+                                                                                "m3-memory3-text")
+    assert series[text["spec"]["metrics"][1]["pods"]["metric"]["name"]] == "gauge"
     scaled = render({"decoder": {"autoscaling": {"keda": {"enabled": True}}}}).of_kind("ScaledObject")[0]
     query = scaled["spec"]["triggers"][0]["metadata"]["query"]
     assert series[re.search(r"memory3_\w+", query).group(0)] == "gauge"

@@ -184,6 +184,47 @@ def test_metrics_count_queries():
     assert count("memory3_retrieval_latency_seconds_count") == before[1] + 1
 
 
+def test_queue_gauges_follow_waiting_and_running_requests():
+    """The autoscaler's signal: requests queued for a worker, with callers that gave up leaving it at once;
+    latency counts a request's time in the queue."""
+    gate = threading.Event()
+
+    def sample(name):
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    names = ("memory3_retrieval_requests_waiting", "memory3_retrieval_batches_running",
+             "memory3_retrieval_queue_time_seconds_count", "memory3_retrieval_queue_time_seconds_sum",
+             "memory3_retrieval_latency_seconds_sum")
+
+    async def go():
+        eng = TextEngine(resources, lambda: TrigramEmbedder(), max_concurrency=1)
+        await eng.start()
+        eng._embedder.gate = gate
+        base = {n: sample(n) for n in names}
+        first = asyncio.create_task(eng.retrieve([Query(text="pump")]))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(eng.retrieve([Query(text=t)])) for t in ("river", "orchestra", "pell")]
+        await asyncio.sleep(0.05)
+        during = {n: sample(n) - base[n] for n in names}
+        waiting[0].cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        after_cancel = sample(names[0]) - base[names[0]]
+        await asyncio.sleep(0.2)
+        gate.set()
+        await first
+        await asyncio.gather(*waiting[1:])
+        return during, after_cancel, {n: sample(n) - base[n] for n in names}
+
+    during, after_cancel, end = asyncio.run(go())
+    assert during[names[0]] == 3 and during[names[1]] == 1
+    assert after_cancel == 2
+    assert end[names[0]] == 0 and end[names[1]] == 0
+    assert end[names[2]] == 3  # the first request and the two that waited, one batch
+    assert end[names[3]] >= 2 * 0.25  # the two waited for the gate
+    assert end[names[4]] >= end[names[3]]
+
+
 @pytest.mark.parametrize(("queries", "top_k", "message"), [
     ([], 0, "queries is empty"),
     ([Query(text="a")] * (MAX_QUERIES + 1), 0, f"257 queries in one request; at most {MAX_QUERIES}"),

@@ -72,7 +72,7 @@ spec:
 {{- end }}
 {{- end -}}
 
-{{/* An autoscaling/v2 HPA on CPU utilization (text and memory). */}}
+{{/* An autoscaling/v2 HPA on CPU utilization (text and memory), and on queued retrievals (text, optional). */}}
 {{- define "memory3.cpuHPA" -}}
 {{- $c := index .root.Values .component -}}
 {{- if $c.autoscaling.enabled }}
@@ -97,5 +97,17 @@ spec:
         target:
           type: Utilization
           averageUtilization: {{ $c.autoscaling.targetCPUUtilizationPercentage }}
+    {{- $queue := dig "targetRequestsWaiting" 0 $c.autoscaling }}
+    {{- if gt (float64 $queue) 0.0 }}
+    # Queued retrieval requests per pod, as prometheus-adapter serves them from the pods' /metrics
+    # (a rule exposing memory3_retrieval_requests_waiting as a Pods metric: see docs/deployment.md).
+    - type: Pods
+      pods:
+        metric:
+          name: memory3_retrieval_requests_waiting
+        target:
+          type: AverageValue
+          averageValue: {{ $queue | quote }}
+    {{- end }}
 {{- end }}
 {{- end -}}
