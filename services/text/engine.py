@@ -37,8 +37,13 @@ from ..release.publish import INDEX_FILE, REFERENCES_FILE, TOKENIZER_KEY
 from ..release.reader import Release
 from ..retrieval.index import IndexShard, VectorIndex
 from ..rpc.errors import InvalidInput, ResourceExhausted, Unavailable
-from ..rpc.metrics import (RETRIEVAL_BATCHES_RUNNING, RETRIEVAL_LATENCY, RETRIEVAL_QUERIES, RETRIEVAL_QUEUE_TIME,
-                           RETRIEVAL_REQUESTS_WAITING)
+from ..rpc.metrics import (
+    RETRIEVAL_BATCHES_RUNNING,
+    RETRIEVAL_LATENCY,
+    RETRIEVAL_QUERIES,
+    RETRIEVAL_QUEUE_TIME,
+    RETRIEVAL_REQUESTS_WAITING,
+)
 from ..storage.object_store import ObjectStore
 from ..trainer.overlap import EVAL_MAX_OVERLAP, overlap
 
