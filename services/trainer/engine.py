@@ -3,8 +3,10 @@
 A training job runs `memory3 train --events` in a child process (the same code as the CLI), one
 job at a time; its JSON-lines progress becomes the job's event history, which any number of
 watchers replay and then follow. Cancelling terminates the child; its checkpoints stay, so
-submitting the same spec again resumes. A knowledge job runs `memory3 kb add` (or `kb remove`)
-the same way, on documents the request carried, written to the job's directory as JSON Lines.
+submitting the same spec again resumes. A cancel that comes after the child published its release
+leaves the job SUCCEEDED: the release cannot be taken back by a cancel. A knowledge job runs
+`memory3 kb add` (or `kb remove`) the same way, on documents the request carried, written to the
+job's directory as JSON Lines.
 
 Jobs outlive the service that ran them: each job's record (spec, state, release, its last events)
 is kept under `WORK_DIR/_jobs/` whenever its state changes, so a restarted service still answers a
@@ -31,6 +33,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from memory3.model.config import PRESETS
 
 from ..release.catalog import DeletionPlan, Maintenance, ReleaseBusy, delete_release, plan_deletion, read_catalog
 from ..release.manifest import Manifest, ReleaseError, ReleaseNotFound, check_release_name, release_key
+from ..release.reader import read_manifest
 from ..retrieval.index import check_index_choice
 from ..rpc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, Unavailable
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
@@ -348,6 +352,20 @@ class TrainingJobManager:
         self._forget_old_jobs()
         return job.state
 
+    async def _published_since(self, name: str, started: datetime) -> bool:
+        """Whether release `name` was published at or after `started`: by the job, then, since its child
+        refuses a name already published. A cancel reaching the child after its publication (as it released
+        its lease, or wrote its summary) left the release published while the job said CANCELLED, and a
+        resubmission failed with ALREADY_EXISTS."""
+        try:
+            manifest = await asyncio.to_thread(read_manifest, self.store, name)
+        except ReleaseNotFound:
+            return False
+        except (ReleaseError, StoreUnavailable) as e:
+            log.warning("cancelled job for release %r: whether it was published cannot be told (%s)", name, e)
+            return False
+        return datetime.fromisoformat(manifest.created) >= started
+
     def _terminate(self, process: asyncio.subprocess.Process) -> None:
         """SIGTERM (the child unwinds what it had begun to publish), then SIGKILL if it has not ended
         within `kill_after_s`: a child in a long C call (an index build, a kernel) sees the SIGTERM
@@ -477,6 +495,7 @@ class TrainingJobManager:
         env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": self.s3.access_key,
                "MEMORY3_S3_SECRET_KEY": self.s3.secret_key, "PYTHONUNBUFFERED": "1"}
         job.state = RUNNING
+        started = datetime.now(UTC).replace(microsecond=0)  # as precise as a manifest's `created`
         await job.publish({"message": "started"})
         job.process = await asyncio.create_subprocess_exec(
             *self._command(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
@@ -503,6 +522,11 @@ class TrainingJobManager:
         code = await job.process.wait()
         await drain
         if job.state == CANCELLED:
+            if await self._published_since(job.spec.release, started):
+                job.state, job.release = SUCCEEDED, job.spec.release
+                await job.publish({"message": f"release {job.release!r} was published before the cancel reached the "
+                                   "job, which succeeded: the release is kept (`memory3 release delete "
+                                   f"{job.release}` removes it)", "release": job.release})
             return
         if code == 0:
             job.state = SUCCEEDED

@@ -3,12 +3,14 @@ tests/integration/test_trainer_service.py runs it against a real S3 server)."""
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from memory3.services.release.manifest import Manifest
 from memory3.services.rpc.errors import AlreadyExists, ResourceExhausted, Unavailable
-from memory3.services.storage.object_store import S3Config, StoreUnavailable
+from memory3.services.storage.object_store import ObjectNotFound, S3Config, StoreUnavailable
 from memory3.services.trainer import engine
 from memory3.services.trainer.engine import (
     CANCELLED,
@@ -111,6 +113,9 @@ class EmptyStore:
 
     def exists(self, key: str) -> bool:
         return False
+
+    def get_bytes(self, key: str) -> bytes:
+        raise ObjectNotFound(key)
 
 
 def test_a_long_job_keeps_its_last_events_and_says_how_many_went(monkeypatch):
@@ -291,3 +296,61 @@ def test_a_stop_cut_short_still_kills_the_jobs_children(tmp_path):
         return process.returncode
 
     assert asyncio.run(asyncio.wait_for(main(), 60)) is not None
+
+
+class StoreThatPublishes(EmptyStore):
+    """A bucket in which release `name` appears once `publish()` is called (as the child would publish it)."""
+
+    def __init__(self, name: str, created: str | None = None) -> None:
+        self.name, self.created, self.manifest = name, created, None
+
+    def publish(self) -> None:
+        created = self.created or datetime.now(UTC).isoformat(timespec="seconds")
+        self.manifest = Manifest(name=self.name, created=created, files={}, conventions={},
+                                 memory_bank={"bank": "b", "count": 0, "bytes": 0, "codec": "bf16"},
+                                 index={"embedder": "e", "dim": 1, "type": "flat", "count": 0}, provenance={})
+
+    def get_bytes(self, key: str) -> bytes:
+        if self.manifest is None or key != f"releases/{self.name}/manifest.json":
+            raise ObjectNotFound(key)
+        return self.manifest.to_json().encode()
+
+
+@pytest.mark.parametrize(("published", "created", "state"), [
+    (True, None, SUCCEEDED),  # the cancel came after the publication: the release stays, and so does the job's
+    (False, None, CANCELLED),
+    (True, "2020-01-01T00:00:00+00:00", CANCELLED),  # published before the job began: not the job's
+])
+def test_a_cancel_that_comes_after_the_publication_leaves_the_job_succeeded(tmp_path, published, created, state):
+    """The child had published its release when the SIGTERM reached it (releasing its lease, writing its
+    summary): the job said CANCELLED while its release was published, and resubmitting it failed."""
+    child = tmp_path / "publishing-python"
+    child.write_text("#!/bin/sh\necho '{\"message\": \"working\"}'\nexec sleep 600\n")
+    child.chmod(0o755)
+    store = StoreThatPublishes("late", created)
+    jobs = manager(tmp_path / "work", store)
+    jobs.python = str(child)
+
+    async def main():
+        await jobs.start()
+        try:
+            job = await jobs.submit(TrainingJobSpec(release="late", preset="tiny", quick=True))
+            async for event in jobs.watch(job):
+                if event.get("message") == "working":
+                    break
+            if published:
+                store.publish()
+            assert await jobs.cancel(job) == CANCELLED
+            await asyncio.wait_for(jobs.get(job).process.wait(), 10)
+            for _ in range(100):
+                if jobs.get(job).events[-1].get("message") != "cancelled":
+                    break
+                await asyncio.sleep(0.05)
+            return jobs.get(job)
+        finally:
+            await jobs.stop(grace_s=0.5)
+
+    job = asyncio.run(asyncio.wait_for(main(), 60))
+    assert job.state == state
+    if state == SUCCEEDED:
+        assert job.release == "late" and "was published before the cancel" in job.events[-1]["message"]
