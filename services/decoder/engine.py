@@ -163,7 +163,8 @@ class _Stream:
     _ids = itertools.count()
 
     def __init__(self, request: GenerationRequest, prefix_len: int, groups: list[list[ExplicitMemory]],
-                 loop: asyncio.AbstractEventLoop, out: asyncio.Queue, arrival: float) -> None:
+                 loop: asyncio.AbstractEventLoop, out: asyncio.Queue, arrival: float,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.id = next(self._ids)
         self.request, self.prefix_len, self.groups = request, prefix_len, groups
         self.loop, self.out, self.arrival = loop, out, arrival
@@ -174,7 +175,9 @@ class _Stream:
         self.paused_since = 0.0
         self.arrived: tuple[list[ExplicitMemory], _Note] | None = None  # next chunk's, not installed yet
         self.done = False
-        self.generator = (torch.Generator().manual_seed(request.sampling.seed)
+        # On the device that samples: a CPU generator with CUDA logits raised in the scheduler's step,
+        # which failed every stream of the batch.
+        self.generator = (torch.Generator(device=device).manual_seed(request.sampling.seed)
                           if request.sampling.seed is not None else None)
         self.last_token_time = 0.0
 
@@ -652,7 +655,8 @@ class GenerationEngine:
                     request, ahead * self.scheduler.turnover_s if ahead > 0 else 0.0)
                 if failure is not None:
                     warnings.append(failure)
-            stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, arrival)
+            stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, arrival,
+                             self.scheduler.device)
             self.scheduler.post(("admit", stream, None))
             async for event in self._relay(stream, out, citations, warnings, sum(len(g) for g in groups)):
                 yield event

@@ -24,3 +24,32 @@ def test_cuda_forward_matches_cpu(tiny_model, tiny_config):
             tiny_model.to("cpu")
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
     assert len(out.tokens[0]) == 8
+
+
+def test_seeded_and_greedy_streams_decode_together_on_cuda(tiny_config, text_codec):
+    """A seeded request sampled CUDA logits with a CPU generator: the step raised, and every stream
+    of the batch failed. Both now finish, and the seed repeats its tokens."""
+    import asyncio
+
+    from memory3.model.generate import SamplingParams
+    from memory3.model.init import random_model
+    from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
+
+    model = random_model(tiny_config, seed=1, std=0.2).to("cuda")
+    body = [text_codec.bos_id, *range(10, 40)]
+    seeded = GenerationRequest(body, 16, SamplingParams(temperature=0.9, seed=11), use_memory=False)
+    greedy = GenerationRequest(body, 16, use_memory=False)
+
+    async def tokens(request, engine):
+        return [t async for event in engine.generate(request) for t in event.token_ids]
+
+    async def main():
+        engine = GenerationEngine(model, text_codec, None, EngineConfig(max_batch=4))
+        await engine.start()
+        try:
+            return await asyncio.gather(tokens(seeded, engine), tokens(greedy, engine), tokens(seeded, engine))
+        finally:
+            await engine.close()
+
+    first, plain, again = asyncio.run(main())
+    assert len(first) == len(plain) == 16 and first == again

@@ -6,6 +6,7 @@ for each stream alone with the same memories.
 """
 
 import asyncio
+import sys
 import time
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from memory3.model.encoder import encode_references
 from memory3.model.generate import SamplingParams, generate
+from memory3.services.decoder import engine as engine_module
 from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
 from memory3.services.decoder.retrieval import RetrievedReference
 from memory3.services.rpc import metrics
@@ -525,3 +527,27 @@ def test_messages_for_a_closed_event_loop_are_dropped_not_fatal_to_the_scheduler
     scheduler.outbox = [(SimpleNamespace(loop=closed), object())]
     scheduler._send_outbox()
     assert scheduler.outbox == []
+
+
+def test_a_seeded_request_samples_with_a_generator_on_the_models_device(tiny_model, text_codec, monkeypatch):
+    """A CPU generator with a GPU model's logits raised in the scheduler's step, failing every stream of
+    the batch (tests/unit/test_gpu.py runs it on CUDA); here: the generator is made for the model's device,
+    and a seed gives the same tokens twice."""
+    devices, real = [], torch.Generator
+
+    def recording(*args, **kwargs):
+        if sys._getframe(1).f_globals["__name__"] == engine_module.__name__:
+            devices.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "Generator", recording)
+    body = prompts(1, text_codec)[0]
+    request = GenerationRequest(body, 12, SamplingParams(temperature=0.9, seed=7), use_memory=False)
+
+    def tokens():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2))
+        return collect_alone(engine, request)[0]
+
+    first, second = tokens(), tokens()
+    assert first == second and len(first) == 12
+    assert devices == [tiny_model.output.weight.device] * 2
