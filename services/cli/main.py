@@ -493,6 +493,9 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                        help="when a request sets no max_tokens (fewer when a long prompt leaves less room)")
     group.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail",
                        help="text/memory service down: fail with UNAVAILABLE, or generate without memory and say so")
+    group.add_argument("--stall-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                       help="a model pass running this long means a stuck device: the decoder reports itself not "
+                            "live (grpc.health.v1 name 'liveness'), to be restarted; above the longest prefill")
     group.add_argument("--memory-cache-mb", type=finite_float, default=256.0,
                        help="decoded memories kept in the decoder's RAM (LRU) in front of the memory service; "
                             "0 disables it")
@@ -557,7 +560,7 @@ def _decoder_settings(args: argparse.Namespace):
     lead = {} if args.retrieval_lead_tokens is None else {"retrieval_lead_tokens": args.retrieval_lead_tokens}
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len,
                           default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy,
-                          max_streams_per_client=args.max_streams_per_client, **lead)
+                          max_streams_per_client=args.max_streams_per_client, stall_s=args.stall_timeout, **lead)
     dependencies = DependencyOptions(tls_ca=args.dependency_tls_ca, client_cert=args.dependency_cert,
                                      client_key=args.dependency_key,
                                      auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)

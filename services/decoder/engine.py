@@ -56,6 +56,9 @@ NOT_STARTED_BY_DRAIN = ("the decoder is shutting down and had not started this r
                         "replica")
 
 RETRIEVAL_POLICIES = ("fail", "continue")
+# Model passes failing in a row that make the decoder not ready, for this long after the last one.
+FAILING_PASSES = 3
+FAILING_FOR_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,10 @@ class EngineConfig:
     # A generated chunk's query ends this many tokens before the chunk: retrieval overlaps that
     # many decode steps (0: the query is the previous chunk exactly; below the model's chunk_len).
     retrieval_lead_tokens: int = 8
+    # A scheduler whose loop has not gone round for this long is stuck (a hung device, a deadlock):
+    # the decoder reports itself not live, so that it is restarted. Above the longest model pass the
+    # server makes (a full batch's prefill, minutes on a CPU for a large model).
+    stall_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -86,6 +93,8 @@ class EngineConfig:
             raise ValueError(f"retrieval_lead_tokens must be >= 0, got {self.retrieval_lead_tokens}")
         if self.retrieval_policy not in RETRIEVAL_POLICIES:
             raise ValueError(f"retrieval_policy must be one of {RETRIEVAL_POLICIES}, got {self.retrieval_policy!r}")
+        if not self.stall_s > 0:
+            raise ValueError(f"stall_s must be > 0 seconds, got {self.stall_s}")
 
 
 @dataclass(frozen=True)
@@ -216,6 +225,13 @@ class Scheduler:
         self.step_s = 0.0
         self.turnover_s = 0.0
         self._last_step = self._last_release = 0.0
+        # What the engine's health reads (`GenerationEngine.failure`): when the loop last went round,
+        # the model passes that raised in a row and when the last did, and a device error, after
+        # which no pass can succeed.
+        self.beat = 0.0
+        self.failed_passes = 0
+        self.last_failure = 0.0
+        self.device_error: str | None = None
 
     # ---- called from other threads ----
     def post(self, message) -> None:
@@ -239,10 +255,16 @@ class Scheduler:
         cpu = time.thread_time()
         with torch.inference_mode():
             while not self.stopping:
+                self.beat = time.monotonic()
                 try:
-                    self._step()
-                except Exception:  # noqa: BLE001 - a bug must not kill the engine silently
+                    if self._step():
+                        self.failed_passes = 0
+                except Exception as e:  # noqa: BLE001 - a bug must not kill the engine silently
                     log.exception("scheduler step failed; failing the streams it held")
+                    self.failed_passes += 1
+                    self.last_failure = time.monotonic()
+                    if _is_device_error(e):
+                        self.device_error = f"{type(e).__name__}: {e}"[:500]
                     self._fail_all(ServiceError("internal error in the decoder"))
                 self._send_outbox()
                 now = time.thread_time()
@@ -279,19 +301,21 @@ class Scheduler:
             else:
                 stream.out.put_nowait(message)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One round: admit, then decode a token for every active stream. True if a model pass ran."""
         self._drain_inbox()
         self._expire_deadlines()
-        self._admit()
+        prefilled = self._admit()
         active = [s for s in self.rows if s is not None and not s.paused and not s.done]
         if not active:
             self._update_gauges()
             self._send_outbox()  # before sleeping: e.g. a failure noticed in the inbox
             self.wake.wait(timeout=0.05)
             self.wake.clear()
-            return
+            return prefilled
         self._decode(active)
         self._update_gauges()
+        return True
 
     def _drain_inbox(self) -> None:
         while True:
@@ -326,7 +350,8 @@ class Scheduler:
             if deadline is not None and now > deadline and not stream.done:
                 self._finish_error(stream, DeadlineExceeded("the request's deadline passed while generating"))
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        """Give waiting streams free rows and prefill them; True if any joined."""
         joining: list[_Stream] = []
         while self.ready and None in self.rows:
             stream = self.ready.pop(0)
@@ -339,6 +364,7 @@ class Scheduler:
         # Streams that join together are prefilled together, one pass per layout (with or without prefix).
         for prefix_len in sorted({s.prefix_len for s in joining}):
             self._prefill([s for s in joining if s.prefix_len == prefix_len])
+        return bool(joining)
 
     def _prefill(self, streams: list[_Stream]) -> None:
         """One pass over the right-padded prompts of `streams`, written into their cache rows."""
@@ -508,6 +534,16 @@ class Scheduler:
         return sum(1 for s in self.rows if s is not None and not s.done)
 
 
+def _is_device_error(error: Exception) -> bool:
+    """An accelerator fault (an illegal memory access, a lost device): the CUDA context is unusable
+    until the process restarts, so every later pass fails too. Running out of memory is not one."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(error, accelerator_error)) or \
+        (isinstance(error, RuntimeError) and "CUDA error" in str(error))
+
+
 def _moving_average(average: float, last: float, *, gap_s: float = 1.0) -> tuple[float, float]:
     """(average, last) updated with the interval since `last`, an event's time; a gap over `gap_s`
     (the scheduler was idle) starts the intervals anew."""
@@ -555,6 +591,32 @@ class GenerationEngine:
     @property
     def max_seq_len(self) -> int:
         return self.scheduler.max_seq_len
+
+    def dead(self) -> str | None:
+        """Why the engine can serve nothing until its process restarts, or None: its scheduler thread
+        stopped, is stuck in one step (a hung device), or the device failed."""
+        scheduler = self.scheduler
+        if not self.started:
+            return None
+        if not scheduler.thread.is_alive():
+            return "the scheduler thread has stopped"
+        if scheduler.device_error is not None:
+            return f"the device failed ({scheduler.device_error})"
+        stuck = time.monotonic() - scheduler.beat
+        if scheduler.beat and stuck > self.config.stall_s:
+            return f"the scheduler has been in one step for {stuck:.0f}s (more than {self.config.stall_s:g}s)"
+        return None
+
+    def failing(self) -> str | None:
+        """Why the engine cannot serve now, or None: `dead`, or its last FAILING_PASSES model passes
+        failed, the last less than FAILING_FOR_S ago (whatever failed them fails the next request
+        too). Once that long passes without a failure it is taken as sound again: a pod that is not
+        ready gets no request whose pass could succeed and show it."""
+        reason = self.dead()
+        if reason is None and self.scheduler.failed_passes >= FAILING_PASSES and \
+                time.monotonic() - self.scheduler.last_failure < FAILING_FOR_S:
+            reason = f"the last {self.scheduler.failed_passes} model passes failed"
+        return reason
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()

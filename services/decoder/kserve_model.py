@@ -42,7 +42,7 @@ from .http_clients import CLIENT_HOST, WatchClients, client_id
 from .http_errors import http_status
 from .kserve_drain import DrainFirstModelServer
 from .openai_routes import COMPLETIONS_PATHS, add_completion_routes, citation_json, error_response
-from .server import BuiltEngine, DecoderSettings, build_engine, open_release, wait_for_dependencies, watch_dependencies
+from .server import BuiltEngine, DecoderSettings, build_engine, open_release, wait_for_dependencies, watch_readiness
 from .validation import build_request
 
 log = logging.getLogger("memory3.decoder")
@@ -96,18 +96,19 @@ class Memory3Model(kserve.Model):
             log.info("stopped before the text and memory services reported SERVING")
             return
         self._dependencies_up = True
-        self._watch = asyncio.create_task(watch_dependencies(self.settings, self._built, self._follow_dependencies))
+        self._watch = asyncio.create_task(watch_readiness(self.settings, self._built, self._follow_readiness))
         log.info("KServe model %r serving release %r", self.name, self._release.name)
 
-    async def _follow_dependencies(self, up: bool) -> None:
+    async def _follow_readiness(self, up: bool) -> None:
         self._dependencies_up = up
 
     async def healthy(self) -> bool:
-        """Ready to serve: the engine runs, the dependencies answered (and answer, under the "fail"
-        policy), and no stop has begun. Every readiness route and probe asks this."""
+        """Ready to serve: the engine runs and its model passes do not keep failing, the dependencies
+        answered (and answer, under the "fail" policy), and no stop has begun. Every readiness route
+        and probe asks this."""
         engine = self._built.engine if self._built is not None else None
         return (self.ready and self._dependencies_up and engine is not None and engine.started
-                and not engine.draining)
+                and not engine.draining and engine.failing() is None)
 
     def stop(self) -> None:
         """On SIGTERM, before the servers stop (DrainFirstModelServer): turn not ready, refuse new

@@ -181,24 +181,37 @@ async def wait_for_dependencies(built: BuiltEngine, stopping: Callable[[], bool]
     return not stopping()
 
 
-async def watch_dependencies(settings: DecoderSettings, built: BuiltEngine,
-                             report: Callable[[bool], Awaitable[None]]) -> None:
-    """With the fail-fast policy, readiness follows the dependencies; else the decoder stays ready.
+async def watch_readiness(settings: DecoderSettings, built: BuiltEngine, report: Callable[[bool], Awaitable[None]],
+                          on_dead: Callable[[str], Awaitable[None]] | None = None) -> None:
+    """Readiness follows the engine's health and, with the fail-fast policy, the dependencies.
 
-    Starts once they answered (ready); `report(up)` on each change, until cancelled. A request
-    would fail while a dependency is down, so a load balancer should send it elsewhere.
+    Starts once they answered (ready); `report(up)` on each change, until cancelled. A request would
+    fail while a dependency is down or while the model's passes keep failing, so a load balancer
+    should send it elsewhere. An engine that can serve nothing until the process restarts (a device
+    fault, a stuck or stopped scheduler) is reported once to `on_dead` (else as not ready), and the
+    watch ends: KServe#6259's and vLLM's "healthy while the engine is dead".
     """
     serving = True
     while True:
         await asyncio.sleep(settings.watch_interval_s)
-        if settings.engine.retrieval_policy != "fail" or built.engine.draining:
+        engine = built.engine
+        if engine.draining:
             continue
-        up = await built.dependencies_up()
-        if up != serving:
-            serving = up
-            log.warning("dependencies %s: the decoder is %s", "back" if up else "down",
-                        "ready (SERVING)" if up else "not ready (NOT_SERVING)")
-            await report(up)
+        dead = engine.dead()
+        if dead is not None:
+            log.error("the decoder's engine cannot serve any more: %s", dead)
+            await (on_dead(dead) if on_dead is not None else report(False))
+            return
+        why = engine.failing()
+        if why is None and settings.engine.retrieval_policy == "fail" and not await built.dependencies_up():
+            why = "the text or memory service does not answer"
+        if (why is None) != serving:
+            serving = why is None
+            if serving:
+                log.warning("the decoder is ready again (SERVING)")
+            else:
+                log.warning("%s: the decoder is not ready (NOT_SERVING)", why)
+            await report(serving)
 
 
 class DecoderServer:
@@ -237,12 +250,12 @@ class DecoderServer:
         self.engine = built.engine
         await wait_for_dependencies(built)
         await self.server.serving()
-        self._watch = asyncio.create_task(watch_dependencies(s, built, self._report_dependencies))
+        self._watch = asyncio.create_task(watch_readiness(s, built, self._report_readiness, self.server.not_live))
         log.info("decoder serving release %r (%s retrieval, batch %d)", release.name,
                  "remote" if built.health else "in-process", s.engine.max_batch)
         return built.engine
 
-    async def _report_dependencies(self, up: bool) -> None:
+    async def _report_readiness(self, up: bool) -> None:
         await (self.server.serving() if up else self.server.not_serving())
 
     async def wait_ready(self, timeout: float | None = None) -> GenerationEngine:

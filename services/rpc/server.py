@@ -24,8 +24,9 @@ log = logging.getLogger("memory3.rpc")
 MAX_MESSAGE_BYTES = 64 << 20
 # Health and reflection stay open without a token: probes and grpcurl's listing need them.
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-# A health name that is SERVING from start until shutdown, whatever the service's readiness: liveness
-# probes check it, so a pod whose dependency is down stops getting traffic but is not restarted.
+# A health name that is SERVING from start until shutdown, whatever the service's readiness, unless the
+# service cannot work again without a restart (`Server.not_live`): liveness probes check it, so a pod
+# whose dependency is down stops getting traffic but is not restarted, and a decoder whose device failed is.
 LIVENESS_SERVICE = "liveness"
 
 
@@ -183,6 +184,12 @@ class Server:
         """Readiness lost (a dependency went away); in-flight RPCs continue."""
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def not_live(self, reason: str = "") -> None:
+        """The service can serve nothing until its process restarts: not ready, and not live, so that
+        a liveness probe has it restarted. For good: nothing sets it back."""
+        await self.not_serving()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, on_drain: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
         """NOT_SERVING first (load balancers stop routing), then let in-flight RPCs finish: the drain

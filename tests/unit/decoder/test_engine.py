@@ -551,3 +551,73 @@ def test_a_seeded_request_samples_with_a_generator_on_the_models_device(tiny_mod
     first, second = tokens(), tokens()
     assert first == second and len(first) == 12
     assert devices == [tiny_model.output.weight.device] * 2
+
+
+def test_model_passes_that_keep_failing_make_the_engine_not_ready_for_a_while(tiny_model, text_codec, monkeypatch):
+    """The scheduler failed each batch and went on: a decoder whose every pass raised still said SERVING."""
+    monkeypatch.setattr(engine_module, "FAILING_FOR_S", 0.5)
+    body = prompts(1, text_codec)[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a model pass")
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2))
+        await engine.start()
+        try:
+            with monkeypatch.context() as patched:
+                patched.setattr(tiny_model, "forward", broken)
+                for _ in range(engine_module.FAILING_PASSES):
+                    assert engine.failing() is None
+                    with pytest.raises(engine_module.ServiceError, match="internal error in the decoder"):
+                        await collect(engine, GenerationRequest(body, 4, use_memory=False))
+                failing, dead = engine.failing(), engine.dead()
+            await asyncio.sleep(0.6)
+            sound_again = engine.failing()
+            tokens, _, _ = await collect(engine, GenerationRequest(body, 4, use_memory=False))
+            return failing, dead, sound_again, tokens, engine.scheduler.failed_passes
+        finally:
+            await engine.close()
+
+    failing, dead, sound_again, tokens, failed_passes = run(main())
+    assert failing == "the last 3 model passes failed" and dead is None
+    assert sound_again is None and len(tokens) == 4 and failed_passes == 0
+
+
+@pytest.mark.parametrize("fault", ["device", "stuck"])
+def test_a_device_fault_or_a_stuck_pass_makes_the_engine_dead(tiny_model, text_codec, monkeypatch, fault):
+    """Nothing but a restart brings back a CUDA context after an illegal memory access, or a device that
+    hangs in a kernel: the decoder must say it is not live."""
+    import threading
+
+    body = prompts(1, text_codec)[0]
+    gate = threading.Event()
+
+    def failed(*args, **kwargs):
+        if fault == "device":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        gate.wait(10)
+        raise RuntimeError("released")
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2, stall_s=0.3))
+        await engine.start()
+        try:
+            assert engine.dead() is None
+            with monkeypatch.context() as patched:
+                patched.setattr(tiny_model, "forward", failed)
+                request = asyncio.ensure_future(collect(engine, GenerationRequest(body, 4, use_memory=False)))
+                await asyncio.sleep(0.6)
+                dead = engine.dead()
+                gate.set()
+                with pytest.raises(engine_module.ServiceError):
+                    await request
+            return dead
+        finally:
+            gate.set()
+            await engine.close()
+
+    dead = run(main())
+    expected = ("the device failed (RuntimeError: CUDA error" if fault == "device"
+                else "the scheduler has been in one step")
+    assert dead is not None and dead.startswith(expected), dead
