@@ -510,8 +510,7 @@ class Scheduler:
         self._release(stream)
         if stream in self.ready:
             self.ready.remove(stream)
-        metrics.REQUEST_FAILURE.labels(code=error.code.name).inc()
-        self._emit(stream, _Failed(error))
+        self._emit(stream, _Failed(error))  # counted by its consumer (`GenerationEngine.generate`)
 
     def _release(self, stream: _Stream) -> None:
         stream.done = True
@@ -683,7 +682,21 @@ class GenerationEngine:
         return whole
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Events for one request; closing the iterator early cancels it and frees its slot at once."""
+        """Events for one request; closing the iterator early cancels it and frees its slot at once.
+
+        Every error the request ends with is counted here (`memory3_request_failure_total`), those
+        raised before it reaches the scheduler too: a retrieval outage under the fail policy, a
+        corrupt memory in the prompt's fetch, a refusal at capacity. Counted in the scheduler alone,
+        a text service down failed every request and the error-ratio alert saw none."""
+        try:
+            async with contextlib.aclosing(self._generate(request)) as events:
+                async for event in events:
+                    yield event
+        except ServiceError as e:
+            metrics.REQUEST_FAILURE.labels(code=e.code.name).inc()
+            raise
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if not self.started or self.draining:
             raise Unavailable("the decoder is not accepting requests (starting or draining)")
         self.validate(request)

@@ -36,7 +36,9 @@ MEMORY_WAIT = Histogram("memory3_memory_wait_seconds",
 REQUEST_SUCCESS = Counter("memory3_request_success", "Finished requests by finish reason.", ["finished_reason"])
 RPC_HANDLED = Counter("memory3_rpc_handled", "RPCs answered, by method and gRPC status code (every service).",
                       ["method", "code"])
-REQUEST_FAILURE = Counter("memory3_request_failure", "Requests ended by an error, by gRPC status code.", ["code"])
+REQUEST_FAILURE = Counter("memory3_request_failure",
+                          "Requests ended by an error, by gRPC status code (refusals at capacity included; "
+                          "requests a front end refused before the engine saw them are not).", ["code"])
 
 # ---- retrieval (text service, and the decoder's calls to it) ----
 RETRIEVAL_LATENCY = Histogram("memory3_retrieval_latency_seconds",

@@ -621,3 +621,39 @@ def test_a_device_fault_or_a_stuck_pass_makes_the_engine_dead(tiny_model, text_c
     expected = ("the device failed (RuntimeError: CUDA error" if fault == "device"
                 else "the scheduler has been in one step")
     assert dead is not None and dead.startswith(expected), dead
+
+
+def test_every_failed_request_is_counted_once_by_its_code(tiny_model, text_codec, memories, monkeypatch):
+    """Only the scheduler counted failures: a retrieval outage under the fail policy, a corrupt memory
+    or a refusal at capacity failed the request uncounted, and the error-ratio alert never fired."""
+    def failures(code):
+        return metrics.REQUEST_FAILURE.labels(code=code)._value.get()
+
+    body = prompts(1, text_codec)[0]
+    codes = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
+    before = {code: failures(code) for code in codes}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a model pass")
+
+    async def main():
+        down = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories, fail=True),
+                                EngineConfig(max_batch=1, max_waiting=0))
+        await down.start()
+        try:
+            with pytest.raises(Unavailable):
+                await collect(down, GenerationRequest(body, 4))
+            hold = asyncio.ensure_future(collect(down, GenerationRequest(body, 400, use_memory=False)))
+            await asyncio.sleep(0.2)
+            with pytest.raises(ResourceExhausted):
+                await collect(down, GenerationRequest(body, 4, use_memory=False))
+            hold.cancel()
+            with monkeypatch.context() as patched:
+                patched.setattr(tiny_model, "forward", broken)
+                with pytest.raises(engine_module.ServiceError, match="internal error"):
+                    await collect(down, GenerationRequest(body, 4, use_memory=False))
+        finally:
+            await down.close()
+
+    run(main())
+    assert {code: failures(code) - before[code] for code in codes} == dict.fromkeys(codes, 1)
