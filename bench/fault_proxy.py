@@ -1,7 +1,8 @@
 """A TCP proxy on 127.0.0.1 that can slow a server down: injected latency for fault tests.
 
 Put it in front of the S3 server and point the services at it; `delay_s` then holds every chunk a
-client sends (an HTTP request, in practice) for that long before it reaches the server. When the
+client sends (an HTTP request, in practice) for that long before it reaches the server, and
+`bytes_per_s` (0: no limit) paces each direction as a link of that bandwidth would. When the
 server behind it is down, the proxy accepts and closes at once, as a load balancer in front of a
 dead backend does. Loopback only, in a daemon thread with its own event loop.
 """
@@ -16,11 +17,12 @@ _LOOPBACK = ("127.0.0.1", "localhost")
 
 
 class DelayProxy:
-    def __init__(self, target_host: str, target_port: int, *, delay_s: float = 0.0) -> None:
+    def __init__(self, target_host: str, target_port: int, *, delay_s: float = 0.0, bytes_per_s: float = 0.0) -> None:
         if target_host not in _LOOPBACK:
             raise ValueError(f"the fault proxy only forwards to loopback, not {target_host!r}")
         self.target = (target_host, target_port)
         self.delay_s = delay_s  # read per chunk: change it at any time
+        self.bytes_per_s = bytes_per_s
         self.port = 0
         self.connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -81,6 +83,8 @@ class DelayProxy:
                     await asyncio.sleep(self.delay_s)
                 writer.write(chunk)
                 await writer.drain()
+                if self.bytes_per_s > 0:
+                    await asyncio.sleep(len(chunk) / self.bytes_per_s)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:

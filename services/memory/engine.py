@@ -75,10 +75,14 @@ def ids_per_reply(blob_bytes: int, max_message_bytes: int) -> int:
     return max(1, min(MAX_IDS, (max_message_bytes - (1 << 20)) // (blob_bytes + 100)))
 
 
+def release_blob_bytes(release: Release) -> int:
+    """The size of one of `release`'s memory blobs, header included."""
+    return memory_size(release.memory_shape(), release.memory_codec(), release.manifest.conventions["ref_len"])
+
+
 def release_ids_per_reply(release: Release, max_message_bytes: int) -> int:
     """`ids_per_reply` for the memories of `release`: the bound its memory service and its clients share."""
-    blob = memory_size(release.memory_shape(), release.memory_codec(), release.manifest.conventions["ref_len"])
-    return ids_per_reply(blob, max_message_bytes)
+    return ids_per_reply(release_blob_bytes(release), max_message_bytes)
 
 
 def _listing(ids: Sequence[str]) -> str:

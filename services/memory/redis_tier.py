@@ -12,7 +12,12 @@ Layout and policy:
   `noeviction` a full Redis refuses writes; reads keep working and a warning is logged.
 - Redis is an optimisation, never a dependency: socket timeouts are short (0.2 s), redis-py's
   own retries are off, and after a failure the tier is marked down (logged once) and skipped,
-  with a retry after an exponential backoff. Callers then read through to the object store. A
+  with a retry after an exponential backoff. A timeout bounds a whole reply (and a whole send), so
+  reads and writes go in parts of at most PART_BYTES (from the memories' size, `value_bytes`): 64
+  memories of the paper's size in bf16 are 29 MB, which a healthy Redis behind a 1 Gb/s link
+  cannot deliver in 0.2 s, and it was marked down. At most `max_concurrency` calls reach Redis at
+  once (the others wait their turn): past redis-py's 100 connections the pool itself refused, and
+  a healthy Redis was marked down at the busiest moment. Callers then read through to the object store. A
   Redis that answers but refuses a read (an ACL without `memory3:*` keys, a read-only replica, a
   Cluster node behind a plain URL) is treated as down too; at start, `check_usable` turns these
   into a configuration error that says what to fix.
@@ -24,6 +29,7 @@ Layout and policy:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -41,6 +47,11 @@ KEY_PREFIX = "memory3:"
 # Keys per MGET: a batch of 1024 bf16 memories at the paper's shape is ~460 MB; in pieces (sent
 # in one pipelined round trip) no single reply monopolises Redis or the socket buffers.
 MGET_KEYS = 64
+# Bytes of values per MGET reply, and per pipeline of SETs: each must arrive (or go) within the socket
+# timeout, which at 20 MB/s it does.
+PART_BYTES = 4 << 20
+# Concurrent calls to Redis: below redis-py's pool of 100 connections.
+MAX_CONCURRENCY = 64
 # A cluster without a primary for a slot (ClusterDownError) is down, not full.
 _DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, ClusterError, RedisClusterException)
 
@@ -51,12 +62,18 @@ class RedisUnusable(ValueError):
 
 class RedisTier:
     def __init__(self, url: str, *, password: str | None = None, ttl_s: int = 86400, socket_timeout: float = 0.2,
-                 backoff_s: float = 0.5, max_backoff_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, value_bytes: int = 0,
+                 max_concurrency: int = MAX_CONCURRENCY, clock: Callable[[], float] = time.monotonic) -> None:
+        """`value_bytes`: the size of one memory's blob (0: unknown), which sizes the parts of a call."""
         if ttl_s < 0:
             raise ValueError(f"the Redis TTL must be >= 0 seconds (0 = no expiry), got {ttl_s}")
+        if value_bytes < 0 or max_concurrency < 1:
+            raise ValueError("value_bytes must be >= 0 and max_concurrency >= 1")
         self.target = parse_redis_url(url, password=password)  # password: as is, when the URL holds none
         self.where, self.ttl_s = self.target.redacted(), ttl_s
+        self.value_bytes = value_bytes
+        self.keys_per_part = max(1, min(MGET_KEYS, PART_BYTES // value_bytes)) if value_bytes else MGET_KEYS
+        self._slots = asyncio.Semaphore(max_concurrency)
         self.client = connect(self.target, socket_timeout=socket_timeout)
         self._backoff_s, self._max_backoff_s, self._clock = backoff_s, max_backoff_s, clock
         self.up = True
@@ -146,17 +163,20 @@ class RedisTier:
         if not self.should_try():
             return None
         names = [self.key(k) for k in keys]
-        try:
-            if self.target.mode == CLUSTER:
-                values = await self.client.mget_nonatomic(names)
-            else:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for start in range(0, len(names), MGET_KEYS):
-                        pipe.mget(names[start:start + MGET_KEYS])
-                    values = [value for part in await pipe.execute() for value in part]
-        except (*_DOWN_ERRORS, RedisError) as e:  # refused (NOPERM, CROSSSLOT): as unusable as down
-            self._down("get", e)
-            return None
+        async with self._slots:
+            if not self.should_try():  # marked down while this call waited its turn
+                return None
+            try:
+                if self.target.mode == CLUSTER:
+                    values = await self.client.mget_nonatomic(names)
+                else:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for start in range(0, len(names), self.keys_per_part):
+                            pipe.mget(names[start:start + self.keys_per_part])
+                        values = [value for part in await pipe.execute() for value in part]
+            except (*_DOWN_ERRORS, RedisError) as e:  # refused (NOPERM, CROSSSLOT): as unusable as down
+                self._down("get", e)
+                return None
         self._ok()
         return values
 
@@ -165,10 +185,14 @@ class RedisTier:
         if not items or not self.should_try():
             return False
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key, blob in items:
-                    pipe.set(self.key(key), blob, ex=self.ttl_s or None)
-                await pipe.execute()
+            async with self._slots:
+                for part in _parts(items):  # one pipeline each: a send must go within the socket timeout
+                    if not self.should_try():
+                        return False
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for key, blob in part:
+                            pipe.set(self.key(key), blob, ex=self.ttl_s or None)
+                        await pipe.execute()
         except _DOWN_ERRORS as e:
             self._down("set", e)
             return False
@@ -186,9 +210,23 @@ class RedisTier:
         if not keys or not self.should_try():
             return
         try:
-            await self.client.delete(*[self.key(k) for k in keys])
+            async with self._slots:
+                await self.client.delete(*[self.key(k) for k in keys])
         except (*_DOWN_ERRORS, RedisError) as e:  # READONLY on a replica: the value stays, S3 answers
             self._down("delete", e)
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _parts(items: Sequence[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
+    """`items` in runs of at most PART_BYTES of values (a larger value alone)."""
+    parts: list[list[tuple[str, bytes]]] = []
+    size = PART_BYTES
+    for item in items:
+        if size + len(item[1]) > PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += len(item[1])
+    return parts

@@ -28,7 +28,7 @@ from ..release.reader import Release
 from ..rpc.errors import Unavailable
 from ..rpc.server import Server, ServerOptions, serve_until_signal
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
-from .engine import MemoryStore
+from .engine import MemoryStore, release_blob_bytes
 from .ram_cache import RamCache
 from .redis_tier import RedisTier
 from .servicer import SERVICE, MemoryServicer
@@ -103,7 +103,8 @@ class MemoryServer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, s.open_max_retry_s)
         if s.redis_url:
-            store.redis = RedisTier(s.redis_url, password=s.redis_password, ttl_s=s.redis_ttl_s)
+            store.redis = RedisTier(s.redis_url, password=s.redis_password, ttl_s=s.redis_ttl_s,
+                                    value_bytes=release_blob_bytes(release))
             if await store.redis.ping():
                 await store.redis.check_usable()
                 await store.redis.check_policy()
