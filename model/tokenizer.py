@@ -73,3 +73,9 @@ class TextCodec:
     def body(self, text: str) -> list[int]:
         """A context body: the ordinary `<s>` separator, then the text."""
         return [self.bos_id, *self.encode(text)]
+
+    def bodies(self, texts: Sequence[str]) -> list[list[int]]:
+        """`body` of each text, in one call that lets other Python threads run meanwhile (`encode`
+        holds the GIL throughout: a long prompt tokenized in a worker thread still stalled the
+        event loop that streams every other request's tokens)."""
+        return [[self.bos_id, *e.ids] for e in self.text_tokenizer.encode_batch(list(texts), add_special_tokens=False)]

@@ -109,6 +109,7 @@ class GenerationRequest:
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() deadline
     client_id: str = ""  # who asked, for the per-client stream limit ("": not counted)
+    arrival: float | None = None  # time.monotonic() the request came in (None: when the engine gets it)
 
 
 @dataclass(frozen=True)
@@ -714,7 +715,7 @@ class GenerationEngine:
             self.per_client[client] = self.per_client.get(client, 0) + 1
         self._idle.clear()
         self._update_waiting()
-        arrival = time.monotonic()
+        arrival = request.arrival if request.arrival is not None else time.monotonic()
         out: asyncio.Queue = asyncio.Queue()
         stream: _Stream | None = None
         try:

@@ -169,7 +169,7 @@ class Memory3Model(kserve.Model):
         prompt = _prompt(payload)
         params = _parameters(payload.parameters)
         stop = params.pop("stop", None)
-        request = build_request(engine, prompt=prompt, stop=(stop,) if stop is not None else (),
+        request = await build_request(engine, prompt=prompt, stop=(stop,) if stop is not None else (),
                                 request_id=payload.id or "", client_id=client, **params)
         whole = await engine.complete(request)
         values = {"text": lambda: whole.text,

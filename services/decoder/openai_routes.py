@@ -58,8 +58,8 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         try:
             body = _json_object(await request.body())
             engine = current()
-            generation, stream = parse_completion(body, engine, model_name,
-                                                  client=client_id(request.headers, _host(request)))
+            generation, stream = await parse_completion(body, engine, model_name,
+                                                        client=client_id(request.headers, _host(request)))
             if stream:
                 return await _stream(engine, generation, model_name)
             return JSONResponse(await _complete(engine, generation, model_name))
@@ -101,7 +101,7 @@ def _json_object(raw: bytes) -> dict:
     return body
 
 
-def parse_completion(body: dict, engine: GenerationEngine, model_name: str,
+async def parse_completion(body: dict, engine: GenerationEngine, model_name: str,
                      client: str = "") -> tuple[GenerationRequest, bool]:
     """An OpenAI completion request as a validated engine request, and whether to stream it;
     `client` is who asks, for the per-client stream limit (http_clients.client_id)."""
@@ -125,7 +125,7 @@ def parse_completion(body: dict, engine: GenerationEngine, model_name: str,
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise InvalidInput("stop must be a string or a list of strings")
     stream = _typed(body, "stream", bool, False)
-    request = build_request(
+    request = await build_request(
         engine, prompt=prompt, prompt_token_ids=token_ids,
         temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
         top_k=_typed(body, "top_k", int, 0), max_tokens=_typed(body, "max_tokens", int, 0),

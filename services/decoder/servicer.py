@@ -36,13 +36,13 @@ class GenerationServicer:
         """`current` returns the running engine or raises Unavailable (starting, draining)."""
         self.current = current
 
-    def to_request(self, engine: GenerationEngine, message, context) -> GenerationRequest:
+    async def to_request(self, engine: GenerationEngine, message, context) -> GenerationRequest:
         p = message.params
         if p.retrieval not in pb.RetrievalMode.values():
             names = ", ".join(pb.RetrievalMode.keys())
             raise InvalidInput(f"params.retrieval: {p.retrieval} is not a RetrievalMode; send one of {names}")
         remaining = context.time_remaining()
-        return build_request(
+        return await build_request(
             engine, prompt=message.prompt, prompt_token_ids=list(message.prompt_token_ids), release=message.release,
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, max_tokens=p.max_tokens, stop=tuple(p.stop),
             seed=p.seed if p.HasField("seed") else None, use_memory=p.retrieval != pb.RETRIEVAL_MODE_NONE,
@@ -53,7 +53,7 @@ class GenerationServicer:
     @rpc_errors
     async def Generate(self, message: pb.GenerateRequest, context):
         engine = self.current()
-        request = self.to_request(engine, message, context)
+        request = await self.to_request(engine, message, context)
         started = time.monotonic()
         log.info("generate start", extra={"request_id": request.request_id})
         async for event in engine.generate(request):
@@ -63,7 +63,7 @@ class GenerationServicer:
     @rpc_errors
     async def Complete(self, message: pb.CompleteRequest, context):
         engine = self.current()
-        request = self.to_request(engine, message, context)
+        request = await self.to_request(engine, message, context)
         out = pb.CompleteResponse(request_id=request.request_id)
         async for event in engine.generate(request):
             out.text += event.text

@@ -8,7 +8,9 @@ What only the engine can judge (prompt length in tokens, context room) stays in
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Sequence
 
 from memory3.model.generate import SamplingParams
@@ -22,12 +24,17 @@ MAX_REQUEST_ID_CHARS = 128
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_ids: Sequence[int] = (),
+async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_ids: Sequence[int] = (),
                   release: str = "", temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
                   max_tokens: int = 0, stop: Sequence[str] = (), seed: int | None = None, use_memory: bool = True,
                   include_reference_text: bool = False, ignore_eos: bool = False, request_id: str = "",
                   deadline: float | None = None, client_id: str = "") -> GenerationRequest:
-    """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it."""
+    """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it.
+
+    The prompt is tokenized in a worker thread, without the GIL: tens of milliseconds for a long one,
+    during which the event loop goes on streaming the other requests' tokens. The request's arrival
+    is now, before that: time to first token counts tokenizing, as vLLM's does."""
+    arrival = time.monotonic()
     if release and release != engine.release:
         raise NotFound(f"release {shown(release)} is not served here (this decoder serves "
                        f"{engine.release!r}); leave release empty or send it to the right deployment")
@@ -38,7 +45,7 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
     for name, text in [("prompt", prompt), *(("stop", s) for s in stop)]:
         _check_unicode(name, text)
     if prompt:
-        body = engine.codec.body(prompt)
+        (body,) = await asyncio.to_thread(engine.codec.bodies, [prompt])
     else:
         body = [engine.codec.bos_id, *prompt_token_ids]
     if not math.isfinite(temperature) or temperature < 0:
@@ -71,6 +78,7 @@ def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_id
         request_id=request_id or new_request_id(),
         deadline=deadline,
         client_id=client_id,
+        arrival=arrival,
     )
 
 

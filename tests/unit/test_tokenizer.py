@@ -23,3 +23,9 @@ def test_the_reference_prefix_holds_its_control_token():
     assert prefix == [codec.bos_id, *codec.encode(config.reference_prefix.removeprefix(BOS))]
     assert codec.encode("plain words, as before.") == byte_level_tokenizer().encode(
         "plain words, as before.", add_special_tokens=False).ids
+
+
+def test_bodies_are_the_bodies_of_each_text():
+    codec = TextCodec(byte_level_tokenizer())
+    texts = ["plain text", f"a {EOS} and a {BOS}Reference: in it", "", "\U0001f600 caf\u00e9"]
+    assert codec.bodies(texts) == [codec.body(text) for text in texts]

@@ -8,10 +8,14 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from memory3.services.decoder import validation
 from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
 from memory3.services.decoder.retrieval import RetrievedReference
-from memory3.services.decoder.validation import build_request
 from memory3.services.rpc.errors import InvalidInput, NotFound, ResourceExhausted, ServiceError, status_for
+
+
+def build_request(engine, **fields):
+    return asyncio.run(validation.build_request(engine, **fields))
 
 
 def body(text_codec, n=20):
@@ -152,3 +156,39 @@ def test_a_retrieval_bug_fails_its_stream_instead_of_hanging(tiny_model, text_co
             await engine.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_long_prompt_is_tokenized_without_stalling_the_event_loop(fake_engine):
+    """Tokenizing ran on the event loop that streams every request's tokens: a prompt of 64 Ki emoji
+    (about 262 K byte-level tokens) held the other streams for a fifth of a second. It runs in a worker
+    thread, without the GIL; and the request's arrival is taken before, so time to first token counts it."""
+    import time
+
+    prompt = "\U0001f600" * fake_engine.config.max_prompt_chars
+    start = time.perf_counter()
+    fake_engine.codec.body(prompt)
+    alone = time.perf_counter() - start
+
+    async def main():
+        gaps = []
+
+        async def tick():
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.ensure_future(tick())
+        await asyncio.sleep(0.01)
+        before = time.monotonic()
+        request = await validation.build_request(fake_engine, prompt=prompt)
+        await asyncio.sleep(0.01)  # the ticker sees a stall once it runs again
+        ticker.cancel()
+        return max(gaps), before, request
+
+    longest, before, request = asyncio.run(main())
+    assert longest < alone / 2, (longest, alone)
+    assert len(request.prompt_ids) == 4 * len(prompt) + 1
+    assert before <= request.arrival <= time.monotonic()
