@@ -23,7 +23,7 @@ from memory3.model.memory_format import MemoryFormatError, decode_memory
 from ..memory.client import MemoryClient
 from ..memory.ram_cache import RamCache
 from ..rpc import metrics
-from ..rpc.errors import DataLoss, DeadlineExceeded, Unavailable, error_from_rpc
+from ..rpc.errors import DataLoss, ServiceError, Unavailable, error_from_rpc
 from ..text.client import ShardedTextClient, ShardMismatch, TextClient
 from .retrieval import RetrievedReference
 
@@ -105,8 +105,12 @@ class RemoteRetrieval:
         if missing:
             try:
                 blobs = await self.memory.get(missing)
-            except (Unavailable, DeadlineExceeded) as e:
-                raise Unavailable(f"memory service: {e}") from e
+            except ServiceError as e:
+                # As for the text service: an outage (a pod stopped mid-call answers CANCELLED) or an
+                # overload is for the retrieval policy to judge, never the client's own CANCELLED.
+                if e.code in _OUTAGE and "larger than max" not in str(e):
+                    raise Unavailable(f"memory service: {e}") from e
+                raise
             decoded = await asyncio.to_thread(self._decode, missing, blobs)
             for rid, memory in zip(missing, decoded, strict=True):
                 found[rid] = memory

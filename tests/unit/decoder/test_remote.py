@@ -198,3 +198,41 @@ def test_a_message_over_the_channels_limit_is_no_outage():
     remote = RemoteRetrieval(text, None, CODEC, SHAPE, release="r")
     with pytest.raises(ResourceExhausted, match="larger than max"):
         asyncio.run(remote.retrieve([[1, 2]], 5, False))
+
+
+class RefusingMemoryService:
+    """Answers every fetch with one gRPC status, as MemoryClient raises it."""
+
+    def __init__(self, code, details: str) -> None:
+        self.code, self.details = code, details
+
+    async def get(self, ids):
+        import grpc
+
+        from memory3.services.rpc.errors import error_from_rpc
+
+        raise error_from_rpc(grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                                  details=self.details))
+
+
+@pytest.mark.parametrize(("code", "details", "outage"), [
+    ("CANCELLED", "the server stopped while answering", True),  # a memory pod stopped past its grace
+    ("RESOURCE_EXHAUSTED", "too busy", True),
+    ("UNAVAILABLE", "connection refused", True),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", True),
+    ("RESOURCE_EXHAUSTED", "Received message larger than max (70000000 vs. 67108864)", False),
+    ("NOT_FOUND", "3 ids are not in release 'r'", False),
+])
+def test_a_memory_service_outage_is_for_the_retrieval_policy_as_the_text_services_is(code, details, outage):
+    """The memory path took only UNAVAILABLE and DEADLINE_EXCEEDED for an outage: a CANCELLED reached the
+    client as if it had cancelled, under `--retrieval-policy continue` too."""
+    import grpc
+
+    from memory3.services.rpc.errors import ServiceError
+
+    remote = RemoteRetrieval(None, RefusingMemoryService(getattr(grpc.StatusCode, code), details), CODEC, SHAPE,
+                             cache=None)
+    with pytest.raises(ServiceError) as failed:
+        asyncio.run(remote.fetch(["a"]))
+    assert isinstance(failed.value, Unavailable) == outage
+    assert details in str(failed.value)
