@@ -49,6 +49,7 @@ log = logging.getLogger("memory3.decoder")
 
 INPUT = "text"
 OUTPUTS = ("text", "citations")
+LIVE_PATH = "/memory3/live"  # liveness of the engine (`add_liveness_route`)
 PARAMETERS: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,),
     "stop": (str,), "use_memory": (bool,), "include_reference_text": (bool,)}
@@ -101,6 +102,10 @@ class Memory3Model(kserve.Model):
 
     async def _follow_readiness(self, up: bool) -> None:
         self._dependencies_up = up
+
+    def dead(self) -> str | None:
+        """Why the engine can serve nothing until the process restarts, or None (`GenerationEngine.dead`)."""
+        return self._built.engine.dead() if self._built is not None else None
 
     async def healthy(self) -> bool:
         """Ready to serve: the engine runs and its model passes do not keep failing, the dependencies
@@ -319,6 +324,20 @@ class ModelsReadyDataPlane(DataPlane):
         return bool(models)
 
 
+def add_liveness_route(app, model: Memory3Model) -> None:
+    """`GET LIVE_PATH`: 200 while the engine can serve, 503 (and why) once it cannot until the process
+    restarts (a device fault, a stuck model pass), for a liveness probe. KServe's `/v2/health/live`
+    answers 200 for as long as the process runs, so a predictor whose GPU failed stayed up for good."""
+
+    async def live() -> JSONResponse:
+        reason = model.dead()
+        if reason is None:
+            return JSONResponse({"live": True})
+        return JSONResponse({"live": False, "reason": reason}, status_code=503)
+
+    app.add_api_route(LIVE_PATH, live, methods=["GET"])
+
+
 def generation_path(path: str) -> bool:
     """A route that generates: v2 inference (`/v2/models/NAME[/versions/V]/infer`) or a completion."""
     return path in COMPLETIONS_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
@@ -339,6 +358,7 @@ def serve_kserve(settings: DecoderSettings, *, model_name: str, http_port: int, 
     model = Memory3Model(model_name, settings)
     model.load()
     add_completion_routes(kserve_app, model.current, model_name)
+    add_liveness_route(kserve_app, model)
     kserve_app.add_middleware(WatchClients, watched=generation_path, cut_reply=cut_reply)
     kserve_app.add_exception_handler(ServiceError, rest_error_handler)
     kserve_app.add_exception_handler(RequestValidationError, v2_validation_error_handler)

@@ -459,6 +459,7 @@ def test_readiness_follows_the_text_and_memory_services(tmp_path, random_release
         server.wait_for(lambda: server.readiness() == (200, 200), "ready once both answered", timeout=15)
         text.serving(False)
         server.wait_for(lambda: server.readiness() == (503, 503), "unready with the text service down", timeout=15)
+        assert server.status("/memory3/live") == 200  # a dependency down is no reason to restart the decoder
         status, _, body = server.post(f"/v2/models/{MODEL}/infer", {
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}]})
         assert status == 503 and "error" in body, body
