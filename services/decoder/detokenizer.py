@@ -27,9 +27,24 @@ class IncrementalDetokenizer:
         self._ids.extend(ids)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset :])
-        if full_text.endswith("\ufffd") and not final and len(self._ids) - self._read_offset < _MAX_HELD:
-            return ""
+        end = len(self._ids)
+        if full_text.endswith("\ufffd") and not final:
+            held = end - self._read_offset
+            if held < _MAX_HELD:
+                return ""
+            end = self._start_of_partial_character(full_text, held)
+            full_text = self._decode(self._ids[self._prefix_offset : end])
         delta = full_text[len(prefix_text) :]
-        self._read_offset = len(self._ids)
+        self._read_offset = end
         self._prefix_offset = max(0, self._read_offset - _WINDOW)
         return delta
+
+    def _start_of_partial_character(self, full_text: str, held: int) -> int:
+        """Where the held tokens go out up to, when they must (they hold invalid bytes): all of them,
+        but for the last few when those alone make the final U+FFFD, the start of a character that
+        the next tokens may complete (sent as U+FFFD with the invalid bytes, it was lost)."""
+        for keep in range(1, held):
+            end = len(self._ids) - keep
+            if self._decode(self._ids[self._prefix_offset : end]) == full_text[:-1]:
+                return end
+        return len(self._ids)

@@ -503,9 +503,7 @@ class Scheduler:
 
     def _finish(self, stream: _Stream, reason: str) -> None:
         self._release(stream)  # before the consumer hears of it: its slot is free by then
-        metrics.REQUEST_SUCCESS.labels(finished_reason=reason).inc()
-        metrics.E2E_REQUEST_LATENCY.observe(time.monotonic() - stream.arrival)
-        self._emit(stream, _Finished(reason))
+        self._emit(stream, _Finished(reason))  # counted by its consumer (`GenerationEngine.generate`)
 
     def _finish_error(self, stream: _Stream, error: ServiceError) -> None:
         self._release(stream)
@@ -685,13 +683,20 @@ class GenerationEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Events for one request; closing the iterator early cancels it and frees its slot at once.
 
-        Every error the request ends with is counted here (`memory3_request_failure_total`), those
-        raised before it reaches the scheduler too: a retrieval outage under the fail policy, a
-        corrupt memory in the prompt's fetch, a refusal at capacity. Counted in the scheduler alone,
-        a text service down failed every request and the error-ratio alert saw none."""
+        How every request ends is counted here, as its client sees it: errors
+        (`memory3_request_failure_total`), those raised before it reaches the scheduler too (a
+        retrieval outage under the fail policy, a corrupt memory in the prompt's fetch, a refusal at
+        capacity), and finish reasons (a stop string completed by the last token the scheduler
+        counted as `length` is `stop`). Counted in the scheduler, a text service down failed every
+        request and the error-ratio alert saw none."""
+        if request.arrival is None:
+            request = dataclasses.replace(request, arrival=time.monotonic())
         try:
             async with contextlib.aclosing(self._generate(request)) as events:
                 async for event in events:
+                    if event.finish_reason is not None:
+                        metrics.REQUEST_SUCCESS.labels(finished_reason=event.finish_reason).inc()
+                        metrics.E2E_REQUEST_LATENCY.observe(time.monotonic() - request.arrival)
                     yield event
         except ServiceError as e:
             metrics.REQUEST_FAILURE.labels(code=e.code.name).inc()
@@ -715,7 +720,6 @@ class GenerationEngine:
             self.per_client[client] = self.per_client.get(client, 0) + 1
         self._idle.clear()
         self._update_waiting()
-        arrival = request.arrival if request.arrival is not None else time.monotonic()
         out: asyncio.Queue = asyncio.Queue()
         stream: _Stream | None = None
         try:
@@ -731,7 +735,7 @@ class GenerationEngine:
                     request, ahead * self.scheduler.turnover_s if ahead > 0 else 0.0)
                 if failure is not None:
                     warnings.append(failure)
-            stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, arrival,
+            stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, request.arrival,
                              self.scheduler.device)
             self.scheduler.post(("admit", stream, None))
             async for event in self._relay(stream, out, citations, warnings, sum(len(g) for g in groups)):

@@ -16,3 +16,13 @@ def test_invalid_bytes_are_not_held_forever(text_codec):
     detok = IncrementalDetokenizer(text_codec.decode)
     deltas = [detok.add([stray]) for _ in range(12)]
     assert sum(len(d) for d in deltas) >= 8  # emitted as replacement characters, not buffered to the end
+
+
+def test_a_character_that_begins_in_the_last_token_of_invalid_bytes_is_kept(text_codec):
+    """Forced out after 4 held tokens, the invalid bytes became U+FFFD, and so did the lead byte of a valid
+    character that ended them: the next tokens completed it, but its text was never sent."""
+    emoji = text_codec.encode("\U0001f600")  # 4 byte-level tokens
+    ids = [*text_codec.encode("ok "), *emoji[:3], *emoji, *text_codec.encode(" end")]
+    detok = IncrementalDetokenizer(text_codec.decode)
+    streamed = "".join(detok.add([i]) for i in ids) + detok.add([], final=True)
+    assert streamed == text_codec.decode(ids) == "ok \ufffd\U0001f600 end"

@@ -657,3 +657,21 @@ def test_every_failed_request_is_counted_once_by_its_code(tiny_model, text_codec
 
     run(main())
     assert {code: failures(code) - before[code] for code in codes} == dict.fromkeys(codes, 1)
+
+
+def test_a_stop_string_the_last_token_completes_is_counted_as_the_client_is_told(tiny_model, text_codec,
+                                                                                  monkeypatch):
+    """The scheduler counted `length` (its last allowed token), while the client was told `stop`."""
+    script = text_codec.encode("abc")
+    monkeypatch.setattr(engine_module.Scheduler, "_sample",
+                        lambda self, streams, logits: [script[len(s.tokens)] for s in streams])
+
+    def successes(reason):
+        return metrics.REQUEST_SUCCESS.labels(finished_reason=reason)._value.get()
+
+    before = successes("stop"), successes("length")
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2))
+    tokens, text, events = collect_alone(engine, GenerationRequest(prompts(1, text_codec)[0], 3, stop=("c",),
+                                                                    use_memory=False))
+    assert text == "ab" and events[-1].finish_reason == "stop"
+    assert (successes("stop") - before[0], successes("length") - before[1]) == (1, 0)
