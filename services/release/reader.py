@@ -22,7 +22,7 @@ from memory3.model.tokenizer import TextCodec
 from ..retrieval.index import IndexShard, VectorIndex
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
 from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key
-from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
+from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, POSITION_SCHEME, REFERENCES_FILE
 
 T = TypeVar("T")
 log = logging.getLogger("memory3.release")
@@ -245,6 +245,11 @@ class Release:
         mine = {"memory_layers": list(c.memory_layers), "mem_tokens_per_head": c.mem_tokens_per_head,
                 "chunk_len": c.chunk_len, "mems_per_chunk": c.mems_per_chunk, "ref_len": c.ref_len,
                 "reference_prefix": c.reference_prefix}
+        # Recorded by every publication, and checked where a release has them: memories laid out by
+        # another position scheme, scored another way, or behind other prefix tokens decode wrong.
+        recorded = {"position_scheme": POSITION_SCHEME, "score_reduction": c.score_reduction,
+                    "reference_prefix_tokens": self.text_codec().reference_prefix(c)}
+        mine.update({k: v for k, v in recorded.items() if k in conv})
         wrong = {k: (v, conv.get(k)) for k, v in mine.items() if conv.get(k) != v}
         if wrong:
             raise ReleaseError(f"release {self.name!r}: model config disagrees with the manifest's conventions {wrong}")
