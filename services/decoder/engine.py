@@ -349,7 +349,8 @@ class Scheduler:
         for stream in [*self.ready, *(s for s in self.rows if s is not None)]:
             deadline = stream.request.deadline
             if deadline is not None and now > deadline and not stream.done:
-                self._finish_error(stream, DeadlineExceeded("the request's deadline passed while generating"))
+                where = "while generating" if stream.row >= 0 else "while it waited for a batch row"
+                self._finish_error(stream, DeadlineExceeded(f"the request's deadline passed {where}"))
 
     def _admit(self) -> bool:
         """Give waiting streams free rows and prefill them; True if any joined."""

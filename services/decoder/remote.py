@@ -76,7 +76,11 @@ class RemoteRetrieval:
         if self.release and self.text.release and self.text.release != self.release:
             raise Unavailable(f"the text service serves release {self.text.release!r}, this decoder {self.release!r}: "
                               f"point --text-address at a text service of {self.release!r}")
-        return [[RetrievedReference(rid, score, text) for rid, score, text in found] for found in hits]
+        if len(hits) != len(queries):  # an answer of another shape failed the model's step, and its whole batch
+            raise Unavailable(f"the text service answered {len(hits)} results for {len(queries)} queries: "
+                              "a text service of another version?")
+        return [[RetrievedReference(rid, score, text) for rid, score, text in found[:top_k or None]]
+                for found in hits]
 
     def cached(self, ids: Sequence[str]) -> list[ExplicitMemory] | None:
         """The memories of `ids` when the decoder's RAM tier holds every one, else None (nothing counted)."""

@@ -675,3 +675,26 @@ def test_a_stop_string_the_last_token_completes_is_counted_as_the_client_is_told
                                                                     use_memory=False))
     assert text == "ab" and events[-1].finish_reason == "stop"
     assert (successes("stop") - before[0], successes("length") - before[1]) == (1, 0)
+
+
+def test_a_deadline_that_passes_in_the_queue_says_so(tiny_model, text_codec):
+    """A request whose deadline passed while it waited for a row was told it passed "while generating"."""
+    from memory3.services.rpc.errors import DeadlineExceeded
+
+    body = prompts(1, text_codec)[0]
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=1))
+        await engine.start()
+        try:
+            busy = engine.generate(GenerationRequest(body, 400, use_memory=False))
+            await busy.__anext__()  # holds the only row
+            late = GenerationRequest(body, 4, use_memory=False, deadline=time.monotonic() + 0.2)
+            with pytest.raises(DeadlineExceeded) as expired:
+                await collect(engine, late)
+            await busy.aclose()
+            return str(expired.value)
+        finally:
+            await engine.close()
+
+    assert run(main()) == "the request's deadline passed while it waited for a batch row"

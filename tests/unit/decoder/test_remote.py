@@ -236,3 +236,24 @@ def test_a_memory_service_outage_is_for_the_retrieval_policy_as_the_text_service
         asyncio.run(remote.fetch(["a"]))
     assert isinstance(failed.value, Unavailable) == outage
     assert details in str(failed.value)
+
+
+class MisshapenTextService:
+    """Answers with `results` lists of `per_query` references, whatever it was asked."""
+
+    release = "r"
+
+    def __init__(self, results: int, per_query: int) -> None:
+        self.results, self.per_query = results, per_query
+
+    async def retrieve(self, queries, top_k, include_text):
+        return [[(f"ref{i}", 1.0, "") for i in range(self.per_query)] for _ in range(self.results)]
+
+
+def test_a_text_answer_of_another_shape_is_refused_or_trimmed():
+    """One result list short, or more references than asked, failed the model's step and its whole batch."""
+    short = RemoteRetrieval(MisshapenTextService(1, 5), None, CODEC, SHAPE, release="r")
+    with pytest.raises(Unavailable, match="answered 1 results for 2 queries"):
+        asyncio.run(short.retrieve([[1, 2], [3, 4]], 5, False))
+    long = RemoteRetrieval(MisshapenTextService(2, 9), None, CODEC, SHAPE, release="r")
+    assert [len(found) for found in asyncio.run(long.retrieve([[1, 2], [3, 4]], 5, False))] == [5, 5]
