@@ -578,6 +578,12 @@ def add_s3_arguments(parser: argparse.ArgumentParser, *, local_stack: bool = Fal
         group.add_argument("--home", type=Path, default=DEFAULT_HOME, help="the local stack's state (`memory3 up`)")
     group.add_argument("--s3-bucket", default=None, help="bucket (env MEMORY3_S3_BUCKET, default memory3)")
     group.add_argument("--s3-secure", action="store_true", help="use HTTPS")
+    group.add_argument("--s3-region", default=None,
+                       help="the bucket's region, which requests are signed for (env MEMORY3_S3_REGION, default "
+                            "us-east-1; AWS refuses another region's signature)")
+    group.add_argument("--s3-ca-bundle", type=Path, default=None, metavar="PEM",
+                       help="CA certificates to trust for the S3 server's HTTPS certificate, in place of the "
+                            "system's (a private CA; env MEMORY3_S3_CA_BUNDLE; needs --s3-secure)")
     group.add_argument("--cache-dir", type=Path, default=None,
                        help="local copies of releases (default: " + ("HOME/releases, HOME as --home)" if local_stack
                                                                     else f"{DEFAULT_HOME / 'releases'})"))
@@ -607,8 +613,17 @@ def s3_config(args: argparse.Namespace, *, local_stack: bool = False):
     access = os.environ.get("MEMORY3_S3_ACCESS_KEY")
     if not access:
         raise ValueError("set MEMORY3_S3_ACCESS_KEY and MEMORY3_S3_SECRET_KEY for the object store")
+    region = args.s3_region or os.environ.get("MEMORY3_S3_REGION") or "us-east-1"
+    ca_bundle = args.s3_ca_bundle or (Path(os.environ["MEMORY3_S3_CA_BUNDLE"])
+                                      if os.environ.get("MEMORY3_S3_CA_BUNDLE") else None)
+    if ca_bundle is not None:
+        if not args.s3_secure:
+            raise ValueError("--s3-ca-bundle (MEMORY3_S3_CA_BUNDLE) is for HTTPS: add --s3-secure")
+        if not ca_bundle.is_file():
+            raise ValueError(f"--s3-ca-bundle {ca_bundle}: no such file; give the PEM file of the CA certificates "
+                             "to trust")
     return S3Config(endpoint=endpoint, access_key=access, secret_key=os.environ.get("MEMORY3_S3_SECRET_KEY", ""),
-                    bucket=bucket or "memory3", secure=args.s3_secure)
+                    bucket=bucket or "memory3", secure=args.s3_secure, region=region, ca_bundle=ca_bundle)
 
 
 def _local_stack_store(home: Path):

@@ -108,7 +108,9 @@ def _wait_listening(process: subprocess.Popen, port: int, timeout_s: float) -> N
 
 def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "memory3",
                    access_key: str = "memory3", secret_key: str | None = None, log_file: Path | None = None,
-                   ready_timeout: float = 20.0) -> LocalS3:
+                   ready_timeout: float = 20.0, tls: tuple[Path, Path] | None = None) -> LocalS3:
+    """`tls`: (certificate, key) PEM files to serve HTTPS with, for a certificate naming localhost
+    (the endpoint is then localhost:PORT)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     secret_key = secret_key or secrets.token_hex(16)
@@ -117,7 +119,8 @@ def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "me
     # the command line, any user of the machine could read it (`ps`).
     auth_key = '"' + f"{access_key},{secret_key}".replace('"', '""') + '"'
     process = subprocess.Popen(
-        [rclone_binary(), "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}", "--config", "/dev/null"],
+        [rclone_binary(), "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}", "--config", "/dev/null",
+         *(["--cert", str(tls[0]), "--key", str(tls[1])] if tls else [])],
         stdout=log, stderr=log, start_new_session=True, env={**os.environ, "RCLONE_AUTH_KEY": auth_key},
     )
     try:
@@ -126,5 +129,6 @@ def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "me
         process.kill()
         process.wait()
         raise
-    config = S3Config(endpoint=f"127.0.0.1:{port}", access_key=access_key, secret_key=secret_key, bucket=bucket)
+    config = S3Config(endpoint=f"{'localhost' if tls else '127.0.0.1'}:{port}", access_key=access_key,
+                      secret_key=secret_key, bucket=bucket, secure=tls is not None)
     return LocalS3(process, config, data_dir)

@@ -12,6 +12,7 @@ import hashlib
 import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import urllib3
@@ -40,8 +41,9 @@ class S3Config:
     secret_key: str = ""
     bucket: str = "memory3"
     secure: bool = False
-    region: str = "us-east-1"
+    region: str = "us-east-1"  # the bucket's region: AWS signs every request for it
     timeout_s: float = 10.0
+    ca_bundle: Path | None = None  # PEM CA certificates trusted for HTTPS, in place of the system's
 
     def __repr__(self) -> str:  # credentials never reach logs
         return f"S3Config(endpoint={self.endpoint!r}, bucket={self.bucket!r}, secure={self.secure})"
@@ -54,10 +56,11 @@ class ObjectStore:
 
     def __init__(self, config: S3Config, *, read_retries: int = 2, connections: int = 16) -> None:
         self.config = config
+        trust = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(config.ca_bundle)} if config.ca_bundle else {}
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=min(3.0, config.timeout_s), read=config.timeout_s),
             retries=Retry(total=2, read=read_retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
-            maxsize=connections,
+            maxsize=connections, **trust,
         )
         self.client = Minio(config.endpoint, access_key=config.access_key, secret_key=config.secret_key,
                             secure=config.secure, region=config.region, http_client=http)

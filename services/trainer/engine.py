@@ -195,6 +195,14 @@ class Job:
         return job
 
 
+def s3_arguments(s3: S3Config) -> list[str]:
+    """The command-line arguments that give a child process this object store (its credentials go in
+    the environment): all of it, or a service on HTTPS ran its jobs over plain HTTP."""
+    return ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket, "--s3-region", s3.region,
+            *(["--s3-secure"] if s3.secure else []),
+            *(["--s3-ca-bundle", str(s3.ca_bundle)] if s3.ca_bundle is not None else [])]
+
+
 class TrainingJobManager:
     def __init__(self, s3: S3Config, work_root: Path, *, max_queued: int = 16, python: str = sys.executable,
                  kill_after_s: float = 30.0) -> None:
@@ -469,7 +477,7 @@ class TrainingJobManager:
 
     def _command(self, job: Job) -> list[str]:
         spec = job.spec
-        store = ["--s3-endpoint", self.s3.endpoint, "--s3-bucket", self.s3.bucket]
+        store = s3_arguments(self.s3)
         if isinstance(spec, KnowledgeJobSpec):
             cli = [self.python, "-m", "memory3.services.cli.main", "kb"]
             where = ["--release", spec.parent, "--name", spec.release, *store,

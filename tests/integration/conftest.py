@@ -1,7 +1,13 @@
 import dataclasses
+import datetime
 import uuid
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from release_fixtures import RandomRelease, build_random_release
 
 from memory3.services.storage.local_redis import LocalRedis, start_local_redis
@@ -82,3 +88,37 @@ def document(tmp_path):
     path = tmp_path / "added.txt"
     path.write_text("Orla Venn tunes bells in the tower of Carrow Ness every spring.\n")
     return path
+
+
+def _cert(name: str, issuer_key, issuer_name, key, *, ca: bool, san: str | None = None) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A CA, a server certificate for localhost, a client certificate; all PEM files."""
+    root = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "memory3 test CA")])
+    ca = _cert("memory3 test CA", ca_key, ca_name, ca_key, ca=True)
+    files = {"ca": ca}
+    for who in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        files[who] = _cert(who, ca_key, ca_name, key, ca=False, san="localhost" if who == "server" else None)
+        (root / f"{who}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+    paths = {}
+    for who, cert in files.items():
+        (root / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[who] = root / f"{who}.pem"
+    paths["server_key"], paths["client_key"] = root / "server.key", root / "client.key"
+    return paths

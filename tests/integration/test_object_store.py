@@ -31,3 +31,19 @@ def test_bulk_removal_from_an_unreachable_store_says_so(local_s3):
         dead.remove_keys(dead.iter_keys("memories/"))
     with pytest.raises(StoreUnavailable, match="cannot reach"):
         dead.remove_keys(["a"])
+
+
+def test_an_https_store_signed_by_a_private_ca_is_trusted_with_its_bundle(tmp_path, pki):
+    """An on-premises store behind an internal CA could not be used: only the system's CAs were trusted."""
+    from memory3.services.storage.local_s3 import start_local_s3
+
+    server = start_local_s3(tmp_path / "s3", tls=(pki["server"], pki["server_key"]))
+    try:
+        trusted = ObjectStore(dataclasses.replace(server.config, ca_bundle=pki["ca"]))
+        trusted.ensure_bucket()
+        trusted.put_bytes("probe", b"over https")
+        assert trusted.get_bytes("probe") == b"over https"
+        with pytest.raises(StoreUnavailable, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            ObjectStore(server.config, read_retries=0).get_bytes("probe")
+    finally:
+        server.stop()

@@ -1,15 +1,9 @@
 """TLS, mutual TLS and token auth on real services (MemoryService, TrainerService), with certificates made here."""
 
 import asyncio
-import datetime
-from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
@@ -20,40 +14,6 @@ from memory3.services.rpc.server import LIVENESS_SERVICE, ServerOptions, client_
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cr3t-token"
-
-
-def _cert(name: str, issuer_key, issuer_name, key, *, ca: bool, san: str | None = None) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    """A CA, a server certificate for localhost, a client certificate; all PEM files."""
-    root = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "memory3 test CA")])
-    ca = _cert("memory3 test CA", ca_key, ca_name, ca_key, ca=True)
-    files = {"ca": ca}
-    for who in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        files[who] = _cert(who, ca_key, ca_name, key, ca=False, san="localhost" if who == "server" else None)
-        (root / f"{who}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                            serialization.PrivateFormat.PKCS8,
-                                                            serialization.NoEncryption()))
-    paths = {}
-    for who, cert in files.items():
-        (root / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        paths[who] = root / f"{who}.pem"
-    paths["server_key"], paths["client_key"] = root / "server.key", root / "client.key"
-    return paths
 
 
 def run(coro):

@@ -123,3 +123,39 @@ def test_up_on_a_decoder_port_another_server_listens_on_starts_nothing(grpc_port
     with pytest.raises(RuntimeError, match=f"--decoder-port {grpc_port}: another server listens on 127.0.0.1:"):
         start_stack(options)
     assert not state_path(tmp_path / "home").exists()
+
+
+def test_a_service_gives_its_jobs_the_whole_object_store(tmp_path, monkeypatch):
+    """The trainer passed its jobs the endpoint and bucket alone: a service on HTTPS (or in another region,
+    or behind a private CA) ran its jobs against plain HTTP and us-east-1."""
+    from memory3.services.cli.main import s3_config
+    from memory3.services.trainer.engine import s3_arguments
+
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")
+    for name in ("ENDPOINT", "BUCKET", "REGION", "CA_BUNDLE"):
+        monkeypatch.delenv(f"MEMORY3_S3_{name}", raising=False)
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    store = S3Config(endpoint="s3.example.com:443", access_key="k", secret_key="s", bucket="b", secure=True,
+                     region="eu-west-3", ca_bundle=bundle)
+    assert s3_config(parse_args(["train", "--release", "r", *s3_arguments(store)])) == store
+
+
+@pytest.mark.parametrize(("argv", "env", "said"), [
+    (["--s3-ca-bundle", "{bundle}"], {}, "is for HTTPS: add --s3-secure"),
+    (["--s3-secure", "--s3-ca-bundle", "{missing}"], {}, "no such file"),
+    (["--s3-secure"], {"MEMORY3_S3_CA_BUNDLE": "{missing}"}, "no such file"),
+])
+def test_a_ca_bundle_that_cannot_work_is_refused(argv, env, said, tmp_path, monkeypatch):
+    from memory3.services.cli.main import s3_config
+
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    paths = {"bundle": bundle, "missing": tmp_path / "nope.pem"}
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(**paths))
+    args = parse_args(["train", "--release", "r", "--s3-endpoint", "h:1", *(a.format(**paths) for a in argv)])
+    with pytest.raises(ValueError, match=said):
+        s3_config(args)
