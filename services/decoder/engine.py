@@ -687,20 +687,27 @@ class GenerationEngine:
         How every request ends is counted here, as its client sees it: errors
         (`memory3_request_failure_total`), those raised before it reaches the scheduler too (a
         retrieval outage under the fail policy, a corrupt memory in the prompt's fetch, a refusal at
-        capacity), and finish reasons (a stop string completed by the last token the scheduler
-        counted as `length` is `stop`). Counted in the scheduler, a text service down failed every
-        request and the error-ratio alert saw none."""
+        capacity), finish reasons (a stop string completed by the last token the scheduler counted
+        as `length` is `stop`), and `abort` for a request its client left (a hang-up, a cancel), as
+        vLLM counts it. Counted in the scheduler, a text service down failed every request and the
+        error-ratio alert saw none."""
         if request.arrival is None:
             request = dataclasses.replace(request, arrival=time.monotonic())
+        finished = False
         try:
             async with contextlib.aclosing(self._generate(request)) as events:
                 async for event in events:
                     if event.finish_reason is not None:
+                        finished = True
                         metrics.REQUEST_SUCCESS.labels(finished_reason=event.finish_reason).inc()
                         metrics.E2E_REQUEST_LATENCY.observe(time.monotonic() - request.arrival)
                     yield event
         except ServiceError as e:
             metrics.REQUEST_FAILURE.labels(code=e.code.name).inc()
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:
+                metrics.REQUEST_SUCCESS.labels(finished_reason="abort").inc()
             raise
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:

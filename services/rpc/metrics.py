@@ -33,7 +33,9 @@ SCHEDULER_CPU = Counter("memory3_scheduler_cpu_seconds",
 MEMORY_WAIT = Histogram("memory3_memory_wait_seconds",
                         "Per memory swap while decoding: how long the stream paused at the chunk boundary for "
                         "its memories (0 when they had arrived).", buckets=(0.0, *_FAST_BUCKETS))
-REQUEST_SUCCESS = Counter("memory3_request_success", "Finished requests by finish reason.", ["finished_reason"])
+REQUEST_SUCCESS = Counter("memory3_request_success",
+                          "Finished requests by finish reason: stop, length, or abort (its client left).",
+                          ["finished_reason"])
 RPC_HANDLED = Counter("memory3_rpc_handled", "RPCs answered, by method and gRPC status code (every service).",
                       ["method", "code"])
 REQUEST_FAILURE = Counter("memory3_request_failure",

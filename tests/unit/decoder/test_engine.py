@@ -698,3 +698,30 @@ def test_a_deadline_that_passes_in_the_queue_says_so(tiny_model, text_codec):
             await engine.close()
 
     assert run(main()) == "the request's deadline passed while it waited for a batch row"
+
+
+def test_a_request_its_client_leaves_is_counted_as_an_abort(tiny_model, text_codec):
+    """A hang-up or a cancel ended a request uncounted: only finished and failed ones were."""
+    def aborts():
+        return metrics.REQUEST_SUCCESS.labels(finished_reason="abort")._value.get()
+
+    body = prompts(1, text_codec)[0]
+    before = aborts()
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2))
+        await engine.start()
+        try:
+            left = engine.generate(GenerationRequest(body, 400, use_memory=False))
+            await left.__anext__()
+            await left.aclose()  # the client hung up mid-stream
+            whole = engine.generate(GenerationRequest(body, 2, use_memory=False))
+            async for event in whole:
+                if event.finish_reason is not None:
+                    break  # the answer is complete: leaving now is no abort
+            await whole.aclose()
+        finally:
+            await engine.close()
+
+    run(main())
+    assert aborts() - before == 1
