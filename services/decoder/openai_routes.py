@@ -58,10 +58,10 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         try:
             body = _json_object(await request.body())
             engine = current()
-            generation, stream = await parse_completion(body, engine, model_name,
-                                                        client=client_id(request.headers, _host(request)))
+            generation, stream, include_usage = await parse_completion(
+                body, engine, model_name, client=client_id(request.headers, _host(request)))
             if stream:
-                return await _stream(engine, generation, model_name)
+                return await _stream(engine, generation, model_name, include_usage)
             return JSONResponse(await _complete(engine, generation, model_name))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
             return error_response(exc)
@@ -102,9 +102,10 @@ def _json_object(raw: bytes) -> dict:
 
 
 async def parse_completion(body: dict, engine: GenerationEngine, model_name: str,
-                     client: str = "") -> tuple[GenerationRequest, bool]:
-    """An OpenAI completion request as a validated engine request, and whether to stream it;
-    `client` is who asks, for the per-client stream limit (http_clients.client_id)."""
+                           client: str = "") -> tuple[GenerationRequest, bool, bool]:
+    """An OpenAI completion request as a validated engine request, whether to stream it, and whether
+    the stream ends with a usage chunk (`stream_options.include_usage`); `client` is who asks, for the
+    per-client stream limit (http_clients.client_id)."""
     unknown = sorted(set(body) - KNOWN)
     if unknown:
         raise InvalidInput(f"unknown field(s) {unknown}; this route takes {sorted(KNOWN)}")
@@ -125,6 +126,7 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise InvalidInput("stop must be a string or a list of strings")
     stream = _typed(body, "stream", bool, False)
+    include_usage = _include_usage(body.get("stream_options"), stream)
     request = await build_request(
         engine, prompt=prompt, prompt_token_ids=token_ids,
         temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
@@ -132,7 +134,19 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
         stop=tuple(stop or ()), seed=_typed(body, "seed", int, None),
         use_memory=_typed(body, "use_memory", bool, True),
         include_reference_text=_typed(body, "include_reference_text", bool, False), client_id=client)
-    return request, stream
+    return request, stream, include_usage
+
+
+def _include_usage(options, stream: bool) -> bool:
+    """`stream_options`, as OpenAI reads it: null, or with a stream an object of `include_usage`."""
+    if options is None:
+        return False
+    if not stream:
+        raise InvalidInput("stream_options is only allowed with \"stream\": true")
+    if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+            not isinstance(options.get("include_usage", False), bool):
+        raise InvalidInput('stream_options must be an object such as {"include_usage": true}')
+    return options.get("include_usage", False)
 
 
 def _prompt(value) -> tuple[str, list[int]]:
@@ -169,26 +183,30 @@ async def _complete(engine: GenerationEngine, request: GenerationRequest, model_
     return _chunk(request, model_name, await engine.complete(request))
 
 
-async def _stream(engine: GenerationEngine, request: GenerationRequest, model_name: str) -> Response:
+async def _stream(engine: GenerationEngine, request: GenerationRequest, model_name: str,
+                  include_usage: bool = False) -> Response:
     events = engine.generate(request)
     try:
         first = await anext(events, None)  # validation and capacity errors surface here, as HTTP errors
     except BaseException:
         await events.aclose()
         raise
-    return StreamingResponse(_sse(first, events, request, model_name), media_type="text/event-stream",
+    return StreamingResponse(_sse(first, events, request, model_name, include_usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _sse(first: GenerationEvent | None, events: AsyncIterator[GenerationEvent], request: GenerationRequest,
-               model_name: str) -> AsyncIterator[str]:
+               model_name: str, include_usage: bool = False) -> AsyncIterator[str]:
     """Chunks as they come, then `data: [DONE]`; an error after the first chunk is sent as an error
-    event first (the status line is gone), so that a client can tell a cut stream from a whole one."""
+    event first (the status line is gone), so that a client can tell a cut stream from a whole one.
+    With `include_usage`, the last chunk before `[DONE]` has no choices and the usage, as OpenAI's."""
     try:
         event = first
         while event is not None:
             if event.text or event.citations or event.warnings or event.finish_reason is not None:
                 yield _data(_chunk(request, model_name, event))  # a chunk carries text, not token ids
+            if event.finish_reason is not None and include_usage:
+                yield _data({**_head(request, model_name), "choices": [], "usage": _usage(event)})
             event = await anext(events, None)
     except asyncio.CancelledError:
         # The server cut the request: it is stopping and its grace ran out. (A client that hung up
@@ -204,9 +222,13 @@ async def _sse(first: GenerationEvent | None, events: AsyncIterator[GenerationEv
     yield "data: [DONE]\n\n"
 
 
+def _head(request: GenerationRequest, model_name: str) -> dict:
+    return {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": model_name}
+
+
 def _chunk(request: GenerationRequest, model_name: str, event: GenerationEvent) -> dict:
-    chunk = {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": int(time.time()),
-             "model": model_name,
+    chunk = {**_head(request, model_name),
              "choices": [{"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}]}
     if event.citations:
         chunk["citations"] = [citation_json(c) for c in event.citations]

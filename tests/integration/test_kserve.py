@@ -258,6 +258,10 @@ def test_the_openai_sdk_lists_the_model_completes_and_streams(kserve_server):
     pieces = [chunk.choices[0].text for chunk in client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)]
     assert len(pieces) > 3 and "".join(pieces) == whole.choices[0].text
+    # With include_usage the stream ends with a chunk of no choices and the usage, which the SDK reads.
+    last = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}))[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 24
     with pytest.raises(openai.BadRequestError, match="temperature must be a finite number >= 0"):
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
     with pytest.raises(openai.NotFoundError, match="not served here"):
@@ -374,6 +378,9 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(tmp_path, ra
     ({"stop": [""]}, 400, "stop: at most 8 non-empty strings"),
     ({"model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
     ({"seed": 10**23}, 400, "seed must be a 64-bit signed integer"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options is only allowed with"),
+    ({"stream": True, "stream_options": 7}, 400, "stream_options must be an object"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options must be an object"),
 ])
 def test_openai_bad_input_says_what_to_fix(kserve_server, fields, status, says):
     got, headers, body = kserve_server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, **fields})
