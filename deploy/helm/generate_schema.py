@@ -78,6 +78,8 @@ CONSTRAINTS: dict[str, dict] = {
     "auth.internal.tokenKey": SECRET_KEY,
     "auth.decoder.tokenKey": SECRET_KEY,
     **{f"{c}.replicaCount": COUNT for c in ("text", "memory", "decoder")},
+    # The startup probe's budget and `--wait-for-release`, which refuses a negative wait.
+    **{f"{c}.startupTimeoutSeconds": {"type": "integer", "minimum": 10} for c in ("text", "memory", "decoder")},
     **{f"{c}.pdb.maxUnavailable": INT_OR_PERCENT for c in ("text", "memory", "decoder")},
     **{f"{c}.autoscaling.targetCPUUtilizationPercentage": {"type": "integer", "minimum": 1}
        for c in ("text", "memory")},
@@ -93,6 +95,7 @@ CONSTRAINTS: dict[str, dict] = {
     "redis.inChart.port": PORT,
     "networkPolicy.externalRedisPort": PORT,
     "networkPolicy.externalRedisPorts": {"type": "array", "items": PORT},
+    "networkPolicy.externalS3Ports": {"type": "array", "items": PORT},
     "encoding.merge.waitSeconds": {"type": "number", "minimum": 0},
     "metrics.prometheusRule.backlogPerPod": {"type": "number", "exclusiveMinimum": 0},
     "metrics.prometheusRule.ttftP95Seconds": {"type": "number", "exclusiveMinimum": 0},

@@ -236,6 +236,10 @@ def test_values_as_helm_set_parses_them_pass_the_schema_and_render_right(express
     ({"s3": {"inChart": {"persistence": {"size": "20gi"}}}}, "/s3/inChart/persistence/size"),
     ({"redis": {"inChart": {"maxmemory": "1 GB"}}}, "/redis/inChart/maxmemory"),
     ({"trainer": {"job": {"preset": "huge"}}}, "/trainer/job/preset"),
+    # The probe's budget and `--wait-for-release`, which refuses a negative wait.
+    ({"text": {"startupTimeoutSeconds": -5}}, "/text/startupTimeoutSeconds"),
+    ({"memory": {"startupTimeoutSeconds": 0}}, "/memory/startupTimeoutSeconds"),
+    ({"decoder": {"startupTimeoutSeconds": 9}}, "/decoder/startupTimeoutSeconds"),
 ])
 def test_schema_refuses_values_out_of_range(values, path):
     with pytest.raises(helm.HelmValuesError) as failure:
@@ -388,3 +392,131 @@ def test_the_in_chart_redis_password_reaches_the_memory_service_apart_from_the_u
     redis = r.get("Deployment", component_name("redis"))["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"]: e for e in redis["env"]}["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == \
         {"name": "my-redis", "key": "redis-password"}
+
+
+# ---------------------------------------------------------------- numbers from a values file
+
+
+def memory3_commands(r: Rendered) -> dict[str, list[str]]:
+    """Object name -> the arguments of its `memory3` container: Deployments, Jobs and the KServe predictor."""
+    out = {}
+    for o in r.objects:
+        if o["kind"] in ("Deployment", "Job", "InferenceService"):
+            for c in pod_spec(o)["containers"]:
+                if c.get("command") == ["memory3"]:
+                    out[o["metadata"]["name"]] = c["args"]
+    return out
+
+
+def test_large_whole_numbers_from_a_values_file_reach_the_cli_as_integers():
+    """A values file gives Helm every number as a float, which prints from 1e6 on in scientific notation
+    (2592000 as 2.592e+06): the CLI refuses that for an integer flag, and the pod crash-loops."""
+    from memory3.services.cli.main import build_parser
+
+    million = 1_000_000
+    r = render(merge(JOBS, {
+        "memory": {"redisTTL": 2592000, "s3Workers": million}, "trainer": {"job": {"seed": 20250601}},
+        "text": {"maxConcurrency": million}, "decoder": {"maxBatch": million, "maxWaiting": million},
+        "encoding": {"merge": {"waitSeconds": 2592000}}, "kserve": {"enabled": True},
+        "redis": {"inChart": {"enabled": True, "maxmemory": 1073741824}},
+        "s3": {"endpoint": "", "existingSecret": "", "inChart": {"enabled": True}}}))
+    parser = build_parser()
+    parsed = {}
+    for name, args in memory3_commands(r).items():
+        assert not [a for a in args if re.fullmatch(r"[0-9.]+e\+[0-9]+", a)], (name, args)
+        try:
+            parsed[name] = parser.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{name}: `memory3 {' '.join(args)}` does not parse")
+    memory = parsed[component_name("memory")]
+    assert (memory.redis_ttl, memory.s3_workers) == (2592000, million)
+    assert parsed[component_name("text")].max_concurrency == million
+    for name in (component_name("decoder"), component_name("kserve")):
+        assert (parsed[name].max_batch, parsed[name].max_waiting) == (million, million), name
+    named = {kind: job["metadata"]["name"] for kind, job in jobs(r).items()}
+    assert parsed[named["train"]].seed == 20250601 and parsed[named["merge"]].wait == 2592000
+    redis = r.get("Deployment", component_name("redis"))["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert redis[redis.index("--maxmemory") + 1] == "1073741824"
+
+
+# ---------------------------------------------------------------- the Jobs' temporary files
+
+
+@pytest.mark.parametrize("work_claim", ["", "runs"])
+def test_jobs_write_their_temporary_files_on_a_volume_sized_for_the_weights(work_claim):
+    """Publishing a release writes the model's weights (GBs) to a temporary directory, wherever TMPDIR says:
+    not on the 1Gi /tmp, where the kubelet would evict the pod, but on the trainer's work volume or the
+    encoding Jobs' release cache."""
+    r = render(merge(JOBS, {"trainer": {"job": {"workVolumeClaim": work_claim}}}))
+    expected = {"train": "work", "encode": "cache", "merge": "cache"}
+    assert set(jobs(r)) == set(expected)
+    for kind, job in jobs(r).items():
+        spec = pod_spec(job)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tmp"]["emptyDir"]["sizeLimit"] == "1Gi"
+        for c in spec["containers"]:
+            tmpdir = {e["name"]: e.get("value") for e in c["env"]}.get("TMPDIR")
+            assert tmpdir, f"{kind}: no TMPDIR, so Python writes to /tmp"
+            under = [m for m in c["volumeMounts"]
+                     if tmpdir == m["mountPath"] or tmpdir.startswith(m["mountPath"].rstrip("/") + "/")]
+            mount = max(under, key=lambda m: len(m["mountPath"]))
+            assert mount["name"] == expected[kind] and not mount.get("readOnly"), (kind, mount)
+    work = next(v for v in pod_spec(jobs(r)["train"])["volumes"] if v["name"] == "work")
+    assert work == ({"name": "work", "persistentVolumeClaim": {"claimName": work_claim}} if work_claim
+                    else {"name": "work", "emptyDir": {}})
+    assert "TMPDIR" in (ROOT / "docs" / "deployment.md").read_text()
+
+
+# ---------------------------------------------------------------- NetworkPolicy ports and extra egress
+
+
+def test_extra_s3_ports_are_opened_wherever_the_store_is_reached():
+    """A NetworkPolicy port is the port of the pod the traffic reaches: a store behind a Service that maps 80 to
+    8080 (Rook-Ceph's RGW) is reached on 8080, which the endpoint does not say."""
+    r = render(merge(JOBS, {"s3": {"endpoint": "rook-ceph-rgw-store.rook-ceph.svc:80"}, "kserve": {"enabled": True},
+                            "networkPolicy": {"externalS3Ports": [8080, 80]}}))
+    policies = r.of_kind("NetworkPolicy")
+    assert {p["metadata"]["name"] for p in policies} == \
+        {component_name(c) for c in ("decoder", "text", "memory", "kserve", "jobs")}
+    for policy in policies:
+        kubernetes_validate.validate(policy, "1.33.0", strict=True)
+        s3 = [rule for rule in policy["spec"]["egress"] if {"port": 80, "protocol": "TCP"} in rule.get("ports", [])]
+        assert [rule["ports"] for rule in s3] == [[{"port": 80, "protocol": "TCP"}, {"port": 8080, "protocol": "TCP"}]]
+    default = render({"s3": {"endpoint": "rook-ceph-rgw-store.rook-ceph.svc:80"}})
+    assert not [rule for rule in default.get("NetworkPolicy", component_name("text"))["spec"]["egress"]
+                if {"port": 8080, "protocol": "TCP"} in rule.get("ports", [])]
+    assert "networkPolicy.externalS3Ports" in (ROOT / "docs" / "deployment.md").read_text()
+
+
+def test_extra_egress_is_added_to_every_pods_policy():
+    """A service mesh's sidecar reaches its control plane from every pod: one list of rules opens it for all."""
+    mesh = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}}}],
+            "ports": [{"port": 15012, "protocol": "TCP"}]}
+    everything = merge(IN_CHART_STORES, {"kserve": {"enabled": True}})
+    r = render(merge(everything, {"networkPolicy": {"extraEgress": [mesh]}}))
+    default = render(everything)
+    assert len(r.of_kind("NetworkPolicy")) == 7
+    for policy in r.of_kind("NetworkPolicy"):
+        kubernetes_validate.validate(policy, "1.33.0", strict=True)
+        before = default.get("NetworkPolicy", policy["metadata"]["name"])["spec"]["egress"]
+        assert policy["spec"]["egress"] == [*before, mesh], policy["metadata"]["name"]
+    assert default.get("NetworkPolicy", component_name("redis"))["spec"]["egress"] == []
+
+
+# ---------------------------------------------------------------- names from a long release name
+
+
+@pytest.mark.parametrize(("values", "release_name"), [
+    ({"fullnameOverride": "a" * 60}, "m3"),
+    ({}, "my-very-long-helm-release-name-for-the-production"),
+])
+def test_every_name_stays_a_dns_label_with_a_long_fullname(values, release_name):
+    r = render(merge(merge(IN_CHART_STORES, JOBS), {
+        **values, "decoder": {"service": {"type": "LoadBalancer"}}, "kserve": {"enabled": True},
+        "text": {"indexShards": 2}, "metrics": {"serviceMonitor": {"enabled": True}}}), name=release_name)
+    for o in r.objects:
+        name = o["metadata"]["name"]
+        assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), (o["kind"], name)
+    metrics = [s for s in r.of_kind("Service") if s["metadata"]["labels"].get("memory3.io/metrics") == "true"]
+    assert len(metrics) == 1 and "-decoder-metric" in metrics[0]["metadata"]["name"]
+

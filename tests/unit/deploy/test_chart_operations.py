@@ -171,6 +171,20 @@ def test_renders_without_a_cluster_are_stable_with_the_values_the_docs_name(tmp_
         assert "helm template" in yaml_description(dotted), dotted
 
 
+def test_values_comments_say_what_the_chart_does():
+    # An endpoint beside the in-chart store fails the install; it is not ignored.
+    with pytest.raises(helm.HelmRenderError, match="s3.endpoint is set but s3.inChart.enabled"):
+        render({"s3": {"endpoint": "minio:9000", "existingSecret": "", "inChart": {"enabled": True}}})
+    assert "must be empty when `s3.inChart.enabled`" in yaml_description("s3.endpoint")
+    # `memory3 train` runs on the CPU whatever the image: the CUDA flavor still renders, and nothing says it
+    # trains on a GPU.
+    job = next(iter(render({"trainer": {"job": {"enabled": True, "imageFlavor": "cuda"}}}).of_kind("Job")))
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"].endswith("-cuda")
+    assert "CPU only" in yaml_description("trainer.job.imageFlavor")
+    assert "CPU only" in docs_paragraph("trainer.job.imageFlavor=cuda")
+    assert "want GPUs" not in DOCS.read_text()
+
+
 def yaml_description(dotted: str) -> str:
     import sys
 
@@ -206,6 +220,37 @@ def test_the_decoders_startup_probe_outlasts_the_text_and_memory_services():
         waits = {c: _flag(r.get("Deployment", component_name(c))["spec"]["template"]["spec"]["containers"][0],
                           "--wait-for-release") for c in SERVICES}
         assert waits == {c: str(budget[c]) for c in SERVICES}, values
+
+
+def test_the_kserve_predictor_waits_as_the_decoder_and_is_restarted_once_its_engine_is_dead():
+    """The predictor waits for its release as long as the decoder does, and its startup probe allows that long;
+    then a liveness probe on the engine's state restarts it after a device fault or a stuck model pass (KServe's
+    own /v2/health/live answers 200 for as long as the process runs)."""
+    parser = build_parser()
+    for values, budget in (({}, 900), ({"text": {"startupTimeoutSeconds": 3600}}, 3660),
+                           ({"decoder": {"startupTimeoutSeconds": 1200}}, 1200)):
+        r = render(merge(values, {"kserve": {"enabled": True}}))
+        c = r.of_kind("InferenceService")[0]["spec"]["predictor"]["containers"][0]
+        args = parser.parse_args(c["args"])
+        assert args.wait_for_release == budget == startup_budget(r, "decoder"), values
+        startup, live, ready = c["startupProbe"], c["livenessProbe"], c["readinessProbe"]
+        assert startup["failureThreshold"] * startup["periodSeconds"] == budget, values
+        http = {"path": "/memory3/live", "port": args.http_port}
+        assert startup["httpGet"] == live["httpGet"] == http
+        assert ready["httpGet"] == {"path": "/v2/health/ready", "port": args.http_port}
+        assert [p["containerPort"] for p in c["ports"]] == [args.http_port]
+        decoder_live = r.get("Deployment", component_name("decoder"))["spec"]["template"]["spec"]["containers"][0][
+            "livenessProbe"]
+        assert {k: live[k] for k in ("periodSeconds", "timeoutSeconds", "failureThreshold")} == \
+            {k: decoder_live[k] for k in ("periodSeconds", "timeoutSeconds", "failureThreshold")}
+    kserve_docs = DOCS.read_text().split("## 7. KServe")[1].split("\n## ")[0]
+    assert "--wait-for-release" in kserve_docs and "/memory3/live" in kserve_docs
+
+
+def test_the_kserve_liveness_probe_asks_the_route_the_server_serves():
+    kserve_model = pytest.importorskip("memory3.services.decoder.kserve_model")
+    c = render({"kserve": {"enabled": True}}).of_kind("InferenceService")[0]["spec"]["predictor"]["containers"][0]
+    assert c["livenessProbe"]["httpGet"]["path"] == kserve_model.LIVE_PATH
 
 
 # ---------------------------------------------------------------- version-like values
@@ -276,6 +321,11 @@ BAD_NAMES = [
      {"memory": {"ramCacheMB": 0, "resources": {"limits": {"memory": "256Mi"}}}}),
     ({"decoder": {"memoryCacheMB": 16384}}, "decoder.memoryCacheMB: 16384 MiB of cache does not fit",
      {"decoder": {"memoryCacheMB": 4096, "resources": {"limits": {"memory": "16e9"}}}}),
+    # The KServe predictor holds the decoder's cache under its own limit.
+    ({"kserve": {"enabled": True, "resources": {"limits": {"memory": "1Gi"}}},
+      "decoder": {"memoryCacheMB": 2048, "resources": {"limits": {"memory": "4Gi"}}}},
+     "decoder.memoryCacheMB: 2048 MiB of cache does not fit the memory limit 1Gi (kserve.resources.limits.memory)",
+     {"kserve": {"enabled": True}, "decoder": {"memoryCacheMB": 2048, "resources": {"limits": {"memory": "4Gi"}}}}),
 ]
 
 

@@ -47,10 +47,15 @@ or one per index shard when text.indexShards > 1. Read with `fromYamlArray`, the
 {{- end -}}
 
 {{/* A value that is text, as text: `helm --set` makes a digit-only string an integer, and a values file a
-float (20250601 would print as 2.0250601e+07). */}}
+float (20250601 would print as 2.0250601e+07). Decimal flags (seconds, MiB) go through it too: a whole number
+prints as one, any other as Go prints it, which Python's float() reads. */}}
 {{- define "memory3.string" -}}
 {{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}{{ int64 . }}{{- else -}}{{ toString . }}{{- end -}}
 {{- end -}}
+
+{{/* An integer flag, as text: a values file makes every number a float, which prints from 1e6 on in scientific
+notation (2592000 as 2.592e+06), and the CLI refuses that where it wants an integer. */}}
+{{- define "memory3.int" -}}{{ int64 . }}{{- end -}}
 
 {{/* The release every service serves, as text. */}}
 {{- define "memory3.release" -}}{{ include "memory3.string" .Values.release }}{{- end -}}
@@ -256,15 +261,15 @@ startup probe allows. */}}
 - --host
 - {{ .root.Values.server.host | quote }}
 - --port
-- {{ .port | quote }}
+- {{ include "memory3.int" .port | quote }}
 - --metrics-port
-- {{ .root.Values.metrics.port | quote }}
+- {{ include "memory3.int" .root.Values.metrics.port | quote }}
 - --grace
-- {{ .root.Values.server.grace | quote }}
+- {{ include "memory3.string" .root.Values.server.grace | quote }}
 - --max-connection-age
-- {{ .root.Values.server.maxConnectionAge | quote }}
+- {{ include "memory3.string" .root.Values.server.maxConnectionAge | quote }}
 - --wait-for-release
-- {{ .startup | quote }}
+- {{ include "memory3.int" .startup | quote }}
 - --log-format
 - {{ .root.Values.server.logFormat }}
 {{- include "memory3.tlsServerArgs" .root }}
@@ -297,7 +302,7 @@ Call with (dict "root" $ "port" 50052). */}}
 - --tls-key
 - {{ printf "%s/tls.key" (include "memory3.tlsDir" .) }}
 - --health-port
-- {{ .Values.server.healthPort | quote }}
+- {{ include "memory3.int" .Values.server.healthPort | quote }}
 {{- end }}
 {{- end -}}
 
@@ -407,6 +412,14 @@ Call with (dict "root" $ "port" 50052). */}}
 - name: metrics
   containerPort: {{ .root.Values.metrics.port }}
   protocol: TCP
+{{- end -}}
+
+{{/* Seconds the decoder (and the KServe predictor) may take to start, for its startup probe and
+`--wait-for-release`: its own, and a minute more than text's and memory's (it is ready only once they are, and
+on an install their pods start with it). */}}
+{{- define "memory3.decoderStartup" -}}
+{{- $v := .Values -}}
+{{- max (int $v.decoder.startupTimeoutSeconds) (add 60 (int $v.text.startupTimeoutSeconds)) (add 60 (int $v.memory.startupTimeoutSeconds)) -}}
 {{- end -}}
 
 {{/* Native gRPC probes: startup and readiness on the overall health, liveness on the `liveness` name (SERVING

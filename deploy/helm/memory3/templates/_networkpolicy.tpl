@@ -19,7 +19,8 @@
       protocol: TCP
 {{- end -}}
 
-{{/* Egress to the object store: the in-chart store's pods, or the external endpoint's port (optionally limited to peers). */}}
+{{/* Egress to the object store: the in-chart store's pods, or the external endpoint's port and
+networkPolicy.externalS3Ports (optionally limited to peers). */}}
 {{- define "memory3.egressS3" -}}
 {{- if .Values.s3.inChart.enabled }}
 - to:
@@ -28,9 +29,15 @@
     - port: {{ int .Values.s3.inChart.port }}
       protocol: TCP
 {{- else }}
+{{- $ports := list (include "memory3.s3Port" . | int) }}
+{{- range .Values.networkPolicy.externalS3Ports }}
+{{- $ports = append $ports (int .) }}
+{{- end }}
 - ports:
-    - port: {{ include "memory3.s3Port" . | int }}
+    {{- range uniq $ports }}
+    - port: {{ . }}
       protocol: TCP
+    {{- end }}
   {{- with .Values.networkPolicy.externalS3To }}
   to:
     {{- toYaml . | nindent 4 }}

@@ -116,13 +116,19 @@
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- range $check := list (dict "component" "memory" "cache" "ramCacheMB") (dict "component" "decoder" "cache" "memoryCacheMB") -}}
-{{- $c := index $v $check.component -}}
-{{- $limit := dig "limits" "memory" "" (default dict $c.resources) -}}
+{{- /* Each in-process cache against the memory limit of the pods that hold it: the decoder's is also the
+KServe predictor's. */}}
+{{- $caches := list (dict "component" "memory" "cache" "ramCacheMB" "pods" "memory") (dict "component" "decoder" "cache" "memoryCacheMB" "pods" "decoder") -}}
+{{- if $v.kserve.enabled -}}
+{{- $caches = append $caches (dict "component" "decoder" "cache" "memoryCacheMB" "pods" "kserve") -}}
+{{- end -}}
+{{- range $check := $caches -}}
+{{- $cache := index $v $check.component $check.cache -}}
+{{- $limit := dig "limits" "memory" "" (default dict (index $v $check.pods).resources) -}}
 {{- $limitMiB := include "memory3.quantityMiB" $limit -}}
-{{- $cacheMiB := float64 (index $c $check.cache) -}}
+{{- $cacheMiB := float64 $cache -}}
 {{- if and $limitMiB (gt $cacheMiB 0.0) (ge $cacheMiB (float64 $limitMiB)) -}}
-{{- $messages = append $messages (printf "%s.%s: %v MiB of cache does not fit the memory limit %v (%s.resources.limits.memory); lower it, or raise the limit above it with room for the process" $check.component $check.cache (index $c $check.cache) $limit $check.component) -}}
+{{- $messages = append $messages (printf "%s.%s: %v MiB of cache does not fit the memory limit %v (%s.resources.limits.memory); lower it, or raise the limit above it with room for the process" $check.component $check.cache $cache $limit $check.pods) -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.trainer.job.enabled $v.encoding.enabled $v.encoding.merge.enabled (eq (include "memory3.trainerRelease" .) (include "memory3.encodingMerged" .)) -}}

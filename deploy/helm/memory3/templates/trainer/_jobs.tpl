@@ -25,6 +25,14 @@ Call with (dict "root" $ "kind" "train" "spec" (include "memory3.trainJobSpec" $
 {{- include "memory3.string" (default (printf "%s-encoded" (include "memory3.encodingBase" .)) .Values.encoding.merge.name) -}}
 {{- end -}}
 
+{{/* TMPDIR of a Job's container: a publication writes the model's weights to a temporary directory (the full
+release's size), too much for the 1Gi /tmp. Call with the mount path of a volume sized for it: the trainer's work
+volume, the encoding Jobs' release cache. */}}
+{{- define "memory3.jobTmpEnv" -}}
+- name: TMPDIR
+  value: {{ . | quote }}
+{{- end -}}
+
 {{/* The spec of the Job in trainer/job.yaml. */}}
 {{- define "memory3.trainJobSpec" -}}
 {{- $t := .Values.trainer.job }}
@@ -59,7 +67,7 @@ template:
           - --index-kind
           - {{ $t.indexKind | quote }}
           - --seed
-          - {{ $t.seed | quote }}
+          - {{ include "memory3.int" $t.seed | quote }}
           - --work-dir
           - {{ printf "/var/lib/memory3/work/%s" $release | quote }}
           # A Job run again (after its TTL, by a later `helm upgrade`) finds its release and does nothing.
@@ -70,6 +78,7 @@ template:
           {{- end }}
         env:
           {{- include "memory3.s3Env" . | nindent 10 }}
+          {{- include "memory3.jobTmpEnv" "/var/lib/memory3/work" | nindent 10 }}
         resources:
           {{- toYaml $t.resources | nindent 10 }}
         securityContext:
@@ -138,6 +147,7 @@ template:
           {{- include "memory3.s3Args" . | nindent 10 }}
         env:
           {{- include "memory3.s3Env" . | nindent 10 }}
+          {{- include "memory3.jobTmpEnv" "/var/cache/memory3" | nindent 10 }}
         resources:
           {{- toYaml $e.resources | nindent 10 }}
         securityContext:
@@ -187,11 +197,12 @@ template:
           - --name
           - {{ $merged | quote }}
           - --wait
-          - {{ $e.merge.waitSeconds | quote }}
+          - {{ include "memory3.string" $e.merge.waitSeconds | quote }}
           - --exist-ok
           {{- include "memory3.s3Args" . | nindent 10 }}
         env:
           {{- include "memory3.s3Env" . | nindent 10 }}
+          {{- include "memory3.jobTmpEnv" "/var/cache/memory3" | nindent 10 }}
         resources:
           {{- toYaml $e.resources | nindent 10 }}
         securityContext:
