@@ -72,6 +72,8 @@ CONSTRAINTS: dict[str, dict] = {
     "kserve.minReplicas": COUNT,
     "kserve.maxReplicas": {"type": "integer", "minimum": 1},
     "s3.accessKeyKey": SECRET_KEY,
+    "s3.caBundle.key": SECRET_KEY,
+    "s3.region": {"type": "string", "pattern": "^[a-zA-Z0-9_-]+$"},
     "s3.secretKeyKey": SECRET_KEY,
     "redis.urlKey": SECRET_KEY,
     "redis.inChart.passwordKey": SECRET_KEY,

@@ -520,3 +520,35 @@ def test_every_name_stays_a_dns_label_with_a_long_fullname(values, release_name)
     metrics = [s for s in r.of_kind("Service") if s["metadata"]["labels"].get("memory3.io/metrics") == "true"]
     assert len(metrics) == 1 and "-decoder-metric" in metrics[0]["metadata"]["name"]
 
+
+
+# ---------------------------------------------------------------- the store's region and CA
+
+
+def test_every_pod_that_reads_the_store_gets_its_region_and_ca_bundle():
+    """A store in another AWS region, or behind a private CA, could not be used: the region was fixed at
+    us-east-1 and only the system's CAs were trusted."""
+    from memory3.services.cli.main import build_parser
+
+    r = render(merge(JOBS, {"kserve": {"enabled": True}, "s3": {
+        "secure": True, "region": "eu-west-3", "caBundle": {"secretName": "corp-ca", "key": "bundle.pem"}}}))
+    commands = memory3_commands(r)
+    assert len(commands) == 7  # text, memory, decoder, kserve and the three Jobs
+    pods = {o["metadata"]["name"]: pod_spec(o) for o in r.objects
+            if o["kind"] in ("Deployment", "Job", "InferenceService") and o["metadata"]["name"] in commands}
+    for name, args in commands.items():
+        parsed = build_parser().parse_args(args)
+        assert (parsed.s3_region, parsed.s3_secure) == ("eu-west-3", True), name
+        mount = next(m for m in pods[name]["containers"][0]["volumeMounts"] if m["name"] == "s3-ca")
+        assert str(parsed.s3_ca_bundle).startswith(mount["mountPath"] + "/"), name
+        volume = next(v for v in pods[name]["volumes"] if v["name"] == "s3-ca")
+        assert volume["secret"]["secretName"] == "corp-ca"
+        assert volume["secret"]["items"] == [{"key": "bundle.pem", "path": parsed.s3_ca_bundle.name}]
+    plain = memory3_commands(render({}))
+    assert all("--s3-ca-bundle" not in args and args[args.index("--s3-region") + 1] == "us-east-1"
+               for args in plain.values())
+
+
+def test_a_ca_bundle_without_https_is_refused():
+    with pytest.raises(helm.HelmRenderError, match="s3.caBundle.secretName: a CA bundle is for HTTPS"):
+        render({"s3": {"caBundle": {"secretName": "corp-ca"}}})

@@ -246,9 +246,19 @@ is in a Secret; with networkPolicy.externalRedisPorts added. */}}
 {{- if .Values.s3.secure }}
 - --s3-secure
 {{- end }}
+- --s3-region
+- {{ .Values.s3.region | quote }}
+{{- with .Values.s3.caBundle.secretName }}
+- --s3-ca-bundle
+- {{ printf "%s/%s" (include "memory3.s3CaDir" $) (include "memory3.s3CaFile" $) | quote }}
+{{- end }}
 - --cache-dir
 - /var/cache/memory3/releases
 {{- end -}}
+
+{{/* Where the S3 CA bundle (s3.caBundle) is mounted, and its file's name there. */}}
+{{- define "memory3.s3CaDir" -}}/etc/memory3/s3-ca{{- end -}}
+{{- define "memory3.s3CaFile" -}}ca.pem{{- end -}}
 
 {{/* The flags every `memory3 serve` takes in a pod. Call with (dict "root" $ "service" "text" "port" 50052 "startup"
 600): a release not published yet (a trainer Job of the same install publishes it) is waited for as long as the
@@ -469,7 +479,8 @@ lifecycle:
 {{- add (int (ceil (float64 .Values.server.grace))) (int .Values.server.preStopSleepSeconds) 10 -}}
 {{- end -}}
 
-{{/* Writable volumes for a read-only root filesystem: the release cache and /tmp (HOME). */}}
+{{/* The volumes of every pod that reads the store: for a read-only root filesystem, the release cache and /tmp
+(HOME), writable; and the store's CA bundle (s3.caBundle), when set. */}}
 {{- define "memory3.cacheVolumes" -}}
 - name: cache
   emptyDir:
@@ -477,6 +488,15 @@ lifecycle:
 - name: tmp
   emptyDir:
     sizeLimit: 1Gi
+{{- with .Values.s3.caBundle.secretName }}
+- name: s3-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0444
+    items:
+      - key: {{ $.Values.s3.caBundle.key }}
+        path: {{ include "memory3.s3CaFile" $ }}
+{{- end }}
 {{- end -}}
 
 {{/* Mounts of memory3.cacheVolumes. */}}
@@ -485,6 +505,11 @@ lifecycle:
   mountPath: /var/cache/memory3
 - name: tmp
   mountPath: /tmp
+{{- if .Values.s3.caBundle.secretName }}
+- name: s3-ca
+  mountPath: {{ include "memory3.s3CaDir" . }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* imagePullSecrets of a pod (every pod of the chart: the memory3 image and the in-chart stores' mirrors), as a

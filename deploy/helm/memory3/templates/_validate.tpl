@@ -24,6 +24,9 @@
 {{- else if contains "://" $v.s3.endpoint -}}
 {{- $messages = append $messages (printf "s3.endpoint: %q must be host:port without a scheme (use s3.secure=true for HTTPS)" $v.s3.endpoint) -}}
 {{- end -}}
+{{- if and $v.s3.caBundle.secretName (not $v.s3.secure) -}}
+{{- $messages = append $messages "s3.caBundle.secretName: a CA bundle is for HTTPS; set s3.secure=true too" -}}
+{{- end -}}
 {{- if not $v.s3.existingSecret -}}
 {{- $messages = append $messages (printf "s3.existingSecret: name a Secret with keys %q and %q holding the store's credentials (kubectl create secret generic memory3-s3 --from-literal=%s=... --from-literal=%s=...)" $v.s3.accessKeyKey $v.s3.secretKeyKey $v.s3.accessKeyKey $v.s3.secretKeyKey) -}}
 {{- end -}}
