@@ -59,6 +59,8 @@ CONSTRAINTS: dict[str, dict] = {
     "decoder.autoscaling.scaleDownStabilizationSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
     "decoder.autoscaling.keda.threshold": {"pattern": DECIMAL},
     "decoder.autoscaling.keda.pollingInterval": {"type": "integer", "minimum": 1},
+    "decoder.autoscaling.keda.fallbackReplicas": COUNT,
+    "decoder.autoscaling.keda.fallbackFailureThreshold": {"type": "integer", "minimum": 1},
     "decoder.autoscaling.keda.cooldownPeriod": COUNT,
     "metrics.serviceMonitor.interval": DURATION,
     "tls.clusterDomain": DNS_NAME,

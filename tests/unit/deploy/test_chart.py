@@ -473,6 +473,15 @@ def test_text_hpa_adds_the_retrieval_queue_when_asked():
     assert metrics(r, component_name("memory")) == ["cpu"]
 
 
+def test_keda_falls_back_to_a_replica_count_when_asked():
+    """Without a fallback, a Prometheus that cannot be queried leaves the decoders at whatever count they had."""
+    keda = {"decoder": {"autoscaling": {"keda": {"enabled": True}}}}
+    assert "fallback" not in render(keda).get("ScaledObject", component_name("decoder"))["spec"]
+    spec = render(merge(keda, {"decoder": {"autoscaling": {"keda": {"fallbackReplicas": 2}}}})).get(
+        "ScaledObject", component_name("decoder"))["spec"]
+    assert spec["fallback"] == {"failureThreshold": 3, "replicas": 2}
+
+
 def test_keda_replaces_the_decoder_hpa():
     r = render({"decoder": {"autoscaling": {"keda": {"enabled": True}}}})
     assert r.find("HorizontalPodAutoscaler", component_name("decoder")) is None

@@ -552,3 +552,13 @@ def test_every_pod_that_reads_the_store_gets_its_region_and_ca_bundle():
 def test_a_ca_bundle_without_https_is_refused():
     with pytest.raises(helm.HelmRenderError, match="s3.caBundle.secretName: a CA bundle is for HTTPS"):
         render({"s3": {"caBundle": {"secretName": "corp-ca"}}})
+
+
+@pytest.mark.parametrize("component", ["decoder", "kserve"])
+def test_a_decoder_without_resources_renders_with_its_gpu_limit(component):
+    """`resources: null` (no requests or limits) failed the render: the GPU limit was set on a copy of nil."""
+    r = render(merge({"kserve": {"enabled": True}, "decoder": {"imageFlavor": "cuda", "gpu": {"enabled": True}}},
+                     {component: {"resources": None}}))
+    found = (r.get("Deployment", component_name("decoder")) if component == "decoder"
+             else r.of_kind("InferenceService")[0])
+    assert pod_spec(found)["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
