@@ -226,7 +226,7 @@ class Scheduler:
         self.step_s = 0.0
         self.turnover_s = 0.0
         self._last_step = self._last_release = 0.0
-        # What the engine's health reads (`GenerationEngine.failure`): when the loop last went round,
+        # What the engine's health reads (`GenerationEngine.dead`, `failing`): when the loop last went round,
         # the model passes that raised in a row and when the last did, and a device error, after
         # which no pass can succeed.
         self.beat = 0.0

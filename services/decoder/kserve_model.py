@@ -175,7 +175,7 @@ class Memory3Model(kserve.Model):
         params = _parameters(payload.parameters)
         stop = params.pop("stop", None)
         request = await build_request(engine, prompt=prompt, stop=(stop,) if stop is not None else (),
-                                request_id=payload.id or "", client_id=client, **params)
+                                      request_id=payload.id or "", client_id=client, **params)
         whole = await engine.complete(request)
         values = {"text": lambda: whole.text,
                   "citations": lambda: json.dumps([citation_json(c) for c in whole.citations])}

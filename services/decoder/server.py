@@ -182,7 +182,7 @@ async def wait_for_dependencies(built: BuiltEngine, stopping: Callable[[], bool]
 
 
 async def watch_readiness(settings: DecoderSettings, built: BuiltEngine, report: Callable[[bool], Awaitable[None]],
-                          on_dead: Callable[[str], Awaitable[None]] | None = None) -> None:
+                          on_dead: Callable[[], Awaitable[None]] | None = None) -> None:
     """Readiness follows the engine's health and, with the fail-fast policy, the dependencies.
 
     Starts once they answered (ready); `report(up)` on each change, until cancelled. A request would
@@ -200,7 +200,7 @@ async def watch_readiness(settings: DecoderSettings, built: BuiltEngine, report:
         dead = engine.dead()
         if dead is not None:
             log.error("the decoder's engine cannot serve any more: %s", dead)
-            await (on_dead(dead) if on_dead is not None else report(False))
+            await (on_dead() if on_dead is not None else report(False))
             return
         why = engine.failing()
         if why is None and settings.engine.retrieval_policy == "fail" and not await built.dependencies_up():

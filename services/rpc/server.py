@@ -185,7 +185,7 @@ class Server:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def not_live(self, reason: str = "") -> None:
+    async def not_live(self) -> None:
         """The service can serve nothing until its process restarts: not ready, and not live, so that
         a liveness probe has it restarted. For good: nothing sets it back."""
         await self.not_serving()
