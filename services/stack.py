@@ -29,7 +29,7 @@ from pathlib import Path
 from .release.manifest import check_release_name
 from .storage.local_redis import start_local_redis
 from .storage.local_s3 import free_port, port_taken, start_local_s3
-from .storage.object_store import S3Config
+from .storage.object_store import S3Config, s3_arguments
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -108,7 +108,12 @@ class StackState:
 
     @property
     def s3_config(self) -> S3Config:
-        return S3Config(**self.s3)
+        bundle = self.s3.get("ca_bundle")
+        return S3Config(**{**self.s3, "ca_bundle": Path(bundle) if bundle else None})
+
+    def keep_store(self, s3: S3Config) -> None:
+        """Keep `s3` in the state, as JSON holds it (the CA bundle's path as text)."""
+        self.s3 = {**asdict(s3), "ca_bundle": str(s3.ca_bundle) if s3.ca_bundle else None}
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +293,7 @@ def _start_stack(options: StackOptions, ensure_release: Callable[[S3Config, str]
             log(f"S3 server (rclone) on {s3.endpoint}, data in {run_dir / 's3-data'}")
         else:
             s3 = options.s3
-        state.s3 = asdict(s3)
+        state.keep_store(s3)
         from .storage.object_store import ObjectStore
         ObjectStore(s3).ensure_bucket()
         if options.redis:
@@ -422,8 +427,7 @@ def wait_serving(process: StackProcess, timeout_s: float) -> None:
 def _service_args(name: str, options: StackOptions, state: StackState, port: int) -> list[str]:
     s3 = state.s3_config
     common = ["serve", name, "--release", options.release, "--host", "127.0.0.1", "--port", str(port),
-              "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
-              "--cache-dir", str(Path(state.home) / "releases" / name)]
+              *s3_arguments(s3), "--cache-dir", str(Path(state.home) / "releases" / name)]
     if name == "decoder":
         text = ",".join(state.address(t) for t in options.text_names())
         return [*common, "--text-address", text, "--memory-address", state.address("memory"),

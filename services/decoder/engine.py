@@ -56,8 +56,8 @@ NOT_STARTED_BY_DRAIN = ("the decoder is shutting down and had not started this r
                         "replica")
 
 RETRIEVAL_POLICIES = ("fail", "continue")
-# Model passes failing in a row that make the decoder not ready, for this long after the last one.
-FAILING_PASSES = 3
+# Scheduler steps failing in a row that make the decoder not ready, for this long after the last one.
+FAILING_STEPS = 3
 FAILING_FOR_S = 30.0
 
 
@@ -227,10 +227,10 @@ class Scheduler:
         self.turnover_s = 0.0
         self._last_step = self._last_release = 0.0
         # What the engine's health reads (`GenerationEngine.dead`, `failing`): when the loop last went round,
-        # the model passes that raised in a row and when the last did, and a device error, after
+        # the scheduler steps that raised in a row and when the last did, and a device error, after
         # which no pass can succeed.
         self.beat = 0.0
-        self.failed_passes = 0
+        self.failed_steps = 0
         self.last_failure = 0.0
         self.device_error: str | None = None
 
@@ -259,10 +259,10 @@ class Scheduler:
                 self.beat = time.monotonic()
                 try:
                     if self._step():
-                        self.failed_passes = 0
+                        self.failed_steps = 0
                 except Exception as e:  # noqa: BLE001 - a bug must not kill the engine silently
                     log.exception("scheduler step failed; failing the streams it held")
-                    self.failed_passes += 1
+                    self.failed_steps += 1
                     self.last_failure = time.monotonic()
                     if _is_device_error(e):
                         self.device_error = f"{type(e).__name__}: {e}"[:500]
@@ -271,7 +271,7 @@ class Scheduler:
                 now = time.thread_time()
                 metrics.SCHEDULER_CPU.inc(now - cpu)
                 cpu = now
-            self._drain_inbox()  # what streams that ended before the stop said of themselves (counted)
+            self._drain_inbox()  # what streams that ended before the stop said of themselves
 
     def _emit(self, stream: _Stream, message) -> None:
         self.outbox.append((stream, message))
@@ -583,6 +583,7 @@ class GenerationEngine:
         self.per_client: dict[str, int] = {}  # accepted requests by client id
         self.started = False
         self.draining = False
+        self._dead: str | None = None  # `dead`'s reason, once it has one
         self._tasks: set[asyncio.Task] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -593,10 +594,16 @@ class GenerationEngine:
 
     def dead(self) -> str | None:
         """Why the engine can serve nothing until its process restarts, or None: its scheduler thread
-        stopped, is stuck in one step (a hung device), or the device failed."""
-        scheduler = self.scheduler
+        stopped, was stuck in one step (a hung device), or the device failed. For good once said: a pass
+        stuck past `stall_s` that ends after all left a predictor live but never ready again."""
         if not self.started:
             return None
+        if self._dead is None:
+            self._dead = self._fault()
+        return self._dead
+
+    def _fault(self) -> str | None:
+        scheduler = self.scheduler
         if not scheduler.thread.is_alive():
             return "the scheduler thread has stopped"
         if scheduler.device_error is not None:
@@ -607,14 +614,14 @@ class GenerationEngine:
         return None
 
     def failing(self) -> str | None:
-        """Why the engine cannot serve now, or None: `dead`, or its last FAILING_PASSES model passes
-        failed, the last less than FAILING_FOR_S ago (whatever failed them fails the next request
-        too). Once that long passes without a failure it is taken as sound again: a pod that is not
-        ready gets no request whose pass could succeed and show it."""
+        """Why the engine cannot serve now, or None: `dead`, or its last FAILING_STEPS scheduler steps
+        failed (each fails the streams it held), the last less than FAILING_FOR_S ago: whatever failed
+        them fails the next request too. Once that long passes without a failure it is taken as sound
+        again: a pod that is not ready gets no request whose step could succeed and show it."""
         reason = self.dead()
-        if reason is None and self.scheduler.failed_passes >= FAILING_PASSES and \
+        if reason is None and self.scheduler.failed_steps >= FAILING_STEPS and \
                 time.monotonic() - self.scheduler.last_failure < FAILING_FOR_S:
-            reason = f"the last {self.scheduler.failed_passes} model passes failed"
+            reason = f"the last {self.scheduler.failed_steps} scheduler steps failed"
         return reason
 
     async def start(self) -> None:
@@ -704,6 +711,9 @@ class GenerationEngine:
                     yield event
         except ServiceError as e:
             metrics.REQUEST_FAILURE.labels(code=e.code.name).inc()
+            raise
+        except Exception:  # a bug: the front ends answer INTERNAL
+            metrics.REQUEST_FAILURE.labels(code="INTERNAL").inc()
             raise
         except (GeneratorExit, asyncio.CancelledError):
             if not finished:

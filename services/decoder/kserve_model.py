@@ -108,7 +108,7 @@ class Memory3Model(kserve.Model):
         return self._built.engine.dead() if self._built is not None else None
 
     async def healthy(self) -> bool:
-        """Ready to serve: the engine runs and its model passes do not keep failing, the dependencies
+        """Ready to serve: the engine runs and its scheduler steps do not keep failing, the dependencies
         answered (and answer, under the "fail" policy), and no stop has begun. Every readiness route
         and probe asks this."""
         engine = self._built.engine if self._built is not None else None

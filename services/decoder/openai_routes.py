@@ -204,7 +204,10 @@ async def _sse(first: GenerationEvent | None, events: AsyncIterator[GenerationEv
         event = first
         while event is not None:
             if event.text or event.citations or event.warnings or event.finish_reason is not None:
-                yield _data(_chunk(request, model_name, event))  # a chunk carries text, not token ids
+                chunk = _chunk(request, model_name, event)  # a chunk carries text, not token ids
+                if include_usage:  # the usage goes in the last chunk alone, as OpenAI's
+                    chunk.pop("usage", None)
+                yield _data(chunk)
             if event.finish_reason is not None and include_usage:
                 yield _data({**_head(request, model_name), "choices": [], "usage": _usage(event)})
             event = await anext(events, None)

@@ -21,8 +21,9 @@ INTER_TOKEN_LATENCY = Histogram("memory3_inter_token_latency_seconds", "Time bet
                                 buckets=_LATENCY_BUCKETS)
 E2E_REQUEST_LATENCY = Histogram("memory3_e2e_request_latency_seconds", "Time from request arrival to its end.",
                                 buckets=_LATENCY_BUCKETS)
-REQUEST_QUEUE_TIME = Histogram("memory3_request_queue_time_seconds", "Time a request waited for a batch slot.",
-                               buckets=_LATENCY_BUCKETS)
+REQUEST_QUEUE_TIME = Histogram("memory3_request_queue_time_seconds",
+                               "Time from a request's arrival to its batch slot: tokenizing, its prompt's "
+                               "memories and the wait for a row.", buckets=_LATENCY_BUCKETS)
 NUM_REQUESTS_RUNNING = Gauge("memory3_num_requests_running", "Streams holding a batch slot.")
 NUM_REQUESTS_WAITING = Gauge("memory3_num_requests_waiting", "Streams queued for a batch slot.")
 GENERATION_TOKENS = Counter("memory3_generation_tokens", "Tokens generated.")

@@ -49,6 +49,14 @@ class S3Config:
         return f"S3Config(endpoint={self.endpoint!r}, bucket={self.bucket!r}, secure={self.secure})"
 
 
+def s3_arguments(s3: S3Config) -> list[str]:
+    """The `memory3` command-line arguments that give a child process this store (its credentials go
+    in the environment): all of it, or a service on HTTPS ran its jobs over plain HTTP."""
+    return ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket, "--s3-region", s3.region,
+            *(["--s3-secure"] if s3.secure else []),
+            *(["--s3-ca-bundle", str(s3.ca_bundle)] if s3.ca_bundle is not None else [])]
+
+
 class ObjectStore:
     """An S3 bucket. `read_retries`: how often a request whose answer did not come within
     `timeout_s` is sent again (a server that hangs then holds a call that long, times this plus

@@ -44,7 +44,7 @@ from ..release.manifest import Manifest, ReleaseError, ReleaseNotFound, check_re
 from ..release.reader import read_manifest
 from ..retrieval.index import check_index_choice
 from ..rpc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, Unavailable
-from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
+from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable, s3_arguments
 
 log = logging.getLogger("memory3.trainer")
 
@@ -149,6 +149,20 @@ class Job:
     removals: Path | None = None  # and the references it removes (JSON Lines: `kb ... --from`)
     record: Path | None = None  # where its record is kept
     saved_state: str | None = None  # the state its record holds
+    # Cancelled while its child ran, which has not ended yet: the state may still turn SUCCEEDED (a
+    # release published before the cancel reached the child), so watchers stay until it ended.
+    settling: bool = False
+
+    @property
+    def over(self) -> bool:
+        """In its final state: watchers have nothing more to wait for."""
+        return self.state in TERMINAL and not self.settling
+
+    async def settle(self) -> None:
+        """The child of a cancelled job ended: its state is final now."""
+        async with self.changed:
+            self.settling = False
+            self.changed.notify_all()
 
     @property
     def published(self) -> int:
@@ -193,14 +207,6 @@ class Job:
                   dropped=int(data.get("dropped", 0)), record=record, saved_state=str(data["state"]))
         job.events.extend(data.get("events", []))
         return job
-
-
-def s3_arguments(s3: S3Config) -> list[str]:
-    """The command-line arguments that give a child process this object store (its credentials go in
-    the environment): all of it, or a service on HTTPS ran its jobs over plain HTTP."""
-    return ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket, "--s3-region", s3.region,
-            *(["--s3-secure"] if s3.secure else []),
-            *(["--s3-ca-bundle", str(s3.ca_bundle)] if s3.ca_bundle is not None else [])]
 
 
 class TrainingJobManager:
@@ -257,7 +263,7 @@ class TrainingJobManager:
         self._forget_old_jobs()
 
     def _forget_old_jobs(self) -> None:
-        finished = [job for job in self.jobs.values() if job.state in TERMINAL]
+        finished = [job for job in self.jobs.values() if job.over]
         for job in finished[:max(0, len(finished) - MAX_FINISHED_JOBS)]:
             del self.jobs[job.id]
             if job.record is not None:
@@ -333,7 +339,7 @@ class TrainingJobManager:
         sent = 0  # of the events published
         while True:
             async with job.changed:
-                await job.changed.wait_for(lambda n=sent: job.published > n or job.state in TERMINAL)
+                await job.changed.wait_for(lambda n=sent: job.published > n or job.over)
                 new = []
                 if sent < job.dropped:
                     state = job.events[0]["state"] if job.events else job.state
@@ -341,7 +347,7 @@ class TrainingJobManager:
                     sent = job.dropped
                 new += islice(job.events, sent - job.dropped, None)
                 sent = job.published
-                done = job.state in TERMINAL
+                done = job.over
             for event in new:
                 yield event
             if done and sent == job.published:
@@ -352,6 +358,7 @@ class TrainingJobManager:
         if job.state in TERMINAL:
             return job.state
         if job.process is not None and job.process.returncode is None:
+            job.settling = True
             self._terminate(job.process)
         elif job.state == QUEUED:  # it will not run
             self._remove_job_files(job)
@@ -438,6 +445,7 @@ class TrainingJobManager:
                     job.state = FAILED
                     await job.publish({"message": "internal error in the trainer service while running the job"})
             finally:
+                await job.settle()
                 self._remove_job_files(job)  # they are in the release now, or were refused
                 self._forget_old_jobs()
 

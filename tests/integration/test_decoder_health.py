@@ -53,7 +53,7 @@ def test_health_follows_the_engine(tmp_path, random_release, local_s3, monkeypat
 
                 with monkeypatch.context() as patched:
                     patched.setattr(model, "forward", broken)
-                    failures = [await complete() for _ in range(engine_module.FAILING_PASSES)]
+                    failures = [await complete() for _ in range(engine_module.FAILING_STEPS)]
                     await asyncio.sleep(0.5)
                     seen["failing"] = (failures, await status())
                 await asyncio.sleep(1.5)  # no failure for FAILING_FOR_S: taken as sound again

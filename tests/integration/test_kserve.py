@@ -259,9 +259,10 @@ def test_the_openai_sdk_lists_the_model_completes_and_streams(kserve_server):
         model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)]
     assert len(pieces) > 3 and "".join(pieces) == whole.choices[0].text
     # With include_usage the stream ends with a chunk of no choices and the usage, which the SDK reads.
-    last = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
-                                          stream_options={"include_usage": True}))[-1]
+    *chunks, last = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
+                                              stream_options={"include_usage": True})
     assert last.choices == [] and last.usage.completion_tokens == 24
+    assert chunks[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in chunks)
     with pytest.raises(openai.BadRequestError, match="temperature must be a finite number >= 0"):
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
     with pytest.raises(openai.NotFoundError, match="not served here"):

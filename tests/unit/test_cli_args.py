@@ -129,7 +129,7 @@ def test_a_service_gives_its_jobs_the_whole_object_store(tmp_path, monkeypatch):
     """The trainer passed its jobs the endpoint and bucket alone: a service on HTTPS (or in another region,
     or behind a private CA) ran its jobs against plain HTTP and us-east-1."""
     from memory3.services.cli.main import s3_config
-    from memory3.services.trainer.engine import s3_arguments
+    from memory3.services.storage.object_store import s3_arguments
 
     monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
     monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")

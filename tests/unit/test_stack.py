@@ -321,3 +321,20 @@ def test_a_state_file_that_cannot_be_read_is_one_line_that_says_what_to_do(tmp_p
     assert err.rstrip().endswith("if they still run, then remove the file")
     if '"pid": 7' in text:
         assert "stop the processes it lists (pids 7)" in err
+
+
+def test_a_stack_on_a_store_of_its_callers_gives_its_services_all_of_it(tmp_path):
+    """A store given to the stack (tests, benchmarks) reached its services as endpoint and bucket alone, and
+    one with a CA bundle could not even be saved in the state file."""
+    from memory3.services.stack import StackOptions, StackState, _service_args
+
+    bundle = tmp_path / "ca.pem"
+    store = S3Config("s3.example.com:443", "k", "s", bucket="b", secure=True, region="eu-west-3", ca_bundle=bundle)
+    state = StackState(str(tmp_path), "r", {}, None)
+    state.keep_store(store)
+    state.save(tmp_path / "state.json")
+    loaded = StackState.load(tmp_path / "state.json")
+    assert loaded.s3_config == store
+    args = _service_args("memory", StackOptions(home=tmp_path, release="r", s3=store), loaded, 50051)
+    assert args[args.index("--s3-region") + 1] == "eu-west-3" and "--s3-secure" in args
+    assert args[args.index("--s3-ca-bundle") + 1] == str(bundle)

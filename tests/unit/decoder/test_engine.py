@@ -567,7 +567,7 @@ def test_model_passes_that_keep_failing_make_the_engine_not_ready_for_a_while(ti
         try:
             with monkeypatch.context() as patched:
                 patched.setattr(tiny_model, "forward", broken)
-                for _ in range(engine_module.FAILING_PASSES):
+                for _ in range(engine_module.FAILING_STEPS):
                     assert engine.failing() is None
                     with pytest.raises(engine_module.ServiceError, match="internal error in the decoder"):
                         await collect(engine, GenerationRequest(body, 4, use_memory=False))
@@ -575,13 +575,13 @@ def test_model_passes_that_keep_failing_make_the_engine_not_ready_for_a_while(ti
             await asyncio.sleep(0.6)
             sound_again = engine.failing()
             tokens, _, _ = await collect(engine, GenerationRequest(body, 4, use_memory=False))
-            return failing, dead, sound_again, tokens, engine.scheduler.failed_passes
+            return failing, dead, sound_again, tokens, engine.scheduler.failed_steps
         finally:
             await engine.close()
 
-    failing, dead, sound_again, tokens, failed_passes = run(main())
-    assert failing == "the last 3 model passes failed" and dead is None
-    assert sound_again is None and len(tokens) == 4 and failed_passes == 0
+    failing, dead, sound_again, tokens, failed_steps = run(main())
+    assert failing == "the last 3 scheduler steps failed" and dead is None
+    assert sound_again is None and len(tokens) == 4 and failed_steps == 0
 
 
 @pytest.mark.parametrize("fault", ["device", "stuck"])
@@ -612,6 +612,8 @@ def test_a_device_fault_or_a_stuck_pass_makes_the_engine_dead(tiny_model, text_c
                 gate.set()
                 with pytest.raises(engine_module.ServiceError):
                     await request
+            await asyncio.sleep(0.1)
+            assert engine.dead() == dead  # for good: the pass that ended after all proves nothing
             return dead
         finally:
             gate.set()
@@ -725,3 +727,26 @@ def test_a_request_its_client_leaves_is_counted_as_an_abort(tiny_model, text_cod
 
     run(main())
     assert aborts() - before == 1
+
+
+def test_a_request_ended_by_a_bug_is_counted_as_internal(tiny_model, text_codec):
+    class BrokenFetch(FakeRetrieval):
+        async def fetch(self, ids):
+            raise KeyError("a bug")
+
+    def internal():
+        return metrics.REQUEST_FAILURE.labels(code="INTERNAL")._value.get()
+
+    before = internal()
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, BrokenFetch({}), EngineConfig(max_batch=1))
+        await engine.start()
+        try:
+            with pytest.raises(KeyError):
+                await collect(engine, GenerationRequest(prompts(1, text_codec)[0], 4))
+        finally:
+            await engine.close()
+
+    run(main())
+    assert internal() - before == 1

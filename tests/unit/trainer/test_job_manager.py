@@ -338,19 +338,19 @@ def test_a_cancel_that_comes_after_the_publication_leaves_the_job_succeeded(tmp_
             async for event in jobs.watch(job):
                 if event.get("message") == "working":
                     break
+            watched = asyncio.ensure_future(_events(jobs.watch(job)))  # a watcher from before the cancel
             if published:
                 store.publish()
             assert await jobs.cancel(job) == CANCELLED
-            await asyncio.wait_for(jobs.get(job).process.wait(), 10)
-            for _ in range(100):
-                if jobs.get(job).events[-1].get("message") != "cancelled":
-                    break
-                await asyncio.sleep(0.05)
-            return jobs.get(job)
+            return jobs.get(job), await asyncio.wait_for(watched, 20)
         finally:
             await jobs.stop(grace_s=0.5)
 
-    job = asyncio.run(asyncio.wait_for(main(), 60))
-    assert job.state == state
+    job, events = asyncio.run(asyncio.wait_for(main(), 60))
+    assert job.state == state and events[-1]["state"] == state  # the watcher saw how it ended
     if state == SUCCEEDED:
         assert job.release == "late" and "was published before the cancel" in job.events[-1]["message"]
+
+
+async def _events(watch) -> list[dict]:
+    return [event async for event in watch]

@@ -433,7 +433,8 @@ on an install their pods start with it). */}}
 {{- end -}}
 
 {{/* Native gRPC probes: startup and readiness on the overall health, liveness on the `liveness` name (SERVING
-while the process runs, so a lost dependency takes a pod out of rotation without restarting it). With TLS they
+while the process runs, so a lost dependency takes a pod out of rotation without restarting it; a decoder whose
+engine cannot serve again, after a device fault or a stuck model pass, turns it NOT_SERVING to be restarted). With TLS they
 ask the plaintext health-only port (`--health-port`): the kubelet's grpc probes cannot speak TLS. */}}
 {{- define "memory3.grpcProbes" -}}
 startupProbe:
