@@ -28,7 +28,7 @@ from ..memory.client import MemoryClient
 from ..memory.engine import release_ids_per_reply
 from ..release.publish import CODEC_FILE, TOKENIZER_KEY
 from ..release.reader import Release
-from ..rpc.errors import Unavailable
+from ..rpc.errors import ServiceError, Unavailable
 from ..rpc.server import MAX_MESSAGE_BYTES, Server, ServerOptions, client_channel, serve_until_signal
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
 from ..text.client import ShardedTextClient, TextClient
@@ -107,6 +107,19 @@ class BuiltEngine:
                 return False
         return True
 
+    async def retrieval_problem(self) -> str | None:
+        """Why retrieval through these text services cannot work, or None: one retrieval of a chunk
+        of nothing, which every shard answers at once with its release and shard. Shards that do not
+        make one index (an address given twice, a shard count that differs) or another release left
+        the decoder ready while every request failed."""
+        if not self.health:
+            return None  # in-process: the release's own index
+        try:
+            await self.engine.retrieval.retrieve([[self.engine.codec.bos_id]], 1, False)
+        except ServiceError as e:  # Unavailable, or an address that is no text service (UNIMPLEMENTED)
+            return str(e)
+        return None
+
     async def close(self) -> None:
         await self.engine.close()
         for channel in self.channels:
@@ -169,16 +182,23 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
 
 
 async def wait_for_dependencies(built: BuiltEngine, stopping: Callable[[], bool] = lambda: False) -> bool:
-    """Wait until the text and memory services answer SERVING; False if `stopping()` turned true first.
-
-    A server told to stop while a dependency is still down must not wait for it forever.
+    """Wait until the text and memory services answer SERVING, and the text services answer a retrieval
+    as the shards of this decoder's release (`BuiltEngine.retrieval_problem`); False if `stopping()`
+    turned true first. A server told to stop while a dependency is still down must not wait for it forever.
     """
-    while not await built.dependencies_up():
+    said = None
+    while True:
+        problem = "the text and memory services do not report SERVING yet"
+        if await built.dependencies_up():
+            problem = await built.retrieval_problem()
+            if problem is None:
+                return not stopping()
         if stopping():
             return False
-        log.info("waiting for the text and memory services to report SERVING")
+        if problem != said:  # once per change: a rollout can take minutes
+            log.warning("waiting for the text and memory services: %s", problem)
+            said = problem
         await asyncio.sleep(0.5)
-    return not stopping()
 
 
 async def watch_readiness(settings: DecoderSettings, built: BuiltEngine, report: Callable[[bool], Awaitable[None]],

@@ -19,9 +19,12 @@ from concurrent import futures
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from release_fixtures import RANDOM_RELEASE
 
 from memory3.services.cli.main import main
 from memory3.services.storage.local_s3 import free_port
+from memory3.v1 import text_service_pb2 as text_pb
+from memory3.v1 import text_service_pb2_grpc as text_pb_grpc
 
 pytestmark = pytest.mark.integration
 MODEL = "memory3"
@@ -119,13 +122,23 @@ def kserve_server(tmp_path_factory, random_release, local_s3):
         server.stop()
 
 
+class NothingFound(text_pb_grpc.TextServiceServicer):
+    """A text service of the release's one index shard that finds nothing: what the decoder asks at start."""
+
+    def Retrieve(self, request, context):  # noqa: N802 - gRPC method name
+        return text_pb.RetrieveResponse(results=[text_pb.RetrievalResult() for _ in request.queries],
+                                        release=RANDOM_RELEASE, shard_index=0, shard_count=1, top_k=1)
+
+
 class Dependency:
-    """A gRPC health service in place of the text or the memory service: KServe readiness asks only it."""
+    """A gRPC health service in place of the text or the memory service (the text one answers a retrieval
+    with nothing): KServe readiness asks only them."""
 
     def __init__(self) -> None:
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        text_pb_grpc.add_TextServiceServicer_to_server(NothingFound(), self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.serving(False)
         self.server.start()
