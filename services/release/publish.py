@@ -31,7 +31,7 @@ from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
 from ..retrieval.index import VectorIndex, check_index_choice
-from ..storage.object_store import ObjectStore, StoreError
+from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError
 from ..trainer.kb import Reference
 from .lease import Publication
 from .manifest import (
@@ -69,6 +69,7 @@ def publish_release(
     parent_index: VectorIndex | None = None, parent_references: Sequence[dict] = (), parent: str | None = None,
     batch_size: int = 32, progress: bool = True, log: Callable[[str], None] | None = None,
     on_encoded: Callable[[int, int], None] | None = None, index_kind: str = "auto", sources: Sequence[str] = (),
+    as_read: Sequence[Manifest] = (),
 ) -> Manifest:
     """Encode memories for `references` (new ones only, for a derived release) and publish `name`.
 
@@ -77,7 +78,8 @@ def publish_release(
     total)` follows the encoding, batch by batch, for programs (the bar is for people).
     `index_kind` is one of `INDEX_CHOICES`, kept in the manifest for the releases derived from this one.
     `sources` are the releases other than `parent` whose memories it lists (a merge's), checked with
-    the parent to be still published when the manifest is written.
+    the parent to be still published when the manifest is written; `as_read`, their manifests as they
+    were read to prepare this one, to be still the same (not deleted and published anew meanwhile).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_release_name(name)
@@ -89,10 +91,10 @@ def publish_release(
     written: list[str] = []
     try:
         sources = [*([parent] if parent else []), *sources]
-        _check_sources(store, name, sources)
+        _check_sources(store, name, sources, as_read)
         manifest = _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
                             parent_index, parent_references, parent, batch_size, progress, log, on_encoded,
-                            index_kind, lambda files: (_check_sources(store, name, sources),
+                            index_kind, lambda files: (_check_sources(store, name, sources, as_read),
                                                        _check_files(store, name, files, publication)),
                             publication.check_held, written)
     except BaseException:
@@ -124,14 +126,23 @@ def _check_free(store: ObjectStore, name: str) -> None:
         raise ReleaseExists(f"release {name!r} already exists; releases are immutable, choose another name")
 
 
-def _check_sources(store: ObjectStore, name: str, sources: Sequence[str]) -> None:
-    """The releases `name` is made from are still published: deleting one removes the memories only
-    it listed, which `name` lists too (a deletion waits for a running publication, but not for the
-    work a publisher does before it holds its lease)."""
+def _check_sources(store: ObjectStore, name: str, sources: Sequence[str], as_read: Sequence[Manifest] = ()) -> None:
+    """The releases `name` is made from are still published, as they were read: deleting one removes
+    the memories only it listed, which `name` lists too (a deletion waits for a running publication,
+    but not for the work a publisher does before it holds its lease), and one published anew under
+    its name meanwhile holds other references than those `name` was made from."""
     gone = [source for source in sources if not store.exists(release_key(source, MANIFEST_FILE))]
     if gone:
         raise ReleaseError(f"release {gone[0]!r}, which {name!r} is made from, was deleted while {name!r} was being "
                            "prepared, with memories it may list; nothing was published")
+    for read in as_read:
+        try:
+            now = Manifest.from_json(store.get_bytes(release_key(read.name, MANIFEST_FILE)).decode())
+        except (ObjectNotFound, ReleaseError):
+            now = None
+        if now != read:
+            raise ReleaseError(f"release {read.name!r}, which {name!r} is made from, was deleted and published anew "
+                               f"while {name!r} was being prepared: nothing was published; run it again")
 
 
 def _check_files(store: ObjectStore, name: str, files: dict[str, dict], publication: Publication) -> None:

@@ -201,7 +201,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
                            embedder_name=embedder.name, memory_codec=base.memory_codec(), provenance=provenance,
                            parent_index=base.index().without(drop) if drop else base.index(),
                            parent_references=[r for r in base.references if r["id"] not in drop], parent=parent,
-                           progress=progress, on_encoded=on_encoded, index_kind=index_kind)
+                           progress=progress, on_encoded=on_encoded, index_kind=index_kind, as_read=[base.manifest])
 
 
 def references_to_remove(release: Release, *, ids: Collection[str] = (), matches: Collection[str] = ()) -> list[dict]:
@@ -430,18 +430,20 @@ def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool =
     print(f"merging {len(plan.derived)} releases into {plan.base.name!r} as {name!r}: "
           f"{len(plan.added)} references added, {len(plan.removed)} removed", file=sys.stderr)
     return _publish_derived(store, plan.base, name, plan.rows(), index, provenance, progress,
-                            sources=[d.name for d in plan.derived])
+                            sources=[d.name for d in plan.derived], as_read=[d.manifest for d in plan.derived])
 
 
 def _publish_derived(store: ObjectStore, base: Release, name: str, rows: list[dict], index: VectorIndex,
-                     provenance: dict, progress: bool, sources: Sequence[str] = ()) -> Manifest:
+                     provenance: dict, progress: bool, sources: Sequence[str] = (),
+                     as_read: Sequence[Manifest] = ()) -> Manifest:
     """Publish `name` with `base`'s model and bank, and this table and index (nothing encoded), under
     `base`'s index kind: shards merged into a base past a size threshold get the index of their size."""
     return publish_release(store, name, model=base.load_model(), codec=base.text_codec(), references=[],
                            embed=_never_embeds, embedder_name=base.manifest.index["embedder"],
                            memory_codec=base.memory_codec(), provenance=provenance, parent_index=index,
                            parent_references=rows, parent=base.name, progress=progress,
-                           index_kind=index_choice(base.manifest), sources=sources)
+                           index_kind=index_choice(base.manifest), sources=sources,
+                           as_read=[base.manifest, *as_read])
 
 
 def _never_embeds(texts):

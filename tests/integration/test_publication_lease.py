@@ -143,6 +143,20 @@ def test_a_parent_deleted_while_its_child_is_prepared_fails_the_child(base, docu
     assert base.list_keys(release_key("child", "")) == []
 
 
+def test_a_parent_published_anew_while_its_child_is_prepared_fails_the_child(base, document, tmp_path, embedder):
+    """Deleted and published again under its name (other references, another bank) while the child was
+    prepared from it: the parent existed when the child checked, and the child listed memories the
+    deletion had removed."""
+    def republish_the_parent(done, total):  # a deletion and a publication that began earlier
+        key = release_key("base", "manifest.json")
+        manifest = json.loads(base.get_bytes(key))
+        base.put_bytes(key, json.dumps({**manifest, "created": "2999-01-01T00:00:00+00:00"}).encode())
+
+    with pytest.raises(ReleaseError, match="'base', which 'child' is made from, was deleted and published anew"):
+        add(base, document, "child", tmp_path, embedder, on_encoded=republish_the_parent)
+    assert base.list_keys(release_key("child", "")) == []
+
+
 def test_an_unreadable_or_expired_maintenance_lease_holds_no_publication_and_goes(bucket, monkeypatch):
     """An unreadable maintenance lease counted as renewed at every look: every publication of the
     bucket waited for it for ever, and expired ones were never removed."""
