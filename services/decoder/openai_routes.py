@@ -14,7 +14,8 @@ a request that fails before its first token gets that status, never a 200 stream
 
 Defaults follow OpenAI (temperature 1, top_p 1) except `max_tokens`, which defaults to the
 server's `--default-max-tokens`. A prompt given as token ids is the text's ids: the context's `<s>`
-is put before them, as before a text prompt (so `usage.prompt_tokens` counts one more). Extensions: `top_k`, `use_memory` (default true) and
+is put before them, as before a text prompt (so `usage.prompt_tokens` counts one more).
+Extensions: `top_k`, `use_memory` (default true) and
 `include_reference_text`; replies carry `citations` (per 64-token chunk, the references read)
 and `warnings` when there are any.
 """
