@@ -716,7 +716,12 @@ class GenerationEngine:
             metrics.REQUEST_FAILURE.labels(code="INTERNAL").inc()
             raise
         except (GeneratorExit, asyncio.CancelledError):
-            if not finished:
+            if finished:
+                pass
+            elif request.deadline is not None and time.monotonic() >= request.deadline:
+                # gRPC cancelled the call at its deadline before the scheduler ended it: the same end
+                metrics.REQUEST_FAILURE.labels(code="DEADLINE_EXCEEDED").inc()
+            else:
                 metrics.REQUEST_SUCCESS.labels(finished_reason="abort").inc()
             raise
 

@@ -12,12 +12,16 @@ import asyncio
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from memory3.model.generate import SamplingParams
 
 from ..rpc.errors import InvalidInput, NotFound, shown
 from .engine import GenerationEngine, GenerationRequest, new_request_id
 
+# Prompts are tokenized here, apart from the default executor's threads, which decode fetched
+# memories: a burst of long prompts would hold those up, and the streams waiting for them.
+_TOKENIZING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memory3-tokenize")
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_REQUEST_ID_CHARS = 128
@@ -45,7 +49,7 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
     for name, text in [("prompt", prompt), *(("stop", s) for s in stop)]:
         _check_unicode(name, text)
     if prompt:
-        (body,) = await asyncio.to_thread(engine.codec.bodies, [prompt])
+        (body,) = await asyncio.get_running_loop().run_in_executor(_TOKENIZING, engine.codec.bodies, [prompt])
     else:
         body = [engine.codec.bos_id, *prompt_token_ids]
     if not math.isfinite(temperature) or temperature < 0:

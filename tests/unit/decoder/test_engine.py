@@ -750,3 +750,28 @@ def test_a_request_ended_by_a_bug_is_counted_as_internal(tiny_model, text_codec)
 
     run(main())
     assert internal() - before == 1
+
+
+def test_a_request_cut_at_its_deadline_is_counted_as_one_whoever_notices_first(tiny_model, text_codec):
+    """gRPC cancels a call at its deadline, often before the scheduler ends the stream: it was an abort."""
+    def counts():
+        return (metrics.REQUEST_FAILURE.labels(code="DEADLINE_EXCEEDED")._value.get(),
+                metrics.REQUEST_SUCCESS.labels(finished_reason="abort")._value.get())
+
+    body = prompts(1, text_codec)[0]
+    before = counts()
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=1))
+        await engine.start()
+        try:
+            late = engine.generate(GenerationRequest(body, 400, use_memory=False, deadline=time.monotonic() + 0.1))
+            await late.__anext__()
+            await asyncio.sleep(0.15)
+            await late.aclose()  # the server's handler, cancelled at the deadline
+        finally:
+            await engine.close()
+
+    run(main())
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 0)

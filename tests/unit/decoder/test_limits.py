@@ -192,3 +192,23 @@ def test_a_long_prompt_is_tokenized_without_stalling_the_event_loop(fake_engine)
     assert longest < alone / 2, (longest, alone)
     assert len(request.prompt_ids) == 4 * len(prompt) + 1
     assert before <= request.arrival <= time.monotonic()
+
+
+def test_prompts_are_tokenized_apart_from_the_threads_that_decode_memories(fake_engine):
+    """Tokenizing shared the default executor with memory decoding: a burst of long prompts held up the
+    memories streams were waiting for, and busy decoding held up every new prompt."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        gate = threading.Event()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        busy = loop.run_in_executor(None, gate.wait, 10)  # the default executor's only thread, decoding
+        try:
+            return await asyncio.wait_for(validation.build_request(fake_engine, prompt="hello"), 5)
+        finally:
+            gate.set()
+            await busy
+
+    assert len(asyncio.run(main()).prompt_ids) == 6
