@@ -12,15 +12,15 @@ Layout and policy:
   `noeviction` a full Redis refuses writes; reads keep working and a warning is logged.
 - Redis is an optimisation, never a dependency: socket timeouts are short (0.2 s), redis-py's
   own retries are off, and after a failure the tier is marked down (logged once) and skipped,
-  with a retry after an exponential backoff. A timeout bounds a whole reply (and a whole send), so
-  reads and writes go in parts of at most PART_BYTES (from the memories' size, `value_bytes`): 64
-  memories of the paper's size in bf16 are 29 MB, which a healthy Redis behind a 1 Gb/s link
-  cannot deliver in 0.2 s, and it was marked down. At most `max_concurrency` calls reach Redis at
-  once (the others wait their turn): past redis-py's 100 connections the pool itself refused, and
-  a healthy Redis was marked down at the busiest moment. Callers then read through to the object store. A
-  Redis that answers but refuses a read (an ACL without `memory3:*` keys, a read-only replica, a
-  Cluster node behind a plain URL) is treated as down too; at start, `check_usable` turns these
-  into a configuration error that says what to fix.
+  with a retry after an exponential backoff. Callers then read through to the object store. A
+  timeout bounds a whole reply (and a whole send), so reads and writes go in parts of at most
+  PART_BYTES (from the memories' size, `value_bytes`): 64 memories of the paper's size in bf16 are
+  29 MB, which a healthy Redis behind a 1 Gb/s link cannot deliver in 0.2 s, and it was marked
+  down. At most `max_concurrency` calls reach Redis at once (the others wait their turn): past
+  redis-py's 100 connections the pool itself refused, and a healthy Redis was marked down at the
+  busiest moment. A Redis that answers but refuses a read (an ACL without `memory3:*` keys, a
+  read-only replica, a Cluster node behind a plain URL) is treated as down too; at start,
+  `check_usable` turns these into a configuration error that says what to fix.
 - One server, the primary that Sentinel names, or a Cluster (`redis_url`). Sentinel: a failover
   marks the tier down until the backoff's retry, whose new connection goes to the new primary.
   Cluster: keys spread over slots, so reads are one MGET per slot (`mget_nonatomic`) instead of
