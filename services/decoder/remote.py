@@ -37,10 +37,11 @@ _FETCHES, _HITS, _MISSES = (m.labels(tier=TIER) for m in (metrics.MEMORY_FETCHES
                                                            metrics.MEMORY_MISSES))
 
 
-def _message_too_large(e: grpc.aio.AioRpcError) -> bool:
-    """gRPC's own RESOURCE_EXHAUSTED for a message over a channel's limit: a setting to fix, which
-    waiting or generating without memory would hide, not an overloaded service."""
-    return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or "")
+def _outage(code: grpc.StatusCode, details: str) -> bool:
+    """A service that cannot answer now, for the retrieval policy to judge. gRPC's own
+    RESOURCE_EXHAUSTED for a message over a channel's limit is not one: a setting to fix, which
+    waiting or generating without memory would hide."""
+    return code in _OUTAGE and not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details)
 
 
 def memory_nbytes(memory: ExplicitMemory) -> int:
@@ -68,7 +69,7 @@ class RemoteRetrieval:
         try:
             hits = await self.text.retrieve(queries, top_k, include_text)
         except grpc.aio.AioRpcError as e:
-            if e.code() in _OUTAGE and not _message_too_large(e):
+            if _outage(e.code(), e.details() or ""):
                 raise Unavailable(f"text service: {e.details()}") from e
             raise error_from_rpc(e) from e
         except ShardMismatch as e:
@@ -112,7 +113,7 @@ class RemoteRetrieval:
             except ServiceError as e:
                 # As for the text service: an outage (a pod stopped mid-call answers CANCELLED) or an
                 # overload is for the retrieval policy to judge, never the client's own CANCELLED.
-                if e.code in _OUTAGE and "larger than max" not in str(e):
+                if _outage(e.code, str(e)):
                     raise Unavailable(f"memory service: {e}") from e
                 raise
             decoded = await asyncio.to_thread(self._decode, missing, blobs)

@@ -71,7 +71,6 @@ class RedisTier:
             raise ValueError("value_bytes must be >= 0 and max_concurrency >= 1")
         self.target = parse_redis_url(url, password=password)  # password: as is, when the URL holds none
         self.where, self.ttl_s = self.target.redacted(), ttl_s
-        self.value_bytes = value_bytes
         self.keys_per_part = max(1, min(MGET_KEYS, PART_BYTES // value_bytes)) if value_bytes else MGET_KEYS
         self._slots = asyncio.Semaphore(max_concurrency)
         self.client = connect(self.target, socket_timeout=socket_timeout)

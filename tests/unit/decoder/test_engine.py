@@ -68,6 +68,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def failures(code: str) -> float:
+    return metrics.REQUEST_FAILURE.labels(code=code)._value.get()
+
+
+def successes(reason: str) -> float:
+    return metrics.REQUEST_SUCCESS.labels(finished_reason=reason)._value.get()
+
+
 async def collect(engine, request, *, delay_start: float = 0.0):
     await asyncio.sleep(delay_start)
     tokens, text, events = [], "", []
@@ -628,9 +636,6 @@ def test_a_device_fault_or_a_stuck_pass_makes_the_engine_dead(tiny_model, text_c
 def test_every_failed_request_is_counted_once_by_its_code(tiny_model, text_codec, memories, monkeypatch):
     """Only the scheduler counted failures: a retrieval outage under the fail policy, a corrupt memory
     or a refusal at capacity failed the request uncounted, and the error-ratio alert never fired."""
-    def failures(code):
-        return metrics.REQUEST_FAILURE.labels(code=code)._value.get()
-
     body = prompts(1, text_codec)[0]
     codes = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
     before = {code: failures(code) for code in codes}
@@ -668,9 +673,6 @@ def test_a_stop_string_the_last_token_completes_is_counted_as_the_client_is_told
     monkeypatch.setattr(engine_module.Scheduler, "_sample",
                         lambda self, streams, logits: [script[len(s.tokens)] for s in streams])
 
-    def successes(reason):
-        return metrics.REQUEST_SUCCESS.labels(finished_reason=reason)._value.get()
-
     before = successes("stop"), successes("length")
     engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2))
     tokens, text, events = collect_alone(engine, GenerationRequest(prompts(1, text_codec)[0], 3, stop=("c",),
@@ -704,11 +706,8 @@ def test_a_deadline_that_passes_in_the_queue_says_so(tiny_model, text_codec):
 
 def test_a_request_its_client_leaves_is_counted_as_an_abort(tiny_model, text_codec):
     """A hang-up or a cancel ended a request uncounted: only finished and failed ones were."""
-    def aborts():
-        return metrics.REQUEST_SUCCESS.labels(finished_reason="abort")._value.get()
-
     body = prompts(1, text_codec)[0]
-    before = aborts()
+    before = successes("abort")
 
     async def main():
         engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2))
@@ -726,7 +725,7 @@ def test_a_request_its_client_leaves_is_counted_as_an_abort(tiny_model, text_cod
             await engine.close()
 
     run(main())
-    assert aborts() - before == 1
+    assert successes("abort") - before == 1
 
 
 def test_a_request_ended_by_a_bug_is_counted_as_internal(tiny_model, text_codec):
@@ -734,10 +733,7 @@ def test_a_request_ended_by_a_bug_is_counted_as_internal(tiny_model, text_codec)
         async def fetch(self, ids):
             raise KeyError("a bug")
 
-    def internal():
-        return metrics.REQUEST_FAILURE.labels(code="INTERNAL")._value.get()
-
-    before = internal()
+    before = failures("INTERNAL")
 
     async def main():
         engine = GenerationEngine(tiny_model, text_codec, BrokenFetch({}), EngineConfig(max_batch=1))
@@ -749,14 +745,13 @@ def test_a_request_ended_by_a_bug_is_counted_as_internal(tiny_model, text_codec)
             await engine.close()
 
     run(main())
-    assert internal() - before == 1
+    assert failures("INTERNAL") - before == 1
 
 
 def test_a_request_cut_at_its_deadline_is_counted_as_one_whoever_notices_first(tiny_model, text_codec):
     """gRPC cancels a call at its deadline, often before the scheduler ends the stream: it was an abort."""
     def counts():
-        return (metrics.REQUEST_FAILURE.labels(code="DEADLINE_EXCEEDED")._value.get(),
-                metrics.REQUEST_SUCCESS.labels(finished_reason="abort")._value.get())
+        return failures("DEADLINE_EXCEEDED"), successes("abort")
 
     body = prompts(1, text_codec)[0]
     before = counts()
