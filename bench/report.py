@@ -81,6 +81,17 @@ def render_table(results_dir: Path) -> str:
         hit_rate = serving.get("on_off", {}).get("decoder_memory_cache_hit_rate")
         if hit_rate is not None:
             rows.append(f"| | decoder's cache of decoded memories: hit rate | {hit_rate:.3f} | |")
+    prefill = _load(results_dir / "prefill.json")
+    if prefill:
+        arms = [a for a in prefill["arms"] if a != "0"]
+        others = f"{prefill['rows'] - 1} decoding stream{'s' if prefill['rows'] > 2 else ''}"
+        rows.append(f"| prefill (`{prefill['preset']}`, a {prefill['long_tokens']:,}-token prompt joins {others}) | "
+                    f"running streams' longest pause / TTFT, "
+                    f"--prefill-tokens " + ", ".join(["0 (one pass)", *arms]) + " | "
+                    + " / ".join(f"{prefill['arms'][a]['stall_ms']:.0f} ms" for a in ["0", *arms]) + "; "
+                    + " / ".join(f"{prefill['arms'][a]['ttft_ms']:.0f} ms" for a in ["0", *arms]) + " | |")
+        rows.append("| | longest pause / one pass's: --prefill-tokens " + ", ".join(arms) + " | "
+                    + " / ".join(f"{prefill['arms'][a]['stall_over_one_pass']:.2f}" for a in arms) + " | |")
     index = _load(results_dir / "index.json")
     if index:
         p, kinds, summary = index["protocol"], index["kinds"], index["summary"]

@@ -120,6 +120,7 @@ CONSTRAINTS: dict[str, dict] = {
     "decoder.maxWaiting": {"type": "integer", "minimum": 0},
     "decoder.retrievalPolicy": {"enum": ["fail", "continue"]},
     "decoder.retrievalLeadTokens": {"type": "integer", "minimum": 0, "maximum": 62},
+    "decoder.prefillTokens": {"type": "integer", "minimum": 0},
     "decoder.memoryCacheMB": {"type": "number", "minimum": 0},
     "decoder.dtype": {"enum": ["", "float32", "bfloat16", "float16"]},
     "decoder.imageFlavor": {"enum": ["auto", "cpu", "cuda"]},

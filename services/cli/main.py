@@ -364,6 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let all services share all cores (default: the decoder gets half of them, as its own node)")
     srv.add_argument("--json", type=Path, required=True)
     srv.add_argument("--readme", type=Path, default=None)
+    pre = bench_sub.add_parser("prefill", help="a long prompt arriving at a busy decoder: the running streams' "
+                                               "longest pause and its time to first token, by --prefill-tokens")
+    pre.add_argument("--preset", type=preset, default="small", help="model preset (random weights)")
+    pre.add_argument("--rows", type=int, default=4, help="decoder batch rows; all but one decode steadily")
+    pre.add_argument("--long-tokens", type=positive_int, default=3072, help="the long prompt's tokens")
+    pre.add_argument("--arms", type=counts, default=(2048, 1024, 256),
+                     help="comma-separated --prefill-tokens values to compare with reading the prompt in one pass")
+    pre.add_argument("--rounds", type=positive_int, default=7, help="rounds, every arm once in each")
+    pre.add_argument("--json", type=Path, required=True)
+    pre.add_argument("--readme", type=Path, default=None, help="README whose benchmark table to refresh")
     rel = bench_sub.add_parser("reliability", help="load, 2x overload and injected faults (Redis, S3, slow S3, "
                                                    "corrupt blob, text down, bad input, SIGTERM) on a private stack")
     rel.add_argument("--preset", type=preset, default="tiny",
@@ -499,6 +509,10 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-cache-mb", type=finite_float, default=256.0,
                        help="decoded memories kept in the decoder's RAM (LRU) in front of the memory service; "
                             "0 disables it")
+    group.add_argument("--prefill-tokens", type=int, default=2048,
+                       help="most prompt tokens one scheduler step reads (rounded down to whole 64-token chunks): a "
+                            "longer prompt is read over several steps, with a decode step of the running streams "
+                            "between each (0: every prompt in one pass)")
     group.add_argument("--retrieval-lead-tokens", type=int, default=None,
                        help="a generated chunk's query ends this many tokens before the chunk, so that retrieval "
                             "overlaps that many decode steps (default 8; 0: the query is exactly the previous chunk)")
@@ -560,7 +574,8 @@ def _decoder_settings(args: argparse.Namespace):
     lead = {} if args.retrieval_lead_tokens is None else {"retrieval_lead_tokens": args.retrieval_lead_tokens}
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len,
                           default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy,
-                          max_streams_per_client=args.max_streams_per_client, stall_s=args.stall_timeout, **lead)
+                          max_streams_per_client=args.max_streams_per_client, stall_s=args.stall_timeout,
+                          prefill_tokens=args.prefill_tokens, **lead)
     dependencies = DependencyOptions(tls_ca=args.dependency_tls_ca, client_cert=args.dependency_cert,
                                      client_key=args.dependency_key,
                                      auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)
@@ -812,6 +827,13 @@ def _bench(args: argparse.Namespace) -> int:
         result = run_reliability_bench(preset=args.preset, max_batch=args.max_batch, max_waiting=args.max_waiting,
                                        seconds=args.seconds, new_tokens=args.new_tokens, fuzz=args.fuzz,
                                        log=lambda msg: print(msg, file=sys.stderr))
+    elif args.bench_kind == "prefill":
+        from memory3.bench.prefill import run_prefill_bench
+        if args.rows < 2:
+            raise ValueError("bench prefill: --rows must be >= 2 (one row for the long prompt, the others decode)")
+        result = run_prefill_bench(preset=args.preset, rows=args.rows, long_tokens=args.long_tokens,
+                                   arms=list(args.arms), rounds=args.rounds,
+                                   log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "gpu":
         from memory3.bench.gpu import run_gpu_bench
         result = run_gpu_bench(**gpu_bench_kwargs(args), log=lambda msg: print(msg, file=sys.stderr))

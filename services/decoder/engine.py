@@ -5,8 +5,9 @@ Two sides meet here:
     the memories of the prompt's chunks, then hands the stream to the scheduler and relays
     its tokens as events (text deltas, citations, finish reason);
   - the scheduler thread owns the model and its caches. Between decode steps it admits ready
-    streams (prefilling each into a free cache row), frees the rows of finished or cancelled
-    ones, and runs one decode step for every stream that is not waiting for memories.
+    streams into free cache rows, reads a share of their prompts (at most `prefill_tokens` a step,
+    so a long prompt does not stall the running streams), frees the rows of finished or cancelled
+    ones, and runs one decode step for every stream that is not waiting for memories or its prompt.
 
 Every 64 generated tokens a stream needs new memories. Their query is the last 64 tokens known
 `retrieval_lead_tokens` (L) tokens before the chunk boundary: as soon as that token is sampled,
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor
 
 from memory3.model.generate import SamplingParams, query_window, sample
-from memory3.model.layout import chunk_groups, chunk_spans
+from memory3.model.layout import chunk_spans
 from memory3.model.memory import ExplicitMemory, stack_memories
 from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
@@ -77,6 +78,10 @@ class EngineConfig:
     # A generated chunk's query ends this many tokens before the chunk: retrieval overlaps that
     # many decode steps (0: the query is the previous chunk exactly; below the model's chunk_len).
     retrieval_lead_tokens: int = 8
+    # Most prompt tokens one scheduler step prefills (rounded down to whole chunks of the model, at
+    # least one; 0: no limit). A longer prompt, or several joining at once, is read over several steps with a decode
+    # step of the running streams between each, so that their tokens keep coming while it is read.
+    prefill_tokens: int = 2048
     # A scheduler whose loop has not gone round for this long is stuck (a hung device, a deadlock):
     # the decoder reports itself not live, so that it is restarted. Above the longest model pass the
     # server makes (a full batch's prefill, minutes on a CPU for a large model).
@@ -93,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"retrieval_lead_tokens must be >= 0, got {self.retrieval_lead_tokens}")
         if self.retrieval_policy not in RETRIEVAL_POLICIES:
             raise ValueError(f"retrieval_policy must be one of {RETRIEVAL_POLICIES}, got {self.retrieval_policy!r}")
+        if self.prefill_tokens < 0:
+            raise ValueError(f"prefill_tokens must be >= 0 (0: no limit), got {self.prefill_tokens}")
         if not self.stall_s > 0:
             raise ValueError(f"stall_s must be > 0 seconds, got {self.stall_s}")
 
@@ -181,6 +188,7 @@ class _Stream:
         self.row = -1
         self.tokens: list[int] = []
         self.next_slot = 0  # cache slot the next fed token is written to
+        self.prefilled = 0  # prompt tokens in the cache so far (a long prompt is read over several steps)
         self.paused = False  # at a chunk boundary, waiting for the chunk's memories
         self.paused_since = 0.0
         self.arrived: tuple[list[ExplicitMemory], _Note] | None = None  # next chunk's, not installed yet
@@ -191,6 +199,10 @@ class _Stream:
                           if request.sampling.seed is not None else None)
         self.last_token_time = 0.0
 
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.prompt_ids)
+
 
 class Scheduler:
     """Owns the model and its caches; runs in one thread."""
@@ -200,6 +212,9 @@ class Scheduler:
         self.model, self.config = model, config
         self.mc = model.config
         self.max_seq_len = config.max_seq_len or self.mc.max_seq_len
+        chunk = self.mc.chunk_len
+        self.prefill_budget = (max(chunk, config.prefill_tokens // chunk * chunk) if config.prefill_tokens
+                               else self.max_seq_len)
         self.stop_ids = set(stop_token_ids)
         self.prefix = list(prefix)
         self.device = model.output.weight.device
@@ -211,6 +226,7 @@ class Scheduler:
         # such a row does not write it again. A stream without memory writes its body there.
         self.row_has_prefix = [False] * config.max_batch
         self.ready: list[_Stream] = []
+        self.prefilling: list[_Stream] = []  # streams with a row whose prompt is not all read yet, oldest first
         self.wake = threading.Event()
         self.stopping = False
         self.draining = False  # streams admitted from now on fail (`GenerationEngine.begin_drain`)
@@ -303,16 +319,19 @@ class Scheduler:
                 stream.out.put_nowait(message)
 
     def _step(self) -> bool:
-        """One round: admit, then decode a token for every active stream. True if a model pass ran."""
+        """One round: admit, read a share of the prompts, then decode a token for every active stream.
+        True if a model pass ran."""
         self._drain_inbox()
         self._expire_deadlines()
-        prefilled = self._admit()
-        active = [s for s in self.rows if s is not None and not s.paused and not s.done]
+        self._admit()
+        prefilled = self._prefill_share()
+        active = [s for s in self.rows if s is not None and not s.paused and not s.done and not s.prefilling]
         if not active:
             self._update_gauges()
             self._send_outbox()  # before sleeping: e.g. a failure noticed in the inbox
-            self.wake.wait(timeout=0.05)
-            self.wake.clear()
+            if not self.prefilling:
+                self.wake.wait(timeout=0.05)
+                self.wake.clear()
             return prefilled
         self._decode(active)
         self._update_gauges()
@@ -349,11 +368,12 @@ class Scheduler:
         for stream in [*self.ready, *(s for s in self.rows if s is not None)]:
             deadline = stream.request.deadline
             if deadline is not None and now > deadline and not stream.done:
-                where = "while generating" if stream.row >= 0 else "while it waited for a batch row"
+                where = ("while it waited for a batch row" if stream.row < 0
+                         else "while its prompt was read" if stream.prefilling else "while generating")
                 self._finish_error(stream, DeadlineExceeded(f"the request's deadline passed {where}"))
 
-    def _admit(self) -> bool:
-        """Give waiting streams free rows and prefill them; True if any joined."""
+    def _admit(self) -> None:
+        """Give waiting streams free rows; their prompts are read from the next share on."""
         joining: list[_Stream] = []
         while self.ready and None in self.rows:
             stream = self.ready.pop(0)
@@ -361,54 +381,88 @@ class Scheduler:
                 continue
             stream.row = self.rows.index(None)
             self.rows[stream.row] = stream
+            stream.next_slot = stream.prefix_len
             metrics.REQUEST_QUEUE_TIME.observe(time.monotonic() - stream.arrival)
             joining.append(stream)
-        # Streams that join together are prefilled together, one pass per layout (with or without prefix).
-        for prefix_len in sorted({s.prefix_len for s in joining}):
-            self._prefill([s for s in joining if s.prefix_len == prefix_len])
-        return bool(joining)
+        if not joining:
+            return
+        # The prefix's K/V are written once into a row, and kept for its next stream with memory; a
+        # stream without memory writes its body there. A row's context starts with no resident memory.
+        missing = [s.row for s in joining if s.prefix_len and not self.row_has_prefix[s.row]]
+        if missing:
+            self.model.write_prefix(torch.tensor(self.prefix, device=self.device),
+                                    torch.tensor(missing, device=self.device))
+        for s in joining:
+            self.row_has_prefix[s.row] = bool(s.prefix_len)
+            self.model.install_memories(s.row, ())
+        self.prefilling += joining
 
-    def _prefill(self, streams: list[_Stream]) -> None:
-        """One pass over the right-padded prompts of `streams`, written into their cache rows."""
+    def _prefill_share(self) -> bool:
+        """Read up to `prefill_tokens` prompt tokens, oldest streams first; True if any were read.
+
+        A stream's share is whole chunks (its last one excepted), so that every pass starts at a chunk
+        boundary and reads its chunks' memory groups in order. Streams of one layout (with or without
+        the prefix) are read together, in one pass.
+        """
+        self.prefilling = [s for s in self.prefilling if not s.done and s.prefilling]
+        budget, chunk = self.prefill_budget, self.mc.chunk_len
+        shares: list[tuple[_Stream, int]] = []
+        for s in self.prefilling:
+            left = len(s.request.prompt_ids) - s.prefilled
+            take = left if left <= budget else budget // chunk * chunk
+            if take == 0:
+                break
+            shares.append((s, take))
+            budget -= take
+        for prefix_len in sorted({s.prefix_len for s, _ in shares}):
+            self._prefill([(s, n) for s, n in shares if s.prefix_len == prefix_len])
+        return bool(shares)
+
+    def _prefill(self, shares: list[tuple[_Stream, int]]) -> None:
+        """One pass over the next `n` prompt tokens of each stream, right-padded, written into its cache row.
+
+        The first generated chunk keeps the last prompt chunk's memories; the other rows keep none.
+        A pass with explicit memories skips the resident slots, so the kept ones are installed after
+        the stream's last share.
+        """
+        streams = [s for s, _ in shares]
         p = streams[0].prefix_len
-        bodies = [s.request.prompt_ids for s in streams]
-        lengths = torch.tensor([len(b) for b in bodies], device=self.device)
-        tokens = torch.zeros(len(streams), int(lengths.max()), dtype=torch.long)  # (B, T), right-padded
-        for i, body in enumerate(bodies):
-            tokens[i, : len(body)] = torch.tensor(body)
+        counts = torch.tensor([n for _, n in shares])
+        tokens = torch.zeros(len(shares), int(counts.max()), dtype=torch.long)  # (B, T), right-padded
+        for i, (s, n) in enumerate(shares):
+            tokens[i, :n] = torch.tensor(s.request.prompt_ids[s.prefilled:s.prefilled + n])
         tokens = tokens.to(self.device)
-        # The prefix's K/V are written once into these rows; the bodies follow at slots p, p+1, ...
-        slots = p + torch.arange(tokens.shape[1], device=self.device)[None].expand(len(streams), -1)  # (B, T)
+        # Stream i's tokens go to slots p + prefilled_i, p + prefilled_i + 1, ...; its padding may run
+        # past the row's end, so it is kept in the last slot, which no prompt reaches (it leaves room
+        # for a token) and every stream writes before it reads.
+        starts = torch.tensor([p + s.prefilled for s in streams])
+        slots = (starts[:, None] + torch.arange(tokens.shape[1])).clamp(max=self.max_seq_len - 1)  # (B, T)
+        slots = slots.to(self.device)
         positions = _positions(slots, p, self.mc.ref_len)
         rows = torch.tensor([s.row for s in streams], device=self.device)
-        if p:
-            missing = [s.row for s in streams if not self.row_has_prefix[s.row]]
-            if missing:
-                self.model.write_prefix(torch.tensor(self.prefix, device=self.device),
-                                        torch.tensor(missing, device=self.device))
-        for s in streams:
-            self.row_has_prefix[s.row] = bool(p)
         memory = token_group = None
-        if any(any(s.groups) for s in streams):
-            memory = stack_memories([s.groups for s in streams], slots_per_group=self.mc.mem_slots,
-                                    device=self.device, dtype=self.dtype)
-            token_group = chunk_groups(slots, p, self.mc.chunk_len)
-        # The first generated chunk keeps the last prompt chunk's memories; the other rows start
-        # with none. A pass with explicit memories skips the resident slots, so the kept ones
-        # are installed after it (and without explicit memories, nothing is kept).
-        keep = [i for i, s in enumerate(streams) if s.groups and s.groups[-1]]
-        for i, s in enumerate(streams):
-            if i not in keep:
-                self.model.install_memories(s.row, ())
+        # Each share starts at a chunk boundary: its token t reads its group t // chunk_len.
+        first_group = [s.prefilled // self.mc.chunk_len for s in streams]
+        groups = [s.groups[g:g + -(-n // self.mc.chunk_len)] for (s, n), g in zip(shares, first_group, strict=True)]
+        if any(any(g) for g in groups):
+            memory = stack_memories(groups, slots_per_group=self.mc.mem_slots, device=self.device, dtype=self.dtype)
+            body = torch.arange(tokens.shape[1], device=self.device)
+            token_group = (body // self.mc.chunk_len).expand(len(streams), -1)  # (B, T)
         last = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
-                          cache_rows=rows, logits_at=lengths - 1)[:, 0]  # (B, V)
-        for i in keep:
-            self.model.keep_resident(streams[i].row, memory, i, len(streams[i].groups) - 1)
-        for s, length in zip(streams, lengths.tolist(), strict=True):
-            s.next_slot = p + length
-            metrics.PROMPT_TOKENS.inc(len(s.request.prompt_ids))
-        for s, tok in zip(streams, self._sample(streams, last), strict=True):
-            self._accept(s, tok)
+                          cache_rows=rows, logits_at=(counts - 1).to(self.device))[:, 0]  # (B, V)
+        done: list[int] = []
+        for i, (s, n) in enumerate(shares):
+            s.prefilled += n
+            s.next_slot = p + s.prefilled
+            metrics.PROMPT_TOKENS.inc(n)
+            if not s.prefilling:
+                done.append(i)
+                if s.groups and s.groups[-1]:
+                    self.model.keep_resident(s.row, memory, i, len(groups[i]) - 1)
+        if done:
+            finished = [streams[i] for i in done]
+            for s, tok in zip(finished, self._sample(finished, last[done]), strict=True):
+                self._accept(s, tok)
 
     def _decode(self, active: list[_Stream]) -> None:
         self.step_s, self._last_step = _moving_average(self.step_s, self._last_step)
@@ -422,8 +476,9 @@ class Scheduler:
         for s in self.rows[:hi]:
             if s is None or s.done:
                 continue
-            # A paused row gets a placeholder at its next slot; the real token overwrites it later.
-            tokens[s.row, 0] = s.tokens[-1] if not s.paused else 0
+            # A paused row, or one whose prompt is still being read, gets a placeholder at its next
+            # slot; the real token overwrites it later.
+            tokens[s.row, 0] = 0 if s.paused or s.prefilling else s.tokens[-1]
             slots[s.row, 0] = s.next_slot
             prefix_lens[s.row, 0] = s.prefix_len
         tokens, slots = tokens.to(self.device), slots.to(self.device)

@@ -113,3 +113,20 @@ def test_index_bench_scores_every_kind_on_the_same_questions(tmp_path):
     table = render_table(tmp_path)
     assert "IVF-PQ (8 lists, nprobe 8) / flat" in table
     assert "in 3 index shards, merged answers' found / whole index's: flat / HNSW / IVF-PQ | 1.000 / " in table
+
+
+def test_prefill_bench_reports_every_arm_against_one_pass_and_renders(tmp_path):
+    from memory3.bench.prefill import run_prefill_bench
+
+    result = run_prefill_bench(preset="tiny", rows=2, long_tokens=640, arms=[128], rounds=2)
+    arms = result["arms"]
+    assert set(arms) == {"0", "128"}  # the one-pass baseline is always run
+    assert arms["0"]["stall_over_one_pass"] == 1.0
+    for arm in arms.values():
+        assert arm["stall_ms"] > 0 and arm["ttft_ms"] > 0
+        low, high = arm["stall_over_one_pass_ci90"]
+        assert low <= arm["stall_over_one_pass"] <= high
+    write_json(result, tmp_path / "prefill.json")
+    table = render_table(tmp_path)
+    assert "a 640-token prompt joins 1 decoding stream)" in table
+    assert f"| {arms['128']['stall_over_one_pass']:.2f} |" in table

@@ -7,6 +7,7 @@ for each stream alone with the same memories.
 
 import asyncio
 import sys
+import threading
 import time
 
 import pytest
@@ -105,18 +106,21 @@ def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos, le
     return out.tokens[0][:-1] if out.finish_reasons[0] == "stop" else out.tokens[0]  # the engine drops the stop token
 
 
-@pytest.mark.parametrize(("use_memory", "stagger", "lead"),
-                         [(True, 0.01, 8), (False, 0.01, 8), (True, 0.0, 8), (True, 0.01, 0), (True, 0.0, 62)])
+@pytest.mark.parametrize(("use_memory", "stagger", "lead", "prefill_tokens"),
+                         [(True, 0.01, 8, 2048), (False, 0.01, 8, 2048), (True, 0.0, 8, 2048), (True, 0.01, 0, 2048),
+                          (True, 0.0, 62, 2048), (True, 0.0, 8, 64), (True, 0.01, 8, 128), (False, 0.0, 8, 128)])
 def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix, memories, use_memory, stagger,
-                                                 lead):
-    """Staggered arrivals join a running batch; simultaneous ones are prefilled together."""
+                                                 lead, prefill_tokens):
+    """Staggered arrivals join a running batch; simultaneous ones are prefilled together. With a small
+    `prefill_tokens`, prompts are read a share at a time, shares of several streams in one pass."""
     retrieval = FakeRetrieval(memories, delay=0.002)
     bodies = prompts(5, text_codec)
     max_tokens = [150, 70, 3, 140, 65]
 
     async def main():
         engine = GenerationEngine(tiny_model, text_codec, retrieval,
-                                  EngineConfig(max_batch=3, max_waiting=8, retrieval_lead_tokens=lead))
+                                  EngineConfig(max_batch=3, max_waiting=8, retrieval_lead_tokens=lead,
+                                               prefill_tokens=prefill_tokens))
         await engine.start()
         try:
             return await asyncio.gather(*[
@@ -143,6 +147,104 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
         assert len(cited) == (n_chunks if use_memory else 0)
         assert [c.chunk_index for c in cited] == list(range(len(cited)))
     assert metrics.NUM_REQUESTS_RUNNING._value.get() == 0
+
+
+@pytest.mark.parametrize("use_memory", [True, False])
+def test_a_long_prompt_is_read_in_shares_while_the_running_streams_keep_decoding(tiny_model, text_codec, prefix,
+                                                                                 memories, use_memory, monkeypatch):
+    """A prompt of 10 chunks is read 2 chunks per step; a decode step of the running stream comes
+    between every two shares, and the long prompt's tokens still equal `generate`'s."""
+    retrieval = FakeRetrieval(memories)
+    gen = torch.Generator().manual_seed(11)
+    short = prompts(1, text_codec)[0]
+    long = [text_codec.bos_id, *torch.randint(3, 250, (10 * 64 - 1,), generator=gen).tolist()]
+    shares, emitted = [], []
+    running: list = []
+    original_prefill = engine_module.Scheduler._prefill
+    original_accept = engine_module.Scheduler._accept
+
+    def prefill(self, batch):
+        shares.append([(len(s.request.prompt_ids), n) for s, n in batch])
+        emitted.append(len(running[0].tokens) if running else 0)
+        original_prefill(self, batch)
+
+    def accept(self, stream, token):
+        if stream.request.prompt_ids == short and not running:
+            running.append(stream)
+        original_accept(self, stream, token)
+
+    monkeypatch.setattr(engine_module.Scheduler, "_prefill", prefill)
+    monkeypatch.setattr(engine_module.Scheduler, "_accept", accept)
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval,
+                                  EngineConfig(max_batch=2, max_waiting=0, prefill_tokens=128))
+        await engine.start()
+        try:
+            first = asyncio.ensure_future(collect(engine, GenerationRequest(short, 300, use_memory=use_memory,
+                                                                            ignore_eos=True)))
+            while not running:
+                await asyncio.sleep(0.001)
+            second = await collect(engine, GenerationRequest(long, 20, use_memory=use_memory))
+            return await first, second
+        finally:
+            await engine.close()
+
+    (short_tokens, _, _), (long_tokens, _, _) = run(main())
+    long_shares = [n for batch in shares for length, n in batch if length == len(long)]
+    assert long_shares == [128] * 5
+    steps = [emitted[i] for i, batch in enumerate(shares) if batch[0][0] == len(long)]
+    assert all(b > a for a, b in zip(steps, steps[1:], strict=False)), steps  # the short stream went on
+    assert len(short_tokens) == 300
+    with torch.inference_mode():
+        expected = reference_tokens(tiny_model, long, retrieval.provider if use_memory else None, prefix, 20,
+                                    text_codec.eos_id, 8)
+    assert long_tokens == expected
+
+
+def test_a_share_near_the_end_of_its_row_is_read_with_a_longer_one(tiny_model, text_codec, prefix, memories):
+    """The last 10 tokens of a prompt that nearly fills its row are read in one pass with another
+    stream's 150: the shorter share's padding must stay inside its row, and neither stream's
+    tokens may change."""
+    retrieval = FakeRetrieval(memories)
+    gen = torch.Generator().manual_seed(13)
+    long = [text_codec.bos_id, *torch.randint(3, 250, (969,), generator=gen).tolist()]
+    short = [text_codec.bos_id, *torch.randint(3, 250, (149,), generator=gen).tolist()]
+    shares = []
+    long_read = threading.Event()
+    original_prefill = engine_module.Scheduler._prefill
+
+    def prefill(self, batch):
+        shares.append([n for _, n in batch])
+        if not long_read.is_set():  # the long prompt's first share: the short stream joins before its next
+            long_read.set()
+            deadline = time.monotonic() + 30
+            while self.inbox.empty() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        original_prefill(self, batch)
+
+    async def short_after_long():
+        while not long_read.is_set():
+            await asyncio.sleep(0.001)
+        return await collect(engine, GenerationRequest(short, 20))
+
+    engine = GenerationEngine(tiny_model, text_codec, retrieval,
+                              EngineConfig(max_batch=2, max_waiting=2, prefill_tokens=192))
+    engine.scheduler._prefill = prefill.__get__(engine.scheduler)
+
+    async def main():
+        await engine.start()
+        try:
+            return await asyncio.gather(collect(engine, GenerationRequest(long, 20)), short_after_long())
+        finally:
+            await engine.close()
+
+    results = run(main())
+    assert shares == [[192]] * 5 + [[10, 150]]
+    for body, (tokens, _, _) in zip([long, short], results, strict=True):
+        with torch.inference_mode():
+            expected = reference_tokens(tiny_model, body, retrieval.provider, prefix, 20, text_codec.eos_id, 8)
+        assert tokens == expected
 
 
 def test_a_row_reused_by_streams_with_and_without_memory_keeps_them_exact(tiny_model, text_codec, prefix, memories,
