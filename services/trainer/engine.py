@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import uuid
 from collections import deque
@@ -280,9 +281,8 @@ class TrainingJobManager:
             if children:
                 await asyncio.wait([asyncio.ensure_future(p.wait()) for p in children], timeout=grace_s)
         finally:  # also when the wait is cut short (a second signal): no child outlives the service
-            for process in children:
-                if process.returncode is None:
-                    process.kill()
+            for process in children:  # an ended child's group may hold a process that ignored the SIGTERM
+                _signal_group(process, signal.SIGKILL)
         for task in (*self._killers, self.worker):
             if task is not None:
                 task.cancel()
@@ -384,8 +384,9 @@ class TrainingJobManager:
     def _terminate(self, process: asyncio.subprocess.Process) -> None:
         """SIGTERM (the child unwinds what it had begun to publish), then SIGKILL if it has not ended
         within `kill_after_s`: a child in a long C call (an index build, a kernel) sees the SIGTERM
-        only when that call returns."""
-        process.terminate()
+        only when that call returns. Both go to the child's process group, so that processes it
+        started (compile workers, a shell's commands) end with it."""
+        _signal_group(process, signal.SIGTERM)
 
         async def kill_if_still_running() -> None:
             with contextlib.suppress(TimeoutError):
@@ -393,7 +394,7 @@ class TrainingJobManager:
             if process.returncode is None:
                 log.warning("a cancelled job's child (pid %d) did not end %.0f s after SIGTERM; killing it",
                             process.pid, self.kill_after_s)
-                process.kill()
+            _signal_group(process, signal.SIGKILL)  # also what it started and left behind
 
         task = asyncio.create_task(kill_if_still_running())
         self._killers.add(task)
@@ -440,7 +441,7 @@ class TrainingJobManager:
             except Exception:  # noqa: BLE001 - one job's failure must not stop the worker, and every job after it
                 log.exception("job %s failed in the service", job.id)
                 if job.process is not None and job.process.returncode is None:
-                    job.process.kill()
+                    _signal_group(job.process, signal.SIGKILL)
                 if job.state not in TERMINAL:
                     job.state = FAILED
                     await job.publish({"message": "internal error in the trainer service while running the job"})
@@ -515,7 +516,7 @@ class TrainingJobManager:
         await job.publish({"message": "started"})
         job.process = await asyncio.create_subprocess_exec(
             *self._command(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-            limit=MAX_OUTPUT_LINE)
+            limit=MAX_OUTPUT_LINE, start_new_session=True)  # its own process group: `_signal_group`
         if job.state == CANCELLED:  # cancelled while the child started: it had no process to stop yet
             self._terminate(job.process)
         stderr_tail: deque[str] = deque(maxlen=20)
@@ -553,3 +554,9 @@ class TrainingJobManager:
             reason = next((line for line in reversed(stderr_tail) if "error" in line.lower()), None)
             await job.publish({"message": reason or f"the job exited with code {code}: "
                                + " | ".join(list(stderr_tail)[-3:])})
+
+
+def _signal_group(process: asyncio.subprocess.Process, signum: int) -> None:
+    """`signum` to the job's child and every process of its group (it leads one: `start_new_session`)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group has ended
+        os.killpg(process.pid, signum)

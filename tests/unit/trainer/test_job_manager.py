@@ -2,7 +2,10 @@
 tests/integration/test_trainer_service.py runs it against a real S3 server)."""
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -354,3 +357,49 @@ def test_a_cancel_that_comes_after_the_publication_leaves_the_job_succeeded(tmp_
 
 async def _events(watch) -> list[dict]:
     return [event async for event in watch]
+
+
+def test_a_cancel_ends_what_the_jobs_child_started_too(tmp_path):
+    """Only the child got the SIGTERM and the SIGKILL: a process it had started (a compile worker, a
+    shell's command) that ignores SIGTERM ran on after the job was cancelled, holding the child's
+    output open, so that the job never ended and every job queued after it waited."""
+    pid_file = tmp_path / "grandchild.pid"
+    child = tmp_path / "python-with-a-worker"
+    child.write_text(f"#!/bin/sh\nsh -c \"trap '' TERM; echo \\$\\$ >> {pid_file}; exec sleep 600\" &\n"
+                     "echo '{\"message\": \"working\"}'\nwait\n")
+    child.chmod(0o755)
+    jobs = manager(tmp_path / "work", EmptyStore())
+    jobs.python, jobs.kill_after_s = str(child), 0.5
+
+    async def main():
+        await jobs.start()
+        try:
+            job = await jobs.submit(TrainingJobSpec(release="first", preset="tiny", quick=True))
+            async for event in jobs.watch(job):
+                if event.get("message") == "working":
+                    break
+            while not pid_file.exists() or not pid_file.read_text().strip():
+                await asyncio.sleep(0.01)
+            grandchild = int(pid_file.read_text())
+            assert await jobs.cancel(job) == CANCELLED
+            second = await jobs.submit(TrainingJobSpec(release="second", preset="tiny", quick=True))
+            async for event in jobs.watch(second):
+                if event.get("message") == "working":  # the worker is free again
+                    break
+            return _alive(grandchild)
+        finally:
+            await jobs.stop(grace_s=0.5)
+
+    try:
+        assert asyncio.run(asyncio.wait_for(main(), 20)) is False
+    finally:
+        for pid in pid_file.read_text().split():  # the first job's, and the second's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
