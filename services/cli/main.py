@@ -536,6 +536,10 @@ def add_kserve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="v2 REST, /v1/completions, health and /metrics")
     group.add_argument("--grpc-port", type=port_number(), default=8081, help="v2 (Open Inference Protocol) gRPC")
     group.add_argument("--model-name", default="memory3", help="the model name in v2 routes and OpenAI requests")
+    group.add_argument("--chat-template", default=None, metavar="qa|FILE",
+                       help="how /v1/chat/completions turns messages into a prompt: qa (Question:/Answer: lines, "
+                            "the format `memory3 train` teaches) or a Jinja2 chat template file in Hugging Face's "
+                            "form; without it the chat route answers 400")
 
 
 def _serve_kserve(args: argparse.Namespace) -> int:
@@ -554,6 +558,10 @@ def _serve_kserve(args: argparse.Namespace) -> int:
         raise ValueError("serve kserve takes no --max-connection-age: its servers are KServe's, which keep a "
                          "connection as long as its client does")
     settings = _decoder_settings(args)
+    chat_template = None
+    if args.chat_template is not None:
+        from memory3.services.decoder.chat import load_chat_template
+        chat_template = load_chat_template(args.chat_template)
     check_ports_free("0.0.0.0", {"--http-port": args.http_port, "--grpc-port": args.grpc_port})
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; ours are parsed already
     try:
@@ -561,7 +569,7 @@ def _serve_kserve(args: argparse.Namespace) -> int:
     finally:
         sys.argv = argv
     return serve_kserve(settings, model_name=args.model_name, http_port=args.http_port, grpc_port=args.grpc_port,
-                        grace_s=args.grace)
+                        grace_s=args.grace, chat_template=chat_template)
 
 
 def _decoder_settings(args: argparse.Namespace):

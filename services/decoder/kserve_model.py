@@ -37,11 +37,12 @@ from kserve.model_server import app as kserve_app
 from kserve.protocol.dataplane import DataPlane
 
 from ..rpc.errors import InvalidInput, ServiceError, Unavailable
+from .chat import ChatTemplate
 from .engine import GenerationEngine
 from .http_clients import CLIENT_HOST, WatchClients, client_id
 from .http_errors import http_status
 from .kserve_drain import DrainFirstModelServer
-from .openai_routes import COMPLETIONS_PATHS, add_completion_routes, citation_json, error_response
+from .openai_routes import GENERATION_PATHS, add_completion_routes, citation_json, error_response
 from .server import BuiltEngine, DecoderSettings, build_engine, open_release, wait_for_dependencies, watch_readiness
 from .validation import build_request
 
@@ -340,24 +341,24 @@ def add_liveness_route(app, model: Memory3Model) -> None:
 
 def generation_path(path: str) -> bool:
     """A route that generates: v2 inference (`/v2/models/NAME[/versions/V]/infer`) or a completion."""
-    return path in COMPLETIONS_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
+    return path in GENERATION_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 def cut_reply(path: str) -> JSONResponse:
     """A generation request the server cut unanswered when its grace period ran out: a 503 in its
     route's error format, saying to retry (an SSE stream already answered says so in the stream)."""
-    if path in COMPLETIONS_PATHS:
+    if path in GENERATION_PATHS:
         return error_response(Unavailable(CUT_UNANSWERED))
     return JSONResponse({"error": CUT_UNANSWERED}, status_code=503)
 
 
 def serve_kserve(settings: DecoderSettings, *, model_name: str, http_port: int, grpc_port: int,
-                 grace_s: float) -> int:
+                 grace_s: float, chat_template: ChatTemplate | None = None) -> int:
     """Run KServe's ModelServer with this model and the OpenAI-style route until SIGTERM/SIGINT,
     which drains the engine before the servers stop (kserve_drain)."""
     model = Memory3Model(model_name, settings)
     model.load()
-    add_completion_routes(kserve_app, model.current, model_name)
+    add_completion_routes(kserve_app, model.current, model_name, chat_template)
     add_liveness_route(kserve_app, model)
     kserve_app.add_middleware(WatchClients, watched=generation_path, cut_reply=cut_reply)
     kserve_app.add_exception_handler(ServiceError, rest_error_handler)
@@ -365,7 +366,8 @@ def serve_kserve(settings: DecoderSettings, *, model_name: str, http_port: int, 
     server = DrainFirstModelServer(model, grace_s=grace_s, http_port=http_port, grpc_port=grpc_port)
     server.dataplane = ModelsReadyDataPlane(server.registered_models)
     print(f"KServe model {model_name!r} (release {settings.release}): HTTP :{http_port} (v2 REST, "
-          f"/v1/completions), v2 gRPC :{grpc_port}", flush=True)
+          f"/v1/completions, /v1/chat/completions{'' if chat_template else ' (no chat template)'}), "
+          f"v2 gRPC :{grpc_port}", flush=True)
     try:
         server.start([model])
     finally:

@@ -113,7 +113,7 @@ def exits_on_sigterm(server: KServeProcess, within: float = 30.0) -> None:
 
 @pytest.fixture(scope="module")
 def kserve_server(tmp_path_factory, random_release, local_s3):
-    server = start_kserve(tmp_path_factory.mktemp("kserve"), random_release, local_s3)
+    server = start_kserve(tmp_path_factory.mktemp("kserve"), random_release, local_s3, "--chat-template", "qa")
     try:
         server.wait_for(server.ready, "ready")
         yield server
@@ -280,6 +280,31 @@ def test_the_openai_sdk_lists_the_model_completes_and_streams(kserve_server):
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.completions.create(model="gpt-4", prompt=PROMPT)
+
+
+def test_the_openai_sdk_chats_through_the_qa_template(kserve_server):
+    """A chat is the completion of its messages written as the `qa` template writes them, ending at
+    the answer's line end; streamed, its deltas join to the same message."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{kserve_server.http_port}/openai/v1", api_key="unused",
+                           max_retries=0, timeout=120)
+    messages = [{"role": "system", "content": "Short answers."}, {"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    same = client.completions.create(model=MODEL, prompt=f"Short answers.\nQuestion: {PROMPT}\nAnswer:",
+                                     stop=["\n"], max_tokens=24, temperature=0)
+    answer = chat.choices[0]
+    assert chat.object == "chat.completion" and answer.message.role == "assistant"
+    assert answer.message.content == same.choices[0].text and "\n" not in answer.message.content
+    assert answer.finish_reason == same.choices[0].finish_reason
+    assert chat.usage.prompt_tokens == same.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.message.content
+    assert chunks[-1].choices[0].finish_reason == answer.finish_reason
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role must be one of"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}])
 
 
 def test_a_client_that_hangs_up_frees_its_stream(kserve_server):

@@ -172,6 +172,10 @@ SET_EXPRESSIONS = [
     ("s3.bucket=2025", lambda r: flag(container(r, "decoder"), "--s3-bucket") == "2025"),
     ("kserve.enabled=true,kserve.modelName=42",
      lambda r: flag(r.of_kind("InferenceService")[0]["spec"]["predictor"]["containers"][0], "--model-name") == "42"),
+    ("kserve.enabled=true,kserve.chatTemplate=qa",
+     lambda r: flag(r.of_kind("InferenceService")[0]["spec"]["predictor"]["containers"][0], "--chat-template") == "qa"),
+    ("kserve.enabled=true",
+     lambda r: "--chat-template" not in r.of_kind("InferenceService")[0]["spec"]["predictor"]["containers"][0]["args"]),
     ("trainer.job.enabled=true,trainer.job.release=123,encoding.enabled=true,encoding.shardsVolumeClaim=s,"
      "encoding.release=7,encoding.merge.name=8",
      lambda r: (flag(jobs(r)["train"]["spec"]["template"]["spec"]["containers"][0], "--release"),
@@ -417,7 +421,7 @@ def test_large_whole_numbers_from_a_values_file_reach_the_cli_as_integers():
     r = render(merge(JOBS, {
         "memory": {"redisTTL": 2592000, "s3Workers": million}, "trainer": {"job": {"seed": 20250601}},
         "text": {"maxConcurrency": million}, "decoder": {"maxBatch": million, "maxWaiting": million},
-        "encoding": {"merge": {"waitSeconds": 2592000}}, "kserve": {"enabled": True},
+        "encoding": {"merge": {"waitSeconds": 2592000}}, "kserve": {"enabled": True, "chatTemplate": "qa"},
         "redis": {"inChart": {"enabled": True, "maxmemory": 1073741824}},
         "s3": {"endpoint": "", "existingSecret": "", "inChart": {"enabled": True}}}))
     parser = build_parser()

@@ -1,0 +1,133 @@
+"""Chat templates and the chat route's request rules (tests/integration/test_kserve.py runs the route
+in a real `serve kserve`, through the OpenAI SDK)."""
+
+import asyncio
+import re
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from memory3.services.decoder.chat import chat_messages, load_chat_template
+from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationEvent, Usage
+from memory3.services.decoder.openai_routes import _chunk, add_completion_routes, parse_chat
+from memory3.services.rpc.errors import InvalidInput
+
+CONVERSATION = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Where is Yelbury?"},
+                {"role": "assistant", "content": "Yelbury lies in Norland."},
+                {"role": "developer", "content": "One word."},
+                {"role": "user", "content": [{"type": "text", "text": "Who founded "},
+                                             {"type": "text", "text": "it?"}]}]
+HF_STYLE = """{{ bos_token }}{% for m in messages %}
+{% if m.role == 'system' and not loop.first %}{{ raise_exception('the system message must come first') }}{% endif %}
+<|{{ m.role }}|>{{ m.content }}{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+
+def test_the_qa_template_writes_the_question_and_answer_lines_training_teaches():
+    template = load_chat_template("qa")
+    assert template.render(chat_messages(CONVERSATION)) == (
+        "Answer briefly.\nQuestion: Where is Yelbury?\nAnswer: Yelbury lies in Norland.\nOne word.\n"
+        "Question: Who founded it?\nAnswer:")
+    assert template.stop == ("\n",)  # an answer is one line
+
+
+def test_a_hugging_face_style_template_file_renders_and_can_refuse(tmp_path):
+    path = tmp_path / "chat.jinja"
+    path.write_text(HF_STYLE)
+    template = load_chat_template(str(path))
+    rendered = template.render(chat_messages([{"role": "user", "content": "hi"}]))
+    assert rendered == "<|user|>hi</s>\n<|assistant|>"  # bos_token is empty: the decoder adds <s> itself
+    with pytest.raises(InvalidInput, match="refuses these messages: the system message must come first"):
+        template.render(chat_messages([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]))
+
+
+def test_a_template_that_reaches_outside_the_sandbox_is_refused(tmp_path):
+    path = tmp_path / "escape.jinja"
+    path.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(InvalidInput, match="could not render"):
+        load_chat_template(str(path)).render(chat_messages([{"role": "user", "content": "hi"}]))
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    ("no-such-template", "neither a built-in template (qa) nor a readable UTF-8 Jinja2 file"),
+    ("BROKEN", "line 1: Unexpected end of template"),
+])
+def test_a_template_that_cannot_be_used_is_refused_at_start(tmp_path, spec, says):
+    if spec == "BROKEN":
+        spec = str(tmp_path / "broken.jinja")
+        (tmp_path / "broken.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_chat_template(spec)
+
+
+@pytest.mark.parametrize(("messages", "says"), [
+    (None, "messages is required"),
+    ([], "messages is required"),
+    (["hi"], r"messages\[0\] must be an object"),
+    ([{"role": "tool", "content": "42"}], r"messages\[0\].role must be one of"),
+    ([{"role": "user", "content": "hi", "tool_calls": []}], r"field\(s\) \['tool_calls'\] are not supported"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
+    ([{"role": "user", "content": 7}], "must be a string or a list"),
+    ([{"role": "user", "content": "x"}] * 257, "at most 256"),
+])
+def test_messages_the_server_cannot_read_say_what_to_fix(messages, says):
+    with pytest.raises(InvalidInput, match=says):
+        chat_messages(messages)
+
+
+def test_a_chat_request_is_the_rendered_prompt_with_the_templates_stop_added(tiny_model, text_codec):
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
+    template = load_chat_template("qa")
+
+    def parse(**fields):
+        return asyncio.run(parse_chat({"messages": CONVERSATION, **fields}, engine, "memory3", template))
+
+    request, stream, include_usage = parse(stop="END", max_completion_tokens=5, temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+    assert request.prompt_ids == text_codec.bodies([template.render(chat_messages(CONVERSATION))])[0]
+    assert request.stop == ("END", "\n") and request.max_tokens == 5 and stream and include_usage
+    assert parse(max_tokens=7)[0].max_tokens == 7
+    for fields, says in [({"max_tokens": 3, "max_completion_tokens": 4}, "differ: give one of them"),
+                         ({"tools": [{"type": "function"}]}, "tools is not supported"),
+                         ({"response_format": {"type": "json_object"}}, "response_format is not supported"),
+                         ({"prompt": "x"}, r"unknown field\(s\) \['prompt'\]")]:
+        with pytest.raises(InvalidInput, match=says):
+            parse(**fields)
+
+
+def test_chat_replies_have_openais_chat_shapes(tiny_model, text_codec):
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
+    request = asyncio.run(parse_chat({"messages": CONVERSATION}, engine, "memory3", load_chat_template("qa")))[0]
+    end = GenerationEvent(text="Kim.", finish_reason="stop", usage=Usage(40, 3, 1, 5))
+    whole = _chunk(request, "memory3", end, chat=True)
+    assert whole["object"] == "chat.completion" and whole["id"].startswith("chatcmpl-")
+    assert whole["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Kim."}, "logprobs": None,
+                                 "finish_reason": "stop"}]
+    assert whole["usage"]["total_tokens"] == 43
+    first = _chunk(request, "memory3", GenerationEvent(text=""), chat=True, delta=True, first=True)
+    later = _chunk(request, "memory3", GenerationEvent(text="Ki"), chat=True, delta=True)
+    last = _chunk(request, "memory3", end, chat=True, delta=True)
+    assert first["object"] == "chat.completion.chunk"
+    assert [c["choices"][0]["delta"] for c in (first, later, last)] == [
+        {"role": "assistant", "content": ""}, {"content": "Ki"}, {"content": "Kim."}]
+
+
+def test_without_a_template_the_chat_route_says_how_to_get_one():
+    app = FastAPI()
+    add_completion_routes(app, lambda: None, "memory3")
+    reply = TestClient(app).post("/openai/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert reply.status_code == 400
+    assert "start it with --chat-template" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/openai/v1/chat/completions"])
+def test_a_chat_is_watched_as_a_generation_and_cut_in_openais_error_shape(path):
+    """A client that hangs up frees its stream's slot, and a chat cut at shutdown gets OpenAI's 503."""
+    from memory3.services.decoder.kserve_model import cut_reply, generation_path
+
+    assert generation_path(path)
+    reply = cut_reply(path)
+    assert reply.status_code == 503 and b'"type":"service_unavailable_error"' in reply.body
