@@ -93,7 +93,8 @@ class CoalescingRetrieval:
     threads), so a caller that needs its answer later (`retrieve_by`: a chunk's memories while
     the stream decodes its last tokens, a prompt's while the stream would queue for a row) holds
     its batch open longer, up to `max_wait_s`, leaving twice the recent latency of a call for the
-    call itself. A batch goes when its most urgent caller's wait is over.
+    call itself. A batch goes when its most urgent caller's wait is over. A call none of its callers
+    waits for any more is cancelled (`_abandoned`).
     """
 
     def __init__(self, inner: Retrieval, *, window_s: float = 0.002, max_wait_s: float = 0.05,
@@ -138,14 +139,32 @@ class CoalescingRetrieval:
                 batch.timer.cancel()
             batch.flush_at = loop.time() + wait_s
             batch.timer = loop.call_at(batch.flush_at, self._flush, key)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._abandoned(key, batch)
+            raise
+
+    def _abandoned(self, key: tuple, batch: _Batch) -> None:
+        """A caller left (its client hung up, its deadline passed). Once every caller of a batch has,
+        nobody needs its call: a batch not sent yet is dropped, and a call in flight is cancelled, which
+        cancels the RPC, so that the text or memory service stops working for nobody (it drops a
+        cancelled caller from its queue)."""
+        if not all(future.done() for _, future in batch.calls):
+            return
+        if self._pending.get(key) is batch:
+            del self._pending[key]
+            if batch.timer is not None:
+                batch.timer.cancel()
+        elif batch.task is not None:
+            batch.task.cancel()
 
     def _flush(self, key: tuple) -> None:
         batch = self._pending.pop(key, None)
         if batch is not None:
             if batch.timer is not None:
                 batch.timer.cancel()
-            task = asyncio.ensure_future(self._run(key, batch.calls))
+            task = batch.task = asyncio.ensure_future(self._run(key, batch.calls))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -196,12 +215,13 @@ class CoalescingRetrieval:
 
 @dataclass
 class _Batch:
-    """Calls waiting to go as one: their items, and when the batch goes (event-loop time)."""
+    """Calls waiting to go as one: their items, and when the batch goes (event-loop time); then the call."""
 
     calls: list[tuple[list, asyncio.Future]] = field(default_factory=list)
     items: int = 0
     flush_at: float = float("inf")
     timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task | None = None  # the call, once sent
 
 
 def _settle(future: asyncio.Future, *, value=None, error: BaseException | None = None) -> None:

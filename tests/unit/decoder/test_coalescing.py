@@ -187,3 +187,65 @@ def test_a_batch_never_passes_max_items_and_an_overload_is_asked_once():
 
     assert all(isinstance(r, ResourceExhausted) for r in asyncio.run(overloaded()))
     assert full.retrieve_calls == [16]
+
+
+class Hanging(Recorder):
+    """A service that answers only when told to, and notes a call cancelled under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.cancelled = 0
+
+    async def retrieve(self, queries, top_k, include_text):
+        self.retrieve_calls.append(len(queries))
+        try:
+            await self.answer.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return [[RetrievedReference(f"r{sum(q)}", 1.0)] for q in queries]
+
+
+@pytest.mark.parametrize("callers_left", [2, 1])
+def test_a_call_every_caller_left_is_cancelled_and_one_a_caller_still_needs_is_not(callers_left):
+    """Clients that hang up (or whose deadlines pass) cancel their streams: a merged call that none of
+    them needs any more went on, and the text service worked for nobody under the load it sheds."""
+    inner = Hanging()
+    coalescing = CoalescingRetrieval(inner, window_s=0.001)
+
+    async def main():
+        callers = [asyncio.ensure_future(coalescing.retrieve([[i]], 5, False)) for i in range(2)]
+        while not inner.retrieve_calls:
+            await asyncio.sleep(0.001)
+        for caller in callers[:callers_left]:
+            caller.cancel()
+        await asyncio.sleep(0.01)
+        inner.answer.set()
+        done = await asyncio.gather(*callers, return_exceptions=True)
+        return [r if isinstance(r, asyncio.CancelledError) else r[0][0].id for r in done]
+
+    results = asyncio.run(main())
+    assert inner.retrieve_calls == [2]
+    if callers_left == 2:
+        assert inner.cancelled == 1
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    else:
+        assert inner.cancelled == 0
+        assert isinstance(results[0], asyncio.CancelledError) and results[1] == "r1"
+
+
+def test_a_batch_every_caller_left_before_it_went_is_never_sent():
+    inner = Recorder()
+    coalescing = CoalescingRetrieval(inner, window_s=0.05)
+
+    async def main():
+        callers = [asyncio.ensure_future(coalescing.retrieve([[i]], 5, False)) for i in range(2)]
+        await asyncio.sleep(0.005)
+        for caller in callers:
+            caller.cancel()
+        await asyncio.sleep(0.1)  # past the window
+        return await coalescing.retrieve([[7]], 5, False)  # a later caller gets a batch of its own
+
+    assert asyncio.run(main())[0][0].id == "r7"
+    assert inner.retrieve_calls == [1]
