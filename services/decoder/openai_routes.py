@@ -20,6 +20,10 @@ Extensions: `top_k`, `use_memory` (default true) and
 `include_reference_text`; replies carry `citations` (per 64-token chunk, the references read)
 and `warnings` when there are any.
 
+`POST /tokenize` and `/detokenize` answer as vLLM's do: a prompt's (or a chat's) token ids as the
+engine reads them, with the context's leading `<s>` unless `add_special_tokens` is false, and the
+text of token ids.
+
 A chat request's messages become one prompt through the server's chat template (chat.py); without
 one (`serve kserve --chat-template`), the chat route answers 400 and says how to set one. Its
 replies are OpenAI's chat shapes: a `message` in a `chat.completion`, or `delta`s in
@@ -43,7 +47,7 @@ from .chat import ChatTemplate, chat_messages
 from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
 from .http_clients import client_id
 from .http_errors import http_status
-from .validation import build_request
+from .validation import build_request, tokenize
 
 log = logging.getLogger("memory3.decoder")
 
@@ -51,6 +55,7 @@ COMPLETIONS_PATHS = ("/v1/completions", "/openai/v1/completions")
 CHAT_PATHS = ("/v1/chat/completions", "/openai/v1/chat/completions")
 GENERATION_PATHS = COMPLETIONS_PATHS + CHAT_PATHS
 MODELS_PATH = "/openai/v1/models"
+TOKENIZE_PATH, DETOKENIZE_PATH = "/tokenize", "/detokenize"  # as vLLM's server has them
 # OpenAI parameters this server does not implement: accepted only at their neutral values.
 NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ("",),
            "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},)}
@@ -96,6 +101,32 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
             return error_response(exc)
 
+    async def tokenize(request: Request) -> Response:
+        try:
+            body = _json_object(await request.body(), "prompt")
+            engine = current()
+            tokens = await tokenize_body(body, engine, model_name, chat_template)
+            return JSONResponse({"count": len(tokens), "max_model_len": engine.max_seq_len, "tokens": tokens})
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
+            return error_response(exc)
+
+    async def detokenize(request: Request) -> Response:
+        try:
+            body = _json_object(await request.body(), "tokens")
+            engine = current()
+            _check_fields(body, {"model", "tokens"}, {})
+            _check_model(body, engine, model_name)
+            ids = body.get("tokens")
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise InvalidInput("tokens is required: a list of token ids")
+            bad = [t for t in ids if not 0 <= t < engine.codec.vocab_size]
+            if bad:
+                raise InvalidInput(f"token id {bad[0]} is outside the tokenizer's vocabulary "
+                                   f"(0..{engine.codec.vocab_size - 1})")
+            return JSONResponse({"prompt": engine.codec.decode(ids)})
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
+            return error_response(exc)
+
     async def models() -> Response:
         return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": STARTED,
                                                          "owned_by": "memory3"}]})
@@ -105,6 +136,8 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
     for path in CHAT_PATHS:
         app.add_api_route(path, chat_completions, methods=["POST"])
     app.add_api_route(MODELS_PATH, models, methods=["GET"])
+    app.add_api_route(TOKENIZE_PATH, tokenize, methods=["POST"])
+    app.add_api_route(DETOKENIZE_PATH, detokenize, methods=["POST"])
 
 
 def _host(request: Request) -> str:
@@ -157,6 +190,25 @@ async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, temp
         raise InvalidInput("max_tokens and max_completion_tokens differ: give one of them")
     return await _request(body, engine, client, prompt=prompt, max_tokens=newer or max_tokens,
                           extra_stop=template.stop)
+
+
+async def tokenize_body(body: dict, engine: GenerationEngine, model_name: str,
+                        chat_template: ChatTemplate | None) -> list[int]:
+    """The token ids the engine would read for a `prompt`, or for chat `messages` through the chat
+    template; `add_special_tokens` false leaves out the context's leading `<s>`, giving the ids a
+    completion's token-id prompt takes."""
+    _check_fields(body, {"model", "prompt", "messages", "add_special_tokens"}, {})
+    _check_model(body, engine, model_name)
+    if ("prompt" in body) == ("messages" in body):
+        raise InvalidInput("give either prompt (text) or messages (a chat, through the chat template)")
+    if "messages" in body:
+        if chat_template is None:
+            raise InvalidInput("this server has no chat template (--chat-template) to write messages as a prompt")
+        prompt = chat_template.render(chat_messages(body["messages"]))
+    else:
+        prompt = _typed(body, "prompt", str, "")
+    ids = await tokenize(engine, prompt)
+    return ids if _typed(body, "add_special_tokens", bool, True) else ids[1:]
 
 
 def _check_fields(body: dict, known: set[str], neutral_values: dict) -> None:

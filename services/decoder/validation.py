@@ -44,14 +44,9 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
                        f"{engine.release!r}); leave release empty or send it to the right deployment")
     if prompt and prompt_token_ids:
         raise InvalidInput("give the prompt as text or as token ids, not both")
-    if len(prompt) > engine.config.max_prompt_chars:
-        raise InvalidInput(f"the prompt has {len(prompt)} characters; the limit is {engine.config.max_prompt_chars}")
-    for name, text in [("prompt", prompt), *(("stop", s) for s in stop)]:
+    for name, text in (("stop", s) for s in stop):
         _check_unicode(name, text)
-    if prompt:
-        (body,) = await asyncio.get_running_loop().run_in_executor(_TOKENIZING, engine.codec.bodies, [prompt])
-    else:
-        body = [engine.codec.bos_id, *prompt_token_ids]
+    body = await tokenize(engine, prompt) if prompt else [engine.codec.bos_id, *prompt_token_ids]
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidInput(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k < 0:
@@ -84,6 +79,15 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
         client_id=client_id,
         arrival=arrival,
     )
+
+
+async def tokenize(engine: GenerationEngine, prompt: str) -> list[int]:
+    """A text prompt's token ids as the engine reads them, `<s>` first; in a worker thread (above)."""
+    if len(prompt) > engine.config.max_prompt_chars:
+        raise InvalidInput(f"the prompt has {len(prompt)} characters; the limit is {engine.config.max_prompt_chars}")
+    _check_unicode("prompt", prompt)
+    (body,) = await asyncio.get_running_loop().run_in_executor(_TOKENIZING, engine.codec.bodies, [prompt])
+    return body
 
 
 def _check_unicode(name: str, text: str) -> None:

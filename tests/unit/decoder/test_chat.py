@@ -131,3 +131,26 @@ def test_a_chat_is_watched_as_a_generation_and_cut_in_openais_error_shape(path):
     assert generation_path(path)
     reply = cut_reply(path)
     assert reply.status_code == 503 and b'"type":"service_unavailable_error"' in reply.body
+
+
+def test_tokenize_and_detokenize_give_the_ids_the_engine_reads_and_back(tiny_model, text_codec):
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_seq_len=512))
+    app = FastAPI()
+    add_completion_routes(app, lambda: engine, "memory3", load_chat_template("qa"))
+    client = TestClient(app)
+    reply = client.post("/tokenize", json={"prompt": "Where is Yelbury?"}).json()
+    assert reply["tokens"] == text_codec.bodies(["Where is Yelbury?"])[0] and reply["tokens"][0] == text_codec.bos_id
+    assert reply["count"] == len(reply["tokens"]) and reply["max_model_len"] == 512
+    bare = client.post("/tokenize", json={"prompt": "Where is Yelbury?", "add_special_tokens": False}).json()
+    assert bare["tokens"] == reply["tokens"][1:]  # what a completion's token-id prompt takes
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["tokens"] == text_codec.bodies(["Question: Hi\nAnswer:"])[0]
+    assert client.post("/detokenize", json={"tokens": bare["tokens"]}).json() == {"prompt": "Where is Yelbury?"}
+    for path, body, says in [("/tokenize", {}, "give either prompt"),
+                             ("/tokenize", {"prompt": "x", "messages": []}, "give either prompt"),
+                             ("/tokenize", {"prompt": 3}, "prompt must be a str"),
+                             ("/tokenize", {"prompt": "x", "model": "gpt-4"}, "not served here"),
+                             ("/detokenize", {"tokens": [1, 10**6]}, "token id 1000000 is outside"),
+                             ("/detokenize", {"tokens": "abc"}, "tokens is required")]:
+        reply = client.post(path, json=body)
+        assert reply.status_code in (400, 404) and says in reply.json()["error"]["message"], (path, body, reply.json())
