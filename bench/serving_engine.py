@@ -119,6 +119,13 @@ def _run(*, preset, rows, clients, prompt_tokens, new_tokens, rounds, round_s, r
             "cores": sorted(cores) if cores else "all"}
 
 
+def read_prompt(scheduler: Scheduler, stream: _Stream) -> None:
+    """What the scheduler does for a stream that joins its row: ready the row, then read the whole
+    prompt in one pass (its `prefill_tokens` would split a longer one)."""
+    scheduler._start_rows([stream])
+    scheduler._prefill([(stream, len(stream.request.prompt_ids))])
+
+
 def step_costs(model, codec, bank, prompts: list[list[int]], *, rows: int, max_seq_len: int, context_tokens: int,
                new_tokens: int, iterations: int = 120) -> dict:
     """What the engine's own passes cost with memory and without, timed back to back.
@@ -151,7 +158,7 @@ def step_costs(model, codec, bank, prompts: list[list[int]], *, rows: int, max_s
                 body = [t for k in range(row, row + 4) for t in prompts[k % len(prompts)][1:]]
                 s = stream([codec.bos_id, *body][:context_tokens], memory)
                 s.row, scheduler.rows[row] = row, s
-                scheduler._prefill([s])
+                read_prompt(scheduler, s)
                 batch.append(s)
             layouts[memory] = ([layer.attention.kv_cache for layer in model.layers], list(scheduler.rows),
                                list(scheduler.row_has_prefix), batch)
@@ -169,7 +176,7 @@ def step_costs(model, codec, bank, prompts: list[list[int]], *, rows: int, max_s
                 joining = stream(prompts[i % len(prompts)], memory)
                 joining.row = 0
                 start = time.perf_counter()
-                scheduler._prefill([joining])
+                read_prompt(scheduler, joining)
                 times["prefill"][memory].append(time.perf_counter() - start)
                 scheduler.outbox.clear()
         model.clear_caches()

@@ -79,8 +79,8 @@ class EngineConfig:
     # many decode steps (0: the query is the previous chunk exactly; below the model's chunk_len).
     retrieval_lead_tokens: int = 8
     # Most prompt tokens one scheduler step prefills (rounded down to whole chunks of the model, at
-    # least one; 0: no limit). A longer prompt, or several joining at once, is read over several steps with a decode
-    # step of the running streams between each, so that their tokens keep coming while it is read.
+    # least one; 0: no limit). A longer prompt, or several joining at once, is read over several
+    # steps with a decode step of the running streams between each, so that their tokens keep coming.
     prefill_tokens: int = 2048
     # A scheduler whose loop has not gone round for this long is stuck (a hung device, a deadlock):
     # the decoder reports itself not live, so that it is restarted. Above the longest model pass the
@@ -384,10 +384,14 @@ class Scheduler:
             stream.next_slot = stream.prefix_len
             metrics.REQUEST_QUEUE_TIME.observe(time.monotonic() - stream.arrival)
             joining.append(stream)
-        if not joining:
-            return
-        # The prefix's K/V are written once into a row, and kept for its next stream with memory; a
-        # stream without memory writes its body there. A row's context starts with no resident memory.
+        if joining:
+            self._start_rows(joining)
+            self.prefilling += joining
+
+    def _start_rows(self, joining: list[_Stream]) -> None:
+        """Ready the rows of streams that joined for their prompts: the prefix's K/V are written once
+        into a row, and kept for its next stream with memory (a stream without memory writes its body
+        there); a row's context starts with no resident memory."""
         missing = [s.row for s in joining if s.prefix_len and not self.row_has_prefix[s.row]]
         if missing:
             self.model.write_prefix(torch.tensor(self.prefix, device=self.device),
@@ -395,7 +399,6 @@ class Scheduler:
         for s in joining:
             self.row_has_prefix[s.row] = bool(s.prefix_len)
             self.model.install_memories(s.row, ())
-        self.prefilling += joining
 
     def _prefill_share(self) -> bool:
         """Read up to `prefill_tokens` prompt tokens, oldest streams first; True if any were read.

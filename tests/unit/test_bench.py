@@ -130,3 +130,20 @@ def test_prefill_bench_reports_every_arm_against_one_pass_and_renders(tmp_path):
     table = render_table(tmp_path)
     assert "a 640-token prompt joins 1 decoding stream)" in table
     assert f"| {arms['128']['stall_over_one_pass']:.2f} |" in table
+
+
+def test_the_serving_benchs_step_costs_time_the_schedulers_own_passes(tiny_model, text_codec, prefix):
+    import torch
+
+    from memory3.bench.serving_engine import step_costs
+    from memory3.model.encoder import encode_references
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        bank = encode_references(tiny_model, [torch.randint(3, 250, (tiny_model.config.ref_len,), generator=gen)
+                                              .tolist() for _ in range(6)], prefix)
+    prompts = [[text_codec.bos_id, *torch.randint(3, 250, (69,), generator=gen).tolist()] for _ in range(4)]
+    costs = step_costs(tiny_model, text_codec, bank, prompts, rows=2, max_seq_len=200, context_tokens=103,
+                       new_tokens=66, iterations=4)
+    assert min(costs["prefill_ms"].values()) > 0 and min(costs["decode_ms"].values()) > 0
+    assert costs["predicted_on_over_off"] > 0
