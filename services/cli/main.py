@@ -510,9 +510,10 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                        help="decoded memories kept in the decoder's RAM (LRU) in front of the memory service; "
                             "0 disables it")
     group.add_argument("--prefill-tokens", type=int, default=2048,
-                       help="most prompt tokens one scheduler step reads (rounded down to whole 64-token chunks): a "
-                            "longer prompt is read over several steps, with a decode step of the running streams "
-                            "between each (0: every prompt in one pass)")
+                       help="most prompt-token rows one scheduler step reads, padding included, split evenly "
+                            "among the prompts being read (whole 64-token chunks): a longer prompt is read over "
+                            "several steps, with a decode step of the running streams between each (0: every "
+                            "prompt in one pass)")
     group.add_argument("--retrieval-lead-tokens", type=int, default=None,
                        help="a generated chunk's query ends this many tokens before the chunk, so that retrieval "
                             "overlaps that many decode steps (default 8; 0: the query is exactly the previous chunk)")

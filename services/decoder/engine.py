@@ -78,9 +78,10 @@ class EngineConfig:
     # A generated chunk's query ends this many tokens before the chunk: retrieval overlaps that
     # many decode steps (0: the query is the previous chunk exactly; below the model's chunk_len).
     retrieval_lead_tokens: int = 8
-    # Most prompt tokens one scheduler step prefills (rounded down to whole chunks of the model, at
-    # least one; 0: no limit). A longer prompt, or several joining at once, is read over several
-    # steps with a decode step of the running streams between each, so that their tokens keep coming.
+    # Most prompt-token rows one scheduler step's prefill computes, padding included (rounded down to
+    # whole chunks of the model, at least one; 0: no limit). A longer prompt, or several joining at
+    # once, is read over several steps with a decode step of the running streams between each, so
+    # that their tokens keep coming.
     prefill_tokens: int = 2048
     # A scheduler whose loop has not gone round for this long is stuck (a hung device, a deadlock):
     # the decoder reports itself not live, so that it is restarted. Above the longest model pass the
@@ -213,8 +214,8 @@ class Scheduler:
         self.mc = model.config
         self.max_seq_len = config.max_seq_len or self.mc.max_seq_len
         chunk = self.mc.chunk_len
-        self.prefill_budget = (max(chunk, config.prefill_tokens // chunk * chunk) if config.prefill_tokens
-                               else self.max_seq_len)
+        # Token rows a step's prefill passes may compute, padding included; None: no limit.
+        self.prefill_budget = max(chunk, config.prefill_tokens // chunk * chunk) if config.prefill_tokens else None
         self.stop_ids = set(stop_token_ids)
         self.prefix = list(prefix)
         self.device = model.output.weight.device
@@ -401,22 +402,22 @@ class Scheduler:
             self.model.install_memories(s.row, ())
 
     def _prefill_share(self) -> bool:
-        """Read up to `prefill_tokens` prompt tokens, oldest streams first; True if any were read.
+        """Read a share of the prompts being read; True if any were.
 
-        A stream's share is whole chunks (its last one excepted), so that every pass starts at a chunk
-        boundary and reads its chunks' memory groups in order. Streams of one layout (with or without
-        the prefix) are read together, in one pass.
+        A pass pads every share to its longest, so the budget of `prefill_tokens` token rows is split
+        evenly: of the streams being read, as many as can have a chunk each (the oldest first) get up to
+        budget / n tokens, in whole chunks, a stream's last share excepted. A short prompt that joins
+        while a long one is read is read at once, beside a share of the long one, not after all of it.
+        Streams of one layout (with or without the prefix) are read together, in one pass.
         """
         self.prefilling = [s for s in self.prefilling if not s.done and s.prefilling]
-        budget, chunk = self.prefill_budget, self.mc.chunk_len
-        shares: list[tuple[_Stream, int]] = []
-        for s in self.prefilling:
-            left = len(s.request.prompt_ids) - s.prefilled
-            take = left if left <= budget else budget // chunk * chunk
-            if take == 0:
-                break
-            shares.append((s, take))
-            budget -= take
+        reading, cap = self.prefilling, None
+        if self.prefill_budget is not None and reading:
+            chunk = self.mc.chunk_len
+            reading = reading[:self.prefill_budget // chunk]
+            cap = self.prefill_budget // len(reading) // chunk * chunk  # (passes' rows) <= len(reading) * cap
+        left = [len(s.request.prompt_ids) - s.prefilled for s in reading]
+        shares = [(s, n if cap is None else min(n, cap)) for s, n in zip(reading, left, strict=True)]
         for prefix_len in sorted({s.prefix_len for s, _ in shares}):
             self._prefill([(s, n) for s, n in shares if s.prefix_len == prefix_len])
         return bool(shares)

@@ -211,12 +211,12 @@ def test_a_share_near_the_end_of_its_row_is_read_with_a_longer_one(tiny_model, t
     long = [text_codec.bos_id, *torch.randint(3, 250, (969,), generator=gen).tolist()]
     short = [text_codec.bos_id, *torch.randint(3, 250, (149,), generator=gen).tolist()]
     shares = []
-    long_read = threading.Event()
+    long_read = threading.Event()  # all but its last 10 tokens, in one share
     original_prefill = engine_module.Scheduler._prefill
 
     def prefill(self, batch):
         shares.append([n for _, n in batch])
-        if not long_read.is_set():  # the long prompt's first share: the short stream joins before its next
+        if len(shares) == 1:  # the long prompt's first share: the short stream joins before its second
             long_read.set()
             deadline = time.monotonic() + 30
             while self.inbox.empty() and time.monotonic() < deadline:
@@ -229,7 +229,7 @@ def test_a_share_near_the_end_of_its_row_is_read_with_a_longer_one(tiny_model, t
         return await collect(engine, GenerationRequest(short, 20))
 
     engine = GenerationEngine(tiny_model, text_codec, retrieval,
-                              EngineConfig(max_batch=2, max_waiting=2, prefill_tokens=192))
+                              EngineConfig(max_batch=2, max_waiting=2, prefill_tokens=960))
     engine.scheduler._prefill = prefill.__get__(engine.scheduler)
 
     async def main():
@@ -240,11 +240,66 @@ def test_a_share_near_the_end_of_its_row_is_read_with_a_longer_one(tiny_model, t
             await engine.close()
 
     results = run(main())
-    assert shares == [[192]] * 5 + [[10, 150]]
+    assert shares == [[960], [10, 150]]  # two streams: up to 448 each
     for body, (tokens, _, _) in zip([long, short], results, strict=True):
         with torch.inference_mode():
             expected = reference_tokens(tiny_model, body, retrieval.provider, prefix, 20, text_codec.eos_id, 8)
         assert tokens == expected
+
+
+def shares_of_prompts_arriving_together(tiny_model, text_codec, bodies, prefill_tokens):
+    """The shares of each prefill pass when `bodies` are all admitted in one step, in this order."""
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=len(bodies), max_waiting=0,
+                                                                         prefill_tokens=prefill_tokens))
+    scheduler, passes = engine.scheduler, []
+    original_admit, original_prefill = scheduler._admit, scheduler._prefill
+
+    def admit():
+        deadline = time.monotonic() + 30
+        while not passes and len(scheduler.ready) < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.001)
+            scheduler._drain_inbox()
+        original_admit()
+
+    def prefill(batch):
+        passes.append([n for _, n in batch])
+        original_prefill(batch)
+
+    scheduler._admit, scheduler._prefill = admit, prefill
+
+    async def main():
+        await engine.start()
+        try:
+            tasks = []
+            for body in bodies:
+                tasks.append(asyncio.ensure_future(engine.complete(GenerationRequest(body, 3, use_memory=False,
+                                                                                     ignore_eos=True))))
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*tasks)
+        finally:
+            await engine.close()
+
+    run(main())
+    return passes
+
+
+def test_a_prefill_pass_counts_its_padding_against_the_budget(tiny_model, text_codec):
+    """Shares are padded to the longest in their pass: three short prompts beside a long one made a
+    pass of 4 x 448 token rows under a budget of 512. The budget is split evenly instead, and the
+    short prompts are read at once, beside a share of the long one."""
+    gen = torch.Generator().manual_seed(0)
+    shorts = [[text_codec.bos_id, *torch.randint(3, 250, (9,), generator=gen).tolist()] for _ in range(3)]
+    long = [text_codec.bos_id, *torch.randint(3, 250, (999,), generator=gen).tolist()]
+    passes = shares_of_prompts_arriving_together(tiny_model, text_codec, [*shorts, long], 512)
+    assert passes[0] == [10, 10, 10, 128]
+    assert all(len(p) * max(p) <= 512 for p in passes), passes
+    assert sum(map(sum, passes)) == 3 * 10 + 1000
+
+
+def test_no_prefill_limit_reads_prompts_arriving_together_in_one_pass(tiny_model, text_codec):
+    gen = torch.Generator().manual_seed(0)
+    bodies = [[text_codec.bos_id, *torch.randint(3, 250, (599,), generator=gen).tolist()] for _ in range(2)]
+    assert shares_of_prompts_arriving_together(tiny_model, text_codec, bodies, 0) == [[600, 600]]
 
 
 def test_a_row_reused_by_streams_with_and_without_memory_keeps_them_exact(tiny_model, text_codec, prefix, memories,
