@@ -2,21 +2,27 @@
 
 A release's model is trained on text, with no chat format of its own, so the server is told one
 (`serve kserve --chat-template`): a built-in name, or a Jinja2 file in the form Hugging Face
-tokenizers use (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`),
-rendered in Jinja2's sandbox as `transformers` renders them. Without one, the chat route refuses,
+tokenizers use (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`,
+`strftime_now`; `tools` and `documents` are None), rendered in Jinja2's sandbox with the extensions
+and filters `transformers` gives it. Without one, the chat route refuses,
 as vLLM does for a tokenizer without a template, rather than guess a format the model never saw.
 
 The built-in `qa` is the format `memory3 train` teaches: a user turn is "Question: ...", an
 assistant turn "Answer: ...", one per line, and an answer ends at its line's end (its stop string).
+A past answer is written as the model wrote it after "Answer:" (its reply begins with a space), so
+that a conversation's history reads as the model read and wrote it.
 `bos_token` renders empty: the decoder puts the context's `<s>` before every prompt itself.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import jinja2
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..rpc.errors import InvalidInput
@@ -25,7 +31,7 @@ QA_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message.role == 'system' %}{{ message.content + '\\n' }}"
     "{% elif message.role == 'user' %}{{ 'Question: ' + message.content + '\\n' }}"
-    "{% else %}{{ 'Answer: ' + message.content + '\\n' }}"
+    "{% else %}{{ 'Answer:' + ('' if message.content[:1].isspace() else ' ') + message.content + '\\n' }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Answer:{% endif %}"
@@ -43,8 +49,10 @@ class ChatTemplate:
     template: jinja2.Template = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
+        # The environment `transformers` renders chat templates in (`apply_chat_template`).
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         try:
             object.__setattr__(self, "template", env.from_string(self.source))
         except jinja2.TemplateSyntaxError as e:
@@ -52,8 +60,8 @@ class ChatTemplate:
 
     def render(self, messages: list[dict]) -> str:
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, bos_token="",
-                                        eos_token=self.eos_token)
+            return self.template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                                        bos_token="", eos_token=self.eos_token)
         except _TemplateRefused as e:
             raise InvalidInput(f"the chat template refuses these messages: {e}") from None
         except jinja2.TemplateError as e:
@@ -96,8 +104,11 @@ def chat_messages(value) -> list[dict]:
         role = message.get("role")
         if role not in ROLES:
             raise InvalidInput(f"{where}.role must be one of {list(ROLES)}, got {role!r}")
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise InvalidInput(f"{where}.name must be a string")
         out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(message.get("content"), where)})
+                    "content": _content(message.get("content"), where), **({"name": name} if name else {})})
     return out
 
 
@@ -119,3 +130,12 @@ class _TemplateRefused(Exception):
 
 def _raise_exception(message: str):
     raise _TemplateRefused(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """`transformers`' `tojson`: plain JSON, where Jinja's own escapes <, > and & for HTML."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)

@@ -199,6 +199,10 @@ class _Stream:
         self.generator = (torch.Generator(device=device).manual_seed(request.sampling.seed)
                           if request.sampling.seed is not None else None)
         self.last_token_time = 0.0
+        # In the consumer's event loop: the retrieval for the next chunk in flight, cancelled (its merged
+        # call too, once no other stream waits for it) when the request ends; and whether it has.
+        self.swap: asyncio.Task | None = None
+        self.closed = False
 
     @property
     def prefilling(self) -> bool:
@@ -823,8 +827,12 @@ class GenerationEngine:
             async for event in self._relay(stream, out, citations, warnings, sum(len(g) for g in groups)):
                 yield event
         finally:
-            if stream is not None and not stream.done:
-                self.scheduler.post(("cancel", stream, None))
+            if stream is not None:
+                stream.closed = True
+                if stream.swap is not None:  # nobody will read the memories it retrieves
+                    stream.swap.cancel()
+                if not stream.done:
+                    self.scheduler.post(("cancel", stream, None))
             self.accepted -= 1
             if client:
                 left = self.per_client.pop(client) - 1
@@ -907,7 +915,9 @@ class GenerationEngine:
 
     def _schedule_swap(self, stream: _Stream, ask: _Retrieve) -> None:
         """Asked by the scheduler, in this loop: retrieve for a stream's last chunk, off the batch."""
-        task = asyncio.ensure_future(self._swap(stream, ask))
+        if stream.closed:
+            return
+        task = stream.swap = asyncio.ensure_future(self._swap(stream, ask))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -47,7 +47,7 @@ from .chat import ChatTemplate, chat_messages
 from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
 from .http_clients import client_id
 from .http_errors import http_status
-from .validation import build_request, tokenize
+from .validation import build_request, detokenize, tokenize
 
 log = logging.getLogger("memory3.decoder")
 
@@ -101,7 +101,7 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
             return error_response(exc)
 
-    async def tokenize(request: Request) -> Response:
+    async def tokenize_route(request: Request) -> Response:
         try:
             body = _json_object(await request.body(), "prompt")
             engine = current()
@@ -110,7 +110,7 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
             return error_response(exc)
 
-    async def detokenize(request: Request) -> Response:
+    async def detokenize_route(request: Request) -> Response:
         try:
             body = _json_object(await request.body(), "tokens")
             engine = current()
@@ -119,11 +119,7 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
             ids = body.get("tokens")
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise InvalidInput("tokens is required: a list of token ids")
-            bad = [t for t in ids if not 0 <= t < engine.codec.vocab_size]
-            if bad:
-                raise InvalidInput(f"token id {bad[0]} is outside the tokenizer's vocabulary "
-                                   f"(0..{engine.codec.vocab_size - 1})")
-            return JSONResponse({"prompt": engine.codec.decode(ids)})
+            return JSONResponse({"prompt": await detokenize(engine, ids)})
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
             return error_response(exc)
 
@@ -136,8 +132,8 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
     for path in CHAT_PATHS:
         app.add_api_route(path, chat_completions, methods=["POST"])
     app.add_api_route(MODELS_PATH, models, methods=["GET"])
-    app.add_api_route(TOKENIZE_PATH, tokenize, methods=["POST"])
-    app.add_api_route(DETOKENIZE_PATH, detokenize, methods=["POST"])
+    app.add_api_route(TOKENIZE_PATH, tokenize_route, methods=["POST"])
+    app.add_api_route(DETOKENIZE_PATH, detokenize_route, methods=["POST"])
 
 
 def _host(request: Request) -> str:
@@ -246,20 +242,21 @@ async def _request(body: dict, engine: GenerationEngine, client: str, *, prompt:
         engine, prompt=prompt, prompt_token_ids=prompt_token_ids or (),
         temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
         top_k=_typed(body, "top_k", int, 0), max_tokens=max_tokens,
-        stop=tuple(dict.fromkeys([*(stop or ()), *extra_stop])), seed=_typed(body, "seed", int, None),
+        stop=tuple(stop or ()), server_stop=extra_stop, seed=_typed(body, "seed", int, None),
         use_memory=_typed(body, "use_memory", bool, True),
         include_reference_text=_typed(body, "include_reference_text", bool, False), client_id=client)
     return request, stream, include_usage
 
 
 def _include_usage(options, stream: bool) -> bool:
-    """`stream_options`, as OpenAI reads it: null, or with a stream an object of `include_usage`."""
+    """`stream_options`, as OpenAI reads it: null, or with a stream an object of `include_usage` and
+    `include_obfuscation` (no padding is added to the chunks here, so it changes nothing)."""
     if options is None:
         return False
     if not stream:
         raise InvalidInput("stream_options is only allowed with \"stream\": true")
-    if not isinstance(options, dict) or set(options) - {"include_usage"} or \
-            not isinstance(options.get("include_usage", False), bool):
+    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"} or \
+            not all(isinstance(v, bool) for v in options.values()):
         raise InvalidInput('stream_options must be an object such as {"include_usage": true}')
     return options.get("include_usage", False)
 

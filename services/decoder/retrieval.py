@@ -191,6 +191,9 @@ class CoalescingRetrieval:
             raise
 
     async def _answer(self, key: tuple, batch: list[tuple[list, asyncio.Future]]) -> None:
+        batch = [(items, future) for items, future in batch if not future.done()]  # callers that left ask nothing
+        if not batch:
+            return
         try:
             merged = await self._call(key, [item for items, _ in batch for item in items])
         except Exception as e:  # noqa: BLE001 - handed to the callers
@@ -203,6 +206,7 @@ class CoalescingRetrieval:
                 return
             # Something in the batch was refused (e.g. a corrupt memory): each part on its own, so
             # that the refusal reaches only its caller.
+            batch = [(items, future) for items, future in batch if not future.done()]
             results = await asyncio.gather(*(self._call(key, items) for items, _ in batch), return_exceptions=True)
             for (_, future), result in zip(batch, results, strict=True):
                 _settle(future, **({"error": result} if isinstance(result, BaseException) else {"value": result}))

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from memory3.model.generate import SamplingParams
 
 from ..rpc.errors import InvalidInput, NotFound, shown
+from ..text.engine import MAX_TOKEN_IDS
 from .engine import GenerationEngine, GenerationRequest, new_request_id
 
 # Prompts are tokenized here, apart from the default executor's threads, which decode fetched
@@ -32,8 +33,10 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
                   release: str = "", temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
                   max_tokens: int = 0, stop: Sequence[str] = (), seed: int | None = None, use_memory: bool = True,
                   include_reference_text: bool = False, ignore_eos: bool = False, request_id: str = "",
-                  deadline: float | None = None, client_id: str = "") -> GenerationRequest:
+                  deadline: float | None = None, client_id: str = "",
+                  server_stop: Sequence[str] = ()) -> GenerationRequest:
     """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it.
+    `server_stop`: stop strings the server adds (a chat template's), not counted against the client's.
 
     The prompt is tokenized in a worker thread, without the GIL: tens of milliseconds for a long one,
     during which the event loop goes on streaming the other requests' tokens. The request's arrival
@@ -70,7 +73,7 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
         # default is not the client's mistake (`GenerationEngine.validate` judges a room below 1).
         max_tokens=max_tokens or max(1, min(engine.config.default_max_tokens, engine.room(body, use_memory))),
         sampling=sampling,
-        stop=tuple(stop),
+        stop=tuple(dict.fromkeys([*stop, *server_stop])),
         use_memory=use_memory,
         include_reference_text=include_reference_text,
         ignore_eos=ignore_eos,
@@ -88,6 +91,17 @@ async def tokenize(engine: GenerationEngine, prompt: str) -> list[int]:
     _check_unicode("prompt", prompt)
     (body,) = await asyncio.get_running_loop().run_in_executor(_TOKENIZING, engine.codec.bodies, [prompt])
     return body
+
+
+async def detokenize(engine: GenerationEngine, ids: Sequence[int]) -> str:
+    """The text of token ids, in a worker thread (above): at most MAX_TOKEN_IDS of them, as the text service's."""
+    if len(ids) > MAX_TOKEN_IDS:
+        raise InvalidInput(f"tokens: at most {MAX_TOKEN_IDS} ids per request, got {len(ids)}")
+    bad = [t for t in ids if not 0 <= t < engine.codec.vocab_size]
+    if bad:
+        raise InvalidInput(f"token id {bad[0]} is outside the tokenizer's vocabulary "
+                           f"(0..{engine.codec.vocab_size - 1})")
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZING, engine.codec.decode, list(ids))
 
 
 def _check_unicode(name: str, text: str) -> None:

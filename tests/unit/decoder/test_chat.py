@@ -69,6 +69,7 @@ def test_a_template_that_cannot_be_used_is_refused_at_start(tmp_path, spec, says
     (["hi"], r"messages\[0\] must be an object"),
     ([{"role": "tool", "content": "42"}], r"messages\[0\].role must be one of"),
     ([{"role": "user", "content": "hi", "tool_calls": []}], r"field\(s\) \['tool_calls'\] are not supported"),
+    ([{"role": "user", "content": "hi", "name": {"x": 1}}], r"messages\[0\].name must be a string"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
     ([{"role": "user", "content": 7}], "must be a string or a list"),
     ([{"role": "user", "content": "x"}] * 257, "at most 256"),
@@ -154,3 +155,69 @@ def test_tokenize_and_detokenize_give_the_ids_the_engine_reads_and_back(tiny_mod
                              ("/detokenize", {"tokens": "abc"}, "tokens is required")]:
         reply = client.post(path, json=body)
         assert reply.status_code in (400, 404) and says in reply.json()["error"]["message"], (path, body, reply.json())
+
+
+def test_a_qa_conversations_history_reads_as_the_model_read_and_wrote_it():
+    """The prompt ends "Answer:" and the model's reply begins with a space; history wrote it back as
+    "Answer: " + reply, two spaces, a format training never showed."""
+    qa = load_chat_template("qa")
+    first = [{"role": "user", "content": "Who founded Yelbury?"}]
+    reply = " founder Kim"
+    seen = qa.render(chat_messages(first)) + reply + "\n"
+    later = qa.render(chat_messages([*first, {"role": "assistant", "content": reply},
+                                     {"role": "user", "content": "When?"}]))
+    assert later.startswith(seen)
+
+
+HF_TEMPLATES = {
+    "loopcontrols": "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+                    "<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>",
+    "tojson": "{% for m in messages %}{{ m.role }}: {{ m.content | tojson }}\n{% endfor %}assistant:",
+    "name": "{% for m in messages %}{{ m.name ~ ': ' if m.name else '' }}{{ m.content }}\n{% endfor %}Answer:",
+    "tools_none": "{% if tools is not none %}[TOOLS]{% endif %}{% for m in messages %}{{ m.content }}\n{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", list(HF_TEMPLATES))
+def test_a_template_file_renders_as_transformers_renders_it(tmp_path, name):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Is 1<2 & 'x'?", "name": "alice"}]
+    path = tmp_path / f"{name}.jinja"
+    path.write_text(HF_TEMPLATES[name])
+    expected = render_jinja_template([messages], chat_template=HF_TEMPLATES[name], add_generation_prompt=True,
+                                     bos_token="", eos_token="</s>")[0][0]
+    assert load_chat_template(str(path)).render(chat_messages(messages)) == expected
+
+
+def test_a_templates_stop_strings_do_not_count_against_the_clients(tiny_model, text_codec):
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
+    stops = [f"S{i}" for i in range(8)]  # the most a client may send
+    request = asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}], "stop": stops}, engine,
+                                     "memory3", load_chat_template("qa")))[0]
+    assert request.stop == (*stops, "\n")
+    with pytest.raises(InvalidInput, match="stop: at most 8"):
+        asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}], "stop": [*stops, "S8"]}, engine,
+                               "memory3", load_chat_template("qa")))
+
+
+def test_stream_options_take_the_sdks_include_obfuscation(tiny_model, text_codec):
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
+    options = {"include_usage": True, "include_obfuscation": False}
+    _, stream, include_usage = asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}],
+                                                       "stream": True, "stream_options": options},
+                                                      engine, "memory3", load_chat_template("qa")))
+    assert stream and include_usage
+
+
+def test_detokenize_refuses_more_ids_than_the_text_service_does(tiny_model, text_codec):
+    from memory3.services.text.engine import MAX_TOKEN_IDS
+
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
+    app = FastAPI()
+    add_completion_routes(app, lambda: engine, "memory3")
+    reply = TestClient(app).post("/detokenize", json={"tokens": [65] * (MAX_TOKEN_IDS + 1)})
+    assert reply.status_code == 400 and f"at most {MAX_TOKEN_IDS} ids" in reply.json()["error"]["message"]
+    ids = text_codec.encode("AAA")
+    assert TestClient(app).post("/detokenize", json={"tokens": ids}).json() == {"prompt": "AAA"}

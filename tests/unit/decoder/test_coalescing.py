@@ -249,3 +249,25 @@ def test_a_batch_every_caller_left_before_it_went_is_never_sent():
 
     assert asyncio.run(main())[0][0].id == "r7"
     assert inner.retrieve_calls == [1]
+
+
+def test_a_caller_that_left_is_asked_for_by_neither_the_call_nor_its_retries():
+    class Refusing(Recorder):
+        async def fetch(self, ids):
+            await asyncio.sleep(0.02)
+            return await super().fetch(ids)
+
+    inner = Refusing()
+    coalescing = CoalescingRetrieval(inner, window_s=0.01)
+
+    async def main():
+        gone = asyncio.ensure_future(coalescing.fetch(["gone"]))
+        bad = asyncio.ensure_future(coalescing.fetch(["corrupt"]))
+        good = asyncio.ensure_future(coalescing.fetch(["a"]))
+        await asyncio.sleep(0.002)
+        gone.cancel()  # before the batch goes
+        return await asyncio.gather(bad, good, return_exceptions=True)
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, DataLoss) and good == ["memory-a"]
+    assert inner.fetch_calls == [["corrupt", "a"], ["corrupt"], ["a"]]

@@ -927,3 +927,57 @@ def test_a_request_cut_at_its_deadline_is_counted_as_one_whoever_notices_first(t
     run(main())
     after = counts()
     assert (after[0] - before[0], after[1] - before[1]) == (1, 0)
+
+
+class HangsOnGeneratedChunks:
+    """Answers the prompt's retrieval and every fetch; a generated chunk's retrieval hangs until cancelled."""
+
+    def __init__(self, memories):
+        self.memories, self.calls, self.cancelled = memories, 0, 0
+
+    async def retrieve(self, queries, top_k, include_text):
+        self.calls += 1
+        if self.calls > 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return [[RetrievedReference("ref-0", 1.0)] for _ in queries]
+
+    async def fetch(self, ids):
+        return [self.memories[0] for _ in ids]
+
+
+def test_a_generated_chunks_retrieval_ends_with_its_request(tiny_model, text_codec, memories):
+    """A client that hangs up (or whose deadline passes) ended its stream, but the retrieval for its
+    next chunk went on, merged call and RPC included, for nobody."""
+    from memory3.services.decoder.retrieval import CoalescingRetrieval
+
+    inner = HangsOnGeneratedChunks(memories)
+    engine = GenerationEngine(tiny_model, text_codec, CoalescingRetrieval(inner, window_s=0.001),
+                              EngineConfig(max_batch=1, retrieval_lead_tokens=8))
+
+    async def main():
+        await engine.start()
+        try:
+            async def client():
+                async for _ in engine.generate(GenerationRequest(prompts(1, text_codec)[0], 200, ignore_eos=True)):
+                    pass
+
+            stream = asyncio.ensure_future(client())
+            deadline = time.monotonic() + 30
+            while inner.calls < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert inner.calls == 2, "the generated chunk's retrieval never started"
+            stream.cancel()  # the client hangs up
+            await asyncio.gather(stream, return_exceptions=True)
+            for _ in range(100):
+                if inner.cancelled:
+                    break
+                await asyncio.sleep(0.01)
+            return inner.cancelled, engine.accepted
+        finally:
+            await engine.close()
+
+    assert run(main()) == (1, 0)
