@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -77,63 +77,53 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
                           chat_template: ChatTemplate | None = None) -> None:
     """Register the routes; `current` returns the running engine or raises Unavailable."""
 
-    async def completions(request: Request) -> Response:
-        try:
-            body = _json_object(await request.body(), "prompt")
-            engine = current()
-            generation, stream, include_usage = await parse_completion(
-                body, engine, model_name, client=client_id(request.headers, _host(request)))
-            return await _answer(engine, generation, model_name, stream, include_usage, chat=False)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
-            return error_response(exc)
+    def route(required: str, answer: Callable[[Request, dict, GenerationEngine], Awaitable[Response]]):
+        """A POST route whose body is a JSON object (with at least `required`), for the running engine;
+        every failure becomes an OpenAI-style error."""
+        async def handle(request: Request) -> Response:
+            try:
+                return await answer(request, _json_object(await request.body(), required), current())
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
+                return error_response(exc)
+        return handle
 
-    async def chat_completions(request: Request) -> Response:
-        try:
-            body = _json_object(await request.body(), "messages")
-            engine = current()
-            if chat_template is None:
-                raise InvalidInput("this server has no chat template, and the model was trained on plain text: "
-                                   "start it with --chat-template (qa, the format `memory3 train` teaches, or a "
-                                   "Jinja2 file), or send the prompt to /v1/completions")
-            generation, stream, include_usage = await parse_chat(
-                body, engine, model_name, chat_template, client=client_id(request.headers, _host(request)))
-            return await _answer(engine, generation, model_name, stream, include_usage, chat=True)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
-            return error_response(exc)
+    async def completions(request: Request, body: dict, engine: GenerationEngine) -> Response:
+        generation, stream, include_usage = await parse_completion(
+            body, engine, model_name, client=client_id(request.headers, _host(request)))
+        return await _answer(engine, generation, model_name, stream, include_usage, chat=False)
 
-    async def tokenize_route(request: Request) -> Response:
-        try:
-            body = _json_object(await request.body(), "prompt")
-            engine = current()
-            tokens = await tokenize_body(body, engine, model_name, chat_template)
-            return JSONResponse({"count": len(tokens), "max_model_len": engine.max_seq_len, "tokens": tokens})
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
-            return error_response(exc)
+    async def chat_completions(request: Request, body: dict, engine: GenerationEngine) -> Response:
+        if chat_template is None:
+            raise InvalidInput("this server has no chat template, and the model was trained on plain text: "
+                               "start it with --chat-template (qa, the format `memory3 train` teaches, or a "
+                               "Jinja2 file), or send the prompt to /v1/completions")
+        generation, stream, include_usage = await parse_chat(
+            body, engine, model_name, chat_template, client=client_id(request.headers, _host(request)))
+        return await _answer(engine, generation, model_name, stream, include_usage, chat=True)
 
-    async def detokenize_route(request: Request) -> Response:
-        try:
-            body = _json_object(await request.body(), "tokens")
-            engine = current()
-            _check_fields(body, {"model", "tokens"}, {})
-            _check_model(body, engine, model_name)
-            ids = body.get("tokens")
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise InvalidInput("tokens is required: a list of token ids")
-            return JSONResponse({"prompt": await detokenize(engine, ids)})
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
-            return error_response(exc)
+    async def tokenize_route(_request: Request, body: dict, engine: GenerationEngine) -> Response:
+        tokens = await tokenize_body(body, engine, model_name, chat_template)
+        return JSONResponse({"count": len(tokens), "max_model_len": engine.max_seq_len, "tokens": tokens})
+
+    async def detokenize_route(_request: Request, body: dict, engine: GenerationEngine) -> Response:
+        _check_fields(body, {"model", "tokens"}, {})
+        _check_model(body, engine, model_name)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidInput("tokens is required: a list of token ids")
+        return JSONResponse({"prompt": await detokenize(engine, ids)})
 
     async def models() -> Response:
         return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": STARTED,
                                                          "owned_by": "memory3"}]})
 
-    for path in COMPLETIONS_PATHS:
-        app.add_api_route(path, completions, methods=["POST"])
-    for path in CHAT_PATHS:
-        app.add_api_route(path, chat_completions, methods=["POST"])
+    for paths, required, answer in [(COMPLETIONS_PATHS, "prompt", completions),
+                                    (CHAT_PATHS, "messages", chat_completions),
+                                    ((TOKENIZE_PATH,), "prompt", tokenize_route),
+                                    ((DETOKENIZE_PATH,), "tokens", detokenize_route)]:
+        for path in paths:
+            app.add_api_route(path, route(required, answer), methods=["POST"])
     app.add_api_route(MODELS_PATH, models, methods=["GET"])
-    app.add_api_route(TOKENIZE_PATH, tokenize_route, methods=["POST"])
-    app.add_api_route(DETOKENIZE_PATH, detokenize_route, methods=["POST"])
 
 
 def _host(request: Request) -> str:
