@@ -75,6 +75,7 @@ CONSTRAINTS: dict[str, dict] = {
     "kserve.maxReplicas": {"type": "integer", "minimum": 1},
     "s3.accessKeyKey": SECRET_KEY,
     "s3.caBundle.key": SECRET_KEY,
+    "kserve.chatTemplateConfigMap.key": SECRET_KEY,
     "s3.region": {"type": "string", "pattern": "^[a-zA-Z0-9_-]+$"},
     "s3.secretKeyKey": SECRET_KEY,
     "redis.urlKey": SECRET_KEY,

@@ -566,3 +566,17 @@ def test_a_decoder_without_resources_renders_with_its_gpu_limit(component):
     found = (r.get("Deployment", component_name("decoder")) if component == "decoder"
              else r.of_kind("InferenceService")[0])
     assert pod_spec(found)["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+
+
+def test_a_chat_template_from_a_configmap_is_mounted_and_passed_to_the_predictor():
+    r = render({"kserve": {"enabled": True, "chatTemplateConfigMap": {"name": "my-chat", "key": "t.jinja"}}})
+    predictor = r.of_kind("InferenceService")[0]["spec"]["predictor"]
+    container = predictor["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "chat-template")
+    assert flag(container, "--chat-template") == f"{mount['mountPath']}/t.jinja" and mount["readOnly"]
+    volume = next(v for v in predictor["volumes"] if v["name"] == "chat-template")
+    assert volume["configMap"] == {"name": "my-chat", "items": [{"key": "t.jinja", "path": "t.jinja"}]}
+    plain = render({"kserve": {"enabled": True}}).of_kind("InferenceService")[0]["spec"]["predictor"]
+    assert "chat-template" not in [v["name"] for v in plain["volumes"]]
+    with pytest.raises(helm.HelmRenderError, match="kserve.chatTemplate and kserve.chatTemplateConfigMap.name"):
+        render({"kserve": {"enabled": True, "chatTemplate": "qa", "chatTemplateConfigMap": {"name": "my-chat"}}})

@@ -603,3 +603,6 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* Where the KServe predictor mounts the chat template of `kserve.chatTemplateConfigMap`. */}}
+{{- define "memory3.chatTemplateDir" -}}/etc/memory3/chat-template{{- end -}}

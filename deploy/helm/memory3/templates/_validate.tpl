@@ -7,6 +7,9 @@
 {{- else if not (include "memory3.isReleaseName" (include "memory3.release" .)) -}}
 {{- $messages = append $messages (printf "release: %q is not a release name (%s)" (include "memory3.release" .) (include "memory3.releaseNameRule" .)) -}}
 {{- end -}}
+{{- if and $v.kserve.chatTemplate $v.kserve.chatTemplateConfigMap.name -}}
+{{- $messages = append $messages "kserve.chatTemplate and kserve.chatTemplateConfigMap.name are both set: set one (the ConfigMap's template, or a built-in such as qa)" -}}
+{{- end -}}
 {{- $bucket := include "memory3.string" $v.s3.bucket -}}
 {{- if not (include "memory3.isBucketName" $bucket) -}}
 {{- $messages = append $messages (printf "s3.bucket: %q is not an S3 bucket name (3-63 of a-z, 0-9, '.' and '-', starting and ending with a letter or digit, without '..', '.-' or '-.', not an IP address)" $bucket) -}}
