@@ -51,6 +51,26 @@ def manager(tmp_path, store=None, **kwargs) -> TrainingJobManager:
     return jobs
 
 
+# A child that ignores SIGTERM (stuck in a long C call, which sees the signal only when it returns).
+STUBBORN = "trap '' TERM\necho '{\"message\": \"working\"}'\nexec sleep 600\n"
+
+
+def child_script(tmp_path, name: str, script: str) -> str:
+    """An executable shell script standing in for the job's python: what the tests make a child do."""
+    child = tmp_path / name
+    child.write_text(f"#!/bin/sh\n{script}")
+    child.chmod(0o755)
+    return str(child)
+
+
+async def until_working(jobs: TrainingJobManager, job_id: str) -> None:
+    """Until the job's child has said `working` (its stand-in script's first event)."""
+    async for event in jobs.watch(job_id):
+        if event.get("message") == "working":
+            return
+
+
+
 def test_submissions_of_one_release_that_cross_are_one_job(tmp_path):
     """All passed the checks while the store answered, and all but one failed later, as jobs."""
     jobs = manager(tmp_path, SlowEmptyStore())
@@ -225,25 +245,18 @@ def test_a_cancelled_job_whose_child_ignores_sigterm_does_not_hold_the_queue(tmp
     """Cancel sent the child a SIGTERM and nothing more: a child that did not end (stuck in a long
     C call, which sees the signal only when it returns) kept the worker waiting on it, and every
     job submitted after it stayed QUEUED. It is killed `kill_after_s` after the SIGTERM."""
-    child = tmp_path / "stubborn-python"
-    child.write_text("#!/bin/sh\ntrap '' TERM\necho '{\"message\": \"working\"}'\nexec sleep 600\n")
-    child.chmod(0o755)
     jobs = manager(tmp_path / "work", EmptyStore())
-    jobs.python, jobs.kill_after_s = str(child), 0.5
-
-    async def running(job_id: str) -> None:
-        async for event in jobs.watch(job_id):
-            if event.get("message") == "working":
-                return
+    jobs.python = child_script(tmp_path, "stubborn-python", STUBBORN)
+    jobs.kill_after_s = 0.5
 
     async def main():
         await jobs.start()
         try:
             first = await jobs.submit(TrainingJobSpec(release="first", preset="tiny", quick=True))
-            await running(first)
+            await until_working(jobs, first)
             assert await jobs.cancel(first) == CANCELLED
             second = await jobs.submit(TrainingJobSpec(release="second", preset="tiny", quick=True))
-            await running(second)  # the worker is free again
+            await until_working(jobs, second)  # the worker is free again
             assert jobs.get(first).process.returncode is not None
             return jobs.get(second).state
         finally:
@@ -255,11 +268,9 @@ def test_a_cancelled_job_whose_child_ignores_sigterm_does_not_hold_the_queue(tmp
 def test_stray_output_that_parses_as_json_is_not_an_event(tmp_path):
     """A line of the child's stdout such as `42` or `[1, 2]` (a library printing) parsed as JSON,
     and the job failed as an internal error of the service, its child killed."""
-    child = tmp_path / "chatty-python"
-    child.write_text("#!/bin/sh\necho 42\necho '[1, 2]'\necho '{\"step\": 1, \"total_steps\": 1}'\n")
-    child.chmod(0o755)
     jobs = manager(tmp_path / "work", EmptyStore())
-    jobs.python = str(child)
+    jobs.python = child_script(tmp_path, "chatty-python",
+                               "echo 42\necho '[1, 2]'\necho '{\"step\": 1, \"total_steps\": 1}'\n")
 
     async def main():
         await jobs.start()
@@ -277,18 +288,13 @@ def test_stray_output_that_parses_as_json_is_not_an_event(tmp_path):
 def test_a_stop_cut_short_still_kills_the_jobs_children(tmp_path):
     """A second signal cancels the drain while it waits for the children: they were left running
     (a child still publishing after its service exited), as the kill came after the wait."""
-    child = tmp_path / "stubborn-python"
-    child.write_text("#!/bin/sh\ntrap '' TERM\necho '{\"message\": \"working\"}'\nexec sleep 600\n")
-    child.chmod(0o755)
     jobs = manager(tmp_path / "work", EmptyStore())
-    jobs.python = str(child)
+    jobs.python = child_script(tmp_path, "stubborn-python", STUBBORN)
 
     async def main():
         await jobs.start()
         job = await jobs.submit(TrainingJobSpec(release="first", preset="tiny", quick=True))
-        async for event in jobs.watch(job):
-            if event.get("message") == "working":
-                break
+        await until_working(jobs, job)
         stopping = asyncio.ensure_future(jobs.stop(grace_s=600))
         await asyncio.sleep(0.3)
         stopping.cancel()
@@ -327,20 +333,15 @@ class StoreThatPublishes(EmptyStore):
 def test_a_cancel_that_comes_after_the_publication_leaves_the_job_succeeded(tmp_path, published, created, state):
     """The child had published its release when the SIGTERM reached it (releasing its lease, writing its
     summary): the job said CANCELLED while its release was published, and resubmitting it failed."""
-    child = tmp_path / "publishing-python"
-    child.write_text("#!/bin/sh\necho '{\"message\": \"working\"}'\nexec sleep 600\n")
-    child.chmod(0o755)
     store = StoreThatPublishes("late", created)
     jobs = manager(tmp_path / "work", store)
-    jobs.python = str(child)
+    jobs.python = child_script(tmp_path, "publishing-python", "echo '{\"message\": \"working\"}'\nexec sleep 600\n")
 
     async def main():
         await jobs.start()
         try:
             job = await jobs.submit(TrainingJobSpec(release="late", preset="tiny", quick=True))
-            async for event in jobs.watch(job):
-                if event.get("message") == "working":
-                    break
+            await until_working(jobs, job)
             watched = asyncio.ensure_future(_events(jobs.watch(job)))  # a watcher from before the cancel
             if published:
                 store.publish()
@@ -364,28 +365,23 @@ def test_a_cancel_ends_what_the_jobs_child_started_too(tmp_path):
     shell's command) that ignores SIGTERM ran on after the job was cancelled, holding the child's
     output open, so that the job never ended and every job queued after it waited."""
     pid_file = tmp_path / "grandchild.pid"
-    child = tmp_path / "python-with-a-worker"
-    child.write_text(f"#!/bin/sh\nsh -c \"trap '' TERM; echo \\$\\$ >> {pid_file}; exec sleep 600\" &\n"
-                     "echo '{\"message\": \"working\"}'\nwait\n")
-    child.chmod(0o755)
     jobs = manager(tmp_path / "work", EmptyStore())
-    jobs.python, jobs.kill_after_s = str(child), 0.5
+    jobs.python = child_script(tmp_path, "python-with-a-worker",
+                               f"sh -c \"trap '' TERM; echo \\$\\$ >> {pid_file}; exec sleep 600\" &\n"
+                               "echo '{\"message\": \"working\"}'\nwait\n")
+    jobs.kill_after_s = 0.5
 
     async def main():
         await jobs.start()
         try:
             job = await jobs.submit(TrainingJobSpec(release="first", preset="tiny", quick=True))
-            async for event in jobs.watch(job):
-                if event.get("message") == "working":
-                    break
+            await until_working(jobs, job)
             while not pid_file.exists() or not pid_file.read_text().strip():
                 await asyncio.sleep(0.01)
             grandchild = int(pid_file.read_text())
             assert await jobs.cancel(job) == CANCELLED
             second = await jobs.submit(TrainingJobSpec(release="second", preset="tiny", quick=True))
-            async for event in jobs.watch(second):
-                if event.get("message") == "working":  # the worker is free again
-                    break
+            await until_working(jobs, second)  # the worker is free again
             return _alive(grandchild)
         finally:
             await jobs.stop(grace_s=0.5)
