@@ -30,6 +30,9 @@ from .model import Transformer
 MemoryProvider = Callable[[list[list[int]]], list[list[ExplicitMemory]]]
 # Temperatures below this sample as greedy: dividing logits by a subnormal overflows them to inf.
 MIN_TEMPERATURE = 1e-5
+# OpenAI's ranges for its penalties and logit biases.
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class SamplingParams:
 
     vocab_limit: sample only ids below it, for a model whose embedding is padded past the
     tokenizer's vocabulary (the paper pads 60,299 tokens to 60,416); None samples any id.
+    presence_penalty, frequency_penalty and logit_bias are OpenAI's (`adjust_logits`); they apply
+    before temperature and the filters, to greedy decoding too.
     """
 
     temperature: float = 0.0
@@ -45,6 +50,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     vocab_limit: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -59,6 +67,22 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.vocab_limit is not None and self.vocab_limit < 1:
             raise ValueError(f"vocab_limit must be >= 1, got {self.vocab_limit}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
+        if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
+            raise ValueError("logit_bias: a token id is given twice")
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias: token ids are integers >= 0, got {token!r}")
+            if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                raise ValueError(f"logit_bias: a bias is in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], "
+                                 f"got {bias} for token {token}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass
@@ -66,6 +90,34 @@ class GenerationOutput:
     tokens: list[list[int]]
     finish_reasons: list[str]  # "stop" (a stop token) or "length"
     retrievals: list[list[list[int]]] = field(default_factory=list)  # per sequence: queries made
+
+
+def adjust_logits(logits: Tensor, params: SamplingParams, generated: Tensor | Sequence[Sequence[int]]) -> Tensor:
+    """(B, V) logits and each row's generated tokens ((B, n) ids, or a list per row) -> new (B, V)
+    float logits with OpenAI's adjustments: an id loses `frequency_penalty` for every time it was
+    generated and `presence_penalty` once if it was at all, and gains its `logit_bias`.
+
+    The penalties count the generated tokens only, not the prompt's, as OpenAI describes them and
+    vLLM applies them."""
+    if not params.adjusts_logits:
+        return logits
+    logits = logits.to(torch.float32, copy=True)
+    if params.presence_penalty or params.frequency_penalty:
+        counts = torch.zeros_like(logits)
+        if isinstance(generated, Tensor):
+            counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=counts.dtype))
+        else:
+            for row, ids in enumerate(generated):
+                if ids:
+                    index = torch.as_tensor(list(ids), device=logits.device)
+                    counts[row].scatter_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
+        logits -= counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias, strict=True)
+        if max(ids) >= logits.shape[-1]:
+            raise ValueError(f"logit_bias: token id {max(ids)} is outside the model's {logits.shape[-1]} ids")
+        logits[:, list(ids)] += torch.tensor(biases, device=logits.device)
+    return logits
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
@@ -196,6 +248,9 @@ def iter_generate(
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         history: list[Tensor] = []
         for step in range(max_new_tokens):
+            if sampling.adjusts_logits:
+                generated = torch.stack(history, dim=1) if history else finished.new_zeros(bsz, 0, dtype=torch.long)
+                last = adjust_logits(last, sampling, generated)  # generated: (B, step)
             next_token = sample(last, sampling, generator)  # (B,)
             finished = finished | torch.isin(next_token, stop)
             history.append(next_token)

@@ -22,6 +22,18 @@ BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 
 
+def _byte_level_symbols() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, which `tokenizers`' ByteLevel uses, as symbol -> byte: a
+    printable Latin-1 byte is its own symbol, the other bytes are U+0100 on, in order. (`tokenizers`
+    gives the alphabet, not the mapping.)"""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    others = (b for b in range(256) if b not in printable)
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+BYTE_OF_SYMBOL = _byte_level_symbols()
+
+
 def byte_level_tokenizer() -> Tokenizer:
     """Special tokens at ids 0-2, then the 256 byte-level symbols."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -49,6 +61,9 @@ class TextCodec:
         self.bos_id = tokenizer.token_to_id(BOS)
         self.eos_id = tokenizer.token_to_id(EOS)
         self.pad_id = tokenizer.token_to_id(PAD)
+        self._added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        self._token_bytes: dict[int, bytes] = {}
 
     @classmethod
     def from_file(cls, path: str | Path) -> TextCodec:
@@ -64,6 +79,25 @@ class TextCodec:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, for showing tokens one at a time (logprobs): a byte-level
+        token may hold part of a character, which its decoded text cannot show. A control token's
+        are its spelling."""
+        found = self._token_bytes.get(token_id)
+        if found is None:
+            if token_id in self._added:
+                found = self._added[token_id].encode()
+            elif self._byte_level:
+                found = bytes(BYTE_OF_SYMBOL[c] for c in self.tokenizer.id_to_token(token_id))
+            else:
+                found = self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+            self._token_bytes[token_id] = found
+        return found
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text; a part of a character shows as U+FFFD."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def reference_prefix(self, config: Memory3Config) -> list[int]:
         """`<s>Reference:` as tokens: prepended to every reference and to every context. The

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from memory3.model.generate import SamplingParams, query_window, sample
+from memory3.model.generate import SamplingParams, adjust_logits, query_window, sample
 from memory3.model.layout import chunk_spans
 from memory3.model.memory import ExplicitMemory, stack_memories
 from memory3.model.model import Transformer
@@ -57,6 +57,8 @@ NOT_STARTED_BY_DRAIN = ("the decoder is shutting down and had not started this r
                         "replica")
 
 RETRIEVAL_POLICIES = ("fail", "continue")
+# Most alternatives a request may ask to see the logprobs of, per generated token (OpenAI's chat limit).
+MAX_LOGPROBS = 20
 # Scheduler steps failing in a row that make the decoder not ready, for this long after the last one.
 FAILING_STEPS = 3
 FAILING_FOR_S = 30.0
@@ -118,6 +120,9 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() deadline
     client_id: str = ""  # who asked, for the per-client stream limit ("": not counted)
     arrival: float | None = None  # time.monotonic() the request came in (None: when the engine gets it)
+    # Report each generated token's logprob and those of this many most likely alternatives (0 to
+    # MAX_LOGPROBS); None reports none.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,21 @@ class Usage:
     memories_read: int
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely ids' (most likely
+    first). They are the model's own, over the tokenizer's vocabulary: before penalties, logit
+    biases, temperature and top-k/top-p, which shape only what is sampled (vLLM's default too)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class GenerationEvent:
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when the request asks
     text: str = ""
     citations: list[Citation] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last event
@@ -149,6 +166,7 @@ class GenerationEvent:
 @dataclass(frozen=True)
 class _Tokens:
     ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -469,8 +487,8 @@ class Scheduler:
                     self.model.keep_resident(s.row, memory, i, len(groups[i]) - 1)
         if done:
             finished = [streams[i] for i in done]
-            for s, tok in zip(finished, self._sample(finished, last[done]), strict=True):
-                self._accept(s, tok)
+            for s, (tok, logprob) in zip(finished, self._sample(finished, last[done]), strict=True):
+                self._accept(s, tok, logprob)
 
     def _decode(self, active: list[_Stream]) -> None:
         self.step_s, self._last_step = _moving_average(self.step_s, self._last_step)
@@ -495,10 +513,48 @@ class Scheduler:
         for s in active:
             s.next_slot += 1
         rows = torch.tensor([s.row for s in active], device=self.device)
-        for s, tok in zip(active, self._sample(active, logits[rows]), strict=True):
-            self._accept(s, tok)
+        for s, (tok, logprob) in zip(active, self._sample(active, logits[rows]), strict=True):
+            self._accept(s, tok, logprob)
 
-    def _sample(self, streams: list[_Stream], logits: Tensor) -> list[int]:
+    def _sample(self, streams: list[_Stream], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:
+        """Each stream's next token, drawn after its penalties and logit bias, and its logprobs where
+        its request asks for them; `logits` (B, V) are the model's."""
+        picked = self._pick(streams, self._adjusted(streams, logits))
+        return list(zip(picked, self._logprobs(streams, logits, picked), strict=True))
+
+    @staticmethod
+    def _adjusted(streams: list[_Stream], logits: Tensor) -> Tensor:
+        """(B, V) logits with each stream's penalties (over the tokens it generated) and logit bias."""
+        rows = [i for i, s in enumerate(streams) if s.request.sampling.adjusts_logits]
+        if not rows:
+            return logits
+        out = logits.to(torch.float32, copy=True)
+        for i in rows:
+            out[i : i + 1] = adjust_logits(logits[i : i + 1], streams[i].request.sampling, [streams[i].tokens])
+        return out
+
+    @staticmethod
+    def _logprobs(streams: list[_Stream], logits: Tensor, picked: list[int]) -> list[TokenLogprob | None]:
+        """For the streams that ask: the picked token's log-probability and the `logprobs` most likely
+        ids', over the tokenizer's ids (a padded embedding's extra ids are never sampled)."""
+        out: list[TokenLogprob | None] = [None] * len(streams)
+        want = [i for i, s in enumerate(streams) if s.request.logprobs is not None]
+        if not want:
+            return out
+        limit = streams[want[0]].request.sampling.vocab_limit or logits.shape[-1]
+        logprobs = logits[want, :limit].float().log_softmax(dim=-1)  # (W, vocab)
+        index = torch.tensor([picked[i] for i in want], device=logprobs.device)[:, None]
+        chosen = logprobs.gather(1, index)[:, 0].tolist()
+        k = max(streams[i].request.logprobs for i in want)
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for row, i in enumerate(want):
+            n = streams[i].request.logprobs
+            out[i] = TokenLogprob(picked[i], chosen[row], list(zip(top_ids[row][:n], top_values[row][:n], strict=True)))
+        return out
+
+    @staticmethod
+    def _pick(streams: list[_Stream], logits: Tensor) -> list[int]:
         """Sample one token per stream; greedy and same-parameter streams share one call."""
         out: list[int | None] = [None] * len(streams)
         groups: dict[tuple, list[int]] = {}
@@ -516,7 +572,7 @@ class Scheduler:
                 out[i] = tok
         return out  # type: ignore[return-value]
 
-    def _accept(self, stream: _Stream, token: int) -> None:
+    def _accept(self, stream: _Stream, token: int, logprob: TokenLogprob | None = None) -> None:
         now = time.monotonic()
         if not stream.tokens:
             metrics.TIME_TO_FIRST_TOKEN.observe(now - stream.arrival)
@@ -528,7 +584,7 @@ class Scheduler:
             self._finish(stream, "stop")
             return
         stream.tokens.append(token)
-        self._emit(stream, _Tokens([token]))
+        self._emit(stream, _Tokens([token], [logprob] if logprob is not None else []))
         n = len(stream.tokens)
         if n >= stream.request.max_tokens or stream.next_slot >= self.max_seq_len:
             self._finish(stream, "length")
@@ -730,6 +786,13 @@ class GenerationEngine:
                                f"(0..{self.codec.vocab_size - 1})")
         if request.max_tokens < 1:
             raise InvalidInput(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise InvalidInput(f"logprobs: the alternatives to report per token are 0..{MAX_LOGPROBS}, "
+                               f"got {request.logprobs}")
+        bad = [t for t, _ in request.sampling.logit_bias if t >= self.codec.vocab_size]
+        if bad:
+            raise InvalidInput(f"logit_bias: token id {bad[0]} is outside the tokenizer's vocabulary "
+                               f"(0..{self.codec.vocab_size - 1})")
         room = self.room(body, request.use_memory)
         if room < 1:
             prefix = len(self.prefix) if request.use_memory else 0
@@ -745,6 +808,7 @@ class GenerationEngine:
         whole = GenerationEvent()
         async for event in self.generate(request):
             whole.token_ids.extend(event.token_ids)
+            whole.logprobs.extend(event.logprobs)
             whole.text += event.text
             whole.citations.extend(event.citations)
             whole.warnings.extend(event.warnings)
@@ -866,6 +930,7 @@ class GenerationEngine:
             if isinstance(message, _Tokens):
                 produced += len(message.ids)
                 pending.token_ids.extend(message.ids)
+                pending.logprobs.extend(message.logprobs)
                 delta = detok.add(message.ids)
             else:
                 finish = message.reason

@@ -11,7 +11,9 @@ v2 has no streaming (OIP gRPC is unary); stream through `POST /v1/completions`.
 
 v2 request: input `text`, BYTES, shape [1], the UTF-8 prompt; optional request parameters
 `max_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop` (a string), `use_memory`,
-`include_reference_text` (over gRPC, floats as strings: KServe's InferParameter has no double).
+`include_reference_text`, `presence_penalty`, `frequency_penalty` (over gRPC, floats as strings:
+KServe's InferParameter has no double). Logprobs, logit biases and several choices are the
+OpenAI routes' and the gRPC GenerationService's.
 Response: `text` (BYTES [1]) and `citations` (BYTES [1], a JSON list of per-chunk references),
 or those of them the request's `outputs` names, with `finish_reason`, `prompt_tokens` and
 `completion_tokens` parameters. A malformed request is a 400 `{"error": message}`.
@@ -53,7 +55,8 @@ OUTPUTS = ("text", "citations")
 LIVE_PATH = "/memory3/live"  # liveness of the engine (`add_liveness_route`)
 PARAMETERS: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,),
-    "stop": (str,), "use_memory": (bool,), "include_reference_text": (bool,)}
+    "stop": (str,), "use_memory": (bool,), "include_reference_text": (bool,), "presence_penalty": (int, float),
+    "frequency_penalty": (int, float)}
 CUT_UNANSWERED = ("the decoder is shutting down and stopped this request before it finished: retry it on another "
                   "replica")
 # Set by KServe itself or by v2 clients (tritonclient): not ours to judge.

@@ -16,9 +16,17 @@ a request that fails before its first token gets that status, never a 200 stream
 Defaults follow OpenAI (temperature 1, top_p 1) except `max_tokens`, which defaults to the
 server's `--default-max-tokens`. A prompt given as token ids is the text's ids: the context's `<s>`
 is put before them, as before a text prompt (so `usage.prompt_tokens` counts one more).
-Extensions: `top_k`, `use_memory` (default true) and
-`include_reference_text`; replies carry `citations` (per 64-token chunk, the references read)
-and `warnings` when there are any.
+Extensions: `top_k`, `use_memory` (default true), `include_reference_text` and `ignore_eos` (as
+vLLM's: always `max_tokens`, for benchmarks); replies carry `citations` (per 64-token chunk, the references read, with
+the `index` of the choice that read them) and `warnings` when there are any.
+
+`n` choices are `n` streams of the engine, decoded side by side (with a seed, choice i draws with
+seed + i); streamed, each chunk carries one choice's `index`, and `usage` counts the prompt once and
+every choice's tokens. `presence_penalty`, `frequency_penalty` and `logit_bias` are OpenAI's, applied
+before temperature and the filters. `logprobs` (a completion's number, or a chat's `logprobs` with
+`top_logprobs`) reports the model's own log-probabilities, before those adjustments (as vLLM's
+default does), for the tokens of each chunk; a completion's `top_logprobs` hold the sampled token too.
+`best_of` is taken only equal to `n`; `echo` and `suffix` are not supported.
 
 `POST /tokenize` and `/detokenize` answer as vLLM's do: a prompt's (or a chat's) token ids as the
 engine reads them, with the context's leading `<s>` unless `add_special_tokens` is false, and the
@@ -33,21 +41,25 @@ replies are OpenAI's chat shapes: a `message` in a `chat.completion`, or `delta`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from memory3.model.tokenizer import TextCodec
 
 from ..rpc.errors import InvalidInput, NotFound
 from .chat import ChatTemplate, chat_messages
 from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
 from .http_clients import client_id
 from .http_errors import http_status
-from .validation import build_request, detokenize, tokenize
+from .validation import INT64_MIN, build_request, detokenize, tokenize
 
 log = logging.getLogger("memory3.decoder")
 
@@ -57,16 +69,15 @@ GENERATION_PATHS = COMPLETIONS_PATHS + CHAT_PATHS
 MODELS_PATH = "/openai/v1/models"
 TOKENIZE_PATH, DETOKENIZE_PATH = "/tokenize", "/detokenize"  # as vLLM's server has them
 # OpenAI parameters this server does not implement: accepted only at their neutral values.
-NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ("",),
-           "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},)}
-KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "stream_options", "stop", "seed", "user",
-         "top_k", "use_memory", "include_reference_text", *NEUTRAL}
-CHAT_NEUTRAL = {"n": (1,), "logprobs": (False,), "top_logprobs": (), "presence_penalty": (0,),
-                "frequency_penalty": (0,), "logit_bias": ({},), "tools": (), "tool_choice": ("none",),
-                "parallel_tool_calls": (), "response_format": ({"type": "text"},)}
+NEUTRAL = {"echo": (False,), "suffix": ("",)}
+SAMPLING = {"n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "stream_options", "stop", "seed",
+         "user", "top_k", "use_memory", "include_reference_text", "ignore_eos", "best_of", *SAMPLING, *NEUTRAL}
+CHAT_NEUTRAL = {"tools": (), "tool_choice": ("none",), "parallel_tool_calls": (),
+                "response_format": ({"type": "text"},)}
 CHAT_KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stream",
-              "stream_options", "stop", "seed", "user", "top_k", "use_memory", "include_reference_text",
-              *CHAT_NEUTRAL}
+              "stream_options", "stop", "seed", "user", "top_k", "use_memory", "include_reference_text", "ignore_eos",
+              "top_logprobs", *SAMPLING, *CHAT_NEUTRAL}
 STARTED = int(time.time())  # a model's `created`: when this server started
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
                503: "service_unavailable_error", 504: "timeout_error"}
@@ -88,18 +99,17 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         return handle
 
     async def completions(request: Request, body: dict, engine: GenerationEngine) -> Response:
-        generation, stream, include_usage = await parse_completion(
-            body, engine, model_name, client=client_id(request.headers, _host(request)))
-        return await _answer(engine, generation, model_name, stream, include_usage, chat=False)
+        ask = await parse_completion(body, engine, model_name, client=client_id(request.headers, _host(request)))
+        return await _answer(engine, ask, model_name, chat=False)
 
     async def chat_completions(request: Request, body: dict, engine: GenerationEngine) -> Response:
         if chat_template is None:
             raise InvalidInput("this server has no chat template, and the model was trained on plain text: "
                                "start it with --chat-template (qa, the format `memory3 train` teaches, or a "
                                "Jinja2 file), or send the prompt to /v1/completions")
-        generation, stream, include_usage = await parse_chat(
-            body, engine, model_name, chat_template, client=client_id(request.headers, _host(request)))
-        return await _answer(engine, generation, model_name, stream, include_usage, chat=True)
+        ask = await parse_chat(body, engine, model_name, chat_template,
+                               client=client_id(request.headers, _host(request)))
+        return await _answer(engine, ask, model_name, chat=True)
 
     async def tokenize_route(_request: Request, body: dict, engine: GenerationEngine) -> Response:
         tokens = await tokenize_body(body, engine, model_name, chat_template)
@@ -152,20 +162,45 @@ def _json_object(raw: bytes, required: str) -> dict:
     return body
 
 
-async def parse_completion(body: dict, engine: GenerationEngine, model_name: str,
-                           client: str = "") -> tuple[GenerationRequest, bool, bool]:
-    """An OpenAI completion request as a validated engine request, whether to stream it, and whether
-    the stream ends with a usage chunk (`stream_options.include_usage`); `client` is who asks, for the
-    per-client stream limit (http_clients.client_id)."""
+@dataclass(frozen=True)
+class Ask:
+    """A parsed OpenAI request: choice 0's engine request, how many choices, and how to answer."""
+
+    request: GenerationRequest
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False  # a stream ends with a usage chunk (`stream_options.include_usage`)
+
+    def choices(self) -> list[GenerationRequest]:
+        """One engine request per choice. With a seed, choice i draws with seed + i, as vLLM's do:
+        choices of one seed differ, and each repeats."""
+        if self.n == 1:
+            return [self.request]
+        seed = self.request.sampling.seed
+        return [dataclasses.replace(
+            self.request, request_id=f"{self.request.request_id}-{i}",
+            sampling=dataclasses.replace(self.request.sampling, seed=_wrap_int64(seed + i)) if seed is not None
+            else self.request.sampling) for i in range(self.n)]
+
+
+async def parse_completion(body: dict, engine: GenerationEngine, model_name: str, client: str = "") -> Ask:
+    """An OpenAI completion request, validated; `client` is who asks, for the per-client stream limit
+    (http_clients.client_id)."""
     _check_fields(body, KNOWN, NEUTRAL)
     _check_model(body, engine, model_name)
     prompt, token_ids = _prompt(body.get("prompt"))
-    return await _request(body, engine, client, prompt=prompt, prompt_token_ids=token_ids,
-                          max_tokens=_typed(body, "max_tokens", int, 0))
+    n = _choices(body, engine)
+    best_of = _typed(body, "best_of", int, None)
+    if best_of is not None and best_of != n:
+        raise InvalidInput(f"best_of={best_of} with n={n}: this server does not rank extra choices; leave "
+                           "best_of out or set it to n")
+    logprobs = _typed(body, "logprobs", int, None)
+    return await _request(body, engine, client, n, prompt=prompt, prompt_token_ids=token_ids,
+                          max_tokens=_typed(body, "max_tokens", int, 0), logprobs=logprobs)
 
 
 async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, template: ChatTemplate,
-                     client: str = "") -> tuple[GenerationRequest, bool, bool]:
+                     client: str = "") -> Ask:
     """`parse_completion` for a chat request: its messages through `template` make the prompt, and
     the template's stop strings are added to the request's."""
     _check_fields(body, CHAT_KNOWN, CHAT_NEUTRAL)
@@ -174,8 +209,12 @@ async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, temp
     max_tokens, newer = _typed(body, "max_tokens", int, 0), _typed(body, "max_completion_tokens", int, 0)
     if max_tokens and newer and max_tokens != newer:
         raise InvalidInput("max_tokens and max_completion_tokens differ: give one of them")
-    return await _request(body, engine, client, prompt=prompt, max_tokens=newer or max_tokens,
-                          extra_stop=template.stop)
+    top_logprobs = _typed(body, "top_logprobs", int, None)
+    if top_logprobs is not None and not _typed(body, "logprobs", bool, False):
+        raise InvalidInput("top_logprobs needs \"logprobs\": true")
+    logprobs = (top_logprobs or 0) if _typed(body, "logprobs", bool, False) else None
+    return await _request(body, engine, client, _choices(body, engine), prompt=prompt, max_tokens=newer or max_tokens,
+                          extra_stop=template.stop, logprobs=logprobs)
 
 
 async def tokenize_body(body: dict, engine: GenerationEngine, model_name: str,
@@ -216,11 +255,10 @@ def _check_model(body: dict, engine: GenerationEngine, model_name: str) -> None:
                        f"(release {engine.release!r})")
 
 
-async def _request(body: dict, engine: GenerationEngine, client: str, *, prompt: str,
-                   prompt_token_ids: list[int] | None = None, max_tokens: int,
-                   extra_stop: tuple[str, ...] = ()) -> tuple[GenerationRequest, bool, bool]:
-    """The fields both routes share, with the prompt each made: the engine request, whether to
-    stream, and whether the stream ends with a usage chunk."""
+async def _request(body: dict, engine: GenerationEngine, client: str, n: int, *, prompt: str,
+                   prompt_token_ids: list[int] | None = None, max_tokens: int, logprobs: int | None,
+                   extra_stop: tuple[str, ...] = ()) -> Ask:
+    """The fields both routes share, with the prompt and the logprobs each read."""
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -234,8 +272,41 @@ async def _request(body: dict, engine: GenerationEngine, client: str, *, prompt:
         top_k=_typed(body, "top_k", int, 0), max_tokens=max_tokens,
         stop=tuple(stop or ()), server_stop=extra_stop, seed=_typed(body, "seed", int, None),
         use_memory=_typed(body, "use_memory", bool, True),
-        include_reference_text=_typed(body, "include_reference_text", bool, False), client_id=client)
-    return request, stream, include_usage
+        include_reference_text=_typed(body, "include_reference_text", bool, False),
+        ignore_eos=_typed(body, "ignore_eos", bool, False), client_id=client,
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0), logit_bias=_logit_bias(body.get("logit_bias")),
+        logprobs=logprobs)
+    return Ask(request, n, stream, include_usage)
+
+
+def _choices(body: dict, engine: GenerationEngine) -> int:
+    """`n`: each choice is a stream of its own, so at most as many as the server holds at once."""
+    n = _typed(body, "n", int, 1)
+    most = engine.config.max_batch + engine.config.max_waiting
+    if not 1 <= n <= most:
+        raise InvalidInput(f"n must be in 1..{most} (each choice is a stream; this server holds {most} at once), "
+                           f"got {n}")
+    return n
+
+
+def _logit_bias(value) -> dict[int, float] | None:
+    """OpenAI's `logit_bias`: an object of token ids (as JSON keys, strings) to biases."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInput('logit_bias must be an object of token ids to biases, such as {"50256": -100}')
+    bias = {}
+    for key, number in value.items():
+        if not key.strip().isdigit() or isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise InvalidInput(f"logit_bias: {key!r}: {number!r} is not a token id and a number, such as "
+                               '{"50256": -100}')
+        bias[int(key)] = float(number)
+    return bias
+
+
+def _wrap_int64(value: int) -> int:
+    return (value - INT64_MIN) % 2**64 + INT64_MIN
 
 
 def _include_usage(options, stream: bool) -> bool:
@@ -281,40 +352,53 @@ def _number(body: dict, name: str, default: float) -> float:
     return float(value)
 
 
-async def _answer(engine: GenerationEngine, request: GenerationRequest, model_name: str, stream: bool,
-                  include_usage: bool, *, chat: bool) -> Response:
-    if not stream:
-        return JSONResponse(_chunk(request, model_name, await engine.complete(request), chat=chat))
-    events = engine.generate(request)
+async def _answer(engine: GenerationEngine, ask: Ask, model_name: str, *, chat: bool) -> Response:
+    reply = _Reply(ask, model_name, engine.codec, chat=chat)
+    requests = ask.choices()
+    if not ask.stream:
+        return JSONResponse(reply.completion(await _all([engine.complete(r) for r in requests])))
+    streams = [engine.generate(r) for r in requests]
     try:
-        first = await anext(events, None)  # validation and capacity errors surface here, as HTTP errors
+        # Validation and capacity errors surface at a stream's first event: as the HTTP status, before any 200.
+        firsts = await _all([anext(events, None) for events in streams])
     except BaseException:
-        await events.aclose()
+        await asyncio.gather(*(events.aclose() for events in streams))
         raise
-    return StreamingResponse(_sse(first, events, request, model_name, include_usage, chat=chat),
-                             media_type="text/event-stream",
+    return StreamingResponse(_sse(reply, firsts, streams), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _sse(first: GenerationEvent | None, events: AsyncIterator[GenerationEvent], request: GenerationRequest,
-               model_name: str, include_usage: bool = False, *, chat: bool = False) -> AsyncIterator[str]:
-    """Chunks as they come, then `data: [DONE]`; an error after the first chunk is sent as an error
-    event first (the status line is gone), so that a client can tell a cut stream from a whole one.
-    With `include_usage`, the last chunk before `[DONE]` has no choices and the usage, as OpenAI's."""
+async def _all(awaitables: list[Awaitable]) -> list:
+    """Each awaitable's result, run together; the first to fail cancels the others, and its error is raised."""
     try:
-        event, sent = first, 0
-        while event is not None:
-            if event.text or event.citations or event.warnings or event.finish_reason is not None:
-                # a chunk carries text, not token ids; a chat stream's first names the role
-                chunk = _chunk(request, model_name, event, chat=chat, delta=True, first=not sent)
-                if include_usage:  # the usage goes in the last chunk alone, as OpenAI's
-                    chunk.pop("usage", None)
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_awaited(a)) for a in awaitables]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+async def _awaited(awaitable: Awaitable):
+    return await awaitable
+
+
+async def _sse(reply: _Reply, firsts: list[GenerationEvent | None],
+               streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[str]:
+    """Each choice's chunks as they come, then `data: [DONE]`; an error after the first chunk is sent
+    as an error event first (the status line is gone), so that a client can tell a cut stream from a
+    whole one. With `include_usage`, the last chunk before `[DONE]` has no choices and the usage of all
+    the choices, as OpenAI's."""
+    merged = _merge(firsts, streams)
+    try:
+        ends: list[GenerationEvent] = []
+        async for index, event in merged:
+            chunk = reply.chunk(index, event)
+            if chunk is not None:
                 yield _data(chunk)
-                sent += 1
-            if event.finish_reason is not None and include_usage:
-                yield _data({**_head(request, model_name, chat=chat, delta=True), "choices": [],
-                             "usage": _usage(event)})
-            event = await anext(events, None)
+            if event.finish_reason is not None:
+                ends.append(event)
+                if len(ends) == len(streams) and reply.ask.include_usage:
+                    yield _data(reply.usage_chunk(ends))
     except asyncio.CancelledError:
         # The server cut the request: it is stopping and its grace ran out. (A client that hung up
         # is cancelled too, and reads nothing more.) The stream still ends as a stream does.
@@ -325,42 +409,141 @@ async def _sse(first: GenerationEvent | None, events: AsyncIterator[GenerationEv
             log.error("completion stream failed", exc_info=exc)
         yield _data(_error_body(status, message))
     finally:
-        await events.aclose()  # a client that hung up cancels its stream and frees its slot
+        await merged.aclose()  # a client that hung up cancels its streams and frees their slots
     yield "data: [DONE]\n\n"
 
 
-def _head(request: GenerationRequest, model_name: str, *, chat: bool = False, delta: bool = False) -> dict:
-    kind = ("chat.completion.chunk" if delta else "chat.completion") if chat else "text_completion"
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}", "object": kind,
-            "created": int(time.time()), "model": model_name}
+async def _merge(firsts: list[GenerationEvent | None],
+                 streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """(choice index, event) of every stream as its events come, each stream's first event first;
+    the first stream to fail ends them all with its error. Closing this closes every stream."""
+    if len(streams) == 1:  # one choice needs no tasks
+        event = firsts[0]
+        try:
+            while event is not None:
+                yield 0, event
+                event = await anext(streams[0], None)
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            event = firsts[index]
+            while event is not None:
+                queue.put_nowait((index, event, None))
+                event = await anext(streams[index], None)
+            queue.put_nowait((index, None, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((index, None, exc))
+
+    pumps = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+    try:
+        running = len(streams)
+        while running:
+            index, event, error = await queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                running -= 1
+            else:
+                yield index, event
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*(events.aclose() for events in streams), return_exceptions=True)
 
 
-def _chunk(request: GenerationRequest, model_name: str, event: GenerationEvent, *, chat: bool = False,
-           delta: bool = False, first: bool = False) -> dict:
-    """A completion (`delta`: a stream's chunk) of `event`'s text, in the shape of its route."""
-    if not chat:
-        choice = {"index": 0, "text": event.text}
-    elif delta:
-        choice = {"index": 0, "delta": {**({"role": "assistant"} if first else {}),
-                                        **({"content": event.text} if event.text or first else {})}}
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": event.text}}
-    chunk = {**_head(request, model_name, chat=chat, delta=delta),
-             "choices": [{**choice, "logprobs": None, "finish_reason": event.finish_reason}]}
-    if event.citations:
-        chunk["citations"] = [citation_json(c) for c in event.citations]
-    if event.warnings:
-        chunk["warnings"] = list(event.warnings)
-    if event.finish_reason is not None:
-        chunk["usage"] = _usage(event)
-    return chunk
+class _Reply:
+    """One request's completion or stream chunks, in its route's shape, for each of its choices."""
+
+    def __init__(self, ask: Ask, model_name: str, codec: TextCodec, *, chat: bool) -> None:
+        self.ask, self.model_name, self.codec, self.chat = ask, model_name, codec, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{ask.request.request_id}"
+        self.created = int(time.time())
+        self.sent = [0] * ask.n  # chunks sent per choice: a chat stream's first names the role
+        self.offsets = [0] * ask.n  # a completion's logprob text offsets, per choice, run on across chunks
+
+    def completion(self, events: list[GenerationEvent]) -> dict:
+        """The whole reply: one event per choice, each the whole of that choice's generation."""
+        out = {**self._head(delta=False),
+               "choices": [self._choice(i, e, delta=False) for i, e in enumerate(events)]}
+        return {**out, **self._extras(list(enumerate(events))), "usage": _usage(events)}
+
+    def chunk(self, index: int, event: GenerationEvent) -> dict | None:
+        """A stream's chunk of choice `index`'s event; None for an event with nothing to show (a step
+        whose token ends inside a character, without logprobs)."""
+        if not (event.text or event.citations or event.warnings or event.logprobs or event.finish_reason is not None
+                or (self.chat and not self.sent[index])):
+            return None
+        out = {**self._head(delta=True), "choices": [self._choice(index, event, delta=True)],
+               **self._extras([(index, event)])}
+        self.sent[index] += 1
+        if event.finish_reason is not None and not self.ask.include_usage:
+            out["usage"] = _usage([event])  # the choice's own; with include_usage, a last chunk has all
+        return out
+
+    def usage_chunk(self, ends: list[GenerationEvent]) -> dict:
+        return {**self._head(delta=True), "choices": [], "usage": _usage(ends)}
+
+    def _head(self, *, delta: bool) -> dict:
+        kind = ("chat.completion.chunk" if delta else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
+
+    def _choice(self, index: int, event: GenerationEvent, *, delta: bool) -> dict:
+        if not self.chat:
+            choice = {"index": index, "text": event.text}
+        elif delta:
+            first = not self.sent[index]
+            choice = {"index": index, "delta": {**({"role": "assistant"} if first else {}),
+                                                **({"content": event.text} if event.text or first else {})}}
+        else:
+            choice = {"index": index, "message": {"role": "assistant", "content": event.text}}
+        return {**choice, "logprobs": self._logprobs(index, event), "finish_reason": event.finish_reason}
+
+    def _logprobs(self, index: int, event: GenerationEvent) -> dict | None:
+        """OpenAI's logprobs of the event's tokens: a chat's `content` list, or a completion's parallel
+        lists, whose `top_logprobs` hold the sampled token too, as OpenAI's do."""
+        if self.ask.request.logprobs is None:
+            return None
+        text = self.codec.token_text
+        if self.chat:
+            def entry(token: int, logprob: float) -> dict:
+                return {"token": text(token), "logprob": _finite(logprob), "bytes": list(self.codec.token_bytes(token))}
+            return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
+                                for t in event.logprobs], "refusal": None}
+        tokens = [text(t.token_id) for t in event.logprobs]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(token)
+        return {"tokens": tokens, "token_logprobs": [_finite(t.logprob) for t in event.logprobs],
+                "top_logprobs": [{text(i): _finite(v) for i, v in [*t.top, (t.token_id, t.logprob)]}
+                                 for t in event.logprobs],
+                "text_offset": offsets}
+
+    def _extras(self, events: list[tuple[int, GenerationEvent]]) -> dict:
+        """Our extensions: the references each chunk read (with the choice it belongs to), and
+        warnings."""
+        citations = [{**citation_json(c), "index": i} for i, e in events for c in e.citations]
+        warnings = list(dict.fromkeys(w for _, e in events for w in e.warnings))
+        return {**({"citations": citations} if citations else {}), **({"warnings": warnings} if warnings else {})}
 
 
-def _usage(event: GenerationEvent) -> dict:
-    u = event.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens, "retrievals": u.retrievals,
-            "memories_read": u.memories_read}
+def _finite(logprob: float) -> float:
+    """JSON has no -Infinity: a token the model rules out gets -9999, as vLLM writes it."""
+    return max(logprob, -9999.0)
+
+
+def _usage(events: list[GenerationEvent]) -> dict:
+    """The usage of a request's choices: their prompt once, every choice's tokens and retrievals."""
+    prompt = events[0].usage.prompt_tokens
+    completion = sum(e.usage.completion_tokens for e in events)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "retrievals": sum(e.usage.retrievals for e in events),
+            "memories_read": sum(e.usage.memories_read for e in events)}
 
 
 def citation_json(c: Citation) -> dict:

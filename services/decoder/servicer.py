@@ -48,7 +48,9 @@ class GenerationServicer:
             seed=p.seed if p.HasField("seed") else None, use_memory=p.retrieval != pb.RETRIEVAL_MODE_NONE,
             include_reference_text=p.include_reference_text,
             ignore_eos=p.ignore_eos, request_id=message.request_id,
-            deadline=time.monotonic() + remaining if remaining is not None else None, client_id=client_id(context))
+            deadline=time.monotonic() + remaining if remaining is not None else None, client_id=client_id(context),
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            logit_bias=dict(p.logit_bias), logprobs=p.logprobs if p.HasField("logprobs") else None)
 
     @rpc_errors
     async def Generate(self, message: pb.GenerateRequest, context):
@@ -57,7 +59,7 @@ class GenerationServicer:
         started = time.monotonic()
         log.info("generate start", extra={"request_id": request.request_id})
         async for event in engine.generate(request):
-            yield _response(event, request.request_id)
+            yield _response(event, request.request_id, engine)
         log.info("generate done in %.3fs", time.monotonic() - started, extra={"request_id": request.request_id})
 
     @rpc_errors
@@ -68,6 +70,7 @@ class GenerationServicer:
         async for event in engine.generate(request):
             out.text += event.text
             out.token_ids.extend(event.token_ids)
+            out.logprobs.extend(_logprobs(event, engine))
             out.citations.extend(_citation(c) for c in event.citations)
             out.warnings.extend(event.warnings)
             if event.finish_reason is not None:
@@ -87,9 +90,17 @@ def _usage(event: GenerationEvent) -> pb.Usage:
                     retrievals=u.retrievals, memories_read=u.memories_read)
 
 
-def _response(event: GenerationEvent, request_id: str) -> pb.GenerateResponse:
+def _logprobs(event: GenerationEvent, engine: GenerationEngine) -> list[pb.TokenLogprob]:
+    token = engine.codec.token_bytes
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token=token(lp.token_id),
+                            top=[pb.TopLogprob(token_id=i, logprob=v, token=token(i)) for i, v in lp.top])
+            for lp in event.logprobs]
+
+
+def _response(event: GenerationEvent, request_id: str, engine: GenerationEngine) -> pb.GenerateResponse:
     out = pb.GenerateResponse(token_ids=event.token_ids, text=event.text, request_id=request_id,
-                              citations=[_citation(c) for c in event.citations], warnings=event.warnings)
+                              citations=[_citation(c) for c in event.citations], warnings=event.warnings,
+                              logprobs=_logprobs(event, engine))
     if event.finish_reason is not None:
         out.finish_reason = FINISH[event.finish_reason]
         out.usage.CopyFrom(_usage(event))

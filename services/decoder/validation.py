@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from memory3.model.generate import SamplingParams
@@ -26,6 +26,7 @@ _TOKENIZING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memory3-toke
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_REQUEST_ID_CHARS = 128
+MAX_LOGIT_BIAS_TOKENS = 300  # as OpenAI's
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -34,9 +35,11 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
                   max_tokens: int = 0, stop: Sequence[str] = (), seed: int | None = None, use_memory: bool = True,
                   include_reference_text: bool = False, ignore_eos: bool = False, request_id: str = "",
                   deadline: float | None = None, client_id: str = "",
-                  server_stop: Sequence[str] = ()) -> GenerationRequest:
+                  server_stop: Sequence[str] = (), presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                  logit_bias: Mapping[int, float] | None = None, logprobs: int | None = None) -> GenerationRequest:
     """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it.
     `server_stop`: stop strings the server adds (a chat template's), not counted against the client's.
+    `logprobs`: report each token's logprob and this many alternatives' (None: none).
 
     The prompt is tokenized in a worker thread, without the GIL: tens of milliseconds for a long one,
     during which the event loop goes on streaming the other requests' tokens. The request's arrival
@@ -66,7 +69,14 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
     if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
         raise InvalidInput(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most "
                            f"{MAX_STOP_CHARS} characters")
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p or 1.0, seed=seed)
+    if logit_bias and len(logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidInput(f"logit_bias: at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(logit_bias)}")
+    try:  # the penalties' and biases' ranges are the model's rules
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p or 1.0, seed=seed,
+                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                  logit_bias=tuple(sorted((logit_bias or {}).items())))
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
     return GenerationRequest(
         prompt_ids=body,
         # The default never asks for more than the prompt leaves room for: a long prompt with the
@@ -81,6 +91,7 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
         deadline=deadline,
         client_id=client_id,
         arrival=arrival,
+        logprobs=logprobs,
     )
 
 

@@ -80,6 +80,20 @@ def test_generate_streams_tokens_and_per_chunk_citations(stack, stub):
     assert responses[0].request_id and all(r.request_id == responses[0].request_id for r in responses)
 
 
+def test_logprobs_and_a_logit_bias_over_grpc(stack, stub):
+    """One TokenLogprob per token id, with its bytes; a bias bans the greedy token, whose logprob is
+    still reported as the model's most likely: logprobs are the model's own."""
+    greedy = [t for r in generate(stub, max_tokens=6) for t in r.token_ids]
+    responses = generate(stub, max_tokens=6, logprobs=2, logit_bias={greedy[0]: -100.0}, frequency_penalty=0.5)
+    tokens = [t for r in responses for t in r.token_ids]
+    logprobs = [lp for r in responses for lp in r.logprobs]
+    assert tokens[0] != greedy[0] and [lp.token_id for lp in logprobs] == tokens
+    assert logprobs[0].top[0].token_id == greedy[0]
+    assert all(len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob >= lp.logprob for lp in logprobs[:1])
+    assert all(lp.token and lp.logprob < 0 for lp in logprobs)
+    assert not any(r.logprobs for r in generate(stub, max_tokens=3))  # only when asked
+
+
 def test_identical_request_is_served_from_redis(stack, stub):
     generate(stub, prompt=PROMPT + " Once more.", max_tokens=4)
     redis_hits = metric(stack, "memory", "memory3_memory_hits_total", '{tier="redis"}')
@@ -170,6 +184,11 @@ def test_grpcurl_lists_checks_health_and_generates(stack):
      "does not fit"),
     (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(temperature=-0.5)), "INVALID_ARGUMENT",
      "temperature"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(logprobs=21)), "INVALID_ARGUMENT", "0..20"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(presence_penalty=3)), "INVALID_ARGUMENT",
+     "presence_penalty must be in [-2.0, 2.0]"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(logit_bias={-4: 1.0})), "INVALID_ARGUMENT",
+     "logit_bias: token ids are integers >= 0"),
     (pb.GenerateRequest(prompt="hi", release="no-such-release"), "NOT_FOUND", "not served here"),
     (pb.GenerateRequest(prompt_token_ids=[1, 99999]), "INVALID_ARGUMENT", "vocabulary"),
     (pb.GenerateRequest(prompt="hi", prompt_token_ids=[5]), "INVALID_ARGUMENT", "not both"),

@@ -307,6 +307,28 @@ def test_the_openai_sdk_chats_through_the_qa_template(kserve_server):
         client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}])
 
 
+def test_the_openai_sdk_reads_choices_penalties_and_logprobs(kserve_server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{kserve_server.http_port}/openai/v1", api_key="unused",
+                           max_retries=0, timeout=120)
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=2, seed=5, temperature=1,
+                                      logprobs=2, presence_penalty=0.5)
+    assert [c.index for c in whole.choices] == [0, 1]
+    for choice in whole.choices:
+        assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == len(choice.logprobs.top_logprobs)
+    assert whole.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in whole.choices)
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=2, seed=5, temperature=1,
+                                              presence_penalty=0.5, stream=True))
+    for choice in whole.choices:
+        assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == choice.index) == choice.text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
+                                          temperature=0, logprobs=True, top_logprobs=2, frequency_penalty=1.0)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(bytes(e.bytes).decode("utf-8", errors="replace") == e.token for e in content)
+
+
 def test_a_client_that_hangs_up_frees_its_stream(kserve_server):
     tokens_before = metric(kserve_server, "memory3_generation_tokens_total")
     request = {"prompt": PROMPT, "max_tokens": 600, "temperature": 0, "stream": True}
@@ -412,7 +434,10 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(tmp_path, ra
     ({"prompt": None}, 400, "prompt is required"),
     ({"prompt": ""}, 400, "the prompt is empty"),
     ({"max_tokens": 10**6, "stream": True}, 400, "max_tokens=1000000 does not fit"),
-    ({"n": 3}, 400, "n is not supported"),
+    ({"n": 0}, 400, "n must be in 1.."),
+    ({"best_of": 2}, 400, "best_of=2 with n=1"),
+    ({"logit_bias": {"x": 1}}, 400, "logit_bias: 'x': 1 is not a token id"),
+    ({"echo": True}, 400, "echo is not supported"),
     ({"temprature": 0}, 400, "unknown field(s) ['temprature']"),
     ({"stop": [""]}, 400, "stop: at most 8 non-empty strings"),
     ({"model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from memory3.model.generate import SamplingParams, generate, sample
+from memory3.model.generate import SamplingParams, adjust_logits, generate, sample
+from memory3.model.layout import rope_positions
 
 
 def test_greedy_is_argmax():
@@ -48,3 +49,58 @@ def test_vocab_limit_never_samples_padding_ids():
     assert (sample(logits, SamplingParams(vocab_limit=30)) < 30).all()
     for _ in range(50):
         assert (sample(logits, SamplingParams(temperature=1.0, vocab_limit=30), gen) < 30).all()
+
+
+def test_penalties_count_each_rows_generated_tokens_and_the_bias_adds():
+    logits = torch.zeros(2, 10)
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0, logit_bias=((7, 2.0),))
+    got = adjust_logits(logits, params, [[3, 3, 5], []])
+    expected = torch.zeros(2, 10)
+    expected[0, 3], expected[0, 5] = -(2 * 0.5 + 1.0), -(0.5 + 1.0)
+    expected[:, 7] = 2.0
+    assert torch.equal(got, expected)
+    by_tensor = adjust_logits(logits, params, torch.tensor([[3, 3, 5], [7, 7, 7]]))  # (B, n), as generate keeps them
+    assert torch.equal(by_tensor[0], expected[0]) and by_tensor[1, 7] == 2.0 - (3 * 0.5 + 1.0)
+    assert torch.equal(logits, torch.zeros(2, 10))  # the caller's logits are left as they were
+
+
+def test_a_logit_bias_bans_or_forces_a_token_even_when_greedy():
+    logits = torch.randn(3, 20)
+    best = logits.argmax(-1)
+    banned = SamplingParams(logit_bias=((int(best[0]), -100.0),))
+    assert int(sample(adjust_logits(logits, banned, [[]] * 3), banned)[0]) != int(best[0])
+    forced = SamplingParams(temperature=1.0, logit_bias=((4, 100.0),))
+    gen = torch.Generator().manual_seed(0)
+    assert sample(adjust_logits(logits, forced, [[]] * 3), forced, gen).tolist() == [4, 4, 4]
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2.0, 2.0\]"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty must be in"),
+    ({"logit_bias": ((5, 101.0),)}, "a bias is in"),
+    ({"logit_bias": ((-1, 1.0),)}, "token ids are integers >= 0"),
+    ({"logit_bias": ((5, 1.0), (5, 2.0))}, "given twice"),
+])
+def test_bad_penalties_and_biases_say_what_to_fix(kwargs, says):
+    with pytest.raises(ValueError, match=says):
+        SamplingParams(**kwargs)
+
+
+def test_generate_penalizes_what_it_generated_as_a_step_by_step_reference_does(tiny_model):
+    """Greedy with penalties and a bias, against the whole sequence's logits adjusted by hand each step."""
+    body, steps = [1, 5, 6, 7, 8], 16
+    params = SamplingParams(frequency_penalty=1.5, presence_penalty=0.5, logit_bias=((9, 1.0),), vocab_limit=259)
+    with torch.inference_mode():
+        got = generate(tiny_model, [body], max_new_tokens=steps, sampling=params).tokens[0]
+        plain = generate(tiny_model, [body], max_new_tokens=steps, sampling=SamplingParams(vocab_limit=259)).tokens[0]
+        tokens, expected = list(body), []
+        for _ in range(steps):
+            positions = rope_positions(torch.arange(len(tokens))[None], 0, tiny_model.config.ref_len)
+            logits = tiny_model(torch.tensor([tokens]), positions)[0, -1, :259].clone()
+            for t in set(expected):
+                logits[t] -= 1.5 * expected.count(t) + 0.5
+            logits[9] += 1.0
+            expected.append(int(logits.argmax()))
+            tokens.append(expected[-1])
+    assert got == expected
+    assert got != plain  # the penalties changed what was generated

@@ -29,3 +29,21 @@ def test_bodies_are_the_bodies_of_each_text():
     codec = TextCodec(byte_level_tokenizer())
     texts = ["plain text", f"a {EOS} and a {BOS}Reference: in it", "", "\U0001f600 caf\u00e9"]
     assert codec.bodies(texts) == [codec.body(text) for text in texts]
+
+
+def test_each_tokens_bytes_spell_its_share_of_the_text():
+    """Logprobs show tokens one at a time; a merged token and one byte of a character alike."""
+    from tokenizers import pre_tokenizers
+
+    from memory3.model.tokenizer import BYTE_OF_SYMBOL
+    from memory3.services.trainer.tokenizer_train import train_tokenizer
+
+    assert set(BYTE_OF_SYMBOL) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert sorted(BYTE_OF_SYMBOL.values()) == list(range(256))
+    text = "Yelbury lies in Norland, née Ørby — 日本 ✓"
+    trained = TextCodec(train_tokenizer([text, "Yelbury lies in the north. Yelbury lies"] * 20, 300))
+    for codec in (TextCodec(byte_level_tokenizer()), trained):
+        ids = codec.encode(text)
+        assert b"".join(codec.token_bytes(i) for i in ids) == text.encode()
+        assert codec.token_text(codec.eos_id) == EOS
+    assert any(len(trained.token_bytes(i)) > 2 for i in trained.encode(text))  # merged tokens were read too

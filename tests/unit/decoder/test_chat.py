@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from memory3.services.decoder.chat import chat_messages, load_chat_template
 from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationEvent, Usage
-from memory3.services.decoder.openai_routes import _chunk, add_completion_routes, parse_chat
+from memory3.services.decoder.openai_routes import _Reply, add_completion_routes, parse_chat
 from memory3.services.rpc.errors import InvalidInput
 
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
@@ -86,11 +86,11 @@ def test_a_chat_request_is_the_rendered_prompt_with_the_templates_stop_added(tin
     def parse(**fields):
         return asyncio.run(parse_chat({"messages": CONVERSATION, **fields}, engine, "memory3", template))
 
-    request, stream, include_usage = parse(stop="END", max_completion_tokens=5, temperature=0, stream=True,
-                                           stream_options={"include_usage": True})
+    ask = parse(stop="END", max_completion_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True})
+    request = ask.request
     assert request.prompt_ids == text_codec.bodies([template.render(chat_messages(CONVERSATION))])[0]
-    assert request.stop == ("END", "\n") and request.max_tokens == 5 and stream and include_usage
-    assert parse(max_tokens=7)[0].max_tokens == 7
+    assert request.stop == ("END", "\n") and request.max_tokens == 5 and ask.stream and ask.include_usage
+    assert parse(max_tokens=7).request.max_tokens == 7
     for fields, says in [({"max_tokens": 3, "max_completion_tokens": 4}, "differ: give one of them"),
                          ({"tools": [{"type": "function"}]}, "tools is not supported"),
                          ({"response_format": {"type": "json_object"}}, "response_format is not supported"),
@@ -101,16 +101,15 @@ def test_a_chat_request_is_the_rendered_prompt_with_the_templates_stop_added(tin
 
 def test_chat_replies_have_openais_chat_shapes(tiny_model, text_codec):
     engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
-    request = asyncio.run(parse_chat({"messages": CONVERSATION}, engine, "memory3", load_chat_template("qa")))[0]
+    ask = asyncio.run(parse_chat({"messages": CONVERSATION}, engine, "memory3", load_chat_template("qa")))
     end = GenerationEvent(text="Kim.", finish_reason="stop", usage=Usage(40, 3, 1, 5))
-    whole = _chunk(request, "memory3", end, chat=True)
+    whole = _Reply(ask, "memory3", text_codec, chat=True).completion([end])
     assert whole["object"] == "chat.completion" and whole["id"].startswith("chatcmpl-")
     assert whole["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Kim."}, "logprobs": None,
                                  "finish_reason": "stop"}]
     assert whole["usage"]["total_tokens"] == 43
-    first = _chunk(request, "memory3", GenerationEvent(text=""), chat=True, delta=True, first=True)
-    later = _chunk(request, "memory3", GenerationEvent(text="Ki"), chat=True, delta=True)
-    last = _chunk(request, "memory3", end, chat=True, delta=True)
+    stream = _Reply(ask, "memory3", text_codec, chat=True)
+    first, later, last = (stream.chunk(0, e) for e in (GenerationEvent(text=""), GenerationEvent(text="Ki"), end))
     assert first["object"] == "chat.completion.chunk"
     assert [c["choices"][0]["delta"] for c in (first, later, last)] == [
         {"role": "assistant", "content": ""}, {"content": "Ki"}, {"content": "Kim."}]
@@ -195,7 +194,7 @@ def test_a_templates_stop_strings_do_not_count_against_the_clients(tiny_model, t
     engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
     stops = [f"S{i}" for i in range(8)]  # the most a client may send
     request = asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}], "stop": stops}, engine,
-                                     "memory3", load_chat_template("qa")))[0]
+                                     "memory3", load_chat_template("qa"))).request
     assert request.stop == (*stops, "\n")
     with pytest.raises(InvalidInput, match="stop: at most 8"):
         asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}], "stop": [*stops, "S8"]}, engine,
@@ -205,10 +204,9 @@ def test_a_templates_stop_strings_do_not_count_against_the_clients(tiny_model, t
 def test_stream_options_take_the_sdks_include_obfuscation(tiny_model, text_codec):
     engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
     options = {"include_usage": True, "include_obfuscation": False}
-    _, stream, include_usage = asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}],
-                                                       "stream": True, "stream_options": options},
-                                                      engine, "memory3", load_chat_template("qa")))
-    assert stream and include_usage
+    ask = asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}], "stream": True,
+                                  "stream_options": options}, engine, "memory3", load_chat_template("qa")))
+    assert ask.stream and ask.include_usage
 
 
 def test_detokenize_refuses_more_ids_than_the_text_service_does(tiny_model, text_codec):

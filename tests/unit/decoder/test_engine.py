@@ -6,6 +6,7 @@ for each stream alone with the same memories.
 """
 
 import asyncio
+import dataclasses
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ import torch
 
 from memory3.model.encoder import encode_references
 from memory3.model.generate import SamplingParams, generate
+from memory3.model.layout import rope_positions
 from memory3.services.decoder import engine as engine_module
 from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
 from memory3.services.decoder.retrieval import RetrievedReference
@@ -99,10 +101,10 @@ def collect_alone(engine, request):
     return run(main())
 
 
-def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos, lead=0):
+def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos, lead=0, sampling=SamplingParams()):
     kwargs = {"prefix": prefix, "memory_provider": memories_provider, "query_lead": lead} if memories_provider else {}
     out = generate(model, [body], max_new_tokens=max_tokens, stop_tokens=[eos],
-                   sampling=SamplingParams(vocab_limit=259), **kwargs)
+                   sampling=dataclasses.replace(sampling, vocab_limit=259), **kwargs)
     return out.tokens[0][:-1] if out.finish_reasons[0] == "stop" else out.tokens[0]  # the engine drops the stop token
 
 
@@ -168,10 +170,10 @@ def test_a_long_prompt_is_read_in_shares_while_the_running_streams_keep_decoding
         emitted.append(len(running[0].tokens) if running else 0)
         original_prefill(self, batch)
 
-    def accept(self, stream, token):
+    def accept(self, stream, token, logprob=None):
         if stream.request.prompt_ids == short and not running:
             running.append(stream)
-        original_accept(self, stream, token)
+        original_accept(self, stream, token, logprob)
 
     monkeypatch.setattr(engine_module.Scheduler, "_prefill", prefill)
     monkeypatch.setattr(engine_module.Scheduler, "_accept", accept)
@@ -508,6 +510,66 @@ def test_queue_is_bounded_and_cancellation_frees_slots(tiny_model, text_codec, m
     run(main())
 
 
+def test_each_streams_penalties_and_bias_apply_to_its_own_tokens_as_generate_applies_them(tiny_model, text_codec,
+                                                                                            prefix, memories):
+    """Streams of different settings share the batch's passes; each samples as `generate` does alone,
+    past a chunk boundary (a memory swap) too."""
+    retrieval = FakeRetrieval(memories)
+    bodies = prompts(3, text_codec)
+    settings = [SamplingParams(frequency_penalty=1.0, presence_penalty=0.5), SamplingParams(),
+                SamplingParams(presence_penalty=-0.5, logit_bias=((text_codec.encode("e")[0], 4.0),))]
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=3))
+        await engine.start()
+        try:
+            return await asyncio.gather(*[collect(engine, GenerationRequest(body, 90, sampling=sampling))
+                                          for body, sampling in zip(bodies, settings, strict=True)])
+        finally:
+            await engine.close()
+
+    results = run(main())
+    with torch.inference_mode():
+        for body, sampling, (tokens, _, _) in zip(bodies, settings, results, strict=True):
+            assert tokens == reference_tokens(tiny_model, body, retrieval.provider, prefix, 90, text_codec.eos_id,
+                                              lead=8, sampling=sampling)
+        plain = reference_tokens(tiny_model, bodies[0], retrieval.provider, prefix, 90, text_codec.eos_id, lead=8)
+    assert results[0][0] != plain  # the penalties changed what was generated
+
+
+def test_logprobs_are_the_models_own_for_each_generated_token(tiny_model, text_codec):
+    """Each token's logprob and its alternatives' are the model's log-softmax over the tokenizer's ids,
+    before the penalty and temperature that shaped the draw; a stream that does not ask gets none."""
+    body = prompts(1, text_codec)[0]
+    sampling = SamplingParams(temperature=1.5, seed=4, frequency_penalty=2.0)
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=3))
+        await engine.start()
+        try:
+            return await asyncio.gather(*[
+                collect(engine, GenerationRequest(body, 30, sampling=sampling, use_memory=False, logprobs=k,
+                                                  ignore_eos=True))
+                for k in (3, 0, None)])
+        finally:
+            await engine.close()
+
+    (tokens, _, events), (none_top, _, none_events), (_, _, without) = run(main())
+    reported = [lp for e in events for lp in e.logprobs]
+    assert [lp.token_id for lp in reported] == tokens and len(tokens) == 30
+    with torch.inference_mode():
+        ids = torch.tensor([[*body, *tokens]])
+        logits = tiny_model(ids, rope_positions(torch.arange(ids.shape[1])[None], 0, tiny_model.config.ref_len))
+    expected = logits[0, len(body) - 1 : -1, :259].log_softmax(-1)  # (30, vocab): row j predicts token j
+    for j, lp in enumerate(reported):
+        assert lp.logprob == pytest.approx(float(expected[j, tokens[j]]), abs=1e-4)
+        top = expected[j].topk(3)
+        assert [i for i, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert none_top == tokens and all(lp.top == [] for e in none_events for lp in e.logprobs)
+    assert all(not e.logprobs for e in without)
+
+
 def test_bad_requests_are_refused_with_what_to_fix(tiny_model, text_codec, memories):
     async def main():
         engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories), EngineConfig(max_batch=2))
@@ -520,6 +582,9 @@ def test_bad_requests_are_refused_with_what_to_fix(tiny_model, text_codec, memor
                 (GenerationRequest(body, 10**6), "does not fit"),
                 (GenerationRequest([text_codec.bos_id, 10**6], 5), "outside the tokenizer"),
                 (GenerationRequest([text_codec.bos_id] * 5000, 5), "shorten it"),
+                (GenerationRequest(body, 5, logprobs=21), r"logprobs: the alternatives to report per token are 0..20"),
+                (GenerationRequest(body, 5, sampling=SamplingParams(logit_bias=((259, 1.0),))),
+                 r"logit_bias: token id 259 is outside the tokenizer's vocabulary \(0..258\)"),
             ]
             for request, message in cases:
                 with pytest.raises(InvalidInput, match=message):
@@ -827,8 +892,8 @@ def test_a_stop_string_the_last_token_completes_is_counted_as_the_client_is_told
                                                                                   monkeypatch):
     """The scheduler counted `length` (its last allowed token), while the client was told `stop`."""
     script = text_codec.encode("abc")
-    monkeypatch.setattr(engine_module.Scheduler, "_sample",
-                        lambda self, streams, logits: [script[len(s.tokens)] for s in streams])
+    monkeypatch.setattr(engine_module.Scheduler, "_pick",
+                        staticmethod(lambda streams, logits: [script[len(s.tokens)] for s in streams]))
 
     before = successes("stop"), successes("length")
     engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=2))
