@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RESULTS := bench/results
 
-.PHONY: setup system-deps proto demo test test-all test-gpu lint helm-test helm-schema bench bench-decode bench-storage bench-serving bench-index bench-prefill clean
+.PHONY: setup system-deps proto demo test test-all test-gpu lint helm-test helm-schema bench bench-decode bench-storage bench-serving bench-index bench-prefill bench-sampling clean
 
 setup: $(STAMP)
 
@@ -56,7 +56,7 @@ helm-test: setup system-deps
 helm-schema: setup
 	$(PY) deploy/helm/generate_schema.py
 
-bench: bench-decode bench-storage bench-serving bench-index bench-prefill
+bench: bench-decode bench-storage bench-serving bench-index bench-prefill bench-sampling
 
 bench-decode: setup
 	$(VENV)/bin/memory3 bench decode --preset small --json $(RESULTS)/decode.json --readme README.md
@@ -72,6 +72,9 @@ bench-index: setup
 
 bench-prefill: setup
 	$(VENV)/bin/memory3 bench prefill --json $(RESULTS)/prefill.json --readme README.md
+
+bench-sampling: setup
+	$(VENV)/bin/memory3 bench sampling --json $(RESULTS)/sampling.json --readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -92,6 +92,13 @@ def render_table(results_dir: Path) -> str:
                     + " / ".join(f"{prefill['arms'][a]['ttft_ms']:.0f} ms" for a in ["0", *arms]) + " | |")
         rows.append("| | longest pause / one pass's: --prefill-tokens " + ", ".join(arms) + " | "
                     + " / ".join(f"{prefill['arms'][a]['stall_over_one_pass']:.2f}" for a in arms) + " | |")
+    sampling = _load(results_dir / "sampling.json")
+    if sampling:
+        arms = [a for a in sampling["arms"] if a != "plain"]
+        rows.append(f"| sampling options (`{sampling['preset']}`, {sampling['rows']} streams) | decode step / plain "
+                    f"greedy's: " + ", ".join(a.replace("_", " ") for a in arms)
+                    + f" (penalties: presence, frequency and {sampling['biased_ids']} biased ids) | "
+                    + " / ".join(f"{sampling['arms'][a]['step_over_plain']:.3f}" for a in arms) + " | |")
     index = _load(results_dir / "index.json")
     if index:
         p, kinds, summary = index["protocol"], index["kinds"], index["summary"]

@@ -41,7 +41,7 @@ class SamplingParams:
 
     vocab_limit: sample only ids below it, for a model whose embedding is padded past the
     tokenizer's vocabulary (the paper pads 60,299 tokens to 60,416); None samples any id.
-    presence_penalty, frequency_penalty and logit_bias are OpenAI's (`adjust_logits`); they apply
+    presence_penalty, frequency_penalty and logit_bias are OpenAI's (`penalize`); they apply
     before temperature and the filters, to greedy decoding too.
     """
 
@@ -92,32 +92,28 @@ class GenerationOutput:
     retrievals: list[list[list[int]]] = field(default_factory=list)  # per sequence: queries made
 
 
-def adjust_logits(logits: Tensor, params: SamplingParams, generated: Tensor | Sequence[Sequence[int]]) -> Tensor:
-    """(B, V) logits and each row's generated tokens ((B, n) ids, or a list per row) -> new (B, V)
-    float logits with OpenAI's adjustments: an id loses `frequency_penalty` for every time it was
-    generated and `presence_penalty` once if it was at all, and gains its `logit_bias`.
-
-    The penalties count the generated tokens only, not the prompt's, as OpenAI describes them and
-    vLLM applies them."""
-    if not params.adjusts_logits:
-        return logits
-    logits = logits.to(torch.float32, copy=True)
-    if params.presence_penalty or params.frequency_penalty:
-        counts = torch.zeros_like(logits)
-        if isinstance(generated, Tensor):
-            counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=counts.dtype))
-        else:
-            for row, ids in enumerate(generated):
-                if ids:
-                    index = torch.as_tensor(list(ids), device=logits.device)
-                    counts[row].scatter_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
-        logits -= counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
+def logit_bias_row(params: SamplingParams, vocab: int, device: torch.device | str = "cpu") -> Tensor:
+    """A request's `logit_bias` as a dense (vocab,) row, to add to its logits each step."""
+    row = torch.zeros(vocab, device=device)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias, strict=True)
-        if max(ids) >= logits.shape[-1]:
-            raise ValueError(f"logit_bias: token id {max(ids)} is outside the model's {logits.shape[-1]} ids")
-        logits[:, list(ids)] += torch.tensor(biases, device=logits.device)
-    return logits
+        if max(ids) >= vocab:
+            raise ValueError(f"logit_bias: token id {max(ids)} is outside the model's {vocab} ids")
+        row[list(ids)] = torch.tensor(biases, device=device)
+    return row
+
+
+def penalize(logits: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor, bias: Tensor | None = None) -> Tensor:
+    """OpenAI's adjustments, before temperature and the filters: an id's logit loses `frequency` for
+    every time it was generated and `presence` once if it was at all, and gains its `bias`.
+
+    logits, counts (how often each id was generated so far), bias: (B, V); presence, frequency: (B,).
+    Returns new (B, V) float32 logits. The penalties count the generated tokens only, not the
+    prompt's, as OpenAI describes them and vLLM applies them; a batch of streams with settings of
+    their own is adjusted in a few whole-batch operations, however many streams it holds.
+    """
+    out = logits.float() - counts * frequency[:, None] - (counts > 0) * presence[:, None]
+    return out + bias if bias is not None else out
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
@@ -247,11 +243,18 @@ def iter_generate(
         stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         history: list[Tensor] = []
+        if sampling.adjusts_logits:
+            vocab = last.shape[-1]
+            counts = torch.zeros(bsz, vocab, device=device)  # (B, V): how often each id was generated
+            presence = torch.full((bsz,), sampling.presence_penalty, device=device)
+            frequency = torch.full((bsz,), sampling.frequency_penalty, device=device)
+            bias = logit_bias_row(sampling, vocab, device)[None] if sampling.logit_bias else None  # (1, V)
         for step in range(max_new_tokens):
             if sampling.adjusts_logits:
-                generated = torch.stack(history, dim=1) if history else finished.new_zeros(bsz, 0, dtype=torch.long)
-                last = adjust_logits(last, sampling, generated)  # generated: (B, step)
+                last = penalize(last, counts, presence, frequency, bias)
             next_token = sample(last, sampling, generator)  # (B,)
+            if sampling.adjusts_logits:
+                counts.scatter_add_(1, next_token[:, None], torch.ones(bsz, 1, device=device))
             finished = finished | torch.isin(next_token, stop)
             history.append(next_token)
             yield next_token, finished.clone()

@@ -374,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--rounds", type=positive_int, default=7, help="rounds, every arm once in each")
     pre.add_argument("--json", type=Path, required=True)
     pre.add_argument("--readme", type=Path, default=None, help="README whose benchmark table to refresh")
+    smp = bench_sub.add_parser("sampling", help="what penalties, a logit bias and logprobs cost a decode step, "
+                                                "against plain greedy sampling")
+    smp.add_argument("--preset", type=preset, default="small", help="model preset (random weights)")
+    smp.add_argument("--rows", type=positive_int, default=8,
+                     help="streams decoding together, all with the arm's options")
+    smp.add_argument("--new-tokens", type=positive_int, default=128, help="tokens each stream decodes")
+    smp.add_argument("--rounds", type=positive_int, default=7, help="rounds, every arm once in each")
+    smp.add_argument("--json", type=Path, required=True)
+    smp.add_argument("--readme", type=Path, default=None, help="README whose benchmark table to refresh")
     rel = bench_sub.add_parser("reliability", help="load, 2x overload and injected faults (Redis, S3, slow S3, "
                                                    "corrupt blob, text down, bad input, SIGTERM) on a private stack")
     rel.add_argument("--preset", type=preset, default="tiny",
@@ -843,6 +852,10 @@ def _bench(args: argparse.Namespace) -> int:
         result = run_prefill_bench(preset=args.preset, rows=args.rows, long_tokens=args.long_tokens,
                                    arms=list(args.arms), rounds=args.rounds,
                                    log=lambda msg: print(msg, file=sys.stderr))
+    elif args.bench_kind == "sampling":
+        from memory3.bench.sampling import run_sampling_bench
+        result = run_sampling_bench(preset=args.preset, rows=args.rows, new_tokens=args.new_tokens,
+                                    rounds=args.rounds, log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "gpu":
         from memory3.bench.gpu import run_gpu_bench
         result = run_gpu_bench(**gpu_bench_kwargs(args), log=lambda msg: print(msg, file=sys.stderr))

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from memory3.model.generate import SamplingParams, adjust_logits, query_window, sample
+from memory3.model.generate import SamplingParams, logit_bias_row, penalize, query_window, sample
 from memory3.model.layout import chunk_spans
 from memory3.model.memory import ExplicitMemory, stack_memories
 from memory3.model.model import Transformer
@@ -250,6 +250,10 @@ class Scheduler:
         self.row_has_prefix = [False] * config.max_batch
         self.ready: list[_Stream] = []
         self.prefilling: list[_Stream] = []  # streams with a row whose prompt is not all read yet, oldest first
+        # Per row, for streams with penalties or a logit bias (`_adjusted`): (max_batch, V) counts of the ids
+        # generated so far and the dense logit bias; made when the first such stream joins.
+        self.token_counts: Tensor | None = None
+        self.logit_bias: Tensor | None = None
         self.wake = threading.Event()
         self.stopping = False
         self.draining = False  # streams admitted from now on fail (`GenerationEngine.begin_drain`)
@@ -422,6 +426,13 @@ class Scheduler:
         for s in joining:
             self.row_has_prefix[s.row] = bool(s.prefix_len)
             self.model.install_memories(s.row, ())
+            if s.request.sampling.adjusts_logits:
+                if self.token_counts is None:
+                    vocab = self.model.output.weight.shape[0]
+                    self.token_counts = torch.zeros(self.config.max_batch, vocab, device=self.device)
+                    self.logit_bias = torch.zeros(self.config.max_batch, vocab, device=self.device)
+                self.token_counts[s.row] = 0
+                self.logit_bias[s.row] = logit_bias_row(s.request.sampling, self.logit_bias.shape[1], self.device)
 
     def _prefill_share(self) -> bool:
         """Read a share of the prompts being read; True if any were.
@@ -520,18 +531,31 @@ class Scheduler:
         """Each stream's next token, drawn after its penalties and logit bias, and its logprobs where
         its request asks for them; `logits` (B, V) are the model's."""
         picked = self._pick(streams, self._adjusted(streams, logits))
+        self._count(streams, picked)
         return list(zip(picked, self._logprobs(streams, logits, picked), strict=True))
 
-    @staticmethod
-    def _adjusted(streams: list[_Stream], logits: Tensor) -> Tensor:
+    def _adjusted(self, streams: list[_Stream], logits: Tensor) -> Tensor:
         """(B, V) logits with each stream's penalties (over the tokens it generated) and logit bias."""
-        rows = [i for i, s in enumerate(streams) if s.request.sampling.adjusts_logits]
-        if not rows:
+        chosen = [i for i, s in enumerate(streams) if s.request.sampling.adjusts_logits]
+        if not chosen:
             return logits
+        params = [streams[i].request.sampling for i in chosen]
+        rows = torch.tensor([streams[i].row for i in chosen], device=self.device)
+        index = torch.tensor(chosen, device=logits.device)
+        presence = torch.tensor([p.presence_penalty for p in params], device=self.device)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=self.device)
         out = logits.to(torch.float32, copy=True)
-        for i in rows:
-            out[i : i + 1] = adjust_logits(logits[i : i + 1], streams[i].request.sampling, [streams[i].tokens])
+        out[index] = penalize(logits[index], self.token_counts[rows], presence, frequency, self.logit_bias[rows])
         return out
+
+    def _count(self, streams: list[_Stream], picked: list[int]) -> None:
+        """Count the tokens just picked by the streams whose penalties read the counts."""
+        chosen = [i for i, s in enumerate(streams) if s.request.sampling.presence_penalty
+                  or s.request.sampling.frequency_penalty]
+        if chosen:
+            rows = torch.tensor([streams[i].row for i in chosen], device=self.device)
+            tokens = torch.tensor([picked[i] for i in chosen], device=self.device)
+            self.token_counts.index_put_((rows, tokens), torch.ones(len(chosen), device=self.device), accumulate=True)
 
     @staticmethod
     def _logprobs(streams: list[_Stream], logits: Tensor, picked: list[int]) -> list[TokenLogprob | None]:

@@ -132,6 +132,22 @@ def test_prefill_bench_reports_every_arm_against_one_pass_and_renders(tmp_path):
     assert f"| {arms['128']['stall_over_one_pass']:.2f} |" in table
 
 
+def test_sampling_bench_reports_every_option_against_plain_greedy_and_renders(tmp_path):
+    from memory3.bench.sampling import run_sampling_bench
+
+    result = run_sampling_bench(preset="tiny", rows=2, new_tokens=20, rounds=2)
+    arms = result["arms"]
+    assert set(arms) == {"plain", "penalties", "logprobs_5", "logprobs_20", "all"}
+    assert arms["plain"]["step_over_plain"] == 1.0 and result["biased_ids"] == 256
+    for arm in arms.values():
+        low, high = arm["step_over_plain_ci90"]
+        assert arm["step_ms"] > 0 and low <= arm["step_over_plain"] <= high
+    write_json(result, tmp_path / "sampling.json")
+    table = render_table(tmp_path)
+    assert "| sampling options (`tiny`, 2 streams) |" in table
+    assert f"| {arms['penalties']['step_over_plain']:.3f} / " in table
+
+
 def test_the_serving_benchs_step_costs_time_the_schedulers_own_passes(tiny_model, text_codec, prefix):
     import torch
 

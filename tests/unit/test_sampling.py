@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from memory3.model.generate import SamplingParams, adjust_logits, generate, sample
+from memory3.model.generate import SamplingParams, generate, logit_bias_row, penalize, sample
 from memory3.model.layout import rope_positions
 
 
@@ -53,25 +53,33 @@ def test_vocab_limit_never_samples_padding_ids():
 
 def test_penalties_count_each_rows_generated_tokens_and_the_bias_adds():
     logits = torch.zeros(2, 10)
-    params = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0, logit_bias=((7, 2.0),))
-    got = adjust_logits(logits, params, [[3, 3, 5], []])
+    counts = torch.zeros(2, 10)
+    counts[0, 3], counts[0, 5], counts[1, 7] = 2, 1, 3  # row 0 generated 3, 3, 5; row 1 7, 7, 7
+    bias = torch.stack([logit_bias_row(SamplingParams(logit_bias=((7, 2.0),)), 10),
+                        logit_bias_row(SamplingParams(), 10)])
+    got = penalize(logits, counts, torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.25]), bias)
     expected = torch.zeros(2, 10)
-    expected[0, 3], expected[0, 5] = -(2 * 0.5 + 1.0), -(0.5 + 1.0)
-    expected[:, 7] = 2.0
+    expected[0, 3], expected[0, 5], expected[0, 7] = -(2 * 0.5 + 1.0), -(0.5 + 1.0), 2.0
+    expected[1, 7] = -3 * 0.25  # each row its own penalties
     assert torch.equal(got, expected)
-    by_tensor = adjust_logits(logits, params, torch.tensor([[3, 3, 5], [7, 7, 7]]))  # (B, n), as generate keeps them
-    assert torch.equal(by_tensor[0], expected[0]) and by_tensor[1, 7] == 2.0 - (3 * 0.5 + 1.0)
     assert torch.equal(logits, torch.zeros(2, 10))  # the caller's logits are left as they were
+    with pytest.raises(ValueError, match="token id 10 is outside the model's 10 ids"):
+        logit_bias_row(SamplingParams(logit_bias=((10, 1.0),)), 10)
 
 
 def test_a_logit_bias_bans_or_forces_a_token_even_when_greedy():
     logits = torch.randn(3, 20)
     best = logits.argmax(-1)
+    none = torch.zeros(3)
+
+    def biased(params):
+        return penalize(logits, torch.zeros(3, 20), none, none, logit_bias_row(params, 20)[None])
+
     banned = SamplingParams(logit_bias=((int(best[0]), -100.0),))
-    assert int(sample(adjust_logits(logits, banned, [[]] * 3), banned)[0]) != int(best[0])
+    assert int(sample(biased(banned), banned)[0]) != int(best[0])
     forced = SamplingParams(temperature=1.0, logit_bias=((4, 100.0),))
     gen = torch.Generator().manual_seed(0)
-    assert sample(adjust_logits(logits, forced, [[]] * 3), forced, gen).tolist() == [4, 4, 4]
+    assert sample(biased(forced), forced, gen).tolist() == [4, 4, 4]
 
 
 @pytest.mark.parametrize(("kwargs", "says"), [

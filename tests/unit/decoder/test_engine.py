@@ -537,6 +537,27 @@ def test_each_streams_penalties_and_bias_apply_to_its_own_tokens_as_generate_app
     assert results[0][0] != plain  # the penalties changed what was generated
 
 
+def test_a_row_forgets_the_counts_and_bias_of_the_stream_before(tiny_model, text_codec):
+    body = prompts(1, text_codec)[0]
+    biased = SamplingParams(logit_bias=((text_codec.encode("e")[0], 4.0),), frequency_penalty=1.0)
+    penalized = SamplingParams(frequency_penalty=1.0, presence_penalty=0.5)
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=1))
+        await engine.start()
+        try:
+            return [(await collect(engine, GenerationRequest(body, 40, sampling=s, use_memory=False)))[0]
+                    for s in (biased, penalized, penalized)]
+        finally:
+            await engine.close()
+
+    first, second, third = run(main())
+    with torch.inference_mode():
+        assert first == reference_tokens(tiny_model, body, None, [], 40, text_codec.eos_id, sampling=biased)
+        assert second == third == reference_tokens(tiny_model, body, None, [], 40, text_codec.eos_id,
+                                                   sampling=penalized)
+
+
 def test_logprobs_are_the_models_own_for_each_generated_token(tiny_model, text_codec):
     """Each token's logprob and its alternatives' are the model's log-softmax over the tokenizer's ids,
     before the penalty and temperature that shaped the draw; a stream that does not ask gets none."""
