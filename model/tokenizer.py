@@ -62,6 +62,8 @@ class TextCodec:
         self.eos_id = tokenizer.token_to_id(EOS)
         self.pad_id = tokenizer.token_to_id(PAD)
         self._added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        # Ids whose text `decode` leaves out (`<s>`, `</s>`, `<pad>`).
+        self.control_ids = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self._token_bytes: dict[int, bytes] = {}
 
@@ -95,9 +97,14 @@ class TextCodec:
             self._token_bytes[token_id] = found
         return found
 
-    def token_text(self, token_id: int) -> str:
-        """One token's text; a part of a character shows as U+FFFD."""
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+    def token_label(self, token_id: int) -> str:
+        """One token as logprobs name it: its text, or for a token that is not whole characters (a part
+        of one) its bytes as vLLM spells them, `bytes:\\xe6\\x97`, so that two such tokens stay apart."""
+        data = self.token_bytes(token_id)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
     def reference_prefix(self, config: Memory3Config) -> list[int]:
         """`<s>Reference:` as tokens: prepended to every reference and to every context. The

@@ -35,7 +35,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -839,8 +839,11 @@ class GenerationEngine:
             whole.finish_reason, whole.usage = event.finish_reason, event.usage
         return whole
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest, *,
+                       on_queued: Callable[[], None] | None = None) -> AsyncIterator[GenerationEvent]:
         """Events for one request; closing the iterator early cancels it and frees its slot at once.
+        `on_queued` is called once the request is accepted and queued for a batch row, its prompt's
+        memories fetched: what can refuse it without waiting for other streams has passed.
 
         How every request ends is counted here, as its client sees it: errors
         (`memory3_request_failure_total`), those raised before it reaches the scheduler too (a
@@ -853,7 +856,7 @@ class GenerationEngine:
             request = dataclasses.replace(request, arrival=time.monotonic())
         finished = False
         try:
-            async with contextlib.aclosing(self._generate(request)) as events:
+            async with contextlib.aclosing(self._generate(request, on_queued)) as events:
                 async for event in events:
                     if event.finish_reason is not None:
                         finished = True
@@ -876,7 +879,8 @@ class GenerationEngine:
                 metrics.REQUEST_SUCCESS.labels(finished_reason="abort").inc()
             raise
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def _generate(self, request: GenerationRequest,
+                        on_queued: Callable[[], None] | None) -> AsyncIterator[GenerationEvent]:
         if not self.started or self.draining:
             raise Unavailable("the decoder is not accepting requests (starting or draining)")
         self.validate(request)
@@ -912,6 +916,8 @@ class GenerationEngine:
             stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, request.arrival,
                              self.scheduler.device)
             self.scheduler.post(("admit", stream, None))
+            if on_queued is not None:
+                on_queued()
             async for event in self._relay(stream, out, citations, warnings, sum(len(g) for g in groups)):
                 yield event
         finally:

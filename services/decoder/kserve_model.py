@@ -12,8 +12,8 @@ v2 has no streaming (OIP gRPC is unary); stream through `POST /v1/completions`.
 v2 request: input `text`, BYTES, shape [1], the UTF-8 prompt; optional request parameters
 `max_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop` (a string), `use_memory`,
 `include_reference_text`, `presence_penalty`, `frequency_penalty` (over gRPC, floats as strings:
-KServe's InferParameter has no double). Logprobs, logit biases and several choices are the
-OpenAI routes' and the gRPC GenerationService's.
+KServe's InferParameter has no double). Logprobs and logit biases are the OpenAI routes' and the
+GenerationService's; several choices (`n`), the OpenAI routes'.
 Response: `text` (BYTES [1]) and `citations` (BYTES [1], a JSON list of per-chunk references),
 or those of them the request's `outputs` names, with `finish_reason`, `prompt_tokens` and
 `completion_tokens` parameters. A malformed request is a 400 `{"error": message}`.

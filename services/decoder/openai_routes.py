@@ -17,15 +17,20 @@ Defaults follow OpenAI (temperature 1, top_p 1) except `max_tokens`, which defau
 server's `--default-max-tokens`. A prompt given as token ids is the text's ids: the context's `<s>`
 is put before them, as before a text prompt (so `usage.prompt_tokens` counts one more).
 Extensions: `top_k`, `use_memory` (default true), `include_reference_text` and `ignore_eos` (as
-vLLM's: always `max_tokens`, for benchmarks); replies carry `citations` (per 64-token chunk, the references read, with
-the `index` of the choice that read them) and `warnings` when there are any.
+vLLM's: always `max_tokens`, for benchmarks); replies carry `citations` (per 64-token chunk, the
+references read, with the `index` of the choice that read them) and `warnings` when there are any.
 
 `n` choices are `n` streams of the engine, decoded side by side (with a seed, choice i draws with
-seed + i); streamed, each chunk carries one choice's `index`, and `usage` counts the prompt once and
-every choice's tokens. `presence_penalty`, `frequency_penalty` and `logit_bias` are OpenAI's, applied
-before temperature and the filters. `logprobs` (a completion's number, or a chat's `logprobs` with
-`top_logprobs`) reports the model's own log-probabilities, before those adjustments (as vLLM's
-default does), for the tokens of each chunk; a completion's `top_logprobs` hold the sampled token too.
+seed + i). A reply's `usage` counts the prompt once and every choice's tokens; streamed, each chunk
+carries one choice's `index`, each choice's last chunk that choice's own usage, and with
+`include_usage` a last chunk the whole request's. A stream of one choice starts with its first token,
+so that what fails before it is the reply's status; of several, once each is queued for a batch row
+(a choice may wait for another's row), after which a failure is an error event. `presence_penalty`,
+`frequency_penalty` and `logit_bias` are OpenAI's, applied before temperature and the filters.
+`logprobs` (a completion's number, or a chat's `logprobs` with `top_logprobs`) reports the model's own
+log-probabilities, before those adjustments (as vLLM's default does), for the tokens of each chunk; a
+completion's `top_logprobs` hold the sampled token too, and a token that is part of a character is
+named by its bytes, `bytes:\\xe6`, as vLLM names it.
 `best_of` is taken only equal to `n`; `echo` and `suffix` are not supported.
 
 `POST /tokenize` and `/detokenize` answer as vLLM's do: a prompt's (or a chat's) token ids as the
@@ -41,10 +46,12 @@ replies are OpenAI's chat shapes: a `message` in a `chat.completion`, or `delta`
 from __future__ import annotations
 
 import asyncio
+import codecs
 import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -54,7 +61,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from memory3.model.tokenizer import TextCodec
 
-from ..rpc.errors import InvalidInput, NotFound
+from ..rpc.errors import InvalidInput, NotFound, shown
 from .chat import ChatTemplate, chat_messages
 from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
 from .http_clients import client_id
@@ -82,6 +89,7 @@ STARTED = int(time.time())  # a model's `created`: when this server started
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
                503: "service_unavailable_error", 504: "timeout_error"}
 CUT = "the server stopped this stream before it finished (it is shutting down); retry the request"
+TOKEN_ID = re.compile(r"\s*[0-9]{1,10}\s*")  # a logit_bias key: ASCII digits (str.isdigit takes others)
 
 
 def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine], model_name: str,
@@ -287,21 +295,27 @@ def _choices(body: dict, engine: GenerationEngine) -> int:
     if not 1 <= n <= most:
         raise InvalidInput(f"n must be in 1..{most} (each choice is a stream; this server holds {most} at once), "
                            f"got {n}")
+    per_client = engine.config.max_streams_per_client
+    if per_client and n > per_client:
+        raise InvalidInput(f"n={n}: each choice is a stream, and one client may have {per_client} open at once on "
+                           f"this server (--max-streams-per-client): ask for at most {per_client}")
     return n
 
 
 def _logit_bias(value) -> dict[int, float] | None:
-    """OpenAI's `logit_bias`: an object of token ids (as JSON keys, strings) to biases."""
+    """OpenAI's `logit_bias`: an object of token ids (as JSON keys, strings of ASCII digits) to biases."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise InvalidInput('logit_bias must be an object of token ids to biases, such as {"50256": -100}')
     bias = {}
     for key, number in value.items():
-        if not key.strip().isdigit() or isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise InvalidInput(f"logit_bias: {key!r}: {number!r} is not a token id and a number, such as "
-                               '{"50256": -100}')
-        bias[int(key)] = float(number)
+        if not TOKEN_ID.fullmatch(key) or isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise InvalidInput(f"logit_bias: at {shown(key)}: each key must be a token id (digits) and each value "
+                               'a number, such as {"50256": -100}')
+        if int(key) in bias:
+            raise InvalidInput(f"logit_bias: token id {int(key)} is given twice")
+        bias[int(key)] = _finite_number(f"logit_bias[{shown(key)}]", number)
     return bias
 
 
@@ -347,9 +361,20 @@ def _number(body: dict, name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return _finite_number(name, value)
+
+
+def _finite_number(name: str, value: int | float) -> float:
+    """A JSON number as a float; JSON integers have no bound, floats do."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidInput(f"{name} must be a finite number, got {str(value)[:40]}")
+    return number
 
 
 async def _answer(engine: GenerationEngine, ask: Ask, model_name: str, *, chat: bool) -> Response:
@@ -357,15 +382,44 @@ async def _answer(engine: GenerationEngine, ask: Ask, model_name: str, *, chat: 
     requests = ask.choices()
     if not ask.stream:
         return JSONResponse(reply.completion(await _all([engine.complete(r) for r in requests])))
-    streams = [engine.generate(r) for r in requests]
+    queued = [asyncio.Event() for _ in requests]
+    streams = [engine.generate(r, on_queued=q.set) for r, q in zip(requests, queued, strict=True)]
+    firsts = [asyncio.ensure_future(anext(events, None)) for events in streams]
     try:
-        # Validation and capacity errors surface at a stream's first event: as the HTTP status, before any 200.
-        firsts = await _all([anext(events, None) for events in streams])
+        await _started(firsts, queued)  # what refuses a request before then is the HTTP status, never a 200
     except BaseException:
-        await asyncio.gather(*(events.aclose() for events in streams))
+        await _close(firsts, streams)
         raise
     return StreamingResponse(_sse(reply, firsts, streams), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _started(firsts: list[asyncio.Future], queued: list[asyncio.Event]) -> None:
+    """Wait until a stream may begin: one choice, once it has its first event (its first token), so that
+    everything that fails it before then (validation, capacity, a retrieval outage, a drain) is the
+    reply's status; several, once each is accepted and queued for a batch row, as one may wait for
+    another's row (n above the free rows), and after that a failure is an error event in the stream.
+    The first choice to fail before then raises its error."""
+    waiters = [asyncio.ensure_future(q.wait()) for q in queued] if len(firsts) > 1 else []
+    try:
+        while True:
+            failed = [f for f in firsts if f.done() and not f.cancelled() and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            if all(f.done() or (waiters and q.is_set()) for f, q in zip(firsts, queued, strict=True)):
+                return
+            await asyncio.wait([x for x in (*firsts, *waiters) if not x.done()], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _close(firsts: list[asyncio.Future], streams: list[AsyncIterator[GenerationEvent]]) -> None:
+    """Cancel every choice: its stream closes, and frees its slot."""
+    for first in firsts:
+        first.cancel()
+    await asyncio.gather(*firsts, return_exceptions=True)
+    await asyncio.gather(*(events.aclose() for events in streams), return_exceptions=True)
 
 
 async def _all(awaitables: list[Awaitable]) -> list:
@@ -382,7 +436,7 @@ async def _awaited(awaitable: Awaitable):
     return await awaitable
 
 
-async def _sse(reply: _Reply, firsts: list[GenerationEvent | None],
+async def _sse(reply: _Reply, firsts: list[asyncio.Future],
                streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[str]:
     """Each choice's chunks as they come, then `data: [DONE]`; an error after the first chunk is sent
     as an error event first (the status line is gone), so that a client can tell a cut stream from a
@@ -413,24 +467,15 @@ async def _sse(reply: _Reply, firsts: list[GenerationEvent | None],
     yield "data: [DONE]\n\n"
 
 
-async def _merge(firsts: list[GenerationEvent | None],
+async def _merge(firsts: list[asyncio.Future],
                  streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
-    """(choice index, event) of every stream as its events come, each stream's first event first;
-    the first stream to fail ends them all with its error. Closing this closes every stream."""
-    if len(streams) == 1:  # one choice needs no tasks
-        event = firsts[0]
-        try:
-            while event is not None:
-                yield 0, event
-                event = await anext(streams[0], None)
-        finally:
-            await streams[0].aclose()
-        return
+    """(choice index, event) of every stream as its events come, each stream's first (`firsts`, a
+    task) first; the first stream to fail ends them all with its error. Closing this closes every stream."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int) -> None:
         try:
-            event = firsts[index]
+            event = await firsts[index]
             while event is not None:
                 queue.put_nowait((index, event, None))
                 event = await anext(streams[index], None)
@@ -453,7 +498,7 @@ async def _merge(firsts: list[GenerationEvent | None],
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
-        await asyncio.gather(*(events.aclose() for events in streams), return_exceptions=True)
+        await _close(firsts, streams)
 
 
 class _Reply:
@@ -464,7 +509,10 @@ class _Reply:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{ask.request.request_id}"
         self.created = int(time.time())
         self.sent = [0] * ask.n  # chunks sent per choice: a chat stream's first names the role
-        self.offsets = [0] * ask.n  # a completion's logprob text offsets, per choice, run on across chunks
+        # A completion's logprob text offsets, per choice, run on across chunks: the characters its tokens'
+        # bytes have completed so far.
+        self.offsets = [0] * ask.n
+        self.utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(ask.n)]
 
     def completion(self, events: list[GenerationEvent]) -> dict:
         """The whole reply: one event per choice, each the whole of that choice's generation."""
@@ -505,22 +553,24 @@ class _Reply:
 
     def _logprobs(self, index: int, event: GenerationEvent) -> dict | None:
         """OpenAI's logprobs of the event's tokens: a chat's `content` list, or a completion's parallel
-        lists, whose `top_logprobs` hold the sampled token too, as OpenAI's do."""
+        lists, whose `top_logprobs` hold the sampled token too, as OpenAI's do. A token that is part of
+        a character is named by its bytes (`TextCodec.token_label`)."""
         if self.ask.request.logprobs is None:
             return None
-        text = self.codec.token_text
+        label, data = self.codec.token_label, self.codec.token_bytes
         if self.chat:
             def entry(token: int, logprob: float) -> dict:
-                return {"token": text(token), "logprob": _finite(logprob), "bytes": list(self.codec.token_bytes(token))}
+                return {"token": label(token), "logprob": _finite(logprob), "bytes": list(data(token))}
             return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
                                 for t in event.logprobs], "refusal": None}
-        tokens = [text(t.token_id) for t in event.logprobs]
         offsets = []
-        for token in tokens:
+        for t in event.logprobs:  # where each token starts in the text: a part of a character, where that starts
             offsets.append(self.offsets[index])
-            self.offsets[index] += len(token)
-        return {"tokens": tokens, "token_logprobs": [_finite(t.logprob) for t in event.logprobs],
-                "top_logprobs": [{text(i): _finite(v) for i, v in [*t.top, (t.token_id, t.logprob)]}
+            if t.token_id not in self.codec.control_ids:  # the text leaves them out
+                self.offsets[index] += len(self.utf8[index].decode(data(t.token_id)))
+        return {"tokens": [label(t.token_id) for t in event.logprobs],
+                "token_logprobs": [_finite(t.logprob) for t in event.logprobs],
+                "top_logprobs": [{label(i): _finite(v) for i, v in [*t.top, (t.token_id, t.logprob)]}
                                  for t in event.logprobs],
                 "text_offset": offsets}
 

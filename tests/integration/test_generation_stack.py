@@ -89,7 +89,9 @@ def test_logprobs_and_a_logit_bias_over_grpc(stack, stub):
     logprobs = [lp for r in responses for lp in r.logprobs]
     assert tokens[0] != greedy[0] and [lp.token_id for lp in logprobs] == tokens
     assert logprobs[0].top[0].token_id == greedy[0]
-    assert all(len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob >= lp.logprob for lp in logprobs[:1])
+    assert logprobs[0].top[1].logprob == logprobs[0].logprob  # the bias took the model's second choice
+    assert all(len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob and lp.logprob <= lp.top[0].logprob
+               for lp in logprobs)
     assert all(lp.token and lp.logprob < 0 for lp in logprobs)
     assert not any(r.logprobs for r in generate(stub, max_tokens=3))  # only when asked
 

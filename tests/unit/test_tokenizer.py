@@ -32,7 +32,8 @@ def test_bodies_are_the_bodies_of_each_text():
 
 
 def test_each_tokens_bytes_spell_its_share_of_the_text():
-    """Logprobs show tokens one at a time; a merged token and one byte of a character alike."""
+    """Logprobs show tokens one at a time; a merged token and one byte of a character alike, which is
+    named by its bytes."""
     from tokenizers import pre_tokenizers
 
     from memory3.model.tokenizer import BYTE_OF_SYMBOL
@@ -45,5 +46,7 @@ def test_each_tokens_bytes_spell_its_share_of_the_text():
     for codec in (TextCodec(byte_level_tokenizer()), trained):
         ids = codec.encode(text)
         assert b"".join(codec.token_bytes(i) for i in ids) == text.encode()
-        assert codec.token_text(codec.eos_id) == EOS
+        assert codec.token_label(codec.eos_id) == EOS
     assert any(len(trained.token_bytes(i)) > 2 for i in trained.encode(text))  # merged tokens were read too
+    plain = TextCodec(byte_level_tokenizer())
+    assert [plain.token_label(i) for i in plain.encode("aé")] == ["a", "bytes:\\xc3", "bytes:\\xa9"]

@@ -8,9 +8,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from memory3.services.decoder import engine as engine_module
 from memory3.services.decoder.chat import load_chat_template
-from memory3.services.decoder.engine import EngineConfig, GenerationEngine
-from memory3.services.decoder.openai_routes import add_completion_routes
+from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
+from memory3.services.decoder.openai_routes import _answer, add_completion_routes, parse_completion
 from memory3.services.rpc import metrics
 
 PROMPT = "The harbour of Yelbury"
@@ -81,24 +82,44 @@ def test_streamed_choices_carry_their_index_and_join_to_the_whole(tiny_model, te
 
 
 def test_completion_logprobs_line_up_with_the_text_and_are_the_models_own(tiny_model, text_codec):
-    """The bias makes every token a letter, yet the logprobs are the model's before it: the sampled
-    token is often not the model's most likely."""
+    """The bias makes every token a letter, yet the logprobs are the engine's, the model's before it:
+    the sampled token is often not the most likely."""
     ask = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "use_memory": False, "logprobs": 2,
            "logit_bias": letters(text_codec)}
 
-    async def calls(client, _engine):
-        return (await client.post("/v1/completions", json=ask)).json()
+    async def calls(client, engine):
+        reply = (await client.post("/v1/completions", json=ask)).json()
+        return reply, await engine.complete((await parse_completion(ask, engine, "memory3")).request)
 
-    choice = serve(tiny_model, text_codec, calls)["choices"][0]
+    reply, direct = serve(tiny_model, text_codec, calls)
+    choice = reply["choices"][0]
     logprobs = choice["logprobs"]
     assert "".join(logprobs["tokens"]) == choice["text"] and choice["text"].isalpha()
-    assert logprobs["text_offset"] == [len("".join(logprobs["tokens"][:i])) for i in range(len(logprobs["tokens"]))]
-    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"],
-                                   strict=True):
-        assert top[token] == logprob and len(top) <= 3  # the two most likely, and the sampled token
-        assert logprob < 0
-    assert any(logprob < max(top.values()) for logprob, top in zip(logprobs["token_logprobs"],
-                                                                  logprobs["top_logprobs"], strict=True))
+    assert logprobs["text_offset"] == list(range(len(choice["text"])))  # one letter per token
+    assert logprobs["tokens"] == [text_codec.token_label(t.token_id) for t in direct.logprobs]
+    assert logprobs["token_logprobs"] == pytest.approx([t.logprob for t in direct.logprobs])
+    for top, own in zip(logprobs["top_logprobs"], direct.logprobs, strict=True):
+        expected = {text_codec.token_label(i): v for i, v in [*own.top, (own.token_id, own.logprob)]}
+        assert top == pytest.approx(expected) and len(own.top) == 2
+    assert any(t.logprob < t.top[0][1] for t in direct.logprobs)
+
+
+def test_a_token_inside_a_character_is_named_by_its_bytes_and_offsets_index_the_text(tiny_model, text_codec,
+                                                                                     monkeypatch):
+    """"aé日b" in byte tokens: each offset is where its token's character starts in the text."""
+    script = text_codec.encode("aé日b")
+    monkeypatch.setattr(engine_module.Scheduler, "_pick",
+                        staticmethod(lambda streams, logits: [script[len(s.tokens)] for s in streams]))
+
+    async def calls(client, _engine):
+        return (await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": len(script),
+                                                           "use_memory": False, "logprobs": 0})).json()
+
+    choice = serve(tiny_model, text_codec, calls)["choices"][0]
+    assert choice["text"] == "aé日b"
+    assert choice["logprobs"]["tokens"] == ["a", "bytes:\\xc3", "bytes:\\xa9", "bytes:\\xe6", "bytes:\\x97",
+                                            "bytes:\\xa5", "b"]
+    assert choice["logprobs"]["text_offset"] == [0, 1, 1, 2, 2, 2, 3]
 
 
 def test_chat_logprobs_are_openais_content_list_streamed_or_whole(tiny_model, text_codec):
@@ -130,6 +151,12 @@ def test_chat_logprobs_are_openais_content_list_streamed_or_whole(tiny_model, te
     ("/v1/completions", {"presence_penalty": 2.5}, 400, "presence_penalty must be in [-2.0, 2.0]"),
     ("/v1/completions", {"logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias: at most 300 tokens"),
     ("/v1/completions", {"logit_bias": {"999": 1}}, 400, "logit_bias: token id 999 is outside"),
+    ("/v1/completions", {"logit_bias": {"²": 1}}, 400, "'²': each key must be a token id"),
+    ("/v1/completions", {"logit_bias": {"٣": 1}}, 400, "'٣': each key must be a token id"),
+    ("/v1/completions", {"logit_bias": {"7" * 5000: 1}}, 400, "characters): each key must be a token id"),
+    ("/v1/completions", {"logit_bias": {"5": 1, "05": 2}}, 400, "token id 5 is given twice"),
+    ("/v1/completions", {"logit_bias": {"5": 10**400}}, 400, "logit_bias['5'] must be a finite number"),
+    ("/v1/completions", {"presence_penalty": 10**400}, 400, "presence_penalty must be a finite number"),
 ])
 def test_bad_sampling_fields_say_what_to_fix(tiny_model, text_codec, path, fields, status, says):
     body = {"messages": [{"role": "user", "content": PROMPT}]} if "chat" in path else {"prompt": PROMPT}
@@ -143,15 +170,47 @@ def test_bad_sampling_fields_say_what_to_fix(tiny_model, text_codec, path, field
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_choice_refused_at_capacity_ends_the_request_and_frees_every_slot(tiny_model, text_codec, stream):
+    """One row, held by another request; of three choices two queue for it and the third is refused:
+    the reply is the refusal at once, not after the two have had the row."""
     async def calls(client, engine):
-        before = metrics.GENERATION_TOKENS._value.get()
-        reply = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 200, "n": 3,
-                                                           "stream": stream, "use_memory": False, "ignore_eos": True})
-        await asyncio.sleep(0.2)  # the scheduler frees the cancelled choices' rows
-        return reply, metrics.GENERATION_TOKENS._value.get() - before, engine.accepted, engine.scheduler.running()
+        other = asyncio.ensure_future(engine.complete(GenerationRequest(
+            text_codec.body(PROMPT), 400, use_memory=False, ignore_eos=True)))
+        while not engine.scheduler.running():
+            await asyncio.sleep(0.001)
+        reply = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 20, "n": 3,
+                                                           "stream": stream, "use_memory": False})
+        state = other.done(), engine.accepted
+        await other
+        return reply, state
 
-    reply, generated, accepted, running = serve(tiny_model, text_codec, calls,
-                                                EngineConfig(max_batch=4, max_streams_per_client=2))
-    assert reply.status_code == 429 and "already has 2 streams open" in reply.json()["error"]["message"]
-    assert (accepted, running) == (0, 0)
-    assert generated < 100  # the other choices were cancelled, not generated to their end
+    reply, (other_done, accepted) = serve(tiny_model, text_codec, calls, EngineConfig(max_batch=1, max_waiting=2))
+    assert reply.status_code == 429 and "at capacity" in reply.json()["error"]["message"]
+    assert (other_done, accepted) == (False, 1)  # the two queued choices were cancelled, not served
+
+
+def test_more_choices_than_a_client_may_open_is_a_request_to_fix_not_to_retry(tiny_model, text_codec):
+    async def calls(client, _engine):
+        return await client.post("/v1/completions", json={"prompt": PROMPT, "n": 3})
+
+    reply = serve(tiny_model, text_codec, calls, EngineConfig(max_batch=4, max_streams_per_client=2))
+    assert reply.status_code == 400 and "ask for at most 2" in reply.json()["error"]["message"]
+
+
+def test_a_stream_of_more_choices_than_rows_starts_before_the_first_choices_finish(tiny_model, text_codec):
+    """Three choices, two rows: the third waits for a row the first two hold; the stream starts once
+    all three are queued, and its chunks then join to each choice's text."""
+    body = {"prompt": PROMPT, "max_tokens": 200, "n": 3, "stream": True, "use_memory": False, "ignore_eos": True,
+            "temperature": 1.0, "seed": 9}
+
+    async def calls(_client, engine):
+        before = metrics.GENERATION_TOKENS._value.get()
+        response = await _answer(engine, await parse_completion(body, engine, "memory3"), "memory3", chat=False)
+        decoded_then = metrics.GENERATION_TOKENS._value.get() - before
+        chunks = [json.loads(line.removeprefix("data: ")) async for line in response.body_iterator
+                  if line.startswith("data: {")]
+        return decoded_then, chunks
+
+    decoded_then, chunks = serve(tiny_model, text_codec, calls, EngineConfig(max_batch=2, max_waiting=4))
+    assert decoded_then < 200  # no choice had finished when the reply began
+    ends = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(e["index"] for e in ends) == [0, 1, 2] and {e["finish_reason"] for e in ends} == {"length"}
