@@ -59,6 +59,7 @@ NOT_STARTED_BY_DRAIN = ("the decoder is shutting down and had not started this r
 RETRIEVAL_POLICIES = ("fail", "continue")
 # Most alternatives a request may ask to see the logprobs of, per generated token (OpenAI's chat limit).
 MAX_LOGPROBS = 20
+SCORED_PER_PIECE = 256  # prompt positions whose log-softmax is taken at once (`Scheduler._score_prompts`)
 # Scheduler steps failing in a row that make the decoder not ready, for this long after the last one.
 FAILING_STEPS = 3
 FAILING_FOR_S = 30.0
@@ -123,6 +124,9 @@ class GenerationRequest:
     # Report each generated token's logprob and those of this many most likely alternatives (0 to
     # MAX_LOGPROBS); None reports none.
     logprobs: int | None = None
+    # The same for every prompt token after the first (`<s>`), given those before it: scoring a text.
+    # With it, max_tokens may be 0: the prompt is read and scored, and nothing generated.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,8 @@ class TokenLogprob:
 class GenerationEvent:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when the request asks
+    # On the first event, when the request asks: one per prompt token after `<s>`.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
     citations: list[Citation] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last event
@@ -172,6 +178,11 @@ class _Tokens:
 @dataclass(frozen=True)
 class _Finished:
     reason: str
+
+
+@dataclass(frozen=True)
+class _PromptLogprobs:
+    items: list[TokenLogprob]
 
 
 @dataclass(frozen=True)
@@ -208,6 +219,7 @@ class _Stream:
         self.tokens: list[int] = []
         self.next_slot = 0  # cache slot the next fed token is written to
         self.prefilled = 0  # prompt tokens in the cache so far (a long prompt is read over several steps)
+        self.prompt_logprobs: list[TokenLogprob] = []  # scored so far, when the request asks
         self.paused = False  # at a chunk boundary, waiting for the chunk's memories
         self.paused_since = 0.0
         self.arrived: tuple[list[ExplicitMemory], _Note] | None = None  # next chunk's, not installed yet
@@ -451,8 +463,9 @@ class Scheduler:
             cap = self.prefill_budget // len(reading) // chunk * chunk  # (passes' rows) <= len(reading) * cap
         left = [len(s.request.prompt_ids) - s.prefilled for s in reading]
         shares = [(s, n if cap is None else min(n, cap)) for s, n in zip(reading, left, strict=True)]
-        for prefix_len in sorted({s.prefix_len for s, _ in shares}):
-            self._prefill([(s, n) for s, n in shares if s.prefix_len == prefix_len])
+        # A pass that scores its prompts computes every position's logits: the others need only the last.
+        for layout in sorted({_pass_layout(s) for s, _ in shares}):
+            self._prefill([(s, n) for s, n in shares if _pass_layout(s) == layout])
         return bool(shares)
 
     def _prefill(self, shares: list[tuple[_Stream, int]]) -> None:
@@ -485,8 +498,14 @@ class Scheduler:
             memory = stack_memories(groups, slots_per_group=self.mc.mem_slots, device=self.device, dtype=self.dtype)
             body = torch.arange(tokens.shape[1], device=self.device)
             token_group = (body // self.mc.chunk_len).expand(len(streams), -1)  # (B, T)
-        last = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
-                          cache_rows=rows, logits_at=(counts - 1).to(self.device))[:, 0]  # (B, V)
+        scoring = streams[0].request.prompt_logprobs is not None  # the pass's streams all do, or none
+        logits = self.model(tokens, positions, memory=memory, token_group=token_group, cache_slots=slots,
+                            cache_rows=rows, logits_at=None if scoring else (counts - 1).to(self.device))
+        if scoring:
+            self._score_prompts(shares, logits)  # logits: (B, T, V)
+            last = logits[torch.arange(len(shares), device=self.device), (counts - 1).to(self.device)]  # (B, V)
+        else:
+            last = logits[:, 0]  # (B, V)
         done: list[int] = []
         for i, (s, n) in enumerate(shares):
             s.prefilled += n
@@ -496,10 +515,30 @@ class Scheduler:
                 done.append(i)
                 if s.groups and s.groups[-1]:
                     self.model.keep_resident(s.row, memory, i, len(groups[i]) - 1)
+        for i in done:
+            if scoring:
+                self._emit(streams[i], _PromptLogprobs(streams[i].prompt_logprobs))
+            if not streams[i].request.max_tokens:  # scored, nothing to generate
+                self._finish(streams[i], "length")
+        done = [i for i in done if streams[i].request.max_tokens]
         if done:
             finished = [streams[i] for i in done]
             for s, (tok, logprob) in zip(finished, self._sample(finished, last[done]), strict=True):
                 self._accept(s, tok, logprob)
+
+    @staticmethod
+    def _score_prompts(shares: list[tuple[_Stream, int]], logits: Tensor) -> None:
+        """Each share's prompt logprobs: the logits at a share's position j (B, T, V) score the prompt
+        token after it, in pieces of a few hundred positions (a whole share's float log-softmax over a
+        large vocabulary would take gigabytes)."""
+        for i, (s, n) in enumerate(shares):
+            prompt, start = s.request.prompt_ids, s.prefilled
+            scored = min(n, len(prompt) - 1 - start)  # the last prompt token's logits are the first sampled
+            for j in range(0, scored, SCORED_PER_PIECE):
+                end = min(scored, j + SCORED_PER_PIECE)
+                s.prompt_logprobs += _token_logprobs(logits[i, j:end], prompt[start + j + 1 : start + end + 1],
+                                                     [s.request.prompt_logprobs] * (end - j),
+                                                     s.request.sampling.vocab_limit)
 
     def _decode(self, active: list[_Stream]) -> None:
         self.step_s, self._last_step = _moving_average(self.step_s, self._last_step)
@@ -559,22 +598,15 @@ class Scheduler:
 
     @staticmethod
     def _logprobs(streams: list[_Stream], logits: Tensor, picked: list[int]) -> list[TokenLogprob | None]:
-        """For the streams that ask: the picked token's log-probability and the `logprobs` most likely
-        ids', over the tokenizer's ids (a padded embedding's extra ids are never sampled)."""
+        """For the streams that ask: the picked token's log-probability and the `logprobs` most likely ids'."""
         out: list[TokenLogprob | None] = [None] * len(streams)
         want = [i for i, s in enumerate(streams) if s.request.logprobs is not None]
-        if not want:
-            return out
-        limit = streams[want[0]].request.sampling.vocab_limit or logits.shape[-1]
-        logprobs = logits[want, :limit].float().log_softmax(dim=-1)  # (W, vocab)
-        index = torch.tensor([picked[i] for i in want], device=logprobs.device)[:, None]
-        chosen = logprobs.gather(1, index)[:, 0].tolist()
-        k = max(streams[i].request.logprobs for i in want)
-        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        for row, i in enumerate(want):
-            n = streams[i].request.logprobs
-            out[i] = TokenLogprob(picked[i], chosen[row], list(zip(top_ids[row][:n], top_values[row][:n], strict=True)))
+        if want:
+            found = _token_logprobs(logits[want], [picked[i] for i in want],
+                                    [streams[i].request.logprobs for i in want],
+                                    streams[want[0]].request.sampling.vocab_limit)
+            for i, item in zip(want, found, strict=True):
+                out[i] = item
         return out
 
     @staticmethod
@@ -674,6 +706,25 @@ class Scheduler:
 
     def running(self) -> int:
         return sum(1 for s in self.rows if s is not None and not s.done)
+
+
+def _pass_layout(stream: _Stream) -> tuple[int, bool]:
+    """Streams read in one prefill pass share this: the reference prefix or not, scored or not."""
+    return stream.prefix_len, stream.request.prompt_logprobs is not None
+
+
+def _token_logprobs(logits: Tensor, tokens: Sequence[int], top: Sequence[int],
+                    vocab_limit: int | None) -> list[TokenLogprob]:
+    """(N, V) logits -> the log-probability of each of the N `tokens` and of its position's `top[n]`
+    most likely ids, over the tokenizer's ids (a padded embedding's extra ids are never sampled)."""
+    logprobs = logits[:, :vocab_limit].float().log_softmax(dim=-1)  # (N, vocab)
+    index = torch.tensor(list(tokens), device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    k = max(top)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [TokenLogprob(t, c, list(zip(ids[:n], values[:n], strict=True)))
+            for t, c, n, ids, values in zip(tokens, chosen, top, top_ids, top_values, strict=True)]
 
 
 def _is_device_error(error: Exception) -> bool:
@@ -808,11 +859,13 @@ class GenerationEngine:
         if bad:
             raise InvalidInput(f"token id {bad[0]} is outside the tokenizer's vocabulary "
                                f"(0..{self.codec.vocab_size - 1})")
-        if request.max_tokens < 1:
-            raise InvalidInput(f"max_tokens must be >= 1, got {request.max_tokens}")
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise InvalidInput(f"logprobs: the alternatives to report per token are 0..{MAX_LOGPROBS}, "
-                               f"got {request.logprobs}")
+        scoring = request.prompt_logprobs is not None
+        if request.max_tokens < (0 if scoring else 1):
+            raise InvalidInput(f"max_tokens must be >= 1 (0 only to score a prompt), got {request.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(request, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidInput(f"{name}: the alternatives to report per token are 0..{MAX_LOGPROBS}, got {value}")
         bad = [t for t, _ in request.sampling.logit_bias if t >= self.codec.vocab_size]
         if bad:
             raise InvalidInput(f"logit_bias: token id {bad[0]} is outside the tokenizer's vocabulary "
@@ -833,6 +886,7 @@ class GenerationEngine:
         async for event in self.generate(request):
             whole.token_ids.extend(event.token_ids)
             whole.logprobs.extend(event.logprobs)
+            whole.prompt_logprobs.extend(event.prompt_logprobs)
             whole.text += event.text
             whole.citations.extend(event.citations)
             whole.warnings.extend(event.warnings)
@@ -948,6 +1002,9 @@ class GenerationEngine:
             message = await out.get()
             if isinstance(message, _Failed):
                 raise message.error
+            if isinstance(message, _PromptLogprobs):
+                pending.prompt_logprobs = message.items
+                continue
             if isinstance(message, _Note):
                 if message.citation is not None:
                     pending.citations.append(message.citation)

@@ -30,8 +30,11 @@ so that what fails before it is the reply's status; of several, once each is que
 `logprobs` (a completion's number, or a chat's `logprobs` with `top_logprobs`) reports the model's own
 log-probabilities, before those adjustments (as vLLM's default does), for the tokens of each chunk; a
 completion's `top_logprobs` hold the sampled token too, and a token that is part of a character is
-named by its bytes, `bytes:\\xe6`, as vLLM names it.
-`best_of` is taken only equal to `n`; `echo` and `suffix` are not supported.
+named by its bytes, `bytes:\\xe6`, as vLLM names it. A completion's `echo` puts the prompt before each
+choice's text, and with `logprobs` its tokens' logprobs (every prompt token after the context's `<s>`)
+before the choice's; with `max_tokens` 0 it generates nothing: the prompt alone, scored, as
+lm-evaluation-harness asks for a loglikelihood. `best_of` is taken only equal to `n`; `suffix` is not
+supported.
 
 `POST /tokenize` and `/detokenize` answer as vLLM's do: a prompt's (or a chat's) token ids as the
 engine reads them, with the context's leading `<s>` unless `add_special_tokens` is false, and the
@@ -63,7 +66,7 @@ from memory3.model.tokenizer import TextCodec
 
 from ..rpc.errors import InvalidInput, NotFound, shown
 from .chat import ChatTemplate, chat_messages
-from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
+from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest, TokenLogprob
 from .http_clients import client_id
 from .http_errors import http_status
 from .validation import INT64_MIN, build_request, detokenize, tokenize
@@ -76,10 +79,11 @@ GENERATION_PATHS = COMPLETIONS_PATHS + CHAT_PATHS
 MODELS_PATH = "/openai/v1/models"
 TOKENIZE_PATH, DETOKENIZE_PATH = "/tokenize", "/detokenize"  # as vLLM's server has them
 # OpenAI parameters this server does not implement: accepted only at their neutral values.
-NEUTRAL = {"echo": (False,), "suffix": ("",)}
+NEUTRAL = {"suffix": ("",)}
 SAMPLING = {"n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "stream_options", "stop", "seed",
-         "user", "top_k", "use_memory", "include_reference_text", "ignore_eos", "best_of", *SAMPLING, *NEUTRAL}
+         "user", "top_k", "use_memory", "include_reference_text", "ignore_eos", "best_of", "echo", *SAMPLING,
+         *NEUTRAL}
 CHAT_NEUTRAL = {"tools": (), "tool_choice": ("none",), "parallel_tool_calls": (),
                 "response_format": ({"type": "text"},)}
 CHAT_KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stream",
@@ -178,6 +182,7 @@ class Ask:
     n: int = 1
     stream: bool = False
     include_usage: bool = False  # a stream ends with a usage chunk (`stream_options.include_usage`)
+    echo: str | None = None  # a completion's prompt, to put before each choice's text (`echo`)
 
     def choices(self) -> list[GenerationRequest]:
         """One engine request per choice. With a seed, choice i draws with seed + i, as vLLM's do:
@@ -202,9 +207,20 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
     if best_of is not None and best_of != n:
         raise InvalidInput(f"best_of={best_of} with n={n}: this server does not rank extra choices; leave "
                            "best_of out or set it to n")
-    logprobs = _typed(body, "logprobs", int, None)
-    return await _request(body, engine, client, n, prompt=prompt, prompt_token_ids=token_ids,
-                          max_tokens=_typed(body, "max_tokens", int, 0), logprobs=logprobs)
+    logprobs, echo = _typed(body, "logprobs", int, None), _typed(body, "echo", bool, False)
+    max_tokens = _typed(body, "max_tokens", int, None)
+    score_only = echo and max_tokens == 0  # the prompt alone, scored (as lm-evaluation-harness asks)
+    prompt_logprobs = None
+    if echo and logprobs is not None:
+        prompt_logprobs = logprobs
+    elif score_only:  # the engine reads a prompt without generating only to score it
+        prompt_logprobs = 0
+    ask = await _request(body, engine, client, n, prompt=prompt, prompt_token_ids=token_ids,
+                         max_tokens=max_tokens or 0, logprobs=logprobs, score_only=score_only,
+                         prompt_logprobs=prompt_logprobs)
+    if not echo:
+        return ask
+    return dataclasses.replace(ask, echo=prompt or await detokenize(engine, token_ids))
 
 
 async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, template: ChatTemplate,
@@ -265,7 +281,8 @@ def _check_model(body: dict, engine: GenerationEngine, model_name: str) -> None:
 
 async def _request(body: dict, engine: GenerationEngine, client: str, n: int, *, prompt: str,
                    prompt_token_ids: list[int] | None = None, max_tokens: int, logprobs: int | None,
-                   extra_stop: tuple[str, ...] = ()) -> Ask:
+                   extra_stop: tuple[str, ...] = (), prompt_logprobs: int | None = None,
+                   score_only: bool = False) -> Ask:
     """The fields both routes share, with the prompt and the logprobs each read."""
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -284,7 +301,7 @@ async def _request(body: dict, engine: GenerationEngine, client: str, n: int, *,
         ignore_eos=_typed(body, "ignore_eos", bool, False), client_id=client,
         presence_penalty=_number(body, "presence_penalty", 0.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0), logit_bias=_logit_bias(body.get("logit_bias")),
-        logprobs=logprobs)
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only)
     return Ask(request, n, stream, include_usage)
 
 
@@ -524,7 +541,7 @@ class _Reply:
         """A stream's chunk of choice `index`'s event; None for an event with nothing to show (a step
         whose token ends inside a character, without logprobs)."""
         if not (event.text or event.citations or event.warnings or event.logprobs or event.finish_reason is not None
-                or (self.chat and not self.sent[index])):
+                or ((self.chat or self.ask.echo is not None) and not self.sent[index])):
             return None
         out = {**self._head(delta=True), "choices": [self._choice(index, event, delta=True)],
                **self._extras([(index, event)])}
@@ -541,20 +558,24 @@ class _Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
 
     def _choice(self, index: int, event: GenerationEvent, *, delta: bool) -> dict:
+        tokens = event.logprobs
         if not self.chat:
-            choice = {"index": index, "text": event.text}
+            text = event.text
+            if self.ask.echo is not None and not self.sent[index]:  # a completion, or a stream's first chunk
+                text, tokens = self.ask.echo + text, [*event.prompt_logprobs, *tokens]
+            choice = {"index": index, "text": text}
         elif delta:
             first = not self.sent[index]
             choice = {"index": index, "delta": {**({"role": "assistant"} if first else {}),
                                                 **({"content": event.text} if event.text or first else {})}}
         else:
             choice = {"index": index, "message": {"role": "assistant", "content": event.text}}
-        return {**choice, "logprobs": self._logprobs(index, event), "finish_reason": event.finish_reason}
+        return {**choice, "logprobs": self._logprobs(index, tokens), "finish_reason": event.finish_reason}
 
-    def _logprobs(self, index: int, event: GenerationEvent) -> dict | None:
-        """OpenAI's logprobs of the event's tokens: a chat's `content` list, or a completion's parallel
-        lists, whose `top_logprobs` hold the sampled token too, as OpenAI's do. A token that is part of
-        a character is named by its bytes (`TextCodec.token_label`)."""
+    def _logprobs(self, index: int, tokens: list[TokenLogprob]) -> dict | None:
+        """OpenAI's logprobs of `tokens`: a chat's `content` list, or a completion's parallel lists,
+        whose `top_logprobs` hold the sampled token too, as OpenAI's do. A token that is part of a
+        character is named by its bytes (`TextCodec.token_label`)."""
         if self.ask.request.logprobs is None:
             return None
         label, data = self.codec.token_label, self.codec.token_bytes
@@ -562,16 +583,16 @@ class _Reply:
             def entry(token: int, logprob: float) -> dict:
                 return {"token": label(token), "logprob": _finite(logprob), "bytes": list(data(token))}
             return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
-                                for t in event.logprobs], "refusal": None}
+                                for t in tokens], "refusal": None}
         offsets = []
-        for t in event.logprobs:  # where each token starts in the text: a part of a character, where that starts
+        for t in tokens:  # where each token starts in the text: a part of a character, where that starts
             offsets.append(self.offsets[index])
             if t.token_id not in self.codec.control_ids:  # the text leaves them out
                 self.offsets[index] += len(self.utf8[index].decode(data(t.token_id)))
-        return {"tokens": [label(t.token_id) for t in event.logprobs],
-                "token_logprobs": [_finite(t.logprob) for t in event.logprobs],
+        return {"tokens": [label(t.token_id) for t in tokens],
+                "token_logprobs": [_finite(t.logprob) for t in tokens],
                 "top_logprobs": [{label(i): _finite(v) for i, v in [*t.top, (t.token_id, t.logprob)]}
-                                 for t in event.logprobs],
+                                 for t in tokens],
                 "text_offset": offsets}
 
     def _extras(self, events: list[tuple[int, GenerationEvent]]) -> dict:

@@ -10,7 +10,7 @@ from memory3.v1 import generation_service_pb2 as pb
 from memory3.v1 import text_service_pb2 as text_pb
 
 from ..rpc.errors import InvalidInput, rpc_errors
-from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest
+from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest, TokenLogprob
 from .validation import build_request
 
 log = logging.getLogger("memory3.decoder")
@@ -50,7 +50,8 @@ class GenerationServicer:
             ignore_eos=p.ignore_eos, request_id=message.request_id,
             deadline=time.monotonic() + remaining if remaining is not None else None, client_id=client_id(context),
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-            logit_bias=dict(p.logit_bias), logprobs=p.logprobs if p.HasField("logprobs") else None)
+            logit_bias=dict(p.logit_bias), logprobs=p.logprobs if p.HasField("logprobs") else None,
+            prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None)
 
     @rpc_errors
     async def Generate(self, message: pb.GenerateRequest, context):
@@ -70,7 +71,8 @@ class GenerationServicer:
         async for event in engine.generate(request):
             out.text += event.text
             out.token_ids.extend(event.token_ids)
-            out.logprobs.extend(_logprobs(event, engine))
+            out.logprobs.extend(_logprobs(event.logprobs, engine))
+            out.prompt_logprobs.extend(_logprobs(event.prompt_logprobs, engine))
             out.citations.extend(_citation(c) for c in event.citations)
             out.warnings.extend(event.warnings)
             if event.finish_reason is not None:
@@ -90,17 +92,18 @@ def _usage(event: GenerationEvent) -> pb.Usage:
                     retrievals=u.retrievals, memories_read=u.memories_read)
 
 
-def _logprobs(event: GenerationEvent, engine: GenerationEngine) -> list[pb.TokenLogprob]:
+def _logprobs(items: list[TokenLogprob], engine: GenerationEngine) -> list[pb.TokenLogprob]:
     token = engine.codec.token_bytes
     return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token=token(lp.token_id),
                             top=[pb.TopLogprob(token_id=i, logprob=v, token=token(i)) for i, v in lp.top])
-            for lp in event.logprobs]
+            for lp in items]
 
 
 def _response(event: GenerationEvent, request_id: str, engine: GenerationEngine) -> pb.GenerateResponse:
     out = pb.GenerateResponse(token_ids=event.token_ids, text=event.text, request_id=request_id,
                               citations=[_citation(c) for c in event.citations], warnings=event.warnings,
-                              logprobs=_logprobs(event, engine))
+                              logprobs=_logprobs(event.logprobs, engine),
+                              prompt_logprobs=_logprobs(event.prompt_logprobs, engine))
     if event.finish_reason is not None:
         out.finish_reason = FINISH[event.finish_reason]
         out.usage.CopyFrom(_usage(event))

@@ -36,10 +36,12 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
                   include_reference_text: bool = False, ignore_eos: bool = False, request_id: str = "",
                   deadline: float | None = None, client_id: str = "",
                   server_stop: Sequence[str] = (), presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                  logit_bias: Mapping[int, float] | None = None, logprobs: int | None = None) -> GenerationRequest:
+                  logit_bias: Mapping[int, float] | None = None, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None, score_only: bool = False) -> GenerationRequest:
     """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it.
     `server_stop`: stop strings the server adds (a chat template's), not counted against the client's.
-    `logprobs`: report each token's logprob and this many alternatives' (None: none).
+    `logprobs`, `prompt_logprobs`: report each generated (prompt) token's logprob and this many
+    alternatives' (None: none). `score_only`: read and score the prompt, generate nothing.
 
     The prompt is tokenized in a worker thread, without the GIL: tens of milliseconds for a long one,
     during which the event loop goes on streaming the other requests' tokens. The request's arrival
@@ -81,7 +83,8 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
         prompt_ids=body,
         # The default never asks for more than the prompt leaves room for: a long prompt with the
         # default is not the client's mistake (`GenerationEngine.validate` judges a room below 1).
-        max_tokens=max_tokens or max(1, min(engine.config.default_max_tokens, engine.room(body, use_memory))),
+        max_tokens=0 if score_only else
+        max_tokens or max(1, min(engine.config.default_max_tokens, engine.room(body, use_memory))),
         sampling=sampling,
         stop=tuple(dict.fromkeys([*stop, *server_stop])),
         use_memory=use_memory,
@@ -92,6 +95,7 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
         client_id=client_id,
         arrival=arrival,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 

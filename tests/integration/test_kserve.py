@@ -322,6 +322,9 @@ def test_the_openai_sdk_reads_choices_penalties_and_logprobs(kserve_server):
                                               presence_penalty=0.5, stream=True))
     for choice in whole.choices:
         assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == choice.index) == choice.text
+    scored = client.completions.create(model=MODEL, prompt=PROMPT, echo=True, max_tokens=0, logprobs=1)
+    assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
+    assert len(scored.choices[0].logprobs.token_logprobs) == scored.usage.prompt_tokens - 1  # all but <s>
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
                                           temperature=0, logprobs=True, top_logprobs=2, frequency_penalty=1.0)
     content = chat.choices[0].logprobs.content
@@ -437,7 +440,7 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(tmp_path, ra
     ({"n": 0}, 400, "n must be in 1.."),
     ({"best_of": 2}, 400, "best_of=2 with n=1"),
     ({"logit_bias": {"x": 1}}, 400, "logit_bias: at 'x': each key must be a token id"),
-    ({"echo": True}, 400, "echo is not supported"),
+    ({"suffix": "."}, 400, "suffix is not supported"),
     ({"temprature": 0}, 400, "unknown field(s) ['temprature']"),
     ({"stop": [""]}, 400, "stop: at most 8 non-empty strings"),
     ({"model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),

@@ -591,6 +591,73 @@ def test_logprobs_are_the_models_own_for_each_generated_token(tiny_model, text_c
     assert all(not e.logprobs for e in without)
 
 
+@pytest.mark.parametrize("prefill_tokens", [0, 64])
+def test_prompt_logprobs_score_every_prompt_token_after_the_first(tiny_model, text_codec, prefill_tokens):
+    """Read in one pass or in shares, each prompt token's logprob is the model's given the tokens before
+    it; max_tokens 0 reads and scores the prompt and generates nothing, and a stream that does not
+    score, read beside them, generates as before."""
+    body = prompts(4, text_codec)[3]  # 121 tokens: shares of 64 split it
+    other = prompts(2, text_codec)[1]
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(max_batch=3,
+                                                                             prefill_tokens=prefill_tokens))
+        await engine.start()
+        try:
+            return await asyncio.gather(
+                engine.complete(GenerationRequest(body, 0, use_memory=False, prompt_logprobs=2)),
+                engine.complete(GenerationRequest(body, 5, use_memory=False, prompt_logprobs=0, logprobs=1)),
+                collect(engine, GenerationRequest(other, 20, use_memory=False)))
+        finally:
+            await engine.close()
+
+    scored, both, (tokens, _, _) = run(main())
+    with torch.inference_mode():
+        ids = torch.tensor([body])
+        logits = tiny_model(ids, rope_positions(torch.arange(len(body))[None], 0, tiny_model.config.ref_len))
+        expected = logits[0, :-1, :259].log_softmax(-1)  # (len - 1, vocab): row j scores token j + 1
+        assert tokens == reference_tokens(tiny_model, other, None, [], 20, text_codec.eos_id)
+    assert scored.token_ids == [] and scored.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert [t.token_id for t in scored.prompt_logprobs] == body[1:]
+    for j, t in enumerate(scored.prompt_logprobs):
+        assert t.logprob == pytest.approx(float(expected[j, body[j + 1]]), abs=1e-4)
+        assert [i for i, _ in t.top] == expected[j].topk(2).indices.tolist()
+    assert [t.logprob for t in both.prompt_logprobs] == pytest.approx([t.logprob for t in scored.prompt_logprobs],
+                                                                     abs=1e-5)
+    assert all(t.top == [] for t in both.prompt_logprobs) and len(both.token_ids) == len(both.logprobs) == 5
+
+
+def test_prompt_logprobs_with_memory_are_the_same_read_in_shares_or_at_once(tiny_model, text_codec, memories):
+    """Each share reads its own chunks' memories: scores match a pass over the whole prompt."""
+    body = prompts(4, text_codec)[3]
+
+    async def score(prefill_tokens):
+        engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories),
+                                  EngineConfig(max_batch=2, prefill_tokens=prefill_tokens))
+        await engine.start()
+        try:
+            return await engine.complete(GenerationRequest(body, 0, prompt_logprobs=0))
+        finally:
+            await engine.close()
+
+    whole, shared = run(score(0)), run(score(64))
+    plain = run(_plain_scores(tiny_model, text_codec, body))
+    assert len(whole.prompt_logprobs) == len(body) - 1 and whole.citations
+    assert [t.logprob for t in shared.prompt_logprobs] == pytest.approx([t.logprob for t in whole.prompt_logprobs],
+                                                                       abs=1e-4)
+    assert [t.logprob for t in whole.prompt_logprobs] != pytest.approx(plain, abs=1e-3)  # the memories count
+
+
+async def _plain_scores(model, codec, body):
+    engine = GenerationEngine(model, codec, None, EngineConfig(max_batch=1))
+    await engine.start()
+    try:
+        return [t.logprob for t in (await engine.complete(GenerationRequest(body, 0, use_memory=False,
+                                                                            prompt_logprobs=0))).prompt_logprobs]
+    finally:
+        await engine.close()
+
+
 def test_bad_requests_are_refused_with_what_to_fix(tiny_model, text_codec, memories):
     async def main():
         engine = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories), EngineConfig(max_batch=2))
@@ -604,6 +671,8 @@ def test_bad_requests_are_refused_with_what_to_fix(tiny_model, text_codec, memor
                 (GenerationRequest([text_codec.bos_id, 10**6], 5), "outside the tokenizer"),
                 (GenerationRequest([text_codec.bos_id] * 5000, 5), "shorten it"),
                 (GenerationRequest(body, 5, logprobs=21), r"logprobs: the alternatives to report per token are 0..20"),
+                (GenerationRequest(body, 5, prompt_logprobs=-1), r"prompt_logprobs: the alternatives to report"),
+                (GenerationRequest(body, 0, logprobs=3), r"max_tokens must be >= 1 \(0 only to score a prompt\)"),
                 (GenerationRequest(body, 5, sampling=SamplingParams(logit_bias=((259, 1.0),))),
                  r"logit_bias: token id 259 is outside the tokenizer's vocabulary \(0..258\)"),
             ]

@@ -214,3 +214,32 @@ def test_a_stream_of_more_choices_than_rows_starts_before_the_first_choices_fini
     assert decoded_then < 200  # no choice had finished when the reply began
     ends = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]]
     assert sorted(e["index"] for e in ends) == [0, 1, 2] and {e["finish_reason"] for e in ends} == {"length"}
+
+
+def test_echo_with_no_new_tokens_scores_the_prompt_as_lm_evaluation_harness_asks(tiny_model, text_codec):
+    """`echo` with `max_tokens` 0 and `logprobs`: the prompt's text and each of its tokens' logprobs, the
+    engine's prompt scores; with new tokens, theirs follow, and a stream's first chunk holds the prompt."""
+    ask = {"prompt": PROMPT, "echo": True, "max_tokens": 0, "logprobs": 1, "temperature": 0, "use_memory": False}
+
+    async def calls(client, engine):
+        scored = (await client.post("/v1/completions", json=ask)).json()
+        direct = await engine.complete((await parse_completion(ask, engine, "memory3")).request)
+        more = (await client.post("/v1/completions", json={**ask, "max_tokens": 3})).json()
+        by_ids = (await client.post("/v1/completions", json={**ask, "prompt": text_codec.encode(PROMPT)})).json()
+        streamed = await client.post("/v1/completions", json={**ask, "max_tokens": 3, "stream": True})
+        return scored, direct, more, by_ids, streamed
+
+    scored, direct, more, by_ids, streamed = serve(tiny_model, text_codec, calls)
+    choice, prompt_ids = scored["choices"][0], text_codec.encode(PROMPT)
+    assert choice["text"] == PROMPT and scored["usage"]["completion_tokens"] == 0
+    assert choice["logprobs"]["tokens"] == [text_codec.token_label(t) for t in prompt_ids]
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx([t.logprob for t in direct.prompt_logprobs])
+    assert [t.token_id for t in direct.prompt_logprobs] == prompt_ids
+    assert choice["logprobs"]["text_offset"] == list(range(len(PROMPT)))  # an ASCII byte per token
+    grown = more["choices"][0]
+    assert grown["text"].startswith(PROMPT) and len(grown["logprobs"]["tokens"]) == len(prompt_ids) + 3
+    assert grown["logprobs"]["token_logprobs"][:len(prompt_ids)] == choice["logprobs"]["token_logprobs"]
+    assert by_ids["choices"][0]["text"] == PROMPT
+    chunks = events(streamed)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == grown["text"]
+    assert chunks[0]["choices"][0]["text"].startswith(PROMPT)
