@@ -30,11 +30,13 @@ def cmd_init(preset: str, out: Path, seed: int) -> int:
 
 
 def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_new_tokens: int,
-                 temperature: float, top_k: int, top_p: float, seed: int | None, device: str) -> int:
+                 temperature: float, top_k: int, top_p: float, seed: int | None, device: str,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> int:
     from memory3.services.local import LocalGenerator
 
     generator = LocalGenerator(checkpoint, device=device)
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     cited: list[int] = []
     finish = None
     for event in generator.stream(prompt, references=references, max_new_tokens=max_new_tokens, sampling=sampling):

@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=bounded_int(0, INT32_MAX, " (0 disables it)"), default=0)
     gen.add_argument("--top-p", type=finite_float, default=1.0)
     gen.add_argument("--seed", type=bounded_int(*INT64), default=None)
+    gen.add_argument("--presence-penalty", type=finite_float, default=0.0,
+                     help="-2..2: a token's logit loses this once it has been generated (OpenAI's)")
+    gen.add_argument("--frequency-penalty", type=finite_float, default=0.0,
+                     help="-2..2: a token's logit loses this for every time it has been generated (OpenAI's)")
     gen.add_argument("--stop", action="append", default=[], type=utf8_text, help="stop at this string (repeatable)")
     gen.add_argument("--no-memory", action="store_true", help="generate without retrieval")
     gen.add_argument("--timeout", type=positive_float, default=120.0,
@@ -910,13 +914,15 @@ def _generate(args: argparse.Namespace) -> int:
             references.append(_read_text(file))
         return cmd_generate(args.checkpoint, args.prompt, references=references,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     if args.reference or args.reference_file:
         raise ValueError("--reference/--reference-file need --checkpoint; the decoder retrieves from its release")
     from .stack_commands import cmd_generate_remote, decoder_address
     return cmd_generate_remote(decoder_address(args.home, args.address, home_option(args.home)), args.prompt,
                                max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, stop=args.stop, memory=not args.no_memory,
+                               presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                show_references=True, timeout_s=args.timeout, tls_ca=args.tls_ca,
                                auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None)
 

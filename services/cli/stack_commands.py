@@ -164,7 +164,8 @@ def decoder_address(home: Path, address: str | None, home_option: str = "") -> s
 
 def cmd_generate_remote(address: str, prompt: str, *, max_tokens: int, temperature: float, top_k: int,
                         top_p: float, seed: int | None, stop: list[str], memory: bool, show_references: bool,
-                        timeout_s: float, auth_token: str | None = None, tls_ca: Path | None = None) -> int:
+                        timeout_s: float, auth_token: str | None = None, tls_ca: Path | None = None,
+                        presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> int:
     """Stream an answer from the GenerationService; citations go to stderr, the text to stdout."""
     import grpc
 
@@ -172,7 +173,8 @@ def cmd_generate_remote(address: str, prompt: str, *, max_tokens: int, temperatu
     from memory3.v1 import generation_service_pb2_grpc as pb_grpc
 
     params = pb.GenerationParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 stop=stop, include_reference_text=show_references,
+                                 stop=stop, include_reference_text=show_references, presence_penalty=presence_penalty,
+                                 frequency_penalty=frequency_penalty,
                                  retrieval=pb.RETRIEVAL_MODE_MEMORY if memory else pb.RETRIEVAL_MODE_NONE)
     if seed is not None:
         params.seed = seed

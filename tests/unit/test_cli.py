@@ -34,6 +34,17 @@ def test_generate_streams_text_and_lists_the_references_used(checkpoint):
     assert "references used: none" in plain.stderr
 
 
+def test_generate_takes_openais_penalties(checkpoint):
+    """A strong frequency penalty keeps a greedy answer from repeating a token as often."""
+    args = ("generate", "--checkpoint", str(checkpoint), "Who keeps the lighthouse?", "--max-new-tokens", "40")
+    plain = memory3(*args).stdout
+    penalized = memory3(*args, "--frequency-penalty", "2", "--presence-penalty", "2").stdout
+    assert penalized != plain
+    assert max(penalized.count(c) for c in set(penalized)) <= max(plain.count(c) for c in set(plain))
+    proc = memory3(*args, "--presence-penalty", "3", check=False)
+    assert proc.returncode == 2 and "presence_penalty must be in [-2.0, 2.0]" in proc.stderr
+
+
 def test_bad_input_gets_a_clear_error_and_exit_code_2(checkpoint, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"caf\xe9 \xff\xfe")
