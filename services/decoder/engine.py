@@ -125,6 +125,7 @@ class GenerationRequest:
     # MAX_LOGPROBS); None reports none.
     logprobs: int | None = None
     # The same for every prompt token after the first (`<s>`), given those before it: scoring a text.
+    # With memory, each prompt chunk then reads the memories the chunk before it retrieved (`_generate`).
     # With it, max_tokens may be 0: the prompt is read and scored, and nothing generated.
     prompt_logprobs: int | None = None
 
@@ -211,9 +212,12 @@ class _Stream:
 
     def __init__(self, request: GenerationRequest, prefix_len: int, groups: list[list[ExplicitMemory]],
                  loop: asyncio.AbstractEventLoop, out: asyncio.Queue, arrival: float,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), resident: list[ExplicitMemory] | None = None) -> None:
         self.id = next(self._ids)
         self.request, self.prefix_len, self.groups = request, prefix_len, groups
+        # The first generated chunk's memories, when they are not the last prompt chunk's group (a scored
+        # prompt's); None: that group's.
+        self.resident = resident
         self.loop, self.out, self.arrival = loop, out, arrival
         self.row = -1
         self.tokens: list[int] = []
@@ -513,7 +517,9 @@ class Scheduler:
             metrics.PROMPT_TOKENS.inc(n)
             if not s.prefilling:
                 done.append(i)
-                if s.groups and s.groups[-1]:
+                if s.resident is not None:
+                    self.model.install_memories(s.row, s.resident)
+                elif s.groups and s.groups[-1]:
                     self.model.keep_resident(s.row, memory, i, len(groups[i]) - 1)
         for i in done:
             if scoring:
@@ -967,8 +973,14 @@ class GenerationEngine:
                     request, ahead * self.scheduler.turnover_s if ahead > 0 else 0.0)
                 if failure is not None:
                     warnings.append(failure)
+            resident = None
+            if request.prompt_logprobs is not None and groups:
+                # A scored prompt's chunk reads the memories the chunk before it retrieved (the first, none),
+                # as a generated chunk does: a token's score then depends on the tokens before it alone. The
+                # first generated chunk still reads those its last chunk retrieved.
+                groups, resident = [[], *groups[:-1]], groups[-1]
             stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, request.arrival,
-                             self.scheduler.device)
+                             self.scheduler.device, resident)
             self.scheduler.post(("admit", stream, None))
             if on_queued is not None:
                 on_queued()

@@ -32,8 +32,9 @@ log-probabilities, before those adjustments (as vLLM's default does), for the to
 completion's `top_logprobs` hold the sampled token too, and a token that is part of a character is
 named by its bytes, `bytes:\\xe6`, as vLLM names it. A completion's `echo` puts the prompt before each
 choice's text, and with `logprobs` its tokens' logprobs (every prompt token after the context's `<s>`)
-before the choice's; with `max_tokens` 0 it generates nothing: the prompt alone, scored, as
-lm-evaluation-harness asks for a loglikelihood. `best_of` is taken only equal to `n`; `suffix` is not
+before the choice's, as lm-evaluation-harness's `local-completions` asks for a loglikelihood (with
+`max_tokens` 1, the generated token dropped); with `max_tokens` 0 nothing is generated: the prompt
+alone, scored. `best_of` is taken only equal to `n`; `suffix` is not
 supported.
 
 `POST /tokenize` and `/detokenize` answer as vLLM's do: a prompt's (or a chat's) token ids as the
@@ -209,7 +210,7 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
                            "best_of out or set it to n")
     logprobs, echo = _typed(body, "logprobs", int, None), _typed(body, "echo", bool, False)
     max_tokens = _typed(body, "max_tokens", int, None)
-    score_only = echo and max_tokens == 0  # the prompt alone, scored (as lm-evaluation-harness asks)
+    score_only = echo and max_tokens == 0  # the prompt alone, scored
     prompt_logprobs = None
     if echo and logprobs is not None:
         prompt_logprobs = logprobs
@@ -585,15 +586,29 @@ class _Reply:
             return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
                                 for t in tokens], "refusal": None}
         offsets = []
-        for t in tokens:  # where each token starts in the text: a part of a character, where that starts
-            offsets.append(self.offsets[index])
-            if t.token_id not in self.codec.control_ids:  # the text leaves them out
-                self.offsets[index] += len(self.utf8[index].decode(data(t.token_id)))
+        for t in tokens:
+            if t.token_id in self.codec.control_ids:  # the text leaves them out
+                offsets.append(self.offsets[index])
+                continue
+            offsets.append(self._offset(index, data(t.token_id)))
+            self.offsets[index] += len(self.utf8[index].decode(data(t.token_id)))
         return {"tokens": [label(t.token_id) for t in tokens],
                 "token_logprobs": [_finite(t.logprob) for t in tokens],
                 "top_logprobs": [{label(i): _finite(v) for i, v in [*t.top, (t.token_id, t.logprob)]}
                                  for t in tokens],
                 "text_offset": offsets}
+
+    def _offset(self, index: int, token: bytes) -> int:
+        """Where a token of these bytes starts in choice `index`'s text: after the characters decoded so
+        far, and after the replacement character of a part of a character that this token breaks
+        (as the text shows it); a token inside a character starts where that character does."""
+        pending = self.utf8[index].getstate()[0]
+        if not pending:
+            return self.offsets[index]
+        probe = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        probe.setstate((pending, 0))
+        broken = probe.decode(token[:1]).startswith("\ufffd")
+        return self.offsets[index] + (1 if broken else 0)  # the broken part is one U+FFFD
 
     def _extras(self, events: list[tuple[int, GenerationEvent]]) -> dict:
         """Our extensions: the references each chunk read (with the choice it belongs to), and

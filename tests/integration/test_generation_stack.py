@@ -94,7 +94,8 @@ def test_logprobs_and_a_logit_bias_over_grpc(stack, stub):
                for lp in logprobs)
     assert all(lp.token and lp.logprob < 0 for lp in logprobs)
     assert not any(r.logprobs for r in generate(stub, max_tokens=3))  # only when asked
-    scored = generate(stub, max_tokens=1, prompt_logprobs=0)
+    scored = generate(stub, max_tokens=0, prompt_logprobs=0)  # the prompt alone, scored
+    assert not [t for r in scored for t in r.token_ids] and scored[-1].usage.completion_tokens == 0
     assert len(scored[0].prompt_logprobs) == scored[-1].usage.prompt_tokens - 1  # every prompt token after <s>
     assert all(lp.logprob < 0 and not lp.top for lp in scored[0].prompt_logprobs)
 

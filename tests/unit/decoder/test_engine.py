@@ -648,6 +648,38 @@ def test_prompt_logprobs_with_memory_are_the_same_read_in_shares_or_at_once(tiny
     assert [t.logprob for t in whole.prompt_logprobs] != pytest.approx(plain, abs=1e-3)  # the memories count
 
 
+def test_with_memory_a_prompt_tokens_score_depends_on_the_tokens_before_it_alone(tiny_model, text_codec, prefix,
+                                                                                memories):
+    """Each scored chunk reads what the chunk before it retrieved: a prompt whose last token differs
+    scores every token before it the same. Generating after the scores does not change them, and an
+    unscored prompt still reads its own chunks' memories."""
+    body = prompts(4, text_codec)[3]  # 121 tokens, two chunks
+    other = [*body[:-1], (body[-1] + 1) % 250 + 3]
+    retrieval = FakeRetrieval(memories)
+    assert retrieval.pick(body[64:], 5) != retrieval.pick(other[64:], 5)  # their last chunks retrieve apart
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=2))
+        await engine.start()
+        try:
+            return [await engine.complete(r) for r in (
+                GenerationRequest(body, 0, prompt_logprobs=0), GenerationRequest(other, 0, prompt_logprobs=0),
+                GenerationRequest(body, 70, prompt_logprobs=0), GenerationRequest(body, 70))]
+        finally:
+            await engine.close()
+
+    scored, changed, scored_then_generated, generated = run(main())
+    assert [t.logprob for t in changed.prompt_logprobs[:-1]] == pytest.approx(
+        [t.logprob for t in scored.prompt_logprobs[:-1]], abs=1e-5)
+    assert changed.prompt_logprobs[-1].logprob != pytest.approx(scored.prompt_logprobs[-1].logprob)
+    assert [t.logprob for t in scored_then_generated.prompt_logprobs] == pytest.approx(
+        [t.logprob for t in scored.prompt_logprobs], abs=1e-5)
+    assert len(scored_then_generated.token_ids) == 70 or scored_then_generated.finish_reason == "stop"
+    with torch.inference_mode():
+        assert generated.token_ids == reference_tokens(tiny_model, body, retrieval.provider, prefix, 70,
+                                                       text_codec.eos_id, lead=8)
+
+
 async def _plain_scores(model, codec, body):
     engine = GenerationEngine(model, codec, None, EngineConfig(max_batch=1))
     await engine.start()

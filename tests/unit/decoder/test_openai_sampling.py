@@ -122,6 +122,23 @@ def test_a_token_inside_a_character_is_named_by_its_bytes_and_offsets_index_the_
     assert choice["logprobs"]["text_offset"] == [0, 1, 1, 2, 2, 2, 3]
 
 
+def test_a_token_after_a_broken_character_starts_after_its_replacement(tiny_model, text_codec, monkeypatch):
+    """Bytes that begin a character the next token does not go on with show as U+FFFD in the text."""
+    byte = {b: text_codec.encode(chr(b))[0] for b in b"abc"}
+    byte.update({0xC3: text_codec.encode("é")[0], 0xE6: text_codec.encode("日")[0], 0x97: text_codec.encode("日")[1]})
+    script = [byte[b] for b in b"a\xc3b\xe6\x97c"]
+    monkeypatch.setattr(engine_module.Scheduler, "_pick",
+                        staticmethod(lambda streams, logits: [script[len(s.tokens)] for s in streams]))
+
+    async def calls(client, _engine):
+        return (await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": len(script),
+                                                           "use_memory": False, "logprobs": 0})).json()
+
+    choice = serve(tiny_model, text_codec, calls)["choices"][0]
+    assert choice["text"] == "a\ufffdb\ufffdc"
+    assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3, 3, 4]
+
+
 def test_chat_logprobs_are_openais_content_list_streamed_or_whole(tiny_model, text_codec):
     ask = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0, "use_memory": False,
            "logprobs": True, "top_logprobs": 2, "logit_bias": letters(text_codec)}
