@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 from typing import Any
 
 import kserve
@@ -46,7 +45,7 @@ from .http_errors import http_status
 from .kserve_drain import DrainFirstModelServer
 from .openai_routes import GENERATION_PATHS, add_completion_routes, citation_json, error_response
 from .server import BuiltEngine, DecoderSettings, build_engine, open_release, wait_for_dependencies, watch_readiness
-from .validation import build_request
+from .validation import build_request, finite_float
 
 log = logging.getLogger("memory3.decoder")
 
@@ -252,21 +251,11 @@ def _parameters(raw) -> dict[str, Any]:
                                    "int64 or string): send floats as strings, e.g. \"0.7\"")
             value = getattr(value, choice)
         if float in kinds and isinstance(value, str):
-            value = _float(name, value)
+            value = finite_float(f"parameter {name!r}", value)
         if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
             raise InvalidInput(f"parameter {name!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-        out[name] = float(value) if float in kinds else value
+        out[name] = finite_float(f"parameter {name!r}", value) if float in kinds else value
     return out
-
-
-def _float(name: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise InvalidInput(f"parameter {name!r} must be a finite number, got {text!r}")
-    return value
 
 
 async def rest_error_handler(_request: Request, exc: ServiceError) -> JSONResponse:

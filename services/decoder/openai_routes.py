@@ -54,7 +54,6 @@ import codecs
 import dataclasses
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,7 +69,7 @@ from .chat import ChatTemplate, chat_messages
 from .engine import Citation, GenerationEngine, GenerationEvent, GenerationRequest, TokenLogprob
 from .http_clients import client_id
 from .http_errors import http_status
-from .validation import INT64_MIN, build_request, detokenize, tokenize
+from .validation import INT64_MIN, build_request, detokenize, finite_float, tokenize
 
 log = logging.getLogger("memory3.decoder")
 
@@ -333,7 +332,7 @@ def _logit_bias(value) -> dict[int, float] | None:
                                'a number, such as {"50256": -100}')
         if int(key) in bias:
             raise InvalidInput(f"logit_bias: token id {int(key)} is given twice")
-        bias[int(key)] = _finite_number(f"logit_bias[{shown(key)}]", number)
+        bias[int(key)] = finite_float(f"logit_bias[{shown(key)}]", number)
     return bias
 
 
@@ -381,18 +380,7 @@ def _number(body: dict, name: str, default: float) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"{name} must be a finite number, got {value!r}")
-    return _finite_number(name, value)
-
-
-def _finite_number(name: str, value: int | float) -> float:
-    """A JSON number as a float; JSON integers have no bound, floats do."""
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise InvalidInput(f"{name} must be a finite number, got {str(value)[:40]}")
-    return number
+    return finite_float(name, value)
 
 
 async def _answer(engine: GenerationEngine, ask: Ask, model_name: str, *, chat: bool) -> Response:

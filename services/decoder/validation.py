@@ -119,6 +119,18 @@ async def detokenize(engine: GenerationEngine, ids: Sequence[int]) -> str:
     return await asyncio.get_running_loop().run_in_executor(_TOKENIZING, engine.codec.decode, list(ids))
 
 
+def finite_float(name: str, value: str | int | float) -> float:
+    """A client's number as a finite float: JSON's integers have no bound (10**400 is one), and a
+    protocol without a float field sends a string."""
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise InvalidInput(f"{name} must be a finite number, got {shown(str(value), 40)}")
+    return number
+
+
 def _check_unicode(name: str, text: str) -> None:
     """JSON can spell a lone UTF-16 surrogate ("\\ud800"), which is no character: refused here
     rather than failing in the tokenizer (gRPC's strings are valid UTF-8 already)."""

@@ -212,3 +212,14 @@ def test_prompts_are_tokenized_apart_from_the_threads_that_decode_memories(fake_
             await busy
 
     assert len(asyncio.run(main()).prompt_ids) == 6
+
+
+def test_kserve_v2_parameters_too_large_for_a_float_are_refused_and_penalties_read():
+    from memory3.services.decoder.kserve_model import _parameters
+
+    with pytest.raises(InvalidInput, match="parameter 'temperature' must be a finite number, got '1000"):
+        _parameters({"temperature": 10**400})  # a JSON integer has no bound
+    with pytest.raises(InvalidInput, match="parameter 'top_p' must be a finite number, got 'nan'"):
+        _parameters({"top_p": "nan"})
+    assert _parameters({"presence_penalty": "0.5", "frequency_penalty": 1}) == {"presence_penalty": 0.5,
+                                                                                "frequency_penalty": 1.0}

@@ -104,10 +104,8 @@ def test_completion_logprobs_line_up_with_the_text_and_are_the_models_own(tiny_m
     assert any(t.logprob < t.top[0][1] for t in direct.logprobs)
 
 
-def test_a_token_inside_a_character_is_named_by_its_bytes_and_offsets_index_the_text(tiny_model, text_codec,
-                                                                                     monkeypatch):
-    """"aé日b" in byte tokens: each offset is where its token's character starts in the text."""
-    script = text_codec.encode("aé日b")
+def scripted_choice(model, codec, monkeypatch, script: list[int]) -> dict:
+    """The completion's choice, with logprobs, when the engine samples the tokens of `script` in turn."""
     monkeypatch.setattr(engine_module.Scheduler, "_pick",
                         staticmethod(lambda streams, logits: [script[len(s.tokens)] for s in streams]))
 
@@ -115,7 +113,13 @@ def test_a_token_inside_a_character_is_named_by_its_bytes_and_offsets_index_the_
         return (await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": len(script),
                                                            "use_memory": False, "logprobs": 0})).json()
 
-    choice = serve(tiny_model, text_codec, calls)["choices"][0]
+    return serve(model, codec, calls)["choices"][0]
+
+
+def test_a_token_inside_a_character_is_named_by_its_bytes_and_offsets_index_the_text(tiny_model, text_codec,
+                                                                                     monkeypatch):
+    """"aé日b" in byte tokens: each offset is where its token's character starts in the text."""
+    choice = scripted_choice(tiny_model, text_codec, monkeypatch, text_codec.encode("aé日b"))
     assert choice["text"] == "aé日b"
     assert choice["logprobs"]["tokens"] == ["a", "bytes:\\xc3", "bytes:\\xa9", "bytes:\\xe6", "bytes:\\x97",
                                             "bytes:\\xa5", "b"]
@@ -126,15 +130,7 @@ def test_a_token_after_a_broken_character_starts_after_its_replacement(tiny_mode
     """Bytes that begin a character the next token does not go on with show as U+FFFD in the text."""
     byte = {b: text_codec.encode(chr(b))[0] for b in b"abc"}
     byte.update({0xC3: text_codec.encode("é")[0], 0xE6: text_codec.encode("日")[0], 0x97: text_codec.encode("日")[1]})
-    script = [byte[b] for b in b"a\xc3b\xe6\x97c"]
-    monkeypatch.setattr(engine_module.Scheduler, "_pick",
-                        staticmethod(lambda streams, logits: [script[len(s.tokens)] for s in streams]))
-
-    async def calls(client, _engine):
-        return (await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": len(script),
-                                                           "use_memory": False, "logprobs": 0})).json()
-
-    choice = serve(tiny_model, text_codec, calls)["choices"][0]
+    choice = scripted_choice(tiny_model, text_codec, monkeypatch, [byte[b] for b in b"a\xc3b\xe6\x97c"])
     assert choice["text"] == "a\ufffdb\ufffdc"
     assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3, 3, 4]
 
