@@ -20,8 +20,10 @@ Extensions: `top_k`, `use_memory` (default true), `include_reference_text` and `
 vLLM's: always `max_tokens`, for benchmarks); replies carry `citations` (per 64-token chunk, the
 references read, with the `index` of the choice that read them) and `warnings` when there are any.
 
-`n` choices are `n` streams of the engine, decoded side by side (with a seed, choice i draws with
-seed + i). A reply's `usage` counts the prompt once and every choice's tokens; streamed, each chunk
+A completion's prompt may be a batch, a list of texts or of token-id lists, as OpenAI's. `n` choices
+of each prompt are as many streams of the engine, decoded side by side, prompt p's choice j being
+choice p·n + j (with a seed, choice j draws with seed + j). A reply's `usage` counts each prompt once
+and every choice's tokens; streamed, each chunk
 carries one choice's `index`, each choice's last chunk that choice's own usage, and with
 `include_usage` a last chunk the whole request's. A stream of one choice starts with its first token,
 so that what fails before it is the reply's status; of several, once each is queued for a batch row
@@ -176,33 +178,43 @@ def _json_object(raw: bytes, required: str) -> dict:
 
 @dataclass(frozen=True)
 class Ask:
-    """A parsed OpenAI request: choice 0's engine request, how many choices, and how to answer."""
+    """A parsed OpenAI request: an engine request per prompt (a chat's one), how many choices each, and
+    how to answer."""
 
-    request: GenerationRequest
+    requests: list[GenerationRequest]
     n: int = 1
     stream: bool = False
     include_usage: bool = False  # a stream ends with a usage chunk (`stream_options.include_usage`)
-    echo: str | None = None  # a completion's prompt, to put before each choice's text (`echo`)
+    echo: list[str] | None = None  # each prompt's text, to put before its choices' text (`echo`)
+
+    @property
+    def request(self) -> GenerationRequest:
+        """The first prompt's: its id names the reply, and its options are every prompt's."""
+        return self.requests[0]
 
     def choices(self) -> list[GenerationRequest]:
-        """One engine request per choice. With a seed, choice i draws with seed + i, as vLLM's do:
-        choices of one seed differ, and each repeats."""
+        """One engine request per choice, prompt p's choice j being choice p * n + j, as OpenAI numbers
+        them. With a seed, choice j draws with seed + j, as vLLM's do: choices of one seed differ, and
+        each repeats."""
         if self.n == 1:
-            return [self.request]
-        seed = self.request.sampling.seed
-        return [dataclasses.replace(
-            self.request, request_id=f"{self.request.request_id}-{i}",
-            sampling=dataclasses.replace(self.request.sampling, seed=_wrap_int64(seed + i)) if seed is not None
-            else self.request.sampling) for i in range(self.n)]
+            return list(self.requests)
+        out = []
+        for request in self.requests:
+            seed = request.sampling.seed
+            out += [dataclasses.replace(
+                request, request_id=f"{request.request_id}-{j}",
+                sampling=dataclasses.replace(request.sampling, seed=_wrap_int64(seed + j)) if seed is not None
+                else request.sampling) for j in range(self.n)]
+        return out
 
 
 async def parse_completion(body: dict, engine: GenerationEngine, model_name: str, client: str = "") -> Ask:
     """An OpenAI completion request, validated; `client` is who asks, for the per-client stream limit
-    (http_clients.client_id)."""
+    (http_clients.client_id). Its prompt may be a batch: a list of texts or of token-id lists."""
     _check_fields(body, KNOWN, NEUTRAL)
     _check_model(body, engine, model_name)
-    prompt, token_ids = _prompt(body.get("prompt"))
-    n = _choices(body, engine)
+    prompts = _prompts(body.get("prompt"))
+    n = _choices(body, engine, len(prompts))
     best_of = _typed(body, "best_of", int, None)
     if best_of is not None and best_of != n:
         raise InvalidInput(f"best_of={best_of} with n={n}: this server does not rank extra choices; leave "
@@ -215,12 +227,12 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
         prompt_logprobs = logprobs
     elif score_only:  # the engine reads a prompt without generating only to score it
         prompt_logprobs = 0
-    ask = await _request(body, engine, client, n, prompt=prompt, prompt_token_ids=token_ids,
-                         max_tokens=max_tokens or 0, logprobs=logprobs, score_only=score_only,
-                         prompt_logprobs=prompt_logprobs)
-    if not echo:
-        return ask
-    return dataclasses.replace(ask, echo=prompt or await detokenize(engine, token_ids))
+    options, stream, include_usage = _options(body, client)
+    requests = await _all([build_request(engine, prompt=text, prompt_token_ids=ids, max_tokens=max_tokens or 0,
+                                         logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
+                                         **options) for text, ids in prompts])
+    echoed = [text or await detokenize(engine, ids) for text, ids in prompts] if echo else None
+    return Ask(requests, n, stream, include_usage, echoed)
 
 
 async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, template: ChatTemplate,
@@ -237,8 +249,10 @@ async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, temp
     if top_logprobs is not None and not _typed(body, "logprobs", bool, False):
         raise InvalidInput("top_logprobs needs \"logprobs\": true")
     logprobs = (top_logprobs or 0) if _typed(body, "logprobs", bool, False) else None
-    return await _request(body, engine, client, _choices(body, engine), prompt=prompt, max_tokens=newer or max_tokens,
-                          extra_stop=template.stop, logprobs=logprobs)
+    n = _choices(body, engine, 1)
+    options, stream, include_usage = _options(body, client, extra_stop=template.stop)
+    request = await build_request(engine, prompt=prompt, max_tokens=newer or max_tokens, logprobs=logprobs, **options)
+    return Ask([request], n, stream, include_usage)
 
 
 async def tokenize_body(body: dict, engine: GenerationEngine, model_name: str,
@@ -279,11 +293,9 @@ def _check_model(body: dict, engine: GenerationEngine, model_name: str) -> None:
                        f"(release {engine.release!r})")
 
 
-async def _request(body: dict, engine: GenerationEngine, client: str, n: int, *, prompt: str,
-                   prompt_token_ids: list[int] | None = None, max_tokens: int, logprobs: int | None,
-                   extra_stop: tuple[str, ...] = (), prompt_logprobs: int | None = None,
-                   score_only: bool = False) -> Ask:
-    """The fields both routes share, with the prompt and the logprobs each read."""
+def _options(body: dict, client: str, *, extra_stop: tuple[str, ...] = ()) -> tuple[dict, bool, bool]:
+    """The fields both routes share, as build_request arguments; whether to stream, and whether a
+    stream ends with a usage chunk."""
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -291,31 +303,33 @@ async def _request(body: dict, engine: GenerationEngine, client: str, n: int, *,
         raise InvalidInput("stop must be a string or a list of strings")
     stream = _typed(body, "stream", bool, False)
     include_usage = _include_usage(body.get("stream_options"), stream)
-    request = await build_request(
-        engine, prompt=prompt, prompt_token_ids=prompt_token_ids or (),
-        temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
-        top_k=_typed(body, "top_k", int, 0), max_tokens=max_tokens,
-        stop=tuple(stop or ()), server_stop=extra_stop, seed=_typed(body, "seed", int, None),
-        use_memory=_typed(body, "use_memory", bool, True),
-        include_reference_text=_typed(body, "include_reference_text", bool, False),
-        ignore_eos=_typed(body, "ignore_eos", bool, False), client_id=client,
-        presence_penalty=_number(body, "presence_penalty", 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0), logit_bias=_logit_bias(body.get("logit_bias")),
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only)
-    return Ask(request, n, stream, include_usage)
+    options = {
+        "temperature": _number(body, "temperature", 1.0), "top_p": _number(body, "top_p", 1.0),
+        "top_k": _typed(body, "top_k", int, 0), "stop": tuple(stop or ()), "server_stop": extra_stop,
+        "seed": _typed(body, "seed", int, None), "use_memory": _typed(body, "use_memory", bool, True),
+        "include_reference_text": _typed(body, "include_reference_text", bool, False),
+        "ignore_eos": _typed(body, "ignore_eos", bool, False), "client_id": client,
+        "presence_penalty": _number(body, "presence_penalty", 0.0),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0),
+        "logit_bias": _logit_bias(body.get("logit_bias"))}
+    return options, stream, include_usage
 
 
-def _choices(body: dict, engine: GenerationEngine) -> int:
-    """`n`: each choice is a stream of its own, so at most as many as the server holds at once."""
+def _choices(body: dict, engine: GenerationEngine, prompts: int) -> int:
+    """`n`: each choice of each prompt is a stream of its own, so at most as many as the server holds at
+    once, and as one client may have open."""
     n = _typed(body, "n", int, 1)
+    if n < 1:
+        raise InvalidInput(f"n must be 1 or more, got {n}")
     most = engine.config.max_batch + engine.config.max_waiting
-    if not 1 <= n <= most:
-        raise InvalidInput(f"n must be in 1..{most} (each choice is a stream; this server holds {most} at once), "
-                           f"got {n}")
+    streams = f"{prompts} prompts × n={n}" if prompts > 1 else f"n={n}"
+    if prompts * n > most:
+        raise InvalidInput(f"{streams} choices: each choice is a stream, and this server holds {most} at once; "
+                           "ask for fewer")
     per_client = engine.config.max_streams_per_client
-    if per_client and n > per_client:
-        raise InvalidInput(f"n={n}: each choice is a stream, and one client may have {per_client} open at once on "
-                           f"this server (--max-streams-per-client): ask for at most {per_client}")
+    if per_client and prompts * n > per_client:
+        raise InvalidInput(f"{streams} choices: each choice is a stream, and one client may have {per_client} open "
+                           f"at once on this server (--max-streams-per-client): ask for at most {per_client}")
     return n
 
 
@@ -353,16 +367,22 @@ def _include_usage(options, stream: bool) -> bool:
     return options.get("include_usage", False)
 
 
-def _prompt(value) -> tuple[str, list[int]]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]  # a batch of one
-    if isinstance(value, str):
-        return value, []
-    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        return "", value
+def _prompts(value) -> list[tuple[str, list[int]]]:
+    """A completion's prompt as (text, token ids) pairs, one of them set: a string, a list of token ids,
+    or a batch, a list of either."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_id(t) for t in value)):
+        value = [value]
     if value is None:
         raise InvalidInput("prompt is required: a string, or a list of token ids")
-    raise InvalidInput("prompt must be a string or a list of token ids; this server takes one prompt per request")
+    if not isinstance(value, list) or not value or not all(
+            isinstance(p, str) or (isinstance(p, list) and all(_is_id(t) for t in p)) for p in value):
+        raise InvalidInput("prompt must be a string, a list of token ids, or a batch: a list of strings or of "
+                           "token-id lists")
+    return [(p, []) if isinstance(p, str) else ("", p) for p in value]
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _typed(body: dict, name: str, kind: type, default):
@@ -450,13 +470,13 @@ async def _sse(reply: _Reply, firsts: list[asyncio.Future],
     the choices, as OpenAI's."""
     merged = _merge(firsts, streams)
     try:
-        ends: list[GenerationEvent] = []
+        ends: dict[int, GenerationEvent] = {}
         async for index, event in merged:
             chunk = reply.chunk(index, event)
             if chunk is not None:
                 yield _data(chunk)
             if event.finish_reason is not None:
-                ends.append(event)
+                ends[index] = event
                 if len(ends) == len(streams) and reply.ask.include_usage:
                     yield _data(reply.usage_chunk(ends))
     except asyncio.CancelledError:
@@ -514,17 +534,18 @@ class _Reply:
         self.ask, self.model_name, self.codec, self.chat = ask, model_name, codec, chat
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{ask.request.request_id}"
         self.created = int(time.time())
-        self.sent = [0] * ask.n  # chunks sent per choice: a chat stream's first names the role
+        choices = len(ask.requests) * ask.n
+        self.sent = [0] * choices  # chunks sent per choice: a chat stream's first names the role
         # A completion's logprob text offsets, per choice, run on across chunks: the characters its tokens'
         # bytes have completed so far.
-        self.offsets = [0] * ask.n
-        self.utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(ask.n)]
+        self.offsets = [0] * choices
+        self.utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(choices)]
 
     def completion(self, events: list[GenerationEvent]) -> dict:
         """The whole reply: one event per choice, each the whole of that choice's generation."""
         out = {**self._head(delta=False),
                "choices": [self._choice(i, e, delta=False) for i, e in enumerate(events)]}
-        return {**out, **self._extras(list(enumerate(events))), "usage": _usage(events)}
+        return {**out, **self._extras(list(enumerate(events))), "usage": self.usage(dict(enumerate(events)))}
 
     def chunk(self, index: int, event: GenerationEvent) -> dict | None:
         """A stream's chunk of choice `index`'s event; None for an event with nothing to show (a step
@@ -536,11 +557,19 @@ class _Reply:
                **self._extras([(index, event)])}
         self.sent[index] += 1
         if event.finish_reason is not None and not self.ask.include_usage:
-            out["usage"] = _usage([event])  # the choice's own; with include_usage, a last chunk has all
+            out["usage"] = self.usage({index: event})  # the choice's own; with include_usage, a last chunk has all
         return out
 
-    def usage_chunk(self, ends: list[GenerationEvent]) -> dict:
-        return {**self._head(delta=True), "choices": [], "usage": _usage(ends)}
+    def usage_chunk(self, ends: dict[int, GenerationEvent]) -> dict:
+        return {**self._head(delta=True), "choices": [], "usage": self.usage(ends)}
+
+    def usage(self, ends: dict[int, GenerationEvent]) -> dict:
+        """The usage of choices (index: last event): each prompt once, every choice's tokens and retrievals."""
+        prompt = sum({i // self.ask.n: e.usage.prompt_tokens for i, e in ends.items()}.values())
+        completion = sum(e.usage.completion_tokens for e in ends.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "retrievals": sum(e.usage.retrievals for e in ends.values()),
+                "memories_read": sum(e.usage.memories_read for e in ends.values())}
 
     def _head(self, *, delta: bool) -> dict:
         kind = ("chat.completion.chunk" if delta else "chat.completion") if self.chat else "text_completion"
@@ -551,7 +580,7 @@ class _Reply:
         if not self.chat:
             text = event.text
             if self.ask.echo is not None and not self.sent[index]:  # a completion, or a stream's first chunk
-                text, tokens = self.ask.echo + text, [*event.prompt_logprobs, *tokens]
+                text, tokens = self.ask.echo[index // self.ask.n] + text, [*event.prompt_logprobs, *tokens]
             choice = {"index": index, "text": text}
         elif delta:
             first = not self.sent[index]
@@ -609,15 +638,6 @@ class _Reply:
 def _finite(logprob: float) -> float:
     """JSON has no -Infinity: a token the model rules out gets -9999, as vLLM writes it."""
     return max(logprob, -9999.0)
-
-
-def _usage(events: list[GenerationEvent]) -> dict:
-    """The usage of a request's choices: their prompt once, every choice's tokens and retrievals."""
-    prompt = events[0].usage.prompt_tokens
-    completion = sum(e.usage.completion_tokens for e in events)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "retrievals": sum(e.usage.retrievals for e in events),
-            "memories_read": sum(e.usage.memories_read for e in events)}
 
 
 def citation_json(c: Citation) -> dict:

@@ -322,6 +322,9 @@ def test_the_openai_sdk_reads_choices_penalties_and_logprobs(kserve_server):
                                               presence_penalty=0.5, stream=True))
     for choice in whole.choices:
         assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == choice.index) == choice.text
+    batch = client.completions.create(model=MODEL, prompt=[PROMPT, "The lighthouse"], max_tokens=4, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
     scored = client.completions.create(model=MODEL, prompt=PROMPT, echo=True, max_tokens=0, logprobs=1)
     assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
     assert len(scored.choices[0].logprobs.token_logprobs) == scored.usage.prompt_tokens - 1  # all but <s>
@@ -437,7 +440,7 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(tmp_path, ra
     ({"prompt": None}, 400, "prompt is required"),
     ({"prompt": ""}, 400, "the prompt is empty"),
     ({"max_tokens": 10**6, "stream": True}, 400, "max_tokens=1000000 does not fit"),
-    ({"n": 0}, 400, "n must be in 1.."),
+    ({"n": 0}, 400, "n must be 1 or more"),
     ({"best_of": 2}, 400, "best_of=2 with n=1"),
     ({"logit_bias": {"x": 1}}, 400, "logit_bias: at 'x': each key must be a token id"),
     ({"suffix": "."}, 400, "suffix is not supported"),

@@ -160,7 +160,10 @@ def test_chat_logprobs_are_openais_content_list_streamed_or_whole(tiny_model, te
     ("/v1/chat/completions", {"top_logprobs": 2}, 400, 'top_logprobs needs "logprobs": true'),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, 400, "0..20"),
     ("/v1/completions", {"logprobs": 21}, 400, "0..20"),
-    ("/v1/completions", {"n": 7}, 400, "n must be in 1..6"),
+    ("/v1/completions", {"n": 7}, 400, "n=7 choices: each choice is a stream, and this server holds 6 at once"),
+    ("/v1/completions", {"prompt": ["a", "b", "c", "d"], "n": 2}, 400, "4 prompts × n=2 choices"),
+    ("/v1/completions", {"prompt": ["a", 5]}, 400, "or a batch: a list of strings or of token-id lists"),
+    ("/v1/completions", {"prompt": []}, 400, "or a batch: a list of strings or of token-id lists"),
     ("/v1/completions", {"presence_penalty": 2.5}, 400, "presence_penalty must be in [-2.0, 2.0]"),
     ("/v1/completions", {"logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias: at most 300 tokens"),
     ("/v1/completions", {"logit_bias": {"999": 1}}, 400, "logit_bias: token id 999 is outside"),
@@ -256,3 +259,32 @@ def test_echo_with_no_new_tokens_scores_the_prompt_as_lm_evaluation_harness_asks
     chunks = events(streamed)
     assert "".join(c["choices"][0]["text"] for c in chunks) == grown["text"]
     assert chunks[0]["choices"][0]["text"].startswith(PROMPT)
+
+
+def test_a_batch_of_prompts_gets_choices_numbered_prompt_by_prompt(tiny_model, text_codec):
+    """Prompt p's choice j is choice p * n + j, drawn as that prompt alone would draw it; the usage counts
+    each prompt once."""
+    other = "A ferry leaves"
+    ask = {"prompt": [PROMPT, other], "n": 2, "seed": 5, "temperature": 1.0, "max_tokens": 8, "echo": True,
+           "use_memory": False}
+
+    async def calls(client, _engine):
+        batch = (await client.post("/v1/completions", json=ask)).json()
+        alone = (await client.post("/v1/completions", json={**ask, "prompt": other})).json()
+        by_ids = (await client.post("/v1/completions", json={**ask, "prompt": [text_codec.encode(PROMPT),
+                                                                                 text_codec.encode(other)]})).json()
+        streamed = await client.post("/v1/completions", json={**ask, "stream": True,
+                                                               "stream_options": {"include_usage": True}})
+        return batch, alone, by_ids, streamed
+
+    batch, alone, by_ids, streamed = serve(tiny_model, text_codec, calls)
+    texts = [c["text"] for c in batch["choices"]]
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    assert texts[0].startswith(PROMPT) and texts[1].startswith(PROMPT) and texts[2].startswith(other)
+    assert texts[2:] == [c["text"] for c in alone["choices"]]
+    assert batch["usage"]["prompt_tokens"] == len(text_codec.encode(PROMPT)) + len(text_codec.encode(other)) + 2
+    assert [c["text"] for c in by_ids["choices"]] == texts
+    *chunks, last = events(streamed)
+    for i, text in enumerate(texts):
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) == text
+    assert last["usage"] == batch["usage"]
