@@ -643,6 +643,8 @@ class Scheduler:
         stream.last_token_time = now
         metrics.GENERATION_TOKENS.inc()
         if token in self.stop_ids and not stream.request.ignore_eos:
+            if stream.request.logprobs is not None:  # reported, with its logprob, as vLLM reports it
+                self._emit(stream, _Tokens([token], [logprob] if logprob is not None else []))
             self._finish(stream, "stop")
             return
         stream.tokens.append(token)
@@ -974,17 +976,21 @@ class GenerationEngine:
                 if failure is not None:
                     warnings.append(failure)
             resident = None
-            if request.prompt_logprobs is not None and groups:
+            if request.prompt_logprobs is not None and use_memory:
                 # A scored prompt's chunk reads the memories the chunk before it retrieved (the first, none),
                 # as a generated chunk does: a token's score then depends on the tokens before it alone. The
-                # first generated chunk still reads those its last chunk retrieved.
-                groups, resident = [[], *groups[:-1]], groups[-1]
+                # first generated chunk still reads those its last chunk retrieved (`_prompt_memories` asks
+                # for them only when tokens are to be generated).
+                if request.max_tokens and groups:
+                    groups, resident = groups[:-1], groups[-1]
+                groups = [[], *groups]
+            read = sum(len(g) for g in groups) + len(resident or ())
             stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, request.arrival,
                              self.scheduler.device, resident)
             self.scheduler.post(("admit", stream, None))
             if on_queued is not None:
                 on_queued()
-            async for event in self._relay(stream, out, citations, warnings, sum(len(g) for g in groups)):
+            async for event in self._relay(stream, out, citations, warnings, read):
                 yield event
         finally:
             if stream is not None:
@@ -1065,6 +1071,10 @@ class GenerationEngine:
 
     async def _prompt_memories(self, request: GenerationRequest, needed_in_s: float):
         queries = [request.prompt_ids[s:e] for s, e in chunk_spans(len(request.prompt_ids), self.mc.chunk_len)]
+        if request.prompt_logprobs is not None and not request.max_tokens:
+            queries.pop()  # scored, the prompt's last chunk retrieves for the tokens after it: there are none
+        if not queries:
+            return [], [], None
         try:
             found = await self._retrieve(queries, request.include_reference_text, needed_in_s)
             ids = sorted({r.id for refs in found for r in refs})

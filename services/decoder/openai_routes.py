@@ -18,7 +18,7 @@ server's `--default-max-tokens`. A prompt given as token ids is the text's ids: 
 is put before them, as before a text prompt (so `usage.prompt_tokens` counts one more).
 Extensions: `top_k`, `use_memory` (default true), `include_reference_text` and `ignore_eos` (as
 vLLM's: always `max_tokens`, for benchmarks); replies carry `citations` (per 64-token chunk, the
-references read, with the `index` of the choice that read them) and `warnings` when there are any.
+references it retrieved, with the `index` of the choice) and `warnings` when there are any.
 
 A completion's prompt may be a batch, a list of texts or of token-id lists, as OpenAI's. `n` choices
 of each prompt are as many streams of the engine, decoded side by side, prompt p's choice j being
@@ -31,8 +31,9 @@ so that what fails before it is the reply's status; of several, once each is que
 `frequency_penalty` and `logit_bias` are OpenAI's, applied before temperature and the filters.
 `logprobs` (a completion's number, or a chat's `logprobs` with `top_logprobs`) reports the model's own
 log-probabilities, before those adjustments (as vLLM's default does), for the tokens of each chunk; a
-completion's `top_logprobs` hold the sampled token too, and a token that is part of a character is
-named by its bytes, `bytes:\\xe6`, as vLLM names it. A completion's `echo` puts the prompt before each
+completion's `top_logprobs` hold the sampled token too, a token that is part of a character is named
+by its bytes, `bytes:\\xe6`, and the end-of-sequence token that ends a choice is reported too (no
+text), as vLLM reports them. A completion's `echo` puts the prompt before each
 choice's text, and with `logprobs` its tokens' logprobs (every prompt token after the context's `<s>`)
 before the choice's, as lm-evaluation-harness's `local-completions` asks for a loglikelihood (with
 `max_tokens` 1, the generated token dropped); with `max_tokens` 0 nothing is generated: the prompt
@@ -228,9 +229,21 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
     elif score_only:  # the engine reads a prompt without generating only to score it
         prompt_logprobs = 0
     options, stream, include_usage = _options(body, client)
-    requests = await _all([build_request(engine, prompt=text, prompt_token_ids=ids, max_tokens=max_tokens or 0,
-                                         logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
-                                         **options) for text, ids in prompts])
+
+    async def request(p: int, text: str, ids: list[int]) -> GenerationRequest:
+        """Prompt p's, judged before any prompt of the batch starts (then none has to be cancelled)."""
+        try:
+            built = await build_request(engine, prompt=text, prompt_token_ids=ids, max_tokens=max_tokens or 0,
+                                        logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only,
+                                        **options)
+            engine.validate(built)
+        except InvalidInput as e:
+            if len(prompts) == 1:
+                raise
+            raise InvalidInput(f"prompt[{p}]: {e}") from None
+        return built
+
+    requests = await _all([request(p, text, ids) for p, (text, ids) in enumerate(prompts)])
     echoed = [text or await detokenize(engine, ids) for text, ids in prompts] if echo else None
     return Ask(requests, n, stream, include_usage, echoed)
 
@@ -576,11 +589,11 @@ class _Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
 
     def _choice(self, index: int, event: GenerationEvent, *, delta: bool) -> dict:
-        tokens = event.logprobs
+        echoed: list[TokenLogprob] = []
         if not self.chat:
             text = event.text
             if self.ask.echo is not None and not self.sent[index]:  # a completion, or a stream's first chunk
-                text, tokens = self.ask.echo[index // self.ask.n] + text, [*event.prompt_logprobs, *tokens]
+                text, echoed = self.ask.echo[index // self.ask.n] + text, event.prompt_logprobs
             choice = {"index": index, "text": text}
         elif delta:
             first = not self.sent[index]
@@ -588,12 +601,13 @@ class _Reply:
                                                 **({"content": event.text} if event.text or first else {})}}
         else:
             choice = {"index": index, "message": {"role": "assistant", "content": event.text}}
-        return {**choice, "logprobs": self._logprobs(index, tokens), "finish_reason": event.finish_reason}
+        return {**choice, "logprobs": self._logprobs(index, event.logprobs, echoed),
+                "finish_reason": event.finish_reason}
 
-    def _logprobs(self, index: int, tokens: list[TokenLogprob]) -> dict | None:
-        """OpenAI's logprobs of `tokens`: a chat's `content` list, or a completion's parallel lists,
-        whose `top_logprobs` hold the sampled token too, as OpenAI's do. A token that is part of a
-        character is named by its bytes (`TextCodec.token_label`)."""
+    def _logprobs(self, index: int, tokens: list[TokenLogprob], echoed: list[TokenLogprob] = ()) -> dict | None:
+        """OpenAI's logprobs of `tokens`, after those of an `echoed` prompt: a chat's `content` list, or a
+        completion's parallel lists, whose `top_logprobs` hold the sampled token too, as OpenAI's do. A
+        token that is part of a character is named by its bytes (`TextCodec.token_label`)."""
         if self.ask.request.logprobs is None:
             return None
         label, data = self.codec.token_label, self.codec.token_bytes
@@ -603,29 +617,35 @@ class _Reply:
             return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
                                 for t in tokens], "refusal": None}
         offsets = []
-        for t in tokens:
-            if t.token_id in self.codec.control_ids:  # the text leaves them out
-                offsets.append(self.offsets[index])
-                continue
-            offsets.append(self._offset(index, data(t.token_id)))
-            self.offsets[index] += len(self.utf8[index].decode(data(t.token_id)))
+        for t in echoed:
+            offsets.append(self._advance(index, t.token_id))
+        if echoed:  # the echoed prompt is decoded apart from what follows: a character it cuts ends there
+            self.offsets[index] += len(self.utf8[index].decode(b"", final=True))
+            self.utf8[index].reset()
+        offsets += [self._advance(index, t.token_id) for t in tokens]
+        tokens = [*echoed, *tokens]
         return {"tokens": [label(t.token_id) for t in tokens],
                 "token_logprobs": [_finite(t.logprob) for t in tokens],
                 "top_logprobs": [{label(i): _finite(v) for i, v in [*t.top, (t.token_id, t.logprob)]}
                                  for t in tokens],
                 "text_offset": offsets}
 
-    def _offset(self, index: int, token: bytes) -> int:
-        """Where a token of these bytes starts in choice `index`'s text: after the characters decoded so
-        far, and after the replacement character of a part of a character that this token breaks
-        (as the text shows it); a token inside a character starts where that character does."""
+    def _advance(self, index: int, token_id: int) -> int:
+        """Where a token starts in choice `index`'s text, which then runs on past it: after the
+        characters decoded so far, and after the replacement character of a part of a character that
+        this token breaks (as the text shows it); a token inside a character starts where that
+        character does, and a control token, which the text leaves out, where the next one does."""
+        start = self.offsets[index]
+        if token_id in self.codec.control_ids:
+            return start
+        token = self.codec.token_bytes(token_id)
         pending = self.utf8[index].getstate()[0]
-        if not pending:
-            return self.offsets[index]
-        probe = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        probe.setstate((pending, 0))
-        broken = probe.decode(token[:1]).startswith("\ufffd")
-        return self.offsets[index] + (1 if broken else 0)  # the broken part is one U+FFFD
+        if pending:
+            probe = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            probe.setstate((pending, 0))
+            start += 1 if probe.decode(token[:1]).startswith("\ufffd") else 0  # the broken part is one U+FFFD
+        self.offsets[index] += len(self.utf8[index].decode(token))
+        return start
 
     def _extras(self, events: list[tuple[int, GenerationEvent]]) -> dict:
         """Our extensions: the references each chunk read (with the choice it belongs to), and

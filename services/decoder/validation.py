@@ -9,7 +9,9 @@ What only the engine can judge (prompt length in tokens, context room) stays in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ MAX_STOP_CHARS = 64
 MAX_REQUEST_ID_CHARS = 128
 MAX_LOGIT_BIAS_TOKENS = 300  # as OpenAI's
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+NUMBER = re.compile(r"\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*")  # a decimal number, ASCII digits
 
 
 async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_token_ids: Sequence[int] = (),
@@ -121,11 +124,13 @@ async def detokenize(engine: GenerationEngine, ids: Sequence[int]) -> str:
 
 def finite_float(name: str, value: str | int | float) -> float:
     """A client's number as a finite float: JSON's integers have no bound (10**400 is one), and a
-    protocol without a float field sends a string."""
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):
-        number = math.nan
+    protocol without a float field sends a string, of ASCII digits (`float` takes "1_000" and other
+    scripts' digits)."""
+    number = math.nan
+    if (isinstance(value, (int, float)) and not isinstance(value, bool)) or \
+            (isinstance(value, str) and NUMBER.fullmatch(value)):
+        with contextlib.suppress(OverflowError):  # an integer past float's range
+            number = float(value)
     if not math.isfinite(number):
         raise InvalidInput(f"{name} must be a finite number, got {shown(str(value), 40)}")
     return number

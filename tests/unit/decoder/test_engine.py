@@ -649,14 +649,21 @@ def test_prompt_logprobs_with_memory_are_the_same_read_in_shares_or_at_once(tiny
 
 
 def test_with_memory_a_prompt_tokens_score_depends_on_the_tokens_before_it_alone(tiny_model, text_codec, prefix,
-                                                                                memories):
+                                                                                memories, monkeypatch):
     """Each scored chunk reads what the chunk before it retrieved: a prompt whose last token differs
     scores every token before it the same. Generating after the scores does not change them, and an
     unscored prompt still reads its own chunks' memories."""
     body = prompts(4, text_codec)[3]  # 121 tokens, two chunks
     other = [*body[:-1], (body[-1] + 1) % 250 + 3]
-    retrieval = FakeRetrieval(memories)
-    assert retrieval.pick(body[64:], 5) != retrieval.pick(other[64:], 5)  # their last chunks retrieve apart
+
+    class ByChunk(FakeRetrieval):
+        """The last chunk of `body` retrieves memories 0-2, its first 3-5, any other query 6-8."""
+
+        def pick(self, query, k):
+            start = 0 if query == body[64:] else 3 if query == body[:64] else 6
+            return list(range(start, start + 3))
+
+    retrieval = ByChunk(memories)
 
     async def main():
         engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=2))
@@ -668,7 +675,20 @@ def test_with_memory_a_prompt_tokens_score_depends_on_the_tokens_before_it_alone
         finally:
             await engine.close()
 
+    installed = []
+    original_install = engine_module.Transformer.install_memories
+
+    def install(self, row, chosen):
+        installed.append(list(chosen))
+        original_install(self, row, chosen)
+
+    monkeypatch.setattr(engine_module.Transformer, "install_memories", install)
     scored, changed, scored_then_generated, generated = run(main())
+    last_chunk_own = memories[:3]
+    assert any(len(m) == len(last_chunk_own) and all(a is b for a, b in zip(m, last_chunk_own, strict=True))
+               for m in installed)  # the first generated chunk reads what the last prompt chunk retrieved
+    assert (scored.usage.retrievals, scored.usage.memories_read) == (1, 3)  # scored alone: the first chunk's
+    assert scored_then_generated.usage.memories_read == generated.usage.memories_read  # the same memories read
     assert [t.logprob for t in changed.prompt_logprobs[:-1]] == pytest.approx(
         [t.logprob for t in scored.prompt_logprobs[:-1]], abs=1e-5)
     assert changed.prompt_logprobs[-1].logprob != pytest.approx(scored.prompt_logprobs[-1].logprob)

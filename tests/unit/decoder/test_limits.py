@@ -221,5 +221,8 @@ def test_kserve_v2_parameters_too_large_for_a_float_are_refused_and_penalties_re
         _parameters({"temperature": 10**400})  # a JSON integer has no bound
     with pytest.raises(InvalidInput, match="parameter 'top_p' must be a finite number, got 'nan'"):
         _parameters({"top_p": "nan"})
-    assert _parameters({"presence_penalty": "0.5", "frequency_penalty": 1}) == {"presence_penalty": 0.5,
-                                                                                "frequency_penalty": 1.0}
+    for odd in ("1_000", "٣", "0x10", ""):  # float() takes the first two
+        with pytest.raises(InvalidInput, match="parameter 'temperature' must be a finite number"):
+            _parameters({"temperature": odd})
+    assert _parameters({"presence_penalty": "0.5", "frequency_penalty": 1, "top_p": " .5e0 "}) == {
+        "presence_penalty": 0.5, "frequency_penalty": 1.0, "top_p": 0.5}

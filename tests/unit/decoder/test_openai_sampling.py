@@ -288,3 +288,48 @@ def test_a_batch_of_prompts_gets_choices_numbered_prompt_by_prompt(tiny_model, t
     for i, text in enumerate(texts):
         assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) == text
     assert last["usage"] == batch["usage"]
+
+
+def test_the_end_of_sequence_token_that_ends_a_choice_is_scored_as_lm_evaluation_harness_expects(tiny_model,
+                                                                                                  text_codec):
+    """lm-evaluation-harness asks with max_tokens 1 and drops the last logprob: when the model's next token
+    ends the sequence, that token must be there to drop, or the continuation's last score would go."""
+    ask = {"prompt": [text_codec.encode(PROMPT)], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0,
+           "use_memory": False, "logit_bias": {str(text_codec.eos_id): 100}}
+
+    async def calls(client, _engine):
+        return (await client.post("/v1/completions", json=ask)).json()
+
+    reply = serve(tiny_model, text_codec, calls)
+    choice, prompt_ids = reply["choices"][0], text_codec.encode(PROMPT)
+    assert choice["finish_reason"] == "stop" and choice["text"] == PROMPT  # the token has no text
+    assert len(choice["logprobs"]["token_logprobs"]) == len(prompt_ids) + 1
+    assert choice["logprobs"]["tokens"][-1] == "</s>" and reply["usage"]["completion_tokens"] == 1
+    assert choice["logprobs"]["text_offset"][-1] == len(PROMPT)
+
+
+def test_an_echoed_token_id_prompt_that_cuts_a_character_ends_it_there(tiny_model, text_codec, monkeypatch):
+    """The echoed prompt's text and the generated text are decoded apart: offsets follow the text."""
+    cut = text_codec.encode("a日b")[:3]  # "a" and two of the three bytes of "日"
+    script = [text_codec.encode("日")[2], text_codec.encode("b")[0]]
+    monkeypatch.setattr(engine_module.Scheduler, "_pick",
+                        staticmethod(lambda streams, logits: [script[len(s.tokens)] for s in streams]))
+
+    async def calls(client, _engine):
+        return (await client.post("/v1/completions", json={"prompt": cut, "max_tokens": 2, "echo": True,
+                                                           "logprobs": 0, "use_memory": False})).json()
+
+    choice = serve(tiny_model, text_codec, calls)["choices"][0]
+    assert choice["text"] == "a\ufffd\ufffdb"
+    assert choice["logprobs"]["text_offset"] == [0, 1, 1, 2, 3]
+
+
+def test_a_batch_with_a_bad_prompt_is_refused_before_any_prompt_starts(tiny_model, text_codec):
+    async def calls(client, engine):
+        aborted = metrics.REQUEST_SUCCESS.labels(finished_reason="abort")._value.get()
+        reply = await client.post("/v1/completions", json={"prompt": [PROMPT, "x" * 5000], "use_memory": False})
+        return reply, metrics.REQUEST_SUCCESS.labels(finished_reason="abort")._value.get() - aborted, engine.accepted
+
+    reply, aborted, accepted = serve(tiny_model, text_codec, calls)
+    assert reply.status_code == 400 and reply.json()["error"]["message"].startswith("prompt[1]: the prompt has")
+    assert (aborted, accepted) == (0, 0)
