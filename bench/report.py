@@ -99,6 +99,10 @@ def render_table(results_dir: Path) -> str:
                     f"greedy's: " + ", ".join(a.replace("_", " ") for a in arms)
                     + f" (penalties: presence, frequency and {sampling['biased_ids']} biased ids) | "
                     + " / ".join(f"{sampling['arms'][a]['step_over_plain']:.3f}" for a in arms) + " | |")
+        if "scored_over_plain_read" in sampling:
+            rows.append(f"| | a {sampling['prompt_tokens']}-token prompt read alone: scored (every position's "
+                        f"logprob) / read to its first token | {sampling['scored_over_plain_read']:.3f} "
+                        f"({sampling['prompt_scored_ms']:.0f} / {sampling['prompt_read_ms']:.0f} ms) | |")
     index = _load(results_dir / "index.json")
     if index:
         p, kinds, summary = index["protocol"], index["kinds"], index["summary"]

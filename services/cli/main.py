@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="streams decoding together, all with the arm's options")
     smp.add_argument("--new-tokens", type=positive_int, default=128, help="tokens each stream decodes")
     smp.add_argument("--rounds", type=positive_int, default=7, help="rounds, every arm once in each")
+    smp.add_argument("--prompt-tokens", type=positive_int, default=768,
+                     help="the prompt read alone, plainly and scored, in each round")
     smp.add_argument("--json", type=Path, required=True)
     smp.add_argument("--readme", type=Path, default=None, help="README whose benchmark table to refresh")
     rel = bench_sub.add_parser("reliability", help="load, 2x overload and injected faults (Redis, S3, slow S3, "
@@ -859,7 +861,8 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.bench_kind == "sampling":
         from memory3.bench.sampling import run_sampling_bench
         result = run_sampling_bench(preset=args.preset, rows=args.rows, new_tokens=args.new_tokens,
-                                    rounds=args.rounds, log=lambda msg: print(msg, file=sys.stderr))
+                                    rounds=args.rounds, prompt_tokens=args.prompt_tokens,
+                                    log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "gpu":
         from memory3.bench.gpu import run_gpu_bench
         result = run_gpu_bench(**gpu_bench_kwargs(args), log=lambda msg: print(msg, file=sys.stderr))

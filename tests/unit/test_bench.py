@@ -135,7 +135,7 @@ def test_prefill_bench_reports_every_arm_against_one_pass_and_renders(tmp_path):
 def test_sampling_bench_reports_every_option_against_plain_greedy_and_renders(tmp_path):
     from memory3.bench.sampling import run_sampling_bench
 
-    result = run_sampling_bench(preset="tiny", rows=2, new_tokens=20, rounds=2)
+    result = run_sampling_bench(preset="tiny", rows=2, new_tokens=20, rounds=2, prompt_tokens=200)
     arms = result["arms"]
     assert set(arms) == {"plain", "penalties", "logprobs_5", "logprobs_20", "all"}
     assert arms["plain"]["step_over_plain"] == 1.0 and result["biased_ids"] == 256
@@ -146,6 +146,10 @@ def test_sampling_bench_reports_every_option_against_plain_greedy_and_renders(tm
     table = render_table(tmp_path)
     assert "| sampling options (`tiny`, 2 streams) |" in table
     assert f"| {arms['penalties']['step_over_plain']:.3f} / " in table
+    low, high = result["scored_over_plain_read_ci90"]
+    assert result["prompt_read_ms"] > 0 and low <= result["scored_over_plain_read"] <= high
+    assert f"a 200-token prompt read alone: scored (every position's logprob) / read to its first token | " \
+           f"{result['scored_over_plain_read']:.3f}" in table
 
 
 def test_the_serving_benchs_step_costs_time_the_schedulers_own_passes(tiny_model, text_codec, prefix):
