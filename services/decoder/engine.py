@@ -125,7 +125,7 @@ class GenerationRequest:
     # MAX_LOGPROBS); None reports none.
     logprobs: int | None = None
     # The same for every prompt token after the first (`<s>`), given those before it: scoring a text.
-    # With memory, each prompt chunk then reads the memories the chunk before it retrieved (`_generate`).
+    # With memory, each prompt chunk then reads the memories the chunk before it retrieved (`_prompt_memories`).
     # With it, max_tokens may be 0: the prompt is read and scored, and nothing generated.
     prompt_logprobs: int | None = None
 
@@ -966,24 +966,16 @@ class GenerationEngine:
             warnings: list[str] = []
             citations: list[Citation] = []
             groups: list[list[ExplicitMemory]] = []
+            resident: list[ExplicitMemory] | None = None
             use_memory = request.use_memory and self.retrieval is not None
             if use_memory:
                 # Accepted beyond the batch's rows, this stream queues for one: its retrieval can
                 # take that long, and share a call with others meanwhile.
                 ahead = self.accepted - self.config.max_batch
-                groups, citations, failure = await self._prompt_memories(
+                groups, resident, citations, failure = await self._prompt_memories(
                     request, ahead * self.scheduler.turnover_s if ahead > 0 else 0.0)
                 if failure is not None:
                     warnings.append(failure)
-            resident = None
-            if request.prompt_logprobs is not None and use_memory:
-                # A scored prompt's chunk reads the memories the chunk before it retrieved (the first, none),
-                # as a generated chunk does: a token's score then depends on the tokens before it alone. The
-                # first generated chunk still reads those its last chunk retrieved (`_prompt_memories` asks
-                # for them only when tokens are to be generated).
-                if request.max_tokens and groups:
-                    groups, resident = groups[:-1], groups[-1]
-                groups = [[], *groups]
             read = sum(len(g) for g in groups) + len(resident or ())
             stream = _Stream(request, len(self.prefix) if use_memory else 0, groups, self.loop, out, request.arrival,
                              self.scheduler.device, resident)
@@ -1070,22 +1062,37 @@ class GenerationEngine:
         return await self.retrieval.retrieve(queries, self.mc.mems_per_chunk, include_text)
 
     async def _prompt_memories(self, request: GenerationRequest, needed_in_s: float):
+        """The memories each prompt chunk reads; those the first generated chunk reads when they are not
+        the last chunk's (else None); the citations; and a warning when retrieval was unavailable.
+
+        A scored prompt's chunk reads the memories the chunk before it retrieved (the first, none), as a
+        generated chunk does: a token's score then depends on the tokens before it alone. The first
+        generated chunk still reads those the last chunk retrieved; scored without generating, the last
+        chunk retrieves nothing, as no token would read it."""
+        scored = request.prompt_logprobs is not None
         queries = [request.prompt_ids[s:e] for s, e in chunk_spans(len(request.prompt_ids), self.mc.chunk_len)]
-        if request.prompt_logprobs is not None and not request.max_tokens:
-            queries.pop()  # scored, the prompt's last chunk retrieves for the tokens after it: there are none
-        if not queries:
-            return [], [], None
-        try:
-            found = await self._retrieve(queries, request.include_reference_text, needed_in_s)
-            ids = sorted({r.id for refs in found for r in refs})
-            fetched = dict(zip(ids, await self.retrieval.fetch(ids), strict=True)) if ids else {}
-        except Unavailable as e:
-            if self.config.retrieval_policy == "fail":
-                raise
-            return [[] for _ in queries], [], f"retrieval unavailable ({e}); generated without memory"
-        groups = [[fetched[r.id] for r in refs] for refs in found]
-        citations = [Citation(i, False, refs) for i, refs in enumerate(found)]
-        return groups, citations, None
+        if scored and not request.max_tokens:
+            queries.pop()
+        groups: list[list[ExplicitMemory]] = []
+        citations: list[Citation] = []
+        failure = None
+        if queries:
+            try:
+                found = await self._retrieve(queries, request.include_reference_text, needed_in_s)
+                ids = sorted({r.id for refs in found for r in refs})
+                fetched = dict(zip(ids, await self.retrieval.fetch(ids), strict=True)) if ids else {}
+                groups = [[fetched[r.id] for r in refs] for refs in found]
+                citations = [Citation(i, False, refs) for i, refs in enumerate(found)]
+            except Unavailable as e:
+                if self.config.retrieval_policy == "fail":
+                    raise
+                groups, failure = [[] for _ in queries], f"retrieval unavailable ({e}); generated without memory"
+        resident = None
+        if scored:
+            if request.max_tokens and groups:
+                groups, resident = groups[:-1], groups[-1]
+            groups = [[], *groups]
+        return groups, resident, citations, failure
 
     def _schedule_swap(self, stream: _Stream, ask: _Retrieve) -> None:
         """Asked by the scheduler, in this loop: retrieve for a stream's last chunk, off the batch."""
