@@ -429,8 +429,26 @@ async def _answer(engine: GenerationEngine, ask: Ask, model_name: str, *, chat: 
     except BaseException:
         await _close(firsts, streams)
         raise
-    return StreamingResponse(_sse(reply, firsts, streams), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _EventStream(_sse(reply, firsts, streams), closing=lambda: _close(firsts, streams))
+
+
+class _EventStream(StreamingResponse):
+    """The SSE reply, which closes its choices' streams however it ends. Its body closes them when it
+    is read to the end or cut; but a client that hangs up while the headers are still being written
+    (a slow or stalled connection) cancels the reply before its body is ever started, and the
+    streams would go on generating to `max_tokens` for nobody, each holding its batch row."""
+
+    def __init__(self, body: AsyncIterator[str], *, closing: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._closing = closing
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self._closing()
 
 
 async def _started(firsts: list[asyncio.Future], queued: list[asyncio.Event]) -> None:
