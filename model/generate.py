@@ -164,6 +164,7 @@ def iter_generate(
     max_new_tokens: int,
     sampling: SamplingParams = SamplingParams(),
     stop_tokens: Sequence[int] = (),
+    min_new_tokens: int = 0,
     memory_provider: MemoryProvider | None = None,
     retrievals: list[list[list[int]]] | None = None,
     query_lead: int = 0,
@@ -175,6 +176,7 @@ def iter_generate(
         prefix: the tokenized reference prefix (`<s>Reference:`); empty for a plain Llama layout.
         memory_provider: retrieval; None generates without memory (caches without memory slots).
         retrievals: when given, receives the queries made per sequence.
+        min_new_tokens: no stop token is drawn before this many tokens (vLLM's `min_tokens`).
         query_lead: L; a generated chunk's query is the `chunk_len` tokens (prompt after its `<s>`,
             then generated) ending L tokens before the chunk starts. 0: the previous chunk exactly.
     """
@@ -185,6 +187,8 @@ def iter_generate(
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in 0..max_new_tokens ({max_new_tokens}), got {min_new_tokens}")
     if memory_provider is not None and not prefix:
         raise ValueError("generation with memory needs the reference prefix tokens")
     if model.has_cache:  # it would replace them under the generation (or decoder) that holds them
@@ -252,6 +256,8 @@ def iter_generate(
         for step in range(max_new_tokens):
             if sampling.adjusts_logits:
                 last = penalize(last, counts, presence, frequency, bias)
+            if step < min_new_tokens and len(stop):
+                last = last.float().index_fill(1, stop, float("-inf"))
             next_token = sample(last, sampling, generator)  # (B,)
             if sampling.adjusts_logits:
                 counts.scatter_add_(1, next_token[:, None], torch.ones(bsz, 1, device=device))

@@ -59,6 +59,7 @@ NOT_STARTED_BY_DRAIN = ("the decoder is shutting down and had not started this r
 RETRIEVAL_POLICIES = ("fail", "continue")
 # Most alternatives a request may ask to see the logprobs of, per generated token (OpenAI's chat limit).
 MAX_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 64  # a request's `stop_token_ids`: each is looked for in every step's tokens
 SCORED_PER_PIECE = 256  # prompt positions whose log-softmax is taken at once (`Scheduler._score_prompts`)
 # Scheduler steps failing in a row that make the decoder not ready, for this long after the last one.
 FAILING_STEPS = 3
@@ -128,6 +129,14 @@ class GenerationRequest:
     # With memory, each prompt chunk then reads the memories the chunk before it retrieved (`_prompt_memories`).
     # With it, max_tokens may be 0: the prompt is read and scored, and nothing generated.
     prompt_logprobs: int | None = None
+    # vLLM's: the stream ends ("stop") when it draws one of these ids, which is kept in its token ids
+    # and text (a control token, `</s>`, has none); with `ignore_eos`, the end-of-sequence token too
+    # when listed here.
+    stop_token_ids: tuple[int, ...] = ()
+    # vLLM's: the stream cannot end before it has this many tokens. Until then the end-of-sequence
+    # token and `stop_token_ids` are never drawn, and stop strings are looked for only in the text
+    # that follows. At most max_tokens.
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -580,18 +589,30 @@ class Scheduler:
         return list(zip(picked, self._logprobs(streams, logits, picked), strict=True))
 
     def _adjusted(self, streams: list[_Stream], logits: Tensor) -> Tensor:
-        """(B, V) logits with each stream's penalties (over the tokens it generated) and logit bias."""
+        """(B, V) logits with each stream's penalties (over the tokens it generated) and logit bias,
+        and without the ids that would end a stream short of its `min_tokens`."""
         chosen = [i for i, s in enumerate(streams) if s.request.sampling.adjusts_logits]
-        if not chosen:
+        held = [(i, ids) for i, s in enumerate(streams) if (ids := self._held_back(s))]
+        if not chosen and not held:
             return logits
-        params = [streams[i].request.sampling for i in chosen]
-        rows = torch.tensor([streams[i].row for i in chosen], device=self.device)
-        index = torch.tensor(chosen, device=logits.device)
-        presence = torch.tensor([p.presence_penalty for p in params], device=self.device)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=self.device)
         out = logits.to(torch.float32, copy=True)
-        out[index] = penalize(logits[index], self.token_counts[rows], presence, frequency, self.logit_bias[rows])
+        if chosen:
+            params = [streams[i].request.sampling for i in chosen]
+            rows = torch.tensor([streams[i].row for i in chosen], device=self.device)
+            index = torch.tensor(chosen, device=logits.device)
+            presence = torch.tensor([p.presence_penalty for p in params], device=self.device)
+            frequency = torch.tensor([p.frequency_penalty for p in params], device=self.device)
+            out[index] = penalize(logits[index], self.token_counts[rows], presence, frequency, self.logit_bias[rows])
+        if held:  # one indexed write for every such stream: (stream, id) pairs
+            out[[i for i, ids in held for _ in ids], [t for _, ids in held for t in ids]] = float("-inf")
         return out
+
+    def _held_back(self, stream: _Stream) -> list[int]:
+        """The ids that would end `stream` now, while it has fewer than its `min_tokens`."""
+        request = stream.request
+        if len(stream.tokens) >= request.min_tokens:
+            return []
+        return [*request.stop_token_ids, *(() if request.ignore_eos else self.stop_ids)]
 
     def _count(self, streams: list[_Stream], picked: list[int]) -> None:
         """Count the tokens just picked by the streams whose penalties read the counts."""
@@ -642,15 +663,19 @@ class Scheduler:
             metrics.INTER_TOKEN_LATENCY.observe(now - stream.last_token_time)
         stream.last_token_time = now
         metrics.GENERATION_TOKENS.inc()
-        if token in self.stop_ids and not stream.request.ignore_eos:
-            if stream.request.logprobs is not None:  # reported, with its logprob, as vLLM reports it
+        request = stream.request
+        if token in self.stop_ids and (not request.ignore_eos or token in request.stop_token_ids):
+            if request.logprobs is not None:  # reported, with its logprob, as vLLM reports it
                 self._emit(stream, _Tokens([token], [logprob] if logprob is not None else []))
             self._finish(stream, "stop")
             return
         stream.tokens.append(token)
         self._emit(stream, _Tokens([token], [logprob] if logprob is not None else []))
+        if token in request.stop_token_ids:
+            self._finish(stream, "stop")
+            return
         n = len(stream.tokens)
-        if n >= stream.request.max_tokens or stream.next_slot >= self.max_seq_len:
+        if n >= request.max_tokens or stream.next_slot >= self.max_seq_len:
             self._finish(stream, "length")
             return
         i = n - 1  # index of the token about to be fed
@@ -878,6 +903,15 @@ class GenerationEngine:
         if bad:
             raise InvalidInput(f"logit_bias: token id {bad[0]} is outside the tokenizer's vocabulary "
                                f"(0..{self.codec.vocab_size - 1})")
+        if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidInput(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(request.stop_token_ids)}")
+        bad = [t for t in request.stop_token_ids if not 0 <= t < self.codec.vocab_size]
+        if bad:
+            raise InvalidInput(f"stop_token_ids: token id {bad[0]} is outside the tokenizer's vocabulary "
+                               f"(0..{self.codec.vocab_size - 1})")
+        if not 0 <= request.min_tokens <= request.max_tokens:
+            raise InvalidInput(f"min_tokens must be in 0..max_tokens ({request.max_tokens}), got {request.min_tokens}"
+                               + (": raise max_tokens too" if request.min_tokens > request.max_tokens else ""))
         room = self.room(body, request.use_memory)
         if room < 1:
             prefix = len(self.prefix) if request.use_memory else 0
@@ -1032,7 +1066,7 @@ class GenerationEngine:
             else:
                 finish = message.reason
                 delta = detok.add([], final=True)
-            if request.stop:
+            if request.stop and produced >= request.min_tokens:  # no stop string ends it before that
                 text = held + delta
                 hit = _find_stop(text, request.stop)
                 if hit is not None:

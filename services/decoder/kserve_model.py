@@ -55,7 +55,7 @@ LIVE_PATH = "/memory3/live"  # liveness of the engine (`add_liveness_route`)
 PARAMETERS: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,),
     "stop": (str,), "use_memory": (bool,), "include_reference_text": (bool,), "presence_penalty": (int, float),
-    "frequency_penalty": (int, float)}
+    "frequency_penalty": (int, float), "min_tokens": (int,)}
 CUT_UNANSWERED = ("the decoder is shutting down and stopped this request before it finished: retry it on another "
                   "replica")
 # Set by KServe itself or by v2 clients (tritonclient): not ours to judge.

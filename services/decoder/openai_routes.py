@@ -16,8 +16,10 @@ a request that fails before its first token gets that status, never a 200 stream
 Defaults follow OpenAI (temperature 1, top_p 1) except `max_tokens`, which defaults to the
 server's `--default-max-tokens`. A prompt given as token ids is the text's ids: the context's `<s>`
 is put before them, as before a text prompt (so `usage.prompt_tokens` counts one more).
-Extensions: `top_k`, `use_memory` (default true), `include_reference_text` and `ignore_eos` (as
-vLLM's: always `max_tokens`, for benchmarks); replies carry `citations` (per 64-token chunk, the
+Extensions: `top_k`, `use_memory` (default true), `include_reference_text`, and vLLM's `ignore_eos`
+(always `max_tokens`, for benchmarks), `stop_token_ids` (a stop token is kept in the text, as vLLM
+keeps it) and `min_tokens` (no end-of-sequence token, stop token or stop string before that many
+tokens); replies carry `citations` (per 64-token chunk, the
 references it retrieved, with the `index` of the choice) and `warnings` when there are any.
 
 A completion's prompt may be a batch, a list of texts or of token-id lists, as OpenAI's. `n` choices
@@ -83,7 +85,7 @@ MODELS_PATH = "/openai/v1/models"
 TOKENIZE_PATH, DETOKENIZE_PATH = "/tokenize", "/detokenize"  # as vLLM's server has them
 # OpenAI parameters this server does not implement: accepted only at their neutral values.
 NEUTRAL = {"suffix": ("",)}
-SAMPLING = {"n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+SAMPLING = {"n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "min_tokens", "stop_token_ids"}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "stream_options", "stop", "seed",
          "user", "top_k", "use_memory", "include_reference_text", "ignore_eos", "best_of", "echo", *SAMPLING,
          *NEUTRAL}
@@ -324,7 +326,8 @@ def _options(body: dict, client: str, *, extra_stop: tuple[str, ...] = ()) -> tu
         "ignore_eos": _typed(body, "ignore_eos", bool, False), "client_id": client,
         "presence_penalty": _number(body, "presence_penalty", 0.0),
         "frequency_penalty": _number(body, "frequency_penalty", 0.0),
-        "logit_bias": _logit_bias(body.get("logit_bias"))}
+        "logit_bias": _logit_bias(body.get("logit_bias")),
+        "min_tokens": _typed(body, "min_tokens", int, 0), "stop_token_ids": _token_ids(body, "stop_token_ids")}
     return options, stream, include_usage
 
 
@@ -361,6 +364,15 @@ def _logit_bias(value) -> dict[int, float] | None:
             raise InvalidInput(f"logit_bias: token id {int(key)} is given twice")
         bias[int(key)] = finite_float(f"logit_bias[{shown(key)}]", number)
     return bias
+
+
+def _token_ids(body: dict, name: str) -> list[int]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(_is_id(t) for t in value):
+        raise InvalidInput(f"{name} must be a list of token ids (integers), got {shown(json.dumps(value), 40)}")
+    return value
 
 
 def _wrap_int64(value: int) -> int:

@@ -52,7 +52,8 @@ class GenerationServicer:
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             logit_bias=dict(p.logit_bias), logprobs=p.logprobs if p.HasField("logprobs") else None,
             prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
-            score_only=p.HasField("prompt_logprobs") and not p.max_tokens)
+            score_only=p.HasField("prompt_logprobs") and not p.max_tokens,
+            stop_token_ids=list(p.stop_token_ids), min_tokens=p.min_tokens)
 
     @rpc_errors
     async def Generate(self, message: pb.GenerateRequest, context):

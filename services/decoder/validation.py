@@ -40,11 +40,13 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
                   deadline: float | None = None, client_id: str = "",
                   server_stop: Sequence[str] = (), presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                   logit_bias: Mapping[int, float] | None = None, logprobs: int | None = None,
-                  prompt_logprobs: int | None = None, score_only: bool = False) -> GenerationRequest:
+                  prompt_logprobs: int | None = None, score_only: bool = False,
+                  stop_token_ids: Sequence[int] = (), min_tokens: int = 0) -> GenerationRequest:
     """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it.
     `server_stop`: stop strings the server adds (a chat template's), not counted against the client's.
     `logprobs`, `prompt_logprobs`: report each generated (prompt) token's logprob and this many
     alternatives' (None: none). `score_only`: read and score the prompt, generate nothing.
+    `stop_token_ids`, `min_tokens`: vLLM's (GenerationRequest); the engine judges them against its vocabulary.
 
     The prompt is tokenized in a worker thread, without the GIL: tens of milliseconds for a long one,
     during which the event loop goes on streaming the other requests' tokens. The request's arrival
@@ -99,6 +101,8 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
         arrival=arrival,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        stop_token_ids=tuple(dict.fromkeys(stop_token_ids)),
+        min_tokens=min_tokens,
     )
 
 

@@ -100,6 +100,18 @@ def test_logprobs_and_a_logit_bias_over_grpc(stack, stub):
     assert all(lp.logprob < 0 and not lp.top for lp in scored[0].prompt_logprobs)
 
 
+def test_stop_token_ids_and_min_tokens_over_grpc(stack, stub):
+    """A stop token id ends the stream at the token, which is kept; with min_tokens past it, that token
+    is not drawn there and the stream goes on."""
+    greedy = [t for r in generate(stub, max_tokens=8) for t in r.token_ids]
+    k = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])  # its first time there
+    stopped = generate(stub, max_tokens=8, stop_token_ids=[greedy[k]])
+    assert [t for r in stopped for t in r.token_ids] == greedy[: k + 1]
+    assert stopped[-1].finish_reason == pb.FINISH_REASON_STOP and stopped[-1].usage.completion_tokens == k + 1
+    later = [t for r in generate(stub, max_tokens=8, stop_token_ids=[greedy[k]], min_tokens=k + 1) for t in r.token_ids]
+    assert later[:k] == greedy[:k] and later[k] != greedy[k] and len(later) > k + 1
+
+
 def test_identical_request_is_served_from_redis(stack, stub):
     generate(stub, prompt=PROMPT + " Once more.", max_tokens=4)
     redis_hits = metric(stack, "memory", "memory3_memory_hits_total", '{tier="redis"}')
@@ -195,6 +207,10 @@ def test_grpcurl_lists_checks_health_and_generates(stack):
      "presence_penalty must be in [-2.0, 2.0]"),
     (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(logit_bias={-4: 1.0})), "INVALID_ARGUMENT",
      "logit_bias: token ids are integers >= 0"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(max_tokens=3, min_tokens=4)), "INVALID_ARGUMENT",
+     "min_tokens must be in 0..max_tokens (3), got 4: raise max_tokens too"),
+    (pb.GenerateRequest(prompt="hi", params=pb.GenerationParams(stop_token_ids=[-1])), "INVALID_ARGUMENT",
+     "stop_token_ids: token id -1 is outside"),
     (pb.GenerateRequest(prompt="hi", release="no-such-release"), "NOT_FOUND", "not served here"),
     (pb.GenerateRequest(prompt_token_ids=[1, 99999]), "INVALID_ARGUMENT", "vocabulary"),
     (pb.GenerateRequest(prompt="hi", prompt_token_ids=[5]), "INVALID_ARGUMENT", "not both"),

@@ -101,11 +101,13 @@ def collect_alone(engine, request):
     return run(main())
 
 
-def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos, lead=0, sampling=SamplingParams()):
+def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos, lead=0, sampling=SamplingParams(),
+                     stop_ids=(), min_tokens=0):
     kwargs = {"prefix": prefix, "memory_provider": memories_provider, "query_lead": lead} if memories_provider else {}
-    out = generate(model, [body], max_new_tokens=max_tokens, stop_tokens=[eos],
+    out = generate(model, [body], max_new_tokens=max_tokens, stop_tokens=[eos, *stop_ids], min_new_tokens=min_tokens,
                    sampling=dataclasses.replace(sampling, vocab_limit=259), **kwargs)
-    return out.tokens[0][:-1] if out.finish_reasons[0] == "stop" else out.tokens[0]  # the engine drops the stop token
+    ended = out.finish_reasons[0] == "stop" and out.tokens[0][-1] == eos
+    return out.tokens[0][:-1] if ended else out.tokens[0]  # the engine drops the end-of-sequence token
 
 
 @pytest.mark.parametrize(("use_memory", "stagger", "lead", "prefill_tokens"),
@@ -556,6 +558,71 @@ def test_a_row_forgets_the_counts_and_bias_of_the_stream_before(tiny_model, text
         assert first == reference_tokens(tiny_model, body, None, [], 40, text_codec.eos_id, sampling=biased)
         assert second == third == reference_tokens(tiny_model, body, None, [], 40, text_codec.eos_id,
                                                    sampling=penalized)
+
+
+def test_min_tokens_and_stop_token_ids_end_each_stream_as_generate_ends_it(tiny_model, text_codec, prefix, memories):
+    """vLLM's options, per stream of one batch: a stop token id ends its stream and is kept; before
+    min_tokens, neither it nor the end-of-sequence token is drawn (past a memory swap too); with
+    ignore_eos, the end-of-sequence token listed as a stop token still ends the stream."""
+    retrieval = FakeRetrieval(memories)
+    body = prompts(1, text_codec)[0]
+    eos, x = text_codec.eos_id, text_codec.encode("x")[0]
+    to_eos, to_x = (SamplingParams(logit_bias=((t, 100.0),)) for t in (eos, x))
+    asks = {"eos after 70": GenerationRequest(body, 90, sampling=to_eos, min_tokens=70),
+            "x after 3": GenerationRequest(body, 40, sampling=to_x, stop_token_ids=(x,), min_tokens=3,
+                                           use_memory=False),
+            "x, no stop": GenerationRequest(body, 20, sampling=to_x, use_memory=False),
+            "eos listed": GenerationRequest(body, 20, sampling=to_eos, ignore_eos=True, stop_token_ids=(eos,),
+                                            use_memory=False)}
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval, EngineConfig(max_batch=4))
+        await engine.start()
+        try:
+            return dict(zip(asks, await asyncio.gather(*[collect(engine, r) for r in asks.values()]), strict=True))
+        finally:
+            await engine.close()
+
+    got = run(main())
+    with torch.inference_mode():
+        assert got["eos after 70"][0] == reference_tokens(tiny_model, body, retrieval.provider, prefix, 90, eos,
+                                                          lead=8, sampling=to_eos, min_tokens=70)
+        assert got["x after 3"][0] == reference_tokens(tiny_model, body, None, [], 40, eos, sampling=to_x,
+                                                       stop_ids=(x,), min_tokens=3)
+    assert len(got["eos after 70"][0]) == 70 and got["eos after 70"][2][-1].finish_reason == "stop"
+    tokens, text, events = got["x after 3"]
+    assert len(tokens) == 4 and x not in tokens[:3] and tokens[3] == x and text.endswith("x")
+    assert events[-1].finish_reason == "stop" and events[-1].usage.completion_tokens == 4
+    assert got["x, no stop"][0] == [x] * 20 and got["x, no stop"][2][-1].finish_reason == "length"
+    assert got["eos listed"][0] == [] and got["eos listed"][2][-1].finish_reason == "stop"
+
+
+def test_no_stop_string_ends_a_stream_before_its_min_tokens(tiny_model, text_codec):
+    body = prompts(1, text_codec)[0]
+    to_a = SamplingParams(logit_bias=((text_codec.encode("a")[0], 100.0),))
+
+    def generate_with(min_tokens):
+        return collect_alone(GenerationEngine(tiny_model, text_codec, None, EngineConfig()),
+                             GenerationRequest(body, 20, sampling=to_a, stop=("a",), min_tokens=min_tokens,
+                                               use_memory=False))
+
+    tokens, text, events = generate_with(4)
+    assert (len(tokens), text, events[-1].finish_reason) == (4, "aaa", "stop")
+    tokens, text, events = generate_with(0)
+    assert (len(tokens), text, events[-1].finish_reason) == (1, "", "stop")
+
+
+def test_min_tokens_and_stop_token_ids_are_judged_against_the_request(tiny_model, text_codec):
+    engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
+    body = prompts(1, text_codec)[0]
+    for fields, says in [({"min_tokens": 11}, "min_tokens must be in 0..max_tokens (10), got 11: raise max_tokens too"),
+                         ({"min_tokens": -1}, "min_tokens must be in 0..max_tokens (10), got -1"),
+                         ({"stop_token_ids": (5, 259)}, "stop_token_ids: token id 259 is outside"),
+                         ({"stop_token_ids": tuple(range(65))}, "stop_token_ids: at most 64")]:
+        with pytest.raises(InvalidInput) as refused:
+            engine.validate(GenerationRequest(body, 10, **fields))
+        assert says in str(refused.value)
+    engine.validate(GenerationRequest(body, 10, min_tokens=10, stop_token_ids=tuple(range(64))))
 
 
 def test_logprobs_are_the_models_own_for_each_generated_token(tiny_model, text_codec):

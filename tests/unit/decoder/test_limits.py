@@ -224,5 +224,5 @@ def test_kserve_v2_parameters_too_large_for_a_float_are_refused_and_penalties_re
     for odd in ("1_000", "٣", "0x10", ""):  # float() takes the first two
         with pytest.raises(InvalidInput, match="parameter 'temperature' must be a finite number"):
             _parameters({"temperature": odd})
-    assert _parameters({"presence_penalty": "0.5", "frequency_penalty": 1, "top_p": " .5e0 "}) == {
-        "presence_penalty": 0.5, "frequency_penalty": 1.0, "top_p": 0.5}
+    assert _parameters({"presence_penalty": "0.5", "frequency_penalty": 1, "top_p": " .5e0 ", "min_tokens": 2}) == {
+        "presence_penalty": 0.5, "frequency_penalty": 1.0, "top_p": 0.5, "min_tokens": 2}

@@ -173,6 +173,11 @@ def test_chat_logprobs_are_openais_content_list_streamed_or_whole(tiny_model, te
     ("/v1/completions", {"logit_bias": {"5": 1, "05": 2}}, 400, "token id 5 is given twice"),
     ("/v1/completions", {"logit_bias": {"5": 10**400}}, 400, "logit_bias['5'] must be a finite number"),
     ("/v1/completions", {"presence_penalty": 10**400}, 400, "presence_penalty must be a finite number"),
+    ("/v1/completions", {"stop_token_ids": 5}, 400, "stop_token_ids must be a list of token ids"),
+    ("/v1/chat/completions", {"stop_token_ids": [5, True]}, 400, "stop_token_ids must be a list of token ids"),
+    ("/v1/completions", {"stop_token_ids": [5, 300]}, 400, "stop_token_ids: token id 300 is outside"),
+    ("/v1/completions", {"min_tokens": "3"}, 400, "min_tokens must be an integer"),
+    ("/v1/chat/completions", {"min_tokens": 5}, 400, "min_tokens must be in 0..max_tokens (4), got 5"),
 ])
 def test_bad_sampling_fields_say_what_to_fix(tiny_model, text_codec, path, fields, status, says):
     body = {"messages": [{"role": "user", "content": PROMPT}]} if "chat" in path else {"prompt": PROMPT}
@@ -182,6 +187,25 @@ def test_bad_sampling_fields_say_what_to_fix(tiny_model, text_codec, path, field
 
     reply = serve(tiny_model, text_codec, calls, EngineConfig(max_batch=2, max_waiting=4))
     assert reply.status_code == status and says in reply.json()["error"]["message"], reply.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_vllms_stop_token_ids_and_min_tokens_end_a_choice(tiny_model, text_codec, path):
+    """A stop token id ends the choice and its text stays, as vLLM's; before min_tokens it is not drawn."""
+    body = {"messages": [{"role": "user", "content": PROMPT}]} if "chat" in path else {"prompt": PROMPT}
+    x = text_codec.encode("x")[0]
+    ask = {**body, "max_tokens": 30, "temperature": 0, "use_memory": False, "logit_bias": {str(x): 100},
+           "stop_token_ids": [x]}
+
+    async def calls(client, _engine):
+        return [(await client.post(path, json={**ask, **extra})).json() for extra in ({}, {"min_tokens": 5})]
+
+    at_once, later = serve(tiny_model, text_codec, calls)
+    for reply, tokens in ((at_once, 1), (later, 6)):
+        choice = reply["choices"][0]
+        text = choice["message"]["content"] if "chat" in path else choice["text"]
+        assert choice["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] == tokens
+        assert text.endswith("x") and text.count("x") == 1, text
 
 
 @pytest.mark.parametrize("stream", [False, True])
