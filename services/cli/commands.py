@@ -348,6 +348,36 @@ def cmd_release_gc(s3, *, dry_run: bool) -> int:
     return 0
 
 
+def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path) -> int:
+    """Each shard of the release's index built from one local copy of the index and kept in the store,
+    for text services started with `--index-shard I/N` (index_shards.py). A shard kept already is left."""
+    from memory3.services.release.index_shards import is_shared, shard_key, share_shard
+    from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
+    from memory3.services.release.reader import Release
+    from memory3.services.retrieval.index import IndexShard, VectorIndex
+    from memory3.services.storage.object_store import ObjectStore
+
+    if shards < 2:
+        raise ValueError(f"--shards {shards}: give 2 or more; a text service without --index-shard reads the whole "
+                         "index as it is published")
+    store = ObjectStore(s3)
+    release = Release.open(store, name, cache_dir, only={REFERENCES_FILE})
+    index_sha256 = release.manifest.files[INDEX_FILE]["sha256"]
+    ids = [row["id"] for row in release.rows()]
+    for i in range(shards):
+        shard = IndexShard(i, shards)
+        key = shard_key(index_sha256, shard)
+        if is_shared(store, index_sha256, shard):
+            print(f"index shard {shard}: kept already at {key}")
+            continue
+        started = time.monotonic()
+        index = VectorIndex.read_shard(release.local_file(INDEX_FILE), ids, shard)
+        size = share_shard(store, index_sha256, shard, index)
+        print(f"index shard {shard}: {len(index.ids)} references ({index.kind}, {size / 2**20:.1f} MiB), built in "
+              f"{time.monotonic() - started:.1f} s and kept at {key}")
+    return 0
+
+
 def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: Path) -> int:
     import shutil
 

@@ -314,9 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     release_delete.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     add_s3_arguments(release_delete, local_stack=True)
     release_gc = release_sub.add_parser(
-        "gc", help="remove the memories no published release lists (left by failed or cancelled publications)")
+        "gc", help="remove the memories no published release lists (left by failed or cancelled publications), "
+                   "and the index shards kept for index files no published release has")
     release_gc.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     add_s3_arguments(release_gc, local_stack=True)
+    release_shards = release_sub.add_parser(
+        "shard-index", help="build the N shards of a release's index and keep them in the bucket, so that each "
+                            "text service started with --index-shard I/N downloads its shard alone")
+    release_shards.add_argument("name", help="the release whose index to shard")
+    release_shards.add_argument("--shards", type=positive_int, required=True, metavar="N",
+                                help="the number of shards the text services serve (2 or more)")
+    add_s3_arguments(release_shards, local_stack=True)
 
     bench = sub.add_parser("bench", help="benchmarks (write JSON; optionally refresh the README table)")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
@@ -790,13 +798,22 @@ def _run(args: argparse.Namespace) -> int:
         from memory3.services.trainer.server import serve_trainer
         return serve_trainer(s3_config(args), args.work_dir, listen_options(args))
     if args.command == "release":
-        from .commands import cmd_release_delete, cmd_release_gc, cmd_release_list, cmd_release_show
+        from .commands import (
+            cmd_release_delete,
+            cmd_release_gc,
+            cmd_release_list,
+            cmd_release_shard_index,
+            cmd_release_show,
+        )
         if args.release_command == "list":
             return cmd_release_list(s3_config(args, local_stack=True), as_json=args.json)
         if args.release_command == "show":
             return cmd_release_show(s3_config(args, local_stack=True), args.name, as_json=args.json)
         if args.release_command == "gc":
             return cmd_release_gc(s3_config(args, local_stack=True), dry_run=args.dry_run)
+        if args.release_command == "shard-index":
+            return cmd_release_shard_index(s3_config(args, local_stack=True), args.name, shards=args.shards,
+                                           cache_dir=args.cache_dir)
         return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
                                   cache_dir=args.cache_dir, home=args.home)
     if args.command == "kb":

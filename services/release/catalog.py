@@ -18,6 +18,9 @@ A published release whose reference table cannot be read (missing, damaged) list
 can know. It can be deleted: its objects go, and its memories stay, for `release gc` to remove once
 no readable release lists them. While it is published, deleting another release of its bank removes
 none of that bank's memories, and `release gc` leaves its bank whole: either may list any of them.
+
+Index shards kept in the store (index_shards.py) go with the last release whose index file they
+were built from: by `release delete`, or by `release gc` for those no published release has.
 """
 
 
@@ -30,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from ..storage.object_store import ObjectNotFound, ObjectStore
+from .index_shards import index_shards_dir, kept_index_files
 from .lease import LEASE_TTL_S, Lease, Maintenance, MaintenanceLapsed, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
@@ -42,7 +46,7 @@ from .manifest import (
     release_key,
     sha256,
 )
-from .publish import MANIFEST_FILE, REFERENCES_FILE
+from .publish import INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
 from .reader import read_manifest
 
 __all__ = ["Catalog", "CollectionPlan", "DeletionPlan", "Maintenance", "MaintenanceLapsed", "ReleaseBusy",
@@ -88,7 +92,8 @@ class DeletionPlan:
     that others (`listed_by`) list too, or all of them where a reference table cannot be read (its
     own: `table_unreadable`, why; others of the bank: `unknown_tables`, name to why); derived:
     releases made from this one (they keep working). `removed_memories` counts what goes of what
-    the release lists.
+    the release lists. index_shard_keys: the index shards kept in the store for its index file
+    (index_shards.py), when no other release has that file.
     """
 
     name: str
@@ -104,6 +109,7 @@ class DeletionPlan:
     unknown_tables: dict[str, str] = field(default_factory=dict)
     derived: list[str] = field(default_factory=list)
     unreadable: str | None = None  # why its manifest cannot be read
+    index_shard_keys: list[str] = field(default_factory=list)
     planned_at: float = 0.0  # monotonic time its reading of the bucket began
 
     @property
@@ -134,6 +140,9 @@ class DeletionPlan:
             lines.append(f"memory bank {self.bank}: {n} {'memory' if n == 1 else 'memories'} only this release "
                          f"lists; {self.kept} kept" + (f", listed by {', '.join(self.listed_by)} too"
                                                        if self.listed_by else ""))
+        if self.index_shard_keys:
+            lines.append(f"its index's shards kept in the store: {len(self.index_shard_keys)} objects under "
+                         f"{self.index_shard_keys[0].rsplit('/', 1)[0]}/")
         if self.derived:
             lines.append(f"derived from it, and unaffected: {', '.join(self.derived)}")
         return "\n".join(lines)
@@ -173,6 +182,9 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
     plan = DeletionPlan(name, published=True, release_keys=_release_keys(store, name)[0],
                         bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],
                         listed=int(mine.memory_bank["count"]), planned_at=planned_at)
+    index_sha256 = _index_sha256(mine)
+    if index_sha256 is not None and index_sha256 not in {_index_sha256(m) for m in others}:
+        plan.index_shard_keys = store.list_keys(index_shards_dir(index_sha256))
     sharing = [m for m in others if m.memory_bank["bank"] == plan.bank]
     if not sharing:
         plan.whole_bank = True
@@ -258,6 +270,7 @@ def delete_release(store: ObjectStore, plan: DeletionPlan, under: Maintenance, *
         removal.remove([manifest])  # from here on no reader opens it
         log(f"release {plan.name!r} unpublished (manifest removed)")
     removal.remove(k for k in plan.release_keys if k != manifest)
+    removal.remove(plan.index_shard_keys)
     if plan.whole_bank:
         log(f"removing memory bank {plan.bank}")
         removal.remove(store.iter_keys(f"{MEMORIES_PREFIX}{plan.bank}/"), progress)
@@ -290,22 +303,28 @@ class CollectionPlan:
     uses (`banks`, with how many objects each holds), and in the banks in use the keys none of their
     releases lists (`keys`, by bank). Failed or cancelled publications leave them; a retry of the same
     publication would reuse them, as keys are content hashes. `skipped`: banks left whole, as a
-    release using them has a reference table that cannot be read (by bank, release name to why)."""
+    release using them has a reference table that cannot be read (by bank, release name to why).
+    `index_shards`: the keys of the index shards kept in the store for index files no published
+    release has (by the file's sha256; index_shards.py)."""
 
     banks: dict[str, int] = field(default_factory=dict)
     keys: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+    index_shards: dict[str, list[str]] = field(default_factory=dict)
     planned_at: float = 0.0  # monotonic time its reading of the bucket began
 
     @property
     def count(self) -> int:
-        return sum(self.banks.values()) + sum(len(k) for k in self.keys.values())
+        return sum(self.banks.values()) + sum(len(k) for k in self.keys.values()) + \
+            sum(len(k) for k in self.index_shards.values())
 
     def summary(self) -> str:
         lines = [f"memory bank {bank}: no release uses it; its {n} objects go" for bank, n in self.banks.items()]
         lines += [f"memory bank {bank}: {len(keys)} memories no release lists" for bank, keys in self.keys.items()]
         lines += [f"memory bank {bank}: left whole, as {_unreadable_tables(tables)}; then run this again"
                   for bank, tables in self.skipped.items()]
+        lines += [f"index shards of index file {sha[:12]}…: no release has it; its {len(keys)} objects go"
+                  for sha, keys in self.index_shards.items()]
         return "\n".join(lines) or "every memory in the bucket is listed by a published release: nothing to remove"
 
 
@@ -338,7 +357,15 @@ def plan_collection(store: ObjectStore) -> CollectionPlan:
             unlisted = [key for key in keys if key not in listed]
             if unlisted:
                 plan.keys[bank] = unlisted
+    indexes = {_index_sha256(m) for m in catalog.published}
+    for index_sha256 in kept_index_files(store):
+        if index_sha256 not in indexes:
+            plan.index_shards[index_sha256] = store.list_keys(index_shards_dir(index_sha256))
     return plan
+
+
+def _index_sha256(manifest: Manifest) -> str | None:
+    return manifest.files.get(INDEX_FILE, {}).get("sha256")
 
 
 def collect_unlisted(store: ObjectStore, plan: CollectionPlan, under: Maintenance, *,
@@ -357,6 +384,9 @@ def collect_unlisted(store: ObjectStore, plan: CollectionPlan, under: Maintenanc
         removal.remove(store.iter_keys(f"{MEMORIES_PREFIX}{bank}/"), report)
     for bank, keys in plan.keys.items():
         log(f"removing {len(keys)} memories of bank {bank}")
+        removal.remove(keys, report)
+    for index_sha256, keys in plan.index_shards.items():
+        log(f"removing the index shards of index file {index_sha256}")
         removal.remove(keys, report)
     return removal.removed
 

@@ -20,7 +20,8 @@ from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
 from ..retrieval.index import IndexShard, VectorIndex
-from ..storage.object_store import ObjectNotFound, ObjectStore, StoreUnavailable
+from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError, StoreUnavailable
+from .index_shards import fetch_shard, share_shard
 from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, POSITION_SCHEME, REFERENCES_FILE
 
@@ -149,6 +150,19 @@ def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
         Path(tmp.name).unlink(missing_ok=True)
 
 
+def _fetch(store: ObjectStore, name: str, manifest: Manifest, local: Path, file: str) -> None:
+    """File `file` of release `name` (whose manifest may record another name: a copy keeps the
+    original's) into its local copy `local`, unless a verified copy is there."""
+    meta = manifest.files[file]
+    path = local / file
+    if path.exists() and path.stat().st_size == meta["bytes"] and _file_sha256(path) == meta["sha256"]:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Streamed (a file is never held whole in memory), and written whole (`_write_whole`): processes
+    # sharing a cache (the local stack's index shards) may download it at once.
+    _write_whole(path, functools.partial(_download, store, name, file, meta["sha256"]))
+
+
 def _download(store: ObjectStore, name: str, file: str, sha256: str, to: Path) -> None:
     """File `file` of release `name` into `to`; ReleaseError unless it matches its manifest checksum."""
     with to.open("wb") as out:
@@ -173,25 +187,34 @@ def _kept_index(path: Path, ids: Sequence[str]) -> VectorIndex | None:
 
 
 def _keep_index(index: VectorIndex, path: Path) -> None:
-    """Keep `index` at `path`, then its checksum beside it, each written whole: a checksum that matches
-    is there only for a complete index. A cache that cannot be written makes the next start build the
-    shard again; it does not stop this one."""
+    """Keep `index` at `path` (`_keep_file`). A cache that cannot be written makes the next start build
+    the shard again; it does not stop this one."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_whole(path, index.write)
-        checksum = _file_sha256(path)
-        _write_whole(_checksum_path(path), lambda file: file.write_text(checksum + "\n"))
+        _keep_file(path, index.write)
     except (OSError, RuntimeError) as e:  # RuntimeError: FAISS could not write it
         log.warning("could not keep the index shard at %s (%s): the next start builds it again", path, e)
+
+
+def _keep_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(file)` kept at `path`, then its checksum beside it, each written whole: a checksum that
+    matches is there only for a complete file (`_kept_index`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_whole(path, write)
+    checksum = _file_sha256(path)
+    _write_whole(_checksum_path(path), lambda file: file.write_text(checksum + "\n"))
 
 
 class Release:
     """An opened release. Its reference table is read when first asked for (`references`, `by_id`),
     or row by row (`rows`): an index shard keeps a few rows of a table that may not fit its memory."""
 
-    def __init__(self, store: ObjectStore, manifest: Manifest, local_dir: Path) -> None:
+    def __init__(self, store: ObjectStore, manifest: Manifest, local_dir: Path, *,
+                 fetched: Collection[str] | None = None, opened_as: str | None = None) -> None:
         self.store, self.manifest, self.local_dir = store, manifest, local_dir
+        self._opened_as = opened_as or manifest.name  # its name in the bucket
         self._codec: MemoryCodec | None = None
+        # The files known to be in the local copy, checked (None: all of them).
+        self._fetched = None if fetched is None else set(fetched)
 
     def rows(self) -> Iterator[dict]:
         """The reference table's rows in order, one at a time."""
@@ -218,17 +241,17 @@ class Release:
         """
         manifest = read_manifest(store, name)
         local = cache_dir / name
-        for file, meta in manifest.files.items():
-            if only is not None and file not in only:
-                continue
-            path = local / file
-            if path.exists() and path.stat().st_size == meta["bytes"] and _file_sha256(path) == meta["sha256"]:
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Streamed (a file is never held whole in memory), and written whole (`_write_whole`):
-            # processes sharing a cache (the local stack's index shards) may download it at once.
-            _write_whole(path, functools.partial(_download, store, name, file, meta["sha256"]))
-        return cls(store, manifest, local)
+        fetched = [file for file in manifest.files if only is None or file in only]
+        for file in fetched:
+            _fetch(store, name, manifest, local, file)
+        return cls(store, manifest, local, fetched=None if only is None else fetched, opened_as=name)
+
+    def local_file(self, file: str) -> Path:
+        """The local copy of one of the release's files, downloaded and checked now if `open` left it out."""
+        if self._fetched is not None and file not in self._fetched:
+            _fetch(self.store, self._opened_as, self.manifest, self.local_dir, file)
+            self._fetched.add(file)
+        return self.local_dir / file
 
     @property
     def name(self) -> str:
@@ -263,21 +286,30 @@ class Release:
         if ids is None:
             ids = [r["id"] for r in self.references] if "references" in self.__dict__ else \
                 [r["id"] for r in self.rows()]
-        return VectorIndex.read(self.local_dir / INDEX_FILE, ids)
+        return VectorIndex.read(self.local_file(INDEX_FILE), ids)
 
     def index_shard(self, shard: IndexShard, ids: Sequence[str]) -> VectorIndex:
         """Shard `shard` of the vector index (`ids`: the table's ids in order), in the memory of the
-        shard alone (`VectorIndex.read_shard`). It is built once, for HNSW a graph built again (minutes
-        a million references), and kept beside the local copy under the index file's checksum, so
-        that a restart of the same shard reads it instead."""
+        shard alone (`VectorIndex.read_shard`). Building one costs the whole index file's download and,
+        for HNSW, a graph built again (minutes a million references), so it is done once: the shard is
+        kept beside the local copy under the index file's checksum, which a restart of the same shard
+        reads, and in the object store (index_shards.py), which a pod elsewhere downloads instead of
+        the whole index. The index file is downloaded only when the shard is built."""
         if shard.count == 1:
             return self.index(ids)
-        kept = self.local_dir / INDEX_SHARDS_DIR / self.manifest.files[INDEX_FILE]["sha256"] / \
-            f"{shard.index}-of-{shard.count}.faiss"
-        index = _kept_index(kept, ids[shard.index::shard.count])
+        index_sha256 = self.manifest.files[INDEX_FILE]["sha256"]
+        kept = self.local_dir / INDEX_SHARDS_DIR / index_sha256 / f"{shard.index}-of-{shard.count}.faiss"
+        mine = ids[shard.index::shard.count]
+        index = _kept_index(kept, mine)
+        if index is None and fetch_shard(self.store, index_sha256, shard, functools.partial(_keep_file, kept)):
+            index = _kept_index(kept, mine)
         if index is None:
-            index = VectorIndex.read_shard(self.local_dir / INDEX_FILE, ids, shard)
+            index = VectorIndex.read_shard(self.local_file(INDEX_FILE), ids, shard)
             _keep_index(index, kept)
+            try:  # for the pods after this one
+                share_shard(self.store, index_sha256, shard, index)
+            except StoreError as e:  # it costs the next pod a build, not this one its start
+                log.warning("could not keep index shard %s in the store (%s): the next pod builds it too", shard, e)
         return index
 
     def memory_codec(self) -> MemoryCodec:

@@ -394,9 +394,10 @@ def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
                            shard: IndexShard = IndexShard(0, 1)) -> TextResources:
     """Blocking: download (or reuse a verified copy of) the release and keep what retrieval needs:
     with `shard`, that shard's rows of the index and their texts only, loaded in the memory of the
-    shard, and built once per local copy (`Release.index_shard`)."""
-    release = Release.open(store, name, cache_dir, only={INDEX_FILE, REFERENCES_FILE, TOKENIZER_KEY})  # no weights
-    return release_resources(release, shard)
+    shard, and built once (`Release.index_shard`)."""
+    # No weights; a shard's index file only if the shard is built here (`Release.index_shard`).
+    files = {REFERENCES_FILE, TOKENIZER_KEY} | ({INDEX_FILE} if shard.count == 1 else set())
+    return release_resources(Release.open(store, name, cache_dir, only=files), shard)
 
 
 def release_resources(release: Release, shard: IndexShard = IndexShard(0, 1)) -> TextResources:

@@ -12,10 +12,16 @@ import pytest
 from text_release import DOCUMENTS, build_text_release
 
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
+from memory3.services.cli.main import main
+from memory3.services.release.index_shards import shard_key
+from memory3.services.release.manifest import release_key
+from memory3.services.release.publish import INDEX_FILE
+from memory3.services.release.reader import read_manifest
 from memory3.services.release.synthetic import publish_random_release
 from memory3.services.retrieval import index as index_module
 from memory3.services.retrieval.index import IndexShard, VectorIndex
 from memory3.services.rpc.server import ServerOptions
+from memory3.services.storage.object_store import StoreUnavailable
 from memory3.services.text.client import ShardedTextClient, ShardMismatch, TextClient
 from memory3.services.text.engine import TextEngine, load_release_resources
 from memory3.services.text.server import start_text_server
@@ -132,3 +138,79 @@ def test_a_kept_shard_that_is_damaged_or_partial_is_built_again_never_served(buc
         assert loaded.ids == built.ids and loaded.search(queries, 3) == built.search(queries, 3)
         assert kept.read_bytes() == stored  # built again and kept in its place
         assert checksum.read_text().strip() == hashlib.sha256(stored).hexdigest()
+
+
+def serve_nothing_but_the_kept_shard(monkeypatch):
+    """From here on, building a shard fails the test."""
+    def refused(*args, **kwargs):
+        raise AssertionError("the shard was built")
+
+    monkeypatch.setattr(VectorIndex, "build", refused)
+    monkeypatch.setattr(VectorIndex, "read_shard", refused)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_shard_built_on_one_pod_is_downloaded_by_the_next_without_the_whole_index(bucket, tmp_path, monkeypatch,
+                                                                                     kind):
+    """Another pod (another local cache) downloads the shard the first built, and neither builds it
+    nor downloads the release's index file."""
+    monkeypatch.setattr(index_module, "HNSW_THRESHOLD", 1 if kind == "hnsw" else 10**6)
+    publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
+    first = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(2, 3)).index
+    index_sha256 = read_manifest(bucket, "shared").files[INDEX_FILE]["sha256"]
+    assert bucket.exists(shard_key(index_sha256, IndexShard(2, 3)))
+    assert not bucket.list_keys(release_key("shared", "index-shards"))  # nothing under the published release
+    queries = first.vectors_of(first.ids)
+    serve_nothing_but_the_kept_shard(monkeypatch)
+    again = load_release_resources(bucket, "shared", tmp_path / "pod-b", IndexShard(2, 3)).index
+    assert again.ids == first.ids and again.kind == kind
+    assert again.search(queries, 3) == first.search(queries, 3)
+    assert not (tmp_path / "pod-b" / "shared" / INDEX_FILE).exists()
+
+
+def test_a_shard_in_the_store_that_fails_its_checksum_is_built_again_and_replaced(bucket, tmp_path):
+    publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
+    built = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(0, 2)).index
+    key = shard_key(read_manifest(bucket, "shared").files[INDEX_FILE]["sha256"], IndexShard(0, 2))
+    stored, checksum = bucket.get_bytes(key), bucket.get_bytes(key + ".sha256")
+    queries = built.vectors_of(built.ids)
+    for pod, damage in enumerate((lambda: bucket.put_bytes(key, stored[:-9] + bytes([stored[-9] ^ 1]) + stored[-8:]),
+                                  lambda: bucket.remove_keys([key + ".sha256"]),  # stopped before its checksum
+                                  lambda: bucket.put_bytes(key + ".sha256", b"\xff"))):
+        damage()
+        loaded = load_release_resources(bucket, "shared", tmp_path / f"pod-{pod}", IndexShard(0, 2)).index
+        assert loaded.search(queries, 3) == built.search(queries, 3)
+        assert (bucket.get_bytes(key), bucket.get_bytes(key + ".sha256")) == (stored, checksum)  # put anew
+
+
+def test_a_store_that_refuses_the_shard_does_not_stop_the_pod(bucket, tmp_path, monkeypatch, caplog):
+    publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
+    whole = load_release_resources(bucket, "shared", tmp_path / "whole").index
+
+    def refuse(key, *args, **kwargs):
+        raise StoreUnavailable(f"put {key}: the object store refused the request (AccessDenied)")
+
+    monkeypatch.setattr(bucket, "put_bytes", refuse)
+    loaded = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(1, 2)).index
+    assert loaded.ids == whole.ids[1::2]
+    assert "could not keep index shard 1/2 in the store" in caplog.text
+
+
+def test_release_shard_index_builds_every_shard_ahead_of_the_pods(bucket, tmp_path, monkeypatch, capsys):
+    publish_random_release(bucket, "ahead", DOCUMENTS, embedder=HashEmbedder())
+    whole = load_release_resources(bucket, "ahead", tmp_path / "whole").index
+    s3 = bucket.config
+    args = ["release", "shard-index", "ahead", "--shards", "3", "--cache-dir", str(tmp_path / "cli"),
+            "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket]
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", s3.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", s3.secret_key)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0] for line in printed.splitlines()] == [f"index shard {i}/3" for i in range(3)]
+    assert "kept at index-shards/v1/" in printed
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("kept already") == 3
+    serve_nothing_but_the_kept_shard(monkeypatch)
+    shards = [load_release_resources(bucket, "ahead", tmp_path / f"pod-{i}", IndexShard(i, 3)).index for i in range(3)]
+    assert [s.ids for s in shards] == [whole.ids[i::3] for i in range(3)]
+    assert not any((tmp_path / f"pod-{i}" / "ahead" / INDEX_FILE).exists() for i in range(3))
