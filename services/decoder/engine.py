@@ -115,6 +115,8 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    # Of `stop`, those that end the stream before `min_tokens` too: a chat template's turn end.
+    stop_always: tuple[str, ...] = ()
     use_memory: bool = True
     include_reference_text: bool = False
     ignore_eos: bool = False
@@ -130,12 +132,12 @@ class GenerationRequest:
     # With it, max_tokens may be 0: the prompt is read and scored, and nothing generated.
     prompt_logprobs: int | None = None
     # vLLM's: the stream ends ("stop") when it draws one of these ids, which is kept in its token ids
-    # and text (a control token, `</s>`, has none); with `ignore_eos`, the end-of-sequence token too
+    # but not in its text, as vLLM does by default; with `ignore_eos`, the end-of-sequence token too
     # when listed here.
     stop_token_ids: tuple[int, ...] = ()
     # vLLM's: the stream cannot end before it has this many tokens. Until then the end-of-sequence
-    # token and `stop_token_ids` are never drawn, and stop strings are looked for only in the text
-    # that follows. At most max_tokens.
+    # token and `stop_token_ids` are never drawn, and stop strings (but `stop_always`) are looked for
+    # only in the text after them. At most max_tokens.
     min_tokens: int = 0
 
 
@@ -183,6 +185,7 @@ class GenerationEvent:
 class _Tokens:
     ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    spelled: bool = True  # False: the ids go out without their text (a stop token id's)
 
 
 @dataclass(frozen=True)
@@ -670,8 +673,9 @@ class Scheduler:
             self._finish(stream, "stop")
             return
         stream.tokens.append(token)
-        self._emit(stream, _Tokens([token], [logprob] if logprob is not None else []))
-        if token in request.stop_token_ids:
+        stopped = token in request.stop_token_ids
+        self._emit(stream, _Tokens([token], [logprob] if logprob is not None else [], spelled=not stopped))
+        if stopped:
             self._finish(stream, "stop")
             return
         n = len(stream.tokens)
@@ -1062,13 +1066,16 @@ class GenerationEngine:
                 produced += len(message.ids)
                 pending.token_ids.extend(message.ids)
                 pending.logprobs.extend(message.logprobs)
-                delta = detok.add(message.ids)
+                delta = detok.add(message.ids) if message.spelled else ""
             else:
                 finish = message.reason
                 delta = detok.add([], final=True)
-            if request.stop and produced >= request.min_tokens:  # no stop string ends it before that
+            if request.stop:
+                # Up to min_tokens, only a stop string that always ends it (a chat template's turn end);
+                # the text that may begin another is held meanwhile, so that one ending after is found.
+                stops = request.stop if produced > request.min_tokens else request.stop_always
                 text = held + delta
-                hit = _find_stop(text, request.stop)
+                hit = _find_stop(text, stops)
                 if hit is not None:
                     if finish is None:  # the scheduler still decodes it: ends it, counted as a success
                         self.scheduler.post(("stop", stream, None))

@@ -17,9 +17,9 @@ Defaults follow OpenAI (temperature 1, top_p 1) except `max_tokens`, which defau
 server's `--default-max-tokens`. A prompt given as token ids is the text's ids: the context's `<s>`
 is put before them, as before a text prompt (so `usage.prompt_tokens` counts one more).
 Extensions: `top_k`, `use_memory` (default true), `include_reference_text`, and vLLM's `ignore_eos`
-(always `max_tokens`, for benchmarks), `stop_token_ids` (a stop token is kept in the text, as vLLM
-keeps it) and `min_tokens` (no end-of-sequence token, stop token or stop string before that many
-tokens); replies carry `citations` (per 64-token chunk, the
+(always `max_tokens`, for benchmarks), `stop_token_ids` (a stop token is counted but not in the text, as
+vLLM's default) and `min_tokens` (no end-of-sequence token, stop token or client's stop string ends a
+choice before that many tokens; a chat template's turn end does); replies carry `citations` (per 64-token chunk, the
 references it retrieved, with the `index` of the choice) and `warnings` when there are any.
 
 A completion's prompt may be a batch, a list of texts or of token-id lists, as OpenAI's. `n` choices
@@ -459,8 +459,21 @@ class _EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            # In a task of its own: a second cancel (a hang-up, then the shutdown's grace running out)
+            # stops this wait, not the closing.
+            closing = asyncio.ensure_future(self._close_all())
+            _CLOSING.add(closing)
+            closing.add_done_callback(_CLOSING.discard)
+            await asyncio.shield(closing)
+
+    async def _close_all(self) -> None:
+        try:
             await self.body_iterator.aclose()
+        finally:
             await self._closing()
+
+
+_CLOSING: set[asyncio.Task] = set()  # replies' closings under way (the loop keeps weak references only)
 
 
 async def _started(firsts: list[asyncio.Future], queued: list[asyncio.Event]) -> None:

@@ -43,7 +43,8 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
                   prompt_logprobs: int | None = None, score_only: bool = False,
                   stop_token_ids: Sequence[int] = (), min_tokens: int = 0) -> GenerationRequest:
     """A validated engine request. `max_tokens` 0 means the server's default; `top_p` 0 or 1 disables it.
-    `server_stop`: stop strings the server adds (a chat template's), not counted against the client's.
+    `server_stop`: stop strings the server adds (a chat template's), not counted against the client's,
+    and honoured before `min_tokens` too.
     `logprobs`, `prompt_logprobs`: report each generated (prompt) token's logprob and this many
     alternatives' (None: none). `score_only`: read and score the prompt, generate nothing.
     `stop_token_ids`, `min_tokens`: vLLM's (GenerationRequest); the engine judges them against its vocabulary.
@@ -92,6 +93,7 @@ async def build_request(engine: GenerationEngine, *, prompt: str = "", prompt_to
         max_tokens or max(1, min(engine.config.default_max_tokens, engine.room(body, use_memory))),
         sampling=sampling,
         stop=tuple(dict.fromkeys([*stop, *server_stop])),
+        stop_always=tuple(dict.fromkeys(server_stop)),
         use_memory=use_memory,
         include_reference_text=include_reference_text,
         ignore_eos=ignore_eos,

@@ -103,13 +103,16 @@ def test_logprobs_and_a_logit_bias_over_grpc(stack, stub):
 def test_stop_token_ids_and_min_tokens_over_grpc(stack, stub):
     """A stop token id ends the stream at the token, which is kept; with min_tokens past it, that token
     is not drawn there and the stream goes on."""
-    greedy = [t for r in generate(stub, max_tokens=8) for t in r.token_ids]
-    k = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])  # its first time there
-    stopped = generate(stub, max_tokens=8, stop_token_ids=[greedy[k]])
-    assert [t for r in stopped for t in r.token_ids] == greedy[: k + 1]
+    greedy = generate(stub, max_tokens=8)
+    tokens = [t for r in greedy for t in r.token_ids]
+    k = next((i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i]), None)  # its first time there
+    assert k is not None, f"greedy decoding repeated one token: {tokens}"
+    stopped = generate(stub, max_tokens=8, stop_token_ids=[tokens[k]])
+    assert [t for r in stopped for t in r.token_ids] == tokens[: k + 1]  # the stop token's id, not its text
+    assert "".join(r.text for r in stopped) == "".join(r.text for r in generate(stub, max_tokens=k))
     assert stopped[-1].finish_reason == pb.FINISH_REASON_STOP and stopped[-1].usage.completion_tokens == k + 1
-    later = [t for r in generate(stub, max_tokens=8, stop_token_ids=[greedy[k]], min_tokens=k + 1) for t in r.token_ids]
-    assert later[:k] == greedy[:k] and later[k] != greedy[k] and len(later) > k + 1
+    later = [t for r in generate(stub, max_tokens=8, stop_token_ids=[tokens[k]], min_tokens=k + 1) for t in r.token_ids]
+    assert later[:k] == tokens[:k] and later[k] != tokens[k]
 
 
 def test_identical_request_is_served_from_redis(stack, stub):

@@ -196,6 +196,7 @@ def test_a_templates_stop_strings_do_not_count_against_the_clients(tiny_model, t
     request = asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}], "stop": stops}, engine,
                                      "memory3", load_chat_template("qa"))).request
     assert request.stop == (*stops, "\n")
+    assert request.stop_always == ("\n",)  # the turn's end: it ends the answer before min_tokens too
     with pytest.raises(InvalidInput, match="stop: at most 8"):
         asyncio.run(parse_chat({"messages": [{"role": "user", "content": "x"}], "stop": [*stops, "S8"]}, engine,
                                "memory3", load_chat_template("qa")))

@@ -561,7 +561,8 @@ def test_a_row_forgets_the_counts_and_bias_of_the_stream_before(tiny_model, text
 
 
 def test_min_tokens_and_stop_token_ids_end_each_stream_as_generate_ends_it(tiny_model, text_codec, prefix, memories):
-    """vLLM's options, per stream of one batch: a stop token id ends its stream and is kept; before
+    """vLLM's options, per stream of one batch: a stop token id ends its stream, in its token ids but
+    not its text (vLLM's default); before
     min_tokens, neither it nor the end-of-sequence token is drawn (past a memory swap too); with
     ignore_eos, the end-of-sequence token listed as a stop token still ends the stream."""
     retrieval = FakeRetrieval(memories)
@@ -591,25 +592,27 @@ def test_min_tokens_and_stop_token_ids_end_each_stream_as_generate_ends_it(tiny_
                                                        stop_ids=(x,), min_tokens=3)
     assert len(got["eos after 70"][0]) == 70 and got["eos after 70"][2][-1].finish_reason == "stop"
     tokens, text, events = got["x after 3"]
-    assert len(tokens) == 4 and x not in tokens[:3] and tokens[3] == x and text.endswith("x")
+    assert len(tokens) == 4 and x not in tokens[:3] and tokens[3] == x and text == text_codec.decode(tokens[:3])
     assert events[-1].finish_reason == "stop" and events[-1].usage.completion_tokens == 4
     assert got["x, no stop"][0] == [x] * 20 and got["x, no stop"][2][-1].finish_reason == "length"
     assert got["eos listed"][0] == [] and got["eos listed"][2][-1].finish_reason == "stop"
 
 
-def test_no_stop_string_ends_a_stream_before_its_min_tokens(tiny_model, text_codec):
+@pytest.mark.parametrize(("stop", "min_tokens", "always", "expected"), [
+    ("a", 4, False, (5, "aaaa")),  # looked for in the text after the first 4 tokens, as vLLM does
+    ("aa", 4, False, (5, "aaa")),  # one that ends there is found, though it begins before
+    ("a", 0, False, (1, "")),
+    ("a", 4, True, (1, "")),  # a chat template's turn end ends it before min_tokens too
+])
+def test_no_stop_string_ends_a_stream_before_its_min_tokens(tiny_model, text_codec, stop, min_tokens, always,
+                                                            expected):
     body = prompts(1, text_codec)[0]
     to_a = SamplingParams(logit_bias=((text_codec.encode("a")[0], 100.0),))
-
-    def generate_with(min_tokens):
-        return collect_alone(GenerationEngine(tiny_model, text_codec, None, EngineConfig()),
-                             GenerationRequest(body, 20, sampling=to_a, stop=("a",), min_tokens=min_tokens,
-                                               use_memory=False))
-
-    tokens, text, events = generate_with(4)
-    assert (len(tokens), text, events[-1].finish_reason) == (4, "aaa", "stop")
-    tokens, text, events = generate_with(0)
-    assert (len(tokens), text, events[-1].finish_reason) == (1, "", "stop")
+    tokens, text, events = collect_alone(
+        GenerationEngine(tiny_model, text_codec, None, EngineConfig()),
+        GenerationRequest(body, 20, sampling=to_a, stop=(stop,), stop_always=(stop,) if always else (),
+                          min_tokens=min_tokens, use_memory=False))
+    assert (len(tokens), text, events[-1].finish_reason) == (*expected, "stop")
 
 
 def test_min_tokens_and_stop_token_ids_are_judged_against_the_request(tiny_model, text_codec):

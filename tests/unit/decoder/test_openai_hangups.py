@@ -69,3 +69,40 @@ def test_a_client_that_leaves_mid_stream_frees_its_rows(tiny_model, text_codec):
     held, sent = hang_up(tiny_model, text_codec, body, leave_after="http.response.body")
     assert sent[-1]["body"].startswith(b"data: {")
     assert held == 0
+
+
+def test_a_reply_cancelled_again_while_it_closes_still_closes_its_streams():
+    """A hang-up cancels the reply, and the server's shutdown cancels it again while its body closes:
+    the streams are closed all the same."""
+    from memory3.services.decoder.openai_routes import _EventStream
+
+    closed = []
+
+    async def body():
+        try:
+            yield "data: {}\n\n"
+        finally:
+            await asyncio.sleep(0.05)  # closing takes a while (the streams' own closing)
+
+    async def closing():
+        closed.append(True)
+
+    async def main():
+        async def send(message):
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # a stalled write
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        reply = asyncio.ensure_future(_EventStream(body(), closing=closing)(
+            {"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send))
+        await asyncio.sleep(0.02)
+        reply.cancel()  # the hang-up
+        await asyncio.sleep(0.01)
+        reply.cancel()  # the shutdown, while the body closes
+        await asyncio.wait({reply})
+        await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+    assert closed == [True]

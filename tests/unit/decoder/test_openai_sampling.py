@@ -191,21 +191,25 @@ def test_bad_sampling_fields_say_what_to_fix(tiny_model, text_codec, path, field
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_vllms_stop_token_ids_and_min_tokens_end_a_choice(tiny_model, text_codec, path):
-    """A stop token id ends the choice and its text stays, as vLLM's; before min_tokens it is not drawn."""
+    """A stop token id ends the choice, counted but not in its text (vLLM's default); before min_tokens it
+    is not drawn."""
     body = {"messages": [{"role": "user", "content": PROMPT}]} if "chat" in path else {"prompt": PROMPT}
     x = text_codec.encode("x")[0]
     ask = {**body, "max_tokens": 30, "temperature": 0, "use_memory": False, "logit_bias": {str(x): 100},
            "stop_token_ids": [x]}
 
     async def calls(client, _engine):
-        return [(await client.post(path, json={**ask, **extra})).json() for extra in ({}, {"min_tokens": 5})]
+        return [(await client.post(path, json={**ask, **extra})).json()
+                for extra in ({}, {"min_tokens": 5}, {"min_tokens": 5, "max_tokens": 5})]
 
-    at_once, later = serve(tiny_model, text_codec, calls)
-    for reply, tokens in ((at_once, 1), (later, 6)):
+    def text(reply):
         choice = reply["choices"][0]
-        text = choice["message"]["content"] if "chat" in path else choice["text"]
-        assert choice["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] == tokens
-        assert text.endswith("x") and text.count("x") == 1, text
+        return choice["message"]["content"] if "chat" in path else choice["text"]
+
+    at_once, later, first_five = serve(tiny_model, text_codec, calls)
+    for reply, tokens, reason in ((at_once, 1, "stop"), (later, 6, "stop"), (first_five, 5, "length")):
+        assert reply["choices"][0]["finish_reason"] == reason and reply["usage"]["completion_tokens"] == tokens
+    assert text(at_once) == "" and text(later) == text(first_five)  # the same five tokens, then x
 
 
 @pytest.mark.parametrize("stream", [False, True])
