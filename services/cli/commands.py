@@ -350,8 +350,12 @@ def cmd_release_gc(s3, *, dry_run: bool) -> int:
 
 def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path) -> int:
     """Each shard of the release's index built from one local copy of the index and kept in the store,
-    for text services started with `--index-shard I/N` (index_shards.py). A shard kept already is left."""
-    from memory3.services.release.index_shards import is_shared, shard_key, share_shard
+    for text services started with `--index-shard I/N` (index_shards.py). A shard kept already is left;
+    one whose objects are missing or of another shape is built again."""
+    import hashlib
+    import tempfile
+
+    from memory3.services.release.index_shards import is_shared, shape_of, share_shard
     from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
     from memory3.services.release.reader import Release
     from memory3.services.retrieval.index import IndexShard, VectorIndex
@@ -366,15 +370,21 @@ def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path) -> i
     ids = [row["id"] for row in release.rows()]
     for i in range(shards):
         shard = IndexShard(i, shards)
-        key = shard_key(index_sha256, shard)
-        if is_shared(store, index_sha256, shard):
-            print(f"index shard {shard}: kept already at {key}")
+        shape = release.shard_shape(len(ids[i::shards]))
+        if is_shared(store, index_sha256, shard, shape):
+            print(f"index shard {shard}: kept already")
             continue
         started = time.monotonic()
         index = VectorIndex.read_shard(release.local_file(INDEX_FILE), ids, shard)
-        size = share_shard(store, index_sha256, shard, index)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            path = Path(tmp) / "shard.faiss"
+            index.write(path)
+            with path.open("rb") as f:
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            where = share_shard(store, index_sha256, shard, path, sha256, shape_of(index))
+            size = path.stat().st_size
         print(f"index shard {shard}: {len(index.ids)} references ({index.kind}, {size / 2**20:.1f} MiB), built in "
-              f"{time.monotonic() - started:.1f} s and kept at {key}")
+              f"{time.monotonic() - started:.1f} s and kept at {where}")
     return 0
 
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from ..storage.object_store import ObjectNotFound, ObjectStore
-from .index_shards import index_shards_dir, kept_index_files
+from .index_shards import index_shards_dir, kept_index_files, unnamed_bytes
 from .lease import LEASE_TTL_S, Lease, Maintenance, MaintenanceLapsed, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
@@ -304,8 +304,8 @@ class CollectionPlan:
     releases lists (`keys`, by bank). Failed or cancelled publications leave them; a retry of the same
     publication would reuse them, as keys are content hashes. `skipped`: banks left whole, as a
     release using them has a reference table that cannot be read (by bank, release name to why).
-    `index_shards`: the keys of the index shards kept in the store for index files no published
-    release has (by the file's sha256; index_shards.py)."""
+    `index_shards`: the objects kept in the store for the shards of index files (index_shards.py), by
+    the file's sha256: all of them for a file no published release has, else the bytes no pointer names."""
 
     banks: dict[str, int] = field(default_factory=dict)
     keys: dict[str, list[str]] = field(default_factory=dict)
@@ -323,7 +323,7 @@ class CollectionPlan:
         lines += [f"memory bank {bank}: {len(keys)} memories no release lists" for bank, keys in self.keys.items()]
         lines += [f"memory bank {bank}: left whole, as {_unreadable_tables(tables)}; then run this again"
                   for bank, tables in self.skipped.items()]
-        lines += [f"index shards of index file {sha[:12]}…: no release has it; its {len(keys)} objects go"
+        lines += [f"index shards of index file {sha[:12]}…: {len(keys)} objects go"
                   for sha, keys in self.index_shards.items()]
         return "\n".join(lines) or "every memory in the bucket is listed by a published release: nothing to remove"
 
@@ -359,8 +359,10 @@ def plan_collection(store: ObjectStore) -> CollectionPlan:
                 plan.keys[bank] = unlisted
     indexes = {_index_sha256(m) for m in catalog.published}
     for index_sha256 in kept_index_files(store):
-        if index_sha256 not in indexes:
-            plan.index_shards[index_sha256] = store.list_keys(index_shards_dir(index_sha256))
+        keys = store.list_keys(index_shards_dir(index_sha256)) if index_sha256 not in indexes else \
+            unnamed_bytes(store, index_sha256)
+        if keys:
+            plan.index_shards[index_sha256] = keys
     return plan
 
 

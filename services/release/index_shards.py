@@ -6,20 +6,26 @@ a graph built again (minutes a million references). The first pod to build shard
 puts it here, and every later one (a restart on another node, a replica the autoscaler adds)
 downloads the shard alone; `memory3 release shard-index` builds them all ahead of the pods.
 
-The key is the index file's sha256 (its manifest checksum), not a release's name: the objects are a
-pure function of that file and I/N, so releases with the same index share them, and no object is
-ever written under a release's own prefix after its publication (a name it left there after a
-deletion would read as a publication left half-written). A shard is trusted only when its sha256
-matches the checksum object put after it; otherwise it is built again and put anew, never served.
-`release delete` removes the shards of an index no other release has, and `release gc` those of
-any index no published release has.
+Under `index-shards/v1/<index file's sha256>/`, not under a release: the objects are a function of
+that file (its manifest checksum) and I/N, so releases with the same index share them, and nothing
+is written under a release's own prefix after its publication (a name it left there after a
+deletion would read as a publication left half-written). A shard is two objects: its bytes, named by
+their own sha256 (`I-of-N.<sha256>.faiss`), then a pointer (`I-of-N.json`) naming them with the
+shard's shape (rows, dimension, kind). Pods that build the same shard at once (HNSW builds differ)
+each put their own bytes and a pointer to them, so whichever pointer is last names bytes that match
+it; a reader checks the shape against what it expects and the bytes against the sha256, and builds
+the shard again (and puts it anew) on any mismatch, never serving it. `release delete` removes the
+shards of an index no other release has, and `release gc` those of any index no published release
+has, and bytes no pointer names.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
+import re
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..retrieval.index import IndexShard, VectorIndex
@@ -27,64 +33,135 @@ from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError
 
 log = logging.getLogger("memory3.release")
 INDEX_SHARDS_PREFIX = "index-shards/v1/"  # v1: shard I/N holds the index's rows I, I+N, ... in order
-CHECKSUM_SUFFIX = ".sha256"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def shard_key(index_sha256: str, shard: IndexShard) -> str:
-    return f"{INDEX_SHARDS_PREFIX}{index_sha256}/{shard.index}-of-{shard.count}.faiss"
+@dataclass(frozen=True)
+class ShardShape:
+    """What a shard must be to serve: its rows, their dimension and the index's kind."""
+
+    rows: int
+    dim: int
+    kind: str
+
+
+def shape_of(index: VectorIndex) -> ShardShape:
+    return ShardShape(len(index.ids), int(index.index.d), index.kind)
+
+
+@dataclass(frozen=True)
+class _Pointer:
+    sha256: str
+    bytes: int
+    shape: ShardShape
+
+    @classmethod
+    def parse(cls, data: bytes) -> _Pointer:
+        """ValueError (KeyError, TypeError) for anything but a pointer `share_shard` wrote."""
+        raw = json.loads(data)
+        pointer = cls(str(raw["sha256"]), int(raw["bytes"]), ShardShape(int(raw["rows"]), int(raw["dim"]),
+                                                                       str(raw["kind"])))
+        if not SHA256.fullmatch(pointer.sha256):
+            raise ValueError(f"sha256 {pointer.sha256!r} is not one")
+        return pointer
+
+    def to_json(self) -> bytes:
+        return json.dumps({"sha256": self.sha256, "bytes": self.bytes, **asdict(self.shape)}).encode()
 
 
 def index_shards_dir(index_sha256: str) -> str:
-    """The prefix of every shard kept of one index file."""
+    """The prefix of every object kept for the shards of one index file."""
     return f"{INDEX_SHARDS_PREFIX}{index_sha256}/"
 
 
+def pointer_key(index_sha256: str, shard: IndexShard) -> str:
+    return f"{index_shards_dir(index_sha256)}{shard.index}-of-{shard.count}.json"
+
+
+def bytes_key(index_sha256: str, shard: IndexShard, sha256: str) -> str:
+    return f"{index_shards_dir(index_sha256)}{shard.index}-of-{shard.count}.{sha256}.faiss"
+
+
 def kept_index_files(store: ObjectStore) -> list[str]:
-    """The sha256 of every index file with shards kept in the store."""
-    return [key[len(INDEX_SHARDS_PREFIX):].strip("/") for key in store.list_keys(INDEX_SHARDS_PREFIX, recursive=False)]
+    """The sha256 of every index file with objects kept here (anything else under the prefix is not ours)."""
+    found = (key[len(INDEX_SHARDS_PREFIX):].strip("/") for key in store.list_keys(INDEX_SHARDS_PREFIX, recursive=False))
+    return [sha for sha in found if SHA256.fullmatch(sha)]
 
 
-def fetch_shard(store: ObjectStore, index_sha256: str, shard: IndexShard, write: Callable[[Callable], None]) -> bool:
-    """Shard `shard` of the index whose file has `index_sha256`, written through `write(download)`
-    (which calls `download(path)` for a file it then keeps): True once written and checked, False when
-    the store has none, or one that does not match its checksum, or does not answer (the caller
-    builds it then)."""
-    key = shard_key(index_sha256, shard)
+def unnamed_bytes(store: ObjectStore, index_sha256: str) -> list[str]:
+    """The shard bytes kept for an index that no pointer names (those of a writer that lost a race),
+    and pointers that cannot be read."""
+    keys = store.list_keys(index_shards_dir(index_sha256))
+    named, unreadable = set(), []
+    for key in keys:
+        if key.endswith(".json"):
+            try:
+                pointer = _Pointer.parse(store.get_bytes(key))
+            except ObjectNotFound:
+                continue
+            except (ValueError, KeyError, TypeError):
+                unreadable.append(key)
+                continue
+            shard = key[len(index_shards_dir(index_sha256)):].removesuffix(".json")
+            named.add(f"{index_shards_dir(index_sha256)}{shard}.{pointer.sha256}.faiss")
+    return [key for key in keys if key.endswith(".faiss") and key not in named] + unreadable
+
+
+def fetch_shard(store: ObjectStore, index_sha256: str, shard: IndexShard, shape: ShardShape,
+                write: Callable[[Callable[[Path], None]], None]) -> bool:
+    """Shard `shard` of the index whose file has `index_sha256`, if the store keeps one of `shape`,
+    written through `write(download)` (which calls `download(path)` for a file it then keeps): True once
+    written and checked; False when the store has none, one of another shape or whose bytes do not
+    match their sha256, or does not answer (the caller builds the shard then)."""
+    key = pointer_key(index_sha256, shard)
     try:
-        expected = store.get_bytes(key + CHECKSUM_SUFFIX).decode().strip()
+        pointer = _Pointer.parse(store.get_bytes(key))
     except ObjectNotFound:
         return False
-    except (StoreError, UnicodeDecodeError) as e:
-        log.warning("could not read the checksum of index shard %s kept in the store (%s): building it", shard, e)
+    except (StoreError, ValueError, KeyError, TypeError) as e:
+        log.warning("index shard %s kept in the store cannot be read (%s: %s): building it", shard, key, e)
         return False
+    if pointer.shape != shape:
+        log.warning("index shard %s kept in the store is %s, where %s was expected: building it", shard,
+                    pointer.shape, shape)
+        return False
+    where = bytes_key(index_sha256, shard, pointer.sha256)
 
     def download(path: Path) -> None:
         with path.open("wb") as out:
-            digest = store.download(key, out)
-        if digest != expected:
-            raise _Mismatch(f"its sha256 is {digest}, its checksum object says {expected}")
+            digest = store.download(where, out)
+        if digest != pointer.sha256:
+            raise _Mismatch(f"its sha256 is {digest}, where its name says {pointer.sha256}")
 
     try:
         write(download)
     except (StoreError, OSError, _Mismatch) as e:  # OSError: the local copy could not be written
-        log.warning("index shard %s kept in the store at %s cannot be used (%s): building it", shard, key, e)
+        log.warning("index shard %s kept in the store at %s cannot be used (%s): building it", shard, where, e)
         return False
-    log.info("index shard %s downloaded from the store (%s)", shard, key)
+    log.info("index shard %s downloaded from the store (%s)", shard, where)
     return True
 
 
-def share_shard(store: ObjectStore, index_sha256: str, shard: IndexShard, index: VectorIndex) -> int:
-    """Put a shard just built in the store, then its checksum (a shard without one is never used);
-    returns its size in bytes. StoreError when the store refuses it."""
-    key, data = shard_key(index_sha256, shard), index.to_bytes()
-    store.put_bytes(key, data)
-    store.put_bytes(key + CHECKSUM_SUFFIX, (hashlib.sha256(data).hexdigest() + "\n").encode(), "text/plain")
-    return len(data)
+def share_shard(store: ObjectStore, index_sha256: str, shard: IndexShard, path: Path, sha256: str,
+                shape: ShardShape) -> str:
+    """Put the shard kept at `path` (whose sha256 is `sha256`, of `shape`: `shape_of` the index written
+    there) in the store, streamed, then its pointer; returns where its bytes went. StoreError when the
+    store refuses it."""
+    where = bytes_key(index_sha256, shard, sha256)
+    store.put_file(where, path)
+    store.put_bytes(pointer_key(index_sha256, shard), _Pointer(sha256, path.stat().st_size, shape).to_json(),
+                    "application/json")
+    return where
 
 
-def is_shared(store: ObjectStore, index_sha256: str, shard: IndexShard) -> bool:
-    """Whether the store keeps that shard (its checksum, put last, is there)."""
-    return store.exists(shard_key(index_sha256, shard) + CHECKSUM_SUFFIX)
+def is_shared(store: ObjectStore, index_sha256: str, shard: IndexShard, shape: ShardShape) -> bool:
+    """Whether the store keeps that shard, of that shape, with bytes of the size its pointer says (their
+    sha256 is checked when a pod downloads them)."""
+    try:
+        pointer = _Pointer.parse(store.get_bytes(pointer_key(index_sha256, shard)))
+        return pointer.shape == shape and store.size(bytes_key(index_sha256, shard, pointer.sha256)) == pointer.bytes
+    except (ObjectNotFound, ValueError, KeyError, TypeError):
+        return False
 
 
 class _Mismatch(Exception):

@@ -21,7 +21,7 @@ from memory3.model.tokenizer import TextCodec
 
 from ..retrieval.index import IndexShard, VectorIndex
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError, StoreUnavailable
-from .index_shards import fetch_shard, share_shard
+from .index_shards import ShardShape, fetch_shard, shape_of, share_shard
 from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, POSITION_SCHEME, REFERENCES_FILE
 
@@ -30,6 +30,8 @@ log = logging.getLogger("memory3.release")
 # Beside a release's local copy: the index shards built from its index, under the index file's
 # sha256 (`Release.index_shard`).
 INDEX_SHARDS_DIR = "index-shards"
+# A manifest's index `type` (FAISS's class) as a kind, for releases whose manifest has no `kind`.
+FAISS_KINDS = {"IndexFlatIP": "flat", "IndexHNSWFlat": "hnsw", "IndexIVFPQ": "ivfpq"}
 
 
 def read_manifest(store: ObjectStore, name: str) -> Manifest:
@@ -186,13 +188,15 @@ def _kept_index(path: Path, ids: Sequence[str]) -> VectorIndex | None:
     return None
 
 
-def _keep_index(index: VectorIndex, path: Path) -> None:
-    """Keep `index` at `path` (`_keep_file`). A cache that cannot be written makes the next start build
-    the shard again; it does not stop this one."""
+def _keep_index(index: VectorIndex, path: Path) -> bool:
+    """Keep `index` at `path` (`_keep_file`); whether it was. A cache that cannot be written makes the
+    next start build the shard again; it does not stop this one."""
     try:
         _keep_file(path, index.write)
+        return True
     except (OSError, RuntimeError) as e:  # RuntimeError: FAISS could not write it
         log.warning("could not keep the index shard at %s (%s): the next start builds it again", path, e)
+        return False
 
 
 def _keep_file(path: Path, write: Callable[[Path], None]) -> None:
@@ -300,17 +304,26 @@ class Release:
         index_sha256 = self.manifest.files[INDEX_FILE]["sha256"]
         kept = self.local_dir / INDEX_SHARDS_DIR / index_sha256 / f"{shard.index}-of-{shard.count}.faiss"
         mine = ids[shard.index::shard.count]
+        shape = self.shard_shape(len(mine))
         index = _kept_index(kept, mine)
-        if index is None and fetch_shard(self.store, index_sha256, shard, functools.partial(_keep_file, kept)):
+        if index is None and fetch_shard(self.store, index_sha256, shard, shape,
+                                         functools.partial(_keep_file, kept)):
             index = _kept_index(kept, mine)
         if index is None:
             index = VectorIndex.read_shard(self.local_file(INDEX_FILE), ids, shard)
-            _keep_index(index, kept)
-            try:  # for the pods after this one
-                share_shard(self.store, index_sha256, shard, index)
-            except StoreError as e:  # it costs the next pod a build, not this one its start
-                log.warning("could not keep index shard %s in the store (%s): the next pod builds it too", shard, e)
+            if _keep_index(index, kept):  # shared from the file kept: streamed, never a copy in memory
+                try:  # for the pods after this one
+                    share_shard(self.store, index_sha256, shard, kept, _checksum_path(kept).read_text().strip(),
+                                shape_of(index))
+                except (StoreError, OSError) as e:  # it costs the next pod a build, not this one its start
+                    log.warning("could not keep index shard %s in the store (%s): the next pod builds it too",
+                                shard, e)
         return index
+
+    def shard_shape(self, rows: int) -> ShardShape:
+        """What a shard of `rows` rows of this release's index is: their dimension and the index's kind."""
+        meta = self.manifest.index
+        return ShardShape(rows, int(meta["dim"]), str(meta.get("kind") or FAISS_KINDS.get(meta.get("type"), "")))
 
     def memory_codec(self) -> MemoryCodec:
         if self._codec is None:

@@ -97,6 +97,14 @@ class ObjectStore:
         self._call(f"put {key}", self.client.put_object, self.bucket, key, io.BytesIO(data), len(data),
                    content_type=content_type)
 
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """Upload the file at `path`, streamed (in parts when it is large), never held whole in memory."""
+        self._call(f"put {key}", self.client.fput_object, self.bucket, key, str(path), content_type=content_type)
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes; ObjectNotFound without one."""
+        return self._call(f"stat {key}", self.client.stat_object, self.bucket, key).size
+
     def get_bytes(self, key: str) -> bytes:
         response = self._call(f"get {key}", self.client.get_object, self.bucket, key)
         try:

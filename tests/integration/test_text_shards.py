@@ -1,9 +1,11 @@
 """An index served in shards over real gRPC: N text services, each with every N-th reference, answer
 together what one service with the whole index answers; shards that do not make one index are refused.
-A shard is built once per local copy of its release: a restart reads it, unless it is damaged."""
+A shard is built once: a restart reads the copy it kept, a pod elsewhere the one kept in the object
+store, unless it is damaged or of another shape (then it is built again, never served)."""
 
 import asyncio
 import hashlib
+import json
 from contextlib import AsyncExitStack
 
 import grpc
@@ -13,7 +15,8 @@ from text_release import DOCUMENTS, build_text_release
 
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 from memory3.services.cli.main import main
-from memory3.services.release.index_shards import shard_key
+from memory3.services.release import reader as reader_module
+from memory3.services.release.index_shards import bytes_key, pointer_key
 from memory3.services.release.manifest import release_key
 from memory3.services.release.publish import INDEX_FILE
 from memory3.services.release.reader import read_manifest
@@ -116,13 +119,15 @@ def test_a_restarted_shard_reads_the_shard_it_built_instead_of_building_it_again
         raise AssertionError("the shard was built again")
 
     monkeypatch.setattr(VectorIndex, "build", build_again)
+    monkeypatch.setattr(reader_module, "fetch_shard", lambda *args: False)  # the local copy, not the store's
     again = load_release_resources(bucket, "kept", cache, IndexShard(1, 3)).index
     queries = first.vectors_of(first.ids)
     assert again.ids == first.ids and again.kind == kind
     assert again.search(queries, 3) == first.search(queries, 3)
 
 
-def test_a_kept_shard_that_is_damaged_or_partial_is_built_again_never_served(bucket, tmp_path):
+def test_a_kept_shard_that_is_damaged_or_partial_is_built_again_never_served(bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(reader_module, "fetch_shard", lambda *args: False)  # built here, not downloaded
     publish_random_release(bucket, "kept", DOCUMENTS, embedder=HashEmbedder())
     cache = tmp_path / "cache"
     built = load_release_resources(bucket, "kept", cache, IndexShard(1, 3)).index
@@ -149,6 +154,13 @@ def serve_nothing_but_the_kept_shard(monkeypatch):
     monkeypatch.setattr(VectorIndex, "read_shard", refused)
 
 
+def pointer(bucket, release, shard):
+    index_sha256 = read_manifest(bucket, release).files[INDEX_FILE]["sha256"]
+    key = pointer_key(index_sha256, shard)
+    named = json.loads(bucket.get_bytes(key))
+    return key, named, bytes_key(index_sha256, shard, named["sha256"])
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_a_shard_built_on_one_pod_is_downloaded_by_the_next_without_the_whole_index(bucket, tmp_path, monkeypatch,
                                                                                      kind):
@@ -157,8 +169,9 @@ def test_a_shard_built_on_one_pod_is_downloaded_by_the_next_without_the_whole_in
     monkeypatch.setattr(index_module, "HNSW_THRESHOLD", 1 if kind == "hnsw" else 10**6)
     publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
     first = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(2, 3)).index
-    index_sha256 = read_manifest(bucket, "shared").files[INDEX_FILE]["sha256"]
-    assert bucket.exists(shard_key(index_sha256, IndexShard(2, 3)))
+    _, named, where = pointer(bucket, "shared", IndexShard(2, 3))
+    assert named == {"sha256": hashlib.sha256(bucket.get_bytes(where)).hexdigest(), "bytes": bucket.size(where),
+                     "rows": len(first.ids), "dim": HashEmbedder.dim, "kind": kind}
     assert not bucket.list_keys(release_key("shared", "index-shards"))  # nothing under the published release
     queries = first.vectors_of(first.ids)
     serve_nothing_but_the_kept_shard(monkeypatch)
@@ -168,19 +181,37 @@ def test_a_shard_built_on_one_pod_is_downloaded_by_the_next_without_the_whole_in
     assert not (tmp_path / "pod-b" / "shared" / INDEX_FILE).exists()
 
 
-def test_a_shard_in_the_store_that_fails_its_checksum_is_built_again_and_replaced(bucket, tmp_path):
+def test_a_shard_in_the_store_that_does_not_match_is_built_again_and_put_anew(bucket, tmp_path):
     publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
     built = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(0, 2)).index
-    key = shard_key(read_manifest(bucket, "shared").files[INDEX_FILE]["sha256"], IndexShard(0, 2))
-    stored, checksum = bucket.get_bytes(key), bucket.get_bytes(key + ".sha256")
+    key, named, where = pointer(bucket, "shared", IndexShard(0, 2))
+    stored = bucket.get_bytes(where)
     queries = built.vectors_of(built.ids)
-    for pod, damage in enumerate((lambda: bucket.put_bytes(key, stored[:-9] + bytes([stored[-9] ^ 1]) + stored[-8:]),
-                                  lambda: bucket.remove_keys([key + ".sha256"]),  # stopped before its checksum
-                                  lambda: bucket.put_bytes(key + ".sha256", b"\xff"))):
+    for pod, damage in enumerate((
+            lambda: bucket.put_bytes(where, stored[:-9] + bytes([stored[-9] ^ 1]) + stored[-8:]),  # a bit flipped
+            lambda: bucket.remove_keys([where]),  # its bytes gone
+            lambda: bucket.put_bytes(key, b"\xff{"),  # an unreadable pointer
+            lambda: bucket.put_bytes(key, json.dumps({**named, "rows": named["rows"] + 1}).encode()),  # another shape
+    )):
         damage()
         loaded = load_release_resources(bucket, "shared", tmp_path / f"pod-{pod}", IndexShard(0, 2)).index
         assert loaded.search(queries, 3) == built.search(queries, 3)
-        assert (bucket.get_bytes(key), bucket.get_bytes(key + ".sha256")) == (stored, checksum)  # put anew
+        assert json.loads(bucket.get_bytes(key)) == named and bucket.get_bytes(where) == stored  # put anew
+
+
+def test_pods_that_build_one_shard_at_once_leave_a_pointer_to_bytes_that_match_it(bucket, tmp_path, monkeypatch):
+    """Two pods that miss the store build the same shard; each puts its bytes, then its pointer. HNSW
+    builds differ: had they shared one key, bytes of one under the other's checksum would be left."""
+    monkeypatch.setattr(index_module, "HNSW_THRESHOLD", 1)
+    publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
+    monkeypatch.setattr(reader_module, "fetch_shard", lambda *args: False)  # both miss the store
+    loads = [load_release_resources(bucket, "shared", tmp_path / f"pod-{i}", IndexShard(1, 2)).index for i in range(2)]
+    monkeypatch.undo()
+    key, named, where = pointer(bucket, "shared", IndexShard(1, 2))
+    assert hashlib.sha256(bucket.get_bytes(where)).hexdigest() == named["sha256"]
+    serve_nothing_but_the_kept_shard(monkeypatch)
+    again = load_release_resources(bucket, "shared", tmp_path / "pod-2", IndexShard(1, 2)).index
+    assert again.ids == loads[0].ids
 
 
 def test_a_store_that_refuses_the_shard_does_not_stop_the_pod(bucket, tmp_path, monkeypatch, caplog):
@@ -190,7 +221,7 @@ def test_a_store_that_refuses_the_shard_does_not_stop_the_pod(bucket, tmp_path, 
     def refuse(key, *args, **kwargs):
         raise StoreUnavailable(f"put {key}: the object store refused the request (AccessDenied)")
 
-    monkeypatch.setattr(bucket, "put_bytes", refuse)
+    monkeypatch.setattr(bucket, "put_file", refuse)
     loaded = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(1, 2)).index
     assert loaded.ids == whole.ids[1::2]
     assert "could not keep index shard 1/2 in the store" in caplog.text
@@ -208,8 +239,10 @@ def test_release_shard_index_builds_every_shard_ahead_of_the_pods(bucket, tmp_pa
     printed = capsys.readouterr().out
     assert [line.split(":")[0] for line in printed.splitlines()] == [f"index shard {i}/3" for i in range(3)]
     assert "kept at index-shards/v1/" in printed
+    _, _, where = pointer(bucket, "ahead", IndexShard(1, 3))
+    bucket.remove_keys([where])  # lost: built again
     assert main(args) == 0
-    assert capsys.readouterr().out.count("kept already") == 3
+    assert capsys.readouterr().out.count("kept already") == 2
     serve_nothing_but_the_kept_shard(monkeypatch)
     shards = [load_release_resources(bucket, "ahead", tmp_path / f"pod-{i}", IndexShard(i, 3)).index for i in range(3)]
     assert [s.ids for s in shards] == [whole.ids[i::3] for i in range(3)]
