@@ -385,7 +385,7 @@ def test_the_per_client_stream_limit_holds_over_http(tmp_path, random_release, l
     try:
         server.wait_for(server.ready, "ready")
         alice = {"x-client-id": "alice"}
-        held = server.send_unread("/v1/completions", {"prompt": PROMPT, "max_tokens": 900}, alice)
+        held = server.send_unread("/v1/completions", {"prompt": PROMPT, "max_tokens": 900, "ignore_eos": True}, alice)
         wait_for_metric(server, "memory3_num_requests_running", 1, "alice's first request generating")
         says = "client 'alice' already has 1 streams open"
         for path, body in [("/v1/completions", {"prompt": PROMPT}),
