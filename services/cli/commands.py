@@ -349,42 +349,37 @@ def cmd_release_gc(s3, *, dry_run: bool) -> int:
 
 
 def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path) -> int:
-    """Each shard of the release's index built from one local copy of the index and kept in the store,
-    for text services started with `--index-shard I/N` (index_shards.py). A shard kept already is left;
-    one whose objects are missing or of another shape is built again."""
-    import hashlib
+    """Each shard of the release's index and reference table cut and kept in the store, for text
+    services started with `--index-shard I/N` (file_shards.py). A shard kept already is left; one whose
+    objects are missing or of another shape is cut again. The release is read into a directory of its
+    own, removed at the end: a shard kept beside a local copy would not be put in the store again."""
     import tempfile
 
-    from memory3.services.release.index_shards import is_shared, shape_of, share_shard
+    from memory3.services.release.file_shards import ShardShape, is_shared
     from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
     from memory3.services.release.reader import Release
-    from memory3.services.retrieval.index import IndexShard, VectorIndex
+    from memory3.services.retrieval.index import IndexShard
     from memory3.services.storage.object_store import ObjectStore
 
     if shards < 2:
         raise ValueError(f"--shards {shards}: give 2 or more; a text service without --index-shard reads the whole "
                          "index as it is published")
     store = ObjectStore(s3)
-    release = Release.open(store, name, cache_dir, only={REFERENCES_FILE})
-    index_sha256 = release.manifest.files[INDEX_FILE]["sha256"]
-    ids = [row["id"] for row in release.rows()]
-    for i in range(shards):
-        shard = IndexShard(i, shards)
-        shape = release.shard_shape(len(ids[i::shards]))
-        if is_shared(store, index_sha256, shard, shape):
-            print(f"index shard {shard}: kept already")
-            continue
-        started = time.monotonic()
-        index = VectorIndex.read_shard(release.local_file(INDEX_FILE), ids, shard)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            path = Path(tmp) / "shard.faiss"
-            index.write(path)
-            with path.open("rb") as f:
-                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-            where = share_shard(store, index_sha256, shard, path, sha256, shape_of(index))
-            size = path.stat().st_size
-        print(f"index shard {shard}: {len(index.ids)} references ({index.kind}, {size / 2**20:.1f} MiB), built in "
-              f"{time.monotonic() - started:.1f} s and kept at {where}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{name}-shards-") as tmp:
+        release = Release.open(store, name, Path(tmp), only=set())
+        files = release.manifest.files
+        for i in range(shards):
+            shard = IndexShard(i, shards)
+            if is_shared(store, files[REFERENCES_FILE]["sha256"], shard, ShardShape(release.shard_rows(shard))) and \
+                    is_shared(store, files[INDEX_FILE]["sha256"], shard, release.index_shape(shard)):
+                print(f"shard {shard}: kept already")
+                continue
+            started = time.monotonic()
+            rows = release.reference_shard(shard)
+            index = release.index_shard(shard, [row["id"] for row in rows])
+            print(f"shard {shard}: {len(rows)} references ({index.kind} index) kept in the store, in "
+                  f"{time.monotonic() - started:.1f} s")
     return 0
 
 

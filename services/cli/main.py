@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     release_gc.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     add_s3_arguments(release_gc, local_stack=True)
     release_shards = release_sub.add_parser(
-        "shard-index", help="build the N shards of a release's index and keep them in the bucket, so that each "
-                            "text service started with --index-shard I/N downloads its shard alone")
+        "shard-index", help="cut the N shards of a release's index and reference table and keep them in the "
+                            "bucket, so that each text service started with --index-shard I/N downloads its "
+                            "shard alone")
     release_shards.add_argument("name", help="the release whose index to shard")
     release_shards.add_argument("--shards", type=positive_int, required=True, metavar="N",
                                 help="the number of shards the text services serve (2 or more)")

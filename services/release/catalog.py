@@ -19,8 +19,9 @@ can know. It can be deleted: its objects go, and its memories stay, for `release
 no readable release lists them. While it is published, deleting another release of its bank removes
 none of that bank's memories, and `release gc` leaves its bank whole: either may list any of them.
 
-Index shards kept in the store (index_shards.py) go with the last release whose index file they
-were built from: by `release delete`, or by `release gc` for those no published release has.
+The shards of index files and reference tables kept in the store (file_shards.py) go with the last
+release that has the file: by `release delete`, or by `release gc` for those no published release
+has.
 """
 
 
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from ..storage.object_store import ObjectNotFound, ObjectStore
-from .index_shards import index_shards_dir, kept_index_files, unnamed_bytes
+from .file_shards import kept_files, shards_dir, unnamed_bytes
 from .lease import LEASE_TTL_S, Lease, Maintenance, MaintenanceLapsed, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
@@ -92,8 +93,8 @@ class DeletionPlan:
     that others (`listed_by`) list too, or all of them where a reference table cannot be read (its
     own: `table_unreadable`, why; others of the bank: `unknown_tables`, name to why); derived:
     releases made from this one (they keep working). `removed_memories` counts what goes of what
-    the release lists. index_shard_keys: the index shards kept in the store for its index file
-    (index_shards.py), when no other release has that file.
+    the release lists. shard_keys: the shards kept in the store for its index file and reference table
+    (file_shards.py), of those no other release has.
     """
 
     name: str
@@ -109,7 +110,7 @@ class DeletionPlan:
     unknown_tables: dict[str, str] = field(default_factory=dict)
     derived: list[str] = field(default_factory=list)
     unreadable: str | None = None  # why its manifest cannot be read
-    index_shard_keys: list[str] = field(default_factory=list)
+    shard_keys: list[str] = field(default_factory=list)
     planned_at: float = 0.0  # monotonic time its reading of the bucket began
 
     @property
@@ -140,9 +141,9 @@ class DeletionPlan:
             lines.append(f"memory bank {self.bank}: {n} {'memory' if n == 1 else 'memories'} only this release "
                          f"lists; {self.kept} kept" + (f", listed by {', '.join(self.listed_by)} too"
                                                        if self.listed_by else ""))
-        if self.index_shard_keys:
-            lines.append(f"its index's shards kept in the store: {len(self.index_shard_keys)} objects under "
-                         f"{self.index_shard_keys[0].rsplit('/', 1)[0]}/")
+        if self.shard_keys:
+            lines.append(f"the shards of its index and reference table kept in the store: {len(self.shard_keys)} "
+                         "objects")
         if self.derived:
             lines.append(f"derived from it, and unaffected: {', '.join(self.derived)}")
         return "\n".join(lines)
@@ -182,9 +183,8 @@ def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
     plan = DeletionPlan(name, published=True, release_keys=_release_keys(store, name)[0],
                         bank=mine.memory_bank["bank"], derived=[m.name for m in others if m.parent == name],
                         listed=int(mine.memory_bank["count"]), planned_at=planned_at)
-    index_sha256 = _index_sha256(mine)
-    if index_sha256 is not None and index_sha256 not in {_index_sha256(m) for m in others}:
-        plan.index_shard_keys = store.list_keys(index_shards_dir(index_sha256))
+    for file_sha256 in sorted(_sharded_files(mine) - set().union(*(_sharded_files(m) for m in others))):
+        plan.shard_keys += store.list_keys(shards_dir(file_sha256))
     sharing = [m for m in others if m.memory_bank["bank"] == plan.bank]
     if not sharing:
         plan.whole_bank = True
@@ -270,7 +270,7 @@ def delete_release(store: ObjectStore, plan: DeletionPlan, under: Maintenance, *
         removal.remove([manifest])  # from here on no reader opens it
         log(f"release {plan.name!r} unpublished (manifest removed)")
     removal.remove(k for k in plan.release_keys if k != manifest)
-    removal.remove(plan.index_shard_keys)
+    removal.remove(plan.shard_keys)
     if plan.whole_bank:
         log(f"removing memory bank {plan.bank}")
         removal.remove(store.iter_keys(f"{MEMORIES_PREFIX}{plan.bank}/"), progress)
@@ -304,27 +304,27 @@ class CollectionPlan:
     releases lists (`keys`, by bank). Failed or cancelled publications leave them; a retry of the same
     publication would reuse them, as keys are content hashes. `skipped`: banks left whole, as a
     release using them has a reference table that cannot be read (by bank, release name to why).
-    `index_shards`: the objects kept in the store for the shards of index files (index_shards.py), by
-    the file's sha256: all of them for a file no published release has, else the bytes no pointer names."""
+    `shards`: the objects kept in the store for the shards of index files and reference tables
+    (file_shards.py), by the file's sha256: all of them for a file no published release has, else the
+    bytes no pointer names."""
 
     banks: dict[str, int] = field(default_factory=dict)
     keys: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
-    index_shards: dict[str, list[str]] = field(default_factory=dict)
+    shards: dict[str, list[str]] = field(default_factory=dict)
     planned_at: float = 0.0  # monotonic time its reading of the bucket began
 
     @property
     def count(self) -> int:
         return sum(self.banks.values()) + sum(len(k) for k in self.keys.values()) + \
-            sum(len(k) for k in self.index_shards.values())
+            sum(len(k) for k in self.shards.values())
 
     def summary(self) -> str:
         lines = [f"memory bank {bank}: no release uses it; its {n} objects go" for bank, n in self.banks.items()]
         lines += [f"memory bank {bank}: {len(keys)} memories no release lists" for bank, keys in self.keys.items()]
         lines += [f"memory bank {bank}: left whole, as {_unreadable_tables(tables)}; then run this again"
                   for bank, tables in self.skipped.items()]
-        lines += [f"index shards of index file {sha[:12]}…: {len(keys)} objects go"
-                  for sha, keys in self.index_shards.items()]
+        lines += [f"shards of file {sha[:12]}…: {len(keys)} objects go" for sha, keys in self.shards.items()]
         return "\n".join(lines) or "every memory in the bucket is listed by a published release: nothing to remove"
 
 
@@ -357,17 +357,17 @@ def plan_collection(store: ObjectStore) -> CollectionPlan:
             unlisted = [key for key in keys if key not in listed]
             if unlisted:
                 plan.keys[bank] = unlisted
-    indexes = {_index_sha256(m) for m in catalog.published}
-    for index_sha256 in kept_index_files(store):
-        keys = store.list_keys(index_shards_dir(index_sha256)) if index_sha256 not in indexes else \
-            unnamed_bytes(store, index_sha256)
+    sharded = set().union(*(_sharded_files(m) for m in catalog.published))
+    for file_sha256 in kept_files(store):
+        keys = unnamed_bytes(store, file_sha256) if file_sha256 in sharded else store.list_keys(shards_dir(file_sha256))
         if keys:
-            plan.index_shards[index_sha256] = keys
+            plan.shards[file_sha256] = keys
     return plan
 
 
-def _index_sha256(manifest: Manifest) -> str | None:
-    return manifest.files.get(INDEX_FILE, {}).get("sha256")
+def _sharded_files(manifest: Manifest) -> set[str]:
+    """The sha256 of the release's files whose shards the store may keep (file_shards.py)."""
+    return {meta["sha256"] for file, meta in manifest.files.items() if file in (INDEX_FILE, REFERENCES_FILE)}
 
 
 def collect_unlisted(store: ObjectStore, plan: CollectionPlan, under: Maintenance, *,
@@ -387,8 +387,8 @@ def collect_unlisted(store: ObjectStore, plan: CollectionPlan, under: Maintenanc
     for bank, keys in plan.keys.items():
         log(f"removing {len(keys)} memories of bank {bank}")
         removal.remove(keys, report)
-    for index_sha256, keys in plan.index_shards.items():
-        log(f"removing the index shards of index file {index_sha256}")
+    for file_sha256, keys in plan.shards.items():
+        log(f"removing the shards of file {file_sha256}")
         removal.remove(keys, report)
     return removal.removed
 

@@ -21,15 +21,16 @@ from memory3.model.tokenizer import TextCodec
 
 from ..retrieval.index import IndexShard, VectorIndex
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError, StoreUnavailable
-from .index_shards import ShardShape, fetch_shard, shape_of, share_shard
+from .file_shards import ShardShape, fetch_shard, shape_of, share_shard
 from .manifest import Manifest, ReleaseError, ReleaseExists, ReleaseNotFound, check_release_name, release_key
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, POSITION_SCHEME, REFERENCES_FILE
 
 T = TypeVar("T")
+R = TypeVar("R")
 log = logging.getLogger("memory3.release")
-# Beside a release's local copy: the index shards built from its index, under the index file's
-# sha256 (`Release.index_shard`).
-INDEX_SHARDS_DIR = "index-shards"
+# Beside a release's local copy: the shards cut from its index and reference table, under each
+# file's sha256 (`Release.index_shard`, `Release.reference_shard`).
+SHARDS_DIR = "shards"
 # A manifest's index `type` (FAISS's class) as a kind, for releases whose manifest has no `kind`.
 FAISS_KINDS = {"IndexFlatIP": "flat", "IndexHNSWFlat": "hnsw", "IndexIVFPQ": "ivfpq"}
 
@@ -173,35 +174,34 @@ def _download(store: ObjectStore, name: str, file: str, sha256: str, to: Path) -
         raise ReleaseError(f"release {name!r}: {file} does not match its manifest checksum")
 
 
-def _kept_index(path: Path, ids: Sequence[str]) -> VectorIndex | None:
-    """The index kept at `path` (its rows' `ids`) when its checksum, written after it, matches it; None
-    when there is none, or it is partial or damaged (it is then built again, never served)."""
+def _kept(path: Path, read: Callable[[Path], R]) -> R | None:
+    """`read(path)` of the shard kept at `path` when its checksum, written after it, matches it; None
+    when there is none, or it is partial, damaged or not what `read` expects (a ValueError): it is then
+    cut again, never served."""
     try:
         if _checksum_path(path).read_text().strip() == _file_sha256(path):
-            return VectorIndex.read(path, ids)
+            return read(path)
         why = "it does not match its checksum"
     except FileNotFoundError:
         return None
     except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: FAISS could not read it
         why = str(e)
-    log.warning("the index shard kept at %s is damaged (%s): building it again", path, why)
+    log.warning("the shard kept at %s is damaged (%s): cutting it again", path, why)
     return None
 
 
-def _keep_index(index: VectorIndex, path: Path) -> bool:
-    """Keep `index` at `path` (`_keep_file`); whether it was. A cache that cannot be written makes the
-    next start build the shard again; it does not stop this one."""
-    try:
-        _keep_file(path, index.write)
-        return True
-    except (OSError, RuntimeError) as e:  # RuntimeError: FAISS could not write it
-        log.warning("could not keep the index shard at %s (%s): the next start builds it again", path, e)
-        return False
+def _read_rows(path: Path, count: int) -> list[dict]:
+    """The rows of a reference table's shard kept at `path`; ValueError unless there are `count`."""
+    with open(path, encoding="utf-8") as table:
+        rows = [json.loads(line) for line in table if line.strip()]
+    if len(rows) != count:
+        raise ValueError(f"it holds {len(rows)} rows, where the shard has {count}")
+    return rows
 
 
 def _keep_file(path: Path, write: Callable[[Path], None]) -> None:
     """`write(file)` kept at `path`, then its checksum beside it, each written whole: a checksum that
-    matches is there only for a complete file (`_kept_index`)."""
+    matches is there only for a complete file (`_kept`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_whole(path, write)
     checksum = _file_sha256(path)
@@ -222,7 +222,7 @@ class Release:
 
     def rows(self) -> Iterator[dict]:
         """The reference table's rows in order, one at a time."""
-        with open(self.local_dir / REFERENCES_FILE, encoding="utf-8") as table:
+        with open(self.local_file(REFERENCES_FILE), encoding="utf-8") as table:
             for line in table:
                 if line.strip():
                     yield json.loads(line)
@@ -293,37 +293,83 @@ class Release:
         return VectorIndex.read(self.local_file(INDEX_FILE), ids)
 
     def index_shard(self, shard: IndexShard, ids: Sequence[str]) -> VectorIndex:
-        """Shard `shard` of the vector index (`ids`: the table's ids in order), in the memory of the
-        shard alone (`VectorIndex.read_shard`). Building one costs the whole index file's download and,
-        for HNSW, a graph built again (minutes a million references), so it is done once: the shard is
-        kept beside the local copy under the index file's checksum, which a restart of the same shard
-        reads, and in the object store (index_shards.py), which a pod elsewhere downloads instead of
-        the whole index. The index file is downloaded only when the shard is built."""
+        """Shard `shard` of the vector index (`ids`: the ids of its rows, those of `reference_shard`), in
+        the memory of the shard alone (`VectorIndex.read_shard`). Cutting one costs the whole index
+        file's download and, for HNSW, a graph built again (minutes a million references), so it is
+        done once (`_file_shard`); the index file is downloaded only to cut it."""
         if shard.count == 1:
             return self.index(ids)
-        index_sha256 = self.manifest.files[INDEX_FILE]["sha256"]
-        kept = self.local_dir / INDEX_SHARDS_DIR / index_sha256 / f"{shard.index}-of-{shard.count}.faiss"
-        mine = ids[shard.index::shard.count]
-        shape = self.shard_shape(len(mine))
-        index = _kept_index(kept, mine)
-        if index is None and fetch_shard(self.store, index_sha256, shard, shape,
-                                         functools.partial(_keep_file, kept)):
-            index = _kept_index(kept, mine)
-        if index is None:
-            index = VectorIndex.read_shard(self.local_file(INDEX_FILE), ids, shard)
-            if _keep_index(index, kept):  # shared from the file kept: streamed, never a copy in memory
-                try:  # for the pods after this one
-                    share_shard(self.store, index_sha256, shard, kept, _checksum_path(kept).read_text().strip(),
-                                shape_of(index))
-                except (StoreError, OSError) as e:  # it costs the next pod a build, not this one its start
-                    log.warning("could not keep index shard %s in the store (%s): the next pod builds it too",
-                                shard, e)
-        return index
 
-    def shard_shape(self, rows: int) -> ShardShape:
-        """What a shard of `rows` rows of this release's index is: their dimension and the index's kind."""
+        def cut(path: Path) -> None:
+            VectorIndex.read_shard(self.local_file(INDEX_FILE), [r["id"] for r in self.rows()], shard).write(path)
+
+        found = self._file_shard(INDEX_FILE, shard, "faiss", self.index_shape(shard),
+                                 lambda path: VectorIndex.read(path, ids), cut, shape_of,
+                                 sources=(INDEX_FILE, REFERENCES_FILE))
+        if found is None:  # not kept here: in memory
+            found = VectorIndex.read_shard(self.local_file(INDEX_FILE), [r["id"] for r in self.rows()], shard)
+        return found
+
+    def reference_shard(self, shard: IndexShard) -> list[dict]:
+        """The rows of the reference table that shard `shard` of the index holds, in order: a shard's
+        texts, without the whole table's download (every reference's text), cut once (`_file_shard`)."""
+        if shard.count == 1:
+            return list(self.rows())
+        rows = self.shard_rows(shard)
+
+        def cut(path: Path) -> None:
+            with open(self.local_file(REFERENCES_FILE), encoding="utf-8") as table, \
+                    open(path, "w", encoding="utf-8") as out:
+                for row, line in enumerate(line for line in table if line.strip()):
+                    if shard.holds(row):
+                        out.write(line if line.endswith("\n") else line + "\n")
+
+        found = self._file_shard(REFERENCES_FILE, shard, "jsonl", ShardShape(rows),
+                                 lambda path: _read_rows(path, rows), cut, lambda found: ShardShape(len(found)),
+                                 sources=(REFERENCES_FILE,))
+        return found if found is not None else [r for row, r in enumerate(self.rows()) if shard.holds(row)]
+
+    def _file_shard(self, file: str, shard: IndexShard, suffix: str, shape: ShardShape, read: Callable[[Path], R],
+                    cut: Callable[[Path], None], shape_of_found: Callable[[R], ShardShape], *,
+                    sources: tuple[str, ...]) -> R | None:
+        """`read` of shard `shard` of one of the release's files, of `shape`: the copy kept beside the
+        local copy under the file's checksum, which a restart of the same shard reads; else the object
+        store's (file_shards.py), which a pod elsewhere downloads instead of the whole file; else cut
+        now by `cut(path)`, kept, and put in the store for the pods after this one (a store that
+        refuses it costs the next pod a cut, not this one its start). `sources`: the files `cut` reads,
+        downloaded first. None when it cannot be kept here (a disk that refuses it): the caller cuts it
+        in memory."""
+        file_sha256 = self.manifest.files[file]["sha256"]
+        kept = self.local_dir / SHARDS_DIR / file_sha256 / f"{shard.index}-of-{shard.count}.{suffix}"
+        found = _kept(kept, read)
+        if found is None and fetch_shard(self.store, file_sha256, shard, shape, functools.partial(_keep_file, kept)):
+            found = _kept(kept, read)
+        if found is not None:
+            return found
+        for source in sources:
+            self.local_file(source)
+        try:
+            _keep_file(kept, cut)
+        except (OSError, RuntimeError) as e:  # RuntimeError: FAISS could not write it
+            log.warning("could not keep the shard at %s (%s): the next start cuts it again", kept, e)
+            return None
+        found = read(kept)
+        try:  # shared from the file kept: streamed, never a copy in memory
+            share_shard(self.store, file_sha256, shard, kept, _checksum_path(kept).read_text().strip(),
+                        shape_of_found(found))
+        except (StoreError, OSError) as e:
+            log.warning("could not keep shard %s of %s in the store (%s): the next pod cuts it too", shard, file, e)
+        return found
+
+    def shard_rows(self, shard: IndexShard) -> int:
+        """How many rows of the index (and of the reference table) shard `shard` holds."""
+        return len(range(shard.index, int(self.manifest.index["count"]), shard.count))
+
+    def index_shape(self, shard: IndexShard) -> ShardShape:
+        """What shard `shard` of this release's index is: its rows, their dimension and the index's kind."""
         meta = self.manifest.index
-        return ShardShape(rows, int(meta["dim"]), str(meta.get("kind") or FAISS_KINDS.get(meta.get("type"), "")))
+        return ShardShape(self.shard_rows(shard), int(meta["dim"]),
+                          str(meta.get("kind") or FAISS_KINDS.get(meta.get("type"), "")))
 
     def memory_codec(self) -> MemoryCodec:
         if self._codec is None:

@@ -394,19 +394,19 @@ def load_release_resources(store: ObjectStore, name: str, cache_dir: Path,
                            shard: IndexShard = IndexShard(0, 1)) -> TextResources:
     """Blocking: download (or reuse a verified copy of) the release and keep what retrieval needs:
     with `shard`, that shard's rows of the index and their texts only, loaded in the memory of the
-    shard, and built once (`Release.index_shard`)."""
-    # No weights; a shard's index file only if the shard is built here (`Release.index_shard`).
-    files = {REFERENCES_FILE, TOKENIZER_KEY} | ({INDEX_FILE} if shard.count == 1 else set())
+    shard, and cut once (`Release.index_shard`, `Release.reference_shard`)."""
+    # No weights; for a shard, the index and the table only if the shard is cut here.
+    files = {TOKENIZER_KEY} | ({INDEX_FILE, REFERENCES_FILE} if shard.count == 1 else set())
     return release_resources(Release.open(store, name, cache_dir, only=files), shard)
 
 
 def release_resources(release: Release, shard: IndexShard = IndexShard(0, 1)) -> TextResources:
     """Blocking: what retrieval needs of an opened release (see `load_release_resources`)."""
     ids, texts = [], {}
-    for row, reference in enumerate(release.rows()):  # one pass, never the whole table at once
+    rows = release.rows() if shard.count == 1 else release.reference_shard(shard)  # the whole table: row by row
+    for reference in rows:
         ids.append(reference["id"])
-        if shard.holds(row):
-            texts[reference["id"]] = reference["text"]
+        texts[reference["id"]] = reference["text"]
     return TextResources(
         release=release.name, codec=release.text_codec(), index=release.index_shard(shard, ids), texts=texts,
         default_top_k=int(release.manifest.conventions["mems_per_chunk"]),

@@ -414,44 +414,45 @@ def test_a_manifest_naming_a_file_outside_its_release_is_unreadable(bucket, tmp_
     assert "is not a file of the release" in read_catalog(bucket).unreadable["evil"]
 
 
-def test_index_shards_kept_in_the_store_go_with_the_last_release_of_their_index(bucket, embedder, tmp_path, hold):
-    """A release's index shards (index_shards.py) are kept under the index file's sha256: deleting a
-    release removes them unless another release has the same index, and `release gc` removes those of
-    an index no published release has, and bytes no pointer names."""
+def test_shards_kept_in_the_store_go_with_the_last_release_of_their_file(bucket, embedder, tmp_path, hold):
+    """The shards of a release's index and reference table (file_shards.py) are kept under each file's
+    sha256: deleting a release removes them unless another release has the same file, and `release gc`
+    removes those of a file no published release has, and bytes no pointer names."""
     from memory3.services.release.catalog import collect_unlisted, plan_collection
-    from memory3.services.release.index_shards import bytes_key, index_shards_dir, pointer_key
-    from memory3.services.release.publish import INDEX_FILE
+    from memory3.services.release.file_shards import bytes_key, pointer_key, shards_dir
+    from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
     from memory3.services.retrieval.index import IndexShard
     from memory3.services.text.engine import load_release_resources
 
     build_random_release(bucket, "staging", embedder=embedder)
     load_release_resources(bucket, "staging", tmp_path / "pod", IndexShard(0, 2))  # keeps shard 0/2 in the store
-    index_sha256 = read_catalog(bucket).published[0].files[INDEX_FILE]["sha256"]
-    kept = sorted(bucket.list_keys(index_shards_dir(index_sha256)))
-    named = json.loads(bucket.get_bytes(pointer_key(index_sha256, IndexShard(0, 2))))["sha256"]
-    assert kept == [bytes_key(index_sha256, IndexShard(0, 2), named), pointer_key(index_sha256, IndexShard(0, 2))]
+    files = read_catalog(bucket).published[0].files
+    shas = [files[INDEX_FILE]["sha256"], files[REFERENCES_FILE]["sha256"]]
+    kept = sorted(key for sha in shas for key in bucket.list_keys(shards_dir(sha)))
+    assert kept == sorted(key for sha in shas for key in (
+        bytes_key(sha, IndexShard(0, 2), json.loads(bucket.get_bytes(pointer_key(sha, IndexShard(0, 2))))["sha256"]),
+        pointer_key(sha, IndexShard(0, 2))))
     orphan = pointer_key("0" * 64, IndexShard(1, 2))
-    lost = bytes_key(index_sha256, IndexShard(0, 2), "f" * 64)  # a writer's that lost the race
-    bucket.put_bytes(orphan, b"a shard of an index whose releases are gone")
+    lost = bytes_key(shas[0], IndexShard(0, 2), "f" * 64)  # a writer's that lost the race
+    bucket.put_bytes(orphan, b"a shard of a file whose releases are gone")
     bucket.put_bytes(lost, b"bytes no pointer names")
-    bucket.put_bytes("index-shards/v1/notes.txt", b"not ours")
+    bucket.put_bytes("shards/v1/notes.txt", b"not ours")
 
     held = hold()
     plan = plan_collection(bucket)
-    assert plan.index_shards == {"0" * 64: [orphan], index_sha256: [lost]} and plan.count == 2
-    assert "index shards of index file 000000000000…: 1 objects go" in plan.summary()
+    assert plan.shards == {"0" * 64: [orphan], shas[0]: [lost]} and plan.count == 2
+    assert "shards of file 000000000000…: 1 objects go" in plan.summary()
     assert collect_unlisted(bucket, plan, held) == 2
-    assert not bucket.exists(orphan) and sorted(bucket.list_keys(index_shards_dir(index_sha256))) == kept
-    assert bucket.exists("index-shards/v1/notes.txt")
+    assert not bucket.exists(orphan) and not bucket.exists(lost) and bucket.exists("shards/v1/notes.txt")
+    assert sorted(key for sha in shas for key in bucket.list_keys(shards_dir(sha))) == kept
 
-    for key in bucket.list_keys(release_key("staging", "")):  # a copy has the same index
+    for key in bucket.list_keys(release_key("staging", "")):  # a copy has the same files
         bucket.put_bytes(key.replace("releases/staging/", "releases/prod/", 1), bucket.get_bytes(key))
     plan = plan_deletion(bucket, "staging")
-    assert plan.index_shard_keys == []
+    assert plan.shard_keys == []
     delete_release(bucket, plan, held)
-    assert sorted(bucket.list_keys(index_shards_dir(index_sha256))) == kept
     plan = plan_deletion(bucket, "prod")
-    assert sorted(plan.index_shard_keys) == kept
-    assert f"its index's shards kept in the store: 2 objects under {index_shards_dir(index_sha256)}" in plan.summary()
+    assert sorted(plan.shard_keys) == kept
+    assert "the shards of its index and reference table kept in the store: 4 objects" in plan.summary()
     delete_release(bucket, plan, held)
-    assert bucket.list_keys(index_shards_dir(index_sha256)) == []
+    assert not any(bucket.list_keys(shards_dir(sha)) for sha in shas)

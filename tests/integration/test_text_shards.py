@@ -16,9 +16,9 @@ from text_release import DOCUMENTS, build_text_release
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 from memory3.services.cli.main import main
 from memory3.services.release import reader as reader_module
-from memory3.services.release.index_shards import bytes_key, pointer_key
+from memory3.services.release.file_shards import bytes_key, pointer_key
 from memory3.services.release.manifest import release_key
-from memory3.services.release.publish import INDEX_FILE
+from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
 from memory3.services.release.reader import read_manifest
 from memory3.services.release.synthetic import publish_random_release
 from memory3.services.retrieval import index as index_module
@@ -143,6 +143,13 @@ def test_a_kept_shard_that_is_damaged_or_partial_is_built_again_never_served(buc
         assert loaded.ids == built.ids and loaded.search(queries, 3) == built.search(queries, 3)
         assert kept.read_bytes() == stored  # built again and kept in its place
         assert checksum.read_text().strip() == hashlib.sha256(stored).hexdigest()
+    texts = load_release_resources(bucket, "kept", cache, IndexShard(1, 3)).texts
+    table = next(cache.rglob("1-of-3.jsonl"))
+    lines = table.read_text().splitlines(keepends=True)
+    table.write_text("".join(lines[:-1]))  # a row short
+    table.with_name(table.name + ".sha256").write_text(hashlib.sha256(table.read_bytes()).hexdigest())
+    assert load_release_resources(bucket, "kept", cache, IndexShard(1, 3)).texts == texts
+    assert table.read_text().splitlines(keepends=True) == lines
 
 
 def serve_nothing_but_the_kept_shard(monkeypatch):
@@ -154,37 +161,42 @@ def serve_nothing_but_the_kept_shard(monkeypatch):
     monkeypatch.setattr(VectorIndex, "read_shard", refused)
 
 
-def pointer(bucket, release, shard):
-    index_sha256 = read_manifest(bucket, release).files[INDEX_FILE]["sha256"]
-    key = pointer_key(index_sha256, shard)
+def pointer(bucket, release, shard, file=INDEX_FILE):
+    file_sha256 = read_manifest(bucket, release).files[file]["sha256"]
+    key = pointer_key(file_sha256, shard)
     named = json.loads(bucket.get_bytes(key))
-    return key, named, bytes_key(index_sha256, shard, named["sha256"])
+    return key, named, bytes_key(file_sha256, shard, named["sha256"])
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_a_shard_built_on_one_pod_is_downloaded_by_the_next_without_the_whole_index(bucket, tmp_path, monkeypatch,
                                                                                      kind):
-    """Another pod (another local cache) downloads the shard the first built, and neither builds it
-    nor downloads the release's index file."""
+    """Another pod (another local cache) downloads the shard the first cut, and neither builds it nor
+    downloads the release's index file or reference table."""
     monkeypatch.setattr(index_module, "HNSW_THRESHOLD", 1 if kind == "hnsw" else 10**6)
     publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
-    first = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(2, 3)).index
+    loaded = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(2, 3))
+    first = loaded.index
     _, named, where = pointer(bucket, "shared", IndexShard(2, 3))
     assert named == {"sha256": hashlib.sha256(bucket.get_bytes(where)).hexdigest(), "bytes": bucket.size(where),
                      "rows": len(first.ids), "dim": HashEmbedder.dim, "kind": kind}
-    assert not bucket.list_keys(release_key("shared", "index-shards"))  # nothing under the published release
+    _, named, where = pointer(bucket, "shared", IndexShard(2, 3), REFERENCES_FILE)
+    assert named["rows"] == len(first.ids) and named["sha256"] == hashlib.sha256(bucket.get_bytes(where)).hexdigest()
+    assert not bucket.list_keys(release_key("shared", "shards"))  # nothing under the published release
     queries = first.vectors_of(first.ids)
     serve_nothing_but_the_kept_shard(monkeypatch)
-    again = load_release_resources(bucket, "shared", tmp_path / "pod-b", IndexShard(2, 3)).index
-    assert again.ids == first.ids and again.kind == kind
-    assert again.search(queries, 3) == first.search(queries, 3)
-    assert not (tmp_path / "pod-b" / "shared" / INDEX_FILE).exists()
+    again = load_release_resources(bucket, "shared", tmp_path / "pod-b", IndexShard(2, 3))
+    assert again.index.ids == first.ids and again.index.kind == kind and again.texts == loaded.texts
+    assert again.index.search(queries, 3) == first.search(queries, 3)
+    assert not any((tmp_path / "pod-b" / "shared" / file).exists() for file in (INDEX_FILE, REFERENCES_FILE))
 
 
-def test_a_shard_in_the_store_that_does_not_match_is_built_again_and_put_anew(bucket, tmp_path):
+@pytest.mark.parametrize("file", [INDEX_FILE, REFERENCES_FILE])
+def test_a_shard_in_the_store_that_does_not_match_is_cut_again_and_put_anew(bucket, tmp_path, file):
     publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
-    built = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(0, 2)).index
-    key, named, where = pointer(bucket, "shared", IndexShard(0, 2))
+    cut = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(0, 2))
+    built = cut.index
+    key, named, where = pointer(bucket, "shared", IndexShard(0, 2), file)
     stored = bucket.get_bytes(where)
     queries = built.vectors_of(built.ids)
     for pod, damage in enumerate((
@@ -194,13 +206,13 @@ def test_a_shard_in_the_store_that_does_not_match_is_built_again_and_put_anew(bu
             lambda: bucket.put_bytes(key, json.dumps({**named, "rows": named["rows"] + 1}).encode()),  # another shape
     )):
         damage()
-        loaded = load_release_resources(bucket, "shared", tmp_path / f"pod-{pod}", IndexShard(0, 2)).index
-        assert loaded.search(queries, 3) == built.search(queries, 3)
+        loaded = load_release_resources(bucket, "shared", tmp_path / f"pod-{pod}", IndexShard(0, 2))
+        assert loaded.index.search(queries, 3) == built.search(queries, 3) and loaded.texts == cut.texts
         assert json.loads(bucket.get_bytes(key)) == named and bucket.get_bytes(where) == stored  # put anew
 
 
 def test_pods_that_build_one_shard_at_once_leave_a_pointer_to_bytes_that_match_it(bucket, tmp_path, monkeypatch):
-    """Two pods that miss the store build the same shard; each puts its bytes, then its pointer. HNSW
+    """Two pods that miss the store cut the same shard; each puts its bytes, then its pointer. HNSW
     builds differ: had they shared one key, bytes of one under the other's checksum would be left."""
     monkeypatch.setattr(index_module, "HNSW_THRESHOLD", 1)
     publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
@@ -224,7 +236,7 @@ def test_a_store_that_refuses_the_shard_does_not_stop_the_pod(bucket, tmp_path, 
     monkeypatch.setattr(bucket, "put_file", refuse)
     loaded = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(1, 2)).index
     assert loaded.ids == whole.ids[1::2]
-    assert "could not keep index shard 1/2 in the store" in caplog.text
+    assert "could not keep shard 1/2 of index.faiss in the store" in caplog.text
 
 
 def test_release_shard_index_builds_every_shard_ahead_of_the_pods(bucket, tmp_path, monkeypatch, capsys):
@@ -237,13 +249,15 @@ def test_release_shard_index_builds_every_shard_ahead_of_the_pods(bucket, tmp_pa
     monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", s3.secret_key)
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert [line.split(":")[0] for line in printed.splitlines()] == [f"index shard {i}/3" for i in range(3)]
-    assert "kept at index-shards/v1/" in printed
+    assert [line.split(":")[0] for line in printed.splitlines()] == [f"shard {i}/3" for i in range(3)]
+    assert "kept in the store" in printed
     _, _, where = pointer(bucket, "ahead", IndexShard(1, 3))
-    bucket.remove_keys([where])  # lost: built again
+    bucket.remove_keys([where])  # lost: cut again
     assert main(args) == 0
     assert capsys.readouterr().out.count("kept already") == 2
     serve_nothing_but_the_kept_shard(monkeypatch)
     shards = [load_release_resources(bucket, "ahead", tmp_path / f"pod-{i}", IndexShard(i, 3)).index for i in range(3)]
     assert [s.ids for s in shards] == [whole.ids[i::3] for i in range(3)]
-    assert not any((tmp_path / f"pod-{i}" / "ahead" / INDEX_FILE).exists() for i in range(3))
+    assert not any((tmp_path / f"pod-{i}" / "ahead" / file).exists() for i in range(3)
+                   for file in (INDEX_FILE, REFERENCES_FILE))
+    assert not list((tmp_path / "cli").iterdir())  # its copy of the release is gone
