@@ -378,6 +378,13 @@ def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path) -> i
             started = time.monotonic()
             rows = release.reference_shard(shard)
             index = release.index_shard(shard, [row["id"] for row in rows])
+            missing = [file for file, shape in ((REFERENCES_FILE, ShardShape(len(rows))),
+                                                (INDEX_FILE, release.index_shape(shard)))
+                       if not is_shared(store, files[file]["sha256"], shard, shape)]
+            if missing:  # `_file_shard` warned why (a store or a disk that refused it)
+                raise RuntimeError(f"shard {shard} of {' and '.join(missing)} was cut but could not be kept in the "
+                                   "store (see the warning above): check that these credentials may write under "
+                                   "shards/ in the bucket, and the space under --cache-dir, then run this again")
             print(f"shard {shard}: {len(rows)} references ({index.kind} index) kept in the store, in "
                   f"{time.monotonic() - started:.1f} s")
     return 0

@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..retrieval.index import IndexShard, VectorIndex
-from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError
+from ..storage.object_store import ObjectNotFound, ObjectStore
 
 log = logging.getLogger("memory3.release")
 SHARDS_PREFIX = "shards/v1/"  # v1: shard I/N holds the file's rows I, I+N, ... in order
 SHA256 = re.compile(r"[0-9a-f]{64}")
+UNNAMED_GRACE_S = 3600.0  # `release gc` leaves shard bytes no pointer names until they are this old
 
 
 @dataclass(frozen=True)
@@ -92,35 +93,40 @@ def kept_files(store: ObjectStore) -> list[str]:
 
 def unnamed_bytes(store: ObjectStore, file_sha256: str) -> list[str]:
     """The shard bytes kept for a file that no pointer names (those of a writer that lost a race), and
-    pointers that cannot be read."""
-    keys = store.list_keys(shards_dir(file_sha256))
+    pointers that cannot be read; of them, those written over `UNNAMED_GRACE_S` ago: a pod that has put
+    its bytes and not yet its pointer, or one still downloading bytes a newer pointer no longer names,
+    keeps them."""
+    objects = store.list_ages(shards_dir(file_sha256))
     named, unreadable = set(), []
-    for key in keys:
+    for key, age in objects:
         if key.endswith(".json"):
             try:
                 pointer = _Pointer.parse(store.get_bytes(key))
             except ObjectNotFound:
                 continue
             except (ValueError, KeyError, TypeError):
-                unreadable.append(key)
+                if age > UNNAMED_GRACE_S:
+                    unreadable.append(key)
                 continue
             shard = key[len(shards_dir(file_sha256)):].removesuffix(".json")
             named.add(f"{shards_dir(file_sha256)}{shard}.{pointer.sha256}")
-    return [key for key in keys if not key.endswith(".json") and key not in named] + unreadable
+    return [key for key, age in objects if not key.endswith(".json") and key not in named and age > UNNAMED_GRACE_S] \
+        + unreadable
 
 
 def fetch_shard(store: ObjectStore, file_sha256: str, shard: IndexShard, shape: ShardShape,
                 write: Callable[[Callable[[Path], None]], None]) -> bool:
     """Shard `shard` of the file whose sha256 is `file_sha256`, if the store keeps one of `shape`,
     written through `write(download)` (which calls `download(path)` for a file it then keeps): True once
-    written and checked; False when the store has none, one of another shape or whose bytes do not
-    match their sha256, or does not answer (the caller cuts the shard then)."""
+    written and checked; False when the store has none, or one that is not that shard (another shape,
+    bytes that do not match their sha256): the caller cuts it then. A store that does not answer, or
+    a disk that refuses the copy, is raised: cutting would need the store, and the disk, far more."""
     key = pointer_key(file_sha256, shard)
     try:
         pointer = _Pointer.parse(store.get_bytes(key))
     except ObjectNotFound:
         return False
-    except (StoreError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         log.warning("shard %s kept in the store cannot be read (%s: %s): cutting it", shard, key, e)
         return False
     if pointer.shape != shape:
@@ -137,7 +143,7 @@ def fetch_shard(store: ObjectStore, file_sha256: str, shard: IndexShard, shape: 
 
     try:
         write(download)
-    except (StoreError, OSError, _Mismatch) as e:  # OSError: the local copy could not be written
+    except (ObjectNotFound, _Mismatch) as e:
         log.warning("shard %s kept in the store at %s cannot be used (%s): cutting it", shard, where, e)
         return False
     log.info("shard %s downloaded from the store (%s)", shard, where)

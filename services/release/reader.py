@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -30,7 +31,7 @@ R = TypeVar("R")
 log = logging.getLogger("memory3.release")
 # Beside a release's local copy: the shards cut from its index and reference table, under each
 # file's sha256 (`Release.index_shard`, `Release.reference_shard`).
-SHARDS_DIR = "shards"
+SHARDS_DIR = "index-shards"
 # A manifest's index `type` (FAISS's class) as a kind, for releases whose manifest has no `kind`.
 FAISS_KINDS = {"IndexFlatIP": "flat", "IndexHNSWFlat": "hnsw", "IndexIVFPQ": "ivfpq"}
 
@@ -199,6 +200,22 @@ def _read_rows(path: Path, count: int) -> list[dict]:
     return rows
 
 
+def _share(store: ObjectStore, file: str, file_sha256: str, shard: IndexShard, kept: Path, shape: ShardShape) -> None:
+    """Put shard `shard` of `file` (kept at `kept`) in the store, for the pods after this one. It goes
+    from a link of its own to the kept file, hashed there: another process of the same shard sharing
+    this cache (the local stack's) may replace the kept file meanwhile, and bytes of one would be put
+    under the other's name."""
+    link = kept.with_name(f"{kept.name}.{os.getpid()}.sharing")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(kept, link)
+        share_shard(store, file_sha256, shard, link, _file_sha256(link), shape)
+    except (StoreError, OSError) as e:
+        log.warning("could not keep shard %s of %s in the store (%s): the next pod cuts it too", shard, file, e)
+    finally:
+        link.unlink(missing_ok=True)
+
+
 def _keep_file(path: Path, write: Callable[[Path], None]) -> None:
     """`write(file)` kept at `path`, then its checksum beside it, each written whole: a checksum that
     matches is there only for a complete file (`_kept`)."""
@@ -299,46 +316,36 @@ class Release:
         done once (`_file_shard`); the index file is downloaded only to cut it."""
         if shard.count == 1:
             return self.index(ids)
-
-        def cut(path: Path) -> None:
-            VectorIndex.read_shard(self.local_file(INDEX_FILE), [r["id"] for r in self.rows()], shard).write(path)
-
-        found = self._file_shard(INDEX_FILE, shard, "faiss", self.index_shape(shard),
-                                 lambda path: VectorIndex.read(path, ids), cut, shape_of,
-                                 sources=(INDEX_FILE, REFERENCES_FILE))
-        if found is None:  # not kept here: in memory
-            found = VectorIndex.read_shard(self.local_file(INDEX_FILE), [r["id"] for r in self.rows()], shard)
-        return found
+        return self._file_shard(INDEX_FILE, shard, "faiss", self.index_shape(shard),
+                                read=lambda path: VectorIndex.read(path, ids),
+                                cut=lambda: VectorIndex.read_shard(self.local_file(INDEX_FILE), ids, shard),
+                                write=lambda index, path: index.write(path), shape_of_cut=shape_of)
 
     def reference_shard(self, shard: IndexShard) -> list[dict]:
         """The rows of the reference table that shard `shard` of the index holds, in order: a shard's
         texts, without the whole table's download (every reference's text), cut once (`_file_shard`)."""
         if shard.count == 1:
             return list(self.rows())
-        rows = self.shard_rows(shard)
+        count = self.shard_rows(shard)
 
-        def cut(path: Path) -> None:
-            with open(self.local_file(REFERENCES_FILE), encoding="utf-8") as table, \
-                    open(path, "w", encoding="utf-8") as out:
-                for row, line in enumerate(line for line in table if line.strip()):
-                    if shard.holds(row):
-                        out.write(line if line.endswith("\n") else line + "\n")
+        def write(rows: list[dict], path: Path) -> None:
+            with open(path, "w", encoding="utf-8") as out:
+                out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
-        found = self._file_shard(REFERENCES_FILE, shard, "jsonl", ShardShape(rows),
-                                 lambda path: _read_rows(path, rows), cut, lambda found: ShardShape(len(found)),
-                                 sources=(REFERENCES_FILE,))
-        return found if found is not None else [r for row, r in enumerate(self.rows()) if shard.holds(row)]
+        return self._file_shard(REFERENCES_FILE, shard, "jsonl", ShardShape(count),
+                                read=lambda path: _read_rows(path, count),
+                                cut=lambda: [row for i, row in enumerate(self.rows()) if shard.holds(i)],
+                                write=write, shape_of_cut=lambda rows: ShardShape(len(rows)))
 
-    def _file_shard(self, file: str, shard: IndexShard, suffix: str, shape: ShardShape, read: Callable[[Path], R],
-                    cut: Callable[[Path], None], shape_of_found: Callable[[R], ShardShape], *,
-                    sources: tuple[str, ...]) -> R | None:
-        """`read` of shard `shard` of one of the release's files, of `shape`: the copy kept beside the
-        local copy under the file's checksum, which a restart of the same shard reads; else the object
-        store's (file_shards.py), which a pod elsewhere downloads instead of the whole file; else cut
-        now by `cut(path)`, kept, and put in the store for the pods after this one (a store that
-        refuses it costs the next pod a cut, not this one its start). `sources`: the files `cut` reads,
-        downloaded first. None when it cannot be kept here (a disk that refuses it): the caller cuts it
-        in memory."""
+    def _file_shard(self, file: str, shard: IndexShard, suffix: str, shape: ShardShape, *,
+                    read: Callable[[Path], R], cut: Callable[[], R], write: Callable[[R, Path], None],
+                    shape_of_cut: Callable[[R], ShardShape]) -> R:
+        """Shard `shard` of one of the release's files, of `shape`: `read` of the copy kept beside the
+        local copy under the file's checksum, which a restart of the same shard reads; else of the
+        object store's (file_shards.py), which a pod elsewhere downloads instead of the whole file;
+        else `cut()` from the whole file now, kept (`write`), and put in the store for the pods after
+        this one. A store that refuses it costs the next pod a cut, and a disk that refuses it the next
+        start, not this one its start."""
         file_sha256 = self.manifest.files[file]["sha256"]
         kept = self.local_dir / SHARDS_DIR / file_sha256 / f"{shard.index}-of-{shard.count}.{suffix}"
         found = _kept(kept, read)
@@ -346,20 +353,18 @@ class Release:
             found = _kept(kept, read)
         if found is not None:
             return found
-        for source in sources:
-            self.local_file(source)
+        made = cut()
+        made_shape = shape_of_cut(made)
+        if made_shape.rows != shape.rows:
+            raise ReleaseError(f"release {self.name!r}: shard {shard} of {file} has {made_shape.rows} rows, where its "
+                               f"manifest's count gives {shape.rows}")
         try:
-            _keep_file(kept, cut)
+            _keep_file(kept, functools.partial(write, made))
         except (OSError, RuntimeError) as e:  # RuntimeError: FAISS could not write it
             log.warning("could not keep the shard at %s (%s): the next start cuts it again", kept, e)
-            return None
-        found = read(kept)
-        try:  # shared from the file kept: streamed, never a copy in memory
-            share_shard(self.store, file_sha256, shard, kept, _checksum_path(kept).read_text().strip(),
-                        shape_of_found(found))
-        except (StoreError, OSError) as e:
-            log.warning("could not keep shard %s of %s in the store (%s): the next pod cuts it too", shard, file, e)
-        return found
+            return made
+        _share(self.store, file, file_sha256, shard, kept, made_shape)
+        return made
 
     def shard_rows(self, shard: IndexShard) -> int:
         """How many rows of the index (and of the reference table) shard `shard` holds."""

@@ -207,11 +207,12 @@ class VectorIndex:
             return self
         return self._keeping(np.arange(shard.index, len(self.ids), shard.count, dtype=np.int64))
 
-    def _keeping(self, rows: np.ndarray) -> VectorIndex:
-        """A new index of the rows `rows` (increasing) only, in memory of its own: for IVF-PQ a copy of
-        their codes, otherwise built from a copy of their vectors (an HNSW graph cannot remove a node,
-        so a shard's graph is built again). Only the kept rows are copied, never the whole index."""
-        ids = [self.ids[row] for row in rows]
+    def _keeping(self, rows: np.ndarray, ids: Sequence[str] | None = None) -> VectorIndex:
+        """A new index of the rows `rows` (increasing) only, in memory of its own, with `ids` (default:
+        theirs here): for IVF-PQ a copy of their codes, otherwise built from a copy of their vectors (an
+        HNSW graph cannot remove a node, so a shard's graph is built again). Only the kept rows are
+        copied, never the whole index."""
+        ids = [self.ids[row] for row in rows] if ids is None else list(ids)
         if self._ivf() is not None:
             return VectorIndex(self._ivf_keeping(rows), ids)
         return VectorIndex.build(self._stored_vectors()[rows], ids, kind=self.kind)  # (N_kept, dim)
@@ -313,16 +314,22 @@ class VectorIndex:
 
     @classmethod
     def read_shard(cls, path: Path, ids: Sequence[str], shard: IndexShard) -> VectorIndex:
-        """Shard `shard` of the index stored at `path` (`ids`: the ids of all its rows), the same as
-        `read(path, ids).shard(shard)` but in the memory of the shard alone. The file is mapped
-        (FAISS's IO_FLAG_MMAP_IFC), not read: the pages touched stay the file's, which the system
-        may drop, and only the shard's rows are copied out. The mapped index never leaves here:
-        FAISS aborts the process on an attempt to change one."""
+        """Shard `shard` of the index stored at `path` (`ids`: the ids of the shard's rows, which alone
+        are needed), the same as `read(path, all_ids).shard(shard)` but in the memory of the shard
+        alone. The file is mapped (FAISS's IO_FLAG_MMAP_IFC), not read: the pages touched stay the
+        file's, which the system may drop, and only the shard's rows are copied out. The mapped index
+        never leaves here: FAISS aborts the process on an attempt to change one."""
         import faiss
 
         if shard.count == 1:
             return cls.read(path, ids)
-        return cls(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), ids).shard(shard)
+        whole = cls.__new__(cls)  # without the ids of the other shards' rows
+        whole.index, whole.ids = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), []
+        rows = np.arange(shard.index, whole.index.ntotal, shard.count, dtype=np.int64)
+        if len(rows) != len(ids):
+            raise ValueError(f"shard {shard} of an index of {whole.index.ntotal} vectors holds {len(rows)}, but "
+                             f"{len(ids)} ids were given")
+        return whole._keeping(rows, ids)
 
 
 def _searched_widely(index):

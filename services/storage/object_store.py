@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,13 @@ class ObjectStore:
         objects = self._call(f"list {prefix}", lambda: list(self.client.list_objects(self.bucket, prefix=prefix,
                                                                                      recursive=recursive)))
         return [o.object_name for o in objects]
+
+    def list_ages(self, prefix: str) -> list[tuple[str, float]]:
+        """Every key under `prefix` with the seconds since its object was last written."""
+        objects = self._call(f"list {prefix}", lambda: list(self.client.list_objects(self.bucket, prefix=prefix,
+                                                                                     recursive=True)))
+        now = time.time()
+        return [(o.object_name, now - o.last_modified.timestamp() if o.last_modified else 0.0) for o in objects]
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
         """Every key under `prefix`, a listed page at a time (memory stays flat however many)."""

@@ -15,8 +15,9 @@ from text_release import DOCUMENTS, build_text_release
 
 from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
 from memory3.services.cli.main import main
+from memory3.services.release import file_shards as file_shards_module
 from memory3.services.release import reader as reader_module
-from memory3.services.release.file_shards import bytes_key, pointer_key
+from memory3.services.release.file_shards import bytes_key, pointer_key, shards_dir, unnamed_bytes
 from memory3.services.release.manifest import release_key
 from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
 from memory3.services.release.reader import read_manifest
@@ -211,19 +212,86 @@ def test_a_shard_in_the_store_that_does_not_match_is_cut_again_and_put_anew(buck
         assert json.loads(bucket.get_bytes(key)) == named and bucket.get_bytes(where) == stored  # put anew
 
 
-def test_pods_that_build_one_shard_at_once_leave_a_pointer_to_bytes_that_match_it(bucket, tmp_path, monkeypatch):
-    """Two pods that miss the store cut the same shard; each puts its bytes, then its pointer. HNSW
-    builds differ: had they shared one key, bytes of one under the other's checksum would be left."""
+def test_pods_that_cut_one_shard_at_once_leave_a_pointer_to_bytes_that_match_it(bucket, tmp_path, monkeypatch):
+    """Two pods miss the store and cut the same shard; the second puts its bytes and its pointer
+    between the first's bytes and pointer. Their HNSW graphs differ: had they shared one key, the
+    first's pointer would name the second's bytes, and every pod after would cut the shard again."""
     monkeypatch.setattr(index_module, "HNSW_THRESHOLD", 1)
     publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
-    monkeypatch.setattr(reader_module, "fetch_shard", lambda *args: False)  # both miss the store
-    loads = [load_release_resources(bucket, "shared", tmp_path / f"pod-{i}", IndexShard(1, 2)).index for i in range(2)]
-    monkeypatch.undo()
-    key, named, where = pointer(bucket, "shared", IndexShard(1, 2))
+    index_sha256 = read_manifest(bucket, "shared").files[INDEX_FILE]["sha256"]
+    first_pointer, put = pointer_key(index_sha256, IndexShard(1, 2)), bucket.put_bytes
+    raced = []
+
+    def put_bytes(key, data, *args):
+        if key == first_pointer and not raced:  # the first pod, between its bytes and its pointer
+            raced.append(True)
+            with monkeypatch.context() as other:
+                other.setattr(index_module, "HNSW_EF_CONSTRUCTION", 16)  # another graph
+                load_release_resources(bucket, "shared", tmp_path / "pod-b", IndexShard(1, 2))
+        put(key, data, *args)
+
+    monkeypatch.setattr(bucket, "put_bytes", put_bytes)
+    first = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(1, 2)).index
+    monkeypatch.setattr(bucket, "put_bytes", put)
+    faiss_bytes = [key for key in bucket.list_keys(shards_dir(index_sha256)) if not key.endswith(".json")]
+    assert raced and len(faiss_bytes) == 2  # each pod's own
+    _, named, where = pointer(bucket, "shared", IndexShard(1, 2))
     assert hashlib.sha256(bucket.get_bytes(where)).hexdigest() == named["sha256"]
+    monkeypatch.setattr(file_shards_module, "UNNAMED_GRACE_S", -1.0)
+    assert unnamed_bytes(bucket, index_sha256) == [key for key in faiss_bytes if key != where]
     serve_nothing_but_the_kept_shard(monkeypatch)
-    again = load_release_resources(bucket, "shared", tmp_path / "pod-2", IndexShard(1, 2)).index
-    assert again.ids == loads[0].ids
+    again = load_release_resources(bucket, "shared", tmp_path / "pod-c", IndexShard(1, 2)).index
+    assert again.ids == first.ids
+
+
+def test_a_shard_cut_where_the_disk_refuses_it_is_built_once_and_served(bucket, tmp_path, monkeypatch, caplog):
+    publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
+    whole = load_release_resources(bucket, "shared", tmp_path / "whole").index
+    read_shard, builds = VectorIndex.read_shard, []
+
+    def counted(*args):
+        builds.append(args)
+        return read_shard(*args)
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(VectorIndex, "read_shard", counted)
+    monkeypatch.setattr(reader_module, "_keep_file", full_disk)
+    monkeypatch.setattr(reader_module, "fetch_shard", lambda *args: False)
+    loaded = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(1, 2))
+    assert loaded.index.ids == whole.ids[1::2] and len(builds) == 1
+    assert "No space left on device" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["get_bytes", "download"])  # the pointer's read, the bytes'
+def test_a_store_that_does_not_answer_stops_the_start_rather_than_a_cut_from_the_whole_files(bucket, tmp_path,
+                                                                                           monkeypatch, method):
+    publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
+    load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(1, 2))
+    answer = getattr(bucket, method)
+
+    def outage(key, *args, **kwargs):
+        if key.startswith("shards/"):
+            raise StoreUnavailable(f"get {key}: cannot reach the object store")
+        return answer(key, *args, **kwargs)
+
+    monkeypatch.setattr(bucket, method, outage)
+    serve_nothing_but_the_kept_shard(monkeypatch)
+    with pytest.raises(StoreUnavailable, match="cannot reach"):
+        load_release_resources(bucket, "shared", tmp_path / "pod-b", IndexShard(1, 2))
+    assert not any((tmp_path / "pod-b" / "shared" / file).exists() for file in (INDEX_FILE, REFERENCES_FILE))
+
+
+def test_a_pod_that_cuts_the_index_shard_alone_does_not_download_the_table(bucket, tmp_path):
+    publish_random_release(bucket, "shared", DOCUMENTS, embedder=HashEmbedder())
+    cut = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(0, 2))
+    key, _, _ = pointer(bucket, "shared", IndexShard(0, 2))
+    bucket.remove_keys([key])  # the index's shard is gone; the table's is there
+    again = load_release_resources(bucket, "shared", tmp_path / "pod-b", IndexShard(0, 2))
+    assert again.index.ids == cut.index.ids and again.texts == cut.texts
+    assert (tmp_path / "pod-b" / "shared" / INDEX_FILE).exists()
+    assert not (tmp_path / "pod-b" / "shared" / REFERENCES_FILE).exists()
 
 
 def test_a_store_that_refuses_the_shard_does_not_stop_the_pod(bucket, tmp_path, monkeypatch, caplog):
@@ -237,6 +305,25 @@ def test_a_store_that_refuses_the_shard_does_not_stop_the_pod(bucket, tmp_path, 
     loaded = load_release_resources(bucket, "shared", tmp_path / "pod-a", IndexShard(1, 2)).index
     assert loaded.ids == whole.ids[1::2]
     assert "could not keep shard 1/2 of index.faiss in the store" in caplog.text
+
+
+def test_release_shard_index_fails_when_the_store_does_not_keep_a_shard(bucket, tmp_path, monkeypatch, capsys):
+    from memory3.services.storage.object_store import ObjectStore
+
+    publish_random_release(bucket, "ahead", DOCUMENTS, embedder=HashEmbedder())
+    s3 = bucket.config
+
+    def refuse(self, key, *args, **kwargs):
+        raise StoreUnavailable(f"put {key}: the object store refused the request (AccessDenied)")
+
+    monkeypatch.setattr(ObjectStore, "put_file", refuse)
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", s3.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", s3.secret_key)
+    assert main(["release", "shard-index", "ahead", "--shards", "2", "--cache-dir", str(tmp_path / "cli"),
+                 "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket]) == 2
+    printed = capsys.readouterr()
+    assert "kept in the store, in" not in printed.out
+    assert "shard 0/2 of references.jsonl and index.faiss was cut but could not be kept in the store" in printed.err
 
 
 def test_release_shard_index_builds_every_shard_ahead_of_the_pods(bucket, tmp_path, monkeypatch, capsys):
