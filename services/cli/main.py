@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_s3_arguments(release_delete, local_stack=True)
     release_gc = release_sub.add_parser(
         "gc", help="remove the memories no published release lists (left by failed or cancelled publications), "
-                   "and the index shards kept for index files no published release has")
+                   "and the shards kept for index files and reference tables no published release has")
     release_gc.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     add_s3_arguments(release_gc, local_stack=True)
     release_shards = release_sub.add_parser(
