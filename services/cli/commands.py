@@ -368,19 +368,22 @@ def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path) -> i
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{name}-shards-") as tmp:
         release = Release.open(store, name, Path(tmp), only=set())
-        files = release.manifest.files
+
+        def unshared(shard: IndexShard) -> list[str]:
+            """The release's files whose shard `shard` the store does not keep."""
+            shapes = {REFERENCES_FILE: ShardShape(release.shard_rows(shard)), INDEX_FILE: release.index_shape(shard)}
+            return [file for file, shape in shapes.items()
+                    if not is_shared(store, release.manifest.files[file]["sha256"], shard, shape)]
+
         for i in range(shards):
             shard = IndexShard(i, shards)
-            if is_shared(store, files[REFERENCES_FILE]["sha256"], shard, ShardShape(release.shard_rows(shard))) and \
-                    is_shared(store, files[INDEX_FILE]["sha256"], shard, release.index_shape(shard)):
+            if not unshared(shard):
                 print(f"shard {shard}: kept already")
                 continue
             started = time.monotonic()
             rows = release.reference_shard(shard)
             index = release.index_shard(shard, [row["id"] for row in rows])
-            missing = [file for file, shape in ((REFERENCES_FILE, ShardShape(len(rows))),
-                                                (INDEX_FILE, release.index_shape(shard)))
-                       if not is_shared(store, files[file]["sha256"], shard, shape)]
+            missing = unshared(shard)
             if missing:  # `_file_shard` warned why (a store or a disk that refused it)
                 raise RuntimeError(f"shard {shard} of {' and '.join(missing)} was cut but could not be kept in the "
                                    "store (see the warning above): check that these credentials may write under "

@@ -139,16 +139,16 @@ class ObjectStore:
         except ObjectNotFound:
             return False
 
+    def _listed(self, prefix: str, recursive: bool) -> list:
+        return self._call(f"list {prefix}", lambda: list(self.client.list_objects(self.bucket, prefix=prefix,
+                                                                                  recursive=recursive)))
+
     def list_keys(self, prefix: str, *, recursive: bool = True) -> list[str]:
-        objects = self._call(f"list {prefix}", lambda: list(self.client.list_objects(self.bucket, prefix=prefix,
-                                                                                     recursive=recursive)))
-        return [o.object_name for o in objects]
+        return [o.object_name for o in self._listed(prefix, recursive)]
 
     def list_ages(self, prefix: str) -> list[tuple[str, float]]:
         """Every key under `prefix` with the seconds since its object was last written."""
-        objects = self._call(f"list {prefix}", lambda: list(self.client.list_objects(self.bucket, prefix=prefix,
-                                                                                     recursive=True)))
-        now = time.time()
+        objects, now = self._listed(prefix, True), time.time()
         return [(o.object_name, now - o.last_modified.timestamp() if o.last_modified else 0.0) for o in objects]
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
