@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RESULTS := bench/results
 
-.PHONY: setup system-deps proto demo test test-all test-gpu lint helm-test helm-schema bench bench-decode bench-storage bench-serving bench-index bench-prefill bench-sampling clean
+.PHONY: setup system-deps proto demo test test-all test-gpu gpu-wheels lint helm-test helm-schema bench bench-decode bench-storage bench-serving bench-index bench-prefill bench-sampling clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,16 @@ test-all: setup
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu
+
+# Wheels (CPython 3.12, manylinux) of what the serving engine imports and a bare CUDA image lacks (the
+# object store client, the overlap filter): `bench/gpu.py`'s device command installs them from .whl/.
+GPU_WHEELS := minio==7.2.20 argon2-cffi==25.1.0 argon2-cffi-bindings==26.2.0 pycryptodome==4.5.0 \
+	rapidfuzz==3.14.6 cffi==2.1.1 pycparser==3.12
+gpu-wheels: setup
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -28,23 +28,29 @@ the measured logit error).
 
 The device machine is bare and offline: no registry, so nothing can be pip-installed there, and
 its image's python3 already holds CUDA torch and transformers (the project's CPU pins do not
-apply there). The project is put on the path instead of installed. One call, from the repository
-root (writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwards):
+apply there). The project is put on the path instead of installed; what the serving engine's
+`gpu`-marked test imports beyond the image travels as wheels (`make gpu-wheels` here writes them
+to .whl/, 6.4 MB; the call carries ".whl"). One call, from the repository root (writes the JSON
+and a log to $OUT; copy the JSON to bench/results/ afterwards):
 
-    mkdir -p /tmp/m3/memory3 && for d in model bench; do ln -sfn "$PWD/$d" /tmp/m3/memory3/$d; done &&
-    nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee $OUT/smi.txt;
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl;
+    mkdir -p /tmp/m3/memory3 && for d in model bench services; do ln -sfn "$PWD/$d" /tmp/m3/memory3/$d;
+    done && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee $OUT/smi.txt;
     set -o pipefail; PYTHONPATH=/tmp/m3 PYTHONUNBUFFERED=1 python3 -m memory3.bench.gpu --budget-s 420
-    --json "$OUT" 2>&1 | tee $OUT/log.txt; PYTHONPATH=/tmp/m3 timeout 150 python3 -m pytest -q -m gpu
-    -p no:cacheprovider tests/unit/test_gpu.py tests/unit/test_static_decode.py 2>&1 | tail -15
+    --json "$OUT" 2>&1 | tee $OUT/log.txt; PYTHONPATH=/tmp/m3:/tmp/site timeout 150 python3 -m pytest -q
+    -m gpu -p no:cacheprovider tests/unit/test_gpu.py tests/unit/test_static_decode.py 2>&1 | tail -15
 
-(timeout_s=600; expected run time 5-8 minutes, of which compiling and tuning kernels 1-3, then
-the `gpu`-marked tests). `--budget-s 420` keeps the bench inside 7 of those minutes, whatever
-compiling takes: each batch size's rounds stop early at their share of the time left (at least 3,
-the first dropped; `rounds_run` in the JSON), so that the checks and the tests after it still
-run. If compiling fails, the run says why, goes on uncompiled and reports `compile.error`; a
-variant that fails is left out and named in its batch size's `errors`, a correctness check that
-fails to run is reported as failed; `gpu-<card>-<date>.partial.json` keeps each batch size's numbers
-(and the headline keys measured so far) as they are measured.
+(timeout_s=600; expected run time 5-8 minutes, of which compiling and tuning kernels 1-3, then the
+`gpu`-marked tests, among them the serving engine's decode passes replayed from CUDA graphs against
+eager ones). Checked on a CPU with the image's versions (torch 2.11.0, transformers 5.17.0):
+`--smoke` runs, compiled and not, and the `gpu`-marked tests' modules import. `--budget-s 420` keeps
+the bench inside 7 of those minutes, whatever compiling takes: each batch size's rounds stop early
+at their share of the time left (at least 3, the first dropped; `rounds_run` in the JSON), so that
+the checks and the tests after it still run. If compiling fails, the run says why, goes on
+uncompiled and reports `compile.error`; a variant that fails is left out and named in its batch
+size's `errors`, a correctness check that fails to run is reported as failed;
+`gpu-<card>-<date>.partial.json` keeps each batch size's numbers (and the headline keys measured so
+far) as they are measured.
 
 Here: `memory3 bench gpu --json PATH`. On a CPU, `--preset tiny --device cpu --smoke` runs the
 whole logic in well under a minute, and `--dtype bfloat16 --compile` beside it takes the GPU run's

@@ -162,6 +162,8 @@ class Transformer(nn.Module):
         The serving engine swaps one stream's memories at each of its chunk boundaries, on the
         thread that decodes: this writes them in place with plain slices (no MemoryKV, no index
         tensors), one concatenation per keys and values. Slots past the memories are masked.
+        Memories in host memory on a CUDA model are joined in pinned memory and copied without
+        waiting: the thread goes on while the copy runs, queued before the next pass that reads them.
         """
         if not memories:
             self._write_resident(row, None)
@@ -175,9 +177,10 @@ class Transformer(nn.Module):
         if len(memories) > c.mems_per_chunk:
             raise ValueError(f"{len(memories)} memories do not fit the {c.mems_per_chunk} a chunk reads")
         prime_slot_valid(memories)
-        self._write_resident(row, (torch.cat([m.keys for m in memories], dim=2),  # (L_mem, H_kv, n*k, D)
-                                   torch.cat([m.values for m in memories], dim=2),
-                                   torch.cat([m.slot_valid for m in memories])))  # (n*k,)
+        device = self.output.weight.device
+        self._write_resident(row, (_joined([m.keys for m in memories], 2, device),  # (L_mem, H_kv, n*k, D)
+                                   _joined([m.values for m in memories], 2, device),
+                                   _joined([m.slot_valid for m in memories], 0, device)))  # (n*k,)
 
     def keep_resident(self, row: int, memory: MemoryKV, sequence: int, group: int) -> None:
         """After a prefill with explicit memories, keep group `group` of `sequence` resident in cache `row`.
@@ -206,13 +209,17 @@ class Transformer(nn.Module):
     def _update_resident_mask(self, row: int | None = None) -> None:
         """Cache the additive mask of the resident memory slots; it changes once per chunk only.
 
-        With `row`, only that row changed: its mask row is rewritten in place.
+        Rewritten in place (with `row`, only that row changed), so that it stays at the address a
+        CUDA graph of the decode pass reads (`decode_graphs.py`).
         """
         valid = self._memory_layers()[0].attention.kv_cache.mem_valid  # (B_cache, M)
-        if row is None or self._resident_mask is None:
+        mask = self._resident_mask
+        if mask is None or mask.shape != valid.shape:
             self._resident_mask = additive_mask(valid, self.output.weight.dtype)
+        elif row is None:
+            mask.copy_(additive_mask(valid, mask.dtype))  # in place: a captured decode pass reads it
         else:
-            self._resident_mask[row] = additive_mask(valid[row], self._resident_mask.dtype)
+            mask[row] = additive_mask(valid[row], mask.dtype)
 
     def _memory_layers(self) -> list[TransformerBlock]:
         return [layer for layer in self.layers if layer.is_memory_layer]
@@ -518,11 +525,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     Query head i reads KV head i // (H / H_kv). CUDA has no fused kernel for GQA with a mask (flash
     takes no mask, the memory-efficient kernel no GQA): SDPA would silently take its math kernel,
     which upcasts to fp32 and materializes all B*H*T*S scores. There the KV heads are repeated
-    instead, as HF does; the CPU's fused kernel takes both.
+    instead, as HF does; with one query per sequence (a decode step) the query heads of a KV head
+    become its query rows instead, and nothing is repeated. The CPU's fused kernel takes both.
     """
     gqa = q.shape[1] != k.shape[1]
     if gqa and mask is not None and not fused_masked_gqa(q.device):
-        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # (B, H, S, D)
+        bsz, n_head, seq_len, head_dim = q.shape
+        if seq_len == 1 and mask.shape[1] == 1:
+            # One query per sequence (a decode step): a KV head's query heads become its query rows,
+            # so K/V are read as they are, not repeated; the mask (B, 1, 1, S) broadcasts over them.
+            n_kv = k.shape[1]
+            q = q.reshape(bsz, n_kv, n_head // n_kv, head_dim)  # (B, H_kv, H / H_kv, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return y.reshape(bsz, n_head, 1, head_dim)
+        k, v = repeat_kv(k, n_head), repeat_kv(v, n_head)  # (B, H, S, D)
         gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
@@ -542,6 +558,18 @@ def repeat_kv(x: Tensor, n_head: int) -> Tensor:
 def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean visibility -> additive attention bias: 0 where visible, -inf elsewhere."""
     return torch.full(visible.shape, float("-inf"), dtype=dtype, device=visible.device).masked_fill_(visible, 0.0)
+
+
+def _joined(parts: Sequence[Tensor], dim: int, device: torch.device) -> Tensor:
+    """torch.cat of `parts`, on `device`; host parts bound for a CUDA device are joined in pinned
+    memory and copied asynchronously (the caching host allocator keeps the buffer until the copy is done)."""
+    if device.type != "cuda" or parts[0].device.type != "cpu":
+        return torch.cat(list(parts), dim=dim).to(device)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    staged = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
+    torch.cat(list(parts), dim=dim, out=staged)
+    return staged.to(device, non_blocking=True)
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -166,7 +166,7 @@ class StaticDecoder:
         self._epilogue(model, x, ffn_out, self.logits, slots)
 
     def _capture(self) -> None:
-        self.graph, _ = _captured(self._forward, self.device, warmups=3)
+        self.graph, _ = capture_graph(self._forward, self.device, warmups=3)
         self.slots.zero_()  # warm-up advanced them; prefill sets them anyway
 
     # ---- prefill ----------------------------------------------------------------------------
@@ -278,9 +278,14 @@ class StaticDecoder:
         self._pending = False
 
 
-def _captured(run: Callable[[], Tensor | None], device: torch.device, warmups: int):
+def capture_graph(run: Callable[[], Tensor | None], device: torch.device, warmups: int, pool=None):
     """Warms `run` up on a side stream (allocator, cuBLAS handles, kernel choice and, compiled,
-    kernel tuning), then captures it: -> (the CUDA graph, what the captured call returned)."""
+    kernel tuning), then captures it: -> (the CUDA graph, what the captured call returned).
+
+    `pool`: another graph's memory pool, to share (graphs never replayed at once may). Only this
+    thread's calls are checked during the capture: another thread's work on the device (a serving
+    engine's other threads) does not fail it.
+    """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -288,7 +293,7 @@ def _captured(run: Callable[[], Tensor | None], device: torch.device, warmups: i
             run()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = run()
     return graph, out
 
@@ -303,7 +308,7 @@ class _StaticPrefill:
         self.inputs = tuple(t.clone() for t in inputs)
         self.graph: torch.cuda.CUDAGraph | None = None
         if capture:
-            self.graph, self.logits = _captured(self._run, self.inputs[0].device, warmups=2)
+            self.graph, self.logits = capture_graph(self._run, self.inputs[0].device, warmups=2)
 
     def _run(self) -> Tensor:
         tokens, slots, positions, last = self.inputs

@@ -543,6 +543,9 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                             "overlaps that many decode steps (default 8; 0: the query is exactly the previous chunk)")
     group.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="pad decode passes to a few batch and context sizes and replay each from a CUDA graph "
+                            "captured at start (default: on with --device cuda; needs it)")
     group.add_argument("--dependency-tls-ca", type=Path, default=None,
                        help="PEM CA of the text and memory services' certificates (TLS to them)")
     group.add_argument("--dependency-cert", type=Path, default=None, help="client certificate for mTLS")
@@ -605,10 +608,12 @@ def _decoder_settings(args: argparse.Namespace):
     if not args.release:
         raise ValueError(f"serve {args.service} needs --release NAME: the release whose model to serve")
     lead = {} if args.retrieval_lead_tokens is None else {"retrieval_lead_tokens": args.retrieval_lead_tokens}
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        raise ValueError(f"--cuda-graphs needs --device cuda (got --device {args.device})")
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len,
                           default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy,
                           max_streams_per_client=args.max_streams_per_client, stall_s=args.stall_timeout,
-                          prefill_tokens=args.prefill_tokens, **lead)
+                          prefill_tokens=args.prefill_tokens, cuda_graphs=args.cuda_graphs, **lead)
     dependencies = DependencyOptions(tls_ca=args.dependency_tls_ca, client_cert=args.dependency_cert,
                                      client_key=args.dependency_key,
                                      auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)

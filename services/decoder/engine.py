@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from memory3.model.decode_graphs import DecodePasses
 from memory3.model.generate import SamplingParams, logit_bias_row, penalize, query_window, sample
 from memory3.model.layout import chunk_spans
 from memory3.model.memory import ExplicitMemory, stack_memories
@@ -91,6 +92,10 @@ class EngineConfig:
     # the decoder reports itself not live, so that it is restarted. Above the longest model pass the
     # server makes (a full batch's prefill, minutes on a CPU for a large model).
     stall_s: float = 600.0
+    # Decode passes padded to a few batch and context sizes, each captured once in a CUDA graph when
+    # the engine starts and replayed (`model/decode_graphs.py`); None: on a CUDA device. On a CPU,
+    # True runs the padded passes eagerly.
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -271,6 +276,9 @@ class Scheduler:
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        cuda = self.device.type == "cuda"
+        static = cuda if config.cuda_graphs is None else config.cuda_graphs
+        self.passes = DecodePasses(model, config.max_batch, self.max_seq_len, static=static, cuda_graph=static and cuda)
         self.rows: list[_Stream | None] = [None] * config.max_batch
         # Rows whose first context slots hold the reference prefix's K/V, left by an earlier stream
         # with memory: the prefix depends on the weights only, so a stream with memory that joins
@@ -313,6 +321,7 @@ class Scheduler:
     def start(self) -> None:
         with torch.inference_mode():
             self.model.setup_caches(self.config.max_batch, self.max_seq_len, memory=True)
+            self.passes.capture()
         self.thread.start()
 
     def stop(self) -> None:
@@ -560,7 +569,8 @@ class Scheduler:
 
     def _decode(self, active: list[_Stream]) -> None:
         self.step_s, self._last_step = _moving_average(self.step_s, self._last_step)
-        hi = max(s.row for s in self.rows if s is not None and not s.done) + 1
+        # The rows of the pass: those up to the highest in use, padded to the pass's shape.
+        hi = self.passes.rows_for(max(s.row for s in self.rows if s is not None and not s.done) + 1)
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         # An idle row among them is fed a placeholder too. It goes to the first slot after the
         # reference prefix, which a row keeps for its next stream with memory (`row_has_prefix`);
@@ -575,9 +585,7 @@ class Scheduler:
             tokens[s.row, 0] = 0 if s.paused or s.prefilling else s.tokens[-1]
             slots[s.row, 0] = s.next_slot
             prefix_lens[s.row, 0] = s.prefix_len
-        tokens, slots = tokens.to(self.device), slots.to(self.device)
-        positions = _positions(slots, prefix_lens.to(self.device), self.mc.ref_len)
-        logits = self.model(tokens, positions, cache_slots=slots)[:, -1]  # (hi, V)
+        logits = self.passes(tokens, _positions(slots, prefix_lens, self.mc.ref_len), slots)  # (hi, V)
         for s in active:
             s.next_slot += 1
         rows = torch.tensor([s.row for s in active], device=self.device)

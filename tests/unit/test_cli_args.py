@@ -159,3 +159,16 @@ def test_a_ca_bundle_that_cannot_work_is_refused(argv, env, said, tmp_path, monk
     args = parse_args(["train", "--release", "r", "--s3-endpoint", "h:1", *(a.format(**paths) for a in argv)])
     with pytest.raises(ValueError, match=said):
         s3_config(args)
+
+
+def test_cuda_graphs_follow_the_device_and_are_refused_without_one(monkeypatch):
+    from memory3.services.cli.main import _decoder_settings
+
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")
+    base = ["serve", "decoder", "--release", "r", "--s3-endpoint", "h:1"]
+    assert _decoder_settings(parse_args(base)).engine.cuda_graphs is None  # the engine decides: on with CUDA
+    assert _decoder_settings(parse_args([*base, "--device", "cuda", "--no-cuda-graphs"])).engine.cuda_graphs is False
+    assert _decoder_settings(parse_args([*base, "--device", "cuda:1", "--cuda-graphs"])).engine.cuda_graphs is True
+    with pytest.raises(ValueError, match="--cuda-graphs needs --device cuda"):
+        _decoder_settings(parse_args([*base, "--cuda-graphs"]))

@@ -18,6 +18,8 @@ from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import ExplicitMemory, stack_memories
 from memory3.model.static_decode import COMPILE_OPTIONS, StaticDecoder, generate_static
 
+from .host_reads import NoHostReads
+
 # The GPU tests compile without kernel tuning, which would take most of their time on the device;
 # `bench/gpu.py` runs the tuned kernels and checks their tokens and logits against HF's.
 UNTUNED = {**COMPILE_OPTIONS, "coordinate_descent_tuning": False}
@@ -210,19 +212,6 @@ def test_a_refused_prefill_capture_falls_back_to_an_eager_prefill(tiny_model, mo
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert not decoder.static_prefill and "not permitted" in decoder.static_prefill_error
     torch.testing.assert_close(decoder.prefill(tokens, slots, slots, last), expected, rtol=1e-5, atol=1e-5)
-
-
-class NoHostReads(TorchDispatchMode):
-    """Fails on an operator that brings a device value back to the host: a CUDA graph cannot
-    capture one (the capture is refused), so the captured step and prefill must have none."""
-
-    READS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default,
-             torch.ops.aten.nonzero.default, torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            raise AssertionError(f"{func} reads a device value on the host")
-        return func(*args, **(kwargs or {}))
 
 
 def test_the_captured_step_and_prefill_never_wait_on_the_device(tiny_model, tiny_config, prefix, bank):

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from memory3.model.decode_graphs import DecodePasses
 from memory3.model.encoder import encode_references
 from memory3.model.generate import SamplingParams, generate
 from memory3.model.layout import rope_positions
@@ -151,6 +152,42 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
         assert len(cited) == (n_chunks if use_memory else 0)
         assert [c.chunk_index for c in cited] == list(range(len(cited)))
     assert metrics.NUM_REQUESTS_RUNNING._value.get() == 0
+
+
+def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(tiny_model, text_codec, prefix,
+                                                                              memories, monkeypatch):
+    """With `cuda_graphs` (run eagerly here) every decode pass is padded to a batch bucket and attends over a
+    context bucket: rows past the highest in use get placeholders, as idle rows do, and a stream that
+    later joins such a row, and every other, still decodes what `generate` decodes alone."""
+    retrieval = FakeRetrieval(memories, delay=0.002)
+    bodies = prompts(5, text_codec)
+    max_tokens = [150, 70, 3, 140, 65]
+    uses = [True, False, True, True, True]
+    shapes = []
+    run_pass = DecodePasses._run
+    monkeypatch.setattr(DecodePasses, "_run", lambda self, rows, context: (shapes.append((rows, context)),
+                                                                         run_pass(self, rows, context))[1])
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval,
+                                  EngineConfig(max_batch=5, max_waiting=8, prefill_tokens=128, cuda_graphs=True))
+        await engine.start()
+        try:
+            return await asyncio.gather(*[
+                collect(engine, GenerationRequest(body, mt, use_memory=use), delay_start=0.01 * i)
+                for i, (body, mt, use) in enumerate(zip(bodies, max_tokens, uses, strict=True))])
+        finally:
+            await engine.close()
+
+    results = run(main())
+    for body, mt, use, (tokens, _, _) in zip(bodies, max_tokens, uses, results, strict=True):
+        with torch.inference_mode():
+            expected = reference_tokens(tiny_model, body, retrieval.provider if use else None, prefix, mt,
+                                        text_codec.eos_id, 8)
+        assert tokens == expected
+    assert {rows for rows, _ in shapes} <= {1, 2, 4, 5} and 4 in {rows for rows, _ in shapes}
+    assert {context for _, context in shapes} <= {256, 384, 512, 768, 1024}
+    assert len({context for _, context in shapes}) >= 2  # the streams' contexts grew past a bucket
 
 
 @pytest.mark.parametrize("use_memory", [True, False])
