@@ -74,7 +74,8 @@ class DecodePasses:
         # Static inputs of the graphs: tokens, RoPE positions and cache slots (3, max_batch, 1).
         self.inputs = torch.zeros(3, max_batch, 1, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # (rows, context) ->
-        self.error: str | None = None  # why the capture failed (passes then run eagerly)
+        self._bound: list[Tensor] = []  # what the graphs read besides their inputs, as captured
+        self.error: str | None = None  # why the capture failed (passes then run eagerly, unpadded)
 
     def rows_for(self, rows: int) -> int:
         """The rows a pass over cache rows 0..rows-1 computes."""
@@ -87,7 +88,7 @@ class DecodePasses:
         return next(c for c in self.contexts if c >= slots) if self.static else slots
 
     def capture(self) -> None:
-        """Capture every bucket's pass; on a device that refuses, run eagerly and say why.
+        """Capture every bucket's pass; on a device that refuses, decode eagerly and unpadded, and say why.
 
         The warm-up passes write placeholder K/V into the last slot of every row, as a prefill's
         padding does: a slot that every stream writes before it reads it.
@@ -95,36 +96,56 @@ class DecodePasses:
         if not self.cuda_graph or self.graphs:
             return
         start = time.monotonic()
-        pool = None
+        pool, stream = None, torch.cuda.Stream(self.device)  # one pool, captured on one stream
         try:
             self.inputs.zero_()
             self.inputs[2].fill_(self.max_seq_len - 1)  # slots
             for rows in reversed(self.batches):  # the largest first: the others' memory fits in its pool
                 for context in reversed(self.contexts):
                     graph, logits = capture_graph(lambda r=rows, c=context: self._run(r, c), self.device,
-                                                  warmups=2, pool=pool)
+                                                  warmups=2, pool=pool, stream=stream)
                     pool = graph.pool() if pool is None else pool
                     self.graphs[rows, context] = graph, logits
         except RuntimeError as exc:
-            self.graphs.clear()
+            self.release()
+            self.static, self.batches, self.contexts = False, [], []
             self.error = f"{type(exc).__name__}: {exc}"[:2000]
+            log.warning("capturing the decode pass in CUDA graphs failed; decoding eagerly: %s", self.error)
             warnings.warn(f"capturing the decode pass in CUDA graphs failed; decoding eagerly: {exc}",
                           RuntimeWarning, stacklevel=2)
             return
+        self._bound = self._reads()
         log.info("captured %d CUDA graphs of the decode pass (rows %s; context %s) in %.1f s", len(self.graphs),
                  self.batches, self.contexts, time.monotonic() - start)
+
+    def release(self) -> None:
+        """Drop the graphs and their memory pool (before the model's caches are freed)."""
+        self.graphs.clear()
+        self._bound = []
+
+    def _reads(self) -> list[Tensor]:
+        """The tensors a captured pass reads besides its inputs: replaced ones would leave it reading freed memory."""
+        caches = [layer.attention.kv_cache for layer in self.model.layers]
+        return [self.model._resident_mask, self.model.rope.inv_freq,
+                *(t for cache in caches for t in (cache.k, cache.v, cache.mem_valid))]
 
     def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         """One decode pass: (B, 1) host tensors, B from `rows_for` -> (B, V) logits.
 
-        Replayed, the logits are the graph's output buffer, which the next pass of its shape overwrites.
+        Replayed, the logits are a graph's output buffer, valid until the next pass (of any shape).
         """
         rows = tokens.shape[0]
         context = self.context_for(int(slots.max()) + 1)
-        self.inputs[:, :rows].copy_(torch.stack([tokens, positions, slots]))  # one host-to-device copy
+        inputs = torch.stack([tokens, positions, slots])  # (3, B, 1)
+        if self.device.type == "cuda":  # a fresh pinned buffer, kept by the host allocator until copied
+            self.inputs[:, :rows].copy_(inputs.pin_memory(), non_blocking=True)
+        else:
+            self.inputs[:, :rows].copy_(inputs)
         graph = self.graphs.get((rows, context))
         if graph is None:
             return self._run(rows, context)
+        if any(now is not then for now, then in zip(self._reads(), self._bound, strict=True)):
+            raise RuntimeError("the model's caches or masks were replaced since the decode passes were captured")
         graph[0].replay()
         return graph[1]
 

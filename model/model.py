@@ -19,6 +19,7 @@ caller maps slots to RoPE positions (see `model.layout`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -531,7 +532,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     gqa = q.shape[1] != k.shape[1]
     if gqa and mask is not None and not fused_masked_gqa(q.device):
         bsz, n_head, seq_len, head_dim = q.shape
-        if seq_len == 1 and mask.shape[1] == 1:
+        if seq_len == 1 and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1:
             # One query per sequence (a decode step): a KV head's query heads become its query rows,
             # so K/V are read as they are, not repeated; the mask (B, 1, 1, S) broadcasts over them.
             n_kv = k.shape[1]
@@ -563,11 +564,12 @@ def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:
 def _joined(parts: Sequence[Tensor], dim: int, device: torch.device) -> Tensor:
     """torch.cat of `parts`, on `device`; host parts bound for a CUDA device are joined in pinned
     memory and copied asynchronously (the caching host allocator keeps the buffer until the copy is done)."""
-    if device.type != "cuda" or parts[0].device.type != "cpu":
+    if device.type != "cuda" or any(p.device.type != "cpu" for p in parts):
         return torch.cat(list(parts), dim=dim).to(device)
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
-    staged = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))  # as torch.cat promotes
+    staged = torch.empty(shape, dtype=dtype, pin_memory=True)
     torch.cat(list(parts), dim=dim, out=staged)
     return staged.to(device, non_blocking=True)
 

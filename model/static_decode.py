@@ -278,23 +278,27 @@ class StaticDecoder:
         self._pending = False
 
 
-def capture_graph(run: Callable[[], Tensor | None], device: torch.device, warmups: int, pool=None):
+def capture_graph(run: Callable[[], Tensor | None], device: torch.device, warmups: int, pool=None,
+                  stream: torch.cuda.Stream | None = None):
     """Warms `run` up on a side stream (allocator, cuBLAS handles, kernel choice and, compiled,
     kernel tuning), then captures it: -> (the CUDA graph, what the captured call returned).
 
-    `pool`: another graph's memory pool, to share (graphs never replayed at once may). Only this
-    thread's calls are checked during the capture: another thread's work on the device (a serving
-    engine's other threads) does not fail it.
+    All of it runs on `device`, whichever device the calling thread is on (a worker thread's is
+    cuda:0), so that the kernels of a model on cuda:N are the ones captured. `pool`: another graph's
+    memory pool, to share (graphs never replayed at once may), captured on the same `stream`. Only
+    this thread's calls are checked during the capture: another thread's work on the device does
+    not fail it.
     """
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmups):
-            run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        out = run()
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            out = run()
     return graph, out
 
 

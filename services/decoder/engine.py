@@ -329,11 +329,14 @@ class Scheduler:
         self.wake.set()
         self.thread.join(timeout=30)
         if not self.thread.is_alive():
+            self.passes.release()
             self.model.clear_caches()  # the model may be used again, e.g. by another engine
 
     # ---- the loop ----
     def _run(self) -> None:
         cpu = time.thread_time()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # graphs replay on this thread's device (a new thread's is cuda:0)
         with torch.inference_mode():
             while not self.stopping:
                 self.beat = time.monotonic()

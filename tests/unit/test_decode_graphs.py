@@ -7,10 +7,12 @@ import contextlib
 import pytest
 import torch
 
+from memory3.model import decode_graphs
 from memory3.model import model as model_module
 from memory3.model.decode_graphs import DecodePasses, batch_buckets, context_buckets
 from memory3.model.memory import ExplicitMemory
 from memory3.model.model import attend
+from memory3.model.static_decode import capture_graph
 
 from .host_reads import NoHostReads
 
@@ -117,12 +119,18 @@ def test_the_pass_reads_no_device_value_and_keeps_what_it_reads_at_fixed_address
         _rows_with_contexts(tiny_model, tiny_config, memories, 2, [30, 10], with_memories=(0, 1))
         passes = DecodePasses(tiny_model, 2, 1000, static=True, cuda_graph=False)
         mask = tiny_model._resident_mask
-        address = mask.data_ptr()
+        reads = passes._reads()
+        addresses = [t.data_ptr() for t in reads]
         tiny_model.install_memories(1, memories[1:3])
         tiny_model.write_prefix(torch.tensor(prefix), torch.tensor([0]))
         tiny_model.clear_resident_memory()
         tiny_model.install_memories(0, memories[:1])
-        assert tiny_model._resident_mask is mask and mask.data_ptr() == address
+        tokens = torch.randint(3, 250, (1, 70))
+        slots = torch.arange(len(prefix), len(prefix) + 70)[None]
+        tiny_model(tokens, slots, cache_slots=slots, cache_rows=torch.tensor([1]))  # a prefill
+        passes(torch.tensor([[3], [4]]), torch.tensor([[30], [10]]), torch.tensor([[30], [10]]))  # and a pass
+        assert all(now is then for now, then in zip(passes._reads(), reads, strict=True))
+        assert [t.data_ptr() for t in passes._reads()] == addresses
         assert torch.equal(mask[0, :tiny_config.mem_tokens_per_head] == 0, memories[0].positions[0, 0] >= 0)
         assert bool((mask[1] == float("-inf")).all())  # cleared
         with NoHostReads():
@@ -134,13 +142,13 @@ def test_a_single_query_reads_grouped_kv_heads_as_repeated_ones_where_no_fused_k
     """On CUDA (no fused kernel for grouped KV heads with a mask) a decode step's query heads are
     folded onto their KV head instead of repeating K/V; the result is the repeated heads'."""
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 4, 1, 16, generator=gen)
+    q = torch.randn(3, 8, 1, 16, generator=gen)
     k, v = torch.randn(3, n_kv, 50, 16, generator=gen), torch.randn(3, n_kv, 50, 16, generator=gen)
     mask = torch.where(torch.rand(3, 1, 1, 50, generator=gen) < 0.3, float("-inf"), 0.0)
     mask[..., 0] = 0.0
     expected = attend(q, k, v, mask)  # the CPU's fused kernel
     repeated = torch.nn.functional.scaled_dot_product_attention(
-        q, model_module.repeat_kv(k, 4), model_module.repeat_kv(v, 4), attn_mask=mask)
+        q, model_module.repeat_kv(k, 8), model_module.repeat_kv(v, 8), attn_mask=mask)
     monkeypatch.setattr(model_module, "fused_masked_gqa", lambda device: False)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -149,4 +157,93 @@ def test_a_single_query_reads_grouped_kv_heads_as_repeated_ones_where_no_fused_k
     folded = attend(q, k, v, mask)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(folded, repeated, rtol=1e-5, atol=1e-6)
-    assert calls == [n_kv]  # K/V as they are, not repeated to 4 heads
+    assert calls == [n_kv]  # K/V as they are, not repeated to 8 heads
+    attend(torch.randn(3, 8, 2, 16), k, v, mask.expand(-1, -1, 2, -1).contiguous())  # two queries: repeated
+    assert calls == [n_kv, 8]
+
+
+class _Graph:
+    """Stands in for a captured CUDA graph: a replay runs the pass into its output buffer."""
+
+    def __init__(self, passes, rows, context):
+        self.passes, self.rows, self.context, self.replays = passes, rows, context, 0
+        self.out = passes._run(rows, context).clone()
+
+    def replay(self):
+        self.replays += 1
+        self.out.copy_(self.passes._run(self.rows, self.context))
+
+
+def test_a_replay_fails_once_the_caches_it_read_are_replaced(tiny_model, tiny_config, memories):
+    """A graph keeps reading the addresses it captured: after `setup_caches` it would read freed memory."""
+    with torch.inference_mode(), _caches_cleared(tiny_model):
+        _rows_with_contexts(tiny_model, tiny_config, memories, 2, [30, 10], with_memories=(0, 1))
+        passes = DecodePasses(tiny_model, 2, 1000, static=True, cuda_graph=False)
+        graph = _Graph(passes, 2, 256)
+        passes.graphs[2, 256], passes._bound = (graph, graph.out), passes._reads()
+        tokens, slots = torch.tensor([[5], [6]]), torch.tensor([[30], [10]])
+        assert passes(tokens, slots, slots) is graph.out and graph.replays == 1
+        tiny_model.install_memories(1, memories[3:5])  # in place: still replayed
+        assert passes(tokens, slots + 1, slots + 1) is graph.out and graph.replays == 2
+        tiny_model.setup_caches(2, 1000, memory=True)
+        with pytest.raises(RuntimeError, match="replaced since the decode passes were captured"):
+            passes(tokens, slots, slots)
+        assert graph.replays == 2
+        passes.release()
+        assert passes.graphs == {} and passes(tokens, slots, slots).shape == (2, tiny_config.vocab_size)
+
+
+def test_a_refused_capture_leaves_passes_eager_and_unpadded(tiny_model, monkeypatch):
+    passes = DecodePasses(tiny_model, 8, 1000, static=True, cuda_graph=False)
+    passes.cuda_graph = True  # as on a CUDA device
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode_graphs, "capture_graph", refuse)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly: operation not permitted"):
+        passes.capture()
+    assert passes.graphs == {} and "not permitted" in passes.error
+    assert [passes.rows_for(3), passes.context_for(300)] == [3, 300]
+
+
+def test_a_capture_runs_on_the_models_device_not_the_threads(monkeypatch):
+    """A worker thread is on cuda:0: a model on cuda:1 captured from there ran its kernels on cuda:1's
+    stream while cuda:0's was captured (an empty graph). The CUDA calls are recorded here, not made."""
+    calls, device = [], [None]
+
+    class Guard:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def __enter__(self):
+            calls.append(("enter", self.name, self.value))
+            if self.name == "device":
+                device[0] = self.value
+
+        def __exit__(self, *exc):
+            calls.append(("exit", self.name, self.value))
+            if self.name == "device":
+                device[0] = None
+
+    class Stream:
+        def __init__(self, dev=None):
+            self.device = dev
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: Guard("device", d))
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: Stream(d))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: Guard("stream", s.device))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: Guard("graph", (kw["pool"], kw["stream"])))
+    cuda1 = torch.device("cuda", 1)
+    graph, out = capture_graph(lambda: calls.append(("run", device[0])) or "logits", cuda1, warmups=2,
+                               pool="pool", stream="capture stream")
+    assert (graph, out) == ("graph", "logits")
+    assert [c for c in calls if c[0] == "run"] == [("run", cuda1)] * 3  # two warm-ups and the capture
+    assert calls[0] == ("enter", "device", cuda1) and calls[-1] == ("exit", "device", cuda1)
+    assert ("enter", "graph", ("pool", "capture stream")) in calls

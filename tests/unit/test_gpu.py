@@ -88,21 +88,72 @@ def test_cuda_graphs_of_the_engines_decode_pass_give_the_tokens_of_eager_passes(
                   for _ in range(12)])
     bodies = [[text_codec.bos_id, *torch.randint(3, 250, (n,), generator=gen).tolist()] for n in (30, 100, 290)]
 
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted(graph):
+        replays.append(graph)
+        replay(graph)
+
     async def run(graphs):
         engine = GenerationEngine(model, text_codec, bank, EngineConfig(max_batch=4, cuda_graphs=graphs))
         await engine.start()
+        passes = engine.scheduler.passes
         try:
-            passes = engine.scheduler.passes
             assert bool(passes.graphs) == graphs and passes.error is None
             return await asyncio.gather(*[
                 asyncio.create_task(_tokens(engine, GenerationRequest(body, 150, ignore_eos=True)))
                 for body in bodies])
         finally:
             await engine.close()
+            assert passes.graphs == {}  # released with the caches they read
 
-    eager, replayed = asyncio.run(run(False)), asyncio.run(run(True))
+    torch.cuda.CUDAGraph.replay = counted
+    try:
+        eager, replayed = asyncio.run(run(False)), asyncio.run(run(True))
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
     assert [len(t) for t in replayed] == [150] * 3
     assert replayed == eager
+    assert len(replays) >= 150  # every decode pass of the second run
+
+
+def test_attention_of_one_query_folds_grouped_heads_on_cuda_as_repeated_heads_compute_it():
+    from memory3.model.model import attend, repeat_kv
+
+    q = torch.randn(3, 8, 1, 64, device="cuda")
+    k, v = torch.randn(3, 2, 300, 64, device="cuda"), torch.randn(3, 2, 300, 64, device="cuda")
+    mask = torch.where(torch.rand(3, 1, 1, 300, device="cuda") < 0.3, float("-inf"), 0.0)
+    mask[..., 0] = 0.0
+    expected = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 8), repeat_kv(v, 8), attn_mask=mask)
+    torch.testing.assert_close(attend(q, k, v, mask), expected, rtol=1e-4, atol=1e-4)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype))
+        torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_memories_from_host_memory_land_in_the_cache_of_a_cuda_model(tiny_config):
+    """A swap's memories are joined in pinned memory and copied asynchronously: the cache holds them
+    once the stream has run, and a later swap does not disturb an earlier row's."""
+    from memory3.model.init import random_model
+    from memory3.model.memory import ExplicitMemory
+
+    model = random_model(tiny_config, seed=1).to("cuda")
+    model.setup_caches(2, 64, memory=True)
+    shape = tiny_config.memory_shape
+    positions = torch.arange(shape[2]).expand(shape[0], shape[1], -1).clone()
+    mems = [ExplicitMemory(torch.randn(shape), torch.randn(shape), positions) for _ in range(5)]
+    model.install_memories(0, mems[:3])
+    model.install_memories(1, mems[3:])
+    torch.cuda.synchronize()
+    n = shape[2]
+    for i, layer in enumerate(layer for layer in model.layers if layer.is_memory_layer):
+        cache = layer.attention.kv_cache
+        for row, given in ((0, mems[:3]), (1, mems[3:])):
+            held = slice(0, len(given) * n)
+            torch.testing.assert_close(cache.k[row, :, held].cpu(), torch.cat([m.keys[i] for m in given], 1))
+            torch.testing.assert_close(cache.v[row, :, held].cpu(), torch.cat([m.values[i] for m in given], 1))
+    model.clear_caches()
 
 
 async def _tokens(engine, request):

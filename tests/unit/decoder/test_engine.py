@@ -157,16 +157,22 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
 def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(tiny_model, text_codec, prefix,
                                                                               memories, monkeypatch):
     """With `cuda_graphs` (run eagerly here) every decode pass is padded to a batch bucket and attends over a
-    context bucket: rows past the highest in use get placeholders, as idle rows do, and a stream that
-    later joins such a row, and every other, still decodes what `generate` decodes alone."""
+    context bucket: rows past the highest in use get placeholders, as idle rows do. Eight streams share
+    five rows, so streams with and without memory join rows that were padding before; each still decodes
+    what `generate` decodes alone."""
     retrieval = FakeRetrieval(memories, delay=0.002)
-    bodies = prompts(5, text_codec)
-    max_tokens = [150, 70, 3, 140, 65]
-    uses = [True, False, True, True, True]
-    shapes = []
-    run_pass = DecodePasses._run
+    bodies = prompts(8, text_codec)
+    max_tokens = [150, 70, 60, 140, 5, 65, 90, 30]
+    uses = [True, False, True, True, True, True, False, True]
+    shapes, events = [], []  # events: ("padded", rows in use, rows computed), ("joined", row)
+    run_pass, rows_for, start_rows = DecodePasses._run, DecodePasses.rows_for, engine_module.Scheduler._start_rows
     monkeypatch.setattr(DecodePasses, "_run", lambda self, rows, context: (shapes.append((rows, context)),
                                                                          run_pass(self, rows, context))[1])
+    monkeypatch.setattr(DecodePasses, "rows_for", lambda self, rows: (events.append(("padded", rows,
+                                                                                     rows_for(self, rows))),
+                                                                      events[-1][2])[1])
+    monkeypatch.setattr(engine_module.Scheduler, "_start_rows", lambda self, joining: (
+        events.extend(("joined", s.row) for s in joining), start_rows(self, joining))[1])
 
     async def main():
         engine = GenerationEngine(tiny_model, text_codec, retrieval,
@@ -185,7 +191,12 @@ def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(t
             expected = reference_tokens(tiny_model, body, retrieval.provider if use else None, prefix, mt,
                                         text_codec.eos_id, 8)
         assert tokens == expected
-    assert {rows for rows, _ in shapes} <= {1, 2, 4, 5} and 4 in {rows for rows, _ in shapes}
+    # A row fed placeholders as padding (in use < row + 1 <= computed) that a stream joined afterwards.
+    padding_rows = [set(range(e[1], e[2])) for e in events if e[0] == "padded"]
+    joined_after = [e[1] for i, e in enumerate(events) if e[0] == "joined"
+                    and any(e[1] in rows for rows in padding_rows[:sum(x[0] == "padded" for x in events[:i])])]
+    assert joined_after
+    assert {rows for rows, _ in shapes} <= {1, 2, 4, 5}
     assert {context for _, context in shapes} <= {256, 384, 512, 768, 1024}
     assert len({context for _, context in shapes}) >= 2  # the streams' contexts grew past a bucket
 
