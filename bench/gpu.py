@@ -17,6 +17,10 @@ batch * 128 / wall time, prefill included. Every round runs each variant once, i
 rotates; the first round warms up and is dropped; tok/s are medians (means beside them), and a
 ratio is the median of the per-round ratios, which compare runs that saw the same machine state.
 
+The serving engine too (`gpu_engine.py`): continuous batching with memory at each batch size, its
+decode passes replayed from CUDA graphs against eager ones (`b<N>_engine_tok_s`,
+`b<N>_engine_graphs_over_eager`; `engine` in the JSON).
+
 Measured in the same run: the HBM copy bandwidth (a 2 GiB device-to-device copy, bytes read plus
 written), the batch-1 roofline (bytes one decode step must read at batch 1: every weight but the
 embedding table, plus the KV cache at the mean context, over that bandwidth), the decode step
@@ -92,6 +96,8 @@ from .report import write_json
 REL_TOLERANCE = 3e-2
 
 MIN_ROUNDS = 3  # a budget never cuts a batch size below the warm-up and two paired rounds
+# Of the budget: the batch sizes' rounds until this fraction, then the serving engine's until 0.9, then the checks.
+ENGINE_FROM = 0.75
 TARGETS = {"b1_over_roofline": ">= 0.80", "b32_memory_over_hf_eager": ">= 5", "memory_over_no_memory": ">= 0.95"}
 
 
@@ -185,7 +191,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
                 generate_static(d, prompts, max_new_tokens=new_tokens).tokens)
         deadline = None
         if budget_s is not None:
-            left = started + 0.9 * budget_s - time.perf_counter()
+            left = started + ENGINE_FROM * budget_s - time.perf_counter()
             deadline = time.perf_counter() + left / (len(batches) - i)
         errors: dict[str, str] = {}
         seconds = time_rounds(variants, rounds, bsz * new_tokens, dev, deadline=deadline, errors=errors)
@@ -221,6 +227,14 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         del decoders, variants  # the variants hold the decoders too: their caches and graphs go now
         _empty_cache(dev)
 
+    spelled = min(config.vocab_size, codec.vocab_size)  # the engine takes ids its tokenizer can spell
+    engine = serving_engine(model, codec, bank, {b: [[codec.bos_id, *torch.randint(3, spelled, (prompt_tokens - 1,),
+                                                                                    generator=gen).tolist()]
+                                                      for _ in range(b)] for b in batches},
+                            new_tokens=new_tokens, rounds=rounds,
+                            deadline=None if budget_s is None else started + 0.9 * budget_s, log=log)
+    clock("serving engine")
+
     try:
         # The largest batch, whose compiled step exists: any other batch size would compile (and, on
         # a GPU, tune) the step again, inside the budget's tenth kept for the checks.
@@ -233,6 +247,10 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
     clock(f"correctness: {'ok' if correctness['ok'] else 'FAILED'}")
 
     summary = summarize_run(results, batches, roofline_tok_s, bandwidth, correctness["ok"], builder.compile)
+    for bsz in batches:
+        arms = engine.get(str(bsz), {})
+        summary[f"b{bsz}_engine_tok_s"] = arms.get("graphs", {}).get("tok_s")
+        summary[f"b{bsz}_engine_graphs_over_eager"] = arms.get("graphs_over_eager")
     return {
         "benchmark": "gpu",
         "summary": summary,
@@ -241,6 +259,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         "batches": {str(b): r for b, r in results.items()},
         "roofline": {**roofline, "bandwidth_bytes_s": bandwidth, "tok_s": roofline_tok_s},
         "correctness": correctness,
+        "engine": engine,
         "protocol": {
             "preset": preset, "dtype": str(dtype).removeprefix("torch."), "batches": list(batches),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "budget_s": budget_s,
@@ -254,6 +273,20 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         "seconds_total": round(time.perf_counter() - started, 1),
         "machine": machine_info(),
     }
+
+
+def serving_engine(model: Transformer, codec: TextCodec, bank: list[ExplicitMemory],
+                   prompts_by_batch: dict[int, list[list[int]]], **kwargs) -> dict:
+    """`gpu_engine.engine_throughput`, or why it did not run (the services' imports are missing
+    where only the model and the bench were put on the path, or it failed): the rest of the run
+    does not depend on it."""
+    try:
+        from .gpu_engine import engine_throughput
+
+        return engine_throughput(model, codec, bank, prompts_by_batch, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON, the rest of the run goes on
+        kwargs["log"](f"the serving engine's arms failed to run: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
 # ---- models ---------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ def test_smoke_run_on_cpu(tmp_path, request, dtype, compile, max_rel_err):
                                                        *(["no_memory_uncompiled"] if compile else [])}
     assert result["protocol"]["retrievals_per_sequence"] == 3 and result["protocol"]["budget_s"] == 600
     assert result["batches"]["2"]["rounds_run"] == 2  # --smoke's, which a budget does not cut
+    for bsz in ("1", "2"):  # the serving engine, its padded passes eager on the CPU against exact ones
+        arms = result["engine"][bsz]
+        assert arms["graphs"]["tok_s"] > 0 and arms["eager"]["tok_s"] > 0 and arms["graphs"]["rounds_run"] == 2
+        assert arms["graphs"]["graphs_captured"] == 0 and arms["graphs"]["capture_error"] is None
+        assert result[f"b{bsz}_engine_graphs_over_eager"] == arms["graphs_over_eager"] > 0
     assert not any(result["batches"]["2"]["static_prefill"].values())  # no CUDA graphs on the CPU
     assert result["batches"]["2"]["static_prefill_errors"] == {}
     profile = result["batches"]["1"]["step_profile"]["no_memory"]
@@ -183,3 +188,16 @@ def test_a_correctness_check_that_fails_to_run_still_leaves_the_measured_json(tm
     assert made and alive == [0]
     assert result["correct"] is False and "out of memory" in result["correctness"]["error"]
     assert result["b1_tok_s"] > 0 and result["b2_memory_tok_s"] > 0
+
+
+def test_a_serving_engine_that_cannot_run_is_reported_and_the_run_goes_on(monkeypatch):
+    """On the device the services' imports may be missing: the engine's arms say so in the JSON."""
+    from memory3.bench import gpu_engine
+
+    def fail(*args, **kwargs):
+        raise ImportError("No module named 'minio'")
+
+    monkeypatch.setattr(gpu_engine, "engine_throughput", fail)
+    said = []
+    assert gpu.serving_engine(None, None, [], {}, log=said.append) == {"error": "ImportError: No module named 'minio'"}
+    assert said == ["the serving engine's arms failed to run: ImportError: No module named 'minio'"]
