@@ -82,7 +82,8 @@ class ShardedTextClient:
     """The TextClient interface over the N services that each hold one shard of an index: a
     retrieval asks them all at once and keeps, per query, the best `top_k` of their answers (the
     scores are cosines of the same embedder, so they compare across shards). Each shard filters
-    its own candidates by overlap with the query, as one service would."""
+    its own candidates by overlap with the query, as one service would. A shard that fails fails the
+    retrieval at once, and the calls to the others are cancelled."""
 
     def __init__(self, shards: Sequence[TextClient]) -> None:
         if not shards:
@@ -107,7 +108,13 @@ class ShardedTextClient:
     async def _merged(self, queries: list[pb.RetrievalQuery], top_k: int, include_text: bool) -> list[list[Hit]]:
         """Per query, the best top_k of all shards' hits (for 0, the release's default, which the
         shards say)."""
-        answers = await asyncio.gather(*(c.answer(queries, top_k, include_text) for c in self.shards))
+        calls = [asyncio.ensure_future(c.answer(queries, top_k, include_text)) for c in self.shards]
+        try:
+            answers = await asyncio.gather(*calls)
+        except Exception:
+            for call in calls:  # one shard failed the retrieval: the others' work is for nobody
+                call.cancel()
+            raise
         self.release = _one_index(answers)
         k = answers[0].top_k
         return [sorted((hit for hits in per_shard for hit in hits), key=by_rank)[:k]
