@@ -170,6 +170,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None  # token_id's among the vocabulary, 1 the most likely (ties share the best)
 
 
 @dataclass
@@ -767,12 +768,14 @@ def _token_logprobs(logits: Tensor, tokens: Sequence[int], top: Sequence[int],
     most likely ids, over the tokenizer's ids (a padded embedding's extra ids are never sampled)."""
     logprobs = logits[:, :vocab_limit].float().log_softmax(dim=-1)  # (N, vocab)
     index = torch.tensor(list(tokens), device=logprobs.device)[:, None]
-    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    chosen = logprobs.gather(1, index)  # (N, 1)
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()  # as vLLM ranks them
     k = max(top)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    return [TokenLogprob(t, c, list(zip(ids[:n], values[:n], strict=True)))
-            for t, c, n, ids, values in zip(tokens, chosen, top, top_ids, top_values, strict=True)]
+    return [TokenLogprob(t, c, list(zip(ids[:n], values[:n], strict=True)), rank)
+            for t, c, n, ids, values, rank in zip(tokens, chosen[:, 0].tolist(), top, top_ids, top_values, ranks,
+                                                  strict=True)]
 
 
 def _is_device_error(error: Exception) -> bool:

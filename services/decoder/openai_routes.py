@@ -18,9 +18,12 @@ server's `--default-max-tokens`. A prompt given as token ids is the text's ids: 
 is put before them, as before a text prompt (so `usage.prompt_tokens` counts one more).
 Extensions: `top_k`, `use_memory` (default true), `include_reference_text`, and vLLM's `ignore_eos`
 (always `max_tokens`, for benchmarks), `stop_token_ids` (a stop token is counted but not in the text, as
-vLLM's default) and `min_tokens` (no end-of-sequence token, stop token or client's stop string ends a
-choice before that many tokens; a chat template's turn end does); replies carry `citations` (per 64-token chunk, the
-references it retrieved, with the `index` of the choice) and `warnings` when there are any.
+vLLM's default), `min_tokens` (no end-of-sequence token, stop token or client's stop string ends a
+choice before that many tokens; a chat template's turn end does) and `prompt_logprobs` (not with a
+stream: per prompt token, None for the context's `<s>`, the token's logprob, vocabulary rank and text
+and its most likely alternatives', on a completion's choices and a chat reply); replies carry
+`citations` (per 64-token chunk, the references it retrieved, with the `index` of the choice) and
+`warnings` when there are any.
 
 A completion's prompt may be a batch, a list of texts or of token-id lists, as OpenAI's. `n` choices
 of each prompt are as many streams of the engine, decoded side by side, prompt p's choice j being
@@ -85,7 +88,8 @@ MODELS_PATH = "/openai/v1/models"
 TOKENIZE_PATH, DETOKENIZE_PATH = "/tokenize", "/detokenize"  # as vLLM's server has them
 # OpenAI parameters this server does not implement: accepted only at their neutral values.
 NEUTRAL = {"suffix": ("",)}
-SAMPLING = {"n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "min_tokens", "stop_token_ids"}
+SAMPLING = {"n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "min_tokens", "stop_token_ids",
+            "prompt_logprobs"}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "stream_options", "stop", "seed",
          "user", "top_k", "use_memory", "include_reference_text", "ignore_eos", "best_of", "echo", *SAMPLING,
          *NEUTRAL}
@@ -189,6 +193,7 @@ class Ask:
     stream: bool = False
     include_usage: bool = False  # a stream ends with a usage chunk (`stream_options.include_usage`)
     echo: list[str] | None = None  # each prompt's text, to put before its choices' text (`echo`)
+    prompt_logprobs: int | None = None  # vLLM's extension: report each prompt token's, and this many alternatives
 
     @property
     def request(self) -> GenerationRequest:
@@ -224,13 +229,12 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
                            "best_of out or set it to n")
     logprobs, echo = _typed(body, "logprobs", int, None), _typed(body, "echo", bool, False)
     max_tokens = _typed(body, "max_tokens", int, None)
-    score_only = echo and max_tokens == 0  # the prompt alone, scored
-    prompt_logprobs = None
-    if echo and logprobs is not None:
-        prompt_logprobs = logprobs
-    elif score_only:  # the engine reads a prompt without generating only to score it
-        prompt_logprobs = 0
     options, stream, include_usage = _options(body, client)
+    asked = _prompt_logprobs(body, stream)
+    score_only = (echo or asked is not None) and max_tokens == 0  # the prompt alone, scored
+    # What the engine reports of the prompt: enough for the echo's logprobs and for the extension's.
+    wanted = [k for k in (logprobs if echo else None, asked, 0 if score_only else None) if k is not None]
+    prompt_logprobs = max(wanted) if wanted else None
 
     async def request(p: int, text: str, ids: list[int]) -> GenerationRequest:
         """Prompt p's, judged before any prompt of the batch starts (then none has to be cancelled)."""
@@ -247,7 +251,7 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
 
     requests = await _all([request(p, text, ids) for p, (text, ids) in enumerate(prompts)])
     echoed = [text or await detokenize(engine, ids) for text, ids in prompts] if echo else None
-    return Ask(requests, n, stream, include_usage, echoed)
+    return Ask(requests, n, stream, include_usage, echoed, asked)
 
 
 async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, template: ChatTemplate,
@@ -266,8 +270,19 @@ async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, temp
     logprobs = (top_logprobs or 0) if _typed(body, "logprobs", bool, False) else None
     n = _choices(body, engine, 1)
     options, stream, include_usage = _options(body, client, extra_stop=template.stop)
-    request = await build_request(engine, prompt=prompt, max_tokens=newer or max_tokens, logprobs=logprobs, **options)
-    return Ask([request], n, stream, include_usage)
+    asked = _prompt_logprobs(body, stream)
+    request = await build_request(engine, prompt=prompt, max_tokens=newer or max_tokens, logprobs=logprobs,
+                                  prompt_logprobs=asked, **options)
+    return Ask([request], n, stream, include_usage, prompt_logprobs=asked)
+
+
+def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+    """vLLM's `prompt_logprobs`: not with a stream, as in vLLM (the range is the engine's to judge)."""
+    asked = _typed(body, "prompt_logprobs", int, None)
+    if asked is not None and stream:
+        raise InvalidInput("prompt_logprobs are not available with \"stream\": true (as in vLLM): ask without "
+                           "streaming, or with echo and logprobs on a completion")
+    return asked
 
 
 async def tokenize_body(body: dict, engine: GenerationEngine, model_name: str,
@@ -598,9 +613,12 @@ class _Reply:
         self.utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(choices)]
 
     def completion(self, events: list[GenerationEvent]) -> dict:
-        """The whole reply: one event per choice, each the whole of that choice's generation."""
+        """The whole reply: one event per choice, each the whole of that choice's generation. vLLM's
+        `prompt_logprobs` are a completion choice's, and a chat reply's (its one prompt)."""
         out = {**self._head(delta=False),
                "choices": [self._choice(i, e, delta=False) for i, e in enumerate(events)]}
+        if self.chat and self.ask.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self._prompt_logprobs(events[0].prompt_logprobs)
         return {**out, **self._extras(list(enumerate(events))), "usage": self.usage(dict(enumerate(events)))}
 
     def chunk(self, index: int, event: GenerationEvent) -> dict | None:
@@ -636,8 +654,12 @@ class _Reply:
         if not self.chat:
             text = event.text
             if self.ask.echo is not None and not self.sent[index]:  # a completion, or a stream's first chunk
-                text, echoed = self.ask.echo[index // self.ask.n] + text, event.prompt_logprobs
+                k = self.ask.request.logprobs or 0  # the prompt's were asked for with as many, or more
+                text = self.ask.echo[index // self.ask.n] + text
+                echoed = [dataclasses.replace(t, top=t.top[:k]) for t in event.prompt_logprobs]
             choice = {"index": index, "text": text}
+            if self.ask.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._prompt_logprobs(event.prompt_logprobs)
         elif delta:
             first = not self.sent[index]
             choice = {"index": index, "delta": {**({"role": "assistant"} if first else {}),
@@ -672,6 +694,18 @@ class _Reply:
                 "top_logprobs": [{label(i): _finite(v) for i, v in [*t.top, (t.token_id, t.logprob)]}
                                  for t in tokens],
                 "text_offset": offsets}
+
+    def _prompt_logprobs(self, tokens: list[TokenLogprob]) -> list[dict | None]:
+        """vLLM's: None for the context's `<s>`, then per prompt token its id's entry and its `prompt_logprobs`
+        most likely ids' ({id: {logprob, rank, decoded_token}}; the prompt's own first)."""
+        k, label = self.ask.prompt_logprobs, self.codec.token_label
+
+        def entry(logprob: float, rank: int | None, token: int) -> dict:
+            return {"logprob": _finite(logprob), "rank": rank, "decoded_token": label(token)}
+
+        return [None, *({str(t.token_id): entry(t.logprob, t.rank, t.token_id),
+                         **{str(i): entry(v, r, i) for r, (i, v) in enumerate(t.top[:k], start=1)
+                            if i != t.token_id}} for t in tokens)]
 
     def _advance(self, index: int, token_id: int) -> int:
         """Where a token starts in choice `index`'s text, which then runs on past it: after the

@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI
 
 from memory3.services.decoder import engine as engine_module
@@ -177,6 +178,10 @@ def test_chat_logprobs_are_openais_content_list_streamed_or_whole(tiny_model, te
     ("/v1/chat/completions", {"stop_token_ids": [5, True]}, 400, "stop_token_ids must be a list of token ids"),
     ("/v1/completions", {"stop_token_ids": [5, 300]}, 400, "stop_token_ids: token id 300 is outside"),
     ("/v1/completions", {"min_tokens": "3"}, 400, "min_tokens must be an integer"),
+    ("/v1/completions", {"prompt_logprobs": 2, "stream": True}, 400, "prompt_logprobs are not available with"),
+    ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs are not available"),
+    ("/v1/completions", {"prompt_logprobs": -1}, 400, "prompt_logprobs"),
+    ("/v1/chat/completions", {"prompt_logprobs": 10**6}, 400, "prompt_logprobs"),
     ("/v1/chat/completions", {"min_tokens": 5}, 400, "min_tokens must be in 0..max_tokens (4), got 5"),
 ])
 def test_bad_sampling_fields_say_what_to_fix(tiny_model, text_codec, path, fields, status, says):
@@ -287,6 +292,54 @@ def test_echo_with_no_new_tokens_scores_the_prompt_as_lm_evaluation_harness_asks
     chunks = events(streamed)
     assert "".join(c["choices"][0]["text"] for c in chunks) == grown["text"]
     assert chunks[0]["choices"][0]["text"].startswith(PROMPT)
+
+
+def test_vllms_prompt_logprobs_rank_each_prompt_token_among_its_most_likely_alternatives(tiny_model, text_codec):
+    """vLLM's extension: per prompt token after `<s>` (None for it), {id: {logprob, rank, decoded_token}}
+    for the token and its `prompt_logprobs` most likely ids; a completion choice's (each choice of the
+    prompt's), a chat reply's; beside an echo's logprobs of another width, each keeps its own."""
+    ask = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "use_memory": False, "prompt_logprobs": 3}
+    chat = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2, "temperature": 0,
+            "use_memory": False, "prompt_logprobs": 2}
+
+    async def calls(client, engine):
+        reply = (await client.post("/v1/completions", json={**ask, "n": 2})).json()
+        scored = await engine.complete(
+            (await parse_completion({**ask, "echo": True, "max_tokens": 0, "logprobs": 5}, engine, "memory3")).request)
+        with_echo = (await client.post("/v1/completions", json={**ask, "echo": True, "logprobs": 1})).json()
+        talk = (await client.post("/v1/chat/completions", json=chat)).json()
+        plain = (await client.post("/v1/completions", json={**ask, "prompt_logprobs": None})).json()
+        return reply, scored, with_echo, talk, plain
+
+    reply, scored, with_echo, talk, plain = serve(tiny_model, text_codec, calls)
+    prompt_ids = text_codec.encode(PROMPT)
+    with torch.inference_mode():  # every prompt token's rank in the vocabulary, from one plain pass
+        sequence = torch.tensor([[text_codec.bos_id, *prompt_ids]])
+        full = tiny_model(sequence, torch.arange(sequence.shape[1])[None])[0, :-1, :text_codec.vocab_size]
+        full = full.float().log_softmax(-1)
+        ranks = (full > full.gather(1, torch.tensor(prompt_ids)[:, None])).sum(1) + 1
+    listed = reply["choices"][0]["prompt_logprobs"]
+    assert listed[0] is None and len(listed) == len(prompt_ids) + 1  # the context's <s>, then every prompt token
+    assert reply["choices"][1]["prompt_logprobs"] == listed
+    assert any(rank > 3 for rank in ranks.tolist())  # some prompt tokens are not among the alternatives
+    for token, rank, truth, entries in zip(prompt_ids, ranks.tolist(), scored.prompt_logprobs, listed[1:],
+                                           strict=True):
+        assert truth.token_id == token
+        assert entries[str(token)]["logprob"] == pytest.approx(truth.logprob)
+        assert entries[str(token)]["rank"] == rank
+        assert entries[str(token)]["decoded_token"] == text_codec.token_label(token)
+        others = {i: v for i, v in truth.top[:3] if i != token}
+        assert {k: e["logprob"] for k, e in entries.items() if k != str(token)} == pytest.approx(
+            {str(i): v for i, v in others.items()})
+        assert sorted(e["rank"] for k, e in entries.items() if k != str(token)) == [
+            r for r, (i, _) in enumerate(truth.top[:3], start=1) if i != token]
+    echoed = with_echo["choices"][0]
+    assert echoed["prompt_logprobs"] == listed  # three alternatives here ...
+    assert {len(top) for top in echoed["logprobs"]["top_logprobs"]} == {1, 2}  # ... one there, and the token
+    chat_listed = talk["prompt_logprobs"]
+    assert chat_listed[0] is None and all(len(e) <= 3 for e in chat_listed[1:]) and len(chat_listed) > len(listed)
+    assert "prompt_logprobs" not in talk["choices"][0] and "prompt_logprobs" not in plain["choices"][0]
+    assert "prompt_logprobs" not in plain
 
 
 def test_a_batch_of_prompts_gets_choices_numbered_prompt_by_prompt(tiny_model, text_codec):
