@@ -157,13 +157,13 @@ def test_concurrent_streams_equal_generate_alone(tiny_model, text_codec, prefix,
 def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(tiny_model, text_codec, prefix,
                                                                               memories, monkeypatch):
     """With `cuda_graphs` (run eagerly here) every decode pass is padded to a batch bucket and attends over a
-    context bucket: rows past the highest in use get placeholders, as idle rows do. Eight streams share
-    five rows, so streams with and without memory join rows that were padding before; each still decodes
-    what `generate` decodes alone."""
+    context bucket: rows past the highest in use get placeholders, as idle rows do. Three streams in rows
+    0-2 decode in passes of 4 rows; the streams that join after (rows 3 and 4, then a freed one), with
+    memory and without, and the first three each still decode what `generate` decodes alone."""
     retrieval = FakeRetrieval(memories, delay=0.002)
-    bodies = prompts(8, text_codec)
-    max_tokens = [150, 70, 60, 140, 5, 65, 90, 30]
-    uses = [True, False, True, True, True, True, False, True]
+    bodies = prompts(6, text_codec)
+    max_tokens = [150, 140, 130, 70, 5, 65]
+    uses = [True, False, True, True, False, True]
     shapes, events = [], []  # events: ("padded", rows in use, rows computed), ("joined", row)
     run_pass, rows_for, start_rows = DecodePasses._run, DecodePasses.rows_for, engine_module.Scheduler._start_rows
     monkeypatch.setattr(DecodePasses, "_run", lambda self, rows, context: (shapes.append((rows, context)),
@@ -173,15 +173,26 @@ def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(t
                                                                       events[-1][2])[1])
     monkeypatch.setattr(engine_module.Scheduler, "_start_rows", lambda self, joining: (
         events.extend(("joined", s.row) for s in joining), start_rows(self, joining))[1])
+    requests = [GenerationRequest(body, mt, use_memory=use) for body, mt, use in zip(bodies, max_tokens, uses,
+                                                                                        strict=True)]
 
     async def main():
         engine = GenerationEngine(tiny_model, text_codec, retrieval,
                                   EngineConfig(max_batch=5, max_waiting=8, prefill_tokens=128, cuda_graphs=True))
         await engine.start()
+
+        async def later(first: int, last: int):
+            for _ in range(10_000):  # until the first three decode, row 3 padding
+                if ("padded", 3, 4) in events:
+                    break
+                await asyncio.sleep(0.001)
+            out = await asyncio.gather(*[collect(engine, r) for r in requests[first:last]])
+            return [*out, await collect(engine, requests[5])]  # a row the short one freed
+
         try:
-            return await asyncio.gather(*[
-                collect(engine, GenerationRequest(body, mt, use_memory=use), delay_start=0.01 * i)
-                for i, (body, mt, use) in enumerate(zip(bodies, max_tokens, uses, strict=True))])
+            first = asyncio.gather(*[collect(engine, r) for r in requests[:3]])
+            rest = await later(3, 5)
+            return [*await first, *rest]
         finally:
             await engine.close()
 
@@ -191,11 +202,8 @@ def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(t
             expected = reference_tokens(tiny_model, body, retrieval.provider if use else None, prefix, mt,
                                         text_codec.eos_id, 8)
         assert tokens == expected
-    # A row fed placeholders as padding (in use < row + 1 <= computed) that a stream joined afterwards.
-    padding_rows = [set(range(e[1], e[2])) for e in events if e[0] == "padded"]
-    joined_after = [e[1] for i, e in enumerate(events) if e[0] == "joined"
-                    and any(e[1] in rows for rows in padding_rows[:sum(x[0] == "padded" for x in events[:i])])]
-    assert joined_after
+    padded_at = events.index(("padded", 3, 4))
+    assert ("joined", 3) in events[padded_at:]  # a row fed placeholders as padding, then a stream's
     assert {rows for rows, _ in shapes} <= {1, 2, 4, 5}
     assert {context for _, context in shapes} <= {256, 384, 512, 768, 1024}
     assert len({context for _, context in shapes}) >= 2  # the streams' contexts grew past a bucket
