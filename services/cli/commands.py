@@ -348,16 +348,18 @@ def cmd_release_gc(s3, *, dry_run: bool) -> int:
     return 0
 
 
-def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path) -> int:
+def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path, wait_s: float = 0.0) -> int:
     """Each shard of the release's index and reference table cut and kept in the store, for text
     services started with `--index-shard I/N` (file_shards.py). A shard kept already is left; one whose
     objects are missing or of another shape is cut again. The release is read into a directory of its
-    own, removed at the end: a shard kept beside a local copy would not be put in the store again."""
+    own, removed at the end: a shard kept beside a local copy would not be put in the store again.
+    `wait_s`: how long to wait for the release to be published (the chart's Job starts beside the
+    trainer's)."""
     import tempfile
 
     from memory3.services.release.file_shards import ShardShape, is_shared
     from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
-    from memory3.services.release.reader import Release
+    from memory3.services.release.reader import Release, wait_for_releases
     from memory3.services.retrieval.index import IndexShard
     from memory3.services.storage.object_store import ObjectStore
 
@@ -365,6 +367,8 @@ def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path) -> i
         raise ValueError(f"--shards {shards}: give 2 or more; a text service without --index-shard reads the whole "
                          "index as it is published")
     store = ObjectStore(s3)
+    if wait_s:
+        wait_for_releases(store, [name], wait_s)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{name}-shards-") as tmp:
         release = Release.open(store, name, Path(tmp), only=set())

@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     release_shards.add_argument("name", help="the release whose index to shard")
     release_shards.add_argument("--shards", type=positive_int, required=True, metavar="N",
                                 help="the number of shards the text services serve (2 or more)")
+    release_shards.add_argument("--wait", type=non_negative_float, default=0.0, metavar="SECONDS",
+                                help="wait this long for the release to be published (a Job started beside the "
+                                     "one that publishes it)")
     add_s3_arguments(release_shards, local_stack=True)
 
     bench = sub.add_parser("bench", help="benchmarks (write JSON; optionally refresh the README table)")
@@ -819,7 +822,7 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_release_gc(s3_config(args, local_stack=True), dry_run=args.dry_run)
         if args.release_command == "shard-index":
             return cmd_release_shard_index(s3_config(args, local_stack=True), args.name, shards=args.shards,
-                                           cache_dir=args.cache_dir)
+                                           cache_dir=args.cache_dir, wait_s=args.wait)
         return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
                                   cache_dir=args.cache_dir, home=args.home)
     if args.command == "kb":

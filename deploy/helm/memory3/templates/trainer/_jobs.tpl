@@ -212,3 +212,53 @@ template:
     volumes:
       {{- include "memory3.cacheVolumes" . | nindent 6 }}
 {{- end -}}
+
+
+{{/* The spec of the Job in text/shard-index-job.yaml. */}}
+{{- define "memory3.shardIndexJobSpec" -}}
+{{- $j := .Values.text.shardIndexJob -}}
+backoffLimit: {{ $j.backoffLimit }}
+ttlSecondsAfterFinished: {{ $j.ttlSecondsAfterFinished }}
+template:
+  metadata:
+    labels:
+      {{- include "memory3.labels" (dict "root" $ "component" "indexer") | nindent 6 }}
+    annotations:
+      memory3.io/release: {{ include "memory3.release" . | quote }}
+  spec:
+    {{- include "memory3.podSpecCommon" . | nindent 4 }}
+    restartPolicy: Never
+    containers:
+      - name: shard-index
+        image: {{ include "memory3.image" (dict "root" $ "flavor" "cpu") }}
+        imagePullPolicy: {{ .Values.image.pullPolicy }}
+        command: ["memory3"]
+        args:
+          - release
+          - shard-index
+          - {{ include "memory3.release" . | quote }}
+          - --shards
+          - {{ include "memory3.int" .Values.text.indexShards | quote }}
+          - --wait
+          - {{ include "memory3.string" $j.waitSeconds | quote }}
+          {{- include "memory3.s3Args" . | nindent 10 }}
+        env:
+          {{- include "memory3.s3Env" . | nindent 10 }}
+          {{- include "memory3.jobTmpEnv" "/var/cache/memory3" | nindent 10 }}
+        resources:
+          {{- toYaml $j.resources | nindent 10 }}
+        securityContext:
+          {{- toYaml .Values.securityContext | nindent 10 }}
+        volumeMounts:
+          {{- include "memory3.cacheMounts" . | nindent 10 }}
+    volumes:
+      {{- include "memory3.cacheVolumes" . | nindent 6 }}
+    {{- with .Values.text.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with .Values.text.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end -}}
