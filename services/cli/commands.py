@@ -353,8 +353,8 @@ def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path, wait
     services started with `--index-shard I/N` (file_shards.py). A shard kept already is left; one whose
     objects are missing or of another shape is cut again. The release is read into a directory of its
     own, removed at the end: a shard kept beside a local copy would not be put in the store again.
-    `wait_s`: how long to wait for the release to be published (the chart's Job starts beside the
-    trainer's)."""
+    `wait_s`: how long to wait for the release to be published (a Job started beside the one that
+    publishes it)."""
     import tempfile
 
     from memory3.services.release.file_shards import ShardShape, is_shared

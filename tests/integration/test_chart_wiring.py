@@ -21,10 +21,8 @@ What a cluster would provide is emulated, nothing else is changed:
   another pod already listens on (the text service's index shards) a free port too, which its Service
   then resolves to, and `--host 0.0.0.0` becomes 127.0.0.1 (tests only listen on loopback).
 
-The same stack runs again with the text service's index in two shards (`text.indexShards`): the rendered
-Job that cuts the shards runs first, then two text Deployments, each behind its own Service, which
-download their shards and which the decoder asks together. (A rendered Job runs to its end before the
-Deployments start, where a cluster would start them together.)
+The same stack runs again with the text service's index in two shards (`text.indexShards`): two text
+Deployments, each behind its own Service, which the decoder asks together.
 """
 
 from __future__ import annotations
@@ -133,8 +131,9 @@ def expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
 
 
-def container_process(cluster: Cluster, spec: dict, root: Path) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) of a pod spec's container, with its volumes under `root`."""
+def pod_process(cluster: Cluster, deployment: dict, root: Path) -> tuple[list[str], dict[str, str], int]:
+    """(argv, environment, local port of its probes) of the deployment's container, with its volumes under `root`."""
+    spec = deployment["spec"]["template"]["spec"]
     container = spec["containers"][0]
     assert container["command"] == ["memory3"]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -155,13 +154,7 @@ def container_process(cluster: Cluster, spec: dict, root: Path) -> tuple[list[st
         return value
 
     env = {k: local_path(v) for k, v in cluster.env(container).items()}
-    return [local_path(cluster.resolve(expand(a, env))) for a in container["args"]], env
-
-
-def pod_process(cluster: Cluster, deployment: dict, root: Path) -> tuple[list[str], dict[str, str], int]:
-    """(argv, environment, local port of its probes) of the deployment's container, with its volumes under `root`."""
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    args, env = container_process(cluster, deployment["spec"]["template"]["spec"], root)
+    args = [local_path(cluster.resolve(expand(a, env))) for a in container["args"]]
     args[args.index("--metrics-port") + 1] = "0"
     args[args.index("--host") + 1] = "127.0.0.1"
     args[args.index("--port") + 1] = str(cluster.listen_port(deployment, int(args[args.index("--port") + 1])))
@@ -196,20 +189,11 @@ def pods_running(root: Path, s3, release: str, redis_url: str, **values):
         "memory3-clients": {"token": CLIENT_TOKEN},
     })
     processes: list[StackProcess] = []
-    base = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL") if k in os.environ}
-    indexers = [o for o in cluster.objects if o["kind"] == "Job"
-                and o["metadata"]["labels"]["app.kubernetes.io/component"] == "indexer"]
-    for job in indexers:  # an install starts it beside the pods
-        name = job["metadata"]["name"]
-        args, env = container_process(cluster, job["spec"]["template"]["spec"], root / name)
-        with open(root / f"{name}.log", "ab") as out:
-            done = subprocess.run([sys.executable, "-m", "memory3.services.cli.main", *args], env={**base, **env},
-                                  stdout=out, stderr=out, timeout=300)
-        assert done.returncode == 0, (root / f"{name}.log").read_text()[-3000:]
     try:
         for deployment in (d for component in SERVICES for d in cluster.deployments(component)):
             name = deployment["metadata"]["name"]
             args, env, port = pod_process(cluster, deployment, root / name)
+            base = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL") if k in os.environ}
             log = root / f"{name}.log"
             with open(log, "ab") as out:
                 process = subprocess.Popen([sys.executable, "-m", "memory3.services.cli.main", *args],
@@ -321,12 +305,9 @@ def test_the_decoder_asks_every_index_shard_of_the_text_service(tmp_path, local_
                       text={"indexShards": 2}) as (cluster, processes):
         assert sorted(processes) == ["m3-memory3-decoder", "m3-memory3-memory", "m3-memory3-text-0",
                                      "m3-memory3-text-1"]
-        (job_log,) = tmp_path.glob("m3-memory3-shard-index-*.log")  # the chart's Job, run before the pods
-        assert "shard 1/2:" in job_log.read_text()
         for shard in ("0", "1"):
             log = Path(processes[f"m3-memory3-text-{shard}"].log).read_text()
             assert f"(index shard {shard}/2)" in log
-            assert "downloaded from the store" in log and "cutting" not in log  # the Job's shards, not cut again
         request = pb.GenerateRequest(prompt="Who keeps the lighthouse at Skarn Point, and what does Ilsa Varrow "
                                             "repair in Pemberlyn?", params=pb.GenerationParams(max_tokens=8))
         responses = generate_with_token(cluster, request)

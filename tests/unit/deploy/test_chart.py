@@ -704,26 +704,3 @@ def test_schema_is_generated_from_values_yaml():
 def test_defaults_plus_required_values_pass_the_schema():
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values(copy.deepcopy(REQUIRED)))
-
-
-def test_a_job_cuts_the_index_shards_once_for_the_text_pods():
-    """With index shards, a Job runs `release shard-index` for the release and shard count, waiting for the
-    release; named after its spec, so that another release or count runs a new one. None without shards."""
-    def jobs(values):
-        return [j for j in render(values).of_kind("Job")
-                if j["metadata"]["labels"]["app.kubernetes.io/component"] == "indexer"]
-
-    assert jobs({}) == [] and jobs({"text": {"indexShards": 3, "shardIndexJob": {"enabled": False}}}) == []
-    (job,) = jobs({"text": {"indexShards": 3}})
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    args = container["args"]
-    assert args[:6] == ["release", "shard-index", REQUIRED["release"], "--shards", "3", "--wait"]
-    assert args[6] == "3600" and "--s3-endpoint" in args and "--cache-dir" in args
-    assert {e["name"] for e in container["env"]} >= {"MEMORY3_S3_ACCESS_KEY", "MEMORY3_S3_SECRET_KEY", "TMPDIR"}
-    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-    names = {job["metadata"]["name"], jobs({"text": {"indexShards": 4}})[0]["metadata"]["name"],
-             jobs({"text": {"indexShards": 3}, "release": "other-release"})[0]["metadata"]["name"]}
-    assert len(names) == 3 and all(n.startswith(f"{component_name('')}shard-index-") for n in names)
-    policy = render({"text": {"indexShards": 3}, "networkPolicy": {"enabled": True}}).get(
-        "NetworkPolicy", component_name("jobs"))
-    assert "indexer" in policy["spec"]["podSelector"]["matchExpressions"][0]["values"]
