@@ -96,7 +96,8 @@ from .report import write_json
 REL_TOLERANCE = 3e-2
 
 MIN_ROUNDS = 3  # a budget never cuts a batch size below the warm-up and two paired rounds
-# Of the budget: the batch sizes' rounds until this fraction, then the serving engine's until 0.9, then the checks.
+# Of the budget: the batch sizes' rounds until this fraction (0.9 when the serving engine cannot run here),
+# then the serving engine's until 0.9, then the checks.
 ENGINE_FROM = 0.75
 TARGETS = {"b1_over_roofline": ">= 0.80", "b32_memory_over_hf_eager": ">= 5", "memory_over_no_memory": ">= 0.95"}
 
@@ -111,9 +112,9 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
 
     budget_s: wall seconds for the whole run, so that one device call of fixed length brings back
     every batch size and the checks. Each batch size's rounds stop early (after at least
-    `MIN_ROUNDS`) when the next would end past its share: what is left of the budget, less a tenth
-    of it kept for the checks after the last batch size, split evenly over the batch sizes still to
-    run (a fast one leaves its unused share to the next)."""
+    `MIN_ROUNDS`) when the next would end past its share: what is left of the budget until
+    `ENGINE_FROM` of it (the serving engine's arms have until 0.9, the checks the last tenth), split
+    evenly over the batch sizes still to run (a fast one leaves its unused share to the next)."""
     overrides = {}
     if smoke:  # the whole logic at toy sizes, with short chunks: 2 prompt chunks and a decode-time swap
         batches, prompt_tokens, new_tokens, rounds = (1, 2), 32, 24, 2
@@ -154,6 +155,8 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
     bank = encode_bank(model, references, prefix, dtype, pin=cuda)
     clock(f"{len(bank)} memories encoded")
 
+    engine_arms, engine_error = _engine_arms()
+    rounds_until = ENGINE_FROM if engine_arms is not None else 0.9
     results: dict[int, dict] = {}
     for i, bsz in enumerate(batches):
         prompts = [[codec.bos_id, *random_tokens(prompt_tokens - 1)] for _ in range(bsz)]
@@ -191,7 +194,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
                 generate_static(d, prompts, max_new_tokens=new_tokens).tokens)
         deadline = None
         if budget_s is not None:
-            left = started + ENGINE_FROM * budget_s - time.perf_counter()
+            left = started + rounds_until * budget_s - time.perf_counter()
             deadline = time.perf_counter() + left / (len(batches) - i)
         errors: dict[str, str] = {}
         seconds = time_rounds(variants, rounds, bsz * new_tokens, dev, deadline=deadline, errors=errors)
@@ -227,13 +230,24 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
         del decoders, variants  # the variants hold the decoders too: their caches and graphs go now
         _empty_cache(dev)
 
-    spelled = min(config.vocab_size, codec.vocab_size)  # the engine takes ids its tokenizer can spell
-    engine = serving_engine(model, codec, bank, {b: [[codec.bos_id, *torch.randint(3, spelled, (prompt_tokens - 1,),
-                                                                                    generator=gen).tolist()]
-                                                      for _ in range(b)] for b in batches},
-                            new_tokens=new_tokens, rounds=rounds,
-                            deadline=None if budget_s is None else started + 0.9 * budget_s, log=log)
-    clock("serving engine")
+    if engine_arms is None:
+        engine = {"error": engine_error}
+        log(f"the serving engine's arms cannot run here: {engine_error}")
+    else:
+        engine_gen = torch.Generator().manual_seed(seed + 1)  # the checks' inputs stay those of the seed
+        spelled = min(config.vocab_size, codec.vocab_size)  # the engine takes ids its tokenizer can spell
+        engine = engine_arms(model, codec, bank, {b: [[codec.bos_id, *torch.randint(
+            3, spelled, (prompt_tokens - 1,), generator=engine_gen).tolist()] for _ in range(b)] for b in batches},
+            new_tokens=new_tokens, rounds=rounds, min_rounds=MIN_ROUNDS,
+            deadline=None if budget_s is None else started + 0.9 * budget_s, log=log,
+            after_arm=lambda: _empty_cache(dev))
+        clock("serving engine")
+        if checkpoint is not None:
+            checkpoint({"benchmark": "gpu", "partial": True,
+                        **summarize_run(results, batches, roofline_tok_s, bandwidth, None, builder.compile),
+                        "batches": {str(b): r for b, r in results.items()}, "engine": engine,
+                        "hbm_copy_gb_s": round(bandwidth / 1e9, 1), "compile": builder.report(),
+                        "seconds_so_far": round(time.perf_counter() - started, 1)})
 
     try:
         # The largest batch, whose compiled step exists: any other batch size would compile (and, on
@@ -266,6 +280,8 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
             "retrievals_per_sequence": retrievals, "memories_per_retrieval": config.mems_per_chunk,
             "rag_prefill_tokens": len(references[0]) * config.mems_per_chunk, "hf_compile": hf_compile,
             "statistic": "first round dropped; tok/s median per variant; ratios median of per-round ratios",
+            "engine_statistic": "first round dropped; tok/s median per arm; graphs_over_eager a ratio of the arms' "
+                                "medians (the arms run one after the other)",
             "weights": "random init on the device (speed does not depend on the weights)",
             "smoke": smoke, "config_overrides": overrides,
         },
@@ -275,18 +291,14 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
     }
 
 
-def serving_engine(model: Transformer, codec: TextCodec, bank: list[ExplicitMemory],
-                   prompts_by_batch: dict[int, list[list[int]]], **kwargs) -> dict:
-    """`gpu_engine.engine_throughput`, or why it did not run (the services' imports are missing
-    where only the model and the bench were put on the path, or it failed): the rest of the run
-    does not depend on it."""
+def _engine_arms() -> tuple[Callable[..., dict] | None, str | None]:
+    """`gpu_engine.engine_throughput`, or why it cannot run here: the services' imports are missing
+    where only the model and the bench were put on the path. The rest of the run does not need it."""
     try:
         from .gpu_engine import engine_throughput
-
-        return engine_throughput(model, codec, bank, prompts_by_batch, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - reported in the JSON, the rest of the run goes on
-        kwargs["log"](f"the serving engine's arms failed to run: {type(exc).__name__}: {exc}")
-        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    except ImportError as exc:
+        return None, f"{type(exc).__name__}: {exc}"[:2000]
+    return engine_throughput, None
 
 
 # ---- models ---------------------------------------------------------------------------------

@@ -28,8 +28,6 @@ from memory3.model.tokenizer import TextCodec
 from memory3.services.decoder.engine import EngineConfig, GenerationEngine, GenerationRequest
 from memory3.services.decoder.retrieval import CoalescingRetrieval, RetrievedReference
 
-MIN_ROUNDS = 3  # the first is dropped
-
 
 class _BankRetrieval:
     """Each query's memories are the bank's next ones, so none repeats before the bank is used up."""
@@ -50,24 +48,43 @@ class _BankRetrieval:
 
 def engine_throughput(model: Transformer, codec: TextCodec, bank: Sequence[ExplicitMemory],
                       prompts_by_batch: dict[int, list[list[int]]], *, new_tokens: int, rounds: int,
-                      deadline: float | None, log: Callable[[str], None]) -> dict:
-    """Per batch size, each arm's tok/s and start-up time, and `graphs_over_eager`."""
+                      min_rounds: int, deadline: float | None, log: Callable[[str], None],
+                      after_arm: Callable[[], None] = lambda: None) -> dict:
+    """Per batch size, each arm's tok/s and start-up time, and `graphs_over_eager`. An arm that fails
+    (out of memory, say) says why and the others go on; one whose share of the time left is shorter
+    than the last arm took is skipped, so that the checks after it keep their time."""
     out: dict = {}
     arms = [(bsz, graphs) for bsz in prompts_by_batch for graphs in (True, False)]
+    last_took = 0.0
     for i, (bsz, graphs) in enumerate(arms):
-        share = None if deadline is None else time.perf_counter() + (deadline - time.perf_counter()) / (len(arms) - i)
-        arm = asyncio.run(_rounds(model, codec, bank, prompts_by_batch[bsz], new_tokens, graphs, rounds, share))
-        out.setdefault(str(bsz), {})["graphs" if graphs else "eager"] = arm
-        log(f"engine, batch {bsz}, cuda_graphs={graphs}: {arm['tok_s']} tok/s ({arm['rounds_run']} rounds; "
-            f"started in {arm['start_s']} s, {arm['graphs_captured']} graphs captured)")
+        name = "graphs" if graphs else "eager"
+        started = time.perf_counter()
+        share = None if deadline is None else started + (deadline - started) / (len(arms) - i)
+        if share is not None and started + last_took > share:
+            out.setdefault(str(bsz), {})[name] = {"skipped": "the time budget"}
+            log(f"engine, batch {bsz}, cuda_graphs={graphs}: skipped, no time left in the budget")
+            continue
+        try:
+            arm = asyncio.run(_rounds(model, codec, bank, prompts_by_batch[bsz], new_tokens, graphs, rounds,
+                                      min_rounds, share))
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON, the other arms go on
+            arm = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            log(f"engine, batch {bsz}, cuda_graphs={graphs}: failed: {arm['error']}")
+        else:
+            log(f"engine, batch {bsz}, cuda_graphs={graphs}: {arm['tok_s']} tok/s ({arm['rounds_run']} rounds; "
+                f"started in {arm['start_s']} s, {arm['graphs_captured']} graphs captured)")
+        finally:
+            after_arm()
+        last_took = time.perf_counter() - started
+        out.setdefault(str(bsz), {})[name] = arm
     for arms_of in out.values():
-        a, b = arms_of["graphs"]["tok_s"], arms_of["eager"]["tok_s"]
+        a, b = (arms_of.get(name, {}).get("tok_s") for name in ("graphs", "eager"))
         arms_of["graphs_over_eager"] = round(a / b, 4) if a and b else None
     return out
 
 
 async def _rounds(model: Transformer, codec: TextCodec, bank: Sequence[ExplicitMemory], prompts: list[list[int]],
-                  new_tokens: int, graphs: bool, rounds: int, deadline: float | None) -> dict:
+                  new_tokens: int, graphs: bool, rounds: int, min_rounds: int, deadline: float | None) -> dict:
     prefix_len = len(codec.reference_prefix(model.config))
     config = EngineConfig(max_batch=len(prompts), max_waiting=len(prompts), prefill_tokens=0, cuda_graphs=graphs,
                           max_seq_len=prefix_len + max(map(len, prompts)) + new_tokens + 1)
@@ -78,7 +95,7 @@ async def _rounds(model: Transformer, codec: TextCodec, bank: Sequence[ExplicitM
     seconds: list[float] = []
     try:
         for r in range(rounds):
-            if r >= MIN_ROUNDS and deadline is not None and time.perf_counter() + seconds[-1] > deadline:
+            if r >= min_rounds and deadline is not None and time.perf_counter() + seconds[-1] > deadline:
                 break
             start = time.perf_counter()
             counts = await asyncio.gather(*(_generated(engine, GenerationRequest(p, new_tokens, ignore_eos=True))

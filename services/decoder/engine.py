@@ -170,7 +170,9 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
-    rank: int | None = None  # token_id's among the vocabulary, 1 the most likely (ties share the best)
+    # token_id's among the vocabulary, 1 the most likely, as vLLM ranks it (ids as likely count before it);
+    # reported for prompt tokens (`prompt_logprobs`) only, None otherwise.
+    rank: int | None = None
 
 
 @dataclass
@@ -569,7 +571,7 @@ class Scheduler:
                 end = min(scored, j + SCORED_PER_PIECE)
                 s.prompt_logprobs += _token_logprobs(logits[i, j:end], prompt[start + j + 1 : start + end + 1],
                                                      [s.request.prompt_logprobs] * (end - j),
-                                                     s.request.sampling.vocab_limit)
+                                                     s.request.sampling.vocab_limit, ranked=True)
 
     def _decode(self, active: list[_Stream]) -> None:
         self.step_s, self._last_step = _moving_average(self.step_s, self._last_step)
@@ -768,13 +770,15 @@ def _pass_layout(stream: _Stream) -> tuple[int, bool]:
 
 
 def _token_logprobs(logits: Tensor, tokens: Sequence[int], top: Sequence[int],
-                    vocab_limit: int | None) -> list[TokenLogprob]:
+                    vocab_limit: int | None, *, ranked: bool = False) -> list[TokenLogprob]:
     """(N, V) logits -> the log-probability of each of the N `tokens` and of its position's `top[n]`
-    most likely ids, over the tokenizer's ids (a padded embedding's extra ids are never sampled)."""
+    most likely ids, over the tokenizer's ids (a padded embedding's extra ids are never sampled);
+    `ranked`: each token's rank too."""
     logprobs = logits[:, :vocab_limit].float().log_softmax(dim=-1)  # (N, vocab)
     index = torch.tensor(list(tokens), device=logprobs.device)[:, None]
     chosen = logprobs.gather(1, index)  # (N, 1)
-    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()  # as vLLM ranks them
+    # As vLLM (V1) ranks: the ids at least as likely, itself included (a tie takes the worst rank).
+    ranks = (logprobs >= chosen).sum(dim=1).tolist() if ranked else [None] * len(tokens)
     k = max(top)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
     top_values, top_ids = top_values.tolist(), top_ids.tolist()

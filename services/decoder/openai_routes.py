@@ -21,7 +21,11 @@ Extensions: `top_k`, `use_memory` (default true), `include_reference_text`, and 
 vLLM's default), `min_tokens` (no end-of-sequence token, stop token or client's stop string ends a
 choice before that many tokens; a chat template's turn end does) and `prompt_logprobs` (not with a
 stream: per prompt token, None for the context's `<s>`, the token's logprob, vocabulary rank and text
-and its most likely alternatives', on a completion's choices and a chat reply); replies carry
+and its most likely alternatives', on a completion's choices and a chat reply; `<s>` comes first for a
+token-id prompt too, where vLLM adds none, so the list has one entry more than the ids; with
+`max_tokens` 0 the prompt alone is scored; with memory, a scored prompt reads memories as README.md's
+prompt scoring says, so what follows may differ from the unscored prompt's; each choice of `n`
+scores the prompt again); replies carry
 `citations` (per 64-token chunk, the references it retrieved, with the `index` of the choice) and
 `warnings` when there are any.
 

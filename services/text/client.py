@@ -111,8 +111,8 @@ class ShardedTextClient:
         calls = [asyncio.ensure_future(c.answer(queries, top_k, include_text)) for c in self.shards]
         try:
             answers = await asyncio.gather(*calls)
-        except Exception:
-            for call in calls:  # one shard failed the retrieval: the others' work is for nobody
+        except BaseException:  # a shard's call that failed, or was cancelled (its channel closed)
+            for call in calls:  # the others' work is for nobody
                 call.cancel()
             raise
         self.release = _one_index(answers)

@@ -1,7 +1,10 @@
 """bench/gpu.py runs its whole logic on the CPU at toy sizes (`--smoke`), and reports what it claims."""
 
+import asyncio
 import gc
 import json
+import sys
+import time
 import weakref
 
 import pytest
@@ -116,8 +119,9 @@ def test_each_batch_size_is_checkpointed_as_it_is_measured():
     seen = []
     result = run_gpu_bench(preset="tiny", device="cpu", smoke=True, compile=False, log=lambda msg: None,
                            checkpoint=lambda so_far: seen.append(json.loads(json.dumps(so_far))))
-    assert [sorted(c["batches"]) for c in seen] == [["1"], ["1", "2"]]
+    assert [sorted(c["batches"]) for c in seen] == [["1"], ["1", "2"], ["1", "2"]]  # and after the engine's arms
     assert all(c["partial"] for c in seen)
+    assert "engine" not in seen[1] and seen[2]["engine"]["2"]["eager"]["tok_s"] > 0
     # issue #7's keys as far as measured: a run cut short still has its batch-1 numbers
     assert seen[0]["b1_tok_s"] > 0 and seen[0]["b1_over_roofline"] > 0 and seen[0]["b2_memory_tok_s"] is None
     assert seen[-1]["b2_memory_tok_s"] > 0 and seen[-1]["correct"] is None
@@ -190,14 +194,41 @@ def test_a_correctness_check_that_fails_to_run_still_leaves_the_measured_json(tm
     assert result["b1_tok_s"] > 0 and result["b2_memory_tok_s"] > 0
 
 
-def test_a_serving_engine_that_cannot_run_is_reported_and_the_run_goes_on(monkeypatch):
-    """On the device the services' imports may be missing: the engine's arms say so in the JSON."""
+def test_a_serving_engine_that_cannot_be_imported_is_reported_and_the_run_goes_on(monkeypatch, tmp_path):
+    """On the device the services' imports may be missing: the JSON says so, and the decoder's rounds keep
+    the engine's share of the budget."""
+    monkeypatch.setitem(sys.modules, "memory3.bench.gpu_engine", None)  # its import raises ImportError
+    assert gpu._engine_arms()[0] is None and "gpu_engine halted" in gpu._engine_arms()[1]
+    said = []
+    result = run_gpu_bench(preset="tiny", device="cpu", smoke=True, log=said.append)
+    assert "gpu_engine halted" in result["engine"]["error"] and result["correct"]
+    assert any("the serving engine's arms cannot run here: ModuleNotFoundError" in line for line in said)
+
+
+def test_an_engine_arm_that_fails_or_has_no_time_left_leaves_the_others(tiny_model, text_codec, monkeypatch):
     from memory3.bench import gpu_engine
 
-    def fail(*args, **kwargs):
-        raise ImportError("No module named 'minio'")
+    calls = []
 
-    monkeypatch.setattr(gpu_engine, "engine_throughput", fail)
-    said = []
-    assert gpu.serving_engine(None, None, [], {}, log=said.append) == {"error": "ImportError: No module named 'minio'"}
-    assert said == ["the serving engine's arms failed to run: ImportError: No module named 'minio'"]
+    async def arm(model, codec, bank, prompts, new_tokens, graphs, rounds, min_rounds, deadline):
+        calls.append((len(prompts), graphs))
+        await asyncio.sleep(0.1)
+        if len(prompts) == 2 and graphs:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"tok_s": 10.0 if graphs else 5.0, "rounds_run": 3, "start_s": 0.0, "graphs_captured": 0}
+
+    monkeypatch.setattr(gpu_engine, "_rounds", arm)
+    prompts = {1: [[1, 2]], 2: [[1, 2], [1, 3]]}
+    out = gpu_engine.engine_throughput(tiny_model, text_codec, [], prompts, new_tokens=4, rounds=3, min_rounds=3,
+                                       deadline=None, log=lambda _: None)
+    assert out["1"]["graphs_over_eager"] == 2.0 and "out of memory" in out["2"]["graphs"]["error"]
+    assert out["2"]["eager"]["tok_s"] == 5.0 and out["2"]["graphs_over_eager"] is None
+    calls.clear()
+    late = gpu_engine.engine_throughput(tiny_model, text_codec, [], prompts, new_tokens=4, rounds=3, min_rounds=3,
+                                        deadline=time.perf_counter() + 0.2, log=lambda _: None)
+    assert calls == [(1, True)]  # 0.1 s of its 0.05 s share: the arms after it would end past theirs
+    assert late["1"]["eager"] == late["2"]["eager"] == {"skipped": "the time budget"}
+    calls.clear()
+    assert gpu_engine.engine_throughput(tiny_model, text_codec, [], prompts, new_tokens=4, rounds=3, min_rounds=3,
+                                        deadline=time.perf_counter() - 1, log=lambda _: None)["1"]["graphs"] == {
+        "skipped": "the time budget"} and calls == []

@@ -158,8 +158,8 @@ def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(t
                                                                               memories, monkeypatch):
     """With `cuda_graphs` (run eagerly here) every decode pass is padded to a batch bucket and attends over a
     context bucket: rows past the highest in use get placeholders, as idle rows do. Three streams in rows
-    0-2 decode in passes of 4 rows; the streams that join after (rows 3 and 4, then a freed one), with
-    memory and without, and the first three each still decode what `generate` decodes alone."""
+    0-2 decode in passes of 4 rows; two join after (rows 3 and 4), and a stream with memory takes the row
+    that the short one without memory freed: each decodes what `generate` decodes alone."""
     retrieval = FakeRetrieval(memories, delay=0.002)
     bodies = prompts(6, text_codec)
     max_tokens = [150, 140, 130, 70, 5, 65]
@@ -172,7 +172,7 @@ def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(t
                                                                                      rows_for(self, rows))),
                                                                       events[-1][2])[1])
     monkeypatch.setattr(engine_module.Scheduler, "_start_rows", lambda self, joining: (
-        events.extend(("joined", s.row) for s in joining), start_rows(self, joining))[1])
+        events.extend(("joined", s.row, s.request.use_memory) for s in joining), start_rows(self, joining))[1])
     requests = [GenerationRequest(body, mt, use_memory=use) for body, mt, use in zip(bodies, max_tokens, uses,
                                                                                         strict=True)]
 
@@ -181,18 +181,17 @@ def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(t
                                   EngineConfig(max_batch=5, max_waiting=8, prefill_tokens=128, cuda_graphs=True))
         await engine.start()
 
-        async def later(first: int, last: int):
+        async def after_short():  # the short stream without memory, then one with memory in the row it freed
+            return [await collect(engine, requests[4]), await collect(engine, requests[5])]
+
+        try:
+            first = asyncio.gather(*[collect(engine, r) for r in requests[:3]])
             for _ in range(10_000):  # until the first three decode, row 3 padding
                 if ("padded", 3, 4) in events:
                     break
                 await asyncio.sleep(0.001)
-            out = await asyncio.gather(*[collect(engine, r) for r in requests[first:last]])
-            return [*out, await collect(engine, requests[5])]  # a row the short one freed
-
-        try:
-            first = asyncio.gather(*[collect(engine, r) for r in requests[:3]])
-            rest = await later(3, 5)
-            return [*await first, *rest]
+            rest = await asyncio.gather(collect(engine, requests[3]), after_short())
+            return [*await first, rest[0], *rest[1]]
         finally:
             await engine.close()
 
@@ -203,7 +202,10 @@ def test_decode_passes_of_fixed_shapes_give_each_stream_the_tokens_of_generate(t
                                         text_codec.eos_id, 8)
         assert tokens == expected
     padded_at = events.index(("padded", 3, 4))
-    assert ("joined", 3) in events[padded_at:]  # a row fed placeholders as padding, then a stream's
+    joined = [e[1:] for e in events[padded_at:] if e[0] == "joined"]
+    assert 3 in [row for row, _ in joined]  # a row fed placeholders as padding, then a stream's
+    plain_row = next(row for row, memory in joined if not memory)
+    assert joined[-1] == (plain_row, True)  # with memory, in the row whose prefix one without overwrote
     assert {rows for rows, _ in shapes} <= {1, 2, 4, 5}
     assert {context for _, context in shapes} <= {256, 384, 512, 768, 1024}
     assert len({context for _, context in shapes}) >= 2  # the streams' contexts grew past a bucket

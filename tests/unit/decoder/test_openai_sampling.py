@@ -180,8 +180,8 @@ def test_chat_logprobs_are_openais_content_list_streamed_or_whole(tiny_model, te
     ("/v1/completions", {"min_tokens": "3"}, 400, "min_tokens must be an integer"),
     ("/v1/completions", {"prompt_logprobs": 2, "stream": True}, 400, "prompt_logprobs are not available with"),
     ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs are not available"),
-    ("/v1/completions", {"prompt_logprobs": -1}, 400, "prompt_logprobs"),
-    ("/v1/chat/completions", {"prompt_logprobs": 10**6}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": -1}, 400, "prompt_logprobs: the alternatives to report per token are 0."),
+    ("/v1/chat/completions", {"prompt_logprobs": 10**6}, 400, "prompt_logprobs: the alternatives to report per token"),
     ("/v1/chat/completions", {"min_tokens": 5}, 400, "min_tokens must be in 0..max_tokens (4), got 5"),
 ])
 def test_bad_sampling_fields_say_what_to_fix(tiny_model, text_codec, path, fields, status, says):
@@ -317,7 +317,7 @@ def test_vllms_prompt_logprobs_rank_each_prompt_token_among_its_most_likely_alte
         sequence = torch.tensor([[text_codec.bos_id, *prompt_ids]])
         full = tiny_model(sequence, torch.arange(sequence.shape[1])[None])[0, :-1, :text_codec.vocab_size]
         full = full.float().log_softmax(-1)
-        ranks = (full > full.gather(1, torch.tensor(prompt_ids)[:, None])).sum(1) + 1
+        ranks = (full >= full.gather(1, torch.tensor(prompt_ids)[:, None])).sum(1)
     listed = reply["choices"][0]["prompt_logprobs"]
     assert listed[0] is None and len(listed) == len(prompt_ids) + 1  # the context's <s>, then every prompt token
     assert reply["choices"][1]["prompt_logprobs"] == listed
@@ -340,6 +340,13 @@ def test_vllms_prompt_logprobs_rank_each_prompt_token_among_its_most_likely_alte
     assert chat_listed[0] is None and all(len(e) <= 3 for e in chat_listed[1:]) and len(chat_listed) > len(listed)
     assert "prompt_logprobs" not in talk["choices"][0] and "prompt_logprobs" not in plain["choices"][0]
     assert "prompt_logprobs" not in plain
+
+
+def test_a_tied_token_takes_the_worst_rank_of_its_tie_as_vllm_ranks_it():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    found = engine_module._token_logprobs(logits, [2, 0], [2, 0], None, ranked=True)
+    assert [t.rank for t in found] == [3, 4]
+    assert [t.rank for t in engine_module._token_logprobs(logits, [2, 0], [2, 0], None)] == [None, None]
 
 
 def test_a_batch_of_prompts_gets_choices_numbered_prompt_by_prompt(tiny_model, text_codec):

@@ -44,3 +44,16 @@ def test_answers_of_every_shard_are_merged_best_first():
         return await ShardedTextClient([Shard(0, 2, 0.0), Shard(1, 2, 0.01)]).retrieve([[1], [2]])
 
     assert asyncio.run(main()) == [[("r1", 1.5, ""), ("r0", 0.5, "")]] * 2
+
+
+def test_a_shard_call_cut_short_cancels_the_others_too():
+    """grpc.aio ends a call whose channel closes with CancelledError, not an Exception."""
+    cut, slow = Shard(0, 2, 0.01, asyncio.CancelledError()), Shard(1, 2, 30.0)
+
+    async def main():
+        with pytest.raises(asyncio.CancelledError):
+            await ShardedTextClient([cut, slow]).retrieve([[1, 2]])
+        await asyncio.sleep(0.01)
+        return slow.cancelled
+
+    assert asyncio.run(main())
