@@ -584,19 +584,17 @@ class Scheduler:
         # reference prefix, which a row keeps for its next stream with memory (`row_has_prefix`);
         # every stream writes that slot before it reads it.
         slots = [len(self.prefix)] * hi
-        positions = list(slots)
-        ref_len = self.mc.ref_len
+        prefix_lens = [0] * hi
         for s in self.rows[:hi]:
             if s is None or s.done:
                 continue
             # A paused row, or one whose prompt is still being read, gets a placeholder at its next
             # slot; the real token overwrites it later.
             tokens[s.row] = 0 if s.paused or s.prefilling else s.tokens[-1]
-            slot = slots[s.row] = s.next_slot
-            # RoPE positions skip the memory gap after a stream's reference prefix (`_positions`).
-            positions[s.row] = slot if not s.prefix_len or slot < s.prefix_len else slot + ref_len
-        inputs = torch.tensor([tokens, positions, slots])[..., None]  # (3, hi, 1)
-        logits = self.passes(*inputs)  # (hi, V)
+            slots[s.row] = s.next_slot
+            prefix_lens[s.row] = s.prefix_len
+        fed, at, prefix_len = torch.tensor([tokens, slots, prefix_lens])[..., None]  # (hi, 1) each
+        logits = self.passes(fed, _positions(at, prefix_len, self.mc.ref_len), at)  # (hi, V)
         for s in active:
             s.next_slot += 1
         rows = torch.tensor([s.row for s in active], device=self.device)
