@@ -32,15 +32,15 @@ the measured logit error).
 
 The device machine is bare and offline: no registry, so nothing can be pip-installed there, and
 its image's python3 already holds CUDA torch and transformers (the project's CPU pins do not
-apply there). The project is put on the path instead of installed; what the serving engine's
-`gpu`-marked test imports beyond the image travels as wheels (`make gpu-wheels` here writes them
-to .whl/, 6.4 MB; the call carries ".whl"). One call, from the repository root (writes the JSON
-and a log to $OUT; copy the JSON to bench/results/ afterwards):
+apply there). The project is put on the path instead of installed; what the serving engine (its
+arms here, and its `gpu`-marked test) imports beyond the image travels as wheels (`make gpu-wheels`
+here writes them to .whl/, 6.4 MB; the call carries ".whl"). One call, from the repository root
+(writes the JSON and a log to $OUT; copy the JSON to bench/results/ afterwards):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl;
     mkdir -p /tmp/m3/memory3 && for d in model bench services; do ln -sfn "$PWD/$d" /tmp/m3/memory3/$d;
     done && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee $OUT/smi.txt;
-    set -o pipefail; PYTHONPATH=/tmp/m3 PYTHONUNBUFFERED=1 python3 -m memory3.bench.gpu --budget-s 420
+    set -o pipefail; PYTHONPATH=/tmp/m3:/tmp/site PYTHONUNBUFFERED=1 python3 -m memory3.bench.gpu --budget-s 420
     --json "$OUT" 2>&1 | tee $OUT/log.txt; PYTHONPATH=/tmp/m3:/tmp/site timeout 150 python3 -m pytest -q
     -m gpu -p no:cacheprovider tests/unit/test_gpu.py tests/unit/test_static_decode.py 2>&1 | tail -15
 
@@ -296,7 +296,7 @@ def _engine_arms() -> tuple[Callable[..., dict] | None, str | None]:
     where only the model and the bench were put on the path. The rest of the run does not need it."""
     try:
         from .gpu_engine import engine_throughput
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a dependency of another version that fails to load
         return None, f"{type(exc).__name__}: {exc}"[:2000]
     return engine_throughput, None
 
