@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -353,13 +354,15 @@ def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path, wait
     services started with `--index-shard I/N` (file_shards.py). A shard kept already is left; one whose
     objects are missing or of another shape is cut again. The release is read into a directory of its
     own, removed at the end: a shard kept beside a local copy would not be put in the store again.
+    A shard's local copy goes once the store keeps it, so the disk holds the release's files and one
+    shard at a time.
     `wait_s`: how long to wait for the release to be published (a Job started beside the one that
     publishes it)."""
     import tempfile
 
     from memory3.services.release.file_shards import ShardShape, is_shared
     from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
-    from memory3.services.release.reader import Release, wait_for_releases
+    from memory3.services.release.reader import SHARDS_DIR, Release, wait_for_releases
     from memory3.services.retrieval.index import IndexShard
     from memory3.services.storage.object_store import ObjectStore
 
@@ -394,6 +397,7 @@ def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path, wait
                                    "shards/ in the bucket, and the space under --cache-dir, then run this again")
             print(f"shard {shard}: {len(rows)} references ({index.kind} index) kept in the store, in "
                   f"{time.monotonic() - started:.1f} s")
+            shutil.rmtree(release.local_dir / SHARDS_DIR, ignore_errors=True)  # in the store now: not kept twice
     return 0
 
 

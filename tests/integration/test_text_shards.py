@@ -6,6 +6,7 @@ store, unless it is damaged or of another shape (then it is built again, never s
 import asyncio
 import hashlib
 import json
+import time
 from contextlib import AsyncExitStack
 
 import grpc
@@ -348,3 +349,29 @@ def test_release_shard_index_builds_every_shard_ahead_of_the_pods(bucket, tmp_pa
     assert not any((tmp_path / f"pod-{i}" / "ahead" / file).exists() for i in range(3)
                    for file in (INDEX_FILE, REFERENCES_FILE))
     assert not list((tmp_path / "cli").iterdir())  # its copy of the release is gone
+
+
+def test_release_shard_index_keeps_one_shard_on_disk_at_a_time_and_waits_for_its_release(bucket, tmp_path,
+                                                                                          monkeypatch, capsys):
+    from memory3.services.release.reader import SHARDS_DIR, Release
+
+    publish_random_release(bucket, "ahead", DOCUMENTS, embedder=HashEmbedder())
+    s3 = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", s3.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", s3.secret_key)
+    kept_before = []
+    cut = Release.reference_shard
+
+    def counted(self, shard):  # what is kept locally when a shard's cut starts
+        kept_before.append(sorted(p.name for p in (self.local_dir / SHARDS_DIR).rglob("*-of-*")))
+        return cut(self, shard)
+
+    monkeypatch.setattr(Release, "reference_shard", counted)
+    args = ["--cache-dir", str(tmp_path / "cli"), "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket]
+    assert main(["release", "shard-index", "ahead", "--shards", "3", "--wait", "5", *args]) == 0
+    assert kept_before == [[], [], []]  # each shard's copy went once the store kept it
+    capsys.readouterr()
+    started = time.monotonic()
+    assert main(["release", "shard-index", "never", "--shards", "2", "--wait", "0.5", *args]) != 0
+    assert time.monotonic() - started < 30
+    assert "never" in capsys.readouterr().err
