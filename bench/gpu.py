@@ -155,9 +155,18 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
     bank = encode_bank(model, references, prefix, dtype, pin=cuda)
     clock(f"{len(bank)} memories encoded")
 
+    results: dict[int, dict] = {}
+
+    def so_far(**extra) -> dict:
+        """What is measured so far, as `checkpoint` gets it."""
+        return {"benchmark": "gpu", "partial": True,
+                **summarize_run(results, batches, roofline_tok_s, bandwidth, None, builder.compile),
+                "batches": {str(b): r for b, r in results.items()}, **extra,
+                "hbm_copy_gb_s": round(bandwidth / 1e9, 1), "compile": builder.report(),
+                "seconds_so_far": round(time.perf_counter() - started, 1)}
+
     engine_arms, engine_error = _engine_arms()
     rounds_until = ENGINE_FROM if engine_arms is not None else 0.9
-    results: dict[int, dict] = {}
     for i, bsz in enumerate(batches):
         prompts = [[codec.bos_id, *random_tokens(prompt_tokens - 1)] for _ in range(bsz)]
         rag_context = [t for ref in references[: config.mems_per_chunk] for t in ref]
@@ -222,11 +231,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
                         "static_prefill_errors": prefill_errors, "step_profile": profiles, "errors": errors}
         clock(f"batch {bsz}: " + ", ".join(f"{k} {v['tok_s']:.0f}" for k, v in results[bsz]["variants"].items()))
         if checkpoint is not None:
-            checkpoint({"benchmark": "gpu", "partial": True,
-                        **summarize_run(results, batches, roofline_tok_s, bandwidth, None, builder.compile),
-                        "batches": {str(b): r for b, r in results.items()},
-                        "hbm_copy_gb_s": round(bandwidth / 1e9, 1), "compile": builder.report(),
-                        "seconds_so_far": round(time.perf_counter() - started, 1)})
+            checkpoint(so_far())
         del decoders, variants  # the variants hold the decoders too: their caches and graphs go now
         _empty_cache(dev)
 
@@ -243,11 +248,7 @@ def run_gpu_bench(*, preset: str = "paper-2.4b", device: str = "cuda", smoke: bo
             after_arm=lambda: _empty_cache(dev))
         clock("serving engine")
         if checkpoint is not None:
-            checkpoint({"benchmark": "gpu", "partial": True,
-                        **summarize_run(results, batches, roofline_tok_s, bandwidth, None, builder.compile),
-                        "batches": {str(b): r for b, r in results.items()}, "engine": engine,
-                        "hbm_copy_gb_s": round(bandwidth / 1e9, 1), "compile": builder.report(),
-                        "seconds_so_far": round(time.perf_counter() - started, 1)})
+            checkpoint(so_far(engine=engine))
 
     try:
         # The largest batch, whose compiled step exists: any other batch size would compile (and, on

@@ -234,7 +234,7 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
     logprobs, echo = _typed(body, "logprobs", int, None), _typed(body, "echo", bool, False)
     max_tokens = _typed(body, "max_tokens", int, None)
     options, stream, include_usage = _options(body, client)
-    asked = _prompt_logprobs(body, stream)
+    asked = _asked_prompt_logprobs(body, stream)
     score_only = (echo or asked is not None) and max_tokens == 0  # the prompt alone, scored
     # What the engine reports of the prompt: enough for the echo's logprobs and for the extension's.
     wanted = [k for k in (logprobs if echo else None, asked, 0 if score_only else None) if k is not None]
@@ -274,13 +274,13 @@ async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, temp
     logprobs = (top_logprobs or 0) if _typed(body, "logprobs", bool, False) else None
     n = _choices(body, engine, 1)
     options, stream, include_usage = _options(body, client, extra_stop=template.stop)
-    asked = _prompt_logprobs(body, stream)
+    asked = _asked_prompt_logprobs(body, stream)
     request = await build_request(engine, prompt=prompt, max_tokens=newer or max_tokens, logprobs=logprobs,
                                   prompt_logprobs=asked, **options)
     return Ask([request], n, stream, include_usage, prompt_logprobs=asked)
 
 
-def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+def _asked_prompt_logprobs(body: dict, stream: bool) -> int | None:
     """vLLM's `prompt_logprobs`: not with a stream, as in vLLM (the range is the engine's to judge)."""
     asked = _typed(body, "prompt_logprobs", int, None)
     if asked is not None and stream:

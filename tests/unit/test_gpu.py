@@ -40,14 +40,11 @@ def test_seeded_and_greedy_streams_decode_together_on_cuda(tiny_config, text_cod
     seeded = GenerationRequest(body, 16, SamplingParams(temperature=0.9, seed=11), use_memory=False)
     greedy = GenerationRequest(body, 16, use_memory=False)
 
-    async def tokens(request, engine):
-        return [t async for event in engine.generate(request) for t in event.token_ids]
-
     async def main():
         engine = GenerationEngine(model, text_codec, None, EngineConfig(max_batch=4))
         await engine.start()
         try:
-            return await asyncio.gather(tokens(seeded, engine), tokens(greedy, engine), tokens(seeded, engine))
+            return await asyncio.gather(_tokens(engine, seeded), _tokens(engine, greedy), _tokens(engine, seeded))
         finally:
             await engine.close()
 
