@@ -75,16 +75,19 @@ def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | N
 
 def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
               bf16: bool | None = None, stage3_steps: int | None = None, attention_weight: float | None = None,
-              events: bool = False, exist_ok: bool = False, index_kind: str = "auto") -> int:
+              events: bool = False, exist_ok: bool = False, index_kind: str = "auto", device: str = "auto") -> int:
     from memory3.services.release.manifest import check_release_name
     from memory3.services.release.reader import already_published
     from memory3.services.retrieval.index import check_index_choice
     from memory3.services.storage.object_store import ObjectStore
     from memory3.services.trainer.pipeline import run_pipeline
+    from memory3.services.trainer.placement import training_placement
     from memory3.services.trainer.releases import differs_from_training, publish_trained
 
     check_release_name(release)
     check_index_choice(index_kind)
+    world_size, local_rank = torchrun_ranks()
+    placement = training_placement(device, world_size=world_size, local_rank=local_rank)
     config = train_pipeline_config(preset=preset, quick=quick, seed=seed, bf16=bf16, stage3_steps=stage3_steps,
                                    attention_weight=attention_weight)
     store = ObjectStore(s3)
@@ -93,11 +96,11 @@ def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, see
                          differs=differs_from_training(config.to_dict(), codec, index_kind)):
         print(f"release {release} is already published from this training configuration: nothing to do")
         return 0
-    dist = _distributed()
+    dist = init_distributed(placement, world_size)
     emit = _json_lines if events and dist.is_main else None
     log = (lambda msg: _json_lines({"message": msg})) if emit else None
-    result = run_pipeline(config, work_dir, dist=dist, progress=not events, on_event=emit, log=log,
-                          check_references=lambda refs: check_index_choice(index_kind, len(refs)))
+    result = run_pipeline(config, work_dir, dist=dist, device=placement.device, progress=not events, on_event=emit,
+                          log=log, check_references=lambda refs: check_index_choice(index_kind, len(refs)))
     if dist.is_main:
         manifest = publish_trained(result, store, release, codec=codec, pipeline_config=config.to_dict(),
                                    progress=not events, index_kind=index_kind)
@@ -115,27 +118,36 @@ def _json_lines(event: dict) -> None:
     sys.stdout.flush()
 
 
-def _distributed():
-    """Data-parallel settings from torchrun's environment (read here, at the entry point)."""
+def torchrun_ranks() -> tuple[int, int]:
+    """(world size, local rank) from torchrun's environment (read here, at the entry point)."""
     import os
 
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(placement, world_size: int):
+    """Data-parallel settings of this process: NCCL between GPUs, gloo between CPUs."""
     from memory3.services.trainer.train import Distributed
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed()
+    import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    if placement.device.type == "cuda":
+        torch.cuda.set_device(placement.device)  # NCCL's communicator lives on the current device
+    dist.init_process_group(placement.backend)
     return Distributed(rank=dist.get_rank(), world_size=world_size)
 
 
 def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
                exist_ok: bool = False, remove_ids: list[str] = (), remove_matches: list[str] = (),
-               events: bool = False, index_kind: str | None = None) -> int:
+               events: bool = False, index_kind: str | None = None, device: str = "auto") -> int:
     from memory3.services.storage.object_store import ObjectStore
+    from memory3.services.trainer.placement import training_placement
     from memory3.services.trainer.releases import kb_add, kb_add_name
 
+    placement = training_placement(device)
     if name is None:
         name = kb_add_name(parent, files, remove_ids=remove_ids, remove_matches=remove_matches, index_kind=index_kind)
 
@@ -144,7 +156,7 @@ def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_di
 
     manifest = kb_add(ObjectStore(s3), parent, files, name, cache_dir, exist_ok=exist_ok, remove_ids=remove_ids,
                       remove_matches=remove_matches, progress=not events, on_encoded=encoded if events else None,
-                      index_kind=index_kind)
+                      index_kind=index_kind, device=placement.device)
     removed = manifest.provenance.get("removed_references") or 0
     summary = (f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories"
                + (f", {removed} references removed" if removed else ""))

@@ -23,6 +23,8 @@ EXIST_OK_HELP = ("if a release of that name is already published from the same i
 INDEX_KIND_HELP = ("the retrieval index: auto follows the number of references (exact below 200,000, HNSW below "
                    "5 million, IVF-PQ from there); flat, hnsw or ivfpq keep that kind whatever the size, in this "
                    "release and those derived from it")
+TRAIN_DEVICE_HELP = ("where the model runs: auto (the default) is CUDA where this machine has it, else the CPU; "
+                     "under torchrun, cuda and auto give each process the GPU of its LOCAL_RANK")
 
 
 def finite_float(text: str) -> float:
@@ -87,6 +89,17 @@ def preset(text: str) -> str:
     if text not in PRESETS:
         raise argparse.ArgumentTypeError(f"unknown preset {text!r}: choose one of {', '.join(sorted(PRESETS))}")
     return text
+
+
+def device_name(text: str) -> str:
+    """The type of a training --device: auto, cpu, cuda or cuda:N (what this machine has is checked
+    where the device is chosen, beside torchrun's environment)."""
+    from memory3.services.trainer.placement import PlacementError, check_device_name
+
+    try:
+        return check_device_name(text)
+    except PlacementError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def counts(text: str) -> tuple[int, ...]:
@@ -215,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="train under bfloat16 autocast (always on with CUDA); default: on a CPU with native "
                             "bf16 (AVX-512 BF16, AMX), where a step takes about 0.7x as long")
+    train.add_argument("--device", type=device_name, default="auto", help=TRAIN_DEVICE_HELP)
     train.add_argument("--index-kind", default="auto", choices=INDEX_CHOICES, help=INDEX_KIND_HELP + " (default: auto)")
     train.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     train.add_argument("--events", action="store_true",
@@ -263,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     kb_add.add_argument("--index-kind", default=None, choices=INDEX_CHOICES,
                         help=INDEX_KIND_HELP + " (default: the parent's; from an IVF-PQ index to flat or hnsw, "
                                                "every reference is embedded again)")
+    kb_add.add_argument("--device", type=device_name, default="auto",
+                        help="where the added references' memories are encoded: auto (the default) is CUDA where "
+                             "this machine has it, else the CPU")
     kb_add.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)
     kb_add.add_argument("--events", action="store_true",
                         help="print progress as JSON lines on stdout (for programs; the TrainerService uses it)")
@@ -544,7 +561,9 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--retrieval-lead-tokens", type=int, default=None,
                        help="a generated chunk's query ends this many tokens before the chunk, so that retrieval "
                             "overlaps that many decode steps (default 8; 0: the query is exactly the previous chunk)")
-    group.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    group.add_argument("--device", type=device_name, default=None,
+                       help="cpu or cuda[:N] (default cpu); for serve trainer, where its jobs train and encode "
+                            "memories (default auto: CUDA where this machine has it)")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="pad decode passes to a few batch and context sizes and replay each from a CUDA graph "
@@ -611,8 +630,11 @@ def _decoder_settings(args: argparse.Namespace):
     if not args.release:
         raise ValueError(f"serve {args.service} needs --release NAME: the release whose model to serve")
     lead = {} if args.retrieval_lead_tokens is None else {"retrieval_lead_tokens": args.retrieval_lead_tokens}
-    if args.cuda_graphs and not args.device.startswith("cuda"):
-        raise ValueError(f"--cuda-graphs needs --device cuda (got --device {args.device})")
+    device = args.device or "cpu"
+    if device == "auto":
+        raise ValueError(f"serve {args.service} --device auto: give cpu or cuda[:N] (auto is for the trainer)")
+    if args.cuda_graphs and not device.startswith("cuda"):
+        raise ValueError(f"--cuda-graphs needs --device cuda (got --device {device})")
     engine = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len,
                           default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy,
                           max_streams_per_client=args.max_streams_per_client, stall_s=args.stall_timeout,
@@ -622,7 +644,7 @@ def _decoder_settings(args: argparse.Namespace):
                                      auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)
     return DecoderSettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
                            text_address=args.text_address, memory_address=args.memory_address, engine=engine,
-                           device=args.device, dtype=args.dtype, dependencies=dependencies,
+                           device=device, dtype=args.dtype, dependencies=dependencies,
                            memory_cache_bytes=int(args.memory_cache_mb * (1 << 20)))
 
 
@@ -790,7 +812,8 @@ def _run(args: argparse.Namespace) -> int:
         return cmd_train(s3_config(args, local_stack=True), preset=args.preset, quick=args.quick,
                          release=args.release, work_dir=work_dir, seed=args.seed, codec=args.codec, bf16=args.bf16,
                          stage3_steps=args.stage3_steps, attention_weight=args.attention_weight,
-                         events=args.events, exist_ok=args.exist_ok, index_kind=args.index_kind)
+                         events=args.events, exist_ok=args.exist_ok, index_kind=args.index_kind,
+                         device=args.device)
     if args.command == "serve":
         from memory3.services.rpc.logs import configure_logging
         configure_logging(args.log_format)
@@ -805,7 +828,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.service == "kserve":
             return _serve_kserve(args)
         from memory3.services.trainer.server import serve_trainer
-        return serve_trainer(s3_config(args), args.work_dir, listen_options(args))
+        return serve_trainer(s3_config(args), args.work_dir, listen_options(args), device=args.device)
     if args.command == "release":
         from .commands import (
             cmd_release_delete,
@@ -839,7 +862,8 @@ def _run(args: argparse.Namespace) -> int:
         remove_ids, remove_matches = _selection(args.remove_ids, args.remove_matches, args.remove_from)
         return cmd_kb_add(s3_config(args, local_stack=True), args.files, parent=args.release, name=args.name,
                           cache_dir=args.cache_dir, exist_ok=args.exist_ok, remove_ids=remove_ids,
-                          remove_matches=remove_matches, events=args.events, index_kind=args.index_kind)
+                          remove_matches=remove_matches, events=args.events, index_kind=args.index_kind,
+                          device=args.device)
     return 1
 
 

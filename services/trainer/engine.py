@@ -212,8 +212,9 @@ class Job:
 
 class TrainingJobManager:
     def __init__(self, s3: S3Config, work_root: Path, *, max_queued: int = 16, python: str = sys.executable,
-                 kill_after_s: float = 30.0) -> None:
+                 kill_after_s: float = 30.0, device: str | None = None) -> None:
         self.s3, self.work_root, self.max_queued, self.python = s3, work_root, max_queued, python
+        self.device = device  # where jobs train and encode memories; None: their own default (auto)
         self.kill_after_s = kill_after_s
         self._killers: set[asyncio.Task] = set()
         self.store = ObjectStore(s3)
@@ -493,13 +494,13 @@ class TrainingJobManager:
                      "--cache-dir", str(self.work_root / "_releases")]
             if job.documents is None:
                 return [*cli, "remove", *where, f"--from={job.removals}"]
-            return [*cli, "add", str(job.documents), "--events", *where,
+            return [*cli, "add", str(job.documents), "--events", *where, *self._device_args(),
                     *((f"--remove-from={job.removals}",) if job.removals else ()),
                     *(("--index-kind", spec.index_kind) if spec.index_kind else ())]
         cmd = [self.python, "-m", "memory3.services.cli.main", "train", "--release", spec.release,
                "--preset", spec.preset, "--seed", str(spec.seed), "--codec", spec.codec,
                "--index-kind", spec.index_kind, "--events",
-               "--work-dir", str(self._run_dir(spec)), *store]
+               "--work-dir", str(self._run_dir(spec)), *store, *self._device_args()]
         if spec.bf16 is not None:
             cmd.append("--bf16" if spec.bf16 else "--no-bf16")
         if spec.stage3_steps is not None:
@@ -507,6 +508,9 @@ class TrainingJobManager:
         if spec.attention_weight is not None:
             cmd += ["--attention-weight", repr(spec.attention_weight)]
         return [*cmd, "--quick"] if spec.quick else cmd
+
+    def _device_args(self) -> list[str]:
+        return [] if self.device is None else ["--device", self.device]
 
     async def _run(self, job: Job) -> None:
         env = {**os.environ, "MEMORY3_S3_ACCESS_KEY": self.s3.access_key,

@@ -29,6 +29,7 @@ from .corpus import debian_documents
 from .data import TrainingData
 from .evaluate import Question, accuracy, answer_questions, first_token_accuracy
 from .kb import Reference, build_references
+from .placement import describe
 from .tokenizer_train import train_tokenizer
 from .train import Distributed, StageConfig, TrainConfig, Trainer, model_config_for
 from .world import World, qa_prompt, qa_text
@@ -72,11 +73,14 @@ class PipelineResult:
 
 
 def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = Distributed(),
-                 progress: bool = True, log: Callable[[str], None] | None = None,
+                 device: torch.device | str = "cpu", progress: bool = True, log: Callable[[str], None] | None = None,
                  on_event: Callable[[dict], None] | None = None,
                  check_references: Callable[[list[Reference]], None] | None = None) -> PipelineResult:
-    """Train (or resume) the run `config` describes in `work_dir`. `check_references` sees the
-    knowledge base before training starts, so that what publishing would refuse fails first."""
+    """Train (or resume) the run `config` describes in `work_dir`, on `device`. `check_references`
+    sees the knowledge base before training starts, so that what publishing would refuse fails first.
+
+    The device is not part of the run: the weights are initialised on the CPU whatever it is, and a
+    checkpoint resumes on another device (a run started on a GPU can finish on a CPU)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if dist.is_main else None)
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,9 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     log(f"tokenizer: {codec.vocab_size} tokens")
 
     model_config = model_config_for(Memory3Config.from_name(config.preset), codec.vocab_size)
-    model = random_model(model_config, seed=config.seed)
+    model = random_model(model_config, seed=config.seed).to(device)
+    log(f"model: {config.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on "
+        f"{describe(torch.device(device))}")
     prefix = codec.reference_prefix(model_config)
 
     references = list(build_references(

@@ -155,7 +155,8 @@ def kb_merge_name(parent: str, derived: Collection[str]) -> str:
 def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, cache_dir: Path, *,
            remove_ids: Collection[str] = (), remove_matches: Collection[str] = (), embedder: Embedder | None = None,
            progress: bool = True, exist_ok: bool = False,
-           on_encoded: Callable[[int, int], None] | None = None, index_kind: str | None = None) -> Manifest:
+           on_encoded: Callable[[int, int], None] | None = None, index_kind: str | None = None,
+           device: torch.device | str = "cpu") -> Manifest:
     """New documents become references, memories and index entries of a release derived from `parent`.
 
     The model is the parent's, unchanged: knowledge is added without retraining. The parent's
@@ -163,7 +164,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
     the same release, which is how a fact is corrected in one publication: its old statement out,
     the new one in. With `exist_ok`,
     a release `name` already published from `parent` with exactly these references is returned as it is.
-    `index_kind` None keeps the parent's choice (`index_choice`).
+    `index_kind` None keeps the parent's choice (`index_choice`). The memories are encoded on `device`.
     """
     check_release_name(name)
     documents = []
@@ -171,7 +172,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
         documents.extend(read_corpus_file(file))
     base = Release.open(store, parent, cache_dir)
     index_kind = index_kind or index_choice(base.manifest)
-    model, codec = base.load_model(), base.text_codec()
+    model, codec = base.load_model(device=str(device)), base.text_codec()
     removed = references_to_remove(base, ids=remove_ids, matches=remove_matches) if remove_ids or remove_matches \
         else []
     drop = {r["id"] for r in removed}

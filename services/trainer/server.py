@@ -17,8 +17,8 @@ from .servicer import SERVICE, TrainerServicer
 log = logging.getLogger("memory3.trainer")
 
 
-async def start_trainer_server(s3: S3Config, work_root: Path,
-                               options: ServerOptions | None = None) -> tuple[Server, TrainingJobManager]:
+async def start_trainer_server(s3: S3Config, work_root: Path, options: ServerOptions | None = None, *,
+                               device: str | None = None) -> tuple[Server, TrainingJobManager]:
     """The TrainerService listening with `options` (TLS, token, metrics, as every service), SERVING
     once the object store answered."""
     options = options or ServerOptions()
@@ -26,7 +26,7 @@ async def start_trainer_server(s3: S3Config, work_root: Path,
     # that one over the limit gets the answer that says to split it, not the transport's refusal.
     options = dataclasses.replace(options, max_message_bytes=max(options.max_message_bytes,
                                                                  MAX_KNOWLEDGE_BYTES + (4 << 20)))
-    engine = TrainingJobManager(s3, work_root)
+    engine = TrainingJobManager(s3, work_root, device=device)
     server = Server(options)
     server.add_service(TrainerServicer(engine), SERVICE)
     await server.start()
@@ -42,9 +42,9 @@ def drain_hooks(engine: TrainingJobManager, options: ServerOptions) -> list[Call
     return [functools.partial(engine.stop, grace_s=options.grace_s)]
 
 
-def serve_trainer(s3: S3Config, work_root: Path, options: ServerOptions) -> int:
+def serve_trainer(s3: S3Config, work_root: Path, options: ServerOptions, *, device: str | None = None) -> int:
     async def main() -> None:
-        server, engine = await start_trainer_server(s3, work_root, options)
+        server, engine = await start_trainer_server(s3, work_root, options, device=device)
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""
         print(f"TrainerService on {options.host}:{server.port}{metrics}", flush=True)
         await server.run_until_signal(on_drain=drain_hooks(engine, options))

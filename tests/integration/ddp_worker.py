@@ -1,4 +1,5 @@
-"""Run by torchrun in test_training.py: a quick data-parallel training on gloo."""
+"""Run by torchrun in test_training.py: a quick data-parallel training, set up as `memory3 train`
+sets it up (gloo between the CPUs of a machine without CUDA)."""
 
 import hashlib
 import sys
@@ -7,14 +8,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from memory3.services.cli.commands import init_distributed, torchrun_ranks
 from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
-from memory3.services.trainer.train import Distributed
+from memory3.services.trainer.placement import training_placement
 
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
+world_size, local_rank = torchrun_ranks()
+placement = training_placement("auto", world_size=world_size, local_rank=local_rank)
+distributed = init_distributed(placement, world_size)
+assert (distributed.world_size, dist.get_backend()) == (2, placement.backend)
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
-result = run_pipeline(PipelineConfig.quick(), out / "run", dist=Distributed(rank, world), progress=False)
-digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in result.model.parameters())).hexdigest()
-(out / f"rank{rank}.txt").write_text(f"{digest} {result.history[-1]['step']}\n")
+result = run_pipeline(PipelineConfig.quick(), out / "run", dist=distributed, device=placement.device, progress=False)
+digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in result.model.parameters())).hexdigest()
+(out / f"rank{distributed.rank}.txt").write_text(f"{digest} {result.history[-1]['step']}\n")
 dist.destroy_process_group()

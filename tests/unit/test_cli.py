@@ -254,6 +254,25 @@ def test_a_cuda_device_on_a_machine_without_cuda_is_said_so(checkpoint):
     assert proc.stderr.strip() == "memory3 generate: error: CUDA is not available on this machine; use --device cpu"
 
 
+def test_training_on_a_gpu_this_machine_lacks_is_refused_before_the_store_is_asked(monkeypatch, tmp_path):
+    """Nothing listens at the endpoint: the device is checked first, so the error names it."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")
+    store = ["--s3-endpoint", "127.0.0.1:9"]
+    train = memory3("train", "--release", "r1", "--device", "cuda", "--work-dir", str(tmp_path), *store, check=False)
+    document = tmp_path / "doc.txt"
+    document.write_text("A fact.\n")
+    add = memory3("kb", "add", str(document), "--release", "r1", "--device", "cuda:0", *store, check=False)
+    for proc, command, device in ((train, "train", "cuda"), (add, "kb", "cuda:0")):
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == (f"memory3 {command}: error: --device {device}: this machine has no CUDA device "
+                                       "(or this torch build has no CUDA); use --device cpu or auto")
+
+
 def test_the_maximum_connection_age_reaches_the_server_and_zero_turns_it_off():
     from memory3.services.cli.main import parse_args, server_options
 

@@ -172,3 +172,18 @@ def test_cuda_graphs_follow_the_device_and_are_refused_without_one(monkeypatch):
     assert _decoder_settings(parse_args([*base, "--device", "cuda:1", "--cuda-graphs"])).engine.cuda_graphs is True
     with pytest.raises(ValueError, match="--cuda-graphs needs --device cuda"):
         _decoder_settings(parse_args([*base, "--cuda-graphs"]))
+
+
+def test_the_decoder_runs_where_it_is_told_and_auto_is_the_trainers(monkeypatch):
+    """`serve --device` is one option for every service: the decoder's default stays the CPU, and
+    auto, which only training resolves, is refused instead of reaching torch as a device name."""
+    from memory3.services.cli.main import _decoder_settings
+
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")
+    base = ["serve", "decoder", "--release", "r", "--s3-endpoint", "h:1"]
+    assert _decoder_settings(parse_args(base)).device == "cpu"
+    assert _decoder_settings(parse_args([*base, "--device", "cuda:1"])).device == "cuda:1"
+    with pytest.raises(ValueError, match=r"serve decoder --device auto: give cpu or cuda\[:N\]"):
+        _decoder_settings(parse_args([*base, "--device", "auto"]))
+    assert parse_args(["serve", "trainer"]).device is None  # its jobs' own default: auto

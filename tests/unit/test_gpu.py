@@ -155,3 +155,47 @@ def test_memories_from_host_memory_land_in_the_cache_of_a_cuda_model(tiny_config
 
 async def _tokens(engine, request):
     return [t async for event in engine.generate(request) for t in event.token_ids]
+
+
+def test_training_on_cuda_follows_the_cpus_losses_and_its_checkpoint_resumes_on_a_cpu(tmp_path):
+    """`memory3 train --device cuda`: steps of all three stages run on the GPU (under bf16
+    autocast, always on there), with losses near the CPU's fp32 ones from the same initial weights
+    and samples; a checkpoint written there resumes on a CPU with its weights and step."""
+    import math
+
+    from memory3.model.config import Memory3Config
+    from memory3.model.init import random_model
+    from memory3.model.tokenizer import TextCodec, byte_level_tokenizer
+    from memory3.services.trainer.data import TrainingData
+    from memory3.services.trainer.train import StageConfig, TrainConfig, Trainer
+    from memory3.services.trainer.world import World
+
+    codec = TextCodec(byte_level_tokenizer())
+    config = Memory3Config.from_name("tiny")
+    train = TrainConfig(seq_len=128, batch_size=2, eval_every=100, checkpoint_every=6, bf16=False,
+                        stage1=StageConfig(steps=2, lr=1e-3, warmup_steps=1),
+                        stage2=StageConfig(steps=2, lr=1e-3, warmup_steps=1),
+                        stage3=StageConfig(steps=2, lr=3e-4, warmup_steps=0, decay_fraction=0.0))
+    data = TrainingData(World(1, n_train=30, n_heldout=6), codec, config, seq_len=train.seq_len, seed=0)
+
+    def trainer(device: str, out) -> Trainer:
+        return Trainer(random_model(config, seed=0).to(device), data, train, out,
+                       prefix=codec.reference_prefix(config), progress=False)
+
+    on_gpu, on_cpu = trainer("cuda", tmp_path / "gpu"), trainer("cpu", tmp_path / "cpu")
+    on_gpu.run()
+    on_cpu.run()
+    assert on_gpu.autocast and next(on_gpu.model.parameters()).is_cuda
+    losses = [[h["loss"] for h in t.history() if "loss" in h] for t in (on_gpu, on_cpu)]
+    assert len(losses[0]) == 6 and all(math.isfinite(x) for x in losses[0])
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=0.02)  # the same weights and tokens
+    assert losses[0] == pytest.approx(losses[1], rel=0.1)
+
+    resumed = Trainer(random_model(config, seed=1), data, train, tmp_path / "gpu",
+                      prefix=codec.reference_prefix(config), progress=False)
+    resumed.load(on_gpu.latest_checkpoint())
+    assert resumed.state.step == 6
+    for (name, gpu_weight), cpu_weight in zip(on_gpu.model.state_dict().items(),
+                                              resumed.model.state_dict().values(), strict=True):
+        assert not cpu_weight.is_cuda
+        torch.testing.assert_close(cpu_weight, gpu_weight.cpu(), rtol=0, atol=0, msg=name)

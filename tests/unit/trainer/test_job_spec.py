@@ -11,9 +11,9 @@ from memory3.services.trainer.servicer import knowledge_spec_from_proto, spec_fr
 from memory3.v1 import trainer_service_pb2 as pb
 
 
-def train_args(spec: TrainingJobSpec | KnowledgeJobSpec, tmp_path):
+def train_args(spec: TrainingJobSpec | KnowledgeJobSpec, tmp_path, device: str | None = None):
     s3 = S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s")
-    manager = TrainingJobManager(s3, tmp_path, python="python")
+    manager = TrainingJobManager(s3, tmp_path, python="python", device=device)
     job = Job(id="job1", spec=spec)
     if isinstance(spec, KnowledgeJobSpec):  # as submit writes them
         job.documents, job.removals = manager._write_job_files(job.id, spec)
@@ -134,3 +134,15 @@ def test_a_training_spec_has_a_work_dir_of_its_own_and_the_same_spec_resumes_it(
     first = work_dir(seed=0)
     assert work_dir(seed=0) == first and work_dir(seed=0, bf16=True, codec="int8") == first  # resumes
     assert work_dir(seed=1) != first and first.parent == tmp_path and first.name.startswith("r1-")
+
+
+def test_the_services_device_reaches_the_jobs_that_run_the_model(tmp_path):
+    """`serve trainer --device cuda` trains and encodes on the GPU; left out, each job takes its own
+    default (auto). Removing references runs no model, and its command takes no --device."""
+    training = TrainingJobSpec(release="r1", preset="tiny")
+    adding = KnowledgeJobSpec(release="r2", parent="r1", documents=(("s", "A fact."),))
+    removing = KnowledgeJobSpec(release="r3", parent="r1", remove_ids=("a",))
+    for spec in (training, adding):
+        assert train_args(spec, tmp_path, device="cuda").device == "cuda"
+        assert train_args(spec, tmp_path).device == "auto"
+    assert not hasattr(train_args(removing, tmp_path, device="cuda"), "device")
