@@ -38,12 +38,15 @@ VALUE_SETS = {
     "tls-off": {"tls": {"enabled": False}},
     "tls-existing-secret": {"tls": {"existingSecret": "memory3-tls"}, "kserve": {"enabled": True}},
     "everything": merge(IN_CHART_STORES, {"kserve": {"enabled": True}, "decoder": {"gpu": {"enabled": True}},
-                                          "trainer": {"job": {"enabled": True}},
+                                          "trainer": {"job": {"enabled": True, "gpu": {"enabled": True, "count": 2}}},
                                           "metrics": {"serviceMonitor": {"enabled": True},
                                                       "prometheusRule": {"enabled": True}},
-                                          "encoding": {"enabled": True, "shardsVolumeClaim": "shards"}}),
+                                          "encoding": {"enabled": True, "shardsVolumeClaim": "shards",
+                                                       "gpu": {"enabled": True}}}),
 }
 CRD_KINDS = {"InferenceService", "ScaledObject", "ServiceMonitor", "PrometheusRule"}
+ENCODING = {"enabled": True, "shardsVolumeClaim": "shards"}
+NVIDIA_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
 @pytest.fixture(scope="module", params=sorted(VALUE_SETS))
@@ -66,11 +69,21 @@ def pod_labels(o: dict) -> dict:
     return o["spec"]["template"]["metadata"]["labels"] if "template" in o["spec"] else o["metadata"]["labels"]
 
 
+# How a data-parallel trainer Job starts its `memory3` processes (trainer.job.gpu.count > 1).
+TORCHRUN = ["--standalone", "--nproc-per-node"]
+
+
 def memory3_containers(r: Rendered):
+    """(object, pod spec, container) of every container that runs `memory3`; one that runs it under torchrun is
+    given as a copy whose args are memory3's (those after `--no-python memory3`)."""
     for o, spec in pod_specs(r):
         for container in spec["containers"]:
             if container.get("command") == ["memory3"]:
                 yield o, spec, container
+            elif container.get("command") == ["torchrun"]:
+                args = container["args"]
+                assert args[:len(TORCHRUN)] == TORCHRUN and args[3:5] == ["--no-python", "memory3"], args
+                yield o, spec, {**container, "args": args[5:]}
 
 
 def expand(arg: str, env: list[dict]) -> str:
@@ -446,6 +459,127 @@ def test_cpu_decoder_by_default():
     assert c["image"].endswith("-cpu") and c["args"][c["args"].index("--device") + 1] == "cpu"
 
 
+def _jobs(r: Rendered) -> dict[str, dict]:
+    """kind of Job (train, encode, merge) -> the Job."""
+    return {re.search(r"-(train|encode|merge)-[0-9a-f]{10}$", j["metadata"]["name"]).group(1): j
+            for j in r.of_kind("Job")}
+
+
+def _train(values: dict) -> tuple[dict, dict, dict]:
+    """The trainer Job rendered with these trainer.job values: the Job, its pod spec, its container."""
+    job = _jobs(render({"trainer": {"job": {"enabled": True, **values}}}))["train"]
+    spec = job["spec"]["template"]["spec"]
+    return job, spec, spec["containers"][0]
+
+
+def test_jobs_run_on_the_cpu_by_default():
+    for kind, job in _jobs(render({"trainer": {"job": {"enabled": True}}, "encoding": ENCODING})).items():
+        spec = job["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        assert c["image"].endswith("-cpu") and c["command"] == ["memory3"], kind
+        assert "--device" not in c["args"], kind  # the CLI's default, auto: the CPU image has no CUDA
+        assert set(c["resources"]["limits"]) == {"memory"}, kind
+        assert not {"runtimeClassName", "nodeSelector", "tolerations", "affinity"} & set(spec), kind
+        assert "shm" not in [v["name"] for v in spec["volumes"]], kind
+    # imageFlavor cuda alone still gives the CUDA image (and `--device auto` finds a GPU the limits give it).
+    _job, _spec, c = _train({"imageFlavor": "cuda"})
+    assert c["image"].endswith("-cuda") and "--device" not in c["args"]
+    # gpu.count alone asks for nothing.
+    _job, spec, c = _train({"gpu": {"count": 4}})
+    assert c["command"] == ["memory3"] and "nvidia.com/gpu" not in c["resources"]["limits"]
+
+
+def test_gpu_trainer_job_on_one_gpu():
+    job, spec, c = _train({"gpu": {"enabled": True, "runtimeClassName": "nvidia",
+                                   "nodeSelector": {"nvidia.com/gpu.present": "true", "pool": "gpu"}},
+                           "nodeSelector": {"pool": "train", "zone": "a"},
+                           "tolerations": [{"key": "dedicated", "operator": "Exists"}]})
+    assert c["image"] == "ghcr.io/memory3/memory3:0.1.0-cuda"
+    assert c["command"] == ["memory3"] and c["args"][0] == "train"
+    assert build_parser().parse_args(c["args"]).device == "cuda"
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "8Gi"},
+                              "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
+    assert spec["runtimeClassName"] == "nvidia"
+    # The GPU's node selector merged over the trainer's (its key wins), its toleration after the trainer's.
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true", "pool": "gpu", "zone": "a"}
+    assert spec["tolerations"] == [{"key": "dedicated", "operator": "Exists"}, NVIDIA_TOLERATION]
+    # One process: no torchrun, and the runtime's /dev/shm.
+    assert "shm" not in [v["name"] for v in spec["volumes"]]
+    assert "/dev/shm" not in [m["mountPath"] for m in c["volumeMounts"]]
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+
+
+def test_gpu_trainer_job_on_four_gpus_runs_one_process_per_gpu_under_torchrun():
+    _job, _spec, one = _train({"gpu": {"enabled": True}})
+    job, spec, c = _train({"gpu": {"enabled": True, "count": 4}})
+    assert c["command"] == ["torchrun"]
+    assert c["args"] == ["--standalone", "--nproc-per-node", "4", "--no-python", "memory3", *one["args"]]
+    assert build_parser().parse_args(c["args"][5:]).device == "cuda"  # each process takes cuda:$LOCAL_RANK
+    assert c["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": 4}
+    # NCCL needs more shared memory than the runtime's 64 MiB /dev/shm.
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in spec["volumes"]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    _job, spec, _c = _train({"gpu": {"enabled": True, "count": 2}, "shmSize": "4Gi"})
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}} in spec["volumes"]
+
+
+def test_gpu_encoding_job_encodes_on_one_gpu_and_the_merge_stays_on_the_cpu():
+    gpu = {"enabled": True, "runtimeClassName": "nvidia", "nodeSelector": {"nvidia.com/gpu.present": "true"}}
+    jobs = _jobs(render({"encoding": {**ENCODING, "gpu": gpu}}))
+    spec = jobs["encode"]["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["image"].endswith("-cuda")
+    assert build_parser().parse_args(c["args"]).device == "cuda"
+    assert c["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": 1}  # `kb add` is one process
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"] == [NVIDIA_TOLERATION]
+    kubernetes_validate.validate(jobs["encode"], KUBE_VERSION, strict=True)
+    merge_spec = jobs["merge"]["spec"]["template"]["spec"]
+    m = merge_spec["containers"][0]
+    assert m["image"].endswith("-cpu") and "--device" not in m["args"]
+    assert set(m["resources"]["limits"]) == {"memory"}
+    assert not {"runtimeClassName", "nodeSelector", "tolerations"} & set(merge_spec)
+
+
+GPU_PARTS = {
+    "decoder": (lambda gpu, own: {"decoder": {"gpu": gpu, **own}},
+                lambda r: r.get("Deployment", component_name("decoder"))["spec"]["template"]["spec"]),
+    "kserve": (lambda gpu, own: {"decoder": {"gpu": gpu, **own}, "kserve": {"enabled": True}},
+               lambda r: r.of_kind("InferenceService")[0]["spec"]["predictor"]),
+    "trainer": (lambda gpu, own: {"trainer": {"job": {"enabled": True, "gpu": gpu, **own}}},
+                lambda r: _jobs(r)["train"]["spec"]["template"]["spec"]),
+    # The encoding Job has no node selector or tolerations of its own, only its GPU's.
+    "encoding": (lambda gpu, _own: {"encoding": {**ENCODING, "gpu": gpu}},
+                 lambda r: _jobs(r)["encode"]["spec"]["template"]["spec"]),
+}
+
+
+@pytest.mark.parametrize("part", sorted(GPU_PARTS))
+def test_every_part_on_a_gpu_is_placed_the_same_way(part):
+    """The decoder, the KServe predictor and the Jobs: the GPU's runtime class, its node selector merged over
+    the part's, its tolerations after the part's; without the GPU, the part's own."""
+    values, pod = GPU_PARTS[part]
+    own = {"nodeSelector": {"pool": "p", "nvidia.com/gpu.present": "false"},
+           "tolerations": [{"key": "dedicated", "operator": "Exists"}]}
+    gpu = {"enabled": True, "runtimeClassName": "nvidia", "nodeSelector": {"nvidia.com/gpu.present": "true"}}
+    spec = pod(render(values(gpu, own)))
+    placed = {k: spec.get(k) for k in ("runtimeClassName", "nodeSelector", "tolerations")}
+    if part == "encoding":
+        assert placed == {"runtimeClassName": "nvidia", "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                          "tolerations": [NVIDIA_TOLERATION]}
+    else:
+        assert placed == {"runtimeClassName": "nvidia", "nodeSelector": {"pool": "p", "nvidia.com/gpu.present": "true"},
+                          "tolerations": [{"key": "dedicated", "operator": "Exists"}, NVIDIA_TOLERATION]}
+    spec = pod(render(values({**gpu, "enabled": False}, own)))
+    placed = {k: spec.get(k) for k in ("runtimeClassName", "nodeSelector", "tolerations")}
+    if part == "encoding":
+        assert placed == {"runtimeClassName": None, "nodeSelector": None, "tolerations": None}
+    else:
+        assert placed == {"runtimeClassName": None, **own}
+
+
 def test_autoscaling_on_leaves_replicas_to_the_hpa_and_off_sets_them():
     on = render({})
     for component in SERVICES:
@@ -621,6 +755,20 @@ BAD_VALUES = [
      "text.autoscaling: minReplicas (5) is greater than maxReplicas (2)"),
     ({"decoder": {"gpu": {"enabled": True}, "imageFlavor": "cpu"}},
      "decoder.gpu.enabled: a GPU is requested but decoder.imageFlavor is cpu"),
+    ({"trainer": {"job": {"enabled": True, "imageFlavor": "cpu", "gpu": {"enabled": True}}}},
+     "trainer.job.gpu.enabled: a GPU is requested but trainer.job.imageFlavor is cpu; the CPU image has no CUDA "
+     "build of torch. Set trainer.job.imageFlavor=auto (or cuda)"),
+    ({"encoding": {**ENCODING, "imageFlavor": "cpu", "gpu": {"enabled": True}}},
+     "encoding.gpu.enabled: a GPU is requested but encoding.imageFlavor is cpu; the CPU image has no CUDA "
+     "build of torch. Set encoding.imageFlavor=auto (or cuda)"),
+    ({"trainer": {"job": {"enabled": True, "gpu": {"enabled": True, "count": 0}}}},
+     "trainer.job.gpu.count: must be at least 1 when trainer.job.gpu.enabled"),
+    ({"trainer": {"job": {"enabled": True, "resources": {"limits": {"nvidia.com/gpu": 1}}}}},
+     "trainer.job.resources: a GPU limit is set but the CPU image has no CUDA build of torch; "
+     "set trainer.job.gpu.enabled=true"),
+    ({"encoding": {**ENCODING, "resources": {"limits": {"nvidia.com/gpu": 1}}}},
+     "encoding.resources: a GPU limit is set but the CPU image has no CUDA build of torch; "
+     "set encoding.gpu.enabled=true"),
     ({"decoder": {"dtype": "bfloat16"}}, "decoder.dtype: bfloat16 on CPU"),
     ({"s3": {"endpoint": ""}}, "s3.endpoint: set host:port of your S3-compatible store"),
     ({"s3": {"existingSecret": ""}}, "s3.existingSecret: name a Secret"),
@@ -671,6 +819,10 @@ def test_every_problem_is_reported_at_once():
     ({"text": {"port": 70000}}, "/text/port"),
     ({"image": {"digests": {"cpu": "latest"}}}, "/image/digests/cpu"),
     ({"trainer": {"job": {"indexKind": "ivf"}}}, "/trainer/job/indexKind"),
+    ({"trainer": {"job": {"imageFlavor": "gpu"}}}, "/trainer/job/imageFlavor"),
+    ({"trainer": {"job": {"shmSize": "lots"}}}, "/trainer/job/shmSize"),
+    ({"encoding": {"imageFlavor": "gpu"}}, "/encoding/imageFlavor"),
+    ({"encoding": {"gpu": {"count": 2}}}, "'count' not allowed"),  # `kb add` is one process: one GPU
     ({"text": {"autoscaling": {"targetRequestsWaiting": -1}}}, "/text/autoscaling/targetRequestsWaiting"),
 ])
 def test_schema_rejects_typos_and_wrong_types(values, path):

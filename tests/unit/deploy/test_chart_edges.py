@@ -50,6 +50,8 @@ def pod_spec(o: dict) -> dict:
     ({"image": {"digests": {"cpu": "sha256:" + "a" * 64}}}, {"train", "encode", "merge"}),
     ({"trainer": {"job": {"resources": {"requests": {"cpu": "8"}}}}}, {"train"}),
     ({"encoding": {"shards": 8}}, {"encode", "merge"}),
+    ({"trainer": {"job": {"gpu": {"enabled": True}}}}, {"train"}),
+    ({"encoding": {"gpu": {"enabled": True}}}, {"encode"}),  # the merge encodes nothing: it stays on the CPU
     ({"s3": {"bucket": "other"}}, {"train", "encode", "merge"}),
     ({"imagePullSecrets": [{"name": "regcred"}]}, {"train", "encode", "merge"}),
     ({"decoder": {"replicaCount": 3}}, set()),
@@ -307,9 +309,12 @@ def test_a_public_decoder_service_does_not_publish_the_metrics_port(service_type
     {"decoder": {"gpu": {"enabled": True, "tolerations": None}}},
     {"decoder": {"gpu": {"enabled": True, "nodeSelector": None}, "nodeSelector": None, "tolerations": None}},
     {"kserve": {"enabled": True}, "decoder": {"gpu": {"enabled": True, "tolerations": None, "nodeSelector": None}}},
+    merge(JOBS, {"trainer": {"job": {"gpu": {"enabled": True, "tolerations": None, "nodeSelector": None},
+                                     "nodeSelector": None, "tolerations": None, "resources": None}},
+                 "encoding": {"gpu": {"enabled": True, "tolerations": None, "nodeSelector": None}}}),
     {"commonAnnotations": None, "serviceAccount": {"annotations": None}, "decoder": {"service": {"annotations": None}}},
     {"commonLabels": None, "image": {"digests": None}, "tls": {"generated": {"extraDnsNames": None}}},
-], ids=["gpu-tolerations", "node-selectors", "kserve", "annotations", "labels-digests-names"])
+], ids=["gpu-tolerations", "node-selectors", "kserve", "gpu-jobs", "annotations", "labels-digests-names"])
 def test_a_null_list_or_map_counts_as_empty(values):
     r = render(values)  # `--set decoder.gpu.tolerations=null`: Helm's way of dropping a default
     assert r.get("Deployment", component_name("decoder"))

@@ -176,12 +176,17 @@ def test_values_comments_say_what_the_chart_does():
     with pytest.raises(helm.HelmRenderError, match="s3.endpoint is set but s3.inChart.enabled"):
         render({"s3": {"endpoint": "minio:9000", "existingSecret": "", "inChart": {"enabled": True}}})
     assert "must be empty when `s3.inChart.enabled`" in yaml_description("s3.endpoint")
-    # `memory3 train` runs on the CPU whatever the image: the CUDA flavor still renders, and nothing says it
-    # trains on a GPU.
-    job = next(iter(render({"trainer": {"job": {"enabled": True, "imageFlavor": "cuda"}}}).of_kind("Job")))
-    assert job["spec"]["template"]["spec"]["containers"][0]["image"].endswith("-cuda")
-    assert "CPU only" in yaml_description("trainer.job.imageFlavor")
-    assert "CPU only" in docs_paragraph("trainer.job.imageFlavor=cuda")
+    # The trainer and the encoding Job train and encode on GPUs when asked, and the CPU image with a GPU fails
+    # the install: the values and the docs say so, and no longer that training runs on the CPU only.
+    with pytest.raises(helm.HelmRenderError, match="trainer.job.gpu.enabled: a GPU is requested"):
+        render({"trainer": {"job": {"enabled": True, "imageFlavor": "cpu", "gpu": {"enabled": True}}}})
+    for part in ("trainer.job", "encoding"):
+        assert "`cpu` with gpu.enabled fails the install" in yaml_description(f"{part}.imageFlavor")
+        assert "--device cuda" in yaml_description(f"{part}.gpu.enabled")
+    assert "torchrun --standalone --nproc-per-node" in yaml_description("trainer.job.gpu.enabled")
+    training = docs_paragraph("torchrun --standalone --nproc-per-node <count> --no-python memory3 train")
+    assert "memory-backed `/dev/shm` of `trainer.job.shmSize`" in training and "NCCL" in training
+    assert "CPU only" not in DOCS.read_text()
     assert "want GPUs" not in DOCS.read_text()
 
 

@@ -125,18 +125,36 @@ def runtime_packages(path) -> set[str]:
 
 def test_every_image_the_trainer_job_can_run_carries_the_training_corpora():
     """`memory3 train` always reads the Debian corpora (services/trainer/corpus.py); the chart's trainer Job
-    runs in the image of trainer.job.imageFlavor."""
+    runs in the image of trainer.job.imageFlavor (auto: cuda with a GPU, else cpu)."""
     from memory3.services.trainer.corpus import DEBIAN_PACKAGES
 
     schema = json.loads((ROOT / "deploy" / "helm" / "memory3" / "values.schema.json").read_text())
-    flavors = schema["properties"]["trainer"]["properties"]["job"]["properties"]["imageFlavor"]["enum"]
-    assert sorted(flavors) == ["cpu", "cuda"]
+    flavors = set(schema["properties"]["trainer"]["properties"]["job"]["properties"]["imageFlavor"]["enum"])
+    assert flavors == {"auto", "cpu", "cuda"}
+    flavors -= {"auto"}
     makefile = (ROOT / "Makefile").read_text()
     for package in DEBIAN_PACKAGES.split():
         assert f"$$missing {package}\"" in makefile  # `make system-deps` installs the same
     for flavor in flavors:
         path = ROOT / "deploy" / "docker" / f"Dockerfile.{flavor}"
         assert set(DEBIAN_PACKAGES.split()) <= runtime_packages(path), path.name
+
+
+def test_the_data_parallel_trainer_job_finds_torchrun_in_the_cuda_image():
+    """With trainer.job.gpu.count above 1 the Job runs `torchrun ... --no-python memory3 train`: torch's
+    console script, which pip puts in the CUDA image's virtual environment beside memory3, on its PATH."""
+    from importlib.metadata import entry_points
+
+    jobs = (ROOT / "deploy" / "helm" / "memory3" / "templates" / "trainer" / "_jobs.tpl").read_text()
+    assert 'command: ["torchrun"]' in jobs
+    assert [e.dist.name for e in entry_points(group="console_scripts") if e.name == "torchrun"] == ["torch"]
+    steps = instructions(ROOT / "deploy" / "docker" / "Dockerfile.cuda")
+    last = max(i for i, (w, _a) in enumerate(steps) if w == "FROM")
+    built = [shlex.split(c) for w, a in steps[:last] if w == "RUN" for c in re.split(r"&&|;", a)]
+    assert any(words[:2] == ["pip", "install"] and any(w.startswith("torch==") for w in words) for words in built)
+    assert ("RUN", "python -m venv /opt/memory3") in steps[:last]
+    assert ("COPY", "--from=build /opt/memory3 /opt/memory3") in steps[last:]
+    assert any(w == "ENV" and "PATH=/opt/memory3/bin:$PATH" in a.split() for w, a in steps[last:])
 
 
 def test_every_console_script_the_chart_uses_is_the_image_entrypoint():

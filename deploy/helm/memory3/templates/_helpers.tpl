@@ -123,12 +123,14 @@ memory3.io/index-shard: {{ .shard | quote }}
 {{- end -}}
 {{- end -}}
 
-{{/* The decoder's image flavor: cuda when it runs on a GPU, unless imageFlavor says otherwise. */}}
-{{- define "memory3.decoderFlavor" -}}
-{{- if eq .Values.decoder.imageFlavor "auto" -}}
-{{- ternary "cuda" "cpu" .Values.decoder.gpu.enabled -}}
+{{/* The image flavor of a component that may run on a GPU (the decoder, the trainer Job, the encoding Job): cuda
+when its gpu.enabled, unless its imageFlavor says otherwise. Call with its values: .Values.decoder,
+.Values.trainer.job or .Values.encoding. */}}
+{{- define "memory3.imageFlavor" -}}
+{{- if eq .imageFlavor "auto" -}}
+{{- ternary "cuda" "cpu" .gpu.enabled -}}
 {{- else -}}
-{{- .Values.decoder.imageFlavor -}}
+{{- .imageFlavor -}}
 {{- end -}}
 {{- end -}}
 
@@ -575,14 +577,14 @@ new
 {{- end -}}
 {{- end -}}
 
-{{/* Where decoder pods run (the Deployment's and the KServe predictor's): the GPU's runtime class, node selector
-and tolerations added to decoder.nodeSelector, decoder.tolerations and decoder.affinity. A null list or map
-counts as empty. */}}
-{{- define "memory3.decoderPlacement" -}}
-{{- $c := .Values.decoder -}}
-{{- $gpu := $c.gpu -}}
-{{- $nodeSelector := default dict $c.nodeSelector -}}
-{{- $tolerations := default list $c.tolerations -}}
+{{/* Where the pods of a component that may run on a GPU go: with its gpu.enabled, the GPU's runtime class,
+and its node selector and tolerations added to the component's nodeSelector and tolerations; and the
+component's affinity. Call with its values: .Values.decoder (the Deployment and the KServe predictor),
+.Values.trainer.job or .Values.encoding. A null list or map, or one the component lacks, counts as empty. */}}
+{{- define "memory3.gpuPlacement" -}}
+{{- $gpu := .gpu -}}
+{{- $nodeSelector := default dict .nodeSelector -}}
+{{- $tolerations := default list .tolerations -}}
 {{- if $gpu.enabled -}}
 {{- $nodeSelector = merge (dict) (default dict $gpu.nodeSelector) $nodeSelector -}}
 {{- $tolerations = concat $tolerations (default list $gpu.tolerations) -}}
@@ -598,10 +600,22 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $c.affinity }}
+{{- with .affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* A container's resources with, when the GPU is enabled, its limit added (gpu.resourceName: gpu.count, 1 where
+the component has no count). Call with (dict "resources" .Values.decoder.resources "gpu" .Values.decoder.gpu). */}}
+{{- define "memory3.gpuResources" -}}
+{{- $resources := deepCopy (default (dict) .resources) -}}
+{{- if .gpu.enabled -}}
+{{- $limits := default (dict) $resources.limits -}}
+{{- $_ := set $limits .gpu.resourceName (dig "count" 1 .gpu) -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- toYaml $resources -}}
 {{- end -}}
 
 {{/* Where the KServe predictor mounts the chat template of `kserve.chatTemplateConfigMap`. */}}

@@ -64,9 +64,14 @@
 {{- if and $v.decoder.autoscaling.keda.enabled (not $v.decoder.autoscaling.enabled) -}}
 {{- $messages = append $messages "decoder.autoscaling.keda.enabled: KEDA scales between decoder.autoscaling.minReplicas and maxReplicas; set decoder.autoscaling.enabled=true too" -}}
 {{- end -}}
-{{- $flavor := include "memory3.decoderFlavor" . -}}
-{{- if and $v.decoder.gpu.enabled (eq $flavor "cpu") -}}
-{{- $messages = append $messages "decoder.gpu.enabled: a GPU is requested but decoder.imageFlavor is cpu; the CPU image has no CUDA build of torch. Set decoder.imageFlavor=auto (or cuda)" -}}
+{{- /* The parts that may run on a GPU (the Jobs when they are rendered): a GPU with the CPU image is torch without CUDA. */}}
+{{- $gpuParts := dict "decoder" $v.decoder -}}
+{{- if $v.trainer.job.enabled }}{{ $_ := set $gpuParts "trainer.job" $v.trainer.job }}{{ end -}}
+{{- if $v.encoding.enabled }}{{ $_ := set $gpuParts "encoding" $v.encoding }}{{ end -}}
+{{- range $path, $c := $gpuParts -}}
+{{- if and $c.gpu.enabled (eq (include "memory3.imageFlavor" $c) "cpu") -}}
+{{- $messages = append $messages (printf "%s.gpu.enabled: a GPU is requested but %s.imageFlavor is cpu; the CPU image has no CUDA build of torch. Set %s.imageFlavor=auto (or cuda)" $path $path $path) -}}
+{{- end -}}
 {{- end -}}
 {{- if and (not $v.decoder.gpu.enabled) (has $v.decoder.dtype (list "bfloat16" "float16")) -}}
 {{- $messages = append $messages (printf "decoder.dtype: %s on CPU is slow or unsupported; use float32, or set decoder.gpu.enabled=true" $v.decoder.dtype) -}}
@@ -74,8 +79,16 @@
 {{- if and $v.decoder.gpu.enabled (lt (int $v.decoder.gpu.count) 1) -}}
 {{- $messages = append $messages "decoder.gpu.count: must be at least 1 when decoder.gpu.enabled" -}}
 {{- end -}}
-{{- if and $v.trainer.job.enabled (eq $v.trainer.job.imageFlavor "cpu") (hasKey (default dict $v.trainer.job.resources.limits) $v.decoder.gpu.resourceName) -}}
-{{- $messages = append $messages "trainer.job.resources: a GPU is requested but trainer.job.imageFlavor is cpu; set trainer.job.imageFlavor=cuda" -}}
+{{- if and $v.trainer.job.enabled $v.trainer.job.gpu.enabled (lt (int $v.trainer.job.gpu.count) 1) -}}
+{{- $messages = append $messages "trainer.job.gpu.count: must be at least 1 when trainer.job.gpu.enabled" -}}
+{{- end -}}
+{{- range $path, $c := $gpuParts -}}
+{{- if and (ne $path "decoder") (not $c.gpu.enabled) (eq (include "memory3.imageFlavor" $c) "cpu") -}}
+{{- $limits := default dict (dig "limits" dict (default dict $c.resources)) -}}
+{{- if or (hasKey $limits $c.gpu.resourceName) (hasKey $limits $v.decoder.gpu.resourceName) -}}
+{{- $messages = append $messages (printf "%s.resources: a GPU limit is set but the CPU image has no CUDA build of torch; set %s.gpu.enabled=true instead (it adds the limit, --device cuda and the CUDA image)" $path $path) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if and $v.trainer.job.enabled $v.trainer.job.release (not (include "memory3.isReleaseName" (include "memory3.string" $v.trainer.job.release))) -}}
 {{- $messages = append $messages (printf "trainer.job.release: %q is not a release name (%s)" (include "memory3.string" $v.trainer.job.release) (include "memory3.releaseNameRule" .)) -}}

@@ -33,10 +33,14 @@ volume, the encoding Jobs' release cache. */}}
   value: {{ . | quote }}
 {{- end -}}
 
-{{/* The spec of the Job in trainer/job.yaml. */}}
+{{/* The spec of the Job in trainer/job.yaml. With trainer.job.gpu.enabled it trains on the GPU (`--device cuda`);
+with more than one GPU, data-parallel: torchrun starts one `memory3 train` per GPU (each takes cuda:$LOCAL_RANK,
+and they talk over NCCL, which needs a /dev/shm larger than the container runtime's 64 MiB). */}}
 {{- define "memory3.trainJobSpec" -}}
 {{- $t := .Values.trainer.job }}
+{{- $gpu := $t.gpu }}
 {{- $release := include "memory3.trainerRelease" . -}}
+{{- $processes := ternary (int $gpu.count) 1 (and $gpu.enabled (gt (int $gpu.count) 1)) -}}
 backoffLimit: {{ $t.backoffLimit }}
 ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
 template:
@@ -50,11 +54,22 @@ template:
     restartPolicy: Never
     containers:
       - name: trainer
-        image: {{ include "memory3.image" (dict "root" $ "flavor" $t.imageFlavor) }}
+        image: {{ include "memory3.image" (dict "root" $ "flavor" (include "memory3.imageFlavor" $t)) }}
         imagePullPolicy: {{ .Values.image.pullPolicy }}
+        {{- if gt $processes 1 }}
+        command: ["torchrun"]
+        args:
+          - --standalone
+          - --nproc-per-node
+          - {{ $processes | quote }}
+          - --no-python
+          - memory3
+          - train
+        {{- else }}
         command: ["memory3"]
         args:
           - train
+        {{- end }}
           - --release
           - {{ $release | quote }}
           - --preset
@@ -72,6 +87,10 @@ template:
           - {{ printf "/var/lib/memory3/work/%s" $release | quote }}
           # A Job run again (after its TTL, by a later `helm upgrade`) finds its release and does nothing.
           - --exist-ok
+          {{- if $gpu.enabled }}
+          - --device
+          - cuda
+          {{- end }}
           {{- include "memory3.s3Args" . | nindent 10 }}
           {{- with $t.extraArgs }}
           {{- toYaml . | nindent 10 }}
@@ -80,13 +99,17 @@ template:
           {{- include "memory3.s3Env" . | nindent 10 }}
           {{- include "memory3.jobTmpEnv" "/var/lib/memory3/work" | nindent 10 }}
         resources:
-          {{- toYaml $t.resources | nindent 10 }}
+          {{- include "memory3.gpuResources" (dict "resources" $t.resources "gpu" $gpu) | nindent 10 }}
         securityContext:
           {{- toYaml .Values.securityContext | nindent 10 }}
         volumeMounts:
           {{- include "memory3.cacheMounts" . | nindent 10 }}
           - name: work
             mountPath: /var/lib/memory3/work
+          {{- if gt $processes 1 }}
+          - name: shm
+            mountPath: /dev/shm
+          {{- end }}
     volumes:
       {{- include "memory3.cacheVolumes" . | nindent 6 }}
       - name: work
@@ -96,17 +119,19 @@ template:
         {{- else }}
         emptyDir: {}
         {{- end }}
-    {{- with $t.nodeSelector }}
-    nodeSelector:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    {{- with $t.tolerations }}
-    tolerations:
-      {{- toYaml . | nindent 6 }}
+      {{- if gt $processes 1 }}
+      - name: shm
+        emptyDir:
+          medium: Memory
+          sizeLimit: {{ $t.shmSize }}
+      {{- end }}
+    {{- with include "memory3.gpuPlacement" $t | trim }}
+    {{- . | nindent 4 }}
     {{- end }}
 {{- end -}}
 
-{{/* The spec of the Job in trainer/encoding-job.yaml. */}}
+{{/* The spec of the Job in trainer/encoding-job.yaml. With encoding.gpu.enabled each index encodes its shard's
+memories on one GPU (`kb add --device cuda`: one process). */}}
 {{- define "memory3.encodeJobSpec" -}}
 {{- $e := .Values.encoding }}
 {{- $base := include "memory3.encodingBase" . -}}
@@ -131,7 +156,7 @@ template:
     restartPolicy: Never
     containers:
       - name: encoder
-        image: {{ include "memory3.image" (dict "root" $ "flavor" "cpu") }}
+        image: {{ include "memory3.image" (dict "root" $ "flavor" (include "memory3.imageFlavor" $e)) }}
         imagePullPolicy: {{ .Values.image.pullPolicy }}
         command: ["memory3"]
         # Kubernetes expands $(JOB_COMPLETION_INDEX) in arguments (no shell needed).
@@ -144,12 +169,16 @@ template:
           - --name
           - {{ printf "%s-shard-$(JOB_COMPLETION_INDEX)" $base | quote }}
           - --exist-ok
+          {{- if $e.gpu.enabled }}
+          - --device
+          - cuda
+          {{- end }}
           {{- include "memory3.s3Args" . | nindent 10 }}
         env:
           {{- include "memory3.s3Env" . | nindent 10 }}
           {{- include "memory3.jobTmpEnv" "/var/cache/memory3" | nindent 10 }}
         resources:
-          {{- toYaml $e.resources | nindent 10 }}
+          {{- include "memory3.gpuResources" (dict "resources" $e.resources "gpu" $e.gpu) | nindent 10 }}
         securityContext:
           {{- toYaml .Values.securityContext | nindent 10 }}
         volumeMounts:
@@ -163,9 +192,13 @@ template:
         persistentVolumeClaim:
           claimName: {{ $e.shardsVolumeClaim | default "unset" }}
           readOnly: true
+    {{- with include "memory3.gpuPlacement" $e | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
 {{- end -}}
 
-{{/* The spec of the Job in trainer/encoding-merge-job.yaml. */}}
+{{/* The spec of the Job in trainer/encoding-merge-job.yaml. It encodes nothing: CPU image, no GPU, whatever
+encoding.gpu says. */}}
 {{- define "memory3.mergeJobSpec" -}}
 {{- $e := .Values.encoding }}
 {{- $base := include "memory3.encodingBase" . }}
