@@ -99,17 +99,22 @@ def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, see
     dist = init_distributed(placement, world_size)
     emit = _json_lines if events and dist.is_main else None
     log = (lambda msg: _json_lines({"message": msg})) if emit else None
-    result = run_pipeline(config, work_dir, dist=dist, device=placement.device, progress=not events, on_event=emit,
-                          log=log, check_references=lambda refs: check_index_choice(index_kind, len(refs)))
-    if dist.is_main:
-        manifest = publish_trained(result, store, release, codec=codec, pipeline_config=config.to_dict(),
-                                   progress=not events, index_kind=index_kind)
-        summary = (f"release {manifest.name}: {manifest.memory_bank['count']} memories, "
-                   f"trained in {result.seconds:.0f}s; work dir {work_dir}")
-        if emit:
-            emit({"message": summary, "release": manifest.name})
-        else:
-            print(summary)
+    try:
+        result = run_pipeline(config, work_dir, dist=dist, device=placement.device, progress=not events,
+                              on_event=emit, log=log,
+                              check_references=lambda refs: check_index_choice(index_kind, len(refs)))
+    finally:
+        close_distributed(dist)
+    if not dist.is_main:
+        return 0
+    manifest = publish_trained(result, store, release, codec=codec, pipeline_config=config.to_dict(),
+                               progress=not events, index_kind=index_kind)
+    summary = (f"release {manifest.name}: {manifest.memory_bank['count']} memories, "
+               f"trained in {result.seconds:.0f}s; work dir {work_dir}")
+    if emit:
+        emit({"message": summary, "release": manifest.name})
+    else:
+        print(summary)
     return 0
 
 
@@ -125,29 +130,56 @@ def torchrun_ranks() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+# Rank 0 evaluates, writes checkpoints and, after the last step, the model alone, while the others wait
+# in a collective: NCCL's default of 10 minutes would abort them while a large preset's checkpoint is written.
+COLLECTIVE_TIMEOUT_S = 3600
+
+
 def init_distributed(placement, world_size: int):
     """Data-parallel settings of this process: NCCL between GPUs, gloo between CPUs."""
+    from memory3.services.trainer.placement import make_current
     from memory3.services.trainer.train import Distributed
 
+    make_current(placement)
     if world_size == 1:
         return Distributed()
+    import datetime
+
+    import torch.distributed as dist
+
+    bound = {"device_id": placement.device} if placement.device.type == "cuda" else {}  # NCCL starts now, not late
+    dist.init_process_group(placement.backend, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), **bound)
+    return Distributed(rank=dist.get_rank(), world_size=world_size)
+
+
+def close_distributed(distributed) -> None:
+    """Training's last collective is behind: the group goes on every rank before rank 0 publishes for
+    minutes (an NCCL group left to the interpreter's exit can hang it), and rank 0 takes back the
+    CPU threads torchrun gave each process (one), for the embedder, the index and the codec."""
+    if distributed.world_size == 1:
+        return
+    import os
+
+    import faiss
     import torch
     import torch.distributed as dist
 
-    if placement.device.type == "cuda":
-        torch.cuda.set_device(placement.device)  # NCCL's communicator lives on the current device
-    dist.init_process_group(placement.backend)
-    return Distributed(rank=dist.get_rank(), world_size=world_size)
+    dist.destroy_process_group()
+    if distributed.is_main:
+        cpus = len(os.sched_getaffinity(0))
+        torch.set_num_threads(cpus)
+        faiss.omp_set_num_threads(cpus)
 
 
 def cmd_kb_add(s3, files: list[Path], *, parent: str, name: str | None, cache_dir: Path,
                exist_ok: bool = False, remove_ids: list[str] = (), remove_matches: list[str] = (),
                events: bool = False, index_kind: str | None = None, device: str = "auto") -> int:
     from memory3.services.storage.object_store import ObjectStore
-    from memory3.services.trainer.placement import training_placement
+    from memory3.services.trainer.placement import make_current, training_placement
     from memory3.services.trainer.releases import kb_add, kb_add_name
 
     placement = training_placement(device)
+    make_current(placement)
     if name is None:
         name = kb_add_name(parent, files, remove_ids=remove_ids, remove_matches=remove_matches, index_kind=index_kind)
 

@@ -827,7 +827,10 @@ def _run(args: argparse.Namespace) -> int:
             return _serve_decoder(args)
         if args.service == "kserve":
             return _serve_kserve(args)
+        from memory3.services.trainer.placement import training_placement
         from memory3.services.trainer.server import serve_trainer
+        if args.device is not None:
+            training_placement(args.device)  # one it cannot have fails here, not in every job it runs
         return serve_trainer(s3_config(args), args.work_dir, listen_options(args), device=args.device)
     if args.command == "release":
         from .commands import (

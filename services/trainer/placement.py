@@ -69,6 +69,15 @@ def training_placement(requested: str, *, world_size: int = 1, local_rank: int =
     return Placement(torch.device("cuda", index), "nccl")
 
 
+def make_current(placement: Placement) -> None:
+    """The placement's GPU as the current CUDA device: NCCL's communicator, autocast's bf16 check and
+    the caching allocator act on the current device, which is otherwise cuda:0 whatever --device says."""
+    import torch
+
+    if placement.device.type == "cuda":
+        torch.cuda.set_device(placement.device)
+
+
 def describe(device: torch.device) -> str:
     """The device as a log line names it: cuda:0 (NVIDIA H100 80GB HBM3), or cpu."""
     import torch

@@ -1,19 +1,20 @@
-"""Run by torchrun in test_training.py: a quick data-parallel training, set up as `memory3 train`
-sets it up (gloo between the CPUs of a machine without CUDA)."""
+"""Run by torchrun in test_training.py: a quick data-parallel training on the CPUs (gloo), set up and
+closed as `memory3 train` does it."""
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from memory3.services.cli.commands import init_distributed, torchrun_ranks
+from memory3.services.cli.commands import close_distributed, init_distributed, torchrun_ranks
 from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
 from memory3.services.trainer.placement import training_placement
 
 world_size, local_rank = torchrun_ranks()
-placement = training_placement("auto", world_size=world_size, local_rank=local_rank)
+placement = training_placement("cpu", world_size=world_size, local_rank=local_rank)
 distributed = init_distributed(placement, world_size)
 assert (distributed.world_size, dist.get_backend()) == (2, placement.backend)
 torch.set_num_threads(1)
@@ -21,4 +22,7 @@ out = Path(sys.argv[1])
 result = run_pipeline(PipelineConfig.quick(), out / "run", dist=distributed, device=placement.device, progress=False)
 digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in result.model.parameters())).hexdigest()
 (out / f"rank{distributed.rank}.txt").write_text(f"{digest} {result.history[-1]['step']}\n")
-dist.destroy_process_group()
+close_distributed(distributed)
+assert not dist.is_initialized()
+if distributed.is_main:  # torchrun gave each process one thread; the one that publishes takes them back
+    assert torch.get_num_threads() == len(os.sched_getaffinity(0))

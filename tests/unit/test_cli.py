@@ -267,7 +267,10 @@ def test_training_on_a_gpu_this_machine_lacks_is_refused_before_the_store_is_ask
     document = tmp_path / "doc.txt"
     document.write_text("A fact.\n")
     add = memory3("kb", "add", str(document), "--release", "r1", "--device", "cuda:0", *store, check=False)
-    for proc, command, device in ((train, "train", "cuda"), (add, "kb", "cuda:0")):
+    # The trainer service hands its --device to every job: it refuses one it cannot have as it starts.
+    service = memory3("serve", "trainer", "--port", "0", "--device", "cuda", "--work-dir", str(tmp_path), *store,
+                      check=False)
+    for proc, command, device in ((train, "train", "cuda"), (add, "kb", "cuda:0"), (service, "serve", "cuda")):
         assert proc.returncode == 2
         assert proc.stderr.strip() == (f"memory3 {command}: error: --device {device}: this machine has no CUDA device "
                                        "(or this torch build has no CUDA); use --device cpu or auto")

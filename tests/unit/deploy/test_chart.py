@@ -69,21 +69,24 @@ def pod_labels(o: dict) -> dict:
     return o["spec"]["template"]["metadata"]["labels"] if "template" in o["spec"] else o["metadata"]["labels"]
 
 
-# How a data-parallel trainer Job starts its `memory3` processes (trainer.job.gpu.count > 1).
-TORCHRUN = ["--standalone", "--nproc-per-node"]
+def torchrun_args(args: list[str]):
+    """A data-parallel trainer Job's torchrun arguments (trainer.job.gpu.count > 1), as torchrun parses them."""
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser().parse_args(args)
 
 
 def memory3_containers(r: Rendered):
     """(object, pod spec, container) of every container that runs `memory3`; one that runs it under torchrun is
-    given as a copy whose args are memory3's (those after `--no-python memory3`)."""
+    given as a copy whose args are memory3's (those torchrun hands the `memory3` it runs without Python)."""
     for o, spec in pod_specs(r):
         for container in spec["containers"]:
             if container.get("command") == ["memory3"]:
                 yield o, spec, container
             elif container.get("command") == ["torchrun"]:
-                args = container["args"]
-                assert args[:len(TORCHRUN)] == TORCHRUN and args[3:5] == ["--no-python", "memory3"], args
-                yield o, spec, {**container, "args": args[5:]}
+                parsed = torchrun_args(container["args"])
+                assert parsed.no_python and parsed.training_script == "memory3", container["args"]
+                yield o, spec, {**container, "args": parsed.training_script_args}
 
 
 def expand(arg: str, env: list[dict]) -> str:
@@ -231,7 +234,8 @@ def test_kserve_and_jobs_commands_parse():
         args = parser.parse_args([expand(a, c.get("env", [])) for a in c["args"]])
         commands[o["metadata"].get("name")] = args
     train = next(a for a in commands.values() if a.command == "train")
-    assert (train.release, train.preset, str(train.work_dir)) == ("small-v1", "small", "/var/lib/memory3/work/small-v1")
+    assert (train.release, train.preset, str(train.work_dir)) == \
+        ("small-v1", "small", "/var/lib/memory3/work/small-v1-2-processes")  # on 2 GPUs (torchrun)
     assert train.index_kind == "auto"
     # The shards and their merge keep the base's index kind: the chart gives them none.
     assert all(a.index_kind is None for a in commands.values() if a.command == "kb" and a.kb_command == "add")
@@ -513,8 +517,17 @@ def test_gpu_trainer_job_on_four_gpus_runs_one_process_per_gpu_under_torchrun():
     _job, _spec, one = _train({"gpu": {"enabled": True}})
     job, spec, c = _train({"gpu": {"enabled": True, "count": 4}})
     assert c["command"] == ["torchrun"]
-    assert c["args"] == ["--standalone", "--nproc-per-node", "4", "--no-python", "memory3", *one["args"]]
-    assert build_parser().parse_args(c["args"][5:]).device == "cuda"  # each process takes cuda:$LOCAL_RANK
+    torchrun = torchrun_args(c["args"])
+    assert (torchrun.standalone, torchrun.nproc_per_node, torchrun.no_python, torchrun.training_script) == \
+        (True, "4", True, "memory3")
+    assert torchrun.log_dir == "/tmp/torchelastic"  # not TMPDIR, the work volume, where attempts would leave logs
+    args = build_parser().parse_args(torchrun.training_script_args)
+    assert args.device == "cuda"  # each process takes cuda:$LOCAL_RANK
+    # A run resumes only with as many processes as wrote its checkpoints: this count has a work dir of its own.
+    work_dir = one["args"].index("--work-dir") + 1
+    assert args.work_dir.name == one["args"][work_dir].rsplit("/", 1)[1] + "-4-processes"
+    assert torchrun.training_script_args[:work_dir] == one["args"][:work_dir]
+    assert torchrun.training_script_args[work_dir + 1:] == one["args"][work_dir + 1:]
     assert c["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": 4}
     # NCCL needs more shared memory than the runtime's 64 MiB /dev/shm.
     assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in spec["volumes"]
@@ -763,6 +776,10 @@ BAD_VALUES = [
      "build of torch. Set encoding.imageFlavor=auto (or cuda)"),
     ({"trainer": {"job": {"enabled": True, "gpu": {"enabled": True, "count": 0}}}},
      "trainer.job.gpu.count: must be at least 1 when trainer.job.gpu.enabled"),
+    ({"trainer": {"job": {"enabled": True, "gpu": {"enabled": True, "count": 2,
+                                                  "resourceName": "nvidia.com/mig-3g.40gb"}}}},
+     "trainer.job.gpu.count: a CUDA process sees one MIG device however many the pod gets, so 2 training processes "
+     "cannot each have one; train on whole GPUs"),
     ({"trainer": {"job": {"enabled": True, "resources": {"limits": {"nvidia.com/gpu": 1}}}}},
      "trainer.job.resources: a GPU limit is set but the CPU image has no CUDA build of torch; "
      "set trainer.job.gpu.enabled=true"),

@@ -59,3 +59,28 @@ def test_train_and_kb_add_take_a_device_and_default_to_auto(command, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--device", "tpu"])
     assert "--device 'tpu': give auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_a_gpu_process_binds_its_device_before_nccl_and_waits_long_for_rank_0(monkeypatch):
+    """NCCL's communicator lives on the current device, so the device is set first and bound to the
+    group; the others wait up to an hour while rank 0 writes a checkpoint (NCCL's default is 10 min)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from memory3.services.cli.commands import init_distributed
+    from memory3.services.trainer.placement import Placement
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    distributed = init_distributed(Placement(torch.device("cuda", 1), "nccl"), 4)
+    assert (distributed.rank, distributed.world_size) == (3, 4)
+    assert calls == [("set_device", "cuda:1"),
+                     ("init", "nccl", {"device_id": torch.device("cuda", 1),
+                                       "timeout": datetime.timedelta(hours=1)})]
+    calls.clear()
+    assert init_distributed(Placement(torch.device("cuda", 1), "nccl"), 1).world_size == 1  # alone: no group
+    assert calls == [("set_device", "cuda:1")]  # but its GPU is still the current one

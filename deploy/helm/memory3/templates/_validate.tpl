@@ -82,6 +82,9 @@
 {{- if and $v.trainer.job.enabled $v.trainer.job.gpu.enabled (lt (int $v.trainer.job.gpu.count) 1) -}}
 {{- $messages = append $messages "trainer.job.gpu.count: must be at least 1 when trainer.job.gpu.enabled" -}}
 {{- end -}}
+{{- if and $v.trainer.job.enabled $v.trainer.job.gpu.enabled (gt (int $v.trainer.job.gpu.count) 1) (contains "mig-" $v.trainer.job.gpu.resourceName) -}}
+{{- $messages = append $messages (printf "trainer.job.gpu.count: a CUDA process sees one MIG device however many the pod gets, so %d training processes cannot each have one; train on whole GPUs (trainer.job.gpu.resourceName=nvidia.com/gpu) or set trainer.job.gpu.count=1" (int $v.trainer.job.gpu.count)) -}}
+{{- end -}}
 {{- range $path, $c := $gpuParts -}}
 {{- if and (ne $path "decoder") (not $c.gpu.enabled) (eq (include "memory3.imageFlavor" $c) "cpu") -}}
 {{- $limits := default dict (dig "limits" dict (default dict $c.resources)) -}}

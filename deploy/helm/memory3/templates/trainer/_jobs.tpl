@@ -62,6 +62,9 @@ template:
           - --standalone
           - --nproc-per-node
           - {{ $processes | quote }}
+          # Its workers' logs: in the pod's /tmp, not in TMPDIR (the work volume), where each attempt would leave some.
+          - --log-dir
+          - /tmp/torchelastic
           - --no-python
           - memory3
           - train
@@ -84,7 +87,8 @@ template:
           - --seed
           - {{ include "memory3.int" $t.seed | quote }}
           - --work-dir
-          - {{ printf "/var/lib/memory3/work/%s" $release | quote }}
+          {{- /* A run resumes with as many processes as wrote its checkpoints: another count starts its own. */}}
+          - {{ printf "/var/lib/memory3/work/%s%s" $release (ternary (printf "-%d-processes" $processes) "" (gt $processes 1)) | quote }}
           # A Job run again (after its TTL, by a later `helm upgrade`) finds its release and does nothing.
           - --exist-ok
           {{- if $gpu.enabled }}
