@@ -372,17 +372,17 @@ def _removal_progress() -> Callable[[int], None]:
     return progress
 
 
-def cmd_release_gc(s3, *, dry_run: bool) -> int:
+def cmd_release_gc(s3, *, dry_run: bool, served_shard_counts: tuple[int, ...] | None = None) -> int:
     from memory3.services.release.catalog import Maintenance, collect_unlisted, plan_collection
     from memory3.services.storage.object_store import ObjectStore
 
     store = ObjectStore(s3)
     if dry_run:
-        print(plan_collection(store).summary())
+        print(plan_collection(store, served_shard_counts).summary())
         print("dry run: nothing removed")
         return 0
     with Maintenance(store, "release gc") as maintenance:
-        plan = plan_collection(store)
+        plan = plan_collection(store, served_shard_counts)
         print(plan.summary())
         if not plan.count:
             print("nothing removed")

@@ -107,6 +107,17 @@ def counts(text: str) -> tuple[int, ...]:
     return tuple(positive_int(c.strip()) for c in text.split(","))
 
 
+def shard_counts(text: str) -> tuple[int, ...]:
+    """The type of `release gc --shard-counts`: counts of 2 or more, or `none` (no text service is sharded)."""
+    if text.strip() == "none":
+        return ()
+    found = counts(text)
+    if min(found) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: a text service of one shard serves the whole index; give counts "
+                                          "of 2 or more, or none")
+    return found
+
+
 def non_negative_float(text: str) -> float:
     """The type of a number of seconds that may be 0 (none): a negative grace ended the drain at once."""
     value = finite_float(text)
@@ -334,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
         "gc", help="remove the memories no published release lists (left by failed or cancelled publications), "
                    "and the shards kept for index files and reference tables no published release has")
     release_gc.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    release_gc.add_argument("--shard-counts", type=shard_counts, default=None, metavar="N[,M…]|none",
+                            help="the N of every --index-shard I/N the text services serve: the shards of other "
+                                 "counts kept for published releases go too (none: no text service is sharded); "
+                                 "without it every count stays, as the bucket cannot tell which are served")
     add_s3_arguments(release_gc, local_stack=True)
     release_shards = release_sub.add_parser(
         "shard-index", help="cut the N shards of a release's index and reference table and keep them in the "
@@ -845,7 +860,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.release_command == "show":
             return cmd_release_show(s3_config(args, local_stack=True), args.name, as_json=args.json)
         if args.release_command == "gc":
-            return cmd_release_gc(s3_config(args, local_stack=True), dry_run=args.dry_run)
+            return cmd_release_gc(s3_config(args, local_stack=True), dry_run=args.dry_run,
+                                  served_shard_counts=args.shard_counts)
         if args.release_command == "shard-index":
             return cmd_release_shard_index(s3_config(args, local_stack=True), args.name, shards=args.shards,
                                            cache_dir=args.cache_dir, wait_s=args.wait)

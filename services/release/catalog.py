@@ -30,11 +30,11 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from ..storage.object_store import ObjectNotFound, ObjectStore
-from .file_shards import kept_files, shards_dir, unnamed_bytes
+from .file_shards import kept_files, other_counts, shards_dir, unnamed_bytes
 from .lease import LEASE_TTL_S, Lease, Maintenance, MaintenanceLapsed, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
@@ -306,7 +306,7 @@ class CollectionPlan:
     release using them has a reference table that cannot be read (by bank, release name to why).
     `shards`: the objects kept in the store for the shards of index files and reference tables
     (file_shards.py), by the file's sha256: all of them for a file no published release has, else the
-    bytes no pointer names."""
+    bytes no pointer names and the shards of a count the text services do not serve, when told which."""
 
     banks: dict[str, int] = field(default_factory=dict)
     keys: dict[str, list[str]] = field(default_factory=dict)
@@ -328,11 +328,13 @@ class CollectionPlan:
         return "\n".join(lines) or "every memory in the bucket is listed by a published release: nothing to remove"
 
 
-def plan_collection(store: ObjectStore) -> CollectionPlan:
+def plan_collection(store: ObjectStore, served_shard_counts: Collection[int] | None = None) -> CollectionPlan:
     """Lists every bank (one listing of each: this is the one command that does), and reads the
     reference tables of the releases that use it. Refused, as a deletion is, while a release is
     being published, left half-written or unreadable: it may list any memory. A bank used by a
-    release whose reference table cannot be read is left whole (`skipped`), and the others done."""
+    release whose reference table cannot be read is left whole (`skipped`), and the others done.
+    `served_shard_counts`: the N of the text services' `--index-shard I/N`; the shards of other counts
+    kept for published releases' files go too (None: every count stays)."""
     planned_at = time.monotonic()
     catalog = read_catalog(store)
     _refuse_while_unknown(store, catalog, may_list=UNLISTED, done="removed")
@@ -359,7 +361,11 @@ def plan_collection(store: ObjectStore) -> CollectionPlan:
                 plan.keys[bank] = unlisted
     sharded = set().union(*(_sharded_files(m) for m in catalog.published))
     for file_sha256 in kept_files(store):
-        keys = unnamed_bytes(store, file_sha256) if file_sha256 in sharded else store.list_keys(shards_dir(file_sha256))
+        if file_sha256 not in sharded:
+            keys = store.list_keys(shards_dir(file_sha256))
+        else:
+            unserved = [] if served_shard_counts is None else other_counts(store, file_sha256, served_shard_counts)
+            keys = list(dict.fromkeys([*unnamed_bytes(store, file_sha256), *unserved]))
         if keys:
             plan.shards[file_sha256] = keys
     return plan

@@ -18,7 +18,7 @@ their own bytes and a pointer to them, so whichever pointer is last names bytes 
 reader checks the shape against what the manifest says and the bytes against their sha256, and cuts
 the shard again (and puts it anew) on any mismatch, never serving it. `release delete` removes the
 shards of a file no other release has, and `release gc` those of any file no published release has,
-and bytes no pointer names.
+and bytes no pointer names, and with `--shard-counts` the shards of counts the text services no longer serve.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from ..storage.object_store import ObjectNotFound, ObjectStore
 log = logging.getLogger("memory3.release")
 SHARDS_PREFIX = "shards/v1/"  # v1: shard I/N holds the file's rows I, I+N, ... in order
 SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHARD_NAME = re.compile(r"\d+-of-(\d+)\.")  # of a pointer (I-of-N.json) or of bytes (I-of-N.<sha256>)
 UNNAMED_GRACE_S = 3600.0  # `release gc` leaves shard bytes no pointer names until they are this old
 
 
@@ -112,6 +113,19 @@ def unnamed_bytes(store: ObjectStore, file_sha256: str) -> list[str]:
             named.add(f"{shards_dir(file_sha256)}{shard}.{pointer.sha256}")
     return [key for key, age in objects if not key.endswith(".json") and key not in named and age > UNNAMED_GRACE_S] \
         + unreadable
+
+
+def other_counts(store: ObjectStore, file_sha256: str, served: Collection[int]) -> list[str]:
+    """The objects kept for a file's shards of a count not in `served` (pointers and bytes): those of
+    `--index-shard I/4` once the text services serve `I/8`. Which counts are served is the operator's
+    to say (`release gc --shard-counts`): the bucket does not know."""
+    prefix = shards_dir(file_sha256)
+    keys = []
+    for key in store.list_keys(prefix):
+        named = _SHARD_NAME.match(key[len(prefix):])
+        if named is not None and int(named.group(1)) not in served:
+            keys.append(key)
+    return keys
 
 
 def fetch_shard(store: ObjectStore, file_sha256: str, shard: IndexShard, shape: ShardShape,

@@ -375,3 +375,43 @@ def test_release_shard_index_keeps_one_shard_on_disk_at_a_time_and_waits_for_its
     assert main(["release", "shard-index", "never", "--shards", "2", "--wait", "0.5", *args]) != 0
     assert time.monotonic() - started < 30
     assert "never" in capsys.readouterr().err
+
+
+def test_release_gc_removes_the_shards_of_counts_no_longer_served_once_told_which_are(bucket, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Text services moved from 2 shards to 3 left the 2-shard cut in the bucket for as long as the release
+    was published: the bucket cannot tell which counts are served. `--shard-counts 3` says so, and the
+    others go; the served ones stay, downloaded by the next pods without a cut."""
+    publish_random_release(bucket, "resharded", DOCUMENTS, embedder=HashEmbedder())
+    whole = load_release_resources(bucket, "resharded", tmp_path / "whole").index
+    s3 = bucket.config
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", s3.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", s3.secret_key)
+    store = ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket]
+    for count in ("2", "3"):
+        assert main(["release", "shard-index", "resharded", "--shards", count, "--cache-dir", str(tmp_path / "cli"),
+                     *store]) == 0
+    files = [read_manifest(bucket, "resharded").files[file]["sha256"] for file in (INDEX_FILE, REFERENCES_FILE)]
+
+    def kept() -> dict[int, int]:
+        """Objects kept for the release's shards, by shard count."""
+        by_count: dict[int, int] = {}
+        for sha in files:
+            for key in bucket.list_keys(shards_dir(sha)):
+                count = int(key[len(shards_dir(sha)):].split("-of-")[1].split(".")[0])
+                by_count[count] = by_count.get(count, 0) + 1
+        return by_count
+
+    assert kept() == {2: 8, 3: 12}  # per file and shard: a pointer and its bytes
+    assert main(["release", "gc", *store]) == 0  # not told: every count stays
+    assert main(["release", "gc", "--shard-counts", "3", "--dry-run", *store]) == 0
+    assert kept() == {2: 8, 3: 12}
+    assert capsys.readouterr().out.count("4 objects go") == 2  # the 2-shard cut of each file
+    assert main(["release", "gc", "--shard-counts", "3,4", *store]) == 0
+    assert kept() == {3: 12}
+    serve_nothing_but_the_kept_shard(monkeypatch)
+    shards = [load_release_resources(bucket, "resharded", tmp_path / f"pod-{i}", IndexShard(i, 3)).index
+              for i in range(3)]
+    assert [s.ids for s in shards] == [whole.ids[i::3] for i in range(3)]
+    assert main(["release", "gc", "--shard-counts", "none", *store]) == 0
+    assert kept() == {}

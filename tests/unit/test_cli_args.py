@@ -187,3 +187,12 @@ def test_the_decoder_runs_where_it_is_told_and_auto_is_the_trainers(monkeypatch)
     with pytest.raises(ValueError, match=r"serve decoder --device auto: give cpu or cuda\[:N\]"):
         _decoder_settings(parse_args([*base, "--device", "auto"]))
     assert parse_args(["serve", "trainer"]).device is None  # its jobs' own default: auto
+
+
+def test_release_gc_takes_the_shard_counts_served_or_none():
+    assert parse_args(["release", "gc"]).shard_counts is None  # every count stays
+    assert parse_args(["release", "gc", "--shard-counts", "8,4"]).shard_counts == (8, 4)
+    assert parse_args(["release", "gc", "--shard-counts", "none"]).shard_counts == ()
+    for bad in ("1", "0", "x"):
+        with pytest.raises(SystemExit):
+            parse_args(["release", "gc", "--shard-counts", bad])
