@@ -66,9 +66,11 @@ def make_retriever(release: Release, embedder: Embedder, codec, k: int = 5):
 
 
 def run_quality_bench(s3: S3Config, release_name: str, *, cache_dir: Path, n_questions: int = 300,
-                      ablation_questions: int = 100, perplexity_documents: int = 100, plot: Path | None = None) -> dict:
+                      ablation_questions: int = 100, perplexity_documents: int = 100, plot: Path | None = None,
+                      device: torch.device | str = "cpu") -> dict:
+    """Every figure is the model's on `device`; retrieval (embedder and index) stays on the CPU."""
     release = Release.open(ObjectStore(s3), release_name, cache_dir)
-    model, codec = release.load_model(), release.text_codec()
+    model, codec = release.load_model(device=str(device)), release.text_codec()
     pipeline = release.manifest.provenance.get("pipeline") or {}
     if "world_train" not in pipeline:
         raise ValueError(f"release {release_name!r} records no synthetic world; it was not built by memory3 train")
@@ -139,7 +141,8 @@ def run_quality_bench(s3: S3Config, release_name: str, *, cache_dir: Path, n_que
                     "per memory layer, averaged over heads"},
         "perplexity": ppl,
         "release": release_name,
-        "setup": {"world_seed": pipeline["seed"], "retrieval": f"{release.manifest.index['embedder']} + FAISS, "
+        "setup": {"device": str(device), "world_seed": pipeline["seed"],
+                  "retrieval": f"{release.manifest.index['embedder']} + FAISS, "
                   f"top 5 after the 2/3 overlap filter", "memories": "from the release's memory bank"},
         "machine": machine_info(),
     }
@@ -152,7 +155,7 @@ def _with_kept_tokens(model, k: int) -> Transformer:
     """The same weights with another number of tokens kept per KV head."""
     variant = Transformer(dataclasses.replace(model.config, mem_tokens_per_head=k))
     variant.load_state_dict(model.state_dict())
-    return variant.eval()
+    return variant.to(model.output.weight.device).eval()
 
 
 @torch.no_grad()
@@ -164,7 +167,7 @@ def attention_on_the_right_memory(model: Transformer, prefix: list[int], bodies:
     Each body is one chunk, reading one group of memories. A model that picks the right memory
     among the group scores near 1; one that reads them all alike scores 1 / group size.
     """
-    config = model.config
+    config, device = model.config, model.output.weight.device
     layers = [layer.attention for layer in model.layers if layer.is_memory_layer]
     shares: list[list[float]] = [[] for _ in layers]
     p = len(prefix)
@@ -189,10 +192,10 @@ def attention_on_the_right_memory(model: Transformer, prefix: list[int], bodies:
         for body, group, j in zip(bodies, groups, right, strict=True):
             for h in hooks:
                 h.right = j
-            tokens = torch.tensor([prefix + body])
-            slots = torch.arange(tokens.shape[1])[None]
+            tokens = torch.tensor([prefix + body], device=device)
+            slots = torch.arange(tokens.shape[1], device=device)[None]
             model(tokens, rope_positions(slots, p, config.ref_len),
-                  memory=stack_memories([[group]], slots_per_group=config.mem_slots),
+                  memory=stack_memories([[group]], slots_per_group=config.mem_slots, device=device),
                   token_group=chunk_groups(slots, p, config.chunk_len))
     finally:
         for handle in handles:
@@ -203,7 +206,7 @@ def attention_on_the_right_memory(model: Transformer, prefix: list[int], bodies:
 @torch.no_grad()
 def real_text_perplexity(model, codec, documents: list[str], retrieve, memory_lookup) -> dict:
     """Per-token perplexity of held-out real text, without memory and with per-chunk retrieved memory."""
-    config = model.config
+    config, device = model.config, model.output.weight.device
     prefix = codec.reference_prefix(config)
     p = len(prefix)
     totals = {"no_memory": [0.0, 0], "memory": [0.0, 0]}
@@ -211,19 +214,19 @@ def real_text_perplexity(model, codec, documents: list[str], retrieve, memory_lo
         body = codec.body(doc)[: config.chunk_len * 4 + 1]
         if len(body) < 16:
             continue
-        x, y = torch.tensor([body[:-1]]), torch.tensor([body[1:]])
-        positions = torch.arange(x.shape[1])[None]
+        x, y = torch.tensor([body[:-1]], device=device), torch.tensor([body[1:]], device=device)
+        positions = torch.arange(x.shape[1], device=device)[None]
         plain = model(x, positions)[0]
         totals["no_memory"][0] += float(F.cross_entropy(plain, y[0], reduction="sum"))
         totals["no_memory"][1] += y.shape[1]
         chunks = [body[s : s + config.chunk_len] for s in range(0, x.shape[1], config.chunk_len)]
         found = retrieve([codec.decode(c) for c in chunks])
         groups = [memory_lookup(ids) for ids in found]
-        tokens = torch.tensor([prefix + body[:-1]])
-        slots = torch.arange(tokens.shape[1])[None]
+        tokens = torch.tensor([prefix + body[:-1]], device=device)
+        slots = torch.arange(tokens.shape[1], device=device)[None]
         kwargs = {}
         if any(groups):
-            kwargs = {"memory": stack_memories([groups], slots_per_group=config.mem_slots),
+            kwargs = {"memory": stack_memories([groups], slots_per_group=config.mem_slots, device=device),
                       "token_group": chunk_groups(slots, p, config.chunk_len)}
         logits = model(tokens, rope_positions(slots, p, config.ref_len), **kwargs)[0, p:]
         totals["memory"][0] += float(F.cross_entropy(logits, y[0], reduction="sum"))

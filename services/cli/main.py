@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     qual = bench_sub.add_parser("quality", help="exact match on knowledge-base-only facts: none / memory / RAG")
     qual.add_argument("--release", required=True)
     qual.add_argument("--questions", type=positive_int, default=300)
+    qual.add_argument("--device", type=device_name, default="auto",
+                      help="where the model answers and is scored: auto (the default) is CUDA where this machine has "
+                           "it, else the CPU; retrieval stays on the CPU")
     qual.add_argument("--json", type=Path, required=True)
     qual.add_argument("--readme", type=Path, default=None)
     add_s3_arguments(qual, local_stack=True)
@@ -910,8 +913,12 @@ def _bench(args: argparse.Namespace) -> int:
         result = run_index_bench(references=args.references, questions=args.questions, shards=args.shards)
     elif args.bench_kind == "quality":
         from memory3.bench.quality import run_quality_bench
+        from memory3.services.trainer.placement import make_current, training_placement
+        placement = training_placement(args.device)
+        make_current(placement)
         result = run_quality_bench(s3_config(args, local_stack=True), args.release, cache_dir=args.cache_dir,
-                                   n_questions=args.questions, plot=args.json.with_suffix(".png"))
+                                   n_questions=args.questions, plot=args.json.with_suffix(".png"),
+                                   device=placement.device)
     elif args.bench_kind == "reliability":
         from memory3.bench.reliability import run_reliability_bench
         if not (0 < args.seconds <= 60 and 0 <= args.fuzz <= 5000 and args.max_batch >= 1 and args.max_waiting >= 0):

@@ -59,6 +59,7 @@ def test_train_quick_then_bench_quality(tmp_path, s3_env):
     for key in ("acc_no_memory", "acc_memory", "acc_rag"):
         assert 0.0 <= result[key] <= 1.0
     assert result["n_questions"] == 24
+    assert result["setup"]["device"] == "cpu"  # --device auto on a machine without CUDA
     assert set(result["first_hit_only"]) >= {"acc_memory", "acc_rag"}
     assert set(result["tokens_per_head_ablation"]["acc_memory"]) == {"4", "8", "16", "32", "all"}
     assert result["perplexity"]["memory"] > 1 and result["perplexity"]["no_memory"] > 1

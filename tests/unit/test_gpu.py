@@ -207,3 +207,33 @@ def test_training_on_cuda_moves_the_weights_as_the_cpu_does_and_its_checkpoint_r
     resumed.run()  # the GPU's fused AdamW state steps on the CPU
     assert resumed.state.step == 7 and not next(resumed.model.parameters()).is_cuda
     assert math.isfinite([h["loss"] for h in resumed.history() if "loss" in h][-1])
+
+
+def test_the_quality_benchs_diagnostics_on_cuda_give_the_cpus_figures(tiny_model, prefix, text_codec):
+    """`bench quality --device cuda`: the attention on the right memory, the real-text perplexity and
+    the kept-tokens variant run on the GPU, where the model is, with memories fetched to the CPU."""
+    from memory3.bench.quality import _with_kept_tokens, attention_on_the_right_memory, real_text_perplexity
+    from memory3.model.encoder import encode_references
+
+    refs = [torch.randint(3, 250, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(5)]
+    with torch.no_grad():
+        memories = encode_references(tiny_model, refs, prefix)
+    body = [1, *range(3, 30)]
+    documents = ["The lighthouse of Dastra guides the fishing boats home at night. " * 6] * 2
+
+    def figures(model):
+        attention = attention_on_the_right_memory(model, prefix, [body, body], [memories, memories], [1, 3])
+        perplexity = real_text_perplexity(model, text_codec, documents, lambda queries: [["r"] * 5 for _ in queries],
+                                          lambda ids: memories[: len(ids)])
+        return attention, perplexity
+
+    cpu = figures(tiny_model)
+    gpu_model = tiny_model.to("cuda")
+    try:
+        gpu = figures(gpu_model)
+        assert next(_with_kept_tokens(gpu_model, 4).parameters()).is_cuda
+    finally:
+        tiny_model.to("cpu")
+    assert gpu[0] == pytest.approx(cpu[0], abs=1e-3)
+    assert gpu[1]["memory"] == pytest.approx(cpu[1]["memory"], rel=1e-3)
+    assert gpu[1]["no_memory"] == pytest.approx(cpu[1]["no_memory"], rel=1e-3)
