@@ -52,11 +52,13 @@ def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_ne
 
 
 def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | None = None,
-                          stage3_steps: int | None = None, attention_weight: float | None = None):
+                          stage3_steps: int | None = None, attention_weight: float | None = None, device=None):
     """The run `memory3 train` asks for. None for `stage3_steps` or `attention_weight` means the
-    preset's default; None for `bf16` means on where the CPU computes bf16 natively."""
-    from memory3.services.retrieval.embedder import native_bf16
+    preset's default; None for `bf16` means on where `device` (None: the CPU) computes bf16 natively."""
+    import torch
+
     from memory3.services.trainer.pipeline import PipelineConfig
+    from memory3.services.trainer.placement import native_bf16_on
     from memory3.services.trainer.train import TrainConfig
 
     if stage3_steps is not None and stage3_steps < 0:
@@ -65,7 +67,8 @@ def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | N
         raise ValueError(f"--attention-weight {attention_weight}: give a finite number >= 0")
     config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
         PipelineConfig(preset=preset, seed=seed, train=TrainConfig(seed=seed))
-    train = dataclasses.replace(config.train, bf16=native_bf16() if bf16 is None else bf16)
+    native = native_bf16_on(torch.device("cpu") if device is None else device) if bf16 is None else bf16
+    train = dataclasses.replace(config.train, bf16=native)
     if attention_weight is not None:
         train = dataclasses.replace(train, attention_weight=attention_weight)
     if stage3_steps is not None:
@@ -89,7 +92,7 @@ def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, see
     world_size, local_rank = torchrun_ranks()
     placement = training_placement(device, world_size=world_size, local_rank=local_rank)
     config = train_pipeline_config(preset=preset, quick=quick, seed=seed, bf16=bf16, stage3_steps=stage3_steps,
-                                   attention_weight=attention_weight)
+                                   attention_weight=attention_weight, device=placement.device)
     store = ObjectStore(s3)
     store.ensure_bucket()  # fail before training, not after, when the store is unreachable
     if already_published(store, release, exist_ok=exist_ok,

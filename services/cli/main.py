@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "to the slots of the answer's own memory that hold the token being predicted "
                             "(default: the preset's, 3; 0 turns it off; see README, Training)")
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                       help="train under bfloat16 autocast (always on with CUDA); default: on a CPU with native "
-                            "bf16 (AVX-512 BF16, AMX), where a step takes about 0.7x as long")
+                       help="train under bfloat16 autocast; default: on where the device computes bf16 natively: "
+                            "a CPU with AVX-512 BF16 or AMX (a step takes about 0.7x as long), a GPU from Ampere on")
     train.add_argument("--device", type=device_name, default="auto", help=TRAIN_DEVICE_HELP)
     train.add_argument("--index-kind", default="auto", choices=INDEX_CHOICES, help=INDEX_KIND_HELP + " (default: auto)")
     train.add_argument("--exist-ok", action="store_true", help=EXIST_OK_HELP)

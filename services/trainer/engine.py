@@ -68,7 +68,7 @@ class TrainingJobSpec:
     quick: bool = False
     seed: int = 0
     codec: str = "bf16"
-    bf16: bool | None = None  # None: on where the CPU computes bf16 natively
+    bf16: bool | None = None  # None: on where the device computes bf16 natively
     stage3_steps: int | None = None  # None: the preset's default
     attention_weight: float | None = None  # None: the preset's default
     index_kind: str = "auto"

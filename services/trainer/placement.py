@@ -78,6 +78,19 @@ def make_current(placement: Placement) -> None:
         torch.cuda.set_device(placement.device)
 
 
+def native_bf16_on(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware, where training under bf16 autocast is the faster
+    choice: a CPU with AVX-512 BF16 or AMX, a GPU from Ampere on. Older GPUs (V100, T4) emulate it,
+    slower than float32."""
+    import torch
+
+    from ..retrieval.embedder import native_bf16
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return native_bf16()
+
+
 def describe(device: torch.device) -> str:
     """The device as a log line names it: cuda:0 (NVIDIA H100 80GB HBM3), or cpu."""
     import torch

@@ -158,8 +158,8 @@ async def _tokens(engine, request):
 
 
 def test_training_on_cuda_moves_the_weights_as_the_cpu_does_and_its_checkpoint_resumes_on_a_cpu(tmp_path):
-    """`memory3 train --device cuda`: steps of all three stages run on the GPU (under bf16 autocast,
-    always on there) and move the weights from the same start as fp32 steps on the CPU move them:
+    """`memory3 train --device cuda`: steps of all three stages run on the GPU (under bf16 autocast, as
+    on a GPU from Ampere on) and move the weights from the same start as fp32 steps on the CPU move them:
     the same direction and length of update. The loss alone hardly moves in six steps, whether the
     optimizer steps or not. A checkpoint written there resumes on a CPU and trains on."""
     import dataclasses
@@ -182,7 +182,8 @@ def test_training_on_cuda_moves_the_weights_as_the_cpu_does_and_its_checkpoint_r
     start = torch.cat([p.detach().reshape(-1) for p in random_model(config, seed=0).parameters()])
 
     def trained(device: str) -> Trainer:
-        trainer = Trainer(random_model(config, seed=0).to(device), data, train, tmp_path / device,
+        trainer = Trainer(random_model(config, seed=0).to(device), data,
+                          dataclasses.replace(train, bf16=device == "cuda"), tmp_path / device,
                           prefix=codec.reference_prefix(config), progress=False)
         trainer.run()
         return trainer

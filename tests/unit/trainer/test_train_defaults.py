@@ -14,6 +14,23 @@ def test_left_out_flags_take_the_presets_recipe():
     assert train == dataclasses.replace(TrainConfig(), bf16=native_bf16())
 
 
+def test_bf16_follows_the_device_unless_given(monkeypatch):
+    """A GPU from Ampere on computes bf16 natively; an older one (V100, T4) emulates it, slower than
+    float32: autocast follows what the device does, and a given flag wins either way."""
+    import torch
+
+    cuda = torch.device("cuda", 0)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n
+                            or including_emulation)
+        assert train_pipeline_config(preset="small", quick=False, seed=0, device=cuda).train.bf16 is native
+        for given in (True, False):
+            assert train_pipeline_config(preset="small", quick=False, seed=0, device=cuda, bf16=given).train.bf16 \
+                is given
+    assert train_pipeline_config(preset="small", quick=False, seed=0,
+                                 device=torch.device("cpu")).train.bf16 is native_bf16()
+
+
 def test_bf16_follows_the_cpu_unless_given():
     for given in (True, False):
         assert train_pipeline_config(preset="small", quick=False, seed=0, bf16=given).train.bf16 is given
