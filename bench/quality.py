@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from memory3.model.layout import chunk_groups, rope_positions
 from memory3.model.memory import stack_memories
-from memory3.model.model import Transformer, apply_rope
+from memory3.model.model import RotaryEmbedding, Transformer, apply_rope
 from memory3.services.release.reader import Release
 from memory3.services.retrieval.embedder import Embedder
 from memory3.services.storage.object_store import ObjectStore, S3Config
@@ -152,10 +152,13 @@ def run_quality_bench(s3: S3Config, release_name: str, *, cache_dir: Path, n_que
 
 
 def _with_kept_tokens(model, k: int) -> Transformer:
-    """The same weights with another number of tokens kept per KV head."""
-    variant = Transformer(dataclasses.replace(model.config, mem_tokens_per_head=k))
-    variant.load_state_dict(model.state_dict())
-    return variant.to(model.output.weight.device).eval()
+    """The same weights, shared, not copied (a copy of a large model would not fit beside it on a GPU),
+    with another number of tokens kept per KV head: only encoding reads it."""
+    with torch.device("meta"):  # no initialisation: the weights come next
+        variant = Transformer(dataclasses.replace(model.config, mem_tokens_per_head=k))
+    variant.load_state_dict(model.state_dict(), assign=True)
+    variant.rope = RotaryEmbedding(variant.config.head_dim, variant.config.rope_theta)  # a plain attribute: not loaded
+    return variant.eval()
 
 
 @torch.no_grad()

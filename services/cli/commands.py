@@ -10,12 +10,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memory3.model.checkpoint import CONFIG_FILE, save_checkpoint
 from memory3.model.config import Memory3Config
 from memory3.model.generate import SamplingParams
 from memory3.model.init import random_model
 from memory3.model.tokenizer import byte_level_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from memory3.services.trainer.train import Distributed
 
 
 def cmd_init(preset: str, out: Path, seed: int) -> int:
@@ -52,7 +58,8 @@ def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_ne
 
 
 def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | None = None,
-                          stage3_steps: int | None = None, attention_weight: float | None = None, device=None):
+                          stage3_steps: int | None = None, attention_weight: float | None = None,
+                          device: torch.device | None = None):
     """The run `memory3 train` asks for. None for `stage3_steps` or `attention_weight` means the
     preset's default; None for `bf16` means on where `device` (None: the CPU) computes bf16 natively."""
     import torch
@@ -102,12 +109,12 @@ def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, see
     dist = init_distributed(placement, world_size)
     emit = _json_lines if events and dist.is_main else None
     log = (lambda msg: _json_lines({"message": msg})) if emit else None
-    try:
-        result = run_pipeline(config, work_dir, dist=dist, device=placement.device, progress=not events,
-                              on_event=emit, log=log,
-                              check_references=lambda refs: check_index_choice(index_kind, len(refs)))
-    finally:
-        close_distributed(dist)
+    # A rank that fails exits with its group: torchrun then stops the others, where a destroy could wait on
+    # them while they wait in a collective.
+    result = run_pipeline(config, work_dir, dist=dist, device=placement.device, progress=not events,
+                          on_event=emit, log=log,
+                          check_references=lambda refs: check_index_choice(index_kind, len(refs)))
+    close_distributed(dist)
     if not dist.is_main:
         return 0
     manifest = publish_trained(result, store, release, codec=codec, pipeline_config=config.to_dict(),
@@ -155,7 +162,7 @@ def init_distributed(placement, world_size: int):
     return Distributed(rank=dist.get_rank(), world_size=world_size)
 
 
-def close_distributed(distributed) -> None:
+def close_distributed(distributed: Distributed) -> None:
     """Training's last collective is behind: the group goes on every rank before rank 0 publishes for
     minutes (an NCCL group left to the interpreter's exit can hang it), and rank 0 takes back the
     CPU threads torchrun gave each process (one), for the embedder, the index and the codec."""

@@ -111,10 +111,13 @@ def shard_counts(text: str) -> tuple[int, ...]:
     """The type of `release gc --shard-counts`: counts of 2 or more, or `none` (no text service is sharded)."""
     if text.strip() == "none":
         return ()
-    found = counts(text)
-    if min(found) < 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: a text service of one shard serves the whole index; give counts "
-                                          "of 2 or more, or none")
+    try:
+        found = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        found = ()
+    if not found or min(found) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give counts of 2 or more, comma-separated, or none (a text "
+                                          "service of one shard serves the whole index, which is never cut)")
     return found
 
 

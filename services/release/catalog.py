@@ -30,11 +30,12 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from ..storage.object_store import ObjectNotFound, ObjectStore
-from .file_shards import kept_files, other_counts, shards_dir, unnamed_bytes
+from .file_shards import kept_files, other_counts, shard_count_of, shards_dir, unnamed_bytes
 from .lease import LEASE_TTL_S, Lease, Maintenance, MaintenanceLapsed, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
@@ -324,8 +325,18 @@ class CollectionPlan:
         lines += [f"memory bank {bank}: {len(keys)} memories no release lists" for bank, keys in self.keys.items()]
         lines += [f"memory bank {bank}: left whole, as {_unreadable_tables(tables)}; then run this again"
                   for bank, tables in self.skipped.items()]
-        lines += [f"shards of file {sha[:12]}…: {len(keys)} objects go" for sha, keys in self.shards.items()]
+        lines += [f"shards of file {sha[:12]}…: {len(keys)} objects go ({_by_count(keys)})"
+                  for sha, keys in self.shards.items()]
         return "\n".join(lines) or "every memory in the bucket is listed by a published release: nothing to remove"
+
+
+def _by_count(keys: list[str]) -> str:
+    """How many of a file's shard objects are of each count: `4 shards: 8, 8 shards: 1`."""
+    counts = Counter(shard_count_of(key) for key in keys)
+    parts = [f"{n} shards: {counts[n]}" for n in sorted(c for c in counts if c is not None)]
+    if None in counts:
+        parts.append(f"other: {counts[None]}")
+    return ", ".join(parts)
 
 
 def plan_collection(store: ObjectStore, served_shard_counts: Collection[int] | None = None) -> CollectionPlan:

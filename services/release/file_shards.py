@@ -36,7 +36,7 @@ from ..storage.object_store import ObjectNotFound, ObjectStore
 log = logging.getLogger("memory3.release")
 SHARDS_PREFIX = "shards/v1/"  # v1: shard I/N holds the file's rows I, I+N, ... in order
 SHA256 = re.compile(r"[0-9a-f]{64}")
-_SHARD_NAME = re.compile(r"\d+-of-(\d+)\.")  # of a pointer (I-of-N.json) or of bytes (I-of-N.<sha256>)
+_SHARD_NAME = re.compile(r"\d+-of-(\d+)\.(?:json|[0-9a-f]{64})")  # a pointer_key's or a bytes_key's last part
 UNNAMED_GRACE_S = 3600.0  # `release gc` leaves shard bytes no pointer names until they are this old
 
 
@@ -122,10 +122,16 @@ def other_counts(store: ObjectStore, file_sha256: str, served: Collection[int]) 
     prefix = shards_dir(file_sha256)
     keys = []
     for key in store.list_keys(prefix):
-        named = _SHARD_NAME.match(key[len(prefix):])
-        if named is not None and int(named.group(1)) not in served:
+        count = shard_count_of(key)
+        if count is not None and count not in served and key.rsplit("/", 1)[0] + "/" == prefix:
             keys.append(key)
     return keys
+
+
+def shard_count_of(key: str) -> int | None:
+    """N of the shard an object under `shards_dir` is kept for (its pointer or its bytes), else None."""
+    named = _SHARD_NAME.fullmatch(key.rsplit("/", 1)[-1])
+    return None if named is None else int(named.group(1))
 
 
 def fetch_shard(store: ObjectStore, file_sha256: str, shard: IndexShard, shape: ShardShape,

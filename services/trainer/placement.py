@@ -86,8 +86,8 @@ def native_bf16_on(device: torch.device) -> bool:
 
     from ..retrieval.embedder import native_bf16
 
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # this device's, not the current one's (is_bf16_supported asks that)
+        return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
     return native_bf16()
 
 

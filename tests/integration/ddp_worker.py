@@ -1,5 +1,5 @@
-"""Run by torchrun in test_training.py: a quick data-parallel training on the CPUs (gloo), set up and
-closed as `memory3 train` does it."""
+"""Run by torchrun in test_training.py (on the CPUs, gloo) and test_gpu.py (`cuda` as its second argument:
+one GPU per process, NCCL): a quick data-parallel training, set up and closed as `memory3 train` does it."""
 
 import hashlib
 import os
@@ -14,7 +14,8 @@ from memory3.services.trainer.pipeline import PipelineConfig, run_pipeline
 from memory3.services.trainer.placement import training_placement
 
 world_size, local_rank = torchrun_ranks()
-placement = training_placement("cpu", world_size=world_size, local_rank=local_rank)
+placement = training_placement(sys.argv[2] if len(sys.argv) > 2 else "cpu", world_size=world_size,
+                               local_rank=local_rank)
 distributed = init_distributed(placement, world_size)
 assert (distributed.world_size, dist.get_backend()) == (2, placement.backend)
 torch.set_num_threads(1)

@@ -189,10 +189,11 @@ def test_the_decoder_runs_where_it_is_told_and_auto_is_the_trainers(monkeypatch)
     assert parse_args(["serve", "trainer"]).device is None  # its jobs' own default: auto
 
 
-def test_release_gc_takes_the_shard_counts_served_or_none():
+def test_release_gc_takes_the_shard_counts_served_or_none(capsys):
     assert parse_args(["release", "gc"]).shard_counts is None  # every count stays
     assert parse_args(["release", "gc", "--shard-counts", "8,4"]).shard_counts == (8, 4)
     assert parse_args(["release", "gc", "--shard-counts", "none"]).shard_counts == ()
-    for bad in ("1", "0", "x"):
+    for bad in ("1", "0", "x", "none,4", "4,,8"):
         with pytest.raises(SystemExit):
             parse_args(["release", "gc", "--shard-counts", bad])
+        assert "give counts of 2 or more, comma-separated, or none" in capsys.readouterr().err

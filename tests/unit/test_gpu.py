@@ -213,6 +213,8 @@ def test_training_on_cuda_moves_the_weights_as_the_cpu_does_and_its_checkpoint_r
 def test_the_quality_benchs_diagnostics_on_cuda_give_the_cpus_figures(tiny_model, prefix, text_codec):
     """`bench quality --device cuda`: the attention on the right memory, the real-text perplexity and
     the kept-tokens variant run on the GPU, where the model is, with memories fetched to the CPU."""
+    import copy
+
     from memory3.bench.quality import _with_kept_tokens, attention_on_the_right_memory, real_text_perplexity
     from memory3.model.encoder import encode_references
 
@@ -229,12 +231,25 @@ def test_the_quality_benchs_diagnostics_on_cuda_give_the_cpus_figures(tiny_model
         return attention, perplexity
 
     cpu = figures(tiny_model)
-    gpu_model = tiny_model.to("cuda")
-    try:
-        gpu = figures(gpu_model)
-        assert next(_with_kept_tokens(gpu_model, 4).parameters()).is_cuda
-    finally:
-        tiny_model.to("cpu")
+    gpu_model = copy.deepcopy(tiny_model).to("cuda")  # the session's model stays on the CPU, whatever happens here
+    gpu = figures(gpu_model)
+    assert next(_with_kept_tokens(gpu_model, 4).parameters()).is_cuda
     assert gpu[0] == pytest.approx(cpu[0], abs=1e-3)
     assert gpu[1]["memory"] == pytest.approx(cpu[1]["memory"], rel=1e-3)
     assert gpu[1]["no_memory"] == pytest.approx(cpu[1]["no_memory"], rel=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_data_parallel_training_on_two_gpus_over_nccl(tmp_path):
+    """`torchrun --nproc-per-node 2 memory3 train --device cuda`: each process on its LOCAL_RANK's GPU,
+    NCCL between them, the same weights on both after every step's all-reduce."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parents[1] / "integration" / "ddp_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker), str(tmp_path), "cuda"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0][1] == "40"

@@ -235,7 +235,7 @@ def test_kserve_and_jobs_commands_parse():
         commands[o["metadata"].get("name")] = args
     train = next(a for a in commands.values() if a.command == "train")
     assert (train.release, train.preset, str(train.work_dir)) == \
-        ("small-v1", "small", "/var/lib/memory3/work/small-v1-2-processes")  # on 2 GPUs (torchrun)
+        ("small-v1", "small", "/var/lib/memory3/work/small-v1+2-processes")  # on 2 GPUs (torchrun)
     assert train.index_kind == "auto"
     # The shards and their merge keep the base's index kind: the chart gives them none.
     assert all(a.index_kind is None for a in commands.values() if a.command == "kb" and a.kb_command == "add")
@@ -525,7 +525,7 @@ def test_gpu_trainer_job_on_four_gpus_runs_one_process_per_gpu_under_torchrun():
     assert args.device == "cuda"  # each process takes cuda:$LOCAL_RANK
     # A run resumes only with as many processes as wrote its checkpoints: this count has a work dir of its own.
     work_dir = one["args"].index("--work-dir") + 1
-    assert args.work_dir.name == one["args"][work_dir].rsplit("/", 1)[1] + "-4-processes"
+    assert args.work_dir.name == one["args"][work_dir].rsplit("/", 1)[1] + "+4-processes"
     assert torchrun.training_script_args[:work_dir] == one["args"][:work_dir]
     assert torchrun.training_script_args[work_dir + 1:] == one["args"][work_dir + 1:]
     assert c["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": 4}

@@ -16,13 +16,15 @@ def test_left_out_flags_take_the_presets_recipe():
 
 def test_bf16_follows_the_device_unless_given(monkeypatch):
     """A GPU from Ampere on computes bf16 natively; an older one (V100, T4) emulates it, slower than
-    float32: autocast follows what the device does, and a given flag wins either way."""
+    float32: autocast follows what the device trained on does (not the current device, as torch's
+    is_bf16_supported asks), and a given flag wins either way."""
     import torch
 
-    cuda = torch.device("cuda", 0)
-    for native in (True, False):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n
-                            or including_emulation)
+    capability = {0: (7, 5), 1: (8, 0)}  # a T4 beside an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[torch.device(device).index])
+    monkeypatch.setattr(torch.version, "hip", None)
+    for index, native in ((0, False), (1, True)):
+        cuda = torch.device("cuda", index)
         assert train_pipeline_config(preset="small", quick=False, seed=0, device=cuda).train.bf16 is native
         for given in (True, False):
             assert train_pipeline_config(preset="small", quick=False, seed=0, device=cuda, bf16=given).train.bf16 \

@@ -87,8 +87,8 @@ template:
           - --seed
           - {{ include "memory3.int" $t.seed | quote }}
           - --work-dir
-          {{- /* A run resumes with as many processes as wrote its checkpoints: another count starts its own. */}}
-          - {{ printf "/var/lib/memory3/work/%s%s" $release (ternary (printf "-%d-processes" $processes) "" (gt $processes 1)) | quote }}
+          {{- /* A run resumes with as many processes as wrote its checkpoints: another count starts its own ('+' is in no release name). */}}
+          - {{ printf "/var/lib/memory3/work/%s%s" $release (ternary (printf "+%d-processes" $processes) "" (gt $processes 1)) | quote }}
           # A Job run again (after its TTL, by a later `helm upgrade`) finds its release and does nothing.
           - --exist-ok
           {{- if $gpu.enabled }}
