@@ -313,6 +313,7 @@ class CollectionPlan:
     keys: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     shards: dict[str, list[str]] = field(default_factory=dict)
+    unkept_counts: list[int] = field(default_factory=list)  # counts said to be served that no published file has
     planned_at: float = 0.0  # monotonic time its reading of the bucket began
 
     @property
@@ -327,6 +328,8 @@ class CollectionPlan:
                   for bank, tables in self.skipped.items()]
         lines += [f"shards of file {sha[:12]}…: {len(keys)} objects go ({_by_count(keys)})"
                   for sha, keys in self.shards.items()]
+        lines += [f"warning: no published release has shards of {n} kept: if the text services serve another "
+                  "count, its shards go (check --shard-counts)" for n in self.unkept_counts]
         return "\n".join(lines) or "every memory in the bucket is listed by a published release: nothing to remove"
 
 
@@ -371,14 +374,19 @@ def plan_collection(store: ObjectStore, served_shard_counts: Collection[int] | N
             if unlisted:
                 plan.keys[bank] = unlisted
     sharded = set().union(*(_sharded_files(m) for m in catalog.published))
+    kept_counts: set[int] = set()
     for file_sha256 in kept_files(store):
         if file_sha256 not in sharded:
             keys = store.list_keys(shards_dir(file_sha256))
         else:
             unserved = [] if served_shard_counts is None else other_counts(store, file_sha256, served_shard_counts)
             keys = list(dict.fromkeys([*unnamed_bytes(store, file_sha256), *unserved]))
+            kept_counts.update(shard_count_of(key) for key in store.list_keys(shards_dir(file_sha256))
+                               if key.endswith(".json"))
         if keys:
             plan.shards[file_sha256] = keys
+    # A count typed wrong finds none of its shards, and every served count's go: said in the plan.
+    plan.unkept_counts = sorted(set(served_shard_counts or ()) - kept_counts)
     return plan
 
 
