@@ -207,16 +207,20 @@ class Ask:
     def choices(self) -> list[GenerationRequest]:
         """One engine request per choice, prompt p's choice j being choice p * n + j, as OpenAI numbers
         them. With a seed, choice j draws with seed + j, as vLLM's do: choices of one seed differ, and
-        each repeats."""
+        each repeats. A whole reply's prompt is scored by its first choice alone (`_Reply.completion`
+        gives the others its scores); a stream's choices each score it, as each may send first, and
+        choices that generate nothing are the scoring itself."""
         if self.n == 1:
             return list(self.requests)
         out = []
         for request in self.requests:
             seed = request.sampling.seed
+            scored_once = not self.stream and request.max_tokens > 0
             out += [dataclasses.replace(
                 request, request_id=f"{request.request_id}-{j}",
                 sampling=dataclasses.replace(request.sampling, seed=_wrap_int64(seed + j)) if seed is not None
-                else request.sampling) for j in range(self.n)]
+                else request.sampling,
+                prompt_logprobs=None if j and scored_once else request.prompt_logprobs) for j in range(self.n)]
         return out
 
 
@@ -619,6 +623,9 @@ class _Reply:
     def completion(self, events: list[GenerationEvent]) -> dict:
         """The whole reply: one event per choice, each the whole of that choice's generation. vLLM's
         `prompt_logprobs` are a completion choice's, and a chat reply's (its one prompt)."""
+        n = self.ask.n  # a prompt's first choice scored it for all (`Ask.choices`)
+        events = [e if i % n == 0 else dataclasses.replace(e, prompt_logprobs=events[i - i % n].prompt_logprobs)
+                  for i, e in enumerate(events)]
         out = {**self._head(delta=False),
                "choices": [self._choice(i, e, delta=False) for i, e in enumerate(events)]}
         if self.chat and self.ask.prompt_logprobs is not None:

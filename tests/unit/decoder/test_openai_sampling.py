@@ -342,6 +342,35 @@ def test_vllms_prompt_logprobs_rank_each_prompt_token_among_its_most_likely_alte
     assert "prompt_logprobs" not in plain
 
 
+def test_a_whole_replys_prompt_is_scored_once_for_all_its_choices(tiny_model, text_codec):
+    """n choices of one prompt share its scores: the first choice scores it, the others only generate,
+    and each choice still lists the prompt's logprobs (vLLM's extension, and an echo's)."""
+    ask = {"prompt": [PROMPT, "Another harbour"], "max_tokens": 3, "temperature": 0, "use_memory": False,
+           "prompt_logprobs": 2, "echo": True, "logprobs": 1, "n": 3}
+
+    async def calls(client, engine):
+        scoring = []
+        complete = engine.complete
+
+        async def counted(request):
+            scoring.append(request.prompt_logprobs is not None)
+            return await complete(request)
+
+        engine.complete = counted
+        return (await client.post("/v1/completions", json=ask)).json(), scoring
+
+    reply, scoring = serve(tiny_model, text_codec, calls, EngineConfig(max_batch=6))
+    assert scoring == [True, False, False] * 2  # each prompt's first choice
+    for first in (0, 3):
+        choices = reply["choices"][first : first + 3]
+        assert choices[0]["prompt_logprobs"][0] is None and len(choices[0]["prompt_logprobs"]) > 1
+        assert all(c["prompt_logprobs"] == choices[0]["prompt_logprobs"] for c in choices)
+        echoed = len(choices[0]["prompt_logprobs"]) - 1  # the echo's tokens lead each choice's logprobs
+        assert all(c["logprobs"]["token_logprobs"][:echoed] == choices[0]["logprobs"]["token_logprobs"][:echoed]
+                   for c in choices)
+    assert reply["choices"][0]["prompt_logprobs"] != reply["choices"][3]["prompt_logprobs"]
+
+
 def test_a_tied_token_takes_the_worst_rank_of_its_tie_as_vllm_ranks_it():
     logits = torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     found = engine_module._token_logprobs(logits, [2, 0], [2, 0], None, ranked=True)
