@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from ..storage.object_store import ObjectNotFound, ObjectStore
-from .file_shards import kept_files, other_counts, shard_count_of, shards_dir, unnamed_bytes
+from .file_shards import kept_files, shard_count_of, shards_by_count, shards_dir, unnamed_bytes
 from .lease import LEASE_TTL_S, Lease, Maintenance, MaintenanceLapsed, ReleaseBusy, live_leases
 from .manifest import (
     MEMORIES_PREFIX,
@@ -379,10 +379,12 @@ def plan_collection(store: ObjectStore, served_shard_counts: Collection[int] | N
         if file_sha256 not in sharded:
             keys = store.list_keys(shards_dir(file_sha256))
         else:
-            unserved = [] if served_shard_counts is None else other_counts(store, file_sha256, served_shard_counts)
+            unserved = []
+            if served_shard_counts is not None:
+                by_count = shards_by_count(store, file_sha256)
+                unserved = [key for n, keys in by_count.items() if n not in served_shard_counts for key in keys]
+                kept_counts.update(n for n, keys in by_count.items() if any(k.endswith(".json") for k in keys))
             keys = list(dict.fromkeys([*unnamed_bytes(store, file_sha256), *unserved]))
-            kept_counts.update(shard_count_of(key) for key in store.list_keys(shards_dir(file_sha256))
-                               if key.endswith(".json"))
         if keys:
             plan.shards[file_sha256] = keys
     # A count typed wrong finds none of its shards, and every served count's go: said in the plan.

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -115,17 +115,16 @@ def unnamed_bytes(store: ObjectStore, file_sha256: str) -> list[str]:
         + unreadable
 
 
-def other_counts(store: ObjectStore, file_sha256: str, served: Collection[int]) -> list[str]:
-    """The objects kept for a file's shards of a count not in `served` (pointers and bytes): those of
-    `--index-shard I/4` once the text services serve `I/8`. Which counts are served is the operator's
-    to say (`release gc --shard-counts`): the bucket does not know."""
+def shards_by_count(store: ObjectStore, file_sha256: str) -> dict[int, list[str]]:
+    """The objects kept for a file's shards (pointers and bytes), by shard count N. Which counts the text
+    services serve is the operator's to say (`release gc --shard-counts`): the bucket does not know."""
     prefix = shards_dir(file_sha256)
-    keys = []
+    found: dict[int, list[str]] = {}
     for key in store.list_keys(prefix):
         count = shard_count_of(key)
-        if count is not None and count not in served and key.rsplit("/", 1)[0] + "/" == prefix:
-            keys.append(key)
-    return keys
+        if count is not None and key.rsplit("/", 1)[0] + "/" == prefix:
+            found.setdefault(count, []).append(key)
+    return found
 
 
 def shard_count_of(key: str) -> int | None:
