@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from .config import ConfigError, Memory3Config
@@ -23,11 +25,52 @@ class CheckpointError(ValueError):
 def save_checkpoint(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt", "config": model.config.to_json()})
+    write_safetensors(path / WEIGHTS_FILE, model.state_dict().items(),
+                      metadata={"format": "pt", "config": model.config.to_json()})
     (path / CONFIG_FILE).write_text(model.config.to_json() + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(str(path / TOKENIZER_FILE))
+    return path
+
+
+# safetensors' names of the dtypes a checkpoint holds.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                      metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file of `tensors`, wherever they live, holding one of them in host memory at a time.
+
+    safetensors' `save_file` wants every tensor in host memory at once: saving a model trained on a
+    GPU would copy all its weights (and an optimizer's moments, twice their size) to the host first,
+    ~8 bytes a parameter for a checkpoint, more than a trainer's pod is given for a large preset.
+    The file is the one `save_file` writes (same header, order and alignment), so any safetensors
+    reader opens it.
+    """
+    named = sorted(tensors, key=lambda item: (-item[1].element_size(), item[0]))  # largest items first: aligned
+    header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, tensor in named:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: {tensor.dtype} has no safetensors name")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    with path.open("wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for _, tensor in named:
+            host = tensor.detach().contiguous().cpu()  # this tensor's copy alone (none for a host tensor)
+            f.write(host.reshape(-1).view(torch.uint8).numpy().data)  # (numel * element_size,) bytes
+            del host
     return path
 
 

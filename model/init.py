@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import Memory3Config
-from .model import Transformer
+from .model import RotaryEmbedding, Transformer
 
 
 def init_weights(model: Transformer, *, seed: int = 0, std: float = 0.02) -> Transformer:
@@ -25,5 +25,13 @@ def init_weights(model: Transformer, *, seed: int = 0, std: float = 0.02) -> Tra
     return model
 
 
-def random_model(config: Memory3Config, *, seed: int = 0, std: float = 0.02) -> Transformer:
-    return init_weights(Transformer(config), seed=seed, std=std).eval()
+def random_model(config: Memory3Config, *, seed: int = 0, std: float = 0.02,
+                 device: str | torch.device = "cpu") -> Transformer:
+    """The same weights on any device: drawn on the CPU, a parameter at a time, into a model made on
+    `device` (built on the meta device first, so torch's own initialisation, slow on a CPU for a large
+    preset, never runs), so that host memory never holds a whole large model bound for a GPU."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device)
+    model.rope = RotaryEmbedding(config.head_dim, config.rope_theta)  # rebuilt off the meta device
+    return init_weights(model, seed=seed, std=std).eval()

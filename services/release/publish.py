@@ -41,6 +41,7 @@ from .manifest import (
     ReleaseExists,
     bank_id,
     check_release_name,
+    file_sha256,
     memory_key,
     release_key,
     sha256,
@@ -171,14 +172,21 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
         store.put_bytes(release_key(name, file), data, content_type)
         files[file] = {"sha256": sha256(data), "bytes": len(data)}
 
+    def put_file(file: str, path: Path) -> None:
+        """`put` for a file written here, streamed: a large preset's weights are gigabytes."""
+        check_held()
+        written.append(release_key(name, file))
+        store.put_file(release_key(name, file), path)
+        files[file] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp), codec.tokenizer)
         for file in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
-            put(f"model/{file}", (Path(tmp) / file).read_bytes())
+            put_file(f"model/{file}", Path(tmp) / file)
     if isinstance(memory_codec, VQCodec):
         with tempfile.TemporaryDirectory() as tmp:
             memory_codec.save(Path(tmp) / CODEC_FILE)
-            put(CODEC_FILE, (Path(tmp) / CODEC_FILE).read_bytes())
+            put_file(CODEC_FILE, Path(tmp) / CODEC_FILE)
 
     bank = bank_id(weights_digest(model), memory_codec.fingerprint(), FORMAT_VERSION)
     prefix = codec.reference_prefix(model.config)

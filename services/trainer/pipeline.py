@@ -103,7 +103,7 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     log(f"tokenizer: {codec.vocab_size} tokens")
 
     model_config = model_config_for(Memory3Config.from_name(config.preset), codec.vocab_size)
-    model = random_model(model_config, seed=config.seed).to(device)
+    model = random_model(model_config, seed=config.seed, device=device)
     log(f"model: {config.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on "
         f"{describe(torch.device(device))}")
     prefix = codec.reference_prefix(model_config)

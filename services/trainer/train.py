@@ -45,11 +45,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from memory3.model.checkpoint import save_checkpoint
+from memory3.model.checkpoint import save_checkpoint, write_safetensors
 from memory3.model.config import Memory3Config
 from memory3.model.encoder import encode_batch
 from memory3.model.layout import chunk_groups, rope_positions
@@ -310,7 +310,7 @@ class Trainer:
         self.history_log.sync()
         save_checkpoint(self.model, tmp)
         tensors, meta = optimizer_to_flat(self.optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_safetensors(tmp / "optimizer.safetensors", tensors.items())
         (tmp / "state.json").write_text(json.dumps({
             "step": self.state.step, "history_entries": self.state.entries, "elapsed_s": self.state.elapsed_s,
             "optimizer": meta, "train_config": self.config.to_dict(), "world_size": self.dist.world_size,
@@ -723,14 +723,17 @@ def memory_attention_loss(queries: dict[int, Tensor], memory: MemoryKV, targets:
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    """AdamW state as named tensors (safetensors) + JSON-able scalars: checkpoints never pickle."""
+    """AdamW state as named tensors (safetensors) + JSON-able scalars: checkpoints never pickle.
+
+    The tensors are the optimizer's own, on its device: `write_safetensors` copies them to the host one
+    at a time."""
     state = optimizer.state_dict()
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, dict] = {}
     for pid, pstate in state["state"].items():
         for name, value in pstate.items():
             if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{pid}.{name}"] = value
             else:
                 scalars.setdefault(str(pid), {})[name] = float(value)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}

@@ -85,3 +85,80 @@ def test_a_config_that_disagrees_with_the_weights_or_mixed_dtypes_are_refused(tm
     with pytest.raises(CheckpointError, match=r"tensors of \['torch.float16', 'torch.float32'\]"):
         load_checkpoint(tmp_path / "ck")
     assert {p.dtype for p in load_checkpoint(tmp_path / "ck", dtype=torch.float32).parameters()} == {torch.float32}
+
+
+def test_write_safetensors_writes_the_file_safetensors_writes(tmp_path, tiny_model):
+    """Any safetensors reader opens it: the library's own writer's header (its order of the metadata's
+    keys aside, which is a hash map's) and data, for every dtype and shape a checkpoint or an optimizer
+    holds (scalars, empty tensors, views that are not contiguous)."""
+    from safetensors.torch import load_file, save_file
+
+    from memory3.model.checkpoint import write_safetensors
+
+    tensors = {**tiny_model.state_dict(), "step": torch.tensor(7.0, dtype=torch.float64),
+               "ids": torch.arange(5), "none": torch.zeros(0, 3), "half": torch.randn(3, 5).half(),
+               "brain": torch.randn(7).bfloat16(), "mask": torch.tensor([True, False, True]),
+               "transposed": torch.randn(4, 6).t(), "bytes": torch.arange(3, dtype=torch.uint8)}
+    metadata = {"config": "{\"name\": \"tiny\"}", "note": "é"}
+    write_safetensors(tmp_path / "ours.safetensors", tensors.items(), metadata)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "theirs.safetensors"), metadata)
+    ours, theirs = (_safetensors_parts(tmp_path / f) for f in ("ours.safetensors", "theirs.safetensors"))
+    assert ours == theirs
+    loaded = load_file(str(tmp_path / "ours.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^odd: torch.complex64 has no safetensors name$"):
+        write_safetensors(tmp_path / "odd.safetensors", [("odd", torch.zeros(2, dtype=torch.complex64))])
+
+
+def _safetensors_parts(path) -> tuple[int, dict, list[str], bytes]:
+    """The header's length, the header, its tensors' order, and the data."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    return length, header, [k for k in header if k != "__metadata__"], raw[8 + length :]
+
+
+class _DeviceTensor:
+    """A tensor as far as `write_safetensors` asks of one on a GPU: its host copy is made by `.cpu()`."""
+
+    def __init__(self, tensor: torch.Tensor, copies: list) -> None:
+        self.tensor, self.copies = tensor, copies
+        self.dtype, self.shape = tensor.dtype, tensor.shape
+
+    def element_size(self) -> int:
+        return self.tensor.element_size()
+
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    def detach(self):
+        return self
+
+    def contiguous(self):
+        return self
+
+    def cpu(self) -> torch.Tensor:
+        import weakref
+
+        alive = [name for name, copy in self.copies if copy() is not None]
+        assert not alive, f"host copies of {alive} are still held"
+        host = self.tensor.clone()
+        self.copies.append((tuple(self.shape), weakref.ref(host)))
+        return host
+
+
+def test_write_safetensors_holds_one_host_copy_at_a_time(tmp_path, tiny_model):
+    """Saving a GPU model used to copy every weight (and AdamW's moments) to the host before writing."""
+    from safetensors.torch import load_file
+
+    from memory3.model.checkpoint import write_safetensors
+
+    copies: list = []
+    state = tiny_model.state_dict()
+    write_safetensors(tmp_path / "w.safetensors", [(k, _DeviceTensor(v, copies)) for k, v in state.items()])
+    assert len(copies) == len(state)  # each copied once, each gone before the next
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    for name, tensor in state.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)

@@ -253,3 +253,14 @@ def test_data_parallel_training_on_two_gpus_over_nccl(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0][1] == "40"
+
+
+def test_a_random_model_made_on_cuda_has_the_cpus_weights(tiny_config):
+    """Training draws its initial weights into the GPU's model, a parameter at a time (host memory never
+    holds the whole model): the same weights as on the CPU, so a seed means one model anywhere."""
+    from memory3.model.checkpoint import weights_digest
+    from memory3.model.init import random_model
+
+    made = random_model(tiny_config, seed=3, device="cuda")
+    assert {p.device.type for p in made.parameters()} == {"cuda"}
+    assert weights_digest(made) == weights_digest(random_model(tiny_config, seed=3))
