@@ -58,7 +58,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
     """A file's sha256, read in chunks (hashlib.file_digest): never the whole file in memory."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -41,10 +41,10 @@ from .manifest import (
     ReleaseExists,
     bank_id,
     check_release_name,
-    file_sha256,
     memory_key,
     release_key,
     sha256,
+    sha256_of_file,
 )
 
 INDEX_FILE, REFERENCES_FILE, CODEC_FILE = "index.faiss", "references.jsonl", "codec.safetensors"
@@ -177,7 +177,7 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
         check_held()
         written.append(release_key(name, file))
         store.put_file(release_key(name, file), path)
-        files[file] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        files[file] = {"sha256": sha256_of_file(path), "bytes": path.stat().st_size}
 
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp), codec.tokenizer)

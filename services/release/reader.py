@@ -28,8 +28,8 @@ from .manifest import (
     ReleaseExists,
     ReleaseNotFound,
     check_release_name,
-    file_sha256,
     release_key,
+    sha256_of_file,
 )
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, POSITION_SCHEME, REFERENCES_FILE
 
@@ -160,7 +160,7 @@ def _fetch(store: ObjectStore, name: str, manifest: Manifest, local: Path, file:
     original's) into its local copy `local`, unless a verified copy is there."""
     meta = manifest.files[file]
     path = local / file
-    if path.exists() and path.stat().st_size == meta["bytes"] and file_sha256(path) == meta["sha256"]:
+    if path.exists() and path.stat().st_size == meta["bytes"] and sha256_of_file(path) == meta["sha256"]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     # Streamed (a file is never held whole in memory), and written whole (`_write_whole`): processes
@@ -181,7 +181,7 @@ def _kept(path: Path, read: Callable[[Path], R]) -> R | None:
     when there is none, or it is partial, damaged or not what `read` expects (a ValueError): it is then
     cut again, never served."""
     try:
-        if _checksum_path(path).read_text().strip() == file_sha256(path):
+        if _checksum_path(path).read_text().strip() == sha256_of_file(path):
             return read(path)
         why = "it does not match its checksum"
     except FileNotFoundError:
@@ -210,7 +210,7 @@ def _share(store: ObjectStore, file: str, file_sha256: str, shard: IndexShard, k
     try:
         link.unlink(missing_ok=True)
         os.link(kept, link)
-        share_shard(store, file_sha256, shard, link, file_sha256(link), shape)
+        share_shard(store, file_sha256, shard, link, sha256_of_file(link), shape)
     except (StoreError, OSError) as e:
         log.warning("could not keep shard %s of %s in the store (%s): the next pod cuts it too", shard, file, e)
     finally:
@@ -222,7 +222,7 @@ def _keep_file(path: Path, write: Callable[[Path], None]) -> None:
     matches is there only for a complete file (`_kept`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_whole(path, write)
-    checksum = file_sha256(path)
+    checksum = sha256_of_file(path)
     _write_whole(_checksum_path(path), lambda file: file.write_text(checksum + "\n"))
 
 
