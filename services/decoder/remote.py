@@ -23,7 +23,7 @@ from memory3.model.memory_format import MemoryFormatError, decode_memory
 from ..memory.client import MemoryClient
 from ..memory.ram_cache import RamCache
 from ..rpc import metrics
-from ..rpc.errors import DataLoss, ServiceError, Unavailable, error_from_rpc
+from ..rpc.errors import DataLoss, ServiceError, Unavailable, error_from_rpc, with_code
 from ..text.client import ShardedTextClient, ShardMismatch, TextClient
 from .retrieval import RetrievedReference
 
@@ -35,6 +35,13 @@ _OUTAGE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.
 TIER = "decoder"  # the `tier` label of the decoder's own RAM tier in the memory fetch metrics
 _FETCHES, _HITS, _MISSES = (m.labels(tier=TIER) for m in (metrics.MEMORY_FETCHES, metrics.MEMORY_HITS,
                                                            metrics.MEMORY_MISSES))
+
+
+# Status codes of a service that refuses the decoder itself: another release (ids it does not hold), another
+# token, an address of another service. The deployment's to fix, never the client's: the client was told
+# NOT_FOUND or UNAUTHENTICATED as if its request or its own token were wrong. Unavailable, for the policy.
+_REFUSED = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNIMPLEMENTED)
 
 
 def _outage(code: grpc.StatusCode, details: str) -> bool:
@@ -71,6 +78,8 @@ class RemoteRetrieval:
         except grpc.aio.AioRpcError as e:
             if _outage(e.code(), e.details() or ""):
                 raise Unavailable(f"text service: {e.details()}") from e
+            if e.code() in _REFUSED:
+                raise Unavailable(f"the text service refused the decoder ({e.code().name}: {e.details()})") from e
             raise error_from_rpc(e) from e
         except ShardMismatch as e:
             raise Unavailable(f"text service: {e}") from e
@@ -115,6 +124,8 @@ class RemoteRetrieval:
                 # overload is for the retrieval policy to judge, never the client's own CANCELLED.
                 if _outage(e.code, str(e)):
                     raise Unavailable(f"memory service: {e}") from e
+                if e.code in _REFUSED:
+                    raise Unavailable(f"the memory service refused the decoder ({with_code(e)})") from e
                 raise
             decoded = await asyncio.to_thread(self._decode, missing, blobs)
             for rid, memory in zip(missing, decoded, strict=True):

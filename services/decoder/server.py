@@ -28,7 +28,7 @@ from ..memory.client import MemoryClient
 from ..memory.engine import release_ids_per_reply
 from ..release.publish import CODEC_FILE, TOKENIZER_KEY
 from ..release.reader import Release
-from ..rpc.errors import ServiceError, Unavailable
+from ..rpc.errors import ServiceError, Unavailable, with_code
 from ..rpc.server import MAX_MESSAGE_BYTES, Server, ServerOptions, client_channel, serve_until_signal
 from ..storage.object_store import ObjectStore, S3Config, StoreUnavailable
 from ..text.client import ShardedTextClient, TextClient
@@ -94,6 +94,7 @@ class BuiltEngine:
     engine: GenerationEngine
     health: dict[str, health_pb2_grpc.HealthStub]  # empty with in-process retrieval
     channels: list[grpc.aio.Channel]
+    memory: MemoryClient | None = None  # with remote retrieval
 
     async def dependencies_up(self) -> bool:
         """Whether the text and memory services answer SERVING (always true in-process)."""
@@ -108,16 +109,27 @@ class BuiltEngine:
         return True
 
     async def retrieval_problem(self) -> str | None:
-        """Why retrieval through these text services cannot work, or None: one retrieval of a chunk
-        of nothing, which every shard answers at once with its release and shard. Shards that do not
-        make one index (an address given twice, a shard count that differs) or another release left
-        the decoder ready while every request failed."""
+        """Why retrieval through these services cannot work, or None: one retrieval of a chunk of
+        nothing, which every text shard answers at once with its release and shard, and the memory
+        service's stats, which name its release. Both calls carry the decoder's token, where the
+        health checks carry none. Shards that do not make one index (an address given twice, a shard
+        count that differs), a service of another release, or one that refuses the decoder's token left
+        the decoder ready while every request failed (the memory service's with NOT_FOUND or
+        UNAUTHENTICATED, as if the client had asked wrong)."""
         if not self.health:
             return None  # in-process: the release's own index
         try:
             await self.engine.retrieval.retrieve([[self.engine.codec.bos_id]], 1, False)
         except ServiceError as e:  # Unavailable, or an address that is no text service (UNIMPLEMENTED)
             return str(e)
+        if self.memory is not None:
+            try:
+                served = (await self.memory.stats()).release
+            except ServiceError as e:
+                return f"the memory service does not answer the decoder ({with_code(e)})"
+            if served != self.engine.release:
+                return (f"the memory service serves release {served!r}, this decoder {self.engine.release!r}: "
+                        f"point --memory-address at a memory service of {self.engine.release!r}")
         return None
 
     async def close(self) -> None:
@@ -160,10 +172,9 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
         for i, channel in enumerate(text_channels):
             health["text" if len(texts) == 1 else f"text (index shard {i} of {len(texts)})"] = \
                 health_pb2_grpc.HealthStub(channel)
-        retrieval = RemoteRetrieval(texts[0] if len(texts) == 1 else ShardedTextClient(texts),
-                                    MemoryClient(memory_channel, timeout_s=d.timeout_s,
-                                                 bank=release.manifest.memory_bank["bank"],
-                                                 max_ids=release_ids_per_reply(release, MAX_MESSAGE_BYTES)),
+        memory = MemoryClient(memory_channel, timeout_s=d.timeout_s, bank=release.manifest.memory_bank["bank"],
+                              max_ids=release_ids_per_reply(release, MAX_MESSAGE_BYTES))
+        retrieval = RemoteRetrieval(texts[0] if len(texts) == 1 else ShardedTextClient(texts), memory,
                                     release.memory_codec(), release.memory_shape(),
                                     cache=decoded_memory_cache(s.memory_cache_bytes), release=release.name)
     else:
@@ -171,6 +182,7 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
 
         embedder = await asyncio.to_thread(Embedder)
         retrieval = LocalRetrieval(release, embedder)
+        memory = None
     engine = GenerationEngine(model, codec, CoalescingRetrieval(retrieval), s.engine, release=release.name)
     try:
         await engine.start()
@@ -178,7 +190,7 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
         for channel in channels:
             await channel.close()
         raise
-    return BuiltEngine(engine, health, channels)
+    return BuiltEngine(engine, health, channels, memory)
 
 
 async def wait_for_dependencies(built: BuiltEngine, stopping: Callable[[], bool] = lambda: False) -> bool:

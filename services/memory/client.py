@@ -55,8 +55,12 @@ class MemoryClient:
                 raise Unavailable(f"the memory service serves release {response.release!r}, whose memory bank "
                                   f"{response.bank} is not this model's ({self.bank}): its memories were made by "
                                   "other weights. Point the memory address at a service of a release of this model")
-        return [FetchedMemory(m.id, m.blob, TIER_FROM_PB.get(m.tier, "unknown"))
-                for response in responses for m in response.memories]
+        fetched = [FetchedMemory(m.id, m.blob, TIER_FROM_PB.get(m.tier, "unknown"))
+                   for response in responses for m in response.memories]
+        if [m.id for m in fetched] != list(ids):  # a blob is checked for its shape, not for whose it is
+            raise Unavailable(f"the memory service answered {len(fetched)} memories for {len(ids)} ids, not each "
+                              "in the order asked: a memory service of another version?")
+        return fetched
 
     async def get(self, ids: Sequence[str]) -> list[bytes]:
         """The blobs for `ids`, in request order."""

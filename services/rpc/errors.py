@@ -124,6 +124,12 @@ async def _abort(context, exc: BaseException, name: str) -> None:
     await context.abort(code, message)
 
 
+def with_code(error: ServiceError) -> str:
+    """`CODE: message`, once: `error_from_rpc` names the code in the message of a code without a class."""
+    text = str(error)
+    return text if text.startswith(f"{error.code.name}: ") else f"{error.code.name}: {text}"
+
+
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> ServiceError:
     """A client's view of a failed call: the domain error for its status code, with the server's message."""
     for cls in ServiceError.__subclasses__():

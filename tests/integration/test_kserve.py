@@ -23,6 +23,8 @@ from release_fixtures import RANDOM_RELEASE
 
 from memory3.services.cli.main import main
 from memory3.services.storage.local_s3 import free_port
+from memory3.v1 import memory_service_pb2 as memory_pb
+from memory3.v1 import memory_service_pb2_grpc as memory_pb_grpc
 from memory3.v1 import text_service_pb2 as text_pb
 from memory3.v1 import text_service_pb2_grpc as text_pb_grpc
 
@@ -130,15 +132,23 @@ class NothingFound(text_pb_grpc.TextServiceServicer):
                                         release=RANDOM_RELEASE, shard_index=0, shard_count=1, top_k=1)
 
 
+class StatsOnly(memory_pb_grpc.MemoryServiceServicer):
+    """A memory service of the release that answers its stats: what the decoder asks at start."""
+
+    def GetStats(self, request, context):  # noqa: N802 - gRPC method name
+        return memory_pb.GetStatsResponse(release=RANDOM_RELEASE)
+
+
 class Dependency:
     """A gRPC health service in place of the text or the memory service (the text one answers a retrieval
-    with nothing): KServe readiness asks only them."""
+    with nothing, the memory one its stats): KServe readiness asks only them."""
 
     def __init__(self) -> None:
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         text_pb_grpc.add_TextServiceServicer_to_server(NothingFound(), self.server)
+        memory_pb_grpc.add_MemoryServiceServicer_to_server(StatsOnly(), self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.serving(False)
         self.server.start()

@@ -50,3 +50,69 @@ def test_text_shards_that_do_not_make_one_index_keep_the_decoder_waiting(caplog)
     assert still_waiting and ready and shards.asked >= 3
     said = [r.getMessage() for r in caplog.records if "hold index shards 0/2, 0/2" in r.getMessage()]
     assert len(said) == 1  # once, not at every retry
+
+
+class Memory:
+    """A memory service's stats, as `MemoryClient.stats` gives them: each call takes the next answer."""
+
+    def __init__(self, answers) -> None:
+        self.answers = list(answers)
+        self.asked = 0
+
+    async def stats(self):
+        self.asked += 1
+        answer = self.answers[min(self.asked, len(self.answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return SimpleNamespace(release=answer)
+
+
+def test_a_memory_service_that_refuses_the_decoders_token_or_serves_another_release_keeps_it_waiting(caplog):
+    """Health checks carry no token and name no release: the decoder turned SERVING, then every request
+    failed with the memory service's UNAUTHENTICATED, or NOT_FOUND for the ids of its own release."""
+    import grpc
+
+    from memory3.services.rpc.errors import error_from_rpc
+
+    refused = error_from_rpc(grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(),
+                                                  grpc.aio.Metadata(), details="missing or invalid bearer token"))
+    shards = Shards()
+    shards.fixed = True
+    memory = Memory([refused, "base", "base", "base-added"])
+    built = BuiltEngine(SimpleNamespace(retrieval=shards, codec=SimpleNamespace(bos_id=1), release="base-added"),
+                        {"text": Serving(), "memory": Serving()}, [], memory)
+
+    with caplog.at_level(logging.WARNING, logger="memory3.decoder"):
+        ready = asyncio.run(asyncio.wait_for(wait_for_dependencies(built), 10))
+    assert ready and memory.asked == 4
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "waiting for the text and memory services: the memory service does not answer the decoder "
+        "(UNAUTHENTICATED: missing or invalid bearer token)",
+        "waiting for the text and memory services: the memory service serves release 'base', this decoder "
+        "'base-added': point --memory-address at a memory service of 'base-added'",
+    ]
+
+
+def test_a_memory_reply_of_other_ids_than_asked_is_unavailable():
+    """Blobs were zipped with the ids asked: one reply in another order decoded memories under the wrong ids."""
+    import pytest
+
+    from memory3.services.memory.client import MemoryClient
+    from memory3.v1 import memory_service_pb2 as pb
+
+    class Stub:
+        def __init__(self, order) -> None:
+            self.order = order
+
+        async def GetMemories(self, request, timeout=None):  # noqa: N802 - gRPC method name
+            return pb.GetMemoriesResponse(memories=[pb.Memory(id=request.ids[i], blob=b"x") for i in self.order])
+
+    client = MemoryClient.__new__(MemoryClient)
+    client.timeout_s, client.bank, client.max_ids = 1.0, None, 8
+    client.stub = Stub([0, 1])
+    assert [m.id for m in asyncio.run(client.fetch(["a", "b"]))] == ["a", "b"]
+    for order in ([1, 0], [0]):
+        client.stub = Stub(order)
+        with pytest.raises(Unavailable, match=f"answered {len(order)} memories for 2 ids, not each in the order"):
+            asyncio.run(client.fetch(["a", "b"]))

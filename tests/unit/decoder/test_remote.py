@@ -221,11 +221,19 @@ class RefusingMemoryService:
     ("UNAVAILABLE", "connection refused", True),
     ("DEADLINE_EXCEEDED", "Deadline Exceeded", True),
     ("RESOURCE_EXHAUSTED", "Received message larger than max (70000000 vs. 67108864)", False),
-    ("NOT_FOUND", "3 ids are not in release 'r'", False),
+    ("INVALID_ARGUMENT", "no ids", False),
+    ("DATA_LOSS", "memory 'a' failed validation", False),
+    # refusals of the decoder itself: a memory service of another release, another token, no memory service
+    ("NOT_FOUND", "3 ids are not in release 'r'", True),
+    ("UNAUTHENTICATED", "missing or invalid bearer token", True),
+    ("PERMISSION_DENIED", "not allowed", True),
+    ("UNIMPLEMENTED", "Method not found!", True),
 ])
 def test_a_memory_service_outage_is_for_the_retrieval_policy_as_the_text_services_is(code, details, outage):
     """The memory path took only UNAVAILABLE and DEADLINE_EXCEEDED for an outage: a CANCELLED reached the
-    client as if it had cancelled, under `--retrieval-policy continue` too."""
+    client as if it had cancelled, under `--retrieval-policy continue` too. A memory service that refuses
+    the decoder (a rollout half done, another token) told the client NOT_FOUND or UNAUTHENTICATED, as if
+    its request or its own token were wrong."""
     import grpc
 
     from memory3.services.rpc.errors import ServiceError
@@ -236,6 +244,23 @@ def test_a_memory_service_outage_is_for_the_retrieval_policy_as_the_text_service
         asyncio.run(remote.fetch(["a"]))
     assert isinstance(failed.value, Unavailable) == outage
     assert details in str(failed.value)
+
+
+@pytest.mark.parametrize(("code", "refused"), [
+    ("UNAUTHENTICATED", True), ("PERMISSION_DENIED", True), ("UNIMPLEMENTED", True), ("NOT_FOUND", True),
+    ("INVALID_ARGUMENT", False),
+])
+def test_a_text_service_that_refuses_the_decoder_is_unavailable_not_the_clients_error(code, refused):
+    import grpc
+
+    from memory3.services.rpc.errors import ServiceError
+
+    remote = RemoteRetrieval(RefusingTextService(getattr(grpc.StatusCode, code), "no"), None, CODEC, SHAPE,
+                             release="r")
+    with pytest.raises(ServiceError) as failed:
+        asyncio.run(remote.retrieve([[1, 2]], 5, False))
+    assert isinstance(failed.value, Unavailable) == refused
+    assert str(failed.value) == (f"the text service refused the decoder ({code}: no)" if refused else "no")
 
 
 class MisshapenTextService:
