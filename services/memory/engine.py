@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from memory3.model.codecs import MemoryCodec
@@ -32,12 +34,16 @@ from ..rpc.metrics import MEMORY_CORRUPT, MEMORY_FETCH_LATENCY, MEMORY_FETCHES, 
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError, StoreUnavailable
 from .ram_cache import RamCache
 from .redis_tier import RedisTier
+from .table import ReferenceTable
 
 log = logging.getLogger("memory3.memory")
 RAM, REDIS, S3 = "ram", "redis", "s3"
 TIERS = (RAM, REDIS, S3)
 MAX_IDS = 1024
 _SHOWN = 5  # ids listed in an error message
+# Blobs read from the object store wait at most this many bytes for Redis: past it (Redis slower than
+# the reads), a fill is dropped, and a later miss of it reads the bank again.
+MAX_PENDING_FILL_BYTES = 64 << 20
 
 
 class FetchedMemory(NamedTuple):
@@ -67,6 +73,17 @@ class _BankRead(NamedTuple):
     missing: str | None = None
     corrupt: str | None = None
     unavailable: str | None = None
+
+
+@dataclass
+class _Read:
+    """One S3 read in flight, and how many requests wait for it: one nobody waits for any more, not
+    started yet, is cancelled, so that reads left by callers past their deadline (an object store
+    slower than the requests) never queue before the reads of the requests that came after them."""
+
+    future: asyncio.Future[_BankRead]  # the pool's, on the event loop
+    work: Future  # the pool's own
+    waiters: int = 0
 
 
 def ids_per_reply(blob_bytes: int, max_message_bytes: int) -> int:
@@ -104,7 +121,10 @@ class MemoryStore:
         self.bank, self.max_ids, self.digests = bank, max_ids, digests or {}
         self.store, self.ram, self.redis = store, ram, redis
         self._pool = ThreadPoolExecutor(max_workers=s3_workers, thread_name_prefix="memory3-s3")
-        self._inflight: dict[str, asyncio.Future[_BankRead]] = {}
+        self._inflight: dict[str, _Read] = {}
+        self._fills: list[tuple[str, bytes]] = []  # read from the object store, for Redis
+        self._fill_bytes = 0
+        self._filling: asyncio.Task | None = None
         self._hits = dict.fromkeys(TIERS, 0)
         self._misses = dict.fromkeys(TIERS, 0)
         self.s3_up = True
@@ -114,12 +134,8 @@ class MemoryStore:
                      s3_workers: int = 16, max_message_bytes: int | None = None) -> MemoryStore:
         max_ids = MAX_IDS if max_message_bytes is None else release_ids_per_reply(release, max_message_bytes)
         # Row by row: the table's texts are not held (at 10^8 references they would be tens of GB).
-        keys, digests = {}, {}
-        for row in release.rows():
-            keys[row["id"]] = row["memory_key"]
-            if "memory_sha256" in row:
-                digests[row["id"]] = bytes.fromhex(row["memory_sha256"])
-        return cls(release=release.name, keys=keys, digests=digests,
+        table = ReferenceTable.from_rows(release.rows(), release.manifest.memory_bank["bank"])
+        return cls(release=release.name, keys=table.keys, digests=table.digests,
                    codec=release.memory_codec(), shape=release.memory_shape(), store=release.store, ram=ram,
                    redis=redis, s3_workers=s3_workers, bank=release.manifest.memory_bank["bank"], max_ids=max_ids)
 
@@ -222,52 +238,80 @@ class MemoryStore:
         problem = self._validate(rid, blob)
         return _BankRead(corrupt=problem) if problem else _BankRead(blob=blob)
 
-    def _settle(self, rid: str, future: asyncio.Future) -> None:
-        """A read ended: it leaves the in-flight map, and its blob goes to RAM here, whether or not the
-        request that started it is still waiting (one past its deadline would otherwise leave the
-        cache cold, and every later request would read S3 again)."""
-        if self._inflight.get(rid) is future:
+    def _settle(self, rid: str, read: _Read) -> None:
+        """A read ended: it leaves the in-flight map, and its blob goes to RAM here, and to Redis in the
+        background, whether or not a request still waits for it: one past its deadline left the
+        caches cold, and every later request, on every replica, read S3 again. No reply waits for
+        Redis to take a blob."""
+        if self._inflight.get(rid) is read:
             del self._inflight[rid]
+        future = read.future
         if not future.cancelled() and future.exception() is None and future.result().blob is not None:
-            self.ram.put(self.keys[rid], future.result().blob)
+            blob = future.result().blob
+            self.ram.put(self.keys[rid], blob)
+            self._fill_redis(self.keys[rid], blob)
+
+    def _fill_redis(self, key: str, blob: bytes) -> None:
+        if self.redis is None or self._fill_bytes + len(blob) > MAX_PENDING_FILL_BYTES:
+            return
+        self._fills.append((key, blob))
+        self._fill_bytes += len(blob)
+        if self._filling is None or self._filling.done():
+            self._filling = asyncio.ensure_future(self._fill())
+
+    async def _fill(self) -> None:
+        """Hand the waiting blobs to Redis, as many as wait at each turn (one pipelined call each)."""
+        while self._fills:
+            fills, self._fills, self._fill_bytes = self._fills, [], 0
+            await self.redis.set_many(fills)
+
+    async def filled(self) -> None:
+        """Wait until Redis was handed every blob read so far (for a caller that reads Redis next)."""
+        while self._filling is not None and not self._filling.done():
+            await asyncio.shield(self._filling)
 
     async def _from_s3(self, ids: list[str]) -> dict[str, bytes]:
+        """`ids` are distinct: each read counts this request once among its waiters."""
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        owned = []  # reads this request started (it fills Redis); others it joins
+        owned, reads = set(), []  # the reads this request started (it reports their corruption), and all
         for rid in ids:
-            if rid not in self._inflight:
-                future = loop.run_in_executor(self._pool, self._read_bank, rid)
-                self._inflight[rid] = future
-                future.add_done_callback(lambda f, rid=rid: self._settle(rid, f))
-                owned.append(rid)
-        futures = [self._inflight[rid] for rid in ids]
-        # shield: a cancelled request must not cancel reads other requests are waiting for
-        reads = dict(zip(ids, await asyncio.gather(*(asyncio.shield(f) for f in futures)), strict=True))
+            read = self._inflight.get(rid)
+            if read is None:
+                work = self._pool.submit(self._read_bank, rid)
+                read = self._inflight[rid] = _Read(asyncio.wrap_future(work), work)
+                read.future.add_done_callback(lambda _f, rid=rid, read=read: self._settle(rid, read))
+                owned.add(rid)
+            read.waiters += 1
+            reads.append(read)
+        try:
+            # shield: a cancelled request must not cancel reads other requests are waiting for
+            results = dict(zip(ids, await asyncio.gather(*(asyncio.shield(r.future) for r in reads)), strict=True))
+        finally:
+            for rid, read in zip(ids, reads, strict=True):
+                read.waiters -= 1
+                if read.waiters == 0 and not read.future.done() and read.work.cancel():
+                    del self._inflight[rid]  # not started, and nobody waits: a later request reads it anew
 
-        good = {rid: r.blob for rid, r in reads.items() if r.blob is not None}
+        good = {rid: r.blob for rid, r in results.items() if r.blob is not None}
         self._count(S3, len(ids), len(good), started)
-        corrupt = [rid for rid, r in reads.items() if r.corrupt]
-        missing = [rid for rid, r in reads.items() if r.missing]
-        unavailable = [rid for rid, r in reads.items() if r.unavailable]
+        corrupt = [rid for rid, r in results.items() if r.corrupt]
+        missing = [rid for rid, r in results.items() if r.missing]
+        unavailable = [rid for rid, r in results.items() if r.unavailable]
         self.s3_up = not unavailable
         for rid in corrupt:
             if rid in owned:
                 MEMORY_CORRUPT.labels(tier=S3).inc()
-                log.error("corrupt memory %s in the object store: %s", rid, reads[rid].corrupt)
-        fills = [(self.keys[rid], good[rid]) for rid in owned if rid in good]  # in RAM already (_settle)
-        if self.redis is not None:
-            await self.redis.set_many(fills)
+                log.error("corrupt memory %s in the object store: %s", rid, results[rid].corrupt)
 
         if corrupt or missing:
             bad = corrupt + missing
-            first = reads[bad[0]].corrupt or reads[bad[0]].missing
+            first = results[bad[0]].corrupt or results[bad[0]].missing
             raise DataLoss(f"release {self.release!r}: the memory bank has {len(corrupt)} corrupt and {len(missing)} "
                            f"missing memories among those asked for ({_listing(bad)}; first: {first}); "
                            "publish them again")
         if unavailable:
             raise Unavailable(f"the object store cannot be reached for {len(unavailable)} memories not in any "
-                              f"cache ({reads[unavailable[0]].unavailable}); retry later")
+                              f"cache ({results[unavailable[0]].unavailable}); retry later")
         return good
 
     async def put(self, memories: Sequence[tuple[str, bytes]]) -> int:
@@ -323,10 +367,14 @@ class MemoryStore:
 
     # ---- state ---------------------------------------------------------------------------------
     async def check_s3(self) -> bool:
-        """Ask the object store now (a HEAD of the release's manifest) and update `s3_up`: a service
-        that no request reaches (out of its Service while the store was down) learns it is back."""
+        """Ask the object store now (a HEAD of the release's manifest, and of one memory of its bank)
+        and update `s3_up`: a service that no request reaches (out of its Service while the store was
+        down) learns it is back. The bank is asked too: credentials allowed the releases' prefix but
+        not the memories' (a policy per prefix) kept the service ready while every S3 read failed."""
+        keys = [release_key(self.release, "manifest.json"), *itertools.islice(self.keys.values(), 1)]
         try:
-            await asyncio.to_thread(self.store.exists, release_key(self.release, "manifest.json"))
+            for key in keys:  # a memory missing from the bank is an answer: data loss, for its requests
+                await asyncio.to_thread(self.store.exists, key)
         except StoreError as e:
             if self.s3_up:
                 log.warning("the object store does not answer (%s)", e)
@@ -355,5 +403,7 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._filling is not None:
+            self._filling.cancel()
         if self.redis is not None:
             await self.redis.close()

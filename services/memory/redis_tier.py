@@ -77,7 +77,7 @@ class RedisTier:
         self._backoff_s, self._max_backoff_s, self._clock = backoff_s, max_backoff_s, clock
         self.up = True
         self._delay = backoff_s
-        self._retry_at = 0.0
+        self._down_at = self._retry_at = 0.0  # when the tier last went down (or failed a retry), and retries
         self._warned_full = False
 
     @staticmethod
@@ -88,15 +88,21 @@ class RedisTier:
         """Up, or down with its backoff elapsed (the next call is the retry)."""
         return self.up or self._clock() >= self._retry_at
 
-    def _down(self, what: str, exc: BaseException) -> None:
+    def _down(self, what: str, exc: BaseException, started: float) -> None:
+        """Redis failed a call `started` (clock time) then. The backoff doubles once per failed retry: calls
+        already in flight when the tier went down fail with it, and each doubled it, so that one blip under
+        load (a Sentinel failover) took Redis out for the longest backoff at once, on every replica."""
         MEMORY_TIER_ERRORS.labels(tier="redis").inc()
         if self.up:
             log.warning("Redis at %s unavailable (%s: %s); serving from the object store, retrying in %.1fs",
                         self.where, what, exc, self._delay)
+        elif started <= self._down_at:
+            return  # the failure that marked it down, seen again
         else:
             self._delay = min(self._delay * 2, self._max_backoff_s)
         self.up = False
-        self._retry_at = self._clock() + self._delay
+        self._down_at = self._clock()
+        self._retry_at = self._down_at + self._delay
 
     def _ok(self) -> None:
         if not self.up:
@@ -107,10 +113,11 @@ class RedisTier:
         """Check the connection now (readiness, stats); updates the tier's state. A refusal (an ACL
         granting the tier's commands but not PING) is an answer: Redis is up, and what the tier
         does is checked by `check_usable` and by every request."""
+        started = self._clock()
         try:
             await self.client.ping()
         except _DOWN_ERRORS as e:
-            self._down("ping", e)
+            self._down("ping", e, started)
             return False
         except ResponseError:
             pass
@@ -131,10 +138,11 @@ class RedisTier:
     async def check_usable(self) -> None:
         """Raises RedisUnusable where Redis answers but refuses what the tier does. Run at start, once
         it answered: a URL that can never work should fail there, not as an error per request."""
+        started = self._clock()
         try:
             await self._probe()
         except _DOWN_ERRORS as e:  # down after its PING: as at start, the tier is down for now, never fatal
-            self._down("probe", e)
+            self._down("probe", e, started)
 
     async def _probe(self) -> None:
         if self.target.mode != CLUSTER:
@@ -165,6 +173,7 @@ class RedisTier:
         async with self._slots:
             if not self.should_try():  # marked down while this call waited its turn
                 return None
+            started = self._clock()
             try:
                 if self.target.mode == CLUSTER:
                     values = await self.client.mget_nonatomic(names)
@@ -174,7 +183,7 @@ class RedisTier:
                             pipe.mget(names[start:start + self.keys_per_part])
                         values = [value for part in await pipe.execute() for value in part]
             except (*_DOWN_ERRORS, RedisError) as e:  # refused (NOPERM, CROSSSLOT): as unusable as down
-                self._down("get", e)
+                self._down("get", e, started)
                 return None
         self._ok()
         return values
@@ -183,6 +192,7 @@ class RedisTier:
         """Write blobs with the TTL, pipelined; False (and logged) if Redis did not take them."""
         if not items or not self.should_try():
             return False
+        started = self._clock()
         try:
             async with self._slots:
                 for part in _parts(items):  # one pipeline each: a send must go within the socket timeout
@@ -193,7 +203,7 @@ class RedisTier:
                             pipe.set(self.key(key), blob, ex=self.ttl_s or None)
                         await pipe.execute()
         except _DOWN_ERRORS as e:
-            self._down("set", e)
+            self._down("set", e, started)
             return False
         except ResponseError as e:  # e.g. OOM under noeviction: Redis is up, just full
             MEMORY_TIER_ERRORS.labels(tier="redis").inc()
@@ -208,11 +218,12 @@ class RedisTier:
     async def delete(self, keys: Sequence[str]) -> None:
         if not keys or not self.should_try():
             return
+        started = self._clock()
         try:
             async with self._slots:
                 await self.client.delete(*[self.key(k) for k in keys])
         except (*_DOWN_ERRORS, RedisError) as e:  # READONLY on a replica: the value stays, S3 answers
-            self._down("delete", e)
+            self._down("delete", e, started)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -87,6 +87,7 @@ def test_miss_goes_to_s3_then_redis_then_ram(random_release, local_s3, store, lo
             redis_hits = await asyncio.to_thread(scrape, a.server.metrics_port, "memory3_memory_hits_total", "redis")
 
             first = await client_a.fetch([ids[0], ids[1], ids[0]])
+            await a.store.filled()  # Redis takes them after the reply
             assert [(m.id, m.tier) for m in first] == [(ids[0], "s3"), (ids[1], "s3"), (ids[0], "s3")]
             c = random_release.model.config
             shape = (len(c.memory_layers), c.n_kv_head, c.mem_tokens_per_head, c.head_dim)
@@ -120,6 +121,7 @@ def test_redis_killed_then_restarted(random_release, local_s3, local_redis, tmp_
         no_ram = settings(random_release, local_s3.config, tmp_path, local_redis.url, ram_cache_bytes=0)
         async with serving(no_ram) as (app, client):
             await client.fetch(ids[:2])
+            await app.store.filled()
             assert [m.tier for m in await client.fetch(ids[:2])] == ["redis", "redis"]
 
             local_redis.kill()
@@ -135,6 +137,7 @@ def test_redis_killed_then_restarted(random_release, local_s3, local_redis, tmp_
                 assert time.monotonic() < deadline, "Redis tier never came back"
                 await asyncio.sleep(0.1)
             assert [m.tier for m in await client.fetch([ids[3]])] == ["s3"]
+            await app.store.filled()
             assert [m.tier for m in await client.fetch([ids[3]])] == ["redis"]  # filled and used again
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
@@ -176,8 +179,9 @@ def test_corrupt_value_in_redis_is_replaced_from_s3(random_release, local_s3, st
 
     async def scenario():
         no_ram = settings(random_release, local_s3.config, tmp_path, local_redis.url, ram_cache_bytes=0)
-        async with serving(no_ram) as (_app, client):
+        async with serving(no_ram) as (app, client):
             [m] = await client.fetch([rid])
+            await app.store.filled()
             assert (m.tier, m.blob) == ("s3", good)
             assert cache.get(key) == good  # repaired
             assert [m.tier for m in await client.fetch([rid])] == ["redis"]
@@ -192,8 +196,9 @@ def test_batch_order_across_mget_pieces(random_release, local_s3, store, local_r
 
     async def scenario():
         no_ram = settings(random_release, local_s3.config, tmp_path, local_redis.url, ram_cache_bytes=0)
-        async with serving(no_ram) as (_app, client):
+        async with serving(no_ram) as (app, client):
             assert [m.tier for m in await client.fetch(ids)] == ["s3"] * len(ids)
+            await app.store.filled()
             again = await client.fetch(ids)
             assert [m.tier for m in again] == ["redis"] * len(ids)
             assert [m.id for m in again] == ids and [m.blob for m in again] == expected
@@ -397,6 +402,7 @@ def test_a_redis_that_refuses_the_tiers_commands(random_release, local_s3, local
                           ram_cache_bytes=0)
         async with serving(usable) as (app, client):
             assert [m.tier for m in await client.fetch(ids[:1])] == ["s3"]
+            await app.store.filled()
             assert [m.tier for m in await client.fetch(ids[:1])] == ["redis"]
             admin.execute_command("ACL", "SETUSER", "svc", "resetkeys", "~app:*")  # revoked while serving
             assert [m.tier for m in await client.fetch(ids)] == ["s3", "s3", "s3"]
@@ -486,7 +492,8 @@ def test_readiness_follows_the_stores_once_open(random_release, local_s3, local_
         s = settings(random_release, own, tmp_path, local_redis.url, ram_cache_bytes=0, health_interval_s=0.05)
         try:
             async with serving(s) as (app, client):
-                await client.fetch(ids[:1])  # now in Redis
+                await client.fetch(ids[:1])
+                await app.store.filled()  # now in Redis
                 await asyncio.to_thread(s3.stop)
                 deadline = time.monotonic() + 30
                 while tiers(await client.stats())["TIER_S3"][2]:  # the readiness check saw S3 go
@@ -525,6 +532,7 @@ def test_a_redis_user_without_ping_is_a_usable_tier(random_release, local_s3, lo
                           f"redis://narrow:narrow-pw@127.0.0.1:{local_redis.port}", ram_cache_bytes=0)
         async with serving(narrow) as (app, client):
             assert [m.tier for m in await client.fetch(ids)] == ["s3", "s3"]
+            await app.store.filled()
             assert [m.tier for m in await client.fetch(ids)] == ["redis", "redis"]
             assert tiers(await client.stats())["TIER_REDIS"][2] is True
             assert await health(app) == health_pb2.HealthCheckResponse.SERVING

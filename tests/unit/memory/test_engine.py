@@ -40,6 +40,8 @@ class FakeObjectStore:
     def __init__(self, objects: dict[str, bytes]) -> None:
         self.objects, self.down, self.gets = dict(objects), False, []
         self.gate: threading.Event | None = None  # when set, reads wait for it (to overlap requests)
+        self.denied = ("no prefix",)  # keys the credentials may not read
+        self.heads: list[str] = []
 
     def get_bytes(self, key: str) -> bytes:
         self.gets.append(key)
@@ -50,6 +52,12 @@ class FakeObjectStore:
         if key not in self.objects:
             raise ObjectNotFound(f"get {key}: NoSuchKey")
         return self.objects[key]
+
+    def exists(self, key: str) -> bool:
+        self.heads.append(key)
+        if self.down or key.startswith(self.denied):
+            raise StoreUnavailable(f"stat {key}: the object store refused the request (AccessDenied: denied)")
+        return key in self.objects
 
     def put_bytes(self, key: str, data: bytes) -> None:
         if self.down:
@@ -295,6 +303,71 @@ def test_a_read_whose_request_gave_up_still_fills_ram(store, s3):
     assert again[0].tier == RAM and s3.gets == [key(IDS[2])]
 
 
+def test_a_read_whose_request_gave_up_still_fills_redis(store, s3, redis, blobs):
+    """The request that started a read filled Redis, once the read ended: past its deadline, it never
+    did, and the other replicas kept reading S3 for the memory."""
+    s3.gate = threading.Event()
+
+    async def scenario():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(store.get([IDS[2]]), 0.1)
+        s3.gate.set()
+        await asyncio.sleep(0.3)  # the read ends after its request gave up
+        await store.filled()
+
+    run(scenario())
+    assert redis.data == {key(IDS[2]): blobs[IDS[2]]}
+
+
+def test_a_reply_does_not_wait_for_redis_to_take_its_memories(store, redis, blobs):
+    """A slow Redis (up to its socket timeout per part of a fill) delayed every cold reply."""
+    real_set_many, taking = redis.set_many, asyncio.Event
+
+    async def scenario():
+        gate = taking()
+
+        async def slow_set_many(items):
+            await gate.wait()
+            return await real_set_many(items)
+
+        redis.set_many = slow_set_many
+        got = await asyncio.wait_for(store.get([IDS[0], IDS[1]]), 2)
+        assert [m.tier for m in got] == [S3, S3] and redis.data == {}  # answered, Redis still taking them
+        gate.set()
+        await store.filled()
+
+    run(scenario())
+    assert redis.data == {key(IDS[0]): blobs[IDS[0]], key(IDS[1]): blobs[IDS[1]]}
+
+
+def test_reads_nobody_waits_for_are_not_started(s3, redis, blobs):
+    """Reads whose requests had left stayed queued for the pool's threads: behind them, after an
+    overload, requests well within capacity timed out. A read another request still waits for goes on."""
+    store = MemoryStore(release="r1", keys={rid: key(rid) for rid in IDS}, codec=CODEC, shape=SHAPE, store=s3,
+                        ram=RamCache(1 << 20), redis=None, s3_workers=1)
+    s3.gate = threading.Event()
+
+    async def scenario():
+        first = asyncio.create_task(store.get([IDS[0]]))  # takes the one thread, held at the gate
+        await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.TimeoutError):  # queued behind it, then left
+            await asyncio.wait_for(store.get([IDS[1], IDS[2]]), 0.1)
+        shared = asyncio.create_task(store.get([IDS[3]]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.TimeoutError):  # left too, but `shared` still waits for the read
+            await asyncio.wait_for(store.get([IDS[3]]), 0.1)
+        s3.gate.set()
+        done = [await first, await shared]
+        await asyncio.sleep(0.1)
+        return done, await store.get([IDS[1]])
+
+    (first, shared), later = run(scenario())
+    assert (first[0].blob, shared[0].blob) == (blobs[IDS[0]], blobs[IDS[3]])
+    assert later[0].tier == S3 and later[0].blob == blobs[IDS[1]]
+    assert s3.gets == [key(IDS[0]), key(IDS[3]), key(IDS[1])]  # IDS[2] never read; IDS[1] once, when asked again
+    assert not store._inflight
+
+
 def test_put_validates_then_writes_s3_and_warms_caches(store, s3, redis, blobs):
     new = blob_for(99)
     with pytest.raises(AlreadyExists, match=rf"1 memories .*\({IDS[5]}\): memories are immutable"):
@@ -315,3 +388,14 @@ def test_put_validates_then_writes_s3_and_warms_caches(store, s3, redis, blobs):
     s3.down = True
     with pytest.raises(Unavailable, match="to store memories"):
         run(store.put([(IDS[5], new)]))
+
+
+def test_readiness_asks_for_the_memories_prefix_the_service_reads(store, s3):
+    """It asked for the release's manifest alone: credentials allowed to read releases/ but not
+    memories/ (a policy per prefix) kept the service ready while every memory read failed."""
+    assert run(store.check_s3()) and s3.heads == ["releases/r1/manifest.json", key(IDS[0])]
+    s3.denied = ("memories/",)
+    assert not run(store.check_s3()) and not store.s3_up
+    s3.denied = ("no prefix",)
+    del s3.objects[key(IDS[0])]  # a memory missing from the bank: its requests' data loss, not the service's
+    assert run(store.check_s3()) and store.s3_up

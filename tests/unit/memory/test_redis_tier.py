@@ -51,6 +51,33 @@ def test_down_tier_fails_fast_logs_once_and_backs_off(caplog):
     assert "secret" not in caplog.text
 
 
+def test_calls_failing_together_back_off_as_one_failure():
+    """Every call in flight when Redis went down doubled the backoff: eight at once took it from 0.5 s
+    to the 10 s maximum. One failure, and one failed retry, double it once each."""
+    clock = Clock()
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}/0", backoff_s=1.0, max_backoff_s=100.0, clock=clock)
+
+    async def scenario():
+        assert await asyncio.gather(*(tier.mget([f"k{i}"]) for i in range(8))) == [None] * 8
+        clock.now = 0.99
+        assert not tier.should_try()
+        clock.now = 1.0
+        assert tier.should_try()  # the first backoff, not 2**7 of it
+        assert await asyncio.gather(*(tier.set_many([(f"k{i}", b"x")]) for i in range(4))) == [False] * 4
+        clock.now = 2.99
+        assert not tier.should_try()
+        clock.now = 3.0
+        assert tier.should_try()  # the retries failed: doubled once, to 2 s
+        assert await tier.ping() is False
+        clock.now = 6.99
+        assert not tier.should_try()
+        clock.now = 7.0
+        assert tier.should_try()
+        await tier.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("url", [f"redis+sentinel://:secret@127.0.0.1:{free_port()}/memory3",
                                  f"redis+cluster://:secret@127.0.0.1:{free_port()}"])
 def test_a_sentinel_or_cluster_nobody_answers_for_is_down_at_once(url, caplog):
