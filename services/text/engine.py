@@ -44,7 +44,7 @@ from ..rpc.metrics import (
     RETRIEVAL_QUEUE_TIME,
     RETRIEVAL_REQUESTS_WAITING,
 )
-from ..storage.object_store import ObjectStore
+from ..storage.object_store import ObjectStore, StoreUnavailable
 from ..trainer.overlap import EVAL_MAX_OVERLAP, overlap
 
 log = logging.getLogger("memory3.text")
@@ -63,6 +63,10 @@ MAX_REQUEST_TEXT_BYTES = 1 << 20
 # Extra candidates searched per query so that the overlap filter rarely leaves fewer than top_k;
 # when it does, the query is searched again with a wider net (see _search_filtered).
 SEARCH_MARGIN = 8
+# The widest that search goes: a query whose nearest references its text mostly contains (boilerplate
+# a knowledge base repeats) was searched ever wider, to the whole index (at 10^8 references, over a
+# gigabyte of results for one query, while every other request waited); past it, fewer than top_k.
+MAX_SEARCH_WIDTH = 4096
 REFERENCE_TOKEN_CACHE = 100_000
 
 
@@ -114,13 +118,18 @@ class _Request:
 class TextEngine:
     def __init__(self, load: Callable[[], TextResources], embedder_factory: Callable[[], EmbedderLike], *,
                  max_overlap: float = INFERENCE_MAX_OVERLAP, max_concurrency: int = 1,
-                 max_waiting: int = 64) -> None:
-        """`load` and `embedder_factory` are blocking; `start()` runs them in worker threads."""
+                 max_waiting: int = 64, open_retry_s: float = 1.0, open_max_retry_s: float = 15.0) -> None:
+        """`load` and `embedder_factory` are blocking; `start()` runs them in worker threads. `load` is
+        tried again while the object store cannot be reached, after `open_retry_s`, doubled up to
+        `open_max_retry_s`, as the memory service and the decoder wait for it."""
         if not 0.0 <= max_overlap <= 1.0:
             raise ValueError(f"max_overlap must be in [0, 1] (1 disables the overlap filter), got {max_overlap}")
-        if max_concurrency < 1 or max_waiting < 0:
-            raise ValueError("max_concurrency must be >= 1 and max_waiting >= 0")
+        if max_concurrency < 1:
+            raise ValueError(f"--max-concurrency must be at least 1 (batches embedded at once), got {max_concurrency}")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0 (requests queued for a worker), got {max_waiting}")
         self._load, self._embedder_factory = load, embedder_factory
+        self.open_retry_s, self.open_max_retry_s = open_retry_s, open_max_retry_s
         self.max_overlap = max_overlap
         self.max_waiting = max_waiting
         self.max_concurrency = max_concurrency
@@ -143,8 +152,7 @@ class TextEngine:
 
     async def start(self) -> None:
         """Load the release and the embedder, check they agree, and embed once (the first call is slow)."""
-        resources, embedder = await asyncio.gather(asyncio.to_thread(self._load),
-                                                   asyncio.to_thread(self._embedder_factory))
+        resources, embedder = await asyncio.gather(self._load_retrying(), asyncio.to_thread(self._embedder_factory))
         if resources.embedder_name != embedder.name:
             raise ReleaseError(f"release {resources.release!r} was indexed with {resources.embedder_name!r} "
                                f"but this service embeds with {embedder.name!r}")
@@ -158,6 +166,18 @@ class TextEngine:
         self._resources, self._embedder = resources, embedder
         log.info("release %r loaded: %d references%s, embedder %s", resources.release, len(resources.index.ids),
                  f" (index shard {resources.shard})" if resources.shard.count > 1 else "", embedder.name)
+
+    async def _load_retrying(self) -> TextResources:
+        """The release, once the object store answers: a text pod started during an outage of a few
+        seconds ended at once, and restarted in a crash loop ever slower to come back."""
+        delay = self.open_retry_s
+        while True:
+            try:
+                return await asyncio.to_thread(self._load)
+            except StoreUnavailable as e:
+                log.warning("release not open yet: %s; retrying in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.open_max_retry_s)
 
     @property
     def ready(self) -> bool:
@@ -354,8 +374,10 @@ class TextEngine:
 
     def _search_filtered(self, index: VectorIndex, vectors: np.ndarray, tokens: list[str],
                          k: int) -> list[list[tuple[str, float]]]:
-        """Search k + margin; a query left with fewer than k after the filter is searched again, wider."""
-        total = len(index.ids)
+        """Search k + margin; a query left with fewer than k after the filter is searched again, four
+        times wider, up to MAX_SEARCH_WIDTH, and not once a search found fewer than it asked for: an
+        approximate index (IVF, HNSW) that has no more for the query would only be asked again."""
+        limit = min(len(index.ids), max(MAX_SEARCH_WIDTH, k + SEARCH_MARGIN))
         out: list[list[tuple[str, float]]] = [[] for _ in tokens]
         verdicts: list[dict[str, bool]] = [{} for _ in tokens]  # per query: each reference judged once
         todo = list(range(len(tokens)))
@@ -365,9 +387,9 @@ class TextEngine:
             again = []
             for qi, found in zip(todo, hits, strict=True):
                 out[qi] = self._keep(found, tokens[qi], k, verdicts[qi])
-                if len(out[qi]) < k and width < total:
+                if len(out[qi]) < k and width < limit and len(found) == width:
                     again.append(qi)
-            todo, width = again, width * 4
+            todo, width = again, min(width * 4, limit)
         return out
 
     def _keep(self, found: list[tuple[str, float]], query_tokens: str, k: int,

@@ -169,6 +169,40 @@ def test_a_wider_search_judges_each_reference_once(monkeypatch):
     assert len(judged) == len(set(judged)) > 12 - 2  # the search widened, and no reference twice
 
 
+def test_a_wider_search_stops_at_its_limit_or_when_the_index_has_no_more(monkeypatch):
+    """A query whose nearest references it quotes was searched ever wider, to the whole index (at 10^8
+    references, over a gigabyte of results for one query, every other request waiting); an approximate
+    index that had no more for it was asked again, wider, for nothing."""
+    from memory3.services.text import engine as engine_module
+
+    pieces = [f"clause number {i} of a long query about nothing in particular." for i in range(40)]
+    query = [Query(text=" ".join(pieces[:30]))]
+    widths: list[int] = []
+    real_search = VectorIndex.search
+
+    def search(index, vectors, k):
+        if len(vectors) == 1 and k > 1:  # not the engine's first search, at its start
+            widths.append(k)
+        return real_search(index, vectors, k)
+
+    monkeypatch.setattr(VectorIndex, "search", search)
+    (hits,) = retrieve(engine(pieces + REFERENCES), query, top_k=2)
+    assert widths == [10, 40, 48] and len(hits) == 2  # widened until two survived the filter (to all 48)
+    widths.clear()
+    monkeypatch.setattr(engine_module, "MAX_SEARCH_WIDTH", 16)
+    (hits,) = retrieve(engine(pieces + REFERENCES), query, top_k=2)
+    assert widths == [10, 16] and len(hits) < 2  # at the limit: fewer than asked for
+
+    def finds_little(index, vectors, k):  # an approximate index with only 10 candidates near the query
+        return [found[:10] for found in search(index, vectors, k)]
+
+    widths.clear()
+    monkeypatch.setattr(VectorIndex, "search", finds_little)
+    monkeypatch.setattr(engine_module, "MAX_SEARCH_WIDTH", 4096)
+    retrieve(engine(pieces + REFERENCES), query, top_k=2)
+    assert widths == [10, 40]  # 10 of 40 found: no wider search
+
+
 def test_small_index_returns_what_it_has():
     (hits,) = retrieve(engine(REFERENCES[:2]), [Query(text="copper bridges of Lunmar")], top_k=10)
     assert len(hits) == 2
@@ -294,7 +328,7 @@ def test_release_indexed_with_another_embedder_is_refused():
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="max_overlap"):
         engine(max_overlap=1.5)
-    with pytest.raises(ValueError, match="max_concurrency"):
+    with pytest.raises(ValueError, match=r"^--max-concurrency must be at least 1 \(batches embedded at once\), got 0$"):
         engine(max_concurrency=0)
 
 
@@ -391,3 +425,32 @@ def test_an_index_whose_rows_do_not_follow_the_table_is_refused():
     with pytest.raises(ReleaseError, match=r"only \d of 8 sampled references find themselves"):
         asyncio.run(TextEngine(shifted, lambda: TrigramEmbedder()).start())
     started(engine())  # the table in its order passes
+
+
+def test_start_waits_for_an_object_store_that_does_not_answer_yet(caplog):
+    """A text pod started during a short outage of the object store ended at once (and restarted in a
+    crash loop ever slower to come back), where the memory service and the decoder wait for it."""
+    import logging
+
+    from memory3.services.release.manifest import ReleaseNotFound
+    from memory3.services.storage.object_store import StoreUnavailable
+
+    tries = []
+
+    def load():
+        tries.append(1)
+        if len(tries) < 3:
+            raise StoreUnavailable("get releases/unit/manifest.json: cannot reach the object store at s3:9000")
+        return resources()
+
+    eng = TextEngine(load, TrigramEmbedder, open_retry_s=0.01, open_max_retry_s=0.02)
+    with caplog.at_level(logging.WARNING, logger="memory3.text"):
+        asyncio.run(eng.start())
+    assert eng.ready and len(tries) == 3
+    assert [r.getMessage().split(": ")[0] for r in caplog.records] == ["release not open yet"] * 2
+
+    def missing():  # anything but an outage still ends the start
+        raise ReleaseNotFound("release 'unit' not found")
+
+    with pytest.raises(ReleaseNotFound):
+        asyncio.run(TextEngine(missing, TrigramEmbedder, open_retry_s=0.01).start())
