@@ -56,7 +56,7 @@ CONSTRAINTS: dict[str, dict] = {
     "decoder.shmSize": QUANTITY,
     "trainer.job.shmSize": QUANTITY,
     "redis.inChart.maxmemory": REDIS_SIZE,
-    "trainer.job.preset": {"enum": sorted(PRESETS)},
+    "trainer.job.preset": {"enum": ["", *sorted(PRESETS)]},
     "decoder.autoscaling.scaleDownStabilizationSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
     "decoder.autoscaling.keda.threshold": {"pattern": DECIMAL},
     "decoder.autoscaling.keda.pollingInterval": {"type": "integer", "minimum": 1},

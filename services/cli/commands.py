@@ -57,11 +57,13 @@ def cmd_generate(checkpoint: Path, prompt: str, *, references: list[str], max_ne
     return 0
 
 
-def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | None = None,
+def train_pipeline_config(*, preset: str | None, quick: bool, seed: int, bf16: bool | None = None,
                           stage3_steps: int | None = None, attention_weight: float | None = None,
                           device: torch.device | None = None):
-    """The run `memory3 train` asks for. None for `stage3_steps` or `attention_weight` means the
-    preset's default; None for `bf16` means on where `device` (None: the CPU) computes bf16 natively."""
+    """The run `memory3 train` asks for. None for `preset` means small, or tiny for a quick run: a
+    preset that is named is the one trained, so a command that says small trains small. None for
+    `stage3_steps` or `attention_weight` means the training default; None for `bf16` means on where
+    `device` (None: the CPU) computes bf16 natively."""
     import torch
 
     from memory3.services.trainer.pipeline import PipelineConfig
@@ -72,7 +74,9 @@ def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | N
         raise ValueError(f"--stage3-steps {stage3_steps}: give a number of steps >= 0")
     if attention_weight is not None and not (math.isfinite(attention_weight) and attention_weight >= 0):
         raise ValueError(f"--attention-weight {attention_weight}: give a finite number >= 0")
-    config = PipelineConfig.quick(preset if preset != "small" else "tiny", seed) if quick else \
+    if preset is None:
+        preset = "tiny" if quick else "small"
+    config = PipelineConfig.quick(preset, seed) if quick else \
         PipelineConfig(preset=preset, seed=seed, train=TrainConfig(seed=seed))
     native = native_bf16_on(torch.device("cpu") if device is None else device) if bf16 is None else bf16
     train = dataclasses.replace(config.train, bf16=native)
@@ -83,7 +87,7 @@ def train_pipeline_config(*, preset: str, quick: bool, seed: int, bf16: bool | N
     return dataclasses.replace(config, train=train)
 
 
-def cmd_train(s3, *, preset: str, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
+def cmd_train(s3, *, preset: str | None, quick: bool, release: str, work_dir: Path, seed: int, codec: str,
               bf16: bool | None = None, stage3_steps: int | None = None, attention_weight: float | None = None,
               events: bool = False, exist_ok: bool = False, index_kind: str = "auto", device: str = "auto") -> int:
     from memory3.services.release.manifest import check_release_name
@@ -455,7 +459,9 @@ def cmd_release_shard_index(s3, name: str, *, shards: int, cache_dir: Path, wait
     return 0
 
 
-def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: Path) -> int:
+def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: Path, home_option: str = "") -> int:
+    """`home_option`: the `--home` the user gave, repeated in the hint to stop the stack (empty for
+    the default home): without it the hint stopped another stack, or none."""
     import shutil
 
     from memory3.services.release.catalog import Maintenance, delete_release, plan_deletion
@@ -466,11 +472,12 @@ def cmd_release_delete(s3, name: str, *, dry_run: bool, cache_dir: Path, home: P
     served = state is not None and state.release == name and state.s3_config.endpoint == s3.endpoint \
         and state.s3_config.bucket == s3.bucket
     if served and not dry_run:
-        raise ValueError(f"the local stack serves release {name!r}: stop it first (`memory3 down`)")
+        raise ValueError(f"the local stack serves release {name!r}: stop it first (`memory3 down{home_option}`)")
     store = ObjectStore(s3)
     if dry_run:
         print(plan_deletion(store, name).summary())
-        print("dry run: nothing removed" + (" (the local stack serves it: `memory3 down` first)" if served else ""))
+        print("dry run: nothing removed"
+              + (f" (the local stack serves it: `memory3 down{home_option}` first)" if served else ""))
         return 0
     with Maintenance(store, f"release delete {name}") as maintenance:
         plan = plan_deletion(store, name)

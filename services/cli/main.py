@@ -67,6 +67,9 @@ def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
 
 INT32_MAX = 2**31 - 1
 INT64 = (-(2**63), 2**63 - 1)
+GENERATE_TIMEOUT_S = 120.0  # `generate --timeout`: None there, so that --checkpoint can refuse one given
+MAX_TEXT_SHARDS = 64  # the text services `up` starts at most (`StackOptions`)
+SHARDS_NOTE = " (a text service without --index-shard reads the whole index as it is published)"
 
 
 def utf8_text(text: str) -> str:
@@ -89,6 +92,15 @@ def preset(text: str) -> str:
     if text not in PRESETS:
         raise argparse.ArgumentTypeError(f"unknown preset {text!r}: choose one of {', '.join(sorted(PRESETS))}")
     return text
+
+
+def model_device(text: str) -> str:
+    """The type of a --device that runs a model here and now: cpu, cuda or cuda:N. auto, which
+    training resolves, reached torch as a device name and failed with its list of device types."""
+    name = device_name(text)
+    if name == "auto":
+        raise argparse.ArgumentTypeError("auto is for training: give cpu or cuda[:N]")
+    return name
 
 
 def device_name(text: str) -> str:
@@ -172,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream an answer from the decoder (gRPC), or in-process with --checkpoint")
     gen.add_argument("prompt", type=utf8_text)
     gen.add_argument("--address", default=None, help="decoder host:port (default: the stack `memory3 up` started)")
-    gen.add_argument("--home", type=Path, default=DEFAULT_HOME, help="where `memory3 up` keeps its state")
+    gen.add_argument("--home", type=Path, default=None,
+                     help="where `memory3 up` keeps its state, to find its decoder (default ~/.cache/memory3)")
     gen.add_argument("--checkpoint", type=Path, default=None,
                      help="generate in-process from this checkpoint directory instead (no servers)")
     gen.add_argument("--reference", action="append", default=[], metavar="TEXT", type=utf8_text,
@@ -181,21 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --checkpoint: a UTF-8 file whose text becomes references (repeatable)")
     gen.add_argument("--max-new-tokens", "--max-tokens", type=bounded_int(1, INT32_MAX), default=64,
                      help="tokens to generate at most (--max-tokens, as OpenAI names it, is the same)")
-    gen.add_argument("--temperature", type=finite_float, default=0.0)
-    gen.add_argument("--top-k", type=bounded_int(0, INT32_MAX, " (0 disables it)"), default=0)
-    gen.add_argument("--top-p", type=finite_float, default=1.0)
-    gen.add_argument("--seed", type=bounded_int(*INT64), default=None)
+    gen.add_argument("--temperature", type=finite_float, default=0.0,
+                     help="sampling temperature (default 0: greedy, always the likeliest token)")
+    gen.add_argument("--top-k", type=bounded_int(0, INT32_MAX, " (0 disables it)"), default=0,
+                     help="sample among the K likeliest tokens only (default 0: all)")
+    gen.add_argument("--top-p", type=finite_float, default=1.0,
+                     help="sample among the likeliest tokens whose probabilities add up to P (default 1: all)")
+    gen.add_argument("--seed", type=bounded_int(*INT64), default=None,
+                     help="seed of the sampling, for an answer that repeats (default: a fresh one each time)")
     gen.add_argument("--presence-penalty", type=finite_float, default=0.0,
                      help="-2..2: a token's logit loses this once it has been generated (OpenAI's)")
     gen.add_argument("--frequency-penalty", type=finite_float, default=0.0,
                      help="-2..2: a token's logit loses this for every time it has been generated (OpenAI's)")
-    gen.add_argument("--stop", action="append", default=[], type=utf8_text, help="stop at this string (repeatable)")
-    gen.add_argument("--no-memory", action="store_true", help="generate without retrieval")
-    gen.add_argument("--timeout", type=positive_float, default=120.0,
-                     help="seconds before the request is abandoned")
+    gen.add_argument("--stop", action="append", default=[], type=utf8_text,
+                     help="from the decoder: stop at this string (repeatable)")
+    gen.add_argument("--no-memory", action="store_true", help="from the decoder: generate without retrieval")
+    gen.add_argument("--timeout", type=positive_float, default=None,
+                     help=f"from the decoder: seconds before the request is abandoned (default {GENERATE_TIMEOUT_S:g})")
     gen.add_argument("--tls-ca", type=Path, default=None,
-                     help="PEM CA of the decoder's certificate (TLS; token from MEMORY3_AUTH_TOKEN)")
-    gen.add_argument("--device", default="cpu", help="with --checkpoint")
+                     help="from the decoder: PEM CA of its certificate (TLS; a token, from MEMORY3_AUTH_TOKEN, is "
+                          "only sent over TLS)")
+    gen.add_argument("--device", type=model_device, default="cpu",
+                     help="with --checkpoint: cpu or cuda[:N] (default cpu)")
 
     demo = sub.add_parser("demo", help="the README's first command: the whole local stack answers from memory")
     demo.add_argument("--home", type=Path, default=DEFAULT_HOME, help="state, logs, releases and the local bucket")
@@ -209,12 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a release in the bucket to serve (default: small-v1, trained if missing)")
     up.add_argument("--quick", action="store_true", help="train a one-minute tiny release if it is missing")
     up.add_argument("--no-redis", action="store_true", help="no Redis tier (memories from S3 and RAM)")
-    up.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail")
-    up.add_argument("--max-batch", type=int, default=8)
+    up.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail",
+                    help="text/memory service down: the decoder fails the request (fail, the default), or "
+                         "generates without memory and says so (continue)")
+    up.add_argument("--max-batch", type=int, default=8, help="streams the decoder decodes together (default 8)")
     up.add_argument("--decoder-port", type=port_number(free=True), default=None,
                     help="default (or 0): a free port")
-    up.add_argument("--text-shards", type=int, default=1, metavar="N",
-                    help="N text services, each serving one shard of the release's index (default: 1)")
+    up.add_argument("--text-shards", type=bounded_int(1, MAX_TEXT_SHARDS), default=1, metavar="N",
+                    help=f"N text services, each serving one shard of the release's index (1-{MAX_TEXT_SHARDS}; "
+                         "default: 1)")
 
     down = sub.add_parser("down", help="stop exactly what `memory3 up` started (by PID)")
     down.add_argument("--home", type=Path, default=DEFAULT_HOME)
@@ -223,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--home", type=Path, default=DEFAULT_HOME)
 
     train = sub.add_parser("train", help="train a model (three stages) and publish it as a release")
-    train.add_argument("--preset", type=preset, default="small", help="model preset")
+    train.add_argument("--preset", type=preset, default=None,
+                       help="model preset (default: small, or tiny with --quick)")
     train.add_argument("--quick", action="store_true",
-                       help="a one-minute run of the whole pipeline (tiny model unless --preset names another)")
+                       help="a short run of the whole pipeline: one minute with the tiny model, trained unless "
+                            "--preset names another")
     train.add_argument("--release", required=True, help="name of the release to publish (immutable)")
     train.add_argument("--work-dir", type=Path, default=None,
                        help="checkpoints and logs; a killed run resumes from here (default: runs/NAME under --home)")
@@ -234,11 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how memories are compressed in the bank")
     train.add_argument("--stage3-steps", type=int, default=None,
                        help="steps of stage 3, where chunks read same-kind neighbours beside their own "
-                            "reference (default: the preset's, 1200 for small; see README, Training)")
+                            "reference (default 1200, a few with --quick; see README, Training)")
     train.add_argument("--attention-weight", type=finite_float, default=None,
                        help="weight of a loss on the answer tokens' memory attention, which rewards attending "
                             "to the slots of the answer's own memory that hold the token being predicted "
-                            "(default: the preset's, 3; 0 turns it off; see README, Training)")
+                            "(default 3; 0 turns it off; see README, Training)")
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="train under bfloat16 autocast; default: on where the device computes bf16 natively: "
                             "a CPU with AVX-512 BF16 or AMX (a step takes about 0.7x as long), a GPU from Ampere on")
@@ -358,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "bucket, so that each text service started with --index-shard I/N downloads its "
                             "shard alone")
     release_shards.add_argument("name", help="the release whose index to shard")
-    release_shards.add_argument("--shards", type=positive_int, required=True, metavar="N",
+    release_shards.add_argument("--shards", type=bounded_int(2, INT32_MAX, SHARDS_NOTE), required=True, metavar="N",
                                 help="the number of shards the text services serve (2 or more)")
     release_shards.add_argument("--wait", type=non_negative_float, default=0.0, metavar="SECONDS",
                                 help="wait this long for the release to be published (a Job started beside the "
@@ -468,7 +493,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--health-port", type=port_number(free=True), default=None,
                        help="also serve grpc.health.v1.Health alone, in plaintext, on this port, for probes that "
                             "cannot speak TLS (0: any free port; default: none)")
-    group.add_argument("--max-connection-age", type=finite_float, default=None,
+    group.add_argument("--max-connection-age", type=non_negative_float, default=None,
                        help="seconds after which a client connection is asked to reconnect (its calls in flight "
                             "finish), so that the replicas behind a Service share its calls (default 60; 0: never)")
 
@@ -492,15 +517,16 @@ def listen_options(args: argparse.Namespace):
     return options
 
 
-def check_ports_free(host: str, ports: dict[str, int | None]) -> None:
+def check_ports_free(host: str, ports: dict[str, int | None], *, any_free: bool = True) -> None:
     """Before a model or index is loaded: on a port another server listens on, a gRPC server starts
-    all the same (it binds with SO_REUSEPORT) and gets a share of that server's connections."""
+    all the same (it binds with SO_REUSEPORT) and gets a share of that server's connections.
+    `any_free`: the options take 0 for any free port, which the hint then offers (KServe's do not)."""
     from memory3.services.storage.local_s3 import port_taken
 
     for option, port in ports.items():
         if port and port_taken(host, port):
             raise ValueError(f"{option} {port}: another server listens on {host}:{port}; stop it, or pass "
-                             f"{option} with another port (0: any free port)")
+                             f"{option} with another port" + (" (0: any free port)" if any_free else ""))
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
@@ -557,10 +583,10 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                             "for an index served in shards (serve text --index-shard I/N), every shard's "
                             "host:port, comma-separated")
     group.add_argument("--memory-address", default=None, help="host:port of the memory service")
-    group.add_argument("--max-batch", type=int, default=8, help="streams decoded together")
-    group.add_argument("--max-waiting", type=int, default=32,
+    group.add_argument("--max-batch", type=positive_int, default=8, help="streams decoded together")
+    group.add_argument("--max-waiting", type=bounded_int(0, INT32_MAX), default=32,
                        help="streams queued beyond --max-batch; more get RESOURCE_EXHAUSTED")
-    group.add_argument("--max-streams-per-client", type=int, default=0,
+    group.add_argument("--max-streams-per-client", type=bounded_int(0, INT32_MAX, " (0: no limit)"), default=0,
                        help="streams one client may have open at once, by its x-client-id metadata or else its "
                             "address; more get RESOURCE_EXHAUSTED (0: no limit)")
     group.add_argument("--max-seq-len", type=int, default=None, help="context per stream (default: the model's)")
@@ -574,18 +600,22 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-cache-mb", type=finite_float, default=256.0,
                        help="decoded memories kept in the decoder's RAM (LRU) in front of the memory service; "
                             "0 disables it")
-    group.add_argument("--prefill-tokens", type=int, default=2048,
+    group.add_argument("--prefill-tokens", type=bounded_int(0, INT32_MAX, " (0: every prompt in one pass)"),
+                       default=2048,
                        help="most prompt-token rows one scheduler step reads, padding included, split evenly "
                             "among the prompts being read (whole 64-token chunks): a longer prompt is read over "
                             "several steps, with a decode step of the running streams between each (0: every "
                             "prompt in one pass)")
-    group.add_argument("--retrieval-lead-tokens", type=int, default=None,
+    group.add_argument("--retrieval-lead-tokens", type=bounded_int(0, INT32_MAX), default=None,
                        help="a generated chunk's query ends this many tokens before the chunk, so that retrieval "
-                            "overlaps that many decode steps (default 8; 0: the query is exactly the previous chunk)")
+                            "overlaps that many decode steps (default 8; 0: the query is exactly the previous "
+                            "chunk; at most the model's chunk length less 2: 62 for every preset)")
     group.add_argument("--device", type=device_name, default=None,
                        help="cpu or cuda[:N] (default cpu); for serve trainer, where its jobs train and encode "
                             "memories (default auto: CUDA where this machine has it)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="of the model's weights and computation (default float32, also with --device cuda, "
+                            "where bfloat16 takes half the memory; the chart passes bfloat16 on a GPU)")
     group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="pad decode passes to a few batch and context sizes and replay each from a CUDA graph "
                             "captured at start (default: on with --device cuda; needs it)")
@@ -633,7 +663,7 @@ def _serve_kserve(args: argparse.Namespace) -> int:
     if args.chat_template is not None:
         from memory3.services.decoder.chat import load_chat_template
         chat_template = load_chat_template(args.chat_template)
-    check_ports_free("0.0.0.0", {"--http-port": args.http_port, "--grpc-port": args.grpc_port})
+    check_ports_free("0.0.0.0", {"--http-port": args.http_port, "--grpc-port": args.grpc_port}, any_free=False)
     argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported; ours are parsed already
     try:
         from memory3.services.decoder.kserve_model import serve_kserve
@@ -660,9 +690,12 @@ def _decoder_settings(args: argparse.Namespace):
                           default_max_tokens=args.default_max_tokens, retrieval_policy=args.retrieval_policy,
                           max_streams_per_client=args.max_streams_per_client, stall_s=args.stall_timeout,
                           prefill_tokens=args.prefill_tokens, cuda_graphs=args.cuda_graphs, **lead)
+    token = os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None
+    if token and args.dependency_tls_ca is None:  # before the weights load, not once they have
+        raise ValueError("MEMORY3_DEPENDENCY_TOKEN is only sent over TLS: add --dependency-tls-ca (the PEM CA of "
+                         "the text and memory services' certificates), or unset it")
     dependencies = DependencyOptions(tls_ca=args.dependency_tls_ca, client_cert=args.dependency_cert,
-                                     client_key=args.dependency_key,
-                                     auth_token=os.environ.get("MEMORY3_DEPENDENCY_TOKEN") or None)
+                                     client_key=args.dependency_key, auth_token=token)
     return DecoderSettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
                            text_address=args.text_address, memory_address=args.memory_address, engine=engine,
                            device=device, dtype=args.dtype, dependencies=dependencies,
@@ -872,7 +905,7 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_release_shard_index(s3_config(args, local_stack=True), args.name, shards=args.shards,
                                            cache_dir=args.cache_dir, wait_s=args.wait)
         return cmd_release_delete(s3_config(args, local_stack=True), args.name, dry_run=args.dry_run,
-                                  cache_dir=args.cache_dir, home=args.home)
+                                  cache_dir=args.cache_dir, home=args.home, home_option=home_option(args.home))
     if args.command == "kb":
         from .commands import cmd_kb_add, cmd_kb_merge, cmd_kb_remove
         if args.kb_command == "merge":
@@ -991,6 +1024,12 @@ def _serve_text(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         from .commands import cmd_generate
+        remote_only = [flag for flag, given in (("--address", args.address), ("--home", args.home),
+                                                ("--stop", args.stop), ("--no-memory", args.no_memory),
+                                                ("--timeout", args.timeout), ("--tls-ca", args.tls_ca)) if given]
+        if remote_only:
+            raise ValueError(f"{', '.join(remote_only)}: only for generating from the decoder, and --checkpoint "
+                             "generates in-process: leave out --checkpoint or these options")
         references = list(args.reference)
         for file in args.reference_file:
             references.append(_read_text(file))
@@ -1001,11 +1040,15 @@ def _generate(args: argparse.Namespace) -> int:
     if args.reference or args.reference_file:
         raise ValueError("--reference/--reference-file need --checkpoint; the decoder retrieves from its release")
     from .stack_commands import cmd_generate_remote, decoder_address
-    return cmd_generate_remote(decoder_address(args.home, args.address, home_option(args.home)), args.prompt,
+    if args.device != "cpu":
+        raise ValueError("--device is for --checkpoint: the decoder runs where `serve decoder --device` put it")
+    home = args.home or DEFAULT_HOME
+    return cmd_generate_remote(decoder_address(home, args.address, home_option(home)), args.prompt,
                                max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, stop=args.stop, memory=not args.no_memory,
                                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                               show_references=True, timeout_s=args.timeout, tls_ca=args.tls_ca,
+                               show_references=True, tls_ca=args.tls_ca,
+                               timeout_s=GENERATE_TIMEOUT_S if args.timeout is None else args.timeout,
                                auth_token=os.environ.get("MEMORY3_AUTH_TOKEN") or None)
 
 

@@ -54,7 +54,7 @@ def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool, home_
 
     what = "a quick (tiny, one-minute)" if quick else "the small"
     print(f"release {name!r} not in the bucket: training {what} model and publishing it", file=sys.stderr)
-    cmd_train(s3, preset="small", quick=quick, release=name, work_dir=home / "runs" / name, seed=0, codec="bf16")
+    cmd_train(s3, preset=None, quick=quick, release=name, work_dir=home / "runs" / name, seed=0, codec="bf16")
 
 
 def cmd_up(home: Path, *, release: str | None, quick: bool, redis: bool, retrieval_policy: str, max_batch: int,
@@ -166,7 +166,12 @@ def cmd_generate_remote(address: str, prompt: str, *, max_tokens: int, temperatu
                         top_p: float, seed: int | None, stop: list[str], memory: bool, show_references: bool,
                         timeout_s: float, auth_token: str | None = None, tls_ca: Path | None = None,
                         presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> int:
-    """Stream an answer from the GenerationService; citations go to stderr, the text to stdout."""
+    """Stream an answer from the GenerationService; citations go to stderr, the text to stdout.
+    A token without `tls_ca` is refused: it is never sent in plaintext, and dropping it unsaid left
+    the decoder's UNAUTHENTICATED to explain."""
+    if auth_token and tls_ca is None:
+        raise ValueError("MEMORY3_AUTH_TOKEN is only sent over TLS: add --tls-ca (the PEM CA of the decoder's "
+                         "certificate), or unset it")
     import grpc
 
     from memory3.v1 import generation_service_pb2 as pb

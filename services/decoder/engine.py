@@ -820,7 +820,8 @@ class GenerationEngine:
             # A lead of chunk_len - 1 would ask for a chunk's successor at the chunk's first token,
             # while that token may still be waiting for its own memories.
             raise ValueError(f"retrieval_lead_tokens must be at most {model.config.chunk_len - 2} for chunks of "
-                             f"{model.config.chunk_len} tokens, got {config.retrieval_lead_tokens}")
+                             f"{model.config.chunk_len} tokens, got {config.retrieval_lead_tokens}: give "
+                             f"--retrieval-lead-tokens {model.config.chunk_len - 2} or less")
         model.eval()
         self.model, self.codec, self.retrieval, self.config = model, codec, retrieval, config
         self.release = release

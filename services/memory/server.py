@@ -56,7 +56,8 @@ class MemorySettings:
 
     def __post_init__(self) -> None:
         if self.ram_cache_bytes < 0:
-            raise ValueError(f"--ram-cache-mb must be >= 0 (0 disables the RAM tier), got {self.ram_cache_bytes}")
+            raise ValueError(f"--ram-cache-mb must be >= 0 (0 disables the RAM tier), "
+                             f"got {self.ram_cache_bytes / (1 << 20):g}")
         if self.redis_ttl_s < 0:
             raise ValueError(f"--redis-ttl must be >= 0 seconds (0: no expiry), got {self.redis_ttl_s}")
         if self.s3_workers < 1:

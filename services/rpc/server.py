@@ -264,7 +264,7 @@ def client_channel(address: str, *, tls_ca: Path | None = None, client_cert: Pat
     if tls_ca is None and auth_token is None:
         return grpc.aio.insecure_channel(address, options=options)
     if tls_ca is None:
-        raise ValueError("a token is only sent over TLS: give the server's CA (--tls-ca) too")
+        raise ValueError("a token is only sent over TLS: give the server's CA too")
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls_ca.read_bytes(),
         private_key=client_key.read_bytes() if client_key else None,

@@ -25,9 +25,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["TrainerService"]
 def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
     if not spec.release:
         raise InvalidInput("spec.release is required: the name of the release to publish")
-    return TrainingJobSpec(release=spec.release, preset=spec.preset or "small", quick=spec.quick,
-                           seed=spec.seed, codec=spec.codec or "bf16",
-                           bf16=spec.bf16 if spec.HasField("bf16") else None,
+    preset = spec.preset or ("tiny" if spec.quick else "small")  # as `memory3 train` chooses
+    return TrainingJobSpec(release=spec.release, preset=preset, quick=spec.quick, seed=spec.seed,
+                           codec=spec.codec or "bf16", bf16=spec.bf16 if spec.HasField("bf16") else None,
                            stage3_steps=spec.stage3_steps if spec.HasField("stage3_steps") else None,
                            attention_weight=spec.attention_weight if spec.HasField("attention_weight") else None,
                            index_kind=spec.index_kind or "auto")

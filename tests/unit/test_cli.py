@@ -283,5 +283,13 @@ def test_the_maximum_connection_age_reaches_the_server_and_zero_turns_it_off():
         return server_options(parse_args(["serve", "text", "--release", "r", *flags])).max_connection_age_s
 
     assert (age(), age("--max-connection-age", "15"), age("--max-connection-age", "0")) == (60.0, 15.0, None)
-    with pytest.raises(ValueError, match="maximum connection age must be > 0 seconds"):
-        age("--max-connection-age", "-1")
+
+
+def test_a_negative_maximum_connection_age_is_refused_naming_its_option(capsys):
+    """It reached the server's settings, whose error ("the maximum connection age must be > 0
+    seconds") named no option."""
+    from memory3.services.cli.main import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "text", "--release", "r", "--max-connection-age", "-1"])
+    assert capsys.readouterr().err.strip().endswith("argument --max-connection-age: '-1': give 0 or more seconds")

@@ -197,3 +197,126 @@ def test_release_gc_takes_the_shard_counts_served_or_none(capsys):
         with pytest.raises(SystemExit):
             parse_args(["release", "gc", "--shard-counts", bad])
         assert "give counts of 2 or more, comma-separated, or none" in capsys.readouterr().err
+
+
+def s3_env(monkeypatch) -> None:
+    """An object store that is given but never reached: the refusals below come first."""
+    for name, value in (("ENDPOINT", "127.0.0.1:9"), ("ACCESS_KEY", "k"), ("SECRET_KEY", "s")):
+        monkeypatch.setenv(f"MEMORY3_S3_{name}", value)
+    for name in ("MEMORY3_AUTH_TOKEN", "MEMORY3_DEPENDENCY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("service", ["decoder", "kserve"])
+def test_a_dependency_token_without_its_ca_is_refused_before_the_weights_load(service, monkeypatch, tmp_path):
+    """It was refused once the weights had loaded, by a check that named `--tls-ca`, which `serve` lacks."""
+    from memory3.services.cli.main import _decoder_settings
+
+    s3_env(monkeypatch)
+    monkeypatch.setenv("MEMORY3_DEPENDENCY_TOKEN", "t0ken")
+    base = ["serve", service, "--release", "r", "--text-address", "t:1", "--memory-address", "m:1"]
+    with pytest.raises(ValueError, match="^MEMORY3_DEPENDENCY_TOKEN is only sent over TLS: add --dependency-tls-ca"):
+        _decoder_settings(parse_args(base))
+    settings = _decoder_settings(parse_args([*base, "--dependency-tls-ca", str(tmp_path / "ca.pem")]))
+    assert settings.dependencies.auth_token == "t0ken"
+
+
+def test_a_kserve_port_taken_is_not_told_to_take_port_0(grpc_port, capsys, monkeypatch):
+    """The hint offered "0: any free port", which --http-port and --grpc-port refuse."""
+    s3_env(monkeypatch)
+    assert main(["serve", "kserve", "--release", "r", "--http-port", str(grpc_port)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"another server listens on 0.0.0.0:{grpc_port}; stop it, or pass --http-port with another port")
+
+
+def test_a_negative_ram_cache_is_reported_in_mib(capsys, monkeypatch):
+    """It was reported in bytes: --ram-cache-mb -1 said "got -1048576"."""
+    s3_env(monkeypatch)
+    assert main(["serve", "memory", "--release", "r", "--ram-cache-mb", "-1"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--ram-cache-mb must be >= 0 (0 disables the RAM tier), got -1")
+
+
+def test_a_token_is_not_dropped_when_generate_has_no_tls(capsys, monkeypatch):
+    """Over plaintext the token was left out unsaid, and the decoder answered UNAUTHENTICATED."""
+    monkeypatch.setenv("MEMORY3_AUTH_TOKEN", "t0ken")
+    assert main(["generate", "hi", "--address", "127.0.0.1:9", "--timeout", "5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "memory3 generate: error: MEMORY3_AUTH_TOKEN is only sent over TLS: add --tls-ca (the PEM CA of the "
+        "decoder's certificate), or unset it")
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--checkpoint", "ck", "--stop", "."], "--stop: only for generating from the decoder"),
+    (["--checkpoint", "ck", "--no-memory", "--timeout", "9"], "--no-memory, --timeout: only for generating from"),
+    (["--checkpoint", "ck", "--address", "h:1", "--home", "h", "--tls-ca", "ca.pem"],
+     "--address, --home, --tls-ca: only for generating from the decoder, and --checkpoint generates in-process"),
+    (["--address", "h:1", "--device", "cuda"], "--device is for --checkpoint"),
+])
+def test_generate_refuses_options_its_chosen_form_ignores(argv, said, capsys):
+    """With --checkpoint, --stop, --no-memory, --timeout and the decoder's address were ignored unsaid."""
+    assert main(["generate", "hi", *argv]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_generate_device_is_checked_as_it_is_parsed(capsys):
+    """--device auto reached torch, which listed its device types; a typo too."""
+    assert parse_args(["generate", "hi", "--checkpoint", "ck"]).device == "cpu"
+    assert "argument --device: auto is for training: give cpu or cuda[:N]" in refused(
+        ["generate", "hi", "--checkpoint", "ck", "--device", "auto"], capsys)
+    assert "argument --device: --device 'gpu'" in refused(["generate", "hi", "--device", "gpu"], capsys)
+
+
+def test_train_names_no_preset_unless_one_is_given():
+    """The default `small` could not be told from `--preset small`, which --quick then trained as tiny."""
+    assert parse_args(["train", "--release", "r"]).preset is None
+    assert parse_args(["train", "--release", "r", "--preset", "small"]).preset == "small"
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["release", "shard-index", "r", "--shards", "1"], "argument --shards: 1: give 2 or more (a text service"),
+    (["up", "--text-shards", "65"], "argument --text-shards: 65: give 64 at most"),
+    (["serve", "decoder", "--max-batch", "0"], "argument --max-batch: 0: give 1 or more"),
+    (["serve", "decoder", "--max-waiting", "-1"], "argument --max-waiting: -1: give 0 or more"),
+    (["serve", "kserve", "--max-streams-per-client", "-1"], "argument --max-streams-per-client: -1: give 0 or more"),
+    (["serve", "decoder", "--prefill-tokens", "-1"], "argument --prefill-tokens: -1: give 0 or more"),
+    (["serve", "decoder", "--retrieval-lead-tokens", "-1"], "argument --retrieval-lead-tokens: -1: give 0 or more"),
+])
+def test_counts_are_refused_naming_their_option_before_anything_runs(argv, said, capsys):
+    """--shards 1 was refused once the object store was reached; the decoder's counts by the engine's
+    settings, as "max_batch must be >= 1", naming no option."""
+    assert said in refused(argv, capsys)
+
+
+def test_a_retrieval_lead_too_long_for_the_chunks_names_its_option(tiny_model, text_codec):
+    from memory3.services.decoder.engine import EngineConfig, GenerationEngine
+
+    with pytest.raises(ValueError, match="give --retrieval-lead-tokens 62 or less$"):
+        GenerationEngine(tiny_model, text_codec, None, EngineConfig(retrieval_lead_tokens=63))
+
+
+def test_release_delete_of_the_served_release_says_how_to_stop_that_stack(tmp_path, capsys, monkeypatch):
+    """The hint said `memory3 down` without the --home given: followed, it stopped another stack, or none."""
+    from types import SimpleNamespace
+
+    s3_env(monkeypatch)
+    served = SimpleNamespace(release="r", s3_config=S3Config("127.0.0.1:9", "k"))
+    monkeypatch.setattr("memory3.services.stack.stack_is_up", lambda _home: served)
+    home = tmp_path / "home"
+    assert main(["release", "delete", "r", "--home", str(home)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"stop it first (`memory3 down --home {home}`)")
+
+
+@pytest.mark.parametrize(("command", "options"), [
+    ("up", ["--max-batch", "--retrieval-policy"]),
+    ("generate", ["--temperature", "--top-k", "--top-p", "--seed"]),
+    ("serve", ["--dtype"]),
+])
+def test_options_say_what_they_do(command, options):
+    from memory3.services.cli.main import build_parser
+
+    parser = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    helps = {flag: action.help for action in parser._actions for flag in action.option_strings}
+    assert all(helps[option] for option in options), helps
+    if command == "serve":  # float32 also on a GPU, where the chart passes bfloat16
+        assert "default float32" in helps["--dtype"] and "bfloat16" in helps["--dtype"]

@@ -81,7 +81,8 @@ def test_bf16_and_stage3_steps_reach_the_command(tmp_path):
 def test_unset_fields_keep_the_presets_defaults(tmp_path):
     spec = spec_from_proto(pb.TrainingSpec(release="r2", quick=True))
     assert (spec.preset, spec.codec, spec.bf16, spec.stage3_steps, spec.attention_weight, spec.index_kind) == \
-        ("small", "bf16", None, None, None, "auto")
+        ("tiny", "bf16", None, None, None, "auto")  # a quick run without a preset is the one-minute tiny one
+    assert spec_from_proto(pb.TrainingSpec(release="r2")).preset == "small"
     args = train_args(spec, tmp_path)
     assert args.bf16 is None and args.stage3_steps is None and args.quick and args.attention_weight is None
     assert args.index_kind == "auto"

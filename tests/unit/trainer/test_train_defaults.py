@@ -47,9 +47,13 @@ def test_given_flags_win_over_the_defaults():
     assert train.stage3.lr == TrainConfig().stage3.lr  # only the steps change
 
 
-def test_quick_keeps_its_short_stages():
-    quick = train_pipeline_config(preset="small", quick=True, seed=0)
+def test_quick_keeps_its_short_stages_and_trains_the_preset_it_is_given():
+    """`--preset small --quick` trained tiny, as the chart's Job does that renders `--preset small`."""
+    quick = train_pipeline_config(preset=None, quick=True, seed=0)
     assert quick.preset == "tiny" and quick.train.total_steps < 100
+    assert train_pipeline_config(preset=None, quick=False, seed=0).preset == "small"
+    named = train_pipeline_config(preset="small", quick=True, seed=0)
+    assert named.preset == "small" and named.train.total_steps == quick.train.total_steps
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

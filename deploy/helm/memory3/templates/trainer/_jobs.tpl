@@ -75,8 +75,10 @@ template:
         {{- end }}
           - --release
           - {{ $release | quote }}
+          {{- with $t.preset }}
           - --preset
-          - {{ $t.preset | quote }}
+          - {{ . | quote }}
+          {{- end }}
           {{- if $t.quick }}
           - --quick
           {{- end }}
