@@ -152,7 +152,7 @@ class RedisTier:
                 cluster = None
             if cluster:
                 raise RedisUnusable(f"Redis at {self.where} is a Cluster node: give the cluster as "
-                                    f"redis+cluster://HOST:PORT[,HOST:PORT…] (--redis-url)")
+                                    f"redis+cluster://HOST:PORT[,HOST:PORT…] (--redis-url or MEMORY3_REDIS_URL)")
         probe = self.key(f"probe/{uuid.uuid4().hex}")
         try:
             await self.client.set(probe, b"1", ex=10)
@@ -163,7 +163,8 @@ class RedisTier:
                 return
             raise RedisUnusable(f"Redis at {self.where} refuses the memory tier's commands on {KEY_PREFIX}* keys "
                                 f"({e}): grant its user those keys and GET, SET, MGET, DEL, or point --redis-url "
-                                "at the primary; without --redis-url the service reads the object store") from e
+                                "(or MEMORY3_REDIS_URL) at the primary; without either the service reads the object "
+                                "store") from e
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None] | None:
         """Values for bank keys (None per miss), pipelined in one round trip; None if the tier is down."""
