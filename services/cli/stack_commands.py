@@ -54,7 +54,15 @@ def ensure_release(s3, name: str, *, home: Path, quick: bool, train: bool, home_
 
     what = "a quick (tiny, one-minute)" if quick else "the small"
     print(f"release {name!r} not in the bucket: training {what} model and publishing it", file=sys.stderr)
-    cmd_train(s3, preset=None, quick=quick, release=name, work_dir=home / "runs" / name, seed=0, codec="bf16")
+    from memory3.services.trainer.pipeline import WorkDirTaken
+
+    work_dir = home / "runs" / name
+    try:
+        cmd_train(s3, preset=None, quick=quick, release=name, work_dir=work_dir, seed=0, codec="bf16")
+    except WorkDirTaken as e:  # `up` takes no --work-dir, which the trainer's message offers
+        raise ValueError(f"{work_dir} holds a run of another configuration ({e.differences}), left by a "
+                         f"`memory3 train --release {name}` of other settings: finish that run with its own "
+                         f"command, or remove {work_dir} to train the stack's release from the start") from e
 
 
 def cmd_up(home: Path, *, release: str | None, quick: bool, redis: bool, retrieval_policy: str, max_batch: int,

@@ -287,6 +287,15 @@ def config_leaves(config: dict, prefix: str = "") -> dict:
     return out
 
 
+class WorkDirTaken(ValueError):
+    """The work directory holds a run of another configuration (`differences`: what differs)."""
+
+    def __init__(self, work_dir: Path, differences: str) -> None:
+        super().__init__(f"{work_dir} holds a run with another configuration ({differences}); use a new "
+                         "--work-dir, or the same settings to resume it")
+        self.work_dir, self.differences = work_dir, differences
+
+
 def _check_same_config(work_dir: Path, config: PipelineConfig) -> None:
     """A work directory belongs to one configuration: resuming another would mix two runs. Run
     settings may differ (a pod rescheduled on a CPU without native bf16 resumes its run)."""
@@ -297,9 +306,8 @@ def _check_same_config(work_dir: Path, config: PipelineConfig) -> None:
         differ = sorted(k for k in previous.keys() | now.keys()
                         if previous.get(k) != now.get(k) and k not in RUN_SETTINGS)
         if differ:
-            raise ValueError(f"{work_dir} holds a run with another configuration ("
-                             + "; ".join(f"{k} {previous.get(k)!r} there, {now.get(k)!r} now" for k in differ[:3])
-                             + "); use a new --work-dir, or the same settings to resume it")
+            raise WorkDirTaken(work_dir, "; ".join(f"{k} {previous.get(k)!r} there, {now.get(k)!r} now"
+                                                   for k in differ[:3]))
     else:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(current, indent=2))

@@ -269,6 +269,27 @@ def test_a_missing_release_gets_a_hint_that_keeps_a_store_up_for_train(tmp_path,
         "`memory3 train --release nosuch --quick --home h` trains and publishes it into the stack's store")
 
 
+def test_a_work_dir_of_another_run_is_to_be_finished_or_removed_not_changed(tmp_path, monkeypatch):
+    """`up` trains into HOME/runs/NAME, where a `memory3 train --release NAME` of other settings may have
+    left a run; the trainer's message then told `up` to use a new --work-dir, which it does not take."""
+    from memory3.services.trainer.pipeline import WorkDirTaken
+
+    monkeypatch.setattr("memory3.services.storage.object_store.ObjectStore",
+                        lambda _config: SimpleNamespace(exists=lambda _key: False))
+
+    def taken(*_args, work_dir, **_kwargs):
+        raise WorkDirTaken(work_dir, "preset 'small' there, 'tiny' now")
+
+    monkeypatch.setattr("memory3.services.cli.commands.cmd_train", taken)
+    with pytest.raises(ValueError) as failed:
+        stack_commands.ensure_release(S3Config("127.0.0.1:9", "k"), "quick-v1", home=tmp_path, quick=True, train=True)
+    runs = tmp_path / "runs" / "quick-v1"
+    assert str(failed.value) == (
+        f"{runs} holds a run of another configuration (preset 'small' there, 'tiny' now), left by a `memory3 train "
+        f"--release quick-v1` of other settings: finish that run with its own command, or remove {runs} to train "
+        "the stack's release from the start")
+
+
 def test_hints_repeat_the_home_that_was_given(tmp_path, sleepers, monkeypatch, capsys):
     home = tmp_path / "my home"
     assert home_option(DEFAULT_HOME) == "" and home_option(home) == f" --home '{home}'"
