@@ -166,17 +166,11 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
     name before it is written (one cut short may have landed)."""
     files: dict[str, dict] = {}
 
-    def put(file: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_file(file: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """A file written here, streamed up: weights, an index and a table may each be gigabytes."""
         check_held()
         written.append(release_key(name, file))
-        store.put_bytes(release_key(name, file), data, content_type)
-        files[file] = {"sha256": sha256(data), "bytes": len(data)}
-
-    def put_file(file: str, path: Path) -> None:
-        """`put` for a file written here, streamed: a large preset's weights are gigabytes."""
-        check_held()
-        written.append(release_key(name, file))
-        store.put_file(release_key(name, file), path)
+        store.put_file(release_key(name, file), path, content_type)
         files[file] = {"sha256": sha256_of_file(path), "bytes": path.stat().st_size}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,9 +231,13 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
     index = index.fitted(index_kind, exact_vectors=exact_vectors)
     if index.kind != was:
         log(f"index: {index.kind} for {len(rows)} references (was {was}; index kind {index_kind!r})")
-    put(INDEX_FILE, index.to_bytes())
-    put(REFERENCES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(),
-        "application/x-ndjson")
+    with tempfile.TemporaryDirectory() as tmp:  # written to disk and streamed up: each is gigabytes at scale
+        index.write(Path(tmp) / INDEX_FILE)
+        put_file(INDEX_FILE, Path(tmp) / INDEX_FILE)
+        with open(Path(tmp) / REFERENCES_FILE, "w", encoding="utf-8") as table:
+            for row in rows:
+                table.write(json.dumps(row, ensure_ascii=False) + "\n")
+        put_file(REFERENCES_FILE, Path(tmp) / REFERENCES_FILE, "application/x-ndjson")
 
     manifest = Manifest(
         name=name, created=datetime.now(UTC).isoformat(timespec="seconds"), files=files,
