@@ -685,8 +685,9 @@ class Scheduler:
         metrics.GENERATION_TOKENS.inc()
         request = stream.request
         if token in self.stop_ids and (not request.ignore_eos or token in request.stop_token_ids):
-            if request.logprobs is not None:  # reported, with its logprob, as vLLM reports it
-                self._emit(stream, _Tokens([token], [logprob] if logprob is not None else []))
+            # Counted and listed, never spelled, as vLLM does, logprobs or not: with them alone it
+            # was, and a reply's `completion_tokens` depended on whether logprobs were asked for.
+            self._emit(stream, _Tokens([token], [logprob] if logprob is not None else [], spelled=False))
             self._finish(stream, "stop")
             return
         stream.tokens.append(token)

@@ -11,6 +11,7 @@ cancels it when its client leaves; the engine's stream then frees its slot.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -21,6 +22,11 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
+
+# The most a generation request's body may hold: prompts are at most 64 KiB of text each, a batch of
+# them a few MiB. A body was read whole, then parsed into objects several times its size, before any
+# limit looked at it: a few of gigabytes put the pod, and every stream on its GPU, out of memory.
+MAX_BODY_BYTES = 16 << 20
 
 # The host of the HTTP client whose request this task serves ("": none, e.g. a gRPC call). KServe
 # hands a model the request's headers only; WatchClients sets this for the request's task.
@@ -49,14 +55,19 @@ class WatchClients:
     """
 
     def __init__(self, app: ASGIApp, *, watched: Callable[[str], bool],
-                 cut_reply: Callable[[str], ASGIApp] | None = None) -> None:
+                 cut_reply: Callable[[str], ASGIApp] | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        """A body over `max_body_bytes` (declared, or as it arrives) is answered 413, the app cancelled."""
         self.app = app
         self.watched = watched
         self.cut_reply = cut_reply
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.watched(scope["path"]):
             await self.app(scope, receive, send)
+            return
+        if _declared_length(scope) > self.max_body_bytes:
+            await _too_large(send, self.max_body_bytes)
             return
         client = scope.get("client")
         CLIENT_HOST.set(client[0] if client else "")
@@ -64,7 +75,11 @@ class WatchClients:
         inbox: asyncio.Queue[Message] = asyncio.Queue()
         app = asyncio.ensure_future(self.app(scope, inbox.get, response.send))
         try:
-            await _forward_until_disconnect(receive, inbox, app)
+            if await _forward_until_disconnect(receive, inbox, app, self.max_body_bytes):
+                await _cancel(app)
+                if not response.started:
+                    await _too_large(response.send, self.max_body_bytes)
+                return
             if not app.done() and not response.complete:
                 app.cancel()  # the client hung up: stop generating for it
             await asyncio.wait({app})
@@ -103,8 +118,28 @@ class _ResponseState:
             self.complete = True
 
 
-async def _forward_until_disconnect(receive: Receive, inbox: asyncio.Queue[Message], app: asyncio.Future) -> None:
-    """Pass the client's messages on to the app until the app ends or the connection does."""
+def _declared_length(scope: dict) -> int:
+    """The body's Content-Length (0: none, or not a number: the bytes are counted as they come)."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = json.dumps({"error": {"message": f"the request body is over {limit >> 20} MiB: send less (a prompt is at "
+                                            "most 64 KiB of text)", "type": "invalid_request_error", "param": None,
+                                 "code": 413}}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _forward_until_disconnect(receive: Receive, inbox: asyncio.Queue[Message], app: asyncio.Future,
+                                    max_body_bytes: int) -> bool:
+    """Pass the client's messages on to the app until the app ends or the connection does; True when
+    the body went over `max_body_bytes` (the rest is not read)."""
+    body_bytes = 0
     while not app.done():
         receiving = asyncio.ensure_future(receive())
         try:
@@ -113,8 +148,12 @@ async def _forward_until_disconnect(receive: Receive, inbox: asyncio.Queue[Messa
             if not receiving.done():
                 receiving.cancel()
         if receiving not in done:
-            return
+            return False
         message = receiving.result()
+        body_bytes += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+        if body_bytes > max_body_bytes:
+            return True
         inbox.put_nowait(message)
         if message["type"] == "http.disconnect":
-            return
+            return False
+    return False

@@ -73,6 +73,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from memory3.model.tokenizer import TextCodec
 
@@ -119,6 +120,8 @@ def add_completion_routes(app: FastAPI, current: Callable[[], GenerationEngine],
         async def handle(request: Request) -> Response:
             try:
                 return await answer(request, _json_object(await request.body(), required), current())
+            except ClientDisconnect:  # gone while sending its body: nobody reads a reply, and nothing failed
+                return Response(status_code=499)
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-style error
                 return error_response(exc)
         return handle
@@ -180,8 +183,10 @@ def _error_body(status: int, message: str) -> dict:
 def _json_object(raw: bytes, required: str) -> dict:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInput(f"the body is not valid JSON ({e}); send a JSON object with at least \"{required}\"") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and what JSON parses but Python cannot hold:
+        # an integer of over 4300 digits, arrays nested a thousand deep (a 500, logged as the server's fault)
+        raise InvalidInput(f"the body is not valid JSON ({str(e)[:200]}); send a JSON object with at least "
+                           f"\"{required}\"") from e
     if not isinstance(body, dict):
         raise InvalidInput(f"the body must be a JSON object with at least \"{required}\"")
     return body
@@ -240,6 +245,9 @@ async def parse_completion(body: dict, engine: GenerationEngine, model_name: str
     options, stream, include_usage = _options(body, client)
     asked = _asked_prompt_logprobs(body, stream)
     score_only = (echo or asked is not None) and max_tokens == 0  # the prompt alone, scored
+    if max_tokens == 0 and not score_only:
+        raise InvalidInput("max_tokens must be at least 1 (0 scores the prompt alone, with \"echo\" or "
+                           "\"prompt_logprobs\"); leave it out for the server's default")
     # What the engine reports of the prompt: enough for the echo's logprobs and for the extension's.
     wanted = [k for k in (logprobs if echo else None, asked, 0 if score_only else None) if k is not None]
     prompt_logprobs = max(wanted) if wanted else None
@@ -269,9 +277,12 @@ async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, temp
     _check_fields(body, CHAT_KNOWN, CHAT_NEUTRAL)
     _check_model(body, engine, model_name)
     prompt = template.render(chat_messages(body.get("messages")))
-    max_tokens, newer = _typed(body, "max_tokens", int, 0), _typed(body, "max_completion_tokens", int, 0)
-    if max_tokens and newer and max_tokens != newer:
+    max_tokens, newer = _typed(body, "max_tokens", int, None), _typed(body, "max_completion_tokens", int, None)
+    if max_tokens is not None and newer is not None and max_tokens != newer:
         raise InvalidInput("max_tokens and max_completion_tokens differ: give one of them")
+    if 0 in (max_tokens, newer):  # it meant the server's default, where OpenAI and vLLM refuse it
+        raise InvalidInput(f"{'max_tokens' if max_tokens == 0 else 'max_completion_tokens'} must be at least 1; "
+                           "leave it out for the server's default")
     top_logprobs = _typed(body, "top_logprobs", int, None)
     if top_logprobs is not None and not _typed(body, "logprobs", bool, False):
         raise InvalidInput("top_logprobs needs \"logprobs\": true")
@@ -279,7 +290,7 @@ async def parse_chat(body: dict, engine: GenerationEngine, model_name: str, temp
     n = _choices(body, engine, 1)
     options, stream, include_usage = _options(body, client, extra_stop=template.stop)
     asked = _asked_prompt_logprobs(body, stream)
-    request = await build_request(engine, prompt=prompt, max_tokens=newer or max_tokens, logprobs=logprobs,
+    request = await build_request(engine, prompt=prompt, max_tokens=newer or max_tokens or 0, logprobs=logprobs,
                                   prompt_logprobs=asked, **options)
     return Ask([request], n, stream, include_usage, prompt_logprobs=asked)
 

@@ -107,8 +107,7 @@ def reference_tokens(model, body, memories_provider, prefix, max_tokens, eos, le
     kwargs = {"prefix": prefix, "memory_provider": memories_provider, "query_lead": lead} if memories_provider else {}
     out = generate(model, [body], max_new_tokens=max_tokens, stop_tokens=[eos, *stop_ids], min_new_tokens=min_tokens,
                    sampling=dataclasses.replace(sampling, vocab_limit=259), **kwargs)
-    ended = out.finish_reasons[0] == "stop" and out.tokens[0][-1] == eos
-    return out.tokens[0][:-1] if ended else out.tokens[0]  # the engine drops the end-of-sequence token
+    return out.tokens[0]  # the end-of-sequence token included, as the engine lists it (unspelled)
 
 
 @pytest.mark.parametrize(("use_memory", "stagger", "lead", "prefill_tokens"),
@@ -648,12 +647,28 @@ def test_min_tokens_and_stop_token_ids_end_each_stream_as_generate_ends_it(tiny_
                                                           lead=8, sampling=to_eos, min_tokens=70)
         assert got["x after 3"][0] == reference_tokens(tiny_model, body, None, [], 40, eos, sampling=to_x,
                                                        stop_ids=(x,), min_tokens=3)
-    assert len(got["eos after 70"][0]) == 70 and got["eos after 70"][2][-1].finish_reason == "stop"
+    tokens, text, events = got["eos after 70"]  # listed and counted (as vLLM does), never spelled
+    assert len(tokens) == 71 and eos not in tokens[:70] and tokens[70] == eos and text == text_codec.decode(tokens[:70])
+    assert events[-1].finish_reason == "stop" and events[-1].usage.completion_tokens == 71
     tokens, text, events = got["x after 3"]
     assert len(tokens) == 4 and x not in tokens[:3] and tokens[3] == x and text == text_codec.decode(tokens[:3])
     assert events[-1].finish_reason == "stop" and events[-1].usage.completion_tokens == 4
     assert got["x, no stop"][0] == [x] * 20 and got["x, no stop"][2][-1].finish_reason == "length"
-    assert got["eos listed"][0] == [] and got["eos listed"][2][-1].finish_reason == "stop"
+    assert got["eos listed"][0] == [eos] and got["eos listed"][2][-1].finish_reason == "stop"
+
+
+def test_the_end_of_sequence_token_is_counted_whether_or_not_logprobs_are_asked(tiny_model, text_codec):
+    """It was listed, and counted in `completion_tokens`, only with logprobs: one answer, two usages."""
+    body = prompts(1, text_codec)[0]
+    eos = text_codec.eos_id
+    ends = SamplingParams(logit_bias=((eos, 100.0),))
+    replies = [collect_alone(GenerationEngine(tiny_model, text_codec, None, EngineConfig()),
+                             GenerationRequest(body, 20, sampling=ends, min_tokens=2, use_memory=False, logprobs=k))
+               for k in (None, 0)]
+    for tokens, text, events in replies:
+        assert len(tokens) == 3 and tokens[2] == eos and events[-1].usage.completion_tokens == 3
+        assert text == text_codec.decode(tokens[:2])
+    assert replies[0][0] == replies[1][0]
 
 
 @pytest.mark.parametrize(("stop", "min_tokens", "always", "expected"), [

@@ -72,3 +72,53 @@ def test_a_response_left_unfinished_is_the_server_s_to_close():
     sent, ended = served_until_cancelled(stream)
     assert isinstance(ended, asyncio.CancelledError)  # Uvicorn closes the connection
     assert [m.get("status") for m in sent] == [200, None]
+
+
+def served(app, messages: list[dict], *, headers=(), max_body_bytes: int = 10) -> list[dict]:
+    """Run `app` behind WatchClients with a client that sends `messages`, then stays."""
+    sent: list[dict] = []
+    pending = list(messages)
+
+    async def receive() -> dict:
+        return pending.pop(0) if pending else await connected()
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        middleware = WatchClients(app, watched=lambda path: True, max_body_bytes=max_body_bytes)
+        await middleware({**SCOPE, "headers": list(headers)}, receive, send)
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    return sent
+
+
+async def echo(scope, receive, send):
+    """Reads the whole body, then answers it."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_body_over_the_limit_is_answered_413_declared_or_as_it_arrives():
+    """A body was buffered whole (and parsed into objects several times its size) before any limit looked."""
+    called = []
+
+    async def never(scope, receive, send):
+        called.append(scope)
+
+    declared = served(never, [], headers=[(b"content-length", b"11")])
+    assert not called and declared[0]["status"] == 413
+    assert b"the request body is over 0 MiB" in declared[-1]["body"]
+    chunks = [{"type": "http.request", "body": b"123456", "more_body": True},
+              {"type": "http.request", "body": b"78901", "more_body": False}]
+    arriving = served(echo, chunks)  # no Content-Length: counted as it comes, the app cut at 11 bytes
+    assert [m.get("status") for m in arriving] == [413, None]
+    within = served(echo, [{"type": "http.request", "body": b"1234567890", "more_body": False}],
+                    headers=[(b"content-length", b"10")])
+    assert [m.get("status") for m in within] == [200, None] and within[-1]["body"] == b"1234567890"

@@ -450,3 +450,59 @@ def test_a_batch_with_a_bad_prompt_is_refused_before_any_prompt_starts(tiny_mode
     reply, aborted, accepted = serve(tiny_model, text_codec, calls)
     assert reply.status_code == 400 and reply.json()["error"]["message"].startswith("prompt[1]: the prompt has")
     assert (aborted, accepted) == (0, 0)
+
+
+def test_bodies_python_cannot_hold_and_a_max_tokens_of_0_are_the_clients_errors(tiny_model, text_codec, caplog):
+    """An integer of over 4300 digits, or arrays nested a thousand deep, parse as JSON but not in Python:
+    a 500, logged as the server's fault. A max_tokens of 0 meant the server's default (128 tokens),
+    where OpenAI and vLLM refuse it; it still scores a prompt alone with echo."""
+    import logging
+
+    async def calls(client, engine):
+        got = []
+        for raw in ('{"prompt": ' + "9" * 5000 + "}", "[" * 5000 + "]" * 5000):
+            got.append(await client.post("/v1/completions", content=raw))
+        for path, body in (("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_completion_tokens": 0})):
+            got.append(await client.post(path, json={**body, "use_memory": False}))
+        scored = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "echo": True,
+                                                            "use_memory": False})
+        return got, scored
+
+    with caplog.at_level(logging.ERROR):
+        got, scored = serve(tiny_model, text_codec, calls)
+    assert [r.status_code for r in got] == [400] * 5 and not caplog.records
+    assert all(r.json()["error"]["type"] == "invalid_request_error" for r in got)
+    assert "the body is not valid JSON (Exceeds the limit (4300 digits)" in got[0].json()["error"]["message"]
+    assert [r.json()["error"]["message"].split(";")[0] for r in got[2:]] == [
+        "max_tokens must be at least 1 (0 scores the prompt alone, with \"echo\" or \"prompt_logprobs\")",
+        "max_tokens must be at least 1", "max_completion_tokens must be at least 1"]
+    assert scored.status_code == 200 and scored.json()["choices"][0]["text"] == PROMPT
+
+
+def test_a_client_gone_while_sending_its_body_is_no_server_error(tiny_model, text_codec, caplog):
+    """Starlette's ClientDisconnect became a 500 "completion failed", with a traceback at ERROR."""
+    import logging
+
+    sent = []
+
+    async def main():
+        app = FastAPI()
+        add_completion_routes(app, lambda: None, "memory3")
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b"",
+                 "client": ("10.0.0.7", 5000), "server": ("decoder", 80), "scheme": "http", "root_path": "",
+                 "http_version": "1.1"}
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    assert not caplog.records and sent[0]["status"] == 499
