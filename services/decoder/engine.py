@@ -908,8 +908,12 @@ class GenerationEngine:
 
     # ---- validation ----
     def room(self, body: Sequence[int], use_memory: bool) -> int:
-        """How many tokens a prompt `body` leaves room for in a row of this server's context."""
-        return self.max_seq_len - (len(self.prefix) if use_memory else 0) - len(body)
+        """How many tokens a prompt `body` leaves room for in a row of this server's context (the
+        reference prefix takes some only where memories are read: asked for, and a retrieval to read)."""
+        return self.max_seq_len - self._prefix_room(use_memory) - len(body)
+
+    def _prefix_room(self, use_memory: bool) -> int:
+        return len(self.prefix) if use_memory and self.retrieval is not None else 0
 
     def validate(self, request: GenerationRequest) -> None:
         body = request.prompt_ids
@@ -941,9 +945,9 @@ class GenerationEngine:
                                + (": raise max_tokens too" if request.min_tokens > request.max_tokens else ""))
         room = self.room(body, request.use_memory)
         if room < 1:
-            prefix = len(self.prefix) if request.use_memory else 0
             raise InvalidInput(f"the prompt has {len(body)} tokens; this server's context holds "
-                               f"{self.max_seq_len - prefix - 1} prompt tokens at most: shorten it")
+                               f"{self.max_seq_len - self._prefix_room(request.use_memory) - 1} prompt tokens at "
+                               "most: shorten it")
         if request.max_tokens > room:
             raise InvalidInput(f"max_tokens={request.max_tokens} does not fit: the prompt ({len(body)} tokens) "
                                f"leaves room for {room} new tokens in this server's context of {self.max_seq_len}")

@@ -1331,3 +1331,17 @@ def test_a_generated_chunks_retrieval_ends_with_its_request(tiny_model, text_cod
             await engine.close()
 
     assert run(main()) == (1, 0)
+
+
+def test_an_engine_without_retrieval_leaves_a_prompt_the_room_of_the_prefix(tiny_model, text_codec, memories):
+    """It kept room for the reference prefix, which only a stream that reads memories puts in its row:
+    a prompt that fitted was refused, and a default max_tokens was that much shorter."""
+    without = GenerationEngine(tiny_model, text_codec, None, EngineConfig())
+    with_retrieval = GenerationEngine(tiny_model, text_codec, FakeRetrieval(memories), EngineConfig())
+    body = [text_codec.bos_id] + [65] * (without.max_seq_len - 8)
+    assert without.room(body, True) == without.room(body, False) == 7
+    assert with_retrieval.room(body, True) == 7 - len(with_retrieval.prefix) and with_retrieval.prefix
+    without.validate(GenerationRequest(body, 7))
+    with pytest.raises(InvalidInput, match=f"context holds {without.max_seq_len - len(with_retrieval.prefix) - 1} "
+                                           "prompt tokens at most: shorten it"):
+        with_retrieval.validate(GenerationRequest(body, 7))

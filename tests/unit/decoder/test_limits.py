@@ -98,7 +98,7 @@ def test_the_default_max_tokens_fits_what_the_prompt_leaves(tiny_model, text_cod
     client never sent; a number the client did send is still judged."""
     engine = GenerationEngine(tiny_model, text_codec, None, EngineConfig(default_max_tokens=128))
     room = 5
-    ids = [3 + i % 200 for i in range(engine.max_seq_len - len(engine.prefix) - room - 1)]
+    ids = [3 + i % 200 for i in range(engine.max_seq_len - room - 1)]  # no retrieval: no reference prefix
     request = build_request(engine, prompt_token_ids=ids)
     assert request.max_tokens == room
     engine.validate(request)
