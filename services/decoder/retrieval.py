@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from memory3.model.memory import ExplicitMemory
+from memory3.model.memory_format import MemoryFormatError
 
-from ..rpc.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from ..rpc.errors import DataLoss, DeadlineExceeded, ResourceExhausted, Unavailable
 from ..text.engine import INFERENCE_MAX_OVERLAP, Query, TextEngine, release_resources
 
 
@@ -75,7 +76,10 @@ class LocalRetrieval:
         return [[RetrievedReference(r.id, r.score, r.text) for r in hits] for hits in found]
 
     async def fetch(self, ids: Sequence[str]) -> list[ExplicitMemory]:
-        return await asyncio.to_thread(self.release.fetch_memories, list(ids))
+        try:
+            return await asyncio.to_thread(self.release.fetch_memories, list(ids))
+        except MemoryFormatError as e:  # corrupt, or another memory than the table's: as the memory service says
+            raise DataLoss(f"a memory failed validation: {e}") from e
 
 
 class CoalescingRetrieval:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_checkpoint, weights_digest
 from memory3.model.codecs import MemoryCodec, VQCodec
 from memory3.model.encoder import encode_references
-from memory3.model.memory_format import FORMAT_VERSION, encode_memory
+from memory3.model.memory_format import FORMAT_VERSION, MemoryFormatError, encode_memory, validate_memory
 from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
@@ -62,6 +62,31 @@ def conventions(model: Transformer, codec: TextCodec, memory_codec: MemoryCodec)
         "codec": memory_codec.name, "codec_fingerprint": memory_codec.fingerprint().hex(),
         "memory_format_version": FORMAT_VERSION,
     }
+
+
+def _store_memory(store: ObjectStore, key: str, blob: bytes, codec: MemoryCodec,
+                  shape: tuple[int, int, int, int]) -> bytes:
+    """Put `blob` under `key` unless the bank holds a valid memory there; the blob it holds after.
+
+    A bank is shared by the releases of one model, and a memory's key follows from its reference's
+    text, while its bytes do not: encoded again (in another batch, on another device), the same
+    reference gives other bytes within rounding. Another publication of it (a `kb add` sibling, an
+    encoding shard whose documents overlap another's, a fact removed and added again) replaced the
+    blob that published releases list by its sha256, and the memory service then refused it to them
+    (DATA_LOSS). A corrupt or missing blob is written, as a repair. Two publications writing a new
+    key at once may still both write it (S3 has no put-if-absent for every store)."""
+    try:
+        held = store.get_bytes(key)
+    except ObjectNotFound:
+        held = None
+    if held is not None:
+        try:
+            validate_memory(held, codec, shape)
+            return held
+        except MemoryFormatError:
+            pass
+    store.put_bytes(key, blob)
+    return blob
 
 
 def publish_release(
@@ -188,27 +213,33 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
     total_bytes = sum(r.get("memory_bytes", 0) for r in rows)
     bar = tqdm(total=len(references), desc=f"memory bank {name}", unit="ref", disable=not progress or not references,
                file=sys.stderr)
-    # One batch uploads while the next is encoded; a failed upload raises before the manifest.
-    uploading: list[Future] = []
+    # One batch uploads while the next is encoded; a failed upload raises before the manifest. A row
+    # records the blob the bank holds once its upload is done: another release's, where one was there.
+    shape = (len(model.config.memory_layers), model.config.n_kv_head, model.config.mem_tokens_per_head,
+             model.config.head_dim)
+    uploading: list[tuple[Reference, str, Future]] = []
+
+    def uploaded() -> None:
+        nonlocal total_bytes
+        for ref, key, future in uploading:
+            held = future.result()
+            rows.append({"id": ref.id, "text": ref.text, "source": ref.source, "memory_key": key,
+                         "memory_bytes": len(held), "memory_sha256": sha256(held)})
+            total_bytes += len(held)
+
     with ThreadPoolExecutor(max_workers=8) as pool:
         for start in range(0, len(references), batch_size):
             part = references[start : start + batch_size]
             with torch.inference_mode():
                 memories = encode_references(model, [list(r.tokens) for r in part], prefix)
             blobs = [encode_memory(m, memory_codec, model.config.ref_len) for m in memories]
-            keys = [memory_key(bank, r.id) for r in part]
-            for future in uploading:
-                future.result()
-            uploading = [pool.submit(store.put_bytes, key, blob) for key, blob in zip(keys, blobs, strict=True)]
-            for ref, key, blob in zip(part, keys, blobs, strict=True):
-                rows.append({"id": ref.id, "text": ref.text, "source": ref.source, "memory_key": key,
-                             "memory_bytes": len(blob), "memory_sha256": sha256(blob)})
-                total_bytes += len(blob)
+            uploaded()
+            uploading = [(ref, key, pool.submit(_store_memory, store, key, blob, memory_codec, shape))
+                         for ref, blob in zip(part, blobs, strict=True) for key in [memory_key(bank, ref.id)]]
             bar.update(len(part))
             if on_encoded is not None:
                 on_encoded(start + len(part), len(references))
-        for future in uploading:
-            future.result()
+        uploaded()
     bar.close()
 
     if references or parent_index is None:  # a derived release that only removes references embeds nothing

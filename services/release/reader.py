@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import TypeVar
 from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
 from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
 from memory3.model.memory import ExplicitMemory
-from memory3.model.memory_format import decode_memory
+from memory3.model.memory_format import MemoryFormatError, decode_memory
 from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
@@ -391,11 +392,17 @@ class Release:
         return (len(config["memory_layers"]), config["n_kv_head"], config["mem_tokens_per_head"], config["head_dim"])
 
     def fetch_memories(self, ids: Sequence[str]) -> list[ExplicitMemory]:
-        """Straight from the object store, each blob validated (the memory service adds caches)."""
+        """Straight from the object store, each blob validated, and checked against the sha256 its row
+        records, as the memory service checks it (which adds caches)."""
         codec, shape = self.memory_codec(), self.memory_shape()
         out = []
         for rid in ids:
-            if rid not in self.by_id:
+            row = self.by_id.get(rid)
+            if row is None:
                 raise ReleaseError(f"reference {rid!r} is not in release {self.name!r}")
-            out.append(decode_memory(self.store.get_bytes(self.by_id[rid]["memory_key"]), codec, expected_shape=shape))
+            blob = self.store.get_bytes(row["memory_key"])
+            if "memory_sha256" in row and hashlib.sha256(blob).hexdigest() != row["memory_sha256"]:
+                raise MemoryFormatError(f"release {self.name!r}: the bank's memory of {rid!r} is not the one its "
+                                        "reference table records (its sha256 differs)")
+            out.append(decode_memory(blob, codec, expected_shape=shape))
         return out

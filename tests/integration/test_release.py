@@ -185,3 +185,37 @@ def test_a_decoder_downloads_only_what_its_retrieval_reads(random_release, local
     assert files == set(release.manifest.files) - left_out
     release.load_model()  # all the engine reads
     release.text_codec(), release.memory_codec(), release.memory_shape()
+
+
+def test_a_publication_keeps_the_memories_other_releases_list(bucket, embedder, tmp_path, monkeypatch):
+    """A memory's key follows from its reference's text, its bytes do not: encoded again (in another
+    batch, on another device) the same reference differs within rounding. A sibling's publication of a
+    shared document replaced the blob published releases list by its sha256, and the memory service
+    then refused it to them (DATA_LOSS). Encodings that differ are made here by shifting the keys."""
+    from memory3.services.release import publish
+    from memory3.services.release.synthetic import publish_random_release
+
+    publish_random_release(bucket, "p", [("d", f"Base document {i} about harbours and tides.") for i in range(3)],
+                           embedder=embedder)
+    shared = "The lighthouse of Quarnby was built in 1871 from granite."
+    (tmp_path / "b.txt").write_text(shared)
+    (tmp_path / "c.txt").write_text(shared + "\n\nThe ferry to Quarnby leaves every hour from the north pier.")
+    kb_add(bucket, "p", [tmp_path / "b.txt"], "b", tmp_path / "cache", embedder=embedder, progress=False)
+    b = Release.open(bucket, "b", tmp_path / "cache")
+    held = {rid: bucket.get_bytes(row["memory_key"]) for rid, row in b.by_id.items()}
+
+    real = publish.encode_references
+
+    def elsewhere(*args, **kwargs):  # the same references, other rounding
+        return [dataclasses.replace(m, keys=m.keys + 0.01) for m in real(*args, **kwargs)]
+
+    monkeypatch.setattr(publish, "encode_references", elsewhere)
+    kb_add(bucket, "p", [tmp_path / "c.txt"], "c", tmp_path / "cache", embedder=embedder, progress=False)
+    c = Release.open(bucket, "c", tmp_path / "cache")
+    assert {rid: bucket.get_bytes(b.by_id[rid]["memory_key"]) for rid in b.by_id} == held  # none replaced
+    assert len(b.fetch_memories(list(b.by_id))) == len(b.by_id)  # each as b's table records it
+    assert len(c.fetch_memories(list(c.by_id))) == len(c.by_id)
+    both = (set(b.by_id) & set(c.by_id)) - set(Release.open(bucket, "p", tmp_path / "cache").by_id)
+    assert both and all(c.by_id[rid]["memory_sha256"] == b.by_id[rid]["memory_sha256"] for rid in both)
+    new = set(c.by_id) - set(b.by_id)
+    assert new and all(bucket.get_bytes(c.by_id[rid]["memory_key"]) for rid in new)

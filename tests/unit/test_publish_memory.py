@@ -1,0 +1,45 @@
+"""How a publication writes a memory into a bank other releases share (the store is a stand-in: the
+point is the choice; tests/integration/test_release.py publishes into a real S3 server)."""
+
+import torch
+
+from memory3.model.codecs import codec_from_name
+from memory3.model.memory import ExplicitMemory
+from memory3.model.memory_format import encode_memory
+from memory3.services.release.publish import _store_memory
+from memory3.services.storage.object_store import ObjectNotFound
+
+SHAPE = (2, 2, 4, 8)
+CODEC = codec_from_name("bf16")
+
+
+def blob(seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.arange(4).expand(2, 2, 4).clone()
+    return encode_memory(ExplicitMemory(torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g), positions),
+                         CODEC, ref_len=16)
+
+
+class Bucket:
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects, self.puts = dict(objects), []
+
+    def get_bytes(self, key: str) -> bytes:
+        if key not in self.objects:
+            raise ObjectNotFound(f"get {key}: NoSuchKey")
+        return self.objects[key]
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.puts.append(key)
+        self.objects[key] = data
+
+
+def test_a_valid_memory_in_the_bank_is_kept_and_a_missing_or_corrupt_one_written():
+    theirs, ours = blob(1), blob(2)
+    corrupt = bytearray(theirs)
+    corrupt[-1] ^= 0xFF
+    bucket = Bucket({"held": theirs, "corrupt": bytes(corrupt)})
+    assert _store_memory(bucket, "held", ours, CODEC, SHAPE) == theirs  # another release lists it: kept
+    assert _store_memory(bucket, "missing", ours, CODEC, SHAPE) == ours
+    assert _store_memory(bucket, "corrupt", ours, CODEC, SHAPE) == ours  # a repair
+    assert bucket.puts == ["missing", "corrupt"] and bucket.objects["held"] == theirs
