@@ -593,7 +593,8 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--default-max-tokens", type=int, default=128,
                        help="when a request sets no max_tokens (fewer when a long prompt leaves less room)")
     group.add_argument("--retrieval-policy", choices=["fail", "continue"], default="fail",
-                       help="text/memory service down: fail with UNAVAILABLE, or generate without memory and say so")
+                       help="text/memory service down, or a memory that fails validation: fail (UNAVAILABLE, "
+                            "DATA_LOSS), or generate without memory and say so")
     group.add_argument("--stall-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                        help="a model pass running this long means a stuck device: the decoder reports itself not "
                             "live (grpc.health.v1 name 'liveness'), to be restarted; above the longest prefill")

@@ -49,7 +49,7 @@ from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
 from ..rpc import metrics
-from ..rpc.errors import DeadlineExceeded, InvalidInput, ResourceExhausted, ServiceError, Unavailable
+from ..rpc.errors import DataLoss, DeadlineExceeded, InvalidInput, ResourceExhausted, ServiceError, Unavailable
 from .detokenizer import IncrementalDetokenizer
 from .retrieval import Retrieval, RetrievedReference
 
@@ -1151,10 +1151,10 @@ class GenerationEngine:
                 fetched = dict(zip(ids, await self.retrieval.fetch(ids), strict=True)) if ids else {}
                 groups = [[fetched[r.id] for r in refs] for refs in found]
                 citations = [Citation(i, False, refs) for i, refs in enumerate(found)]
-            except Unavailable as e:
+            except (Unavailable, DataLoss) as e:
                 if self.config.retrieval_policy == "fail":
                     raise
-                groups, failure = [[] for _ in queries], f"retrieval unavailable ({e}); generated without memory"
+                groups, failure = [[] for _ in queries], f"{_without_memory(e)}; generated without memory"
         resident = None
         if scored:
             if request.max_tokens and groups:
@@ -1179,11 +1179,11 @@ class GenerationEngine:
             if found:
                 memories = await self.retrieval.fetch([r.id for r in found])
             note = _Note(citation=Citation(prompt_chunks + chunk_number - 1, True, found), memories=len(memories))
-        except Unavailable as e:
+        except (Unavailable, DataLoss) as e:
             if self.config.retrieval_policy == "fail":
                 self.scheduler.post(("fail", stream, e))
                 return
-            note = _Note(warning=f"retrieval unavailable ({e}); chunk {chunk_number} generated without memory")
+            note = _Note(warning=f"{_without_memory(e)}; chunk {chunk_number} generated without memory")
         except ServiceError as e:
             self.scheduler.post(("fail", stream, e))
             return
@@ -1194,6 +1194,14 @@ class GenerationEngine:
         # The scheduler installs them when the stream reaches the chunk, and passes the note on then:
         # a stream that stops first never cites a chunk it did not generate.
         self.scheduler.post(("memories", stream, (memories, note)))
+
+
+def _without_memory(error: Unavailable | DataLoss) -> str:
+    """Why a chunk read no memory under the "continue" policy: the services did not answer, or a memory
+    failed validation (one corrupt blob failed every request that retrieved it, "continue" or not)."""
+    if isinstance(error, DataLoss):
+        return f"a memory failed validation ({error})"
+    return f"retrieval unavailable ({error})"
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

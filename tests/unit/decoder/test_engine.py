@@ -901,6 +901,35 @@ def test_retrieval_outage_policy(tiny_model, text_codec, memories, policy):
         assert any("without memory" in w for e in events for w in e.warnings)
 
 
+class CorruptFetch(FakeRetrieval):
+    """References are found; their memories fail validation (as the memory service says it)."""
+
+    async def fetch(self, ids):
+        from memory3.services.rpc.errors import DataLoss
+
+        raise DataLoss(f"release 'r': the memory bank has 1 corrupt and 0 missing memories ({ids[0]})")
+
+
+@pytest.mark.parametrize("policy", ["fail", "continue"])
+def test_a_corrupt_memory_is_for_the_retrieval_policy(tiny_model, text_codec, memories, policy):
+    """It failed every request that retrieved it, under "continue" too: one bad blob in the bank, a lasting
+    outage for the requests that touch it. Under "continue" the chunk reads no memory, and the reply says
+    why; under "fail" the request fails DATA_LOSS, as before."""
+    from memory3.services.rpc.errors import DataLoss
+
+    request = GenerationRequest(prompts(1, text_codec)[0], 70)  # past a chunk: a generated chunk's swap too
+    engine = GenerationEngine(tiny_model, text_codec, CorruptFetch(memories), EngineConfig(retrieval_policy=policy))
+    if policy == "fail":
+        with pytest.raises(DataLoss, match="1 corrupt"):
+            collect_alone(engine, request)
+        return
+    tokens, _, events = collect_alone(engine, request)
+    warnings = [w for e in events for w in e.warnings]
+    assert len(tokens) == 70 and len(warnings) >= 2
+    assert warnings[0].startswith("a memory failed validation (release 'r': the memory bank has 1 corrupt")
+    assert warnings[0].endswith("; generated without memory") and "chunk 1 generated without memory" in warnings[1]
+
+
 def test_stop_strings_end_the_stream_and_are_not_returned(tiny_model, text_codec, memories):
     body = prompts(1, text_codec)[0]
 
