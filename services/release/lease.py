@@ -200,6 +200,12 @@ class _Held:
         if self._thread is not None:
             self._thread.join(timeout=LEASE_RENEW_S)
         self._remove()
+        if self._thread is not None and self._thread.is_alive():
+            # A renewal still in flight (a slow store retries for longer than the wait) would land after
+            # the removal: a live lease for LEASE_TTL_S that nobody holds (a name that looks published
+            # to, a maintenance every publication waits for). The key goes again once it has ended.
+            self._thread.join()
+            self._remove()
 
     def _remove(self) -> None:
         try:
