@@ -59,6 +59,7 @@ MAX_MESSAGE_CHARS = 2000  # of one such line kept for a job's failure message
 MAX_JOB_EVENTS = 10_000  # a job's events kept for watchers (a training run emits one a step)
 RECORD_EVENTS = 200  # of them kept in its record on disk
 MAX_FINISHED_JOBS = 500  # finished jobs kept, with their records; older ones are forgotten
+RELEASE_COPIES = "_releases"  # under the work root: local copies of the releases knowledge jobs read
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class Job:
     # Cancelled while its child ran, which has not ended yet: the state may still turn SUCCEEDED (a
     # release published before the cancel reached the child), so watchers stay until it ended.
     settling: bool = False
+    pid: int | None = None  # its child's, which leads the child's process group, while it runs
 
     @property
     def over(self) -> bool:
@@ -186,7 +188,8 @@ class Job:
         """Written whole to a temporary file, then renamed: a record is never half-written."""
         kind = "knowledge" if isinstance(self.spec, KnowledgeJobSpec) else "training"
         data = {"id": self.id, "kind": kind, "spec": dataclasses.asdict(self.spec), "state": self.state,
-                "release": self.release, "dropped": self.published - min(len(self.events), RECORD_EVENTS),
+                "release": self.release, "pid": self.pid,
+                "dropped": self.published - min(len(self.events), RECORD_EVENTS),
                 "events": list(islice(self.events, max(0, len(self.events) - RECORD_EVENTS), None))}
         self.record.parent.mkdir(parents=True, exist_ok=True)
         part = self.record.with_suffix(".part")
@@ -205,7 +208,8 @@ class Job:
         else:
             spec = TrainingJobSpec(**spec)
         job = cls(id=str(data["id"]), spec=spec, state=str(data["state"]), release=data.get("release"),
-                  dropped=int(data.get("dropped", 0)), record=record, saved_state=str(data["state"]))
+                  dropped=int(data.get("dropped", 0)), record=record, saved_state=str(data["state"]),
+                  pid=data.get("pid") if isinstance(data.get("pid"), int) else None)
         job.events.extend(data.get("events", []))
         return job
 
@@ -223,6 +227,7 @@ class TrainingJobManager:
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self._submitting: set[str] = set()  # releases whose submission is being checked
         self.worker: asyncio.Task | None = None
+        self._recent_parents: deque[str] = deque(maxlen=2)  # of knowledge jobs, most recent last (`_free_disk`)
 
     async def start(self, *, retry_s: float = 1.0, max_retry_s: float = 30.0) -> None:
         """Readiness: the store answers. One that does not yet (starting beside this service) is
@@ -253,7 +258,8 @@ class TrainingJobManager:
         for _, job in sorted(loaded, key=lambda pair: pair[0]):
             if job.state not in TERMINAL:
                 was = job.state
-                job.state = FAILED
+                _stop_orphan(job.pid)
+                job.state, job.pid = FAILED, None
                 job.events.append({"state": FAILED, "message": f"the trainer service stopped while the job was {was}: "
                                    "submit it again (a training run resumes from its checkpoints)"})
                 with contextlib.suppress(OSError):  # it says so in memory; on disk when it can
@@ -430,7 +436,9 @@ class TrainingJobManager:
             return plan_deletion(self.store, name), 0
         with Maintenance(self.store, f"release delete {name}") as maintenance:
             plan = plan_deletion(self.store, name)
-            return plan, delete_release(self.store, plan, maintenance, log=log.info)
+            removed = delete_release(self.store, plan, maintenance, log=log.info)
+        shutil.rmtree(self.work_root / RELEASE_COPIES / name, ignore_errors=True)  # as `release delete` does
+        return plan, removed
 
     async def _work(self) -> None:
         while True:
@@ -475,6 +483,24 @@ class TrainingJobManager:
     def _remove_job_files(self, job: Job) -> None:
         shutil.rmtree(self._job_dir(job.id), ignore_errors=True)
 
+    def _free_disk(self, job: Job) -> None:
+        """What a published job leaves that nothing reads again, which filled the service's volume job
+        by job: a training run's checkpoints and weights (its release is published: submitted again, it
+        is refused; its curve and history stay), and local copies of releases other than the last
+        two that knowledge jobs derived from (a parent's weights and index, downloaded for each)."""
+        if isinstance(job.spec, TrainingJobSpec):
+            run = self._run_dir(job.spec)
+            for part in ("checkpoints", "model"):
+                shutil.rmtree(run / part, ignore_errors=True)
+            return
+        if job.spec.parent in self._recent_parents:
+            self._recent_parents.remove(job.spec.parent)
+        self._recent_parents.append(job.spec.parent)
+        copies = self.work_root / RELEASE_COPIES
+        for copy in copies.iterdir() if copies.is_dir() else ():
+            if copy.name not in self._recent_parents:
+                shutil.rmtree(copy, ignore_errors=True)
+
     def _run_dir(self, spec: TrainingJobSpec) -> Path:
         """A training run's work directory: the same training resumes its checkpoints; another for the
         same release (corrected after a failure or a cancel) starts its own, where it was told to use
@@ -491,7 +517,7 @@ class TrainingJobManager:
         if isinstance(spec, KnowledgeJobSpec):
             cli = [self.python, "-m", "memory3.services.cli.main", "kb"]
             where = ["--release", spec.parent, "--name", spec.release, *store,
-                     "--cache-dir", str(self.work_root / "_releases")]
+                     "--cache-dir", str(self.work_root / RELEASE_COPIES)]
             if job.documents is None:
                 return [*cli, "remove", *where, f"--from={job.removals}"]
             return [*cli, "add", str(job.documents), "--events", *where, *self._device_args(),
@@ -521,13 +547,26 @@ class TrainingJobManager:
         job.process = await asyncio.create_subprocess_exec(
             *self._command(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
             limit=MAX_OUTPUT_LINE, start_new_session=True)  # its own process group: `_signal_group`
+        job.pid = job.process.pid
+        if job.record is not None:
+            with contextlib.suppress(OSError):  # so that a restarted service stops a child left running
+                job.save()
         if job.state == CANCELLED:  # cancelled while the child started: it had no process to stop yet
             self._terminate(job.process)
         stderr_tail: deque[str] = deque(maxlen=20)
 
         async def drain_stderr() -> None:
-            async for line in job.process.stderr:
-                stderr_tail.append(line.decode(errors="replace").rstrip()[:MAX_MESSAGE_CHARS])
+            """Read in chunks, not lines: a line over the reader's limit (a progress bar's carriage returns,
+            never a newline) ended a line reader, nobody read the pipe any more, and the child, and every
+            job queued behind it, hung once it was full."""
+            partial = b""
+            while chunk := await job.process.stderr.read(1 << 16):
+                *lines, partial = (partial + chunk).replace(b"\r", b"\n").split(b"\n")
+                partial = partial[-MAX_OUTPUT_LINE:]
+                stderr_tail.extend(line.decode(errors="replace").rstrip()[:MAX_MESSAGE_CHARS] for line in lines
+                                   if line.strip())
+            if partial.strip():
+                stderr_tail.append(partial.decode(errors="replace").rstrip()[:MAX_MESSAGE_CHARS])
 
         drain = asyncio.create_task(drain_stderr())
         async for line in job.process.stdout:
@@ -541,6 +580,7 @@ class TrainingJobManager:
                 job.release = event["release"]
             await job.publish(event)
         code = await job.process.wait()
+        job.pid = None
         await drain
         if job.state == CANCELLED:
             if await self._published_since(job.spec.release, started):
@@ -552,12 +592,30 @@ class TrainingJobManager:
         if code == 0:
             job.state = SUCCEEDED
             job.release = job.release or job.spec.release
+            await asyncio.to_thread(self._free_disk, job)
             await job.publish({"message": "release published", "release": job.release})
         else:
             job.state = FAILED
             reason = next((line for line in reversed(stderr_tail) if "error" in line.lower()), None)
             await job.publish({"message": reason or f"the job exited with code {code}: "
                                + " | ".join(list(stderr_tail)[-3:])})
+
+
+def _stop_orphan(pid: int | None) -> None:
+    """Kill the process group of a job's child that a stopped service left running (its process ran in
+    a session of its own, which the service's end did not reach): resubmitted, the job would train in the
+    same work directory beside it, each removing the other's checkpoints, and the orphan might still
+    publish. Only a `memory3` process is taken for it: the pid may have been reused since."""
+    if pid is None:
+        return
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return  # gone (or not Linux: nothing to ask)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if b"memory3" in command and os.getpgid(pid) == pid:
+            log.warning("stopping process group %d, a job's child the service left running when it stopped", pid)
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _signal_group(process: asyncio.subprocess.Process, signum: int) -> None:

@@ -7,13 +7,16 @@ lives under one work directory, so a killed run resumes from its last checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
+import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,11 +82,47 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     """Train (or resume) the run `config` describes in `work_dir`, on `device`. `check_references`
     sees the knowledge base before training starts, so that what publishing would refuse fails first.
 
-    The device is not part of the run: the weights are initialised on the CPU whatever it is, and a
-    checkpoint resumes on another device (a run started on a GPU can finish on a CPU)."""
+    The device is not part of the run: the initial weights are drawn on the CPU whatever it is, and a
+    checkpoint resumes on another device (a run started on a GPU can finish on a CPU). One run at a
+    time uses a work directory (its main process holds `.lock` in it)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with _work_dir_lock(work_dir, dist.is_main):
+        return _run_pipeline(config, work_dir, dist=dist, device=device, progress=progress, log=log,
+                             on_event=on_event, check_references=check_references)
+
+
+class WorkDirBusy(ValueError):
+    """Another run uses the work directory."""
+
+
+@contextlib.contextmanager
+def _work_dir_lock(work_dir: Path, held: bool) -> Iterator[None]:
+    """Two runs in one work directory (a second `memory3 train` of a release, a job resubmitted while a
+    stopped trainer service's child still trained) removed each other's checkpoints as they saved, and
+    both wrote the history. The lock goes with the process that holds it, however it ends."""
+    if not held:  # the other processes of a data-parallel run share the main one's directory
+        yield
+        return
+    with open(work_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip()
+            raise WorkDirBusy(f"{work_dir} is in use by another run ({f'process {owner}' if owner else 'a process'}): "
+                              "wait for it to end, or stop it") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
+def _run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed, device: torch.device | str,
+                  progress: bool, log: Callable[[str], None] | None, on_event: Callable[[dict], None] | None,
+                  check_references: Callable[[list[Reference]], None] | None) -> PipelineResult:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if dist.is_main else None)
     started = time.perf_counter()
-    work_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:  # one rank owns pipeline.json; the others would race it
         _check_same_config(work_dir, config)
     torch.manual_seed(config.seed)
@@ -97,7 +136,9 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     if dist.is_main and not tokenizer_path.exists():
         texts = itertools.chain(real, (e.document for e in world.entities),
                                 (qa_text(f) for e in world.split("train") for f in e.facts))
-        train_tokenizer(texts, config.vocab_size).save(str(tokenizer_path))
+        part = tokenizer_path.with_suffix(".json.part")  # whole or absent: a kill mid-write failed every resume
+        train_tokenizer(texts, config.vocab_size).save(str(part))
+        part.replace(tokenizer_path)
     _barrier(dist)
     codec = TextCodec(Tokenizer.from_file(str(tokenizer_path)))
     log(f"tokenizer: {codec.vocab_size} tokens")
@@ -121,9 +162,8 @@ def run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed = 
     evaluate = _training_eval(world, codec, config) if dist.is_main else None
     trainer = Trainer(model, data, config.train, work_dir, prefix=prefix, dist=dist, evaluate=evaluate,
                       progress=progress, on_event=on_event)
-    latest = trainer.latest_checkpoint()
+    latest = trainer.resume(log)
     if latest is not None:
-        trainer.load(latest)
         log(f"resuming from {latest.name} (step {trainer.state.step} of {config.train.total_steps})")
     trained_before = trainer.state.elapsed_s  # by the processes this run resumes
     trainer.run()

@@ -296,6 +296,24 @@ class Trainer:
         steps = [(int(p.name[5:]), p) for p in found if p.name[5:].isdigit()]
         return [p for _, p in sorted(steps)]
 
+    def resume(self, log: Callable[[str], None]) -> Path | None:
+        """Load the newest checkpoint that reads back, and return it (None: there is none). One damaged by
+        a crash of the machine (a file cut short) is passed over for the one before it, said in `log`:
+        every restart failed on it. If none reads, the newest one's error is raised."""
+        failed: Exception | None = None
+        for path in reversed([p for p in self.checkpoints() if (p / "state.json").exists()]):
+            try:
+                self.load(path)
+                return path
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - safetensors and JSON have errors of their own
+                log(f"checkpoint {path.name} cannot be read ({type(e).__name__}: {e}); trying the one before it")
+                failed = failed or e
+        if failed is not None:
+            raise failed
+        return None
+
     def latest_checkpoint(self) -> Path | None:
         found = [p for p in self.checkpoints() if (p / "state.json").exists()]
         return found[-1] if found else None
@@ -315,8 +333,14 @@ class Trainer:
             "step": self.state.step, "history_entries": self.state.entries, "elapsed_s": self.state.elapsed_s,
             "optimizer": meta, "train_config": self.config.to_dict(), "world_size": self.dist.world_size,
         }))
+        # On the disk before the rename is: a machine that crashed after it held a checkpoint of files cut
+        # short, which every restart then failed to load.
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
+        _fsync(self.checkpoint_dir)
         for old in self.checkpoints()[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return target
@@ -327,7 +351,7 @@ class Trainer:
         if saved is not None and saved != self.dist.world_size:
             # The data position is the step times the processes: resumed by another number, the
             # run would train again on samples it has seen, or skip some, without a word.
-            raise ValueError(f"{path} is a checkpoint of a run of {saved} processes; resume it with {saved} "
+            raise CheckpointMismatch(f"{path} is a checkpoint of a run of {saved} processes; resume it with {saved} "
                              f"(this one has {self.dist.world_size}), or start a new run in a new --work-dir")
         weights = load_file(str(path / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict(weights)
@@ -720,6 +744,18 @@ def memory_attention_loss(queries: dict[int, Tensor], memory: MemoryKV, targets:
                 - n_heads[read].float().log()  # log of the mean share over those heads
             losses.append(-log_mean.mean())
     return torch.stack(losses).mean() if losses else memory.k.new_zeros((), dtype=torch.float32)
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint of another run: resuming it would be wrong, not merely damaged."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

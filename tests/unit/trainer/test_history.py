@@ -217,3 +217,40 @@ def test_past_ten_million_steps_the_latest_checkpoint_is_resumed_and_kept(tmp_pa
     again = tiny_run(tmp_path, (1, 0, 0))
     again.load(again.latest_checkpoint())
     assert again.state.step == 10_000_250
+
+
+def test_a_damaged_latest_checkpoint_is_passed_over_for_the_one_before_it(tmp_path):
+    """A machine that crashed after a checkpoint's rename held files cut short: every restart failed
+    on it, though the checkpoint before it was whole. A checkpoint of another run is still refused."""
+    trainer = tiny_run(tmp_path, (2, 2, 0), eval_every=100, checkpoint_every=2, keep_checkpoints=3)
+    trainer.run()
+    names = [p.name for p in trainer.checkpoints()]
+    assert names == ["step-0000002", "step-0000004"]
+    weights = trainer.checkpoints()[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    said: list[str] = []
+    again = tiny_run(tmp_path, (2, 2, 0), eval_every=100, checkpoint_every=2)
+    assert again.resume(said.append).name == "step-0000002" and again.state.step == 2
+    assert len(said) == 1 and said[0].startswith("checkpoint step-0000004 cannot be read (")
+    assert said[0].endswith("); trying the one before it")
+    first = trainer.checkpoints()[0] / "optimizer.safetensors"
+    first.write_bytes(b"")
+    with pytest.raises(Exception, match="."):  # none reads: the newest one's error, not a run from step 0
+        tiny_run(tmp_path, (2, 2, 0), eval_every=100, checkpoint_every=2).resume(said.append)
+
+
+def test_one_run_at_a_time_uses_a_work_directory(tmp_path):
+    """A second `memory3 train` of a release, or a job resubmitted beside a stopped service's child, trained
+    in the same directory: each removed the other's checkpoints as it saved."""
+    import os
+
+    from memory3.services.trainer.pipeline import WorkDirBusy, _work_dir_lock
+
+    with _work_dir_lock(tmp_path, True):
+        with pytest.raises(WorkDirBusy, match=rf"is in use by another run \(process {os.getpid()}\): wait for it"), \
+                _work_dir_lock(tmp_path, True):
+            pass
+        with _work_dir_lock(tmp_path, False):  # another process of the same data-parallel run
+            pass
+    with _work_dir_lock(tmp_path, True):  # free again once the run ended
+        pass

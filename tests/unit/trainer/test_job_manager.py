@@ -399,3 +399,142 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+class ParentsStore(EmptyStore):
+    """A bucket holding the parents `p1`..`p3` and no other release."""
+
+    def exists(self, key: str) -> bool:
+        return key.split("/")[1] in ("p1", "p2", "p3")
+
+
+def test_a_stderr_line_longer_than_the_reader_takes_does_not_hang_the_job(tmp_path, monkeypatch):
+    """A progress bar's carriage returns are one line to a line reader: past its limit the reader ended,
+    nobody read the pipe, and the child blocked once it was full, with every job queued behind it."""
+    monkeypatch.setattr(engine, "MAX_OUTPUT_LINE", 4096)
+    jobs = manager(tmp_path / "work", EmptyStore())
+    jobs.python = child_script(tmp_path, "progress-python",
+                               "head -c 300000 /dev/zero | tr '\\0' '\\r' >&2\n"
+                               "echo 'error: the bar ran to its end' >&2\nexit 3\n")
+
+    async def main():
+        await jobs.start()
+        try:
+            job = await jobs.submit(TrainingJobSpec(release="barred", preset="tiny", quick=True))
+            return [event async for event in jobs.watch(job)]
+        finally:
+            await jobs.stop(grace_s=0.5)
+
+    events = asyncio.run(asyncio.wait_for(main(), 30))
+    assert events[-1] == {"state": FAILED, "message": "error: the bar ran to its end"}
+
+
+def test_a_child_left_running_by_a_stopped_service_is_stopped_when_it_starts_again(tmp_path):
+    """Its child ran in a session of its own and outlived the service (killed): resubmitted, the job trained
+    in the same work directory beside it, each removing the other's checkpoints, and the orphan could publish."""
+    import subprocess
+    import sys
+    import textwrap
+
+    python = child_script(tmp_path, "memory3-python", "echo '{\"message\": \"working\"}'\nsleep 600\n")
+    service = textwrap.dedent(f"""
+        import asyncio
+        from pathlib import Path
+        from memory3.services.storage.object_store import S3Config
+        from memory3.services.trainer.engine import TrainingJobManager, TrainingJobSpec
+
+        class EmptyStore:
+            def ensure_bucket(self): pass
+            def exists(self, key): return False
+
+        async def main():
+            jobs = TrainingJobManager(S3Config(endpoint="127.0.0.1:9", access_key="k", secret_key="s"),
+                                      Path({str(tmp_path / "work")!r}), python={python!r})
+            jobs.store = EmptyStore()
+            await jobs.start()
+            job_id = await jobs.submit(TrainingJobSpec(release="orphaned", preset="tiny", quick=True))
+            async for event in jobs.watch(job_id):
+                if event.get("message") == "working":
+                    print(jobs.get(job_id).pid, flush=True)
+                    await asyncio.sleep(600)
+
+        asyncio.run(main())
+    """)
+    first = subprocess.Popen([sys.executable, "-c", service], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(first.stdout.readline())
+    finally:
+        first.kill()  # the service is killed; its job's child runs on
+        first.wait()
+    try:
+        os.kill(pid, 0)
+
+        async def after():
+            second = manager(tmp_path / "work", EmptyStore())
+            await second.start()
+            await second.stop()
+
+        asyncio.run(asyncio.wait_for(after(), 30))
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        else:
+            pytest.fail(f"the child {pid} of the stopped service still runs")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_published_job_leaves_no_checkpoints_and_knowledge_jobs_keep_two_parents(tmp_path):
+    """Checkpoints of published runs and every parent a knowledge job downloaded stayed on the service's
+    volume for ever."""
+    from memory3.services.trainer.engine import RELEASE_COPIES, KnowledgeJobSpec
+
+    jobs = manager(tmp_path / "work", ParentsStore())
+    jobs.python = child_script(tmp_path, "done-python",  # a knowledge job's child downloads its parent
+                               'while [ $# -gt 0 ]; do case "$1" in --release) parent="$2";; --cache-dir) cache="$2";; '
+                               'esac; shift; done\n[ -n "$cache" ] && mkdir -p "$cache/$parent"\nexit 0\n')
+    spec = TrainingJobSpec(release="trained", preset="tiny", quick=True)
+    run = jobs._run_dir(spec)
+    for part in ("checkpoints/step-0000010", "model"):
+        (run / part).mkdir(parents=True)
+    (run / "history.json").write_text("[]")
+    copies = tmp_path / "work" / RELEASE_COPIES
+    for name in ("p1", "p2", "p3", "k1"):
+        (copies / name).mkdir(parents=True)
+
+    async def main():
+        await jobs.start()
+        try:
+            kept = []
+            for release, parent in (("trained", None), ("k1", "p1"), ("k2", "p2"), ("k3", "p1"), ("k4", "p3")):
+                job_id = await jobs.submit(spec if parent is None else
+                                           KnowledgeJobSpec(release=release, parent=parent, documents=(("", "x"),)))
+                assert [e async for e in jobs.watch(job_id)][-1]["state"] == SUCCEEDED
+                kept.append(sorted(p.name for p in copies.iterdir()))
+            return kept
+        finally:
+            await jobs.stop(grace_s=0.5)
+
+    kept = asyncio.run(asyncio.wait_for(main(), 60))
+    assert sorted(p.name for p in run.iterdir()) == ["history.json"]  # its curve and history stay
+    assert kept == [["k1", "p1", "p2", "p3"], ["p1"], ["p1", "p2"], ["p1", "p2"], ["p1", "p3"]]
+
+
+def test_deleting_a_release_removes_the_services_copy_of_it(tmp_path, monkeypatch):
+    """`memory3 release delete` removed its local copies; the service's DeleteRelease left its own."""
+    from memory3.services.trainer.engine import RELEASE_COPIES
+
+    monkeypatch.setattr(engine, "Maintenance", lambda *_args: contextlib.nullcontext("lease"))
+    monkeypatch.setattr(engine, "plan_deletion", lambda _store, name: f"plan of {name}")
+    monkeypatch.setattr(engine, "delete_release", lambda _store, plan, lease, log: 7)
+    jobs = manager(tmp_path, EmptyStore())
+    for name in ("gone", "kept"):
+        (tmp_path / RELEASE_COPIES / name / "model").mkdir(parents=True)
+    assert asyncio.run(jobs.delete_release("gone", dry_run=True)) == ("plan of gone", 0)
+    assert (tmp_path / RELEASE_COPIES / "gone").exists()
+    assert asyncio.run(jobs.delete_release("gone", dry_run=False)) == ("plan of gone", 7)
+    assert sorted(p.name for p in (tmp_path / RELEASE_COPIES).iterdir()) == ["kept"]
