@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -130,6 +131,8 @@ def _run_pipeline(config: PipelineConfig, work_dir: Path, *, dist: Distributed, 
     world = World(config.seed, n_train=config.world_train, n_heldout=config.world_heldout)
     log(f"world: {config.world_train} train and {config.world_heldout} held-out entities (seed {config.seed})")
     real = [text for _, text in itertools.islice(debian_documents(), config.real_documents)]
+    if dist.is_main:
+        _check_same_text(work_dir, real)
     log(f"real text: {len(real)} documents from Debian packages")
 
     tokenizer_path = work_dir / "tokenizer.json"
@@ -352,6 +355,19 @@ def _check_same_config(work_dir: Path, config: PipelineConfig) -> None:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(current, indent=2))
         tmp.replace(path)
+
+
+def _check_same_text(work_dir: Path, real: list[str]) -> None:
+    """The real text a run trains on comes from the image's Debian packages: resumed in an image of
+    other package versions (an upgrade between two tries of a Job), a run drew other documents at the
+    same steps and published a knowledge base other than the one it trained against, without a word."""
+    path = work_dir / "real-text.sha256"
+    digest = hashlib.sha256("\0".join(real).encode()).hexdigest()
+    if not path.exists():
+        path.write_text(digest + "\n")
+    elif path.read_text().strip() != digest:
+        raise WorkDirTaken(work_dir, f"the real text it trains on, {len(real)} documents of this machine's Debian "
+                                     "packages, differs from the run's (packages of another version)")
 
 
 def _barrier(dist: Distributed) -> None:

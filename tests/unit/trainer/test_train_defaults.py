@@ -80,3 +80,15 @@ def test_a_work_dir_resumes_under_another_autocast_but_not_another_training(tmp_
     other_seed = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=config.train.seed + 1))
     with pytest.raises(ValueError, match=r"another configuration \(train.seed 0 there, 1 now\)"):
         _check_same_config(tmp_path, other_seed)
+
+
+def test_a_run_resumed_on_other_real_text_is_refused(tmp_path):
+    """The real text comes from the image's Debian packages: resumed in an image of other versions, a run
+    drew other documents at the same steps, and published a knowledge base it did not train against."""
+    from memory3.services.trainer.pipeline import WorkDirTaken, _check_same_text
+
+    _check_same_text(tmp_path, ["a manual page", "a dictionary entry"])
+    _check_same_text(tmp_path, ["a manual page", "a dictionary entry"])  # the same: it resumes
+    with pytest.raises(WorkDirTaken, match=r"the real text it trains on, 2 documents of this machine's Debian "
+                                           r"packages, differs from the run's"):
+        _check_same_text(tmp_path, ["a manual page", "a dictionary entry, revised"])
