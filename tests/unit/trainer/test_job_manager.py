@@ -71,6 +71,19 @@ async def until_working(jobs: TrainingJobManager, job_id: str) -> None:
 
 
 
+def one_job(jobs: TrainingJobManager, spec: TrainingJobSpec, timeout_s: float = 60) -> list[dict]:
+    """Start the service, run one job to its end, stop the service: the job's events."""
+    async def main():
+        await jobs.start()
+        try:
+            job = await jobs.submit(spec)
+            return [event async for event in jobs.watch(job)]
+        finally:
+            await jobs.stop(grace_s=0.5)
+
+    return asyncio.run(asyncio.wait_for(main(), timeout_s))
+
+
 def test_submissions_of_one_release_that_cross_are_one_job(tmp_path):
     """All passed the checks while the store answered, and all but one failed later, as jobs."""
     jobs = manager(tmp_path, SlowEmptyStore())
@@ -272,15 +285,7 @@ def test_stray_output_that_parses_as_json_is_not_an_event(tmp_path):
     jobs.python = child_script(tmp_path, "chatty-python",
                                "echo 42\necho '[1, 2]'\necho '{\"step\": 1, \"total_steps\": 1}'\n")
 
-    async def main():
-        await jobs.start()
-        try:
-            job = await jobs.submit(TrainingJobSpec(release="chatty", preset="tiny", quick=True))
-            return [event async for event in jobs.watch(job)]
-        finally:
-            await jobs.stop(grace_s=0.5)
-
-    events = asyncio.run(asyncio.wait_for(main(), 60))
+    events = one_job(jobs, TrainingJobSpec(release="chatty", preset="tiny", quick=True))
     assert {"state": engine.RUNNING, "step": 1, "total_steps": 1} in events
     assert events[-1]["state"] == SUCCEEDED, events[-1]
 
@@ -417,15 +422,7 @@ def test_a_stderr_line_longer_than_the_reader_takes_does_not_hang_the_job(tmp_pa
                                "head -c 300000 /dev/zero | tr '\\0' '\\r' >&2\n"
                                "echo 'error: the bar ran to its end' >&2\nexit 3\n")
 
-    async def main():
-        await jobs.start()
-        try:
-            job = await jobs.submit(TrainingJobSpec(release="barred", preset="tiny", quick=True))
-            return [event async for event in jobs.watch(job)]
-        finally:
-            await jobs.stop(grace_s=0.5)
-
-    events = asyncio.run(asyncio.wait_for(main(), 30))
+    events = one_job(jobs, TrainingJobSpec(release="barred", preset="tiny", quick=True))
     assert events[-1] == {"state": FAILED, "message": "error: the bar ran to its end"}
 
 
