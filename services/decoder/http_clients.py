@@ -25,7 +25,7 @@ ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
 
 # The most a generation request's body may hold: prompts are at most 64 KiB of text each, a batch of
 # them a few MiB. A body was read whole, then parsed into objects several times its size, before any
-# limit looked at it: a few of gigabytes put the pod, and every stream on its GPU, out of memory.
+# limit looked at it: a few bodies of gigabytes put the pod, and every stream on its GPU, out of memory.
 MAX_BODY_BYTES = 16 << 20
 
 # The host of the HTTP client whose request this task serves ("": none, e.g. a gRPC call). KServe

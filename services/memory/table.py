@@ -5,7 +5,7 @@ Python dicts of them took ~340 bytes a reference: at the design's 10^8 reference
 memory pod, and a pod of the chart's 2 GiB ended at about six million. Here the ids are sorted
 fixed-width bytes, beside a matrix of digests: ~64 bytes a reference of 32-character ids. A bank key
 is derived from its id (`memory_key`), except for the rows that name another one, which are kept
-apart. A lookup is a binary search (a couple of microseconds).
+apart. A lookup is a binary search (microseconds).
 """
 
 from __future__ import annotations
