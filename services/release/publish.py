@@ -12,6 +12,7 @@ it lists and the releases it is made from are checked to be still there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -163,7 +164,8 @@ def _check_sources(store: ObjectStore, name: str, sources: Sequence[str], as_rea
                            "prepared, with memories it may list; nothing was published")
     for read in as_read:
         try:
-            now = Manifest.from_json(store.get_bytes(release_key(read.name, MANIFEST_FILE)).decode())
+            raw = store.get_bytes(release_key(read.name, MANIFEST_FILE)).decode()
+            now = dataclasses.replace(Manifest.from_json(raw), name=read.name)  # as `Release.open` names it
         except (ObjectNotFound, ReleaseError):
             now = None
         if now != read:

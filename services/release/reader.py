@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -232,9 +233,8 @@ class Release:
     or row by row (`rows`): an index shard keeps a few rows of a table that may not fit its memory."""
 
     def __init__(self, store: ObjectStore, manifest: Manifest, local_dir: Path, *,
-                 fetched: Collection[str] | None = None, opened_as: str | None = None) -> None:
+                 fetched: Collection[str] | None = None) -> None:
         self.store, self.manifest, self.local_dir = store, manifest, local_dir
-        self._opened_as = opened_as or manifest.name  # its name in the bucket
         self._codec: MemoryCodec | None = None
         # The files known to be in the local copy, checked (None: all of them).
         self._fetched = None if fetched is None else set(fetched)
@@ -262,17 +262,19 @@ class Release:
         skips the rest (the memory service the weights and the index, the text service the weights,
         a decoder with remote retrieval the index and the reference table).
         """
-        manifest = read_manifest(store, name)
+        # Named as the bucket names it: a release copied to a new name (a promotion) keeps the original's
+        # name in its manifest, and releases derived from the copy recorded, and checked for, the original.
+        manifest = dataclasses.replace(read_manifest(store, name), name=name)
         local = cache_dir / name
         fetched = [file for file in manifest.files if only is None or file in only]
         for file in fetched:
             _fetch(store, name, manifest, local, file)
-        return cls(store, manifest, local, fetched=None if only is None else fetched, opened_as=name)
+        return cls(store, manifest, local, fetched=None if only is None else fetched)
 
     def local_file(self, file: str) -> Path:
         """The local copy of one of the release's files, downloaded and checked now if `open` left it out."""
         if self._fetched is not None and file not in self._fetched:
-            _fetch(self.store, self._opened_as, self.manifest, self.local_dir, file)
+            _fetch(self.store, self.name, self.manifest, self.local_dir, file)
             self._fetched.add(file)
         return self.local_dir / file
 

@@ -460,3 +460,21 @@ def test_shards_kept_in_the_store_go_with_the_last_release_of_their_file(bucket,
     assert "the shards of its index and reference table kept in the store: 4 objects" in plan.summary()
     delete_release(bucket, plan, held)
     assert not any(bucket.list_keys(shards_dir(sha)) for sha in shas)
+
+
+def test_a_release_derived_from_a_copy_names_the_copy_as_its_parent(bucket, embedder, tmp_path):
+    """A release copied to a new name keeps the original's name in its manifest: releases derived from the
+    copy recorded, and checked for, the original, and once it was deleted every derivation failed ("release
+    'staging', which ... is made from, was deleted")."""
+    from memory3.services.trainer.releases import kb_remove
+
+    build_random_release(bucket, "staging", embedder=embedder)
+    for key in bucket.list_keys(release_key("staging", "")):
+        bucket.put_bytes(key.replace("releases/staging/", "releases/prod/", 1), bucket.get_bytes(key))
+    with Maintenance(bucket, "release delete (test)") as held:
+        delete_release(bucket, plan_deletion(bucket, "staging"), held)
+    prod = Release.open(bucket, "prod", tmp_path / "cache")
+    assert prod.name == "prod"
+    fixed = kb_remove(bucket, prod, prod.references[:1], "prod-fixed", progress=False)
+    assert fixed.parent == "prod" and fixed.provenance["parent"] == "prod"
+    assert Release.open(bucket, "prod-fixed", tmp_path / "cache").manifest.parent == "prod"
