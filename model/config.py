@@ -193,3 +193,8 @@ PRESETS: dict[str, Memory3Config] = {
         intermediate_size=128, max_seq_len=1024, memory_layers=(0, 1),
     ),
 }
+
+
+def default_preset(quick: bool) -> str:
+    """The preset of a training run that names none: `small`, or `tiny` for a quick one."""
+    return "tiny" if quick else "small"

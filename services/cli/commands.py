@@ -66,6 +66,7 @@ def train_pipeline_config(*, preset: str | None, quick: bool, seed: int, bf16: b
     `device` (None: the CPU) computes bf16 natively."""
     import torch
 
+    from memory3.model.config import default_preset
     from memory3.services.trainer.pipeline import PipelineConfig
     from memory3.services.trainer.placement import native_bf16_on
     from memory3.services.trainer.train import TrainConfig
@@ -74,8 +75,7 @@ def train_pipeline_config(*, preset: str | None, quick: bool, seed: int, bf16: b
         raise ValueError(f"--stage3-steps {stage3_steps}: give a number of steps >= 0")
     if attention_weight is not None and not (math.isfinite(attention_weight) and attention_weight >= 0):
         raise ValueError(f"--attention-weight {attention_weight}: give a finite number >= 0")
-    if preset is None:
-        preset = "tiny" if quick else "small"
+    preset = preset or default_preset(quick)
     config = PipelineConfig.quick(preset, seed) if quick else \
         PipelineConfig(preset=preset, seed=seed, train=TrainConfig(seed=seed))
     native = native_bf16_on(torch.device("cpu") if device is None else device) if bf16 is None else bf16

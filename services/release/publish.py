@@ -217,8 +217,7 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
                file=sys.stderr)
     # One batch uploads while the next is encoded; a failed upload raises before the manifest. A row
     # records the blob the bank holds once its upload is done: another release's, where one was there.
-    shape = (len(model.config.memory_layers), model.config.n_kv_head, model.config.mem_tokens_per_head,
-             model.config.head_dim)
+    shape = model.config.memory_shape
     uploading: list[tuple[Reference, str, Future]] = []
 
     def uploaded() -> None:

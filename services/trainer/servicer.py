@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from memory3.model.config import default_preset
 from memory3.v1 import trainer_service_pb2 as pb
 from memory3.v1 import trainer_service_pb2_grpc as pb_grpc
 
@@ -25,8 +26,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["TrainerService"]
 def spec_from_proto(spec: pb.TrainingSpec) -> TrainingJobSpec:
     if not spec.release:
         raise InvalidInput("spec.release is required: the name of the release to publish")
-    preset = spec.preset or ("tiny" if spec.quick else "small")  # as `memory3 train` chooses
-    return TrainingJobSpec(release=spec.release, preset=preset, quick=spec.quick, seed=spec.seed,
+    return TrainingJobSpec(release=spec.release, preset=spec.preset or default_preset(spec.quick), quick=spec.quick,
+                           seed=spec.seed,
                            codec=spec.codec or "bf16", bf16=spec.bf16 if spec.HasField("bf16") else None,
                            stage3_steps=spec.stage3_steps if spec.HasField("stage3_steps") else None,
                            attention_weight=spec.attention_weight if spec.HasField("attention_weight") else None,
