@@ -28,6 +28,7 @@ from memory3.model.codecs import MemoryCodec
 from memory3.model.memory_format import MemoryFormatError, memory_size, validate_memory
 
 from ..release.manifest import release_key
+from ..release.memory_ids import MEMORY_IDS_FILE, read_memory_ids
 from ..release.reader import Release
 from ..rpc.errors import SHOWN_CHARS, AlreadyExists, DataLoss, InvalidInput, NotFound, Unavailable
 from ..rpc.metrics import MEMORY_CORRUPT, MEMORY_FETCH_LATENCY, MEMORY_FETCHES, MEMORY_HITS, MEMORY_MISSES
@@ -133,11 +134,15 @@ class MemoryStore:
     def from_release(cls, release: Release, *, ram: RamCache, redis: RedisTier | None = None,
                      s3_workers: int = 16, max_message_bytes: int | None = None) -> MemoryStore:
         max_ids = MAX_IDS if max_message_bytes is None else release_ids_per_reply(release, max_message_bytes)
-        # Row by row: the table's texts are not held (at 10^8 references they would be tens of GB).
-        table = ReferenceTable.from_rows(release.rows(), release.manifest.memory_bank["bank"])
+        bank = release.manifest.memory_bank["bank"]
+        if MEMORY_IDS_FILE in release.manifest.files:
+            ids = read_memory_ids(release.local_file(MEMORY_IDS_FILE), release.manifest.memory_bank["count"])
+            table = ReferenceTable.from_memory_ids(ids, bank)
+        else:  # a table with keys apart: row by row, its texts never held (tens of GB at 10^8 references)
+            table = ReferenceTable.from_rows(release.rows(), bank)
         return cls(release=release.name, keys=table.keys, digests=table.digests,
                    codec=release.memory_codec(), shape=release.memory_shape(), store=release.store, ram=ram,
-                   redis=redis, s3_workers=s3_workers, bank=release.manifest.memory_bank["bank"], max_ids=max_ids)
+                   redis=redis, s3_workers=s3_workers, bank=bank, max_ids=max_ids)
 
     # ---- requests -----------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[str]) -> list[str]:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from memory3.model.checkpoint import CONFIG_FILE
 
-from ..release.publish import CODEC_FILE, REFERENCES_FILE
+from ..release.memory_ids import MEMORY_IDS_FILE
+from ..release.publish import CODEC_FILE
 from ..release.reader import Release
 from ..rpc.errors import Unavailable
 from ..rpc.server import Server, ServerOptions, serve_until_signal
@@ -34,9 +35,10 @@ from .redis_tier import RedisTier
 from .servicer import SERVICE, MemoryServicer
 
 log = logging.getLogger("memory3.memory")
-# What the service reads of a release: the reference table (id -> bank key), the model config
-# (memory shape) and, for VQ, the codec. Never the weights.
-MEMORY_FILES = (REFERENCES_FILE, f"model/{CONFIG_FILE}", CODEC_FILE)
+# What the service reads of a release: its ids and their memories' sha256 (the reference table,
+# downloaded only where a release has no `memory_ids.npy`), the model config (memory shape) and,
+# for VQ, the codec. Never the weights, nor the texts.
+MEMORY_FILES = (MEMORY_IDS_FILE, f"model/{CONFIG_FILE}", CODEC_FILE)
 
 
 @dataclass(frozen=True)

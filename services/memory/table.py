@@ -3,9 +3,10 @@ and the sha256 of each id's memory.
 
 Python dicts of them took ~340 bytes a reference: at the design's 10^8 references, 31 GiB in every
 memory pod, and a pod of the chart's 2 GiB ended at about six million. Here the ids are sorted
-fixed-width bytes, beside a matrix of digests: ~64 bytes a reference of 32-character ids. A bank key
+fixed-width bytes, beside a matrix of digests: ~64 bytes a reference of 32-character ids, and those of
+a release's `memory_ids.npy` (`from_memory_ids`) stay in the page cache, memory-mapped. A bank key
 is derived from its id (`memory_key`), except for the rows that name another one, which are kept
-apart. A lookup is a binary search (microseconds).
+apart. A lookup is a binary search (microseconds). A digest of zeros is none: the row records none.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ _CHUNK_ROWS = 1 << 20  # rows turned into arrays at a time, so that their Python
 
 
 class ReferenceTable:
-    def __init__(self, ids: np.ndarray, digests: np.ndarray, has_digest: np.ndarray, bank: str,
-                 keys_apart: dict[str, str]) -> None:
+    def __init__(self, ids: np.ndarray, digests: np.ndarray, bank: str, keys_apart: dict[str, str]) -> None:
         """`ids`: sorted bytes (numpy `S`); `digests`: (N, 32) uint8, row i the sha256 of id i's memory
-        where `has_digest[i]`; `keys_apart`: the bank keys that are not `memory_key(bank, id)`."""
-        self.ids, self.digest_rows, self.has_digest = ids, digests, has_digest
+        (zeros: none recorded); `keys_apart`: the bank keys that are not `memory_key(bank, id)`."""
+        self.ids, self.digest_rows = ids, digests
         self.bank, self.keys_apart = bank, keys_apart
         self.keys: Mapping[str, str] = _Keys(self)
         self.digests: Mapping[str, bytes] = _Digests(self)
@@ -33,7 +33,7 @@ class ReferenceTable:
     @classmethod
     def from_rows(cls, rows: Iterable[dict], bank: str) -> ReferenceTable:
         """From the rows of a release's reference table (`Release.rows`), read one at a time."""
-        id_parts, digest_parts, has_parts = [], [], []
+        id_parts, digest_parts = [], []
         keys_apart: dict[str, str] = {}
         ids, digests = [], []
 
@@ -41,7 +41,6 @@ class ReferenceTable:
             id_parts.append(np.array(ids, dtype=np.bytes_))
             digest_parts.append(np.frombuffer(b"".join(d or bytes(_DIGEST_BYTES) for d in digests),
                                               dtype=np.uint8).reshape(-1, _DIGEST_BYTES))
-            has_parts.append(np.array([d is not None for d in digests], dtype=bool))
             ids.clear()
             digests.clear()
 
@@ -57,8 +56,12 @@ class ReferenceTable:
             flush()
         all_ids = np.concatenate(id_parts)
         order = np.argsort(all_ids, kind="stable")  # (N,)
-        return cls(all_ids[order], np.concatenate(digest_parts)[order], np.concatenate(has_parts)[order], bank,
-                   keys_apart)
+        return cls(all_ids[order], np.concatenate(digest_parts)[order], bank, keys_apart)
+
+    @classmethod
+    def from_memory_ids(cls, table: np.ndarray, bank: str) -> ReferenceTable:
+        """From a release's `memory_ids.npy` (`read_memory_ids`): sorted, every key derived from its id."""
+        return cls(table["id"], table["sha256"], bank, {})
 
     def find(self, rid: str) -> int | None:
         """The row of `rid`, or None."""
@@ -99,12 +102,15 @@ class _Digests(Mapping[str, bytes]):
 
     def __getitem__(self, rid: str) -> bytes:
         row = self.table.find(rid)
-        if row is None or not self.table.has_digest[row]:
+        digest = None if row is None else self.table.digest_rows[row]
+        if digest is None or not digest.any():
             raise KeyError(rid)
-        return self.table.digest_rows[row].tobytes()
+        return digest.tobytes()
 
     def __len__(self) -> int:
-        return int(self.table.has_digest.sum())
+        return sum(1 for _ in self)
 
     def __iter__(self) -> Iterator[str]:
-        return (rid.decode() for rid in self.table.ids[self.table.has_digest])
+        for start in range(0, len(self.table), _CHUNK_ROWS):  # a chunk at a time: the table may be mapped
+            part = slice(start, start + _CHUNK_ROWS)
+            yield from (rid.decode() for rid in self.table.ids[part][self.table.digest_rows[part].any(axis=1)])

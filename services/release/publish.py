@@ -35,6 +35,7 @@ from ..retrieval.index import VectorIndex, check_index_choice
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError
 from ..trainer.kb import Reference
 from .lease import Publication
+from .memory_ids import MEMORY_IDS_FILE, write_memory_ids
 from .manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -270,6 +271,8 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
             for row in rows:
                 table.write(json.dumps(row, ensure_ascii=False) + "\n")
         put_file(REFERENCES_FILE, Path(tmp) / REFERENCES_FILE, "application/x-ndjson")
+        if write_memory_ids(rows, bank, Path(tmp) / MEMORY_IDS_FILE):
+            put_file(MEMORY_IDS_FILE, Path(tmp) / MEMORY_IDS_FILE)
 
     manifest = Manifest(
         name=name, created=datetime.now(UTC).isoformat(timespec="seconds"), files=files,

@@ -23,7 +23,9 @@ from memory3.services.memory import redis_tier
 from memory3.services.memory.client import MemoryClient
 from memory3.services.memory.redis_tier import KEY_PREFIX
 from memory3.services.memory.server import MemorySettings, start_memory_server
-from memory3.services.release.manifest import ReleaseNotFound
+from memory3.services.release.manifest import MANIFEST_FILE, ReleaseNotFound, release_key
+from memory3.services.release.memory_ids import MEMORY_IDS_FILE
+from memory3.services.release.publish import REFERENCES_FILE
 from memory3.services.rpc.errors import DataLoss, InvalidInput, NotFound, Unavailable
 from memory3.services.rpc.server import ServerOptions
 from memory3.services.storage.local_s3 import free_port, start_local_s3
@@ -360,6 +362,39 @@ def test_cli_serves_and_drains_on_sigterm(random_release, local_s3, local_redis,
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_memory_pod_downloads_the_ids_not_the_texts(random_release, local_s3, store, tmp_path):
+    """The reference table's texts are tens of GB at the design's size; the ids and digests a pod
+    needs are `memory_ids.npy`. A release without one (a table naming keys apart) is read from its table."""
+    ids = [r.id for r in random_release.references[:3]]
+    assert MEMORY_IDS_FILE in random_release.manifest.files
+    without = dataclasses.replace(random_release, name="no-memory-ids")
+    files = {f: meta for f, meta in random_release.manifest.files.items() if f != MEMORY_IDS_FILE}
+    for file in files:
+        data = store.get_bytes(release_key(random_release.name, file))
+        store.put_bytes(release_key(without.name, file), data)
+    manifest = dataclasses.replace(random_release.manifest, name=without.name, files=files)
+    store.put_bytes(release_key(without.name, MANIFEST_FILE), manifest.to_json().encode())
+
+    async def scenario():
+        for release, downloaded in ((random_release, MEMORY_IDS_FILE), (without, REFERENCES_FILE)):
+            cache = tmp_path / release.name
+            async with serving(dataclasses.replace(settings(release, local_s3.config, tmp_path), cache_dir=cache)) \
+                    as (app, client):
+                assert [m.blob for m in await client.fetch(ids)] == [
+                    store.get_bytes(random_release.memory_key(i)) for i in ids]
+                with pytest.raises(NotFound):
+                    await client.fetch(["0" * 32])
+                assert len(app.store.keys) == len(random_release.references)
+                assert set(app.store.digests) == set(app.store.keys)  # every memory is checked by its sha256
+            kept = {p.name for p in (cache / release.name).iterdir()}
+            assert downloaded in kept and ({MEMORY_IDS_FILE, REFERENCES_FILE} - {downloaded}).isdisjoint(kept)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 90))
+    finally:
+        store.remove_keys(store.list_keys(release_key(without.name, "")))
 
 
 def test_a_client_of_another_memory_bank_gets_unavailable_not_other_memories(random_release, local_s3, tmp_path):

@@ -173,7 +173,7 @@ def test_a_reference_holding_a_unicode_line_separator_reads_back(store, publishe
 @pytest.mark.parametrize("remote", [True, False])
 def test_a_decoder_downloads_only_what_its_retrieval_reads(random_release, local_s3, tmp_path, remote):
     """A decoder of remote retrieval downloaded the index and the reference table, the largest files
-    at scale, which only the text and memory services read."""
+    at scale, which only the text and memory services read (and the memory service's ids)."""
     from memory3.services.decoder.server import DecoderSettings, open_release
 
     addresses = {"text_address": "127.0.0.1:1", "memory_address": "127.0.0.1:2"} if remote else {}
@@ -181,7 +181,7 @@ def test_a_decoder_downloads_only_what_its_retrieval_reads(random_release, local
                                            **addresses))
     local = tmp_path / random_release.name
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
-    left_out = {"index.faiss", "references.jsonl"} if remote else set()
+    left_out = {"index.faiss", "references.jsonl", "memory_ids.npy"} if remote else set()
     assert files == set(release.manifest.files) - left_out
     release.load_model()  # all the engine reads
     release.text_codec(), release.memory_codec(), release.memory_shape()

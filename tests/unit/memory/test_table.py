@@ -3,11 +3,13 @@ their memory."""
 
 import hashlib
 
+import numpy as np
 import pytest
 
 from memory3.services.memory import table as table_module
 from memory3.services.memory.table import ReferenceTable
-from memory3.services.release.manifest import memory_key
+from memory3.services.release.manifest import ReleaseError, memory_key
+from memory3.services.release.memory_ids import MEMORY_IDS_FILE, read_memory_ids, write_memory_ids
 
 
 def rows(count: int, bank: str = "bank1") -> list[dict]:
@@ -47,5 +49,46 @@ def test_an_empty_table_knows_no_id():
 def test_a_reference_costs_its_id_and_its_digest():
     """Dicts of the same rows took ~340 bytes a reference: 31 GiB at the design's 10^8."""
     table = ReferenceTable.from_rows(rows(20_000), "bank1")
-    held = table.ids.nbytes + table.digest_rows.nbytes + table.has_digest.nbytes
-    assert held / 20_000 <= 32 + 32 + 1
+    held = table.ids.nbytes + table.digest_rows.nbytes
+    assert held / 20_000 <= 32 + 32
+
+
+def test_memory_ids_answer_what_the_rows_answer(tmp_path):
+    given = rows(50) + [{"id": "ümlaut-id", "memory_key": memory_key("bank1", "ümlaut-id")}]
+    path = tmp_path / MEMORY_IDS_FILE
+    assert write_memory_ids(given, "bank1", path)
+    mapped = ReferenceTable.from_memory_ids(read_memory_ids(path, len(given)), "bank1")
+    table = ReferenceTable.from_rows(given, "bank1")
+    assert isinstance(read_memory_ids(path, len(given)), np.memmap)  # mapped, not read
+    assert dict(mapped.keys) == dict(table.keys) and dict(mapped.digests) == dict(table.digests)
+    assert len(mapped.digests) == len(table.digests) and mapped.digests.get(given[0]["id"]) is None
+    for absent in ("", "ümlaut", "0" * 32, given[1]["id"] + "0"):
+        assert absent not in mapped.keys
+
+
+def test_memory_ids_are_not_written_for_a_key_apart(tmp_path):
+    given = rows(3) + [{"id": "short", "memory_key": "memories/old-bank/sh/short"}]
+    assert not write_memory_ids(given, "bank1", tmp_path / MEMORY_IDS_FILE)
+    assert not (tmp_path / MEMORY_IDS_FILE).exists()
+
+
+def test_an_id_listed_twice_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="twice"):
+        write_memory_ids(rows(3) + rows(1), "bank1", tmp_path / MEMORY_IDS_FILE)
+
+
+@pytest.mark.parametrize("written, count, match", [
+    (np.zeros(3, dtype=[("id", "S4"), ("sha256", np.uint8, (32,))]), 4, "holds 3 rows"),
+    (np.zeros(3, dtype=[("id", "S4"), ("sha", np.uint8, (32,))]), 3, "not rows of"),
+    (np.zeros(3, dtype=[("id", "S4"), ("sha256", np.uint8, (16,))]), 3, "not rows of"),
+    (np.zeros((3, 2)), 3, "not rows of"),
+    (None, 3, "does not read"),
+])
+def test_memory_ids_of_another_layout_are_refused(tmp_path, written, count, match):
+    path = tmp_path / MEMORY_IDS_FILE
+    if written is None:
+        path.write_bytes(b"not numpy")
+    else:
+        np.save(path, written)
+    with pytest.raises(ReleaseError, match=match):
+        read_memory_ids(path, count)

@@ -1,0 +1,63 @@
+"""`memory_ids.npy`: what the memory service needs of a release's reference table, and nothing else.
+
+The memory service needs each reference's id and its memory's sha256, never the texts; the table
+(`references.jsonl`) holds them all, so every memory pod downloaded tens of GB at the design's 10^8
+references to keep ~6 GB of them. This file holds a numpy structured array, one row per reference
+sorted by id: `id` (bytes, as wide as the longest id) and `sha256` (32 bytes, all zero where the
+table records none). It is opened memory-mapped: its pages are the page cache's, read as lookups
+touch them. It is trusted by the manifest's checksum, as every file of a release is.
+
+A release lists it only when every row's bank key is derived from its id (`memory_key`), as every
+publication here makes them; otherwise only the table can say where a memory is, and the memory
+service reads the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import ReleaseError, memory_key
+
+MEMORY_IDS_FILE = "memory_ids.npy"
+_DIGEST_BYTES = 32
+
+
+def memory_ids_dtype(id_width: int) -> np.dtype:
+    return np.dtype([("id", f"S{id_width}"), ("sha256", np.uint8, (_DIGEST_BYTES,))])
+
+
+def write_memory_ids(rows: Sequence[dict], bank: str, path: Path) -> bool:
+    """The ids and sha256 of `rows` (a reference table) in `path`; False, and nothing written, when
+    a row names a bank key other than its id's."""
+    if any(row["memory_key"] != memory_key(bank, row["id"]) for row in rows):
+        return False
+    ids = np.array([row["id"].encode() for row in rows], dtype=np.bytes_)  # (N,) S<longest id>
+    table = np.zeros(len(rows), dtype=memory_ids_dtype(max(ids.dtype.itemsize, 1)))
+    table["id"] = ids
+    for i, row in enumerate(rows):
+        if "memory_sha256" in row:
+            table["sha256"][i] = np.frombuffer(bytes.fromhex(row["memory_sha256"]), dtype=np.uint8)
+    table.sort(order="id", kind="stable")
+    if len(table) > 1 and not (table["id"][1:] > table["id"][:-1]).all():
+        raise ValueError("the reference table lists an id twice")
+    np.save(path, table, allow_pickle=False)
+    return True
+
+
+def read_memory_ids(path: Path, count: int) -> np.ndarray:
+    """The array in `path`, memory-mapped; ReleaseError unless it is one of `count` rows of this layout."""
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ReleaseError(f"{MEMORY_IDS_FILE} does not read as a numpy array: {e}") from e
+    names = table.dtype.names or ()
+    if (names != ("id", "sha256") or table.ndim != 1 or table.dtype["id"].kind != "S"
+            or table.dtype["sha256"] != np.dtype((np.uint8, (_DIGEST_BYTES,)))):
+        raise ReleaseError(f"{MEMORY_IDS_FILE} holds {table.dtype} of shape {table.shape}, not rows of "
+                           f"{memory_ids_dtype(32)}")
+    if len(table) != count:
+        raise ReleaseError(f"{MEMORY_IDS_FILE} holds {len(table)} rows, where the release lists {count} memories")
+    return table
