@@ -35,7 +35,6 @@ from ..retrieval.index import VectorIndex, check_index_choice
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError
 from ..trainer.kb import Reference
 from .lease import Publication
-from .memory_ids import MEMORY_IDS_FILE, write_memory_ids
 from .manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -48,6 +47,7 @@ from .manifest import (
     sha256,
     sha256_of_file,
 )
+from .memory_ids import MEMORY_IDS_FILE, write_memory_ids
 
 INDEX_FILE, REFERENCES_FILE, CODEC_FILE = "index.faiss", "references.jsonl", "codec.safetensors"
 TOKENIZER_KEY = f"model/{TOKENIZER_FILE}"  # the tokenizer's name in a manifest's files
