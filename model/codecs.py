@@ -7,6 +7,9 @@ per-vector int8, or vector quantization in the spirit of the paper's FAISS index
 
 Every codec maps a (N, head_dim) float tensor to bytes and back, with a byte count that is a pure
 function of (N, head_dim), so the memory format can check sizes before decoding anything.
+One codec (for VQ, one rotation and one set of codebooks) serves the keys and the values of every
+memory layer and KV head: the paper does not say whether its index is shared so, and one per layer,
+head and kind would multiply the codec's tables by 2 * 22 * 8 for the paper's model.
 Byte formats are little-endian whatever the host is. Decoding never needs faiss: VQ decoding is a
 sum of table lookups and one matmul, so a client that only decodes needs torch and numpy alone.
 """
@@ -92,8 +95,22 @@ class MemoryCodec(ABC):
             )
         return self._decode(bytes(buf), n, head_dim)
 
+    def stores_nonfinite(self, buf: bytes, n: int) -> bool:
+        """Whether `buf` (the encoding of n vectors) stores a NaN or an infinity, read from the bits
+        without decoding. Encoding refuses them, so only a damaged or forged blob holds one, and a
+        single one turns every token of its row to NaN. None here: VQ codes index tables checked
+        when the codec is loaded."""
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def _nonfinite_floats(buf: bytes, dtype: str, offset: int = 0, count: int = -1) -> bool:
+    """Whether the little-endian IEEE floats in `buf` hold a NaN or an infinity: all exponent bits set."""
+    bits, exponent = {"<f4": ("<u4", 0x7F800000), "<f2": ("<u2", 0x7C00), "bf16": ("<u2", 0x7F80)}[dtype]
+    words = np.frombuffer(buf, dtype=bits, offset=offset, count=count)
+    return bool(((words & exponent) == exponent).any())
 
 
 class RawCodec(MemoryCodec):
@@ -137,6 +154,9 @@ class RawCodec(MemoryCodec):
             arr = top.view("<f4").astype(np.float32)
         return torch.from_numpy(arr.reshape(n, head_dim))
 
+    def stores_nonfinite(self, buf: bytes, n: int) -> bool:
+        return _nonfinite_floats(buf, {"fp32": "<f4", "fp16": "<f2", "bf16": "bf16"}[self.name])
+
 
 class Int8Codec(MemoryCodec):
     """Per-vector symmetric int8: scale = absmax / 127 stored as fp16, then round(x / scale).
@@ -175,6 +195,9 @@ class Int8Codec(MemoryCodec):
         scales = np.frombuffer(buf, dtype="<f2", count=n).astype(np.float32)  # (N,)
         q = np.frombuffer(buf, dtype=np.int8, offset=2 * n).astype(np.float32).reshape(n, head_dim)
         return torch.from_numpy(q * scales[:, None])
+
+    def stores_nonfinite(self, buf: bytes, n: int) -> bool:
+        return _nonfinite_floats(buf, "<f2", count=n)  # the scales; the values are integers
 
 
 class VQCodec(MemoryCodec):
@@ -290,6 +313,9 @@ class VQCodec(MemoryCodec):
             if tuple(t.shape) != want[key]:
                 raise ValueError(f"{self.name}: {key} has shape {tuple(t.shape)}, expected {want[key]}")
         rotation, rq, pq = (t.to(torch.float32).contiguous() for t in (rotation, rq, pq))
+        for key, t in (("rotation", rotation), ("rq_centroids", rq), ("pq_centroids", pq)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{self.name}: {key} holds NaN or inf")
         err = (rotation @ rotation.T - torch.eye(d)).abs().max().item()
         if err > 1e-3:
             raise ValueError(f"{self.name}: rotation is not orthogonal (max |R R^T - I| = {err:.3g})")

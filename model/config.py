@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,14 @@ class Memory3Config:
     def mem_slots(self) -> int:
         """Memory tokens a chunk attends to per KV head and memory layer."""
         return self.mems_per_chunk * self.mem_tokens_per_head
+
+    def check_token_ids(self, ids: Iterable[Sequence[int]], what: str) -> None:
+        """ValueError naming the first id of `ids` outside the vocabulary: the embedding would raise an
+        IndexError, and on a GPU a device-side assert that breaks every later call of the process."""
+        for row in ids:
+            bad = next((t for t in row if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{what}: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def max_positions(self, prefix_len: int) -> int:
         """RoPE table size: prefix, the shared memory interval, then the context."""

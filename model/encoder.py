@@ -62,6 +62,7 @@ def encode_batch(
         raise ValueError("cannot encode an empty reference")
     if max(lengths) > config.ref_len:
         raise ValueError(f"reference of {max(lengths)} tokens exceeds ref_len={config.ref_len}; split it first")
+    config.check_token_ids([prefix, *references], "reference")
     device = model.output.weight.device
     p, n, width = len(prefix), len(references), max(lengths)
     tokens = torch.zeros(n, p + width, dtype=torch.long, device=device)

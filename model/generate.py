@@ -191,6 +191,8 @@ def iter_generate(
         raise ValueError(f"min_new_tokens must be in 0..max_new_tokens ({max_new_tokens}), got {min_new_tokens}")
     if memory_provider is not None and not prefix:
         raise ValueError("generation with memory needs the reference prefix tokens")
+    config.check_token_ids(prompts, "prompt")
+    config.check_token_ids([prefix, stop_tokens], "prefix or stop token")
     if model.has_cache:  # it would replace them under the generation (or decoder) that holds them
         raise ValueError("this model's caches are held by another generation or a decoder: run one at a time "
                          "(finish or close the other), or generate with another copy of the model")
@@ -292,7 +294,8 @@ def query_window(body: Sequence[int], generated: Sequence[int], chunk_len: int, 
     """The query for the chunk after `generated`: the last `chunk_len` tokens known `lead` tokens
     before it starts, out of the body (after its `<s>`) and the generated tokens."""
     known = [*body[1:], *generated]
-    return known[max(0, len(known) - lead - chunk_len) : len(known) - lead]
+    end = max(0, len(known) - lead)
+    return known[max(0, end - chunk_len) : end]
 
 
 def model_dtype(model: Transformer) -> torch.dtype:

@@ -32,6 +32,7 @@ head, so n_valid says where they start, and they decode to zero K/V with positio
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ FORMAT_VERSION = 1
 _HEAD = struct.Struct("<4sHBBHHHHHH8sI")  # header up to the checksum
 _DIGEST_SIZE = 16
 HEADER_SIZE = _HEAD.size + _DIGEST_SIZE  # 48
+# Elements of a memory's (layers, kv heads, k, head_dim), past which a header is refused before anything
+# is allocated for it: the paper's model has 22 * 8 * 8 * 128 = 180,224.
+_MAX_ELEMENTS = 1 << 28
 _U16_MAX = 0xFFFF
 
 
@@ -170,8 +174,8 @@ def validate_memory(
     vectors (and, for VQ, reconstructing them) would cost far more than the checks. What is
     verified is everything `decode_memory` relies on: length, magic, format version, the
     checksum (before any other header field is trusted), flags, codec id and fingerprint, shape,
-    the exact payload length for that shape and codec, and that every stored position lies in
-    the reference window.
+    the exact payload length for that shape and codec, that every stored position lies in
+    the reference window, and that no stored float is NaN or inf (read from its bits).
 
     Raises:
         MemoryFormatError: with what is wrong and what was expected.
@@ -224,6 +228,9 @@ def _verify(
     shape = (n_layers, n_kv, k, head_dim)
     if expected_shape is not None and tuple(expected_shape) != shape:
         raise MemoryFormatError(f"memory shape mismatch: blob is {shape}, expected {tuple(expected_shape)}")
+    if 0 in shape or math.prod(shape) > _MAX_ELEMENTS:
+        raise MemoryFormatError(f"bad header: shape {shape} is empty or larger than any model's memory "
+                                f"(over {_MAX_ELEMENTS} elements)")
     if n_valid > k or ref_len < 1:
         raise MemoryFormatError(f"bad header: n_valid={n_valid} must be <= k={k} and ref_len={ref_len} >= 1")
     try:
@@ -237,9 +244,14 @@ def _verify(
         )
     n_vec = n_layers * n_kv * n_valid
     pbits = position_bits(ref_len)
-    pos = torch.from_numpy(unpack_uint(payload[:packed_size([pbits], n_vec)], [pbits], n_vec))  # (L*H*n_valid, 1)
+    pos_end = packed_size([pbits], n_vec)
+    pos = torch.from_numpy(unpack_uint(payload[:pos_end], [pbits], n_vec))  # (L*H*n_valid, 1)
     if n_vec and int(pos.max()) >= ref_len:
         raise MemoryFormatError(f"bad payload: position {int(pos.max())} is outside 0..{ref_len - 1}")
+    kv_size = codec.encoded_size(n_vec, head_dim)
+    for part, start in (("keys", pos_end), ("values", pos_end + kv_size)):
+        if codec.stores_nonfinite(payload[start:start + kv_size], n_vec):
+            raise MemoryFormatError(f"bad payload: the {part} hold NaN or inf (encoding never stores them)")
     header = MemoryHeader(version=version, codec_id=codec_id, shape=shape, ref_len=ref_len, n_valid=n_valid,
                           fingerprint=fingerprint, payload_len=payload_len)
     return header, pos

@@ -234,6 +234,11 @@ class StaticDecoder:
             if mems is not None and len(mems) > per_row:
                 raise ValueError(f"row {b} has {len(mems)} memories; at most {per_row} fit")
         taken = [(b, j, mem) for b, mems in enumerate(memories) if mems is not None for j, mem in enumerate(mems)]
+        shape = self.model.config.memory_shape
+        for b, j, mem in taken:  # copy_ broadcasts: a memory of another model would fill every slot
+            if tuple(mem.keys.shape) != shape or tuple(mem.values.shape) != shape:
+                raise ValueError(f"row {b}'s memory {j} has keys {tuple(mem.keys.shape)} and values "
+                                 f"{tuple(mem.values.shape)}; this model's memories are {shape}")
         if self._staged is not None:
             self._staged.synchronize()  # the previous copy out of meta_host is done
         # Host work per memory is two copy launches and nothing else: at batch 32 a swap stages 160
@@ -432,6 +437,8 @@ def generate_static(
         raise ValueError(f"the decoder expects a prefix of {decoder.prefix_len} tokens, got {p}")
     if memory_provider is not None and not (decoder.memory and prefix):
         raise ValueError("generation with memory needs a decoder with memory slots and the reference prefix")
+    config.check_token_ids(prompts, "prompt")
+    config.check_token_ids([prefix, stop_tokens], "prefix or stop token")
     lengths = [len(x) for x in prompts]
     width = p + max(lengths)
     if width + max_new_tokens > decoder.max_seq_len:

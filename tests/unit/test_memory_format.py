@@ -283,3 +283,53 @@ def test_validate_and_decode_reject_the_same_blobs(blob: bytes, case: str) -> No
         validate_memory(bad, codec_from_name("fp16"), expected_shape=shape)
     with pytest.raises(MemoryFormatError, match=message):
         decode_memory(bad, codec_from_name("fp16"), expected_shape=shape)
+
+
+# ---- non-finite payloads -----------------------------------------------------------------------
+def _forged(blob: bytes, codec: MemoryCodec, part: str, value: float) -> bytes:
+    """`blob` with its first stored key or value float (for int8, its first scale) set to `value`, resealed:
+    a well-formed blob whose content encoding never writes."""
+    n_layers, n_kv, _k, d = SHAPE
+    fields = dict(zip(FIELDS, HEAD.unpack_from(blob), strict=True))
+    n_vec = n_layers * n_kv * fields["n_valid"]
+    start = HEADER_SIZE + math.ceil(n_vec * math.ceil(math.log2(fields["ref_len"])) / 8)
+    if part == "values":
+        start += codec.encoded_size(n_vec, d)
+    fmt = {"fp32": "<f", "fp16": "<e", "int8": "<e"}.get(codec.name)
+    word = struct.pack(fmt, value) if fmt else struct.pack("<f", value)[2:]  # bf16: the fp32's top half
+    bad = blob[:start] + word + blob[start + len(word):]
+    return reseal(bad)
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("part", ["keys", "values"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_stored_nan_or_infinity_is_refused(name: str, part: str, value: float) -> None:
+    """Encoding refuses them; one in a forged or damaged blob turned every token of its row to NaN."""
+    codec = codec_from_name(name)
+    blob = encode_memory(make_memory(), codec, ref_len=32)
+    assert validate_memory(_forged(blob, codec, part, 1.0), codec)  # the forging itself leaves a valid blob
+    bad = _forged(blob, codec, part, value)
+    for check in (validate_memory, decode_memory):
+        with pytest.raises(MemoryFormatError, match=f"the {part} hold NaN or inf"):
+            check(bad, codec)
+
+
+def test_a_vq_codec_with_nan_tables_is_refused(vq: VQCodec) -> None:
+    rotation = vq.rotation.clone()
+    rotation[0, 0] = math.nan
+    with pytest.raises(ValueError, match="rotation holds NaN or inf"):
+        VQCodec(16, seed=0, **VQ_PARAMS)._set_tables(rotation, vq.rq_centroids, vq.pq_centroids)
+    centroids = vq.pq_centroids.clone()
+    centroids[1, 2, 0] = math.inf
+    with pytest.raises(ValueError, match="pq_centroids holds NaN or inf"):
+        VQCodec(16, seed=0, **VQ_PARAMS)._set_tables(vq.rotation, vq.rq_centroids, centroids)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 0), (0, 3, 4, 16), (65535, 65535, 65535, 65535)])
+def test_a_header_of_an_empty_or_huge_shape_is_refused_before_allocating(blob: bytes, shape) -> None:
+    """Without an expected shape, the header's was trusted: an allocator error, or a codec's ValueError."""
+    n_layers, n_kv, k, head_dim = shape
+    bad = reseal(blob, n_layers=n_layers, n_kv=n_kv, k=k, head_dim=head_dim, n_valid=0)
+    with pytest.raises(MemoryFormatError, match="empty or larger than any model's memory"):
+        decode_memory(bad, codec_from_name("fp16"))

@@ -314,7 +314,26 @@ def test_generation_validates_its_input(tiny_model, tiny_config):
         generate(tiny_model, [[1] * 10], max_new_tokens=tiny_config.max_seq_len)
     with pytest.raises(ValueError, match="reference prefix"):
         generate(tiny_model, [[1, 2]], max_new_tokens=4, memory_provider=lambda qs: [[] for _ in qs])
+    vocab = tiny_config.vocab_size  # an IndexError on a CPU; on a GPU, an assert that breaks the process
+    with pytest.raises(ValueError, match=f"prompt: token id {vocab} is outside the vocabulary"):
+        generate(tiny_model, [[1, 2], [1, vocab]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="stop token: token id -1 is outside"):
+        generate(tiny_model, [[1, 2]], max_new_tokens=4, stop_tokens=[-1], min_new_tokens=1)
+    with pytest.raises(ValueError, match=f"reference: token id {vocab + 5} is outside"):
+        encode_references(tiny_model, [[1, 2], [vocab + 5]], [1])
     assert not tiny_model.has_cache  # a failed call leaves no caches behind
+
+
+@pytest.mark.parametrize("generated, lead, expected", [
+    (list(range(100, 164)), 0, list(range(100, 164))),  # the previous chunk
+    (list(range(100, 164)), 10, [*range(10, 20), *range(100, 154)]),  # ending 10 tokens before it
+    ([], 30, []),  # fewer tokens known than the lead: none, not a slice from the end
+    ([100, 101], 1, [*range(1, 20), 100]),
+])
+def test_query_window(generated, lead, expected):
+    from memory3.model.generate import query_window
+
+    assert query_window([0, *range(1, 20)], generated, 64, lead) == expected
 
 
 def test_gather_memories_equals_stack_memories(tiny_config, memory_bank):

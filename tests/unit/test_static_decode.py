@@ -268,6 +268,9 @@ def test_a_swap_fills_the_rows_given_memories_masks_padded_slots_and_keeps_rows_
     torch.testing.assert_close(first_cache.v[1, :, :k], bank[2].values[0].to(first_cache.v.dtype))
     with pytest.raises(ValueError, match="at most 5 fit"):
         decoder.stage_memories([bank[:6], None, None])
+    other = ExplicitMemory(bank[0].keys[:, :, :1], bank[0].values[:, :, :1], bank[0].positions[:, :, :1])
+    with pytest.raises(ValueError, match=r"row 1's memory 1 has keys \(2, 2, 1, 16\)"):  # copy_ would broadcast it
+        decoder.stage_memories([None, [bank[0], other], None])
 
 
 class CountOps(TorchDispatchMode):
@@ -324,6 +327,8 @@ def test_validates_its_input(tiny_model, prefix):
         generate_static(decoder, [[1] * 30], max_new_tokens=4)
     with pytest.raises(ValueError, match="memory slots"):
         generate_static(decoder, [[1]], max_new_tokens=2, memory_provider=lambda qs: [[] for _ in qs])
+    with pytest.raises(ValueError, match="prompt: token id 100000 is outside the vocabulary"):
+        generate_static(decoder, [[1, 100000]], max_new_tokens=2)
 
 
 @pytest.mark.gpu
