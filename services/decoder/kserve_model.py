@@ -96,7 +96,8 @@ class Memory3Model(kserve.Model):
         outlive a stop; the dependency watch is a task of its own, cancelled when the loop ends.
         """
         self._built = await build_engine(self.settings, self._release)
-        if not await wait_for_dependencies(self._built, stopping=lambda: self._stopping):
+        if not await wait_for_dependencies(self._built, stopping=lambda: self._stopping,
+                                           policy=self.settings.engine.retrieval_policy):
             log.info("stopped before the text and memory services reported SERVING")
             return
         self._dependencies_up = True

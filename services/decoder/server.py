@@ -193,20 +193,35 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
     return BuiltEngine(engine, health, channels, memory)
 
 
-async def wait_for_dependencies(built: BuiltEngine, stopping: Callable[[], bool] = lambda: False) -> bool:
+async def dependency_problem(built: BuiltEngine) -> str | None:
+    """Why the text and memory services cannot serve this decoder's retrieval now, or None."""
+    if not await built.dependencies_up():
+        return "the text and memory services do not report SERVING yet"
+    return await built.retrieval_problem()
+
+
+async def wait_for_dependencies(built: BuiltEngine, stopping: Callable[[], bool] = lambda: False, *,
+                                policy: str = "fail") -> bool:
     """Wait until the text and memory services answer SERVING, and the text services answer a retrieval
     as the shards of this decoder's release (`BuiltEngine.retrieval_problem`); False if `stopping()`
     turned true first. A server told to stop while a dependency is still down must not wait for it forever.
+
+    Under the "continue" retrieval policy nothing waits: requests are served without memory while the
+    services do not answer, and a decoder started during their outage (a scale-up, a rescheduled pod)
+    would otherwise never turn ready, and be restarted by its startup probe until they came back. What
+    is wrong is logged, and `watch_readiness` logs when it changes.
     """
     said = None
     while True:
-        problem = "the text and memory services do not report SERVING yet"
-        if await built.dependencies_up():
-            problem = await built.retrieval_problem()
-            if problem is None:
-                return not stopping()
+        problem = await dependency_problem(built)
+        if problem is None:
+            return not stopping()
         if stopping():
             return False
+        if policy == "continue":
+            log.warning("serving without memory until the text and memory services serve this decoder "
+                        "(--retrieval-policy continue): %s", problem)
+            return True
         if problem != said:  # once per change: a rollout can take minutes
             log.warning("waiting for the text and memory services: %s", problem)
             said = problem
@@ -224,6 +239,7 @@ async def watch_readiness(settings: DecoderSettings, built: BuiltEngine, report:
     watch ends: KServe#6259's and vLLM's "healthy while the engine is dead".
     """
     serving = True
+    retrieving: bool | None = None  # under "continue": whether the services serve retrieval (None: not asked yet)
     while True:
         await asyncio.sleep(settings.watch_interval_s)
         engine = built.engine
@@ -235,8 +251,17 @@ async def watch_readiness(settings: DecoderSettings, built: BuiltEngine, report:
             await (on_dead() if on_dead is not None else report(False))
             return
         why = engine.failing()
-        if why is None and settings.engine.retrieval_policy == "fail" and not await built.dependencies_up():
-            why = "the text or memory service does not answer"
+        if settings.engine.retrieval_policy == "fail":
+            if why is None and not await built.dependencies_up():
+                why = "the text or memory service does not answer"
+        elif built.health:  # readiness stays; what retrieval does is said once per change
+            problem = await dependency_problem(built)
+            if retrieving is not None and (problem is None) != retrieving:
+                if problem is None:
+                    log.warning("the text and memory services serve this decoder: retrieval is on")
+                else:
+                    log.warning("serving without memory (--retrieval-policy continue): %s", problem)
+            retrieving = problem is None
         if (why is None) != serving:
             serving = why is None
             if serving:
@@ -280,7 +305,7 @@ class DecoderServer:
         built = await build_engine(s, release)
         self._built = built
         self.engine = built.engine
-        await wait_for_dependencies(built)
+        await wait_for_dependencies(built, policy=s.engine.retrieval_policy)
         await self.server.serving()
         self._watch = asyncio.create_task(watch_readiness(s, built, self._report_readiness, self.server.not_live))
         log.info("decoder serving release %r (%s retrieval, batch %d)", release.name,

@@ -79,3 +79,28 @@ def test_health_follows_the_engine(tmp_path, random_release, local_s3, monkeypat
     assert seen["recovered"] == (4, (True, True))
     assert seen["device fault"] == (grpc.StatusCode.INTERNAL, (False, False))
     assert seen["later"] == (False, False)
+
+
+def test_under_the_continue_policy_a_decoder_started_in_an_outage_serves_without_memory(tmp_path, random_release,
+                                                                                       local_s3):
+    """It waited for its text and memory services under either policy: a pod started while they were down
+    never turned ready, and its startup probe restarted it until they came back."""
+    from memory3.services.storage.local_s3 import free_port
+
+    nowhere = {"text_address": f"127.0.0.1:{free_port()}", "memory_address": f"127.0.0.1:{free_port()}"}
+    settings = DecoderSettings(release=random_release.name, s3=local_s3.config, cache_dir=tmp_path / "cache",
+                               engine=EngineConfig(max_batch=2, retrieval_policy="continue"), **nowhere)
+
+    async def main():
+        app = await start_decoder_server(settings, ServerOptions(port=0))
+        try:
+            await app.wait_ready(120)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                ready = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                reply = await pb_grpc.GenerationServiceStub(channel).Complete(pb.CompleteRequest(
+                    prompt="Who repairs clocks?", params=pb.GenerationParams(max_tokens=4)), timeout=30)
+                return ready.status, len(reply.token_ids)
+        finally:
+            await app.stop()
+
+    assert asyncio.run(main()) == (SERVING, 4)

@@ -557,6 +557,24 @@ def test_readiness_follows_the_text_and_memory_services(tmp_path, random_release
         server.stop()
 
 
+def test_under_the_continue_policy_a_decoder_started_in_an_outage_is_ready(tmp_path, random_release, local_s3,
+                                                                          dependencies):
+    """It waited for the services under either policy: a pod started while they were down never turned
+    ready, and its startup probe restarted it until they came back. Under "continue" it serves without memory."""
+    text, memory = dependencies
+    server = start_kserve(tmp_path, random_release, local_s3, "--text-address", text.address,
+                          "--memory-address", memory.address, "--retrieval-policy", "continue")
+    try:
+        server.wait_for(lambda: server.readiness() == (200, 200), "ready with both services down", timeout=60)
+        assert "serving without memory until the text and memory services serve this decoder" in server.log_tail()
+        status, _, body = server.post(f"/v2/models/{MODEL}/infer", {
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}]})
+        assert status == 200, body
+        exits_on_sigterm(server)
+    finally:
+        server.stop()
+
+
 def test_sigterm_ends_the_wait_for_the_text_and_memory_services(tmp_path, random_release, local_s3, dependencies):
     """SIGTERM stopped the HTTP and gRPC servers, but the process kept waiting for its dependencies."""
     text, memory = dependencies

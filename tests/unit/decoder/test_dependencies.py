@@ -116,3 +116,61 @@ def test_a_memory_reply_of_other_ids_than_asked_is_unavailable():
         client.stub = Stub(order)
         with pytest.raises(Unavailable, match=f"answered {len(order)} memories for 2 ids, not each in the order"):
             asyncio.run(client.fetch(["a", "b"]))
+
+
+class Down:
+    def __init__(self) -> None:
+        self.serving = False
+
+    async def Check(self, request, timeout=None):  # noqa: N802 - gRPC method name
+        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+def test_under_the_continue_policy_a_decoder_starting_in_an_outage_serves_and_says_so(caplog):
+    """It waited for the services under either policy: a pod started during their outage never turned
+    ready, and its startup probe restarted it until they came back, while the running ones served."""
+    from memory3.services.decoder.server import watch_readiness
+
+    text = Down()
+    shards = Shards()
+    shards.fixed = True
+    engine = SimpleNamespace(retrieval=shards, codec=SimpleNamespace(bos_id=1), draining=False, dead=lambda: None,
+                             failing=lambda: None)
+    built = BuiltEngine(engine, {"text": text, "memory": Serving()}, [])
+    settings = SimpleNamespace(watch_interval_s=0.05, engine=SimpleNamespace(retrieval_policy="continue"))
+    reports = []
+
+    async def report(up):
+        reports.append(up)
+
+    async def main():
+        started = await asyncio.wait_for(wait_for_dependencies(built, policy="continue"), 2)
+        watch = asyncio.ensure_future(watch_readiness(settings, built, report))
+        await asyncio.sleep(0.2)
+        text.serving = True
+        await asyncio.sleep(0.2)
+        text.serving = False
+        await asyncio.sleep(0.2)
+        watch.cancel()
+        return started
+
+    with caplog.at_level(logging.WARNING, logger="memory3.decoder"):
+        assert asyncio.run(main())
+    assert reports == []  # ready throughout
+    assert [r.getMessage() for r in caplog.records] == [
+        "serving without memory until the text and memory services serve this decoder (--retrieval-policy "
+        "continue): the text and memory services do not report SERVING yet",
+        "the text and memory services serve this decoder: retrieval is on",
+        "serving without memory (--retrieval-policy continue): the text and memory services do not report "
+        "SERVING yet",
+    ]
+
+    async def fail_policy():  # the same outage keeps a fail-fast decoder waiting
+        waiting = asyncio.ensure_future(wait_for_dependencies(built, policy="fail"))
+        await asyncio.sleep(0.7)
+        done = waiting.done()
+        waiting.cancel()
+        return done
+
+    assert not asyncio.run(fail_policy())
