@@ -28,15 +28,15 @@ has.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
-from ..storage.object_store import ObjectNotFound, ObjectStore
+from ..storage.object_store import ObjectStore
 from .file_shards import kept_files, shard_count_of, shards_by_count, shards_dir, unnamed_bytes
 from .lease import LEASE_TTL_S, Lease, Maintenance, MaintenanceLapsed, ReleaseBusy, live_leases
+from .listed import Listed, UnreadableTable, read_listed
 from .manifest import (
     MEMORIES_PREFIX,
     RELEASES_PREFIX,
@@ -44,9 +44,7 @@ from .manifest import (
     ReleaseError,
     ReleaseNotFound,
     check_release_name,
-    memory_key,
     release_key,
-    sha256,
 )
 from .publish import INDEX_FILE, MANIFEST_FILE, REFERENCES_FILE
 from .reader import read_manifest
@@ -159,9 +157,9 @@ def _unreadable_tables(tables: dict[str, str]) -> str:
 
 
 def plan_deletion(store: ObjectStore, name: str) -> DeletionPlan:
-    """Reads the catalog and, where other releases share the bank, every reference table of that
-    bank, one at a time: the release's memory keys are held in memory as a set (about 100 bytes a
-    memory), with those of one other release while it is compared."""
+    """Reads the catalog and, where other releases share the bank, what each release of that bank
+    lists (listed.py: its `memory_ids.npy`, or its reference table), one at a time: the release's
+    ids are held (about 32 bytes a memory), with those of one other release while it is compared."""
     check_release_name(name)
     planned_at = time.monotonic()
     catalog = read_catalog(store)
@@ -211,28 +209,29 @@ def _plan_memories(store: ObjectStore, plan: DeletionPlan, mine: Manifest, shari
     None goes while a reference table, its own or another's, cannot be read: which memories it lists
     is unknown. Only the memories `mine` lists are held, with those of the others among them."""
     try:
-        own = _memory_keys(store, mine)
+        own = read_listed(store, mine)
     except UnreadableTable as e:
         plan.table_unreadable, plan.kept = e.why, plan.listed
         return
-    listed: set[str] = set()
+    listed = Listed(own.bank)
     for other in sharing:
         try:
-            also = own & _memory_keys(store, other)
+            also = own & read_listed(store, other)
         except UnreadableTable as e:
             plan.unknown_tables[other.name] = e.why
             continue
-        if also:
+        if len(also):
             plan.listed_by.append(other.name)
             listed |= also
     if plan.unknown_tables:
         plan.kept = len(own)
         return
-    plan.memory_keys = sorted(own - listed)
+    plan.memory_keys = sorted((own - listed).keys())
     plan.kept = len(listed)
 
 
 REMOVAL_BATCH = 1000  # keys per deletion request (S3's limit); the lease is checked before each
+LISTING_CHUNK = 1 << 16  # keys of a bank's listing checked against the releases' at a time
 
 
 class _Removal:
@@ -353,14 +352,15 @@ def plan_collection(store: ObjectStore, served_shard_counts: Collection[int] | N
     catalog = read_catalog(store)
     _refuse_while_unknown(store, catalog, may_list=UNLISTED, done="removed")
     plan = CollectionPlan(planned_at=planned_at)
-    listed_by_bank: dict[str, set[str]] = {}
+    listed_by_bank: dict[str, Listed] = {}
     for manifest in catalog.published:
         bank = manifest.memory_bank["bank"]
-        listed = listed_by_bank.setdefault(bank, set())
         try:
-            listed.update(_memory_keys(store, manifest))
+            listed = read_listed(store, manifest)
         except UnreadableTable as e:
             plan.skipped.setdefault(bank, {})[manifest.name] = e.why
+            listed = Listed(bank)
+        listed_by_bank[bank] = listed_by_bank[bank] | listed if bank in listed_by_bank else listed
     for prefix in store.list_keys(MEMORIES_PREFIX, recursive=False):
         bank = prefix[len(MEMORIES_PREFIX):].strip("/")
         if bank in plan.skipped:
@@ -370,7 +370,9 @@ def plan_collection(store: ObjectStore, served_shard_counts: Collection[int] | N
         if listed is None:
             plan.banks[bank] = sum(1 for _ in keys)
         else:
-            unlisted = [key for key in keys if key not in listed]
+            unlisted: list[str] = []
+            while part := list(itertools.islice(keys, LISTING_CHUNK)):  # the bank's listing is never held whole
+                unlisted += listed.unlisted(part)
             if unlisted:
                 plan.keys[bank] = unlisted
     sharded = set().union(*(_sharded_files(m) for m in catalog.published))
@@ -442,38 +444,3 @@ def _refuse_while_unknown(store: ObjectStore, catalog: Catalog, *, may_list: str
             f"releases {', '.join(pending)} have no manifest and no publication running: left half-written. "
             f"They may list {may_list}, so nothing was {done}. Delete their leftovers first "
             f"(`memory3 release delete {pending[0]}`)")
-
-
-class UnreadableTable(ReleaseError):
-    """A published release's reference table is missing or damaged: which memories it lists is unknown."""
-
-    def __init__(self, name: str, why: str) -> None:
-        super().__init__(f"the reference table of release {name!r} cannot be read ({why})")
-        self.name, self.why = name, why
-
-
-def _memory_keys(store: ObjectStore, manifest: Manifest) -> set[str]:
-    """The keys of the memories a release lists (its reference table's rows); UnreadableTable when
-    the table is missing or damaged (an outage of the store is raised as it is). Damaged is judged by
-    the manifest's checksum: a table cut at a line's end parses, and lists fewer memories than the
-    release reads."""
-    try:
-        table = store.get_bytes(release_key(manifest.name, REFERENCES_FILE))
-    except ObjectNotFound as e:
-        raise UnreadableTable(manifest.name, f"{REFERENCES_FILE} is missing") from e
-    expected = manifest.files.get(REFERENCES_FILE, {}).get("sha256")
-    if expected is not None and sha256(table) != expected:
-        raise UnreadableTable(manifest.name, f"{REFERENCES_FILE} does not match the manifest's checksum")
-    try:
-        return _table_keys(table, manifest.memory_bank["bank"])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not UTF-8, not JSON, a row without an id
-        raise UnreadableTable(manifest.name, f"{REFERENCES_FILE} is damaged: {type(e).__name__}: {e}") from e
-
-
-def _table_keys(table: bytes, bank: str) -> set[str]:
-    keys = set()
-    for line in table.decode("utf-8").split("\n"):  # not splitlines: a text may hold U+2028, which JSON leaves
-        if line.strip():
-            row = json.loads(line)
-            keys.add(row.get("memory_key") or memory_key(bank, row["id"]))
-    return keys

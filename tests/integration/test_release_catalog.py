@@ -282,38 +282,55 @@ def test_a_publication_waits_while_memories_are_removed(bucket, embedder, tmp_pa
     assert len(child.fetch_memories(list(child.by_id))) == len(child.by_id)  # every memory it lists is there
 
 
-def test_a_release_whose_reference_table_is_missing_can_be_deleted_and_stops_no_gc(bucket, embedder, tmp_path,
-                                                                                    hold):
+def without_memory_ids(bucket, name) -> None:
+    """Release `name` as one published before `memory_ids.npy` was: its reference table alone lists its memories."""
+    from memory3.services.release.manifest import MANIFEST_FILE, Manifest
+    from memory3.services.release.memory_ids import MEMORY_IDS_FILE
+
+    manifest = Manifest.from_json(bucket.get_bytes(release_key(name, MANIFEST_FILE)).decode())
+    del manifest.files[MEMORY_IDS_FILE]
+    bucket.put_bytes(release_key(name, MANIFEST_FILE), manifest.to_json().encode())
+    bucket.remove_keys([release_key(name, MEMORY_IDS_FILE)])
+
+
+@pytest.mark.parametrize("file", ["memory_ids.npy", "references.jsonl"])
+def test_a_release_whose_listing_is_missing_can_be_deleted_and_stops_no_gc(bucket, embedder, tmp_path, hold, file):
     """A published release without its references.jsonl could not be deleted, and every deletion
-    in its bank and every `release gc` failed on it."""
+    in its bank and every `release gc` failed on it. Its memories are listed by its `memory_ids.npy`,
+    or by its table where it has none."""
     from memory3.services.release.catalog import collect_unlisted, plan_collection
 
     publish_base_derived_and_other(bucket, embedder, tmp_path)
+    if file == "references.jsonl":
+        for name in ("base", "derived", "other"):
+            without_memory_ids(bucket, name)
     banks = {m.name: m.memory_bank["bank"] for m in read_catalog(bucket).published}
     only_derived = memory_keys(bucket, "derived") - memory_keys(bucket, "base")
     strays = {name: f"{MEMORIES_PREFIX}{banks[name]}/zz/stray" for name in ("base", "other")}
     for key in strays.values():
         bucket.put_bytes(key, b"left by a cancelled publication")
-    table = bucket.get_bytes(release_key("derived", "references.jsonl"))
-    bucket.put_bytes(release_key("derived", "references.jsonl"), table[:table.index(b"\n") + 1])  # cut at a row
-    plan = plan_collection(bucket)  # a table that parses but is not the manifest's lists too few memories
-    assert plan.skipped == {banks["base"]: {"derived": "references.jsonl does not match the manifest's checksum"}}
+    plan = plan_collection(bucket)  # read from either file, the listings are the same
+    assert plan.keys == {banks["base"]: [strays["base"]], banks["other"]: [strays["other"]]} and not plan.skipped
+    listing = bucket.get_bytes(release_key("derived", file))
+    bucket.put_bytes(release_key("derived", file), listing[:-1])  # a table cut at a row's end parses
+    plan = plan_collection(bucket)  # a listing that is not the manifest's lists too few memories
+    assert plan.skipped == {banks["base"]: {"derived": f"{file} does not match the manifest's checksum"}}
     assert banks["base"] not in plan.keys
-    bucket.remove_keys([release_key("derived", "references.jsonl")])
+    bucket.remove_keys([release_key("derived", file)])
     held = hold()
 
     plan = plan_collection(bucket)  # the bank of "derived" is left whole; the others are collected
     assert plan.keys == {banks["other"]: [strays["other"]]} and list(plan.skipped) == [banks["base"]]
     assert (f"memory bank {banks['base']}: left whole, as the reference tables of derived cannot be read (derived: "
-            "references.jsonl is missing)") in plan.summary()
+            f"{file} is missing)") in plan.summary()
 
     plan = plan_deletion(bucket, "base")  # which of its memories "derived" lists is unknown: all stay
     assert plan.memory_keys == [] and plan.kept == len(DOCUMENTS)
-    assert plan.unknown_tables == {"derived": "references.jsonl is missing"}
+    assert plan.unknown_tables == {"derived": f"{file} is missing"}
 
     plan = plan_deletion(bucket, "derived")
-    assert plan.memory_keys == [] and plan.table_unreadable == "references.jsonl is missing"
-    assert "its reference table cannot be read (references.jsonl is missing)" in plan.summary()
+    assert plan.memory_keys == [] and plan.table_unreadable == f"{file} is missing"
+    assert f"its reference table cannot be read ({file} is missing)" in plan.summary()
     delete_release(bucket, plan, held)
     assert bucket.list_keys(release_key("derived", "")) == [] and all(bucket.exists(k) for k in only_derived)
 

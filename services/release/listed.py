@@ -1,0 +1,106 @@
+"""The memories releases list, as `release delete` and `release gc` compare them.
+
+Held as sets of Python strings they took ~150 bytes a memory, and reading them meant parsing every
+row of each reference table, texts included: at the design's 10^8 references, tens of GB read and
+more held, for each release of a bank. Here a release's listing is read from its `memory_ids.npy`
+where it has one (the table otherwise, a row at a time) and held as its sorted ids (~32 bytes a
+memory); only keys that are not derived from their id and the bank's name (`memory_key`) are kept
+as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..storage.object_store import ObjectNotFound, ObjectStore
+from .manifest import Manifest, ReleaseError, memory_key, release_key
+from .memory_ids import MEMORY_IDS_FILE, read_memory_ids
+from .publish import REFERENCES_FILE
+
+
+class UnreadableTable(ReleaseError):
+    """A published release's reference table is missing or damaged: which memories it lists is unknown."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"the reference table of release {name!r} cannot be read ({why})")
+        self.name, self.why = name, why
+
+
+class Listed:
+    """Memory keys of one bank: `ids`, sorted and distinct (numpy bytes), whose keys are
+    `memory_key(bank, id)`, and `apart`, the keys that are not."""
+
+    def __init__(self, bank: str, ids: np.ndarray | None = None, apart: frozenset[str] = frozenset()) -> None:
+        self.bank, self.apart = bank, frozenset(apart)
+        self.ids = np.zeros(0, dtype="S1") if ids is None else ids
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.apart)
+
+    def __and__(self, other: Listed) -> Listed:
+        return Listed(self.bank, np.intersect1d(self.ids, other.ids, assume_unique=True), self.apart & other.apart)
+
+    def __or__(self, other: Listed) -> Listed:
+        return Listed(self.bank, np.union1d(self.ids, other.ids), self.apart | other.apart)
+
+    def __sub__(self, other: Listed) -> Listed:
+        return Listed(self.bank, np.setdiff1d(self.ids, other.ids, assume_unique=True), self.apart - other.apart)
+
+    def keys(self) -> Iterator[str]:
+        yield from (memory_key(self.bank, rid.decode()) for rid in self.ids)
+        yield from sorted(self.apart)
+
+    def unlisted(self, keys: Sequence[str]) -> list[str]:
+        """Of `keys` (a part of a bank's listing), those this listing lacks."""
+        ids = [key.rsplit("/", 1)[-1] for key in keys]
+        derived = np.array([key == memory_key(self.bank, rid) for key, rid in zip(keys, ids, strict=True)], dtype=bool)
+        found = derived & np.isin(np.array([rid.encode() for rid in ids], dtype=np.bytes_), self.ids)
+        return [key for key, hit in zip(keys, found, strict=True) if not hit and key not in self.apart]
+
+
+def listing_file(manifest: Manifest) -> str:
+    """The file a release's listing is read from: its ids where it has them, else its reference table."""
+    return MEMORY_IDS_FILE if MEMORY_IDS_FILE in manifest.files else REFERENCES_FILE
+
+
+def read_listed(store: ObjectStore, manifest: Manifest) -> Listed:
+    """The memories a release lists; UnreadableTable when the file they are read from is missing or
+    damaged (an outage of the store is raised as it is). Damaged is judged by the manifest's
+    checksum first: a table cut at a line's end parses, and lists fewer memories than the release reads."""
+    file, bank = listing_file(manifest), manifest.memory_bank["bank"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / file
+        try:
+            with path.open("wb") as out:
+                digest = store.download(release_key(manifest.name, file), out)
+        except ObjectNotFound as e:
+            raise UnreadableTable(manifest.name, f"{file} is missing") from e
+        expected = manifest.files.get(file, {}).get("sha256")
+        if expected is not None and digest != expected:
+            raise UnreadableTable(manifest.name, f"{file} does not match the manifest's checksum")
+        try:
+            if file == MEMORY_IDS_FILE:
+                return Listed(bank, np.array(read_memory_ids(path, manifest.memory_bank["count"])["id"]))
+            return _table_listing(path, bank)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not UTF-8, not JSON, a row without an id
+            raise UnreadableTable(manifest.name, f"{file} is damaged: {type(e).__name__}: {e}") from e
+
+
+def _table_listing(path: Path, bank: str) -> Listed:
+    ids: list[bytes] = []
+    apart: set[str] = set()
+    with path.open(encoding="utf-8", newline="\n") as table:  # rows end in \n: a text may hold U+2028
+        for line in table:
+            if line.strip():
+                row = json.loads(line)
+                key = row.get("memory_key") or memory_key(bank, row["id"])
+                if key == memory_key(bank, row["id"]):
+                    ids.append(row["id"].encode())
+                else:
+                    apart.add(key)
+    return Listed(bank, np.unique(np.array(ids, dtype=np.bytes_)) if ids else None, frozenset(apart))
