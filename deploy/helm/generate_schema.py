@@ -32,6 +32,10 @@ INT_OR_PERCENT = {"type": ["integer", "string"], "minimum": 0, "pattern": "^[0-9
 # render either the same way). Ranges (minimum, ...) apply to numbers only; the pattern refuses a string sign.
 DECIMAL = "^[0-9]+(\\.[0-9]+)?$"
 UNIT_DECIMAL = "^(0(\\.[0-9]+)?|1(\\.0+)?)$"  # a decimal string from 0 to 1
+# ...and where a number must be above 0 (`exclusiveMinimum: 0`, which a string escapes), a decimal string that is
+# not zero ("0.0" and "00" too): the API server refuses a target of 0.
+POSITIVE_DECIMAL = "^([0-9]*[1-9][0-9]*(\\.[0-9]+)?|0+\\.[0-9]*[1-9][0-9]*)$"
+POSITIVE_UNIT_DECIMAL = "^(0+\\.[0-9]*[1-9][0-9]*|0*1(\\.0+)?)$"  # above 0, at most 1
 # ...and it makes a digit-only value an integer: these strings also take one (the templates render it as text).
 STRINGS_SET_AS_INTEGERS = {"release", "s3.bucket", "trainer.job.release", "encoding.release",
                            "encoding.merge.name", "kserve.modelName", "decoder.autoscaling.keda.threshold"}
@@ -58,7 +62,7 @@ CONSTRAINTS: dict[str, dict] = {
     "redis.inChart.maxmemory": REDIS_SIZE,
     "trainer.job.preset": {"enum": ["", *sorted(PRESETS)]},
     "decoder.autoscaling.scaleDownStabilizationSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
-    "decoder.autoscaling.keda.threshold": {"pattern": DECIMAL},
+    "decoder.autoscaling.keda.threshold": {"exclusiveMinimum": 0, "pattern": POSITIVE_DECIMAL},
     "decoder.autoscaling.keda.pollingInterval": {"type": "integer", "minimum": 1},
     "decoder.autoscaling.keda.fallbackReplicas": COUNT,
     "decoder.autoscaling.keda.fallbackFailureThreshold": {"type": "integer", "minimum": 1},
@@ -72,6 +76,9 @@ CONSTRAINTS: dict[str, dict] = {
     "encoding.ttlSecondsAfterFinished": COUNT,
     "trainer.job.backoffLimit": COUNT,
     "trainer.job.ttlSecondsAfterFinished": COUNT,
+    "trainer.job.activeDeadlineSeconds": COUNT,
+    "encoding.activeDeadlineSeconds": COUNT,
+    "encoding.merge.activeDeadlineSeconds": COUNT,
     "kserve.minReplicas": COUNT,
     "kserve.maxReplicas": {"type": "integer", "minimum": 1},
     "s3.accessKeyKey": SECRET_KEY,
@@ -102,11 +109,12 @@ CONSTRAINTS: dict[str, dict] = {
     "networkPolicy.externalRedisPort": PORT,
     "networkPolicy.externalRedisPorts": {"type": "array", "items": PORT},
     "networkPolicy.externalS3Ports": {"type": "array", "items": PORT},
+    "networkPolicy.dnsPorts": {"type": "array", "items": PORT},
     "encoding.merge.waitSeconds": {"type": "number", "minimum": 0},
     "metrics.prometheusRule.backlogPerPod": {"type": "number", "exclusiveMinimum": 0},
     "metrics.prometheusRule.ttftP95Seconds": {"type": "number", "exclusiveMinimum": 0},
     "metrics.prometheusRule.errorRatio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
-                                          "pattern": UNIT_DECIMAL},
+                                          "pattern": POSITIVE_UNIT_DECIMAL},
     "metrics.prometheusRule.memoryWaitP95Seconds": {"type": "number", "exclusiveMinimum": 0},
     "text.port": PORT,
     "memory.port": PORT,
@@ -195,7 +203,7 @@ def schema_of(value, path: str, docs: dict[str, str]) -> dict:
         node.pop("type", None)
     if node.get("type") == "number":
         node["type"] = ["number", "string"]
-        node.setdefault("pattern", DECIMAL)
+        node.setdefault("pattern", POSITIVE_DECIMAL if node.get("exclusiveMinimum") == 0 else DECIMAL)
     if path in STRINGS_SET_AS_INTEGERS:
         node["type"] = ["string", "integer"]
     if path in QUOTED_STRINGS:

@@ -168,7 +168,7 @@ SET_EXPRESSIONS = [
     ("text.autoscaling.minReplicas=4,text.pdb.maxUnavailable=25%",
      lambda r: r.get("PodDisruptionBudget", component_name("text"))["spec"]["maxUnavailable"] == "25%"),
     # strings --set turns into integers
-    ("decoder.autoscaling.keda.enabled=true,decoder.autoscaling.keda.threshold=8",
+    ("decoder.autoscaling.keda.enabled=true,decoder.autoscaling.keda.threshold=8,metrics.serviceMonitor.enabled=true",
      lambda r: r.of_kind("ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["threshold"] == "8"),
     ("release=20250601", lambda r: flag(container(r, "decoder"), "--release") == "20250601"),
     ("s3.bucket=2025", lambda r: flag(container(r, "decoder"), "--s3-bucket") == "2025"),

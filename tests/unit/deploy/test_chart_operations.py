@@ -101,7 +101,8 @@ DRAIN_VALUES = {
     "fixed": {c: {"autoscaling": {"enabled": False}, "replicaCount": n}
               for c, n in zip(SERVICES, (1, 2, 3), strict=True)},
     "percent": {"text": {"autoscaling": {"minReplicas": 4}, "pdb": {"maxUnavailable": "50%"}}},
-    "keda": {"decoder": {"autoscaling": {"minReplicas": 2, "keda": {"enabled": True}}}},
+    "keda": {"decoder": {"autoscaling": {"minReplicas": 2, "keda": {"enabled": True}}},
+             "metrics": {"serviceMonitor": {"enabled": True}}},
 }
 
 
@@ -396,7 +397,8 @@ def test_the_prestop_sleep_works_on_every_kubernetes_version_the_chart_declares(
 def test_keda_gets_no_cooldown_period_and_values_that_set_one_still_install():
     """KEDA's cooldownPeriod applies only to scaling to and from zero, which the chart never does."""
     for keda in ({"enabled": True}, {"enabled": True, "cooldownPeriod": 120}):
-        scaled = render({"decoder": {"autoscaling": {"keda": keda}}}).get("ScaledObject", component_name("decoder"))
+        scaled = render({"decoder": {"autoscaling": {"keda": keda}}, "metrics": {"serviceMonitor": {"enabled": True}}}
+                        ).get("ScaledObject", component_name("decoder"))
         assert "cooldownPeriod" not in scaled["spec"] and scaled["spec"]["minReplicaCount"] >= 1
         behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300

@@ -54,7 +54,8 @@ def test_autoscalers_use_the_queue_gauge():
     text = render({"text": {"autoscaling": {"targetRequestsWaiting": 2}}}).get("HorizontalPodAutoscaler",
                                                                                 "m3-memory3-text")
     assert series[text["spec"]["metrics"][1]["pods"]["metric"]["name"]] == "gauge"
-    scaled = render({"decoder": {"autoscaling": {"keda": {"enabled": True}}}}).of_kind("ScaledObject")[0]
+    scaled = render({"decoder": {"autoscaling": {"keda": {"enabled": True}}},
+                     "metrics": {"serviceMonitor": {"enabled": True}}}).of_kind("ScaledObject")[0]
     query = scaled["spec"]["triggers"][0]["metadata"]["query"]
     assert series[re.search(r"memory3_\w+", query).group(0)] == "gauge"
 

@@ -22,7 +22,9 @@ spec:
       port: {{ $c.port }}
       targetPort: grpc
       protocol: TCP
-      appProtocol: grpc
+      {{- /* What a mesh or gateway reads the port as: with TLS it carries TLS, which one that took it for gRPC
+      (plaintext HTTP/2, as Istio reads `grpc`) would fail to parse; `tls` has it passed through as is. */}}
+      appProtocol: {{ ternary "tls" "grpc" .root.Values.tls.enabled }}
     {{- if not (and (eq .component "decoder") (include "memory3.decoderMetricsService" .root)) }}
     - name: metrics
       port: {{ .root.Values.metrics.port }}
@@ -66,6 +68,10 @@ metadata:
     {{- include "memory3.labels" . | nindent 4 }}
 spec:
   maxUnavailable: {{ $c.pdb.maxUnavailable }}
+  # A pod that is not ready serves nothing: a drain may evict it whatever the budget. With the default
+  # (IfHealthyBudget), pods not ready together (text or memory down, or a decoder in its startup probe) would hold
+  # every node drain until they are ready again.
+  unhealthyPodEvictionPolicy: AlwaysAllow
   selector:
     matchLabels:
       {{- include "memory3.selectorLabels" . | nindent 6 }}

@@ -10,13 +10,16 @@
         values: {{ toJson .components }}
 {{- end -}}
 
-{{/* Egress to cluster DNS. */}}
+{{/* Egress to cluster DNS, on networkPolicy.dnsPorts: the ports of the DNS pods, which a NetworkPolicy matches
+after the DNS Service has mapped its port 53 to them (OpenShift's: 5353). */}}
 {{- define "memory3.egressDNS" -}}
 - ports:
-    - port: 53
+    {{- range $port := .Values.networkPolicy.dnsPorts | default (list 53) | uniq }}
+    - port: {{ int $port }}
       protocol: UDP
-    - port: 53
+    - port: {{ int $port }}
       protocol: TCP
+    {{- end }}
 {{- end -}}
 
 {{/* Egress to the object store: the in-chart store's pods, or the external endpoint's port and

@@ -35,7 +35,8 @@
 {{- end -}}
 {{- end -}}
 {{- if $v.redis.url -}}
-{{- if contains "@" $v.redis.url -}}
+{{- /* A password or user name in the URL's userinfo, or in its query (?password=, ?sentinel_password=, ...). */}}
+{{- if or (contains "@" $v.redis.url) (regexMatch "(?i)[?&](sentinel_)?(password|username)=" $v.redis.url) -}}
 {{- $messages = append $messages "redis.url: it holds credentials; put the URL in a Secret and set redis.existingSecret (and redis.urlKey) instead" -}}
 {{- else if not (regexMatch "^rediss?(\\+sentinel|\\+cluster)?://" $v.redis.url) -}}
 {{- $messages = append $messages (printf "redis.url: %q must start with redis://, redis+sentinel:// or redis+cluster:// (rediss… for TLS)" $v.redis.url) -}}
@@ -56,13 +57,15 @@
 {{- if gt (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas) -}}
 {{- $messages = append $messages (printf "%s.autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" $component $c.autoscaling.minReplicas $c.autoscaling.maxReplicas) -}}
 {{- end -}}
-{{- if and (ne $component "decoder") (not (dig "requests" "cpu" "" $c.resources)) -}}
+{{- if and (ne $component "decoder") (not (dig "requests" "cpu" "" (default dict $c.resources))) -}}
 {{- $messages = append $messages (printf "%s.resources.requests.cpu: the CPU autoscaler needs a CPU request (or set %s.autoscaling.enabled=false)" $component $component) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.decoder.autoscaling.keda.enabled (not $v.decoder.autoscaling.enabled) -}}
 {{- $messages = append $messages "decoder.autoscaling.keda.enabled: KEDA scales between decoder.autoscaling.minReplicas and maxReplicas; set decoder.autoscaling.enabled=true too" -}}
+{{- else if and $v.decoder.autoscaling.keda.enabled (not $v.decoder.autoscaling.keda.query) (not $v.metrics.serviceMonitor.enabled) -}}
+{{- $messages = append $messages "decoder.autoscaling.keda.enabled: its query reads memory3_num_requests_waiting labelled by the decoder's Service, as the ServiceMonitors scrape it; set metrics.serviceMonitor.enabled=true too, or give your own query in decoder.autoscaling.keda.query" -}}
 {{- end -}}
 {{- /* The parts that may run on a GPU (the Jobs when they are rendered): a GPU with the CPU image is torch without CUDA. */}}
 {{- $gpuParts := dict "decoder" $v.decoder -}}
@@ -78,6 +81,8 @@
 {{- end -}}
 {{- if and $v.decoder.gpu.enabled (lt (int $v.decoder.gpu.count) 1) -}}
 {{- $messages = append $messages "decoder.gpu.count: must be at least 1 when decoder.gpu.enabled" -}}
+{{- else if and $v.decoder.gpu.enabled (gt (int $v.decoder.gpu.count) 1) -}}
+{{- $messages = append $messages (printf "decoder.gpu.count: the decoder and the KServe predictor each run one process on one device, so %d GPUs per pod would leave %d idle; set decoder.gpu.count=1 and scale with replicas (decoder.autoscaling.maxReplicas)" (int $v.decoder.gpu.count) (sub (int $v.decoder.gpu.count) 1)) -}}
 {{- end -}}
 {{- if and $v.trainer.job.enabled $v.trainer.job.gpu.enabled (lt (int $v.trainer.job.gpu.count) 1) -}}
 {{- $messages = append $messages "trainer.job.gpu.count: must be at least 1 when trainer.job.gpu.enabled" -}}
@@ -107,6 +112,10 @@
 {{- end -}}
 {{- end -}}
 {{- if $v.encoding.merge.enabled -}}
+{{- $deadline := float64 (default 0 $v.encoding.merge.activeDeadlineSeconds) -}}
+{{- if and (gt $deadline 0.0) (le $deadline (float64 $v.encoding.merge.waitSeconds)) -}}
+{{- $messages = append $messages (printf "encoding.merge.activeDeadlineSeconds: %v would stop the merge Job while it waits for the shards (encoding.merge.waitSeconds, %v); set it above the wait, with time for the merge itself, or 0 for none" $v.encoding.merge.activeDeadlineSeconds $v.encoding.merge.waitSeconds) -}}
+{{- end -}}
 {{- $merged := include "memory3.encodingMerged" . -}}
 {{- if and $v.encoding.merge.name (not (include "memory3.isReleaseName" $merged)) -}}
 {{- $messages = append $messages (printf "encoding.merge.name: %q is not a release name (%s)" $merged (include "memory3.releaseNameRule" .)) -}}
@@ -124,9 +133,11 @@
 {{- range $component := list "text" "memory" "decoder" -}}
 {{- $c := index $v $component -}}
 {{- $ctx := dict "root" $ "component" $component -}}
-{{- if include "memory3.pdbEnabled" $ctx -}}
-{{- $pods := int (include "memory3.minPods" $ctx) -}}
 {{- $most := $c.pdb.maxUnavailable -}}
+{{- if and $c.pdb.enabled (eq (int (ternary (trimSuffix "%" (toString $most)) $most (kindIs "string" $most))) 0) -}}
+{{- $messages = append $messages (printf "%s.pdb.maxUnavailable: %v lets no pod go, so a node drain or cluster upgrade waits on it for good; set it to 1 or more (or %s.pdb.enabled=false for no budget)" $component $most $component) -}}
+{{- else if include "memory3.pdbEnabled" $ctx -}}
+{{- $pods := int (include "memory3.minPods" $ctx) -}}
 {{- $down := 0 -}}
 {{- if kindIs "string" $most -}}
 {{- $down = div (add (mul (int (trimSuffix "%" $most)) $pods) 99) 100 -}}

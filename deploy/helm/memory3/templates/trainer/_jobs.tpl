@@ -3,11 +3,17 @@ whole spec: any change (image, chart version, arguments, resources, shards) make
 upgrade the API server refuses. Every command runs with --exist-ok, so a new Job for a release already
 published finds it and exits at once. */}}
 
-{{/* The name of a Job: <fullname>-<kind>-<10 hex digits of its spec's hash>, at most 63 characters.
-Call with (dict "root" $ "kind" "train" "spec" (include "memory3.trainJobSpec" $)). */}}
+{{/* The name of a Job: <fullname>-<kind>-<10 hex digits of its spec's hash>, at most 63 characters. The Indexed
+Job's pods are named <Job name>-<index> as their hostname, a DNS label of 63 characters at most too: its name leaves
+room for "-" and the last index (the API server refuses the Job otherwise). Call with (dict "root" $ "kind" "train"
+"spec" (include "memory3.trainJobSpec" $)), adding "completions" <count> for an Indexed Job. */}}
 {{- define "memory3.jobName" -}}
 {{- $suffix := printf "-%s-%s" .kind (.spec | sha256sum | trunc 10) -}}
-{{- printf "%s%s" (include "memory3.fullname" .root | trunc (int (sub 63 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- $index := 0 -}}
+{{- if hasKey . "completions" -}}
+{{- $index = add 1 (len (toString (sub (int .completions) 1))) -}}
+{{- end -}}
+{{- printf "%s%s" (include "memory3.fullname" .root | trunc (int (sub (sub 63 (len $suffix)) $index)) | trimSuffix "-") $suffix -}}
 {{- end -}}
 
 {{/* The trainer's release: trainer.job.release, else release. */}}
@@ -43,6 +49,10 @@ and they talk over NCCL, which needs a /dev/shm larger than the container runtim
 {{- $processes := ternary (int $gpu.count) 1 (and $gpu.enabled (gt (int $gpu.count) 1)) -}}
 backoffLimit: {{ $t.backoffLimit }}
 ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
+{{- with $t.activeDeadlineSeconds }}
+# The Job's whole run, retries included: past it the pod is stopped and the Job fails (a hung trainer frees its GPUs).
+activeDeadlineSeconds: {{ include "memory3.int" . }}
+{{- end }}
 template:
   metadata:
     labels:
@@ -153,6 +163,10 @@ backoffLimitPerIndex: {{ $e.backoffLimitPerIndex }}
 backoffLimit: {{ mul (int $e.backoffLimitPerIndex) (int $e.shards) }}
 {{- end }}
 ttlSecondsAfterFinished: {{ $e.ttlSecondsAfterFinished }}
+{{- with $e.activeDeadlineSeconds }}
+# Every index's run, retries included: past it the running pods are stopped and the Job fails.
+activeDeadlineSeconds: {{ include "memory3.int" . }}
+{{- end }}
 template:
   metadata:
     labels:
@@ -213,6 +227,9 @@ encoding.gpu says. */}}
 # the merged one. A retry cannot bring a failed shard back, so it gets one.
 backoffLimit: 1
 ttlSecondsAfterFinished: {{ $e.ttlSecondsAfterFinished }}
+{{- with $e.merge.activeDeadlineSeconds }}
+activeDeadlineSeconds: {{ include "memory3.int" . }}
+{{- end }}
 template:
   metadata:
     labels:
@@ -242,8 +259,9 @@ template:
         env:
           {{- include "memory3.s3Env" . | nindent 10 }}
           {{- include "memory3.jobTmpEnv" "/var/cache/memory3" | nindent 10 }}
+        # Its own, smaller requests: it mostly waits for the shards (encoding.merge.resources).
         resources:
-          {{- toYaml $e.resources | nindent 10 }}
+          {{- toYaml $e.merge.resources | nindent 10 }}
         securityContext:
           {{- toYaml .Values.securityContext | nindent 10 }}
         volumeMounts:
