@@ -142,7 +142,10 @@ class RawCodec(MemoryCodec):
                 raise ValueError(f"fp16: values beyond the fp16 range (|x| > 65504), max |x| = {x.abs().max():.4g}")
             return h.view(torch.int16).numpy().astype("<i2").tobytes()
         # bf16: torch rounds to nearest even; the bit pattern is the top half of the fp32 one
-        return x.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
+        b = x.to(torch.bfloat16)
+        if not bool(torch.isfinite(b).all()):
+            raise ValueError(f"bf16: values beyond the bf16 range (|x| > 3.39e38), max |x| = {x.abs().max():.4g}")
+        return b.view(torch.int16).numpy().astype("<i2").tobytes()
 
     def _decode(self, buf: bytes, n: int, head_dim: int) -> Tensor:
         if self.name == "fp32":

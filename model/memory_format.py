@@ -249,8 +249,9 @@ def _verify(
     if n_vec and int(pos.max()) >= ref_len:
         raise MemoryFormatError(f"bad payload: position {int(pos.max())} is outside 0..{ref_len - 1}")
     kv_size = codec.encoded_size(n_vec, head_dim)
+    view = memoryview(payload)  # slices without copies
     for part, start in (("keys", pos_end), ("values", pos_end + kv_size)):
-        if codec.stores_nonfinite(payload[start:start + kv_size], n_vec):
+        if codec.stores_nonfinite(view[start:start + kv_size], n_vec):
             raise MemoryFormatError(f"bad payload: the {part} hold NaN or inf (encoding never stores them)")
     header = MemoryHeader(version=version, codec_id=codec_id, shape=shape, ref_len=ref_len, n_valid=n_valid,
                           fingerprint=fingerprint, payload_len=payload_len)

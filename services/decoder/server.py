@@ -95,6 +95,7 @@ class BuiltEngine:
     health: dict[str, health_pb2_grpc.HealthStub]  # empty with in-process retrieval
     channels: list[grpc.aio.Channel]
     memory: MemoryClient | None = None  # with remote retrieval
+    retrieving: bool = True  # whether the services serve retrieval, as last seen (`wait_for_dependencies`)
 
     async def dependencies_up(self) -> bool:
         """Whether the text and memory services answer SERVING (always true in-process)."""
@@ -118,8 +119,11 @@ class BuiltEngine:
         UNAUTHENTICATED, as if the client had asked wrong)."""
         if not self.health:
             return None  # in-process: the release's own index
+        # Past any batching of the engine's calls (CoalescingRetrieval.inner): its latency estimate is the
+        # engine's requests', which this call, answered at once, would skew.
+        retrieval = getattr(self.engine.retrieval, "inner", self.engine.retrieval)
         try:
-            await self.engine.retrieval.retrieve([[self.engine.codec.bos_id]], 1, False)
+            await retrieval.retrieve([[self.engine.codec.bos_id]], 1, False)
         except ServiceError as e:  # Unavailable, or an address that is no text service (UNIMPLEMENTED)
             return str(e)
         if self.memory is not None:
@@ -193,35 +197,34 @@ async def build_engine(settings: DecoderSettings, release: Release) -> BuiltEngi
     return BuiltEngine(engine, health, channels, memory)
 
 
-async def dependency_problem(built: BuiltEngine) -> str | None:
-    """Why the text and memory services cannot serve this decoder's retrieval now, or None."""
-    if not await built.dependencies_up():
-        return "the text and memory services do not report SERVING yet"
-    return await built.retrieval_problem()
-
-
 async def wait_for_dependencies(built: BuiltEngine, stopping: Callable[[], bool] = lambda: False, *,
                                 policy: str = "fail") -> bool:
     """Wait until the text and memory services answer SERVING, and the text services answer a retrieval
     as the shards of this decoder's release (`BuiltEngine.retrieval_problem`); False if `stopping()`
     turned true first. A server told to stop while a dependency is still down must not wait for it forever.
 
-    Under the "continue" retrieval policy nothing waits: requests are served without memory while the
-    services do not answer, and a decoder started during their outage (a scale-up, a rescheduled pod)
-    would otherwise never turn ready, and be restarted by its startup probe until they came back. What
-    is wrong is logged, and `watch_readiness` logs when it changes.
+    Under the "continue" retrieval policy a service that does not answer is not waited for: requests
+    are served without memory meanwhile, and a decoder started during their outage (a scale-up, a
+    rescheduled pod) would otherwise never turn ready, and be restarted by its startup probe until they
+    came back. Services that answer but refuse this decoder (another release, token or shard count)
+    are a deployment's mistake, waited for under either policy. `built.retrieving` says which.
     """
     said = None
     while True:
-        problem = await dependency_problem(built)
-        if problem is None:
-            return not stopping()
+        if await built.dependencies_up():
+            problem = await built.retrieval_problem()
+            if problem is None:
+                built.retrieving = True
+                return not stopping()
+        else:
+            problem = "the text and memory services do not report SERVING yet"
+            if policy == "continue":
+                log.warning("serving without memory until the text and memory services answer "
+                            "(--retrieval-policy continue): %s", problem)
+                built.retrieving = False
+                return not stopping()
         if stopping():
             return False
-        if policy == "continue":
-            log.warning("serving without memory until the text and memory services serve this decoder "
-                        "(--retrieval-policy continue): %s", problem)
-            return True
         if problem != said:  # once per change: a rollout can take minutes
             log.warning("waiting for the text and memory services: %s", problem)
             said = problem
@@ -239,7 +242,6 @@ async def watch_readiness(settings: DecoderSettings, built: BuiltEngine, report:
     watch ends: KServe#6259's and vLLM's "healthy while the engine is dead".
     """
     serving = True
-    retrieving: bool | None = None  # under "continue": whether the services serve retrieval (None: not asked yet)
     while True:
         await asyncio.sleep(settings.watch_interval_s)
         engine = built.engine
@@ -255,13 +257,15 @@ async def watch_readiness(settings: DecoderSettings, built: BuiltEngine, report:
             if why is None and not await built.dependencies_up():
                 why = "the text or memory service does not answer"
         elif built.health:  # readiness stays; what retrieval does is said once per change
-            problem = await dependency_problem(built)
-            if retrieving is not None and (problem is None) != retrieving:
+            problem = None if await built.dependencies_up() else "the text or memory service does not answer"
+            if problem is None and not built.retrieving:  # back: a real retrieval, only then (it is one)
+                problem = await built.retrieval_problem()
+            if (problem is None) != built.retrieving:
+                built.retrieving = problem is None
                 if problem is None:
                     log.warning("the text and memory services serve this decoder: retrieval is on")
                 else:
                     log.warning("serving without memory (--retrieval-policy continue): %s", problem)
-            retrieving = problem is None
         if (why is None) != serving:
             serving = why is None
             if serving:

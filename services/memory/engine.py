@@ -119,7 +119,7 @@ class MemoryStore:
         published before it did have none): a valid blob of another memory under an id (objects
         swapped, a wrong repair) is then caught like a corrupt one."""
         self.release, self.keys, self.codec, self.shape = release, keys, codec, tuple(shape)
-        self.bank, self.max_ids, self.digests = bank, max_ids, digests or {}
+        self.bank, self.max_ids, self.digests = bank, max_ids, {} if digests is None else digests
         self.store, self.ram, self.redis = store, ram, redis
         self._pool = ThreadPoolExecutor(max_workers=s3_workers, thread_name_prefix="memory3-s3")
         self._inflight: dict[str, _Read] = {}

@@ -56,11 +56,28 @@ class Listed:
         yield from sorted(self.apart)
 
     def unlisted(self, keys: Sequence[str]) -> list[str]:
-        """Of `keys` (a part of a bank's listing), those this listing lacks."""
-        ids = [key.rsplit("/", 1)[-1] for key in keys]
-        derived = np.array([key == memory_key(self.bank, rid) for key, rid in zip(keys, ids, strict=True)], dtype=bool)
-        found = derived & np.isin(np.array([rid.encode() for rid in ids], dtype=np.bytes_), self.ids)
+        """Of `keys` (a part of a bank's listing), those this listing lacks: a binary search of the
+        sorted ids for each (np.isin would sort the whole listing again for every part)."""
+        ids = [id_of_key(self.bank, key) or "" for key in keys]
+        asked = np.array([rid.encode() for rid in ids], dtype=np.bytes_)  # (K,)
+        found = np.zeros(len(keys), dtype=bool)
+        if len(self.ids) and len(keys):
+            at = np.minimum(np.searchsorted(self.ids, asked), len(self.ids) - 1)
+            found = (self.ids[at] == asked) & np.array([bool(rid) for rid in ids])
         return [key for key, hit in zip(keys, found, strict=True) if not hit and key not in self.apart]
+
+
+def id_of_key(bank: str, key: str) -> str | None:
+    """The reference id whose key in `bank` is `key` (`memory_key`: <bank>/<id[:2]>/<id>), or None
+    when `key` is no such key. Read from the key's layout, as an id may hold a '/'."""
+    head = memory_key(bank, "")[:-1]  # memories/<bank>/
+    if not key.startswith(head):
+        return None
+    rest = key[len(head):]  # <id[:2]>/<id>, or <id>/<id> for a one-character id
+    for rid in (rest[3:], rest[2:]):
+        if rid and memory_key(bank, rid) == key:
+            return rid
+    return None
 
 
 def listing_file(manifest: Manifest) -> str:
@@ -99,8 +116,9 @@ def _table_listing(path: Path, bank: str) -> Listed:
             if line.strip():
                 row = json.loads(line)
                 key = row.get("memory_key") or memory_key(bank, row["id"])
-                if key == memory_key(bank, row["id"]):
-                    ids.append(row["id"].encode())
+                rid = id_of_key(bank, key)  # by its key: another row's id may name the same blob
+                if rid is not None:
+                    ids.append(rid.encode())
                 else:
                     apart.add(key)
     return Listed(bank, np.unique(np.array(ids, dtype=np.bytes_)) if ids else None, frozenset(apart))

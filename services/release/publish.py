@@ -111,6 +111,7 @@ def publish_release(
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_release_name(name)
+    _check_reference_ids(references, parent_references)
     check_index_choice(index_kind, len(parent_index.ids) + len(references) if parent_index else len(references))
     store.ensure_bucket()
     _check_free(store, name)
@@ -133,6 +134,24 @@ def publish_release(
     log(f"published release {name!r}: {manifest.memory_bank['count']} memories, "
         f"{manifest.memory_bank['bytes'] / 1e6:.1f} MB in bank {manifest.memory_bank['bank']}")
     return manifest
+
+
+MAX_ID_CHARS = 128  # a reference id's; every row of `memory_ids.npy` is as wide as the longest
+
+
+def _check_reference_ids(references: Sequence[Reference], parent_references: Sequence[dict]) -> None:
+    """ReleaseError naming the first reference id a release cannot hold, before anything is encoded: an
+    empty or long one, one with a '/' (a bank key is <bank>/<id[:2]>/<id>), a control character (numpy
+    byte strings, as `memory_ids.npy` holds them, drop a trailing NUL), or one listed twice."""
+    seen = {row["id"] for row in parent_references}
+    for ref in references:
+        if not 0 < len(ref.id) <= MAX_ID_CHARS or "/" in ref.id or not ref.id.isprintable():
+            raise ReleaseError(f"reference id {ref.id[:MAX_ID_CHARS]!r} (of {ref.source!r}): ids are 1 to "
+                               f"{MAX_ID_CHARS} printable characters without '/'")
+        if ref.id in seen:
+            raise ReleaseError(f"reference id {ref.id!r} (of {ref.source!r}) is listed twice: a release holds each "
+                               "reference once")
+        seen.add(ref.id)
 
 
 def _remove_written(store: ObjectStore, name: str, written: Sequence[str], publication: Publication) -> None:

@@ -566,7 +566,7 @@ def test_under_the_continue_policy_a_decoder_started_in_an_outage_is_ready(tmp_p
                           "--memory-address", memory.address, "--retrieval-policy", "continue")
     try:
         server.wait_for(lambda: server.readiness() == (200, 200), "ready with both services down", timeout=60)
-        assert "serving without memory until the text and memory services serve this decoder" in server.log_tail()
+        assert "serving without memory until the text and memory services answer" in server.log_tail()
         status, _, body = server.post(f"/v2/models/{MODEL}/infer", {
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}]})
         assert status == 200, body

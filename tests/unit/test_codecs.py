@@ -240,3 +240,10 @@ def test_decoding_needs_no_faiss(vq: VQCodec, tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert float(out) == pytest.approx(float(vq.decode(bytes.fromhex(blob), 8, 16).sum()), rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("name, big", [("fp16", 7e4), ("bf16", 3.4e38)])
+def test_encode_refuses_what_its_precision_would_store_as_infinity(name: str, big: float) -> None:
+    """Finite floats past the half type's range round to inf, which validation then refuses on every read."""
+    with pytest.raises(ValueError, match=f"beyond the {name} range"):
+        codec_from_name(name).encode(torch.tensor([[1.0, big]]))

@@ -4,8 +4,9 @@ the keys that are not derived from their ids, kept apart."""
 import json
 
 import numpy as np
+import pytest
 
-from memory3.services.release.listed import Listed, _table_listing
+from memory3.services.release.listed import Listed, _table_listing, id_of_key
 from memory3.services.release.manifest import memory_key
 
 
@@ -41,3 +42,44 @@ def test_a_table_lists_its_rows_ids_and_keeps_other_keys_apart(tmp_path):
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     table = _table_listing(path, "bank1")
     assert table.ids.tolist() == [b"aa01", b"ab03"] and table.apart == {"memories/old/ac/ac04"}
+
+
+@pytest.mark.parametrize("rid", ["aa01", "a", "a/b", "ab/cd", "ümlaut"])
+def test_a_key_gives_back_its_id(rid):
+    assert id_of_key("bank1", memory_key("bank1", rid)) == rid
+    assert id_of_key("bank2", memory_key("bank1", rid)) is None
+
+
+@pytest.mark.parametrize("key", ["memories/bank1/zz/stray", "memories/bank1/aa01", "memories/bank1/",
+                                 "memories/bank11/aa/aa01", "releases/x/aa/aa01"])
+def test_a_key_of_no_id_gives_none(key):
+    assert id_of_key("bank1", key) is None
+
+
+def test_ids_holding_a_slash_or_one_character_are_found_listed():
+    """The id was read as the key's last part: a listed `a/b` was taken for unlisted, and removed by gc."""
+    a = listed(["a/b", "x", "xy"])
+    keys = [memory_key("bank1", rid) for rid in ("a/b", "x", "xy", "b", "zz")]
+    assert a.unlisted(keys) == [memory_key("bank1", "b"), memory_key("bank1", "zz")]
+    assert Listed("bank1").unlisted(keys[:2]) == keys[:2] and a.unlisted([]) == []
+
+
+def test_unlisted_searches_the_sorted_ids_without_sorting_them_again(monkeypatch):
+    """np.isin sorted the whole listing again for every part of the bank's listing: quadratic in gc."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the listing was sorted again")
+
+    a = listed([f"{i:032x}" for i in range(1000)])
+    monkeypatch.setattr(np, "isin", refuse)
+    monkeypatch.setattr(np, "sort", refuse)
+    monkeypatch.setattr(np, "unique", refuse)
+    assert a.unlisted([memory_key("bank1", f"{i:032x}") for i in range(995, 1005)]) == [
+        memory_key("bank1", f"{i:032x}") for i in range(1000, 1005)]
+
+
+def test_a_table_row_is_listed_by_its_key_whatever_its_id(tmp_path):
+    """A row naming another id's key was kept apart, so that a release listing the same key by id did
+    not share it, and a deletion of that release removed a blob the other one reads."""
+    path = tmp_path / "references.jsonl"
+    path.write_text(json.dumps({"id": "copy", "memory_key": memory_key("bank1", "abc")}) + "\n")
+    assert len(listed(["abc"]) - _table_listing(path, "bank1")) == 0

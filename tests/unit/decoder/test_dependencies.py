@@ -159,12 +159,12 @@ def test_under_the_continue_policy_a_decoder_starting_in_an_outage_serves_and_sa
         assert asyncio.run(main())
     assert reports == []  # ready throughout
     assert [r.getMessage() for r in caplog.records] == [
-        "serving without memory until the text and memory services serve this decoder (--retrieval-policy "
-        "continue): the text and memory services do not report SERVING yet",
+        "serving without memory until the text and memory services answer (--retrieval-policy continue): the "
+        "text and memory services do not report SERVING yet",
         "the text and memory services serve this decoder: retrieval is on",
-        "serving without memory (--retrieval-policy continue): the text and memory services do not report "
-        "SERVING yet",
+        "serving without memory (--retrieval-policy continue): the text or memory service does not answer",
     ]
+    assert shards.asked == 1  # a retrieval on the way back only: each is a real one
 
     async def fail_policy():  # the same outage keeps a fail-fast decoder waiting
         waiting = asyncio.ensure_future(wait_for_dependencies(built, policy="fail"))
@@ -174,3 +174,20 @@ def test_under_the_continue_policy_a_decoder_starting_in_an_outage_serves_and_sa
         return done
 
     assert not asyncio.run(fail_policy())
+
+
+def test_under_the_continue_policy_services_that_refuse_the_decoder_keep_it_waiting():
+    """Another release, token or shard count is a deployment's mistake, not an outage: serving without
+    memory would hide it behind a log line."""
+    shards = Shards()  # answer SERVING, and a retrieval with the shard mismatch
+    built = BuiltEngine(SimpleNamespace(retrieval=shards, codec=SimpleNamespace(bos_id=1)),
+                        {"text": Serving(), "memory": Serving()}, [])
+
+    async def main():
+        waiting = asyncio.ensure_future(wait_for_dependencies(built, policy="continue"))
+        await asyncio.sleep(0.7)
+        still = not waiting.done()
+        shards.fixed = True
+        return still, await asyncio.wait_for(waiting, 5)
+
+    assert asyncio.run(main()) == (True, True) and built.retrieving
