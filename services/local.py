@@ -82,11 +82,14 @@ class LocalGenerator:
         config = self.model.config
         sampling = dataclasses.replace(sampling, vocab_limit=self.codec.vocab_size)
         body = self.codec.body(prompt)
-        if len(self.prefix) + len(body) + max_new_tokens > config.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(body)} tokens + {max_new_tokens} new tokens exceeds max_seq_len={config.max_seq_len}"
-            )
         ref_tokens = [chunk for text in references for chunk in self.split_reference(text)]
+        prefix = self.prefix if ref_tokens else []  # the context starts with it only when memories are read
+        if len(prefix) + len(body) + max_new_tokens > config.max_seq_len:
+            with_prefix = f" + {len(prefix)} of the reference prefix" if prefix else ""
+            raise ValueError(
+                f"prompt of {len(body)} tokens{with_prefix} + {max_new_tokens} new tokens exceeds "
+                f"max_seq_len={config.max_seq_len}"
+            )
         retriever = None
         if ref_tokens:
             retriever = OverlapRetriever(ref_tokens, encode_references(self.model, ref_tokens, self.prefix),
@@ -95,7 +98,7 @@ class LocalGenerator:
         seen_queries = 0
         retrievals: list[list[list[int]]] = []
         steps = iter_generate(
-            self.model, [body], prefix=self.prefix if retriever else (), max_new_tokens=max_new_tokens,
+            self.model, [body], prefix=prefix, max_new_tokens=max_new_tokens,
             sampling=sampling, stop_tokens=[self.codec.eos_id], memory_provider=retriever, retrievals=retrievals,
         )
         for token, finished in steps:

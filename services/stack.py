@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .release.manifest import check_release_name
 from .storage.local_redis import start_local_redis
-from .storage.local_s3 import free_port, port_taken, start_local_s3
+from .storage.local_s3 import free_port, listens, port_taken, start_local_s3
 from .storage.object_store import S3Config, s3_arguments
 
 STATE_FILE = "state.json"
@@ -116,11 +116,10 @@ class StackState:
         self.s3 = {**asdict(s3), "ca_bundle": str(s3.ca_bundle) if s3.ca_bundle else None}
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        """Written whole or not at all, readable by its owner alone from the start (it holds the
+        store's secret key, and a Redis URL with its password when there is one)."""
+        _private_dir(path.parent)
+        _write_private(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> StackState:
@@ -224,7 +223,7 @@ def stack_lock(home: Path) -> Iterator[None]:
     file kept only the second's, so `down` never stopped the first. Not waited for: the other one
     may be training for half an hour. The lock goes with the process, however it ends."""
     path = home / "stack" / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by the processes started under it
     try:
         try:
@@ -279,49 +278,103 @@ def _start_stack(options: StackOptions, ensure_release: Callable[[S3Config, str]
         log(f"the last stack is partly down ({', '.join(down)} not running): stopping the rest")
         stop_processes(previous.processes, log)
         state_path(home).unlink(missing_ok=True)
-    if options.decoder_port and port_taken("127.0.0.1", options.decoder_port):
-        raise RuntimeError(f"--decoder-port {options.decoder_port}: another server listens on 127.0.0.1:"
-                           f"{options.decoder_port}; choose another port, or leave the option out for a free one")
+    _check_decoder_port(options)
     run_dir = home / "stack"
+    path = state_path(home)
     state = StackState(str(home), options.release, {}, None, planned=_planned(options))
     try:
+        # Each store is saved in the state as soon as it runs: an `up` killed later (SIGKILL, the OOM
+        # killer) leaves processes that `down` finds.
         if options.s3 is None:
-            local = start_local_s3(run_dir / "s3-data", log_file=run_dir / "s3.log", secret_key=_secret(run_dir))
+            local = start_local_s3(run_dir / "s3-data", port=free_port(_ports_given(options, state)),
+                                   log_file=run_dir / "s3.log", secret_key=_secret(run_dir))
             state.processes.append(StackProcess("s3", local.pid, int(local.config.endpoint.rsplit(":", 1)[1]),
                                                 str(run_dir / "s3.log"), started=process_start_time(local.pid)))
             s3 = local.config
+            state.keep_store(s3)
+            state.save(path)
             log(f"S3 server (rclone) on {s3.endpoint}, data in {run_dir / 's3-data'}")
         else:
             s3 = options.s3
-        state.keep_store(s3)
+            state.keep_store(s3)
         from .storage.object_store import ObjectStore
         ObjectStore(s3).ensure_bucket()
         if options.redis:
-            redis = start_local_redis(run_dir / "redis", maxmemory="256mb", password=options.redis_password)
+            redis = start_local_redis(run_dir / "redis", port=free_port(_ports_given(options, state)),
+                                      maxmemory="256mb", password=options.redis_password)
             state.redis_url = redis.url
             state.processes.append(StackProcess("redis", redis.pid, redis.port, str(run_dir / "redis" / "redis.log"),
                                                 started=process_start_time(redis.pid)))
             log(f"Redis on {redis.url.split('@')[-1]}")
-        state.save(state_path(home))
+        state.save(path)
         if ensure_release is not None:
             ensure_release(s3, options.release)
         services = [*options.text_names(), "memory", "decoder"]
         for label in services:
             name = "text" if label.startswith("text") else label
             port = options.decoder_port if (name == "decoder" and options.decoder_port) else None
+            if port:  # free when `up` began, which may be half an hour of training ago
+                _check_decoder_port(options, again=True)
             started = spawn_service(options, state, name, port=port, label=label)
             state.processes.append(started)
-            state.save(state_path(home))
+            state.save(path)
             log(f"{label} service starting on 127.0.0.1:{started.port} (log {started.log})")
         for p in state.processes:
             if p.name in services:
                 wait_serving(p, options.ready_timeout_s)
                 log(f"{p.name} service SERVING")
     except BaseException:
-        stop_processes(state.processes)
-        state_path(home).unlink(missing_ok=True)
+        _stop_after_failure(state.processes, log, options.home_option)  # a second interrupt goes on from here
+        path.unlink(missing_ok=True)
         raise
     return state
+
+
+def _check_decoder_port(options: StackOptions, *, again: bool = False) -> None:
+    """`--decoder-port`, refused in `up`'s words while another server listens on it: the decoder's own
+    refusal names its `--port`, an option `up` does not have."""
+    port = options.decoder_port
+    if port and port_taken("127.0.0.1", port):
+        now = " now (it was free when `up` began)" if again else ""
+        raise RuntimeError(f"--decoder-port {port}: another server listens on 127.0.0.1:{port}{now}; choose another "
+                           "port, or leave the option out for a free one")
+
+
+def _ports_given(options: StackOptions, state: StackState) -> set[int]:
+    """The ports handed out to the stack's processes so far, and `--decoder-port`: a server binds its
+    port only once it has started (seconds, for a service), so until then the port is free still,
+    and only this set keeps it from being handed out twice."""
+    ports = {options.decoder_port} if options.decoder_port else set()
+    for p in state.processes:
+        ports |= {p.port} | ({p.metrics_port} if p.metrics_port else set())
+    return ports
+
+
+def _stop_after_failure(processes: list[StackProcess], log: Callable[[str], None], home_option: str) -> None:
+    """Stop what a failed or interrupted `up` started, saying so, as `down` would (services drain, so
+    this can take a while). A second Ctrl-C or SIGTERM on the way cuts the waiting, not the stopping:
+    every process still running is sent SIGTERM, and that interrupt then goes on, saying what may run
+    still and how to stop it (the state file is kept for `down`)."""
+    running = [p for p in reversed(processes) if p.running()]
+    if not running:
+        return
+    log("stopping what it started: " + ", ".join(f"{p.name} (pid {p.pid})" for p in running))
+    try:
+        stop_processes(processes, log)
+    except KeyboardInterrupt as e:
+        pending = [p for p in processes if p.running()]
+        signalled = [p.name for p in reversed(pending)]
+        while pending:  # a third interrupt only starts this again: the SIGTERMs all go out
+            with contextlib.suppress(KeyboardInterrupt):
+                while pending:
+                    with contextlib.suppress(ProcessLookupError):
+                        if pending[-1].running():
+                            os.kill(pending[-1].pid, signal.SIGTERM)
+                    pending.pop()
+        e.left = (f"it was interrupted while stopping what it had started: {', '.join(signalled)} sent SIGTERM, "
+                  f"not waited for; `memory3 status{home_option}` shows what still runs, `memory3 down{home_option}` "
+                  "stops it")
+        raise
 
 
 def _planned(options: StackOptions) -> list[str]:
@@ -337,8 +390,9 @@ def spawn_service(options: StackOptions, state: StackState, name: str, *, port: 
     Also restarts a service that was stopped (pass its port), or adds another with other options
     (e.g. a second decoder with another retrieval policy, under its own `label` and log file).
     """
-    port = port or free_port()
-    metrics_port = free_port()
+    given = _ports_given(options, state)
+    port = port or free_port(given)
+    metrics_port = free_port(given | {port})
     args = [*_service_args(name, options, state, port), "--metrics-port", str(metrics_port)]
     if name == "text" and label in options.text_names() and options.text_shards > 1:
         args += ["--index-shard", f"{options.text_names().index(label)}/{options.text_shards}"]
@@ -403,25 +457,31 @@ def process_state(process: StackProcess) -> str:
 
 
 def wait_serving(process: StackProcess, timeout_s: float) -> None:
+    """Until `process` reports SERVING on its port. An answer there from a server of another process
+    (the port taken since it was chosen) does not count: the stack would use that one in its place."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
+    taken = ""
     with grpc.insecure_channel(f"127.0.0.1:{process.port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not process.running():
-                raise RuntimeError(f"the {process.name} service exited during startup; its log ends with:\n"
+                raise RuntimeError(f"the {process.name} service exited during startup{taken}; its log ends with:\n"
                                    + _tail(Path(process.log), start=process.log_start))
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
+                serving = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
+                    health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
-                pass
+                serving = False
+            if serving:
+                if listens(process.pid, process.port) is not False:
+                    return
+                taken = f" (another process answered on 127.0.0.1:{process.port}: the port was taken)"
             time.sleep(0.3)
-    raise RuntimeError(f"the {process.name} service was not SERVING within {timeout_s:.0f}s; its log ends with:\n"
-                       + _tail(Path(process.log), start=process.log_start))
+    raise RuntimeError(f"the {process.name} service was not SERVING within {timeout_s:.0f}s{taken}; its log ends "
+                       "with:\n" + _tail(Path(process.log), start=process.log_start))
 
 
 def _service_args(name: str, options: StackOptions, state: StackState, port: int) -> list[str]:
@@ -437,7 +497,10 @@ def _service_args(name: str, options: StackOptions, state: StackState, port: int
 
 
 def _service_env(s3: S3Config, redis_url: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+    """A service's environment: the caller's without any MEMORY3_* setting, then the stack's own. A
+    shell set up for a remote deployment has its token, CA bundle or Redis URL there, which would
+    otherwise reach the local services (a token they would demand, a Redis they would fill)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_")}
     env.update({"MEMORY3_S3_ACCESS_KEY": s3.access_key, "MEMORY3_S3_SECRET_KEY": s3.secret_key})
     if redis_url:
         env["MEMORY3_REDIS_URL"] = redis_url
@@ -450,9 +513,27 @@ def _secret(run_dir: Path) -> str:
     if not path.exists():
         import secrets
 
-        path.write_text(secrets.token_hex(16))
-        path.chmod(0o600)
+        _private_dir(run_dir)
+        _write_private(path, secrets.token_hex(16))
     return path.read_text().strip()
+
+
+def _private_dir(path: Path) -> None:
+    """The stack's directory, its owner's alone (0700): its state, secret, logs and the bucket's data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+    if path.stat().st_mode & 0o077:  # made by an earlier version, with the umask's mode
+        path.chmod(0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """`text` into `path`, by a temporary file created 0600 (never readable by others, not even until
+    a chmod) renamed over it: a crash leaves the old file or the new one, not a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # one a crash left may have another mode, which O_CREAT would keep
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -496,12 +577,21 @@ def _terminate(process: StackProcess, timeout_s: float = 15.0) -> None:
     if process.running():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    _reap(pid)
+    _reap(pid, wait_s=2.0)
 
 
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+def _reap(pid: int, wait_s: float = 0.0) -> None:
+    """Collect the exit status of `pid` when it is our child (`up` cleaning up), or it stays a zombie
+    until we exit; waiting up to `wait_s` for it to end (a SIGKILL takes a moment to)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child (`down`), or collected already
+            return
+        if done or time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
 
 
 def _tail(path: Path, lines: int = 25, *, start: int = 0) -> str:

@@ -240,10 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: 1)")
 
     down = sub.add_parser("down", help="stop exactly what `memory3 up` started (by PID)")
-    down.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    down.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                      help="the home the stack was started in (`memory3 up --home`; default: ~/.cache/memory3)")
     status = sub.add_parser("status", help="the local stack's processes, addresses and health (exit 1 unless all "
                                            "are up)")
-    status.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    status.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                        help="the home the stack was started in (`memory3 up --home`; default: ~/.cache/memory3)")
 
     train = sub.add_parser("train", help="train a model (three stages) and publish it as a release")
     train.add_argument("--preset", type=preset, default=None,
@@ -755,8 +757,12 @@ def s3_config(args: argparse.Namespace, *, local_stack: bool = False):
         if not ca_bundle.is_file():
             raise ValueError(f"--s3-ca-bundle {ca_bundle}: no such file; give the PEM file of the CA certificates "
                              "to trust")
-    return S3Config(endpoint=endpoint, access_key=access, secret_key=os.environ.get("MEMORY3_S3_SECRET_KEY", ""),
-                    bucket=bucket or "memory3", secure=args.s3_secure, region=region, ca_bundle=ca_bundle)
+    secret = os.environ.get("MEMORY3_S3_SECRET_KEY")
+    if not secret:  # the store would refuse every request's signature, and say only that
+        raise ValueError("MEMORY3_S3_ACCESS_KEY is set but MEMORY3_S3_SECRET_KEY is not: set the secret key that "
+                         "goes with the access key")
+    return S3Config(endpoint=endpoint, access_key=access, secret_key=secret, bucket=bucket or "memory3",
+                    secure=args.s3_secure, region=region, ca_bundle=ca_bundle)
 
 
 def _local_stack_store(home: Path):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .local_s3 import free_port
+from .local_s3 import free_port, listens
 
 
 def redis_server_binary() -> str:
@@ -95,15 +95,21 @@ class LocalRedis:
         return self
 
     def _wait_ready(self) -> None:
+        """Until the server we started answers PING: an answer from another one on the port (taken
+        since it was chosen) does not count, as that one would be used in its place."""
         deadline = time.monotonic() + self.ready_timeout
+        taken = f"is port {self.port} taken?"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited with code {self.process.returncode} "
-                                   f"(see {self.data_dir / 'redis.log'}; is port {self.port} taken?)")
+                                   f"(see {self.data_dir / 'redis.log'}; {taken})")
             if _answers_ping(self.port, password=self.password):
-                return
+                if listens(self.process.pid, self.port) is not False:
+                    return
+                taken = f"another process listens on 127.0.0.1:{self.port} and answered: the port was taken"
             time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not answer PING on 127.0.0.1:{self.port} within {self.ready_timeout}s")
+        raise RuntimeError(f"redis-server did not answer PING on 127.0.0.1:{self.port} within "
+                           f"{self.ready_timeout}s ({taken})")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it has not exited within `timeout`."""

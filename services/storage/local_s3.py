@@ -5,6 +5,7 @@ Started with its own data directory on a free port and stopped by its PID (never
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -15,17 +16,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from .object_store import S3Config
 
 
-def free_port() -> int:
+def free_port(exclude: Collection[int] = ()) -> int:
     """A port on 127.0.0.1 that is free now, for a server that binds it a moment later.
 
     Drawn below the kernel's ephemeral range: outgoing connections take their source ports from
     that range, and one of them could take a port handed out from it before its server binds it.
+    `exclude`: ports already handed out to servers that have not bound them yet (free still, so
+    only this list keeps two of them from getting the same one).
     """
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -33,17 +37,42 @@ def free_port() -> int:
         low = 32768
     candidates = range(1024 + (low - 1024) // 3, low) if low > 4096 else range(0)
     rng = random.SystemRandom()
-    for _ in range(64):
-        port = rng.choice(candidates) if candidates else 0
+    for attempt in range(128):
+        port = rng.choice(candidates) if candidates and attempt < 64 else 0  # then: any free port
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return s.getsockname()[1]
-    with socket.socket() as s:  # everything tried was taken: any free port
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            if s.getsockname()[1] not in exclude:
+                return s.getsockname()[1]
+    raise RuntimeError(f"no free port on 127.0.0.1 (besides the {len(exclude)} handed out already)")
+
+
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds a socket listening on TCP `port` (Linux /proc): what tells a
+    server we started from another one that answers on its port; None where /proc cannot say."""
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError):  # tcp6: none without IPv6
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()  # local address, remote address, state (0A: LISTEN), ..., inode
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False  # the process is gone
+    except (OSError, ValueError):
+        return None
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[len("socket:["):-1] in inodes:
+            return True
+    return False
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -94,16 +123,24 @@ class LocalS3:
 
 
 def _wait_listening(process: subprocess.Popen, port: int, timeout_s: float) -> None:
+    """Until the server we started listens on `port`: a connection accepted there by another
+    server (the port taken since it was chosen) does not count."""
     deadline = time.monotonic() + timeout_s
+    other = ""
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"rclone serve s3 exited with code {process.returncode}")
+            raise RuntimeError(f"rclone serve s3 exited with code {process.returncode}{other}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                pass
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"rclone serve s3 did not listen on 127.0.0.1:{port} within {timeout_s}s")
+            continue
+        if listens(process.pid, port) is not False:
+            return
+        other = f" (another process listens on 127.0.0.1:{port}: the port was taken)"
+        time.sleep(0.1)
+    raise RuntimeError(f"rclone serve s3 did not listen on 127.0.0.1:{port} within {timeout_s}s{other}")
 
 
 def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "memory3",
@@ -114,15 +151,20 @@ def start_local_s3(data_dir: Path, *, port: int | None = None, bucket: str = "me
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     secret_key = secret_key or secrets.token_hex(16)
-    log = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    binary = rclone_binary()
     # The key pair goes through the environment (one CSV field, as rclone reads a list from it): on
     # the command line, any user of the machine could read it (`ps`).
     auth_key = '"' + f"{access_key},{secret_key}".replace('"', '""') + '"'
-    process = subprocess.Popen(
-        [rclone_binary(), "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}", "--config", "/dev/null",
-         *(["--cert", str(tls[0]), "--key", str(tls[1])] if tls else [])],
-        stdout=log, stderr=log, start_new_session=True, env={**os.environ, "RCLONE_AUTH_KEY": auth_key},
-    )
+    log = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - closed once the child has it
+    try:
+        process = subprocess.Popen(
+            [binary, "serve", "s3", str(data_dir), "--addr", f"127.0.0.1:{port}", "--config", "/dev/null",
+             *(["--cert", str(tls[0]), "--key", str(tls[1])] if tls else [])],
+            stdout=log, stderr=log, start_new_session=True, env={**os.environ, "RCLONE_AUTH_KEY": auth_key},
+        )
+    finally:
+        if log_file:
+            log.close()
     try:
         _wait_listening(process, port, ready_timeout)
     except BaseException:  # a Ctrl-C or SIGTERM while it starts too: the caller has no PID to stop yet

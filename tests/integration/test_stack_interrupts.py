@@ -129,3 +129,35 @@ def test_a_stack_whose_up_was_killed_is_neither_up_nor_a_traceback(home):
     assert "was left half-started (text, memory, decoder not running" in generate.stderr
     down = memory3("down", "--home", str(home))
     assert down.returncode == 0 and not any(map(_alive, pids))
+
+
+# `up` as `memory3 up` runs it, killed outright (SIGKILL, the OOM killer) just as it starts Redis.
+KILLED_WHILE_REDIS_STARTS = """
+import os, signal, sys
+from pathlib import Path
+from memory3.services import stack
+
+def killed(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+stack.start_local_redis = killed
+stack.start_stack(stack.StackOptions(home=Path(sys.argv[1]), release="r"), log=print)
+"""
+
+
+def test_an_up_killed_while_its_stores_start_leaves_nothing_down_cannot_stop(home):
+    """The state was first saved once both stores ran: the S3 server of an `up` killed before then ran on, and
+    `down` said no stack was running."""
+    try:
+        up = subprocess.run([sys.executable, "-c", KILLED_WHILE_REDIS_STARTS, str(home)], capture_output=True,
+                            text=True, timeout=120)
+        assert up.returncode == -signal.SIGKILL, up.stderr
+        assert pids_running(str(home)), "no S3 server was started"
+        state = json.loads((home / "stack" / "state.json").read_text())
+        assert [p["name"] for p in state["processes"]] == ["s3"]
+        down = memory3("down", "--home", str(home))
+        assert down.returncode == 0 and f"stopped s3 (pid {state['processes'][0]['pid']})" in down.stderr
+        assert pids_running(str(home)) == []
+    finally:  # what a failing run left
+        for pid in pids_running(str(home)):
+            os.kill(pid, signal.SIGKILL)

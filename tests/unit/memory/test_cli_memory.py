@@ -17,6 +17,7 @@ def test_serve_memory_needs_a_release(capsys):
 
 def test_bad_cache_sizes_are_usage_errors(capsys, monkeypatch):
     monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")
     assert main(["serve", "memory", "--release", "r1", "--s3-endpoint", "127.0.0.1:9", "--ram-cache-mb", "-1"]) == 2
     assert "--ram-cache-mb must be >= 0" in capsys.readouterr().err
 

@@ -24,5 +24,6 @@ def test_tls_needs_both_halves(capsys, monkeypatch):
     monkeypatch.delenv("MEMORY3_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("MEMORY3_S3_ENDPOINT", "127.0.0.1:9")
     monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", "s")
     assert main(["serve", "text", "--release", "r1", "--tls-cert", "c.pem"]) == 2
     assert "--tls-cert and --tls-key" in capsys.readouterr().err
