@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RESULTS := bench/results
 
-.PHONY: setup system-deps proto demo test test-all test-gpu gpu-wheels lint helm-test helm-schema bench bench-decode bench-storage bench-serving bench-index bench-prefill bench-sampling clean
+.PHONY: setup system-deps proto demo test test-all test-gpu gpu-wheels lint helm-test helm-schema bench bench-decode bench-storage bench-serving bench-index bench-prefill bench-sampling bench-tables clean
 
 setup: $(STAMP)
 
@@ -66,7 +66,7 @@ helm-test: setup system-deps
 helm-schema: setup
 	$(PY) deploy/helm/generate_schema.py
 
-bench: bench-decode bench-storage bench-serving bench-index bench-prefill bench-sampling
+bench: bench-decode bench-storage bench-serving bench-index bench-prefill bench-sampling bench-tables
 
 bench-decode: setup
 	$(VENV)/bin/memory3 bench decode --preset small --json $(RESULTS)/decode.json --readme README.md
@@ -76,6 +76,9 @@ bench-serving: setup system-deps
 
 bench-storage: setup
 	$(VENV)/bin/memory3 bench storage --preset small --json $(RESULTS)/storage.json --readme README.md
+
+bench-tables: setup
+	$(VENV)/bin/memory3 bench tables --json $(RESULTS)/tables.json
 
 bench-index: setup
 	$(VENV)/bin/memory3 bench index --json $(RESULTS)/index.json --readme README.md

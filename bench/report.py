@@ -126,6 +126,22 @@ def render_table(results_dir: Path) -> str:
                 f"| | in {n} index shards, merged answers' found / whole index's: flat / HNSW / IVF-PQ | "
                 + " / ".join(f"{sharded[k]['hit_at_5_over_whole']:.3f}" for k in ("flat", "hnsw", "ivfpq")) + " | |",
             ]
+    tables = _load(results_dir / "tables.json")
+    if tables:
+        s, service, gc = tables["summary"], tables["memory_service"], tables["release_gc"]
+        rows += [
+            f"| release tables ({s['references']:,} references) | memory service, held per reference: the table's "
+            f"rows / `memory_ids.npy` (mapped) | {service['table_rows']['bytes_held_per_reference']:.0f} / "
+            f"{service['memory_ids']['bytes_held_per_reference']:.0f} B | |",
+            f"| | memory service, opening: rows / `memory_ids.npy` | {service['table_rows']['read_s']:.2f} / "
+            f"{service['memory_ids']['read_s']:.3f} s | |",
+            f"| | `release delete`/`gc`, held per memory: key strings / sorted ids | "
+            f"{s['gc_bytes_per_memory']['key_set']:.0f} / {s['gc_bytes_per_memory']['listed']:.0f} B | |",
+            f"| | `release delete`/`gc`, reading a listing: the table / `memory_ids.npy` | "
+            f"{gc['key_set_from_table']['read_s']:.2f} / {gc['listed_from_memory_ids']['read_s']:.3f} s | |",
+            "| | `release gc`, checking the bank's keys: sorted ids / set | "
+            f"{_ratio(s['gc_bank_check_listed_over_set'])} | |",
+        ]
     quality = _load(results_dir / "quality.json")
     if quality:
         first = quality["first_hit_only"]

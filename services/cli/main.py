@@ -422,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     idx.add_argument("--shards", type=positive_int, default=4, help="index shards each kind is also searched in")
     idx.add_argument("--json", type=Path, required=True)
     idx.add_argument("--readme", type=Path, default=None)
+    tab = bench_sub.add_parser("tables", help="what the memory service and release delete/gc hold of a release's "
+                                              "reference table, read from memory_ids.npy against the table")
+    tab.add_argument("--references", type=positive_int, default=1_000_000, help="references of the synthetic release")
+    tab.add_argument("--json", type=Path, required=True)
     qual = bench_sub.add_parser("quality", help="exact match on knowledge-base-only facts: none / memory / RAG")
     qual.add_argument("--release", required=True)
     qual.add_argument("--questions", type=positive_int, default=300)
@@ -954,6 +958,9 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.bench_kind == "index":
         from memory3.bench.index import run_index_bench
         result = run_index_bench(references=args.references, questions=args.questions, shards=args.shards)
+    elif args.bench_kind == "tables":
+        from memory3.bench.tables import run_tables_bench
+        result = run_tables_bench(references=args.references, log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "quality":
         from memory3.bench.quality import run_quality_bench
         from memory3.services.trainer.placement import make_current, training_placement

@@ -167,3 +167,24 @@ def test_the_serving_benchs_step_costs_time_the_schedulers_own_passes(tiny_model
                        new_tokens=66, iterations=4)
     assert min(costs["prefill_ms"].values()) > 0 and min(costs["decode_ms"].values()) > 0
     assert costs["predicted_on_over_off"] > 0
+
+
+def test_tables_bench_compares_readers_that_agree(tmp_path, monkeypatch):
+    """Every reader of the synthetic release gives the same answers (the bench checks it), and each
+    figure is reported with its ratio from the same run."""
+    from memory3.bench import tables
+    from memory3.services.release import listed
+
+    monkeypatch.setattr(tables, "LOOKUPS", 50)
+    result = tables.run_tables_bench(references=3000)
+    summary, gc = result["summary"], result["release_gc"]
+    assert set(result["memory_service"]) == {"table_rows", "memory_ids"} and summary["references"] == 3000
+    assert summary["gc_key_set_over_listed_bytes"] == (gc["key_set_from_table"]["bytes_held_per_reference"]
+                                                       / gc["listed_from_memory_ids"]["bytes_held_per_reference"])
+    assert result["memory_service"]["memory_ids"]["mapped_file_bytes_per_reference"] > 64  # 32-byte id + sha256
+    write_json(result, tmp_path / "tables.json")
+    assert "| release tables (3,000 references) | memory service, held per reference: " in render_table(tmp_path)
+    # a reader that answers wrong is caught, not measured
+    monkeypatch.setattr(listed.Listed, "unlisted", lambda self, keys: [])
+    with pytest.raises(AssertionError, match="other unlisted keys"):
+        tables.run_tables_bench(references=500)
