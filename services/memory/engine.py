@@ -138,7 +138,8 @@ class MemoryStore:
         if MEMORY_IDS_FILE in release.manifest.files:
             ids = read_memory_ids(release.local_file(MEMORY_IDS_FILE), release.manifest.memory_bank["count"])
             table = ReferenceTable.from_memory_ids(ids, bank)
-        else:  # a table with keys apart: row by row, its texts never held (tens of GB at 10^8 references)
+        else:  # published before it, or naming keys apart: the table, row by row, its texts never held
+            # (tens of GB at 10^8 references)
             table = ReferenceTable.from_rows(release.rows(), bank)
         return cls(release=release.name, keys=table.keys, digests=table.digests,
                    codec=release.memory_codec(), shape=release.memory_shape(), store=release.store, ram=ram,

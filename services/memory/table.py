@@ -108,7 +108,8 @@ class _Digests(Mapping[str, bytes]):
         return digest.tobytes()
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        rows = self.table.digest_rows
+        return sum(int(rows[start:start + _CHUNK_ROWS].any(axis=1).sum()) for start in range(0, len(rows), _CHUNK_ROWS))
 
     def __iter__(self) -> Iterator[str]:
         for start in range(0, len(self.table), _CHUNK_ROWS):  # a chunk at a time: the table may be mapped

@@ -143,6 +143,8 @@ def _check_reference_ids(references: Sequence[Reference], parent_references: Seq
     """ReleaseError naming the first reference id a release cannot hold, before anything is encoded: an
     empty or long one, one with a '/' (a bank key is <bank>/<id[:2]>/<id>), a control character (numpy
     byte strings, as `memory_ids.npy` holds them, drop a trailing NUL), or one listed twice."""
+    if not references:
+        return
     seen = {row["id"] for row in parent_references}
     for ref in references:
         if not 0 < len(ref.id) <= MAX_ID_CHARS or "/" in ref.id or not ref.id.isprintable():
