@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..storage.object_store import ObjectNotFound, ObjectStore
-from .manifest import Manifest, ReleaseError, memory_key, release_key
+from .manifest import MEMORIES_PREFIX, Manifest, ReleaseError, memory_key, release_key
 from .memory_ids import MEMORY_IDS_FILE, read_memory_ids
 from .publish import REFERENCES_FILE
 
@@ -70,13 +70,14 @@ class Listed:
 def id_of_key(bank: str, key: str) -> str | None:
     """The reference id whose key in `bank` is `key` (`memory_key`: <bank>/<id[:2]>/<id>), or None
     when `key` is no such key. Read from the key's layout, as an id may hold a '/'."""
-    head = memory_key(bank, "")[:-1]  # memories/<bank>/
+    head = f"{MEMORIES_PREFIX}{bank}/"
     if not key.startswith(head):
         return None
-    rest = key[len(head):]  # <id[:2]>/<id>, or <id>/<id> for a one-character id
-    for rid in (rest[3:], rest[2:]):
-        if rid and memory_key(bank, rid) == key:
-            return rid
+    rest = key[len(head):]  # <id[:2]>/<id>, or <c>/<c> for a one-character id
+    if len(rest) >= 5 and rest[2] == "/" and rest[3:5] == rest[:2]:
+        return rest[3:]
+    if len(rest) == 3 and rest[1] == "/" and rest[0] == rest[2]:
+        return rest[2]
     return None
 
 

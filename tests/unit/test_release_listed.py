@@ -83,3 +83,19 @@ def test_a_table_row_is_listed_by_its_key_whatever_its_id(tmp_path):
     path = tmp_path / "references.jsonl"
     path.write_text(json.dumps({"id": "copy", "memory_key": memory_key("bank1", "abc")}) + "\n")
     assert len(listed(["abc"]) - _table_listing(path, "bank1")) == 0
+
+
+def test_every_key_reads_back_as_its_id_and_no_other_key_does():
+    """Over every id of up to 6 characters of 'a', 'b' and '/', and every string after the bank's
+    prefix up to 7: a key gives its id back, and what it gives back is always the id of that key."""
+    import itertools
+
+    for n in range(1, 7):
+        for chars in itertools.product("ab/", repeat=n):
+            rid = "".join(chars)
+            assert id_of_key("B", memory_key("B", rid)) == rid
+    for n in range(8):
+        for chars in itertools.product("ab/", repeat=n):
+            key = "memories/B/" + "".join(chars)
+            rid = id_of_key("B", key)
+            assert rid is None or memory_key("B", rid) == key
