@@ -227,7 +227,7 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
         text = row["text"] if len(row["text"]) <= 100 else row["text"][:99] + "…"
         print(f"  {row['id']}: {text}")
     if dry_run:
-        print(f"dry run: {len(removed)} of the {len(base.references)} references of {parent!r} would be removed")
+        print(f"dry run: {len(removed)} of the {base.count} references of {parent!r} would be removed")
         return 0
     if name is None:
         name = kb_remove_name(parent, [r["id"] for r in removed])

@@ -11,12 +11,14 @@ it lists and the releases it is made from are checked to be still there.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +49,7 @@ from .manifest import (
     sha256,
     sha256_of_file,
 )
-from .memory_ids import MEMORY_IDS_FILE, write_memory_ids
+from .memory_ids import MEMORY_IDS_FILE, holds, sorted_ids, write_memory_ids
 
 INDEX_FILE, REFERENCES_FILE, CODEC_FILE = "index.faiss", "references.jsonl", "codec.safetensors"
 TOKENIZER_KEY = f"model/{TOKENIZER_FILE}"  # the tokenizer's name in a manifest's files
@@ -94,7 +96,8 @@ def _store_memory(store: ObjectStore, key: str, blob: bytes, codec: MemoryCodec,
 def publish_release(
     store: ObjectStore, name: str, *, model: Transformer, codec: TextCodec, references: Sequence[Reference],
     embed: Callable[[list[str]], object], embedder_name: str, memory_codec: MemoryCodec, provenance: dict,
-    parent_index: VectorIndex | None = None, parent_references: Sequence[dict] = (), parent: str | None = None,
+    parent_index: VectorIndex | None = None, parent_references: Sequence[dict] | Callable[[], Iterable[dict]] = (),
+    parent: str | None = None,
     batch_size: int = 32, progress: bool = True, log: Callable[[str], None] | None = None,
     on_encoded: Callable[[int, int], None] | None = None, index_kind: str = "auto", sources: Sequence[str] = (),
     as_read: Sequence[Manifest] = (),
@@ -102,7 +105,9 @@ def publish_release(
     """Encode memories for `references` (new ones only, for a derived release) and publish `name`.
 
     For a release derived from `parent` (same model), `parent_references` and `parent_index` carry
-    the parent's table and index; only `references` are encoded and embedded. `on_encoded(done,
+    the parent's table and index; only `references` are encoded and embedded. `parent_references`
+    may be a function that reads the rows anew at each call (`Release.rows`): they are then read a few
+    times, one row at a time, and never held (a table of 10^8 references is tens of GB). `on_encoded(done,
     total)` follows the encoding, batch by batch, for programs (the bar is for people).
     `index_kind` is one of `INDEX_CHOICES`, kept in the manifest for the releases derived from this one.
     `sources` are the releases other than `parent` whose memories it lists (a merge's), checked with
@@ -111,7 +116,9 @@ def publish_release(
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_release_name(name)
-    _check_reference_ids(references, parent_references)
+    parent_rows = parent_references if callable(parent_references) else lambda: parent_references
+    _check_reference_ids(references, parent_index.ids if parent_index is not None else
+                         [row["id"] for row in parent_rows()])
     check_index_choice(index_kind, len(parent_index.ids) + len(references) if parent_index else len(references))
     store.ensure_bucket()
     _check_free(store, name)
@@ -122,7 +129,7 @@ def publish_release(
         sources = [*([parent] if parent else []), *sources]
         _check_sources(store, name, sources, as_read)
         manifest = _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
-                            parent_index, parent_references, parent, batch_size, progress, log, on_encoded,
+                            parent_index, parent_rows, parent, batch_size, progress, log, on_encoded,
                             index_kind, lambda files: (_check_sources(store, name, sources, as_read),
                                                        _check_files(store, name, files, publication)),
                             publication.check_held, written)
@@ -139,18 +146,18 @@ def publish_release(
 MAX_ID_CHARS = 128  # a reference id's; every row of `memory_ids.npy` is as wide as the longest
 
 
-def _check_reference_ids(references: Sequence[Reference], parent_references: Sequence[dict]) -> None:
+def _check_reference_ids(references: Sequence[Reference], parent_ids: Iterable[str]) -> None:
     """ReleaseError naming the first reference id a release cannot hold, before anything is encoded: an
     empty or long one, one with a '/' (a bank key is <bank>/<id[:2]>/<id>), a control character (numpy
     byte strings, as `memory_ids.npy` holds them, drop a trailing NUL), or one listed twice."""
     if not references:
         return
-    seen = {row["id"] for row in parent_references}
+    parents, seen = sorted_ids(parent_ids), set()
     for ref in references:
         if not 0 < len(ref.id) <= MAX_ID_CHARS or "/" in ref.id or not ref.id.isprintable():
             raise ReleaseError(f"reference id {ref.id[:MAX_ID_CHARS]!r} (of {ref.source!r}): ids are 1 to "
                                f"{MAX_ID_CHARS} printable characters without '/'")
-        if ref.id in seen:
+        if ref.id in seen or holds(parents, ref.id):
             raise ReleaseError(f"reference id {ref.id!r} (of {ref.source!r}) is listed twice: a release holds each "
                                "reference once")
         seen.add(ref.id)
@@ -208,7 +215,7 @@ def _check_files(store: ObjectStore, name: str, files: dict[str, dict], publicat
 
 
 def _publish(store, name, model, codec, references, embed, embedder_name, memory_codec, provenance,
-             parent_index, parent_references, parent, batch_size, progress, log, on_encoded, index_kind,
+             parent_index, parent_rows, parent, batch_size, progress, log, on_encoded, index_kind,
              before_manifest, check_held, written: list[str]) -> Manifest:
     """Writes the release. Before each file, `check_held` raises if the lease lapsed: the name may
     be another publisher's since, with files of the same names. `written` gets each key under the
@@ -233,8 +240,11 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
 
     bank = bank_id(weights_digest(model), memory_codec.fingerprint(), FORMAT_VERSION)
     prefix = codec.reference_prefix(model.config)
-    rows = list(parent_references)
-    total_bytes = sum(r.get("memory_bytes", 0) for r in rows)
+    new_rows: list[dict] = []  # the parent's are read again where needed (`all_rows`), never held
+
+    def all_rows() -> Iterator[dict]:
+        return itertools.chain(parent_rows(), new_rows)
+
     bar = tqdm(total=len(references), desc=f"memory bank {name}", unit="ref", disable=not progress or not references,
                file=sys.stderr)
     # One batch uploads while the next is encoded; a failed upload raises before the manifest. A row
@@ -243,12 +253,10 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
     uploading: list[tuple[Reference, str, Future]] = []
 
     def uploaded() -> None:
-        nonlocal total_bytes
         for ref, key, future in uploading:
             held = future.result()
-            rows.append({"id": ref.id, "text": ref.text, "source": ref.source, "memory_key": key,
-                         "memory_bytes": len(held), "memory_sha256": sha256(held)})
-            total_bytes += len(held)
+            new_rows.append({"id": ref.id, "text": ref.text, "source": ref.source, "memory_key": key,
+                             "memory_bytes": len(held), "memory_sha256": sha256(held)})
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         for start in range(0, len(references), batch_size):
@@ -275,30 +283,38 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
     else:
         kind = None if index_kind == "auto" else index_kind
         index = VectorIndex.build(vectors, [r.id for r in references], kind=kind)
-    if index.ids != [r["id"] for r in rows]:
-        raise RuntimeError("index rows and reference table are out of order")
+    count = total_bytes = 0
+    for rid, row in itertools.zip_longest(index.ids, all_rows()):  # the parent's rows: one pass of two
+        if row is None or rid != row["id"]:
+            raise RuntimeError("index rows and reference table are out of order")
+        count, total_bytes = count + 1, total_bytes + row.get("memory_bytes", 0)
 
     def exact_vectors():
-        log(f"embedding all {len(rows)} references again with {embedder_name}: the index holds approximations")
-        return embed([r["text"] for r in rows])
+        log(f"embedding all {count} references again with {embedder_name}: the index holds approximations")
+        return embed([r["text"] for r in all_rows()])
     was = index.kind
     index = index.fitted(index_kind, exact_vectors=exact_vectors)
     if index.kind != was:
-        log(f"index: {index.kind} for {len(rows)} references (was {was}; index kind {index_kind!r})")
+        log(f"index: {index.kind} for {count} references (was {was}; index kind {index_kind!r})")
     with tempfile.TemporaryDirectory() as tmp:  # written to disk and streamed up: each is gigabytes at scale
         index.write(Path(tmp) / INDEX_FILE)
         put_file(INDEX_FILE, Path(tmp) / INDEX_FILE)
         with open(Path(tmp) / REFERENCES_FILE, "w", encoding="utf-8") as table:
-            for row in rows:
-                table.write(json.dumps(row, ensure_ascii=False) + "\n")
+            def writing() -> Iterator[dict]:  # the table, written as `memory_ids.npy` reads it: the second pass
+                for row in all_rows():
+                    table.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    yield row
+            rows = writing()
+            has_ids = write_memory_ids(rows, bank, Path(tmp) / MEMORY_IDS_FILE)
+            collections.deque(rows, maxlen=0)  # the rest of the table, where a key apart ended that early
         put_file(REFERENCES_FILE, Path(tmp) / REFERENCES_FILE, "application/x-ndjson")
-        if write_memory_ids(rows, bank, Path(tmp) / MEMORY_IDS_FILE):
+        if has_ids:
             put_file(MEMORY_IDS_FILE, Path(tmp) / MEMORY_IDS_FILE)
 
     manifest = Manifest(
         name=name, created=datetime.now(UTC).isoformat(timespec="seconds"), files=files,
         conventions=conventions(model, codec, memory_codec),
-        memory_bank={"bank": bank, "key_scheme": "memories/<bank>/<id[:2]>/<id>", "count": len(rows),
+        memory_bank={"bank": bank, "key_scheme": "memories/<bank>/<id[:2]>/<id>", "count": count,
                      "bytes": total_bytes, "codec": memory_codec.name, "format_version": FORMAT_VERSION},
         index={"embedder": embedder_name, "dim": int(index.index.d), "type": type(index.index).__name__,
                "count": len(index.ids), "kind": index.kind, "choice": index_kind},

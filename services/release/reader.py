@@ -14,6 +14,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from memory3.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
 from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
 from memory3.model.memory import ExplicitMemory
@@ -33,6 +35,7 @@ from .manifest import (
     release_key,
     sha256_of_file,
 )
+from .memory_ids import MEMORY_IDS_FILE, read_memory_ids, sorted_ids
 from .publish import CODEC_FILE, INDEX_FILE, MANIFEST_FILE, POSITION_SCHEME, REFERENCES_FILE
 
 T = TypeVar("T")
@@ -249,6 +252,19 @@ class Release:
     @functools.cached_property
     def references(self) -> list[dict]:
         return list(self.rows())
+
+    @functools.cached_property
+    def ids(self) -> np.ndarray:
+        """The release's reference ids, sorted (numpy bytes; `memory_ids.holds` asks them): from its
+        `memory_ids.npy` where it has one, else read from its table, without holding the table."""
+        if MEMORY_IDS_FILE in self.manifest.files:
+            return np.array(read_memory_ids(self.local_file(MEMORY_IDS_FILE), self.count)["id"])
+        return sorted_ids(row["id"] for row in self.rows())
+
+    @property
+    def count(self) -> int:
+        """How many references the release lists."""
+        return int(self.manifest.memory_bank["count"])
 
     @functools.cached_property
     def by_id(self) -> dict[str, dict]:

@@ -12,12 +12,14 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from memory3.model.codecs import MemoryCodec, VQCodec, codec_from_name
 from memory3.model.encoder import encode_batch
 
 from ..release.manifest import Manifest, check_release_name
+from ..release.memory_ids import MEMORY_IDS_FILE, holds, sorted_ids
 from ..release.publish import REFERENCES_FILE, TOKENIZER_KEY, publish_release
 from ..release.reader import Release, already_published, read_manifest
 from ..retrieval.embedder import Embedder
@@ -176,18 +178,21 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
     removed = references_to_remove(base, ids=remove_ids, matches=remove_matches) if remove_ids or remove_matches \
         else []
     drop = {r["id"] for r in removed}
-    known = set(base.by_id) - drop
-    new = [r for r in build_references(documents, codec, model.config.ref_len) if r.id not in known]
+    # Those of the parent's that stay are not added again. Its ids are held sorted (`Release.ids`), and
+    # its table is read a row at a time (`parent_rows`): at 10^8 references it is tens of GB.
+    new = [r for r in build_references(documents, codec, model.config.ref_len)
+           if r.id in drop or not holds(base.ids, r.id)]
     if not new:
         raise CorpusError(f"{', '.join(map(str, files))}: every reference is already in release {parent!r}")
 
     def differs(manifest: Manifest) -> str | None:
         if manifest.parent != parent:
             return f"derived from {manifest.parent!r}, not {parent!r}"
-        there = set(Release.open(store, name, cache_dir, only={REFERENCES_FILE}).by_id)
-        asked = known | {r.id for r in new}
-        if there != asked:
-            return f"{len(asked - there)} of the references asked for are not there, {len(there - asked)} others are"
+        there = Release.open(store, name, cache_dir, only={MEMORY_IDS_FILE}).ids
+        asked = np.union1d(np.setdiff1d(base.ids, sorted_ids(drop)), sorted_ids(r.id for r in new))
+        missing, others = len(np.setdiff1d(asked, there)), len(np.setdiff1d(there, asked))
+        if missing or others:
+            return f"{missing} of the references asked for are not there, {others} others are"
         return _index_differs(manifest, index_kind)
     if already_published(store, name, exist_ok=exist_ok, differs=differs):
         print(f"release {name!r} is already published from {parent!r} with these references: nothing to do",
@@ -201,7 +206,7 @@ def kb_add(store: ObjectStore, parent: str, files: Sequence[Path], name: str, ca
     return publish_release(store, name, model=model, codec=codec, references=new, embed=embedder.embed,
                            embedder_name=embedder.name, memory_codec=base.memory_codec(), provenance=provenance,
                            parent_index=base.index().without(drop) if drop else base.index(),
-                           parent_references=[r for r in base.references if r["id"] not in drop], parent=parent,
+                           parent_references=lambda: (r for r in base.rows() if r["id"] not in drop), parent=parent,
                            progress=progress, on_encoded=on_encoded, index_kind=index_kind, as_read=[base.manifest])
 
 
@@ -211,14 +216,14 @@ def references_to_remove(release: Release, *, ids: Collection[str] = (), matches
     `kb add` to replace, not for `kb remove` (`check_keeps_one`)."""
     if not ids and not matches:
         raise ValueError("say which references to remove: --id ID or --match TEXT (repeatable)")
-    unknown = sorted(set(ids) - set(release.by_id))
+    unknown = sorted(i for i in set(ids) if not holds(release.ids, i))
     if unknown:
         raise ValueError(f"release {release.name!r} has no reference {unknown[0]!r}"
                          + (f" (nor {len(unknown) - 1} more of the ids given)" if len(unknown) > 1 else ""))
     if any(not m for m in matches):
         raise ValueError("--match needs some text: an empty one would match every reference")
     wanted = set(ids)
-    chosen = [r for r in release.references if r["id"] in wanted or any(m in r["text"] for m in matches)]
+    chosen = [r for r in release.rows() if r["id"] in wanted or any(m in r["text"] for m in matches)]
     if not chosen:
         raise ValueError(f"no reference of release {release.name!r} contains "
                          + " or ".join(repr(m) for m in matches))
@@ -228,7 +233,7 @@ def references_to_remove(release: Release, *, ids: Collection[str] = (), matches
 def check_keeps_one(release: Release, removed: Sequence[dict]) -> None:
     """A release needs at least one reference: removing every one of `release`'s, with nothing
     added in their place, is refused (`kb add` with removals adds its documents)."""
-    if len({r["id"] for r in removed}) >= len(release.references):
+    if len({r["id"] for r in removed}) >= release.count:
         raise ValueError(f"that is every reference of release {release.name!r}: a release needs at least one")
 
 
@@ -245,11 +250,11 @@ def kb_remove(store: ObjectStore, base: Release, removed: Sequence[dict], name: 
     check_release_name(name)
     check_keeps_one(base, removed)
     drop = {r["id"] for r in removed}
-    rows = [r for r in base.references if r["id"] not in drop]
     provenance = {**base.manifest.provenance, "parent": base.name, "removed_references": len(drop),
                   "commit": git_commit()}
     print(f"removing {len(drop)} references from {base.name!r} as {name!r}", file=sys.stderr)
-    return _publish_derived(store, base, name, rows, base.index().without(drop), provenance, progress)
+    return _publish_derived(store, base, name, lambda: (r for r in base.rows() if r["id"] not in drop),
+                            base.index().without(drop), provenance, progress)
 
 
 @dataclass(frozen=True)
@@ -434,7 +439,8 @@ def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool =
                             sources=[d.name for d in plan.derived], as_read=[d.manifest for d in plan.derived])
 
 
-def _publish_derived(store: ObjectStore, base: Release, name: str, rows: list[dict], index: VectorIndex,
+def _publish_derived(store: ObjectStore, base: Release, name: str,
+                     rows: Sequence[dict] | Callable[[], Iterable[dict]], index: VectorIndex,
                      provenance: dict, progress: bool, sources: Sequence[str] = (),
                      as_read: Sequence[Manifest] = ()) -> Manifest:
     """Publish `name` with `base`'s model and bank, and this table and index (nothing encoded), under

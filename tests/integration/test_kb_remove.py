@@ -127,3 +127,31 @@ def test_kb_add_may_replace_every_reference_of_its_parent(bucket, tmp_path, monk
     assert main(["kb", "add", str(new), "--release", "base", "--remove-match", " ", "--name", "cli-replaced",
                  *store]) == 0
     assert "release cli-replaced (from base): 2 memories, 12 references removed" in capsys.readouterr().out
+
+
+def test_kb_add_and_remove_read_the_parents_table_a_row_at_a_time(bucket, tmp_path, document, monkeypatch):
+    """They held the parent's whole reference table (texts included: tens of GB at 10^8 references), as a
+    list, a dict by id and filtered copies; now its ids are held sorted and its rows read as they go."""
+    import functools
+
+    embedder = Embedder()
+    build_random_release(bucket, "base", embedder=embedder)
+    base = Release.open(bucket, "base", tmp_path / "cache")
+    expected = list(base.rows())
+    for whole in ("references", "by_id"):
+        monkeypatch.setattr(Release, whole, functools.cached_property(
+            lambda self, whole=whole: pytest.fail(f"the table was held whole ({whole})")))
+
+    added = kb_add(bucket, "base", [document], "base-added", tmp_path / "cache", embedder=embedder,
+                   remove_matches=["Pemberlyn"], progress=False)
+    removed = kb_remove(bucket, base, references_to_remove(base, matches=["Hallowmere"]), "base-rm", progress=False)
+    monkeypatch.undo()
+    child = Release.open(bucket, "base-added", tmp_path / "cache2")
+    kept = [r for r in expected if "Pemberlyn" not in r["text"]]
+    assert child.references[:len(kept)] == kept and added.memory_bank["count"] == len(kept) + 1
+    assert child.index().ids == [r["id"] for r in child.references]
+    assert set(child.ids.tolist()) == {r["id"].encode() for r in child.references}  # memory_ids.npy agrees
+    rm = Release.open(bucket, "base-rm", tmp_path / "cache2")
+    assert rm.references == [r for r in expected if "Hallowmere" not in r["text"]] and removed.memory_bank[
+        "count"] == len(rm.references)
+    assert removed.memory_bank["bytes"] == sum(r["memory_bytes"] for r in rm.references)
