@@ -52,6 +52,8 @@ def free_port(exclude: Collection[int] = ()) -> int:
 def listens(pid: int, port: int) -> bool | None:
     """Whether process `pid` holds a socket listening on TCP `port` (Linux /proc): what tells a
     server we started from another one that answers on its port; None where /proc cannot say."""
+    if not Path("/proc/self/fd").is_dir():
+        return None  # not Linux
     inodes: set[str] = set()
     try:
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):

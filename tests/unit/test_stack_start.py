@@ -394,3 +394,15 @@ def test_down_and_status_say_what_their_home_is(command, capsys):
     with pytest.raises(SystemExit):
         parse_args([command, "--help"])
     assert "the home the stack was started in (`memory3 up --home`" in capsys.readouterr().out
+
+
+def test_where_proc_cannot_say_who_listens_readiness_does_not_wait_for_it(monkeypatch):
+    """Without /proc (not Linux) every check said "not ours", and no store or service ever turned ready."""
+    import os
+    from pathlib import Path
+
+    from memory3.services.storage import local_s3
+
+    real_is_dir = Path.is_dir
+    monkeypatch.setattr(Path, "is_dir", lambda self: False if str(self) == "/proc/self/fd" else real_is_dir(self))
+    assert local_s3.listens(os.getpid(), 1) is None
