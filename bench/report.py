@@ -137,6 +137,8 @@ def render_table(results_dir: Path) -> str:
             f"({service['memory_ids']['mapped_file_bytes_per_reference']:.0f} B) | |",
             f"| | memory service, its table made from the downloaded file: rows / `memory_ids.npy` | "
             f"{service['table_rows']['read_s']:.2f} / {service['memory_ids']['read_s']:.3f} s | |",
+            f"| | memory service, a lookup: in memory / mapped | {service['table_rows']['lookup_us']:.1f} / "
+            f"{service['memory_ids']['lookup_us']:.1f} µs | |",
             f"| | `release delete`/`gc`, held per memory: key strings / sorted ids | "
             f"{s['gc_bytes_per_memory']['key_set']:.0f} / {s['gc_bytes_per_memory']['listed']:.0f} B | |",
             f"| | `release delete`/`gc`, reading a listing: the table / `memory_ids.npy` | "

@@ -65,7 +65,10 @@ def sorted_ids(ids: Iterable[str]) -> np.ndarray:
 
 def holds(ids: np.ndarray, rid: str) -> bool:
     """Whether sorted `ids` (`sorted_ids`, or a release's `memory_ids.npy`) hold `rid`."""
-    want = rid.encode()
+    try:
+        want = rid.encode()
+    except UnicodeEncodeError:  # not text (a command line's bytes that are not UTF-8): no id
+        return False
     at = int(np.searchsorted(ids, want))
     return at < len(ids) and ids[at] == want
 

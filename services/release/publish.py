@@ -116,6 +116,8 @@ def publish_release(
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_release_name(name)
+    if not callable(parent_references) and not isinstance(parent_references, Sequence):
+        parent_references = list(parent_references)  # an iterator: read once, it could not be read again
     parent_rows = parent_references if callable(parent_references) else lambda: parent_references
     _check_reference_ids(references, parent_index.ids if parent_index is not None else
                          [row["id"] for row in parent_rows()])
@@ -299,14 +301,20 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
     with tempfile.TemporaryDirectory() as tmp:  # written to disk and streamed up: each is gigabytes at scale
         index.write(Path(tmp) / INDEX_FILE)
         put_file(INDEX_FILE, Path(tmp) / INDEX_FILE)
+        table_rows = 0
         with open(Path(tmp) / REFERENCES_FILE, "w", encoding="utf-8") as table:
             def writing() -> Iterator[dict]:  # the table, written as `memory_ids.npy` reads it: the second pass
+                nonlocal table_rows
                 for row in all_rows():
                     table.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    table_rows += 1
                     yield row
             rows = writing()
             has_ids = write_memory_ids(rows, bank, Path(tmp) / MEMORY_IDS_FILE)
             collections.deque(rows, maxlen=0)  # the rest of the table, where a key apart ended that early
+        if table_rows != count:
+            raise RuntimeError(f"the parent's rows changed between two readings ({count} rows, then {table_rows}): "
+                               "nothing was published")
         put_file(REFERENCES_FILE, Path(tmp) / REFERENCES_FILE, "application/x-ndjson")
         if has_ids:
             put_file(MEMORY_IDS_FILE, Path(tmp) / MEMORY_IDS_FILE)

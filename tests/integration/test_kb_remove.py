@@ -1,5 +1,7 @@
 """kb remove on a real S3 server: a derived release without some references, nothing re-encoded."""
 
+import json
+
 import pytest
 from release_fixtures import build_random_release
 
@@ -142,16 +144,52 @@ def test_kb_add_and_remove_read_the_parents_table_a_row_at_a_time(bucket, tmp_pa
         monkeypatch.setattr(Release, whole, functools.cached_property(
             lambda self, whole=whole: pytest.fail(f"the table was held whole ({whole})")))
 
-    added = kb_add(bucket, "base", [document], "base-added", tmp_path / "cache", embedder=embedder,
+    again = "Ilsa Varrow repairs clocks in the river town of Pemberlyn."  # removed, and added back at once
+    documents = tmp_path / "added.jsonl"
+    documents.write_text(json.dumps({"text": document.read_text().strip()}) + "\n" + json.dumps({"text": again}) + "\n")
+    added = kb_add(bucket, "base", [documents], "base-added", tmp_path / "cache", embedder=embedder,
                    remove_matches=["Pemberlyn"], progress=False)
     removed = kb_remove(bucket, base, references_to_remove(base, matches=["Hallowmere"]), "base-rm", progress=False)
     monkeypatch.undo()
     child = Release.open(bucket, "base-added", tmp_path / "cache2")
     kept = [r for r in expected if "Pemberlyn" not in r["text"]]
-    assert child.references[:len(kept)] == kept and added.memory_bank["count"] == len(kept) + 1
+    assert child.references[:len(kept)] == kept and added.memory_bank["count"] == len(kept) + 2
+    assert [r["text"] for r in child.references[len(kept):]] == [document.read_text().strip(), again]
+    assert again in [r["text"] for r in expected]
     assert child.index().ids == [r["id"] for r in child.references]
     assert set(child.ids.tolist()) == {r["id"].encode() for r in child.references}  # memory_ids.npy agrees
     rm = Release.open(bucket, "base-rm", tmp_path / "cache2")
     assert rm.references == [r for r in expected if "Hallowmere" not in r["text"]] and removed.memory_bank[
         "count"] == len(rm.references)
     assert removed.memory_bank["bytes"] == sum(r["memory_bytes"] for r in rm.references)
+
+
+def test_a_parents_rows_that_change_between_readings_publish_nothing(bucket, tmp_path):
+    """Publishing reads the parent's rows twice: a table that differed the second time was published with
+    the first reading's count. An iterator, which reads once, is read into a list as it always was."""
+    from memory3.services.release.manifest import ReleaseNotFound
+    from memory3.services.release.publish import publish_release
+    from memory3.services.release.reader import read_manifest
+
+    build_random_release(bucket, "base", embedder=Embedder())
+    base = Release.open(bucket, "base", tmp_path / "cache")
+    readings = []
+
+    def changing():
+        readings.append(1)
+        rows = list(base.rows())
+        return rows if len(readings) == 1 else rows[:-1]
+
+    def publish(name, parent_references):
+        return publish_release(bucket, name, model=base.load_model(), codec=base.text_codec(), references=[],
+                               embed=None, embedder_name=base.manifest.index["embedder"],
+                               memory_codec=base.memory_codec(), provenance={}, parent_index=base.index(),
+                               parent_references=parent_references, parent="base", progress=False)
+
+    with pytest.raises(RuntimeError, match="changed between two readings"):
+        publish("changed", changing)
+    with pytest.raises(ReleaseNotFound):
+        read_manifest(bucket, "changed")
+    manifest = publish("once", iter(base.rows()))
+    assert manifest.memory_bank["count"] == base.count
+    assert Release.open(bucket, "once", tmp_path / "cache2").references == list(base.rows())

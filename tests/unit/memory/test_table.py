@@ -92,3 +92,26 @@ def test_memory_ids_of_another_layout_are_refused(tmp_path, written, count, matc
         np.save(path, written)
     with pytest.raises(ReleaseError, match=match):
         read_memory_ids(path, count)
+
+
+def test_memory_ids_are_written_a_part_at_a_time_and_not_at_all_for_a_key_apart_late(tmp_path, monkeypatch):
+    from memory3.services.release import memory_ids
+
+    given = rows(11)
+    whole = tmp_path / "whole.npy"
+    assert write_memory_ids(given, "bank1", whole)
+    monkeypatch.setattr(memory_ids, "_PART_ROWS", 2)  # 6 parts
+    assert write_memory_ids(iter(given), "bank1", tmp_path / "parts.npy")
+    assert (tmp_path / "parts.npy").read_bytes() == whole.read_bytes()
+    late = given + [{"id": "short", "memory_key": "memories/old-bank/sh/short"}]
+    assert not write_memory_ids(iter(late), "bank1", tmp_path / "late.npy") and not (tmp_path / "late.npy").exists()
+
+
+def test_sorted_ids_and_holds():
+    from memory3.services.release.memory_ids import holds, sorted_ids
+
+    ids = sorted_ids(iter(["b2", "a1", "ümlaut", "c"]))
+    assert ids.tolist() == sorted([b"b2", b"a1", "ümlaut".encode(), b"c"])
+    assert all(holds(ids, rid) for rid in ("a1", "b2", "c", "ümlaut"))
+    assert not any(holds(ids, rid) for rid in ("", "a", "b", "zz", "c0", "\udcff"))  # the last: not UTF-8
+    assert not holds(sorted_ids([]), "a1")
