@@ -279,18 +279,27 @@ def test_deadline_is_honoured_and_frees_the_slot(stack, stub):
 
 def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(stack, stub):
     """Last in this module: it stops the decoder."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     decoder = stack.process("decoder")
-    call = stub.Generate(pb.GenerateRequest(prompt=PROMPT, params=pb.GenerationParams(max_tokens=150,
+    # Long enough to be running still when the new request comes (a fixed pause let a shorter one finish
+    # first on a fast machine: the drain was over, and the server's own stop cancelled the new request).
+    call = stub.Generate(pb.GenerateRequest(prompt=PROMPT, params=pb.GenerationParams(max_tokens=600,
                                                                                        ignore_eos=True)),
                          timeout=120)
     first = next(call)
     os.kill(decoder.pid, signal.SIGTERM)
-    time.sleep(0.3)
+    with grpc.insecure_channel(stack.address("decoder")) as channel:  # draining once it says NOT_SERVING
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 10
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            time.sleep(0.01)
     with pytest.raises(grpc.RpcError) as refused:
         generate(stub, max_tokens=2)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     rest = list(call)
-    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 150
+    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 600
     assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
