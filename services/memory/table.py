@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 
 from ..release.manifest import memory_key
+from ..release.memory_ids import id_digest_arrays, row_of
 
-_DIGEST_BYTES = 32
-_CHUNK_ROWS = 1 << 20  # rows turned into arrays at a time, so that their Python strings never pile up
+_CHUNK_ROWS = 1 << 20  # rows of the table read at a time when walking it (it may be mapped)
 
 
 class ReferenceTable:
@@ -33,30 +33,9 @@ class ReferenceTable:
     @classmethod
     def from_rows(cls, rows: Iterable[dict], bank: str) -> ReferenceTable:
         """From the rows of a release's reference table (`Release.rows`), read one at a time."""
-        id_parts, digest_parts = [], []
-        keys_apart: dict[str, str] = {}
-        ids, digests = [], []
-
-        def flush() -> None:
-            id_parts.append(np.array(ids, dtype=np.bytes_))
-            digest_parts.append(np.frombuffer(b"".join(d or bytes(_DIGEST_BYTES) for d in digests),
-                                              dtype=np.uint8).reshape(-1, _DIGEST_BYTES))
-            ids.clear()
-            digests.clear()
-
-        for row in rows:
-            rid = row["id"]
-            ids.append(rid.encode())
-            digests.append(bytes.fromhex(row["memory_sha256"]) if "memory_sha256" in row else None)
-            if row["memory_key"] != memory_key(bank, rid):
-                keys_apart[rid] = row["memory_key"]
-            if len(ids) == _CHUNK_ROWS:
-                flush()
-        if ids or not id_parts:
-            flush()
-        all_ids = np.concatenate(id_parts)
-        order = np.argsort(all_ids, kind="stable")  # (N,)
-        return cls(all_ids[order], np.concatenate(digest_parts)[order], bank, keys_apart)
+        ids, digests, keys_apart = id_digest_arrays(rows, bank)
+        order = np.argsort(ids, kind="stable")  # (N,)
+        return cls(ids[order], digests[order], bank, keys_apart)
 
     @classmethod
     def from_memory_ids(cls, table: np.ndarray, bank: str) -> ReferenceTable:
@@ -65,9 +44,7 @@ class ReferenceTable:
 
     def find(self, rid: str) -> int | None:
         """The row of `rid`, or None."""
-        want = rid.encode()
-        row = int(np.searchsorted(self.ids, want))
-        return row if row < len(self.ids) and self.ids[row] == want else None
+        return row_of(self.ids, rid)
 
     def __len__(self) -> int:
         return len(self.ids)

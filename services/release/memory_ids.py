@@ -33,22 +33,31 @@ def memory_ids_dtype(id_width: int) -> np.dtype:
     return np.dtype([("id", f"S{id_width}"), ("sha256", np.uint8, (_DIGEST_BYTES,))])
 
 
-def write_memory_ids(rows: Iterable[dict], bank: str, path: Path) -> bool:
-    """The ids and sha256 of `rows` (a reference table, read once, a part at a time) in `path`; False,
-    and nothing written, when a row names a bank key other than its id's."""
-    id_parts, digest_parts = [], []
+def id_digest_arrays(rows: Iterable[dict], bank: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Of a reference table's rows (read once, a part at a time, their Python objects never piling up):
+    the ids, in row order (numpy bytes, as wide as the longest); the sha256 of each one's memory ((N, 32)
+    uint8, zeros where the row records none); and the bank keys that are not `memory_key(bank, id)`."""
+    id_parts, digest_parts, keys_apart = [], [], {}
     for part in _parts(rows):
-        if any(row["memory_key"] != memory_key(bank, row["id"]) for row in part):
-            return False
+        keys_apart.update((row["id"], row["memory_key"]) for row in part
+                          if row["memory_key"] != memory_key(bank, row["id"]))
         id_parts.append(np.array([row["id"].encode() for row in part], dtype=np.bytes_))  # (n,) S<longest>
         digest_parts.append(np.frombuffer(b"".join(bytes.fromhex(row["memory_sha256"]) if "memory_sha256" in row
                                                     else bytes(_DIGEST_BYTES) for row in part),
                                           dtype=np.uint8).reshape(-1, _DIGEST_BYTES))
-    ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype="S1")
+    if not id_parts:
+        return np.zeros(0, dtype="S1"), np.zeros((0, _DIGEST_BYTES), dtype=np.uint8), {}
+    return np.concatenate(id_parts), np.concatenate(digest_parts), keys_apart
+
+
+def write_memory_ids(rows: Iterable[dict], bank: str, path: Path) -> bool:
+    """The ids and sha256 of `rows` (a reference table, read once, a part at a time) in `path`; False,
+    and nothing written, when a row names a bank key other than its id's."""
+    ids, digests, keys_apart = id_digest_arrays(rows, bank)
+    if keys_apart:
+        return False
     table = np.zeros(len(ids), dtype=memory_ids_dtype(max(ids.dtype.itemsize, 1)))
-    table["id"] = ids
-    if digest_parts:
-        table["sha256"] = np.concatenate(digest_parts)
+    table["id"], table["sha256"] = ids, digests
     table.sort(order="id", kind="stable")
     if len(table) > 1 and not (table["id"][1:] > table["id"][:-1]).all():
         raise ValueError("the reference table lists an id twice")
@@ -63,14 +72,20 @@ def sorted_ids(ids: Iterable[str]) -> np.ndarray:
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype="S1")
 
 
-def holds(ids: np.ndarray, rid: str) -> bool:
-    """Whether sorted `ids` (`sorted_ids`, or a release's `memory_ids.npy`) hold `rid`."""
+def row_of(ids: np.ndarray, rid: str) -> int | None:
+    """The row of `rid` in sorted `ids` (`sorted_ids`, or a release's `memory_ids.npy`), or None: a
+    binary search (microseconds)."""
     try:
         want = rid.encode()
     except UnicodeEncodeError:  # not text (a command line's bytes that are not UTF-8): no id
-        return False
+        return None
     at = int(np.searchsorted(ids, want))
-    return at < len(ids) and ids[at] == want
+    return at if at < len(ids) and ids[at] == want else None
+
+
+def holds(ids: np.ndarray, rid: str) -> bool:
+    """Whether sorted `ids` hold `rid` (`row_of`)."""
+    return row_of(ids, rid) is not None
 
 
 def _parts(items: Iterable[T]) -> Iterator[list[T]]:

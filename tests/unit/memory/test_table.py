@@ -25,7 +25,10 @@ def rows(count: int, bank: str = "bank1") -> list[dict]:
 
 @pytest.mark.parametrize("chunk", [3, 1 << 20])
 def test_the_table_answers_what_dicts_of_its_rows_answer(monkeypatch, chunk):
-    monkeypatch.setattr(table_module, "_CHUNK_ROWS", chunk)  # rows cut into arrays 3 at a time, or at once
+    from memory3.services.release import memory_ids
+
+    monkeypatch.setattr(table_module, "_CHUNK_ROWS", chunk)  # rows walked 3 at a time, or at once
+    monkeypatch.setattr(memory_ids, "_PART_ROWS", chunk)  # rows cut into arrays 3 at a time, or at once
     given = rows(10) + [{"id": "short", "memory_key": "memories/old-bank/sh/short"},  # another width, key apart
                         {"id": "ümlaut-id", "memory_key": memory_key("bank1", "ümlaut-id")}]
     table = ReferenceTable.from_rows(iter(given), "bank1")
