@@ -196,6 +196,24 @@ class Transformer(nn.Module):
         self._write_resident(row, (memory.k[:, sequence, :, cols], memory.v[:, sequence, :, cols],
                                    memory.valid[sequence, cols]))
 
+    def clear_rows(self, rows: Sequence[int]) -> None:
+        """Zero every key and value of cache `rows`, memory slots included, and their resident memories.
+
+        The slots past a context are masked, never cleared: a masked slot gets weight 0, and
+        0 × NaN is NaN. A row where a pass produced NaN or inf would hand them to the next
+        sequence it serves, whatever its mask. Written in place: a captured decode pass reads the
+        caches where they are.
+        """
+        if not self.has_cache:
+            raise ValueError("clearing rows needs caches (setup_caches)")
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.output.weight.device)
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            cache.k.index_fill_(0, index, 0)
+            cache.v.index_fill_(0, index, 0)
+        for row in rows:
+            self._write_resident(row, None)
+
     def _write_resident(self, row: int, kv: tuple[Tensor, Tensor, Tensor] | None) -> None:
         """kv: keys, values (L_mem, H_kv, n, D) and valid (n,) for the row's first n slots; None clears it."""
         if not self.has_cache:

@@ -58,6 +58,9 @@ NOT_STARTED_BY_DRAIN = ("the decoder is shutting down and had not started this r
                         "replica")
 
 RETRIEVAL_POLICIES = ("fail", "continue")
+# A stream whose logits hold NaN or inf: INTERNAL, the decoder's fault, never the request's.
+NON_FINITE_LOGITS = ("the model produced NaN or inf logits for this request (an overflow in its weights or "
+                     "activations): it was stopped, and its cache row cleared")
 # Most alternatives a request may ask to see the logprobs of, per generated token (OpenAI's chat limit).
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64  # a request's `stop_token_ids`: each is looked for in every step's tokens
@@ -556,8 +559,7 @@ class Scheduler:
         done = [i for i in done if streams[i].request.max_tokens]
         if done:
             finished = [streams[i] for i in done]
-            for s, (tok, logprob) in zip(finished, self._sample(finished, last[done]), strict=True):
-                self._accept(s, tok, logprob)
+            self._accept_all(finished, self._sample(finished, last[done]))
 
     @staticmethod
     def _score_prompts(shares: list[tuple[_Stream, int]], logits: Tensor) -> None:
@@ -598,15 +600,37 @@ class Scheduler:
         for s in active:
             s.next_slot += 1
         rows = torch.tensor([s.row for s in active], device=self.device)
-        for s, (tok, logprob) in zip(active, self._sample(active, logits[rows]), strict=True):
-            self._accept(s, tok, logprob)
+        self._accept_all(active, self._sample(active, logits[rows]))
 
-    def _sample(self, streams: list[_Stream], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:
+    def _sample(self, streams: list[_Stream], logits: Tensor) -> list[tuple[int, TokenLogprob | None] | None]:
         """Each stream's next token, drawn after its penalties and logit bias, and its logprobs where
-        its request asks for them; `logits` (B, V) are the model's."""
+        its request asks for them; `logits` (B, V) are the model's. None for a stream whose logits
+        hold NaN or inf: no token is drawn from them.
+
+        Such logits are replaced by zeros before drawing (multinomial asserts on the device on NaN,
+        which breaks a CUDA context, and argmax picks NaN's id), and are found on the host once the
+        draw has synchronised anyway: no step waits for the check.
+        """
+        finite = torch.isfinite(logits).all(dim=-1)  # (B,)
+        logits = torch.where(finite[:, None], logits, 0)
         picked = self._pick(streams, self._adjusted(streams, logits))
         self._count(streams, picked)
-        return list(zip(picked, self._logprobs(streams, logits, picked), strict=True))
+        drawn = list(zip(picked, self._logprobs(streams, logits, picked), strict=True))
+        return [item if ok else None for item, ok in zip(drawn, finite.tolist(), strict=True)]
+
+    def _accept_all(self, streams: list[_Stream], drawn: list[tuple[int, TokenLogprob | None] | None]) -> None:
+        """Take each stream's drawn token; fail the streams the model gave no finite logits, and clear
+        their rows, which may hold NaN or inf for the next stream."""
+        broken = [s for s, item in zip(streams, drawn, strict=True) if item is None]
+        if broken:
+            log.error("the model's logits held NaN or inf for %d streams; their cache rows are cleared", len(broken))
+            self.model.clear_rows([s.row for s in broken])
+            for s in broken:
+                self.row_has_prefix[s.row] = False
+                self._finish_error(s, ServiceError(NON_FINITE_LOGITS))
+        for s, item in zip(streams, drawn, strict=True):
+            if item is not None:
+                self._accept(s, *item)
 
     def _adjusted(self, streams: list[_Stream], logits: Tensor) -> Tensor:
         """(B, V) logits with each stream's penalties (over the tokens it generated) and logit bias,

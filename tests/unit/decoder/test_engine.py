@@ -1374,3 +1374,59 @@ def test_an_engine_without_retrieval_leaves_a_prompt_the_room_of_the_prefix(tiny
     with pytest.raises(InvalidInput, match=f"context holds {without.max_seq_len - len(with_retrieval.prefix) - 1} "
                                            "prompt tokens at most: shorten it"):
         with_retrieval.validate(GenerationRequest(body, 7))
+
+
+@pytest.mark.parametrize("use_memory", [True, False])
+def test_a_stream_whose_logits_turn_nan_fails_alone_and_its_row_serves_the_next_stream_exactly(
+        tiny_model, text_codec, prefix, memories, use_memory):
+    """A pass that overflows in one row (here: a NaN written into that row's values, as an overflow
+    would leave it) gives that row NaN logits. The stream fails with INTERNAL and says why; the
+    stream beside it is untouched; and the next stream in that row, shorter than the NaN's slot,
+    reads none of it: masked slots weigh 0, and 0 × NaN is NaN, so the row must be cleared. The
+    passes are those of fixed shapes (`cuda_graphs`, run eagerly here), which attend over a context
+    bucket: masked slots past a row's context included."""
+    retrieval = FakeRetrieval(memories)
+    short, _, long = prompts(3, text_codec)
+    neighbour = prompts(2, text_codec)[1]
+    before = failures("INTERNAL")
+
+    async def main():
+        engine = GenerationEngine(tiny_model, text_codec, retrieval,
+                                  EngineConfig(max_batch=2, max_waiting=0, cuda_graphs=True))
+        await engine.start()
+        scheduler = engine.scheduler
+        real_passes = scheduler.passes
+
+        class Overflowing:
+            steps = 0
+
+            def __getattr__(self, name):
+                return getattr(real_passes, name)
+
+            def __call__(self, fed, positions, at):
+                self.steps += 1
+                victim = scheduler.rows[0]
+                if self.steps == 4 and victim is not None and not victim.prefilling:
+                    cache = tiny_model.layers[0].attention.kv_cache
+                    cache.v[0, :, cache.mem_slots + victim.next_slot - 1] = float("nan")  # the slot the step reads
+                return real_passes(fed, positions, at)
+
+        scheduler.passes = Overflowing()
+        try:
+            results = await asyncio.gather(
+                collect(engine, GenerationRequest(long, 30, use_memory=use_memory, ignore_eos=True)),
+                collect(engine, GenerationRequest(neighbour, 30, use_memory=use_memory, ignore_eos=True)),
+                return_exceptions=True)
+            scheduler.passes = real_passes
+            after = await collect(engine, GenerationRequest(short, 20, use_memory=use_memory, ignore_eos=True))
+            return results, after
+        finally:
+            await engine.close()
+
+    (broken, beside), (tokens, _, _) = run(main())
+    assert isinstance(broken, engine_module.ServiceError) and "NaN or inf" in str(broken)
+    assert broken.code.name == "INTERNAL" and failures("INTERNAL") - before == 1
+    provider = retrieval.provider if use_memory else None
+    with torch.inference_mode():
+        assert beside[0] == reference_tokens(tiny_model, neighbour, provider, prefix, 30, text_codec.eos_id, 8)[:30]
+        assert tokens == reference_tokens(tiny_model, short, provider, prefix, 20, text_codec.eos_id, 8)[:20]
