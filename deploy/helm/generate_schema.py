@@ -125,6 +125,7 @@ CONSTRAINTS: dict[str, dict] = {
     "text.embedderDtype": {"enum": ["auto", "float32", "bfloat16"]},
     "memory.ramCacheMB": {"type": "number", "minimum": 0},
     "memory.redisTTL": {"type": "integer", "minimum": 0},
+    "memory.redisTimeoutSeconds": {"type": "number", "minimum": 0.05, "maximum": 60},
     "memory.s3Workers": {"type": "integer", "minimum": 1},
     "decoder.maxBatch": {"type": "integer", "minimum": 1},
     "decoder.maxWaiting": {"type": "integer", "minimum": 0},

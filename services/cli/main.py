@@ -559,6 +559,9 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                             "redis://host:6379/0; Sentinel, redis+sentinel://host:26379,host2:26379/mymaster/0; "
                             "a Cluster, redis+cluster://host:6379,host2:6379 (rediss… for TLS)")
     group.add_argument("--redis-ttl", type=int, default=86400, help="seconds a memory stays in Redis (0: no expiry)")
+    group.add_argument("--redis-timeout", type=finite_float, default=0.2,
+                       help="seconds each Redis call may take (connect, send, reply; 0.05 to 60) before the tier "
+                            "is marked down and memories come from S3; a call carries up to 4 MiB of memories")
     group.add_argument("--ram-cache-mb", type=finite_float, default=256.0,
                        help="in-process LRU of memories, in MiB (0 disables it)")
     group.add_argument("--s3-workers", type=int, default=16, help="concurrent object-store reads per process")
@@ -578,6 +581,7 @@ def _serve_memory(args: argparse.Namespace) -> int:
         parse_redis_url(redis_url)  # a URL it cannot use fails here, before the release is opened
     settings = MemorySettings(release=args.release, s3=s3_config(args), cache_dir=args.cache_dir,
                               redis_url=redis_url or None, redis_password=redis_password, redis_ttl_s=args.redis_ttl,
+                              redis_timeout_s=args.redis_timeout,
                               ram_cache_bytes=int(args.ram_cache_mb * (1 << 20)), s3_workers=args.s3_workers)
     return serve_memory(settings, listen_options(args))
 

@@ -50,6 +50,9 @@ class MemorySettings:
     # The Redis password apart from the URL (no URL escaping; `serve memory` reads MEMORY3_REDIS_PASSWORD).
     redis_password: str | None = field(default=None, repr=False)
     redis_ttl_s: int = 86400
+    # Bounds each Redis call (connect, send, reply): short, so that a slow Redis costs a fetch little
+    # more than its S3 read; longer for a Redis far from the pods.
+    redis_timeout_s: float = 0.2
     ram_cache_bytes: int = 256 << 20
     s3_workers: int = 16
     open_retry_s: float = 1.0  # first wait before retrying an unreachable object store at startup
@@ -62,6 +65,9 @@ class MemorySettings:
                              f"got {self.ram_cache_bytes / (1 << 20):g}")
         if self.redis_ttl_s < 0:
             raise ValueError(f"--redis-ttl must be >= 0 seconds (0: no expiry), got {self.redis_ttl_s}")
+        if not 0.05 <= self.redis_timeout_s <= 60:
+            raise ValueError(f"--redis-timeout must be between 0.05 and 60 seconds, got {self.redis_timeout_s:g} "
+                             "(a call carries up to 4 MiB of memories: 0.05 s needs 80 MB/s to Redis)")
         if self.s3_workers < 1:
             raise ValueError(f"--s3-workers must be >= 1, got {self.s3_workers}")
         if not self.health_interval_s > 0:
@@ -107,6 +113,7 @@ class MemoryServer:
                 delay = min(delay * 2, s.open_max_retry_s)
         if s.redis_url:
             store.redis = RedisTier(s.redis_url, password=s.redis_password, ttl_s=s.redis_ttl_s,
+                                    socket_timeout=s.redis_timeout_s,
                                     value_bytes=release_blob_bytes(release))
             if await store.redis.ping():
                 await store.redis.check_usable()

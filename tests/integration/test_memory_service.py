@@ -556,7 +556,8 @@ def test_readiness_follows_the_stores_once_open(random_release, local_s3, local_
 def test_a_redis_user_without_ping_is_a_usable_tier(random_release, local_s3, local_redis, tmp_path):
     """An ACL user granted what the tier's error message asks for (GET, SET, MGET, DEL on memory3:*)
     but not PING made the service end at start with redis-py's NoPermissionError, and GetStats fail
-    INTERNAL: a refused PING is an answer, so the tier is up and used."""
+    INTERNAL: a refused PING is an answer, so the tier is up and used. Its calls get 2 s
+    (`--redis-timeout`): under a loaded machine the user's first connection took longer than 0.2 s."""
     admin = redis.Redis.from_url(local_redis.url)
     admin.execute_command("ACL", "SETUSER", "narrow", "on", ">narrow-pw", "~memory3:*",
                           "+get", "+set", "+mget", "+del")
@@ -564,8 +565,11 @@ def test_a_redis_user_without_ping_is_a_usable_tier(random_release, local_s3, lo
 
     async def scenario():
         narrow = settings(random_release, local_s3.config, tmp_path,
-                          f"redis://narrow:narrow-pw@127.0.0.1:{local_redis.port}", ram_cache_bytes=0)
+                          f"redis://narrow:narrow-pw@127.0.0.1:{local_redis.port}", ram_cache_bytes=0,
+                          redis_timeout_s=2.0)
         async with serving(narrow) as (app, client):
+            kwargs = app.store.redis.client.connection_pool.connection_kwargs
+            assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (2.0, 2.0)
             assert [m.tier for m in await client.fetch(ids)] == ["s3", "s3"]
             await app.store.filled()
             assert [m.tier for m in await client.fetch(ids)] == ["redis", "redis"]

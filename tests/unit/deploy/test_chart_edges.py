@@ -246,6 +246,9 @@ def test_values_as_helm_set_parses_them_pass_the_schema_and_render_right(express
     ({"text": {"startupTimeoutSeconds": -5}}, "/text/startupTimeoutSeconds"),
     ({"memory": {"startupTimeoutSeconds": 0}}, "/memory/startupTimeoutSeconds"),
     ({"decoder": {"startupTimeoutSeconds": 9}}, "/decoder/startupTimeoutSeconds"),
+    # What `serve memory --redis-timeout` refuses.
+    ({"memory": {"redisTimeoutSeconds": 0}}, "/memory/redisTimeoutSeconds"),
+    ({"memory": {"redisTimeoutSeconds": 61}}, "/memory/redisTimeoutSeconds"),
 ])
 def test_schema_refuses_values_out_of_range(values, path):
     with pytest.raises(helm.HelmValuesError) as failure:
@@ -424,7 +427,8 @@ def test_large_whole_numbers_from_a_values_file_reach_the_cli_as_integers():
 
     million = 1_000_000
     r = render(merge(JOBS, {
-        "memory": {"redisTTL": 2592000, "s3Workers": million}, "trainer": {"job": {"seed": 20250601}},
+        "memory": {"redisTTL": 2592000, "s3Workers": million, "redisTimeoutSeconds": 1.5},
+        "trainer": {"job": {"seed": 20250601}},
         "text": {"maxConcurrency": million}, "decoder": {"maxBatch": million, "maxWaiting": million},
         "encoding": {"merge": {"waitSeconds": 2592000}}, "kserve": {"enabled": True, "chatTemplate": "qa"},
         "redis": {"inChart": {"enabled": True, "maxmemory": 1073741824}},
@@ -438,7 +442,7 @@ def test_large_whole_numbers_from_a_values_file_reach_the_cli_as_integers():
         except SystemExit:
             pytest.fail(f"{name}: `memory3 {' '.join(args)}` does not parse")
     memory = parsed[component_name("memory")]
-    assert (memory.redis_ttl, memory.s3_workers) == (2592000, million)
+    assert (memory.redis_ttl, memory.s3_workers, memory.redis_timeout) == (2592000, million, 1.5)
     assert parsed[component_name("text")].max_concurrency == million
     for name in (component_name("decoder"), component_name("kserve")):
         assert (parsed[name].max_batch, parsed[name].max_waiting) == (million, million), name
