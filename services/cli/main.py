@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from memory3.bench.gpu_options import add_gpu_bench_arguments, gpu_bench_kwargs
+from memory3.bench.gpu_options import add_gpu_bench_arguments
 from memory3.services.retrieval.index import INDEX_CHOICES
 
 DEFAULT_HOME = Path.home() / ".cache" / "memory3"
@@ -955,6 +955,9 @@ def _check_writable(path: Path) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     _check_writable(args.json)
+    if args.bench_kind == "gpu":  # its JSON may go to a directory, kept as measured, its status says if correct
+        from memory3.bench.gpu import run_from_args
+        return run_from_args(args)
     if args.bench_kind == "decode":
         from memory3.bench.decode import run_decode_bench
         result = run_decode_bench(preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,
@@ -993,9 +996,6 @@ def _bench(args: argparse.Namespace) -> int:
         result = run_sampling_bench(preset=args.preset, rows=args.rows, new_tokens=args.new_tokens,
                                     rounds=args.rounds, prompt_tokens=args.prompt_tokens,
                                     log=lambda msg: print(msg, file=sys.stderr))
-    elif args.bench_kind == "gpu":
-        from memory3.bench.gpu import run_gpu_bench
-        result = run_gpu_bench(**gpu_bench_kwargs(args), log=lambda msg: print(msg, file=sys.stderr))
     elif args.bench_kind == "serving":
         from memory3.bench.serving import run_serving_bench
         result = run_serving_bench(preset=args.preset, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,

@@ -72,6 +72,9 @@ def test_smoke_run_on_cpu(tmp_path, request, dtype, compile, max_rel_err):
     assert result["compile"]["compiled"] is compile and result["compile"]["error"] is None
     assert ("compiled_over_uncompiled" in result["batches"]["2"]["ratios"]) is compile
     assert result["correct"] and result["correctness"]["memory_vs_fp32"]["rel_err"] < max_rel_err
+    # batch 1's own compiled step and RAG's long prompts are checked too, not the largest batch alone
+    for check in ("no_memory_vs_hf", "no_memory_b1_vs_hf", "rag_b1_vs_hf"):
+        assert result["correctness"][check]["ok"] and result["correctness"][check]["rel_err"] < max_rel_err
     assert set(result["batches"]["2"]["variants"]) == {"hf_eager", "hf_static", "no_memory", "memory", "rag",
                                                        *(["no_memory_uncompiled"] if compile else [])}
     assert result["protocol"]["retrievals_per_sequence"] == 3 and result["protocol"]["budget_s"] == 600
@@ -232,3 +235,17 @@ def test_an_engine_arm_that_fails_or_has_no_time_left_leaves_the_others(tiny_mod
     assert gpu_engine.engine_throughput(tiny_model, text_codec, [], prompts, new_tokens=4, rounds=3, min_rounds=3,
                                         deadline=time.perf_counter() - 1, log=lambda _: None)["1"]["graphs"] == {
         "skipped": "the time budget"} and calls == []
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_memory3_bench_gpu_writes_into_a_directory_and_exits_1_when_incorrect(tmp_path, monkeypatch, correct):
+    """`memory3 bench gpu --json DIR` wrote the result to the directory's own path (IsADirectoryError,
+    the run lost) and exited 0 whatever its correctness check said."""
+    from memory3.services.cli.main import main as memory3
+
+    measured = {"benchmark": "gpu", "summary": {}, "correct": correct, "batches": {}}
+    monkeypatch.setattr(gpu, "run_gpu_bench", lambda **kwargs: measured)
+    monkeypatch.setattr(gpu, "render", lambda result: "table")
+    assert memory3(["bench", "gpu", "--json", str(tmp_path), "--device", "cpu", "--smoke"]) == (0 if correct else 1)
+    (path,) = tmp_path.glob("gpu-cpu-*.json")
+    assert json.loads(path.read_text()) == measured
