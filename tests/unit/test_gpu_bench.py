@@ -249,3 +249,19 @@ def test_memory3_bench_gpu_writes_into_a_directory_and_exits_1_when_incorrect(tm
     assert memory3(["bench", "gpu", "--json", str(tmp_path), "--device", "cpu", "--smoke"]) == (0 if correct else 1)
     (path,) = tmp_path.glob("gpu-cpu-*.json")
     assert json.loads(path.read_text()) == measured
+
+
+def test_a_step_that_fails_to_time_alone_is_named_and_the_others_are_kept(monkeypatch):
+    """An exception while timing one decoder's step alone ended the run before its batch size's
+    numbers were kept."""
+    def step_seconds(decoder, start_slot, steps, repeats):
+        if decoder == "broken":
+            raise RuntimeError("graph replay failed")
+        return 0.001
+
+    monkeypatch.setattr(gpu, "step_seconds", step_seconds)
+    errors, logged = {}, []
+    steps = gpu.step_times({"no_memory": "fine", "memory": "broken", "rag": "fine"},
+                           {"no_memory": 100, "memory": 120, "rag": 900}, errors, smoke=True, log=logged.append)
+    assert steps == {"no_memory": 0.001, "rag": 0.001}
+    assert errors == {"memory step": "RuntimeError: graph replay failed"} and "graph replay failed" in logged[0]
