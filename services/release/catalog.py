@@ -14,10 +14,11 @@ of a publication are deleted only once its lease has expired (lease.py): a publi
 holds its name, and would otherwise publish a manifest over files that are gone. Removing is done
 under a `Maintenance` lease taken before the plan is made, which publications wait for (lease.py).
 
-A published release whose reference table cannot be read (missing, damaged) lists memories no one
-can know. It can be deleted: its objects go, and its memories stay, for `release gc` to remove once
-no readable release lists them. While it is published, deleting another release of its bank removes
-none of that bank's memories, and `release gc` leaves its bank whole: either may list any of them.
+A published release whose reference table cannot be read (missing, damaged), nor its `memory_ids.npy`
+where it has one, lists memories no one can know. It can be deleted: its objects go, and its memories
+stay, for `release gc` to remove once no readable release lists them. While it is published,
+deleting another release of its bank removes none of that bank's memories, and `release gc` leaves
+its bank whole: either may list any of them.
 
 The shards of index files and reference tables kept in the store (file_shards.py) go with the last
 release that has the file: by `release delete`, or by `release gc` for those no published release

@@ -3,14 +3,15 @@
 Held as sets of Python strings they took ~150 bytes a memory, and reading them meant parsing every
 row of each reference table, texts included: at the design's 10^8 references, tens of GB read and
 more held, for each release of a bank. Here a release's listing is read from its `memory_ids.npy`
-where it has one (the table otherwise, a row at a time) and held as its sorted ids (~32 bytes a
-memory); only keys that are not derived from their id and the bank's name (`memory_key`) are kept
-as strings.
+where it has one that reads (the table otherwise, a row at a time) and held as its sorted ids (~32
+bytes a memory); only keys that are not derived from their id and the bank's name (`memory_key`) are
+kept as strings.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,9 +23,12 @@ from .manifest import MEMORIES_PREFIX, Manifest, ReleaseError, memory_key, relea
 from .memory_ids import MEMORY_IDS_FILE, read_memory_ids
 from .publish import REFERENCES_FILE
 
+log = logging.getLogger("memory3.release")
+
 
 class UnreadableTable(ReleaseError):
-    """A published release's reference table is missing or damaged: which memories it lists is unknown."""
+    """Every file that lists a published release's memories (its `memory_ids.npy`, its reference
+    table) is missing or damaged: which memories it lists is unknown."""
 
     def __init__(self, name: str, why: str) -> None:
         super().__init__(f"the reference table of release {name!r} cannot be read ({why})")
@@ -81,16 +85,36 @@ def id_of_key(bank: str, key: str) -> str | None:
     return None
 
 
-def listing_file(manifest: Manifest) -> str:
-    """The file a release's listing is read from: its ids where it has them, else its reference table."""
-    return MEMORY_IDS_FILE if MEMORY_IDS_FILE in manifest.files else REFERENCES_FILE
+def listing_files(manifest: Manifest) -> list[str]:
+    """The files a release's listing may be read from, in the order tried: its ids where it has them
+    (a few bytes a memory), then its reference table, which lists the same memories with their texts."""
+    return [MEMORY_IDS_FILE, REFERENCES_FILE] if MEMORY_IDS_FILE in manifest.files else [REFERENCES_FILE]
 
 
 def read_listed(store: ObjectStore, manifest: Manifest) -> Listed:
-    """The memories a release lists; UnreadableTable when the file they are read from is missing or
-    damaged (an outage of the store is raised as it is). Damaged is judged by the manifest's
-    checksum first: a table cut at a line's end parses, and lists fewer memories than the release reads."""
-    file, bank = listing_file(manifest), manifest.memory_bank["bank"]
+    """The memories a release lists, from the first of `listing_files` that can be read: a missing or
+    damaged `memory_ids.npy` is one copy of the listing lost, not the listing, so the table is read
+    instead (with a warning: it is far larger). UnreadableTable only when none can be read, as then
+    no one knows which memories the release reads; an outage of the store is raised as it is."""
+    failures: list[str] = []
+    for file in listing_files(manifest):
+        try:
+            listed = _read_listing(store, manifest, file)
+        except UnreadableTable as e:
+            failures.append(e.why)
+            continue
+        if failures:
+            log.warning("release %r: %s; what it lists is read from %s instead", manifest.name,
+                        ", and ".join(failures), file)
+        return listed
+    raise UnreadableTable(manifest.name, ", and ".join(failures))
+
+
+def _read_listing(store: ObjectStore, manifest: Manifest, file: str) -> Listed:
+    """The listing in `file` of the release; UnreadableTable when it is missing or damaged. Damaged is
+    judged by the manifest's checksum first: a table cut at a line's end parses, and lists fewer
+    memories than the release reads."""
+    bank = manifest.memory_bank["bank"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / file
         try:

@@ -293,15 +293,32 @@ def without_memory_ids(bucket, name) -> None:
     bucket.remove_keys([release_key(name, MEMORY_IDS_FILE)])
 
 
-@pytest.mark.parametrize("file", ["memory_ids.npy", "references.jsonl"])
-def test_a_release_whose_listing_is_missing_can_be_deleted_and_stops_no_gc(bucket, embedder, tmp_path, hold, file):
+def cut_and_removed(bucket, name, files) -> Callable[[], None]:
+    """Cuts each of `files` of release `name` at its last byte (a table cut at a row's end parses);
+    gives back a function that removes them."""
+    for file in files:
+        listing = bucket.get_bytes(release_key(name, file))
+        bucket.put_bytes(release_key(name, file), listing[:-1])
+
+    def remove() -> None:
+        bucket.remove_keys([release_key(name, file) for file in files])
+
+    return remove
+
+
+def why_unreadable(files, what: str) -> str:
+    return ", and ".join(f"{file} {what}" for file in files)
+
+
+@pytest.mark.parametrize("files", [("references.jsonl",), ("memory_ids.npy", "references.jsonl")])
+def test_a_release_whose_listing_is_missing_can_be_deleted_and_stops_no_gc(bucket, embedder, tmp_path, hold, files):
     """A published release without its references.jsonl could not be deleted, and every deletion
     in its bank and every `release gc` failed on it. Its memories are listed by its `memory_ids.npy`,
-    or by its table where it has none."""
+    or by its table where it has none or that file cannot be read: unknown when neither can."""
     from memory3.services.release.catalog import collect_unlisted, plan_collection
 
     publish_base_derived_and_other(bucket, embedder, tmp_path)
-    if file == "references.jsonl":
+    if "memory_ids.npy" not in files:
         for name in ("base", "derived", "other"):
             without_memory_ids(bucket, name)
     banks = {m.name: m.memory_bank["bank"] for m in read_catalog(bucket).published}
@@ -311,31 +328,69 @@ def test_a_release_whose_listing_is_missing_can_be_deleted_and_stops_no_gc(bucke
         bucket.put_bytes(key, b"left by a cancelled publication")
     plan = plan_collection(bucket)  # read from either file, the listings are the same
     assert plan.keys == {banks["base"]: [strays["base"]], banks["other"]: [strays["other"]]} and not plan.skipped
-    listing = bucket.get_bytes(release_key("derived", file))
-    bucket.put_bytes(release_key("derived", file), listing[:-1])  # a table cut at a row's end parses
+    remove = cut_and_removed(bucket, "derived", files)
     plan = plan_collection(bucket)  # a listing that is not the manifest's lists too few memories
-    assert plan.skipped == {banks["base"]: {"derived": f"{file} does not match the manifest's checksum"}}
+    assert plan.skipped == {banks["base"]: {"derived": why_unreadable(files, "does not match the manifest's checksum")}}
     assert banks["base"] not in plan.keys
-    bucket.remove_keys([release_key("derived", file)])
+    remove()
     held = hold()
+    missing = why_unreadable(files, "is missing")
 
     plan = plan_collection(bucket)  # the bank of "derived" is left whole; the others are collected
     assert plan.keys == {banks["other"]: [strays["other"]]} and list(plan.skipped) == [banks["base"]]
     assert (f"memory bank {banks['base']}: left whole, as the reference tables of derived cannot be read (derived: "
-            f"{file} is missing)") in plan.summary()
+            f"{missing})") in plan.summary()
 
     plan = plan_deletion(bucket, "base")  # which of its memories "derived" lists is unknown: all stay
     assert plan.memory_keys == [] and plan.kept == len(DOCUMENTS)
-    assert plan.unknown_tables == {"derived": f"{file} is missing"}
+    assert plan.unknown_tables == {"derived": missing}
 
     plan = plan_deletion(bucket, "derived")
-    assert plan.memory_keys == [] and plan.table_unreadable == f"{file} is missing"
-    assert f"its reference table cannot be read ({file} is missing)" in plan.summary()
+    assert plan.memory_keys == [] and plan.table_unreadable == missing
+    assert f"its reference table cannot be read ({missing})" in plan.summary()
     delete_release(bucket, plan, held)
     assert bucket.list_keys(release_key("derived", "")) == [] and all(bucket.exists(k) for k in only_derived)
 
     plan = plan_collection(bucket)  # its memories are now those no release lists
     assert set(plan.keys[banks["base"]]) == only_derived | {strays["base"]} and not plan.skipped
+    collect_unlisted(bucket, plan, held)
+    base = Release.open(bucket, "base", tmp_path / "cache2")
+    assert len(base.fetch_memories(list(base.by_id))) == len(DOCUMENTS)
+
+
+def test_a_release_whose_memory_ids_are_lost_is_listed_by_its_table(bucket, embedder, tmp_path, hold, caplog):
+    """A release whose `memory_ids.npy` was damaged or missing, with its reference table intact, was
+    taken for one whose memories no one knows: `release gc` left its bank whole, and no deletion in
+    that bank removed any memory. The table lists the same memories, with a warning that says so."""
+    from memory3.services.release.catalog import collect_unlisted, plan_collection
+
+    publish_base_derived_and_other(bucket, embedder, tmp_path)
+    banks = {m.name: m.memory_bank["bank"] for m in read_catalog(bucket).published}
+    only_derived = memory_keys(bucket, "derived") - memory_keys(bucket, "base")
+    stray = f"{MEMORIES_PREFIX}{banks['base']}/zz/stray"
+    bucket.put_bytes(stray, b"left by a cancelled publication")
+    remove = cut_and_removed(bucket, "derived", ["memory_ids.npy"])
+    with caplog.at_level("WARNING", logger="memory3.release"):
+        plan = plan_collection(bucket)
+    assert plan.keys == {banks["base"]: [stray]} and not plan.skipped
+    assert ("release 'derived': memory_ids.npy does not match the manifest's checksum; what it lists is read from "
+            "references.jsonl instead") in caplog.messages
+    remove()
+    held = hold()
+
+    plan = plan_deletion(bucket, "base")  # "derived" lists every memory of base
+    assert plan.memory_keys == [] and plan.kept == len(DOCUMENTS) and not plan.unknown_tables
+    assert plan.listed_by == ["derived"]
+
+    plan = plan_deletion(bucket, "derived")
+    assert set(plan.memory_keys) == only_derived and plan.table_unreadable is None
+    delete_release(bucket, plan, held)
+    assert not any(bucket.exists(key) for key in only_derived)
+    assert "release 'derived': memory_ids.npy is missing; what it lists is read from references.jsonl instead" in (
+        caplog.messages)
+
+    plan = plan_collection(bucket)
+    assert plan.keys == {banks["base"]: [stray]} and not plan.skipped
     collect_unlisted(bucket, plan, held)
     base = Release.open(bucket, "base", tmp_path / "cache2")
     assert len(base.fetch_memories(list(base.by_id))) == len(DOCUMENTS)

@@ -1,13 +1,16 @@
 """What releases list, as `release delete` and `release gc` compare it: sorted ids of one bank, and
 the keys that are not derived from their ids, kept apart."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 
-from memory3.services.release.listed import Listed, _table_listing, id_of_key
-from memory3.services.release.manifest import memory_key
+from memory3.services.release.listed import Listed, UnreadableTable, _table_listing, id_of_key, read_listed
+from memory3.services.release.manifest import Manifest, memory_key, release_key
+from memory3.services.release.memory_ids import MEMORY_IDS_FILE, write_memory_ids
+from memory3.services.release.publish import REFERENCES_FILE
 
 
 def listed(ids, apart=()) -> Listed:
@@ -99,3 +102,98 @@ def test_every_key_reads_back_as_its_id_and_no_other_key_does():
             key = "memories/B/" + "".join(chars)
             rid = id_of_key("B", key)
             assert rid is None or memory_key("B", rid) == key
+
+
+class Store:
+    """The objects of a release in memory, as `read_listed` downloads them; records what was read."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects, self.read = objects, []
+
+    def download(self, key, out) -> str:
+        from memory3.services.storage.object_store import ObjectNotFound
+
+        self.read.append(key.rsplit("/", 1)[-1])
+        if key not in self.objects:
+            raise ObjectNotFound(key)
+        out.write(self.objects[key])
+        return hashlib.sha256(self.objects[key]).hexdigest()
+
+
+REFS = [{"id": rid, "text": f"text of {rid}", "memory_key": memory_key("bank1", rid)} for rid in ("aa01", "ab03", "ü")]
+
+
+def published(tmp_path, with_ids: bool = True) -> tuple[Store, Manifest]:
+    """A release of REFS in bank1 as a publication writes it: its table, its `memory_ids.npy` unless
+    `with_ids` is False (a release published before that file), and a manifest with their sha256."""
+    files = {REFERENCES_FILE: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in REFS).encode()}
+    if with_ids:
+        assert write_memory_ids(REFS, "bank1", tmp_path / MEMORY_IDS_FILE)
+        files[MEMORY_IDS_FILE] = (tmp_path / MEMORY_IDS_FILE).read_bytes()
+    manifest = Manifest(name="rel", created="now", files={f: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)}
+                                                          for f, d in files.items()},
+                        conventions={}, memory_bank={"bank": "bank1", "count": len(REFS)}, index={}, provenance={})
+    return Store({release_key("rel", f): d for f, d in files.items()}), manifest
+
+
+def listed_keys(listing: Listed) -> set[str]:
+    return set(listing.keys())
+
+
+def test_a_release_is_listed_from_its_memory_ids_alone(tmp_path):
+    store, manifest = published(tmp_path)
+    assert listed_keys(read_listed(store, manifest)) == {memory_key("bank1", r["id"]) for r in REFS}
+    assert store.read == [MEMORY_IDS_FILE]  # the table, texts and all, is never read
+
+
+@pytest.mark.parametrize(("damage", "why"), [
+    ("missing", "memory_ids.npy is missing"),
+    ("cut", "memory_ids.npy does not match the manifest's checksum"),
+    ("not numpy", "memory_ids.npy is damaged: ReleaseError: memory_ids.npy does not read as a numpy array"),
+    ("too few rows", "memory_ids.npy is damaged: ReleaseError: memory_ids.npy holds 2 rows, where the release "
+                     "lists 3 memories"),
+])
+def test_a_release_whose_memory_ids_cannot_be_read_is_listed_from_its_table(tmp_path, caplog, damage, why):
+    """Its bank was left whole by `release gc`, and a deletion in it removed nothing, while its
+    reference table, which lists the same memories, was intact."""
+    store, manifest = published(tmp_path)
+    key = release_key("rel", MEMORY_IDS_FILE)
+    if damage == "missing":
+        del store.objects[key]
+    elif damage == "cut":
+        store.objects[key] = store.objects[key][:-1]
+    else:  # damaged as the manifest says it is: its checksum passes
+        if damage == "not numpy":
+            store.objects[key] = b"not an array"
+        else:
+            assert write_memory_ids(REFS[:2], "bank1", tmp_path / "short.npy")
+            store.objects[key] = (tmp_path / "short.npy").read_bytes()
+        manifest.files[MEMORY_IDS_FILE]["sha256"] = hashlib.sha256(store.objects[key]).hexdigest()
+    with caplog.at_level("WARNING", logger="memory3.release"):
+        listing = read_listed(store, manifest)
+    assert listed_keys(listing) == {memory_key("bank1", r["id"]) for r in REFS}
+    assert store.read == [MEMORY_IDS_FILE, REFERENCES_FILE]
+    [warning] = caplog.messages
+    assert warning.startswith(f"release 'rel': {why}") and warning.endswith(
+        "; what it lists is read from references.jsonl instead")
+
+
+def test_a_release_whose_memory_ids_and_table_cannot_be_read_is_unreadable(tmp_path, caplog):
+    store, manifest = published(tmp_path)
+    del store.objects[release_key("rel", MEMORY_IDS_FILE)]
+    store.objects[release_key("rel", REFERENCES_FILE)] += b"{}\n"
+    with pytest.raises(UnreadableTable) as raised:
+        read_listed(store, manifest)
+    assert raised.value.why == ("memory_ids.npy is missing, and references.jsonl does not match the manifest's "
+                                "checksum")
+    assert str(raised.value) == f"the reference table of release 'rel' cannot be read ({raised.value.why})"
+    assert caplog.messages == []  # the error says it all
+
+
+def test_a_release_without_memory_ids_is_listed_from_its_table_and_unreadable_without_it(tmp_path):
+    store, manifest = published(tmp_path, with_ids=False)
+    assert listed_keys(read_listed(store, manifest)) == {memory_key("bank1", r["id"]) for r in REFS}
+    assert store.read == [REFERENCES_FILE]
+    store.objects.clear()
+    with pytest.raises(UnreadableTable, match=r"\(references.jsonl is missing\)$"):
+        read_listed(store, manifest)
