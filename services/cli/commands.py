@@ -239,6 +239,7 @@ def cmd_kb_remove(s3, *, parent: str, ids: list[str], matches: list[str], name: 
 
 def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache_dir: Path, dry_run: bool,
                  wait_s: float, exist_ok: bool = False) -> int:
+    from memory3.services.release.memory_ids import MEMORY_IDS_FILE
     from memory3.services.release.publish import INDEX_FILE, REFERENCES_FILE
     from memory3.services.release.reader import (
         Release,
@@ -269,15 +270,16 @@ def cmd_kb_merge(s3, *, parent: str, derived: list[str], name: str | None, cache
     if wait_s:
         wait_for_releases(store, [parent, *derived], max(deadline - time.monotonic(), 0), log=log)
     base = Release.open(store, parent, cache_dir)
-    # Of a derived release, only its table and index are read: the model is the base's.
-    plan = plan_merge(base, [Release.open(store, d, cache_dir, only={INDEX_FILE, REFERENCES_FILE}) for d in derived],
+    # Of a derived release, only its ids, table and index are read: the model is the base's.
+    derived_files = {MEMORY_IDS_FILE, INDEX_FILE, REFERENCES_FILE}
+    plan = plan_merge(base, [Release.open(store, d, cache_dir, only=derived_files) for d in derived],
                       ancestry={d: ancestry(store, d, until=parent) for d in derived})
     for release in plan.derived:
         added, removed = plan.changes_of(release)
         print(f"  {release.name}: {added} references added, {removed} removed")
     if dry_run:
         print(f"dry run: merging into {parent!r} would add {len(plan.added)} references and remove "
-              f"{len(plan.removed)}, for {len(plan.rows())} in all")
+              f"{len(plan.removed)}, for {plan.count} in all")
         return 0
     manifest = kb_merge(store, plan, name)
     print(f"release {manifest.name} (from {parent}): {manifest.memory_bank['count']} memories, "

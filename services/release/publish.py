@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -120,7 +121,7 @@ def publish_release(
         parent_references = list(parent_references)  # an iterator: read once, it could not be read again
     parent_rows = parent_references if callable(parent_references) else lambda: parent_references
     _check_reference_ids(references, parent_index.ids if parent_index is not None else
-                         [row["id"] for row in parent_rows()])
+                         (row["id"] for row in parent_rows()))
     check_index_choice(index_kind, len(parent_index.ids) + len(references) if parent_index else len(references))
     store.ensure_bucket()
     _check_free(store, name)
@@ -148,7 +149,7 @@ def publish_release(
 MAX_ID_CHARS = 128  # a reference id's; every row of `memory_ids.npy` is as wide as the longest
 
 
-def _check_reference_ids(references: Sequence[Reference], parent_ids: Iterable[str]) -> None:
+def _check_reference_ids(references: Sequence[Reference], parent_ids: Iterable[str] | np.ndarray) -> None:
     """ReleaseError naming the first reference id a release cannot hold, before anything is encoded: an
     empty or long one, one with a '/' (a bank key is <bank>/<id[:2]>/<id>), a control character (numpy
     byte strings, as `memory_ids.npy` holds them, drop a trailing NUL), or one listed twice."""
@@ -286,7 +287,7 @@ def _publish(store, name, model, codec, references, embed, embedder_name, memory
         kind = None if index_kind == "auto" else index_kind
         index = VectorIndex.build(vectors, [r.id for r in references], kind=kind)
     count = total_bytes = 0
-    for rid, row in itertools.zip_longest(index.ids, all_rows()):  # the parent's rows: one pass of two
+    for rid, row in itertools.zip_longest(index.iter_ids(), all_rows()):  # the parent's rows: one pass of two
         if row is None or rid != row["id"]:
             raise RuntimeError("index rows and reference table are out of order")
         count, total_bytes = count + 1, total_bytes + row.get("memory_bytes", 0)

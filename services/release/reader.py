@@ -23,7 +23,7 @@ from memory3.model.memory_format import MemoryFormatError, decode_memory
 from memory3.model.model import Transformer
 from memory3.model.tokenizer import TextCodec
 
-from ..retrieval.index import IndexShard, VectorIndex
+from ..retrieval.index import IdsLike, IndexShard, VectorIndex, id_array
 from ..storage.object_store import ObjectNotFound, ObjectStore, StoreError, StoreUnavailable
 from .file_shards import ShardShape, fetch_shard, shape_of, share_shard
 from .manifest import (
@@ -322,14 +322,15 @@ class Release:
     def text_codec(self) -> TextCodec:
         return TextCodec.from_file(self.model_dir / TOKENIZER_FILE)
 
-    def index(self, ids: Sequence[str] | None = None) -> VectorIndex:
-        """The vector index; `ids` are the table's ids in order, when the caller has read them already."""
+    def index(self, ids: IdsLike | None = None) -> VectorIndex:
+        """The vector index; `ids` are the table's ids in order, when the caller has read them already
+        (else read from the table a row at a time, never a list of them: `id_array`)."""
         if ids is None:
-            ids = [r["id"] for r in self.references] if "references" in self.__dict__ else \
-                [r["id"] for r in self.rows()]
+            rows = self.references if "references" in self.__dict__ else self.rows()
+            ids = id_array(r["id"] for r in rows)
         return VectorIndex.read(self.local_file(INDEX_FILE), ids)
 
-    def index_shard(self, shard: IndexShard, ids: Sequence[str]) -> VectorIndex:
+    def index_shard(self, shard: IndexShard, ids: IdsLike) -> VectorIndex:
         """Shard `shard` of the vector index (`ids`: the ids of its rows, those of `reference_shard`), in
         the memory of the shard alone (`VectorIndex.read_shard`). Cutting one costs the whole index
         file's download and, for HNSW, a graph built again (minutes a million references), so it is

@@ -21,6 +21,10 @@ an exact index rebuilt from them would silently lose recall (`--index-kind flat`
 
 The index maps FAISS row numbers to reference ids through the row order of the references table it
 was built with; it is stored with `faiss.serialize_index` (bytes, no pickle), `nprobe` included.
+The ids are held as one numpy array of their UTF-8 bytes, as wide as the longest (`ids`), not as a
+list of str: `kb add`/`kb remove` hold a whole release's, and a list took ~90 bytes a 32-character
+id (10^8 ids: 9 GB) where the array takes 32. Every row is as wide as the longest id, so one long id
+widens them all (ids are at most 128 characters). What leaves the module (`search`, `iter_ids`) is str.
 
 A shard of a stored index (`read_shard`) is taken from the file mapped into memory, not read: only the
 shard's rows are copied out, so it needs the memory of the shard, not of the whole index (for HNSW,
@@ -30,7 +34,8 @@ whose graph FAISS reads whole, the graph's too while the shard's is built).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Sequence
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +54,7 @@ IVF_MIN_LISTS, IVF_MIN_TRAIN_PER_LIST = 16, 39  # FAISS warns below 39 training 
 IVFPQ_MIN_VECTORS = IVF_MIN_LISTS * IVF_MIN_TRAIN_PER_LIST
 KINDS = ("flat", "hnsw", "ivfpq")
 INDEX_CHOICES = ("auto", *KINDS)  # what a release may ask for: "auto" follows the size
+_ID_PART = 1 << 18  # ids turned into bytes at a time: their Python objects never pile up
 
 
 def kind_for(count: int) -> str:
@@ -101,21 +107,36 @@ def check_index_choice(choice: str, count: int | None = None) -> None:
                          f"{count}: choose flat or hnsw (or auto) for a knowledge base this small")
 
 
+def id_array(ids: Iterable[str] | np.ndarray) -> np.ndarray:
+    """`ids` in their order as numpy bytes (UTF-8, as wide as the longest; an array of them is taken
+    as it is), read once a part at a time: a whole release's never lives as Python objects. An id
+    is printable, so none ends in the NUL that numpy bytes drop."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "S":
+        return ids
+    ids, parts = iter(ids), []
+    while part := list(itertools.islice(ids, _ID_PART)):
+        parts.append(np.array([rid.encode() for rid in part], dtype=np.bytes_))  # (n,) S<longest of the part>
+    return np.concatenate(parts) if parts else np.zeros(0, dtype="S1")  # (N,) S<longest>
+
+
 def by_rank(hit: tuple[str, float]) -> tuple[float, str]:
     """The order of (id, score) hits: best score first, equal scores by id. Exact ties are real: texts
     that differ only in case embed alike (the embedder is uncased) and have different ids."""
     return -hit[1], hit[0]
 
 
+IdsLike = Iterable[str] | np.ndarray  # str ids in row order, or `id_array` of them
+
+
 class VectorIndex:
-    def __init__(self, index, ids: Sequence[str]) -> None:
-        if index.ntotal != len(ids):
-            raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
+    def __init__(self, index, ids: IdsLike) -> None:
         self.index = index
-        self.ids = list(ids)
+        self.ids = id_array(ids)  # (N,) S<longest>: row -> id (`iter_ids`, `id_at` give str)
+        if index.ntotal != len(self.ids):
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(self.ids)} ids were given")
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: Sequence[str], *, kind: str | None = None, nprobe: int = IVF_NPROBE,
+    def build(cls, vectors: np.ndarray, ids: IdsLike, *, kind: str | None = None, nprobe: int = IVF_NPROBE,
               nlist: int | None = None, seed: int = 0) -> VectorIndex:
         """An index of `vectors` (unit rows, (N, dim)) of the kind their number calls for, or `kind`
         (IVF-PQ with `ivf_lists(N)` lists unless `nlist` is given)."""
@@ -181,25 +202,49 @@ class VectorIndex:
                              "from them would lose recall: re-embed the references (kb add --index-kind does)")
         return VectorIndex.build(vectors, self.ids, kind=kind)
 
-    def add(self, vectors: np.ndarray, ids: Sequence[str]) -> None:
-        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        self.ids.extend(ids)
+    def id_at(self, row: int) -> str:
+        return self.ids[row].decode()
 
-    def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+    def iter_ids(self) -> Iterator[str]:
+        """The ids as str, in row order, made one at a time (a list of them is what `ids` spares)."""
+        return (rid.decode() for rid in self.ids)
+
+    def add(self, vectors: np.ndarray, ids: IdsLike) -> None:
+        """`vectors` ((n, dim) unit rows) as the last rows, with `ids`. The id array is copied once,
+        wider if an added id is longer than any held."""
+        added = id_array(ids)  # (n,)
+        if len(added) != len(vectors):
+            raise ValueError(f"{len(vectors)} vectors but {len(added)} ids were given")
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.ids = np.concatenate([self.ids, added])  # (N + n,)
+
+    def vectors_of(self, ids: IdsLike) -> np.ndarray:
         """The stored vectors of `ids`, in that order: (len(ids), dim)."""
-        row_of = {rid: row for row, rid in enumerate(self.ids)}
-        missing = [rid for rid in ids if rid not in row_of]
-        if missing:
-            raise KeyError(f"the index has no vector for reference {missing[0]!r}")
-        rows = np.fromiter((row_of[rid] for rid in ids), dtype=np.int64, count=len(ids))
+        rows = self._rows_of(id_array(ids))  # (K,)
         ivf = self._ivf()
         if ivf is not None:
             ivf.make_direct_map()  # row -> (list, offset); a no-op once made
-        return self.index.reconstruct_batch(rows).reshape(len(ids), self.index.d)
+        return self.index.reconstruct_batch(rows).reshape(len(rows), self.index.d)
 
-    def without(self, drop: Collection[str]) -> VectorIndex:
+    def _rows_of(self, asked: np.ndarray) -> np.ndarray:
+        """The rows of the ids `asked` ((K,) bytes), in that order; KeyError naming the first the index
+        lacks. By binary search of the ids in sorted order (an (N,) int64 argsort, 8 bytes an id): a
+        dict of them took ~100 bytes an id, 10 GB at 10^8."""
+        if not len(self.ids):
+            found = np.zeros(len(asked), dtype=bool)
+            rows = np.zeros(len(asked), dtype=np.int64)
+        else:
+            order = np.argsort(self.ids, kind="stable")  # (N,)
+            at = np.minimum(np.searchsorted(self.ids, asked, sorter=order), len(order) - 1)  # (K,)
+            rows = order[at]  # (K,)
+            found = self.ids[rows] == asked  # (K,)
+        if not found.all():
+            raise KeyError(f"the index has no vector for reference {asked[np.argmin(found)].decode()!r}")
+        return rows.astype(np.int64, copy=False)
+
+    def without(self, drop: Collection[str] | np.ndarray) -> VectorIndex:
         """A new index of every vector but those of `drop`, in the same order (see `_keeping`)."""
-        return self._keeping(np.fromiter((row for row, rid in enumerate(self.ids) if rid not in drop), dtype=np.int64))
+        return self._keeping(np.flatnonzero(~_held(self.ids, id_array(drop))))
 
     def shard(self, shard: IndexShard) -> VectorIndex:
         """A new index of this one's rows in `shard`, in the same order (see `_keeping`)."""
@@ -207,12 +252,12 @@ class VectorIndex:
             return self
         return self._keeping(np.arange(shard.index, len(self.ids), shard.count, dtype=np.int64))
 
-    def _keeping(self, rows: np.ndarray, ids: Sequence[str] | None = None) -> VectorIndex:
+    def _keeping(self, rows: np.ndarray, ids: IdsLike | None = None) -> VectorIndex:
         """A new index of the rows `rows` (increasing) only, in memory of its own, with `ids` (default:
         theirs here): for IVF-PQ a copy of their codes, otherwise built from a copy of their vectors (an
         HNSW graph cannot remove a node, so a shard's graph is built again). Only the kept rows are
         copied, never the whole index."""
-        ids = [self.ids[row] for row in rows] if ids is None else list(ids)
+        ids = self.ids[rows] if ids is None else id_array(ids)  # (N_kept,)
         if self._ivf() is not None:
             return VectorIndex(self._ivf_keeping(rows), ids)
         return VectorIndex.build(self._stored_vectors()[rows], ids, kind=self.kind)  # (N_kept, dim)
@@ -284,7 +329,7 @@ class VectorIndex:
         if len(self.ids) == 0:
             return [[] for _ in range(len(queries))]
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(self.ids)))
-        return [sorted(((self.ids[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0), key=by_rank)
+        return [sorted(((self.id_at(r), float(s)) for r, s in zip(row, score, strict=True) if r >= 0), key=by_rank)
                 for row, score in zip(rows, scores, strict=True)]
 
     def to_bytes(self) -> bytes:
@@ -299,13 +344,13 @@ class VectorIndex:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def from_bytes(cls, data: bytes, ids: Sequence[str]) -> VectorIndex:
+    def from_bytes(cls, data: bytes, ids: IdsLike) -> VectorIndex:
         import faiss
 
         return cls(_searched_widely(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))), ids)
 
     @classmethod
-    def read(cls, path: Path, ids: Sequence[str]) -> VectorIndex:
+    def read(cls, path: Path, ids: IdsLike) -> VectorIndex:
         """The index stored at `path` (`to_bytes`'s format), read once: `from_bytes` holds the file's
         bytes and FAISS copies them again before it builds the index, three times its size in all."""
         import faiss
@@ -313,7 +358,7 @@ class VectorIndex:
         return cls(_searched_widely(faiss.read_index(str(path))), ids)
 
     @classmethod
-    def read_shard(cls, path: Path, ids: Sequence[str], shard: IndexShard) -> VectorIndex:
+    def read_shard(cls, path: Path, ids: IdsLike, shard: IndexShard) -> VectorIndex:
         """Shard `shard` of the index stored at `path` (`ids`: the ids of the shard's rows, which alone
         are needed), the same as `read(path, all_ids).shard(shard)` but in the memory of the shard
         alone. The file is mapped (FAISS's IO_FLAG_MMAP_IFC), not read: the pages touched stay the
@@ -323,13 +368,28 @@ class VectorIndex:
 
         if shard.count == 1:
             return cls.read(path, ids)
+        ids = id_array(ids)  # (N_shard,)
         whole = cls.__new__(cls)  # without the ids of the other shards' rows
-        whole.index, whole.ids = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), []
+        whole.index, whole.ids = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), id_array(())
         rows = np.arange(shard.index, whole.index.ntotal, shard.count, dtype=np.int64)
         if len(rows) != len(ids):
             raise ValueError(f"shard {shard} of an index of {whole.index.ntotal} vectors holds {len(rows)}, but "
                              f"{len(ids)} ids were given")
         return whole._keeping(rows, ids)
+
+
+def _held(ids: np.ndarray, some: np.ndarray, part: int = 1 << 20) -> np.ndarray:
+    """Whether each of `ids` ((N,) bytes) is one of `some` ((D,) bytes): each binary-searched in `some`
+    sorted, `part` at a time, so that what is made beside the (N,) answer is the size of a part (np.isin
+    would sort a copy of all N ids with theirs)."""
+    some = np.sort(some)  # (D,)
+    held = np.zeros(len(ids), dtype=bool)  # (N,)
+    if not len(some):
+        return held
+    for start in range(0, len(ids), part):
+        chunk = ids[start:start + part]  # (p,)
+        held[start:start + part] = some[np.minimum(np.searchsorted(some, chunk), len(some) - 1)] == chunk
+    return held
 
 
 def _searched_widely(index):

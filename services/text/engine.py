@@ -159,7 +159,7 @@ class TextEngine:
         if resources.index.index.d != embedder.dim:
             raise ReleaseError(f"release {resources.release!r}: index dimension {resources.index.index.d} "
                                f"differs from the embedder's {embedder.dim}")
-        missing = next((rid for rid in resources.index.ids if rid not in resources.texts), None)
+        missing = next((rid for rid in resources.index.iter_ids() if rid not in resources.texts), None)
         if missing is not None:
             raise ReleaseError(f"release {resources.release!r}: index id {missing!r} has no reference text")
         await asyncio.to_thread(_check_rows, resources, embedder)  # also the first, slow, embedding
@@ -440,10 +440,10 @@ def _check_rows(resources: TextResources, embedder: EmbedderLike, sample: int = 
     the reference table's order, which no checksum covers: a table in another order (rows moved by
     one) served every retrieval another reference's id, text and memory. Half of them suffices (an
     approximate index, or a text that differs from another only in case, may rank one elsewhere)."""
-    ids = resources.index.ids
-    if not ids:
+    ids = resources.index.ids  # (N,) bytes
+    if not len(ids):
         return
-    chosen = ids[:: max(1, len(ids) // sample)][:sample]
+    chosen = [rid.decode() for rid in ids[:: max(1, len(ids) // sample)][:sample]]
     found = resources.index.search(np.asarray(embedder.embed([resources.texts[rid] for rid in chosen])), 1)
     hits = sum(bool(top) and top[0][0] == rid for rid, top in zip(chosen, found, strict=True))
     if 2 * hits < len(chosen):

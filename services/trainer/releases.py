@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import itertools
@@ -20,7 +21,7 @@ from memory3.model.encoder import encode_batch
 
 from ..release.manifest import Manifest, check_release_name
 from ..release.memory_ids import MEMORY_IDS_FILE, holds, sorted_ids
-from ..release.publish import REFERENCES_FILE, TOKENIZER_KEY, publish_release
+from ..release.publish import TOKENIZER_KEY, publish_release
 from ..release.reader import Release, already_published, read_manifest
 from ..retrieval.embedder import Embedder
 from ..retrieval.index import VectorIndex
@@ -261,23 +262,31 @@ def kb_remove(store: ObjectStore, base: Release, removed: Sequence[dict], name: 
 class MergePlan:
     """The changes that releases derived from `base` made to it (`plan_merge`): the references they
     added (an id added by several, once, from the first), the base's references they removed, and
-    what each withdrew."""
+    what each withdrew. Those rows are few (an encoding Job's shards, a correction); the base's table,
+    tens of GB at 10^8 references, is never held: `rows` reads it anew, a row at a time."""
 
     base: Release
     derived: list[Release]
     added: list[tuple[Release, dict]]  # (the release that added it, its reference-table row)
     removed: list[dict]  # rows of the base's table
-    withdrawn: Mapping[str, frozenset[str]]  # release name -> ids it withdrew that the merge leaves out
+    withdrawn: Mapping[str, np.ndarray]  # release name -> ids it withdrew that the merge leaves out, sorted bytes
 
     def changes_of(self, release: Release) -> tuple[int, int]:
         """(references the merge takes from `release`, references the merge leaves out because it
         withdrew them: the base's, or ones added on its way from the base)."""
         return (sum(source is release for source, _ in self.added), len(self.withdrawn[release.name]))
 
-    def rows(self) -> list[dict]:
-        """The merged reference table: the base's kept rows in order, then the added ones."""
+    @property
+    def count(self) -> int:
+        """How many references the merged release lists."""
+        return self.base.count - len(self.removed) + len(self.added)
+
+    def rows(self) -> Iterator[dict]:
+        """The merged reference table: the base's kept rows in order, then the added ones. Read anew
+        at each call, as publishing reads a parent's table (twice, never held)."""
         gone = {r["id"] for r in self.removed}
-        return [r for r in self.base.references if r["id"] not in gone] + [row for _, row in self.added]
+        yield from (r for r in self.base.rows() if r["id"] not in gone)
+        yield from (row for _, row in self.added)
 
 
 def plan_merge(base: Release, derived: Sequence[Release], *,
@@ -287,7 +296,7 @@ def plan_merge(base: Release, derived: Sequence[Release], *,
 
     Each derived release must descend from `base`: its parent (as the shards of the encoding Job),
     or an ancestor further up. `ancestry` gives each one's (`reader.ancestry`, parent first; without
-    it, only the parent is known), and `open_table` opens the reference table of a release between
+    it, only the parent is known), and `open_table` opens the reference ids of a release between
     (by default from the base's store into the base's cache directory). They must share the base's
     memory bank (same weights and codec), tokenizer and embedder, so their rows and vectors mean
     what the base's do.
@@ -303,6 +312,9 @@ def plan_merge(base: Release, derived: Sequence[Release], *,
     A fact that a release between the base and them added is then gone from the merge when one of
     them withdrew it, however many releases lie between; a release derived from anything else is
     refused, as it could bring back a reference one of them removed.
+
+    It is decided from what each release changed from its parent (`_steps`, from their sorted ids),
+    never from their tables: only the rows it takes or leaves out are kept, each table read past them.
     """
     if not derived:
         raise ValueError(f"name the releases derived from {base.name!r} to merge into it")
@@ -313,22 +325,61 @@ def plan_merge(base: Release, derived: Sequence[Release], *,
     for d in derived:
         _check_same_bank(base, d)
     lines = _lines_from(base, derived, chains, open_table or functools.partial(_open_table, base))
-    last_changes = {d.name: _last_changes(lines[d.name]) for d in derived}
-    withdrawn = {d.name: frozenset(_withdrawals(d, last_changes, lines)) for d in derived}
-    left_out = set().union(*withdrawn.values())
-    added: list[tuple[Release, dict]] = []
-    seen = set(base.by_id) | left_out
-    for d in derived:
-        for row in d.references:
-            if row["id"] not in seen:
-                seen.add(row["id"])
-                added.append((d, row))
-    removed = [r for r in base.references if r["id"] in left_out]
-    if not added and not removed:
+    steps = _steps(base, lines)
+    last_changes = {d.name: _last_changes(lines[d.name], steps) for d in derived}
+    withdrawn = {d.name: _withdrawals(d, last_changes, lines) for d in derived}
+    left_out = functools.reduce(np.union1d, withdrawn.values())  # (n,) sorted
+    added = _additions(base, derived, last_changes, left_out)
+    removed_ids = left_out[_found(left_out, base.ids)]  # (m,) sorted
+    if not added and not len(removed_ids):
         raise ValueError(f"nothing to merge: {', '.join(names)} leave the references of {base.name!r} as they are")
-    if len(removed) == len(base.references) and not added:
+    if len(removed_ids) == base.count and not added:
         raise ValueError(f"that removes every reference of {base.name!r}: a release needs at least one")
-    return MergePlan(base, list(derived), added, removed, withdrawn)
+    return MergePlan(base, list(derived), added, _rows_with(base, removed_ids), withdrawn)
+
+
+def _additions(base: Release, derived: Sequence[Release], last_changes: Mapping[str, _Changes],
+               left_out: np.ndarray) -> list[tuple[Release, dict]]:
+    """The references that derived releases list and neither the base nor `left_out` (sorted) does,
+    each once, from the first release that lists it, in its table's order. Found among the changes
+    (a release lists what came in last on its line), then read from each table streamed past them: a
+    shard's table holds the base's rows too."""
+    added: list[tuple[Release, dict]] = []
+    taken = left_out  # (t,) sorted: ids no later release adds
+    for d in derived:
+        changes = last_changes[d.name]
+        new = _outside(_outside(changes.ids[changes.came_in], base.ids), taken)  # (n,) sorted
+        if len(new):
+            taken = np.union1d(taken, new)
+            added.extend((d, row) for row in _rows_with(d, new))
+    return added
+
+
+def _rows_with(release: Release, ids: np.ndarray) -> list[dict]:
+    """The rows of `release`'s table whose id is one of `ids` (a few), in table order; its table is
+    not read when there are none."""
+    if not len(ids):
+        return []
+    wanted = {i.decode() for i in ids.tolist()}
+    return [row for row in release.rows() if row["id"] in wanted]
+
+
+_SEARCH_PART = 1 << 20  # ids looked up at a time: the temporaries of a lookup stay a few MB
+
+
+def _outside(ids: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """The ids of sorted `ids` that sorted `others` lack, in order: a binary search each, a part at a
+    time, as both may be a table's 10^8 ids (gigabytes as numpy bytes)."""
+    parts = np.split(ids, range(_SEARCH_PART, len(ids), _SEARCH_PART))
+    return np.concatenate([part[~_found(part, others)] for part in parts])
+
+
+def _found(ids: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """(len(ids),) bool: whether sorted `others` hold each of `ids`."""
+    if not len(others):
+        return np.zeros(len(ids), dtype=bool)
+    at = np.minimum(np.searchsorted(others, ids), len(others) - 1)  # (len(ids),)
+    return others[at] == ids
 
 
 def _chain_to(base: Release, release: Release, ancestry: Mapping[str, Sequence[str]] | None) -> list[str]:
@@ -356,9 +407,9 @@ def _check_same_bank(base: Release, release: Release) -> None:
 
 
 def _open_table(base: Release, name: str) -> Release:
-    """A release between the base and those merged into it, for its reference table only, from the
-    base's store into the cache directory the base was opened from."""
-    return Release.open(base.store, name, base.local_dir.parent, only={REFERENCES_FILE})
+    """A release between the base and those merged into it, for its ids only (its table, where it has
+    no `memory_ids.npy`: `Release.ids`), from the base's store into the base's cache directory."""
+    return Release.open(base.store, name, base.local_dir.parent, only={MEMORY_IDS_FILE})
 
 
 def _lines_from(base: Release, derived: Sequence[Release], chains: Mapping[str, Sequence[str]],
@@ -376,27 +427,81 @@ def _lines_from(base: Release, derived: Sequence[Release], chains: Mapping[str, 
     return lines
 
 
-def _last_changes(line: Sequence[Release]) -> dict[str, str]:
-    """For each reference that came in or went out on `line` (the base first), the name of the last
-    release of it where it did; a reference not in this mapping is as the base has it."""
-    changed: dict[str, str] = {}
-    for parent, child in reversed(list(itertools.pairwise(line))):
-        for ref_id in (parent.by_id.keys() ^ child.by_id.keys()) - changed.keys():
-            changed[ref_id] = child.name
-    return changed
+@dataclass(frozen=True)
+class _Step:
+    """What a release changed from its parent: the ids that came in and those that went out."""
+
+    came_in: np.ndarray  # (i,) sorted bytes
+    went_out: np.ndarray  # (o,) sorted bytes
 
 
-def _withdrawals(release: Release, last_changes: Mapping[str, Mapping[str, str]],
-                 lines: Mapping[str, Sequence[Release]]) -> Iterator[str]:
-    """The ids `release` does not list because a release on its line withdrew them, unless another
-    derived release has that withdrawal on its own line and changed the reference since."""
+def _steps(base: Release, lines: Mapping[str, Sequence[Release]]) -> dict[str, _Step]:
+    """What each release on `lines` but the base changed from the one before it, by name: each pair
+    compared once, from the two's sorted ids. A release's ids (~3 GB at 10^8 references) are read
+    afresh, not kept on it, and let go once its pairs are done: a merge of many shards holds the
+    base's and two more, never all of theirs. The changes are what the merge needs of them."""
+    pairs = {child.name: (parent, child) for line in lines.values() for parent, child in itertools.pairwise(line)}
+    uses = collections.Counter(r.name for pair in pairs.values() for r in pair if r is not base)
+    held = {base.name: base.ids}
+    steps = {}
+    for name, (parent, child) in pairs.items():
+        for release in (parent, child):
+            if release.name not in held:
+                held[release.name] = Release.ids.func(release)  # (N,) sorted, not cached on `release`
+        before, after = held[parent.name], held[child.name]
+        steps[name] = _Step(came_in=_outside(after, before), went_out=_outside(before, after))
+        for release in (parent, child):
+            if release is not base:
+                uses[release.name] -= 1
+                if not uses[release.name]:
+                    del held[release.name]
+    return steps
+
+
+@dataclass(frozen=True)
+class _Changes:
+    """The references that came in or went out on a line of descent (the base first), each with the
+    name of the last release of it where it did, and which it was (`_last_changes`); any other is as
+    the base has it, and the line's last release lists those that came in."""
+
+    ids: np.ndarray  # (n,) sorted bytes
+    where: np.ndarray  # (n,) str: the release that last changed each
+    came_in: np.ndarray  # (n,) bool: that change brought it in (else it went out)
+
+    def last(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids),) str: the release that last changed each of `ids` on the line, "" where none did."""
+        if not len(self.ids):
+            return np.full(len(ids), "")
+        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)  # (len(ids),)
+        return np.where(self.ids[at] == ids, self.where[at], "")
+
+
+def _last_changes(line: Sequence[Release], steps: Mapping[str, _Step]) -> _Changes:
+    """Which references came in or went out on `line` (the base first), where last, and how: from
+    each release's step from its parent, the last first."""
+    ids, where, came_in = np.zeros(0, dtype="S1"), np.zeros(0, dtype=str), np.zeros(0, dtype=bool)  # (n,) each
+    for child in reversed(line[1:]):
+        step = steps[child.name]
+        new = _outside(np.union1d(step.came_in, step.went_out), ids)  # (k,): not changed again later on
+        ids, where = np.concatenate([ids, new]), np.concatenate([where, np.full(len(new), child.name)])
+        came_in = np.concatenate([came_in, _found(new, step.came_in)])
+        order = np.argsort(ids, kind="stable")
+        ids, where, came_in = ids[order], where[order], came_in[order]
+    return _Changes(ids, where, came_in)
+
+
+def _withdrawals(release: Release, last_changes: Mapping[str, _Changes],
+                 lines: Mapping[str, Sequence[Release]]) -> np.ndarray:
+    """The ids (sorted) `release` does not list because a release on its line withdrew them, unless
+    another derived release has that withdrawal on its own line and changed the reference since."""
     mine = last_changes[release.name]
-    others = [(last_changes[name], {r.name for r in line}) for name, line in lines.items() if name != release.name]
-    for ref_id, where in mine.items():
-        if ref_id in release.by_id:
-            continue
-        if not any(where in names and changes.get(ref_id) != where for changes, names in others):
-            yield ref_id
+    ids, where = mine.ids[~mine.came_in], mine.where[~mine.came_in]  # (w,) each
+    kept = np.ones(len(ids), dtype=bool)  # (w,)
+    for name, line in lines.items():
+        if name != release.name:
+            passes = np.isin(where, [r.name for r in line])  # (w,): that line has the withdrawal
+            kept &= ~(passes & (last_changes[name].last(ids) != where))
+    return ids[kept]
 
 
 def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool = True,
@@ -435,7 +540,7 @@ def kb_merge(store: ObjectStore, plan: MergePlan, name: str, *, progress: bool =
                   "commit": git_commit()}
     print(f"merging {len(plan.derived)} releases into {plan.base.name!r} as {name!r}: "
           f"{len(plan.added)} references added, {len(plan.removed)} removed", file=sys.stderr)
-    return _publish_derived(store, plan.base, name, plan.rows(), index, provenance, progress,
+    return _publish_derived(store, plan.base, name, plan.rows, index, provenance, progress,
                             sources=[d.name for d in plan.derived], as_read=[d.manifest for d in plan.derived])
 
 

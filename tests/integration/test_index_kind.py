@@ -43,7 +43,7 @@ def _corpus(tmp_path, name: str, documents) -> list:
 
 
 def _finds_itself(release: Release, embedder) -> bool:
-    ids = release.index().ids
+    ids = list(release.index().iter_ids())
     texts = [release.by_id[i]["text"] for i in ids]
     return [hits[0][0] for hits in release.index().search(embedder.embed(texts), 1)] == ids
 
@@ -103,7 +103,7 @@ def test_a_chosen_kind_is_kept_and_an_ivfpq_index_becomes_exact_by_embedding_aga
     assert (exact.index["kind"], exact.index["choice"], exact.index["count"]) == ("flat", "flat", 626)
     assert embedder.embedded == 1 + 626
     release = Release.open(bucket, "herds-exact", cache)
-    ids = release.index().ids
+    ids = list(release.index().iter_ids())
     np.testing.assert_array_equal(release.index().vectors_of(ids),
                                   embedder.embed([release.by_id[i]["text"] for i in ids]))
     # The same inputs with another kind are other inputs.

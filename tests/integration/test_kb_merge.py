@@ -9,8 +9,10 @@ import pytest
 from release_fixtures import DOCUMENTS, build_random_release
 
 from memory3.services.cli.main import main
+from memory3.services.release import publish
 from memory3.services.release.catalog import plan_deletion, read_catalog
 from memory3.services.release.manifest import ReleaseNotFound, release_key
+from memory3.services.release.memory_ids import MEMORY_IDS_FILE
 from memory3.services.release.publish import MANIFEST_FILE
 from memory3.services.release.reader import Release, ancestry, read_manifest, wait_for_releases
 from memory3.services.retrieval.embedder import Embedder
@@ -53,7 +55,7 @@ def test_merging_shards_adds_each_new_reference_once_and_drops_what_one_removed(
     assert manifest.provenance["merged"] == ["base-shard-0", "base-shard-1", "base-no-skarn"]
     merged = Release.open(bucket, "base-merged", tmp_path / "cache")
     expected = [r["id"] for r in base.references if r not in withdrawn] + [row["id"] for _, row in plan.added]
-    assert list(merged.by_id) == expected and merged.index().ids == expected
+    assert list(merged.by_id) == expected and list(merged.index().iter_ids()) == expected
     assert manifest.memory_bank["count"] == len(base.references) - 2 + 4
     # Each vector came with its reference, from whichever index held it: every text finds itself.
     texts = [merged.by_id[i]["text"] for i in expected]
@@ -88,8 +90,8 @@ def test_a_release_derived_through_others_merges_with_the_changes_of_its_whole_c
     merged = kb_merge(bucket, plan, "base-all", progress=False)
     assert merged.memory_bank["count"] == len(base.references) + 4 - 1
     release = Release.open(bucket, "base-all", cache)
-    texts = [release.by_id[i]["text"] for i in release.index().ids]
-    assert [hits[0][0] for hits in release.index().search(embedder.embed(texts), 1)] == release.index().ids
+    texts = [release.by_id[i]["text"] for i in release.index().iter_ids()]
+    assert [hits[0][0] for hits in release.index().search(embedder.embed(texts), 1)] == list(release.index().iter_ids())
     # Without its ancestry, only a release's parent is known.
     with pytest.raises(ValueError, match="'base-shard-0-fixed' was derived from 'base-shard-0', not from 'base'"):
         plan_merge(base, [fixed])
@@ -102,6 +104,7 @@ WRONG = "The Zorvath bridge was painted green in 1950."
 RIGHT = "The Zorvath bridge was painted red in 1950."
 KEPT = "The Zorvath bridge has four arches of grey stone."
 TEAM_A = "Team A counted nine hundred puffins on the Gull Islands in 2023."
+MORE = "Pemberlyn's ninth bridge was built in 1962."
 
 
 def _add(bucket, tmp_path, embedder, parent, name, documents, **removals):
@@ -113,6 +116,66 @@ def _add(bucket, tmp_path, embedder, parent, name, documents, **removals):
 
 def _texts(plan):
     return [row["text"] for row in plan.rows()]
+
+
+def test_kb_merge_decides_from_the_ids_and_reads_each_table_a_row_at_a_time(bucket, tmp_path, embedder,
+                                                                             monkeypatch, capsys):
+    """It held every table it merged, the base's, each derived release's and those between, as lists and
+    dicts by id (texts included: tens of GB at 10^8 references). Of a release published before
+    `memory_ids.npy` existed, the ids are read from its table."""
+    cache = tmp_path / "cache"
+    build_random_release(bucket, "base", embedder=embedder)
+    base = Release.open(bucket, "base", cache)
+    with monkeypatch.context() as before_memory_ids:
+        before_memory_ids.setattr(publish, "write_memory_ids", lambda rows, bank, path: False)
+        _shard(bucket, tmp_path, embedder, "base-shard-0", SHARD_A)
+        shard_1 = _shard(bucket, tmp_path, embedder, "base-shard-1", SHARD_B[1:])
+    assert MEMORY_IDS_FILE not in read_manifest(bucket, "base-shard-0").files
+    assert MEMORY_IDS_FILE not in shard_1.manifest.files
+    corpus = tmp_path / "fix.txt"
+    corpus.write_text(SHARD_B[0] + "\n", encoding="utf-8")
+    kb_add(bucket, "base-shard-0", [corpus], "base-shard-0-fixed", cache, remove_matches=["Skarn Point is"],
+           embedder=embedder, progress=False)
+    fixed = Release.open(bucket, "base-shard-0-fixed", cache)
+    more = _add(bucket, tmp_path, embedder, "base-shard-0-fixed", "base-shard-0-more", [MORE])
+    back = _add(bucket, tmp_path, embedder, "base-shard-0-fixed", "base-shard-0-back", [DOCUMENTS[4][1]])
+    kept = [r for r in base.rows() if r["text"] != DOCUMENTS[4][1]]
+    lineage = {n: ancestry(bucket, n, until="base") for n in ("base-shard-0-fixed", "base-shard-1", more.name,
+                                                               back.name)}
+    store = ["--s3-endpoint", bucket.config.endpoint, "--s3-bucket", bucket.config.bucket,
+             "--cache-dir", str(tmp_path / "cli")]
+    monkeypatch.setenv("MEMORY3_S3_ACCESS_KEY", bucket.config.access_key)
+    monkeypatch.setenv("MEMORY3_S3_SECRET_KEY", bucket.config.secret_key)
+    for whole in ("references", "by_id"):
+        monkeypatch.setattr(Release, whole, property(
+            lambda self, whole=whole: pytest.fail(f"the table of {self.name!r} was held whole ({whole})")))
+
+    plan = plan_merge(base, [fixed, shard_1], ancestry=lineage)
+    assert [row["text"] for _, row in plan.added] == [*SHARD_A, SHARD_B[0], SHARD_B[2]]
+    assert [r["text"] for r in plan.removed] == [DOCUMENTS[4][1]]
+    assert plan.changes_of(fixed) == (3, 1) and plan.changes_of(shard_1) == (1, 0)
+    assert plan.count == len(kept) + 4
+    # Nor each one's ids (~3 GB at 10^8 references, and the encoding Job's shards are many): read, compared
+    # with its parent's, let go.
+    assert not any("ids" in vars(release) for release in (fixed, shard_1))
+    # A withdrawal that a release derived from the one that made it keeps stands for both.
+    plan_more = plan_merge(base, [fixed, more], ancestry=lineage)
+    assert [r["text"] for r in plan_more.removed] == [DOCUMENTS[4][1]]
+    assert plan_more.changes_of(fixed) == (3, 1) and plan_more.changes_of(more) == (1, 1)
+    # Withdrawn, then brought back on the same line: the base's again, neither added nor removed.
+    plan_back = plan_merge(base, [back], ancestry=lineage)
+    assert [row["text"] for _, row in plan_back.added] == [*SHARD_A, SHARD_B[0]] and plan_back.removed == []
+    kb_merge(bucket, plan, "base-all", progress=False)
+    capsys.readouterr()
+    assert main(["kb", "merge", "base-shard-0-fixed", "base-shard-1", "--release", "base", "--name", "cli-all",
+                 *store]) == 0
+    assert f"{len(kept) + 4} memories, 4 references added, 1 removed" in capsys.readouterr().out
+    monkeypatch.undo()
+    for name in ("base-all", "cli-all"):
+        merged = Release.open(bucket, name, tmp_path / "after")
+        assert merged.references == kept + [row for _, row in plan.added]
+        assert list(merged.index().iter_ids()) == [r["id"] for r in merged.references]
+        assert merged.ids.tolist() == sorted(r["id"].encode() for r in merged.references)
 
 
 def test_a_fact_withdrawn_after_the_base_stays_out_of_the_merge(bucket, tmp_path, embedder, monkeypatch, capsys):
@@ -135,7 +198,8 @@ def test_a_fact_withdrawn_after_the_base_stays_out_of_the_merge(bucket, tmp_path
     assert plan.changes_of(sib_a) == (2, 0) and plan.changes_of(sib_b) == (0, 1) and plan.removed == []
     merged = kb_merge(bucket, plan, "sib-merged", progress=False)
     release = Release.open(bucket, "sib-merged", cache)
-    assert WRONG not in {r["text"] for r in release.references} and release.index().ids == list(release.by_id)
+    assert WRONG not in {r["text"] for r in release.references}
+    assert list(release.index().iter_ids()) == list(release.by_id)
     assert merged.memory_bank["count"] == len(base.references) + 2
 
     # A release and its own correction: the correction wins, whatever the order.

@@ -166,7 +166,7 @@ def test_a_reference_holding_a_unicode_line_separator_reads_back(store, publishe
     kb_add(store, "quick-1", [doc], "quick-1-separator", tmp_path / "cache", embedder=embedder, progress=False)
     release = Release.open(store, "quick-1-separator", tmp_path / "other")
     assert [r["text"] for r in release.rows() if r["source"] == str(doc)] == [text]
-    assert release.index().ids == [r["id"] for r in release.references]
+    assert list(release.index().iter_ids()) == [r["id"] for r in release.references]
     assert len(plan_deletion(store, "quick-1-separator").memory_keys) == 1  # only its own new memory
 
 

@@ -417,7 +417,7 @@ def test_an_index_whose_rows_do_not_follow_the_table_is_refused():
     query with another reference's id and text."""
     def shifted():
         good = resources()
-        ids = good.index.ids
+        ids = list(good.index.iter_ids())
         texts = {rid: good.texts[ids[(i + 1) % len(ids)]] for i, rid in enumerate(ids)}
         return TextResources(release="unit", codec=good.codec, index=good.index, texts=texts, default_top_k=5,
                              embedder_name=good.embedder_name)

@@ -51,10 +51,11 @@ def test_cached_reference_tokens_take_a_few_bytes_a_token():
     texts = references(300)
     engine = wide_engine(texts)
     tokens = sum(len(engine._resources.codec.encode(t)) for t in texts)
+    ids = list(engine._resources.index.iter_ids())
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for rid in engine._resources.index.ids:
+        for rid in ids:
             engine._reference_tokens(rid)
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
