@@ -113,7 +113,8 @@ def render_table(results_dir: Path) -> str:
             f"{kinds['hnsw']['hit_at_5']:.3f} / {ivf['hit_at_5']:.3f} | |",
             f"| | IVF-PQ ({ivf['nlist']} lists, nprobe {ivf['nprobe']}) / flat: found / bytes | "
             f"{summary['ivfpq_hit_at_5_over_flat']:.3f} / {summary['ivfpq_bytes_over_flat']:.3f} | |",
-            f"| | query time: flat / HNSW / IVF-PQ | {kinds['flat']['query_ms']:.2f} / "
+            f"| | query time, per query in a batch of {p['questions']}: flat / HNSW / IVF-PQ | "
+            f"{kinds['flat']['query_ms']:.2f} / "
             f"{kinds['hnsw']['query_ms']:.2f} / {ivf['query_ms']:.2f} ms | |",
         ]
         sharded = index.get("sharded")
