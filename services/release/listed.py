@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..retrieval.index import in_sorted
 from ..storage.object_store import ObjectNotFound, ObjectStore
 from .manifest import MEMORIES_PREFIX, Manifest, ReleaseError, memory_key, release_key
 from .memory_ids import MEMORY_IDS_FILE, read_memory_ids
@@ -64,10 +65,7 @@ class Listed:
         sorted ids for each (np.isin would sort the whole listing again for every part)."""
         ids = [id_of_key(self.bank, key) or "" for key in keys]
         asked = np.array([rid.encode() for rid in ids], dtype=np.bytes_)  # (K,)
-        found = np.zeros(len(keys), dtype=bool)
-        if len(self.ids) and len(keys):
-            at = np.minimum(np.searchsorted(self.ids, asked), len(self.ids) - 1)
-            found = (self.ids[at] == asked) & np.array([bool(rid) for rid in ids])
+        found = in_sorted(asked, self.ids) & np.array([bool(rid) for rid in ids], dtype=bool)  # (K,)
         return [key for key, hit in zip(keys, found, strict=True) if not hit and key not in self.apart]
 
 

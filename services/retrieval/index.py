@@ -244,7 +244,7 @@ class VectorIndex:
 
     def without(self, drop: Collection[str] | np.ndarray) -> VectorIndex:
         """A new index of every vector but those of `drop`, in the same order (see `_keeping`)."""
-        return self._keeping(np.flatnonzero(~_held(self.ids, id_array(drop))))
+        return self._keeping(np.flatnonzero(~in_sorted(self.ids, np.sort(id_array(drop)))))
 
     def shard(self, shard: IndexShard) -> VectorIndex:
         """A new index of this one's rows in `shard`, in the same order (see `_keeping`)."""
@@ -378,17 +378,17 @@ class VectorIndex:
         return whole._keeping(rows, ids)
 
 
-def _held(ids: np.ndarray, some: np.ndarray, part: int = 1 << 20) -> np.ndarray:
-    """Whether each of `ids` ((N,) bytes) is one of `some` ((D,) bytes): each binary-searched in `some`
-    sorted, `part` at a time, so that what is made beside the (N,) answer is the size of a part (np.isin
-    would sort a copy of all N ids with theirs)."""
-    some = np.sort(some)  # (D,)
+def in_sorted(ids: np.ndarray, sorted_ids: np.ndarray, part: int = 1 << 20) -> np.ndarray:
+    """Whether each of `ids` ((N,) bytes) is one of `sorted_ids` ((D,) bytes, sorted): each
+    binary-searched, `part` at a time, so that what is made beside the (N,) answer is the size of a
+    part (np.isin would sort a copy of all N ids with theirs: gigabytes at a table's 10^8)."""
     held = np.zeros(len(ids), dtype=bool)  # (N,)
-    if not len(some):
+    if not len(sorted_ids):
         return held
     for start in range(0, len(ids), part):
         chunk = ids[start:start + part]  # (p,)
-        held[start:start + part] = some[np.minimum(np.searchsorted(some, chunk), len(some) - 1)] == chunk
+        at = np.minimum(np.searchsorted(sorted_ids, chunk), len(sorted_ids) - 1)  # (p,)
+        held[start:start + part] = sorted_ids[at] == chunk
     return held
 
 

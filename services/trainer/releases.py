@@ -24,7 +24,7 @@ from ..release.memory_ids import MEMORY_IDS_FILE, holds, sorted_ids
 from ..release.publish import TOKENIZER_KEY, publish_release
 from ..release.reader import Release, already_published, read_manifest
 from ..retrieval.embedder import Embedder
-from ..retrieval.index import VectorIndex
+from ..retrieval.index import VectorIndex, in_sorted
 from ..storage.object_store import ObjectStore
 from .corpus import CorpusError, is_json_lines, read_corpus_file
 from .kb import Reference, build_references
@@ -330,7 +330,7 @@ def plan_merge(base: Release, derived: Sequence[Release], *,
     withdrawn = {d.name: _withdrawals(d, last_changes, lines) for d in derived}
     left_out = functools.reduce(np.union1d, withdrawn.values())  # (n,) sorted
     added = _additions(base, derived, last_changes, left_out)
-    removed_ids = left_out[_found(left_out, base.ids)]  # (m,) sorted
+    removed_ids = left_out[in_sorted(left_out, base.ids)]  # (m,) sorted
     if not added and not len(removed_ids):
         raise ValueError(f"nothing to merge: {', '.join(names)} leave the references of {base.name!r} as they are")
     if len(removed_ids) == base.count and not added:
@@ -364,22 +364,10 @@ def _rows_with(release: Release, ids: np.ndarray) -> list[dict]:
     return [row for row in release.rows() if row["id"] in wanted]
 
 
-_SEARCH_PART = 1 << 20  # ids looked up at a time: the temporaries of a lookup stay a few MB
-
-
 def _outside(ids: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """The ids of sorted `ids` that sorted `others` lack, in order: a binary search each, a part at a
-    time, as both may be a table's 10^8 ids (gigabytes as numpy bytes)."""
-    parts = np.split(ids, range(_SEARCH_PART, len(ids), _SEARCH_PART))
-    return np.concatenate([part[~_found(part, others)] for part in parts])
-
-
-def _found(ids: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """(len(ids),) bool: whether sorted `others` hold each of `ids`."""
-    if not len(others):
-        return np.zeros(len(ids), dtype=bool)
-    at = np.minimum(np.searchsorted(others, ids), len(others) - 1)  # (len(ids),)
-    return others[at] == ids
+    """The ids of sorted `ids` that sorted `others` lack, in order (`in_sorted`: a binary search each,
+    as both may be a table's 10^8 ids)."""
+    return ids[~in_sorted(ids, others)]
 
 
 def _chain_to(base: Release, release: Release, ancestry: Mapping[str, Sequence[str]] | None) -> list[str]:
@@ -484,7 +472,7 @@ def _last_changes(line: Sequence[Release], steps: Mapping[str, _Step]) -> _Chang
         step = steps[child.name]
         new = _outside(np.union1d(step.came_in, step.went_out), ids)  # (k,): not changed again later on
         ids, where = np.concatenate([ids, new]), np.concatenate([where, np.full(len(new), child.name)])
-        came_in = np.concatenate([came_in, _found(new, step.came_in)])
+        came_in = np.concatenate([came_in, in_sorted(new, step.came_in)])
         order = np.argsort(ids, kind="stable")
         ids, where, came_in = ids[order], where[order], came_in[order]
     return _Changes(ids, where, came_in)
